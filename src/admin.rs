@@ -1,0 +1,44 @@
+//! The admin API (axum): stores, secrets and sandboxes, shaped like the `SecretStore` SDK.
+//!
+//! Invariants: every route except `/healthz` requires the bearer token (compared in constant
+//! time); secret values go in, never out; every error leaves through [`ApiError`]'s one mapping
+//! to `{"error": {"code", "message"}}`.
+
+mod error;
+mod routes;
+mod validate;
+
+pub use error::ApiError;
+pub use routes::router;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::audit::Audit;
+use crate::metrics::Metrics;
+use crate::sandbox::Sandboxes;
+use crate::secret::SecretValue;
+use crate::store::Store;
+
+/// Answer to a reload request: the keys that need a restart, or why the file was refused.
+pub type ReloadReply = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
+/// Asks the daemon to reload its configuration.
+pub type ReloadSender = tokio::sync::mpsc::UnboundedSender<ReloadReply>;
+
+/// Shared state of the admin API.
+pub struct AdminState {
+    /// Durable store.
+    pub store: Arc<dyn Store>,
+    /// Sandbox service.
+    pub sandboxes: Arc<Sandboxes>,
+    /// The bearer token.
+    pub admin_token: SecretValue,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Audit sink.
+    pub audit: Arc<Audit>,
+    /// Set once every listener is bound.
+    pub listeners_ready: AtomicBool,
+    /// Triggers a config reload (SIGHUP equivalent); None when reload is unsupported.
+    pub reload: Option<ReloadSender>,
+}

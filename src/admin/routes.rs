@@ -1,0 +1,379 @@
+//! Route table and handlers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::json;
+
+use super::{validate, AdminState, ApiError};
+use crate::audit::AdminEvent;
+use crate::sandbox::lifecycle::CreateSandbox;
+use crate::secret::{Location, SecretValue};
+use crate::store::{SecretMeta, StoreRecord};
+
+type St = State<Arc<AdminState>>;
+
+/// The admin router. `/healthz` is open; everything else needs the bearer token.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let api = Router::new()
+        .route("/v1/stores", post(create_store).get(list_stores))
+        .route(
+            "/v1/stores/{id}",
+            get(get_store).patch(update_store).delete(delete_store),
+        )
+        .route("/v1/stores/{id}/secrets", get(list_secrets))
+        .route(
+            "/v1/stores/{id}/secrets/{name}",
+            put(set_secret).delete(delete_secret),
+        )
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/admin/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state)
+}
+
+async fn require_token(State(st): St, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = crate::secret::ct_eq(presented.as_bytes(), st.admin_token.expose());
+    if !ok {
+        return ApiError::unauthorized().into_response();
+    }
+    next.run(req).await
+}
+
+fn actor(peer: SocketAddr) -> String {
+    format!("admin-token@{peer}")
+}
+
+fn audit(
+    st: &AdminState,
+    action: &str,
+    store: Option<&str>,
+    secret: Option<&str>,
+    sandbox: Option<&str>,
+    peer: SocketAddr,
+) {
+    st.metrics.store_op(action);
+    st.audit.admin(&AdminEvent {
+        action,
+        store,
+        secret,
+        sandbox,
+        actor: actor(peer),
+    });
+}
+
+/// Distinguishes an absent field (None) from an explicit `null` (Some(None)).
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateStore {
+    name: String,
+    #[serde(default)]
+    egress_allowlist: Option<Vec<String>>,
+}
+
+async fn create_store(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Json<CreateStore>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<StoreRecord>), ApiError> {
+    let Json(req) = body?;
+    validate::store_name(&req.name)?;
+    let allow = validate::patterns("egress_allowlist", req.egress_allowlist)?;
+    let rec = st.store.create_store(&req.name, allow)?;
+    audit(&st, "store.create", Some(&rec.id), None, None, peer);
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+async fn list_stores(State(st): St) -> Result<Json<Vec<StoreRecord>>, ApiError> {
+    Ok(Json(st.store.list_stores()?))
+}
+
+async fn get_store(State(st): St, Path(id): Path<String>) -> Result<Json<StoreRecord>, ApiError> {
+    Ok(Json(st.store.get_store(&id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateStore {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    egress_allowlist: Option<Option<Vec<String>>>,
+}
+
+async fn update_store(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateStore>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<StoreRecord>, ApiError> {
+    let Json(req) = body?;
+    if let Some(n) = &req.name {
+        validate::store_name(n)?;
+    }
+    let allow = match req.egress_allowlist {
+        None => None,
+        Some(list) => Some(validate::patterns("egress_allowlist", list)?),
+    };
+    let allow_changed = allow.is_some();
+    let rec = st.store.update_store(&id, req.name.as_deref(), allow)?;
+    if allow_changed {
+        st.sandboxes.refresh_store(&id)?;
+    }
+    audit(&st, "store.update", Some(&id), None, None, peer);
+    Ok(Json(rec))
+}
+
+async fn delete_store(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.store.delete_store(&id)?;
+    audit(&st, "store.delete", Some(&id), None, None, peer);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSecret {
+    value: zeroize::Zeroizing<String>,
+    #[serde(default)]
+    allowed_hosts: Option<Vec<String>>,
+    #[serde(default)]
+    locations: Option<Vec<Location>>,
+}
+
+#[derive(Serialize)]
+struct SecretAnswer {
+    #[serde(flatten)]
+    meta: SecretMeta,
+    warnings: Vec<String>,
+}
+
+/// JSON errors on the secret route never echo input: serde quotes offending scalars.
+fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    let text = e.body_text();
+    if let Some(pos) = text.find("unknown field") {
+        let field: String = text[pos..].split(',').next().unwrap_or("").into();
+        return ApiError::bad_request(format!("invalid secret body: {field}"));
+    }
+    ApiError::bad_request("invalid secret body: expected {\"value\": string, \"allowed_hosts\"?: [string] | null, \"locations\"?: [\"header\"|\"query\"|\"body\"]}")
+}
+
+async fn set_secret(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, name)): Path<(String, String)>,
+    body: Result<Json<SetSecret>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<SecretAnswer>, ApiError> {
+    let Json(req) = body.map_err(sanitize)?;
+    validate::secret_name(&name)?;
+    validate::secret_value(&req.value)?;
+    let hosts = validate::patterns("allowed_hosts", req.allowed_hosts)?;
+    let locations = validate::locations(req.locations)?;
+    let store = st.store.get_store(&id)?;
+    let value = SecretValue::new(req.value.as_bytes().to_vec());
+    let meta = st.store.put_secret(&id, &name, &value, hosts, locations)?;
+    let warnings = secret_warnings(&store, &meta);
+    st.sandboxes.refresh_store(&id)?;
+    audit(&st, "secret.set", Some(&id), Some(&name), None, peer);
+    Ok(Json(SecretAnswer { meta, warnings }))
+}
+
+fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
+    let mut w = Vec::new();
+    if store.egress_allowlist.is_none() && meta.allowed_hosts.is_none() {
+        w.push(format!(
+            "secret {} has no allowed_hosts and store {} has no egress_allowlist: it will never be unsealed",
+            meta.name, store.name
+        ));
+    }
+    if meta
+        .allowed_hosts
+        .as_ref()
+        .is_some_and(|h| h.iter().any(|p| p == "*"))
+    {
+        w.push(format!(
+            "secret {} may be unsealed for any allowed host (\"*\")",
+            meta.name
+        ));
+    }
+    if meta.locations.contains(&Location::Body) {
+        w.push(format!(
+            "secret {} is unsealed in request bodies; [\"header\"] is recommended for API keys",
+            meta.name
+        ));
+    }
+    w
+}
+
+async fn list_secrets(
+    State(st): St,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SecretMeta>>, ApiError> {
+    Ok(Json(st.store.list_secrets(&id)?))
+}
+
+async fn delete_secret(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    st.store.delete_secret(&id, &name)?;
+    st.sandboxes.refresh_store(&id)?;
+    audit(&st, "secret.delete", Some(&id), Some(&name), None, peer);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_sandbox(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Json<CreateSandbox>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let sbx = st.sandboxes.clone();
+    let info = tokio::task::spawn_blocking(move || sbx.create(req))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "sandbox creation panicked",
+            )
+        })??;
+    st.metrics
+        .sandboxes
+        .set(st.sandboxes.registry().len() as i64);
+    audit(
+        &st,
+        "sandbox.create",
+        Some(&info.secret_store_id),
+        None,
+        Some(&info.id),
+        peer,
+    );
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list_sandboxes(State(st): St) -> Response {
+    Json(st.sandboxes.list()).into_response()
+}
+
+async fn get_sandbox(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(st.sandboxes.get(&id)?).into_response())
+}
+
+async fn delete_sandbox(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.sandboxes.delete(&id)?;
+    st.metrics
+        .sandboxes
+        .set(st.sandboxes.registry().len() as i64);
+    audit(&st, "sandbox.delete", None, None, Some(&id), peer);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(st): St) -> Response {
+    st.metrics
+        .sandboxes
+        .set(st.sandboxes.registry().len() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(st): St) -> Response {
+    let listeners = st.listeners_ready.load(Ordering::Acquire);
+    let store = st.store.check();
+    match (listeners, store) {
+        (true, Ok(())) => Json(json!({"status": "ready"})).into_response(),
+        (false, _) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "listeners are not bound yet",
+        )
+        .into_response(),
+        (_, Err(e)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("store unusable: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn reload(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    let Some(tx) = &st.reload else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+            "reload is not available",
+        ));
+    };
+    let (done, rx) = tokio::sync::oneshot::channel();
+    tx.send(done).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "daemon is shutting down",
+        )
+    })?;
+    let outcome = rx.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "reload was dropped",
+        )
+    })?;
+    audit(&st, "config.reload", None, None, None, peer);
+    match outcome {
+        Ok(restart_needed) => {
+            Ok(Json(json!({"reloaded": true, "needs_restart": restart_needed})).into_response())
+        }
+        Err(msg) => Err(ApiError::bad_request(msg)),
+    }
+}

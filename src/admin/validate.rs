@@ -1,0 +1,114 @@
+//! Input validation for the admin API: store names, secret names, values, patterns, locations.
+
+use super::ApiError;
+use crate::policy;
+use crate::secret::Location;
+
+/// Largest secret value accepted.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// Store names: 1–128 characters, no control characters, not blank.
+pub fn store_name(name: &str) -> Result<(), ApiError> {
+    let n = name.chars().count();
+    if n == 0 || n > 128 || name.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "store name must be 1 to 128 characters",
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "store name must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Secret names are environment-variable names: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
+pub fn secret_name(name: &str) -> Result<(), ApiError> {
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !first_ok || !rest_ok || name.len() > 128 {
+        return Err(ApiError::bad_request(format!(
+            "secret name '{}' is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at most 128 characters)",
+            name.escape_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Secret values: 1 byte to 64 KiB, no CR, LF or NUL. Messages never quote the value.
+pub fn secret_value(value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::bad_request("secret value must not be empty"));
+    }
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(ApiError::bad_request("secret value is larger than 64 KiB"));
+    }
+    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(ApiError::bad_request(
+            "secret value must not contain CR, LF or NUL",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates and canonicalises host patterns (DESIGN.md §3). `field` names the JSON field.
+pub fn patterns(field: &str, list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(list) = list else { return Ok(None) };
+    if list.len() > 10_000 {
+        return Err(ApiError::bad_request(format!(
+            "{field}: at most 10000 patterns"
+        )));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for raw in &list {
+        let p = policy::parse_pattern(raw)
+            .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))?;
+        let canonical = p.to_string();
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Locations: default `["header", "body"]`; must not be empty; duplicates dropped.
+pub fn locations(list: Option<Vec<Location>>) -> Result<Vec<Location>, ApiError> {
+    let Some(mut list) = list else {
+        return Ok(Location::DEFAULT.to_vec());
+    };
+    if list.is_empty() {
+        return Err(ApiError::bad_request(
+            "locations must name at least one of \"header\", \"query\", \"body\"",
+        ));
+    }
+    list.sort();
+    list.dedup();
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_var_names() {
+        assert!(secret_name("ANTHROPIC_API_KEY").is_ok());
+        assert!(secret_name("_x1").is_ok());
+        for bad in ["", "1ABC", "A-B", "A B", "ÄB", "A=B"] {
+            assert!(secret_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values() {
+        assert!(secret_value("sk-1").is_ok());
+        for bad in ["", "a\nb", "a\rb", "a\0b"] {
+            assert!(secret_value(bad).is_err());
+        }
+        assert!(secret_value(&"a".repeat(MAX_VALUE_BYTES + 1)).is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! The rustls side of a leaf: the shared crypto provider, session cache and per-leaf config.
+
+use std::sync::{Arc, LazyLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use super::CaError;
+
+/// ALPN protocols offered to sandboxes, in preference order.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Sessions remembered for resumption across all leaves of all sandboxes. rustls resumes a
+/// session only for the SNI it was made for, and session ids are random, so sharing is safe.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+
+static SESSIONS: LazyLock<Arc<dyn StoresServerSessions>> =
+    LazyLock::new(|| ServerSessionMemoryCache::new(SESSION_CACHE_SIZE));
+
+/// The ring crypto provider, built once per process.
+pub(super) fn provider() -> &'static Arc<CryptoProvider> {
+    &PROVIDER
+}
+
+/// A server config that always presents `certified` (TLS 1.2 and 1.3, ALPN h2 then http/1.1).
+///
+/// # Errors
+/// [`CaError::Tls`] if rustls rejects the protocol versions for the provider.
+pub(super) fn server_config(certified: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, CaError> {
+    let mut config = ServerConfig::builder_with_provider(provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(certified)));
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = SESSIONS.clone();
+    Ok(Arc::new(config))
+}
+
+/// Answers every ClientHello with the same leaf (the proxy picked the leaf from the
+/// destination before the handshake, so SNI is not consulted here).
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}

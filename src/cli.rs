@@ -1,0 +1,198 @@
+//! Command line: `serve` runs the daemon; `store`, `secret` and `sandbox` talk to a running
+//! daemon's admin API. Secret values are read from stdin or a named environment variable,
+//! never from argv (argv is visible to every local user through /proc).
+
+pub mod client;
+mod commands;
+
+pub use commands::run_client;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// sealgate: egress substitution proxy for sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "sealgate", version, about)]
+pub struct Cli {
+    /// proxy.toml to load (default: embedded defaults).
+    #[arg(long, global = true, env = "SEALGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir` from the config.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Admin API URL for client commands.
+    #[arg(long, global = true, env = "SEALGATE_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// Admin bearer token for client commands (default: read data_dir/admin.token).
+    #[arg(
+        long,
+        global = true,
+        env = "SEALGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (admin API + proxy listeners).
+    Serve,
+    /// Manage secret stores.
+    #[command(subcommand)]
+    Store(StoreCmd),
+    /// Manage secrets in a store.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Manage sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// Re-seal every secret and CA key under a new master key (daemon must be stopped).
+    RotateMasterKey {
+        /// File holding the new key (base64 of 32 bytes); created 0600 with a fresh key if missing.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+/// `sealgate store …`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Create a store.
+    Create {
+        /// Unique store name.
+        name: String,
+        /// Egress allowlist pattern (repeatable). Without any, the store may reach any public host.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Allow no egress at all (`egress_allowlist = []`).
+        #[arg(long, conflicts_with = "allow")]
+        deny_all: bool,
+    },
+    /// List stores.
+    List,
+    /// Show one store (id or name).
+    Get {
+        /// Store id or name.
+        store: String,
+    },
+    /// Change a store's name and/or allowlist.
+    Update {
+        /// Store id or name.
+        store: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the allowlist with these patterns (repeatable).
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Remove the allowlist (any public host).
+        #[arg(long, conflicts_with = "allow")]
+        unrestricted: bool,
+        /// Set an empty allowlist (no egress).
+        #[arg(long, conflicts_with_all = ["allow", "unrestricted"])]
+        deny_all: bool,
+    },
+    /// Delete a store and its secrets (running sandboxes keep their snapshot).
+    Delete {
+        /// Store id or name.
+        store: String,
+    },
+}
+
+/// `sealgate secret …`.
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Create or replace a secret; the value comes from stdin or --from-env.
+    Set {
+        /// Store id or name.
+        store: String,
+        /// Secret (environment variable) name.
+        name: String,
+        /// Read the value from this environment variable instead of stdin.
+        #[arg(long)]
+        from_env: Option<String>,
+        /// Host pattern the secret may be unsealed for (repeatable).
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
+        /// Where the token is unsealed: header, query, body (repeatable; default header+body).
+        #[arg(long = "location")]
+        locations: Vec<String>,
+    },
+    /// List secret metadata (never values).
+    List {
+        /// Store id or name.
+        store: String,
+    },
+    /// Delete a secret.
+    Delete {
+        /// Store id or name.
+        store: String,
+        /// Secret name.
+        name: String,
+    },
+}
+
+/// `sealgate sandbox …`.
+#[derive(Debug, Subcommand)]
+pub enum SandboxCmd {
+    /// Create a sandbox from a store.
+    Create(CreateArgs),
+    /// List live sandboxes.
+    List,
+    /// Show one sandbox.
+    Get {
+        /// Sandbox id.
+        id: String,
+    },
+    /// End a sandbox now.
+    Delete {
+        /// Sandbox id.
+        id: String,
+    },
+}
+
+/// `sealgate sandbox create` options.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Store name or id.
+    #[arg(long)]
+    pub store: String,
+    /// Lifetime in seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Source IP (transparent mode identity).
+    #[arg(long)]
+    pub source_ip: Option<IpAddr>,
+    /// Print `export K=V` lines for a shell.
+    #[arg(long)]
+    pub export: bool,
+    /// Write `K=V` lines to this env file.
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
+}
+
+/// `sealgate audit …`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Print the audit log and follow it.
+    Tail {
+        /// Audit file (default: `[audit] path` of the config).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
+}

@@ -1,0 +1,95 @@
+//! A minimal admin API client (hyper over plain HTTP to the loopback admin listener).
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Talks to one daemon.
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A failed call: the daemon's error code and message, or a transport problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon answered with an error.
+    #[error("{status}: {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// Could not reach the daemon.
+    #[error("cannot reach the sealgate admin API at {0}: {1}")]
+    Transport(String, String),
+}
+
+impl AdminClient {
+    /// A client for `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: String) -> Self {
+        let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        }
+    }
+
+    /// Calls `method path` with an optional JSON body; returns the JSON answer (Null for 204).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes))
+            .map_err(|e| ClientError::Transport(url.clone(), e.to_string()))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Transport(self.base.clone(), e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(self.base.clone(), e.to_string()))?
+            .to_bytes();
+        let json: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or(Value::Null)
+        };
+        if status.is_success() {
+            return Ok(json);
+        }
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            code: json["error"]["code"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned(),
+            message: json["error"]["message"].as_str().unwrap_or("").to_owned(),
+        })
+    }
+}

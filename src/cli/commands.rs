@@ -1,0 +1,304 @@
+//! Client subcommands: turn CLI arguments into admin API calls and print the answers.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use http::Method;
+use serde_json::{json, Value};
+
+use super::client::AdminClient;
+use super::{Cli, Command, CreateArgs, SandboxCmd, SecretCmd, StoreCmd};
+
+/// Runs a client command. Returns the process exit code.
+///
+/// # Errors
+/// Any failure, as a message for stderr.
+pub async fn run_client(cli: &Cli, data_dir: PathBuf) -> anyhow::Result<()> {
+    let client = connect(cli, &data_dir)?;
+    let out = match &cli.command {
+        Command::Store(c) => store(&client, c).await?,
+        Command::Secret(c) => secret(&client, c).await?,
+        Command::Sandbox(c) => return sandbox(&client, c, cli.json).await,
+        _ => anyhow::bail!("not a client command"),
+    };
+    print(&out, cli.json);
+    Ok(())
+}
+
+fn connect(cli: &Cli, data_dir: &std::path::Path) -> anyhow::Result<AdminClient> {
+    let url = cli
+        .admin_url
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+    let token = match &cli.admin_token {
+        Some(t) => t.clone(),
+        None => {
+            let p = data_dir.join("admin.token");
+            std::fs::read_to_string(&p)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "no --admin-token / SEALGATE_ADMIN_TOKEN and cannot read {}: {e}",
+                        p.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    Ok(AdminClient::new(&url, token))
+}
+
+/// Resolves a store id or name to its id.
+async fn store_id(c: &AdminClient, id_or_name: &str) -> anyhow::Result<String> {
+    let all = c.call(Method::GET, "/v1/stores", None).await?;
+    let found = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["id"] == id_or_name || s["name"] == id_or_name);
+    match found {
+        Some(s) => Ok(s["id"].as_str().unwrap_or_default().to_owned()),
+        None => anyhow::bail!("no store with id or name '{id_or_name}'"),
+    }
+}
+
+fn allowlist(allow: &[String], deny_all: bool) -> Value {
+    if deny_all {
+        json!([])
+    } else if allow.is_empty() {
+        Value::Null
+    } else {
+        json!(allow)
+    }
+}
+
+async fn store(c: &AdminClient, cmd: &StoreCmd) -> anyhow::Result<Value> {
+    Ok(match cmd {
+        StoreCmd::Create {
+            name,
+            allow,
+            deny_all,
+        } => {
+            c.call(
+                Method::POST,
+                "/v1/stores",
+                Some(json!({"name": name, "egress_allowlist": allowlist(allow, *deny_all)})),
+            )
+            .await?
+        }
+        StoreCmd::List => c.call(Method::GET, "/v1/stores", None).await?,
+        StoreCmd::Get { store } => {
+            let id = store_id(c, store).await?;
+            c.call(Method::GET, &format!("/v1/stores/{id}"), None)
+                .await?
+        }
+        StoreCmd::Update {
+            store,
+            name,
+            allow,
+            unrestricted,
+            deny_all,
+        } => {
+            let id = store_id(c, store).await?;
+            let mut body = serde_json::Map::new();
+            if let Some(n) = name {
+                body.insert("name".into(), json!(n));
+            }
+            if *unrestricted || *deny_all || !allow.is_empty() {
+                body.insert("egress_allowlist".into(), allowlist(allow, *deny_all));
+            }
+            c.call(
+                Method::PATCH,
+                &format!("/v1/stores/{id}"),
+                Some(Value::Object(body)),
+            )
+            .await?
+        }
+        StoreCmd::Delete { store } => {
+            let id = store_id(c, store).await?;
+            c.call(Method::DELETE, &format!("/v1/stores/{id}"), None)
+                .await?;
+            json!({"deleted": id})
+        }
+    })
+}
+
+fn read_value(from_env: Option<&str>) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let mut v = zeroize::Zeroizing::new(String::new());
+    match from_env {
+        Some(var) => {
+            *v = std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("environment variable {var} is not set"))?;
+        }
+        None => {
+            std::io::stdin().read_to_string(&mut v)?;
+        }
+    }
+    while v.ends_with('\n') || v.ends_with('\r') {
+        v.pop();
+    }
+    Ok(v)
+}
+
+async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
+    Ok(match cmd {
+        SecretCmd::Set {
+            store,
+            name,
+            from_env,
+            allowed_hosts,
+            locations,
+        } => {
+            let id = store_id(c, store).await?;
+            let value = read_value(from_env.as_deref())?;
+            let mut body = json!({"value": value.as_str()});
+            if !allowed_hosts.is_empty() {
+                body["allowed_hosts"] = json!(allowed_hosts);
+            }
+            if !locations.is_empty() {
+                body["locations"] = json!(locations);
+            }
+            let r = c
+                .call(
+                    Method::PUT,
+                    &format!("/v1/stores/{id}/secrets/{name}"),
+                    Some(body.clone()),
+                )
+                .await;
+            if let Some(v) = body.get_mut("value") {
+                zeroize::Zeroize::zeroize(&mut v.to_string());
+                *v = Value::Null;
+            }
+            r?
+        }
+        SecretCmd::List { store } => {
+            let id = store_id(c, store).await?;
+            c.call(Method::GET, &format!("/v1/stores/{id}/secrets"), None)
+                .await?
+        }
+        SecretCmd::Delete { store, name } => {
+            let id = store_id(c, store).await?;
+            c.call(
+                Method::DELETE,
+                &format!("/v1/stores/{id}/secrets/{name}"),
+                None,
+            )
+            .await?;
+            json!({"deleted": name})
+        }
+    })
+}
+
+async fn sandbox(c: &AdminClient, cmd: &SandboxCmd, as_json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SandboxCmd::Create(args) => return create_sandbox(c, args, as_json).await,
+        SandboxCmd::List => print(&c.call(Method::GET, "/v1/sandboxes", None).await?, as_json),
+        SandboxCmd::Get { id } => print(
+            &c.call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await?,
+            as_json,
+        ),
+        SandboxCmd::Delete { id } => {
+            c.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+                .await?;
+            print(&json!({"deleted": id}), as_json);
+        }
+    }
+    Ok(())
+}
+
+async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyhow::Result<()> {
+    let mut body = json!({"secret_store": a.store});
+    if let Some(t) = a.timeout {
+        body["timeout"] = json!(t);
+    }
+    if let Some(ip) = a.source_ip {
+        body["source_ip"] = json!(ip.to_string());
+    }
+    let sb = c.call(Method::POST, "/v1/sandboxes", Some(body)).await?;
+    let lines = env_lines(&sb);
+    if let Some(path) = &a.env_file {
+        write_env_file(path, &lines)?;
+    }
+    if a.export {
+        for (k, v) in &lines {
+            println!("export {k}={}", shell_quote(v));
+        }
+    } else {
+        print(&sb, as_json);
+    }
+    Ok(())
+}
+
+fn env_lines(sb: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for key in ["env", "proxy_env"] {
+        if let Some(m) = sb[key].as_object() {
+            out.extend(
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())),
+            );
+        }
+    }
+    out
+}
+
+fn write_env_file(path: &std::path::Path, lines: &[(String, String)]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    for (k, v) in lines {
+        writeln!(f, "{k}={v}")?;
+    }
+    Ok(())
+}
+
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+fn print(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    match v {
+        Value::Array(items) if items.is_empty() => println!("(none)"),
+        Value::Array(items) => items.iter().for_each(|i| println!("{}", summary(i))),
+        other => println!(
+            "{}",
+            serde_json::to_string_pretty(other).unwrap_or_default()
+        ),
+    }
+}
+
+fn summary(v: &Value) -> String {
+    let field = |k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
+    if v.get("ca_cert_pem").is_some() {
+        return format!(
+            "{}  store={}  expires={}",
+            field("id"),
+            field("secret_store_name"),
+            field("expires_at")
+        );
+    }
+    if v.get("locations").is_some() {
+        return format!(
+            "{}  allowed_hosts={}  locations={}",
+            field("name"),
+            field("allowed_hosts"),
+            field("locations")
+        );
+    }
+    format!(
+        "{}  {}  egress_allowlist={}",
+        field("id"),
+        field("name"),
+        field("egress_allowlist")
+    )
+}

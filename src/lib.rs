@@ -1,0 +1,22 @@
+//! sealgate: an egress substitution proxy for sandboxes.
+//!
+//! Sandboxes hold sealed placeholders (`osb_sealed_…`); sealgate terminates their TLS with a
+//! per-sandbox CA, swaps in real secrets only for allowed destinations, blocks all other egress
+//! and scrubs real values from responses. See `ARCHITECTURE.md` for the design.
+
+pub mod admin;
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod rotate;
+pub mod sandbox;
+pub mod secret;
+pub mod store;
+pub mod subst;
+pub mod token;

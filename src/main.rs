@@ -1,0 +1,86 @@
+//! The sealgate binary: parse the CLI, set up logging, run the command; errors become exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sealgate::cli::{AuditCmd, Cli, Command};
+use sealgate::config::Config;
+use sealgate::daemon::{self, Overrides};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("sealgate: error: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    match &cli.command {
+        Command::Serve => serve(cfg, &cli).await,
+        Command::RotateMasterKey { new_key_file } => sealgate::rotate::rotate_cli(
+            &cfg.data_dir,
+            std::env::var("SEALGATE_MASTER_KEY").ok().as_deref(),
+            new_key_file,
+        ),
+        Command::Audit(AuditCmd::Tail { file, no_follow }) => {
+            let path = file.clone().or(cfg.audit_path.clone()).ok_or_else(|| {
+                anyhow::anyhow!("the audit log goes to stdout ([audit] path is empty); give --file")
+            })?;
+            sealgate::audit::tail(&path, !no_follow).await
+        }
+        _ => sealgate::cli::run_client(&cli, cfg.data_dir.clone()).await,
+    }
+}
+
+async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
+    sealgate::logging::init(&cfg.log_level, cfg.log_format, std::io::stderr);
+    let ov = Overrides {
+        master_key: std::env::var("SEALGATE_MASTER_KEY").ok(),
+        admin_token: std::env::var("SEALGATE_ADMIN_TOKEN").ok(),
+        config_path: cli.config.clone(),
+    };
+    let running = daemon::start(cfg, ov).await?;
+    eprintln!("sealgate {} running", env!("CARGO_PKG_VERSION"));
+    eprintln!("  admin API:   http://{}", running.admin_addr);
+    eprintln!("  proxy:       {}", running.proxy_addr);
+    if let Some(t) = running.transparent_addr {
+        eprintln!("  transparent: {t}");
+    }
+    eprintln!("  database:    {}", running.db_path.display());
+    match &running.admin_token_file {
+        Some(p) => eprintln!("  admin token: {} (file)", p.display()),
+        None => eprintln!("  admin token: from SEALGATE_ADMIN_TOKEN"),
+    }
+    eprintln!("  master key:  {}", running.key_source);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

@@ -1,0 +1,210 @@
+//! Proxy listeners and the state shared by every connection.
+//!
+//! Both listeners (explicit CONNECT and transparent REDIRECT) identify the sandbox and the
+//! destination their own way, then share one path: [`intercept`] → [`forward`].
+
+pub mod errors;
+pub mod explicit;
+pub mod forward;
+pub mod idle;
+pub mod intercept;
+pub mod respond;
+pub mod scrub;
+pub mod transparent;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::audit::Audit;
+use crate::ca::LeafCache;
+use crate::config::{ProxyConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::policy::{AddressPolicy, Dest, Scheme};
+use crate::sandbox::{Registry, Sandbox, TunnelGuard};
+
+/// Boxed error for bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends (to the sandbox or upstream).
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The pooled upstream client.
+pub type UpstreamClient = Client<upstream::Connector, ProxyBody>;
+
+/// Settings that can change on reload, with the clients built from them.
+pub struct Runtime {
+    /// `[proxy]`.
+    pub proxy: ProxyConfig,
+    /// `[upstream]`.
+    pub upstream: UpstreamConfig,
+    /// h2 + http/1.1 client (pooled per authority).
+    pub client: UpstreamClient,
+    /// http/1.1-only client, for WebSocket upgrades.
+    pub client_h1: UpstreamClient,
+}
+
+impl Runtime {
+    /// Builds the runtime; `own_listeners` are never dialled.
+    ///
+    /// # Errors
+    /// An unreadable upstream CA file.
+    pub fn new(
+        proxy: ProxyConfig,
+        upstream: UpstreamConfig,
+        own_listeners: Vec<SocketAddr>,
+    ) -> Result<Runtime, String> {
+        let settings = Arc::new(upstream::UpstreamSettings {
+            resolve: upstream.resolve.clone(),
+            vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
+            connect_timeout: upstream.connect_timeout,
+            tls: upstream::client_tls(&upstream.ca_files)?,
+        });
+        let client = build_client(
+            &upstream,
+            upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
+        );
+        let client_h1 = build_client(
+            &upstream,
+            upstream::Connector::new(settings, &[b"http/1.1"]),
+        );
+        Ok(Runtime {
+            proxy,
+            upstream,
+            client,
+            client_h1,
+        })
+    }
+}
+
+fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .set_host(false)
+        .build(conn)
+}
+
+/// State shared by all proxy connections.
+pub struct ProxyState {
+    /// Live sandboxes.
+    pub registry: Arc<Registry>,
+    /// Leaf certificates.
+    pub leaves: Arc<LeafCache>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Audit sink.
+    pub audit: Arc<Audit>,
+    runtime: RwLock<Arc<Runtime>>,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ProxyState {
+    /// Wires the state.
+    pub fn new(
+        registry: Arc<Registry>,
+        leaves: Arc<LeafCache>,
+        metrics: Arc<Metrics>,
+        audit: Arc<Audit>,
+        runtime: Runtime,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let connections = Arc::new(Semaphore::new(runtime.proxy.max_connections));
+        Arc::new(ProxyState {
+            registry,
+            leaves,
+            metrics,
+            audit,
+            runtime: RwLock::new(Arc::new(runtime)),
+            connections,
+            shutdown,
+        })
+    }
+
+    /// The current runtime settings (take once per request for a consistent view).
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps in reloaded settings; live connections keep the runtime they started with.
+    pub fn set_runtime(&self, rt: Runtime) {
+        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
+    }
+
+    /// A receiver that changes when shutdown begins.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// One intercepted connection (or one plain-HTTP request): who, where, how.
+pub struct Tunnel {
+    /// Shared state.
+    pub state: Arc<ProxyState>,
+    /// The identified sandbox.
+    pub sandbox: Arc<Sandbox>,
+    /// The destination every request inside must name.
+    pub dest: Dest,
+    /// Https (intercepted, may unseal) or Http (never unseals).
+    pub scheme: Scheme,
+    /// "explicit" or "transparent".
+    pub mode: &'static str,
+    /// Holds the sandbox's tunnel slot while the connection lives.
+    pub _guard: Option<TunnelGuard>,
+}
+
+/// Which listener a connection arrived on.
+#[derive(Clone, Copy, Debug)]
+pub enum ListenerKind {
+    /// `HTTPS_PROXY`.
+    Explicit,
+    /// iptables REDIRECT target.
+    Transparent,
+}
+
+/// Accepts connections until shutdown; each connection holds one `max_connections` slot.
+pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: ListenerKind) {
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = state.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "proxy.max_connections reached; connection refused");
+            state.metrics.tunnel("deny", "unavailable");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let st = state.clone();
+        tokio::spawn(async move {
+            st.metrics.connections.inc();
+            match kind {
+                ListenerKind::Explicit => explicit::serve_client(st.clone(), tcp, peer).await,
+                ListenerKind::Transparent => transparent::serve_client(st.clone(), tcp, peer).await,
+            }
+            st.metrics.connections.dec();
+            drop(slot);
+        });
+    }
+}

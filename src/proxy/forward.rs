@@ -1,0 +1,493 @@
+//! One request inside a tunnel: authority check, substitution, upstream exchange, scrubbing.
+//!
+//! Order matters and is the security argument: (1) the request must name the tunnel's host, or
+//! it is refused unsubstituted; (2) headers and query are substituted before anything is sent,
+//! so a `secret_host_denied` refusal sends nothing upstream; (3) the body is substituted while
+//! streaming — a denied token there aborts the upstream request before the token's bytes are
+//! written; (4) the response is scrubbed before the sandbox sees it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use super::respond::{Code, Refusal};
+use super::scrub::scrub_response;
+use super::{BoxError, ProxyBody, Runtime, Tunnel};
+use crate::audit::RequestEvent;
+use crate::policy::{self, Scheme};
+use crate::sandbox::HostView;
+use crate::subst::{self, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
+
+/// Bodies up to this size with a known length are substituted whole, keeping an exact
+/// `Content-Length`; larger or chunked bodies stream (and are sent chunked).
+pub const BUFFER_BODY_MAX: u64 = 64 * 1024;
+
+/// Outcome bookkeeping for the audit event.
+#[derive(Default)]
+struct Outcome {
+    report: Report,
+    rule: Option<String>,
+    bytes_up: u64,
+}
+
+/// Serves one request of `tunnel`. Never fails: refusals become responses.
+pub async fn handle(
+    tunnel: Arc<Tunnel>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let started = Instant::now();
+    let rt = tunnel.state.runtime();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut outcome = Outcome::default();
+    let result = exchange(&tunnel, &rt, req, &mut outcome).await;
+    let (resp, code) = match result {
+        Ok(resp) => (resp, None),
+        Err(refusal) => {
+            outcome.rule.get_or_insert_with(|| refusal.message.clone());
+            let code = refusal.code;
+            (refusal.into_response(), Some(code))
+        }
+    };
+    record(&tunnel, &method, &path, &resp, code, &outcome, started);
+    Ok(resp)
+}
+
+fn record(
+    t: &Tunnel,
+    method: &Method,
+    path: &str,
+    resp: &Response<ProxyBody>,
+    code: Option<Code>,
+    o: &Outcome,
+    started: Instant,
+) {
+    let decision = match code {
+        None => "allow",
+        Some(Code::UpstreamTlsError | Code::UpstreamUnreachable | Code::UpstreamTimeout) => "error",
+        Some(_) => "deny",
+    };
+    let code_str = code.map(Code::as_str);
+    let m = &t.state.metrics;
+    m.request(decision, code_str.unwrap_or("ok"));
+    for name in &o.report.unsealed {
+        m.unsealed
+            .get_or_create(&crate::metrics::UnsealLabels {
+                secret: name.to_string(),
+                host: t.dest.authority(),
+            })
+            .inc();
+    }
+    m.bytes_up.inc_by(o.bytes_up);
+    t.state.audit.request(&RequestEvent {
+        sandbox: Some(&t.sandbox.id),
+        mode: t.mode,
+        host: t.dest.authority(),
+        method: method.as_str(),
+        path,
+        decision,
+        code: code_str,
+        rule: o.rule.clone(),
+        unsealed: o.report.unsealed.iter().map(|s| s.to_string()).collect(),
+        refused: o.report.refused.iter().map(|s| s.to_string()).collect(),
+        status: resp.status().as_u16(),
+        bytes_up: o.bytes_up,
+        bytes_down: resp.body().size_hint().exact().unwrap_or(0),
+        duration_ms: started.elapsed().as_millis() as u64,
+    });
+}
+
+async fn exchange(
+    t: &Tunnel,
+    rt: &Runtime,
+    mut req: Request<Incoming>,
+    o: &mut Outcome,
+) -> Result<Response<ProxyBody>, Refusal> {
+    check_method(&req)?;
+    check_authority(t, &req)?;
+    check_framing(req.headers())?;
+    let websocket = check_upgrade(&req)?;
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let view = (t.scheme == Scheme::Https).then(|| t.sandbox.snapshot().view(&t.dest));
+    let (parts, body) = req.into_parts();
+    let mut up = build_upstream_head(t, parts)?;
+    if let Some(view) = &view {
+        unseal_head(t, view, &mut up, o)?;
+    }
+    let (body, streamed) = prepare_body(t, rt, view.as_deref(), &mut up, body, o).await?;
+    let up = up.map(|()| body);
+    let sent = send(t, rt, up, websocket).await;
+    if let Some(outcome) = &streamed {
+        merge_report(&mut o.report, &outcome.report());
+        if let Some(d) = outcome.denied() {
+            return Err(denied(t, d));
+        }
+    }
+    let resp = sent?;
+    let resp = finish_response(t, view.as_deref(), resp, &o.report)?;
+    match client_upgrade {
+        Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            Ok(relay_upgrade(on, resp))
+        }
+        _ => Ok(resp),
+    }
+}
+
+fn check_method<B>(req: &Request<B>) -> Result<(), Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(Refusal::new(
+            Code::MethodNotAllowed,
+            "CONNECT is not allowed inside a tunnel",
+        ));
+    }
+    Ok(())
+}
+
+/// Every request must name exactly the tunnel's host and port (DESIGN.md §3 "Destination truth").
+fn check_authority<B>(t: &Tunnel, req: &Request<B>) -> Result<(), Refusal> {
+    let default_port = if t.scheme == Scheme::Https { 443 } else { 80 };
+    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
+    if req.version() <= Version::HTTP_11 && hosts.len() != 1 {
+        let what = if hosts.is_empty() {
+            "missing"
+        } else {
+            "duplicate"
+        };
+        return Err(Refusal::new(
+            Code::BadRequest,
+            format!("{what} Host header"),
+        ));
+    }
+    if hosts.len() > 1 {
+        return Err(Refusal::new(Code::BadRequest, "duplicate Host header"));
+    }
+    if let Some(h) = hosts.first() {
+        let h = h
+            .to_str()
+            .map_err(|_| Refusal::new(Code::BadRequest, "Host header is not ASCII"))?;
+        same_dest(t, h, default_port, "Host")?;
+    }
+    if let Some(a) = req.uri().authority() {
+        if let Some(s) = req.uri().scheme_str() {
+            let expected = if t.scheme == Scheme::Https {
+                "https"
+            } else {
+                "http"
+            };
+            if !s.eq_ignore_ascii_case(expected) {
+                return Err(Refusal::new(
+                    Code::AuthorityMismatch,
+                    format!("scheme {s} does not match the tunnel"),
+                ));
+            }
+        }
+        same_dest(t, a.as_str(), default_port, "request URI")?;
+    } else if hosts.is_empty() {
+        return Err(Refusal::new(Code::BadRequest, "request names no host"));
+    }
+    Ok(())
+}
+
+fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(), Refusal> {
+    let d = policy::parse_authority(raw, Some(default_port))
+        .map_err(|e| Refusal::new(Code::BadRequest, format!("{what}: {e}")))?;
+    if d != t.dest {
+        return Err(Refusal::new(
+            Code::AuthorityMismatch,
+            format!("{what} names {d} but this connection is for {}", t.dest),
+        ));
+    }
+    Ok(())
+}
+
+/// hyper accepts CL+TE (and drops CL) and repeated CLs; a proxy must not.
+fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
+    let cls: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
+    if cls.len() > 1 {
+        return Err(Refusal::new(
+            Code::BadRequest,
+            "multiple Content-Length headers",
+        ));
+    }
+    if !cls.is_empty() && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(Refusal::new(
+            Code::BadRequest,
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if let Some(cl) = cls.first() {
+        let ok = cl
+            .to_str()
+            .ok()
+            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+        if !ok {
+            return Err(Refusal::new(Code::BadRequest, "malformed Content-Length"));
+        }
+    }
+    Ok(())
+}
+
+/// Only WebSocket upgrades on HTTP/1.1 GET are relayed; `h2c` and others are refused.
+fn check_upgrade<B>(req: &Request<B>) -> Result<bool, Refusal> {
+    let Some(up) = req.headers().get(header::UPGRADE) else {
+        return Ok(false);
+    };
+    let ws = up.as_bytes().eq_ignore_ascii_case(b"websocket");
+    if !ws || req.method() != Method::GET || req.version() != Version::HTTP_11 {
+        return Err(Refusal::new(
+            Code::BadRequest,
+            "only WebSocket upgrades are supported",
+        ));
+    }
+    Ok(true)
+}
+
+/// Hop-by-hop headers never cross the proxy (RFC 9110 §7.6.1), nor do `Proxy-*` headers.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        h.remove(n);
+    }
+    h.remove(header::CONNECTION);
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Request<()>, Refusal> {
+    let websocket = parts.headers.contains_key(header::UPGRADE);
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = if t.scheme == Scheme::Https {
+        "https"
+    } else {
+        "http"
+    };
+    let uri: Uri = format!("{scheme}://{}{pq}", t.dest.authority())
+        .parse()
+        .map_err(|_| Refusal::new(Code::BadRequest, "request target is not a valid URI"))?;
+    let mut req = Request::from_parts(parts, ());
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    strip_hop_by_hop(req.headers_mut(), websocket);
+    req.headers_mut().remove(header::HOST);
+    req.headers_mut().insert(header::HOST, host_header(t));
+    Ok(req)
+}
+
+fn host_header(t: &Tunnel) -> HeaderValue {
+    let default = if t.scheme == Scheme::Https { 443 } else { 80 };
+    let s = if t.dest.port == default {
+        t.dest.host.to_string()
+    } else {
+        t.dest.authority()
+    };
+    HeaderValue::from_str(&s).expect("normalised host is a valid header value")
+}
+
+fn unseal_head(
+    t: &Tunnel,
+    view: &HostView,
+    req: &mut Request<()>,
+    o: &mut Outcome,
+) -> Result<(), Refusal> {
+    if view.is_empty() {
+        return Ok(());
+    }
+    let mode = t.state.runtime().proxy.on_disallowed_token;
+    subst::substitute_headers(req.headers_mut(), view, mode, &mut o.report)
+        .map_err(|d| denied(t, d))?;
+    if view.any_query {
+        if let Some(uri) = subst::substitute_query(req.uri(), view, mode, &mut o.report)
+            .map_err(|d| denied(t, d))?
+        {
+            *req.uri_mut() = uri;
+        }
+    }
+    Ok(())
+}
+
+fn denied(t: &Tunnel, d: Denied) -> Refusal {
+    Refusal::new(
+        Code::SecretHostDenied,
+        format!(
+            "secret {} may not be sent to {} (secret allowed_hosts / store egress_allowlist)",
+            d.secret, t.dest
+        ),
+    )
+}
+
+/// Chooses the body path: untouched (no body-located secret, compressed, or empty), buffered
+/// and substituted whole (small, known length: exact `Content-Length` kept), or streamed
+/// through the engine (`Content-Length` dropped; HTTP/1.1 upstreams get chunked encoding).
+async fn prepare_body(
+    t: &Tunnel,
+    rt: &Runtime,
+    view: Option<&HostView>,
+    req: &mut Request<()>,
+    body: Incoming,
+    o: &mut Outcome,
+) -> Result<(ProxyBody, Option<SubstOutcome>), Refusal> {
+    let scan = view.is_some_and(|v| v.any_body && !v.is_empty())
+        && !compressed(req.headers())
+        && !body.is_end_stream();
+    if !scan {
+        o.bytes_up = body.size_hint().exact().unwrap_or(0);
+        return Ok((body.map_err(BoxError::from).boxed_unsync(), None));
+    }
+    let lookup: Arc<dyn TokenLookup> = t.sandbox.snapshot().view(&t.dest);
+    let mode = rt.proxy.on_disallowed_token;
+    match body.size_hint().exact() {
+        Some(n) if n <= BUFFER_BODY_MAX => {
+            Ok((substitute_whole(t, lookup, mode, req, body, o).await?, None))
+        }
+        _ => {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+            let sb = SubstBody::new(body, BodySubst::new(lookup, mode));
+            let outcome = sb.outcome();
+            Ok((sb.map_err(BoxError::from).boxed_unsync(), Some(outcome)))
+        }
+    }
+}
+
+async fn substitute_whole(
+    t: &Tunnel,
+    lookup: Arc<dyn TokenLookup>,
+    mode: subst::OnDisallowed,
+    req: &mut Request<()>,
+    body: Incoming,
+    o: &mut Outcome,
+) -> Result<ProxyBody, Refusal> {
+    let bytes = Limited::new(body, BUFFER_BODY_MAX as usize)
+        .collect()
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                Code::BadRequest,
+                "request body ended early or exceeded its Content-Length",
+            )
+        })?
+        .to_bytes();
+    let mut engine = BodySubst::new(lookup, mode);
+    let mut out = Vec::new();
+    engine.push(bytes, &mut out).map_err(|d| denied(t, d))?;
+    engine.finish(&mut out);
+    merge_report(&mut o.report, engine.report());
+    let whole: Bytes = if out.len() == 1 {
+        out.pop().unwrap_or_default()
+    } else {
+        out.concat().into()
+    };
+    o.bytes_up = whole.len() as u64;
+    req.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+    Ok(Full::new(whole)
+        .map_err(|never| match never {})
+        .boxed_unsync())
+}
+
+fn merge_report(into: &mut Report, from: &Report) {
+    for n in &from.unsealed {
+        if !into.unsealed.contains(n) {
+            into.unsealed.push(n.clone());
+        }
+    }
+    for n in &from.refused {
+        if !into.refused.contains(n) {
+            into.refused.push(n.clone());
+        }
+    }
+}
+
+fn compressed(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
+async fn send(
+    t: &Tunnel,
+    rt: &Runtime,
+    req: Request<ProxyBody>,
+    websocket: bool,
+) -> Result<Response<Incoming>, Refusal> {
+    let client = if websocket { &rt.client_h1 } else { &rt.client };
+    let started = Instant::now();
+    let fut = client.request(req);
+    let resp = match tokio::time::timeout(rt.upstream.response_timeout, fut).await {
+        Err(_) => {
+            return Err(Refusal::new(
+                Code::UpstreamTimeout,
+                format!("{} did not answer in time", t.dest),
+            ))
+        }
+        Ok(Err(e)) => return Err(super::errors::classify(t, &e)),
+        Ok(Ok(r)) => r,
+    };
+    t.state
+        .metrics
+        .upstream_latency
+        .observe(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn finish_response(
+    t: &Tunnel,
+    view: Option<&HostView>,
+    resp: Response<Incoming>,
+    report: &Report,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let body = body.map_err(BoxError::from).boxed_unsync();
+    let scrubber = view.and_then(|v| v.scrubber.clone());
+    let body = match scrubber {
+        Some(s) => scrub_response(t, s, report, &mut parts.headers, body)?,
+        None => body,
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+fn relay_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    mut resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return resp;
+    };
+    tokio::spawn(async move {
+        let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
+            return;
+        };
+        let mut c = hyper_util::rt::TokioIo::new(c);
+        let mut u = hyper_util::rt::TokioIo::new(u);
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+    });
+    resp
+}

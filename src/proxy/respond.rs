@@ -1,0 +1,127 @@
+//! The one place that turns a refusal into the response a sandbox sees (DESIGN.md §5).
+//!
+//! Invariant: messages name hosts and secret *names*, never values; every refusal carries
+//! `content-type: application/json`, the JSON error body and `x-sealgate-error: <code>`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::ProxyBody;
+
+/// Why a request or tunnel was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// 407: missing or wrong proxy credentials.
+    ProxyAuthRequired,
+    /// 403: destination outside the allowlist or not a public address.
+    EgressDenied,
+    /// 403: a known token's secret may not go to this host.
+    SecretHostDenied,
+    /// 421: request names another host than its tunnel.
+    AuthorityMismatch,
+    /// 400: malformed request.
+    BadRequest,
+    /// 413: body too large.
+    PayloadTooLarge,
+    /// 431: header section too large.
+    HeadersTooLarge,
+    /// 429: too many tunnels for this sandbox.
+    TooManyTunnels,
+    /// 405: method not supported inside a tunnel (inner CONNECT).
+    MethodNotAllowed,
+    /// 502: upstream certificate not trusted / TLS failed.
+    UpstreamTlsError,
+    /// 502: upstream could not be reached or broke the exchange.
+    UpstreamUnreachable,
+    /// 504: upstream too slow.
+    UpstreamTimeout,
+    /// 503: the proxy is shutting down or at its connection limit.
+    Unavailable,
+}
+
+impl Code {
+    /// The machine-readable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::ProxyAuthRequired => "proxy_auth_required",
+            Code::EgressDenied => "egress_denied",
+            Code::SecretHostDenied => "secret_host_denied",
+            Code::AuthorityMismatch => "authority_mismatch",
+            Code::BadRequest => "bad_request",
+            Code::PayloadTooLarge | Code::HeadersTooLarge => "request_too_large",
+            Code::TooManyTunnels => "too_many_tunnels",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::UpstreamTlsError => "upstream_tls_error",
+            Code::UpstreamUnreachable => "upstream_unreachable",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Code::EgressDenied | Code::SecretHostDenied => StatusCode::FORBIDDEN,
+            Code::AuthorityMismatch => StatusCode::MISDIRECTED_REQUEST,
+            Code::BadRequest => StatusCode::BAD_REQUEST,
+            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::TooManyTunnels => StatusCode::TOO_MANY_REQUESTS,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Code::UpstreamTlsError | Code::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// A refusal: code plus a message for the sandbox (and the audit log's `rule`).
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// The code.
+    pub code: Code,
+    /// Human message (hosts and secret names only).
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The response the sandbox sees.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        error_response(self.code, &self.message)
+    }
+}
+
+/// Builds the uniform error response.
+pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({"error": {"code": code.as_str(), "message": message}});
+    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let mut resp = Response::new(
+        Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = code.status();
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert("x-sealgate-error", HeaderValue::from_static(code.as_str()));
+    if code == Code::ProxyAuthRequired {
+        h.insert(
+            http::header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"sealgate\""),
+        );
+    }
+    resp
+}

@@ -1,0 +1,270 @@
+//! Upstream connections: resolve the normalised host ourselves, vet every address, dial exactly
+//! the vetted address, verify TLS on the normalised name, and pool connections per authority.
+//!
+//! Invariants: no address is dialled that [`AddressPolicy::vet`] refused (resolve overrides are
+//! operator-written and trusted, but never one of our own listeners); certificate verification
+//! is never disabled; the name used for SNI and verification is the same normalised host the
+//! policy approved.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::policy::{self, AddressPolicy};
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Address vetting refused every address (or one of them).
+    #[error("{0}")]
+    Denied(String),
+    /// DNS failed or TCP connect failed.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// Connect or handshake timed out.
+    #[error("upstream connect timed out")]
+    Timeout,
+    /// TLS failed (untrusted certificate, name mismatch, protocol error).
+    #[error("upstream TLS failed: {0}")]
+    Tls(String),
+}
+
+/// Upstream settings the connector needs.
+pub struct UpstreamSettings {
+    /// host → fixed address.
+    pub resolve: BTreeMap<String, SocketAddr>,
+    /// Address policy.
+    pub vet: AddressPolicy,
+    /// Connect + handshake deadline.
+    pub connect_timeout: Duration,
+    /// Verified TLS config (ALPN set by the connector).
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// The hyper-util connector.
+#[derive(Clone)]
+pub struct Connector {
+    settings: Arc<UpstreamSettings>,
+    tls: TlsConnector,
+}
+
+impl Connector {
+    /// A connector offering `alpn` (e.g. h2 + http/1.1, or only http/1.1 for upgrades).
+    pub fn new(settings: Arc<UpstreamSettings>, alpn: &[&[u8]]) -> Self {
+        let mut cfg = (*settings.tls).clone();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Connector {
+            settings,
+            tls: TlsConnector::from(Arc::new(cfg)),
+        }
+    }
+}
+
+/// Builds the verified client TLS config: webpki roots plus `ca_files`.
+///
+/// # Errors
+/// A CA file that cannot be read or holds no certificate.
+pub fn client_tls(ca_files: &[std::path::PathBuf]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for f in ca_files {
+        add_pem_roots(&mut roots, f)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+fn add_pem_roots(roots: &mut rustls::RootCertStore, f: &std::path::Path) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(f)
+        .map_err(|e| format!("{}: {e}", f.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", f.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", f.display()));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| format!("{}: {e}", f.display()))?;
+    }
+    Ok(())
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamStream;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let timeout = this.settings.connect_timeout;
+            tokio::time::timeout(timeout, this.connect(uri))
+                .await
+                .unwrap_or(Err(ConnectError::Timeout))
+        })
+    }
+}
+
+impl Connector {
+    async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
+        let host = uri
+            .host()
+            .ok_or_else(|| ConnectError::Unreachable("no host".into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let addrs = self.addresses(host, port).await?;
+        let tcp = dial(&addrs).await?;
+        if !https {
+            return Ok(UpstreamStream::Plain(TokioIo::new(tcp)));
+        }
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|_| ConnectError::Tls(format!("invalid server name {host}")))?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls(tls_reason(&e)))?;
+        Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
+    }
+
+    /// The addresses to dial: the override, or every DNS answer, each vetted.
+    async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        if let Some(a) = self.settings.resolve.get(host) {
+            self.settings
+                .vet
+                .vet_own_listener(*a)
+                .map_err(|e| ConnectError::Denied(e.to_string()))?;
+            return Ok(vec![*a]);
+        }
+        // Invariant: `host` passed policy::normalise_host, so legacy IPv4 spellings never reach getaddrinfo.
+        let normalised =
+            policy::normalise_host(host).map_err(|e| ConnectError::Denied(e.to_string()))?;
+        let addrs: Vec<SocketAddr> = match normalised {
+            policy::Host::Ip(ip) => vec![SocketAddr::new(ip, port)],
+            policy::Host::Name(n) => tokio::net::lookup_host((n.as_str(), port))
+                .await
+                .map_err(|e| ConnectError::Unreachable(format!("cannot resolve {n}: {e}")))?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(ConnectError::Unreachable(format!(
+                "{host} has no addresses"
+            )));
+        }
+        // Strict: one non-public answer refuses the whole name (defeats mixed answers and rebinding).
+        for a in &addrs {
+            self.settings
+                .vet
+                .vet(*a)
+                .map_err(|e| ConnectError::Denied(format!("{host}: {e}")))?;
+        }
+        Ok(addrs)
+    }
+}
+
+async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ConnectError::Unreachable(
+        last.map_or_else(|| "no address".into(), |e| e.to_string()),
+    ))
+}
+
+fn tls_reason(e: &io::Error) -> String {
+    e.get_ref()
+        .map_or_else(|| e.to_string(), |inner| inner.to_string())
+}
+
+/// A plain or TLS upstream connection.
+pub enum UpstreamStream {
+    /// Plain HTTP.
+    Plain(TokioIo<TcpStream>),
+    /// HTTPS.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(_) => Connected::new(),
+            UpstreamStream::Tls(t) => {
+                let h2 = t.inner().get_ref().1.alpn_protocol() == Some(b"h2");
+                if h2 {
+                    Connected::new().negotiated_h2()
+                } else {
+                    Connected::new()
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Sandbox sessions: a store snapshot compiled for the hot path, its sealed tokens, its identity
+//! and its CA, plus the registry that finds them in O(1).
+//!
+//! Invariants:
+//! - A token only means something inside the sandbox it was minted for: lookups go through the
+//!   sandbox (identified first, never from a request header), never through a global map alone.
+//! - A [`Snapshot`] is immutable; rotation swaps in a new `Arc<Snapshot>`, so a request sees one
+//!   consistent version from start to end.
+
+pub mod lifecycle;
+pub mod registry;
+pub mod snapshot;
+
+pub use lifecycle::{CreateSandbox, SandboxError, Sandboxes};
+pub use registry::Registry;
+pub use snapshot::{HostView, SecretEntry, Snapshot};
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use time::OffsetDateTime;
+
+use crate::ca::SandboxCa;
+
+/// One live sandbox.
+pub struct Sandbox {
+    /// `sbx_` + 24 hex.
+    pub id: Arc<str>,
+    /// The store it was created from (may since have been deleted).
+    pub store_id: String,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When its tokens and CA stop working.
+    pub expires_at: OffsetDateTime,
+    /// Transparent-mode identity.
+    pub source_ip: Option<IpAddr>,
+    /// SHA-256 of the proxy password from its proxy URL.
+    pub proxy_token_hash: [u8; 32],
+    /// Its certificate authority.
+    pub ca: Arc<SandboxCa>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    tunnels: AtomicUsize,
+}
+
+impl Sandbox {
+    /// Builds a live sandbox around `snapshot`.
+    pub fn new(parts: SandboxParts, snapshot: Snapshot) -> Self {
+        Sandbox {
+            id: parts.id.into(),
+            store_id: parts.store_id,
+            created_at: parts.created_at,
+            expires_at: parts.expires_at,
+            source_ip: parts.source_ip,
+            proxy_token_hash: parts.proxy_token_hash,
+            ca: parts.ca,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            tunnels: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current snapshot (one consistent version for the caller's whole request).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the snapshot (rotation, allowlist change, secret deletion).
+    pub fn set_snapshot(&self, snapshot: Snapshot) {
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+
+    /// True once `expires_at` has passed.
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        now >= self.expires_at
+    }
+
+    /// Checks a proxy password in constant time.
+    pub fn check_proxy_token(&self, presented: &str) -> bool {
+        let digest = ring::digest::digest(&ring::digest::SHA256, presented.as_bytes());
+        crate::secret::ct_eq(digest.as_ref(), &self.proxy_token_hash)
+    }
+
+    /// Claims one tunnel slot, or None when `max` are in use. The slot is released on drop.
+    pub fn try_open_tunnel(self: &Arc<Self>, max: usize) -> Option<TunnelGuard> {
+        let prev = self.tunnels.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.tunnels.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(TunnelGuard(self.clone()))
+    }
+
+    /// Open intercepted connections.
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Acquire)
+    }
+}
+
+/// The identity-and-lifetime fields of a sandbox, for [`Sandbox::new`].
+pub struct SandboxParts {
+    /// Sandbox id.
+    pub id: String,
+    /// Source store id.
+    pub store_id: String,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Expiry time.
+    pub expires_at: OffsetDateTime,
+    /// Transparent identity.
+    pub source_ip: Option<IpAddr>,
+    /// SHA-256 of the proxy password.
+    pub proxy_token_hash: [u8; 32],
+    /// The CA.
+    pub ca: Arc<SandboxCa>,
+}
+
+/// Releases a tunnel slot when dropped.
+pub struct TunnelGuard(Arc<Sandbox>);
+
+impl TunnelGuard {
+    /// The sandbox holding the slot.
+    pub fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.0
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+}

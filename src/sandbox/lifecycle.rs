@@ -1,0 +1,426 @@
+//! Creating, restoring, refreshing and ending sandboxes: the glue between the store (durable,
+//! sealed) and the registry (live, compiled).
+//!
+//! Invariants: a sandbox is durable before it is live (row inserted, then registered); a snapshot
+//! change is durable before it is visible; ending a sandbox removes it from the registry first,
+//! so its tokens stop working even if the database write fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::registry::RegistryError;
+use super::snapshot::SnapshotError;
+use super::{Registry, Sandbox, SandboxParts, Snapshot};
+use crate::ca::{CaError, LeafCache, SandboxCa};
+use crate::store::{SandboxRow, SecretRecord, Store, StoreError};
+use crate::token::Token;
+
+/// Sandbox operation failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No such sandbox.
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    /// The request is invalid (message says why).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Conflicts with a live sandbox.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Store failure (includes "store not found").
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// CA generation or loading failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A stored snapshot is unusable.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Writing the CA certificate file failed.
+    #[error("cannot write CA certificate {path}: {source}")]
+    CertFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// `POST /v1/sandboxes` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Store name or id.
+    pub secret_store: String,
+    /// Lifetime in seconds.
+    pub timeout: Option<u64>,
+    /// Transparent-mode identity.
+    pub source_ip: Option<IpAddr>,
+}
+
+/// What the API returns for a sandbox. `proxy_env` (holding the proxy password) only at creation.
+#[derive(Debug, Serialize)]
+pub struct SandboxInfo {
+    /// Sandbox id.
+    pub id: String,
+    /// Source store id.
+    pub secret_store_id: String,
+    /// Store name at snapshot time.
+    pub secret_store_name: String,
+    /// RFC 3339.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// RFC 3339.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// Transparent identity.
+    pub source_ip: Option<IpAddr>,
+    /// Secret name → sealed token.
+    pub env: BTreeMap<String, String>,
+    /// Proxy and CA variables (creation only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_env: Option<BTreeMap<String, String>>,
+    /// Path of the CA certificate file.
+    pub ca_cert_path: String,
+    /// The CA certificate.
+    pub ca_cert_pem: String,
+}
+
+/// Settings the lifecycle needs from the daemon.
+#[derive(Clone, Debug)]
+pub struct LifecycleConfig {
+    /// Absolute directory for `<id>.pem`.
+    pub cert_dir: PathBuf,
+    /// `host:port` written into proxy URLs.
+    pub proxy_public: String,
+    /// Default lifetime.
+    pub default_timeout: Duration,
+    /// Longest lifetime.
+    pub max_timeout: Duration,
+}
+
+/// Sandbox operations over the store and the registry.
+pub struct Sandboxes {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    leaves: Arc<LeafCache>,
+    cfg: LifecycleConfig,
+}
+
+impl Sandboxes {
+    /// Wires the service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        leaves: Arc<LeafCache>,
+        cfg: LifecycleConfig,
+    ) -> Self {
+        Sandboxes {
+            store,
+            registry,
+            leaves,
+            cfg,
+        }
+    }
+
+    /// The registry (for the proxy).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Purges expired sessions, then registers every stored one (same CA, same tokens).
+    ///
+    /// # Errors
+    /// A row that fails to decrypt or parse: the daemon refuses to start rather than run with
+    /// part of its sandboxes silently gone.
+    pub fn restore(&self) -> Result<usize, SandboxError> {
+        let now = OffsetDateTime::now_utc();
+        self.store.purge_expired_sandboxes(now)?;
+        let rows = self.store.load_sandboxes()?;
+        let n = rows.len();
+        for row in rows {
+            let sb = self.revive(row)?;
+            self.write_cert(&sb)?;
+            self.registry.insert(sb)?;
+        }
+        Ok(n)
+    }
+
+    fn revive(&self, row: SandboxRow) -> Result<Arc<Sandbox>, SandboxError> {
+        let ca = Arc::new(SandboxCa::from_parts(&row.ca_cert_pem, &row.ca_key)?);
+        let snapshot = Snapshot::from_sealable(&row.snapshot)?;
+        let mut hash = [0u8; 32];
+        if row.proxy_token_hash.len() == 32 {
+            hash.copy_from_slice(&row.proxy_token_hash);
+        }
+        let parts = SandboxParts {
+            id: row.id,
+            store_id: row.store_id,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            source_ip: row.source_ip,
+            proxy_token_hash: hash,
+            ca,
+        };
+        Ok(Arc::new(Sandbox::new(parts, snapshot)))
+    }
+
+    /// Creates a sandbox from a store snapshot.
+    ///
+    /// # Errors
+    /// Unknown store, bad timeout, taken source IP, CA or store failures.
+    pub fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+        let timeout = self.timeout(req.timeout)?;
+        if let Some(ip) = req.source_ip {
+            if let Some(other) = self.registry.by_source_ip(ip) {
+                return Err(RegistryError::SourceIpTaken(ip, other.id.to_string()).into());
+            }
+        }
+        let store = self.store.find_store(&req.secret_store)?;
+        let secrets = self.store.load_secrets(&store.id)?;
+        let with_tokens = secrets
+            .into_iter()
+            .map(|s| (s, Token::generate()))
+            .collect();
+        let snapshot = Snapshot::build(
+            store.name.clone(),
+            store.egress_allowlist.clone(),
+            with_tokens,
+        )?;
+        let id = format!("sbx_{}", random_hex(12));
+        let proxy_token = random_hex(16);
+        let ca = Arc::new(SandboxCa::generate(&id)?);
+        let now = OffsetDateTime::now_utc();
+        let parts = SandboxParts {
+            id,
+            store_id: store.id.clone(),
+            created_at: now,
+            expires_at: now + timeout,
+            source_ip: req.source_ip,
+            proxy_token_hash: sha256(proxy_token.as_bytes()),
+            ca,
+        };
+        let sb = Arc::new(Sandbox::new(parts, snapshot));
+        self.store.insert_sandbox(&row_of(&sb))?;
+        self.write_cert(&sb)?;
+        if let Err(e) = self.registry.insert(sb.clone()) {
+            let _ = self.store.delete_sandbox(&sb.id);
+            return Err(e.into());
+        }
+        tracing::info!(sandbox = %sb.id, store = %store.id, expires_at = %sb.expires_at, "sandbox created");
+        let mut info = self.info(&sb);
+        info.proxy_env = Some(self.proxy_env(&sb, &proxy_token));
+        Ok(info)
+    }
+
+    fn timeout(&self, requested: Option<u64>) -> Result<Duration, SandboxError> {
+        let t = requested
+            .map(Duration::from_secs)
+            .unwrap_or(self.cfg.default_timeout);
+        if t.is_zero() || t > self.cfg.max_timeout {
+            return Err(SandboxError::BadRequest(format!(
+                "timeout must be between 1 and {} seconds",
+                self.cfg.max_timeout.as_secs()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// One live sandbox.
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`].
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
+        let sb = self
+            .registry
+            .get(id)
+            .ok_or_else(|| SandboxError::NotFound(id.into()))?;
+        Ok(self.info(&sb))
+    }
+
+    /// All live sandboxes, oldest first.
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let now = OffsetDateTime::now_utc();
+        let mut all: Vec<_> = self
+            .registry
+            .all()
+            .into_iter()
+            .filter(|s| !s.is_expired(now))
+            .collect();
+        all.sort_by_key(|s| (s.created_at, s.id.clone()));
+        all.iter().map(|s| self.info(s)).collect()
+    }
+
+    /// Ends a sandbox at once: tokens and CA stop working before this returns.
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`] if it was not live.
+    pub fn delete(&self, id: &str) -> Result<(), SandboxError> {
+        let sb = self
+            .registry
+            .remove(id)
+            .ok_or_else(|| SandboxError::NotFound(id.into()))?;
+        self.forget(&sb);
+        self.store.delete_sandbox(id)?;
+        tracing::info!(sandbox = %id, "sandbox deleted");
+        Ok(())
+    }
+
+    fn forget(&self, sb: &Sandbox) {
+        self.leaves.remove_sandbox(&sb.id);
+        let _ = std::fs::remove_file(self.cert_path(&sb.id));
+    }
+
+    /// Ends every sandbox whose time is up; returns how many.
+    pub fn sweep_expired(&self) -> usize {
+        let now = OffsetDateTime::now_utc();
+        let ids = self.registry.expired(now);
+        for id in &ids {
+            if let Some(sb) = self.registry.remove(id) {
+                self.forget(&sb);
+            }
+            if let Err(e) = self.store.delete_sandbox(id) {
+                tracing::warn!(sandbox = %id, error = %e, "could not delete expired sandbox row");
+            }
+            tracing::info!(sandbox = %id, "sandbox expired");
+        }
+        ids.len()
+    }
+
+    /// Re-snapshots every live sandbox of `store_id` after its secrets or allowlist changed.
+    /// Tokens stay the same; a deleted secret drops out; secrets added later are not added
+    /// (the sandbox never received a token for them).
+    ///
+    /// # Errors
+    /// Store failures; live sandboxes keep their previous snapshot then.
+    pub fn refresh_store(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let affected = self.registry.of_store(store_id);
+        if affected.is_empty() {
+            return Ok(0);
+        }
+        let store = self.store.get_store(store_id)?;
+        let secrets = self.store.load_secrets(store_id)?;
+        for sb in &affected {
+            let snap = resnapshot(&sb.snapshot(), &store.egress_allowlist, &secrets)?;
+            self.store
+                .update_sandbox_snapshot(&sb.id, &snap.to_sealable())?;
+            self.registry.replace_snapshot(sb, snap);
+        }
+        tracing::info!(store = %store_id, sandboxes = affected.len(), "running sandboxes refreshed");
+        Ok(affected.len())
+    }
+
+    fn info(&self, sb: &Sandbox) -> SandboxInfo {
+        let snap = sb.snapshot();
+        SandboxInfo {
+            id: sb.id.to_string(),
+            secret_store_id: sb.store_id.clone(),
+            secret_store_name: snap.store_name.clone(),
+            created_at: sb.created_at,
+            expires_at: sb.expires_at,
+            source_ip: sb.source_ip,
+            env: snap
+                .secrets()
+                .iter()
+                .map(|e| (e.name.to_string(), e.token.to_string()))
+                .collect(),
+            proxy_env: None,
+            ca_cert_path: self.cert_path(&sb.id).display().to_string(),
+            ca_cert_pem: sb.ca.cert_pem().to_owned(),
+        }
+    }
+
+    fn proxy_env(&self, sb: &Sandbox, proxy_token: &str) -> BTreeMap<String, String> {
+        let url = format!("http://{}:{}@{}", sb.id, proxy_token, self.cfg.proxy_public);
+        let ca = self.cert_path(&sb.id).display().to_string();
+        let mut env = BTreeMap::new();
+        for k in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+            env.insert(k.to_owned(), url.clone());
+        }
+        for k in ["NO_PROXY", "no_proxy"] {
+            env.insert(k.to_owned(), "localhost,127.0.0.1,::1".to_owned());
+        }
+        for k in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "GIT_SSL_CAINFO",
+        ] {
+            env.insert(k.to_owned(), ca.clone());
+        }
+        env
+    }
+
+    /// `cert_dir/<id>.pem`.
+    pub fn cert_path(&self, id: &str) -> PathBuf {
+        self.cfg.cert_dir.join(format!("{id}.pem"))
+    }
+
+    fn write_cert(&self, sb: &Sandbox) -> Result<(), SandboxError> {
+        let path = self.cert_path(&sb.id);
+        write_public_file(&path, sb.ca.cert_pem().as_bytes())
+            .map_err(|source| SandboxError::CertFile { path, source })
+    }
+}
+
+fn write_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn resnapshot(
+    old: &Snapshot,
+    allowlist: &Option<Vec<String>>,
+    current: &[SecretRecord],
+) -> Result<Snapshot, SnapshotError> {
+    let by_name: HashMap<&str, &SecretRecord> =
+        current.iter().map(|s| (s.meta.name.as_str(), s)).collect();
+    let kept = old
+        .secrets()
+        .iter()
+        .filter_map(|e| by_name.get(&*e.name).map(|rec| ((*rec).clone(), e.token)))
+        .collect();
+    Snapshot::build(old.store_name.clone(), allowlist.clone(), kept)
+}
+
+fn row_of(sb: &Sandbox) -> SandboxRow {
+    let snap = sb.snapshot();
+    SandboxRow {
+        id: sb.id.to_string(),
+        store_id: sb.store_id.clone(),
+        store_name: snap.store_name.clone(),
+        created_at: sb.created_at,
+        expires_at: sb.expires_at,
+        source_ip: sb.source_ip,
+        proxy_token_hash: sb.proxy_token_hash.to_vec(),
+        ca_cert_pem: sb.ca.cert_pem().to_owned(),
+        ca_key: sb.ca.key_pkcs8_der(),
+        snapshot: snap.to_sealable(),
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut raw = vec![0u8; n];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .expect("OS CSPRNG failed");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}

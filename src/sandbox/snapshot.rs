@@ -1,0 +1,297 @@
+//! A sandbox's frozen view of its store, compiled for the hot path, and its sealed JSON form.
+//!
+//! Per destination, the snapshot answers once (then caches) which tokens may be unsealed there
+//! and which response scrubber applies: a [`HostView`]. Views are cached per snapshot, so a
+//! rotation (new snapshot) can never serve a stale decision.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::policy::{self, Dest, HostMatcher, Scheme};
+use crate::secret::{Location, Locations, SecretValue};
+use crate::store::SecretRecord;
+use crate::subst::{Scrubber, SecretRef, TokenLookup};
+use crate::token::Token;
+
+/// Views kept per snapshot before the cache is cleared (bounds memory per sandbox).
+const MAX_VIEWS: usize = 1024;
+
+/// One secret as a sandbox sees it.
+pub struct SecretEntry {
+    /// Env-var name.
+    pub name: Arc<str>,
+    /// Its sealed token in this sandbox.
+    pub token: Token,
+    /// The real value.
+    pub value: SecretValue,
+    /// Patterns as written (for persistence and the API).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Compiled `allowed_hosts`.
+    pub allowed: Option<HostMatcher>,
+    /// Where it may be unsealed.
+    pub locations: Locations,
+}
+
+/// A store snapshot: allowlist + secrets, immutable once built.
+pub struct Snapshot {
+    /// Store name at snapshot time.
+    pub store_name: String,
+    /// Allowlist as written (None = any public host).
+    pub egress_allowlist: Option<Vec<String>>,
+    egress: Option<HostMatcher>,
+    secrets: Vec<SecretEntry>,
+    by_token: HashMap<Token, usize>,
+    views: DashMap<Dest, Arc<HostView>>,
+}
+
+/// Errors building a snapshot from stored data.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A stored pattern no longer parses (the API validates, so this means a corrupt row).
+    #[error("stored host pattern is invalid: {0}")]
+    Pattern(String),
+    /// The sealed snapshot JSON is malformed.
+    #[error("sandbox snapshot is malformed: {0}")]
+    Malformed(String),
+}
+
+impl Snapshot {
+    /// Compiles a snapshot. `secrets` pairs each record with its token in this sandbox.
+    ///
+    /// # Errors
+    /// A pattern that does not parse.
+    pub fn build(
+        store_name: String,
+        egress_allowlist: Option<Vec<String>>,
+        secrets: Vec<(SecretRecord, Token)>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let egress = compile(egress_allowlist.as_deref())?;
+        let mut entries = Vec::with_capacity(secrets.len());
+        for (rec, token) in secrets {
+            entries.push(SecretEntry {
+                name: rec.meta.name.into(),
+                token,
+                allowed: compile(rec.meta.allowed_hosts.as_deref())?,
+                allowed_hosts: rec.meta.allowed_hosts,
+                locations: Locations::from_slice(&rec.meta.locations),
+                value: rec.value,
+            });
+        }
+        let by_token = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.token, i))
+            .collect();
+        Ok(Snapshot {
+            store_name,
+            egress_allowlist,
+            egress,
+            secrets: entries,
+            by_token,
+            views: DashMap::new(),
+        })
+    }
+
+    /// The secrets, in store order.
+    pub fn secrets(&self) -> &[SecretEntry] {
+        &self.secrets
+    }
+
+    /// The secret behind `token`, if this sandbox minted it.
+    pub fn secret_for(&self, token: &Token) -> Option<&SecretEntry> {
+        self.by_token.get(token).map(|&i| &self.secrets[i])
+    }
+
+    /// True if the store allowlist lets the sandbox reach `dest` at all.
+    pub fn egress_allowed(&self, dest: &Dest, scheme: Scheme) -> bool {
+        policy::egress_allowed(self.egress.as_ref(), dest, scheme)
+    }
+
+    /// True if `name` may be unsealed for `dest` (HTTPS).
+    pub fn secret_allowed(&self, entry: &SecretEntry, dest: &Dest) -> bool {
+        policy::secret_allowed(
+            self.egress.as_ref(),
+            entry.allowed.as_ref(),
+            dest,
+            Scheme::Https,
+        )
+    }
+
+    /// The cached per-destination view for HTTPS requests to `dest`.
+    pub fn view(&self, dest: &Dest) -> Arc<HostView> {
+        if let Some(v) = self.views.get(dest) {
+            return v.clone();
+        }
+        let view = Arc::new(HostView::build(self, dest));
+        if self.views.len() >= MAX_VIEWS {
+            self.views.clear();
+        }
+        self.views.insert(dest.clone(), view.clone());
+        view
+    }
+
+    /// Serialises for sealed persistence. The returned bytes hold real values: seal them at once.
+    pub fn to_sealable(&self) -> SecretValue {
+        let persisted = PersistedSnapshot {
+            store_name: self.store_name.clone(),
+            egress_allowlist: self.egress_allowlist.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(PersistedSecret::from_entry)
+                .collect(),
+        };
+        let json = Zeroizing::new(serde_json::to_vec(&persisted).expect("snapshot serialises"));
+        SecretValue::new(json.to_vec())
+    }
+
+    /// Rebuilds a snapshot from [`Snapshot::to_sealable`] bytes.
+    ///
+    /// # Errors
+    /// Malformed JSON, a bad token, base64 or pattern.
+    pub fn from_sealable(bytes: &SecretValue) -> Result<Snapshot, SnapshotError> {
+        let p: PersistedSnapshot = serde_json::from_slice(bytes.expose())
+            .map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        let mut secrets = Vec::with_capacity(p.secrets.len());
+        for s in p.secrets {
+            secrets.push(s.into_record()?);
+        }
+        Snapshot::build(p.store_name, p.egress_allowlist, secrets)
+    }
+}
+
+fn compile(patterns: Option<&[String]>) -> Result<Option<HostMatcher>, SnapshotError> {
+    patterns
+        .map(|p| HostMatcher::compile(p).map_err(|e| SnapshotError::Pattern(e.to_string())))
+        .transpose()
+}
+
+/// What one destination may receive from one snapshot (HTTPS only; plain HTTP never unseals).
+pub struct HostView {
+    lookup: HashMap<Token, SecretRef>,
+    /// Scrubs every real value of the sandbox; None when no secret may be unsealed here.
+    pub scrubber: Option<Arc<Scrubber>>,
+    /// True if some secret may be unsealed at this destination.
+    pub any_unsealable: bool,
+    /// True if some secret opts into the query string.
+    pub any_query: bool,
+    /// True if some secret opts into the body.
+    pub any_body: bool,
+}
+
+impl HostView {
+    fn build(snap: &Snapshot, dest: &Dest) -> HostView {
+        let lookup: HashMap<Token, SecretRef> = snap
+            .secrets
+            .iter()
+            .map(|e| (e.token, secret_ref(snap, e, dest)))
+            .collect();
+        let any_unsealable = lookup.values().any(|r| r.allowed);
+        let scrubber = any_unsealable.then(|| scrubber_for(snap)).flatten();
+        HostView {
+            any_query: snap
+                .secrets
+                .iter()
+                .any(|e| e.locations.contains(Location::Query)),
+            any_body: snap
+                .secrets
+                .iter()
+                .any(|e| e.locations.contains(Location::Body)),
+            lookup,
+            scrubber,
+            any_unsealable,
+        }
+    }
+
+    /// True if the snapshot has no secrets at all (nothing to scan for).
+    pub fn is_empty(&self) -> bool {
+        self.lookup.is_empty()
+    }
+}
+
+fn secret_ref(snap: &Snapshot, e: &SecretEntry, dest: &Dest) -> SecretRef {
+    SecretRef {
+        name: e.name.clone(),
+        value: e.value.clone(),
+        locations: e.locations,
+        allowed: snap.secret_allowed(e, dest),
+    }
+}
+
+fn scrubber_for(snap: &Snapshot) -> Option<Arc<Scrubber>> {
+    let pairs = snap
+        .secrets
+        .iter()
+        .map(|e| (e.value.clone(), Bytes::copy_from_slice(e.token.as_bytes())))
+        .collect();
+    Scrubber::new(pairs)
+}
+
+impl TokenLookup for HostView {
+    fn get(&self, token: &Token) -> Option<&SecretRef> {
+        self.lookup.get(token)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedSnapshot {
+    store_name: String,
+    egress_allowlist: Option<Vec<String>>,
+    secrets: Vec<PersistedSecret>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedSecret {
+    name: String,
+    token: String,
+    value_b64: Zeroizing<String>,
+    allowed_hosts: Option<Vec<String>>,
+    locations: Vec<Location>,
+}
+
+impl PersistedSecret {
+    fn from_entry(e: &SecretEntry) -> Self {
+        PersistedSecret {
+            name: e.name.to_string(),
+            token: e.token.to_string(),
+            value_b64: Zeroizing::new(
+                base64::engine::general_purpose::STANDARD.encode(e.value.expose()),
+            ),
+            allowed_hosts: e.allowed_hosts.clone(),
+            locations: e.locations.to_vec(),
+        }
+    }
+
+    fn into_record(self) -> Result<(SecretRecord, Token), SnapshotError> {
+        let token = Token::parse(self.token.as_bytes()).ok_or_else(|| {
+            SnapshotError::Malformed(format!("bad token for secret {}", self.name))
+        })?;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(self.value_b64.as_bytes())
+            .map_err(|_| {
+                SnapshotError::Malformed(format!("bad value encoding for secret {}", self.name))
+            })?;
+        let now = time::OffsetDateTime::now_utc();
+        let meta = crate::store::SecretMeta {
+            name: self.name,
+            allowed_hosts: self.allowed_hosts,
+            locations: self.locations,
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        Ok((
+            SecretRecord {
+                meta,
+                value: SecretValue::new(value),
+            },
+            token,
+        ))
+    }
+}

@@ -1,0 +1,1750 @@
+//! The SQLite [`Store`]: one WAL database file, `data_dir/sealgate.db`, with every value sealed.
+//!
+//! Invariants:
+//! - One connection behind a mutex serialises all access from this process. The master key is
+//!   read only while that mutex is held, so a rotation (which holds it from its first read to
+//!   the key swap after commit) is never interleaved with a read or write under the other key.
+//! - Times are stored as Unix nanoseconds (UTC) so `ORDER BY created_at` is chronological.
+//! - `secure_delete` is on, so a deleted or re-sealed ciphertext is overwritten in the database
+//!   file instead of lingering in free pages; after a rotation the WAL is checkpointed and
+//!   truncated so ciphertexts under the retired key do not linger there either.
+//! - The database and its `-wal`/`-shm` files have mode 0600 (SQLite gives the side files the
+//!   database file's mode).
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use rusqlite::{
+    params, Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior,
+};
+use time::OffsetDateTime;
+
+use super::crypto::{self, MasterKey};
+use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
+use crate::secret::{Location, SecretValue};
+
+/// File name of the database inside `data_dir`.
+pub const DB_FILE_NAME: &str = "sealgate.db";
+
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Plaintext of the key-check record; only its authenticity matters.
+const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
+
+/// `meta.key` of the key-check record.
+const KEY_CHECK_ROW: &str = "key_check";
+
+/// Schema migrations; `PRAGMA user_version` is the number applied. Append only, never edit.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL                 -- key_check: sealed KEY_CHECK_PLAINTEXT
+) STRICT;
+CREATE TABLE stores (
+    id               TEXT PRIMARY KEY,  -- UUID v4
+    name             TEXT NOT NULL UNIQUE,
+    egress_allowlist TEXT,              -- JSON array of patterns; NULL = any public host
+    created_at       INTEGER NOT NULL,  -- Unix nanoseconds, UTC
+    updated_at       INTEGER NOT NULL
+) STRICT;
+CREATE TABLE secrets (
+    store_id      TEXT NOT NULL REFERENCES stores(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    allowed_hosts TEXT,                 -- JSON array; NULL = no restriction of its own
+    locations     TEXT NOT NULL,        -- JSON array of "header" | "query" | "body"
+    version       INTEGER NOT NULL,     -- bound into the value's associated data
+    value         BLOB NOT NULL,        -- sealed, AAD secret_aad(store_id, name, version)
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    PRIMARY KEY (store_id, name)
+) STRICT;
+CREATE TABLE sandboxes (
+    id               TEXT PRIMARY KEY,
+    store_id         TEXT NOT NULL,     -- no foreign key: sandboxes outlive their store
+    store_name       TEXT NOT NULL,
+    created_at       INTEGER NOT NULL,
+    expires_at       INTEGER NOT NULL,
+    source_ip        TEXT,
+    proxy_token_hash BLOB NOT NULL,
+    ca_cert_pem      TEXT NOT NULL,
+    ca_key           BLOB NOT NULL,     -- sealed, AAD sandbox_ca_aad(id)
+    snapshot         BLOB NOT NULL      -- sealed, AAD snapshot_aad(id)
+) STRICT;
+CREATE INDEX sandboxes_by_expiry ON sandboxes (expires_at);
+"#];
+
+const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at";
+const SECRET_META_COLUMNS: &str =
+    "store_id, name, allowed_hosts, locations, version, created_at, updated_at";
+const SANDBOX_COLUMNS: &str = "id, store_id, store_name, created_at, expires_at, source_ip, \
+                               proxy_token_hash, ca_cert_pem, ca_key, snapshot";
+
+/// The SQLite-backed [`Store`].
+///
+/// # Memory usage
+/// One SQLite connection (page cache up to SQLite's default ~2 MiB) plus, per call, the rows it
+/// returns. A rotation holds every sealed blob of the database in memory at once (the database
+/// is small: values ≤ 64 KiB each, a few KiB per sandbox).
+pub struct SqliteStore {
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+    /// Read only while `conn` is locked (see the module invariants).
+    key: RwLock<Arc<MasterKey>>,
+    /// Test hook: make the next rotation fail after re-sealing everything, before commit.
+    #[cfg(test)]
+    fail_rotation_before_commit: std::sync::atomic::AtomicBool,
+}
+
+impl SqliteStore {
+    /// Opens or creates `data_dir/sealgate.db`: WAL, `foreign_keys` on, a busy timeout,
+    /// `synchronous = NORMAL`, file mode 0600; runs pending migrations (`PRAGMA user_version`);
+    /// writes the key-check record on first open and verifies it on every later one.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongMasterKey`] if `key` is not the key this database was sealed with;
+    /// [`StoreError::SchemaTooNew`] for a database from a newer build; I/O and SQLite errors.
+    pub fn open(data_dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
+        crypto::ensure_private_dir(data_dir)?;
+        let db_path = data_dir.join(DB_FILE_NAME);
+        prepare_files(&db_path)?;
+        let mut conn = Connection::open(&db_path)?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        init_key_check(&mut conn, &key, &db_path)?;
+        Ok(SqliteStore {
+            db_path,
+            conn: Mutex::new(conn),
+            key: RwLock::new(Arc::new(key)),
+            #[cfg(test)]
+            fail_rotation_before_commit: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// Runs `f` with the connection locked and the current master key.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A panic while locked cannot leave a half-written transaction: `Transaction` rolls back
+        // on drop. So a poisoned lock is safe to reuse.
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = self.current_key();
+        f(&mut conn, &key)
+    }
+
+    fn current_key(&self) -> Arc<MasterKey> {
+        Arc::clone(&self.key.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Installs `key` as the current key. Call only with the connection locked.
+    fn swap_key(&self, _locked: &MutexGuard<'_, Connection>, key: MasterKey) {
+        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+    }
+
+    #[cfg(test)]
+    fn injected_rotation_failure(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .fail_rotation_before_commit
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Io(io::Error::other(
+                "injected rotation failure",
+            )));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_rotation_failure(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    fn create_store(
+        &self,
+        name: &str,
+        egress_allowlist: Option<Vec<String>>,
+    ) -> Result<StoreRecord, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let record = StoreRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            egress_allowlist,
+            created_at: now,
+            updated_at: now,
+        };
+        self.with_conn(|conn, _| insert_store(conn, &record))?;
+        Ok(record)
+    }
+
+    fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
+        self.with_conn(|conn, _| select_stores(conn, "ORDER BY created_at, rowid", []))
+    }
+
+    fn get_store(&self, id: &str) -> Result<StoreRecord, StoreError> {
+        self.with_conn(|conn, _| store_by_id(conn, id))
+    }
+
+    fn find_store(&self, id_or_name: &str) -> Result<StoreRecord, StoreError> {
+        self.with_conn(|conn, _| match store_by_id(conn, id_or_name) {
+            Err(StoreError::NotFound(_)) => select_stores(conn, "WHERE name = ?1", [id_or_name])?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'"))),
+            found => found,
+        })
+    }
+
+    fn update_store(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        egress_allowlist: Option<Option<Vec<String>>>,
+    ) -> Result<StoreRecord, StoreError> {
+        self.with_conn(|conn, _| {
+            let tx = write_tx(conn)?;
+            let mut record = store_by_id(&tx, id)?;
+            if name.is_none() && egress_allowlist.is_none() {
+                return Ok(record);
+            }
+            if let Some(name) = name {
+                record.name = name.to_owned();
+            }
+            if let Some(allowlist) = egress_allowlist {
+                record.egress_allowlist = allowlist;
+            }
+            record.updated_at = OffsetDateTime::now_utc();
+            rewrite_store(&tx, &record)?;
+            tx.commit()?;
+            Ok(record)
+        })
+    }
+
+    fn delete_store(&self, id: &str) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            // Secrets go by ON DELETE CASCADE; sandboxes have no foreign key and stay.
+            let n = conn.execute("DELETE FROM stores WHERE id = ?1", [id])?;
+            expect_one_row(n, || format!("store '{id}'"))
+        })
+    }
+
+    fn put_secret(
+        &self,
+        store_id: &str,
+        name: &str,
+        value: &SecretValue,
+        allowed_hosts: Option<Vec<String>>,
+        locations: Vec<Location>,
+    ) -> Result<SecretMeta, StoreError> {
+        self.with_conn(|conn, key| {
+            let tx = write_tx(conn)?;
+            require_store(&tx, store_id)?;
+            let meta = next_meta(&tx, store_id, name, allowed_hosts, locations)?;
+            let aad = crypto::secret_aad(store_id, name, meta.version);
+            let sealed = crypto::seal(key, &aad, value.expose());
+            upsert_secret(&tx, store_id, &meta, &sealed)?;
+            tx.commit()?;
+            Ok(meta)
+        })
+    }
+
+    fn list_secrets(&self, store_id: &str) -> Result<Vec<SecretMeta>, StoreError> {
+        self.with_conn(|conn, _| {
+            require_store(conn, store_id)?;
+            select_secrets(conn, store_id, false)?
+                .into_iter()
+                .map(RawSecret::into_meta)
+                .collect()
+        })
+    }
+
+    fn load_secrets(&self, store_id: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        self.with_conn(|conn, key| {
+            require_store(conn, store_id)?;
+            select_secrets(conn, store_id, true)?
+                .into_iter()
+                .map(|raw| raw.into_record(key))
+                .collect()
+        })
+    }
+
+    fn delete_secret(&self, store_id: &str, name: &str) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            let tx = write_tx(conn)?;
+            require_store(&tx, store_id)?;
+            let n = tx.execute(
+                "DELETE FROM secrets WHERE store_id = ?1 AND name = ?2",
+                [store_id, name],
+            )?;
+            expect_one_row(n, || format!("secret '{name}' in store '{store_id}'"))?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
+        self.with_conn(|conn, key| insert_sandbox_row(conn, key, row))
+    }
+
+    fn update_sandbox_snapshot(&self, id: &str, snapshot: &SecretValue) -> Result<(), StoreError> {
+        self.with_conn(|conn, key| {
+            let sealed = crypto::seal(key, &crypto::snapshot_aad(id), snapshot.expose());
+            let n = conn.execute(
+                "UPDATE sandboxes SET snapshot = ?2 WHERE id = ?1",
+                params![id, sealed],
+            )?;
+            expect_one_row(n, || format!("sandbox '{id}'"))
+        })
+    }
+
+    fn load_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        self.with_conn(|conn, key| {
+            let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, rowid");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let raws = stmt
+                .query_map([], RawSandbox::from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            raws.into_iter().map(|raw| raw.into_row(key)).collect()
+        })
+    }
+
+    fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            let n = conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+            expect_one_row(n, || format!("sandbox '{id}'"))
+        })
+    }
+
+    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let now = to_nanos(now, "purge time")?;
+        self.with_conn(|conn, _| {
+            Ok(conn.execute("DELETE FROM sandboxes WHERE expires_at <= ?1", [now])?)
+        })
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn, key| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            verify_key_check(conn, key, &self.db_path)
+        })
+    }
+
+    fn rotate_master_key(&self, new_key: &MasterKey) -> Result<RotationStats, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let old_key = self.current_key();
+        let tx = write_tx(&mut conn)?;
+        verify_key_check(&tx, &old_key, &self.db_path)?;
+        let stats = RotationStats {
+            secrets: reseal_secrets(&tx, &old_key, new_key)?,
+            sandboxes: reseal_sandboxes(&tx, &old_key, new_key)?,
+        };
+        write_key_check(&tx, new_key)?;
+        self.injected_rotation_failure()?;
+        tx.commit()?;
+        self.swap_key(&conn, new_key.duplicate());
+        // Best effort: the rotation is committed whatever this returns. It moves the new pages
+        // into the database file (where secure_delete already overwrote the old ciphertexts) and
+        // truncates the WAL, which still holds old page images. It cannot finish while another
+        // connection reads, and a failure must not be reported as a failed rotation.
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        Ok(stats)
+    }
+}
+
+// ---- opening ----------------------------------------------------------------------------------
+
+/// Creates the database file with mode 0600 if missing, and tightens the mode of an existing
+/// database or side file that group or others could read.
+fn prepare_files(db_path: &Path) -> Result<(), StoreError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db_path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db_path.as_os_str().to_owned();
+        name.push(suffix);
+        restrict_mode(Path::new(&name))?;
+    }
+    Ok(())
+}
+
+/// Sets mode 0600 on `path` if it exists with group or other bits.
+fn restrict_mode(path: &Path) -> Result<(), StoreError> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Connection settings, applied on every open.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(None, "secure_delete", true)?;
+    Ok(())
+}
+
+/// Applies pending migrations, one transaction each. The version is re-read inside each
+/// transaction so two processes opening a new database at once do not both migrate.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    loop {
+        let tx = write_tx(conn)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > supported {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported,
+            });
+        }
+        let Some(sql) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+}
+
+/// Verifies the key-check record, or writes it into a database that has none yet.
+fn init_key_check(
+    conn: &mut Connection,
+    key: &MasterKey,
+    db_path: &Path,
+) -> Result<(), StoreError> {
+    let tx = write_tx(conn)?;
+    if read_key_check(&tx)?.is_some() {
+        return verify_key_check(&tx, key, db_path);
+    }
+    let sealed_rows: i64 = tx.query_row(
+        "SELECT (SELECT count(*) FROM secrets) + (SELECT count(*) FROM sandboxes)",
+        [],
+        |row| row.get(0),
+    )?;
+    if sealed_rows > 0 {
+        // Writing a fresh record would bless whatever key was passed in.
+        return Err(StoreError::Corrupt(format!(
+            "the key-check record is missing from {}, which holds sealed rows",
+            db_path.display()
+        )));
+    }
+    write_key_check(&tx, key)?;
+    tx.commit()?;
+    Ok(())
+}
+
+// ---- key check and rotation ---------------------------------------------------------------------
+
+fn read_key_check(conn: &Connection) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [KEY_CHECK_ROW],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// `Ok` iff the key-check record exists and opens with `key`.
+fn verify_key_check(conn: &Connection, key: &MasterKey, db_path: &Path) -> Result<(), StoreError> {
+    let wrong_key = || StoreError::WrongMasterKey(db_path.to_owned());
+    let sealed = read_key_check(conn)?.ok_or_else(wrong_key)?;
+    match crypto::open(key, crypto::key_check_aad(), &sealed) {
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(wrong_key()),
+    }
+}
+
+fn write_key_check(conn: &Connection, key: &MasterKey) -> Result<(), StoreError> {
+    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![KEY_CHECK_ROW, sealed],
+    )?;
+    Ok(())
+}
+
+/// Opens `sealed` with `old` and seals the plaintext with `new` under the same `aad`.
+fn reseal(
+    old: &MasterKey,
+    new: &MasterKey,
+    aad: &[u8],
+    sealed: &[u8],
+    row: impl FnOnce() -> String,
+) -> Result<Vec<u8>, StoreError> {
+    let plain = crypto::open(old, aad, sealed).map_err(|e| corrupt(row(), e))?;
+    Ok(crypto::seal(new, aad, plain.expose()))
+}
+
+fn reseal_secrets(
+    tx: &Transaction<'_>,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, StoreError> {
+    let rows = {
+        let mut stmt = tx.prepare("SELECT store_id, name, version, value FROM secrets")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<Result<Vec<(String, String, i64, Vec<u8>)>, _>>()?
+    };
+    for (store_id, name, version, sealed) in &rows {
+        let row = || secret_row_name(store_id, name);
+        let aad = crypto::secret_aad(store_id, name, to_version(*version, row)?);
+        let resealed = reseal(old, new, &aad, sealed, row)?;
+        tx.execute(
+            "UPDATE secrets SET value = ?3 WHERE store_id = ?1 AND name = ?2",
+            params![store_id, name, resealed],
+        )?;
+    }
+    Ok(rows.len())
+}
+
+fn reseal_sandboxes(
+    tx: &Transaction<'_>,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, StoreError> {
+    let rows = {
+        let mut stmt = tx.prepare("SELECT id, ca_key, snapshot FROM sandboxes")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<Vec<(String, Vec<u8>, Vec<u8>)>, _>>()?
+    };
+    for (id, ca_key, snapshot) in &rows {
+        let ca_key = reseal(old, new, &crypto::sandbox_ca_aad(id), ca_key, || {
+            format!("sandbox '{id}' CA key")
+        })?;
+        let snapshot = reseal(old, new, &crypto::snapshot_aad(id), snapshot, || {
+            format!("sandbox '{id}' snapshot")
+        })?;
+        tx.execute(
+            "UPDATE sandboxes SET ca_key = ?2, snapshot = ?3 WHERE id = ?1",
+            params![id, ca_key, snapshot],
+        )?;
+    }
+    Ok(rows.len())
+}
+
+// ---- stores -------------------------------------------------------------------------------------
+
+fn insert_store(conn: &Connection, record: &StoreRecord) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+        params![
+            record.id,
+            record.name,
+            to_json_opt(record.egress_allowlist.as_ref())?,
+            to_nanos(record.created_at, "created_at")?,
+            to_nanos(record.updated_at, "updated_at")?,
+        ],
+    )
+    .map_err(|e| name_conflict(e, &record.name))?;
+    Ok(())
+}
+
+fn rewrite_store(conn: &Connection, record: &StoreRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE stores SET name = ?2, egress_allowlist = ?3, updated_at = ?4 WHERE id = ?1",
+        params![
+            record.id,
+            record.name,
+            to_json_opt(record.egress_allowlist.as_ref())?,
+            to_nanos(record.updated_at, "updated_at")?,
+        ],
+    )
+    .map_err(|e| name_conflict(e, &record.name))?;
+    Ok(())
+}
+
+/// Maps a UNIQUE violation (only `stores.name` has one) to [`StoreError::Conflict`].
+fn name_conflict(e: rusqlite::Error, name: &str) -> StoreError {
+    if is_constraint(&e, rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE) {
+        StoreError::Conflict(format!("store name '{name}' is already taken"))
+    } else {
+        e.into()
+    }
+}
+
+fn is_constraint(e: &rusqlite::Error, extended_code: std::os::raw::c_int) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == extended_code)
+}
+
+fn select_stores(
+    conn: &Connection,
+    clause: &str,
+    params: impl Params,
+) -> Result<Vec<StoreRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {STORE_COLUMNS} FROM stores {clause}"))?;
+    let raws = stmt
+        .query_map(params, RawStore::from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    raws.into_iter().map(RawStore::into_record).collect()
+}
+
+fn store_by_id(conn: &Connection, id: &str) -> Result<StoreRecord, StoreError> {
+    select_stores(conn, "WHERE id = ?1", [id])?
+        .pop()
+        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+}
+
+fn require_store(conn: &Connection, id: &str) -> Result<(), StoreError> {
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM stores WHERE id = ?1")?
+        .exists([id])?;
+    exists
+        .then_some(())
+        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+}
+
+/// A `stores` row as read, before JSON and time decoding.
+struct RawStore {
+    id: String,
+    name: String,
+    egress_allowlist: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RawStore {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawStore {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            egress_allowlist: row.get(2)?,
+            created_at: row.get(3)?,
+            updated_at: row.get(4)?,
+        })
+    }
+
+    fn into_record(self) -> Result<StoreRecord, StoreError> {
+        let row = || format!("store '{}'", self.id);
+        Ok(StoreRecord {
+            egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), row)?,
+            created_at: from_nanos(self.created_at, row)?,
+            updated_at: from_nanos(self.updated_at, row)?,
+            id: self.id,
+            name: self.name,
+        })
+    }
+}
+
+// ---- secrets ------------------------------------------------------------------------------------
+
+/// The metadata a put writes: version 1 and a fresh `created_at` for a new secret; for a
+/// replace, the next version and the original `created_at`.
+fn next_meta(
+    conn: &Connection,
+    store_id: &str,
+    name: &str,
+    allowed_hosts: Option<Vec<String>>,
+    locations: Vec<Location>,
+) -> Result<SecretMeta, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let (version, created_at) = match previous_version(conn, store_id, name)? {
+        Some((version, created_at)) => (next_version(version, store_id, name)?, created_at),
+        None => (1, now),
+    };
+    Ok(SecretMeta {
+        name: name.to_owned(),
+        allowed_hosts,
+        locations,
+        version,
+        created_at,
+        updated_at: now,
+    })
+}
+
+fn previous_version(
+    conn: &Connection,
+    store_id: &str,
+    name: &str,
+) -> Result<Option<(u64, OffsetDateTime)>, StoreError> {
+    let found: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT version, created_at FROM secrets WHERE store_id = ?1 AND name = ?2",
+            [store_id, name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let row = || secret_row_name(store_id, name);
+    found
+        .map(|(version, created_at)| Ok((to_version(version, row)?, from_nanos(created_at, row)?)))
+        .transpose()
+}
+
+fn next_version(version: u64, store_id: &str, name: &str) -> Result<u64, StoreError> {
+    version
+        .checked_add(1)
+        .filter(|v| i64::try_from(*v).is_ok())
+        .ok_or_else(|| corrupt_msg(secret_row_name(store_id, name), "version overflow"))
+}
+
+fn upsert_secret(
+    conn: &Connection,
+    store_id: &str,
+    meta: &SecretMeta,
+    sealed: &[u8],
+) -> Result<(), StoreError> {
+    let version = i64::try_from(meta.version)
+        .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
+    conn.execute(
+        "INSERT INTO secrets (store_id, name, allowed_hosts, locations, version, value, \
+                              created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (store_id, name) DO UPDATE SET \
+             allowed_hosts = excluded.allowed_hosts, locations = excluded.locations, \
+             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at",
+        params![
+            store_id,
+            meta.name,
+            to_json_opt(meta.allowed_hosts.as_ref())?,
+            serde_json::to_string(&meta.locations)?,
+            version,
+            sealed,
+            to_nanos(meta.created_at, "created_at")?,
+            to_nanos(meta.updated_at, "updated_at")?,
+        ],
+    )?;
+    Ok(())
+}
+
+/// The store's secrets by name; with `with_values`, their sealed values too.
+fn select_secrets(
+    conn: &Connection,
+    store_id: &str,
+    with_values: bool,
+) -> Result<Vec<RawSecret>, StoreError> {
+    let value_column = if with_values { "value" } else { "NULL" };
+    let sql = format!(
+        "SELECT {SECRET_META_COLUMNS}, {value_column} FROM secrets WHERE store_id = ?1 ORDER BY name"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let raws = stmt
+        .query_map([store_id], RawSecret::from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(raws)
+}
+
+/// A `secrets` row as read, before decoding and decryption.
+struct RawSecret {
+    store_id: String,
+    name: String,
+    allowed_hosts: Option<String>,
+    locations: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+    sealed: Option<Vec<u8>>,
+}
+
+impl RawSecret {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawSecret {
+            store_id: row.get(0)?,
+            name: row.get(1)?,
+            allowed_hosts: row.get(2)?,
+            locations: row.get(3)?,
+            version: row.get(4)?,
+            created_at: row.get(5)?,
+            updated_at: row.get(6)?,
+            sealed: row.get(7)?,
+        })
+    }
+
+    fn row_name(&self) -> String {
+        secret_row_name(&self.store_id, &self.name)
+    }
+
+    fn into_meta(self) -> Result<SecretMeta, StoreError> {
+        let row = || self.row_name();
+        Ok(SecretMeta {
+            allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), row)?,
+            locations: from_json(&self.locations, row)?,
+            version: to_version(self.version, row)?,
+            created_at: from_nanos(self.created_at, row)?,
+            updated_at: from_nanos(self.updated_at, row)?,
+            name: self.name,
+        })
+    }
+
+    fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
+        let sealed = self.sealed.take().unwrap_or_default();
+        let (row, store_id) = (self.row_name(), self.store_id.clone());
+        let meta = self.into_meta()?;
+        let aad = crypto::secret_aad(&store_id, &meta.name, meta.version);
+        let value = crypto::open(key, &aad, &sealed).map_err(|e| corrupt(row, e))?;
+        Ok(SecretRecord { meta, value })
+    }
+}
+
+fn secret_row_name(store_id: &str, name: &str) -> String {
+    format!("secret '{name}' of store '{store_id}'")
+}
+
+fn to_version(version: i64, row: impl FnOnce() -> String) -> Result<u64, StoreError> {
+    u64::try_from(version).map_err(|_| corrupt_msg(row(), "negative version"))
+}
+
+// ---- sandboxes ----------------------------------------------------------------------------------
+
+fn insert_sandbox_row(
+    conn: &Connection,
+    key: &MasterKey,
+    row: &SandboxRow,
+) -> Result<(), StoreError> {
+    let ca_key = crypto::seal(key, &crypto::sandbox_ca_aad(&row.id), row.ca_key.expose());
+    let snapshot = crypto::seal(key, &crypto::snapshot_aad(&row.id), row.snapshot.expose());
+    conn.execute(
+        &format!(
+            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ),
+        params![
+            row.id,
+            row.store_id,
+            row.store_name,
+            to_nanos(row.created_at, "sandbox created_at")?,
+            to_nanos(row.expires_at, "sandbox expires_at")?,
+            row.source_ip.map(|ip| ip.to_string()),
+            row.proxy_token_hash,
+            row.ca_cert_pem,
+            ca_key,
+            snapshot,
+        ],
+    )
+    .map_err(|e| {
+        if is_constraint(&e, rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY) {
+            StoreError::Conflict(format!("sandbox '{}' already exists", row.id))
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(())
+}
+
+/// A `sandboxes` row as read, before decoding and decryption.
+struct RawSandbox {
+    id: String,
+    store_id: String,
+    store_name: String,
+    created_at: i64,
+    expires_at: i64,
+    source_ip: Option<String>,
+    proxy_token_hash: Vec<u8>,
+    ca_cert_pem: String,
+    ca_key: Vec<u8>,
+    snapshot: Vec<u8>,
+}
+
+impl RawSandbox {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawSandbox {
+            id: row.get(0)?,
+            store_id: row.get(1)?,
+            store_name: row.get(2)?,
+            created_at: row.get(3)?,
+            expires_at: row.get(4)?,
+            source_ip: row.get(5)?,
+            proxy_token_hash: row.get(6)?,
+            ca_cert_pem: row.get(7)?,
+            ca_key: row.get(8)?,
+            snapshot: row.get(9)?,
+        })
+    }
+
+    fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
+        let id = self.id;
+        let row = || format!("sandbox '{id}'");
+        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
+            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
+        let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
+            .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
+        let source_ip = self
+            .source_ip
+            .map(|ip| ip.parse::<IpAddr>())
+            .transpose()
+            .map_err(|_| corrupt_msg(row(), "unparsable source_ip"))?;
+        Ok(SandboxRow {
+            created_at: from_nanos(self.created_at, row)?,
+            expires_at: from_nanos(self.expires_at, row)?,
+            id,
+            store_id: self.store_id,
+            store_name: self.store_name,
+            source_ip,
+            proxy_token_hash: self.proxy_token_hash,
+            ca_cert_pem: self.ca_cert_pem,
+            ca_key,
+            snapshot,
+        })
+    }
+}
+
+// ---- small helpers ------------------------------------------------------------------------------
+
+/// An immediate (write-locking) transaction, so a read-then-write never fails to upgrade.
+fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+}
+
+fn expect_one_row(changed: usize, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::NotFound(what()));
+    }
+    Ok(())
+}
+
+fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
+    corrupt_msg(row, &e.to_string())
+}
+
+fn corrupt_msg(row: String, why: &str) -> StoreError {
+    StoreError::Corrupt(format!("{row}: {why}"))
+}
+
+fn to_nanos(t: OffsetDateTime, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(t.unix_timestamp_nanos())
+        .map_err(|_| StoreError::InvalidInput(format!("{what}: time outside 1677..2262")))
+}
+
+fn from_nanos(nanos: i64, row: impl FnOnce() -> String) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .map_err(|_| corrupt_msg(row(), "time out of range"))
+}
+
+fn to_json_opt(list: Option<&Vec<String>>) -> Result<Option<String>, StoreError> {
+    Ok(list.map(serde_json::to_string).transpose()?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    row: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|_| corrupt_msg(row(), "malformed JSON column"))
+}
+
+fn from_json_opt<T: serde::de::DeserializeOwned>(
+    text: Option<&str>,
+    row: impl FnOnce() -> String,
+) -> Result<Option<T>, StoreError> {
+    text.map(|t| from_json(t, row)).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use time::macros::datetime;
+
+    use super::*;
+
+    const SECRET: &[u8] = b"sk-live-DISTINCTIVE-7f3a9c1e5b";
+    const CA_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----CAKEY-DISTINCTIVE-42d8e6";
+    const SNAPSHOT: &[u8] = b"{\"snapshot\":\"SNAPSHOT-DISTINCTIVE-91bb07\"}";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        key_b64: String,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let key_b64 = MasterKey::generate().to_base64().to_string();
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+                key_b64,
+            }
+        }
+
+        fn key(&self) -> MasterKey {
+            MasterKey::from_base64(&self.key_b64).unwrap()
+        }
+
+        fn open(&self) -> SqliteStore {
+            SqliteStore::open(self.dir.path(), self.key()).unwrap()
+        }
+
+        fn raw(&self) -> Connection {
+            let conn = Connection::open(self.dir.path().join(DB_FILE_NAME)).unwrap();
+            conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+            conn
+        }
+    }
+
+    fn value(bytes: &[u8]) -> SecretValue {
+        SecretValue::new(bytes.to_vec())
+    }
+
+    fn hosts(list: &[&str]) -> Option<Vec<String>> {
+        Some(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn sandbox(id: &str, store: &StoreRecord, expires_at: OffsetDateTime) -> SandboxRow {
+        SandboxRow {
+            id: id.to_owned(),
+            store_id: store.id.clone(),
+            store_name: store.name.clone(),
+            created_at: OffsetDateTime::now_utc(),
+            expires_at,
+            source_ip: Some("10.0.0.7".parse().unwrap()),
+            proxy_token_hash: vec![1, 2, 3],
+            ca_cert_pem: "-----BEGIN CERTIFICATE-----".to_owned(),
+            ca_key: value(CA_KEY),
+            snapshot: value(SNAPSHOT),
+        }
+    }
+
+    fn later() -> OffsetDateTime {
+        OffsetDateTime::now_utc() + time::Duration::hours(1)
+    }
+
+    /// A store with one secret and one sandbox, all holding the distinctive values.
+    fn populate(store: &SqliteStore) -> StoreRecord {
+        let rec = store
+            .create_store("prod", hosts(&["api.example.com"]))
+            .unwrap();
+        store
+            .put_secret(
+                &rec.id,
+                "API_KEY",
+                &value(SECRET),
+                hosts(&["*.example.com"]),
+                vec![Location::Header],
+            )
+            .unwrap();
+        store
+            .insert_sandbox(&sandbox("sbx_1", &rec, later()))
+            .unwrap();
+        rec
+    }
+
+    fn assert_corrupt(err: StoreError, needle: &str) {
+        match err {
+            StoreError::Corrupt(msg) => {
+                assert!(msg.contains(needle), "{msg:?} should name {needle:?}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Panics if any file in `dir` contains one of the distinctive plaintexts; returns the names
+    /// of the files inspected.
+    fn assert_no_plaintext_in(dir: &Path) -> Vec<String> {
+        let mut seen = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = fs::read(&path).unwrap();
+            for needle in [SECRET, CA_KEY, SNAPSHOT] {
+                assert!(
+                    !contains(&bytes, needle),
+                    "{} holds a plaintext",
+                    path.display()
+                );
+            }
+            seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        seen
+    }
+
+    #[test]
+    fn store_is_send_sync_and_object_safe() {
+        let fx = Fixture::new();
+        let store: Arc<dyn Store> = Arc::new(fx.open());
+        store.check().unwrap();
+    }
+
+    #[test]
+    fn store_crud() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let a = store.create_store("alpha", None).unwrap();
+        let b = store.create_store("beta", hosts(&[])).unwrap();
+        assert!(uuid::Uuid::parse_str(&a.id).is_ok());
+        assert_eq!(a.created_at, a.updated_at);
+
+        assert_eq!(store.get_store(&a.id).unwrap(), a);
+        assert_eq!(store.list_stores().unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(store.find_store(&b.id).unwrap(), b);
+        assert_eq!(store.find_store("beta").unwrap(), b);
+        assert!(matches!(
+            store.find_store("gamma"),
+            Err(StoreError::NotFound(_))
+        ));
+
+        let renamed = store.update_store(&a.id, Some("alpha2"), None).unwrap();
+        assert_eq!(renamed.name, "alpha2");
+        assert_eq!(store.get_store(&a.id).unwrap(), renamed);
+
+        store.delete_store(&a.id).unwrap();
+        assert!(
+            matches!(store.get_store(&a.id), Err(StoreError::NotFound(m)) if m.contains(&a.id))
+        );
+        assert!(matches!(
+            store.delete_store(&a.id),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.update_store(&a.id, Some("x"), None),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.list_stores().unwrap(), vec![b]);
+    }
+
+    #[test]
+    fn find_store_prefers_id_over_name() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let a = store.create_store("first", None).unwrap();
+        // A store named like another store's id: the id wins.
+        store.create_store(&a.id, None).unwrap();
+        assert_eq!(store.find_store(&a.id).unwrap().id, a.id);
+    }
+
+    #[test]
+    fn duplicate_name_conflicts() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        store.create_store("prod", None).unwrap();
+        let err = store.create_store("prod", None).unwrap_err();
+        assert!(matches!(&err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(err.to_string(), "store name 'prod' is already taken");
+        assert_eq!(store.list_stores().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rename_to_taken_name_conflicts() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        store.create_store("prod", None).unwrap();
+        let dev = store.create_store("dev", None).unwrap();
+        let err = store.update_store(&dev.id, Some("prod"), None).unwrap_err();
+        assert_eq!(err.to_string(), "store name 'prod' is already taken");
+        assert_eq!(store.get_store(&dev.id).unwrap(), dev);
+        // Renaming to its own name is not a conflict.
+        store.update_store(&dev.id, Some("dev"), None).unwrap();
+    }
+
+    #[test]
+    fn update_is_partial() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", hosts(&["a.example"])).unwrap();
+
+        let same = store.update_store(&rec.id, None, None).unwrap();
+        assert_eq!(
+            same, rec,
+            "no field given: nothing changes, not even updated_at"
+        );
+
+        let renamed = store.update_store(&rec.id, Some("t"), None).unwrap();
+        assert_eq!(renamed.egress_allowlist, hosts(&["a.example"]));
+        assert!(renamed.updated_at >= rec.updated_at);
+        assert_eq!(renamed.created_at, rec.created_at);
+
+        let cleared = store.update_store(&rec.id, None, Some(None)).unwrap();
+        assert_eq!(
+            (cleared.name.as_str(), cleared.egress_allowlist.clone()),
+            ("t", None)
+        );
+        assert_eq!(store.get_store(&rec.id).unwrap().egress_allowlist, None);
+
+        let empty = store
+            .update_store(&rec.id, None, Some(Some(vec![])))
+            .unwrap();
+        assert_eq!(empty.egress_allowlist, Some(vec![]));
+        assert_eq!(
+            store.get_store(&rec.id).unwrap().egress_allowlist,
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn put_secret_replace_keeps_created_at_and_bumps_version() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        let first = store
+            .put_secret(
+                &rec.id,
+                "K",
+                &value(b"v1"),
+                None,
+                Location::DEFAULT.to_vec(),
+            )
+            .unwrap();
+        assert_eq!(first.version, 1);
+        let sealed_v1: Vec<u8> = fx
+            .raw()
+            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
+            .unwrap();
+
+        let second = store
+            .put_secret(
+                &rec.id,
+                "K",
+                &value(b"v2"),
+                hosts(&["x.example"]),
+                vec![Location::Query],
+            )
+            .unwrap();
+        assert_eq!(second.version, 2);
+        assert_eq!(second.created_at, first.created_at);
+        assert!(second.updated_at >= first.updated_at);
+        let sealed_v2: Vec<u8> = fx
+            .raw()
+            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(
+            sealed_v1[1..13],
+            sealed_v2[1..13],
+            "a replace uses a new nonce"
+        );
+
+        let loaded = store.load_secrets(&rec.id).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].meta, second);
+        assert_eq!(loaded[0].value.expose(), b"v2");
+        assert_eq!(store.list_secrets(&rec.id).unwrap(), vec![second]);
+    }
+
+    #[test]
+    fn secrets_are_listed_by_name_and_deleted() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        for name in ["ZED", "ALPHA", "MID"] {
+            store
+                .put_secret(&rec.id, name, &value(name.as_bytes()), None, vec![])
+                .unwrap();
+        }
+        let names: Vec<_> = store
+            .list_secrets(&rec.id)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, ["ALPHA", "MID", "ZED"]);
+
+        store.delete_secret(&rec.id, "MID").unwrap();
+        let err = store.delete_secret(&rec.id, "MID").unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound(m) if m.contains("secret 'MID'")),
+            "{err:?}"
+        );
+        let values: Vec<_> = store
+            .load_secrets(&rec.id)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.value.expose().to_vec())
+            .collect();
+        assert_eq!(values, [b"ALPHA".to_vec(), b"ZED".to_vec()]);
+    }
+
+    #[test]
+    fn secret_calls_on_missing_store_are_not_found() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let missing = "no-such-store";
+        let is_store_not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(m)) if m == "store 'no-such-store'");
+        assert!(is_store_not_found(
+            store
+                .put_secret(missing, "K", &value(b"v"), None, vec![])
+                .map(drop)
+        ));
+        assert!(is_store_not_found(store.list_secrets(missing).map(drop)));
+        assert!(is_store_not_found(store.load_secrets(missing).map(drop)));
+        assert!(is_store_not_found(store.delete_secret(missing, "K")));
+    }
+
+    #[test]
+    fn delete_store_cascades_secrets_but_not_sandboxes() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store.delete_store(&rec.id).unwrap();
+
+        let secrets: i64 = fx
+            .raw()
+            .query_row("SELECT count(*) FROM secrets", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(secrets, 0);
+        assert!(matches!(
+            store.list_secrets(&rec.id),
+            Err(StoreError::NotFound(_))
+        ));
+        let sandboxes = store.load_sandboxes().unwrap();
+        assert_eq!(sandboxes.len(), 1);
+        assert_eq!(sandboxes[0].store_id, rec.id);
+        assert_eq!(sandboxes[0].snapshot.expose(), SNAPSHOT);
+    }
+
+    #[test]
+    fn sandbox_rows_round_trip() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        let mut v6 = sandbox("sbx_v6", &rec, later());
+        v6.source_ip = Some("fd00::7".parse().unwrap());
+        let mut none = sandbox("sbx_none", &rec, later());
+        none.source_ip = None;
+        store.insert_sandbox(&v6).unwrap();
+        store.insert_sandbox(&none).unwrap();
+        let err = store.insert_sandbox(&none).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict(m) if m.contains("sbx_none")),
+            "{err:?}"
+        );
+
+        store
+            .update_sandbox_snapshot("sbx_v6", &value(b"{\"v\":2}"))
+            .unwrap();
+        assert!(matches!(
+            store.update_sandbox_snapshot("sbx_gone", &value(b"{}")),
+            Err(StoreError::NotFound(_))
+        ));
+
+        let rows = store.load_sandboxes().unwrap();
+        assert_eq!(rows.len(), 2);
+        let (a, b) = (&rows[0], &rows[1]);
+        assert_eq!((a.id.as_str(), a.source_ip), ("sbx_v6", v6.source_ip));
+        assert_eq!(a.snapshot.expose(), b"{\"v\":2}");
+        assert_eq!(a.ca_key.expose(), CA_KEY);
+        assert_eq!((a.created_at, a.expires_at), (v6.created_at, v6.expires_at));
+        assert_eq!(
+            (a.proxy_token_hash.as_slice(), a.ca_cert_pem.as_str()),
+            (&[1u8, 2, 3][..], "-----BEGIN CERTIFICATE-----")
+        );
+        assert_eq!(
+            (b.id.as_str(), b.source_ip, b.store_name.as_str()),
+            ("sbx_none", None, "s")
+        );
+
+        store.delete_sandbox("sbx_v6").unwrap();
+        assert!(matches!(
+            store.delete_sandbox("sbx_v6"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.load_sandboxes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn purge_removes_only_expired_sandboxes() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        let now = datetime!(2030-01-01 12:00 UTC);
+        store
+            .insert_sandbox(&sandbox("sbx_past", &rec, now - time::Duration::SECOND))
+            .unwrap();
+        store
+            .insert_sandbox(&sandbox("sbx_now", &rec, now))
+            .unwrap();
+        store
+            .insert_sandbox(&sandbox("sbx_future", &rec, now + time::Duration::SECOND))
+            .unwrap();
+        assert_eq!(store.purge_expired_sandboxes(now).unwrap(), 2);
+        let ids: Vec<_> = store
+            .load_sandboxes()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["sbx_future"]);
+    }
+
+    #[test]
+    fn values_never_reach_the_disk_in_plaintext() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store
+            .update_sandbox_snapshot("sbx_1", &value(SNAPSHOT))
+            .unwrap();
+        store
+            .put_secret(
+                &rec.id,
+                "API_KEY",
+                &value(SECRET),
+                None,
+                vec![Location::Header],
+            )
+            .unwrap();
+
+        // Uncheckpointed: the new pages sit in the WAL.
+        let files = assert_no_plaintext_in(fx.dir.path());
+        assert!(files.iter().any(|f| f == "sealgate.db-wal"), "{files:?}");
+        assert!(contains(
+            &fs::read(fx.dir.path().join("sealgate.db-wal")).unwrap(),
+            b"API_KEY"
+        ));
+
+        fx.raw()
+            .query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
+            .unwrap();
+        assert_no_plaintext_in(fx.dir.path());
+        drop(store); // the last connection checkpoints and removes the WAL
+        let files = assert_no_plaintext_in(fx.dir.path());
+        assert!(files.iter().any(|f| f == DB_FILE_NAME), "{files:?}");
+        assert!(contains(
+            &fs::read(fx.dir.path().join(DB_FILE_NAME)).unwrap(),
+            b"API_KEY"
+        ));
+    }
+
+    #[test]
+    fn database_files_are_private() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        populate(&store);
+        for name in [DB_FILE_NAME, "sealgate.db-wal", "sealgate.db-shm"] {
+            let mode = fs::metadata(fx.dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        drop(store);
+        let db = fx.dir.path().join(DB_FILE_NAME);
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).unwrap();
+        fx.open();
+        assert_eq!(
+            fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn reopen_with_same_key_reads_everything() {
+        let fx = Fixture::new();
+        let (rec, secrets, sandboxes) = {
+            let store = fx.open();
+            let rec = populate(&store);
+            (
+                rec.clone(),
+                store.list_secrets(&rec.id).unwrap(),
+                store.load_sandboxes().unwrap(),
+            )
+        };
+        let store = fx.open();
+        store.check().unwrap();
+        assert_eq!(store.list_stores().unwrap(), vec![rec.clone()]);
+        let loaded = store.load_secrets(&rec.id).unwrap();
+        assert_eq!(loaded[0].meta, secrets[0]);
+        assert_eq!(loaded[0].value.expose(), SECRET);
+        let rows = store.load_sandboxes().unwrap();
+        assert_eq!(rows[0].id, sandboxes[0].id);
+        assert_eq!(rows[0].ca_key.expose(), CA_KEY);
+        assert_eq!(rows[0].created_at, sandboxes[0].created_at);
+    }
+
+    #[test]
+    fn reopen_with_another_key_is_refused() {
+        let fx = Fixture::new();
+        populate(&fx.open());
+        let err = SqliteStore::open(fx.dir.path(), MasterKey::generate())
+            .err()
+            .unwrap();
+        assert!(matches!(&err, StoreError::WrongMasterKey(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("does not match")
+                && msg.contains("sealgate.db")
+                && msg.contains("refusing to start"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn empty_database_still_checks_the_key() {
+        let fx = Fixture::new();
+        drop(fx.open());
+        let err = SqliteStore::open(fx.dir.path(), MasterKey::generate())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
+    }
+
+    #[test]
+    fn missing_key_check_on_a_populated_database_is_refused() {
+        let fx = Fixture::new();
+        populate(&fx.open());
+        fx.raw().execute("DELETE FROM meta", []).unwrap();
+        assert_corrupt(
+            SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap(),
+            "key-check",
+        );
+    }
+
+    #[test]
+    fn ciphertext_copied_to_another_secret_fails_closed() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        store
+            .put_secret(&rec.id, "A", &value(b"value-a"), None, vec![])
+            .unwrap();
+        store
+            .put_secret(&rec.id, "B", &value(b"value-b"), None, vec![])
+            .unwrap();
+        fx.raw()
+            .execute(
+                "UPDATE secrets SET value = (SELECT value FROM secrets WHERE name = 'A') WHERE name = 'B'",
+                [],
+            )
+            .unwrap();
+        let err = store.load_secrets(&rec.id).unwrap_err();
+        assert!(!err.to_string().contains("value-a"));
+        assert_corrupt(err, "secret 'B'");
+        // Metadata stays listable so the operator can see and replace the row.
+        assert_eq!(store.list_secrets(&rec.id).unwrap().len(), 2);
+        store
+            .put_secret(&rec.id, "B", &value(b"value-b"), None, vec![])
+            .unwrap();
+        assert_eq!(store.load_secrets(&rec.id).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn ciphertext_copied_across_stores_fails_closed() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let s1 = store.create_store("one", None).unwrap();
+        let s2 = store.create_store("two", None).unwrap();
+        store
+            .put_secret(&s1.id, "K", &value(b"one"), None, vec![])
+            .unwrap();
+        store
+            .put_secret(&s2.id, "K", &value(b"two"), None, vec![])
+            .unwrap();
+        fx.raw()
+            .execute(
+                "UPDATE secrets SET value = (SELECT value FROM secrets WHERE store_id = ?1) WHERE store_id = ?2",
+                [&s1.id, &s2.id],
+            )
+            .unwrap();
+        assert_corrupt(store.load_secrets(&s2.id).unwrap_err(), &s2.id);
+    }
+
+    #[test]
+    fn changed_version_fails_closed() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        store
+            .put_secret(&rec.id, "K", &value(b"v"), None, vec![])
+            .unwrap();
+        fx.raw()
+            .execute("UPDATE secrets SET version = version + 1", [])
+            .unwrap();
+        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'K'");
+    }
+
+    #[test]
+    fn flipped_bit_fails_closed() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        let raw = fx.raw();
+        let mut sealed: Vec<u8> = raw
+            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
+            .unwrap();
+        let middle = sealed.len() / 2;
+        sealed[middle] ^= 0x04;
+        raw.execute("UPDATE secrets SET value = ?1", [&sealed])
+            .unwrap();
+        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
+    }
+
+    #[test]
+    fn swapped_sandbox_ca_key_fails_closed() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store
+            .insert_sandbox(&sandbox("sbx_2", &rec, later()))
+            .unwrap();
+        fx.raw()
+            .execute(
+                "UPDATE sandboxes SET ca_key = (SELECT ca_key FROM sandboxes WHERE id = 'sbx_1') \
+                 WHERE id = 'sbx_2'",
+                [],
+            )
+            .unwrap();
+        assert_corrupt(
+            store.load_sandboxes().unwrap_err(),
+            "sandbox 'sbx_2' CA key",
+        );
+    }
+
+    #[test]
+    fn rotation_reseals_everything() {
+        let fx = Fixture::new();
+        let new_key = MasterKey::generate();
+        let rec = {
+            let store = fx.open();
+            let rec = populate(&store);
+            store
+                .put_secret(&rec.id, "OTHER", &value(b"other"), None, vec![])
+                .unwrap();
+            let before: Vec<u8> = fx
+                .raw()
+                .query_row("SELECT ca_key FROM sandboxes", [], |r| r.get(0))
+                .unwrap();
+
+            let stats = store.rotate_master_key(&new_key).unwrap();
+            assert_eq!(
+                stats,
+                RotationStats {
+                    secrets: 2,
+                    sandboxes: 1
+                }
+            );
+            let after: Vec<u8> = fx
+                .raw()
+                .query_row("SELECT ca_key FROM sandboxes", [], |r| r.get(0))
+                .unwrap();
+            assert_ne!(before, after);
+            // The running store switched keys.
+            store.check().unwrap();
+            assert_eq!(
+                store.load_secrets(&rec.id).unwrap()[0].value.expose(),
+                SECRET
+            );
+            rec
+        };
+
+        let reopened = SqliteStore::open(fx.dir.path(), new_key.duplicate()).unwrap();
+        assert_eq!(reopened.load_secrets(&rec.id).unwrap().len(), 2);
+        assert_eq!(
+            reopened.load_sandboxes().unwrap()[0].snapshot.expose(),
+            SNAPSHOT
+        );
+        drop(reopened);
+        let err = SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
+    }
+
+    /// Asserts the store at `fx` is fully readable with the old key, in process and reopened,
+    /// and refuses `new_key`.
+    fn assert_still_on_old_key(
+        fx: &Fixture,
+        store: SqliteStore,
+        rec: &StoreRecord,
+        new_key: &MasterKey,
+    ) {
+        store.check().unwrap();
+        assert_eq!(
+            store.load_secrets(&rec.id).unwrap()[0].value.expose(),
+            SECRET
+        );
+        drop(store);
+        let err = SqliteStore::open(fx.dir.path(), new_key.duplicate())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
+        let reopened = fx.open();
+        assert_eq!(
+            reopened.load_secrets(&rec.id).unwrap()[0].value.expose(),
+            SECRET
+        );
+    }
+
+    #[test]
+    fn rotation_failing_before_commit_changes_nothing() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        let new_key = MasterKey::generate();
+        store
+            .fail_rotation_before_commit
+            .store(true, Ordering::SeqCst);
+        let err = store.rotate_master_key(&new_key).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(store.load_sandboxes().unwrap()[0].ca_key.expose(), CA_KEY);
+        assert_still_on_old_key(&fx, store, &rec, &new_key);
+    }
+
+    #[test]
+    fn rotation_stopped_by_a_corrupt_row_changes_nothing() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store
+            .insert_sandbox(&sandbox("sbx_bad", &rec, later()))
+            .unwrap();
+        // Secrets are re-sealed first, then sandboxes: this row fails half way through.
+        fx.raw()
+            .execute(
+                "UPDATE sandboxes SET snapshot = x'00' WHERE id = 'sbx_bad'",
+                [],
+            )
+            .unwrap();
+        let new_key = MasterKey::generate();
+        assert_corrupt(
+            store.rotate_master_key(&new_key).unwrap_err(),
+            "sandbox 'sbx_bad' snapshot",
+        );
+        store.delete_sandbox("sbx_bad").unwrap();
+        assert_still_on_old_key(&fx, store, &rec, &new_key);
+    }
+
+    #[test]
+    fn schema_from_a_newer_build_is_refused() {
+        let fx = Fixture::new();
+        drop(fx.open());
+        fx.raw().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: 1
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn pragmas_are_set() {
+        let fx = Fixture::new();
+        let store = fx.open();
+        let conn = store.conn.lock().unwrap();
+        let get =
+            |name: &str| -> i64 { conn.pragma_query_value(None, name, |r| r.get(0)).unwrap() };
+        assert_eq!(get("foreign_keys"), 1);
+        assert_eq!(get("synchronous"), 1); // NORMAL
+        assert_eq!(get("secure_delete"), 1);
+        assert_eq!(get("user_version"), 1);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

@@ -1,0 +1,627 @@
+//! `http_body::Body` adapters that drive the body engines over hyper bodies.
+//!
+//! Each input data frame is pushed through the engine and the resulting pieces are yielded as
+//! separate frames, in order, before the inner body is polled again; nothing is delayed beyond
+//! what the engine holds back. At the end of the inner body (or at its trailers) the held tail
+//! is flushed. Neither adapter buffers to keep a `Content-Length`: the proxy drops that header
+//! whenever an adapter is in the path.
+
+use std::error::Error as StdError;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use super::{BodySubst, Denied, Report, ScrubStream, Scrubber, TokenLookup};
+
+/// Why an adapted body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// A token whose secret may not go to this destination was found in the request body.
+    #[error(transparent)]
+    Denied(Denied),
+    /// The wrapped body failed (the sandbox for a request, the upstream for a response).
+    #[error("wrapped body failed: {0}")]
+    Upstream(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+/// What a [`SubstBody`] saw, readable by the proxy while and after the body streams.
+#[derive(Clone, Default, Debug)]
+pub struct SubstOutcome {
+    denied: Arc<Mutex<Option<Denied>>>,
+    report: Arc<Mutex<Report>>,
+}
+
+impl SubstOutcome {
+    /// The denial that stopped the body, if any.
+    pub fn denied(&self) -> Option<Denied> {
+        self.denied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The body's report; final once the body ended, failed or was dropped.
+    pub fn report(&self) -> Report {
+        self.report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_denied(&self, denied: Denied) {
+        *self.denied.lock().unwrap_or_else(PoisonError::into_inner) = Some(denied);
+    }
+
+    fn set_report(&self, report: &Report) {
+        self.report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone_from(report);
+    }
+}
+
+/// One body engine as the adapters drive it.
+trait Engine {
+    /// Processes one data chunk into `out`.
+    fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError>;
+    /// Flushes the held tail into `out` (end of data).
+    fn flush(&mut self, out: &mut Vec<Bytes>);
+    /// The trailers to pass on.
+    fn trailers(&mut self, trailers: HeaderMap) -> HeaderMap;
+    /// True while a tail is held back.
+    fn holding(&self) -> bool;
+    /// The body is over (ended, failed or denied).
+    fn ended(&mut self);
+}
+
+/// The state shared by both adapters: the engine, its output waiting to be yielded (then
+/// optional trailers), and whether the inner body is over.
+struct Driver<E> {
+    engine: E,
+    pieces: Vec<Bytes>,
+    next: usize,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<E: Engine> Driver<E> {
+    fn new(engine: E) -> Self {
+        Driver {
+            engine,
+            pieces: Vec::new(),
+            next: 0,
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn poll<B>(
+        &mut self,
+        mut body: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>>
+    where
+        B: Body,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        loop {
+            if let Some(frame) = self.pop() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if let Err(err) = self.absorb(ready!(body.as_mut().poll_frame(cx))) {
+                return Poll::Ready(Some(Err(err)));
+            }
+        }
+    }
+
+    /// Feeds one poll result of the inner body into the engine.
+    fn absorb<D, Err>(&mut self, polled: Option<Result<Frame<D>, Err>>) -> Result<(), BodyError>
+    where
+        D: Buf,
+        Err: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let frame = match polled {
+            None => {
+                self.engine.flush(&mut self.pieces);
+                self.end();
+                return Ok(());
+            }
+            Some(Err(err)) => return Err(self.fail(BodyError::Upstream(err.into()))),
+            Some(Ok(frame)) => frame,
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                let chunk = data.copy_to_bytes(data.remaining());
+                self.engine
+                    .data(chunk, &mut self.pieces)
+                    .map_err(|err| self.fail(err))
+            }
+            Err(frame) => {
+                self.engine.flush(&mut self.pieces);
+                self.trailers = frame.into_trailers().ok().map(|t| self.engine.trailers(t));
+                Ok(())
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self.done = true;
+        self.engine.ended();
+    }
+
+    /// Drops pending output and ends the body with `err`.
+    fn fail(&mut self, err: BodyError) -> BodyError {
+        self.pieces.clear();
+        self.next = 0;
+        self.trailers = None;
+        self.end();
+        err
+    }
+
+    fn pop(&mut self) -> Option<Frame<Bytes>> {
+        if let Some(piece) = self.pieces.get_mut(self.next) {
+            self.next += 1;
+            return Some(Frame::data(std::mem::take(piece)));
+        }
+        self.pieces.clear();
+        self.next = 0;
+        self.trailers.take().map(Frame::trailers)
+    }
+
+    fn is_end_stream(&self, inner_ended: bool) -> bool {
+        let nothing_pending = self.next >= self.pieces.len() && self.trailers.is_none();
+        nothing_pending && (self.done || (inner_ended && !self.engine.holding()))
+    }
+
+    /// Exact (zero) only once nothing is left; otherwise unknown: the engines change lengths.
+    fn size_hint(&self, inner_ended: bool) -> SizeHint {
+        if self.is_end_stream(inner_ended) {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body with its tokens unsealed ([`BodySubst`]). On a denial it yields
+    /// `Err(BodyError::Denied)` and records it in its [`SubstOutcome`].
+    pub struct SubstBody<B, L = Arc<dyn TokenLookup>> {
+        #[pin]
+        body: B,
+        driver: Driver<SubstEngine<L>>,
+    }
+}
+
+struct SubstEngine<L> {
+    subst: BodySubst<L>,
+    outcome: SubstOutcome,
+    ended: bool,
+}
+
+impl<B, L> SubstBody<B, L>
+where
+    L: Deref,
+    L::Target: TokenLookup,
+{
+    /// Wraps `body`; `engine` is fresh for this request.
+    pub fn new(body: B, engine: BodySubst<L>) -> Self {
+        let engine = SubstEngine {
+            subst: engine,
+            outcome: SubstOutcome::default(),
+            ended: false,
+        };
+        SubstBody {
+            body,
+            driver: Driver::new(engine),
+        }
+    }
+}
+
+impl<B, L> SubstBody<B, L> {
+    /// A handle on the denial and report, to keep after the body is handed to hyper.
+    pub fn outcome(&self) -> SubstOutcome {
+        self.driver.engine.outcome.clone()
+    }
+}
+
+impl<L> Engine for SubstEngine<L>
+where
+    L: Deref,
+    L::Target: TokenLookup,
+{
+    fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        self.subst.push(chunk, out).map_err(|denied| {
+            self.outcome.set_denied(denied.clone());
+            BodyError::Denied(denied)
+        })
+    }
+
+    fn flush(&mut self, out: &mut Vec<Bytes>) {
+        self.subst.finish(out);
+    }
+
+    /// Request trailers are passed on as they are (their tokens travel sealed).
+    fn trailers(&mut self, trailers: HeaderMap) -> HeaderMap {
+        trailers
+    }
+
+    fn holding(&self) -> bool {
+        self.subst.is_holding()
+    }
+
+    fn ended(&mut self) {
+        self.ended = true;
+        self.outcome.set_report(self.subst.report());
+    }
+}
+
+/// A body dropped before its end (hyper gave up on it) still publishes what it unsealed.
+impl<L> Drop for SubstEngine<L> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.outcome.set_report(self.subst.report());
+        }
+    }
+}
+
+impl<B, L> Body for SubstBody<B, L>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    L: Deref,
+    L::Target: TokenLookup,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        this.driver.poll(this.body, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.driver.is_end_stream(self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.driver.size_hint(self.body.is_end_stream())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body with real values replaced by sealed tokens ([`ScrubStream`]). Data flows
+    /// through as soon as it cannot start a value; trailers are scrubbed too and pass through.
+    pub struct ScrubBody<B> {
+        #[pin]
+        body: B,
+        driver: Driver<ScrubEngine>,
+    }
+}
+
+struct ScrubEngine {
+    stream: ScrubStream,
+    scrubber: Arc<Scrubber>,
+    replacements: Arc<AtomicUsize>,
+}
+
+impl<B> ScrubBody<B> {
+    /// Wraps `body`.
+    pub fn new(body: B, scrubber: Arc<Scrubber>) -> Self {
+        let engine = ScrubEngine {
+            stream: ScrubStream::new(scrubber.clone()),
+            scrubber,
+            replacements: Arc::default(),
+        };
+        ScrubBody {
+            body,
+            driver: Driver::new(engine),
+        }
+    }
+
+    /// A counter of the values replaced so far (body and trailers), for metrics and audit.
+    pub fn replacements(&self) -> Arc<AtomicUsize> {
+        self.driver.engine.replacements.clone()
+    }
+}
+
+impl ScrubEngine {
+    fn count(&self, n: usize) {
+        if n > 0 {
+            self.replacements.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn counted(&mut self, f: impl FnOnce(&mut ScrubStream)) {
+        let before = self.stream.replacements();
+        f(&mut self.stream);
+        self.count(self.stream.replacements() - before);
+    }
+}
+
+impl Engine for ScrubEngine {
+    fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        self.counted(|s| s.push(chunk, out));
+        Ok(())
+    }
+
+    fn flush(&mut self, out: &mut Vec<Bytes>) {
+        self.counted(|s| s.finish(out));
+    }
+
+    fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
+        self.count(self.scrubber.scrub_headers(&mut trailers));
+        trailers
+    }
+
+    fn holding(&self) -> bool {
+        self.stream.is_holding()
+    }
+
+    fn ended(&mut self) {}
+}
+
+impl<B> Body for ScrubBody<B>
+where
+    B: Body,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        this.driver.poll(this.body, cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.driver.is_end_stream(self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.driver.size_hint(self.body.is_end_stream())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::secret::{Location, SecretValue};
+    use crate::subst::testutil::{as_dyn, fixture};
+    use crate::subst::OnDisallowed;
+
+    /// A scripted body: frames (or errors) in order, `None` = pending forever.
+    struct Script {
+        items: VecDeque<Option<Result<Frame<Bytes>, std::io::Error>>>,
+    }
+
+    impl Script {
+        fn data(chunks: &[&[u8]]) -> Self {
+            let items = chunks
+                .iter()
+                .map(|c| Some(Ok(Frame::data(Bytes::copy_from_slice(c)))))
+                .collect();
+            Script { items }
+        }
+
+        fn then(mut self, item: Option<Result<Frame<Bytes>, std::io::Error>>) -> Self {
+            self.items.push_back(item);
+            self
+        }
+    }
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            match self.items.pop_front() {
+                None => Poll::Ready(None),
+                Some(None) => {
+                    self.items.push_front(None);
+                    Poll::Pending
+                }
+                Some(Some(item)) => Poll::Ready(Some(item)),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.items.is_empty()
+        }
+    }
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("x-trailer", "sk-live-ALLOWED".parse().unwrap());
+        t
+    }
+
+    /// Polls until the body is pending or ended; returns the data seen.
+    fn drain_ready<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> (Vec<u8>, bool) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut data = Vec::new();
+        loop {
+            match Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    data.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..]))
+                }
+                Poll::Ready(Some(Err(_))) => panic!("unexpected error"),
+                Poll::Ready(None) => return (data, true),
+                Poll::Pending => return (data, false),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn subst_body_unseals_across_frames_and_reports() {
+        let f = fixture();
+        let tok = f.allowed.to_string();
+        let (a, b) = tok.as_bytes().split_at(20);
+        let script =
+            Script::data(&[b"{\"k\":\"", a, b, b"\"}"]).then(Some(Ok(Frame::trailers(trailers()))));
+        let body = SubstBody::new(script, BodySubst::new(as_dyn(&f), OnDisallowed::Block));
+        let outcome = body.outcome();
+        let collected = body.collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().unwrap()["x-trailer"],
+            "sk-live-ALLOWED"
+        );
+        assert_eq!(collected.to_bytes(), &b"{\"k\":\"sk-live-ALLOWED\"}"[..]);
+        assert_eq!(outcome.report().unsealed, vec![Arc::from("ALLOWED")]);
+        assert!(outcome.denied().is_none());
+    }
+
+    #[tokio::test]
+    async fn subst_body_flushes_held_tail_at_end() {
+        let f = fixture();
+        let body = SubstBody::new(
+            Script::data(&[b"abc osb_sealed_12"]),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            &b"abc osb_sealed_12"[..]
+        );
+    }
+
+    #[tokio::test]
+    async fn subst_body_denied_is_an_error_and_recorded() {
+        let f = fixture();
+        let input = format!("x={}", f.denied);
+        let body = SubstBody::new(
+            Script::data(&[input.as_bytes()]),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        let outcome = body.outcome();
+        let err = body.collect().await.unwrap_err();
+        assert!(
+            matches!(&err, BodyError::Denied(d) if &*d.secret == "DENIED" && d.location == Location::Body)
+        );
+        assert_eq!(
+            err.to_string(),
+            "secret DENIED may not be sent to this host"
+        );
+        assert_eq!(outcome.denied().unwrap().secret.as_ref(), "DENIED");
+    }
+
+    #[tokio::test]
+    async fn subst_body_upstream_error_is_wrapped() {
+        let f = fixture();
+        let script = Script::data(&[b"abc"]).then(Some(Err(std::io::Error::other("reset"))));
+        let body = SubstBody::new(script, BodySubst::new(as_dyn(&f), OnDisallowed::Block));
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(err, BodyError::Upstream(_)));
+        assert!(StdError::source(&err).is_some());
+    }
+
+    #[test]
+    fn subst_body_end_stream_and_size_hint() {
+        let f = fixture();
+        let empty = SubstBody::new(
+            Script::data(&[]),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        let mut body = SubstBody::new(
+            Script::data(&[b"abc o"]),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), None);
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = Pin::new(&mut body).poll_frame(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(_)))));
+        assert!(!body.is_end_stream(), "the held \"o\" is still due");
+        let (rest, ended) = drain_ready(&mut body);
+        assert_eq!((rest.as_slice(), ended), (&b"o"[..], true));
+        assert!(body.is_end_stream());
+    }
+
+    #[test]
+    fn subst_body_report_published_on_drop() {
+        let f = fixture();
+        let input = f.allowed.to_string();
+        let mut body = SubstBody::new(
+            Script::data(&[input.as_bytes()]).then(None),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        let outcome = body.outcome();
+        let (data, ended) = drain_ready(&mut body);
+        assert_eq!((data.as_slice(), ended), (&b"sk-live-ALLOWED"[..], false));
+        drop(body);
+        assert_eq!(outcome.report().unsealed, vec![Arc::from("ALLOWED")]);
+    }
+
+    fn scrubber() -> Arc<Scrubber> {
+        let pairs = vec![(
+            SecretValue::new(b"sk-live-ALLOWED".to_vec()),
+            Bytes::from_static(b"osb_sealed_T"),
+        )];
+        Scrubber::new(pairs).unwrap()
+    }
+
+    #[test]
+    fn scrub_body_forwards_sse_events_without_waiting() {
+        let script =
+            Script::data(&[b"data: {\"k\":\"sk-live-ALLOWED\"}\n\n", b"data: sk-live"]).then(None);
+        let mut body = ScrubBody::new(script, scrubber());
+        let count = body.replacements();
+        let (data, ended) = drain_ready(&mut body);
+        assert!(!ended);
+        assert_eq!(data, b"data: {\"k\":\"osb_sealed_T\"}\n\ndata: ");
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn scrub_body_flushes_at_end_and_scrubs_trailers() {
+        let script = Script::data(&[b"a sk-live-ALLOW", b"ED b sk-live"])
+            .then(Some(Ok(Frame::trailers(trailers()))));
+        let body = ScrubBody::new(script, scrubber());
+        let count = body.replacements();
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
+        assert_eq!(collected.to_bytes(), &b"a osb_sealed_T b sk-live"[..]);
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn scrub_body_upstream_error() {
+        let script = Script::data(&[b"abc"]).then(Some(Err(std::io::Error::other("reset"))));
+        let err = ScrubBody::new(script, scrubber())
+            .collect()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::Upstream(_)));
+    }
+
+    #[test]
+    fn bodies_are_send_and_static() {
+        fn assert_send_static<T: Send + 'static>() {}
+        assert_send_static::<SubstBody<Script>>();
+        assert_send_static::<ScrubBody<Script>>();
+    }
+}

@@ -1,0 +1,628 @@
+//! The response scrubber: replaces real values (and their Basic-auth forms) by sealed tokens.
+//!
+//! # Matching
+//!
+//! Leftmost-longest, non-overlapping, one pass (aho-corasick `MatchKind::LeftmostLongest`): at
+//! the earliest position where any value starts, the longest value starting there wins, and
+//! scanning resumes after it. With values `abc` and `abcdef`, `abcdef` becomes the second
+//! token, `abcdeX` the first token followed by `deX`. Values are de-duplicated (the first pair
+//! wins) and empty values are skipped.
+//!
+//! # Streaming: what is held back
+//!
+//! [`ScrubStream`] emits a match or a byte as soon as the rest of the stream cannot change
+//! the whole-buffer answer for it. Position `p` of the pending bytes is *open* while
+//! `pending[p..]` is a proper prefix of some value: a longer match could start there. Every
+//! match that starts before the first open position lies entirely in what we have, and so does
+//! every value occurrence starting there, so those matches are final. The engine holds back
+//! from the first open position (found by walking an anchored trie of the values from each
+//! candidate start in the last `max_pattern_len - 1` bytes). So:
+//!
+//! ```text
+//! values: "sk-abc"      pending: "data: {\"k\":\"sk-ab"      emit "data: {\"k\":\"", hold "sk-ab"
+//!                       pending: "data: done\n\n"           emit all, hold nothing (SSE flows)
+//! ```
+//!
+//! The held tail is shorter than `max_pattern_len`; when it is continued by the next chunk, only
+//! the held bytes plus the first `max_pattern_len - 1` bytes of that chunk are copied into a
+//! small buffer to decide the matches that start in the held part.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::nfa::noncontiguous::NFA;
+use aho_corasick::{packed, AhoCorasick, Anchored, Input, Match, MatchKind, Span};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+
+use super::{push_piece, split_emit};
+use crate::secret::SecretValue;
+
+/// Replaces every real value of one sandbox (for one host) with its sealed token.
+///
+/// Built once per (sandbox snapshot, host); cheap to clone and share.
+#[derive(Clone)]
+pub struct Scrubber {
+    /// The leftmost-longest searcher over all values.
+    search: Search,
+    /// An anchored trie of the same values: could a value start here?
+    probe: Arc<NFA>,
+    /// The first bytes of all values (cheap filter before walking `probe`).
+    starts: Arc<[bool; 256]>,
+    /// The values, kept to rebuild with per-request extras.
+    values: Arc<[SecretValue]>,
+    /// `tokens[i]` replaces `values[i]`.
+    tokens: Arc<[Bytes]>,
+    max_len: usize,
+}
+
+/// Where a scan stops emitting.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// At the first open position (more input follows).
+    Hold,
+    /// Nowhere: the input is complete.
+    Flush,
+    /// At a fixed offset (the end of the held part of a stitched buffer).
+    At(usize),
+}
+
+/// The result of one scan: `buf[cursor..hold]` is still to be emitted, `buf[hold..]` held.
+struct Scanned {
+    cursor: usize,
+    hold: usize,
+    count: usize,
+}
+
+impl Scrubber {
+    /// A scrubber replacing each value with its token (`(real value, sealed token)` pairs).
+    /// Returns `None` when there is nothing to scrub (no pairs, or only empty values), or in
+    /// the unreachable case that the automaton does not fit aho-corasick's state-id space.
+    ///
+    /// # Memory usage
+    /// Two automata over the values (a leftmost-longest searcher and an anchored trie).
+    pub fn new(pairs: Vec<(SecretValue, Bytes)>) -> Option<Arc<Scrubber>> {
+        Self::build(pairs).map(Arc::new)
+    }
+
+    /// This scrubber plus per-request pairs (`(real base64, sealed base64)` Basic-auth forms
+    /// from [`super::Report::basic_forms`]).
+    pub fn with_extra(&self, extra: &[(Bytes, Bytes)]) -> Arc<Scrubber> {
+        if extra.is_empty() {
+            return Arc::new(self.clone());
+        }
+        let mut pairs: Vec<_> = self
+            .values
+            .iter()
+            .cloned()
+            .zip(self.tokens.iter().cloned())
+            .collect();
+        let extra = extra
+            .iter()
+            .map(|(real, sealed)| (SecretValue::new(real.to_vec()), sealed.clone()));
+        pairs.extend(extra);
+        Arc::new(Self::build(pairs).unwrap_or_else(|| self.clone()))
+    }
+
+    /// The length of the longest value; a stream holds back less than this.
+    pub fn max_pattern_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Scrubs every header value (including `set-cookie` and `location`); returns how many
+    /// values were replaced. Changed values are marked sensitive.
+    pub fn scrub_headers(&self, headers: &mut HeaderMap) -> usize {
+        let mut count = 0;
+        for (_, value) in headers.iter_mut() {
+            if let Some((buf, n)) = self.scrub(value.as_bytes()) {
+                *value = scrubbed_header(buf);
+                count += n;
+            }
+        }
+        count
+    }
+
+    /// Scrubs a complete buffer: `Some((output, replacements))`, or `None` if nothing matched.
+    pub fn scrub(&self, hay: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let mut out: Option<Vec<u8>> = None;
+        let (mut cursor, mut count) = (0, 0);
+        for m in self.search.find_iter(hay, 0) {
+            let buf = out.get_or_insert_with(|| Vec::with_capacity(hay.len()));
+            buf.extend_from_slice(&hay[cursor..m.start()]);
+            buf.extend_from_slice(&self.tokens[m.pattern().as_usize()]);
+            cursor = m.end();
+            count += 1;
+        }
+        out.map(|mut buf| {
+            buf.extend_from_slice(&hay[cursor..]);
+            (buf, count)
+        })
+    }
+
+    fn build(pairs: Vec<(SecretValue, Bytes)>) -> Option<Scrubber> {
+        let (values, tokens): (Vec<_>, Vec<_>) = distinct_values(pairs).into_iter().unzip();
+        let max_len = values.iter().map(SecretValue::len).max()?;
+        let patterns = || values.iter().map(SecretValue::expose);
+        let search = Search::new(patterns)?;
+        let probe = NFA::builder()
+            .match_kind(MatchKind::Standard)
+            .prefilter(false)
+            .build(patterns())
+            .ok()?;
+        let mut starts = [false; 256];
+        patterns().for_each(|v| starts[usize::from(v[0])] = true);
+        Some(Scrubber {
+            search,
+            probe: Arc::new(probe),
+            starts: Arc::new(starts),
+            values: values.into(),
+            tokens: tokens.into(),
+            max_len,
+        })
+    }
+
+    /// Scans `buf[from..]`, pushing final pieces and tokens onto `out`, up to where `stop`
+    /// says; the caller emits `buf[cursor..hold]` and keeps the rest.
+    fn scan(&self, buf: &Bytes, from: usize, stop: Stop, out: &mut Vec<Bytes>) -> Scanned {
+        let mut s = Scanned {
+            cursor: from,
+            hold: self.stop_point(buf, from, stop),
+            count: 0,
+        };
+        for m in self.search.find_iter(buf, from) {
+            if m.start() >= s.hold {
+                break;
+            }
+            push_piece(out, buf.slice(s.cursor..m.start()));
+            out.push(self.tokens[m.pattern().as_usize()].clone());
+            s.count += 1;
+            s.cursor = m.end();
+            if s.cursor > s.hold {
+                s.hold = self.stop_point(buf, s.cursor, stop);
+            }
+        }
+        s
+    }
+
+    fn stop_point(&self, buf: &[u8], cursor: usize, stop: Stop) -> usize {
+        match stop {
+            Stop::Hold => self.first_open(buf, cursor),
+            Stop::Flush => buf.len(),
+            Stop::At(at) => at.max(cursor),
+        }
+    }
+
+    /// The first open position at or after `cursor` (see the module docs), or `buf.len()`.
+    /// Walking is capped at a few times `max_len` steps per call; past the cap the current
+    /// candidate is treated as open, which only holds back more.
+    fn first_open(&self, buf: &[u8], cursor: usize) -> usize {
+        let start = cursor.max(buf.len().saturating_sub(self.max_len - 1));
+        let mut budget = 4 * self.max_len + 256;
+        (start..buf.len())
+            .find(|&p| self.starts[usize::from(buf[p])] && self.is_open(&buf[p..], &mut budget))
+            .unwrap_or(buf.len())
+    }
+
+    /// True if `tail` is a proper prefix of some value (or the walk ran out of budget).
+    fn is_open(&self, tail: &[u8], budget: &mut usize) -> bool {
+        let nfa = &*self.probe;
+        let Ok(mut sid) = nfa.start_state(Anchored::Yes) else {
+            return true;
+        };
+        for &b in tail {
+            let Some(left) = budget.checked_sub(1) else {
+                return true;
+            };
+            *budget = left;
+            sid = nfa.next_state(Anchored::Yes, sid, b);
+            if nfa.is_dead(sid) {
+                return false;
+            }
+        }
+        !nfa.is_match(sid) || self.has_extension(sid)
+    }
+
+    /// True if some value continues beyond the trie node `sid`.
+    fn has_extension(&self, sid: StateID) -> bool {
+        let nfa = &*self.probe;
+        (0..=255u8).any(|b| !nfa.is_dead(nfa.next_state(Anchored::Yes, sid, b)))
+    }
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scrubber")
+            .field("values", &self.values.len())
+            .field("max_pattern_len", &self.max_len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The leftmost-longest searcher. aho-corasick picks a prefilter from the first and rarest
+/// bytes of the values; with two or three values starting with common letters (`sk-…`, `ghp_…`)
+/// it picks a start-byte scan that stops at every `s` and `g` (~0.4 GiB/s on English text),
+/// whereas its packed (Teddy) searcher matches on several bytes at once (~17 GiB/s). So Teddy
+/// is used whenever it is available for two or more values; one value gets aho-corasick's
+/// memmem prefilter.
+#[derive(Clone)]
+enum Search {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl Search {
+    fn new<'a, I>(patterns: impl Fn() -> I) -> Option<Search>
+    where
+        I: Iterator<Item = &'a [u8]>,
+    {
+        if patterns().nth(1).is_some() {
+            let packed = packed::Config::new()
+                .match_kind(packed::MatchKind::LeftmostLongest)
+                .builder()
+                .extend(patterns())
+                .build();
+            if let Some(packed) = packed {
+                return Some(Search::Packed(packed));
+            }
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(patterns());
+        ac.ok().map(Search::Automaton)
+    }
+
+    /// Leftmost-longest non-overlapping matches in `hay[from..]`.
+    fn find_iter<'h>(&'h self, hay: &'h [u8], from: usize) -> impl Iterator<Item = Match> + 'h {
+        let mut at = from;
+        std::iter::from_fn(move || {
+            let m = self.find_at(hay, at)?;
+            at = m.end();
+            Some(m)
+        })
+    }
+
+    fn find_at(&self, hay: &[u8], at: usize) -> Option<Match> {
+        let span = Span::from(at..hay.len());
+        match self {
+            Search::Packed(s) => s.find_in(hay, span),
+            Search::Automaton(ac) => ac.find(Input::new(hay).span(span)),
+        }
+    }
+}
+
+/// Non-empty values, first occurrence of each.
+fn distinct_values(pairs: Vec<(SecretValue, Bytes)>) -> Vec<(SecretValue, Bytes)> {
+    let keep: Vec<bool> = {
+        let mut seen = HashSet::new();
+        pairs
+            .iter()
+            .map(|(v, _)| !v.is_empty() && seen.insert(v.expose()))
+            .collect()
+    };
+    pairs
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(pair, keep)| keep.then_some(pair))
+        .collect()
+}
+
+/// A scrubbed header value. Tokens and base64 are visible ASCII, so replacing bytes of a valid
+/// value keeps it valid; should that ever fail, the value is emptied rather than kept.
+fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
+    let mut value =
+        HeaderValue::from_maybe_shared(Bytes::from(buf)).unwrap_or(HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
+}
+
+/// Streaming scrubber for one response body; output equals [`Scrubber::scrub`] of the whole
+/// body for any chunk split.
+///
+/// # Memory usage
+/// Holds back fewer than [`Scrubber::max_pattern_len`] bytes, and only while they could start
+/// a value (see the module docs).
+pub struct ScrubStream {
+    scrubber: Arc<Scrubber>,
+    held: Bytes,
+    replacements: usize,
+}
+
+impl ScrubStream {
+    /// A fresh stream.
+    pub fn new(scrubber: Arc<Scrubber>) -> Self {
+        ScrubStream {
+            scrubber,
+            held: Bytes::new(),
+            replacements: 0,
+        }
+    }
+
+    /// Scrubs `chunk`, pushing what is final onto `out`.
+    pub fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.held.is_empty() {
+            return self.scan_chunk(chunk, 0, Stop::Hold, out);
+        }
+        let held = std::mem::take(&mut self.held);
+        let head = chunk.len().min(self.scrubber.max_len - 1);
+        let stitched = Bytes::from([&held[..], &chunk[..head]].concat());
+        if head == chunk.len() {
+            return self.scan_chunk(stitched, 0, Stop::Hold, out);
+        }
+        // Matches starting in `held` end within `stitched`; the rest is scanned in `chunk`.
+        let s = self.scrubber.scan(&stitched, 0, Stop::At(held.len()), out);
+        self.replacements += s.count;
+        push_piece(out, stitched.slice(s.cursor..s.hold));
+        self.scan_chunk(chunk, s.hold - held.len(), Stop::Hold, out);
+    }
+
+    /// Emits the held tail, scrubbed (the body ended).
+    pub fn finish(&mut self, out: &mut Vec<Bytes>) {
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            self.scan_chunk(held, 0, Stop::Flush, out);
+        }
+    }
+
+    /// How many values were replaced so far.
+    pub fn replacements(&self) -> usize {
+        self.replacements
+    }
+
+    /// True while a tail is held back (more output is due at [`ScrubStream::finish`]).
+    pub fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    fn scan_chunk(&mut self, buf: Bytes, from: usize, stop: Stop, out: &mut Vec<Bytes>) {
+        let s = self.scrubber.scan(&buf, from, stop, out);
+        self.replacements += s.count;
+        self.held = split_emit(buf, s.cursor, s.hold, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn scrubber(pairs: &[(&str, &str)]) -> Arc<Scrubber> {
+        let pairs = pairs.iter().map(|(v, t)| {
+            (
+                SecretValue::new(v.as_bytes().to_vec()),
+                Bytes::copy_from_slice(t.as_bytes()),
+            )
+        });
+        Scrubber::new(pairs.collect()).expect("patterns")
+    }
+
+    /// The naive oracle: at each position the longest value starting there (the first listed
+    /// among equals) is replaced, otherwise the byte is copied.
+    fn oracle(pairs: &[(Vec<u8>, Vec<u8>)], hay: &[u8]) -> (Vec<u8>, usize) {
+        let (mut out, mut count, mut i) = (Vec::new(), 0, 0);
+        while i < hay.len() {
+            let best = pairs
+                .iter()
+                .filter(|(v, _)| !v.is_empty() && hay[i..].starts_with(v))
+                .fold(None::<&(Vec<u8>, Vec<u8>)>, |best, c| match best {
+                    Some(b) if b.0.len() >= c.0.len() => Some(b),
+                    _ => Some(c),
+                });
+            match best {
+                Some((v, t)) => {
+                    out.extend_from_slice(t);
+                    (i, count) = (i + v.len(), count + 1);
+                }
+                None => {
+                    out.push(hay[i]);
+                    i += 1;
+                }
+            }
+        }
+        (out, count)
+    }
+
+    fn stream(s: &Arc<Scrubber>, hay: &[u8], cuts: &[usize]) -> (Vec<u8>, usize) {
+        let mut st = ScrubStream::new(s.clone());
+        let (mut out, mut last) = (Vec::new(), 0);
+        for &cut in cuts.iter().chain(std::iter::once(&hay.len())) {
+            let cut = cut.clamp(last, hay.len());
+            let before = out.len();
+            st.push(Bytes::copy_from_slice(&hay[last..cut]), &mut out);
+            assert!(
+                out[before..].iter().all(|b| !b.is_empty()),
+                "empty piece emitted"
+            );
+            assert!(st.held.len() < s.max_pattern_len());
+            last = cut;
+        }
+        st.finish(&mut out);
+        assert!(!st.is_holding());
+        (out.concat(), st.replacements())
+    }
+
+    fn assert_same(pairs: &[(Vec<u8>, Vec<u8>)], hay: &[u8], cuts: &[usize]) {
+        let owned = pairs
+            .iter()
+            .map(|(v, t)| (SecretValue::new(v.clone()), Bytes::from(t.clone())));
+        let Some(s) = Scrubber::new(owned.collect()) else {
+            return;
+        };
+        let expected = oracle(pairs, hay);
+        assert_eq!(s.scrub(hay).unwrap_or_else(|| (hay.to_vec(), 0)), expected);
+        let got = stream(&s, hay, cuts);
+        assert_eq!(
+            String::from_utf8_lossy(&got.0),
+            String::from_utf8_lossy(&expected.0),
+            "cuts {cuts:?}"
+        );
+        assert_eq!(got.1, expected.1);
+    }
+
+    fn assert_all_splits(pairs: &[(&str, &str)], hay: &str) {
+        let pairs: Vec<_> = pairs
+            .iter()
+            .map(|(v, t)| (v.as_bytes().to_vec(), t.as_bytes().to_vec()))
+            .collect();
+        let hay = hay.as_bytes();
+        for a in 0..=hay.len() {
+            for b in a..=hay.len() {
+                assert_same(&pairs, hay, &[a, b]);
+            }
+        }
+        assert_same(&pairs, hay, &(1..hay.len()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn none_without_patterns() {
+        assert!(Scrubber::new(vec![]).is_none());
+        assert!(
+            Scrubber::new(vec![(SecretValue::new(vec![]), Bytes::from_static(b"T"))]).is_none()
+        );
+    }
+
+    #[test]
+    fn overlapping_values_leftmost_longest() {
+        let pairs = [("abc", "<1>"), ("abcdef", "<2>"), ("cde", "<3>")];
+        let s = scrubber(&pairs);
+        assert_eq!(s.scrub(b"xabcdefx").unwrap().0, b"x<2>x");
+        assert_eq!(s.scrub(b"xabcdeX").unwrap().0, b"x<1>deX");
+        assert_eq!(s.scrub(b"xbcdeX").unwrap().0, b"xb<3>X");
+        for hay in [
+            "xabcdefx",
+            "xabcdeX",
+            "abcabcdefabcde",
+            "ababcdabcdef",
+            "cdeabc",
+        ] {
+            assert_all_splits(&pairs, hay);
+        }
+    }
+
+    #[test]
+    fn duplicate_values_first_pair_wins() {
+        let s = scrubber(&[("v", "<1>"), ("v", "<2>")]);
+        assert_eq!(s.scrub(b"v").unwrap().0, b"<1>");
+    }
+
+    #[test]
+    fn headers_are_scrubbed_everywhere() {
+        let s = scrubber(&[("sk-live-1", "osb_sealed_T")]);
+        let mut h = HeaderMap::new();
+        h.append(
+            "set-cookie",
+            HeaderValue::from_static("k=sk-live-1; Path=/"),
+        );
+        h.append(
+            "location",
+            HeaderValue::from_static("https://x.test/?k=sk-live-1&j=sk-live-1"),
+        );
+        h.append("x-plain", HeaderValue::from_static("nothing"));
+        assert_eq!(s.scrub_headers(&mut h), 3);
+        assert_eq!(h["set-cookie"], "k=osb_sealed_T; Path=/");
+        assert_eq!(
+            h["location"],
+            "https://x.test/?k=osb_sealed_T&j=osb_sealed_T"
+        );
+        assert!(h["location"].is_sensitive());
+        assert_eq!(h["x-plain"], "nothing");
+    }
+
+    #[test]
+    fn with_extra_adds_basic_forms() {
+        let s = scrubber(&[("sk-live-1", "T1")]);
+        let extra = [(
+            Bytes::from_static(b"dTpzay1saXZlLTE="),
+            Bytes::from_static(b"dTpvc2Jfc2VhbGVk"),
+        )];
+        let s2 = s.with_extra(&extra);
+        assert_eq!(
+            s2.scrub(b"Basic dTpzay1saXZlLTE= sk-live-1").unwrap().0,
+            b"Basic dTpvc2Jfc2VhbGVk T1"
+        );
+        assert_eq!(s2.max_pattern_len(), 16);
+        assert!(s.scrub(b"dTpzay1saXZlLTE=").is_none());
+        assert_eq!(s.with_extra(&[]).max_pattern_len(), 9);
+    }
+
+    #[test]
+    fn sse_events_are_not_held() {
+        let s = scrubber(&[("sk-abc", "T")]);
+        let mut st = ScrubStream::new(s);
+        let mut out = Vec::new();
+        st.push(Bytes::from_static(b"data: {\"k\":\"sk-ab"), &mut out);
+        assert_eq!(out.concat(), b"data: {\"k\":\"");
+        assert_eq!(&st.held[..], b"sk-ab");
+        out.clear();
+        st.push(Bytes::from_static(b"c\"}\n\ndata: done\n\n"), &mut out);
+        assert_eq!(out.concat(), b"T\"}\n\ndata: done\n\n");
+        assert!(!st.is_holding());
+    }
+
+    #[test]
+    fn complete_value_at_the_end_is_not_held() {
+        let s = scrubber(&[("sk-abc", "T"), ("sk-abcdef", "U")]);
+        let mut st = ScrubStream::new(s.clone());
+        let mut out = Vec::new();
+        st.push(Bytes::from_static(b"x sk-abcdef"), &mut out);
+        assert_eq!(out.concat(), b"x U");
+        st.push(Bytes::from_static(b"x sk-abc"), &mut out);
+        assert!(st.is_holding(), "sk-abc could still grow into sk-abcdef");
+    }
+
+    #[test]
+    fn token_free_chunk_is_passed_through_as_is() {
+        let s = scrubber(&[("sk-abc", "T")]);
+        let mut st = ScrubStream::new(s);
+        let chunk = Bytes::from_static(b"nothing to see here\n");
+        let mut out = Vec::new();
+        st.push(chunk.clone(), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn long_value_split_across_many_chunks() {
+        let value = "0123456789".repeat(20);
+        let hay = format!("a{value}b{}c", &value[..150]);
+        let pairs = [(value.as_str(), "<V>")];
+        let owned: Vec<_> = pairs
+            .iter()
+            .map(|(v, t)| (v.as_bytes().to_vec(), t.as_bytes().to_vec()))
+            .collect();
+        for step in [1, 2, 7, 64, 199, 200, 201] {
+            let cuts: Vec<usize> = (step..hay.len()).step_by(step).collect();
+            assert_same(&owned, hay.as_bytes(), &cuts);
+        }
+    }
+
+    fn alphabet_string(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(prop::sample::select(b"abcx".to_vec()), 0..max)
+    }
+
+    fn cuts(len: usize) -> impl Strategy<Value = Vec<usize>> {
+        let random = prop::collection::vec(0..=len, 0..12).prop_map(|mut c| {
+            c.sort_unstable();
+            c
+        });
+        prop_oneof![4 => random, 1 => Just((1..len).collect::<Vec<_>>())]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn streaming_equals_oracle(
+            values in prop::collection::vec(alphabet_string(7), 1..6),
+            (hay, cuts) in alphabet_string(120).prop_flat_map(|h| { let n = h.len(); (Just(h), cuts(n)) }),
+        ) {
+            let pairs: Vec<_> = values.iter().enumerate().map(|(i, v)| (v.clone(), format!("<{i}>").into_bytes())).collect();
+            assert_same(&pairs, &hay, &cuts);
+        }
+    }
+}

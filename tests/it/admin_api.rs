@@ -1,0 +1,361 @@
+//! Admin API: stores and secrets lifecycle, auth, validation, persistence (issue: foundation).
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::daemon::{Harness, Opts};
+
+#[tokio::test]
+async fn store_and_secret_lifecycle() {
+    let h = Harness::start().await;
+    let id = h
+        .store("prod", Some(&["api.example.test", "*.example.org"]))
+        .await;
+    let (s, v) = h.api(Method::GET, &format!("/v1/stores/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["name"], "prod");
+    assert_eq!(
+        v["egress_allowlist"],
+        json!(["api.example.test", "*.example.org"])
+    );
+    assert!(v["created_at"].as_str().unwrap().contains('T'));
+    let (_, list) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let v = h
+        .secret(
+            &id,
+            "ANTHROPIC_API_KEY",
+            "sk-lifecycle-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )
+        .await;
+    assert_eq!(v["name"], "ANTHROPIC_API_KEY");
+    assert!(v.get("value").is_none());
+    assert_eq!(v["locations"], json!(["header"]));
+    let (s, _) = h
+        .api(
+            Method::DELETE,
+            &format!("/v1/stores/{id}/secrets/ANTHROPIC_API_KEY"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .api(
+            Method::DELETE,
+            &format!("/v1/stores/{id}/secrets/ANTHROPIC_API_KEY"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h
+        .api(Method::DELETE, &format!("/v1/stores/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = h.api(Method::GET, &format!("/v1/stores/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn auth_is_required_and_checked() {
+    let h = Harness::start().await;
+    let (s, b) = h.raw(Method::GET, "/v1/stores", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let (s, _) = h
+        .raw(Method::GET, "/v1/stores", None, Some("wrong-token"))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = h.raw(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = h.raw(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn duplicate_names_conflict() {
+    let h = Harness::start().await;
+    let a = h.store("a", None).await;
+    h.store("b", None).await;
+    let (s, v) = h
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "a"})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, _) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{a}"),
+            Some(json!({"name": "b"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn validation_errors_are_400_with_clear_messages() {
+    let h = Harness::start().await;
+    let id = h.store("v", Some(&["api.example.test"])).await;
+    let cases = [
+        (
+            Method::POST,
+            "/v1/stores".to_owned(),
+            json!({"name": ""}),
+            "name",
+        ),
+        (
+            Method::POST,
+            "/v1/stores".to_owned(),
+            json!({"name": "x".repeat(129)}),
+            "name",
+        ),
+        (
+            Method::POST,
+            "/v1/stores".to_owned(),
+            json!({"name": "p", "egress_allowlist": ["*example.com"]}),
+            "*example.com",
+        ),
+        (
+            Method::POST,
+            "/v1/stores".to_owned(),
+            json!({"name": "p", "egress_allowlist": ["a.*.com"]}),
+            "a.*.com",
+        ),
+        (
+            Method::POST,
+            "/v1/stores".to_owned(),
+            json!({"name": "p", "bogus": 1}),
+            "bogus",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/1BAD"),
+            json!({"value": "v"}),
+            "1BAD",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/GOOD"),
+            json!({"value": "a\nb"}),
+            "CR",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/GOOD"),
+            json!({"value": "x".repeat(64 * 1024 + 1)}),
+            "64 KiB",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/GOOD"),
+            json!({"value": "v", "allowed_hosts": ["http://x.com"]}),
+            "http://x.com",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/GOOD"),
+            json!({"value": "v", "locations": ["cookie"]}),
+            "secret body",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/stores/{id}/secrets/GOOD"),
+            json!({"value": "v", "extra": true}),
+            "extra",
+        ),
+    ];
+    for (m, path, body, needle) in cases {
+        let (s, v) = h.api(m.clone(), &path, Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{m} {path} {body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(needle),
+            "message {msg:?} should mention {needle:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn patch_is_partial() {
+    let h = Harness::start().await;
+    let id = h.store("p", Some(&["api.example.test"])).await;
+    let (_, v) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"name": "q"})),
+        )
+        .await;
+    assert_eq!(v["name"], "q");
+    assert_eq!(v["egress_allowlist"], json!(["api.example.test"]));
+    let (_, v) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"egress_allowlist": []})),
+        )
+        .await;
+    assert_eq!(v["egress_allowlist"], json!([]));
+    assert_eq!(v["name"], "q");
+    let (_, v) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"egress_allowlist": null})),
+        )
+        .await;
+    assert_eq!(v["egress_allowlist"], serde_json::Value::Null);
+    let (_, v) = h
+        .api(Method::PATCH, &format!("/v1/stores/{id}"), Some(json!({})))
+        .await;
+    assert_eq!(v["name"], "q");
+}
+
+#[tokio::test]
+async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
+    let h = Harness::start().await;
+    let id = h.store("open", None).await;
+    let v = h
+        .secret(&id, "K", "sk-never-returned-7781", None, None)
+        .await;
+    let w = v["warnings"].as_array().unwrap();
+    assert!(
+        w.iter()
+            .any(|x| x.as_str().unwrap().contains("never be unsealed")),
+        "{v}"
+    );
+    h.secret(
+        &id,
+        "K",
+        "sk-never-returned-7782",
+        Some(&["api.example.test"]),
+        None,
+    )
+    .await;
+    let (_, raw) = h
+        .raw(
+            Method::GET,
+            &format!("/v1/stores/{id}/secrets"),
+            None,
+            Some(&h.token),
+        )
+        .await;
+    assert!(memchr::memmem::find(&raw, b"sk-never-returned").is_none());
+    let list: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(list[0]["name"], "K");
+    assert_eq!(list[0]["allowed_hosts"], json!(["api.example.test"]));
+    assert_eq!(list[0]["locations"], json!(["header", "body"]));
+}
+
+fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() && memchr::memmem::find(&std::fs::read(&p).unwrap(), needle).is_some() {
+            hits.push(p.display().to_string());
+        }
+    }
+    hits
+}
+
+#[tokio::test]
+async fn values_are_encrypted_at_rest_and_survive_restart() {
+    let mut h = Harness::start().await;
+    let id = h.store("persist", Some(&["api.example.test"])).await;
+    h.secret(&id, "K", "sk-at-rest-plaintext-4242", None, None)
+        .await;
+    let data = h.dir.path().join("data");
+    assert!(
+        grep_dir(&data, b"sk-at-rest-plaintext-4242").is_empty(),
+        "plaintext found on disk"
+    );
+    h.stop().await;
+    assert!(
+        grep_dir(&data, b"sk-at-rest-plaintext-4242").is_empty(),
+        "plaintext found on disk after shutdown"
+    );
+    let h2 = Harness::start_with(Opts {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    })
+    .await;
+    h2.register_secret("sk-at-rest-plaintext-4242");
+    let (s, v) = h2
+        .api(Method::GET, &format!("/v1/stores/{id}/secrets"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["name"], "K");
+    assert_eq!(h2.token, h.token, "admin token file reused");
+}
+
+#[tokio::test]
+async fn wrong_master_key_refuses_to_start() {
+    let mut h = Harness::start().await;
+    h.store("k", None).await;
+    h.stop().await;
+    let data = h.dir.path().join("data");
+    let other = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    let err = Harness::try_start(
+        Opts {
+            data_dir: Some(data),
+            master_key: Some(other),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .err()
+    .expect("refuses to start");
+    assert!(err.contains("master key"), "{err}");
+}
+
+#[tokio::test]
+async fn copied_ciphertext_fails_closed() {
+    let mut h = Harness::start().await;
+    let id = h.store("c", Some(&["api.example.test"])).await;
+    h.secret(&id, "A", "sk-copy-a-1111", None, None).await;
+    h.secret(&id, "B", "sk-copy-b-2222", None, None).await;
+    h.stop().await;
+    let db = h.dir.path().join("data").join("sealgate.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let cols: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('secrets')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ct = cols
+        .iter()
+        .find(|c| c.contains("cipher") || c.contains("sealed") || c.as_str() == "value")
+        .expect("ciphertext column");
+    conn.execute(&format!("UPDATE secrets SET {ct} = (SELECT {ct} FROM secrets WHERE name = 'A') WHERE name = 'B'"), []).unwrap();
+    drop(conn);
+    let h2 = Harness::start_with(Opts {
+        data_dir: Some(h.dir.path().join("data")),
+        ..Default::default()
+    })
+    .await;
+    let (s, v) = h2
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(!v.to_string().contains("sk-copy"));
+}
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics() {
+    let h = Harness::start().await;
+    let (s, _) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = h.raw(Method::GET, "/metrics", None, Some(&h.token)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("sealgate_active_sandboxes"));
+}

@@ -1,0 +1,7 @@
+//! sealgate integration tests: one binary, fully in process (daemon on port 0, temp data dir,
+//! test PKI made at run time, echo upstream on loopback). Nothing touches the internet.
+
+mod support;
+
+mod admin_api;
+mod proxy_explicit;

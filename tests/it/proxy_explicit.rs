@@ -1,0 +1,668 @@
+//! The explicit proxy end to end: real TLS both sides, an echo upstream that records exactly
+//! what it received (issue: proxy core).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::daemon::{Harness, Opts};
+use crate::support::echo::Echo;
+use crate::support::pki::TestPki;
+use crate::support::proxy_client::{self as pc, basic, SandboxCreds};
+
+pub const NAMES: &[&str] = &[
+    "api.example.test",
+    "other.example.test",
+    "api.anthropic.com",
+    "127.0.0.1",
+];
+
+pub struct Env {
+    pub h: Harness,
+    pub echo: Echo,
+    pub sb: SandboxCreds,
+    #[allow(dead_code)]
+    pub store: String,
+}
+
+/// One secret to create: (name, value, allowed_hosts, locations).
+pub type Spec<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a [&'a str]>,
+    Option<&'a [&'a str]>,
+);
+
+pub async fn setup_with(allow: Option<&[&str]>, secrets: &[Spec<'_>], mut opts: Opts) -> Env {
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(NAMES, &[])).await;
+    for n in [
+        "api.example.test",
+        "other.example.test",
+        "api.anthropic.com",
+    ] {
+        opts.resolve.push((n.into(), echo.addr));
+    }
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", allow).await;
+    for (name, value, hosts, locs) in secrets {
+        h.secret(&store, name, value, *hosts, *locs).await;
+    }
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    Env { h, echo, sb, store }
+}
+
+pub async fn setup(allow: Option<&[&str]>, secrets: &[Spec<'_>]) -> Env {
+    setup_with(allow, secrets, Opts::default()).await
+}
+
+const API: &str = "api.example.test:443";
+
+#[tokio::test]
+async fn header_unsealing_bearer_api_key_and_basic() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[
+            ("KEY", "sk-real-hdr-0001", None, Some(&["header"])),
+            ("PW", "pw-real-basic-0002", None, None),
+        ],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let pw = e.sb.token("PW");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let bearer = format!("Bearer {key}");
+    let auth = basic("user", &pw);
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "/echo",
+            "api.example.test",
+            &[("authorization", &bearer), ("x-api-key", &key)],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let a2 = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(a2.status, StatusCode::OK);
+    let reqs = e.echo.requests();
+    assert_eq!(
+        reqs[0].header("authorization").unwrap(),
+        "Bearer sk-real-hdr-0001"
+    );
+    assert_eq!(reqs[0].header("x-api-key").unwrap(), "sk-real-hdr-0001");
+    assert_eq!(
+        reqs[1].header("authorization").unwrap(),
+        basic("user", "pw-real-basic-0002")
+    );
+    // The sandbox only ever sees sealed values, even though the upstream echoes them.
+    assert!(!a.text().contains("sk-real-hdr-0001") && a.text().contains(&key));
+    assert!(!a2.text().contains(&basic("user", "pw-real-basic-0002")));
+    assert!(e.h.audit_log().contains("\"unsealed\":[\"KEY\"]"));
+}
+
+#[tokio::test]
+async fn h2_client_unseals_and_is_served_over_h2() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-h2-0003", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    for _ in 0..3 {
+        let req = pc::get("https://api.example.test/echo", "", &[("x-api-key", &key)]);
+        let a = pc::send2(&mut c, req).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 3);
+    assert!(reqs
+        .iter()
+        .all(|r| r.header("x-api-key").as_deref() == Some("sk-real-h2-0003")));
+    assert_eq!(e.echo.connections(), 1, "upstream connection pooled");
+}
+
+#[tokio::test]
+async fn locations_are_honoured() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[
+            ("HDR", "sk-hdr-only-0004", None, Some(&["header"])),
+            ("QRY", "sk-query-0005", None, Some(&["query"])),
+            ("BODY", "sk-body-0006", None, None),
+        ],
+    )
+    .await;
+    let (hdr, qry, body) = (e.sb.token("HDR"), e.sb.token("QRY"), e.sb.token("BODY"));
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let uri = format!("/echo?a={qry}&b={hdr}");
+    let payload = format!("{{\"h\":\"{hdr}\",\"b\":\"{body}\",\"q\":\"{qry}\"}}");
+    let a = pc::send1(
+        &mut c,
+        pc::post(&uri, "api.example.test", &[("x-q", &qry)], payload),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let r = &e.echo.requests()[0];
+    assert_eq!(r.uri, format!("/echo?a=sk-query-0005&b={hdr}"));
+    let sent = String::from_utf8(r.body.clone()).unwrap();
+    assert_eq!(
+        sent,
+        format!("{{\"h\":\"{hdr}\",\"b\":\"sk-body-0006\",\"q\":\"{qry}\"}}")
+    );
+    assert_eq!(
+        r.header("x-q").unwrap(),
+        qry,
+        "query-only secret stays sealed in a header"
+    );
+    assert_eq!(
+        r.header("content-length").unwrap(),
+        sent.len().to_string(),
+        "exact length kept"
+    );
+}
+
+#[tokio::test]
+async fn body_token_split_across_one_byte_chunks() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("BODY", "sk-split-body-0007", None, None)],
+    )
+    .await;
+    let tok = e.sb.token("BODY");
+    let text = format!("prefix {tok} middle {tok} end");
+    let chunks: Vec<Bytes> = text.bytes().map(|b| Bytes::copy_from_slice(&[b])).collect();
+    for h2 in [false, true] {
+        e.echo.clear();
+        let req = pc::post_chunked(
+            "https://api.example.test/echo",
+            "api.example.test",
+            &[],
+            chunks.clone(),
+        );
+        let a = if h2 {
+            let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+            let mut req = req;
+            req.headers_mut().remove("host");
+            pc::send2(&mut c, req).await
+        } else {
+            let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+            pc::send1(&mut c, req).await
+        };
+        assert_eq!(a.status, StatusCode::OK, "h2={h2}: {}", a.text());
+        let r = &e.echo.requests()[0];
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            "prefix sk-split-body-0007 middle sk-split-body-0007 end"
+        );
+    }
+}
+
+#[tokio::test]
+async fn large_streamed_body_is_substituted() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("BODY", "sk-large-body-0008", None, None)],
+    )
+    .await;
+    let tok = e.sb.token("BODY");
+    let mut big = vec![b'x'; 200_000];
+    big[100_000..100_000 + tok.len()].copy_from_slice(tok.as_bytes());
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, pc::post("/echo", "api.example.test", &[], big)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let r = &e.echo.requests()[0];
+    assert_eq!(
+        r.body.len(),
+        200_000 - tok.len() + "sk-large-body-0008".len()
+    );
+    assert!(memchr::memmem::find(&r.body, b"sk-large-body-0008").is_some());
+}
+
+#[tokio::test]
+async fn token_for_a_host_outside_allowed_hosts_is_refused() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[("KEY", "sk-only-api-0009", Some(&["api.example.test"]), None)],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "other.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.code().as_deref(), Some("secret_host_denied"));
+    assert_eq!(a.json()["error"]["code"], "secret_host_denied");
+    assert!(a.text().contains("KEY"));
+    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
+    let a = pc::send1(
+        &mut c,
+        pc::post("/echo", "other.example.test", &[], format!("x={key}")),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(e.echo.requests().is_empty(), "upstream saw nothing");
+    assert!(!e.echo.received_bytes_contain(b"sk-only-api-0009"));
+    assert!(e.h.audit_log().contains("secret_host_denied"));
+}
+
+#[tokio::test]
+async fn forward_sealed_mode_passes_the_token_sealed() {
+    let opts = Opts {
+        proxy_toml: "on_disallowed_token = \"forward_sealed\"".into(),
+        ..Default::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test", "other.example.test"]),
+        &[(
+            "KEY",
+            "sk-fwd-sealed-0010",
+            Some(&["api.example.test"]),
+            None,
+        )],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "other.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(e.echo.requests()[0].header("x-api-key").unwrap(), key);
+}
+
+#[tokio::test]
+async fn host_outside_allowlist_is_refused_at_connect() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-egress-0011", None, None)],
+    )
+    .await;
+    let err = pc::connect(
+        e.h.proxy,
+        Some(&e.sb.proxy_auth()),
+        "other.example.test:443",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.status, 403);
+    assert!(
+        err.head
+            .to_ascii_lowercase()
+            .contains("x-sealgate-error: egress_denied"),
+        "{}",
+        err.head
+    );
+    assert!(err.body.contains("egress_denied"));
+    assert_eq!(e.echo.connections(), 0);
+}
+
+#[tokio::test]
+async fn proxy_auth_is_required() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let err = pc::connect(e.h.proxy, None, API).await.unwrap_err();
+    assert_eq!(err.status, 407);
+    assert!(err
+        .head
+        .to_ascii_lowercase()
+        .contains("proxy-authenticate: basic"));
+    let wrong = basic(&e.sb.id, "0000");
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&wrong), API)
+            .await
+            .unwrap_err()
+            .status,
+        407
+    );
+    let ghost = basic("sbx_doesnotexist", &e.sb.proxy_token);
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&ghost), API)
+            .await
+            .unwrap_err()
+            .status,
+        407
+    );
+    assert_eq!(e.echo.connections(), 0);
+}
+
+#[tokio::test]
+async fn another_sandboxs_token_is_ordinary_bytes() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-cross-sbx-0012", None, None)],
+    )
+    .await;
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let theirs = other.token("KEY");
+    assert_ne!(theirs, e.sb.token("KEY"));
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("x-api-key", &theirs)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(e.echo.requests()[0].header("x-api-key").unwrap(), theirs);
+}
+
+#[tokio::test]
+async fn authority_mismatches_are_421() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[("KEY", "sk-mismatch-0013", None, None)],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "other.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(a.code().as_deref(), Some("authority_mismatch"));
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "https://other.example.test/echo",
+            "api.example.test",
+            &[("x-api-key", &key)],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test:8443", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    let a = pc::send2(
+        &mut c,
+        pc::get(
+            "https://other.example.test/echo",
+            "",
+            &[("x-api-key", &key)],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(e.echo.requests().is_empty());
+}
+
+#[tokio::test]
+async fn pipelined_request_for_another_host_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[("KEY", "sk-pipeline-0014", None, None)],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let two = format!(
+        "GET /echo HTTP/1.1\r\nHost: api.example.test\r\nx-api-key: {key}\r\n\r\nGET /echo HTTP/1.1\r\nHost: other.example.test\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(two.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 421"), "{text}");
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].host.as_deref(), Some("api.example.test"));
+}
+
+#[tokio::test]
+async fn missing_or_duplicate_host_is_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    for req in [
+        "GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: api.example.test\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    ] {
+        let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API).await.unwrap();
+        let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"]).await.unwrap();
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{req:?} → {text}");
+    }
+    assert!(e.echo.requests().is_empty());
+}
+
+#[tokio::test]
+async fn inner_connect_is_refused() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("api.example.test:443")
+        .header("host", "api.example.test:443")
+        .body(pc::full(Bytes::new()))
+        .unwrap();
+    let a = pc::send1(&mut c, req).await;
+    assert!(a.status.is_client_error(), "{}", a.status);
+    assert!(e.echo.requests().is_empty());
+}
+
+#[tokio::test]
+async fn sni_must_match_connect_host() {
+    let e = setup(Some(&["api.example.test", "other.example.test"]), &[]).await;
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    assert!(
+        pc::tls(tcp, &e.sb.ca_pem, "other.example.test", &[b"http/1.1"])
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_is_502_with_no_secret_sent() {
+    let rogue_pki = TestPki::new();
+    let rogue = Echo::start_tls(rogue_pki.server_config(NAMES, &[])).await;
+    let opts = Opts {
+        resolve: vec![("evil.example.test".into(), rogue.addr)],
+        ..Default::default()
+    };
+    let e = setup_with(
+        Some(&["evil.example.test"]),
+        &[("KEY", "sk-untrusted-0015", None, None)],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, "evil.example.test:443").await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "evil.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.code().as_deref(), Some("upstream_tls_error"));
+    assert!(rogue.requests().is_empty());
+    assert_eq!(rogue.tls_handshakes(), 0);
+}
+
+#[tokio::test]
+async fn echoed_secrets_are_scrubbed_from_headers_gzip_and_sse() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-reflect-0016", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let bearer = format!("Bearer {key}");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "/reflect",
+            "api.example.test",
+            &[("authorization", &bearer)],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let all = format!("{:?}{}", a.headers, a.text());
+    assert!(!all.contains("sk-reflect-0016"), "{all}");
+    assert!(a
+        .headers
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains(&key));
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "/gzip",
+            "api.example.test",
+            &[("authorization", &bearer), ("accept-encoding", "gzip")],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.headers.get("content-encoding").is_none(),
+        "decoded to be scrubbed"
+    );
+    assert!(
+        !a.text().contains("sk-reflect-0016") && a.text().contains(&key),
+        "{}",
+        a.text()
+    );
+    let a = pc::send1(
+        &mut c,
+        pc::get("/sse", "api.example.test", &[("authorization", &bearer)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(!a.text().contains("sk-reflect-0016"), "{}", a.text());
+    assert_eq!(a.text().matches(&key).count(), 5, "{}", a.text());
+}
+
+#[tokio::test]
+async fn redirects_are_passed_not_followed() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, pc::get("/redirect", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::FOUND);
+    assert_eq!(e.echo.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn websocket_round_trip() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-ws-0017", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        "wss://api.example.test/ws",
+    )
+    .unwrap();
+    req.headers_mut().insert("x-api-key", key.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back.into_text().unwrap(), "hello");
+    assert_eq!(
+        e.echo.requests()[0].header("x-api-key").unwrap(),
+        "sk-ws-0017"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_is_forwarded_but_never_unsealed() {
+    let plain = Echo::start_plain().await;
+    let opts = Opts {
+        resolve: vec![("plain.example.test".into(), plain.addr)],
+        ..Default::default()
+    };
+    let e = setup_with(
+        Some(&["plain.example.test"]),
+        &[("KEY", "sk-plain-0018", Some(&["plain.example.test"]), None)],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(e.h.proxy).await.unwrap();
+    let req = format!(
+        "GET http://plain.example.test/echo HTTP/1.1\r\nHost: plain.example.test\r\nProxy-Authorization: {}\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n",
+        e.sb.proxy_auth()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let r = &plain.requests()[0];
+    assert_eq!(
+        r.header("x-api-key").unwrap(),
+        key,
+        "never unsealed over plaintext"
+    );
+    assert!(r.header("proxy-authorization").is_none());
+}
+
+#[tokio::test]
+async fn sandbox_delete_stops_its_credentials() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .unwrap_err()
+            .status,
+        407
+    );
+    let _ = json!({});
+}

@@ -1,0 +1,8 @@
+//! Shared test support: PKI, echo upstream, raw listeners, the in-process daemon harness and a
+//! proxy client.
+
+pub mod daemon;
+pub mod echo;
+pub mod pki;
+pub mod proxy_client;
+pub mod raw;

@@ -1,0 +1,296 @@
+//! Starts sealgate in process on port 0 with a temp data dir, captures its logs, and checks
+//! that no registered secret value ever appears in them.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sealgate::config::{Config, LogFormat};
+use sealgate::daemon::{self, Overrides, Running};
+use serde_json::{json, Value};
+
+use super::pki::TestPki;
+
+/// Every log line of every daemon started by this test binary.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let cap = Capture(buf.clone());
+        sealgate::logging::init("debug", LogFormat::Text, move || cap.clone());
+        buf
+    })
+    .clone()
+}
+
+/// A running daemon plus everything a test needs to talk to it.
+pub struct Harness {
+    pub daemon: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub admin_url: String,
+    pub token: String,
+    pub proxy: SocketAddr,
+    pub pki: Arc<TestPki>,
+    pub config_text: String,
+    secrets: Mutex<Vec<String>>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Options for [`Harness::start_with`].
+#[derive(Default, Clone)]
+pub struct Opts {
+    /// host → address overrides.
+    pub resolve: Vec<(String, SocketAddr)>,
+    /// Extra lines for the `[proxy]` table.
+    pub proxy_toml: String,
+    /// Extra lines for the `[upstream]` table.
+    pub upstream_toml: String,
+    /// Extra lines for the `[sandbox]` table.
+    pub sandbox_toml: String,
+    /// Reuse this data dir (restart tests).
+    pub data_dir: Option<PathBuf>,
+    /// Master key override.
+    pub master_key: Option<String>,
+}
+
+impl Harness {
+    /// Starts a daemon with test defaults.
+    pub async fn start() -> Harness {
+        Self::start_with(Opts::default()).await
+    }
+
+    /// Starts a daemon; panics with the daemon's error if it refuses to start.
+    pub async fn start_with(opts: Opts) -> Harness {
+        Self::try_start(opts, None).await.expect("daemon starts")
+    }
+
+    /// Starts a daemon, returning its startup error instead of panicking.
+    pub async fn try_start(opts: Opts, pki: Option<Arc<TestPki>>) -> Result<Harness, String> {
+        let _ = logs();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki.unwrap_or_else(|| Arc::new(TestPki::new()));
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
+        let text = config_text(
+            &opts,
+            &data_dir,
+            &dir.path().join("certs"),
+            &pki,
+            &dir.path().join("audit.log"),
+        );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, &text).unwrap();
+        let cfg = Config::load(Some(&path)).map_err(|e| e.to_string())?;
+        let ov = Overrides {
+            master_key: opts.master_key.clone(),
+            admin_token: None,
+            config_path: Some(path),
+        };
+        let running = daemon::start(cfg, ov).await.map_err(|e| e.to_string())?;
+        Ok(Harness {
+            admin_url: format!("http://{}", running.admin_addr),
+            token: running.admin_token(),
+            proxy: running.proxy_addr,
+            daemon: Some(running),
+            dir,
+            pki,
+            config_text: text,
+            secrets: Mutex::new(Vec::new()),
+            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        })
+    }
+
+    /// Path of the audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// The audit log's contents.
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.audit_path()).unwrap_or_default()
+    }
+
+    /// Remembers a fake secret value so the log check looks for it.
+    pub fn register_secret(&self, v: &str) {
+        self.secrets.lock().unwrap().push(v.to_owned());
+    }
+
+    /// Fails if any registered value appears in the captured logs or the audit log.
+    pub fn assert_logs_clean(&self) {
+        let logs = logs();
+        let logs = logs.lock().unwrap();
+        let audit = self.audit_log();
+        for s in self.secrets.lock().unwrap().iter() {
+            assert!(
+                memchr::memmem::find(&logs, s.as_bytes()).is_none(),
+                "secret value found in daemon logs"
+            );
+            assert!(
+                !audit.contains(s.as_str()),
+                "secret value found in audit log"
+            );
+        }
+    }
+
+    /// Raw admin call: status and body bytes.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Bytes) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin_url));
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+            .unwrap();
+        let resp = self.http.request(req).await.expect("admin API reachable");
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    /// Authenticated admin call returning status and JSON.
+    pub async fn api(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let text = body.map(|b| b.to_string());
+        let (s, bytes) = self
+            .raw(method, path, text.as_deref(), Some(&self.token.clone()))
+            .await;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        (s, v)
+    }
+
+    /// Creates a store; returns its id.
+    pub async fn store(&self, name: &str, allow: Option<&[&str]>) -> String {
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/stores",
+                Some(json!({"name": name, "egress_allowlist": allow})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sets a secret (registering its value for the log check).
+    pub async fn secret(
+        &self,
+        store: &str,
+        name: &str,
+        value: &str,
+        allowed: Option<&[&str]>,
+        locations: Option<&[&str]>,
+    ) -> Value {
+        self.register_secret(value);
+        let mut body = json!({"value": value, "allowed_hosts": allowed});
+        if let Some(l) = locations {
+            body["locations"] = json!(l);
+        }
+        let (s, v) = self
+            .api(
+                Method::PUT,
+                &format!("/v1/stores/{store}/secrets/{name}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v
+    }
+
+    /// Creates a sandbox for a store (name or id); returns the full answer.
+    pub async fn sandbox(&self, store: &str) -> Value {
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"secret_store": store})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// Stops the daemon (graceful) and keeps the data dir.
+    pub async fn stop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.assert_logs_clean();
+        }
+        if let Some(d) = &self.daemon {
+            d.begin_shutdown();
+        }
+    }
+}
+
+fn config_text(
+    o: &Opts,
+    data: &std::path::Path,
+    certs: &std::path::Path,
+    pki: &TestPki,
+    audit: &std::path::Path,
+) -> String {
+    let mut resolve = String::new();
+    for (h, a) in &o.resolve {
+        resolve.push_str(&format!("\"{h}\" = \"{a}\"\n"));
+    }
+    format!(
+        "data_dir = \"{}\"\ncert_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n\
+         [upstream]\nca_files = [\"{}\"]\nallow_private_cidrs = [\"127.0.0.0/8\"]\n{}\n\n[upstream.resolve]\n{resolve}\n\
+         [sandbox]\n{}\n[log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n",
+        data.display(),
+        certs.display(),
+        o.proxy_toml,
+        pki.ca_file.display(),
+        o.upstream_toml,
+        o.sandbox_toml,
+        audit.display(),
+    )
+}
