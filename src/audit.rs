@@ -1,18 +1,22 @@
 //! Structured audit events: one JSON line per proxied request and per admin change.
 //!
-//! Invariant: events carry secret *names*, hosts and decisions — never a value. The sink writes
-//! whole lines under a lock so concurrent events never interleave.
+//! Invariant: events carry secret *names*, hosts and decisions — never a value. Each event is
+//! one whole line written with a single `write_all`, so concurrent events never interleave: the
+//! file is opened `O_APPEND`, and Linux applies each `write(2)` to a regular file atomically at
+//! the end of the file; stdout is written under its own lock. The `RwLock` around the sink is
+//! taken for reading on the request path (writers run in parallel, nobody waits on another's
+//! syscall) and for writing only by [`Audit::reopen`].
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
 /// Where audit lines go.
 pub struct Audit {
-    sink: Mutex<Sink>,
+    sink: RwLock<Sink>,
     path: Option<PathBuf>,
 }
 
@@ -89,7 +93,7 @@ impl Audit {
             Some(p) => Sink::File(open_append(p)?),
         };
         Ok(Audit {
-            sink: Mutex::new(sink),
+            sink: RwLock::new(sink),
             path,
         })
     }
@@ -101,7 +105,7 @@ impl Audit {
     pub fn reopen(&self) -> std::io::Result<()> {
         if let Some(p) = &self.path {
             let f = open_append(p)?;
-            *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Sink::File(f);
+            *self.sink.write().unwrap_or_else(|e| e.into_inner()) = Sink::File(f);
         }
         Ok(())
     }
@@ -126,10 +130,10 @@ impl Audit {
             return;
         };
         bytes.push(b'\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        let res = match &mut *sink {
+        let sink = self.sink.read().unwrap_or_else(|e| e.into_inner());
+        let res = match &*sink {
             Sink::Stdout => std::io::stdout().lock().write_all(&bytes),
-            Sink::File(f) => f.write_all(&bytes),
+            Sink::File(mut f) => f.write_all(&bytes),
         };
         if let Err(e) = res {
             tracing::warn!(error = %e, "audit write failed");

@@ -4,6 +4,7 @@
 
 pub mod client;
 mod commands;
+pub mod exec;
 
 pub use commands::run_client;
 
@@ -161,6 +162,10 @@ pub enum SandboxCmd {
         /// Sandbox id.
         id: String,
     },
+    /// Run a command in a network namespace whose only egress is sealgate (Linux, root).
+    Exec(exec::ExecArgs),
+    /// Print the iptables rules that confine a sandbox in transparent mode.
+    Rules(exec::RulesArgs),
 }
 
 /// `sealgate sandbox create` options.

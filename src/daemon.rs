@@ -21,8 +21,7 @@ use crate::proxy::{self, ListenerKind, ProxyState, Runtime};
 use crate::sandbox::lifecycle::LifecycleConfig;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
-use crate::store::crypto::{KeySource, MasterKey};
-use crate::store::sqlite::SqliteStore;
+use crate::store::crypto::KeySource;
 use crate::store::{Store, StoreError};
 
 /// Startup failures (each message says what to fix).
@@ -100,9 +99,22 @@ impl Running {
         let _ = self.shutdown.send(true);
     }
 
-    /// Waits for every listener and background task to finish.
+    /// Waits for every listener and background task to finish, then for in-flight
+    /// connections to drain (each gets `shutdown_grace_secs` after shutdown began; one more
+    /// second is the backstop before the rest are dropped).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        let grace = self.proxy.runtime().proxy.shutdown_grace;
+        let left = self
+            .proxy
+            .drain(grace + std::time::Duration::from_secs(1))
+            .await;
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "shutdown grace ran out; closing the remaining connections"
+            );
+        }
     }
 
     /// Shuts down and waits.
@@ -122,8 +134,8 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         "creating cert_dir {}",
         cfg.cert_dir.display()
     )))?;
-    let (key, key_source) = MasterKey::load_or_create(&cfg.data_dir, ov.master_key.as_deref())?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&cfg.data_dir, key)?);
+    let (store, key_source) = crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
+    let store: Arc<dyn Store> = Arc::new(store);
     let db_path = cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME);
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     let admin_l = bind(cfg.admin_listen, "admin.listen").await?;
@@ -157,6 +169,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     ));
     let restored = sandboxes.restore()?;
     let metrics = Arc::new(Metrics::new());
+    metrics.watch_leaf_cache(leaves.clone());
     metrics.sandboxes.set(registry.len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
     let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), own.clone())
@@ -391,6 +404,14 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check(
         "sandbox.leaf_cache_capacity",
         old.sandbox.leaf_cache_capacity != new.sandbox.leaf_cache_capacity,
+    );
+    check(
+        "sandbox.default_timeout_secs",
+        old.sandbox.default_timeout != new.sandbox.default_timeout,
+    );
+    check(
+        "sandbox.max_timeout_secs",
+        old.sandbox.max_timeout != new.sandbox.max_timeout,
     );
     check("log.format", old.log_format != new.log_format);
     check("audit.path", old.audit_path != new.audit_path);

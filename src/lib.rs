@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod metrics;
+pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod rotate;

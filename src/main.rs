@@ -70,8 +70,15 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     }
     eprintln!("  master key:  {}", running.key_source);
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
+    let grace = running.proxy.runtime().proxy.shutdown_grace;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: listeners closed, in-flight requests may finish"
+    );
+    tokio::select! {
+        _ = running.shutdown() => tracing::info!("shutdown complete"),
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
+    }
     Ok(())
 }
 

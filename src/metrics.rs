@@ -2,12 +2,21 @@
 //!
 //! Invariant: labels carry decisions, error codes, secret *names* and hosts — never values.
 
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::ca::LeafCache;
 
 /// Labels for request and tunnel counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,12 +64,22 @@ pub struct Metrics {
     pub leaf_mints: Counter,
     /// Leaf cache hits.
     pub leaf_hits: Counter,
+    /// Leaf cache misses (lookups that waited for or ran a mint).
+    pub leaf_misses: Counter,
+    /// hits / (hits + misses) since start; 0 before the first lookup.
+    pub leaf_hit_ratio: Gauge<f64, AtomicU64>,
+    /// Leaves held in the cache.
+    pub leaf_entries: Gauge,
     /// Live sandboxes.
     pub sandboxes: Gauge,
     /// Open client connections.
     pub connections: Gauge,
     /// Store operations.
     pub store_ops: Family<OpLabels, Counter>,
+    /// The leaf cache whose counters are copied in at scrape time.
+    leaf_source: OnceLock<Arc<LeafCache>>,
+    /// Serialises scrapes (the leaf counters are synced by delta).
+    scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -83,10 +102,15 @@ impl Metrics {
             tls_handshakes: Counter::default(),
             leaf_mints: Counter::default(),
             leaf_hits: Counter::default(),
+            leaf_misses: Counter::default(),
+            leaf_hit_ratio: Gauge::default(),
+            leaf_entries: Gauge::default(),
             sandboxes: Gauge::default(),
             connections: Gauge::default(),
             store_ops: Family::default(),
             registry: Registry::default(),
+            leaf_source: OnceLock::new(),
+            scrape: Mutex::new(()),
         };
         registry.register(
             "requests",
@@ -133,6 +157,21 @@ impl Metrics {
             "Leaf certificate cache hits",
             m.leaf_hits.clone(),
         );
+        registry.register(
+            "leaf_cache_misses",
+            "Leaf certificate cache misses",
+            m.leaf_misses.clone(),
+        );
+        registry.register(
+            "leaf_cache_hit_ratio",
+            "Leaf certificate cache hits / lookups since start",
+            m.leaf_hit_ratio.clone(),
+        );
+        registry.register(
+            "leaf_cache_entries",
+            "Leaf certificates held in the cache",
+            m.leaf_entries.clone(),
+        );
         registry.register("active_sandboxes", "Live sandboxes", m.sandboxes.clone());
         registry.register(
             "active_connections",
@@ -174,10 +213,83 @@ impl Metrics {
             .inc();
     }
 
+    /// Copies the leaf cache's counters into the leaf metrics at every scrape.
+    pub fn watch_leaf_cache(&self, cache: Arc<LeafCache>) {
+        let _ = self.leaf_source.set(cache);
+    }
+
+    fn sync_leaf_cache(&self) {
+        let Some(cache) = self.leaf_source.get() else {
+            return;
+        };
+        let s = cache.stats();
+        catch_up(&self.leaf_mints, s.mints);
+        catch_up(&self.leaf_hits, s.hits);
+        catch_up(&self.leaf_misses, s.misses);
+        let lookups = s.hits + s.misses;
+        let ratio = if lookups == 0 {
+            0.0
+        } else {
+            s.hits as f64 / lookups as f64
+        };
+        self.leaf_hit_ratio.set(ratio);
+        self.leaf_entries.set(cache.len() as i64);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync_leaf_cache();
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Raises `c` to `total` (counters only move up; the source is monotonic).
+fn catch_up(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
+pin_project_lite::pin_project! {
+    /// A body that adds the length of every data frame it yields to a byte counter.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        counter: Counter,
+    }
+}
+
+impl<B> Counted<B> {
+    /// Wraps `inner`; `counter` is shared (a clone of a registered counter).
+    pub fn new(inner: B, counter: Counter) -> Self {
+        Counted { inner, counter }
+    }
+}
+
+impl<B: Body> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                this.counter.inc_by(d.remaining() as u64);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -6,6 +6,7 @@
 pub mod errors;
 pub mod explicit;
 pub mod forward;
+pub mod h1_guard;
 pub mod idle;
 pub mod intercept;
 pub mod respond;
@@ -21,7 +22,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
 use crate::audit::Audit;
 use crate::ca::LeafCache;
@@ -47,6 +49,8 @@ pub struct Runtime {
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
+    /// What the connectors vet and dial with (for checks before any connection is set up).
+    pub dialing: Arc<upstream::UpstreamSettings>,
 }
 
 impl Runtime {
@@ -71,13 +75,14 @@ impl Runtime {
         );
         let client_h1 = build_client(
             &upstream,
-            upstream::Connector::new(settings, &[b"http/1.1"]),
+            upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
         );
         Ok(Runtime {
             proxy,
             upstream,
             client,
             client_h1,
+            dialing: settings,
         })
     }
 }
@@ -105,6 +110,8 @@ pub struct ProxyState {
     runtime: RwLock<Arc<Runtime>>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
+    /// Every client connection and tunnel task, so shutdown can wait for them to drain.
+    tasks: TaskTracker,
 }
 
 impl ProxyState {
@@ -126,6 +133,7 @@ impl ProxyState {
             runtime: RwLock::new(Arc::new(runtime)),
             connections,
             shutdown,
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -146,6 +154,43 @@ impl ProxyState {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
     }
+
+    /// Runs one client connection or tunnel: tracked for the shutdown drain and counted in
+    /// the `active_connections` gauge while it lives.
+    pub fn spawn_connection<F>(self: &Arc<Self>, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let st = self.clone();
+        self.tasks.spawn(async move {
+            st.metrics.connections.inc();
+            fut.await;
+            st.metrics.connections.dec();
+        });
+    }
+
+    /// Waits (after shutdown began) for connections to finish: each connection applies
+    /// `shutdown_grace` itself after hyper's graceful shutdown; this is the overall backstop.
+    /// Returns the number still open when `limit` ran out.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        self.tasks.close();
+        if tokio::time::timeout(limit, self.tasks.wait()).await.is_ok() {
+            return 0;
+        }
+        self.tasks.len()
+    }
+}
+
+tokio::task_local! {
+    /// The `max_connections` slot of the client connection being served. A CONNECT tunnel
+    /// outlives its HTTP/1 connection (hyper hands the socket over at the upgrade), so it takes
+    /// a share of the slot: the slot is free only once the tunnel is closed too.
+    static CONNECTION_SLOT: Arc<OwnedSemaphorePermit>;
+}
+
+/// A share of the current connection's `max_connections` slot (None outside a connection task).
+pub fn connection_slot() -> Option<Arc<OwnedSemaphorePermit>> {
+    CONNECTION_SLOT.try_with(Arc::clone).ok()
 }
 
 /// One intercepted connection (or one plain-HTTP request): who, where, how.
@@ -197,14 +242,12 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
         };
         let _ = tcp.set_nodelay(true);
         let st = state.clone();
-        tokio::spawn(async move {
-            st.metrics.connections.inc();
+        let serve = async move {
             match kind {
-                ListenerKind::Explicit => explicit::serve_client(st.clone(), tcp, peer).await,
-                ListenerKind::Transparent => transparent::serve_client(st.clone(), tcp, peer).await,
+                ListenerKind::Explicit => explicit::serve_client(st, tcp, peer).await,
+                ListenerKind::Transparent => transparent::serve_client(st, tcp, peer).await,
             }
-            st.metrics.connections.dec();
-            drop(slot);
-        });
+        };
+        state.spawn_connection(CONNECTION_SLOT.scope(Arc::new(slot), serve));
     }
 }

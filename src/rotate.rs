@@ -1,20 +1,134 @@
 //! `sealgate rotate-master-key`: re-seal every secret, CA key and snapshot under a new master
-//! key in one SQLite transaction.
+//! key in one SQLite transaction, and the startup recovery that finishes an interrupted one.
 //!
-//! Crash safety: until the transaction commits, the database is entirely under the old key
-//! (a kill -9 at any point leaves it usable with the old key). After the commit the new key
-//! file is moved over `data_dir/master.key` (when the old key came from there); a crash between
-//! the two leaves the new key in `--new-key-file`, and the refusal to start says which key the
-//! database expects.
+//! Crash safety, step by step (the key came from `data_dir/master.key`):
+//! 1. the new key is staged in `data_dir/master.key.new` (0600, fsynced);
+//! 2. one transaction re-seals every row and the key-check record; until it commits the
+//!    database is entirely under the old key, and `master.key` still holds the old key;
+//! 3. the commit (with `synchronous = FULL`) switches the database to the new key;
+//! 4. `master.key.new` is renamed over `master.key` (and the directory fsynced).
+//!
+//! A kill -9 before 3 leaves the old key working; the next start deletes the stale staged
+//! key. A kill -9 between 3 and 4 leaves the old key file with a database under the new key:
+//! the next start (or rotation) sees the old key fail the key check, finds the staged key
+//! opening the database, and finishes step 4 itself ([`open_store`]).
+//!
+//! With `SEALGATE_MASTER_KEY` there is no file to swap: after the commit the operator must
+//! start the daemon with the new key (the contents of `--new-key-file`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::store::crypto::{KeySource, MasterKey};
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
-/// Runs the rotation (the daemon must be stopped: SQLite would serialise us anyway, but a
-/// running daemon keeps the old key in memory).
+/// Environment variable naming a rotation step at which the process aborts (crash tests only;
+/// see [`test_crash_point`]).
+pub const TEST_CRASH_ENV: &str = "SEALGATE_TEST_CRASH_AFTER";
+
+/// Test hook: when `SEALGATE_TEST_CRASH_AFTER` equals `step`, abort the process right here, as
+/// a kill -9 would (no destructors, no rollback, no flush). Steps, in order: `staged`,
+/// `resealed_secrets`, `resealed_sandboxes`, `wrote_key_check`, `committed`, `renamed`.
+/// Only rotation code calls this; the variable has no other effect.
+pub fn test_crash_point(step: &str) {
+    if std::env::var_os(TEST_CRASH_ENV).is_some_and(|v| v == step) {
+        eprintln!("sealgate: {TEST_CRASH_ENV}={step}: aborting (test hook)");
+        std::process::abort();
+    }
+}
+
+/// The staged new key next to `key_file` (`master.key` → `master.key.new`).
+pub fn staged_key_path(key_file: &Path) -> PathBuf {
+    let mut name = key_file.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Loads the master key and opens the store, finishing an interrupted rotation if one is
+/// found (see the module docs). Used by `serve` and `rotate-master-key`.
+///
+/// # Errors
+/// A wrong or unreadable key (with no staged key that opens the database), or any store error.
+pub fn open_store(
+    data_dir: &Path,
+    env_key: Option<&str>,
+) -> Result<(SqliteStore, KeySource), StoreError> {
+    let (key, source) = MasterKey::load_or_create(data_dir, env_key)?;
+    let KeySource::Loaded(key_file) = &source else {
+        return Ok((SqliteStore::open(data_dir, key)?, source));
+    };
+    let staged = staged_key_path(key_file);
+    match SqliteStore::open(data_dir, key) {
+        Ok(store) => {
+            discard_stale(&staged);
+            Ok((store, source))
+        }
+        Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(data_dir, key_file)? {
+            Some(store) => Ok((store, source)),
+            None => Err(StoreError::WrongMasterKey(p)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// A staged key left by a rotation that never committed is not in use: remove it.
+fn discard_stale(staged: &Path) {
+    if staged.exists() {
+        tracing::warn!(staged = %staged.display(), "removing the staged key of a master-key rotation that did not commit");
+        let _ = std::fs::remove_file(staged);
+    }
+}
+
+/// The database is under another key: if the staged key opens it, the rotation committed and
+/// only the rename is missing.
+fn finish_interrupted(data_dir: &Path, key_file: &Path) -> Result<Option<SqliteStore>, StoreError> {
+    let staged = staged_key_path(key_file);
+    if !staged.exists() {
+        return Ok(None);
+    }
+    let (new_key, _) = MasterKey::load_or_create_file(&staged)?;
+    match SqliteStore::open(data_dir, new_key) {
+        Ok(store) => {
+            install_staged(&staged, key_file)?;
+            tracing::warn!(key_file = %key_file.display(), "finished an interrupted master-key rotation: the new key is now in place");
+            Ok(Some(store))
+        }
+        Err(StoreError::WrongMasterKey(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Renames the staged key over the key file and makes the rename durable.
+fn install_staged(staged: &Path, key_file: &Path) -> std::io::Result<()> {
+    std::fs::rename(staged, key_file)?;
+    sync_dir(key_file)
+}
+
+fn sync_dir(file: &Path) -> std::io::Result<()> {
+    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
+/// Writes `key` to `path` (0600, replacing a stale file) and fsyncs file and directory.
+fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(key.to_base64().as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    sync_dir(path)
+}
+
+/// Runs the rotation. The daemon must be stopped: a running daemon keeps the old key in
+/// memory and would seal new rows with it (its `/readyz` turns 503 when it notices).
 ///
 /// # Errors
 /// Wrong old key, unreadable new key, or a failed transaction (nothing changed then).
@@ -23,30 +137,43 @@ pub fn rotate_cli(
     env_key: Option<&str>,
     new_key_file: &Path,
 ) -> anyhow::Result<()> {
-    let (old, source) = MasterKey::load_or_create(data_dir, env_key)?;
-    if matches!(source, KeySource::Created(_)) {
-        anyhow::bail!(
-            "no master key existed in {}; nothing to rotate",
-            data_dir.display()
-        );
+    if !data_dir.join(crate::store::sqlite::DB_FILE_NAME).exists() {
+        anyhow::bail!("no database in {}; nothing to rotate", data_dir.display());
     }
-    let new = load_or_create_new(new_key_file)?;
-    let store = SqliteStore::open(data_dir, old)?;
-    let stats = store.rotate_master_key(&new)?;
-    eprintln!("re-sealed under the new key: {stats:?}");
-    if let KeySource::Loaded(path) = source {
-        std::fs::copy(new_key_file, path.with_extension("key.new"))?;
-        std::fs::rename(path.with_extension("key.new"), &path)?;
-        eprintln!("{} now holds the new key", path.display());
-    } else {
-        eprintln!(
+    let (store, source) = open_store(data_dir, env_key)?;
+    let (new, _) = MasterKey::load_or_create_file(new_key_file)?;
+    let staged = match &source {
+        KeySource::Loaded(key_file) => {
+            let staged = staged_key_path(key_file);
+            stage_key(&staged, &new)?;
+            test_crash_point("staged");
+            Some((staged, key_file.clone()))
+        }
+        _ => None,
+    };
+    let stats = match store.rotate_master_key(&new) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some((staged, _)) = &staged {
+                let _ = std::fs::remove_file(staged);
+            }
+            return Err(e.into());
+        }
+    };
+    eprintln!(
+        "re-sealed {} secret(s) and {} sandbox(es) under the new key",
+        stats.secrets, stats.sandboxes
+    );
+    match staged {
+        Some((staged, key_file)) => {
+            install_staged(&staged, &key_file)?;
+            test_crash_point("renamed");
+            eprintln!("{} now holds the new key", key_file.display());
+        }
+        None => eprintln!(
             "set SEALGATE_MASTER_KEY to the contents of {} before restarting",
             new_key_file.display()
-        );
+        ),
     }
     Ok(())
-}
-
-fn load_or_create_new(path: &Path) -> anyhow::Result<MasterKey> {
-    Ok(MasterKey::load_or_create_file(path)?.0)
 }

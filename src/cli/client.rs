@@ -8,7 +8,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-/// Talks to one daemon.
+/// Talks to one daemon. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
 pub struct AdminClient {
     base: String,
     token: String,

@@ -18,6 +18,13 @@ pub async fn run_client(cli: &Cli, data_dir: PathBuf) -> anyhow::Result<()> {
     let out = match &cli.command {
         Command::Store(c) => store(&client, c).await?,
         Command::Secret(c) => secret(&client, c).await?,
+        Command::Sandbox(SandboxCmd::Exec(a)) => {
+            let code = super::exec::exec(&client, a, cli.config.as_deref()).await?;
+            std::process::exit(code)
+        }
+        Command::Sandbox(SandboxCmd::Rules(a)) => {
+            return super::exec::rules(&client, a, cli.config.as_deref()).await
+        }
         Command::Sandbox(c) => return sandbox(&client, c, cli.json).await,
         _ => anyhow::bail!("not a client command"),
     };
@@ -203,6 +210,7 @@ async fn sandbox(c: &AdminClient, cmd: &SandboxCmd, as_json: bool) -> anyhow::Re
                 .await?;
             print(&json!({"deleted": id}), as_json);
         }
+        SandboxCmd::Exec(_) | SandboxCmd::Rules(_) => anyhow::bail!("handled by run_client"),
     }
     Ok(())
 }

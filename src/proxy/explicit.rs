@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::h1_guard::{self, FramingRefused, GuardTag, H1Guard};
 use super::intercept;
 use super::respond::{Code, Refusal};
 use super::{forward, ProxyBody, ProxyState, Tunnel};
@@ -28,12 +29,33 @@ use crate::sandbox::Sandbox;
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     let rt = state.runtime();
     let st = state.clone();
-    let svc = service_fn(move |req| outer(st.clone(), peer, req));
+    let tag = GuardTag::new();
+    let io = H1Guard::new(
+        tcp,
+        rt.proxy.max_header_bytes,
+        rt.proxy.header_read_timeout,
+        tag.clone(),
+    );
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        tag.mark(&mut req);
+        let (upgrade, connect) = (
+            h1_guard::wants_upgrade(&req),
+            req.method() == Method::CONNECT,
+        );
+        let st = st.clone();
+        async move {
+            let mut resp = outer(st, peer, req).await;
+            if let Ok(r) = &mut resp {
+                h1_guard::close_unless_upgraded(upgrade, connect, r);
+            }
+            resp
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(rt.proxy.header_read_timeout)
         .max_buf_size(rt.proxy.max_header_bytes.max(8192))
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
@@ -49,8 +71,12 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
 async fn outer(
     state: Arc<ProxyState>,
     _peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    if let Some(FramingRefused(r)) = req.extensions_mut().remove() {
+        audit_refusal(&state, None, &req, "-".into(), &r);
+        return Ok(r.into_response());
+    }
     let Some(sandbox) = identify(&state, &req) else {
         let r = Refusal::new(
             Code::ProxyAuthRequired,
@@ -121,6 +147,10 @@ fn connect(
         );
         return Err(refuse_connect(state, sandbox, &req, &target, r));
     }
+    if let Err(e) = state.runtime().dialing.precheck(&dest) {
+        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
+        return Err(refuse_connect(state, sandbox, &req, &target, r));
+    }
     let max = state.runtime().proxy.max_tunnels_per_sandbox;
     let Some(guard) = sandbox.try_open_tunnel(max) else {
         let r = Refusal::new(
@@ -140,7 +170,9 @@ fn connect(
         _guard: Some(guard),
     });
     let st = state.clone();
-    tokio::spawn(async move {
+    let slot = super::connection_slot();
+    state.spawn_connection(async move {
+        let _slot = slot;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
@@ -238,6 +270,11 @@ async fn plain(
             Code::EgressDenied,
             format!("{dest} is not in the store's egress_allowlist"),
         );
+        audit_refusal(state, Some(&sandbox.id), &req, dest.authority(), &r);
+        return Err(r);
+    }
+    if let Err(e) = state.runtime().dialing.precheck(&dest) {
+        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
         audit_refusal(state, Some(&sandbox.id), &req, dest.authority(), &r);
         return Err(r);
     }

@@ -20,6 +20,7 @@ use super::respond::{Code, Refusal};
 use super::scrub::scrub_response;
 use super::{BoxError, ProxyBody, Runtime, Tunnel};
 use crate::audit::RequestEvent;
+use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::HostView;
 use crate::subst::{self, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
@@ -74,6 +75,7 @@ fn record(
         Some(_) => "deny",
     };
     let code_str = code.map(Code::as_str);
+    let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
     m.request(decision, code_str.unwrap_or("ok"));
     for name in &o.report.unsealed {
@@ -84,7 +86,6 @@ fn record(
             })
             .inc();
     }
-    m.bytes_up.inc_by(o.bytes_up);
     t.state.audit.request(&RequestEvent {
         sandbox: Some(&t.sandbox.id),
         mode: t.mode,
@@ -93,7 +94,7 @@ fn record(
         path,
         decision,
         code: code_str,
-        rule: o.rule.clone(),
+        rule,
         unsealed: o.report.unsealed.iter().map(|s| s.to_string()).collect(),
         refused: o.report.refused.iter().map(|s| s.to_string()).collect(),
         status: resp.status().as_u16(),
@@ -103,12 +104,29 @@ fn record(
     });
 }
 
+/// With `on_disallowed_token = "forward_sealed"`, why each refused secret travelled sealed.
+fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
+    if report.refused.is_empty() {
+        return None;
+    }
+    let snap = t.sandbox.snapshot();
+    let why: Vec<String> = report
+        .refused
+        .iter()
+        .map(|n| snap.denial_rule(n, &t.dest))
+        .collect();
+    Some(format!("forwarded sealed: {}", why.join("; ")))
+}
+
 async fn exchange(
     t: &Tunnel,
     rt: &Runtime,
     mut req: Request<Incoming>,
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
+    if let Some(super::h1_guard::FramingRefused(r)) = req.extensions_mut().remove() {
+        return Err(r);
+    }
     check_method(&req)?;
     check_authority(t, &req)?;
     check_framing(req.headers())?;
@@ -121,12 +139,13 @@ async fn exchange(
         unseal_head(t, view, &mut up, o)?;
     }
     let (body, streamed) = prepare_body(t, rt, view.as_deref(), &mut up, body, o).await?;
+    let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
     let up = up.map(|()| body);
     let sent = send(t, rt, up, websocket).await;
     if let Some(outcome) = &streamed {
         merge_report(&mut o.report, &outcome.report());
         if let Some(d) = outcome.denied() {
-            return Err(denied(t, d));
+            return Err(denied(t, d, o));
         }
     }
     let resp = sent?;
@@ -206,7 +225,9 @@ fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(),
     Ok(())
 }
 
-/// hyper accepts CL+TE (and drops CL) and repeated CLs; a proxy must not.
+/// hyper accepts CL+TE (and drops CL) and repeated CLs; a proxy must not. On h1 the bytes were
+/// already judged by [`super::h1_guard`] (hyper hides CL+TE from this header map); this check
+/// stays as the second line for h2 and anything that reaches it.
 fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
     let cls: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
     if cls.len() > 1 {
@@ -322,10 +343,10 @@ fn unseal_head(
     }
     let mode = t.state.runtime().proxy.on_disallowed_token;
     subst::substitute_headers(req.headers_mut(), view, mode, &mut o.report)
-        .map_err(|d| denied(t, d))?;
+        .map_err(|d| denied(t, d, o))?;
     if view.any_query {
         if let Some(uri) = subst::substitute_query(req.uri(), view, mode, &mut o.report)
-            .map_err(|d| denied(t, d))?
+            .map_err(|d| denied(t, d, o))?
         {
             *req.uri_mut() = uri;
         }
@@ -333,7 +354,18 @@ fn unseal_head(
     Ok(())
 }
 
-fn denied(t: &Tunnel, d: Denied) -> Refusal {
+/// The sandbox sees the secret name and host; the audit `rule` also names the policy list that
+/// excluded the host and where the token was found.
+fn denied(t: &Tunnel, d: Denied, o: &mut Outcome) -> Refusal {
+    let location = match d.location {
+        crate::secret::Location::Header => "header",
+        crate::secret::Location::Query => "query",
+        crate::secret::Location::Body => "body",
+    };
+    o.rule = Some(format!(
+        "{} (token found in the {location})",
+        t.sandbox.snapshot().denial_rule(&d.secret, &t.dest)
+    ));
     Refusal::new(
         Code::SecretHostDenied,
         format!(
@@ -396,7 +428,7 @@ async fn substitute_whole(
         .to_bytes();
     let mut engine = BodySubst::new(lookup, mode);
     let mut out = Vec::new();
-    engine.push(bytes, &mut out).map_err(|d| denied(t, d))?;
+    engine.push(bytes, &mut out).map_err(|d| denied(t, d, o))?;
     engine.finish(&mut out);
     merge_report(&mut o.report, engine.report());
     let whole: Bytes = if out.len() == 1 {
@@ -471,6 +503,7 @@ fn finish_response(
         Some(s) => scrub_response(t, s, report, &mut parts.headers, body)?,
         None => body,
     };
+    let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 

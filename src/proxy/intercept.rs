@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use http::Method;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,6 +15,7 @@ use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
+use super::h1_guard::{self, GuardTag, H1Guard};
 use super::idle::{Activity, Tracked};
 use super::{forward, ProxyState, Runtime, Tunnel};
 use crate::ca::LeafName;
@@ -129,14 +131,29 @@ where
 {
     let rt = state.runtime();
     let activity = Activity::new();
-    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+    let tag = GuardTag::new();
+    let guarded = H1Guard::new(
+        stream,
+        rt.proxy.max_header_bytes,
+        rt.proxy.header_read_timeout,
+        tag.clone(),
+    );
+    let io = TokioIo::new(Tracked::new(guarded, activity.clone()));
     let builder = http_builder(&rt);
     let act = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req| {
         let guard = act.request();
         let tunnel = tunnel.clone();
+        tag.mark(&mut req);
+        let (upgrade, connect) = (
+            h1_guard::wants_upgrade(&req),
+            req.method() == Method::CONNECT,
+        );
         async move {
-            let resp = forward::handle(tunnel, req).await;
+            let mut resp = forward::handle(tunnel, req).await;
+            if let Ok(r) = &mut resp {
+                h1_guard::close_unless_upgraded(upgrade, connect, r);
+            }
             drop(guard);
             resp
         }

@@ -53,6 +53,25 @@ pub struct UpstreamSettings {
     pub tls: Arc<rustls::ClientConfig>,
 }
 
+impl UpstreamSettings {
+    /// Vets what can be vetted without DNS, so a refused destination is refused before a
+    /// tunnel, a leaf or a connection is set up for it: an IP literal must pass
+    /// [`AddressPolicy::vet`]; a host with a `resolve` override (trusted as written) must not be
+    /// one of sealgate's own listeners. DNS names pass here and are vetted once resolved.
+    ///
+    /// # Errors
+    /// The vetting error, as [`ConnectError::Denied`] would carry it.
+    pub fn precheck(&self, dest: &policy::Dest) -> Result<(), policy::VetError> {
+        if let Some(a) = self.resolve.get(&dest.host.as_str_for_sni()) {
+            return self.vet.vet_own_listener(*a);
+        }
+        match dest.host {
+            policy::Host::Ip(ip) => self.vet.vet(SocketAddr::new(ip, dest.port)),
+            policy::Host::Name(_) => Ok(()),
+        }
+    }
+}
+
 /// The hyper-util connector.
 #[derive(Clone)]
 pub struct Connector {

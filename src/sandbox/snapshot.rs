@@ -123,6 +123,35 @@ impl Snapshot {
         )
     }
 
+    /// Why secret `name` may not be unsealed for `dest` (HTTPS), in words naming the rule, for
+    /// the audit log ("why was my key not substituted?"). Patterns are policy, not values.
+    pub fn denial_rule(&self, name: &str, dest: &Dest) -> String {
+        let Some(e) = self.secrets.iter().find(|e| &*e.name == name) else {
+            return format!("secret {name} is no longer in this sandbox's snapshot");
+        };
+        let list = |l: &Option<Vec<String>>| l.as_deref().unwrap_or_default().join(", ");
+        if self.egress.is_none() && e.allowed.is_none() {
+            return format!(
+                "secret {name} has no allowed_hosts and store {} has no egress_allowlist: it is never unsealed",
+                self.store_name
+            );
+        }
+        if !self.egress_allowed(dest, Scheme::Https) {
+            return format!(
+                "store {} egress_allowlist [{}] does not match {dest}",
+                self.store_name,
+                list(&self.egress_allowlist)
+            );
+        }
+        if !policy::egress_allowed(e.allowed.as_ref(), dest, Scheme::Https) {
+            return format!(
+                "secret {name} allowed_hosts [{}] does not match {dest}",
+                list(&e.allowed_hosts)
+            );
+        }
+        format!("secret {name} may be unsealed for {dest}")
+    }
+
     /// The cached per-destination view for HTTPS requests to `dest`.
     pub fn view(&self, dest: &Dest) -> Arc<HostView> {
         if let Some(v) = self.views.get(dest) {

@@ -96,6 +96,9 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Read only while `conn` is locked (see the module invariants).
     key: RwLock<Arc<MasterKey>>,
+    /// Device and inode of the file opened, so [`Store::check`] notices the path being removed
+    /// or replaced under the open connection (SQLite would keep using the unlinked file).
+    file_id: (u64, u64),
     /// Test hook: make the next rotation fail after re-sealing everything, before commit.
     #[cfg(test)]
     fail_rotation_before_commit: std::sync::atomic::AtomicBool,
@@ -117,8 +120,10 @@ impl SqliteStore {
         configure(&conn)?;
         migrate(&mut conn)?;
         init_key_check(&mut conn, &key, &db_path)?;
+        let file_id = file_id(&fs::metadata(&db_path)?);
         Ok(SqliteStore {
             db_path,
+            file_id,
             conn: Mutex::new(conn),
             key: RwLock::new(Arc::new(key)),
             #[cfg(test)]
@@ -150,6 +155,22 @@ impl SqliteStore {
     /// Installs `key` as the current key. Call only with the connection locked.
     fn swap_key(&self, _locked: &MutexGuard<'_, Connection>, key: MasterKey) {
         *self.key.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+    }
+
+    /// Fails when the path no longer names the file this store opened (removed or replaced).
+    fn check_file(&self) -> Result<(), StoreError> {
+        let gone = |why: &str| {
+            StoreError::Io(io::Error::other(format!(
+                "database file {} {why}",
+                self.db_path.display()
+            )))
+        };
+        match fs::metadata(&self.db_path) {
+            Ok(m) if file_id(&m) == self.file_id => Ok(()),
+            Ok(_) => Err(gone("was replaced after it was opened")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(gone("was removed")),
+            Err(e) => Err(e.into()),
+        }
     }
 
     #[cfg(test)]
@@ -335,6 +356,7 @@ impl Store for SqliteStore {
     }
 
     fn check(&self) -> Result<(), StoreError> {
+        self.check_file()?;
         self.with_conn(|conn, key| {
             conn.query_row("SELECT 1", [], |_| Ok(()))?;
             verify_key_check(conn, key, &self.db_path)
@@ -343,16 +365,12 @@ impl Store for SqliteStore {
 
     fn rotate_master_key(&self, new_key: &MasterKey) -> Result<RotationStats, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let old_key = self.current_key();
-        let tx = write_tx(&mut conn)?;
-        verify_key_check(&tx, &old_key, &self.db_path)?;
-        let stats = RotationStats {
-            secrets: reseal_secrets(&tx, &old_key, new_key)?,
-            sandboxes: reseal_sandboxes(&tx, &old_key, new_key)?,
-        };
-        write_key_check(&tx, new_key)?;
-        self.injected_rotation_failure()?;
-        tx.commit()?;
+        // The commit must reach the disk before the caller moves the new key file into place
+        // (`NORMAL` in WAL mode may lose the last commit on power loss).
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = self.reseal_all(&mut conn, new_key);
+        let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+        let stats = result?;
         self.swap_key(&conn, new_key.duplicate());
         // Best effort: the rotation is committed whatever this returns. It moves the new pages
         // into the database file (where secure_delete already overwrote the old ciphertexts) and
@@ -363,7 +381,37 @@ impl Store for SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The rotation transaction. Until `commit` the file is entirely under the old key; each
+    /// `test_crash_point` marks a step the crash tests abort at.
+    fn reseal_all(
+        &self,
+        conn: &mut Connection,
+        new_key: &MasterKey,
+    ) -> Result<RotationStats, StoreError> {
+        use crate::rotate::test_crash_point;
+        let old_key = self.current_key();
+        let tx = write_tx(conn)?;
+        verify_key_check(&tx, &old_key, &self.db_path)?;
+        let secrets = reseal_secrets(&tx, &old_key, new_key)?;
+        test_crash_point("resealed_secrets");
+        let sandboxes = reseal_sandboxes(&tx, &old_key, new_key)?;
+        test_crash_point("resealed_sandboxes");
+        write_key_check(&tx, new_key)?;
+        test_crash_point("wrote_key_check");
+        self.injected_rotation_failure()?;
+        tx.commit()?;
+        test_crash_point("committed");
+        Ok(RotationStats { secrets, sandboxes })
+    }
+}
+
 // ---- opening ----------------------------------------------------------------------------------
+
+fn file_id(m: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
 
 /// Creates the database file with mode 0600 if missing, and tightens the mode of an existing
 /// database or side file that group or others could read.

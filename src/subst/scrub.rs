@@ -323,6 +323,12 @@ fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
 /// # Memory usage
 /// Holds back fewer than [`Scrubber::max_pattern_len`] bytes, and only while they could start
 /// a value (see the module docs).
+///
+/// # Cost
+/// A push costs one search over the chunk plus a walk over at most `max_pattern_len` bytes at
+/// its end; when a tail was held, the held bytes and at most `max_pattern_len - 1` bytes of the
+/// new chunk are copied once. Tiny chunks that keep a long value open (an upstream echoing a
+/// 64 KiB secret one byte per frame) therefore cost `O(max_pattern_len)` each.
 pub struct ScrubStream {
     scrubber: Arc<Scrubber>,
     held: Bytes,

@@ -4,4 +4,9 @@
 mod support;
 
 mod admin_api;
+mod adversarial;
+mod clients;
+mod ops;
 mod proxy_explicit;
+mod sandboxes;
+mod transparent;

@@ -35,6 +35,11 @@ impl Write for Capture {
     }
 }
 
+/// Everything every daemon of this test binary has logged so far, lossily decoded.
+pub fn logs_text() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
+}
+
 fn logs() -> Arc<Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buf = Arc::new(Mutex::new(Vec::new()));
@@ -73,6 +78,9 @@ pub struct Opts {
     pub data_dir: Option<PathBuf>,
     /// Master key override.
     pub master_key: Option<String>,
+    /// Leave `allow_private_cidrs` empty (the default opens 127.0.0.0/8 for the loopback echo
+    /// upstreams): for address-vetting tests, which then reach upstreams only through `resolve`.
+    pub strict_vetting: bool,
 }
 
 impl Harness {
@@ -283,12 +291,17 @@ fn config_text(
     }
     format!(
         "data_dir = \"{}\"\ncert_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n\
-         [upstream]\nca_files = [\"{}\"]\nallow_private_cidrs = [\"127.0.0.0/8\"]\n{}\n\n[upstream.resolve]\n{resolve}\n\
+         [upstream]\nca_files = [\"{}\"]\nallow_private_cidrs = [{}]\n{}\n\n[upstream.resolve]\n{resolve}\n\
          [sandbox]\n{}\n[log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n",
         data.display(),
         certs.display(),
         o.proxy_toml,
         pki.ca_file.display(),
+        if o.strict_vetting {
+            ""
+        } else {
+            "\"127.0.0.0/8\""
+        },
         o.upstream_toml,
         o.sandbox_toml,
         audit.display(),

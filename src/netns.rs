@@ -1,0 +1,145 @@
+//! Network namespaces for `sealgate sandbox exec` (Linux, root): the address plan, the veth and
+//! namespace plumbing, the iptables rule set, and the namespace's DNS responder.
+//!
+//! Everything that touches the system runs a program from an argv vector (`ip`, `iptables`,
+//! `ip6tables`) — never a shell string — and every removal is idempotent, so cleanup can run
+//! after a partial setup, twice, or after a crashed run.
+
+pub mod dns;
+pub mod link;
+pub mod plan;
+pub mod rules;
+
+use std::process::Command;
+
+pub use plan::Plan;
+pub use rules::{RuleParams, RuleSet};
+
+/// Namespace, interface and rule failures. Each names the command or file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// A program could not be started (not installed?).
+    #[error("cannot run {program}: {source} (is iproute2/iptables installed?)")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A program exited non-zero.
+    #[error("`{command}` failed: {stderr}")]
+    Failed {
+        /// The command line (shell-quoted for reading only).
+        command: String,
+        /// Its standard error, trimmed.
+        stderr: String,
+    },
+    /// A file under /etc/netns or /proc/sys could not be written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A name or id that may not be used as an argument.
+    #[error("refusing invalid {0}")]
+    Invalid(String),
+    /// No free slot in the address pool.
+    #[error("no free /30 left in 198.18.0.0/15 for a sandbox namespace")]
+    PoolExhausted,
+}
+
+/// Runs `argv` to completion; stderr becomes the error message.
+///
+/// # Errors
+/// [`NetnsError::Spawn`] or [`NetnsError::Failed`].
+pub fn run(argv: &[String]) -> Result<String, NetnsError> {
+    let (program, rest) = argv
+        .split_first()
+        .ok_or_else(|| NetnsError::Invalid("empty command".into()))?;
+    let out = Command::new(program)
+        .args(rest)
+        .output()
+        .map_err(|source| NetnsError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    Err(NetnsError::Failed {
+        command: rules::shell_line(argv),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// [`run`] for string literals and formatted values.
+fn run_args<S: AsRef<str>>(argv: &[S]) -> Result<String, NetnsError> {
+    let owned: Vec<String> = argv.iter().map(|s| s.as_ref().to_owned()).collect();
+    run(&owned)
+}
+
+/// Applies a rule set in order; on the first failure, removes whatever was applied.
+///
+/// # Errors
+/// The failing command.
+pub fn apply_rules(set: &RuleSet) -> Result<(), NetnsError> {
+    for argv in set.apply_argvs() {
+        if let Err(e) = run(&argv) {
+            remove_rules(set);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Removes a rule set; succeeds whether or not (any of) it is installed. A hook inserted more
+/// than once is deleted until none is left.
+pub fn remove_rules(set: &RuleSet) {
+    for argv in set.remove_argvs() {
+        let is_delete = argv.iter().any(|a| a == "-D");
+        let tries = if is_delete { 8 } else { 1 };
+        for _ in 0..tries {
+            if run(&argv).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// True if any rule of the set (its chains or its interface hooks) is still installed.
+pub fn rules_present(set: &RuleSet, host_if: &str) -> bool {
+    let chains = set.chains();
+    [
+        ("iptables", "nat"),
+        ("iptables", "filter"),
+        ("ip6tables", "filter"),
+    ]
+    .iter()
+    .filter_map(|(prog, table)| run_args(&[prog, "-w", "5", "-t", table, "-S"]).ok())
+    .any(|dump| {
+        dump.lines().any(|l| {
+            chains.iter().any(|c| l.contains(c)) || l.split_whitespace().any(|w| w == host_if)
+        })
+    })
+}
+
+/// Sends `sig` to `pid`.
+///
+/// # Errors
+/// The OS error (`ESRCH` when the process is gone).
+pub fn signal(pid: u32, sig: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; `pid` is a positive
+    // process id (never 0 or negative, which would address process groups).
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,268 @@
+//! Plain HTTP on a redirected port-80 connection: the destination is the first request's
+//! `Host` (its port must be the original destination port), then the connection is served by
+//! [`intercept::serve_http`] with [`Scheme::Http`], which never unseals and refuses (421) any
+//! later request naming another host.
+//!
+//! The request head is read into a buffer (bounded by `max_header_bytes` and
+//! `header_read_timeout`, however many segments it spans) and replayed to hyper through
+//! [`Rewind`], so hyper parses exactly the bytes the sandbox sent.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{open_tunnel, refuse, TransparentError};
+use crate::policy::{self, Dest, Scheme};
+use crate::proxy::intercept;
+use crate::proxy::respond::{Code, Refusal};
+use crate::proxy::ProxyState;
+use crate::sandbox::Sandbox;
+
+/// Most headers a request head may have for the `Host` pre-parse (hyper applies its own limits).
+const MAX_HEADERS: usize = 128;
+
+/// Serves one redirected plain-HTTP connection.
+///
+/// # Errors
+/// The head could not be read (timeout, too large, not HTTP) or the request was refused.
+pub async fn serve(
+    state: Arc<ProxyState>,
+    sandbox: Arc<Sandbox>,
+    mut tcp: TcpStream,
+    orig: SocketAddr,
+) -> Result<(), TransparentError> {
+    let rt = state.runtime();
+    let limit = rt.proxy.max_header_bytes.max(1024);
+    let read = read_head(&mut tcp, limit);
+    let head = tokio::time::timeout(rt.proxy.header_read_timeout, read)
+        .await
+        .map_err(|_| TransparentError::Head("timed out".into()))?;
+    let (buf, host) = match head {
+        Ok(x) => x,
+        Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
+        Err(HeadError::Refused(r)) => {
+            let dest = Dest {
+                host: policy::Host::Ip(orig.ip()),
+                port: orig.port(),
+            };
+            let r = refuse(&state, &sandbox, &dest, "HTTP", r);
+            return reply_once(tcp, Bytes::new(), r).await;
+        }
+    };
+    let stream = Rewind::new(buf, tcp);
+    let tunnel = match dest_for(&host, orig)
+        .and_then(|dest| open_tunnel(&state, &sandbox, dest, Scheme::Http, "HTTP"))
+    {
+        Ok(t) => t,
+        Err(r) => return reply_once_rewound(stream, r).await,
+    };
+    intercept::serve_http(state, tunnel, stream).await;
+    Ok(())
+}
+
+/// The destination named by `Host`; its port (80 when absent) must be the original port.
+fn dest_for(host: &str, orig: SocketAddr) -> Result<Dest, Refusal> {
+    let dest = policy::parse_authority(host, Some(80))
+        .map_err(|e| Refusal::new(Code::BadRequest, format!("Host header: {e}")))?;
+    if dest.port != orig.port() {
+        return Err(Refusal::new(
+            Code::AuthorityMismatch,
+            format!(
+                "Host names port {} but the connection was to port {}",
+                dest.port,
+                orig.port()
+            ),
+        ));
+    }
+    Ok(dest)
+}
+
+enum HeadError {
+    Io(io::Error),
+    Refused(Refusal),
+}
+
+/// Reads until the first request head is complete; returns the bytes read and its one `Host`.
+async fn read_head(tcp: &mut TcpStream, limit: usize) -> Result<(Bytes, String), HeadError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if tcp.read_buf(&mut buf).await.map_err(HeadError::Io)? == 0 {
+            return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some(host) = parse_host(&buf).map_err(HeadError::Refused)? {
+            return Ok((buf.freeze(), host));
+        }
+        if buf.len() > limit {
+            return Err(HeadError::Refused(Refusal::new(
+                Code::HeadersTooLarge,
+                "request head exceeds proxy.max_header_bytes",
+            )));
+        }
+    }
+}
+
+/// `Ok(None)` while the head is incomplete; the single `Host` value once it is complete.
+///
+/// # Errors
+/// Not HTTP/1.x, no `Host`, several `Host` headers, or a non-ASCII `Host`.
+pub fn parse_host(buf: &[u8]) -> Result<Option<String>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let bad = |m: &str| Refusal::new(Code::BadRequest, m);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(Code::HeadersTooLarge, "too many headers"))
+        }
+        Err(e) => return Err(bad(&format!("malformed HTTP request: {e}"))),
+    }
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let (Some(first), None) = (hosts.next(), hosts.next()) else {
+        return Err(bad("plain HTTP needs exactly one Host header"));
+    };
+    let host = std::str::from_utf8(first.value)
+        .ok()
+        .filter(|s| s.is_ascii())
+        .ok_or_else(|| bad("Host header is not ASCII"))?;
+    Ok(Some(host.trim().to_owned()))
+}
+
+async fn reply_once(tcp: TcpStream, buf: Bytes, r: Refusal) -> Result<(), TransparentError> {
+    reply_once_rewound(Rewind::new(buf, tcp), r).await
+}
+
+/// Answers the first request with the refusal (the uniform error response) and closes.
+async fn reply_once_rewound<S>(stream: S, r: Refusal) -> Result<(), TransparentError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let message = r.message.clone();
+    let svc = service_fn(move |_req| {
+        let resp = r.clone().into_response();
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn).await;
+    Err(TransparentError::Refused(message))
+}
+
+/// A stream that first yields `prefix`, then reads from `inner`; writes go straight to `inner`.
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    /// Replays `prefix` before `inner`'s own bytes.
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn orig80() -> SocketAddr {
+        "198.18.0.1:80".parse().unwrap()
+    }
+
+    #[test]
+    fn host_is_taken_from_a_complete_head_only() {
+        assert_eq!(parse_host(b"GET / HTTP/1.1\r\nHost: a.x").unwrap(), None);
+        let h = parse_host(b"GET / HTTP/1.1\r\nHost: A.x\r\n\r\n").unwrap();
+        assert_eq!(h.as_deref(), Some("A.x"));
+    }
+
+    #[test]
+    fn missing_or_duplicate_host_is_refused() {
+        assert!(parse_host(b"GET / HTTP/1.1\r\nX: y\r\n\r\n").is_err());
+        assert!(parse_host(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").is_err());
+        assert!(parse_host(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").is_err());
+    }
+
+    #[test]
+    fn host_port_must_match_the_original_port() {
+        assert_eq!(dest_for("a.x", orig80()).unwrap().authority(), "a.x:80");
+        assert_eq!(dest_for("A.X:80", orig80()).unwrap().authority(), "a.x:80");
+        let r = dest_for("a.x:8080", orig80()).unwrap_err();
+        assert_eq!(r.code, Code::AuthorityMismatch);
+        assert_eq!(
+            dest_for("a@b", orig80()).unwrap_err().code,
+            Code::BadRequest
+        );
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_then_the_stream() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut r = Rewind::new(Bytes::from_static(b"head"), b);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"-tail")
+            .await
+            .unwrap();
+        drop(a);
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"head-tail");
+    }
+}

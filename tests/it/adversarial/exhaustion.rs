@@ -1,0 +1,424 @@
+//! Exhaustion: oversized heads get the uniform 431, slow senders are cut at the configured
+//! timeouts, a sandbox's tunnels are capped (429), and h2 rapid-reset and CONTINUATION floods
+//! are bounded while other sandboxes keep being served.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{
+    assert_uniform, assert_upstream_untouched, eventually, exchange, raw_proxy, tls_tunnel, API,
+};
+use crate::proxy_explicit::{setup, setup_with, Env};
+use crate::support::daemon::Opts;
+use crate::support::proxy_client::{self as pc, SandboxCreds};
+
+fn opts(proxy_toml: &str) -> Opts {
+    Opts {
+        proxy_toml: proxy_toml.into(),
+        ..Default::default()
+    }
+}
+
+async fn env_with(proxy_toml: &str) -> Env {
+    setup_with(Some(&["api.example.test"]), &[], opts(proxy_toml)).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Oversized heads
+
+#[tokio::test]
+async fn oversized_header_section_in_a_tunnel_is_uniform_431() {
+    let e = env_with("max_header_bytes = 8192").await;
+    let big = "a".repeat(10_000);
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    let req = format!("GET /echo HTTP/1.1\r\nHost: api.example.test\r\nX-Big: {big}\r\n\r\n");
+    let text = exchange(&mut tls, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_uniform(&text, 431, "request_too_large");
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn too_many_header_fields_is_uniform_431() {
+    let e = env_with("").await;
+    let fields: String = (0..150).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    let req = format!("GET /echo HTTP/1.1\r\nHost: api.example.test\r\n{fields}\r\n");
+    let text = exchange(&mut tls, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_uniform(&text, 431, "request_too_large");
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn oversized_connect_head_is_uniform_431() {
+    let e = env_with("max_header_bytes = 8192").await;
+    let req = format!(
+        "CONNECT {API} HTTP/1.1\r\nHost: {API}\r\nProxy-Authorization: {}\r\nX-Big: {}\r\n\r\n",
+        e.sb.proxy_auth(),
+        "a".repeat(10_000)
+    );
+    let text = raw_proxy(e.h.proxy, req.as_bytes()).await;
+    assert_uniform(&text, 431, "request_too_large");
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn oversized_h2_header_list_is_refused() {
+    let e = env_with("max_header_bytes = 8192").await;
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    let big = "a".repeat(12_000);
+    let req = pc::get("https://api.example.test/echo", "", &[("x-big", &big)]);
+    c.ready().await.unwrap();
+    let r = c.send_request(req).await;
+    match r {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(err) => assert!(
+            err.to_string().contains("refused") || err.is_closed(),
+            "{err}"
+        ),
+    }
+    assert_upstream_untouched(&e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slowloris
+
+/// Sends `bytes` one byte every `gap` until the peer closes; returns when that happened.
+async fn dribble<S>(s: &mut S, bytes: &[u8], gap: Duration) -> Option<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    for b in bytes.iter().cycle().take(200) {
+        if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
+            return Some(start.elapsed());
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(gap, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {} // a response (e.g. a timeout answer): keep going until closed
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+fn assert_cut_near_one_second(took: Option<Duration>, what: &str) {
+    let took = took.unwrap_or_else(|| panic!("{what}: still open after 200 slow bytes"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{what}: closed after {took:?}, expected ~1 s"
+    );
+}
+
+#[tokio::test]
+async fn slowloris_on_the_connect_line_is_cut_at_the_header_timeout() {
+    let e = env_with("header_read_timeout_secs = 1").await;
+    let mut s = TcpStream::connect(e.h.proxy).await.unwrap();
+    let head = format!("CONNECT {API} HTTP/1.1\r\nHost: {API}\r\nX-Slow: ");
+    let took = dribble(&mut s, head.as_bytes(), Duration::from_millis(150)).await;
+    assert_cut_near_one_second(took, "CONNECT line");
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn slowloris_on_the_client_hello_is_cut_at_the_handshake_timeout() {
+    let e = env_with("tls_handshake_timeout_secs = 1").await;
+    let mut s = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    // A TLS record header promising a 512-byte ClientHello, then its bytes one at a time.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.extend(std::iter::repeat_n(0x41, 100));
+    let took = dribble(&mut s, &hello, Duration::from_millis(150)).await;
+    assert_cut_near_one_second(took, "ClientHello");
+    // Silence after CONNECT is cut the same way.
+    let mut s = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "silent tunnel not closed"
+    );
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        super::mints(&e),
+        0,
+        "no leaf without a complete ClientHello"
+    );
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn slowloris_on_inner_headers_is_cut_at_the_header_timeout() {
+    let e = env_with("header_read_timeout_secs = 1").await;
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    let head = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\nX-Slow: ";
+    let took = dribble(&mut tls, head, Duration::from_millis(150)).await;
+    assert_cut_near_one_second(took, "inner request head");
+    assert_upstream_untouched(&e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tunnel cap
+
+#[tokio::test]
+async fn tunnels_beyond_the_per_sandbox_cap_get_429() {
+    let e = env_with("max_tunnels_per_sandbox = 3").await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(tls_tunnel(&e, API, "api.example.test").await);
+    }
+    let (status, text) = super::connect_status(&e, API).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("too_many_tunnels"), "{text}");
+    // Another sandbox is not affected.
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let mut c = pc::h1(e.h.proxy, &other, API).await;
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // Closing one frees its slot.
+    drop(open.pop());
+    let sb =
+        e.h.daemon
+            .as_ref()
+            .unwrap()
+            .proxy
+            .registry
+            .get(&e.sb.id)
+            .unwrap();
+    eventually(Duration::from_secs(5), "tunnel slot released", || {
+        sb.tunnels() < 3
+    })
+    .await;
+    assert_eq!(super::connect_status(&e, API).await.0, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2 floods (raw frames)
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for `GET https://{authority}{path}` (static-table names, literal values).
+fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x87, 0x04, path.len() as u8];
+    b.extend_from_slice(path.as_bytes());
+    b.extend_from_slice(&[0x01, authority.len() as u8]);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+/// A literal header `x-a: <100 × a>` (never indexed, new name).
+fn hpack_filler() -> Vec<u8> {
+    let mut b = vec![0x10, 3];
+    b.extend_from_slice(b"x-a");
+    b.push(100);
+    b.extend(std::iter::repeat_n(b'a', 100));
+    b
+}
+
+/// Opens an h2 tunnel at the frame level; returns the TLS stream after the preface.
+async fn raw_h2(e: &Env) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    tls.write_all(PREFACE).await.unwrap();
+    tls.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    tls
+}
+
+/// What the server did to a flood: how long until it closed or sent GOAWAY, and the GOAWAY
+/// error code if any.
+struct Ending {
+    after: Duration,
+    goaway: Option<u32>,
+    bytes_sent: usize,
+}
+
+/// Writes `next()` batches until the server ends the connection (GOAWAY or close) or `limit`.
+async fn flood(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    limit: Duration,
+    mut next: impl FnMut(usize) -> Vec<u8> + Send + 'static,
+) -> Option<Ending> {
+    let start = Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 7 && len >= 8 {
+                    let code = u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]);
+                    return Some(code);
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    });
+    let mut sent = 0;
+    let mut i = 0;
+    while start.elapsed() < limit && !reader.is_finished() {
+        let batch = next(i);
+        i += 1;
+        let left = limit.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, wr.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+        sent += batch.len();
+    }
+    let goaway = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .ok()?
+        .ok()?;
+    (start.elapsed() < limit + Duration::from_secs(5)).then_some(Ending {
+        after: start.elapsed(),
+        goaway,
+        bytes_sent: sent,
+    })
+}
+
+/// The flooding stream's request (path `/flood`) never reached the upstream.
+fn assert_no_flood_request(e: &Env) {
+    assert!(e.echo.requests().iter().all(|r| r.uri != "/flood"));
+}
+
+/// While `fut` floods sandbox A, sandbox B keeps getting answers.
+async fn others_keep_working(e: &Env) {
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut c = pc::h1(e.h.proxy, &other, API).await;
+        let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "starved: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn h2_rapid_reset_is_cut_and_other_sandboxes_keep_working() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let tls = raw_h2(&e).await;
+    let headers = hpack_get("api.example.test", "/slow?ms=1000&chunks=1");
+    let flood_task = tokio::spawn(flood(tls, Duration::from_secs(10), move |i| {
+        let mut batch = Vec::new();
+        for j in 0..100u32 {
+            let stream = 1 + 2 * (i as u32 * 100 + j);
+            batch.extend(frame(1, 0x5, stream, &headers));
+            batch.extend(frame(3, 0, stream, &8u32.to_be_bytes()));
+        }
+        batch
+    }));
+    others_keep_working(&e).await;
+    let ending = flood_task
+        .await
+        .unwrap()
+        .expect("rapid reset was not cut off");
+    assert!(ending.after < Duration::from_secs(10), "{:?}", ending.after);
+    if let Some(code) = ending.goaway {
+        assert_eq!(code, 0xb, "GOAWAY ENHANCE_YOUR_CALM expected");
+    }
+    eprintln!(
+        "rapid reset: cut after {:?}, {} bytes, GOAWAY {:?}",
+        ending.after, ending.bytes_sent, ending.goaway
+    );
+    let upstream = e.echo.requests().len();
+    assert!(
+        upstream < 1000,
+        "{upstream} reset streams reached the upstream"
+    );
+    others_keep_working(&e).await;
+}
+
+#[tokio::test]
+async fn h2_continuation_flood_is_cut_and_other_sandboxes_keep_working() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let tls = raw_h2(&e).await;
+    let first = hpack_get("api.example.test", "/flood");
+    let filler: Vec<u8> = std::iter::repeat_n(hpack_filler(), 150).flatten().collect();
+    let flood_task = tokio::spawn(flood(tls, Duration::from_secs(10), move |i| {
+        if i == 0 {
+            frame(1, 0, 1, &first) // HEADERS without END_HEADERS
+        } else {
+            frame(9, 0, 1, &filler) // CONTINUATION, never ending
+        }
+    }));
+    others_keep_working(&e).await;
+    let ending = flood_task
+        .await
+        .unwrap()
+        .expect("CONTINUATION flood was not cut off");
+    eprintln!(
+        "CONTINUATION flood: cut after {:?}, {} bytes, GOAWAY {:?}",
+        ending.after, ending.bytes_sent, ending.goaway
+    );
+    // What was written includes what loopback socket buffers absorbed (megabytes); the
+    // server itself stops at max_header_list_size and answers GOAWAY.
+    assert!(ending.after < Duration::from_secs(2), "{:?}", ending.after);
+    assert!(ending.goaway.is_some(), "closed without GOAWAY");
+    assert!(
+        ending.bytes_sent < 32 * 1024 * 1024,
+        "{} bytes of header block accepted",
+        ending.bytes_sent
+    );
+    assert_no_flood_request(&e);
+    others_keep_working(&e).await;
+}
+
+#[tokio::test]
+async fn h2_empty_continuation_flood_is_cut() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let tls = raw_h2(&e).await;
+    let first = hpack_get("api.example.test", "/flood");
+    let empty: Vec<u8> = std::iter::repeat_n(frame(9, 0, 1, &[]), 1000)
+        .flatten()
+        .collect();
+    let flood_task = tokio::spawn(flood(tls, Duration::from_secs(10), move |i| {
+        if i == 0 {
+            frame(1, 0, 1, &first)
+        } else {
+            empty.clone()
+        }
+    }));
+    others_keep_working(&e).await;
+    let ending = flood_task.await.unwrap();
+    let ending = ending.expect("empty CONTINUATION flood was not cut off within 10 s");
+    assert!(ending.after < Duration::from_secs(10));
+    eprintln!(
+        "empty CONTINUATION flood: cut after {:?}, {} bytes, GOAWAY {:?}",
+        ending.after, ending.bytes_sent, ending.goaway
+    );
+    assert_no_flood_request(&e);
+}

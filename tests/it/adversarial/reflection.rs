@@ -1,0 +1,121 @@
+//! Reflection: an upstream that echoes a real value back (in a header, a cookie, a compressed
+//! body, a stream split across flushes) never hands it to the sandbox; redirects are passed to
+//! the sandbox, never followed by the proxy.
+
+use http::StatusCode;
+
+use super::get_api;
+use crate::proxy_explicit::{setup, Env, Spec};
+use crate::support::proxy_client::{basic, Answer};
+
+const VALUE: &str = "sk-adv-reflect-0501";
+
+async fn env() -> Env {
+    let secrets: &[Spec] = &[("KEY", VALUE, None, Some(&["header"]))];
+    setup(Some(&["api.example.test"]), secrets).await
+}
+
+/// Neither headers nor body of `a` contain the real value.
+fn assert_clean(a: &Answer) {
+    for (n, v) in &a.headers {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        assert!(!v.contains(VALUE), "real value in header {n}: {v}");
+    }
+    assert!(
+        !a.text().contains(VALUE),
+        "real value in body: {}",
+        a.text()
+    );
+}
+
+#[tokio::test]
+async fn secret_echoed_in_a_response_header_is_scrubbed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    let a = get_api(&e, "/reflect", &[("x-api-key", &key)]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        e.echo.requests()[0].header("x-api-key").unwrap(),
+        VALUE,
+        "upstream got it"
+    );
+    assert_clean(&a);
+    assert_eq!(a.headers.get("x-reflect").unwrap(), key.as_str());
+    assert_eq!(a.text().matches(&key).count(), 3, "{}", a.text());
+}
+
+#[tokio::test]
+async fn secret_echoed_in_set_cookie_is_scrubbed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    let a = get_api(&e, "/reflect", &[("x-api-key", &key)]).await;
+    assert_clean(&a);
+    let cookie = a.headers.get("set-cookie").unwrap().to_str().unwrap();
+    assert_eq!(cookie, format!("session={key}; Path=/"));
+}
+
+#[tokio::test]
+async fn secret_echoed_in_gzip_and_brotli_bodies_is_scrubbed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    for path in ["/gzip", "/br"] {
+        let a = get_api(
+            &e,
+            path,
+            &[("x-api-key", &key), ("accept-encoding", "gzip, br")],
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert!(
+            a.headers.get("content-encoding").is_none(),
+            "{path}: decoded to be scrubbed"
+        );
+        assert_clean(&a);
+        assert!(a.text().contains(&key), "{path}: {}", a.text());
+    }
+}
+
+#[tokio::test]
+async fn secret_in_sse_split_across_flushes_is_scrubbed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    let bearer = format!("Bearer {key}");
+    let a = get_api(&e, "/sse", &[("authorization", &bearer)]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_clean(&a);
+    assert_eq!(a.text().matches(&key).count(), 5, "{}", a.text());
+}
+
+#[tokio::test]
+async fn basic_auth_form_echoed_is_scrubbed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    let auth = basic("user", &key);
+    let a = get_api(&e, "/reflect", &[("authorization", &auth)]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let real = basic("user", VALUE);
+    assert_eq!(e.echo.requests()[0].header("authorization").unwrap(), real);
+    let real_b64 = real.trim_start_matches("Basic ");
+    let all = format!("{:?}{}", a.headers, a.text());
+    assert!(
+        !all.contains(real_b64),
+        "base64 form of the real credentials leaked: {all}"
+    );
+    assert_clean(&a);
+}
+
+#[tokio::test]
+async fn redirect_to_another_host_is_passed_not_followed() {
+    let e = env().await;
+    let key = e.sb.token("KEY");
+    let a = get_api(&e, "/redirect", &[("x-api-key", &key)]).await;
+    assert_eq!(a.status, StatusCode::FOUND);
+    assert_eq!(
+        a.headers.get("location").unwrap(),
+        "https://other.example.test/landing"
+    );
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 1, "the proxy followed the redirect");
+    assert_eq!(reqs[0].host.as_deref(), Some("api.example.test"));
+    assert_eq!(e.echo.connections(), 1);
+}

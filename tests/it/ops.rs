@@ -1,0 +1,1057 @@
+//! Operations (issue 8): metrics, readiness, audit rules, reload (admin API and SIGHUP),
+//! graceful shutdown on SIGTERM, and master-key rotation with injected crashes.
+//!
+//! In-process tests use the [`Harness`]; signal and crash tests spawn the real binary on
+//! 127.0.0.1 port 0 and parse the addresses it prints to stderr.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::proxy_explicit::{setup, setup_with};
+use crate::support::daemon::{Harness, Opts};
+use crate::support::echo::Echo;
+use crate::support::pki::TestPki;
+use crate::support::proxy_client::{self as pc, SandboxCreds};
+
+const API: &str = "api.example.test:443";
+const OTHER: &str = "other.example.test:443";
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+/// The value of one exposition line (`name{labels}` exactly as rendered); 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().expect("numeric sample"))
+        })
+        .unwrap_or(0.0)
+}
+
+async fn scrape(h: &Harness) -> String {
+    let (s, body) = h
+        .raw(Method::GET, "/metrics", None, Some(&h.token.clone()))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// Audit lines as JSON.
+fn audit_events(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
+
+fn with_key(key: &str) -> [(&'static str, &str); 1] {
+    [("x-api-key", key)]
+}
+
+/// GET /echo with the token in `x-api-key`; returns the answer.
+async fn echo_get(
+    c: &mut hyper::client::conn::http1::SendRequest<pc::ReqBody>,
+    host: &str,
+    key: &str,
+) -> pc::Answer {
+    pc::send1(c, pc::get("/echo", host, &with_key(key))).await
+}
+
+// ---- metrics ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-metrics-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+    )
+    .await;
+    let (s, _) = e.h.raw(Method::GET, "/metrics", None, None).await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "/metrics needs the admin token"
+    );
+    let before = scrape(&e.h).await;
+    assert_eq!(metric(&before, "sealgate_active_sandboxes"), 1.0);
+    assert_eq!(
+        metric(
+            &before,
+            r#"sealgate_store_operations_total{op="secret.set"}"#
+        ),
+        1.0
+    );
+
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = echo_get(&mut c, "api.example.test", &key).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(e.echo.received_bytes_contain(b"sk-ops-metrics-0001"));
+    let a = pc::send1(
+        &mut c,
+        pc::post("/echo", "api.example.test", &[], vec![b'u'; 5000]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    // A second tunnel to the same host reuses the cached leaf.
+    let mut c2 = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c2,
+        pc::get("/big?bytes=100000", "api.example.test", &[]),
+    )
+    .await;
+    assert_eq!(a.body.len(), 100_000);
+    let mid = scrape(&e.h).await;
+    assert!(metric(&mid, "sealgate_active_connections") >= 2.0, "{mid}");
+
+    let mut o = pc::h1(e.h.proxy, &e.sb, OTHER).await;
+    let a = echo_get(&mut o, "other.example.test", &key).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.code().as_deref(), Some("secret_host_denied"));
+    let r = pc::connect(
+        e.h.proxy,
+        Some(&e.sb.proxy_auth()),
+        "denied.example.test:443",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(r.status, 403);
+
+    let after = scrape(&e.h).await;
+    let d = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!(
+        d(r#"sealgate_requests_total{decision="allow",code="ok"}"#),
+        3.0
+    );
+    assert_eq!(
+        d(r#"sealgate_requests_total{decision="deny",code="secret_host_denied"}"#),
+        1.0
+    );
+    assert_eq!(
+        d(r#"sealgate_requests_total{decision="deny",code="egress_denied"}"#),
+        1.0
+    );
+    assert_eq!(
+        d(r#"sealgate_tunnels_total{decision="allow",code="ok"}"#),
+        3.0
+    );
+    assert_eq!(
+        d(r#"sealgate_tunnels_total{decision="deny",code="egress_denied"}"#),
+        1.0
+    );
+    assert_eq!(
+        d(r#"sealgate_secrets_unsealed_total{secret="KEY",host="api.example.test:443"}"#),
+        1.0
+    );
+    assert_eq!(
+        d(r#"sealgate_secrets_unsealed_total{secret="KEY",host="other.example.test:443"}"#),
+        0.0
+    );
+    assert_eq!(d("sealgate_tls_handshakes_total"), 3.0);
+    assert_eq!(d("sealgate_leaf_mints_total"), 2.0, "one leaf per host");
+    assert!(d("sealgate_leaf_cache_hits_total") >= 1.0, "{after}");
+    assert!(metric(&after, "sealgate_leaf_cache_hit_ratio") > 0.0);
+    assert_eq!(metric(&after, "sealgate_leaf_cache_entries"), 2.0);
+    assert!(d("sealgate_bytes_up_total") >= 5000.0);
+    assert!(d("sealgate_bytes_down_total") >= 100_000.0);
+    assert_eq!(d("sealgate_upstream_latency_seconds_count"), 3.0);
+    assert!(!after.contains("sk-ops-metrics-0001"));
+
+    // The gauge falls back when the sandbox's connections close.
+    drop((c, c2, o));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = scrape(&e.h).await;
+        if metric(&now, "sealgate_active_connections") == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections still counted: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- readiness ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn readyz_fails_while_the_database_is_unusable() {
+    let h = Harness::start().await;
+    let (s, _) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let db = h.dir.path().join("data").join("sealgate.db");
+    let moved = db.with_extension("db.moved");
+    std::fs::rename(&db, &moved).unwrap();
+    let (s, body) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "not_ready");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("removed"),
+        "{v}"
+    );
+    let (s, _) = h.raw(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK, "liveness is not readiness");
+
+    // A different file at the path is not the database this process writes to either.
+    std::fs::write(&db, b"").unwrap();
+    let (s, body) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("replaced"));
+
+    std::fs::rename(&moved, &db).unwrap();
+    let (s, _) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+// ---- audit --------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn audit_log_names_the_rule_that_denied_a_request() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-audit-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    assert_eq!(
+        echo_get(&mut c, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    let mut o = pc::h1(e.h.proxy, &e.sb, OTHER).await;
+    assert_eq!(
+        echo_get(&mut o, "other.example.test", &key).await.status,
+        StatusCode::FORBIDDEN
+    );
+    pc::connect(
+        e.h.proxy,
+        Some(&e.sb.proxy_auth()),
+        "denied.example.test:443",
+    )
+    .await
+    .unwrap_err();
+
+    let events = audit_events(&e.h.audit_log());
+    let find = |pred: &dyn Fn(&Value) -> bool| {
+        events
+            .iter()
+            .find(|v| pred(v))
+            .cloned()
+            .unwrap_or_else(|| panic!("no such audit event in {events:#?}"))
+    };
+    let ok = find(&|v| v["kind"] == "request" && v["decision"] == "allow");
+    assert_eq!(ok["unsealed"], json!(["KEY"]));
+    assert_eq!(ok["host"], API);
+    assert_eq!(ok["sandbox"], e.sb.id.as_str());
+
+    let denied = find(&|v| v["code"] == "secret_host_denied");
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["host"], OTHER);
+    assert_eq!(denied["path"], "/echo");
+    let rule = denied["rule"].as_str().unwrap();
+    assert!(
+        rule.contains(
+            "secret KEY allowed_hosts [api.example.test] does not match other.example.test:443"
+        ),
+        "{rule}"
+    );
+    assert!(rule.contains("header"), "{rule}");
+
+    let egress = find(&|v| v["code"] == "egress_denied");
+    assert_eq!(egress["method"], "CONNECT");
+    assert_eq!(egress["host"], "denied.example.test:443");
+    assert!(
+        egress["rule"]
+            .as_str()
+            .unwrap()
+            .contains("egress_allowlist"),
+        "{egress}"
+    );
+
+    // Admin changes: who, what, which secret name; never the value.
+    let set = find(&|v| v["kind"] == "admin" && v["action"] == "secret.set");
+    assert_eq!(set["secret"], "KEY");
+    assert_eq!(set["store"], e.store.as_str());
+    assert!(set["actor"]
+        .as_str()
+        .unwrap()
+        .starts_with("admin-token@127.0.0.1:"));
+    assert!(set["ts"].is_string());
+    find(&|v| {
+        v["kind"] == "admin" && v["action"] == "sandbox.create" && v["sandbox"] == e.sb.id.as_str()
+    });
+    e.h.assert_logs_clean();
+}
+
+#[tokio::test]
+async fn audit_log_says_why_a_token_travelled_sealed() {
+    let opts = Opts {
+        proxy_toml: "on_disallowed_token = \"forward_sealed\"\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test", "other.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-audit-0002",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut o = pc::h1(e.h.proxy, &e.sb, OTHER).await;
+    assert_eq!(
+        echo_get(&mut o, "other.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        e.echo.received_bytes_contain(key.as_bytes()),
+        "forwarded sealed"
+    );
+    let events = audit_events(&e.h.audit_log());
+    let ev = events
+        .iter()
+        .find(|v| v["kind"] == "request" && v["host"] == OTHER)
+        .expect("request event");
+    assert_eq!(ev["decision"], "allow");
+    assert_eq!(ev["refused"], json!(["KEY"]));
+    assert!(
+        ev["rule"].as_str().unwrap().contains(
+            "forwarded sealed: secret KEY allowed_hosts [api.example.test] does not match"
+        ),
+        "{ev}"
+    );
+}
+
+// ---- reload via the admin API ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn reload_applies_a_new_limit_keeps_live_tunnels_and_refuses_an_invalid_file() {
+    let opts = Opts {
+        proxy_toml: "max_tunnels_per_sandbox = 3\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-ops-reload-0001", None, Some(&["header"]))],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let path = e.h.dir.path().join("proxy.toml");
+    let text = e.h.config_text.clone();
+    let mut live = pc::h1(e.h.proxy, &e.sb, API).await;
+    let _live2 = pc::h1(e.h.proxy, &e.sb, API).await;
+    assert_eq!(
+        echo_get(&mut live, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+
+    let lowered = text.replace("max_tunnels_per_sandbox = 3", "max_tunnels_per_sandbox = 2");
+    std::fs::write(&path, &lowered).unwrap();
+    let (s, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["needs_restart"], json!([]));
+    let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect_err("the new limit applies to new tunnels");
+    assert_eq!(r.status, 429);
+    let a = echo_get(&mut live, "api.example.test", &key).await;
+    assert_eq!(a.status, StatusCode::OK, "live tunnels survive a reload");
+    assert!(e.echo.received_bytes_contain(b"sk-ops-reload-0001"));
+
+    // A key that cannot change live is applied at the next restart, and said so.
+    let restart = lowered.replace(
+        "max_tunnels_per_sandbox = 2",
+        "max_tunnels_per_sandbox = 2\npublic_host = \"10.9.9.9\"",
+    );
+    std::fs::write(&path, &restart).unwrap();
+    let (s, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["needs_restart"], json!(["proxy.public_host"]));
+
+    // An invalid file is refused and the running configuration kept.
+    let invalid = lowered.replace(
+        "max_tunnels_per_sandbox = 2",
+        "max_tunnels_per_sandbox = 0\nbogus_key = 1",
+    );
+    std::fs::write(&path, &invalid).unwrap();
+    let (s, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_request");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("bogus_key"), "{msg}");
+    let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect_err("limit 2 is still in force");
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        echo_get(&mut live, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+
+    // Raising it again admits a third tunnel.
+    std::fs::write(&path, &text).unwrap();
+    let (s, _) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut third = pc::h1(e.h.proxy, &e.sb, API).await;
+    assert_eq!(
+        echo_get(&mut third, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    let reloads = audit_events(&e.h.audit_log())
+        .into_iter()
+        .filter(|v| v["action"] == "config.reload")
+        .count();
+    assert_eq!(reloads, 4, "every reload request is audited");
+}
+
+// ---- the real binary -------------------------------------------------------------------------------
+
+/// A `sealgate serve` child process on loopback port 0, killed (SIGKILL) on drop.
+struct Bin {
+    child: Child,
+    dir: tempfile::TempDir,
+    admin: String,
+    proxy: SocketAddr,
+    token: String,
+    stderr: Arc<Mutex<String>>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct BinOpts<'a> {
+    echo: SocketAddr,
+    pki: &'a TestPki,
+    proxy_toml: &'a str,
+}
+
+fn bin_config(dir: &Path, o: &BinOpts<'_>) -> String {
+    format!(
+        "data_dir = \"{d}/data\"\ncert_dir = \"{d}/certs\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [proxy]\nlisten = \"127.0.0.1:0\"\n{p}\n\n[upstream]\nca_files = [\"{ca}\"]\n\
+         allow_private_cidrs = [\"127.0.0.0/8\"]\n\n[upstream.resolve]\n\"api.example.test\" = \"{echo}\"\n\n\
+         [log]\nlevel = \"info\"\n\n[audit]\npath = \"{d}/audit.log\"\n",
+        d = dir.display(),
+        p = o.proxy_toml,
+        ca = o.pki.ca_file.display(),
+        echo = o.echo,
+    )
+}
+
+impl Bin {
+    async fn spawn(o: &BinOpts<'_>) -> Bin {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("proxy.toml");
+        std::fs::write(&cfg, bin_config(dir.path(), o)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sealgate"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .env_remove("SEALGATE_MASTER_KEY")
+            .env_remove("SEALGATE_ADMIN_TOKEN")
+            .env_remove("SEALGATE_CONFIG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sealgate");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+                let _ = tx.send(line);
+            }
+        });
+        let (admin, proxy) = tokio::task::spawn_blocking(move || read_addrs(&rx))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no addresses on stderr: {}", stderr.lock().unwrap()));
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Bin {
+            child,
+            dir,
+            admin,
+            proxy,
+            token,
+            stderr,
+            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("proxy.toml")
+    }
+
+    async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap();
+        let resp = self.http.request(req).await.expect("admin API reachable");
+        let s = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (s, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// A store allowing api.example.test with one header secret, and a sandbox of it.
+    async fn sandbox(&self, value: &str) -> SandboxCreds {
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/stores",
+                Some(json!({"name": "s", "egress_allowlist": ["api.example.test"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let (s, v) = self
+            .api(
+                Method::PUT,
+                &format!("/v1/stores/{id}/secrets/KEY"),
+                Some(json!({"value": value, "locations": ["header"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"secret_store": "s"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        SandboxCreds::from_answer(&v)
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sealgate did not exit within {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Fails if `value` was ever written to stderr or the audit log.
+    fn assert_clean(&self, value: &str) {
+        assert!(!self.stderr().contains(value), "secret value in stderr");
+        let audit = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        assert!(!audit.contains(value), "secret value in the audit log");
+    }
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads stderr lines until both the admin and the proxy address were printed.
+fn read_addrs(rx: &std::sync::mpsc::Receiver<String>) -> Option<(String, SocketAddr)> {
+    let (mut admin, mut proxy) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin.is_none() || proxy.is_none() {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let line = rx.recv_timeout(left).ok()?;
+        let t = line.trim();
+        if let Some(a) = t.strip_prefix("admin API:") {
+            admin = Some(a.trim().to_owned());
+        } else if let Some(p) = t.strip_prefix("proxy:") {
+            proxy = p.trim().parse().ok();
+        }
+    }
+    Some((admin?, proxy?))
+}
+
+async fn upstream() -> (Arc<TestPki>, Echo) {
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    (pki, echo)
+}
+
+/// CONNECT until the answer is `status` (a reload by signal applies asynchronously).
+async fn await_connect_status(b: &Bin, sb: &SandboxCreds, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = match pc::connect(b.proxy, Some(&sb.proxy_auth()), API).await {
+            Ok(_) => 200,
+            Err(r) => r.status,
+        };
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CONNECT answers {got}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_limit_without_dropping_live_tunnels_and_refuses_an_invalid_file() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "max_tunnels_per_sandbox = 2",
+    };
+    let mut b = Bin::spawn(&o).await;
+    let sb = b.sandbox("sk-ops-sighup-0001").await;
+    let key = sb.token("KEY");
+    let mut live = pc::h1(b.proxy, &sb, API).await;
+    assert_eq!(
+        echo_get(&mut live, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    // Under limit 2, a second tunnel is admitted.
+    drop(
+        pc::connect(b.proxy, Some(&sb.proxy_auth()), API)
+            .await
+            .expect("2nd tunnel"),
+    );
+
+    let text = std::fs::read_to_string(b.config_path()).unwrap();
+    let lowered = text.replace("max_tunnels_per_sandbox = 2", "max_tunnels_per_sandbox = 1");
+    std::fs::write(b.config_path(), &lowered).unwrap();
+    b.signal(libc::SIGHUP);
+    await_connect_status(&b, &sb, 429).await;
+    let a = echo_get(&mut live, "api.example.test", &key).await;
+    assert_eq!(a.status, StatusCode::OK, "the live tunnel survived SIGHUP");
+    assert!(echo.received_bytes_contain(b"sk-ops-sighup-0001"));
+
+    std::fs::write(
+        b.config_path(),
+        "[proxy]\nmax_tunnels_per_sandbox = \"many\"\n",
+    )
+    .unwrap();
+    b.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.stderr().contains("reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            b.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b.child.try_wait().unwrap().is_none(), "still running");
+    await_connect_status(&b, &sb, 429).await;
+    assert_eq!(
+        echo_get(&mut live, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+
+    b.signal(libc::SIGTERM);
+    drop(live);
+    assert!(b.wait_exit(Duration::from_secs(10)).await.success());
+    b.assert_clean("sk-ops-sighup-0001");
+}
+
+/// Starts a `/slow` response, sends SIGTERM after its first chunk, and returns (bytes received,
+/// time from SIGTERM to the end of the body, time from SIGTERM to exit, exit status).
+async fn sigterm_during_stream(
+    grace_secs: u64,
+    ms: u64,
+    chunks: u64,
+) -> (usize, Duration, Duration, ExitStatus) {
+    let (pki, echo) = upstream().await;
+    let toml = format!("shutdown_grace_secs = {grace_secs}");
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: &toml,
+    };
+    let mut b = Bin::spawn(&o).await;
+    let sb = b.sandbox("sk-ops-sigterm-0001").await;
+    let mut c = pc::h1(b.proxy, &sb, API).await;
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(pc::get(
+            &format!("/slow?ms={ms}&chunks={chunks}"),
+            "api.example.test",
+            &[],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let mut got = first.len();
+    let t0 = Instant::now();
+    b.signal(libc::SIGTERM);
+    let proxy = b.proxy;
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(f)) = body.frame().await {
+            if let Ok(d) = f.into_data() {
+                got += d.len();
+            }
+        }
+        (got, t0.elapsed())
+    });
+    // The listener closes at once: new sandbox connections are refused.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(proxy).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = b.wait_exit(Duration::from_secs(grace_secs + 10)).await;
+    let exited = t0.elapsed();
+    let (got, body_done) = reader.await.unwrap();
+    b.assert_clean("sk-ops-sigterm-0001");
+    (got, body_done, exited, status)
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_streaming_response_complete_within_the_grace_period() {
+    // 8 chunks of 1 KiB, 250 ms apart: ~1.75 s of stream left when SIGTERM arrives; grace 5 s.
+    let (got, body_done, exited, status) = sigterm_during_stream(5, 250, 8).await;
+    assert_eq!(got, 8 * 1024, "the whole response arrived");
+    assert!(status.success(), "{status:?}");
+    assert!(body_done >= Duration::from_millis(1500), "{body_done:?}");
+    assert!(
+        exited < Duration::from_secs(5),
+        "exit waited for the stream, not the full grace: {exited:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
+    // 20 chunks 300 ms apart (~6 s) against a 1 s grace.
+    let (got, _, exited, status) = sigterm_during_stream(1, 300, 20).await;
+    assert!(got < 20 * 1024, "the stream was cut");
+    assert!(status.success(), "{status:?}");
+    assert!(exited < Duration::from_millis(3500), "{exited:?}");
+}
+
+// ---- master key rotation ----------------------------------------------------------------------------
+
+const ROT_VALUE: &str = "sk-ops-rotate-0001";
+const ROT_BODY_VALUE: &str = "pw-ops-rotate-0002";
+
+/// A data dir with a store, two secrets and a sandbox, and the daemon stopped.
+struct Populated {
+    pki: Arc<TestPki>,
+    echo: Echo,
+    root: tempfile::TempDir,
+    sandbox: Value,
+}
+
+impl Populated {
+    fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.data_dir().join("master.key")
+    }
+
+    fn new_key_file(&self) -> PathBuf {
+        self.root.path().join("new.key")
+    }
+
+    fn opts(&self, master_key: Option<String>) -> Opts {
+        Opts {
+            resolve: vec![("api.example.test".into(), self.echo.addr)],
+            data_dir: Some(self.data_dir()),
+            master_key,
+            ..Opts::default()
+        }
+    }
+}
+
+async fn populate() -> Populated {
+    let (pki, echo) = upstream().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut p = Populated {
+        pki,
+        echo,
+        root,
+        sandbox: Value::Null,
+    };
+    let mut h = Harness::try_start(p.opts(None), Some(p.pki.clone()))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    h.secret(&store, "KEY", ROT_VALUE, None, Some(&["header"]))
+        .await;
+    h.secret(&store, "PW", ROT_BODY_VALUE, None, None).await;
+    p.sandbox = h.sandbox("s").await;
+    h.stop().await;
+    p
+}
+
+/// Restarts on the data dir with whatever key file is there and checks that everything still
+/// works: same CA bytes and tokens, both secrets unsealed.
+async fn assert_usable(p: &Populated) {
+    let mut h = Harness::try_start(p.opts(None), Some(p.pki.clone()))
+        .await
+        .expect("daemon starts on the data dir");
+    h.register_secret(ROT_VALUE);
+    h.register_secret(ROT_BODY_VALUE);
+    let sb = SandboxCreds::from_answer(&p.sandbox);
+    let id = &sb.id;
+    let (s, v) = h
+        .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["ca_cert_pem"], p.sandbox["ca_cert_pem"], "same CA");
+    assert_eq!(v["env"], p.sandbox["env"], "same tokens");
+    let (s, v) = h
+        .api(
+            Method::GET,
+            &format!(
+                "/v1/stores/{}/secrets",
+                p.sandbox["secret_store_id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    p.echo.clear();
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::post(
+            "/echo",
+            "api.example.test",
+            &with_key(&sb.token("KEY")),
+            format!("pw={}", sb.token("PW")),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(p.echo.received_bytes_contain(ROT_VALUE.as_bytes()));
+    assert!(p.echo.received_bytes_contain(ROT_BODY_VALUE.as_bytes()));
+    drop(c);
+    h.stop().await;
+}
+
+fn rotate(p: &Populated, crash_after: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealgate"));
+    cmd.arg("--data-dir")
+        .arg(p.data_dir())
+        .arg("rotate-master-key")
+        .arg("--new-key-file")
+        .arg(p.new_key_file())
+        .env_remove("SEALGATE_MASTER_KEY")
+        .env_remove("SEALGATE_CONFIG")
+        .env_remove(sealgate::rotate::TEST_CRASH_ENV);
+    if let Some(step) = crash_after {
+        cmd.env(sealgate::rotate::TEST_CRASH_ENV, step);
+    }
+    cmd.output().expect("run rotate-master-key")
+}
+
+fn read_key(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn key_rotation_round_trips_and_restart_keeps_stores_secrets_and_sandboxes() {
+    let p = populate().await;
+    let old = read_key(&p.key_file());
+    let out = rotate(&p, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("re-sealed 2 secret(s) and 1 sandbox(es)"),
+        "{msg}"
+    );
+    let new = read_key(&p.new_key_file());
+    assert_ne!(old, new);
+    assert_eq!(read_key(&p.key_file()), new, "master.key holds the new key");
+    assert!(!sealgate::rotate::staged_key_path(&p.key_file()).exists());
+    assert_usable(&p).await;
+    // The retired key no longer opens the database.
+    let err = Harness::try_start(p.opts(Some(old)), Some(p.pki.clone()))
+        .await
+        .err()
+        .expect("old key refused");
+    assert!(err.contains("master key does not match"), "{err}");
+}
+
+/// Aborts a rotation after `step` (as kill -9 would), then checks the data dir with the key
+/// the crash left in place.
+async fn crash_at(step: &str, committed: bool) {
+    let p = populate().await;
+    let old = read_key(&p.key_file());
+    let out = rotate(&p, Some(step));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "crashed at {step}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = read_key(&p.new_key_file());
+    let staged = sealgate::rotate::staged_key_path(&p.key_file());
+    if step == "renamed" {
+        assert_eq!(read_key(&p.key_file()), new);
+    } else {
+        assert_eq!(
+            read_key(&p.key_file()),
+            old,
+            "master.key untouched before the rename"
+        );
+        assert!(staged.exists(), "the new key is staged");
+    }
+    assert_usable(&p).await;
+    assert!(!staged.exists(), "startup cleared the staged key");
+    let expected = if committed { &new } else { &old };
+    assert_eq!(
+        &read_key(&p.key_file()),
+        expected,
+        "key in force after {step}"
+    );
+    if !committed {
+        // The interrupted rotation can simply be run again.
+        let out = rotate(&p, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(read_key(&p.key_file()), new);
+        assert_usable(&p).await;
+    }
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_staging_keeps_the_old_key() {
+    crash_at("staged", false).await;
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_resealing_secrets_keeps_the_old_key() {
+    crash_at("resealed_secrets", false).await;
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_resealing_sandboxes_keeps_the_old_key() {
+    crash_at("resealed_sandboxes", false).await;
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_the_key_check_keeps_the_old_key() {
+    crash_at("wrote_key_check", false).await;
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_commit_is_finished_at_startup() {
+    crash_at("committed", true).await;
+}
+
+#[tokio::test]
+async fn key_rotation_crash_after_the_rename_uses_the_new_key() {
+    crash_at("renamed", true).await;
+}
+
+#[tokio::test]
+async fn max_connections_counts_open_tunnels_not_just_connect_requests() {
+    let opts = Opts {
+        proxy_toml: "max_connections = 2\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-ops-maxconn-0001", None, Some(&["header"]))],
+        opts,
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut one = pc::h1(e.h.proxy, &e.sb, API).await;
+    let two = pc::h1(e.h.proxy, &e.sb, API).await;
+    let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect_err("two tunnels hold both slots");
+    assert_eq!(r.status, 0, "closed without an answer: {r:?}");
+    let m = scrape(&e.h).await;
+    assert_eq!(metric(&m, "sealgate_active_connections"), 2.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"sealgate_tunnels_total{decision="deny",code="unavailable"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        echo_get(&mut one, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "slot not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,454 @@
+//! Sandboxes: tokens, per-sandbox CA, leaf cache, lifetime, rotation, persistence.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::proxy_explicit::{setup, setup_with, Env};
+use crate::support::daemon::Opts;
+use crate::support::proxy_client::{self as pc, SandboxCreds};
+
+const API: &str = "api.example.test:443";
+
+async fn key_seen(e: &Env, sb: &SandboxCreds) -> Option<String> {
+    e.echo.clear();
+    let mut c = pc::h1(e.h.proxy, sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "/echo",
+            "api.example.test",
+            &[("x-api-key", &sb.token("KEY"))],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    e.echo
+        .requests()
+        .first()
+        .and_then(|r| r.header("x-api-key"))
+}
+
+fn is_token(s: &str) -> bool {
+    s.len() == 43
+        && s.starts_with("osb_sealed_")
+        && s[11..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[tokio::test]
+async fn tokens_are_well_formed_and_unique() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[
+            ("KEY", "sk-tok-0101", None, None),
+            ("OTHER", "sk-tok-0102", None, None),
+        ],
+    )
+    .await;
+    let b = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let all = [
+        e.sb.token("KEY"),
+        e.sb.token("OTHER"),
+        b.token("KEY"),
+        b.token("OTHER"),
+    ];
+    for t in &all {
+        assert!(is_token(t), "{t}");
+    }
+    let uniq: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(uniq.len(), 4);
+    assert_ne!(e.sb.ca_pem, b.ca_pem, "one CA per sandbox");
+    let (_, v) =
+        e.h.api(Method::GET, &format!("/v1/sandboxes/{}", e.sb.id), None)
+            .await;
+    assert!(
+        v.get("proxy_env").is_none(),
+        "proxy credentials only in the create answer"
+    );
+    assert_eq!(v["env"]["KEY"], e.sb.token("KEY"));
+    let path = e.sb.proxy_env["SSL_CERT_FILE"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(path).unwrap(), e.sb.ca_pem);
+    for k in [
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ] {
+        assert!(e.sb.proxy_env.get(k).is_some(), "{k}");
+    }
+}
+
+#[tokio::test]
+async fn leaf_verifies_with_openssl_and_python_strict() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let ca = e.sb.proxy_env["SSL_CERT_FILE"].as_str().unwrap().to_owned();
+    // openssl s_client through the tunnel is awkward; fetch the leaf with our client and verify it.
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .expect("rustls webpki verifies the leaf");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, leaf.as_ref())
+    );
+    let leaf_path = dir.path().join("leaf.pem");
+    std::fs::write(&leaf_path, pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-verify_hostname",
+            "api.example.test",
+            "-CAfile",
+            &ca,
+        ])
+        .arg(&leaf_path)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr)
+    );
+    // Python's ssl with the default (strict) context, CONNECT-ing through the proxy itself.
+    let script = r#"
+import socket, ssl, sys, base64
+proxy_host, proxy_port, auth, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((proxy_host, proxy_port))
+s.sendall(f"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\nProxy-Authorization: {auth}\r\n\r\n".encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    head += s.recv(1)
+assert b" 200 " in head, head
+ctx = ssl.create_default_context(cafile=ca)
+if hasattr(ssl, "VERIFY_X509_STRICT"):
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+t = ctx.wrap_socket(s, server_hostname="api.example.test")
+print("ok", t.version())
+"#;
+    let py = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = tokio::process::Command::new(py)
+        .args([
+            "-c",
+            script,
+            "127.0.0.1",
+            &e.h.proxy.port().to_string(),
+            &e.sb.proxy_auth(),
+            &ca,
+        ])
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+}
+
+#[tokio::test]
+async fn leaf_cache_mints_once_under_concurrency() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let before = e.h.daemon.as_ref().unwrap().proxy.leaves.stats().mints;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (proxy, sb) = (e.h.proxy, e.sb.clone());
+        tasks.push(tokio::spawn(async move {
+            let tcp = pc::connect(proxy, Some(&sb.proxy_auth()), API)
+                .await
+                .unwrap();
+            pc::tls(tcp, &sb.ca_pem, "api.example.test", &[b"http/1.1"])
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = e.h.daemon.as_ref().unwrap().proxy.leaves.stats().mints;
+    assert_eq!(after - before, 1);
+}
+
+#[tokio::test]
+async fn expiry_ends_a_sandbox() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-expiry-0103", None, None)],
+    )
+    .await;
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "timeout": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let short = SandboxCreds::from_answer(&v);
+    assert_eq!(
+        key_seen(&e, &short).await.as_deref(),
+        Some("sk-expiry-0103")
+    );
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&short.proxy_auth()), API)
+            .await
+            .unwrap_err()
+            .status,
+        407
+    );
+    let (s, _) =
+        e.h.api(Method::GET, &format!("/v1/sandboxes/{}", short.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "timeout": 0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[("KEY", "sk-rot-old-0104", None, None)],
+    )
+    .await;
+    assert_eq!(
+        key_seen(&e, &e.sb).await.as_deref(),
+        Some("sk-rot-old-0104")
+    );
+    let started = Instant::now();
+    e.h.secret(&e.store, "KEY", "sk-rot-new-0105", None, None)
+        .await;
+    assert_eq!(
+        key_seen(&e, &e.sb).await.as_deref(),
+        Some("sk-rot-new-0105")
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let (s, _) =
+        e.h.api(
+            Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(json!({"egress_allowlist": ["other.example.test"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .unwrap_err()
+            .status,
+        403
+    );
+    e.h.api(
+        Method::PATCH,
+        &format!("/v1/stores/{}", e.store),
+        Some(json!({"egress_allowlist": ["api.example.test"]})),
+    )
+    .await;
+    let (s, _) =
+        e.h.api(
+            Method::DELETE,
+            &format!("/v1/stores/{}/secrets/KEY", e.store),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        key_seen(&e, &e.sb).await,
+        Some(e.sb.token("KEY")),
+        "deleted secret's token stops working"
+    );
+}
+
+#[tokio::test]
+async fn store_deletion_leaves_running_sandboxes_alone() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-store-del-0106", None, None)],
+    )
+    .await;
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/stores/{}", e.store), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        key_seen(&e, &e.sb).await.as_deref(),
+        Some("sk-store-del-0106")
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_ca_tokens_and_credentials() {
+    let mut e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-restart-0107", None, None)],
+    )
+    .await;
+    let key = {
+        let d = e.h.daemon.as_ref().unwrap();
+        let sb = d.sandboxes.registry().get(&e.sb.id).unwrap();
+        sb.ca.key_pkcs8_der()
+    };
+    let data = e.h.dir.path().join("data");
+    for f in std::fs::read_dir(&data).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        assert!(
+            memchr::memmem::find(&bytes, key.expose()).is_none(),
+            "CA key in plaintext on disk"
+        );
+        assert!(
+            memchr::memmem::find(&bytes, b"sk-restart-0107").is_none(),
+            "secret in plaintext on disk"
+        );
+    }
+    drop(key);
+    e.h.stop().await;
+    let resolve = vec![("api.example.test".to_owned(), e.echo.addr)];
+    let h2 = crate::support::daemon::Harness::try_start(
+        Opts {
+            data_dir: Some(data),
+            resolve,
+            ..Default::default()
+        },
+        Some(e.h.pki.clone()),
+    )
+    .await
+    .unwrap();
+    h2.register_secret("sk-restart-0107");
+    let (s, v) = h2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", e.sb.id), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["ca_cert_pem"], e.sb.ca_pem);
+    assert_eq!(v["env"]["KEY"], e.sb.token("KEY"));
+    e.echo.clear();
+    let mut c = pc::h1(h2.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get(
+            "/echo",
+            "api.example.test",
+            &[("x-api-key", &e.sb.token("KEY"))],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        e.echo.requests()[0].header("x-api-key").as_deref(),
+        Some("sk-restart-0107")
+    );
+}
+
+#[tokio::test]
+async fn source_ip_is_unique_among_live_sandboxes() {
+    let e = setup_with(Some(&["api.example.test"]), &[], Opts::default()).await;
+    let body = json!({"secret_store": "s", "source_ip": "198.18.7.2"});
+    let (s, _) =
+        e.h.api(Method::POST, "/v1/sandboxes", Some(body.clone()))
+            .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// 10,000 registered sandboxes (20 secrets each): lookups stay flat. Prints RSS per sandbox.
+#[tokio::test]
+async fn ten_thousand_sandboxes_keep_lookups_flat() {
+    use sealgate::sandbox::{Registry, Sandbox, SandboxParts, Snapshot};
+    use sealgate::store::{SecretMeta, SecretRecord};
+    use sealgate::token::Token;
+    let ca = Arc::new(sealgate::ca::SandboxCa::generate("sbx_shared").unwrap());
+    let reg = Registry::default();
+    let make = |i: usize| {
+        let now = time::OffsetDateTime::now_utc();
+        let secrets = (0..20)
+            .map(|j| {
+                let meta = SecretMeta {
+                    name: format!("K{j}"),
+                    allowed_hosts: Some(vec!["api.example.test".into()]),
+                    locations: vec![sealgate::secret::Location::Header],
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                };
+                (
+                    SecretRecord {
+                        meta,
+                        value: sealgate::secret::SecretValue::new(format!("v{i}-{j}").into_bytes()),
+                    },
+                    Token::generate(),
+                )
+            })
+            .collect();
+        let snap = Snapshot::build("s".into(), None, secrets).unwrap();
+        let parts = SandboxParts {
+            id: format!("sbx_{i:024x}"),
+            store_id: "st".into(),
+            created_at: now,
+            expires_at: now + Duration::from_secs(3600),
+            source_ip: None,
+            proxy_token_hash: [0; 32],
+            ca: ca.clone(),
+        };
+        Arc::new(Sandbox::new(parts, snap))
+    };
+    let time_lookups = |reg: &Registry, n: usize| {
+        let started = Instant::now();
+        for i in 0..10_000 {
+            let id = format!("sbx_{:024x}", i % n);
+            assert!(reg.get(&id).is_some());
+        }
+        started.elapsed()
+    };
+    for i in 0..100 {
+        reg.insert(make(i)).unwrap();
+    }
+    let small = time_lookups(&reg, 100);
+    let rss0 = rss_kib();
+    for i in 100..10_000 {
+        reg.insert(make(i)).unwrap();
+    }
+    let rss1 = rss_kib();
+    let large = time_lookups(&reg, 10_000);
+    eprintln!("registry: 10k lookups with 100 sandboxes {small:?}, with 10,000 {large:?}; RSS ≈ {} bytes per sandbox (20 secrets)", (rss1.saturating_sub(rss0)) * 1024 / 9_900);
+    assert!(
+        large < small * 5 + Duration::from_millis(20),
+        "lookups degrade: {small:?} → {large:?}"
+    );
+    let sb = reg.get("sbx_000000000000000000001234").unwrap();
+    let tok = sb.snapshot().secrets()[3].token;
+    assert_eq!(
+        reg.owner_of(&tok).as_deref(),
+        Some("sbx_000000000000000000001234")
+    );
+}
