@@ -133,7 +133,10 @@ impl Audit {
         let sink = self.sink.read().unwrap_or_else(|e| e.into_inner());
         let res = match &*sink {
             Sink::Stdout => std::io::stdout().lock().write_all(&bytes),
-            Sink::File(mut f) => f.write_all(&bytes),
+            Sink::File(file) => {
+                let mut f: &std::fs::File = file;
+                f.write_all(&bytes)
+            }
         };
         if let Err(e) = res {
             tracing::warn!(error = %e, "audit write failed");

@@ -16,11 +16,25 @@ pub fn init<W>(level: &str, format: LogFormat, writer: W)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
+    init_with(level, format, writer, false);
+}
+
+/// Logs to stderr, with colours only when stderr is a terminal.
+pub fn init_stderr(level: &str, format: LogFormat) {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_with(level, format, std::io::stderr, ansi);
+}
+
+fn init_with<W>(level: &str, format: LogFormat, writer: W, ansi: bool)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter)

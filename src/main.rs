@@ -50,7 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
-    sealgate::logging::init(&cfg.log_level, cfg.log_format, std::io::stderr);
+    sealgate::logging::init_stderr(&cfg.log_level, cfg.log_format);
     let ov = Overrides {
         master_key: std::env::var("SEALGATE_MASTER_KEY").ok(),
         admin_token: std::env::var("SEALGATE_ADMIN_TOKEN").ok(),

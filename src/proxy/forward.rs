@@ -124,6 +124,7 @@ async fn exchange(
     mut req: Request<Incoming>,
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
+    check_live(t)?;
     if let Some(super::h1_guard::FramingRefused(r)) = req.extensions_mut().remove() {
         return Err(r);
     }
@@ -155,6 +156,15 @@ async fn exchange(
             Ok(relay_upgrade(on, resp))
         }
         _ => Ok(resp),
+    }
+}
+
+/// A connection opened before its sandbox was deleted or expired must stop working at once:
+/// every request re-checks that this exact sandbox is still registered and unexpired.
+fn check_live(t: &Tunnel) -> Result<(), Refusal> {
+    match t.state.registry.get(&t.sandbox.id) {
+        Some(live) if Arc::ptr_eq(&live, &t.sandbox) => Ok(()),
+        _ => Err(Refusal::new(Code::SandboxEnded, "this sandbox has ended")),
     }
 }
 

@@ -38,6 +38,8 @@ pub enum Code {
     UpstreamTimeout,
     /// 503: the proxy is shutting down or at its connection limit.
     Unavailable,
+    /// 403: the sandbox was deleted or expired while its connection was open.
+    SandboxEnded,
 }
 
 impl Code {
@@ -56,6 +58,7 @@ impl Code {
             Code::UpstreamUnreachable => "upstream_unreachable",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::Unavailable => "unavailable",
+            Code::SandboxEnded => "sandbox_ended",
         }
     }
 
@@ -63,7 +66,7 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Code::EgressDenied | Code::SecretHostDenied => StatusCode::FORBIDDEN,
+            Code::EgressDenied | Code::SecretHostDenied | Code::SandboxEnded => StatusCode::FORBIDDEN,
             Code::AuthorityMismatch => StatusCode::MISDIRECTED_REQUEST,
             Code::BadRequest => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

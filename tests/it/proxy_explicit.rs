@@ -652,17 +652,18 @@ async fn plain_http_is_forwarded_but_never_unsealed() {
 
 #[tokio::test]
 async fn sandbox_delete_stops_its_credentials() {
-    let e = setup(Some(&["api.example.test"]), &[]).await;
-    let (s, _) =
-        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None)
-            .await;
+    let e = setup(Some(&["api.example.test"]), &[("KEY", "sk-deleted-0019", None, None)]).await;
+    let key = e.sb.token("KEY");
+    let mut open = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut open, pc::get("/echo", "api.example.test", &[("x-api-key", &key)])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let (s, _) = e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert_eq!(
-        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-            .await
-            .unwrap_err()
-            .status,
-        407
-    );
+    assert_eq!(pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API).await.unwrap_err().status, 407);
+    // A connection opened before the delete stops unsealing at once.
+    let a = pc::send1(&mut open, pc::get("/echo", "api.example.test", &[("x-api-key", &key)])).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.code().as_deref(), Some("sandbox_ended"));
+    assert_eq!(e.echo.requests().len(), 1);
     let _ = json!({});
 }

@@ -324,14 +324,30 @@ async fn plain_http_on_port_80_is_routed_by_host_and_never_unsealed() {
         return;
     }
     let e = setup().await;
-    let script = "curl -sS --max-time 20 -o /dev/null -w '%{http_code}\\n' \
-        http://plain.example.test/echo -H \"x-api-key: $KEY\"; \
-        curl -sS --max-time 20 -o /dev/null -w '%{http_code}\\n' http://other.example.test/echo \
-        --resolve other.example.test:80:198.18.0.1";
-    let r = sh(&e, script).await;
+    let dup_host = "import socket; s = socket.create_connection(('198.18.0.1', 80), timeout=5); \
+        s.sendall(b'GET / HTTP/1.1\\r\\nHost: plain.example.test\\r\\nHost: x\\r\\n\\r\\n'); \
+        print(s.recv(100).split(b' ')[1].decode())";
+    let script = format!(
+        "curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}\\n' \
+         http://plain.example.test/echo -H \"x-api-key: $KEY\"; \
+         curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}\\n' http://other.example.test/echo \
+         --resolve other.example.test:80:198.18.0.1; \
+         {} -c \"{dup_host}\"",
+        python()
+    );
+    let started = std::time::Instant::now();
+    let r = sh(&e, &script).await;
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     let codes: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(codes, ["200", "403"], "plain allowed, other refused");
+    assert_eq!(
+        codes,
+        ["200", "403", "400"],
+        "plain allowed, other refused, duplicate Host refused"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a refusal waited"
+    );
     let reqs = e.plain.requests();
     assert_eq!(reqs.len(), 1);
     let sent = reqs[0].header("x-api-key").unwrap();

@@ -26,6 +26,8 @@ use crate::proxy::respond::{Code, Refusal};
 use crate::proxy::ProxyState;
 use crate::sandbox::Sandbox;
 
+/// How long a refused connection may take to receive its answer.
+const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most headers a request head may have for the `Host` pre-parse (hyper applies its own limits).
 const MAX_HEADERS: usize = 128;
 
@@ -48,13 +50,13 @@ pub async fn serve(
     let (buf, host) = match head {
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
-        Err(HeadError::Refused(r)) => {
+        Err(HeadError::Refused(buf, r)) => {
             let dest = Dest {
                 host: policy::Host::Ip(orig.ip()),
                 port: orig.port(),
             };
             let r = refuse(&state, &sandbox, &dest, "HTTP", r);
-            return reply_once(tcp, Bytes::new(), r).await;
+            return reply_once(Rewind::new(buf, tcp), r).await;
         }
     };
     let stream = Rewind::new(buf, tcp);
@@ -62,7 +64,7 @@ pub async fn serve(
         .and_then(|dest| open_tunnel(&state, &sandbox, dest, Scheme::Http, "HTTP"))
     {
         Ok(t) => t,
-        Err(r) => return reply_once_rewound(stream, r).await,
+        Err(r) => return reply_once(stream, r).await,
     };
     intercept::serve_http(state, tunnel, stream).await;
     Ok(())
@@ -87,7 +89,8 @@ fn dest_for(host: &str, orig: SocketAddr) -> Result<Dest, Refusal> {
 
 enum HeadError {
     Io(io::Error),
-    Refused(Refusal),
+    /// The bytes read so far (replayed so hyper sees the request it answers) and why.
+    Refused(Bytes, Refusal),
 }
 
 /// Reads until the first request head is complete; returns the bytes read and its one `Host`.
@@ -97,14 +100,17 @@ async fn read_head(tcp: &mut TcpStream, limit: usize) -> Result<(Bytes, String),
         if tcp.read_buf(&mut buf).await.map_err(HeadError::Io)? == 0 {
             return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
-        if let Some(host) = parse_host(&buf).map_err(HeadError::Refused)? {
-            return Ok((buf.freeze(), host));
-        }
-        if buf.len() > limit {
-            return Err(HeadError::Refused(Refusal::new(
-                Code::HeadersTooLarge,
-                "request head exceeds proxy.max_header_bytes",
-            )));
+        match parse_host(&buf) {
+            Ok(Some(host)) => return Ok((buf.freeze(), host)),
+            Ok(None) if buf.len() <= limit => {}
+            Ok(None) => {
+                let r = Refusal::new(
+                    Code::HeadersTooLarge,
+                    "request head exceeds proxy.max_header_bytes",
+                );
+                return Err(HeadError::Refused(Bytes::new(), r));
+            }
+            Err(r) => return Err(HeadError::Refused(buf.freeze(), r)),
         }
     }
 }
@@ -139,12 +145,12 @@ pub fn parse_host(buf: &[u8]) -> Result<Option<String>, Refusal> {
     Ok(Some(host.trim().to_owned()))
 }
 
-async fn reply_once(tcp: TcpStream, buf: Bytes, r: Refusal) -> Result<(), TransparentError> {
-    reply_once_rewound(Rewind::new(buf, tcp), r).await
-}
-
 /// Answers the first request with the refusal (the uniform error response) and closes.
-async fn reply_once_rewound<S>(stream: S, r: Refusal) -> Result<(), TransparentError>
+///
+/// hyper parses the replayed head; when even hyper cannot (not HTTP at all), or the head was
+/// too large to replay, the connection closes without an answer after at most
+/// [`REFUSAL_DEADLINE`].
+async fn reply_once<S>(stream: S, r: Refusal) -> Result<(), TransparentError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -156,7 +162,7 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), svc);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn).await;
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, conn).await;
     Err(TransparentError::Refused(message))
 }
 
