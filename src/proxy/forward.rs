@@ -304,6 +304,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     ] {
         h.remove(n);
     }
+    let proxy_headers: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for n in proxy_headers {
+        h.remove(n);
+    }
     h.remove(header::CONNECTION);
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

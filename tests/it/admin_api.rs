@@ -359,3 +359,19 @@ async fn healthz_readyz_and_metrics() {
     assert_eq!(s, StatusCode::OK);
     assert!(String::from_utf8_lossy(&body).contains("sealgate_active_sandboxes"));
 }
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json_errors() {
+    let h = Harness::start().await;
+    let (s, v) = h.api(Method::GET, "/v1/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "not_found");
+    let (s, v) = h.api(Method::PUT, "/v1/stores", Some(json!({}))).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    let (s, v) = h.api(Method::POST, "/v1/sandboxes", Some(json!({"secret_store": "missing"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, b) = h.raw(Method::POST, "/v1/stores", Some("{not json"), Some(&h.token.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(serde_json::from_slice::<serde_json::Value>(&b).unwrap()["error"]["code"] == "invalid_request");
+}
