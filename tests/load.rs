@@ -312,7 +312,6 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let e = start().await;
-    let n = Arc::new(Counts::default());
 
     // Warm-up at full scale (2 s), so the baseline is a daemon that has already held this many
     // tunnels once: runtime, pools and allocator arenas at their working size. A leak shows as
@@ -350,8 +349,9 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
         "load: {opened} tunnels from {SANDBOXES} sandboxes held {held:?}; {}\n\
          warm-up: {warm_counts}\n\
          RSS base {rss_base} KiB, with all tunnels open {rss_peak_open} KiB, after {rss_after} KiB; \
-         fds base {fds_base}, after {fds_after}",
-        n.report()
+         fds base {fds_base}, after {fds_after}; captured log {} bytes",
+        n.report(),
+        support::daemon::logs_text().len()
     );
     let ok = n.valid_ok.load(Relaxed);
     assert_eq!(n.valid_bad.load(Relaxed), 0, "{}", n.report());
