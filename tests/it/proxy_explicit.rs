@@ -667,3 +667,23 @@ async fn sandbox_delete_stops_its_credentials() {
     assert_eq!(e.echo.requests().len(), 1);
     let _ = json!({});
 }
+
+#[tokio::test]
+async fn denied_token_in_a_streamed_body_aborts_before_its_bytes() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[("KEY", "sk-stream-deny-0020", Some(&["api.example.test"]), None)],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut chunks: Vec<Bytes> = (0..20).map(|_| Bytes::from(vec![b'a'; 8192])).collect();
+    chunks.push(Bytes::from(format!("then {key} and more")));
+    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
+    let req = pc::post_chunked("/echo", "other.example.test", &[], chunks);
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+    assert_eq!(a.code().as_deref(), Some("secret_host_denied"));
+    assert!(!e.echo.received_bytes_contain(key.as_bytes()), "the token's bytes never left");
+    assert!(!e.echo.received_bytes_contain(b"sk-stream-deny-0020"));
+    assert!(e.echo.requests().iter().all(|r| r.body.len() < 20 * 8192 + 5), "body was cut");
+}
