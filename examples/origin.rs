@@ -6,7 +6,8 @@
 //!        --expect-auth "Bearer <value>"
 //! ```
 //!
-//! Prints `ORIGIN_ADDR=<ip:port>` once listening. Every request is answered `200` with a
+//! `--echo` makes every answer a JSON echo of the request (method, path, headers) instead, for
+//! the README's end-to-end demo. Prints `ORIGIN_ADDR=<ip:port>` once listening. Every request is answered `200` with a
 //! ~200-byte JSON body, except that it checks what a proxy must have done: an `authorization`
 //! header other than `--expect-auth` gets `403`, and a request body that still contains
 //! `osb_sealed_` gets `400`. So a load generator's status histogram shows that every request
@@ -37,7 +38,16 @@ struct Args {
     name: String,
     ca_out: String,
     expect_auth: Option<String>,
+    echo: bool,
 }
+
+const USAGE: &str = "usage: origin [--listen IP:PORT] [--name HOST] [--ca-out FILE] \
+[--expect-auth VALUE] [--echo]
+  --listen       address to listen on (default 127.0.0.1:0)
+  --name         host name in the certificate (default origin.bench.test; 127.0.0.1 always)
+  --ca-out       where the throwaway CA certificate is written (default origin-ca.pem)
+  --expect-auth  answer 403 to an authorization header other than this value
+  --echo         answer with a JSON echo of the request (method, path, headers)";
 
 fn args() -> Args {
     let mut a = Args {
@@ -45,16 +55,31 @@ fn args() -> Args {
         name: "origin.bench.test".into(),
         ca_out: "origin-ca.pem".into(),
         expect_auth: None,
+        echo: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--echo" => {
+                a.echo = true;
+                continue;
+            }
+            _ => {}
+        }
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => a.listen = value.parse().expect("--listen ip:port"),
             "--name" => a.name = value,
             "--ca-out" => a.ca_out = value,
             "--expect-auth" => a.expect_auth = Some(value),
-            _ => panic!("unknown flag {flag}"),
+            _ => {
+                eprintln!("unknown flag {flag}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     a
@@ -93,10 +118,22 @@ fn tls(name: &str, ca_out: &str) -> Arc<rustls::ServerConfig> {
     Arc::new(cfg)
 }
 
+fn echo(req: &Request<Incoming>) -> Bytes {
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    let v = serde_json::json!({"method": req.method().as_str(), "path": req.uri().to_string(), "headers": headers});
+    Bytes::from(v.to_string())
+}
+
 async fn handle(
     expect: Arc<Option<String>>,
+    echo_mode: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let echoed = echo_mode.then(|| echo(&req));
     let auth_ok = match (req.headers().get(http::header::AUTHORIZATION), &*expect) {
         (Some(got), Some(want)) => got.as_bytes() == want.as_bytes(),
         _ => true,
@@ -109,7 +146,9 @@ async fn handle(
     } else {
         StatusCode::OK
     };
-    let mut resp = Response::new(Full::new(Bytes::from_static(BODY)));
+    let mut resp = Response::new(Full::new(
+        echoed.unwrap_or_else(|| Bytes::from_static(BODY)),
+    ));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -125,6 +164,7 @@ async fn main() {
     let listener = TcpListener::bind(a.listen).await.expect("bind");
     println!("ORIGIN_ADDR={}", listener.local_addr().expect("addr"));
     let expect = Arc::new(a.expect_auth);
+    let echo_mode = a.echo;
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
@@ -135,7 +175,7 @@ async fn main() {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let svc = service_fn(move |req| handle(expect.clone(), req));
+            let svc = service_fn(move |req| handle(expect.clone(), echo_mode, req));
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;

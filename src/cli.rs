@@ -23,10 +23,12 @@ pub struct Cli {
     /// Overrides `data_dir` from the config.
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Admin API URL for client commands.
+    /// Admin API URL for client commands (default: `[admin] listen` of --config, i.e.
+    /// http://127.0.0.1:7070).
     #[arg(long, global = true, env = "SEALGATE_ADMIN_URL")]
     pub admin_url: Option<String>,
-    /// Admin bearer token for client commands (default: read data_dir/admin.token).
+    /// Admin bearer token for client commands (default: read admin.token in the data dir of
+    /// --config / --data-dir).
     #[arg(
         long,
         global = true,

@@ -226,9 +226,11 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     tracing::info!(
         admin = %format!("http://{admin_addr}"),
         proxy = %proxy_addr,
-        transparent = ?transparent_addr,
+        transparent = %transparent_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         data_dir = %cfg.data_dir.display(),
-        admin_token_file = ?admin_token_file,
+        admin_token_file = %admin_token_file
+            .as_ref()
+            .map_or_else(|| "(from SEALGATE_ADMIN_TOKEN)".to_owned(), |p| p.display().to_string()),
         master_key = %key_source,
         sandboxes_restored = restored,
         "sealgate is running"

@@ -23,7 +23,16 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {
-    eprintln!("sealgate: error: {e:#}");
+    // `{e:#}` would repeat a cause whose text the outer message already includes.
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    eprintln!("sealgate: error: {msg}");
     ExitCode::FAILURE
 }
 
@@ -45,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             sealgate::audit::tail(&path, !no_follow).await
         }
-        _ => sealgate::cli::run_client(&cli, cfg.data_dir.clone()).await,
+        _ => sealgate::cli::run_client(&cli, &cfg).await,
     }
 }
 

@@ -30,6 +30,39 @@ use support::echo::Echo;
 use support::pki::TestPki;
 use support::proxy_client::{self as pc, ReqBody, SandboxCreds};
 
+/// Counts live heap bytes, so growth can be told apart from allocator fragmentation.
+struct Counting;
+
+static LIVE: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator and only keeps a counter.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as u64, Relaxed);
+        std::alloc::System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size() as u64, Relaxed);
+        std::alloc::System.dealloc(p, l)
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as u64, Relaxed);
+        std::alloc::System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as u64, Relaxed);
+        LIVE.fetch_sub(l.size() as u64, Relaxed);
+        std::alloc::System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_kib() -> u64 {
+    LIVE.load(Relaxed) / 1024
+}
+
 const SANDBOXES: usize = 5;
 const TUNNELS_PER_SANDBOX: usize = 110;
 const VALUE: &str = "sk-load-real-value-0701";
@@ -101,19 +134,27 @@ async fn start() -> Env {
     let h = Harness::try_start(opts, Some(pki)).await.unwrap();
     sealgate::logging::set_level("warn");
     let store = h.store("load", Some(&names)).await;
-    h.secret(&store, "KEY", VALUE, Some(&["api.example.test"]), Some(&["header"]))
-        .await;
-    h.secret(&store, "OTHER", OTHER_VALUE, Some(&["other.example.test"]), None)
-        .await;
+    h.secret(
+        &store,
+        "KEY",
+        VALUE,
+        Some(&["api.example.test"]),
+        Some(&["header"]),
+    )
+    .await;
+    h.secret(
+        &store,
+        "OTHER",
+        OTHER_VALUE,
+        Some(&["other.example.test"]),
+        None,
+    )
+    .await;
     let mut sandboxes = Vec::new();
     for _ in 0..SANDBOXES {
         sandboxes.push(SandboxCreds::from_answer(&h.sandbox("load").await));
     }
-    Env {
-        h,
-        echo,
-        sandboxes,
-    }
+    Env { h, echo, sandboxes }
 }
 
 type Client = http1::SendRequest<ReqBody>;
@@ -133,7 +174,10 @@ async fn send(c: &mut Client, req: http::Request<ReqBody>) -> Option<pc::Answer>
         c.ready().await.ok()?;
         let resp = c.send_request(req).await.ok()?;
         let (parts, body) = resp.into_parts();
-        let body = http_body_util::BodyExt::collect(body).await.ok()?.to_bytes();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .ok()?
+            .to_bytes();
         Some(pc::Answer {
             status: parts.status,
             headers: parts.headers,
@@ -153,7 +197,11 @@ async fn one(c: &mut Client, sb: &SandboxCreds, i: u64, n: &Counts) -> bool {
     match i % 5 {
         0..=2 => {
             let path = format!("/echo/valid/{}/{i}", sb.id);
-            let a = send(c, pc::get(&path, "api.example.test", &[("x-api-key", &key)])).await;
+            let a = send(
+                c,
+                pc::get(&path, "api.example.test", &[("x-api-key", &key)]),
+            )
+            .await;
             let ok = a.as_ref().is_some_and(|a| {
                 a.status == StatusCode::OK && a.text().contains(&key) && !a.text().contains(VALUE)
             });
@@ -162,13 +210,26 @@ async fn one(c: &mut Client, sb: &SandboxCreds, i: u64, n: &Counts) -> bool {
             a.is_some()
         }
         3 => {
-            let req = pc::get("/echo/hostile", "other.example.test", &[("x-api-key", &key)]);
+            let req = pc::get(
+                "/echo/hostile",
+                "other.example.test",
+                &[("x-api-key", &key)],
+            );
             let a = send(c, req).await;
-            tally(a.as_ref(), StatusCode::MISDIRECTED_REQUEST, &n.mismatch_421, n);
+            tally(
+                a.as_ref(),
+                StatusCode::MISDIRECTED_REQUEST,
+                &n.mismatch_421,
+                n,
+            );
             a.is_some()
         }
         _ => {
-            let req = pc::get("/echo/hostile", "api.example.test", &[("x-api-key", &other)]);
+            let req = pc::get(
+                "/echo/hostile",
+                "api.example.test",
+                &[("x-api-key", &other)],
+            );
             let a = send(c, req).await;
             tally(a.as_ref(), StatusCode::FORBIDDEN, &n.denied_403, n);
             a.is_some()
@@ -313,14 +374,19 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
         .unwrap_or(10);
     let e = start().await;
 
-    // Warm-up at full scale (2 s), so the baseline is a daemon that has already held this many
-    // tunnels once: runtime, pools and allocator arenas at their working size. A leak shows as
-    // growth from there; one-time high-water marks do not.
+    // Warm-up: two full rounds of the same length, so the baseline is a daemon that has
+    // already held this many tunnels for this long: runtime, pools, caches and glibc's arenas
+    // at their working size (measured: RSS climbs for the first rounds while the live heap
+    // stays flat — fragmentation, not a leak). A leak shows as growth from there.
     let warm = Arc::new(Counts::default());
-    round(&e, 2, &warm).await;
+    for _ in 0..2 {
+        round(&e, secs, &warm).await;
+        e.echo.clear();
+    }
     e.echo.clear();
     settle(&e, None).await;
     let (rss_base, fds_base) = (rss_kib(), fds());
+    let live_base = live_kib();
 
     // The load: all tunnels open at once, then held for `secs` with mixed traffic.
     let n = Arc::new(Counts::default());
@@ -328,6 +394,20 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
     let (opened, rss_peak_open) = round(&e, secs, &n).await;
     let held = started.elapsed();
     let warm_counts = warm.report();
+    for extra in 0..std::env::var("SEALGATE_LOAD_EXTRA_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0)
+    {
+        e.echo.clear();
+        settle(&e, Some(fds_base)).await;
+        eprintln!(
+            "before extra round {extra}: RSS {} KiB, live heap {} KiB",
+            rss_kib(),
+            live_kib()
+        );
+        round(&e, secs, &n).await;
+    }
 
     // Every valid request reached the upstream unsealed; nothing else carried a real value.
     let reqs = e.echo.requests();
@@ -336,14 +416,17 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
         .filter(|r| r.uri.starts_with("/echo/valid/"))
         .filter(|r| r.header("x-api-key").as_deref() == Some(VALUE))
         .count() as u64;
-    let leaked = reqs.iter().filter(|r| !r.uri.starts_with("/echo/valid/")).any(|r| {
-        r.contains(VALUE.as_bytes()) || r.contains(OTHER_VALUE.as_bytes())
-    });
+    let leaked = reqs
+        .iter()
+        .filter(|r| !r.uri.starts_with("/echo/valid/"))
+        .any(|r| r.contains(VALUE.as_bytes()) || r.contains(OTHER_VALUE.as_bytes()));
     let smuggled = reqs.iter().any(|r| r.uri.starts_with("/echo/smuggle"));
     drop(reqs);
     e.echo.clear();
     settle(&e, Some(fds_base)).await;
     let (rss_after, fds_after) = (rss_kib(), fds());
+    let live_after = live_kib();
+    eprintln!("live heap base {live_base} KiB, after {live_after} KiB");
 
     eprintln!(
         "load: {opened} tunnels from {SANDBOXES} sandboxes held {held:?}; {}\n\
@@ -359,11 +442,17 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
     assert_eq!(valid_seen, ok, "valid requests seen unsealed upstream");
     assert_eq!(n.hostile_unexpected.load(Relaxed), 0, "{}", n.report());
     assert!(n.smuggle_400.load(Relaxed) > 0 && n.vetted_403.load(Relaxed) > 0);
-    assert!(!leaked, "a real value reached the upstream outside a valid request");
+    assert!(
+        !leaked,
+        "a real value reached the upstream outside a valid request"
+    );
     assert!(!smuggled, "a CL+TE request reached the upstream");
     assert!(
         rss_after * 100 <= rss_base * 120,
         "RSS {rss_after} KiB vs baseline {rss_base} KiB"
     );
-    assert!(fds_after <= fds_base, "fds {fds_after} vs baseline {fds_base}");
+    assert!(
+        fds_after <= fds_base,
+        "fds {fds_after} vs baseline {fds_base}"
+    );
 }

@@ -80,11 +80,21 @@ impl TokenLookup for Lookup {
 fn lookup() -> Arc<Lookup> {
     use Location::{Body, Header, Query};
     let rows: [(&str, Vec<u8>, &[Location], bool); 6] = [
-        ("ALLOWED", b"sk-live-ALLOWED".to_vec(), &[Header, Body], true),
+        (
+            "ALLOWED",
+            b"sk-live-ALLOWED".to_vec(),
+            &[Header, Body],
+            true,
+        ),
         ("BODY", b"body-secret".to_vec(), &[Body], true),
         ("HEADER", b"header-only".to_vec(), &[Header], true),
         ("DENIED", b"denied-value".to_vec(), &[Header, Body], false),
-        ("NESTED", format!("pre{}post", TOKENS[0]).into_bytes(), &[Header, Query, Body], true),
+        (
+            "NESTED",
+            format!("pre{}post", TOKENS[0]).into_bytes(),
+            &[Header, Query, Body],
+            true,
+        ),
         ("EMPTY", Vec::new(), &[Body], true),
     ];
     let map = rows
@@ -231,7 +241,10 @@ pub fn scrub_chunked(data: &[u8]) {
         .map(|(v, t)| (SecretValue::new(v.clone()), Bytes::from(t.clone())))
         .collect();
     let Some(scrubber) = Scrubber::new(secrets) else {
-        assert!(values.iter().all(Vec::is_empty), "no scrubber for real values");
+        assert!(
+            values.iter().all(Vec::is_empty),
+            "no scrubber for real values"
+        );
         return;
     };
     let whole = scrubber.scrub(hay).map_or_else(|| hay.to_vec(), |(b, _)| b);
@@ -272,11 +285,18 @@ fn check_host(input: &str, h: &Host) {
     assert!(!n.is_empty() && n.len() <= 253, "{n:?}");
     assert!(!n.ends_with('.'), "{n:?}");
     assert!(
-        n.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.')),
+        n.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.')),
         "{n:?}"
     );
-    assert!(n.parse::<std::net::IpAddr>().is_err(), "IP text as a name: {n:?}");
-    assert!(!inet_aton_accepts(n), "legacy IPv4 spelling accepted as a name: {n:?}");
+    assert!(
+        n.parse::<std::net::IpAddr>().is_err(),
+        "IP text as a name: {n:?}"
+    );
+    assert!(
+        !inet_aton_accepts(n),
+        "legacy IPv4 spelling accepted as a name: {n:?}"
+    );
     for label in n.split('.') {
         assert!(!label.is_empty() && label.len() <= 63, "{n:?}");
         assert!(!label.starts_with('-') && !label.ends_with('-'), "{n:?}");
@@ -291,7 +311,11 @@ fn check_authority(input: &str, default: Option<u16>) {
     assert_ne!(d.port, 0, "{input:?}");
     let a = d.authority();
     assert!(!a.contains('@') && !a.contains('%'), "{a:?}");
-    assert_eq!(policy::parse_authority(&a, None).as_ref(), Ok(&d), "round trip of {input:?}");
+    assert_eq!(
+        policy::parse_authority(&a, None).as_ref(),
+        Ok(&d),
+        "round trip of {input:?}"
+    );
     assert_eq!(
         policy::normalise_host(&d.host.as_str_for_sni()).as_ref(),
         Ok(&d.host),
@@ -340,7 +364,11 @@ pub fn host_parse(data: &[u8]) {
         }
         if let Ok(p) = policy::parse_pattern(input) {
             let c = p.to_string();
-            assert_eq!(policy::parse_pattern(&c).as_ref(), Ok(&p), "pattern {input:?}");
+            assert_eq!(
+                policy::parse_pattern(&c).as_ref(),
+                Ok(&p),
+                "pattern {input:?}"
+            );
         }
     }
     let (Ok(p), Ok(d)) = (
@@ -394,5 +422,8 @@ pub fn h1_framing(data: &[u8]) {
     let whole = frame_all(input, &[]);
     let split = frame_all(input, &cuts);
     assert_eq!(whole, split, "cuts {cuts:?}");
-    assert!(input.starts_with(&whole.0), "released bytes are not a prefix of the input");
+    assert!(
+        input.starts_with(&whole.0),
+        "released bytes are not a prefix of the input"
+    );
 }

@@ -100,6 +100,29 @@ impl From<SandboxError> for ApiError {
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(e: axum::extract::rejection::JsonRejection) -> Self {
-        ApiError::bad_request(e.body_text())
+        ApiError::from_rejection(&e, e.body_text())
+    }
+}
+
+impl ApiError {
+    /// A JSON body rejection with `message`: 413 `request_too_large` over the admin body limit,
+    /// 415 `unsupported_media_type` without `Content-Type: application/json`, else 400.
+    pub fn from_rejection(e: &axum::extract::rejection::JsonRejection, message: String) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "request body is larger than {} bytes",
+                    super::routes::MAX_BODY_BYTES
+                ),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            ),
+            _ => ApiError::bad_request(message),
+        }
     }
 }

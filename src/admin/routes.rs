@@ -21,6 +21,10 @@ use crate::store::{SecretMeta, StoreRecord};
 
 type St = State<Arc<AdminState>>;
 
+/// Largest request body the admin API reads (a 64 KiB secret value fits many times over, even
+/// fully JSON-escaped); a larger body gets 413 `request_too_large`.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
 /// The admin router. `/healthz` is open; everything else needs the bearer token.
 pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
@@ -54,6 +58,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -62,8 +67,10 @@ async fn require_token(State(st): St, req: Request, next: Next) -> Response {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        // The auth scheme is case-insensitive (RFC 9110 §11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start());
     let ok = crate::secret::ct_eq(presented.as_bytes(), st.admin_token.expose());
     if !ok {
         return ApiError::unauthorized().into_response();
@@ -192,6 +199,12 @@ struct SecretAnswer {
 
 /// JSON errors on the secret route never echo input: serde quotes offending scalars.
 fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    if matches!(
+        e.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE
+    ) {
+        return ApiError::from_rejection(&e, String::new());
+    }
     let text = e.body_text();
     if let Some(pos) = text.find("unknown field") {
         let field: String = text[pos..].split(',').next().unwrap_or("").into();

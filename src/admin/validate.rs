@@ -7,7 +7,8 @@ use crate::secret::Location;
 /// Largest secret value accepted.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 
-/// Store names: 1–128 characters, no control characters, not blank.
+/// Store names: 1–128 characters, no control characters (nor the invisible bidirectional
+/// formatting characters that make a name display as another in a terminal), not blank.
 pub fn store_name(name: &str) -> Result<(), ApiError> {
     let n = name.chars().count();
     if n == 0 || n > 128 || name.trim().is_empty() {
@@ -15,9 +16,10 @@ pub fn store_name(name: &str) -> Result<(), ApiError> {
             "store name must be 1 to 128 characters",
         ));
     }
-    if name.chars().any(char::is_control) {
+    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if name.chars().any(|c| c.is_control() || bidi(c)) {
         return Err(ApiError::bad_request(
-            "store name must not contain control characters",
+            "store name must not contain control or bidirectional formatting characters",
         ));
     }
     Ok(())

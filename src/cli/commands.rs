@@ -1,20 +1,21 @@
 //! Client subcommands: turn CLI arguments into admin API calls and print the answers.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::Method;
 use serde_json::{json, Value};
 
 use super::client::AdminClient;
 use super::{Cli, Command, CreateArgs, SandboxCmd, SecretCmd, StoreCmd};
+use crate::config::Config;
 
 /// Runs a client command. Returns the process exit code.
 ///
 /// # Errors
 /// Any failure, as a message for stderr.
-pub async fn run_client(cli: &Cli, data_dir: PathBuf) -> anyhow::Result<()> {
-    let client = connect(cli, &data_dir)?;
+pub async fn run_client(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
+    let client = connect(cli, cfg)?;
     let out = match &cli.command {
         Command::Store(c) => store(&client, c).await?,
         Command::Secret(c) => secret(&client, c).await?,
@@ -32,15 +33,29 @@ pub async fn run_client(cli: &Cli, data_dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect(cli: &Cli, data_dir: &std::path::Path) -> anyhow::Result<AdminClient> {
+/// The admin URL the config's `[admin] listen` serves (`http://127.0.0.1:7070` by default);
+/// a wildcard listen address is reached over loopback.
+pub fn default_admin_url(cfg: &Config) -> String {
+    let mut addr = cfg.admin_listen;
+    if addr.ip().is_unspecified() {
+        let lo = match addr {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        addr.set_ip(lo);
+    }
+    format!("http://{addr}")
+}
+
+fn connect(cli: &Cli, cfg: &Config) -> anyhow::Result<AdminClient> {
     let url = cli
         .admin_url
         .clone()
-        .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        .unwrap_or_else(|| default_admin_url(cfg));
     let token = match &cli.admin_token {
         Some(t) => t.clone(),
         None => {
-            let p = data_dir.join("admin.token");
+            let p = cfg.data_dir.join("admin.token");
             std::fs::read_to_string(&p)
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -286,7 +301,11 @@ fn print(v: &Value, as_json: bool) {
 }
 
 fn summary(v: &Value) -> String {
-    let field = |k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
+    let field = |k: &str| match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(x) => x.to_string(),
+        None => String::new(),
+    };
     if v.get("ca_cert_pem").is_some() {
         return format!(
             "{}  store={}  expires={}",

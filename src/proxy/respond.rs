@@ -66,7 +66,9 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Code::EgressDenied | Code::SecretHostDenied | Code::SandboxEnded => StatusCode::FORBIDDEN,
+            Code::EgressDenied | Code::SecretHostDenied | Code::SandboxEnded => {
+                StatusCode::FORBIDDEN
+            }
             Code::AuthorityMismatch => StatusCode::MISDIRECTED_REQUEST,
             Code::BadRequest => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -369,9 +369,25 @@ async fn unknown_routes_and_methods_answer_json_errors() {
     let (s, v) = h.api(Method::PUT, "/v1/stores", Some(json!({}))).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(v["error"]["code"], "method_not_allowed");
-    let (s, v) = h.api(Method::POST, "/v1/sandboxes", Some(json!({"secret_store": "missing"}))).await;
+    let (s, v) = h
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "missing"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let (s, b) = h.raw(Method::POST, "/v1/stores", Some("{not json"), Some(&h.token.clone())).await;
+    let (s, b) = h
+        .raw(
+            Method::POST,
+            "/v1/stores",
+            Some("{not json"),
+            Some(&h.token.clone()),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(serde_json::from_slice::<serde_json::Value>(&b).unwrap()["error"]["code"] == "invalid_request");
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["error"]["code"]
+            == "invalid_request"
+    );
 }

@@ -137,7 +137,9 @@ print("status", raw.status_code, "sk-ant-real" in raw.http_response.text)
     // Depending on its version the SDK sends the key as `x-api-key` or `Authorization: Bearer`.
     let sent = [r.header("x-api-key"), r.header("authorization")];
     assert!(
-        sent.iter().flatten().any(|v| v.ends_with("sk-ant-real-client-0201")),
+        sent.iter()
+            .flatten()
+            .any(|v| v.ends_with("sk-ant-real-client-0201")),
         "real key not delivered: {sent:?}"
     );
     assert!(r.body.starts_with(b"{"), "JSON body forwarded");

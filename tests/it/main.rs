@@ -6,6 +6,7 @@ mod support;
 mod admin_api;
 mod adversarial;
 mod clients;
+mod contract;
 mod ops;
 mod proxy_explicit;
 mod sandboxes;

@@ -652,16 +652,36 @@ async fn plain_http_is_forwarded_but_never_unsealed() {
 
 #[tokio::test]
 async fn sandbox_delete_stops_its_credentials() {
-    let e = setup(Some(&["api.example.test"]), &[("KEY", "sk-deleted-0019", None, None)]).await;
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-deleted-0019", None, None)],
+    )
+    .await;
     let key = e.sb.token("KEY");
     let mut open = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut open, pc::get("/echo", "api.example.test", &[("x-api-key", &key)])).await;
+    let a = pc::send1(
+        &mut open,
+        pc::get("/echo", "api.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK);
-    let (s, _) = e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None).await;
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None)
+            .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert_eq!(pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API).await.unwrap_err().status, 407);
+    assert_eq!(
+        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .unwrap_err()
+            .status,
+        407
+    );
     // A connection opened before the delete stops unsealing at once.
-    let a = pc::send1(&mut open, pc::get("/echo", "api.example.test", &[("x-api-key", &key)])).await;
+    let a = pc::send1(
+        &mut open,
+        pc::get("/echo", "api.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(a.code().as_deref(), Some("sandbox_ended"));
     assert_eq!(e.echo.requests().len(), 1);
@@ -672,7 +692,12 @@ async fn sandbox_delete_stops_its_credentials() {
 async fn denied_token_in_a_streamed_body_aborts_before_its_bytes() {
     let e = setup(
         Some(&["api.example.test", "other.example.test"]),
-        &[("KEY", "sk-stream-deny-0020", Some(&["api.example.test"]), None)],
+        &[(
+            "KEY",
+            "sk-stream-deny-0020",
+            Some(&["api.example.test"]),
+            None,
+        )],
     )
     .await;
     let key = e.sb.token("KEY");
@@ -683,7 +708,16 @@ async fn denied_token_in_a_streamed_body_aborts_before_its_bytes() {
     let a = pc::send1(&mut c, req).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
     assert_eq!(a.code().as_deref(), Some("secret_host_denied"));
-    assert!(!e.echo.received_bytes_contain(key.as_bytes()), "the token's bytes never left");
+    assert!(
+        !e.echo.received_bytes_contain(key.as_bytes()),
+        "the token's bytes never left"
+    );
     assert!(!e.echo.received_bytes_contain(b"sk-stream-deny-0020"));
-    assert!(e.echo.requests().iter().all(|r| r.body.len() < 20 * 8192 + 5), "body was cut");
+    assert!(
+        e.echo
+            .requests()
+            .iter()
+            .all(|r| r.body.len() < 20 * 8192 + 5),
+        "body was cut"
+    );
 }

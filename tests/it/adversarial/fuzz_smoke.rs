@@ -138,7 +138,10 @@ fn run(target: &str, dict: &str, f: fn(&[u8])) {
         if std::panic::catch_unwind(|| f(&owned)).is_err() {
             let path = root().join(format!("target/fuzz-smoke-{target}.bin"));
             let _ = std::fs::write(&path, input);
-            panic!("{target}: invariant broken; input saved to {}", path.display());
+            panic!(
+                "{target}: invariant broken; input saved to {}",
+                path.display()
+            );
         }
     };
     for s in pool.clone() {
