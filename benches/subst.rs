@@ -6,7 +6,8 @@
 //! - `stream_16k` / `stream_1b`: the engine fed 16 KiB chunks (target ≥ 0.6× memmem) and
 //!   1-byte chunks (64 KiB of input: the worst case, per-call overhead only).
 //! - `headers_20`: a 20-header request: token in `authorization` (Bearer) and one in a Basic
-//!   header; no-token and clone-only baselines (target ≤ 1 µs median).
+//!   header; a no-token scan and a clone-and-drop of the map as baselines (target ≤ 1 µs
+//!   median; the map's setup clone is not timed).
 //! - `scrub_1MiB`: the response scrubber with 20 secret values vs aho-corasick alone.
 
 #[path = "support/corpus.rs"]
@@ -149,8 +150,9 @@ fn headers(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("subst/headers_20");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("clone_baseline", |b| {
-        b.iter_batched(|| cases[3].1.clone(), drop, BatchSize::SmallInput)
+    // What the proxy pays anyway to own a request head: clone + drop of the same map.
+    g.bench_function("clone_and_drop_baseline", |b| {
+        b.iter(|| black_box(&cases[3].1).clone())
     });
     for (name, map) in &cases {
         g.bench_function(*name, |b| {

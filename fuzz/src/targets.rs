@@ -183,8 +183,11 @@ pub fn subst_chunked(data: &[u8]) {
 // ---------------------------------------------------------------------------------------------
 // Scrubbing
 
+/// A decoded scrub input: values, cut offsets, haystack.
+type ScrubInput<'a> = (Vec<Vec<u8>>, Vec<usize>, &'a [u8]);
+
 /// Decodes `n` (1–4) values, each `len (≤ 24), bytes`, then cuts, then the haystack.
-fn scrub_input(data: &[u8]) -> Option<(Vec<Vec<u8>>, Vec<usize>, &[u8])> {
+fn scrub_input(data: &[u8]) -> Option<ScrubInput<'_>> {
     let (&n, mut rest) = data.split_first()?;
     let mut values = Vec::new();
     for _ in 0..(n % 4) + 1 {

@@ -389,11 +389,18 @@ impl Framing {
                 Ok(n)
             }
             Chunk::DataEnd(seen) => {
+                // Release the matching part byte by byte, so how reads are cut never changes
+                // what was released before a refusal.
                 let n = (2 - seen).min(data.len());
-                if data[..n] != b"\r\n"[seen..seen + n] {
+                let ok = data[..n]
+                    .iter()
+                    .zip(&b"\r\n"[seen..])
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                out.extend_from_slice(&data[..ok]);
+                if ok < n {
                     return Err(Reject::mid("chunk data not followed by CRLF"));
                 }
-                out.extend_from_slice(&data[..n]);
                 self.state = State::Chunked(if seen + n == 2 {
                     Chunk::Size
                 } else {
@@ -972,6 +979,16 @@ mod tests {
         assert!(refused(input).mid_message);
         let input = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXX";
         assert!(refused(input).mid_message);
+    }
+
+    /// Regression (cargo-fuzz `h1_framing`): a CR then a wrong byte after chunk data releases
+    /// the same bytes whether or not a read boundary falls between them.
+    #[test]
+    fn broken_crlf_after_chunk_data_is_cut_independent() {
+        let input = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\x01";
+        let whole = run(input, &[]);
+        assert!(whole.1.is_some_and(|r| r.mid_message));
+        assert_eq!(run(input, &[input.len() - 1]), whole);
     }
 
     #[test]

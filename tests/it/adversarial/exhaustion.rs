@@ -108,7 +108,7 @@ where
 fn assert_cut_near_one_second(took: Option<Duration>, what: &str) {
     let took = took.unwrap_or_else(|| panic!("{what}: still open after 200 slow bytes"));
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
         "{what}: closed after {took:?}, expected ~1 s"
     );
 }
@@ -147,7 +147,7 @@ async fn slowloris_on_the_client_hello_is_cut_at_the_handshake_timeout() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "silent tunnel not closed"
     );
-    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(start.elapsed() < Duration::from_secs(6));
     assert_eq!(
         super::mints(&e),
         0,
@@ -163,6 +163,22 @@ async fn slowloris_on_inner_headers_is_cut_at_the_header_timeout() {
     let head = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\nX-Slow: ";
     let took = dribble(&mut tls, head, Duration::from_millis(150)).await;
     assert_cut_near_one_second(took, "inner request head");
+    assert_upstream_untouched(&e);
+}
+
+#[tokio::test]
+async fn slowloris_on_the_h2_preface_is_cut_at_the_header_timeout() {
+    // hyper-util's auto (h1/h2) server has no timeout while it reads the preface to pick a
+    // version; the h1 guard's clock on held bytes covers it.
+    let e = env_with("header_read_timeout_secs = 1").await;
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    let took = dribble(&mut tls, PREFACE, Duration::from_millis(150)).await;
+    assert_cut_near_one_second(took, "h2 preface");
     assert_upstream_untouched(&e);
 }
 
@@ -320,7 +336,7 @@ async fn others_keep_working(e: &Env) {
         let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
         assert_eq!(a.status, StatusCode::OK);
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            started.elapsed() < Duration::from_secs(5),
             "starved: {:?}",
             started.elapsed()
         );
@@ -386,7 +402,7 @@ async fn h2_continuation_flood_is_cut_and_other_sandboxes_keep_working() {
     );
     // What was written includes what loopback socket buffers absorbed (megabytes); the
     // server itself stops at max_header_list_size and answers GOAWAY.
-    assert!(ending.after < Duration::from_secs(2), "{:?}", ending.after);
+    assert!(ending.after < Duration::from_secs(5), "{:?}", ending.after);
     assert!(ending.goaway.is_some(), "closed without GOAWAY");
     assert!(
         ending.bytes_sent < 32 * 1024 * 1024,
