@@ -333,7 +333,7 @@ impl RawConfig {
             }
         };
         let log_level = self.log.level.unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        if crate::logging::parse_filter(&log_level).is_err() {
             p.0.push(format!(
                 "log.level: '{log_level}' is not a level or filter directive"
             ));

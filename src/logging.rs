@@ -19,6 +19,32 @@ where
     init_with(level, format, writer, false);
 }
 
+/// Parses a level or `EnvFilter` directive list, working around two problems in
+/// tracing-subscriber's parser (both found by the `config_parse` fuzz target):
+///
+/// - field values are matched literally, not as regexes: a crafted `[span{field=…}]` value
+///   otherwise compiles into a DFA for a minute or more, at startup and on every reload;
+/// - each comma-separated directive is trimmed and the list must be ASCII: the parser slices
+///   the untrimmed directive with offsets from the trimmed one, so `info, sealgate=debug` got
+///   the target ` sealgat`, and a non-ASCII character after such a space panicked.
+///
+/// # Errors
+/// Non-ASCII input, or a directive that does not parse.
+pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
+    if !level.is_ascii() {
+        return Err("log filter directives must be ASCII".into());
+    }
+    let directives: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives.join(","))
+        .map_err(|e| e.to_string())
+}
+
 /// Logs to stderr, with colours only when stderr is a terminal.
 pub fn init_stderr(level: &str, format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -29,7 +55,7 @@ fn init_with<W>(level: &str, format: LogFormat, writer: W, ansi: bool)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = parse_filter(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
@@ -53,7 +79,30 @@ where
 /// Changes the level of the installed subscriber (reload). Invalid directives are ignored
 /// (config validation already rejected them).
 pub fn set_level(level: &str) {
-    if let (Some(h), Ok(f)) = (HANDLE.get(), EnvFilter::try_new(level)) {
+    if let (Some(h), Ok(f)) = (HANDLE.get(), parse_filter(level)) {
         let _ = h.reload(f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Regression (fuzz `config_parse`): this directive took ~50 s of CPU with regex field
+    /// matching.
+    #[test]
+    fn crafted_field_filter_parses_quickly() {
+        let level = "inf{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{Z}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys = uuuuuuu!!!!!!!!!!!!!!!#!!!!!!!!+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!..........................................................................................uuuuuutuuuuuuuuumader_bys !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!uuuuuuuuuuuuuuuutuuuuuuuuumader_bys [sandbox]= ''76'p._.mhma'ϠZZZtuuuuuuuuumader_bys = '''0'p._.mhma'ϠZZZZZZZZZZ}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys{{{{{{{{{{{{{{{xy]       ";
+        let start = std::time::Instant::now();
+        let _ = super::parse_filter(level);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(super::parse_filter("info,sealgate=debug").is_ok());
+    }
+
+    /// Regression (fuzz `config_parse`): a space after a comma shifted the parser's offsets
+    /// (a panic inside a non-ASCII character, a wrong target otherwise).
+    #[test]
+    fn spaces_after_commas_and_non_ascii_are_handled() {
+        assert!(super::parse_filter("infol[upstream]  ,     on_di\u{389}sall[upmetr]sa").is_err());
+        let f = super::parse_filter("warn, sealgate=debug").unwrap();
+        assert!(f.to_string().contains("sealgate=debug"), "{f}");
     }
 }

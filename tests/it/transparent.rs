@@ -108,7 +108,9 @@ fn netns_check() -> Result<(), String> {
         return Err("not running as root".into());
     }
     run_ok("iptables", &["-w", "5", "-t", "nat", "-S", "PREROUTING"])?;
-    let probe = format!("sgtprobe-{}", std::process::id());
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("sgtprobe-{}-{n}", std::process::id());
     run_ok("ip", &["netns", "add", &probe])?;
     let _ = run_ok("ip", &["netns", "del", &probe]);
     Ok(())
