@@ -171,6 +171,11 @@ fn open_tunnel(
         );
         return Err(refuse(state, sandbox, &dest, what, r));
     }
+    // IP-literal destinations (no SNI) are vetted before any leaf is minted, as at CONNECT.
+    if let Err(e) = state.runtime().dialing.precheck(&dest) {
+        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
+        return Err(refuse(state, sandbox, &dest, what, r));
+    }
     let max = state.runtime().proxy.max_tunnels_per_sandbox;
     let Some(guard) = sandbox.try_open_tunnel(max) else {
         let r = Refusal::new(
