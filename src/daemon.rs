@@ -129,64 +129,30 @@ impl Running {
 /// # Errors
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
-    create_private_dir(&cfg.data_dir)?;
-    std::fs::create_dir_all(&cfg.cert_dir).map_err(io_err(format!(
-        "creating cert_dir {}",
-        cfg.cert_dir.display()
-    )))?;
+    prepare_dirs(&cfg)?;
     let (store, key_source) = crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
     let store: Arc<dyn Store> = Arc::new(store);
-    let db_path = cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME);
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
-    let admin_l = bind(cfg.admin_listen, "admin.listen").await?;
-    let proxy_l = bind(cfg.proxy.listen, "proxy.listen").await?;
-    let transparent_l = match cfg.proxy.transparent_listen {
-        Some(a) => Some(bind(a, "proxy.transparent_listen").await?),
-        None => None,
-    };
-    let admin_addr = local(&admin_l)?;
-    let proxy_addr = local(&proxy_l)?;
-    let transparent_addr = transparent_l.as_ref().map(local).transpose()?;
-    let own = [Some(admin_addr), Some(proxy_addr), transparent_addr]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
-
-    let registry = Arc::new(Registry::default());
-    let leaves = Arc::new(LeafCache::new(cfg.sandbox.leaf_cache_capacity));
-    let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
-    let lifecycle = LifecycleConfig {
-        cert_dir,
-        proxy_public: format!("{}:{}", cfg.proxy.public_host, proxy_addr.port()),
-        default_timeout: cfg.sandbox.default_timeout,
-        max_timeout: cfg.sandbox.max_timeout,
-    };
-    let sandboxes = Arc::new(Sandboxes::new(
-        store.clone(),
-        registry.clone(),
-        leaves.clone(),
-        lifecycle,
-    ));
-    let restored = sandboxes.restore()?;
+    let listeners = Listeners::bind(&cfg).await?;
+    let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr)?;
     let metrics = Arc::new(Metrics::new());
-    metrics.watch_leaf_cache(leaves.clone());
-    metrics.sandboxes.set(registry.len() as i64);
+    metrics.watch_leaf_cache(sandboxes.leaves().clone());
+    metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
-    let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), own.clone())
+    let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
         .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let proxy = ProxyState::new(
-        registry,
-        leaves,
+        sandboxes.registry().clone(),
+        sandboxes.leaves().clone(),
         metrics.clone(),
         audit.clone(),
         runtime,
         shutdown_rx.clone(),
     );
-
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let admin_state = Arc::new(AdminState {
-        store: store.clone(),
+        store,
         sandboxes: sandboxes.clone(),
         admin_token: admin_token.clone(),
         metrics,
@@ -194,24 +160,14 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         listeners_ready: false.into(),
         reload: Some(reload_tx),
     });
+    let (admin_addr, proxy_addr, transparent_addr, own) = (
+        listeners.admin_addr,
+        listeners.proxy_addr,
+        listeners.transparent_addr,
+        listeners.own(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(proxy::run_listener(
-        proxy.clone(),
-        proxy_l,
-        ListenerKind::Explicit,
-    ));
-    if let Some(l) = transparent_l {
-        tasks.spawn(proxy::run_listener(
-            proxy.clone(),
-            l,
-            ListenerKind::Transparent,
-        ));
-    }
-    tasks.spawn(serve_admin(
-        admin_state.clone(),
-        admin_l,
-        shutdown_rx.clone(),
-    ));
+    listeners.spawn(&mut tasks, &proxy, &admin_state, &shutdown_rx);
     tasks.spawn(sweep(sandboxes.clone(), shutdown_rx.clone()));
     tasks.spawn(reloads(
         proxy.clone(),
@@ -222,32 +178,132 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         shutdown_rx,
     ));
     admin_state.listeners_ready.store(true, Ordering::Release);
-
-    tracing::info!(
-        admin = %format!("http://{admin_addr}"),
-        proxy = %proxy_addr,
-        transparent = %transparent_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        data_dir = %cfg.data_dir.display(),
-        admin_token_file = %admin_token_file
-            .as_ref()
-            .map_or_else(|| "(from SEALGATE_ADMIN_TOKEN)".to_owned(), |p| p.display().to_string()),
-        master_key = %key_source,
-        sandboxes_restored = restored,
-        "sealgate is running"
-    );
-    Ok(Running {
+    let running = Running {
         admin_addr,
         proxy_addr,
         transparent_addr,
         admin_token_file,
         key_source,
-        db_path,
+        db_path: cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME),
         proxy,
         sandboxes,
         admin_token,
         shutdown: shutdown_tx,
         tasks,
-    })
+    };
+    log_started(&running, &cfg, restored);
+    Ok(running)
+}
+
+fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
+    create_private_dir(&cfg.data_dir)?;
+    std::fs::create_dir_all(&cfg.cert_dir).map_err(io_err(format!(
+        "creating cert_dir {}",
+        cfg.cert_dir.display()
+    )))
+}
+
+/// Every listener, bound before anything that needs their real addresses (port 0 works).
+struct Listeners {
+    admin: TcpListener,
+    proxy: TcpListener,
+    transparent: Option<TcpListener>,
+    admin_addr: SocketAddr,
+    proxy_addr: SocketAddr,
+    transparent_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &Config) -> Result<Listeners, DaemonError> {
+        let admin = bind(cfg.admin_listen, "admin.listen").await?;
+        let proxy = bind(cfg.proxy.listen, "proxy.listen").await?;
+        let transparent = match cfg.proxy.transparent_listen {
+            Some(a) => Some(bind(a, "proxy.transparent_listen").await?),
+            None => None,
+        };
+        Ok(Listeners {
+            admin_addr: local(&admin)?,
+            proxy_addr: local(&proxy)?,
+            transparent_addr: transparent.as_ref().map(local).transpose()?,
+            admin,
+            proxy,
+            transparent,
+        })
+    }
+
+    /// The bound addresses the proxy must never dial.
+    fn own(&self) -> Vec<SocketAddr> {
+        [
+            Some(self.admin_addr),
+            Some(self.proxy_addr),
+            self.transparent_addr,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    fn spawn(
+        self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        proxy: &Arc<ProxyState>,
+        admin: &Arc<AdminState>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        tasks.spawn(proxy::run_listener(
+            proxy.clone(),
+            self.proxy,
+            ListenerKind::Explicit,
+        ));
+        if let Some(l) = self.transparent {
+            tasks.spawn(proxy::run_listener(
+                proxy.clone(),
+                l,
+                ListenerKind::Transparent,
+            ));
+        }
+        tasks.spawn(serve_admin(admin.clone(), self.admin, shutdown.clone()));
+    }
+}
+
+/// Builds the sandbox service and registers every stored session (same CA, same tokens).
+fn restore_sandboxes(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    proxy_addr: SocketAddr,
+) -> Result<(Arc<Sandboxes>, usize), DaemonError> {
+    let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
+    let lifecycle = LifecycleConfig {
+        cert_dir,
+        proxy_public: format!("{}:{}", cfg.proxy.public_host, proxy_addr.port()),
+        default_timeout: cfg.sandbox.default_timeout,
+        max_timeout: cfg.sandbox.max_timeout,
+    };
+    let registry = Arc::new(Registry::default());
+    let leaves = Arc::new(LeafCache::new(cfg.sandbox.leaf_cache_capacity));
+    let sandboxes = Arc::new(Sandboxes::new(store, registry, leaves, lifecycle));
+    let restored = sandboxes.restore()?;
+    Ok((sandboxes, restored))
+}
+
+fn log_started(r: &Running, cfg: &Config, restored: usize) {
+    let transparent = r
+        .transparent_addr
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let token_file = r.admin_token_file.as_ref().map_or_else(
+        || "(from SEALGATE_ADMIN_TOKEN)".to_owned(),
+        |p| p.display().to_string(),
+    );
+    tracing::info!(
+        admin = %format!("http://{}", r.admin_addr),
+        proxy = %r.proxy_addr,
+        transparent = %transparent,
+        data_dir = %cfg.data_dir.display(),
+        admin_token_file = %token_file,
+        master_key = %r.key_source,
+        sandboxes_restored = restored,
+        "sealgate is running"
+    );
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {

@@ -129,6 +129,11 @@ impl Sandboxes {
         }
     }
 
+    /// The leaf cache (for the proxy and metrics).
+    pub fn leaves(&self) -> &Arc<LeafCache> {
+        &self.leaves
+    }
+
     /// The registry (for the proxy).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
