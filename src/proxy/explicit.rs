@@ -128,47 +128,10 @@ fn connect(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    let dest = match policy::parse_authority(&target, None) {
-        Ok(d) => d,
-        Err(e) => {
-            return Err(refuse_connect(
-                state,
-                sandbox,
-                &req,
-                &target,
-                Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")),
-            ))
-        }
-    };
-    if !sandbox.snapshot().egress_allowed(&dest, Scheme::Https) {
-        let r = Refusal::new(
-            Code::EgressDenied,
-            format!("{dest} is not in the store's egress_allowlist"),
-        );
-        return Err(refuse_connect(state, sandbox, &req, &target, r));
-    }
-    if let Err(e) = state.runtime().dialing.precheck(&dest) {
-        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
-        return Err(refuse_connect(state, sandbox, &req, &target, r));
-    }
-    let max = state.runtime().proxy.max_tunnels_per_sandbox;
-    let Some(guard) = sandbox.try_open_tunnel(max) else {
-        let r = Refusal::new(
-            Code::TooManyTunnels,
-            format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)"),
-        );
-        return Err(refuse_connect(state, sandbox, &req, &target, r));
-    };
+    let tunnel = admit(state, sandbox, &target)
+        .map_err(|r| refuse_connect(state, sandbox, &req, &target, r))?;
     state.metrics.tunnel("allow", "ok");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let tunnel = Arc::new(Tunnel {
-        state: state.clone(),
-        sandbox: sandbox.clone(),
-        dest,
-        scheme: Scheme::Https,
-        mode: "explicit",
-        _guard: Some(guard),
-    });
     let st = state.clone();
     let slot = super::connection_slot();
     state.spawn_connection(async move {
@@ -187,6 +150,41 @@ fn connect(
     );
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
+}
+
+/// The CONNECT decisions, in order and before any DNS lookup, leaf mint or upstream
+/// connection: strict target parsing, the store allowlist, IP-literal vetting, the tunnel cap.
+fn admit(
+    state: &Arc<ProxyState>,
+    sandbox: &Arc<Sandbox>,
+    target: &str,
+) -> Result<Arc<Tunnel>, Refusal> {
+    let dest = policy::parse_authority(target, None)
+        .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
+    if !sandbox.snapshot().egress_allowed(&dest, Scheme::Https) {
+        let msg = format!("{dest} is not in the store's egress_allowlist");
+        return Err(Refusal::new(Code::EgressDenied, msg));
+    }
+    let rt = state.runtime();
+    if let Err(e) = rt.dialing.precheck(&dest) {
+        return Err(Refusal::new(
+            Code::EgressDenied,
+            format!("address vetting: {e}"),
+        ));
+    }
+    let max = rt.proxy.max_tunnels_per_sandbox;
+    let guard = sandbox.try_open_tunnel(max).ok_or_else(|| {
+        let msg = format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)");
+        Refusal::new(Code::TooManyTunnels, msg)
+    })?;
+    Ok(Arc::new(Tunnel {
+        state: state.clone(),
+        sandbox: sandbox.clone(),
+        dest,
+        scheme: Scheme::Https,
+        mode: "explicit",
+        _guard: Some(guard),
+    }))
 }
 
 async fn run_tunnel<IO>(
