@@ -22,9 +22,9 @@ use crate::ca::LeafCache;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     /// "allow", "deny", "error".
-    pub decision: String,
+    pub decision: &'static str,
     /// Error code or "ok".
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Labels for unseal counters.
@@ -187,22 +187,16 @@ impl Metrics {
     }
 
     /// Counts a request decision.
-    pub fn request(&self, decision: &str, code: &str) {
+    pub fn request(&self, decision: &'static str, code: &'static str) {
         self.requests
-            .get_or_create(&DecisionLabels {
-                decision: decision.into(),
-                code: code.into(),
-            })
+            .get_or_create(&DecisionLabels { decision, code })
             .inc();
     }
 
     /// Counts a tunnel decision.
-    pub fn tunnel(&self, decision: &str, code: &str) {
+    pub fn tunnel(&self, decision: &'static str, code: &'static str) {
         self.tunnels
-            .get_or_create(&DecisionLabels {
-                decision: decision.into(),
-                code: code.into(),
-            })
+            .get_or_create(&DecisionLabels { decision, code })
             .inc();
     }
 

@@ -207,6 +207,41 @@ pub struct Tunnel {
     pub mode: &'static str,
     /// Holds the sandbox's tunnel slot while the connection lives.
     pub _guard: Option<TunnelGuard>,
+    /// `dest` as `host:port`, formatted once per tunnel (audit, metrics, upstream URI).
+    pub authority: String,
+    /// The `Host` sent upstream: the normalised host, with the port unless it is the default.
+    pub host_header: http::HeaderValue,
+}
+
+impl Tunnel {
+    /// A tunnel to `dest`; derives the strings every request needs once, here.
+    pub fn new(
+        state: Arc<ProxyState>,
+        sandbox: Arc<Sandbox>,
+        dest: Dest,
+        scheme: Scheme,
+        mode: &'static str,
+        guard: Option<TunnelGuard>,
+    ) -> Arc<Tunnel> {
+        let authority = dest.authority();
+        let host = if dest.port == scheme.default_port() {
+            dest.host.to_string()
+        } else {
+            authority.clone()
+        };
+        let host_header =
+            http::HeaderValue::from_str(&host).expect("a normalised host is a valid header value");
+        Arc::new(Tunnel {
+            state,
+            sandbox,
+            dest,
+            scheme,
+            mode,
+            _guard: guard,
+            authority,
+            host_header,
+        })
+    }
 }
 
 /// Which listener a connection arrived on.

@@ -567,25 +567,4 @@ mod tests {
         assert_eq!(len.load(Relaxed), 1);
         assert!(!Arc::ptr_eq(&slot, &replacement));
     }
-
-    /// Rough cost of a hit; run with
-    /// `cargo test ca::cache::tests::hit_timing -- --ignored --nocapture`.
-    #[tokio::test]
-    #[ignore = "timing, run by hand"]
-    async fn hit_timing() {
-        let cache = LeafCache::new(64);
-        let ca = ca("sbx_timing_0123456789");
-        let name = dns("api.anthropic.com");
-        cache
-            .get_or_mint("sbx_timing_0123456789", &ca, &name)
-            .await
-            .unwrap();
-        let rounds: u32 = 1_000_000;
-        let start = Instant::now();
-        for _ in 0..rounds {
-            let leaf = cache.get_or_mint("sbx_timing_0123456789", &ca, &name).await;
-            std::hint::black_box(leaf.unwrap());
-        }
-        println!("cached get_or_mint: {:?} per hit", start.elapsed() / rounds);
-    }
 }

@@ -406,24 +406,6 @@ async fn python_rejects_wrong_host() {
     assert!(served.is_err());
 }
 
-/// Rough cold-mint cost; run with
-/// `cargo test --release ca::tests::mint_timing -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing, run in release by hand"]
-fn mint_timing() {
-    let ca = new_ca();
-    let rounds: u32 = 200;
-    let start = std::time::Instant::now();
-    for i in 0..rounds {
-        let leaf = ca.mint_leaf(&dns(&format!("h{i}.example.test"))).unwrap();
-        std::hint::black_box(Leaf::new(leaf).unwrap());
-    }
-    println!(
-        "cold mint + ServerConfig: {:?} per leaf",
-        start.elapsed() / rounds
-    );
-}
-
 #[test]
 fn invalid_dns_names_are_refused() {
     let ca = new_ca();

@@ -180,18 +180,14 @@ async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
             if !locations.is_empty() {
                 body["locations"] = json!(locations);
             }
-            let r = c
-                .call(
-                    Method::PUT,
-                    &format!("/v1/stores/{id}/secrets/{name}"),
-                    Some(body.clone()),
-                )
-                .await;
-            if let Some(v) = body.get_mut("value") {
-                zeroize::Zeroize::zeroize(&mut v.to_string());
-                *v = Value::Null;
-            }
-            r?
+            // The value leaves this short-lived process once, in the request body; no copy of
+            // the JSON is kept around for it.
+            c.call(
+                Method::PUT,
+                &format!("/v1/stores/{id}/secrets/{name}"),
+                Some(body),
+            )
+            .await?
         }
         SecretCmd::List { store } => {
             let id = store_id(c, store).await?;

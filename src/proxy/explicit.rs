@@ -177,14 +177,14 @@ fn admit(
         let msg = format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)");
         Refusal::new(Code::TooManyTunnels, msg)
     })?;
-    Ok(Arc::new(Tunnel {
-        state: state.clone(),
-        sandbox: sandbox.clone(),
+    Ok(Tunnel::new(
+        state.clone(),
+        sandbox.clone(),
         dest,
-        scheme: Scheme::Https,
-        mode: "explicit",
-        _guard: Some(guard),
-    }))
+        Scheme::Https,
+        "explicit",
+        Some(guard),
+    ))
 }
 
 async fn run_tunnel<IO>(
@@ -276,14 +276,14 @@ async fn plain(
         audit_refusal(state, Some(&sandbox.id), &req, dest.authority(), &r);
         return Err(r);
     }
-    let tunnel = Arc::new(Tunnel {
-        state: state.clone(),
-        sandbox: sandbox.clone(),
+    let tunnel = Tunnel::new(
+        state.clone(),
+        sandbox.clone(),
         dest,
-        scheme: Scheme::Http,
-        mode: "explicit",
-        _guard: None,
-    });
+        Scheme::Http,
+        "explicit",
+        None,
+    );
     Ok(forward::handle(tunnel, req)
         .await
         .unwrap_or_else(|never| match never {}))

@@ -82,14 +82,14 @@ fn record(
         m.unsealed
             .get_or_create(&crate::metrics::UnsealLabels {
                 secret: name.to_string(),
-                host: t.dest.authority(),
+                host: t.authority.clone(),
             })
             .inc();
     }
     t.state.audit.request(&RequestEvent {
         sandbox: Some(&t.sandbox.id),
         mode: t.mode,
-        host: t.dest.authority(),
+        host: t.authority.clone(),
         method: method.as_str(),
         path,
         decision,
@@ -137,14 +137,14 @@ async fn exchange(
     let (parts, body) = req.into_parts();
     let mut up = build_upstream_head(t, parts)?;
     if let Some(view) = &view {
-        unseal_head(t, view, &mut up, o)?;
+        unseal_head(t, rt, view, &mut up, o)?;
     }
-    let (body, streamed) = prepare_body(t, rt, view.as_deref(), &mut up, body, o).await?;
+    let (body, streamed) = prepare_body(t, rt, view.as_ref(), &mut up, body, o).await?;
     let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
     let up = up.map(|()| body);
     let sent = send(t, rt, up, websocket).await;
     if let Some(outcome) = &streamed {
-        merge_report(&mut o.report, &outcome.report());
+        o.report.merge(&outcome.report());
         if let Some(d) = outcome.denied() {
             return Err(denied(t, d, o));
         }
@@ -180,23 +180,16 @@ fn check_method<B>(req: &Request<B>) -> Result<(), Refusal> {
 
 /// Every request must name exactly the tunnel's host and port (DESIGN.md §3 "Destination truth").
 fn check_authority<B>(t: &Tunnel, req: &Request<B>) -> Result<(), Refusal> {
-    let default_port = if t.scheme == Scheme::Https { 443 } else { 80 };
-    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
-    if req.version() <= Version::HTTP_11 && hosts.len() != 1 {
-        let what = if hosts.is_empty() {
-            "missing"
-        } else {
-            "duplicate"
-        };
-        return Err(Refusal::new(
-            Code::BadRequest,
-            format!("{what} Host header"),
-        ));
-    }
-    if hosts.len() > 1 {
+    let default_port = t.scheme.default_port();
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
         return Err(Refusal::new(Code::BadRequest, "duplicate Host header"));
     }
-    if let Some(h) = hosts.first() {
+    if req.version() <= Version::HTTP_11 && host.is_none() {
+        return Err(Refusal::new(Code::BadRequest, "missing Host header"));
+    }
+    if let Some(h) = host {
         let h = h
             .to_str()
             .map_err(|_| Refusal::new(Code::BadRequest, "Host header is not ASCII"))?;
@@ -204,12 +197,7 @@ fn check_authority<B>(t: &Tunnel, req: &Request<B>) -> Result<(), Refusal> {
     }
     if let Some(a) = req.uri().authority() {
         if let Some(s) = req.uri().scheme_str() {
-            let expected = if t.scheme == Scheme::Https {
-                "https"
-            } else {
-                "http"
-            };
-            if !s.eq_ignore_ascii_case(expected) {
+            if !s.eq_ignore_ascii_case(scheme_str(t.scheme)) {
                 return Err(Refusal::new(
                     Code::AuthorityMismatch,
                     format!("scheme {s} does not match the tunnel"),
@@ -217,10 +205,17 @@ fn check_authority<B>(t: &Tunnel, req: &Request<B>) -> Result<(), Refusal> {
             }
         }
         same_dest(t, a.as_str(), default_port, "request URI")?;
-    } else if hosts.is_empty() {
+    } else if host.is_none() {
         return Err(Refusal::new(Code::BadRequest, "request names no host"));
     }
     Ok(())
+}
+
+fn scheme_str(s: Scheme) -> &'static str {
+    match s {
+        Scheme::Https => "https",
+        Scheme::Http => "http",
+    }
 }
 
 fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(), Refusal> {
@@ -239,27 +234,28 @@ fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(),
 /// already judged by [`super::h1_guard`] (hyper hides CL+TE from this header map); this check
 /// stays as the second line for h2 and anything that reaches it.
 fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
-    let cls: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
-    if cls.len() > 1 {
+    let mut cls = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(cl) = cls.next() else {
+        return Ok(());
+    };
+    if cls.next().is_some() {
         return Err(Refusal::new(
             Code::BadRequest,
             "multiple Content-Length headers",
         ));
     }
-    if !cls.is_empty() && h.contains_key(header::TRANSFER_ENCODING) {
+    if h.contains_key(header::TRANSFER_ENCODING) {
         return Err(Refusal::new(
             Code::BadRequest,
             "both Content-Length and Transfer-Encoding",
         ));
     }
-    if let Some(cl) = cls.first() {
-        let ok = cl
-            .to_str()
-            .ok()
-            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return Err(Refusal::new(Code::BadRequest, "malformed Content-Length"));
-        }
+    let ok = cl
+        .to_str()
+        .ok()
+        .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    if !ok {
+        return Err(Refusal::new(Code::BadRequest, "malformed Content-Length"));
     }
     Ok(())
 }
@@ -323,12 +319,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Request<()>, Refusal> {
     let websocket = parts.headers.contains_key(header::UPGRADE);
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let scheme = if t.scheme == Scheme::Https {
-        "https"
-    } else {
-        "http"
-    };
-    let uri: Uri = format!("{scheme}://{}{pq}", t.dest.authority())
+    let uri: Uri = format!("{}://{}{pq}", scheme_str(t.scheme), t.authority)
         .parse()
         .map_err(|_| Refusal::new(Code::BadRequest, "request target is not a valid URI"))?;
     let mut req = Request::from_parts(parts, ());
@@ -336,22 +327,14 @@ fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Reques
     *req.version_mut() = Version::HTTP_11;
     strip_hop_by_hop(req.headers_mut(), websocket);
     req.headers_mut().remove(header::HOST);
-    req.headers_mut().insert(header::HOST, host_header(t));
+    req.headers_mut()
+        .insert(header::HOST, t.host_header.clone());
     Ok(req)
-}
-
-fn host_header(t: &Tunnel) -> HeaderValue {
-    let default = if t.scheme == Scheme::Https { 443 } else { 80 };
-    let s = if t.dest.port == default {
-        t.dest.host.to_string()
-    } else {
-        t.dest.authority()
-    };
-    HeaderValue::from_str(&s).expect("normalised host is a valid header value")
 }
 
 fn unseal_head(
     t: &Tunnel,
+    rt: &Runtime,
     view: &HostView,
     req: &mut Request<()>,
     o: &mut Outcome,
@@ -359,7 +342,7 @@ fn unseal_head(
     if view.is_empty() {
         return Ok(());
     }
-    let mode = t.state.runtime().proxy.on_disallowed_token;
+    let mode = rt.proxy.on_disallowed_token;
     subst::substitute_headers(req.headers_mut(), view, mode, &mut o.report)
         .map_err(|d| denied(t, d, o))?;
     if view.any_query {
@@ -399,19 +382,19 @@ fn denied(t: &Tunnel, d: Denied, o: &mut Outcome) -> Refusal {
 async fn prepare_body(
     t: &Tunnel,
     rt: &Runtime,
-    view: Option<&HostView>,
+    view: Option<&Arc<HostView>>,
     req: &mut Request<()>,
     body: Incoming,
     o: &mut Outcome,
 ) -> Result<(ProxyBody, Option<SubstOutcome>), Refusal> {
-    let scan = view.is_some_and(|v| v.any_body && !v.is_empty())
-        && !compressed(req.headers())
-        && !body.is_end_stream();
-    if !scan {
+    let view = view.filter(|v| {
+        v.any_body && !v.is_empty() && !compressed(req.headers()) && !body.is_end_stream()
+    });
+    let Some(view) = view else {
         o.bytes_up = body.size_hint().exact().unwrap_or(0);
         return Ok((body.map_err(BoxError::from).boxed_unsync(), None));
-    }
-    let lookup: Arc<dyn TokenLookup> = t.sandbox.snapshot().view(&t.dest);
+    };
+    let lookup: Arc<dyn TokenLookup> = view.clone();
     let mode = rt.proxy.on_disallowed_token;
     match body.size_hint().exact() {
         Some(n) if n <= BUFFER_BODY_MAX => {
@@ -448,7 +431,7 @@ async fn substitute_whole(
     let mut out = Vec::new();
     engine.push(bytes, &mut out).map_err(|d| denied(t, d, o))?;
     engine.finish(&mut out);
-    merge_report(&mut o.report, engine.report());
+    o.report.merge(engine.report());
     let whole: Bytes = if out.len() == 1 {
         out.pop().unwrap_or_default()
     } else {
@@ -460,19 +443,6 @@ async fn substitute_whole(
     Ok(Full::new(whole)
         .map_err(|never| match never {})
         .boxed_unsync())
-}
-
-fn merge_report(into: &mut Report, from: &Report) {
-    for n in &from.unsealed {
-        if !into.unsealed.contains(n) {
-            into.unsealed.push(n.clone());
-        }
-    }
-    for n in &from.refused {
-        if !into.refused.contains(n) {
-            into.refused.push(n.clone());
-        }
-    }
 }
 
 fn compressed(h: &HeaderMap) -> bool {

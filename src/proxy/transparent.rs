@@ -185,14 +185,14 @@ fn open_tunnel(
         return Err(refuse(state, sandbox, &dest, what, r));
     };
     state.metrics.tunnel("allow", "ok");
-    Ok(Arc::new(Tunnel {
-        state: state.clone(),
-        sandbox: sandbox.clone(),
+    Ok(Tunnel::new(
+        state.clone(),
+        sandbox.clone(),
         dest,
         scheme,
-        mode: "transparent",
-        _guard: Some(guard),
-    }))
+        "transparent",
+        Some(guard),
+    ))
 }
 
 /// Counts and audits a refusal of a whole connection; returns it for the caller to act on.
