@@ -49,6 +49,9 @@ pub struct Runtime {
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
+    /// h2 + http/1.1 client without a pool: one new connection per request, for the single
+    /// retry of a request the upstream provably did not process.
+    pub client_fresh: UpstreamClient,
     /// What the connectors vet and dial with (for checks before any connection is set up).
     pub dialing: Arc<upstream::UpstreamSettings>,
 }
@@ -77,11 +80,20 @@ impl Runtime {
             &upstream,
             upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
         );
+        let client_fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .timer(TokioTimer::new())
+            .set_host(true)
+            .build(upstream::Connector::new(
+                settings.clone(),
+                &[b"h2", b"http/1.1"],
+            ));
         Ok(Runtime {
             proxy,
             upstream,
             client,
             client_h1,
+            client_fresh,
             dialing: settings,
         })
     }
@@ -93,7 +105,9 @@ fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClie
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .set_host(false)
+        // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
+        // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
+        .set_host(true)
         .build(conn)
 }
 
@@ -209,8 +223,11 @@ pub struct Tunnel {
     pub _guard: Option<TunnelGuard>,
     /// `dest` as `host:port`, formatted once per tunnel (audit, metrics, upstream URI).
     pub authority: String,
-    /// The `Host` sent upstream: the normalised host, with the port unless it is the default.
-    pub host_header: http::HeaderValue,
+    /// The one authority the upstream sees, as the client named the destination: the
+    /// normalised host, with the port only when it is not the scheme's default. It is the
+    /// upstream URI's authority, so HTTP/2 upstreams get it as `:authority` (and no `Host`)
+    /// and HTTP/1 upstreams as the single `Host` the pooled client adds (`set_host`).
+    pub origin: http::uri::Authority,
 }
 
 impl Tunnel {
@@ -229,8 +246,9 @@ impl Tunnel {
         } else {
             authority.clone()
         };
-        let host_header =
-            http::HeaderValue::from_str(&host).expect("a normalised host is a valid header value");
+        let origin = host
+            .parse()
+            .expect("a normalised host is a valid authority");
         Arc::new(Tunnel {
             state,
             sandbox,
@@ -239,7 +257,7 @@ impl Tunnel {
             mode,
             _guard: guard,
             authority,
-            host_header,
+            origin,
         })
     }
 }

@@ -23,7 +23,7 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
         }
         src = s.source();
     }
-    tracing::debug!(dest = %t.dest, error = %e, "upstream exchange failed");
+    tracing::debug!(dest = %t.dest, error = %chain(e), "upstream exchange failed");
     Refusal::new(
         Code::UpstreamUnreachable,
         format!("{} failed the exchange", t.dest),
@@ -48,4 +48,35 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
             format!("{} unreachable: {m}", t.dest),
         ),
     }
+}
+
+/// True when the upstream provably did not process the request, so it may be sent again:
+/// the server refused the stream (`REFUSED_STREAM`, RFC 9113 §8.7, also what
+/// [`super::upstream::RefuseAfterGoaway`] reports for streams opened after a GOAWAY), or the
+/// stream was above a graceful GOAWAY's last-stream-id (h2 reports those, and only those, as
+/// a remote GOAWAY with `NO_ERROR`; a GOAWAY with an error code may also end processed
+/// streams and is not retried).
+pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+                || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR));
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// The error and its sources, `: `-joined, for logs (no request data is in these errors).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }

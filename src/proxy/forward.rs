@@ -140,9 +140,7 @@ async fn exchange(
         unseal_head(t, rt, view, &mut up, o)?;
     }
     let (body, streamed) = prepare_body(t, rt, view.as_ref(), &mut up, body, o).await?;
-    let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
-    let up = up.map(|()| body);
-    let sent = send(t, rt, up, websocket).await;
+    let sent = send(t, rt, up, body, websocket).await;
     if let Some(outcome) = &streamed {
         o.report.merge(&outcome.report());
         if let Some(d) = outcome.denied() {
@@ -276,6 +274,8 @@ fn check_upgrade<B>(req: &Request<B>) -> Result<bool, Refusal> {
 }
 
 /// Hop-by-hop headers never cross the proxy (RFC 9110 §7.6.1), nor do `Proxy-*` headers.
+/// `Trailer` is end-to-end (RFC 9110 §6.6.2) and stays: hyper's HTTP/1 side only sends the
+/// trailer fields it announces.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -295,7 +295,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         "proxy-authorization",
         "proxy-authenticate",
         "te",
-        "trailer",
         "transfer-encoding",
     ] {
         h.remove(n);
@@ -316,20 +315,50 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The head sent upstream: origin-form path and query under the tunnel's one authority
+/// ([`Tunnel::origin`]), hop-by-hop headers removed, and **no** `Host` of the client's: the
+/// pooled client writes the authority exactly once — `:authority` on HTTP/2, `Host` on
+/// HTTP/1 — so a server never sees two (nginx < 1.25 answers 400 to `Host` beside
+/// `:authority`). `TE: trailers` is the one `TE` value kept (gRPC requires it).
 fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Request<()>, Refusal> {
     let websocket = parts.headers.contains_key(header::UPGRADE);
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!("{}://{}{pq}", scheme_str(t.scheme), t.authority)
-        .parse()
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(scheme_str(t.scheme))
+        .authority(t.origin.clone())
+        .path_and_query(pq)
+        .build()
         .map_err(|_| Refusal::new(Code::BadRequest, "request target is not a valid URI"))?;
     let mut req = Request::from_parts(parts, ());
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
+    let trailers = accepts_trailers(req.headers());
     strip_hop_by_hop(req.headers_mut(), websocket);
     req.headers_mut().remove(header::HOST);
-    req.headers_mut()
-        .insert(header::HOST, t.host_header.clone());
+    if trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     Ok(req)
+}
+
+/// True if any `TE` field lists `trailers` (RFC 9110 §10.1.4; case-insensitive token).
+fn accepts_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        })
 }
 
 fn unseal_head(
@@ -376,9 +405,19 @@ fn denied(t: &Tunnel, d: Denied, o: &mut Outcome) -> Refusal {
     )
 }
 
-/// Chooses the body path: untouched (no body-located secret, compressed, or empty), buffered
-/// and substituted whole (small, known length: exact `Content-Length` kept), or streamed
-/// through the engine (`Content-Length` dropped; HTTP/1.1 upstreams get chunked encoding).
+/// A request body as it goes upstream: held in full (it can be sent again) or streamed.
+enum UpBody {
+    /// Every byte, already substituted where that applies.
+    Held(Bytes),
+    /// Streams through (and is consumed by) the first attempt.
+    Streamed(ProxyBody),
+}
+
+/// Chooses the body path: held in full when its length is known and at most
+/// [`BUFFER_BODY_MAX`] (substituted whole where body secrets apply; an exact
+/// `Content-Length` is kept, and the request can be retried), else streamed — through the
+/// engine when body secrets apply (`Content-Length` dropped; HTTP/1.1 upstreams get chunked
+/// encoding), untouched otherwise (no body-located secret, or a compressed body).
 async fn prepare_body(
     t: &Tunnel,
     rt: &Runtime,
@@ -386,27 +425,50 @@ async fn prepare_body(
     req: &mut Request<()>,
     body: Incoming,
     o: &mut Outcome,
-) -> Result<(ProxyBody, Option<SubstOutcome>), Refusal> {
+) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
+    let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
     let view = view.filter(|v| {
         v.any_body && !v.is_empty() && !compressed(req.headers()) && !body.is_end_stream()
     });
     let Some(view) = view else {
+        if known_small.is_some() {
+            let whole = collect_small(body).await?;
+            o.bytes_up = whole.len() as u64;
+            return Ok((UpBody::Held(whole), None));
+        }
         o.bytes_up = body.size_hint().exact().unwrap_or(0);
-        return Ok((body.map_err(BoxError::from).boxed_unsync(), None));
+        return Ok((
+            UpBody::Streamed(body.map_err(BoxError::from).boxed_unsync()),
+            None,
+        ));
     };
     let lookup: Arc<dyn TokenLookup> = view.clone();
     let mode = rt.proxy.on_disallowed_token;
-    match body.size_hint().exact() {
-        Some(n) if n <= BUFFER_BODY_MAX => {
-            Ok((substitute_whole(t, lookup, mode, req, body, o).await?, None))
-        }
-        _ => {
-            req.headers_mut().remove(header::CONTENT_LENGTH);
-            let sb = SubstBody::new(body, BodySubst::new(lookup, mode));
-            let outcome = sb.outcome();
-            Ok((sb.map_err(BoxError::from).boxed_unsync(), Some(outcome)))
-        }
+    if known_small.is_some() {
+        let whole = substitute_whole(t, lookup, mode, req, body, o).await?;
+        return Ok((UpBody::Held(whole), None));
     }
+    req.headers_mut().remove(header::CONTENT_LENGTH);
+    let sb = SubstBody::new(body, BodySubst::new(lookup, mode));
+    let outcome = sb.outcome();
+    Ok((
+        UpBody::Streamed(sb.map_err(BoxError::from).boxed_unsync()),
+        Some(outcome),
+    ))
+}
+
+/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`].
+async fn collect_small(body: Incoming) -> Result<Bytes, Refusal> {
+    Ok(Limited::new(body, BUFFER_BODY_MAX as usize)
+        .collect()
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                Code::BadRequest,
+                "request body ended early or exceeded its Content-Length",
+            )
+        })?
+        .to_bytes())
 }
 
 async fn substitute_whole(
@@ -416,17 +478,8 @@ async fn substitute_whole(
     req: &mut Request<()>,
     body: Incoming,
     o: &mut Outcome,
-) -> Result<ProxyBody, Refusal> {
-    let bytes = Limited::new(body, BUFFER_BODY_MAX as usize)
-        .collect()
-        .await
-        .map_err(|_| {
-            Refusal::new(
-                Code::BadRequest,
-                "request body ended early or exceeded its Content-Length",
-            )
-        })?
-        .to_bytes();
+) -> Result<Bytes, Refusal> {
+    let bytes = collect_small(body).await?;
     let mut engine = BodySubst::new(lookup, mode);
     let mut out = Vec::new();
     engine.push(bytes, &mut out).map_err(|d| denied(t, d, o))?;
@@ -440,9 +493,7 @@ async fn substitute_whole(
     o.bytes_up = whole.len() as u64;
     req.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
-    Ok(Full::new(whole)
-        .map_err(|never| match never {})
-        .boxed_unsync())
+    Ok(whole)
 }
 
 fn compressed(h: &HeaderMap) -> bool {
@@ -450,16 +501,40 @@ fn compressed(h: &HeaderMap) -> bool {
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
+/// Sends the request and waits for the response head (`response_timeout` for the whole).
+///
+/// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a
+/// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
+/// sent once more on a fresh connection when its body was held in full. HTTP/1 connections
+/// closed before the request was written are retried by the pooled client itself.
 async fn send(
     t: &Tunnel,
     rt: &Runtime,
-    req: Request<ProxyBody>,
+    head: Request<()>,
+    body: UpBody,
     websocket: bool,
 ) -> Result<Response<Incoming>, Refusal> {
     let client = if websocket { &rt.client_h1 } else { &rt.client };
     let started = Instant::now();
-    let fut = client.request(req);
-    let resp = match tokio::time::timeout(rt.upstream.response_timeout, fut).await {
+    let replay = match &body {
+        UpBody::Held(b) => Some((head.clone(), b.clone())),
+        UpBody::Streamed(_) => None,
+    };
+    let attempts = async {
+        match client.request(attach(t, head, body)).await {
+            Err(e) if super::errors::not_processed(&e) => {
+                let Some((head, bytes)) = replay else {
+                    return Err(e);
+                };
+                tracing::debug!(dest = %t.dest, error = %super::errors::chain(&e),
+                    "upstream did not process the request; retrying on a fresh connection");
+                let again = attach(t, head, UpBody::Held(bytes));
+                rt.client_fresh.request(again).await
+            }
+            other => other,
+        }
+    };
+    let resp = match tokio::time::timeout(rt.upstream.response_timeout, attempts).await {
         Err(_) => {
             return Err(Refusal::new(
                 Code::UpstreamTimeout,
@@ -474,6 +549,16 @@ async fn send(
         .upstream_latency
         .observe(started.elapsed().as_secs_f64());
     Ok(resp)
+}
+
+/// The request with its body, counted into the `bytes_up` metric.
+fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
+    let body = match body {
+        UpBody::Held(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
+        UpBody::Streamed(b) => b,
+    };
+    let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
+    head.map(|()| body)
 }
 
 fn finish_response(

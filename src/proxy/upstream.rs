@@ -24,6 +24,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::policy::{self, AddressPolicy};
 
+mod goaway;
+
+pub use goaway::RefuseAfterGoaway;
+
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -165,6 +169,10 @@ impl Connector {
             .connect(name, tcp)
             .await
             .map_err(|e| ConnectError::Tls(tls_reason(&e)))?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let watched = RefuseAfterGoaway::new(tls);
+            return Ok(UpstreamStream::H2(Box::new(TokioIo::new(watched))));
+        }
         Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
     }
 
@@ -224,26 +232,23 @@ fn tls_reason(e: &io::Error) -> String {
         .map_or_else(|| e.to_string(), |inner| inner.to_string())
 }
 
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
 /// A plain or TLS upstream connection.
 pub enum UpstreamStream {
     /// Plain HTTP.
     Plain(TokioIo<TcpStream>),
-    /// HTTPS.
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+    /// HTTPS, HTTP/1.1.
+    Tls(Box<TokioIo<TlsStream>>),
+    /// HTTPS that negotiated h2: streams opened after the server's GOAWAY are refused.
+    H2(Box<TokioIo<RefuseAfterGoaway<TlsStream>>>),
 }
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         match self {
-            UpstreamStream::Plain(_) => Connected::new(),
-            UpstreamStream::Tls(t) => {
-                let h2 = t.inner().get_ref().1.alpn_protocol() == Some(b"h2");
-                if h2 {
-                    Connected::new().negotiated_h2()
-                } else {
-                    Connected::new()
-                }
-            }
+            UpstreamStream::Plain(_) | UpstreamStream::Tls(_) => Connected::new(),
+            UpstreamStream::H2(_) => Connected::new().negotiated_h2(),
         }
     }
 }
@@ -257,6 +262,7 @@ impl hyper::rt::Read for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -270,6 +276,7 @@ impl hyper::rt::Write for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -277,6 +284,7 @@ impl hyper::rt::Write for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -284,6 +292,7 @@ impl hyper::rt::Write for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

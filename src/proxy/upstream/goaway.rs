@@ -1,0 +1,474 @@
+//! Makes an HTTP/2 server's GOAWAY visible per request: streams opened after it are refused.
+//!
+//! Why: after a server sends GOAWAY (nginx does after `keepalive_requests`, 1,000 by default),
+//! RFC 9113 §6.8 says the client must open no new stream there, and the server ignores any
+//! stream above the frame's last-stream-id. The h2 crate (0.4) still opens streams on such a
+//! connection (hyper#2500), and hyper's pool still hands it out until it closes. Those
+//! requests were never processed, but they fail only when the server closes the connection,
+//! as a "broken pipe" that cannot be told apart from a request cut off mid-way — so under
+//! load through nginx about 1 % of requests came back 502 (see ARCHITECTURE.md).
+//!
+//! How: this wrapper sits between TLS and h2 on every upstream connection that negotiated
+//! h2. It follows frame boundaries in both directions (9-byte frame headers, the client's
+//! 24-byte preface). When the server's GOAWAY arrives it remembers the last-stream-id; every
+//! stream the client opens afterwards above that id gets a synthetic
+//! `RST_STREAM(REFUSED_STREAM)` inserted into what h2 reads, at the next frame boundary
+//! (never inside a header block). REFUSED_STREAM is h2's "not processed, safe to retry"
+//! signal, which [`crate::proxy::forward`] retries once on a fresh connection. Streams that
+//! were already open above the id are failed by h2 itself (a remote GOAWAY error).
+//!
+//! Rules: bytes are passed through unchanged in both directions; only whole synthetic frames
+//! are added on the read side, only for streams the server has said it will not process.
+//!
+//! # Memory usage
+//! A fixed-size state per connection plus one 13-byte frame per refused stream while it
+//! waits for a boundary; reads are never buffered (a read is only shortened to end at a
+//! frame boundary while a refusal waits).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const HEAD_LEN: usize = 9;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const PUSH_PROMISE: u8 = 0x5;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+const REFUSED_STREAM: u32 = 0x7;
+
+/// A frame header seen by [`Frames`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+/// Follows frame boundaries in one direction. Pure: fed bytes, it reports frame heads and
+/// the first 4 payload bytes of GOAWAY frames (the last-stream-id).
+#[derive(Debug)]
+struct Frames {
+    /// Bytes of the client preface still to skip (write side only).
+    preface_left: usize,
+    head: [u8; HEAD_LEN],
+    head_len: usize,
+    payload_left: usize,
+    current: Option<Head>,
+    /// Inside a header block (HEADERS/PUSH_PROMISE without END_HEADERS, then CONTINUATIONs):
+    /// no other frame may be inserted here.
+    in_header_block: bool,
+    goaway: [u8; 4],
+    goaway_len: usize,
+}
+
+/// What [`Frames::feed`] saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Frame(Head),
+    GoAway { last_stream: u32 },
+}
+
+impl Frames {
+    fn new(preface: bool) -> Frames {
+        Frames {
+            preface_left: if preface { PREFACE_LEN } else { 0 },
+            head: [0; HEAD_LEN],
+            head_len: 0,
+            payload_left: 0,
+            current: None,
+            in_header_block: false,
+            goaway: [0; 4],
+            goaway_len: 0,
+        }
+    }
+
+    /// True between two frames and outside a header block: a whole frame may be inserted.
+    fn at_boundary(&self) -> bool {
+        self.preface_left == 0
+            && self.head_len == 0
+            && self.payload_left == 0
+            && !self.in_header_block
+    }
+
+    /// How many bytes may be read without passing a possible insertion point: the rest of
+    /// the frame header being read, else the rest of the current payload, else (between two
+    /// frames of a header block) the next frame's header. Never 0.
+    fn until_boundary(&self) -> usize {
+        if self.head_len > 0 {
+            HEAD_LEN - self.head_len
+        } else if self.preface_left + self.payload_left > 0 {
+            self.preface_left + self.payload_left
+        } else {
+            HEAD_LEN
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8], seen: &mut Vec<Seen>) {
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload(&bytes[..n], seen);
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (HEAD_LEN - self.head_len).min(bytes.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
+                self.head_len += n;
+                bytes = &bytes[n..];
+                if self.head_len == HEAD_LEN {
+                    self.head_done(seen);
+                }
+            }
+        }
+    }
+
+    fn head_done(&mut self, seen: &mut Vec<Seen>) {
+        let h = &self.head;
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        let head = Head {
+            kind: h[3],
+            flags: h[4],
+            stream: u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+        };
+        self.head_len = 0;
+        self.payload_left = len;
+        self.current = Some(head);
+        self.goaway_len = 0;
+        match head.kind {
+            HEADERS | PUSH_PROMISE | CONTINUATION => {
+                self.in_header_block = head.flags & END_HEADERS == 0;
+            }
+            _ => {}
+        }
+        seen.push(Seen::Frame(head));
+    }
+
+    fn payload(&mut self, bytes: &[u8], seen: &mut Vec<Seen>) {
+        if self.current.map(|h| h.kind) != Some(GOAWAY) || self.goaway_len == 4 {
+            return;
+        }
+        let n = (4 - self.goaway_len).min(bytes.len());
+        self.goaway[self.goaway_len..self.goaway_len + n].copy_from_slice(&bytes[..n]);
+        self.goaway_len += n;
+        if self.goaway_len == 4 {
+            let last_stream = u32::from_be_bytes(self.goaway) & 0x7fff_ffff;
+            seen.push(Seen::GoAway { last_stream });
+        }
+    }
+}
+
+/// The synthetic `RST_STREAM(REFUSED_STREAM)` frame for `stream`.
+fn refused_frame(stream: u32) -> [u8; 13] {
+    let mut f = [0u8; 13];
+    f[2] = 4; // payload length
+    f[3] = RST_STREAM;
+    f[5..9].copy_from_slice(&stream.to_be_bytes());
+    f[9..13].copy_from_slice(&REFUSED_STREAM.to_be_bytes());
+    f
+}
+
+/// The connection-side state: what was opened, what the server said, what to refuse.
+#[derive(Debug)]
+struct Refusals {
+    reads: Frames,
+    writes: Frames,
+    /// The last-stream-id of the server's GOAWAY, once one arrived.
+    last_stream: Option<u32>,
+    /// Highest stream id the client opened so far (new streams have increasing ids).
+    highest_opened: u32,
+    /// Streams to refuse, oldest first.
+    queue: VecDeque<u32>,
+    /// The synthetic frame being handed to h2 and how much of it is out.
+    out: Option<([u8; 13], usize)>,
+    /// The reader to wake when a refusal is queued while no server bytes arrive.
+    read_waker: Option<Waker>,
+    scratch: Vec<Seen>,
+}
+
+impl Refusals {
+    fn new() -> Refusals {
+        Refusals {
+            reads: Frames::new(false),
+            writes: Frames::new(true),
+            last_stream: None,
+            highest_opened: 0,
+            queue: VecDeque::new(),
+            out: None,
+            read_waker: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn on_read(&mut self, bytes: &[u8]) {
+        let mut seen = std::mem::take(&mut self.scratch);
+        self.reads.feed(bytes, &mut seen);
+        for s in seen.drain(..) {
+            if let Seen::GoAway { last_stream } = s {
+                tracing::debug!(last_stream, "upstream h2 GOAWAY: later streams are refused");
+                // A later GOAWAY may only lower the id (RFC 9113 §6.8).
+                self.last_stream =
+                    Some(self.last_stream.map_or(last_stream, |l| l.min(last_stream)));
+            }
+        }
+        self.scratch = seen;
+    }
+
+    fn on_write(&mut self, bytes: &[u8]) {
+        let mut seen = std::mem::take(&mut self.scratch);
+        self.writes.feed(bytes, &mut seen);
+        for s in seen.drain(..) {
+            let Seen::Frame(h) = s else { continue };
+            if h.kind != HEADERS || h.stream <= self.highest_opened {
+                continue;
+            }
+            self.highest_opened = h.stream;
+            if self.last_stream.is_some_and(|l| h.stream > l) {
+                self.queue.push_back(h.stream);
+                if let Some(w) = self.read_waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        self.scratch = seen;
+    }
+
+    /// A refusal can go out now: one is started, or one waits and the read side is between
+    /// frames.
+    fn ready_to_inject(&self) -> bool {
+        self.out.is_some() || (!self.queue.is_empty() && self.reads.at_boundary())
+    }
+
+    fn inject(&mut self, buf: &mut ReadBuf<'_>) {
+        if self.out.is_none() {
+            if let Some(stream) = self.queue.pop_front() {
+                self.out = Some((refused_frame(stream), 0));
+            }
+        }
+        if let Some((frame, pos)) = &mut self.out {
+            let n = (frame.len() - *pos).min(buf.remaining());
+            buf.put_slice(&frame[*pos..*pos + n]);
+            *pos += n;
+            if *pos == frame.len() {
+                self.out = None;
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream h2 transport that refuses streams opened after the server's GOAWAY.
+    pub struct RefuseAfterGoaway<S> {
+        #[pin]
+        inner: S,
+        state: Refusals,
+    }
+}
+
+impl<S> RefuseAfterGoaway<S> {
+    /// Wraps the transport of a connection that negotiated h2 (before any byte moved).
+    pub fn new(inner: S) -> Self {
+        RefuseAfterGoaway {
+            inner,
+            state: Refusals::new(),
+        }
+    }
+
+    /// The wrapped transport.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let st = this.state;
+        let before = buf.filled().len();
+        if st.ready_to_inject() {
+            st.inject(buf);
+            return Poll::Ready(Ok(()));
+        }
+        let poll = if st.queue.is_empty() {
+            let poll = this.inner.poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = poll {
+                st.on_read(&buf.filled()[before..]);
+            }
+            poll
+        } else {
+            // A refusal waits for the current frame to end: read no further than that.
+            let mut tmp = [0u8; 4096];
+            let want = st
+                .reads
+                .until_boundary()
+                .min(tmp.len())
+                .min(buf.remaining());
+            let mut small = ReadBuf::new(&mut tmp[..want]);
+            let poll = this.inner.poll_read(cx, &mut small);
+            if let Poll::Ready(Ok(())) = poll {
+                let got = small.filled();
+                buf.put_slice(got);
+                st.on_read(got);
+            }
+            poll
+        };
+        match poll {
+            Poll::Pending => {
+                st.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Poll::Ready(Ok(())) if buf.filled().len() == before && st.ready_to_inject() => {
+                // The server closed the connection: refusals still go out first.
+                st.inject(buf);
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for RefuseAfterGoaway<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            this.state.on_write(&buf[..n]);
+        }
+        poll
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn goaway(last: u32) -> Vec<u8> {
+        let mut p = last.to_be_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_be_bytes());
+        frame(GOAWAY, 0, 0, &p)
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    #[test]
+    fn frames_follow_boundaries_across_any_split() {
+        let mut bytes = frame(0x4, 0, 0, &[0; 6]);
+        bytes.extend(goaway(7));
+        bytes.extend(frame(0x0, 1, 5, b"hello"));
+        for split in 0..bytes.len() {
+            let mut f = Frames::new(false);
+            let mut seen = Vec::new();
+            f.feed(&bytes[..split], &mut seen);
+            f.feed(&bytes[split..], &mut seen);
+            assert!(f.at_boundary(), "split {split}");
+            assert!(
+                seen.contains(&Seen::GoAway { last_stream: 7 }),
+                "split {split}"
+            );
+            assert_eq!(
+                seen.iter().filter(|s| matches!(s, Seen::Frame(_))).count(),
+                3
+            );
+        }
+    }
+
+    #[test]
+    fn header_blocks_are_not_boundaries() {
+        let mut f = Frames::new(false);
+        let mut seen = Vec::new();
+        f.feed(&frame(HEADERS, 0, 1, b"abc"), &mut seen);
+        assert!(!f.at_boundary(), "HEADERS without END_HEADERS");
+        f.feed(&frame(CONTINUATION, END_HEADERS, 1, b"d"), &mut seen);
+        assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn only_streams_opened_after_goaway_above_its_id_are_refused() {
+        let mut r = Refusals::new();
+        let mut w = PREFACE.to_vec();
+        w.extend(frame(HEADERS, END_HEADERS, 1, b"h"));
+        w.extend(frame(HEADERS, END_HEADERS, 3, b"h"));
+        r.on_write(&w);
+        r.on_read(&goaway(1)); // stream 3 is failed by h2 itself (already open)
+        r.on_write(&frame(HEADERS, END_HEADERS | 0x1, 3, b"trailers")); // not a new stream
+        r.on_write(&frame(HEADERS, END_HEADERS, 5, b"h"));
+        r.on_write(&frame(0x0, 0x1, 5, b"body"));
+        r.on_write(&frame(HEADERS, END_HEADERS, 7, b"h"));
+        assert_eq!(r.queue, [5, 7]);
+    }
+
+    /// End to end over an in-memory pipe: the reader gets the server's bytes unchanged and a
+    /// RST_STREAM(REFUSED_STREAM) for the late stream, between two server frames.
+    #[tokio::test]
+    async fn refusal_is_inserted_between_server_frames() {
+        let (client_io, mut server) = tokio::io::duplex(1 << 16);
+        let mut c = RefuseAfterGoaway::new(client_io);
+        let data = frame(0x0, 0, 1, &[7u8; 100]);
+        server.write_all(&goaway(1)).await.unwrap();
+        server.write_all(&data[..50]).await.unwrap();
+        let mut got = vec![0u8; 17 + 50];
+        c.read_exact(&mut got).await.unwrap();
+        let mut w = PREFACE.to_vec();
+        w.extend(frame(HEADERS, END_HEADERS, 3, b"h"));
+        c.write_all(&w).await.unwrap();
+        server.write_all(&data[50..]).await.unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        let mut want = data[50..].to_vec();
+        want.extend(refused_frame(3));
+        assert_eq!(rest, want);
+    }
+
+    /// The server closes without sending anything more: the refusal still reaches h2 before
+    /// the end of the stream.
+    #[tokio::test]
+    async fn refusal_is_delivered_before_eof() {
+        let (client_io, mut server) = tokio::io::duplex(1 << 16);
+        let mut c = RefuseAfterGoaway::new(client_io);
+        server.write_all(&goaway(0)).await.unwrap();
+        let mut got = vec![0u8; 17];
+        c.read_exact(&mut got).await.unwrap();
+        let mut w = PREFACE.to_vec();
+        w.extend(frame(HEADERS, END_HEADERS, 1, b"h"));
+        c.write_all(&w).await.unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, refused_frame(1));
+    }
+}
