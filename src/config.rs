@@ -116,6 +116,8 @@ pub struct RawUpstream {
     pub pool_idle_timeout_secs: Option<u64>,
     /// Count.
     pub pool_max_idle_per_host: Option<usize>,
+    /// Count.
+    pub max_response_codings: Option<usize>,
 }
 
 /// `[sandbox]`.
@@ -226,6 +228,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Pool size per host.
     pub pool_max_idle_per_host: usize,
+    /// Stacked content/transfer codings accepted on one response where scrubbing decodes.
+    pub max_response_codings: usize,
 }
 
 /// `[sandbox]`, validated.
@@ -493,6 +497,12 @@ impl RawUpstream {
                 self.pool_max_idle_per_host,
                 32,
                 10_000,
+            ),
+            max_response_codings: p.count(
+                "upstream.max_response_codings",
+                self.max_response_codings,
+                4,
+                16,
             ),
         }
     }

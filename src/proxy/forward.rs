@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::respond::{Code, Refusal};
-use super::scrub::scrub_response;
+use super::scrub::{scrub_response, Shape};
 use super::{BoxError, ProxyBody, Runtime, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
@@ -47,7 +47,7 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
-    let result = exchange(&tunnel, &rt, req, &mut outcome).await;
+    let result = exchange(&tunnel, &rt, &method, req, &mut outcome).await;
     let (resp, code) = match result {
         Ok(resp) => (resp, None),
         Err(refusal) => {
@@ -121,6 +121,7 @@ fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
 async fn exchange(
     t: &Tunnel,
     rt: &Runtime,
+    method: &Method,
     mut req: Request<Incoming>,
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
@@ -148,7 +149,7 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    let resp = finish_response(t, view.as_deref(), resp, &o.report)?;
+    let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp))
@@ -561,23 +562,46 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
     head.map(|()| body)
 }
 
+/// Upstream response → what the sandbox gets: hop-by-hop headers and any `x-sealgate-error` of
+/// the upstream's own stripped (only sealgate's refusals carry it), `Trailer` kept (it is
+/// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed where a
+/// secret may have been unsealed.
 fn finish_response(
     t: &Tunnel,
+    rt: &Runtime,
     view: Option<&HostView>,
+    method: &Method,
     resp: Response<Incoming>,
     report: &Report,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    let body = body.map_err(BoxError::from).boxed_unsync();
     let scrubber = view.and_then(|v| v.scrubber.clone());
-    let body = match scrubber {
-        Some(s) => scrub_response(t, s, report, &mut parts.headers, body)?,
+    let shape = scrubber.as_ref().map(|_| {
+        let max = rt.upstream.max_response_codings;
+        Shape::of(method, parts.status, &parts.headers, max)
+    });
+    let trailer = take_all(&mut parts.headers, header::TRAILER);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(super::respond::ERROR_HEADER);
+    for value in trailer {
+        parts.headers.append(header::TRAILER, value);
+    }
+    let body = body.map_err(BoxError::from).boxed_unsync();
+    let body = match scrubber.zip(shape) {
+        Some((s, shape)) => scrub_response(t, s, report, &mut parts, shape, body)?,
         None => body,
     };
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// Removes every field `name`, returning the values (allocates only if there were any).
+fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
+    match h.entry(name) {
+        header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        header::Entry::Vacant(_) => Vec::new(),
+    }
 }
 
 fn relay_upgrade(

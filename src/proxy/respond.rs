@@ -9,6 +9,10 @@ use http_body_util::{BodyExt, Full};
 
 use super::ProxyBody;
 
+/// The header naming the refusal code; only sealgate's own refusals carry it (an upstream's is
+/// stripped).
+pub const ERROR_HEADER: &str = "x-sealgate-error";
+
 /// Why a request or tunnel was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
@@ -121,7 +125,7 @@ pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    h.insert("x-sealgate-error", HeaderValue::from_static(code.as_str()));
+    h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
     if code == Code::ProxyAuthRequired {
         h.insert(
             http::header::PROXY_AUTHENTICATE,

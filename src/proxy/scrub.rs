@@ -1,83 +1,133 @@
 //! Response scrubbing: real values (and the Basic-auth forms this request produced) are
-//! replaced with sealed tokens before the sandbox sees them. Compressed bodies are decoded
-//! first; SSE keeps streaming (the scrubber only holds back a possible partial match).
+//! replaced with sealed tokens before the sandbox sees them, in every channel an upstream
+//! controls on the way back.
+//!
+//! | channel | treatment |
+//! |---|---|
+//! | h1 reason phrase (hyper's `ReasonPhrase`) | scrubbed; dropped if it could not stay a valid phrase |
+//! | header names | a field whose name contains a value (any ASCII case) is dropped |
+//! | header values | scrubbed |
+//! | body | every coding removed ([`codings`], [`decode`]), then scrubbed while streaming |
+//! | trailers | kept through decoding; names and values as for headers |
+//!
+//! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Length` and
+//! `Content-Encoding` as sent (scrubbed like every value) and no decoder is built. Any other
+//! response loses `Content-Length` (replacements change it) and `Content-Encoding` (the body is
+//! decoded); a coding sealgate cannot decode, too many stacked codings, or a coding on a 206
+//! partial body (a slice of a compressed stream cannot be decoded) is refused with 502 rather
+//! than passed unscrubbed. Refusal messages never repeat what the upstream wrote.
+
+mod codings;
+mod decode;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::TryStreamExt;
 use http::header::{self, HeaderMap};
-use http_body_util::{BodyExt, BodyStream, StreamBody};
-use tokio_util::io::{ReaderStream, StreamReader};
+use http::{Extensions, Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::ext::ReasonPhrase;
+
+pub use codings::{CodingError, Codings};
 
 use super::respond::{Code, Refusal};
 use super::{BoxError, ProxyBody, Tunnel};
 use crate::subst::{Report, ScrubBody, Scrubber};
 
-/// Scrubs headers now and wraps the body; drops `Content-Length` (replacements change it) and
-/// `Content-Encoding` (the body is decoded).
+/// What the response looks like before hop-by-hop headers are stripped.
+pub struct Shape {
+    /// False for answers that have no body (to `HEAD`, 1xx, 204, 304).
+    pub has_body: bool,
+    /// The codings on the body (only read when it has one).
+    pub codings: Result<Codings, CodingError>,
+}
+
+impl Shape {
+    /// Reads the shape of a response to `method` with `status` and headers `h` (which must
+    /// still hold `Transfer-Encoding`); at most `max_codings` stacked codings are accepted.
+    pub fn of(method: &Method, status: StatusCode, h: &HeaderMap, max_codings: usize) -> Shape {
+        let has_body = method != Method::HEAD
+            && !status.is_informational()
+            && status != StatusCode::NO_CONTENT
+            && status != StatusCode::NOT_MODIFIED;
+        let codings = if has_body {
+            Codings::of(h, max_codings)
+        } else {
+            Ok(Codings::default())
+        };
+        Shape { has_body, codings }
+    }
+}
+
+/// Scrubs the reason phrase and headers now and wraps the body (see the module docs).
 ///
 /// # Errors
-/// An encoding sealgate cannot decode: the response is refused rather than passed unscrubbed.
+/// A body sealgate cannot decode: the response is refused rather than passed unscrubbed.
 pub fn scrub_response(
     t: &Tunnel,
     scrubber: Arc<Scrubber>,
     report: &Report,
-    headers: &mut HeaderMap,
+    parts: &mut http::response::Parts,
+    shape: Shape,
     body: ProxyBody,
 ) -> Result<ProxyBody, Refusal> {
+    let codings = shape.codings.map_err(|e| undecodable(t, e))?;
+    if !codings.is_empty() && parts.status == StatusCode::PARTIAL_CONTENT {
+        return Err(Refusal::new(
+            Code::UpstreamUnreachable,
+            format!(
+                "{} answered a partial (206) response with a content coding, which cannot be \
+                 decoded to be scrubbed",
+                t.dest
+            ),
+        ));
+    }
     let scrubber = if report.basic_forms.is_empty() {
         scrubber
     } else {
         scrubber.with_extra(&report.basic_forms)
     };
-    scrubber.scrub_headers(headers);
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_ascii_lowercase());
-    let body = match encoding.as_deref() {
-        None | Some("identity") | Some("") => body,
-        Some(enc) => decode(enc, body).ok_or_else(|| {
-            Refusal::new(
-                Code::UpstreamUnreachable,
-                format!(
-                    "{} answered with content-encoding {enc}, which cannot be scrubbed",
-                    t.dest
-                ),
-            )
-        })?,
+    scrub_reason(&scrubber, &mut parts.extensions);
+    scrubber.scrub_headers(&mut parts.headers);
+    if !shape.has_body {
+        return Ok(body);
+    }
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = if codings.is_empty() {
+        body
+    } else {
+        decode::Decoded::new(codings, body).boxed_unsync()
     };
-    headers.remove(header::CONTENT_ENCODING);
-    headers.remove(header::CONTENT_LENGTH);
     Ok(ScrubBody::new(body, scrubber)
         .map_err(BoxError::from)
         .boxed_unsync())
 }
 
-fn decode(encoding: &str, body: ProxyBody) -> Option<ProxyBody> {
-    use async_compression::tokio::bufread::{
-        BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
-    };
-    let stream = BodyStream::new(body)
-        .try_filter_map(|f| async move { Ok(f.into_data().ok()) })
-        .map_err(std::io::Error::other);
-    let reader = StreamReader::new(stream);
-    let out: ProxyBody = match encoding {
-        "gzip" | "x-gzip" => frames(ReaderStream::new(GzipDecoder::new(reader))),
-        // RFC 9110 "deflate" is zlib-wrapped.
-        "deflate" => frames(ReaderStream::new(ZlibDecoder::new(reader))),
-        "raw-deflate" => frames(ReaderStream::new(DeflateDecoder::new(reader))),
-        "br" => frames(ReaderStream::new(BrotliDecoder::new(reader))),
-        "zstd" => frames(ReaderStream::new(ZstdDecoder::new(reader))),
-        _ => return None,
-    };
-    Some(out)
+fn undecodable(t: &Tunnel, e: CodingError) -> Refusal {
+    Refusal::new(
+        Code::UpstreamUnreachable,
+        format!(
+            "{} answered with {e}, so the response cannot be scrubbed",
+            t.dest
+        ),
+    )
 }
 
-fn frames<S>(s: S) -> ProxyBody
-where
-    S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
-{
-    StreamBody::new(s.map_ok(http_body::Frame::data).map_err(BoxError::from)).boxed_unsync()
+/// hyper keeps a non-standard h1 reason phrase in the response extensions and writes it to h1
+/// clients; scrub it like a value (tokens are visible ASCII, so it stays valid).
+fn scrub_reason(scrubber: &Scrubber, ext: &mut Extensions) {
+    let Some(reason) = ext.get::<ReasonPhrase>() else {
+        return;
+    };
+    let Some((scrubbed, _)) = scrubber.scrub(reason.as_bytes()) else {
+        return;
+    };
+    match ReasonPhrase::try_from(scrubbed) {
+        Ok(r) => {
+            ext.insert(r);
+        }
+        Err(_) => {
+            ext.remove::<ReasonPhrase>();
+        }
+    }
 }

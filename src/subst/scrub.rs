@@ -26,6 +26,14 @@
 //! The held tail is shorter than `max_pattern_len`; when it is continued by the next chunk, only
 //! the held bytes plus the first `max_pattern_len - 1` bytes of that chunk are copied into a
 //! small buffer to decide the matches that start in the held part.
+//!
+//! # Header names
+//!
+//! A header *name* cannot be scrubbed into a token (names are case-folded on the way in, and a
+//! name that changes is another field), so a field whose name contains a value is dropped.
+//! Names are matched ASCII case-insensitively: hyper lowercases h1 names and h2 names are
+//! lowercase on the wire, so `X-SK-ABC: 1` from the upstream reaches us as `x-sk-abc`, and a
+//! lowercased value is still the value for most secrets.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -35,7 +43,7 @@ use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::noncontiguous::NFA;
 use aho_corasick::{packed, AhoCorasick, Anchored, Input, Match, MatchKind, Span};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{push_piece, split_emit};
 use crate::secret::SecretValue;
@@ -51,6 +59,8 @@ pub struct Scrubber {
     probe: Arc<NFA>,
     /// The first bytes of all values (cheap filter before walking `probe`).
     starts: Arc<[bool; 256]>,
+    /// The same values, ASCII case-insensitive: does a header name contain one?
+    names: AhoCorasick,
     /// The values, kept to rebuild with per-request extras.
     values: Arc<[SecretValue]>,
     /// `tokens[i]` replaces `values[i]`.
@@ -111,10 +121,14 @@ impl Scrubber {
         self.max_len
     }
 
-    /// Scrubs every header value (including `set-cookie` and `location`); returns how many
-    /// values were replaced. Changed values are marked sensitive.
+    /// Drops every field whose name contains a value (any ASCII case, see the module docs),
+    /// then scrubs every header value (including `set-cookie` and `location`); returns how many
+    /// values were replaced or fields dropped. Changed values are marked sensitive.
+    ///
+    /// # Memory usage
+    /// Allocates only when something matched.
     pub fn scrub_headers(&self, headers: &mut HeaderMap) -> usize {
-        let mut count = 0;
+        let mut count = self.drop_named(headers);
         for (_, value) in headers.iter_mut() {
             if let Some((buf, n)) = self.scrub(value.as_bytes()) {
                 *value = scrubbed_header(buf);
@@ -122,6 +136,28 @@ impl Scrubber {
             }
         }
         count
+    }
+
+    /// True if `name` contains a value, in any ASCII case.
+    pub fn names_a_value(&self, name: &[u8]) -> bool {
+        self.names.is_match(name)
+    }
+
+    /// Removes the fields whose name contains a value; returns how many fields went.
+    fn drop_named(&self, headers: &mut HeaderMap) -> usize {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| self.names_a_value(n.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        let fields = doomed
+            .iter()
+            .map(|n| headers.get_all(n).iter().count())
+            .sum();
+        for n in &doomed {
+            headers.remove(n);
+        }
+        fields
     }
 
     /// Scrubs a complete buffer: `Some((output, replacements))`, or `None` if nothing matched.
@@ -153,10 +189,15 @@ impl Scrubber {
             .ok()?;
         let mut starts = [false; 256];
         patterns().for_each(|v| starts[usize::from(v[0])] = true);
+        let names = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(patterns())
+            .ok()?;
         Some(Scrubber {
             search,
             probe: Arc::new(probe),
             starts: Arc::new(starts),
+            names,
             values: values.into(),
             tokens: tokens.into(),
             max_len,
@@ -537,6 +578,27 @@ mod tests {
         );
         assert!(h["location"].is_sensitive());
         assert_eq!(h["x-plain"], "nothing");
+    }
+
+    #[test]
+    fn fields_named_after_a_value_are_dropped_in_any_case() {
+        let s = scrubber(&[("sk-Live-1", "T"), ("ghp_AB", "U")]);
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-sk-live-1", "a"),
+            ("x-sk-live-1", "b"),
+            ("ghp_ab", "c"),
+            ("x-plain", "sk-Live-1"),
+            ("x-near", "sk-live-1"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        assert_eq!(s.scrub_headers(&mut h), 4, "3 fields dropped, 1 value");
+        assert!(!h.contains_key("x-sk-live-1") && !h.contains_key("ghp_ab"));
+        assert_eq!(h["x-plain"], "T");
+        assert_eq!(h["x-near"], "sk-live-1", "values stay case-sensitive");
+        assert!(s.names_a_value(b"SK-LIVE-1"));
+        assert!(!s.names_a_value(b"sk-live-"));
     }
 
     #[test]

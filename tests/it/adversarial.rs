@@ -12,6 +12,7 @@
 //! | [`smuggling`] | h1 framing (CL+TE and friends) |
 //! | [`exhaustion`] | oversized heads, slowloris, tunnel caps, h2 floods |
 //! | [`reflection`] | upstreams echoing real values back |
+//! | [`responses`] | hostile response channels (reason, names, codings, trailers) and bodiless answers |
 //! | [`key_material`] | tampered ciphertexts, admin reachability, leaf minting |
 //! | [`fuzz_smoke`] | the fuzz targets' oracles on mutated seeds (stable, bounded) |
 
@@ -21,6 +22,7 @@ mod exhaustion;
 mod fuzz_smoke;
 mod key_material;
 mod reflection;
+mod responses;
 mod smuggling;
 mod substitution;
 mod vetting;

@@ -105,6 +105,16 @@ impl TestPki {
             .expect("leaf and key match")
     }
 
+    /// A fresh leaf for `names` as PEM `(certificate, PKCS#8 key)`, for third-party servers
+    /// (nginx) that read files.
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generate leaf key");
+        let cert = leaf_params(names)
+            .signed_by(&key, &self.issuer)
+            .expect("sign leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// Issues a leaf for `names`; returns its DER and PKCS#8 key.
     fn issue_leaf(&self, names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         assert!(!names.is_empty(), "a leaf needs at least one name");

@@ -1,0 +1,383 @@
+//! A response body with every coding of a [`Codings`] stack removed, built lazily and keeping
+//! the body's trailers.
+//!
+//! # Invariants
+//!
+//! - **No decoder runs on a body without bytes.** Nothing is built until the first non-empty
+//!   data frame arrives: an empty body (`Content-Length: 0`, an empty chunked body, an h2
+//!   `END_STREAM` on the headers) ends empty, with its trailers if it had any. A gzip decoder
+//!   fed zero bytes reports an unexpected end, which used to break such answers.
+//! - **Trailers survive.** The raw body is read through [`Source`], which keeps its trailers;
+//!   when the outermost decoder ends, whatever is left of the raw body is read (and dropped —
+//!   bytes after the end of a compressed stream never reach the sandbox) to reach them.
+//! - **Pull, never push.** Each layer is an `AsyncBufRead` reading at most [`CHUNK`] bytes
+//!   ahead of the layer above, and the outermost is read [`CHUNK`] bytes at a time when the
+//!   sandbox's side asks for data. A compression bomb costs time, not memory: no layer ever
+//!   holds more than its buffer plus its decoder's window.
+//!
+//! # Memory usage
+//! Per layer: one [`CHUNK`] buffer and the decoder state (gzip/deflate 32 KiB window, brotli
+//! up to 16 MiB, zstd up to its window); the number of layers is bounded by
+//! `upstream.max_response_codings`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use async_compression::tokio::bufread::{
+    BrotliDecoder, DeflateDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder,
+};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncBufRead, BufReader};
+use tokio_util::io::{poll_read_buf, StreamReader};
+
+use super::codings::{Coding, Codings};
+use crate::proxy::{BoxError, ProxyBody};
+
+/// Read-ahead per layer and the size of the frames the decoded body yields.
+pub const CHUNK: usize = 8 * 1024;
+
+/// What one poll of the body answers.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+/// A decoded response body (see the module docs).
+pub struct Decoded {
+    state: State,
+}
+
+enum State {
+    /// No byte seen yet: the codings to remove and the raw body.
+    Waiting(Vec<Coding>, ProxyBody),
+    /// Decoding: the outermost layer and the buffer its output is read into.
+    Reading(Layer, BytesMut),
+    /// The decoded stream ended; the rest of the raw body is read for its trailers.
+    Draining(Source),
+    Done,
+}
+
+impl Decoded {
+    /// `body` with `codings` removed.
+    pub fn new(codings: Codings, body: ProxyBody) -> Decoded {
+        Decoded {
+            state: State::Waiting(codings.applied().to_vec(), body),
+        }
+    }
+
+    /// One step of the state machine: `Some` is the poll's answer, `None` means "step again".
+    fn step(&mut self, cx: &mut Context<'_>) -> Option<Polled> {
+        match &mut self.state {
+            State::Waiting(_, body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => Some(Poll::Pending),
+                Poll::Ready(Some(Ok(frame))) => self.first_frame(frame),
+                Poll::Ready(end) => Some(self.finish(end)),
+            },
+            State::Reading(top, buf) => {
+                if buf.capacity() < CHUNK {
+                    buf.reserve(CHUNK);
+                }
+                match poll_read_buf(Pin::new(top), cx, buf) {
+                    Poll::Pending => Some(Poll::Pending),
+                    Poll::Ready(Ok(0)) => {
+                        self.state = match std::mem::replace(&mut self.state, State::Done) {
+                            State::Reading(top, _) => State::Draining(top.into_source()),
+                            other => other,
+                        };
+                        None
+                    }
+                    Poll::Ready(Ok(_)) => {
+                        Some(Poll::Ready(Some(Ok(Frame::data(buf.split().freeze())))))
+                    }
+                    Poll::Ready(Err(e)) => Some(self.finish(Some(Err(e.into())))),
+                }
+            }
+            State::Draining(source) => match source.poll_rest(cx) {
+                Poll::Pending => Some(Poll::Pending),
+                Poll::Ready(rest) => {
+                    let trailers = rest.map(|t| t.map(Frame::trailers));
+                    Some(self.finish(trailers.transpose()))
+                }
+            },
+            State::Done => Some(Poll::Ready(None)),
+        }
+    }
+
+    /// The first frame of the raw body: empty data is skipped, trailers end an empty body,
+    /// the first byte builds the decoders.
+    fn first_frame(&mut self, frame: Frame<Bytes>) -> Option<Polled> {
+        let data = match frame.into_data() {
+            Ok(data) if data.is_empty() => return None,
+            Ok(data) => data,
+            Err(frame) => return Some(self.finish(Some(Ok(frame)))),
+        };
+        if let State::Waiting(codings, body) = std::mem::replace(&mut self.state, State::Done) {
+            let source = Source::new(body, data);
+            self.state = State::Reading(layers(&codings, source), BytesMut::new());
+        }
+        None
+    }
+
+    fn finish(&mut self, last: Option<Result<Frame<Bytes>, BoxError>>) -> Polled {
+        self.state = State::Done;
+        Poll::Ready(last)
+    }
+}
+
+impl Body for Decoded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
+        let this = self.get_mut();
+        loop {
+            if let Some(answer) = this.step(cx) {
+                return answer;
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Waiting(_, body) => body.is_end_stream(),
+            State::Done => true,
+            _ => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+/// The raw body as a byte stream for the innermost decoder, keeping its trailers.
+struct Source {
+    body: ProxyBody,
+    first: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    ended: bool,
+}
+
+impl Source {
+    fn new(body: ProxyBody, first: Bytes) -> Source {
+        Source {
+            body,
+            first: Some(first),
+            trailers: None,
+            ended: false,
+        }
+    }
+
+    /// Reads the raw body to its end, dropping data; yields its trailers.
+    fn poll_rest(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, BoxError>> {
+        self.first = None;
+        while ready!(Pin::new(&mut *self).poll_next(cx))
+            .transpose()?
+            .is_some()
+        {}
+        Poll::Ready(Ok(self.trailers.take()))
+    }
+}
+
+impl Stream for Source {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        while !self.ended {
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(io::Error::other(e))));
+                }
+                None => break,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => return Poll::Ready(Some(Ok(data))),
+                Err(frame) => self.trailers = frame.into_trailers().ok(),
+            }
+            self.ended = self.trailers.is_some();
+        }
+        self.ended = true;
+        Poll::Ready(None)
+    }
+}
+
+/// One layer of the decoder stack: the raw body, or a decoder over the layer below. Each can
+/// give back the [`Source`] underneath (to read the trailers once decoding is over).
+trait Layered: AsyncBufRead + Send + Unpin {
+    fn into_source(self: Box<Self>) -> Source;
+}
+
+type Layer = Box<dyn Layered>;
+
+impl Layered for StreamReader<Source, Bytes> {
+    fn into_source(self: Box<Self>) -> Source {
+        (*self).into_inner()
+    }
+}
+
+macro_rules! decoder_layers {
+    ($($decoder:ident),*) => {$(
+        impl Layered for BufReader<$decoder<Layer>> {
+            fn into_source(self: Box<Self>) -> Source {
+                (*self).into_inner().into_inner().into_source()
+            }
+        }
+    )*};
+}
+
+decoder_layers!(
+    GzipDecoder,
+    ZlibDecoder,
+    DeflateDecoder,
+    BrotliDecoder,
+    ZstdDecoder
+);
+
+/// The stack for `codings` (in the order applied) over `source`: the last coding applied is
+/// removed first.
+fn layers(codings: &[Coding], source: Source) -> Layer {
+    let raw: Layer = Box::new(StreamReader::new(source));
+    codings.iter().rev().fold(raw, |inner, &c| match c {
+        Coding::Gzip => buffered(GzipDecoder::new(inner)),
+        Coding::Zlib => buffered(ZlibDecoder::new(inner)),
+        Coding::RawDeflate => buffered(DeflateDecoder::new(inner)),
+        Coding::Brotli => buffered(BrotliDecoder::new(inner)),
+        Coding::Zstd => buffered(ZstdDecoder::new(inner)),
+    })
+}
+
+fn buffered<D>(decoder: D) -> Layer
+where
+    BufReader<D>: Layered + 'static,
+    D: tokio::io::AsyncRead,
+{
+    Box::new(BufReader::with_capacity(CHUNK, decoder))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use http::header::{HeaderName, HeaderValue};
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert(
+            HeaderName::from_static("grpc-status"),
+            HeaderValue::from_static("0"),
+        );
+        t
+    }
+
+    /// A raw body of `chunks` (each a separate frame, empty ones included), then `trailers`.
+    fn raw(chunks: Vec<Vec<u8>>, trailers: Option<HeaderMap>) -> ProxyBody {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Frame::data(Bytes::from(c)))
+            .chain(trailers.map(Frame::trailers))
+            .map(Ok::<_, BoxError>);
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    fn codings(list: &str) -> Codings {
+        let mut h = HeaderMap::new();
+        h.insert("content-encoding", HeaderValue::from_str(list).unwrap());
+        Codings::of(&h, 8).unwrap()
+    }
+
+    async fn decode(list: &str, body: ProxyBody) -> (Result<Bytes, BoxError>, Option<HeaderMap>) {
+        match Decoded::new(codings(list), body).collect().await {
+            Ok(c) => {
+                let t = c.trailers().cloned();
+                (Ok(c.to_bytes()), t)
+            }
+            Err(e) => (Err(e), None),
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_stay_empty_with_their_trailers() {
+        for chunks in [vec![], vec![vec![]], vec![vec![], vec![]]] {
+            for t in [None, Some(trailers())] {
+                let (data, got) = decode("gzip", raw(chunks.clone(), t.clone())).await;
+                assert_eq!(data.unwrap(), Bytes::new());
+                assert_eq!(got, t);
+            }
+        }
+        let none = http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| -> BoxError { match never {} })
+            .boxed_unsync();
+        let empty = Decoded::new(codings("gzip"), none);
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn stacked_layers_are_all_removed_for_any_split() {
+        let text = b"the real value sk-decode-0001 twice: sk-decode-0001".repeat(50);
+        let wire = gzip(&zlib(&gzip(&text)));
+        for split in [1, 7, 100, wire.len()] {
+            let chunks: Vec<Vec<u8>> = wire.chunks(split).map(<[u8]>::to_vec).collect();
+            let (data, t) = decode("gzip, deflate, gzip", raw(chunks, Some(trailers()))).await;
+            assert_eq!(data.unwrap(), Bytes::from(text.clone()), "split {split}");
+            assert_eq!(t, Some(trailers()), "split {split}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_compressed_stream_are_dropped() {
+        let mut wire = gzip(b"inner");
+        wire.extend_from_slice(b"sk-raw-tail");
+        let (data, t) = decode("gzip", raw(vec![wire, b"more".to_vec()], Some(trailers()))).await;
+        assert_eq!(data.unwrap(), Bytes::from_static(b"inner"));
+        assert_eq!(t, Some(trailers()));
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_truncated_data_fails_the_body() {
+        let (data, _) = decode("gzip", raw(vec![b"not gzip".to_vec()], None)).await;
+        assert!(data.is_err());
+        let wire = gzip(&b"x".repeat(10_000));
+        let (data, _) = decode("gzip", raw(vec![wire[..wire.len() / 2].to_vec()], None)).await;
+        assert!(data.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_bomb_is_read_in_bounded_frames() {
+        let wire = gzip(&vec![0u8; 4 << 20]);
+        let mut body = Decoded::new(codings("gzip"), raw(vec![wire], None));
+        let mut total = 0;
+        while let Some(frame) = body.frame().await {
+            let n = frame.unwrap().into_data().unwrap().len();
+            assert!(n <= CHUNK, "frame of {n} bytes");
+            total += n;
+        }
+        assert_eq!(total, 4 << 20);
+    }
+}

@@ -1,0 +1,638 @@
+//! Hostile and unusual responses (issue 12): an upstream that received a real value sends it
+//! back through every channel it controls — the h1 reason phrase, header names, stacked
+//! codings however spelled, trailers, unknown coding names — or forges sealgate's own
+//! `x-sealgate-error`; and responses with a coding but no body (empty 200, 204, 304, `HEAD`,
+//! also from a real nginx) arrive intact. The value is checked in any ASCII case: hyper
+//! lowercases header names, so a lowercased value is how a name would leak it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::daemon::{Harness, Opts};
+use crate::support::hostile::{self, Head, Hostile};
+use crate::support::pki::TestPki;
+use crate::support::proxy_client::{self as pc, ReqBody, SandboxCreds};
+
+/// Mixed case on purpose: a header name can only carry it lowercased.
+const VALUE: &str = "sk-Adv-Resp-0601";
+const HOST: &str = "api.example.test";
+const API: &str = "api.example.test:443";
+
+struct Env {
+    h: Harness,
+    sb: SandboxCreds,
+    /// The upstream (a [`Hostile`] or an [`Nginx`]), kept running as long as the daemon.
+    _up: Box<dyn std::any::Any + Send>,
+}
+
+impl Env {
+    fn token(&self) -> String {
+        self.sb.token("KEY")
+    }
+}
+
+/// A daemon whose `KEY` (header location) may be unsealed for `HOST`, which is `addr`.
+async fn env_on(pki: Arc<TestPki>, addr: SocketAddr, up: Box<dyn std::any::Any + Send>) -> Env {
+    let mut opts = Opts::default();
+    opts.resolve.push((HOST.into(), addr));
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&[HOST])).await;
+    h.secret(&store, "KEY", VALUE, None, Some(&["header"]))
+        .await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    Env { h, sb, _up: up }
+}
+
+async fn env_h1(answer: impl Fn(&Head) -> Vec<u8> + Send + Sync + 'static) -> Env {
+    let pki = Arc::new(TestPki::new());
+    let up = Hostile::h1(pki.server_config(&[HOST], &[b"http/1.1"]), answer).await;
+    env_on(pki, up.addr, Box::new(up)).await
+}
+
+async fn env_h2(
+    answer: impl Fn(&Head) -> Response<hostile::H2Body> + Send + Sync + 'static,
+) -> Env {
+    let pki = Arc::new(TestPki::new());
+    let up = Hostile::h2(pki.server_config(&[HOST], &[b"h2"]), answer).await;
+    env_on(pki, up.addr, Box::new(up)).await
+}
+
+/// The unsealed value as the upstream received it.
+fn real(head: &Head) -> String {
+    head.header("x-api-key").unwrap_or_default().to_owned()
+}
+
+/// Fails if `bytes` (something the sandbox received) hold the value in any ASCII case.
+fn assert_no_value(what: &str, bytes: &[u8]) {
+    let lower = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    assert!(
+        !lower.contains(&VALUE.to_ascii_lowercase()),
+        "{what}: the real value reached the sandbox: {lower}"
+    );
+}
+
+fn assert_fields_clean(what: &str, fields: &HeaderMap) {
+    for (n, v) in fields {
+        assert_no_value(&format!("{what} name"), n.as_str().as_bytes());
+        assert_no_value(&format!("{what} {n}"), v.as_bytes());
+    }
+}
+
+/// A response read to its end; a body that fails is an error, never an empty body.
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+async fn got(resp: Result<Response<Incoming>, hyper::Error>) -> Result<Got, String> {
+    let (parts, body) = resp.map_err(|e| format!("no response: {e}"))?.into_parts();
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| format!("{} then a broken body: {e}", parts.status))?;
+    let got = Got {
+        status: parts.status,
+        headers: parts.headers,
+        trailers: collected.trailers().cloned(),
+        body: collected.to_bytes(),
+    };
+    assert_fields_clean("header", &got.headers);
+    assert_fields_clean(
+        "trailer",
+        got.trailers.as_ref().unwrap_or(&HeaderMap::new()),
+    );
+    assert_no_value("body", &got.body);
+    Ok(got)
+}
+
+fn request(
+    e: &Env,
+    method: &str,
+    path: &str,
+    h2: bool,
+    extra: &[(&str, &str)],
+) -> Request<ReqBody> {
+    let mut b = Request::builder().method(method);
+    b = if h2 {
+        b.uri(format!("https://{HOST}{path}"))
+    } else {
+        b.uri(path).header("host", HOST)
+    };
+    b = b.header("x-api-key", e.token());
+    for (n, v) in extra {
+        b = b.header(*n, *v);
+    }
+    b.body(pc::full(Bytes::new())).unwrap()
+}
+
+/// One request on a fresh h1 (`h2 = false`) or h2 connection through the proxy.
+async fn fetch(
+    e: &Env,
+    method: &str,
+    path: &str,
+    h2: bool,
+    extra: &[(&str, &str)],
+) -> Result<Got, String> {
+    let req = request(e, method, path, h2, extra);
+    if h2 {
+        let mut c: http2::SendRequest<ReqBody> = pc::h2(e.h.proxy, &e.sb, API).await;
+        c.ready().await.map_err(|err| err.to_string())?;
+        got(c.send_request(req).await).await
+    } else {
+        let mut c: http1::SendRequest<ReqBody> = pc::h1(e.h.proxy, &e.sb, API).await;
+        c.ready().await.map_err(|err| err.to_string())?;
+        got(c.send_request(req).await).await
+    }
+}
+
+/// Raw h1 bytes through a tunnel; everything the sandbox reads until the connection closes.
+async fn raw_h1(e: &Env, path: &str) -> String {
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect("CONNECT accepted");
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, HOST, &[b"http/1.1"])
+        .await
+        .expect("TLS with the sandbox CA");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {HOST}\r\nx-api-key: {}\r\nConnection: close\r\n\r\n",
+        e.token()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs `script` under `sh -c` with only the sandbox's variables (proxy, CA, sealed env).
+async fn sandbox_sh(e: &Env, script: &str) -> (String, String) {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args(["-c", script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", e.h.dir.path());
+    for vars in [&e.sb.env, &e.sb.proxy_env] {
+        for (k, v) in vars.as_object().unwrap() {
+            cmd.env(k, v.as_str().unwrap());
+        }
+    }
+    let out = cmd.output().await.expect("sh runs");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn gzip_n(data: &[u8], layers: usize) -> Vec<u8> {
+    (0..layers).fold(data.to_vec(), |d, _| gzip(&d))
+}
+
+/// `data` as one chunk of a chunked body, then the last chunk with `trailers` (raw lines).
+fn chunked(data: &[u8], trailers: &str) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(format!("\r\n0\r\n{trailers}\r\n").as_bytes());
+    out
+}
+
+/// A raw h1 response: `head` lines (without the status line's CRLF), blank line, `body`.
+fn h1_bytes(status_line: &str, head: &[String], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{status_line}\r\n").into_bytes();
+    for line in head {
+        out.extend_from_slice(format!("{line}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+fn text(value: &str) -> String {
+    format!("the value: {value}\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reason phrase, header names, x-sealgate-error
+
+#[tokio::test]
+async fn reason_phrase_naming_the_value_is_scrubbed_for_h1_clients() {
+    let e = env_h1(|head| {
+        let status = format!("HTTP/1.1 200 {}", real(head));
+        h1_bytes(&status, &["content-length: 2".into()], b"ok")
+    })
+    .await;
+    let raw = raw_h1(&e, "/").await;
+    let status_line = raw.lines().next().unwrap_or_default();
+    assert_no_value("raw h1 status line", status_line.as_bytes());
+    assert_eq!(status_line, format!("HTTP/1.1 200 {}", e.token()), "{raw}");
+    assert!(raw.contains("\r\nok\r\n"), "the body arrives: {raw}");
+    let (out, err) = sandbox_sh(
+        &e,
+        &format!("curl -sSi --http1.1 https://{HOST}/ -H \"x-api-key: $KEY\""),
+    )
+    .await;
+    assert_no_value("curl -si --http1.1", out.as_bytes());
+    let status = format!("HTTP/1.1 200 {}", e.token());
+    assert!(
+        out.lines().any(|l| l.trim_end() == status),
+        "curl shows the scrubbed phrase: {out}\n{err}"
+    );
+}
+
+#[tokio::test]
+async fn header_names_naming_the_value_are_dropped_for_h1_and_h2_clients() {
+    let e = env_h1(|head| {
+        let v = real(head);
+        let lines = [
+            format!("X-{v}: 1"),
+            format!("{v}: 2"),
+            format!("x-keep: {v}"),
+            "content-length: 2".into(),
+        ];
+        h1_bytes("HTTP/1.1 200 OK", &lines, b"ok")
+    })
+    .await;
+    for h2 in [false, true] {
+        let a = fetch(&e, "GET", "/", h2, &[]).await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.headers["x-keep"], e.token().as_str(), "h2 {h2}");
+        assert_eq!(&a.body[..], b"ok");
+    }
+}
+
+#[tokio::test]
+async fn h2_upstream_header_and_trailer_names_naming_the_value_are_dropped() {
+    let e = env_h2(|head| {
+        let v = real(head);
+        let name = HeaderName::from_bytes(format!("x-{v}").as_bytes()).unwrap();
+        let mut trailers = HeaderMap::new();
+        trailers.insert(name.clone(), HeaderValue::from_static("t"));
+        trailers.insert("x-echo", HeaderValue::from_str(&v).unwrap());
+        let mut resp = Response::new(hostile::body(text(&v).into_bytes(), Some(trailers)));
+        resp.headers_mut()
+            .insert(name, HeaderValue::from_static("h"));
+        resp.headers_mut()
+            .insert("x-keep", HeaderValue::from_str(&v).unwrap());
+        resp
+    })
+    .await;
+    for h2 in [false, true] {
+        let te = [("te", "trailers")];
+        let extra: &[(&str, &str)] = if h2 { &[] } else { &te };
+        let a = fetch(&e, "GET", "/", h2, extra).await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.headers["x-keep"], e.token().as_str());
+        assert_eq!(a.body, text(&e.token()));
+        if h2 {
+            let t = a.trailers.expect("h2 client gets the trailers");
+            assert_eq!(t["x-echo"], e.token().as_str());
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upstreams_own_x_sealgate_error_is_stripped() {
+    let e = env_h1(|_| {
+        let lines = [
+            "x-sealgate-error: egress_denied".into(),
+            "X-Sealgate-Error: secret_host_denied".into(),
+            "content-type: application/json".into(),
+            "content-length: 2".into(),
+        ];
+        h1_bytes("HTTP/1.1 403 Forbidden", &lines, b"{}")
+    })
+    .await;
+    for h2 in [false, true] {
+        let a = fetch(&e, "GET", "/", h2, &[]).await.unwrap();
+        assert_eq!(a.status, StatusCode::FORBIDDEN);
+        assert!(
+            a.headers.get("x-sealgate-error").is_none(),
+            "h2 {h2}: the upstream's header looks like sealgate's refusal"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codings: every layer is decoded, however spelled, or the answer is 502
+
+/// The raw answer for each stacked-codings route; the body always decodes to `text(value)`.
+fn stacked(head: &Head) -> Vec<u8> {
+    let t = text(&real(head)).into_bytes();
+    let (cl, lines, body): (bool, Vec<&str>, Vec<u8>) = match head.path.as_str() {
+        "/ce-fields" => (
+            true,
+            vec!["content-encoding: gzip", "content-encoding: gzip"],
+            gzip_n(&t, 2),
+        ),
+        "/ce-list" => (
+            true,
+            vec!["Content-Encoding: GZIP, identity,gzip"],
+            gzip_n(&t, 2),
+        ),
+        "/te" => (
+            false,
+            vec!["transfer-encoding: gzip, chunked"],
+            chunked(&gzip(&t), ""),
+        ),
+        "/ce-te" => (
+            false,
+            vec![
+                "content-encoding: gzip",
+                "transfer-encoding: gzip",
+                "transfer-encoding: chunked",
+            ],
+            chunked(&gzip_n(&t, 2), ""),
+        ),
+        "/te-close" => (
+            false,
+            vec!["transfer-encoding: gzip", "connection: close"],
+            gzip(&t),
+        ),
+        "/four" => (
+            true,
+            vec![
+                "content-encoding: gzip, gzip",
+                "content-encoding: gzip, gzip",
+            ],
+            gzip_n(&t, 4),
+        ),
+        other => panic!("no route {other}"),
+    };
+    let mut head_lines: Vec<String> = lines.into_iter().map(String::from).collect();
+    if cl {
+        head_lines.push(format!("content-length: {}", body.len()));
+    }
+    h1_bytes("HTTP/1.1 200 OK", &head_lines, &body)
+}
+
+#[tokio::test]
+async fn stacked_codings_are_all_decoded_however_spelled() {
+    let e = env_h1(stacked).await;
+    for path in [
+        "/ce-fields",
+        "/ce-list",
+        "/te",
+        "/ce-te",
+        "/te-close",
+        "/four",
+    ] {
+        for h2 in [false, true] {
+            let a = fetch(&e, "GET", path, h2, &[])
+                .await
+                .unwrap_or_else(|err| panic!("{path} h2 {h2}: {err}"));
+            assert_eq!(a.status, StatusCode::OK, "{path}");
+            assert!(a.headers.get("content-encoding").is_none(), "{path}");
+            assert_eq!(
+                a.body,
+                text(&e.token()),
+                "{path} h2 {h2}: every layer decoded"
+            );
+        }
+    }
+}
+
+/// Answers that cannot be decoded completely.
+fn undecodable(head: &Head) -> Vec<u8> {
+    let v = real(head);
+    let t = text(&v).into_bytes();
+    let (status, lines, body): (&str, Vec<String>, Vec<u8>) = match head.path.as_str() {
+        "/five" => (
+            "200 OK",
+            vec!["content-encoding: gzip, gzip, gzip, gzip, gzip".into()],
+            gzip_n(&t, 5),
+        ),
+        "/named" => ("200 OK", vec![format!("content-encoding: {v}")], gzip(&t)),
+        "/compress" => (
+            "200 OK",
+            vec!["content-encoding: gzip, compress".into()],
+            gzip(&t),
+        ),
+        "/chunked-first" => (
+            "200 OK",
+            vec![
+                "transfer-encoding: chunked, gzip".into(),
+                "connection: close".into(),
+            ],
+            gzip(&chunked(&t, "")),
+        ),
+        "/partial" => (
+            "206 Partial Content",
+            vec![
+                "content-encoding: gzip".into(),
+                "content-range: bytes 0-9/100".into(),
+            ],
+            gzip(&t),
+        ),
+        other => panic!("no route {other}"),
+    };
+    let mut lines = lines;
+    if !lines.iter().any(|l| l.starts_with("transfer-encoding")) {
+        lines.push(format!("content-length: {}", body.len()));
+    }
+    h1_bytes(&format!("HTTP/1.1 {status}"), &lines, &body)
+}
+
+#[tokio::test]
+async fn codings_that_cannot_all_be_decoded_are_refused_with_502() {
+    let e = env_h1(undecodable).await;
+    for path in ["/five", "/named", "/compress", "/chunked-first", "/partial"] {
+        for h2 in [false, true] {
+            let a = fetch(&e, "GET", path, h2, &[])
+                .await
+                .unwrap_or_else(|err| panic!("{path} h2 {h2}: {err}"));
+            assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{path}: {:?}", a.body);
+            assert_eq!(
+                a.headers["x-sealgate-error"], "upstream_unreachable",
+                "{path}"
+            );
+        }
+    }
+    let audit = e.h.audit_log().to_ascii_lowercase();
+    assert!(
+        !audit.contains(&VALUE.to_ascii_lowercase()),
+        "value in the audit log"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses with a coding and no body; trailers
+
+fn bodiless(head: &Head) -> Vec<u8> {
+    let gz = "content-encoding: gzip".to_string();
+    match (head.method.as_str(), head.path.as_str()) {
+        ("HEAD", _) => h1_bytes("HTTP/1.1 200 OK", &[gz, "content-length: 1234".into()], b""),
+        (_, "/empty-length") => h1_bytes("HTTP/1.1 200 OK", &[gz, "content-length: 0".into()], b""),
+        (_, "/empty-chunked") => h1_bytes(
+            "HTTP/1.1 200 OK",
+            &[gz, "transfer-encoding: chunked".into()],
+            b"0\r\n\r\n",
+        ),
+        (_, "/204") => h1_bytes("HTTP/1.1 204 No Content", &[gz], b""),
+        (_, "/304") => h1_bytes(
+            "HTTP/1.1 304 Not Modified",
+            &[gz, "etag: \"e1\"".into()],
+            b"",
+        ),
+        (_, other) => panic!("no route {other}"),
+    }
+}
+
+#[tokio::test]
+async fn responses_with_a_coding_and_no_body_arrive_intact() {
+    let e = env_h1(bodiless).await;
+    for h2 in [false, true] {
+        for (path, status) in [
+            ("/empty-length", StatusCode::OK),
+            ("/empty-chunked", StatusCode::OK),
+            ("/204", StatusCode::NO_CONTENT),
+            ("/304", StatusCode::NOT_MODIFIED),
+        ] {
+            let a = fetch(&e, "GET", path, h2, &[])
+                .await
+                .unwrap_or_else(|err| panic!("{path} h2 {h2}: {err}"));
+            assert_eq!(a.status, status, "{path} h2 {h2}");
+            assert!(a.body.is_empty(), "{path}");
+        }
+        let a = fetch(&e, "HEAD", "/", h2, &[])
+            .await
+            .expect("HEAD answered");
+        assert_eq!(a.status, StatusCode::OK, "HEAD h2 {h2}");
+        assert_eq!(
+            a.headers["content-length"], "1234",
+            "HEAD keeps its length (h2 {h2})"
+        );
+        assert_eq!(a.headers["content-encoding"], "gzip", "HEAD h2 {h2}");
+    }
+}
+
+#[tokio::test]
+async fn trailers_survive_decoding_and_are_scrubbed() {
+    let e = env_h1(|head| {
+        let v = real(head);
+        let lines = [
+            "content-encoding: gzip".to_string(),
+            "transfer-encoding: chunked".into(),
+            format!("trailer: x-echo, grpc-status, x-{v}"),
+        ];
+        let trailers = format!("x-echo: {v}\r\ngrpc-status: 0\r\nx-{v}: 1\r\n");
+        h1_bytes(
+            "HTTP/1.1 200 OK",
+            &lines,
+            &chunked(&gzip(text(&v).as_bytes()), &trailers),
+        )
+    })
+    .await;
+    for h2 in [false, true] {
+        let a = fetch(&e, "GET", "/", h2, &[("te", "trailers")])
+            .await
+            .unwrap_or_else(|err| panic!("h2 {h2}: {err}"));
+        assert_eq!(a.body, text(&e.token()), "h2 {h2}");
+        let t = a
+            .trailers
+            .unwrap_or_else(|| panic!("h2 {h2}: trailers dropped"));
+        assert_eq!(t["x-echo"], e.token().as_str(), "h2 {h2}");
+        assert_eq!(t["grpc-status"], "0", "h2 {h2}");
+        assert_eq!(t.len(), 2, "h2 {h2}: {t:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real origin: nginx serving a pre-compressed file (gzip_static)
+
+/// nginx on a free loopback port serving `www/` over TLS with `gzip_static on`; killed on drop.
+struct Nginx {
+    addr: SocketAddr,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+async fn nginx(pki: &TestPki, files: &[(&str, &[u8])]) -> Nginx {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    for (name, data) in files {
+        std::fs::write(www.join(name), data).unwrap();
+    }
+    let (cert, key) = pki.leaf_pem(&[HOST]);
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{}}\nhttp {{\n access_log off;\n\
+         client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3;\n\
+         uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
+         server {{ listen 127.0.0.1:{port} ssl; server_name {HOST};\n\
+          ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
+          root {d}/www; gzip_static on; default_type text/plain; }}\n}}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let child = tokio::process::Command::new("nginx")
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx is installed (scripts/test installs it)");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Nginx {
+        addr,
+        _child: child,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn head_and_get_of_a_gzip_static_file_from_nginx() {
+    let pki = Arc::new(TestPki::new());
+    let page = b"hello from nginx\n".repeat(20);
+    let gz = gzip(&page);
+    let origin = nginx(&pki, &[("page.txt", &page), ("page.txt.gz", &gz)]).await;
+    let e = env_on(pki, origin.addr, Box::new(origin)).await;
+    let accept = [("accept-encoding", "gzip")];
+    for h2 in [false, true] {
+        for _ in 0..5 {
+            let a = fetch(&e, "HEAD", "/page.txt", h2, &accept)
+                .await
+                .unwrap_or_else(|err| panic!("HEAD h2 {h2}: {err}"));
+            assert_eq!(a.status, StatusCode::OK, "HEAD h2 {h2}");
+            assert_eq!(a.headers["content-encoding"], "gzip");
+            assert_eq!(a.headers["content-length"], gz.len().to_string().as_str());
+        }
+        let a = fetch(&e, "GET", "/page.txt", h2, &accept).await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(a.headers.get("content-encoding").is_none());
+        assert_eq!(a.body, page, "GET h2 {h2}: decoded");
+    }
+}
