@@ -165,9 +165,14 @@ class Sandbox:
 
     @property
     def env(self) -> Dict[str, str]:
-        """The sandbox's environment: each secret as its sealed token (``osb_sealed_…``), plus
-        the ``envs`` it was created with when the daemon reports them."""
-        return dict(self.info.get("env") or {})
+        """The variables the sandbox's commands get from it: the ``envs`` it was created with
+        and each secret as its sealed token (``osb_sealed_…``), which wins on a name clash."""
+        return {**(self.info.get("envs") or {}), **(self.info.get("env") or {})}
+
+    @property
+    def envs(self) -> Dict[str, str]:
+        """The plain variables given to ``Sandbox.create(envs=…)``."""
+        return dict(self.info.get("envs") or {})
 
     @property
     def secret_store_id(self) -> Optional[str]:

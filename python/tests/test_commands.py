@@ -47,6 +47,9 @@ async def test_command_past_its_timeout_is_killed(daemon):
 
 async def test_env_cwd_stdin_and_sandbox_envs(daemon):
     async with await isolated(envs={"MODE": "test", "GREETING": "hi there"}) as sbx:
+        assert sbx.envs == {"MODE": "test", "GREETING": "hi there"}
+        assert sbx.env["MODE"] == "test" and sbx.env["API_KEY"].startswith("osb_sealed_")
+        assert (await Sandbox.connect(sbx.id)).env == sbx.env
         r = await sbx.commands.run('echo "$MODE/$GREETING/$EXTRA"', env={"EXTRA": "x"})
         assert r.stdout == "test/hi there/x\n", r.stderr
         r = await sbx.commands.run("pwd", cwd="/tmp")
@@ -85,10 +88,12 @@ async def test_another_sandboxs_workdir_is_out_of_reach(daemon):
         # the same path inside b is b's own directory: a's file is not there
         r = await b.commands.run(f"ls -a {a_dir}")
         assert marker not in r.stdout
-        # a's directory on the host, wherever the daemon keeps it, is not readable from b
-        found = host.run(["find", str(daemon.dir), "/tmp", "/run", "/var/lib", "-xdev",
-                          "-name", marker, "-not", "-path", "/proc/*"]).split()
-        assert found, f"{marker} not found on the host"
+        # a's directory on the host (the API's `workdir`, and wherever else the marker shows
+        # up) is not readable from b
+        assert a.info.get("workdir"), "the API reports no workdir for an isolated sandbox"
+        roots = sorted({str(daemon.dir), str(Path(a.info["workdir"]).parent)})
+        found = sorted(set(host.run(["find", *roots, "-xdev", "-name", marker]).split()))
+        assert str(Path(a.info["workdir"]) / marker) in found, (a.info["workdir"], found)
         for path in found:
             host_dir = str(Path(path).parent)
             r = await b.commands.run(f"ls {host_dir}")

@@ -78,13 +78,14 @@ class Names:
 
 
 def names(info: Dict) -> Names:
-    """Names derived from the API's sandbox (its ``source_ip`` is the namespace side of its
-    /30 slot; the rule chains are ``SG-`` + the id's hex)."""
+    """The host-side names of an isolated sandbox: its API record's ``netns`` object when the
+    daemon reports one, checked against what the address plan derives from its ``source_ip``
+    (the namespace side of its /30 slot in 198.18.0.0/15; chains are ``SG-`` + the id's hex)."""
     ns_ip = ipaddress.IPv4Address(info["source_ip"])
     offset = int(ns_ip) - int(POOL.network_address)
     assert 0 <= offset < POOL.num_addresses and offset % 4 == 2, f"source_ip {ns_ip} outside the pool"
     slot = offset // 4
-    return Names(
+    derived = Names(
         sandbox_id=info["id"],
         netns=f"sealgate-{slot:04x}",
         host_if=f"sg{slot:04x}h",
@@ -92,6 +93,12 @@ def names(info: Dict) -> Names:
         host_ip=str(ns_ip - 1),
         ns_ip=str(ns_ip),
     )
+    reported = info.get("netns")
+    if reported:
+        assert (reported["name"], reported["interface"], reported["address"], reported["gateway"]) == (
+            derived.netns, derived.host_if, derived.ns_ip, derived.host_ip,
+        ), reported
+    return derived
 
 
 def _mentions(line: str, pattern: str) -> bool:
