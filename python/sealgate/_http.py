@@ -38,7 +38,7 @@ def _headers(cfg: Config, accept: str = "application/json") -> dict:
     return {"authorization": f"Bearer {cfg.api_key}", "accept": accept}
 
 
-def _client(cfg: Config, timeout: float) -> httpx.AsyncClient:
+def _client(cfg: Config, timeout: Optional[float]) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=cfg.api_url, timeout=timeout, trust_env=False)
 
 
@@ -81,7 +81,7 @@ async def call(
     path: str,
     body: Any = None,
     *,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
 ) -> Any:
     """Calls ``method path`` with an optional JSON body and returns the decoded answer (None for
     204). Raises ``SealgateError`` or a subclass."""
@@ -100,7 +100,7 @@ async def call(
 
 @asynccontextmanager
 async def stream(
-    cfg: Config, method: str, path: str, body: Any, *, timeout: float
+    cfg: Config, method: str, path: str, body: Any, *, timeout: Optional[float]
 ) -> AsyncIterator[httpx.Response]:
     """Like ``call`` with ``Accept: text/event-stream``; yields the open response (status
     already checked) for the caller to read incrementally."""

@@ -38,6 +38,7 @@ class CommandResult:
     exit_code: int
     timed_out: bool = False
     truncated: bool = False
+    duration_ms: Optional[int] = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], stdout: str = "", stderr: str = "") -> "CommandResult":
@@ -49,6 +50,7 @@ class CommandResult:
             exit_code=-1 if code is None else int(code),
             timed_out=bool(data.get("timed_out", False)),
             truncated=bool(data.get("truncated", False)),
+            duration_ms=data.get("duration_ms"),
         )
 
 
@@ -83,7 +85,7 @@ class Commands:
     async def run(
         self,
         cmd: str,
-        timeout: float = 60,
+        timeout: Optional[float] = 60,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         on_stdout: Optional[OutputCallback] = None,
@@ -92,11 +94,14 @@ class Commands:
     ) -> CommandResult:
         """Runs ``sh -c cmd`` in the sandbox and waits for it (at most ``timeout`` seconds, then
         it is killed and the result says ``timed_out``). ``env`` adds variables, ``cwd`` sets the
-        directory. With ``on_stdout``/``on_stderr`` the output is streamed and each callback
+        directory (relative to the sandbox's home). ``timeout=None`` takes the daemon's default.
+        With ``on_stdout``/``on_stderr`` the output is streamed and each callback
         (plain or async) gets every chunk as it arrives; the result still holds all of it.
 
         Raises ``ConflictError`` for a sandbox without ``netns`` isolation."""
-        body: Dict[str, Any] = {"cmd": cmd, "timeout": timeout}
+        body: Dict[str, Any] = {"cmd": cmd}
+        if timeout is not None:
+            body["timeout"] = timeout
         if env is not None:
             body["env"] = dict(env)
         if cwd is not None:
@@ -105,7 +110,7 @@ class Commands:
             body["stdin"] = stdin
         sbx = self._sandbox
         path = f"/v1/sandboxes/{seg(sbx.id)}/commands"
-        http_timeout = float(timeout) + HTTP_GRACE_SECS
+        http_timeout = None if timeout is None else float(timeout) + HTTP_GRACE_SECS
         if on_stdout is None and on_stderr is None:
             answer = await _http.call(sbx._cfg, "POST", path, body, timeout=http_timeout)
             return CommandResult.from_json(answer)
@@ -115,7 +120,7 @@ class Commands:
         self,
         path: str,
         body: Dict[str, Any],
-        http_timeout: float,
+        http_timeout: Optional[float],
         on_stdout: Optional[OutputCallback],
         on_stderr: Optional[OutputCallback],
     ) -> CommandResult:

@@ -30,8 +30,9 @@ async def test_exit_code_and_stderr_come_back(daemon):
         r = await sbx.commands.run("echo out; echo err >&2; exit 3")
         assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
         assert (r.timed_out, r.truncated) == (False, False)
-        r = await sbx.commands.run("true")
+        r = await sbx.commands.run("true", timeout=None)  # the daemon's default timeout
         assert (r.stdout, r.stderr, r.exit_code) == ("", "", 0)
+        assert r.duration_ms is not None and r.duration_ms >= 0
 
 
 async def test_command_past_its_timeout_is_killed(daemon):
