@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::audit::Audit;
+use crate::isolation::Isolation;
 use crate::metrics::Metrics;
 use crate::sandbox::Sandboxes;
 use crate::secret::SecretValue;
@@ -31,6 +32,8 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     /// Sandbox service.
     pub sandboxes: Arc<Sandboxes>,
+    /// Isolated sandboxes (namespaces, commands).
+    pub isolation: Arc<Isolation>,
     /// The bearer token.
     pub admin_token: SecretValue,
     /// Metrics.

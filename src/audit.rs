@@ -73,6 +73,23 @@ pub struct AdminEvent<'a> {
     pub actor: String,
 }
 
+/// One command run in an isolated sandbox (never its environment).
+#[derive(Debug, Serialize)]
+pub struct CommandEvent<'a> {
+    /// Sandbox id.
+    pub sandbox: &'a str,
+    /// The command line, cut to 256 bytes.
+    pub cmd: &'a str,
+    /// Exit code (124 after a timeout).
+    pub exit_code: i32,
+    /// The timeout ended it.
+    pub timed_out: bool,
+    /// Output was cut at `max_output_bytes`.
+    pub truncated: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
     #[serde(with = "time::serde::rfc3339")]
@@ -118,6 +135,11 @@ impl Audit {
     /// Records an admin change.
     pub fn admin(&self, e: &AdminEvent<'_>) {
         self.write("admin", e);
+    }
+
+    /// Records a command run in an isolated sandbox.
+    pub fn command(&self, e: &CommandEvent<'_>) {
+        self.write("command", e);
     }
 
     fn write<T: Serialize>(&self, kind: &str, event: &T) {

@@ -128,6 +128,18 @@ pub struct RawSandbox {
     pub max_timeout_secs: Option<u64>,
     /// Count.
     pub leaf_cache_capacity: Option<usize>,
+    /// User (name or number, optionally `:group`) commands in isolated sandboxes run as.
+    pub run_as: Option<String>,
+    /// `POST /v1/sandboxes/{id}/commands` on or off.
+    pub commands: Option<bool>,
+    /// Seconds.
+    pub command_timeout_secs: Option<u64>,
+    /// Seconds.
+    pub max_command_timeout_secs: Option<u64>,
+    /// Bytes.
+    pub max_output_bytes: Option<usize>,
+    /// Count.
+    pub max_commands_per_sandbox: Option<usize>,
 }
 
 /// `[log]`.
@@ -237,6 +249,18 @@ pub struct SandboxConfig {
     pub max_timeout: Duration,
     /// Leaf cache bound.
     pub leaf_cache_capacity: usize,
+    /// Who commands run as in isolated sandboxes.
+    pub run_as: String,
+    /// Whether the commands route is on.
+    pub commands: bool,
+    /// Command timeout when the request gives none.
+    pub command_timeout: Duration,
+    /// Longest accepted command timeout.
+    pub max_command_timeout: Duration,
+    /// Output kept per stream (stdout, stderr) of one command.
+    pub max_output_bytes: usize,
+    /// Commands running at once in one sandbox.
+    pub max_commands: usize,
 }
 
 impl Default for Config {
@@ -509,7 +533,44 @@ impl RawSandbox {
         if default_timeout > max_timeout {
             p.0.push("sandbox.default_timeout_secs: larger than sandbox.max_timeout_secs".into());
         }
+        let max_command_timeout = p.secs(
+            "sandbox.max_command_timeout_secs",
+            self.max_command_timeout_secs,
+            3600,
+        );
+        let command_timeout = p.secs(
+            "sandbox.command_timeout_secs",
+            self.command_timeout_secs,
+            60,
+        );
+        if command_timeout > max_command_timeout {
+            p.0.push(
+                "sandbox.command_timeout_secs: larger than sandbox.max_command_timeout_secs".into(),
+            );
+        }
+        let run_as = self.run_as.unwrap_or_else(|| "nobody".into());
+        if run_as.is_empty() || run_as.starts_with('-') || run_as.contains(char::is_whitespace) {
+            p.0.push(format!(
+                "sandbox.run_as: '{run_as}' is not a user name or number"
+            ));
+        }
         SandboxConfig {
+            run_as,
+            commands: self.commands.unwrap_or(true),
+            command_timeout,
+            max_command_timeout,
+            max_output_bytes: p.count(
+                "sandbox.max_output_bytes",
+                self.max_output_bytes,
+                1 << 20,
+                1 << 30,
+            ),
+            max_commands: p.count(
+                "sandbox.max_commands_per_sandbox",
+                self.max_commands_per_sandbox,
+                8,
+                1024,
+            ),
             default_timeout,
             max_timeout,
             leaf_cache_capacity: p.count(

@@ -16,6 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::Audit;
 use crate::ca::LeafCache;
 use crate::config::Config;
+use crate::isolation::Isolation;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ListenerKind, ProxyState, Runtime};
 use crate::sandbox::lifecycle::LifecycleConfig;
@@ -83,6 +84,8 @@ pub struct Running {
     pub proxy: Arc<ProxyState>,
     /// Sandbox service.
     pub sandboxes: Arc<Sandboxes>,
+    /// Isolated sandboxes.
+    pub isolation: Arc<Isolation>,
     admin_token: SecretValue,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -134,6 +137,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let store: Arc<dyn Store> = Arc::new(store);
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     let listeners = Listeners::bind(&cfg).await?;
+    let swept = sweep_namespaces().await;
     let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr)?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
@@ -150,10 +154,12 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         runtime,
         shutdown_rx.clone(),
     );
+    let isolation = start_isolation(&cfg, &sandboxes, &proxy, &swept)?;
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let admin_state = Arc::new(AdminState {
         store,
         sandboxes: sandboxes.clone(),
+        isolation: isolation.clone(),
         admin_token: admin_token.clone(),
         metrics,
         audit,
@@ -168,7 +174,15 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     );
     let mut tasks = tokio::task::JoinSet::new();
     listeners.spawn(&mut tasks, &proxy, &admin_state, &shutdown_rx);
-    tasks.spawn(sweep(sandboxes.clone(), shutdown_rx.clone()));
+    tasks.spawn(sweep(
+        sandboxes.clone(),
+        isolation.clone(),
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(end_isolated_on_shutdown(
+        isolation.clone(),
+        shutdown_rx.clone(),
+    ));
     tasks.spawn(reloads(
         proxy.clone(),
         ov.config_path.clone(),
@@ -187,6 +201,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         db_path: cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME),
         proxy,
         sandboxes,
+        isolation,
         admin_token,
         shutdown: shutdown_tx,
         tasks,
@@ -374,7 +389,11 @@ async fn serve_admin(state: Arc<AdminState>, l: TcpListener, mut shutdown: watch
     }
 }
 
-async fn sweep(sandboxes: Arc<Sandboxes>, mut shutdown: watch::Receiver<bool>) {
+async fn sweep(
+    sandboxes: Arc<Sandboxes>,
+    isolation: Arc<Isolation>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -382,8 +401,56 @@ async fn sweep(sandboxes: Arc<Sandboxes>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         let s = sandboxes.clone();
-        let _ = tokio::task::spawn_blocking(move || s.sweep_expired()).await;
+        if let Ok(ended) = tokio::task::spawn_blocking(move || s.sweep_expired()).await {
+            isolation.end(&ended).await;
+        }
     }
+}
+
+/// Undoes namespaces, veths and rules that daemons which died on this host left behind.
+async fn sweep_namespaces() -> crate::netns::sweep::Swept {
+    let swept = tokio::task::spawn_blocking(crate::netns::sweep::sweep)
+        .await
+        .unwrap_or_default();
+    if swept.records + swept.orphans > 0 {
+        tracing::info!(
+            records = swept.records,
+            orphans = swept.orphans,
+            "removed isolated sandboxes' leftovers of an earlier run"
+        );
+    }
+    swept
+}
+
+/// The isolation service; ends the sandboxes an earlier run had isolated (they are not
+/// restored: their namespaces and processes died with that run).
+fn start_isolation(
+    cfg: &Config,
+    sandboxes: &Arc<Sandboxes>,
+    proxy: &Arc<ProxyState>,
+    swept: &crate::netns::sweep::Swept,
+) -> Result<Arc<Isolation>, DaemonError> {
+    let data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(io_err("resolving data_dir"))?;
+    let isolation = Arc::new(Isolation::new(
+        cfg.sandbox.clone(),
+        data_dir,
+        sandboxes.clone(),
+        proxy.clone(),
+    ));
+    let ended = isolation.end_stale(&swept.sandbox_ids);
+    if ended > 0 {
+        tracing::info!(
+            sandboxes = ended,
+            "ended isolated sandboxes of an earlier run (isolation is not restored)"
+        );
+    }
+    Ok(isolation)
+}
+
+/// On shutdown every isolated sandbox ends: namespace, rules, processes and files go.
+async fn end_isolated_on_shutdown(isolation: Arc<Isolation>, mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.changed().await;
+    isolation.shutdown().await;
 }
 
 type ReloadReply = oneshot::Sender<Result<Vec<String>, String>>;
@@ -470,6 +537,27 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check(
         "sandbox.max_timeout_secs",
         old.sandbox.max_timeout != new.sandbox.max_timeout,
+    );
+    check("sandbox.run_as", old.sandbox.run_as != new.sandbox.run_as);
+    check(
+        "sandbox.commands",
+        old.sandbox.commands != new.sandbox.commands,
+    );
+    check(
+        "sandbox.command_timeout_secs",
+        old.sandbox.command_timeout != new.sandbox.command_timeout,
+    );
+    check(
+        "sandbox.max_command_timeout_secs",
+        old.sandbox.max_command_timeout != new.sandbox.max_command_timeout,
+    );
+    check(
+        "sandbox.max_output_bytes",
+        old.sandbox.max_output_bytes != new.sandbox.max_output_bytes,
+    );
+    check(
+        "sandbox.max_commands_per_sandbox",
+        old.sandbox.max_commands != new.sandbox.max_commands,
     );
     check("log.format", old.log_format != new.log_format);
     check("audit.path", old.audit_path != new.audit_path);

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod isolation;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

@@ -1,5 +1,6 @@
-//! Network namespaces for `sealgate sandbox exec` (Linux, root): the address plan, the veth and
-//! namespace plumbing, the iptables rule set, and the namespace's DNS responder.
+//! Network namespaces for isolated sandboxes (Linux, root): the address plan, the veth and
+//! namespace plumbing, the iptables rule set, the namespace's DNS responder, the records that
+//! make every namespace the daemon builds undoable, and the start-up sweep of leftovers.
 //!
 //! Everything that touches the system runs a program from an argv vector (`ip`, `iptables`,
 //! `ip6tables`) — never a shell string — and every removal is idempotent, so cleanup can run
@@ -8,12 +9,17 @@
 pub mod dns;
 pub mod link;
 pub mod plan;
+pub mod record;
 pub mod rules;
+pub mod session;
+pub mod sweep;
 
-use std::process::Command;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 
 pub use plan::Plan;
-pub use rules::{RuleParams, RuleSet};
+pub use rules::{Family, RuleParams, RuleSet};
+pub use session::Namespace;
 
 /// Namespace, interface and rule failures. Each names the command or file involved.
 #[derive(Debug, thiserror::Error)]
@@ -75,18 +81,59 @@ pub fn run(argv: &[String]) -> Result<String, NetnsError> {
 }
 
 /// [`run`] for string literals and formatted values.
-fn run_args<S: AsRef<str>>(argv: &[S]) -> Result<String, NetnsError> {
+pub(crate) fn run_args<S: AsRef<str>>(argv: &[S]) -> Result<String, NetnsError> {
     let owned: Vec<String> = argv.iter().map(|s| s.as_ref().to_owned()).collect();
     run(&owned)
 }
 
-/// Applies a rule set in order; on the first failure, removes whatever was applied.
+/// Runs `program args…` with `input` on its standard input (`iptables-restore`).
+///
+/// # Errors
+/// [`NetnsError::Spawn`] or [`NetnsError::Failed`].
+pub fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<(), NetnsError> {
+    let spawn_err = |source| NetnsError::Spawn {
+        program: program.to_owned(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NetnsError::Failed {
+        command: format!("{program} {}", args.join(" ")),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+fn restore(family: Family, input: &str) -> Result<(), NetnsError> {
+    let program = match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    };
+    run_stdin(program, &["-w", "5", "--noflush"], input)
+}
+
+/// Applies a rule set: one `iptables-restore` transaction per family (tables commit in order,
+/// nat before filter); on failure, removes whatever was applied.
 ///
 /// # Errors
 /// The failing command.
 pub fn apply_rules(set: &RuleSet) -> Result<(), NetnsError> {
-    for argv in set.apply_argvs() {
-        if let Err(e) = run(&argv) {
+    for family in [Family::V4, Family::V6] {
+        let Some(input) = set.restore_apply(family) else {
+            continue;
+        };
+        if let Err(e) = restore(family, &input) {
             remove_rules(set);
             return Err(e);
         }
@@ -94,9 +141,17 @@ pub fn apply_rules(set: &RuleSet) -> Result<(), NetnsError> {
     Ok(())
 }
 
-/// Removes a rule set; succeeds whether or not (any of) it is installed. A hook inserted more
-/// than once is deleted until none is left.
+/// Removes a rule set; succeeds whether or not (any of) it is installed. The fast path is one
+/// transaction per family; when that fails (a piece was already gone) every piece is removed
+/// by its own command, and a hook inserted more than once is deleted until none is left.
 pub fn remove_rules(set: &RuleSet) {
+    let batched = [Family::V4, Family::V6].iter().all(|f| {
+        set.restore_remove(*f)
+            .is_none_or(|input| restore(*f, &input).is_ok())
+    });
+    if batched {
+        return;
+    }
     for argv in set.remove_argvs() {
         let is_delete = argv.iter().any(|a| a == "-D");
         let tries = if is_delete { 8 } else { 1 };

@@ -15,6 +15,8 @@ use serde_json::json;
 
 use super::{validate, AdminState, ApiError};
 use crate::audit::AdminEvent;
+use crate::isolation::commands::{self, CommandRequest};
+use crate::isolation::IsolationError;
 use crate::sandbox::lifecycle::CreateSandbox;
 use crate::secret::{Location, SecretValue};
 use crate::store::{SecretMeta, StoreRecord};
@@ -43,6 +45,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/sandboxes/{id}",
             get(get_sandbox).delete(delete_sandbox),
         )
+        .route("/v1/sandboxes/{id}/commands", post(run_command))
         .route("/v1/admin/reload", post(reload))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -284,16 +287,7 @@ async fn create_sandbox(
     body: Result<Json<CreateSandbox>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let sbx = st.sandboxes.clone();
-    let info = tokio::task::spawn_blocking(move || sbx.create(req))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "sandbox creation panicked",
-            )
-        })??;
+    let info = st.isolation.create(req).await?;
     st.metrics
         .sandboxes
         .set(st.sandboxes.registry().len() as i64);
@@ -309,11 +303,15 @@ async fn create_sandbox(
 }
 
 async fn list_sandboxes(State(st): St) -> Response {
-    Json(st.sandboxes.list()).into_response()
+    let mut all = st.sandboxes.list();
+    all.iter_mut().for_each(|i| st.isolation.decorate(i));
+    Json(all).into_response()
 }
 
 async fn get_sandbox(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(st.sandboxes.get(&id)?).into_response())
+    let mut info = st.sandboxes.get(&id)?;
+    st.isolation.decorate(&mut info);
+    Ok(Json(info).into_response())
 }
 
 async fn delete_sandbox(
@@ -321,12 +319,31 @@ async fn delete_sandbox(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    st.sandboxes.delete(&id)?;
+    st.isolation.delete(&id).await?;
     st.metrics
         .sandboxes
         .set(st.sandboxes.registry().len() as i64);
     audit(&st, "sandbox.delete", None, None, Some(&id), peer);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/sandboxes/{id}/commands`; `Accept: text/event-stream` streams the output.
+async fn run_command(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<CommandRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    if !st.isolation.config().commands {
+        return Err(IsolationError::CommandsOff.into());
+    }
+    let Json(req) = body?;
+    let stream = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    Ok(commands::handle(&st.isolation, st.audit.clone(), &id, stream, req).await?)
 }
 
 async fn metrics(State(st): St) -> Response {

@@ -45,6 +45,51 @@ impl AdminClient {
         }
     }
 
+    /// POSTs `body` to `path` asking for `text/event-stream`; returns the response once its
+    /// head arrived (the body streams), or the daemon's error.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| ClientError::Transport(url.clone(), e.to_string()))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Transport(self.base.clone(), e.to_string()))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Err(ClientError::Api {
+            status,
+            code: json["error"]["code"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned(),
+            message: json["error"]["message"].as_str().unwrap_or("").to_owned(),
+        })
+    }
+
     /// Calls `method path` with an optional JSON body; returns the JSON answer (Null for 204).
     ///
     /// # Errors

@@ -20,7 +20,7 @@ pub async fn run_client(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
         Command::Store(c) => store(&client, c).await?,
         Command::Secret(c) => secret(&client, c).await?,
         Command::Sandbox(SandboxCmd::Exec(a)) => {
-            let code = super::exec::exec(&client, a, cli.config.as_deref()).await?;
+            let code = super::exec::exec(&client, a).await?;
             std::process::exit(code)
         }
         Command::Sandbox(SandboxCmd::Rules(a)) => {

@@ -1,61 +1,33 @@
-//! `sealgate sandbox exec` (run a command in a network namespace whose only way out is the
-//! daemon's transparent listener) and `sealgate sandbox rules` (print a sandbox's rule set).
+//! `sealgate sandbox exec` (run a command in an isolated sandbox: a thin client of the
+//! daemon's `"isolation": "netns"` sandboxes and their commands route) and `sealgate sandbox
+//! rules` (print a sandbox's rule set).
 //!
-//! exec creates the sandbox through the admin API with the namespace's address as its
-//! `source_ip`, runs `ip netns exec <ns> CMD…` with the sealed `env` and the CA variables set
-//! (proxy variables removed: none are needed), streams its output, and returns its exit code
-//! (128 + signal when it was killed, 124 when the sandbox's timeout ended it). Namespace,
-//! rules, files and sandbox are removed on every way out: CMD exits or fails, Ctrl-C, SIGTERM,
-//! SIGHUP, the timeout, or a setup error; a run killed with SIGKILL is cleaned up by the next.
-//!
-//! The DNS responder runs inside this process (it needs nothing from the daemon but the
-//! store's allowlist, which it re-reads every two seconds), so a namespace's DNS lives and dies
-//! with the exec that made it, and the daemon stays free of per-namespace sockets.
-
-mod session;
-mod state;
+//! exec creates the sandbox through the admin API, runs `CMD ARGS…` (shell-quoted into one
+//! `sh -c` line) with `Accept: text/event-stream`, copies its output to this terminal as it
+//! comes, and returns its exit code (128 + signal when it was killed, 124 when its timeout
+//! ended it). The sandbox is deleted on every way out: CMD exits, Ctrl-C, SIGTERM, SIGHUP, a
+//! lost connection. The daemon owns namespace, rules, DNS responder, transparent listener and
+//! processes, so nothing here needs root, a transparent port or a config file; a client
+//! killed with SIGKILL leaves a sandbox that the daemon ends at its `--timeout`.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use http::Method;
-use serde_json::Value;
+use http_body_util::BodyExt as _;
+use serde_json::{json, Value};
+use std::io::Write as _;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use super::client::AdminClient;
+use super::client::{AdminClient, ClientError};
 use crate::config::Config;
+use crate::netns::record::Record;
+use crate::netns::rules::shell_line;
 use crate::netns::{Plan, RuleParams, RuleSet};
-use session::{Session, SetupArgs};
-use state::Record;
 
-/// Default transparent port when neither the flag nor the config names one.
+/// Default transparent port for `sandbox rules` when neither the flag nor the config names one.
 const DEFAULT_TRANSPARENT_PORT: u16 = 3129;
-/// After forwarding a signal, how long CMD gets to exit before SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(3);
-/// Exit code when the sandbox's timeout ended CMD (as `timeout(1)`).
-const TIMEOUT_EXIT: i32 = 124;
-/// Proxy variables removed from CMD's environment: in a namespace every connection is
-/// redirected anyway, and a stale `HTTPS_PROXY` would point at an unreachable loopback.
-const PROXY_VARS: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-];
-/// Variables pointed at the sandbox's CA certificate (DESIGN §7 "Clients").
-const CA_VARS: &[&str] = &[
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-];
 
 /// `sealgate sandbox exec` options.
 #[derive(Debug, Args)]
@@ -63,17 +35,10 @@ pub struct ExecArgs {
     /// Store name or id.
     #[arg(long)]
     pub store: String,
-    /// Sandbox lifetime in seconds; CMD is ended when it runs out.
+    /// Sandbox lifetime in seconds, and CMD's timeout (default: the daemon's defaults, the
+    /// command's timeout then being the sandbox's lifetime).
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// The daemon's transparent listener port (default: from `[proxy] transparent_listen` of
-    /// --config, else 3129).
-    #[arg(long, env = "SEALGATE_TRANSPARENT_PORT")]
-    pub transparent_port: Option<u16>,
-    /// Run CMD as USER[:GROUP] (name or number) through `setpriv`, with `no_new_privs`.
-    /// Recommended for untrusted code: a root process can leave any network namespace.
-    #[arg(long, value_name = "USER[:GROUP]")]
-    pub user: Option<String>,
     /// Print what was set up (namespace, addresses, sandbox id) on stderr.
     #[arg(long, short)]
     pub verbose: bool,
@@ -87,15 +52,16 @@ pub struct ExecArgs {
 pub struct RulesArgs {
     /// Sandbox id.
     pub id: String,
-    /// Host-side interface the sandbox's traffic arrives on (default: the one `sandbox exec`
-    /// uses for the sandbox's source IP).
+    /// Host-side interface the sandbox's traffic arrives on (default: the one of the
+    /// daemon's namespace for the sandbox's source IP).
     #[arg(long)]
     pub interface: Option<String>,
-    /// The daemon's transparent listener port (default as for `exec`).
+    /// The transparent listener port (default: the isolated sandbox's own listener, else
+    /// `[proxy] transparent_listen` of --config, else 3129).
     #[arg(long, env = "SEALGATE_TRANSPARENT_PORT")]
     pub transparent_port: Option<u16>,
-    /// Port of a DNS responder to REDIRECT UDP/TCP 53 to (default: the running exec's, else
-    /// none: DNS is dropped like all other UDP).
+    /// Port of a DNS responder to REDIRECT UDP/TCP 53 to (default: the isolated sandbox's,
+    /// else none: DNS is dropped like all other UDP).
     #[arg(long)]
     pub dns_port: Option<u16>,
     /// Omit the ip6tables rules.
@@ -116,217 +82,149 @@ fn transparent_port(flag: Option<u16>, config: Option<&Path>) -> anyhow::Result<
         .unwrap_or(DEFAULT_TRANSPARENT_PORT))
 }
 
-/// Runs `sandbox exec`; returns CMD's exit code. Everything is cleaned up before it returns.
+/// Runs `sandbox exec`; returns CMD's exit code. The sandbox is deleted before it returns.
 ///
 /// # Errors
-/// Setup failures (nothing is left behind then).
-pub async fn exec(c: &AdminClient, a: &ExecArgs, config: Option<&Path>) -> anyhow::Result<i32> {
-    let port = transparent_port(a.transparent_port, config)?;
-    let user = a.user.as_deref().map(RunAs::resolve).transpose()?;
+/// The daemon refusing the sandbox or the command (nothing is left behind then).
+pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
-    session::sweep_stale(c).await;
-    let store = find_store(c, &a.store).await?;
-    let setup = SetupArgs {
-        store: &store,
-        timeout: a.timeout,
-        transparent_port: port,
-    };
-    let mut s = Session::setup(c, &setup).await?;
-    if a.verbose {
-        describe(&s);
+    let mut body = json!({"secret_store": a.store, "isolation": "netns"});
+    if let Some(t) = a.timeout {
+        body["timeout"] = json!(t);
     }
-    let code = run_cmd(&s, &a.cmd, user.as_ref(), &mut signals).await;
-    s.teardown(c).await;
+    let sandbox = c
+        .call(Method::POST, "/v1/sandboxes", Some(body))
+        .await
+        .context("creating an isolated sandbox")?;
+    let id = sandbox["id"].as_str().unwrap_or_default().to_owned();
+    if a.verbose {
+        describe(&sandbox);
+    }
+    let code = tokio::select! {
+        r = run(c, &sandbox, &a.cmd, a.timeout) => r,
+        sig = signals.recv() => Ok(128 + sig),
+    };
+    end_sandbox(c, &id).await;
     code
 }
 
-fn describe(s: &Session) {
-    let p = &s.record.plan;
+fn describe(sb: &Value) {
+    let n = &sb["netns"];
     eprintln!(
         "sealgate: sandbox {} in namespace {} ({} via {} on {})",
-        s.sandbox_id(),
-        p.netns,
-        p.ns_ip,
-        p.host_ip,
-        p.host_if
+        sb["id"].as_str().unwrap_or("?"),
+        n["name"].as_str().unwrap_or("?"),
+        n["address"].as_str().unwrap_or("?"),
+        n["gateway"].as_str().unwrap_or("?"),
+        n["interface"].as_str().unwrap_or("?"),
     );
 }
 
-async fn find_store(c: &AdminClient, id_or_name: &str) -> anyhow::Result<Value> {
-    let all = c.call(Method::GET, "/v1/stores", None).await?;
-    all.as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["id"] == id_or_name || s["name"] == id_or_name)
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no store with id or name '{id_or_name}'"))
+async fn end_sandbox(c: &AdminClient, id: &str) {
+    match c
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await
+    {
+        Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+        Err(e) => eprintln!("sealgate: warning: could not end sandbox {id}: {e}"),
+    }
 }
 
-/// How the wait for CMD ended.
-enum Ended {
-    Exited(std::process::ExitStatus),
-    Signalled(i32),
-    TimedOut,
-}
-
-async fn run_cmd(
-    s: &Session,
+/// Runs CMD through the commands route and copies its output here; returns its exit code.
+async fn run(
+    c: &AdminClient,
+    sandbox: &Value,
     cmd: &[String],
-    user: Option<&RunAs>,
-    signals: &mut Signals,
+    timeout: Option<u64>,
 ) -> anyhow::Result<i32> {
-    let mut child = command(s, cmd, user)
-        .spawn()
-        .context("starting `ip netns exec`")?;
-    let ended = tokio::select! {
-        st = child.wait() => Ended::Exited(st?),
-        sig = signals.recv() => Ended::Signalled(sig),
-        _ = tokio::time::sleep(remaining(&s.sandbox)) => Ended::TimedOut,
-    };
-    let forward = match ended {
-        Ended::Exited(st) => return Ok(exit_code(st)),
-        Ended::Signalled(sig) => sig,
-        Ended::TimedOut => {
-            eprintln!("sealgate: the sandbox's timeout ran out; ending the command");
-            libc::SIGTERM
-        }
-    };
-    if let Some(pid) = child.id() {
-        let _ = crate::netns::signal(pid, forward);
-    }
-    let status = tokio::select! {
-        st = tokio::time::timeout(KILL_GRACE, child.wait()) => st.ok().and_then(Result::ok),
-        _ = signals.recv() => None,
-    };
-    let status = match status {
-        Some(st) => st,
-        None => {
-            let _ = child.start_kill();
-            child.wait().await?
-        }
-    };
-    Ok(match ended {
-        Ended::TimedOut => TIMEOUT_EXIT,
-        _ => exit_code(status),
-    })
-}
-
-fn command(s: &Session, cmd: &[String], user: Option<&RunAs>) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new("ip");
-    c.args(["netns", "exec", &s.record.plan.netns]);
-    if let Some(u) = user {
-        c.args(u.setpriv_args());
-        if let Some(home) = &u.home {
-            c.env("HOME", home);
+    let id = sandbox["id"].as_str().unwrap_or_default();
+    let secs = timeout.unwrap_or_else(|| remaining_secs(sandbox)).max(1);
+    let body = json!({"cmd": shell_line(cmd), "timeout": secs});
+    let resp = c
+        .post_stream(&format!("/v1/sandboxes/{id}/commands"), &body)
+        .await
+        .context("starting the command")?;
+    let mut body = resp.into_body();
+    let mut events = SseParser::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the command's output")?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        for (event, data) in events.push(data) {
+            if let Some(code) = show(&event, &data)? {
+                return Ok(code);
+            }
         }
     }
-    c.args(cmd).kill_on_drop(true);
-    for k in PROXY_VARS {
-        c.env_remove(k);
-    }
-    if let Some(env) = s.sandbox["env"].as_object() {
-        for (k, v) in env {
-            c.env(k, v.as_str().unwrap_or_default());
+    anyhow::bail!("the daemon closed the command's output stream without an exit event")
+}
+
+/// Copies one event to stdout/stderr; Some(exit code) for the `exit` event.
+fn show(event: &str, data: &str) -> anyhow::Result<Option<i32>> {
+    let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+    let text = v["data"].as_str().unwrap_or_default().as_bytes();
+    match event {
+        "stdout" => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text)?;
+            out.flush()?;
         }
+        "stderr" => {
+            let mut err = std::io::stderr().lock();
+            err.write_all(text)?;
+            err.flush()?;
+        }
+        "exit" => {
+            if v["timed_out"] == true {
+                eprintln!("sealgate: the command's timeout ran out; it was killed");
+            }
+            let code = v["exit_code"].as_i64().unwrap_or(1);
+            return Ok(Some(i32::try_from(code).unwrap_or(1)));
+        }
+        _ => {}
     }
-    for k in CA_VARS {
-        c.env(k, &s.ca_path);
-    }
-    c.env("SEALGATE_SANDBOX_ID", s.sandbox_id());
-    c
+    Ok(None)
 }
 
-/// Who CMD runs as with `--user`.
-#[derive(Debug, PartialEq, Eq)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
-    /// Known to the passwd database (then its supplementary groups are set, else none).
-    named: bool,
-    home: Option<String>,
+/// Incremental `text/event-stream` parser: `event:` and `data:` lines, events end at a
+/// blank line.
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
 }
 
-impl RunAs {
-    /// Resolves `USER[:GROUP]` (names or numbers) with `getent`.
-    fn resolve(spec: &str) -> anyhow::Result<RunAs> {
-        let (user, group) = match spec.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (spec, None),
-        };
-        let entry = getent("passwd", user);
-        let field = |i: usize| entry.as_ref().and_then(|e| e.get(i)).cloned();
-        let uid = match field(2).or_else(|| user.parse::<u32>().ok().map(|n| n.to_string())) {
-            Some(u) => u.parse()?,
-            None => anyhow::bail!("--user: no such user '{user}'"),
-        };
-        let gid = match group {
-            Some(g) => match getent("group", g).and_then(|e| e.get(2).cloned()) {
-                Some(id) => id.parse()?,
-                None => g
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--user: no such group '{g}'"))?,
-            },
-            None => field(3).map_or(Ok(uid), |g| g.parse())?,
-        };
-        Ok(RunAs {
-            uid,
-            gid,
-            named: entry.is_some(),
-            home: field(5),
-        })
-    }
-
-    /// `setpriv` (util-linux) arguments that run the rest of argv as this user.
-    fn setpriv_args(&self) -> Vec<String> {
-        let groups = if self.named {
-            "--init-groups"
-        } else {
-            "--clear-groups"
-        };
-        [
-            "setpriv",
-            "--reuid",
-            &self.uid.to_string(),
-            "--regid",
-            &self.gid.to_string(),
-            groups,
-            "--no-new-privs",
-            "--",
-        ]
-        .map(String::from)
-        .to_vec()
+impl SseParser {
+    /// Feeds bytes; returns the complete events (name, data).
+    fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let (mut event, mut data) = ("message".to_owned(), String::new());
+            for line in text.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+            }
+            out.push((event, data));
+        }
+        out
     }
 }
 
-/// One `getent DB KEY` entry split at `:`, or None.
-fn getent(db: &str, key: &str) -> Option<Vec<String>> {
-    let out = std::process::Command::new("getent")
-        .args([db, key])
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let line = text.lines().next().filter(|_| out.status.success())?;
-    Some(line.split(':').map(str::to_owned).collect())
-}
-
-/// Time left until the sandbox's `expires_at` (a day when it cannot be read).
-fn remaining(sandbox: &Value) -> Duration {
-    let fallback = Duration::from_secs(86_400);
-    let Some(text) = sandbox["expires_at"].as_str() else {
-        return fallback;
-    };
+/// Seconds until the sandbox's `expires_at` (an hour when it cannot be read).
+fn remaining_secs(sandbox: &Value) -> u64 {
     let fmt = time::format_description::well_known::Rfc3339;
-    let Ok(at) = time::OffsetDateTime::parse(text, &fmt) else {
-        return fallback;
-    };
-    let left = at - time::OffsetDateTime::now_utc();
-    Duration::try_from(left).unwrap_or(Duration::ZERO)
-}
-
-/// The exit code a shell would report: the code, or 128 + the signal that killed it.
-fn exit_code(st: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+    sandbox["expires_at"]
+        .as_str()
+        .and_then(|t| time::OffsetDateTime::parse(t, &fmt).ok())
+        .map(|at| (at - time::OffsetDateTime::now_utc()).whole_seconds())
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(3600)
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught from the start so no signal skips cleanup.
@@ -421,21 +319,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn run_as_resolves_names_numbers_and_groups() {
-        let root = RunAs::resolve("root").unwrap();
-        assert_eq!((root.uid, root.gid, root.named), (0, 0, true));
-        let n = RunAs::resolve("4242:4343").unwrap();
-        assert_eq!((n.uid, n.gid, n.named), (4242, 4343, false));
-        assert!(n.setpriv_args().contains(&"--clear-groups".to_owned()));
-        assert!(RunAs::resolve("no-such-user-sealgate").is_err());
-        assert!(RunAs::resolve("root:no-such-group-sealgate").is_err());
-    }
-
-    #[test]
-    fn setpriv_argv_ends_options_before_the_command() {
-        let args = RunAs::resolve("4242").unwrap().setpriv_args();
-        assert_eq!(args.first().map(String::as_str), Some("setpriv"));
-        assert_eq!(args.last().map(String::as_str), Some("--"));
-        assert!(args.contains(&"--no-new-privs".to_owned()));
+    fn sse_events_are_parsed_across_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.push(b"event: stdout\ndata: {\"data\":\"a\"}").is_empty());
+        let got = p.push(b"\n\nevent: exit\ndata: {\"exit_code\":3}\n\n");
+        assert_eq!(
+            got,
+            [
+                ("stdout".to_owned(), "{\"data\":\"a\"}".to_owned()),
+                ("exit".to_owned(), "{\"exit_code\":3}".to_owned())
+            ]
+        );
     }
 }

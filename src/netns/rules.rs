@@ -209,6 +209,66 @@ impl RuleSet {
         out
     }
 
+    /// `iptables-restore --noflush` input that applies the `family` part of the set (None when
+    /// the set has none): one transaction per table, so the interface never meets a half-built
+    /// chain and setup costs one commit rather than one per rule. Every argument is a plain
+    /// token (checked names, addresses, ports), so no quoting is needed.
+    pub fn restore_apply(&self, family: Family) -> Option<String> {
+        self.restore(family, |r| {
+            let line = match r.action {
+                Action::NewChain => return vec![format!(":{} - [0:0]", r.chain)],
+                Action::Append => format!("-A {}", r.chain),
+                Action::Insert => format!("-I {} 1", r.chain),
+            };
+            vec![join_spec(line, &r.spec)]
+        })
+    }
+
+    /// `iptables-restore --noflush` input that removes the `family` part of the set: hooks
+    /// first, then each chain flushed and deleted. It fails as a whole if any piece is already
+    /// gone; [`super::remove_rules`] then falls back to idempotent single commands.
+    pub fn restore_remove(&self, family: Family) -> Option<String> {
+        let reversed = RuleSet {
+            rules: self.rules.iter().rev().cloned().collect(),
+        };
+        let hooks = reversed.restore(family, |r| match r.action {
+            Action::Insert => vec![join_spec(format!("-D {}", r.chain), &r.spec)],
+            _ => Vec::new(),
+        })?;
+        let chains = self.restore(family, |r| match r.action {
+            Action::NewChain => vec![format!("-F {}", r.chain), format!("-X {}", r.chain)],
+            _ => Vec::new(),
+        });
+        Some(match chains {
+            Some(c) => format!("{hooks}{c}"),
+            None => hooks,
+        })
+    }
+
+    /// Renders `*table … COMMIT` sections (tables in order of first use) from `lines`.
+    fn restore(&self, family: Family, lines: impl Fn(&Rule) -> Vec<String>) -> Option<String> {
+        let mut tables: Vec<&str> = Vec::new();
+        for r in self.rules.iter().filter(|r| r.family == family) {
+            if !tables.contains(&r.table) {
+                tables.push(r.table);
+            }
+        }
+        let mut out = String::new();
+        for t in tables {
+            let body: Vec<String> = self
+                .rules
+                .iter()
+                .filter(|r| r.family == family && r.table == t)
+                .flat_map(&lines)
+                .collect();
+            if body.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("*{t}\n{}\nCOMMIT\n", body.join("\n")));
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
     /// The chain names this set creates (nat and filter share the name).
     pub fn chains(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -220,6 +280,14 @@ impl RuleSet {
         v.dedup();
         v
     }
+}
+
+fn join_spec(mut line: String, spec: &[String]) -> String {
+    for a in spec {
+        line.push(' ');
+        line.push_str(a);
+    }
+    line
 }
 
 fn rule(family: Family, table: &'static str, action: Action, chain: &str, spec: &[&str]) -> Rule {
@@ -446,5 +514,43 @@ ip6tables -w 5 -t filter -I FORWARD 1 -o sg0005h -j DROP
         let mut p = params();
         p.sandbox_id = "sbx_../../x".into();
         assert!(RuleSet::generate(&p).is_err());
+    }
+
+    #[test]
+    fn restore_batches_mirror_the_single_commands() {
+        let set = RuleSet::generate(&params()).unwrap();
+        let v4 = set.restore_apply(Family::V4).unwrap();
+        assert!(
+            v4.starts_with("*nat\n:SG-0123456789abcdef01234567 - [0:0]\n"),
+            "{v4}"
+        );
+        assert!(v4.contains("-I PREROUTING 1 -i sg0005h -s 198.18.0.22 -j SG-0123456789abcdef01234567\nCOMMIT\n*filter\n"));
+        assert!(
+            v4.ends_with("-I FORWARD 1 -o sg0005h -j DROP\nCOMMIT\n"),
+            "{v4}"
+        );
+        assert_eq!(v4.lines().filter(|l| l.starts_with(['-', ':'])).count(), 14);
+        let rm = set.restore_remove(Family::V4).unwrap();
+        // Hooks in reverse apply order (filter's last-inserted first), then the chains.
+        assert!(
+            rm.starts_with("*filter\n-D FORWARD -o sg0005h -j DROP\n"),
+            "{rm}"
+        );
+        let nat_hook = "*nat\n-D PREROUTING -i sg0005h -s 198.18.0.22 -j SG-0123456789abcdef01234567\nCOMMIT\n";
+        assert!(rm.find(nat_hook) < rm.find("-F SG-"), "{rm}");
+        assert!(
+            rm.ends_with(
+                "*filter\n-F SG-0123456789abcdef01234567\n-X SG-0123456789abcdef01234567\nCOMMIT\n"
+            ),
+            "{rm}"
+        );
+        let v6 = set.restore_remove(Family::V6).unwrap();
+        assert_eq!(v6.lines().filter(|l| l.starts_with("-D")).count(), 3);
+        let no_v6 = RuleSet::generate(&RuleParams {
+            ipv6: false,
+            ..params()
+        })
+        .unwrap();
+        assert!(no_v6.restore_apply(Family::V6).is_none());
     }
 }

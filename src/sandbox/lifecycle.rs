@@ -60,8 +60,27 @@ pub struct CreateSandbox {
     pub secret_store: String,
     /// Lifetime in seconds.
     pub timeout: Option<u64>,
-    /// Transparent-mode identity.
+    /// Transparent-mode identity (chosen by the daemon for `"isolation": "netns"`).
     pub source_ip: Option<IpAddr>,
+    /// `"none"` (default: proxy only) or `"netns"` (daemon-owned namespace; see `isolation`).
+    #[serde(default)]
+    pub isolation: Option<String>,
+    /// Extra plain environment variables for the sandbox's commands (`netns` only).
+    #[serde(default)]
+    pub envs: Option<BTreeMap<String, String>>,
+}
+
+/// The namespace of an isolated sandbox, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetnsInfo {
+    /// `ip netns` name, e.g. `sealgate-0005`.
+    pub name: String,
+    /// Host side of the veth, e.g. `sg0005h`.
+    pub interface: String,
+    /// The sandbox's address inside (its `source_ip`).
+    pub address: IpAddr,
+    /// The host-side address (gateway and DNS server).
+    pub gateway: IpAddr,
 }
 
 /// What the API returns for a sandbox. `proxy_env` (holding the proxy password) only at creation.
@@ -90,6 +109,16 @@ pub struct SandboxInfo {
     pub ca_cert_path: String,
     /// The CA certificate.
     pub ca_cert_pem: String,
+    /// `"none"` or `"netns"`.
+    pub isolation: &'static str,
+    /// Extra plain environment variables of the sandbox's commands.
+    pub envs: BTreeMap<String, String>,
+    /// Host path of the sandbox's work directory (`/home/user` inside), isolated sandboxes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The sandbox's network namespace, isolated sandboxes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsInfo>,
 }
 
 /// Settings the lifecycle needs from the daemon.
@@ -224,6 +253,17 @@ impl Sandboxes {
         Ok(info)
     }
 
+    /// Checks a create request's store and timeout without creating anything (callers that
+    /// build expensive things around a sandbox check first).
+    ///
+    /// # Errors
+    /// Unknown store, bad timeout.
+    pub fn precheck(&self, req: &CreateSandbox) -> Result<(), SandboxError> {
+        self.timeout(req.timeout)?;
+        self.store.find_store(&req.secret_store)?;
+        Ok(())
+    }
+
     fn timeout(&self, requested: Option<u64>) -> Result<Duration, SandboxError> {
         let t = requested
             .map(Duration::from_secs)
@@ -282,8 +322,8 @@ impl Sandboxes {
         let _ = std::fs::remove_file(self.cert_path(&sb.id));
     }
 
-    /// Ends every sandbox whose time is up; returns how many.
-    pub fn sweep_expired(&self) -> usize {
+    /// Ends every sandbox whose time is up; returns their ids.
+    pub fn sweep_expired(&self) -> Vec<Arc<str>> {
         let now = OffsetDateTime::now_utc();
         let ids = self.registry.expired(now);
         for id in &ids {
@@ -295,7 +335,7 @@ impl Sandboxes {
             }
             tracing::info!(sandbox = %id, "sandbox expired");
         }
-        ids.len()
+        ids
     }
 
     /// Re-snapshots every live sandbox of `store_id` after its secrets or allowlist changed.
@@ -338,6 +378,10 @@ impl Sandboxes {
             proxy_env: None,
             ca_cert_path: self.cert_path(&sb.id).display().to_string(),
             ca_cert_pem: sb.ca.cert_pem().to_owned(),
+            isolation: "none",
+            envs: BTreeMap::new(),
+            workdir: None,
+            netns: None,
         }
     }
 

@@ -1,0 +1,494 @@
+//! Isolated sandboxes (`"isolation": "netns"`): the daemon (root) owns one network namespace
+//! per sandbox — veth, iptables rule set, DNS responder and a transparent listener on the host
+//! side of the veth — plus a private directory, and runs the sandbox's commands inside
+//! ([`commands`]).
+//!
+//! Lifetime: built by [`Isolation::create`] (the sandbox is created with the namespace's
+//! address as its `source_ip`); removed by `DELETE`, by expiry ([`Isolation::end`]), by daemon
+//! shutdown ([`Isolation::shutdown`]) and, as a last resort, when dropped. A daemon restart
+//! does not restore isolated sandboxes: the start-up sweep removes what an earlier run left
+//! (see [`crate::netns::sweep`]) and [`Isolation::end_stale`] ends their sandboxes.
+//!
+//! The transparent listener is per sandbox, bound to the host side of its veth on an
+//! ephemeral port (the rules REDIRECT there), so `[proxy] transparent_listen` is not needed
+//! and nothing listens on a wildcard address for isolated sandboxes.
+
+pub mod commands;
+pub mod run_as;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::admin::ApiError;
+use crate::config::SandboxConfig;
+use crate::netns::dns::{NameFilter, SharedFilter};
+use crate::netns::{self, Namespace, NetnsError};
+use crate::proxy::{self, ListenerKind, ProxyState};
+use crate::sandbox::lifecycle::{NetnsInfo, SandboxInfo};
+use crate::sandbox::{CreateSandbox, Sandbox, SandboxError, Sandboxes};
+use run_as::RunAs;
+
+/// Inside the sandbox: the work directory (also `HOME`) and the CA certificate.
+pub const HOME_INSIDE: &str = "/home/user";
+/// Inside the sandbox: the sandbox CA certificate (a tmpfs over `/run/sealgate` holds it).
+pub const CA_INSIDE: &str = "/run/sealgate/ca.pem";
+/// How often the DNS filter follows the sandbox's (refreshed) allowlist.
+const ALLOWLIST_REFRESH: Duration = Duration::from_secs(1);
+/// Largest `envs` (all names and values together).
+const MAX_ENVS_BYTES: usize = 256 * 1024;
+
+/// Isolation failures.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    /// The request is invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The sandbox exists but has no namespace.
+    #[error("sandbox {0} is not isolated: commands need \"isolation\": \"netns\"")]
+    NotIsolated(String),
+    /// `[sandbox] commands = false`.
+    #[error("commands are turned off on this daemon ([sandbox] commands = false)")]
+    CommandsOff,
+    /// `max_commands_per_sandbox` commands are running.
+    #[error("sandbox {0} already runs {1} commands ([sandbox] max_commands_per_sandbox)")]
+    TooManyCommands(String, usize),
+    /// `run_as` cannot be resolved.
+    #[error(transparent)]
+    RunAs(#[from] run_as::RunAsError),
+    /// Namespace, veth, rules or DNS setup failed.
+    #[error("isolation setup failed: {0}")]
+    Netns(#[from] NetnsError),
+    /// A file or socket of the sandbox.
+    #[error("isolation setup failed: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The sandbox itself.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IsolationError {
+    let what = what.into();
+    move |source| IsolationError::Io { what, source }
+}
+
+impl From<IsolationError> for ApiError {
+    fn from(e: IsolationError) -> Self {
+        let msg = e.to_string();
+        match e {
+            IsolationError::BadRequest(m) => ApiError::bad_request(m),
+            IsolationError::NotIsolated(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_isolated", msg)
+            }
+            IsolationError::CommandsOff => {
+                ApiError::new(StatusCode::FORBIDDEN, "commands_disabled", msg)
+            }
+            IsolationError::TooManyCommands(..) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", msg)
+            }
+            IsolationError::Sandbox(s) => s.into(),
+            IsolationError::RunAs(_) | IsolationError::Netns(_) | IsolationError::Io { .. } => {
+                tracing::error!(error = %msg, "sandbox isolation failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
+            }
+        }
+    }
+}
+
+/// One live isolated sandbox.
+pub struct Isolated {
+    /// The sandbox.
+    pub sandbox: Arc<Sandbox>,
+    /// Its namespace (torn down once, under the lock).
+    ns: Mutex<Namespace>,
+    /// Namespace names and addresses, for the API.
+    pub info: NetnsInfo,
+    /// Extra plain environment variables.
+    pub envs: BTreeMap<String, String>,
+    /// `data_dir/sandboxes/<id>`: `home/` (the work directory), `tmp/`, `ca.pem`.
+    pub dir: PathBuf,
+    /// One permit per running command.
+    pub commands: Arc<Semaphore>,
+}
+
+impl Isolated {
+    fn teardown(&self) {
+        self.ns.lock().unwrap_or_else(|e| e.into_inner()).teardown();
+    }
+}
+
+/// The isolated sandboxes of this daemon.
+pub struct Isolation {
+    cfg: SandboxConfig,
+    /// Absolute `data_dir` (hidden inside every sandbox).
+    data_dir: PathBuf,
+    run_as: Result<RunAs, String>,
+    sandboxes: Arc<Sandboxes>,
+    proxy: Arc<ProxyState>,
+    live: Mutex<HashMap<String, Arc<Isolated>>>,
+}
+
+impl Isolation {
+    /// The service; `run_as` is resolved now (a failure is reported by each create).
+    pub fn new(
+        cfg: SandboxConfig,
+        data_dir: PathBuf,
+        sandboxes: Arc<Sandboxes>,
+        proxy: Arc<ProxyState>,
+    ) -> Isolation {
+        let run_as = RunAs::resolve(&cfg.run_as).map_err(|e| e.to_string());
+        // The mount point of the tmpfs that holds the CA inside (root only; without it
+        // isolation fails at its first command with bwrap's message).
+        let _ = netns::record::ensure_dir(Path::new("/run/sealgate"), 0o755);
+        Isolation {
+            cfg,
+            data_dir,
+            run_as,
+            sandboxes,
+            proxy,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `[sandbox]` settings.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.cfg
+    }
+
+    /// The isolated sandbox `id`, if live.
+    pub fn get(&self, id: &str) -> Option<Arc<Isolated>> {
+        self.lock().get(id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Isolated>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the isolation fields to an API answer.
+    pub fn decorate(&self, info: &mut SandboxInfo) {
+        if let Some(iso) = self.get(&info.id) {
+            info.isolation = "netns";
+            info.envs = iso.envs.clone();
+            info.workdir = Some(iso.dir.join("home").display().to_string());
+            info.netns = Some(iso.info.clone());
+        }
+    }
+
+    /// Creates a sandbox: `"isolation": "none"` (or absent) is the proxy-only sandbox, `"netns"`
+    /// builds the namespace around it.
+    ///
+    /// # Errors
+    /// Invalid isolation or envs (400), and every failure of either path.
+    pub async fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, IsolationError> {
+        match req.isolation.as_deref() {
+            None | Some("none") => {
+                if req.envs.as_ref().is_some_and(|e| !e.is_empty()) {
+                    return Err(IsolationError::BadRequest(
+                        "envs are given to commands, which need \"isolation\": \"netns\"".into(),
+                    ));
+                }
+                let sbx = self.sandboxes.clone();
+                Ok(blocking(move || sbx.create(req)).await?)
+            }
+            Some("netns") => self.create_isolated(req).await,
+            Some(other) => Err(IsolationError::BadRequest(format!(
+                "isolation: '{other}' is not \"none\" or \"netns\""
+            ))),
+        }
+    }
+
+    async fn create_isolated(&self, mut req: CreateSandbox) -> Result<SandboxInfo, IsolationError> {
+        if req.source_ip.is_some() {
+            return Err(IsolationError::BadRequest(
+                "source_ip is chosen by the daemon for \"isolation\": \"netns\"".into(),
+            ));
+        }
+        let envs = validate_envs(req.envs.take().unwrap_or_default())?;
+        let run_as = self
+            .run_as
+            .clone()
+            .map_err(|e| IsolationError::BadRequest(format!("cannot isolate: {e}")))?;
+        self.sandboxes.precheck(&req)?;
+        let ns = blocking(Namespace::claim).await?;
+        req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
+        let sbx = self.sandboxes.clone();
+        let mut info = blocking(move || sbx.create(req)).await?;
+        let built = self.build(ns, &info, &run_as, envs).await;
+        match built {
+            Ok(iso) => {
+                self.lock().insert(info.id.clone(), iso);
+                self.decorate(&mut info);
+                tracing::info!(sandbox = %info.id, netns = ?info.netns.as_ref().map(|n| &n.name), "isolated sandbox ready");
+                Ok(info)
+            }
+            Err(e) => {
+                let _ = self.sandboxes.delete(&info.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything after the sandbox exists; on failure the namespace is torn down on drop.
+    async fn build(
+        &self,
+        mut ns: Namespace,
+        info: &SandboxInfo,
+        run_as: &RunAs,
+        envs: BTreeMap<String, String>,
+    ) -> Result<Arc<Isolated>, IsolationError> {
+        let sandbox = self
+            .sandboxes
+            .registry()
+            .get(&info.id)
+            .ok_or_else(|| SandboxError::NotFound(info.id.clone()))?;
+        let dir = self.data_dir.join("sandboxes").join(&info.id);
+        ns.set_owner(&info.id, &dir)?;
+        make_dir(&dir, run_as, &info.ca_cert_pem)?;
+        let filter = filter_for(&sandbox, ns.host_ip())?;
+        ns.start_dns(filter.clone())
+            .await
+            .map_err(io_err("starting the namespace's DNS responder"))?;
+        let listener = TcpListener::bind((ns.host_ip(), 0))
+            .await
+            .map_err(io_err("binding the sandbox's transparent listener"))?;
+        let port = listener
+            .local_addr()
+            .map_err(io_err("reading the transparent listener's address"))?
+            .port();
+        let state = self.proxy.clone();
+        ns.own_task(tokio::spawn(proxy::run_listener(
+            state,
+            listener,
+            ListenerKind::Transparent,
+        )));
+        ns.own_task(tokio::spawn(follow_allowlist(
+            Arc::downgrade(&sandbox),
+            filter,
+            ns.host_ip(),
+        )));
+        let ns = blocking(move || ns.confine(port).map(|()| ns)).await?;
+        let plan = ns.plan().clone();
+        Ok(Arc::new(Isolated {
+            sandbox,
+            ns: Mutex::new(ns),
+            info: NetnsInfo {
+                name: plan.netns,
+                interface: plan.host_if,
+                address: IpAddr::V4(plan.ns_ip),
+                gateway: IpAddr::V4(plan.host_ip),
+            },
+            envs,
+            dir,
+            commands: Arc::new(Semaphore::new(self.cfg.max_commands)),
+        }))
+    }
+
+    /// Ends a sandbox (isolated or not): tokens first, then namespace, processes and files.
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`] if it was not live.
+    pub async fn delete(&self, id: &str) -> Result<(), IsolationError> {
+        let iso = self.lock().remove(id);
+        let ended = self.sandboxes.delete(id);
+        if let Some(iso) = iso {
+            blocking(move || {
+                iso.teardown();
+                Ok::<_, IsolationError>(())
+            })
+            .await?;
+        }
+        Ok(ended?)
+    }
+
+    /// Tears down the namespaces of sandboxes that already ended (expiry).
+    pub async fn end(&self, ids: &[Arc<str>]) {
+        let gone: Vec<Arc<Isolated>> = {
+            let mut live = self.lock();
+            ids.iter().filter_map(|id| live.remove(&**id)).collect()
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let _ = blocking(move || {
+            gone.iter().for_each(|iso| iso.teardown());
+            Ok::<_, IsolationError>(())
+        })
+        .await;
+    }
+
+    /// Daemon shutdown: every isolated sandbox ends (a restart does not restore them).
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Isolated>> = self.lock().drain().map(|(_, v)| v).collect();
+        for iso in &all {
+            let _ = self.sandboxes.delete(&iso.sandbox.id);
+        }
+        let _ = blocking(move || {
+            all.iter().for_each(|iso| iso.teardown());
+            Ok::<_, IsolationError>(())
+        })
+        .await;
+    }
+
+    /// Daemon start, after restore: ends the sandboxes that were isolated in an earlier run
+    /// (named by swept records, or still owning a directory under `data_dir/sandboxes/`) and
+    /// removes every such directory. Returns how many sandboxes ended.
+    pub fn end_stale(&self, swept_ids: &[String]) -> usize {
+        let root = self.data_dir.join("sandboxes");
+        let mut stale: Vec<String> = swept_ids.to_vec();
+        if let Ok(dir) = std::fs::read_dir(&root) {
+            stale.extend(
+                dir.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+        let ended = stale
+            .iter()
+            .filter(|id| self.sandboxes.delete(id).is_ok())
+            .count();
+        let _ = std::fs::remove_dir_all(&root);
+        ended
+    }
+}
+
+impl Drop for Isolation {
+    /// Last resort (a dropped runtime without a shutdown): namespaces never outlive the daemon.
+    fn drop(&mut self) {
+        for (_, iso) in self.lock().drain() {
+            iso.teardown();
+        }
+    }
+}
+
+/// Runs blocking work (`ip`, `iptables`, SQLite) off the async workers.
+async fn blocking<T, E, F>(f: F) -> Result<T, IsolationError>
+where
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: Into<IsolationError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(IsolationError::Io {
+            what: "isolation task".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// `envs`: environment variable names, values without NUL, bounded in total.
+fn validate_envs(
+    envs: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, IsolationError> {
+    let mut total = 0;
+    for (k, v) in &envs {
+        check_env(k, v, "envs")?;
+        total += k.len() + v.len();
+    }
+    if total > MAX_ENVS_BYTES {
+        return Err(IsolationError::BadRequest(format!(
+            "envs: larger than {MAX_ENVS_BYTES} bytes"
+        )));
+    }
+    Ok(envs)
+}
+
+/// One environment variable: a name of `[A-Za-z_][A-Za-z0-9_]*`, a value without NUL.
+///
+/// # Errors
+/// [`IsolationError::BadRequest`] naming the field (never the value).
+pub fn check_env(name: &str, value: &str, field: &str) -> Result<(), IsolationError> {
+    let name_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !name_ok {
+        return Err(IsolationError::BadRequest(format!(
+            "{field}: '{}' is not an environment variable name",
+            name.escape_debug()
+        )));
+    }
+    if value.contains('\0') {
+        return Err(IsolationError::BadRequest(format!(
+            "{field}: the value of {name} contains NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// `dir` (0700 root) with `home/` and `tmp/` (0700, owned by `run_as`) and `ca.pem` (0644).
+fn make_dir(dir: &Path, run_as: &RunAs, ca_pem: &str) -> Result<(), IsolationError> {
+    let what = |p: &Path| format!("creating {}", p.display());
+    netns::record::ensure_dir(dir, 0o700).map_err(io_err(what(dir)))?;
+    for sub in ["home", "tmp"] {
+        let p = dir.join(sub);
+        netns::record::ensure_dir(&p, 0o700).map_err(io_err(what(&p)))?;
+        std::os::unix::fs::chown(&p, Some(run_as.uid), Some(run_as.gid))
+            .map_err(io_err(format!("chown {}", p.display())))?;
+    }
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_pem).map_err(io_err(what(&ca)))?;
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).map_err(io_err(what(&ca)))
+}
+
+fn filter_for(sandbox: &Sandbox, placeholder: Ipv4Addr) -> Result<SharedFilter, IsolationError> {
+    let list = sandbox.snapshot().egress_allowlist.clone();
+    let f = NameFilter::new(list.as_deref(), placeholder)
+        .map_err(|e| IsolationError::BadRequest(format!("egress_allowlist: {e}")))?;
+    Ok(Arc::new(std::sync::RwLock::new(Arc::new(f))))
+}
+
+/// Keeps the namespace's DNS answers in step with the sandbox's allowlist (rotation and
+/// `update` re-snapshot live sandboxes; names follow within [`ALLOWLIST_REFRESH`]).
+async fn follow_allowlist(
+    sandbox: std::sync::Weak<Sandbox>,
+    filter: SharedFilter,
+    placeholder: Ipv4Addr,
+) {
+    let mut last = sandbox
+        .upgrade()
+        .map(|s| s.snapshot().egress_allowlist.clone());
+    loop {
+        tokio::time::sleep(ALLOWLIST_REFRESH).await;
+        let Some(sb) = sandbox.upgrade() else {
+            return;
+        };
+        let list = sb.snapshot().egress_allowlist.clone();
+        if last.as_ref() == Some(&list) {
+            continue;
+        }
+        if let Ok(f) = NameFilter::new(list.as_deref(), placeholder) {
+            *filter.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(f);
+            last = Some(list);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_and_values_are_checked() {
+        assert!(check_env("API_KEY", "x", "env").is_ok());
+        assert!(check_env("_x1", "", "env").is_ok());
+        for bad in ["", "1A", "A-B", "A=B", "A B", "É"] {
+            assert!(check_env(bad, "v", "env").is_err(), "{bad}");
+        }
+        assert!(check_env("A", "x\0y", "env").is_err());
+        let big: BTreeMap<String, String> = [("A".to_owned(), "x".repeat(MAX_ENVS_BYTES))].into();
+        assert!(validate_envs(big).is_err());
+    }
+}

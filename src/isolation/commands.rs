@@ -1,0 +1,684 @@
+//! `POST /v1/sandboxes/{id}/commands`: `sh -c CMD` inside an isolated sandbox.
+//!
+//! How a command runs: `ip netns exec <ns>` (the sandbox's network namespace, with its
+//! `/etc/netns/<ns>/resolv.conf`) → `bwrap` (own PID, IPC, UTS and mount namespaces; the host
+//! filesystem read-only; `data_dir` — the daemon's database and keys and every sandbox's
+//! directory — hidden under an empty tmpfs; the sandbox's own `home/` at `/home/user` and
+//! `tmp/` at `/tmp`, both writable; the CA at [`CA_INSIDE`]; dies with its parent) →
+//! `setpriv` (drops to `[sandbox] run_as` with `no_new_privs` and no capabilities) →
+//! `sh -c CMD`. The environment is built from nothing: never the daemon's own.
+//!
+//! Rules: output beyond `max_output_bytes` per stream is drained and dropped (`truncated`);
+//! past its timeout — or the sandbox's, whichever comes first — the whole process group is
+//! SIGKILLed (`timed_out`, exit code 124, as `timeout(1)`); a client that goes away (closed stream or dropped request) kills the
+//! command too; when the command's first process exits, the PID namespace — and with it
+//! every background process — ends. Every command is audited (sandbox, command line cut to
+//! 256 bytes, exit code, duration); env values never are.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::run_as::RunAs;
+use super::{check_env, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
+use crate::audit::{Audit, CommandEvent};
+
+/// Exit code reported for a command killed by its timeout.
+pub const TIMEOUT_EXIT: i32 = 124;
+/// Longest command line kept in the audit log.
+pub const AUDIT_CMD_BYTES: usize = 256;
+/// How long output readers may take after the command ended (they normally end at once).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// `PATH` inside.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Variables pointed at the sandbox CA (DESIGN §7 "Clients").
+pub const CA_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+];
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// Run as `sh -c cmd`.
+    pub cmd: String,
+    /// Extra environment variables (override the sandbox's).
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory inside; relative paths are taken from `/home/user`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Seconds (fractions allowed); default `[sandbox] command_timeout_secs`.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// Written to the command's standard input, which is then closed (else it is empty).
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Outcome {
+    /// Exit code; 128 + signal when killed; [`TIMEOUT_EXIT`] when the timeout ended it.
+    pub exit_code: i32,
+    /// The timeout ended it.
+    pub timed_out: bool,
+    /// Some output was dropped (`max_output_bytes`).
+    pub truncated: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// The non-streaming answer.
+#[derive(Debug, Serialize)]
+pub struct CommandResult {
+    /// Exit code (as [`Outcome::exit_code`]).
+    pub exit_code: i32,
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// The timeout ended it.
+    pub timed_out: bool,
+    /// Some output was dropped.
+    pub truncated: bool,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Which output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Which {
+    fn event(self) -> &'static str {
+        match self {
+            Which::Stdout => "stdout",
+            Which::Stderr => "stderr",
+        }
+    }
+}
+
+/// What a running command reports, in order; [`Piece::Exit`] is last.
+#[derive(Debug)]
+pub enum Piece {
+    /// Output bytes.
+    Out(Which, Vec<u8>),
+    /// The end.
+    Exit(Outcome),
+}
+
+/// Everything one run needs, checked.
+struct Prepared {
+    iso: Arc<Isolated>,
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    stdin: Option<String>,
+    timeout: Duration,
+    max_output: usize,
+    cmd: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Handles the route: checks, starts the command, answers JSON or `text/event-stream`.
+///
+/// # Errors
+/// 403 `commands_disabled`, 404, 409 `not_isolated`, 400, 429 `too_many_commands`.
+pub async fn handle(
+    isolation: &Isolation,
+    audit: Arc<Audit>,
+    id: &str,
+    stream: bool,
+    req: CommandRequest,
+) -> Result<Response, IsolationError> {
+    let prepared = prepare(isolation, id, req)?;
+    let rx = start(prepared, audit);
+    if stream {
+        return Ok(sse_response(rx));
+    }
+    Ok(Json(collect(rx).await).into_response())
+}
+
+fn prepare(
+    isolation: &Isolation,
+    id: &str,
+    req: CommandRequest,
+) -> Result<Prepared, IsolationError> {
+    let cfg = isolation.config();
+    if !cfg.commands {
+        return Err(IsolationError::CommandsOff);
+    }
+    let Some(iso) = isolation.get(id) else {
+        isolation.sandboxes.get(id)?;
+        return Err(IsolationError::NotIsolated(id.to_owned()));
+    };
+    let bad = |m: String| Err(IsolationError::BadRequest(m));
+    if req.cmd.is_empty() || req.cmd.contains('\0') {
+        return bad("cmd: must be a non-empty string without NUL".into());
+    }
+    let timeout = match req.timeout {
+        None => cfg.command_timeout,
+        Some(t) if t > 0.0 && t <= cfg.max_command_timeout.as_secs_f64() => {
+            Duration::from_secs_f64(t)
+        }
+        Some(_) => {
+            return bad(format!(
+                "timeout: must be between 0 and {} seconds",
+                cfg.max_command_timeout.as_secs()
+            ))
+        }
+    };
+    let cwd = cwd_inside(req.cwd.as_deref())?;
+    let extra = req.env.unwrap_or_default();
+    for (k, v) in &extra {
+        check_env(k, v, "env")?;
+    }
+    let run_as = isolation
+        .run_as
+        .clone()
+        .map_err(|e| IsolationError::BadRequest(format!("cannot run commands: {e}")))?;
+    let permit = iso
+        .commands
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| IsolationError::TooManyCommands(id.to_owned(), cfg.max_commands))?;
+    let ctx = Sandboxed {
+        netns: &iso.info.name,
+        dir: &iso.dir,
+        data_dir: &isolation.data_dir,
+        run_as: &run_as,
+        cwd: &cwd,
+    };
+    Ok(Prepared {
+        argv: bwrap_argv(&ctx, &req.cmd),
+        env: environment(&iso, &run_as, extra),
+        stdin: req.stdin,
+        timeout,
+        max_output: cfg.max_output_bytes,
+        cmd: req.cmd,
+        iso,
+        _permit: permit,
+    })
+}
+
+fn cwd_inside(cwd: Option<&str>) -> Result<String, IsolationError> {
+    let Some(c) = cwd.filter(|c| !c.is_empty()) else {
+        return Ok(HOME_INSIDE.to_owned());
+    };
+    if c.contains('\0') || c.len() > 4096 {
+        return Err(IsolationError::BadRequest(
+            "cwd: must be a path without NUL".into(),
+        ));
+    }
+    Ok(if c.starts_with('/') {
+        c.to_owned()
+    } else {
+        format!("{HOME_INSIDE}/{c}")
+    })
+}
+
+/// Where and as whom a command runs.
+pub struct Sandboxed<'a> {
+    /// `ip netns` name.
+    pub netns: &'a str,
+    /// The sandbox's directory (`home/`, `tmp/`, `ca.pem`).
+    pub dir: &'a Path,
+    /// The daemon's data directory (hidden inside).
+    pub data_dir: &'a Path,
+    /// The user.
+    pub run_as: &'a RunAs,
+    /// Working directory inside.
+    pub cwd: &'a str,
+}
+
+/// The full argv (pure): `ip netns exec` → `bwrap` → `setpriv` → `sh -c cmd`.
+pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut v: Vec<String> = ["ip", "netns", "exec", s.netns, "bwrap"]
+        .map(String::from)
+        .to_vec();
+    let mounts: Vec<String> = vec![
+        "--ro-bind".into(),
+        "/".into(),
+        "/".into(),
+        "--tmpfs".into(),
+        path(s.data_dir),
+        "--bind".into(),
+        path(&s.dir.join("tmp")),
+        "/tmp".into(),
+        "--tmpfs".into(),
+        "/home".into(),
+        "--bind".into(),
+        path(&s.dir.join("home")),
+        HOME_INSIDE.into(),
+        "--tmpfs".into(),
+        "/run/sealgate".into(),
+        "--ro-bind".into(),
+        path(&s.dir.join("ca.pem")),
+        CA_INSIDE.into(),
+        "--dev".into(),
+        "/dev".into(),
+        "--proc".into(),
+        "/proc".into(),
+    ];
+    v.extend(mounts);
+    v.extend(
+        [
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "sandbox",
+            "--die-with-parent",
+            "--new-session",
+            "--chdir",
+            s.cwd,
+            "--",
+        ]
+        .map(String::from),
+    );
+    v.extend(s.run_as.setpriv_args());
+    v.extend(["sh".into(), "-c".into(), cmd.into()]);
+    v
+}
+
+/// The command's whole environment: a base, the sealed tokens, the CA variables, the
+/// sandbox's `envs`, then the request's `env` (later entries win).
+fn environment(
+    iso: &Isolated,
+    run_as: &RunAs,
+    extra: BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = [
+        ("PATH", PATH),
+        ("HOME", HOME_INSIDE),
+        ("LANG", "C.UTF-8"),
+        ("TMPDIR", "/tmp"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    env.insert("USER".into(), run_as.name.clone());
+    env.insert("LOGNAME".into(), run_as.name.clone());
+    env.insert("SEALGATE_SANDBOX_ID".into(), iso.sandbox.id.to_string());
+    for e in iso.sandbox.snapshot().secrets() {
+        env.insert(e.name.to_string(), e.token.to_string());
+    }
+    for k in CA_VARS {
+        env.insert((*k).to_owned(), CA_INSIDE.to_owned());
+    }
+    env.extend(iso.envs.clone());
+    env.extend(extra);
+    env
+}
+
+/// Starts the command in its own task; its pieces arrive on the returned channel.
+fn start(p: Prepared, audit: Arc<Audit>) -> mpsc::Receiver<Piece> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = run(&p, &tx, started).await;
+        audit.command(&CommandEvent {
+            sandbox: &p.iso.sandbox.id,
+            cmd: audit_cmd(&p.cmd),
+            exit_code: outcome.exit_code,
+            timed_out: outcome.timed_out,
+            truncated: outcome.truncated,
+            duration_ms: outcome.duration_ms,
+        });
+        let _ = tx.send(Piece::Exit(outcome)).await;
+    });
+    rx
+}
+
+/// The command line as audited: at most [`AUDIT_CMD_BYTES`], cut at a character boundary.
+pub fn audit_cmd(cmd: &str) -> &str {
+    let mut end = cmd.len().min(AUDIT_CMD_BYTES);
+    while !cmd.is_char_boundary(end) {
+        end -= 1;
+    }
+    &cmd[..end]
+}
+
+async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcome {
+    let failed = |code| Outcome {
+        exit_code: code,
+        timed_out: false,
+        truncated: false,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let mut cmd = tokio::process::Command::new(&p.argv[0]);
+    cmd.args(&p.argv[1..])
+        .env_clear()
+        .envs(&p.env)
+        .stdin(if p.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(sandbox = %p.iso.sandbox.id, error = %e, "cannot start a command");
+            let msg = format!("sealgate: cannot start the command: {e}\n").into_bytes();
+            let _ = tx.send(Piece::Out(Which::Stderr, msg)).await;
+            return failed(127);
+        }
+    };
+    let truncated = Arc::new(AtomicBool::new(false));
+    let mut pumps = tokio::task::JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.spawn(pump(
+            out,
+            Which::Stdout,
+            p.max_output,
+            tx.clone(),
+            truncated.clone(),
+        ));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.spawn(pump(
+            err,
+            Which::Stderr,
+            p.max_output,
+            tx.clone(),
+            truncated.clone(),
+        ));
+    }
+    if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {
+        tokio::spawn(async move {
+            let _ = sink.write_all(input.as_bytes()).await;
+        });
+    }
+    let pgid = child.id();
+    let status = tokio::select! {
+        st = child.wait() => st.ok(),
+        _ = tokio::time::sleep(p.timeout) => None,
+        _ = tx.closed() => None,
+    };
+    let timed_out = status.is_none() && !tx.is_closed();
+    let status = match status {
+        Some(st) => st,
+        None => {
+            kill_group(pgid);
+            let _ = child.start_kill();
+            match child.wait().await {
+                Ok(st) => st,
+                Err(_) => return failed(137),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_GRACE, async {
+        while pumps.join_next().await.is_some() {}
+    })
+    .await;
+    // Killed because the sandbox's own timeout ended it (expiry tears the namespace down).
+    let expired =
+        exit_code(status) >= 128 && p.iso.sandbox.is_expired(time::OffsetDateTime::now_utc());
+    let timed_out = timed_out || expired;
+    Outcome {
+        exit_code: if timed_out {
+            TIMEOUT_EXIT
+        } else {
+            exit_code(status)
+        },
+        timed_out,
+        truncated: truncated.load(Ordering::Acquire),
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// SIGKILL to the command's process group (bwrap and everything it started outside its
+/// PID namespace; inside, the namespace dies with its first process).
+fn kill_group(pgid: Option<u32>) {
+    let Some(pgid) = pgid
+        .and_then(|p| libc::pid_t::try_from(p).ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    // SAFETY: killpg(2) takes two integers and touches no memory of ours; `pgid` is the
+    // positive process-group id of a child we spawned as a group leader (`process_group(0)`).
+    unsafe {
+        libc::killpg(pgid, libc::SIGKILL);
+    }
+}
+
+/// The exit code a shell would report: the code, or 128 + the signal that killed it.
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// Reads one output stream to its end; forwards up to `cap` bytes, drains the rest.
+async fn pump(
+    mut r: impl AsyncRead + Unpin,
+    which: Which,
+    cap: usize,
+    tx: mpsc::Sender<Piece>,
+    truncated: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut sent = 0usize;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let keep = n.min(cap - sent);
+        if keep < n {
+            truncated.store(true, Ordering::Release);
+        }
+        if keep > 0 {
+            sent += keep;
+            if tx
+                .send(Piece::Out(which, buf[..keep].to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+async fn collect(mut rx: mpsc::Receiver<Piece>) -> CommandResult {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut outcome = None;
+    while let Some(p) = rx.recv().await {
+        match p {
+            Piece::Out(Which::Stdout, b) => out.extend_from_slice(&b),
+            Piece::Out(Which::Stderr, b) => err.extend_from_slice(&b),
+            Piece::Exit(o) => outcome = Some(o),
+        }
+    }
+    let o = outcome.unwrap_or(Outcome {
+        exit_code: 137,
+        timed_out: false,
+        truncated: false,
+        duration_ms: 0,
+    });
+    CommandResult {
+        exit_code: o.exit_code,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+        timed_out: o.timed_out,
+        truncated: o.truncated,
+        duration_ms: o.duration_ms,
+    }
+}
+
+/// `text/event-stream`: `stdout` / `stderr` events with `{"data": text}`, then one `exit`
+/// event with the [`Outcome`]. Multi-byte characters split across reads are held back until
+/// complete, so every event's text is valid UTF-8 as the command wrote it.
+fn sse_response(rx: mpsc::Receiver<Piece>) -> Response {
+    let state = (rx, Utf8Carry::default(), Utf8Carry::default());
+    let stream = futures_util::stream::unfold(state, |(mut rx, mut out, mut err)| async move {
+        let piece = rx.recv().await?;
+        let frame = match piece {
+            Piece::Out(w, bytes) => {
+                let carry = if w == Which::Stdout {
+                    &mut out
+                } else {
+                    &mut err
+                };
+                let text = carry.push(&bytes);
+                sse_frame(w.event(), &serde_json::json!({ "data": text }))
+            }
+            Piece::Exit(o) => {
+                let mut frame = String::new();
+                for (w, carry) in [(Which::Stdout, &mut out), (Which::Stderr, &mut err)] {
+                    let rest = carry.finish();
+                    if !rest.is_empty() {
+                        frame.push_str(&sse_frame(w.event(), &serde_json::json!({ "data": rest })));
+                    }
+                }
+                frame.push_str(&sse_frame(
+                    "exit",
+                    &serde_json::to_value(o).unwrap_or_default(),
+                ));
+                frame
+            }
+        };
+        Some((Ok::<_, Infallible>(Bytes::from(frame)), (rx, out, err)))
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn sse_frame(event: &str, data: &serde_json::Value) -> String {
+    format!("event: {event}\ndata: {data}\n\n")
+}
+
+/// Holds back an incomplete UTF-8 sequence at the end of a chunk until the next one.
+#[derive(Default)]
+pub struct Utf8Carry {
+    pending: Vec<u8>,
+}
+
+impl Utf8Carry {
+    /// The text of everything received so far except an incomplete trailing sequence
+    /// (invalid bytes become U+FFFD).
+    pub fn push(&mut self, chunk: &[u8]) -> String {
+        self.pending.extend_from_slice(chunk);
+        let split = self.pending.len() - incomplete_tail(&self.pending);
+        let text = String::from_utf8_lossy(&self.pending[..split]).into_owned();
+        self.pending.drain(..split);
+        text
+    }
+
+    /// Whatever is still held (at the end of the stream).
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+/// Length of an incomplete UTF-8 sequence at the end of `b` (0 to 3).
+fn incomplete_tail(b: &[u8]) -> usize {
+    for k in 1..=b.len().min(3) {
+        let byte = b[b.len() - k];
+        if byte & 0xC0 == 0x80 {
+            continue; // continuation byte: look further back for the lead
+        }
+        let need = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 0,
+        };
+        return if need > k { k } else { 0 };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_anywhere_reassembles() {
+        let text = "a→b😀c";
+        let bytes = text.as_bytes();
+        for cut in 0..=bytes.len() {
+            let mut c = Utf8Carry::default();
+            let mut got = c.push(&bytes[..cut]);
+            got.push_str(&c.push(&bytes[cut..]));
+            got.push_str(&c.finish());
+            assert_eq!(got, text, "cut at {cut}");
+        }
+        let mut c = Utf8Carry::default();
+        assert_eq!(c.push(b"x\xffy"), "x\u{fffd}y");
+    }
+
+    #[test]
+    fn audit_cmd_is_cut_at_a_char_boundary() {
+        assert_eq!(audit_cmd("echo hi"), "echo hi");
+        let long = "é".repeat(200);
+        let cut = audit_cmd(&long);
+        assert!(cut.len() <= AUDIT_CMD_BYTES && cut.len() >= AUDIT_CMD_BYTES - 1);
+    }
+
+    #[test]
+    fn argv_confines_in_the_documented_order() {
+        let run_as = RunAs {
+            uid: 65534,
+            gid: 65534,
+            named: true,
+            name: "nobody".into(),
+        };
+        let s = Sandboxed {
+            netns: "sealgate-0005",
+            dir: Path::new("/d/sandboxes/sbx_1"),
+            data_dir: Path::new("/d"),
+            run_as: &run_as,
+            cwd: "/home/user",
+        };
+        let v = bwrap_argv(&s, "echo $X");
+        let line = v.join(" ");
+        assert!(line.starts_with("ip netns exec sealgate-0005 bwrap --ro-bind / / --tmpfs /d "));
+        assert!(line.contains("--bind /d/sandboxes/sbx_1/home /home/user"));
+        assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
+        assert!(line.contains("--unshare-pid") && line.contains("--die-with-parent"));
+        assert!(line.contains("setpriv --reuid 65534 --regid 65534 --init-groups --no-new-privs"));
+        assert_eq!(&v[v.len() - 3..], ["sh", "-c", "echo $X"]);
+        assert_eq!(cwd_inside(Some("sub")).unwrap(), "/home/user/sub");
+        assert_eq!(cwd_inside(None).unwrap(), "/home/user");
+        assert!(cwd_inside(Some("a\0b")).is_err());
+    }
+}

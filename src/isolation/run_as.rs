@@ -1,0 +1,119 @@
+//! Who commands in isolated sandboxes run as (`[sandbox] run_as`): a user resolved once with
+//! `getent`, and the `setpriv` (util-linux) arguments that drop to it inside the sandbox with
+//! `no_new_privs`, no capabilities (bounding, inheritable and ambient sets cleared) and only
+//! that user's groups.
+
+/// A resolved user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Known to the passwd database (then its supplementary groups are set, else none).
+    pub named: bool,
+    /// The user's name (the number when it has none).
+    pub name: String,
+}
+
+/// `run_as` could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox.run_as: {0}")]
+pub struct RunAsError(String);
+
+impl RunAs {
+    /// Resolves `USER[:GROUP]` (names or numbers) with `getent`.
+    ///
+    /// # Errors
+    /// Unknown user or group names.
+    pub fn resolve(spec: &str) -> Result<RunAs, RunAsError> {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let entry = getent("passwd", user);
+        let field = |i: usize| entry.as_ref().and_then(|e| e.get(i)).cloned();
+        let num = |s: &str, what: &str| {
+            s.parse::<u32>()
+                .map_err(|_| RunAsError(format!("no such {what} '{s}'")))
+        };
+        let uid = num(&field(2).unwrap_or_else(|| user.to_owned()), "user")?;
+        let gid = match group {
+            Some(g) => num(
+                &getent("group", g)
+                    .and_then(|e| e.get(2).cloned())
+                    .unwrap_or_else(|| g.to_owned()),
+                "group",
+            )?,
+            None => field(3).map_or(Ok(uid), |g| num(&g, "group"))?,
+        };
+        Ok(RunAs {
+            uid,
+            gid,
+            named: entry.is_some(),
+            name: field(0).unwrap_or_else(|| uid.to_string()),
+        })
+    }
+
+    /// `setpriv` arguments that run the rest of argv as this user (ends with `--`).
+    pub fn setpriv_args(&self) -> Vec<String> {
+        let groups = if self.named {
+            "--init-groups"
+        } else {
+            "--clear-groups"
+        };
+        [
+            "setpriv",
+            "--reuid",
+            &self.uid.to_string(),
+            "--regid",
+            &self.gid.to_string(),
+            groups,
+            "--no-new-privs",
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// One `getent DB KEY` entry split at `:`, or None.
+fn getent(db: &str, key: &str) -> Option<Vec<String>> {
+    let out = std::process::Command::new("getent")
+        .args([db, key])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let line = text.lines().next().filter(|_| out.status.success())?;
+    Some(line.split(':').map(str::to_owned).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_numbers_and_groups_resolve() {
+        let root = RunAs::resolve("root").unwrap();
+        assert_eq!((root.uid, root.gid, root.named), (0, 0, true));
+        let n = RunAs::resolve("4242:4343").unwrap();
+        assert_eq!((n.uid, n.gid, n.named), (4242, 4343, false));
+        assert!(n.setpriv_args().contains(&"--clear-groups".to_owned()));
+        assert!(RunAs::resolve("no-such-user-sealgate").is_err());
+        assert!(RunAs::resolve("root:no-such-group-sealgate").is_err());
+    }
+
+    #[test]
+    fn setpriv_argv_drops_everything_and_ends_options() {
+        let args = RunAs::resolve("4242").unwrap().setpriv_args();
+        assert_eq!(args.first().map(String::as_str), Some("setpriv"));
+        assert_eq!(args.last().map(String::as_str), Some("--"));
+        for a in ["--no-new-privs", "--bounding-set", "--inh-caps"] {
+            assert!(args.contains(&a.to_owned()), "{a}");
+        }
+    }
+}

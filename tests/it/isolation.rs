@@ -1,0 +1,604 @@
+//! Daemon-owned isolated sandboxes (issue 14): `"isolation": "netns"` sandboxes and
+//! `POST /v1/sandboxes/{id}/commands`, against the in-process daemon, with real curl inside
+//! the namespace and a recording TLS echo origin behind `[upstream] resolve`.
+//!
+//! Root is needed (namespaces, iptables, bubblewrap); with `CI` set the tests fail loudly
+//! when it is missing. Every leak check reads the system (`ip netns`, `ip link`,
+//! `iptables-save`, `ps`) and fails if the reading itself fails.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::support::daemon::{Harness, Opts};
+use crate::support::echo::Echo;
+use crate::support::pki::TestPki;
+use crate::transparent::{netns_ready, run_ok};
+
+const KEY: &str = "sk-isolated-real-0777";
+const OTHER: &str = "sk-isolated-other-0778";
+
+struct Env {
+    h: Harness,
+    echo: Echo,
+}
+
+async fn setup_with(sandbox_toml: &str) -> Env {
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    let opts = Opts {
+        resolve: vec![("api.example.test".into(), echo.addr)],
+        sandbox_toml: sandbox_toml.into(),
+        ..Opts::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    h.secret(&store, "KEY", KEY, None, Some(&["header"])).await;
+    h.secret(&store, "OTHER", OTHER, None, Some(&["header"]))
+        .await;
+    Env { h, echo }
+}
+
+async fn setup() -> Env {
+    setup_with("max_output_bytes = 1000\nmax_commands_per_sandbox = 2\n").await
+}
+
+async fn isolated(h: &Harness, extra: Value) -> Value {
+    let mut body = json!({"secret_store": "s", "isolation": "netns"});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (s, v) = h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    v
+}
+
+async fn command(h: &Harness, id: &str, body: Value) -> (StatusCode, Value) {
+    h.api(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/commands"),
+        Some(body),
+    )
+    .await
+}
+
+/// Runs `cmd`, expects 200, returns the answer.
+async fn ok(h: &Harness, id: &str, cmd: &str) -> Value {
+    let (s, v) = command(h, id, json!({"cmd": cmd})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+fn id(sb: &Value) -> String {
+    sb["id"].as_str().unwrap().to_owned()
+}
+
+/// The system objects of one isolated sandbox.
+struct Names {
+    netns: String,
+    host_if: String,
+    chain: String,
+    workdir: String,
+}
+
+fn names(sb: &Value) -> Names {
+    Names {
+        netns: sb["netns"]["name"].as_str().expect("netns name").into(),
+        host_if: sb["netns"]["interface"].as_str().expect("interface").into(),
+        chain: format!("SG-{}", id(sb).trim_start_matches("sbx_")),
+        workdir: sb["workdir"].as_str().expect("workdir").into(),
+    }
+}
+
+/// What the host shows now: namespaces, links, every rule (v4 and v6), every process.
+struct HostView {
+    netns: String,
+    links: String,
+    rules: String,
+    procs: String,
+}
+
+fn host_view() -> HostView {
+    HostView {
+        netns: run_ok("ip", &["netns", "list"]).expect("ip netns list"),
+        links: run_ok("ip", &["-o", "link", "show"]).expect("ip link show"),
+        rules: run_ok("iptables-save", &[]).expect("iptables-save")
+            + &run_ok("ip6tables-save", &[]).expect("ip6tables-save"),
+        procs: run_ok("ps", &["-eo", "pid,args"]).expect("ps"),
+    }
+}
+
+fn word(text: &str, w: &str) -> bool {
+    text.split(|c: char| c.is_whitespace() || c == ':' || c == '@')
+        .any(|x| x == w)
+}
+
+/// Nothing of `n` is left on the host; `marker` appears in no process.
+fn assert_gone(n: &Names, marker: &str) {
+    let v = host_view();
+    assert!(
+        !word(&v.netns, &n.netns),
+        "namespace {} left:\n{}",
+        n.netns,
+        v.netns
+    );
+    assert!(
+        !word(&v.links, &n.host_if),
+        "veth {} left:\n{}",
+        n.host_if,
+        v.links
+    );
+    assert!(
+        !v.rules.contains(&n.chain) && !word(&v.rules, &n.host_if),
+        "rules for {} left:\n{}",
+        n.host_if,
+        v.rules
+    );
+    assert!(
+        !v.procs.contains(marker),
+        "a process survived:\n{}",
+        v.procs
+    );
+    assert!(
+        !std::path::Path::new(&n.workdir).exists(),
+        "work directory {} left",
+        n.workdir
+    );
+    assert!(!std::path::Path::new("/etc/netns").join(&n.netns).exists());
+}
+
+/// Polls `assert_gone` for up to `secs` seconds.
+async fn eventually_gone(n: &Names, marker: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = host_view();
+        let gone = !word(&v.netns, &n.netns)
+            && !word(&v.links, &n.host_if)
+            && !v.rules.contains(&n.chain)
+            && !v.procs.contains(marker);
+        if gone || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_gone(n, marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_see_sealed_env_and_curl_reaches_the_origin_with_the_real_key() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let sb = isolated(&e.h, json!({"envs": {"GREETING": "hello"}})).await;
+    assert_eq!(sb["isolation"], "netns");
+    assert_eq!(sb["envs"]["GREETING"], "hello");
+    let token = sb["env"]["KEY"].as_str().unwrap();
+    let script = "echo \"$KEY\"; echo \"$GREETING $EXTRA\"; env | grep -ci _proxy; id -u; \
+        echo \"$SSL_CERT_FILE\"; curl -sS --max-time 20 https://api.example.test/echo \
+        -H \"x-api-key: $KEY\"";
+    let (s, r) = command(
+        &e.h,
+        &id(&sb),
+        json!({"cmd": script, "env": {"EXTRA": "x"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let out = r["stdout"].as_str().unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], token);
+    assert!(token.starts_with("osb_sealed_") && token.len() == 11 + 32);
+    assert_eq!(
+        lines[1..5],
+        ["hello x", "0", "65534", "/run/sealgate/ca.pem"]
+    );
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 1, "{r}");
+    assert_eq!(reqs[0].header("x-api-key").as_deref(), Some(KEY));
+    assert!(!out.contains(KEY), "the real key reached the sandbox");
+    assert!(
+        out[out.find('{').unwrap()..].contains(token),
+        "echo scrubbed"
+    );
+    let audit = e.h.audit_log();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"kind\":\"command\""))
+        .expect("command audited");
+    assert!(
+        line.contains(&id(&sb)) && line.contains("\"exit_code\":0"),
+        "{line}"
+    );
+    assert!(!audit.contains("hello x") && !audit.contains(KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let sb = isolated(&e.h, json!({})).await;
+    let sid = id(&sb);
+    let r = ok(&e.h, &sid, "echo out; echo err >&2; exit 3").await;
+    assert_eq!(
+        (
+            r["exit_code"].as_i64(),
+            r["stdout"].as_str(),
+            r["stderr"].as_str()
+        ),
+        (Some(3), Some("out\n"), Some("err\n"))
+    );
+    assert_eq!(r["timed_out"], false);
+
+    let (_, r) = command(&e.h, &sid, json!({"cmd": "cat; echo", "stdin": "abc"})).await;
+    assert_eq!(r["stdout"], "abc\n", "{r}");
+
+    let started = Instant::now();
+    let (_, r) = command(
+        &e.h,
+        &sid,
+        json!({"cmd": "sleep 3131 & sleep 3132", "timeout": 1}),
+    )
+    .await;
+    assert_eq!(
+        (r["timed_out"].as_bool(), r["exit_code"].as_i64()),
+        (Some(true), Some(124)),
+        "{r}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let procs = run_ok("ps", &["-eo", "args"]).expect("ps");
+    assert!(
+        !procs.contains("sleep 313"),
+        "timed-out processes survived:\n{procs}"
+    );
+
+    let r = ok(&e.h, &sid, "echo x > /etc/x; echo rc=$?").await;
+    assert!(
+        r["stdout"].as_str().unwrap().contains("rc=")
+            && !r["stdout"].as_str().unwrap().contains("rc=0"),
+        "{r}"
+    );
+    assert!(r["stderr"].as_str().unwrap().contains("Read-only"), "{r}");
+    assert!(!std::path::Path::new("/etc/x").exists());
+
+    let r = ok(&e.h, &sid, "echo kept > f && echo t > /tmp/t && pwd").await;
+    assert_eq!(r["stdout"], "/home/user\n", "{r}");
+    let r = ok(&e.h, &sid, "cat /home/user/f /tmp/t").await;
+    assert_eq!(r["stdout"], "kept\nt\n", "{r}");
+    let (_, r) = command(&e.h, &sid, json!({"cmd": "pwd", "cwd": "/tmp"})).await;
+    assert_eq!(r["stdout"], "/tmp\n");
+
+    let r = ok(&e.h, &sid, "head -c 5000 /dev/zero | tr '\\0' a").await;
+    assert_eq!(
+        (
+            r["stdout"].as_str().unwrap().len(),
+            r["truncated"].as_bool()
+        ),
+        (1000, Some(true))
+    );
+
+    let other = isolated(&e.h, json!({})).await;
+    let theirs = names(&other).workdir;
+    let data_dir = e.h.dir.path().join("data");
+    let probe = format!(
+        "ls {theirs}; echo a=$?; ls {}; echo b=$?; cat {}/master.key; echo c=$?",
+        std::path::Path::new(&theirs).parent().unwrap().display(),
+        data_dir.display()
+    );
+    let r = ok(&e.h, &sid, &probe).await;
+    let out = r["stdout"].as_str().unwrap();
+    for k in ["a", "b", "c"] {
+        assert!(
+            out.contains(&format!("{k}=")) && !out.contains(&format!("{k}=0")),
+            "{out}"
+        );
+    }
+    let r = ok(
+        &e.h,
+        &id(&other),
+        "ls /home/user; cat /home/user/f; echo rc=$?",
+    )
+    .await;
+    assert!(r["stdout"].as_str().unwrap().ends_with("rc=1\n"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let sid = id(&isolated(&e.h, json!({})).await);
+    let h = Arc::new(e);
+    let slow = |h: Arc<Env>, sid: String| async move {
+        command(&h.h, &sid, json!({"cmd": "sleep 2"})).await
+    };
+    let a = tokio::spawn(slow(h.clone(), sid.clone()));
+    let b = tokio::spawn(slow(h.clone(), sid.clone()));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (s, v) = command(&h.h, &sid, json!({"cmd": "true"})).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_commands");
+    for t in [a, b] {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("{}/v1/sandboxes/{sid}/commands", h.h.admin_url))
+        .header("authorization", format!("Bearer {}", h.h.token))
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::from(
+            json!({"cmd": "echo a; sleep 0.3; echo b >&2; printf 'é'; exit 5"}).to_string(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter(|b| !b.is_empty())
+        .map(|b| {
+            let ev = b.lines().find_map(|l| l.strip_prefix("event: ")).unwrap();
+            let data = b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (ev.to_owned(), serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let out: String = events
+        .iter()
+        .filter(|(e, _)| e == "stdout")
+        .map(|(_, d)| d["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "a\né", "{text}");
+    assert!(
+        events
+            .iter()
+            .any(|(e, d)| e == "stderr" && d["data"] == "b\n"),
+        "{text}"
+    );
+    let (last, exit) = events.last().unwrap();
+    assert_eq!(last, "exit");
+    assert_eq!(
+        (exit["exit_code"].as_i64(), exit["timed_out"].as_bool()),
+        (Some(5), Some(false))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_leaves_no_namespace_veth_rule_process_or_directory() {
+    if !netns_ready() {
+        return;
+    }
+    let e = Arc::new(setup().await);
+    let sb = isolated(&e.h, json!({})).await;
+    let n = names(&sb);
+    let v = host_view();
+    assert!(word(&v.netns, &n.netns) && word(&v.links, &n.host_if) && v.rules.contains(&n.chain));
+    let sid = id(&sb);
+    let running = {
+        let (e, sid) = (e.clone(), sid.clone());
+        tokio::spawn(async move {
+            command(
+                &e.h,
+                &sid,
+                json!({"cmd": "sleep 3141 & exec sleep 3142", "timeout": 600}),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(run_ok("ps", &["-eo", "args"])
+        .expect("ps")
+        .contains("sleep 3142"));
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{sid}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, r) = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("command ends")
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(r["exit_code"], 0, "{r}");
+    assert_gone(&n, "sleep 314");
+    let (s, _) =
+        e.h.api(Method::GET, &format!("/v1/sandboxes/{sid}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_and_shutdown_remove_isolated_sandboxes() {
+    if !netns_ready() {
+        return;
+    }
+    let mut e = setup().await;
+    let short = isolated(&e.h, json!({"timeout": 2})).await;
+    let long = isolated(&e.h, json!({})).await;
+    eventually_gone(&names(&short), "no-such-marker-sealgate", 15).await;
+    let n = names(&long);
+    assert!(word(&host_view().netns, &n.netns));
+    e.h.stop().await;
+    assert_gone(&n, "no-such-marker-sealgate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_creates_and_deletes_leave_nothing_and_creation_is_timed() {
+    if !netns_ready() {
+        return;
+    }
+    let e = Arc::new(setup().await);
+    let creates = (0..20).map(|_| {
+        let e = e.clone();
+        tokio::spawn(async move { isolated(&e.h, json!({})).await })
+    });
+    let mut made = Vec::new();
+    for t in creates {
+        made.push(t.await.unwrap());
+    }
+    let all: Vec<Names> = made.iter().map(names).collect();
+    let mut nets: Vec<&str> = all.iter().map(|n| n.netns.as_str()).collect();
+    nets.sort();
+    nets.dedup();
+    assert_eq!(nets.len(), 20, "namespaces are distinct");
+    let r = ok(&e.h, &id(&made[7]), "echo ok").await;
+    assert_eq!(r["stdout"], "ok\n");
+    let deletes = made.iter().map(|sb| {
+        let (e, sid) = (e.clone(), id(sb));
+        tokio::spawn(async move {
+            e.h.api(Method::DELETE, &format!("/v1/sandboxes/{sid}"), None)
+                .await
+                .0
+        })
+    });
+    for t in deletes {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    for n in &all {
+        assert_gone(n, "no-such-marker-sealgate");
+    }
+
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let sb = isolated(&e.h, json!({})).await;
+        times.push(started.elapsed());
+        let (s, _) =
+            e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+                .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let p99 = times[times.len() - 1];
+    eprintln!(
+        "isolated sandbox creation over 20 sequential creates: median {median:?}, p99 {p99:?} (target < 300 ms)"
+    );
+    assert!(
+        median < Duration::from_secs(2),
+        "creation median {median:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_clear_codes() {
+    let e = setup_with("commands = true\n").await;
+    let plain = e.h.sandbox("s").await;
+    let (s, v) = command(&e.h, &id(&plain), json!({"cmd": "true"})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_isolated")),
+        "{v}"
+    );
+    let (s, v) = command(&e.h, "sbx_000000000000000000000000", json!({"cmd": "true"})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    for bad in [
+        json!({"secret_store": "s", "isolation": "vm"}),
+        json!({"secret_store": "s", "envs": {"A": "b"}}),
+        json!({"secret_store": "s", "isolation": "netns", "envs": {"A-B": "c"}}),
+        json!({"secret_store": "s", "isolation": "netns", "source_ip": "198.19.255.9"}),
+    ] {
+        let (s, v) =
+            e.h.api(Method::POST, "/v1/sandboxes", Some(bad.clone()))
+                .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+    let off = setup_with("commands = false\n").await;
+    let sb = off.h.sandbox("s").await;
+    let (s, v) = command(&off.h, &id(&sb), json!({"cmd": "true"})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("commands_disabled")),
+        "{v}"
+    );
+    if !netns_ready() {
+        return;
+    }
+    let sid = id(&isolated(&e.h, json!({})).await);
+    for bad in [
+        json!({"cmd": ""}),
+        json!({"cmd": "true", "timeout": 0}),
+        json!({"cmd": "true", "timeout": 99999}),
+        json!({"cmd": "true", "env": {"1X": "y"}}),
+        json!({"cmd": "true", "shell": "bash"}),
+    ] {
+        let (s, v) = command(&e.h, &sid, bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
+    use sealgate::netns::record::Record;
+    use sealgate::netns::{self, link, Plan, RuleParams, RuleSet};
+    if !netns_ready() {
+        return;
+    }
+    // A daemon that "died": namespace, veth and rules with a record owned by a dead process.
+    let dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    let mut child = dead;
+    child.wait().unwrap();
+    let ns = netns::Namespace::claim().expect("namespace");
+    let plan: Plan = ns.plan().clone();
+    std::mem::forget(ns); // as if the daemon died here
+    let sandbox_id = format!("sbx_{}", "ab".repeat(12));
+    let params = RuleParams {
+        sandbox_id: sandbox_id.clone(),
+        host_if: plan.host_if.clone(),
+        sandbox_ip: plan.ns_ip,
+        host_ip: Some(plan.host_ip),
+        transparent_port: 1,
+        dns_port: None,
+        ipv6: true,
+    };
+    netns::apply_rules(&RuleSet::generate(&params).unwrap()).unwrap();
+    let mut rec = Record::new(plan.clone());
+    rec.pid = dead_pid;
+    rec.started = Some(1);
+    rec.sandbox_id = Some(sandbox_id.clone());
+    rec.rules = Some(params);
+    rec.save().unwrap();
+    assert!(link::exists(&plan));
+
+    let mut e = setup().await;
+    let n = Names {
+        netns: plan.netns.clone(),
+        host_if: plan.host_if.clone(),
+        chain: format!("SG-{}", "ab".repeat(12)),
+        workdir: "/nonexistent-sealgate".into(),
+    };
+    assert_gone(&n, "no-such-marker-sealgate");
+    assert!(!Record::path(&plan).exists(), "record left");
+
+    // Restart: an isolated sandbox of the earlier run is not restored.
+    let sb = isolated(&e.h, json!({})).await;
+    let sid = id(&sb);
+    let data_dir = e.h.dir.path().join("data");
+    e.h.stop().await;
+    let opts = Opts {
+        data_dir: Some(data_dir),
+        resolve: vec![("api.example.test".into(), e.echo.addr)],
+        ..Opts::default()
+    };
+    let h2 = Harness::try_start(opts, Some(e.h.pki.clone()))
+        .await
+        .expect("restart");
+    let (s, _) = h2
+        .api(Method::GET, &format!("/v1/sandboxes/{sid}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_gone(&names(&sb), "no-such-marker-sealgate");
+}
