@@ -1,0 +1,120 @@
+"""The one place that talks HTTP to the admin API and turns its answers into values or
+``SealgateError``s.
+
+Each call opens its own short-lived ``httpx.AsyncClient``: the static ``SecretStore`` methods may
+be awaited from any event loop, and a pooled client is bound to the loop that created it. On
+loopback a connection costs well under a millisecond.
+
+Invariant: exceptions raised here are built from the status and the API's JSON error object
+only; request bodies (which may hold a secret value) are never copied into them, and transport
+exceptions are not chained (``from None``), so nothing reachable from the exception holds the
+request.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+from urllib.parse import quote
+
+import httpx
+
+from ._config import Config
+from .errors import SealgateConnectionError, SealgateError, from_status
+
+#: Seconds an ordinary admin call may take (connect, send, answer).
+DEFAULT_TIMEOUT = 30.0
+
+
+def seg(value: str) -> str:
+    """``value`` quoted as one path segment (a ``/`` in an id cannot reach another route)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a str id or name, got {type(value).__name__}")
+    return quote(value, safe="")
+
+
+def _headers(cfg: Config, accept: str = "application/json") -> dict:
+    return {"authorization": f"Bearer {cfg.api_key}", "accept": accept}
+
+
+def _client(cfg: Config, timeout: Optional[float]) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=cfg.api_url, timeout=timeout, trust_env=False)
+
+
+def _transport_error(cfg: Config, e: Exception) -> SealgateError:
+    if isinstance(e, httpx.TimeoutException):
+        return SealgateConnectionError(
+            "timeout", f"the sealgate admin API at {cfg.api_url} did not answer in time"
+        )
+    detail = str(e) or type(e).__name__
+    return SealgateConnectionError(
+        "connection_failed", f"cannot reach the sealgate admin API at {cfg.api_url}: {detail}"
+    )
+
+
+def _error_from(status: int, body: bytes, reason: str) -> SealgateError:
+    """The exception for an error answer: the API's ``{"error": {"code", "message"}}``, or the
+    status and reason phrase when the body is not that (never the raw body)."""
+    try:
+        err = jsonlib.loads(body)["error"]
+        code, message = str(err["code"]), str(err.get("message", ""))
+    except (ValueError, KeyError, TypeError):
+        code, message = f"http_{status}", reason or "unexpected answer"
+    return from_status(status, code, message)
+
+
+def _decode(resp: httpx.Response) -> Any:
+    if resp.status_code == 204 or not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        raise SealgateError(
+            "bad_response", "the admin API answered with invalid JSON", resp.status_code
+        ) from None
+
+
+async def call(
+    cfg: Config,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    timeout: Optional[float] = DEFAULT_TIMEOUT,
+) -> Any:
+    """Calls ``method path`` with an optional JSON body and returns the decoded answer (None for
+    204). Raises ``SealgateError`` or a subclass."""
+    failure: Optional[SealgateError] = None
+    try:
+        async with _client(cfg, timeout) as client:
+            resp = await client.request(method, path, headers=_headers(cfg), json=body)
+    except httpx.HTTPError as e:
+        failure = _transport_error(cfg, e)
+    if failure is not None:
+        raise failure  # outside the handler: no __context__ reaching the request
+    if resp.is_success:
+        return _decode(resp)
+    raise _error_from(resp.status_code, resp.content, resp.reason_phrase)
+
+
+@asynccontextmanager
+async def stream(
+    cfg: Config, method: str, path: str, body: Any, *, timeout: Optional[float]
+) -> AsyncIterator[httpx.Response]:
+    """Like ``call`` with ``Accept: text/event-stream``; yields the open response (status
+    already checked) for the caller to read incrementally."""
+    failure: Optional[SealgateError] = None
+    try:
+        async with _client(cfg, timeout) as client:
+            async with client.stream(
+                method, path, headers=_headers(cfg, "text/event-stream"), json=body
+            ) as resp:
+                if not resp.is_success:
+                    content = await resp.aread()
+                    raise _error_from(resp.status_code, content, resp.reason_phrase)
+                yield resp
+    except httpx.HTTPError as e:
+        failure = _transport_error(cfg, e)
+    if failure is not None:
+        raise failure

@@ -1,0 +1,150 @@
+"""``SecretStore``: named stores of secrets and their egress allowlists (DESIGN §1, §4).
+
+Every method is an async static method returning the REST API's JSON (dicts, lists of dicts) or
+None, so code written for the opencomputer SDK runs unchanged::
+
+    store = await SecretStore.create(name="my-agent-secrets", egress_allowlist=["api.anthropic.com"])
+    await SecretStore.set_secret(store["id"], "ANTHROPIC_API_KEY", "sk-ant-…")
+
+One difference, as in the daemon: ``egress_allowlist=None`` means *any public host*, ``[]`` none.
+Secret values go to the daemon once and are never returned by any method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import _config, _http
+from ._http import seg
+
+
+class _Unset:
+    """Marks an argument that was not passed (distinct from an explicit None)."""
+
+    _instance: Optional["_Unset"] = None
+
+    def __new__(cls) -> "_Unset":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: Default of ``SecretStore.update``'s fields: "leave unchanged".
+UNSET: Any = _Unset()
+
+
+def _list(name: str, value: Optional[Sequence[str]]) -> Optional[List[str]]:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a list of strings, not a single string")
+    return list(value)
+
+
+class SecretStore:
+    """Async static methods over ``/v1/stores``. Every method accepts ``api_url`` and
+    ``api_key`` keywords (else ``SEALGATE_ADMIN_URL`` / ``SEALGATE_ADMIN_TOKEN``, else the CLI's
+    local defaults)."""
+
+    @staticmethod
+    async def create(
+        name: str,
+        egress_allowlist: Optional[Sequence[str]] = None,
+        *,
+        api_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Creates a store; returns ``{"id", "name", "egress_allowlist", "created_at",
+        "updated_at"}``. ``ConflictError`` if the name is taken, ``InvalidInputError`` for an
+        empty name or a bad host pattern."""
+        body = {"name": name, "egress_allowlist": _list("egress_allowlist", egress_allowlist)}
+        return await _http.call(_config.resolve(api_url, api_key), "POST", "/v1/stores", body)
+
+    @staticmethod
+    async def list(
+        *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
+        """Every store."""
+        return await _http.call(_config.resolve(api_url, api_key), "GET", "/v1/stores")
+
+    @staticmethod
+    async def get(
+        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """One store by id; ``NotFoundError`` if there is none."""
+        cfg = _config.resolve(api_url, api_key)
+        return await _http.call(cfg, "GET", f"/v1/stores/{seg(store_id)}")
+
+    @staticmethod
+    async def update(
+        store_id: str,
+        name: Any = UNSET,
+        egress_allowlist: Any = UNSET,
+        *,
+        api_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Changes only the fields passed: ``egress_allowlist=None`` makes the store
+        unrestricted, omitting it leaves the allowlist as it is. Returns the updated store."""
+        body: Dict[str, Any] = {}
+        if name is not UNSET:
+            body["name"] = name
+        if egress_allowlist is not UNSET:
+            body["egress_allowlist"] = _list("egress_allowlist", egress_allowlist)
+        cfg = _config.resolve(api_url, api_key)
+        return await _http.call(cfg, "PATCH", f"/v1/stores/{seg(store_id)}", body)
+
+    @staticmethod
+    async def delete(
+        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> None:
+        """Deletes the store and its secrets; running sandboxes keep their snapshot."""
+        cfg = _config.resolve(api_url, api_key)
+        await _http.call(cfg, "DELETE", f"/v1/stores/{seg(store_id)}")
+
+    @staticmethod
+    async def set_secret(
+        store_id: str,
+        name: str,
+        value: str,
+        allowed_hosts: Optional[Sequence[str]] = None,
+        locations: Optional[Sequence[str]] = None,
+        *,
+        api_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+    ) -> None:
+        """Creates or replaces secret ``name`` (an env-var name). ``value`` is sent once and
+        never returned or put into an exception. ``locations`` is any of ``"header"``,
+        ``"query"``, ``"body"`` (daemon default ``["header", "body"]``)."""
+        if not isinstance(value, str):
+            raise TypeError(f"value must be a str, got {type(value).__name__}")
+        body: Dict[str, Any] = {
+            "value": value,
+            "allowed_hosts": _list("allowed_hosts", allowed_hosts),
+        }
+        if locations is not None:
+            body["locations"] = _list("locations", locations)
+        cfg = _config.resolve(api_url, api_key)
+        await _http.call(cfg, "PUT", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}", body)
+
+    @staticmethod
+    async def list_secrets(
+        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
+        """Secret metadata (``name``, ``allowed_hosts``, ``locations``, times), never values."""
+        cfg = _config.resolve(api_url, api_key)
+        return await _http.call(cfg, "GET", f"/v1/stores/{seg(store_id)}/secrets")
+
+    @staticmethod
+    async def delete_secret(
+        store_id: str, name: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> None:
+        """Deletes one secret; its tokens stop working in running sandboxes within a second."""
+        cfg = _config.resolve(api_url, api_key)
+        await _http.call(cfg, "DELETE", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}")

@@ -1,0 +1,1 @@
+"""Test harness pieces: test PKI (openssl), HTTPS echo origin, the real daemon, host state."""

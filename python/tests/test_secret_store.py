@@ -1,0 +1,152 @@
+"""Every ``SecretStore`` method against the real daemon, including bad input."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from conftest import remember_secret
+from sealgate import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    SealgateError,
+    SecretStore,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+async def test_create_get_list_delete(daemon):
+    name = unique("crud")
+    store = await SecretStore.create(name=name, egress_allowlist=["api.example.test", "*.example.org"])
+    assert store["name"] == name
+    assert store["egress_allowlist"] == ["api.example.test", "*.example.org"]
+    assert set(store) >= {"id", "name", "egress_allowlist", "created_at", "updated_at"}
+    assert await SecretStore.get(store["id"]) == store
+    assert store in await SecretStore.list()
+    assert await SecretStore.delete(store["id"]) is None
+    assert all(s["id"] != store["id"] for s in await SecretStore.list())
+    with pytest.raises(NotFoundError) as e:
+        await SecretStore.get(store["id"])
+    assert (e.value.code, e.value.status) == ("not_found", 404)
+
+
+async def test_create_positional_and_unrestricted(daemon):
+    store = await SecretStore.create(unique("positional"))
+    assert store["egress_allowlist"] is None
+    empty = await SecretStore.create(unique("empty"), [])
+    assert empty["egress_allowlist"] == []
+
+
+async def test_update_is_partial(daemon):
+    store = await SecretStore.create(unique("upd"), egress_allowlist=["a.example.test"])
+    renamed = unique("renamed")
+    after = await SecretStore.update(store["id"], name=renamed)
+    assert (after["name"], after["egress_allowlist"]) == (renamed, ["a.example.test"])
+    after = await SecretStore.update(store["id"], egress_allowlist=["b.example.test"])
+    assert (after["name"], after["egress_allowlist"]) == (renamed, ["b.example.test"])
+    # an explicit None is "unrestricted", not "unchanged"
+    after = await SecretStore.update(store["id"], egress_allowlist=None)
+    assert (after["name"], after["egress_allowlist"]) == (renamed, None)
+    after = await SecretStore.update(store["id"])
+    assert (after["name"], after["egress_allowlist"]) == (renamed, None)
+    assert await SecretStore.get(store["id"]) == after
+
+
+async def test_secrets_set_list_replace_delete(daemon):
+    store = await SecretStore.create(unique("sec"), egress_allowlist=["api.example.test"])
+    value = remember_secret("sk-store-test-" + secrets.token_hex(8))
+    assert await SecretStore.set_secret(store["id"], "API_KEY", value) is None
+    assert (
+        await SecretStore.set_secret(
+            store["id"], "OTHER", remember_secret("v-" + secrets.token_hex(8)),
+            allowed_hosts=["api.example.test"], locations=["header"],
+        )
+        is None
+    )
+    listed = {s["name"]: s for s in await SecretStore.list_secrets(store["id"])}
+    assert set(listed) == {"API_KEY", "OTHER"}
+    assert listed["OTHER"]["allowed_hosts"] == ["api.example.test"]
+    assert listed["OTHER"]["locations"] == ["header"]
+    assert listed["API_KEY"]["allowed_hosts"] is None
+    assert value not in repr(listed)
+    assert all("value" not in s for s in listed.values())
+    # replace
+    await SecretStore.set_secret(store["id"], "API_KEY", value + "2", allowed_hosts=["api.example.test"])
+    remember_secret(value + "2")
+    listed = {s["name"]: s for s in await SecretStore.list_secrets(store["id"])}
+    assert listed["API_KEY"]["allowed_hosts"] == ["api.example.test"]
+    assert await SecretStore.delete_secret(store["id"], "OTHER") is None
+    assert [s["name"] for s in await SecretStore.list_secrets(store["id"])] == ["API_KEY"]
+    with pytest.raises(NotFoundError) as e:
+        await SecretStore.delete_secret(store["id"], "OTHER")
+    assert e.value.code == "not_found"
+
+
+async def test_unknown_store_is_not_found_everywhere(daemon):
+    missing = "00000000-0000-4000-8000-000000000000"
+    calls = [
+        SecretStore.get(missing),
+        SecretStore.update(missing, name=unique("x")),
+        SecretStore.delete(missing),
+        SecretStore.set_secret(missing, "K", remember_secret("v-" + secrets.token_hex(8))),
+        SecretStore.list_secrets(missing),
+        SecretStore.delete_secret(missing, "K"),
+    ]
+    for call in calls:
+        with pytest.raises(NotFoundError) as e:
+            await call
+        assert (e.value.code, e.value.status) == ("not_found", 404)
+        assert isinstance(e.value, SealgateError)
+
+
+async def test_empty_name_is_invalid_input(daemon):
+    with pytest.raises(InvalidInputError) as e:
+        await SecretStore.create(name="")
+    assert (e.value.code, e.value.status) == ("invalid_request", 400)
+    assert e.value.message
+
+
+async def test_duplicate_name_is_conflict(daemon):
+    name = unique("dup")
+    await SecretStore.create(name=name)
+    with pytest.raises(ConflictError) as e:
+        await SecretStore.create(name=name)
+    assert (e.value.code, e.value.status) == ("conflict", 409)
+    other = await SecretStore.create(name=unique("dup2"))
+    with pytest.raises(ConflictError):
+        await SecretStore.update(other["id"], name=name)
+
+
+async def test_bad_patterns_and_secret_input_are_invalid(daemon):
+    with pytest.raises(InvalidInputError):
+        await SecretStore.create(unique("bad"), egress_allowlist=["a.*.example.com"])
+    store = await SecretStore.create(unique("badsec"), egress_allowlist=["api.example.test"])
+    with pytest.raises(InvalidInputError):
+        await SecretStore.update(store["id"], egress_allowlist=["*x.example.com"])
+    with pytest.raises(InvalidInputError):
+        await SecretStore.set_secret(store["id"], "not-an-env-name", remember_secret("v-" + secrets.token_hex(8)))
+    with pytest.raises(InvalidInputError):
+        await SecretStore.set_secret(store["id"], "K", remember_secret("v-" + secrets.token_hex(8)), locations=["cookie"])
+
+
+async def test_secret_value_never_in_an_exception(daemon):
+    store = await SecretStore.create(unique("noleak"), egress_allowlist=["api.example.test"])
+    bad = remember_secret("sk-leak-" + secrets.token_hex(8)) + "\r\n"  # refused: CR/LF in a value
+    with pytest.raises(InvalidInputError) as e:
+        await SecretStore.set_secret(store["id"], "K", bad)
+    raw = bad.strip()
+    for text in (str(e.value), repr(e.value), e.value.message, repr(e.value.args)):
+        assert raw not in text
+    assert e.value.__cause__ is None and e.value.__context__ is None
+
+
+async def test_single_string_lists_are_refused_client_side(daemon):
+    with pytest.raises(TypeError):
+        await SecretStore.create(unique("str"), egress_allowlist="api.example.test")
