@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod echo;
+pub mod pg;
 pub mod pki;
 pub mod proxy_client;
 pub mod raw;
