@@ -205,16 +205,14 @@ fn values_are_sealed_as_in_sqlite_and_bound_to_their_database() {
     // Copied into another database (another key, same store id and name): fails closed.
     let other = <Fixture as Harness>::new();
     let there = other.open();
+    let id = there.create_store("prod", None).unwrap().id;
+    other.sql(&format!(
+        "UPDATE stores SET id = '{}' WHERE id = '{id}'",
+        rec.id
+    ));
     there
-        .put_secret(
-            &there.create_store("prod", None).unwrap().id,
-            "API_KEY",
-            &value(b"x"),
-            None,
-            vec![],
-        )
+        .put_secret(&rec.id, "API_KEY", &value(b"x"), None, vec![])
         .unwrap();
-    other.sql(&format!("UPDATE stores SET id = '{}'", rec.id));
     other.set_raw_secret(&rec.id, "API_KEY", &sealed);
     suite::assert_corrupt(there.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
 }

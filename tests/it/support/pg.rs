@@ -110,7 +110,7 @@ impl Cluster {
             .arg(&self.dir)
             .args(["-p", &PORT.to_string()])
             .args(["-c", "listen_addresses=", "-c", "fsync=off"])
-            .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300"])
             .stdout(Stdio::null())
             .stderr(Stdio::from(
