@@ -98,7 +98,11 @@ impl Nodes {
     ) -> Duration {
         let started = Instant::now();
         loop {
-            let (status, seen) = self.key_seen(node, sb).await;
+            // A CONNECT refused (allowlist not applied yet) counts as "not yet".
+            let (status, seen) = match pc::connect(node.proxy, Some(&sb.proxy_auth()), API).await {
+                Ok(_) => self.key_seen(node, sb).await,
+                Err(refused) => (StatusCode::from_u16(refused.status).unwrap(), None),
+            };
             if status == StatusCode::OK && seen.as_deref() == Some(want) {
                 return started.elapsed();
             }
