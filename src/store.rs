@@ -251,6 +251,22 @@ pub trait Store: Send + Sync {
     /// [`StoreError::NotFound`].
     fn update_sandbox_snapshot(&self, id: &str, snapshot: &SecretValue) -> Result<(), StoreError>;
 
+    /// Replaces the snapshots of many sandboxes at once (a store change reaching its running
+    /// sandboxes). Ids that no longer exist (ended meanwhile) are skipped. The default runs
+    /// [`Store::update_sandbox_snapshot`] for each; a backend may do it in one round trip.
+    ///
+    /// # Errors
+    /// The first store failure; rows written before it stay written.
+    fn update_sandbox_snapshots(&self, rows: &[(String, SecretValue)]) -> Result<(), StoreError> {
+        for (id, snapshot) in rows {
+            match self.update_sandbox_snapshot(id, snapshot) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Every persisted sandbox, decrypted, oldest first (expired ones included until purged).
     ///
     /// # Errors

@@ -321,21 +321,15 @@ impl Sandboxes {
         }
         let store = self.store.get_store(store_id)?;
         let secrets = self.store.load_secrets(store_id)?;
-        for sb in &affected {
-            let snap = resnapshot(&sb.snapshot(), &store.egress_allowlist, &secrets)?;
-            self.store
-                .update_sandbox_snapshot(&sb.id, &snap.to_sealable())?;
-            self.registry.replace_snapshot(sb, snap);
-        }
+        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         tracing::info!(store = %store_id, sandboxes = affected.len(), "running sandboxes refreshed");
         Ok(affected.len())
     }
 
     /// Applies a change another node (or this one) made to `store_id` to this node's running
-    /// sandboxes of it, in memory: re-snapshot, same tokens (fleet mode, called by the
-    /// follower). The rows keep their creation snapshot — tokens are what must survive a
-    /// restart, and a restarting node re-applies every store before it serves. A store that
-    /// no longer exists changes nothing: its sandboxes keep their snapshot (DESIGN.md §3).
+    /// sandboxes of it, as [`Sandboxes::refresh_store`] does (fleet mode, called by the
+    /// follower). A store that no longer exists changes nothing: its sandboxes keep their
+    /// snapshot (DESIGN.md §3).
     ///
     /// # Errors
     /// Store failures; the sandboxes keep their previous snapshot then.
@@ -352,10 +346,7 @@ impl Sandboxes {
             Err(StoreError::NotFound(_)) => return Ok(0),
             other => other?,
         };
-        for sb in &affected {
-            let snap = resnapshot(&sb.snapshot(), &store.egress_allowlist, &secrets)?;
-            self.registry.replace_snapshot(sb, snap);
-        }
+        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         tracing::info!(store = %store_id, sandboxes = affected.len(), "store change applied to running sandboxes");
         Ok(affected.len())
     }
@@ -387,6 +378,30 @@ impl Sandboxes {
                 Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
             }
         }
+    }
+
+    /// Re-snapshots `affected` against the store's current allowlist and secrets: every new
+    /// snapshot is made durable in one batch, then swapped in (durable before visible).
+    fn resnapshot_all(
+        &self,
+        affected: &[Arc<Sandbox>],
+        allowlist: &Option<Vec<String>>,
+        secrets: &[SecretRecord],
+    ) -> Result<(), SandboxError> {
+        let snaps = affected
+            .iter()
+            .map(|sb| resnapshot(&sb.snapshot(), allowlist, secrets))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<_> = affected
+            .iter()
+            .zip(&snaps)
+            .map(|(sb, snap)| (sb.id.to_string(), snap.to_sealable()))
+            .collect();
+        self.store.update_sandbox_snapshots(&rows)?;
+        for (sb, snap) in affected.iter().zip(snaps) {
+            self.registry.replace_snapshot(sb, snap);
+        }
+        Ok(())
     }
 
     fn info(&self, sb: &Sandbox) -> SandboxInfo {

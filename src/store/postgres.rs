@@ -362,6 +362,13 @@ impl Store for PgStore {
         })
     }
 
+    fn update_sandbox_snapshots(&self, rows: &[(String, SecretValue)]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.block(|db| async move {
+            ops::update_snapshots(&db, &mut **db.client().await?, &rows).await
+        })
+    }
+
     fn load_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         self.block(|db| async move {
             let raws = ops::select_sandboxes(&**db.client().await?, &db.node_id).await?;

@@ -63,7 +63,8 @@ macro_rules! store_suite {
             put_secret_replace_keeps_created_at_and_bumps_version,
             secrets_are_listed_by_name_and_deleted, secret_calls_on_missing_store_are_not_found,
             delete_store_cascades_secrets_but_not_sandboxes, sandbox_rows_round_trip,
-            purge_removes_only_expired_sandboxes, reopen_with_same_key_reads_everything,
+            purge_removes_only_expired_sandboxes, snapshots_update_in_a_batch,
+            reopen_with_same_key_reads_everything,
             reopen_with_another_key_is_refused, empty_database_still_checks_the_key,
             missing_key_check_on_a_populated_database_is_refused,
             ciphertext_copied_to_another_secret_fails_closed,
@@ -438,6 +439,28 @@ pub(crate) fn purge_removes_only_expired_sandboxes<H: Harness>() {
         .map(|r| r.id)
         .collect();
     assert_eq!(ids, ["sbx_future"]);
+}
+
+pub(crate) fn snapshots_update_in_a_batch<H: Harness>() {
+    let h = H::new();
+    let store = h.open();
+    let rec = populate(&store);
+    store
+        .insert_sandbox(&sandbox("sbx_2", &rec, later()))
+        .unwrap();
+    let rows = [
+        ("sbx_1".to_owned(), value(b"{\"n\":1}")),
+        ("sbx_gone".to_owned(), value(b"{}")),
+        ("sbx_2".to_owned(), value(b"{\"n\":2}")),
+    ];
+    store.update_sandbox_snapshots(&rows).unwrap();
+    let snaps: Vec<_> = store
+        .load_sandboxes()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.snapshot.expose().to_vec())
+        .collect();
+    assert_eq!(snaps, [b"{\"n\":1}".to_vec(), b"{\"n\":2}".to_vec()]);
 }
 
 pub(crate) fn reopen_with_same_key_reads_everything<H: Harness>() {

@@ -458,6 +458,29 @@ pub(super) async fn update_snapshot(
     tx.commit().await.map_err(pg_err)
 }
 
+/// Re-seals and writes many snapshots in one statement (missing ids are skipped).
+pub(super) async fn update_snapshots(
+    db: &Db,
+    client: &mut Client,
+    rows: &[(String, SecretValue)],
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let key = checked_key(db, &tx).await?;
+    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    let sealed: Vec<Vec<u8>> = rows
+        .iter()
+        .map(|(id, snap)| crypto::seal(&key, &crypto::snapshot_aad(id), snap.expose()))
+        .collect();
+    tx.execute(
+        "UPDATE sandboxes AS s SET snapshot = u.snapshot \
+         FROM unnest($1::text[], $2::bytea[]) AS u(id, snapshot) WHERE s.id = u.id",
+        &[&ids, &sealed],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.commit().await.map_err(pg_err)
+}
+
 pub(super) async fn select_sandboxes(
     client: &Client,
     node_id: &str,
