@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::store::postgres::DatabaseUrl;
 use crate::subst::OnDisallowed;
 
 /// Errors from reading or validating the configuration.
@@ -58,6 +59,30 @@ pub struct RawConfig {
     pub log: RawLog,
     /// `[audit]`.
     pub audit: RawAudit,
+    /// `[store]`.
+    pub store: RawStoreSection,
+    /// `[node]`.
+    pub node: RawNode,
+}
+
+/// `[store]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStoreSection {
+    /// "sqlite" or "postgres".
+    pub backend: Option<String>,
+    /// `postgres://…` (or key=value form); empty = `SEALGATE_DATABASE_URL`.
+    pub url: Option<String>,
+    /// Seconds; 0 = off.
+    pub max_staleness_secs: Option<u64>,
+}
+
+/// `[node]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNode {
+    /// This daemon's name in fleet mode; empty = the hostname.
+    pub id: Option<String>,
 }
 
 /// `[admin]`.
@@ -192,6 +217,30 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Audit log file; None = stdout.
     pub audit_path: Option<PathBuf>,
+    /// `[store]`, validated.
+    pub store: StoreConfig,
+    /// `[node] id`; None = the hostname (resolved at start, [`StoreConfig`] docs).
+    pub node_id: Option<String>,
+}
+
+/// Which database holds stores, secrets and sandbox sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One SQLite file under `data_dir` (one host).
+    Sqlite,
+    /// A PostgreSQL database shared by many nodes (fleet mode).
+    Postgres,
+}
+
+/// `[store]`, validated. `Debug` never shows a password (see [`DatabaseUrl`]).
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The backend.
+    pub backend: Backend,
+    /// `[store] url`; None = take `SEALGATE_DATABASE_URL` at start (required for postgres).
+    pub url: Option<DatabaseUrl>,
+    /// Refuse to unseal after being cut off from the database this long; None = off.
+    pub max_staleness: Option<Duration>,
 }
 
 /// `[proxy]`, validated.
@@ -369,6 +418,8 @@ impl RawConfig {
         let data_dir = non_empty_path(&mut p, "data_dir", self.data_dir, "data");
         let cert_dir = non_empty_path(&mut p, "cert_dir", self.cert_dir, "certs");
         let audit_path = self.audit.path.filter(|s| !s.is_empty()).map(PathBuf::from);
+        let store = self.store.validate(&mut p);
+        let node_id = self.node.validate(&mut p);
         if !p.0.is_empty() {
             return Err(ConfigError::Invalid(p.0));
         }
@@ -382,7 +433,60 @@ impl RawConfig {
             log_level,
             log_format,
             audit_path,
+            store,
+            node_id,
         })
+    }
+}
+
+impl RawStoreSection {
+    fn validate(self, p: &mut Problems) -> StoreConfig {
+        let backend = match self.backend.as_deref().unwrap_or("sqlite") {
+            "sqlite" => Backend::Sqlite,
+            "postgres" => Backend::Postgres,
+            other => {
+                p.0.push(format!(
+                    "store.backend: '{other}' is not \"sqlite\" or \"postgres\""
+                ));
+                Backend::Sqlite
+            }
+        };
+        let url = match self.url.filter(|u| !u.is_empty()).map(DatabaseUrl::parse) {
+            None => None,
+            Some(Ok(url)) => Some(url),
+            Some(Err(e)) => {
+                p.0.push(format!("store.url: {e}"));
+                None
+            }
+        };
+        if url.is_some() && backend == Backend::Sqlite {
+            p.0.push("store.url: only used with store.backend = \"postgres\"".into());
+        }
+        let max_staleness = match self.max_staleness_secs.unwrap_or(0) {
+            0 => None,
+            s if s > 7 * 24 * 3600 => {
+                p.0.push(format!(
+                    "store.max_staleness_secs: {s} is out of range (0..=604800 seconds)"
+                ));
+                None
+            }
+            s => Some(Duration::from_secs(s)),
+        };
+        StoreConfig {
+            backend,
+            url,
+            max_staleness,
+        }
+    }
+}
+
+impl RawNode {
+    fn validate(self, p: &mut Problems) -> Option<String> {
+        let id = self.id.filter(|s| !s.is_empty())?;
+        if let Err(why) = crate::store::postgres::check_node_id(&id) {
+            p.0.push(format!("node.id: '{id}' {why}"));
+        }
+        Some(id)
     }
 }
 
@@ -625,6 +729,31 @@ mod tests {
         ] {
             assert!(err.contains(key), "missing {key} in {err}");
         }
+    }
+
+    #[test]
+    fn store_and_node_keys_are_validated() {
+        let err = Config::parse(
+            "[store]\nbackend = \"mysql\"\nmax_staleness_secs = 999999999\n[node]\nid = \"a b\"\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in ["store.backend", "store.max_staleness_secs", "node.id"] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+        let cfg = Config::parse(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://sg:hunter2-PW@db.internal/sealgate\"\n\
+             max_staleness_secs = 30\n[node]\nid = \"node-a\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(cfg.store.backend, Backend::Postgres);
+        assert_eq!(cfg.store.max_staleness, Some(Duration::from_secs(30)));
+        assert_eq!(cfg.node_id.as_deref(), Some("node-a"));
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2-PW"), "{shown}");
+        assert!(shown.contains("db.internal"), "{shown}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admin::{self, AdminState};
 use crate::audit::Audit;
 use crate::ca::LeafCache;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ListenerKind, ProxyState, Runtime};
@@ -23,6 +23,7 @@ use crate::sandbox::lifecycle::LifecycleConfig;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
 use crate::store::crypto::KeySource;
+use crate::store::postgres::{self, DatabaseUrl, Follower, Health, PgStore};
 use crate::store::{Store, StoreError};
 
 /// Startup failures (each message says what to fix).
@@ -48,6 +49,9 @@ pub enum DaemonError {
     /// Upstream TLS setup failed.
     #[error("upstream TLS: {0}")]
     Upstream(String),
+    /// `[store]` cannot be used as configured.
+    #[error("store: {0}")]
+    StoreConfig(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -64,6 +68,8 @@ pub struct Overrides {
     pub admin_token: Option<String>,
     /// The config file, for reloads.
     pub config_path: Option<PathBuf>,
+    /// `SEALGATE_DATABASE_URL` (used when `[store] url` is empty).
+    pub database_url: Option<String>,
 }
 
 /// A running daemon.
@@ -78,8 +84,10 @@ pub struct Running {
     pub admin_token_file: Option<PathBuf>,
     /// Where the master key came from.
     pub key_source: KeySource,
-    /// The store's database file.
+    /// The store's database: the SQLite file, or the PostgreSQL URL with its password redacted.
     pub db_path: PathBuf,
+    /// Fleet mode: this node's id and its view of the shared database.
+    pub fleet: Option<(String, Arc<Health>)>,
     /// Shared proxy state (tests and reload use it).
     pub proxy: Arc<ProxyState>,
     /// Sandbox service.
@@ -133,12 +141,13 @@ impl Running {
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     prepare_dirs(&cfg)?;
-    let (store, key_source) = crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let opened = open_backend(&cfg, &ov)?;
+    let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     let listeners = Listeners::bind(&cfg).await?;
     let swept = sweep_namespaces().await;
-    let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr)?;
+    let node = opened.fleet.as_ref().map(|f| f.node.clone());
+    let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
@@ -183,6 +192,15 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         isolation.clone(),
         shutdown_rx.clone(),
     ));
+    if let Some(fleet) = &opened.fleet {
+        let follower = Follower {
+            url: fleet.url.clone(),
+            health: fleet.health.clone(),
+            max_staleness: cfg.store.max_staleness,
+            lag_gauge: admin_state.metrics.store_sync_lag.clone(),
+        };
+        tasks.spawn(follower.run(sandboxes.clone(), shutdown_rx.clone()));
+    }
     tasks.spawn(reloads(
         proxy.clone(),
         ov.config_path.clone(),
@@ -198,7 +216,11 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         transparent_addr,
         admin_token_file,
         key_source,
-        db_path: cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME),
+        db_path: opened.location,
+        fleet: opened
+            .fleet
+            .as_ref()
+            .map(|f| (f.node.clone(), f.health.clone())),
         proxy,
         sandboxes,
         isolation,
@@ -208,6 +230,69 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     };
     log_started(&running, &cfg, restored);
     Ok(running)
+}
+
+/// The opened store and what start-up needs to know about it.
+struct Opened {
+    store: Arc<dyn Store>,
+    key_source: KeySource,
+    location: PathBuf,
+    fleet: Option<Fleet>,
+}
+
+/// Fleet mode's parts (PostgreSQL backend).
+struct Fleet {
+    node: String,
+    url: DatabaseUrl,
+    health: Arc<Health>,
+}
+
+/// Opens the configured backend, with the master-key check (and, for SQLite, the recovery of
+/// an interrupted rotation).
+fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
+    if cfg.store.backend == Backend::Sqlite {
+        let (store, key_source) =
+            crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
+        return Ok(Opened {
+            location: store.db_path().to_owned(),
+            store: Arc::new(store),
+            key_source,
+            fleet: None,
+        });
+    }
+    let url = database_url(cfg, ov)?;
+    let node = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(postgres::default_node_id);
+    let (store, key_source) =
+        crate::rotate::open_pg_store(&cfg.data_dir, ov.master_key.as_deref(), &url, &node)?;
+    tracing::info!(node = %node, database = %url, "fleet mode: shared PostgreSQL store");
+    let store: Arc<PgStore> = Arc::new(store);
+    Ok(Opened {
+        location: PathBuf::from(url.redacted()),
+        store,
+        key_source,
+        fleet: Some(Fleet {
+            node,
+            url,
+            health: Arc::new(Health::default()),
+        }),
+    })
+}
+
+/// `[store] url`, else `SEALGATE_DATABASE_URL`.
+fn database_url(cfg: &Config, ov: &Overrides) -> Result<DatabaseUrl, DaemonError> {
+    if let Some(url) = &cfg.store.url {
+        return Ok(url.clone());
+    }
+    match ov.database_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(text) => DatabaseUrl::parse(text.to_owned())
+            .map_err(|e| DaemonError::StoreConfig(format!("SEALGATE_DATABASE_URL: {e}"))),
+        None => Err(DaemonError::StoreConfig(
+            "store.backend = \"postgres\" needs [store] url or SEALGATE_DATABASE_URL".into(),
+        )),
+    }
 }
 
 fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
@@ -286,6 +371,7 @@ fn restore_sandboxes(
     cfg: &Config,
     store: Arc<dyn Store>,
     proxy_addr: SocketAddr,
+    node: Option<String>,
 ) -> Result<(Arc<Sandboxes>, usize), DaemonError> {
     let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
     let lifecycle = LifecycleConfig {
@@ -293,11 +379,20 @@ fn restore_sandboxes(
         proxy_public: format!("{}:{}", cfg.proxy.public_host, proxy_addr.port()),
         default_timeout: cfg.sandbox.default_timeout,
         max_timeout: cfg.sandbox.max_timeout,
+        node: node.clone(),
     };
     let registry = Arc::new(Registry::default());
     let leaves = Arc::new(LeafCache::new(cfg.sandbox.leaf_cache_capacity));
     let sandboxes = Arc::new(Sandboxes::new(store, registry, leaves, lifecycle));
     let restored = sandboxes.restore()?;
+    if node.is_some() {
+        // Rows keep their creation snapshot (changes from other nodes are applied in memory):
+        // bring every restored sandbox up to date before anything is served.
+        use crate::store::postgres::follow::Target;
+        for store_id in sandboxes.watched_stores() {
+            sandboxes.apply_store_change(&store_id)?;
+        }
+    }
     Ok((sandboxes, restored))
 }
 
@@ -560,6 +655,17 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.sandbox.max_commands != new.sandbox.max_commands,
     );
     check("log.format", old.log_format != new.log_format);
+    check("store.backend", old.store.backend != new.store.backend);
+    check(
+        "store.url",
+        old.store.url.as_ref().map(|u| u.redacted().to_owned())
+            != new.store.url.as_ref().map(|u| u.redacted().to_owned()),
+    );
+    check(
+        "store.max_staleness_secs",
+        old.store.max_staleness != new.store.max_staleness,
+    );
+    check("node.id", old.node_id != new.node_id);
     check("audit.path", old.audit_path != new.audit_path);
     out
 }

@@ -43,9 +43,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match &cli.command {
         Command::Serve => serve(cfg, &cli).await,
-        Command::RotateMasterKey { new_key_file } => sealgate::rotate::rotate_cli(
-            &cfg.data_dir,
+        Command::RotateMasterKey { new_key_file } => sealgate::rotate::rotate_configured(
+            &cfg,
             std::env::var("SEALGATE_MASTER_KEY").ok().as_deref(),
+            std::env::var("SEALGATE_DATABASE_URL").ok().as_deref(),
             new_key_file,
         ),
         Command::Audit(AuditCmd::Tail { file, no_follow }) => {
@@ -64,6 +65,7 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         master_key: std::env::var("SEALGATE_MASTER_KEY").ok(),
         admin_token: std::env::var("SEALGATE_ADMIN_TOKEN").ok(),
         config_path: cli.config.clone(),
+        database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
     let running = daemon::start(cfg, ov).await?;
     eprintln!("sealgate {} running", env!("CARGO_PKG_VERSION"));

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Store operations.
     pub store_ops: Family<OpLabels, Counter>,
+    /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
+    pub store_sync_lag: Gauge<f64, AtomicU64>,
     /// The leaf cache whose counters are copied in at scrape time.
     leaf_source: OnceLock<Arc<LeafCache>>,
     /// Serialises scrapes (the leaf counters are synced by delta).
@@ -108,6 +110,7 @@ impl Metrics {
             sandboxes: Gauge::default(),
             connections: Gauge::default(),
             store_ops: Family::default(),
+            store_sync_lag: Gauge::default(),
             registry: Registry::default(),
             leaf_source: OnceLock::new(),
             scrape: Mutex::new(()),
@@ -182,6 +185,11 @@ impl Metrics {
             "store_operations",
             "Admin store operations",
             m.store_ops.clone(),
+        );
+        registry.register(
+            "store_sync_lag_seconds",
+            "Fleet mode: seconds since this node last reached the shared database",
+            m.store_sync_lag.clone(),
         );
         Metrics { registry, ..m }
     }

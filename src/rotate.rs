@@ -15,10 +15,18 @@
 //!
 //! With `SEALGATE_MASTER_KEY` there is no file to swap: after the commit the operator must
 //! start the daemon with the new key (the contents of `--new-key-file`).
+//!
+//! Fleet mode (PostgreSQL) is the same transaction over the shared database, run once from any
+//! node: every secret and every node's sandbox rows are re-sealed and the key-check record is
+//! replaced in one commit. Each other node must then be given the new key; until it is, it
+//! refuses to start (key check) and — if still running — cannot write (each sealing write
+//! re-checks the key in its transaction). See docs/operations.md, "Fleet mode".
 
 use std::path::{Path, PathBuf};
 
+use crate::config::{Backend, Config};
 use crate::store::crypto::{KeySource, MasterKey};
+use crate::store::postgres::{DatabaseUrl, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -53,17 +61,39 @@ pub fn open_store(
     data_dir: &Path,
     env_key: Option<&str>,
 ) -> Result<(SqliteStore, KeySource), StoreError> {
+    open_with(data_dir, env_key, |key| SqliteStore::open(data_dir, key))
+}
+
+/// [`open_store`] for fleet mode: the shared PostgreSQL database at `url`, as node `node`. The
+/// key comes from `SEALGATE_MASTER_KEY` or this node's `data_dir/master.key`.
+///
+/// # Errors
+/// As [`open_store`]; [`StoreError::Unavailable`] if the database cannot be reached.
+pub fn open_pg_store(
+    data_dir: &Path,
+    env_key: Option<&str>,
+    url: &DatabaseUrl,
+    node: &str,
+) -> Result<(PgStore, KeySource), StoreError> {
+    open_with(data_dir, env_key, |key| PgStore::open(url, node, key))
+}
+
+fn open_with<S>(
+    data_dir: &Path,
+    env_key: Option<&str>,
+    open: impl Fn(MasterKey) -> Result<S, StoreError>,
+) -> Result<(S, KeySource), StoreError> {
     let (key, source) = MasterKey::load_or_create(data_dir, env_key)?;
     let KeySource::Loaded(key_file) = &source else {
-        return Ok((SqliteStore::open(data_dir, key)?, source));
+        return Ok((open(key)?, source));
     };
     let staged = staged_key_path(key_file);
-    match SqliteStore::open(data_dir, key) {
+    match open(key) {
         Ok(store) => {
             discard_stale(&staged);
             Ok((store, source))
         }
-        Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(data_dir, key_file)? {
+        Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(key_file, &open)? {
             Some(store) => Ok((store, source)),
             None => Err(StoreError::WrongMasterKey(p)),
         },
@@ -81,13 +111,16 @@ fn discard_stale(staged: &Path) {
 
 /// The database is under another key: if the staged key opens it, the rotation committed and
 /// only the rename is missing.
-fn finish_interrupted(data_dir: &Path, key_file: &Path) -> Result<Option<SqliteStore>, StoreError> {
+fn finish_interrupted<S>(
+    key_file: &Path,
+    open: impl Fn(MasterKey) -> Result<S, StoreError>,
+) -> Result<Option<S>, StoreError> {
     let staged = staged_key_path(key_file);
     if !staged.exists() {
         return Ok(None);
     }
     let (new_key, _) = MasterKey::load_or_create_file(&staged)?;
-    match SqliteStore::open(data_dir, new_key) {
+    match open(new_key) {
         Ok(store) => {
             install_staged(&staged, key_file)?;
             tracing::warn!(key_file = %key_file.display(), "finished an interrupted master-key rotation: the new key is now in place");
@@ -141,8 +174,46 @@ pub fn rotate_cli(
         anyhow::bail!("no database in {}; nothing to rotate", data_dir.display());
     }
     let (store, source) = open_store(data_dir, env_key)?;
+    rotate_opened(&store, &source, new_key_file)
+}
+
+/// `sealgate rotate-master-key` for the configured backend: SQLite as [`rotate_cli`]; fleet
+/// mode re-seals the shared database once (run it on one node, then give every node the new
+/// key before it starts again).
+///
+/// # Errors
+/// As [`rotate_cli`]; a missing database URL; an unreachable database.
+pub fn rotate_configured(
+    cfg: &Config,
+    env_key: Option<&str>,
+    env_url: Option<&str>,
+    new_key_file: &Path,
+) -> anyhow::Result<()> {
+    if cfg.store.backend == Backend::Sqlite {
+        return rotate_cli(&cfg.data_dir, env_key, new_key_file);
+    }
+    let url = match (&cfg.store.url, env_url.filter(|u| !u.is_empty())) {
+        (Some(url), _) => url.clone(),
+        (None, Some(text)) => DatabaseUrl::parse(text.to_owned())
+            .map_err(|e| anyhow::anyhow!("SEALGATE_DATABASE_URL: {e}"))?,
+        (None, None) => {
+            anyhow::bail!("store.backend = \"postgres\" needs [store] url or SEALGATE_DATABASE_URL")
+        }
+    };
+    let node = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(crate::store::postgres::default_node_id);
+    let (store, source) = open_pg_store(&cfg.data_dir, env_key, &url, &node)?;
+    rotate_opened(&store, &source, new_key_file)?;
+    eprintln!("every other node must now get the new key (it refuses to start with the old one)");
+    Ok(())
+}
+
+/// Stages the new key (key-file setups), rotates, installs the new key file.
+fn rotate_opened(store: &dyn Store, source: &KeySource, new_key_file: &Path) -> anyhow::Result<()> {
     let (new, _) = MasterKey::load_or_create_file(new_key_file)?;
-    let staged = match &source {
+    let staged = match source {
         KeySource::Loaded(key_file) => {
             let staged = staged_key_path(key_file);
             stage_key(&staged, &new)?;

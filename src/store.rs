@@ -10,7 +10,10 @@
 //! - Names and host patterns are stored as given: the admin API validates them.
 
 pub mod crypto;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
 
 use std::net::IpAddr;
 
@@ -19,6 +22,7 @@ use time::OffsetDateTime;
 use crate::secret::{Location, SecretValue};
 
 pub use crypto::{CryptoError, KeySource, MasterKey};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A secret store as the API shows it.
@@ -124,7 +128,7 @@ pub enum StoreError {
     /// The database was written by a newer sealgate.
     #[error("database schema version {found} is newer than this build supports ({supported})")]
     SchemaTooNew {
-        /// `PRAGMA user_version` found in the file.
+        /// `PRAGMA user_version` (SQLite) or the highest migration (PostgreSQL) found.
         found: i64,
         /// The newest schema this build knows.
         supported: i64,
@@ -135,6 +139,13 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL answered with an error (SQLSTATE and message; never a value).
+    #[error("database error: {0}")]
+    Postgres(String),
+    /// The database cannot be reached right now (fleet mode); the message says which one (its
+    /// password redacted) and why. Running sandboxes keep working from their snapshots.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// Encoding a JSON column failed.
     #[error("encoding a JSON column failed: {0}")]
     Encode(#[from] serde_json::Error),
@@ -239,6 +250,22 @@ pub trait Store: Send + Sync {
     /// # Errors
     /// [`StoreError::NotFound`].
     fn update_sandbox_snapshot(&self, id: &str, snapshot: &SecretValue) -> Result<(), StoreError>;
+
+    /// Replaces the snapshots of many sandboxes at once (a store change reaching its running
+    /// sandboxes). Ids that no longer exist (ended meanwhile) are skipped. The default runs
+    /// [`Store::update_sandbox_snapshot`] for each; a backend may do it in one round trip.
+    ///
+    /// # Errors
+    /// The first store failure; rows written before it stay written.
+    fn update_sandbox_snapshots(&self, rows: &[(String, SecretValue)]) -> Result<(), StoreError> {
+        for (id, snapshot) in rows {
+            match self.update_sandbox_snapshot(id, snapshot) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 
     /// Every persisted sandbox, decrypted, oldest first (expired ones included until purged).
     ///

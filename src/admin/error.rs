@@ -65,6 +65,14 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "admin call refused: store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("{e}; running sandboxes keep working, retry when it is back"),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(

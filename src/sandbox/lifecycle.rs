@@ -5,10 +5,10 @@
 //! change is durable before it is visible; ending a sandbox removes it from the registry first,
 //! so its tokens stop working even if the database write fails.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -18,7 +18,8 @@ use super::registry::RegistryError;
 use super::snapshot::SnapshotError;
 use super::{Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
-use crate::store::{SandboxRow, SecretRecord, Store, StoreError};
+use crate::store::postgres::follow;
+use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError};
 use crate::token::Token;
 
 /// Sandbox operation failures.
@@ -119,6 +120,9 @@ pub struct SandboxInfo {
     /// The sandbox's network namespace, isolated sandboxes only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<NetnsInfo>,
+    /// Fleet mode: the node that owns the sandbox (absent with SQLite).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Settings the lifecycle needs from the daemon.
@@ -132,6 +136,8 @@ pub struct LifecycleConfig {
     pub default_timeout: Duration,
     /// Longest lifetime.
     pub max_timeout: Duration,
+    /// Fleet mode: this node's id, shown on every sandbox; None with SQLite.
+    pub node: Option<String>,
 }
 
 /// Sandbox operations over the store and the registry.
@@ -140,6 +146,9 @@ pub struct Sandboxes {
     registry: Arc<Registry>,
     leaves: Arc<LeafCache>,
     cfg: LifecycleConfig,
+    /// While cut off too long (fleet mode): each sandbox's real snapshot, set aside while a
+    /// locked copy (no secret unsealable anywhere) serves.
+    locked: Mutex<HashMap<Arc<str>, Arc<Snapshot>>>,
 }
 
 impl Sandboxes {
@@ -155,6 +164,7 @@ impl Sandboxes {
             registry,
             leaves,
             cfg,
+            locked: Mutex::default(),
         }
     }
 
@@ -351,14 +361,87 @@ impl Sandboxes {
         }
         let store = self.store.get_store(store_id)?;
         let secrets = self.store.load_secrets(store_id)?;
-        for sb in &affected {
-            let snap = resnapshot(&sb.snapshot(), &store.egress_allowlist, &secrets)?;
-            self.store
-                .update_sandbox_snapshot(&sb.id, &snap.to_sealable())?;
-            self.registry.replace_snapshot(sb, snap);
-        }
+        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         tracing::info!(store = %store_id, sandboxes = affected.len(), "running sandboxes refreshed");
         Ok(affected.len())
+    }
+
+    /// Applies a change another node (or this one) made to `store_id` to this node's running
+    /// sandboxes of it, as [`Sandboxes::refresh_store`] does (fleet mode, called by the
+    /// follower). A store that no longer exists changes nothing: its sandboxes keep their
+    /// snapshot (DESIGN.md §3).
+    ///
+    /// # Errors
+    /// Store failures; the sandboxes keep their previous snapshot then.
+    pub fn apply_store_change(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let affected = self.registry.of_store(store_id);
+        if affected.is_empty() {
+            return Ok(0);
+        }
+        let current = self
+            .store
+            .get_store(store_id)
+            .and_then(|store| Ok((store, self.store.load_secrets(store_id)?)));
+        let (store, secrets) = match current {
+            Err(StoreError::NotFound(_)) => return Ok(0),
+            other => other?,
+        };
+        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
+        tracing::info!(store = %store_id, sandboxes = affected.len(), "store change applied to running sandboxes");
+        Ok(affected.len())
+    }
+
+    /// Locks (`true`) every running sandbox: a copy of its snapshot in which no secret is
+    /// allowed anywhere serves until unlocked (`false`), which puts the real snapshots back.
+    /// Fail closed for a node cut off from the shared database longer than
+    /// `store.max_staleness_secs`: a token sent anywhere is refused (`secret_host_denied`).
+    pub fn set_locked(&self, locked: bool) {
+        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
+        if !locked {
+            for (id, real) in held.drain() {
+                if let Some(sb) = self.registry.get(&id) {
+                    self.registry.replace_snapshot(&sb, copy_of(&real));
+                }
+            }
+            return;
+        }
+        for sb in self.registry.all() {
+            if held.contains_key(&sb.id) {
+                continue;
+            }
+            let real = sb.snapshot();
+            match locked_copy(&real) {
+                Ok(copy) => {
+                    self.registry.replace_snapshot(&sb, copy);
+                    held.insert(sb.id.clone(), real);
+                }
+                Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
+            }
+        }
+    }
+
+    /// Re-snapshots `affected` against the store's current allowlist and secrets: every new
+    /// snapshot is made durable in one batch, then swapped in (durable before visible).
+    fn resnapshot_all(
+        &self,
+        affected: &[Arc<Sandbox>],
+        allowlist: &Option<Vec<String>>,
+        secrets: &[SecretRecord],
+    ) -> Result<(), SandboxError> {
+        let snaps = affected
+            .iter()
+            .map(|sb| resnapshot(&sb.snapshot(), allowlist, secrets))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<_> = affected
+            .iter()
+            .zip(&snaps)
+            .map(|(sb, snap)| (sb.id.to_string(), snap.to_sealable()))
+            .collect();
+        self.store.update_sandbox_snapshots(&rows)?;
+        for (sb, snap) in affected.iter().zip(snaps) {
+            self.registry.replace_snapshot(sb, snap);
+        }
+        Ok(())
     }
 
     fn info(&self, sb: &Sandbox) -> SandboxInfo {
@@ -382,6 +465,7 @@ impl Sandboxes {
             envs: BTreeMap::new(),
             workdir: None,
             netns: None,
+            node: self.cfg.node.clone(),
         }
     }
 
@@ -441,6 +525,75 @@ fn resnapshot(
         .filter_map(|e| by_name.get(&*e.name).map(|rec| ((*rec).clone(), e.token)))
         .collect();
     Snapshot::build(old.store_name.clone(), allowlist.clone(), kept)
+}
+
+impl follow::Target for Sandboxes {
+    fn watched_stores(&self) -> Vec<String> {
+        let ids: BTreeSet<String> = self
+            .registry
+            .all()
+            .iter()
+            .map(|s| s.store_id.clone())
+            .collect();
+        ids.into_iter().collect()
+    }
+
+    fn apply_store_change(&self, store_id: &str) -> Result<(), String> {
+        Sandboxes::apply_store_change(self, store_id)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_locked(&self, locked: bool) {
+        Sandboxes::set_locked(self, locked);
+    }
+}
+
+/// The records a snapshot was built from, with each secret's `allowed_hosts` replaced.
+fn records_of(
+    snap: &Snapshot,
+    allowed: impl Fn(&super::SecretEntry) -> Option<Vec<String>>,
+) -> Vec<(SecretRecord, Token)> {
+    let epoch = OffsetDateTime::UNIX_EPOCH;
+    snap.secrets()
+        .iter()
+        .map(|e| {
+            let meta = SecretMeta {
+                name: e.name.to_string(),
+                allowed_hosts: allowed(e),
+                locations: e.locations.to_vec(),
+                version: 0,
+                created_at: epoch,
+                updated_at: epoch,
+            };
+            let rec = SecretRecord {
+                meta,
+                value: e.value.clone(),
+            };
+            (rec, e.token)
+        })
+        .collect()
+}
+
+/// `snap` with every secret allowed nowhere (tokens kept, so they are recognised and refused).
+fn locked_copy(snap: &Snapshot) -> Result<Snapshot, SnapshotError> {
+    let secrets = records_of(snap, |_| Some(Vec::new()));
+    Snapshot::build(
+        snap.store_name.clone(),
+        snap.egress_allowlist.clone(),
+        secrets,
+    )
+}
+
+/// An equal, freshly compiled copy of `snap`.
+fn copy_of(snap: &Snapshot) -> Snapshot {
+    let secrets = records_of(snap, |e| e.allowed_hosts.clone());
+    Snapshot::build(
+        snap.store_name.clone(),
+        snap.egress_allowlist.clone(),
+        secrets,
+    )
+    .expect("patterns of a built snapshot compile again")
 }
 
 fn row_of(sb: &Sandbox) -> SandboxRow {

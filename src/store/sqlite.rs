@@ -1004,13 +1004,8 @@ fn from_json_opt<T: serde::de::DeserializeOwned>(
 mod tests {
     use std::sync::atomic::Ordering;
 
-    use time::macros::datetime;
-
     use super::*;
-
-    const SECRET: &[u8] = b"sk-live-DISTINCTIVE-7f3a9c1e5b";
-    const CA_KEY: &[u8] = b"-----BEGIN PRIVATE KEY-----CAKEY-DISTINCTIVE-42d8e6";
-    const SNAPSHOT: &[u8] = b"{\"snapshot\":\"SNAPSHOT-DISTINCTIVE-91bb07\"}";
+    use crate::store::suite::{self, populate, value, Harness, CA_KEY, SECRET, SNAPSHOT};
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -1018,6 +1013,16 @@ mod tests {
     }
 
     impl Fixture {
+        fn raw(&self) -> Connection {
+            let conn = Connection::open(self.dir.path().join(DB_FILE_NAME)).unwrap();
+            conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+            conn
+        }
+    }
+
+    impl Harness for Fixture {
+        type S = SqliteStore;
+
         fn new() -> Self {
             let key_b64 = MasterKey::generate().to_base64().to_string();
             Fixture {
@@ -1030,72 +1035,85 @@ mod tests {
             MasterKey::from_base64(&self.key_b64).unwrap()
         }
 
-        fn open(&self) -> SqliteStore {
-            SqliteStore::open(self.dir.path(), self.key()).unwrap()
+        fn open_with(&self, key: MasterKey) -> Result<SqliteStore, StoreError> {
+            SqliteStore::open(self.dir.path(), key)
         }
 
-        fn raw(&self) -> Connection {
-            let conn = Connection::open(self.dir.path().join(DB_FILE_NAME)).unwrap();
-            conn.busy_timeout(BUSY_TIMEOUT).unwrap();
-            conn
+        fn raw_secret(&self, store_id: &str, name: &str) -> Vec<u8> {
+            self.raw()
+                .query_row(
+                    "SELECT value FROM secrets WHERE store_id = ?1 AND name = ?2",
+                    [store_id, name],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        }
+
+        fn set_raw_secret(&self, store_id: &str, name: &str, sealed: &[u8]) {
+            self.raw()
+                .execute(
+                    "UPDATE secrets SET value = ?3 WHERE store_id = ?1 AND name = ?2",
+                    params![store_id, name, sealed],
+                )
+                .unwrap();
+        }
+
+        fn bump_versions(&self) {
+            self.raw()
+                .execute("UPDATE secrets SET version = version + 1", [])
+                .unwrap();
+        }
+
+        fn raw_ca_key(&self, id: &str) -> Vec<u8> {
+            self.raw()
+                .query_row("SELECT ca_key FROM sandboxes WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        }
+
+        fn set_raw_ca_key(&self, id: &str, sealed: &[u8]) {
+            self.raw()
+                .execute(
+                    "UPDATE sandboxes SET ca_key = ?2 WHERE id = ?1",
+                    params![id, sealed],
+                )
+                .unwrap();
+        }
+
+        fn set_raw_snapshot(&self, id: &str, sealed: &[u8]) {
+            self.raw()
+                .execute(
+                    "UPDATE sandboxes SET snapshot = ?2 WHERE id = ?1",
+                    params![id, sealed],
+                )
+                .unwrap();
+        }
+
+        fn delete_key_check(&self) {
+            self.raw().execute("DELETE FROM meta", []).unwrap();
+        }
+
+        fn count_secrets(&self) -> i64 {
+            self.raw()
+                .query_row("SELECT count(*) FROM secrets", [], |r| r.get(0))
+                .unwrap()
+        }
+
+        fn set_schema_version(&self, version: i64) {
+            self.raw()
+                .pragma_update(None, "user_version", version)
+                .unwrap();
+        }
+
+        fn fail_next_rotation(store: &SqliteStore) {
+            store
+                .fail_rotation_before_commit
+                .store(true, Ordering::SeqCst);
         }
     }
 
-    fn value(bytes: &[u8]) -> SecretValue {
-        SecretValue::new(bytes.to_vec())
-    }
-
-    fn hosts(list: &[&str]) -> Option<Vec<String>> {
-        Some(list.iter().map(|s| s.to_string()).collect())
-    }
-
-    fn sandbox(id: &str, store: &StoreRecord, expires_at: OffsetDateTime) -> SandboxRow {
-        SandboxRow {
-            id: id.to_owned(),
-            store_id: store.id.clone(),
-            store_name: store.name.clone(),
-            created_at: OffsetDateTime::now_utc(),
-            expires_at,
-            source_ip: Some("10.0.0.7".parse().unwrap()),
-            proxy_token_hash: vec![1, 2, 3],
-            ca_cert_pem: "-----BEGIN CERTIFICATE-----".to_owned(),
-            ca_key: value(CA_KEY),
-            snapshot: value(SNAPSHOT),
-        }
-    }
-
-    fn later() -> OffsetDateTime {
-        OffsetDateTime::now_utc() + time::Duration::hours(1)
-    }
-
-    /// A store with one secret and one sandbox, all holding the distinctive values.
-    fn populate(store: &SqliteStore) -> StoreRecord {
-        let rec = store
-            .create_store("prod", hosts(&["api.example.com"]))
-            .unwrap();
-        store
-            .put_secret(
-                &rec.id,
-                "API_KEY",
-                &value(SECRET),
-                hosts(&["*.example.com"]),
-                vec![Location::Header],
-            )
-            .unwrap();
-        store
-            .insert_sandbox(&sandbox("sbx_1", &rec, later()))
-            .unwrap();
-        rec
-    }
-
-    fn assert_corrupt(err: StoreError, needle: &str) {
-        match err {
-            StoreError::Corrupt(msg) => {
-                assert!(msg.contains(needle), "{msg:?} should name {needle:?}")
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
-    }
+    suite::store_suite!(Fixture);
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
@@ -1121,314 +1139,8 @@ mod tests {
     }
 
     #[test]
-    fn store_is_send_sync_and_object_safe() {
-        let fx = Fixture::new();
-        let store: Arc<dyn Store> = Arc::new(fx.open());
-        store.check().unwrap();
-    }
-
-    #[test]
-    fn store_crud() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let a = store.create_store("alpha", None).unwrap();
-        let b = store.create_store("beta", hosts(&[])).unwrap();
-        assert!(uuid::Uuid::parse_str(&a.id).is_ok());
-        assert_eq!(a.created_at, a.updated_at);
-
-        assert_eq!(store.get_store(&a.id).unwrap(), a);
-        assert_eq!(store.list_stores().unwrap(), vec![a.clone(), b.clone()]);
-        assert_eq!(store.find_store(&b.id).unwrap(), b);
-        assert_eq!(store.find_store("beta").unwrap(), b);
-        assert!(matches!(
-            store.find_store("gamma"),
-            Err(StoreError::NotFound(_))
-        ));
-
-        let renamed = store.update_store(&a.id, Some("alpha2"), None).unwrap();
-        assert_eq!(renamed.name, "alpha2");
-        assert_eq!(store.get_store(&a.id).unwrap(), renamed);
-
-        store.delete_store(&a.id).unwrap();
-        assert!(
-            matches!(store.get_store(&a.id), Err(StoreError::NotFound(m)) if m.contains(&a.id))
-        );
-        assert!(matches!(
-            store.delete_store(&a.id),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(matches!(
-            store.update_store(&a.id, Some("x"), None),
-            Err(StoreError::NotFound(_))
-        ));
-        assert_eq!(store.list_stores().unwrap(), vec![b]);
-    }
-
-    #[test]
-    fn find_store_prefers_id_over_name() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let a = store.create_store("first", None).unwrap();
-        // A store named like another store's id: the id wins.
-        store.create_store(&a.id, None).unwrap();
-        assert_eq!(store.find_store(&a.id).unwrap().id, a.id);
-    }
-
-    #[test]
-    fn duplicate_name_conflicts() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        store.create_store("prod", None).unwrap();
-        let err = store.create_store("prod", None).unwrap_err();
-        assert!(matches!(&err, StoreError::Conflict(_)), "{err:?}");
-        assert_eq!(err.to_string(), "store name 'prod' is already taken");
-        assert_eq!(store.list_stores().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn rename_to_taken_name_conflicts() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        store.create_store("prod", None).unwrap();
-        let dev = store.create_store("dev", None).unwrap();
-        let err = store.update_store(&dev.id, Some("prod"), None).unwrap_err();
-        assert_eq!(err.to_string(), "store name 'prod' is already taken");
-        assert_eq!(store.get_store(&dev.id).unwrap(), dev);
-        // Renaming to its own name is not a conflict.
-        store.update_store(&dev.id, Some("dev"), None).unwrap();
-    }
-
-    #[test]
-    fn update_is_partial() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", hosts(&["a.example"])).unwrap();
-
-        let same = store.update_store(&rec.id, None, None).unwrap();
-        assert_eq!(
-            same, rec,
-            "no field given: nothing changes, not even updated_at"
-        );
-
-        let renamed = store.update_store(&rec.id, Some("t"), None).unwrap();
-        assert_eq!(renamed.egress_allowlist, hosts(&["a.example"]));
-        assert!(renamed.updated_at >= rec.updated_at);
-        assert_eq!(renamed.created_at, rec.created_at);
-
-        let cleared = store.update_store(&rec.id, None, Some(None)).unwrap();
-        assert_eq!(
-            (cleared.name.as_str(), cleared.egress_allowlist.clone()),
-            ("t", None)
-        );
-        assert_eq!(store.get_store(&rec.id).unwrap().egress_allowlist, None);
-
-        let empty = store
-            .update_store(&rec.id, None, Some(Some(vec![])))
-            .unwrap();
-        assert_eq!(empty.egress_allowlist, Some(vec![]));
-        assert_eq!(
-            store.get_store(&rec.id).unwrap().egress_allowlist,
-            Some(vec![])
-        );
-    }
-
-    #[test]
-    fn put_secret_replace_keeps_created_at_and_bumps_version() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        let first = store
-            .put_secret(
-                &rec.id,
-                "K",
-                &value(b"v1"),
-                None,
-                Location::DEFAULT.to_vec(),
-            )
-            .unwrap();
-        assert_eq!(first.version, 1);
-        let sealed_v1: Vec<u8> = fx
-            .raw()
-            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
-            .unwrap();
-
-        let second = store
-            .put_secret(
-                &rec.id,
-                "K",
-                &value(b"v2"),
-                hosts(&["x.example"]),
-                vec![Location::Query],
-            )
-            .unwrap();
-        assert_eq!(second.version, 2);
-        assert_eq!(second.created_at, first.created_at);
-        assert!(second.updated_at >= first.updated_at);
-        let sealed_v2: Vec<u8> = fx
-            .raw()
-            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
-            .unwrap();
-        assert_ne!(
-            sealed_v1[1..13],
-            sealed_v2[1..13],
-            "a replace uses a new nonce"
-        );
-
-        let loaded = store.load_secrets(&rec.id).unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].meta, second);
-        assert_eq!(loaded[0].value.expose(), b"v2");
-        assert_eq!(store.list_secrets(&rec.id).unwrap(), vec![second]);
-    }
-
-    #[test]
-    fn secrets_are_listed_by_name_and_deleted() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        for name in ["ZED", "ALPHA", "MID"] {
-            store
-                .put_secret(&rec.id, name, &value(name.as_bytes()), None, vec![])
-                .unwrap();
-        }
-        let names: Vec<_> = store
-            .list_secrets(&rec.id)
-            .unwrap()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        assert_eq!(names, ["ALPHA", "MID", "ZED"]);
-
-        store.delete_secret(&rec.id, "MID").unwrap();
-        let err = store.delete_secret(&rec.id, "MID").unwrap_err();
-        assert!(
-            matches!(&err, StoreError::NotFound(m) if m.contains("secret 'MID'")),
-            "{err:?}"
-        );
-        let values: Vec<_> = store
-            .load_secrets(&rec.id)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.value.expose().to_vec())
-            .collect();
-        assert_eq!(values, [b"ALPHA".to_vec(), b"ZED".to_vec()]);
-    }
-
-    #[test]
-    fn secret_calls_on_missing_store_are_not_found() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let missing = "no-such-store";
-        let is_store_not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(m)) if m == "store 'no-such-store'");
-        assert!(is_store_not_found(
-            store
-                .put_secret(missing, "K", &value(b"v"), None, vec![])
-                .map(drop)
-        ));
-        assert!(is_store_not_found(store.list_secrets(missing).map(drop)));
-        assert!(is_store_not_found(store.load_secrets(missing).map(drop)));
-        assert!(is_store_not_found(store.delete_secret(missing, "K")));
-    }
-
-    #[test]
-    fn delete_store_cascades_secrets_but_not_sandboxes() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        store.delete_store(&rec.id).unwrap();
-
-        let secrets: i64 = fx
-            .raw()
-            .query_row("SELECT count(*) FROM secrets", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(secrets, 0);
-        assert!(matches!(
-            store.list_secrets(&rec.id),
-            Err(StoreError::NotFound(_))
-        ));
-        let sandboxes = store.load_sandboxes().unwrap();
-        assert_eq!(sandboxes.len(), 1);
-        assert_eq!(sandboxes[0].store_id, rec.id);
-        assert_eq!(sandboxes[0].snapshot.expose(), SNAPSHOT);
-    }
-
-    #[test]
-    fn sandbox_rows_round_trip() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        let mut v6 = sandbox("sbx_v6", &rec, later());
-        v6.source_ip = Some("fd00::7".parse().unwrap());
-        let mut none = sandbox("sbx_none", &rec, later());
-        none.source_ip = None;
-        store.insert_sandbox(&v6).unwrap();
-        store.insert_sandbox(&none).unwrap();
-        let err = store.insert_sandbox(&none).unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Conflict(m) if m.contains("sbx_none")),
-            "{err:?}"
-        );
-
-        store
-            .update_sandbox_snapshot("sbx_v6", &value(b"{\"v\":2}"))
-            .unwrap();
-        assert!(matches!(
-            store.update_sandbox_snapshot("sbx_gone", &value(b"{}")),
-            Err(StoreError::NotFound(_))
-        ));
-
-        let rows = store.load_sandboxes().unwrap();
-        assert_eq!(rows.len(), 2);
-        let (a, b) = (&rows[0], &rows[1]);
-        assert_eq!((a.id.as_str(), a.source_ip), ("sbx_v6", v6.source_ip));
-        assert_eq!(a.snapshot.expose(), b"{\"v\":2}");
-        assert_eq!(a.ca_key.expose(), CA_KEY);
-        assert_eq!((a.created_at, a.expires_at), (v6.created_at, v6.expires_at));
-        assert_eq!(
-            (a.proxy_token_hash.as_slice(), a.ca_cert_pem.as_str()),
-            (&[1u8, 2, 3][..], "-----BEGIN CERTIFICATE-----")
-        );
-        assert_eq!(
-            (b.id.as_str(), b.source_ip, b.store_name.as_str()),
-            ("sbx_none", None, "s")
-        );
-
-        store.delete_sandbox("sbx_v6").unwrap();
-        assert!(matches!(
-            store.delete_sandbox("sbx_v6"),
-            Err(StoreError::NotFound(_))
-        ));
-        assert_eq!(store.load_sandboxes().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn purge_removes_only_expired_sandboxes() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        let now = datetime!(2030-01-01 12:00 UTC);
-        store
-            .insert_sandbox(&sandbox("sbx_past", &rec, now - time::Duration::SECOND))
-            .unwrap();
-        store
-            .insert_sandbox(&sandbox("sbx_now", &rec, now))
-            .unwrap();
-        store
-            .insert_sandbox(&sandbox("sbx_future", &rec, now + time::Duration::SECOND))
-            .unwrap();
-        assert_eq!(store.purge_expired_sandboxes(now).unwrap(), 2);
-        let ids: Vec<_> = store
-            .load_sandboxes()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, ["sbx_future"]);
-    }
-
-    #[test]
     fn values_never_reach_the_disk_in_plaintext() {
-        let fx = Fixture::new();
+        let fx = <Fixture as Harness>::new();
         let store = fx.open();
         let rec = populate(&store);
         store
@@ -1467,7 +1179,7 @@ mod tests {
 
     #[test]
     fn database_files_are_private() {
-        let fx = Fixture::new();
+        let fx = <Fixture as Harness>::new();
         let store = fx.open();
         populate(&store);
         for name in [DB_FILE_NAME, "sealgate.db-wal", "sealgate.db-shm"] {
@@ -1488,300 +1200,8 @@ mod tests {
     }
 
     #[test]
-    fn reopen_with_same_key_reads_everything() {
-        let fx = Fixture::new();
-        let (rec, secrets, sandboxes) = {
-            let store = fx.open();
-            let rec = populate(&store);
-            (
-                rec.clone(),
-                store.list_secrets(&rec.id).unwrap(),
-                store.load_sandboxes().unwrap(),
-            )
-        };
-        let store = fx.open();
-        store.check().unwrap();
-        assert_eq!(store.list_stores().unwrap(), vec![rec.clone()]);
-        let loaded = store.load_secrets(&rec.id).unwrap();
-        assert_eq!(loaded[0].meta, secrets[0]);
-        assert_eq!(loaded[0].value.expose(), SECRET);
-        let rows = store.load_sandboxes().unwrap();
-        assert_eq!(rows[0].id, sandboxes[0].id);
-        assert_eq!(rows[0].ca_key.expose(), CA_KEY);
-        assert_eq!(rows[0].created_at, sandboxes[0].created_at);
-    }
-
-    #[test]
-    fn reopen_with_another_key_is_refused() {
-        let fx = Fixture::new();
-        populate(&fx.open());
-        let err = SqliteStore::open(fx.dir.path(), MasterKey::generate())
-            .err()
-            .unwrap();
-        assert!(matches!(&err, StoreError::WrongMasterKey(_)), "{err:?}");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("does not match")
-                && msg.contains("sealgate.db")
-                && msg.contains("refusing to start"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn empty_database_still_checks_the_key() {
-        let fx = Fixture::new();
-        drop(fx.open());
-        let err = SqliteStore::open(fx.dir.path(), MasterKey::generate())
-            .err()
-            .unwrap();
-        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
-    }
-
-    #[test]
-    fn missing_key_check_on_a_populated_database_is_refused() {
-        let fx = Fixture::new();
-        populate(&fx.open());
-        fx.raw().execute("DELETE FROM meta", []).unwrap();
-        assert_corrupt(
-            SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap(),
-            "key-check",
-        );
-    }
-
-    #[test]
-    fn ciphertext_copied_to_another_secret_fails_closed() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        store
-            .put_secret(&rec.id, "A", &value(b"value-a"), None, vec![])
-            .unwrap();
-        store
-            .put_secret(&rec.id, "B", &value(b"value-b"), None, vec![])
-            .unwrap();
-        fx.raw()
-            .execute(
-                "UPDATE secrets SET value = (SELECT value FROM secrets WHERE name = 'A') WHERE name = 'B'",
-                [],
-            )
-            .unwrap();
-        let err = store.load_secrets(&rec.id).unwrap_err();
-        assert!(!err.to_string().contains("value-a"));
-        assert_corrupt(err, "secret 'B'");
-        // Metadata stays listable so the operator can see and replace the row.
-        assert_eq!(store.list_secrets(&rec.id).unwrap().len(), 2);
-        store
-            .put_secret(&rec.id, "B", &value(b"value-b"), None, vec![])
-            .unwrap();
-        assert_eq!(store.load_secrets(&rec.id).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn ciphertext_copied_across_stores_fails_closed() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let s1 = store.create_store("one", None).unwrap();
-        let s2 = store.create_store("two", None).unwrap();
-        store
-            .put_secret(&s1.id, "K", &value(b"one"), None, vec![])
-            .unwrap();
-        store
-            .put_secret(&s2.id, "K", &value(b"two"), None, vec![])
-            .unwrap();
-        fx.raw()
-            .execute(
-                "UPDATE secrets SET value = (SELECT value FROM secrets WHERE store_id = ?1) WHERE store_id = ?2",
-                [&s1.id, &s2.id],
-            )
-            .unwrap();
-        assert_corrupt(store.load_secrets(&s2.id).unwrap_err(), &s2.id);
-    }
-
-    #[test]
-    fn changed_version_fails_closed() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = store.create_store("s", None).unwrap();
-        store
-            .put_secret(&rec.id, "K", &value(b"v"), None, vec![])
-            .unwrap();
-        fx.raw()
-            .execute("UPDATE secrets SET version = version + 1", [])
-            .unwrap();
-        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'K'");
-    }
-
-    #[test]
-    fn flipped_bit_fails_closed() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        let raw = fx.raw();
-        let mut sealed: Vec<u8> = raw
-            .query_row("SELECT value FROM secrets", [], |r| r.get(0))
-            .unwrap();
-        let middle = sealed.len() / 2;
-        sealed[middle] ^= 0x04;
-        raw.execute("UPDATE secrets SET value = ?1", [&sealed])
-            .unwrap();
-        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
-    }
-
-    #[test]
-    fn swapped_sandbox_ca_key_fails_closed() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        store
-            .insert_sandbox(&sandbox("sbx_2", &rec, later()))
-            .unwrap();
-        fx.raw()
-            .execute(
-                "UPDATE sandboxes SET ca_key = (SELECT ca_key FROM sandboxes WHERE id = 'sbx_1') \
-                 WHERE id = 'sbx_2'",
-                [],
-            )
-            .unwrap();
-        assert_corrupt(
-            store.load_sandboxes().unwrap_err(),
-            "sandbox 'sbx_2' CA key",
-        );
-    }
-
-    #[test]
-    fn rotation_reseals_everything() {
-        let fx = Fixture::new();
-        let new_key = MasterKey::generate();
-        let rec = {
-            let store = fx.open();
-            let rec = populate(&store);
-            store
-                .put_secret(&rec.id, "OTHER", &value(b"other"), None, vec![])
-                .unwrap();
-            let before: Vec<u8> = fx
-                .raw()
-                .query_row("SELECT ca_key FROM sandboxes", [], |r| r.get(0))
-                .unwrap();
-
-            let stats = store.rotate_master_key(&new_key).unwrap();
-            assert_eq!(
-                stats,
-                RotationStats {
-                    secrets: 2,
-                    sandboxes: 1
-                }
-            );
-            let after: Vec<u8> = fx
-                .raw()
-                .query_row("SELECT ca_key FROM sandboxes", [], |r| r.get(0))
-                .unwrap();
-            assert_ne!(before, after);
-            // The running store switched keys.
-            store.check().unwrap();
-            assert_eq!(
-                store.load_secrets(&rec.id).unwrap()[0].value.expose(),
-                SECRET
-            );
-            rec
-        };
-
-        let reopened = SqliteStore::open(fx.dir.path(), new_key.duplicate()).unwrap();
-        assert_eq!(reopened.load_secrets(&rec.id).unwrap().len(), 2);
-        assert_eq!(
-            reopened.load_sandboxes().unwrap()[0].snapshot.expose(),
-            SNAPSHOT
-        );
-        drop(reopened);
-        let err = SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap();
-        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
-    }
-
-    /// Asserts the store at `fx` is fully readable with the old key, in process and reopened,
-    /// and refuses `new_key`.
-    fn assert_still_on_old_key(
-        fx: &Fixture,
-        store: SqliteStore,
-        rec: &StoreRecord,
-        new_key: &MasterKey,
-    ) {
-        store.check().unwrap();
-        assert_eq!(
-            store.load_secrets(&rec.id).unwrap()[0].value.expose(),
-            SECRET
-        );
-        drop(store);
-        let err = SqliteStore::open(fx.dir.path(), new_key.duplicate())
-            .err()
-            .unwrap();
-        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
-        let reopened = fx.open();
-        assert_eq!(
-            reopened.load_secrets(&rec.id).unwrap()[0].value.expose(),
-            SECRET
-        );
-    }
-
-    #[test]
-    fn rotation_failing_before_commit_changes_nothing() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        let new_key = MasterKey::generate();
-        store
-            .fail_rotation_before_commit
-            .store(true, Ordering::SeqCst);
-        let err = store.rotate_master_key(&new_key).unwrap_err();
-        assert!(err.to_string().contains("injected"), "{err}");
-        assert_eq!(store.load_sandboxes().unwrap()[0].ca_key.expose(), CA_KEY);
-        assert_still_on_old_key(&fx, store, &rec, &new_key);
-    }
-
-    #[test]
-    fn rotation_stopped_by_a_corrupt_row_changes_nothing() {
-        let fx = Fixture::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        store
-            .insert_sandbox(&sandbox("sbx_bad", &rec, later()))
-            .unwrap();
-        // Secrets are re-sealed first, then sandboxes: this row fails half way through.
-        fx.raw()
-            .execute(
-                "UPDATE sandboxes SET snapshot = x'00' WHERE id = 'sbx_bad'",
-                [],
-            )
-            .unwrap();
-        let new_key = MasterKey::generate();
-        assert_corrupt(
-            store.rotate_master_key(&new_key).unwrap_err(),
-            "sandbox 'sbx_bad' snapshot",
-        );
-        store.delete_sandbox("sbx_bad").unwrap();
-        assert_still_on_old_key(&fx, store, &rec, &new_key);
-    }
-
-    #[test]
-    fn schema_from_a_newer_build_is_refused() {
-        let fx = Fixture::new();
-        drop(fx.open());
-        fx.raw().pragma_update(None, "user_version", 99).unwrap();
-        let err = SqliteStore::open(fx.dir.path(), fx.key()).err().unwrap();
-        assert!(
-            matches!(
-                err,
-                StoreError::SchemaTooNew {
-                    found: 99,
-                    supported: 1
-                }
-            ),
-            "{err:?}"
-        );
-    }
-
-    #[test]
     fn pragmas_are_set() {
-        let fx = Fixture::new();
+        let fx = <Fixture as Harness>::new();
         let store = fx.open();
         let conn = store.conn.lock().unwrap();
         let get =
@@ -1794,5 +1214,15 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn wrong_key_message_names_the_file() {
+        let fx = <Fixture as Harness>::new();
+        populate(&fx.open());
+        let err = SqliteStore::open(fx.dir.path(), MasterKey::generate())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("sealgate.db"), "{err}");
     }
 }

@@ -8,6 +8,7 @@ mod adversarial;
 mod clients;
 mod contract;
 mod isolation;
+mod fleet;
 mod ops;
 mod proxy_explicit;
 mod sandboxes;

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod echo;
 pub mod hostile;
+pub mod pg;
 pub mod pki;
 pub mod proxy_client;
 pub mod raw;

@@ -81,6 +81,8 @@ pub struct Opts {
     /// Leave `allow_private_cidrs` empty (the default opens 127.0.0.0/8 for the loopback echo
     /// upstreams): for address-vetting tests, which then reach upstreams only through `resolve`.
     pub strict_vetting: bool,
+    /// Extra tables appended at the end of the file (e.g. `[store]` and `[node]`).
+    pub extra_toml: String,
 }
 
 impl Harness {
@@ -117,6 +119,7 @@ impl Harness {
             master_key: opts.master_key.clone(),
             admin_token: None,
             config_path: Some(path),
+            ..Overrides::default()
         };
         let running = daemon::start(cfg, ov).await.map_err(|e| e.to_string())?;
         Ok(Harness {
@@ -292,7 +295,7 @@ fn config_text(
     format!(
         "data_dir = \"{}\"\ncert_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n\
          [upstream]\nca_files = [\"{}\"]\nallow_private_cidrs = [{}]\n{}\n\n[upstream.resolve]\n{resolve}\n\
-         [sandbox]\n{}\n[log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n",
+         [sandbox]\n{}\n[log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}",
         data.display(),
         certs.display(),
         o.proxy_toml,
@@ -305,5 +308,6 @@ fn config_text(
         o.upstream_toml,
         o.sandbox_toml,
         audit.display(),
+        o.extra_toml,
     )
 }

@@ -1,0 +1,477 @@
+//! The PostgreSQL [`Store`] (fleet mode): many daemons ("nodes") share one database.
+//!
+//! How the synchronous [`Store`] trait meets an async driver: the store owns a small tokio
+//! runtime of its own (one worker thread) that runs the connection pool (deadpool-postgres over
+//! tokio-postgres). Each trait method spawns its query there and blocks the *calling* thread
+//! until it answers or `OP_TIMEOUT` passes. Callers are the admin API, sandbox creation and the
+//! follower's refreshes — never the proxy's per-request path, which only reads in-memory
+//! snapshots. A separate runtime means a call works from any thread, inside or outside the
+//! daemon's runtime (a `block_on` there would panic), and a hung database costs the admin
+//! caller a bounded wait, not a stuck proxy.
+//!
+//! Invariants (besides the trait's):
+//! - Every value is sealed with the same AEAD and associated data as in SQLite, through
+//!   [`seal_secret`] / [`open_secret`] and the crypto module's per-row AAD functions, so a
+//!   row copied between stores, secrets or databases fails to open.
+//! - A write that seals verifies the key-check record in its own transaction (`FOR SHARE`),
+//!   and a rotation holds that row `FOR UPDATE`: a node still on the old key can never write a
+//!   row under it once a rotation has committed.
+//! - A change that running sandboxes must see (secret put/delete, allowlist update, store
+//!   delete) moves `stores.generation` and sends `NOTIFY sealgate_store_changed, '<store id>'`
+//!   in the same transaction: ids only, never a value ([`follow`]).
+//! - Sandbox rows carry their node; this store loads and purges only its own node's rows.
+//! - No error text contains the database password ([`DatabaseUrl`]).
+
+pub mod follow;
+mod ops;
+mod schema;
+pub mod url;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, Object, Pool};
+use time::OffsetDateTime;
+use tokio_postgres::NoTls;
+
+use super::crypto::{self, MasterKey};
+use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
+use crate::secret::{Location, SecretValue};
+
+pub use follow::{Follower, Health};
+pub use url::DatabaseUrl;
+
+/// The channel every change is announced on; the payload is a store id.
+pub const CHANNEL: &str = "sealgate_store_changed";
+
+/// Longest a store call waits for the database (pool wait + connect + query) before answering
+/// [`StoreError::Unavailable`].
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections kept per node.
+const POOL_SIZE: usize = 8;
+
+/// Plaintext of the key-check record; only its authenticity matters (same as SQLite).
+const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
+
+/// `meta.key` of the key-check record.
+const KEY_CHECK_ROW: &str = "key_check";
+
+/// `[node] id` rules: 1–64 of `A-Z a-z 0-9 . _ -`, so it is safe in logs, metrics and SQL text.
+///
+/// # Errors
+/// Why the id is refused.
+pub fn check_node_id(id: &str) -> Result<(), &'static str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || id.len() > 64 || !id.chars().all(ok) {
+        return Err("must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-'");
+    }
+    Ok(())
+}
+
+/// The machine's host name cut to a valid node id ("node" if it has none).
+pub fn default_node_id() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = name
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "node".to_owned()
+    } else {
+        id
+    }
+}
+
+/// What the async side shares: the pool, the key, this node and the (redacted) location.
+struct Db {
+    pool: Pool,
+    key: RwLock<Arc<MasterKey>>,
+    node_id: String,
+    url: DatabaseUrl,
+    /// Test hook: make the next rotation fail after re-sealing everything, before commit.
+    #[cfg(test)]
+    fail_rotation_before_commit: std::sync::atomic::AtomicBool,
+}
+
+impl Db {
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("database {} unreachable: {e}", self.url)))
+    }
+
+    fn key(&self) -> Arc<MasterKey> {
+        Arc::clone(&self.key.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn wrong_key(&self) -> StoreError {
+        StoreError::WrongMasterKey(PathBuf::from(self.url.redacted()))
+    }
+
+    #[cfg(test)]
+    fn injected_rotation_failure(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .fail_rotation_before_commit
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable("injected rotation failure".into()));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_rotation_failure(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The PostgreSQL-backed [`Store`].
+///
+/// # Memory usage
+/// Up to `POOL_SIZE` connections and one runtime thread; per call, the rows it returns. A
+/// rotation holds every sealed blob of the database (all nodes' sandboxes) in memory at once.
+pub struct PgStore {
+    db: Arc<Db>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // `shutdown_background` is the one way to drop a runtime from inside another runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` as node `node_id`, applies pending migrations under an advisory lock,
+    /// then writes the key-check record into a new database or verifies it.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the database cannot be reached; [`StoreError::WrongMasterKey`]
+    /// if `key` is not this database's key; [`StoreError::SchemaTooNew`].
+    pub fn open(url: &DatabaseUrl, node_id: &str, key: MasterKey) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sealgate-pg")
+            .enable_all()
+            .build()?;
+        let mut pg = url.pg_config();
+        pg.connect_timeout(Duration::from_secs(3));
+        pg.application_name(format!("sealgate/{node_id}"));
+        let manager = Manager::new(pg, NoTls);
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(OP_TIMEOUT))
+            .create_timeout(Some(Duration::from_secs(3)))
+            .recycle_timeout(Some(Duration::from_secs(3)))
+            .build()
+            .map_err(|e| StoreError::InvalidInput(format!("database pool: {e}")))?;
+        let db = Arc::new(Db {
+            pool,
+            key: RwLock::new(Arc::new(key)),
+            node_id: node_id.to_owned(),
+            url: url.clone(),
+            #[cfg(test)]
+            fail_rotation_before_commit: std::sync::atomic::AtomicBool::new(false),
+        });
+        let store = PgStore { db, rt: Some(rt) };
+        store.block(|db| async move { schema::prepare(&db, &db.key()).await })?;
+        Ok(store)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.db.node_id
+    }
+
+    /// The database location with its password redacted.
+    pub fn location(&self) -> &DatabaseUrl {
+        &self.db.url
+    }
+
+    /// `stores.generation` of each store in `ids` that still exists.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub fn generations(&self, ids: Vec<String>) -> Result<Vec<(String, i64)>, StoreError> {
+        self.block(|db| async move { ops::generations(&**db.client().await?, &ids).await })
+    }
+
+    /// Runs `op` on the store's runtime and blocks this thread for its answer (at most
+    /// `OP_TIMEOUT`, then [`StoreError::Unavailable`]).
+    fn block<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Db>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("runtime lives as long as the store");
+        let fut = op(self.db.clone());
+        let url = self.db.url.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let answer = tokio::time::timeout(OP_TIMEOUT, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "database {url} did not answer within {}s",
+                        OP_TIMEOUT.as_secs()
+                    )))
+                });
+            let _ = tx.send(answer);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the database runtime stopped".into(),
+            ))
+        })
+    }
+}
+
+impl Store for PgStore {
+    fn create_store(
+        &self,
+        name: &str,
+        egress_allowlist: Option<Vec<String>>,
+    ) -> Result<StoreRecord, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let record = StoreRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            egress_allowlist,
+            created_at: now,
+            updated_at: now,
+        };
+        let rec = record.clone();
+        self.block(|db| async move { ops::insert_store(&**db.client().await?, &rec).await })?;
+        Ok(record)
+    }
+
+    fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
+        self.block(|db| async move {
+            ops::select_stores(&**db.client().await?, "ORDER BY created_at, seq", None).await
+        })
+    }
+
+    fn get_store(&self, id: &str) -> Result<StoreRecord, StoreError> {
+        let id = id.to_owned();
+        self.block(|db| async move { ops::store_by_id(&**db.client().await?, &id).await })
+    }
+
+    fn find_store(&self, id_or_name: &str) -> Result<StoreRecord, StoreError> {
+        let key = id_or_name.to_owned();
+        self.block(|db| async move { ops::find_store(&**db.client().await?, &key).await })
+    }
+
+    fn update_store(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        egress_allowlist: Option<Option<Vec<String>>>,
+    ) -> Result<StoreRecord, StoreError> {
+        let (id, name) = (id.to_owned(), name.map(str::to_owned));
+        self.block(|db| async move {
+            ops::update_store(&mut **db.client().await?, &id, name, egress_allowlist).await
+        })
+    }
+
+    fn delete_store(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.block(|db| async move { ops::delete_store(&mut **db.client().await?, &id).await })
+    }
+
+    fn put_secret(
+        &self,
+        store_id: &str,
+        name: &str,
+        value: &SecretValue,
+        allowed_hosts: Option<Vec<String>>,
+        locations: Vec<Location>,
+    ) -> Result<SecretMeta, StoreError> {
+        let (store_id, name, value) = (store_id.to_owned(), name.to_owned(), value.clone());
+        self.block(|db| async move {
+            let put = ops::Put {
+                store_id: &store_id,
+                name: &name,
+                value: &value,
+                allowed_hosts,
+                locations,
+            };
+            ops::put_secret(&db, &mut **db.client().await?, put).await
+        })
+    }
+
+    fn list_secrets(&self, store_id: &str) -> Result<Vec<SecretMeta>, StoreError> {
+        let store_id = store_id.to_owned();
+        self.block(|db| async move {
+            let client = db.client().await?;
+            ops::require_store(&**client, &store_id).await?;
+            ops::select_secrets(&**client, &store_id, false)
+                .await?
+                .into_iter()
+                .map(ops::RawSecret::into_meta)
+                .collect()
+        })
+    }
+
+    fn load_secrets(&self, store_id: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        let store_id = store_id.to_owned();
+        self.block(|db| async move {
+            let client = db.client().await?;
+            ops::require_store(&**client, &store_id).await?;
+            let key = db.key();
+            ops::select_secrets(&**client, &store_id, true)
+                .await?
+                .into_iter()
+                .map(|raw| raw.into_record(&key))
+                .collect()
+        })
+    }
+
+    fn delete_secret(&self, store_id: &str, name: &str) -> Result<(), StoreError> {
+        let (store_id, name) = (store_id.to_owned(), name.to_owned());
+        self.block(|db| async move {
+            ops::delete_secret(&mut **db.client().await?, &store_id, &name).await
+        })
+    }
+
+    fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
+        let row = row.clone();
+        self.block(
+            |db| async move { ops::insert_sandbox(&db, &mut **db.client().await?, &row).await },
+        )
+    }
+
+    fn update_sandbox_snapshot(&self, id: &str, snapshot: &SecretValue) -> Result<(), StoreError> {
+        let (id, snapshot) = (id.to_owned(), snapshot.clone());
+        self.block(|db| async move {
+            ops::update_snapshot(&db, &mut **db.client().await?, &id, &snapshot).await
+        })
+    }
+
+    fn update_sandbox_snapshots(&self, rows: &[(String, SecretValue)]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.block(|db| async move {
+            ops::update_snapshots(&db, &mut **db.client().await?, &rows).await
+        })
+    }
+
+    fn load_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        self.block(|db| async move {
+            let raws = ops::select_sandboxes(&**db.client().await?, &db.node_id).await?;
+            let key = db.key();
+            raws.into_iter().map(|raw| raw.into_row(&key)).collect()
+        })
+    }
+
+    fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.block(|db| async move { ops::delete_sandbox(&**db.client().await?, &id).await })
+    }
+
+    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let now = ops::to_nanos(now, "purge time")?;
+        self.block(
+            |db| async move { ops::purge_expired(&**db.client().await?, &db.node_id, now).await },
+        )
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.block(|db| async move {
+            let client = db.client().await?;
+            let sealed = read_key_check(&**client, false)
+                .await?
+                .ok_or_else(|| db.wrong_key())?;
+            verify_key_check(&sealed, &db.key(), &db)
+        })
+    }
+
+    fn rotate_master_key(&self, new_key: &MasterKey) -> Result<RotationStats, StoreError> {
+        let new = new_key.duplicate();
+        let stats = self.block(|db| async move {
+            let stats = ops::reseal_all(&db, &mut **db.client().await?, &new).await?;
+            *db.key.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
+            Ok(stats)
+        })?;
+        Ok(stats)
+    }
+}
+
+// ---- sealing: the one place values meet the crypto module -----------------------------------
+
+/// Seals a secret value bound to its row (store id, name, version).
+fn seal_secret(key: &MasterKey, store_id: &str, meta: &SecretMeta, value: &[u8]) -> Vec<u8> {
+    crypto::seal(
+        key,
+        &crypto::secret_aad(store_id, &meta.name, meta.version),
+        value,
+    )
+}
+
+/// Opens a secret value sealed by [`seal_secret`] for the same row.
+fn open_secret(
+    key: &MasterKey,
+    store_id: &str,
+    meta: &SecretMeta,
+    sealed: &[u8],
+) -> Result<SecretValue, crypto::CryptoError> {
+    crypto::open(
+        key,
+        &crypto::secret_aad(store_id, &meta.name, meta.version),
+        sealed,
+    )
+}
+
+/// The sealed key-check record (`FOR SHARE` / `FOR UPDATE` when `lock`), if there is one.
+async fn read_key_check(
+    client: &impl tokio_postgres::GenericClient,
+    lock: bool,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let sql = if lock {
+        "SELECT value FROM meta WHERE key = $1 FOR SHARE"
+    } else {
+        "SELECT value FROM meta WHERE key = $1"
+    };
+    let row = client
+        .query_opt(sql, &[&KEY_CHECK_ROW])
+        .await
+        .map_err(pg_err)?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// `Ok` iff `sealed` is the key-check record under `key`.
+fn verify_key_check(sealed: &[u8], key: &MasterKey, db: &Db) -> Result<(), StoreError> {
+    match crypto::open(key, crypto::key_check_aad(), sealed) {
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(db.wrong_key()),
+    }
+}
+
+/// Driver errors: a server-side error (with an SQLSTATE) is a database error; anything else
+/// (refused, reset, closed connection) means the database is unreachable.
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Postgres(format!("{}: {}", db.code().code(), db.message())),
+        None => StoreError::Unavailable(format!("database unreachable: {e}")),
+    }
+}
+
+fn now_nanos() -> i64 {
+    ops::to_nanos(OffsetDateTime::now_utc(), "now").unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

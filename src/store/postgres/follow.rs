@@ -1,0 +1,262 @@
+//! Following the shared database: every node applies changes made through any node's admin API
+//! to its own running sandboxes, and knows how stale it is.
+//!
+//! How (one task per node, on the daemon's runtime, with its own connection — not the pool):
+//! 1. `LISTEN sealgate_store_changed`. A writer's transaction moves `stores.generation` and
+//!    notifies the store id at commit ([`super::CHANNEL`]); the payload is an id, never a value.
+//! 2. Notifications are lost while the connection is down, so every `CHECK_INTERVAL` the task
+//!    also reads the generations of every store with a live sandbox here and re-snapshots each
+//!    store whose generation differs from the one it last applied. Right after (re)connecting it
+//!    does this at once: a node catches up by itself.
+//! 3. Every successful round trip marks the node fresh ([`Health`]). The lag (time since the last
+//!    one) is exported as `sealgate_store_sync_lag_seconds`. With `max_staleness` set, a node cut
+//!    off longer than that *locks* its sandboxes — no secret is unsealed anywhere (fail closed)
+//!    — until it is back and has caught up.
+//!
+//! Applying a change goes through [`Target`] (implemented by the sandbox lifecycle) on a blocking
+//! thread, since it reads the store. The proxy's per-request path never waits for any of this:
+//! it reads the snapshot the follower last swapped in.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use super::{DatabaseUrl, CHANNEL};
+
+/// How often the generations are compared (bounds propagation time when a notification is lost).
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Wait between reconnection attempts.
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Longest a connect or a check query may take before the connection counts as down.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the follower drives: this node's live sandboxes.
+pub trait Target: Send + Sync + 'static {
+    /// Ids of the stores that have live sandboxes on this node.
+    fn watched_stores(&self) -> Vec<String>;
+    /// Re-snapshots this node's sandboxes of `store_id` from the database (blocking). A store
+    /// that no longer exists is not an error: its sandboxes keep their snapshot.
+    ///
+    /// # Errors
+    /// A store failure (then the change is tried again at the next check).
+    fn apply_store_change(&self, store_id: &str) -> Result<(), String>;
+    /// Cut off too long (`true`): no secret may be unsealed anywhere until `false`.
+    fn set_locked(&self, locked: bool);
+}
+
+/// This node's view of its connection to the database. Shared with `/readyz`.
+pub struct Health {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last successful round trip.
+    last_ok_ms: AtomicU64,
+    online: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            epoch: Instant::now(),
+            last_ok_ms: AtomicU64::new(0),
+            online: AtomicBool::new(true),
+            reason: Mutex::new(None),
+        }
+    }
+}
+
+impl Health {
+    /// Time since the last successful round trip with the database.
+    pub fn lag(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ok_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// `None` while connected; else why not.
+    pub fn problem(&self) -> Option<String> {
+        if self.online.load(Ordering::Acquire) {
+            return None;
+        }
+        let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(reason.clone().unwrap_or_else(|| "disconnected".into()))
+    }
+
+    fn ok(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_ok_ms.store(now, Ordering::Release);
+        if !self.online.swap(true, Ordering::AcqRel) {
+            tracing::info!("database connection restored");
+        }
+    }
+
+    fn down(&self, why: String) {
+        if self.online.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = %why, "database unreachable; serving from snapshots");
+        }
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+    }
+}
+
+/// The follower of one node.
+pub struct Follower {
+    /// Where to listen (redacted in every message).
+    pub url: DatabaseUrl,
+    /// Shared health.
+    pub health: Arc<Health>,
+    /// `[store] max_staleness_secs`, if on.
+    pub max_staleness: Option<Duration>,
+    /// `sealgate_store_sync_lag_seconds`.
+    pub lag_gauge: Gauge<f64, AtomicU64>,
+}
+
+/// Per-connection state: the generation applied per store, and whether sandboxes are locked.
+#[derive(Default)]
+struct Applied {
+    generations: HashMap<String, i64>,
+    locked: bool,
+}
+
+impl Follower {
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, target: Arc<dyn Target>, mut shutdown: watch::Receiver<bool>) {
+        let mut applied = Applied::default();
+        loop {
+            let ended = self.session(&target, &mut applied, &mut shutdown).await;
+            match ended {
+                Ok(()) => return,
+                Err(why) => self.health.down(why),
+            }
+            self.report(&target, &mut applied);
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One connection's life: LISTEN, catch up, then notifications and periodic checks.
+    /// `Ok` only on shutdown.
+    async fn session(
+        &self,
+        target: &Arc<dyn Target>,
+        applied: &mut Applied,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let (client, mut notes) = self.connect().await?;
+        self.health.ok();
+        if std::mem::take(&mut applied.locked) {
+            // Back after a lock: restore, then re-apply every store from the database.
+            let t = target.clone();
+            let _ = tokio::task::spawn_blocking(move || t.set_locked(false)).await;
+            applied.generations.clear();
+            tracing::info!("store reachable again: sandboxes unlocked after catching up");
+        }
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        loop {
+            let ids = tokio::select! {
+                note = notes.recv() => match note {
+                    Some(id) => vec![id],
+                    None => return Err("the database closed the connection".into()),
+                },
+                _ = tick.tick() => target.watched_stores(),
+                _ = shutdown.changed() => return Ok(()),
+            };
+            self.check(&client, target, applied, ids).await?;
+            self.report(target, applied);
+        }
+    }
+
+    async fn connect(&self) -> Result<(Client, mpsc::UnboundedReceiver<String>), String> {
+        let url = &self.url;
+        let config = self.url.pg_config();
+        let connecting = config.connect(NoTls);
+        let (client, mut conn) = tokio::time::timeout(QUERY_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("database {url}: connect timed out"))?
+            .map_err(|e| format!("database {url} unreachable: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(msg) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                match msg {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(n.payload().to_owned());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        timed(client.batch_execute(&format!("LISTEN {CHANNEL}")))
+            .await
+            .map_err(|e| format!("database {url}: LISTEN failed: {e}"))?;
+        Ok((client, rx))
+    }
+
+    /// Compares the generations of `ids` (those with live sandboxes here) with what was
+    /// applied, and applies each store that moved.
+    async fn check(
+        &self,
+        client: &Client,
+        target: &Arc<dyn Target>,
+        applied: &mut Applied,
+        ids: Vec<String>,
+    ) -> Result<(), String> {
+        let watched: HashSet<String> = target.watched_stores().into_iter().collect();
+        let ids: Vec<String> = ids.into_iter().filter(|id| watched.contains(id)).collect();
+        let rows = timed(client.query(
+            "SELECT id, generation FROM stores WHERE id = ANY($1)",
+            &[&ids],
+        ))
+        .await
+        .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
+        self.health.ok();
+        applied.generations.retain(|id, _| watched.contains(id));
+        for row in rows {
+            let (id, generation): (String, i64) = (row.get(0), row.get(1));
+            if applied.generations.get(&id) == Some(&generation) {
+                continue;
+            }
+            let t = target.clone();
+            let sid = id.clone();
+            let outcome = tokio::task::spawn_blocking(move || t.apply_store_change(&sid))
+                .await
+                .map_err(|e| e.to_string())?;
+            outcome.map_err(|e| format!("applying a change of store '{id}': {e}"))?;
+            applied.generations.insert(id, generation);
+        }
+        Ok(())
+    }
+
+    /// Updates the lag gauge and locks the node's sandboxes once cut off too long.
+    fn report(&self, target: &Arc<dyn Target>, applied: &mut Applied) {
+        let lag = self.health.lag();
+        self.lag_gauge.set(lag.as_secs_f64());
+        let Some(max) = self.max_staleness else {
+            return;
+        };
+        if lag > max && !applied.locked {
+            tracing::error!(
+                cut_off_secs = lag.as_secs(),
+                max_staleness_secs = max.as_secs(),
+                "cut off from the database longer than store.max_staleness_secs: refusing to unseal"
+            );
+            target.set_locked(true);
+            applied.locked = true;
+        }
+    }
+}
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}

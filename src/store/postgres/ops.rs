@@ -1,0 +1,722 @@
+//! The SQL of each store operation, async, on one pooled connection or transaction.
+//!
+//! Mirrors `store/sqlite.rs` statement for statement where the engines agree; the differences
+//! are `$n` parameters, `BYTEA`, `seq` for insertion order, row locks (`FOR UPDATE` /
+//! `FOR SHARE`) and the generation + `NOTIFY` that announce a change to every node.
+
+use std::net::IpAddr;
+
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient, Row, Transaction};
+
+use super::{open_secret, pg_err, read_key_check, seal_secret, verify_key_check, Db, CHANNEL};
+use crate::secret::{Location, SecretValue};
+use crate::store::crypto::{self, MasterKey};
+use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
+
+const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at";
+const SECRET_META_COLUMNS: &str =
+    "store_id, name, allowed_hosts, locations, version, created_at, updated_at";
+const SANDBOX_COLUMNS: &str = "id, store_id, store_name, created_at, expires_at, source_ip, \
+                               proxy_token_hash, ca_cert_pem, ca_key, snapshot";
+
+// ---- stores -------------------------------------------------------------------------------------
+
+pub(super) async fn insert_store(client: &Client, rec: &StoreRecord) -> Result<(), StoreError> {
+    let allow = to_json_opt(rec.egress_allowlist.as_ref())?;
+    client
+        .execute(
+            &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+            &[
+                &rec.id,
+                &rec.name,
+                &allow,
+                &to_nanos(rec.created_at, "created_at")?,
+                &to_nanos(rec.updated_at, "updated_at")?,
+            ],
+        )
+        .await
+        .map_err(|e| name_conflict(e, &rec.name))?;
+    Ok(())
+}
+
+pub(super) async fn select_stores(
+    client: &impl GenericClient,
+    clause: &str,
+    param: Option<&str>,
+) -> Result<Vec<StoreRecord>, StoreError> {
+    let sql = format!("SELECT {STORE_COLUMNS} FROM stores {clause}");
+    let rows = match param {
+        Some(p) => client.query(&sql, &[&p]).await,
+        None => client.query(&sql, &[]).await,
+    }
+    .map_err(pg_err)?;
+    rows.iter().map(store_from_row).collect()
+}
+
+pub(super) async fn store_by_id(
+    client: &impl GenericClient,
+    id: &str,
+) -> Result<StoreRecord, StoreError> {
+    select_stores(client, "WHERE id = $1", Some(id))
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+}
+
+pub(super) async fn find_store(client: &Client, key: &str) -> Result<StoreRecord, StoreError> {
+    match store_by_id(client, key).await {
+        Err(StoreError::NotFound(_)) => select_stores(client, "WHERE name = $1", Some(key))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(format!("store '{key}'"))),
+        found => found,
+    }
+}
+
+pub(super) async fn require_store(client: &impl GenericClient, id: &str) -> Result<(), StoreError> {
+    let row = client
+        .query_opt("SELECT 1 FROM stores WHERE id = $1", &[&id])
+        .await
+        .map_err(pg_err)?;
+    row.map(drop)
+        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+}
+
+/// Locks the store row for the rest of the transaction (serialises writers of one store).
+async fn lock_store(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
+    let row = tx
+        .query_opt("SELECT 1 FROM stores WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .map_err(pg_err)?;
+    row.map(drop)
+        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+}
+
+pub(super) async fn update_store(
+    client: &mut Client,
+    id: &str,
+    name: Option<String>,
+    egress_allowlist: Option<Option<Vec<String>>>,
+) -> Result<StoreRecord, StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    lock_store(&tx, id).await?;
+    let mut record = store_by_id(&tx, id).await?;
+    if name.is_none() && egress_allowlist.is_none() {
+        return Ok(record);
+    }
+    let allowlist_changed = egress_allowlist.is_some();
+    if let Some(name) = name {
+        record.name = name;
+    }
+    if let Some(allowlist) = egress_allowlist {
+        record.egress_allowlist = allowlist;
+    }
+    record.updated_at = OffsetDateTime::now_utc();
+    tx.execute(
+        "UPDATE stores SET name = $2, egress_allowlist = $3, updated_at = $4 WHERE id = $1",
+        &[
+            &record.id,
+            &record.name,
+            &to_json_opt(record.egress_allowlist.as_ref())?,
+            &to_nanos(record.updated_at, "updated_at")?,
+        ],
+    )
+    .await
+    .map_err(|e| name_conflict(e, &record.name))?;
+    if allowlist_changed {
+        announce(&tx, id).await?;
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok(record)
+}
+
+pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let n = tx
+        .execute("DELETE FROM stores WHERE id = $1", &[&id])
+        .await
+        .map_err(pg_err)?;
+    expect_one_row(n, || format!("store '{id}'"))?;
+    notify(&tx, id).await?;
+    tx.commit().await.map_err(pg_err)
+}
+
+/// Moves the store's generation and notifies every node, inside the caller's transaction.
+async fn announce(tx: &Transaction<'_>, store_id: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE stores SET generation = nextval('store_generation') WHERE id = $1",
+        &[&store_id],
+    )
+    .await
+    .map_err(pg_err)?;
+    notify(tx, store_id).await
+}
+
+/// `NOTIFY` with the store id as payload (delivered at commit; ids only, never values).
+async fn notify(tx: &Transaction<'_>, store_id: &str) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &store_id])
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
+
+/// `(id, generation)` of the stores in `ids` that exist.
+pub(super) async fn generations(
+    client: &Client,
+    ids: &[String],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT id, generation FROM stores WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+fn store_from_row(row: &Row) -> Result<StoreRecord, StoreError> {
+    let id: String = row.get(0);
+    let what = || format!("store '{id}'");
+    Ok(StoreRecord {
+        name: row.get(1),
+        egress_allowlist: from_json_opt(row.get::<_, Option<String>>(2).as_deref(), what)?,
+        created_at: from_nanos(row.get(3), what)?,
+        updated_at: from_nanos(row.get(4), what)?,
+        id,
+    })
+}
+
+/// Maps the UNIQUE violation on `stores.name` to [`StoreError::Conflict`].
+fn name_conflict(e: tokio_postgres::Error, name: &str) -> StoreError {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        StoreError::Conflict(format!("store name '{name}' is already taken"))
+    } else {
+        pg_err(e)
+    }
+}
+
+// ---- secrets ------------------------------------------------------------------------------------
+
+/// A secret to create or replace.
+pub(super) struct Put<'a> {
+    pub store_id: &'a str,
+    pub name: &'a str,
+    pub value: &'a SecretValue,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub locations: Vec<Location>,
+}
+
+pub(super) async fn put_secret(
+    db: &Db,
+    client: &mut Client,
+    put: Put<'_>,
+) -> Result<SecretMeta, StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    lock_store(&tx, put.store_id).await?;
+    let key = checked_key(db, &tx).await?;
+    let meta = next_meta(&tx, &put).await?;
+    let sealed = seal_secret(&key, put.store_id, &meta, put.value.expose());
+    upsert_secret(&tx, put.store_id, &meta, &sealed).await?;
+    announce(&tx, put.store_id).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(meta)
+}
+
+/// The current key, after checking (under `FOR SHARE`, held to commit) that it is still the
+/// database's key: a node left on a rotated-away key fails here instead of writing.
+async fn checked_key(
+    db: &Db,
+    tx: &Transaction<'_>,
+) -> Result<std::sync::Arc<MasterKey>, StoreError> {
+    let key = db.key();
+    let sealed = read_key_check(tx, true)
+        .await?
+        .ok_or_else(|| db.wrong_key())?;
+    verify_key_check(&sealed, &key, db)?;
+    Ok(key)
+}
+
+async fn next_meta(tx: &Transaction<'_>, put: &Put<'_>) -> Result<SecretMeta, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let row = tx
+        .query_opt(
+            "SELECT version, created_at FROM secrets WHERE store_id = $1 AND name = $2",
+            &[&put.store_id, &put.name],
+        )
+        .await
+        .map_err(pg_err)?;
+    let what = || secret_row_name(put.store_id, put.name);
+    let (version, created_at) = match row {
+        Some(r) => {
+            let v = to_version(r.get(0), what)?;
+            let next = v
+                .checked_add(1)
+                .filter(|v| i64::try_from(*v).is_ok())
+                .ok_or_else(|| corrupt_msg(what(), "version overflow"))?;
+            (next, from_nanos(r.get(1), what)?)
+        }
+        None => (1, now),
+    };
+    Ok(SecretMeta {
+        name: put.name.to_owned(),
+        allowed_hosts: put.allowed_hosts.clone(),
+        locations: put.locations.clone(),
+        version,
+        created_at,
+        updated_at: now,
+    })
+}
+
+async fn upsert_secret(
+    tx: &Transaction<'_>,
+    store_id: &str,
+    meta: &SecretMeta,
+    sealed: &[u8],
+) -> Result<(), StoreError> {
+    let version = i64::try_from(meta.version)
+        .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
+    let params: [&(dyn ToSql + Sync); 8] = [
+        &store_id,
+        &meta.name,
+        &to_json_opt(meta.allowed_hosts.as_ref())?,
+        &serde_json::to_string(&meta.locations)?,
+        &version,
+        &sealed,
+        &to_nanos(meta.created_at, "created_at")?,
+        &to_nanos(meta.updated_at, "updated_at")?,
+    ];
+    tx.execute(
+        "INSERT INTO secrets (store_id, name, allowed_hosts, locations, version, value, \
+                              created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (store_id, name) DO UPDATE SET \
+             allowed_hosts = excluded.allowed_hosts, locations = excluded.locations, \
+             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at",
+        &params,
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+pub(super) async fn delete_secret(
+    client: &mut Client,
+    store_id: &str,
+    name: &str,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    lock_store(&tx, store_id).await?;
+    let n = tx
+        .execute(
+            "DELETE FROM secrets WHERE store_id = $1 AND name = $2",
+            &[&store_id, &name],
+        )
+        .await
+        .map_err(pg_err)?;
+    expect_one_row(n, || format!("secret '{name}' in store '{store_id}'"))?;
+    announce(&tx, store_id).await?;
+    tx.commit().await.map_err(pg_err)
+}
+
+/// The store's secrets by name; with `with_values`, their sealed values too.
+pub(super) async fn select_secrets(
+    client: &impl GenericClient,
+    store_id: &str,
+    with_values: bool,
+) -> Result<Vec<RawSecret>, StoreError> {
+    let value_column = if with_values { "value" } else { "NULL::BYTEA" };
+    let sql = format!(
+        "SELECT {SECRET_META_COLUMNS}, {value_column} FROM secrets WHERE store_id = $1 \
+         ORDER BY name COLLATE \"C\""
+    );
+    let rows = client.query(&sql, &[&store_id]).await.map_err(pg_err)?;
+    Ok(rows.iter().map(RawSecret::from_row).collect())
+}
+
+/// A `secrets` row as read, before decoding and decryption.
+pub(super) struct RawSecret {
+    store_id: String,
+    name: String,
+    allowed_hosts: Option<String>,
+    locations: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+    sealed: Option<Vec<u8>>,
+}
+
+impl RawSecret {
+    fn from_row(row: &Row) -> Self {
+        RawSecret {
+            store_id: row.get(0),
+            name: row.get(1),
+            allowed_hosts: row.get(2),
+            locations: row.get(3),
+            version: row.get(4),
+            created_at: row.get(5),
+            updated_at: row.get(6),
+            sealed: row.get(7),
+        }
+    }
+
+    fn row_name(&self) -> String {
+        secret_row_name(&self.store_id, &self.name)
+    }
+
+    pub(super) fn into_meta(self) -> Result<SecretMeta, StoreError> {
+        let what = || self.row_name();
+        Ok(SecretMeta {
+            allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), what)?,
+            locations: from_json(&self.locations, what)?,
+            version: to_version(self.version, what)?,
+            created_at: from_nanos(self.created_at, what)?,
+            updated_at: from_nanos(self.updated_at, what)?,
+            name: self.name,
+        })
+    }
+
+    pub(super) fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
+        let sealed = self.sealed.take().unwrap_or_default();
+        let (row, store_id) = (self.row_name(), self.store_id.clone());
+        let meta = self.into_meta()?;
+        let value = open_secret(key, &store_id, &meta, &sealed).map_err(|e| corrupt(row, e))?;
+        Ok(SecretRecord { meta, value })
+    }
+}
+
+fn secret_row_name(store_id: &str, name: &str) -> String {
+    format!("secret '{name}' of store '{store_id}'")
+}
+
+fn to_version(version: i64, row: impl FnOnce() -> String) -> Result<u64, StoreError> {
+    u64::try_from(version).map_err(|_| corrupt_msg(row(), "negative version"))
+}
+
+// ---- sandboxes ----------------------------------------------------------------------------------
+
+pub(super) async fn insert_sandbox(
+    db: &Db,
+    client: &mut Client,
+    row: &SandboxRow,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let key = checked_key(db, &tx).await?;
+    let ca_key = crypto::seal(&key, &crypto::sandbox_ca_aad(&row.id), row.ca_key.expose());
+    let snapshot = crypto::seal(&key, &crypto::snapshot_aad(&row.id), row.snapshot.expose());
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &row.id,
+        &db.node_id,
+        &row.store_id,
+        &row.store_name,
+        &to_nanos(row.created_at, "sandbox created_at")?,
+        &to_nanos(row.expires_at, "sandbox expires_at")?,
+        &row.source_ip.map(|ip| ip.to_string()),
+        &row.proxy_token_hash,
+        &row.ca_cert_pem,
+        &ca_key,
+        &snapshot,
+    ];
+    tx.execute(
+        &format!(
+            "INSERT INTO sandboxes (node_id, {SANDBOX_COLUMNS}) \
+             VALUES ($2, $1, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        ),
+        &params,
+    )
+    .await
+    .map_err(|e| {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            StoreError::Conflict(format!("sandbox '{}' already exists", row.id))
+        } else {
+            pg_err(e)
+        }
+    })?;
+    tx.commit().await.map_err(pg_err)
+}
+
+pub(super) async fn update_snapshot(
+    db: &Db,
+    client: &mut Client,
+    id: &str,
+    snapshot: &SecretValue,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let key = checked_key(db, &tx).await?;
+    let sealed = crypto::seal(&key, &crypto::snapshot_aad(id), snapshot.expose());
+    let n = tx
+        .execute(
+            "UPDATE sandboxes SET snapshot = $2 WHERE id = $1",
+            &[&id, &sealed],
+        )
+        .await
+        .map_err(pg_err)?;
+    expect_one_row(n, || format!("sandbox '{id}'"))?;
+    tx.commit().await.map_err(pg_err)
+}
+
+/// Re-seals and writes many snapshots in one statement (missing ids are skipped).
+pub(super) async fn update_snapshots(
+    db: &Db,
+    client: &mut Client,
+    rows: &[(String, SecretValue)],
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let key = checked_key(db, &tx).await?;
+    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    let sealed: Vec<Vec<u8>> = rows
+        .iter()
+        .map(|(id, snap)| crypto::seal(&key, &crypto::snapshot_aad(id), snap.expose()))
+        .collect();
+    tx.execute(
+        "UPDATE sandboxes AS s SET snapshot = u.snapshot \
+         FROM unnest($1::text[], $2::bytea[]) AS u(id, snapshot) WHERE s.id = u.id",
+        &[&ids, &sealed],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.commit().await.map_err(pg_err)
+}
+
+pub(super) async fn select_sandboxes(
+    client: &Client,
+    node_id: &str,
+) -> Result<Vec<RawSandbox>, StoreError> {
+    let sql = format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE node_id = $1 ORDER BY created_at, seq"
+    );
+    let rows = client.query(&sql, &[&node_id]).await.map_err(pg_err)?;
+    Ok(rows.iter().map(RawSandbox::from_row).collect())
+}
+
+pub(super) async fn delete_sandbox(client: &Client, id: &str) -> Result<(), StoreError> {
+    let n = client
+        .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
+        .await
+        .map_err(pg_err)?;
+    expect_one_row(n, || format!("sandbox '{id}'"))
+}
+
+pub(super) async fn purge_expired(
+    client: &Client,
+    node_id: &str,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let n = client
+        .execute(
+            "DELETE FROM sandboxes WHERE node_id = $1 AND expires_at <= $2",
+            &[&node_id, &now],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(n as usize)
+}
+
+/// A `sandboxes` row as read, before decoding and decryption.
+pub(super) struct RawSandbox {
+    id: String,
+    store_id: String,
+    store_name: String,
+    created_at: i64,
+    expires_at: i64,
+    source_ip: Option<String>,
+    proxy_token_hash: Vec<u8>,
+    ca_cert_pem: String,
+    ca_key: Vec<u8>,
+    snapshot: Vec<u8>,
+}
+
+impl RawSandbox {
+    fn from_row(row: &Row) -> Self {
+        RawSandbox {
+            id: row.get(0),
+            store_id: row.get(1),
+            store_name: row.get(2),
+            created_at: row.get(3),
+            expires_at: row.get(4),
+            source_ip: row.get(5),
+            proxy_token_hash: row.get(6),
+            ca_cert_pem: row.get(7),
+            ca_key: row.get(8),
+            snapshot: row.get(9),
+        }
+    }
+
+    pub(super) fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
+        let id = self.id;
+        let row = || format!("sandbox '{id}'");
+        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
+            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
+        let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
+            .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
+        let source_ip = self
+            .source_ip
+            .map(|ip| ip.parse::<IpAddr>())
+            .transpose()
+            .map_err(|_| corrupt_msg(row(), "unparsable source_ip"))?;
+        Ok(SandboxRow {
+            created_at: from_nanos(self.created_at, row)?,
+            expires_at: from_nanos(self.expires_at, row)?,
+            id,
+            store_id: self.store_id,
+            store_name: self.store_name,
+            source_ip,
+            proxy_token_hash: self.proxy_token_hash,
+            ca_cert_pem: self.ca_cert_pem,
+            ca_key,
+            snapshot,
+        })
+    }
+}
+
+// ---- rotation -----------------------------------------------------------------------------------
+
+/// Re-seals every secret, every node's sandbox rows and the key-check record under `new`, in one
+/// transaction that first locks the key-check row `FOR UPDATE` (so no write under the old key
+/// can interleave) and verifies the old key.
+pub(super) async fn reseal_all(
+    db: &Db,
+    client: &mut Client,
+    new: &MasterKey,
+) -> Result<RotationStats, StoreError> {
+    let old = db.key();
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let sealed = tx
+        .query_opt(
+            "SELECT value FROM meta WHERE key = $1 FOR UPDATE",
+            &[&super::KEY_CHECK_ROW],
+        )
+        .await
+        .map_err(pg_err)?
+        .map(|r| r.get::<_, Vec<u8>>(0))
+        .ok_or_else(|| db.wrong_key())?;
+    verify_key_check(&sealed, &old, db)?;
+    let secrets = reseal_secrets(&tx, &old, new).await?;
+    let sandboxes = reseal_sandboxes(&tx, &old, new).await?;
+    let check = crypto::seal(new, crypto::key_check_aad(), super::KEY_CHECK_PLAINTEXT);
+    tx.execute(
+        "UPDATE meta SET value = $2 WHERE key = $1",
+        &[&super::KEY_CHECK_ROW, &check],
+    )
+    .await
+    .map_err(pg_err)?;
+    db.injected_rotation_failure()?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(RotationStats { secrets, sandboxes })
+}
+
+async fn reseal_secrets(
+    tx: &Transaction<'_>,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, StoreError> {
+    let rows = tx
+        .query(
+            &format!("SELECT {SECRET_META_COLUMNS}, value FROM secrets FOR UPDATE"),
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    for row in &rows {
+        let raw = RawSecret::from_row(row);
+        let (store_id, sealed) = (raw.store_id.clone(), raw.sealed.clone().unwrap_or_default());
+        let rec = raw.into_record(old)?;
+        let resealed = seal_secret(new, &store_id, &rec.meta, rec.value.expose());
+        debug_assert!(!sealed.is_empty());
+        tx.execute(
+            "UPDATE secrets SET value = $3 WHERE store_id = $1 AND name = $2",
+            &[&store_id, &rec.meta.name, &resealed],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(rows.len())
+}
+
+async fn reseal_sandboxes(
+    tx: &Transaction<'_>,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, StoreError> {
+    let rows = tx
+        .query("SELECT id, ca_key, snapshot FROM sandboxes FOR UPDATE", &[])
+        .await
+        .map_err(pg_err)?;
+    for row in &rows {
+        let (id, ca_key, snapshot): (String, Vec<u8>, Vec<u8>) =
+            (row.get(0), row.get(1), row.get(2));
+        let ca_key = reseal(old, new, &crypto::sandbox_ca_aad(&id), &ca_key, || {
+            format!("sandbox '{id}' CA key")
+        })?;
+        let snapshot = reseal(old, new, &crypto::snapshot_aad(&id), &snapshot, || {
+            format!("sandbox '{id}' snapshot")
+        })?;
+        tx.execute(
+            "UPDATE sandboxes SET ca_key = $2, snapshot = $3 WHERE id = $1",
+            &[&id, &ca_key, &snapshot],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(rows.len())
+}
+
+/// Opens `sealed` with `old` and seals the plaintext with `new` under the same `aad`.
+fn reseal(
+    old: &MasterKey,
+    new: &MasterKey,
+    aad: &[u8],
+    sealed: &[u8],
+    row: impl FnOnce() -> String,
+) -> Result<Vec<u8>, StoreError> {
+    let plain = crypto::open(old, aad, sealed).map_err(|e| corrupt(row(), e))?;
+    Ok(crypto::seal(new, aad, plain.expose()))
+}
+
+// ---- small helpers ------------------------------------------------------------------------------
+
+fn expect_one_row(changed: u64, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+    if changed == 0 {
+        return Err(StoreError::NotFound(what()));
+    }
+    Ok(())
+}
+
+fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
+    corrupt_msg(row, &e.to_string())
+}
+
+fn corrupt_msg(row: String, why: &str) -> StoreError {
+    StoreError::Corrupt(format!("{row}: {why}"))
+}
+
+pub(super) fn to_nanos(t: OffsetDateTime, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(t.unix_timestamp_nanos())
+        .map_err(|_| StoreError::InvalidInput(format!("{what}: time outside 1677..2262")))
+}
+
+fn from_nanos(nanos: i64, row: impl FnOnce() -> String) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .map_err(|_| corrupt_msg(row(), "time out of range"))
+}
+
+fn to_json_opt(list: Option<&Vec<String>>) -> Result<Option<String>, StoreError> {
+    Ok(list.map(serde_json::to_string).transpose()?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    row: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|_| corrupt_msg(row(), "malformed JSON column"))
+}
+
+fn from_json_opt<T: serde::de::DeserializeOwned>(
+    text: Option<&str>,
+    row: impl FnOnce() -> String,
+) -> Result<Option<T>, StoreError> {
+    text.map(|t| from_json(t, row)).transpose()
+}

@@ -1,0 +1,271 @@
+//! The shared store suite on PostgreSQL, plus what only fleet mode has: nodes, concurrent
+//! starts, generations, unreachable databases, a node left on a rotated-away key.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::store::suite::{self, later, populate, sandbox, value, Harness, SECRET};
+
+#[path = "../../../tests/it/support/pg.rs"]
+mod pg_cluster;
+
+struct Fixture {
+    db: String,
+    key_b64: String,
+}
+
+impl Fixture {
+    fn url(&self) -> DatabaseUrl {
+        DatabaseUrl::parse(pg_cluster::shared().url(&self.db)).unwrap()
+    }
+
+    fn node(&self, node: &str, key: MasterKey) -> PgStore {
+        PgStore::open(&self.url(), node, key).unwrap()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        pg_cluster::shared().psql(&self.db, sql)
+    }
+
+    fn bytes(&self, sql: &str) -> Vec<u8> {
+        let hex = self.sql(sql);
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Harness for Fixture {
+    type S = PgStore;
+
+    fn new() -> Self {
+        Fixture {
+            db: pg_cluster::shared().create_database(),
+            key_b64: MasterKey::generate().to_base64().to_string(),
+        }
+    }
+
+    fn key(&self) -> MasterKey {
+        MasterKey::from_base64(&self.key_b64).unwrap()
+    }
+
+    fn open_with(&self, key: MasterKey) -> Result<PgStore, StoreError> {
+        PgStore::open(&self.url(), "node-a", key)
+    }
+
+    fn raw_secret(&self, store_id: &str, name: &str) -> Vec<u8> {
+        self.bytes(&format!(
+            "SELECT encode(value, 'hex') FROM secrets WHERE store_id = '{store_id}' AND name = '{name}'"
+        ))
+    }
+
+    fn set_raw_secret(&self, store_id: &str, name: &str, sealed: &[u8]) {
+        self.sql(&format!(
+            "UPDATE secrets SET value = decode('{}', 'hex') WHERE store_id = '{store_id}' AND name = '{name}'",
+            hex(sealed)
+        ));
+    }
+
+    fn bump_versions(&self) {
+        self.sql("UPDATE secrets SET version = version + 1");
+    }
+
+    fn raw_ca_key(&self, id: &str) -> Vec<u8> {
+        self.bytes(&format!(
+            "SELECT encode(ca_key, 'hex') FROM sandboxes WHERE id = '{id}'"
+        ))
+    }
+
+    fn set_raw_ca_key(&self, id: &str, sealed: &[u8]) {
+        self.sql(&format!(
+            "UPDATE sandboxes SET ca_key = decode('{}', 'hex') WHERE id = '{id}'",
+            hex(sealed)
+        ));
+    }
+
+    fn set_raw_snapshot(&self, id: &str, sealed: &[u8]) {
+        self.sql(&format!(
+            "UPDATE sandboxes SET snapshot = decode('{}', 'hex') WHERE id = '{id}'",
+            hex(sealed)
+        ));
+    }
+
+    fn delete_key_check(&self) {
+        self.sql("DELETE FROM meta");
+    }
+
+    fn count_secrets(&self) -> i64 {
+        self.sql("SELECT count(*) FROM secrets").parse().unwrap()
+    }
+
+    fn set_schema_version(&self, version: i64) {
+        self.sql(&format!(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ({version}, 0)"
+        ));
+    }
+
+    fn fail_next_rotation(store: &PgStore) {
+        store
+            .db
+            .fail_rotation_before_commit
+            .store(true, Ordering::SeqCst);
+    }
+}
+
+suite::store_suite!(Fixture);
+
+#[test]
+fn nodes_starting_together_migrate_once() {
+    let fx = <Fixture as Harness>::new();
+    let opened: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, key) = (fx.url(), fx.key());
+            std::thread::spawn(move || PgStore::open(&url, &format!("node-{i}"), key).map(drop))
+        })
+        .collect();
+    for t in opened {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(fx.sql("SELECT count(*) FROM schema_migrations"), "1");
+    assert_eq!(fx.sql("SELECT count(*) FROM meta"), "1");
+}
+
+#[test]
+fn sandboxes_belong_to_their_node() {
+    let fx = <Fixture as Harness>::new();
+    let a = fx.node("node-a", fx.key());
+    let b = fx.node("node-b", fx.key());
+    let rec = a.create_store("shared", None).unwrap();
+    assert_eq!(b.get_store(&rec.id).unwrap(), rec, "stores are shared");
+    a.insert_sandbox(&sandbox("sbx_a", &rec, later())).unwrap();
+    let past = OffsetDateTime::now_utc() - time::Duration::SECOND;
+    b.insert_sandbox(&sandbox("sbx_b", &rec, past)).unwrap();
+    let ids = |s: &PgStore| -> Vec<String> {
+        s.load_sandboxes()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert_eq!(ids(&a), ["sbx_a"]);
+    assert_eq!(ids(&b), ["sbx_b"]);
+    assert_eq!(
+        a.purge_expired_sandboxes(OffsetDateTime::now_utc())
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        b.purge_expired_sandboxes(OffsetDateTime::now_utc())
+            .unwrap(),
+        1
+    );
+    assert_eq!(fx.sql("SELECT node_id FROM sandboxes"), "node-a");
+}
+
+#[test]
+fn changes_move_the_generation() {
+    let fx = <Fixture as Harness>::new();
+    let store = fx.open();
+    let rec = store.create_store("s", None).unwrap();
+    let generation = |s: &PgStore| s.generations(vec![rec.id.clone()]).unwrap()[0].1;
+    let g0 = generation(&store);
+    store
+        .put_secret(&rec.id, "K", &value(b"v"), None, vec![])
+        .unwrap();
+    let g1 = generation(&store);
+    store.update_store(&rec.id, Some("renamed"), None).unwrap();
+    assert_eq!(generation(&store), g1, "a rename reaches no sandbox");
+    store.update_store(&rec.id, None, Some(None)).unwrap();
+    let g2 = generation(&store);
+    store.delete_secret(&rec.id, "K").unwrap();
+    let g3 = generation(&store);
+    assert!(g0 < g1 && g1 < g2 && g2 < g3, "{g0} {g1} {g2} {g3}");
+    store.delete_store(&rec.id).unwrap();
+    assert!(store.generations(vec![rec.id.clone()]).unwrap().is_empty());
+}
+
+#[test]
+fn values_are_sealed_as_in_sqlite_and_bound_to_their_database() {
+    let fx = <Fixture as Harness>::new();
+    let store = fx.open();
+    let rec = populate(&store);
+    let sealed = fx.raw_secret(&rec.id, "API_KEY");
+    // The same function and AAD the SQLite store uses opens it.
+    let opened = crypto::open(
+        &fx.key(),
+        &crypto::secret_aad(&rec.id, "API_KEY", 1),
+        &sealed,
+    );
+    assert_eq!(opened.unwrap().expose(), SECRET);
+    // Copied into another database (another key, same store id and name): fails closed.
+    let other = <Fixture as Harness>::new();
+    let there = other.open();
+    let id = there.create_store("prod", None).unwrap().id;
+    other.sql(&format!(
+        "UPDATE stores SET id = '{}' WHERE id = '{id}'",
+        rec.id
+    ));
+    there
+        .put_secret(&rec.id, "API_KEY", &value(b"x"), None, vec![])
+        .unwrap();
+    other.set_raw_secret(&rec.id, "API_KEY", &sealed);
+    suite::assert_corrupt(there.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
+}
+
+#[test]
+fn a_node_left_on_the_old_key_never_writes_with_it() {
+    let fx = <Fixture as Harness>::new();
+    let a = fx.node("node-a", fx.key());
+    let b = fx.node("node-b", fx.key());
+    let rec = populate(&a);
+    let new_key = MasterKey::generate();
+    a.rotate_master_key(&new_key).unwrap();
+    let before = fx.raw_secret(&rec.id, "API_KEY");
+    let err = b
+        .put_secret(&rec.id, "API_KEY", &value(b"old-key-write"), None, vec![])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
+    assert_eq!(fx.raw_secret(&rec.id, "API_KEY"), before);
+    assert!(matches!(b.check(), Err(StoreError::WrongMasterKey(_))));
+    let err = PgStore::open(&fx.url(), "node-b", fx.key()).err().unwrap();
+    assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("refusing to start"), "{shown}");
+    fx.node("node-b", new_key);
+}
+
+#[test]
+fn an_unreachable_database_is_unavailable_then_recovers() {
+    let cluster = pg_cluster::Cluster::owned();
+    let db = cluster.create_database();
+    let url = DatabaseUrl::parse(cluster.url(&db)).unwrap();
+    let store = PgStore::open(&url, "node-a", MasterKey::generate()).unwrap();
+    let rec = store.create_store("s", None).unwrap();
+    cluster.stop();
+    let err = store.list_stores().unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("store unavailable"), "{err}");
+    assert!(matches!(store.check(), Err(StoreError::Unavailable(_))));
+    cluster.start();
+    assert_eq!(store.list_stores().unwrap(), vec![rec]);
+    store.check().unwrap();
+}
+
+#[test]
+fn errors_never_show_the_password() {
+    let url = DatabaseUrl::parse(
+        "host=/nonexistent-sealgate-dir port=1 user=sg password=pw-DISTINCTIVE dbname=x".into(),
+    )
+    .unwrap();
+    let err = PgStore::open(&url, "n", MasterKey::generate())
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("pw-DISTINCTIVE"), "{shown}");
+}

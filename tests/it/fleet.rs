@@ -1,0 +1,303 @@
+//! Fleet mode: two daemons (nodes) on different ports share one PostgreSQL database owned by
+//! the test. Changes made through one node's API reach the other node's running sandboxes
+//! within a second; the proxy keeps serving while the database is down.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::support::daemon::{Harness, Opts};
+use crate::support::echo::Echo;
+use crate::support::pg::{self, Cluster};
+use crate::support::pki::TestPki;
+use crate::support::proxy_client::{self as pc, SandboxCreds};
+
+const API: &str = "api.example.test:443";
+
+struct Nodes {
+    a: Harness,
+    b: Harness,
+    echo: Echo,
+}
+
+/// Opts for one node of the fleet in database `db` of `cluster`.
+fn node_opts(cluster: &Cluster, db: &str, id: &str, key: &str, echo: &Echo, extra: &str) -> Opts {
+    Opts {
+        resolve: vec![("api.example.test".into(), echo.addr)],
+        master_key: Some(key.to_owned()),
+        extra_toml: format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"{}\"\n{extra}\n[node]\nid = \"{id}\"\n",
+            cluster.url(db)
+        ),
+        ..Default::default()
+    }
+}
+
+/// Two nodes (`node-a`, `node-b`) on one new database; `extra` goes into both `[store]` tables.
+async fn two_nodes(cluster: &Cluster, extra: &str) -> Nodes {
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    let db = cluster.create_database();
+    let key = sealgate::store::MasterKey::generate()
+        .to_base64()
+        .to_string();
+    let a = Harness::try_start(
+        node_opts(cluster, &db, "node-a", &key, &echo, extra),
+        Some(pki.clone()),
+    )
+    .await
+    .expect("node a starts");
+    let b = Harness::try_start(
+        node_opts(cluster, &db, "node-b", &key, &echo, extra),
+        Some(pki),
+    )
+    .await
+    .expect("node b starts");
+    Nodes { a, b, echo }
+}
+
+impl Nodes {
+    /// Sets a secret through `via`, registering the value with both nodes' log checks.
+    async fn secret(&self, via: &Harness, store: &str, value: &str) {
+        self.a.register_secret(value);
+        self.b.register_secret(value);
+        via.secret(store, "KEY", value, None, Some(&["header"]))
+            .await;
+    }
+
+    /// What the upstream received as `x-api-key` for one request of `sb` through `node`.
+    async fn key_seen(&self, node: &Harness, sb: &SandboxCreds) -> (StatusCode, Option<String>) {
+        self.echo.clear();
+        let mut c = pc::h1(node.proxy, sb, API).await;
+        let a = pc::send1(
+            &mut c,
+            pc::get(
+                "/echo",
+                "api.example.test",
+                &[("x-api-key", &sb.token("KEY"))],
+            ),
+        )
+        .await;
+        let seen = self
+            .echo
+            .requests()
+            .first()
+            .and_then(|r| r.header("x-api-key"));
+        (a.status, seen)
+    }
+
+    /// Polls until `sb` through `node` delivers `want`; returns how long that took.
+    async fn until_seen(
+        &self,
+        node: &Harness,
+        sb: &SandboxCreds,
+        want: &str,
+        limit: Duration,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            // A CONNECT refused (allowlist not applied yet) counts as "not yet".
+            let (status, seen) = match pc::connect(node.proxy, Some(&sb.proxy_auth()), API).await {
+                Ok(_) => self.key_seen(node, sb).await,
+                Err(refused) => (StatusCode::from_u16(refused.status).unwrap(), None),
+            };
+            if status == StatusCode::OK && seen.as_deref() == Some(want) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not delivered within {limit:?} (status {status}, saw {:?})",
+                seen.map(|s| s.len())
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn sandbox_on(node: &Harness, store: &str, node_id: &str) -> SandboxCreds {
+    let v = node.sandbox(store).await;
+    assert_eq!(v["node"], node_id, "{v}");
+    SandboxCreds::from_answer(&v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_node_reach_the_other_nodes_running_sandboxes() {
+    let n = two_nodes(pg::shared(), "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-old-2001").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    assert_eq!(
+        n.key_seen(&n.b, &sb).await.1.as_deref(),
+        Some("sk-fleet-old-2001")
+    );
+    let (_, listed) = n.b.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(listed[0]["node"], "node-b", "{listed}");
+
+    // Rotation through A: B's already-running sandbox delivers the new value within 1 s.
+    n.secret(&n.a, &store, "sk-fleet-new-2002").await;
+    let took = n
+        .until_seen(&n.b, &sb, "sk-fleet-new-2002", Duration::from_secs(1))
+        .await;
+    eprintln!("rotation through node-a reached node-b's sandbox in {took:?}");
+
+    // Allowlist update through A: B's sandbox may no longer reach the host.
+    let (s, _) =
+        n.a.api(
+            Method::PATCH,
+            &format!("/v1/stores/{store}"),
+            Some(json!({"egress_allowlist": ["other.example.test"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let started = Instant::now();
+    loop {
+        match pc::connect(n.b.proxy, Some(&sb.proxy_auth()), API).await {
+            Err(refused) if refused.status == 403 => break,
+            _ => assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "allowlist not applied on B"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n.a.api(
+        Method::PATCH,
+        &format!("/v1/stores/{store}"),
+        Some(json!({"egress_allowlist": ["api.example.test"]})),
+    )
+    .await;
+    n.until_seen(&n.b, &sb, "sk-fleet-new-2002", Duration::from_secs(1))
+        .await;
+
+    // delete_secret through A: B's token stops working (travels sealed).
+    let (s, _) =
+        n.a.api(
+            Method::DELETE,
+            &format!("/v1/stores/{store}/secrets/KEY"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    n.until_seen(&n.b, &sb, &sb.token("KEY"), Duration::from_secs(1))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_deleted_through_b_leaves_a_running_sandboxes_working() {
+    let n = two_nodes(pg::shared(), "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-del-2003").await;
+    let sb = sandbox_on(&n.a, "s", "node-a").await;
+    let (s, _) =
+        n.b.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) =
+        n.a.api(Method::GET, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "stores are shared");
+    // Longer than a generation check: the deletion has been seen and changed nothing.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        n.key_seen(&n.a, &sb).await,
+        (StatusCode::OK, Some("sk-fleet-del-2003".to_owned()))
+    );
+}
+
+async fn metric(node: &Harness, name: &str) -> f64 {
+    let (_, body) = node
+        .raw(Method::GET, "/metrics", None, Some(&node.token))
+        .await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in metrics"))
+}
+
+async fn put_status(node: &Harness, store: &str, value: &str) -> (StatusCode, Value) {
+    node.register_secret(value);
+    node.api(
+        Method::PUT,
+        &format!("/v1/stores/{store}/secrets/KEY"),
+        Some(json!({"value": value, "locations": ["header"]})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-out-2004").await;
+    let sa = sandbox_on(&n.a, "s", "node-a").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+
+    cluster.stop();
+    for _ in 0..3 {
+        for (node, sbx) in [(&n.a, &sa), (&n.b, &sb)] {
+            assert_eq!(
+                n.key_seen(node, sbx).await,
+                (StatusCode::OK, Some("sk-fleet-out-2004".to_owned()))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    n.b.register_secret("sk-fleet-out-refused-2005");
+    let (s, v) = put_status(&n.a, &store, "sk-fleet-out-refused-2005").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{v}"
+    );
+    assert!(metric(&n.b, "sealgate_store_sync_lag_seconds").await > 0.5);
+
+    cluster.start();
+    for node in [&n.a, &n.b] {
+        let started = Instant::now();
+        while node.api(Method::GET, "/readyz", None).await.0 != StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(10), "no reconnect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let started = Instant::now();
+    while metric(&n.b, "sealgate_store_sync_lag_seconds").await > 0.5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "follower did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n.b.register_secret("sk-fleet-back-2006");
+    let (s, v) = put_status(&n.a, &store, "sk-fleet-back-2006").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    n.until_seen(&n.b, &sb, "sk-fleet-back-2006", Duration::from_secs(1))
+        .await;
+    n.until_seen(&n.a, &sa, "sk-fleet-back-2006", Duration::from_secs(1))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "max_staleness_secs = 1").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-stale-2007").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    cluster.stop();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (status, seen) = n.key_seen(&n.b, &sb).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "fail closed");
+    assert_eq!(seen, None, "nothing reached the upstream");
+    cluster.start();
+    n.until_seen(&n.b, &sb, "sk-fleet-stale-2007", Duration::from_secs(10))
+        .await;
+}
