@@ -4,14 +4,14 @@
 //! `content-type: application/json`, the JSON error body and `x-sealgate-error: <code>`.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use super::ProxyBody;
 
 /// The header naming the refusal code; only sealgate's own refusals carry it (an upstream's is
 /// stripped).
-pub const ERROR_HEADER: &str = "x-sealgate-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-sealgate-error");
 
 /// Why a request or tunnel was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -277,33 +277,61 @@ async fn header_names_naming_the_value_are_dropped_for_h1_and_h2_clients() {
     }
 }
 
+/// An h2 origin: `/` is a gzip body with trailers and names made of the value; `/empty` a
+/// gzip answer without a body (`END_STREAM` on the headers); `HEAD` a gzip answer with a length.
+fn h2_answer(head: &Head) -> Response<hostile::H2Body> {
+    let v = real(head);
+    let gzip_field = |resp: &mut Response<hostile::H2Body>| {
+        let value = HeaderValue::from_static("gzip");
+        resp.headers_mut().insert("content-encoding", value);
+    };
+    if head.method == "HEAD" || head.path == "/empty" {
+        let none = http_body_util::Empty::new().boxed();
+        let mut resp = Response::new(none);
+        gzip_field(&mut resp);
+        if head.method == "HEAD" {
+            let length = HeaderValue::from_static("1234");
+            resp.headers_mut().insert("content-length", length);
+        }
+        return resp;
+    }
+    let name = HeaderName::from_bytes(format!("x-{v}").as_bytes()).unwrap();
+    let mut trailers = HeaderMap::new();
+    trailers.insert(name.clone(), HeaderValue::from_static("t"));
+    trailers.insert("x-echo", HeaderValue::from_str(&v).unwrap());
+    let body = hostile::body(gzip(text(&v).as_bytes()), Some(trailers));
+    let mut resp = Response::new(body);
+    gzip_field(&mut resp);
+    resp.headers_mut()
+        .insert(name, HeaderValue::from_static("h"));
+    resp.headers_mut()
+        .insert("x-keep", HeaderValue::from_str(&v).unwrap());
+    resp
+}
+
 #[tokio::test]
-async fn h2_upstream_header_and_trailer_names_naming_the_value_are_dropped() {
-    let e = env_h2(|head| {
-        let v = real(head);
-        let name = HeaderName::from_bytes(format!("x-{v}").as_bytes()).unwrap();
-        let mut trailers = HeaderMap::new();
-        trailers.insert(name.clone(), HeaderValue::from_static("t"));
-        trailers.insert("x-echo", HeaderValue::from_str(&v).unwrap());
-        let mut resp = Response::new(hostile::body(text(&v).into_bytes(), Some(trailers)));
-        resp.headers_mut()
-            .insert(name, HeaderValue::from_static("h"));
-        resp.headers_mut()
-            .insert("x-keep", HeaderValue::from_str(&v).unwrap());
-        resp
-    })
-    .await;
+async fn h2_upstream_names_trailers_and_bodiless_gzip_answers() {
+    let e = env_h2(h2_answer).await;
     for h2 in [false, true] {
         let te = [("te", "trailers")];
         let extra: &[(&str, &str)] = if h2 { &[] } else { &te };
         let a = fetch(&e, "GET", "/", h2, extra).await.unwrap();
         assert_eq!(a.status, StatusCode::OK);
         assert_eq!(a.headers["x-keep"], e.token().as_str());
-        assert_eq!(a.body, text(&e.token()));
+        assert_eq!(a.body, text(&e.token()), "h2 {h2}: decoded and scrubbed");
         if h2 {
             let t = a.trailers.expect("h2 client gets the trailers");
             assert_eq!(t["x-echo"], e.token().as_str());
+            assert_eq!(t.len(), 1, "{t:?}");
         }
+        let a = fetch(&e, "GET", "/empty", h2, &[])
+            .await
+            .unwrap_or_else(|err| panic!("empty h2 {h2}: {err}"));
+        assert_eq!((a.status, a.body.len()), (StatusCode::OK, 0), "h2 {h2}");
+        let a = fetch(&e, "HEAD", "/", h2, &[])
+            .await
+            .unwrap_or_else(|err| panic!("HEAD h2 {h2}: {err}"));
+        assert_eq!(a.headers["content-length"], "1234", "HEAD h2 {h2}");
     }
 }
 
@@ -556,7 +584,9 @@ async fn trailers_survive_decoding_and_are_scrubbed() {
 // ---------------------------------------------------------------------------------------------
 // A real origin: nginx serving a pre-compressed file (gzip_static)
 
-/// nginx on a free loopback port serving `www/` over TLS with `gzip_static on`; killed on drop.
+/// nginx on a free loopback port serving `www/` over TLS with `gzip_static on` (a `.gz` beside a
+/// file is sent as is) and `gzip on` for every type (other files compressed on the fly);
+/// killed on drop.
 struct Nginx {
     addr: SocketAddr,
     _child: tokio::process::Child,
@@ -586,7 +616,8 @@ async fn nginx(pki: &TestPki, files: &[(&str, &[u8])]) -> Nginx {
          uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
          server {{ listen 127.0.0.1:{port} ssl; server_name {HOST};\n\
           ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
-          root {d}/www; gzip_static on; default_type text/plain; }}\n}}\n"
+          root {d}/www; default_type text/plain;\n\
+          gzip_static on; gzip on; gzip_types *; gzip_min_length 1; }}\n}}\n"
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     let child = tokio::process::Command::new("nginx")
@@ -614,25 +645,38 @@ async fn nginx(pki: &TestPki, files: &[(&str, &[u8])]) -> Nginx {
 }
 
 #[tokio::test]
-async fn head_and_get_of_a_gzip_static_file_from_nginx() {
+async fn head_and_get_of_gzip_answers_from_nginx() {
     let pki = Arc::new(TestPki::new());
     let page = b"hello from nginx\n".repeat(20);
     let gz = gzip(&page);
-    let origin = nginx(&pki, &[("page.txt", &page), ("page.txt.gz", &gz)]).await;
+    let files: &[(&str, &[u8])] = &[
+        ("static.txt", &page),
+        ("static.txt.gz", &gz),
+        ("fly.txt", &page),
+    ];
+    let origin = nginx(&pki, files).await;
     let e = env_on(pki, origin.addr, Box::new(origin)).await;
     let accept = [("accept-encoding", "gzip")];
     for h2 in [false, true] {
-        for _ in 0..5 {
-            let a = fetch(&e, "HEAD", "/page.txt", h2, &accept)
-                .await
-                .unwrap_or_else(|err| panic!("HEAD h2 {h2}: {err}"));
-            assert_eq!(a.status, StatusCode::OK, "HEAD h2 {h2}");
-            assert_eq!(a.headers["content-encoding"], "gzip");
-            assert_eq!(a.headers["content-length"], gz.len().to_string().as_str());
+        for path in ["/static.txt", "/fly.txt"] {
+            for _ in 0..3 {
+                let a = fetch(&e, "HEAD", path, h2, &accept)
+                    .await
+                    .unwrap_or_else(|err| panic!("HEAD {path} h2 {h2}: {err}"));
+                assert_eq!(a.status, StatusCode::OK, "HEAD {path} h2 {h2}");
+                assert_eq!(a.headers["content-encoding"], "gzip", "{path}");
+            }
+            let a = fetch(&e, "GET", path, h2, &accept).await.unwrap();
+            assert_eq!(a.status, StatusCode::OK);
+            assert!(a.headers.get("content-encoding").is_none());
+            assert_eq!(a.body, page, "GET {path} h2 {h2}: decoded");
         }
-        let a = fetch(&e, "GET", "/page.txt", h2, &accept).await.unwrap();
-        assert_eq!(a.status, StatusCode::OK);
-        assert!(a.headers.get("content-encoding").is_none());
-        assert_eq!(a.body, page, "GET h2 {h2}: decoded");
+        let a = fetch(&e, "HEAD", "/static.txt", h2, &accept).await.unwrap();
+        let length = gz.len().to_string();
+        assert_eq!(
+            a.headers["content-length"],
+            length.as_str(),
+            "HEAD keeps its length"
+        );
     }
 }
