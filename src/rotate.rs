@@ -45,7 +45,9 @@ pub fn staged_key_path(key_file: &Path) -> PathBuf {
 }
 
 /// Loads the master key and opens the store, finishing an interrupted rotation if one is
-/// found (see the module docs). Used by `serve` and `rotate-master-key`.
+/// found (see the module docs). Used by `serve` and `rotate-master-key`. A key file is created
+/// only when there is no database yet: beside an existing database a missing key file is an
+/// error and nothing is written ([`MasterKey::load_existing`]).
 ///
 /// # Errors
 /// A wrong or unreadable key (with no staged key that opens the database), or any store error.
@@ -53,7 +55,12 @@ pub fn open_store(
     data_dir: &Path,
     env_key: Option<&str>,
 ) -> Result<(SqliteStore, KeySource), StoreError> {
-    let (key, source) = MasterKey::load_or_create(data_dir, env_key)?;
+    let db = data_dir.join(crate::store::sqlite::DB_FILE_NAME);
+    let (key, source) = if db.exists() {
+        MasterKey::load_existing(data_dir, env_key, &db)?
+    } else {
+        MasterKey::load_or_create(data_dir, env_key)?
+    };
     let KeySource::Loaded(key_file) = &source else {
         return Ok((SqliteStore::open(data_dir, key)?, source));
     };
