@@ -162,9 +162,22 @@ async fn resolve_override_is_trusted_as_written() {
 
 #[tokio::test]
 async fn connect_to_own_listeners_is_refused_even_when_loopback_is_open() {
-    // Test default: 127.0.0.0/8 allowed. The proxy's and admin API's own ports stay refused.
+    // Test default: 127.0.0.0/8 allowed, and the allowlist names both ports (an unrestricted
+    // store only reaches 443/80): vetting alone keeps the proxy's and admin API's ports out.
     let e = setup(None, &[]).await;
     let admin: std::net::SocketAddr = e.h.admin_url.trim_start_matches("http://").parse().unwrap();
+    let allow = [
+        format!("*:{}", admin.port()),
+        format!("*:{}", e.h.proxy.port()),
+    ];
+    let (s, v) =
+        e.h.api(
+            http::Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(serde_json::json!({ "egress_allowlist": allow })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     for target in [
         format!("127.0.0.1:{}", admin.port()),
         format!("127.0.0.1:{}", e.h.proxy.port()),
