@@ -7,21 +7,27 @@
 //! |---|---|
 //! | [`destination`] | CONNECT target parsing and normalisation |
 //! | [`vetting`] | address vetting (literals, DNS answers, own listeners) |
+//! | [`dns`] | DNS answers from a resolver the test controls: private, rebinding, mixed |
 //! | [`authority`] | requests inside a tunnel naming another host |
 //! | [`substitution`] | token handling |
 //! | [`smuggling`] | h1 framing (CL+TE and friends) |
 //! | [`exhaustion`] | oversized heads, slowloris, tunnel caps, h2 floods |
+//! | [`budgets`] | connection budgets: silent connections, one sandbox at its cap |
 //! | [`reflection`] | upstreams echoing real values back |
 //! | [`key_material`] | tampered ciphertexts, admin reachability, leaf minting |
+//! | [`store_policy`] | tampered policy rows, a missing master key, unsealable values, open-store ports |
 //! | [`fuzz_smoke`] | the fuzz targets' oracles on mutated seeds (stable, bounded) |
 
 mod authority;
+mod budgets;
 mod destination;
+mod dns;
 mod exhaustion;
 mod fuzz_smoke;
 mod key_material;
 mod reflection;
 mod smuggling;
+mod store_policy;
 mod substitution;
 mod vetting;
 

@@ -81,6 +81,8 @@ pub struct Opts {
     /// Leave `allow_private_cidrs` empty (the default opens 127.0.0.0/8 for the loopback echo
     /// upstreams): for address-vetting tests, which then reach upstreams only through `resolve`.
     pub strict_vetting: bool,
+    /// With `strict_vetting`: these CIDRs only (e.g. `"127.0.0.2/32"`).
+    pub private_cidrs: Vec<String>,
 }
 
 impl Harness {
@@ -298,9 +300,13 @@ fn config_text(
         o.proxy_toml,
         pki.ca_file.display(),
         if o.strict_vetting {
-            ""
+            o.private_cidrs
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         } else {
-            "\"127.0.0.0/8\""
+            "\"127.0.0.0/8\"".to_owned()
         },
         o.upstream_toml,
         o.sandbox_toml,
