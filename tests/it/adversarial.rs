@@ -57,6 +57,20 @@ pub fn mints(e: &Env) -> u64 {
     e.h.daemon.as_ref().unwrap().proxy.leaves.stats().mints
 }
 
+/// Sets the store's allowlist to `*:<port>` for each of `ports`: any host on those ports (an
+/// unrestricted store only reaches 443 and 80), so address vetting is what a test exercises.
+pub async fn allow_any_host_on(e: &Env, ports: &[u16]) {
+    let allow: Vec<String> = ports.iter().map(|p| format!("*:{p}")).collect();
+    let (s, v) =
+        e.h.api(
+            http::Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(serde_json::json!({ "egress_allowlist": allow })),
+        )
+        .await;
+    assert_eq!(s, http::StatusCode::OK, "{v}");
+}
+
 /// The status of `CONNECT target` with the sandbox's credentials (0: closed without answer).
 pub async fn connect_status(e: &Env, target: &str) -> (u16, String) {
     match pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), target).await {
