@@ -118,6 +118,14 @@ pub struct RawProxy {
     /// Count.
     pub max_tunnels_per_sandbox: Option<usize>,
     /// Count.
+    pub max_unauthenticated_connections: Option<usize>,
+    /// Count.
+    pub max_unauthenticated_per_source: Option<usize>,
+    /// Count.
+    pub max_connections_per_sandbox: Option<usize>,
+    /// Seconds.
+    pub unauthenticated_timeout_secs: Option<u64>,
+    /// Count.
     pub max_h2_streams: Option<u32>,
     /// Seconds.
     pub shutdown_grace_secs: Option<u64>,
@@ -133,6 +141,8 @@ pub struct RawUpstream {
     pub resolve: Option<BTreeMap<String, String>>,
     /// CIDRs exempt from address vetting.
     pub allow_private_cidrs: Option<Vec<String>>,
+    /// "ip:port" of DNS servers; empty = the system resolver.
+    pub nameservers: Option<Vec<String>>,
     /// Seconds.
     pub connect_timeout_secs: Option<u64>,
     /// Seconds.
@@ -266,6 +276,14 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Concurrent intercepted connections per sandbox.
     pub max_tunnels_per_sandbox: usize,
+    /// Connections not yet identified as a sandbox's, all sources together.
+    pub max_unauthenticated_connections: usize,
+    /// Connections not yet identified, from one source IP.
+    pub max_unauthenticated_per_source: usize,
+    /// Identified connections of one sandbox.
+    pub max_connections_per_sandbox: usize,
+    /// How long a connection may stay unidentified.
+    pub unauthenticated_timeout: Duration,
     /// h2 concurrent streams per connection.
     pub max_h2_streams: u32,
     /// Graceful shutdown window.
@@ -281,6 +299,8 @@ pub struct UpstreamConfig {
     pub resolve: BTreeMap<String, SocketAddr>,
     /// CIDRs exempt from vetting.
     pub allow_private_cidrs: Vec<IpNet>,
+    /// DNS servers asked for A/AAAA; empty = the system resolver.
+    pub nameservers: Vec<SocketAddr>,
     /// TCP + TLS connect deadline.
     pub connect_timeout: Duration,
     /// Response head deadline.
@@ -549,6 +569,29 @@ impl RawProxy {
                 256,
                 1 << 20,
             ),
+            max_unauthenticated_connections: p.count(
+                "proxy.max_unauthenticated_connections",
+                self.max_unauthenticated_connections,
+                1024,
+                1 << 20,
+            ),
+            max_unauthenticated_per_source: p.count(
+                "proxy.max_unauthenticated_per_source",
+                self.max_unauthenticated_per_source,
+                256,
+                1 << 20,
+            ),
+            max_connections_per_sandbox: p.count(
+                "proxy.max_connections_per_sandbox",
+                self.max_connections_per_sandbox,
+                512,
+                1 << 20,
+            ),
+            unauthenticated_timeout: p.secs(
+                "proxy.unauthenticated_timeout_secs",
+                self.unauthenticated_timeout_secs,
+                5,
+            ),
             max_h2_streams: p.count(
                 "proxy.max_h2_streams",
                 self.max_h2_streams.map(|v| v as usize),
@@ -601,10 +644,17 @@ impl RawUpstream {
                 }
             }
         }
+        let nameservers = self
+            .nameservers
+            .unwrap_or_default()
+            .iter()
+            .map(|n| p.addr("upstream.nameservers", Some(n.as_str()), "127.0.0.1:53"))
+            .collect();
         UpstreamConfig {
             ca_files,
             resolve,
             allow_private_cidrs,
+            nameservers,
             connect_timeout: p.secs(
                 "upstream.connect_timeout_secs",
                 self.connect_timeout_secs,
@@ -754,6 +804,17 @@ mod tests {
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2-PW"), "{shown}");
         assert!(shown.contains("db.internal"), "{shown}");
+    }
+
+    #[test]
+    fn nameservers_are_socket_addresses() {
+        let cfg = Config::parse("[upstream]\nnameservers = [\"127.0.0.1:5353\"]\n", "t").unwrap();
+        assert_eq!(
+            cfg.upstream.nameservers,
+            vec!["127.0.0.1:5353".parse().unwrap()]
+        );
+        let err = Config::parse("[upstream]\nnameservers = [\"127.0.0.1\"]\n", "t").unwrap_err();
+        assert!(err.to_string().contains("upstream.nameservers"), "{err}");
     }
 
     #[test]

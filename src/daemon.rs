@@ -618,10 +618,6 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.proxy.public_host != new.proxy.public_host,
     );
     check(
-        "proxy.max_connections",
-        old.proxy.max_connections != new.proxy.max_connections,
-    );
-    check(
         "sandbox.leaf_cache_capacity",
         old.sandbox.leaf_cache_capacity != new.sandbox.leaf_cache_capacity,
     );

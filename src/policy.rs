@@ -15,16 +15,22 @@ mod pattern;
 mod vet;
 
 pub use host::{normalise_host, parse_authority, Dest, Host, HostError, Scheme};
-pub use pattern::{parse_pattern, HostMatcher, HostPattern};
+pub use pattern::{default_port_allowed, parse_pattern, HostMatcher, HostPattern};
 pub use vet::{classify, AddressPolicy, NonPublic, VetError};
 
 /// Store egress decision: may the sandbox reach `dest` at all?
 ///
-/// `None` (the store's `egress_allowlist` is `null`) allows every host; `Some` allows only what
-/// the matcher matches, so an empty list allows nothing. This is a host decision only: the
-/// resolved addresses still go through [`AddressPolicy::vet`].
+/// `None` (the store's `egress_allowlist` is `null`) allows every host **on the default ports
+/// only** — the ports a pattern without a port allows ([`default_port_allowed`]: 443, and 80
+/// for plain HTTP) — so "any public host" never means "any port": `null` behaves exactly like
+/// the allowlist `["*"]`. `Some` allows only what the matcher matches, so an empty list allows
+/// nothing. This is a host decision only: the resolved addresses still go through
+/// [`AddressPolicy::vet`].
 pub fn egress_allowed(allowlist: Option<&HostMatcher>, dest: &Dest, scheme: Scheme) -> bool {
-    allowlist.is_none_or(|m| m.matches(dest, scheme))
+    match allowlist {
+        None => default_port_allowed(dest.port, scheme),
+        Some(m) => m.matches(dest, scheme),
+    }
 }
 
 /// Secret eligibility: may a secret be unsealed in a request to `dest`?
@@ -45,7 +51,7 @@ pub fn secret_allowed(
         return false;
     }
     let within = |m: Option<&HostMatcher>| m.is_none_or(|m| m.matches(dest, scheme));
-    within(store_allowlist) && within(secret_hosts)
+    egress_allowed(store_allowlist, dest, scheme) && within(secret_hosts)
 }
 
 #[cfg(test)]
@@ -62,12 +68,42 @@ mod tests {
     }
 
     #[test]
-    fn egress_null_allowlist_allows_any_host() {
+    fn egress_null_allowlist_allows_any_host_on_default_ports_only() {
         assert!(egress_allowed(
             None,
-            &dest("anything.example:8443"),
+            &dest("anything.example:443"),
             Scheme::Https
         ));
+        assert!(egress_allowed(
+            None,
+            &dest("anything.example:80"),
+            Scheme::Http
+        ));
+        for (authority, scheme) in [
+            ("anything.example:8443", Scheme::Https),
+            ("anything.example:80", Scheme::Https),
+            ("anything.example:22", Scheme::Https),
+            ("anything.example:8080", Scheme::Http),
+        ] {
+            assert!(
+                !egress_allowed(None, &dest(authority), scheme),
+                "{authority}"
+            );
+        }
+        let star = matcher(&["*"]);
+        for (authority, scheme) in [
+            ("a.example:443", Scheme::Https),
+            ("a.example:80", Scheme::Http),
+            ("a.example:80", Scheme::Https),
+            ("a.example:8443", Scheme::Https),
+        ] {
+            let d = dest(authority);
+            assert_eq!(
+                egress_allowed(None, &d, scheme),
+                egress_allowed(Some(&star), &d, scheme),
+                "null and [\"*\"] agree on {authority}"
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Both listeners (explicit CONNECT and transparent REDIRECT) identify the sandbox and the
 //! destination their own way, then share one path: [`intercept`] → [`forward`].
 
+pub mod admission;
 pub mod errors;
 pub mod explicit;
 pub mod forward;
@@ -22,7 +23,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::Audit;
@@ -69,6 +70,7 @@ impl Runtime {
         let settings = Arc::new(upstream::UpstreamSettings {
             resolve: upstream.resolve.clone(),
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
+            nameservers: upstream.nameservers.clone(),
             connect_timeout: upstream.connect_timeout,
             tls: upstream::client_tls(&upstream.ca_files)?,
         });
@@ -122,7 +124,8 @@ pub struct ProxyState {
     /// Audit sink.
     pub audit: Arc<Audit>,
     runtime: RwLock<Arc<Runtime>>,
-    connections: Arc<Semaphore>,
+    /// The connection budgets (see [`admission`]).
+    pub admission: Arc<admission::Admission>,
     shutdown: watch::Receiver<bool>,
     /// Every client connection and tunnel task, so shutdown can wait for them to drain.
     tasks: TaskTracker,
@@ -138,14 +141,13 @@ impl ProxyState {
         runtime: Runtime,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
-        let connections = Arc::new(Semaphore::new(runtime.proxy.max_connections));
         Arc::new(ProxyState {
             registry,
             leaves,
             metrics,
             audit,
             runtime: RwLock::new(Arc::new(runtime)),
-            connections,
+            admission: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
         })
@@ -196,15 +198,25 @@ impl ProxyState {
 }
 
 tokio::task_local! {
-    /// The `max_connections` slot of the client connection being served. A CONNECT tunnel
-    /// outlives its HTTP/1 connection (hyper hands the socket over at the upgrade), so it takes
-    /// a share of the slot: the slot is free only once the tunnel is closed too.
-    static CONNECTION_SLOT: Arc<OwnedSemaphorePermit>;
+    /// The admission slot of the client connection being served. A CONNECT tunnel outlives
+    /// its HTTP/1 connection (hyper hands the socket over at the upgrade), so it takes a share
+    /// of the slot: the slot is free only once the tunnel is closed too.
+    static CONNECTION_SLOT: Arc<admission::Slot>;
 }
 
-/// A share of the current connection's `max_connections` slot (None outside a connection task).
-pub fn connection_slot() -> Option<Arc<OwnedSemaphorePermit>> {
+/// A share of the current connection's admission slot (None outside a connection task).
+pub fn connection_slot() -> Option<Arc<admission::Slot>> {
     CONNECTION_SLOT.try_with(Arc::clone).ok()
+}
+
+/// The connection budgets of `[proxy]`.
+pub fn admission_limits(p: &ProxyConfig) -> admission::Limits {
+    admission::Limits {
+        max_connections: p.max_connections,
+        max_unauthenticated: p.max_unauthenticated_connections,
+        max_unauthenticated_per_source: p.max_unauthenticated_per_source,
+        max_per_sandbox: p.max_connections_per_sandbox,
+    }
 }
 
 /// One intercepted connection (or one plain-HTTP request): who, where, how.
@@ -271,7 +283,8 @@ pub enum ListenerKind {
     Transparent,
 }
 
-/// Accepts connections until shutdown; each connection holds one `max_connections` slot.
+/// Accepts connections until shutdown; each connection holds one admission slot
+/// ([`admission`]) from accept to close.
 pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: ListenerKind) {
     let mut shutdown = state.shutdown_signal();
     loop {
@@ -287,8 +300,9 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
                 continue;
             }
         };
-        let Ok(slot) = state.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "proxy.max_connections reached; connection refused");
+        let limits = admission_limits(&state.runtime().proxy);
+        let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
+            tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
             state.metrics.tunnel("deny", "unavailable");
             drop(tcp);
             continue;
@@ -301,6 +315,6 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
                 ListenerKind::Transparent => transparent::serve_client(st, tcp, peer).await,
             }
         };
-        state.spawn_connection(CONNECTION_SLOT.scope(Arc::new(slot), serve));
+        state.spawn_connection(CONNECTION_SLOT.scope(slot, serve));
     }
 }

@@ -53,7 +53,9 @@ pub fn staged_key_path(key_file: &Path) -> PathBuf {
 }
 
 /// Loads the master key and opens the store, finishing an interrupted rotation if one is
-/// found (see the module docs). Used by `serve` and `rotate-master-key`.
+/// found (see the module docs). Used by `serve` and `rotate-master-key`. A key file is created
+/// only when there is no database yet: beside an existing database a missing key file is an
+/// error and nothing is written ([`MasterKey::load_existing`]).
 ///
 /// # Errors
 /// A wrong or unreadable key (with no staged key that opens the database), or any store error.
@@ -61,7 +63,10 @@ pub fn open_store(
     data_dir: &Path,
     env_key: Option<&str>,
 ) -> Result<(SqliteStore, KeySource), StoreError> {
-    open_with(data_dir, env_key, |key| SqliteStore::open(data_dir, key))
+    let db = data_dir.join(crate::store::sqlite::DB_FILE_NAME);
+    open_with(data_dir, env_key, db.exists().then_some(db.as_path()), |key| {
+        SqliteStore::open(data_dir, key)
+    })
 }
 
 /// [`open_store`] for fleet mode: the shared PostgreSQL database at `url`, as node `node`. The
@@ -75,15 +80,21 @@ pub fn open_pg_store(
     url: &DatabaseUrl,
     node: &str,
 ) -> Result<(PgStore, KeySource), StoreError> {
-    open_with(data_dir, env_key, |key| PgStore::open(url, node, key))
+    open_with(data_dir, env_key, None, |key| PgStore::open(url, node, key))
 }
 
+/// Loads the master key (creating it only when `existing_db` is None: a key file must never be
+/// made up beside a database that was sealed under another key), then opens the store with it.
 fn open_with<S>(
     data_dir: &Path,
     env_key: Option<&str>,
+    existing_db: Option<&Path>,
     open: impl Fn(MasterKey) -> Result<S, StoreError>,
 ) -> Result<(S, KeySource), StoreError> {
-    let (key, source) = MasterKey::load_or_create(data_dir, env_key)?;
+    let (key, source) = match existing_db {
+        Some(db) => MasterKey::load_existing(data_dir, env_key, db)?,
+        None => MasterKey::load_or_create(data_dir, env_key)?,
+    };
     let KeySource::Loaded(key_file) = &source else {
         return Ok((open(key)?, source));
     };

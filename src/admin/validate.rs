@@ -41,20 +41,43 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Secret values: 1 byte to 64 KiB, no CR, LF or NUL. Messages never quote the value.
+/// Secret values: 1 byte to 64 KiB, no control characters except horizontal tab. Every
+/// failure is 400 `invalid_secret_value`; messages never quote the value.
+///
+/// Refused: every C0 control (`0x00`–`0x1F`) but HTAB, and DEL (`0x7F`). A header value may
+/// not contain them (RFC 9110 §5.5; `http::HeaderValue` refuses them), so such a value could
+/// never be unsealed into a header — it would be accepted here and then silently travel
+/// sealed. HTAB is allowed: RFC 9110 permits it inside field values, `HeaderValue` accepts it,
+/// query unsealing percent-encodes it and bodies carry any byte. (A tab at either *end* of a
+/// value would be trimmed by header parsers as whitespace around the field value; the
+/// substitution itself keeps it.)
 pub fn secret_value(value: &str) -> Result<(), ApiError> {
     if value.is_empty() {
-        return Err(ApiError::bad_request("secret value must not be empty"));
+        return Err(invalid_value("secret value must not be empty"));
     }
     if value.len() > MAX_VALUE_BYTES {
-        return Err(ApiError::bad_request("secret value is larger than 64 KiB"));
+        return Err(invalid_value("secret value is larger than 64 KiB"));
     }
-    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-        return Err(ApiError::bad_request(
-            "secret value must not contain CR, LF or NUL",
+    if value.bytes().any(is_refused_control) {
+        return Err(invalid_value(
+            "secret value must not contain control characters (CR, LF, NUL, any other C0 \
+             control except tab, or DEL)",
         ));
     }
     Ok(())
+}
+
+/// C0 controls other than HTAB, and DEL.
+fn is_refused_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+fn invalid_value(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "invalid_secret_value",
+        message,
+    )
 }
 
 /// Validates and canonicalises host patterns (DESIGN.md §3). `field` names the JSON field.
@@ -108,9 +131,17 @@ mod tests {
     #[test]
     fn values() {
         assert!(secret_value("sk-1").is_ok());
-        for bad in ["", "a\nb", "a\rb", "a\0b"] {
-            assert!(secret_value(bad).is_err());
+        for bad in [
+            "", "a\nb", "a\rb", "a\0b", "a\x01b", "a\x1bb", "a\x7fb", "\x1f",
+        ] {
+            assert!(secret_value(bad).is_err(), "{bad:?}");
         }
+        for b in (0u8..0x20).chain([0x7f]) {
+            let v = format!("sk-{}", b as char);
+            assert_eq!(secret_value(&v).is_err(), b != b'\t', "byte {b:#04x}");
+        }
+        assert!(secret_value("a\tb").is_ok());
+        assert!(secret_value("sk-ünïcode-\u{80}").is_ok());
         assert!(secret_value(&"a".repeat(MAX_VALUE_BYTES + 1)).is_err());
     }
 }

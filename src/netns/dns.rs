@@ -37,7 +37,8 @@ const TYPE_A: u16 = 1;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const CLASS_ANY: u16 = 255;
-const HEADER_LEN: usize = 12;
+/// Length of a DNS message header.
+pub(crate) const HEADER_LEN: usize = 12;
 /// Longest name on the wire, length bytes included (RFC 1035 §3.1).
 const MAX_WIRE_NAME: usize = 255;
 const RCODE_FORMERR: u8 = 1;
@@ -120,22 +121,23 @@ fn strip_port(pattern: &str) -> Result<String, HostError> {
     Ok(text)
 }
 
-/// One parsed question.
-struct Question {
+/// One parsed question (also used by the proxy's stub resolver to check a reply's question).
+pub(crate) struct Question {
     /// Labels joined by `.`; None if a label holds a byte that cannot be in a host name.
-    name: Option<String>,
-    qtype: u16,
-    qclass: u16,
+    pub(crate) name: Option<String>,
+    pub(crate) qtype: u16,
+    pub(crate) qclass: u16,
     /// Offset just past the question.
-    end: usize,
+    pub(crate) end: usize,
 }
 
-fn be16(msg: &[u8], at: usize) -> Option<u16> {
+/// The big-endian u16 at `at`, if the message is long enough.
+pub(crate) fn be16(msg: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]))
 }
 
 /// Parses the question at offset 12; None when malformed.
-fn parse_question(msg: &[u8]) -> Option<Question> {
+pub(crate) fn parse_question(msg: &[u8]) -> Option<Question> {
     let mut pos = HEADER_LEN;
     let mut labels: Vec<&[u8]> = Vec::new();
     loop {

@@ -126,6 +126,13 @@ fn parse_subdomains(suffix: &str) -> Result<PatternHost, String> {
     }
 }
 
+/// The ports a pattern without a port allows (DESIGN §3): 443, and 80 for plain HTTP. Also the
+/// port rule of an unrestricted store (`egress_allowlist = null`, see
+/// [`egress_allowed`](super::egress_allowed)).
+pub fn default_port_allowed(port: u16, scheme: Scheme) -> bool {
+    port == 443 || (port == 80 && scheme == Scheme::Http)
+}
+
 /// Which ports one host entry allows.
 #[derive(Clone, Debug, Default)]
 struct PortRule {
@@ -226,7 +233,7 @@ impl HostMatcher {
     pub fn matches(&self, dest: &Dest, scheme: Scheme) -> bool {
         let q = Query {
             port: dest.port,
-            default_port: dest.port == 443 || (dest.port == 80 && scheme == Scheme::Http),
+            default_port: default_port_allowed(dest.port, scheme),
         };
         if self.any.allows(&q) {
             return true;

@@ -4,6 +4,11 @@
 //! absolute-form `http://` requests are forwarded without substitution (never unseal over
 //! plaintext). The CONNECT authority is parsed strictly and checked against the egress policy
 //! before any DNS lookup, leaf mint or upstream connection.
+//!
+//! Admission ([`super::admission`]): a connection is unidentified until a request carries the
+//! sandbox's valid `Proxy-Authorization`; it must get there within
+//! `unauthenticated_timeout_secs` (else it is closed), and from then on counts against its
+//! sandbox's `max_connections_per_sandbox` (over the cap: 429 `too_many_connections`, closed).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,8 +64,18 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
         .with_upgrades();
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
+    let slot = super::connection_slot();
+    let unidentified = async {
+        match &slot {
+            Some(s) => s.closed(rt.proxy.unauthenticated_timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = unidentified => {
+            tracing::debug!(%peer, "connection closed before it identified itself (proxy.unauthenticated_timeout_secs, or room made for newer connections)");
+        }
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(rt.proxy.shutdown_grace, conn).await;
@@ -85,6 +100,13 @@ async fn outer(
         audit_refusal(&state, None, &req, "-".into(), &r);
         return Ok(r.into_response());
     };
+    if let Err(r) = count_against(&state, &sandbox) {
+        audit_refusal(&state, Some(&sandbox.id), &req, "-".into(), &r);
+        let mut resp = r.into_response();
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let result = if req.method() == Method::CONNECT {
         connect(&state, &sandbox, req)
     } else if req.uri().scheme_str().is_some() {
@@ -96,6 +118,20 @@ async fn outer(
         ))
     };
     Ok(result.unwrap_or_else(Refusal::into_response))
+}
+
+/// Moves this connection onto `sandbox`'s connection budget (first identified request only).
+fn count_against(state: &ProxyState, sandbox: &Sandbox) -> Result<(), Refusal> {
+    let Some(slot) = super::connection_slot() else {
+        return Ok(());
+    };
+    let max = state.runtime().proxy.max_connections_per_sandbox;
+    slot.authenticate(&sandbox.id, max).map_err(|e| {
+        state
+            .metrics
+            .tunnel("deny", Code::TooManyConnections.as_str());
+        Refusal::new(Code::TooManyConnections, e.to_string())
+    })
 }
 
 /// The sandbox named by `Proxy-Authorization: Basic base64(id:token)`.

@@ -32,6 +32,8 @@ pub enum Code {
     HeadersTooLarge,
     /// 429: too many tunnels for this sandbox.
     TooManyTunnels,
+    /// 429: too many connections for this sandbox (`max_connections_per_sandbox`).
+    TooManyConnections,
     /// 405: method not supported inside a tunnel (inner CONNECT).
     MethodNotAllowed,
     /// 502: upstream certificate not trusted / TLS failed.
@@ -57,6 +59,7 @@ impl Code {
             Code::BadRequest => "bad_request",
             Code::PayloadTooLarge | Code::HeadersTooLarge => "request_too_large",
             Code::TooManyTunnels => "too_many_tunnels",
+            Code::TooManyConnections => "too_many_connections",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::UpstreamTlsError => "upstream_tls_error",
             Code::UpstreamUnreachable => "upstream_unreachable",
@@ -77,7 +80,7 @@ impl Code {
             Code::BadRequest => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::TooManyTunnels => StatusCode::TOO_MANY_REQUESTS,
+            Code::TooManyTunnels | Code::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::UpstreamTlsError | Code::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -7,7 +7,9 @@
 //!
 //! Decisions, in order (each refusal closes the connection, or on plain HTTP answers with the
 //! uniform error response, and is audited with `mode = "transparent"`):
-//! 1. the source IP must belong to a live sandbox (else: close, nothing read);
+//! 1. the source IP must belong to a live sandbox (else: close, nothing read); the connection
+//!    then counts against that sandbox's `max_connections_per_sandbox` (over it: close) and
+//!    leaves the unauthenticated budget at once ([`super::admission`]);
 //! 2. the connection must have been redirected: an original destination equal to the
 //!    listener's own address means someone dialled the listener directly (else: close);
 //! 3. port 80 → plain HTTP routed by `Host` (never unsealed, see [`plain`]); any other port →
@@ -52,6 +54,16 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
     let Some((sandbox, orig)) = identify(&state, &tcp, peer) else {
         return;
     };
+    if let Some(slot) = super::connection_slot() {
+        let max = state.runtime().proxy.max_connections_per_sandbox;
+        if let Err(e) = slot.authenticate(&sandbox.id, max) {
+            tracing::debug!(%peer, sandbox = %sandbox.id, error = %e, "transparent connection refused");
+            state
+                .metrics
+                .tunnel("deny", Code::TooManyConnections.as_str());
+            return;
+        }
+    }
     let result = if orig.port() == 80 {
         plain::serve(state, sandbox, tcp, orig).await
     } else {

@@ -27,6 +27,7 @@ use crate::policy::{self, AddressPolicy};
 mod goaway;
 
 pub use goaway::RefuseAfterGoaway;
+pub mod dns;
 
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub struct UpstreamSettings {
     pub resolve: BTreeMap<String, SocketAddr>,
     /// Address policy.
     pub vet: AddressPolicy,
+    /// `[upstream] nameservers`; empty = the system resolver.
+    pub nameservers: Vec<SocketAddr>,
     /// Connect + handshake deadline.
     pub connect_timeout: Duration,
     /// Verified TLS config (ALPN set by the connector).
@@ -190,10 +193,7 @@ impl Connector {
             policy::normalise_host(host).map_err(|e| ConnectError::Denied(e.to_string()))?;
         let addrs: Vec<SocketAddr> = match normalised {
             policy::Host::Ip(ip) => vec![SocketAddr::new(ip, port)],
-            policy::Host::Name(n) => tokio::net::lookup_host((n.as_str(), port))
-                .await
-                .map_err(|e| ConnectError::Unreachable(format!("cannot resolve {n}: {e}")))?
-                .collect(),
+            policy::Host::Name(n) => self.resolve(&n, port).await?,
         };
         if addrs.is_empty() {
             return Err(ConnectError::Unreachable(format!(
@@ -208,6 +208,25 @@ impl Connector {
                 .map_err(|e| ConnectError::Denied(format!("{host}: {e}")))?;
         }
         Ok(addrs)
+    }
+}
+
+impl Connector {
+    /// Every address of `name`: from `[upstream] nameservers` when set, else the system
+    /// resolver. Unvetted: the caller vets every one.
+    async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            ConnectError::Unreachable(format!("cannot resolve {name}: {e}"))
+        };
+        if self.settings.nameservers.is_empty() {
+            let found = tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| failed(&e))?;
+            return Ok(found.collect());
+        }
+        dns::lookup(&self.settings.nameservers, name, port)
+            .await
+            .map_err(|e| failed(&e))
     }
 }
 

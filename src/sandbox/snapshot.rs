@@ -143,7 +143,11 @@ impl Snapshot {
                 list(&self.egress_allowlist)
             );
         }
-        if !policy::egress_allowed(e.allowed.as_ref(), dest, Scheme::Https) {
+        if !e
+            .allowed
+            .as_ref()
+            .is_none_or(|m| m.matches(dest, Scheme::Https))
+        {
             return format!(
                 "secret {name} allowed_hosts [{}] does not match {dest}",
                 list(&e.allowed_hosts)

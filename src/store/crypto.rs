@@ -13,6 +13,14 @@
 //! - Nonces are 96 random bits from the OS CSPRNG. With random nonces AES-GCM stays within its
 //!   bounds for 2^32 seals per key; a store re-seals a few rows per API call, far below that.
 //! - Key material and plaintexts live in zeroizing buffers; no error message contains either.
+//! - Policy is authenticated too. The columns that decide where a value may go — a secret's
+//!   `allowed_hosts` and `locations`, a store's `egress_allowlist` — are not secret, so they
+//!   are stored in clear, but each row carries an HMAC-SHA256 over them ([`SecretPolicy`],
+//!   [`StorePolicy`]) under a subkey derived from the master key (HKDF-SHA256, info
+//!   `sealgate/policy-mac/v1`). Someone who can write the database but lacks the master key
+//!   cannot point a secret at another host: the row fails verification and is refused,
+//!   exactly like an altered ciphertext. These are plain functions of the row's values, so
+//!   every backend computes the same MACs.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -24,9 +32,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 use zeroize::Zeroizing;
 
-use crate::secret::SecretValue;
+use crate::secret::{Location, SecretValue};
 
 /// Length of a master key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -84,12 +93,33 @@ pub enum CryptoError {
         /// The underlying error.
         source: io::Error,
     },
+    /// A database already exists but its key file does not: the key that sealed it is
+    /// elsewhere. Nothing was created.
+    #[error(
+        "the master key file {} is missing, but the database {} already exists and was sealed \
+         with a key that is not here; restore the key file (or set {KEY_ENV_VAR}). Refusing to \
+         start; no new key was written",
+        path.display(),
+        database.display()
+    )]
+    MissingKeyFile {
+        /// The expected key file.
+        path: PathBuf,
+        /// The existing database (file, or a description of it for other backends).
+        database: PathBuf,
+    },
     /// The sealed bytes are too short or carry an unknown format version.
     #[error("sealed data is malformed (too short or unknown format version)")]
     Malformed,
     /// Authentication failed: wrong key, or the ciphertext was moved to another row or altered.
     #[error("sealed data failed to authenticate (wrong key, moved or altered)")]
     Decrypt,
+    /// A row's policy columns do not match their MAC: altered outside sealgate (or missing).
+    #[error(
+        "policy failed to authenticate (allowed_hosts, locations or egress_allowlist altered \
+         outside sealgate, or its MAC is missing)"
+    )]
+    PolicyTampered,
 }
 
 /// The 32-byte master key. Zeroized on drop; `Debug` prints `[redacted]`; not `Clone`, so
@@ -184,6 +214,31 @@ impl MasterKey {
         }
     }
 
+    /// Like [`MasterKey::load_or_create`], for a data directory whose database already exists
+    /// (`database` names it): a missing key file is an error and **nothing is created** — a
+    /// fresh key could never open that database, and writing one would leave a key file that
+    /// looks right beside a database it does not fit.
+    ///
+    /// # Errors
+    /// [`CryptoError::MissingKeyFile`], or as [`MasterKey::load_or_create`].
+    pub fn load_existing(
+        data_dir: &Path,
+        env_value: Option<&str>,
+        database: &Path,
+    ) -> Result<(Self, KeySource), CryptoError> {
+        if let Some(value) = env_value {
+            return Ok((from_origin(value, KEY_ENV_VAR)?, KeySource::Env));
+        }
+        let path = data_dir.join(KEY_FILE_NAME);
+        match read_key_file(&path)? {
+            Some(key) => Ok((key, KeySource::Loaded(path))),
+            None => Err(CryptoError::MissingKeyFile {
+                path,
+                database: database.to_owned(),
+            }),
+        }
+    }
+
     /// The key in the key file at `path` (base64 text, mode 0600 or stricter), or a new random
     /// key written there (mode 0600, `create_new`, fsync of file and directory; a missing parent
     /// directory is created 0700). Also the way to make a rotation's new key durable before
@@ -196,6 +251,16 @@ impl MasterKey {
             return Ok((key, KeySource::Loaded(path.to_owned())));
         }
         create_key_file(path)
+    }
+
+    /// The policy-MAC subkey: HKDF-SHA256 of the master key, info `sealgate/policy-mac/v1`.
+    fn policy_key(&self) -> hmac::Key {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(&self.0[..]);
+        let okm = prk
+            .expand(&[POLICY_MAC_INFO], hmac::HMAC_SHA256)
+            // Fails only when the requested length exceeds 255 hash lengths; 32 bytes never does.
+            .expect("HKDF output of one hash length");
+        hmac::Key::from(okm)
     }
 
     fn aead_key(&self) -> LessSafeKey {
@@ -370,6 +435,87 @@ pub fn secret_aad(store_id: &str, name: &str, version: u64) -> Vec<u8> {
     format!("sealgate/secret/v1\0{store_id}\0{name}\0{version}").into_bytes()
 }
 
+/// HKDF info of the policy-MAC subkey.
+const POLICY_MAC_INFO: &[u8] = b"sealgate/policy-mac/v1";
+
+/// A secret's policy as authenticated: the row it belongs to and where it may be unsealed.
+#[derive(Clone, Copy, Debug)]
+pub struct SecretPolicy<'a> {
+    /// The store's id.
+    pub store_id: &'a str,
+    /// The secret's name.
+    pub name: &'a str,
+    /// The secret's version (bound into its value's associated data too).
+    pub version: u64,
+    /// `allowed_hosts` as stored.
+    pub allowed_hosts: Option<&'a [String]>,
+    /// `locations` as stored.
+    pub locations: &'a [Location],
+}
+
+impl SecretPolicy<'_> {
+    /// `sealgate/secret-policy/v1\0{store_id}\0{name}\0{version}\0{hosts JSON}\0{locations JSON}`.
+    /// Ids, env-var names and JSON text contain no NUL, so the encoding is unambiguous.
+    fn message(&self) -> Vec<u8> {
+        let hosts = serde_json::to_string(&self.allowed_hosts).expect("strings serialise");
+        let locations = serde_json::to_string(self.locations).expect("locations serialise");
+        let (id, name, v) = (self.store_id, self.name, self.version);
+        format!("sealgate/secret-policy/v1\0{id}\0{name}\0{v}\0{hosts}\0{locations}").into_bytes()
+    }
+
+    /// The MAC to store beside the row (HMAC-SHA256 under the policy subkey of `key`).
+    pub fn mac(&self, key: &MasterKey) -> Vec<u8> {
+        sign_mac(key, &self.message())
+    }
+
+    /// Checks the stored `mac` (constant time).
+    ///
+    /// # Errors
+    /// [`CryptoError::PolicyTampered`] when it is missing or does not match.
+    pub fn verify(&self, key: &MasterKey, mac: Option<&[u8]>) -> Result<(), CryptoError> {
+        verify_mac(key, &self.message(), mac)
+    }
+}
+
+/// A store's policy as authenticated: its id and `egress_allowlist`.
+#[derive(Clone, Copy, Debug)]
+pub struct StorePolicy<'a> {
+    /// The store's id.
+    pub store_id: &'a str,
+    /// `egress_allowlist` as stored (`None` = unrestricted).
+    pub egress_allowlist: Option<&'a [String]>,
+}
+
+impl StorePolicy<'_> {
+    /// `sealgate/store-policy/v1\0{store_id}\0{egress_allowlist JSON}`.
+    fn message(&self) -> Vec<u8> {
+        let list = serde_json::to_string(&self.egress_allowlist).expect("strings serialise");
+        format!("sealgate/store-policy/v1\0{}\0{list}", self.store_id).into_bytes()
+    }
+
+    /// The MAC to store beside the row.
+    pub fn mac(&self, key: &MasterKey) -> Vec<u8> {
+        sign_mac(key, &self.message())
+    }
+
+    /// Checks the stored `mac` (constant time).
+    ///
+    /// # Errors
+    /// [`CryptoError::PolicyTampered`] when it is missing or does not match.
+    pub fn verify(&self, key: &MasterKey, mac: Option<&[u8]>) -> Result<(), CryptoError> {
+        verify_mac(key, &self.message(), mac)
+    }
+}
+
+fn sign_mac(key: &MasterKey, msg: &[u8]) -> Vec<u8> {
+    hmac::sign(&key.policy_key(), msg).as_ref().to_vec()
+}
+
+fn verify_mac(key: &MasterKey, msg: &[u8], mac: Option<&[u8]>) -> Result<(), CryptoError> {
+    let mac = mac.ok_or(CryptoError::PolicyTampered)?;
+    hmac::verify(&key.policy_key(), msg, mac).map_err(|_| CryptoError::PolicyTampered)
+}
+
 /// Associated data of a sandbox's CA private key: `sealgate/sandbox-ca/v1\0{id}`.
 pub fn sandbox_ca_aad(sandbox_id: &str) -> Vec<u8> {
     format!("sealgate/sandbox-ca/v1\0{sandbox_id}").into_bytes()
@@ -468,6 +614,73 @@ mod tests {
     }
 
     #[test]
+    fn policy_macs_bind_every_field_and_the_key() {
+        let key = MasterKey::generate();
+        let hosts = vec!["api.example.com".to_owned()];
+        let evil = vec!["evil.example".to_owned()];
+        let both = [Location::Header, Location::Body];
+        let p = SecretPolicy {
+            store_id: "s",
+            name: "K",
+            version: 2,
+            allowed_hosts: Some(hosts.as_slice()),
+            locations: &[Location::Header],
+        };
+        let mac = p.mac(&key);
+        assert_eq!(mac.len(), 32);
+        assert!(p.verify(&key, Some(&mac)).is_ok());
+        let altered = [
+            SecretPolicy {
+                allowed_hosts: Some(evil.as_slice()),
+                ..p
+            },
+            SecretPolicy {
+                allowed_hosts: None,
+                ..p
+            },
+            SecretPolicy {
+                locations: &both,
+                ..p
+            },
+            SecretPolicy { version: 3, ..p },
+            SecretPolicy { name: "K2", ..p },
+            SecretPolicy { store_id: "t", ..p },
+        ];
+        for a in altered {
+            assert!(
+                matches!(a.verify(&key, Some(&mac)), Err(CryptoError::PolicyTampered)),
+                "{a:?}"
+            );
+        }
+        assert!(p.verify(&MasterKey::generate(), Some(&mac)).is_err());
+        assert!(p.verify(&key, None).is_err());
+
+        let sp = StorePolicy {
+            store_id: "s",
+            egress_allowlist: Some(hosts.as_slice()),
+        };
+        let smac = sp.mac(&key);
+        assert!(sp.verify(&key, Some(&smac)).is_ok());
+        for a in [
+            StorePolicy {
+                egress_allowlist: None,
+                ..sp
+            },
+            StorePolicy {
+                egress_allowlist: Some(&[][..]),
+                ..sp
+            },
+            StorePolicy {
+                store_id: "t",
+                ..sp
+            },
+        ] {
+            assert!(a.verify(&key, Some(&smac)).is_err(), "{a:?}");
+        }
+        assert_ne!(smac, mac, "store and secret MACs are domain-separated");
+    }
+
+    #[test]
     fn base64_round_trip_and_errors_do_not_quote_input() {
         let key = MasterKey::generate();
         let again = MasterKey::from_base64(&format!(" {}\n", &*key.to_base64())).unwrap();
@@ -536,6 +749,27 @@ mod tests {
         assert_eq!(source, KeySource::Env);
         assert_eq!(key.0[..], env_key.0[..]);
         assert_ne!(key.0[..], file_key.0[..]);
+    }
+
+    #[test]
+    fn missing_key_file_beside_a_database_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sealgate.db");
+        fs::write(&db, b"").unwrap();
+        let err = MasterKey::load_existing(dir.path(), None, &db).unwrap_err();
+        assert!(matches!(err, CryptoError::MissingKeyFile { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("master.key") && msg.contains("sealgate.db"),
+            "{msg}"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the database: {names:?}");
+
+        let (file_key, _) = MasterKey::load_or_create(dir.path(), None).unwrap();
+        let (key, source) = MasterKey::load_existing(dir.path(), None, &db).unwrap();
+        assert_eq!(key.0[..], file_key.0[..]);
+        assert!(matches!(source, KeySource::Loaded(_)));
     }
 
     #[test]

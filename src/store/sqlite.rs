@@ -10,6 +10,11 @@
 //!   truncated so ciphertexts under the retired key do not linger there either.
 //! - The database and its `-wal`/`-shm` files have mode 0600 (SQLite gives the side files the
 //!   database file's mode).
+//! - Every `stores` and `secrets` row carries `policy_mac` ([`crypto::StorePolicy`],
+//!   [`crypto::SecretPolicy`]); a row whose policy does not match it is refused like an
+//!   altered ciphertext. Databases from before policy MACs have a v1 key-check record: the
+//!   first open with the key computes every MAC and writes the v2 record in one transaction
+//!   (after that a missing MAC is tampering, not age).
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -34,14 +39,18 @@ pub const DB_FILE_NAME: &str = "sealgate.db";
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Plaintext of the key-check record; only its authenticity matters.
+/// Plaintext of the key-check record of a database whose rows predate policy MACs.
 const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
+
+/// Plaintext of the key-check record once every row carries its policy MAC.
+const KEY_CHECK_PLAINTEXT_V2: &[u8] = b"sealgate key check v2: policy MACs";
 
 /// `meta.key` of the key-check record.
 const KEY_CHECK_ROW: &str = "key_check";
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append only, never edit.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BLOB NOT NULL                 -- key_check: sealed KEY_CHECK_PLAINTEXT
@@ -77,11 +86,16 @@ CREATE TABLE sandboxes (
     snapshot         BLOB NOT NULL      -- sealed, AAD snapshot_aad(id)
 ) STRICT;
 CREATE INDEX sandboxes_by_expiry ON sandboxes (expires_at);
-"#];
+"#,
+    r#"
+ALTER TABLE stores ADD COLUMN policy_mac BLOB;   -- crypto::StorePolicy MAC of egress_allowlist
+ALTER TABLE secrets ADD COLUMN policy_mac BLOB;  -- crypto::SecretPolicy MAC of allowed_hosts, locations
+"#,
+];
 
-const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at";
+const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
-    "store_id, name, allowed_hosts, locations, version, created_at, updated_at";
+    "store_id, name, allowed_hosts, locations, version, created_at, updated_at, policy_mac";
 const SANDBOX_COLUMNS: &str = "id, store_id, store_name, created_at, expires_at, source_ip, \
                                proxy_token_hash, ca_cert_pem, ca_key, snapshot";
 
@@ -207,23 +221,25 @@ impl Store for SqliteStore {
             created_at: now,
             updated_at: now,
         };
-        self.with_conn(|conn, _| insert_store(conn, &record))?;
+        self.with_conn(|conn, key| insert_store(conn, key, &record))?;
         Ok(record)
     }
 
     fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
-        self.with_conn(|conn, _| select_stores(conn, "ORDER BY created_at, rowid", []))
+        self.with_conn(|conn, key| select_stores(conn, key, "ORDER BY created_at, rowid", []))
     }
 
     fn get_store(&self, id: &str) -> Result<StoreRecord, StoreError> {
-        self.with_conn(|conn, _| store_by_id(conn, id))
+        self.with_conn(|conn, key| store_by_id(conn, key, id))
     }
 
     fn find_store(&self, id_or_name: &str) -> Result<StoreRecord, StoreError> {
-        self.with_conn(|conn, _| match store_by_id(conn, id_or_name) {
-            Err(StoreError::NotFound(_)) => select_stores(conn, "WHERE name = ?1", [id_or_name])?
-                .pop()
-                .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'"))),
+        self.with_conn(|conn, key| match store_by_id(conn, key, id_or_name) {
+            Err(StoreError::NotFound(_)) => {
+                select_stores(conn, key, "WHERE name = ?1", [id_or_name])?
+                    .pop()
+                    .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'")))
+            }
             found => found,
         })
     }
@@ -234,9 +250,9 @@ impl Store for SqliteStore {
         name: Option<&str>,
         egress_allowlist: Option<Option<Vec<String>>>,
     ) -> Result<StoreRecord, StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_conn(|conn, key| {
             let tx = write_tx(conn)?;
-            let mut record = store_by_id(&tx, id)?;
+            let mut record = store_by_id(&tx, key, id)?;
             if name.is_none() && egress_allowlist.is_none() {
                 return Ok(record);
             }
@@ -247,7 +263,7 @@ impl Store for SqliteStore {
                 record.egress_allowlist = allowlist;
             }
             record.updated_at = OffsetDateTime::now_utc();
-            rewrite_store(&tx, &record)?;
+            rewrite_store(&tx, key, &record)?;
             tx.commit()?;
             Ok(record)
         })
@@ -275,18 +291,19 @@ impl Store for SqliteStore {
             let meta = next_meta(&tx, store_id, name, allowed_hosts, locations)?;
             let aad = crypto::secret_aad(store_id, name, meta.version);
             let sealed = crypto::seal(key, &aad, value.expose());
-            upsert_secret(&tx, store_id, &meta, &sealed)?;
+            let mac = secret_policy(store_id, &meta).mac(key);
+            upsert_secret(&tx, store_id, &meta, &sealed, &mac)?;
             tx.commit()?;
             Ok(meta)
         })
     }
 
     fn list_secrets(&self, store_id: &str) -> Result<Vec<SecretMeta>, StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_conn(|conn, key| {
             require_store(conn, store_id)?;
             select_secrets(conn, store_id, false)?
                 .into_iter()
-                .map(RawSecret::into_meta)
+                .map(|raw| raw.into_meta(key))
                 .collect()
         })
     }
@@ -359,7 +376,7 @@ impl Store for SqliteStore {
         self.check_file()?;
         self.with_conn(|conn, key| {
             conn.query_row("SELECT 1", [], |_| Ok(()))?;
-            verify_key_check(conn, key, &self.db_path)
+            verify_key_check(conn, key, &self.db_path).map(|_| ())
         })
     }
 
@@ -394,6 +411,7 @@ impl SqliteStore {
         let tx = write_tx(conn)?;
         verify_key_check(&tx, &old_key, &self.db_path)?;
         let secrets = reseal_secrets(&tx, &old_key, new_key)?;
+        remac_stores(&tx, &old_key, new_key)?;
         test_crash_point("resealed_secrets");
         let sandboxes = reseal_sandboxes(&tx, &old_key, new_key)?;
         test_crash_point("resealed_sandboxes");
@@ -486,7 +504,17 @@ fn init_key_check(
 ) -> Result<(), StoreError> {
     let tx = write_tx(conn)?;
     if read_key_check(&tx)?.is_some() {
-        return verify_key_check(&tx, key, db_path);
+        if verify_key_check(&tx, key, db_path)? == KeyCheck::PolicyMacs {
+            return Ok(());
+        }
+        let rows = mac_all_policies(&tx, key)?;
+        write_key_check(&tx, key)?;
+        tx.commit()?;
+        tracing::info!(
+            rows,
+            "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+        );
+        return Ok(());
     }
     let sealed_rows: i64 = tx.query_row(
         "SELECT (SELECT count(*) FROM secrets) + (SELECT count(*) FROM sandboxes)",
@@ -517,18 +545,33 @@ fn read_key_check(conn: &Connection) -> Result<Option<Vec<u8>>, StoreError> {
         .optional()?)
 }
 
+/// What an authentic key-check record says about the rows.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyCheck {
+    /// v1: written before policy MACs; the rows' MACs still have to be computed.
+    Legacy,
+    /// v2: every row carries its policy MAC.
+    PolicyMacs,
+}
+
 /// `Ok` iff the key-check record exists and opens with `key`.
-fn verify_key_check(conn: &Connection, key: &MasterKey, db_path: &Path) -> Result<(), StoreError> {
+fn verify_key_check(
+    conn: &Connection,
+    key: &MasterKey,
+    db_path: &Path,
+) -> Result<KeyCheck, StoreError> {
     let wrong_key = || StoreError::WrongMasterKey(db_path.to_owned());
     let sealed = read_key_check(conn)?.ok_or_else(wrong_key)?;
     match crypto::open(key, crypto::key_check_aad(), &sealed) {
-        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(()),
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V2 => Ok(KeyCheck::PolicyMacs),
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(KeyCheck::Legacy),
         _ => Err(wrong_key()),
     }
 }
 
+/// Writes the (v2) key-check record: call only once every row carries its policy MAC.
 fn write_key_check(conn: &Connection, key: &MasterKey) -> Result<(), StoreError> {
-    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
+    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V2);
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -554,21 +597,64 @@ fn reseal_secrets(
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<usize, StoreError> {
-    let rows = {
-        let mut stmt = tx.prepare("SELECT store_id, name, version, value FROM secrets")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-        rows.collect::<Result<Vec<(String, String, i64, Vec<u8>)>, _>>()?
-    };
-    for (store_id, name, version, sealed) in &rows {
-        let row = || secret_row_name(store_id, name);
-        let aad = crypto::secret_aad(store_id, name, to_version(*version, row)?);
+    let rows = select_secrets_of(tx, "", [], true)?;
+    for raw in &rows {
+        let row = || raw.row_name();
+        let aad = crypto::secret_aad(&raw.store_id, &raw.name, to_version(raw.version, row)?);
+        let sealed = raw.sealed.as_deref().unwrap_or_default();
         let resealed = reseal(old, new, &aad, sealed, row)?;
+        let meta = raw.decode_meta(Some(old))?;
+        let mac = secret_policy(&raw.store_id, &meta).mac(new);
         tx.execute(
-            "UPDATE secrets SET value = ?3 WHERE store_id = ?1 AND name = ?2",
-            params![store_id, name, resealed],
+            "UPDATE secrets SET value = ?3, policy_mac = ?4 WHERE store_id = ?1 AND name = ?2",
+            params![raw.store_id, raw.name, resealed, mac],
         )?;
     }
     Ok(rows.len())
+}
+
+/// Re-computes every store's policy MAC under `new`, after checking it under `old` (a
+/// rotation never blesses a tampered allowlist).
+fn remac_stores(tx: &Transaction<'_>, old: &MasterKey, new: &MasterKey) -> Result<(), StoreError> {
+    for record in select_stores(tx, old, "", [])? {
+        let mac = store_policy(&record).mac(new);
+        tx.execute(
+            "UPDATE stores SET policy_mac = ?2 WHERE id = ?1",
+            params![record.id, mac],
+        )?;
+    }
+    Ok(())
+}
+
+/// The one-time migration: MACs every store and secret row as it is now. Runs only while
+/// the key-check record is still v1, i.e. the rows were written by a build that had no MACs
+/// (see the module invariants).
+fn mac_all_policies(tx: &Transaction<'_>, key: &MasterKey) -> Result<usize, StoreError> {
+    let stores = {
+        let mut stmt = tx.prepare(&format!("SELECT {STORE_COLUMNS} FROM stores"))?;
+        let rows = stmt.query_map([], RawStore::from_row)?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    for raw in &stores {
+        let record = raw.decode()?;
+        tx.execute(
+            "UPDATE stores SET policy_mac = ?2 WHERE id = ?1",
+            params![record.id, store_policy(&record).mac(key)],
+        )?;
+    }
+    let secrets = select_secrets_of(tx, "", [], false)?;
+    for raw in &secrets {
+        let meta = raw.decode_meta(None)?;
+        tx.execute(
+            "UPDATE secrets SET policy_mac = ?3 WHERE store_id = ?1 AND name = ?2",
+            params![
+                raw.store_id,
+                raw.name,
+                secret_policy(&raw.store_id, &meta).mac(key)
+            ],
+        )?;
+    }
+    Ok(stores.len() + secrets.len())
 }
 
 fn reseal_sandboxes(
@@ -598,29 +684,47 @@ fn reseal_sandboxes(
 
 // ---- stores -------------------------------------------------------------------------------------
 
-fn insert_store(conn: &Connection, record: &StoreRecord) -> Result<(), StoreError> {
+fn store_policy(record: &StoreRecord) -> crypto::StorePolicy<'_> {
+    crypto::StorePolicy {
+        store_id: &record.id,
+        egress_allowlist: record.egress_allowlist.as_deref(),
+    }
+}
+
+fn insert_store(
+    conn: &Connection,
+    key: &MasterKey,
+    record: &StoreRecord,
+) -> Result<(), StoreError> {
     conn.execute(
-        &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+        &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
         params![
             record.id,
             record.name,
             to_json_opt(record.egress_allowlist.as_ref())?,
             to_nanos(record.created_at, "created_at")?,
             to_nanos(record.updated_at, "updated_at")?,
+            store_policy(record).mac(key),
         ],
     )
     .map_err(|e| name_conflict(e, &record.name))?;
     Ok(())
 }
 
-fn rewrite_store(conn: &Connection, record: &StoreRecord) -> Result<(), StoreError> {
+fn rewrite_store(
+    conn: &Connection,
+    key: &MasterKey,
+    record: &StoreRecord,
+) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE stores SET name = ?2, egress_allowlist = ?3, updated_at = ?4 WHERE id = ?1",
+        "UPDATE stores SET name = ?2, egress_allowlist = ?3, updated_at = ?4, policy_mac = ?5 \
+         WHERE id = ?1",
         params![
             record.id,
             record.name,
             to_json_opt(record.egress_allowlist.as_ref())?,
             to_nanos(record.updated_at, "updated_at")?,
+            store_policy(record).mac(key),
         ],
     )
     .map_err(|e| name_conflict(e, &record.name))?;
@@ -640,8 +744,10 @@ fn is_constraint(e: &rusqlite::Error, extended_code: std::os::raw::c_int) -> boo
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == extended_code)
 }
 
+/// Stores matching `clause`, each checked against its policy MAC under `key`.
 fn select_stores(
     conn: &Connection,
+    key: &MasterKey,
     clause: &str,
     params: impl Params,
 ) -> Result<Vec<StoreRecord>, StoreError> {
@@ -649,11 +755,11 @@ fn select_stores(
     let raws = stmt
         .query_map(params, RawStore::from_row)?
         .collect::<Result<Vec<_>, _>>()?;
-    raws.into_iter().map(RawStore::into_record).collect()
+    raws.into_iter().map(|raw| raw.into_record(key)).collect()
 }
 
-fn store_by_id(conn: &Connection, id: &str) -> Result<StoreRecord, StoreError> {
-    select_stores(conn, "WHERE id = ?1", [id])?
+fn store_by_id(conn: &Connection, key: &MasterKey, id: &str) -> Result<StoreRecord, StoreError> {
+    select_stores(conn, key, "WHERE id = ?1", [id])?
         .pop()
         .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
 }
@@ -674,6 +780,7 @@ struct RawStore {
     egress_allowlist: Option<String>,
     created_at: i64,
     updated_at: i64,
+    policy_mac: Option<Vec<u8>>,
 }
 
 impl RawStore {
@@ -684,18 +791,29 @@ impl RawStore {
             egress_allowlist: row.get(2)?,
             created_at: row.get(3)?,
             updated_at: row.get(4)?,
+            policy_mac: row.get(5)?,
         })
     }
 
-    fn into_record(self) -> Result<StoreRecord, StoreError> {
+    /// The record, unchecked (the migration MACs rows as they are).
+    fn decode(&self) -> Result<StoreRecord, StoreError> {
         let row = || format!("store '{}'", self.id);
         Ok(StoreRecord {
             egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), row)?,
             created_at: from_nanos(self.created_at, row)?,
             updated_at: from_nanos(self.updated_at, row)?,
-            id: self.id,
-            name: self.name,
+            id: self.id.clone(),
+            name: self.name.clone(),
         })
+    }
+
+    /// The record, if its allowlist matches its policy MAC.
+    fn into_record(self, key: &MasterKey) -> Result<StoreRecord, StoreError> {
+        let record = self.decode()?;
+        store_policy(&record)
+            .verify(key, self.policy_mac.as_deref())
+            .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
+        Ok(record)
     }
 }
 
@@ -750,21 +868,33 @@ fn next_version(version: u64, store_id: &str, name: &str) -> Result<u64, StoreEr
         .ok_or_else(|| corrupt_msg(secret_row_name(store_id, name), "version overflow"))
 }
 
+fn secret_policy<'a>(store_id: &'a str, meta: &'a SecretMeta) -> crypto::SecretPolicy<'a> {
+    crypto::SecretPolicy {
+        store_id,
+        name: &meta.name,
+        version: meta.version,
+        allowed_hosts: meta.allowed_hosts.as_deref(),
+        locations: &meta.locations,
+    }
+}
+
 fn upsert_secret(
     conn: &Connection,
     store_id: &str,
     meta: &SecretMeta,
     sealed: &[u8],
+    mac: &[u8],
 ) -> Result<(), StoreError> {
     let version = i64::try_from(meta.version)
         .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
     conn.execute(
         "INSERT INTO secrets (store_id, name, allowed_hosts, locations, version, value, \
-                              created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                              created_at, updated_at, policy_mac) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
          ON CONFLICT (store_id, name) DO UPDATE SET \
              allowed_hosts = excluded.allowed_hosts, locations = excluded.locations, \
-             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at",
+             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at, \
+             policy_mac = excluded.policy_mac",
         params![
             store_id,
             meta.name,
@@ -774,6 +904,7 @@ fn upsert_secret(
             sealed,
             to_nanos(meta.created_at, "created_at")?,
             to_nanos(meta.updated_at, "updated_at")?,
+            mac,
         ],
     )?;
     Ok(())
@@ -785,13 +916,25 @@ fn select_secrets(
     store_id: &str,
     with_values: bool,
 ) -> Result<Vec<RawSecret>, StoreError> {
+    select_secrets_of(
+        conn,
+        "WHERE store_id = ?1 ORDER BY name",
+        [store_id],
+        with_values,
+    )
+}
+
+fn select_secrets_of(
+    conn: &Connection,
+    clause: &str,
+    params: impl Params,
+    with_values: bool,
+) -> Result<Vec<RawSecret>, StoreError> {
     let value_column = if with_values { "value" } else { "NULL" };
-    let sql = format!(
-        "SELECT {SECRET_META_COLUMNS}, {value_column} FROM secrets WHERE store_id = ?1 ORDER BY name"
-    );
+    let sql = format!("SELECT {SECRET_META_COLUMNS}, {value_column} FROM secrets {clause}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let raws = stmt
-        .query_map([store_id], RawSecret::from_row)?
+        .query_map(params, RawSecret::from_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(raws)
 }
@@ -805,6 +948,7 @@ struct RawSecret {
     version: i64,
     created_at: i64,
     updated_at: i64,
+    policy_mac: Option<Vec<u8>>,
     sealed: Option<Vec<u8>>,
 }
 
@@ -818,7 +962,8 @@ impl RawSecret {
             version: row.get(4)?,
             created_at: row.get(5)?,
             updated_at: row.get(6)?,
-            sealed: row.get(7)?,
+            policy_mac: row.get(7)?,
+            sealed: row.get(8)?,
         })
     }
 
@@ -826,22 +971,34 @@ impl RawSecret {
         secret_row_name(&self.store_id, &self.name)
     }
 
-    fn into_meta(self) -> Result<SecretMeta, StoreError> {
+    /// The metadata; with `key`, only if it matches its policy MAC (`None`: unchecked, for
+    /// the migration that computes the MACs).
+    fn decode_meta(&self, key: Option<&MasterKey>) -> Result<SecretMeta, StoreError> {
         let row = || self.row_name();
-        Ok(SecretMeta {
+        let meta = SecretMeta {
             allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), row)?,
             locations: from_json(&self.locations, row)?,
             version: to_version(self.version, row)?,
             created_at: from_nanos(self.created_at, row)?,
             updated_at: from_nanos(self.updated_at, row)?,
-            name: self.name,
-        })
+            name: self.name.clone(),
+        };
+        if let Some(key) = key {
+            secret_policy(&self.store_id, &meta)
+                .verify(key, self.policy_mac.as_deref())
+                .map_err(|e| corrupt(format!("{} policy", self.row_name()), e))?;
+        }
+        Ok(meta)
+    }
+
+    fn into_meta(self, key: &MasterKey) -> Result<SecretMeta, StoreError> {
+        self.decode_meta(Some(key))
     }
 
     fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
         let sealed = self.sealed.take().unwrap_or_default();
         let (row, store_id) = (self.row_name(), self.store_id.clone());
-        let meta = self.into_meta()?;
+        let meta = self.into_meta(key)?;
         let aad = crypto::secret_aad(&store_id, &meta.name, meta.version);
         let value = crypto::open(key, &aad, &sealed).map_err(|e| corrupt(row, e))?;
         Ok(SecretRecord { meta, value })
@@ -1005,7 +1162,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::store::suite::{self, populate, value, Harness, CA_KEY, SECRET, SNAPSHOT};
+    use crate::store::suite::{
+        self, assert_corrupt, hosts, populate, value, Harness, CA_KEY, SECRET, SNAPSHOT,
+    };
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -1209,7 +1368,7 @@ mod tests {
         assert_eq!(get("foreign_keys"), 1);
         assert_eq!(get("synchronous"), 1); // NORMAL
         assert_eq!(get("secure_delete"), 1);
-        assert_eq!(get("user_version"), 1);
+        assert_eq!(get("user_version"), MIGRATIONS.len() as i64);
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
@@ -1224,5 +1383,175 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("sealgate.db"), "{err}");
+    }
+
+    // ---- policy MACs ------------------------------------------------------------------------
+
+    #[test]
+    fn tampered_allowed_hosts_or_locations_fail_closed() {
+        for (column, evil) in [
+            ("allowed_hosts", "'[\"evil.example\"]'"),
+            ("allowed_hosts", "NULL"),
+            ("locations", "'[\"header\",\"query\",\"body\"]'"),
+            ("policy_mac", "NULL"),
+        ] {
+            let fx = <Fixture as Harness>::new();
+            let store = fx.open();
+            let rec = populate(&store);
+            fx.raw()
+                .execute(&format!("UPDATE secrets SET {column} = {evil}"), [])
+                .unwrap();
+            assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
+            assert_corrupt(store.list_secrets(&rec.id).unwrap_err(), "policy");
+            drop(store);
+            // A restart does not bless it either.
+            assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
+        }
+    }
+
+    #[test]
+    fn tampered_egress_allowlist_fails_closed() {
+        for evil in ["NULL", "'[\"evil.example\"]'", "'[]'"] {
+            let fx = <Fixture as Harness>::new();
+            let store = fx.open();
+            let rec = populate(&store);
+            fx.raw()
+                .execute(&format!("UPDATE stores SET egress_allowlist = {evil}"), [])
+                .unwrap();
+            assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
+            assert_corrupt(store.find_store("prod").unwrap_err(), "egress_allowlist");
+            assert!(store.list_stores().is_err());
+            assert!(store.update_store(&rec.id, Some("renamed"), None).is_err());
+        }
+    }
+
+    #[test]
+    fn policy_copied_from_another_row_fails_closed() {
+        let fx = <Fixture as Harness>::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store
+            .put_secret(
+                &rec.id,
+                "OPEN",
+                &value(b"v"),
+                hosts(&["evil.example"]),
+                vec![Location::Header],
+            )
+            .unwrap();
+        // Copy OPEN's allowed_hosts *and* its MAC onto API_KEY: the MAC names its own row.
+        fx.raw()
+            .execute(
+                "UPDATE secrets SET (allowed_hosts, policy_mac) = \
+                 (SELECT allowed_hosts, policy_mac FROM secrets WHERE name = 'OPEN') \
+                 WHERE name = 'API_KEY'",
+                [],
+            )
+            .unwrap();
+        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "API_KEY");
+        let other = store.create_store("other", None).unwrap();
+        fx.raw()
+            .execute(
+                "UPDATE stores SET (egress_allowlist, policy_mac) = \
+                 (SELECT egress_allowlist, policy_mac FROM stores WHERE name = 'other') \
+                 WHERE name = 'prod'",
+                [],
+            )
+            .unwrap();
+        assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
+        assert!(store.get_store(&other.id).is_ok());
+    }
+
+    #[test]
+    fn legitimate_changes_keep_verifying() {
+        let fx = <Fixture as Harness>::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        store
+            .update_store(&rec.id, Some("renamed"), Some(None))
+            .unwrap();
+        store
+            .put_secret(
+                &rec.id,
+                "API_KEY",
+                &value(b"v2"),
+                None,
+                vec![Location::Body],
+            )
+            .unwrap();
+        drop(store);
+        let store = fx.open();
+        assert_eq!(store.get_store(&rec.id).unwrap().egress_allowlist, None);
+        let loaded = store.load_secrets(&rec.id).unwrap();
+        assert_eq!(loaded[0].meta.locations, vec![Location::Body]);
+    }
+
+    /// Turns the database at `fx` back into what a build without policy MACs wrote: schema 1,
+    /// no MAC columns, a v1 key-check record.
+    fn downgrade_to_v1(fx: &Fixture) {
+        let conn = fx.raw();
+        conn.execute_batch(
+            "ALTER TABLE stores DROP COLUMN policy_mac; ALTER TABLE secrets DROP COLUMN policy_mac; \
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let sealed = crypto::seal(&fx.key(), crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = ?2",
+            params![sealed, KEY_CHECK_ROW],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rows_from_before_policy_macs_are_migrated_once() {
+        let fx = <Fixture as Harness>::new();
+        let rec = populate(&fx.open());
+        downgrade_to_v1(&fx);
+        let store = fx.open();
+        assert_eq!(
+            store.load_secrets(&rec.id).unwrap()[0].value.expose(),
+            SECRET
+        );
+        assert_eq!(
+            store.get_store(&rec.id).unwrap().egress_allowlist,
+            hosts(&["api.example.com"])
+        );
+        drop(store);
+        // Migrated: from now on a missing or wrong MAC is tampering, not age.
+        fx.raw()
+            .execute(
+                "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]'",
+                [],
+            )
+            .unwrap();
+        assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
+    }
+
+    #[test]
+    fn rotation_re_macs_policies_and_refuses_tampered_ones() {
+        let fx = <Fixture as Harness>::new();
+        let new_key = MasterKey::generate();
+        let rec = {
+            let store = fx.open();
+            let rec = populate(&store);
+            store.rotate_master_key(&new_key).unwrap();
+            rec
+        };
+        let reopened = SqliteStore::open(fx.dir.path(), new_key.duplicate()).unwrap();
+        assert!(reopened.get_store(&rec.id).is_ok());
+        assert_eq!(reopened.load_secrets(&rec.id).unwrap().len(), 1);
+
+        fx.raw()
+            .execute(
+                "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]'",
+                [],
+            )
+            .unwrap();
+        let err = reopened
+            .rotate_master_key(&MasterKey::generate())
+            .unwrap_err();
+        assert_corrupt(err, "API_KEY");
+        reopened.check().unwrap();
     }
 }

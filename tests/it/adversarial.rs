@@ -7,23 +7,29 @@
 //! |---|---|
 //! | [`destination`] | CONNECT target parsing and normalisation |
 //! | [`vetting`] | address vetting (literals, DNS answers, own listeners) |
+//! | [`dns`] | DNS answers from a resolver the test controls: private, rebinding, mixed |
 //! | [`authority`] | requests inside a tunnel naming another host |
 //! | [`substitution`] | token handling |
 //! | [`smuggling`] | h1 framing (CL+TE and friends) |
 //! | [`exhaustion`] | oversized heads, slowloris, tunnel caps, h2 floods |
+//! | [`budgets`] | connection budgets: silent connections, one sandbox at its cap |
 //! | [`reflection`] | upstreams echoing real values back |
 //! | [`responses`] | hostile response channels (reason, names, codings, trailers) and bodiless answers |
 //! | [`key_material`] | tampered ciphertexts, admin reachability, leaf minting |
+//! | [`store_policy`] | tampered policy rows, a missing master key, unsealable values, open-store ports |
 //! | [`fuzz_smoke`] | the fuzz targets' oracles on mutated seeds (stable, bounded) |
 
 mod authority;
+mod budgets;
 mod destination;
+mod dns;
 mod exhaustion;
 mod fuzz_smoke;
 mod key_material;
 mod reflection;
 mod responses;
 mod smuggling;
+mod store_policy;
 mod substitution;
 mod vetting;
 
@@ -51,6 +57,20 @@ pub fn assert_upstream_untouched(e: &Env) {
 /// Leaves minted by the daemon so far.
 pub fn mints(e: &Env) -> u64 {
     e.h.daemon.as_ref().unwrap().proxy.leaves.stats().mints
+}
+
+/// Sets the store's allowlist to `*:<port>` for each of `ports`: any host on those ports (an
+/// unrestricted store only reaches 443 and 80), so address vetting is what a test exercises.
+pub async fn allow_any_host_on(e: &Env, ports: &[u16]) {
+    let allow: Vec<String> = ports.iter().map(|p| format!("*:{p}")).collect();
+    let (s, v) =
+        e.h.api(
+            http::Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(serde_json::json!({ "egress_allowlist": allow })),
+        )
+        .await;
+    assert_eq!(s, http::StatusCode::OK, "{v}");
 }
 
 /// The status of `CONNECT target` with the sandbox's credentials (0: closed without answer).

@@ -2,6 +2,7 @@
 //! proxy client.
 
 pub mod daemon;
+pub mod dns;
 pub mod echo;
 pub mod hostile;
 pub mod pg;

@@ -141,6 +141,7 @@ async fn plain_http_to_a_private_literal_is_refused() {
 async fn names_resolving_to_loopback_are_refused_after_dns() {
     // `localhost` resolves (from /etc/hosts, no network) to loopback only.
     let e = any_host().await;
+    super::allow_any_host_on(&e, &[e.echo.addr.port()]).await;
     let target = format!("localhost:{}", e.echo.addr.port());
     let tls = tls_tunnel(&e, &target, "localhost").await;
     let mut c = h1_over(tls).await;
@@ -162,9 +163,11 @@ async fn resolve_override_is_trusted_as_written() {
 
 #[tokio::test]
 async fn connect_to_own_listeners_is_refused_even_when_loopback_is_open() {
-    // Test default: 127.0.0.0/8 allowed. The proxy's and admin API's own ports stay refused.
+    // Test default: 127.0.0.0/8 allowed, and the allowlist names both ports (an unrestricted
+    // store only reaches 443/80): vetting alone keeps the proxy's and admin API's ports out.
     let e = setup(None, &[]).await;
     let admin: std::net::SocketAddr = e.h.admin_url.trim_start_matches("http://").parse().unwrap();
+    super::allow_any_host_on(&e, &[admin.port(), e.h.proxy.port()]).await;
     for target in [
         format!("127.0.0.1:{}", admin.port()),
         format!("127.0.0.1:{}", e.h.proxy.port()),

@@ -83,6 +83,8 @@ pub struct Opts {
     pub strict_vetting: bool,
     /// Extra tables appended at the end of the file (e.g. `[store]` and `[node]`).
     pub extra_toml: String,
+    /// With `strict_vetting`: these CIDRs only (e.g. `"127.0.0.2/32"`).
+    pub private_cidrs: Vec<String>,
 }
 
 impl Harness {
@@ -301,9 +303,13 @@ fn config_text(
         o.proxy_toml,
         pki.ca_file.display(),
         if o.strict_vetting {
-            ""
+            o.private_cidrs
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         } else {
-            "\"127.0.0.0/8\""
+            "\"127.0.0.0/8\"".to_owned()
         },
         o.upstream_toml,
         o.sandbox_toml,

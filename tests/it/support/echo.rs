@@ -124,6 +124,15 @@ impl Echo {
         start(Some(TlsAcceptor::from(cfg))).await
     }
 
+    /// Starts an HTTPS origin at `addr` (e.g. 127.0.0.2 with the port of a decoy on
+    /// 127.0.0.3, for the DNS tests).
+    ///
+    /// # Panics
+    /// If binding fails.
+    pub async fn start_tls_at(addr: SocketAddr, cfg: Arc<rustls::ServerConfig>) -> Echo {
+        start_at(addr, Some(TlsAcceptor::from(cfg))).await
+    }
+
     /// Starts a plain-HTTP origin (HTTP/1.1; HTTP/2 prior knowledge is also understood).
     ///
     /// # Panics
@@ -169,9 +178,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 // Accepting and serving connections
 
 async fn start(tls: Option<TlsAcceptor>) -> Echo {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind echo origin");
+    start_at(([127, 0, 0, 1], 0).into(), tls).await
+}
+
+async fn start_at(addr: SocketAddr, tls: Option<TlsAcceptor>) -> Echo {
+    let listener = TcpListener::bind(addr).await.expect("bind echo origin");
     let addr = listener.local_addr().expect("echo origin address");
     let state = Arc::new(State::default());
     let (tx, rx) = watch::channel(());

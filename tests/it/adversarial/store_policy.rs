@@ -1,0 +1,198 @@
+//! The store's own integrity (issue 12): policy columns altered by someone who can write the
+//! database but lacks the master key fail closed; a missing `master.key` beside an existing
+//! database is refused without writing a new key; secret values that could never be unsealed
+//! into a header are refused at write time; an unrestricted store (`egress_allowlist = null`)
+//! reaches any public host on the default ports only.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use super::{connect_status, API};
+use crate::proxy_explicit::setup;
+use crate::support::daemon::{logs_text, Harness, Opts};
+use crate::support::pki::TestPki;
+use crate::support::proxy_client as pc;
+
+fn db_path(h: &Harness) -> PathBuf {
+    h.daemon.as_ref().unwrap().db_path.clone()
+}
+
+fn sql(db: &Path, statement: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(conn.execute(statement, []).unwrap() > 0, "{statement}");
+}
+
+/// A daemon with store `s` (allowlist `api.example.test`) holding `KEY` for that host only.
+async fn populated(value: &str) -> Harness {
+    let h = Harness::start().await;
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    h.secret(
+        &store,
+        "KEY",
+        value,
+        Some(&["api.example.test"]),
+        Some(&["header"]),
+    )
+    .await;
+    h
+}
+
+/// Sandbox creation from `s` fails closed: 500, no token issued, no sandbox left.
+async fn assert_sandbox_refused(h: &Harness) {
+    let (s, v) = h
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(
+        !v.to_string().contains("osb_sealed_"),
+        "a token was issued: {v}"
+    );
+    let (_, list) = h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    assert!(logs_text().contains("policy failed to authenticate"));
+}
+
+#[tokio::test]
+async fn a_secret_pointed_at_another_host_in_the_database_fails_closed() {
+    let h = populated("sk-adv-policy-0611").await;
+    sql(
+        &db_path(&h),
+        "UPDATE secrets SET allowed_hosts = '[\"evil.example.test\"]'",
+    );
+    assert_sandbox_refused(&h).await;
+}
+
+#[tokio::test]
+async fn widened_locations_in_the_database_fail_closed() {
+    let h = populated("sk-adv-policy-0612").await;
+    sql(
+        &db_path(&h),
+        "UPDATE secrets SET locations = '[\"header\",\"query\",\"body\"]'",
+    );
+    assert_sandbox_refused(&h).await;
+}
+
+#[tokio::test]
+async fn an_opened_store_allowlist_in_the_database_fails_closed() {
+    let h = populated("sk-adv-policy-0613").await;
+    sql(&db_path(&h), "UPDATE stores SET egress_allowlist = NULL");
+    assert_sandbox_refused(&h).await;
+    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(
+        s,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "a tampered store is not listed as valid"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_master_key_beside_a_database_is_refused_without_creating_one() {
+    let pki = Arc::new(TestPki::new());
+    let mut h = Harness::try_start(Opts::default(), Some(pki.clone()))
+        .await
+        .unwrap();
+    h.store("s", None).await;
+    let db = db_path(&h);
+    let data_dir = db.parent().unwrap().to_path_buf();
+    h.stop().await;
+    let key_file = data_dir.join("master.key");
+    std::fs::remove_file(&key_file).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let opts = Opts {
+        data_dir: Some(data_dir.clone()),
+        ..Default::default()
+    };
+    let err = match Harness::try_start(opts, Some(pki)).await {
+        Ok(_) => panic!("daemon started without its master key"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("master.key") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(err.contains("no new key was written"), "{err}");
+    assert!(!key_file.exists(), "a new key file was written");
+    let after: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "nothing was created in the data directory");
+}
+
+#[tokio::test]
+async fn secret_values_with_control_characters_are_refused_and_tab_is_unsealed() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    for bad in [
+        "sk-\u{1}x",
+        "sk-\u{1b}[31m",
+        "sk-\u{7f}",
+        "sk-\u{1f}",
+        "a\r\nb",
+        "\0",
+    ] {
+        let (s, v) =
+            e.h.api(
+                Method::PUT,
+                &format!("/v1/stores/{}/secrets/K", e.store),
+                Some(json!({"value": bad, "locations": ["header"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad:?}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_secret_value", "{bad:?}: {v}");
+    }
+    // Tab is allowed in header values (RFC 9110) and is unsealed there.
+    let value = "sk-tab\tinside-0614";
+    e.h.secret(&e.store, "TAB", value, None, Some(&["header"]))
+        .await;
+    let sb = pc::SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let token = sb.token("TAB");
+    let mut c = pc::h1(e.h.proxy, &sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("x-api-key", &token)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = e.echo.requests().last().unwrap().header("x-api-key");
+    assert_eq!(got.as_deref(), Some(value));
+}
+
+#[tokio::test]
+async fn an_unrestricted_store_reaches_default_ports_only() {
+    let e = setup(None, &[]).await;
+    let (status, _) = connect_status(&e, API).await;
+    assert_eq!(status, 200, "port 443 of any public host");
+    for target in [
+        "api.example.test:8443",
+        "api.example.test:22",
+        "api.example.test:80",
+    ] {
+        let (status, text) = connect_status(&e, target).await;
+        assert_eq!(status, 403, "{target}: {text}");
+        assert!(text.contains("egress_denied"), "{target}: {text}");
+    }
+    let plain = super::raw_proxy(
+        e.h.proxy,
+        format!(
+            "GET http://api.example.test:8080/ HTTP/1.1\r\nHost: api.example.test:8080\r\n\
+             Proxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            e.sb.proxy_auth()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(super::status_of(&plain), 403, "{plain}");
+    assert_eq!(e.echo.connections(), 0);
+}
