@@ -226,7 +226,10 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     if !netns_ready() {
         return;
     }
-    let e = setup().await;
+    let e = setup_with(
+        "max_output_bytes = 1000\nmax_commands_per_sandbox = 2\ncommand_timeout_secs = 3\n",
+    )
+    .await;
     let sb = isolated(&e.h, json!({})).await;
     let sid = id(&sb);
     let r = ok(&e.h, &sid, "echo out; echo err >&2; exit 3").await;
@@ -261,6 +264,8 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
         !procs.contains("sleep 313"),
         "timed-out processes survived:\n{procs}"
     );
+    let r = ok(&e.h, &sid, "sleep 3133").await; // command_timeout_secs = 3 applies
+    assert_eq!(r["timed_out"], true, "{r}");
 
     let r = ok(&e.h, &sid, "echo x > /etc/x; echo rc=$?").await;
     assert!(

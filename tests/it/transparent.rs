@@ -230,7 +230,7 @@ async fn assert_gone(e: &Env, n: &Names) {
         ("iptables", "filter"),
         ("ip6tables", "filter"),
     ] {
-        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).unwrap_or_default();
+        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).expect("reading the rule set");
         assert!(
             !dump.contains(&chain) && !dump.split_whitespace().any(|w| w == n.host_if),
             "{prog} -t {table} still has rules for {}:\n{dump}",
