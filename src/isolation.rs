@@ -227,6 +227,11 @@ impl Isolation {
         match built {
             Ok(iso) => {
                 self.lock().insert(info.id.clone(), iso);
+                if self.sandboxes.registry().get(&info.id).is_none() {
+                    // Expired or deleted while its namespace was being built.
+                    self.end(&[Arc::from(info.id.as_str())]).await;
+                    return Err(SandboxError::NotFound(info.id).into());
+                }
                 self.decorate(&mut info);
                 tracing::info!(sandbox = %info.id, netns = ?info.netns.as_ref().map(|n| &n.name), "isolated sandbox ready");
                 Ok(info)

@@ -363,83 +363,29 @@ pub fn audit_cmd(cmd: &str) -> &str {
     &cmd[..end]
 }
 
+/// Spawn → output pumps and stdin → wait (or kill at the timeout or when the client left)
+/// → drain → outcome.
 async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcome {
-    let failed = |code| Outcome {
-        exit_code: code,
-        timed_out: false,
-        truncated: false,
-        duration_ms: started.elapsed().as_millis() as u64,
-    };
-    let mut cmd = tokio::process::Command::new(&p.argv[0]);
-    cmd.args(&p.argv[1..])
-        .env_clear()
-        .envs(&p.env)
-        .stdin(if p.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let elapsed = || started.elapsed().as_millis() as u64;
+    let mut child = match command(p).spawn() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(sandbox = %p.iso.sandbox.id, error = %e, "cannot start a command");
             let msg = format!("sealgate: cannot start the command: {e}\n").into_bytes();
             let _ = tx.send(Piece::Out(Which::Stderr, msg)).await;
-            return failed(127);
+            return Outcome::failed(127, elapsed());
         }
     };
     let truncated = Arc::new(AtomicBool::new(false));
-    let mut pumps = tokio::task::JoinSet::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.spawn(pump(
-            out,
-            Which::Stdout,
-            p.max_output,
-            tx.clone(),
-            truncated.clone(),
-        ));
-    }
-    if let Some(err) = child.stderr.take() {
-        pumps.spawn(pump(
-            err,
-            Which::Stderr,
-            p.max_output,
-            tx.clone(),
-            truncated.clone(),
-        ));
-    }
-    if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {
-        tokio::spawn(async move {
-            let _ = sink.write_all(input.as_bytes()).await;
-        });
-    }
-    let pgid = child.id();
-    let status = tokio::select! {
-        st = child.wait() => st.ok(),
-        _ = tokio::time::sleep(p.timeout) => None,
-        _ = tx.closed() => None,
-    };
-    let timed_out = status.is_none() && !tx.is_closed();
-    let status = match status {
-        Some(st) => st,
-        None => {
-            kill_group(pgid);
-            let _ = child.start_kill();
-            match child.wait().await {
-                Ok(st) => st,
-                Err(_) => return failed(137),
-            }
-        }
+    let mut pumps = start_io(&mut child, p, tx, &truncated);
+    let Some((status, timed_out)) = wait_or_kill(&mut child, p.timeout, tx).await else {
+        return Outcome::failed(137, elapsed());
     };
     let _ = tokio::time::timeout(DRAIN_GRACE, async {
         while pumps.join_next().await.is_some() {}
     })
     .await;
-    // Killed because the sandbox's own timeout ended it (expiry tears the namespace down).
+    // Killed because the sandbox's own lifetime ended (expiry tears the namespace down).
     let expired =
         exit_code(status) >= 128 && p.iso.sandbox.is_expired(time::OffsetDateTime::now_utc());
     let timed_out = timed_out || expired;
@@ -451,8 +397,86 @@ async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcom
         },
         timed_out,
         truncated: truncated.load(Ordering::Acquire),
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: elapsed(),
     }
+}
+
+impl Outcome {
+    fn failed(exit_code: i32, duration_ms: u64) -> Outcome {
+        Outcome {
+            exit_code,
+            timed_out: false,
+            truncated: false,
+            duration_ms,
+        }
+    }
+}
+
+/// The process: its own process group (so a timeout kills all of it), an environment built
+/// from nothing, piped output.
+fn command(p: &Prepared) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&p.argv[0]);
+    let stdin = if p.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.args(&p.argv[1..])
+        .env_clear()
+        .envs(&p.env)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts one pump per output stream and the stdin writer.
+fn start_io(
+    child: &mut tokio::process::Child,
+    p: &Prepared,
+    tx: &mpsc::Sender<Piece>,
+    truncated: &Arc<AtomicBool>,
+) -> tokio::task::JoinSet<()> {
+    let mut pumps = tokio::task::JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        let (tx, t) = (tx.clone(), truncated.clone());
+        pumps.spawn(pump(out, Which::Stdout, p.max_output, tx, t));
+    }
+    if let Some(err) = child.stderr.take() {
+        let (tx, t) = (tx.clone(), truncated.clone());
+        pumps.spawn(pump(err, Which::Stderr, p.max_output, tx, t));
+    }
+    if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {
+        tokio::spawn(async move {
+            let _ = sink.write_all(input.as_bytes()).await;
+        });
+    }
+    pumps
+}
+
+/// Waits for the command; at the timeout, or when the client went away, SIGKILLs its process
+/// group. Returns the exit status and whether the timeout ended it (None if the status could
+/// not be read).
+async fn wait_or_kill(
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+    tx: &mpsc::Sender<Piece>,
+) -> Option<(std::process::ExitStatus, bool)> {
+    let pgid = child.id();
+    let status = tokio::select! {
+        st = child.wait() => st.ok(),
+        _ = tokio::time::sleep(timeout) => None,
+        _ = tx.closed() => None,
+    };
+    if let Some(st) = status {
+        return Some((st, false));
+    }
+    let timed_out = !tx.is_closed();
+    kill_group(pgid);
+    let _ = child.start_kill();
+    child.wait().await.ok().map(|st| (st, timed_out))
 }
 
 /// SIGKILL to the command's process group (bwrap and everything it started outside its
