@@ -379,6 +379,40 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
         (exit["exit_code"].as_i64(), exit["timed_out"].as_bool()),
         (Some(5), Some(false))
     );
+
+    // A client that goes away takes its command with it (plain and streamed).
+    for accept in ["application/json", "text/event-stream"] {
+        let req = Request::post(format!("{}/v1/sandboxes/{sid}/commands", h.h.admin_url))
+            .header("authorization", format!("Bearer {}", h.h.token))
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(Full::new(Bytes::from(
+                json!({"cmd": "sleep 3161", "timeout": 600}).to_string(),
+            )))
+            .unwrap();
+        let c = client.clone();
+        let gone = tokio::spawn(async move {
+            let resp = c.request(req).await.unwrap();
+            let _ = resp.into_body().collect().await;
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161"));
+        gone.abort();
+        let _ = gone.await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{accept}: the command outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
