@@ -232,6 +232,19 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     .await;
     let sb = isolated(&e.h, json!({})).await;
     let sid = id(&sb);
+    // The request's environment reaches the command only: a PATH that would break the
+    // root-run steps on the way in (`ip`, `bwrap`, `setpriv`) changes nothing for them.
+    let (_, r) = command(
+        &e.h,
+        &sid,
+        json!({"cmd": "echo \"$PATH\"", "env": {"PATH": "/nonexistent-sealgate"}}),
+    )
+    .await;
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (Some(0), Some("/nonexistent-sealgate\n")),
+        "{r}"
+    );
     let r = ok(&e.h, &sid, "echo out; echo err >&2; exit 3").await;
     assert_eq!(
         (
