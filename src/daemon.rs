@@ -136,8 +136,8 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let (store, key_source) = crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
     let store: Arc<dyn Store> = Arc::new(store);
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
-    let listeners = Listeners::bind(&cfg).await?;
     let swept = sweep_namespaces().await;
+    let listeners = Listeners::bind(&cfg).await?;
     let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr)?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
