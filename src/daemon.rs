@@ -144,8 +144,8 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
-    let listeners = Listeners::bind(&cfg).await?;
     let swept = sweep_namespaces().await;
+    let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
     let metrics = Arc::new(Metrics::new());

@@ -226,9 +226,25 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     if !netns_ready() {
         return;
     }
-    let e = setup().await;
+    let e = setup_with(
+        "max_output_bytes = 1000\nmax_commands_per_sandbox = 2\ncommand_timeout_secs = 3\n",
+    )
+    .await;
     let sb = isolated(&e.h, json!({})).await;
     let sid = id(&sb);
+    // The request's environment reaches the command only: a PATH that would break the
+    // root-run steps on the way in (`ip`, `bwrap`, `setpriv`) changes nothing for them.
+    let (_, r) = command(
+        &e.h,
+        &sid,
+        json!({"cmd": "echo \"$PATH\"", "env": {"PATH": "/nonexistent-sealgate"}}),
+    )
+    .await;
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (Some(0), Some("/nonexistent-sealgate\n")),
+        "{r}"
+    );
     let r = ok(&e.h, &sid, "echo out; echo err >&2; exit 3").await;
     assert_eq!(
         (
@@ -261,6 +277,8 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
         !procs.contains("sleep 313"),
         "timed-out processes survived:\n{procs}"
     );
+    let r = ok(&e.h, &sid, "sleep 3133").await; // command_timeout_secs = 3 applies
+    assert_eq!(r["timed_out"], true, "{r}");
 
     let r = ok(&e.h, &sid, "echo x > /etc/x; echo rc=$?").await;
     assert!(
@@ -374,6 +392,40 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
         (exit["exit_code"].as_i64(), exit["timed_out"].as_bool()),
         (Some(5), Some(false))
     );
+
+    // A client that goes away takes its command with it (plain and streamed).
+    for accept in ["application/json", "text/event-stream"] {
+        let req = Request::post(format!("{}/v1/sandboxes/{sid}/commands", h.h.admin_url))
+            .header("authorization", format!("Bearer {}", h.h.token))
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(Full::new(Bytes::from(
+                json!({"cmd": "sleep 3161", "timeout": 600}).to_string(),
+            )))
+            .unwrap();
+        let c = client.clone();
+        let gone = tokio::spawn(async move {
+            let resp = c.request(req).await.unwrap();
+            let _ = resp.into_body().collect().await;
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161"));
+        gone.abort();
+        let _ = gone.await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{accept}: the command outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,4 +653,125 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_gone(&names(&sb), "no-such-marker-sealgate");
+}
+
+/// A real daemon process (`sealgate serve`) on fixed free ports, for crash tests.
+struct Process {
+    child: std::process::Child,
+    admin: String,
+    token: String,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Process {
+    fn start(dir: &std::path::Path, admin_port: u16) -> Process {
+        let cfg = dir.join("proxy.toml");
+        let text = format!(
+            "data_dir = \"{0}/data\"\ncert_dir = \"{0}/certs\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+             [proxy]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{0}/audit.log\"\n",
+            dir.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sealgate"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .env_remove("SEALGATE_ADMIN_TOKEN")
+            .env_remove("SEALGATE_MASTER_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sealgate serve");
+        let token_file = dir.join("data/admin.token");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err()
+            || !token_file.exists()
+        {
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Process {
+            child,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            token: std::fs::read_to_string(token_file)
+                .unwrap()
+                .trim()
+                .to_owned(),
+        }
+    }
+
+    async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap();
+        let resp = client.request(req).await.expect("admin API");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandboxes_end() {
+    if !netns_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut first = Process::start(dir.path(), port);
+    let (s, v) = first
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "s"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let body = json!({"secret_store": "s", "isolation": "netns"});
+    let (s, sb) = first.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{sb}");
+    let (s, plain) = first
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{plain}");
+    let n = names(&sb);
+    first.child.kill().unwrap(); // SIGKILL: no shutdown, no Drop
+    first.child.wait().unwrap();
+    let v = host_view();
+    assert!(
+        word(&v.netns, &n.netns) && v.rules.contains(&n.chain),
+        "the crash left it"
+    );
+
+    let second = Process::start(dir.path(), port);
+    assert_gone(&n, "no-such-marker-sealgate");
+    let (s, _) = second
+        .api(Method::GET, &format!("/v1/sandboxes/{}", id(&sb)), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "an isolated sandbox was restored");
+    let (s, _) = second
+        .api(Method::GET, &format!("/v1/sandboxes/{}", id(&plain)), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "a proxy-only sandbox is restored");
 }

@@ -130,6 +130,10 @@ pub(crate) fn netns_ready() -> bool {
     require("network namespaces + iptables (root)", netns_check())
 }
 
+/// Stdlib-only scripts inside the sandbox use the system interpreter on the sandbox's `PATH`:
+/// commands run as `nobody`, who cannot reach a venv or pyenv under the runner's home.
+const SANDBOX_PYTHON: &str = "python3";
+
 fn python() -> String {
     std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -230,7 +234,7 @@ async fn assert_gone(e: &Env, n: &Names) {
         ("iptables", "filter"),
         ("ip6tables", "filter"),
     ] {
-        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).unwrap_or_default();
+        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).expect("reading the rule set");
         assert!(
             !dump.contains(&chain) && !dump.split_whitespace().any(|w| w == n.host_if),
             "{prog} -t {table} still has rules for {}:\n{dump}",
@@ -345,8 +349,7 @@ async fn plain_http_on_port_80_is_routed_by_host_and_never_unsealed() {
          http://plain.example.test/echo -H \"x-api-key: $KEY\"; \
          curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}\\n' http://other.example.test/echo \
          --resolve other.example.test:80:198.18.0.1; \
-         {} -c \"{dup_host}\"",
-        python()
+         {SANDBOX_PYTHON} -c \"{dup_host}\""
     );
     let started = std::time::Instant::now();
     let r = sh(&e, &script).await;
@@ -456,7 +459,7 @@ for name, port in zip(['admin', 'explicit', 'transparent'], sys.argv[4:]):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_tcp_udp_and_sealgate_ports_are_unreachable_from_the_namespace() {
-    let py = python();
+    let py = SANDBOX_PYTHON.to_owned();
     if !netns_ready() {
         return;
     }
