@@ -6,7 +6,9 @@
 //! directory — hidden under an empty tmpfs; the sandbox's own `home/` at `/home/user` and
 //! `tmp/` at `/tmp`, both writable; the CA at [`CA_INSIDE`]; dies with its parent) →
 //! `setpriv` (drops to `[sandbox] run_as` with `no_new_privs` and no capabilities) →
-//! `sh -c CMD`. The environment is built from nothing: never the daemon's own.
+//! `sh -c CMD`. The command's environment is built from nothing (never the daemon's own) and
+//! reaches it through a file sourced inside ([`EnvFile`]): the root-run steps on the way in
+//! see only a fixed `PATH`.
 //!
 //! Rules: output beyond `max_output_bytes` per stream is drained and dropped (`truncated`);
 //! past its timeout — or the sandbox's, whichever comes first — the whole process group is
@@ -17,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -134,7 +136,8 @@ pub enum Piece {
 struct Prepared {
     iso: Arc<Isolated>,
     argv: Vec<String>,
-    env: BTreeMap<String, String>,
+    /// The command's environment, as a file only the command reads (removed on drop).
+    env_file: EnvFile,
     stdin: Option<String>,
     timeout: Duration,
     max_output: usize,
@@ -204,16 +207,18 @@ fn prepare(
         .clone()
         .try_acquire_owned()
         .map_err(|_| IsolationError::TooManyCommands(id.to_owned(), cfg.max_commands))?;
+    let env_file = EnvFile::write(&iso.dir, &run_as, &environment(&iso, &run_as, extra))?;
     let ctx = Sandboxed {
         netns: &iso.info.name,
         dir: &iso.dir,
         data_dir: &isolation.data_dir,
         run_as: &run_as,
         cwd: &cwd,
+        env_file: &env_file.0,
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),
-        env: environment(&iso, &run_as, extra),
+        env_file,
         stdin: req.stdin,
         timeout,
         max_output: cfg.max_output_bytes,
@@ -251,6 +256,8 @@ pub struct Sandboxed<'a> {
     pub run_as: &'a RunAs,
     /// Working directory inside.
     pub cwd: &'a str,
+    /// The command's environment file (bound read-only at [`ENV_INSIDE`]).
+    pub env_file: &'a Path,
 }
 
 /// The full argv (pure): `ip netns exec` → `bwrap` → `setpriv` → `sh -c cmd`.
@@ -278,6 +285,9 @@ pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
         "--ro-bind".into(),
         path(&s.dir.join("ca.pem")),
         CA_INSIDE.into(),
+        "--ro-bind".into(),
+        path(s.env_file),
+        ENV_INSIDE.into(),
         "--dev".into(),
         "/dev".into(),
         "--proc".into(),
@@ -301,8 +311,63 @@ pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
         .map(String::from),
     );
     v.extend(s.run_as.setpriv_args());
-    v.extend(["sh".into(), "-c".into(), cmd.into()]);
+    v.extend(["sh", "-c", ENV_WRAPPER, "sh", cmd].map(String::from));
     v
+}
+
+/// Inside: the command's environment file.
+pub const ENV_INSIDE: &str = "/run/sealgate/env";
+/// Loads the environment file, then runs the command (`$1`) as `sh -c` would.
+const ENV_WRAPPER: &str = ". /run/sealgate/env && exec /bin/sh -c \"$1\"";
+
+/// The environment of one command, written as `export NAME='value'` lines to
+/// `<dir>/cmd-<random>.env` (0400, owned by `run_as`), bound read-only into the sandbox and
+/// sourced there. The processes that run as root on the way in (`ip`, `bwrap`, `setpriv`)
+/// therefore see only a fixed `PATH`: a request cannot hand them `LD_PRELOAD` or any other
+/// variable, and the values never appear in any process's argv.
+struct EnvFile(PathBuf);
+
+impl EnvFile {
+    fn write(
+        dir: &Path,
+        run_as: &RunAs,
+        env: &BTreeMap<String, String>,
+    ) -> Result<EnvFile, IsolationError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = dir.join(format!(
+            "cmd-{}.env",
+            crate::sandbox::lifecycle::random_hex(8)
+        ));
+        let io = |e| IsolationError::Io {
+            what: "writing a command's environment file".into(),
+            source: e,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .map_err(io)?;
+        let file = EnvFile(path);
+        f.write_all(render_env(env).as_bytes()).map_err(io)?;
+        std::os::unix::fs::fchown(&f, Some(run_as.uid), Some(run_as.gid)).map_err(io)?;
+        Ok(file)
+    }
+}
+
+impl Drop for EnvFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `export NAME='value'` lines (names are checked identifiers; values single-quoted, each
+/// `'` written as `'\''`), so any value — newlines, quotes, `$` — arrives byte for byte.
+pub fn render_env(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(k, v)| format!("export {k}='{}'\n", v.replace('\'', "'\\''")))
+        .collect()
 }
 
 /// The command's whole environment: a base, the sealed tokens, the CA variables, the
@@ -363,83 +428,29 @@ pub fn audit_cmd(cmd: &str) -> &str {
     &cmd[..end]
 }
 
+/// Spawn → output pumps and stdin → wait (or kill at the timeout or when the client left)
+/// → drain → outcome.
 async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcome {
-    let failed = |code| Outcome {
-        exit_code: code,
-        timed_out: false,
-        truncated: false,
-        duration_ms: started.elapsed().as_millis() as u64,
-    };
-    let mut cmd = tokio::process::Command::new(&p.argv[0]);
-    cmd.args(&p.argv[1..])
-        .env_clear()
-        .envs(&p.env)
-        .stdin(if p.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let elapsed = || started.elapsed().as_millis() as u64;
+    let mut child = match command(p).spawn() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(sandbox = %p.iso.sandbox.id, error = %e, "cannot start a command");
             let msg = format!("sealgate: cannot start the command: {e}\n").into_bytes();
             let _ = tx.send(Piece::Out(Which::Stderr, msg)).await;
-            return failed(127);
+            return Outcome::failed(127, elapsed());
         }
     };
     let truncated = Arc::new(AtomicBool::new(false));
-    let mut pumps = tokio::task::JoinSet::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.spawn(pump(
-            out,
-            Which::Stdout,
-            p.max_output,
-            tx.clone(),
-            truncated.clone(),
-        ));
-    }
-    if let Some(err) = child.stderr.take() {
-        pumps.spawn(pump(
-            err,
-            Which::Stderr,
-            p.max_output,
-            tx.clone(),
-            truncated.clone(),
-        ));
-    }
-    if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {
-        tokio::spawn(async move {
-            let _ = sink.write_all(input.as_bytes()).await;
-        });
-    }
-    let pgid = child.id();
-    let status = tokio::select! {
-        st = child.wait() => st.ok(),
-        _ = tokio::time::sleep(p.timeout) => None,
-        _ = tx.closed() => None,
-    };
-    let timed_out = status.is_none() && !tx.is_closed();
-    let status = match status {
-        Some(st) => st,
-        None => {
-            kill_group(pgid);
-            let _ = child.start_kill();
-            match child.wait().await {
-                Ok(st) => st,
-                Err(_) => return failed(137),
-            }
-        }
+    let mut pumps = start_io(&mut child, p, tx, &truncated);
+    let Some((status, timed_out)) = wait_or_kill(&mut child, p.timeout, tx).await else {
+        return Outcome::failed(137, elapsed());
     };
     let _ = tokio::time::timeout(DRAIN_GRACE, async {
         while pumps.join_next().await.is_some() {}
     })
     .await;
-    // Killed because the sandbox's own timeout ended it (expiry tears the namespace down).
+    // Killed because the sandbox's own lifetime ended (expiry tears the namespace down).
     let expired =
         exit_code(status) >= 128 && p.iso.sandbox.is_expired(time::OffsetDateTime::now_utc());
     let timed_out = timed_out || expired;
@@ -451,8 +462,86 @@ async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcom
         },
         timed_out,
         truncated: truncated.load(Ordering::Acquire),
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: elapsed(),
     }
+}
+
+impl Outcome {
+    fn failed(exit_code: i32, duration_ms: u64) -> Outcome {
+        Outcome {
+            exit_code,
+            timed_out: false,
+            truncated: false,
+            duration_ms,
+        }
+    }
+}
+
+/// The process: its own process group (so a timeout kills all of it), nothing but a fixed
+/// `PATH` in its environment (the command's own comes from its [`EnvFile`]), piped output.
+fn command(p: &Prepared) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&p.argv[0]);
+    let stdin = if p.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.args(&p.argv[1..])
+        .env_clear()
+        .env("PATH", PATH)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts one pump per output stream and the stdin writer.
+fn start_io(
+    child: &mut tokio::process::Child,
+    p: &Prepared,
+    tx: &mpsc::Sender<Piece>,
+    truncated: &Arc<AtomicBool>,
+) -> tokio::task::JoinSet<()> {
+    let mut pumps = tokio::task::JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        let (tx, t) = (tx.clone(), truncated.clone());
+        pumps.spawn(pump(out, Which::Stdout, p.max_output, tx, t));
+    }
+    if let Some(err) = child.stderr.take() {
+        let (tx, t) = (tx.clone(), truncated.clone());
+        pumps.spawn(pump(err, Which::Stderr, p.max_output, tx, t));
+    }
+    if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {
+        tokio::spawn(async move {
+            let _ = sink.write_all(input.as_bytes()).await;
+        });
+    }
+    pumps
+}
+
+/// Waits for the command; at the timeout, or when the client went away, SIGKILLs its process
+/// group. Returns the exit status and whether the timeout ended it (None if the status could
+/// not be read).
+async fn wait_or_kill(
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+    tx: &mpsc::Sender<Piece>,
+) -> Option<(std::process::ExitStatus, bool)> {
+    let pgid = child.id();
+    let status = tokio::select! {
+        st = child.wait() => st.ok(),
+        _ = tokio::time::sleep(timeout) => None,
+        _ = tx.closed() => None,
+    };
+    if let Some(st) = status {
+        return Some((st, false));
+    }
+    let timed_out = !tx.is_closed();
+    kill_group(pgid);
+    let _ = child.start_kill();
+    child.wait().await.ok().map(|st| (st, timed_out))
 }
 
 /// SIGKILL to the command's process group (bwrap and everything it started outside its
@@ -647,6 +736,25 @@ mod tests {
     }
 
     #[test]
+    fn env_file_round_trips_through_sh() {
+        let env: BTreeMap<String, String> = [
+            ("A".to_owned(), "it's $HOME `x` \"q\"\nline2\\".to_owned()),
+            ("B".to_owned(), String::new()),
+        ]
+        .into();
+        let text = render_env(&env);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("{text}printf '%s|%s' \"$A\" \"$B\"")])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{}|", env["A"])
+        );
+    }
+
+    #[test]
     fn audit_cmd_is_cut_at_a_char_boundary() {
         assert_eq!(audit_cmd("echo hi"), "echo hi");
         let long = "é".repeat(200);
@@ -668,6 +776,7 @@ mod tests {
             data_dir: Path::new("/d"),
             run_as: &run_as,
             cwd: "/home/user",
+            env_file: Path::new("/d/sandboxes/sbx_1/cmd-1.env"),
         };
         let v = bwrap_argv(&s, "echo $X");
         let line = v.join(" ");
@@ -676,7 +785,11 @@ mod tests {
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
         assert!(line.contains("--unshare-pid") && line.contains("--die-with-parent"));
         assert!(line.contains("setpriv --reuid 65534 --regid 65534 --init-groups --no-new-privs"));
-        assert_eq!(&v[v.len() - 3..], ["sh", "-c", "echo $X"]);
+        assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/cmd-1.env /run/sealgate/env"));
+        assert_eq!(
+            &v[v.len() - 5..],
+            ["sh", "-c", ENV_WRAPPER, "sh", "echo $X"]
+        );
         assert_eq!(cwd_inside(Some("sub")).unwrap(), "/home/user/sub");
         assert_eq!(cwd_inside(None).unwrap(), "/home/user");
         assert!(cwd_inside(Some("a\0b")).is_err());

@@ -226,9 +226,25 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     if !netns_ready() {
         return;
     }
-    let e = setup().await;
+    let e = setup_with(
+        "max_output_bytes = 1000\nmax_commands_per_sandbox = 2\ncommand_timeout_secs = 3\n",
+    )
+    .await;
     let sb = isolated(&e.h, json!({})).await;
     let sid = id(&sb);
+    // The request's environment reaches the command only: a PATH that would break the
+    // root-run steps on the way in (`ip`, `bwrap`, `setpriv`) changes nothing for them.
+    let (_, r) = command(
+        &e.h,
+        &sid,
+        json!({"cmd": "echo \"$PATH\"", "env": {"PATH": "/nonexistent-sealgate"}}),
+    )
+    .await;
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (Some(0), Some("/nonexistent-sealgate\n")),
+        "{r}"
+    );
     let r = ok(&e.h, &sid, "echo out; echo err >&2; exit 3").await;
     assert_eq!(
         (
@@ -261,6 +277,8 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
         !procs.contains("sleep 313"),
         "timed-out processes survived:\n{procs}"
     );
+    let r = ok(&e.h, &sid, "sleep 3133").await; // command_timeout_secs = 3 applies
+    assert_eq!(r["timed_out"], true, "{r}");
 
     let r = ok(&e.h, &sid, "echo x > /etc/x; echo rc=$?").await;
     assert!(
@@ -374,6 +392,40 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
         (exit["exit_code"].as_i64(), exit["timed_out"].as_bool()),
         (Some(5), Some(false))
     );
+
+    // A client that goes away takes its command with it (plain and streamed).
+    for accept in ["application/json", "text/event-stream"] {
+        let req = Request::post(format!("{}/v1/sandboxes/{sid}/commands", h.h.admin_url))
+            .header("authorization", format!("Bearer {}", h.h.token))
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(Full::new(Bytes::from(
+                json!({"cmd": "sleep 3161", "timeout": 600}).to_string(),
+            )))
+            .unwrap();
+        let c = client.clone();
+        let gone = tokio::spawn(async move {
+            let resp = c.request(req).await.unwrap();
+            let _ = resp.into_body().collect().await;
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161"));
+        gone.abort();
+        let _ = gone.await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run_ok("ps", &["-eo", "args"])
+            .expect("ps")
+            .contains("sleep 3161")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{accept}: the command outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

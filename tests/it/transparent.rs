@@ -34,12 +34,20 @@ struct Env {
 /// Daemon with a transparent listener; `api.example.test` and `other.example.test` resolve to
 /// the TLS echo, `plain.example.test` to a plain-HTTP echo. Store `s` allows `api` and `plain`.
 async fn setup() -> Env {
+    setup_as("nobody").await
+}
+
+/// [`setup`] with commands running as `run_as` (the interop tests of clients installed under
+/// the test runner's home, e.g. `/root/.pyenv`, run them as root: confinement by `run_as` is
+/// covered in `isolation.rs`; the sandbox is the same otherwise).
+async fn setup_as(run_as: &str) -> Env {
     let pki = Arc::new(TestPki::new());
     let names = ["api.example.test", "other.example.test"];
     let echo = Echo::start_tls(pki.server_config(&names, &[])).await;
     let plain = Echo::start_plain().await;
     let mut opts = Opts {
         proxy_toml: "transparent_listen = \"0.0.0.0:0\"".into(),
+        sandbox_toml: format!("run_as = \"{run_as}\"\n"),
         ..Opts::default()
     };
     for n in names {
@@ -222,7 +230,7 @@ async fn assert_gone(e: &Env, n: &Names) {
         ("iptables", "filter"),
         ("ip6tables", "filter"),
     ] {
-        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).unwrap_or_default();
+        let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).expect("reading the rule set");
         assert!(
             !dump.contains(&chain) && !dump.split_whitespace().any(|w| w == n.host_if),
             "{prog} -t {table} still has rules for {}:\n{dump}",
@@ -280,11 +288,13 @@ async fn python_requests_in_namespace_unseals() {
     if !ok {
         return;
     }
-    let e = setup().await;
+    let e = setup_as("root").await;
+    // The interpreter by absolute path: commands get a fixed PATH, not the runner's.
+    let exe = run_ok(&py, &["-c", "import sys; print(sys.executable)"]).unwrap();
     let script = "import os, requests\n\
         r = requests.get('https://api.example.test/echo', headers={'x-api-key': os.environ['KEY']}, timeout=20)\n\
         print(r.status_code)\n";
-    let r = exec(&e, &[&py, "-c", script]).await;
+    let r = exec(&e, &[exe.trim(), "-c", script]).await;
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     assert_eq!(r.stdout.trim(), "200");
     let reqs = e.echo.requests();
