@@ -137,7 +137,7 @@ struct Prepared {
     iso: Arc<Isolated>,
     argv: Vec<String>,
     /// The command's environment, as a file only the command reads (removed on drop).
-    env_file: EnvFile,
+    _env_file: EnvFile,
     stdin: Option<String>,
     timeout: Duration,
     max_output: usize,
@@ -218,7 +218,7 @@ fn prepare(
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),
-        env_file,
+        _env_file: env_file,
         stdin: req.stdin,
         timeout,
         max_output: cfg.max_output_bytes,
