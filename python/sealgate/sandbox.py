@@ -137,18 +137,7 @@ class Commands:
                     return CommandResult.from_json(
                         json.loads(ev.data), "".join(out["stdout"]), "".join(out["stderr"])
                     )
-                elif ev.event == "error":
-                    raise _stream_error(ev.data)
         raise SealgateError("bad_response", "the command stream ended without an exit event")
-
-
-def _stream_error(data: str) -> SealgateError:
-    try:
-        err = json.loads(data)
-        err = err.get("error", err)
-        return SealgateError(str(err["code"]), str(err.get("message", "")))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return SealgateError("stream_error", "the command stream reported an error")
 
 
 class Sandbox:

@@ -64,7 +64,7 @@ class Daemon:
 
 
 def config(dir: Path, resolve: Dict[str, str], ca_file: Path) -> str:
-    admin, proxy, transparent = free_port(), free_port(), free_port()
+    admin, proxy = free_port(), free_port()
     table = ", ".join(f'"{k}" = "{v}"' for k, v in resolve.items())
     return f"""
 data_dir = "data"
@@ -75,7 +75,6 @@ listen = "127.0.0.1:{admin}"
 
 [proxy]
 listen = "127.0.0.1:{proxy}"
-transparent_listen = "0.0.0.0:{transparent}"
 
 [upstream]
 resolve = {{ {table} }}
