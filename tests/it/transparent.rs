@@ -116,7 +116,7 @@ fn netns_check() -> Result<(), String> {
     Ok(())
 }
 
-fn netns_ready() -> bool {
+pub(crate) fn netns_ready() -> bool {
     require("network namespaces + iptables (root)", netns_check())
 }
 

@@ -105,6 +105,27 @@ impl TestPki {
             .expect("leaf and key match")
     }
 
+    /// Writes a fresh leaf for `names` into `dir` as `<stem>.crt` and `<stem>.key` (PEM:
+    /// certificate, PKCS#8 key), for third-party servers that read files. Returns both paths.
+    pub fn write_leaf(
+        &self,
+        dir: &std::path::Path,
+        stem: &str,
+        names: &[&str],
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generate leaf key");
+        let cert = leaf_params(names)
+            .signed_by(&key, &self.issuer)
+            .expect("sign leaf");
+        let (crt, pem) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&crt, cert.pem()).expect("write leaf certificate");
+        std::fs::write(&pem, key.serialize_pem()).expect("write leaf key");
+        (crt, pem)
+    }
+
     /// Issues a leaf for `names`; returns its DER and PKCS#8 key.
     fn issue_leaf(&self, names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         assert!(!names.is_empty(), "a leaf needs at least one name");
