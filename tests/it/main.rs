@@ -9,6 +9,7 @@ mod clients;
 mod contract;
 mod isolation;
 mod fleet;
+mod interop;
 mod ops;
 mod proxy_explicit;
 mod sandboxes;

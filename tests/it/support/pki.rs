@@ -115,6 +115,24 @@ impl TestPki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// Writes a fresh leaf for `names` into `dir` as `<stem>.crt` and `<stem>.key` (PEM:
+    /// certificate, PKCS#8 key), for third-party servers that read files. Returns both paths.
+    pub fn write_leaf(
+        &self,
+        dir: &std::path::Path,
+        stem: &str,
+        names: &[&str],
+    ) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.leaf_pem(names);
+        let (crt, pem) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&crt, cert).expect("write leaf certificate");
+        std::fs::write(&pem, key).expect("write leaf key");
+        (crt, pem)
+    }
+
     /// Issues a leaf for `names`; returns its DER and PKCS#8 key.
     fn issue_leaf(&self, names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         assert!(!names.is_empty(), "a leaf needs at least one name");

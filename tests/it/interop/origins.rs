@@ -1,0 +1,573 @@
+//! Third-party origin servers on loopback, each in its own temp dir with its own port, pid
+//! and log files, killed on drop: nginx (an HTTP/1.1-only server and an h1+h2 server in one
+//! process, git http-backend through fcgiwrap behind the h1-only one), Caddy (Go net/http),
+//! Node (`https` and `http2`) and Hypercorn. Each records what it received; the suite reads
+//! those records to check what reached the origin.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::pki::TestPki;
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(what: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e} (scripts/test installs it)"));
+        Proc { child }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port: bound to port 0, then released for the server to take.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().unwrap().port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits until every port accepts TCP connections; panics with `log` if `proc` dies first.
+fn wait_ports(what: &str, proc: &mut Proc, ports: &[u16], log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &p in ports {
+        while std::net::TcpStream::connect(loopback(p)).is_err() {
+            let dead = !proc.alive();
+            if dead || Instant::now() > deadline {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("{what} did not start on port {p} (exited: {dead}):\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Every JSON line of `path` (an origin's record of what it received).
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+// ---- nginx ----------------------------------------------------------------------------------
+
+/// Names served by the nginx instance (one leaf certificate covers them all).
+pub const NGINX_NAMES: &[&str] = &[
+    "nginx-h1.test",
+    "nginx-h2.test",
+    "clean-nginx.test",
+    "clean-nginx-h1.test",
+    "git.test",
+    "git-h2.test",
+    "api.anthropic.com",
+];
+
+/// nginx (apt) with two servers: `h1` speaks only HTTP/1.1 (and serves git), `h2` h1+h2.
+pub struct Nginx {
+    /// The HTTP/1.1-only server.
+    pub h1: SocketAddr,
+    /// The h1+h2 server.
+    pub h2: SocketAddr,
+    /// Its temp dir (config, logs, document root, git repositories).
+    pub dir: PathBuf,
+    _nginx: Proc,
+    _fcgi: Proc,
+}
+
+/// One request as nginx's access log recorded it.
+pub struct NginxHit(pub Value);
+
+impl NginxHit {
+    /// A logged field (`-` and absent both read as "").
+    pub fn get(&self, k: &str) -> &str {
+        self.0[k].as_str().filter(|v| *v != "-").unwrap_or("")
+    }
+}
+
+impl Nginx {
+    /// Starts nginx with `keepalive_requests` per connection (nginx's default is 1000; a low
+    /// value makes it send GOAWAY often).
+    pub fn start(pki: &TestPki, dir: &Path, git_password: &str, keepalive_requests: u32) -> Nginx {
+        let dir = dir.join("nginx");
+        for d in ["www/static", "tmp", "git", "dav"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let (crt, key) = pki.write_leaf(&dir, "leaf", NGINX_NAMES);
+        write_site(&dir.join("www"));
+        init_git(&dir.join("git"));
+        std::fs::write(
+            dir.join("htpasswd"),
+            format!("sandbox:{{PLAIN}}{git_password}\n"),
+        )
+        .unwrap();
+        let (h1, h2) = (free_port(), free_port());
+        let conf = nginx_conf(&dir, &crt, &key, h1, h2, keepalive_requests);
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let sock = dir.join("fcgiwrap.sock");
+        let fcgi = Proc::spawn(
+            "fcgiwrap",
+            Command::new("fcgiwrap")
+                .args(["-c", "4", "-s"])
+                .arg(format!("unix:{}", sock.display()))
+                .stderr(Stdio::null()),
+        );
+        let mut nginx = Proc::spawn(
+            "nginx",
+            Command::new("nginx")
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log")),
+        );
+        wait_ports("nginx", &mut nginx, &[h1, h2], &dir.join("error.log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx {
+            h1: loopback(h1),
+            h2: loopback(h2),
+            dir,
+            _nginx: nginx,
+            _fcgi: fcgi,
+        }
+    }
+
+    /// Every request nginx logged so far.
+    pub fn hits(&self) -> Vec<NginxHit> {
+        json_lines(&self.dir.join("access.log"))
+            .into_iter()
+            .map(NginxHit)
+            .collect()
+    }
+
+    /// Logged requests whose URI starts with `prefix`.
+    pub fn hits_for(&self, prefix: &str) -> Vec<NginxHit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.get("uri").starts_with(prefix))
+            .collect()
+    }
+
+    /// nginx's error log.
+    pub fn errors(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    /// A file the DAV location stored.
+    pub fn dav_file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join("dav").join(name)).unwrap_or_default()
+    }
+
+    /// The bare repository served as `https://git.test/repo.git`.
+    pub fn repo(&self) -> PathBuf {
+        self.dir.join("git/repo.git")
+    }
+}
+
+/// Static files: a small text (Content-Length), a 64 KiB text (gzip) and a 256 MiB sparse
+/// file (streamed download; sparse, so it costs no disk).
+fn write_site(www: &Path) {
+    std::fs::write(www.join("static/hello.txt"), "hello from nginx\n").unwrap();
+    let text = "all work and no play makes a proxy a dull boy\n".repeat(1500);
+    std::fs::write(www.join("static/text.txt"), text).unwrap();
+    let big = std::fs::File::create(www.join("static/256m.bin")).unwrap();
+    big.set_len(256 << 20).unwrap();
+}
+
+fn git(args: &[&str], cwd: &Path) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(cwd)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", cwd)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bare repository with one commit, pushable over smart HTTP.
+fn init_git(root: &Path) {
+    git(&["init", "-q", "--bare", "-b", "main", "repo.git"], root);
+    git(
+        &["config", "http.receivepack", "true"],
+        &root.join("repo.git"),
+    );
+    let work = root.join("seed");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&["init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "seeded\n").unwrap();
+    git(&["add", "README"], &work);
+    git(
+        &[
+            "-c",
+            "user.name=seed",
+            "-c",
+            "user.email=seed@example.test",
+            "commit",
+            "-q",
+            "-m",
+            "seed",
+        ],
+        &work,
+    );
+    let bare = root.join("repo.git");
+    git(&["push", "-q", bare.to_str().unwrap(), "main"], &work);
+}
+
+fn git_exec_path() -> String {
+    let out = Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .expect("git runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn nginx_conf(dir: &Path, crt: &Path, key: &Path, h1: u16, h2: u16, keepalive: u32) -> String {
+    let d = dir.display();
+    let user = if running_as_root() {
+        "user root root;"
+    } else {
+        ""
+    };
+    let locations = nginx_locations(dir);
+    format!(
+        r#"{user}
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    log_format interop escape=json '{{"port":"$server_port","proto":"$server_protocol",'
+        '"method":"$request_method","uri":"$request_uri","host":"$host","http_host":"$http_host",'
+        '"key":"$http_x_api_key","auth":"$http_authorization","te":"$http_te",'
+        '"expect":"$http_expect","status":"$status","length":"$request_length",'
+        '"user":"$remote_user","sent":"$body_bytes_sent","cell":"$http_x_cell"}}';
+    access_log {d}/access.log interop;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    types {{ text/plain txt; application/octet-stream bin; }}
+    default_type application/octet-stream;
+    keepalive_requests {keepalive};
+    if_modified_since before;
+    gzip on;
+    gzip_types text/plain application/json;
+    gzip_min_length 1;
+    gzip_proxied any;
+    ssl_certificate {crt};
+    ssl_certificate_key {key};
+    server {{
+        listen 127.0.0.1:{h1} ssl;
+        server_name _;
+        {locations}
+    }}
+    server {{
+        listen 127.0.0.1:{h2} ssl http2;
+        server_name _;
+        {locations}
+    }}
+}}
+"#,
+        crt = crt.display(),
+        key = key.display(),
+    )
+}
+
+fn nginx_locations(dir: &Path) -> String {
+    let d = dir.display();
+    let exec = git_exec_path();
+    format!(
+        r#"root {d}/www;
+        location = /echo {{
+            default_type application/json;
+            return 200 '{{"proto":"$server_protocol","host":"$http_host","key":"$http_x_api_key"}}';
+        }}
+        location = /nocontent {{ return 204; }}
+        location = /trailers {{
+            # sub_filter drops Content-Length (curl ignores trailers after a known length)
+            sub_filter 'zzz' 'zzz';
+            sub_filter_types text/plain;
+            add_trailer x-checksum sha-interop-1 always;
+            default_type text/plain;
+            return 200 'with trailers';
+        }}
+        location = /v1/messages {{
+            default_type application/json;
+            return 200 '{{"id":"msg_interop","type":"message","role":"assistant","model":"claude-test","content":[{{"type":"text","text":"hi"}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{{"input_tokens":1,"output_tokens":1}}}}';
+        }}
+        location = /post {{
+            client_max_body_size 1m;
+            client_body_buffer_size 1m;
+            default_type application/json;
+            return 200 '{{"ok":true}}';
+        }}
+        location /dav/ {{
+            alias {d}/dav/;
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 0;
+        }}
+        location ~ ^/repo\.git(/.*)?$ {{
+            auth_basic "git";
+            auth_basic_user_file {d}/htpasswd;
+            client_max_body_size 0;
+            fastcgi_pass unix:{d}/fcgiwrap.sock;
+            fastcgi_param SCRIPT_FILENAME {exec}/git-http-backend;
+            fastcgi_param GIT_PROJECT_ROOT {d}/git;
+            fastcgi_param GIT_HTTP_EXPORT_ALL "";
+            fastcgi_param REMOTE_USER $remote_user;
+            fastcgi_param PATH_INFO $uri;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param HTTP_GIT_PROTOCOL $http_git_protocol;
+        }}"#
+    )
+}
+
+// ---- Caddy ----------------------------------------------------------------------------------
+
+/// Names Caddy serves.
+pub const CADDY_NAMES: &[&str] = &["caddy.test", "clean-caddy.test", "api.openai.com"];
+
+/// Caddy (apt; Go's net/http h1+h2 stack).
+pub struct Caddy {
+    /// Its TLS listener.
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    _proc: Proc,
+}
+
+impl Caddy {
+    /// Starts Caddy with an echo, 204, static files with gzip and an OpenAI-shaped answer.
+    pub fn start(pki: &TestPki, dir: &Path) -> Caddy {
+        let dir = dir.join("caddy");
+        std::fs::create_dir_all(dir.join("www/static")).unwrap();
+        let (crt, key) = pki.write_leaf(&dir, "leaf", CADDY_NAMES);
+        let text = "caddy says hello, and again\n".repeat(2000);
+        std::fs::write(dir.join("www/static/text.txt"), text).unwrap();
+        let port = free_port();
+        let conf = caddy_conf(&dir, &crt, &key, port);
+        std::fs::write(dir.join("Caddyfile"), conf).unwrap();
+        let log = dir.join("caddy.log");
+        let mut proc = Proc::spawn(
+            "caddy",
+            Command::new("caddy")
+                .args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(dir.join("Caddyfile"))
+                .env("HOME", &dir)
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        wait_ports("caddy", &mut proc, &[port], &log);
+        Caddy {
+            addr: loopback(port),
+            dir,
+            _proc: proc,
+        }
+    }
+
+    /// Caddy's JSON access log: one entry per request with the request's headers.
+    pub fn hits(&self) -> Vec<Value> {
+        json_lines(&self.dir.join("access.log"))
+            .into_iter()
+            .filter(|v| v.get("request").is_some())
+            .collect()
+    }
+}
+
+/// Site addresses without a port (`https_port` sets it): Caddy matches its per-site access
+/// log by the request's host, which through sealgate carries no default port.
+fn caddy_conf(dir: &Path, crt: &Path, key: &Path, port: u16) -> String {
+    let d = dir.display();
+    let sites = CADDY_NAMES.join(", ");
+    let http_port = free_port();
+    format!(
+        r#"{{
+    admin off
+    https_port {port}
+    http_port {http_port}
+    auto_https disable_redirects
+    skip_install_trust
+    storage file_system {d}/data
+    servers {{
+        protocols h1 h2
+        log_credentials
+    }}
+}}
+{sites} {{
+    bind 127.0.0.1
+    tls {crt} {key}
+    log {{
+        output file {d}/access.log
+        format json
+    }}
+    encode gzip
+    handle /echo {{
+        header Content-Type application/json
+        respond `{{"proto":"{{http.request.proto}}","host":"{{http.request.host}}","key":"{{http.request.header.X-Api-Key}}"}}` 200
+    }}
+    handle /nocontent {{
+        respond 204
+    }}
+    handle /v1/chat/completions {{
+        header Content-Type application/json
+        respond `{{"id":"chatcmpl-interop","object":"chat.completion","created":1,"model":"gpt-test","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}` 200
+    }}
+    handle /static/* {{
+        root * {d}/www
+        file_server
+    }}
+}}
+"#,
+        crt = crt.display(),
+        key = key.display(),
+    )
+}
+
+// ---- Node -----------------------------------------------------------------------------------
+
+/// Names Node serves: `node-h1.test` → its `https` server, `node-h2.test` → its `http2` one.
+pub const NODE_NAMES: &[&str] = &["node-h1.test", "node-h2.test", "clean-node.test"];
+
+/// Node's own `https` (h1, WebSocket echo) and `http2` (h2) servers.
+pub struct Node {
+    /// The `https` server.
+    pub h1: SocketAddr,
+    /// The `http2` server.
+    pub h2: SocketAddr,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Node {
+    /// Starts `node_origin.js`.
+    pub fn start(pki: &TestPki, dir: &Path) -> Node {
+        let dir = dir.join("node");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (crt, key) = pki.write_leaf(&dir, "leaf", NODE_NAMES);
+        std::fs::write(dir.join("origin.js"), include_str!("node_origin.js")).unwrap();
+        let (h1, h2) = (free_port(), free_port());
+        let log = dir.join("requests.jsonl");
+        let out = dir.join("node.log");
+        let mut proc = Proc::spawn(
+            "node",
+            Command::new("node")
+                .arg(dir.join("origin.js"))
+                .env("CERT", crt)
+                .env("KEY", key)
+                .env("LOG", &log)
+                .env("PORT_H1", h1.to_string())
+                .env("PORT_H2", h2.to_string())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&out).unwrap()),
+        );
+        wait_ports("node", &mut proc, &[h1, h2], &out);
+        Node {
+            h1: loopback(h1),
+            h2: loopback(h2),
+            log,
+            _proc: proc,
+        }
+    }
+
+    /// What Node received (method, path, version, headers, bytes, sha256).
+    pub fn hits(&self) -> Vec<Value> {
+        json_lines(&self.log)
+    }
+}
+
+// ---- Hypercorn ------------------------------------------------------------------------------
+
+/// Names Hypercorn serves.
+pub const HYPERCORN_NAMES: &[&str] = &["hypercorn.test"];
+
+/// Hypercorn (Python h11 + h2) running `asgi_origin.py`.
+pub struct Hypercorn {
+    /// Its TLS listener (h1 + h2 by ALPN).
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Hypercorn {
+    /// Starts Hypercorn from the test venv (`SEALGATE_TEST_PYTHON`'s directory).
+    pub fn start(pki: &TestPki, dir: &Path, python: &str) -> Hypercorn {
+        let dir = dir.join("hypercorn");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (crt, key) = pki.write_leaf(&dir, "leaf", HYPERCORN_NAMES);
+        std::fs::write(dir.join("asgi_origin.py"), include_str!("asgi_origin.py")).unwrap();
+        let port = free_port();
+        let log = dir.join("requests.jsonl");
+        let out = dir.join("hypercorn.log");
+        let mut proc = Proc::spawn(
+            "hypercorn",
+            Command::new(python)
+                .args(["-m", "hypercorn", "--certfile"])
+                .arg(crt)
+                .arg("--keyfile")
+                .arg(key)
+                .args(["--bind", &format!("127.0.0.1:{port}"), "asgi_origin:app"])
+                .current_dir(&dir)
+                .env("INTEROP_LOG", &log)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&out).unwrap()),
+        );
+        wait_ports("hypercorn", &mut proc, &[port], &out);
+        Hypercorn {
+            addr: loopback(port),
+            log,
+            _proc: proc,
+        }
+    }
+
+    /// What Hypercorn received.
+    pub fn hits(&self) -> Vec<Value> {
+        json_lines(&self.log)
+    }
+}

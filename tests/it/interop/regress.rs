@@ -1,0 +1,162 @@
+//! Regressions of issue 11: nginx before 1.25 answers 400 "duplicate host header" when a
+//! request carries `Host` beside `:authority`, or two `Host` fields — exactly one authority
+//! must reach the origin, as the client named it (no default port).
+
+use super::matrix::{versions, Matrix};
+use super::{ensure, eventually, Want, World, GIT_PASSWORD, KEY};
+
+/// curl through sealgate to nginx's h2 server: h2 upstream gets `:authority` only.
+#[tokio::test]
+async fn nginx_h2_gets_one_authority_from_curl() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_authority");
+    for (flag, client_version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        for (url, host, key) in [
+            ("https://nginx-h2.test/echo", "nginx-h2.test", true),
+            (
+                "https://nginx-h2.test:8443/echo",
+                "nginx-h2.test:8443",
+                false,
+            ),
+        ] {
+            let key_header = if key { "-H \"x-api-key: $KEY\"" } else { "" };
+            let script = format!(
+                "curl -sS {flag} -o body.txt -w 'status=%{{http_code}}\\nversion=%{{http_version}}\\n' \
+                 {key_header} {url}; cat body.txt"
+            );
+            let r = w.sh(&script).await;
+            let outcome = async {
+                r.ok()?;
+                ensure(r.var("status") == "200", || {
+                    format!("status {}: {}", r.var("status"), w.nginx.errors())
+                })?;
+                ensure(r.var("version") == client_version, || {
+                    format!("curl spoke {}", r.var("version"))
+                })?;
+                ensure(!r.stdout.contains(KEY), || {
+                    "the client saw the real key".into()
+                })?;
+                eventually(|| {
+                    let hits = w.nginx.hits_for("/echo");
+                    let hit = hits.iter().rev().find(|h| h.get("http_host") == host);
+                    let hit = hit.ok_or_else(|| format!("nginx logged no /echo for {host}"))?;
+                    ensure(hit.get("proto") == "HTTP/2.0", || {
+                        format!("upstream spoke {}", hit.get("proto"))
+                    })?;
+                    let want = if key { KEY } else { "" };
+                    ensure(hit.get("key") == want, || {
+                        "origin did not get the real key".into()
+                    })
+                })
+                .await?;
+                ensure(!w.nginx.errors().contains("duplicate host"), || {
+                    "nginx: duplicate host".into()
+                })
+            }
+            .await;
+            m.cell(
+                &format!("{} (h2)", v.nginx),
+                &format!("{} {flag}", v.curl),
+                "explicit",
+                &format!("GET `{url}`: one authority `{host}`, h2 upstream, real key at origin"),
+                outcome,
+            );
+        }
+    }
+    m.finish();
+}
+
+/// git speaks h2 to sealgate (`http.version=HTTP/2`) and HTTP/1.1, to nginx's HTTP/1.1-only
+/// server (`git.test`) and to its h2 server (`git-h2.test`): exactly one authority upstream
+/// (the issue's "h1-only" log, `host: git.example.test` after `host: git.example.test:443`,
+/// is the h2 case: `:authority` with the default port, then `Host`); clone and push with the
+/// secret as Basic password.
+#[tokio::test]
+async fn git_clones_and_pushes_through_nginx_h1_and_h2() {
+    if !super::have(&[
+        ("nginx", &["-v"]),
+        ("git", &["--version"]),
+        ("fcgiwrap", &["-h"]),
+    ]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_git");
+    for (host, what) in [("git.test", "h1 only"), ("git-h2.test", "h2")] {
+        for version in ["HTTP/2", "HTTP/1.1"] {
+            let dir = format!(
+                "clone-{}-{}",
+                host.replace('.', ""),
+                version.replace('/', "")
+            );
+            let r = w.sh(&git_script(host, version, &dir)).await;
+            let outcome = git_checks(&w, &r, host, &dir).await;
+            m.cell(
+                &format!("{} ({what}) + git-http-backend", v.nginx),
+                &format!("{} http.version={version}", v.git),
+                "explicit",
+                &format!("clone + push, sealed password unsealed into Basic auth, one authority `{host}`"),
+                outcome,
+            );
+        }
+    }
+    m.finish();
+}
+
+/// Clones `https://sandbox:$GIT_PASSWORD@git.test/repo.git`, commits, pushes.
+pub fn git_script(host: &str, version: &str, dir: &str) -> String {
+    format!(
+        "set -e
+git -c http.version={version} clone -q \"https://sandbox:$GIT_PASSWORD@{host}/repo.git\" {dir}
+cd {dir}
+echo \"from {dir}\" > {dir}.txt
+git add {dir}.txt
+git -c user.name=sandbox -c user.email=sandbox@example.test commit -q -m \"{dir}\"
+git -c http.version={version} push -q origin main
+echo pushed=yes
+git config remote.origin.url"
+    )
+}
+
+/// The clone and push worked, the repository holds the pushed file, and nginx saw the real
+/// password (user `sandbox`) with one `git.test` authority; the client kept only the token.
+pub async fn git_checks(w: &World, r: &super::Ran, host: &str, dir: &str) -> Result<(), String> {
+    r.ok()?;
+    ensure(r.var("pushed") == "yes", || "push did not finish".into())?;
+    ensure(!r.stdout.contains(GIT_PASSWORD), || {
+        "client saw the real password".into()
+    })?;
+    let log = std::process::Command::new("git")
+        .args(["--git-dir"])
+        .arg(w.nginx.repo())
+        .args(["log", "--format=%s", "main"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&log.stdout).into_owned();
+    ensure(log.lines().any(|l| l == dir), || {
+        format!("commit {dir} not in the origin repo: {log}")
+    })?;
+    let hits: Vec<_> = w
+        .nginx
+        .hits_for("/repo.git")
+        .into_iter()
+        .filter(|h| h.get("http_host") == host)
+        .collect();
+    let authed: Vec<_> = hits.iter().filter(|h| h.get("user") == "sandbox").collect();
+    ensure(!authed.is_empty(), || {
+        format!("nginx saw no authenticated git request for {host}")
+    })?;
+    ensure(
+        hits.iter()
+            .any(|h| h.get("uri").contains("git-receive-pack") && h.get("status") == "200"),
+        || "no receive-pack POST".into(),
+    )?;
+    ensure(!w.nginx.errors().contains("duplicate host"), || {
+        "nginx: duplicate host".into()
+    })
+}
