@@ -158,7 +158,9 @@ pub enum StoreError {
 }
 
 /// The persistence layer. Implementations are safe to share between threads; every method is a
-/// short blocking call (async callers use `spawn_blocking` or accept a sub-millisecond block).
+/// short blocking call (async callers use `spawn_blocking` or accept the block: sub-millisecond
+/// for SQLite; for PostgreSQL a few round trips, bounded at 5 s, on the store's own runtime). The
+/// proxy's per-request path never calls it.
 pub trait Store: Send + Sync {
     /// Creates a store with a new UUID v4 id.
     ///

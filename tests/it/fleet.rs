@@ -20,6 +20,9 @@ struct Nodes {
     a: Harness,
     b: Harness,
     echo: Echo,
+    db: String,
+    key: String,
+    pki: Arc<TestPki>,
 }
 
 /// Opts for one node of the fleet in database `db` of `cluster`.
@@ -51,11 +54,18 @@ async fn two_nodes(cluster: &Cluster, extra: &str) -> Nodes {
     .expect("node a starts");
     let b = Harness::try_start(
         node_opts(cluster, &db, "node-b", &key, &echo, extra),
-        Some(pki),
+        Some(pki.clone()),
     )
     .await
     .expect("node b starts");
-    Nodes { a, b, echo }
+    Nodes {
+        a,
+        b,
+        echo,
+        db,
+        key,
+        pki,
+    }
 }
 
 impl Nodes {
@@ -299,5 +309,63 @@ async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
     assert_eq!(seen, None, "nothing reached the upstream");
     cluster.start();
     n.until_seen(&n.b, &sb, "sk-fleet-stale-2007", Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
+    let cluster = pg::shared();
+    let mut n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-restart-2008").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    let start = |id: &str, key: &str| {
+        Harness::try_start(
+            node_opts(cluster, &n.db, id, key, &n.echo, ""),
+            Some(n.pki.clone()),
+        )
+    };
+
+    // Node B restarts: its sandbox comes back with the same CA, token and credentials.
+    n.b.stop().await;
+    let b2 = start("node-b", &n.key).await.expect("node b restarts");
+    b2.register_secret("sk-fleet-restart-2008");
+    let (s, v) = b2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", sb.id), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (&v["ca_cert_pem"], &v["node"]),
+        (&json!(sb.ca_pem), &json!("node-b"))
+    );
+    n.until_seen(&b2, &sb, "sk-fleet-restart-2008", Duration::from_secs(1))
+        .await;
+    let (_, on_a) = n.a.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(on_a, json!([]), "node A lists only its own sandboxes");
+
+    // Rotation: stop every node, rotate once, start each node with the new key.
+    n.a.stop().await;
+    drop(b2);
+    let dir = tempfile::tempdir().unwrap();
+    let new_key_file = dir.path().join("new.key");
+    let cfg = sealgate::config::Config::parse(&n.a.config_text, "node-a").unwrap();
+    let old = n.key.clone();
+    tokio::task::spawn_blocking(move || {
+        sealgate::rotate::rotate_configured(&cfg, Some(&old), None, &new_key_file)
+    })
+    .await
+    .unwrap()
+    .expect("rotation on postgres");
+    let new_key = std::fs::read_to_string(dir.path().join("new.key")).unwrap();
+    let refused = start("node-b", &n.key)
+        .await
+        .err()
+        .expect("old key refused");
+    assert!(refused.contains("does not match"), "{refused}");
+    let b3 = start("node-b", new_key.trim())
+        .await
+        .expect("new key accepted");
+    b3.register_secret("sk-fleet-restart-2008");
+    n.until_seen(&b3, &sb, "sk-fleet-restart-2008", Duration::from_secs(1))
         .await;
 }

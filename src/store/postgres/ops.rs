@@ -622,10 +622,9 @@ async fn reseal_secrets(
         .map_err(pg_err)?;
     for row in &rows {
         let raw = RawSecret::from_row(row);
-        let (store_id, sealed) = (raw.store_id.clone(), raw.sealed.clone().unwrap_or_default());
+        let store_id = raw.store_id.clone();
         let rec = raw.into_record(old)?;
         let resealed = seal_secret(new, &store_id, &rec.meta, rec.value.expose());
-        debug_assert!(!sealed.is_empty());
         tx.execute(
             "UPDATE secrets SET value = $3 WHERE store_id = $1 AND name = $2",
             &[&store_id, &rec.meta.name, &resealed],
