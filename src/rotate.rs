@@ -64,9 +64,12 @@ pub fn open_store(
     env_key: Option<&str>,
 ) -> Result<(SqliteStore, KeySource), StoreError> {
     let db = data_dir.join(crate::store::sqlite::DB_FILE_NAME);
-    open_with(data_dir, env_key, db.exists().then_some(db.as_path()), |key| {
-        SqliteStore::open(data_dir, key)
-    })
+    open_with(
+        data_dir,
+        env_key,
+        db.exists().then_some(db.as_path()),
+        |key| SqliteStore::open(data_dir, key),
+    )
 }
 
 /// [`open_store`] for fleet mode: the shared PostgreSQL database at `url`, as node `node`. The
