@@ -13,15 +13,18 @@ use serde_json::Value;
 
 use crate::support::pki::TestPki;
 
-/// A child process killed (and reaped) on drop.
+/// A server process in its own process group; on drop the whole group gets SIGTERM (nginx's
+/// master then stops its workers, fcgiwrap's children go too), then SIGKILL if it lingers.
 pub struct Proc {
     child: Child,
 }
 
 impl Proc {
     fn spawn(what: &str, cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt as _;
         let child = cmd
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e} (scripts/test installs it)"));
         Proc { child }
@@ -30,10 +33,23 @@ impl Proc {
     fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    fn signal_group(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        self.signal_group("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal_group("-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
