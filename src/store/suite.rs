@@ -689,7 +689,7 @@ pub(crate) fn schema_from_a_newer_build_is_refused<H: Harness>() {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{err:?}"
