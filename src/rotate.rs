@@ -73,7 +73,8 @@ pub fn open_store(
 }
 
 /// [`open_store`] for fleet mode: the shared PostgreSQL database at `url`, as node `node`. The
-/// key comes from `SEALGATE_MASTER_KEY` or this node's `data_dir/master.key`.
+/// key comes from `SEALGATE_MASTER_KEY` or this node's `data_dir/master.key`; a key file is
+/// created only when the database holds no key-check record yet.
 ///
 /// # Errors
 /// As [`open_store`]; [`StoreError::Unavailable`] if the database cannot be reached.
@@ -83,7 +84,16 @@ pub fn open_pg_store(
     url: &DatabaseUrl,
     node: &str,
 ) -> Result<(PgStore, KeySource), StoreError> {
-    open_with(data_dir, env_key, None, |key| PgStore::open(url, node, key))
+    // A node without a key file must not create one for a database already sealed under a key.
+    let key_file = data_dir.join(crate::store::crypto::KEY_FILE_NAME);
+    let initialised = env_key.is_none() && !key_file.exists() && PgStore::is_initialised(url)?;
+    let database = PathBuf::from(url.redacted());
+    open_with(
+        data_dir,
+        env_key,
+        initialised.then_some(database.as_path()),
+        |key| PgStore::open(url, node, key),
+    )
 }
 
 /// Loads the master key (creating it only when `existing_db` is None: a key file must never be

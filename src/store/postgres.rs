@@ -21,6 +21,11 @@
 //!   in the same transaction: ids only, never a value ([`follow`]).
 //! - Sandbox rows carry their node; this store loads and purges only its own node's rows.
 //! - No error text contains the database password ([`DatabaseUrl`]).
+//! - Every `stores` and `secrets` row carries `policy_mac` ([`crypto::StorePolicy`],
+//!   [`crypto::SecretPolicy`], as in SQLite); every read that returns a record or metadata
+//!   verifies it and a mismatch is [`StoreError::Corrupt`], like an altered ciphertext. Every
+//!   write that changes a policy (or a secret's version) writes its new MAC in the same
+//!   statement; a rotation re-MACs every row under the new key after verifying it under the old.
 
 pub mod follow;
 mod ops;
@@ -53,8 +58,12 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections kept per node.
 const POOL_SIZE: usize = 8;
 
-/// Plaintext of the key-check record; only its authenticity matters (same as SQLite).
+/// Plaintext of the key-check record of a database whose rows predate policy MACs (same as
+/// SQLite).
 const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
+
+/// Plaintext of the key-check record once every row carries its policy MAC (same as SQLite).
+const KEY_CHECK_PLAINTEXT_V2: &[u8] = b"sealgate key check v2: policy MACs";
 
 /// `meta.key` of the key-check record.
 const KEY_CHECK_ROW: &str = "key_check";
@@ -189,6 +198,41 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Whether the database at `url` already holds a key-check record (was initialised under
+    /// some key). Reads only: creates no table and takes no lock. Used before loading the key,
+    /// so a node without a key file refuses instead of creating a key that cannot fit.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the database cannot be reached; database errors.
+    pub fn is_initialised(url: &DatabaseUrl) -> Result<bool, StoreError> {
+        let mut pg = url.pg_config();
+        pg.connect_timeout(Duration::from_secs(3));
+        let redacted = url.clone();
+        // A thread of its own: the caller may be inside another runtime.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let (client, conn) = pg.connect(NoTls).await.map_err(|e| {
+                    StoreError::Unavailable(format!("database {redacted} unreachable: {e}"))
+                })?;
+                let conn = tokio::spawn(conn);
+                let row = client
+                    .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+                    .await
+                    .map_err(pg_err)?;
+                let has_meta: bool = row.get(0);
+                let initialised = has_meta && read_key_check(&client, false).await?.is_some();
+                drop(client);
+                let _ = conn.await;
+                Ok(initialised)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("database probe panicked".into())))
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.db.node_id
@@ -256,24 +300,31 @@ impl Store for PgStore {
             updated_at: now,
         };
         let rec = record.clone();
-        self.block(|db| async move { ops::insert_store(&**db.client().await?, &rec).await })?;
+        self.block(
+            |db| async move { ops::insert_store(&db, &mut **db.client().await?, &rec).await },
+        )?;
         Ok(record)
     }
 
     fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
         self.block(|db| async move {
-            ops::select_stores(&**db.client().await?, "ORDER BY created_at, seq", None).await
+            let client = db.client().await?;
+            ops::select_stores(&**client, &db.key(), "ORDER BY created_at, seq", None).await
         })
     }
 
     fn get_store(&self, id: &str) -> Result<StoreRecord, StoreError> {
         let id = id.to_owned();
-        self.block(|db| async move { ops::store_by_id(&**db.client().await?, &id).await })
+        self.block(
+            |db| async move { ops::store_by_id(&**db.client().await?, &db.key(), &id).await },
+        )
     }
 
     fn find_store(&self, id_or_name: &str) -> Result<StoreRecord, StoreError> {
         let key = id_or_name.to_owned();
-        self.block(|db| async move { ops::find_store(&**db.client().await?, &key).await })
+        self.block(
+            |db| async move { ops::find_store(&**db.client().await?, &db.key(), &key).await },
+        )
     }
 
     fn update_store(
@@ -284,7 +335,7 @@ impl Store for PgStore {
     ) -> Result<StoreRecord, StoreError> {
         let (id, name) = (id.to_owned(), name.map(str::to_owned));
         self.block(|db| async move {
-            ops::update_store(&mut **db.client().await?, &id, name, egress_allowlist).await
+            ops::update_store(&db, &mut **db.client().await?, &id, name, egress_allowlist).await
         })
     }
 
@@ -319,10 +370,11 @@ impl Store for PgStore {
         self.block(|db| async move {
             let client = db.client().await?;
             ops::require_store(&**client, &store_id).await?;
+            let key = db.key();
             ops::select_secrets(&**client, &store_id, false)
                 .await?
                 .into_iter()
-                .map(ops::RawSecret::into_meta)
+                .map(|raw| raw.into_meta(&key))
                 .collect()
         })
     }
@@ -395,7 +447,7 @@ impl Store for PgStore {
             let sealed = read_key_check(&**client, false)
                 .await?
                 .ok_or_else(|| db.wrong_key())?;
-            verify_key_check(&sealed, &db.key(), &db)
+            verify_key_check(&sealed, &db.key(), &db).map(drop)
         })
     }
 
@@ -452,12 +504,40 @@ async fn read_key_check(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// `Ok` iff `sealed` is the key-check record under `key`.
-fn verify_key_check(sealed: &[u8], key: &MasterKey, db: &Db) -> Result<(), StoreError> {
+/// What an authentic key-check record says about the rows.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyCheck {
+    /// v1: written before policy MACs; the rows' MACs still have to be computed.
+    Legacy,
+    /// v2: every row carries its policy MAC.
+    PolicyMacs,
+}
+
+/// Which record `sealed` is, iff it is the key-check record under `key`.
+fn verify_key_check(sealed: &[u8], key: &MasterKey, db: &Db) -> Result<KeyCheck, StoreError> {
     match crypto::open(key, crypto::key_check_aad(), sealed) {
-        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(()),
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V2 => Ok(KeyCheck::PolicyMacs),
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(KeyCheck::Legacy),
         _ => Err(db.wrong_key()),
     }
+}
+
+/// Writes (inserts or replaces) the v2 key-check record under `key`: call only once every row
+/// carries its policy MAC under `key`.
+async fn write_key_check(
+    client: &impl tokio_postgres::GenericClient,
+    key: &MasterKey,
+) -> Result<(), StoreError> {
+    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V2);
+    client
+        .execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&KEY_CHECK_ROW, &sealed],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(())
 }
 
 /// Driver errors: a server-side error (with an SQLSTATE) is a database error; anything else

@@ -1270,6 +1270,10 @@ mod tests {
                 .fail_rotation_before_commit
                 .store(true, Ordering::SeqCst);
         }
+
+        fn tamper(&self, sql: &str) {
+            self.raw().execute(sql, []).unwrap();
+        }
     }
 
     suite::store_suite!(Fixture);
@@ -1387,105 +1391,6 @@ mod tests {
 
     // ---- policy MACs ------------------------------------------------------------------------
 
-    #[test]
-    fn tampered_allowed_hosts_or_locations_fail_closed() {
-        for (column, evil) in [
-            ("allowed_hosts", "'[\"evil.example\"]'"),
-            ("allowed_hosts", "NULL"),
-            ("locations", "'[\"header\",\"query\",\"body\"]'"),
-            ("policy_mac", "NULL"),
-        ] {
-            let fx = <Fixture as Harness>::new();
-            let store = fx.open();
-            let rec = populate(&store);
-            fx.raw()
-                .execute(&format!("UPDATE secrets SET {column} = {evil}"), [])
-                .unwrap();
-            assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
-            assert_corrupt(store.list_secrets(&rec.id).unwrap_err(), "policy");
-            drop(store);
-            // A restart does not bless it either.
-            assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
-        }
-    }
-
-    #[test]
-    fn tampered_egress_allowlist_fails_closed() {
-        for evil in ["NULL", "'[\"evil.example\"]'", "'[]'"] {
-            let fx = <Fixture as Harness>::new();
-            let store = fx.open();
-            let rec = populate(&store);
-            fx.raw()
-                .execute(&format!("UPDATE stores SET egress_allowlist = {evil}"), [])
-                .unwrap();
-            assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
-            assert_corrupt(store.find_store("prod").unwrap_err(), "egress_allowlist");
-            assert!(store.list_stores().is_err());
-            assert!(store.update_store(&rec.id, Some("renamed"), None).is_err());
-        }
-    }
-
-    #[test]
-    fn policy_copied_from_another_row_fails_closed() {
-        let fx = <Fixture as Harness>::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        store
-            .put_secret(
-                &rec.id,
-                "OPEN",
-                &value(b"v"),
-                hosts(&["evil.example"]),
-                vec![Location::Header],
-            )
-            .unwrap();
-        // Copy OPEN's allowed_hosts *and* its MAC onto API_KEY: the MAC names its own row.
-        fx.raw()
-            .execute(
-                "UPDATE secrets SET (allowed_hosts, policy_mac) = \
-                 (SELECT allowed_hosts, policy_mac FROM secrets WHERE name = 'OPEN') \
-                 WHERE name = 'API_KEY'",
-                [],
-            )
-            .unwrap();
-        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "API_KEY");
-        let other = store.create_store("other", None).unwrap();
-        fx.raw()
-            .execute(
-                "UPDATE stores SET (egress_allowlist, policy_mac) = \
-                 (SELECT egress_allowlist, policy_mac FROM stores WHERE name = 'other') \
-                 WHERE name = 'prod'",
-                [],
-            )
-            .unwrap();
-        assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
-        assert!(store.get_store(&other.id).is_ok());
-    }
-
-    #[test]
-    fn legitimate_changes_keep_verifying() {
-        let fx = <Fixture as Harness>::new();
-        let store = fx.open();
-        let rec = populate(&store);
-        store
-            .update_store(&rec.id, Some("renamed"), Some(None))
-            .unwrap();
-        store
-            .put_secret(
-                &rec.id,
-                "API_KEY",
-                &value(b"v2"),
-                None,
-                vec![Location::Body],
-            )
-            .unwrap();
-        drop(store);
-        let store = fx.open();
-        assert_eq!(store.get_store(&rec.id).unwrap().egress_allowlist, None);
-        let loaded = store.load_secrets(&rec.id).unwrap();
-        assert_eq!(loaded[0].meta.locations, vec![Location::Body]);
-    }
-
     /// Turns the database at `fx` back into what a build without policy MACs wrote: schema 1,
     /// no MAC columns, a v1 key-check record.
     fn downgrade_to_v1(fx: &Fixture) {
@@ -1526,32 +1431,5 @@ mod tests {
             )
             .unwrap();
         assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
-    }
-
-    #[test]
-    fn rotation_re_macs_policies_and_refuses_tampered_ones() {
-        let fx = <Fixture as Harness>::new();
-        let new_key = MasterKey::generate();
-        let rec = {
-            let store = fx.open();
-            let rec = populate(&store);
-            store.rotate_master_key(&new_key).unwrap();
-            rec
-        };
-        let reopened = SqliteStore::open(fx.dir.path(), new_key.duplicate()).unwrap();
-        assert!(reopened.get_store(&rec.id).is_ok());
-        assert_eq!(reopened.load_secrets(&rec.id).unwrap().len(), 1);
-
-        fx.raw()
-            .execute(
-                "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]'",
-                [],
-            )
-            .unwrap();
-        let err = reopened
-            .rotate_master_key(&MasterKey::generate())
-            .unwrap_err();
-        assert_corrupt(err, "API_KEY");
-        reopened.check().unwrap();
     }
 }

@@ -52,6 +52,9 @@ pub(crate) trait Harness {
     fn set_schema_version(&self, version: i64);
     /// Makes the next rotation of `store` fail after re-sealing everything, before commit.
     fn fail_next_rotation(store: &Self::S);
+    /// Runs one statement around the store, to tamper with policy columns. Tests pass only
+    /// SQL both engines accept (plain `UPDATE`, row-value subqueries, text literals, `NULL`).
+    fn tamper(&self, sql: &str);
 }
 
 /// Instantiates every suite test for one harness type.
@@ -72,7 +75,10 @@ macro_rules! store_suite {
             flipped_bit_fails_closed, swapped_sandbox_ca_key_fails_closed,
             rotation_reseals_everything, rotation_failing_before_commit_changes_nothing,
             rotation_stopped_by_a_corrupt_row_changes_nothing,
-            schema_from_a_newer_build_is_refused);
+            schema_from_a_newer_build_is_refused,
+            tampered_allowed_hosts_or_locations_fail_closed, tampered_egress_allowlist_fails_closed,
+            policy_copied_from_another_row_fails_closed, legitimate_changes_keep_verifying,
+            rotation_re_macs_policies_and_refuses_tampered_ones);
     };
     (@ $h:ty; $($name:ident),* $(,)?) => {
         mod shared_suite {
@@ -683,9 +689,119 @@ pub(crate) fn schema_from_a_newer_build_is_refused<H: Harness>() {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{err:?}"
     );
+}
+
+// ---- policy MACs ----------------------------------------------------------------------------
+
+pub(crate) fn tampered_allowed_hosts_or_locations_fail_closed<H: Harness>() {
+    for (column, evil) in [
+        ("allowed_hosts", "'[\"evil.example\"]'"),
+        ("allowed_hosts", "NULL"),
+        ("locations", "'[\"header\",\"query\",\"body\"]'"),
+        ("policy_mac", "NULL"),
+    ] {
+        let h = H::new();
+        let store = h.open();
+        let rec = populate(&store);
+        h.tamper(&format!("UPDATE secrets SET {column} = {evil}"));
+        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "secret 'API_KEY'");
+        assert_corrupt(store.list_secrets(&rec.id).unwrap_err(), "policy");
+        drop(store);
+        // A restart does not bless it either.
+        assert_corrupt(h.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
+    }
+}
+
+pub(crate) fn tampered_egress_allowlist_fails_closed<H: Harness>() {
+    for evil in ["NULL", "'[\"evil.example\"]'", "'[]'"] {
+        let h = H::new();
+        let store = h.open();
+        let rec = populate(&store);
+        h.tamper(&format!("UPDATE stores SET egress_allowlist = {evil}"));
+        assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
+        assert_corrupt(store.find_store("prod").unwrap_err(), "egress_allowlist");
+        assert!(store.list_stores().is_err());
+        assert!(store.update_store(&rec.id, Some("renamed"), None).is_err());
+    }
+}
+
+pub(crate) fn policy_copied_from_another_row_fails_closed<H: Harness>() {
+    let h = H::new();
+    let store = h.open();
+    let rec = populate(&store);
+    store
+        .put_secret(
+            &rec.id,
+            "OPEN",
+            &value(b"v"),
+            hosts(&["evil.example"]),
+            vec![Location::Header],
+        )
+        .unwrap();
+    // Copy OPEN's allowed_hosts *and* its MAC onto API_KEY: the MAC names its own row.
+    h.tamper(
+        "UPDATE secrets SET (allowed_hosts, policy_mac) = \
+         (SELECT allowed_hosts, policy_mac FROM secrets WHERE name = 'OPEN') \
+         WHERE name = 'API_KEY'",
+    );
+    assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), "API_KEY");
+    let other = store.create_store("other", None).unwrap();
+    h.tamper(
+        "UPDATE stores SET (egress_allowlist, policy_mac) = \
+         (SELECT egress_allowlist, policy_mac FROM stores WHERE name = 'other') \
+         WHERE name = 'prod'",
+    );
+    assert_corrupt(store.get_store(&rec.id).unwrap_err(), "egress_allowlist");
+    assert!(store.get_store(&other.id).is_ok());
+}
+
+pub(crate) fn legitimate_changes_keep_verifying<H: Harness>() {
+    let h = H::new();
+    let store = h.open();
+    let rec = populate(&store);
+    store
+        .update_store(&rec.id, Some("renamed"), Some(None))
+        .unwrap();
+    store
+        .put_secret(
+            &rec.id,
+            "API_KEY",
+            &value(b"v2"),
+            None,
+            vec![Location::Body],
+        )
+        .unwrap();
+    drop(store);
+    let store = h.open();
+    assert_eq!(store.get_store(&rec.id).unwrap().egress_allowlist, None);
+    assert_eq!(store.find_store("renamed").unwrap().id, rec.id);
+    let loaded = store.load_secrets(&rec.id).unwrap();
+    assert_eq!(loaded[0].meta.locations, vec![Location::Body]);
+    assert_eq!(store.list_secrets(&rec.id).unwrap()[0].version, 2);
+}
+
+pub(crate) fn rotation_re_macs_policies_and_refuses_tampered_ones<H: Harness>() {
+    let h = H::new();
+    let new_key = MasterKey::generate();
+    let rec = {
+        let store = h.open();
+        let rec = populate(&store);
+        store.rotate_master_key(&new_key).unwrap();
+        rec
+    };
+    let reopened = h.open_with(new_key.duplicate()).unwrap();
+    assert!(reopened.get_store(&rec.id).is_ok());
+    assert_eq!(reopened.load_secrets(&rec.id).unwrap().len(), 1);
+
+    h.tamper("UPDATE secrets SET allowed_hosts = '[\"evil.example\"]'");
+    let err = reopened
+        .rotate_master_key(&MasterKey::generate())
+        .unwrap_err();
+    assert_corrupt(err, "API_KEY");
+    reopened.check().unwrap();
 }

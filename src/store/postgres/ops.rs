@@ -16,62 +16,97 @@ use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
 
-const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at";
+const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
-    "store_id, name, allowed_hosts, locations, version, created_at, updated_at";
+    "store_id, name, allowed_hosts, locations, version, created_at, updated_at, policy_mac";
 const SANDBOX_COLUMNS: &str = "id, store_id, store_name, created_at, expires_at, source_ip, \
                                proxy_token_hash, ca_cert_pem, ca_key, snapshot";
 
 // ---- stores -------------------------------------------------------------------------------------
 
-pub(super) async fn insert_store(client: &Client, rec: &StoreRecord) -> Result<(), StoreError> {
+/// Inserts a store row with its policy MAC, under the checked key (see [`checked_key`]).
+pub(super) async fn insert_store(
+    db: &Db,
+    client: &mut Client,
+    rec: &StoreRecord,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let key = checked_key(db, &tx).await?;
     let allow = to_json_opt(rec.egress_allowlist.as_ref())?;
-    client
-        .execute(
-            &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
-            &[
-                &rec.id,
-                &rec.name,
-                &allow,
-                &to_nanos(rec.created_at, "created_at")?,
-                &to_nanos(rec.updated_at, "updated_at")?,
-            ],
-        )
-        .await
-        .map_err(|e| name_conflict(e, &rec.name))?;
-    Ok(())
+    tx.execute(
+        &format!("INSERT INTO stores ({STORE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+        &[
+            &rec.id,
+            &rec.name,
+            &allow,
+            &to_nanos(rec.created_at, "created_at")?,
+            &to_nanos(rec.updated_at, "updated_at")?,
+            &store_policy(rec).mac(&key),
+        ],
+    )
+    .await
+    .map_err(|e| name_conflict(e, &rec.name))?;
+    tx.commit().await.map_err(pg_err)
 }
 
+fn store_policy(record: &StoreRecord) -> crypto::StorePolicy<'_> {
+    crypto::StorePolicy {
+        store_id: &record.id,
+        egress_allowlist: record.egress_allowlist.as_deref(),
+    }
+}
+
+/// Stores matching `clause`, each checked against its policy MAC under `key`.
 pub(super) async fn select_stores(
     client: &impl GenericClient,
+    key: &MasterKey,
     clause: &str,
     param: Option<&str>,
 ) -> Result<Vec<StoreRecord>, StoreError> {
+    select_raw_stores(client, clause, param)
+        .await?
+        .into_iter()
+        .map(|raw| raw.into_record(key))
+        .collect()
+}
+
+async fn select_raw_stores(
+    client: &impl GenericClient,
+    clause: &str,
+    param: Option<&str>,
+) -> Result<Vec<RawStore>, StoreError> {
     let sql = format!("SELECT {STORE_COLUMNS} FROM stores {clause}");
     let rows = match param {
         Some(p) => client.query(&sql, &[&p]).await,
         None => client.query(&sql, &[]).await,
     }
     .map_err(pg_err)?;
-    rows.iter().map(store_from_row).collect()
+    Ok(rows.iter().map(RawStore::from_row).collect())
 }
 
 pub(super) async fn store_by_id(
     client: &impl GenericClient,
+    key: &MasterKey,
     id: &str,
 ) -> Result<StoreRecord, StoreError> {
-    select_stores(client, "WHERE id = $1", Some(id))
+    select_stores(client, key, "WHERE id = $1", Some(id))
         .await?
         .pop()
         .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
 }
 
-pub(super) async fn find_store(client: &Client, key: &str) -> Result<StoreRecord, StoreError> {
-    match store_by_id(client, key).await {
-        Err(StoreError::NotFound(_)) => select_stores(client, "WHERE name = $1", Some(key))
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::NotFound(format!("store '{key}'"))),
+pub(super) async fn find_store(
+    client: &Client,
+    key: &MasterKey,
+    id_or_name: &str,
+) -> Result<StoreRecord, StoreError> {
+    match store_by_id(client, key, id_or_name).await {
+        Err(StoreError::NotFound(_)) => {
+            select_stores(client, key, "WHERE name = $1", Some(id_or_name))
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'")))
+        }
         found => found,
     }
 }
@@ -96,6 +131,7 @@ async fn lock_store(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
 }
 
 pub(super) async fn update_store(
+    db: &Db,
     client: &mut Client,
     id: &str,
     name: Option<String>,
@@ -103,7 +139,8 @@ pub(super) async fn update_store(
 ) -> Result<StoreRecord, StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     lock_store(&tx, id).await?;
-    let mut record = store_by_id(&tx, id).await?;
+    let key = checked_key(db, &tx).await?;
+    let mut record = store_by_id(&tx, &key, id).await?;
     if name.is_none() && egress_allowlist.is_none() {
         return Ok(record);
     }
@@ -116,12 +153,14 @@ pub(super) async fn update_store(
     }
     record.updated_at = OffsetDateTime::now_utc();
     tx.execute(
-        "UPDATE stores SET name = $2, egress_allowlist = $3, updated_at = $4 WHERE id = $1",
+        "UPDATE stores SET name = $2, egress_allowlist = $3, updated_at = $4, policy_mac = $5 \
+         WHERE id = $1",
         &[
             &record.id,
             &record.name,
             &to_json_opt(record.egress_allowlist.as_ref())?,
             &to_nanos(record.updated_at, "updated_at")?,
+            &store_policy(&record).mac(&key),
         ],
     )
     .await
@@ -178,16 +217,48 @@ pub(super) async fn generations(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-fn store_from_row(row: &Row) -> Result<StoreRecord, StoreError> {
-    let id: String = row.get(0);
-    let what = || format!("store '{id}'");
-    Ok(StoreRecord {
-        name: row.get(1),
-        egress_allowlist: from_json_opt(row.get::<_, Option<String>>(2).as_deref(), what)?,
-        created_at: from_nanos(row.get(3), what)?,
-        updated_at: from_nanos(row.get(4), what)?,
-        id,
-    })
+/// A `stores` row as read, before JSON and time decoding.
+struct RawStore {
+    id: String,
+    name: String,
+    egress_allowlist: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    policy_mac: Option<Vec<u8>>,
+}
+
+impl RawStore {
+    fn from_row(row: &Row) -> Self {
+        RawStore {
+            id: row.get(0),
+            name: row.get(1),
+            egress_allowlist: row.get(2),
+            created_at: row.get(3),
+            updated_at: row.get(4),
+            policy_mac: row.get(5),
+        }
+    }
+
+    /// The record, unchecked (the migration MACs rows as they are).
+    fn decode(&self) -> Result<StoreRecord, StoreError> {
+        let what = || format!("store '{}'", self.id);
+        Ok(StoreRecord {
+            egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), what)?,
+            created_at: from_nanos(self.created_at, what)?,
+            updated_at: from_nanos(self.updated_at, what)?,
+            id: self.id.clone(),
+            name: self.name.clone(),
+        })
+    }
+
+    /// The record, if its allowlist matches its policy MAC.
+    fn into_record(self, key: &MasterKey) -> Result<StoreRecord, StoreError> {
+        let record = self.decode()?;
+        store_policy(&record)
+            .verify(key, self.policy_mac.as_deref())
+            .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
+        Ok(record)
+    }
 }
 
 /// Maps the UNIQUE violation on `stores.name` to [`StoreError::Conflict`].
@@ -220,7 +291,8 @@ pub(super) async fn put_secret(
     let key = checked_key(db, &tx).await?;
     let meta = next_meta(&tx, &put).await?;
     let sealed = seal_secret(&key, put.store_id, &meta, put.value.expose());
-    upsert_secret(&tx, put.store_id, &meta, &sealed).await?;
+    let mac = secret_policy(put.store_id, &meta).mac(&key);
+    upsert_secret(&tx, put.store_id, &meta, &sealed, &mac).await?;
     announce(&tx, put.store_id).await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(meta)
@@ -271,15 +343,26 @@ async fn next_meta(tx: &Transaction<'_>, put: &Put<'_>) -> Result<SecretMeta, St
     })
 }
 
+fn secret_policy<'a>(store_id: &'a str, meta: &'a SecretMeta) -> crypto::SecretPolicy<'a> {
+    crypto::SecretPolicy {
+        store_id,
+        name: &meta.name,
+        version: meta.version,
+        allowed_hosts: meta.allowed_hosts.as_deref(),
+        locations: &meta.locations,
+    }
+}
+
 async fn upsert_secret(
     tx: &Transaction<'_>,
     store_id: &str,
     meta: &SecretMeta,
     sealed: &[u8],
+    mac: &[u8],
 ) -> Result<(), StoreError> {
     let version = i64::try_from(meta.version)
         .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
-    let params: [&(dyn ToSql + Sync); 8] = [
+    let params: [&(dyn ToSql + Sync); 9] = [
         &store_id,
         &meta.name,
         &to_json_opt(meta.allowed_hosts.as_ref())?,
@@ -288,14 +371,16 @@ async fn upsert_secret(
         &sealed,
         &to_nanos(meta.created_at, "created_at")?,
         &to_nanos(meta.updated_at, "updated_at")?,
+        &mac,
     ];
     tx.execute(
         "INSERT INTO secrets (store_id, name, allowed_hosts, locations, version, value, \
-                              created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                              created_at, updated_at, policy_mac) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (store_id, name) DO UPDATE SET \
              allowed_hosts = excluded.allowed_hosts, locations = excluded.locations, \
-             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at",
+             version = excluded.version, value = excluded.value, updated_at = excluded.updated_at, \
+             policy_mac = excluded.policy_mac",
         &params,
     )
     .await
@@ -346,6 +431,7 @@ pub(super) struct RawSecret {
     version: i64,
     created_at: i64,
     updated_at: i64,
+    policy_mac: Option<Vec<u8>>,
     sealed: Option<Vec<u8>>,
 }
 
@@ -359,7 +445,8 @@ impl RawSecret {
             version: row.get(4),
             created_at: row.get(5),
             updated_at: row.get(6),
-            sealed: row.get(7),
+            policy_mac: row.get(7),
+            sealed: row.get(8),
         }
     }
 
@@ -367,22 +454,35 @@ impl RawSecret {
         secret_row_name(&self.store_id, &self.name)
     }
 
-    pub(super) fn into_meta(self) -> Result<SecretMeta, StoreError> {
+    /// The metadata; with `key`, only if it matches its policy MAC (`None`: unchecked, for
+    /// the migration that computes the MACs).
+    fn decode_meta(&self, key: Option<&MasterKey>) -> Result<SecretMeta, StoreError> {
         let what = || self.row_name();
-        Ok(SecretMeta {
+        let meta = SecretMeta {
             allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), what)?,
             locations: from_json(&self.locations, what)?,
             version: to_version(self.version, what)?,
             created_at: from_nanos(self.created_at, what)?,
             updated_at: from_nanos(self.updated_at, what)?,
-            name: self.name,
-        })
+            name: self.name.clone(),
+        };
+        if let Some(key) = key {
+            secret_policy(&self.store_id, &meta)
+                .verify(key, self.policy_mac.as_deref())
+                .map_err(|e| corrupt(format!("{} policy", self.row_name()), e))?;
+        }
+        Ok(meta)
+    }
+
+    /// The metadata, if it matches its policy MAC under `key`.
+    pub(super) fn into_meta(self, key: &MasterKey) -> Result<SecretMeta, StoreError> {
+        self.decode_meta(Some(key))
     }
 
     pub(super) fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
         let sealed = self.sealed.take().unwrap_or_default();
         let (row, store_id) = (self.row_name(), self.store_id.clone());
-        let meta = self.into_meta()?;
+        let meta = self.into_meta(key)?;
         let value = open_secret(key, &store_id, &meta, &sealed).map_err(|e| corrupt(row, e))?;
         Ok(SecretRecord { meta, value })
     }
@@ -595,14 +695,9 @@ pub(super) async fn reseal_all(
         .ok_or_else(|| db.wrong_key())?;
     verify_key_check(&sealed, &old, db)?;
     let secrets = reseal_secrets(&tx, &old, new).await?;
+    remac_stores(&tx, &old, new).await?;
     let sandboxes = reseal_sandboxes(&tx, &old, new).await?;
-    let check = crypto::seal(new, crypto::key_check_aad(), super::KEY_CHECK_PLAINTEXT);
-    tx.execute(
-        "UPDATE meta SET value = $2 WHERE key = $1",
-        &[&super::KEY_CHECK_ROW, &check],
-    )
-    .await
-    .map_err(pg_err)?;
+    super::write_key_check(&tx, new).await?;
     db.injected_rotation_failure()?;
     tx.commit().await.map_err(pg_err)?;
     Ok(RotationStats { secrets, sandboxes })
@@ -625,14 +720,71 @@ async fn reseal_secrets(
         let store_id = raw.store_id.clone();
         let rec = raw.into_record(old)?;
         let resealed = seal_secret(new, &store_id, &rec.meta, rec.value.expose());
+        let mac = secret_policy(&store_id, &rec.meta).mac(new);
         tx.execute(
-            "UPDATE secrets SET value = $3 WHERE store_id = $1 AND name = $2",
-            &[&store_id, &rec.meta.name, &resealed],
+            "UPDATE secrets SET value = $3, policy_mac = $4 WHERE store_id = $1 AND name = $2",
+            &[&store_id, &rec.meta.name, &resealed, &mac],
         )
         .await
         .map_err(pg_err)?;
     }
     Ok(rows.len())
+}
+
+/// Re-computes every store's policy MAC under `new`, after checking it under `old` (a
+/// rotation never blesses a tampered allowlist).
+async fn remac_stores(
+    tx: &Transaction<'_>,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<(), StoreError> {
+    for record in select_stores(tx, old, "FOR UPDATE", None).await? {
+        tx.execute(
+            "UPDATE stores SET policy_mac = $2 WHERE id = $1",
+            &[&record.id, &store_policy(&record).mac(new)],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(())
+}
+
+/// The one-time migration: MACs every store and secret row as it is now. Runs only while the
+/// key-check record is still v1, i.e. the rows were written by a build that had no MACs (see
+/// the schema module).
+pub(super) async fn mac_all_policies(
+    tx: &Transaction<'_>,
+    key: &MasterKey,
+) -> Result<usize, StoreError> {
+    let stores = select_raw_stores(tx, "FOR UPDATE", None).await?;
+    for raw in &stores {
+        let record = raw.decode()?;
+        tx.execute(
+            "UPDATE stores SET policy_mac = $2 WHERE id = $1",
+            &[&record.id, &store_policy(&record).mac(key)],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    let rows = tx
+        .query(
+            &format!("SELECT {SECRET_META_COLUMNS}, NULL::BYTEA FROM secrets FOR UPDATE"),
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    for row in &rows {
+        let raw = RawSecret::from_row(row);
+        let meta = raw.decode_meta(None)?;
+        let mac = secret_policy(&raw.store_id, &meta).mac(key);
+        tx.execute(
+            "UPDATE secrets SET policy_mac = $3 WHERE store_id = $1 AND name = $2",
+            &[&raw.store_id, &raw.name, &mac],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(stores.len() + rows.len())
 }
 
 async fn reseal_sandboxes(

@@ -5,11 +5,14 @@
 //! migration applied, in the same transaction as the migration itself; a database with a
 //! version newer than this build refuses to open; the key-check record is written only into a
 //! database that holds no sealed rows (writing one would bless whatever key was passed in).
+//! A v1 key-check record means the rows predate policy MACs: the first node to start with the
+//! key computes every MAC and writes the v2 record in one transaction, under the advisory lock,
+//! so it happens once (after that a missing MAC is tampering, not age).
 
 use tokio_postgres::Client;
 
-use super::{pg_err, Db, KEY_CHECK_PLAINTEXT, KEY_CHECK_ROW};
-use crate::store::crypto::{self, MasterKey};
+use super::{ops, pg_err, Db, KeyCheck};
+use crate::store::crypto::MasterKey;
 use crate::store::StoreError;
 
 /// `pg_advisory_lock` key held while migrating and checking the key ("sealgate" in ASCII).
@@ -21,7 +24,8 @@ const MIGRATION_LOCK: i64 = 0x7365_616c_6761_7465;
 /// backends order identically. `seq` columns keep insertion order for equal times.
 /// `stores.generation` moves (from one sequence) on every change that running sandboxes must
 /// see; nodes compare it with what they applied (the periodic generation check).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BYTEA NOT NULL                -- key_check: sealed KEY_CHECK_PLAINTEXT
@@ -62,7 +66,12 @@ CREATE TABLE sandboxes (
     seq              BIGSERIAL
 );
 CREATE INDEX sandboxes_by_node_expiry ON sandboxes (node_id, expires_at);
-"#];
+"#,
+    r#"
+ALTER TABLE stores ADD COLUMN policy_mac BYTEA;   -- crypto::StorePolicy MAC of egress_allowlist
+ALTER TABLE secrets ADD COLUMN policy_mac BYTEA;  -- crypto::SecretPolicy MAC of allowed_hosts, locations
+"#,
+];
 
 /// The newest schema version this build knows.
 pub(super) fn supported() -> i64 {
@@ -135,7 +144,17 @@ pub(super) async fn current_version(client: &Client) -> Result<i64, StoreError> 
 async fn init_key_check(client: &mut Client, db: &Db, key: &MasterKey) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     if let Some(sealed) = super::read_key_check(&tx, false).await? {
-        return super::verify_key_check(&sealed, key, db);
+        if super::verify_key_check(&sealed, key, db)? == KeyCheck::PolicyMacs {
+            return Ok(());
+        }
+        let rows = ops::mac_all_policies(&tx, key).await?;
+        super::write_key_check(&tx, key).await?;
+        tx.commit().await.map_err(pg_err)?;
+        tracing::info!(
+            rows,
+            "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+        );
+        return Ok(());
     }
     let row = tx
         .query_one(
@@ -151,13 +170,7 @@ async fn init_key_check(client: &mut Client, db: &Db, key: &MasterKey) -> Result
             db.url
         )));
     }
-    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ($1, $2)",
-        &[&KEY_CHECK_ROW, &sealed],
-    )
-    .await
-    .map_err(pg_err)?;
+    super::write_key_check(&tx, key).await?;
     tx.commit().await.map_err(pg_err)?;
     Ok(())
 }

@@ -115,6 +115,10 @@ impl Harness for Fixture {
             .fail_rotation_before_commit
             .store(true, Ordering::SeqCst);
     }
+
+    fn tamper(&self, sql: &str) {
+        self.sql(sql);
+    }
 }
 
 suite::store_suite!(Fixture);
@@ -131,7 +135,8 @@ fn nodes_starting_together_migrate_once() {
     for t in opened {
         t.join().unwrap().unwrap();
     }
-    assert_eq!(fx.sql("SELECT count(*) FROM schema_migrations"), "1");
+    let migrations = schema::supported().to_string();
+    assert_eq!(fx.sql("SELECT count(*) FROM schema_migrations"), migrations);
     assert_eq!(fx.sql("SELECT count(*) FROM meta"), "1");
 }
 
@@ -268,4 +273,69 @@ fn errors_never_show_the_password() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("pw-DISTINCTIVE"), "{shown}");
+}
+
+/// Turns the database back into what a build without policy MACs wrote: schema 1, no MAC
+/// columns, a v1 key-check record.
+fn downgrade_to_v1(fx: &Fixture) {
+    let v1 = crypto::seal(&fx.key(), crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
+    fx.sql(&format!(
+        "ALTER TABLE stores DROP COLUMN policy_mac; ALTER TABLE secrets DROP COLUMN policy_mac; \
+         DELETE FROM schema_migrations WHERE version > 1; \
+         UPDATE meta SET value = decode('{}', 'hex') WHERE key = '{KEY_CHECK_ROW}'",
+        hex(&v1)
+    ));
+}
+
+#[test]
+fn rows_from_before_policy_macs_are_migrated_once() {
+    let fx = <Fixture as Harness>::new();
+    let rec = populate(&fx.open());
+    downgrade_to_v1(&fx);
+    // Two nodes start together: one migrates, under the advisory lock.
+    let opened: Vec<_> = (0..2)
+        .map(|i| {
+            let (url, key) = (fx.url(), fx.key());
+            std::thread::spawn(move || PgStore::open(&url, &format!("node-{i}"), key).unwrap())
+        })
+        .collect();
+    let stores: Vec<PgStore> = opened.into_iter().map(|t| t.join().unwrap()).collect();
+    for store in &stores {
+        assert_eq!(
+            store.load_secrets(&rec.id).unwrap()[0].value.expose(),
+            SECRET
+        );
+        assert_eq!(
+            store.get_store(&rec.id).unwrap().egress_allowlist,
+            suite::hosts(&["api.example.com"])
+        );
+    }
+    let migrations = schema::supported().to_string();
+    assert_eq!(fx.sql("SELECT count(*) FROM schema_migrations"), migrations);
+    drop(stores);
+    // Migrated: from now on a missing or wrong MAC is tampering, not age.
+    fx.sql("UPDATE secrets SET allowed_hosts = '[\"evil.example\"]'");
+    suite::assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
+    fx.sql("UPDATE secrets SET allowed_hosts = NULL, policy_mac = NULL");
+    suite::assert_corrupt(fx.open().load_secrets(&rec.id).unwrap_err(), "API_KEY");
+}
+
+#[test]
+fn a_node_without_key_file_refuses_an_initialised_database_and_creates_nothing() {
+    let fx = <Fixture as Harness>::new();
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A new database: the first node creates its key file.
+    let (store, _) = crate::rotate::open_pg_store(first.path(), None, &fx.url(), "node-a").unwrap();
+    populate(&store);
+    assert!(first.path().join(crypto::KEY_FILE_NAME).exists());
+    // The database is initialised now: a second node without a key file refuses.
+    let err = crate::rotate::open_pg_store(second.path(), None, &fx.url(), "node-b")
+        .err()
+        .unwrap();
+    assert!(!matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains(crypto::KEY_FILE_NAME), "{err}");
+    assert_eq!(std::fs::read_dir(second.path()).unwrap().count(), 0);
+    // With the key (file or environment) it joins.
+    let key = std::fs::read_to_string(first.path().join(crypto::KEY_FILE_NAME)).unwrap();
+    crate::rotate::open_pg_store(second.path(), Some(key.trim()), &fx.url(), "node-b").unwrap();
 }
