@@ -9,6 +9,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod crash_point;
 pub mod daemon;
 pub mod isolation;
 pub mod logging;

@@ -897,10 +897,14 @@ fn rotate(p: &Populated, crash_after: Option<&str>) -> std::process::Output {
         .arg("--new-key-file")
         .arg(p.new_key_file())
         .env_remove("SEALGATE_MASTER_KEY")
-        .env_remove("SEALGATE_CONFIG")
-        .env_remove(sealgate::rotate::TEST_CRASH_ENV);
+        .env_remove("SEALGATE_CONFIG");
+    #[cfg(feature = "crash-points")]
+    cmd.env_remove(sealgate::crash_point::ENV);
     if let Some(step) = crash_after {
-        cmd.env(sealgate::rotate::TEST_CRASH_ENV, step);
+        #[cfg(feature = "crash-points")]
+        cmd.env(sealgate::crash_point::ENV, step);
+        #[cfg(not(feature = "crash-points"))]
+        panic!("crash at {step} needs `cargo test --features crash-points` (scripts/test)");
     }
     cmd.output().expect("run rotate-master-key")
 }
@@ -984,31 +988,55 @@ async fn crash_at(step: &str, committed: bool) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_staging_keeps_the_old_key() {
     crash_at("staged", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_resealing_secrets_keeps_the_old_key() {
     crash_at("resealed_secrets", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_resealing_sandboxes_keeps_the_old_key() {
     crash_at("resealed_sandboxes", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_the_key_check_keeps_the_old_key() {
     crash_at("wrote_key_check", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_commit_is_finished_at_startup() {
     crash_at("committed", true).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_the_rename_uses_the_new_key() {
     crash_at("renamed", true).await;
 }
