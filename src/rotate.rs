@@ -146,12 +146,10 @@ fn sync_dir(file: &Path) -> std::io::Result<()> {
 /// Writes `key` to `path` (0600, replacing a stale file) and fsyncs file and directory.
 fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = crate::fsutil::private_file()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(path)?;
     f.write_all(key.to_base64().as_bytes())?;
     f.write_all(b"\n")?;
