@@ -765,24 +765,25 @@ async fn sigterm_during_stream(
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_streaming_response_complete_within_the_grace_period() {
-    // 8 chunks of 1 KiB, 250 ms apart: ~1.75 s of stream left when SIGTERM arrives; grace 5 s.
-    let (got, body_done, exited, status) = sigterm_during_stream(5, 250, 8).await;
+    // 8 chunks of 1 KiB, 250 ms apart: ~1.75 s of stream left when SIGTERM arrives; grace 30 s.
+    let (got, body_done, exited, status) = sigterm_during_stream(30, 250, 8).await;
     assert_eq!(got, 8 * 1024, "the whole response arrived");
     assert!(status.success(), "{status:?}");
     assert!(body_done >= Duration::from_millis(1500), "{body_done:?}");
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(20),
         "exit waited for the stream, not the full grace: {exited:?}"
     );
 }
 
 #[tokio::test]
 async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
-    // 20 chunks 300 ms apart (~6 s) against a 1 s grace.
-    let (got, _, exited, status) = sigterm_during_stream(1, 300, 20).await;
-    assert!(got < 20 * 1024, "the stream was cut");
+    // 60 chunks 300 ms apart (~18 s) against a 1 s grace: exiting well before the stream's end
+    // (with slack for a loaded machine) shows the grace, not the stream, bounded the exit.
+    let (got, _, exited, status) = sigterm_during_stream(1, 300, 60).await;
+    assert!(got < 60 * 1024, "the stream was cut");
     assert!(status.success(), "{status:?}");
-    assert!(exited < Duration::from_millis(3500), "{exited:?}");
+    assert!(exited < Duration::from_secs(10), "{exited:?}");
 }
 
 // ---- master key rotation ----------------------------------------------------------------------------
