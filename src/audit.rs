@@ -167,11 +167,9 @@ impl Audit {
 }
 
 fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    crate::fsutil::private_file()
         .create(true)
         .append(true)
-        .mode(0o600)
         .open(p)
 }
 

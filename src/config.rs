@@ -197,14 +197,8 @@ pub struct RawAudit {
     pub path: Option<String>,
 }
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+/// Log output format (defined in [`crate::logging`]; re-exported here for compatibility).
+pub use crate::logging::LogFormat;
 
 /// Validated configuration. Paths are as written (relative to the working directory).
 #[derive(Clone, Debug)]

@@ -417,14 +417,10 @@ fn log_started(r: &Running, cfg: &Config, restored: usize) {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::fsutil::create_private_dir(dir)
         .map_err(io_err(format!("creating data_dir {}", dir.display())))
 }
 
@@ -443,7 +439,7 @@ fn admin_token(
             Some(path),
         ));
     }
-    let token = crate::sandbox::lifecycle::random_hex(32);
+    let token = crate::random::random_hex(32);
     write_private(&path, token.as_bytes())
         .map_err(io_err(format!("creating {}", path.display())))?;
     Ok((SecretValue::new(token.into_bytes()), Some(path)))
@@ -451,11 +447,9 @@ fn admin_token(
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = crate::fsutil::private_file()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)?;
     f.write_all(bytes)?;
     f.write_all(b"\n")?;

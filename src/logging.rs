@@ -6,7 +6,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 static HANDLE: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
@@ -90,10 +97,16 @@ mod tests {
     /// matching.
     #[test]
     fn crafted_field_filter_parses_quickly() {
-        let level = "inf{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{Z}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys = uuuuuuu!!!!!!!!!!!!!!!#!!!!!!!!+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!..........................................................................................uuuuuutuuuuuuuuumader_bys !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!uuuuuuuuuuuuuuuutuuuuuuuuumader_bys [sandbox]= ''76'p._.mhma'ϠZZZtuuuuuuuuumader_bys = '''0'p._.mhma'ϠZZZZZZZZZZ}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys{{{{{{{{{{{{{{{xy]       ";
+        let level = "inf{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{Z}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys = uuuuuuu!!!!!!!!!!!!!!!#!!!!!!!!+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!..........................................................................................uuuuuutuuuuuuuuumader_bys !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!uuuuuuuuuuuuuuuutuuuuuuuuumader_bys [sandbox]= ''76'p._.mhma'XZZZtuuuuuuuuumader_bys = '''0'p._.mhma'XZZZZZZZZZZ}[ZZZZZZZZZZZZZ{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{olisvuuuuuumader_bys{{{{{{{{{{{{{{{xy]       ";
+        // The input must be ASCII, or `parse_filter` rejects it before the directive parser
+        // (the code under test) ever runs.
+        assert!(level.is_ascii());
         let start = std::time::Instant::now();
         let _ = super::parse_filter(level);
-        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        // Generous bound (the regex-compiling parser took far longer); catches a hang, not a
+        // slow machine.
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
         assert!(super::parse_filter("info,sealgate=debug").is_ok());
     }
 

@@ -163,23 +163,6 @@ pub fn remove_rules(set: &RuleSet) {
     }
 }
 
-/// True if any rule of the set (its chains or its interface hooks) is still installed.
-pub fn rules_present(set: &RuleSet, host_if: &str) -> bool {
-    let chains = set.chains();
-    [
-        ("iptables", "nat"),
-        ("iptables", "filter"),
-        ("ip6tables", "filter"),
-    ]
-    .iter()
-    .filter_map(|(prog, table)| run_args(&[prog, "-w", "5", "-t", table, "-S"]).ok())
-    .any(|dump| {
-        dump.lines().any(|l| {
-            chains.iter().any(|c| l.contains(c)) || l.split_whitespace().any(|w| w == host_if)
-        })
-    })
-}
-
 /// Sends `sig` to `pid`.
 ///
 /// # Errors

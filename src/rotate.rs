@@ -30,21 +30,6 @@ use crate::store::postgres::{DatabaseUrl, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
-/// Environment variable naming a rotation step at which the process aborts (crash tests only;
-/// see [`test_crash_point`]).
-pub const TEST_CRASH_ENV: &str = "SEALGATE_TEST_CRASH_AFTER";
-
-/// Test hook: when `SEALGATE_TEST_CRASH_AFTER` equals `step`, abort the process right here, as
-/// a kill -9 would (no destructors, no rollback, no flush). Steps, in order: `staged`,
-/// `resealed_secrets`, `resealed_sandboxes`, `wrote_key_check`, `committed`, `renamed`.
-/// Only rotation code calls this; the variable has no other effect.
-pub fn test_crash_point(step: &str) {
-    if std::env::var_os(TEST_CRASH_ENV).is_some_and(|v| v == step) {
-        eprintln!("sealgate: {TEST_CRASH_ENV}={step}: aborting (test hook)");
-        std::process::abort();
-    }
-}
-
 /// The staged new key next to `key_file` (`master.key` → `master.key.new`).
 pub fn staged_key_path(key_file: &Path) -> PathBuf {
     let mut name = key_file.as_os_str().to_owned();
@@ -171,12 +156,10 @@ fn sync_dir(file: &Path) -> std::io::Result<()> {
 /// Writes `key` to `path` (0600, replacing a stale file) and fsyncs file and directory.
 fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = crate::fsutil::private_file()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(path)?;
     f.write_all(key.to_base64().as_bytes())?;
     f.write_all(b"\n")?;
@@ -241,7 +224,7 @@ fn rotate_opened(store: &dyn Store, source: &KeySource, new_key_file: &Path) -> 
         KeySource::Loaded(key_file) => {
             let staged = staged_key_path(key_file);
             stage_key(&staged, &new)?;
-            test_crash_point("staged");
+            crate::crash_point::hit("staged");
             Some((staged, key_file.clone()))
         }
         _ => None,
@@ -262,7 +245,7 @@ fn rotate_opened(store: &dyn Store, source: &KeySource, new_key_file: &Path) -> 
     match staged {
         Some((staged, key_file)) => {
             install_staged(&staged, &key_file)?;
-            test_crash_point("renamed");
+            crate::crash_point::hit("renamed");
             eprintln!("{} now holds the new key", key_file.display());
         }
         None => eprintln!(

@@ -120,13 +120,6 @@ pub struct SandboxParts {
 /// Releases a tunnel slot when dropped.
 pub struct TunnelGuard(Arc<Sandbox>);
 
-impl TunnelGuard {
-    /// The sandbox holding the slot.
-    pub fn sandbox(&self) -> &Arc<Sandbox> {
-        &self.0
-    }
-}
-
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
         self.0.tunnels.fetch_sub(1, Ordering::AcqRel);

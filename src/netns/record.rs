@@ -8,7 +8,7 @@
 //! `O_EXCL`, so two daemons on one host never build the same slot.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -65,10 +65,9 @@ impl Record {
     /// An unwritable state directory.
     pub fn claim(&self) -> std::io::Result<bool> {
         ensure_dir(Path::new(STATE_DIR), 0o755)?;
-        let created = std::fs::OpenOptions::new()
+        let created = crate::fsutil::private_file()
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(Record::path(&self.plan));
         match created {
             Ok(_) => self.save().map(|()| true),
@@ -84,11 +83,10 @@ impl Record {
     pub fn save(&self) -> std::io::Result<()> {
         let path = Record::path(&self.plan);
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = crate::fsutil::private_file()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
             .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, &path)

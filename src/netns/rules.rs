@@ -268,18 +268,6 @@ impl RuleSet {
         }
         (!out.is_empty()).then_some(out)
     }
-
-    /// The chain names this set creates (nat and filter share the name).
-    pub fn chains(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self
-            .rules
-            .iter()
-            .filter(|r| r.action == Action::NewChain)
-            .map(|r| r.chain.as_str())
-            .collect();
-        v.dedup();
-        v
-    }
 }
 
 fn join_spec(mut line: String, spec: &[String]) -> String {

@@ -643,7 +643,7 @@ impl GuardTag {
     /// A fresh tag with a 128-bit random nonce.
     pub fn new() -> Arc<Self> {
         Arc::new(GuardTag {
-            nonce: crate::sandbox::lifecycle::random_hex(16),
+            nonce: crate::random::random_hex(16),
         })
     }
 

@@ -479,14 +479,8 @@ impl Sandboxes {
         for k in ["NO_PROXY", "no_proxy"] {
             env.insert(k.to_owned(), "localhost,127.0.0.1,::1".to_owned());
         }
-        for k in [
-            "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE",
-            "CURL_CA_BUNDLE",
-            "NODE_EXTRA_CA_CERTS",
-            "GIT_SSL_CAINFO",
-        ] {
-            env.insert(k.to_owned(), ca.clone());
+        for k in CA_VARS {
+            env.insert((*k).to_owned(), ca.clone());
         }
         env
     }
@@ -612,6 +606,16 @@ fn row_of(sb: &Sandbox) -> SandboxRow {
     }
 }
 
+/// Variables pointed at the sandbox CA certificate (DESIGN §7 "Clients"); the one list for
+/// both the returned proxy environment and isolated commands.
+pub const CA_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+];
+
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
@@ -619,10 +623,5 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
-    let mut raw = vec![0u8; n];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .expect("OS CSPRNG failed");
-    raw.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Re-exported for callers that imported it from here; defined in [`crate::random`].
+pub use crate::random::random_hex;

@@ -46,7 +46,6 @@ pub struct Snapshot {
     pub egress_allowlist: Option<Vec<String>>,
     egress: Option<HostMatcher>,
     secrets: Vec<SecretEntry>,
-    by_token: HashMap<Token, usize>,
     views: DashMap<Dest, Arc<HostView>>,
 }
 
@@ -83,17 +82,11 @@ impl Snapshot {
                 value: rec.value,
             });
         }
-        let by_token = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.token, i))
-            .collect();
         Ok(Snapshot {
             store_name,
             egress_allowlist,
             egress,
             secrets: entries,
-            by_token,
             views: DashMap::new(),
         })
     }
@@ -101,11 +94,6 @@ impl Snapshot {
     /// The secrets, in store order.
     pub fn secrets(&self) -> &[SecretEntry] {
         &self.secrets
-    }
-
-    /// The secret behind `token`, if this sandbox minted it.
-    pub fn secret_for(&self, token: &Token) -> Option<&SecretEntry> {
-        self.by_token.get(token).map(|&i| &self.secrets[i])
     }
 
     /// True if the store allowlist lets the sandbox reach `dest` at all.
@@ -210,8 +198,6 @@ pub struct HostView {
     lookup: HashMap<Token, SecretRef>,
     /// Scrubs every real value of the sandbox; None when no secret may be unsealed here.
     pub scrubber: Option<Arc<Scrubber>>,
-    /// True if some secret may be unsealed at this destination.
-    pub any_unsealable: bool,
     /// True if some secret opts into the query string.
     pub any_query: bool,
     /// True if some secret opts into the body.
@@ -238,7 +224,6 @@ impl HostView {
                 .any(|e| e.locations.contains(Location::Body)),
             lookup,
             scrubber,
-            any_unsealable,
         }
     }
 

@@ -23,9 +23,9 @@
 //!   every backend computes the same MACs.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD;
@@ -324,10 +324,9 @@ fn create_key_file(path: &Path) -> Result<(MasterKey, KeySource), CryptoError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = match OpenOptions::new()
+    let mut file = match crate::fsutil::private_file()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)
     {
         Ok(f) => f,
@@ -349,14 +348,10 @@ fn create_key_file(path: &Path) -> Result<(MasterKey, KeySource), CryptoError> {
 /// Creates `dir` (and parents) with mode 0700 if it does not exist yet; an existing directory
 /// keeps its mode.
 pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), CryptoError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| CryptoError::Io {
-            path: dir.to_owned(),
-            source,
-        })
+    crate::fsutil::create_private_dir(dir).map_err(|source| CryptoError::Io {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// fsyncs a directory so a newly created entry in it survives a crash.
@@ -534,6 +529,7 @@ pub fn key_check_aad() -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn mode_of(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777

@@ -406,7 +406,7 @@ impl SqliteStore {
         conn: &mut Connection,
         new_key: &MasterKey,
     ) -> Result<RotationStats, StoreError> {
-        use crate::rotate::test_crash_point;
+        use crate::crash_point::hit as test_crash_point;
         let old_key = self.current_key();
         let tx = write_tx(conn)?;
         verify_key_check(&tx, &old_key, &self.db_path)?;

@@ -765,24 +765,25 @@ async fn sigterm_during_stream(
 
 #[tokio::test]
 async fn sigterm_lets_a_slow_streaming_response_complete_within_the_grace_period() {
-    // 8 chunks of 1 KiB, 250 ms apart: ~1.75 s of stream left when SIGTERM arrives; grace 5 s.
-    let (got, body_done, exited, status) = sigterm_during_stream(5, 250, 8).await;
+    // 8 chunks of 1 KiB, 250 ms apart: ~1.75 s of stream left when SIGTERM arrives; grace 30 s.
+    let (got, body_done, exited, status) = sigterm_during_stream(30, 250, 8).await;
     assert_eq!(got, 8 * 1024, "the whole response arrived");
     assert!(status.success(), "{status:?}");
     assert!(body_done >= Duration::from_millis(1500), "{body_done:?}");
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(20),
         "exit waited for the stream, not the full grace: {exited:?}"
     );
 }
 
 #[tokio::test]
 async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
-    // 20 chunks 300 ms apart (~6 s) against a 1 s grace.
-    let (got, _, exited, status) = sigterm_during_stream(1, 300, 20).await;
-    assert!(got < 20 * 1024, "the stream was cut");
+    // 60 chunks 300 ms apart (~18 s) against a 1 s grace: exiting well before the stream's end
+    // (with slack for a loaded machine) shows the grace, not the stream, bounded the exit.
+    let (got, _, exited, status) = sigterm_during_stream(1, 300, 60).await;
+    assert!(got < 60 * 1024, "the stream was cut");
     assert!(status.success(), "{status:?}");
-    assert!(exited < Duration::from_millis(3500), "{exited:?}");
+    assert!(exited < Duration::from_secs(10), "{exited:?}");
 }
 
 // ---- master key rotation ----------------------------------------------------------------------------
@@ -897,10 +898,14 @@ fn rotate(p: &Populated, crash_after: Option<&str>) -> std::process::Output {
         .arg("--new-key-file")
         .arg(p.new_key_file())
         .env_remove("SEALGATE_MASTER_KEY")
-        .env_remove("SEALGATE_CONFIG")
-        .env_remove(sealgate::rotate::TEST_CRASH_ENV);
+        .env_remove("SEALGATE_CONFIG");
+    #[cfg(feature = "crash-points")]
+    cmd.env_remove(sealgate::crash_point::ENV);
     if let Some(step) = crash_after {
-        cmd.env(sealgate::rotate::TEST_CRASH_ENV, step);
+        #[cfg(feature = "crash-points")]
+        cmd.env(sealgate::crash_point::ENV, step);
+        #[cfg(not(feature = "crash-points"))]
+        panic!("crash at {step} needs `cargo test --features crash-points` (scripts/test)");
     }
     cmd.output().expect("run rotate-master-key")
 }
@@ -984,31 +989,55 @@ async fn crash_at(step: &str, committed: bool) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_staging_keeps_the_old_key() {
     crash_at("staged", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_resealing_secrets_keeps_the_old_key() {
     crash_at("resealed_secrets", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_resealing_sandboxes_keeps_the_old_key() {
     crash_at("resealed_sandboxes", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_the_key_check_keeps_the_old_key() {
     crash_at("wrote_key_check", false).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_commit_is_finished_at_startup() {
     crash_at("committed", true).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
 async fn key_rotation_crash_after_the_rename_uses_the_new_key() {
     crash_at("renamed", true).await;
 }

@@ -244,7 +244,13 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
         key_seen(&e, &e.sb).await.as_deref(),
         Some("sk-rot-new-0105")
     );
-    assert!(started.elapsed() < Duration::from_secs(1));
+    // Pushed to the running sandbox at once (no restart, no polling); the bound only catches a
+    // hang or a refresh timer, not a slow machine.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "rotation reached the sandbox after {took:?}"
+    );
     let (s, _) =
         e.h.api(
             Method::PATCH,
@@ -441,8 +447,10 @@ async fn ten_thousand_sandboxes_keep_lookups_flat() {
     let rss1 = rss_kib();
     let large = time_lookups(&reg, 10_000);
     eprintln!("registry: 10k lookups with 100 sandboxes {small:?}, with 10,000 {large:?}; RSS ≈ {} bytes per sandbox (20 secrets)", (rss1.saturating_sub(rss0)) * 1024 / 9_900);
+    // 100x the sandboxes: a linear scan would be ~100x slower; a map stays within a small
+    // factor (cache misses), with slack for a loaded machine.
     assert!(
-        large < small * 5 + Duration::from_millis(20),
+        large < small * 25 + Duration::from_millis(50),
         "lookups degrade: {small:?} → {large:?}"
     );
     let sb = reg.get("sbx_000000000000000000001234").unwrap();

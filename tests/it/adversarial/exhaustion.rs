@@ -335,8 +335,10 @@ async fn others_keep_working(e: &Env) {
         let mut c = pc::h1(e.h.proxy, &other, API).await;
         let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
         assert_eq!(a.status, StatusCode::OK);
+        // Well under the 10 s flood: starvation for the flood's length fails, a slow machine
+        // does not.
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(8),
             "starved: {:?}",
             started.elapsed()
         );
@@ -363,9 +365,11 @@ async fn h2_rapid_reset_is_cut_and_other_sandboxes_keep_working() {
         .unwrap()
         .expect("rapid reset was not cut off");
     assert!(ending.after < Duration::from_secs(10), "{:?}", ending.after);
-    if let Some(code) = ending.goaway {
-        assert_eq!(code, 0xb, "GOAWAY ENHANCE_YOUR_CALM expected");
-    }
+    assert_eq!(
+        ending.goaway,
+        Some(0xb),
+        "rapid reset must end with GOAWAY ENHANCE_YOUR_CALM"
+    );
     eprintln!(
         "rapid reset: cut after {:?}, {} bytes, GOAWAY {:?}",
         ending.after, ending.bytes_sent, ending.goaway
@@ -402,7 +406,8 @@ async fn h2_continuation_flood_is_cut_and_other_sandboxes_keep_working() {
     );
     // What was written includes what loopback socket buffers absorbed (megabytes); the
     // server itself stops at max_header_list_size and answers GOAWAY.
-    assert!(ending.after < Duration::from_secs(5), "{:?}", ending.after);
+    // Bounded by the flood's own 10 s limit (a hang), not a tight wall-clock figure.
+    assert!(ending.after < Duration::from_secs(10), "{:?}", ending.after);
     assert!(ending.goaway.is_some(), "closed without GOAWAY");
     assert!(
         ending.bytes_sent < 32 * 1024 * 1024,

@@ -45,7 +45,7 @@ fn db_path(h: &Harness) -> std::path::PathBuf {
 async fn flipped_bit_in_a_sealed_secret_fails_closed() {
     let h = Harness::start().await;
     let store = h.store("s", Some(&["api.example.test"])).await;
-    h.secret(&store, "KEY", "sk-adv-tamper-0601", None, None)
+    h.secret(&store, "KEY_TAMPER_0601", "sk-adv-tamper-0601", None, None)
         .await;
     flip_bit(&db_path(&h), "secrets", "value");
     let (s, v) = h
@@ -62,7 +62,16 @@ async fn flipped_bit_in_a_sealed_secret_fails_closed() {
     );
     let (_, list) = h.api(Method::GET, "/v1/sandboxes", None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
-    assert!(logs_text().contains("stored data is corrupt or was tampered with"));
+    // The log buffer is shared by every in-process test: look for this test's own secret and
+    // store id on the corruption line, not for the message alone.
+    let ours = format!("secret 'KEY_TAMPER_0601' of store '{store}'");
+    let logs = logs_text();
+    assert!(
+        logs.lines().any(
+            |l| l.contains("stored data is corrupt or was tampered with") && l.contains(&ours)
+        ),
+        "no corruption log line for {ours}"
+    );
 }
 
 #[tokio::test]

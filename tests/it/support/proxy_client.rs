@@ -70,6 +70,10 @@ pub struct Refused {
     pub body: String,
 }
 
+/// How long [`connect`] waits for the proxy's answer to CONNECT (generous: a hang, not a slow
+/// machine, must fail).
+pub const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends `CONNECT target` with optional proxy auth; Ok(stream) on 200.
 pub async fn connect(
     proxy: SocketAddr,
@@ -83,7 +87,10 @@ pub async fn connect(
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
-    let (status, head, body) = read_response_head(&mut s).await;
+    // A proxy that never answers the CONNECT fails the test instead of hanging it.
+    let (status, head, body) = tokio::time::timeout(CONNECT_DEADLINE, read_response_head(&mut s))
+        .await
+        .unwrap_or_else(|_| panic!("no CONNECT answer for {target} within {CONNECT_DEADLINE:?}"));
     if status == 200 {
         return Ok(s);
     }
