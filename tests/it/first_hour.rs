@@ -474,11 +474,11 @@ fn readme_demo_block() -> String {
 }
 
 /// Stands in for `cargo` inside the demo: the test has built both programs already (a release
-/// build here would take minutes). It accepts exactly the demo's three cargo command lines, so
+/// build here would take minutes). It accepts exactly the demo's four cargo command lines, so
 /// the README block runs unchanged.
 const CARGO_SHIM: &str = r#"#!/bin/sh
 case "$*" in
-    "build --release --quiet --bin sealgate --example origin") exit 0 ;;
+    "build --release --quiet --bin sealgate" | "build --release --quiet --example origin") exit 0 ;;
 esac
 if [ "$1 $2 $3 $4 $5 $6" = "run --release --quiet --bin sealgate --" ]; then
     shift 6; exec "$SEALGATE_DEMO_BIN" "$@"
