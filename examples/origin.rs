@@ -7,7 +7,10 @@
 //! ```
 //!
 //! `--echo` makes every answer a JSON echo of the request (method, path, headers) instead, for
-//! the README's end-to-end demo. Prints `ORIGIN_ADDR=<ip:port>` once listening. Every request is answered `200` with a
+//! the README's end-to-end demo; with `--expect-auth` the echo also says whether the
+//! `authorization` header it *received* was that value (`"received_expected_auth": true`) —
+//! the evidence that a proxy substituted the real value, since the echoed headers themselves
+//! come back scrubbed. Prints `ORIGIN_ADDR=<ip:port>` once listening. Every request is answered `200` with a
 //! ~200-byte JSON body, except that it checks what a proxy must have done: an `authorization`
 //! header other than `--expect-auth` gets `403`, and a request body that still contains
 //! `osb_sealed_` gets `400`. So a load generator's status histogram shows that every request
@@ -46,7 +49,7 @@ const USAGE: &str = "usage: origin [--listen IP:PORT] [--name HOST] [--ca-out FI
   --listen       address to listen on (default 127.0.0.1:0)
   --name         host name in the certificate (default origin.bench.test; 127.0.0.1 always)
   --ca-out       where the throwaway CA certificate is written (default origin-ca.pem)
-  --expect-auth  answer 403 to an authorization header other than this value
+  --expect-auth  answer 403 unless the authorization header is exactly this value
   --echo         answer with a JSON echo of the request (method, path, headers)";
 
 fn args() -> Args {
@@ -118,14 +121,17 @@ fn tls(name: &str, ca_out: &str) -> Arc<rustls::ServerConfig> {
     Arc::new(cfg)
 }
 
-fn echo(req: &Request<Incoming>) -> Bytes {
+fn echo(req: &Request<Incoming>, auth_ok: Option<bool>) -> Bytes {
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
         .collect();
-    let v = serde_json::json!({"method": req.method().as_str(), "path": req.uri().to_string(), "headers": headers});
-    Bytes::from(v.to_string())
+    let mut v = serde_json::json!({"method": req.method().as_str(), "path": req.uri().to_string(), "headers": headers});
+    if let Some(ok) = auth_ok {
+        v["received_expected_auth"] = ok.into();
+    }
+    Bytes::from(v.to_string() + "\n")
 }
 
 async fn handle(
@@ -133,11 +139,12 @@ async fn handle(
     echo_mode: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let echoed = echo_mode.then(|| echo(&req));
     let auth_ok = match (req.headers().get(http::header::AUTHORIZATION), &*expect) {
         (Some(got), Some(want)) => got.as_bytes() == want.as_bytes(),
-        _ => true,
+        (None, Some(_)) => false,
+        (_, None) => true,
     };
+    let echoed = echo_mode.then(|| echo(&req, expect.is_some().then_some(auth_ok)));
     let body = req.into_body().collect().await?.to_bytes();
     let status = if !auth_ok {
         StatusCode::FORBIDDEN
@@ -161,7 +168,10 @@ async fn handle(
 async fn main() {
     let a = args();
     let acceptor = TlsAcceptor::from(tls(&a.name, &a.ca_out));
-    let listener = TcpListener::bind(a.listen).await.expect("bind");
+    let listener = TcpListener::bind(a.listen).await.unwrap_or_else(|e| {
+        eprintln!("origin: cannot listen on {}: {e}", a.listen);
+        std::process::exit(1)
+    });
     println!("ORIGIN_ADDR={}", listener.local_addr().expect("addr"));
     let expect = Arc::new(a.expect_auth);
     let echo_mode = a.echo;

@@ -11,7 +11,7 @@ pub use commands::run_client;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// sealgate: egress substitution proxy for sandboxes.
 #[derive(Debug, Parser)]
@@ -129,9 +129,10 @@ pub enum SecretCmd {
         /// Host pattern the secret may be unsealed for (repeatable).
         #[arg(long = "allowed-host")]
         allowed_hosts: Vec<String>,
-        /// Where the token is unsealed: header, query, body (repeatable; default header+body).
-        #[arg(long = "location")]
-        locations: Vec<String>,
+        /// Where the token is unsealed (repeatable; default header and body; `header` is
+        /// recommended for API keys).
+        #[arg(long = "location", value_enum)]
+        locations: Vec<LocationArg>,
     },
     /// List secret metadata (never values).
     List {
@@ -145,6 +146,28 @@ pub enum SecretCmd {
         /// Secret name.
         name: String,
     },
+}
+
+/// `--location`: where a secret's token is unsealed (DESIGN.md §3 `locations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LocationArg {
+    /// Every request header value.
+    Header,
+    /// The request URI's query string.
+    Query,
+    /// Request bodies (streamed).
+    Body,
+}
+
+impl LocationArg {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocationArg::Header => "header",
+            LocationArg::Query => "query",
+            LocationArg::Body => "body",
+        }
+    }
 }
 
 /// `sealgate sandbox …`.
@@ -185,7 +208,7 @@ pub struct CreateArgs {
     /// Print `export K=V` lines for a shell.
     #[arg(long)]
     pub export: bool,
-    /// Write `K=V` lines to this env file.
+    /// Write `K=V` lines to this env file (0600) and print only the sandbox id.
     #[arg(long)]
     pub env_file: Option<PathBuf>,
 }

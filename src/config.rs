@@ -424,10 +424,8 @@ impl RawConfig {
             }
         };
         let log_level = self.log.level.unwrap_or_else(|| "info".into());
-        if crate::logging::parse_filter(&log_level).is_err() {
-            p.0.push(format!(
-                "log.level: '{log_level}' is not a level or filter directive"
-            ));
+        if let Err(why) = crate::logging::parse_filter(&log_level) {
+            p.0.push(format!("log.level: {why}"));
         }
         let data_dir = non_empty_path(&mut p, "data_dir", self.data_dir, "data");
         let cert_dir = non_empty_path(&mut p, "cert_dir", self.cert_dir, "certs");
@@ -809,6 +807,20 @@ mod tests {
         );
         let err = Config::parse("[upstream]\nnameservers = [\"127.0.0.1\"]\n", "t").unwrap_err();
         assert!(err.to_string().contains("upstream.nameservers"), "{err}");
+    }
+
+    #[test]
+    fn unknown_log_levels_are_rejected() {
+        let err = Config::parse("[log]\nlevel = \"warning\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "log.level: 'warning' is not a level (trace, debug, info, warn, error, off)"
+            ),
+            "{err}"
+        );
+        assert!(Config::parse("[log]\nlevel = \"warn,sealgate=debug\"\n", "t").is_ok());
     }
 
     #[test]

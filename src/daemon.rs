@@ -2,7 +2,10 @@
 //! shutdown signal, then drain.
 //!
 //! Invariant: listeners are bound before the sandboxes' proxy URLs are computed (port 0 works),
-//! and the store is opened — with the master-key check — before anything listens.
+//! and the store is opened — with the master-key check — before anything listens. The data
+//! directory is locked ([`lock`]) before the store is opened: one daemon per `data_dir`.
+
+pub mod lock;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +55,9 @@ pub enum DaemonError {
     /// `[store]` cannot be used as configured.
     #[error("store: {0}")]
     StoreConfig(String),
+    /// Another daemon uses this `data_dir`.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -88,6 +94,8 @@ pub struct Running {
     pub db_path: PathBuf,
     /// Fleet mode: this node's id and its view of the shared database.
     pub fleet: Option<(String, Arc<Health>)>,
+    /// Where sandbox CA certificates are written (absolute).
+    pub cert_dir: PathBuf,
     /// Shared proxy state (tests and reload use it).
     pub proxy: Arc<ProxyState>,
     /// Sandbox service.
@@ -97,6 +105,8 @@ pub struct Running {
     admin_token: SecretValue,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
+    /// Released when the daemon is dropped (after shutdown).
+    _data_dir_lock: lock::DataDirLock,
 }
 
 impl Running {
@@ -141,13 +151,15 @@ impl Running {
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     prepare_dirs(&cfg)?;
+    let data_dir_lock = lock::lock(&cfg.data_dir)?;
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     let swept = sweep_namespaces().await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
-    let (sandboxes, restored) = restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
+    let (sandboxes, restored, cert_dir) =
+        restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
     let metrics = Arc::new(Metrics::new());
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
@@ -221,12 +233,14 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
             .fleet
             .as_ref()
             .map(|f| (f.node.clone(), f.health.clone())),
+        cert_dir,
         proxy,
         sandboxes,
         isolation,
         admin_token,
         shutdown: shutdown_tx,
         tasks,
+        _data_dir_lock: data_dir_lock,
     };
     log_started(&running, &cfg, restored);
     Ok(running)
@@ -367,15 +381,16 @@ impl Listeners {
 }
 
 /// Builds the sandbox service and registers every stored session (same CA, same tokens).
+/// Also returns the absolute `cert_dir`.
 fn restore_sandboxes(
     cfg: &Config,
     store: Arc<dyn Store>,
     proxy_addr: SocketAddr,
     node: Option<String>,
-) -> Result<(Arc<Sandboxes>, usize), DaemonError> {
+) -> Result<(Arc<Sandboxes>, usize, PathBuf), DaemonError> {
     let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
     let lifecycle = LifecycleConfig {
-        cert_dir,
+        cert_dir: cert_dir.clone(),
         proxy_public: format!("{}:{}", cfg.proxy.public_host, proxy_addr.port()),
         default_timeout: cfg.sandbox.default_timeout,
         max_timeout: cfg.sandbox.max_timeout,
@@ -393,7 +408,7 @@ fn restore_sandboxes(
             sandboxes.apply_store_change(&store_id)?;
         }
     }
-    Ok((sandboxes, restored))
+    Ok((sandboxes, restored, cert_dir))
 }
 
 fn log_started(r: &Running, cfg: &Config, restored: usize) {
@@ -409,6 +424,7 @@ fn log_started(r: &Running, cfg: &Config, restored: usize) {
         proxy = %r.proxy_addr,
         transparent = %transparent,
         data_dir = %cfg.data_dir.display(),
+        cert_dir = %r.cert_dir.display(),
         admin_token_file = %token_file,
         master_key = %r.key_source,
         sandboxes_restored = restored,

@@ -26,8 +26,16 @@ where
     init_with(level, format, writer, false);
 }
 
-/// Parses a level or `EnvFilter` directive list, working around two problems in
-/// tracing-subscriber's parser (both found by the `config_parse` fuzz target):
+/// The level names a directive without `=` must be (case-insensitive).
+pub const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Parses `[log] level`: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or a
+/// comma-separated `EnvFilter` directive list such as `warn,sealgate=debug`.
+///
+/// Stricter than `EnvFilter`: a directive without `=` must be a level name. `EnvFilter` reads
+/// any other bare word as a *target* to log at every level, so the typo `warning` would turn
+/// all other logging off (start-up line included) without a word. It also works around two
+/// problems in tracing-subscriber's parser (both found by the `config_parse` fuzz target):
 ///
 /// - field values are matched literally, not as regexes: a crafted `[span{field=…}]` value
 ///   otherwise compiles into a DFA for a minute or more, at startup and on every reload;
@@ -36,7 +44,8 @@ where
 ///   the target ` sealgat`, and a non-ASCII character after such a space panicked.
 ///
 /// # Errors
-/// Non-ASCII input, or a directive that does not parse.
+/// Non-ASCII or empty input, a bare word that is not a level, or a directive that does not
+/// parse.
 pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
     if !level.is_ascii() {
         return Err("log filter directives must be ASCII".into());
@@ -46,10 +55,23 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
         .map(str::trim)
         .filter(|d| !d.is_empty())
         .collect();
+    if directives.is_empty() {
+        return Err("empty log level".into());
+    }
+    if let Some(bad) = directives.iter().find(|d| !is_level_or_assignment(d)) {
+        return Err(format!(
+            "'{bad}' is not a level ({}) or a target=level directive",
+            LEVELS.join(", ")
+        ));
+    }
     EnvFilter::builder()
         .with_regex(false)
         .parse(directives.join(","))
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("'{level}' is not a valid directive list: {e}"))
+}
+
+fn is_level_or_assignment(directive: &str) -> bool {
+    directive.contains('=') || LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive))
 }
 
 /// Logs to stderr, with colours only when stderr is a terminal.
@@ -108,6 +130,33 @@ mod tests {
         let took = start.elapsed();
         assert!(took < std::time::Duration::from_secs(10), "{took:?}");
         assert!(super::parse_filter("info,sealgate=debug").is_ok());
+    }
+
+    /// A bare word that is not a level is refused: `EnvFilter` would read `warning` as a
+    /// target and silently log nothing else.
+    #[test]
+    fn bare_words_must_be_levels() {
+        for bad in [
+            "warning",
+            "information",
+            "sealgate",
+            "info,verbose",
+            "",
+            " , ",
+        ] {
+            assert!(super::parse_filter(bad).is_err(), "{bad:?}");
+        }
+        let err = super::parse_filter("warning").unwrap_err();
+        assert!(err.contains("'warning' is not a level"), "{err}");
+        for good in [
+            "warn",
+            "INFO",
+            "off",
+            "error,sealgate=debug",
+            "sealgate::proxy=trace",
+        ] {
+            assert!(super::parse_filter(good).is_ok(), "{good:?}");
+        }
     }
 
     /// Regression (fuzz `config_parse`): a space after a comma shifted the parser's offsets

@@ -75,6 +75,10 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         eprintln!("  transparent: {t}");
     }
     eprintln!("  database:    {}", running.db_path.display());
+    eprintln!(
+        "  CA certs:    {} (sandboxes trust <sandbox-id>.pem)",
+        running.cert_dir.display()
+    );
     match &running.admin_token_file {
         Some(p) => eprintln!("  admin token: {} (file)", p.display()),
         None => eprintln!("  admin token: from SEALGATE_ADMIN_TOKEN"),

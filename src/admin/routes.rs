@@ -244,6 +244,14 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
             meta.name, store.name
         ));
     }
+    if let (Some(allow), Some(hosts)) = (&store.egress_allowlist, &meta.allowed_hosts) {
+        if !any_overlap(allow, hosts) {
+            w.push(format!(
+                "secret {} can never be unsealed: none of its allowed_hosts is reachable under store {}'s egress_allowlist",
+                meta.name, store.name
+            ));
+        }
+    }
     if meta
         .allowed_hosts
         .as_ref()
@@ -261,6 +269,18 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
         ));
     }
     w
+}
+
+/// True if some HTTPS destination passes both pattern lists (both hold canonical patterns the
+/// API stored; one that no longer parses counts as overlapping, so no false warning).
+fn any_overlap(allowlist: &[String], allowed_hosts: &[String]) -> bool {
+    use crate::policy::HostPattern;
+    let parse =
+        |l: &[String]| -> Option<Vec<HostPattern>> { l.iter().map(|p| p.parse().ok()).collect() };
+    let (Some(a), Some(h)) = (parse(allowlist), parse(allowed_hosts)) else {
+        return true;
+    };
+    a.iter().any(|x| h.iter().any(|y| x.overlaps(y)))
 }
 
 async fn list_secrets(

@@ -10,8 +10,12 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Store names: 1–128 characters, no control characters (nor the invisible bidirectional
 /// formatting characters that make a name display as another in a terminal), not blank.
 pub fn store_name(name: &str) -> Result<(), ApiError> {
-    let n = name.chars().count();
-    if n == 0 || n > 128 || name.trim().is_empty() {
+    if name.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "store name must not be empty or only whitespace",
+        ));
+    }
+    if name.chars().count() > 128 {
         return Err(ApiError::bad_request(
             "store name must be 1 to 128 characters",
         ));

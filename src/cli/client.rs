@@ -16,11 +16,13 @@ pub struct AdminClient {
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
-/// A failed call: the daemon's error code and message, or a transport problem.
+/// A failed call: the daemon's error code and message, or a transport problem. The messages
+/// read like a CLI's: the daemon's own sentence, no HTTP status prefix.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The daemon answered with an error.
-    #[error("{status}: {code}: {message}")]
+    /// The daemon answered with an error. Displays the daemon's message (its code when the
+    /// message is empty).
+    #[error("{}", if message.is_empty() { format!("{code} (HTTP {status})") } else { message.clone() })]
     Api {
         /// HTTP status.
         status: u16,
@@ -29,8 +31,11 @@ pub enum ClientError {
         /// Message.
         message: String,
     },
-    /// Could not reach the daemon.
-    #[error("cannot reach the sealgate admin API at {0}: {1}")]
+    /// Could not reach the daemon (nothing listening, refused, DNS failure…).
+    #[error("cannot reach the daemon at {0} — is `sealgate serve` running? ({1})")]
+    Unreachable(String, String),
+    /// The request could not be built, or the answer broke off.
+    #[error("talking to the daemon at {0}: {1}")]
     Transport(String, String),
 }
 
@@ -113,7 +118,7 @@ impl AdminClient {
             .http
             .request(req)
             .await
-            .map_err(|e| ClientError::Transport(self.base.clone(), e.to_string()))?;
+            .map_err(|e| self.send_error(&e))?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -137,5 +142,19 @@ impl AdminClient {
                 .to_owned(),
             message: json["error"]["message"].as_str().unwrap_or("").to_owned(),
         })
+    }
+
+    /// A connect failure means no daemon there; name the underlying cause briefly (hyper's
+    /// own text, `client error (Connect)`, says nothing to a user).
+    fn send_error(&self, e: &hyper_util::client::legacy::Error) -> ClientError {
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        let cause = cause.to_string();
+        if e.is_connect() {
+            return ClientError::Unreachable(self.base.clone(), cause);
+        }
+        ClientError::Transport(self.base.clone(), cause)
     }
 }

@@ -1,6 +1,6 @@
 //! Client subcommands: turn CLI arguments into admin API calls and print the answers.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::Method;
@@ -29,8 +29,17 @@ pub async fn run_client(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
         Command::Sandbox(c) => return sandbox(&client, c, cli.json).await,
         _ => anyhow::bail!("not a client command"),
     };
+    warn(&out);
     print(&out, cli.json);
     Ok(())
+}
+
+/// Prints an answer's `warnings` (e.g. a secret that can never be unsealed) to stderr.
+fn warn(answer: &Value) {
+    let warnings = answer["warnings"].as_array().into_iter().flatten();
+    for w in warnings.filter_map(Value::as_str) {
+        eprintln!("sealgate: warning: {w}");
+    }
 }
 
 /// The admin URL the config's `[admin] listen` serves (`http://127.0.0.1:7070` by default);
@@ -52,22 +61,49 @@ fn connect(cli: &Cli, cfg: &Config) -> anyhow::Result<AdminClient> {
         .admin_url
         .clone()
         .unwrap_or_else(|| default_admin_url(cfg));
+    check_admin_url(&url)?;
     let token = match &cli.admin_token {
         Some(t) => t.clone(),
-        None => {
-            let p = cfg.data_dir.join("admin.token");
-            std::fs::read_to_string(&p)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "no --admin-token / SEALGATE_ADMIN_TOKEN and cannot read {}: {e}",
-                        p.display()
-                    )
-                })?
-                .trim()
-                .to_owned()
-        }
+        None => read_token(&cfg.data_dir.join("admin.token"))?,
     };
     Ok(AdminClient::new(&url, token))
+}
+
+/// The admin API is plain HTTP on loopback: `http://host:port`.
+fn check_admin_url(url: &str) -> anyhow::Result<()> {
+    let ok = url
+        .parse::<http::Uri>()
+        .is_ok_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+    anyhow::ensure!(
+        ok,
+        "--admin-url / SEALGATE_ADMIN_URL '{url}' is not an http://host:port URL"
+    );
+    Ok(())
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the admin token {} ({e}): start `sealgate serve` with the same \
+             --config / --data-dir first, or pass --admin-token / SEALGATE_ADMIN_TOKEN",
+            path.display()
+        )
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+/// The one wording for a store that does not exist (the daemon's own 404 says the same).
+fn no_such_store(id_or_name: &str) -> anyhow::Error {
+    anyhow::anyhow!("store '{id_or_name}' not found")
+}
+
+/// Store names may not be blank (the API refuses them too; saying so here saves a round trip).
+fn check_store_name(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !name.trim().is_empty(),
+        "store name must not be empty or only whitespace"
+    );
+    Ok(())
 }
 
 /// Resolves a store id or name to its id.
@@ -80,7 +116,7 @@ async fn store_id(c: &AdminClient, id_or_name: &str) -> anyhow::Result<String> {
         .find(|s| s["id"] == id_or_name || s["name"] == id_or_name);
     match found {
         Some(s) => Ok(s["id"].as_str().unwrap_or_default().to_owned()),
-        None => anyhow::bail!("no store with id or name '{id_or_name}'"),
+        None => Err(no_such_store(id_or_name)),
     }
 }
 
@@ -101,6 +137,7 @@ async fn store(c: &AdminClient, cmd: &StoreCmd) -> anyhow::Result<Value> {
             allow,
             deny_all,
         } => {
+            check_store_name(name)?;
             c.call(
                 Method::POST,
                 "/v1/stores",
@@ -124,6 +161,7 @@ async fn store(c: &AdminClient, cmd: &StoreCmd) -> anyhow::Result<Value> {
             let id = store_id(c, store).await?;
             let mut body = serde_json::Map::new();
             if let Some(n) = name {
+                check_store_name(n)?;
                 body.insert("name".into(), json!(n));
             }
             if *unrestricted || *deny_all || !allow.is_empty() {
@@ -145,20 +183,54 @@ async fn store(c: &AdminClient, cmd: &StoreCmd) -> anyhow::Result<Value> {
     })
 }
 
+/// Reads a secret value from `--from-env VAR` or stdin — never argv — and drops trailing line
+/// ends. An empty value is refused here with a hint (an unset shell variable piped in is the
+/// usual cause). A terminal on stdin is refused too: nothing would prompt, and the typed value
+/// would be echoed on the screen.
 fn read_value(from_env: Option<&str>) -> anyhow::Result<zeroize::Zeroizing<String>> {
-    let mut v = zeroize::Zeroizing::new(String::new());
-    match from_env {
-        Some(var) => {
-            *v = std::env::var(var)
-                .map_err(|_| anyhow::anyhow!("environment variable {var} is not set"))?;
-        }
-        None => {
-            std::io::stdin().read_to_string(&mut v)?;
-        }
-    }
+    let mut v = match from_env {
+        Some(var) => from_env_var(var)?,
+        None => from_stdin()?,
+    };
     while v.ends_with('\n') || v.ends_with('\r') {
         v.pop();
     }
+    if v.is_empty() {
+        match from_env {
+            Some(var) => anyhow::bail!("--from-env {var}: environment variable {var} is empty"),
+            None => anyhow::bail!(
+                "the secret value read from stdin is empty (is the variable you piped in set?); \
+                 pipe the value in, or use --from-env VAR"
+            ),
+        }
+    }
+    Ok(v)
+}
+
+fn from_env_var(var: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    match std::env::var(var) {
+        Ok(v) => Ok(zeroize::Zeroizing::new(v)),
+        Err(std::env::VarError::NotPresent) => {
+            anyhow::bail!("--from-env {var}: environment variable {var} is not set")
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("--from-env {var}: environment variable {var} is not valid UTF-8")
+        }
+    }
+}
+
+fn from_stdin() -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let stdin = std::io::stdin();
+    anyhow::ensure!(
+        !stdin.is_terminal(),
+        "the secret value is read from stdin, which is a terminal: pipe it in \
+         (printf %s \"$VALUE\" | sealgate secret set STORE NAME) or use --from-env VAR"
+    );
+    let mut v = zeroize::Zeroizing::new(String::new());
+    stdin
+        .lock()
+        .read_to_string(&mut v)
+        .map_err(|e| anyhow::anyhow!("reading the secret value from stdin: {e}"))?;
     Ok(v)
 }
 
@@ -171,14 +243,16 @@ async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
             allowed_hosts,
             locations,
         } => {
-            let id = store_id(c, store).await?;
+            // The value first: a refused value (empty, unset variable, a terminal) costs no call.
             let value = read_value(from_env.as_deref())?;
+            let id = store_id(c, store).await?;
             let mut body = json!({"value": value.as_str()});
             if !allowed_hosts.is_empty() {
                 body["allowed_hosts"] = json!(allowed_hosts);
             }
             if !locations.is_empty() {
-                body["locations"] = json!(locations);
+                let names: Vec<&str> = locations.iter().map(|l| l.as_str()).collect();
+                body["locations"] = json!(names);
             }
             // The value leaves this short-lived process once, in the request body; no copy of
             // the JSON is kept around for it.
@@ -243,6 +317,8 @@ async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyho
         for (k, v) in &lines {
             println!("export {k}={}", shell_quote(v));
         }
+    } else if a.env_file.is_some() && !as_json {
+        println!("{}", sb["id"].as_str().unwrap_or_default());
     } else {
         print(&sb, as_json);
     }

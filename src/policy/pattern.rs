@@ -47,6 +47,37 @@ impl HostPattern {
     pub fn port(&self) -> Option<u16> {
         self.port
     }
+
+    /// True if some HTTPS destination matches both patterns — the only kind a secret is ever
+    /// unsealed for. So a secret whose every `allowed_hosts` pattern fails this against every
+    /// `egress_allowlist` pattern can never be unsealed. Example: `*.example.com` overlaps
+    /// `api.example.com` and `*.api.example.com`, not `example.com`; `api.x.test:8443` does
+    /// not overlap `api.x.test` (443 only).
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        let https_port = |p: Option<u16>| p.unwrap_or(443);
+        https_port(self.port) == https_port(other.port) && self.host.overlaps(&other.host)
+    }
+}
+
+impl PatternHost {
+    fn overlaps(&self, other: &PatternHost) -> bool {
+        use PatternHost::{Any, Exact, Subdomains};
+        match (self, other) {
+            (Any, _) | (_, Any) => true,
+            (Exact(a), Exact(b)) => a == b,
+            (Exact(Host::Name(n)), Subdomains(s)) | (Subdomains(s), Exact(Host::Name(n))) => {
+                is_subdomain(n, s)
+            }
+            (Exact(Host::Ip(_)), Subdomains(_)) | (Subdomains(_), Exact(Host::Ip(_))) => false,
+            (Subdomains(a), Subdomains(b)) => a == b || is_subdomain(a, b) || is_subdomain(b, a),
+        }
+    }
+}
+
+/// `name` has one or more labels in front of `suffix`.
+fn is_subdomain(name: &str, suffix: &str) -> bool {
+    name.strip_suffix(suffix)
+        .is_some_and(|front| front.len() > 1 && front.ends_with('.'))
 }
 
 impl fmt::Display for HostPattern {
@@ -287,6 +318,33 @@ mod tests {
     use super::*;
     use crate::policy::parse_authority;
     use proptest::prelude::*;
+
+    #[test]
+    fn overlaps_means_one_https_destination_matches_both() {
+        let p = |s: &str| parse_pattern(s).unwrap();
+        let yes = [
+            ("*", "api.x.test"),
+            ("*.x.test", "api.x.test"),
+            ("*.x.test", "*.api.x.test"),
+            ("api.x.test", "api.x.test:443"),
+            ("*:8443", "api.x.test:8443"),
+            ("192.0.2.1", "*"),
+        ];
+        for (a, b) in yes {
+            assert!(p(a).overlaps(&p(b)) && p(b).overlaps(&p(a)), "{a} {b}");
+        }
+        let no = [
+            ("*.x.test", "x.test"),
+            ("*.x.test", "evil-x.test"),
+            ("api.x.test", "api.x.test:8443"),
+            ("a.test", "b.test"),
+            ("*.x.test", "192.0.2.1"),
+            ("*:8443", "api.x.test"),
+        ];
+        for (a, b) in no {
+            assert!(!p(a).overlaps(&p(b)) && !p(b).overlaps(&p(a)), "{a} {b}");
+        }
+    }
 
     fn m(patterns: &[&str]) -> HostMatcher {
         let owned: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();

@@ -7,6 +7,7 @@ mod admin_api;
 mod adversarial;
 mod clients;
 mod contract;
+mod first_hour;
 mod fleet;
 mod interop;
 mod isolation;

@@ -1,0 +1,712 @@
+//! The first hour of a new user: the README demo runs verbatim (twice, leaving nothing behind),
+//! CLI errors read like a CLI's (exit code and text), and misconfigurations are refused with a
+//! message instead of being silently accepted.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::daemon::Harness;
+
+// ---- running the binary ---------------------------------------------------------------------
+
+/// `sealgate ARGS` with no inherited sealgate settings.
+fn sealgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sealgate"));
+    for var in [
+        "SEALGATE_CONFIG",
+        "SEALGATE_ADMIN_URL",
+        "SEALGATE_ADMIN_TOKEN",
+        "SEALGATE_MASTER_KEY",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// A client command against `h`, with `stdin` piped in.
+async fn client(h: &Harness, args: &[&str], stdin: &str) -> Output {
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(args);
+    run_with_stdin(c, stdin).await
+}
+
+/// Runs `c` without blocking the runtime (the in-process daemon shares the test's thread).
+async fn run_with_stdin(c: Command, stdin: &str) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::from(c)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sealgate");
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.as_bytes()).await.unwrap();
+    drop(pipe);
+    child.wait_with_output().await.unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts exit `code` and that stderr is exactly `sealgate: error: {msg}`.
+fn assert_error(o: &Output, code: i32, msg: &str) {
+    assert_eq!(o.status.code(), Some(code), "{}", stderr(o));
+    assert_eq!(stderr(o), format!("sealgate: error: {msg}\n"));
+}
+
+// ---- CLI messages ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_missing_store_has_one_wording_without_http_status() {
+    let h = Harness::start().await;
+    let msg = "store 'nosuch' not found";
+    for args in [
+        &["store", "get", "nosuch"][..],
+        &["store", "delete", "nosuch"],
+        &["secret", "list", "nosuch"],
+        &["sandbox", "create", "--store", "nosuch"],
+    ] {
+        let o = client(&h, args, "").await;
+        assert_error(&o, 1, msg);
+    }
+    let o = client(
+        &h,
+        &["secret", "set", "nosuch", "K", "--location", "header"],
+        "v",
+    )
+    .await;
+    assert_error(&o, 1, msg);
+}
+
+#[tokio::test]
+async fn api_errors_are_the_daemons_sentence_without_a_status_prefix() {
+    let h = Harness::start().await;
+    h.store("taken", None).await;
+    let o = client(&h, &["store", "create", "taken"], "").await;
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("sealgate: error: ") && e.contains("taken"),
+        "{e}"
+    );
+    assert!(!e.contains("409") && !e.contains("conflict:"), "{e}");
+    let o = client(&h, &["store", "create", "x", "--allow", "a.*.com"], "").await;
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(!e.contains("400") && e.contains("a.*.com"), "{e}");
+}
+
+#[tokio::test]
+async fn blank_store_names_are_refused_as_blank_by_the_cli_and_the_api() {
+    let h = Harness::start().await;
+    let msg = "store name must not be empty or only whitespace";
+    for name in ["   ", "", "\t"] {
+        assert_error(&client(&h, &["store", "create", name], "").await, 1, msg);
+    }
+    h.store("named", None).await;
+    assert_error(
+        &client(&h, &["store", "update", "named", "--name", "  "], "").await,
+        1,
+        msg,
+    );
+    let (s, v) = h
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "   "})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["message"], msg);
+}
+
+#[tokio::test]
+async fn location_values_are_checked_by_the_cli_with_the_allowed_list() {
+    let o = sealgate()
+        .args([
+            "--admin-url",
+            "http://127.0.0.1:9",
+            "secret",
+            "set",
+            "s",
+            "K",
+            "--location",
+            "headers",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("invalid value 'headers' for '--location <LOCATIONS>'")
+            && e.contains("[possible values: header, query, body]"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_daemon_is_named_with_a_hint() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let o = sealgate()
+        .args(["--admin-url", &url, "--admin-token", "t", "store", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with(&format!(
+            "sealgate: error: cannot reach the daemon at {url} — is `sealgate serve` running?"
+        )),
+        "{e}"
+    );
+    assert!(!e.contains("client error"), "{e}");
+}
+
+#[tokio::test]
+async fn a_missing_token_file_says_to_start_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sealgate()
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["store", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    let token = dir.path().join("admin.token");
+    assert!(
+        e.starts_with(&format!(
+            "sealgate: error: cannot read the admin token {}",
+            token.display()
+        )) && e.contains("start `sealgate serve`"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
+    let h = Harness::start().await;
+    h.store("w", Some(&["api.example.test"])).await;
+    let o = client(
+        &h,
+        &[
+            "secret",
+            "set",
+            "w",
+            "K",
+            "--allowed-host",
+            "other.example.test",
+            "--location",
+            "header",
+        ],
+        "sk-warned-value-5150",
+    )
+    .await;
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{e}");
+    assert_eq!(
+        e,
+        "sealgate: warning: secret K can never be unsealed: none of its allowed_hosts is \
+         reachable under store w's egress_allowlist\n"
+    );
+    let o = client(
+        &h,
+        &[
+            "secret",
+            "set",
+            "w",
+            "K",
+            "--allowed-host",
+            "*.example.test",
+            "--location",
+            "header",
+        ],
+        "sk-warned-value-5150",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stderr(&o), "", "an overlapping list is not warned about");
+    h.register_secret("sk-warned-value-5150");
+    h.assert_logs_clean();
+}
+
+#[tokio::test]
+async fn empty_secret_values_and_unset_variables_are_refused_before_any_call() {
+    let h = Harness::start().await;
+    h.store("e", Some(&["api.example.test"])).await;
+    let set = ["secret", "set", "e", "K", "--location", "header"];
+    for empty in ["", "\n", "\r\n"] {
+        assert_error(
+            &client(&h, &set, empty).await,
+            1,
+            "the secret value read from stdin is empty (is the variable you piped in set?); \
+             pipe the value in, or use --from-env VAR",
+        );
+    }
+    let var = "SEALGATE_TEST_FIRST_HOUR_UNSET";
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(set)
+        .args(["--from-env", var])
+        .env_remove(var);
+    assert_error(
+        &run_with_stdin(c, "ignored").await,
+        1,
+        &format!("--from-env {var}: environment variable {var} is not set"),
+    );
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(set)
+        .args(["--from-env", var])
+        .env(var, "");
+    assert_error(
+        &run_with_stdin(c, "").await,
+        1,
+        &format!("--from-env {var}: environment variable {var} is empty"),
+    );
+    let (_, v) = h.api(Method::GET, "/v1/stores", None).await;
+    let id = v[0]["id"].as_str().unwrap().to_owned();
+    let (_, secrets) = h
+        .api(Method::GET, &format!("/v1/stores/{id}/secrets"), None)
+        .await;
+    assert_eq!(secrets, json!([]), "nothing was stored");
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(set)
+        .args(["--from-env", var])
+        .env(var, "sk-from-env-7070\n");
+    let o = run_with_stdin(c, "").await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    h.register_secret("sk-from-env-7070");
+    h.assert_logs_clean();
+}
+
+/// On a terminal, `secret set` refuses with a hint instead of waiting silently for
+/// end-of-input (util-linux `script` gives the command a pseudo-terminal).
+#[tokio::test]
+async fn a_terminal_on_stdin_is_refused_with_a_hint() {
+    let h = Harness::start().await;
+    let cmd = format!(
+        "{} --admin-url {} --admin-token {} secret set s K",
+        env!("CARGO_BIN_EXE_sealgate"),
+        h.admin_url,
+        h.token
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("the secret value is read from stdin, which is a terminal: pipe it in"),
+        "{out}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{out}");
+}
+
+// ---- misconfiguration -----------------------------------------------------------------------
+
+/// A config for `serve` on port 0 with everything under `dir`.
+fn serve_config(dir: &Path, data_dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("proxy-{}.toml", rand_suffix()));
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\ncert_dir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [proxy]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            data_dir.display(),
+            dir.join("certs").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn rand_suffix() -> String {
+    format!("{:x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+#[tokio::test]
+async fn an_unknown_log_level_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serve_config(
+        dir.path(),
+        &dir.path().join("data"),
+        "[log]\nlevel = \"warning\"\n",
+    );
+    let o = sealgate()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(
+            "log.level: 'warning' is not a level (trace, debug, info, warn, error, off) or a \
+             target=level directive"
+        ),
+        "{e}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
+
+/// Kills a spawned daemon when the test ends, however it ends.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_text(path: &Path, text: &str, child: &mut std::process::Child) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = std::fs::read_to_string(path).unwrap_or_default();
+        if got.contains(text) {
+            return got;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("daemon exited ({status}) before saying {text:?}:\n{got}");
+        }
+        assert!(Instant::now() < deadline, "no {text:?} within 60 s:\n{got}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("first.log");
+    let child = sealgate()
+        .arg("--config")
+        .arg(serve_config(dir.path(), &data, ""))
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = Spawned(child);
+    let banner = wait_for_text(&log, "  master key:", &mut first.0);
+    let certs = std::fs::canonicalize(dir.path().join("certs")).unwrap();
+    assert!(
+        banner.contains(&format!("  CA certs:    {}", certs.display())),
+        "{banner}"
+    );
+    let o = sealgate()
+        .arg("--config")
+        .arg(serve_config(dir.path(), &data, ""))
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "sealgate: error: data_dir {} is in use by another sealgate process (pid {}); stop \
+             it, or give this daemon another data_dir\n",
+            data.display(),
+            first.0.id()
+        )
+    );
+    drop(first);
+    // Once the first is gone the data dir is free again.
+    let log2 = dir.path().join("second.log");
+    let child = sealgate()
+        .arg("--config")
+        .arg(serve_config(dir.path(), &data, ""))
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log2).unwrap())
+        .spawn()
+        .unwrap();
+    let mut second = Spawned(child);
+    wait_for_text(&log2, "  master key:", &mut second.0);
+}
+
+// ---- the README demo ------------------------------------------------------------------------
+
+const DEMO_PORTS: [u16; 3] = [7070, 3128, 8443];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The fenced block between the README's demo markers.
+fn readme_demo_block() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let begin = readme
+        .find("<!-- demo:begin")
+        .expect("README has a demo:begin marker");
+    let rest = &readme[begin..];
+    let open = rest
+        .find("```bash\n")
+        .expect("a ```bash fence after demo:begin")
+        + 8;
+    let close = rest[open..].find("\n```\n").expect("a closing fence") + open + 1;
+    rest[open..close].to_owned()
+}
+
+/// Stands in for `cargo` inside the demo: the test has built both programs already (a release
+/// build here would take minutes). It accepts exactly the demo's four cargo command lines, so
+/// the README block runs unchanged.
+const CARGO_SHIM: &str = r#"#!/bin/sh
+case "$*" in
+    "build --release --quiet --bin sealgate" | "build --release --quiet --example origin") exit 0 ;;
+esac
+if [ "$1 $2 $3 $4 $5 $6" = "run --release --quiet --bin sealgate --" ]; then
+    shift 6; exec "$SEALGATE_DEMO_BIN" "$@"
+fi
+if [ "$1 $2 $3 $4 $5 $6" = "run --release --quiet --example origin --" ]; then
+    shift 6; exec "$SEALGATE_DEMO_ORIGIN" "$@"
+fi
+echo "demo test: unexpected cargo command line: cargo $*" >&2
+exit 97
+"#;
+
+/// The `origin` example, built next to the test's sealgate binary (a no-op when fresh).
+fn origin_example() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_sealgate"));
+    let dir = bin.parent().unwrap();
+    let mut c = Command::new(env!("CARGO"));
+    c.args(["build", "--quiet", "--example", "origin"])
+        .current_dir(repo());
+    // The variables cargo sets for this test process would look like a changed environment to
+    // build scripts that watch them (ring's does), rebuilding half the tree each time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || matches!(
+                &*k,
+                "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+            );
+        if set_for_tests {
+            c.env_remove(&*k);
+        }
+    }
+    if dir.ends_with("release") {
+        c.arg("--release");
+    }
+    let o = c.output().expect("cargo build --example origin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir.join("examples").join("origin")
+}
+
+fn assert_ports_free() {
+    for port in DEMO_PORTS {
+        if let Err(e) = TcpListener::bind(("127.0.0.1", port)) {
+            panic!(
+                "the README demo needs 127.0.0.1:{port}, which is busy ({e}): stop the \
+                 `sealgate serve` or demo that holds it and run this test again"
+            );
+        }
+    }
+}
+
+/// Runs `script` with bash in its own process group; kills the group after `limit`.
+fn run_demo(script: &Path, cwd: &Path, env: &[(&str, &Path)], limit: Duration) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let out = cwd.join("..").join(format!("demo-{}.out", rand_suffix()));
+    let file = std::fs::File::create(&out).unwrap();
+    let mut c = Command::new("bash");
+    c.arg(script)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .process_group(0);
+    for var in [
+        "SEALGATE_CONFIG",
+        "SEALGATE_ADMIN_URL",
+        "SEALGATE_ADMIN_TOKEN",
+        "SEALGATE_MASTER_KEY",
+    ] {
+        c.env_remove(var);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("bash runs");
+    let pgid = child.id() as i32;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group this test created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            panic!(
+                "the demo did not finish within {limit:?}:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        group_is_gone(pgid),
+        "the demo left processes running in its group:\n{text}"
+    );
+    (status.code().unwrap_or(-1), text)
+}
+
+/// True when no process is left in process group `pgid` (killing any leftovers).
+fn group_is_gone(pgid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        // SAFETY: signal 0 only checks for existence.
+        if unsafe { libc::kill(-pgid, 0) } != 0 {
+            return true;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group this test created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The README's demo block, run as written from an empty directory, twice in a row: it exits 0
+/// both times, shows that the origin received the real value while the sandbox saw only the
+/// token, and leaves no process, file or port behind.
+#[test]
+fn readme_demo_runs_verbatim_twice_and_leaves_nothing_behind() {
+    let block = readme_demo_block();
+    let script = std::fs::read_to_string(repo().join("scripts/demo")).unwrap();
+    assert_eq!(
+        block, script,
+        "README's demo block differs from scripts/demo"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (work, tmp, shim) = (
+        root.path().join("work"),
+        root.path().join("tmp"),
+        root.path().join("shim"),
+    );
+    for d in [&work, &tmp, &shim] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let demo = root.path().join("demo.sh");
+    std::fs::write(&demo, &block).unwrap();
+    write_executable(&shim.join("cargo"), CARGO_SHIM);
+    let path = format!("{}:{}", shim.display(), std::env::var("PATH").unwrap());
+    let origin = origin_example();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sealgate"));
+    let env = [
+        ("PATH", Path::new(&path)),
+        ("TMPDIR", tmp.as_path()),
+        ("SEALGATE_DEMO_BIN", bin.as_path()),
+        ("SEALGATE_DEMO_ORIGIN", origin.as_path()),
+    ];
+    for run in 1..=2 {
+        assert_ports_free();
+        let (code, out) = run_demo(&demo, &work, &env, Duration::from_secs(120));
+        assert_eq!(code, 0, "run {run} failed:\n{out}");
+        for evidence in [
+            "sandbox: API_KEY=osb_sealed_",
+            "\"received_expected_auth\":true",
+            "\"authorization\":\"Bearer osb_sealed_",
+            "\"unsealed\":[\"API_KEY\"]",
+        ] {
+            assert!(
+                out.contains(evidence),
+                "run {run}: no {evidence} in:\n{out}"
+            );
+        }
+        assert!(
+            !out.contains("sk-real-demo"),
+            "run {run}: the real value reached the sandbox's output:\n{out}"
+        );
+        assert_eq!(
+            dir_entries(&work),
+            0,
+            "run {run} wrote into its working dir"
+        );
+        assert_eq!(dir_entries(&tmp), 0, "run {run} left its temp dir behind");
+        assert_ports_free();
+    }
+}
+
+fn dir_entries(d: &Path) -> usize {
+    std::fs::read_dir(d).unwrap().count()
+}
+
+fn write_executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+// ---- scripts/test ---------------------------------------------------------------------------
+
+/// `scripts/test` as a non-root user exits at once, saying why (as root, the test runs a copy of
+/// it as `nobody` through `setpriv`; the copy lives in a world-readable temp dir, since the
+/// checkout may not be).
+#[test]
+fn scripts_test_refuses_to_run_without_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir(&scripts).unwrap();
+    let text = std::fs::read_to_string(repo().join("scripts/test")).unwrap();
+    write_executable(&scripts.join("test"), &text);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.arg(scripts.join("test"));
+        c
+    } else {
+        Command::new(scripts.join("test"))
+    };
+    let o = c
+        .current_dir(dir.path())
+        .output()
+        .expect("run scripts/test");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("scripts/test: must run as root"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(o.stdout.is_empty(), "it did nothing else");
+}
