@@ -48,6 +48,61 @@ pub fn python() -> String {
     std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// `s` single-quoted for `sh`.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The shell words that start the test Python in `mode`. Explicit mode: `"$PY"`. Transparent
+/// mode (`sandbox exec`: `[sandbox] run_as`, only the sandbox's environment): the interpreter's
+/// absolute path when other users can run it, else — a venv over an interpreter they cannot
+/// reach, such as pyenv's under `/root` — a reachable `python3.X` of the same version with the
+/// venv's site-packages on `PYTHONPATH`.
+pub fn python_cmd(mode: Mode) -> String {
+    if mode == Mode::Explicit {
+        return "\"$PY\"".into();
+    }
+    let py = python();
+    let resolved = std::fs::canonicalize(&py).unwrap_or_else(|_| py.clone().into());
+    if others_reach(std::path::Path::new(&py)) && others_reach(&resolved) {
+        return sh_quote(&py);
+    }
+    let probe = "import sys, sysconfig\n\
+        p = sysconfig.get_paths()\n\
+        print('%d.%d' % sys.version_info[:2])\n\
+        print(':'.join(dict.fromkeys([p['purelib'], p['platlib']])))";
+    let out = std::process::Command::new(&py)
+        .args(["-c", probe])
+        .output()
+        .expect("the test Python runs");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = out.lines();
+    let (version, site) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    let base = ["/usr/bin", "/usr/local/bin"]
+        .iter()
+        .map(|d| std::path::PathBuf::from(format!("{d}/python{version}")))
+        .find(|p| std::fs::canonicalize(p).is_ok_and(|r| others_reach(&r)))
+        .unwrap_or_else(|| {
+            panic!("no python{version} that `[sandbox] run_as` can run for the venv {py}")
+        });
+    format!(
+        "PYTHONPATH={} {}",
+        sh_quote(site),
+        sh_quote(&base.display().to_string())
+    )
+}
+
+/// True when other users can reach `path`: every directory above it searchable, and `path`
+/// itself readable and executable (symbolic links are followed by the caller).
+fn others_reach(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.permissions().mode());
+    path.ancestors()
+        .skip(1)
+        .all(|d| d.as_os_str().is_empty() || mode(d) & 0o001 != 0)
+        && mode(path) & 0o005 == 0o005
+}
+
 /// True when every program runs (`prog --version`-like probe); in CI a missing one fails.
 pub fn have(progs: &[(&str, &[&str])]) -> bool {
     for (prog, args) in progs {
@@ -243,11 +298,12 @@ impl World {
         run(c).await
     }
 
-    /// Runs `sh -c script` inside a fresh namespace through `sealgate sandbox exec` (its own
-    /// sandbox of store `s`, no proxy variables).
+    /// Runs `sh -c script` through `sealgate sandbox exec` (its own isolated sandbox of store
+    /// `s`, no proxy variables). The script runs as `[sandbox] run_as` in bwrap with a private
+    /// `/home/user` (its cwd) and `/tmp` and only the sandbox's environment (sealed tokens, CA
+    /// variables, `PATH`, `HOME`): nothing of this process's environment or of `self.dir`
+    /// reaches it, so scripts carry their programs inline and print what they got to stdout.
     pub async fn exec(&self, script: &str) -> Ran {
-        let home = self.dir.path().join("home");
-        let _ = std::fs::create_dir_all(&home);
         let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_sealgate"));
         c.args(["sandbox", "exec", "--store", "s", "--", "sh", "-c", script])
             .env("SEALGATE_ADMIN_URL", &self.h.admin_url)
@@ -256,9 +312,6 @@ impl World {
                 "SEALGATE_TRANSPARENT_PORT",
                 self.transparent_port.to_string(),
             )
-            .env("HOME", &home)
-            .env("PY", python())
-            .env("GIT_CONFIG_NOSYSTEM", "1")
             .env_remove("SEALGATE_CONFIG")
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")

@@ -3,7 +3,9 @@
 //! response shapes real servers produce.
 
 use super::matrix::{versions, Matrix, Outcome};
-use super::{ensure, Mode, Server, Want, World, ANTHROPIC_KEY, KEY, OPENAI_KEY};
+use super::{
+    ensure, python_cmd, sh_quote, Mode, Server, Want, World, ANTHROPIC_KEY, KEY, OPENAI_KEY,
+};
 
 /// An origin host and how it is labelled in the matrix.
 #[derive(Clone, Copy)]
@@ -448,11 +450,10 @@ print("body=" + r.text.replace("\n", " "))
 
 pub async fn py_echo(w: &World, mode: Mode, o: Origin, client: &str) -> Outcome {
     let cell = cell_id(&[o.host, client]);
-    let script_path = w.path("py_echo.py");
-    std::fs::write(&script_path, PY_ECHO).unwrap();
     let script = format!(
-        "\"$PY\" {} https://{}/echo {cell} {client}",
-        script_path.display(),
+        "{} -c {} https://{}/echo {cell} {client}",
+        python_cmd(mode),
+        sh_quote(PY_ECHO),
         o.host
     );
     let r = w.run(mode, &script).await;
@@ -646,11 +647,12 @@ except openai.APIStatusError as e:
 
 pub async fn anthropic_cell(w: &World, mode: Mode, how: &str) -> Outcome {
     let cell = cell_id(&["anthropic", how]);
-    let path = w.path("py_anthropic.py");
-    std::fs::write(&path, PY_ANTHROPIC).unwrap();
-    let r = w
-        .run(mode, &format!("\"$PY\" {} {cell} {how}", path.display()))
-        .await;
+    let script = format!(
+        "{} -c {} {cell} {how}",
+        python_cmd(mode),
+        sh_quote(PY_ANTHROPIC)
+    );
+    let r = w.run(mode, &script).await;
     r.ok()?;
     ensure(r.var("status") == "200" && r.var("text") == "hi", || {
         r.stdout.clone()

@@ -1,15 +1,20 @@
 //! Transparent mode (`sealgate sandbox exec`: a network namespace, no proxy variables):
 //! curl (h1, h2), git, Node `fetch` and Python clients against nginx, Caddy and Node.
 //! Needs root (namespaces, iptables): with `CI` set it fails without them, else it skips.
+//!
+//! exec runs each script as `[sandbox] run_as` in bwrap with private `/home/user` and `/tmp`
+//! and only the sandbox's environment: scripts carry their programs inline (`node -e`,
+//! `python -c`, the interpreter named by path) and print what they got as `name=value` lines.
 
 use super::explicit::{
     anthropic_cell, cell_id, echo_checks, py_echo, Origin, CADDY, NGINX_H1, NGINX_H2, NODE_H2,
 };
 use super::matrix::{versions, Matrix, Outcome};
 use super::regress::{git_checks, git_script};
-use super::{ensure, Mode, Want, World};
+use super::{ensure, sh_quote, Mode, Want, World};
 
-/// Every curl echo of the matrix in one `exec` (a namespace costs about a second).
+/// Every curl echo of the matrix in one `exec` (a namespace costs about a second); each body
+/// lands in the sandbox's work dir and is printed, newlines folded, as `CELL.body=`.
 async fn curl_cells(w: &World, m: &mut Matrix) {
     let mut script = String::new();
     let mut cells = Vec::new();
@@ -18,7 +23,8 @@ async fn curl_cells(w: &World, m: &mut Matrix) {
             let cell = cell_id(&[o.host, flag, "transparent"]);
             script.push_str(&format!(
                 "printf '{cell}.status=%s\\n' \"$(curl -sS {flag} -H \"x-api-key: $KEY\" -H 'x-cell: {cell}' \
-                 -o {cell}.body -w '%{{http_code}}/%{{http_version}}' https://{}/echo)\"\n",
+                 -o {cell}.body -w '%{{http_code}}/%{{http_version}}' https://{}/echo)\"\n\
+                 printf '{cell}.body=%s\\n' \"$(tr '\\n' ' ' < {cell}.body)\"\n",
                 o.host
             ));
             cells.push((o, flag, cell));
@@ -43,12 +49,11 @@ async fn curl_cell(w: &World, r: &super::Ran, o: Origin, flag: &str, cell: &str)
     ensure(got == want, || {
         format!("status/version {got:?}, want {want}: {}", r.stderr.trim())
     })?;
-    let body = std::fs::read_to_string(w.path(&format!("{cell}.body"))).unwrap_or_default();
-    echo_checks(w, o, cell, &body).await
+    echo_checks(w, o, cell, &r.var(&format!("{cell}.body"))).await
 }
 
 const NODE_FETCH: &str = r#"
-const targets = JSON.parse(process.argv[2]);
+const targets = JSON.parse(process.argv[1]);
 (async () => {
   for (const [url, cell] of targets) {
     try {
@@ -63,7 +68,8 @@ const targets = JSON.parse(process.argv[2]);
 })();
 "#;
 
-/// Node's `fetch` (undici, no proxy support in Node 20: transparent mode needs none).
+/// Node's `fetch` (undici, no proxy support in Node 20: transparent mode needs none); the
+/// script is inline (`node -e`: its first argument is `process.argv[1]`).
 async fn node_fetch_cells(w: &World, m: &mut Matrix) {
     let origins = [NGINX_H2, CADDY, NODE_H2];
     let targets: Vec<(String, String, Origin)> = origins
@@ -81,9 +87,13 @@ async fn node_fetch_cells(w: &World, m: &mut Matrix) {
         .map(|(u, c, _)| (u.as_str(), c.as_str()))
         .collect();
     let arg = serde_json::to_string(&arg).unwrap();
-    let js = w.path("fetch.js");
-    std::fs::write(&js, NODE_FETCH).unwrap();
-    let r = w.exec(&format!("node {} '{arg}'", js.display())).await;
+    let r = w
+        .exec(&format!(
+            "node -e {} {}",
+            sh_quote(NODE_FETCH),
+            sh_quote(&arg)
+        ))
+        .await;
     for (_, cell, o) in &targets {
         let outcome = async {
             let status = r.var(&format!("{cell}.status"));
@@ -126,7 +136,6 @@ async fn python_cells(w: &World, m: &mut Matrix) {
 }
 
 #[tokio::test]
-#[ignore = "issue 11: written for the old exec; `sandbox exec` now runs commands in bwrap as run_as with a private /tmp and only the sandbox env, so its files and $PY are out of reach"]
 async fn transparent_clients_reach_nginx_caddy_and_node() {
     if !crate::transparent::netns_ready() {
         return;
