@@ -11,6 +11,7 @@
 
 pub mod crypto;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;

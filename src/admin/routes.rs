@@ -382,7 +382,16 @@ async fn metrics(State(st): St) -> Response {
 
 async fn readyz(State(st): St) -> Response {
     let listeners = st.listeners_ready.load(Ordering::Acquire);
-    let store = st.store.check();
+    // The check may be a network round trip (PostgreSQL): never on a runtime worker, so that
+    // unauthenticated probes cannot stall the proxy while the database is slow or down.
+    let checked = st.store.clone();
+    let store = tokio::task::spawn_blocking(move || checked.check())
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Unavailable(
+                "check panicked".into(),
+            ))
+        });
     match (listeners, store) {
         (true, Ok(())) => Json(json!({"status": "ready"})).into_response(),
         (false, _) => ApiError::new(

@@ -30,6 +30,10 @@ use rusqlite::{
 use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
+use super::rows::{
+    corrupt, corrupt_msg, from_json, from_json_opt, from_nanos, reseal, secret_policy,
+    secret_row_name, store_policy, to_json_opt, to_nanos, to_version,
+};
 use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::secret::{Location, SecretValue};
 
@@ -580,18 +584,6 @@ fn write_key_check(conn: &Connection, key: &MasterKey) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Opens `sealed` with `old` and seals the plaintext with `new` under the same `aad`.
-fn reseal(
-    old: &MasterKey,
-    new: &MasterKey,
-    aad: &[u8],
-    sealed: &[u8],
-    row: impl FnOnce() -> String,
-) -> Result<Vec<u8>, StoreError> {
-    let plain = crypto::open(old, aad, sealed).map_err(|e| corrupt(row(), e))?;
-    Ok(crypto::seal(new, aad, plain.expose()))
-}
-
 fn reseal_secrets(
     tx: &Transaction<'_>,
     old: &MasterKey,
@@ -683,13 +675,6 @@ fn reseal_sandboxes(
 }
 
 // ---- stores -------------------------------------------------------------------------------------
-
-fn store_policy(record: &StoreRecord) -> crypto::StorePolicy<'_> {
-    crypto::StorePolicy {
-        store_id: &record.id,
-        egress_allowlist: record.egress_allowlist.as_deref(),
-    }
-}
 
 fn insert_store(
     conn: &Connection,
@@ -868,16 +853,6 @@ fn next_version(version: u64, store_id: &str, name: &str) -> Result<u64, StoreEr
         .ok_or_else(|| corrupt_msg(secret_row_name(store_id, name), "version overflow"))
 }
 
-fn secret_policy<'a>(store_id: &'a str, meta: &'a SecretMeta) -> crypto::SecretPolicy<'a> {
-    crypto::SecretPolicy {
-        store_id,
-        name: &meta.name,
-        version: meta.version,
-        allowed_hosts: meta.allowed_hosts.as_deref(),
-        locations: &meta.locations,
-    }
-}
-
 fn upsert_secret(
     conn: &Connection,
     store_id: &str,
@@ -1005,14 +980,6 @@ impl RawSecret {
     }
 }
 
-fn secret_row_name(store_id: &str, name: &str) -> String {
-    format!("secret '{name}' of store '{store_id}'")
-}
-
-fn to_version(version: i64, row: impl FnOnce() -> String) -> Result<u64, StoreError> {
-    u64::try_from(version).map_err(|_| corrupt_msg(row(), "negative version"))
-}
-
 // ---- sandboxes ----------------------------------------------------------------------------------
 
 fn insert_sandbox_row(
@@ -1119,42 +1086,6 @@ fn expect_one_row(changed: usize, what: impl FnOnce() -> String) -> Result<(), S
         return Err(StoreError::NotFound(what()));
     }
     Ok(())
-}
-
-fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
-    corrupt_msg(row, &e.to_string())
-}
-
-fn corrupt_msg(row: String, why: &str) -> StoreError {
-    StoreError::Corrupt(format!("{row}: {why}"))
-}
-
-fn to_nanos(t: OffsetDateTime, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(t.unix_timestamp_nanos())
-        .map_err(|_| StoreError::InvalidInput(format!("{what}: time outside 1677..2262")))
-}
-
-fn from_nanos(nanos: i64, row: impl FnOnce() -> String) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
-        .map_err(|_| corrupt_msg(row(), "time out of range"))
-}
-
-fn to_json_opt(list: Option<&Vec<String>>) -> Result<Option<String>, StoreError> {
-    Ok(list.map(serde_json::to_string).transpose()?)
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(
-    text: &str,
-    row: impl FnOnce() -> String,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|_| corrupt_msg(row(), "malformed JSON column"))
-}
-
-fn from_json_opt<T: serde::de::DeserializeOwned>(
-    text: Option<&str>,
-    row: impl FnOnce() -> String,
-) -> Result<Option<T>, StoreError> {
-    text.map(|t| from_json(t, row)).transpose()
 }
 
 #[cfg(test)]

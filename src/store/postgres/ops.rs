@@ -14,6 +14,11 @@ use tokio_postgres::{Client, GenericClient, Row, Transaction};
 use super::{open_secret, pg_err, read_key_check, seal_secret, verify_key_check, Db, CHANNEL};
 use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
+pub(super) use crate::store::rows::to_nanos;
+use crate::store::rows::{
+    corrupt, corrupt_msg, from_json, from_json_opt, from_nanos, reseal, secret_policy,
+    secret_row_name, store_policy, to_json_opt, to_version,
+};
 use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
@@ -47,13 +52,6 @@ pub(super) async fn insert_store(
     .await
     .map_err(|e| name_conflict(e, &rec.name))?;
     tx.commit().await.map_err(pg_err)
-}
-
-fn store_policy(record: &StoreRecord) -> crypto::StorePolicy<'_> {
-    crypto::StorePolicy {
-        store_id: &record.id,
-        egress_allowlist: record.egress_allowlist.as_deref(),
-    }
 }
 
 /// Stores matching `clause`, each checked against its policy MAC under `key`.
@@ -343,16 +341,6 @@ async fn next_meta(tx: &Transaction<'_>, put: &Put<'_>) -> Result<SecretMeta, St
     })
 }
 
-fn secret_policy<'a>(store_id: &'a str, meta: &'a SecretMeta) -> crypto::SecretPolicy<'a> {
-    crypto::SecretPolicy {
-        store_id,
-        name: &meta.name,
-        version: meta.version,
-        allowed_hosts: meta.allowed_hosts.as_deref(),
-        locations: &meta.locations,
-    }
-}
-
 async fn upsert_secret(
     tx: &Transaction<'_>,
     store_id: &str,
@@ -486,14 +474,6 @@ impl RawSecret {
         let value = open_secret(key, &store_id, &meta, &sealed).map_err(|e| corrupt(row, e))?;
         Ok(SecretRecord { meta, value })
     }
-}
-
-fn secret_row_name(store_id: &str, name: &str) -> String {
-    format!("secret '{name}' of store '{store_id}'")
-}
-
-fn to_version(version: i64, row: impl FnOnce() -> String) -> Result<u64, StoreError> {
-    u64::try_from(version).map_err(|_| corrupt_msg(row(), "negative version"))
 }
 
 // ---- sandboxes ----------------------------------------------------------------------------------
@@ -815,18 +795,6 @@ async fn reseal_sandboxes(
     Ok(rows.len())
 }
 
-/// Opens `sealed` with `old` and seals the plaintext with `new` under the same `aad`.
-fn reseal(
-    old: &MasterKey,
-    new: &MasterKey,
-    aad: &[u8],
-    sealed: &[u8],
-    row: impl FnOnce() -> String,
-) -> Result<Vec<u8>, StoreError> {
-    let plain = crypto::open(old, aad, sealed).map_err(|e| corrupt(row(), e))?;
-    Ok(crypto::seal(new, aad, plain.expose()))
-}
-
 // ---- small helpers ------------------------------------------------------------------------------
 
 fn expect_one_row(changed: u64, what: impl FnOnce() -> String) -> Result<(), StoreError> {
@@ -834,40 +802,4 @@ fn expect_one_row(changed: u64, what: impl FnOnce() -> String) -> Result<(), Sto
         return Err(StoreError::NotFound(what()));
     }
     Ok(())
-}
-
-fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
-    corrupt_msg(row, &e.to_string())
-}
-
-fn corrupt_msg(row: String, why: &str) -> StoreError {
-    StoreError::Corrupt(format!("{row}: {why}"))
-}
-
-pub(super) fn to_nanos(t: OffsetDateTime, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(t.unix_timestamp_nanos())
-        .map_err(|_| StoreError::InvalidInput(format!("{what}: time outside 1677..2262")))
-}
-
-fn from_nanos(nanos: i64, row: impl FnOnce() -> String) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
-        .map_err(|_| corrupt_msg(row(), "time out of range"))
-}
-
-fn to_json_opt(list: Option<&Vec<String>>) -> Result<Option<String>, StoreError> {
-    Ok(list.map(serde_json::to_string).transpose()?)
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(
-    text: &str,
-    row: impl FnOnce() -> String,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|_| corrupt_msg(row(), "malformed JSON column"))
-}
-
-fn from_json_opt<T: serde::de::DeserializeOwned>(
-    text: Option<&str>,
-    row: impl FnOnce() -> String,
-) -> Result<Option<T>, StoreError> {
-    text.map(|t| from_json(t, row)).transpose()
 }

@@ -77,22 +77,24 @@ fn redact(text: &str) -> String {
     }
 }
 
+/// The user information ends at the *first* `@` of the text after `://`, wherever it stands:
+/// that is how tokio-postgres reads it, so a password holding `/`, `?` or `@`-free base64 is
+/// still inside what we hide. Example: `postgres://sg:Ab/cd@db/x` → `postgres://sg:***@db/x`.
 fn redact_url(text: &str) -> String {
     let (scheme, rest) = text.split_once("://").expect("caller checked the scheme");
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{hosts}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
+    let (userinfo, rest) = match rest.split_once('@') {
+        Some((userinfo, hosts_and_tail)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            (format!("{user}{hidden}@"), hosts_and_tail)
+        }
+        None => (String::new(), rest),
     };
-    let tail = match tail.split_once('?') {
+    let tail = match rest.split_once('?') {
         Some((path, query)) => format!("{path}?{}", redact_query(query)),
-        None => tail.to_owned(),
+        None => rest.to_owned(),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!("{scheme}://{userinfo}{tail}")
 }
 
 fn redact_query(query: &str) -> String {
@@ -162,6 +164,29 @@ mod tests {
             "postgresql://sg@db/sealgate?password=***&application_name=x"
         );
         assert_eq!(shown("postgres://db/x"), "postgres://db/x");
+    }
+
+    /// tokio-postgres takes the credentials up to the first `@` of the whole text, so a
+    /// password holding `/` or `?` (base64 often does) must be hidden all the same.
+    #[test]
+    fn passwords_with_slash_or_question_mark_are_redacted() {
+        for (url, want) in [
+            ("postgres://sg:Ab/cd@db/x", "postgres://sg:***@db/x"),
+            (
+                "postgres://sg:pa?ss@db:5432/x",
+                "postgres://sg:***@db:5432/x",
+            ),
+            (
+                "postgres://sg:a/b?c@db/x?password=z9",
+                "postgres://sg:***@db/x?password=***",
+            ),
+        ] {
+            let got = shown(url);
+            assert_eq!(got, want);
+            for secret in ["Ab/cd", "pa?ss", "a/b?c", "z9"] {
+                assert!(!got.contains(secret), "{got}");
+            }
+        }
     }
 
     #[test]
