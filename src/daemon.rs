@@ -58,6 +58,17 @@ pub enum DaemonError {
     /// Another daemon uses this `data_dir`.
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    /// The config file holds a secret but others may read it.
+    #[error(
+        "{path} holds a database password but is readable by group or others (mode {mode:o}): \
+         chmod 600 it, or leave [store] url empty and pass SEALGATE_DATABASE_URL"
+    )]
+    ConfigReadable {
+        /// The config file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -150,6 +161,7 @@ impl Running {
 /// # Errors
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
+    check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = lock::lock(&cfg.data_dir)?;
     let opened = open_backend(&cfg, &ov)?;
@@ -175,7 +187,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         runtime,
         shutdown_rx.clone(),
     );
-    let isolation = start_isolation(&cfg, &sandboxes, &proxy, &swept)?;
+    let isolation = start_isolation(&cfg, &ov, &sandboxes, &proxy, &swept)?;
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let admin_state = Arc::new(AdminState {
         store,
@@ -527,18 +539,47 @@ async fn sweep_namespaces() -> crate::netns::sweep::Swept {
     swept
 }
 
+/// Refuses a config file that holds a database password while group or others may read it
+/// (a sandbox user on the host could read it; isolated sandboxes see it masked).
+fn check_config_private(cfg: &Config, path: Option<&Path>) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (Some(path), Some(url)) = (path, cfg.store.url.as_ref()) else {
+        return Ok(());
+    };
+    if !url.has_password() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(DaemonError::ConfigReadable {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 /// The isolation service; ends the sandboxes an earlier run had isolated (they are not
 /// restored: their namespaces and processes died with that run).
 fn start_isolation(
     cfg: &Config,
+    ov: &Overrides,
     sandboxes: &Arc<Sandboxes>,
     proxy: &Arc<ProxyState>,
     swept: &crate::netns::sweep::Swept,
 ) -> Result<Arc<Isolation>, DaemonError> {
     let data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(io_err("resolving data_dir"))?;
+    // The config file may hold a database password: masked inside every sandbox.
+    let hidden = ov
+        .config_path
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
     let isolation = Arc::new(Isolation::new(
         cfg.sandbox.clone(),
         data_dir,
+        hidden,
         sandboxes.clone(),
         proxy.clone(),
     ));
@@ -674,4 +715,39 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("node.id", old.node_id != new.node_id);
     check("audit.path", old.audit_path != new.audit_path);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn with_mode(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let cfg = Config::load(Some(&path)).unwrap();
+        (dir, path, cfg)
+    }
+
+    #[test]
+    fn a_readable_config_with_a_database_password_is_refused() {
+        let pw =
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://sg:hunter2-PW@db.internal/sg\"\n";
+        let (_d, path, cfg) = with_mode(pw, 0o644);
+        let err = check_config_private(&cfg, Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mode 644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let (_d, path, cfg) = with_mode(pw, 0o600);
+        assert!(check_config_private(&cfg, Some(&path)).is_ok());
+        let no_pw = "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql user=sg\"\n";
+        let (_d, path, cfg) = with_mode(no_pw, 0o644);
+        assert!(check_config_private(&cfg, Some(&path)).is_ok());
+    }
 }

@@ -132,6 +132,8 @@ pub struct Isolation {
     cfg: SandboxConfig,
     /// Absolute `data_dir` (hidden inside every sandbox).
     data_dir: PathBuf,
+    /// Files masked inside every sandbox (the config file, which may hold a database password).
+    hidden: Vec<PathBuf>,
     run_as: Result<RunAs, String>,
     sandboxes: Arc<Sandboxes>,
     proxy: Arc<ProxyState>,
@@ -143,6 +145,7 @@ impl Isolation {
     pub fn new(
         cfg: SandboxConfig,
         data_dir: PathBuf,
+        hidden: Vec<PathBuf>,
         sandboxes: Arc<Sandboxes>,
         proxy: Arc<ProxyState>,
     ) -> Isolation {
@@ -153,6 +156,7 @@ impl Isolation {
         Isolation {
             cfg,
             data_dir,
+            hidden,
             run_as,
             sandboxes,
             proxy,

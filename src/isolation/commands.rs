@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::run_as::RunAs;
 use super::{check_env, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
 use crate::audit::{Audit, CommandEvent};
+use crate::sandbox::lifecycle::CA_VARS;
 
 /// Exit code reported for a command killed by its timeout.
 pub const TIMEOUT_EXIT: i32 = 124;
@@ -46,14 +47,6 @@ pub const AUDIT_CMD_BYTES: usize = 256;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// `PATH` inside.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Variables pointed at the sandbox CA (DESIGN §7 "Clients").
-pub const CA_VARS: &[&str] = &[
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-];
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -215,6 +208,8 @@ fn prepare(
         run_as: &run_as,
         cwd: &cwd,
         env_file: &env_file.0,
+        hidden: &isolation.hidden,
+        run_binds: &run_binds(&iso.info.name),
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),
@@ -258,18 +253,56 @@ pub struct Sandboxed<'a> {
     pub cwd: &'a str,
     /// The command's environment file (bound read-only at [`ENV_INSIDE`]).
     pub env_file: &'a Path,
+    /// Host files masked by `/dev/null` (the config file).
+    pub hidden: &'a [PathBuf],
+    /// `(source, target)` files bound back under the fresh `/run` (see [`run_binds`]).
+    pub run_binds: &'a [(PathBuf, PathBuf)],
+}
+
+/// The namespace's own `/etc` files (`ip netns exec` binds `/etc/netns/<ns>/*` over
+/// `/etc/*`) whose host path resolves under `/run` — on systemd-resolved hosts
+/// `/etc/resolv.conf` is a link to `/run/systemd/resolve/stub-resolv.conf`. The sandbox gets a
+/// fresh `/run`, so these are bound back at their resolved path, and nothing else of `/run`.
+pub fn run_binds(netns: &str) -> Vec<(PathBuf, PathBuf)> {
+    let own = Path::new("/etc/netns").join(netns);
+    ["resolv.conf", "nsswitch.conf", "hosts"]
+        .into_iter()
+        .filter_map(|name| {
+            let source = own.join(name);
+            let target = std::fs::canonicalize(Path::new("/etc").join(name)).ok()?;
+            (source.is_file() && target.starts_with("/run")).then_some((source, target))
+        })
+        .collect()
 }
 
 /// The full argv (pure): `ip netns exec` → `bwrap` → `setpriv` → `sh -c cmd`.
+///
+/// Invariant: inside, the host is read-only and stripped of what could hold a credential or
+/// reach a host service: `data_dir`, `/home`, `/tmp` and `/run` (host UNIX sockets such as
+/// PostgreSQL's, D-Bus, Docker, systemd-resolved) are fresh, and every [`Sandboxed::hidden`]
+/// file is masked by `/dev/null` (mounted `nodev`: it cannot even be opened).
 pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
     let path = |p: &Path| p.display().to_string();
-    let mut v: Vec<String> = ["ip", "netns", "exec", s.netns, "bwrap"]
-        .map(String::from)
-        .to_vec();
+    let mut v: Vec<String> = [
+        "ip",
+        "netns",
+        "exec",
+        s.netns,
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+    ]
+    .map(String::from)
+    .to_vec();
+    for hidden in s.hidden {
+        v.extend(["--ro-bind".into(), "/dev/null".into(), path(hidden)]);
+    }
+    v.extend(["--tmpfs".into(), "/run".into()]);
+    for (source, target) in s.run_binds {
+        v.extend(["--ro-bind".into(), path(source), path(target)]);
+    }
     let mounts: Vec<String> = vec![
-        "--ro-bind".into(),
-        "/".into(),
-        "/".into(),
         "--tmpfs".into(),
         path(s.data_dir),
         "--bind".into(),
@@ -335,10 +368,7 @@ impl EnvFile {
     ) -> Result<EnvFile, IsolationError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let path = dir.join(format!(
-            "cmd-{}.env",
-            crate::sandbox::lifecycle::random_hex(8)
-        ));
+        let path = dir.join(format!("cmd-{}.env", crate::random::random_hex(8)));
         let io = |e| IsolationError::Io {
             what: "writing a command's environment file".into(),
             source: e,
@@ -777,10 +807,20 @@ mod tests {
             run_as: &run_as,
             cwd: "/home/user",
             env_file: Path::new("/d/sandboxes/sbx_1/cmd-1.env"),
+            hidden: &[PathBuf::from("/etc/sealgate/proxy.toml")],
+            run_binds: &[(
+                PathBuf::from("/etc/netns/sealgate-0005/resolv.conf"),
+                PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
+            )],
         };
         let v = bwrap_argv(&s, "echo $X");
         let line = v.join(" ");
-        assert!(line.starts_with("ip netns exec sealgate-0005 bwrap --ro-bind / / --tmpfs /d "));
+        assert!(line.starts_with(
+            "ip netns exec sealgate-0005 bwrap --ro-bind / / \
+             --ro-bind /dev/null /etc/sealgate/proxy.toml --tmpfs /run \
+             --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
+             --tmpfs /d "
+        ));
         assert!(line.contains("--bind /d/sandboxes/sbx_1/home /home/user"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
         assert!(line.contains("--unshare-pid") && line.contains("--die-with-parent"));

@@ -330,6 +330,51 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     assert!(r["stdout"].as_str().unwrap().ends_with("rc=1\n"), "{r}");
 }
 
+/// A command sees neither the daemon's config file (it may hold a database password) nor
+/// anything under the host's `/run` (UNIX sockets of PostgreSQL, D-Bus, Docker…), while the
+/// namespace's own resolver settings still apply. (The masked file cannot be opened: bwrap
+/// mounts it `nodev`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_and_host_sockets_are_masked() {
+    if !netns_ready() {
+        return;
+    }
+    // Outside /tmp, /home and data_dir (each of which is replaced inside anyway).
+    let conf = tempfile::tempdir_in("/var/tmp").unwrap();
+    let run = tempfile::Builder::new()
+        .prefix("sealgate-it-")
+        .tempdir_in("/run")
+        .unwrap();
+    let sock = run.path().join("db.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for (p, mode) in [
+        (conf.path(), 0o755),
+        (run.path(), 0o755),
+        (sock.as_path(), 0o777),
+    ] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let pki = Arc::new(TestPki::new());
+    let opts = Opts {
+        config_dir: Some(conf.path().to_owned()),
+        ..Opts::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let config = conf.path().join("proxy.toml");
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    h.store("s", Some(&["api.example.test"])).await;
+    let sb = isolated(&h, json!({})).await;
+    let probe = format!(
+        "cat {} 2>/dev/null | wc -c; ls {} 2>/dev/null; echo sock=$?; grep -c nameserver /etc/resolv.conf",
+        config.display(),
+        run.path().display()
+    );
+    let r = ok(&h, &id(&sb), &probe).await;
+    assert_eq!(r["stdout"], "0\nsock=2\n1\n", "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
     if !netns_ready() {

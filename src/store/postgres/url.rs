@@ -39,6 +39,11 @@ impl DatabaseUrl {
         &self.redacted
     }
 
+    /// Whether the text carries a password (then the file holding it must be private).
+    pub fn has_password(&self) -> bool {
+        self.pg_config().get_password().is_some()
+    }
+
     /// The driver configuration.
     pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
         tokio_postgres::Config::from_str(&self.full).expect("checked by DatabaseUrl::parse")

@@ -85,6 +85,8 @@ pub struct Opts {
     pub extra_toml: String,
     /// With `strict_vetting`: these CIDRs only (e.g. `"127.0.0.2/32"`).
     pub private_cidrs: Vec<String>,
+    /// Write `proxy.toml` here instead of the harness's temporary directory.
+    pub config_dir: Option<PathBuf>,
 }
 
 impl Harness {
@@ -114,7 +116,11 @@ impl Harness {
             &pki,
             &dir.path().join("audit.log"),
         );
-        let path = dir.path().join("proxy.toml");
+        let path = opts
+            .config_dir
+            .as_deref()
+            .unwrap_or(dir.path())
+            .join("proxy.toml");
         std::fs::write(&path, &text).unwrap();
         let cfg = Config::load(Some(&path)).map_err(|e| e.to_string())?;
         let ov = Overrides {
