@@ -340,12 +340,10 @@ fn env_lines(sb: &Value) -> Vec<(String, String)> {
 
 fn write_env_file(path: &std::path::Path, lines: &[(String, String)]) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = crate::fsutil::private_file()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(path)?;
     for (k, v) in lines {
         writeln!(f, "{k}={v}")?;

@@ -72,13 +72,11 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, LockError> {
 }
 
 fn open(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    crate::fsutil::private_file()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
         .open(path)
 }
 

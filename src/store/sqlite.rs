@@ -16,10 +16,10 @@
 //!   first open with the key computes every MAC and writes the v2 record in one transaction
 //!   (after that a missing MAC is tampering, not age).
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -438,11 +438,10 @@ fn file_id(m: &fs::Metadata) -> (u64, u64) {
 /// Creates the database file with mode 0600 if missing, and tightens the mode of an existing
 /// database or side file that group or others could read.
 fn prepare_files(db_path: &Path) -> Result<(), StoreError> {
-    OpenOptions::new()
+    crate::fsutil::private_file()
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
         .open(db_path)?;
     for suffix in ["", "-wal", "-shm"] {
         let mut name = db_path.as_os_str().to_owned();
