@@ -168,10 +168,13 @@ fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
 }
 
 /// Runs the rotation. The daemon must be stopped: a running daemon keeps the old key in
-/// memory and would seal new rows with it (its `/readyz` turns 503 when it notices).
+/// memory and would seal new rows with it. So the rotation takes the daemon's `data_dir` lock
+/// ([`crate::daemon::lock`]) for its whole run: it refuses to start while a daemon serves this
+/// `data_dir`, and a daemon cannot start while it runs.
 ///
 /// # Errors
-/// Wrong old key, unreadable new key, or a failed transaction (nothing changed then).
+/// A daemon holds the `data_dir`; wrong old key, unreadable new key, or a failed transaction
+/// (nothing changed then).
 pub fn rotate_cli(
     data_dir: &Path,
     env_key: Option<&str>,
@@ -180,6 +183,7 @@ pub fn rotate_cli(
     if !data_dir.join(crate::store::sqlite::DB_FILE_NAME).exists() {
         anyhow::bail!("no database in {}; nothing to rotate", data_dir.display());
     }
+    let _lock = lock_for_rotation(data_dir)?;
     let (store, source) = open_store(data_dir, env_key)?;
     rotate_opened(&store, &source, new_key_file)
 }
@@ -211,10 +215,28 @@ pub fn rotate_configured(
         .node_id
         .clone()
         .unwrap_or_else(crate::store::postgres::default_node_id);
+    // This node's daemon must be stopped (it holds the key file); the others are the
+    // operator's to stop, as the message below says.
+    let _lock = match cfg.data_dir.is_dir() {
+        true => Some(lock_for_rotation(&cfg.data_dir)?),
+        false => None,
+    };
     let (store, source) = open_pg_store(&cfg.data_dir, env_key, &url, &node)?;
     rotate_opened(&store, &source, new_key_file)?;
     eprintln!("every other node must now get the new key (it refuses to start with the old one)");
     Ok(())
+}
+
+/// The daemon's `data_dir` lock, with a message that says to stop the daemon.
+fn lock_for_rotation(data_dir: &Path) -> anyhow::Result<crate::daemon::lock::DataDirLock> {
+    crate::daemon::lock::lock(data_dir).map_err(|e| match e {
+        crate::daemon::lock::LockError::Held { holder, .. } => anyhow::anyhow!(
+            "a sealgate daemon (pid {holder}) is serving {}: stop it before rotating the \
+             master key (it keeps the old key in memory and would seal new rows with it)",
+            data_dir.display()
+        ),
+        other => other.into(),
+    })
 }
 
 /// Stages the new key (key-file setups), rotates, installs the new key file.

@@ -942,6 +942,24 @@ async fn key_rotation_round_trips_and_restart_keeps_stores_secrets_and_sandboxes
     assert!(err.contains("master key does not match"), "{err}");
 }
 
+/// A rotation while a daemon serves the data dir is refused (the daemon would keep sealing with
+/// the old key) and changes nothing.
+#[tokio::test]
+async fn key_rotation_is_refused_while_a_daemon_serves_the_data_dir() {
+    let p = populate().await;
+    let old = read_key(&p.key_file());
+    let mut h = Harness::try_start(p.opts(None), Some(p.pki.clone()))
+        .await
+        .expect("daemon starts");
+    let out = rotate(&p, None);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{msg}");
+    assert!(msg.contains("stop it before rotating"), "{msg}");
+    assert_eq!(read_key(&p.key_file()), old, "key file untouched");
+    h.stop().await;
+    assert_usable(&p).await;
+}
+
 /// Aborts a rotation after `step` (as kill -9 would), then checks the data dir with the key
 /// the crash left in place.
 async fn crash_at(step: &str, committed: bool) {
