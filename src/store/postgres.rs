@@ -3,7 +3,8 @@
 //! How the synchronous [`Store`] trait meets an async driver: the store owns a small tokio
 //! runtime of its own (one worker thread) that runs the connection pool (deadpool-postgres over
 //! tokio-postgres). Each trait method spawns its query there and blocks the *calling* thread
-//! until it answers or `OP_TIMEOUT` passes. Callers are the admin API, sandbox creation and the
+//! until it answers or `OP_TIMEOUT` passes — through `block_in_place` when that thread is a
+//! worker of the daemon's runtime, whose other tasks then move to another thread. Callers are the admin API, sandbox creation and the
 //! follower's refreshes — never the proxy's per-request path, which only reads in-memory
 //! snapshots. A separate runtime means a call works from any thread, inside or outside the
 //! daemon's runtime (a `block_on` there would panic), and a hung database costs the admin
@@ -54,6 +55,18 @@ pub const CHANNEL: &str = "sealgate_store_changed";
 /// Longest a store call waits for the database (pool wait + connect + query) before answering
 /// [`StoreError::Unavailable`].
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `wait` (a blocking wait for the database) so that it never holds a worker of the
+/// daemon's runtime: on a multi-thread runtime worker, `block_in_place` first hands that
+/// worker's other tasks (proxy connections) to another thread, so a slow or locked database
+/// stalls only the admin request that asked, never the proxy. Elsewhere it just runs.
+fn off_the_workers<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
+}
 
 /// Connections kept per node.
 const POOL_SIZE: usize = 8;
@@ -277,11 +290,14 @@ impl PgStore {
                 });
             let _ = tx.send(answer);
         });
-        rx.recv().unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the database runtime stopped".into(),
-            ))
-        })
+        let wait = move || {
+            rx.recv().unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the database runtime stopped".into(),
+                ))
+            })
+        };
+        off_the_workers(wait)
     }
 }
 

@@ -295,6 +295,49 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
         .await;
 }
 
+/// Admin requests waiting on a locked database must not take the proxy's threads: while more
+/// admin calls than the runtime has workers wait on a table lock, a proxied request is served
+/// before the lock is released (the psql holding it is still running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-locked-2010").await;
+    let sb = sandbox_on(&n.a, "s", "node-a").await;
+    // Shorter than the store's 5 s operation timeout: without the fix the admin calls hold
+    // both workers until the lock goes, and the proxied request only after that.
+    let mut holder = cluster.psql_spawn(
+        &n.db,
+        "BEGIN; LOCK TABLE stores IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;",
+    );
+    let granted = "SELECT count(*) FROM pg_locks WHERE relation = 'stores'::regclass \
+                   AND mode = 'AccessExclusiveLock' AND granted";
+    while cluster.psql(&n.db, granted).trim() != "1" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let blocked =
+        futures_util::future::join_all((0..4).map(|_| n.a.api(Method::GET, "/v1/stores", None)));
+    let proxied = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = n.key_seen(&n.a, &sb).await;
+        (seen, holder.try_wait().expect("psql status").is_none())
+    };
+    let (answers, (seen, lock_still_held)) = tokio::join!(blocked, proxied);
+    assert_eq!(
+        seen,
+        (StatusCode::OK, Some("sk-fleet-locked-2010".to_owned()))
+    );
+    assert!(
+        lock_still_held,
+        "the proxied request waited for the database lock"
+    );
+    for (status, v) in answers {
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    assert!(holder.wait().expect("psql").success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
     let cluster = Cluster::owned();

@@ -182,6 +182,27 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("psql {sql:?}: {e}"))
     }
 
+    /// Starts psql running `sql` in `db` without waiting for it (e.g. a transaction that holds a
+    /// lock for a while).
+    pub fn psql_spawn(&self, db: &str, sql: &str) -> Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &PORT.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn psql")
+    }
+
     fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin.join("psql"))
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
