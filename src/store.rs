@@ -43,6 +43,20 @@ pub struct StoreRecord {
     pub updated_at: OffsetDateTime,
 }
 
+impl StoreRecord {
+    /// A new store: a fresh UUID v4, created and updated now.
+    pub fn new(name: &str, egress_allowlist: Option<Vec<String>>) -> StoreRecord {
+        let now = OffsetDateTime::now_utc();
+        StoreRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            egress_allowlist,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// A secret's metadata: everything but the value.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SecretMeta {

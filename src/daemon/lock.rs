@@ -61,7 +61,7 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, LockError> {
         source,
     };
     let mut file = open(&path).map_err(io)?;
-    if !try_lock_exclusive(&file).map_err(io)? {
+    if !lock_within(&file, HELD_PATIENCE).map_err(io)? {
         return Err(LockError::Held {
             dir: data_dir.to_owned(),
             holder: holder_pid(&mut file),
@@ -69,6 +69,26 @@ pub fn lock(data_dir: &Path) -> Result<DataDirLock, LockError> {
     }
     write_pid(&mut file).map_err(io)?;
     Ok(DataDirLock { _file: file })
+}
+
+/// How long a held lock is retried before it counts as held by another daemon. A process that
+/// just released the lock may not have let go of it yet: a child forked by that process (any
+/// `Command` spawn, in a daemon or a test binary running several daemons) shares the open file
+/// description, and so the lock, until it execs and the close-on-exec descriptor closes.
+const HELD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Tries the lock until it is taken or `patience` has passed; `Ok(false)`: still held.
+fn lock_within(file: &File, patience: std::time::Duration) -> std::io::Result<bool> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if try_lock_exclusive(file)? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn open(path: &Path) -> std::io::Result<File> {

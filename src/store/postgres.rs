@@ -12,7 +12,7 @@
 //!
 //! Invariants (besides the trait's):
 //! - Every value is sealed with the same AEAD and associated data as in SQLite, through
-//!   [`seal_secret`] / [`open_secret`] and the crypto module's per-row AAD functions, so a
+//!   [`seal_secret`] / `rows::RawSecret::into_record` and the crypto module's per-row AAD functions, so a
 //!   row copied between stores, secrets or databases fails to open.
 //! - A write that seals verifies the key-check record in its own transaction (`FOR SHARE`),
 //!   and a rotation holds that row `FOR UPDATE`: a node still on the old key can never write a
@@ -307,14 +307,7 @@ impl Store for PgStore {
         name: &str,
         egress_allowlist: Option<Vec<String>>,
     ) -> Result<StoreRecord, StoreError> {
-        let now = OffsetDateTime::now_utc();
-        let record = StoreRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: name.to_owned(),
-            egress_allowlist,
-            created_at: now,
-            updated_at: now,
-        };
+        let record = StoreRecord::new(name, egress_allowlist);
         let rec = record.clone();
         self.block(
             |db| async move { ops::insert_store(&db, &mut **db.client().await?, &rec).await },
@@ -486,20 +479,6 @@ fn seal_secret(key: &MasterKey, store_id: &str, meta: &SecretMeta, value: &[u8])
         key,
         &crypto::secret_aad(store_id, &meta.name, meta.version),
         value,
-    )
-}
-
-/// Opens a secret value sealed by [`seal_secret`] for the same row.
-fn open_secret(
-    key: &MasterKey,
-    store_id: &str,
-    meta: &SecretMeta,
-    sealed: &[u8],
-) -> Result<SecretValue, crypto::CryptoError> {
-    crypto::open(
-        key,
-        &crypto::secret_aad(store_id, &meta.name, meta.version),
-        sealed,
     )
 }
 

@@ -4,10 +4,12 @@
 //!
 //! Invariant: an error names the row (store id, secret name), never a value.
 
+use std::net::IpAddr;
+
 use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
-use super::{SecretMeta, StoreError, StoreRecord};
+use super::{SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
 
 pub(super) fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
     corrupt_msg(row, &e.to_string())
@@ -86,4 +88,133 @@ pub(super) fn store_policy(record: &StoreRecord) -> crypto::StorePolicy<'_> {
 
 pub(super) fn secret_row_name(store_id: &str, name: &str) -> String {
     format!("secret '{name}' of store '{store_id}'")
+}
+
+// ---- raw rows (each backend reads its own columns into these) -----------------------------------
+
+/// A `stores` row as read, before JSON and time decoding.
+pub(super) struct RawStore {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) egress_allowlist: Option<String>,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+    pub(super) policy_mac: Option<Vec<u8>>,
+}
+
+impl RawStore {
+    /// The record, unchecked (the migration MACs rows as they are).
+    pub(super) fn decode(&self) -> Result<StoreRecord, StoreError> {
+        let row = || format!("store '{}'", self.id);
+        Ok(StoreRecord {
+            egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), row)?,
+            created_at: from_nanos(self.created_at, row)?,
+            updated_at: from_nanos(self.updated_at, row)?,
+            id: self.id.clone(),
+            name: self.name.clone(),
+        })
+    }
+
+    /// The record, if its allowlist matches its policy MAC.
+    pub(super) fn into_record(self, key: &MasterKey) -> Result<StoreRecord, StoreError> {
+        let record = self.decode()?;
+        store_policy(&record)
+            .verify(key, self.policy_mac.as_deref())
+            .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
+        Ok(record)
+    }
+}
+
+/// A `secrets` row as read, before decoding and decryption.
+pub(super) struct RawSecret {
+    pub(super) store_id: String,
+    pub(super) name: String,
+    pub(super) allowed_hosts: Option<String>,
+    pub(super) locations: String,
+    pub(super) version: i64,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+    pub(super) policy_mac: Option<Vec<u8>>,
+    pub(super) sealed: Option<Vec<u8>>,
+}
+
+impl RawSecret {
+    pub(super) fn row_name(&self) -> String {
+        secret_row_name(&self.store_id, &self.name)
+    }
+
+    /// The metadata; with `key`, only if it matches its policy MAC (`None`: unchecked, for
+    /// the migration that computes the MACs).
+    pub(super) fn decode_meta(&self, key: Option<&MasterKey>) -> Result<SecretMeta, StoreError> {
+        let row = || self.row_name();
+        let meta = SecretMeta {
+            allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), row)?,
+            locations: from_json(&self.locations, row)?,
+            version: to_version(self.version, row)?,
+            created_at: from_nanos(self.created_at, row)?,
+            updated_at: from_nanos(self.updated_at, row)?,
+            name: self.name.clone(),
+        };
+        if let Some(key) = key {
+            secret_policy(&self.store_id, &meta)
+                .verify(key, self.policy_mac.as_deref())
+                .map_err(|e| corrupt(format!("{} policy", self.row_name()), e))?;
+        }
+        Ok(meta)
+    }
+
+    pub(super) fn into_meta(self, key: &MasterKey) -> Result<SecretMeta, StoreError> {
+        self.decode_meta(Some(key))
+    }
+
+    pub(super) fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
+        let sealed = self.sealed.take().unwrap_or_default();
+        let (row, store_id) = (self.row_name(), self.store_id.clone());
+        let meta = self.into_meta(key)?;
+        let aad = crypto::secret_aad(&store_id, &meta.name, meta.version);
+        let value = crypto::open(key, &aad, &sealed).map_err(|e| corrupt(row, e))?;
+        Ok(SecretRecord { meta, value })
+    }
+}
+
+/// A `sandboxes` row as read, before decoding and decryption.
+pub(super) struct RawSandbox {
+    pub(super) id: String,
+    pub(super) store_id: String,
+    pub(super) store_name: String,
+    pub(super) created_at: i64,
+    pub(super) expires_at: i64,
+    pub(super) source_ip: Option<String>,
+    pub(super) proxy_token_hash: Vec<u8>,
+    pub(super) ca_cert_pem: String,
+    pub(super) ca_key: Vec<u8>,
+    pub(super) snapshot: Vec<u8>,
+}
+
+impl RawSandbox {
+    pub(super) fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
+        let id = self.id;
+        let row = || format!("sandbox '{id}'");
+        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
+            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
+        let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
+            .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
+        let source_ip = self
+            .source_ip
+            .map(|ip| ip.parse::<IpAddr>())
+            .transpose()
+            .map_err(|_| corrupt_msg(row(), "unparsable source_ip"))?;
+        Ok(SandboxRow {
+            created_at: from_nanos(self.created_at, row)?,
+            expires_at: from_nanos(self.expires_at, row)?,
+            id,
+            store_id: self.store_id,
+            store_name: self.store_name,
+            source_ip,
+            proxy_token_hash: self.proxy_token_hash,
+            ca_cert_pem: self.ca_cert_pem,
+            ca_key,
+            snapshot,
+        })
+    }
 }

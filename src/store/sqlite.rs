@@ -18,7 +18,6 @@
 
 use std::fs;
 use std::io;
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -31,8 +30,8 @@ use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
 use super::rows::{
-    corrupt, corrupt_msg, from_json, from_json_opt, from_nanos, reseal, secret_policy,
-    secret_row_name, store_policy, to_json_opt, to_nanos, to_version,
+    corrupt_msg, from_nanos, reseal, secret_policy, secret_row_name, store_policy, to_json_opt,
+    to_nanos, to_version, RawSandbox, RawSecret, RawStore,
 };
 use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::secret::{Location, SecretValue};
@@ -217,14 +216,7 @@ impl Store for SqliteStore {
         name: &str,
         egress_allowlist: Option<Vec<String>>,
     ) -> Result<StoreRecord, StoreError> {
-        let now = OffsetDateTime::now_utc();
-        let record = StoreRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: name.to_owned(),
-            egress_allowlist,
-            created_at: now,
-            updated_at: now,
-        };
+        let record = StoreRecord::new(name, egress_allowlist);
         self.with_conn(|conn, key| insert_store(conn, key, &record))?;
         Ok(record)
     }
@@ -356,7 +348,7 @@ impl Store for SqliteStore {
             let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, rowid");
             let mut stmt = conn.prepare_cached(&sql)?;
             let raws = stmt
-                .query_map([], RawSandbox::from_row)?
+                .query_map([], RawSandbox::from_sqlite)?
                 .collect::<Result<Vec<_>, _>>()?;
             raws.into_iter().map(|raw| raw.into_row(key)).collect()
         })
@@ -623,7 +615,7 @@ fn remac_stores(tx: &Transaction<'_>, old: &MasterKey, new: &MasterKey) -> Resul
 fn mac_all_policies(tx: &Transaction<'_>, key: &MasterKey) -> Result<usize, StoreError> {
     let stores = {
         let mut stmt = tx.prepare(&format!("SELECT {STORE_COLUMNS} FROM stores"))?;
-        let rows = stmt.query_map([], RawStore::from_row)?;
+        let rows = stmt.query_map([], RawStore::from_sqlite)?;
         rows.collect::<Result<Vec<_>, _>>()?
     };
     for raw in &stores {
@@ -737,7 +729,7 @@ fn select_stores(
 ) -> Result<Vec<StoreRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {STORE_COLUMNS} FROM stores {clause}"))?;
     let raws = stmt
-        .query_map(params, RawStore::from_row)?
+        .query_map(params, RawStore::from_sqlite)?
         .collect::<Result<Vec<_>, _>>()?;
     raws.into_iter().map(|raw| raw.into_record(key)).collect()
 }
@@ -757,18 +749,8 @@ fn require_store(conn: &Connection, id: &str) -> Result<(), StoreError> {
         .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
 }
 
-/// A `stores` row as read, before JSON and time decoding.
-struct RawStore {
-    id: String,
-    name: String,
-    egress_allowlist: Option<String>,
-    created_at: i64,
-    updated_at: i64,
-    policy_mac: Option<Vec<u8>>,
-}
-
 impl RawStore {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(RawStore {
             id: row.get(0)?,
             name: row.get(1)?,
@@ -777,27 +759,6 @@ impl RawStore {
             updated_at: row.get(4)?,
             policy_mac: row.get(5)?,
         })
-    }
-
-    /// The record, unchecked (the migration MACs rows as they are).
-    fn decode(&self) -> Result<StoreRecord, StoreError> {
-        let row = || format!("store '{}'", self.id);
-        Ok(StoreRecord {
-            egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), row)?,
-            created_at: from_nanos(self.created_at, row)?,
-            updated_at: from_nanos(self.updated_at, row)?,
-            id: self.id.clone(),
-            name: self.name.clone(),
-        })
-    }
-
-    /// The record, if its allowlist matches its policy MAC.
-    fn into_record(self, key: &MasterKey) -> Result<StoreRecord, StoreError> {
-        let record = self.decode()?;
-        store_policy(&record)
-            .verify(key, self.policy_mac.as_deref())
-            .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
-        Ok(record)
     }
 }
 
@@ -908,26 +869,13 @@ fn select_secrets_of(
     let sql = format!("SELECT {SECRET_META_COLUMNS}, {value_column} FROM secrets {clause}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let raws = stmt
-        .query_map(params, RawSecret::from_row)?
+        .query_map(params, RawSecret::from_sqlite)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(raws)
 }
 
-/// A `secrets` row as read, before decoding and decryption.
-struct RawSecret {
-    store_id: String,
-    name: String,
-    allowed_hosts: Option<String>,
-    locations: String,
-    version: i64,
-    created_at: i64,
-    updated_at: i64,
-    policy_mac: Option<Vec<u8>>,
-    sealed: Option<Vec<u8>>,
-}
-
 impl RawSecret {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(RawSecret {
             store_id: row.get(0)?,
             name: row.get(1)?,
@@ -939,43 +887,6 @@ impl RawSecret {
             policy_mac: row.get(7)?,
             sealed: row.get(8)?,
         })
-    }
-
-    fn row_name(&self) -> String {
-        secret_row_name(&self.store_id, &self.name)
-    }
-
-    /// The metadata; with `key`, only if it matches its policy MAC (`None`: unchecked, for
-    /// the migration that computes the MACs).
-    fn decode_meta(&self, key: Option<&MasterKey>) -> Result<SecretMeta, StoreError> {
-        let row = || self.row_name();
-        let meta = SecretMeta {
-            allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), row)?,
-            locations: from_json(&self.locations, row)?,
-            version: to_version(self.version, row)?,
-            created_at: from_nanos(self.created_at, row)?,
-            updated_at: from_nanos(self.updated_at, row)?,
-            name: self.name.clone(),
-        };
-        if let Some(key) = key {
-            secret_policy(&self.store_id, &meta)
-                .verify(key, self.policy_mac.as_deref())
-                .map_err(|e| corrupt(format!("{} policy", self.row_name()), e))?;
-        }
-        Ok(meta)
-    }
-
-    fn into_meta(self, key: &MasterKey) -> Result<SecretMeta, StoreError> {
-        self.decode_meta(Some(key))
-    }
-
-    fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
-        let sealed = self.sealed.take().unwrap_or_default();
-        let (row, store_id) = (self.row_name(), self.store_id.clone());
-        let meta = self.into_meta(key)?;
-        let aad = crypto::secret_aad(&store_id, &meta.name, meta.version);
-        let value = crypto::open(key, &aad, &sealed).map_err(|e| corrupt(row, e))?;
-        Ok(SecretRecord { meta, value })
     }
 }
 
@@ -1016,22 +927,8 @@ fn insert_sandbox_row(
     Ok(())
 }
 
-/// A `sandboxes` row as read, before decoding and decryption.
-struct RawSandbox {
-    id: String,
-    store_id: String,
-    store_name: String,
-    created_at: i64,
-    expires_at: i64,
-    source_ip: Option<String>,
-    proxy_token_hash: Vec<u8>,
-    ca_cert_pem: String,
-    ca_key: Vec<u8>,
-    snapshot: Vec<u8>,
-}
-
 impl RawSandbox {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(RawSandbox {
             id: row.get(0)?,
             store_id: row.get(1)?,
@@ -1043,32 +940,6 @@ impl RawSandbox {
             ca_cert_pem: row.get(7)?,
             ca_key: row.get(8)?,
             snapshot: row.get(9)?,
-        })
-    }
-
-    fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
-        let id = self.id;
-        let row = || format!("sandbox '{id}'");
-        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
-            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
-        let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
-            .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
-        let source_ip = self
-            .source_ip
-            .map(|ip| ip.parse::<IpAddr>())
-            .transpose()
-            .map_err(|_| corrupt_msg(row(), "unparsable source_ip"))?;
-        Ok(SandboxRow {
-            created_at: from_nanos(self.created_at, row)?,
-            expires_at: from_nanos(self.expires_at, row)?,
-            id,
-            store_id: self.store_id,
-            store_name: self.store_name,
-            source_ip,
-            proxy_token_hash: self.proxy_token_hash,
-            ca_cert_pem: self.ca_cert_pem,
-            ca_key,
-            snapshot,
         })
     }
 }

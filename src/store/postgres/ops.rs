@@ -4,22 +4,20 @@
 //! are `$n` parameters, `BYTEA`, `seq` for insertion order, row locks (`FOR UPDATE` /
 //! `FOR SHARE`) and the generation + `NOTIFY` that announce a change to every node.
 
-use std::net::IpAddr;
-
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
-use super::{open_secret, pg_err, read_key_check, seal_secret, verify_key_check, Db, CHANNEL};
+use super::{pg_err, read_key_check, seal_secret, verify_key_check, Db, CHANNEL};
 use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 pub(super) use crate::store::rows::to_nanos;
 use crate::store::rows::{
-    corrupt, corrupt_msg, from_json, from_json_opt, from_nanos, reseal, secret_policy,
-    secret_row_name, store_policy, to_json_opt, to_version,
+    corrupt_msg, from_nanos, reseal, secret_policy, secret_row_name, store_policy, to_json_opt,
+    to_version, RawSandbox, RawSecret, RawStore,
 };
-use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
+use crate::store::{RotationStats, SandboxRow, SecretMeta, StoreError, StoreRecord};
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
@@ -79,7 +77,7 @@ async fn select_raw_stores(
         None => client.query(&sql, &[]).await,
     }
     .map_err(pg_err)?;
-    Ok(rows.iter().map(RawStore::from_row).collect())
+    Ok(rows.iter().map(RawStore::from_pg).collect())
 }
 
 pub(super) async fn store_by_id(
@@ -215,18 +213,8 @@ pub(super) async fn generations(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// A `stores` row as read, before JSON and time decoding.
-struct RawStore {
-    id: String,
-    name: String,
-    egress_allowlist: Option<String>,
-    created_at: i64,
-    updated_at: i64,
-    policy_mac: Option<Vec<u8>>,
-}
-
 impl RawStore {
-    fn from_row(row: &Row) -> Self {
+    fn from_pg(row: &Row) -> Self {
         RawStore {
             id: row.get(0),
             name: row.get(1),
@@ -235,27 +223,6 @@ impl RawStore {
             updated_at: row.get(4),
             policy_mac: row.get(5),
         }
-    }
-
-    /// The record, unchecked (the migration MACs rows as they are).
-    fn decode(&self) -> Result<StoreRecord, StoreError> {
-        let what = || format!("store '{}'", self.id);
-        Ok(StoreRecord {
-            egress_allowlist: from_json_opt(self.egress_allowlist.as_deref(), what)?,
-            created_at: from_nanos(self.created_at, what)?,
-            updated_at: from_nanos(self.updated_at, what)?,
-            id: self.id.clone(),
-            name: self.name.clone(),
-        })
-    }
-
-    /// The record, if its allowlist matches its policy MAC.
-    fn into_record(self, key: &MasterKey) -> Result<StoreRecord, StoreError> {
-        let record = self.decode()?;
-        store_policy(&record)
-            .verify(key, self.policy_mac.as_deref())
-            .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
-        Ok(record)
     }
 }
 
@@ -407,24 +374,11 @@ pub(super) async fn select_secrets(
          ORDER BY name COLLATE \"C\""
     );
     let rows = client.query(&sql, &[&store_id]).await.map_err(pg_err)?;
-    Ok(rows.iter().map(RawSecret::from_row).collect())
-}
-
-/// A `secrets` row as read, before decoding and decryption.
-pub(super) struct RawSecret {
-    store_id: String,
-    name: String,
-    allowed_hosts: Option<String>,
-    locations: String,
-    version: i64,
-    created_at: i64,
-    updated_at: i64,
-    policy_mac: Option<Vec<u8>>,
-    sealed: Option<Vec<u8>>,
+    Ok(rows.iter().map(RawSecret::from_pg).collect())
 }
 
 impl RawSecret {
-    fn from_row(row: &Row) -> Self {
+    fn from_pg(row: &Row) -> Self {
         RawSecret {
             store_id: row.get(0),
             name: row.get(1),
@@ -436,43 +390,6 @@ impl RawSecret {
             policy_mac: row.get(7),
             sealed: row.get(8),
         }
-    }
-
-    fn row_name(&self) -> String {
-        secret_row_name(&self.store_id, &self.name)
-    }
-
-    /// The metadata; with `key`, only if it matches its policy MAC (`None`: unchecked, for
-    /// the migration that computes the MACs).
-    fn decode_meta(&self, key: Option<&MasterKey>) -> Result<SecretMeta, StoreError> {
-        let what = || self.row_name();
-        let meta = SecretMeta {
-            allowed_hosts: from_json_opt(self.allowed_hosts.as_deref(), what)?,
-            locations: from_json(&self.locations, what)?,
-            version: to_version(self.version, what)?,
-            created_at: from_nanos(self.created_at, what)?,
-            updated_at: from_nanos(self.updated_at, what)?,
-            name: self.name.clone(),
-        };
-        if let Some(key) = key {
-            secret_policy(&self.store_id, &meta)
-                .verify(key, self.policy_mac.as_deref())
-                .map_err(|e| corrupt(format!("{} policy", self.row_name()), e))?;
-        }
-        Ok(meta)
-    }
-
-    /// The metadata, if it matches its policy MAC under `key`.
-    pub(super) fn into_meta(self, key: &MasterKey) -> Result<SecretMeta, StoreError> {
-        self.decode_meta(Some(key))
-    }
-
-    pub(super) fn into_record(mut self, key: &MasterKey) -> Result<SecretRecord, StoreError> {
-        let sealed = self.sealed.take().unwrap_or_default();
-        let (row, store_id) = (self.row_name(), self.store_id.clone());
-        let meta = self.into_meta(key)?;
-        let value = open_secret(key, &store_id, &meta, &sealed).map_err(|e| corrupt(row, e))?;
-        Ok(SecretRecord { meta, value })
     }
 }
 
@@ -569,7 +486,7 @@ pub(super) async fn select_sandboxes(
         "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE node_id = $1 ORDER BY created_at, seq"
     );
     let rows = client.query(&sql, &[&node_id]).await.map_err(pg_err)?;
-    Ok(rows.iter().map(RawSandbox::from_row).collect())
+    Ok(rows.iter().map(RawSandbox::from_pg).collect())
 }
 
 pub(super) async fn delete_sandbox(client: &Client, id: &str) -> Result<(), StoreError> {
@@ -595,22 +512,8 @@ pub(super) async fn purge_expired(
     Ok(n as usize)
 }
 
-/// A `sandboxes` row as read, before decoding and decryption.
-pub(super) struct RawSandbox {
-    id: String,
-    store_id: String,
-    store_name: String,
-    created_at: i64,
-    expires_at: i64,
-    source_ip: Option<String>,
-    proxy_token_hash: Vec<u8>,
-    ca_cert_pem: String,
-    ca_key: Vec<u8>,
-    snapshot: Vec<u8>,
-}
-
 impl RawSandbox {
-    fn from_row(row: &Row) -> Self {
+    fn from_pg(row: &Row) -> Self {
         RawSandbox {
             id: row.get(0),
             store_id: row.get(1),
@@ -623,32 +526,6 @@ impl RawSandbox {
             ca_key: row.get(8),
             snapshot: row.get(9),
         }
-    }
-
-    pub(super) fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
-        let id = self.id;
-        let row = || format!("sandbox '{id}'");
-        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
-            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
-        let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
-            .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
-        let source_ip = self
-            .source_ip
-            .map(|ip| ip.parse::<IpAddr>())
-            .transpose()
-            .map_err(|_| corrupt_msg(row(), "unparsable source_ip"))?;
-        Ok(SandboxRow {
-            created_at: from_nanos(self.created_at, row)?,
-            expires_at: from_nanos(self.expires_at, row)?,
-            id,
-            store_id: self.store_id,
-            store_name: self.store_name,
-            source_ip,
-            proxy_token_hash: self.proxy_token_hash,
-            ca_cert_pem: self.ca_cert_pem,
-            ca_key,
-            snapshot,
-        })
     }
 }
 
@@ -696,7 +573,7 @@ async fn reseal_secrets(
         .await
         .map_err(pg_err)?;
     for row in &rows {
-        let raw = RawSecret::from_row(row);
+        let raw = RawSecret::from_pg(row);
         let store_id = raw.store_id.clone();
         let rec = raw.into_record(old)?;
         let resealed = seal_secret(new, &store_id, &rec.meta, rec.value.expose());
@@ -754,7 +631,7 @@ pub(super) async fn mac_all_policies(
         .await
         .map_err(pg_err)?;
     for row in &rows {
-        let raw = RawSecret::from_row(row);
+        let raw = RawSecret::from_pg(row);
         let meta = raw.decode_meta(None)?;
         let mac = secret_policy(&raw.store_id, &meta).mac(key);
         tx.execute(

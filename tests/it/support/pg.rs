@@ -185,28 +185,15 @@ impl Cluster {
     /// Starts psql running `sql` in `db` without waiting for it (e.g. a transaction that holds a
     /// lock for a while).
     pub fn psql_spawn(&self, db: &str, sql: &str) -> Child {
-        Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.dir)
-            .args([
-                "-p",
-                &PORT.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ])
+        self.psql_cmd(db, sql)
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn psql")
     }
 
-    fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
-            .arg("-h")
+    fn psql_cmd(&self, db: &str, sql: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join("psql"));
+        cmd.args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.dir)
             .args([
                 "-p",
@@ -217,9 +204,12 @@ impl Cluster {
                 db,
                 "-c",
                 sql,
-            ])
-            .output()
-            .map_err(|e| e.to_string())?;
+            ]);
+        cmd
+    }
+
+    fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = self.psql_cmd(db, sql).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
