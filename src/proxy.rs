@@ -1,17 +1,21 @@
 //! Proxy listeners and the state shared by every connection.
 //!
 //! Both listeners (explicit CONNECT and transparent REDIRECT) identify the sandbox and the
-//! destination their own way, then share one path: [`intercept`] → [`forward`].
+//! destination their own way, then share one path: [`admit`] → [`intercept`] → [`serve`] →
+//! [`forward`]. Every outcome is recorded through [`outcome`].
 
 pub mod admission;
+pub mod admit;
 pub mod errors;
 pub mod explicit;
 pub mod forward;
 pub mod h1_guard;
 pub mod idle;
 pub mod intercept;
+pub mod outcome;
 pub mod respond;
 pub mod scrub;
+pub mod serve;
 pub mod transparent;
 pub mod upstream;
 
@@ -229,8 +233,8 @@ pub struct Tunnel {
     pub dest: Dest,
     /// Https (intercepted, may unseal) or Http (never unseals).
     pub scheme: Scheme,
-    /// "explicit" or "transparent".
-    pub mode: &'static str,
+    /// The listener the connection arrived on.
+    pub listener: ListenerKind,
     /// Holds the sandbox's tunnel slot while the connection lives.
     pub _guard: Option<TunnelGuard>,
     /// `dest` as `host:port`, formatted once per tunnel (audit, metrics, upstream URI).
@@ -249,7 +253,7 @@ impl Tunnel {
         sandbox: Arc<Sandbox>,
         dest: Dest,
         scheme: Scheme,
-        mode: &'static str,
+        listener: ListenerKind,
         guard: Option<TunnelGuard>,
     ) -> Arc<Tunnel> {
         let authority = dest.authority();
@@ -266,7 +270,7 @@ impl Tunnel {
             sandbox,
             dest,
             scheme,
-            mode,
+            listener,
             _guard: guard,
             authority,
             origin,
@@ -275,12 +279,22 @@ impl Tunnel {
 }
 
 /// Which listener a connection arrived on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
     /// `HTTPS_PROXY`.
     Explicit,
     /// iptables REDIRECT target.
     Transparent,
+}
+
+impl ListenerKind {
+    /// The audit log's `mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Explicit => "explicit",
+            ListenerKind::Transparent => "transparent",
+        }
+    }
 }
 
 /// Accepts connections until shutdown; each connection holds one admission slot
@@ -303,7 +317,11 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
         let limits = admission_limits(&state.runtime().proxy);
         let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
             tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
-            state.metrics.tunnel("deny", "unavailable");
+            let r = respond::Refusal::new(
+                respond::Code::Unavailable,
+                "proxy.max_connections reached; connection closed",
+            );
+            outcome::refuse(&state, &outcome::Attempt::connection(kind, "TCP"), &r);
             drop(tcp);
             continue;
         };

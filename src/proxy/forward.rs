@@ -37,13 +37,15 @@ struct Outcome {
     bytes_up: u64,
 }
 
-/// Serves one request of `tunnel`. Never fails: refusals become responses.
+/// Serves one request of `tunnel` with the runtime `rt` the caller took for this request
+/// (one view of the settings for the whole request, even across a reload). Never fails:
+/// refusals become responses. Every request is recorded once ([`super::outcome::record`]).
 pub async fn handle(
     tunnel: Arc<Tunnel>,
+    rt: Arc<Runtime>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+) -> Response<ProxyBody> {
     let started = Instant::now();
-    let rt = tunnel.state.runtime();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
@@ -57,7 +59,7 @@ pub async fn handle(
         }
     };
     record(&tunnel, &method, &path, &resp, code, &outcome, started);
-    Ok(resp)
+    resp
 }
 
 fn record(
@@ -69,15 +71,8 @@ fn record(
     o: &Outcome,
     started: Instant,
 ) {
-    let decision = match code {
-        None => "allow",
-        Some(Code::UpstreamTlsError | Code::UpstreamUnreachable | Code::UpstreamTimeout) => "error",
-        Some(_) => "deny",
-    };
-    let code_str = code.map(Code::as_str);
     let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
-    m.request(decision, code_str.unwrap_or("ok"));
     for name in &o.report.unsealed {
         m.unsealed
             .get_or_create(&crate::metrics::UnsealLabels {
@@ -86,14 +81,12 @@ fn record(
             })
             .inc();
     }
-    t.state.audit.request(&RequestEvent {
+    let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
-        mode: t.mode,
+        mode: t.listener.as_str(),
         host: t.authority.clone(),
         method: method.as_str(),
         path,
-        decision,
-        code: code_str,
         rule,
         unsealed: o.report.unsealed.iter().map(|s| s.to_string()).collect(),
         refused: o.report.refused.iter().map(|s| s.to_string()).collect(),
@@ -101,7 +94,9 @@ fn record(
         bytes_up: o.bytes_up,
         bytes_down: resp.body().size_hint().exact().unwrap_or(0),
         duration_ms: started.elapsed().as_millis() as u64,
-    });
+        ..Default::default()
+    };
+    super::outcome::record(&t.state, code, event);
 }
 
 /// With `on_disallowed_token = "forward_sealed"`, why each refused secret travelled sealed.

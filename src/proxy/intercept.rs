@@ -7,16 +7,12 @@
 
 use std::sync::Arc;
 
-use http::Method;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
-use super::h1_guard::{self, GuardTag, H1Guard};
-use super::idle::{Activity, Tracked};
+use super::respond::{Code, Refusal};
+use super::serve::{self, Protocols};
 use super::{forward, ProxyState, Runtime, Tunnel};
 use crate::ca::LeafName;
 use crate::policy::{self, Dest, Host};
@@ -30,6 +26,9 @@ pub enum InterceptError {
     /// Not TLS, or a broken handshake.
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
+    /// The SNI is not a valid host name.
+    #[error("bad SNI: {0}")]
+    BadSni(String),
     /// SNI names another host than the tunnel.
     #[error("SNI {sni} does not match tunnel destination {dest}")]
     SniMismatch {
@@ -41,6 +40,20 @@ pub enum InterceptError {
     /// Leaf minting failed.
     #[error("leaf certificate: {0}")]
     Leaf(String),
+}
+
+impl InterceptError {
+    /// The refusal this error stands for, when it is a policy decision (a bad or mismatching
+    /// SNI) rather than a broken or slow handshake.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            InterceptError::BadSni(_) => Some(Refusal::new(Code::BadRequest, self.to_string())),
+            InterceptError::SniMismatch { .. } => {
+                Some(Refusal::new(Code::AuthorityMismatch, self.to_string()))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Reads the ClientHello.
@@ -72,7 +85,7 @@ where
     };
     policy::normalise_host(sni)
         .map(Some)
-        .map_err(|e| InterceptError::Handshake(format!("bad SNI: {e}")))
+        .map_err(|e| InterceptError::BadSni(e.to_string()))
 }
 
 /// The SNI, if any, must name the tunnel's host (an IP-literal tunnel accepts no SNI).
@@ -124,66 +137,21 @@ where
     Ok(())
 }
 
-/// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline.
+/// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline,
+/// through the shared serving glue ([`serve::serve`]).
 pub async fn serve_http<S>(state: Arc<ProxyState>, tunnel: Arc<Tunnel>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let rt = state.runtime();
-    let activity = Activity::new();
-    let tag = GuardTag::new();
-    let guarded = H1Guard::new(
-        stream,
-        rt.proxy.max_header_bytes,
-        rt.proxy.header_read_timeout,
-        tag.clone(),
-    );
-    let io = TokioIo::new(Tracked::new(guarded, activity.clone()));
-    let builder = http_builder(&rt);
-    let act = activity.clone();
-    let svc = service_fn(move |mut req| {
-        let guard = act.request();
+    let handler = move |req| {
         let tunnel = tunnel.clone();
-        tag.mark(&mut req);
-        let (upgrade, connect) = (
-            h1_guard::wants_upgrade(&req),
-            req.method() == Method::CONNECT,
-        );
-        async move {
-            let mut resp = forward::handle(tunnel, req).await;
-            if let Ok(r) = &mut resp {
-                h1_guard::close_unless_upgraded(upgrade, connect, r);
-            }
-            drop(guard);
-            resp
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = activity.idle(rt.proxy.idle_timeout) => {}
-        _ = shutdown.changed() => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(rt.proxy.shutdown_grace, conn).await;
-}
-
-fn http_builder(rt: &Runtime) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(rt.proxy.header_read_timeout)
-        .max_buf_size(rt.proxy.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(rt.proxy.max_h2_streams)
-        .max_header_list_size(rt.proxy.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(256);
-    b
+        // The runtime is taken once per request and passed down.
+        let rt = tunnel.state.runtime();
+        forward::handle(tunnel, rt, req)
+    };
+    let never = std::future::pending::<()>();
+    serve::serve(&state, &rt, stream, Protocols::Auto, handler, never).await;
 }
 
 /// The leaf name for a normalised host.
