@@ -9,7 +9,6 @@ pub mod lock;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -184,7 +183,6 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         admin_token: admin_token.clone(),
         metrics,
         audit,
-        listeners_ready: false.into(),
         reload: Some(reload_tx),
     });
     let (admin_addr, proxy_addr, transparent_addr, own) = (
@@ -221,7 +219,6 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         reload_rx,
         shutdown_rx,
     ));
-    admin_state.listeners_ready.store(true, Ordering::Release);
     let running = Running {
         admin_addr,
         proxy_addr,
