@@ -20,7 +20,7 @@ use crate::ca::LeafCache;
 use crate::config::{Backend, Config};
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
-use crate::proxy::{self, ListenerKind, ProxyState, Runtime};
+use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::LifecycleConfig;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
@@ -124,7 +124,7 @@ impl Running {
     /// second is the backstop before the rest are dropped).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
-        let grace = self.proxy.runtime().proxy.shutdown_grace;
+        let grace = self.proxy.settings().proxy.shutdown_grace;
         let left = self
             .proxy
             .drain(grace + std::time::Duration::from_secs(1))
@@ -163,7 +163,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
-    let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
+    let settings = LiveSettings::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
         .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let proxy = ProxyState::new(
@@ -171,7 +171,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         sandboxes.leaves().clone(),
         metrics.clone(),
         audit.clone(),
-        runtime,
+        settings,
         shutdown_rx.clone(),
     );
     let isolation = start_isolation(&cfg, &sandboxes, &proxy, &swept)?;
@@ -598,8 +598,8 @@ fn reload_once(
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(current, &new);
-    let rt = Runtime::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
-    proxy.set_runtime(rt);
+    let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
+    proxy.set_settings(live);
     crate::logging::set_level(&new.log_level);
     *current = new;
     Ok(restart)

@@ -85,7 +85,7 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     }
     eprintln!("  master key:  {}", running.key_source);
     wait_for_signal().await;
-    let grace = running.proxy.runtime().proxy.shutdown_grace;
+    let grace = running.proxy.settings().proxy.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: listeners closed, in-flight requests may finish"

@@ -44,8 +44,11 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The pooled upstream client.
 pub type UpstreamClient = Client<upstream::Connector, ProxyBody>;
 
-/// Settings that can change on reload, with the clients built from them.
-pub struct Runtime {
+/// The proxy's live settings: everything a reload can change (`[proxy]`, `[upstream]`) and the
+/// upstream clients built from them. One `Arc` of it is taken per connection (connection-level
+/// limits) and per request (everything the request uses), so a reload never mixes two settings
+/// within one request.
+pub struct LiveSettings {
     /// `[proxy]`.
     pub proxy: ProxyConfig,
     /// `[upstream]`.
@@ -61,8 +64,8 @@ pub struct Runtime {
     pub dialing: Arc<upstream::UpstreamSettings>,
 }
 
-impl Runtime {
-    /// Builds the runtime; `own_listeners` are never dialled.
+impl LiveSettings {
+    /// Builds the settings and their clients; `own_listeners` are never dialled.
     ///
     /// # Errors
     /// An unreadable upstream CA file.
@@ -70,7 +73,7 @@ impl Runtime {
         proxy: ProxyConfig,
         upstream: UpstreamConfig,
         own_listeners: Vec<SocketAddr>,
-    ) -> Result<Runtime, String> {
+    ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
             resolve: upstream.resolve.clone(),
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
@@ -94,7 +97,7 @@ impl Runtime {
                 settings.clone(),
                 &[b"h2", b"http/1.1"],
             ));
-        Ok(Runtime {
+        Ok(LiveSettings {
             proxy,
             upstream,
             client,
@@ -127,7 +130,7 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// Audit sink.
     pub audit: Arc<Audit>,
-    runtime: RwLock<Arc<Runtime>>,
+    settings: RwLock<Arc<LiveSettings>>,
     /// The connection budgets (see [`admission`]).
     pub admission: Arc<admission::Admission>,
     shutdown: watch::Receiver<bool>,
@@ -142,7 +145,7 @@ impl ProxyState {
         leaves: Arc<LeafCache>,
         metrics: Arc<Metrics>,
         audit: Arc<Audit>,
-        runtime: Runtime,
+        settings: LiveSettings,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(ProxyState {
@@ -150,24 +153,24 @@ impl ProxyState {
             leaves,
             metrics,
             audit,
-            runtime: RwLock::new(Arc::new(runtime)),
+            settings: RwLock::new(Arc::new(settings)),
             admission: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
         })
     }
 
-    /// The current runtime settings (take once per request for a consistent view).
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime
+    /// The current settings (take once per request and pass them down).
+    pub fn settings(&self) -> Arc<LiveSettings> {
+        self.settings
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Swaps in reloaded settings; live connections keep the runtime they started with.
-    pub fn set_runtime(&self, rt: Runtime) {
-        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
+    /// Swaps in reloaded settings; live connections keep the limits they started with.
+    pub fn set_settings(&self, live: LiveSettings) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
     }
 
     /// A receiver that changes when shutdown begins.
@@ -314,7 +317,7 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
                 continue;
             }
         };
-        let limits = admission_limits(&state.runtime().proxy);
+        let limits = admission_limits(&state.settings().proxy);
         let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
             tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
             let r = respond::Refusal::new(

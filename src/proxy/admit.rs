@@ -19,20 +19,20 @@
 use std::sync::Arc;
 
 use super::respond::{Code, Refusal};
-use super::{ListenerKind, ProxyState, Runtime, Tunnel};
+use super::{ListenerKind, LiveSettings, ProxyState, Tunnel};
 use crate::policy::{Dest, Scheme};
 use crate::sandbox::Sandbox;
 
 /// Admits `sandbox` to `dest` over `scheme` on `listener`, or says why not.
 ///
-/// `rt` is the runtime the caller took for this request or connection: the precheck and the
+/// `live` is the runtime the caller took for this request or connection: the precheck and the
 /// cap are read from it, never from a fresher one.
 ///
 /// # Errors
 /// [`Code::EgressDenied`] (allowlist or address precheck) or [`Code::TooManyTunnels`].
 pub fn admit(
     state: &Arc<ProxyState>,
-    rt: &Runtime,
+    live: &LiveSettings,
     sandbox: &Arc<Sandbox>,
     dest: Dest,
     scheme: Scheme,
@@ -42,12 +42,12 @@ pub fn admit(
         let msg = format!("{dest} is not in the store's egress_allowlist");
         return Err(Refusal::new(Code::EgressDenied, msg));
     }
-    if let Err(e) = rt.dialing.precheck(&dest) {
+    if let Err(e) = live.dialing.precheck(&dest) {
         let msg = format!("address vetting: {e}");
         return Err(Refusal::new(Code::EgressDenied, msg));
     }
     let guard = if takes_tunnel_slot(listener, scheme) {
-        let max = rt.proxy.max_tunnels_per_sandbox;
+        let max = live.proxy.max_tunnels_per_sandbox;
         let Some(guard) = sandbox.try_open_tunnel(max) else {
             let msg = format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)");
             return Err(Refusal::new(Code::TooManyTunnels, msg));

@@ -30,29 +30,29 @@ use super::intercept;
 use super::outcome::{self, Attempt};
 use super::respond::{Code, Refusal};
 use super::serve::{self, Protocols};
-use super::{forward, ListenerKind, ProxyBody, ProxyState, Runtime, Tunnel};
+use super::{forward, ListenerKind, LiveSettings, ProxyBody, ProxyState, Tunnel};
 use crate::policy::{self, Scheme};
 use crate::sandbox::Sandbox;
 
 /// Serves one client connection of the explicit listener.
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
-    let rt = state.runtime();
+    let live = state.settings();
     let slot = super::connection_slot();
     let unidentified = async {
         match &slot {
-            Some(s) => s.closed(rt.proxy.unauthenticated_timeout).await,
+            Some(s) => s.closed(live.proxy.unauthenticated_timeout).await,
             None => std::future::pending().await,
         }
         tracing::debug!(%peer, "connection closed before it identified itself (proxy.unauthenticated_timeout_secs, or room made for newer connections)");
     };
     let st = state.clone();
     let handler = move |req| outer(st.clone(), req);
-    serve::serve(&state, &rt, tcp, Protocols::Http1, handler, unidentified).await;
+    serve::serve(&state, &live, tcp, Protocols::Http1, handler, unidentified).await;
 }
 
 /// One request on the proxy connection; the one place its refusals are recorded.
 async fn outer(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let rt = state.runtime();
+    let live = state.settings();
     let method = req.method().clone();
     let path = audit_path(&req);
     let mut at = Attempt {
@@ -63,7 +63,7 @@ async fn outer(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<Proxy
         path: &path,
         tunnel: false,
     };
-    match route(&state, &rt, &mut at, req).await {
+    match route(&state, &live, &mut at, req).await {
         Ok(resp) => resp,
         Err(r) => {
             outcome::refuse(&state, &at, &r);
@@ -84,7 +84,7 @@ fn audit_path<B>(req: &Request<B>) -> String {
 /// Identifies, counts and dispatches a request; fills `at` as it learns who and where.
 async fn route(
     state: &Arc<ProxyState>,
-    rt: &Arc<Runtime>,
+    live: &Arc<LiveSettings>,
     at: &mut Attempt<'_>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
@@ -98,16 +98,16 @@ async fn route(
         ));
     };
     at.sandbox = Some(sandbox.clone());
-    if let Err(r) = count_against(rt, &sandbox) {
+    if let Err(r) = count_against(live, &sandbox) {
         at.tunnel = true;
         return Err(r);
     }
     if req.method() == Method::CONNECT {
         at.tunnel = true;
-        return connect(state, rt, at, &sandbox, req);
+        return connect(state, live, at, &sandbox, req);
     }
     if req.uri().scheme_str().is_some() {
-        return plain(state, rt, at, &sandbox, req).await;
+        return plain(state, live, at, &sandbox, req).await;
     }
     Err(Refusal::new(
         Code::BadRequest,
@@ -116,11 +116,11 @@ async fn route(
 }
 
 /// Moves this connection onto `sandbox`'s connection budget (first identified request only).
-fn count_against(rt: &Runtime, sandbox: &Sandbox) -> Result<(), Refusal> {
+fn count_against(live: &LiveSettings, sandbox: &Sandbox) -> Result<(), Refusal> {
     let Some(slot) = super::connection_slot() else {
         return Ok(());
     };
-    let max = rt.proxy.max_connections_per_sandbox;
+    let max = live.proxy.max_connections_per_sandbox;
     slot.authenticate(&sandbox.id, max)
         .map_err(|e| Refusal::new(Code::TooManyConnections, e.to_string()))
 }
@@ -148,7 +148,7 @@ fn identify<B>(state: &ProxyState, req: &Request<B>) -> Option<Arc<Sandbox>> {
 /// CONNECT: strict target parsing, then the admission step; 200 and the tunnel on success.
 fn connect(
     state: &Arc<ProxyState>,
-    rt: &Runtime,
+    live: &LiveSettings,
     at: &mut Attempt<'_>,
     sandbox: &Arc<Sandbox>,
     mut req: Request<Incoming>,
@@ -163,7 +163,7 @@ fn connect(
         .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
     let tunnel = admit(
         state,
-        rt,
+        live,
         sandbox,
         dest,
         Scheme::Https,
@@ -194,12 +194,12 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let state = tunnel.state.clone();
-    let rt = state.runtime();
+    let live = state.settings();
     let result = async {
-        let start = intercept::read_hello(&rt, io).await?;
+        let start = intercept::read_hello(&live, io).await?;
         let sni = intercept::sni_host(&start)?;
         intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
-        intercept::serve(state.clone(), tunnel.clone(), start).await
+        intercept::serve(live.clone(), tunnel.clone(), start).await
     }
     .await;
     let Err(e) = result else {
@@ -221,7 +221,7 @@ where
 /// unseals over plain HTTP).
 async fn plain(
     state: &Arc<ProxyState>,
-    rt: &Arc<Runtime>,
+    live: &Arc<LiveSettings>,
     at: &mut Attempt<'_>,
     sandbox: &Arc<Sandbox>,
     req: Request<Incoming>,
@@ -247,11 +247,11 @@ async fn plain(
     at.host = dest.authority();
     let tunnel = admit(
         state,
-        rt,
+        live,
         sandbox,
         dest,
         Scheme::Http,
         ListenerKind::Explicit,
     )?;
-    Ok(forward::handle(tunnel, rt.clone(), req).await)
+    Ok(forward::handle(tunnel, live.clone(), req).await)
 }

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use super::respond::{Code, Refusal};
 use super::scrub::{scrub_response, Shape};
-use super::{BoxError, ProxyBody, Runtime, Tunnel};
+use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
@@ -42,7 +42,7 @@ struct Outcome {
 /// refusals become responses. Every request is recorded once ([`super::outcome::record`]).
 pub async fn handle(
     tunnel: Arc<Tunnel>,
-    rt: Arc<Runtime>,
+    rt: Arc<LiveSettings>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -115,7 +115,7 @@ fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
 
 async fn exchange(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     method: &Method,
     mut req: Request<Incoming>,
     o: &mut Outcome,
@@ -359,7 +359,7 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
 
 fn unseal_head(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: &HostView,
     req: &mut Request<()>,
     o: &mut Outcome,
@@ -416,7 +416,7 @@ enum UpBody {
 /// encoding), untouched otherwise (no body-located secret, or a compressed body).
 async fn prepare_body(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: Option<&Arc<HostView>>,
     req: &mut Request<()>,
     body: Incoming,
@@ -505,7 +505,7 @@ fn compressed(h: &HeaderMap) -> bool {
 /// closed before the request was written are retried by the pooled client itself.
 async fn send(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     head: Request<()>,
     body: UpBody,
     websocket: bool,
@@ -563,7 +563,7 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 /// secret may have been unsealed.
 fn finish_response(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: Option<&HostView>,
     method: &Method,
     resp: Response<Incoming>,

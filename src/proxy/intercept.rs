@@ -13,7 +13,7 @@ use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use super::respond::{Code, Refusal};
 use super::serve::{self, Protocols};
-use super::{forward, ProxyState, Runtime, Tunnel};
+use super::{forward, LiveSettings, Tunnel};
 use crate::ca::LeafName;
 use crate::policy::{self, Dest, Host};
 
@@ -60,12 +60,15 @@ impl InterceptError {
 ///
 /// # Errors
 /// Timeout or a malformed handshake.
-pub async fn read_hello<IO>(rt: &Runtime, io: IO) -> Result<StartHandshake<IO>, InterceptError>
+pub async fn read_hello<IO>(
+    live: &LiveSettings,
+    io: IO,
+) -> Result<StartHandshake<IO>, InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let acceptor = LazyConfigAcceptor::new(Acceptor::default(), io);
-    tokio::time::timeout(rt.proxy.tls_handshake_timeout, acceptor)
+    tokio::time::timeout(live.proxy.tls_handshake_timeout, acceptor)
         .await
         .map_err(|_| InterceptError::Timeout)?
         .map_err(|e| InterceptError::Handshake(e.to_string()))
@@ -103,19 +106,20 @@ pub fn check_sni(sni: Option<&Host>, dest: &Dest) -> Result<(), InterceptError> 
 }
 
 /// Completes the handshake with the sandbox's leaf for `tunnel.dest` and serves requests until
-/// the connection closes, goes idle, or the daemon shuts down.
+/// the connection closes, goes idle, or the daemon shuts down. `live` is the connection's view
+/// of the settings (its limits); each request takes its own.
 ///
 /// # Errors
 /// Leaf minting or handshake failures (the connection is dropped).
 pub async fn serve<IO>(
-    state: Arc<ProxyState>,
+    live: Arc<LiveSettings>,
     tunnel: Arc<Tunnel>,
     start: StartHandshake<IO>,
 ) -> Result<(), InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let rt = state.runtime();
+    let state = &tunnel.state;
     let leaf = state
         .leaves
         .get_or_mint(
@@ -126,32 +130,32 @@ where
         .await
         .map_err(|e| InterceptError::Leaf(e.to_string()))?;
     let tls = tokio::time::timeout(
-        rt.proxy.tls_handshake_timeout,
+        live.proxy.tls_handshake_timeout,
         start.into_stream(leaf.server_config.clone()),
     )
     .await
     .map_err(|_| InterceptError::Timeout)?
     .map_err(|e| InterceptError::Handshake(e.to_string()))?;
     state.metrics.tls_handshakes.inc();
-    serve_http(state, tunnel, tls).await;
+    serve_http(live, tunnel, tls).await;
     Ok(())
 }
 
 /// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline,
-/// through the shared serving glue ([`serve::serve`]).
-pub async fn serve_http<S>(state: Arc<ProxyState>, tunnel: Arc<Tunnel>, stream: S)
+/// through the shared serving glue ([`serve::serve`]), with the connection's limits from
+/// `live`; each request takes the settings once and passes them down ([`forward::handle`]).
+pub async fn serve_http<S>(live: Arc<LiveSettings>, tunnel: Arc<Tunnel>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let rt = state.runtime();
+    let state = tunnel.state.clone();
     let handler = move |req| {
         let tunnel = tunnel.clone();
-        // The runtime is taken once per request and passed down.
-        let rt = tunnel.state.runtime();
-        forward::handle(tunnel, rt, req)
+        let live = tunnel.state.settings();
+        forward::handle(tunnel, live, req)
     };
     let never = std::future::pending::<()>();
-    serve::serve(&state, &rt, stream, Protocols::Auto, handler, never).await;
+    serve::serve(&state, &live, stream, Protocols::Auto, handler, never).await;
 }
 
 /// The leaf name for a normalised host.

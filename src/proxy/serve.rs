@@ -27,7 +27,7 @@ use super::h1_guard::{
     close_unless_upgraded, wants_upgrade, GuardTag, H1Guard, HeadLimits, MAX_HEADERS,
 };
 use super::idle::{Activity, Tracked};
-use super::{ProxyBody, ProxyState, Runtime};
+use super::{LiveSettings, ProxyBody, ProxyState};
 
 /// Which protocols a connection may speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,11 +38,11 @@ pub enum Protocols {
     Auto,
 }
 
-/// Serves `stream` with `handler` until it ends (see the module docs). `rt` is the runtime
+/// Serves `stream` with `handler` until it ends (see the module docs). `live` is the runtime
 /// taken when the connection was accepted: its limits apply for the connection's life.
 pub async fn serve<S, H, F>(
     state: &ProxyState,
-    rt: &Runtime,
+    live: &LiveSettings,
     stream: S,
     protocols: Protocols,
     handler: H,
@@ -54,7 +54,7 @@ pub async fn serve<S, H, F>(
 {
     let activity = Activity::new();
     let tag = GuardTag::new();
-    let guarded = H1Guard::new(stream, HeadLimits::of(&rt.proxy), tag.clone());
+    let guarded = H1Guard::new(stream, HeadLimits::of(&live.proxy), tag.clone());
     let io = TokioIo::new(Tracked::new(guarded, activity.clone()));
     let act = activity.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -69,23 +69,23 @@ pub async fn serve<S, H, F>(
             Ok::<_, Infallible>(resp)
         }
     });
-    let builder = builder(rt, protocols);
+    let builder = builder(live, protocols);
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = close_early => return,
-        _ = activity.idle(rt.proxy.idle_timeout) => {}
+        _ = activity.idle(live.proxy.idle_timeout) => {}
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(rt.proxy.shutdown_grace, conn).await;
+    let _ = tokio::time::timeout(live.proxy.shutdown_grace, conn).await;
 }
 
 /// hyper's server with the guard's limits on HTTP/1 and the h2 limits of `[proxy]`.
-fn builder(rt: &Runtime, protocols: Protocols) -> auto::Builder<TokioExecutor> {
-    let p = &rt.proxy;
+fn builder(live: &LiveSettings, protocols: Protocols) -> auto::Builder<TokioExecutor> {
+    let p = &live.proxy;
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())

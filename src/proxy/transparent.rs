@@ -36,7 +36,7 @@ use super::admit::admit;
 use super::intercept::{self, InterceptError};
 use super::outcome::{self, Attempt};
 use super::respond::{Code, Refusal};
-use super::{ListenerKind, ProxyState, Runtime};
+use super::{ListenerKind, LiveSettings, ProxyState};
 use crate::policy::{Dest, Host, Scheme};
 use crate::sandbox::Sandbox;
 
@@ -56,16 +56,16 @@ pub enum TransparentError {
 
 /// Serves one redirected connection.
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
-    let rt = state.runtime();
+    let live = state.settings();
     let mut at = Attempt::connection(ListenerKind::Transparent, "TCP");
-    let (sandbox, orig) = match identify(&state, &rt, &mut at, &tcp, peer) {
+    let (sandbox, orig) = match identify(&state, &live, &mut at, &tcp, peer) {
         Ok(x) => x,
         Err(r) => return outcome::refuse(&state, &at, &r),
     };
     let result = if orig.port() == 80 {
-        plain::serve(state, rt, sandbox, tcp, orig).await
+        plain::serve(state, live, sandbox, tcp, orig).await
     } else {
-        serve_tls(state, rt, sandbox, tcp, orig).await
+        serve_tls(state, live, sandbox, tcp, orig).await
     };
     if let Err(e) = result {
         tracing::debug!(%peer, %orig, error = %e, "transparent connection ended");
@@ -76,7 +76,7 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
 /// destination.
 fn identify(
     state: &ProxyState,
-    rt: &Runtime,
+    live: &LiveSettings,
     at: &mut Attempt<'_>,
     tcp: &TcpStream,
     peer: SocketAddr,
@@ -88,7 +88,7 @@ fn identify(
     };
     at.sandbox = Some(sandbox.clone());
     if let Some(slot) = super::connection_slot() {
-        let max = rt.proxy.max_connections_per_sandbox;
+        let max = live.proxy.max_connections_per_sandbox;
         slot.authenticate(&sandbox.id, max)
             .map_err(|e| Refusal::new(Code::TooManyConnections, e.to_string()))?;
     }
@@ -149,7 +149,7 @@ pub fn original_dst(_tcp: &TcpStream) -> io::Result<SocketAddr> {
 /// TLS routed by SNI: one intercepted connection, served by the shared pipeline.
 async fn serve_tls(
     state: Arc<ProxyState>,
-    rt: Arc<Runtime>,
+    live: Arc<LiveSettings>,
     sandbox: Arc<Sandbox>,
     tcp: TcpStream,
     orig: SocketAddr,
@@ -157,13 +157,13 @@ async fn serve_tls(
     let mut at = Attempt::connection(ListenerKind::Transparent, "TLS");
     at.sandbox = Some(sandbox.clone());
     at.host = orig.to_string();
-    let start = intercept::read_hello(&rt, tcp).await?;
+    let start = intercept::read_hello(&live, tcp).await?;
     let sni = intercept::sni_host(&start).map_err(|e| refuse_intercept(&state, &at, e))?;
     let dest = tls_dest(sni.clone(), orig);
     at.host = dest.authority();
     let tunnel = admit(
         &state,
-        &rt,
+        &live,
         &sandbox,
         dest,
         Scheme::Https,
@@ -172,7 +172,7 @@ async fn serve_tls(
     .map_err(|r| refused(&state, &at, r))?;
     intercept::check_sni(sni.as_ref(), &tunnel.dest)
         .map_err(|e| refuse_intercept(&state, &at, e))?;
-    intercept::serve(state, tunnel, start).await?;
+    intercept::serve(live, tunnel, start).await?;
     Ok(())
 }
 

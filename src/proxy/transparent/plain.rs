@@ -27,7 +27,7 @@ use crate::proxy::admit::admit;
 use crate::proxy::intercept;
 use crate::proxy::outcome::{self, Attempt};
 use crate::proxy::respond::{Code, Refusal};
-use crate::proxy::{ListenerKind, ProxyState, Runtime};
+use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::Sandbox;
 
 /// How long a refused connection may take to receive its answer.
@@ -39,7 +39,7 @@ const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// The head could not be read (timeout, too large, not HTTP) or the request was refused.
 pub async fn serve(
     state: Arc<ProxyState>,
-    rt: Arc<Runtime>,
+    live: Arc<LiveSettings>,
     sandbox: Arc<Sandbox>,
     mut tcp: TcpStream,
     orig: SocketAddr,
@@ -47,9 +47,9 @@ pub async fn serve(
     let mut at = Attempt::connection(ListenerKind::Transparent, "HTTP");
     at.sandbox = Some(sandbox.clone());
     at.host = orig.to_string();
-    let limit = rt.proxy.max_header_bytes.max(1024);
-    let read = read_head(&mut tcp, limit, rt.proxy.max_header_fields);
-    let head = tokio::time::timeout(rt.proxy.header_read_timeout, read)
+    let limit = live.proxy.max_header_bytes.max(1024);
+    let read = read_head(&mut tcp, limit, live.proxy.max_header_fields);
+    let head = tokio::time::timeout(live.proxy.header_read_timeout, read)
         .await
         .map_err(|_| TransparentError::Head("timed out".into()))?;
     let (buf, host) = match head {
@@ -65,7 +65,7 @@ pub async fn serve(
         at.host = dest.authority();
         admit(
             &state,
-            &rt,
+            &live,
             &sandbox,
             dest,
             Scheme::Http,
@@ -79,7 +79,7 @@ pub async fn serve(
             return reply_once(stream, r).await;
         }
     };
-    intercept::serve_http(state, tunnel, stream).await;
+    intercept::serve_http(live, tunnel, stream).await;
     Ok(())
 }
 
