@@ -157,10 +157,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let swept = sweep_namespaces().await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
-    let (sandboxes, restored, cert_dir) =
-        restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
     let metrics = Arc::new(Metrics::new());
-    metrics.watch_leaf_cache(sandboxes.leaves().clone());
+    let (sandboxes, restored, cert_dir) =
+        restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
     let settings = LiveSettings::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
@@ -384,6 +383,7 @@ fn restore_sandboxes(
     store: Arc<dyn Store>,
     proxy_addr: SocketAddr,
     node: Option<String>,
+    metrics: &Metrics,
 ) -> Result<(Arc<Sandboxes>, usize, PathBuf), DaemonError> {
     let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
     let lifecycle = LifecycleConfig {
@@ -394,7 +394,10 @@ fn restore_sandboxes(
         node: node.clone(),
     };
     let registry = Arc::new(Registry::default());
-    let leaves = Arc::new(LeafCache::new(cfg.sandbox.leaf_cache_capacity));
+    let leaves = Arc::new(LeafCache::with_counters(
+        cfg.sandbox.leaf_cache_capacity,
+        metrics.leaf.clone(),
+    ));
     let sandboxes = Arc::new(Sandboxes::new(store, registry, leaves, lifecycle));
     let restored = sandboxes.restore()?;
     if node.is_some() {
