@@ -114,6 +114,37 @@ impl Running {
         String::from_utf8_lossy(self.admin_token.expose()).into_owned()
     }
 
+    /// The start-up summary, one `  name: value` line each (the one place it is written;
+    /// `sealgate serve` prints it to stderr, scripts and tests read its lines).
+    pub fn summary(&self) -> String {
+        let mut out = format!("sealgate {} running\n", env!("CARGO_PKG_VERSION"));
+        let mut line = |name: &str, value: String| out.push_str(&format!("  {name:<12} {value}\n"));
+        line("admin API:", format!("http://{}", self.admin_addr));
+        line("proxy:", self.proxy_addr.to_string());
+        if let Some(t) = self.transparent_addr {
+            line("transparent:", t.to_string());
+        }
+        line("database:", self.db_path.display().to_string());
+        let certs = self.cert_dir.display();
+        line(
+            "CA certs:",
+            format!("{certs} (sandboxes trust <sandbox-id>.pem)"),
+        );
+        line(
+            "sandboxes:",
+            format!("{} live", self.sandboxes.registry().len()),
+        );
+        line(
+            "admin token:",
+            match &self.admin_token_file {
+                Some(p) => format!("{} (file)", p.display()),
+                None => "from SEALGATE_ADMIN_TOKEN".into(),
+            },
+        );
+        line("master key:", self.key_source.to_string());
+        out
+    }
+
     /// Begins graceful shutdown: stop accepting; in-flight requests get `shutdown_grace`.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -238,7 +269,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         tasks,
         _data_dir_lock: data_dir_lock,
     };
-    log_started(&running, &cfg, restored);
+    tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
     Ok(running)
 }
 
@@ -409,27 +440,6 @@ fn restore_sandboxes(
         }
     }
     Ok((sandboxes, restored, cert_dir))
-}
-
-fn log_started(r: &Running, cfg: &Config, restored: usize) {
-    let transparent = r
-        .transparent_addr
-        .map_or_else(|| "off".to_owned(), |a| a.to_string());
-    let token_file = r.admin_token_file.as_ref().map_or_else(
-        || "(from SEALGATE_ADMIN_TOKEN)".to_owned(),
-        |p| p.display().to_string(),
-    );
-    tracing::info!(
-        admin = %format!("http://{}", r.admin_addr),
-        proxy = %r.proxy_addr,
-        transparent = %transparent,
-        data_dir = %cfg.data_dir.display(),
-        cert_dir = %r.cert_dir.display(),
-        admin_token_file = %token_file,
-        master_key = %r.key_source,
-        sandboxes_restored = restored,
-        "sealgate is running"
-    );
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {

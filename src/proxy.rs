@@ -6,15 +6,15 @@
 
 pub mod admission;
 pub mod admit;
-pub mod errors;
 pub mod explicit;
+pub mod failure;
 pub mod forward;
 pub mod h1_guard;
 pub mod idle;
 pub mod intercept;
 pub mod outcome;
-pub mod respond;
-pub mod scrub;
+pub mod refusal;
+pub mod response_scrub;
 pub mod serve;
 pub mod transparent;
 pub mod upstream;
@@ -320,8 +320,8 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
         let limits = admission_limits(&state.settings().proxy);
         let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
             tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
-            let r = respond::Refusal::new(
-                respond::Code::Unavailable,
+            let r = refusal::Refusal::new(
+                refusal::Code::Unavailable,
                 "proxy.max_connections reached; connection closed",
             );
             outcome::refuse(&state, &outcome::Attempt::connection(kind, "TCP"), &r);

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::{ListenerKind, LiveSettings, ProxyState, Tunnel};
 use crate::policy::{Dest, Scheme};
 use crate::sandbox::Sandbox;

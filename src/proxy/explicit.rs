@@ -28,7 +28,7 @@ use super::admit::admit;
 use super::h1_guard::FramingRefused;
 use super::intercept;
 use super::outcome::{self, Attempt};
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::serve::{self, Protocols};
 use super::{forward, ListenerKind, LiveSettings, ProxyBody, ProxyState, Tunnel};
 use crate::policy::{self, Scheme};

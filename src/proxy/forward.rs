@@ -16,8 +16,8 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use super::respond::{Code, Refusal};
-use super::scrub::{scrub_response, Shape};
+use super::refusal::{Code, Refusal};
+use super::response_scrub::{scrub_response, Shape};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
@@ -518,11 +518,11 @@ async fn send(
     };
     let attempts = async {
         match client.request(attach(t, head, body)).await {
-            Err(e) if super::errors::not_processed(&e) => {
+            Err(e) if super::failure::not_processed(&e) => {
                 let Some((head, bytes)) = replay else {
                     return Err(e);
                 };
-                tracing::debug!(dest = %t.dest, error = %super::errors::chain(&e),
+                tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
                     "upstream did not process the request; retrying on a fresh connection");
                 let again = attach(t, head, UpBody::Held(bytes));
                 rt.client_fresh.request(again).await
@@ -537,7 +537,7 @@ async fn send(
                 format!("{} did not answer in time", t.dest),
             ))
         }
-        Ok(Err(e)) => return Err(super::errors::classify(t, &e)),
+        Ok(Err(e)) => return Err(super::failure::classify(t, &e)),
         Ok(Ok(r)) => r,
     };
     t.state
@@ -578,7 +578,7 @@ fn finish_response(
     });
     let trailer = take_all(&mut parts.headers, header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(super::respond::ERROR_HEADER);
+    parts.headers.remove(super::refusal::ERROR_HEADER);
     for value in trailer {
         parts.headers.append(header::TRAILER, value);
     }

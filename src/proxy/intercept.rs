@@ -11,7 +11,7 @@ use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::serve::{self, Protocols};
 use super::{forward, LiveSettings, Tunnel};
 use crate::ca::LeafName;

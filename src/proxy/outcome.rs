@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::{ListenerKind, ProxyState};
 use crate::audit::RequestEvent;
 use crate::sandbox::Sandbox;

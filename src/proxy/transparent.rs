@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use super::admit::admit;
 use super::intercept::{self, InterceptError};
 use super::outcome::{self, Attempt};
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::{ListenerKind, LiveSettings, ProxyState};
 use crate::policy::{Dest, Host, Scheme};
 use crate::sandbox::Sandbox;

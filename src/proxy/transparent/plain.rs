@@ -26,7 +26,7 @@ use crate::policy::{self, Dest, Scheme};
 use crate::proxy::admit::admit;
 use crate::proxy::intercept;
 use crate::proxy::outcome::{self, Attempt};
-use crate::proxy::respond::{Code, Refusal};
+use crate::proxy::refusal::{Code, Refusal};
 use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::Sandbox;
 
