@@ -153,12 +153,7 @@ fn connect(
     sandbox: &Arc<Sandbox>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    let target = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    at.host.clone_from(&target);
+    let target = named_authority(&req, at);
     let dest = policy::parse_authority(&target, None)
         .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
     let tunnel = admit(
@@ -185,6 +180,14 @@ fn connect(
     );
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
+}
+
+/// The request target's authority as the client wrote it (empty when absent), which is also
+/// what the audit line names until it is parsed.
+fn named_authority<B>(req: &Request<B>, at: &mut Attempt<'_>) -> String {
+    let raw = req.uri().authority().map_or("", |a| a.as_str());
+    at.host = raw.to_owned();
+    raw.to_owned()
 }
 
 /// The tunnel after `200`: the ClientHello's SNI must name the CONNECT host (a refusal is
@@ -226,12 +229,7 @@ async fn plain(
     sandbox: &Arc<Sandbox>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    let auth = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    at.host.clone_from(&auth);
+    let auth = named_authority(&req, at);
     let http = req
         .uri()
         .scheme_str()
