@@ -41,7 +41,7 @@ pub struct OpLabels {
 }
 
 /// The leaf cache's metrics. Registered by [`Metrics::new`] and handed to the cache
-/// ([`crate::ca::LeafCache::with_counters`]), which counts into them directly: the registry owns
+/// (`ca::LeafCache::with_counters`), which counts into them directly: the registry owns
 /// them, nothing is copied at scrape time.
 #[derive(Clone, Debug, Default)]
 pub struct LeafCounters {

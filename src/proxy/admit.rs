@@ -18,6 +18,7 @@
 
 use std::sync::Arc;
 
+use super::outcome::Decision;
 use super::refusal::{Code, Refusal};
 use super::{ListenerKind, LiveSettings, ProxyState, Tunnel};
 use crate::policy::{Dest, Scheme};
@@ -52,7 +53,7 @@ pub fn admit(
             let msg = format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)");
             return Err(Refusal::new(Code::TooManyTunnels, msg));
         };
-        state.metrics.tunnel("allow", "ok");
+        state.metrics.tunnel(Decision::Allow.as_str(), "ok");
         Some(guard)
     } else {
         None

@@ -2,7 +2,7 @@
 //! `requests_total{decision, code}` increment, both derived from the same [`Code`], so the two
 //! can never disagree.
 //!
-//! Two callers: the per-request pipeline ([`super::forward`]) records every request it serves
+//! Two callers: the per-request pipeline (`proxy::forward`) records every request it serves
 //! through [`record`]; everything refused before that pipeline (identification, framing on the
 //! proxy connection, the admission step, SNI checks, plain-HTTP routing) goes through
 //! [`refuse`]. A refusal of a whole connection or tunnel also counts once in `tunnels_total`
