@@ -3,8 +3,8 @@
 //!
 //! - `registry/identify`: `Registry::get(id)` + `check_proxy_token` (once per CONNECT).
 //! - `registry/token`: the per-request path: `get(id)` → `snapshot()` → `view(dest)` (cached)
-//!   → `TokenLookup::get(token)`; and `owner_of(token)` (the global token index), vs a plain
-//!   `HashMap<Token, usize>` probe over the same 200,000 tokens.
+//!   → `TokenLookup::get(token)`, vs a plain `HashMap<Token, usize>` probe over the same
+//!   200,000 tokens.
 //!
 //! Each iteration looks up 64 (sandbox, token) pairs spread over the whole registry.
 
@@ -115,14 +115,6 @@ fn lookups(c: &mut Criterion) {
             black_box(&w.queries)
                 .iter()
                 .filter_map(|(_, t)| w.flat.get(t))
-                .count()
-        })
-    });
-    g.bench_function("owner_of", |b| {
-        b.iter(|| {
-            black_box(&w.queries)
-                .iter()
-                .filter_map(|(_, t)| w.registry.owner_of(t))
                 .count()
         })
     });

@@ -11,7 +11,6 @@ mod validate;
 pub use error::ApiError;
 pub use routes::router;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::audit::Audit;
@@ -40,8 +39,6 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Audit sink.
     pub audit: Arc<Audit>,
-    /// Set once every listener is bound.
-    pub listeners_ready: AtomicBool,
     /// Triggers a config reload (SIGHUP equivalent); None when reload is unsupported.
     pub reload: Option<ReloadSender>,
 }

@@ -114,6 +114,8 @@ pub struct RawProxy {
     /// Bytes.
     pub max_header_bytes: Option<usize>,
     /// Count.
+    pub max_header_fields: Option<usize>,
+    /// Count.
     pub max_connections: Option<usize>,
     /// Count.
     pub max_tunnels_per_sandbox: Option<usize>,
@@ -266,6 +268,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Request head cap in bytes.
     pub max_header_bytes: usize,
+    /// Header fields per HTTP/1 request head (the framing guard, the transparent `Host`
+    /// pre-parse and hyper all use this one number); more → 431.
+    pub max_header_fields: usize,
     /// Open client connections, all listeners.
     pub max_connections: usize,
     /// Concurrent intercepted connections per sandbox.
@@ -554,6 +559,12 @@ impl RawProxy {
                 65536,
                 1 << 20,
             ),
+            max_header_fields: p.count(
+                "proxy.max_header_fields",
+                self.max_header_fields,
+                100,
+                10_000,
+            ),
             max_connections: p.count("proxy.max_connections", self.max_connections, 4096, 1 << 20),
             max_tunnels_per_sandbox: p.count(
                 "proxy.max_tunnels_per_sandbox",
@@ -835,5 +846,15 @@ mod tests {
             err.contains("proxy.max_header_bytes") && err.contains("proxy.idle_timeout_secs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn header_field_limit_defaults_to_hypers_and_is_configurable() {
+        let cfg = Config::parse("", "t").unwrap();
+        assert_eq!(cfg.proxy.max_header_fields, 100);
+        let cfg = Config::parse("[proxy]\nmax_header_fields = 40\n", "t").unwrap();
+        assert_eq!(cfg.proxy.max_header_fields, 40);
+        let err = Config::parse("[proxy]\nmax_header_fields = 0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("proxy.max_header_fields"), "{err}");
     }
 }

@@ -9,7 +9,6 @@ pub mod lock;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -21,7 +20,7 @@ use crate::ca::LeafCache;
 use crate::config::{Backend, Config};
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
-use crate::proxy::{self, ListenerKind, ProxyState, Runtime};
+use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::LifecycleConfig;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
@@ -126,6 +125,37 @@ impl Running {
         String::from_utf8_lossy(self.admin_token.expose()).into_owned()
     }
 
+    /// The start-up summary, one `  name: value` line each (the one place it is written;
+    /// `sealgate serve` prints it to stderr, scripts and tests read its lines).
+    pub fn summary(&self) -> String {
+        let mut out = format!("sealgate {} running\n", env!("CARGO_PKG_VERSION"));
+        let mut line = |name: &str, value: String| out.push_str(&format!("  {name:<12} {value}\n"));
+        line("admin API:", format!("http://{}", self.admin_addr));
+        line("proxy:", self.proxy_addr.to_string());
+        if let Some(t) = self.transparent_addr {
+            line("transparent:", t.to_string());
+        }
+        line("database:", self.db_path.display().to_string());
+        let certs = self.cert_dir.display();
+        line(
+            "CA certs:",
+            format!("{certs} (sandboxes trust <sandbox-id>.pem)"),
+        );
+        line(
+            "sandboxes:",
+            format!("{} live", self.sandboxes.registry().len()),
+        );
+        line(
+            "admin token:",
+            match &self.admin_token_file {
+                Some(p) => format!("{} (file)", p.display()),
+                None => "from SEALGATE_ADMIN_TOKEN".into(),
+            },
+        );
+        line("master key:", self.key_source.to_string());
+        out
+    }
+
     /// Begins graceful shutdown: stop accepting; in-flight requests get `shutdown_grace`.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -136,7 +166,7 @@ impl Running {
     /// second is the backstop before the rest are dropped).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
-        let grace = self.proxy.runtime().proxy.shutdown_grace;
+        let grace = self.proxy.settings().proxy.shutdown_grace;
         let left = self
             .proxy
             .drain(grace + std::time::Duration::from_secs(1))
@@ -170,13 +200,12 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let swept = sweep_namespaces().await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
-    let (sandboxes, restored, cert_dir) =
-        restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node)?;
     let metrics = Arc::new(Metrics::new());
-    metrics.watch_leaf_cache(sandboxes.leaves().clone());
+    let (sandboxes, restored, cert_dir) =
+        restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
-    let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
+    let settings = LiveSettings::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
         .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let proxy = ProxyState::new(
@@ -184,7 +213,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         sandboxes.leaves().clone(),
         metrics.clone(),
         audit.clone(),
-        runtime,
+        settings,
         shutdown_rx.clone(),
     );
     let isolation = start_isolation(&cfg, &ov, &sandboxes, &proxy, &swept)?;
@@ -196,7 +225,6 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         admin_token: admin_token.clone(),
         metrics,
         audit,
-        listeners_ready: false.into(),
         reload: Some(reload_tx),
     });
     let (admin_addr, proxy_addr, transparent_addr, own) = (
@@ -233,7 +261,6 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         reload_rx,
         shutdown_rx,
     ));
-    admin_state.listeners_ready.store(true, Ordering::Release);
     let running = Running {
         admin_addr,
         proxy_addr,
@@ -254,7 +281,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         tasks,
         _data_dir_lock: data_dir_lock,
     };
-    log_started(&running, &cfg, restored);
+    tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
     Ok(running)
 }
 
@@ -399,6 +426,7 @@ fn restore_sandboxes(
     store: Arc<dyn Store>,
     proxy_addr: SocketAddr,
     node: Option<String>,
+    metrics: &Metrics,
 ) -> Result<(Arc<Sandboxes>, usize, PathBuf), DaemonError> {
     let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
     let lifecycle = LifecycleConfig {
@@ -409,7 +437,10 @@ fn restore_sandboxes(
         node: node.clone(),
     };
     let registry = Arc::new(Registry::default());
-    let leaves = Arc::new(LeafCache::new(cfg.sandbox.leaf_cache_capacity));
+    let leaves = Arc::new(LeafCache::with_counters(
+        cfg.sandbox.leaf_cache_capacity,
+        metrics.leaf.clone(),
+    ));
     let sandboxes = Arc::new(Sandboxes::new(store, registry, leaves, lifecycle));
     let restored = sandboxes.restore()?;
     if node.is_some() {
@@ -421,27 +452,6 @@ fn restore_sandboxes(
         }
     }
     Ok((sandboxes, restored, cert_dir))
-}
-
-fn log_started(r: &Running, cfg: &Config, restored: usize) {
-    let transparent = r
-        .transparent_addr
-        .map_or_else(|| "off".to_owned(), |a| a.to_string());
-    let token_file = r.admin_token_file.as_ref().map_or_else(
-        || "(from SEALGATE_ADMIN_TOKEN)".to_owned(),
-        |p| p.display().to_string(),
-    );
-    tracing::info!(
-        admin = %format!("http://{}", r.admin_addr),
-        proxy = %r.proxy_addr,
-        transparent = %transparent,
-        data_dir = %cfg.data_dir.display(),
-        cert_dir = %r.cert_dir.display(),
-        admin_token_file = %token_file,
-        master_key = %r.key_source,
-        sandboxes_restored = restored,
-        "sealgate is running"
-    );
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -642,8 +652,8 @@ fn reload_once(
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(current, &new);
-    let rt = Runtime::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
-    proxy.set_runtime(rt);
+    let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
+    proxy.set_settings(live);
     crate::logging::set_level(&new.log_level);
     *current = new;
     Ok(restart)

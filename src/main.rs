@@ -68,24 +68,9 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
     let running = daemon::start(cfg, ov).await?;
-    eprintln!("sealgate {} running", env!("CARGO_PKG_VERSION"));
-    eprintln!("  admin API:   http://{}", running.admin_addr);
-    eprintln!("  proxy:       {}", running.proxy_addr);
-    if let Some(t) = running.transparent_addr {
-        eprintln!("  transparent: {t}");
-    }
-    eprintln!("  database:    {}", running.db_path.display());
-    eprintln!(
-        "  CA certs:    {} (sandboxes trust <sandbox-id>.pem)",
-        running.cert_dir.display()
-    );
-    match &running.admin_token_file {
-        Some(p) => eprintln!("  admin token: {} (file)", p.display()),
-        None => eprintln!("  admin token: from SEALGATE_ADMIN_TOKEN"),
-    }
-    eprintln!("  master key:  {}", running.key_source);
+    eprint!("{}", running.summary());
     wait_for_signal().await;
-    let grace = running.proxy.runtime().proxy.shutdown_grace;
+    let grace = running.proxy.settings().proxy.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: listeners closed, in-flight requests may finish"

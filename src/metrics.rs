@@ -4,7 +4,6 @@
 
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -15,8 +14,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-
-use crate::ca::LeafCache;
 
 /// Labels for request and tunnel counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +40,21 @@ pub struct OpLabels {
     pub op: String,
 }
 
+/// The leaf cache's metrics. Registered by [`Metrics::new`] and handed to the cache
+/// (`ca::LeafCache::with_counters`), which counts into them directly: the registry owns
+/// them, nothing is copied at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct LeafCounters {
+    /// Leaves minted.
+    pub mints: Counter,
+    /// Lookups answered from the cache.
+    pub hits: Counter,
+    /// Lookups that waited for or ran a mint.
+    pub misses: Counter,
+    /// Leaves held in the cache (finished or in flight).
+    pub entries: Gauge,
+}
+
 /// All metrics of the daemon.
 pub struct Metrics {
     registry: Registry,
@@ -60,16 +72,10 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     /// Completed client TLS handshakes.
     pub tls_handshakes: Counter,
-    /// Leaves minted.
-    pub leaf_mints: Counter,
-    /// Leaf cache hits.
-    pub leaf_hits: Counter,
-    /// Leaf cache misses (lookups that waited for or ran a mint).
-    pub leaf_misses: Counter,
-    /// hits / (hits + misses) since start; 0 before the first lookup.
+    /// The leaf cache's counters (handed to the cache).
+    pub leaf: LeafCounters,
+    /// hits / (hits + misses) since start; 0 before the first lookup (derived at scrape).
     pub leaf_hit_ratio: Gauge<f64, AtomicU64>,
-    /// Leaves held in the cache.
-    pub leaf_entries: Gauge,
     /// Live sandboxes.
     pub sandboxes: Gauge,
     /// Open client connections.
@@ -78,10 +84,6 @@ pub struct Metrics {
     pub store_ops: Family<OpLabels, Counter>,
     /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
     pub store_sync_lag: Gauge<f64, AtomicU64>,
-    /// The leaf cache whose counters are copied in at scrape time.
-    leaf_source: OnceLock<Arc<LeafCache>>,
-    /// Serialises scrapes (the leaf counters are synced by delta).
-    scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -102,18 +104,13 @@ impl Metrics {
             bytes_down: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             tls_handshakes: Counter::default(),
-            leaf_mints: Counter::default(),
-            leaf_hits: Counter::default(),
-            leaf_misses: Counter::default(),
+            leaf: LeafCounters::default(),
             leaf_hit_ratio: Gauge::default(),
-            leaf_entries: Gauge::default(),
             sandboxes: Gauge::default(),
             connections: Gauge::default(),
             store_ops: Family::default(),
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
-            leaf_source: OnceLock::new(),
-            scrape: Mutex::new(()),
         };
         registry.register(
             "requests",
@@ -153,17 +150,17 @@ impl Metrics {
         registry.register(
             "leaf_mints",
             "Leaf certificates minted",
-            m.leaf_mints.clone(),
+            m.leaf.mints.clone(),
         );
         registry.register(
             "leaf_cache_hits",
             "Leaf certificate cache hits",
-            m.leaf_hits.clone(),
+            m.leaf.hits.clone(),
         );
         registry.register(
             "leaf_cache_misses",
             "Leaf certificate cache misses",
-            m.leaf_misses.clone(),
+            m.leaf.misses.clone(),
         );
         registry.register(
             "leaf_cache_hit_ratio",
@@ -173,7 +170,7 @@ impl Metrics {
         registry.register(
             "leaf_cache_entries",
             "Leaf certificates held in the cache",
-            m.leaf_entries.clone(),
+            m.leaf.entries.clone(),
         );
         registry.register("active_sandboxes", "Live sandboxes", m.sandboxes.clone());
         registry.register(
@@ -215,42 +212,20 @@ impl Metrics {
             .inc();
     }
 
-    /// Copies the leaf cache's counters into the leaf metrics at every scrape.
-    pub fn watch_leaf_cache(&self, cache: Arc<LeafCache>) {
-        let _ = self.leaf_source.set(cache);
-    }
-
-    fn sync_leaf_cache(&self) {
-        let Some(cache) = self.leaf_source.get() else {
-            return;
-        };
-        let s = cache.stats();
-        catch_up(&self.leaf_mints, s.mints);
-        catch_up(&self.leaf_hits, s.hits);
-        catch_up(&self.leaf_misses, s.misses);
-        let lookups = s.hits + s.misses;
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let (hits, misses) = (self.leaf.hits.get(), self.leaf.misses.get());
+        let lookups = hits + misses;
         let ratio = if lookups == 0 {
             0.0
         } else {
-            s.hits as f64 / lookups as f64
+            hits as f64 / lookups as f64
         };
         self.leaf_hit_ratio.set(ratio);
-        self.leaf_entries.set(cache.len() as i64);
-    }
-
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        self.sync_leaf_cache();
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Raises `c` to `total` (counters only move up; the source is monotonic).
-fn catch_up(c: &Counter, total: u64) {
-    c.inc_by(total.saturating_sub(c.get()));
 }
 
 pin_project_lite::pin_project! {

@@ -1,17 +1,21 @@
 //! Proxy listeners and the state shared by every connection.
 //!
 //! Both listeners (explicit CONNECT and transparent REDIRECT) identify the sandbox and the
-//! destination their own way, then share one path: [`intercept`] → [`forward`].
+//! destination their own way, then share one path: [`admit`] → [`intercept`] → [`serve`] →
+//! [`forward`]. Every outcome is recorded through [`outcome`].
 
 pub mod admission;
-pub mod errors;
+pub mod admit;
 pub mod explicit;
+pub mod failure;
 pub mod forward;
 pub mod h1_guard;
 pub mod idle;
 pub mod intercept;
-pub mod respond;
-pub mod scrub;
+pub mod outcome;
+pub mod refusal;
+pub mod response_scrub;
+pub mod serve;
 pub mod transparent;
 pub mod upstream;
 
@@ -40,8 +44,11 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The pooled upstream client.
 pub type UpstreamClient = Client<upstream::Connector, ProxyBody>;
 
-/// Settings that can change on reload, with the clients built from them.
-pub struct Runtime {
+/// The proxy's live settings: everything a reload can change (`[proxy]`, `[upstream]`) and the
+/// upstream clients built from them. One `Arc` of it is taken per connection (connection-level
+/// limits) and per request (everything the request uses), so a reload never mixes two settings
+/// within one request.
+pub struct LiveSettings {
     /// `[proxy]`.
     pub proxy: ProxyConfig,
     /// `[upstream]`.
@@ -57,8 +64,8 @@ pub struct Runtime {
     pub dialing: Arc<upstream::UpstreamSettings>,
 }
 
-impl Runtime {
-    /// Builds the runtime; `own_listeners` are never dialled.
+impl LiveSettings {
+    /// Builds the settings and their clients; `own_listeners` are never dialled.
     ///
     /// # Errors
     /// An unreadable upstream CA file.
@@ -66,7 +73,7 @@ impl Runtime {
         proxy: ProxyConfig,
         upstream: UpstreamConfig,
         own_listeners: Vec<SocketAddr>,
-    ) -> Result<Runtime, String> {
+    ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
             resolve: upstream.resolve.clone(),
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
@@ -90,7 +97,7 @@ impl Runtime {
                 settings.clone(),
                 &[b"h2", b"http/1.1"],
             ));
-        Ok(Runtime {
+        Ok(LiveSettings {
             proxy,
             upstream,
             client,
@@ -123,7 +130,7 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// Audit sink.
     pub audit: Arc<Audit>,
-    runtime: RwLock<Arc<Runtime>>,
+    settings: RwLock<Arc<LiveSettings>>,
     /// The connection budgets (see [`admission`]).
     pub admission: Arc<admission::Admission>,
     shutdown: watch::Receiver<bool>,
@@ -138,7 +145,7 @@ impl ProxyState {
         leaves: Arc<LeafCache>,
         metrics: Arc<Metrics>,
         audit: Arc<Audit>,
-        runtime: Runtime,
+        settings: LiveSettings,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(ProxyState {
@@ -146,24 +153,24 @@ impl ProxyState {
             leaves,
             metrics,
             audit,
-            runtime: RwLock::new(Arc::new(runtime)),
+            settings: RwLock::new(Arc::new(settings)),
             admission: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
         })
     }
 
-    /// The current runtime settings (take once per request for a consistent view).
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime
+    /// The current settings (take once per request and pass them down).
+    pub fn settings(&self) -> Arc<LiveSettings> {
+        self.settings
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Swaps in reloaded settings; live connections keep the runtime they started with.
-    pub fn set_runtime(&self, rt: Runtime) {
-        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rt);
+    /// Swaps in reloaded settings; live connections keep the limits they started with.
+    pub fn set_settings(&self, live: LiveSettings) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
     }
 
     /// A receiver that changes when shutdown begins.
@@ -229,8 +236,8 @@ pub struct Tunnel {
     pub dest: Dest,
     /// Https (intercepted, may unseal) or Http (never unseals).
     pub scheme: Scheme,
-    /// "explicit" or "transparent".
-    pub mode: &'static str,
+    /// The listener the connection arrived on.
+    pub listener: ListenerKind,
     /// Holds the sandbox's tunnel slot while the connection lives.
     pub _guard: Option<TunnelGuard>,
     /// `dest` as `host:port`, formatted once per tunnel (audit, metrics, upstream URI).
@@ -249,7 +256,7 @@ impl Tunnel {
         sandbox: Arc<Sandbox>,
         dest: Dest,
         scheme: Scheme,
-        mode: &'static str,
+        listener: ListenerKind,
         guard: Option<TunnelGuard>,
     ) -> Arc<Tunnel> {
         let authority = dest.authority();
@@ -266,7 +273,7 @@ impl Tunnel {
             sandbox,
             dest,
             scheme,
-            mode,
+            listener,
             _guard: guard,
             authority,
             origin,
@@ -275,12 +282,22 @@ impl Tunnel {
 }
 
 /// Which listener a connection arrived on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
     /// `HTTPS_PROXY`.
     Explicit,
     /// iptables REDIRECT target.
     Transparent,
+}
+
+impl ListenerKind {
+    /// The audit log's `mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Explicit => "explicit",
+            ListenerKind::Transparent => "transparent",
+        }
+    }
 }
 
 /// Accepts connections until shutdown; each connection holds one admission slot
@@ -300,10 +317,14 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
                 continue;
             }
         };
-        let limits = admission_limits(&state.runtime().proxy);
+        let limits = admission_limits(&state.settings().proxy);
         let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
             tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
-            state.metrics.tunnel("deny", "unavailable");
+            let r = refusal::Refusal::new(
+                refusal::Code::Unavailable,
+                "proxy.max_connections reached; connection closed",
+            );
+            outcome::refuse(&state, &outcome::Attempt::connection(kind, "TCP"), &r);
             drop(tcp);
             continue;
         };

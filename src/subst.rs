@@ -5,7 +5,7 @@
 //! - [`substitute_headers`] / [`substitute_query`] (in `subst/headers.rs`): whole values, including
 //!   `Authorization: Basic` (decoded, substituted, re-encoded).
 //! - [`BodySubst`] (in `subst/body.rs`): the streaming request-body engine.
-//! - [`Scrubber`] / [`ScrubStream`] (in `subst/scrub.rs`): the response scrubber.
+//! - [`Scrubber`] / [`ScrubStream`] (in `subst/scrubber.rs`): the response scrubber.
 //! - [`SubstBody`] / [`ScrubBody`] (in `subst/adapter.rs`): thin `http_body::Body` adapters, the
 //!   only code here that touches a stream.
 //!
@@ -42,7 +42,7 @@
 mod adapter;
 mod body;
 mod headers;
-mod scrub;
+mod scrubber;
 #[cfg(test)]
 mod testutil;
 
@@ -58,7 +58,7 @@ use crate::token::{Token, PREFIX, TOKEN_LEN};
 pub use adapter::{BodyError, ScrubBody, SubstBody, SubstOutcome};
 pub use body::BodySubst;
 pub use headers::{substitute_headers, substitute_query};
-pub use scrub::{ScrubStream, Scrubber};
+pub use scrubber::{ScrubStream, Scrubber};
 
 /// What the registry knows about one token, for the destination of the current request.
 /// (`Debug` is safe: the value prints as `[redacted]`.)

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -29,13 +29,15 @@ use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
 use super::{CaError, Leaf, LeafName, SandboxCa};
+use crate::metrics::LeafCounters;
 
 /// A cached leaf is re-minted after this long, well inside its 199-day validity, so a
 /// long-lived sandbox never receives an expired leaf. (A leaf cut short by its CA's notAfter is
 /// refreshed at that moment instead, and the re-mint then fails with `CaExpired`.)
 const REFRESH_AFTER: Duration = Duration::from_secs(180 * 24 * 3600);
 
-/// Counters since the cache was created (relaxed atomics: exact totals, no ordering).
+/// Counters since the cache was created (relaxed atomics: exact totals, no ordering), read
+/// from the cache's [`LeafCounters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// Lookups answered from the cache.
@@ -57,9 +59,7 @@ pub struct LeafCache {
     sandboxes: DashMap<Arc<str>, Arc<SandboxLeaves>>,
     capacity: usize,
     len: AtomicUsize,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    mints: AtomicU64,
+    counters: LeafCounters,
 }
 
 /// A minted leaf and the moment it should be replaced.
@@ -164,15 +164,20 @@ impl SandboxLeaves {
 }
 
 impl LeafCache {
-    /// An empty cache holding at most `capacity` leaves (at least one).
+    /// An empty cache holding at most `capacity` leaves (at least one), counting into
+    /// counters of its own (not registered anywhere).
     pub fn new(capacity: usize) -> Self {
+        Self::with_counters(capacity, LeafCounters::default())
+    }
+
+    /// An empty cache counting hits, misses, mints and entries into `counters` (the daemon
+    /// passes the ones its metrics registry owns).
+    pub fn with_counters(capacity: usize, counters: LeafCounters) -> Self {
         Self {
             sandboxes: DashMap::new(),
             capacity: capacity.max(1),
             len: AtomicUsize::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            mints: AtomicU64::new(0),
+            counters,
         }
     }
 
@@ -196,13 +201,13 @@ impl LeafCache {
         name: &LeafName,
     ) -> Result<Arc<Leaf>, CaError> {
         if let Some(leaf) = self.lookup(sandbox_id, name) {
-            self.hits.fetch_add(1, Relaxed);
+            self.counters.hits.inc();
             return Ok(leaf);
         }
-        self.misses.fetch_add(1, Relaxed);
+        self.counters.misses.inc();
         let (entry, slot) = self.slot(sandbox_id, name);
         let minted = slot.get_or_try_init(|| self.mint(ca, name)).await;
-        match minted {
+        let leaf = match minted {
             Ok(minted) => Ok(minted.leaf.clone()),
             Err(err) => {
                 if entry.forget(name, &slot) {
@@ -210,7 +215,14 @@ impl LeafCache {
                 }
                 Err(err)
             }
-        }
+        };
+        self.note_len();
+        leaf
+    }
+
+    /// Publishes the entry count (called after every change of `len`).
+    fn note_len(&self) {
+        self.counters.entries.set(self.len() as i64);
     }
 
     /// Drops every cached leaf of `sandbox_id` (call when the sandbox ends). A mint in flight
@@ -218,15 +230,16 @@ impl LeafCache {
     pub fn remove_sandbox(&self, sandbox_id: &str) {
         if let Some((_, entry)) = self.sandboxes.remove(sandbox_id) {
             self.len.fetch_sub(entry.retire(), Relaxed);
+            self.note_len();
         }
     }
 
     /// Hit, miss and mint counters.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            mints: self.mints.load(Relaxed),
+            hits: self.counters.hits.get(),
+            misses: self.counters.misses.get(),
+            mints: self.counters.mints.get(),
         }
     }
 
@@ -271,7 +284,7 @@ impl LeafCache {
     }
 
     async fn mint(&self, ca: &SandboxCa, name: &LeafName) -> Result<Minted, CaError> {
-        self.mints.fetch_add(1, Relaxed);
+        self.counters.mints.inc();
         let leaf = Leaf::new(ca.mint_leaf(name)?)?;
         Ok(Minted {
             leaf: Arc::new(leaf),

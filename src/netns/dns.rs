@@ -20,7 +20,7 @@
 //! other than `IN`/`ANY` → REFUSED.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -285,11 +285,11 @@ async fn serve_tcp(listener: TcpListener, filter: SharedFilter) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, peer)) = accepted else { continue };
+                let Ok((tcp, _)) = accepted else { continue };
                 let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                 let f = filter.clone();
                 conns.spawn(async move {
-                    let _ = tcp_client(tcp, peer, f).await;
+                    let _ = tcp_client(tcp, f).await;
                     drop(slot);
                 });
             }
@@ -299,7 +299,7 @@ async fn serve_tcp(listener: TcpListener, filter: SharedFilter) {
 }
 
 /// RFC 1035 §4.2.2 framing: a 2-byte length before each message.
-async fn tcp_client(mut tcp: TcpStream, _peer: SocketAddr, filter: SharedFilter) -> io::Result<()> {
+async fn tcp_client(mut tcp: TcpStream, filter: SharedFilter) -> io::Result<()> {
     loop {
         let len = match tokio::time::timeout(TCP_IDLE, tcp.read_u16()).await {
             Ok(r) => usize::from(r?),

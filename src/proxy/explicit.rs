@@ -2,13 +2,16 @@
 //!
 //! `CONNECT host:port` with the sandbox's `Proxy-Authorization` opens an intercepted tunnel;
 //! absolute-form `http://` requests are forwarded without substitution (never unseal over
-//! plaintext). The CONNECT authority is parsed strictly and checked against the egress policy
-//! before any DNS lookup, leaf mint or upstream connection.
+//! plaintext). The CONNECT authority is parsed strictly and goes through the admission step
+//! ([`super::admit`]) before any DNS lookup, leaf mint or upstream connection.
 //!
 //! Admission ([`super::admission`]): a connection is unidentified until a request carries the
 //! sandbox's valid `Proxy-Authorization`; it must get there within
 //! `unauthenticated_timeout_secs` (else it is closed), and from then on counts against its
 //! sandbox's `max_connections_per_sandbox` (over the cap: 429 `too_many_connections`, closed).
+//!
+//! Every refusal made here is recorded once, in [`outer`], through [`outcome::refuse`];
+//! requests that reach the per-request pipeline are recorded by [`forward`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,120 +21,108 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::h1_guard::{self, FramingRefused, GuardTag, H1Guard};
+use super::admit::admit;
+use super::h1_guard::FramingRefused;
 use super::intercept;
-use super::respond::{Code, Refusal};
-use super::{forward, ProxyBody, ProxyState, Tunnel};
-use crate::audit::RequestEvent;
-use crate::policy::{self, Dest, Scheme};
+use super::outcome::{self, Attempt};
+use super::refusal::{Code, Refusal};
+use super::serve::{self, Protocols};
+use super::{forward, ListenerKind, LiveSettings, ProxyBody, ProxyState, Tunnel};
+use crate::policy::{self, Scheme};
 use crate::sandbox::Sandbox;
 
 /// Serves one client connection of the explicit listener.
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
-    let rt = state.runtime();
-    let st = state.clone();
-    let tag = GuardTag::new();
-    let io = H1Guard::new(
-        tcp,
-        rt.proxy.max_header_bytes,
-        rt.proxy.header_read_timeout,
-        tag.clone(),
-    );
-    let svc = service_fn(move |mut req: Request<Incoming>| {
-        tag.mark(&mut req);
-        let (upgrade, connect) = (
-            h1_guard::wants_upgrade(&req),
-            req.method() == Method::CONNECT,
-        );
-        let st = st.clone();
-        async move {
-            let mut resp = outer(st, peer, req).await;
-            if let Ok(r) = &mut resp {
-                h1_guard::close_unless_upgraded(upgrade, connect, r);
-            }
-            resp
-        }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(rt.proxy.header_read_timeout)
-        .max_buf_size(rt.proxy.max_header_bytes.max(8192))
-        .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
+    let live = state.settings();
     let slot = super::connection_slot();
     let unidentified = async {
         match &slot {
-            Some(s) => s.closed(rt.proxy.unauthenticated_timeout).await,
+            Some(s) => s.closed(live.proxy.unauthenticated_timeout).await,
             None => std::future::pending().await,
         }
+        tracing::debug!(%peer, "connection closed before it identified itself (proxy.unauthenticated_timeout_secs, or room made for newer connections)");
     };
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = unidentified => {
-            tracing::debug!(%peer, "connection closed before it identified itself (proxy.unauthenticated_timeout_secs, or room made for newer connections)");
-        }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(rt.proxy.shutdown_grace, conn).await;
+    let st = state.clone();
+    let handler = move |req| outer(st.clone(), req);
+    serve::serve(&state, &live, tcp, Protocols::Http1, handler, unidentified).await;
+}
+
+/// One request on the proxy connection; the one place its refusals are recorded.
+async fn outer(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let live = state.settings();
+    let method = req.method().clone();
+    let path = audit_path(&req);
+    let mut at = Attempt {
+        listener: ListenerKind::Explicit,
+        sandbox: None,
+        host: "-".into(),
+        method: method.as_str(),
+        path: &path,
+        tunnel: false,
+    };
+    match route(&state, &live, &mut at, req).await {
+        Ok(resp) => resp,
+        Err(r) => {
+            outcome::refuse(&state, &at, &r);
+            r.into_response()
         }
     }
 }
 
-async fn outer(
-    state: Arc<ProxyState>,
-    _peer: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    if let Some(FramingRefused(r)) = req.extensions_mut().remove() {
-        audit_refusal(&state, None, &req, "-".into(), &r);
-        return Ok(r.into_response());
+/// The path an audit line names: none for CONNECT, the path for everything else.
+fn audit_path<B>(req: &Request<B>) -> String {
+    if req.method() == Method::CONNECT {
+        String::new()
+    } else {
+        req.uri().path().to_owned()
     }
-    let Some(sandbox) = identify(&state, &req) else {
-        let r = Refusal::new(
+}
+
+/// Identifies, counts and dispatches a request; fills `at` as it learns who and where.
+async fn route(
+    state: &Arc<ProxyState>,
+    live: &Arc<LiveSettings>,
+    at: &mut Attempt<'_>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Refusal> {
+    if let Some(FramingRefused(r)) = req.extensions_mut().remove() {
+        return Err(r);
+    }
+    let Some(sandbox) = identify(state, &req) else {
+        return Err(Refusal::new(
             Code::ProxyAuthRequired,
             "proxy credentials missing or wrong (use the sandbox's proxy URL)",
-        );
-        audit_refusal(&state, None, &req, "-".into(), &r);
-        return Ok(r.into_response());
+        ));
     };
-    if let Err(r) = count_against(&state, &sandbox) {
-        audit_refusal(&state, Some(&sandbox.id), &req, "-".into(), &r);
-        let mut resp = r.into_response();
-        resp.headers_mut()
-            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-        return Ok(resp);
+    at.sandbox = Some(sandbox.clone());
+    if let Err(r) = count_against(live, &sandbox) {
+        at.tunnel = true;
+        return Err(r);
     }
-    let result = if req.method() == Method::CONNECT {
-        connect(&state, &sandbox, req)
-    } else if req.uri().scheme_str().is_some() {
-        plain(&state, &sandbox, req).await
-    } else {
-        Err(Refusal::new(
-            Code::BadRequest,
-            "expected CONNECT or an absolute http:// URI",
-        ))
-    };
-    Ok(result.unwrap_or_else(Refusal::into_response))
+    if req.method() == Method::CONNECT {
+        at.tunnel = true;
+        return connect(state, live, at, &sandbox, req);
+    }
+    if req.uri().scheme_str().is_some() {
+        return plain(state, live, at, &sandbox, req).await;
+    }
+    Err(Refusal::new(
+        Code::BadRequest,
+        "expected CONNECT or an absolute http:// URI",
+    ))
 }
 
 /// Moves this connection onto `sandbox`'s connection budget (first identified request only).
-fn count_against(state: &ProxyState, sandbox: &Sandbox) -> Result<(), Refusal> {
+fn count_against(live: &LiveSettings, sandbox: &Sandbox) -> Result<(), Refusal> {
     let Some(slot) = super::connection_slot() else {
         return Ok(());
     };
-    let max = state.runtime().proxy.max_connections_per_sandbox;
-    slot.authenticate(&sandbox.id, max).map_err(|e| {
-        state
-            .metrics
-            .tunnel("deny", Code::TooManyConnections.as_str());
-        Refusal::new(Code::TooManyConnections, e.to_string())
-    })
+    let max = live.proxy.max_connections_per_sandbox;
+    slot.authenticate(&sandbox.id, max)
+        .map_err(|e| Refusal::new(Code::TooManyConnections, e.to_string()))
 }
 
 /// The sandbox named by `Proxy-Authorization: Basic base64(id:token)`.
@@ -154,30 +145,33 @@ fn identify<B>(state: &ProxyState, req: &Request<B>) -> Option<Arc<Sandbox>> {
     sb.check_proxy_token(token).then_some(sb)
 }
 
+/// CONNECT: strict target parsing, then the admission step; 200 and the tunnel on success.
 fn connect(
     state: &Arc<ProxyState>,
+    live: &LiveSettings,
+    at: &mut Attempt<'_>,
     sandbox: &Arc<Sandbox>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    let target = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    let tunnel = admit(state, sandbox, &target)
-        .map_err(|r| refuse_connect(state, sandbox, &req, &target, r))?;
-    state.metrics.tunnel("allow", "ok");
+    let target = named_authority(&req, at);
+    let dest = policy::parse_authority(&target, None)
+        .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
+    let tunnel = admit(
+        state,
+        live,
+        sandbox,
+        dest,
+        Scheme::Https,
+        ListenerKind::Explicit,
+    )?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let st = state.clone();
     let slot = super::connection_slot();
     state.spawn_connection(async move {
         let _slot = slot;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        if let Err(e) = run_tunnel(st, tunnel, TokioIo::new(upgraded)).await {
-            tracing::debug!(error = %e, "tunnel ended before serving");
-        }
+        run_tunnel(tunnel, TokioIo::new(upgraded)).await;
     });
     let mut resp = Response::new(
         Empty::<Bytes>::new()
@@ -188,139 +182,74 @@ fn connect(
     Ok(resp)
 }
 
-/// The CONNECT decisions, in order and before any DNS lookup, leaf mint or upstream
-/// connection: strict target parsing, the store allowlist, IP-literal vetting, the tunnel cap.
-fn admit(
-    state: &Arc<ProxyState>,
-    sandbox: &Arc<Sandbox>,
-    target: &str,
-) -> Result<Arc<Tunnel>, Refusal> {
-    let dest = policy::parse_authority(target, None)
-        .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
-    if !sandbox.snapshot().egress_allowed(&dest, Scheme::Https) {
-        let msg = format!("{dest} is not in the store's egress_allowlist");
-        return Err(Refusal::new(Code::EgressDenied, msg));
-    }
-    let rt = state.runtime();
-    if let Err(e) = rt.dialing.precheck(&dest) {
-        return Err(Refusal::new(
-            Code::EgressDenied,
-            format!("address vetting: {e}"),
-        ));
-    }
-    let max = rt.proxy.max_tunnels_per_sandbox;
-    let guard = sandbox.try_open_tunnel(max).ok_or_else(|| {
-        let msg = format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)");
-        Refusal::new(Code::TooManyTunnels, msg)
-    })?;
-    Ok(Tunnel::new(
-        state.clone(),
-        sandbox.clone(),
-        dest,
-        Scheme::Https,
-        "explicit",
-        Some(guard),
-    ))
+/// The request target's authority as the client wrote it (empty when absent), which is also
+/// what the audit line names until it is parsed.
+fn named_authority<B>(req: &Request<B>, at: &mut Attempt<'_>) -> String {
+    let raw = req.uri().authority().map_or("", |a| a.as_str());
+    at.host = raw.to_owned();
+    raw.to_owned()
 }
 
-async fn run_tunnel<IO>(
-    state: Arc<ProxyState>,
-    tunnel: Arc<Tunnel>,
-    io: IO,
-) -> Result<(), intercept::InterceptError>
+/// The tunnel after `200`: the ClientHello's SNI must name the CONNECT host (a refusal is
+/// recorded like any other), then the intercepted connection is served.
+async fn run_tunnel<IO>(tunnel: Arc<Tunnel>, io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let rt = state.runtime();
-    let start = intercept::read_hello(&rt, io).await?;
-    let sni = intercept::sni_host(&start)?;
-    intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
-    intercept::serve(state, tunnel, start).await
+    let state = tunnel.state.clone();
+    let live = state.settings();
+    let result = async {
+        let start = intercept::read_hello(&live, io).await?;
+        let sni = intercept::sni_host(&start)?;
+        intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
+        intercept::serve(live.clone(), tunnel.clone(), start).await
+    }
+    .await;
+    let Err(e) = result else {
+        return;
+    };
+    match e.refusal() {
+        Some(r) => {
+            let mut at = Attempt::connection(ListenerKind::Explicit, "TLS");
+            at.sandbox = Some(tunnel.sandbox.clone());
+            at.host.clone_from(&tunnel.authority);
+            at.tunnel = false; // the tunnel itself was admitted and counted at CONNECT
+            outcome::refuse(&state, &at, &r);
+        }
+        None => tracing::debug!(error = %e, "tunnel ended before serving"),
+    }
 }
 
-fn refuse_connect<B>(
-    state: &ProxyState,
-    sandbox: &Sandbox,
-    req: &Request<B>,
-    target: &str,
-    r: Refusal,
-) -> Refusal {
-    state.metrics.tunnel("deny", r.code.as_str());
-    audit_refusal(state, Some(&sandbox.id), req, target.to_owned(), &r);
-    r
-}
-
-fn audit_refusal<B>(
-    state: &ProxyState,
-    sandbox: Option<&str>,
-    req: &Request<B>,
-    host: String,
-    r: &Refusal,
-) {
-    state.metrics.request("deny", r.code.as_str());
-    state.audit.request(&RequestEvent {
-        sandbox,
-        mode: "explicit",
-        host,
-        method: req.method().as_str(),
-        path: if req.method() == Method::CONNECT {
-            ""
-        } else {
-            req.uri().path()
-        },
-        decision: "deny",
-        code: Some(r.code.as_str()),
-        rule: Some(r.message.clone()),
-        status: r.code.status().as_u16(),
-        ..Default::default()
-    });
-}
-
-/// Absolute-form plain HTTP: policy-checked, forwarded, never unsealed.
+/// Absolute-form plain HTTP: the admission step, then the per-request pipeline (which never
+/// unseals over plain HTTP).
 async fn plain(
     state: &Arc<ProxyState>,
+    live: &Arc<LiveSettings>,
+    at: &mut Attempt<'_>,
     sandbox: &Arc<Sandbox>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
-    if !req
+    let auth = named_authority(&req, at);
+    let http = req
         .uri()
         .scheme_str()
-        .is_some_and(|s| s.eq_ignore_ascii_case("http"))
-    {
+        .is_some_and(|s| s.eq_ignore_ascii_case("http"));
+    if !http {
         return Err(Refusal::new(
             Code::BadRequest,
             "only http:// URIs are proxied in plain form; use CONNECT for https",
         ));
     }
-    let auth = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    let dest: Dest = policy::parse_authority(&auth, Some(80))
+    let dest = policy::parse_authority(&auth, Some(80))
         .map_err(|e| Refusal::new(Code::BadRequest, format!("request URI: {e}")))?;
-    if !sandbox.snapshot().egress_allowed(&dest, Scheme::Http) {
-        let r = Refusal::new(
-            Code::EgressDenied,
-            format!("{dest} is not in the store's egress_allowlist"),
-        );
-        audit_refusal(state, Some(&sandbox.id), &req, dest.authority(), &r);
-        return Err(r);
-    }
-    if let Err(e) = state.runtime().dialing.precheck(&dest) {
-        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
-        audit_refusal(state, Some(&sandbox.id), &req, dest.authority(), &r);
-        return Err(r);
-    }
-    let tunnel = Tunnel::new(
-        state.clone(),
-        sandbox.clone(),
+    at.host = dest.authority();
+    let tunnel = admit(
+        state,
+        live,
+        sandbox,
         dest,
         Scheme::Http,
-        "explicit",
-        None,
-    );
-    Ok(forward::handle(tunnel, req)
-        .await
-        .unwrap_or_else(|never| match never {}))
+        ListenerKind::Explicit,
+    )?;
+    Ok(forward::handle(tunnel, live.clone(), req).await)
 }

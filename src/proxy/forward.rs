@@ -16,9 +16,9 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use super::respond::{Code, Refusal};
-use super::scrub::{scrub_response, Shape};
-use super::{BoxError, ProxyBody, Runtime, Tunnel};
+use super::refusal::{Code, Refusal};
+use super::response_scrub::{scrub_response, Shape};
+use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
@@ -37,13 +37,15 @@ struct Outcome {
     bytes_up: u64,
 }
 
-/// Serves one request of `tunnel`. Never fails: refusals become responses.
+/// Serves one request of `tunnel` with the runtime `rt` the caller took for this request
+/// (one view of the settings for the whole request, even across a reload). Never fails:
+/// refusals become responses. Every request is recorded once ([`super::outcome::record`]).
 pub async fn handle(
     tunnel: Arc<Tunnel>,
+    rt: Arc<LiveSettings>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+) -> Response<ProxyBody> {
     let started = Instant::now();
-    let rt = tunnel.state.runtime();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
@@ -57,7 +59,7 @@ pub async fn handle(
         }
     };
     record(&tunnel, &method, &path, &resp, code, &outcome, started);
-    Ok(resp)
+    resp
 }
 
 fn record(
@@ -69,15 +71,8 @@ fn record(
     o: &Outcome,
     started: Instant,
 ) {
-    let decision = match code {
-        None => "allow",
-        Some(Code::UpstreamTlsError | Code::UpstreamUnreachable | Code::UpstreamTimeout) => "error",
-        Some(_) => "deny",
-    };
-    let code_str = code.map(Code::as_str);
     let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
-    m.request(decision, code_str.unwrap_or("ok"));
     for name in &o.report.unsealed {
         m.unsealed
             .get_or_create(&crate::metrics::UnsealLabels {
@@ -86,14 +81,12 @@ fn record(
             })
             .inc();
     }
-    t.state.audit.request(&RequestEvent {
+    let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
-        mode: t.mode,
+        mode: t.listener.as_str(),
         host: t.authority.clone(),
         method: method.as_str(),
         path,
-        decision,
-        code: code_str,
         rule,
         unsealed: o.report.unsealed.iter().map(|s| s.to_string()).collect(),
         refused: o.report.refused.iter().map(|s| s.to_string()).collect(),
@@ -101,7 +94,9 @@ fn record(
         bytes_up: o.bytes_up,
         bytes_down: resp.body().size_hint().exact().unwrap_or(0),
         duration_ms: started.elapsed().as_millis() as u64,
-    });
+        ..Default::default()
+    };
+    super::outcome::record(&t.state, code, event);
 }
 
 /// With `on_disallowed_token = "forward_sealed"`, why each refused secret travelled sealed.
@@ -120,7 +115,7 @@ fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
 
 async fn exchange(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     method: &Method,
     mut req: Request<Incoming>,
     o: &mut Outcome,
@@ -364,7 +359,7 @@ fn accepts_trailers(h: &HeaderMap) -> bool {
 
 fn unseal_head(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: &HostView,
     req: &mut Request<()>,
     o: &mut Outcome,
@@ -421,7 +416,7 @@ enum UpBody {
 /// encoding), untouched otherwise (no body-located secret, or a compressed body).
 async fn prepare_body(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: Option<&Arc<HostView>>,
     req: &mut Request<()>,
     body: Incoming,
@@ -510,7 +505,7 @@ fn compressed(h: &HeaderMap) -> bool {
 /// closed before the request was written are retried by the pooled client itself.
 async fn send(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     head: Request<()>,
     body: UpBody,
     websocket: bool,
@@ -523,11 +518,11 @@ async fn send(
     };
     let attempts = async {
         match client.request(attach(t, head, body)).await {
-            Err(e) if super::errors::not_processed(&e) => {
+            Err(e) if super::failure::not_processed(&e) => {
                 let Some((head, bytes)) = replay else {
                     return Err(e);
                 };
-                tracing::debug!(dest = %t.dest, error = %super::errors::chain(&e),
+                tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
                     "upstream did not process the request; retrying on a fresh connection");
                 let again = attach(t, head, UpBody::Held(bytes));
                 rt.client_fresh.request(again).await
@@ -542,7 +537,7 @@ async fn send(
                 format!("{} did not answer in time", t.dest),
             ))
         }
-        Ok(Err(e)) => return Err(super::errors::classify(t, &e)),
+        Ok(Err(e)) => return Err(super::failure::classify(t, &e)),
         Ok(Ok(r)) => r,
     };
     t.state
@@ -568,7 +563,7 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 /// secret may have been unsealed.
 fn finish_response(
     t: &Tunnel,
-    rt: &Runtime,
+    rt: &LiveSettings,
     view: Option<&HostView>,
     method: &Method,
     resp: Response<Incoming>,
@@ -583,7 +578,7 @@ fn finish_response(
     });
     let trailer = take_all(&mut parts.headers, header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(super::respond::ERROR_HEADER);
+    parts.headers.remove(super::refusal::ERROR_HEADER);
     for value in trailer {
         parts.headers.append(header::TRAILER, value);
     }

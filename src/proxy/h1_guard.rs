@@ -12,7 +12,8 @@
 //! # How
 //!
 //! [`Framing`] is a pure state machine over the client's bytes. It parses each head with the
-//! parser hyper uses (`httparse`, default configuration, 100 fields) and tracks message
+//! parser hyper uses (`httparse`, `proxy.max_header_fields` fields, hyper's own limit set to
+//! the same number) and tracks message
 //! boundaries — `Content-Length` bodies, chunked bodies (chunk-size lines, data, CRLFs,
 //! trailers) — so it always knows where the next head starts. [`H1Guard`] is the thin
 //! `AsyncRead` adapter between the client stream and hyper that drives it:
@@ -49,7 +50,7 @@
 //! | two or more `Transfer-Encoding` fields, or one other than `chunked`     | 400    |
 //! | `Transfer-Encoding` on HTTP/1.0                                          | 400    |
 //! | a bare LF, or anything `httparse` refuses (obs-fold, NUL, bad tokens)   | 400    |
-//! | more than `max_header_bytes`, or more than 100 fields                    | 431    |
+//! | more than `max_header_bytes`, or more than `max_header_fields` fields    | 431    |
 //! | a chunk size of 17+ hex digits or above `i64::MAX`, a bad chunk line     | 400 (first chunk) / connection closed (later) |
 //!
 //! # Memory usage
@@ -69,11 +70,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Header fields per head (hyper's default `max_headers`).
+/// Header fields per head unless configured (`proxy.max_header_fields`; hyper's default).
 pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line, extensions and CRLF included.
 pub const MAX_CHUNK_LINE: usize = 4096;
@@ -177,11 +178,18 @@ pub struct Framing {
     /// Empty lines found before a request line, to release ahead of the head.
     leading_empty_lines: usize,
     max_head: usize,
+    max_fields: usize,
 }
 
 impl Framing {
-    /// A machine for a new connection; heads over `max_head` bytes are refused with 431.
+    /// A machine for a new connection; heads over `max_head` bytes or [`MAX_HEADERS`] fields
+    /// are refused with 431.
     pub fn new(max_head: usize) -> Self {
+        Self::with_max_fields(max_head, MAX_HEADERS)
+    }
+
+    /// [`Framing::new`] with a header-field limit of `max_fields` (at least 1).
+    pub fn with_max_fields(max_head: usize, max_fields: usize) -> Self {
         Framing {
             state: State::Preface,
             held: Vec::new(),
@@ -191,6 +199,7 @@ impl Framing {
             trailer_bytes: 0,
             leading_empty_lines: 0,
             max_head: max_head.max(64),
+            max_fields: max_fields.max(1),
         }
     }
 
@@ -312,7 +321,7 @@ impl Framing {
         self.held.truncate(end);
         self.line_start = 0;
         self.scanned = 0;
-        let next = check_head(&self.held)?;
+        let next = check_head(&self.held, self.max_fields)?;
         self.after_head(next, out);
         Ok(total - data.len() + take - rest)
     }
@@ -516,14 +525,23 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
 }
 
 /// Judges one complete head (ending in the empty line) by the rules of the module docs.
-fn check_head(head: &[u8]) -> Result<Next, Reject> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
+fn check_head(head: &[u8], max_fields: usize) -> Result<Next, Reject> {
+    let mut stack = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut heap = Vec::new();
+    let fields: &mut [httparse::Header<'_>] = if max_fields <= MAX_HEADERS {
+        &mut stack[..max_fields]
+    } else {
+        heap.resize(max_fields, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(fields);
     match req.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         Ok(_) => return Err(Reject::bad("malformed request head")),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Reject::too_large("more than 100 header fields"))
+            return Err(Reject::too_large(
+                "more header fields than proxy.max_header_fields",
+            ))
         }
         Err(e) => return Err(Reject::bad(parse_reason(e))),
     }
@@ -705,6 +723,28 @@ pub fn close_unless_upgraded<B>(wanted: bool, connect: bool, resp: &mut Response
 // ---------------------------------------------------------------------------------------------
 // The I/O adapter
 
+/// The limits on a request head, from `[proxy]`.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// `max_header_bytes`.
+    pub max_head: usize,
+    /// `max_header_fields`.
+    pub max_fields: usize,
+    /// `header_read_timeout`: how long a head may stay incomplete.
+    pub hold: Duration,
+}
+
+impl HeadLimits {
+    /// The limits of `[proxy]`.
+    pub fn of(p: &crate::config::ProxyConfig) -> Self {
+        HeadLimits {
+            max_head: p.max_header_bytes,
+            max_fields: p.max_header_fields,
+            hold: p.header_read_timeout,
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Wraps the client stream of an h1 (or auto h1/h2) server; see the module docs.
     pub struct H1Guard<S> {
@@ -722,16 +762,17 @@ pin_project_lite::pin_project! {
 }
 
 impl<S> H1Guard<S> {
-    /// Guards `inner`; heads over `max_head` bytes get 431; a head still incomplete
-    /// `hold_limit` after its first byte fails the read (slowloris).
-    pub fn new(inner: S, max_head: usize, hold_limit: Duration, tag: Arc<GuardTag>) -> Self {
+    /// Guards `inner`; heads over `limits.max_head` bytes or `limits.max_fields` fields get
+    /// 431; a head still incomplete `limits.hold` after its first byte fails the read
+    /// (slowloris).
+    pub fn new(inner: S, limits: HeadLimits, tag: Arc<GuardTag>) -> Self {
         H1Guard {
             inner,
-            framing: Framing::new(max_head),
+            framing: Framing::with_max_fields(limits.max_head, limits.max_fields),
             tag,
             ready: BytesMut::new(),
             scratch: Vec::new(),
-            hold_limit,
+            hold_limit: limits.hold,
             deadline: None,
         }
     }

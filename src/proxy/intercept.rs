@@ -7,17 +7,13 @@
 
 use std::sync::Arc;
 
-use http::Method;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
-use super::h1_guard::{self, GuardTag, H1Guard};
-use super::idle::{Activity, Tracked};
-use super::{forward, ProxyState, Runtime, Tunnel};
+use super::refusal::{Code, Refusal};
+use super::serve::{self, Protocols};
+use super::{forward, LiveSettings, Tunnel};
 use crate::ca::LeafName;
 use crate::policy::{self, Dest, Host};
 
@@ -30,6 +26,9 @@ pub enum InterceptError {
     /// Not TLS, or a broken handshake.
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
+    /// The SNI is not a valid host name.
+    #[error("bad SNI: {0}")]
+    BadSni(String),
     /// SNI names another host than the tunnel.
     #[error("SNI {sni} does not match tunnel destination {dest}")]
     SniMismatch {
@@ -43,16 +42,33 @@ pub enum InterceptError {
     Leaf(String),
 }
 
+impl InterceptError {
+    /// The refusal this error stands for, when it is a policy decision (a bad or mismatching
+    /// SNI) rather than a broken or slow handshake.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            InterceptError::BadSni(_) => Some(Refusal::new(Code::BadRequest, self.to_string())),
+            InterceptError::SniMismatch { .. } => {
+                Some(Refusal::new(Code::AuthorityMismatch, self.to_string()))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Reads the ClientHello.
 ///
 /// # Errors
 /// Timeout or a malformed handshake.
-pub async fn read_hello<IO>(rt: &Runtime, io: IO) -> Result<StartHandshake<IO>, InterceptError>
+pub async fn read_hello<IO>(
+    live: &LiveSettings,
+    io: IO,
+) -> Result<StartHandshake<IO>, InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let acceptor = LazyConfigAcceptor::new(Acceptor::default(), io);
-    tokio::time::timeout(rt.proxy.tls_handshake_timeout, acceptor)
+    tokio::time::timeout(live.proxy.tls_handshake_timeout, acceptor)
         .await
         .map_err(|_| InterceptError::Timeout)?
         .map_err(|e| InterceptError::Handshake(e.to_string()))
@@ -72,7 +88,7 @@ where
     };
     policy::normalise_host(sni)
         .map(Some)
-        .map_err(|e| InterceptError::Handshake(format!("bad SNI: {e}")))
+        .map_err(|e| InterceptError::BadSni(e.to_string()))
 }
 
 /// The SNI, if any, must name the tunnel's host (an IP-literal tunnel accepts no SNI).
@@ -90,19 +106,20 @@ pub fn check_sni(sni: Option<&Host>, dest: &Dest) -> Result<(), InterceptError> 
 }
 
 /// Completes the handshake with the sandbox's leaf for `tunnel.dest` and serves requests until
-/// the connection closes, goes idle, or the daemon shuts down.
+/// the connection closes, goes idle, or the daemon shuts down. `live` is the connection's view
+/// of the settings (its limits); each request takes its own.
 ///
 /// # Errors
 /// Leaf minting or handshake failures (the connection is dropped).
 pub async fn serve<IO>(
-    state: Arc<ProxyState>,
+    live: Arc<LiveSettings>,
     tunnel: Arc<Tunnel>,
     start: StartHandshake<IO>,
 ) -> Result<(), InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let rt = state.runtime();
+    let state = &tunnel.state;
     let leaf = state
         .leaves
         .get_or_mint(
@@ -113,77 +130,32 @@ where
         .await
         .map_err(|e| InterceptError::Leaf(e.to_string()))?;
     let tls = tokio::time::timeout(
-        rt.proxy.tls_handshake_timeout,
+        live.proxy.tls_handshake_timeout,
         start.into_stream(leaf.server_config.clone()),
     )
     .await
     .map_err(|_| InterceptError::Timeout)?
     .map_err(|e| InterceptError::Handshake(e.to_string()))?;
     state.metrics.tls_handshakes.inc();
-    serve_http(state, tunnel, tls).await;
+    serve_http(live, tunnel, tls).await;
     Ok(())
 }
 
-/// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline.
-pub async fn serve_http<S>(state: Arc<ProxyState>, tunnel: Arc<Tunnel>, stream: S)
+/// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline,
+/// through the shared serving glue ([`serve::serve`]), with the connection's limits from
+/// `live`; each request takes the settings once and passes them down ([`forward::handle`]).
+pub async fn serve_http<S>(live: Arc<LiveSettings>, tunnel: Arc<Tunnel>, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let rt = state.runtime();
-    let activity = Activity::new();
-    let tag = GuardTag::new();
-    let guarded = H1Guard::new(
-        stream,
-        rt.proxy.max_header_bytes,
-        rt.proxy.header_read_timeout,
-        tag.clone(),
-    );
-    let io = TokioIo::new(Tracked::new(guarded, activity.clone()));
-    let builder = http_builder(&rt);
-    let act = activity.clone();
-    let svc = service_fn(move |mut req| {
-        let guard = act.request();
+    let state = tunnel.state.clone();
+    let handler = move |req| {
         let tunnel = tunnel.clone();
-        tag.mark(&mut req);
-        let (upgrade, connect) = (
-            h1_guard::wants_upgrade(&req),
-            req.method() == Method::CONNECT,
-        );
-        async move {
-            let mut resp = forward::handle(tunnel, req).await;
-            if let Ok(r) = &mut resp {
-                h1_guard::close_unless_upgraded(upgrade, connect, r);
-            }
-            drop(guard);
-            resp
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = activity.idle(rt.proxy.idle_timeout) => {}
-        _ = shutdown.changed() => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(rt.proxy.shutdown_grace, conn).await;
-}
-
-fn http_builder(rt: &Runtime) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(rt.proxy.header_read_timeout)
-        .max_buf_size(rt.proxy.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(rt.proxy.max_h2_streams)
-        .max_header_list_size(rt.proxy.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(256);
-    b
+        let live = tunnel.state.settings();
+        forward::handle(tunnel, live, req)
+    };
+    let never = std::future::pending::<()>();
+    serve::serve(&state, &live, stream, Protocols::Auto, handler, never).await;
 }
 
 /// The leaf name for a normalised host.

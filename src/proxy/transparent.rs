@@ -6,17 +6,21 @@
 //! [`Tunnel`] goes through the same [`intercept`] → [`forward`](super::forward) path.
 //!
 //! Decisions, in order (each refusal closes the connection, or on plain HTTP answers with the
-//! uniform error response, and is audited with `mode = "transparent"`):
-//! 1. the source IP must belong to a live sandbox (else: close, nothing read); the connection
-//!    then counts against that sandbox's `max_connections_per_sandbox` (over it: close) and
+//! uniform error response, and is recorded once through [`outcome::refuse`] with
+//! `mode = "transparent"`):
+//! 1. the source IP must belong to a live sandbox (else: close, nothing read; recorded as
+//!    `proxy_auth_required`, the identity failure); the connection then counts against that
+//!    sandbox's `max_connections_per_sandbox` (over it: close, `too_many_connections`) and
 //!    leaves the unauthenticated budget at once ([`super::admission`]);
 //! 2. the connection must have been redirected: an original destination equal to the
-//!    listener's own address means someone dialled the listener directly (else: close);
+//!    listener's own address means someone dialled the listener directly (else: close,
+//!    `bad_request`);
 //! 3. port 80 → plain HTTP routed by `Host` (never unsealed, see [`plain`]); any other port →
-//!    TLS routed by SNI. Without SNI the destination is the original IP literal, so an
-//!    SNI-less connection is refused unless that literal is allowlisted;
-//! 4. the egress policy and the per-sandbox tunnel cap are checked **before** any leaf is
-//!    minted, so a denied SNI never obtains a certificate.
+//!    TLS routed by SNI (an SNI that is not a host name: close, `bad_request`). Without SNI the
+//!    destination is the original IP literal, so an SNI-less connection is refused unless that
+//!    literal is allowlisted;
+//! 4. the admission step ([`admit`]: egress policy, address precheck, tunnel cap) runs
+//!    **before** any leaf is minted, so a denied SNI never obtains a certificate.
 
 mod plain;
 
@@ -28,10 +32,11 @@ use std::sync::Arc;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
+use super::admit::admit;
 use super::intercept::{self, InterceptError};
-use super::respond::{Code, Refusal};
-use super::{ProxyState, Tunnel};
-use crate::audit::RequestEvent;
+use super::outcome::{self, Attempt};
+use super::refusal::{Code, Refusal};
+use super::{ListenerKind, LiveSettings, ProxyState};
 use crate::policy::{Dest, Host, Scheme};
 use crate::sandbox::Sandbox;
 
@@ -51,53 +56,53 @@ pub enum TransparentError {
 
 /// Serves one redirected connection.
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
-    let Some((sandbox, orig)) = identify(&state, &tcp, peer) else {
-        return;
+    let live = state.settings();
+    let mut at = Attempt::connection(ListenerKind::Transparent, "TCP");
+    let (sandbox, orig) = match identify(&state, &live, &mut at, &tcp, peer) {
+        Ok(x) => x,
+        Err(r) => return outcome::refuse(&state, &at, &r),
     };
-    if let Some(slot) = super::connection_slot() {
-        let max = state.runtime().proxy.max_connections_per_sandbox;
-        if let Err(e) = slot.authenticate(&sandbox.id, max) {
-            tracing::debug!(%peer, sandbox = %sandbox.id, error = %e, "transparent connection refused");
-            state
-                .metrics
-                .tunnel("deny", Code::TooManyConnections.as_str());
-            return;
-        }
-    }
     let result = if orig.port() == 80 {
-        plain::serve(state, sandbox, tcp, orig).await
+        plain::serve(state, live, sandbox, tcp, orig).await
     } else {
-        serve_tls(state, sandbox, tcp, orig).await
+        serve_tls(state, live, sandbox, tcp, orig).await
     };
     if let Err(e) = result {
         tracing::debug!(%peer, %orig, error = %e, "transparent connection ended");
     }
 }
 
-/// Steps 1 and 2: the sandbox behind `peer` and the original destination.
+/// Steps 1 and 2: the sandbox behind `peer`, counted against its budget, and the original
+/// destination.
 fn identify(
     state: &ProxyState,
+    live: &LiveSettings,
+    at: &mut Attempt<'_>,
     tcp: &TcpStream,
     peer: SocketAddr,
-) -> Option<(Arc<Sandbox>, SocketAddr)> {
-    let Some(sandbox) = state.registry.by_source_ip(peer.ip().to_canonical()) else {
-        tracing::debug!(%peer, "transparent connection from an unregistered source IP; closed");
-        state.metrics.tunnel("deny", "unknown_source");
-        return None;
+) -> Result<(Arc<Sandbox>, SocketAddr), Refusal> {
+    let ip = peer.ip().to_canonical();
+    let Some(sandbox) = state.registry.by_source_ip(ip) else {
+        let msg = format!("no live sandbox has source IP {ip}; connection closed");
+        return Err(Refusal::new(Code::ProxyAuthRequired, msg));
     };
-    let local = tcp.local_addr().ok()?;
+    at.sandbox = Some(sandbox.clone());
+    if let Some(slot) = super::connection_slot() {
+        let max = live.proxy.max_connections_per_sandbox;
+        slot.authenticate(&sandbox.id, max)
+            .map_err(|e| Refusal::new(Code::TooManyConnections, e.to_string()))?;
+    }
+    let not_redirected = |why: String| {
+        let msg = format!("not a redirected connection ({why}); closed");
+        Refusal::new(Code::BadRequest, msg)
+    };
+    let local = tcp
+        .local_addr()
+        .map_err(|e| not_redirected(e.to_string()))?;
     match original_dst(tcp) {
-        Ok(orig) if !same_addr(orig, local) => Some((sandbox, orig)),
-        Ok(_) => {
-            tracing::debug!(%peer, sandbox = %sandbox.id, "connection to the transparent listener itself (not redirected); closed");
-            state.metrics.tunnel("deny", "not_redirected");
-            None
-        }
-        Err(e) => {
-            tracing::debug!(%peer, sandbox = %sandbox.id, error = %e, "no original destination (not redirected); closed");
-            state.metrics.tunnel("deny", "not_redirected");
-            None
-        }
+        Ok(orig) if !same_addr(orig, local) => Ok((sandbox, orig)),
+        Ok(_) => Err(not_redirected("addressed to the listener itself".into())),
+        Err(e) => Err(not_redirected(e.to_string())),
     }
 }
 
@@ -144,19 +149,45 @@ pub fn original_dst(_tcp: &TcpStream) -> io::Result<SocketAddr> {
 /// TLS routed by SNI: one intercepted connection, served by the shared pipeline.
 async fn serve_tls(
     state: Arc<ProxyState>,
+    live: Arc<LiveSettings>,
     sandbox: Arc<Sandbox>,
     tcp: TcpStream,
     orig: SocketAddr,
 ) -> Result<(), TransparentError> {
-    let rt = state.runtime();
-    let start = intercept::read_hello(&rt, tcp).await?;
-    let sni = intercept::sni_host(&start)?;
+    let mut at = Attempt::connection(ListenerKind::Transparent, "TLS");
+    at.sandbox = Some(sandbox.clone());
+    at.host = orig.to_string();
+    let start = intercept::read_hello(&live, tcp).await?;
+    let sni = intercept::sni_host(&start).map_err(|e| refuse_intercept(&state, &at, e))?;
     let dest = tls_dest(sni.clone(), orig);
-    let tunnel = open_tunnel(&state, &sandbox, dest, Scheme::Https, "TLS")
-        .map_err(|r| TransparentError::Refused(r.message))?;
-    intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
-    intercept::serve(state, tunnel, start).await?;
+    at.host = dest.authority();
+    let tunnel = admit(
+        &state,
+        &live,
+        &sandbox,
+        dest,
+        Scheme::Https,
+        ListenerKind::Transparent,
+    )
+    .map_err(|r| refused(&state, &at, r))?;
+    intercept::check_sni(sni.as_ref(), &tunnel.dest)
+        .map_err(|e| refuse_intercept(&state, &at, e))?;
+    intercept::serve(live, tunnel, start).await?;
     Ok(())
+}
+
+/// Records a refusal of the whole connection; the error that ends it.
+fn refused(state: &ProxyState, at: &Attempt<'_>, r: Refusal) -> TransparentError {
+    outcome::refuse(state, at, &r);
+    TransparentError::Refused(r.message)
+}
+
+/// An interception error that is a refusal (bad SNI) is recorded as one.
+fn refuse_intercept(state: &ProxyState, at: &Attempt<'_>, e: InterceptError) -> TransparentError {
+    match e.refusal() {
+        Some(r) => refused(state, at, r),
+        None => e.into(),
+    }
 }
 
 /// The destination of a TLS connection: the SNI host at the original port, or — without SNI —
@@ -166,71 +197,6 @@ pub fn tls_dest(sni: Option<Host>, orig: SocketAddr) -> Dest {
         host: sni.unwrap_or(Host::Ip(orig.ip())),
         port: orig.port(),
     }
-}
-
-/// Step 4: egress policy, then the tunnel cap. Refusals are audited and counted here.
-fn open_tunnel(
-    state: &Arc<ProxyState>,
-    sandbox: &Arc<Sandbox>,
-    dest: Dest,
-    scheme: Scheme,
-    what: &'static str,
-) -> Result<Arc<Tunnel>, Refusal> {
-    if !sandbox.snapshot().egress_allowed(&dest, scheme) {
-        let r = Refusal::new(
-            Code::EgressDenied,
-            format!("{dest} is not in the store's egress_allowlist"),
-        );
-        return Err(refuse(state, sandbox, &dest, what, r));
-    }
-    // IP-literal destinations (no SNI) are vetted before any leaf is minted, as at CONNECT.
-    if let Err(e) = state.runtime().dialing.precheck(&dest) {
-        let r = Refusal::new(Code::EgressDenied, format!("address vetting: {e}"));
-        return Err(refuse(state, sandbox, &dest, what, r));
-    }
-    let max = state.runtime().proxy.max_tunnels_per_sandbox;
-    let Some(guard) = sandbox.try_open_tunnel(max) else {
-        let r = Refusal::new(
-            Code::TooManyTunnels,
-            format!("sandbox has {max} tunnels open (proxy.max_tunnels_per_sandbox)"),
-        );
-        return Err(refuse(state, sandbox, &dest, what, r));
-    };
-    state.metrics.tunnel("allow", "ok");
-    Ok(Tunnel::new(
-        state.clone(),
-        sandbox.clone(),
-        dest,
-        scheme,
-        "transparent",
-        Some(guard),
-    ))
-}
-
-/// Counts and audits a refusal of a whole connection; returns it for the caller to act on.
-fn refuse(
-    state: &ProxyState,
-    sandbox: &Sandbox,
-    dest: &Dest,
-    what: &'static str,
-    r: Refusal,
-) -> Refusal {
-    tracing::debug!(sandbox = %sandbox.id, %dest, code = r.code.as_str(), "transparent connection refused");
-    state.metrics.tunnel("deny", r.code.as_str());
-    state.metrics.request("deny", r.code.as_str());
-    state.audit.request(&RequestEvent {
-        sandbox: Some(&sandbox.id),
-        mode: "transparent",
-        host: dest.authority(),
-        method: what,
-        path: "",
-        decision: "deny",
-        code: Some(r.code.as_str()),
-        rule: Some(r.message.clone()),
-        status: r.code.status().as_u16(),
-        ..Default::default()
-    });
-    r
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
-//! The in-memory registry of live sandboxes: id → sandbox, source IP → sandbox, and
-//! token → sandbox id, all O(1) and lock-free on the read path (sharded `DashMap`s).
+//! The in-memory registry of live sandboxes: id → sandbox and source IP → sandbox, both O(1)
+//! and lock-free on the read path (sharded `DashMap`s). Tokens are looked up in the sandbox's
+//! own snapshot (a token only means something inside the sandbox it was minted for), so there
+//! is no global token index.
 //!
 //! # Memory usage
-//! One `Arc<Sandbox>` per sandbox plus one map entry per id, per source IP and per token; the
-//! sandbox itself holds its snapshot (secrets + compiled matchers) and its CA.
+//! One `Arc<Sandbox>` per sandbox plus one map entry per id and per source IP; the sandbox
+//! itself holds its snapshot (secrets + compiled matchers) and its CA.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,14 +14,12 @@ use dashmap::DashMap;
 use time::OffsetDateTime;
 
 use super::Sandbox;
-use crate::token::Token;
 
 /// Live sandboxes.
 #[derive(Default)]
 pub struct Registry {
     by_id: DashMap<Arc<str>, Arc<Sandbox>>,
     by_ip: DashMap<IpAddr, Arc<Sandbox>>,
-    by_token: DashMap<Token, Arc<str>>,
 }
 
 /// Registration failures.
@@ -46,30 +46,13 @@ impl Registry {
                 }
             }
         }
-        self.index_tokens(&sb);
         self.by_id.insert(sb.id.clone(), sb);
         Ok(())
     }
 
-    fn index_tokens(&self, sb: &Arc<Sandbox>) {
-        for e in sb.snapshot().secrets() {
-            self.by_token.insert(e.token, sb.id.clone());
-        }
-    }
-
-    fn unindex_tokens(&self, sb: &Arc<Sandbox>) {
-        for e in sb.snapshot().secrets() {
-            self.by_token
-                .remove_if(&e.token, |_, owner| **owner == *sb.id);
-        }
-    }
-
-    /// Swaps in a new snapshot for `sb` and re-indexes its tokens (a deleted secret's token
-    /// stops resolving at once).
+    /// Swaps in a new snapshot for `sb` (a deleted secret's token stops resolving at once).
     pub fn replace_snapshot(&self, sb: &Arc<Sandbox>, snapshot: super::Snapshot) {
-        self.unindex_tokens(sb);
         sb.set_snapshot(snapshot);
-        self.index_tokens(sb);
     }
 
     /// Removes a sandbox and its indexes; returns it if it was live.
@@ -78,7 +61,6 @@ impl Registry {
         if let Some(ip) = sb.source_ip {
             self.by_ip.remove_if(&ip, |_, v| Arc::ptr_eq(v, &sb));
         }
-        self.unindex_tokens(&sb);
         Some(sb)
     }
 
@@ -92,11 +74,6 @@ impl Registry {
     pub fn by_source_ip(&self, ip: IpAddr) -> Option<Arc<Sandbox>> {
         let sb = self.by_ip.get(&ip)?.clone();
         (!sb.is_expired(OffsetDateTime::now_utc())).then_some(sb)
-    }
-
-    /// Which sandbox minted `token` (for audit: "another sandbox's token").
-    pub fn owner_of(&self, token: &Token) -> Option<Arc<str>> {
-        self.by_token.get(token).map(|v| v.clone())
     }
 
     /// All live sandboxes (expired ones included until the sweeper runs).

@@ -1,9 +1,9 @@
 //! The SQLite [`Store`]: one WAL database file, `data_dir/sealgate.db`, with every value sealed.
 //!
 //! Invariants:
-//! - One connection behind a mutex serialises all access from this process. The master key is
-//!   read only while that mutex is held, so a rotation (which holds it from its first read to
-//!   the key swap after commit) is never interleaved with a read or write under the other key.
+//! - One mutex guards the connection *and* the master key together ([`Db`]), so every access
+//!   from this process is serialised and no read or write can see one key with the other's
+//!   rows: a rotation holds the lock from its first read to the key swap after commit.
 //! - Times are stored as Unix nanoseconds (UTC) so `ORDER BY created_at` is chronological.
 //! - `secure_delete` is on, so a deleted or re-sealed ciphertext is overwritten in the database
 //!   file instead of lingering in free pages; after a rotation the WAL is checkpointed and
@@ -20,7 +20,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{
@@ -110,9 +110,8 @@ const SANDBOX_COLUMNS: &str = "id, store_id, store_name, created_at, expires_at,
 /// is small: values ≤ 64 KiB each, a few KiB per sandbox).
 pub struct SqliteStore {
     db_path: PathBuf,
-    conn: Mutex<Connection>,
-    /// Read only while `conn` is locked (see the module invariants).
-    key: RwLock<Arc<MasterKey>>,
+    /// The connection and the key its rows are sealed under, behind one lock.
+    db: Mutex<Db>,
     /// Device and inode of the file opened, so [`Store::check`] notices the path being removed
     /// or replaced under the open connection (SQLite would keep using the unlinked file).
     file_id: (u64, u64),
@@ -141,8 +140,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             db_path,
             file_id,
-            conn: Mutex::new(conn),
-            key: RwLock::new(Arc::new(key)),
+            db: Mutex::new(Db { conn, key }),
             #[cfg(test)]
             fail_rotation_before_commit: std::sync::atomic::AtomicBool::new(false),
         })
@@ -158,20 +156,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // A panic while locked cannot leave a half-written transaction: `Transaction` rolls back
-        // on drop. So a poisoned lock is safe to reuse.
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = self.current_key();
-        f(&mut conn, &key)
+        let mut db = self.lock();
+        let Db { conn, key } = &mut *db;
+        f(conn, key)
     }
 
-    fn current_key(&self) -> Arc<MasterKey> {
-        Arc::clone(&self.key.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Installs `key` as the current key. Call only with the connection locked.
-    fn swap_key(&self, _locked: &MutexGuard<'_, Connection>, key: MasterKey) {
-        *self.key.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+    /// The connection and key. A panic while locked cannot leave a half-written transaction
+    /// (`Transaction` rolls back on drop), so a poisoned lock is safe to reuse.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Fails when the path no longer names the file this store opened (removed or replaced).
@@ -377,14 +370,15 @@ impl Store for SqliteStore {
     }
 
     fn rotate_master_key(&self, new_key: &MasterKey) -> Result<RotationStats, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut db = self.lock();
+        let Db { conn, key } = &mut *db;
         // The commit must reach the disk before the caller moves the new key file into place
         // (`NORMAL` in WAL mode may lose the last commit on power loss).
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = self.reseal_all(&mut conn, new_key);
+        let result = self.reseal_all(conn, key, new_key);
         let _ = conn.pragma_update(None, "synchronous", "NORMAL");
         let stats = result?;
-        self.swap_key(&conn, new_key.duplicate());
+        *key = new_key.duplicate();
         // Best effort: the rotation is committed whatever this returns. It moves the new pages
         // into the database file (where secure_delete already overwrote the old ciphertexts) and
         // truncates the WAL, which still holds old page images. It cannot finish while another
@@ -400,16 +394,16 @@ impl SqliteStore {
     fn reseal_all(
         &self,
         conn: &mut Connection,
+        old_key: &MasterKey,
         new_key: &MasterKey,
     ) -> Result<RotationStats, StoreError> {
         use crate::crash_point::hit as test_crash_point;
-        let old_key = self.current_key();
         let tx = write_tx(conn)?;
-        verify_key_check(&tx, &old_key, &self.db_path)?;
-        let secrets = reseal_secrets(&tx, &old_key, new_key)?;
-        remac_stores(&tx, &old_key, new_key)?;
+        verify_key_check(&tx, old_key, &self.db_path)?;
+        let secrets = reseal_secrets(&tx, old_key, new_key)?;
+        remac_stores(&tx, old_key, new_key)?;
         test_crash_point("resealed_secrets");
-        let sandboxes = reseal_sandboxes(&tx, &old_key, new_key)?;
+        let sandboxes = reseal_sandboxes(&tx, old_key, new_key)?;
         test_crash_point("resealed_sandboxes");
         write_key_check(&tx, new_key)?;
         test_crash_point("wrote_key_check");
@@ -418,6 +412,12 @@ impl SqliteStore {
         test_crash_point("committed");
         Ok(RotationStats { secrets, sandboxes })
     }
+}
+
+/// What the store's one lock guards: the connection and the key its rows are sealed under.
+struct Db {
+    conn: Connection,
+    key: MasterKey,
 }
 
 // ---- opening ----------------------------------------------------------------------------------
@@ -1167,7 +1167,8 @@ mod tests {
     fn pragmas_are_set() {
         let fx = <Fixture as Harness>::new();
         let store = fx.open();
-        let conn = store.conn.lock().unwrap();
+        let db = store.lock();
+        let conn = &db.conn;
         let get =
             |name: &str| -> i64 { conn.pragma_query_value(None, name, |r| r.get(0)).unwrap() };
         assert_eq!(get("foreign_keys"), 1);

@@ -9,7 +9,6 @@
 use std::error::Error as StdError;
 use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -314,7 +313,6 @@ pin_project_lite::pin_project! {
 struct ScrubEngine {
     stream: ScrubStream,
     scrubber: Arc<Scrubber>,
-    replacements: Arc<AtomicUsize>,
 }
 
 impl<B> ScrubBody<B> {
@@ -323,46 +321,26 @@ impl<B> ScrubBody<B> {
         let engine = ScrubEngine {
             stream: ScrubStream::new(scrubber.clone()),
             scrubber,
-            replacements: Arc::default(),
         };
         ScrubBody {
             body,
             driver: Driver::new(engine),
         }
     }
-
-    /// A counter of the values replaced so far (body and trailers), for metrics and audit.
-    pub fn replacements(&self) -> Arc<AtomicUsize> {
-        self.driver.engine.replacements.clone()
-    }
-}
-
-impl ScrubEngine {
-    fn count(&self, n: usize) {
-        if n > 0 {
-            self.replacements.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    fn counted(&mut self, f: impl FnOnce(&mut ScrubStream)) {
-        let before = self.stream.replacements();
-        f(&mut self.stream);
-        self.count(self.stream.replacements() - before);
-    }
 }
 
 impl Engine for ScrubEngine {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        self.counted(|s| s.push(chunk, out));
+        self.stream.push(chunk, out);
         Ok(())
     }
 
     fn flush(&mut self, out: &mut Vec<Bytes>) {
-        self.counted(|s| s.finish(out));
+        self.stream.finish(out);
     }
 
     fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
-        self.count(self.scrubber.scrub_headers(&mut trailers));
+        self.scrubber.scrub_headers(&mut trailers);
         trailers
     }
 
@@ -589,11 +567,9 @@ mod tests {
         let script =
             Script::data(&[b"data: {\"k\":\"sk-live-ALLOWED\"}\n\n", b"data: sk-live"]).then(None);
         let mut body = ScrubBody::new(script, scrubber());
-        let count = body.replacements();
         let (data, ended) = drain_ready(&mut body);
         assert!(!ended);
         assert_eq!(data, b"data: {\"k\":\"osb_sealed_T\"}\n\ndata: ");
-        assert_eq!(count.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -601,11 +577,9 @@ mod tests {
         let script = Script::data(&[b"a sk-live-ALLOW", b"ED b sk-live"])
             .then(Some(Ok(Frame::trailers(trailers()))));
         let body = ScrubBody::new(script, scrubber());
-        let count = body.replacements();
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
         assert_eq!(collected.to_bytes(), &b"a osb_sealed_T b sk-live"[..]);
-        assert_eq!(count.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

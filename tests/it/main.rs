@@ -13,5 +13,6 @@ mod interop;
 mod isolation;
 mod ops;
 mod proxy_explicit;
+mod refusals;
 mod sandboxes;
 mod transparent;

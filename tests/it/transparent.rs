@@ -24,11 +24,11 @@ use crate::support::raw::{RawListener, UdpSink};
 
 const KEY: &str = "sk-transparent-real-0042";
 
-struct Env {
-    h: Harness,
-    echo: Echo,
-    plain: Echo,
-    transparent_port: u16,
+pub(crate) struct Env {
+    pub(crate) h: Harness,
+    pub(crate) echo: Echo,
+    pub(crate) plain: Echo,
+    pub(crate) transparent_port: u16,
 }
 
 /// Daemon with a transparent listener; `api.example.test` and `other.example.test` resolve to
@@ -132,7 +132,7 @@ pub(crate) fn netns_ready() -> bool {
 
 /// Stdlib-only scripts inside the sandbox use the system interpreter on the sandbox's `PATH`:
 /// commands run as `nobody`, who cannot reach a venv or pyenv under the runner's home.
-const SANDBOX_PYTHON: &str = "python3";
+pub(crate) const SANDBOX_PYTHON: &str = "python3";
 
 fn python() -> String {
     std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -140,21 +140,21 @@ fn python() -> String {
 
 // ---- running exec ---------------------------------------------------------------------------
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Ran {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// What `exec -v` reports on stderr: sandbox id, namespace and host interface.
 #[derive(Debug, Clone)]
-struct Names {
+pub(crate) struct Names {
     sandbox: String,
     netns: String,
     host_if: String,
 }
 
-fn names(stderr: &str) -> Names {
+pub(crate) fn names(stderr: &str) -> Names {
     let line = stderr
         .lines()
         .find(|l| l.starts_with("sealgate: sandbox "))
@@ -188,7 +188,7 @@ fn exec_cmd_with(e: &Env, opts: &[&str], cmd: &[&str]) -> Command {
     c
 }
 
-async fn exec(e: &Env, cmd: &[&str]) -> Ran {
+pub(crate) async fn exec(e: &Env, cmd: &[&str]) -> Ran {
     exec_with(e, &[], cmd).await
 }
 
@@ -210,7 +210,7 @@ async fn sh(e: &Env, script: &str) -> Ran {
 }
 
 /// The namespace, its veth, its `/etc/netns` files, its rules and its sandbox are all gone.
-async fn assert_gone(e: &Env, n: &Names) {
+pub(crate) async fn assert_gone(e: &Env, n: &Names) {
     assert!(
         !std::path::Path::new("/run/netns").join(&n.netns).exists(),
         "namespace {} left behind",

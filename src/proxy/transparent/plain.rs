@@ -3,9 +3,11 @@
 //! [`intercept::serve_http`] with [`Scheme::Http`], which never unseals and refuses (421) any
 //! later request naming another host.
 //!
-//! The request head is read into a buffer (bounded by `max_header_bytes` and
-//! `header_read_timeout`, however many segments it spans) and replayed to hyper through
-//! [`Rewind`], so hyper parses exactly the bytes the sandbox sent.
+//! The request head is read into a buffer (bounded by `max_header_bytes`, `max_header_fields`
+//! and `header_read_timeout`, however many segments it spans — the same limits the framing
+//! guard applies after it) and replayed to hyper through [`Rewind`], so hyper parses exactly
+//! the bytes the sandbox sent. Every refusal here — the head, the `Host`, the admission step —
+//! is recorded once, in [`serve`], and answered by [`reply_once`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,17 +21,17 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{open_tunnel, refuse, TransparentError};
+use super::TransparentError;
 use crate::policy::{self, Dest, Scheme};
+use crate::proxy::admit::admit;
 use crate::proxy::intercept;
-use crate::proxy::respond::{Code, Refusal};
-use crate::proxy::ProxyState;
+use crate::proxy::outcome::{self, Attempt};
+use crate::proxy::refusal::{Code, Refusal};
+use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::Sandbox;
 
 /// How long a refused connection may take to receive its answer.
 const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-/// Most headers a request head may have for the `Host` pre-parse (hyper applies its own limits).
-const MAX_HEADERS: usize = 128;
 
 /// Serves one redirected plain-HTTP connection.
 ///
@@ -37,36 +39,47 @@ const MAX_HEADERS: usize = 128;
 /// The head could not be read (timeout, too large, not HTTP) or the request was refused.
 pub async fn serve(
     state: Arc<ProxyState>,
+    live: Arc<LiveSettings>,
     sandbox: Arc<Sandbox>,
     mut tcp: TcpStream,
     orig: SocketAddr,
 ) -> Result<(), TransparentError> {
-    let rt = state.runtime();
-    let limit = rt.proxy.max_header_bytes.max(1024);
-    let read = read_head(&mut tcp, limit);
-    let head = tokio::time::timeout(rt.proxy.header_read_timeout, read)
+    let mut at = Attempt::connection(ListenerKind::Transparent, "HTTP");
+    at.sandbox = Some(sandbox.clone());
+    at.host = orig.to_string();
+    let limit = live.proxy.max_header_bytes.max(1024);
+    let read = read_head(&mut tcp, limit, live.proxy.max_header_fields);
+    let head = tokio::time::timeout(live.proxy.header_read_timeout, read)
         .await
         .map_err(|_| TransparentError::Head("timed out".into()))?;
     let (buf, host) = match head {
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
         Err(HeadError::Refused(buf, r)) => {
-            let dest = Dest {
-                host: policy::Host::Ip(orig.ip()),
-                port: orig.port(),
-            };
-            let r = refuse(&state, &sandbox, &dest, "HTTP", r);
+            outcome::refuse(&state, &at, &r);
             return reply_once(Rewind::new(buf, tcp), r).await;
         }
     };
     let stream = Rewind::new(buf, tcp);
-    let tunnel = match dest_for(&host, orig)
-        .and_then(|dest| open_tunnel(&state, &sandbox, dest, Scheme::Http, "HTTP"))
-    {
+    let admitted = dest_for(&host, orig).and_then(|dest| {
+        at.host = dest.authority();
+        admit(
+            &state,
+            &live,
+            &sandbox,
+            dest,
+            Scheme::Http,
+            ListenerKind::Transparent,
+        )
+    });
+    let tunnel = match admitted {
         Ok(t) => t,
-        Err(r) => return reply_once(stream, r).await,
+        Err(r) => {
+            outcome::refuse(&state, &at, &r);
+            return reply_once(stream, r).await;
+        }
     };
-    intercept::serve_http(state, tunnel, stream).await;
+    intercept::serve_http(live, tunnel, stream).await;
     Ok(())
 }
 
@@ -94,13 +107,17 @@ enum HeadError {
 }
 
 /// Reads until the first request head is complete; returns the bytes read and its one `Host`.
-async fn read_head(tcp: &mut TcpStream, limit: usize) -> Result<(Bytes, String), HeadError> {
+async fn read_head(
+    tcp: &mut TcpStream,
+    limit: usize,
+    max_fields: usize,
+) -> Result<(Bytes, String), HeadError> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         if tcp.read_buf(&mut buf).await.map_err(HeadError::Io)? == 0 {
             return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
-        match parse_host(&buf) {
+        match parse_host(&buf, max_fields) {
             Ok(Some(host)) => return Ok((buf.freeze(), host)),
             Ok(None) if buf.len() <= limit => {}
             Ok(None) => {
@@ -118,16 +135,20 @@ async fn read_head(tcp: &mut TcpStream, limit: usize) -> Result<(Bytes, String),
 /// `Ok(None)` while the head is incomplete; the single `Host` value once it is complete.
 ///
 /// # Errors
-/// Not HTTP/1.x, no `Host`, several `Host` headers, or a non-ASCII `Host`.
-pub fn parse_host(buf: &[u8]) -> Result<Option<String>, Refusal> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+/// Not HTTP/1.x, more than `max_fields` header fields, no `Host`, several `Host` headers, or
+/// a non-ASCII `Host`.
+pub fn parse_host(buf: &[u8], max_fields: usize) -> Result<Option<String>, Refusal> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_fields.max(1)];
     let mut req = httparse::Request::new(&mut headers);
     let bad = |m: &str| Refusal::new(Code::BadRequest, m);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(_)) => {}
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Refusal::new(Code::HeadersTooLarge, "too many headers"))
+            return Err(Refusal::new(
+                Code::HeadersTooLarge,
+                "more header fields than proxy.max_header_fields",
+            ))
         }
         Err(e) => return Err(bad(&format!("malformed HTTP request: {e}"))),
     }
@@ -235,16 +256,30 @@ mod tests {
 
     #[test]
     fn host_is_taken_from_a_complete_head_only() {
-        assert_eq!(parse_host(b"GET / HTTP/1.1\r\nHost: a.x").unwrap(), None);
-        let h = parse_host(b"GET / HTTP/1.1\r\nHost: A.x\r\n\r\n").unwrap();
+        assert_eq!(
+            parse_host(b"GET / HTTP/1.1\r\nHost: a.x", 100).unwrap(),
+            None
+        );
+        let h = parse_host(b"GET / HTTP/1.1\r\nHost: A.x\r\n\r\n", 100).unwrap();
         assert_eq!(h.as_deref(), Some("A.x"));
     }
 
     #[test]
     fn missing_or_duplicate_host_is_refused() {
-        assert!(parse_host(b"GET / HTTP/1.1\r\nX: y\r\n\r\n").is_err());
-        assert!(parse_host(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").is_err());
-        assert!(parse_host(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").is_err());
+        assert!(parse_host(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 100).is_err());
+        assert!(parse_host(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 100).is_err());
+        assert!(parse_host(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 100).is_err());
+    }
+
+    #[test]
+    fn the_header_field_limit_is_the_configured_one() {
+        let head = |n: usize| {
+            let fields: String = (0..n).map(|i| format!("X{i}: 1\r\n")).collect();
+            format!("GET / HTTP/1.1\r\nHost: a.x\r\n{fields}\r\n").into_bytes()
+        };
+        assert!(parse_host(&head(9), 10).unwrap().is_some());
+        let r = parse_host(&head(10), 10).unwrap_err();
+        assert_eq!(r.code, Code::HeadersTooLarge);
     }
 
     #[test]

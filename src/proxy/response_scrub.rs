@@ -29,7 +29,7 @@ use hyper::ext::ReasonPhrase;
 
 pub use codings::{CodingError, Codings};
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::{BoxError, ProxyBody, Tunnel};
 use crate::subst::{Report, ScrubBody, Scrubber};
 

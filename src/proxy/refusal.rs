@@ -1,4 +1,5 @@
-//! The one place that turns a refusal into the response a sandbox sees (DESIGN.md §5).
+//! The refusal type ([`Refusal`], [`Code`]) and the one place that turns a refusal into the
+//! response a sandbox sees (DESIGN.md §5).
 //!
 //! Invariant: messages name hosts and secret *names*, never values; every refusal carries
 //! `content-type: application/json`, the JSON error body and `x-sealgate-error: <code>`.

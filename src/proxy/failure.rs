@@ -1,8 +1,9 @@
-//! Classifies upstream failures into the sandbox-facing codes (DESIGN.md §5).
+//! Classifies upstream failures (connector, TLS, h2 resets, timeouts) into the sandbox-facing
+//! codes of DESIGN.md §5, and says which failed requests may be sent again.
 
 use std::error::Error as _;
 
-use super::respond::{Code, Refusal};
+use super::refusal::{Code, Refusal};
 use super::upstream::ConnectError;
 use super::Tunnel;
 use crate::subst::BodyError;
