@@ -3,9 +3,7 @@
 //!
 //! Invariant: listeners are bound before the sandboxes' proxy URLs are computed (port 0 works),
 //! and the store is opened — with the master-key check — before anything listens. The data
-//! directory is locked ([`lock`]) before the store is opened: one daemon per `data_dir`.
-
-pub mod lock;
+//! directory is locked ([`crate::data_dir_lock`]) before the store is opened: one daemon per `data_dir`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::Audit;
 use crate::ca::LeafCache;
 use crate::config::{Backend, Config};
+use crate::data_dir_lock;
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
@@ -56,7 +55,7 @@ pub enum DaemonError {
     StoreConfig(String),
     /// Another daemon uses this `data_dir`.
     #[error(transparent)]
-    Lock(#[from] lock::LockError),
+    Lock(#[from] data_dir_lock::LockError),
     /// The config file holds a secret but others may read it.
     #[error(
         "{path} holds a database password but is readable by group or others (mode {mode:o}): \
@@ -116,7 +115,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
     /// Released when the daemon is dropped (after shutdown).
-    _data_dir_lock: lock::DataDirLock,
+    _data_dir_lock: data_dir_lock::DataDirLock,
 }
 
 impl Running {
@@ -193,7 +192,7 @@ impl Running {
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
-    let data_dir_lock = lock::lock(&cfg.data_dir)?;
+    let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;

@@ -23,11 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::admin::ApiError;
 use crate::config::SandboxConfig;
 use crate::netns::dns::{NameFilter, SharedFilter};
 use crate::netns::{self, Namespace, NetnsError};
@@ -80,29 +78,6 @@ pub enum IsolationError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IsolationError {
     let what = what.into();
     move |source| IsolationError::Io { what, source }
-}
-
-impl From<IsolationError> for ApiError {
-    fn from(e: IsolationError) -> Self {
-        let msg = e.to_string();
-        match e {
-            IsolationError::BadRequest(m) => ApiError::bad_request(m),
-            IsolationError::NotIsolated(_) => {
-                ApiError::new(StatusCode::CONFLICT, "not_isolated", msg)
-            }
-            IsolationError::CommandsOff => {
-                ApiError::new(StatusCode::FORBIDDEN, "commands_disabled", msg)
-            }
-            IsolationError::TooManyCommands(..) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", msg)
-            }
-            IsolationError::Sandbox(s) => s.into(),
-            IsolationError::RunAs(_) | IsolationError::Netns(_) | IsolationError::Io { .. } => {
-                tracing::error!(error = %msg, "sandbox isolation failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
-            }
-        }
-    }
 }
 
 /// One live isolated sandbox.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod crash_point;
 pub mod daemon;
+pub mod data_dir_lock;
 pub mod fsutil;
 pub mod isolation;
 pub mod logging;

@@ -169,7 +169,7 @@ fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
 
 /// Runs the rotation. The daemon must be stopped: a running daemon keeps the old key in
 /// memory and would seal new rows with it. So the rotation takes the daemon's `data_dir` lock
-/// ([`crate::daemon::lock`]) for its whole run: it refuses to start while a daemon serves this
+/// ([`crate::data_dir_lock`]) for its whole run: it refuses to start while a daemon serves this
 /// `data_dir`, and a daemon cannot start while it runs.
 ///
 /// # Errors
@@ -228,9 +228,9 @@ pub fn rotate_configured(
 }
 
 /// The daemon's `data_dir` lock, with a message that says to stop the daemon.
-fn lock_for_rotation(data_dir: &Path) -> anyhow::Result<crate::daemon::lock::DataDirLock> {
-    crate::daemon::lock::lock(data_dir).map_err(|e| match e {
-        crate::daemon::lock::LockError::Held { holder, .. } => anyhow::anyhow!(
+fn lock_for_rotation(data_dir: &Path) -> anyhow::Result<crate::data_dir_lock::DataDirLock> {
+    crate::data_dir_lock::lock(data_dir).map_err(|e| match e {
+        crate::data_dir_lock::LockError::Held { holder, .. } => anyhow::anyhow!(
             "a sealgate daemon (pid {holder}) is serving {}: stop it before rotating the \
              master key (it keeps the old key in memory and would seal new rows with it)",
             data_dir.display()

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::isolation::IsolationError;
 use crate::sandbox::SandboxError;
 use crate::store::StoreError;
 
@@ -131,6 +132,29 @@ impl ApiError {
                 "expected Content-Type: application/json",
             ),
             _ => ApiError::bad_request(message),
+        }
+    }
+}
+
+impl From<IsolationError> for ApiError {
+    fn from(e: IsolationError) -> Self {
+        let msg = e.to_string();
+        match e {
+            IsolationError::BadRequest(m) => ApiError::bad_request(m),
+            IsolationError::NotIsolated(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_isolated", msg)
+            }
+            IsolationError::CommandsOff => {
+                ApiError::new(StatusCode::FORBIDDEN, "commands_disabled", msg)
+            }
+            IsolationError::TooManyCommands(..) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", msg)
+            }
+            IsolationError::Sandbox(s) => s.into(),
+            IsolationError::RunAs(_) | IsolationError::Netns(_) | IsolationError::Io { .. } => {
+                tracing::error!(error = %msg, "sandbox isolation failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
+            }
         }
     }
 }
