@@ -42,6 +42,10 @@ pub struct ExecArgs {
     /// Print what was set up (namespace, addresses, sandbox id) on stderr.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Forward this process's stdin to CMD: read to its end before the sandbox is created
+    /// (UTF-8 text, at most 512 KiB — the commands API carries it as a JSON string).
+    #[arg(long = "stdin", short = 'i')]
+    pub stdin: bool,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     pub cmd: Vec<String>,
@@ -88,6 +92,11 @@ fn transparent_port(flag: Option<u16>, config: Option<&Path>) -> anyhow::Result<
 /// The daemon refusing the sandbox or the command (nothing is left behind then).
 pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
+    let input = if a.stdin {
+        Some(read_stdin().await?)
+    } else {
+        None
+    };
     let mut body = json!({"secret_store": a.store, "isolation": "netns"});
     if let Some(t) = a.timeout {
         body["timeout"] = json!(t);
@@ -101,7 +110,7 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
         describe(&sandbox);
     }
     let code = tokio::select! {
-        r = run(c, &sandbox, &a.cmd, a.timeout) => r,
+        r = run(c, &sandbox, &a.cmd, a.timeout, input) => r,
         sig = signals.recv() => Ok(128 + sig),
     };
     end_sandbox(c, &id).await;
@@ -136,10 +145,14 @@ async fn run(
     sandbox: &Value,
     cmd: &[String],
     timeout: Option<u64>,
+    stdin: Option<String>,
 ) -> anyhow::Result<i32> {
     let id = sandbox["id"].as_str().unwrap_or_default();
     let secs = timeout.unwrap_or_else(|| remaining_secs(sandbox)).max(1);
-    let body = json!({"cmd": shell_line(cmd), "timeout": secs});
+    let mut body = json!({"cmd": shell_line(cmd), "timeout": secs});
+    if let Some(input) = stdin {
+        body["stdin"] = json!(input);
+    }
     let resp = c
         .post_stream(&format!("/v1/sandboxes/{id}/commands"), &body)
         .await
@@ -158,6 +171,31 @@ async fn run(
         }
     }
     anyhow::bail!("the daemon closed the command's output stream without an exit event")
+}
+
+/// Most stdin `--stdin` forwards: the admin API takes bodies up to 1 MiB, and a JSON string
+/// may double the text's size (escapes).
+const MAX_STDIN: u64 = 512 * 1024;
+
+/// Reads stdin to its end (`--stdin`): UTF-8, at most [`MAX_STDIN`] bytes.
+async fn read_stdin() -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(|| {
+        use std::io::Read as _;
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(MAX_STDIN + 1)
+            .read_to_end(&mut bytes)
+            .context("reading stdin")?;
+        anyhow::ensure!(
+            bytes.len() as u64 <= MAX_STDIN,
+            "--stdin forwards at most {} KiB; stdin is longer",
+            MAX_STDIN / 1024
+        );
+        String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("--stdin forwards UTF-8 text only; stdin is not UTF-8"))
+    })
+    .await?
 }
 
 /// Copies one event to stdout/stderr; Some(exit code) for the `exit` event.

@@ -517,6 +517,55 @@ async fn cleanup_after_success_failure_and_missing_command() {
     assert_gone(&e, &names(&missing.stderr)).await;
 }
 
+/// `--stdin` forwards this process's stdin to CMD; input the API cannot carry (not UTF-8) is
+/// refused before any sandbox exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_is_forwarded_with_the_stdin_flag_only() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let piped = |opts: &'static [&'static str], input: &'static [u8]| {
+        let mut c = exec_cmd_with(&e, opts, &["sh", "-c", "cat; echo end"]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        async move {
+            use tokio::io::AsyncWriteExt as _;
+            let mut child = c.spawn().expect("sealgate runs");
+            let mut sink = child.stdin.take().unwrap();
+            sink.write_all(input).await.unwrap();
+            drop(sink);
+            let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+                .await
+                .expect("exec finishes")
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, out, err) = piped(&["--stdin"], b"line one\nline two\n").await;
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "line one\nline two\nend\n"),
+        "{err}"
+    );
+    assert_gone(&e, &names(&err)).await;
+    let (code, out, err) = piped(&[], b"not forwarded\n").await;
+    assert_eq!((code, out.as_str()), (Some(0), "end\n"), "{err}");
+    let (code, out, err) = piped(&["-i"], b"\xff\xfe binary").await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("UTF-8"), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        !err.contains("sealgate: sandbox "),
+        "no sandbox was created: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_ends_the_command_and_cleans_up_and_rules_are_printable() {
     if !netns_ready() {
