@@ -659,71 +659,38 @@ fn reload_once(
 }
 
 fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |key: &str, changed: bool| {
-        if changed {
-            out.push(key.to_owned());
-        }
-    };
-    check("data_dir", old.data_dir != new.data_dir);
-    check("cert_dir", old.cert_dir != new.cert_dir);
-    check("admin.listen", old.admin_listen != new.admin_listen);
-    check("proxy.listen", old.proxy.listen != new.proxy.listen);
-    check(
-        "proxy.transparent_listen",
-        old.proxy.transparent_listen != new.proxy.transparent_listen,
-    );
-    check(
-        "proxy.public_host",
-        old.proxy.public_host != new.proxy.public_host,
-    );
-    check(
-        "sandbox.leaf_cache_capacity",
-        old.sandbox.leaf_cache_capacity != new.sandbox.leaf_cache_capacity,
-    );
-    check(
-        "sandbox.default_timeout_secs",
-        old.sandbox.default_timeout != new.sandbox.default_timeout,
-    );
-    check(
-        "sandbox.max_timeout_secs",
-        old.sandbox.max_timeout != new.sandbox.max_timeout,
-    );
-    check("sandbox.run_as", old.sandbox.run_as != new.sandbox.run_as);
-    check(
-        "sandbox.commands",
-        old.sandbox.commands != new.sandbox.commands,
-    );
-    check(
-        "sandbox.command_timeout_secs",
-        old.sandbox.command_timeout != new.sandbox.command_timeout,
-    );
-    check(
-        "sandbox.max_command_timeout_secs",
-        old.sandbox.max_command_timeout != new.sandbox.max_command_timeout,
-    );
-    check(
-        "sandbox.max_output_bytes",
-        old.sandbox.max_output_bytes != new.sandbox.max_output_bytes,
-    );
-    check(
-        "sandbox.max_commands_per_sandbox",
-        old.sandbox.max_commands != new.sandbox.max_commands,
-    );
-    check("log.format", old.log_format != new.log_format);
-    check("store.backend", old.store.backend != new.store.backend);
-    check(
-        "store.url",
-        old.store.url.as_ref().map(|u| u.redacted().to_owned())
-            != new.store.url.as_ref().map(|u| u.redacted().to_owned()),
-    );
-    check(
-        "store.max_staleness_secs",
-        old.store.max_staleness != new.store.max_staleness,
-    );
-    check("node.id", old.node_id != new.node_id);
-    check("audit.path", old.audit_path != new.audit_path);
-    out
+    macro_rules! changed {
+        ($($key:literal => $($field:ident).+;)*) => {
+            [$(($key, old.$($field).+ != new.$($field).+)),*]
+        };
+    }
+    changed! {
+        "data_dir" => data_dir;
+        "cert_dir" => cert_dir;
+        "admin.listen" => admin_listen;
+        "proxy.listen" => proxy.listen;
+        "proxy.transparent_listen" => proxy.transparent_listen;
+        "proxy.public_host" => proxy.public_host;
+        "sandbox.leaf_cache_capacity" => sandbox.leaf_cache_capacity;
+        "sandbox.default_timeout_secs" => sandbox.default_timeout;
+        "sandbox.max_timeout_secs" => sandbox.max_timeout;
+        "sandbox.run_as" => sandbox.run_as;
+        "sandbox.commands" => sandbox.commands;
+        "sandbox.command_timeout_secs" => sandbox.command_timeout;
+        "sandbox.max_command_timeout_secs" => sandbox.max_command_timeout;
+        "sandbox.max_output_bytes" => sandbox.max_output_bytes;
+        "sandbox.max_commands_per_sandbox" => sandbox.max_commands;
+        "log.format" => log_format;
+        "store.backend" => store.backend;
+        "store.max_staleness_secs" => store.max_staleness;
+        "store.url" => store.url;
+        "node.id" => node_id;
+        "audit.path" => audit_path;
+    }
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(key, _)| key.to_owned())
+    .collect()
 }
 
 #[cfg(test)]
@@ -738,6 +705,22 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         let cfg = Config::load(Some(&path)).unwrap();
         (dir, path, cfg)
+    }
+
+    #[test]
+    fn restart_keys_include_a_changed_database_password() {
+        let pg = |pw: &str| {
+            Config::parse(
+                &format!("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:{pw}@db/sg\"\n"),
+                "test",
+            )
+            .unwrap()
+        };
+        assert!(needs_restart(&pg("one"), &pg("one")).is_empty());
+        assert_eq!(needs_restart(&pg("one"), &pg("two")), ["store.url"]);
+        let other = Config::parse("[proxy]\npublic_host = \"h.example\"\n", "t").unwrap();
+        let default = Config::parse("", "t").unwrap();
+        assert_eq!(needs_restart(&default, &other), ["proxy.public_host"]);
     }
 
     #[test]

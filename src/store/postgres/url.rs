@@ -50,6 +50,13 @@ impl DatabaseUrl {
     }
 }
 
+/// Equal when the whole text is (a changed password is a change).
+impl PartialEq for DatabaseUrl {
+    fn eq(&self, other: &Self) -> bool {
+        *self.full == *other.full
+    }
+}
+
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
