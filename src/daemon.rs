@@ -136,6 +136,9 @@ impl Running {
                 "shutdown grace ran out; closing the remaining connections"
             );
         }
+        // Every request has ended: its audit line is queued; write them all out.
+        let audit = self.proxy.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
 
     /// Shuts down and waits.
@@ -164,6 +167,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     metrics.watch_leaf_cache(sandboxes.leaves().clone());
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
+    metrics.watch_audit(audit.clone());
     let runtime = Runtime::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
         .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::audit::Audit;
 use crate::ca::LeafCache;
 
 /// Labels for request and tunnel counters.
@@ -78,6 +79,10 @@ pub struct Metrics {
     pub store_ops: Family<OpLabels, Counter>,
     /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
     pub store_sync_lag: Gauge<f64, AtomicU64>,
+    /// Audit lines dropped because the writer's queue was full.
+    pub audit_dropped: Counter,
+    /// The audit sink whose drop count is copied in at scrape time.
+    audit_source: OnceLock<Arc<Audit>>,
     /// The leaf cache whose counters are copied in at scrape time.
     leaf_source: OnceLock<Arc<LeafCache>>,
     /// Serialises scrapes (the leaf counters are synced by delta).
@@ -112,6 +117,8 @@ impl Metrics {
             store_ops: Family::default(),
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
+            audit_dropped: Counter::default(),
+            audit_source: OnceLock::new(),
             leaf_source: OnceLock::new(),
             scrape: Mutex::new(()),
         };
@@ -191,6 +198,11 @@ impl Metrics {
             "Fleet mode: seconds since this node last reached the shared database",
             m.store_sync_lag.clone(),
         );
+        registry.register(
+            "audit_dropped",
+            "Audit lines dropped because the audit writer's queue was full",
+            m.audit_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -220,6 +232,17 @@ impl Metrics {
         let _ = self.leaf_source.set(cache);
     }
 
+    /// Copies the audit sink's drop count into `audit_dropped` at every scrape.
+    pub fn watch_audit(&self, audit: Arc<Audit>) {
+        let _ = self.audit_source.set(audit);
+    }
+
+    fn sync_audit(&self) {
+        if let Some(a) = self.audit_source.get() {
+            catch_up(&self.audit_dropped, a.dropped());
+        }
+    }
+
     fn sync_leaf_cache(&self) {
         let Some(cache) = self.leaf_source.get() else {
             return;
@@ -242,6 +265,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.sync_leaf_cache();
+        self.sync_audit();
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

@@ -261,7 +261,7 @@ fn audit_refusal<B>(
     state.audit.request(&RequestEvent {
         sandbox,
         mode: "explicit",
-        host,
+        host: &host,
         method: req.method().as_str(),
         path: if req.method() == Method::CONNECT {
             ""

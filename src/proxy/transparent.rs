@@ -221,7 +221,7 @@ fn refuse(
     state.audit.request(&RequestEvent {
         sandbox: Some(&sandbox.id),
         mode: "transparent",
-        host: dest.authority(),
+        host: &dest.authority(),
         method: what,
         path: "",
         decision: "deny",
