@@ -506,8 +506,11 @@ fn compressed(h: &HeaderMap) -> bool {
 ///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a
 /// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
-/// sent once more on a fresh connection when its body was held in full. HTTP/1 connections
-/// closed before the request was written are retried by the pooled client itself.
+/// sent again when its body was held in full: on `client_retry`'s pooled connection (so the
+/// dozens of requests one GOAWAY refuses at 32 connections share one new upstream connection,
+/// not one TLS handshake each), and if that refuses too, once more on a fresh connection.
+/// HTTP/1 connections closed before the request was written are retried by the pooled client
+/// itself.
 async fn send(
     t: &Tunnel,
     rt: &Runtime,
@@ -522,15 +525,19 @@ async fn send(
         UpBody::Streamed(_) => None,
     };
     let attempts = async {
-        match client.request(attach(t, head, body)).await {
-            Err(e) if super::errors::not_processed(&e) => {
-                let Some((head, bytes)) = replay else {
-                    return Err(e);
-                };
+        let (head, bytes) = match (client.request(attach(t, head, body)).await, replay) {
+            (Err(e), Some(replay)) if super::errors::not_processed(&e) => {
                 tracing::debug!(dest = %t.dest, error = %super::errors::chain(&e),
-                    "upstream did not process the request; retrying on a fresh connection");
-                let again = attach(t, head, UpBody::Held(bytes));
-                rt.client_fresh.request(again).await
+                    "upstream did not process the request; retrying");
+                replay
+            }
+            (first, _) => return first,
+        };
+        let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
+        match rt.client_retry.request(again).await {
+            Err(e) if super::errors::not_processed(&e) => {
+                let last = attach(t, head, UpBody::Held(bytes));
+                rt.client_fresh.request(last).await
             }
             other => other,
         }
