@@ -51,7 +51,7 @@ pub struct Runtime {
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
     /// h2 + http/1.1 client with a pool of its own, for the retry of a request the upstream
-    /// provably did not process: the refused requests of one GOAWAY share one new connection
+    /// provably did not process: the refused requests of one GOAWAY can share connections
     /// here, where `client`'s pool would hand out the refusing connection again.
     pub client_retry: UpstreamClient,
     /// h2 + http/1.1 client without a pool: one new connection per request, the last resort

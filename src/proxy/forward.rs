@@ -506,9 +506,9 @@ fn compressed(h: &HeaderMap) -> bool {
 ///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a
 /// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
-/// sent again when its body was held in full: on `client_retry`'s pooled connection (so the
-/// dozens of requests one GOAWAY refuses at 32 connections share one new upstream connection,
-/// not one TLS handshake each), and if that refuses too, once more on a fresh connection.
+/// sent again when its body was held in full: on `client_retry`'s pool (so the requests one
+/// GOAWAY refuses can share connections rather than open one each), and if that refuses too,
+/// once more on a fresh connection.
 /// HTTP/1 connections closed before the request was written are retried by the pooled client
 /// itself.
 async fn send(
