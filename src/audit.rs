@@ -3,10 +3,11 @@
 //! Invariant: events carry secret *names*, hosts and decisions — never a value.
 //!
 //! Lines are serialised on the caller and handed to one writer thread through a bounded queue
-//! ([`QUEUE_LINES`]); the thread wakes every [`FLUSH_AFTER`] while lines come in, appends what
-//! was queued to its buffer and writes it with one `write_all` (sooner when the buffer reaches
-//! [`BATCH_BYTES`], on [`Audit::flush`] and when the last handle is dropped). A line therefore
-//! reaches the file about `FLUSH_AFTER` after it was recorded. Rules:
+//! ([`QUEUE_LINES`]). The first line after a quiet spell is written at once; while lines keep
+//! coming the thread wakes every [`FLUSH_AFTER`], appends what was queued to its buffer and
+//! writes it with one `write_all` (sooner when the buffer reaches [`BATCH_BYTES`], on
+//! [`Audit::flush`] and when the last handle is dropped). Under load a line therefore reaches
+//! the file up to `FLUSH_AFTER` after it was recorded. Rules:
 //! - the proxy never waits on the disk: a full queue drops the line and counts it
 //!   ([`Audit::dropped`], the `audit_dropped` metric, a warning from the writer);
 //! - a clean stop loses nothing: [`Audit::flush`] returns once every line queued before it is
@@ -46,8 +47,9 @@ pub struct Audit {
 
 /// What the writer thread is told.
 enum Msg {
-    /// One whole line, newline included.
-    Line(Vec<u8>),
+    /// One whole line, newline included; `true` for a proxied request (the kind that comes in
+    /// floods and is batched), `false` for the rare admin and command events.
+    Line(Vec<u8>, bool),
     /// Write the buffer, then answer.
     Flush(SyncSender<()>),
     /// Write the buffer to the old sink, then switch to this one.
@@ -219,7 +221,10 @@ impl Audit {
             return;
         }
         bytes.push(b'\n');
-        let sent = self.tx.as_ref().map(|tx| tx.try_send(Msg::Line(bytes)));
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.try_send(Msg::Line(bytes, kind == "request")));
         if !matches!(sent, Some(Ok(()))) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -263,13 +268,23 @@ struct Writer {
 impl Writer {
     /// Runs until every sender is gone and the queue is drained.
     ///
-    /// Idle, it blocks on the queue; once a line arrives it sleeps [`FLUSH_AFTER`], takes
-    /// everything queued meanwhile and writes it, until an interval brings nothing. While busy
+    /// Idle, it blocks on the queue and writes the first line that arrives at once; then it
+    /// sleeps [`FLUSH_AFTER`], takes everything queued meanwhile and writes it, until an
+    /// interval brings nothing. While busy
     /// the senders never wake it (a line is a lock-free push, not a futex wake and a context
     /// switch per request); [`Audit::flush`], reopen and drop wake it early with `unpark`.
     fn run(mut self, rx: &Receiver<Msg>) {
         while let Ok(first) = rx.recv() {
+            // After a quiet spell the first line is written at once (a reader such as the
+            // README demo finds it as soon as the request is answered); batching starts with
+            // the next one, and only after a request line (admin and command events are rare:
+            // they never open a batching interval that would delay the request after them).
+            let batch = matches!(first, Msg::Line(_, true));
             self.handle(first);
+            self.write_out();
+            if !batch {
+                continue;
+            }
             loop {
                 std::thread::park_timeout(FLUSH_AFTER);
                 let (taken, open) = self.drain(rx);
@@ -302,7 +317,7 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Line(l) => {
+            Msg::Line(l, _) => {
                 self.buf.extend_from_slice(&l);
                 if self.buf.len() >= BATCH_BYTES {
                     self.write_out();
