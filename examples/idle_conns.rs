@@ -3,11 +3,13 @@
 //!
 //! ```text
 //! idle_conns --proxy 127.0.0.1:3128 --proxy-auth "Basic …" --target origin.bench.test:8443 \
-//!            --cacert sandbox-ca.pem --n 1000 --hold-secs 10 [--request "Bearer osb_sealed_…"]
+//!            --cacert sandbox-ca.pem --n 1000 --hold-secs 10 [--request "Bearer osb_sealed_…"] \
+//!            [--path /v1/messages]
 //! ```
 //!
 //! Each connection: TCP, `CONNECT` with `Proxy-Authorization`, TLS with the sandbox CA (ALPN
-//! http/1.1), and with `--request AUTH` one keep-alive GET carrying `authorization: AUTH`.
+//! http/1.1), and with `--request AUTH` one keep-alive GET of `--path` (default `/`) carrying
+//! `authorization: AUTH`; an answer other than 2xx counts as a failure.
 //! Prints `HELD=<n>` once all are open (failures are counted in `FAILED=`), holds them for
 //! `--hold-secs`, then exits.
 
@@ -32,6 +34,7 @@ struct Args {
     n: usize,
     hold_secs: u64,
     request: Option<String>,
+    path: String,
 }
 
 fn args() -> Args {
@@ -43,6 +46,7 @@ fn args() -> Args {
         n: 1000,
         hold_secs: 10,
         request: None,
+        path: "/".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +59,7 @@ fn args() -> Args {
             "--n" => a.n = v.parse().expect("--n"),
             "--hold-secs" => a.hold_secs = v.parse().expect("--hold-secs"),
             "--request" => a.request = Some(v),
+            "--path" => a.path = v,
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -125,7 +130,7 @@ async fn open(a: &Args, tls: &TlsConnector) -> Result<Held, String> {
         .await
         .map_err(|e| e.to_string())?;
     let conn = tokio::spawn(conn);
-    let req = http::Request::get("/")
+    let req = http::Request::get(a.path.as_str())
         .header(http::header::HOST, &a.target)
         .header(http::header::AUTHORIZATION, auth)
         .body(Empty::<Bytes>::new())

@@ -1,28 +1,58 @@
 //! Structured audit events: one JSON line per proxied request and per admin change.
 //!
-//! Invariant: events carry secret *names*, hosts and decisions — never a value. Each event is
-//! one whole line written with a single `write_all`, so concurrent events never interleave: the
-//! file is opened `O_APPEND`, and Linux applies each `write(2)` to a regular file atomically at
-//! the end of the file; stdout is written under its own lock. The `RwLock` around the sink is
-//! taken for reading on the request path (writers run in parallel, nobody waits on another's
-//! syscall) and for writing only by [`Audit::reopen`].
+//! Invariant: events carry secret *names*, hosts and decisions — never a value.
+//!
+//! Lines are serialised on the caller and handed to one writer thread through a bounded queue
+//! ([`QUEUE_LINES`]). The first line after a quiet spell is written at once; while lines keep
+//! coming the thread wakes every [`FLUSH_AFTER`], appends what was queued to its buffer and
+//! writes it with one `write_all` (sooner when the buffer reaches [`BATCH_BYTES`], on
+//! [`Audit::flush`] and when the last handle is dropped). Under load a line therefore reaches
+//! the file up to `FLUSH_AFTER` after it was recorded. Rules:
+//! - the proxy never waits on the disk: a full queue drops the line and counts it
+//!   ([`Audit::dropped`], the `audit_dropped` metric, a warning from the writer);
+//! - a clean stop loses nothing: [`Audit::flush`] returns once every line queued before it is
+//!   written, and dropping the last handle drains the queue and joins the thread;
+//! - lines keep their submission order (one queue, one writer), and each batch ends on a
+//!   line boundary, so a reader never sees half a line. The file is opened `O_APPEND`.
+//!
+//! Memory: at most `QUEUE_LINES` queued lines (a request line is ~300 bytes: ~2.5 MiB at
+//! worst) plus one batch buffer of `BATCH_BYTES` and whatever one line overshoots it by.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-/// Where audit lines go.
+/// Lines the queue holds before [`Audit`] starts dropping them.
+pub const QUEUE_LINES: usize = 8192;
+/// A batch this large is written at once.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// A line waits at most this long in the writer's buffer.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
+
+/// Where audit lines go: a handle on the writer thread.
 pub struct Audit {
-    sink: RwLock<Sink>,
+    /// None only while dropping.
+    tx: Option<SyncSender<Msg>>,
+    writer: Option<JoinHandle<()>>,
+    dropped: Counter,
     path: Option<PathBuf>,
 }
 
-enum Sink {
-    Stdout,
-    File(std::fs::File),
+/// What the writer thread is told.
+enum Msg {
+    /// One whole line, newline included; `true` for a proxied request (the kind that comes in
+    /// floods and is batched), `false` for the rare admin and command events.
+    Line(Vec<u8>, bool),
+    /// Write the buffer, then answer.
+    Flush(SyncSender<()>),
+    /// Write the buffer to the old sink, then switch to this one.
+    Reopen(Box<dyn Write + Send>),
 }
 
 /// One proxied request (or refused connection).
@@ -33,7 +63,7 @@ pub struct RequestEvent<'a> {
     /// "explicit" or "transparent".
     pub mode: &'a str,
     /// Destination `host:port`.
-    pub host: String,
+    pub host: &'a str,
     /// HTTP method (or CONNECT).
     pub method: &'a str,
     /// Path without the query.
@@ -45,9 +75,9 @@ pub struct RequestEvent<'a> {
     /// The rule behind a refusal, in words (e.g. "store allowlist", "secret allowed_hosts").
     pub rule: Option<String>,
     /// Secret names unsealed.
-    pub unsealed: Vec<String>,
+    pub unsealed: Vec<&'a str>,
     /// Secret names refused or left sealed for this host.
-    pub refused: Vec<String>,
+    pub refused: Vec<&'a str>,
     /// Response status sent to the sandbox.
     pub status: u16,
     /// Request body bytes sent upstream.
@@ -100,31 +130,76 @@ struct Line<'a, T: Serialize> {
 }
 
 impl Audit {
-    /// Opens the sink (appending to `path`, or stdout).
+    /// Opens the sink (appending to `path`, or stdout) and starts the writer thread.
     ///
     /// # Errors
-    /// The file cannot be opened.
+    /// The file cannot be opened, or the thread cannot be started.
     pub fn open(path: Option<PathBuf>) -> std::io::Result<Audit> {
-        let sink = match &path {
-            None => Sink::Stdout,
-            Some(p) => Sink::File(open_append(p)?),
+        Audit::open_counted(path, Counter::default())
+    }
+
+    /// As [`Audit::open`], counting dropped lines in `dropped` (the metrics registry's
+    /// `audit_dropped` counter: the metric is the count, nothing is copied at scrape time).
+    ///
+    /// # Errors
+    /// As [`Audit::open`].
+    pub fn open_counted(path: Option<PathBuf>, dropped: Counter) -> std::io::Result<Audit> {
+        let sink: Box<dyn Write + Send> = match &path {
+            None => Box::new(std::io::stdout()),
+            Some(p) => Box::new(open_append(p)?),
         };
+        Audit::with_sink(sink, path, QUEUE_LINES, dropped)
+    }
+
+    /// Starts the writer thread on `sink` with a queue of `queue_lines`.
+    fn with_sink(
+        sink: Box<dyn Write + Send>,
+        path: Option<PathBuf>,
+        queue_lines: usize,
+        dropped: Counter,
+    ) -> std::io::Result<Audit> {
+        let (tx, rx) = mpsc::sync_channel(queue_lines);
+        let writer = Writer {
+            sink,
+            buf: Vec::with_capacity(BATCH_BYTES),
+            dropped: dropped.clone(),
+            dropped_reported: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("sealgate-audit".into())
+            .spawn(move || writer.run(&rx))?;
         Ok(Audit {
-            sink: RwLock::new(sink),
+            tx: Some(tx),
+            writer: Some(handle),
+            dropped,
             path,
         })
     }
 
-    /// Reopens the file (after logrotate moved it; SIGHUP).
+    /// Reopens the file (after logrotate moved it; SIGHUP). Lines queued before the call go
+    /// to the old file, later ones to the new.
     ///
     /// # Errors
     /// The file cannot be opened; the old handle is kept then.
     pub fn reopen(&self) -> std::io::Result<()> {
         if let Some(p) = &self.path {
             let f = open_append(p)?;
-            *self.sink.write().unwrap_or_else(|e| e.into_inner()) = Sink::File(f);
+            self.send(Msg::Reopen(Box::new(f)));
         }
         Ok(())
+    }
+
+    /// Blocks until every line queued before the call is written (a few milliseconds at
+    /// most; for shutdown, reopen and tests — not for the request path).
+    pub fn flush(&self) {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Flush(done_tx));
+        let _ = done_rx.recv();
+    }
+
+    /// Lines dropped because the queue was full, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
     }
 
     /// Records a proxied request.
@@ -142,26 +217,154 @@ impl Audit {
         self.write("command", e);
     }
 
+    /// Serialises the line here and queues it; never waits for the writer.
     fn write<T: Serialize>(&self, kind: &str, event: &T) {
         let line = Line {
             ts: OffsetDateTime::now_utc(),
             kind,
             event,
         };
-        let Ok(mut bytes) = serde_json::to_vec(&line) else {
+        let mut bytes = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut bytes, &line).is_err() {
             return;
-        };
+        }
         bytes.push(b'\n');
-        let sink = self.sink.read().unwrap_or_else(|e| e.into_inner());
-        let res = match &*sink {
-            Sink::Stdout => std::io::stdout().lock().write_all(&bytes),
-            Sink::File(file) => {
-                let mut f: &std::fs::File = file;
-                f.write_all(&bytes)
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.try_send(Msg::Line(bytes, kind == "request")));
+        if !matches!(sent, Some(Ok(()))) {
+            self.dropped.inc();
+        }
+    }
+
+    /// Queues a control message, waiting for room (control messages are never dropped).
+    fn send(&self, msg: Msg) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(msg);
+        }
+        self.wake();
+    }
+
+    /// Wakes the writer if it sleeps between batches.
+    fn wake(&self) {
+        if let Some(h) = &self.writer {
+            h.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Audit {
+    /// Closes the queue; the writer drains it, writes its buffer and ends; then joins it.
+    fn drop(&mut self) {
+        self.tx.take();
+        self.wake();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    sink: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    dropped: Counter,
+    dropped_reported: u64,
+}
+
+impl Writer {
+    /// Runs until every sender is gone and the queue is drained.
+    ///
+    /// Idle, it blocks on the queue and writes the first line that arrives at once; then it
+    /// sleeps [`FLUSH_AFTER`], takes everything queued meanwhile and writes it, until an
+    /// interval brings nothing. While busy
+    /// the senders never wake it (a line is a lock-free push, not a futex wake and a context
+    /// switch per request); [`Audit::flush`], reopen and drop wake it early with `unpark`.
+    fn run(mut self, rx: &Receiver<Msg>) {
+        while let Ok(first) = rx.recv() {
+            // After a quiet spell the first line is written at once (a reader such as the
+            // README demo finds it as soon as the request is answered); batching starts with
+            // the next one, and only after a request line (admin and command events are rare:
+            // they never open a batching interval that would delay the request after them).
+            let batch = matches!(first, Msg::Line(_, true));
+            self.handle(first);
+            self.write_out();
+            if !batch {
+                continue;
             }
-        };
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "audit write failed");
+            loop {
+                std::thread::park_timeout(FLUSH_AFTER);
+                let (taken, open) = self.drain(rx);
+                self.write_out();
+                if !open {
+                    return;
+                }
+                if taken == 0 {
+                    break;
+                }
+            }
+        }
+        self.write_out();
+    }
+
+    /// Handles everything queued now: (messages taken, whether any sender is left).
+    fn drain(&mut self, rx: &Receiver<Msg>) -> (usize, bool) {
+        let mut taken = 0;
+        loop {
+            match rx.try_recv() {
+                Ok(m) => {
+                    self.handle(m);
+                    taken += 1;
+                }
+                Err(TryRecvError::Empty) => return (taken, true),
+                Err(TryRecvError::Disconnected) => return (taken, false),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(l, _) => {
+                self.buf.extend_from_slice(&l);
+                if self.buf.len() >= BATCH_BYTES {
+                    self.write_out();
+                }
+            }
+            Msg::Flush(done) => {
+                self.write_out();
+                let _ = done.send(());
+            }
+            Msg::Reopen(sink) => {
+                self.write_out();
+                self.sink = sink;
+            }
+        }
+    }
+
+    /// Writes the buffer (whole lines) and reports new drops.
+    fn write_out(&mut self) {
+        if !self.buf.is_empty() {
+            let res = self
+                .sink
+                .write_all(&self.buf)
+                .and_then(|()| self.sink.flush());
+            if let Err(e) = res {
+                tracing::warn!(error = %e, bytes = self.buf.len(), "audit write failed");
+            }
+            self.buf.clear();
+            if self.buf.capacity() > 4 * BATCH_BYTES {
+                self.buf.shrink_to(BATCH_BYTES);
+            }
+        }
+        let dropped = self.dropped.get();
+        if dropped > self.dropped_reported {
+            tracing::warn!(
+                dropped = dropped - self.dropped_reported,
+                total = dropped,
+                "audit queue full: lines dropped"
+            );
+            self.dropped_reported = dropped;
         }
     }
 }
@@ -198,5 +401,147 @@ pub async fn tail(path: &std::path::Path, follow: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn event(i: usize) -> AdminEvent<'static> {
+        AdminEvent {
+            action: "test",
+            store: None,
+            secret: None,
+            sandbox: None,
+            actor: format!("n{i}"),
+        }
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_stop_writes_every_line_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(Some(path.clone())).unwrap();
+        for i in 0..10_000 {
+            audit.admin(&event(i));
+        }
+        drop(audit);
+        let got = lines(&path);
+        assert_eq!(got.len(), 10_000);
+        for (i, l) in got.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["actor"], format!("n{i}"));
+        }
+    }
+
+    #[test]
+    fn flush_writes_what_was_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(Some(path.clone())).unwrap();
+        audit.admin(&event(1));
+        audit.flush();
+        assert_eq!(lines(&path).len(), 1);
+        assert_eq!(audit.dropped(), 0);
+    }
+
+    #[test]
+    fn the_timer_writes_a_lone_line_without_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(Some(path.clone())).unwrap();
+        audit.admin(&event(1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lines(&path).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(FLUSH_AFTER / 5);
+        }
+        assert_eq!(lines(&path).len(), 1, "written within FLUSH_AFTER");
+    }
+
+    #[test]
+    fn reopen_sends_later_lines_to_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let moved = dir.path().join("audit.log.1");
+        let audit = Audit::open(Some(path.clone())).unwrap();
+        audit.admin(&event(1));
+        audit.flush();
+        std::fs::rename(&path, &moved).unwrap();
+        audit.admin(&event(2));
+        audit.reopen().unwrap();
+        audit.admin(&event(3));
+        drop(audit);
+        assert_eq!(lines(&moved).len(), 2, "queued before reopen: old file");
+        assert_eq!(lines(&path).len(), 1);
+    }
+
+    /// A sink that blocks every write until the gate opens.
+    struct Gated {
+        gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        out: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.gate;
+            let mut g = open.lock().unwrap();
+            while !*g {
+                g = cv.wait(g).unwrap();
+            }
+            self.out.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_disk_never_blocks_the_caller_and_drops_are_counted() {
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Gated {
+            gate: gate.clone(),
+            out: out.clone(),
+        };
+        let audit = Audit::with_sink(Box::new(sink), None, 16, Counter::default()).unwrap();
+        // The writer takes the first lines and blocks writing them after FLUSH_AFTER.
+        audit.admin(&event(0));
+        std::thread::sleep(FLUSH_AFTER * 3);
+        let start = Instant::now();
+        for i in 1..=1000 {
+            audit.admin(&event(i));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the caller waited"
+        );
+        assert!(audit.dropped() >= 1000 - 16, "dropped {}", audit.dropped());
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let dropped = audit.dropped();
+        drop(audit);
+        let written = out
+            .lock()
+            .unwrap()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
+        assert_eq!(
+            written as u64 + dropped,
+            1001,
+            "every line written or counted"
+        );
     }
 }

@@ -176,6 +176,9 @@ impl Running {
                 "shutdown grace ran out; closing the remaining connections"
             );
         }
+        // Every request has ended: its audit line is queued; write them all out.
+        let audit = self.proxy.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
 
     /// Shuts down and waits.
@@ -203,7 +206,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let (sandboxes, restored, cert_dir) =
         restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
-    let audit = Arc::new(Audit::open(cfg.audit_path.clone()).map_err(io_err("opening audit log"))?);
+    let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
+        .map_err(io_err("opening audit log"))?;
+    let audit = Arc::new(audit);
     let settings = LiveSettings::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
         .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub store_ops: Family<OpLabels, Counter>,
     /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
     pub store_sync_lag: Gauge<f64, AtomicU64>,
+    /// Audit lines dropped because the writer's queue was full (handed to the audit sink).
+    pub audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -111,6 +113,7 @@ impl Metrics {
             store_ops: Family::default(),
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
+            audit_dropped: Counter::default(),
         };
         registry.register(
             "requests",
@@ -187,6 +190,11 @@ impl Metrics {
             "store_sync_lag_seconds",
             "Fleet mode: seconds since this node last reached the shared database",
             m.store_sync_lag.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit lines dropped because the audit writer's queue was full",
+            m.audit_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

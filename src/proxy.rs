@@ -57,8 +57,12 @@ pub struct LiveSettings {
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
-    /// h2 + http/1.1 client without a pool: one new connection per request, for the single
-    /// retry of a request the upstream provably did not process.
+    /// h2 + http/1.1 client with a pool of its own, for the retry of a request the upstream
+    /// provably did not process: the refused requests of one GOAWAY can share connections
+    /// here, where `client`'s pool would hand out the refusing connection again.
+    pub client_retry: UpstreamClient,
+    /// h2 + http/1.1 client without a pool: one new connection per request, the last resort
+    /// when the retry connection refuses too (its own GOAWAY).
     pub client_fresh: UpstreamClient,
     /// What the connectors vet and dial with (for checks before any connection is set up).
     pub dialing: Arc<upstream::UpstreamSettings>,
@@ -89,6 +93,10 @@ impl LiveSettings {
             &upstream,
             upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
         );
+        let client_retry = build_client(
+            &upstream,
+            upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
+        );
         let client_fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .timer(TokioTimer::new())
@@ -102,6 +110,7 @@ impl LiveSettings {
             upstream,
             client,
             client_h1,
+            client_retry,
             client_fresh,
             dialing: settings,
         })

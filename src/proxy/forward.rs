@@ -84,12 +84,12 @@ fn record(
     let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
         mode: t.listener.as_str(),
-        host: t.authority.clone(),
+        host: &t.authority,
         method: method.as_str(),
         path,
         rule,
-        unsealed: o.report.unsealed.iter().map(|s| s.to_string()).collect(),
-        refused: o.report.refused.iter().map(|s| s.to_string()).collect(),
+        unsealed: o.report.unsealed.iter().map(|s| &**s).collect(),
+        refused: o.report.refused.iter().map(|s| &**s).collect(),
         status: resp.status().as_u16(),
         bytes_up: o.bytes_up,
         bytes_down: resp.body().size_hint().exact().unwrap_or(0),
@@ -501,8 +501,11 @@ fn compressed(h: &HeaderMap) -> bool {
 ///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a
 /// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
-/// sent once more on a fresh connection when its body was held in full. HTTP/1 connections
-/// closed before the request was written are retried by the pooled client itself.
+/// sent again when its body was held in full: on `client_retry`'s pool (so the requests one
+/// GOAWAY refuses can share connections rather than open one each), and if that refuses too,
+/// once more on a fresh connection.
+/// HTTP/1 connections closed before the request was written are retried by the pooled client
+/// itself.
 async fn send(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -517,15 +520,19 @@ async fn send(
         UpBody::Streamed(_) => None,
     };
     let attempts = async {
-        match client.request(attach(t, head, body)).await {
-            Err(e) if super::failure::not_processed(&e) => {
-                let Some((head, bytes)) = replay else {
-                    return Err(e);
-                };
+        let (head, bytes) = match (client.request(attach(t, head, body)).await, replay) {
+            (Err(e), Some(replay)) if super::failure::not_processed(&e) => {
                 tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
-                    "upstream did not process the request; retrying on a fresh connection");
-                let again = attach(t, head, UpBody::Held(bytes));
-                rt.client_fresh.request(again).await
+                    "upstream did not process the request; retrying");
+                replay
+            }
+            (first, _) => return first,
+        };
+        let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
+        match rt.client_retry.request(again).await {
+            Err(e) if super::failure::not_processed(&e) => {
+                let last = attach(t, head, UpBody::Held(bytes));
+                rt.client_fresh.request(last).await
             }
             other => other,
         }

@@ -105,7 +105,7 @@ pub fn refuse(state: &ProxyState, at: &Attempt<'_>, r: &Refusal) {
     let event = RequestEvent {
         sandbox: at.sandbox.as_ref().map(|s| &*s.id),
         mode: at.listener.as_str(),
-        host: at.host.clone(),
+        host: &at.host,
         method: at.method,
         path: at.path,
         rule: Some(r.message.clone()),

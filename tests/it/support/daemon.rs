@@ -148,8 +148,11 @@ impl Harness {
         self.dir.path().join("audit.log")
     }
 
-    /// The audit log's contents.
+    /// The audit log's contents (after writing out what the daemon has queued).
     pub fn audit_log(&self) -> String {
+        if let Some(d) = &self.daemon {
+            d.proxy.audit.flush();
+        }
         std::fs::read_to_string(self.audit_path()).unwrap_or_default()
     }
 
