@@ -51,8 +51,9 @@ pub type UpstreamClient = Client<upstream::Connector, ProxyBody>;
 pub struct LiveSettings {
     /// `[proxy]`.
     pub proxy: ProxyConfig,
-    /// `[upstream]`.
-    pub upstream: UpstreamConfig,
+    /// `[upstream]`, with what the connectors vet and dial with (also for checks before any
+    /// connection is set up).
+    pub upstream: Arc<upstream::UpstreamSettings>,
     /// h2 + http/1.1 client (pooled per authority).
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
@@ -64,8 +65,6 @@ pub struct LiveSettings {
     /// h2 + http/1.1 client without a pool: one new connection per request, the last resort
     /// when the retry connection refuses too (its own GOAWAY).
     pub client_fresh: UpstreamClient,
-    /// What the connectors vet and dial with (for checks before any connection is set up).
-    pub dialing: Arc<upstream::UpstreamSettings>,
 }
 
 impl LiveSettings {
@@ -79,22 +78,21 @@ impl LiveSettings {
         own_listeners: Vec<SocketAddr>,
     ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
-            resolve: upstream.resolve.clone(),
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
-            nameservers: upstream.nameservers.clone(),
-            connect_timeout: upstream.connect_timeout,
             tls: upstream::client_tls(&upstream.ca_files)?,
+            config: upstream,
         });
+        let upstream = &settings.config;
         let client = build_client(
-            &upstream,
+            upstream,
             upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
         );
         let client_h1 = build_client(
-            &upstream,
+            upstream,
             upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
         );
         let client_retry = build_client(
-            &upstream,
+            upstream,
             upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
         );
         let client_fresh = Client::builder(TokioExecutor::new())
@@ -107,12 +105,11 @@ impl LiveSettings {
             ));
         Ok(LiveSettings {
             proxy,
-            upstream,
+            upstream: settings,
             client,
             client_h1,
             client_retry,
             client_fresh,
-            dialing: settings,
         })
     }
 }

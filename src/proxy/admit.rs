@@ -43,7 +43,7 @@ pub fn admit(
         let msg = format!("{dest} is not in the store's egress_allowlist");
         return Err(Refusal::new(Code::EgressDenied, msg));
     }
-    if let Err(e) = live.dialing.precheck(&dest) {
+    if let Err(e) = live.upstream.precheck(&dest) {
         let msg = format!("address vetting: {e}");
         return Err(Refusal::new(Code::EgressDenied, msg));
     }

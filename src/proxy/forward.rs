@@ -537,7 +537,7 @@ async fn send(
             other => other,
         }
     };
-    let resp = match tokio::time::timeout(rt.upstream.response_timeout, attempts).await {
+    let resp = match tokio::time::timeout(rt.upstream.config.response_timeout, attempts).await {
         Err(_) => {
             return Err(Refusal::new(
                 Code::UpstreamTimeout,
@@ -580,7 +580,7 @@ fn finish_response(
     let (mut parts, body) = resp.into_parts();
     let scrubber = view.and_then(|v| v.scrubber.clone());
     let shape = scrubber.as_ref().map(|_| {
-        let max = rt.upstream.max_response_codings;
+        let max = rt.upstream.config.max_response_codings;
         Shape::of(method, parts.status, &parts.headers, max)
     });
     let trailer = take_all(&mut parts.headers, header::TRAILER);

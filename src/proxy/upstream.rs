@@ -6,14 +6,12 @@
 //! is never disabled; the name used for SNI and verification is the same normalised host the
 //! policy approved.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -22,6 +20,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::config::UpstreamConfig;
 use crate::policy::{self, AddressPolicy};
 
 mod goaway;
@@ -48,14 +47,10 @@ pub enum ConnectError {
 
 /// Upstream settings the connector needs.
 pub struct UpstreamSettings {
-    /// host → fixed address.
-    pub resolve: BTreeMap<String, SocketAddr>,
-    /// Address policy.
+    /// `[upstream]` as validated (resolve overrides, nameservers, timeouts, pool sizes…).
+    pub config: UpstreamConfig,
+    /// Address policy (`allow_private_cidrs` and sealgate's own listeners).
     pub vet: AddressPolicy,
-    /// `[upstream] nameservers`; empty = the system resolver.
-    pub nameservers: Vec<SocketAddr>,
-    /// Connect + handshake deadline.
-    pub connect_timeout: Duration,
     /// Verified TLS config (ALPN set by the connector).
     pub tls: Arc<rustls::ClientConfig>,
 }
@@ -69,7 +64,7 @@ impl UpstreamSettings {
     /// # Errors
     /// The vetting error, as [`ConnectError::Denied`] would carry it.
     pub fn precheck(&self, dest: &policy::Dest) -> Result<(), policy::VetError> {
-        if let Some(a) = self.resolve.get(&dest.host.as_str_for_sni()) {
+        if let Some(a) = self.config.resolve.get(&dest.host.as_str_for_sni()) {
             return self.vet.vet_own_listener(*a);
         }
         match dest.host {
@@ -144,7 +139,7 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let timeout = this.settings.connect_timeout;
+            let timeout = this.settings.config.connect_timeout;
             tokio::time::timeout(timeout, this.connect(uri))
                 .await
                 .unwrap_or(Err(ConnectError::Timeout))
@@ -181,7 +176,7 @@ impl Connector {
 
     /// The addresses to dial: the override, or every DNS answer, each vetted.
     async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
-        if let Some(a) = self.settings.resolve.get(host) {
+        if let Some(a) = self.settings.config.resolve.get(host) {
             self.settings
                 .vet
                 .vet_own_listener(*a)
@@ -218,13 +213,13 @@ impl Connector {
         let failed = |e: &dyn std::fmt::Display| {
             ConnectError::Unreachable(format!("cannot resolve {name}: {e}"))
         };
-        if self.settings.nameservers.is_empty() {
+        if self.settings.config.nameservers.is_empty() {
             let found = tokio::net::lookup_host((name, port))
                 .await
                 .map_err(|e| failed(&e))?;
             return Ok(found.collect());
         }
-        dns::lookup(&self.settings.nameservers, name, port)
+        dns::lookup(&self.settings.config.nameservers, name, port)
             .await
             .map_err(|e| failed(&e))
     }
