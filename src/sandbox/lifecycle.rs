@@ -237,8 +237,8 @@ impl Sandboxes {
             store.egress_allowlist.clone(),
             with_tokens,
         )?;
-        let id = format!("sbx_{}", random_hex(12));
-        let proxy_token = random_hex(16);
+        let id = format!("sbx_{}", crate::random::random_hex(12));
+        let proxy_token = crate::random::random_hex(16);
         let ca = Arc::new(SandboxCa::generate(&id)?);
         let now = OffsetDateTime::now_utc();
         let parts = SandboxParts {
@@ -622,6 +622,3 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out.copy_from_slice(d.as_ref());
     out
 }
-
-/// Re-exported for callers that imported it from here; defined in [`crate::random`].
-pub use crate::random::random_hex;
