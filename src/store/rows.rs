@@ -66,6 +66,43 @@ pub(super) fn reseal(
     Ok(crypto::seal(new, aad, plain.expose()))
 }
 
+/// The metadata a put writes: version 1 and `now` as `created_at` for a new secret; for a
+/// replace, the next version and the original `created_at`. `previous` is the stored row's
+/// `(version, created_at)` columns, if the secret exists.
+pub(super) fn next_secret_meta(
+    store_id: &str,
+    name: &str,
+    allowed_hosts: Option<Vec<String>>,
+    locations: Vec<crate::secret::Location>,
+    previous: Option<(i64, i64)>,
+) -> Result<SecretMeta, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let row = || secret_row_name(store_id, name);
+    let (version, created_at) = match previous {
+        Some((version, created_at)) => {
+            let next = to_version(version, row)?
+                .checked_add(1)
+                .filter(|v| i64::try_from(*v).is_ok())
+                .ok_or_else(|| corrupt_msg(row(), "version overflow"))?;
+            (next, from_nanos(created_at, row)?)
+        }
+        None => (1, now),
+    };
+    Ok(SecretMeta {
+        name: name.to_owned(),
+        allowed_hosts,
+        locations,
+        version,
+        created_at,
+        updated_at: now,
+    })
+}
+
+/// A version as its column (`BIGINT` / `INTEGER`).
+pub(super) fn version_column(version: u64) -> Result<i64, StoreError> {
+    i64::try_from(version).map_err(|_| StoreError::InvalidInput(format!("version {version}")))
+}
+
 pub(super) fn secret_policy<'a>(
     store_id: &'a str,
     meta: &'a SecretMeta,

@@ -30,8 +30,8 @@ use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
 use super::rows::{
-    corrupt_msg, from_nanos, reseal, secret_policy, secret_row_name, store_policy, to_json_opt,
-    to_nanos, to_version, RawSandbox, RawSecret, RawStore,
+    next_secret_meta, reseal, secret_policy, store_policy, to_json_opt, to_nanos, to_version,
+    version_column, RawSandbox, RawSecret, RawStore,
 };
 use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::secret::{Location, SecretValue};
@@ -764,8 +764,7 @@ impl RawStore {
 
 // ---- secrets ------------------------------------------------------------------------------------
 
-/// The metadata a put writes: version 1 and a fresh `created_at` for a new secret; for a
-/// replace, the next version and the original `created_at`.
+/// The metadata a put writes (see [`next_secret_meta`]), from the row as stored.
 fn next_meta(
     conn: &Connection,
     store_id: &str,
@@ -773,44 +772,14 @@ fn next_meta(
     allowed_hosts: Option<Vec<String>>,
     locations: Vec<Location>,
 ) -> Result<SecretMeta, StoreError> {
-    let now = OffsetDateTime::now_utc();
-    let (version, created_at) = match previous_version(conn, store_id, name)? {
-        Some((version, created_at)) => (next_version(version, store_id, name)?, created_at),
-        None => (1, now),
-    };
-    Ok(SecretMeta {
-        name: name.to_owned(),
-        allowed_hosts,
-        locations,
-        version,
-        created_at,
-        updated_at: now,
-    })
-}
-
-fn previous_version(
-    conn: &Connection,
-    store_id: &str,
-    name: &str,
-) -> Result<Option<(u64, OffsetDateTime)>, StoreError> {
-    let found: Option<(i64, i64)> = conn
+    let previous: Option<(i64, i64)> = conn
         .query_row(
             "SELECT version, created_at FROM secrets WHERE store_id = ?1 AND name = ?2",
             [store_id, name],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let row = || secret_row_name(store_id, name);
-    found
-        .map(|(version, created_at)| Ok((to_version(version, row)?, from_nanos(created_at, row)?)))
-        .transpose()
-}
-
-fn next_version(version: u64, store_id: &str, name: &str) -> Result<u64, StoreError> {
-    version
-        .checked_add(1)
-        .filter(|v| i64::try_from(*v).is_ok())
-        .ok_or_else(|| corrupt_msg(secret_row_name(store_id, name), "version overflow"))
+    next_secret_meta(store_id, name, allowed_hosts, locations, previous)
 }
 
 fn upsert_secret(
@@ -820,8 +789,7 @@ fn upsert_secret(
     sealed: &[u8],
     mac: &[u8],
 ) -> Result<(), StoreError> {
-    let version = i64::try_from(meta.version)
-        .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
+    let version = version_column(meta.version)?;
     conn.execute(
         "INSERT INTO secrets (store_id, name, allowed_hosts, locations, version, value, \
                               created_at, updated_at, policy_mac) \

@@ -14,8 +14,8 @@ use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 pub(super) use crate::store::rows::to_nanos;
 use crate::store::rows::{
-    corrupt_msg, from_nanos, reseal, secret_policy, secret_row_name, store_policy, to_json_opt,
-    to_version, RawSandbox, RawSecret, RawStore,
+    next_secret_meta, reseal, secret_policy, store_policy, to_json_opt, version_column, RawSandbox,
+    RawSecret, RawStore,
 };
 use crate::store::{RotationStats, SandboxRow, SecretMeta, StoreError, StoreRecord};
 
@@ -277,35 +277,23 @@ async fn checked_key(
     Ok(key)
 }
 
+/// The metadata a put writes (see [`next_secret_meta`]), from the row as stored.
 async fn next_meta(tx: &Transaction<'_>, put: &Put<'_>) -> Result<SecretMeta, StoreError> {
-    let now = OffsetDateTime::now_utc();
-    let row = tx
+    let previous = tx
         .query_opt(
             "SELECT version, created_at FROM secrets WHERE store_id = $1 AND name = $2",
             &[&put.store_id, &put.name],
         )
         .await
-        .map_err(pg_err)?;
-    let what = || secret_row_name(put.store_id, put.name);
-    let (version, created_at) = match row {
-        Some(r) => {
-            let v = to_version(r.get(0), what)?;
-            let next = v
-                .checked_add(1)
-                .filter(|v| i64::try_from(*v).is_ok())
-                .ok_or_else(|| corrupt_msg(what(), "version overflow"))?;
-            (next, from_nanos(r.get(1), what)?)
-        }
-        None => (1, now),
-    };
-    Ok(SecretMeta {
-        name: put.name.to_owned(),
-        allowed_hosts: put.allowed_hosts.clone(),
-        locations: put.locations.clone(),
-        version,
-        created_at,
-        updated_at: now,
-    })
+        .map_err(pg_err)?
+        .map(|r| (r.get(0), r.get(1)));
+    next_secret_meta(
+        put.store_id,
+        put.name,
+        put.allowed_hosts.clone(),
+        put.locations.clone(),
+        previous,
+    )
 }
 
 async fn upsert_secret(
@@ -315,8 +303,7 @@ async fn upsert_secret(
     sealed: &[u8],
     mac: &[u8],
 ) -> Result<(), StoreError> {
-    let version = i64::try_from(meta.version)
-        .map_err(|_| StoreError::InvalidInput(format!("version {}", meta.version)))?;
+    let version = version_column(meta.version)?;
     let params: [&(dyn ToSql + Sync); 9] = [
         &store_id,
         &meta.name,
