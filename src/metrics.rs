@@ -24,13 +24,26 @@ pub struct DecisionLabels {
     pub code: &'static str,
 }
 
-/// Labels for unseal counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Labels for unseal counters. Shared strings, so that counting an unseal on the request path
+/// clones two `Arc`s instead of allocating two `String`s.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct UnsealLabels {
     /// Secret name.
-    pub secret: String,
+    pub secret: std::sync::Arc<str>,
     /// Destination host:port.
-    pub host: String,
+    pub host: std::sync::Arc<str>,
+}
+
+/// As the derive would write it (which needs `Sized` label values; `str` is not).
+impl EncodeLabelSet for UnsealLabels {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel as _;
+        ("secret", &*self.secret).encode(encoder.encode_label())?;
+        ("host", &*self.host).encode(encoder.encode_label())
+    }
 }
 
 /// Labels for store operations.

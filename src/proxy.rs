@@ -246,8 +246,8 @@ pub struct Tunnel {
     pub listener: ListenerKind,
     /// Holds the sandbox's tunnel slot while the connection lives.
     pub _guard: Option<TunnelGuard>,
-    /// `dest` as `host:port`, formatted once per tunnel (audit, metrics, upstream URI).
-    pub authority: String,
+    /// `dest` as `host:port`, formatted once per tunnel (audit, metrics labels, refusals).
+    pub authority: Arc<str>,
     /// The one authority the upstream sees, as the client named the destination: the
     /// normalised host, with the port only when it is not the scheme's default. It is the
     /// upstream URI's authority, so HTTP/2 upstreams get it as `:authority` (and no `Host`)
@@ -281,7 +281,7 @@ impl Tunnel {
             scheme,
             listener,
             _guard: guard,
-            authority,
+            authority: authority.into(),
             origin,
         })
     }

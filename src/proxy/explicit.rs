@@ -212,7 +212,7 @@ where
         Some(r) => {
             let mut at = Attempt::connection(ListenerKind::Explicit, "TLS");
             at.sandbox = Some(tunnel.sandbox.clone());
-            at.host.clone_from(&tunnel.authority);
+            at.host = tunnel.authority.to_string();
             at.tunnel = false; // the tunnel itself was admitted and counted at CONNECT
             outcome::refuse(&state, &at, &r);
         }

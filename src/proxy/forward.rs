@@ -76,7 +76,7 @@ fn record(
     for name in &o.report.unsealed {
         m.unsealed
             .get_or_create(&crate::metrics::UnsealLabels {
-                secret: name.to_string(),
+                secret: name.clone(),
                 host: t.authority.clone(),
             })
             .inc();
