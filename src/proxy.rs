@@ -54,13 +54,19 @@ pub struct LiveSettings {
     /// `[upstream]`, with what the connectors vet and dial with (also for checks before any
     /// connection is set up).
     pub upstream: Arc<upstream::UpstreamSettings>,
-    /// h2 + http/1.1 client (pooled per authority).
+    /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2.
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
-    /// h2 + http/1.1 client with a pool of its own, for the retry of a request the upstream
-    /// provably did not process: the refused requests of one GOAWAY can share connections
-    /// here, where `client`'s pool would hand out the refusing connection again.
+    /// h2-only client (pooled per authority, one connection attempt at a time), for the
+    /// held-body requests to origins in `known_h2`.
+    pub client_h2: UpstreamClient,
+    /// The origins that answered over h2 (see [`upstream::KnownH2`]).
+    pub known_h2: upstream::KnownH2,
+    /// h2-only client with a pool of its own, for the retry of a request the upstream
+    /// provably did not process (only h2 connections report that): the refused requests of
+    /// one GOAWAY share one new connection here, where `client`'s pool would hand out the
+    /// refusing connection again.
     pub client_retry: UpstreamClient,
     /// h2 + http/1.1 client without a pool: one new connection per request, the last resort
     /// when the retry connection refuses too (its own GOAWAY).
@@ -91,10 +97,8 @@ impl LiveSettings {
             upstream,
             upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
         );
-        let client_retry = build_client(
-            upstream,
-            upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
-        );
+        let client_h2 = build_h2_client(upstream, settings.clone());
+        let client_retry = build_h2_client(upstream, settings.clone());
         let client_fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .timer(TokioTimer::new())
@@ -108,22 +112,40 @@ impl LiveSettings {
             upstream: settings,
             client,
             client_h1,
+            client_h2,
+            known_h2: upstream::KnownH2::new(KNOWN_H2_CAP),
             client_retry,
             client_fresh,
         })
     }
 }
 
+/// How many origins [`upstream::KnownH2`] remembers per settings generation.
+const KNOWN_H2_CAP: usize = 4096;
+
 fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
+    client_builder(cfg).build(conn)
+}
+
+fn build_h2_client(
+    cfg: &UpstreamConfig,
+    settings: Arc<upstream::UpstreamSettings>,
+) -> UpstreamClient {
+    client_builder(cfg)
+        .http2_only(true)
+        .build(upstream::Connector::h2_only(settings))
+}
+
+fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
         // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
-        .set_host(true)
-        .build(conn)
+        .set_host(true);
+    b
 }
 
 /// State shared by all proxy connections.

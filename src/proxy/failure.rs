@@ -48,7 +48,24 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
             Code::UpstreamUnreachable,
             format!("{} unreachable: {m}", t.dest),
         ),
+        ConnectError::NotH2 => Refusal::new(
+            Code::UpstreamUnreachable,
+            format!("{} stopped offering h2", t.dest),
+        ),
     }
+}
+
+/// True when an h2-only client's handshake did not choose h2 ([`ConnectError::NotH2`]):
+/// nothing was sent, so the request may go again on a client that also speaks HTTP/1.1.
+pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if let Some(ConnectError::NotH2) = s.downcast_ref::<ConnectError>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// True when the upstream provably did not process the request, so it may be sent again:

@@ -499,11 +499,17 @@ fn compressed(h: &HeaderMap) -> bool {
 
 /// Sends the request and waits for the response head (`response_timeout` for the whole).
 ///
+/// Held-body requests to an origin that has answered over h2 go to the h2-only client (one
+/// connection attempt at a time, see [`super::upstream::KnownH2`]); if that origin no longer
+/// chooses h2, it is forgotten and the request goes to the dual-protocol client (nothing was
+/// sent). Streamed bodies stay on the dual-protocol client: their bytes could not be sent
+/// twice.
+///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a
 /// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
 /// sent again when its body was held in full: on `client_retry`'s pool (so the requests one
-/// GOAWAY refuses can share connections rather than open one each), and if that refuses too,
-/// once more on a fresh connection.
+/// GOAWAY refuses share one new connection rather than open one each), and if that refuses
+/// too, once more on a fresh connection.
 /// HTTP/1 connections closed before the request was written are retried by the pooled client
 /// itself.
 async fn send(
@@ -513,31 +519,13 @@ async fn send(
     body: UpBody,
     websocket: bool,
 ) -> Result<Response<Incoming>, Refusal> {
-    let client = if websocket { &rt.client_h1 } else { &rt.client };
     let started = Instant::now();
-    let replay = match &body {
-        UpBody::Held(b) => Some((head.clone(), b.clone())),
-        UpBody::Streamed(_) => None,
-    };
-    let attempts = async {
-        let (head, bytes) = match (client.request(attach(t, head, body)).await, replay) {
-            (Err(e), Some(replay)) if super::failure::not_processed(&e) => {
-                tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
-                    "upstream did not process the request; retrying");
-                replay
-            }
-            (first, _) => return first,
-        };
-        let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-        match rt.client_retry.request(again).await {
-            Err(e) if super::failure::not_processed(&e) => {
-                let last = attach(t, head, UpBody::Held(bytes));
-                rt.client_fresh.request(last).await
-            }
-            other => other,
-        }
-    };
-    let resp = match tokio::time::timeout(rt.upstream.config.response_timeout, attempts).await {
+    let resp = match tokio::time::timeout(
+        rt.upstream.config.response_timeout,
+        attempts(t, rt, head, body, websocket),
+    )
+    .await
+    {
         Err(_) => {
             return Err(Refusal::new(
                 Code::UpstreamTimeout,
@@ -552,6 +540,65 @@ async fn send(
         .upstream_latency
         .observe(started.elapsed().as_secs_f64());
     Ok(resp)
+}
+
+type Attempt = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+/// The attempts of [`send`], without its timeout.
+async fn attempts(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    head: Request<()>,
+    body: UpBody,
+    websocket: bool,
+) -> Attempt {
+    let replay = match &body {
+        UpBody::Held(b) => Some((head.clone(), b.clone())),
+        UpBody::Streamed(_) => None,
+    };
+    let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
+    let client = match (websocket, h2) {
+        (true, _) => &rt.client_h1,
+        (false, true) => &rt.client_h2,
+        (false, false) => &rt.client,
+    };
+    let first = client.request(attach(t, head, body)).await;
+    let Some((head, bytes)) = replay else {
+        return first;
+    };
+    match first {
+        Ok(resp) => {
+            if !h2 && resp.version() == Version::HTTP_2 {
+                rt.known_h2.learn(&t.origin);
+            }
+            Ok(resp)
+        }
+        Err(e) if h2 && super::failure::not_h2(&e) => {
+            rt.known_h2.forget(&t.origin);
+            rt.client
+                .request(attach(t, head, UpBody::Held(bytes)))
+                .await
+        }
+        Err(e) if super::failure::not_processed(&e) => {
+            tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
+                "upstream did not process the request; retrying");
+            retry(t, rt, head, bytes).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The retry of a request the upstream did not process: `client_retry`, then, if that
+/// refuses too (or the origin no longer chooses h2), a fresh connection.
+async fn retry(t: &Tunnel, rt: &LiveSettings, head: Request<()>, bytes: Bytes) -> Attempt {
+    let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
+    match rt.client_retry.request(again).await {
+        Err(e) if super::failure::not_processed(&e) || super::failure::not_h2(&e) => {
+            let last = attach(t, head, UpBody::Held(bytes));
+            rt.client_fresh.request(last).await
+        }
+        other => other,
+    }
 }
 
 /// The request with its body, counted into the `bytes_up` metric.

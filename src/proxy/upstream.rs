@@ -24,8 +24,10 @@ use crate::config::UpstreamConfig;
 use crate::policy::{self, AddressPolicy};
 
 mod goaway;
+mod known_h2;
 
 pub use goaway::RefuseAfterGoaway;
+pub use known_h2::KnownH2;
 pub mod dns;
 
 /// Why an upstream connection could not be made.
@@ -43,6 +45,10 @@ pub enum ConnectError {
     /// TLS failed (untrusted certificate, name mismatch, protocol error).
     #[error("upstream TLS failed: {0}")]
     Tls(String),
+    /// An h2-only connector's handshake did not choose h2 (the origin stopped offering it);
+    /// nothing was sent, so the request may go again on a client that also speaks HTTP/1.1.
+    #[error("upstream did not negotiate h2")]
+    NotH2,
 }
 
 /// Upstream settings the connector needs.
@@ -79,6 +85,8 @@ impl UpstreamSettings {
 pub struct Connector {
     settings: Arc<UpstreamSettings>,
     tls: TlsConnector,
+    /// Fail with [`ConnectError::NotH2`] unless ALPN chose h2 (for `http2_only` clients).
+    require_h2: bool,
 }
 
 impl Connector {
@@ -89,6 +97,17 @@ impl Connector {
         Connector {
             settings,
             tls: TlsConnector::from(Arc::new(cfg)),
+            require_h2: false,
+        }
+    }
+
+    /// A connector for an `http2_only` client: offers only h2 and returns
+    /// [`ConnectError::NotH2`] (before anything is sent) when the origin does not choose it.
+    /// Plain-HTTP destinations never reach it (no h2c upstream).
+    pub fn h2_only(settings: Arc<UpstreamSettings>) -> Self {
+        Connector {
+            require_h2: true,
+            ..Connector::new(settings, &[b"h2"])
         }
     }
 }
@@ -170,6 +189,9 @@ impl Connector {
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let watched = RefuseAfterGoaway::new(tls);
             return Ok(UpstreamStream::H2(Box::new(TokioIo::new(watched))));
+        }
+        if self.require_h2 {
+            return Err(ConnectError::NotH2);
         }
         Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
     }

@@ -128,7 +128,82 @@ async fn h2_client_unseals_and_is_served_over_h2() {
     assert!(reqs
         .iter()
         .all(|r| r.header("x-api-key").as_deref() == Some("sk-real-h2-0003")));
-    assert_eq!(e.echo.connections(), 1, "upstream connection pooled");
+    // The first request learns that the origin speaks h2 (dual-protocol pool); the others
+    // share one connection of the h2-only pool (see `upstream::KnownH2`).
+    assert_eq!(e.echo.connections(), 2, "upstream connections pooled");
+}
+
+/// Requests to an origin that has answered over h2 share one connection attempt: 16
+/// concurrent requests from 16 client connections after the origin restarted open one
+/// upstream connection, not one each (hyper-util dials per waiting request while ALPN is
+/// undecided; sealgate sends them to its h2-only client once the origin has spoken h2).
+#[tokio::test]
+async fn concurrent_requests_to_a_known_h2_origin_share_one_new_connection() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-dedupe-0031", None, Some(&["header"]))],
+    )
+    .await;
+    let Env { h, echo, sb, .. } = e;
+    let key = sb.token("KEY");
+    let get = || pc::get("/echo", "api.example.test", &[("x-api-key", &key)]);
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    assert_eq!(pc::send1(&mut c, get()).await.status, StatusCode::OK);
+    assert_eq!(echo.requests()[0].version, http::Version::HTTP_2);
+    let addr = echo.addr;
+    drop(echo);
+    // The old origin's listener and connections close asynchronously; sealgate must see its
+    // pooled connection closed before the next requests.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let echo = Echo::start_tls_at(addr, h.pki.server_config(NAMES, &[])).await;
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(pc::h1(h.proxy, &sb, API).await);
+    }
+    let answers =
+        futures_util::future::join_all(clients.iter_mut().map(|c| pc::send1(c, get()))).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_eq!(echo.requests().len(), 16);
+    assert_eq!(
+        echo.connections(),
+        1,
+        "one connection attempt for 16 waiting requests"
+    );
+}
+
+/// An origin that stops offering h2 (restarted as HTTP/1.1-only) is forgotten as an h2 origin
+/// without failing a request: the h2-only handshake sends nothing, and the request goes again
+/// over HTTP/1.1.
+#[tokio::test]
+async fn an_origin_that_stops_offering_h2_is_served_over_http1_without_a_failure() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-noh2-0032", None, Some(&["header"]))],
+    )
+    .await;
+    let Env { h, echo, sb, .. } = e;
+    let key = sb.token("KEY");
+    let get = || pc::get("/echo", "api.example.test", &[("x-api-key", &key)]);
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    for _ in 0..2 {
+        assert_eq!(pc::send1(&mut c, get()).await.status, StatusCode::OK);
+    }
+    assert!(echo
+        .requests()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    let addr = echo.addr;
+    drop(echo);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let h1_only = Echo::start_tls_at(addr, h.pki.server_config_without_alpn(NAMES)).await;
+    for _ in 0..3 {
+        let a = pc::send1(&mut c, get()).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let reqs = h1_only.requests();
+    assert_eq!(reqs.len(), 3);
+    assert!(reqs.iter().all(|r| r.version == http::Version::HTTP_11
+        && r.header("x-api-key").as_deref() == Some("sk-real-noh2-0032")));
 }
 
 #[tokio::test]
