@@ -197,6 +197,35 @@ struct Query {
     default_port: bool,
 }
 
+/// The matcher's tables, hashed with aHash (already built for dashmap; no extra crate) under
+/// fixed keys. The tables are built from operator patterns only and a sandbox only probes
+/// them: it cannot add a key, so it cannot lengthen a probe sequence, and SipHash's
+/// flooding resistance (and random keys) would buy nothing here but time.
+type Table<K> = HashMap<K, PortRule, TableHasher>;
+
+/// [`Table`]'s hasher: aHash with fixed seeds.
+#[derive(Clone, Debug)]
+struct TableHasher(ahash::RandomState);
+
+impl Default for TableHasher {
+    fn default() -> Self {
+        TableHasher(ahash::RandomState::with_seeds(
+            0x243f_6a88_85a3_08d3,
+            0x1319_8a2e_0370_7344,
+            0xa409_3822_299f_31d0,
+            0x082e_fa98_ec4e_6c89,
+        ))
+    }
+}
+
+impl std::hash::BuildHasher for TableHasher {
+    type Hasher = ahash::AHasher;
+
+    fn build_hasher(&self) -> ahash::AHasher {
+        self.0.build_hasher()
+    }
+}
+
 /// Compiled set of patterns; built once per sandbox snapshot, queried per request.
 ///
 /// # Performance
@@ -209,10 +238,10 @@ struct Query {
 pub struct HostMatcher {
     /// `*` and `*:port`.
     any: PortRule,
-    names: HashMap<Box<str>, PortRule>,
-    ips: HashMap<IpAddr, PortRule>,
+    names: Table<Box<str>>,
+    ips: Table<IpAddr>,
     /// `*.suffix` keyed by `suffix`.
-    subdomains: HashMap<Box<str>, PortRule>,
+    subdomains: Table<Box<str>>,
     /// Bit `k` set when some `suffix` has `k` labels (names have at most 127 labels), so a
     /// query probes only the suffixes that could be keys: a 10-label name against patterns
     /// like `*.example.com` costs one probe, not nine.

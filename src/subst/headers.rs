@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use super::{contains_token_prefix, substitute_slice, Denied, OnDisallowed, Report, TokenLookup};
 use crate::secret::Location;
+use crate::token::TOKEN_LEN;
 
 /// Decodes Basic credentials with or without padding (clients differ); re-encoding is padded.
 const LENIENT: GeneralPurpose = GeneralPurpose::new(
@@ -71,7 +72,8 @@ fn substitute_plain(
     mode: OnDisallowed,
     report: &mut Report,
 ) -> Result<Option<HeaderValue>, Denied> {
-    if !contains_token_prefix(raw) {
+    // A value shorter than one whole token cannot hold one (most header values are).
+    if raw.len() < TOKEN_LEN || !contains_token_prefix(raw) {
         return Ok(None);
     }
     let mark = report.unsealed_mark();
