@@ -210,18 +210,37 @@ impl Framing {
     /// everything after.
     pub fn feed(&mut self, mut data: &[u8], out: &mut BytesMut) -> Result<(), Reject> {
         while !data.is_empty() {
-            let used = match self.step(data, out) {
-                Ok(used) => used,
-                Err(r) => {
-                    self.state = State::Rejected;
-                    self.held.clear();
-                    self.line.clear();
-                    return Err(r);
-                }
-            };
+            let used = self.step_or_reject(data, out)?;
             data = &data[used..];
         }
         Ok(())
+    }
+
+    /// [`Framing::feed`] up to the first byte that may pass unexamined
+    /// ([`Framing::passthrough_budget`] > 0, e.g. the body after a head); returns how many
+    /// bytes of `data` it used. The caller feeds or skips the rest.
+    ///
+    /// # Errors
+    /// As [`Framing::feed`].
+    pub fn feed_until_passthrough(
+        &mut self,
+        mut data: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<usize, Reject> {
+        let total = data.len();
+        while !data.is_empty() && self.passthrough_budget() == 0 {
+            let used = self.step_or_reject(data, out)?;
+            data = &data[used..];
+        }
+        Ok(total - data.len())
+    }
+
+    fn step_or_reject(&mut self, data: &[u8], out: &mut BytesMut) -> Result<usize, Reject> {
+        self.step(data, out).inspect_err(|_| {
+            self.state = State::Rejected;
+            self.held.clear();
+            self.line.clear();
+        })
     }
 
     /// True once the machine refused the stream.
@@ -754,7 +773,6 @@ pin_project_lite::pin_project! {
         tag: Arc<GuardTag>,
         // Bytes released by the machine, not yet read by hyper.
         ready: BytesMut,
-        scratch: Vec<u8>,
         // How long bytes may be held, and the clock running while they are.
         hold_limit: Duration,
         deadline: Option<Pin<Box<Sleep>>>,
@@ -771,10 +789,46 @@ impl<S> H1Guard<S> {
             framing: Framing::with_max_fields(limits.max_head, limits.max_fields),
             tag,
             ready: BytesMut::new(),
-            scratch: Vec::new(),
             hold_limit: limits.hold,
             deadline: None,
         }
+    }
+}
+
+/// What [`examine`] did with one read.
+enum Fed {
+    /// The read may stay in the caller's buffer as it is: its head part was released
+    /// unchanged and the rest is body the machine lets pass unexamined (`ready` is empty).
+    InPlace,
+    /// The released bytes are in `ready` (the read must be taken out of the caller's buffer).
+    Released,
+    /// The machine refused the stream (the read must be taken out of the caller's buffer).
+    Refused(Reject),
+}
+
+/// Runs one read (`data`, still in the caller's buffer) through `framing`.
+///
+/// The head part is examined byte by byte; when the rest of the read is body that may pass
+/// unexamined, nothing held bytes from an earlier read (`was_holding` false) and the released
+/// bytes are exactly the read's prefix, the read stays where it is (no copy of the body). In
+/// every other case the whole read is fed and released into `ready`, as before.
+fn examine(framing: &mut Framing, data: &[u8], ready: &mut BytesMut, was_holding: bool) -> Fed {
+    let used = match framing.feed_until_passthrough(data, ready) {
+        Ok(used) => used,
+        Err(r) => return Fed::Refused(r),
+    };
+    let rest = (data.len() - used) as u64;
+    if rest == 0 {
+        return Fed::Released;
+    }
+    if !was_holding && rest <= framing.passthrough_budget() && ready[..] == data[..used] {
+        framing.skip(rest);
+        ready.clear();
+        return Fed::InPlace;
+    }
+    match framing.feed(&data[used..], ready) {
+        Ok(()) => Fed::Released,
+        Err(r) => Fed::Refused(r),
     }
 }
 
@@ -821,10 +875,18 @@ impl<S: AsyncRead> AsyncRead for H1Guard<S> {
                 this.framing.skip(got as u64);
                 return Poll::Ready(Ok(()));
             }
-            this.scratch.clear();
-            this.scratch.extend_from_slice(&buf.filled()[before..]);
+            let was_holding = this.framing.is_holding();
+            let fed = examine(
+                this.framing,
+                &buf.filled()[before..],
+                this.ready,
+                was_holding,
+            );
+            if matches!(fed, Fed::InPlace) {
+                return Poll::Ready(Ok(()));
+            }
             buf.set_filled(before);
-            if let Err(r) = this.framing.feed(this.scratch, this.ready) {
+            if let Fed::Refused(r) = fed {
                 if r.mid_message {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, r.reason)));
                 }
@@ -884,6 +946,36 @@ mod tests {
             last = c;
         }
         (out.to_vec(), None)
+    }
+
+    /// Like [`run`], through the adapter's per-read logic ([`examine`]) instead of `feed`.
+    fn run_reads(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<Reject>) {
+        let mut f = Framing::new(1024);
+        let (mut out, mut ready) = (Vec::new(), BytesMut::new());
+        let mut last = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            let c = c.clamp(last, input.len());
+            let read = &input[last..c];
+            last = c;
+            if read.is_empty() {
+                continue;
+            }
+            if read.len() as u64 <= f.passthrough_budget() {
+                f.skip(read.len() as u64);
+                out.extend_from_slice(read);
+                continue;
+            }
+            let was_holding = f.is_holding();
+            match examine(&mut f, read, &mut ready, was_holding) {
+                Fed::InPlace => out.extend_from_slice(read),
+                Fed::Released => out.extend_from_slice(&ready.split()),
+                Fed::Refused(r) => {
+                    out.extend_from_slice(&ready);
+                    return (out, Some(r));
+                }
+            }
+        }
+        (out, None)
     }
 
     fn refused(input: &str) -> Reject {
@@ -1061,6 +1153,10 @@ mod tests {
         let part = prop_oneof![
             Just(GET.to_owned()),
             Just("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".to_owned()),
+            Just(format!(
+                "POST / HTTP/1.1\r\nContent-Length: 64\r\n\r\n{}",
+                "b".repeat(64)
+            )),
             Just(
                 "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                     .to_owned()
@@ -1091,6 +1187,19 @@ mod tests {
             let split = run(&input, &cuts);
             prop_assert_eq!(whole.1, split.1);
             prop_assert_eq!(whole.0, split.0);
+        }
+
+        /// The adapter's per-read path (reads inside a body skipped, a read's body part left
+        /// in place after its head) releases exactly what feeding every byte releases, and
+        /// refuses the same way.
+        #[test]
+        fn the_in_place_read_path_releases_what_feeding_releases(
+            input in stream_strategy(),
+            cuts in prop::collection::vec(0..400usize, 0..10),
+        ) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            prop_assert_eq!(run_reads(&input, &cuts), run(&input, &cuts));
         }
 
         /// Nothing is invented, dropped or reordered: the released bytes are a prefix of the
