@@ -56,13 +56,14 @@
 //! # Memory usage
 //!
 //! At most `max_header_bytes` of head or trailers plus one chunk-size line
-//! ([`MAX_CHUNK_LINE`] bytes) is held per connection.
+//! ([`MAX_CHUNK_LINE`] bytes) is held per connection, and no buffer at all while the
+//! connection waits on the client with nothing held (an idle keep-alive connection).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -251,6 +252,16 @@ impl Framing {
     /// True while bytes are held back (a partial head, chunk-size or trailer line).
     pub fn is_holding(&self) -> bool {
         !self.held.is_empty() || !self.line.is_empty()
+    }
+
+    /// Frees the collection buffers while nothing is held, so an idle connection keeps none.
+    pub fn release_idle(&mut self) {
+        if self.held.is_empty() {
+            self.held = Vec::new();
+        }
+        if self.line.is_empty() {
+            self.line = Vec::new();
+        }
     }
 
     /// How many next bytes may skip [`Framing::feed`] (inside a body, or after inspection
@@ -866,7 +877,16 @@ impl<S: AsyncRead> AsyncRead for H1Guard<S> {
                 }
             }
             let before = buf.filled().len();
-            ready!(this.inner.as_mut().poll_read(cx, buf))?;
+            let Poll::Ready(read) = this.inner.as_mut().poll_read(cx, buf) else {
+                // Waiting on the client (an idle keep-alive connection, most of the time):
+                // `ready` is empty here, so hand back what the last read grew.
+                if this.ready.capacity() > 0 {
+                    *this.ready = BytesMut::new();
+                }
+                this.framing.release_idle();
+                return Poll::Pending;
+            };
+            read?;
             let got = buf.filled().len() - before;
             if got == 0 {
                 return Poll::Ready(Ok(()));

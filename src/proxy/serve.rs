@@ -62,12 +62,15 @@ pub async fn serve<S, H, F>(
         tag.mark(&mut req);
         let (upgrade, connect) = (wants_upgrade(&req), req.method() == Method::CONNECT);
         let answer = handler(req);
-        async move {
+        // Boxed per request: hyper's h1 server keeps one heap slot the size of this future for
+        // the connection's whole life (`in_flight`, allocated with the connection), so an idle
+        // keep-alive connection would hold the whole request pipeline's state machine.
+        Box::pin(async move {
             let mut resp = answer.await;
             close_unless_upgraded(upgrade, connect, &mut resp);
             drop(in_flight);
             Ok::<_, Infallible>(resp)
-        }
+        })
     });
     let builder = builder(live, protocols);
     let conn = builder.serve_connection_with_upgrades(io, svc);
