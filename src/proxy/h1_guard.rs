@@ -56,8 +56,9 @@
 //! # Memory usage
 //!
 //! At most `max_header_bytes` of head or trailers plus one chunk-size line
-//! ([`MAX_CHUNK_LINE`] bytes) is held per connection, and no buffer at all while the
-//! connection waits on the client with nothing held (an idle keep-alive connection).
+//! ([`MAX_CHUNK_LINE`] bytes) is held per connection, and at most [`KEEP_IDLE`] bytes of
+//! buffer capacity while the connection waits on the client with nothing held (an idle
+//! keep-alive connection).
 
 use std::future::Future;
 use std::io;
@@ -161,6 +162,10 @@ enum Next {
     Passthrough,
 }
 
+/// Buffer capacity the guard keeps while a connection waits on its client (a typical head);
+/// larger buffers (a big head, or a POST's head and body in one read) are freed.
+const KEEP_IDLE: usize = 2048;
+
 /// The framing state machine (pure: bytes in, releasable bytes out).
 ///
 /// Invariant: bytes are appended to `out` in input order, and a head is appended only after it
@@ -254,12 +259,14 @@ impl Framing {
         !self.held.is_empty() || !self.line.is_empty()
     }
 
-    /// Frees the collection buffers while nothing is held, so an idle connection keeps none.
+    /// Frees the collection buffers that grew beyond [`KEEP_IDLE`] while nothing is held, so
+    /// an idle connection keeps at most a typical head's worth (keeping that much spares a
+    /// busy keep-alive connection re-growing its buffers on every request).
     pub fn release_idle(&mut self) {
-        if self.held.is_empty() {
+        if self.held.is_empty() && self.held.capacity() > KEEP_IDLE {
             self.held = Vec::new();
         }
-        if self.line.is_empty() {
+        if self.line.is_empty() && self.line.capacity() > KEEP_IDLE {
             self.line = Vec::new();
         }
     }
@@ -879,8 +886,8 @@ impl<S: AsyncRead> AsyncRead for H1Guard<S> {
             let before = buf.filled().len();
             let Poll::Ready(read) = this.inner.as_mut().poll_read(cx, buf) else {
                 // Waiting on the client (an idle keep-alive connection, most of the time):
-                // `ready` is empty here, so hand back what the last read grew.
-                if this.ready.capacity() > 0 {
+                // `ready` is empty here, so hand back what the last read grew beyond a head.
+                if this.ready.capacity() > KEEP_IDLE {
                     *this.ready = BytesMut::new();
                 }
                 this.framing.release_idle();
