@@ -11,12 +11,17 @@
 //! client); an origin is forgotten as soon as an h2-only handshake does not choose h2. The
 //! set belongs to one [`crate::proxy::LiveSettings`], so a reload starts it empty.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use dashmap::DashSet;
 use http::uri::Authority;
 
 /// The set of origins known to speak h2 (see the module doc).
 pub struct KnownH2 {
     origins: DashSet<Authority>,
+    /// How many `origins` holds, kept beside it: `DashSet::len` locks every shard, and a full
+    /// set is asked on every h2 answer from an origin it could not take.
+    len: AtomicUsize,
     cap: usize,
 }
 
@@ -25,6 +30,7 @@ impl KnownH2 {
     pub fn new(cap: usize) -> Self {
         KnownH2 {
             origins: DashSet::new(),
+            len: AtomicUsize::new(0),
             cap,
         }
     }
@@ -34,16 +40,19 @@ impl KnownH2 {
         self.origins.contains(origin)
     }
 
-    /// Remembers `origin` (an answer came over h2), unless the set is full.
+    /// Remembers `origin` (an answer came over h2), unless the set is full (concurrent
+    /// learners can pass the cap by at most their own number).
     pub fn learn(&self, origin: &Authority) {
-        if !self.origins.contains(origin) && self.origins.len() < self.cap {
-            self.origins.insert(origin.clone());
+        if self.len.load(Ordering::Relaxed) < self.cap && self.origins.insert(origin.clone()) {
+            self.len.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Forgets `origin` (an h2-only handshake with it did not choose h2).
     pub fn forget(&self, origin: &Authority) {
-        self.origins.remove(origin);
+        if self.origins.remove(origin).is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
