@@ -33,7 +33,9 @@
 //! - held bytes are on a clock: a head (or chunk-size line) not complete within
 //!   `header_read_timeout` fails the read. hyper's own header timeout cannot see a head that is
 //!   held back — and under hyper-util's auto (h1/h2) server it is not even armed before the
-//!   first byte arrives, which the guard is withholding — so the guard enforces it.
+//!   first byte arrives, which the guard is withholding — so the guard enforces it, and hyper's
+//!   is off (it would also run while a keep-alive connection waits for its next request,
+//!   which is `idle_timeout`'s business).
 //!
 //! A refused head never reaches hyper. The guard hands hyper a synthetic request instead,
 //! carrying a per-connection random nonce and the refusal, and stops reading. The service

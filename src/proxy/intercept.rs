@@ -137,15 +137,20 @@ where
     .map_err(|_| InterceptError::Timeout)?
     .map_err(|e| InterceptError::Handshake(e.to_string()))?;
     state.metrics.tls_handshakes.inc();
-    serve_http(live, tunnel, tls).await;
+    let protocols = Protocols::of_alpn(tls.get_ref().1.alpn_protocol());
+    serve_http(live, tunnel, tls, protocols).await;
     Ok(())
 }
 
-/// Serves h1/h2 (auto-detected) on an established stream with the tunnel's request pipeline,
-/// through the shared serving glue ([`serve::serve`]), with the connection's limits from
-/// `live`; each request takes the settings once and passes them down ([`forward::handle`]).
-pub async fn serve_http<S>(live: Arc<LiveSettings>, tunnel: Arc<Tunnel>, stream: S)
-where
+/// Serves `protocols` on an established stream with the tunnel's request pipeline, through the
+/// shared serving glue ([`serve::serve`]), with the connection's limits from `live`; each
+/// request takes the settings once and passes them down ([`forward::handle`]).
+pub async fn serve_http<S>(
+    live: Arc<LiveSettings>,
+    tunnel: Arc<Tunnel>,
+    stream: S,
+    protocols: Protocols,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = tunnel.state.clone();
@@ -155,7 +160,7 @@ where
         forward::handle(tunnel, live, req)
     };
     let never = std::future::pending::<()>();
-    serve::serve(&state, &live, stream, Protocols::Auto, handler, never).await;
+    serve::serve(&state, &live, stream, protocols, handler, never).await;
 }
 
 /// The leaf name for a normalised host.

@@ -5,17 +5,21 @@
 //! - the client stream is wrapped in the [`H1Guard`] (framing, head limits, head clock) with a
 //!   fresh [`GuardTag`], and the service marks the guard's synthetic refusals
 //!   ([`GuardTag::mark`]) before the handler sees a request;
-//! - hyper's own HTTP/1 limits are the guard's ([`HeadLimits`]): head bytes, header fields,
-//!   header read timeout;
+//! - hyper's own HTTP/1 limits are the guard's ([`HeadLimits`]): head bytes, header fields.
+//!   The header-read timeout is the guard's alone (from a head's first byte): hyper's timer is
+//!   off, because hyper re-arms it while a keep-alive connection waits for its next request;
+//! - the protocol is the one TLS negotiated by ALPN (`h2` or `http/1.1`: hyper's server for
+//!   it, no version sniffing); only TLS without ALPN is served by preface ([`Protocols`]);
 //! - an upgrade-capable request (CONNECT, `Upgrade`) that is not upgraded is answered with
 //!   `Connection: close` ([`close_unless_upgraded`]), so hyper never parses a head the guard
 //!   did not see;
 //! - the connection ends when hyper is done, after `idle_timeout` with no bytes moving and no
-//!   request in flight, when the caller's `close_early` fires (dropped at once), or — on
+//!   request in flight (between keep-alive requests too), when the caller's `close_early` fires (dropped at once), or — on
 //!   shutdown — after hyper's graceful shutdown, within `shutdown_grace`.
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -32,10 +36,47 @@ use super::{LiveSettings, ProxyBody, ProxyState};
 /// Which protocols a connection may speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocols {
-    /// The explicit proxy connection: HTTP/1.1 only (CONNECT and absolute-form requests).
+    /// HTTP/1.1 only: the explicit proxy connection (CONNECT and absolute-form requests), a
+    /// redirected plain-HTTP connection, and TLS that negotiated `http/1.1` by ALPN.
     Http1,
-    /// An intercepted connection: HTTP/1.1 or HTTP/2 (by preface).
+    /// HTTP/2 only: TLS that negotiated `h2` by ALPN.
+    Http2,
+    /// HTTP/1.1 or HTTP/2, picked by the connection preface: TLS without ALPN.
     Auto,
+}
+
+impl Protocols {
+    /// The protocols of a TLS connection whose ALPN negotiation chose `alpn` (RFC 7301: the
+    /// client may then speak only that protocol).
+    pub fn of_alpn(alpn: Option<&[u8]>) -> Self {
+        match alpn {
+            Some(b"h2") => Protocols::Http2,
+            Some(_) => Protocols::Http1,
+            None => Protocols::Auto,
+        }
+    }
+}
+
+/// Drives the hyper connection `conn` until it ends, `close_early` fires (dropped at once), it
+/// is idle for `idle_timeout` or the daemon shuts down (then: hyper's graceful shutdown, within
+/// `shutdown_grace`). A macro, not a generic function: passing a hyper connection through a
+/// generic `C: Future` makes rustc unable to prove the spawned task `Send` (higher-ranked
+/// lifetimes on hyper's `Into<Box<dyn Error>>` bounds).
+macro_rules! drive {
+    ($conn:ident, $state:expr, $live:expr, $activity:expr, $close_early:expr) => {{
+        tokio::pin!($conn);
+        let mut shutdown = $state.shutdown_signal();
+        let graceful = tokio::select! {
+            _ = $conn.as_mut() => false,
+            _ = $close_early => false,
+            _ = $activity.idle($live.proxy.idle_timeout) => true,
+            _ = shutdown.changed() => true,
+        };
+        if graceful {
+            $conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout($live.proxy.shutdown_grace, $conn).await;
+        }
+    }};
 }
 
 /// Serves `stream` with `handler` until it ends (see the module docs). `live` is the runtime
@@ -72,43 +113,73 @@ pub async fn serve<S, H, F>(
             Ok::<_, Infallible>(resp)
         })
     });
-    let builder = builder(live, protocols);
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = close_early => return,
-        _ = activity.idle(live.proxy.idle_timeout) => {}
-        _ = shutdown.changed() => {}
+    match protocols {
+        Protocols::Http1 => {
+            let conn = http1_builder(live)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            drive!(conn, state, live, activity, close_early);
+        }
+        Protocols::Http2 => {
+            let conn = http2_builder(live).serve_connection(io, svc);
+            drive!(conn, state, live, activity, close_early);
+        }
+        Protocols::Auto => {
+            let builder = auto_builder(live);
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            drive!(conn, state, live, activity, close_early);
+        }
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(live.proxy.shutdown_grace, conn).await;
 }
 
-/// hyper's server with the guard's limits on HTTP/1 and the h2 limits of `[proxy]`.
-fn builder(live: &LiveSettings, protocols: Protocols) -> auto::Builder<TokioExecutor> {
+/// hyper's HTTP/1 server with the guard's limits. No header-read timeout of hyper's own: the
+/// guard holds every head until it is complete and runs `header_read_timeout` on it from its
+/// first byte, and hyper's timer — re-armed while a keep-alive connection waits for its next
+/// request — would close every used keep-alive connection at `header_read_timeout` instead of
+/// `idle_timeout`.
+fn http1_builder(live: &LiveSettings) -> http1::Builder {
     let p = &live.proxy;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(p.header_read_timeout)
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(p.max_header_bytes.max(8192))
         .keep_alive(true);
     if p.max_header_fields != MAX_HEADERS {
         // hyper's default is the same number; setting it moves its parse to the heap.
+        b.max_headers(p.max_header_fields);
+    }
+    b
+}
+
+/// hyper's HTTP/2 server with the h2 limits of `[proxy]`.
+fn http2_builder(live: &LiveSettings) -> http2::Builder<TokioExecutor> {
+    let p = &live.proxy;
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(p.max_h2_streams)
+        .max_header_list_size(p.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(256);
+    b
+}
+
+/// hyper-util's version-sniffing server with both builders' settings (TLS without ALPN).
+fn auto_builder(live: &LiveSettings) -> auto::Builder<TokioExecutor> {
+    let p = &live.proxy;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(p.max_header_bytes.max(8192))
+        .keep_alive(true);
+    if p.max_header_fields != MAX_HEADERS {
         b.http1().max_headers(p.max_header_fields);
     }
-    match protocols {
-        Protocols::Http1 => b = b.http1_only(),
-        Protocols::Auto => {
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(p.max_h2_streams)
-                .max_header_list_size(p.max_header_bytes as u32)
-                .max_pending_accept_reset_streams(50)
-                .max_local_error_reset_streams(256);
-        }
-    }
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(p.max_h2_streams)
+        .max_header_list_size(p.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(50)
+        .max_local_error_reset_streams(256);
     b
 }

@@ -27,6 +27,7 @@ use crate::proxy::admit::admit;
 use crate::proxy::intercept;
 use crate::proxy::outcome::{self, Attempt};
 use crate::proxy::refusal::{Code, Refusal};
+use crate::proxy::serve::Protocols;
 use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::Sandbox;
 
@@ -79,7 +80,7 @@ pub async fn serve(
             return reply_once(stream, r).await;
         }
     };
-    intercept::serve_http(live, tunnel, stream).await;
+    intercept::serve_http(live, tunnel, stream, Protocols::Http1).await;
     Ok(())
 }
 

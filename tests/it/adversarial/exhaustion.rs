@@ -9,7 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{
-    assert_uniform, assert_upstream_untouched, eventually, exchange, raw_proxy, tls_tunnel, API,
+    assert_uniform, assert_upstream_untouched, eventually, exchange, raw_proxy, status_of,
+    tls_tunnel, API,
 };
 use crate::proxy_explicit::{setup, setup_with, Env};
 use crate::support::daemon::Opts;
@@ -180,6 +181,117 @@ async fn slowloris_on_the_h2_preface_is_cut_at_the_header_timeout() {
     let took = dribble(&mut tls, PREFACE, Duration::from_millis(150)).await;
     assert_cut_near_one_second(took, "h2 preface");
     assert_upstream_untouched(&e);
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `s` (5 s at most).
+async fn read_response<S>(s: &mut S) -> String
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("a Content-Length answer");
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
+            other => panic!("no whole response ({other:?}): {text}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_used_keep_alive_tunnel_lasts_until_idle_timeout_and_its_next_head_is_on_the_clock() {
+    // hyper re-arms its own header timer while a keep-alive connection waits for the next
+    // request; that timer is off, so the wait is `idle_timeout`'s and only a started head is
+    // on `header_read_timeout`'s clock (the guard's).
+    let e = env_with("header_read_timeout_secs = 1\nidle_timeout_secs = 4").await;
+    let get = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\n\r\n";
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    tls.write_all(get).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut tls).await), 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tls.write_all(get).await.unwrap();
+    let second = read_response(&mut tls).await;
+    assert_eq!(
+        status_of(&second),
+        200,
+        "kept alive past header_read_timeout: {second}"
+    );
+    let took = dribble(
+        &mut tls,
+        b"GET /echo HTTP/1.1\r\nX-Slow: ",
+        Duration::from_millis(150),
+    )
+    .await;
+    assert_cut_near_one_second(took, "second request head on a kept-alive tunnel");
+
+    // Quiet after a request: closed at idle_timeout (4 s), not before.
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    tls.write_all(get).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut tls).await), 200);
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;
+    let took = start.elapsed();
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle tunnel not closed: {r:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(3500) && took < Duration::from_secs(8),
+        "idle keep-alive tunnel closed after {took:?}, expected ~4 s (idle_timeout)"
+    );
+}
+
+#[tokio::test]
+async fn the_protocol_alpn_chose_is_the_only_one_served() {
+    let e = env_with("").await;
+    // ALPN http/1.1, then the h2 preface and a request: not served as h2.
+    let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    let mut h2 = PREFACE.to_vec();
+    h2.extend(frame(4, 0, 0, &[]));
+    h2.extend(frame(1, 0x5, 1, &hpack_get("api.example.test", "/echo")));
+    // (An h2 answer is binary: that no request reached the upstream is the check, below.)
+    exchange(&mut tls, &h2, Duration::from_secs(5)).await;
+    assert_upstream_untouched(&e);
+    // ALPN h2, then an HTTP/1.1 request: not served as HTTP/1.1.
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    let get = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\n\r\n";
+    let text = exchange(&mut tls, get, Duration::from_secs(5)).await;
+    assert_eq!(
+        status_of(&text),
+        0,
+        "HTTP/1.1 served after ALPN chose h2: {text:?}"
+    );
+    assert_upstream_untouched(&e);
+    // Both still work when spoken as negotiated.
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    let a = pc::send2(&mut c, pc::get("https://api.example.test/echo", "", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
 }
 
 // ---------------------------------------------------------------------------------------------
