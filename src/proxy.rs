@@ -15,6 +15,7 @@ pub mod intercept;
 pub mod outcome;
 pub mod refusal;
 pub mod response_scrub;
+pub mod rewind;
 pub mod serve;
 pub mod transparent;
 pub mod upstream;

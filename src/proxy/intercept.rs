@@ -129,16 +129,17 @@ where
         )
         .await
         .map_err(|e| InterceptError::Leaf(e.to_string()))?;
-    let tls = tokio::time::timeout(
-        live.proxy.tls_handshake_timeout,
-        start.into_stream(leaf.server_config.clone()),
-    )
-    .await
-    .map_err(|_| InterceptError::Timeout)?
-    .map_err(|e| InterceptError::Handshake(e.to_string()))?;
+    // Boxed, like `serve_http` below: an awaited future is laid out inside this one's state
+    // (twice, with the move into the await), and this state is every tunnel's task size for
+    // its whole life.
+    let handshake = start.into_stream(leaf.server_config.clone());
+    let tls = tokio::time::timeout(live.proxy.tls_handshake_timeout, Box::pin(handshake))
+        .await
+        .map_err(|_| InterceptError::Timeout)?
+        .map_err(|e| InterceptError::Handshake(e.to_string()))?;
     state.metrics.tls_handshakes.inc();
     let protocols = Protocols::of_alpn(tls.get_ref().1.alpn_protocol());
-    serve_http(live, tunnel, tls, protocols).await;
+    Box::pin(serve_http(live, tunnel, tls, protocols)).await;
     Ok(())
 }
 

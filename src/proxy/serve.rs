@@ -17,6 +17,8 @@
 //!   request in flight (between keep-alive requests too), when the caller's `close_early` fires (dropped at once), or — on
 //!   shutdown — after hyper's graceful shutdown, within `shutdown_grace`.
 
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -25,12 +27,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::h1_guard::{
     close_unless_upgraded, wants_upgrade, GuardTag, H1Guard, HeadLimits, MAX_HEADERS,
 };
 use super::idle::{Activity, Tracked};
+use super::rewind::Rewind;
 use super::{LiveSettings, ProxyBody, ProxyState};
 
 /// Which protocols a connection may speak.
@@ -64,7 +67,9 @@ impl Protocols {
 /// lifetimes on hyper's `Into<Box<dyn Error>>` bounds).
 macro_rules! drive {
     ($conn:ident, $state:expr, $live:expr, $activity:expr, $close_early:expr) => {{
-        tokio::pin!($conn);
+        // Boxed: inline, the largest of the three connection types would size every
+        // connection's task, whichever protocol it speaks and before it speaks any.
+        let mut $conn = Box::pin($conn);
         let mut shutdown = $state.shutdown_signal();
         let graceful = tokio::select! {
             _ = $conn.as_mut() => false,
@@ -96,7 +101,7 @@ pub async fn serve<S, H, F>(
     let activity = Activity::new();
     let tag = GuardTag::new();
     let guarded = H1Guard::new(stream, HeadLimits::of(&live.proxy), tag.clone());
-    let io = TokioIo::new(Tracked::new(guarded, activity.clone()));
+    let mut io = Tracked::new(guarded, activity.clone());
     let act = activity.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let in_flight = act.request();
@@ -115,21 +120,60 @@ pub async fn serve<S, H, F>(
     });
     match protocols {
         Protocols::Http1 => {
+            tokio::pin!(close_early);
+            let mut shutdown = state.shutdown_signal();
+            let first = tokio::select! {
+                first = first_bytes(&mut io) => first,
+                _ = close_early.as_mut() => return,
+                _ = activity.clone().idle(live.proxy.idle_timeout) => return,
+                _ = shutdown.changed() => return,
+            };
+            let Some(first) = first else { return };
+            let io = TokioIo::new(Rewind::new(first, io));
             let conn = http1_builder(live)
                 .serve_connection(io, svc)
                 .with_upgrades();
             drive!(conn, state, live, activity, close_early);
         }
         Protocols::Http2 => {
-            let conn = http2_builder(live).serve_connection(io, svc);
+            let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
             drive!(conn, state, live, activity, close_early);
         }
         Protocols::Auto => {
             let builder = auto_builder(live);
-            let conn = builder.serve_connection_with_upgrades(io, svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             drive!(conn, state, live, activity, close_early);
         }
     }
+}
+
+/// hyper's first read buffer (its `INIT_BUFFER_SIZE`): what [`first_bytes`] collects at most.
+const FIRST_READ: usize = 8192;
+
+/// How many bytes [`first_bytes`] waits for before it allocates anything (kept in the
+/// connection's future while it waits).
+const PROBE: usize = 64;
+
+/// The first bytes an HTTP/1 connection sends (at most [`FIRST_READ`]: all the guard has
+/// released without waiting), read before hyper's connection exists. hyper allocates 8 KiB of
+/// write buffer with the connection and 8 KiB of read buffer at its first read; a tunnel that
+/// never sends a request never pays them. Handing hyper the released head whole, not a short
+/// prefix, also keeps its read buffer at 8 KiB (a short first read makes it double).
+/// `None`: the client closed or the read failed (the connection ends).
+async fn first_bytes<S: AsyncRead + Unpin>(s: &mut S) -> Option<Bytes> {
+    let mut probe = [0u8; PROBE];
+    let n = s.read(&mut probe).await.ok().filter(|&n| n > 0)?;
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    first.extend_from_slice(&probe[..n]);
+    while first.len() < FIRST_READ {
+        // Only what is already released: a read that would wait is dropped (nothing is lost;
+        // hyper reads the rest).
+        match s.read_buf(&mut first).now_or_never() {
+            Some(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    Some(first.freeze())
 }
 
 /// hyper's HTTP/1 server with the guard's limits. No header-read timeout of hyper's own: the
@@ -182,4 +226,33 @@ fn auto_builder(live: &LiveSettings) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(256);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn first_bytes_takes_everything_already_sent_up_to_hypers_first_buffer() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(300)
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        assert_eq!(first_bytes(&mut server).await.unwrap(), head.as_bytes());
+
+        let big = vec![b'x'; FIRST_READ + 100];
+        client.write_all(&big).await.unwrap();
+        assert_eq!(first_bytes(&mut server).await.unwrap().len(), FIRST_READ);
+        let mut rest = [0u8; 200];
+        assert_eq!(server.read(&mut rest).await.unwrap(), 100, "nothing lost");
+
+        drop(client);
+        assert!(
+            first_bytes(&mut server).await.is_none(),
+            "EOF before any byte"
+        );
+    }
 }
