@@ -2,9 +2,10 @@
 //!
 //! How a command runs: `ip netns exec <ns>` (the sandbox's network namespace, with its
 //! `/etc/netns/<ns>/resolv.conf`) → `bwrap` (own PID, IPC, UTS and mount namespaces; the host
-//! filesystem read-only; `data_dir` — the daemon's database and keys and every sandbox's
-//! directory — hidden under an empty tmpfs; the sandbox's own `home/` at `/home/user` and
-//! `tmp/` at `/tmp`, both writable; the CA at [`CA_INSIDE`]; dies with its parent) →
+//! filesystem read-only, rebuilt one top-level entry at a time ([`super::host_root`]);
+//! `data_dir` — the daemon's database and keys and every sandbox's directory — hidden under an
+//! empty tmpfs; the sandbox's own `home/` at `/home/user` and `tmp/` at `/tmp`, both
+//! writable; the CA at [`CA_INSIDE`]; dies with its parent) →
 //! `setpriv` (drops to `[sandbox] run_as` with `no_new_privs` and no capabilities) →
 //! `sh -c CMD`. The command's environment is built from nothing (never the daemon's own) and
 //! reaches it through a file sourced inside ([`EnvFile`]): the root-run steps on the way in
@@ -34,8 +35,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use super::host_root::{self, RootEntry};
 use super::run_as::RunAs;
-use super::{check_env, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
+use super::{check_env, io_err, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
 use crate::audit::{Audit, CommandEvent};
 use crate::sandbox::lifecycle::CA_VARS;
 
@@ -201,6 +203,7 @@ fn prepare(
         .try_acquire_owned()
         .map_err(|_| IsolationError::TooManyCommands(id.to_owned(), cfg.max_commands))?;
     let env_file = EnvFile::write(&iso.dir, &run_as, &environment(&iso, &run_as, extra))?;
+    let root = host_root::list(Path::new("/")).map_err(io_err("listing the host's /"))?;
     let ctx = Sandboxed {
         netns: &iso.info.name,
         dir: &iso.dir,
@@ -210,6 +213,7 @@ fn prepare(
         env_file: &env_file.0,
         hidden: &isolation.hidden,
         run_binds: &run_binds(&iso.info.name),
+        root: &root,
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),
@@ -257,6 +261,8 @@ pub struct Sandboxed<'a> {
     pub hidden: &'a [PathBuf],
     /// `(source, target)` files bound back under the fresh `/run` (see [`run_binds`]).
     pub run_binds: &'a [(PathBuf, PathBuf)],
+    /// The host's top-level entries ([`host_root::list`]), from which the root is rebuilt.
+    pub root: &'a [RootEntry],
 }
 
 /// The namespace's own `/etc` files (`ip netns exec` binds `/etc/netns/<ns>/*` over
@@ -278,57 +284,26 @@ pub fn run_binds(netns: &str) -> Vec<(PathBuf, PathBuf)> {
 /// The full argv (pure): `ip netns exec` → `bwrap` → `setpriv` → `sh -c cmd`.
 ///
 /// Invariant: inside, the host is read-only and stripped of what could hold a credential or
-/// reach a host service: `data_dir`, `/home`, `/tmp` and `/run` (host UNIX sockets such as
-/// PostgreSQL's, D-Bus, Docker, systemd-resolved) are fresh, and every [`Sandboxed::hidden`]
-/// file is masked by `/dev/null` (mounted `nodev`: it cannot even be opened).
+/// reach a host service: the root is bwrap's own tmpfs, rebuilt from the host's top-level
+/// entries ([`Sandboxed::root`], each bound read-only on its own — never `/` as a whole, see
+/// [`host_root`](super::host_root) for why) and remounted read-only last; `data_dir`, `/home`,
+/// `/tmp` and `/run` (host UNIX sockets such as PostgreSQL's, D-Bus, Docker,
+/// systemd-resolved) are fresh and no host entry is bound there; every
+/// [`Sandboxed::hidden`] file is masked by `/dev/null` (mounted `nodev`: it cannot even be
+/// opened); [`Sandboxed::run_binds`] are bound back, read-only, under the fresh `/run`. The
+/// only writable binds are the sandbox's own `tmp/` and `home/`.
 pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
-    let path = |p: &Path| p.display().to_string();
-    let mut v: Vec<String> = [
-        "ip",
-        "netns",
-        "exec",
-        s.netns,
-        "bwrap",
-        "--ro-bind",
-        "/",
-        "/",
-    ]
-    .map(String::from)
-    .to_vec();
-    for hidden in s.hidden {
-        v.extend(["--ro-bind".into(), "/dev/null".into(), path(hidden)]);
-    }
-    v.extend(["--tmpfs".into(), "/run".into()]);
-    for (source, target) in s.run_binds {
-        v.extend(["--ro-bind".into(), path(source), path(target)]);
-    }
-    let mounts: Vec<String> = vec![
-        "--tmpfs".into(),
-        path(s.data_dir),
-        "--bind".into(),
-        path(&s.dir.join("tmp")),
-        "/tmp".into(),
-        "--tmpfs".into(),
-        "/home".into(),
-        "--bind".into(),
-        path(&s.dir.join("home")),
-        HOME_INSIDE.into(),
-        "--tmpfs".into(),
-        "/run/sealgate".into(),
-        "--ro-bind".into(),
-        path(&s.dir.join("ca.pem")),
-        CA_INSIDE.into(),
-        "--ro-bind".into(),
-        path(s.env_file),
-        ENV_INSIDE.into(),
-        "--dev".into(),
-        "/dev".into(),
-        "--proc".into(),
-        "/proc".into(),
-    ];
-    v.extend(mounts);
+    let mounts = mounts(s);
+    let replaced = |p: &str| mounts.iter().any(|m| Path::new(&m.dest) == Path::new(p));
+    let mut v: Vec<String> = ["ip", "netns", "exec", s.netns, "bwrap"]
+        .map(String::from)
+        .to_vec();
+    v.extend(host_root::argv(s.root, replaced));
+    v.extend(mounts.iter().flat_map(Mount::args));
     v.extend(
         [
+            "--remount-ro",
+            "/",
             "--unshare-pid",
             "--unshare-ipc",
             "--unshare-uts",
@@ -346,6 +321,56 @@ pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
     v.extend(s.run_as.setpriv_args());
     v.extend(["sh", "-c", ENV_WRAPPER, "sh", cmd].map(String::from));
     v
+}
+
+/// One bwrap step laid over the rebuilt root: `OP [SOURCE] DEST`.
+struct Mount {
+    op: &'static str,
+    source: Option<String>,
+    dest: String,
+}
+
+impl Mount {
+    fn new(op: &'static str, source: Option<&Path>, dest: impl AsRef<Path>) -> Mount {
+        Mount {
+            op,
+            source: source.map(|p| p.display().to_string()),
+            dest: dest.as_ref().display().to_string(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut v = vec![self.op.to_owned()];
+        v.extend(self.source.clone());
+        v.push(self.dest.clone());
+        v
+    }
+}
+
+/// Everything laid over the root, in order (a later step covers an earlier one).
+fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
+    let none = None::<&Path>;
+    let mut m: Vec<Mount> = s
+        .hidden
+        .iter()
+        .map(|h| Mount::new("--ro-bind", Some(Path::new("/dev/null")), h))
+        .collect();
+    m.push(Mount::new("--tmpfs", none, "/run"));
+    for (source, target) in s.run_binds {
+        m.push(Mount::new("--ro-bind", Some(source), target));
+    }
+    m.extend([
+        Mount::new("--tmpfs", none, s.data_dir),
+        Mount::new("--bind", Some(&s.dir.join("tmp")), "/tmp"),
+        Mount::new("--tmpfs", none, "/home"),
+        Mount::new("--bind", Some(&s.dir.join("home")), HOME_INSIDE),
+        Mount::new("--tmpfs", none, "/run/sealgate"),
+        Mount::new("--ro-bind", Some(&s.dir.join("ca.pem")), CA_INSIDE),
+        Mount::new("--ro-bind", Some(s.env_file), ENV_INSIDE),
+        Mount::new("--dev", none, "/dev"),
+        Mount::new("--proc", none, "/proc"),
+    ]);
+    m
 }
 
 /// Inside: the command's environment file.
@@ -749,6 +774,7 @@ fn incomplete_tail(b: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn utf8_split_anywhere_reassembles() {
@@ -792,14 +818,18 @@ mod tests {
         assert!(cut.len() <= AUDIT_CMD_BYTES && cut.len() >= AUDIT_CMD_BYTES - 1);
     }
 
-    #[test]
-    fn argv_confines_in_the_documented_order() {
-        let run_as = RunAs {
+    fn nobody() -> RunAs {
+        RunAs {
             uid: 65534,
             gid: 65534,
             named: true,
             name: "nobody".into(),
-        };
+        }
+    }
+
+    /// The argv for a fixed sandbox (`data_dir` `/d`) on a host whose `/` is `root`.
+    fn argv_on(root: &[RootEntry], cmd: &str) -> Vec<String> {
+        let run_as = nobody();
         let s = Sandboxed {
             netns: "sealgate-0005",
             dir: Path::new("/d/sandboxes/sbx_1"),
@@ -812,20 +842,63 @@ mod tests {
                 PathBuf::from("/etc/netns/sealgate-0005/resolv.conf"),
                 PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
             )],
+            root,
         };
-        let v = bwrap_argv(&s, "echo $X");
+        bwrap_argv(&s, cmd)
+    }
+
+    fn bind(p: &str) -> RootEntry {
+        RootEntry::Bind(p.into())
+    }
+
+    fn link(p: &str, t: &str) -> RootEntry {
+        RootEntry::Symlink {
+            path: p.into(),
+            target: t.into(),
+        }
+    }
+
+    /// Paths a later mount replaces in [`argv_on`]'s sandbox.
+    const REPLACED: [&str; 6] = ["/d", "/dev", "/home", "/proc", "/run", "/tmp"];
+
+    #[test]
+    fn argv_confines_in_the_documented_order() {
+        let root = [
+            link("/bin", "usr/bin"),
+            bind("/d"),
+            bind("/dev"),
+            bind("/etc"),
+            bind("/home"),
+            bind("/proc"),
+            bind("/run"),
+            bind("/tmp"),
+            bind("/usr"),
+        ];
+        let v = argv_on(&root, "echo $X");
         let line = v.join(" ");
-        assert!(line.starts_with(
-            "ip netns exec sealgate-0005 bwrap --ro-bind / / \
-             --ro-bind /dev/null /etc/sealgate/proxy.toml --tmpfs /run \
-             --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
-             --tmpfs /d "
-        ));
+        assert!(
+            line.starts_with(
+                "ip netns exec sealgate-0005 bwrap \
+                 --symlink usr/bin /bin --ro-bind-try /etc /etc --ro-bind-try /usr /usr \
+                 --ro-bind /dev/null /etc/sealgate/proxy.toml --tmpfs /run \
+                 --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
+                 --tmpfs /d "
+            ),
+            "{line}"
+        );
         assert!(line.contains("--bind /d/sandboxes/sbx_1/home /home/user"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
-        assert!(line.contains("--unshare-pid") && line.contains("--die-with-parent"));
+        assert!(line.contains("--dev /dev --proc /proc --remount-ro / --unshare-pid"));
+        assert!(line.contains("--die-with-parent"));
         assert!(line.contains("setpriv --reuid 65534 --regid 65534 --init-groups --no-new-privs"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/cmd-1.env /run/sealgate/env"));
+        assert!(!line.contains("--ro-bind / /"), "{line}");
+        for p in REPLACED {
+            assert!(
+                !line.contains(&format!("--ro-bind-try {p} ")),
+                "{p}: {line}"
+            );
+        }
         assert_eq!(
             &v[v.len() - 5..],
             ["sh", "-c", ENV_WRAPPER, "sh", "echo $X"]
@@ -833,5 +906,95 @@ mod tests {
         assert_eq!(cwd_inside(Some("sub")).unwrap(), "/home/user/sub");
         assert_eq!(cwd_inside(None).unwrap(), "/home/user");
         assert!(cwd_inside(Some("a\0b")).is_err());
+    }
+
+    #[test]
+    fn links_are_recreated_even_where_a_mount_follows_them() {
+        // Silverblue: /home -> var/home; the tmpfs over /home must land on /var/home.
+        let root = [
+            link("/home", "var/home"),
+            link("/tmp", "var/tmp"),
+            bind("/var"),
+        ];
+        let line = argv_on(&root, "true").join(" ");
+        assert!(
+            line.contains(
+                "bwrap --symlink var/home /home --symlink var/tmp /tmp --ro-bind-try /var /var \
+                 --ro-bind /dev/null"
+            ),
+            "{line}"
+        );
+    }
+
+    /// bwrap's steps in `v`, each with its arguments, up to `--`.
+    fn bwrap_steps(v: &[String]) -> Vec<(&str, Vec<&str>)> {
+        let mut rest = v.iter().skip_while(|a| *a != "bwrap").skip(1);
+        let mut steps = Vec::new();
+        while let Some(op) = rest.next().filter(|a| *a != "--") {
+            let n = match op.as_str() {
+                "--symlink" | "--ro-bind-try" | "--ro-bind" | "--bind" => 2,
+                "--tmpfs" | "--dev" | "--proc" | "--remount-ro" | "--hostname" | "--chdir" => 1,
+                _ => 0,
+            };
+            let args = rest.by_ref().take(n).map(String::as_str).collect();
+            steps.push((op.as_str(), args));
+        }
+        steps
+    }
+
+    fn root_entry() -> impl Strategy<Value = RootEntry> {
+        let name = prop_oneof![
+            Just("run".to_owned()),
+            Just("tmp".to_owned()),
+            Just("home".to_owned()),
+            Just("proc".to_owned()),
+            Just("dev".to_owned()),
+            Just("d".to_owned()),
+            "[a-z -]{1,6}",
+        ];
+        let target = prop_oneof![Just("/run".to_owned()), "[a-z/.-]{1,8}"];
+        (name, proptest::option::of(target)).prop_map(|(n, t)| match t {
+            Some(t) => link(&format!("/{n}"), &t),
+            None => bind(&format!("/{n}")),
+        })
+    }
+
+    proptest! {
+        /// Whatever the host's `/` holds: nothing of it is bound writable or at a path a
+        /// later mount replaces, no host path under `/run` is bound at all, every link is
+        /// recreated, and the root is made read-only after the last mount.
+        #[test]
+        fn no_host_root_gives_the_sandbox_a_writable_host_path_or_the_host_run(
+            root in proptest::collection::vec(root_entry(), 0..12),
+        ) {
+            let v = argv_on(&root, "true");
+            let steps = bwrap_steps(&v);
+            let binds = |op: &str| -> Vec<Vec<&str>> {
+                steps.iter().filter(|(o, _)| *o == op).map(|(_, a)| a.clone()).collect()
+            };
+            for a in binds("--bind") {
+                prop_assert!(a[0].starts_with("/d/sandboxes/sbx_1/"), "{a:?}");
+            }
+            for a in binds("--ro-bind-try").iter().chain(&binds("--ro-bind")) {
+                prop_assert!(!Path::new(a[0]).starts_with("/run"), "{a:?}");
+                prop_assert!(!REPLACED.contains(&a[0]), "{a:?}");
+            }
+            for e in &root {
+                let found = match e {
+                    RootEntry::Symlink { path, target } => {
+                        binds("--symlink").contains(&vec![target.as_str(), path.as_str()])
+                    }
+                    RootEntry::Bind(p) => {
+                        REPLACED.contains(&p.as_str())
+                            || binds("--ro-bind-try").contains(&vec![p.as_str(), p.as_str()])
+                    }
+                };
+                prop_assert!(found, "{e:?}");
+            }
+            let last_mount = steps.iter().rposition(|(o, _)| o.starts_with("--ro-bind")
+                || ["--bind", "--tmpfs", "--dev", "--proc", "--symlink"].contains(o));
+            let ro = steps.iter().position(|s| *s == ("--remount-ro", vec!["/"]));
+            prop_assert!(ro.is_some() && ro > last_mount, "{steps:?}");
+        }
     }
 }

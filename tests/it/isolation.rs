@@ -6,6 +6,9 @@
 //! when it is missing. Every leak check reads the system (`ip netns`, `ip link`,
 //! `iptables-save`, `ps`) and fails if the reading itself fails.
 
+use std::io::Write as _;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -471,6 +474,124 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Network namespaces of this test's own, `sgit-<pid>-<n>` (never `sealgate-*`, which daemons
+/// sweep), coming and going as fast as one `ip -batch` can take them: a ring of [`RING`]
+/// names, half present at any time, each step adding one and deleting the oldest, so some
+/// `/run/netns/*` mount is always about to vanish. Drop stops it and deletes what is left.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    feeder: Option<std::thread::JoinHandle<u64>>,
+    names: Vec<String>,
+}
+
+const RING: usize = 32;
+
+impl Churn {
+    fn start() -> Churn {
+        let names: Vec<String> = (0..RING)
+            .map(|i| format!("sgit-{}-{i}", std::process::id()))
+            .collect();
+        let mut ip = std::process::Command::new("ip")
+            .args(["-force", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ip -batch");
+        let stdin = ip.stdin.take().expect("ip's stdin");
+        let stop = Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let (stop, names) = (stop.clone(), names.clone());
+            std::thread::spawn(move || churn(stdin, ip, &names, &stop))
+        };
+        Churn {
+            stop,
+            feeder: Some(feeder),
+            names,
+        }
+    }
+
+    /// Stops; returns how many namespaces were added.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.feeder.take().map_or(0, |f| f.join().unwrap_or(0))
+    }
+}
+
+/// Feeds `ip` until `stop`, then deletes every name and waits for it.
+fn churn(mut to_ip: ChildStdin, mut ip: Child, names: &[String], stop: &AtomicBool) -> u64 {
+    let half = names.len() / 2;
+    let mut say = |line: String| to_ip.write_all(line.as_bytes()).is_ok();
+    let mut added = 0u64;
+    for name in &names[..half] {
+        say(format!("netns add {name}\n"));
+    }
+    let mut i = 0;
+    while !stop.load(Ordering::Acquire)
+        && say(format!(
+            "netns add {}\nnetns del {}\n",
+            names[(i + half) % names.len()],
+            names[i % names.len()]
+        ))
+    {
+        (i, added) = (i + 1, added + 1);
+    }
+    for name in names {
+        say(format!("netns del {name}\n"));
+    }
+    drop(to_ip);
+    let _ = ip.wait();
+    added + half as u64
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop();
+        let listed = run_ok("ip", &["netns", "list"]).unwrap_or_default();
+        for name in self.names.iter().filter(|n| word(&listed, n)) {
+            let _ = run_ok("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+/// Regression: bwrap bound the host's `/` recursively (`--ro-bind / /`), then remounted each
+/// submount read-only from the mount table it had just read; a namespace added or deleted
+/// meanwhile (any sandbox coming or going mounts or unmounts `/run/netns/<ns>`) vanished
+/// mid-walk and the command never started: `Unable to apply mount flags: remount
+/// "/newroot/run/netns/…": Invalid argument`. With that argv, about one command in ten failed
+/// here. Bounded: at most 300 commands or 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_start_while_other_namespaces_come_and_go() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let sid = id(&isolated(&e.h, json!({})).await);
+    let mut churn = Churn::start();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut ran, mut failed) = (0, Vec::new());
+    while ran < 300 && Instant::now() < deadline {
+        let r = ok(&e.h, &sid, "echo started").await;
+        ran += 1;
+        if r["stdout"] != "started\n" {
+            failed.push(r["stderr"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let added = churn.stop();
+    drop(churn);
+    eprintln!(
+        "{} of {ran} commands failed to start while {added} namespaces came and went",
+        failed.len()
+    );
+    assert!(added > RING as u64, "the namespaces did not churn");
+    assert!(
+        failed.is_empty(),
+        "{} of {ran} commands failed to start; first: {}",
+        failed.len(),
+        failed[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
