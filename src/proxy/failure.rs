@@ -73,8 +73,13 @@ pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
 /// [`super::upstream::RefuseAfterGoaway`] reports for streams opened after a GOAWAY), or the
 /// stream was above a graceful GOAWAY's last-stream-id (h2 reports those, and only those, as
 /// a remote GOAWAY with `NO_ERROR`; a GOAWAY with an error code may also end processed
-/// streams and is not retried).
+/// streams and is not retried), or the request never left: it was waiting for an HTTP/2
+/// connection another request was dialing, and that dial was abandoned
+/// ([`waited_on_an_abandoned_dial`]).
 pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
+    if waited_on_an_abandoned_dial(e) {
+        return true;
+    }
     let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(s) = src {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
@@ -85,6 +90,21 @@ pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
         src = s.source();
     }
     false
+}
+
+/// hyper-util (0.1.21) dials one HTTP/2 connection per origin at a time; the requests that
+/// arrive meanwhile wait for it in the pool. When the dialing request is dropped — its
+/// sandbox client hung up, in any sandbox — or its dial fails, the waiters' checkouts end
+/// with the pool's private `CheckoutNoLongerWanted` error, surfaced as a connect error whose
+/// source reads "request was canceled", and hyper-util does not try them again (it only
+/// retries a checkout that yielded a closed connection). Nothing of such a request was sent,
+/// so it is safe to send it again. The pool's error type is private: its text is the only
+/// handle, pinned by `tests/it/adversarial/exhaustion.rs`
+/// (`a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request`).
+fn waited_on_an_abandoned_dial(e: &hyper_util::client::legacy::Error) -> bool {
+    e.is_connect()
+        && e.source()
+            .is_some_and(|s| s.source().is_none() && s.to_string() == "request was canceled")
 }
 
 /// The error and its sources, `: `-joined, for logs (no request data is in these errors).

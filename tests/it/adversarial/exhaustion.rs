@@ -555,3 +555,114 @@ async fn h2_empty_continuation_flood_is_cut() {
     );
     assert_no_flood_request(&e);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A sandbox hanging up mid-dial
+
+/// A TCP relay to `to` that, while held, accepts connections but forwards nothing until
+/// released (a TLS handshake to an origin that has not answered yet).
+struct Gate {
+    addr: std::net::SocketAddr,
+    held: tokio::sync::watch::Sender<bool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    async fn start(to: std::net::SocketAddr) -> Gate {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (held, rx) = tokio::sync::watch::channel(false);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    if rx.wait_for(|held| !*held).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut up) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Gate {
+            addr,
+            held,
+            accepted,
+        }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// hyper-util dials one h2 connection per origin at a time and parks the requests that come
+/// meanwhile on that dial. Sandbox A's request starts the dial, sandbox B's waits on it, A
+/// hangs up (RST_STREAM CANCEL): the dial is dropped with A's request, and B's parked request
+/// used to fail at once with 502 (`client error (Connect): request was canceled`; seen as a
+/// stray 502 in `scripts/bench-e2e` when oha stopped its clients at a deadline). Nothing of
+/// B's request had been sent: sealgate sends it again, and B gets the origin's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() {
+    use crate::support::daemon::Harness;
+    use crate::support::echo::Echo;
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    let gate = Gate::start(echo.addr).await;
+    let o = Opts {
+        resolve: vec![("api.example.test".into(), gate.addr)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(o, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let a = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let b = SandboxCreds::from_answer(&h.sandbox("s").await);
+
+    // A first request teaches sealgate that the origin speaks h2.
+    let mut first = pc::h1(h.proxy, &a, API).await;
+    let r = pc::send1(&mut first, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    gate.hold(true);
+    let before = gate.accepted();
+    let mut ca = pc::h2(h.proxy, &a, API).await;
+    let a_req =
+        tokio::spawn(
+            async move { pc::send2(&mut ca, pc::get("/echo", "api.example.test", &[])).await },
+        );
+    eventually(Duration::from_secs(5), "A's dial reaches the gate", || {
+        gate.accepted() > before
+    })
+    .await;
+    let mut cb = pc::h1(h.proxy, &b, API).await;
+    let b_req =
+        tokio::spawn(
+            async move { pc::send1(&mut cb, pc::get("/echo", "api.example.test", &[])).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await; // B is parked on A's dial
+    a_req.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await; // A's dial is dropped
+    gate.hold(false);
+    let answer = tokio::time::timeout(Duration::from_secs(10), b_req)
+        .await
+        .expect("B is answered")
+        .expect("B's task");
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "B failed because A hung up: {}",
+        String::from_utf8_lossy(&answer.body)
+    );
+}
