@@ -92,6 +92,32 @@ pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
+/// True when hyper dropped the request inside its connection task: its h2 client keeps a
+/// request that waits for a stream slot (the origin's `max_concurrent_streams` in use) in
+/// that task, and when a GOAWAY arrives the task ends and drops it: "dispatch task is gone"
+/// (hyper 1.12 `dispatch_gone`; `hyper::Error` has no accessor for it, so its text is the
+/// handle, pinned by `a_get_queued_for_a_stream_slot_survives_the_origins_goaway`). The
+/// request may have been opened by then, below the GOAWAY's last-stream-id: whether the
+/// origin processed it is unknown, so only an idempotent request may go again
+/// ([`idempotent`]).
+pub fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.to_string() == "dispatch task is gone";
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Methods a proxy may send again after a failure that may have reached the origin
+/// (RFC 9110 §9.2.2: idempotent), as nginx's `proxy_next_upstream` does by default.
+pub fn idempotent(m: &http::Method) -> bool {
+    use http::Method as M;
+    [M::GET, M::HEAD, M::OPTIONS, M::TRACE, M::PUT, M::DELETE].contains(m)
+}
+
 /// hyper-util (0.1.21) dials one HTTP/2 connection per origin at a time; the requests that
 /// arrive meanwhile wait for it in the pool. When the dialing request is dropped — its
 /// sandbox client hung up, in any sandbox — or its dial fails, the waiters' checkouts end
@@ -117,4 +143,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idempotent;
+    use http::Method;
+
+    #[test]
+    fn only_idempotent_methods_may_go_again_after_an_unknown_outcome() {
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
+            assert!(
+                idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
+        }
+        for m in ["POST", "PATCH", "CONNECT", "PROPFIND"] {
+            assert!(
+                !idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
+        }
+    }
 }

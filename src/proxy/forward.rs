@@ -584,6 +584,13 @@ async fn attempts(
                 "upstream did not process the request; retrying");
             retry(t, rt, head, bytes).await
         }
+        Err(e)
+            if super::failure::idempotent(head.method()) && super::failure::dispatch_gone(&e) =>
+        {
+            tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
+                "upstream connection dropped an idempotent request; retrying");
+            retry(t, rt, head, bytes).await
+        }
         Err(e) => Err(e),
     }
 }

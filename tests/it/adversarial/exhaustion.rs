@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -665,4 +666,104 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
         "B failed because A hung up: {}",
         String::from_utf8_lossy(&answer.body)
     );
+}
+
+/// An h2 origin allowing one stream at a time whose first connection, once its first
+/// request is in and another client request has had time to queue behind it, starts a
+/// graceful shutdown (GOAWAY) before answering; later connections answer at once.
+async fn one_stream_origin_that_goes_away(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let served = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((tcp, _)) = l.accept().await {
+            n += 1;
+            let (acceptor, served, first) = (acceptor.clone(), count.clone(), n == 1);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut conn = match h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(_) => return,
+                };
+                let mut going_away = false;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if first && !going_away {
+                        going_away = true;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        conn.graceful_shutdown();
+                    }
+                    served.fetch_add(1, SeqCst);
+                    let answer = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut body) = respond.send_response(answer, false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// hyper's h2 client keeps a request that waits for a stream slot (the origin's
+/// `max_concurrent_streams` is in use) inside its connection task; when a GOAWAY arrives the
+/// task ends and drops it, and the request fails with `dispatch task is gone` — a 502, for
+/// any origin that limits streams and rotates connections (nginx: 128 streams, GOAWAY after
+/// `keepalive_requests`) under a burst. A GET may be sent again (idempotent, RFC 9110
+/// §9.2.2), so sealgate does, and the sandbox gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_queued_for_a_stream_slot_survives_the_origins_goaway() {
+    use crate::support::daemon::Harness;
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let (origin, served) =
+        one_stream_origin_that_goes_away(pki.server_config(&["api.example.test"], &[b"h2"])).await;
+    let o = Opts {
+        resolve: vec![("api.example.test".into(), origin)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(o, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let mut ca = pc::h1(h.proxy, &sb, API).await;
+    let mut cb = pc::h1(h.proxy, &sb, API).await;
+    let a =
+        tokio::spawn(
+            async move { pc::send1(&mut ca, pc::get("/a", "api.example.test", &[])).await },
+        );
+    tokio::time::sleep(Duration::from_millis(100)).await; // A holds the one stream
+    let b =
+        tokio::spawn(
+            async move { pc::send1(&mut cb, pc::get("/b", "api.example.test", &[])).await },
+        );
+    let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
+        (a.await.unwrap(), b.await.unwrap())
+    })
+    .await
+    .expect("both answered");
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        b.status,
+        StatusCode::OK,
+        "the queued GET failed with the GOAWAY: {}",
+        String::from_utf8_lossy(&b.body)
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
