@@ -286,7 +286,7 @@ pub fn run_binds(netns: &str) -> Vec<(PathBuf, PathBuf)> {
 /// Invariant: inside, the host is read-only and stripped of what could hold a credential or
 /// reach a host service: the root is bwrap's own tmpfs, rebuilt from the host's top-level
 /// entries ([`Sandboxed::root`], each bound read-only on its own — never `/` as a whole, see
-/// [`host_root`](super::host_root) for why) and remounted read-only last; `data_dir`, `/home`,
+/// [`host_root`] for why) and remounted read-only last; `data_dir`, `/home`,
 /// `/tmp` and `/run` (host UNIX sockets such as PostgreSQL's, D-Bus, Docker,
 /// systemd-resolved) are fresh and no host entry is bound there; every
 /// [`Sandboxed::hidden`] file is masked by `/dev/null` (mounted `nodev`: it cannot even be
@@ -774,6 +774,7 @@ fn incomplete_tail(b: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isolation::host_root::tests::{bind, link};
     use proptest::prelude::*;
 
     #[test]
@@ -845,17 +846,6 @@ mod tests {
             root,
         };
         bwrap_argv(&s, cmd)
-    }
-
-    fn bind(p: &str) -> RootEntry {
-        RootEntry::Bind(p.into())
-    }
-
-    fn link(p: &str, t: &str) -> RootEntry {
-        RootEntry::Symlink {
-            path: p.into(),
-            target: t.into(),
-        }
     }
 
     /// Paths a later mount replaces in [`argv_on`]'s sandbox.

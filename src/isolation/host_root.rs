@@ -96,15 +96,17 @@ pub fn argv(entries: &[RootEntry], replaced: impl Fn(&str) -> bool) -> Vec<Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt as _;
 
-    fn bind(p: &str) -> RootEntry {
+    /// A directory or file entry at `p`.
+    pub fn bind(p: &str) -> RootEntry {
         RootEntry::Bind(p.into())
     }
 
-    fn link(p: &str, t: &str) -> RootEntry {
+    /// A link at `p` to `t`.
+    pub fn link(p: &str, t: &str) -> RootEntry {
         RootEntry::Symlink {
             path: p.into(),
             target: t.into(),

@@ -11,8 +11,7 @@ use crate::subst::BodyError;
 /// Maps a hyper-util client error to a refusal, looking through its source chain for our own
 /// connector and body errors.
 pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(s) = src {
+    for s in sources(e) {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return from_connect(t, c);
         }
@@ -22,7 +21,6 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
                 format!("secret {} may not be sent to {} (secret allowed_hosts / store egress_allowlist)", d.secret, t.dest),
             );
         }
-        src = s.source();
     }
     tracing::debug!(dest = %t.dest, error = %chain(e), "upstream exchange failed");
     Refusal::new(
@@ -58,14 +56,14 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
 /// True when an h2-only client's handshake did not choose h2 ([`ConnectError::NotH2`]):
 /// nothing was sent, so the request may go again on a client that also speaks HTTP/1.1.
 pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(s) = src {
-        if let Some(ConnectError::NotH2) = s.downcast_ref::<ConnectError>() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
+    sources(e).any(|s| matches!(s.downcast_ref::<ConnectError>(), Some(ConnectError::NotH2)))
+}
+
+/// Whether a request that failed with `e` may be sent again (its body held in full): when the
+/// upstream provably did not process it ([`not_processed`]), or when the outcome is unknown
+/// but its method is idempotent (`dispatch_gone`, `idempotent`).
+pub fn may_send_again(e: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
+    not_processed(e) || (idempotent(method) && dispatch_gone(e))
 }
 
 /// True when the upstream provably did not process the request, so it may be sent again:
@@ -75,21 +73,18 @@ pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
 /// a remote GOAWAY with `NO_ERROR`; a GOAWAY with an error code may also end processed
 /// streams and is not retried), or the request never left: it was waiting for an HTTP/2
 /// connection another request was dialing, and that dial was abandoned
-/// ([`waited_on_an_abandoned_dial`]).
+/// (`waited_on_an_abandoned_dial`).
 pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
     if waited_on_an_abandoned_dial(e) {
         return true;
     }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(s) = src {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
             let reason = h2.reason();
-            return (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
-                || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR));
-        }
-        src = s.source();
-    }
-    false
+            (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+                || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR))
+        })
 }
 
 /// True when hyper dropped the request inside its connection task: its h2 client keeps a
@@ -100,20 +95,15 @@ pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
 /// request may have been opened by then, below the GOAWAY's last-stream-id: whether the
 /// origin processed it is unknown, so only an idempotent request may go again
 /// ([`idempotent`]).
-pub fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            return h.to_string() == "dispatch task is gone";
-        }
-        src = s.source();
-    }
-    false
+fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(|h| h.to_string() == "dispatch task is gone")
 }
 
 /// Methods a proxy may send again after a failure that may have reached the origin
 /// (RFC 9110 §9.2.2: idempotent), as nginx's `proxy_next_upstream` does by default.
-pub fn idempotent(m: &http::Method) -> bool {
+fn idempotent(m: &http::Method) -> bool {
     use http::Method as M;
     [M::GET, M::HEAD, M::OPTIONS, M::TRACE, M::PUT, M::DELETE].contains(m)
 }
@@ -133,14 +123,19 @@ fn waited_on_an_abandoned_dial(e: &hyper_util::client::legacy::Error) -> bool {
             .is_some_and(|s| s.source().is_none() && s.to_string() == "request was canceled")
 }
 
+/// The sources of `e`, outermost first (not `e` itself).
+fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |s| (*s).source())
+}
+
 /// The error and its sources, `: `-joined, for logs (no request data is in these errors).
-pub fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
+    for s in sources(e) {
         out.push_str(": ");
         out.push_str(&s.to_string());
-        src = s.source();
     }
     out
 }

@@ -579,16 +579,9 @@ async fn attempts(
                 .request(attach(t, head, UpBody::Held(bytes)))
                 .await
         }
-        Err(e) if super::failure::not_processed(&e) => {
+        Err(e) if super::failure::may_send_again(&e, head.method()) => {
             tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
-                "upstream did not process the request; retrying");
-            retry(t, rt, head, bytes).await
-        }
-        Err(e)
-            if super::failure::idempotent(head.method()) && super::failure::dispatch_gone(&e) =>
-        {
-            tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
-                "upstream connection dropped an idempotent request; retrying");
+                "upstream did not process the request, or it is idempotent; retrying");
             retry(t, rt, head, bytes).await
         }
         Err(e) => Err(e),

@@ -58,7 +58,7 @@
 //! # Memory usage
 //!
 //! At most `max_header_bytes` of head or trailers plus one chunk-size line
-//! ([`MAX_CHUNK_LINE`] bytes) is held per connection, and at most [`KEEP_IDLE`] bytes of
+//! ([`MAX_CHUNK_LINE`] bytes) is held per connection, and at most `KEEP_IDLE` bytes of
 //! buffer capacity while the connection waits on the client with nothing held (an idle
 //! keep-alive connection).
 
@@ -261,7 +261,7 @@ impl Framing {
         !self.held.is_empty() || !self.line.is_empty()
     }
 
-    /// Frees the collection buffers that grew beyond [`KEEP_IDLE`] while nothing is held, so
+    /// Frees the collection buffers that grew beyond `KEEP_IDLE` while nothing is held, so
     /// an idle connection keeps at most a typical head's worth (keeping that much spares a
     /// busy keep-alive connection re-growing its buffers on every request).
     pub fn release_idle(&mut self) {

@@ -41,9 +41,14 @@ impl KnownH2 {
     }
 
     /// Remembers `origin` (an answer came over h2), unless the set is full (concurrent
-    /// learners can pass the cap by at most their own number).
+    /// learners can pass the cap by at most their own number). Called on every h2 answer to a
+    /// request that did not go through the h2-only client (a streamed body, too): a known
+    /// origin costs a shard read lock, not a write lock and a clone.
     pub fn learn(&self, origin: &Authority) {
-        if self.len.load(Ordering::Relaxed) < self.cap && self.origins.insert(origin.clone()) {
+        if self.len.load(Ordering::Relaxed) < self.cap
+            && !self.origins.contains(origin)
+            && self.origins.insert(origin.clone())
+        {
             self.len.fetch_add(1, Ordering::Relaxed);
         }
     }

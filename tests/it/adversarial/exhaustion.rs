@@ -184,38 +184,6 @@ async fn slowloris_on_the_h2_preface_is_cut_at_the_header_timeout() {
     assert_upstream_untouched(&e);
 }
 
-/// Reads one HTTP/1.1 response with a `Content-Length` body from `s` (5 s at most).
-async fn read_response<S>(s: &mut S) -> String
-where
-    S: tokio::io::AsyncRead + Unpin,
-{
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse::<usize>().ok())
-                .expect("a Content-Length answer");
-            if body.len() >= len {
-                return text;
-            }
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&chunk[..n]),
-            other => panic!("no whole response ({other:?}): {text}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_used_keep_alive_tunnel_lasts_until_idle_timeout_and_its_next_head_is_on_the_clock() {
     // hyper re-arms its own header timer while a keep-alive connection waits for the next
@@ -225,15 +193,11 @@ async fn a_used_keep_alive_tunnel_lasts_until_idle_timeout_and_its_next_head_is_
     let get = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\n\r\n";
     let mut tls = tls_tunnel(&e, API, "api.example.test").await;
     tls.write_all(get).await.unwrap();
-    assert_eq!(status_of(&read_response(&mut tls).await), 200);
+    assert_eq!(pc::read_response_head(&mut tls).await.0, 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     tls.write_all(get).await.unwrap();
-    let second = read_response(&mut tls).await;
-    assert_eq!(
-        status_of(&second),
-        200,
-        "kept alive past header_read_timeout: {second}"
-    );
+    let (status, head, _) = pc::read_response_head(&mut tls).await;
+    assert_eq!(status, 200, "kept alive past header_read_timeout: {head}");
     let took = dribble(
         &mut tls,
         b"GET /echo HTTP/1.1\r\nX-Slow: ",
@@ -245,7 +209,7 @@ async fn a_used_keep_alive_tunnel_lasts_until_idle_timeout_and_its_next_head_is_
     // Quiet after a request: closed at idle_timeout (4 s), not before.
     let mut tls = tls_tunnel(&e, API, "api.example.test").await;
     tls.write_all(get).await.unwrap();
-    assert_eq!(status_of(&read_response(&mut tls).await), 200);
+    assert_eq!(pc::read_response_head(&mut tls).await.0, 200);
     let start = Instant::now();
     let mut buf = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;

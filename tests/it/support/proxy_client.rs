@@ -97,8 +97,12 @@ pub async fn connect(
     Err(Refused { status, head, body })
 }
 
-/// Reads a response head (and a Content-Length body, if any) byte by byte.
-pub async fn read_response_head(s: &mut TcpStream) -> (u16, String, String) {
+/// Reads a response head (and a Content-Length body, if any) byte by byte: (status, head,
+/// body); status 0 when the stream ended first.
+pub async fn read_response_head<S>(s: &mut S) -> (u16, String, String)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
