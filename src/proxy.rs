@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -100,7 +100,7 @@ impl LiveSettings {
         );
         let client_h2 = build_h2_client(upstream, settings.clone());
         let client_retry = build_h2_client(upstream, settings.clone());
-        let client_fresh = Client::builder(TokioExecutor::new())
+        let client_fresh = Client::builder(upstream::Nesting)
             .pool_max_idle_per_host(0)
             .timer(TokioTimer::new())
             .set_host(true)
@@ -138,7 +138,7 @@ fn build_h2_client(
 }
 
 fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(TokioExecutor::new());
+    let mut b = Client::builder(upstream::Nesting);
     b.pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())

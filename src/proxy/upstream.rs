@@ -25,9 +25,11 @@ use crate::policy::{self, AddressPolicy};
 
 mod goaway;
 mod known_h2;
+mod nest;
 
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
+pub use nest::Nesting;
 pub mod dns;
 
 /// Why an upstream connection could not be made.
