@@ -13,6 +13,7 @@ pub mod h1_guard;
 pub mod idle;
 pub mod intercept;
 pub mod outcome;
+pub mod read_ahead;
 pub mod refusal;
 pub mod response_scrub;
 pub mod rewind;

@@ -11,6 +11,8 @@ use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
+use super::read_ahead::ReadAhead;
+
 use super::refusal::{Code, Refusal};
 use super::serve::{self, Protocols};
 use super::{forward, LiveSettings, Tunnel};
@@ -56,18 +58,19 @@ impl InterceptError {
     }
 }
 
-/// Reads the ClientHello.
+/// Reads the ClientHello. The connection is read through a [`ReadAhead`] from here on (a
+/// large TLS record in one `recv`, not one per 4 KiB).
 ///
 /// # Errors
 /// Timeout or a malformed handshake.
 pub async fn read_hello<IO>(
     live: &LiveSettings,
     io: IO,
-) -> Result<StartHandshake<IO>, InterceptError>
+) -> Result<StartHandshake<ReadAhead<IO>>, InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), io);
+    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(io));
     tokio::time::timeout(live.proxy.tls_handshake_timeout, acceptor)
         .await
         .map_err(|_| InterceptError::Timeout)?

@@ -23,6 +23,8 @@ use tokio_rustls::TlsConnector;
 use crate::config::UpstreamConfig;
 use crate::policy::{self, AddressPolicy};
 
+use super::read_ahead::ReadAhead;
+
 mod goaway;
 mod known_h2;
 mod nest;
@@ -185,7 +187,7 @@ impl Connector {
             .map_err(|_| ConnectError::Tls(format!("invalid server name {host}")))?;
         let tls = self
             .tls
-            .connect(name, tcp)
+            .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(|e| ConnectError::Tls(tls_reason(&e)))?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
@@ -270,7 +272,8 @@ fn tls_reason(e: &io::Error) -> String {
         .map_or_else(|| e.to_string(), |inner| inner.to_string())
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+/// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.
+type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// A plain or TLS upstream connection.
 pub enum UpstreamStream {
