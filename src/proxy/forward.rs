@@ -453,20 +453,43 @@ async fn prepare_body(
     ))
 }
 
-/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`].
+/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`] into one buffer.
 async fn collect_small(body: Incoming) -> Result<Bytes, Refusal> {
-    Ok(Limited::new(body, BUFFER_BODY_MAX as usize)
-        .collect()
-        .await
-        .map_err(|_| {
+    Ok(joined(collect_frames(body).await?))
+}
+
+/// The data frames of a body whose announced length is at most [`BUFFER_BODY_MAX`], as
+/// received (not copied; trailers are dropped).
+async fn collect_frames(body: Incoming) -> Result<Vec<Bytes>, Refusal> {
+    let mut body = Limited::new(body, BUFFER_BODY_MAX as usize);
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| {
             Refusal::new(
                 Code::BadRequest,
                 "request body ended early or exceeded its Content-Length",
             )
-        })?
-        .to_bytes())
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                frames.push(data);
+            }
+        }
+    }
+    Ok(frames)
 }
 
+/// `pieces` as one buffer: the piece itself when there is only one, else one copy.
+fn joined(mut pieces: Vec<Bytes>) -> Bytes {
+    if pieces.len() <= 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    pieces.concat().into()
+}
+
+/// Substitutes a held body frame by frame (the engine carries a token split across frames)
+/// and joins the result once: one copy of the body, not one to join the frames and another
+/// to join the substituted pieces.
 async fn substitute_whole(
     t: &Tunnel,
     lookup: Arc<dyn TokenLookup>,
@@ -475,17 +498,15 @@ async fn substitute_whole(
     body: Incoming,
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
-    let bytes = collect_small(body).await?;
+    let frames = collect_frames(body).await?;
     let mut engine = BodySubst::new(lookup, mode);
     let mut out = Vec::new();
-    engine.push(bytes, &mut out).map_err(|d| denied(t, d, o))?;
+    for frame in frames {
+        engine.push(frame, &mut out).map_err(|d| denied(t, d, o))?;
+    }
     engine.finish(&mut out);
     o.report.merge(engine.report());
-    let whole: Bytes = if out.len() == 1 {
-        out.pop().unwrap_or_default()
-    } else {
-        out.concat().into()
-    };
+    let whole = joined(out);
     o.bytes_up = whole.len() as u64;
     req.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
