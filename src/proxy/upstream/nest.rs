@@ -1,5 +1,6 @@
 //! The executor of the upstream clients: a future that hyper starts while one of its own tasks
-//! is being polled runs *inside* that task instead of as a new one.
+//! is being polled, and that task has nothing else in flight, runs *inside* that task instead
+//! of as a new one.
 //!
 //! Why: hyper's h2 client starts one future per request (the one that waits for the response
 //! head, plus one that pipes a streamed request body) from its dispatch task, right after
@@ -8,12 +9,15 @@
 //! a parked worker to share it: a futex wake, a futex wait and a hand-off to another core on
 //! every request (`perf record -e syscalls:sys_enter_futex` during the one-connection GET
 //! bench: 99.7 % of all futex calls came from that spawn, one wake and one wait per request).
-//! Nested, the request stays on the worker that read it unless that worker is busy.
+//! Nested, a lone request stays on the worker that read it. With requests already in flight
+//! on the connection the new one is spawned as before: the workers are busy then (no parked
+//! one to wake), and separate tasks spread the responses over them.
 //!
 //! Invariants:
-//! - A future given to [`Nesting::execute`] while a [`Nest`] is polled on this thread becomes
-//!   a child of that nest: it is polled only by that nest's task, and the nest completes only
-//!   once its own future and every child have. Anywhere else it is spawned as a new nest.
+//! - A future given to [`Nesting::execute`] while a [`Nest`] without children is polled on
+//!   this thread becomes a child of that nest (at most one per poll): it is polled only by
+//!   that nest's task, and the nest completes only once its own future and every child have.
+//!   Any other future is spawned as a new nest.
 //! - A child that panics ends alone (caught at the child): its siblings and the nest's own
 //!   future — hyper's connection dispatch — keep running, as they would as separate tasks.
 //! - The thread's collecting slot is restored when a nest's poll ends, even by unwinding, so a
@@ -36,7 +40,7 @@ type Child = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 thread_local! {
     /// While a [`Nest`] is polled on this thread: the futures executed during that poll.
-    static COLLECTING: RefCell<Option<Vec<Child>>> = const { RefCell::new(None) };
+    static COLLECTING: RefCell<Option<Collected>> = const { RefCell::new(None) };
 }
 
 /// A `hyper::rt::Executor` for the upstream clients (see the module docs).
@@ -49,11 +53,11 @@ where
 {
     fn execute(&self, fut: F) {
         let unclaimed = COLLECTING.with(|slot| match slot.borrow_mut().as_mut() {
-            Some(children) => {
-                children.push(boxed(fut));
+            Some(c) if !c.busy && c.new.is_empty() => {
+                c.new.push(boxed(fut));
                 None
             }
-            None => Some(fut),
+            _ => Some(fut),
         });
         if let Some(fut) = unclaimed {
             tokio::spawn(Nest::new(fut));
@@ -123,7 +127,7 @@ impl<F: Future<Output = ()>> Nest<F> {
     /// what each of them executes, until nothing is ready and nothing new was executed; only
     /// then is the task's waker handed to the children.
     fn poll_all(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let collecting = Collecting::start();
+        let collecting = Collecting::start(!self.children.is_empty());
         self.parent.take();
         if let Some(main) = self.main.as_mut() {
             if main.as_mut().poll(cx).is_ready() {
@@ -133,6 +137,7 @@ impl<F: Future<Output = ()>> Nest<F> {
         loop {
             self.adopt(collecting.take());
             self.poll_ready_children();
+            collecting.set_busy(!self.children.is_empty());
             if collecting.has_new() {
                 continue;
             }
@@ -195,15 +200,34 @@ impl<F: Future<Output = ()>> Future for Nest<F> {
     }
 }
 
+/// What a nest's poll collects: the futures executed during it, and whether the nest
+/// already has a child (then a new future is spawned instead: see [`Nesting`]).
+struct Collected {
+    busy: bool,
+    new: Vec<Child>,
+}
+
 /// Marks this thread as collecting for one nest's poll; restores the previous state on drop.
 struct Collecting {
-    previous: Option<Vec<Child>>,
+    previous: Option<Collected>,
 }
 
 impl Collecting {
-    fn start() -> Self {
-        let previous = COLLECTING.with(|slot| slot.replace(Some(Vec::new())));
+    fn start(busy: bool) -> Self {
+        let now = Collected {
+            busy,
+            new: Vec::new(),
+        };
+        let previous = COLLECTING.with(|slot| slot.replace(Some(now)));
         Collecting { previous }
+    }
+
+    fn set_busy(&self, busy: bool) {
+        COLLECTING.with(|slot| {
+            if let Some(c) = slot.borrow_mut().as_mut() {
+                c.busy = busy;
+            }
+        });
     }
 
     /// The futures executed since the last call.
@@ -211,13 +235,13 @@ impl Collecting {
         COLLECTING.with(|slot| {
             slot.borrow_mut()
                 .as_mut()
-                .map(std::mem::take)
+                .map(|c| std::mem::take(&mut c.new))
                 .unwrap_or_default()
         })
     }
 
     fn has_new(&self) -> bool {
-        COLLECTING.with(|slot| slot.borrow().as_ref().is_some_and(|v| !v.is_empty()))
+        COLLECTING.with(|slot| slot.borrow().as_ref().is_some_and(|c| !c.new.is_empty()))
     }
 }
 
@@ -270,21 +294,41 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn grandchildren_are_adopted_too() {
+    async fn a_second_future_while_the_nest_has_a_child_is_spawned_on_its_own() {
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let (second_tx, second_rx) = oneshot::channel();
+        let nest = tokio::spawn(Nest::new(async move {
+            Nesting.execute(async move {
+                release_rx.await.expect("released");
+            });
+            Nesting.execute(async move {
+                let _ = second_tx.send(());
+            });
+        }));
+        // The second runs although the first child (and so the nest) is still waiting.
+        second_rx.await.expect("the second future ran on its own");
+        assert!(!nest.is_finished());
+        release_tx.send(()).expect("first child alive");
+        nest.await.expect("nest ran");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_childs_own_spawn_is_spawned_and_runs() {
         let ran = Arc::new(AtomicUsize::new(0));
+        let (done_tx, done_rx) = oneshot::channel();
         let r = ran.clone();
         tokio::spawn(Nest::new(async move {
-            let r2 = r.clone();
             Nesting.execute(async move {
-                r2.fetch_add(1, Ordering::SeqCst);
-                let r3 = r2.clone();
+                r.fetch_add(1, Ordering::SeqCst);
                 Nesting.execute(async move {
-                    r3.fetch_add(1, Ordering::SeqCst);
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let _ = done_tx.send(());
                 });
             });
         }))
         .await
         .expect("nest ran");
+        done_rx.await.expect("the grandchild ran");
         assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 
