@@ -53,8 +53,8 @@ where
 {
     fn execute(&self, fut: F) {
         let unclaimed = COLLECTING.with(|slot| match slot.borrow_mut().as_mut() {
-            Some(c) if !c.busy && c.new.is_empty() => {
-                c.new.push(boxed(fut));
+            Some(c) if !c.busy && c.new.is_none() => {
+                c.new = Some(boxed(fut));
                 None
             }
             _ => Some(fut),
@@ -154,8 +154,8 @@ impl<F: Future<Output = ()>> Nest<F> {
         }
     }
 
-    fn adopt(&mut self, new: Vec<Child>) {
-        for child in new {
+    fn adopt(&mut self, new: Option<Child>) {
+        if let Some(child) = new {
             let mark = Arc::new(Mark {
                 ready: AtomicBool::new(true),
                 parent: self.parent.clone(),
@@ -200,11 +200,11 @@ impl<F: Future<Output = ()>> Future for Nest<F> {
     }
 }
 
-/// What a nest's poll collects: the futures executed during it, and whether the nest
+/// What a nest's poll collects: the one future executed during it, and whether the nest
 /// already has a child (then a new future is spawned instead: see [`Nesting`]).
 struct Collected {
     busy: bool,
-    new: Vec<Child>,
+    new: Option<Child>,
 }
 
 /// Marks this thread as collecting for one nest's poll; restores the previous state on drop.
@@ -214,10 +214,7 @@ struct Collecting {
 
 impl Collecting {
     fn start(busy: bool) -> Self {
-        let now = Collected {
-            busy,
-            new: Vec::new(),
-        };
+        let now = Collected { busy, new: None };
         let previous = COLLECTING.with(|slot| slot.replace(Some(now)));
         Collecting { previous }
     }
@@ -230,18 +227,13 @@ impl Collecting {
         });
     }
 
-    /// The futures executed since the last call.
-    fn take(&self) -> Vec<Child> {
-        COLLECTING.with(|slot| {
-            slot.borrow_mut()
-                .as_mut()
-                .map(|c| std::mem::take(&mut c.new))
-                .unwrap_or_default()
-        })
+    /// The future executed since the last call, if any.
+    fn take(&self) -> Option<Child> {
+        COLLECTING.with(|slot| slot.borrow_mut().as_mut().and_then(|c| c.new.take()))
     }
 
     fn has_new(&self) -> bool {
-        COLLECTING.with(|slot| slot.borrow().as_ref().is_some_and(|c| !c.new.is_empty()))
+        COLLECTING.with(|slot| slot.borrow().as_ref().is_some_and(|c| c.new.is_some()))
     }
 }
 
