@@ -17,8 +17,15 @@
 //! signal, which [`crate::proxy::forward`] retries once on a fresh connection. Streams that
 //! were already open above the id are failed by h2 itself (a remote GOAWAY error).
 //!
+//! A write that fails because the server closed (nginx closes right after the streams up to
+//! the GOAWAY's id are answered; bytes it did not read turn the close into a reset) is
+//! reported to h2 as done, and later writes are dropped: h2 reads on, sees the GOAWAY first
+//! and fails only the streams above its id, as not processed. Failing the write instead made
+//! h2 fail every stream with "broken pipe", the last source of 502s through nginx.
+//!
 //! Rules: bytes are passed through unchanged in both directions; only whole synthetic frames
-//! are added on the read side, only for streams the server has said it will not process.
+//! are added on the read side, only for streams the server has said it will not process;
+//! writes are dropped only after the server reset or closed the connection.
 //!
 //! # Memory usage
 //! A fixed-size state per connection plus one 13-byte frame per refused stream while it
@@ -193,6 +200,8 @@ struct Refusals {
     /// The reader to wake when a refusal is queued while no server bytes arrive.
     read_waker: Option<Waker>,
     scratch: Vec<Seen>,
+    /// The server closed the connection: writes are dropped, reads go on (see `swallow`).
+    write_closed: bool,
 }
 
 impl Refusals {
@@ -206,6 +215,7 @@ impl Refusals {
             out: None,
             read_waker: None,
             scratch: Vec::new(),
+            write_closed: false,
         }
     }
 
@@ -340,6 +350,42 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
     }
 }
 
+/// The server is gone for writing: it reset the connection (or closed it with our bytes
+/// unread, which TCP turns into a reset). What it sent before stays readable.
+fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl<S> RefuseAfterGoaway<S> {
+    /// Turns a write error meaning "the server closed" into "written, and from now on every
+    /// write is dropped", so that h2 goes on to read what the server sent before closing.
+    ///
+    /// Why: nginx sends GOAWAY, finishes the streams up to its last-stream-id and closes.
+    /// When h2 writes a new stream's frames before it has read that GOAWAY, the write fails
+    /// and h2 fails every stream with "broken pipe" — also those the GOAWAY says were never
+    /// processed, which could then not be retried. Reading on instead, h2 sees the GOAWAY
+    /// and the answers before it, then the end of the connection: each stream ends the way
+    /// the server decided. Safe because a reset socket still yields its queued bytes and then
+    /// the end, so the read side always finishes (and the response timeout bounds it anyway).
+    fn swallow(state: &mut Refusals, buf: &[u8], e: io::Error) -> Poll<io::Result<usize>> {
+        if !peer_closed(&e) {
+            return Poll::Ready(Err(e));
+        }
+        if !state.write_closed {
+            tracing::debug!(
+                error = %e,
+                "upstream h2: the server closed; reading what it sent before the write fails"
+            );
+            state.write_closed = true;
+        }
+        state.on_write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+}
+
 impl<S: AsyncWrite> AsyncWrite for RefuseAfterGoaway<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -347,19 +393,37 @@ impl<S: AsyncWrite> AsyncWrite for RefuseAfterGoaway<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let poll = this.inner.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            this.state.on_write(&buf[..n]);
+        if this.state.write_closed {
+            this.state.on_write(buf);
+            return Poll::Ready(Ok(buf.len()));
         }
-        poll
+        match this.inner.poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.state.on_write(&buf[..n]);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Self::swallow(this.state, buf, e),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        if this.state.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match this.inner.poll_flush(cx) {
+            Poll::Ready(Err(e)) => Self::swallow(this.state, &[], e).map_ok(|_| ()),
+            other => other,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.state.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 }
 
@@ -470,5 +534,68 @@ mod tests {
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, refused_frame(1));
+    }
+
+    /// The race behind the last 502s through nginx: h2 still has a stream's frames to write
+    /// when the server, having sent GOAWAY(0), closes. The write fails; h2 must still read
+    /// the GOAWAY and fail the stream as "not processed" (retryable), not as a broken pipe.
+    /// A 64-byte pipe makes the order certain: the request's DATA waits in h2's write buffer
+    /// until the server is gone.
+    #[tokio::test]
+    async fn a_write_after_the_server_closed_still_reads_its_goaway() {
+        let (client_io, mut server) = tokio::io::duplex(64);
+        let (mut send, conn) = h2::client::handshake(RefuseAfterGoaway::new(client_io))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::post("https://origin.test/")
+            .body(())
+            .unwrap();
+        let (response, mut body) = send.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from(vec![b'x'; 4096]), true)
+            .unwrap();
+        // Let h2 fill the pipe and wait on it.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        server.write_all(&frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+        server.write_all(&goaway(0)).await.unwrap();
+        drop(server);
+        let err = response.await.expect_err("the server processed nothing");
+        assert!(
+            err.is_go_away() && err.is_remote() && err.reason() == Some(h2::Reason::NO_ERROR),
+            "want the server's graceful GOAWAY, got {err:?}"
+        );
+        let _ = conn.await;
+    }
+
+    /// What `swallow` relies on, pinned against the kernel: once the server resets the
+    /// connection, writing fails, yet the bytes it sent before the reset can still be read,
+    /// followed by the end of the stream (or the reset itself).
+    #[tokio::test]
+    async fn a_reset_connection_still_yields_what_arrived_before_the_reset() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        server.write_all(b"goaway").await.unwrap();
+        client.write_all(b"never read").await.unwrap(); // unread: close becomes a reset
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(server); // with bytes unread: the kernel sends a reset, not a FIN
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let err = client
+            .write_all(b"late")
+            .await
+            .expect_err("the peer is gone");
+        assert!(peer_closed(&err), "{err:?}");
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"goaway");
+        let mut rest = [0u8; 1];
+        match client.read(&mut rest).await {
+            Ok(n) => assert_eq!(n, 0),
+            Err(e) => assert!(peer_closed(&e), "{e:?}"),
+        }
     }
 }
