@@ -17,11 +17,10 @@
 //! signal, which [`crate::proxy::forward`] retries once on a fresh connection. Streams that
 //! were already open above the id are failed by h2 itself (a remote GOAWAY error).
 //!
-//! A write that fails because the server closed (nginx closes right after the streams up to
-//! the GOAWAY's id are answered; bytes it did not read turn the close into a reset) is
-//! reported to h2 as done, and later writes are dropped: h2 reads on, sees the GOAWAY first
-//! and fails only the streams above its id, as not processed. Failing the write instead made
-//! h2 fail every stream with "broken pipe", the last source of 502s through nginx.
+//! A write that fails because the server closed (a server that closes with our bytes unread
+//! sends a reset) is reported to h2 as done, and later writes are dropped: h2 reads on, sees
+//! the GOAWAY first and fails only the streams above its id, as not processed. Failing the
+//! write instead made h2 fail every stream with an I/O error that does not say "unprocessed".
 //!
 //! Rules: bytes are passed through unchanged in both directions; only whole synthetic frames
 //! are added on the read side, only for streams the server has said it will not process;
@@ -70,7 +69,7 @@ struct Frames {
     /// Inside a header block (HEADERS/PUSH_PROMISE without END_HEADERS, then CONTINUATIONs):
     /// no other frame may be inserted here.
     in_header_block: bool,
-    goaway: [u8; 4],
+    goaway: [u8; 8],
     goaway_len: usize,
 }
 
@@ -78,7 +77,7 @@ struct Frames {
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
     Frame(Head),
-    GoAway { last_stream: u32 },
+    GoAway { last_stream: u32, code: u32 },
 }
 
 impl Frames {
@@ -90,7 +89,7 @@ impl Frames {
             payload_left: 0,
             current: None,
             in_header_block: false,
-            goaway: [0; 4],
+            goaway: [0; 8],
             goaway_len: 0,
         }
     }
@@ -160,16 +159,19 @@ impl Frames {
         seen.push(Seen::Frame(head));
     }
 
+    /// Collects a GOAWAY's last-stream-id and error code (its first 8 payload bytes).
     fn payload(&mut self, bytes: &[u8], seen: &mut Vec<Seen>) {
-        if self.current.map(|h| h.kind) != Some(GOAWAY) || self.goaway_len == 4 {
+        if self.current.map(|h| h.kind) != Some(GOAWAY) || self.goaway_len == 8 {
             return;
         }
-        let n = (4 - self.goaway_len).min(bytes.len());
+        let n = (8 - self.goaway_len).min(bytes.len());
         self.goaway[self.goaway_len..self.goaway_len + n].copy_from_slice(&bytes[..n]);
         self.goaway_len += n;
-        if self.goaway_len == 4 {
-            let last_stream = u32::from_be_bytes(self.goaway) & 0x7fff_ffff;
-            seen.push(Seen::GoAway { last_stream });
+        if self.goaway_len == 8 {
+            let [a, b, c, d, e, f, g, h] = self.goaway;
+            let last_stream = u32::from_be_bytes([a, b, c, d]) & 0x7fff_ffff;
+            let code = u32::from_be_bytes([e, f, g, h]);
+            seen.push(Seen::GoAway { last_stream, code });
         }
     }
 }
@@ -223,8 +225,12 @@ impl Refusals {
         let mut seen = std::mem::take(&mut self.scratch);
         self.reads.feed(bytes, &mut seen);
         for s in seen.drain(..) {
-            if let Seen::GoAway { last_stream } = s {
-                tracing::debug!(last_stream, "upstream h2 GOAWAY: later streams are refused");
+            if let Seen::GoAway { last_stream, code } = s {
+                tracing::debug!(
+                    last_stream,
+                    code,
+                    "upstream h2 GOAWAY: later streams are refused"
+                );
                 // A later GOAWAY may only lower the id (RFC 9113 §6.8).
                 self.last_stream =
                     Some(self.last_stream.map_or(last_stream, |l| l.min(last_stream)));
@@ -345,6 +351,14 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
                 st.inject(buf);
                 Poll::Ready(Ok(()))
             }
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                tracing::debug!(
+                    last_stream = st.last_stream,
+                    highest_opened = st.highest_opened,
+                    "upstream h2: the server closed the connection"
+                );
+                Poll::Ready(Ok(()))
+            }
             other => other,
         }
     }
@@ -460,7 +474,10 @@ mod tests {
             f.feed(&bytes[split..], &mut seen);
             assert!(f.at_boundary(), "split {split}");
             assert!(
-                seen.contains(&Seen::GoAway { last_stream: 7 }),
+                seen.contains(&Seen::GoAway {
+                    last_stream: 7,
+                    code: 0
+                }),
                 "split {split}"
             );
             assert_eq!(
