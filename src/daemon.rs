@@ -244,6 +244,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         isolation.clone(),
         shutdown_rx.clone(),
     ));
+    tasks.spawn(crate::proxy::trim::run(shutdown_rx.clone()));
     tasks.spawn(end_isolated_on_shutdown(
         isolation.clone(),
         shutdown_rx.clone(),

@@ -19,6 +19,7 @@ pub mod response_scrub;
 pub mod rewind;
 pub mod serve;
 pub mod transparent;
+pub mod trim;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -219,6 +220,7 @@ impl ProxyState {
             st.metrics.connections.inc();
             fut.await;
             st.metrics.connections.dec();
+            trim::note_freed();
         });
     }
 

@@ -65,6 +65,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -256,6 +257,13 @@ impl Framing {
         self.state == State::Rejected
     }
 
+    /// True between two messages: every byte fed so far belongs to a complete message (or
+    /// to empty lines before the next head), nothing is held, and the stream is still
+    /// inspected (not after CONNECT, `Upgrade` or the h2 preface, not refused).
+    pub fn between_messages(&self) -> bool {
+        self.state == State::Head && self.held.is_empty() && self.line.is_empty()
+    }
+
     /// True while bytes are held back (a partial head, chunk-size or trailer line).
     pub fn is_holding(&self) -> bool {
         !self.held.is_empty() || !self.line.is_empty()
@@ -269,6 +277,16 @@ impl Framing {
             self.held = Vec::new();
         }
         if self.line.is_empty() && self.line.capacity() > KEEP_IDLE {
+            self.line = Vec::new();
+        }
+    }
+
+    /// Frees the collection buffers while nothing is held (see [`H1Guard::shrink`]).
+    pub fn shrink(&mut self) {
+        if self.held.is_empty() {
+            self.held = Vec::new();
+        }
+        if self.line.is_empty() {
             self.line = Vec::new();
         }
     }
@@ -686,9 +704,13 @@ fn trim(v: &[u8]) -> &[u8] {
 // ---------------------------------------------------------------------------------------------
 // The service side: recognising synthetic requests, closing after non-upgraded upgrades.
 
-/// The per-connection nonce shared by an [`H1Guard`] and its service.
+/// The per-connection nonce shared by an [`H1Guard`] and its service, and what the guard
+/// last saw of the framing.
 pub struct GuardTag {
     nonce: String,
+    /// After the guard's last read: hyper has been handed every byte the guard released, and
+    /// those end at a message boundary ([`Framing::between_messages`]).
+    between: AtomicBool,
 }
 
 /// A request-extension carrying the guard's refusal (set by [`GuardTag::mark`]; a sandbox
@@ -701,7 +723,15 @@ impl GuardTag {
     pub fn new() -> Arc<Self> {
         Arc::new(GuardTag {
             nonce: crate::random::random_hex(16),
+            between: AtomicBool::new(false),
         })
+    }
+
+    /// True when, after the guard's last read, hyper held every released byte and those
+    /// ended at a message boundary: hyper's reading is then between two requests once it has
+    /// processed what it read (see `serve`'s parking).
+    pub fn between_messages(&self) -> bool {
+        self.between.load(Ordering::Relaxed)
     }
 
     /// The request hyper is handed in place of a refused head.
@@ -800,6 +830,15 @@ pin_project_lite::pin_project! {
 }
 
 impl<S> H1Guard<S> {
+    /// Frees every buffer that holds nothing (a parked connection: quiet, between two
+    /// messages), instead of keeping `KEEP_IDLE` bytes for the next head.
+    pub fn shrink(&mut self) {
+        if self.ready.is_empty() {
+            self.ready = BytesMut::new();
+        }
+        self.framing.shrink();
+    }
+
     /// Guards `inner`; heads over `limits.max_head` bytes or `limits.max_fields` fields get
     /// 431; a head still incomplete `limits.hold` after its first byte fails the read
     /// (slowloris).
@@ -854,6 +893,20 @@ fn examine(framing: &mut Framing, data: &[u8], ready: &mut BytesMut, was_holding
 
 impl<S: AsyncRead> AsyncRead for H1Guard<S> {
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = self.as_mut().poll_guarded(cx, buf);
+        let this = self.project();
+        let between = this.ready.is_empty() && this.framing.between_messages();
+        this.tag.between.store(between, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncRead> H1Guard<S> {
+    fn poll_guarded(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,

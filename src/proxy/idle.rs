@@ -1,10 +1,11 @@
 //! Idle tracking for intercepted connections: an I/O wrapper that stamps the last time bytes
-//! moved, and a watchdog that fires once a connection has been quiet for the idle timeout with
-//! no request in flight.
+//! moved, a watchdog that fires once a connection has been quiet for the idle timeout with
+//! no request in flight, and one that fires once an HTTP/1 connection may be parked
+//! ([`Activity::settled`]).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,6 +17,11 @@ pub struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Response bodies handed to the server and not yet ended or dropped.
+    bodies: AtomicUsize,
+    /// The last write-side call on the stream was a flush that completed: nothing the server
+    /// wrote is still buffered above the socket's own buffers.
+    write_settled: AtomicBool,
 }
 
 impl Activity {
@@ -25,6 +31,8 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            write_settled: AtomicBool::new(true),
         })
     }
 
@@ -37,6 +45,12 @@ impl Activity {
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// Marks a response body open until the guard drops (see [`Activity::settled`]).
+    pub fn body(self: &Arc<Self>) -> OpenBody {
+        self.bodies.fetch_add(1, Ordering::AcqRel);
+        OpenBody(self.clone())
     }
 
     fn quiet_for(&self) -> Duration {
@@ -55,6 +69,37 @@ impl Activity {
             let wait = if busy { limit } else { limit - quiet };
             tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
         }
+    }
+
+    /// Resolves once the connection is settled: quiet for `after`, no request in flight, no
+    /// response body open, every write flushed, and `between_messages()` true (the request
+    /// side ended at a message boundary). Checked at most every `after` while unsettled.
+    pub async fn settled(self: Arc<Self>, after: Duration, between_messages: impl Fn() -> bool) {
+        loop {
+            let quiet = self.quiet_for();
+            let idle = self.in_flight.load(Ordering::Acquire) == 0
+                && self.bodies.load(Ordering::Acquire) == 0
+                && self.write_settled.load(Ordering::Acquire);
+            if idle && quiet >= after && between_messages() {
+                return;
+            }
+            let wait = if idle && quiet < after {
+                after - quiet
+            } else {
+                after
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// Decrements the open-body count on drop.
+pub struct OpenBody(Arc<Activity>);
+
+impl Drop for OpenBody {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.bodies.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -83,6 +128,11 @@ impl<S> Tracked<S> {
         activity.touch();
         Tracked { inner, activity }
     }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
 }
 
 impl<S: AsyncRead> AsyncRead for Tracked<S> {
@@ -108,6 +158,7 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        this.activity.write_settled.store(false, Ordering::Relaxed);
         let r = this.inner.poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
@@ -121,6 +172,7 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
+        this.activity.write_settled.store(false, Ordering::Relaxed);
         let r = this.inner.poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.touch();
@@ -136,10 +188,58 @@ impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.activity.write_settled.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    const AFTER: Duration = Duration::from_millis(40);
+
+    async fn settles_within(a: &Arc<Activity>, between: bool, limit: Duration) -> bool {
+        tokio::time::timeout(limit, a.clone().settled(AFTER, move || between))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn settled_waits_for_quiet_requests_bodies_flushes_and_a_message_boundary() {
+        let a = Activity::new();
+        assert!(
+            settles_within(&a, true, AFTER * 4).await,
+            "a quiet connection"
+        );
+        assert!(!settles_within(&a, false, AFTER * 4).await, "mid-message");
+        let req = a.request();
+        assert!(
+            !settles_within(&a, true, AFTER * 4).await,
+            "request in flight"
+        );
+        drop(req);
+        let body = a.body();
+        assert!(!settles_within(&a, true, AFTER * 4).await, "body open");
+        drop(body);
+        let (client, _server) = tokio::io::duplex(4);
+        let mut t = Tracked::new(client, a.clone());
+        t.write_all(b"abcd").await.unwrap();
+        assert!(
+            !settles_within(&a, true, AFTER * 4).await,
+            "write not flushed"
+        );
+        t.flush().await.unwrap();
+        assert!(settles_within(&a, true, AFTER * 4).await, "all flushed");
     }
 }

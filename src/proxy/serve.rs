@@ -21,18 +21,22 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::h1_guard::{
     close_unless_upgraded, wants_upgrade, GuardTag, H1Guard, HeadLimits, MAX_HEADERS,
 };
-use super::idle::{Activity, Tracked};
+use super::idle::{Activity, OpenBody, Tracked};
 use super::rewind::Rewind;
 use super::{LiveSettings, ProxyBody, ProxyState};
 
@@ -95,19 +99,21 @@ pub async fn serve<S, H, F>(
     close_early: impl Future<Output = ()>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + Unpin + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let activity = Activity::new();
     let tag = GuardTag::new();
     let guarded = H1Guard::new(stream, HeadLimits::of(&live.proxy), tag.clone());
-    let mut io = Tracked::new(guarded, activity.clone());
+    let io = Tracked::new(guarded, activity.clone());
     let act = activity.clone();
+    let guard_tag = tag.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let in_flight = act.request();
         tag.mark(&mut req);
         let (upgrade, connect) = (wants_upgrade(&req), req.method() == Method::CONNECT);
         let answer = handler(req);
+        let act = act.clone();
         // Boxed per request: hyper's h1 server keeps one heap slot the size of this future for
         // the connection's whole life (`in_flight`, allocated with the connection), so an idle
         // keep-alive connection would hold the whole request pipeline's state machine.
@@ -115,25 +121,12 @@ pub async fn serve<S, H, F>(
             let mut resp = answer.await;
             close_unless_upgraded(upgrade, connect, &mut resp);
             drop(in_flight);
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|b| Counted::new(b, &act)))
         })
     });
     match protocols {
         Protocols::Http1 => {
-            tokio::pin!(close_early);
-            let mut shutdown = state.shutdown_signal();
-            let first = tokio::select! {
-                first = first_bytes(&mut io) => first,
-                _ = close_early.as_mut() => return,
-                _ = activity.clone().idle(live.proxy.idle_timeout) => return,
-                _ = shutdown.changed() => return,
-            };
-            let Some(first) = first else { return };
-            let io = TokioIo::new(Rewind::new(first, io));
-            let conn = http1_builder(live)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            drive!(conn, state, live, activity, close_early);
+            serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
         }
         Protocols::Http2 => {
             let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
@@ -144,6 +137,154 @@ pub async fn serve<S, H, F>(
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             drive!(conn, state, live, activity, close_early);
         }
+    }
+}
+
+/// How long an HTTP/1 connection stays quiet, with nothing in flight, before its hyper
+/// connection is parked (see [`serve_h1`]).
+#[cfg(not(test))]
+const PARK_AFTER: Duration = Duration::from_secs(2);
+#[cfg(test)]
+const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// Serves an HTTP/1 connection, one hyper connection at a time.
+///
+/// hyper allocates 8 KiB of write buffer with its connection and 8 KiB of read buffer at its
+/// first read, and keeps both for the connection's life. So hyper's connection is created only
+/// once the client sends (`first_bytes`), and a connection that has settled — quiet for
+/// [`PARK_AFTER`] with no request in flight, no response body open, every write flushed and
+/// the guard between two messages — is *parked*: hyper's connection is taken apart
+/// (`into_parts`), its buffers freed, and the stream (with the guard and its framing state)
+/// waits for the next request without it. Nothing is lost: hyper had read exactly up to a
+/// message boundary and processed it (it returns any byte it did not; then the connection is
+/// closed instead, never re-parsed), and had flushed everything it wrote. A busy keep-alive
+/// connection never parks, so it pays nothing per request.
+async fn serve_h1<S, Svc>(
+    state: &ProxyState,
+    live: &LiveSettings,
+    mut io: Tracked<H1Guard<S>>,
+    mut svc: Svc,
+    activity: &Arc<Activity>,
+    tag: &Arc<GuardTag>,
+    close_early: impl Future<Output = ()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Counted<ProxyBody>> + Unpin,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(close_early);
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let first = tokio::select! {
+            first = first_bytes(&mut io) => first,
+            _ = close_early.as_mut() => return,
+            _ = activity.clone().idle(live.proxy.idle_timeout) => return,
+            _ = shutdown.changed() => return,
+        };
+        let Some(first) = first else { return };
+        let conn = http1_builder(live)
+            .serve_connection(TokioIo::new(Rewind::new(first, io)), svc)
+            .with_upgrades();
+        let mut conn = Box::new(conn);
+        let mut conn_shutdown = state.shutdown_signal();
+        let between = || tag.between_messages();
+        let end = tokio::select! {
+            _ = &mut *conn => End::Done,
+            _ = close_early.as_mut() => End::Done,
+            _ = activity.clone().idle(live.proxy.idle_timeout) => End::Graceful,
+            _ = conn_shutdown.changed() => End::Graceful,
+            _ = activity.clone().settled(PARK_AFTER, between) => End::Park,
+        };
+        match end {
+            End::Done => return,
+            End::Graceful => {
+                Pin::new(&mut *conn).graceful_shutdown();
+                let _ = tokio::time::timeout(live.proxy.shutdown_grace, &mut *conn).await;
+                return;
+            }
+            End::Park => match park(*conn) {
+                Some((back, service)) => {
+                    tracing::debug!("h1 connection parked");
+                    super::trim::note_freed();
+                    (io, svc) = (back, service);
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// How [`serve_h1`]'s wait on one hyper connection ended.
+enum End {
+    /// hyper is done, or the caller closed the connection.
+    Done,
+    /// Idle timeout or daemon shutdown: hyper's graceful shutdown, then the end.
+    Graceful,
+    /// The connection settled: park it.
+    Park,
+}
+
+/// Takes a settled hyper connection apart: the stream and the service, or `None` when hyper
+/// holds bytes it has not processed (the connection then ends: they are never parsed again).
+fn park<S, Svc>(conn: UpgradeableH1<S, Svc>) -> Option<(Tracked<H1Guard<S>>, Svc)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Counted<ProxyBody>>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = conn.into_parts()?;
+    let (prefix, mut io) = parts.io.into_inner().into_parts();
+    if !parts.read_buf.is_empty() || !prefix.is_empty() {
+        tracing::debug!("h1 connection settled with unprocessed bytes: closing it");
+        return None;
+    }
+    io.get_mut().shrink();
+    Some((io, parts.service))
+}
+
+/// hyper's upgradeable HTTP/1 connection over a guarded, replaying stream.
+type UpgradeableH1<S, Svc> =
+    http1::UpgradeableConnection<TokioIo<Rewind<Tracked<H1Guard<S>>>>, Svc>;
+
+pin_project_lite::pin_project! {
+    /// A response body that counts as open ([`Activity::body`]) until it ends or is dropped,
+    /// so a connection streaming a quiet response is never parked.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        open: Option<OpenBody>,
+    }
+}
+
+impl<B: Body> Counted<B> {
+    fn new(inner: B, activity: &Arc<Activity>) -> Self {
+        let open = (!inner.is_end_stream()).then(|| activity.body());
+        Counted { inner, open }
+    }
+}
+
+impl<B: Body> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None | Some(Err(_)))) {
+            *this.open = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

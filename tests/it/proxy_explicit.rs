@@ -802,3 +802,74 @@ async fn denied_token_in_a_streamed_body_aborts_before_its_bytes() {
         "body was cut"
     );
 }
+
+/// A keep-alive connection that stays quiet parks (hyper's per-connection buffers are freed,
+/// `serve::serve_h1`), and the next requests on the same connection — a GET and a POST with
+/// a body token — are served as if nothing happened.
+#[tokio::test]
+async fn a_quiet_keep_alive_connection_parks_and_serves_the_next_requests() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-park-0001", None, None)],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let bearer = format!("Bearer {key}");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("authorization", &bearer)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let body = format!("{{\"key\":\"{key}\",\"pad\":\"{}\"}}", "p".repeat(20_000));
+    let a = pc::send1(
+        &mut c,
+        pc::post(
+            "/echo",
+            "api.example.test",
+            &[("content-type", "application/json")],
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(
+        reqs[1].header("authorization").unwrap(),
+        "Bearer sk-real-park-0001"
+    );
+    let sent = String::from_utf8(reqs[2].body.clone()).unwrap();
+    assert!(sent.starts_with("{\"key\":\"sk-real-park-0001\",\"pad\":\"ppp"));
+    assert_eq!(
+        sent.len(),
+        20_000 + "{\"key\":\"sk-real-park-0001\",\"pad\":\"\"}".len()
+    );
+    assert!(
+        crate::support::daemon::logs_text().contains("h1 connection parked"),
+        "the quiet connection was never parked"
+    );
+    e.h.assert_logs_clean();
+}
+
+/// A response body that is quiet for longer than the park delay is still open: the connection
+/// is not parked under it, the whole body arrives, and the connection serves the next request.
+#[tokio::test]
+async fn a_quiet_streaming_response_is_not_cut_by_parking() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/slow?ms=2600&chunks=3", "api.example.test", &[]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body.len(), 3 * 1024, "the streamed body was cut");
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+}
