@@ -252,6 +252,11 @@ impl Framing {
         })
     }
 
+    /// True once inspection stopped (after CONNECT, `Upgrade` or the h2 preface).
+    pub fn is_passthrough(&self) -> bool {
+        self.state == State::Passthrough
+    }
+
     /// True once the machine refused the stream.
     pub fn is_rejected(&self) -> bool {
         self.state == State::Rejected
@@ -941,11 +946,17 @@ impl<S: AsyncRead> H1Guard<S> {
             let before = buf.filled().len();
             let Poll::Ready(read) = this.inner.as_mut().poll_read(cx, buf) else {
                 // Waiting on the client (an idle keep-alive connection, most of the time):
-                // `ready` is empty here, so hand back what the last read grew beyond a head.
-                if this.ready.capacity() > KEEP_IDLE {
+                // `ready` is empty here, so hand back what the last read grew beyond a head —
+                // everything once inspection stopped (a CONNECT tunnel's outer connection).
+                let passthrough = this.framing.is_passthrough();
+                if this.ready.capacity() > KEEP_IDLE || (passthrough && this.ready.capacity() > 0) {
                     *this.ready = BytesMut::new();
                 }
-                this.framing.release_idle();
+                if passthrough {
+                    this.framing.shrink();
+                } else {
+                    this.framing.release_idle();
+                }
                 return Poll::Pending;
             };
             read?;
