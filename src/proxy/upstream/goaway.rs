@@ -204,6 +204,9 @@ struct Refusals {
     scratch: Vec<Seen>,
     /// The server closed the connection: writes are dropped, reads go on (see `swallow`).
     write_closed: bool,
+    /// Diagnostics, kept only while debug logging is on: streams opened whose response head
+    /// (or reset) has not arrived, named when the server closes the connection.
+    awaiting: Option<Vec<u32>>,
 }
 
 impl Refusals {
@@ -218,6 +221,7 @@ impl Refusals {
             read_waker: None,
             scratch: Vec::new(),
             write_closed: false,
+            awaiting: tracing::enabled!(tracing::Level::DEBUG).then(Vec::new),
         }
     }
 
@@ -225,6 +229,11 @@ impl Refusals {
         let mut seen = std::mem::take(&mut self.scratch);
         self.reads.feed(bytes, &mut seen);
         for s in seen.drain(..) {
+            if let (Seen::Frame(h), Some(awaiting)) = (&s, &mut self.awaiting) {
+                if h.kind == HEADERS || h.kind == RST_STREAM {
+                    awaiting.retain(|&id| id != h.stream);
+                }
+            }
             if let Seen::GoAway { last_stream, code } = s {
                 tracing::debug!(
                     last_stream,
@@ -248,6 +257,9 @@ impl Refusals {
                 continue;
             }
             self.highest_opened = h.stream;
+            if let Some(awaiting) = &mut self.awaiting {
+                awaiting.push(h.stream);
+            }
             if self.last_stream.is_some_and(|l| h.stream > l) {
                 self.queue.push_back(h.stream);
                 if let Some(w) = self.read_waker.take() {
@@ -355,6 +367,7 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
                 tracing::debug!(
                     last_stream = st.last_stream,
                     highest_opened = st.highest_opened,
+                    awaiting_response = ?st.awaiting,
                     "upstream h2: the server closed the connection"
                 );
                 Poll::Ready(Ok(()))
