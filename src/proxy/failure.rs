@@ -61,9 +61,9 @@ pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// Whether a request that failed with `e` may be sent again (its body held in full): when the
 /// upstream provably did not process it ([`not_processed`]), or when the outcome is unknown
-/// but its method is idempotent (`dispatch_gone`, `idempotent`).
+/// but its method is idempotent (`dispatch_gone`, `closed_unanswered`, `idempotent`).
 pub fn may_send_again(e: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
-    not_processed(e) || (idempotent(method) && dispatch_gone(e))
+    not_processed(e) || (idempotent(method) && (dispatch_gone(e) || closed_unanswered(e)))
 }
 
 /// True when the upstream provably did not process the request, so it may be sent again:
@@ -99,6 +99,20 @@ fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
     sources(e)
         .find_map(|s| s.downcast_ref::<hyper::Error>())
         .is_some_and(|h| h.to_string() == "dispatch task is gone")
+}
+
+/// True when the upstream connection ended (the server closed it) while the request still
+/// waited for its answer: h2 reports that as an I/O `BrokenPipe` ("stream closed because of a
+/// broken pipe"), which hyper passes on as its own I/O error. nginx 1.22 does it to the
+/// stream that reached `keepalive_requests`: it names that stream as its GOAWAY's
+/// last-stream-id — "might have been processed" (RFC 9113 §6.8) — and closes without
+/// answering it. The outcome is unknown, so only an idempotent request may go again (pinned
+/// by `tests/it/adversarial/exhaustion.rs`,
+/// `a_get_whose_connection_closes_unanswered_is_sent_again`).
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Methods a proxy may send again after a failure that may have reached the origin

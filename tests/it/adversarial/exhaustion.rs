@@ -731,3 +731,110 @@ async fn a_get_queued_for_a_stream_slot_survives_the_origins_goaway() {
     );
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// An h2 origin that reads its first request whole, then sends GOAWAY naming it as the last
+/// stream processed and closes the connection without answering it (what nginx 1.22 did to
+/// the stream that reached `keepalive_requests`); every other request gets 200. Counts the
+/// requests it received.
+async fn origin_that_closes_its_first_stream_unanswered(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let received = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, received) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new().handshake::<_, Bytes>(tls).await
+                else {
+                    return;
+                };
+                let mut unanswered = None;
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let mut body = req.into_body();
+                    while let Some(Ok(_)) = body.data().await {}
+                    if received.fetch_add(1, SeqCst) == 0 {
+                        // As nginx did: GOAWAY naming this stream as the last one processed,
+                        // then a clean close (TLS close_notify, FIN) without an answer. The
+                        // stream is kept (dropping it would reset it).
+                        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                        unanswered = Some(respond);
+                        continue;
+                    }
+                    let answer = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut out) = respond.send_response(answer, false) {
+                        let _ = out.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+                drop(unanswered);
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Sends one request of `method` through sealgate to [`origin_that_closes_its_first_stream_unanswered`];
+/// returns the status and how many requests the origin received.
+async fn through_an_origin_that_closes_unanswered(method: http::Method) -> (StatusCode, usize) {
+    use crate::support::daemon::Harness;
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let (origin, received) = origin_that_closes_its_first_stream_unanswered(
+        pki.server_config(&["api.example.test"], &[b"h2"]),
+    )
+    .await;
+    let o = Opts {
+        resolve: vec![("api.example.test".into(), origin)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(o, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    let req = if method == http::Method::POST {
+        pc::post("/p", "api.example.test", &[], Bytes::from_static(b"once"))
+    } else {
+        let mut r = pc::get("/g", "api.example.test", &[]);
+        *r.method_mut() = method;
+        r
+    };
+    let a = tokio::time::timeout(Duration::from_secs(10), pc::send1(&mut c, req))
+        .await
+        .expect("answered");
+    (a.status, received.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// The origin closed the connection with the GET unanswered: whether it processed the GET is
+/// unknown, and a GET may be sent again (RFC 9110 §9.2.2), so sealgate does.
+#[tokio::test]
+async fn a_get_whose_connection_closes_unanswered_is_sent_again() {
+    let (status, received) = through_an_origin_that_closes_unanswered(http::Method::GET).await;
+    let failures: Vec<String> = crate::support::daemon::logs_text()
+        .lines()
+        .filter(|l| l.contains("exchange failed"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(status, StatusCode::OK, "{failures:#?}");
+    assert_eq!(received, 2, "sent once, then once more on a new connection");
+}
+
+/// The same for a POST: it may have been processed, so it is never sent twice; 502.
+#[tokio::test]
+async fn a_post_whose_connection_closes_unanswered_is_not_sent_again() {
+    let (status, received) = through_an_origin_that_closes_unanswered(http::Method::POST).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(received, 1, "a POST is never sent twice");
+}
