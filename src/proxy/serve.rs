@@ -13,6 +13,8 @@
 //! - an upgrade-capable request (CONNECT, `Upgrade`) that is not upgraded is answered with
 //!   `Connection: close` ([`close_unless_upgraded`]), so hyper never parses a head the guard
 //!   did not see;
+//! - an HTTP/1 connection that has settled between two requests is parked: hyper's connection
+//!   (and its buffers) is taken apart, the stream and the guard are kept ([`serve_h1`]);
 //! - the connection ends when hyper is done, after `idle_timeout` with no bytes moving and no
 //!   request in flight (between keep-alive requests too), when the caller's `close_early` fires (dropped at once), or — on
 //!   shutdown — after hyper's graceful shutdown, within `shutdown_grace`.
@@ -120,8 +122,10 @@ pub async fn serve<S, H, F>(
         Box::pin(async move {
             let mut resp = answer.await;
             close_unless_upgraded(upgrade, connect, &mut resp);
+            // The body counts as open before the request stops counting as in flight.
+            let resp = resp.map(|b| Counted::new(b, &act));
             drop(in_flight);
-            Ok::<_, Infallible>(resp.map(|b| Counted::new(b, &act)))
+            Ok::<_, Infallible>(resp)
         })
     });
     match protocols {
