@@ -14,7 +14,7 @@
 //!   `Connection: close` ([`close_unless_upgraded`]), so hyper never parses a head the guard
 //!   did not see;
 //! - an HTTP/1 connection that has settled between two requests is parked: hyper's connection
-//!   (and its buffers) is taken apart, the stream and the guard are kept ([`serve_h1`]);
+//!   (and its buffers) is taken apart, the stream and the guard are kept (`serve_h1`);
 //! - the connection ends when hyper is done, after `idle_timeout` with no bytes moving and no
 //!   request in flight (between keep-alive requests too), when the caller's `close_early` fires (dropped at once), or — on
 //!   shutdown — after hyper's graceful shutdown, within `shutdown_grace`.
