@@ -78,7 +78,7 @@ use tokio::time::Sleep;
 use super::refusal::{Code, Refusal};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Header fields per head unless configured (`proxy.max_header_fields`; hyper's default).
 pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line, extensions and CRLF included.

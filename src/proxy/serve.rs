@@ -27,7 +27,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -36,7 +35,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::h1_guard::{
-    close_unless_upgraded, wants_upgrade, GuardTag, H1Guard, HeadLimits, MAX_HEADERS,
+    close_unless_upgraded, wants_upgrade, GuardTag, H1Guard, HeadLimits, H2_PREFACE, MAX_HEADERS,
 };
 use super::idle::{Activity, OpenBody, Tracked};
 use super::rewind::Rewind;
@@ -50,7 +49,8 @@ pub enum Protocols {
     Http1,
     /// HTTP/2 only: TLS that negotiated `h2` by ALPN.
     Http2,
-    /// HTTP/1.1 or HTTP/2, picked by the connection preface: TLS without ALPN.
+    /// HTTP/1.1 or HTTP/2, picked by the client's first bytes (the h2 preface or not): TLS
+    /// without ALPN.
     Auto,
 }
 
@@ -107,7 +107,7 @@ pub async fn serve<S, H, F>(
     let activity = Activity::new();
     let tag = GuardTag::new();
     let guarded = H1Guard::new(stream, HeadLimits::of(&live.proxy), tag.clone());
-    let io = Tracked::new(guarded, activity.clone());
+    let mut io = Tracked::new(guarded, activity.clone());
     let act = activity.clone();
     let guard_tag = tag.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -130,16 +130,41 @@ pub async fn serve<S, H, F>(
     });
     match protocols {
         Protocols::Http1 => {
-            serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
+            let (activity, tag) = (&activity, &guard_tag);
+            serve_h1(state, live, io, svc, activity, tag, close_early, None).await
         }
         Protocols::Http2 => {
             let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
             drive!(conn, state, live, activity, close_early);
         }
         Protocols::Auto => {
-            let builder = auto_builder(live);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-            drive!(conn, state, live, activity, close_early);
+            tokio::pin!(close_early);
+            let mut shutdown = state.shutdown_signal();
+            let first = tokio::select! {
+                first = first_bytes(&mut io) => first,
+                _ = close_early.as_mut() => return,
+                _ = activity.clone().idle(live.proxy.idle_timeout) => return,
+                _ = shutdown.changed() => return,
+            };
+            let Some(first) = first else { return };
+            if first.starts_with(H2_PREFACE) {
+                let io = TokioIo::new(Rewind::new(first, io));
+                let conn = http2_builder(live).serve_connection(io, svc);
+                drive!(conn, state, live, activity, close_early);
+            } else {
+                let (activity, tag) = (&activity, &guard_tag);
+                serve_h1(
+                    state,
+                    live,
+                    io,
+                    svc,
+                    activity,
+                    tag,
+                    close_early,
+                    Some(first),
+                )
+                .await
+            }
         }
     }
 }
@@ -162,7 +187,9 @@ const PARK_AFTER: Duration = Duration::from_millis(200);
 /// waits for the next request without it. Nothing is lost: hyper had read exactly up to a
 /// message boundary and processed it (it returns any byte it did not; then the connection is
 /// closed instead, never re-parsed), and had flushed everything it wrote. A busy keep-alive
-/// connection never parks, so it pays nothing per request.
+/// connection never parks, so it pays nothing per request. `first`: the client's first bytes
+/// when the caller already read them (to tell HTTP/1 from the h2 preface).
+#[allow(clippy::too_many_arguments)]
 async fn serve_h1<S, Svc>(
     state: &ProxyState,
     live: &LiveSettings,
@@ -171,6 +198,7 @@ async fn serve_h1<S, Svc>(
     activity: &Arc<Activity>,
     tag: &Arc<GuardTag>,
     close_early: impl Future<Output = ()>,
+    mut first: Option<Bytes>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = Counted<ProxyBody>> + Unpin,
@@ -179,13 +207,19 @@ async fn serve_h1<S, Svc>(
     tokio::pin!(close_early);
     let mut shutdown = state.shutdown_signal();
     loop {
-        let first = tokio::select! {
-            first = first_bytes(&mut io) => first,
-            _ = close_early.as_mut() => return,
-            _ = activity.clone().idle(live.proxy.idle_timeout) => return,
-            _ = shutdown.changed() => return,
+        let first = match first.take() {
+            Some(first) => first,
+            None => {
+                let read = tokio::select! {
+                    first = first_bytes(&mut io) => first,
+                    _ = close_early.as_mut() => return,
+                    _ = activity.clone().idle(live.proxy.idle_timeout) => return,
+                    _ = shutdown.changed() => return,
+                };
+                let Some(read) = read else { return };
+                read
+            }
         };
-        let Some(first) = first else { return };
         let conn = http1_builder(live)
             .serve_connection(TokioIo::new(Rewind::new(first, io)), svc)
             .with_upgrades();
@@ -345,27 +379,6 @@ fn http2_builder(live: &LiveSettings) -> http2::Builder<TokioExecutor> {
     let p = &live.proxy;
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .max_concurrent_streams(p.max_h2_streams)
-        .max_header_list_size(p.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(256);
-    b
-}
-
-/// hyper-util's version-sniffing server with both builders' settings (TLS without ALPN).
-fn auto_builder(live: &LiveSettings) -> auto::Builder<TokioExecutor> {
-    let p = &live.proxy;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(p.max_header_bytes.max(8192))
-        .keep_alive(true);
-    if p.max_header_fields != MAX_HEADERS {
-        b.http1().max_headers(p.max_header_fields);
-    }
-    b.http2()
-        .timer(TokioTimer::new())
         .max_concurrent_streams(p.max_h2_streams)
         .max_header_list_size(p.max_header_bytes as u32)
         .max_pending_accept_reset_streams(50)

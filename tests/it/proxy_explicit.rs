@@ -873,3 +873,59 @@ async fn a_quiet_streaming_response_is_not_cut_by_parking() {
     let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
     assert_eq!(a.status, StatusCode::OK);
 }
+
+/// TLS without ALPN (Node's `https` sends none) is served by what the client sends first: the
+/// h2 preface gets HTTP/2, anything else HTTP/1.1 — and a quiet HTTP/1.1 connection parks
+/// like any other.
+#[tokio::test]
+async fn tls_without_alpn_serves_h2_by_preface_and_h1_otherwise() {
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-noalpn-0001", None, None)],
+    )
+    .await;
+    let bearer = format!("Bearer {}", e.sb.token("KEY"));
+    let open = || async {
+        let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .expect("CONNECT accepted");
+        let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[])
+            .await
+            .expect("TLS without ALPN");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+        tls
+    };
+    let (mut h2c, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(open().await))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let a = pc::send2(
+        &mut h2c,
+        pc::get("/echo", "api.example.test", &[("authorization", &bearer)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let (mut h1c, conn) = http1::handshake(TokioIo::new(open().await)).await.unwrap();
+    tokio::spawn(conn);
+    let a = pc::send1(&mut h1c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let a = pc::send1(
+        &mut h1c,
+        pc::get("/echo", "api.example.test", &[("authorization", &bearer)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 3);
+    for r in [&reqs[0], &reqs[2]] {
+        assert_eq!(
+            r.header("authorization").unwrap(),
+            "Bearer sk-real-noalpn-0001"
+        );
+    }
+    e.h.assert_logs_clean();
+}
