@@ -274,24 +274,14 @@ impl Framing {
         !self.held.is_empty() || !self.line.is_empty()
     }
 
-    /// Frees the collection buffers that grew beyond `KEEP_IDLE` while nothing is held, so
-    /// an idle connection keeps at most a typical head's worth (keeping that much spares a
-    /// busy keep-alive connection re-growing its buffers on every request).
-    pub fn release_idle(&mut self) {
-        if self.held.is_empty() && self.held.capacity() > KEEP_IDLE {
+    /// Frees the collection buffers that grew beyond `keep` bytes while nothing is held. An
+    /// idle keep-alive connection keeps `KEEP_IDLE` (a typical head: a busy connection does
+    /// not re-grow its buffers on every request); a parked or pass-through one keeps none.
+    pub fn release_idle(&mut self, keep: usize) {
+        if self.held.is_empty() && self.held.capacity() > keep {
             self.held = Vec::new();
         }
-        if self.line.is_empty() && self.line.capacity() > KEEP_IDLE {
-            self.line = Vec::new();
-        }
-    }
-
-    /// Frees the collection buffers while nothing is held (see [`H1Guard::shrink`]).
-    pub fn shrink(&mut self) {
-        if self.held.is_empty() {
-            self.held = Vec::new();
-        }
-        if self.line.is_empty() {
+        if self.line.is_empty() && self.line.capacity() > keep {
             self.line = Vec::new();
         }
     }
@@ -841,7 +831,7 @@ impl<S> H1Guard<S> {
         if self.ready.is_empty() {
             self.ready = BytesMut::new();
         }
-        self.framing.shrink();
+        self.framing.release_idle(0);
     }
 
     /// Guards `inner`; heads over `limits.max_head` bytes or `limits.max_fields` fields get
@@ -948,15 +938,15 @@ impl<S: AsyncRead> H1Guard<S> {
                 // Waiting on the client (an idle keep-alive connection, most of the time):
                 // `ready` is empty here, so hand back what the last read grew beyond a head —
                 // everything once inspection stopped (a CONNECT tunnel's outer connection).
-                let passthrough = this.framing.is_passthrough();
-                if this.ready.capacity() > KEEP_IDLE || (passthrough && this.ready.capacity() > 0) {
+                let keep = if this.framing.is_passthrough() {
+                    0
+                } else {
+                    KEEP_IDLE
+                };
+                if this.ready.capacity() > keep {
                     *this.ready = BytesMut::new();
                 }
-                if passthrough {
-                    this.framing.shrink();
-                } else {
-                    this.framing.release_idle();
-                }
+                this.framing.release_idle(keep);
                 return Poll::Pending;
             };
             read?;

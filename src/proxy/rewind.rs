@@ -23,6 +23,11 @@ impl<S> Rewind<S> {
         Rewind { prefix, inner }
     }
 
+    /// The bytes not replayed yet.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// The bytes not replayed yet, and the stream.
     pub fn into_parts(self) -> (Bytes, S) {
         (self.prefix, self.inner)

@@ -123,15 +123,15 @@ pub async fn serve<S, H, F>(
             let mut resp = answer.await;
             close_unless_upgraded(upgrade, connect, &mut resp);
             // The body counts as open before the request stops counting as in flight.
-            let resp = resp.map(|b| Counted::new(b, &act));
+            let resp = resp.map(|b| LiveBody::new(b, &act));
             drop(in_flight);
             Ok::<_, Infallible>(resp)
         })
     });
     match protocols {
         Protocols::Http1 => {
-            let (activity, tag) = (&activity, &guard_tag);
-            serve_h1(state, live, io, svc, activity, tag, close_early, None).await
+            let io = Rewind::new(Bytes::new(), io);
+            serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
         }
         Protocols::Http2 => {
             let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
@@ -140,30 +140,20 @@ pub async fn serve<S, H, F>(
         Protocols::Auto => {
             tokio::pin!(close_early);
             let mut shutdown = state.shutdown_signal();
-            let first = tokio::select! {
-                first = first_bytes(&mut io) => first,
-                _ = close_early.as_mut() => return,
-                _ = activity.clone().idle(live.proxy.idle_timeout) => return,
-                _ = shutdown.changed() => return,
-            };
-            let Some(first) = first else { return };
-            if first.starts_with(H2_PREFACE) {
-                let io = TokioIo::new(Rewind::new(first, io));
-                let conn = http2_builder(live).serve_connection(io, svc);
+            let first = wait_first_bytes(
+                &mut io,
+                live,
+                &activity,
+                &mut shutdown,
+                close_early.as_mut(),
+            );
+            let Some(first) = first.await else { return };
+            let io = Rewind::new(first, io);
+            if io.prefix().starts_with(H2_PREFACE) {
+                let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
                 drive!(conn, state, live, activity, close_early);
             } else {
-                let (activity, tag) = (&activity, &guard_tag);
-                serve_h1(
-                    state,
-                    live,
-                    io,
-                    svc,
-                    activity,
-                    tag,
-                    close_early,
-                    Some(first),
-                )
-                .await
+                serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
             }
         }
     }
@@ -187,41 +177,38 @@ const PARK_AFTER: Duration = Duration::from_millis(200);
 /// waits for the next request without it. Nothing is lost: hyper had read exactly up to a
 /// message boundary and processed it (it returns any byte it did not; then the connection is
 /// closed instead, never re-parsed), and had flushed everything it wrote. A busy keep-alive
-/// connection never parks, so it pays nothing per request. `first`: the client's first bytes
-/// when the caller already read them (to tell HTTP/1 from the h2 preface).
-#[allow(clippy::too_many_arguments)]
+/// connection never parks, so it pays nothing per request. `io` replays the client's first
+/// bytes when the caller already read them (to tell HTTP/1 from the h2 preface).
 async fn serve_h1<S, Svc>(
     state: &ProxyState,
     live: &LiveSettings,
-    mut io: Tracked<H1Guard<S>>,
+    mut io: Rewind<Tracked<H1Guard<S>>>,
     mut svc: Svc,
     activity: &Arc<Activity>,
     tag: &Arc<GuardTag>,
     close_early: impl Future<Output = ()>,
-    mut first: Option<Bytes>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::HttpService<Incoming, ResBody = Counted<ProxyBody>> + Unpin,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>> + Unpin,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::pin!(close_early);
     let mut shutdown = state.shutdown_signal();
     loop {
-        let first = match first.take() {
-            Some(first) => first,
-            None => {
-                let read = tokio::select! {
-                    first = first_bytes(&mut io) => first,
-                    _ = close_early.as_mut() => return,
-                    _ = activity.clone().idle(live.proxy.idle_timeout) => return,
-                    _ = shutdown.changed() => return,
-                };
-                let Some(read) = read else { return };
-                read
-            }
-        };
+        if io.prefix().is_empty() {
+            let (_, mut inner) = io.into_parts();
+            let first = wait_first_bytes(
+                &mut inner,
+                live,
+                activity,
+                &mut shutdown,
+                close_early.as_mut(),
+            );
+            let Some(first) = first.await else { return };
+            io = Rewind::new(first, inner);
+        }
         let conn = http1_builder(live)
-            .serve_connection(TokioIo::new(Rewind::new(first, io)), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         let mut conn = Box::new(conn);
         let mut conn_shutdown = state.shutdown_signal();
@@ -252,6 +239,23 @@ async fn serve_h1<S, Svc>(
     }
 }
 
+/// The client's first bytes ([`first_bytes`]), or `None` when the connection ends before
+/// them: the client closed, `close_early` fired, `idle_timeout` passed or shutdown began.
+async fn wait_first_bytes<S: AsyncRead + Unpin>(
+    io: &mut S,
+    live: &LiveSettings,
+    activity: &Arc<Activity>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    close_early: Pin<&mut impl Future<Output = ()>>,
+) -> Option<Bytes> {
+    tokio::select! {
+        first = first_bytes(io) => first,
+        _ = close_early => None,
+        _ = activity.clone().idle(live.proxy.idle_timeout) => None,
+        _ = shutdown.changed() => None,
+    }
+}
+
 /// How [`serve_h1`]'s wait on one hyper connection ended.
 enum End {
     /// hyper is done, or the caller closed the connection.
@@ -264,10 +268,10 @@ enum End {
 
 /// Takes a settled hyper connection apart: the stream and the service, or `None` when hyper
 /// holds bytes it has not processed (the connection then ends: they are never parsed again).
-fn park<S, Svc>(conn: UpgradeableH1<S, Svc>) -> Option<(Tracked<H1Guard<S>>, Svc)>
+fn park<S, Svc>(conn: UpgradeableH1<S, Svc>) -> Option<(Rewind<Tracked<H1Guard<S>>>, Svc)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::HttpService<Incoming, ResBody = Counted<ProxyBody>>,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let parts = conn.into_parts()?;
@@ -277,7 +281,7 @@ where
         return None;
     }
     io.get_mut().shrink();
-    Some((io, parts.service))
+    Some((Rewind::new(Bytes::new(), io), parts.service))
 }
 
 /// hyper's upgradeable HTTP/1 connection over a guarded, replaying stream.
@@ -287,21 +291,21 @@ type UpgradeableH1<S, Svc> =
 pin_project_lite::pin_project! {
     /// A response body that counts as open ([`Activity::body`]) until it ends or is dropped,
     /// so a connection streaming a quiet response is never parked.
-    pub struct Counted<B> {
+    pub struct LiveBody<B> {
         #[pin]
         inner: B,
         open: Option<OpenBody>,
     }
 }
 
-impl<B: Body> Counted<B> {
+impl<B: Body> LiveBody<B> {
     fn new(inner: B, activity: &Arc<Activity>) -> Self {
         let open = (!inner.is_end_stream()).then(|| activity.body());
-        Counted { inner, open }
+        LiveBody { inner, open }
     }
 }
 
-impl<B: Body> Body for Counted<B> {
+impl<B: Body> Body for LiveBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 

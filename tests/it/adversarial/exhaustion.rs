@@ -632,6 +632,52 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
     );
 }
 
+/// The h2 connection of a test origin.
+type OriginConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
+
+/// An h2 origin over `tls` (settings from `h2`) on a fresh loopback port: each accepted
+/// connection runs `serve(connection, counter, n)`, `n` counting connections from 1. Returns
+/// the address and the counter the connections share.
+async fn h2_origin<F, Fut>(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    h2: h2::server::Builder,
+    serve: F,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    F: Fn(OriginConn, std::sync::Arc<std::sync::atomic::AtomicUsize>, usize) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shared = counter.clone();
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((tcp, _)) = l.accept().await {
+            n += 1;
+            let (acceptor, h2, counter, serve) =
+                (acceptor.clone(), h2.clone(), shared.clone(), serve.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(conn) = h2.handshake::<_, Bytes>(tls).await {
+                    serve(conn, counter, n).await;
+                }
+            });
+        }
+    });
+    (addr, counter)
+}
+
 /// An h2 origin allowing one stream at a time whose first connection, once its first
 /// request is in and another client request has had time to queue behind it, starts a
 /// graceful shutdown (GOAWAY) before answering; later connections answer at once.
@@ -641,46 +687,24 @@ async fn one_stream_origin_that_goes_away(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let served = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        let mut n = 0usize;
-        while let Ok((tcp, _)) = l.accept().await {
-            n += 1;
-            let (acceptor, served, first) = (acceptor.clone(), count.clone(), n == 1);
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut conn = match h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(_) => return,
-                };
-                let mut going_away = false;
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    if first && !going_away {
-                        going_away = true;
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        conn.graceful_shutdown();
-                    }
-                    served.fetch_add(1, SeqCst);
-                    let answer = http::Response::builder().status(200).body(()).unwrap();
-                    if let Ok(mut body) = respond.send_response(answer, false) {
-                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
-                    }
-                }
-            });
+    let mut h2 = h2::server::Builder::new();
+    h2.max_concurrent_streams(1);
+    h2_origin(tls, h2, |mut conn, served, n| async move {
+        let mut going_away = false;
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            if n == 1 && !going_away {
+                going_away = true;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                conn.graceful_shutdown();
+            }
+            served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = http::Response::builder().status(200).body(()).unwrap();
+            if let Ok(mut body) = respond.send_response(answer, false) {
+                let _ = body.send_data(Bytes::from_static(b"ok"), true);
+            }
         }
-    });
-    (addr, served)
+    })
+    .await
 }
 
 /// hyper's h2 client keeps a request that waits for a stream slot (the origin's
@@ -742,45 +766,31 @@ async fn origin_that_closes_its_first_stream_unanswered(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let received = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = received.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, received) = (acceptor.clone(), count.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut conn) = h2::server::Builder::new().handshake::<_, Bytes>(tls).await
-                else {
-                    return;
-                };
-                let mut unanswered = None;
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let mut body = req.into_body();
-                    while let Some(Ok(_)) = body.data().await {}
-                    if received.fetch_add(1, SeqCst) == 0 {
-                        // As nginx did: GOAWAY naming this stream as the last one processed,
-                        // then a clean close (TLS close_notify, FIN) without an answer. The
-                        // stream is kept (dropping it would reset it).
-                        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                        unanswered = Some(respond);
-                        continue;
-                    }
-                    let answer = http::Response::builder().status(200).body(()).unwrap();
-                    if let Ok(mut out) = respond.send_response(answer, false) {
-                        let _ = out.send_data(Bytes::from_static(b"ok"), true);
-                    }
+    h2_origin(
+        tls,
+        h2::server::Builder::new(),
+        |mut conn, received, _| async move {
+            let mut unanswered = None;
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let mut body = req.into_body();
+                while let Some(Ok(_)) = body.data().await {}
+                if received.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    // As nginx did: GOAWAY naming this stream as the last one processed, then a
+                    // clean close (TLS close_notify, FIN) without an answer. The stream is kept
+                    // (dropping it would reset it).
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    unanswered = Some(respond);
+                    continue;
                 }
-                drop(unanswered);
-            });
-        }
-    });
-    (addr, received)
+                let answer = http::Response::builder().status(200).body(()).unwrap();
+                if let Ok(mut out) = respond.send_response(answer, false) {
+                    let _ = out.send_data(Bytes::from_static(b"ok"), true);
+                }
+            }
+            drop(unanswered);
+        },
+    )
+    .await
 }
 
 /// Sends one request of `method` through sealgate to [`origin_that_closes_its_first_stream_unanswered`];

@@ -762,3 +762,49 @@ pub async fn sdk_matrix(w: &World, mode: Mode, m: &mut Matrix) {
         outcome,
     );
 }
+
+const PY_KEEPALIVE: &str = r#"
+import os, sys, time, requests
+url, cell = sys.argv[1], sys.argv[2]
+h = {"x-api-key": os.environ["KEY"], "x-cell": cell}
+with requests.Session() as s:
+    statuses = [s.get(url, timeout=20).status_code]
+    time.sleep(2.6)
+    r = s.get(url, headers=h, timeout=20)
+    statuses.append(r.status_code)
+    time.sleep(2.6)
+    statuses.append(s.post(url, headers=h, data=b"x" * 20000, timeout=20).status_code)
+    managers = s.get_adapter(url).proxy_manager.values()
+    conns = sum(m.pools[k].num_connections for m in managers for k in m.pools.keys())
+print("statuses=" + ",".join(map(str, statuses)))
+print("conns=%d" % conns)
+print("body=" + r.text.replace("\n", " "))
+"#;
+
+/// Parking, seen from a client sealgate did not write: Python `requests` keeps one tunnel
+/// through the explicit proxy to nginx and sends a GET, a GET with the sealed key and a 20 KB
+/// POST 2.6 s apart — each after the connection has parked (quiet for 2 s) — over that one
+/// connection.
+#[tokio::test]
+async fn python_requests_keep_alive_across_parking() {
+    if !super::have(&[("nginx", &["-v"])])
+        || !super::have(&[(&super::python(), &["-c", "import requests"])])
+    {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let cell = cell_id(&[NGINX_H1.host, "requests-keepalive"]);
+    let script = format!(
+        "{} -c {} https://{}/echo {cell}",
+        python_cmd(Mode::Explicit),
+        sh_quote(PY_KEEPALIVE),
+        NGINX_H1.host
+    );
+    let r = w.run(Mode::Explicit, &script).await;
+    r.ok().unwrap();
+    assert_eq!(r.var("statuses"), "200,200,200", "{}", r.stdout);
+    assert_eq!(r.var("conns"), "1", "requests opened more than one tunnel");
+    echo_checks(&w, NGINX_H1, &cell, &r.var("body"))
+        .await
+        .unwrap();
+}
