@@ -209,25 +209,28 @@ async fn sh(e: &Env, script: &str) -> Ran {
     exec(e, &["sh", "-c", script]).await
 }
 
-/// The namespace, its veth, its `/etc/netns` files, its rules and its sandbox are all gone.
-pub(crate) async fn assert_gone(e: &Env, n: &Names) {
-    assert!(
-        !std::path::Path::new("/run/netns").join(&n.netns).exists(),
-        "namespace {} left behind",
-        n.netns
-    );
-    assert!(
-        !std::path::Path::new("/sys/class/net")
-            .join(&n.host_if)
-            .exists(),
-        "interface {} left behind",
-        n.host_if
-    );
-    assert!(
-        !std::path::Path::new("/etc/netns").join(&n.netns).exists(),
-        "/etc/netns/{} left behind",
-        n.netns
-    );
+/// What of a sandbox's system side and record is still there (empty once all is gone): the
+/// namespace, its veth, its `/etc/netns` files, its rules in each table, its sandbox record.
+async fn leftovers(e: &Env, n: &Names) -> Vec<String> {
+    let mut left = Vec::new();
+    for (what, path) in [
+        (
+            "namespace",
+            std::path::Path::new("/run/netns").join(&n.netns),
+        ),
+        (
+            "interface",
+            std::path::Path::new("/sys/class/net").join(&n.host_if),
+        ),
+        (
+            "/etc/netns dir",
+            std::path::Path::new("/etc/netns").join(&n.netns),
+        ),
+    ] {
+        if path.exists() {
+            left.push(format!("{what} {} left behind", path.display()));
+        }
+    }
     let chain = format!("SG-{}", n.sandbox.trim_start_matches("sbx_"));
     for (prog, table) in [
         ("iptables", "nat"),
@@ -235,16 +238,46 @@ pub(crate) async fn assert_gone(e: &Env, n: &Names) {
         ("ip6tables", "filter"),
     ] {
         let dump = run_ok(prog, &["-w", "5", "-t", table, "-S"]).expect("reading the rule set");
-        assert!(
-            !dump.contains(&chain) && !dump.split_whitespace().any(|w| w == n.host_if),
-            "{prog} -t {table} still has rules for {}:\n{dump}",
-            n.host_if
-        );
+        if dump.contains(&chain) || dump.split_whitespace().any(|w| w == n.host_if) {
+            left.push(format!(
+                "{prog} -t {table} still has rules for {}:\n{dump}",
+                n.host_if
+            ));
+        }
     }
     let (s, _) =
         e.h.api(Method::GET, &format!("/v1/sandboxes/{}", n.sandbox), None)
             .await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "sandbox {} still live", n.sandbox);
+    if s != StatusCode::NOT_FOUND {
+        left.push(format!("sandbox {} still live ({s})", n.sandbox));
+    }
+    left
+}
+
+/// The namespace, its veth, its `/etc/netns` files, its rules and its sandbox are all gone.
+/// For a teardown that has returned (an exec that ended): nothing may be left.
+pub(crate) async fn assert_gone(e: &Env, n: &Names) {
+    let left = leftovers(e, n).await;
+    assert!(left.is_empty(), "{}", left.join("\n"));
+}
+
+/// Like [`assert_gone`], for a teardown the daemon runs on its own (a sandbox timeout): waits
+/// up to `within` for all of it to be gone. The daemon removes the namespace before the
+/// `/etc/netns` files and the rules, so seeing one part gone says nothing about the rest.
+async fn wait_gone(e: &Env, n: &Names, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = leftovers(e, n).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {within:?}:\n{}",
+            left.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn gateway_script(cmd: &str) -> String {
@@ -651,16 +684,10 @@ async fn a_killed_exec_leaves_its_sandbox_to_the_daemon_which_ends_it() {
     child.start_kill().unwrap(); // SIGKILL: no cleanup of its own
     child.wait().await.unwrap();
     // The daemon kills the command when its client goes away, and the sandbox at its timeout.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::path::Path::new("/run/netns").join(&n.netns).exists()
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_gone(&e, &n, Duration::from_secs(30)).await;
     assert!(!run_ok("ps", &["-eo", "args"])
         .unwrap()
         .contains("sleep 6071"));
-    assert_gone(&e, &n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
