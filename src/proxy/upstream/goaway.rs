@@ -397,7 +397,11 @@ impl<S> RefuseAfterGoaway<S> {
     /// and the answers before it, then the end of the connection: each stream ends the way
     /// the server decided. Safe because a reset socket still yields its queued bytes and then
     /// the end, so the read side always finishes (and the response timeout bounds it anyway).
-    fn swallow(state: &mut Refusals, buf: &[u8], e: io::Error) -> Poll<io::Result<usize>> {
+    fn swallow(
+        state: &mut Refusals,
+        bufs: &[io::IoSlice<'_>],
+        e: io::Error,
+    ) -> Poll<io::Result<usize>> {
         if !peer_closed(&e) {
             return Poll::Ready(Err(e));
         }
@@ -408,8 +412,23 @@ impl<S> RefuseAfterGoaway<S> {
             );
             state.write_closed = true;
         }
-        state.on_write(buf);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(Self::written(state, bufs, usize::MAX)))
+    }
+
+    /// Feeds the first `n` bytes of `bufs` (all of them for `usize::MAX`), in order, to the
+    /// tracker of written frames; returns how many that was.
+    fn written(state: &mut Refusals, bufs: &[io::IoSlice<'_>], mut n: usize) -> usize {
+        let mut total = 0;
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let take = b.len().min(n);
+            state.on_write(&b[..take]);
+            n -= take;
+            total += take;
+        }
+        total
     }
 }
 
@@ -419,19 +438,30 @@ impl<S: AsyncWrite> AsyncWrite for RefuseAfterGoaway<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// Vectored when the stream below is (TLS is): h2 hands over a frame's header and its
+    /// payload as two slices, which then go out as one TLS write instead of two records and
+    /// two syscalls.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         if this.state.write_closed {
-            this.state.on_write(buf);
-            return Poll::Ready(Ok(buf.len()));
+            return Poll::Ready(Ok(Self::written(this.state, bufs, usize::MAX)));
         }
-        match this.inner.poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.state.on_write(&buf[..n]);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Self::swallow(this.state, buf, e),
+        match this.inner.poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(Self::written(this.state, bufs, n))),
+            Poll::Ready(Err(e)) => Self::swallow(this.state, bufs, e),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -523,6 +553,32 @@ mod tests {
         r.on_write(&frame(0x0, 0x1, 5, b"body"));
         r.on_write(&frame(HEADERS, END_HEADERS, 7, b"h"));
         assert_eq!(r.queue, [5, 7]);
+    }
+
+    /// A vectored write may stop anywhere, even inside a frame header: only what was written
+    /// is tracked, and the frame counts once the rest follows.
+    #[test]
+    fn a_vectored_write_is_tracked_up_to_what_was_written() {
+        type R = RefuseAfterGoaway<tokio::io::DuplexStream>;
+        let mut r = Refusals::new();
+        r.on_write(PREFACE);
+        r.on_read(&goaway(1));
+        let late = frame(HEADERS, END_HEADERS, 3, b"h");
+        let (head, rest) = late.split_at(4);
+        let bufs = [
+            io::IoSlice::new(head),
+            io::IoSlice::new(&[]),
+            io::IoSlice::new(rest),
+        ];
+        assert_eq!(
+            R::written(&mut r, &bufs, 6),
+            6,
+            "stops inside the frame header"
+        );
+        assert!(r.queue.is_empty());
+        let tail = [io::IoSlice::new(&rest[2..])];
+        assert_eq!(R::written(&mut r, &tail, usize::MAX), rest.len() - 2);
+        assert_eq!(r.queue, [3]);
     }
 
     /// End to end over an in-memory pipe: the reader gets the server's bytes unchanged and a
