@@ -269,41 +269,43 @@ fn check_upgrade<B>(req: &Request<B>) -> Result<bool, Refusal> {
     Ok(true)
 }
 
+/// `Keep-Alive`, which `http` has no constant for.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// Hop-by-hop headers never cross the proxy (RFC 9110 §7.6.1), nor do `Proxy-*` headers.
 /// `Trailer` is end-to-end (RFC 9110 §6.6.2) and stays: hyper's HTTP/1 side only sends the
-/// trailer fields it announces.
+/// trailer fields it announces. On every request's path: no name is parsed from a string and
+/// nothing is allocated unless a `Connection` or `Proxy-*` field is there.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        if !(keep_upgrade && n == header::UPGRADE) {
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            if !(keep_upgrade && n == header::UPGRADE) {
+                h.remove(n);
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    for n in [KEEP_ALIVE, header::TE, header::TRANSFER_ENCODING] {
+        h.remove(n);
+    }
+    // Proxy-Connection, Proxy-Authorization, Proxy-Authenticate and any other Proxy-*.
+    if h.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy_headers: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for n in proxy_headers {
             h.remove(n);
         }
     }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "te",
-        "transfer-encoding",
-    ] {
-        h.remove(n);
-    }
-    let proxy_headers: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for n in proxy_headers {
-        h.remove(n);
-    }
-    h.remove(header::CONNECTION);
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -690,4 +692,64 @@ fn relay_upgrade(
         let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
     });
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_and_proxy_fields_never_cross() {
+        let mut h = fields(&[
+            ("connection", "close, X-Hop-Listed"),
+            ("connection", "x-second-listed"),
+            ("x-hop-listed", "1"),
+            ("x-second-listed", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-anything", "y"),
+            ("upgrade", "websocket"),
+            ("trailer", "x-t"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["trailer", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_names_only_it_in_connection() {
+        let mut h = fields(&[
+            ("connection", "Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn a_head_without_hop_fields_is_left_as_it_is() {
+        let mut h = fields(&[("authorization", "Bearer x"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["accept", "authorization"]);
+    }
 }
