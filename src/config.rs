@@ -131,6 +131,8 @@ pub struct RawProxy {
     pub max_h2_streams: Option<u32>,
     /// Seconds.
     pub shutdown_grace_secs: Option<u64>,
+    /// Count; 0 = `TOKIO_WORKER_THREADS`, else one per CPU core.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[upstream]`.
@@ -287,6 +289,10 @@ pub struct ProxyConfig {
     pub max_h2_streams: u32,
     /// Graceful shutdown window.
     pub shutdown_grace: Duration,
+    /// Threads of the daemon's runtime (proxy, admin API); 0 = `TOKIO_WORKER_THREADS` if set,
+    /// else one per CPU core. Read once at start (a reload reports a change as needing a
+    /// restart).
+    pub worker_threads: usize,
 }
 
 /// `[upstream]`, validated.
@@ -393,6 +399,17 @@ impl Problems {
                 .push(format!("{key}: {v} is out of range (1..=604800 seconds)"));
         }
         Duration::from_secs(v)
+    }
+
+    /// A count where 0 means "choose for me" (default 0).
+    fn count_or_zero(&mut self, key: &str, value: Option<usize>, max: usize) -> usize {
+        let v = value.unwrap_or(0);
+        if v > max {
+            self.0.push(format!(
+                "{key}: {v} is out of range (0..={max}; 0 = one per CPU core)"
+            ));
+        }
+        v
     }
 
     fn count(&mut self, key: &str, value: Option<usize>, default: usize, max: usize) -> usize {
@@ -602,6 +619,7 @@ impl RawProxy {
                 10_000,
             ) as u32,
             shutdown_grace: p.secs("proxy.shutdown_grace_secs", self.shutdown_grace_secs, 30),
+            worker_threads: p.count_or_zero("proxy.worker_threads", self.worker_threads, 1024),
         }
     }
 }
@@ -832,6 +850,24 @@ mod tests {
             "{err}"
         );
         assert!(Config::parse("[log]\nlevel = \"warn,sealgate=debug\"\n", "t").is_ok());
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_core_count_and_are_bounded() {
+        assert_eq!(
+            Config::default().proxy.worker_threads,
+            0,
+            "0 = one per core"
+        );
+        let cfg = Config::parse("[proxy]\nworker_threads = 3\n", "t").unwrap();
+        assert_eq!(cfg.proxy.worker_threads, 3);
+        let err = Config::parse("[proxy]\nworker_threads = 5000\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.worker_threads: 5000 is out of range (0..=1024"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -152,6 +152,12 @@ impl Running {
             },
         );
         line("master key:", self.key_source.to_string());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            line(
+                "workers:",
+                format!("{} (proxy.worker_threads)", rt.metrics().num_workers()),
+            );
+        }
         out
     }
 
@@ -677,6 +683,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "proxy.listen" => proxy.listen;
         "proxy.transparent_listen" => proxy.transparent_listen;
         "proxy.public_host" => proxy.public_host;
+        "proxy.worker_threads" => proxy.worker_threads;
         "sandbox.leaf_cache_capacity" => sandbox.leaf_cache_capacity;
         "sandbox.default_timeout_secs" => sandbox.default_timeout;
         "sandbox.max_timeout_secs" => sandbox.max_timeout;

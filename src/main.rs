@@ -9,14 +9,20 @@ use sealgate::daemon::{self, Overrides};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build();
-    let runtime = match runtime {
+    // The configuration comes first: `[proxy] worker_threads` sizes the runtime.
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into()),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.proxy.worker_threads > 0 {
+        builder.worker_threads(cfg.proxy.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
@@ -36,8 +42,7 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut cfg = Config::load(cli.config.as_deref())?;
+async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }

@@ -1102,3 +1102,55 @@ async fn max_connections_counts_open_tunnels_not_just_connect_requests() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `[proxy] worker_threads` sizes the daemon's runtime: the real binary with 3 says it runs 3
+/// workers (not one per core, on a 2-core machine), and still serves. Without the key tokio picks one per
+/// core; a reload reports a change as needing a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sizes_the_runtime() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "worker_threads = 3",
+    };
+    let b = Bin::spawn(&o).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let workers = loop {
+        let summary = b.stderr.lock().unwrap().clone();
+        let line = summary
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("workers:"));
+        if let Some(v) = line {
+            break v.split_whitespace().next().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no workers line in:\n{summary}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(workers, "3", "the runtime's workers");
+    // Blocking-pool threads carry the same name; the runtime's workers are at least these.
+    let pid = b.child.id();
+    let named = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count();
+    assert!(named >= 3, "{named} tokio threads");
+    let sb = b.sandbox("sk-ops-workers-0001").await;
+    let key = sb.token("KEY");
+    let mut c = pc::h1(b.proxy, &sb, API).await;
+    assert_eq!(
+        echo_get(&mut c, "api.example.test", &key).await.status,
+        StatusCode::OK
+    );
+    let text = std::fs::read_to_string(b.config_path())
+        .unwrap()
+        .replace("worker_threads = 3", "worker_threads = 4");
+    std::fs::write(b.config_path(), text).unwrap();
+    let (s, v) = b.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["needs_restart"],
+        serde_json::json!(["proxy.worker_threads"])
+    );
+}
