@@ -75,6 +75,8 @@ pub struct RawStoreSection {
     pub url: Option<String>,
     /// Seconds; 0 = off.
     pub max_staleness_secs: Option<u64>,
+    /// PEM files trusted for the database's certificate (`sslmode=require`).
+    pub ca_files: Option<Vec<String>>,
 }
 
 /// `[node]`.
@@ -249,6 +251,32 @@ pub struct StoreConfig {
     pub url: Option<DatabaseUrl>,
     /// Refuse to unseal after being cut off from the database this long; None = off.
     pub max_staleness: Option<Duration>,
+    /// `[store] ca_files`: CA certificates (PEM) trusted, besides the web PKI roots, for the
+    /// database's certificate when the URL says `sslmode=require`.
+    pub ca_files: Vec<PathBuf>,
+}
+
+impl StoreConfig {
+    /// The database URL: `[store] url`, else `env` (`SEALGATE_DATABASE_URL`), trusting
+    /// `[store] ca_files`.
+    ///
+    /// # Errors
+    /// No URL; an invalid `env`; CA files that cannot be read, or given without
+    /// `sslmode=require`.
+    pub fn database_url(&self, env: Option<&str>) -> Result<DatabaseUrl, String> {
+        let url = match (&self.url, env.filter(|u| !u.is_empty())) {
+            (Some(url), _) => url.clone(),
+            (None, Some(text)) => DatabaseUrl::parse(text.to_owned())
+                .map_err(|e| format!("SEALGATE_DATABASE_URL: {e}"))?,
+            (None, None) => {
+                return Err(
+                    "store.backend = \"postgres\" needs [store] url or SEALGATE_DATABASE_URL"
+                        .into(),
+                )
+            }
+        };
+        url.with_ca_files(&self.ca_files)
+    }
 }
 
 /// `[proxy]`, validated.
@@ -506,10 +534,23 @@ impl RawStoreSection {
             }
             s => Some(Duration::from_secs(s)),
         };
+        let ca_files: Vec<PathBuf> = self
+            .ca_files
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        if !ca_files.is_empty() && backend == Backend::Sqlite {
+            p.0.push("store.ca_files: only used with store.backend = \"postgres\"".into());
+        }
+        if let Some(Err(e)) = url.clone().map(|u| u.with_ca_files(&ca_files)) {
+            p.0.push(e);
+        }
         StoreConfig {
             backend,
             url,
             max_staleness,
+            ca_files,
         }
     }
 }

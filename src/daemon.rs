@@ -345,18 +345,11 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
     })
 }
 
-/// `[store] url`, else `SEALGATE_DATABASE_URL`.
+/// `[store] url`, else `SEALGATE_DATABASE_URL`, with `[store] ca_files`.
 fn database_url(cfg: &Config, ov: &Overrides) -> Result<DatabaseUrl, DaemonError> {
-    if let Some(url) = &cfg.store.url {
-        return Ok(url.clone());
-    }
-    match ov.database_url.as_deref().filter(|u| !u.is_empty()) {
-        Some(text) => DatabaseUrl::parse(text.to_owned())
-            .map_err(|e| DaemonError::StoreConfig(format!("SEALGATE_DATABASE_URL: {e}"))),
-        None => Err(DaemonError::StoreConfig(
-            "store.backend = \"postgres\" needs [store] url or SEALGATE_DATABASE_URL".into(),
-        )),
-    }
+    cfg.store
+        .database_url(ov.database_url.as_deref())
+        .map_err(DaemonError::StoreConfig)
 }
 
 fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
@@ -697,6 +690,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "store.backend" => store.backend;
         "store.max_staleness_secs" => store.max_staleness;
         "store.url" => store.url;
+        "store.ca_files" => store.ca_files;
         "node.id" => node_id;
         "audit.path" => audit_path;
     }

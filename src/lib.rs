@@ -25,4 +25,5 @@ pub mod sandbox;
 pub mod secret;
 pub mod store;
 pub mod subst;
+pub mod tls_roots;
 pub mod token;

@@ -203,14 +203,10 @@ pub fn rotate_configured(
     if cfg.store.backend == Backend::Sqlite {
         return rotate_cli(&cfg.data_dir, env_key, new_key_file);
     }
-    let url = match (&cfg.store.url, env_url.filter(|u| !u.is_empty())) {
-        (Some(url), _) => url.clone(),
-        (None, Some(text)) => DatabaseUrl::parse(text.to_owned())
-            .map_err(|e| anyhow::anyhow!("SEALGATE_DATABASE_URL: {e}"))?,
-        (None, None) => {
-            anyhow::bail!("store.backend = \"postgres\" needs [store] url or SEALGATE_DATABASE_URL")
-        }
-    };
+    let url = cfg
+        .store
+        .database_url(env_url)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let node = cfg
         .node_id
         .clone()

@@ -116,39 +116,7 @@ impl Connector {
     }
 }
 
-/// Builds the verified client TLS config: webpki roots plus `ca_files`.
-///
-/// # Errors
-/// A CA file that cannot be read or holds no certificate.
-pub fn client_tls(ca_files: &[std::path::PathBuf]) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for f in ca_files {
-        add_pem_roots(&mut roots, f)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-fn add_pem_roots(roots: &mut rustls::RootCertStore, f: &std::path::Path) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(f)
-        .map_err(|e| format!("{}: {e}", f.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", f.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", f.display()));
-    }
-    for c in certs {
-        roots.add(c).map_err(|e| format!("{}: {e}", f.display()))?;
-    }
-    Ok(())
-}
+pub use crate::tls_roots::client_tls;
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamStream;

@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, Object, Pool};
 use time::OffsetDateTime;
-use tokio_postgres::NoTls;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{NoTls, Socket};
 
 use super::crypto::{self, MasterKey};
 use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
@@ -122,10 +123,9 @@ struct Db {
 
 impl Db {
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("database {} unreachable: {e}", self.url)))
+        self.pool.get().await.map_err(|e| {
+            StoreError::Unavailable(format!("database {} unreachable: {}", self.url, causes(&e)))
+        })
     }
 
     fn key(&self) -> Arc<MasterKey> {
@@ -173,6 +173,27 @@ impl Drop for PgStore {
     }
 }
 
+/// [`PgStore::is_initialised`] over one connection made with `tls`.
+async fn probe<T>(pg: tokio_postgres::Config, tls: T, url: &DatabaseUrl) -> Result<bool, StoreError>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = pg.connect(tls).await.map_err(|e| {
+        StoreError::Unavailable(format!("database {url} unreachable: {}", causes(&e)))
+    })?;
+    let conn = tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+        .await
+        .map_err(pg_err)?;
+    let has_meta: bool = row.get(0);
+    let initialised = has_meta && read_key_check(&client, false).await?.is_some();
+    drop(client);
+    let _ = conn.await;
+    Ok(initialised)
+}
+
 impl PgStore {
     /// Connects to `url` as node `node_id`, applies pending migrations under an advisory lock,
     /// then writes the key-check record into a new database or verifies it.
@@ -189,7 +210,10 @@ impl PgStore {
         let mut pg = url.pg_config();
         pg.connect_timeout(Duration::from_secs(3));
         pg.application_name(format!("sealgate/{node_id}"));
-        let manager = Manager::new(pg, NoTls);
+        let manager = match url.tls() {
+            Some(tls) => Manager::new(pg, tls),
+            None => Manager::new(pg, NoTls),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -227,19 +251,10 @@ impl PgStore {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let (client, conn) = pg.connect(NoTls).await.map_err(|e| {
-                    StoreError::Unavailable(format!("database {redacted} unreachable: {e}"))
-                })?;
-                let conn = tokio::spawn(conn);
-                let row = client
-                    .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
-                    .await
-                    .map_err(pg_err)?;
-                let has_meta: bool = row.get(0);
-                let initialised = has_meta && read_key_check(&client, false).await?.is_some();
-                drop(client);
-                let _ = conn.await;
-                Ok(initialised)
+                match redacted.tls() {
+                    Some(tls) => probe(pg, tls, &redacted).await,
+                    None => probe(pg, NoTls, &redacted).await,
+                }
             })
         })
         .join()
@@ -533,6 +548,23 @@ async fn write_key_check(
         .await
         .map_err(pg_err)?;
     Ok(())
+}
+
+/// `e` and its sources, each once: the pool and the driver wrap the reason a connection failed
+/// (a refused connection, a certificate the TLS layer rejected) several layers deep. Driver and
+/// TLS errors never carry the connection string, so no password can appear here.
+pub(super) fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Driver errors: a server-side error (with an SQLSTATE) is a database error; anything else

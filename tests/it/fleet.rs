@@ -412,3 +412,89 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
     n.until_seen(&b3, &sb, "sk-fleet-restart-2008", Duration::from_secs(1))
         .await;
 }
+
+/// Opts for a node reaching database `db` of a TLS cluster over TCP with `sslmode=require`,
+/// trusting `ca_files`.
+fn tls_node_opts(cluster: &Cluster, db: &str, id: &str, key: &str, ca_files: &str) -> Opts {
+    Opts {
+        master_key: Some(key.to_owned()),
+        extra_toml: format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"{}\"\nca_files = [{ca_files}]\n\
+             [node]\nid = \"{id}\"\n",
+            cluster.tcp_url(db, "sslmode=require")
+        ),
+        ..Default::default()
+    }
+}
+
+/// `sslmode=require`: every connection of the node (its pool and its follower) is TLS, the
+/// server's certificate is checked against `[store] ca_files` and the host name, and without
+/// the CA that signed it the node refuses to start instead of talking in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_is_verified_tls_on_every_connection() {
+    let pki = Arc::new(TestPki::new());
+    let (cert, key_pem) = pki.leaf_pem(&["localhost"]);
+    let cluster = Cluster::owned_tls(&cert, &key_pem);
+    let db = cluster.create_database();
+    let key = sealgate::store::MasterKey::generate()
+        .to_base64()
+        .to_string();
+
+    // Only the web PKI roots: the test CA is unknown, so the node must not start.
+    let err = Harness::try_start(tls_node_opts(&cluster, &db, "tls-node", &key, ""), None)
+        .await
+        .err()
+        .expect("a node that cannot verify the database's certificate refuses to start");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
+
+    let ca = format!("\"{}\"", pki.ca_file.display());
+    let node = Harness::try_start(
+        tls_node_opts(&cluster, &db, "tls-node", &key, &ca),
+        Some(pki.clone()),
+    )
+    .await
+    .expect("the node starts over verified TLS");
+    let store = node.store("s", Some(&["api.example.test"])).await;
+    node.register_secret("sk-fleet-tls-0001");
+    node.secret(&store, "KEY", "sk-fleet-tls-0001", None, Some(&["header"]))
+        .await;
+    let sql = "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s \
+               JOIN pg_stat_activity a USING (pid) WHERE a.client_addr IS NOT NULL";
+    // The follower connects in the background; wait until the pool and it are both there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts = cluster.psql(&db, sql);
+        let (tls, all) = counts.split_once('|').unwrap();
+        let (tls, all): (u32, u32) = (tls.parse().unwrap(), all.parse().unwrap());
+        if all >= 2 || Instant::now() > deadline {
+            break (tls, all);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(counts.1 >= 2, "pool and follower connected: {counts:?}");
+    assert_eq!(
+        counts.0, counts.1,
+        "every TCP connection is TLS: {counts:?}"
+    );
+    node.assert_logs_clean();
+}
+
+/// `[store] ca_files` without `sslmode=require` would be ignored and the connection plain:
+/// refused at load, naming the key.
+#[test]
+fn ca_files_without_sslmode_require_are_refused() {
+    let err = sealgate::config::Config::parse(
+        "[store]\nbackend = \"postgres\"\nurl = \"host=db.internal user=sg\"\n\
+         ca_files = [\"/etc/ssl/db-ca.pem\"]\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("store.ca_files is set, but the database URL does not say sslmode=require"),
+        "{err}"
+    );
+}

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 
 use super::{DatabaseUrl, CHANNEL};
 
@@ -173,13 +174,28 @@ impl Follower {
     }
 
     async fn connect(&self) -> Result<(Client, mpsc::UnboundedReceiver<String>), String> {
+        match self.url.tls() {
+            Some(tls) => self.connect_with(tls).await,
+            None => self.connect_with(NoTls).await,
+        }
+    }
+
+    /// [`Self::connect`] with the URL's TLS choice.
+    async fn connect_with<T>(
+        &self,
+        tls: T,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<String>), String>
+    where
+        T: MakeTlsConnect<Socket>,
+        T::Stream: Send + 'static,
+    {
         let url = &self.url;
         let config = self.url.pg_config();
-        let connecting = config.connect(NoTls);
+        let connecting = config.connect(tls);
         let (client, mut conn) = tokio::time::timeout(QUERY_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("database {url}: connect timed out"))?
-            .map_err(|e| format!("database {url} unreachable: {e}"))?;
+            .map_err(|e| format!("database {url} unreachable: {}", super::causes(&e)))?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(msg) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {

@@ -1,12 +1,18 @@
-//! The database URL: parsed once, shown only with its password replaced.
+//! The database URL: parsed once, shown only with its password replaced, and with the TLS it
+//! asks for.
 //!
-//! Invariant: the only ways to turn a [`DatabaseUrl`] into text are `Display` and `Debug`, and
+//! Invariants: the only ways to turn a [`DatabaseUrl`] into text are `Display` and `Debug`, and
 //! both print [`DatabaseUrl::redacted`]; the full text (with the password) is only handed to the
-//! driver ([`DatabaseUrl::pg_config`]) and is wiped from memory on drop.
+//! driver ([`DatabaseUrl::pg_config`]) and is wiped from memory on drop. `sslmode=require` means
+//! TLS with a verified certificate (chain to the web PKI roots or to `[store] ca_files`, name =
+//! the URL's host); `disable` and `prefer` (the driver's default) connect without TLS.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 /// A PostgreSQL connection string (`postgres://user:pass@host:port/db?…` or the key=value form
@@ -15,6 +21,8 @@ use zeroize::Zeroizing;
 pub struct DatabaseUrl {
     full: Zeroizing<String>,
     redacted: String,
+    /// Set when the URL says `sslmode=require`.
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl DatabaseUrl {
@@ -24,14 +32,48 @@ impl DatabaseUrl {
     /// A message naming the problem, never quoting the text (it may hold a password).
     pub fn parse(text: String) -> Result<Self, String> {
         let full = Zeroizing::new(text);
-        if let Err(e) = tokio_postgres::Config::from_str(&full) {
-            return Err(format!(
-                "not a PostgreSQL connection string ({})",
-                redact_err(&e)
-            ));
-        }
+        let config = match tokio_postgres::Config::from_str(&full) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(format!(
+                    "not a PostgreSQL connection string ({})",
+                    redact_err(&e)
+                ))
+            }
+        };
         let redacted = redact(&full);
-        Ok(DatabaseUrl { full, redacted })
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => Some(verified_tls(&[])?),
+            _ => None,
+        };
+        Ok(DatabaseUrl {
+            full,
+            redacted,
+            tls,
+        })
+    }
+
+    /// Also trusts the CA certificates in `ca_files` (PEM) for the server's certificate.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds no certificate; files given while the URL does not
+    /// say `sslmode=require` (they would be ignored, and the connection would not be TLS).
+    pub fn with_ca_files(mut self, ca_files: &[PathBuf]) -> Result<Self, String> {
+        if ca_files.is_empty() {
+            return Ok(self);
+        }
+        if self.tls.is_none() {
+            return Err(
+                "store.ca_files is set, but the database URL does not say sslmode=require".into(),
+            );
+        }
+        self.tls = Some(verified_tls(ca_files)?);
+        Ok(self)
+    }
+
+    /// The TLS connector, when the URL says `sslmode=require`.
+    pub(crate) fn tls(&self) -> Option<MakeRustlsConnect> {
+        self.tls.clone()
     }
 
     /// The form for logs and errors: the password (if any) replaced by `***`.
@@ -67,6 +109,13 @@ impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({})", self.redacted)
     }
+}
+
+/// The driver's TLS connector over [`crate::tls_roots::client_tls`].
+fn verified_tls(ca_files: &[PathBuf]) -> Result<MakeRustlsConnect, String> {
+    let config =
+        crate::tls_roots::client_tls(ca_files).map_err(|e| format!("store.ca_files: {e}"))?;
+    Ok(MakeRustlsConnect::new((*config).clone()))
 }
 
 /// The driver's parse errors name the offending parameter, not its value; keep only the kind.
@@ -163,6 +212,41 @@ mod tests {
 
     fn shown(text: &str) -> String {
         DatabaseUrl::parse(text.to_owned()).unwrap().to_string()
+    }
+
+    fn url(text: &str) -> DatabaseUrl {
+        DatabaseUrl::parse(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn only_sslmode_require_means_tls() {
+        assert!(url("host=db user=sg sslmode=require").tls().is_some());
+        assert!(url("postgres://sg@db/x?sslmode=require").tls().is_some());
+        for plain in [
+            "host=db user=sg",
+            "host=db user=sg sslmode=prefer",
+            "host=db user=sg sslmode=disable",
+        ] {
+            assert!(url(plain).tls().is_none(), "{plain}");
+        }
+    }
+
+    #[test]
+    fn ca_files_need_sslmode_require_and_a_readable_certificate() {
+        let err = url("host=db user=sg")
+            .with_ca_files(&[PathBuf::from("/etc/ssl/db-ca.pem")])
+            .err()
+            .unwrap();
+        assert!(err.contains("sslmode=require"), "{err}");
+        let err = url("host=db user=sg sslmode=require")
+            .with_ca_files(&[PathBuf::from("/nonexistent/db-ca.pem")])
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("store.ca_files: /nonexistent/db-ca.pem"),
+            "{err}"
+        );
+        assert!(url("host=db user=sg").with_ca_files(&[]).is_ok());
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub struct Cluster {
     child: Mutex<Option<Child>>,
     /// Remove `dir` on drop (owned clusters).
     cleanup: bool,
+    /// The port: [`PORT`] (naming only the socket file), or a free TCP port for a cluster that
+    /// also listens on 127.0.0.1 ([`Cluster::owned_tls`]).
+    port: u16,
+    /// Extra server settings (`-c` arguments).
+    settings: Vec<String>,
 }
 
 /// The cluster shared by every test of this process; each test makes its own database in it.
@@ -57,6 +62,42 @@ impl Cluster {
         let cluster = Cluster::init();
         cluster.start();
         cluster
+    }
+
+    /// Like [`Cluster::owned`], also listening on 127.0.0.1 (a free port, [`Cluster::tcp_url`])
+    /// with TLS on: `cert_pem` and `key_pem` are the server's certificate and key. TLS is
+    /// offered, not required: `initdb --auth=trust` lets plain TCP in too.
+    pub fn owned_tls(cert_pem: &str, key_pem: &str) -> Cluster {
+        let mut cluster = Cluster::init();
+        let data = cluster.dir.join("data");
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if let Some((uid, gid)) = cluster.owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        cluster.settings = ["listen_addresses=127.0.0.1", "ssl=on"]
+            .map(String::from)
+            .to_vec();
+        cluster.start();
+        cluster
+    }
+
+    /// A TCP connection string for database `db` of an [`Cluster::owned_tls`] cluster, naming
+    /// the host `localhost` (the name its certificate must carry) at 127.0.0.1; `extra` is
+    /// appended (e.g. `sslmode=require`).
+    pub fn tcp_url(&self, db: &str, extra: &str) -> String {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=postgres dbname={db} {extra}",
+            self.port
+        )
     }
 
     fn init() -> Cluster {
@@ -94,6 +135,8 @@ impl Cluster {
             owner,
             child: Mutex::new(None),
             cleanup: true,
+            port: PORT,
+            settings: Vec::new(),
         }
     }
 
@@ -108,14 +151,16 @@ impl Cluster {
             .arg(self.dir.join("data"))
             .arg("-k")
             .arg(&self.dir)
-            .args(["-p", &PORT.to_string()])
+            .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=", "-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(self.dir.join("server.log")).unwrap(),
-            ));
+            .args(["-c", "max_connections=300"]);
+        for setting in &self.settings {
+            cmd.args(["-c", setting]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(
+            std::fs::File::create(self.dir.join("server.log")).unwrap(),
+        ));
         // SAFETY: prctl only sets a flag of the child process; async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -155,8 +200,9 @@ impl Cluster {
     /// A connection string for database `db` (key=value form, unix socket).
     pub fn url(&self, db: &str) -> String {
         format!(
-            "host={} port={PORT} user=postgres dbname={db}",
-            self.dir.display()
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.display(),
+            self.port
         )
     }
 
@@ -197,7 +243,7 @@ impl Cluster {
             .arg(&self.dir)
             .args([
                 "-p",
-                &PORT.to_string(),
+                &self.port.to_string(),
                 "-U",
                 "postgres",
                 "-d",
