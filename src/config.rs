@@ -248,6 +248,7 @@ pub struct StoreConfig {
     /// The backend.
     pub backend: Backend,
     /// `[store] url`; None = take `SEALGATE_DATABASE_URL` at start (required for postgres).
+    /// Without `ca_files`: connect through [`StoreConfig::database_url`], never this.
     pub url: Option<DatabaseUrl>,
     /// Refuse to unseal after being cut off from the database this long; None = off.
     pub max_staleness: Option<Duration>,
@@ -543,8 +544,18 @@ impl RawStoreSection {
         if !ca_files.is_empty() && backend == Backend::Sqlite {
             p.0.push("store.ca_files: only used with store.backend = \"postgres\"".into());
         }
-        if let Some(Err(e)) = url.clone().map(|u| u.with_ca_files(&ca_files)) {
-            p.0.push(e);
+        // Checked here as far as the file name goes (any command loads this file, also where
+        // the certificates are not readable); read and parsed when the daemon connects.
+        for f in &ca_files {
+            if !f.is_file() {
+                p.0.push(format!(
+                    "store.ca_files: '{}' is not a readable file",
+                    f.display()
+                ));
+            }
+        }
+        if url.as_ref().is_some_and(|u| !u.requires_tls()) && !ca_files.is_empty() {
+            p.0.push(crate::store::postgres::CA_FILES_WITHOUT_TLS.into());
         }
         StoreConfig {
             backend,

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(e.into()),
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cfg.proxy.worker_threads > 0 {
+    if cfg.proxy.worker_threads > 0 && matches!(cli.command, Command::Serve) {
         builder.worker_threads(cfg.proxy.worker_threads);
     }
     let runtime = match builder.enable_all().build() {

@@ -48,7 +48,7 @@ use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreErr
 use crate::secret::{Location, SecretValue};
 
 pub use follow::{Follower, Health};
-pub use url::DatabaseUrl;
+pub use url::{DatabaseUrl, CA_FILES_WITHOUT_TLS};
 
 /// The channel every change is announced on; the payload is a store id.
 pub const CHANNEL: &str = "sealgate_store_changed";
@@ -251,10 +251,21 @@ impl PgStore {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                match redacted.tls() {
-                    Some(tls) => probe(pg, tls, &redacted).await,
-                    None => probe(pg, NoTls, &redacted).await,
-                }
+                // connect_timeout bounds the TCP connect only; a server that stalls in the TLS
+                // or startup exchange must not hang the daemon's start.
+                let probing = async {
+                    match redacted.tls() {
+                        Some(tls) => probe(pg, tls, &redacted).await,
+                        None => probe(pg, NoTls, &redacted).await,
+                    }
+                };
+                tokio::time::timeout(OP_TIMEOUT, probing)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(format!(
+                            "database {redacted}: no answer within {OP_TIMEOUT:?}"
+                        )))
+                    })
             })
         })
         .join()

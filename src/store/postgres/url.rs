@@ -63,12 +63,15 @@ impl DatabaseUrl {
             return Ok(self);
         }
         if self.tls.is_none() {
-            return Err(
-                "store.ca_files is set, but the database URL does not say sslmode=require".into(),
-            );
+            return Err(CA_FILES_WITHOUT_TLS.into());
         }
         self.tls = Some(verified_tls(ca_files)?);
         Ok(self)
+    }
+
+    /// Whether the URL says `sslmode=require`.
+    pub fn requires_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The TLS connector, when the URL says `sslmode=require`.
@@ -111,11 +114,20 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-/// The driver's TLS connector over [`crate::tls_roots::client_tls`].
+/// Why `[store] ca_files` without `sslmode=require` is refused: they would be ignored, and the
+/// connection would not be TLS.
+pub const CA_FILES_WITHOUT_TLS: &str =
+    "store.ca_files is set, but the database URL does not say sslmode=require";
+
+/// The driver's TLS connector over [`crate::tls_roots::client_tls`], offering ALPN
+/// `postgresql` (PostgreSQL 17 requires it with `sslnegotiation=direct`; older servers ignore
+/// it).
 fn verified_tls(ca_files: &[PathBuf]) -> Result<MakeRustlsConnect, String> {
     let config =
         crate::tls_roots::client_tls(ca_files).map_err(|e| format!("store.ca_files: {e}"))?;
-    Ok(MakeRustlsConnect::new((*config).clone()))
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// The driver's parse errors name the offending parameter, not its value; keep only the kind.
