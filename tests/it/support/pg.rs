@@ -79,15 +79,23 @@ impl Cluster {
                 std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
             }
         }
-        cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
         cluster.settings = ["listen_addresses=127.0.0.1", "ssl=on"]
             .map(String::from)
             .to_vec();
-        cluster.start();
-        cluster
+        // A free port is found by binding port 0 and letting it go; someone else may take it
+        // before postgres binds it, and then the server exits: try another.
+        let mut last = String::new();
+        for _ in 0..3 {
+            cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            match cluster.try_start() {
+                Ok(()) => return cluster,
+                Err(log) => last = log,
+            }
+        }
+        panic!("PostgreSQL with TLS did not start: {last}");
     }
 
     /// A TCP connection string for database `db` of an [`Cluster::owned_tls`] cluster, naming
@@ -142,9 +150,16 @@ impl Cluster {
 
     /// Starts the server (no-op if running) and waits until it accepts connections.
     pub fn start(&self) {
+        if let Err(log) = self.try_start() {
+            panic!("PostgreSQL did not start: {log}");
+        }
+    }
+
+    /// [`Cluster::start`], returning the server's log if it does not come up.
+    fn try_start(&self) -> Result<(), String> {
         let mut child = self.child.lock().unwrap();
         if child.is_some() {
-            return;
+            return Ok(());
         }
         let mut cmd = as_owner(Command::new(self.bin.join("postgres")), self.owner);
         cmd.arg("-D")
@@ -170,7 +185,7 @@ impl Cluster {
         }
         *child = Some(cmd.spawn().expect("spawning postgres"));
         drop(child);
-        self.wait_ready();
+        self.try_wait_ready()
     }
 
     /// Stops the server at once (immediate shutdown, as a crash or a cut cable would).
@@ -182,17 +197,23 @@ impl Cluster {
         }
     }
 
-    fn wait_ready(&self) {
+    /// Waits until the server accepts connections (30 s at most); a server that exits
+    /// meanwhile (e.g. its TCP port was taken) is an error at once. The error is its log.
+    fn try_wait_ready(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let log = || std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
         loop {
             if self.try_psql("postgres", "SELECT 1").is_ok() {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "PostgreSQL did not start: {}",
-                std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-            );
+            let exited = match self.child.lock().unwrap().as_mut() {
+                Some(c) => c.try_wait().ok().flatten().is_some(),
+                None => true,
+            };
+            if exited || Instant::now() > deadline {
+                self.child.lock().unwrap().take();
+                return Err(log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
