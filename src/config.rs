@@ -430,6 +430,22 @@ impl Problems {
         Duration::from_secs(v)
     }
 
+    /// A list of file paths (default none), each of which must name a file.
+    fn files(&mut self, key: &str, value: Option<Vec<String>>) -> Vec<PathBuf> {
+        let files: Vec<PathBuf> = value
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        for f in &files {
+            if !f.is_file() {
+                self.0
+                    .push(format!("{key}: '{}' is not a readable file", f.display()));
+            }
+        }
+        files
+    }
+
     /// A count where 0 means "choose for me" (default 0).
     fn count_or_zero(&mut self, key: &str, value: Option<usize>, max: usize) -> usize {
         let v = value.unwrap_or(0);
@@ -535,24 +551,11 @@ impl RawStoreSection {
             }
             s => Some(Duration::from_secs(s)),
         };
-        let ca_files: Vec<PathBuf> = self
-            .ca_files
-            .unwrap_or_default()
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        if !ca_files.is_empty() && backend == Backend::Sqlite {
-            p.0.push("store.ca_files: only used with store.backend = \"postgres\"".into());
-        }
         // Checked here as far as the file name goes (any command loads this file, also where
         // the certificates are not readable); read and parsed when the daemon connects.
-        for f in &ca_files {
-            if !f.is_file() {
-                p.0.push(format!(
-                    "store.ca_files: '{}' is not a readable file",
-                    f.display()
-                ));
-            }
+        let ca_files = p.files("store.ca_files", self.ca_files);
+        if !ca_files.is_empty() && backend == Backend::Sqlite {
+            p.0.push("store.ca_files: only used with store.backend = \"postgres\"".into());
         }
         if url.as_ref().is_some_and(|u| !u.requires_tls()) && !ca_files.is_empty() {
             p.0.push(crate::store::postgres::CA_FILES_WITHOUT_TLS.into());
@@ -678,20 +681,7 @@ impl RawProxy {
 
 impl RawUpstream {
     fn validate(self, p: &mut Problems) -> UpstreamConfig {
-        let ca_files: Vec<PathBuf> = self
-            .ca_files
-            .unwrap_or_default()
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        for f in &ca_files {
-            if !f.is_file() {
-                p.0.push(format!(
-                    "upstream.ca_files: '{}' is not a readable file",
-                    f.display()
-                ));
-            }
-        }
+        let ca_files = p.files("upstream.ca_files", self.ca_files);
         let mut resolve = BTreeMap::new();
         for (host, addr) in self.resolve.unwrap_or_default() {
             let key = format!("upstream.resolve.\"{host}\"");

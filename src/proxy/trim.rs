@@ -38,10 +38,13 @@ pub async fn run(mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(PERIOD) => {}
             _ = shutdown.changed() => return,
         }
-        if FREED.load(Ordering::Relaxed) < MIN_FREED {
+        // Zeroed in the same step as the check, so no count reported meanwhile is lost.
+        let due = FREED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n >= MIN_FREED).then_some(0)
+        });
+        if due.is_err() {
             continue;
         }
-        FREED.store(0, Ordering::Relaxed);
         let took = tokio::task::spawn_blocking(trim).await;
         tracing::debug!(?took, "returned freed memory to the system");
     }

@@ -632,6 +632,24 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
     );
 }
 
+/// A daemon whose `api.example.test` is `origin` (signed by `pki`'s CA), with a store `s`
+/// allowing it and one sandbox of that store.
+async fn daemon_with_origin(
+    pki: std::sync::Arc<crate::support::pki::TestPki>,
+    origin: std::net::SocketAddr,
+) -> (crate::support::daemon::Harness, SandboxCreds) {
+    let o = Opts {
+        resolve: vec![("api.example.test".into(), origin)],
+        ..Default::default()
+    };
+    let h = crate::support::daemon::Harness::try_start(o, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    (h, sb)
+}
+
 /// The h2 connection of a test origin.
 type OriginConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
@@ -715,21 +733,12 @@ async fn one_stream_origin_that_goes_away(
 /// §9.2.2), so sealgate does, and the sandbox gets the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_queued_for_a_stream_slot_survives_the_origins_goaway() {
-    use crate::support::daemon::Harness;
     use crate::support::pki::TestPki;
 
     let pki = std::sync::Arc::new(TestPki::new());
     let (origin, served) =
         one_stream_origin_that_goes_away(pki.server_config(&["api.example.test"], &[b"h2"])).await;
-    let o = Opts {
-        resolve: vec![("api.example.test".into(), origin)],
-        ..Default::default()
-    };
-    let h = Harness::try_start(o, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let (h, sb) = daemon_with_origin(pki, origin).await;
     let mut ca = pc::h1(h.proxy, &sb, API).await;
     let mut cb = pc::h1(h.proxy, &sb, API).await;
     let a =
@@ -796,7 +805,6 @@ async fn origin_that_closes_its_first_stream_unanswered(
 /// Sends one request of `method` through sealgate to [`origin_that_closes_its_first_stream_unanswered`];
 /// returns the status and how many requests the origin received.
 async fn through_an_origin_that_closes_unanswered(method: http::Method) -> (StatusCode, usize) {
-    use crate::support::daemon::Harness;
     use crate::support::pki::TestPki;
 
     let pki = std::sync::Arc::new(TestPki::new());
@@ -804,15 +812,7 @@ async fn through_an_origin_that_closes_unanswered(method: http::Method) -> (Stat
         pki.server_config(&["api.example.test"], &[b"h2"]),
     )
     .await;
-    let o = Opts {
-        resolve: vec![("api.example.test".into(), origin)],
-        ..Default::default()
-    };
-    let h = Harness::try_start(o, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let (h, sb) = daemon_with_origin(pki, origin).await;
     let mut c = pc::h1(h.proxy, &sb, API).await;
     let req = if method == http::Method::POST {
         pc::post("/p", "api.example.test", &[], Bytes::from_static(b"once"))
