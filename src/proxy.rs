@@ -89,6 +89,7 @@ impl LiveSettings {
         let settings = Arc::new(upstream::UpstreamSettings {
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
             tls: upstream::client_tls(&upstream.ca_files)?,
+            stream_limits: Default::default(),
             config: upstream,
         });
         let upstream = &settings.config;

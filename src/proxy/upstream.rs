@@ -27,10 +27,12 @@ use super::read_ahead::ReadAhead;
 
 mod goaway;
 mod known_h2;
+mod limits;
 mod nest;
 
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
+pub use limits::StreamLimits;
 pub use nest::Nesting;
 pub mod dns;
 
@@ -63,6 +65,8 @@ pub struct UpstreamSettings {
     pub vet: AddressPolicy,
     /// Verified TLS config (ALPN set by the connector).
     pub tls: Arc<rustls::ClientConfig>,
+    /// h2 origins' per-connection stream limits, learned from their GOAWAYs.
+    pub stream_limits: Arc<StreamLimits>,
 }
 
 impl UpstreamSettings {
@@ -159,7 +163,9 @@ impl Connector {
             .await
             .map_err(|e| ConnectError::Tls(tls_reason(&e)))?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let watched = RefuseAfterGoaway::new(tls);
+            let origin = format!("{host}:{port}").into_boxed_str();
+            let watched =
+                RefuseAfterGoaway::new(tls).learning(self.settings.stream_limits.clone(), origin);
             return Ok(UpstreamStream::H2(Box::new(TokioIo::new(watched))));
         }
         if self.require_h2 {

@@ -22,21 +22,34 @@
 //! the GOAWAY first and fails only the streams above its id, as not processed. Failing the
 //! write instead made h2 fail every stream with an I/O error that does not say "unprocessed".
 //!
+//! Retiring a connection (see [`super::limits`]): once an origin's per-connection stream limit
+//! is known, the wrapper retires the connection a quarter below it by handing h2 a synthetic
+//! `GOAWAY(NO_ERROR)` whose last-stream-id is the largest possible. h2 then opens no new
+//! stream there (hyper sends the next request to another connection, unsent), fails none of
+//! the streams already opened — the server has not gone away, so they all finish — and closes
+//! the connection once they have. The real server's graceful GOAWAYs are what the limits are
+//! learned from.
+//!
 //! Rules: bytes are passed through unchanged in both directions; only whole synthetic frames
-//! are added on the read side, only for streams the server has said it will not process;
-//! writes are dropped only after the server reset or closed the connection.
+//! are added on the read side: refusals only for streams the server has said it will not
+//! process, and the retiring GOAWAY only before any GOAWAY of the server reached h2 (a later
+//! GOAWAY may not raise the id, RFC 9113 §6.8); writes are dropped only after the server reset
+//! or closed the connection.
 //!
 //! # Memory usage
-//! A fixed-size state per connection plus one 13-byte frame per refused stream while it
+//! A fixed-size state per connection plus one 4-byte stream id per refused stream while it
 //! waits for a boundary; reads are never buffered (a read is only shortened to end at a
-//! frame boundary while a refusal waits).
+//! frame boundary while a synthetic frame waits).
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::limits::StreamLimits;
 
 const PREFACE_LEN: usize = 24;
 const HEAD_LEN: usize = 9;
@@ -47,6 +60,9 @@ const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
 const REFUSED_STREAM: u32 = 0x7;
+const NO_ERROR: u32 = 0x0;
+/// The largest stream id: a GOAWAY naming it refuses no stream.
+const MAX_STREAM: u32 = 0x7fff_ffff;
 
 /// A frame header seen by [`Frames`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +202,56 @@ fn refused_frame(stream: u32) -> [u8; 13] {
     f
 }
 
+/// The synthetic `GOAWAY(MAX_STREAM, NO_ERROR)` that retires a connection.
+fn retiring_frame() -> [u8; 17] {
+    let mut f = [0u8; 17];
+    f[2] = 8; // payload length
+    f[3] = GOAWAY;
+    f[9..13].copy_from_slice(&MAX_STREAM.to_be_bytes());
+    f[13..17].copy_from_slice(&NO_ERROR.to_be_bytes());
+    f
+}
+
+/// A synthetic frame being handed to h2, and how much of it is out.
+#[derive(Debug)]
+struct Synthetic {
+    bytes: [u8; 17],
+    len: usize,
+    pos: usize,
+}
+
+impl Synthetic {
+    fn new(frame: &[u8]) -> Synthetic {
+        let mut bytes = [0u8; 17];
+        bytes[..frame.len()].copy_from_slice(frame);
+        Synthetic {
+            bytes,
+            len: frame.len(),
+            pos: 0,
+        }
+    }
+}
+
+/// Where the connection stands on retiring (see [`super::limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retiring {
+    /// Not decided (or no limit known for the origin).
+    No,
+    /// The limit is reached: the retiring GOAWAY waits for a frame boundary.
+    Due,
+    /// Handed to h2, or given up because the server's own GOAWAY came first.
+    Done,
+}
+
+/// The origin's learned limits, and this connection's key in them.
+#[derive(Debug)]
+struct Learner {
+    limits: Arc<StreamLimits>,
+    origin: Box<str>,
+    /// Retire after this many streams (a limit is known).
+    retire_after: Option<u32>,
+}
+
 /// The connection-side state: what was opened, what the server said, what to refuse.
 #[derive(Debug)]
 struct Refusals {
@@ -197,8 +263,13 @@ struct Refusals {
     highest_opened: u32,
     /// Streams to refuse, oldest first.
     queue: VecDeque<u32>,
-    /// The synthetic frame being handed to h2 and how much of it is out.
-    out: Option<([u8; 13], usize)>,
+    /// The synthetic frame being handed to h2.
+    out: Option<Synthetic>,
+    /// Learns the origin's per-connection limit and retires the connection below it.
+    learner: Option<Learner>,
+    /// The server's count was reported (once per connection).
+    learned: bool,
+    retiring: Retiring,
     /// The reader to wake when a refusal is queued while no server bytes arrive.
     read_waker: Option<Waker>,
     scratch: Vec<Seen>,
@@ -218,6 +289,9 @@ impl Refusals {
             highest_opened: 0,
             queue: VecDeque::new(),
             out: None,
+            learner: None,
+            learned: false,
+            retiring: Retiring::No,
             read_waker: None,
             scratch: Vec::new(),
             write_closed: false,
@@ -240,9 +314,16 @@ impl Refusals {
                     code,
                     "upstream h2 GOAWAY: later streams are refused"
                 );
+                if code == NO_ERROR {
+                    self.learn(last_stream);
+                }
                 // A later GOAWAY may only lower the id (RFC 9113 §6.8).
                 self.last_stream =
                     Some(self.last_stream.map_or(last_stream, |l| l.min(last_stream)));
+                if self.retiring == Retiring::Due {
+                    // Not handed out yet: h2 would take a higher id as a protocol error.
+                    self.retiring = Retiring::Done;
+                }
             }
         }
         self.scratch = seen;
@@ -262,31 +343,80 @@ impl Refusals {
             }
             if self.last_stream.is_some_and(|l| h.stream > l) {
                 self.queue.push_back(h.stream);
-                if let Some(w) = self.read_waker.take() {
-                    w.wake();
-                }
+                self.wake_reader();
             }
+            self.retire_if_due(h.stream);
         }
         self.scratch = seen;
     }
 
-    /// A refusal can go out now: one is started, or one waits and the read side is between
-    /// frames.
+    /// A graceful GOAWAY of the server named `last_stream`. The first one naming a stream we
+    /// opened tells how many of our (odd-numbered) streams the server took on this connection.
+    /// One naming a higher id (a two-step graceful shutdown starts with the largest id) tells
+    /// nothing yet.
+    fn learn(&mut self, last_stream: u32) {
+        if self.learned || last_stream == 0 || last_stream > self.highest_opened {
+            return;
+        }
+        self.learned = true;
+        if let Some(l) = &self.learner {
+            l.limits.graceful_goaway(&l.origin, last_stream.div_ceil(2));
+        }
+    }
+
+    /// Stream `opened` was just opened: retire the connection if that reached the limit.
+    fn retire_if_due(&mut self, opened: u32) {
+        let Some((after, origin)) = self
+            .learner
+            .as_ref()
+            .and_then(|l| Some((l.retire_after?, &l.origin)))
+        else {
+            return;
+        };
+        if self.retiring != Retiring::No || self.last_stream.is_some() || opened.div_ceil(2) < after
+        {
+            return;
+        }
+        tracing::debug!(
+            origin = &**origin,
+            streams = opened.div_ceil(2),
+            "upstream h2: retiring the connection below the origin's limit"
+        );
+        self.retiring = Retiring::Due;
+        self.wake_reader();
+    }
+
+    fn wake_reader(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// A synthetic frame waits to be handed to h2.
+    fn pending(&self) -> bool {
+        !self.queue.is_empty() || self.retiring == Retiring::Due
+    }
+
+    /// A synthetic frame can go out now: one is started, or one waits and the read side is
+    /// between frames.
     fn ready_to_inject(&self) -> bool {
-        self.out.is_some() || (!self.queue.is_empty() && self.reads.at_boundary())
+        self.out.is_some() || (self.pending() && self.reads.at_boundary())
     }
 
     fn inject(&mut self, buf: &mut ReadBuf<'_>) {
         if self.out.is_none() {
-            if let Some(stream) = self.queue.pop_front() {
-                self.out = Some((refused_frame(stream), 0));
+            if self.retiring == Retiring::Due {
+                self.retiring = Retiring::Done;
+                self.out = Some(Synthetic::new(&retiring_frame()));
+            } else if let Some(stream) = self.queue.pop_front() {
+                self.out = Some(Synthetic::new(&refused_frame(stream)));
             }
         }
-        if let Some((frame, pos)) = &mut self.out {
-            let n = (frame.len() - *pos).min(buf.remaining());
-            buf.put_slice(&frame[*pos..*pos + n]);
-            *pos += n;
-            if *pos == frame.len() {
+        if let Some(s) = &mut self.out {
+            let n = (s.len - s.pos).min(buf.remaining());
+            buf.put_slice(&s.bytes[s.pos..s.pos + n]);
+            s.pos += n;
+            if s.pos == s.len {
                 self.out = None;
             }
         }
@@ -311,6 +441,18 @@ impl<S> RefuseAfterGoaway<S> {
         }
     }
 
+    /// Also learns `origin`'s per-connection stream limit from its graceful GOAWAYs, and
+    /// retires this connection below the limit once it is known (see [`super::limits`]).
+    pub fn learning(mut self, limits: Arc<StreamLimits>, origin: Box<str>) -> Self {
+        let retire_after = limits.retire_after(&origin);
+        self.state.learner = Some(Learner {
+            limits,
+            origin,
+            retire_after,
+        });
+        self
+    }
+
     /// The wrapped transport.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -330,14 +472,14 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
             st.inject(buf);
             return Poll::Ready(Ok(()));
         }
-        let poll = if st.queue.is_empty() {
+        let poll = if !st.pending() {
             let poll = this.inner.poll_read(cx, buf);
             if let Poll::Ready(Ok(())) = poll {
                 st.on_read(&buf.filled()[before..]);
             }
             poll
         } else {
-            // A refusal waits for the current frame to end: read no further than that.
+            // A synthetic frame waits for the current frame to end: read no further than that.
             let mut tmp = [0u8; 4096];
             let want = st
                 .reads
@@ -653,6 +795,163 @@ mod tests {
             "want the server's graceful GOAWAY, got {err:?}"
         );
         let _ = conn.await;
+    }
+
+    /// A wrapper state that learns for origin `o:443`, whose limit is `limit` when given.
+    fn learning(limit: Option<u32>) -> (Refusals, Arc<StreamLimits>) {
+        let limits = Arc::new(StreamLimits::default());
+        if let Some(n) = limit {
+            limits.graceful_goaway("o:443", n);
+            limits.graceful_goaway("o:443", n);
+        }
+        let mut r = Refusals::new();
+        r.learner = Some(Learner {
+            limits: limits.clone(),
+            origin: "o:443".into(),
+            retire_after: limits.retire_after("o:443"),
+        });
+        (r, limits)
+    }
+
+    /// Opens client streams `from..=to` (odd ids), after the preface when `from` is 1.
+    fn open(r: &mut Refusals, from: u32, to: u32) {
+        let mut w = if from == 1 {
+            PREFACE.to_vec()
+        } else {
+            Vec::new()
+        };
+        for id in (from..=to).step_by(2) {
+            w.extend(frame(HEADERS, END_HEADERS, id, b"h"));
+        }
+        r.on_write(&w);
+    }
+
+    #[test]
+    fn a_connection_retires_below_the_limit_at_a_frame_boundary() {
+        let (mut r, _) = learning(Some(8)); // retire after 6 streams
+        open(&mut r, 1, 9);
+        assert_eq!(r.retiring, Retiring::No, "5 streams");
+        let data = frame(0x0, 0, 1, &[7u8; 20]);
+        r.on_read(&data[..10]);
+        open(&mut r, 11, 11);
+        assert_eq!(r.retiring, Retiring::Due);
+        assert!(!r.ready_to_inject(), "never inside a server frame");
+        r.on_read(&data[10..]);
+        assert!(r.ready_to_inject());
+        let mut out = [0u8; 32];
+        let mut buf = ReadBuf::new(&mut out);
+        r.inject(&mut buf);
+        assert_eq!(buf.filled(), retiring_frame());
+        assert_eq!(r.retiring, Retiring::Done);
+        open(&mut r, 13, 15);
+        assert!(!r.ready_to_inject(), "retired once");
+    }
+
+    #[test]
+    fn the_servers_own_goaway_first_cancels_retiring() {
+        let (mut r, _) = learning(Some(8));
+        open(&mut r, 1, 11);
+        assert_eq!(r.retiring, Retiring::Due);
+        r.on_read(&goaway(11));
+        assert!(
+            !r.ready_to_inject(),
+            "a GOAWAY above the server's id would be a protocol error"
+        );
+        assert_eq!(r.retiring, Retiring::Done);
+    }
+
+    #[test]
+    fn no_limit_known_means_no_retiring() {
+        let (mut r, _) = learning(None);
+        open(&mut r, 1, 2001);
+        assert_eq!(r.retiring, Retiring::No);
+        let mut plain = Refusals::new();
+        open(&mut plain, 1, 2001);
+        assert_eq!(plain.retiring, Retiring::No);
+    }
+
+    #[test]
+    fn the_limit_is_learned_from_the_goaway_naming_our_last_stream() {
+        let limits = {
+            let (mut r, limits) = learning(None);
+            open(&mut r, 1, 19);
+            r.on_read(&goaway(MAX_STREAM)); // a two-step shutdown's first GOAWAY: no count
+            r.on_read(&goaway(19));
+            limits
+        };
+        assert_eq!(limits.retire_after("o:443"), None, "one connection");
+        let mut r = Refusals::new();
+        r.learner = Some(Learner {
+            limits: limits.clone(),
+            origin: "o:443".into(),
+            retire_after: None,
+        });
+        open(&mut r, 1, 21);
+        let mut away = goaway(19);
+        away[16] = 2; // INTERNAL_ERROR: not graceful, not a count
+        r.on_read(&away);
+        assert_eq!(limits.retire_after("o:443"), None);
+        let mut r = Refusals::new();
+        r.learner = Some(Learner {
+            limits: limits.clone(),
+            origin: "o:443".into(),
+            retire_after: None,
+        });
+        open(&mut r, 1, 21);
+        r.on_read(&goaway(19));
+        assert_eq!(
+            limits.retire_after("o:443"),
+            Some(8),
+            "10 streams twice: limit 10"
+        );
+    }
+
+    /// Against the h2 crate on both ends: once retired, the connection finishes the stream it
+    /// has, refuses nothing, takes no new stream (`ready` fails with a graceful GOAWAY, which
+    /// hyper answers by sending the request elsewhere, unsent) and closes when idle.
+    #[tokio::test]
+    async fn a_retired_connection_finishes_its_streams_and_closes() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = served.clone();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = http::Response::builder().status(200).body(()).unwrap();
+                let mut body = respond.send_response(answer, false).unwrap();
+                body.send_data(bytes::Bytes::from_static(b"ok"), true)
+                    .unwrap();
+            }
+        });
+        let limits = Arc::new(StreamLimits::default());
+        limits.graceful_goaway("o:443", 8);
+        limits.graceful_goaway("o:443", 8);
+        let io = RefuseAfterGoaway::new(client_io).learning(limits, "o:443".into());
+        let (mut send, conn) = h2::client::handshake(io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        for i in 1..=6 {
+            send = send.ready().await.expect("open before the limit");
+            let req = http::Request::get("https://o.test/").body(()).unwrap();
+            let (response, _) = send.send_request(req, true).unwrap();
+            let response = response.await.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+            assert_eq!(response.status(), 200);
+        }
+        let err = send.ready().await.expect_err("retired after 6 streams");
+        assert!(
+            err.is_go_away() && err.reason() == Some(h2::Reason::NO_ERROR),
+            "{err:?}"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn)
+            .await
+            .expect("the idle retired connection closes")
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("the server sees the close")
+            .unwrap();
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 6);
     }
 
     /// What `swallow` relies on, pinned against the kernel: once the server resets the

@@ -1,0 +1,160 @@
+//! Learns how many streams an HTTP/2 origin serves per connection, so that sealgate retires
+//! its connections to that origin before the origin ends them.
+//!
+//! Why: nginx ends every h2 connection after `keepalive_requests` streams (1,000 by default)
+//! with a GOAWAY. Now and then (about one such close in 50 under load) nginx 1.22 then closes
+//! without answering the stream that reached the limit. That stream "might have been
+//! processed" (RFC 9113 §6.8), so a POST on it cannot be sent again and the sandbox gets a
+//! 502. A connection that never reaches the limit never meets that close, and never has
+//! streams refused above a GOAWAY either.
+//!
+//! How: every graceful GOAWAY (`NO_ERROR`) an origin sends tells how many of our streams it
+//! took on that connection (its last-stream-id). The same count twice in a row is taken as the
+//! origin's per-connection limit; an idle timeout or a reload ends connections at varying
+//! counts and confirms nothing. Later connections to that origin are retired by sealgate
+//! after [`StreamLimits::retire_after`] streams: a quarter below the limit, which absorbs the
+//! streams already on their way when the retirement is decided (at most the origin's
+//! concurrent-stream limit, 128 for nginx). Retiring is graceful: the connection finishes every
+//! stream opened on it, takes no new one, and closes once idle
+//! ([`super::goaway::RefuseAfterGoaway`]).
+//!
+//! Invariants: bounded (at most [`MAX_ORIGINS`] origins are remembered; others are never
+//! learned); a limit below [`MIN_LIMIT`] is never learned, so an origin can lower only its own
+//! connection reuse, and not below that floor; nothing is refused or sent twice because of a
+//! learned limit.
+
+use dashmap::DashMap;
+
+/// Origins remembered at most (a sandbox could otherwise grow the map with one wildcard).
+pub const MAX_ORIGINS: usize = 4096;
+
+/// The smallest per-connection limit learned. Lower counts are idle connections closing, not
+/// a limit worth retiring early for.
+pub const MIN_LIMIT: u32 = 8;
+
+/// Per-origin stream limits learned from graceful GOAWAYs. Keyed by `host:port` as dialled.
+#[derive(Debug, Default)]
+pub struct StreamLimits {
+    origins: DashMap<Box<str>, Learned>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    /// The count the last graceful GOAWAY carried.
+    last: u32,
+    /// Confirmed: two graceful GOAWAYs in a row carried it.
+    limit: Option<u32>,
+}
+
+impl StreamLimits {
+    /// After how many streams a new connection to `origin` is retired, once its limit is known.
+    pub fn retire_after(&self, origin: &str) -> Option<u32> {
+        let limit = self.origins.get(origin)?.limit?;
+        Some(limit - limit / 4)
+    }
+
+    /// The origin sent a graceful GOAWAY after taking `taken` of our streams on a connection.
+    pub fn graceful_goaway(&self, origin: &str, taken: u32) {
+        if taken < MIN_LIMIT {
+            return;
+        }
+        if let Some(mut e) = self.origins.get_mut(origin) {
+            if e.last == taken && e.limit != Some(taken) {
+                tracing::debug!(
+                    origin,
+                    limit = taken,
+                    "upstream h2: the origin ends connections after this many streams; \
+                     retiring them earlier"
+                );
+                e.limit = Some(taken);
+            }
+            e.last = taken;
+            return;
+        }
+        if self.origins.len() < MAX_ORIGINS {
+            self.origins.insert(
+                origin.into(),
+                Learned {
+                    last: taken,
+                    limit: None,
+                },
+            );
+        }
+    }
+
+    /// How many origins are remembered.
+    pub fn len(&self) -> usize {
+        self.origins.len()
+    }
+
+    /// True when no origin is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.origins.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_count_twice_in_a_row_is_the_limit() {
+        let l = StreamLimits::default();
+        l.graceful_goaway("a:443", 1000);
+        assert_eq!(l.retire_after("a:443"), None, "one GOAWAY proves nothing");
+        l.graceful_goaway("a:443", 1000);
+        assert_eq!(l.retire_after("a:443"), Some(750));
+        assert_eq!(l.retire_after("b:443"), None, "per origin");
+    }
+
+    #[test]
+    fn idle_closes_at_varying_counts_confirm_nothing_and_keep_a_learned_limit() {
+        let l = StreamLimits::default();
+        for n in [37, 12, 900, 41] {
+            l.graceful_goaway("a:443", n);
+        }
+        assert_eq!(l.retire_after("a:443"), None);
+        l.graceful_goaway("a:443", 1000);
+        l.graceful_goaway("a:443", 1000);
+        l.graceful_goaway("a:443", 30);
+        assert_eq!(l.retire_after("a:443"), Some(750));
+        l.graceful_goaway("a:443", 100);
+        l.graceful_goaway("a:443", 100);
+        assert_eq!(
+            l.retire_after("a:443"),
+            Some(75),
+            "a lowered limit is learned"
+        );
+    }
+
+    #[test]
+    fn tiny_counts_are_never_learned() {
+        let l = StreamLimits::default();
+        for _ in 0..4 {
+            l.graceful_goaway("a:443", MIN_LIMIT - 1);
+        }
+        assert_eq!(l.retire_after("a:443"), None);
+        assert!(l.is_empty());
+        l.graceful_goaway("a:443", MIN_LIMIT);
+        l.graceful_goaway("a:443", MIN_LIMIT);
+        assert_eq!(l.retire_after("a:443"), Some(MIN_LIMIT - MIN_LIMIT / 4));
+    }
+
+    #[test]
+    fn the_map_is_bounded() {
+        let l = StreamLimits::default();
+        for i in 0..MAX_ORIGINS + 10 {
+            l.graceful_goaway(&format!("h{i}:443"), 100);
+        }
+        assert_eq!(l.len(), MAX_ORIGINS);
+        let late = format!("h{}:443", MAX_ORIGINS + 1);
+        l.graceful_goaway(&late, 100);
+        assert_eq!(l.retire_after(&late), None);
+        l.graceful_goaway("h0:443", 100);
+        assert_eq!(
+            l.retire_after("h0:443"),
+            Some(75),
+            "known origins still learn"
+        );
+    }
+}
