@@ -618,7 +618,7 @@ type ReloadReply = oneshot::Sender<Result<Vec<String>, String>>;
 async fn reloads(
     proxy: Arc<ProxyState>,
     path: Option<PathBuf>,
-    mut current: Config,
+    running: Config,
     own: Vec<SocketAddr>,
     mut rx: mpsc::UnboundedReceiver<ReloadReply>,
     mut shutdown: watch::Receiver<bool>,
@@ -630,7 +630,7 @@ async fn reloads(
             _ = async { match &mut hup { Some(h) => { h.recv().await; } None => std::future::pending().await } } => None,
             _ = shutdown.changed() => return,
         };
-        let outcome = reload_once(&proxy, path.as_deref(), &mut current, &own);
+        let outcome = reload_once(&proxy, path.as_deref(), &running, &own);
         match &outcome {
             Ok(restart) => tracing::info!(needs_restart = ?restart, "configuration reloaded"),
             Err(e) => tracing::warn!(error = %e, "reload refused; running configuration kept"),
@@ -644,22 +644,23 @@ async fn reloads(
     }
 }
 
-/// Re-reads the config file and applies what can change live.
+/// Re-reads the config file and applies what can change live. Returns the keys whose new
+/// value differs from `running`, the configuration the daemon started with: those are applied
+/// only by a restart, so they stay reported on every reload until the file matches again.
 fn reload_once(
     proxy: &ProxyState,
     path: Option<&Path>,
-    current: &mut Config,
+    running: &Config,
     own: &[SocketAddr],
 ) -> Result<Vec<String>, String> {
     let Some(path) = path else {
         return Err("no --config file was given; nothing to reload".into());
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
-    let restart = needs_restart(current, &new);
+    let restart = needs_restart(running, &new);
     let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
     proxy.set_settings(live);
     crate::logging::set_level(&new.log_level);
-    *current = new;
     Ok(restart)
 }
 

@@ -396,6 +396,13 @@ async fn reload_applies_a_new_limit_keeps_live_tunnels_and_refuses_an_invalid_fi
     let (s, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["needs_restart"], json!(["proxy.public_host"]));
+    // Still pending on the next reload: the daemon runs with the old value until a restart.
+    let (_, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(v["needs_restart"], json!(["proxy.public_host"]), "{v}");
+    // The file put back as the daemon runs it: nothing waits for a restart any more.
+    std::fs::write(&path, &lowered).unwrap();
+    let (_, v) = e.h.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(v["needs_restart"], json!([]), "{v}");
 
     // An invalid file is refused and the running configuration kept.
     let invalid = lowered.replace(
@@ -430,7 +437,7 @@ async fn reload_applies_a_new_limit_keeps_live_tunnels_and_refuses_an_invalid_fi
         .into_iter()
         .filter(|v| v["action"] == "config.reload")
         .count();
-    assert_eq!(reloads, 4, "every reload request is audited");
+    assert_eq!(reloads, 6, "every reload request is audited");
 }
 
 // ---- the real binary -------------------------------------------------------------------------------
