@@ -125,6 +125,7 @@ async fn exchange(
         return Err(r);
     }
     check_method(&req)?;
+    check_h2_head(&rt.proxy, &req)?;
     check_authority(t, &req)?;
     check_framing(req.headers())?;
     let websocket = check_upgrade(&req)?;
@@ -250,6 +251,40 @@ fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
         .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
     if !ok {
         return Err(Refusal::new(Code::BadRequest, "malformed Content-Length"));
+    }
+    Ok(())
+}
+
+/// An h2 request head over `proxy.max_header_bytes` (counted as RFC 9113 §6.5.2 does: name,
+/// value and 32 bytes per field, pseudo-header fields included) or with more than
+/// `proxy.max_header_fields` fields gets the same 431 an h1 head gets from the
+/// [`super::h1_guard`]. The h2 server's own limit is set above this one
+/// ([`super::serve`]), so that a client sees sealgate's answer, not a reset stream or a
+/// connection error it would retry.
+fn check_h2_head<B>(p: &crate::config::ProxyConfig, req: &Request<B>) -> Result<(), Refusal> {
+    if req.version() != Version::HTTP_2 {
+        return Ok(());
+    }
+    let h = req.headers();
+    if h.len() > p.max_header_fields {
+        return Err(Refusal::new(
+            Code::HeadersTooLarge,
+            "more header fields than proxy.max_header_fields",
+        ));
+    }
+    const PSEUDO: usize = ":method:scheme:authority:path".len() + 4 * 32;
+    let uri = req.uri();
+    let pseudo = PSEUDO
+        + req.method().as_str().len()
+        + uri.scheme_str().map_or(0, str::len)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let fields: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
+    if pseudo + fields > p.max_header_bytes {
+        return Err(Refusal::new(
+            Code::HeadersTooLarge,
+            "request header section is larger than proxy.max_header_bytes",
+        ));
     }
     Ok(())
 }

@@ -378,13 +378,20 @@ fn http1_builder(live: &LiveSettings) -> http1::Builder {
     b
 }
 
-/// hyper's HTTP/2 server with the h2 limits of `[proxy]`.
+/// hyper's HTTP/2 server with the h2 limits of `[proxy]`. Its header-list limit is twice
+/// `max_header_bytes`: a head between the two reaches the service, which answers it with the
+/// uniform 431 (`forward::check_h2_head`); the h2 crate itself would send a bare 431 and reset
+/// the stream, or — for one field spread over CONTINUATION frames — end the whole connection,
+/// which clients take as "not processed" and retry. Only a head over twice the limit still
+/// meets the h2 crate's answer; the memory it may take stays bounded by that.
 fn http2_builder(live: &LiveSettings) -> http2::Builder<TokioExecutor> {
     let p = &live.proxy;
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_concurrent_streams(p.max_h2_streams)
-        .max_header_list_size(p.max_header_bytes as u32)
+        .max_header_list_size(
+            u32::try_from(p.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         .max_pending_accept_reset_streams(50)
         .max_local_error_reset_streams(256);
     b

@@ -89,6 +89,40 @@ async fn curl_h1_and_h2() {
     assert!(ok && out.trim().starts_with("osb_sealed_"));
 }
 
+/// A head over `proxy.max_header_bytes` gets the uniform 431 over h1 and h2 alike (the h2
+/// crate alone would reset the stream or end the connection, and curl would retry on new
+/// connections). Kept under 64 KiB: nghttp2 itself refuses to send a larger header block.
+#[tokio::test]
+async fn curl_gets_one_uniform_431_for_an_oversized_head() {
+    let opts = crate::support::daemon::Opts {
+        proxy_toml: "max_header_bytes = 32768".into(),
+        ..Default::default()
+    };
+    let e = crate::proxy_explicit::setup_with(Some(&["api.anthropic.com"]), SECRETS, opts).await;
+    for flag in ["--http1.1", "--http2"] {
+        let cmd = format!(
+            "curl -sS -o /dev/null -D - {flag} https://api.anthropic.com/echo \
+             -H \"x-big: $(head -c 40000 /dev/zero | tr '\\0' a)\""
+        );
+        let (ok, out, err) = run(&e, "sh", &["-c", &cmd]).await;
+        assert!(ok, "curl {flag}: {err}");
+        let lower = out.to_ascii_lowercase();
+        assert!(
+            lower.contains("\nhttp/1.1 431") || lower.contains("\nhttp/2 431"),
+            "curl {flag}: {out}"
+        );
+        assert!(
+            lower.contains("x-sealgate-error: request_too_large"),
+            "{out}"
+        );
+        assert!(
+            !err.contains("REFUSED_STREAM"),
+            "curl {flag} retried: {err}"
+        );
+    }
+    assert!(e.echo.requests().is_empty(), "nothing reached the origin");
+}
+
 #[tokio::test]
 async fn python_requests_and_httpx() {
     let e = setup(Some(&["api.anthropic.com"]), SECRETS).await;

@@ -66,22 +66,65 @@ async fn oversized_connect_head_is_uniform_431() {
     assert_upstream_untouched(&e);
 }
 
+/// Over h2 an oversized head gets the same uniform 431 as over h1 (DESIGN §5), not a reset
+/// stream or a connection error that clients retry: one field in one HEADERS frame, one field
+/// spread over CONTINUATION frames, too many fields. The connection keeps serving.
 #[tokio::test]
-async fn oversized_h2_header_list_is_refused() {
-    let e = env_with("max_header_bytes = 8192").await;
+async fn oversized_h2_heads_are_uniform_431_and_the_connection_lives_on() {
+    let e = env_with("max_header_bytes = 32768").await;
     let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
-    let big = "a".repeat(12_000);
-    let req = pc::get("https://api.example.test/echo", "", &[("x-big", &big)]);
-    c.ready().await.unwrap();
-    let r = c.send_request(req).await;
-    match r {
-        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-        Err(err) => assert!(
-            err.to_string().contains("refused") || err.is_closed(),
-            "{err}"
+    let one_frame = "a".repeat(14_000);
+    let continued = "b".repeat(40_000); // over the 16 KiB frame size: CONTINUATION frames
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-f{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let cases: [(&str, Vec<(&str, &str)>); 3] = [
+        ("a 40,000-byte field", vec![("x-big", &continued)]),
+        ("150 fields", many),
+        (
+            "three 14,000-byte fields",
+            vec![
+                ("x-a", &one_frame),
+                ("x-b", &one_frame),
+                ("x-c", &one_frame),
+            ],
         ),
+    ];
+    for (what, fields) in cases {
+        let req = pc::get("https://api.example.test/echo", "", &fields);
+        c.ready().await.unwrap();
+        let resp = c
+            .send_request(req)
+            .await
+            .unwrap_or_else(|err| panic!("{what}: {err}"));
+        assert_eq!(
+            resp.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{what}"
+        );
+        assert_eq!(
+            resp.headers()["x-sealgate-error"],
+            "request_too_large",
+            "{what}"
+        );
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("\"code\":\"request_too_large\""),
+            "{what}: {body}"
+        );
     }
     assert_upstream_untouched(&e);
+    let fits = "c".repeat(8_000);
+    let req = pc::get("https://api.example.test/echo", "", &[("x-fits", &fits)]);
+    c.ready().await.unwrap();
+    let resp = c
+        .send_request(req)
+        .await
+        .expect("the connection still serves");
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 // ---------------------------------------------------------------------------------------------
