@@ -118,10 +118,13 @@ class SecretStore:
         *,
         api_url: Optional[str] = None,
         api_key: Optional[str] = None,
-    ) -> None:
+    ) -> Dict[str, Any]:
         """Creates or replaces secret ``name`` (an env-var name). ``value`` is sent once and
         never returned or put into an exception. ``locations`` is any of ``"header"``,
-        ``"query"``, ``"body"`` (daemon default ``["header", "body"]``)."""
+        ``"query"``, ``"body"`` (daemon default ``["header", "body"]``). Returns the secret's
+        metadata (``name``, ``allowed_hosts``, ``locations``, timestamps, never the value) with
+        the daemon's ``warnings`` (e.g. a secret that can never be unsealed, or a value short
+        enough to be guessed)."""
         if not isinstance(value, str):
             raise TypeError(f"value must be a str, got {type(value).__name__}")
         body: Dict[str, Any] = {
@@ -131,7 +134,7 @@ class SecretStore:
         if locations is not None:
             body["locations"] = _list("locations", locations)
         cfg = _config.resolve(api_url, api_key)
-        await _http.call(cfg, "PUT", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}", body)
+        return await _http.call(cfg, "PUT", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}", body)
 
     @staticmethod
     async def list_secrets(

@@ -62,14 +62,15 @@ async def test_update_is_partial(daemon):
 async def test_secrets_set_list_replace_delete(daemon):
     store = await SecretStore.create(unique("sec"), egress_allowlist=["api.example.test"])
     value = remember_secret("sk-store-test-" + secrets.token_hex(8))
-    assert await SecretStore.set_secret(store["id"], "API_KEY", value) is None
-    assert (
-        await SecretStore.set_secret(
-            store["id"], "OTHER", remember_secret("v-" + secrets.token_hex(8)),
-            allowed_hosts=["api.example.test"], locations=["header"],
-        )
-        is None
+    meta = await SecretStore.set_secret(store["id"], "API_KEY", value)
+    assert meta["name"] == "API_KEY" and meta["allowed_hosts"] is None, meta
+    assert value not in repr(meta) and "value" not in meta
+    assert any("unsealed in request bodies" in w for w in meta["warnings"]), meta
+    other = await SecretStore.set_secret(
+        store["id"], "OTHER", remember_secret("v-" + secrets.token_hex(8)),
+        allowed_hosts=["api.example.test"], locations=["header"],
     )
+    assert (other["name"], other["locations"], other["warnings"]) == ("OTHER", ["header"], []), other
     listed = {s["name"]: s for s in await SecretStore.list_secrets(store["id"])}
     assert set(listed) == {"API_KEY", "OTHER"}
     assert listed["OTHER"]["allowed_hosts"] == ["api.example.test"]

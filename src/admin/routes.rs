@@ -227,12 +227,30 @@ async fn set_secret(
     let hosts = validate::patterns("allowed_hosts", req.allowed_hosts)?;
     let locations = validate::locations(req.locations)?;
     let store = st.store.get_store(&id)?;
+    let short = req.value.len() < SHORT_VALUE;
     let value = SecretValue::new(req.value.as_bytes().to_vec());
     let meta = st.store.put_secret(&id, &name, &value, hosts, locations)?;
-    let warnings = secret_warnings(&store, &meta);
+    let mut warnings = secret_warnings(&store, &meta);
+    if short {
+        warnings.push(short_value_warning(&meta.name));
+    }
     st.sandboxes.refresh_store(&id)?;
     audit(&st, "secret.set", Some(&id), Some(&name), None, peer);
     Ok(Json(SecretAnswer { meta, warnings }))
+}
+
+/// Values shorter than this get a warning: responses are scrubbed of every real value, so a
+/// sandbox that reaches an echoing endpoint on an unsealing destination can test guesses of a
+/// value (a right guess comes back as the token). Only a value too short or too guessable to
+/// survive that is at risk; the scrubber matches whole values, never prefixes.
+const SHORT_VALUE: usize = 16;
+
+fn short_value_warning(name: &str) -> String {
+    format!(
+        "secret {name} is shorter than {SHORT_VALUE} bytes: responses are scrubbed of it, so a \
+         sandbox that reaches a host echoing its requests can test guesses of it (a right guess \
+         comes back as the token); use a long random value"
+    )
 }
 
 fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {

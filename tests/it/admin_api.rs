@@ -227,6 +227,22 @@ async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
             .any(|x| x.as_str().unwrap().contains("never be unsealed")),
         "{v}"
     );
+    assert!(!v.to_string().contains("shorter than"), "{v}");
+    // A short value can be guessed through the response scrubbing: the operator is told.
+    let v = h
+        .secret(&id, "PIN", "pw4711", Some(&["api.example.test"]), None)
+        .await;
+    let short = v["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .find(|x| x.contains("shorter than 16 bytes"))
+        .unwrap_or_else(|| panic!("no short-value warning: {v}"));
+    assert!(
+        short.contains("PIN") && !v.to_string().contains("pw4711"),
+        "{v}"
+    );
     h.secret(
         &id,
         "K",
