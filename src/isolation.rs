@@ -110,14 +110,16 @@ pub struct Isolation {
     data_dir: PathBuf,
     /// Files masked inside every sandbox (the config file, which may hold a database password).
     hidden: Vec<PathBuf>,
-    run_as: Result<RunAs, String>,
+    run_as: Result<RunAs, run_as::RunAsError>,
     sandboxes: Arc<Sandboxes>,
     proxy: Arc<ProxyState>,
     live: Mutex<HashMap<String, Arc<Isolated>>>,
 }
 
 impl Isolation {
-    /// The service; `run_as` is resolved now (a failure is reported by each create).
+    /// The service; `run_as` is resolved now. A failure does not stop the daemon (proxy-only
+    /// sandboxes need no user): it is logged now and answered to each isolated create as a
+    /// server-side 500 `isolation_failed`, naming the key.
     pub fn new(
         cfg: SandboxConfig,
         data_dir: PathBuf,
@@ -125,7 +127,10 @@ impl Isolation {
         sandboxes: Arc<Sandboxes>,
         proxy: Arc<ProxyState>,
     ) -> Isolation {
-        let run_as = RunAs::resolve(&cfg.run_as).map_err(|e| e.to_string());
+        let run_as = RunAs::resolve(&cfg.run_as);
+        if let Err(e) = &run_as {
+            tracing::warn!(error = %e, "isolated sandboxes cannot be created until this is fixed");
+        }
         // The mount point of the tmpfs that holds the CA inside (root only; without it
         // isolation fails at its first command with bwrap's message).
         let _ = netns::record::ensure_dir(Path::new("/run/sealgate"), 0o755);
@@ -194,10 +199,7 @@ impl Isolation {
             ));
         }
         let envs = validate_envs(req.envs.take().unwrap_or_default())?;
-        let run_as = self
-            .run_as
-            .clone()
-            .map_err(|e| IsolationError::BadRequest(format!("cannot isolate: {e}")))?;
+        let run_as = self.run_as.clone()?;
         self.sandboxes.precheck(&req)?;
         let ns = blocking(Namespace::claim).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));

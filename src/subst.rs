@@ -106,7 +106,8 @@ pub struct Denied {
 pub struct Report {
     /// Secrets whose tokens were replaced by their values.
     pub unsealed: Vec<Arc<str>>,
-    /// Secrets whose tokens were forwarded sealed because the destination is not allowed.
+    /// Secrets refused for the destination: forwarded sealed (`forward_sealed`), or the secret
+    /// that got the request blocked (`block`; the audit line's `decision` tells which).
     pub refused: Vec<Arc<str>>,
     /// `(base64 of the real credentials, base64 of the sealed credentials)` for every
     /// `Authorization: Basic` header that was unsealed; the scrubber needs them. The first

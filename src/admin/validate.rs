@@ -20,6 +20,17 @@ pub fn store_name(name: &str) -> Result<(), ApiError> {
             "store name must be 1 to 128 characters",
         ));
     }
+    if name.trim() != name {
+        return Err(ApiError::bad_request(
+            "store name must not start or end with whitespace",
+        ));
+    }
+    if uuid::Uuid::try_parse(name).is_ok() {
+        // `secret_store` takes a name or an id: a name shaped like an id would be ambiguous.
+        return Err(ApiError::bad_request(
+            "store name must not have the form of a store id (a UUID)",
+        ));
+    }
     let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     if name.chars().any(|c| c.is_control() || bidi(c)) {
         return Err(ApiError::bad_request(
@@ -129,6 +140,22 @@ mod tests {
         assert!(secret_name("_x1").is_ok());
         for bad in ["", "1ABC", "A-B", "A B", "ÄB", "A=B"] {
             assert!(secret_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn store_names_are_never_ambiguous() {
+        assert!(store_name("my-agent-secrets").is_ok());
+        assert!(store_name("inner space").is_ok());
+        for bad in [
+            "",
+            "  ",
+            " padded",
+            "padded\t",
+            "d6bd8c8d-1f2e-4a3b-9c4d-5e6f7a8b9c0d",
+            "D6BD8C8D-1F2E-4A3B-9C4D-5E6F7A8B9C0D",
+        ] {
+            assert!(store_name(bad).is_err(), "{bad:?}");
         }
     }
 

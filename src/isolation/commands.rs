@@ -183,7 +183,7 @@ fn prepare(
         }
         Some(_) => {
             return bad(format!(
-                "timeout: must be between 0 and {} seconds",
+                "timeout: must be more than 0 and at most {} seconds",
                 cfg.max_command_timeout.as_secs()
             ))
         }

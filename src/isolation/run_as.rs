@@ -17,7 +17,7 @@ pub struct RunAs {
 }
 
 /// `run_as` could not be resolved.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("sandbox.run_as: {0}")]
 pub struct RunAsError(String);
 

@@ -429,6 +429,9 @@ fn denied(t: &Tunnel, d: Denied, o: &mut Outcome) -> Refusal {
         "{} (token found in the {location})",
         t.sandbox.snapshot().denial_rule(&d.secret, &t.dest)
     ));
+    if !o.report.refused.contains(&d.secret) {
+        o.report.refused.push(d.secret.clone());
+    }
     Refusal::new(
         Code::SecretHostDenied,
         format!(

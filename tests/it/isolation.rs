@@ -757,6 +757,35 @@ async fn refusals_have_clear_codes() {
     }
 }
 
+/// A `run_as` user that does not exist is the operator's mistake, not the client's: the daemon
+/// starts (proxy-only sandboxes need no user) and says so in its log, and each isolated create
+/// gets 500 `isolation_failed` naming the key, with nothing left behind.
+#[tokio::test]
+async fn an_unknown_run_as_user_is_a_server_error_naming_the_key() {
+    let e = setup_with("run_as = \"no-such-user-sealgate\"\n").await;
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "isolation": "netns"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "isolation_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("sandbox.run_as") && msg.contains("no-such-user-sealgate"),
+        "{v}"
+    );
+    assert!(
+        crate::support::daemon::logs_text().contains("isolated sandboxes cannot be created"),
+        "no warning at start"
+    );
+    let (_, list) = e.h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    e.h.sandbox("s").await; // proxy-only sandboxes still work
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     use sealgate::netns::record::Record;

@@ -273,6 +273,7 @@ async fn audit_log_names_the_rule_that_denied_a_request() {
     assert_eq!(denied["status"], 403);
     assert_eq!(denied["host"], OTHER);
     assert_eq!(denied["path"], "/echo");
+    assert_eq!(denied["refused"], json!(["KEY"]), "the secret that got it blocked");
     let rule = denied["rule"].as_str().unwrap();
     assert!(
         rule.contains(
