@@ -66,6 +66,7 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
 
 async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     sealgate::logging::init_stderr(&cfg.log_level, cfg.log_format);
+    let json_log = cfg.log_format == sealgate::logging::LogFormat::Json;
     let ov = Overrides {
         master_key: std::env::var("SEALGATE_MASTER_KEY").ok(),
         admin_token: std::env::var("SEALGATE_ADMIN_TOKEN").ok(),
@@ -73,7 +74,12 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
     let running = daemon::start(cfg, ov).await?;
-    eprint!("{}", running.summary());
+    if json_log {
+        // Every stderr line is JSON for a log shipper: the summary is one event's field.
+        tracing::info!(summary = %running.summary(), "sealgate running");
+    } else {
+        eprint!("{}", running.summary());
+    }
     wait_for_signal().await;
     let grace = running.proxy.settings().proxy.shutdown_grace;
     tracing::info!(

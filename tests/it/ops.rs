@@ -273,7 +273,11 @@ async fn audit_log_names_the_rule_that_denied_a_request() {
     assert_eq!(denied["status"], 403);
     assert_eq!(denied["host"], OTHER);
     assert_eq!(denied["path"], "/echo");
-    assert_eq!(denied["refused"], json!(["KEY"]), "the secret that got it blocked");
+    assert_eq!(
+        denied["refused"],
+        json!(["KEY"]),
+        "the secret that got it blocked"
+    );
     let rule = denied["rule"].as_str().unwrap();
     assert!(
         rule.contains(
@@ -1161,4 +1165,58 @@ async fn worker_threads_sizes_the_runtime() {
         v["needs_restart"],
         serde_json::json!(["proxy.worker_threads"])
     );
+}
+
+/// With `[log] format = "json"` every stderr line is JSON, the start-up summary included (as
+/// the `summary` field of one event), so a log shipper parsing JSON lines never chokes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_startup_summary_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{d}/data\"\ncert_dir = \"{d}/certs\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [proxy]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info\"\nformat = \"json\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sealgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env_remove("SEALGATE_MASTER_KEY")
+        .env_remove("SEALGATE_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sealgate");
+    let pipe = child.stderr.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("sealgate running");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(30), lines)
+        .await
+        .expect("summary within 30 s")
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(serde_json::from_str::<Value>(l).is_ok(), "not JSON: {l}");
+    }
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let summary = last["fields"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("admin API:"), "{last}");
 }
