@@ -135,6 +135,9 @@ async fn exchange(
     let mut up = build_upstream_head(t, parts)?;
     if let Some(view) = &view {
         unseal_head(t, rt, view, &mut up, o)?;
+        if view.scrubber.is_some() {
+            whole_responses_only(up.headers_mut());
+        }
     }
     let (body, streamed) = prepare_body(t, rt, view.as_ref(), &mut up, body, o).await?;
     let sent = send(t, rt, up, body, websocket).await;
@@ -415,6 +418,17 @@ fn unseal_head(
         }
     }
     Ok(())
+}
+
+/// Where responses are scrubbed, the request may not ask for part of a resource: the scrubber
+/// matches whole values, so two ranges (`bytes=0-11`, `bytes=12-`) of a response holding a real
+/// value — one the sandbox stored there itself through its token — would carry it past the
+/// scrubber in halves. Without `Range` the origin answers the whole resource (RFC 9110 §14.2
+/// lets any server ignore it), which is scrubbed; a 206 is refused anyway
+/// ([`super::response_scrub`]).
+fn whole_responses_only(h: &mut HeaderMap) {
+    h.remove(header::RANGE);
+    h.remove(header::IF_RANGE);
 }
 
 /// The sandbox sees the secret name and host; the audit `rule` also names the policy list that

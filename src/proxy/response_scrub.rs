@@ -11,11 +11,13 @@
 //! | trailers | kept through decoding; names and values as for headers |
 //!
 //! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Length` and
-//! `Content-Encoding` as sent (scrubbed like every value) and no decoder is built. Any other
-//! response loses `Content-Length` (replacements change it) and `Content-Encoding` (the body is
-//! decoded); a coding sealgate cannot decode, too many stacked codings, or a coding on a 206
-//! partial body (a slice of a compressed stream cannot be decoded) is refused with 502 rather
-//! than passed unscrubbed. Refusal messages never repeat what the upstream wrote.
+//! `Content-Encoding` as sent (scrubbed like every value), no decoder is built, and whatever
+//! body or trailers the upstream sent anyway are dropped (an h2 server would pass them on). Any
+//! other response loses `Content-Length` (replacements change it) and `Content-Encoding` (the
+//! body is decoded); a coding sealgate cannot decode or too many stacked codings is refused
+//! with 502 rather than passed unscrubbed, and so is every 206: requests here carry no `Range`,
+//! because parts of a resource could carry a value in pieces. Refusal messages never repeat
+//! what the upstream wrote.
 
 mod codings;
 mod decode;
@@ -71,12 +73,13 @@ pub fn scrub_response(
     body: ProxyBody,
 ) -> Result<ProxyBody, Refusal> {
     let codings = shape.codings.map_err(|e| undecodable(t, e))?;
-    if !codings.is_empty() && parts.status == StatusCode::PARTIAL_CONTENT {
+    if parts.status == StatusCode::PARTIAL_CONTENT {
+        // sealgate sent no `Range` here (`forward::whole_responses_only`): a part of a
+        // resource could hold part of a value, which no scrubber can recognise.
         return Err(Refusal::new(
             Code::UpstreamUnreachable,
             format!(
-                "{} answered a partial (206) response with a content coding, which cannot be \
-                 decoded to be scrubbed",
+                "{} answered a partial (206) response, which cannot be scrubbed",
                 t.dest
             ),
         ));
@@ -89,7 +92,12 @@ pub fn scrub_response(
     scrub_reason(&scrubber, &mut parts.extensions);
     scrubber.scrub_headers(&mut parts.headers);
     if !shape.has_body {
-        return Ok(body);
+        // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
+        // nothing of it reaches the sandbox, scrubbed or not.
+        drop(body);
+        return Ok(http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync());
     }
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);

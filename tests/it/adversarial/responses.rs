@@ -335,6 +335,44 @@ async fn h2_upstream_names_trailers_and_bodiless_gzip_answers() {
     }
 }
 
+/// An h2 origin that sends a body and trailers holding the value on answers that have no body
+/// (204, 304, and the answer to HEAD). hyper's h1 server drops such a body; its h2 server
+/// would pass DATA and trailers on unscrubbed, so sealgate drops them for every client.
+fn bodiless_with_a_body(head: &Head) -> Response<hostile::H2Body> {
+    let v = real(head);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-t", HeaderValue::from_str(&v).unwrap());
+    let body = hostile::body(text(&v).into_bytes(), Some(trailers));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = match head.path.as_str() {
+        "/204" => StatusCode::NO_CONTENT,
+        "/304" => StatusCode::NOT_MODIFIED,
+        _ => StatusCode::OK,
+    };
+    resp
+}
+
+#[tokio::test]
+async fn bodies_and_trailers_on_bodiless_h2_answers_never_reach_the_sandbox() {
+    let e = env_h2(bodiless_with_a_body).await;
+    for h2 in [true, false] {
+        for (method, path) in [("GET", "/204"), ("GET", "/304"), ("HEAD", "/head")] {
+            let te = [("te", "trailers")];
+            let extra: &[(&str, &str)] = if h2 { &[] } else { &te };
+            // `got` fails on the value in any header, trailer or body byte.
+            let a = fetch(&e, method, path, h2, extra)
+                .await
+                .unwrap_or_else(|err| panic!("{method} {path} h2 {h2}: {err}"));
+            assert!(a.body.is_empty(), "{method} {path} h2 {h2}: {:?}", a.body);
+            assert!(
+                a.trailers.as_ref().is_none_or(HeaderMap::is_empty),
+                "{method} {path} h2 {h2}: {:?}",
+                a.trailers
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_upstreams_own_x_sealgate_error_is_stripped() {
     let e = env_h1(|_| {
@@ -678,5 +716,32 @@ async fn head_and_get_of_gzip_answers_from_nginx() {
             length.as_str(),
             "HEAD keeps its length"
         );
+    }
+}
+
+/// Byte ranges would hand the sandbox a stored value in pieces no scrubber recognises (`bytes=
+/// 0-12` and `13-`, or both in one multipart answer): where responses are scrubbed, sealgate
+/// forwards no `Range`, and stock nginx answers the whole file, scrubbed.
+#[tokio::test]
+async fn byte_ranges_cannot_carry_a_value_past_the_scrubber() {
+    let pki = Arc::new(TestPki::new());
+    let stored = format!("stored: {VALUE}\n");
+    let files: &[(&str, &[u8])] = &[("stored.txt", stored.as_bytes())];
+    let origin = nginx(&pki, files).await;
+    let e = env_on(pki, origin.addr, Box::new(origin)).await;
+    let whole = format!("stored: {}\n", e.token());
+    for h2 in [false, true] {
+        for range in ["bytes=0-12", "bytes=13-", "bytes=0-12,13-100", "bytes=-5"] {
+            let extra = [("range", range), ("if-range", "\"any\"")];
+            let a = fetch(&e, "GET", "/stored.txt", h2, &extra)
+                .await
+                .unwrap_or_else(|err| panic!("{range} h2 {h2}: {err}"));
+            assert_eq!(a.status, StatusCode::OK, "{range} h2 {h2}");
+            assert_eq!(
+                String::from_utf8_lossy(&a.body),
+                whole,
+                "{range} h2 {h2}: the whole file, scrubbed"
+            );
+        }
     }
 }
