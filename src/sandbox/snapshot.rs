@@ -5,7 +5,7 @@
 //! rotation (new snapshot) can never serve a stale decision.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -47,6 +47,10 @@ pub struct Snapshot {
     egress: Option<HostMatcher>,
     secrets: Vec<SecretEntry>,
     views: DashMap<Dest, Arc<HostView>>,
+    /// One scrubber for every view: it holds every value of the sandbox whatever the host, so
+    /// building it per destination only multiplied memory (one per made-up host name under a
+    /// wildcard). Built on first use.
+    scrubber: OnceLock<Option<Arc<Scrubber>>>,
 }
 
 /// Errors building a snapshot from stored data.
@@ -88,6 +92,7 @@ impl Snapshot {
             egress,
             secrets: entries,
             views: DashMap::new(),
+            scrubber: OnceLock::new(),
         })
     }
 
@@ -142,6 +147,12 @@ impl Snapshot {
             );
         }
         format!("secret {name} may be unsealed for {dest}")
+    }
+
+    /// The scrubber of every real value of the sandbox (None without secrets), shared by all
+    /// views of this snapshot.
+    pub fn scrubber(&self) -> Option<Arc<Scrubber>> {
+        self.scrubber.get_or_init(|| scrubber_for(self)).clone()
     }
 
     /// The cached per-destination view for HTTPS requests to `dest`.
@@ -212,7 +223,7 @@ impl HostView {
             .map(|e| (e.token, secret_ref(snap, e, dest)))
             .collect();
         let any_unsealable = lookup.values().any(|r| r.allowed);
-        let scrubber = any_unsealable.then(|| scrubber_for(snap)).flatten();
+        let scrubber = any_unsealable.then(|| snap.scrubber()).flatten();
         HostView {
             any_query: snap
                 .secrets
@@ -311,5 +322,43 @@ impl PersistedSecret {
             },
             token,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(allowed_hosts: &[&str]) -> Snapshot {
+        let now = time::OffsetDateTime::now_utc();
+        let meta = crate::store::SecretMeta {
+            name: "KEY".into(),
+            allowed_hosts: Some(allowed_hosts.iter().map(|h| (*h).to_owned()).collect()),
+            locations: vec![Location::Header],
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let rec = SecretRecord {
+            meta,
+            value: SecretValue::new(b"sk-snapshot-test-value".to_vec()),
+        };
+        Snapshot::build("s".into(), None, vec![(rec, Token::generate())]).unwrap()
+    }
+
+    /// Under a wildcard a sandbox can name endless hosts: every view shares the one scrubber
+    /// instead of building automata over every value per host.
+    #[test]
+    fn every_view_shares_the_snapshots_one_scrubber() {
+        let snap = snapshot(&["*.example.test"]);
+        let first = snap.scrubber().expect("a secret: something to scrub");
+        for i in 0..200 {
+            let dest = policy::parse_authority(&format!("h{i}.example.test:443"), None).unwrap();
+            let view = snap.view(&dest);
+            let s = view.scrubber.as_ref().expect("unsealable here: scrubbed");
+            assert!(Arc::ptr_eq(s, &first), "host {i}");
+        }
+        let elsewhere = policy::parse_authority("other.test:443", None).unwrap();
+        assert!(snap.view(&elsewhere).scrubber.is_none(), "nothing unsealable there");
     }
 }

@@ -41,16 +41,26 @@ use std::sync::Arc;
 
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::noncontiguous::NFA;
-use aho_corasick::{packed, AhoCorasick, Anchored, Input, Match, MatchKind, Span};
+use aho_corasick::{
+    packed, AhoCorasick, AhoCorasickKind, Anchored, Input, Match, MatchKind, Span,
+};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{push_piece, split_emit};
 use crate::secret::SecretValue;
 
-/// Replaces every real value of one sandbox (for one host) with its sealed token.
+/// Values totalling more bytes than this get aho-corasick's contiguous NFA instead of a DFA:
+/// a DFA takes about a kilobyte per pattern byte (a 64 KiB value: ~67 MiB), the NFA tens of
+/// bytes; below this the DFA's speed costs little memory.
+const DFA_MAX_PATTERN_BYTES: usize = 4096;
+
+/// Per-request scrubbers (with Basic-auth forms) kept per scrubber before the cache is cleared.
+const MAX_EXTRAS: usize = 32;
+
+/// Replaces every real value of one sandbox with its sealed token.
 ///
-/// Built once per (sandbox snapshot, host); cheap to clone and share.
+/// Built once per sandbox snapshot; cheap to clone and share.
 #[derive(Clone)]
 pub struct Scrubber {
     /// The leftmost-longest searcher over all values.
@@ -66,6 +76,9 @@ pub struct Scrubber {
     /// `tokens[i]` replaces `values[i]`.
     tokens: Arc<[Bytes]>,
     max_len: usize,
+    /// Scrubbers with per-request extras, keyed by the extras' sealed forms (no real value in
+    /// a key): a request with a Basic-auth header reuses the one built for the same header.
+    extras: Arc<dashmap::DashMap<Box<[Bytes]>, Arc<Scrubber>>>,
 }
 
 /// Where a scan stops emitting.
@@ -99,10 +112,27 @@ impl Scrubber {
 
     /// This scrubber plus per-request pairs (`(real base64, sealed base64)` Basic-auth forms
     /// from [`super::Report::basic_forms`]).
+    ///
+    /// # Memory usage
+    /// Built once per distinct set of extras and cached (at most [`MAX_EXTRAS`]; then the
+    /// cache starts over), so repeated requests do not rebuild the automata.
     pub fn with_extra(&self, extra: &[(Bytes, Bytes)]) -> Arc<Scrubber> {
         if extra.is_empty() {
             return Arc::new(self.clone());
         }
+        let key: Box<[Bytes]> = extra.iter().map(|(_, sealed)| sealed.clone()).collect();
+        if let Some(hit) = self.extras.get(&key) {
+            return hit.clone();
+        }
+        let built = self.build_with(extra);
+        if self.extras.len() >= MAX_EXTRAS {
+            self.extras.clear();
+        }
+        self.extras.insert(key, built.clone());
+        built
+    }
+
+    fn build_with(&self, extra: &[(Bytes, Bytes)]) -> Arc<Scrubber> {
         let mut pairs: Vec<_> = self
             .values
             .iter()
@@ -180,8 +210,10 @@ impl Scrubber {
     fn build(pairs: Vec<(SecretValue, Bytes)>) -> Option<Scrubber> {
         let (values, tokens): (Vec<_>, Vec<_>) = distinct_values(pairs).into_iter().unzip();
         let max_len = values.iter().map(SecretValue::len).max()?;
+        let total: usize = values.iter().map(SecretValue::len).sum();
+        let kind = (total > DFA_MAX_PATTERN_BYTES).then_some(AhoCorasickKind::ContiguousNFA);
         let patterns = || values.iter().map(SecretValue::expose);
-        let search = Search::new(patterns)?;
+        let search = Search::new(patterns, kind)?;
         let probe = NFA::builder()
             .match_kind(MatchKind::Standard)
             .prefilter(false)
@@ -191,6 +223,7 @@ impl Scrubber {
         patterns().for_each(|v| starts[usize::from(v[0])] = true);
         let names = AhoCorasick::builder()
             .ascii_case_insensitive(true)
+            .kind(kind)
             .build(patterns())
             .ok()?;
         Some(Scrubber {
@@ -201,6 +234,7 @@ impl Scrubber {
             values: values.into(),
             tokens: tokens.into(),
             max_len,
+            extras: Arc::default(),
         })
     }
 
@@ -294,7 +328,7 @@ enum Search {
 }
 
 impl Search {
-    fn new<'a, I>(patterns: impl Fn() -> I) -> Option<Search>
+    fn new<'a, I>(patterns: impl Fn() -> I, kind: Option<AhoCorasickKind>) -> Option<Search>
     where
         I: Iterator<Item = &'a [u8]>,
     {
@@ -310,6 +344,7 @@ impl Search {
         }
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
+            .kind(kind)
             .build(patterns());
         ac.ok().map(Search::Automaton)
     }
@@ -616,6 +651,55 @@ mod tests {
         assert_eq!(s2.max_pattern_len(), 16);
         assert!(s.scrub(b"dTpzay1saXZlLTE=").is_none());
         assert_eq!(s.with_extra(&[]).max_pattern_len(), 9);
+    }
+
+    #[test]
+    fn with_extra_is_built_once_per_set_of_extras() {
+        let s = scrubber(&[("sk-live-1", "T1")]);
+        let form = |real: &'static [u8], sealed: &'static [u8]| {
+            [(Bytes::from_static(real), Bytes::from_static(sealed))]
+        };
+        let a = s.with_extra(&form(b"dTpzay1saXZlLTE=", b"dTpvc2Jfc2VhbGVk"));
+        let again = s.with_extra(&form(b"dTpzay1saXZlLTE=", b"dTpvc2Jfc2VhbGVk"));
+        assert!(Arc::ptr_eq(&a, &again), "the same header reuses its scrubber");
+        let other = s.with_extra(&form(b"djpzay1saXZlLTE=", b"djpvc2Jfc2VhbGVk"));
+        assert!(!Arc::ptr_eq(&a, &other));
+        for i in 0..MAX_EXTRAS * 2 {
+            let sealed = Bytes::from(format!("sealed-{i}"));
+            s.with_extra(&[(Bytes::from(format!("real-{i}")), sealed)]);
+        }
+        assert!(s.extras.len() <= MAX_EXTRAS, "bounded");
+    }
+
+    /// Values too large for a DFA (64 KiB, as the API allows) use the contiguous NFA and
+    /// scrub exactly as the oracle says, whole and streamed at awkward cuts.
+    #[test]
+    fn values_of_64_kib_scrub_like_the_oracle() {
+        let big = |seed: u8| -> Vec<u8> {
+            (0..64 * 1024u32)
+                .map(|i| b'a' + ((i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed) % 26)
+                .collect()
+        };
+        let (v1, v2) = (big(1), big(7));
+        let mut hay = b"head ".to_vec();
+        hay.extend_from_slice(&v1);
+        hay.extend_from_slice(b" mid ");
+        hay.extend_from_slice(&v2[..1000]); // a prefix only: not a value
+        hay.extend_from_slice(&v2);
+        hay.extend_from_slice(b" tail");
+        for pairs in [
+            vec![(v1.clone(), b"T1".to_vec())],
+            vec![(v1.clone(), b"T1".to_vec()), (v2.clone(), b"T2".to_vec())],
+        ] {
+            let n = hay.len();
+            assert_same(&pairs, &hay, &[3, 70_000, n - 2]);
+            assert_same(&pairs, &hay, &(1..n).step_by(4093).collect::<Vec<_>>());
+        }
+        let s = Scrubber::new(vec![(SecretValue::new(v1.clone()), Bytes::from("T1"))]).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_bytes(&v1).unwrap());
+        assert_eq!(s.scrub_headers(&mut h), 1);
+        assert_eq!(h["x-echo"], "T1");
     }
 
     #[test]
