@@ -64,10 +64,22 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
             LEVELS.join(", ")
         ));
     }
+    let mut list = directives.join(",");
+    if !directives.iter().any(|d| names_h2(d)) {
+        list.push_str(",h2=info");
+    }
     EnvFilter::builder()
         .with_regex(false)
-        .parse(directives.join(","))
+        .parse(list)
         .map_err(|e| format!("'{level}' is not a valid directive list: {e}"))
+}
+
+/// The h2 crate logs whole frames at debug level — a GOAWAY's debug data verbatim, which an
+/// upstream that holds a real value controls. So `h2` logs at most `info` unless a directive
+/// names it (an operator who writes `h2=debug` asks for frames, values and all).
+fn names_h2(directive: &str) -> bool {
+    let target = directive.trim_start_matches('[');
+    target == "h2" || target.starts_with("h2=") || target.starts_with("h2::")
 }
 
 fn is_level_or_assignment(directive: &str) -> bool {
@@ -115,6 +127,21 @@ pub fn set_level(level: &str) {
 
 #[cfg(test)]
 mod tests {
+    /// An upstream writes GOAWAY debug data; h2 logs it at debug. `debug` keeps h2 at info.
+    #[test]
+    fn debug_level_keeps_h2_frames_out_of_the_log() {
+        use tracing::level_filters::LevelFilter;
+        let f = super::parse_filter("debug").unwrap().to_string();
+        assert!(f.contains("h2=info"), "{f}");
+        let f = super::parse_filter("warn,h2=debug").unwrap().to_string();
+        assert!(!f.contains("h2=info") && f.contains("h2=debug"), "{f}");
+        let f = super::parse_filter("info,h2::proto=trace")
+            .unwrap()
+            .to_string();
+        assert!(!f.contains("h2=info"), "{f}");
+        assert!(super::parse_filter("debug").unwrap().max_level_hint() >= Some(LevelFilter::DEBUG));
+    }
+
     /// Regression (fuzz `config_parse`): this directive took ~50 s of CPU with regex field
     /// matching.
     #[test]

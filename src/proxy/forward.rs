@@ -121,6 +121,8 @@ async fn exchange(
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
     check_live(t)?;
+    let snapshot = t.sandbox.snapshot();
+    check_egress(t, &snapshot)?;
     if let Some(super::h1_guard::FramingRefused(r)) = req.extensions_mut().remove() {
         return Err(r);
     }
@@ -130,7 +132,7 @@ async fn exchange(
     check_framing(req.headers())?;
     let websocket = check_upgrade(&req)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-    let view = (t.scheme == Scheme::Https).then(|| t.sandbox.snapshot().view(&t.dest));
+    let view = (t.scheme == Scheme::Https).then(|| snapshot.view(&t.dest));
     let (parts, body) = req.into_parts();
     let mut up = build_upstream_head(t, parts)?;
     if let Some(view) = &view {
@@ -164,6 +166,19 @@ fn check_live(t: &Tunnel) -> Result<(), Refusal> {
         Some(live) if Arc::ptr_eq(&live, &t.sandbox) => Ok(()),
         _ => Err(Refusal::new(Code::SandboxEnded, "this sandbox has ended")),
     }
+}
+
+/// The store's allowlist is read per request, not only when the tunnel opened: a host removed
+/// from `egress_allowlist` gets no further request through a tunnel that is already open (a
+/// keep-alive connection could otherwise outlive the change indefinitely).
+fn check_egress(t: &Tunnel, snapshot: &crate::sandbox::Snapshot) -> Result<(), Refusal> {
+    if snapshot.egress_allowed(&t.dest, t.scheme) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        Code::EgressDenied,
+        format!("{} is no longer in the store's egress_allowlist", t.dest),
+    ))
 }
 
 fn check_method<B>(req: &Request<B>) -> Result<(), Refusal> {

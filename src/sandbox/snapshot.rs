@@ -359,6 +359,9 @@ mod tests {
             assert!(Arc::ptr_eq(s, &first), "host {i}");
         }
         let elsewhere = policy::parse_authority("other.test:443", None).unwrap();
-        assert!(snap.view(&elsewhere).scrubber.is_none(), "nothing unsealable there");
+        assert!(
+            snap.view(&elsewhere).scrubber.is_none(),
+            "nothing unsealable there"
+        );
     }
 }

@@ -41,9 +41,7 @@ use std::sync::Arc;
 
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::noncontiguous::NFA;
-use aho_corasick::{
-    packed, AhoCorasick, AhoCorasickKind, Anchored, Input, Match, MatchKind, Span,
-};
+use aho_corasick::{packed, AhoCorasick, AhoCorasickKind, Anchored, Input, Match, MatchKind, Span};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -661,7 +659,10 @@ mod tests {
         };
         let a = s.with_extra(&form(b"dTpzay1saXZlLTE=", b"dTpvc2Jfc2VhbGVk"));
         let again = s.with_extra(&form(b"dTpzay1saXZlLTE=", b"dTpvc2Jfc2VhbGVk"));
-        assert!(Arc::ptr_eq(&a, &again), "the same header reuses its scrubber");
+        assert!(
+            Arc::ptr_eq(&a, &again),
+            "the same header reuses its scrubber"
+        );
         let other = s.with_extra(&form(b"djpzay1saXZlLTE=", b"djpvc2Jfc2VhbGVk"));
         assert!(!Arc::ptr_eq(&a, &other));
         for i in 0..MAX_EXTRAS * 2 {

@@ -251,6 +251,7 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
         took < Duration::from_secs(10),
         "rotation reached the sandbox after {took:?}"
     );
+    let mut open = pc::h1(e.h.proxy, &e.sb, API).await; // a tunnel opened while allowed
     let (s, _) =
         e.h.api(
             Method::PATCH,
@@ -259,6 +260,12 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
+    let a = pc::send1(&mut open, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_deref()),
+        (403, Some("egress_denied")),
+        "the open tunnel's next request follows the narrowed allowlist"
+    );
     assert_eq!(
         pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
             .await
