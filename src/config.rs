@@ -115,6 +115,8 @@ pub struct RawProxy {
     pub idle_timeout_secs: Option<u64>,
     /// Bytes.
     pub max_header_bytes: Option<usize>,
+    /// Bytes.
+    pub max_unsealed_bytes: Option<usize>,
     /// Count.
     pub max_header_fields: Option<usize>,
     /// Count.
@@ -299,6 +301,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Request head cap in bytes.
     pub max_header_bytes: usize,
+    /// Real-value bytes one request may carry after substitution (headers, query and body
+    /// together); a request that would carry more gets 413 and nothing of it is sent.
+    pub max_unsealed_bytes: usize,
     /// Header fields per HTTP/1 request head (the framing guard, the transparent `Host`
     /// pre-parse and hyper all use this one number); more → 431.
     pub max_header_fields: usize,
@@ -630,6 +635,12 @@ impl RawProxy {
                 self.max_header_bytes,
                 65536,
                 1 << 20,
+            ),
+            max_unsealed_bytes: p.count(
+                "proxy.max_unsealed_bytes",
+                self.max_unsealed_bytes,
+                1 << 20,
+                1 << 30,
             ),
             max_header_fields: p.count(
                 "proxy.max_header_fields",

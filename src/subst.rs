@@ -113,6 +113,14 @@ pub struct Report {
     /// `Authorization: Basic` header that was unsealed; the scrubber needs them. The first
     /// element is a real secret: [`Report`]'s `Debug` only prints how many there are.
     pub basic_forms: Vec<(Bytes, Bytes)>,
+    /// Bytes of real values put into the request so far.
+    pub unsealed_bytes: usize,
+    /// At most this many bytes of real values may be put in (None: no limit). A token that
+    /// would pass it stays sealed and `over_budget` is set: a request full of tokens of a large
+    /// secret would otherwise grow a thousandfold (a 64 KiB value per 43-byte token).
+    pub max_unsealed: Option<usize>,
+    /// A token was left sealed because of `max_unsealed`: the request must be refused.
+    pub over_budget: bool,
 }
 
 impl Report {
@@ -134,6 +142,8 @@ impl Report {
         for (real, sealed) in &other.basic_forms {
             self.note_basic_form(real.clone(), sealed.clone());
         }
+        self.unsealed_bytes += other.unsealed_bytes;
+        self.over_budget |= other.over_budget;
     }
 
     fn note_basic_form(&mut self, real: Bytes, sealed: Bytes) {
@@ -199,6 +209,12 @@ fn decide<'a, L: TokenLookup + ?Sized>(
         return Ok(None);
     }
     if secret.allowed {
+        let grown = report.unsealed_bytes + secret.value.len();
+        if report.max_unsealed.is_some_and(|max| grown > max) {
+            report.over_budget = true;
+            return Ok(None);
+        }
+        report.unsealed_bytes = grown;
         push_unique(&mut report.unsealed, &secret.name);
         return Ok(Some(&secret.value));
     }
@@ -312,6 +328,28 @@ mod tests {
         let s = format!("{r:?}");
         assert!(!s.contains("cmVhbA"), "{s}");
         assert!(s.contains("1 redacted"), "{s}");
+    }
+
+    #[test]
+    fn a_token_past_the_budget_stays_sealed_and_is_reported() {
+        let f = fixture();
+        let value_len = f.get(&f.allowed).unwrap().value.len();
+        let mut r = Report {
+            max_unsealed: Some(2 * value_len),
+            ..Report::default()
+        };
+        let hdr = Location::Header;
+        let block = OnDisallowed::Block;
+        for _ in 0..2 {
+            assert!(decide(&*f, &f.allowed, hdr, block, &mut r).unwrap().is_some());
+        }
+        assert!(!r.over_budget);
+        assert!(decide(&*f, &f.allowed, hdr, block, &mut r).unwrap().is_none());
+        assert!(r.over_budget);
+        assert_eq!(r.unsealed_bytes, 2 * value_len);
+        let mut merged = Report::default();
+        merged.merge(&r);
+        assert!(merged.over_budget && merged.unsealed_bytes == 2 * value_len);
     }
 
     #[test]

@@ -148,6 +148,7 @@ async fn exchange(
         if let Some(d) = outcome.denied() {
             return Err(denied(t, d, o));
         }
+        within_budget(rt, &o.report)?;
     }
     let resp = sent?;
     let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report)?;
@@ -423,6 +424,7 @@ fn unseal_head(
         return Ok(());
     }
     let mode = rt.proxy.on_disallowed_token;
+    o.report.max_unsealed = Some(rt.proxy.max_unsealed_bytes);
     subst::substitute_headers(req.headers_mut(), view, mode, &mut o.report)
         .map_err(|d| denied(t, d, o))?;
     if view.any_query {
@@ -432,7 +434,31 @@ fn unseal_head(
             *req.uri_mut() = uri;
         }
     }
-    Ok(())
+    within_budget(rt, &o.report)
+}
+
+/// A request that would carry more than `proxy.max_unsealed_bytes` of real values (tokens of a
+/// large secret, many times over) is refused whole: nothing of it was sent, and the token past
+/// the budget was never unsealed ([`subst::Report::max_unsealed`]).
+fn within_budget(rt: &LiveSettings, report: &subst::Report) -> Result<(), Refusal> {
+    if !report.over_budget {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        Code::PayloadTooLarge,
+        format!(
+            "the request would carry more than {} bytes of real secret values \
+             (proxy.max_unsealed_bytes)",
+            rt.proxy.max_unsealed_bytes
+        ),
+    ))
+}
+
+/// What is left of the request's budget for its body.
+fn body_budget(rt: &LiveSettings, o: &Outcome) -> usize {
+    rt.proxy
+        .max_unsealed_bytes
+        .saturating_sub(o.report.unsealed_bytes)
 }
 
 /// Where responses are scrubbed, the request may not ask for part of a resource: the scrubber
@@ -509,12 +535,14 @@ async fn prepare_body(
     };
     let lookup: Arc<dyn TokenLookup> = view.clone();
     let mode = rt.proxy.on_disallowed_token;
+    let budget = body_budget(rt, o);
     if known_small.is_some() {
-        let whole = substitute_whole(t, lookup, mode, req, body, o).await?;
+        let whole = substitute_whole(t, rt, lookup, mode, req, body, o).await?;
         return Ok((UpBody::Held(whole), None));
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
-    let sb = SubstBody::new(body, BodySubst::new(lookup, mode));
+    let engine = BodySubst::new(lookup, mode).with_max_unsealed(budget);
+    let sb = SubstBody::new(body, engine);
     let outcome = sb.outcome();
     Ok((
         UpBody::Streamed(sb.map_err(BoxError::from).boxed_unsync()),
@@ -561,6 +589,7 @@ fn joined(mut pieces: Vec<Bytes>) -> Bytes {
 /// to join the substituted pieces.
 async fn substitute_whole(
     t: &Tunnel,
+    rt: &LiveSettings,
     lookup: Arc<dyn TokenLookup>,
     mode: subst::OnDisallowed,
     req: &mut Request<()>,
@@ -568,13 +597,17 @@ async fn substitute_whole(
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
     let frames = collect_frames(body).await?;
-    let mut engine = BodySubst::new(lookup, mode);
+    let mut engine = BodySubst::new(lookup, mode).with_max_unsealed(body_budget(rt, o));
     let mut out = Vec::new();
     for frame in frames {
         engine.push(frame, &mut out).map_err(|d| denied(t, d, o))?;
+        if engine.report().over_budget {
+            break;
+        }
     }
     engine.finish(&mut out);
     o.report.merge(engine.report());
+    within_budget(rt, &o.report)?;
     let whole = joined(out);
     o.bytes_up = whole.len() as u64;
     req.headers_mut()

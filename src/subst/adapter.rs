@@ -24,6 +24,10 @@ pub enum BodyError {
     /// A token whose secret may not go to this destination was found in the request body.
     #[error(transparent)]
     Denied(Denied),
+    /// The request body would carry more real-value bytes than its budget
+    /// ([`super::Report::max_unsealed`]); the token past it was not unsealed.
+    #[error("the request body would carry more bytes of real values than allowed")]
+    OverBudget,
     /// The wrapped body failed (the sandbox for a request, the upstream for a response).
     #[error("wrapped body failed: {0}")]
     Upstream(#[source] Box<dyn StdError + Send + Sync>),
@@ -242,7 +246,12 @@ where
         self.subst.push(chunk, out).map_err(|denied| {
             self.outcome.set_denied(denied.clone());
             BodyError::Denied(denied)
-        })
+        })?;
+        if self.subst.report().over_budget {
+            self.outcome.set_report(self.subst.report());
+            return Err(BodyError::OverBudget);
+        }
+        Ok(())
     }
 
     fn flush(&mut self, out: &mut Vec<Bytes>) {

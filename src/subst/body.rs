@@ -72,6 +72,13 @@ where
         }
     }
 
+    /// Puts at most `max` bytes of real values into this body; a token past that stays sealed
+    /// and the report says `over_budget` (see [`Report::max_unsealed`]).
+    pub fn with_max_unsealed(mut self, max: usize) -> Self {
+        self.report.max_unsealed = Some(max);
+        self
+    }
+
     /// Substitutes `chunk`, pushing the output pieces onto `out` (possibly none, if the whole
     /// chunk could be the start of a token).
     ///

@@ -891,3 +891,69 @@ async fn a_post_whose_connection_closes_unanswered_is_not_sent_again() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(received, 1, "a POST is never sent twice");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Amplification
+
+/// A 60,000-byte secret: each 43-byte token of it grows the request 1,400-fold.
+fn big_value() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| format!("sk-big-{}", "x".repeat(60_000 - 7)))
+}
+
+/// A request that would carry more than `proxy.max_unsealed_bytes` of real values — in
+/// headers, in a held body or in a streamed one — gets the uniform 413 and the token past the
+/// budget is never unsealed; a request within it is unsealed as usual.
+#[tokio::test]
+async fn tokens_of_a_large_secret_cannot_amplify_a_request_past_its_budget() {
+    let secrets: &[crate::proxy_explicit::Spec<'_>] =
+        &[("BIG", big_value(), None, Some(&["header", "body"]))];
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        secrets,
+        opts("max_unsealed_bytes = 200000"),
+    )
+    .await;
+    let token = e.sb.token("BIG");
+    let three = [token.as_str(); 3].join(" ");
+    let four = [token.as_str(); 4].join(" ");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let fits = pc::post("/echo", "api.example.test", &[], Bytes::from(three));
+    let a = pc::send1(&mut c, fits).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "three tokens: 180,000 bytes fit: {}",
+        a.text()
+    );
+    assert_eq!(e.echo.requests().len(), 1);
+    let got = &e.echo.requests()[0].body;
+    let n = memchr::memmem::find_iter(got, big_value().as_bytes()).count();
+    assert_eq!(n, 3, "unsealed within the budget");
+    let refused = |a: &pc::Answer, what: &str| {
+        assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{what}");
+        assert_eq!(a.code().as_deref(), Some("request_too_large"), "{what}");
+    };
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("x-k", &four)]),
+    )
+    .await;
+    refused(&a, "four tokens in a header");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let held = pc::post("/echo", "api.example.test", &[], Bytes::from(four.clone()));
+    refused(&pc::send1(&mut c, held).await, "four tokens in a held body");
+    assert_eq!(e.echo.requests().len(), 1, "neither reached the upstream");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let chunks = (0..4).map(|_| Bytes::from(format!("{token} "))).collect();
+    let streamed = pc::post_chunked("/echo", "api.example.test", &[], chunks);
+    refused(
+        &pc::send1(&mut c, streamed).await,
+        "four tokens in a streamed body",
+    );
+    for r in e.echo.requests() {
+        let n = memchr::memmem::find_iter(&r.body, big_value().as_bytes()).count();
+        assert!(n <= 3, "the upstream got {n} values in one request");
+    }
+}
