@@ -55,7 +55,7 @@ use memchr::memmem::Finder;
 use crate::secret::{Location, Locations, SecretValue};
 use crate::token::{Token, PREFIX, TOKEN_LEN};
 
-pub use adapter::{BodyError, ScrubBody, SubstBody, SubstOutcome};
+pub use adapter::{BodyError, Guard, ScrubBody, SubstBody, SubstOutcome};
 pub use body::BodySubst;
 pub use headers::{substitute_headers, substitute_query};
 pub use scrubber::{ScrubStream, Scrubber};
@@ -341,10 +341,14 @@ mod tests {
         let hdr = Location::Header;
         let block = OnDisallowed::Block;
         for _ in 0..2 {
-            assert!(decide(&*f, &f.allowed, hdr, block, &mut r).unwrap().is_some());
+            assert!(decide(&*f, &f.allowed, hdr, block, &mut r)
+                .unwrap()
+                .is_some());
         }
         assert!(!r.over_budget);
-        assert!(decide(&*f, &f.allowed, hdr, block, &mut r).unwrap().is_none());
+        assert!(decide(&*f, &f.allowed, hdr, block, &mut r)
+            .unwrap()
+            .is_none());
         assert!(r.over_budget);
         assert_eq!(r.unsealed_bytes, 2 * value_len);
         let mut merged = Report::default();

@@ -149,6 +149,14 @@ async fn exchange(
             return Err(denied(t, d, o));
         }
         within_budget(rt, &o.report)?;
+        if outcome.stopped() {
+            check_live(t)?;
+            return Err(Refusal::new(
+                Code::Unavailable,
+                "the sandbox's store changed while the request body was being sent; nothing \
+                 more was unsealed, send the request again",
+            ));
+        }
     }
     let resp = sent?;
     let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report)?;
@@ -158,6 +166,21 @@ async fn exchange(
         }
         _ => Ok(resp),
     }
+}
+
+/// The guard of a streamed body ([`SubstBody::with_guard`]): its decisions were made with the
+/// sandbox and snapshot of the request's start; once the sandbox ended (deleted, expired) or
+/// its store changed (a secret narrowed, rotated or deleted, the allowlist changed), no further
+/// chunk is unsealed. Costs a registry lookup and a snapshot load per chunk.
+fn still_current(t: &Tunnel) -> subst::Guard {
+    let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
+    let start = sandbox.snapshot();
+    Box::new(move || {
+        let live = registry
+            .get(&sandbox.id)
+            .is_some_and(|l| Arc::ptr_eq(&l, &sandbox));
+        live && Arc::ptr_eq(&sandbox.snapshot(), &start)
+    })
 }
 
 /// A connection opened before its sandbox was deleted or expired must stop working at once:
@@ -542,7 +565,7 @@ async fn prepare_body(
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
     let engine = BodySubst::new(lookup, mode).with_max_unsealed(budget);
-    let sb = SubstBody::new(body, engine);
+    let sb = SubstBody::new(body, engine).with_guard(still_current(t));
     let outcome = sb.outcome();
     Ok((
         UpBody::Streamed(sb.map_err(BoxError::from).boxed_unsync()),

@@ -24,6 +24,10 @@ pub enum BodyError {
     /// A token whose secret may not go to this destination was found in the request body.
     #[error(transparent)]
     Denied(Denied),
+    /// The guard ([`SubstBody::with_guard`]) said the decisions are no longer current (the
+    /// sandbox ended or its store changed); nothing more was unsealed.
+    #[error("the request body's policy changed while it streamed")]
+    Stopped,
     /// The request body would carry more real-value bytes than its budget
     /// ([`super::Report::max_unsealed`]); the token past it was not unsealed.
     #[error("the request body would carry more bytes of real values than allowed")]
@@ -38,6 +42,7 @@ pub enum BodyError {
 pub struct SubstOutcome {
     denied: Arc<Mutex<Option<Denied>>>,
     report: Arc<Mutex<Report>>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SubstOutcome {
@@ -55,6 +60,11 @@ impl SubstOutcome {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// True if the guard stopped the body (see [`BodyError::Stopped`]).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn set_denied(&self, denied: Denied) {
@@ -205,10 +215,14 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Asked before each chunk is substituted: are the decisions still current?
+pub type Guard = Box<dyn FnMut() -> bool + Send>;
+
 struct SubstEngine<L> {
     subst: BodySubst<L>,
     outcome: SubstOutcome,
     ended: bool,
+    guard: Option<Guard>,
 }
 
 impl<B, L> SubstBody<B, L>
@@ -222,11 +236,20 @@ where
             subst: engine,
             outcome: SubstOutcome::default(),
             ended: false,
+            guard: None,
         };
         SubstBody {
             body,
             driver: Driver::new(engine),
         }
+    }
+
+    /// Before each chunk is substituted, `guard` must say the decisions are still current;
+    /// when it does not, the body fails with [`BodyError::Stopped`] and nothing more is
+    /// unsealed (a long upload must not outlive its sandbox or a narrowed policy).
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.driver.engine.guard = Some(guard);
+        self
     }
 }
 
@@ -243,6 +266,13 @@ where
     L::Target: TokenLookup,
 {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        if self.guard.as_mut().is_some_and(|current| !current()) {
+            self.outcome
+                .stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.outcome.set_report(self.subst.report());
+            return Err(BodyError::Stopped);
+        }
         self.subst.push(chunk, out).map_err(|denied| {
             self.outcome.set_denied(denied.clone());
             BodyError::Denied(denied)

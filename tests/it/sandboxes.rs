@@ -294,6 +294,60 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
     );
 }
 
+/// A request body streamed with the channel's sender: each `send` is one frame.
+fn channel_post(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> http::Request<pc::ReqBody> {
+    use http_body_util::BodyExt as _;
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)),
+            rx,
+        ))
+    });
+    http::Request::post("/echo")
+        .header("host", "api.example.test")
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .unwrap()
+}
+
+/// A long upload's decisions are those of its start only while they stay current: once the
+/// secret is narrowed (or the sandbox ends) mid-body, no further chunk is unsealed and the
+/// sandbox is told to send the request again.
+#[tokio::test]
+async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
+    const VALUE: &str = "sk-stream-guard-0107";
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", VALUE, None, Some(&["body"]))],
+    )
+    .await;
+    let token = e.sb.token("KEY");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let answer = tokio::spawn(async move { pc::send1(&mut c, channel_post(rx)).await });
+    tx.send(format!("first {token}\n").into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the first chunk goes through
+    let nowhere: &[&str] = &["nowhere.example.test"];
+    e.h.secret(&e.store, "KEY", VALUE, Some(nowhere), Some(&["body"]))
+        .await;
+    tx.send(format!("second {token}\n").into()).await.unwrap();
+    drop(tx);
+    let a = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_deref()),
+        (503, Some("unavailable")),
+        "{}",
+        a.text()
+    );
+    for r in e.echo.requests() {
+        let n = memchr::memmem::find_iter(&r.body, VALUE.as_bytes()).count();
+        assert!(n <= 1, "unsealed after the secret was narrowed: {n} values");
+    }
+}
+
 #[tokio::test]
 async fn store_deletion_leaves_running_sandboxes_alone() {
     let e = setup(
