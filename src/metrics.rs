@@ -75,8 +75,10 @@ pub struct Metrics {
     pub requests: Family<DecisionLabels, Counter>,
     /// Tunnels (CONNECT / transparent connections) by decision.
     pub tunnels: Family<DecisionLabels, Counter>,
-    /// Secrets unsealed.
+    /// Secrets unsealed, by secret and host; count through [`Metrics::count_unseal`].
     pub unsealed: Family<UnsealLabels, Counter>,
+    /// The (secret, host) series of `unsealed` so far, at most [`MAX_UNSEAL_SERIES`].
+    unsealed_series: dashmap::DashSet<UnsealLabels>,
     /// Request body bytes sent upstream.
     pub bytes_up: Counter,
     /// Response body bytes sent to sandboxes.
@@ -101,6 +103,14 @@ pub struct Metrics {
     pub audit_dropped: Counter,
 }
 
+/// Distinct (secret, host) series of `secrets_unsealed_total`; later hosts are counted as
+/// `host="_other"`. A secret allowed under a wildcard could otherwise add a series (kept
+/// forever, rendered at every scrape) per host name a sandbox makes up.
+pub const MAX_UNSEAL_SERIES: usize = 1000;
+
+/// The `host` label of unseals past [`MAX_UNSEAL_SERIES`].
+pub const OTHER_HOST: &str = "_other";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -108,6 +118,31 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one unseal of `secret` for `host`, in a bounded number of series.
+    pub fn count_unseal(&self, secret: &std::sync::Arc<str>, host: &std::sync::Arc<str>) {
+        let labels = UnsealLabels {
+            secret: secret.clone(),
+            host: host.clone(),
+        };
+        let known = self.unsealed_series.contains(&labels)
+            || (self.unsealed_series.len() < MAX_UNSEAL_SERIES && {
+                // Racing inserts may pass the bound by a few; it bounds growth, not exactly.
+                self.unsealed_series.insert(labels.clone());
+                true
+            });
+        let labels = if known {
+            labels
+        } else {
+            static OTHER: std::sync::LazyLock<std::sync::Arc<str>> =
+                std::sync::LazyLock::new(|| std::sync::Arc::from(OTHER_HOST));
+            UnsealLabels {
+                secret: secret.clone(),
+                host: OTHER.clone(),
+            }
+        };
+        self.unsealed.get_or_create(&labels).inc();
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("sealgate");
@@ -115,6 +150,7 @@ impl Metrics {
             requests: Family::default(),
             tunnels: Family::default(),
             unsealed: Family::default(),
+            unsealed_series: dashmap::DashSet::new(),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -289,5 +325,29 @@ impl<B: Body> Body for Counted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn unseal_series_are_bounded() {
+        let m = Metrics::new();
+        let key: Arc<str> = Arc::from("KEY");
+        for i in 0..MAX_UNSEAL_SERIES + 50 {
+            m.count_unseal(&key, &Arc::from(format!("h{i}.example.test:443")));
+        }
+        m.count_unseal(&key, &Arc::from("h0.example.test:443"));
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("sealgate_secrets_unsealed_total{"))
+            .count();
+        assert_eq!(series, MAX_UNSEAL_SERIES + 1, "the bound plus _other");
+        assert!(text.contains(r#"host="_other"} 50"#), "{}", &text[..200]);
+        assert!(text.contains(r#"host="h0.example.test:443"} 2"#));
     }
 }

@@ -74,12 +74,7 @@ fn record(
     let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
     for name in &o.report.unsealed {
-        m.unsealed
-            .get_or_create(&crate::metrics::UnsealLabels {
-                secret: name.clone(),
-                host: t.authority.clone(),
-            })
-            .inc();
+        m.count_unseal(name, &t.authority);
     }
     let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
