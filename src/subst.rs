@@ -57,7 +57,7 @@ use crate::token::{Token, PREFIX, TOKEN_LEN};
 
 pub use adapter::{BodyError, Guard, ScrubBody, SubstBody, SubstOutcome};
 pub use body::BodySubst;
-pub use headers::{substitute_headers, substitute_query};
+pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS};
 pub use scrubber::{ScrubStream, Scrubber};
 
 /// What the registry knows about one token, for the destination of the current request.
@@ -154,11 +154,11 @@ impl Report {
 
     /// A point [`Report::rollback_unsealed`] can return to when a substituted value turns out
     /// to be unusable (and therefore travels sealed after all).
-    fn unsealed_mark(&self) -> usize {
+    pub(crate) fn unsealed_mark(&self) -> usize {
         self.unsealed.len()
     }
 
-    fn rollback_unsealed(&mut self, mark: usize) {
+    pub(crate) fn rollback_unsealed(&mut self, mark: usize) {
         self.unsealed.truncate(mark);
     }
 }

@@ -466,8 +466,9 @@ fn within_budget(rt: &LiveSettings, report: &subst::Report) -> Result<(), Refusa
         Code::PayloadTooLarge,
         format!(
             "the request would carry more than {} bytes of real secret values \
-             (proxy.max_unsealed_bytes)",
-            rt.proxy.max_unsealed_bytes
+             (proxy.max_unsealed_bytes), or Basic credentials over {} bytes",
+            rt.proxy.max_unsealed_bytes,
+            subst::MAX_BASIC_CREDENTIALS
         ),
     ))
 }

@@ -84,13 +84,12 @@ pub fn scrub_response(
             ),
         ));
     }
-    let scrubber = if report.basic_forms.is_empty() {
-        scrubber
-    } else {
-        scrubber.with_extra(&report.basic_forms)
-    };
-    scrub_reason(&scrubber, &mut parts.extensions);
-    scrubber.scrub_headers(&mut parts.headers);
+    // This request's Basic-auth forms first (longer, more specific), then every value.
+    let extras = scrubber.extras(&report.basic_forms);
+    for s in extras.iter().chain(std::iter::once(&scrubber)) {
+        scrub_reason(s, &mut parts.extensions);
+        s.scrub_headers(&mut parts.headers);
+    }
     if !shape.has_body {
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not.
@@ -105,6 +104,12 @@ pub fn scrub_response(
         body
     } else {
         decode::Decoded::new(codings, body).boxed_unsync()
+    };
+    let body = match extras {
+        Some(x) => ScrubBody::new(body, x)
+            .map_err(BoxError::from)
+            .boxed_unsync(),
+        None => body,
     };
     Ok(ScrubBody::new(body, scrubber)
         .map_err(BoxError::from)

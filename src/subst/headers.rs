@@ -100,6 +100,12 @@ fn verbatim(value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(value);
 }
 
+/// Unsealed Basic credentials (`user:password`) longer than this are refused (the request
+/// counts as over its budget, [`Report::over_budget`]): their base64 form is scrubbed from the
+/// response by an automaton built for the request, whose cost a sandbox must not be able to
+/// inflate with a large secret. Real Basic credentials are far shorter.
+pub const MAX_BASIC_CREDENTIALS: usize = 4096;
+
 /// A decoded `Basic` credentials header: `scheme_and_space` is kept verbatim.
 struct Basic<'a> {
     scheme_and_space: &'a [u8],
@@ -146,6 +152,12 @@ impl<'a> Basic<'a> {
             return Ok(None);
         };
         let real = Zeroizing::new(real);
+        if real.len() > MAX_BASIC_CREDENTIALS {
+            // Its base64 form must be scrubbed from the response too, compiled per request.
+            report.rollback_unsealed(mark);
+            report.over_budget = true;
+            return Ok(None);
+        }
         let real_b64 = STANDARD.encode(&*real);
         let mut buf = Vec::with_capacity(self.scheme_and_space.len() + real_b64.len());
         buf.extend_from_slice(self.scheme_and_space);
@@ -327,6 +339,21 @@ mod tests {
         assert_eq!(r.basic_forms.len(), 1);
         assert_eq!(r.basic_forms[0].0, &real.as_bytes()["Basic ".len()..]);
         assert_eq!(r.basic_forms[0].1, &sealed.as_bytes()["Basic ".len()..]);
+    }
+
+    #[test]
+    fn basic_credentials_over_4_kib_stay_sealed_and_the_request_is_over_budget() {
+        let f = fixture();
+        let tokens = f.allowed.to_string().repeat(300); // 4,505 bytes once unsealed
+        let sealed = basic(&format!("user:{tokens}"));
+        let mut h = map(&[("authorization", sealed.clone())]);
+        let r = run(&f, &mut h, OnDisallowed::Block).unwrap();
+        assert_eq!(h["authorization"], sealed.as_str(), "left sealed");
+        assert!(r.over_budget && r.unsealed.is_empty() && r.basic_forms.is_empty());
+        let fits = basic(&format!("user:{}", f.allowed.to_string().repeat(200)));
+        let mut h = map(&[("authorization", fits)]);
+        let r = run(&f, &mut h, OnDisallowed::Block).unwrap();
+        assert!(!r.over_budget && r.basic_forms.len() == 1);
     }
 
     #[test]
