@@ -157,7 +157,7 @@ async fn exchange(
     let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-            Ok(relay_upgrade(on, resp))
+            Ok(relay_upgrade(on, resp, still_allowed(t)))
         }
         _ => Ok(resp),
     }
@@ -795,9 +795,14 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
     }
 }
 
+/// Relays an upgraded (WebSocket) connection both ways until either side closes, or until
+/// `allowed` stops holding (checked every second: the sandbox ended, or the host left the
+/// store's `egress_allowlist`), which ends it — such a connection has no further requests at
+/// which the policy could be read.
 fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<ProxyBody>,
+    allowed: impl Fn() -> bool + Send + 'static,
 ) -> Response<ProxyBody> {
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return resp;
@@ -808,9 +813,38 @@ fn relay_upgrade(
         };
         let mut c = hyper_util::rt::TokioIo::new(c);
         let mut u = hyper_util::rt::TokioIo::new(u);
-        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+            () = revoked(allowed) => tracing::info!(
+                "upgraded connection closed: its sandbox ended or its host left the egress_allowlist"
+            ),
+        }
     });
     resp
+}
+
+/// Returns once `allowed` no longer holds (polled every second).
+async fn revoked(allowed: impl Fn() -> bool) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !allowed() {
+            return;
+        }
+    }
+}
+
+/// May this tunnel still reach its host: sandbox live, host on the current allowlist.
+fn still_allowed(t: &Tunnel) -> impl Fn() -> bool + Send + 'static {
+    let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
+    let (dest, scheme) = (t.dest.clone(), t.scheme);
+    move || {
+        registry
+            .get(&sandbox.id)
+            .is_some_and(|l| Arc::ptr_eq(&l, &sandbox))
+            && sandbox.snapshot().egress_allowed(&dest, scheme)
+    }
 }
 
 #[cfg(test)]

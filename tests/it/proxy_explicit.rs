@@ -694,6 +694,53 @@ async fn websocket_round_trip() {
     );
 }
 
+/// An open WebSocket has no further requests at which a narrowed allowlist could be read: it
+/// is closed within about a second of its host leaving the store's `egress_allowlist`.
+#[tokio::test]
+async fn a_websocket_ends_when_its_host_leaves_the_allowlist() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let e = setup(Some(&["api.example.test", "other.example.test"]), &[]).await;
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://api.example.test/ws", tls)
+        .await
+        .expect("websocket handshake");
+    ws.send(Message::Text("before".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "before"
+    );
+    let (s, _) =
+        e.h.api(
+            Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(serde_json::json!({"egress_allowlist": ["other.example.test"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let _ = ws.send(Message::Text("after".into())).await;
+            match ws.next().await {
+                Some(Ok(Message::Text(_))) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the WebSocket still relays 5 s after its host was removed"
+    );
+}
+
 #[tokio::test]
 async fn plain_http_is_forwarded_but_never_unsealed() {
     let plain = Echo::start_plain().await;
