@@ -164,17 +164,18 @@ async fn exchange(
 }
 
 /// The guard of a streamed body ([`SubstBody::with_guard`]): its decisions were made with the
-/// sandbox and snapshot of the request's start; once the sandbox ended (deleted, expired) or
-/// its store changed (a secret narrowed, rotated or deleted, the allowlist changed), no further
-/// chunk is unsealed. Costs a registry lookup and a snapshot load per chunk.
+/// sandbox and snapshot of the request's start. Once the sandbox ended (deleted, expired) no
+/// further chunk goes out; once its store changed (a secret narrowed, rotated or deleted, the
+/// allowlist changed) no chunk that unsealed a value goes out — a body without tokens goes on.
+/// Costs a registry lookup per chunk, and a snapshot load per chunk that unsealed.
 fn still_current(t: &Tunnel) -> subst::Guard {
     let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
     let start = sandbox.snapshot();
-    Box::new(move || {
+    Box::new(move |unsealed| {
         let live = registry
             .get(&sandbox.id)
             .is_some_and(|l| Arc::ptr_eq(&l, &sandbox));
-        live && Arc::ptr_eq(&sandbox.snapshot(), &start)
+        live && (!unsealed || Arc::ptr_eq(&sandbox.snapshot(), &start))
     })
 }
 

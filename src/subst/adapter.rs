@@ -215,8 +215,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Asked before each chunk is substituted: are the decisions still current?
-pub type Guard = Box<dyn FnMut() -> bool + Send>;
+/// Asked for each chunk before its output is passed on: are the decisions still current? The
+/// argument says whether the chunk unsealed a value (only then does a changed policy matter).
+pub type Guard = Box<dyn FnMut(bool) -> bool + Send>;
 
 struct SubstEngine<L> {
     subst: BodySubst<L>,
@@ -244,9 +245,10 @@ where
         }
     }
 
-    /// Before each chunk is substituted, `guard` must say the decisions are still current;
-    /// when it does not, the body fails with [`BodyError::Stopped`] and nothing more is
-    /// unsealed (a long upload must not outlive its sandbox or a narrowed policy).
+    /// After each chunk is substituted and before its output is passed on, `guard` must say
+    /// the decisions are still current; when it does not, the chunk's output is dropped and
+    /// the body fails with [`BodyError::Stopped`] (a long upload must not outlive its sandbox,
+    /// nor unseal under a policy that has changed).
     pub fn with_guard(mut self, guard: Guard) -> Self {
         self.driver.engine.guard = Some(guard);
         self
@@ -266,17 +268,24 @@ where
     L::Target: TokenLookup,
 {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        if self.guard.as_mut().is_some_and(|current| !current()) {
+        let (before, mark) = (self.subst.report().unsealed_bytes, out.len());
+        self.subst.push(chunk, out).map_err(|denied| {
+            self.outcome.set_denied(denied.clone());
+            BodyError::Denied(denied)
+        })?;
+        let unsealed = self.subst.report().unsealed_bytes > before;
+        if self
+            .guard
+            .as_mut()
+            .is_some_and(|current| !current(unsealed))
+        {
+            out.truncate(mark); // nothing of this chunk is passed on
             self.outcome
                 .stopped
                 .store(true, std::sync::atomic::Ordering::Release);
             self.outcome.set_report(self.subst.report());
             return Err(BodyError::Stopped);
         }
-        self.subst.push(chunk, out).map_err(|denied| {
-            self.outcome.set_denied(denied.clone());
-            BodyError::Denied(denied)
-        })?;
         if self.subst.report().over_budget {
             self.outcome.set_report(self.subst.report());
             return Err(BodyError::OverBudget);

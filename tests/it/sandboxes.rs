@@ -346,6 +346,21 @@ async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
         let n = memchr::memmem::find_iter(&r.body, VALUE.as_bytes()).count();
         assert!(n <= 1, "unsealed after the secret was narrowed: {n} values");
     }
+    // An upload without tokens is not stopped by a store change: nothing is unsealed.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let answer = tokio::spawn(async move { pc::send1(&mut c, channel_post(rx)).await });
+    tx.send("plain part one\n".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    e.h.secret(&e.store, "KEY", VALUE, None, Some(&["body"]))
+        .await;
+    tx.send("plain part two\n".into()).await.unwrap();
+    drop(tx);
+    let a = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
 }
 
 #[tokio::test]
