@@ -136,7 +136,8 @@ async fn exchange(
             whole_responses_only(up.headers_mut());
         }
     }
-    let (body, streamed) = prepare_body(t, rt, view.as_ref(), &mut up, body, o).await?;
+    let (body, streamed) = prepare_body(t, rt, &snapshot, view.as_ref(), &mut up, body, o).await?;
+    still_decided(t, &snapshot, o)?;
     let sent = send(t, rt, up, body, websocket).await;
     if let Some(outcome) = &streamed {
         o.report.merge(&outcome.report());
@@ -146,11 +147,7 @@ async fn exchange(
         within_budget(rt, &o.report)?;
         if outcome.stopped() {
             check_live(t)?;
-            return Err(Refusal::new(
-                Code::Unavailable,
-                "the sandbox's store changed while the request body was being sent; nothing \
-                 more was unsealed, send the request again",
-            ));
+            return Err(store_changed());
         }
     }
     let resp = sent?;
@@ -163,14 +160,36 @@ async fn exchange(
     }
 }
 
+/// Before anything is sent: reading the body may have taken long (a held body of up to 64 KiB
+/// arrives at the sandbox's pace), so the decisions made with `start`, the request's snapshot,
+/// must still hold — the sandbox live, and, if anything was unsealed, its store unchanged.
+fn still_decided(
+    t: &Tunnel,
+    start: &Arc<crate::sandbox::Snapshot>,
+    o: &Outcome,
+) -> Result<(), Refusal> {
+    check_live(t)?;
+    if o.report.unsealed.is_empty() || Arc::ptr_eq(&t.sandbox.snapshot(), start) {
+        return Ok(());
+    }
+    Err(store_changed())
+}
+
+fn store_changed() -> Refusal {
+    Refusal::new(
+        Code::Unavailable,
+        "the sandbox's store changed while the request was being sent; nothing more was \
+         unsealed, send the request again",
+    )
+}
+
 /// The guard of a streamed body ([`SubstBody::with_guard`]): its decisions were made with the
 /// sandbox and snapshot of the request's start. Once the sandbox ended (deleted, expired) no
 /// further chunk goes out; once its store changed (a secret narrowed, rotated or deleted, the
 /// allowlist changed) no chunk that unsealed a value goes out — a body without tokens goes on.
 /// Costs a registry lookup per chunk, and a snapshot load per chunk that unsealed.
-fn still_current(t: &Tunnel) -> subst::Guard {
+fn still_current(t: &Tunnel, start: Arc<crate::sandbox::Snapshot>) -> subst::Guard {
     let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
-    let start = sandbox.snapshot();
     Box::new(move |unsealed| {
         let live = registry
             .get(&sandbox.id)
@@ -532,6 +551,7 @@ enum UpBody {
 async fn prepare_body(
     t: &Tunnel,
     rt: &LiveSettings,
+    snapshot: &Arc<crate::sandbox::Snapshot>,
     view: Option<&Arc<HostView>>,
     req: &mut Request<()>,
     body: Incoming,
@@ -562,7 +582,7 @@ async fn prepare_body(
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
     let engine = BodySubst::new(lookup, mode).with_max_unsealed(budget);
-    let sb = SubstBody::new(body, engine).with_guard(still_current(t));
+    let sb = SubstBody::new(body, engine).with_guard(still_current(t, snapshot.clone()));
     let outcome = sb.outcome();
     Ok((
         UpBody::Streamed(sb.map_err(BoxError::from).boxed_unsync()),

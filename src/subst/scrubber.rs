@@ -74,9 +74,11 @@ pub struct Scrubber {
     /// `tokens[i]` replaces `values[i]`.
     tokens: Arc<[Bytes]>,
     max_len: usize,
-    /// Scrubbers with per-request extras, keyed by the extras' sealed forms (no real value in
-    /// a key): a request with a Basic-auth header reuses the one built for the same header.
-    extras: Arc<dashmap::DashMap<Box<[Bytes]>, Arc<Scrubber>>>,
+    /// Scrubbers of per-request extras, keyed by the `(real, sealed)` pairs themselves: the
+    /// real form of one sealed header differs by host (a token unsealed for one host travels
+    /// sealed to another), so a key of the sealed forms alone could hand one host's response
+    /// the scrubber of another's. The scrubbers hold the real forms anyway.
+    extras: Arc<dashmap::DashMap<Box<[(Bytes, Bytes)]>, Arc<Scrubber>>>,
 }
 
 /// Where a scan stops emitting.
@@ -123,12 +125,15 @@ impl Scrubber {
         if extra.is_empty() {
             return None;
         }
-        let key: Box<[Bytes]> = extra.iter().map(|(_, sealed)| sealed.clone()).collect();
+        let key: Box<[(Bytes, Bytes)]> = extra.into();
         if let Some(hit) = self.extras.get(&key) {
             return Some(hit.clone());
         }
+        // A form inside a longer value is left to this scrubber, which replaces the value
+        // whole; run first, the extras would cut the value so that this one missed it.
         let pairs = extra
             .iter()
+            .filter(|(real, _)| !self.contains_in_a_value(real))
             .map(|(real, sealed)| (SecretValue::new(real.to_vec()), sealed.clone()))
             .collect();
         let built = Self::new(pairs)?;
@@ -137,6 +142,13 @@ impl Scrubber {
         }
         self.extras.insert(key, built.clone());
         Some(built)
+    }
+
+    /// True if `form` occurs inside one of this scrubber's values.
+    fn contains_in_a_value(&self, form: &[u8]) -> bool {
+        self.values
+            .iter()
+            .any(|v| v.len() > form.len() && memchr::memmem::find(v.expose(), form).is_some())
     }
 
     /// The length of the longest value; a stream holds back less than this.
@@ -648,6 +660,24 @@ mod tests {
     }
 
     #[test]
+    fn a_form_inside_a_value_is_left_to_the_value() {
+        let s = scrubber(&[("stored:Basic dTpzay1saXZlLTE=;end", "TV")]);
+        let inside = [(
+            Bytes::from_static(b"dTpzay1saXZlLTE="),
+            Bytes::from_static(b"dTpvc2Jfc2VhbGVk"),
+        )];
+        let text = b"x stored:Basic dTpzay1saXZlLTE=;end y";
+        let once = s.extras(&inside).map_or(text.to_vec(), |x| {
+            x.scrub(text).map_or(text.to_vec(), |r| r.0)
+        });
+        assert_eq!(
+            s.scrub(&once).unwrap().0,
+            b"x TV y",
+            "the value is replaced whole"
+        );
+    }
+
+    #[test]
     fn extras_are_built_once_per_set() {
         let s = scrubber(&[("sk-live-1", "T1")]);
         let form = |real: &'static [u8], sealed: &'static [u8]| {
@@ -667,6 +697,15 @@ mod tests {
             .extras(&form(b"djpzay1saXZlLTE=", b"djpvc2Jfc2VhbGVk"))
             .unwrap();
         assert!(!Arc::ptr_eq(&a, &other));
+        // The same sealed header unsealed differently (another host): another scrubber.
+        let elsewhere = s
+            .extras(&form(b"dTpPVEhFUi1WQUxVRQ==", b"dTpvc2Jfc2VhbGVk"))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&a, &elsewhere));
+        assert_eq!(
+            elsewhere.scrub(b"dTpPVEhFUi1WQUxVRQ==").unwrap().0,
+            b"dTpvc2Jfc2VhbGVk"
+        );
         for i in 0..MAX_EXTRAS * 2 {
             let sealed = Bytes::from(format!("sealed-{i}"));
             s.extras(&[(Bytes::from(format!("real-{i}")), sealed)]);

@@ -361,6 +361,35 @@ async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
         .expect("answered")
         .unwrap();
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // A held body (its length is known, at most 64 KiB) read slowly: the decisions are checked
+    // again before anything is sent.
+    e.h.secret(&e.store, "KEY", VALUE, None, Some(&["body"]))
+        .await;
+    let (first, second) = (format!("first {token}\n"), "second\n".to_owned());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut req = channel_post(rx);
+    let length = (first.len() + second.len()).to_string();
+    req.headers_mut()
+        .insert("content-length", length.parse().unwrap());
+    let before = e.echo.requests().len();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let answer = tokio::spawn(async move { pc::send1(&mut c, req).await });
+    tx.send(first.into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    e.h.secret(&e.store, "KEY", VALUE, Some(nowhere), Some(&["body"]))
+        .await;
+    tx.send(second.into()).await.unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(
+        (a.status.as_u16(), a.code().as_deref()),
+        (503, Some("unavailable")),
+        "{}",
+        a.text()
+    );
+    assert_eq!(e.echo.requests().len(), before, "nothing was sent");
 }
 
 #[tokio::test]
