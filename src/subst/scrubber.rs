@@ -56,6 +56,9 @@ const DFA_MAX_PATTERN_BYTES: usize = 4096;
 /// Per-request scrubbers (with Basic-auth forms) kept per scrubber before the cache is cleared.
 const MAX_EXTRAS: usize = 32;
 
+/// Per-request extras scrubbers by their `(real, sealed)` pairs (see `Scrubber::extras`).
+type ExtrasCache = dashmap::DashMap<Box<[(Bytes, Bytes)]>, Arc<Scrubber>>;
+
 /// Replaces every real value of one sandbox with its sealed token.
 ///
 /// Built once per sandbox snapshot; cheap to clone and share.
@@ -78,7 +81,7 @@ pub struct Scrubber {
     /// real form of one sealed header differs by host (a token unsealed for one host travels
     /// sealed to another), so a key of the sealed forms alone could hand one host's response
     /// the scrubber of another's. The scrubbers hold the real forms anyway.
-    extras: Arc<dashmap::DashMap<Box<[(Bytes, Bytes)]>, Arc<Scrubber>>>,
+    extras: Arc<ExtrasCache>,
 }
 
 /// Where a scan stops emitting.
