@@ -65,8 +65,10 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
         ));
     }
     let mut list = directives.join(",");
-    if !directives.iter().any(|d| names_h2(d)) {
-        list.push_str(",h2=info");
+    for target in CAPPED {
+        if !directives.iter().any(|d| names(d, target)) {
+            list.push_str(&format!(",{target}=info"));
+        }
     }
     EnvFilter::builder()
         .with_regex(false)
@@ -74,12 +76,17 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
         .map_err(|e| format!("'{level}' is not a valid directive list: {e}"))
 }
 
-/// The h2 crate logs whole frames at debug level — a GOAWAY's debug data verbatim, which an
-/// upstream that holds a real value controls. So `h2` logs at most `info` unless a directive
-/// names it (an operator who writes `h2=debug` asks for frames, values and all).
-fn names_h2(directive: &str) -> bool {
-    let target = directive.trim_start_matches('[');
-    target == "h2" || target.starts_with("h2=") || target.starts_with("h2::")
+/// Crates held at `info` unless a directive names exactly that crate (`h2=debug`: the operator
+/// asks for frames, values and all). At debug, h2 logs whole frames — a GOAWAY's debug data
+/// verbatim, which an upstream holding a real value controls — and hyper and hyper-util log
+/// h2 errors, whose `Display` carries that data. A directive for a module inside one (say
+/// `h2::hpack=warn`) does not lift the cap of the rest.
+const CAPPED: [&str; 3] = ["h2", "hyper", "hyper_util"];
+
+fn names(directive: &str, target: &str) -> bool {
+    directive
+        .strip_prefix(target)
+        .is_some_and(|rest| rest.starts_with('='))
 }
 
 fn is_level_or_assignment(directive: &str) -> bool {
@@ -138,7 +145,15 @@ mod tests {
         let f = super::parse_filter("info,h2::proto=trace")
             .unwrap()
             .to_string();
-        assert!(!f.contains("h2=info"), "{f}");
+        assert!(
+            f.contains("h2=info"),
+            "a module directive keeps the rest capped: {f}"
+        );
+        let f = super::parse_filter("debug").unwrap().to_string();
+        assert!(
+            f.contains("hyper=info") && f.contains("hyper_util=info"),
+            "{f}"
+        );
         assert!(super::parse_filter("debug").unwrap().max_level_hint() >= Some(LevelFilter::DEBUG));
     }
 

@@ -144,19 +144,76 @@ fn sources<'a>(
     std::iter::successors(e.source(), |s| (*s).source())
 }
 
-/// The error and its sources, `: `-joined, for logs (no request data is in these errors).
+/// The error and its sources, `: `-joined, for logs. An h2 error is written without its
+/// `Display`, which appends a GOAWAY's debug data — bytes the upstream chose, possibly a real
+/// value it holds; the kind and reason are kept.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    for s in sources(e) {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+    let mut out = String::new();
+    for (i, s) in std::iter::once(e).chain(sources(e)).enumerate() {
+        if i > 0 {
+            out.push_str(": ");
+        }
+        match s.downcast_ref::<h2::Error>() {
+            Some(h2) => out.push_str(&h2_summary(h2)),
+            None => out.push_str(&s.to_string()),
+        }
     }
     out
+}
+
+/// What an h2 error says, without any bytes of the peer's.
+fn h2_summary(e: &h2::Error) -> String {
+    if let Some(io) = e.get_io() {
+        return format!("h2 I/O error: {io}");
+    }
+    let reason = e
+        .reason()
+        .map_or_else(|| "no reason".to_owned(), |r| format!("{r:?}"));
+    let kind = if e.is_go_away() {
+        "connection error"
+    } else if e.is_reset() {
+        "stream error"
+    } else {
+        "error"
+    };
+    let who = if e.is_remote() {
+        "received"
+    } else {
+        "detected"
+    };
+    format!("h2 {kind} {who}: {reason}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::idempotent;
+
+    /// A GOAWAY's debug data is the upstream's to choose; it never reaches a log line.
+    #[tokio::test]
+    async fn h2_errors_are_logged_without_the_peers_debug_data() {
+        use tokio::io::AsyncWriteExt;
+        let (client_io, mut server) = tokio::io::duplex(1 << 16);
+        let (mut send, conn) = h2::client::handshake(client_io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get("https://o.test/").body(()).unwrap();
+        let (response, _) = send.send_request(req, true).unwrap();
+        let debug = b"sk-debug-data-0000";
+        let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0]; // SETTINGS
+        frames.extend_from_slice(&[0, 0, (8 + debug.len()) as u8, 7, 0, 0, 0, 0, 0]);
+        frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2]); // last stream 0, INTERNAL_ERROR
+        frames.extend_from_slice(debug);
+        server.write_all(&frames).await.unwrap();
+        let err = response.await.expect_err("the server went away");
+        assert!(
+            err.to_string().contains("sk-debug-data"),
+            "h2's own Display: {err}"
+        );
+        let logged = super::chain(&err);
+        assert!(!logged.contains("sk-debug-data"), "{logged}");
+        assert!(logged.contains("INTERNAL_ERROR"), "{logged}");
+        drop(server);
+        let _ = conn.await;
+    }
     use http::Method;
 
     #[test]
