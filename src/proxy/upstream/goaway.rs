@@ -53,7 +53,9 @@ use super::limits::StreamLimits;
 
 const PREFACE_LEN: usize = 24;
 const HEAD_LEN: usize = 9;
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const PUSH_PROMISE: u8 = 0x5;
 const GOAWAY: u8 = 0x7;
@@ -269,6 +271,12 @@ struct Refusals {
     learner: Option<Learner>,
     /// The server's count was reported (once per connection).
     learned: bool,
+    /// The highest stream id the server ended (END_STREAM on HEADERS or DATA, or RST_STREAM):
+    /// a GOAWAY naming a stream above it came while that stream still waited for its answer.
+    ended_max: u32,
+    /// A frame of the server's has been read (its SETTINGS come first): nothing synthetic is
+    /// handed to h2 before that.
+    server_spoke: bool,
     retiring: Retiring,
     /// The reader to wake when a refusal is queued while no server bytes arrive.
     read_waker: Option<Waker>,
@@ -291,6 +299,8 @@ impl Refusals {
             out: None,
             learner: None,
             learned: false,
+            ended_max: 0,
+            server_spoke: false,
             retiring: Retiring::No,
             read_waker: None,
             scratch: Vec::new(),
@@ -303,6 +313,13 @@ impl Refusals {
         let mut seen = std::mem::take(&mut self.scratch);
         self.reads.feed(bytes, &mut seen);
         for s in seen.drain(..) {
+            if let Seen::Frame(h) = &s {
+                self.server_spoke = true;
+                let end_stream = (h.kind == HEADERS || h.kind == DATA) && h.flags & END_STREAM != 0;
+                if end_stream || h.kind == RST_STREAM {
+                    self.ended_max = self.ended_max.max(h.stream);
+                }
+            }
             if let (Seen::Frame(h), Some(awaiting)) = (&s, &mut self.awaiting) {
                 if h.kind == HEADERS || h.kind == RST_STREAM {
                     awaiting.retain(|&id| id != h.stream);
@@ -350,12 +367,14 @@ impl Refusals {
         self.scratch = seen;
     }
 
-    /// A graceful GOAWAY of the server named `last_stream`. The first one naming a stream we
-    /// opened tells how many of our (odd-numbered) streams the server took on this connection.
-    /// One naming a higher id (a two-step graceful shutdown starts with the largest id) tells
-    /// nothing yet.
+    /// A graceful GOAWAY of the server named `last_stream`. It tells the server's
+    /// per-connection limit only when it names a stream we opened that still waits for its
+    /// answer: nginx sends it as the stream that reaches `keepalive_requests` arrives, while
+    /// an idle timeout or a reload names a stream long answered. One naming a higher id (a
+    /// two-step graceful shutdown starts with the largest id) tells nothing yet.
     fn learn(&mut self, last_stream: u32) {
-        if self.learned || last_stream == 0 || last_stream > self.highest_opened {
+        let unanswered = last_stream > self.ended_max;
+        if self.learned || last_stream == 0 || last_stream > self.highest_opened || !unanswered {
             return;
         }
         self.learned = true;
@@ -397,10 +416,11 @@ impl Refusals {
         !self.queue.is_empty() || self.retiring == Retiring::Due
     }
 
-    /// A synthetic frame can go out now: one is started, or one waits and the read side is
+    /// A synthetic frame can go out now: one is started, or one waits, the server has spoken
+    /// (its SETTINGS must be the first frame h2 reads, RFC 9113 §3.4) and the read side is
     /// between frames.
     fn ready_to_inject(&self) -> bool {
-        self.out.is_some() || (self.pending() && self.reads.at_boundary())
+        self.out.is_some() || (self.pending() && self.server_spoke && self.reads.at_boundary())
     }
 
     fn inject(&mut self, buf: &mut ReadBuf<'_>) {
@@ -845,6 +865,32 @@ mod tests {
         assert_eq!(r.retiring, Retiring::Done);
         open(&mut r, 13, 15);
         assert!(!r.ready_to_inject(), "retired once");
+    }
+
+    #[test]
+    fn an_idle_close_naming_an_answered_stream_teaches_nothing() {
+        for _ in 0..2 {
+            let (mut r, limits) = learning(None);
+            open(&mut r, 1, 19);
+            r.on_read(&frame(HEADERS, END_HEADERS, 19, b"h")); // answer head
+            r.on_read(&frame(DATA, END_STREAM, 19, b"done")); // answered in full
+            r.on_read(&goaway(19)); // later: the idle timeout
+            assert_eq!(limits.retire_after("o:443"), None);
+            assert!(limits.is_empty(), "not even a candidate");
+        }
+    }
+
+    #[test]
+    fn nothing_synthetic_before_the_servers_first_frame() {
+        let (mut r, _) = learning(Some(8)); // retire after 6 streams
+        open(&mut r, 1, 11);
+        assert_eq!(r.retiring, Retiring::Due);
+        assert!(
+            !r.ready_to_inject(),
+            "h2 must read the server's SETTINGS first"
+        );
+        r.on_read(&frame(0x4, 0, 0, &[])); // SETTINGS
+        assert!(r.ready_to_inject());
     }
 
     #[test]

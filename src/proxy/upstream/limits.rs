@@ -8,20 +8,24 @@
 //! 502. A connection that never reaches the limit never meets that close, and never has
 //! streams refused above a GOAWAY either.
 //!
-//! How: every graceful GOAWAY (`NO_ERROR`) an origin sends tells how many of our streams it
-//! took on that connection (its last-stream-id). The same count twice in a row is taken as the
-//! origin's per-connection limit; an idle timeout or a reload ends connections at varying
-//! counts and confirms nothing. Later connections to that origin are retired by sealgate
-//! after [`StreamLimits::retire_after`] streams: a quarter below the limit, which absorbs the
-//! streams already on their way when the retirement is decided (at most the origin's
-//! concurrent-stream limit, 128 for nginx). Retiring is graceful: the connection finishes every
-//! stream opened on it, takes no new one, and closes once idle
+//! How: a graceful GOAWAY (`NO_ERROR`) that names one of our streams still waiting for its
+//! answer tells how many of our streams the origin took on that connection (its
+//! last-stream-id): nginx sends it as the stream reaching `keepalive_requests` arrives. An idle
+//! timeout or a reload names a stream long answered and teaches nothing. The same count twice
+//! in a row is taken as the origin's per-connection limit. Later connections to that origin
+//! are retired by sealgate after [`StreamLimits::retire_after`] streams: a quarter below the
+//! limit, which absorbs the streams already on their way when the retirement is decided as
+//! long as they are fewer than a quarter of the limit (nginx: up to 128 concurrent streams
+//! against 250; with a small limit and many concurrent requests some connections still reach
+//! the origin's own GOAWAY, which is handled as before). Retiring is graceful: the connection
+//! finishes every stream opened on it, takes no new one, and closes once idle
 //! ([`super::goaway::RefuseAfterGoaway`]).
 //!
 //! Invariants: bounded (at most [`MAX_ORIGINS`] origins are remembered; others are never
 //! learned); a limit below [`MIN_LIMIT`] is never learned, so an origin can lower only its own
-//! connection reuse, and not below that floor; nothing is refused or sent twice because of a
-//! learned limit.
+//! connection reuse, and not below that floor; no stream is failed by the retirement itself —
+//! a request hyper holds for a stream slot when h2 sees the GOAWAY fails as it would at the
+//! origin's own GOAWAY (idempotent ones are sent again, `proxy::failure`).
 
 use dashmap::DashMap;
 
