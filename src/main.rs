@@ -75,8 +75,9 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     };
     let running = daemon::start(cfg, ov).await?;
     if json_log {
-        // Every stderr line is JSON for a log shipper: the summary is one event's field.
-        tracing::info!(summary = %running.summary(), "sealgate running");
+        // Every stderr line is JSON for a log shipper: the summary is one line's field, written
+        // whatever `[log] level` filters (as the text summary is).
+        eprintln!("{}", summary_json(&running.summary()));
     } else {
         eprint!("{}", running.summary());
     }
@@ -101,4 +102,17 @@ async fn wait_for_signal() {
         _ = ctrl_c => {}
         _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
+}
+
+/// The start-up summary as one JSON line shaped like the log's events.
+fn summary_json(summary: &str) -> String {
+    let ts = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    serde_json::json!({
+        "timestamp": ts,
+        "level": "INFO",
+        "fields": {"message": "sealgate running", "summary": summary},
+    })
+    .to_string()
 }

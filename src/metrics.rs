@@ -79,6 +79,8 @@ pub struct Metrics {
     pub unsealed: Family<UnsealLabels, Counter>,
     /// The (secret, host) series of `unsealed` so far, at most [`MAX_UNSEAL_SERIES`].
     unsealed_series: dashmap::DashSet<UnsealLabels>,
+    /// How many `unsealed_series` holds (`DashSet::len` locks every shard).
+    unsealed_series_len: std::sync::atomic::AtomicUsize,
     /// Request body bytes sent upstream.
     pub bytes_up: Counter,
     /// Response body bytes sent to sandboxes.
@@ -124,10 +126,13 @@ impl Metrics {
             secret: secret.clone(),
             host: host.clone(),
         };
+        use std::sync::atomic::Ordering::Relaxed;
         let known = self.unsealed_series.contains(&labels)
-            || (self.unsealed_series.len() < MAX_UNSEAL_SERIES && {
+            || (self.unsealed_series_len.load(Relaxed) < MAX_UNSEAL_SERIES && {
                 // Racing inserts may pass the bound by a few; it bounds growth, not exactly.
-                self.unsealed_series.insert(labels.clone());
+                if self.unsealed_series.insert(labels.clone()) {
+                    self.unsealed_series_len.fetch_add(1, Relaxed);
+                }
                 true
             });
         let labels = if known {
@@ -151,6 +156,7 @@ impl Metrics {
             tunnels: Family::default(),
             unsealed: Family::default(),
             unsealed_series: dashmap::DashSet::new(),
+            unsealed_series_len: std::sync::atomic::AtomicUsize::new(0),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),

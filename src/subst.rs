@@ -154,12 +154,14 @@ impl Report {
 
     /// A point [`Report::rollback_unsealed`] can return to when a substituted value turns out
     /// to be unusable (and therefore travels sealed after all).
-    pub(crate) fn unsealed_mark(&self) -> usize {
-        self.unsealed.len()
+    fn unsealed_mark(&self) -> (usize, usize) {
+        (self.unsealed.len(), self.unsealed_bytes)
     }
 
-    pub(crate) fn rollback_unsealed(&mut self, mark: usize) {
-        self.unsealed.truncate(mark);
+    /// Back to `mark`: the names and the bytes counted against the budget since.
+    fn rollback_unsealed(&mut self, mark: (usize, usize)) {
+        self.unsealed.truncate(mark.0);
+        self.unsealed_bytes = mark.1;
     }
 }
 

@@ -73,8 +73,11 @@ fn record(
 ) {
     let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
-    for name in &o.report.unsealed {
-        m.count_unseal(name, &t.authority);
+    if code.is_none() {
+        // A refused request sent no value (or only part of a stopped body): not counted.
+        for name in &o.report.unsealed {
+            m.count_unseal(name, &t.authority);
+        }
     }
     let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
@@ -476,8 +479,9 @@ fn unseal_head(
 }
 
 /// A request that would carry more than `proxy.max_unsealed_bytes` of real values (tokens of a
-/// large secret, many times over) is refused whole: nothing of it was sent, and the token past
-/// the budget was never unsealed ([`subst::Report::max_unsealed`]).
+/// large secret, many times over) is refused: the token past the budget was never unsealed
+/// ([`subst::Report::max_unsealed`]); nothing was sent for a budget passed in the head or a
+/// held body, and a streamed body is cut off where it passed.
 fn within_budget(rt: &LiveSettings, report: &subst::Report) -> Result<(), Refusal> {
     if !report.over_budget {
         return Ok(());

@@ -83,7 +83,7 @@ fn substitute_plain(
 
 /// The new header value, or `None` (and the `unsealed` entries since `mark` withdrawn) if the
 /// bytes are not a valid header value.
-fn sensitive_value(buf: Vec<u8>, report: &mut Report, mark: usize) -> Option<HeaderValue> {
+fn sensitive_value(buf: Vec<u8>, report: &mut Report, mark: (usize, usize)) -> Option<HeaderValue> {
     match HeaderValue::from_maybe_shared(Bytes::from(buf)) {
         Ok(mut value) => {
             value.set_sensitive(true);

@@ -1168,7 +1168,8 @@ async fn worker_threads_sizes_the_runtime() {
 }
 
 /// With `[log] format = "json"` every stderr line is JSON, the start-up summary included (as
-/// the `summary` field of one event), so a log shipper parsing JSON lines never chokes.
+/// the `summary` field of one line, written at any `[log] level`, here `warn`), so a log
+/// shipper parsing JSON lines never chokes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_startup_summary_as_json() {
     let dir = tempfile::tempdir().unwrap();
@@ -1177,7 +1178,7 @@ async fn json_logs_carry_the_startup_summary_as_json() {
         &cfg,
         format!(
             "data_dir = \"{d}/data\"\ncert_dir = \"{d}/certs\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [proxy]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info\"\nformat = \"json\"\n",
+             [proxy]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"warn\"\nformat = \"json\"\n",
             d = dir.path().display()
         ),
     )
