@@ -77,10 +77,8 @@ pub struct Metrics {
     pub tunnels: Family<DecisionLabels, Counter>,
     /// Secrets unsealed, by secret and host; count through [`Metrics::count_unseal`].
     pub unsealed: Family<UnsealLabels, Counter>,
-    /// The (secret, host) series of `unsealed` so far, at most [`MAX_UNSEAL_SERIES`].
-    unsealed_series: dashmap::DashSet<UnsealLabels>,
-    /// How many `unsealed_series` holds (`DashSet::len` locks every shard).
-    unsealed_series_len: std::sync::atomic::AtomicUsize,
+    /// How many (secret, host) series `unsealed` has, at most about [`MAX_UNSEAL_SERIES`].
+    unsealed_series: std::sync::atomic::AtomicUsize,
     /// Request body bytes sent upstream.
     pub bytes_up: Counter,
     /// Response body bytes sent to sandboxes.
@@ -127,15 +125,13 @@ impl Metrics {
             host: host.clone(),
         };
         use std::sync::atomic::Ordering::Relaxed;
-        let known = self.unsealed_series.contains(&labels)
-            || (self.unsealed_series_len.load(Relaxed) < MAX_UNSEAL_SERIES && {
-                // Racing inserts may pass the bound by a few; it bounds growth, not exactly.
-                if self.unsealed_series.insert(labels.clone()) {
-                    self.unsealed_series_len.fetch_add(1, Relaxed);
-                }
-                true
-            });
-        let labels = if known {
+        if let Some(counter) = self.unsealed.get(&labels) {
+            counter.inc();
+            return;
+        }
+        // A new series: racing first unseals may pass the bound by a few (and count one series
+        // twice); it bounds growth, not exactly.
+        let labels = if self.unsealed_series.fetch_add(1, Relaxed) < MAX_UNSEAL_SERIES {
             labels
         } else {
             static OTHER: std::sync::LazyLock<std::sync::Arc<str>> =
@@ -155,8 +151,7 @@ impl Metrics {
             requests: Family::default(),
             tunnels: Family::default(),
             unsealed: Family::default(),
-            unsealed_series: dashmap::DashSet::new(),
-            unsealed_series_len: std::sync::atomic::AtomicUsize::new(0),
+            unsealed_series: std::sync::atomic::AtomicUsize::new(0),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),

@@ -22,7 +22,7 @@ use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
-use crate::sandbox::HostView;
+use crate::sandbox::{HostView, Registry, Sandbox, Snapshot};
 use crate::subst::{self, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
@@ -166,11 +166,7 @@ async fn exchange(
 /// Before anything is sent: reading the body may have taken long (a held body of up to 64 KiB
 /// arrives at the sandbox's pace), so the decisions made with `start`, the request's snapshot,
 /// must still hold — the sandbox live, and, if anything was unsealed, its store unchanged.
-fn still_decided(
-    t: &Tunnel,
-    start: &Arc<crate::sandbox::Snapshot>,
-    o: &Outcome,
-) -> Result<(), Refusal> {
+fn still_decided(t: &Tunnel, start: &Arc<Snapshot>, o: &Outcome) -> Result<(), Refusal> {
     check_live(t)?;
     if o.report.unsealed.is_empty() || Arc::ptr_eq(&t.sandbox.snapshot(), start) {
         return Ok(());
@@ -191,29 +187,33 @@ fn store_changed() -> Refusal {
 /// further chunk goes out; once its store changed (a secret narrowed, rotated or deleted, the
 /// allowlist changed) no chunk that unsealed a value goes out — a body without tokens goes on.
 /// Costs a registry lookup per chunk, and a snapshot load per chunk that unsealed.
-fn still_current(t: &Tunnel, start: Arc<crate::sandbox::Snapshot>) -> subst::Guard {
+fn still_current(t: &Tunnel, start: Arc<Snapshot>) -> subst::Guard {
     let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
     Box::new(move |unsealed| {
-        let live = registry
-            .get(&sandbox.id)
-            .is_some_and(|l| Arc::ptr_eq(&l, &sandbox));
-        live && (!unsealed || Arc::ptr_eq(&sandbox.snapshot(), &start))
+        is_live(&registry, &sandbox) && (!unsealed || Arc::ptr_eq(&sandbox.snapshot(), &start))
     })
 }
 
 /// A connection opened before its sandbox was deleted or expired must stop working at once:
 /// every request re-checks that this exact sandbox is still registered and unexpired.
 fn check_live(t: &Tunnel) -> Result<(), Refusal> {
-    match t.state.registry.get(&t.sandbox.id) {
-        Some(live) if Arc::ptr_eq(&live, &t.sandbox) => Ok(()),
-        _ => Err(Refusal::new(Code::SandboxEnded, "this sandbox has ended")),
+    if is_live(&t.state.registry, &t.sandbox) {
+        return Ok(());
     }
+    Err(Refusal::new(Code::SandboxEnded, "this sandbox has ended"))
+}
+
+/// True while this exact sandbox is registered and unexpired (not a later one of the same id).
+fn is_live(registry: &Registry, sandbox: &Arc<Sandbox>) -> bool {
+    registry
+        .get(&sandbox.id)
+        .is_some_and(|live| Arc::ptr_eq(&live, sandbox))
 }
 
 /// The store's allowlist is read per request, not only when the tunnel opened: a host removed
 /// from `egress_allowlist` gets no further request through a tunnel that is already open (a
 /// keep-alive connection could otherwise outlive the change indefinitely).
-fn check_egress(t: &Tunnel, snapshot: &crate::sandbox::Snapshot) -> Result<(), Refusal> {
+fn check_egress(t: &Tunnel, snapshot: &Snapshot) -> Result<(), Refusal> {
     if snapshot.egress_allowed(&t.dest, t.scheme) {
         return Ok(());
     }
@@ -555,7 +555,7 @@ enum UpBody {
 async fn prepare_body(
     t: &Tunnel,
     rt: &LiveSettings,
-    snapshot: &Arc<crate::sandbox::Snapshot>,
+    snapshot: &Arc<Snapshot>,
     view: Option<&Arc<HostView>>,
     req: &mut Request<()>,
     body: Incoming,
@@ -864,12 +864,7 @@ async fn revoked(allowed: impl Fn() -> bool) {
 fn still_allowed(t: &Tunnel) -> impl Fn() -> bool + Send + 'static {
     let (registry, sandbox) = (t.state.registry.clone(), t.sandbox.clone());
     let (dest, scheme) = (t.dest.clone(), t.scheme);
-    move || {
-        registry
-            .get(&sandbox.id)
-            .is_some_and(|l| Arc::ptr_eq(&l, &sandbox))
-            && sandbox.snapshot().egress_allowed(&dest, scheme)
-    }
+    move || is_live(&registry, &sandbox) && sandbox.snapshot().egress_allowed(&dest, scheme)
 }
 
 #[cfg(test)]

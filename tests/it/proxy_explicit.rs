@@ -670,12 +670,7 @@ async fn websocket_round_trip() {
     )
     .await;
     let key = e.sb.token("KEY");
-    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .unwrap();
-    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
-        .await
-        .unwrap();
+    let tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
     let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
         "wss://api.example.test/ws",
     )
@@ -701,12 +696,7 @@ async fn a_websocket_ends_when_its_host_leaves_the_allowlist() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let e = setup(Some(&["api.example.test", "other.example.test"]), &[]).await;
-    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .unwrap();
-    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
-        .await
-        .unwrap();
+    let tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
     let (mut ws, _) = tokio_tungstenite::client_async("wss://api.example.test/ws", tls)
         .await
         .expect("websocket handshake");

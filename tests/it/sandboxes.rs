@@ -310,32 +310,23 @@ fn channel_post(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> http::Request<
         .unwrap()
 }
 
+/// The secret of the upload tests: unsealed in bodies only.
+const VALUE: &str = "sk-stream-guard-0107";
+
 /// A long upload's decisions are those of its start only while they stay current: once the
 /// secret is narrowed (or the sandbox ends) mid-body, no further chunk is unsealed and the
 /// sandbox is told to send the request again.
 #[tokio::test]
 async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
-    const VALUE: &str = "sk-stream-guard-0107";
     let e = setup(
         Some(&["api.example.test"]),
         &[("KEY", VALUE, None, Some(&["body"]))],
     )
     .await;
     let token = e.sb.token("KEY");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let answer = tokio::spawn(async move { pc::send1(&mut c, channel_post(rx)).await });
-    tx.send(format!("first {token}\n").into()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await; // the first chunk goes through
     let nowhere: &[&str] = &["nowhere.example.test"];
-    e.h.secret(&e.store, "KEY", VALUE, Some(nowhere), Some(&["body"]))
-        .await;
-    tx.send(format!("second {token}\n").into()).await.unwrap();
-    drop(tx);
-    let a = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap();
+    let first = format!("first {token}\n");
+    let a = upload_across_a_change(&e, false, &first, &format!("second {token}\n"), nowhere).await;
     assert_eq!(
         (a.status.as_u16(), a.code().as_deref()),
         (503, Some("unavailable")),
@@ -347,42 +338,17 @@ async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
         assert!(n <= 1, "unsealed after the secret was narrowed: {n} values");
     }
     // An upload without tokens is not stopped by a store change: nothing is unsealed.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let answer = tokio::spawn(async move { pc::send1(&mut c, channel_post(rx)).await });
-    tx.send("plain part one\n".into()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     e.h.secret(&e.store, "KEY", VALUE, None, Some(&["body"]))
         .await;
-    tx.send("plain part two\n".into()).await.unwrap();
-    drop(tx);
-    let a = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap();
+    let a =
+        upload_across_a_change(&e, false, "plain part one\n", "plain part two\n", nowhere).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     // A held body (its length is known, at most 64 KiB) read slowly: the decisions are checked
     // again before anything is sent.
     e.h.secret(&e.store, "KEY", VALUE, None, Some(&["body"]))
         .await;
-    let (first, second) = (format!("first {token}\n"), "second\n".to_owned());
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut req = channel_post(rx);
-    let length = (first.len() + second.len()).to_string();
-    req.headers_mut()
-        .insert("content-length", length.parse().unwrap());
     let before = e.echo.requests().len();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let answer = tokio::spawn(async move { pc::send1(&mut c, req).await });
-    tx.send(first.into()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    e.h.secret(&e.store, "KEY", VALUE, Some(nowhere), Some(&["body"]))
-        .await;
-    tx.send(second.into()).await.unwrap();
-    let a = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap();
+    let a = upload_across_a_change(&e, true, &first, "second\n", nowhere).await;
     assert_eq!(
         (a.status.as_u16(), a.code().as_deref()),
         (503, Some("unavailable")),
@@ -390,6 +356,37 @@ async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
         a.text()
     );
     assert_eq!(e.echo.requests().len(), before, "nothing was sent");
+}
+
+/// POSTs `first`, then — while the body is still open — sets secret `KEY`'s `allowed_hosts`
+/// to `hosts`, then sends `second`; with `held`, the request announces its length (a held
+/// body), else it streams. Returns the answer.
+async fn upload_across_a_change(
+    e: &Env,
+    held: bool,
+    first: &str,
+    second: &str,
+    hosts: &[&str],
+) -> pc::Answer {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let mut req = channel_post(rx);
+    if held {
+        let length = (first.len() + second.len()).to_string();
+        req.headers_mut()
+            .insert("content-length", length.parse().unwrap());
+    }
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let answer = tokio::spawn(async move { pc::send1(&mut c, req).await });
+    tx.send(first.to_owned().into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the first part goes through
+    e.h.secret(&e.store, "KEY", VALUE, Some(hosts), Some(&["body"]))
+        .await;
+    tx.send(second.to_owned().into()).await.unwrap();
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap()
 }
 
 #[tokio::test]

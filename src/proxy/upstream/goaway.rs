@@ -824,13 +824,18 @@ mod tests {
             limits.graceful_goaway("o:443", n);
             limits.graceful_goaway("o:443", n);
         }
+        (learning_with(&limits), limits)
+    }
+
+    /// A new connection's wrapper state learning into `limits` for origin `o:443`.
+    fn learning_with(limits: &Arc<StreamLimits>) -> Refusals {
         let mut r = Refusals::new();
         r.learner = Some(Learner {
             limits: limits.clone(),
             origin: "o:443".into(),
             retire_after: limits.retire_after("o:443"),
         });
-        (r, limits)
+        r
     }
 
     /// Opens client streams `from..=to` (odd ids), after the preface when `from` is 1.
@@ -926,23 +931,13 @@ mod tests {
             limits
         };
         assert_eq!(limits.retire_after("o:443"), None, "one connection");
-        let mut r = Refusals::new();
-        r.learner = Some(Learner {
-            limits: limits.clone(),
-            origin: "o:443".into(),
-            retire_after: None,
-        });
+        let mut r = learning_with(&limits);
         open(&mut r, 1, 21);
         let mut away = goaway(19);
         away[16] = 2; // INTERNAL_ERROR: not graceful, not a count
         r.on_read(&away);
         assert_eq!(limits.retire_after("o:443"), None);
-        let mut r = Refusals::new();
-        r.learner = Some(Learner {
-            limits: limits.clone(),
-            origin: "o:443".into(),
-            retire_after: None,
-        });
+        let mut r = learning_with(&limits);
         open(&mut r, 1, 21);
         r.on_read(&goaway(19));
         assert_eq!(
