@@ -161,6 +161,8 @@ pub struct RawUpstream {
     pub pool_max_idle_per_host: Option<usize>,
     /// Count.
     pub max_response_codings: Option<usize>,
+    /// Bytes.
+    pub max_grpc_message_bytes: Option<usize>,
 }
 
 /// `[sandbox]`.
@@ -350,6 +352,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     /// Stacked content/transfer codings accepted on one response where scrubbing decodes.
     pub max_response_codings: usize,
+    /// Largest compressed gRPC message, before or after decoding, that scrubbing decodes.
+    pub max_grpc_message_bytes: usize,
 }
 
 /// `[sandbox]`, validated.
@@ -755,6 +759,12 @@ impl RawUpstream {
                 self.max_response_codings,
                 4,
                 16,
+            ),
+            max_grpc_message_bytes: p.count(
+                "upstream.max_grpc_message_bytes",
+                self.max_grpc_message_bytes,
+                4 << 20,
+                64 << 20,
             ),
         }
     }

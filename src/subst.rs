@@ -6,6 +6,8 @@
 //!   `Authorization: Basic` (decoded, substituted, re-encoded).
 //! - [`BodySubst`] (in `subst/body.rs`): the streaming request-body engine.
 //! - [`Scrubber`] / [`ScrubStream`] (in `subst/scrubber.rs`): the response scrubber.
+//! - [`Binary`] / [`MessageFrames`] (in `subst/framing.rs`): bodies that carry their own lengths
+//!   (gRPC, protobuf), scrubbed at the same length and never unsealed.
 //! - [`SubstBody`] / [`ScrubBody`] (in `subst/adapter.rs`): thin `http_body::Body` adapters, the
 //!   only code here that touches a stream.
 //!
@@ -41,6 +43,7 @@
 
 mod adapter;
 mod body;
+mod framing;
 mod headers;
 mod scrubber;
 #[cfg(test)]
@@ -57,6 +60,7 @@ use crate::token::{Token, PREFIX, TOKEN_LEN};
 
 pub use adapter::{BodyError, Guard, ScrubBody, SubstBody, SubstOutcome};
 pub use body::BodySubst;
+pub use framing::{Binary, FrameError, MessageCoding, MessageFrames};
 pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS};
 pub use scrubber::{ScrubStream, Scrubber};
 

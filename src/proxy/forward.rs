@@ -23,7 +23,7 @@ use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::{HostView, Registry, Sandbox, Snapshot};
-use crate::subst::{self, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
+use crate::subst::{self, Binary, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
 /// `Content-Length`; larger or chunked bodies stream (and are sent chunked).
@@ -509,10 +509,17 @@ fn body_budget(rt: &LiveSettings, o: &Outcome) -> usize {
 /// value — one the sandbox stored there itself through its token — would carry it past the
 /// scrubber in halves. Without `Range` the origin answers the whole resource (RFC 9110 §14.2
 /// lets any server ignore it), which is scrubbed; a 206 is refused anyway
-/// ([`super::response_scrub`]).
+/// ([`super::response_scrub`]). Likewise gRPC and Connect clients may accept only
+/// uncompressed messages here (`grpc-accept-encoding: identity`): a compressed message must be
+/// decoded whole before it can be scrubbed (see [`super::response_scrub`]).
 fn whole_responses_only(h: &mut HeaderMap) {
     h.remove(header::RANGE);
     h.remove(header::IF_RANGE);
+    for name in ["grpc-accept-encoding", "connect-accept-encoding"] {
+        if h.contains_key(name) {
+            h.insert(name, http::HeaderValue::from_static("identity"));
+        }
+    }
 }
 
 /// The sandbox sees the secret name and host; the audit `rule` also names the policy list that
@@ -551,7 +558,9 @@ enum UpBody {
 /// [`BUFFER_BODY_MAX`] (substituted whole where body secrets apply; an exact
 /// `Content-Length` is kept, and the request can be retried), else streamed — through the
 /// engine when body secrets apply (`Content-Length` dropped; HTTP/1.1 upstreams get chunked
-/// encoding), untouched otherwise (no body-located secret, or a compressed body).
+/// encoding), untouched otherwise (no body-located secret, a compressed body, or a body that
+/// carries its own lengths — gRPC, protobuf, [`Binary`] — where a value in place of its
+/// 43-byte token would break the message: there tokens travel sealed).
 async fn prepare_body(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -563,7 +572,11 @@ async fn prepare_body(
 ) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
     let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
     let view = view.filter(|v| {
-        v.any_body && !v.is_empty() && !compressed(req.headers()) && !body.is_end_stream()
+        v.any_body
+            && !v.is_empty()
+            && !compressed(req.headers())
+            && Binary::of(req.headers()).is_none()
+            && !body.is_end_stream()
     });
     let Some(view) = view else {
         if known_small.is_some() {
@@ -793,10 +806,9 @@ fn finish_response(
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     let scrubber = view.and_then(|v| v.scrubber.clone());
-    let shape = scrubber.as_ref().map(|_| {
-        let max = rt.upstream.config.max_response_codings;
-        Shape::of(method, parts.status, &parts.headers, max)
-    });
+    let shape = scrubber
+        .as_ref()
+        .map(|_| Shape::of(method, parts.status, &parts.headers, &rt.upstream.config));
     let trailer = take_all(&mut parts.headers, header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(super::refusal::ERROR_HEADER);

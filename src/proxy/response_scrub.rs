@@ -8,6 +8,7 @@
 //! | header names | a field whose name contains a value (any ASCII case) is dropped |
 //! | header values | scrubbed |
 //! | body | every coding removed ([`codings`], [`decode`]), then scrubbed while streaming |
+//! | body that carries lengths (gRPC, protobuf: [`Binary`]) | compressed gRPC messages decoded, then scrubbed at the same length; base64 gRPC-Web → 502 |
 //! | trailers | kept through decoding; names and values as for headers |
 //!
 //! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Length` and
@@ -18,6 +19,15 @@
 //! with 502 rather than passed unscrubbed, and so is every 206: requests here carry no `Range`,
 //! because parts of a resource could carry a value in pieces. Refusal messages never repeat
 //! what the upstream wrote.
+//!
+//! In a body whose format counts its own bytes ([`Binary`]: gRPC messages, protobuf, msgpack,
+//! CBOR) a 43-byte token in place of a value would break every length around it, so such a
+//! body gets same-length stand-ins ([`crate::subst::ScrubStream::same_length`]). Requests here
+//! ask for uncompressed gRPC messages (`forward::whole_responses_only`); a message that comes
+//! compressed anyway (a server may insist) is decoded whole and passed on uncompressed
+//! ([`MessageFrames`], up to `upstream.max_grpc_message_bytes`), or, in a coding sealgate
+//! cannot decode, ends the body before any byte of it is passed on. A gRPC-Web-text (base64)
+//! answer is refused with 502.
 
 mod codings;
 mod decode;
@@ -33,7 +43,8 @@ pub use codings::{CodingError, Codings};
 
 use super::refusal::{Code, Refusal};
 use super::{BoxError, ProxyBody, Tunnel};
-use crate::subst::{Report, ScrubBody, Scrubber};
+use crate::config::UpstreamConfig;
+use crate::subst::{Binary, MessageCoding, MessageFrames, Report, ScrubBody, Scrubber};
 
 /// What the response looks like before hop-by-hop headers are stripped.
 pub struct Shape {
@@ -41,22 +52,43 @@ pub struct Shape {
     pub has_body: bool,
     /// The codings on the body (only read when it has one).
     pub codings: Result<Codings, CodingError>,
+    /// How the body carries its own lengths, if it does (only read when it has one).
+    pub binary: Option<Binary>,
+    /// For a [`Binary::Framed`] body: its messages, compressed ones to be decoded.
+    frames: Option<MessageFrames>,
 }
 
 impl Shape {
     /// Reads the shape of a response to `method` with `status` and headers `h` (which must
-    /// still hold `Transfer-Encoding`); at most `max_codings` stacked codings are accepted.
-    pub fn of(method: &Method, status: StatusCode, h: &HeaderMap, max_codings: usize) -> Shape {
+    /// still hold `Transfer-Encoding`), within `limits` (`max_response_codings` stacked
+    /// codings, compressed gRPC messages up to `max_grpc_message_bytes`).
+    pub fn of(
+        method: &Method,
+        status: StatusCode,
+        h: &HeaderMap,
+        limits: &UpstreamConfig,
+    ) -> Shape {
         let has_body = method != Method::HEAD
             && !status.is_informational()
             && status != StatusCode::NO_CONTENT
             && status != StatusCode::NOT_MODIFIED;
-        let codings = if has_body {
-            Codings::of(h, max_codings)
-        } else {
-            Ok(Codings::default())
-        };
-        Shape { has_body, codings }
+        if !has_body {
+            return Shape {
+                has_body,
+                codings: Ok(Codings::default()),
+                binary: None,
+                frames: None,
+            };
+        }
+        let binary = Binary::of(h);
+        let frames = (binary == Some(Binary::Framed))
+            .then(|| MessageFrames::new(MessageCoding::of(h), limits.max_grpc_message_bytes));
+        Shape {
+            has_body,
+            codings: Codings::of(h, limits.max_response_codings),
+            binary,
+            frames,
+        }
     }
 }
 
@@ -98,6 +130,15 @@ pub fn scrub_response(
             .map_err(|never| match never {})
             .boxed_unsync());
     }
+    if shape.binary == Some(Binary::Base64Framed) {
+        return Err(Refusal::new(
+            Code::UpstreamUnreachable,
+            format!(
+                "{} answered base64-encoded gRPC-Web messages, which cannot be scrubbed",
+                t.dest
+            ),
+        ));
+    }
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = if codings.is_empty() {
@@ -105,15 +146,31 @@ pub fn scrub_response(
     } else {
         decode::Decoded::new(codings, body).boxed_unsync()
     };
+    let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
+    // The first scrubber over the body decodes compressed messages; the second sees them plain.
     let body = match extras {
-        Some(x) => ScrubBody::new(body, x)
-            .map_err(BoxError::from)
-            .boxed_unsync(),
+        Some(x) => scrub_body(body, x, binary, frames.take()),
         None => body,
     };
-    Ok(ScrubBody::new(body, scrubber)
+    Ok(scrub_body(body, scrubber, binary, frames))
+}
+
+/// `body` scrubbed by `scrubber`: at the same length when its format carries lengths, after
+/// `frames` decoded its compressed messages.
+fn scrub_body(
+    body: ProxyBody,
+    scrubber: Arc<Scrubber>,
+    binary: bool,
+    frames: Option<MessageFrames>,
+) -> ProxyBody {
+    if binary {
+        return ScrubBody::binary(body, scrubber, frames)
+            .map_err(BoxError::from)
+            .boxed_unsync();
+    }
+    ScrubBody::new(body, scrubber)
         .map_err(BoxError::from)
-        .boxed_unsync())
+        .boxed_unsync()
 }
 
 fn undecodable(t: &Tunnel, e: CodingError) -> Refusal {

@@ -16,7 +16,9 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use super::{BodySubst, Denied, Report, ScrubStream, Scrubber, TokenLookup};
+use super::{
+    BodySubst, Denied, FrameError, MessageFrames, Report, ScrubStream, Scrubber, TokenLookup,
+};
 
 /// Why an adapted body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,10 @@ pub enum BodyError {
     /// ([`super::Report::max_unsealed`]); the token past it was not unsealed.
     #[error("the request body would carry more bytes of real values than allowed")]
     OverBudget,
+    /// A response body that cannot be scrubbed (a compressed gRPC message); nothing of the
+    /// message was passed on.
+    #[error(transparent)]
+    Unscrubbable(FrameError),
     /// The wrapped body failed (the sandbox for a request, the upstream for a response).
     #[error("wrapped body failed: {0}")]
     Upstream(#[source] Box<dyn StdError + Send + Sync>),
@@ -361,14 +367,42 @@ pin_project_lite::pin_project! {
 struct ScrubEngine {
     stream: ScrubStream,
     scrubber: Arc<Scrubber>,
+    /// For length-prefixed messages: their framing, compressed ones decoded before scrubbing.
+    frames: Option<MessageFrames>,
+    /// What `frames` passed on, waiting for the scrubber.
+    plain: Vec<Bytes>,
 }
 
 impl<B> ScrubBody<B> {
-    /// Wraps `body`.
+    /// Wraps `body`: each value becomes its token.
     pub fn new(body: B, scrubber: Arc<Scrubber>) -> Self {
-        let engine = ScrubEngine {
-            stream: ScrubStream::new(scrubber.clone()),
+        Self::with(body, ScrubStream::new(scrubber.clone()), scrubber, None)
+    }
+
+    /// Wraps a body that carries its own lengths ([`super::Binary`]): each value becomes a
+    /// stand-in of its own length ([`ScrubStream::same_length`]). With `frames` (the first
+    /// scrubber over a [`super::Binary::Framed`] body) compressed messages are decoded first,
+    /// and the body fails at one that cannot be, before any byte of it is passed on.
+    pub fn binary(body: B, scrubber: Arc<Scrubber>, frames: Option<MessageFrames>) -> Self {
+        Self::with(
+            body,
+            ScrubStream::same_length(scrubber.clone()),
             scrubber,
+            frames,
+        )
+    }
+
+    fn with(
+        body: B,
+        stream: ScrubStream,
+        scrubber: Arc<Scrubber>,
+        frames: Option<MessageFrames>,
+    ) -> Self {
+        let engine = ScrubEngine {
+            stream,
+            scrubber,
+            frames,
+            plain: Vec::new(),
         };
         ScrubBody {
             body,
@@ -379,7 +413,16 @@ impl<B> ScrubBody<B> {
 
 impl Engine for ScrubEngine {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        self.stream.push(chunk, out);
+        let Some(frames) = &mut self.frames else {
+            self.stream.push(chunk, out);
+            return Ok(());
+        };
+        frames
+            .push(chunk, &mut self.plain)
+            .map_err(BodyError::Unscrubbable)?;
+        for piece in self.plain.drain(..) {
+            self.stream.push(piece, out);
+        }
         Ok(())
     }
 
@@ -628,6 +671,84 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
         assert_eq!(collected.to_bytes(), &b"a osb_sealed_T b sk-live"[..]);
+    }
+
+    fn grpc_message(flags: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![flags];
+        m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn frames() -> Option<MessageFrames> {
+        Some(MessageFrames::new(super::super::MessageCoding::Gzip, 1024))
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn binary_bodies_are_scrubbed_at_the_same_length_across_splits() {
+        // "sk-live-ALLOWED" (15 bytes) becomes the token "osb_sealed_T" (12 bytes) padded with
+        // `_` to 15; a compressed message comes out decoded. Every length prefix stays right.
+        let value = b"{\"k\":\"sk-live-ALLOWED\"}";
+        let scrubbed = grpc_message(0, b"{\"k\":\"osb_sealed_T___\"}");
+        let trailer_frame = grpc_message(0x80, b"grpc-status: 0\r\n");
+        let stream = [
+            grpc_message(0, value),
+            grpc_message(1, &gzip(value)),
+            trailer_frame.clone(),
+        ]
+        .concat();
+        let want = [scrubbed.clone(), scrubbed, trailer_frame].concat();
+        for cut in 0..=stream.len() {
+            let script = Script::data(&[&stream[..cut], &stream[cut..]])
+                .then(Some(Ok(Frame::trailers(trailers()))));
+            let body = ScrubBody::binary(script, scrubber(), frames());
+            let collected = body.collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
+            assert_eq!(collected.to_bytes(), want, "cut {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_compressed_message_ends_the_body_before_any_of_it_passes() {
+        let plain = grpc_message(0, b"ok");
+        let packed = grpc_message(1, b"not gzip ... sk-live-ALLOWED");
+        let script = Script::data(&[&plain, &packed[..3], &packed[3..]]);
+        let mut body = ScrubBody::binary(script, scrubber(), frames());
+        let mut seen = Vec::new();
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(f)) => seen.extend_from_slice(&f.into_data().unwrap()),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended without an error"),
+            }
+        };
+        assert!(
+            matches!(err, BodyError::Unscrubbable(FrameError::Undecodable)),
+            "{err}"
+        );
+        assert_eq!(
+            seen, plain,
+            "nothing of the compressed message, not even its header"
+        );
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn length_carrying_bodies_without_framing_are_not_read_as_messages() {
+        let script = Script::data(&[b"\x01\x00\x00\x00\x01 sk-live-ALLOWED"]);
+        let out = ScrubBody::binary(script, scrubber(), None)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], b"\x01\x00\x00\x00\x01 osb_sealed_T___");
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::noncontiguous::NFA;
@@ -76,6 +76,8 @@ pub struct Scrubber {
     values: Arc<[SecretValue]>,
     /// `tokens[i]` replaces `values[i]`.
     tokens: Arc<[Bytes]>,
+    /// `masks[i]` replaces `values[i]` at its own length (see [`mask`]); built on first use.
+    masks: Arc<OnceLock<Box<[Bytes]>>>,
     max_len: usize,
     /// Scrubbers of per-request extras, keyed by the `(real, sealed)` pairs themselves: the
     /// real form of one sealed header differs by host (a token unsealed for one host travels
@@ -241,14 +243,37 @@ impl Scrubber {
             names,
             values: values.into(),
             tokens: tokens.into(),
+            masks: Arc::default(),
             max_len,
             extras: Arc::default(),
         })
     }
 
-    /// Scans `buf[from..]`, pushing final pieces and tokens onto `out`, up to where `stop`
-    /// says; the caller emits `buf[cursor..hold]` and keeps the rest.
-    fn scan(&self, buf: &Bytes, from: usize, stop: Stop, out: &mut Vec<Bytes>) -> Scanned {
+    /// What replaces `values[pattern]`: its token, or with `same_length` its mask.
+    fn replacement(&self, pattern: usize, same_length: bool) -> Bytes {
+        if !same_length {
+            return self.tokens[pattern].clone();
+        }
+        let masks = self.masks.get_or_init(|| {
+            self.values
+                .iter()
+                .zip(self.tokens.iter())
+                .map(|(v, t)| mask(t, v.len()))
+                .collect()
+        });
+        masks[pattern].clone()
+    }
+
+    /// Scans `buf[from..]`, pushing final pieces and replacements onto `out`, up to where
+    /// `stop` says; the caller emits `buf[cursor..hold]` and keeps the rest.
+    fn scan(
+        &self,
+        buf: &Bytes,
+        from: usize,
+        stop: Stop,
+        same_length: bool,
+        out: &mut Vec<Bytes>,
+    ) -> Scanned {
         let mut s = Scanned {
             cursor: from,
             hold: self.stop_point(buf, from, stop),
@@ -259,7 +284,7 @@ impl Scrubber {
                 break;
             }
             push_piece(out, buf.slice(s.cursor..m.start()));
-            out.push(self.tokens[m.pattern().as_usize()].clone());
+            out.push(self.replacement(m.pattern().as_usize(), same_length));
             s.count += 1;
             s.cursor = m.end();
             if s.cursor > s.hold {
@@ -376,6 +401,16 @@ impl Search {
     }
 }
 
+/// The same-length stand-in for a value of `len` bytes: its token cut to `len`, or the token
+/// followed by `_` up to `len`. Used where a length elsewhere in the body counts the value's
+/// bytes (gRPC messages, protobuf fields): the sandbox gets a well-formed body without the
+/// value, at the cost of learning the value's length.
+fn mask(token: &[u8], len: usize) -> Bytes {
+    let mut m = token[..len.min(token.len())].to_vec();
+    m.resize(len, b'_');
+    Bytes::from(m)
+}
+
 /// Non-empty values, first occurrence of each.
 fn distinct_values(pairs: Vec<(SecretValue, Bytes)>) -> Vec<(SecretValue, Bytes)> {
     let keep: Vec<bool> = {
@@ -417,15 +452,28 @@ pub struct ScrubStream {
     scrubber: Arc<Scrubber>,
     held: Bytes,
     replacements: usize,
+    /// Replace values by their masks, not their tokens ([`ScrubStream::same_length`]).
+    same_length: bool,
 }
 
 impl ScrubStream {
-    /// A fresh stream.
+    /// A fresh stream that replaces each value with its token.
     pub fn new(scrubber: Arc<Scrubber>) -> Self {
         ScrubStream {
             scrubber,
             held: Bytes::new(),
             replacements: 0,
+            same_length: false,
+        }
+    }
+
+    /// A fresh stream that replaces each value with a stand-in of the value's own length (its
+    /// token cut or padded with `_`), so that the body's byte count never changes: for bodies
+    /// whose own length fields count the value ([`super::Binary`]).
+    pub fn same_length(scrubber: Arc<Scrubber>) -> Self {
+        ScrubStream {
+            same_length: true,
+            ..ScrubStream::new(scrubber)
         }
     }
 
@@ -444,7 +492,9 @@ impl ScrubStream {
             return self.scan_chunk(stitched, 0, Stop::Hold, out);
         }
         // Matches starting in `held` end within `stitched`; the rest is scanned in `chunk`.
-        let s = self.scrubber.scan(&stitched, 0, Stop::At(held.len()), out);
+        let s = self
+            .scrubber
+            .scan(&stitched, 0, Stop::At(held.len()), self.same_length, out);
         self.replacements += s.count;
         push_piece(out, stitched.slice(s.cursor..s.hold));
         self.scan_chunk(chunk, s.hold - held.len(), Stop::Hold, out);
@@ -469,7 +519,7 @@ impl ScrubStream {
     }
 
     fn scan_chunk(&mut self, buf: Bytes, from: usize, stop: Stop, out: &mut Vec<Bytes>) {
-        let s = self.scrubber.scan(&buf, from, stop, out);
+        let s = self.scrubber.scan(&buf, from, stop, self.same_length, out);
         self.replacements += s.count;
         self.held = split_emit(buf, s.cursor, s.hold, out);
     }

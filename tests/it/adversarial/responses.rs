@@ -745,3 +745,99 @@ async fn byte_ranges_cannot_carry_a_value_past_the_scrubber() {
         }
     }
 }
+
+/// One gRPC message: flags, big-endian length, bytes.
+fn grpc_message(flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![flags];
+    m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A gRPC origin that echoes the value in every way its framing allows: plain, gzip-compressed
+/// (which it was asked not to send), in a coding sealgate cannot read, as a compression bomb
+/// past `upstream.max_grpc_message_bytes`, and base64-encoded (gRPC-Web-text).
+fn grpc_echo(head: &Head) -> Response<hostile::H2Body> {
+    use base64::Engine as _;
+    let v = real(head).into_bytes();
+    let asked = head.header("grpc-accept-encoding").unwrap_or("").to_owned();
+    let (ct, coding, body) = match head.path.as_str() {
+        "/plain" => ("application/grpc", "identity", grpc_message(0, &v)),
+        "/gzip" => ("application/grpc", "gzip", grpc_message(1, &gzip(&v))),
+        "/snappy" => ("application/grpc", "snappy", grpc_message(1, &v)),
+        "/bomb" => {
+            let big = [&v[..], &vec![b'0'; 5 << 20]].concat();
+            (
+                "application/grpc+proto",
+                "gzip",
+                grpc_message(1, &gzip(&big)),
+            )
+        }
+        _ => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(grpc_message(0, &v));
+            ("application/grpc-web-text", "identity", b64.into_bytes())
+        }
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let mut resp = Response::new(hostile::body(body, Some(trailers)));
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static(ct));
+    h.insert("grpc-encoding", HeaderValue::from_static(coding));
+    h.insert("x-asked", HeaderValue::from_str(&asked).unwrap());
+    resp
+}
+
+/// Every data frame the sandbox got before the body ended or failed, and whether it failed.
+async fn read_until_error(resp: Response<Incoming>) -> (Vec<u8>, bool) {
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    loop {
+        match body.frame().await {
+            Some(Ok(f)) => seen.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+            Some(Err(_)) => return (seen, true),
+            None => return (seen, false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn grpc_messages_reach_the_sandbox_scrubbed_at_their_length_or_not_at_all() {
+    let e = env_h2(grpc_echo).await;
+    let grpc = [
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("grpc-accept-encoding", "identity,deflate,gzip"),
+    ];
+    // The value comes back as the token cut to the value's length: every prefix stays right.
+    let mask = &e.token()[..VALUE.len()];
+    for path in ["/plain", "/gzip"] {
+        let a = fetch(&e, "POST", path, true, &grpc).await.unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(
+            a.headers["x-asked"], "identity",
+            "{path}: asked for plain messages"
+        );
+        assert_eq!(a.body, grpc_message(0, mask.as_bytes()), "{path}");
+        assert_eq!(a.trailers.unwrap()["grpc-status"], "0", "{path}");
+    }
+    // A coding sealgate cannot read, or a message decoding past the limit: the stream is reset
+    // before any byte of that message (h2 may drop the queued response head with it).
+    for path in ["/snappy", "/bomb"] {
+        let mut c: http2::SendRequest<ReqBody> = pc::h2(e.h.proxy, &e.sb, API).await;
+        c.ready().await.unwrap();
+        let Ok(resp) = c.send_request(request(&e, "POST", path, true, &grpc)).await else {
+            continue;
+        };
+        let (seen, failed) = read_until_error(resp).await;
+        assert!(failed, "{path}: the body ended normally");
+        assert!(seen.is_empty(), "{path}: {} bytes passed", seen.len());
+    }
+    // Base64 messages cannot be scrubbed: refused with 502 before anything is sent.
+    let mut c: http2::SendRequest<ReqBody> = pc::h2(e.h.proxy, &e.sb, API).await;
+    c.ready().await.unwrap();
+    let resp = c.send_request(request(&e, "POST", "/web-text", true, &grpc));
+    let a = got(resp.await).await.unwrap();
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.headers["x-sealgate-error"], "upstream_unreachable");
+}
