@@ -614,6 +614,9 @@ pub const CA_VARS: &[&str] = &[
     "CURL_CA_BUNDLE",
     "NODE_EXTRA_CA_CERTS",
     "GIT_SSL_CAINFO",
+    // gRPC's C core (Python grpcio, Ruby, PHP, C++) reads neither SSL_CERT_FILE nor the system
+    // store for its default roots.
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
 ];
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

@@ -9,6 +9,7 @@
 
 mod big;
 mod explicit;
+mod grpc;
 mod load;
 mod matrix;
 mod origins;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use crate::support::daemon::{Harness, Opts};
 use crate::support::pki::TestPki;
 use crate::support::proxy_client::SandboxCreds;
-use origins::{Caddy, Hypercorn, Nginx, Node};
+use origins::{Caddy, Grpc, Hypercorn, Nginx, Node};
 
 pub const KEY: &str = "sk-interop-real-0001";
 pub const ANTHROPIC_KEY: &str = "sk-ant-interop-real-0002";
@@ -38,6 +39,7 @@ const KEY_HOSTS: &[&str] = &[
     "node-h1.test",
     "node-h2.test",
     "hypercorn.test",
+    "grpc.test",
 ];
 
 fn in_ci() -> bool {
@@ -128,6 +130,7 @@ pub struct Want {
     pub caddy: bool,
     pub node: bool,
     pub hypercorn: bool,
+    pub grpc: bool,
     pub transparent: bool,
     /// nginx's `keepalive_requests` (0: nginx's default, 1000).
     pub keepalive_requests: u32,
@@ -141,6 +144,7 @@ pub struct World {
     pub caddy: Option<Caddy>,
     pub node: Option<Node>,
     pub hypercorn: Option<Hypercorn>,
+    pub grpc: Option<Grpc>,
     pub transparent_port: u16,
     pub dir: tempfile::TempDir,
 }
@@ -151,6 +155,7 @@ fn names(
     caddy: Option<&Caddy>,
     node: Option<&Node>,
     hypercorn: Option<&Hypercorn>,
+    grpc: Option<&Grpc>,
 ) -> Vec<(String, std::net::SocketAddr)> {
     let mut out = Vec::new();
     for n in origins::NGINX_NAMES {
@@ -178,6 +183,9 @@ fn names(
                 .iter()
                 .map(|n| (n.to_string(), hc.addr)),
         );
+    }
+    if let Some(g) = grpc {
+        out.extend(origins::GRPC_NAMES.iter().map(|n| (n.to_string(), g.addr)));
     }
     out
 }
@@ -214,7 +222,7 @@ async fn setup_store(h: &Harness, all: &[&str]) -> SandboxCreds {
         &store,
         "BODY_KEY",
         BODY_KEY,
-        Some(&["nginx-h2.test"]),
+        Some(&["nginx-h2.test", "grpc.test"]),
         Some(body),
     )
     .await;
@@ -238,7 +246,14 @@ impl World {
         let hypercorn = want
             .hypercorn
             .then(|| Hypercorn::start(&pki, dir.path(), &python()));
-        let resolve = names(&nginx, caddy.as_ref(), node.as_ref(), hypercorn.as_ref());
+        let grpc = want.grpc.then(|| Grpc::start(&pki, dir.path(), &python()));
+        let resolve = names(
+            &nginx,
+            caddy.as_ref(),
+            node.as_ref(),
+            hypercorn.as_ref(),
+            grpc.as_ref(),
+        );
         let mut opts = Opts {
             resolve: resolve.clone(),
             ..Opts::default()
@@ -264,6 +279,7 @@ impl World {
             caddy,
             node,
             hypercorn,
+            grpc,
             transparent_port,
             dir,
         }

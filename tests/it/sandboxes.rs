@@ -81,6 +81,7 @@ async fn tokens_are_well_formed_and_unique() {
         "CURL_CA_BUNDLE",
         "NODE_EXTRA_CA_CERTS",
         "GIT_SSL_CAINFO",
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
     ] {
         assert!(e.sb.proxy_env.get(k).is_some(), "{k}");
     }

@@ -166,7 +166,7 @@ pub fn versions() -> &'static Versions {
     static V: OnceLock<Versions> = OnceLock::new();
     V.get_or_init(|| {
         let py = super::python();
-        let script = "import importlib.metadata as m\nfor p in ['requests','httpx','anthropic','openai','hypercorn','websockets']:\n    try: print(p, m.version(p))\n    except Exception: print(p, '?')";
+        let script = "import importlib.metadata as m\nfor p in ['requests','httpx','anthropic','openai','hypercorn','websockets','grpcio']:\n    try: print(p, m.version(p))\n    except Exception: print(p, '?')";
         let out = Command::new(&py).args(["-c", script]).output();
         let python = out
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

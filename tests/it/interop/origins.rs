@@ -587,3 +587,51 @@ impl Hypercorn {
         json_lines(&self.log)
     }
 }
+
+// ---- gRPC (grpcio) --------------------------------------------------------------------------
+
+/// Names the gRPC origin serves (`grpc.test` is scrubbed, `clean-grpc.test` is not).
+pub const GRPC_NAMES: &[&str] = &["grpc.test", "clean-grpc.test"];
+
+/// grpcio's server (C-core: its own h2 and HPACK) running `grpc_origin.py`.
+pub struct Grpc {
+    /// Its TLS listener (h2 only).
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Grpc {
+    /// Starts the origin from the test venv's interpreter `python`.
+    pub fn start(pki: &TestPki, dir: &Path, python: &str) -> Grpc {
+        let dir = dir.join("grpc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (crt, key) = pki.write_leaf(&dir, "leaf", GRPC_NAMES);
+        std::fs::write(dir.join("grpc_origin.py"), include_str!("grpc_origin.py")).unwrap();
+        let port = free_port();
+        let log = dir.join("requests.jsonl");
+        let out = dir.join("grpc.log");
+        let mut proc = Proc::spawn(
+            "grpc origin",
+            Command::new(python)
+                .arg(dir.join("grpc_origin.py"))
+                .env("CERT", crt)
+                .env("KEY", key)
+                .env("PORT", port.to_string())
+                .env("INTEROP_LOG", &log)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&out).unwrap()),
+        );
+        wait_ports("grpc origin", &mut proc, &[port], &out);
+        Grpc {
+            addr: loopback(port),
+            log,
+            _proc: proc,
+        }
+    }
+
+    /// What the origin received (method, metadata, body).
+    pub fn hits(&self) -> Vec<Value> {
+        json_lines(&self.log)
+    }
+}
