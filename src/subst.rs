@@ -6,8 +6,9 @@
 //!   `Authorization: Basic` (decoded, substituted, re-encoded).
 //! - [`BodySubst`] (in `subst/body.rs`): the streaming request-body engine.
 //! - [`Scrubber`] / [`ScrubStream`] (in `subst/scrubber.rs`): the response scrubber.
-//! - [`Binary`] / [`MessageFrames`] (in `subst/framing.rs`): bodies that carry their own lengths
-//!   (gRPC, protobuf), scrubbed at the same length and never unsealed.
+//! - [`Binary`] (in `subst/binary.rs`): bodies that count their own bytes (gRPC, protobuf),
+//!   scrubbed at the same length and never unsealed ([`SealedOnly`]); [`MessageFrames`] (in
+//!   `subst/framing.rs`): gRPC messages one by one, compressed ones decoded.
 //! - [`SubstBody`] / [`ScrubBody`] (in `subst/adapter.rs`): thin `http_body::Body` adapters, the
 //!   only code here that touches a stream.
 //!
@@ -42,6 +43,7 @@
 //! have seen could still start a token (or a real value). Nothing else is ever buffered.
 
 mod adapter;
+mod binary;
 mod body;
 mod framing;
 mod headers;
@@ -59,8 +61,9 @@ use crate::secret::{Location, Locations, SecretValue};
 use crate::token::{Token, PREFIX, TOKEN_LEN};
 
 pub use adapter::{BodyError, Guard, ScrubBody, SubstBody, SubstOutcome};
+pub use binary::Binary;
 pub use body::BodySubst;
-pub use framing::{Binary, FrameError, MessageCoding, MessageFrames};
+pub use framing::{FrameError, MessageCoding, MessageFrames, Piece};
 pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS};
 pub use scrubber::{ScrubStream, Scrubber};
 
@@ -82,6 +85,22 @@ pub struct SecretRef {
 pub trait TokenLookup: Send + Sync {
     /// The secret behind `token`, or `None` for an unknown token (ordinary bytes).
     fn get(&self, token: &Token) -> Option<&SecretRef>;
+}
+
+/// A lookup that knows only the tokens whose secrets may *not* go to this destination: in a
+/// body that counts its own bytes ([`Binary`]) a value cannot take its token's place, so there
+/// the tokens of allowed secrets travel sealed (ordinary bytes), while a token of a secret
+/// that may not go here is still refused or noted, as anywhere else.
+pub struct SealedOnly<L>(pub L);
+
+impl<L> TokenLookup for SealedOnly<L>
+where
+    L: std::ops::Deref + Send + Sync,
+    L::Target: TokenLookup,
+{
+    fn get(&self, token: &Token) -> Option<&SecretRef> {
+        self.0.get(token).filter(|s| !s.allowed)
+    }
 }
 
 /// What to do with a known token whose secret may not go to this destination.

@@ -23,7 +23,9 @@ use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::{HostView, Registry, Sandbox, Snapshot};
-use crate::subst::{self, Binary, BodySubst, Denied, Report, SubstBody, SubstOutcome, TokenLookup};
+use crate::subst::{
+    self, Binary, BodySubst, Denied, Report, SealedOnly, SubstBody, SubstOutcome, TokenLookup,
+};
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
 /// `Content-Length`; larger or chunked bodies stream (and are sent chunked).
@@ -558,9 +560,10 @@ enum UpBody {
 /// [`BUFFER_BODY_MAX`] (substituted whole where body secrets apply; an exact
 /// `Content-Length` is kept, and the request can be retried), else streamed — through the
 /// engine when body secrets apply (`Content-Length` dropped; HTTP/1.1 upstreams get chunked
-/// encoding), untouched otherwise (no body-located secret, a compressed body, or a body that
-/// carries its own lengths — gRPC, protobuf, [`Binary`] — where a value in place of its
-/// 43-byte token would break the message: there tokens travel sealed).
+/// encoding), untouched otherwise (no body-located secret, or a compressed body). In a body
+/// that counts its own bytes (gRPC, protobuf: [`Binary`]) a value in place of its 43-byte token
+/// would break the message, so there the engine only refuses ([`SealedOnly`]): allowed tokens
+/// travel sealed.
 async fn prepare_body(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -572,11 +575,7 @@ async fn prepare_body(
 ) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
     let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
     let view = view.filter(|v| {
-        v.any_body
-            && !v.is_empty()
-            && !compressed(req.headers())
-            && Binary::of(req.headers()).is_none()
-            && !body.is_end_stream()
+        v.any_body && !v.is_empty() && !compressed(req.headers()) && !body.is_end_stream()
     });
     let Some(view) = view else {
         if known_small.is_some() {
@@ -590,7 +589,10 @@ async fn prepare_body(
             None,
         ));
     };
-    let lookup: Arc<dyn TokenLookup> = view.clone();
+    let lookup: Arc<dyn TokenLookup> = match Binary::of(req.headers()) {
+        Some(_) => Arc::new(SealedOnly(view.clone())),
+        None => view.clone(),
+    };
     let mode = rt.proxy.on_disallowed_token;
     let budget = body_budget(rt, o);
     if known_small.is_some() {

@@ -17,7 +17,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use super::{
-    BodySubst, Denied, FrameError, MessageFrames, Report, ScrubStream, Scrubber, TokenLookup,
+    BodySubst, Denied, FrameError, MessageFrames, Piece, Report, ScrubStream, Scrubber, TokenLookup,
 };
 
 /// Why an adapted body stopped.
@@ -370,7 +370,7 @@ struct ScrubEngine {
     /// For length-prefixed messages: their framing, compressed ones decoded before scrubbing.
     frames: Option<MessageFrames>,
     /// What `frames` passed on, waiting for the scrubber.
-    plain: Vec<Bytes>,
+    plain: Vec<Piece>,
 }
 
 impl<B> ScrubBody<B> {
@@ -421,7 +421,11 @@ impl Engine for ScrubEngine {
             .push(chunk, &mut self.plain)
             .map_err(BodyError::Unscrubbable)?;
         for piece in self.plain.drain(..) {
-            self.stream.push(piece, out);
+            match piece {
+                Piece::Data(bytes) => self.stream.push(bytes, out),
+                // A value cannot span the 5-byte header that follows: nothing to hold back.
+                Piece::End => self.stream.finish(out),
+            }
         }
         Ok(())
     }
@@ -713,6 +717,24 @@ mod tests {
             assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
             assert_eq!(collected.to_bytes(), want, "cut {cut}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_ending_like_the_start_of_a_value_is_not_held_for_the_next_one() {
+        // "...sk-" could start "sk-live-ALLOWED", but the message ends there: a streaming call
+        // must get it whole now, not when the next message arrives (here: never).
+        let m = grpc_message(0, b"ends with sk-");
+        let script = Script::data(&[&m[..4], &m[4..]]).then(None);
+        let mut body = ScrubBody::binary(script, scrubber(), frames());
+        let mut got = Vec::new();
+        while got.len() < m.len() {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(2), body.frame());
+            let frame = next
+                .await
+                .expect("the whole message without waiting for more");
+            got.extend_from_slice(&frame.unwrap().unwrap().into_data().unwrap());
+        }
+        assert_eq!(got, m);
     }
 
     #[tokio::test]

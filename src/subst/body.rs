@@ -409,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn sealed_only_lets_allowed_tokens_travel_sealed_and_still_refuses_the_others() {
+        let f = fixture();
+        let lookup = super::super::SealedOnly(f.clone());
+        let input = format!("{} {}", f.allowed, f.body_only);
+        let mut engine = BodySubst::new(&lookup, OnDisallowed::Block);
+        let mut out = Vec::new();
+        engine.push(Bytes::from(input.clone()), &mut out).unwrap();
+        engine.finish(&mut out);
+        assert_eq!(out.concat(), input.as_bytes(), "allowed tokens stay sealed");
+        assert!(engine.report().unsealed.is_empty());
+        let mut engine = BodySubst::new(&lookup, OnDisallowed::Block);
+        let denied = engine.push(Bytes::from(f.denied.to_string()), &mut Vec::new());
+        assert_eq!(&*denied.unwrap_err().secret, "DENIED");
+    }
+
+    #[test]
     fn denied_engine_stays_denied() {
         let f = fixture();
         let mut engine = BodySubst::new(as_dyn(&f), OnDisallowed::Block);

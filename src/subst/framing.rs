@@ -1,72 +1,21 @@
-//! Length-carrying binary bodies: which content types carry their own lengths, and a checker
-//! of the gRPC message framing (gRPC, gRPC-Web, Connect streaming).
-//!
-//! A real value replaced by its 43-byte token inside such a body would make every enclosing
-//! length wrong (the 5-byte gRPC message prefix, a protobuf field's varint, a msgpack string
-//! header), so the receiver would misparse or hang. So in these bodies:
-//! - responses are scrubbed at the same length ([`super::ScrubStream::same_length`]): each
-//!   value becomes its token cut or padded to the value's length, and every length stays right;
-//! - request tokens are not unsealed: they travel sealed (the proxy's `prepare_body`).
-//!
-//! A gRPC message whose compressed flag is set is a gzip (or other) stream that no scrubber can
-//! read; [`MessageFrames`] decodes such a message whole and passes it on uncompressed, or ends
-//! the stream when it cannot (an unknown coding, over the size limit) before any byte of it is
-//! passed on.
+//! gRPC message framing (gRPC, gRPC-Web, Connect streaming): 1 flag byte, a 4-byte big-endian
+//! length, the message. [`MessageFrames`] splits a response body into its messages, so that
+//! the scrubber can finish each one (a message has no end marker of its own, and a tail held
+//! back across a message boundary would stall a streaming call), and decodes compressed
+//! messages, which no scrubber can read as they come (a gzip stream).
 
-use bytes::{Buf, Bytes, BytesMut};
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
-/// How a body's content type carries lengths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Binary {
-    /// Length-prefixed messages (`application/grpc`, `application/grpc+proto`,
-    /// `application/grpc-web`, `application/grpc-web+proto`, `application/connect+proto`, …):
-    /// compressed messages decoded ([`MessageFrames`]), then scrubbed at the same length.
-    Framed,
-    /// The same messages, base64-encoded (`application/grpc-web-text`): a value inside cannot
-    /// be recognised, so such a response is refused where responses are scrubbed.
-    Base64Framed,
-    /// Formats with length fields of their own (protobuf, msgpack, CBOR): scrubbed at the same
-    /// length.
-    Lengths,
-}
-
-impl Binary {
-    /// The kind of the body whose `Content-Type` is in `h`, or `None` for every other type
-    /// (text, JSON, octet streams: scrubbed and unsealed as usual).
-    pub fn of(h: &HeaderMap) -> Option<Binary> {
-        let ct = h.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        Binary::of_essence(&essence.to_ascii_lowercase())
-    }
-
-    fn of_essence(t: &str) -> Option<Binary> {
-        let (family, _suffix) = t.split_once('+').unwrap_or((t, ""));
-        match family {
-            "application/grpc-web-text" => Some(Binary::Base64Framed),
-            "application/grpc" | "application/grpc-web" | "application/connect" => {
-                // `application/connect` alone is not a type; `application/connect+json` is.
-                (family != "application/connect" || t.contains('+')).then_some(Binary::Framed)
-            }
-            "application/proto"
-            | "application/protobuf"
-            | "application/x-protobuf"
-            | "application/x-google-protobuf"
-            | "application/vnd.google.protobuf"
-            | "application/msgpack"
-            | "application/x-msgpack"
-            | "application/vnd.msgpack"
-            | "application/cbor" => Some(Binary::Lengths),
-            _ => None,
-        }
-    }
-}
+use super::binary::MESSAGE_CODINGS;
 
 /// How compressed messages of a framed body are encoded (the response's `grpc-encoding`, or
 /// Connect's `connect-content-encoding`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MessageCoding {
-    /// `gzip`.
+    /// `gzip` (every member of it).
     Gzip,
     /// `deflate` (zlib-wrapped, as gRPC defines it).
     Deflate,
@@ -76,16 +25,12 @@ pub enum MessageCoding {
 }
 
 impl MessageCoding {
-    /// The coding named in `h`.
+    /// The coding named in `h` (the first field that names one).
     pub fn of(h: &HeaderMap) -> MessageCoding {
-        let named = ["grpc-encoding", "connect-content-encoding"]
-            .iter()
-            .find_map(|n| h.get(*n))
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_ascii_lowercase());
-        match named.as_deref() {
-            Some("gzip") => MessageCoding::Gzip,
-            Some("deflate") => MessageCoding::Deflate,
+        let named = MESSAGE_CODINGS.iter().find_map(|n| h.get(*n));
+        match named.map(|v| v.as_bytes().trim_ascii()) {
+            Some(v) if v.eq_ignore_ascii_case(b"gzip") => MessageCoding::Gzip,
+            Some(v) if v.eq_ignore_ascii_case(b"deflate") => MessageCoding::Deflate,
             _ => MessageCoding::Unreadable,
         }
     }
@@ -94,7 +39,7 @@ impl MessageCoding {
 /// Why a framed body cannot be scrubbed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// A compressed message in a coding sealgate does not decode, or one that does not decode.
+    /// A compressed message in a coding sealgate does not decode, or corrupt.
     #[error("the upstream sent a compressed gRPC message that cannot be decoded to be scrubbed")]
     Undecodable,
     /// A compressed message larger than the limit, before or after decoding.
@@ -102,37 +47,65 @@ pub enum FrameError {
     TooLarge,
 }
 
-/// Turns a stream of gRPC-style messages (1 flag byte, a 4-byte big-endian length, the
-/// message) into the same messages uncompressed, across arbitrary chunk splits.
+/// What [`MessageFrames::push`] passes on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Plain bytes of messages, in order.
+    Data(Bytes),
+    /// The end of a message.
+    End,
+}
+
+/// Splits a stream of messages into plain bytes and message ends, across arbitrary chunk
+/// splits, and passes compressed messages on decoded.
 ///
-/// An uncompressed message streams through as it arrives (its header once whole). A message
-/// with its compressed flag (bit 0) set is held until complete, decoded, and passed on with the
-/// flag cleared and its decoded length: a message whose flag is clear is not compressed,
-/// whatever `grpc-encoding` says (gRPC's wire format), so every client reads it as is.
-/// gRPC-Web trailer frames (bit 7) and Connect's end-of-stream message (bit 1) keep their flags.
+/// An uncompressed message streams through as it arrives, in slices of the input (a header
+/// split across chunks is the only copy). A message with its compressed flag (bit 0) set is
+/// held until complete, decoded, and passed on with the flag cleared and its decoded length: a
+/// message whose flag is clear is not compressed, whatever `grpc-encoding` says (gRPC's wire
+/// format), so every client reads it as is. gRPC-Web trailer frames (bit 7) and Connect's
+/// end-of-stream message (bit 1) keep their other flags.
 ///
 /// # Invariant
 /// Nothing of a compressed message is passed on before it was decoded whole: every byte
 /// passed on is plain, so a scrubber downstream sees each value as the client will.
 ///
 /// # Memory usage
-/// At most `max` bytes of a compressed message plus at most `max` bytes of its decoding, per
-/// stream, and only while such a message is in flight.
-#[derive(Debug)]
+/// While a compressed message is in flight: its bytes (at most `max`) and, while decoding, at
+/// most about twice `max` for the decoded message. Nothing otherwise. Decoding runs inline,
+/// so a message of `max` bytes costs that much inflate time on the worker that polls it.
 pub struct MessageFrames {
     coding: MessageCoding,
     max: usize,
     /// Bytes of the current message still to come.
     left: usize,
-    /// The header being read (`have` of 5 bytes so far).
+    /// A header split across chunks (`have` of 5 bytes so far; none passed on yet).
     header: [u8; 5],
     have: usize,
-    /// The current message's bytes, when it is compressed.
+    /// The current message, when it is compressed.
     packed: Option<BytesMut>,
+}
+
+/// Never prints a message's bytes (a held message may hold a value, compressed).
+impl fmt::Debug for MessageFrames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageFrames")
+            .field("coding", &self.coding)
+            .field("max", &self.max)
+            .field("left", &self.left)
+            .field("holding", &self.packed.as_ref().map_or(0, BytesMut::len))
+            .finish_non_exhaustive()
+    }
 }
 
 /// The compressed flag of a message header.
 const COMPRESSED: u8 = 0x01;
+
+/// The header length.
+const HEADER: usize = 5;
+
+/// The most a compressed message's buffer reserves before its bytes arrive.
+const RESERVE: usize = 64 * 1024;
 
 impl MessageFrames {
     /// A stream whose compressed messages are in `coding`, none larger than `max` bytes
@@ -142,95 +115,143 @@ impl MessageFrames {
             coding,
             max,
             left: 0,
-            header: [0; 5],
+            header: [0; HEADER],
             have: 0,
             packed: None,
         }
     }
 
-    /// Takes the next `chunk`, pushing what is plain onto `out`.
+    /// Takes the next `chunk`, pushing plain bytes and message ends onto `out`.
     ///
     /// # Errors
     /// A compressed message that is too large or cannot be decoded; nothing of it was pushed,
     /// and the stream must end.
-    pub fn push(&mut self, mut chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
-        while !chunk.is_empty() {
+    pub fn push(&mut self, chunk: Bytes, out: &mut Vec<Piece>) -> Result<(), FrameError> {
+        // `chunk[run..at]` is plain and not yet pushed.
+        let (mut at, mut run) = (0, 0);
+        while at < chunk.len() {
             if self.left > 0 {
-                let part = chunk.split_to(chunk.len().min(self.left));
-                self.left -= part.len();
-                self.message_bytes(part, out)?;
+                let n = (chunk.len() - at).min(self.left);
+                self.left -= n;
+                if let Some(packed) = &mut self.packed {
+                    packed.extend_from_slice(&chunk[at..at + n]);
+                    at += n;
+                    run = at;
+                } else {
+                    at += n;
+                }
+                if self.left == 0 {
+                    self.message_end(&chunk, &mut run, at, out)?;
+                }
                 continue;
             }
-            let take = (5 - self.have).min(chunk.len());
-            self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
-            self.have += take;
-            chunk.advance(take);
-            if self.have == 5 {
-                self.message_header(out)?;
+            if self.have == 0 && chunk.len() - at >= HEADER {
+                let header: [u8; HEADER] = chunk[at..at + HEADER].try_into().unwrap_or_default();
+                if header[0] & COMPRESSED != 0 {
+                    push_run(&chunk, &mut run, at, out);
+                    run = at + HEADER;
+                }
+                at += HEADER;
+                self.message_start(header)?;
+            } else {
+                // A header split across chunks: held until whole, then pushed as a copy.
+                push_run(&chunk, &mut run, at, out);
+                let take = (HEADER - self.have).min(chunk.len() - at);
+                self.header[self.have..self.have + take].copy_from_slice(&chunk[at..at + take]);
+                (self.have, at, run) = (self.have + take, at + take, at + take);
+                if self.have < HEADER {
+                    continue;
+                }
+                self.have = 0;
+                if self.header[0] & COMPRESSED == 0 {
+                    out.push(Piece::Data(Bytes::copy_from_slice(&self.header)));
+                }
+                self.message_start(self.header)?;
+            }
+            if self.left == 0 {
+                self.message_end(&chunk, &mut run, at, out)?;
             }
         }
+        push_run(&chunk, &mut run, at, out);
         Ok(())
     }
 
-    fn message_header(&mut self, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
-        self.have = 0;
-        let [flags, a, b, c, d] = self.header;
+    /// A whole header was read (and a plain one passed on or kept in the current run).
+    fn message_start(&mut self, header: [u8; HEADER]) -> Result<(), FrameError> {
+        let [flags, a, b, c, d] = header;
+        self.header = header;
         self.left = u32::from_be_bytes([a, b, c, d]) as usize;
         if flags & COMPRESSED == 0 {
-            out.push(Bytes::copy_from_slice(&self.header));
             return Ok(());
         }
         if self.left > self.max {
             return Err(FrameError::TooLarge);
         }
-        self.packed = Some(BytesMut::with_capacity(self.left));
-        if self.left == 0 {
-            self.unpack(out)?;
-        }
+        self.packed = Some(BytesMut::with_capacity(self.left.min(RESERVE)));
         Ok(())
     }
 
-    fn message_bytes(&mut self, part: Bytes, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
-        let Some(packed) = &mut self.packed else {
-            out.push(part);
-            return Ok(());
-        };
-        packed.extend_from_slice(&part);
-        if self.left == 0 {
-            self.unpack(out)?;
+    /// The current message is complete at `at`.
+    fn message_end(
+        &mut self,
+        chunk: &Bytes,
+        run: &mut usize,
+        at: usize,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), FrameError> {
+        match self.packed.take() {
+            Some(packed) => self.unpack(&packed, out)?,
+            None => push_run(chunk, run, at, out),
         }
+        out.push(Piece::End);
         Ok(())
     }
 
-    /// Decodes the complete compressed message and pushes it as an uncompressed one.
-    fn unpack(&mut self, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
-        let packed = self.packed.take().unwrap_or_default();
-        let plain = decode(self.coding, &packed, self.max)?;
+    /// Pushes the complete compressed message `packed` as an uncompressed one.
+    fn unpack(&self, packed: &[u8], out: &mut Vec<Piece>) -> Result<(), FrameError> {
+        let plain = decode(self.coding, packed, self.max)?;
         let len = u32::try_from(plain.len()).map_err(|_| FrameError::TooLarge)?;
         let mut header = [self.header[0] & !COMPRESSED, 0, 0, 0, 0];
         header[1..].copy_from_slice(&len.to_be_bytes());
-        out.push(Bytes::copy_from_slice(&header));
-        out.push(Bytes::from(plain));
+        out.push(Piece::Data(Bytes::copy_from_slice(&header)));
+        out.push(Piece::Data(Bytes::from(plain)));
         Ok(())
     }
 }
 
-/// `packed` decoded, refusing more than `max` bytes of output (a compression bomb costs at most
-/// that).
+/// Pushes `chunk[run..at]` if it is not empty, and moves `run` to `at`.
+fn push_run(chunk: &Bytes, run: &mut usize, at: usize, out: &mut Vec<Piece>) {
+    if at > *run {
+        out.push(Piece::Data(chunk.slice(*run..at)));
+    }
+    *run = at;
+}
+
+/// `packed` decoded whole, refusing more than `max` bytes of output (a compression bomb costs
+/// at most that) and any byte after the compressed data.
 fn decode(coding: MessageCoding, packed: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
     use std::io::Read as _;
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     let mut plain = Vec::new();
-    let read = match coding {
-        MessageCoding::Gzip => flate2::read::GzDecoder::new(packed)
-            .take(limit)
-            .read_to_end(&mut plain),
-        MessageCoding::Deflate => flate2::read::ZlibDecoder::new(packed)
-            .take(limit)
-            .read_to_end(&mut plain),
+    match coding {
+        MessageCoding::Gzip => {
+            // Every member, as Go's and Java's clients read them; trailing garbage fails.
+            let mut d = flate2::read::MultiGzDecoder::new(packed);
+            (&mut d).take(limit).read_to_end(&mut plain)
+        }
+        MessageCoding::Deflate => {
+            let mut d = flate2::read::ZlibDecoder::new(packed);
+            let read = (&mut d).take(limit).read_to_end(&mut plain);
+            // Bytes after the zlib stream (not when the limit stopped the read early).
+            let trailing = d.total_in() < packed.len() as u64 && plain.len() <= max;
+            read.and_then(|n| match trailing {
+                true => Err(std::io::ErrorKind::InvalidData.into()),
+                false => Ok(n),
+            })
+        }
         MessageCoding::Unreadable => return Err(FrameError::Undecodable),
-    };
-    read.map_err(|_| FrameError::Undecodable)?;
+    }
+    .map_err(|_| FrameError::Undecodable)?;
     if plain.len() > max {
         return Err(FrameError::TooLarge);
     }
@@ -239,83 +260,86 @@ fn decode(coding: MessageCoding, packed: &[u8], max: usize) -> Result<Vec<u8>, F
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
+    use proptest::prelude::*;
+
     use super::*;
 
     fn msg(flags: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![flags];
-        m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
         m.extend_from_slice(body);
         m
     }
 
-    #[test]
-    fn content_types_are_classified_by_their_essence() {
-        let kind = |ct: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
-            Binary::of(&h)
-        };
-        assert_eq!(kind("application/grpc"), Some(Binary::Framed));
-        assert_eq!(
-            kind("Application/GRPC+proto; charset=x"),
-            Some(Binary::Framed)
-        );
-        assert_eq!(kind("application/grpc-web+proto"), Some(Binary::Framed));
-        assert_eq!(kind("application/connect+json"), Some(Binary::Framed));
-        assert_eq!(kind("application/connect"), None);
-        assert_eq!(
-            kind("application/grpc-web-text+proto"),
-            Some(Binary::Base64Framed)
-        );
-        assert_eq!(kind("application/x-protobuf"), Some(Binary::Lengths));
-        assert_eq!(kind("application/proto"), Some(Binary::Lengths));
-        assert_eq!(kind("application/msgpack"), Some(Binary::Lengths));
-        assert_eq!(kind("application/json"), None);
-        assert_eq!(kind("application/grpcx"), None);
-        assert_eq!(kind("text/plain"), None);
-        assert_eq!(Binary::of(&HeaderMap::new()), None);
-    }
-
     fn gzip(data: &[u8]) -> Vec<u8> {
-        use std::io::Write as _;
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(data).unwrap();
         e.finish().unwrap()
     }
 
-    /// `stream` through fresh frames, cut at `cuts`: the joined output, or the error.
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// The plain bytes passed on, and the output offset of every message end.
+    type Passed = (Vec<u8>, Vec<usize>);
+
+    /// `stream` through fresh frames, cut at `cuts`: what was passed on, or the error and the
+    /// bytes passed before it.
     fn run(
         coding: MessageCoding,
         max: usize,
         stream: &[u8],
         cuts: &[usize],
-    ) -> Result<Vec<u8>, (FrameError, Vec<u8>)> {
+    ) -> Result<Passed, (FrameError, Vec<u8>)> {
         let mut f = MessageFrames::new(coding, max);
-        let mut out = Vec::new();
-        let mut at = 0;
+        let (mut out, mut at) = (Vec::new(), 0);
+        let mut result = Ok(());
         for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
-            let chunk = Bytes::copy_from_slice(&stream[at..cut]);
+            result =
+                result.and_then(|()| f.push(Bytes::copy_from_slice(&stream[at..cut]), &mut out));
             at = cut;
-            if let Err(e) = f.push(chunk, &mut out) {
-                return Err((e, out.concat()));
+        }
+        let (mut bytes, mut ends) = (Vec::new(), Vec::new());
+        for p in out {
+            match p {
+                Piece::Data(b) => bytes.extend_from_slice(&b),
+                Piece::End => ends.push(bytes.len()),
             }
         }
-        Ok(out.concat())
+        result
+            .map(|()| (bytes.clone(), ends))
+            .map_err(|e| (e, bytes))
     }
 
     #[test]
-    fn plain_messages_pass_unchanged_across_every_split() {
-        let stream = [
+    fn plain_messages_pass_unchanged_with_their_ends_across_every_split() {
+        let msgs = [
             msg(0, b"hello"),
             msg(0x80, b"grpc-status: 0\r\n"),
             msg(2, b"{}"),
             msg(0, b""),
-        ]
-        .concat();
+        ];
+        let stream = msgs.concat();
+        let ends: Vec<usize> = msgs
+            .iter()
+            .scan(0, |n, m| {
+                *n += m.len();
+                Some(*n)
+            })
+            .collect();
         for cut in 0..=stream.len() {
             for cut2 in cut..=stream.len() {
                 let got = run(MessageCoding::Unreadable, 8, &stream, &[cut, cut2]);
-                assert_eq!(got.unwrap(), stream, "cuts {cut}/{cut2}");
+                assert_eq!(
+                    got.unwrap(),
+                    (stream.clone(), ends.clone()),
+                    "cuts {cut}/{cut2}"
+                );
             }
         }
     }
@@ -326,33 +350,46 @@ mod tests {
         let stream = [
             msg(0, b"first"),
             msg(1, &gzip(value)),
-            msg(0x80, b"t: 1\r\n"),
+            msg(0x81, &gzip(b"t: 1\r\n")),
         ]
         .concat();
         let want = [msg(0, b"first"), msg(0, value), msg(0x80, b"t: 1\r\n")].concat();
         for cut in 0..=stream.len() {
-            let got = run(MessageCoding::Gzip, 1024, &stream, &[cut]);
-            assert_eq!(got.unwrap(), want, "cut {cut}");
+            let (got, ends) = run(MessageCoding::Gzip, 1024, &stream, &[cut]).unwrap();
+            assert_eq!(
+                (got.as_slice(), ends.len()),
+                (want.as_slice(), 3),
+                "cut {cut}"
+            );
         }
-        let zlib = {
-            use std::io::Write as _;
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(value).unwrap();
-            e.finish().unwrap()
-        };
-        let got = run(MessageCoding::Deflate, 1024, &msg(1, &zlib), &[]);
-        assert_eq!(got.unwrap(), msg(0, value));
+        let (got, _) = run(MessageCoding::Deflate, 1024, &msg(1, &zlib(value)), &[]).unwrap();
+        assert_eq!(got, msg(0, value));
+        // Two gzip members are one message, as Go's and Java's clients read it.
+        let members = [gzip(b"sk-real"), gzip(b"-value")].concat();
+        let (got, _) = run(MessageCoding::Gzip, 1024, &msg(1, &members), &[]).unwrap();
+        assert_eq!(got, msg(0, b"sk-real-value"));
     }
 
     #[test]
     fn a_compressed_message_that_cannot_be_read_passes_nothing_of_itself() {
-        let packed = msg(1, &gzip(b"sk-real-value"));
-        let stream = [msg(0, b"ok"), packed.clone()].concat();
+        let stream = [msg(0, b"ok"), msg(1, &gzip(b"sk-real-value"))].concat();
         for coding in [MessageCoding::Unreadable, MessageCoding::Deflate] {
-            let (err, passed) = run(coding, 1024, &stream, &[9]).unwrap_err();
-            assert_eq!(err, FrameError::Undecodable, "{coding:?}");
-            assert_eq!(passed, msg(0, b"ok"), "{coding:?}");
+            for cut in 0..=stream.len() {
+                let (err, passed) = run(coding, 1024, &stream, &[cut]).unwrap_err();
+                assert_eq!(err, FrameError::Undecodable, "{coding:?} cut {cut}");
+                assert_eq!(passed, msg(0, b"ok"), "{coding:?} cut {cut}");
+            }
         }
+        let trailing = [zlib(b"sk-real-value"), b"sk-real-value".to_vec()].concat();
+        let got = run(MessageCoding::Deflate, 1024, &msg(1, &trailing), &[]);
+        assert_eq!(got.unwrap_err().0, FrameError::Undecodable);
+        let garbage = [gzip(b"sk-real-value"), b"sk-real-value".to_vec()].concat();
+        let got = run(MessageCoding::Gzip, 1024, &msg(1, &garbage), &[]);
+        assert_eq!(got.unwrap_err().0, FrameError::Undecodable);
+    }
+
+    #[test]
+    fn messages_past_the_limit_are_refused_before_or_after_decoding() {
         // A bomb: 1 MiB of zeros decodes past a 64 KiB limit; so does a message too long to hold.
         let bomb = msg(1, &gzip(&vec![0u8; 1 << 20]));
         assert!(bomb.len() < 64 * 1024);
@@ -362,5 +399,55 @@ mod tests {
         long.extend_from_slice(&(64 * 1024 + 1u32).to_be_bytes());
         let (err, _) = run(MessageCoding::Gzip, 64 * 1024, &long, &[]).unwrap_err();
         assert_eq!(err, FrameError::TooLarge);
+        // A plain message is never held, so it has no limit.
+        let big = msg(0, &vec![b'x'; 100 * 1024]);
+        assert!(run(MessageCoding::Gzip, 64 * 1024, &big, &[7]).is_ok());
+    }
+
+    #[test]
+    fn debug_never_shows_a_held_message() {
+        let mut f = MessageFrames::new(MessageCoding::Deflate, 1024);
+        let level0 = {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::none());
+            e.write_all(b"sk-real-value").unwrap();
+            e.finish().unwrap()
+        };
+        let m = msg(1, &level0);
+        f.push(Bytes::copy_from_slice(&m[..m.len() - 1]), &mut Vec::new())
+            .unwrap();
+        let shown = format!("{f:?}");
+        assert!(
+            !shown.contains("sk-real") && !shown.contains("115, 107"),
+            "{shown}"
+        );
+        assert!(shown.contains("holding"), "{shown}");
+    }
+
+    proptest! {
+        /// Against the naive oracle: any mix of plain, compressed and trailer messages, cut
+        /// anywhere, comes out as the messages decoded and uncompressed, each end marked where
+        /// the message ends.
+        #[test]
+        fn matches_decoding_the_whole_stream_at_once(
+            msgs in prop::collection::vec((any::<bool>(), any::<bool>(), prop::collection::vec(any::<u8>(), 0..40)), 0..6),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut stream = Vec::new();
+            let (mut want, mut ends) = (Vec::new(), Vec::new());
+            for (compressed, trailer, body) in &msgs {
+                let flags = if *trailer { 0x80 } else { 0 };
+                if *compressed {
+                    stream.extend(msg(flags | 1, &gzip(body)));
+                } else {
+                    stream.extend(msg(flags, body));
+                }
+                want.extend(msg(flags, body));
+                ends.push(want.len());
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let got = run(MessageCoding::Gzip, 4096, &stream, &cuts).unwrap();
+            prop_assert_eq!(got, (want, ends));
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::secret::Location;
 use crate::token::TOKEN_LEN;
 
 /// Decodes Basic credentials with or without padding (clients differ); re-encoding is padded.
-const LENIENT: GeneralPurpose = GeneralPurpose::new(
+pub(super) const LENIENT: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );

@@ -169,7 +169,13 @@ impl Scrubber {
     /// Allocates only when something matched.
     pub fn scrub_headers(&self, headers: &mut HeaderMap) -> usize {
         let mut count = self.drop_named(headers);
-        for (_, value) in headers.iter_mut() {
+        for (name, value) in headers.iter_mut() {
+            if name.as_str().ends_with("-bin") {
+                if let Some((bin, n)) = self.scrub_binary_field(value.as_bytes()) {
+                    *value = scrubbed_header(bin);
+                    count += n;
+                }
+            }
             if let Some((buf, n)) = self.scrub(value.as_bytes()) {
                 *value = scrubbed_header(buf);
                 count += n;
@@ -200,14 +206,48 @@ impl Scrubber {
         fields
     }
 
+    /// A gRPC binary metadata field (`…-bin`, such as `grpc-status-details-bin`) holds base64
+    /// of bytes — usually protobuf, padded or not, several values joined with `,` — which a
+    /// server echoing a key into error details fills with the value: each part is decoded,
+    /// scrubbed at the same length (protobuf counts its bytes) and re-encoded as it came.
+    /// `None` when a part is not base64 or nothing matched.
+    fn scrub_binary_field(&self, value: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let mut out = Vec::with_capacity(value.len());
+        let mut count = 0;
+        for (i, part) in value.split(|&b| b == b',').enumerate() {
+            let part = part.trim_ascii();
+            let decoded = base64::Engine::decode(&super::headers::LENIENT, part).ok()?;
+            let (bytes, n) = match self.scrub_with(&decoded, true) {
+                Some((scrubbed, n)) => (scrubbed, n),
+                None => (decoded, 0),
+            };
+            if i > 0 {
+                out.push(b',');
+            }
+            let engine = match part.ends_with(b"=") {
+                true => &base64::engine::general_purpose::STANDARD,
+                false => &base64::engine::general_purpose::STANDARD_NO_PAD,
+            };
+            out.extend_from_slice(base64::Engine::encode(engine, bytes).as_bytes());
+            count += n;
+        }
+        (count > 0).then_some((out, count))
+    }
+
     /// Scrubs a complete buffer: `Some((output, replacements))`, or `None` if nothing matched.
     pub fn scrub(&self, hay: &[u8]) -> Option<(Vec<u8>, usize)> {
+        self.scrub_with(hay, false)
+    }
+
+    /// [`Scrubber::scrub`], with each value replaced by its token or, with `same_length`, by a
+    /// stand-in of the value's length.
+    fn scrub_with(&self, hay: &[u8], same_length: bool) -> Option<(Vec<u8>, usize)> {
         let mut out: Option<Vec<u8>> = None;
         let (mut cursor, mut count) = (0, 0);
         for m in self.search.find_iter(hay, 0) {
             let buf = out.get_or_insert_with(|| Vec::with_capacity(hay.len()));
             buf.extend_from_slice(&hay[cursor..m.start()]);
-            buf.extend_from_slice(&self.tokens[m.pattern().as_usize()]);
+            buf.extend_from_slice(&self.replacement(m.pattern().as_usize(), same_length));
             cursor = m.end();
             count += 1;
         }
@@ -648,6 +688,39 @@ mod tests {
     fn duplicate_values_first_pair_wins() {
         let s = scrubber(&[("v", "<1>"), ("v", "<2>")]);
         assert_eq!(s.scrub(b"v").unwrap().0, b"<1>");
+    }
+
+    #[test]
+    fn grpc_binary_metadata_is_decoded_and_scrubbed_at_the_same_length() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+        use base64::Engine as _;
+        let s = scrubber(&[("sk-live-1", "osb_sealed_T")]);
+        // A protobuf-ish detail: a length byte, then the value; odd offsets on purpose.
+        let detail = b"\x0a\x0dkey sk-live-1!";
+        let masked = b"\x0a\x0dkey osb_seale!";
+        let mut h = HeaderMap::new();
+        let padded = STANDARD.encode(detail);
+        let unpadded = STANDARD_NO_PAD.encode(&detail[1..]);
+        let list = format!("{}, {}", STANDARD.encode(b"x"), STANDARD.encode(detail));
+        h.append("grpc-status-details-bin", padded.parse().unwrap());
+        h.append("x-echo-bin", unpadded.parse().unwrap());
+        h.append("x-list-bin", list.parse().unwrap());
+        h.append(
+            "x-junk-bin",
+            HeaderValue::from_static("not base64 sk-live-1"),
+        );
+        assert_eq!(s.scrub_headers(&mut h), 4);
+        assert_eq!(
+            h["grpc-status-details-bin"],
+            STANDARD.encode(masked).as_str()
+        );
+        assert_eq!(
+            h["x-echo-bin"],
+            STANDARD_NO_PAD.encode(&masked[1..]).as_str()
+        );
+        let want = format!("{},{}", STANDARD.encode(b"x"), STANDARD.encode(masked));
+        assert_eq!(h["x-list-bin"], want.as_str());
+        assert_eq!(h["x-junk-bin"], "not base64 osb_sealed_T");
     }
 
     #[test]

@@ -763,6 +763,14 @@ fn grpc_echo(head: &Head) -> Response<hostile::H2Body> {
     let asked = head.header("grpc-accept-encoding").unwrap_or("").to_owned();
     let (ct, coding, body) = match head.path.as_str() {
         "/plain" => ("application/grpc", "identity", grpc_message(0, &v)),
+        // The request's `Authorization: Basic` form, echoed compressed: the per-request
+        // scrubber (run first) must see it decoded.
+        "/basic" => {
+            let auth = head.header("authorization").unwrap_or_default().as_bytes();
+            ("application/grpc", "gzip", grpc_message(1, &gzip(auth)))
+        }
+        // Labelled as text, but naming a message coding: a lax client would decode it.
+        "/mislabelled" => ("text/plain", "gzip", grpc_message(1, &gzip(&v))),
         "/gzip" => ("application/grpc", "gzip", grpc_message(1, &gzip(&v))),
         "/snappy" => ("application/grpc", "snappy", grpc_message(1, &v)),
         "/bomb" => {
@@ -826,13 +834,37 @@ async fn grpc_messages_reach_the_sandbox_scrubbed_at_their_length_or_not_at_all(
     for path in ["/snappy", "/bomb"] {
         let mut c: http2::SendRequest<ReqBody> = pc::h2(e.h.proxy, &e.sb, API).await;
         c.ready().await.unwrap();
-        let Ok(resp) = c.send_request(request(&e, "POST", path, true, &grpc)).await else {
-            continue;
+        let resp = match c.send_request(request(&e, "POST", path, true, &grpc)).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                let reset = std::error::Error::source(&err)
+                    .and_then(|s| s.downcast_ref::<h2::Error>())
+                    .and_then(h2::Error::reason);
+                assert_eq!(reset, Some(h2::Reason::INTERNAL_ERROR), "{path}: {err:?}");
+                continue;
+            }
         };
         let (seen, failed) = read_until_error(resp).await;
         assert!(failed, "{path}: the body ended normally");
         assert!(seen.is_empty(), "{path}: {} bytes passed", seen.len());
     }
+    // Mislabelled: still read as messages, decoded and scrubbed.
+    let a = fetch(&e, "POST", "/mislabelled", true, &grpc)
+        .await
+        .unwrap();
+    assert_eq!(a.body, grpc_message(0, mask.as_bytes()));
+    // The Basic form of the value, compressed: decoded before the per-request scrubber.
+    let basic = pc::basic("user", &e.token());
+    let mut with_basic = grpc.to_vec();
+    with_basic.push(("authorization", &basic));
+    let a = fetch(&e, "POST", "/basic", true, &with_basic)
+        .await
+        .unwrap();
+    let real = pc::basic("user", VALUE);
+    let body = String::from_utf8_lossy(&a.body[5..]).into_owned();
+    assert_eq!(body.len(), real.len(), "{body}");
+    assert!(body.starts_with("Basic ") && body != real, "{body}");
+    assert_eq!(a.body[0], 0, "passed on uncompressed");
     // Base64 messages cannot be scrubbed: refused with 502 before anything is sent.
     let mut c: http2::SendRequest<ReqBody> = pc::h2(e.h.proxy, &e.sb, API).await;
     c.ready().await.unwrap();

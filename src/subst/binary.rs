@@ -1,0 +1,159 @@
+//! Which bodies count their own bytes, by their headers.
+//!
+//! A real value replaced by its 43-byte token inside such a body (or a token by its value)
+//! would make every enclosing length wrong — the 5-byte gRPC message prefix, a protobuf field's
+//! varint, a msgpack string header — so the receiver would misparse or hang. In these bodies:
+//! - responses are scrubbed at the same length ([`super::ScrubStream::same_length`]), and gRPC
+//!   messages are read one by one ([`super::MessageFrames`]);
+//! - request tokens are never unsealed ([`super::SealedOnly`]): they travel sealed.
+
+use http::HeaderMap;
+
+/// How a body carries its own lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    /// Length-prefixed messages (`application/grpc`, `application/grpc+proto`,
+    /// `application/grpc-web`, `application/grpc-web+proto`, `application/connect+proto`, …,
+    /// or any body whose headers name a gRPC or Connect message coding): compressed messages
+    /// decoded ([`super::MessageFrames`]), then scrubbed at the same length.
+    Framed,
+    /// The same messages, base64-encoded (`application/grpc-web-text`): a value inside cannot
+    /// be recognised, so such a response is refused where responses are scrubbed.
+    Base64Framed,
+    /// Formats with length fields of their own (protobuf, msgpack, CBOR): scrubbed at the same
+    /// length.
+    Lengths,
+}
+
+/// Media types by their part before any `+suffix`: `(type, kind, a suffix is required)`.
+const TYPES: &[(&str, Binary, bool)] = &[
+    ("application/grpc-web-text", Binary::Base64Framed, false),
+    ("application/grpc", Binary::Framed, false),
+    ("application/grpc-web", Binary::Framed, false),
+    // `application/connect` alone is not a type; `application/connect+json` is.
+    ("application/connect", Binary::Framed, true),
+    ("application/proto", Binary::Lengths, false),
+    ("application/protobuf", Binary::Lengths, false),
+    ("application/x-protobuf", Binary::Lengths, false),
+    ("application/x-google-protobuf", Binary::Lengths, false),
+    ("application/vnd.google.protobuf", Binary::Lengths, false),
+    ("application/msgpack", Binary::Lengths, false),
+    ("application/x-msgpack", Binary::Lengths, false),
+    ("application/vnd.msgpack", Binary::Lengths, false),
+    ("application/cbor", Binary::Lengths, false),
+];
+
+/// Headers naming how gRPC (and gRPC-Web) or Connect messages are compressed.
+pub(super) const MESSAGE_CODINGS: [&str; 2] = ["grpc-encoding", "connect-content-encoding"];
+
+impl Binary {
+    /// The kind of the body with headers `h`, or `None` for every other body (text, JSON,
+    /// octet streams: scrubbed and unsealed as usual). The first `Content-Type` decides,
+    /// except that a body whose headers name a message coding other than `identity` is read
+    /// as messages whatever its type says (unless base64): a client may decode messages by
+    /// that coding alone.
+    ///
+    /// # Cost
+    /// No allocation: a few case-insensitive comparisons.
+    pub fn of(h: &HeaderMap) -> Option<Binary> {
+        let by_type = h
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| of_type(v.as_bytes()));
+        if by_type != Some(Binary::Base64Framed) && names_a_message_coding(h) {
+            return Some(Binary::Framed);
+        }
+        by_type
+    }
+}
+
+fn of_type(ct: &[u8]) -> Option<Binary> {
+    let essence = ct
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let (family, suffixed) = match essence.iter().position(|&b| b == b'+') {
+        Some(at) => (&essence[..at], true),
+        None => (essence, false),
+    };
+    TYPES
+        .iter()
+        .find(|(name, _, needs_suffix)| {
+            family.eq_ignore_ascii_case(name.as_bytes()) && (suffixed || !needs_suffix)
+        })
+        .map(|(_, kind, _)| *kind)
+}
+
+fn names_a_message_coding(h: &HeaderMap) -> bool {
+    MESSAGE_CODINGS
+        .iter()
+        .flat_map(|n| h.get_all(*n))
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(fields: &[(&str, &str)]) -> Option<Binary> {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        Binary::of(&h)
+    }
+
+    #[test]
+    fn content_types_are_classified_by_their_essence() {
+        let ct = |t: &str| kind(&[("content-type", t)]);
+        assert_eq!(ct("application/grpc"), Some(Binary::Framed));
+        assert_eq!(
+            ct("Application/GRPC+proto; charset=x"),
+            Some(Binary::Framed)
+        );
+        assert_eq!(ct(" application/grpc ;x=1"), Some(Binary::Framed));
+        assert_eq!(ct("application/grpc-web+proto"), Some(Binary::Framed));
+        assert_eq!(ct("application/connect+json"), Some(Binary::Framed));
+        assert_eq!(ct("application/connect"), None);
+        assert_eq!(
+            ct("application/grpc-web-text+proto"),
+            Some(Binary::Base64Framed)
+        );
+        assert_eq!(ct("application/x-protobuf"), Some(Binary::Lengths));
+        assert_eq!(ct("application/proto"), Some(Binary::Lengths));
+        assert_eq!(ct("application/msgpack"), Some(Binary::Lengths));
+        assert_eq!(ct("application/json"), None);
+        assert_eq!(ct("application/grpcx"), None);
+        assert_eq!(ct("text/plain"), None);
+        assert_eq!(kind(&[]), None);
+    }
+
+    #[test]
+    fn a_named_message_coding_makes_any_body_framed() {
+        let plain = ("content-type", "text/plain");
+        assert_eq!(
+            kind(&[plain, ("grpc-encoding", "gzip")]),
+            Some(Binary::Framed)
+        );
+        assert_eq!(
+            kind(&[("connect-content-encoding", "snappy")]),
+            Some(Binary::Framed)
+        );
+        assert_eq!(kind(&[plain, ("grpc-encoding", " Identity ")]), None);
+        let second = [("grpc-encoding", "identity"), ("grpc-encoding", "gzip")];
+        assert_eq!(kind(&second), Some(Binary::Framed));
+        let typed = [
+            ("content-type", "application/x-protobuf"),
+            ("grpc-encoding", "gzip"),
+        ];
+        assert_eq!(kind(&typed), Some(Binary::Framed));
+        let text = [
+            ("content-type", "application/grpc-web-text"),
+            ("grpc-encoding", "gzip"),
+        ];
+        assert_eq!(kind(&text), Some(Binary::Base64Framed));
+    }
+}
