@@ -5,6 +5,7 @@
 //! messages, which no scrubber can read as they come (a gzip stream).
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -45,6 +46,36 @@ pub enum FrameError {
     /// A compressed message larger than the limit, before or after decoding.
     #[error("the upstream sent a compressed gRPC message over upstream.max_grpc_message_bytes")]
     TooLarge,
+    /// Decoded messages already hold [`HELD_MESSAGES`] × the limit across the daemon.
+    #[error("too many decoded gRPC messages are waiting for their clients across the daemon")]
+    Busy,
+}
+
+/// Decoded messages, at the size limit each, that the daemon holds at once before it resets
+/// further compressed streams ([`FrameError::Busy`]): a client that stops reading leaves its
+/// decoded message in the h2 send queue, so without a bound a few kilobytes of gzip per stream
+/// pinned megabytes (an outside test took the daemon from 25 MiB to over 1 GiB).
+pub const HELD_MESSAGES: usize = 16;
+
+/// Decoded message bytes passed on and not yet dropped, daemon-wide.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A decoded message on its way to the client; gives its bytes back to `held` when dropped.
+struct Held {
+    bytes: Vec<u8>,
+    held: &'static AtomicUsize,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes.len(), Ordering::AcqRel);
+    }
 }
 
 /// What [`MessageFrames::push`] passes on.
@@ -72,11 +103,15 @@ pub enum Piece {
 ///
 /// # Memory usage
 /// While a compressed message is in flight: its bytes (at most `max`) and, while decoding, at
-/// most about twice `max` for the decoded message. Nothing otherwise. Decoding runs inline,
-/// so a message of `max` bytes costs that much inflate time on the worker that polls it.
+/// most about twice `max` for the decoded message. A decoded message stays allocated until the
+/// client has taken it; across the daemon at most [`HELD_MESSAGES`] × `max` bytes of them, past
+/// which a compressed message resets its stream. Decoding runs inline, so a message of `max`
+/// bytes costs that much inflate time on the worker that polls it.
 pub struct MessageFrames {
     coding: MessageCoding,
     max: usize,
+    /// The daemon-wide count of decoded bytes held ([`HELD`]; tests pass their own).
+    held: &'static AtomicUsize,
     /// Bytes of the current message still to come.
     left: usize,
     /// A header split across chunks (`have` of 5 bytes so far; none passed on yet).
@@ -114,6 +149,7 @@ impl MessageFrames {
         MessageFrames {
             coding,
             max,
+            held: &HELD,
             left: 0,
             header: [0; HEADER],
             have: 0,
@@ -213,9 +249,24 @@ impl MessageFrames {
         let len = u32::try_from(plain.len()).map_err(|_| FrameError::TooLarge)?;
         let mut header = [self.header[0] & !COMPRESSED, 0, 0, 0, 0];
         header[1..].copy_from_slice(&len.to_be_bytes());
+        let plain = self.hold(plain)?;
         out.push(Piece::Data(Bytes::copy_from_slice(&header)));
-        out.push(Piece::Data(Bytes::from(plain)));
+        out.push(Piece::Data(plain));
         Ok(())
+    }
+
+    /// `plain` counted against the daemon-wide bound until it is dropped.
+    fn hold(&self, plain: Vec<u8>) -> Result<Bytes, FrameError> {
+        let n = plain.len();
+        let before = self.held.fetch_add(n, Ordering::AcqRel);
+        if before + n > HELD_MESSAGES.saturating_mul(self.max) {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            return Err(FrameError::Busy);
+        }
+        Ok(Bytes::from_owner(Held {
+            bytes: plain,
+            held: self.held,
+        }))
     }
 }
 
@@ -402,6 +453,28 @@ mod tests {
         // A plain message is never held, so it has no limit.
         let big = msg(0, &vec![b'x'; 100 * 1024]);
         assert!(run(MessageCoding::Gzip, 64 * 1024, &big, &[7]).is_ok());
+    }
+
+    #[test]
+    fn decoded_messages_held_at_once_are_bounded_and_given_back_when_dropped() {
+        let held: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+        let m = msg(1, &gzip(&[b'x'; 1000]));
+        let push = |out: &mut Vec<Piece>| {
+            let mut f = MessageFrames::new(MessageCoding::Gzip, 1000);
+            f.held = held;
+            f.push(Bytes::copy_from_slice(&m), out)
+        };
+        let mut kept = Vec::new();
+        for _ in 0..HELD_MESSAGES {
+            push(&mut kept).unwrap();
+        }
+        assert_eq!(held.load(Ordering::Acquire), HELD_MESSAGES * 1000);
+        let mut out = Vec::new();
+        assert_eq!(push(&mut out), Err(FrameError::Busy));
+        assert!(out.is_empty(), "nothing of the refused message");
+        drop(kept);
+        assert_eq!(held.load(Ordering::Acquire), 0);
+        push(&mut out).unwrap();
     }
 
     #[test]

@@ -170,11 +170,14 @@ impl Scrubber {
     pub fn scrub_headers(&self, headers: &mut HeaderMap) -> usize {
         let mut count = self.drop_named(headers);
         for (name, value) in headers.iter_mut() {
-            if name.as_str().ends_with("-bin") {
-                if let Some((bin, n)) = self.scrub_binary_field(value.as_bytes()) {
-                    *value = scrubbed_header(bin);
-                    count += n;
-                }
+            let decoded = match name.as_str() {
+                n if n.ends_with("-bin") => self.scrub_binary_field(value.as_bytes()),
+                "grpc-message" => self.scrub_grpc_message(value.as_bytes()),
+                _ => None,
+            };
+            if let Some((field, n)) = decoded {
+                *value = scrubbed_header(field);
+                count += n;
             }
             if let Some((buf, n)) = self.scrub(value.as_bytes()) {
                 *value = scrubbed_header(buf);
@@ -232,6 +235,18 @@ impl Scrubber {
             count += n;
         }
         (count > 0).then_some((out, count))
+    }
+
+    /// gRPC's status message (`grpc-message`) is percent-encoded (every byte outside visible
+    /// ASCII and space, and `%` itself), and clients decode it: a value holding `%` or non-ASCII
+    /// bytes travels in a form the plain scan misses. Decoded, scrubbed, encoded again.
+    fn scrub_grpc_message(&self, value: &[u8]) -> Option<(Vec<u8>, usize)> {
+        if !value.contains(&b'%') {
+            return None;
+        }
+        let decoded = percent_decode(value);
+        let (scrubbed, n) = self.scrub(&decoded)?;
+        Some((grpc_percent_encode(&scrubbed), n))
     }
 
     /// Scrubs a complete buffer: `Some((output, replacements))`, or `None` if nothing matched.
@@ -449,6 +464,42 @@ fn mask(token: &[u8], len: usize) -> Bytes {
     let mut m = token[..len.min(token.len())].to_vec();
     m.resize(len, b'_');
     Bytes::from(m)
+}
+
+/// `%XX` sequences decoded; any other byte, and a `%` not followed by two hex digits, kept.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        let pair = s
+            .get(i + 1..i + 3)
+            .and_then(|p| Some(hex(p[0])? * 16 + hex(p[1])?));
+        match (s[i], pair) {
+            (b'%', Some(byte)) => {
+                out.push(byte as u8);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// gRPC's percent-encoding of a status message: bytes outside `0x20..=0x7E`, and `%`, as `%XX`.
+fn grpc_percent_encode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
 }
 
 /// Non-empty values, first occurrence of each.
@@ -721,6 +772,24 @@ mod tests {
         let want = format!("{},{}", STANDARD.encode(b"x"), STANDARD.encode(masked));
         assert_eq!(h["x-list-bin"], want.as_str());
         assert_eq!(h["x-junk-bin"], "not base64 osb_sealed_T");
+    }
+
+    #[test]
+    fn a_percent_encoded_grpc_message_is_decoded_and_scrubbed() {
+        let s = scrubber(&[("pass%word \u{e9}", "osb_sealed_T")]);
+        let mut h = HeaderMap::new();
+        let wire = "wrong password pass%25word %C3%A9 (100%25 sure)";
+        h.append("grpc-message", HeaderValue::from_static(wire));
+        h.append("x-other", HeaderValue::from_static("pass%25word %C3%A9"));
+        assert_eq!(s.scrub_headers(&mut h), 1);
+        assert_eq!(
+            h["grpc-message"],
+            "wrong password osb_sealed_T (100%25 sure)"
+        );
+        assert_eq!(
+            h["x-other"], "pass%25word %C3%A9",
+            "only gRPC's own field is decoded"
+        );
     }
 
     #[test]
