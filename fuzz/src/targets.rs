@@ -11,6 +11,7 @@
 //! | [`host_parse`] | `parse_authority`, `normalise_host`, `parse_pattern`, `HostMatcher` | round trips, grammar invariants, `inet_aton`, a naive matcher |
 //! | [`config_parse`] | `Config::parse` | never panics; errors carry a message |
 //! | [`h1_framing`] | the h1 guard's `Framing` | chunking never changes the verdict; nothing invented |
+//! | [`grpc_frames`] | `MessageFrames` (gRPC messages, gzip ones decoded) fed in chunks | chunking never changes the output, the message ends or the verdict; no compressed message passes |
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -20,7 +21,10 @@ use bytes::{Bytes, BytesMut};
 use sealgate::policy::{self, Dest, Host, HostMatcher, Scheme};
 use sealgate::proxy::h1_guard::Framing;
 use sealgate::secret::{Location, Locations, SecretValue};
-use sealgate::subst::{BodySubst, OnDisallowed, ScrubStream, Scrubber, SecretRef, TokenLookup};
+use sealgate::subst::{
+    BodySubst, FrameError, MessageCoding, MessageFrames, OnDisallowed, Piece, ScrubStream,
+    Scrubber, SecretRef, TokenLookup,
+};
 use sealgate::token::{Token, TOKEN_LEN};
 
 // ---------------------------------------------------------------------------------------------
@@ -259,6 +263,56 @@ pub fn scrub_chunked(data: &[u8]) {
     }
     stream.finish(&mut out);
     assert_eq!(out.concat(), expected, "cuts {cuts:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC message framing
+
+/// What one `MessageFrames` passed on for `pieces`: plain bytes, the offset of every message
+/// end, and the error that ended it, if any.
+type FramesRun = (Vec<u8>, Vec<usize>, Option<FrameError>);
+
+fn frames_run(pieces: &[&[u8]]) -> FramesRun {
+    let mut f = MessageFrames::new(MessageCoding::Gzip, 4096);
+    let (mut out, mut err) = (Vec::new(), None);
+    for p in pieces {
+        if let Err(e) = f.push(Bytes::copy_from_slice(p), &mut out) {
+            err = Some(e);
+            break;
+        }
+    }
+    let (mut bytes, mut ends) = (Vec::new(), Vec::new());
+    for p in out {
+        match p {
+            Piece::Data(b) => bytes.extend_from_slice(&b),
+            Piece::End => ends.push(bytes.len()),
+        }
+    }
+    (bytes, ends, err)
+}
+
+/// gRPC framing: chunking never changes what is passed on, where messages end, or the
+/// verdict; what is passed on is plain messages (compressed flag clear), each end marked
+/// exactly where a message ends.
+pub fn grpc_frames(data: &[u8]) {
+    let (cuts, input) = cuts_and_rest(data);
+    let whole = frames_run(&[input]);
+    assert_eq!(frames_run(&pieces(input, &cuts)), whole, "cuts {cuts:?}");
+    let (bytes, ends, _) = whole;
+    let (mut at, mut boundaries) = (0, Vec::new());
+    while bytes.len() - at >= 5 {
+        assert_eq!(bytes[at] & 1, 0, "a compressed message passed at {at}");
+        let len = u32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]]);
+        let Some(end) = (at + 5)
+            .checked_add(len as usize)
+            .filter(|e| *e <= bytes.len())
+        else {
+            break;
+        };
+        at = end;
+        boundaries.push(at);
+    }
+    assert_eq!(ends, boundaries, "message ends");
 }
 
 // ---------------------------------------------------------------------------------------------

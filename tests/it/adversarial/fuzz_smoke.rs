@@ -174,6 +174,11 @@ fn fuzz_smoke_scrub_chunked() {
 }
 
 #[test]
+fn fuzz_smoke_grpc_frames() {
+    run("grpc_frames", "grpc", targets::grpc_frames);
+}
+
+#[test]
 fn fuzz_smoke_host_parse() {
     run("host_parse", "host", targets::host_parse);
 }
