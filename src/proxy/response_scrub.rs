@@ -44,7 +44,7 @@ pub use codings::{CodingError, Codings};
 use super::refusal::{Code, Refusal};
 use super::{BoxError, ProxyBody, Tunnel};
 use crate::config::UpstreamConfig;
-use crate::subst::{Binary, MessageCoding, MessageFrames, Report, ScrubBody, Scrubber};
+use crate::subst::{Binary, BodyError, MessageCoding, MessageFrames, Report, ScrubBody, Scrubber};
 
 /// What the response looks like before hop-by-hop headers are stripped.
 pub struct Shape {
@@ -149,22 +149,36 @@ pub fn scrub_response(
     let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
     // The first scrubber over the body decodes compressed messages; the second sees them plain.
     let body = match extras {
-        Some(x) => scrub_body(body, x, binary, frames.take()),
+        Some(x) => scrub_body(t, body, x, binary, frames.take()),
         None => body,
     };
-    Ok(scrub_body(body, scrubber, binary, frames))
+    Ok(scrub_body(t, body, scrubber, binary, frames))
 }
 
 /// `body` scrubbed by `scrubber`: at the same length when its format carries lengths, after
-/// `frames` decoded its compressed messages.
+/// `frames` decoded its compressed messages. A message `frames` cannot pass resets the
+/// stream; the operator gets one log line naming the sandbox and host (the sandbox's client
+/// sees only the reset).
 fn scrub_body(
+    t: &Tunnel,
     body: ProxyBody,
     scrubber: Arc<Scrubber>,
     binary: bool,
     frames: Option<MessageFrames>,
 ) -> ProxyBody {
-    if binary {
+    if frames.is_some() {
+        let (sandbox, host) = (t.sandbox.id.clone(), t.dest.to_string());
         return ScrubBody::binary(body, scrubber, frames)
+            .map_err(move |e| {
+                if let BodyError::Unscrubbable(why) = &e {
+                    tracing::warn!(sandbox = %sandbox, host = %host, "stream reset: {why}");
+                }
+                BoxError::from(e)
+            })
+            .boxed_unsync();
+    }
+    if binary {
+        return ScrubBody::binary(body, scrubber, None)
             .map_err(BoxError::from)
             .boxed_unsync();
     }

@@ -848,6 +848,20 @@ async fn grpc_messages_reach_the_sandbox_scrubbed_at_their_length_or_not_at_all(
         assert!(failed, "{path}: the body ended normally");
         assert!(seen.is_empty(), "{path}: {} bytes passed", seen.len());
     }
+    // The operator learns why (the sandbox only sees a reset).
+    let logs = crate::support::daemon::logs_text();
+    for why in [
+        "cannot be decoded to be scrubbed",
+        "over upstream.max_grpc_message_bytes",
+    ] {
+        let line = logs
+            .lines()
+            .find(|l| l.contains("stream reset") && l.contains(why));
+        assert!(
+            line.is_some_and(|l| l.contains(HOST)),
+            "no log line for {why:?}"
+        );
+    }
     // Mislabelled: still read as messages, decoded and scrubbed.
     let a = fetch(&e, "POST", "/mislabelled", true, &grpc)
         .await
