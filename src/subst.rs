@@ -49,7 +49,7 @@ mod framing;
 mod headers;
 mod scrubber;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::fmt;
 use std::sync::{Arc, LazyLock};

@@ -166,25 +166,22 @@ fn scrub_body(
     binary: bool,
     frames: Option<MessageFrames>,
 ) -> ProxyBody {
-    if frames.is_some() {
-        let (sandbox, host) = (t.sandbox.id.clone(), t.dest.to_string());
-        return ScrubBody::binary(body, scrubber, frames)
-            .map_err(move |e| {
-                if let BodyError::Unscrubbable(why) = &e {
-                    tracing::warn!(sandbox = %sandbox, host = %host, "stream reset: {why}");
-                }
-                BoxError::from(e)
-            })
-            .boxed_unsync();
+    let framed = frames.is_some();
+    let body = match binary {
+        true => ScrubBody::binary(body, scrubber, frames),
+        false => ScrubBody::new(body, scrubber),
+    };
+    if !framed {
+        return body.map_err(BoxError::from).boxed_unsync();
     }
-    if binary {
-        return ScrubBody::binary(body, scrubber, None)
-            .map_err(BoxError::from)
-            .boxed_unsync();
-    }
-    ScrubBody::new(body, scrubber)
-        .map_err(BoxError::from)
-        .boxed_unsync()
+    let (sandbox, host) = (t.sandbox.id.clone(), t.dest.to_string());
+    body.map_err(move |e| {
+        if let BodyError::Unscrubbable(why) = &e {
+            tracing::warn!(sandbox = %sandbox, host = %host, "stream reset: {why}");
+        }
+        BoxError::from(e)
+    })
+    .boxed_unsync()
 }
 
 fn undecodable(t: &Tunnel, e: CodingError) -> Refusal {

@@ -480,7 +480,7 @@ mod tests {
 
     use super::*;
     use crate::secret::{Location, SecretValue};
-    use crate::subst::testutil::{as_dyn, fixture};
+    use crate::subst::testutil::{as_dyn, fixture, grpc_message, gzip};
     use crate::subst::OnDisallowed;
 
     /// A scripted body: frames (or errors) in order, `None` = pending forever.
@@ -677,22 +677,8 @@ mod tests {
         assert_eq!(collected.to_bytes(), &b"a osb_sealed_T b sk-live"[..]);
     }
 
-    fn grpc_message(flags: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![flags];
-        m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
     fn frames() -> Option<MessageFrames> {
         Some(MessageFrames::new(super::super::MessageCoding::Gzip, 1024))
-    }
-
-    fn gzip(data: &[u8]) -> Vec<u8> {
-        use std::io::Write as _;
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
     }
 
     #[tokio::test]

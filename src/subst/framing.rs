@@ -316,25 +316,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn msg(flags: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![flags];
-        m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
-    fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
-
-    fn zlib(data: &[u8]) -> Vec<u8> {
-        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
+    use crate::subst::testutil::{grpc_message, gzip, zlib};
 
     /// The plain bytes passed on, and the output offset of every message end.
     type Passed = (Vec<u8>, Vec<usize>);
@@ -370,10 +352,10 @@ mod tests {
     #[test]
     fn plain_messages_pass_unchanged_with_their_ends_across_every_split() {
         let msgs = [
-            msg(0, b"hello"),
-            msg(0x80, b"grpc-status: 0\r\n"),
-            msg(2, b"{}"),
-            msg(0, b""),
+            grpc_message(0, b"hello"),
+            grpc_message(0x80, b"grpc-status: 0\r\n"),
+            grpc_message(2, b"{}"),
+            grpc_message(0, b""),
         ];
         let stream = msgs.concat();
         let ends: Vec<usize> = msgs
@@ -399,12 +381,17 @@ mod tests {
     fn compressed_messages_come_out_decoded_with_the_flag_cleared() {
         let value = b"{\"auth\": \"sk-real-value\"}";
         let stream = [
-            msg(0, b"first"),
-            msg(1, &gzip(value)),
-            msg(0x81, &gzip(b"t: 1\r\n")),
+            grpc_message(0, b"first"),
+            grpc_message(1, &gzip(value)),
+            grpc_message(0x81, &gzip(b"t: 1\r\n")),
         ]
         .concat();
-        let want = [msg(0, b"first"), msg(0, value), msg(0x80, b"t: 1\r\n")].concat();
+        let want = [
+            grpc_message(0, b"first"),
+            grpc_message(0, value),
+            grpc_message(0x80, b"t: 1\r\n"),
+        ]
+        .concat();
         for cut in 0..=stream.len() {
             let (got, ends) = run(MessageCoding::Gzip, 1024, &stream, &[cut]).unwrap();
             assert_eq!(
@@ -413,36 +400,51 @@ mod tests {
                 "cut {cut}"
             );
         }
-        let (got, _) = run(MessageCoding::Deflate, 1024, &msg(1, &zlib(value)), &[]).unwrap();
-        assert_eq!(got, msg(0, value));
+        let (got, _) = run(
+            MessageCoding::Deflate,
+            1024,
+            &grpc_message(1, &zlib(value)),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(got, grpc_message(0, value));
         // Two gzip members are one message, as Go's and Java's clients read it.
         let members = [gzip(b"sk-real"), gzip(b"-value")].concat();
-        let (got, _) = run(MessageCoding::Gzip, 1024, &msg(1, &members), &[]).unwrap();
-        assert_eq!(got, msg(0, b"sk-real-value"));
+        let (got, _) = run(MessageCoding::Gzip, 1024, &grpc_message(1, &members), &[]).unwrap();
+        assert_eq!(got, grpc_message(0, b"sk-real-value"));
     }
 
     #[test]
     fn a_compressed_message_that_cannot_be_read_passes_nothing_of_itself() {
-        let stream = [msg(0, b"ok"), msg(1, &gzip(b"sk-real-value"))].concat();
+        let stream = [
+            grpc_message(0, b"ok"),
+            grpc_message(1, &gzip(b"sk-real-value")),
+        ]
+        .concat();
         for coding in [MessageCoding::Unreadable, MessageCoding::Deflate] {
             for cut in 0..=stream.len() {
                 let (err, passed) = run(coding, 1024, &stream, &[cut]).unwrap_err();
                 assert_eq!(err, FrameError::Undecodable, "{coding:?} cut {cut}");
-                assert_eq!(passed, msg(0, b"ok"), "{coding:?} cut {cut}");
+                assert_eq!(passed, grpc_message(0, b"ok"), "{coding:?} cut {cut}");
             }
         }
         let trailing = [zlib(b"sk-real-value"), b"sk-real-value".to_vec()].concat();
-        let got = run(MessageCoding::Deflate, 1024, &msg(1, &trailing), &[]);
+        let got = run(
+            MessageCoding::Deflate,
+            1024,
+            &grpc_message(1, &trailing),
+            &[],
+        );
         assert_eq!(got.unwrap_err().0, FrameError::Undecodable);
         let garbage = [gzip(b"sk-real-value"), b"sk-real-value".to_vec()].concat();
-        let got = run(MessageCoding::Gzip, 1024, &msg(1, &garbage), &[]);
+        let got = run(MessageCoding::Gzip, 1024, &grpc_message(1, &garbage), &[]);
         assert_eq!(got.unwrap_err().0, FrameError::Undecodable);
     }
 
     #[test]
     fn messages_past_the_limit_are_refused_before_or_after_decoding() {
         // A bomb: 1 MiB of zeros decodes past a 64 KiB limit; so does a message too long to hold.
-        let bomb = msg(1, &gzip(&vec![0u8; 1 << 20]));
+        let bomb = grpc_message(1, &gzip(&vec![0u8; 1 << 20]));
         assert!(bomb.len() < 64 * 1024);
         let (err, passed) = run(MessageCoding::Gzip, 64 * 1024, &bomb, &[]).unwrap_err();
         assert_eq!((err, passed.len()), (FrameError::TooLarge, 0));
@@ -451,14 +453,14 @@ mod tests {
         let (err, _) = run(MessageCoding::Gzip, 64 * 1024, &long, &[]).unwrap_err();
         assert_eq!(err, FrameError::TooLarge);
         // A plain message is never held, so it has no limit.
-        let big = msg(0, &vec![b'x'; 100 * 1024]);
+        let big = grpc_message(0, &vec![b'x'; 100 * 1024]);
         assert!(run(MessageCoding::Gzip, 64 * 1024, &big, &[7]).is_ok());
     }
 
     #[test]
     fn decoded_messages_held_at_once_are_bounded_and_given_back_when_dropped() {
         let held: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
-        let m = msg(1, &gzip(&[b'x'; 1000]));
+        let m = grpc_message(1, &gzip(&[b'x'; 1000]));
         let push = |out: &mut Vec<Piece>| {
             let mut f = MessageFrames::new(MessageCoding::Gzip, 1000);
             f.held = held;
@@ -485,7 +487,7 @@ mod tests {
             e.write_all(b"sk-real-value").unwrap();
             e.finish().unwrap()
         };
-        let m = msg(1, &level0);
+        let m = grpc_message(1, &level0);
         f.push(Bytes::copy_from_slice(&m[..m.len() - 1]), &mut Vec::new())
             .unwrap();
         let shown = format!("{f:?}");
@@ -510,11 +512,11 @@ mod tests {
             for (compressed, trailer, body) in &msgs {
                 let flags = if *trailer { 0x80 } else { 0 };
                 if *compressed {
-                    stream.extend(msg(flags | 1, &gzip(body)));
+                    stream.extend(grpc_message(flags | 1, &gzip(body)));
                 } else {
-                    stream.extend(msg(flags, body));
+                    stream.extend(grpc_message(flags, body));
                 }
-                want.extend(msg(flags, body));
+                want.extend(grpc_message(flags, body));
                 ends.push(want.len());
             }
             let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();

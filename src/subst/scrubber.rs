@@ -42,6 +42,8 @@ use std::sync::{Arc, OnceLock};
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::noncontiguous::NFA;
 use aho_corasick::{packed, AhoCorasick, AhoCorasickKind, Anchored, Input, Match, MatchKind, Span};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -215,26 +217,28 @@ impl Scrubber {
     /// scrubbed at the same length (protobuf counts its bytes) and re-encoded as it came.
     /// `None` when a part is not base64 or nothing matched.
     fn scrub_binary_field(&self, value: &[u8]) -> Option<(Vec<u8>, usize)> {
-        let mut out = Vec::with_capacity(value.len());
-        let mut count = 0;
-        for (i, part) in value.split(|&b| b == b',').enumerate() {
-            let part = part.trim_ascii();
-            let decoded = base64::Engine::decode(&super::headers::LENIENT, part).ok()?;
-            let (bytes, n) = match self.scrub_with(&decoded, true) {
-                Some((scrubbed, n)) => (scrubbed, n),
-                None => (decoded, 0),
-            };
-            if i > 0 {
-                out.push(b',');
-            }
-            let engine = match part.ends_with(b"=") {
-                true => &base64::engine::general_purpose::STANDARD,
-                false => &base64::engine::general_purpose::STANDARD_NO_PAD,
-            };
-            out.extend_from_slice(base64::Engine::encode(engine, bytes).as_bytes());
-            count += n;
+        let mut parts = Vec::new();
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let decoded = super::headers::LENIENT.decode(part).ok()?;
+            parts.push((part, self.scrub_with(&decoded, true)));
         }
-        (count > 0).then_some((out, count))
+        let count: usize = parts
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .map(|s| s.1)
+            .sum();
+        if count == 0 {
+            return None;
+        }
+        let encoded: Vec<String> = parts
+            .into_iter()
+            .map(|(part, scrubbed)| match scrubbed {
+                Some((bytes, _)) if part.ends_with(b"=") => STANDARD.encode(bytes),
+                Some((bytes, _)) => STANDARD_NO_PAD.encode(bytes),
+                None => String::from_utf8_lossy(part).into_owned(),
+            })
+            .collect();
+        Some((encoded.join(",").into_bytes(), count))
     }
 
     /// gRPC's status message (`grpc-message`) is percent-encoded (every byte outside visible
@@ -244,9 +248,10 @@ impl Scrubber {
         if !value.contains(&b'%') {
             return None;
         }
-        let decoded = percent_decode(value);
+        let decoded: Vec<u8> = percent_encoding::percent_decode(value).collect();
         let (scrubbed, n) = self.scrub(&decoded)?;
-        Some((grpc_percent_encode(&scrubbed), n))
+        let encoded = percent_encoding::percent_encode(&scrubbed, GRPC_MESSAGE).to_string();
+        Some((encoded.into_bytes(), n))
     }
 
     /// Scrubs a complete buffer: `Some((output, replacements))`, or `None` if nothing matched.
@@ -466,41 +471,9 @@ fn mask(token: &[u8], len: usize) -> Bytes {
     Bytes::from(m)
 }
 
-/// `%XX` sequences decoded; any other byte, and a `%` not followed by two hex digits, kept.
-fn percent_decode(s: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        let pair = s
-            .get(i + 1..i + 3)
-            .and_then(|p| Some(hex(p[0])? * 16 + hex(p[1])?));
-        match (s[i], pair) {
-            (b'%', Some(byte)) => {
-                out.push(byte as u8);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-/// gRPC's percent-encoding of a status message: bytes outside `0x20..=0x7E`, and `%`, as `%XX`.
-fn grpc_percent_encode(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    for &b in s {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b);
-        } else {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        }
-    }
-    out
-}
+/// gRPC's percent-encoding of a status message: bytes outside `0x20..=0x7E`, and `%`
+/// (`percent-encoding` always encodes non-ASCII bytes).
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// Non-empty values, first occurrence of each.
 fn distinct_values(pairs: Vec<(SecretValue, Bytes)>) -> Vec<(SecretValue, Bytes)> {

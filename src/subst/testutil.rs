@@ -125,3 +125,27 @@ pub(crate) fn fixture() -> Arc<Fixture> {
     f.map.extend(entries);
     Arc::new(f)
 }
+
+/// `data` gzip-compressed.
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` zlib-compressed (HTTP's and gRPC's `deflate`).
+pub(crate) fn zlib(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// One gRPC message: `flags`, the big-endian length, `body`.
+pub(crate) fn grpc_message(flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![flags];
+    m.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}

@@ -267,24 +267,11 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use http::header::{HeaderName, HeaderValue};
     use http_body_util::{BodyExt, StreamBody};
 
     use super::*;
-
-    fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        enc.write_all(data).unwrap();
-        enc.finish().unwrap()
-    }
-
-    fn zlib(data: &[u8]) -> Vec<u8> {
-        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(data).unwrap();
-        enc.finish().unwrap()
-    }
+    use crate::subst::testutil::{gzip, zlib};
 
     fn trailers() -> HeaderMap {
         let mut t = HeaderMap::new();
