@@ -34,8 +34,8 @@ pub enum BodyError {
     /// ([`super::Report::max_unsealed`]); the token past it was not unsealed.
     #[error("the request body would carry more bytes of real values than allowed")]
     OverBudget,
-    /// A response body that cannot be scrubbed (a compressed gRPC message); nothing of the
-    /// message was passed on.
+    /// A response body that cannot be scrubbed (a compressed gRPC message) or that ended inside
+    /// a message; nothing of a held message was passed on.
     #[error(transparent)]
     Unscrubbable(FrameError),
     /// The wrapped body failed (the sandbox for a request, the upstream for a response).
@@ -89,8 +89,11 @@ impl SubstOutcome {
 trait Engine {
     /// Processes one data chunk into `out`.
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError>;
-    /// Flushes the held tail into `out` (end of data).
-    fn flush(&mut self, out: &mut Vec<Bytes>);
+    /// Flushes the held tail into `out` (end of data, or trailers).
+    ///
+    /// # Errors
+    /// The data ended where it must not (inside a gRPC message); the body fails.
+    fn flush(&mut self, out: &mut Vec<Bytes>) -> Result<(), BodyError>;
     /// The trailers to pass on.
     fn trailers(&mut self, trailers: HeaderMap) -> HeaderMap;
     /// True while a tail is held back.
@@ -150,7 +153,9 @@ impl<E: Engine> Driver<E> {
     {
         let frame = match polled {
             None => {
-                self.engine.flush(&mut self.pieces);
+                if let Err(err) = self.engine.flush(&mut self.pieces) {
+                    return Err(self.fail(err));
+                }
                 self.end();
                 return Ok(());
             }
@@ -165,7 +170,9 @@ impl<E: Engine> Driver<E> {
                     .map_err(|err| self.fail(err))
             }
             Err(frame) => {
-                self.engine.flush(&mut self.pieces);
+                self.engine
+                    .flush(&mut self.pieces)
+                    .map_err(|err| self.fail(err))?;
                 self.trailers = frame.into_trailers().ok().map(|t| self.engine.trailers(t));
                 Ok(())
             }
@@ -299,8 +306,9 @@ where
         Ok(())
     }
 
-    fn flush(&mut self, out: &mut Vec<Bytes>) {
+    fn flush(&mut self, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
         self.subst.finish(out);
+        Ok(())
     }
 
     /// Request trailers are passed on as they are (their tokens travel sealed).
@@ -430,8 +438,12 @@ impl Engine for ScrubEngine {
         Ok(())
     }
 
-    fn flush(&mut self, out: &mut Vec<Bytes>) {
+    fn flush(&mut self, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        if let Some(frames) = &self.frames {
+            frames.finish().map_err(BodyError::Unscrubbable)?;
+        }
         self.stream.finish(out);
+        Ok(())
     }
 
     fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
@@ -439,8 +451,9 @@ impl Engine for ScrubEngine {
         trailers
     }
 
+    /// Inside a message counts: the end of the inner body must still be polled, to fail.
     fn holding(&self) -> bool {
-        self.stream.is_holding()
+        self.stream.is_holding() || self.frames.as_ref().is_some_and(MessageFrames::in_message)
     }
 
     fn ended(&mut self) {}
@@ -746,6 +759,37 @@ mod tests {
             "nothing of the compressed message, not even its header"
         );
         assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_inside_a_compressed_message_fails_instead_of_ending_cleanly() {
+        let plain = grpc_message(0, b"ok");
+        let packed = grpc_message(1, &gzip(b"sk-live-ALLOWED"));
+        let cut = &packed[..packed.len() - 2];
+        let with_trailers =
+            Script::data(&[&plain, cut]).then(Some(Ok(Frame::trailers(trailers()))));
+        for script in [Script::data(&[&plain, cut]), with_trailers] {
+            let mut body = ScrubBody::binary(script, scrubber(), frames());
+            let mut seen = Vec::new();
+            let err = loop {
+                // hyper stops polling a body that says it is over: it must not say so early.
+                assert!(!body.is_end_stream(), "ended with a message held");
+                match body.frame().await {
+                    Some(Ok(f)) => {
+                        let trailers = f.is_trailers();
+                        assert!(!trailers, "trailers after a lost message");
+                        seen.extend_from_slice(&f.into_data().unwrap());
+                    }
+                    Some(Err(e)) => break e,
+                    None => panic!("the body ended without an error"),
+                }
+            };
+            assert!(
+                matches!(err, BodyError::Unscrubbable(FrameError::Truncated)),
+                "{err}"
+            );
+            assert_eq!(seen, plain);
+        }
     }
 
     #[tokio::test]

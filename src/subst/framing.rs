@@ -49,6 +49,10 @@ pub enum FrameError {
     /// Decoded messages already hold [`HELD_MESSAGES`] × the limit across the daemon.
     #[error("too many decoded gRPC messages are waiting for their clients across the daemon")]
     Busy,
+    /// The body ended (or its trailers came) inside a message: a compressed message or a
+    /// header that was held back is lost, so the stream must not end as if it were whole.
+    #[error("the upstream ended a gRPC stream inside a message")]
+    Truncated,
 }
 
 /// Decoded messages, at the size limit each, that the daemon holds at once before it resets
@@ -212,6 +216,24 @@ impl MessageFrames {
         Ok(())
     }
 
+    /// True while a message (or its header) has begun and not ended.
+    pub fn in_message(&self) -> bool {
+        self.have > 0 || self.left > 0
+    }
+
+    /// The end of the body (or its trailers): fine only between messages.
+    ///
+    /// # Errors
+    /// [`FrameError::Truncated`] inside a message. A plain message's bytes were passed on as
+    /// they came, but a held header or compressed message never will be: ending the stream
+    /// cleanly would hand the client a stream with a message silently missing.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.in_message() {
+            return Err(FrameError::Truncated);
+        }
+        Ok(())
+    }
+
     /// A whole header was read (and a plain one passed on or kept in the current run).
     fn message_start(&mut self, header: [u8; HEADER]) -> Result<(), FrameError> {
         let [flags, a, b, c, d] = header;
@@ -337,6 +359,7 @@ mod tests {
                 result.and_then(|()| f.push(Bytes::copy_from_slice(&stream[at..cut]), &mut out));
             at = cut;
         }
+        result = result.and_then(|()| f.finish());
         let (mut bytes, mut ends) = (Vec::new(), Vec::new());
         for p in out {
             match p {
@@ -477,6 +500,35 @@ mod tests {
         drop(kept);
         assert_eq!(held.load(Ordering::Acquire), 0);
         push(&mut out).unwrap();
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_a_message_fails_at_its_end() {
+        let whole = grpc_message(0, b"ok");
+        let packed = grpc_message(1, &gzip(b"sk-real-value"));
+        let plain = grpc_message(0, b"sk-real-value");
+        for (coding, last) in [
+            (MessageCoding::Gzip, &packed),
+            (MessageCoding::Gzip, &plain),
+        ] {
+            // Every cut inside the last message: a held header, a held compressed message, or
+            // part of a plain one.
+            for keep in 1..last.len() {
+                let stream = [&whole[..], &last[..keep]].concat();
+                let (err, passed) = run(coding, 1024, &stream, &[keep / 2]).unwrap_err();
+                assert_eq!(err, FrameError::Truncated, "kept {keep}");
+                assert!(passed.starts_with(&whole), "kept {keep}");
+                if last[0] & COMPRESSED != 0 {
+                    assert_eq!(
+                        passed, whole,
+                        "nothing of the compressed message, kept {keep}"
+                    );
+                }
+            }
+            let stream = [&whole[..], &last[..]].concat();
+            assert!(run(coding, 1024, &stream, &[3]).is_ok());
+        }
+        assert!(run(MessageCoding::Gzip, 1024, b"", &[]).is_ok());
     }
 
     #[test]
