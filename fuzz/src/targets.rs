@@ -281,6 +281,9 @@ fn frames_run(pieces: &[&[u8]]) -> FramesRun {
             break;
         }
     }
+    if err.is_none() {
+        err = f.finish().err();
+    }
     let (mut bytes, mut ends) = (Vec::new(), Vec::new());
     for p in out {
         match p {
@@ -293,12 +296,19 @@ fn frames_run(pieces: &[&[u8]]) -> FramesRun {
 
 /// gRPC framing: chunking never changes what is passed on, where messages end, or the
 /// verdict; what is passed on is plain messages (compressed flag clear), each end marked
-/// exactly where a message ends.
+/// exactly where a message ends; a stream that ends cleanly ends at a message end.
 pub fn grpc_frames(data: &[u8]) {
     let (cuts, input) = cuts_and_rest(data);
     let whole = frames_run(&[input]);
     assert_eq!(frames_run(&pieces(input, &cuts)), whole, "cuts {cuts:?}");
-    let (bytes, ends, _) = whole;
+    let (bytes, ends, err) = whole;
+    if err.is_none() {
+        assert_eq!(
+            ends.last().copied().unwrap_or(0),
+            bytes.len(),
+            "a clean end mid-message"
+        );
+    }
     let (mut at, mut boundaries) = (0, Vec::new());
     while bytes.len() - at >= 5 {
         assert_eq!(bytes[at] & 1, 0, "a compressed message passed at {at}");
