@@ -8,6 +8,7 @@ use sealgate::config::Config;
 use sealgate::daemon::{self, Overrides};
 
 fn main() -> ExitCode {
+    sealgate::proxy::trim::tune_allocator();
     let cli = Cli::parse();
     // The configuration comes first: `[proxy] worker_threads` sizes the runtime.
     let cfg = match Config::load(cli.config.as_deref()) {
