@@ -13,7 +13,7 @@ pub mod snapshot;
 
 pub use lifecycle::{CreateSandbox, SandboxError, Sandboxes};
 pub use registry::Registry;
-pub use snapshot::{HostView, SecretEntry, Snapshot};
+pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

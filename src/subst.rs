@@ -45,6 +45,7 @@
 mod adapter;
 mod binary;
 mod body;
+mod forms;
 mod framing;
 mod headers;
 mod scrubber;
@@ -62,7 +63,8 @@ use crate::token::{Token, PREFIX, TOKEN_LEN};
 
 pub use adapter::{BodyError, Guard, ScrubBody, SubstBody, SubstOutcome};
 pub use binary::Binary;
-pub use body::BodySubst;
+pub use body::{BodyEncoding, BodySubst};
+pub use forms::echo_forms;
 pub use framing::{FrameError, MessageCoding, MessageFrames, Piece};
 pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS};
 pub use scrubber::{ScrubStream, Scrubber};

@@ -24,7 +24,8 @@ use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::{HostView, Registry, Sandbox, Snapshot};
 use crate::subst::{
-    self, Binary, BodySubst, Denied, Report, SealedOnly, SubstBody, SubstOutcome, TokenLookup,
+    self, Binary, BodyEncoding, BodySubst, Denied, Report, SealedOnly, SubstBody, SubstOutcome,
+    TokenLookup,
 };
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
@@ -600,7 +601,9 @@ async fn prepare_body(
         return Ok((UpBody::Held(whole), None));
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
-    let engine = BodySubst::new(lookup, mode).with_max_unsealed(budget);
+    let engine = BodySubst::new(lookup, mode)
+        .with_max_unsealed(budget)
+        .with_encoding(BodyEncoding::of(req.headers()));
     let sb = SubstBody::new(body, engine).with_guard(still_current(t, snapshot.clone()));
     let outcome = sb.outcome();
     Ok((
@@ -656,7 +659,9 @@ async fn substitute_whole(
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
     let frames = collect_frames(body).await?;
-    let mut engine = BodySubst::new(lookup, mode).with_max_unsealed(body_budget(rt, o));
+    let mut engine = BodySubst::new(lookup, mode)
+        .with_max_unsealed(body_budget(rt, o))
+        .with_encoding(BodyEncoding::of(req.headers()));
     let mut out = Vec::new();
     for frame in frames {
         engine.push(frame, &mut out).map_err(|d| denied(t, d, o))?;

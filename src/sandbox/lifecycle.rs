@@ -518,7 +518,9 @@ fn resnapshot(
         .iter()
         .filter_map(|e| by_name.get(&*e.name).map(|rec| ((*rec).clone(), e.token)))
         .collect();
-    Snapshot::build(old.store_name.clone(), allowlist.clone(), kept)
+    let new = Snapshot::build(old.store_name.clone(), allowlist.clone(), kept)?;
+    let retired = old.retired_by(&new);
+    Ok(new.with_retired(retired))
 }
 
 impl follow::Target for Sandboxes {
@@ -572,11 +574,12 @@ fn records_of(
 /// `snap` with every secret allowed nowhere (tokens kept, so they are recognised and refused).
 fn locked_copy(snap: &Snapshot) -> Result<Snapshot, SnapshotError> {
     let secrets = records_of(snap, |_| Some(Vec::new()));
-    Snapshot::build(
+    Ok(Snapshot::build(
         snap.store_name.clone(),
         snap.egress_allowlist.clone(),
         secrets,
-    )
+    )?
+    .with_retired(snap.retired().to_vec()))
 }
 
 /// An equal, freshly compiled copy of `snap`.
@@ -588,6 +591,7 @@ fn copy_of(snap: &Snapshot) -> Snapshot {
         secrets,
     )
     .expect("patterns of a built snapshot compile again")
+    .with_retired(snap.retired().to_vec())
 }
 
 fn row_of(sb: &Sandbox) -> SandboxRow {

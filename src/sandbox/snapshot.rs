@@ -16,11 +16,44 @@ use zeroize::Zeroizing;
 use crate::policy::{self, Dest, HostMatcher, Scheme};
 use crate::secret::{Location, Locations, SecretValue};
 use crate::store::SecretRecord;
-use crate::subst::{Scrubber, SecretRef, TokenLookup};
+use crate::subst::{echo_forms, Scrubber, SecretRef, TokenLookup};
 use crate::token::Token;
 
 /// Views kept per snapshot before the cache is cleared (bounds memory per sandbox).
 const MAX_VIEWS: usize = 1024;
+
+/// Retired values kept per sandbox (the oldest go first).
+pub const MAX_RETIRED: usize = 64;
+
+/// A value one of the sandbox's secrets had before a rotation or deletion, with the token it
+/// was unsealed from. Scrubbed from responses for the rest of the sandbox's life — an old key
+/// often stays valid for a while, and an upstream that stored it would otherwise hand it over
+/// once it is no longer a current value — and never unsealed.
+///
+/// Scrubbed where the secret could have been unsealed: its `allowed_hosts` as they were, under
+/// the store's current allowlist (scrubbing a host costs it `206` answers and compressed
+/// transfers, so hosts that never received the value are left alone).
+#[derive(Clone)]
+pub struct Retired {
+    /// The token the value was unsealed from (what replaces it).
+    pub token: Token,
+    /// The old value.
+    pub value: SecretValue,
+    /// The secret's `allowed_hosts` when the value was retired, as written.
+    pub allowed_hosts: Option<Vec<String>>,
+    allowed: Option<HostMatcher>,
+}
+
+impl Retired {
+    fn of(e: &SecretEntry) -> Retired {
+        Retired {
+            token: e.token,
+            value: e.value.clone(),
+            allowed_hosts: e.allowed_hosts.clone(),
+            allowed: e.allowed.clone(),
+        }
+    }
+}
 
 /// One secret as a sandbox sees it.
 pub struct SecretEntry {
@@ -46,6 +79,8 @@ pub struct Snapshot {
     pub egress_allowlist: Option<Vec<String>>,
     egress: Option<HostMatcher>,
     secrets: Vec<SecretEntry>,
+    /// Values the secrets had before (scrubbed, never unsealed), oldest first.
+    retired: Vec<Retired>,
     views: DashMap<Dest, Arc<HostView>>,
     /// One scrubber for every view: it holds every value of the sandbox whatever the host, so
     /// building it per destination only multiplied memory (one per made-up host name under a
@@ -91,6 +126,7 @@ impl Snapshot {
             egress_allowlist,
             egress,
             secrets: entries,
+            retired: Vec::new(),
             views: DashMap::new(),
             scrubber: OnceLock::new(),
         })
@@ -101,9 +137,50 @@ impl Snapshot {
         &self.secrets
     }
 
+    /// This snapshot with `retired` values to scrub (at most [`MAX_RETIRED`], the newest kept).
+    pub fn with_retired(mut self, mut retired: Vec<Retired>) -> Snapshot {
+        if retired.len() > MAX_RETIRED {
+            retired.drain(..retired.len() - MAX_RETIRED);
+        }
+        self.retired = retired;
+        self.scrubber = OnceLock::new();
+        self
+    }
+
+    /// Values the secrets had before a rotation or deletion, oldest first.
+    pub fn retired(&self) -> &[Retired] {
+        &self.retired
+    }
+
+    /// The retired values of a snapshot that `current` replaces: the ones this snapshot had,
+    /// then each value of this snapshot that `current` no longer holds under the same name.
+    pub fn retired_by(&self, current: &Snapshot) -> Vec<Retired> {
+        let mut out = self.retired.clone();
+        for e in &self.secrets {
+            let kept = current
+                .secrets
+                .iter()
+                .any(|c| c.name == e.name && c.value == e.value);
+            if !kept && !out.iter().any(|r| r.value == e.value) {
+                out.push(Retired::of(e));
+            }
+        }
+        out
+    }
+
     /// True if the store allowlist lets the sandbox reach `dest` at all.
     pub fn egress_allowed(&self, dest: &Dest, scheme: Scheme) -> bool {
         policy::egress_allowed(self.egress.as_ref(), dest, scheme)
+    }
+
+    /// True if retired value `r` could have been unsealed for `dest` (HTTPS) before it retired.
+    fn retired_allowed(&self, r: &Retired, dest: &Dest) -> bool {
+        policy::secret_allowed(
+            self.egress.as_ref(),
+            r.allowed.as_ref(),
+            dest,
+            Scheme::Https,
+        )
     }
 
     /// True if `name` may be unsealed for `dest` (HTTPS).
@@ -178,6 +255,7 @@ impl Snapshot {
                 .iter()
                 .map(PersistedSecret::from_entry)
                 .collect(),
+            retired: self.retired.iter().map(PersistedRetired::from).collect(),
         };
         let json = Zeroizing::new(serde_json::to_vec(&persisted).expect("snapshot serialises"));
         SecretValue::new(json.to_vec())
@@ -194,7 +272,12 @@ impl Snapshot {
         for s in p.secrets {
             secrets.push(s.into_record()?);
         }
-        Snapshot::build(p.store_name, p.egress_allowlist, secrets)
+        let retired = p
+            .retired
+            .into_iter()
+            .map(PersistedRetired::into_retired)
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot::build(p.store_name, p.egress_allowlist, secrets)?.with_retired(retired))
     }
 }
 
@@ -222,7 +305,8 @@ impl HostView {
             .iter()
             .map(|e| (e.token, secret_ref(snap, e, dest)))
             .collect();
-        let any_unsealable = lookup.values().any(|r| r.allowed);
+        let any_unsealable = lookup.values().any(|r| r.allowed)
+            || snap.retired.iter().any(|r| snap.retired_allowed(r, dest));
         let scrubber = any_unsealable.then(|| snap.scrubber()).flatten();
         HostView {
             any_query: snap
@@ -253,12 +337,16 @@ fn secret_ref(snap: &Snapshot, e: &SecretEntry, dest: &Dest) -> SecretRef {
     }
 }
 
+/// Every current and retired value, each with its transformed forms ([`echo_forms`]); current
+/// values first, so a value both current and retired is replaced with its current token.
 fn scrubber_for(snap: &Snapshot) -> Option<Arc<Scrubber>> {
-    let pairs = snap
-        .secrets
-        .iter()
-        .map(|e| (e.value.clone(), Bytes::copy_from_slice(e.token.as_bytes())))
-        .collect();
+    let current = snap.secrets.iter().map(|e| (&e.value, &e.token));
+    let retired = snap.retired.iter().map(|r| (&r.value, &r.token));
+    let mut pairs = Vec::new();
+    for (value, token) in current.chain(retired) {
+        pairs.push((value.clone(), Bytes::copy_from_slice(token.as_bytes())));
+        pairs.extend(echo_forms(value, token.as_bytes()));
+    }
     Scrubber::new(pairs)
 }
 
@@ -273,6 +361,44 @@ struct PersistedSnapshot {
     store_name: String,
     egress_allowlist: Option<Vec<String>>,
     secrets: Vec<PersistedSecret>,
+    /// Absent in snapshots written before retired values were kept.
+    #[serde(default)]
+    retired: Vec<PersistedRetired>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedRetired {
+    token: String,
+    value_b64: Zeroizing<String>,
+    allowed_hosts: Option<Vec<String>>,
+}
+
+impl From<&Retired> for PersistedRetired {
+    fn from(r: &Retired) -> Self {
+        PersistedRetired {
+            token: r.token.to_string(),
+            value_b64: Zeroizing::new(
+                base64::engine::general_purpose::STANDARD.encode(r.value.expose()),
+            ),
+            allowed_hosts: r.allowed_hosts.clone(),
+        }
+    }
+}
+
+impl PersistedRetired {
+    fn into_retired(self) -> Result<Retired, SnapshotError> {
+        let bad = || SnapshotError::Malformed("bad retired value".into());
+        let token = Token::parse(self.token.as_bytes()).ok_or_else(bad)?;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(self.value_b64.as_bytes())
+            .map_err(|_| bad())?;
+        Ok(Retired {
+            token,
+            value: SecretValue::new(value),
+            allowed: compile(self.allowed_hosts.as_deref())?,
+            allowed_hosts: self.allowed_hosts,
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -363,5 +489,88 @@ mod tests {
             snap.view(&elsewhere).scrubber.is_none(),
             "nothing unsealable there"
         );
+    }
+
+    fn scrubs(snap: &Snapshot, host: &str, text: &str) -> bool {
+        let dest = policy::parse_authority(&format!("{host}:443"), None).unwrap();
+        let view = snap.view(&dest);
+        view.scrubber
+            .as_ref()
+            .is_some_and(|s| s.scrub(text.as_bytes()).is_some())
+    }
+
+    /// A snapshot like `old` whose secret now has `value` (`None`: deleted), as a rotation
+    /// builds it, with `old`'s retired values carried over.
+    fn rotated(old: &Snapshot, value: Option<&[u8]>) -> Snapshot {
+        let now = time::OffsetDateTime::now_utc();
+        let secrets = value
+            .map(|v| {
+                let e = &old.secrets()[0];
+                let meta = crate::store::SecretMeta {
+                    name: e.name.to_string(),
+                    allowed_hosts: e.allowed_hosts.clone(),
+                    locations: e.locations.to_vec(),
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                };
+                let value = SecretValue::new(v.to_vec());
+                (SecretRecord { meta, value }, e.token)
+            })
+            .into_iter()
+            .collect();
+        let new = Snapshot::build("s".into(), None, secrets).unwrap();
+        let retired = old.retired_by(&new);
+        new.with_retired(retired)
+    }
+
+    #[test]
+    fn retired_values_stay_scrubbed_where_they_were_allowed_and_survive_persistence() {
+        let v1 = "sk-snapshot-test-value";
+        let v2 = "sk-snapshot-rotated-002";
+        let snap = snapshot(&["api.example.test"]);
+        let after = rotated(&snap, Some(v2.as_bytes()));
+        assert_eq!(after.retired().len(), 1);
+        assert!(scrubs(&after, "api.example.test", v1), "the old value");
+        assert!(scrubs(&after, "api.example.test", v2), "the new value");
+        assert!(!scrubs(&after, "other.test", v1), "never unsealed there");
+        let same = rotated(&after, Some(v2.as_bytes()));
+        assert_eq!(
+            same.retired().len(),
+            1,
+            "an unchanged value retires nothing"
+        );
+        let gone = rotated(&same, None);
+        assert_eq!(gone.retired().len(), 2);
+        assert!(gone.secrets().is_empty());
+        for v in [v1, v2] {
+            assert!(scrubs(&gone, "api.example.test", v), "deleted: {v}");
+        }
+        let back = Snapshot::from_sealable(&gone.to_sealable()).unwrap();
+        assert_eq!(back.retired().len(), 2);
+        assert!(scrubs(&back, "api.example.test", v1), "after a restart");
+        assert!(!scrubs(&back, "other.test", v1));
+    }
+
+    #[test]
+    fn retired_values_are_bounded_oldest_first() {
+        let mut snap = snapshot(&["api.example.test"]);
+        for i in 0..MAX_RETIRED + 5 {
+            snap = rotated(&snap, Some(format!("sk-rotation-number-{i:04}").as_bytes()));
+        }
+        assert_eq!(snap.retired().len(), MAX_RETIRED);
+        assert!(!scrubs(&snap, "api.example.test", "sk-snapshot-test-value"));
+        let newest_retired = format!("sk-rotation-number-{:04}", MAX_RETIRED + 3);
+        assert!(scrubs(&snap, "api.example.test", &newest_retired));
+    }
+
+    #[test]
+    fn snapshots_written_before_retired_values_still_load() {
+        let snap = snapshot(&["api.example.test"]);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(snap.to_sealable().expose()).unwrap();
+        json.as_object_mut().unwrap().remove("retired");
+        let old = SecretValue::new(serde_json::to_vec(&json).unwrap());
+        assert!(Snapshot::from_sealable(&old).unwrap().retired().is_empty());
     }
 }

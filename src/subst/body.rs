@@ -33,7 +33,7 @@ use bytes::Bytes;
 use super::{
     decide, push_piece, split_emit, value_bytes, Denied, OnDisallowed, Report, TokenLookup, FINDER,
 };
-use crate::secret::Location;
+use crate::secret::{Location, SecretValue};
 use crate::token::{is_lower_hex, Token, PREFIX, TOKEN_LEN};
 
 /// Streaming token substitution for one request body (Location::Body).
@@ -53,6 +53,59 @@ pub struct BodySubst<L = Arc<dyn TokenLookup>> {
     changed: bool,
     /// Set once a push was denied; the engine then refuses everything.
     denied: Option<Denied>,
+    /// How a value is written into this body.
+    encoding: BodyEncoding,
+}
+
+/// How a real value is written in place of its token, by the body's media type: a form field
+/// or a JSON string must decode to the value, so the value is encoded as that syntax requires
+/// (a `+`, `&` or `%` in a form value, a `"` or `\` in a JSON string). Any other body gets the
+/// bytes as they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyEncoding {
+    /// The value's bytes.
+    #[default]
+    Verbatim,
+    /// `application/x-www-form-urlencoded`: the value form-encoded ([`super::forms::form_field`]).
+    Form,
+    /// `application/json` and `…+json`: the value escaped for a JSON string
+    /// ([`super::forms::json_string`]).
+    Json,
+}
+
+impl BodyEncoding {
+    /// The encoding for a body with these headers (its `Content-Type`).
+    pub fn of(headers: &http::HeaderMap) -> BodyEncoding {
+        let Some(ct) = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return BodyEncoding::Verbatim;
+        };
+        let media = ct.split(';').next().unwrap_or_default().trim();
+        if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            BodyEncoding::Form
+        } else if media.eq_ignore_ascii_case("application/json")
+            || media
+                .len()
+                .checked_sub(5)
+                .and_then(|at| media.get(at..))
+                .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
+        {
+            BodyEncoding::Json
+        } else {
+            BodyEncoding::Verbatim
+        }
+    }
+
+    /// `value` as this encoding writes it, without a copy when nothing changes.
+    fn write(self, value: &SecretValue) -> Bytes {
+        match self {
+            BodyEncoding::Verbatim => value_bytes(value),
+            BodyEncoding::Form => value_bytes(&super::forms::form_field(value)),
+            BodyEncoding::Json => value_bytes(&super::forms::json_string(value)),
+        }
+    }
 }
 
 impl<L> BodySubst<L>
@@ -69,7 +122,14 @@ where
             report: Report::default(),
             changed: false,
             denied: None,
+            encoding: BodyEncoding::Verbatim,
         }
+    }
+
+    /// Writes values as `encoding` requires (see [`BodyEncoding`]).
+    pub fn with_encoding(mut self, encoding: BodyEncoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// Puts at most `max` bytes of real values into this body; a token past that stays sealed
@@ -182,7 +242,7 @@ where
             &mut self.report,
         )?;
         self.changed |= value.is_some();
-        Ok(value.map(value_bytes))
+        Ok(value.map(|v| self.encoding.write(v)))
     }
 }
 
@@ -553,5 +613,57 @@ mod tests {
             cuts.sort_unstable();
             assert_same(&fixture(), &input, &cuts, OnDisallowed::Block);
         }
+    }
+
+    #[test]
+    fn the_encoding_follows_the_media_type() {
+        let of = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            BodyEncoding::of(&h)
+        };
+        assert_eq!(of("application/x-www-form-urlencoded"), BodyEncoding::Form);
+        assert_eq!(
+            of("Application/X-WWW-Form-Urlencoded; charset=utf-8"),
+            BodyEncoding::Form
+        );
+        assert_eq!(of("application/json"), BodyEncoding::Json);
+        assert_eq!(
+            of("application/vnd.api+json; charset=utf-8"),
+            BodyEncoding::Json
+        );
+        assert_eq!(of("text/plain"), BodyEncoding::Verbatim);
+        assert_eq!(
+            of("multipart/form-data; boundary=x"),
+            BodyEncoding::Verbatim
+        );
+        assert_eq!(of("json"), BodyEncoding::Verbatim);
+        assert_eq!(
+            BodyEncoding::of(&http::HeaderMap::new()),
+            BodyEncoding::Verbatim
+        );
+    }
+
+    #[test]
+    fn values_are_written_as_the_body_syntax_requires() {
+        let raw = b"a+b&c=%41 \"q\\";
+        let tricky = SecretValue::new(raw.to_vec());
+        for (encoding, expected) in [
+            (BodyEncoding::Verbatim, &raw[..]),
+            (BodyEncoding::Form, b"a%2Bb%26c%3D%2541+%22q%5C"),
+            (BodyEncoding::Json, b"a+b&c=%41 \\\"q\\\\"),
+        ] {
+            assert_eq!(&encoding.write(&tricky)[..], expected, "{encoding:?}");
+        }
+        let f = super::super::testutil::with_allowed_value(raw);
+        let mut engine = BodySubst::new(&f, OnDisallowed::Block).with_encoding(BodyEncoding::Form);
+        let mut out = Vec::new();
+        let input = format!("k={}&x=1", f.allowed);
+        let (a, b) = input.split_at(10);
+        for part in [a, b] {
+            engine.push(Bytes::from(part.to_owned()), &mut out).unwrap();
+        }
+        engine.finish(&mut out);
+        assert_eq!(out.concat(), b"k=a%2Bb%26c%3D%2541+%22q%5C&x=1");
     }
 }

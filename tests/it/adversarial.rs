@@ -14,6 +14,7 @@
 //! | [`exhaustion`] | oversized heads, slowloris, tunnel caps, h2 floods |
 //! | [`budgets`] | connection budgets: silent connections, one sandbox at its cap |
 //! | [`reflection`] | upstreams echoing real values back |
+//! | [`transformed`] | echoes in another form (percent, JSON, base64), of old values, and bodies that must decode to the value |
 //! | [`responses`] | hostile response channels (reason, names, codings, trailers) and bodiless answers |
 //! | [`key_material`] | tampered ciphertexts, admin reachability, leaf minting |
 //! | [`store_policy`] | tampered policy rows, a missing master key, unsealable values, open-store ports |
@@ -31,6 +32,7 @@ mod responses;
 mod smuggling;
 mod store_policy;
 mod substitution;
+mod transformed;
 mod vetting;
 
 use std::net::SocketAddr;

@@ -329,6 +329,8 @@ async fn route(
         compressed(rec, "br", brotli(&echo_json(rec)).await)
     } else if p("/reflect") {
         reflect(rec)
+    } else if p("/b64") {
+        b64(rec)
     } else if p("/redirect") {
         redirect()
     } else {
@@ -389,6 +391,16 @@ fn credentials(rec: &Recorded) -> Vec<Vec<u8>> {
             .map(<[u8]>::to_vec),
     );
     values
+}
+
+/// The echo JSON, base64-encoded (standard alphabet): a value inside lands at whatever byte
+/// offset the request's other fields put it.
+fn b64(rec: &Recorded) -> Response<RespBody> {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(echo_json(rec));
+    let mut resp = response(StatusCode::OK, full(body.into_bytes()));
+    set(&mut resp, header::CONTENT_TYPE, b"text/plain");
+    resp
 }
 
 fn reflect(rec: &Recorded) -> Response<RespBody> {

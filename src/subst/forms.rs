@@ -1,0 +1,362 @@
+//! The forms a real value takes when it comes back transformed in a common, reversible way:
+//! what the response scrubber looks for besides the value itself.
+//!
+//! An upstream that echoes rarely echoes raw bytes. It reflects a URL (percent-encoded, as
+//! sealgate's own query substitution wrote it), a form field, a JSON string, or something
+//! base64-encoded (an `Authorization: Basic` header it stored, a blob holding the value). Each
+//! form below is as reversible as the value itself, so each is scrubbed:
+//!
+//! | form | written by | replaced with |
+//! |---|---|---|
+//! | percent-encoding, RFC 3986 unreserved kept, upper- or lowercase hex | sealgate's query substitution, most URL builders | the token |
+//! | `application/x-www-form-urlencoded` (space as `+`, `*` kept) | HTML forms, `urlencode`, sealgate's form bodies | the token |
+//! | `encodeURIComponent` (`!'()*` kept) | browsers, Node | the token |
+//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), and minimal twice (a JSON body echoed inside JSON) | every JSON API | the token |
+//! | base64 (standard and URL-safe alphabet) at each of the three byte alignments | Basic auth, tokens and blobs holding the value | the token's base64 at the same alignment |
+//!
+//! # Base64 at any alignment
+//!
+//! A value inside base64-encoded data starts at some byte offset; only the offset mod 3
+//! changes its encoding. For each of the three, the characters that depend on the value's
+//! bytes alone (not on the bytes around it) are the same wherever it appears, so they are a
+//! pattern like any other. What stays is at most one character at each end, which holds
+//! four bits of the value at most. A core shorter than [`MIN_BASE64_CORE`] is not used: it
+//! would match unrelated base64 (images, keys) too often.
+//!
+//! Only forms that differ from the value are returned, and none for a value longer than
+//! [`MAX_FORMS_VALUE_LEN`]. Every form is a [`SecretValue`]
+//! (zeroized on drop) and is built in a buffer sized before writing, so no reallocation leaves
+//! a copy behind.
+
+use base64::alphabet::{Alphabet, STANDARD, URL_SAFE};
+use base64::engine::general_purpose::NO_PAD;
+use base64::engine::GeneralPurpose;
+use base64::Engine as _;
+use bytes::Bytes;
+use zeroize::Zeroizing;
+
+use crate::secret::SecretValue;
+
+/// The shortest base64 core scrubbed (characters; about 18 bytes of value at alignment 0).
+pub const MIN_BASE64_CORE: usize = 24;
+
+/// Values longer than this get no transformed forms (the value itself is still scrubbed): the
+/// forms are up to three times a value's length each, and every sandbox holding the secret
+/// keeps them in its scrubber.
+pub const MAX_FORMS_VALUE_LEN: usize = 16 * 1024;
+
+/// Every transformed form of `value` (see the module docs) paired with what replaces it, the
+/// value itself excluded: `(form, replacement)`. `token` is the value's sealed token.
+pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)> {
+    let v = value.expose();
+    let mut forms: Vec<(SecretValue, Bytes)> = Vec::new();
+    if v.len() > MAX_FORMS_VALUE_LEN {
+        return forms;
+    }
+    let mut add = |form: Zeroizing<Vec<u8>>, with: Bytes| {
+        if form.as_slice() != v && !forms.iter().any(|(f, _)| f.expose() == form.as_slice()) {
+            forms.push((SecretValue::new(form.to_vec()), with));
+        }
+    };
+    let token_bytes = Bytes::copy_from_slice(token);
+    for style in PercentStyle::ALL {
+        add(percent(v, style), token_bytes.clone());
+    }
+    for style in JsonStyle::ALL {
+        if let Some(form) = json(v, style) {
+            add(form, token_bytes.clone());
+        }
+    }
+    // A JSON body echoed inside a JSON answer (httpbin's `data`): escaped twice.
+    if let Some(twice) =
+        json(v, JsonStyle::MINIMAL).and_then(|once| json(&once, JsonStyle::MINIMAL))
+    {
+        add(twice, token_bytes.clone());
+    }
+    for alphabet in [&STANDARD, &URL_SAFE] {
+        for offset in 0..3 {
+            let core = base64_core(v, offset, alphabet);
+            if core.len() >= MIN_BASE64_CORE {
+                let with = base64_core(token, offset, alphabet);
+                add(core, Bytes::from(with.to_vec()));
+            }
+        }
+    }
+    forms
+}
+
+/// `value` as a form field writes it (`application/x-www-form-urlencoded`, space as `+`): what
+/// replaces a token in a form body, so the upstream decodes the value and not something else.
+pub fn form_field(value: &SecretValue) -> SecretValue {
+    SecretValue::new(percent(value.expose(), PercentStyle::Form).to_vec())
+}
+
+/// `value` escaped for the inside of a JSON string (`\"`, `\\`, control characters as
+/// `\u00XX`, everything else as it is): what replaces a token in a JSON body.
+pub fn json_string(value: &SecretValue) -> SecretValue {
+    let escaped =
+        json(value.expose(), JsonStyle::MINIMAL).expect("the minimal style takes any bytes");
+    SecretValue::new(escaped.to_vec())
+}
+
+/// Which characters a percent-encoding keeps and how it writes the rest.
+#[derive(Clone, Copy)]
+enum PercentStyle {
+    /// RFC 3986 unreserved kept, uppercase hex (sealgate's query substitution).
+    Unreserved,
+    /// The same with lowercase hex.
+    UnreservedLower,
+    /// `application/x-www-form-urlencoded`: alphanumerics and `*-._` kept, space as `+`.
+    Form,
+    /// JavaScript's `encodeURIComponent`: unreserved and `!'()*` kept.
+    UriComponent,
+}
+
+impl PercentStyle {
+    const ALL: [PercentStyle; 4] = [
+        PercentStyle::Unreserved,
+        PercentStyle::UnreservedLower,
+        PercentStyle::Form,
+        PercentStyle::UriComponent,
+    ];
+
+    fn keeps(self, b: u8) -> bool {
+        b.is_ascii_alphanumeric()
+            || match self {
+                PercentStyle::Unreserved | PercentStyle::UnreservedLower => {
+                    matches!(b, b'-' | b'.' | b'_' | b'~')
+                }
+                PercentStyle::Form => matches!(b, b'*' | b'-' | b'.' | b'_'),
+                PercentStyle::UriComponent => {
+                    matches!(
+                        b,
+                        b'-' | b'.' | b'_' | b'~' | b'!' | b'\'' | b'(' | b')' | b'*'
+                    )
+                }
+            }
+    }
+}
+
+/// `value` percent-encoded in `style`.
+fn percent(value: &[u8], style: PercentStyle) -> Zeroizing<Vec<u8>> {
+    let hex: &[u8; 16] = match style {
+        PercentStyle::UnreservedLower => b"0123456789abcdef",
+        _ => b"0123456789ABCDEF",
+    };
+    let mut out = Zeroizing::new(Vec::with_capacity(value.len() * 3));
+    for &b in value {
+        if style.keeps(b) {
+            out.push(b);
+        } else if b == b' ' && matches!(style, PercentStyle::Form) {
+            out.push(b'+');
+        } else {
+            out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 0xf)]]);
+        }
+    }
+    out
+}
+
+/// How a JSON encoder escapes inside a string.
+#[derive(Clone, Copy)]
+struct JsonStyle {
+    /// `/` as `\/` (PHP).
+    slash: bool,
+    /// Non-ASCII as `\uXXXX`, lowercase hex, UTF-16 surrogate pairs (PHP, Python).
+    ascii: bool,
+    /// `<`, `>`, `&` as `\u003c`, `\u003e`, `\u0026` (Go).
+    html: bool,
+}
+
+impl JsonStyle {
+    /// `\"`, `\\` and control characters only (serde_json, JavaScript).
+    const MINIMAL: JsonStyle = JsonStyle {
+        slash: false,
+        ascii: false,
+        html: false,
+    };
+
+    const ALL: [JsonStyle; 4] = [
+        JsonStyle::MINIMAL,
+        JsonStyle {
+            slash: true,
+            ascii: true,
+            html: false,
+        },
+        JsonStyle {
+            slash: false,
+            ascii: true,
+            html: false,
+        },
+        JsonStyle {
+            slash: false,
+            ascii: false,
+            html: true,
+        },
+    ];
+}
+
+/// `value` as the inside of a JSON string in `style`; `None` when `style` escapes non-ASCII
+/// and `value` is not UTF-8 (no JSON encoder writes such a string).
+fn json(value: &[u8], style: JsonStyle) -> Option<Zeroizing<Vec<u8>>> {
+    let text = if style.ascii {
+        Some(std::str::from_utf8(value).ok()?)
+    } else {
+        None
+    };
+    let mut out = Zeroizing::new(Vec::with_capacity(value.len() * 12));
+    let Some(text) = text else {
+        value.iter().for_each(|&b| json_byte(b, style, &mut out));
+        return Some(out);
+    };
+    for c in text.chars() {
+        if c.is_ascii() {
+            json_byte(c as u8, style, &mut out);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                push_unicode_escape(*unit, &mut out);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// One byte inside a JSON string in `style` (non-ASCII bytes pass as they are).
+fn json_byte(b: u8, style: JsonStyle, out: &mut Vec<u8>) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'/' if style.slash => out.extend_from_slice(b"\\/"),
+        b'<' | b'>' | b'&' if style.html => push_unicode_escape(u16::from(b), out),
+        0..=0x1f => push_unicode_escape(u16::from(b), out),
+        _ => out.push(b),
+    }
+}
+
+fn push_unicode_escape(unit: u16, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[usize::from((unit >> shift) & 0xf)]);
+    }
+}
+
+/// The characters of base64(`offset` bytes, then `value`) that depend on `value`'s bytes
+/// only: the same wherever `value` starts at that offset (mod 3) inside base64-encoded data.
+fn base64_core(value: &[u8], offset: usize, alphabet: &Alphabet) -> Zeroizing<Vec<u8>> {
+    let engine = GeneralPurpose::new(alphabet, NO_PAD);
+    let mut input = Zeroizing::new(Vec::with_capacity(offset + value.len()));
+    input.resize(offset, 0);
+    input.extend_from_slice(value);
+    let mut encoded = Zeroizing::new(vec![0u8; input.len().div_ceil(3) * 4]);
+    let n = engine
+        .encode_slice(&*input, &mut encoded[..])
+        .expect("buffer sized for the encoding");
+    // Character i covers bits 6i..6i+6; the first whole one after the offset's bits, up to
+    // the last that ends inside the value.
+    let first = (8 * offset).div_ceil(6);
+    let end = (8 * input.len()) / 6;
+    let end = end.min(n).max(first);
+    Zeroizing::new(encoded[first..end].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD};
+
+    use super::*;
+
+    fn forms_of(value: &str) -> Vec<Vec<u8>> {
+        echo_forms(&SecretValue::new(value.into()), b"osb_sealed_x")
+            .into_iter()
+            .map(|(f, _)| f.expose().to_vec())
+            .collect()
+    }
+
+    fn has(forms: &[Vec<u8>], form: &str) -> bool {
+        forms.iter().any(|f| f == form.as_bytes())
+    }
+
+    #[test]
+    fn percent_forms_are_the_ones_encoders_write() {
+        let f = forms_of("a/b+c= d*é");
+        assert!(has(&f, "a%2Fb%2Bc%3D%20d%2A%C3%A9"), "query substitution");
+        assert!(has(&f, "a%2fb%2bc%3d%20d%2a%c3%a9"), "lowercase hex");
+        assert!(has(&f, "a%2Fb%2Bc%3D+d*%C3%A9"), "form-urlencoded");
+        assert!(has(&f, "a%2Fb%2Bc%3D%20d*%C3%A9"), "encodeURIComponent");
+    }
+
+    #[test]
+    fn json_forms_are_the_ones_encoders_write() {
+        let v = "p\"w\\/<é😀";
+        let f = forms_of(v);
+        let minimal = serde_json::to_string(v).unwrap();
+        assert!(has(&f, &minimal[1..minimal.len() - 1]), "serde_json");
+        assert!(has(&f, r#"p\"w\\\/<\u00e9\ud83d\ude00"#), "PHP");
+        assert!(has(&f, r#"p\"w\\/<\u00e9\ud83d\ude00"#), "Python");
+        assert!(has(&f, "p\\\"w\\\\/\\u003cé😀"), "Go");
+        let twice = serde_json::to_string(&minimal).unwrap();
+        let twice = &twice[1..twice.len() - 1];
+        assert!(
+            has(&f, &twice[2..twice.len() - 2]),
+            "serde_json twice: {twice}"
+        );
+    }
+
+    #[test]
+    fn a_plain_value_has_only_its_base64_forms() {
+        let value = "sk-live-0123456789abcdefghij";
+        let f = forms_of(value);
+        assert!(!f.is_empty());
+        for form in &f {
+            assert!(
+                form.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/-_".contains(b)),
+                "only base64 cores: {}",
+                String::from_utf8_lossy(form)
+            );
+        }
+    }
+
+    #[test]
+    fn a_base64_core_is_found_at_every_offset_with_any_surroundings() {
+        let value = b"sk-live-0123456789abcdefghijklmnop";
+        let f = forms_of(std::str::from_utf8(value).unwrap());
+        for prefix in ["", "u", "us", "user:", "Bearer x y z "] {
+            for suffix in ["", "!", "!!", "\n"] {
+                let data = [prefix.as_bytes(), value, suffix.as_bytes()].concat();
+                for encoded in [B64.encode(&data), URL_SAFE_NO_PAD.encode(&data)] {
+                    assert!(
+                        f.iter()
+                            .any(|form| memchr::memmem::find(encoded.as_bytes(), form).is_some()),
+                        "{prefix:?}+value+{suffix:?} as {encoded}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_value_has_no_forms() {
+        let long = "a/".repeat(MAX_FORMS_VALUE_LEN / 2 + 1);
+        assert!(forms_of(&long).is_empty());
+    }
+
+    #[test]
+    fn a_short_value_has_no_base64_forms() {
+        assert!(forms_of("short-key-1").is_empty());
+    }
+
+    #[test]
+    fn base64_cores_are_replaced_by_the_tokens_core_at_the_same_offset() {
+        let value = SecretValue::new(b"sk-live-0123456789abcdefghijklmnop".to_vec());
+        let token = b"osb_sealed_0123456789abcdef0123456789abcdef";
+        let whole = B64.encode(value.expose());
+        let forms = echo_forms(&value, token);
+        let (_, with) = forms
+            .iter()
+            .find(|(f, _)| whole.as_bytes().starts_with(f.expose()))
+            .expect("the offset-0 core");
+        assert!(B64.encode(token).as_bytes().starts_with(with));
+    }
+}
