@@ -435,7 +435,7 @@ fn restore_sandboxes(
     let cert_dir = std::fs::canonicalize(&cfg.cert_dir).map_err(io_err("resolving cert_dir"))?;
     let lifecycle = LifecycleConfig {
         cert_dir: cert_dir.clone(),
-        proxy_public: format!("{}:{}", cfg.proxy.public_host, proxy_addr.port()),
+        proxy_public: public_authority(&cfg.proxy.public_host, proxy_addr.port()),
         default_timeout: cfg.sandbox.default_timeout,
         max_timeout: cfg.sandbox.max_timeout,
         node: node.clone(),
@@ -701,6 +701,16 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     .collect()
 }
 
+/// `host:port` as it goes into the sandboxes' proxy URL: an IPv6 address in brackets
+/// (`public_host = "::1"` and `"[::1]"` both give `[::1]:3128`).
+fn public_authority(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,5 +759,16 @@ mod tests {
         let no_pw = "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql user=sg\"\n";
         let (_d, path, cfg) = with_mode(no_pw, 0o644);
         assert!(check_config_private(&cfg, Some(&path)).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_public_host_is_bracketed_in_the_proxy_url() {
+        assert_eq!(public_authority("::1", 3128), "[::1]:3128");
+        assert_eq!(public_authority("[::1]", 3128), "[::1]:3128");
+        assert_eq!(public_authority("10.0.0.1", 3128), "10.0.0.1:3128");
+        assert_eq!(
+            public_authority("proxy.internal", 3128),
+            "proxy.internal:3128"
+        );
     }
 }

@@ -143,8 +143,9 @@ async fn get_store(State(st): St, Path(id): Path<String>) -> Result<Json<StoreRe
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateStore {
-    #[serde(default)]
-    name: Option<String>,
+    /// Absent: unchanged. `null` is refused (a store always has a name).
+    #[serde(default, deserialize_with = "double_option")]
+    name: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
     egress_allowlist: Option<Option<Vec<String>>>,
 }
@@ -156,7 +157,16 @@ async fn update_store(
     body: Result<Json<UpdateStore>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<StoreRecord>, ApiError> {
     let Json(req) = body?;
-    if let Some(n) = &req.name {
+    let name = match req.name {
+        None => None,
+        Some(None) => {
+            return Err(ApiError::bad_request(
+                "name: null is not a store name (leave the field out to keep the name)",
+            ))
+        }
+        Some(Some(n)) => Some(n),
+    };
+    if let Some(n) = &name {
         validate::store_name(n)?;
     }
     let allow = match req.egress_allowlist {
@@ -164,7 +174,7 @@ async fn update_store(
         Some(list) => Some(validate::patterns("egress_allowlist", list)?),
     };
     let allow_changed = allow.is_some();
-    let rec = st.store.update_store(&id, req.name.as_deref(), allow)?;
+    let rec = st.store.update_store(&id, name.as_deref(), allow)?;
     if allow_changed {
         st.sandboxes.refresh_store(&id)?;
     }

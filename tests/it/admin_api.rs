@@ -212,6 +212,20 @@ async fn patch_is_partial() {
         .api(Method::PATCH, &format!("/v1/stores/{id}"), Some(json!({})))
         .await;
     assert_eq!(v["name"], "q");
+    let (s, v) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"name": null})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a store always has a name: {v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("name"),
+        "{v}"
+    );
+    let (_, v) = h.api(Method::GET, &format!("/v1/stores/{id}"), None).await;
+    assert_eq!(v["name"], "q", "and nothing changed");
 }
 
 #[tokio::test]
