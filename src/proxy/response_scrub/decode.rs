@@ -250,7 +250,7 @@ fn layers(codings: &[Coding], source: Source) -> Layer {
     let raw: Layer = Box::new(StreamReader::new(source));
     codings.iter().rev().fold(raw, |inner, &c| match c {
         Coding::Gzip => buffered(GzipDecoder::new(inner)),
-        Coding::Zlib => buffered(ZlibDecoder::new(inner)),
+        Coding::Zlib => Box::new(Deflate::Sniffing(Some(inner))),
         Coding::RawDeflate => buffered(DeflateDecoder::new(inner)),
         Coding::Brotli => buffered(BrotliDecoder::new(inner)),
         Coding::Zstd => buffered(ZstdDecoder::new(inner)),
@@ -263,6 +263,86 @@ where
     D: tokio::io::AsyncRead,
 {
     Box::new(BufReader::with_capacity(CHUNK, decoder))
+}
+
+/// `deflate` as servers send it: RFC 9110 says zlib-wrapped, but some send a raw deflate
+/// stream, which curl and browsers accept (sealgate cut such answers off mid-transfer). The
+/// first byte tells them apart: a zlib header's CMF holds compression method 8 in its low nibble
+/// and a window of at most 32 KiB (`<= 7`) in its high nibble. A raw stream starting with such a
+/// byte would be a stored block with non-zero padding bits, which no encoder writes.
+enum Deflate {
+    /// Before the first byte is seen (`None` only while switching).
+    Sniffing(Option<Layer>),
+    Zlib(BufReader<ZlibDecoder<Layer>>),
+    Raw(BufReader<DeflateDecoder<Layer>>),
+}
+
+impl Deflate {
+    /// Picks the decoder once the first byte (or the end) is there.
+    fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Deflate::Sniffing(inner) = self else {
+            return Poll::Ready(Ok(()));
+        };
+        let layer = inner.as_mut().expect("a sniffing layer holds its input");
+        let first = ready!(Pin::new(layer).poll_fill_buf(cx))?.first().copied();
+        let inner = inner.take().expect("a sniffing layer holds its input");
+        *self = match first {
+            Some(b) if b & 0x0f == 8 && b >> 4 <= 7 => {
+                Deflate::Zlib(BufReader::with_capacity(CHUNK, ZlibDecoder::new(inner)))
+            }
+            None => Deflate::Zlib(BufReader::with_capacity(CHUNK, ZlibDecoder::new(inner))),
+            Some(_) => Deflate::Raw(BufReader::with_capacity(CHUNK, DeflateDecoder::new(inner))),
+        };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncRead for Deflate {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_sniff(cx))?;
+        match this {
+            Deflate::Zlib(r) => Pin::new(r).poll_read(cx, buf),
+            Deflate::Raw(r) => Pin::new(r).poll_read(cx, buf),
+            Deflate::Sniffing(_) => unreachable!("sniffed above"),
+        }
+    }
+}
+
+impl AsyncBufRead for Deflate {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        ready!(this.poll_sniff(cx))?;
+        match this {
+            Deflate::Zlib(r) => Pin::new(r).poll_fill_buf(cx),
+            Deflate::Raw(r) => Pin::new(r).poll_fill_buf(cx),
+            Deflate::Sniffing(_) => unreachable!("sniffed above"),
+        }
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        match self.get_mut() {
+            Deflate::Zlib(r) => Pin::new(r).consume(amt),
+            Deflate::Raw(r) => Pin::new(r).consume(amt),
+            Deflate::Sniffing(_) => debug_assert_eq!(amt, 0, "nothing was handed out yet"),
+        }
+    }
+}
+
+impl Layered for Deflate {
+    fn into_source(self: Box<Self>) -> Source {
+        match *self {
+            Deflate::Sniffing(inner) => inner
+                .expect("a sniffing layer holds its input")
+                .into_source(),
+            Deflate::Zlib(r) => r.into_inner().into_inner().into_source(),
+            Deflate::Raw(r) => r.into_inner().into_inner().into_source(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +415,29 @@ mod tests {
             assert_eq!(data.unwrap(), Bytes::from(text.clone()), "split {split}");
             assert_eq!(t, Some(trailers()), "split {split}");
         }
+    }
+
+    #[tokio::test]
+    async fn deflate_is_read_zlib_wrapped_or_raw_as_clients_do() {
+        use std::io::Write as _;
+        let text = b"the real value sk-decode-0002 in a deflate answer ".repeat(40);
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&text).unwrap();
+        let raw_deflate = e.finish().unwrap();
+        for (name, wire) in [("zlib", zlib(&text)), ("raw", raw_deflate)] {
+            for split in [1, 2, 9, wire.len()] {
+                let chunks: Vec<Vec<u8>> = wire.chunks(split).map(<[u8]>::to_vec).collect();
+                let (data, t) = decode("deflate", raw(chunks, Some(trailers()))).await;
+                assert_eq!(
+                    data.unwrap(),
+                    Bytes::from(text.clone()),
+                    "{name}, split {split}"
+                );
+                assert_eq!(t, Some(trailers()), "{name}, split {split}");
+            }
+        }
+        let (data, _) = decode("deflate", raw(vec![b"not deflate at all".to_vec()], None)).await;
+        assert!(data.is_err(), "garbage still fails");
     }
 
     #[tokio::test]
