@@ -39,8 +39,15 @@ pub fn admit(
     scheme: Scheme,
     listener: ListenerKind,
 ) -> Result<Arc<Tunnel>, Refusal> {
-    if !sandbox.snapshot().egress_allowed(&dest, scheme) {
-        let msg = format!("{dest} is not in the store's egress_allowlist");
+    let snapshot = sandbox.snapshot();
+    if !snapshot.egress_allowed(&dest, scheme) {
+        let msg = match snapshot.egress_allowlist {
+            Some(_) => format!("{dest} is not in the store's egress_allowlist"),
+            None => format!(
+                "{dest}: the store has no egress_allowlist, which allows the default ports only \
+                 (443, and 80 for plain HTTP)"
+            ),
+        };
         return Err(Refusal::new(Code::EgressDenied, msg));
     }
     if let Err(e) = live.upstream.precheck(&dest) {

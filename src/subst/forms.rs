@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 
 use crate::secret::SecretValue;
 
-/// The shortest base64 core scrubbed (characters; about 18 bytes of value at alignment 0).
+/// The shortest base64 core scrubbed (characters): a value of 19 bytes or more has all three.
 pub const MIN_BASE64_CORE: usize = 24;
 
 /// Values longer than this get no transformed forms (the value itself is still scrubbed): the
@@ -358,5 +358,25 @@ mod tests {
             .find(|(f, _)| whole.as_bytes().starts_with(f.expose()))
             .expect("the offset-0 core");
         assert!(B64.encode(token).as_bytes().starts_with(with));
+    }
+
+    proptest::proptest! {
+        /// Whatever surrounds a value of 19 bytes or more, and in either alphabet, one of its
+        /// base64 forms is inside the encoding.
+        #[test]
+        fn some_base64_form_is_inside_any_encoding_of_data_holding_the_value(
+            value in proptest::collection::vec(proptest::prelude::any::<u8>(), 19..80),
+            prefix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..7),
+            suffix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4),
+        ) {
+            let forms = echo_forms(&SecretValue::new(value.clone()), b"osb_sealed_x");
+            let data = [prefix, value, suffix].concat();
+            for encoded in [B64.encode(&data), URL_SAFE_NO_PAD.encode(&data)] {
+                let inside = forms
+                    .iter()
+                    .any(|(f, _)| memchr::memmem::find(encoded.as_bytes(), f.expose()).is_some());
+                proptest::prop_assert!(inside, "{}", encoded);
+            }
+        }
     }
 }

@@ -966,3 +966,28 @@ async fn tls_without_alpn_serves_h2_by_preface_and_h1_otherwise() {
     }
     e.h.assert_logs_clean();
 }
+
+/// A store without an allowlist allows the default ports only; a refusal elsewhere says that,
+/// rather than naming an allowlist the store does not have.
+#[tokio::test]
+async fn a_store_without_an_allowlist_names_the_port_rule_when_it_refuses() {
+    let e = setup(
+        None,
+        &[(
+            "KEY",
+            "sk-open-store-port-0001",
+            Some(&["api.example.test"]),
+            None,
+        )],
+    )
+    .await;
+    let refused = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), "api.example.test:8443")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert!(
+        refused.body.contains("no egress_allowlist") && refused.body.contains("default ports"),
+        "{}",
+        refused.body
+    );
+}
