@@ -428,9 +428,15 @@ impl Sandboxes {
         allowlist: &Option<Vec<String>>,
         secrets: &[SecretRecord],
     ) -> Result<(), SandboxError> {
+        // A locked sandbox serves a copy allowed nowhere: the change applies to the real
+        // snapshot it holds (retired values keep their real scope), and the lock stays.
+        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
         let snaps = affected
             .iter()
-            .map(|sb| resnapshot(&sb.snapshot(), allowlist, secrets))
+            .map(|sb| {
+                let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
+                resnapshot(&old, allowlist, secrets)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let rows: Vec<_> = affected
             .iter()
@@ -439,7 +445,17 @@ impl Sandboxes {
             .collect();
         self.store.update_sandbox_snapshots(&rows)?;
         for (sb, snap) in affected.iter().zip(snaps) {
-            self.registry.replace_snapshot(sb, snap);
+            let Some(real) = held.get_mut(&sb.id) else {
+                self.registry.replace_snapshot(sb, snap);
+                continue;
+            };
+            match locked_copy(&snap) {
+                Ok(copy) => {
+                    self.registry.replace_snapshot(sb, copy);
+                    *real = Arc::new(snap);
+                }
+                Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
+            }
         }
         Ok(())
     }

@@ -30,9 +30,9 @@ pub const MAX_RETIRED: usize = 64;
 /// often stays valid for a while, and an upstream that stored it would otherwise hand it over
 /// once it is no longer a current value — and never unsealed.
 ///
-/// Scrubbed where the secret could have been unsealed: its `allowed_hosts` as they were, under
-/// the store's current allowlist (scrubbing a host costs it `206` answers and compressed
-/// transfers, so hosts that never received the value are left alone).
+/// Scrubbed where the secret could have been unsealed when it retired: its `allowed_hosts` and
+/// the store's `egress_allowlist` as they were then (scrubbing a host costs it `206` answers
+/// and compressed transfers, so hosts that never received the value are left alone).
 #[derive(Clone)]
 pub struct Retired {
     /// The token the value was unsealed from (what replaces it).
@@ -42,15 +42,20 @@ pub struct Retired {
     /// The secret's `allowed_hosts` when the value was retired, as written.
     pub allowed_hosts: Option<Vec<String>>,
     allowed: Option<HostMatcher>,
+    /// The store's `egress_allowlist` when the value was retired, as written.
+    pub egress_allowlist: Option<Vec<String>>,
+    egress: Option<HostMatcher>,
 }
 
 impl Retired {
-    fn of(e: &SecretEntry) -> Retired {
+    fn of(snap: &Snapshot, e: &SecretEntry) -> Retired {
         Retired {
             token: e.token,
             value: e.value.clone(),
             allowed_hosts: e.allowed_hosts.clone(),
             allowed: e.allowed.clone(),
+            egress_allowlist: snap.egress_allowlist.clone(),
+            egress: snap.egress.clone(),
         }
     }
 }
@@ -153,7 +158,8 @@ impl Snapshot {
     }
 
     /// The retired values of a snapshot that `current` replaces: the ones this snapshot had,
-    /// then each value of this snapshot that `current` no longer holds under the same name.
+    /// then each value of this snapshot that `current` no longer holds under the same name (a
+    /// value retired before moves to the end, with the scope it had this time).
     pub fn retired_by(&self, current: &Snapshot) -> Vec<Retired> {
         let mut out = self.retired.clone();
         for e in &self.secrets {
@@ -161,8 +167,9 @@ impl Snapshot {
                 .secrets
                 .iter()
                 .any(|c| c.name == e.name && c.value == e.value);
-            if !kept && !out.iter().any(|r| r.value == e.value) {
-                out.push(Retired::of(e));
+            if !kept {
+                out.retain(|r| r.value != e.value);
+                out.push(Retired::of(self, e));
             }
         }
         out
@@ -174,13 +181,8 @@ impl Snapshot {
     }
 
     /// True if retired value `r` could have been unsealed for `dest` (HTTPS) before it retired.
-    fn retired_allowed(&self, r: &Retired, dest: &Dest) -> bool {
-        policy::secret_allowed(
-            self.egress.as_ref(),
-            r.allowed.as_ref(),
-            dest,
-            Scheme::Https,
-        )
+    fn retired_allowed(r: &Retired, dest: &Dest) -> bool {
+        policy::secret_allowed(r.egress.as_ref(), r.allowed.as_ref(), dest, Scheme::Https)
     }
 
     /// True if `name` may be unsealed for `dest` (HTTPS).
@@ -306,7 +308,10 @@ impl HostView {
             .map(|e| (e.token, secret_ref(snap, e, dest)))
             .collect();
         let any_unsealable = lookup.values().any(|r| r.allowed)
-            || snap.retired.iter().any(|r| snap.retired_allowed(r, dest));
+            || snap
+                .retired
+                .iter()
+                .any(|r| Snapshot::retired_allowed(r, dest));
         let scrubber = any_unsealable.then(|| snap.scrubber()).flatten();
         HostView {
             any_query: snap
@@ -371,6 +376,7 @@ struct PersistedRetired {
     token: String,
     value_b64: Zeroizing<String>,
     allowed_hosts: Option<Vec<String>>,
+    egress_allowlist: Option<Vec<String>>,
 }
 
 impl From<&Retired> for PersistedRetired {
@@ -381,6 +387,7 @@ impl From<&Retired> for PersistedRetired {
                 base64::engine::general_purpose::STANDARD.encode(r.value.expose()),
             ),
             allowed_hosts: r.allowed_hosts.clone(),
+            egress_allowlist: r.egress_allowlist.clone(),
         }
     }
 }
@@ -397,6 +404,8 @@ impl PersistedRetired {
             value: SecretValue::new(value),
             allowed: compile(self.allowed_hosts.as_deref())?,
             allowed_hosts: self.allowed_hosts,
+            egress: compile(self.egress_allowlist.as_deref())?,
+            egress_allowlist: self.egress_allowlist,
         })
     }
 }
@@ -572,5 +581,28 @@ mod tests {
         json.as_object_mut().unwrap().remove("retired");
         let old = SecretValue::new(serde_json::to_vec(&json).unwrap());
         assert!(Snapshot::from_sealable(&old).unwrap().retired().is_empty());
+    }
+
+    #[test]
+    fn a_retired_value_keeps_the_scope_it_had_when_the_allowlist_changes_later() {
+        let now = time::OffsetDateTime::now_utc();
+        let meta = crate::store::SecretMeta {
+            name: "KEY".into(),
+            allowed_hosts: None,
+            locations: vec![Location::Header],
+            version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let rec = SecretRecord {
+            meta,
+            value: SecretValue::new(b"sk-snapshot-test-value".to_vec()),
+        };
+        let allow = Some(vec!["api.example.test".to_owned()]);
+        let snap = Snapshot::build("s".into(), allow, vec![(rec, Token::generate())]).unwrap();
+        // Deleted, then the store's allowlist removed: the value went to api.example.test.
+        let gone = rotated(&snap, None);
+        assert!(scrubs(&gone, "api.example.test", "sk-snapshot-test-value"));
+        assert!(!scrubs(&gone, "other.test", "sk-snapshot-test-value"));
     }
 }

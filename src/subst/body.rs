@@ -98,12 +98,27 @@ impl BodyEncoding {
         }
     }
 
-    /// `value` as this encoding writes it, without a copy when nothing changes.
+    /// `value` as this encoding writes it, shared with the value itself when nothing changes.
     fn write(self, value: &SecretValue) -> Bytes {
-        match self {
-            BodyEncoding::Verbatim => value_bytes(value),
-            BodyEncoding::Form => value_bytes(&super::forms::form_field(value)),
-            BodyEncoding::Json => value_bytes(&super::forms::json_string(value)),
+        let encoded = match self {
+            BodyEncoding::Verbatim => return value_bytes(value),
+            BodyEncoding::Form => super::forms::form_field(value),
+            BodyEncoding::Json => super::forms::json_string(value),
+        };
+        if encoded == *value {
+            value_bytes(value)
+        } else {
+            value_bytes(&encoded)
+        }
+    }
+
+    /// `Form`, unless the body's first bytes (`chunk`, the first one) open a JSON object or
+    /// array: `curl -d '{…}'` labels JSON `x-www-form-urlencoded` by default, and its servers
+    /// read it as JSON; there the value goes as it is (`Verbatim`).
+    fn unless_json(self, chunk: &[u8]) -> BodyEncoding {
+        match chunk.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{' | b'[') => BodyEncoding::Verbatim,
+            _ => self,
         }
     }
 }
@@ -148,6 +163,9 @@ where
     pub fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), Denied> {
         if let Some(denied) = &self.denied {
             return Err(denied.clone());
+        }
+        if self.encoding == BodyEncoding::Form {
+            self.encoding = BodyEncoding::Form.unless_json(&chunk);
         }
         let result = self.push_inner(chunk, out);
         if let Err(denied) = &result {
@@ -233,7 +251,10 @@ where
     }
 
     /// The value to emit for `token`, if it is unsealed in a body.
+    /// The encoded value counts against the budget: where encoding makes it longer, the extra
+    /// bytes too (a token past the budget stays sealed, as in [`decide`]).
     fn unseal(&mut self, token: &Token) -> Result<Option<Bytes>, Denied> {
+        let mark = self.report.unsealed_mark();
         let value = decide(
             &*self.lookup,
             token,
@@ -241,8 +262,19 @@ where
             self.mode,
             &mut self.report,
         )?;
-        self.changed |= value.is_some();
-        Ok(value.map(|v| self.encoding.write(v)))
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let bytes = self.encoding.write(value);
+        let grown = self.report.unsealed_bytes + bytes.len().saturating_sub(value.len());
+        if self.report.max_unsealed.is_some_and(|max| grown > max) {
+            self.report.rollback_unsealed(mark);
+            self.report.over_budget = true;
+            return Ok(None);
+        }
+        self.report.unsealed_bytes = grown;
+        self.changed = true;
+        Ok(Some(bytes))
     }
 }
 
@@ -665,5 +697,45 @@ mod tests {
         }
         engine.finish(&mut out);
         assert_eq!(out.concat(), b"k=a%2Bb%26c%3D%2541+%22q%5C&x=1");
+    }
+
+    #[test]
+    fn a_form_labelled_json_body_gets_the_value_as_it_is() {
+        let raw = b"a+b/c=";
+        let f = super::super::testutil::with_allowed_value(raw);
+        for (body, expected) in [
+            (format!("k={}", f.allowed), &b"k=a%2Bb%2Fc%3D"[..]),
+            (
+                format!(" {{\"k\":\"{}\"}}", f.allowed),
+                &b" {\"k\":\"a+b/c=\"}"[..],
+            ),
+        ] {
+            let mut engine =
+                BodySubst::new(&f, OnDisallowed::Block).with_encoding(BodyEncoding::Form);
+            let mut out = Vec::new();
+            engine.push(Bytes::from(body), &mut out).unwrap();
+            engine.finish(&mut out);
+            assert_eq!(out.concat(), expected);
+        }
+    }
+
+    #[test]
+    fn the_budget_counts_the_encoded_value() {
+        let raw = b"a/b/c/d/";
+        let f = super::super::testutil::with_allowed_value(raw);
+        let input = format!("k={}", f.allowed);
+        for (max, unsealed) in [(raw.len(), false), (3 * raw.len(), true)] {
+            let mut engine = BodySubst::new(&f, OnDisallowed::Block)
+                .with_encoding(BodyEncoding::Form)
+                .with_max_unsealed(max);
+            let mut out = Vec::new();
+            engine.push(Bytes::from(input.clone()), &mut out).unwrap();
+            engine.finish(&mut out);
+            assert_eq!(engine.report().over_budget, !unsealed, "max {max}");
+            assert_eq!(engine.report().unsealed.is_empty(), !unsealed, "max {max}");
+            if unsealed {
+                assert_eq!(engine.report().unsealed_bytes, 2 * raw.len());
+            }
+        }
     }
 }

@@ -43,7 +43,7 @@ pub const MIN_BASE64_CORE: usize = 24;
 /// Values longer than this get no transformed forms (the value itself is still scrubbed): the
 /// forms are up to three times a value's length each, and every sandbox holding the secret
 /// keeps them in its scrubber.
-pub const MAX_FORMS_VALUE_LEN: usize = 16 * 1024;
+pub const MAX_FORMS_VALUE_LEN: usize = 4 * 1024;
 
 /// Every transformed form of `value` (see the module docs) paired with what replaces it, the
 /// value itself excluded: `(form, replacement)`. `token` is the value's sealed token.
@@ -221,13 +221,19 @@ fn json(value: &[u8], style: JsonStyle) -> Option<Zeroizing<Vec<u8>>> {
     Some(out)
 }
 
-/// One byte inside a JSON string in `style` (non-ASCII bytes pass as they are).
+/// One byte inside a JSON string in `style` (non-ASCII bytes pass as they are); tab and the
+/// other control characters with a short escape get it, as every encoder writes them.
 fn json_byte(b: u8, style: JsonStyle, out: &mut Vec<u8>) {
     match b {
         b'"' => out.extend_from_slice(b"\\\""),
         b'\\' => out.extend_from_slice(b"\\\\"),
         b'/' if style.slash => out.extend_from_slice(b"\\/"),
         b'<' | b'>' | b'&' if style.html => push_unicode_escape(u16::from(b), out),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
         0..=0x1f => push_unicode_escape(u16::from(b), out),
         _ => out.push(b),
     }
@@ -288,13 +294,13 @@ mod tests {
 
     #[test]
     fn json_forms_are_the_ones_encoders_write() {
-        let v = "p\"w\\/<é😀";
+        let v = "p\"w\\/<é😀\tx";
         let f = forms_of(v);
         let minimal = serde_json::to_string(v).unwrap();
         assert!(has(&f, &minimal[1..minimal.len() - 1]), "serde_json");
-        assert!(has(&f, r#"p\"w\\\/<\u00e9\ud83d\ude00"#), "PHP");
-        assert!(has(&f, r#"p\"w\\/<\u00e9\ud83d\ude00"#), "Python");
-        assert!(has(&f, "p\\\"w\\\\/\\u003cé😀"), "Go");
+        assert!(has(&f, r#"p\"w\\\/<\u00e9\ud83d\ude00\tx"#), "PHP");
+        assert!(has(&f, r#"p\"w\\/<\u00e9\ud83d\ude00\tx"#), "Python");
+        assert!(has(&f, "p\\\"w\\\\/\\u003cé😀\\tx"), "Go");
         let twice = serde_json::to_string(&minimal).unwrap();
         let twice = &twice[1..twice.len() - 1];
         assert!(

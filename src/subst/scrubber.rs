@@ -433,9 +433,12 @@ impl Search {
     {
         let count = patterns().count();
         if (2..=MAX_PACKED_PATTERNS).contains(&count) {
+            // Past 64 patterns only when none is shorter than 3 bytes: Teddy fingerprints the
+            // first bytes, and a 1-byte value among many would make it verify at every byte.
+            let relaxed = patterns().all(|p| p.len() >= 3);
             let packed = packed::Config::new()
                 .match_kind(packed::MatchKind::LeftmostLongest)
-                .heuristic_pattern_limits(false)
+                .heuristic_pattern_limits(!relaxed)
                 .builder()
                 .extend(patterns())
                 .build();
