@@ -379,13 +379,24 @@ struct PersistedRetired {
     egress_allowlist: Option<Vec<String>>,
 }
 
+/// A value as the sealed snapshot JSON holds it.
+fn value_b64(value: &SecretValue) -> Zeroizing<String> {
+    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(value.expose()))
+}
+
+/// The value back from [`value_b64`]; `None` if it is not base64.
+fn value_from_b64(b64: &str) -> Option<SecretValue> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .ok()
+        .map(SecretValue::new)
+}
+
 impl From<&Retired> for PersistedRetired {
     fn from(r: &Retired) -> Self {
         PersistedRetired {
             token: r.token.to_string(),
-            value_b64: Zeroizing::new(
-                base64::engine::general_purpose::STANDARD.encode(r.value.expose()),
-            ),
+            value_b64: value_b64(&r.value),
             allowed_hosts: r.allowed_hosts.clone(),
             egress_allowlist: r.egress_allowlist.clone(),
         }
@@ -396,12 +407,10 @@ impl PersistedRetired {
     fn into_retired(self) -> Result<Retired, SnapshotError> {
         let bad = || SnapshotError::Malformed("bad retired value".into());
         let token = Token::parse(self.token.as_bytes()).ok_or_else(bad)?;
-        let value = base64::engine::general_purpose::STANDARD
-            .decode(self.value_b64.as_bytes())
-            .map_err(|_| bad())?;
+        let value = value_from_b64(&self.value_b64).ok_or_else(bad)?;
         Ok(Retired {
             token,
-            value: SecretValue::new(value),
+            value,
             allowed: compile(self.allowed_hosts.as_deref())?,
             allowed_hosts: self.allowed_hosts,
             egress: compile(self.egress_allowlist.as_deref())?,
@@ -424,9 +433,7 @@ impl PersistedSecret {
         PersistedSecret {
             name: e.name.to_string(),
             token: e.token.to_string(),
-            value_b64: Zeroizing::new(
-                base64::engine::general_purpose::STANDARD.encode(e.value.expose()),
-            ),
+            value_b64: value_b64(&e.value),
             allowed_hosts: e.allowed_hosts.clone(),
             locations: e.locations.to_vec(),
         }
@@ -436,11 +443,9 @@ impl PersistedSecret {
         let token = Token::parse(self.token.as_bytes()).ok_or_else(|| {
             SnapshotError::Malformed(format!("bad token for secret {}", self.name))
         })?;
-        let value = base64::engine::general_purpose::STANDARD
-            .decode(self.value_b64.as_bytes())
-            .map_err(|_| {
-                SnapshotError::Malformed(format!("bad value encoding for secret {}", self.name))
-            })?;
+        let value = value_from_b64(&self.value_b64).ok_or_else(|| {
+            SnapshotError::Malformed(format!("bad value encoding for secret {}", self.name))
+        })?;
         let now = time::OffsetDateTime::now_utc();
         let meta = crate::store::SecretMeta {
             name: self.name,
@@ -450,13 +455,7 @@ impl PersistedSecret {
             created_at: now,
             updated_at: now,
         };
-        Ok((
-            SecretRecord {
-                meta,
-                value: SecretValue::new(value),
-            },
-            token,
-        ))
+        Ok((SecretRecord { meta, value }, token))
     }
 }
 
@@ -464,20 +463,25 @@ impl PersistedSecret {
 mod tests {
     use super::*;
 
-    fn snapshot(allowed_hosts: &[&str]) -> Snapshot {
+    /// Secret `KEY` (`sk-snapshot-test-value`, headers) with these `allowed_hosts`.
+    fn record(allowed_hosts: Option<&[&str]>) -> SecretRecord {
         let now = time::OffsetDateTime::now_utc();
         let meta = crate::store::SecretMeta {
             name: "KEY".into(),
-            allowed_hosts: Some(allowed_hosts.iter().map(|h| (*h).to_owned()).collect()),
+            allowed_hosts: allowed_hosts.map(|a| a.iter().map(|h| (*h).to_owned()).collect()),
             locations: vec![Location::Header],
             version: 0,
             created_at: now,
             updated_at: now,
         };
-        let rec = SecretRecord {
+        SecretRecord {
             meta,
             value: SecretValue::new(b"sk-snapshot-test-value".to_vec()),
-        };
+        }
+    }
+
+    fn snapshot(allowed_hosts: &[&str]) -> Snapshot {
+        let rec = record(Some(allowed_hosts));
         Snapshot::build("s".into(), None, vec![(rec, Token::generate())]).unwrap()
     }
 
@@ -585,19 +589,7 @@ mod tests {
 
     #[test]
     fn a_retired_value_keeps_the_scope_it_had_when_the_allowlist_changes_later() {
-        let now = time::OffsetDateTime::now_utc();
-        let meta = crate::store::SecretMeta {
-            name: "KEY".into(),
-            allowed_hosts: None,
-            locations: vec![Location::Header],
-            version: 0,
-            created_at: now,
-            updated_at: now,
-        };
-        let rec = SecretRecord {
-            meta,
-            value: SecretValue::new(b"sk-snapshot-test-value".to_vec()),
-        };
+        let rec = record(None);
         let allow = Some(vec!["api.example.test".to_owned()]);
         let snap = Snapshot::build("s".into(), allow, vec![(rec, Token::generate())]).unwrap();
         // Deleted, then the store's allowlist removed: the value went to api.example.test.

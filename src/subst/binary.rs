@@ -66,12 +66,16 @@ impl Binary {
     }
 }
 
-fn of_type(ct: &[u8]) -> Option<Binary> {
-    let essence = ct
-        .split(|&b| b == b';')
+/// A `Content-Type` value without its parameters or surrounding whitespace (`type/subtype`).
+pub(super) fn essence(ct: &[u8]) -> &[u8] {
+    ct.split(|&b| b == b';')
         .next()
         .unwrap_or_default()
-        .trim_ascii();
+        .trim_ascii()
+}
+
+fn of_type(ct: &[u8]) -> Option<Binary> {
+    let essence = essence(ct);
     let (family, suffixed) = match essence.iter().position(|&b| b == b'+') {
         Some(at) => (&essence[..at], true),
         None => (essence, false),

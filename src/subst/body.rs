@@ -55,6 +55,8 @@ pub struct BodySubst<L = Arc<dyn TokenLookup>> {
     denied: Option<Denied>,
     /// How a value is written into this body.
     encoding: BodyEncoding,
+    /// Set once a byte other than whitespace was pushed (see [`BodySubst::start`]).
+    started: bool,
 }
 
 /// How a real value is written in place of its token, by the body's media type: a form field
@@ -76,22 +78,17 @@ pub enum BodyEncoding {
 impl BodyEncoding {
     /// The encoding for a body with these headers (its `Content-Type`).
     pub fn of(headers: &http::HeaderMap) -> BodyEncoding {
-        let Some(ct) = headers
+        let Some(media) = headers
             .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+            .map(|v| super::binary::essence(v.as_bytes()))
         else {
             return BodyEncoding::Verbatim;
         };
-        let media = ct.split(';').next().unwrap_or_default().trim();
-        if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        let json_suffix =
+            media.len() >= 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json");
+        if media.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
             BodyEncoding::Form
-        } else if media.eq_ignore_ascii_case("application/json")
-            || media
-                .len()
-                .checked_sub(5)
-                .and_then(|at| media.get(at..))
-                .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
-        {
+        } else if json_suffix || media.eq_ignore_ascii_case(b"application/json") {
             BodyEncoding::Json
         } else {
             BodyEncoding::Verbatim
@@ -111,16 +108,6 @@ impl BodyEncoding {
             value_bytes(&encoded)
         }
     }
-
-    /// `Form`, unless the body's first bytes (`chunk`, the first one) open a JSON object or
-    /// array: `curl -d '{…}'` labels JSON `x-www-form-urlencoded` by default, and its servers
-    /// read it as JSON; there the value goes as it is (`Verbatim`).
-    fn unless_json(self, chunk: &[u8]) -> BodyEncoding {
-        match chunk.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{' | b'[') => BodyEncoding::Verbatim,
-            _ => self,
-        }
-    }
 }
 
 impl<L> BodySubst<L>
@@ -138,6 +125,20 @@ where
             changed: false,
             denied: None,
             encoding: BodyEncoding::Verbatim,
+            started: false,
+        }
+    }
+
+    /// Looks at the body's first bytes: a form-labelled body that opens a JSON object or array
+    /// gets values as they are (`curl -d '{…}'` labels JSON `x-www-form-urlencoded` by
+    /// default, and its servers read it as JSON). Later chunks never change the encoding.
+    fn start(&mut self, chunk: &[u8]) {
+        let Some(&first) = chunk.iter().find(|b| !b.is_ascii_whitespace()) else {
+            return;
+        };
+        self.started = true;
+        if self.encoding == BodyEncoding::Form && matches!(first, b'{' | b'[') {
+            self.encoding = BodyEncoding::Verbatim;
         }
     }
 
@@ -164,8 +165,8 @@ where
         if let Some(denied) = &self.denied {
             return Err(denied.clone());
         }
-        if self.encoding == BodyEncoding::Form {
-            self.encoding = BodyEncoding::Form.unless_json(&chunk);
+        if !self.started {
+            self.start(&chunk);
         }
         let result = self.push_inner(chunk, out);
         if let Err(denied) = &result {
@@ -717,6 +718,18 @@ mod tests {
             engine.finish(&mut out);
             assert_eq!(out.concat(), expected);
         }
+        // Only the body's first bytes decide: a later chunk opening with `{` changes nothing.
+        let mut engine = BodySubst::new(&f, OnDisallowed::Block).with_encoding(BodyEncoding::Form);
+        let mut out = Vec::new();
+        for part in [
+            " \n".to_owned(),
+            "x=1&".to_owned(),
+            format!("{{k={}", f.allowed),
+        ] {
+            engine.push(Bytes::from(part), &mut out).unwrap();
+        }
+        engine.finish(&mut out);
+        assert_eq!(out.concat(), b" \nx=1&{k=a%2Bb%2Fc%3D");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub const ANTHROPIC_KEY: &str = "sk-ant-interop-real-0002";
 pub const OPENAI_KEY: &str = "sk-openai-interop-real-0003";
 pub const GIT_PASSWORD: &str = "git-interop-real-0004";
 pub const BODY_KEY: &str = "sk-body-interop-real-0005";
+/// Unsealed in the query (to nginx only); `/`, `+` and `=` change under percent-encoding.
+pub const QUERY_KEY: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYINTEROPKEY+x=";
 
 /// Hosts where `KEY` may be unsealed (their answers are scrubbed).
 const KEY_HOSTS: &[&str] = &[
@@ -190,7 +192,7 @@ fn names(
     out
 }
 
-/// Store `s` allowing `all`, its five secrets, and a sandbox of it.
+/// Store `s` allowing `all`, its six secrets, and a sandbox of it.
 async fn setup_store(h: &Harness, all: &[&str]) -> SandboxCreds {
     let store = h.store("s", Some(all)).await;
     let hdr: &[&str] = &["header"];
@@ -224,6 +226,15 @@ async fn setup_store(h: &Harness, all: &[&str]) -> SandboxCreds {
         BODY_KEY,
         Some(&["nginx-h2.test", "grpc.test"]),
         Some(body),
+    )
+    .await;
+    let query: &[&str] = &["query"];
+    h.secret(
+        &store,
+        "QUERY_KEY",
+        QUERY_KEY,
+        Some(&["nginx-h2.test"]),
+        Some(query),
     )
     .await;
     SandboxCreds::from_answer(&h.sandbox("s").await)

@@ -280,14 +280,10 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
         Some(json!({"egress_allowlist": ["api.example.test"]})),
     )
     .await;
-    let (s, _) =
-        e.h.api(
-            Method::DELETE,
-            &format!("/v1/stores/{}/secrets/KEY", e.store),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        e.h.delete_secret(&e.store, "KEY").await,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(
         key_seen(&e, &e.sb).await,
         Some(e.sb.token("KEY")),

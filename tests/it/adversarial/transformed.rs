@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use serde_json::Value;
 
 use super::get_api;
@@ -190,14 +190,10 @@ async fn values_retired_by_rotation_or_deletion_stay_scrubbed() {
         assert!(!a.text().contains(value), "{value}: {}", a.text());
         assert!(a.text().contains(&key), "{}", a.text());
     }
-    let (s, _) =
-        e.h.api(
-            Method::DELETE,
-            &format!("/v1/stores/{}/secrets/KEY", e.store),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        e.h.delete_secret(&e.store, "KEY").await,
+        StatusCode::NO_CONTENT
+    );
     wait_for_value(&e, &key, &key).await;
     for value in [OLD, NEW] {
         let a = get_api(&e, "/reflect", &[("x-api-key", value)]).await;

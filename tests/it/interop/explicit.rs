@@ -5,6 +5,7 @@
 use super::matrix::{versions, Matrix, Outcome};
 use super::{
     ensure, python_cmd, sh_quote, Mode, Server, Want, World, ANTHROPIC_KEY, KEY, OPENAI_KEY,
+    QUERY_KEY,
 };
 
 /// An origin host and how it is labelled in the matrix.
@@ -293,6 +294,33 @@ async fn te_trailers(w: &World, mode: Mode) -> Outcome {
     ensure(c.status == "200", || format!("{c:?}"))?;
     let s = w.seen_eventually(Server::Node, &cell).await?;
     ensure(s.te == "trailers", || format!("origin got TE {:?}", s.te))
+}
+
+/// nginx echoes its request URI, which holds the query key as sealgate percent-encoded it:
+/// the sandbox (curl) gets the token back, not the encoded value.
+#[tokio::test]
+async fn a_query_value_nginx_echoes_percent_encoded_comes_back_as_the_token() {
+    if !super::have(&[("nginx", &["-v"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    for flag in ["--http1.1", "--http2"] {
+        let args = format!("{flag} -G --data-raw \"sig=$QUERY_KEY\" --data-raw n=1");
+        let c = w
+            .curl(Mode::Explicit, &args, "https://nginx-h2.test/echo-uri")
+            .await
+            .expect("curl runs");
+        assert_eq!(c.status, "200", "nginx got the encoded value: {}", c.text());
+        let body = c.text();
+        assert!(
+            body.starts_with("/echo-uri?sig=osb_sealed_") && body.ends_with("&n=1"),
+            "{body}"
+        );
+        assert!(
+            !body.contains("wJalrXUtnFEMI") && !body.contains(QUERY_KEY),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

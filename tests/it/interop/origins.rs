@@ -339,6 +339,13 @@ fn nginx_locations(dir: &Path) -> String {
             default_type application/json;
             return 200 '{{"proto":"$server_protocol","host":"$http_host","key":"$http_x_api_key"}}';
         }}
+        # 200 and the request URI back only when `sig` is the query key as sealgate
+        # percent-encodes it: the echo a scrubber must recognise in that form.
+        location = /echo-uri {{
+            default_type text/plain;
+            if ($arg_sig != "wJalrXUtnFEMI%2FK7MDENG%2FbPxRfiCYINTEROPKEY%2Bx%3D") {{ return 403; }}
+            return 200 '$request_uri';
+        }}
         location = /nocontent {{ return 204; }}
         location = /trailers {{
             # sub_filter drops Content-Length (curl ignores trailers after a known length)

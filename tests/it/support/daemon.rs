@@ -260,6 +260,12 @@ impl Harness {
         v
     }
 
+    /// Deletes secret `name` of `store`; returns the answer's status.
+    pub async fn delete_secret(&self, store: &str, name: &str) -> StatusCode {
+        let path = format!("/v1/stores/{store}/secrets/{name}");
+        self.api(Method::DELETE, &path, None).await.0
+    }
+
     /// Creates a sandbox for a store (name or id); returns the full answer.
     pub async fn sandbox(&self, store: &str) -> Value {
         let (s, v) = self
