@@ -327,8 +327,8 @@ async fn python_requests_in_namespace_unseals() {
     }
     let e = setup_as("root").await;
     // The interpreter by absolute path: commands get a fixed PATH, not the runner's. It must
-    // not live under /tmp (the sandbox has a /tmp of its own); scripts/test's `.venv` is in
-    // the checkout.
+    // not live under /tmp, /home or /run (the sandbox has its own); scripts/test puts its venv
+    // in the checkout, or in /var/tmp for a checkout under one of those.
     let exe = run_ok(&py, &["-c", "import sys; print(sys.executable)"]).unwrap();
     let script = "import os, requests\n\
         r = requests.get('https://api.example.test/echo', headers={'x-api-key': os.environ['KEY']}, timeout=20)\n\
