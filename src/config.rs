@@ -124,6 +124,8 @@ pub struct RawProxy {
     /// Count.
     pub max_tunnels_per_sandbox: Option<usize>,
     /// Count.
+    pub max_requests_per_sandbox: Option<usize>,
+    /// Count.
     pub max_unauthenticated_connections: Option<usize>,
     /// Count.
     pub max_unauthenticated_per_source: Option<usize>,
@@ -313,6 +315,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Concurrent intercepted connections per sandbox.
     pub max_tunnels_per_sandbox: usize,
+    /// Requests of one sandbox in flight upstream at once (each may hold an upstream
+    /// connection, a file descriptor) until its response body ends; more → 429.
+    pub max_requests_per_sandbox: usize,
     /// Connections not yet identified as a sandbox's, all sources together.
     pub max_unauthenticated_connections: usize,
     /// Connections not yet identified, from one source IP.
@@ -508,6 +513,7 @@ impl RawConfig {
         let audit_path = self.audit.path.filter(|s| !s.is_empty()).map(PathBuf::from);
         let store = self.store.validate(&mut p);
         let node_id = self.node.validate(&mut p);
+        distinct_listeners(&mut p, admin_listen, &proxy);
         if !p.0.is_empty() {
             return Err(ConfigError::Invalid(p.0));
         }
@@ -524,6 +530,35 @@ impl RawConfig {
             store,
             node_id,
         })
+    }
+}
+
+/// Two listeners on one port whose addresses overlap (equal, or one the unspecified address
+/// of a family that takes the other) cannot both bind; say so by key instead of letting the second bind fail later
+/// with "address in use". Port 0 (any free port) never collides.
+fn distinct_listeners(p: &mut Problems, admin: SocketAddr, proxy: &ProxyConfig) {
+    let named = [
+        ("admin.listen", Some(admin)),
+        ("proxy.listen", Some(proxy.listen)),
+        ("proxy.transparent_listen", proxy.transparent_listen),
+    ];
+    // `[::]` also takes IPv4 (dual stack, Linux's default); `0.0.0.0` takes IPv4 only.
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    let overlap = |a: SocketAddr, b: SocketAddr| {
+        a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+    };
+    for (i, (ka, a)) in named.iter().enumerate() {
+        for (kb, b) in &named[i + 1..] {
+            if let (Some(a), Some(b)) = (a, b) {
+                if overlap(*a, *b) {
+                    p.0.push(format!(
+                        "{ka} ({a}) and {kb} ({b}) share a port: each listener needs its own"
+                    ));
+                }
+            }
+        }
     }
 }
 
@@ -656,6 +691,12 @@ impl RawProxy {
             max_tunnels_per_sandbox: p.count(
                 "proxy.max_tunnels_per_sandbox",
                 self.max_tunnels_per_sandbox,
+                256,
+                1 << 20,
+            ),
+            max_requests_per_sandbox: p.count(
+                "proxy.max_requests_per_sandbox",
+                self.max_requests_per_sandbox,
                 256,
                 1 << 20,
             ),
@@ -888,6 +929,37 @@ mod tests {
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2-PW"), "{shown}");
         assert!(shown.contains("db.internal"), "{shown}");
+    }
+
+    #[test]
+    fn listeners_sharing_a_port_are_named() {
+        let err = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:3128\"\n[proxy]\nlisten = \"0.0.0.0:3128\"\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "admin.listen (127.0.0.1:3128) and proxy.listen (0.0.0.0:3128) share a port"
+            ),
+            "{err}"
+        );
+        let err = Config::parse(
+            "[proxy]\nlisten = \"[::]:4000\"\ntransparent_listen = \"127.0.0.1:4000\"\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.transparent_listen"), "{err}");
+        // Other families, other addresses of one family, and port 0 never collide.
+        for ok in [
+            "[admin]\nlisten = \"[::1]:4000\"\n[proxy]\nlisten = \"0.0.0.0:4000\"\n",
+            "[admin]\nlisten = \"127.0.0.2:4000\"\n[proxy]\nlisten = \"127.0.0.1:4000\"\n",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nlisten = \"0.0.0.0:0\"\n",
+        ] {
+            Config::parse(ok, "t").unwrap();
+        }
     }
 
     #[test]

@@ -293,7 +293,39 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         _data_dir_lock: data_dir_lock,
     };
     tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
+    warn_admin_exposed(admin_addr);
+    warn_wide_private_cidrs(&cfg.upstream);
     Ok(running)
+}
+
+/// Legal but rarely meant: the admin API (plain HTTP, one bearer token for every store)
+/// reachable from beyond this host.
+fn warn_admin_exposed(admin: SocketAddr) {
+    if !admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %admin,
+            "admin.listen is not a loopback address: the admin API speaks plain HTTP, so its \
+             bearer token crosses the network in clear; keep it on loopback, or behind a \
+             firewall and a TLS-terminating proxy"
+        );
+    }
+}
+
+/// Legal but rarely meant: a private-address exception as wide as a whole address family,
+/// which lets sandboxes reach loopback, link-local (cloud metadata) and every private range.
+fn warn_wide_private_cidrs(upstream: &crate::config::UpstreamConfig) {
+    for net in upstream
+        .allow_private_cidrs
+        .iter()
+        .filter(|n| n.prefix_len() == 0)
+    {
+        tracing::warn!(
+            cidr = %net,
+            "upstream.allow_private_cidrs admits every address of its family: sandboxes may \
+             reach this host's loopback services and the cloud metadata address (sealgate's \
+             own listeners stay refused)"
+        );
+    }
 }
 
 /// The opened store and what start-up needs to know about it.
@@ -660,6 +692,7 @@ fn reload_once(
     let restart = needs_restart(running, &new);
     let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
     proxy.set_settings(live);
+    warn_wide_private_cidrs(&new.upstream);
     crate::logging::set_level(&new.log_level);
     Ok(restart)
 }

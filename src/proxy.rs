@@ -10,6 +10,7 @@ pub mod explicit;
 pub mod failure;
 pub mod forward;
 pub mod h1_guard;
+pub mod held;
 pub mod idle;
 pub mod intercept;
 pub mod outcome;

@@ -41,6 +41,7 @@ pub struct Sandbox {
     pub ca: Arc<SandboxCa>,
     snapshot: RwLock<Arc<Snapshot>>,
     tunnels: AtomicUsize,
+    requests: AtomicUsize,
 }
 
 impl Sandbox {
@@ -56,6 +57,7 @@ impl Sandbox {
             ca: parts.ca,
             snapshot: RwLock::new(Arc::new(snapshot)),
             tunnels: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
         }
     }
 
@@ -85,17 +87,39 @@ impl Sandbox {
 
     /// Claims one tunnel slot, or None when `max` are in use. The slot is released on drop.
     pub fn try_open_tunnel(self: &Arc<Self>, max: usize) -> Option<TunnelGuard> {
-        let prev = self.tunnels.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            self.tunnels.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(TunnelGuard(self.clone()))
+        self.try_claim(Slot::Tunnel, max)
+    }
+
+    /// Claims one in-flight request slot, or None when `max` are in use. The slot is
+    /// released on drop.
+    pub fn try_start_request(self: &Arc<Self>, max: usize) -> Option<SlotGuard> {
+        self.try_claim(Slot::Request, max)
     }
 
     /// Open intercepted connections.
     pub fn tunnels(&self) -> usize {
         self.tunnels.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight upstream.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
+
+    fn try_claim(self: &Arc<Self>, slot: Slot, max: usize) -> Option<SlotGuard> {
+        let count = self.count(slot);
+        if count.fetch_add(1, Ordering::AcqRel) >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SlotGuard(self.clone(), slot))
+    }
+
+    fn count(&self, slot: Slot) -> &AtomicUsize {
+        match slot {
+            Slot::Tunnel => &self.tunnels,
+            Slot::Request => &self.requests,
+        }
     }
 }
 
@@ -117,11 +141,21 @@ pub struct SandboxParts {
     pub ca: Arc<SandboxCa>,
 }
 
-/// Releases a tunnel slot when dropped.
-pub struct TunnelGuard(Arc<Sandbox>);
+/// A capped count of a sandbox.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Tunnel,
+    Request,
+}
 
-impl Drop for TunnelGuard {
+/// Releases a slot (a tunnel, an in-flight request) when dropped.
+pub struct SlotGuard(Arc<Sandbox>, Slot);
+
+/// The slot an intercepted connection holds.
+pub type TunnelGuard = SlotGuard;
+
+impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.0.count(self.1).fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -55,7 +55,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §11.6.1: a 401 names the scheme it wants.
+            res.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"sealgate-admin\""),
+            );
+        }
+        res
     }
 }
 
@@ -156,5 +164,24 @@ impl From<IsolationError> for ApiError {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_401_names_the_bearer_scheme_and_other_errors_do_not() {
+        let res = ApiError::unauthorized().into_response();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            res.headers()[axum::http::header::WWW_AUTHENTICATE],
+            "Bearer realm=\"sealgate-admin\""
+        );
+        let res = ApiError::not_found("x").into_response();
+        assert!(!res
+            .headers()
+            .contains_key(axum::http::header::WWW_AUTHENTICATE));
     }
 }

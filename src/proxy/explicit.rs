@@ -28,7 +28,8 @@ use super::admit::admit;
 use super::h1_guard::FramingRefused;
 use super::intercept;
 use super::outcome::{self, Attempt};
-use super::refusal::{Code, Refusal};
+use super::read_ahead::ReadAhead;
+use super::refusal::{answer_once, Code, Refusal};
 use super::serve::{self, Protocols};
 use super::{forward, ListenerKind, LiveSettings, ProxyBody, ProxyState, Tunnel};
 use crate::policy::{self, Scheme};
@@ -94,7 +95,7 @@ async fn route(
     let Some(sandbox) = identify(state, &req) else {
         return Err(Refusal::new(
             Code::ProxyAuthRequired,
-            "proxy credentials missing or wrong (use the sandbox's proxy URL)",
+            "proxy credentials missing, wrong or given twice (use the sandbox's proxy URL)",
         ));
     };
     at.sandbox = Some(sandbox.clone());
@@ -125,13 +126,14 @@ fn count_against(live: &LiveSettings, sandbox: &Sandbox) -> Result<(), Refusal> 
         .map_err(|e| Refusal::new(Code::TooManyConnections, e.to_string()))
 }
 
-/// The sandbox named by `Proxy-Authorization: Basic base64(id:token)`.
+/// The sandbox named by `Proxy-Authorization: Basic base64(id:token)`. Exactly one such
+/// header: with two, which one names the sandbox would be a guess, so neither does.
 fn identify<B>(state: &ProxyState, req: &Request<B>) -> Option<Arc<Sandbox>> {
-    let v = req
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    let mut given = req.headers().get_all(header::PROXY_AUTHORIZATION).iter();
+    let v = given.next()?.to_str().ok()?;
+    if given.next().is_some() {
+        return None;
+    }
     let (scheme, b64) = v.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -191,15 +193,23 @@ fn named_authority<B>(req: &Request<B>, at: &mut Attempt<'_>) -> String {
 }
 
 /// The tunnel after `200`: the ClientHello's SNI must name the CONNECT host (a refusal is
-/// recorded like any other), then the intercepted connection is served.
+/// recorded like any other), then the intercepted connection is served. A tunnel that opens
+/// with an ASCII capital (an HTTP method, not a TLS record) gets [`refuse_plain`] instead of
+/// a TLS alert. The handshake timeout runs from the `200`, first byte included.
 async fn run_tunnel<IO>(tunnel: Arc<Tunnel>, io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let state = tunnel.state.clone();
-    let live = state.settings();
+    let live = tunnel.state.settings();
+    let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
+    let mut io = ReadAhead::new(io);
+    match tokio::time::timeout_at(deadline, io.peek()).await {
+        Ok(Ok(Some(b))) if b.is_ascii_uppercase() => return refuse_plain(&tunnel, io).await,
+        Ok(Ok(Some(_))) => {}
+        _ => return tracing::debug!("tunnel closed or silent before its first byte"),
+    }
     let result = async {
-        let start = intercept::read_hello(&live, io).await?;
+        let start = intercept::read_hello(deadline, io).await?;
         let sni = intercept::sni_host(&start)?;
         intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
         intercept::serve(live.clone(), tunnel.clone(), start).await
@@ -209,15 +219,36 @@ where
         return;
     };
     match e.refusal() {
-        Some(r) => {
-            let mut at = Attempt::connection(ListenerKind::Explicit, "TLS");
-            at.sandbox = Some(tunnel.sandbox.clone());
-            at.host = tunnel.authority.to_string();
-            at.tunnel = false; // the tunnel itself was admitted and counted at CONNECT
-            outcome::refuse(&state, &at, &r);
-        }
+        Some(r) => record_in_tunnel(&tunnel, "TLS", &r),
         None => tracing::debug!(error = %e, "tunnel ended before serving"),
     }
+}
+
+/// Plain HTTP sent into a CONNECT tunnel, whose bytes sealgate reads as TLS: one uniform 400
+/// (recorded like any refusal) that says what to do instead. Nothing is forwarded.
+async fn refuse_plain<IO>(tunnel: &Tunnel, io: ReadAhead<IO>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let r = Refusal::new(
+        Code::BadRequest,
+        format!(
+            "plain HTTP inside the CONNECT tunnel to {}: tunnels carry TLS only; send plain \
+             HTTP in absolute form (GET http://host/path) without CONNECT",
+            tunnel.authority
+        ),
+    );
+    record_in_tunnel(tunnel, "HTTP", &r);
+    answer_once(io, r).await;
+}
+
+/// Records a refusal made inside an admitted tunnel (already counted at CONNECT).
+fn record_in_tunnel(tunnel: &Tunnel, protocol: &'static str, r: &Refusal) {
+    let mut at = Attempt::connection(ListenerKind::Explicit, protocol);
+    at.sandbox = Some(tunnel.sandbox.clone());
+    at.host = tunnel.authority.to_string();
+    at.tunnel = false; // the tunnel itself was admitted and counted at CONNECT
+    outcome::refuse(&tunnel.state, &at, r);
 }
 
 /// Absolute-form plain HTTP: the admission step, then the per-request pipeline (which never

@@ -23,10 +23,27 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
         }
     }
     tracing::debug!(dest = %t.dest, error = %chain(e), "upstream exchange failed");
+    if head_too_large(e) {
+        return Refusal::new(
+            Code::UpstreamUnreachable,
+            format!(
+                "{}'s response head is too large (over 100 header fields or about 400 KiB)",
+                t.dest
+            ),
+        );
+    }
     Refusal::new(
         Code::UpstreamUnreachable,
         format!("{} failed the exchange", t.dest),
     )
+}
+
+/// True when hyper refused the upstream's response head as too large (too many fields, or
+/// more bytes than its read buffer takes).
+fn head_too_large(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_parse_too_large)
 }
 
 fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {

@@ -16,13 +16,14 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use super::held::Held;
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{scrub_response, Shape};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
-use crate::sandbox::{HostView, Registry, Sandbox, Snapshot};
+use crate::sandbox::{HostView, Registry, Sandbox, SlotGuard, Snapshot};
 use crate::subst::{
     self, Binary, BodyEncoding, BodySubst, Denied, Report, SealedOnly, SubstBody, SubstOutcome,
     TokenLookup,
@@ -132,6 +133,7 @@ async fn exchange(
     check_authority(t, &req)?;
     check_framing(req.headers())?;
     let websocket = check_upgrade(&req)?;
+    let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = (t.scheme == Scheme::Https).then(|| snapshot.view(&t.dest));
     let (parts, body) = req.into_parts();
@@ -157,13 +159,26 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report)?;
+    let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report, slot)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp, still_allowed(t)))
         }
         _ => Ok(resp),
     }
+}
+
+/// One of the sandbox's in-flight request slots (`proxy.max_requests_per_sandbox`), held
+/// from before the body is read until the response body is dropped: each request may hold an
+/// upstream connection that long, and a sandbox must not spend the daemon's file descriptors.
+fn start_request(t: &Tunnel, rt: &LiveSettings) -> Result<SlotGuard, Refusal> {
+    let max = rt.proxy.max_requests_per_sandbox;
+    t.sandbox.try_start_request(max).ok_or_else(|| {
+        Refusal::new(
+            Code::TooManyRequests,
+            format!("sandbox has {max} requests in flight (proxy.max_requests_per_sandbox)"),
+        )
+    })
 }
 
 /// Before anything is sent: reading the body may have taken long (a held body of up to 64 KiB
@@ -801,7 +816,7 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 /// Upstream response → what the sandbox gets: hop-by-hop headers and any `x-sealgate-error` of
 /// the upstream's own stripped (only sealgate's refusals carry it), `Trailer` kept (it is
 /// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed where a
-/// secret may have been unsealed.
+/// secret may have been unsealed; the request's `slot` goes with the body.
 fn finish_response(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -809,6 +824,7 @@ fn finish_response(
     method: &Method,
     resp: Response<Incoming>,
     report: &Report,
+    slot: SlotGuard,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
@@ -827,6 +843,7 @@ fn finish_response(
         Some((s, shape)) => scrub_response(t, s, report, &mut parts, shape, body)?,
         None => body,
     };
+    let body = Held::new(body, slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }

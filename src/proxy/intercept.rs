@@ -58,8 +58,9 @@ impl InterceptError {
     }
 }
 
-/// Reads the ClientHello. The connection is read through a [`ReadAhead`] from here on (a
-/// large TLS record in one `recv`, not one per 4 KiB).
+/// Reads the ClientHello by `deadline` (`tls_handshake_timeout` after the connection was
+/// ready for it) from a connection read through a [`ReadAhead`] from here on (a large TLS
+/// record in one `recv`, not one per 4 KiB).
 ///
 /// Boxed, the acceptor and what it returns: both hold a whole rustls connection, and a future
 /// awaited inline is laid out inside its caller's — the tunnel task, whose size is fixed for
@@ -68,14 +69,14 @@ impl InterceptError {
 /// # Errors
 /// Timeout or a malformed handshake.
 pub async fn read_hello<IO>(
-    live: &LiveSettings,
-    io: IO,
+    deadline: tokio::time::Instant,
+    io: ReadAhead<IO>,
 ) -> Result<Box<StartHandshake<ReadAhead<IO>>>, InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(io));
-    tokio::time::timeout(live.proxy.tls_handshake_timeout, Box::pin(acceptor))
+    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), io);
+    tokio::time::timeout_at(deadline, Box::pin(acceptor))
         .await
         .map_err(|_| InterceptError::Timeout)?
         .map(Box::new)

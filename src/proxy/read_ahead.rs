@@ -97,8 +97,8 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Reads up to [`BURST`] bytes, hands out what fits and holds the rest.
-    fn read_burst(&mut self, cx: &mut Context<'_>, dst: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    /// Reads up to [`BURST`] bytes into `held`, which must be empty: the count, 0 at EOF.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut buf = take_buffer();
         let mut rb = ReadBuf::new(&mut buf);
         let polled = Pin::new(&mut self.inner).poll_read(cx, &mut rb);
@@ -107,15 +107,38 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
             Poll::Ready(Ok(())) if got > 0 => {
                 self.more_waiting = got == BURST;
                 self.held = Some((buf, 0, got));
-                self.drain_into(dst);
-                Poll::Ready(Ok(()))
+                Poll::Ready(Ok(got))
             }
             other => {
                 give_back(buf);
                 self.more_waiting = false;
-                other
+                other.map(|r| r.map(|()| 0))
             }
         }
+    }
+
+    /// Reads up to [`BURST`] bytes, hands out what fits and holds the rest.
+    fn read_burst(&mut self, cx: &mut Context<'_>, dst: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        ready!(self.fill(cx))?;
+        self.drain_into(dst);
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next byte, without consuming it: waits for one to arrive (`None` at EOF). What that
+    /// read brought (one burst at most) is held until it is read.
+    pub async fn peek(&mut self) -> io::Result<Option<u8>> {
+        std::future::poll_fn(|cx| {
+            if let Some((buf, pos, _)) = &self.held {
+                return Poll::Ready(Ok(Some(buf[*pos])));
+            }
+            let got = ready!(self.fill(cx))?;
+            Poll::Ready(Ok(self
+                .held
+                .as_ref()
+                .filter(|_| got > 0)
+                .map(|(b, _, _)| b[0])))
+        })
+        .await
     }
 }
 
@@ -203,6 +226,22 @@ mod tests {
         let (out, released) = read_all_in_steps(data.clone(), 4096).await;
         assert_eq!(out, data);
         assert!(released, "nothing is held once everything was read");
+    }
+
+    #[tokio::test]
+    async fn peeking_consumes_nothing_and_sees_eof() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        tx.write_all(b"\x16\x03\x01hello").await.expect("write");
+        drop(tx);
+        let mut ra = ReadAhead::new(rx);
+        assert_eq!(ra.peek().await.expect("peek"), Some(0x16));
+        assert_eq!(ra.peek().await.expect("peek"), Some(0x16), "still there");
+        let mut all = Vec::new();
+        ra.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"\x16\x03\x01hello");
+        assert!(ra.held.is_none());
+        assert_eq!(ra.peek().await.expect("peek at EOF"), None);
+        assert!(ra.held.is_none(), "nothing held at EOF");
     }
 
     #[tokio::test]

@@ -4,9 +4,14 @@
 //! Invariant: messages name hosts and secret *names*, never values; every refusal carries
 //! `content-type: application/json`, the JSON error body and `x-sealgate-error: <code>`.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ProxyBody;
 
@@ -35,6 +40,8 @@ pub enum Code {
     TooManyTunnels,
     /// 429: too many connections for this sandbox (`max_connections_per_sandbox`).
     TooManyConnections,
+    /// 429: too many requests of this sandbox in flight (`max_requests_per_sandbox`).
+    TooManyRequests,
     /// 405: method not supported inside a tunnel (inner CONNECT).
     MethodNotAllowed,
     /// 502: upstream certificate not trusted / TLS failed.
@@ -61,6 +68,7 @@ impl Code {
             Code::PayloadTooLarge | Code::HeadersTooLarge => "request_too_large",
             Code::TooManyTunnels => "too_many_tunnels",
             Code::TooManyConnections => "too_many_connections",
+            Code::TooManyRequests => "too_many_requests",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::UpstreamTlsError => "upstream_tls_error",
             Code::UpstreamUnreachable => "upstream_unreachable",
@@ -81,7 +89,9 @@ impl Code {
             Code::BadRequest => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::TooManyTunnels | Code::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
+            Code::TooManyTunnels | Code::TooManyConnections | Code::TooManyRequests => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::UpstreamTlsError | Code::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -112,6 +122,28 @@ impl Refusal {
     pub fn into_response(self) -> Response<ProxyBody> {
         error_response(self.code, &self.message)
     }
+}
+
+/// How long a refused plain-HTTP connection may take to receive its answer.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Answers the first HTTP/1 request on `stream` with the refusal (the uniform error response)
+/// and closes it, for refusals made before hyper serves the connection.
+///
+/// hyper parses the request head; when even hyper cannot (not HTTP at all), the connection
+/// closes without an answer. Either way it is over within [`ANSWER_DEADLINE`].
+pub async fn answer_once<S>(stream: S, r: Refusal)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |_req| {
+        let resp = r.clone().into_response();
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(ANSWER_DEADLINE, conn).await;
 }
 
 /// Builds the uniform error response.

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use super::admit::admit;
 use super::intercept::{self, InterceptError};
 use super::outcome::{self, Attempt};
+use super::read_ahead::ReadAhead;
 use super::refusal::{Code, Refusal};
 use super::{ListenerKind, LiveSettings, ProxyState};
 use crate::policy::{Dest, Host, Scheme};
@@ -157,7 +158,8 @@ async fn serve_tls(
     let mut at = Attempt::connection(ListenerKind::Transparent, "TLS");
     at.sandbox = Some(sandbox.clone());
     at.host = orig.to_string();
-    let start = intercept::read_hello(&live, tcp).await?;
+    let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
+    let start = intercept::read_hello(deadline, ReadAhead::new(tcp)).await?;
     let sni = intercept::sni_host(&start).map_err(|e| refuse_intercept(&state, &at, e))?;
     let dest = tls_dest(sni.clone(), orig);
     at.host = dest.authority();

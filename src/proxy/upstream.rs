@@ -29,6 +29,7 @@ mod goaway;
 mod known_h2;
 mod limits;
 mod nest;
+mod tls_error;
 
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
@@ -161,7 +162,7 @@ impl Connector {
             .tls
             .connect(name, ReadAhead::new(tcp))
             .await
-            .map_err(|e| ConnectError::Tls(tls_reason(&e)))?;
+            .map_err(|e| ConnectError::Tls(tls_error::describe(&e)))?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let origin = format!("{host}:{port}").into_boxed_str();
             let watched =
@@ -239,11 +240,6 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     Err(ConnectError::Unreachable(
         last.map_or_else(|| "no address".into(), |e| e.to_string()),
     ))
-}
-
-fn tls_reason(e: &io::Error) -> String {
-    e.get_ref()
-        .map_or_else(|| e.to_string(), |inner| inner.to_string())
 }
 
 /// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.

@@ -221,7 +221,8 @@ impl Sandboxes {
     /// Unknown store, bad timeout, taken source IP, CA or store failures.
     pub fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         let timeout = self.timeout(req.timeout)?;
-        if let Some(ip) = req.source_ip {
+        let source_ip = req.source_ip.map(connection_source).transpose()?;
+        if let Some(ip) = source_ip {
             if let Some(other) = self.registry.by_source_ip(ip) {
                 return Err(RegistryError::SourceIpTaken(ip, other.id.to_string()).into());
             }
@@ -246,7 +247,7 @@ impl Sandboxes {
             store_id: store.id.clone(),
             created_at: now,
             expires_at: now + timeout,
-            source_ip: req.source_ip,
+            source_ip,
             proxy_token_hash: sha256(proxy_token.as_bytes()),
             ca,
         };
@@ -644,4 +645,20 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+/// A `source_ip` as the transparent listener will see it: an IPv4-mapped IPv6 address is the
+/// IPv4 address (the listener canonicalises peers the same way, so `::ffff:10.0.0.2` and
+/// `10.0.0.2` are one address, and one sandbox at a time may hold it). An address no
+/// connection can come from (unspecified, multicast, broadcast) is refused.
+fn connection_source(ip: IpAddr) -> Result<IpAddr, SandboxError> {
+    let ip = ip.to_canonical();
+    let never = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if never {
+        return Err(SandboxError::BadRequest(format!(
+            "source_ip {ip} is never the source of a connection (unspecified, multicast or broadcast)"
+        )));
+    }
+    Ok(ip)
 }

@@ -11,7 +11,11 @@
 //! | percent-encoding, RFC 3986 unreserved kept, upper- or lowercase hex | sealgate's query substitution, most URL builders | the token |
 //! | `application/x-www-form-urlencoded` (space as `+`, `*` kept) | HTML forms, `urlencode`, sealgate's form bodies | the token |
 //! | `encodeURIComponent` (`!'()*` kept) | browsers, Node | the token |
-//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), and minimal twice (a JSON body echoed inside JSON) | every JSON API | the token |
+//! | percent-encoding keeping `/` | Python's `urllib.parse.quote` (its default) | the token |
+//! | percent-encoding keeping `$&+:=@` | Go's `url.PathEscape` | the token |
+//! | percent-encoding keeping every URI delimiter but `%` | JavaScript's `encodeURI` | the token |
+//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
+//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`) or `&#39;`/`&#34;` (Go's `html.EscapeString`) | error pages, templates | the token |
 //! | base64 (standard and URL-safe alphabet) at each of the three byte alignments | Basic auth, tokens and blobs holding the value | the token's base64 at the same alignment |
 //!
 //! # Base64 at any alignment
@@ -67,11 +71,15 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
             add(form, token_bytes.clone());
         }
     }
-    // A JSON body echoed inside a JSON answer (httpbin's `data`): escaped twice.
-    if let Some(twice) =
-        json(v, JsonStyle::MINIMAL).and_then(|once| json(&once, JsonStyle::MINIMAL))
-    {
-        add(twice, token_bytes.clone());
+    // A JSON body echoed inside a JSON answer (httpbin's `data`): escaped, then escaped
+    // again by the outer encoder.
+    for style in JsonStyle::ALL {
+        if let Some(twice) = json(v, style).and_then(|once| json(&once, JsonStyle::MINIMAL)) {
+            add(twice, token_bytes.clone());
+        }
+    }
+    for style in HtmlStyle::ALL {
+        add(html(v, style), token_bytes.clone());
     }
     for alphabet in [&STANDARD, &URL_SAFE] {
         for offset in 0..3 {
@@ -110,31 +118,79 @@ enum PercentStyle {
     Form,
     /// JavaScript's `encodeURIComponent`: unreserved and `!'()*` kept.
     UriComponent,
+    /// Python's `urllib.parse.quote` with its default `safe="/"`: unreserved and `/` kept.
+    PythonQuote,
+    /// Go's `url.PathEscape`: unreserved and `$&+:=@` kept.
+    GoPathSegment,
+    /// JavaScript's `encodeURI`: unreserved, `!'()*` and the URI delimiters `;,/?:@&=+$#` kept.
+    Uri,
 }
 
 impl PercentStyle {
-    const ALL: [PercentStyle; 4] = [
+    const ALL: [PercentStyle; 7] = [
         PercentStyle::Unreserved,
         PercentStyle::UnreservedLower,
         PercentStyle::Form,
         PercentStyle::UriComponent,
+        PercentStyle::PythonQuote,
+        PercentStyle::GoPathSegment,
+        PercentStyle::Uri,
     ];
 
     fn keeps(self, b: u8) -> bool {
         b.is_ascii_alphanumeric()
             || match self {
-                PercentStyle::Unreserved | PercentStyle::UnreservedLower => {
-                    matches!(b, b'-' | b'.' | b'_' | b'~')
-                }
+                PercentStyle::Unreserved | PercentStyle::UnreservedLower => unreserved_mark(b),
                 PercentStyle::Form => matches!(b, b'*' | b'-' | b'.' | b'_'),
-                PercentStyle::UriComponent => {
-                    matches!(
-                        b,
-                        b'-' | b'.' | b'_' | b'~' | b'!' | b'\'' | b'(' | b')' | b'*'
-                    )
+                PercentStyle::UriComponent => uri_component_mark(b),
+                PercentStyle::PythonQuote => unreserved_mark(b) || b == b'/',
+                PercentStyle::GoPathSegment => {
+                    unreserved_mark(b) || matches!(b, b'$' | b'&' | b'+' | b':' | b'=' | b'@')
                 }
+                PercentStyle::Uri => uri_component_mark(b) || b";,/?:@&=+$#".contains(&b),
             }
     }
+}
+
+/// RFC 3986's unreserved marks (with the alphanumerics, what every encoder keeps).
+fn unreserved_mark(b: u8) -> bool {
+    matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// What `encodeURIComponent` keeps besides the alphanumerics.
+fn uri_component_mark(b: u8) -> bool {
+    unreserved_mark(b) || matches!(b, b'!' | b'\'' | b'(' | b')' | b'*')
+}
+
+/// How an HTML escaper writes the quotes (both write `&amp;`, `&lt;`, `&gt;`).
+#[derive(Clone, Copy)]
+enum HtmlStyle {
+    /// Python's `html.escape`: `&quot;`, `&#x27;`.
+    Python,
+    /// Go's `html.EscapeString`: `&#34;`, `&#39;`.
+    Go,
+}
+
+impl HtmlStyle {
+    const ALL: [HtmlStyle; 2] = [HtmlStyle::Python, HtmlStyle::Go];
+}
+
+/// `value` HTML-escaped in `style`.
+fn html(value: &[u8], style: HtmlStyle) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(value.len() * 6));
+    for &b in value {
+        match (b, style) {
+            (b'&', _) => out.extend_from_slice(b"&amp;"),
+            (b'<', _) => out.extend_from_slice(b"&lt;"),
+            (b'>', _) => out.extend_from_slice(b"&gt;"),
+            (b'"', HtmlStyle::Python) => out.extend_from_slice(b"&quot;"),
+            (b'"', HtmlStyle::Go) => out.extend_from_slice(b"&#34;"),
+            (b'\'', HtmlStyle::Python) => out.extend_from_slice(b"&#x27;"),
+            (b'\'', HtmlStyle::Go) => out.extend_from_slice(b"&#39;"),
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 /// `value` percent-encoded in `style`.
@@ -290,6 +346,16 @@ mod tests {
         assert!(has(&f, "a%2fb%2bc%3d%20d%2a%c3%a9"), "lowercase hex");
         assert!(has(&f, "a%2Fb%2Bc%3D+d*%C3%A9"), "form-urlencoded");
         assert!(has(&f, "a%2Fb%2Bc%3D%20d*%C3%A9"), "encodeURIComponent");
+        assert!(has(&f, "a/b%2Bc%3D%20d%2A%C3%A9"), "Python quote");
+        assert!(has(&f, "a%2Fb+c=%20d%2A%C3%A9"), "Go PathEscape");
+        assert!(has(&f, "a/b+c=%20d*%C3%A9"), "encodeURI");
+    }
+
+    #[test]
+    fn html_forms_are_the_ones_escapers_write() {
+        let f = forms_of("p&<w>\"'");
+        assert!(has(&f, "p&amp;&lt;w&gt;&quot;&#x27;"), "Python html.escape");
+        assert!(has(&f, "p&amp;&lt;w&gt;&#34;&#39;"), "Go html.EscapeString");
     }
 
     #[test]
@@ -307,6 +373,10 @@ mod tests {
             has(&f, &twice[2..twice.len() - 2]),
             "serde_json twice: {twice}"
         );
+        // Python: json.dumps({"req": json.dumps(p)}): ASCII escapes, then escaped again.
+        let python = r#"p\"w\\/<\u00e9\ud83d\ude00\tx"#;
+        let again = serde_json::to_string(python).unwrap();
+        assert!(has(&f, &again[1..again.len() - 1]), "Python twice: {again}");
     }
 
     #[test]

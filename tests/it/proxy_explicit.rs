@@ -589,8 +589,72 @@ async fn untrusted_upstream_certificate_is_502_with_no_secret_sent() {
     .await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert_eq!(a.code().as_deref(), Some("upstream_tls_error"));
+    assert!(
+        a.text().contains("invalid peer certificate: "),
+        "{}",
+        a.text()
+    );
     assert!(rogue.requests().is_empty());
     assert_eq!(rogue.tls_handshakes(), 0);
+}
+
+/// An upstream whose certificate (trusted, for another name) names the real value: the 502
+/// and the audit line say what failed in fixed words, never the names presented — rustls's
+/// own text quoted them (outside test). The harness greps its logs for the value on drop.
+#[tokio::test]
+async fn a_certificate_naming_the_value_reaches_neither_the_refusal_nor_the_audit() {
+    const VALUE: &str = "sk-real-tls-0042";
+    let pki = Arc::new(TestPki::new());
+    let named = format!("x.{VALUE}.attacker.example");
+    let rogue = Echo::start_tls(pki.server_config(&[&named], &[])).await;
+    let opts = Opts {
+        resolve: vec![("api.example.test".into(), rogue.addr)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    h.secret(&store, "KEY", VALUE, None, Some(&["header"]))
+        .await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let key = sb.token("KEY");
+    let mut c = pc::h1(h.proxy, &sb, "api.example.test:443").await;
+    let req = pc::get("/echo", "api.example.test", &[("x-api-key", &key)]);
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.code().as_deref(), Some("upstream_tls_error"));
+    assert!(
+        a.text().contains("not valid for the destination's name"),
+        "{}",
+        a.text()
+    );
+    assert!(!a.text().contains(VALUE), "{}", a.text());
+    assert!(rogue.requests().is_empty());
+}
+
+/// An HTTP/1.1 upstream answering with more header fields than hyper's client parses (100):
+/// a 502 that says so, not "failed the exchange". (Over h2 the same head passes.)
+#[tokio::test]
+async fn an_upstream_head_with_too_many_fields_is_a_502_that_says_so() {
+    let pki = Arc::new(TestPki::new());
+    let h1_only = Echo::start_tls(pki.server_config_without_alpn(NAMES)).await;
+    let opts = Opts {
+        resolve: vec![("api.example.test".into(), h1_only.addr)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let mut c = pc::h1(h.proxy, &sb, "api.example.test:443").await;
+    let a = pc::send1(&mut c, pc::get("/many-headers", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        a.text().contains("response head is too large"),
+        "{}",
+        a.text()
+    );
 }
 
 #[tokio::test]

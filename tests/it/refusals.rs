@@ -3,11 +3,11 @@
 //!
 //! | code | explicit | transparent |
 //! |---|---|---|
-//! | `proxy_auth_required` | CONNECT without credentials (407) | a source IP no sandbox owns: closed |
+//! | `proxy_auth_required` | CONNECT without credentials, or with two (407) | a source IP no sandbox owns: closed |
 //! | `egress_denied` | CONNECT off the allowlist; a metadata IP literal; plain `http://` off the allowlist | SNI off the allowlist; no SNI (IP literal); plain `Host` off the allowlist |
 //! | `secret_host_denied` | a token whose secret may not go to the tunnel's host | same, inside a transparent TLS connection |
 //! | `authority_mismatch` | `Host` naming another host; SNI naming another host than CONNECT | `Host` naming another host; plain `Host` naming another port. (An SNI mismatch cannot occur: the SNI *is* the destination.) |
-//! | `bad_request` | bad CONNECT target; neither CONNECT nor absolute form; `https://` in plain form; bad plain URI; CL+TE on the proxy connection; `Upgrade: h2c` in a tunnel | an SNI that is not a host name; duplicate plain `Host`; a plain `Host` that is not a host; `Upgrade: h2c` |
+//! | `bad_request` | bad CONNECT target; neither CONNECT nor absolute form; `https://` in plain form; bad plain URI; CL+TE on the proxy connection; `Upgrade: h2c` in a tunnel; plain HTTP inside a tunnel | an SNI that is not a host name; duplicate plain `Host`; a plain `Host` that is not a host; `Upgrade: h2c` |
 //! | `request_too_large` | more header fields than `proxy.max_header_fields`, on the proxy connection and in a tunnel | the same, in a TLS connection and on a plain head |
 //! | `upstream_tls_error` | an upstream whose certificate does not name it | same |
 //! | `upstream_unreachable` | a closed upstream port (tunnel and plain `http://`) | same (TLS) |
@@ -215,6 +215,29 @@ async fn every_explicit_refusal_is_audited_and_counted_once() {
     one_refusal(&w, "proxy_auth_required", async {
         let r = pc::connect(w.h.proxy, None, "api.example.test:443").await;
         assert_eq!(r.unwrap_err().status, 407);
+    })
+    .await;
+    one_refusal(&w, "proxy_auth_required", async {
+        // Two credentials name no sandbox, even when both are right.
+        let line = format!(
+            "CONNECT {api}:443 HTTP/1.1\r\nHost: {api}:443\r\nProxy-Authorization: {}",
+            sb.proxy_auth()
+        );
+        raw_refused(&w, &sb, &line, 407, "proxy_auth_required").await;
+    })
+    .await;
+    one_refusal(&w, "bad_request", async {
+        // Plain HTTP inside a tunnel (`curl --proxytunnel http://…`): a 400 it can read.
+        let req = format!(
+            "CONNECT {api}:443 HTTP/1.1\r\nHost: {api}:443\r\nProxy-Authorization: {}\r\n\r\n\
+             GET /plain HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n",
+            sb.proxy_auth()
+        );
+        let text = raw_proxy(w.h.proxy, req.as_bytes()).await;
+        let (connect, inner) = text.split_once("\r\n\r\n").expect("two answers");
+        assert_eq!(status_of(connect), 200, "{text}");
+        assert_uniform(inner, 400, "bad_request");
+        assert!(inner.contains("absolute form"), "{inner}");
     })
     .await;
     for target in ["denied.example.test:443", "169.254.169.254:443"] {

@@ -475,6 +475,17 @@ async fn source_ip_is_unique_among_live_sandboxes() {
     assert_eq!(s, StatusCode::CREATED);
     let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    // The same address written IPv4-mapped is the same address.
+    let mapped = json!({"secret_store": "s", "source_ip": "::ffff:198.18.7.2"});
+    let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(mapped)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    // Addresses no connection comes from are refused.
+    for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1"] {
+        let body = json!({"secret_store": "s", "source_ip": ip});
+        let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{ip}: {v}");
+        assert!(v.to_string().contains("never the source"), "{ip}: {v}");
+    }
 }
 
 fn rss_kib() -> u64 {

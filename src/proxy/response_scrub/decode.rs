@@ -10,6 +10,9 @@
 //! - **Trailers survive.** The raw body is read through [`Source`], which keeps its trailers;
 //!   when the outermost decoder ends, whatever is left of the raw body is read (and dropped —
 //!   bytes after the end of a compressed stream never reach the sandbox) to reach them.
+//! - **Every member.** A gzip body's every member and a zstd body's every frame are decoded
+//!   (both formats allow a series); after the last, bytes that do not start another fail the
+//!   body rather than being dropped unseen.
 //! - **Pull, never push.** Each layer is an `AsyncBufRead` reading at most [`CHUNK`] bytes
 //!   ahead of the layer above, and the outermost is read [`CHUNK`] bytes at a time when the
 //!   sandbox's side asks for data. A compression bomb costs time, not memory: no layer ever
@@ -17,7 +20,7 @@
 //!
 //! # Memory usage
 //! Per layer: one [`CHUNK`] buffer and the decoder state (gzip/deflate 32 KiB window, brotli
-//! up to 16 MiB, zstd up to its window); the number of layers is bounded by
+//! up to 16 MiB, zstd up to 8 MiB: [`ZSTD_WINDOW_LOG_MAX`]); the number of layers is bounded by
 //! `upstream.max_response_codings`.
 
 use std::io;
@@ -249,12 +252,33 @@ decoder_layers!(
 fn layers(codings: &[Coding], source: Source) -> Layer {
     let raw: Layer = Box::new(StreamReader::new(source));
     codings.iter().rev().fold(raw, |inner, &c| match c {
-        Coding::Gzip => buffered(GzipDecoder::new(inner)),
+        Coding::Gzip => buffered(gzip(inner)),
         Coding::Zlib => Box::new(Deflate::Sniffing(Some(inner))),
         Coding::RawDeflate => buffered(DeflateDecoder::new(inner)),
         Coding::Brotli => buffered(BrotliDecoder::new(inner)),
-        Coding::Zstd => buffered(ZstdDecoder::new(inner)),
+        Coding::Zstd => buffered(zstd(inner)),
     })
+}
+
+/// The largest zstd window sealgate decodes: 8 MiB (2^23), the limit RFC 9659 sets for
+/// `Content-Encoding: zstd`. libzstd allocates the window a frame
+/// declares up front, so without this a 9 KB answer declaring 128 MiB cost 128 MiB per
+/// response (an outside test held 1 GiB with eight); a larger window now fails the body.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// zstd with the window cap and every frame decoded (a body may hold several, RFC 8878 §3).
+fn zstd(inner: Layer) -> ZstdDecoder<Layer> {
+    let cap = async_compression::zstd::DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX);
+    let mut d = ZstdDecoder::with_params(inner, &[cap]);
+    d.multiple_members(true);
+    d
+}
+
+/// gzip with every member decoded (RFC 1952 §2.2: a file is a series of members).
+fn gzip(inner: Layer) -> GzipDecoder<Layer> {
+    let mut d = GzipDecoder::new(inner);
+    d.multiple_members(true);
+    d
 }
 
 fn buffered<D>(decoder: D) -> Layer
@@ -441,12 +465,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_after_the_compressed_stream_are_dropped() {
-        let mut wire = gzip(b"inner");
-        wire.extend_from_slice(b"sk-raw-tail");
-        let (data, t) = decode("gzip", raw(vec![wire, b"more".to_vec()], Some(trailers()))).await;
-        assert_eq!(data.unwrap(), Bytes::from_static(b"inner"));
+    async fn every_member_is_decoded_and_what_follows_the_last_fails_the_body() {
+        let mut wire = gzip(b"member one\n");
+        wire.extend_from_slice(&gzip(b"member two\n"));
+        let (data, t) = decode("gzip", raw(vec![wire.clone()], Some(trailers()))).await;
+        assert_eq!(
+            data.unwrap(),
+            Bytes::from_static(b"member one\nmember two\n")
+        );
         assert_eq!(t, Some(trailers()));
+        wire.extend_from_slice(b"sk-raw-tail");
+        let (data, _) = decode("gzip", raw(vec![wire], None)).await;
+        assert!(
+            data.is_err(),
+            "bytes that are no member are not dropped unseen"
+        );
+    }
+
+    /// `data` zstd-compressed by a streaming encoder (no size pledged: the frame declares
+    /// the whole window) with a window of 2^`log` bytes.
+    async fn zstd_with_window(data: &[u8], log: u32) -> Vec<u8> {
+        use async_compression::tokio::bufread::ZstdEncoder;
+        use tokio::io::AsyncReadExt as _;
+        let p = async_compression::zstd::CParameter::window_log(log);
+        let mut e =
+            ZstdEncoder::with_quality_and_params(data, async_compression::Level::Fastest, &[p]);
+        let mut out = Vec::new();
+        e.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn zstd_frames_all_decode_and_windows_over_8_mib_are_refused() {
+        let mut wire = zstd_with_window(b"frame one\n", 20).await;
+        wire.extend_from_slice(&zstd_with_window(b"frame two\n", 20).await);
+        let (data, _) = decode("zstd", raw(vec![wire], None)).await;
+        assert_eq!(data.unwrap(), Bytes::from_static(b"frame one\nframe two\n"));
+        let text = vec![b'z'; 9 << 20];
+        let fits = zstd_with_window(&text, ZSTD_WINDOW_LOG_MAX).await;
+        let (data, _) = decode("zstd", raw(vec![fits], None)).await;
+        assert_eq!(data.unwrap().len(), text.len());
+        let large = zstd_with_window(&text, 27).await;
+        let (data, _) = decode("zstd", raw(vec![large], None)).await;
+        assert!(data.is_err(), "a 128 MiB window is not allocated");
     }
 
     #[tokio::test]

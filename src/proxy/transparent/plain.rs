@@ -14,8 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -24,14 +22,11 @@ use crate::policy::{self, Dest, Scheme};
 use crate::proxy::admit::admit;
 use crate::proxy::intercept;
 use crate::proxy::outcome::{self, Attempt};
-use crate::proxy::refusal::{Code, Refusal};
+use crate::proxy::refusal::{answer_once, Code, Refusal};
 use crate::proxy::rewind::Rewind;
 use crate::proxy::serve::Protocols;
 use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::Sandbox;
-
-/// How long a refused connection may take to receive its answer.
-const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves one redirected plain-HTTP connection.
 ///
@@ -166,24 +161,13 @@ pub fn parse_host(buf: &[u8], max_fields: usize) -> Result<Option<String>, Refus
     Ok(Some(host.trim().to_owned()))
 }
 
-/// Answers the first request with the refusal (the uniform error response) and closes.
-///
-/// hyper parses the replayed head; when even hyper cannot (not HTTP at all), or the head was
-/// too large to replay, the connection closes without an answer after at most
-/// [`REFUSAL_DEADLINE`].
+/// Answers the first request with the refusal (see [`answer_once`]); the connection ends.
 async fn reply_once<S>(stream: S, r: Refusal) -> Result<(), TransparentError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let message = r.message.clone();
-    let svc = service_fn(move |_req| {
-        let resp = r.clone().into_response();
-        async move { Ok::<_, std::convert::Infallible>(resp) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), svc);
-    let _ = tokio::time::timeout(REFUSAL_DEADLINE, conn).await;
+    answer_once(stream, r).await;
     Err(TransparentError::Refused(message))
 }
 

@@ -173,3 +173,53 @@ async fn an_unidentified_connection_is_closed_at_its_deadline() {
     .await;
     assert_eq!(a.status, StatusCode::OK);
 }
+
+/// Requests of `sb` in flight upstream, as the daemon counts them.
+fn in_flight(e: &Env, sb: &SandboxCreds) -> usize {
+    let d = e.h.daemon.as_ref().unwrap();
+    d.sandboxes
+        .registry()
+        .get(&sb.id)
+        .map_or(0, |s| s.requests())
+}
+
+/// One sandbox's requests in flight are capped (`max_requests_per_sandbox`; each may hold an
+/// upstream connection, a descriptor of the daemon's): past the cap it gets 429
+/// `too_many_requests` while another sandbox is served, and the slots come back when the
+/// answers end. The regression: 10 tunnels × 100 h2 streams held 997 upstream sockets and
+/// every other sandbox's connection timed out at `ulimit -n 1024`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_capped_per_sandbox() {
+    let e = env("max_requests_per_sandbox = 2\n").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (proxy, sb) = (e.h.proxy, e.sb.clone());
+        held.push(tokio::spawn(async move {
+            let mut c = pc::h1(proxy, &sb, API).await;
+            let slow = pc::get("/slow?ms=1500&chunks=2", "api.example.test", &[]);
+            pc::send1(&mut c, slow).await.status
+        }));
+    }
+    eventually(Duration::from_secs(10), "two requests in flight", || {
+        in_flight(&e, &e.sb) == 2
+    })
+    .await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
+    assert_eq!(a.code().as_deref(), Some("too_many_requests"));
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    assert_eq!(request(&e, &other).await, StatusCode::OK, "another sandbox");
+    for h in held {
+        assert_eq!(h.await.unwrap(), StatusCode::OK);
+    }
+    eventually(Duration::from_secs(10), "slots released", || {
+        in_flight(&e, &e.sb) == 0
+    })
+    .await;
+    assert_eq!(
+        request(&e, &e.sb).await,
+        StatusCode::OK,
+        "after the answers"
+    );
+}

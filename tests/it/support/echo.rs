@@ -333,6 +333,8 @@ async fn route(
         b64(rec)
     } else if p("/redirect") {
         redirect()
+    } else if p("/many-headers") {
+        many_headers()
     } else {
         echo(rec)
     }
@@ -457,6 +459,17 @@ fn redirect() -> Response<RespBody> {
         header::LOCATION,
         b"https://other.example.test/landing",
     );
+    resp
+}
+
+/// 150 header fields: more than an HTTP/1 client parses by default (hyper: 100).
+fn many_headers() -> Response<RespBody> {
+    let mut resp = response(StatusCode::OK, empty());
+    for i in 0..150 {
+        let name = http::HeaderName::try_from(format!("x-field-{i}")).expect("name");
+        resp.headers_mut()
+            .insert(name, http::HeaderValue::from_static("1"));
+    }
     resp
 }
 
