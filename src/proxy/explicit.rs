@@ -204,7 +204,10 @@ where
     let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
     let mut io = ReadAhead::new(io);
     match tokio::time::timeout_at(deadline, io.peek()).await {
-        Ok(Ok(Some(b))) if b.is_ascii_uppercase() => return refuse_plain(&tunnel, io).await,
+        // Boxed: a hyper connection laid out inline would grow every tunnel's task.
+        Ok(Ok(Some(b))) if b.is_ascii_uppercase() => {
+            return Box::pin(refuse_plain(&tunnel, io)).await;
+        }
         Ok(Ok(Some(_))) => {}
         _ => return tracing::debug!("tunnel closed or silent before its first byte"),
     }
