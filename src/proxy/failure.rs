@@ -78,9 +78,12 @@ pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// Whether a request that failed with `e` may be sent again (its body held in full): when the
 /// upstream provably did not process it ([`not_processed`]), or when the outcome is unknown
-/// but its method is idempotent (`dispatch_gone`, `closed_unanswered`, `idempotent`).
+/// but its method is idempotent (`dispatch_gone`, `closed_unanswered`,
+/// `closed_before_answer`, `idempotent`).
 pub fn may_send_again(e: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
-    not_processed(e) || (idempotent(method) && (dispatch_gone(e) || closed_unanswered(e)))
+    not_processed(e)
+        || (idempotent(method)
+            && (dispatch_gone(e) || closed_unanswered(e) || closed_before_answer(e)))
 }
 
 /// True when the upstream provably did not process the request, so it may be sent again:
@@ -126,10 +129,29 @@ fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
 /// answering it. The outcome is unknown, so only an idempotent request may go again (pinned
 /// by `tests/it/adversarial/exhaustion.rs`,
 /// `a_get_whose_connection_closes_unanswered_is_sent_again`).
+///
+/// An HTTP/1.1 upstream that closes a kept-alive connection, unannounced, as a request is
+/// written shows up the same way, as the I/O error of the read that found the end: TLS
+/// without `close_notify` is `UnexpectedEof`, a closed socket may be `ConnectionReset`.
+/// Reaching [`may_send_again`] means no response head arrived (a failure after it ends the
+/// response body instead), so each of these is "closed before answering".
 fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
     sources(e)
         .find_map(|s| s.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        .is_some_and(|io| matches!(io.kind(), BrokenPipe | UnexpectedEof | ConnectionReset))
+}
+
+/// True when an HTTP/1.1 upstream closed the connection after the request went out and
+/// before any byte of an answer (hyper: "connection closed before message completed"): a
+/// kept-alive connection its origin closed, unannounced, as the request was written — a
+/// thread-per-connection origin that answers once without `Connection: close` did it to every
+/// second request on a reused connection (outside test). Whether it processed the request is
+/// unknown, so only an idempotent request may go again.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 /// Methods a proxy may send again after a failure that may have reached the origin

@@ -892,6 +892,87 @@ async fn a_post_whose_connection_closes_unanswered_is_not_sent_again() {
     assert_eq!(received, 1, "a POST is never sent twice");
 }
 
+/// An HTTP/1.1 origin that answers the first request on each connection (keep-alive: no
+/// `Connection: close`), then reads the next one and closes the connection unanswered,
+/// without TLS `close_notify` — a thread-per-connection server done after one answer, as an
+/// outside test's was. Returns its address and how many requests it read.
+async fn origin_that_answers_once_per_connection(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let (acceptor, counter) = (tokio_rustls::TlsAcceptor::from(tls), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                if !read_head(&mut conn, &mut head).await {
+                    return;
+                }
+                seen.fetch_add(1, SeqCst);
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                if conn.write_all(ok).await.is_err() || conn.flush().await.is_err() {
+                    return;
+                }
+                head.clear();
+                if read_head(&mut conn, &mut head).await {
+                    seen.fetch_add(1, SeqCst);
+                }
+                // Dropped: the TCP connection closes with no answer and no close_notify.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads one request head (no body) into `buf`; false at EOF or on an error.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
+/// Two GETs through one tunnel to an HTTP/1.1 origin that closes its kept-alive connection
+/// as the second arrives: the second is sent again on a new connection (a GET may be), so
+/// both are answered — an outside test got a 502 for every such second request.
+#[tokio::test]
+async fn a_get_on_a_connection_the_origin_closed_unannounced_is_sent_again() {
+    use crate::support::pki::TestPki;
+    const HOST_NAME: &str = "api.example.test";
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let (origin, seen) =
+        origin_that_answers_once_per_connection(pki.server_config_without_alpn(&[HOST_NAME])).await;
+    let (h, sb) = daemon_with_origin(pki, origin).await;
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    for i in 0..2 {
+        let req = pc::get(&format!("/g{i}"), HOST_NAME, &[]);
+        let a = tokio::time::timeout(Duration::from_secs(10), pc::send1(&mut c, req))
+            .await
+            .expect("answered");
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
+    }
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "the second GET twice"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Amplification
 
