@@ -60,6 +60,28 @@ pub async fn setup(allow: Option<&[&str]>, secrets: &[Spec<'_>]) -> Env {
     setup_with(allow, secrets, Opts::default()).await
 }
 
+/// A daemon trusting `pki` whose `api.example.test` is `origin` (an origin a test wrote), a
+/// store "s" allowing only that host with `secrets`, and a sandbox of it.
+pub async fn daemon_with_origin(
+    pki: Arc<TestPki>,
+    origin: std::net::SocketAddr,
+    secrets: &[Spec<'_>],
+) -> (Harness, SandboxCreds) {
+    let opts = Opts {
+        resolve: vec![("api.example.test".into(), origin)],
+        ..Default::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    for (name, value, hosts, locs) in secrets {
+        h.secret(&store, name, value, *hosts, *locs).await;
+    }
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    (h, sb)
+}
+
 const API: &str = "api.example.test:443";
 
 #[tokio::test]
@@ -607,17 +629,8 @@ async fn a_certificate_naming_the_value_reaches_neither_the_refusal_nor_the_audi
     let pki = Arc::new(TestPki::new());
     let named = format!("x.{VALUE}.attacker.example");
     let rogue = Echo::start_tls(pki.server_config(&[&named], &[])).await;
-    let opts = Opts {
-        resolve: vec![("api.example.test".into(), rogue.addr)],
-        ..Default::default()
-    };
-    let h = Harness::try_start(opts, Some(pki))
-        .await
-        .expect("daemon starts");
-    let store = h.store("s", Some(&["api.example.test"])).await;
-    h.secret(&store, "KEY", VALUE, None, Some(&["header"]))
-        .await;
-    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let secrets: &[Spec<'_>] = &[("KEY", VALUE, None, Some(&["header"]))];
+    let (h, sb) = daemon_with_origin(pki, rogue.addr, secrets).await;
     let key = sb.token("KEY");
     let mut c = pc::h1(h.proxy, &sb, "api.example.test:443").await;
     let req = pc::get("/echo", "api.example.test", &[("x-api-key", &key)]);
@@ -638,15 +651,7 @@ async fn a_certificate_naming_the_value_reaches_neither_the_refusal_nor_the_audi
 async fn an_upstream_head_with_too_many_fields_is_a_502_that_says_so() {
     let pki = Arc::new(TestPki::new());
     let h1_only = Echo::start_tls(pki.server_config_without_alpn(NAMES)).await;
-    let opts = Opts {
-        resolve: vec![("api.example.test".into(), h1_only.addr)],
-        ..Default::default()
-    };
-    let h = Harness::try_start(opts, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let (h, sb) = daemon_with_origin(pki, h1_only.addr, &[]).await;
     let mut c = pc::h1(h.proxy, &sb, "api.example.test:443").await;
     let a = pc::send1(&mut c, pc::get("/many-headers", "api.example.test", &[])).await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);

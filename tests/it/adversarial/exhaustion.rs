@@ -13,7 +13,7 @@ use super::{
     assert_uniform, assert_upstream_untouched, eventually, exchange, raw_proxy, status_of,
     tls_tunnel, API,
 };
-use crate::proxy_explicit::{setup, setup_with, Env};
+use crate::proxy_explicit::{daemon_with_origin, setup, setup_with, Env};
 use crate::support::daemon::Opts;
 use crate::support::proxy_client::{self as pc, SandboxCreds};
 
@@ -675,24 +675,6 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
     );
 }
 
-/// A daemon whose `api.example.test` is `origin` (signed by `pki`'s CA), with a store `s`
-/// allowing it and one sandbox of that store.
-async fn daemon_with_origin(
-    pki: std::sync::Arc<crate::support::pki::TestPki>,
-    origin: std::net::SocketAddr,
-) -> (crate::support::daemon::Harness, SandboxCreds) {
-    let o = Opts {
-        resolve: vec![("api.example.test".into(), origin)],
-        ..Default::default()
-    };
-    let h = crate::support::daemon::Harness::try_start(o, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
-    (h, sb)
-}
-
 /// The h2 connection of a test origin.
 type OriginConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
@@ -781,7 +763,7 @@ async fn a_get_queued_for_a_stream_slot_survives_the_origins_goaway() {
     let pki = std::sync::Arc::new(TestPki::new());
     let (origin, served) =
         one_stream_origin_that_goes_away(pki.server_config(&["api.example.test"], &[b"h2"])).await;
-    let (h, sb) = daemon_with_origin(pki, origin).await;
+    let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
     let mut ca = pc::h1(h.proxy, &sb, API).await;
     let mut cb = pc::h1(h.proxy, &sb, API).await;
     let a =
@@ -855,7 +837,7 @@ async fn through_an_origin_that_closes_unanswered(method: http::Method) -> (Stat
         pki.server_config(&["api.example.test"], &[b"h2"]),
     )
     .await;
-    let (h, sb) = daemon_with_origin(pki, origin).await;
+    let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
     let mut c = pc::h1(h.proxy, &sb, API).await;
     let req = if method == http::Method::POST {
         pc::post("/p", "api.example.test", &[], Bytes::from_static(b"once"))
@@ -957,7 +939,7 @@ async fn a_get_on_a_connection_the_origin_closed_unannounced_is_sent_again() {
     let pki = std::sync::Arc::new(TestPki::new());
     let (origin, seen) =
         origin_that_answers_once_per_connection(pki.server_config_without_alpn(&[HOST_NAME])).await;
-    let (h, sb) = daemon_with_origin(pki, origin).await;
+    let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
     let mut c = pc::h1(h.proxy, &sb, API).await;
     for i in 0..2 {
         let req = pc::get(&format!("/g{i}"), HOST_NAME, &[]);
