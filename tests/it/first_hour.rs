@@ -150,11 +150,8 @@ async fn location_values_are_checked_by_the_cli_with_the_allowed_list() {
 
 #[tokio::test]
 async fn an_unreachable_daemon_is_named_with_a_hint() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing in this run listens on (nor is given by a port-0 bind).
+    let port = crate::support::ports::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let o = sealgate()
         .args(["--admin-url", &url, "--admin-token", "t", "store", "list"])

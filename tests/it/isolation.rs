@@ -857,10 +857,7 @@ struct Process {
     token: String,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+use crate::support::ports::free_port;
 
 impl Process {
     fn start(dir: &std::path::Path, admin_port: u16) -> Process {

@@ -65,10 +65,7 @@ async fn world(proxy_toml: &str) -> World {
     let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
     let plain = Echo::start_plain().await;
     let slow = RawListener::start("127.0.0.1".parse().unwrap()).await;
-    let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let down = std::net::SocketAddr::from(([127, 0, 0, 1], crate::support::ports::free_port()));
     let mut opts = Opts {
         proxy_toml: format!("max_header_fields = {MAX_FIELDS}\n{proxy_toml}"),
         upstream_toml: "connect_timeout_secs = 1\n".into(),

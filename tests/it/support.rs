@@ -7,5 +7,6 @@ pub mod echo;
 pub mod hostile;
 pub mod pg;
 pub mod pki;
+pub mod ports;
 pub mod proxy_client;
 pub mod raw;

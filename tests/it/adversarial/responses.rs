@@ -641,11 +641,7 @@ async fn nginx(pki: &TestPki, files: &[(&str, &[u8])]) -> Nginx {
     let (cert, key) = pki.leaf_pem(&[HOST]);
     std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
     std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::ports::free_port();
     let d = dir.path().display();
     let conf = format!(
         "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\

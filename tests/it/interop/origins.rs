@@ -4,7 +4,7 @@
 //! Node (`https` and `http2`) and Hypercorn. Each records what it received; the suite reads
 //! those records to check what reached the origin.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,11 +55,7 @@ impl Drop for Proc {
     }
 }
 
-/// A free loopback port: bound to port 0, then released for the server to take.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().unwrap().port()
-}
+pub use crate::support::ports::free_port;
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

@@ -47,7 +47,11 @@ async fn curl_cell(w: &World, r: &super::Ran, o: Origin, flag: &str, cell: &str)
     };
     let got = r.var(&format!("{cell}.status"));
     ensure(got == want, || {
-        format!("status/version {got:?}, want {want}: {}", r.stderr.trim())
+        let body = r.var(&format!("{cell}.body"));
+        format!(
+            "status/version {got:?}, want {want}; body {body:?}: {}",
+            r.stderr.trim()
+        )
     })?;
     echo_checks(w, o, cell, &r.var(&format!("{cell}.body"))).await
 }
@@ -97,10 +101,11 @@ async fn node_fetch_cells(w: &World, m: &mut Matrix) {
     for (_, cell, o) in &targets {
         let outcome = async {
             let status = r.var(&format!("{cell}.status"));
+            let body = r.var(&format!("{cell}.body"));
             ensure(status == "200", || {
-                format!("status {status}: {}", r.stderr.trim())
+                format!("status {status}; body {body:?}: {}", r.stderr.trim())
             })?;
-            echo_checks(w, *o, cell, &r.var(&format!("{cell}.body"))).await
+            echo_checks(w, *o, cell, &body).await
         }
         .await;
         let client = format!("{} fetch", versions().node);

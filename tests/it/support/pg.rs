@@ -82,14 +82,11 @@ impl Cluster {
         cluster.settings = ["listen_addresses=127.0.0.1", "ssl=on"]
             .map(String::from)
             .to_vec();
-        // A free port is found by binding port 0 and letting it go; someone else may take it
-        // before postgres binds it, and then the server exits: try another.
+        // A port from `support::ports` (below the ephemeral range); should it still be taken
+        // before postgres binds it, the server exits: try another.
         let mut last = String::new();
         for _ in 0..3 {
-            cluster.port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap();
+            cluster.port = super::ports::free_port();
             match cluster.try_start() {
                 Ok(()) => return cluster,
                 Err(log) => last = log,
