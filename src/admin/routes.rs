@@ -245,6 +245,10 @@ async fn set_secret(
         warnings.push(short_value_warning(&meta.name));
     }
     st.sandboxes.refresh_store(&id)?;
+    let lacking = st.sandboxes.lacking_secret(&id, &meta.name);
+    if lacking > 0 {
+        warnings.push(lacking_warning(&meta.name, &store.name, lacking));
+    }
     audit(&st, "secret.set", Some(&id), Some(&name), None, peer);
     Ok(Json(SecretAnswer { meta, warnings }))
 }
@@ -260,6 +264,20 @@ fn short_value_warning(name: &str) -> String {
         "secret {name} is shorter than {SHORT_VALUE} bytes: responses are scrubbed of it, so a \
          sandbox that reaches a host echoing its requests can test guesses of it (a right guess \
          comes back as the token); use a long random value"
+    )
+}
+
+/// Sandboxes get their tokens at creation: a secret added (or deleted and set again) later does
+/// not reach those already running (ARCHITECTURE.md, "Rotation reach").
+fn lacking_warning(name: &str, store: &str, count: usize) -> String {
+    let (n, were) = if count == 1 {
+        ("1 running sandbox".to_string(), "was")
+    } else {
+        (format!("{count} running sandboxes"), "were")
+    };
+    format!(
+        "{n} of store {store} on this node {were} created without secret {name} and will not \
+         get it; sandboxes created from now on will"
     )
 }
 

@@ -349,6 +349,17 @@ impl Sandboxes {
         ids
     }
 
+    /// How many live sandboxes of `store_id` on this node hold no token for secret `name`
+    /// (created before it was added, or it was deleted since): a set of that secret does not
+    /// reach them.
+    pub fn lacking_secret(&self, store_id: &str, name: &str) -> usize {
+        self.registry
+            .of_store(store_id)
+            .iter()
+            .filter(|sb| sb.snapshot().secrets().iter().all(|s| &*s.name != name))
+            .count()
+    }
+
     /// Re-snapshots every live sandbox of `store_id` after its secrets or allowlist changed.
     /// Tokens stay the same; a deleted secret drops out; secrets added later are not added
     /// (the sandbox never received a token for them).

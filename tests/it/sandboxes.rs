@@ -289,6 +289,20 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
         Some(e.sb.token("KEY")),
         "deleted secret's token stops working"
     );
+    // Set again, and a secret new to the store: neither reaches the running sandbox (it holds
+    // no token for them), and the answer says so.
+    for name in ["KEY", "ADDED"] {
+        let v =
+            e.h.secret(&e.store, name, "sk-rot-again-0106", None, None)
+                .await;
+        let warned = v["warnings"].as_array().unwrap().iter().any(|w| {
+            w.as_str().unwrap().starts_with(&format!(
+                "1 running sandbox of store s on this node was created without secret {name}"
+            ))
+        });
+        assert!(warned, "{name}: {v}");
+    }
+    assert_eq!(key_seen(&e, &e.sb).await, Some(e.sb.token("KEY")));
 }
 
 /// A request body streamed with the channel's sender: each `send` is one frame.
