@@ -10,6 +10,9 @@
 
 #![allow(dead_code)]
 
+#[path = "ports.rs"]
+pub mod ports;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,7 +89,7 @@ impl Cluster {
         // before postgres binds it, the server exits: try another.
         let mut last = String::new();
         for _ in 0..3 {
-            cluster.port = super::ports::free_port();
+            cluster.port = ports::free_port();
             match cluster.try_start() {
                 Ok(()) => return cluster,
                 Err(log) => last = log,

@@ -7,6 +7,9 @@
 //! listener answering on its port (seen once: every Caddy cell of the transparent matrix got
 //! 502). So these ports come from below the ephemeral range, handed out by one counter per
 //! test process (each port at most once per run), and are checked free before use.
+//!
+//! The module is declared by `support::pg` (which the library's and the benches' tests include
+//! by path too) and re-exported as `support::ports`: one counter per test binary.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
