@@ -30,10 +30,12 @@ DEFAULT_TIMEOUT = 30.0
 
 
 def seg(value: str) -> str:
-    """``value`` quoted as one path segment (a ``/`` in an id cannot reach another route)."""
+    """``value`` quoted as one path segment: a ``/``, ``?`` or ``#`` in an id or name cannot
+    reach another route, and ``.`` is quoted too, so ``..`` stays a name (which the API
+    refuses) instead of a dot segment that httpx would resolve (``/secrets/..`` is the store)."""
     if not isinstance(value, str):
         raise TypeError(f"expected a str id or name, got {type(value).__name__}")
-    return quote(value, safe="")
+    return quote(value, safe="").replace(".", "%2E")
 
 
 def _headers(cfg: Config, accept: str = "application/json") -> dict:

@@ -107,6 +107,23 @@ async def test_unknown_store_is_not_found_everywhere(daemon):
         assert isinstance(e.value, SealgateError)
 
 
+async def test_dot_names_and_ids_stay_in_their_segment(daemon):
+    """``..`` as a secret name once resolved to the store's own path: delete_secret deleted
+    the store. Names and ids are one path segment each, whatever they hold."""
+    store = await SecretStore.create(unique("dots"), egress_allowlist=["api.example.test"])
+    await SecretStore.set_secret(store["id"], "KEEP", remember_secret("v-" + secrets.token_hex(8)))
+    for name in ["..", ".", "../..", "KEEP/..", "KEEP?x", "KEEP#x"]:
+        with pytest.raises((InvalidInputError, NotFoundError)):
+            await SecretStore.delete_secret(store["id"], name)
+        with pytest.raises(InvalidInputError):
+            await SecretStore.set_secret(store["id"], name, remember_secret("v-" + secrets.token_hex(8)))
+    for store_id in ["..", ".", f"{store['id']}/.."]:
+        with pytest.raises(NotFoundError):
+            await SecretStore.get(store_id)
+    assert (await SecretStore.get(store["id"]))["id"] == store["id"]
+    assert [s["name"] for s in await SecretStore.list_secrets(store["id"])] == ["KEEP"]
+
+
 async def test_empty_name_is_invalid_input(daemon):
     with pytest.raises(InvalidInputError) as e:
         await SecretStore.create(name="")

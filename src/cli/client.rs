@@ -8,6 +8,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+/// Every byte of a path segment but ASCII letters, digits, `-`, `_` and `~` is encoded.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `value` (a secret name, a sandbox id: what the user typed) as one URL path segment: a `/`,
+/// `?` or `#` cannot reach another route or become a query, and `.` is encoded too, so `..`
+/// is a name (refused by the API), never a dot segment.
+pub fn seg(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, SEGMENT).to_string()
+}
+
 /// Talks to one daemon. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct AdminClient {
@@ -156,5 +169,21 @@ impl AdminClient {
             return ClientError::Unreachable(self.base.clone(), cause);
         }
         ClientError::Transport(self.base.clone(), cause)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seg;
+
+    #[test]
+    fn a_segment_cannot_leave_its_place_in_the_path() {
+        assert_eq!(seg("OPENAI_API_KEY"), "OPENAI_API_KEY");
+        assert_eq!(seg("sbx_0123abc"), "sbx_0123abc");
+        assert_eq!(seg(".."), "%2E%2E");
+        assert_eq!(seg("."), "%2E");
+        assert_eq!(seg("a/../b"), "a%2F%2E%2E%2Fb");
+        assert_eq!(seg("KEY?x#y"), "KEY%3Fx%23y");
+        assert_eq!(seg("é x"), "%C3%A9%20x");
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use http::Method;
 use serde_json::{json, Value};
 
-use super::client::AdminClient;
+use super::client::{seg, AdminClient};
 use super::{Cli, Command, CreateArgs, SandboxCmd, SecretCmd, StoreCmd};
 use crate::config::Config;
 
@@ -258,7 +258,7 @@ async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
             // the JSON is kept around for it.
             c.call(
                 Method::PUT,
-                &format!("/v1/stores/{id}/secrets/{name}"),
+                &format!("/v1/stores/{id}/secrets/{}", seg(name)),
                 Some(body),
             )
             .await?
@@ -272,7 +272,7 @@ async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
             let id = store_id(c, store).await?;
             c.call(
                 Method::DELETE,
-                &format!("/v1/stores/{id}/secrets/{name}"),
+                &format!("/v1/stores/{id}/secrets/{}", seg(name)),
                 None,
             )
             .await?;
@@ -286,12 +286,12 @@ async fn sandbox(c: &AdminClient, cmd: &SandboxCmd, as_json: bool) -> anyhow::Re
         SandboxCmd::Create(args) => return create_sandbox(c, args, as_json).await,
         SandboxCmd::List => print(&c.call(Method::GET, "/v1/sandboxes", None).await?, as_json),
         SandboxCmd::Get { id } => print(
-            &c.call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            &c.call(Method::GET, &format!("/v1/sandboxes/{}", seg(id)), None)
                 .await?,
             as_json,
         ),
         SandboxCmd::Delete { id } => {
-            c.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            c.call(Method::DELETE, &format!("/v1/sandboxes/{}", seg(id)), None)
                 .await?;
             print(&json!({"deleted": id}), as_json);
         }
