@@ -14,6 +14,7 @@
 //! and nothing listens on a wildcard address for isolated sandboxes.
 
 pub mod commands;
+pub mod fds;
 pub mod host_root;
 pub mod run_as;
 

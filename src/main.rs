@@ -8,6 +8,8 @@ use sealgate::config::Config;
 use sealgate::daemon::{self, Overrides};
 
 fn main() -> ExitCode {
+    // Before anything else: descriptors inherited from whoever started us never reach a child.
+    sealgate::isolation::fds::cloexec_inherited();
     sealgate::proxy::trim::tune_allocator();
     let cli = Cli::parse();
     // The configuration comes first: `[proxy] worker_threads` sizes the runtime.

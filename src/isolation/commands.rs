@@ -549,6 +549,11 @@ fn command(p: &Prepared) -> tokio::process::Command {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure makes only async-signal-safe calls (close_range, getrlimit, fcntl)
+    // and allocates nothing, as code between fork and exec must.
+    unsafe {
+        cmd.pre_exec(super::fds::cloexec_in_child);
+    }
     cmd
 }
 

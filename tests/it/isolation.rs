@@ -861,6 +861,16 @@ use crate::support::ports::free_port;
 
 impl Process {
     fn start(dir: &std::path::Path, admin_port: u16) -> Process {
+        Process::start_leaking(dir, admin_port, None)
+    }
+
+    /// Like [`Process::start`]; with `leak`, the daemon inherits that file as descriptor 7,
+    /// not close-on-exec (as from a careless supervisor).
+    fn start_leaking(
+        dir: &std::path::Path,
+        admin_port: u16,
+        leak: Option<&std::fs::File>,
+    ) -> Process {
         let cfg = dir.join("proxy.toml");
         let text = format!(
             "data_dir = \"{0}/data\"\ncert_dir = \"{0}/certs\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
@@ -868,16 +878,27 @@ impl Process {
             dir.display()
         );
         std::fs::write(&cfg, text).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sealgate"))
-            .arg("--config")
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sealgate"));
+        cmd.arg("--config")
             .arg(&cfg)
             .arg("serve")
             .env_remove("SEALGATE_ADMIN_TOKEN")
             .env_remove("SEALGATE_MASTER_KEY")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("sealgate serve");
+            .stderr(std::process::Stdio::null());
+        if let Some(f) = leak {
+            use std::os::fd::AsRawFd as _;
+            use std::os::unix::process::CommandExt as _;
+            let fd = f.as_raw_fd();
+            // SAFETY: dup2 is async-signal-safe; the new descriptor 7 has no close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || match libc::dup2(fd, 7) {
+                    7 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let child = cmd.spawn().expect("sealgate serve");
         let token_file = dir.join("data/admin.token");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err()
@@ -966,4 +987,48 @@ async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandb
         .api(Method::GET, &format!("/v1/sandboxes/{}", id(&plain)), None)
         .await;
     assert_eq!(s, StatusCode::OK, "a proxy-only sandbox is restored");
+}
+
+/// A descriptor the daemon inherited (here a root-only file) does not pass into a command: the
+/// command, as `run_as`, neither holds it nor can read through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !netns_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("root-only.txt");
+    std::fs::write(&secret_file, "root-only-inherited-0321\n").unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let leaked = std::fs::File::open(&secret_file).unwrap();
+    let daemon = Process::start_leaking(dir.path(), free_port(), Some(&leaked));
+    let (s, v) = daemon
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "s"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let body = json!({"secret_store": "s", "isolation": "netns"});
+    let (s, sb) = daemon.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{sb}");
+    let cmd = json!({"cmd": "ls /proc/self/fd; cat <&7; echo done"});
+    let (s, out) = daemon
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/commands", id(&sb)),
+            Some(cmd),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    let stdout = out["stdout"].as_str().unwrap();
+    assert!(stdout.ends_with("done\n"), "{out}");
+    let fds: Vec<&str> = stdout.lines().take_while(|l| *l != "done").collect();
+    assert!(
+        !fds.contains(&"7"),
+        "descriptor 7 reached the command: {out}"
+    );
+    assert!(!stdout.contains("root-only-inherited"), "{out}");
+    let (s, _) = daemon
+        .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
 }
