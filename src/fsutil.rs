@@ -32,6 +32,35 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Writes `bytes` to `path` as a new 0600 file owned by this process's user, replacing what the
+/// name pointed at: the bytes go to a fresh file beside it (`O_CREAT|O_EXCL`, which follows no
+/// link), which is then renamed over `path`. A symlink at `path` is replaced, never followed;
+/// an existing file's wider mode or other owner is never inherited; in a sticky directory
+/// (`/tmp`) another user's file at `path` makes the rename fail instead of being written into.
+///
+/// # Errors
+/// The directory is not writable, or the rename is refused; the temporary file is removed.
+pub fn replace_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = private_file()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -50,5 +79,36 @@ mod tests {
             .open(&file)
             .unwrap();
         assert_eq!(mode(&file), 0o600);
+    }
+
+    #[test]
+    fn a_replaced_file_follows_no_link_and_keeps_no_old_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = tmp.path().join("env");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        super::replace_private_file(&link, b"A=1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(
+            (std::fs::read_to_string(&link).unwrap(), mode(&link)),
+            ("A=1\n".into(), 0o600)
+        );
+
+        let wide = tmp.path().join("wide.env");
+        std::fs::write(&wide, "old").unwrap();
+        std::fs::set_permissions(&wide, std::fs::Permissions::from_mode(0o644)).unwrap();
+        super::replace_private_file(&wide, b"B=2\n").unwrap();
+        assert_eq!(
+            (std::fs::read_to_string(&wide).unwrap(), mode(&wide)),
+            ("B=2\n".into(), 0o600)
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "no temporary file left: {left:?}");
     }
 }

@@ -338,17 +338,12 @@ fn env_lines(sb: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// The file holds the proxy password and the tokens: always a new 0600 file of ours (see
+/// [`crate::fsutil::replace_private_file`]), never a link followed or an old file's mode kept.
 fn write_env_file(path: &std::path::Path, lines: &[(String, String)]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = crate::fsutil::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    for (k, v) in lines {
-        writeln!(f, "{k}={v}")?;
-    }
-    Ok(())
+    let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    crate::fsutil::replace_private_file(path, text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("writing the env file {}: {e}", path.display()))
 }
 
 fn shell_quote(v: &str) -> String {
