@@ -8,8 +8,9 @@
 //!
 //! Invariants:
 //! - Each ciphertext is bound to its row by associated data built by exactly one function per
-//!   kind ([`secret_aad`], [`sandbox_ca_aad`], [`snapshot_aad`], [`key_check_aad`]), so a
-//!   ciphertext copied into another row fails to open.
+//!   kind ([`secret_aad`], [`sandbox_ca_aad_v2`], [`snapshot_aad`], [`key_check_aad`]), so a
+//!   ciphertext copied into another row fails to open. A sandbox CA key's binds every column
+//!   that decides what the sandbox is ([`SandboxColumns`]).
 //! - Nonces are 96 random bits from the OS CSPRNG. With random nonces AES-GCM stays within its
 //!   bounds for 2^32 seals per key; a store re-seals a few rows per API call, far below that.
 //! - Key material and plaintexts live in zeroizing buffers; no error message contains either.
@@ -511,9 +512,66 @@ fn verify_mac(key: &MasterKey, msg: &[u8], mac: Option<&[u8]>) -> Result<(), Cry
     hmac::verify(&key.policy_key(), msg, mac).map_err(|_| CryptoError::PolicyTampered)
 }
 
-/// Associated data of a sandbox's CA private key: `sealgate/sandbox-ca/v1\0{id}`.
+/// Associated data of a sandbox's CA private key, v1: `sealgate/sandbox-ca/v1\0{id}`. Rows
+/// written before [`sandbox_ca_aad_v2`] carry it; only the one-time migration opens with it.
 pub fn sandbox_ca_aad(sandbox_id: &str) -> Vec<u8> {
     format!("sealgate/sandbox-ca/v1\0{sandbox_id}").into_bytes()
+}
+
+/// The columns of a `sandboxes` row that decide what the sandbox is: whose secrets it gets,
+/// which node serves it, how long it lives, who may use it. They are stored in clear (the
+/// database queries them) and bound into the associated data of the row's CA key
+/// ([`sandbox_ca_aad_v2`]), which is opened whenever the row is loaded: a row with any of them
+/// changed in the database fails to open and is refused, like a ciphertext copied into
+/// another row. (Before this, someone who could write the database but lacked the master key
+/// could re-point a sandbox at another store and have its tokens unseal that store's values.)
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxColumns<'a> {
+    /// `id`.
+    pub id: &'a str,
+    /// `store_id`.
+    pub store_id: &'a str,
+    /// `store_name`.
+    pub store_name: &'a str,
+    /// `node_id` in fleet mode; empty with SQLite.
+    pub node: &'a str,
+    /// `created_at`, nanoseconds since the epoch as stored.
+    pub created_at: i64,
+    /// `expires_at`, nanoseconds since the epoch as stored.
+    pub expires_at: i64,
+    /// `source_ip` as stored.
+    pub source_ip: Option<&'a str>,
+    /// `proxy_token_hash`.
+    pub proxy_token_hash: &'a [u8],
+    /// `ca_cert_pem`.
+    pub ca_cert_pem: &'a str,
+}
+
+/// Associated data of a sandbox CA key, v2: `sealgate/sandbox-ca/v2` followed by every field of
+/// [`SandboxColumns`], each as its length (8 bytes, big-endian) and its bytes (`-` and an
+/// empty field are told apart by a flag byte before `source_ip`).
+pub fn sandbox_ca_aad_v2(c: &SandboxColumns<'_>) -> Vec<u8> {
+    let mut out = b"sealgate/sandbox-ca/v2".to_vec();
+    let created = c.created_at.to_be_bytes();
+    let expires = c.expires_at.to_be_bytes();
+    let ip_flag = [u8::from(c.source_ip.is_some())];
+    let fields: [&[u8]; 10] = [
+        c.id.as_bytes(),
+        c.store_id.as_bytes(),
+        c.store_name.as_bytes(),
+        c.node.as_bytes(),
+        &created,
+        &expires,
+        &ip_flag,
+        c.source_ip.unwrap_or("").as_bytes(),
+        c.proxy_token_hash,
+        c.ca_cert_pem.as_bytes(),
+    ];
+    for f in fields {
+        out.extend_from_slice(&(f.len() as u64).to_be_bytes());
+        out.extend_from_slice(f);
+    }
+    out
 }
 
 /// Associated data of a sandbox snapshot: `sealgate/sandbox-snapshot/v1\0{id}`.

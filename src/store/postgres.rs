@@ -79,6 +79,10 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
 /// Plaintext of the key-check record once every row carries its policy MAC (same as SQLite).
 const KEY_CHECK_PLAINTEXT_V2: &[u8] = b"sealgate key check v2: policy MACs";
 
+/// Plaintext of the key-check record once, also, every sandbox row's CA key is bound to its
+/// columns, `node_id` included (same as SQLite).
+const KEY_CHECK_PLAINTEXT_V3: &[u8] = b"sealgate key check v3: policy MACs, bound sandbox rows";
+
 /// `meta.key` of the key-check record.
 const KEY_CHECK_ROW: &str = "key_check";
 
@@ -530,26 +534,29 @@ async fn read_key_check(
 enum KeyCheck {
     /// v1: written before policy MACs; the rows' MACs still have to be computed.
     Legacy,
-    /// v2: every row carries its policy MAC.
+    /// v2: every row carries its policy MAC; sandbox CA keys may still be bound to the id only.
     PolicyMacs,
+    /// v3: also, every sandbox row's CA key is bound to its columns.
+    BoundSandboxes,
 }
 
 /// Which record `sealed` is, iff it is the key-check record under `key`.
 fn verify_key_check(sealed: &[u8], key: &MasterKey, db: &Db) -> Result<KeyCheck, StoreError> {
     match crypto::open(key, crypto::key_check_aad(), sealed) {
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V3 => Ok(KeyCheck::BoundSandboxes),
         Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V2 => Ok(KeyCheck::PolicyMacs),
         Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(KeyCheck::Legacy),
         _ => Err(db.wrong_key()),
     }
 }
 
-/// Writes (inserts or replaces) the v2 key-check record under `key`: call only once every row
-/// carries its policy MAC under `key`.
+/// Writes (inserts or replaces) the v3 key-check record under `key`: call only once every row
+/// carries its policy MAC under `key` and every sandbox row's CA key is bound to its columns.
 async fn write_key_check(
     client: &impl tokio_postgres::GenericClient,
     key: &MasterKey,
 ) -> Result<(), StoreError> {
-    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V2);
+    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V3);
     client
         .execute(
             "INSERT INTO meta (key, value) VALUES ($1, $2) \

@@ -216,6 +216,8 @@ impl RawSecret {
 
 /// A `sandboxes` row as read, before decoding and decryption.
 pub(super) struct RawSandbox {
+    /// `node_id` in fleet mode (empty with SQLite): bound into the CA key's associated data.
+    pub(super) node: String,
     pub(super) id: String,
     pub(super) store_id: String,
     pub(super) store_name: String,
@@ -229,11 +231,50 @@ pub(super) struct RawSandbox {
 }
 
 impl RawSandbox {
+    fn columns(&self) -> crypto::SandboxColumns<'_> {
+        crypto::SandboxColumns {
+            id: &self.id,
+            store_id: &self.store_id,
+            store_name: &self.store_name,
+            node: &self.node,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            source_ip: self.source_ip.as_deref(),
+            proxy_token_hash: &self.proxy_token_hash,
+            ca_cert_pem: &self.ca_cert_pem,
+        }
+    }
+
+    /// The CA key sealed under `new`, bound to the row's columns as they are; opened under
+    /// `old` bound the same way, or — `legacy`, the one-time migration only — to the id alone.
+    ///
+    /// # Errors
+    /// The key does not open (tampered row, wrong key).
+    pub(super) fn reseal_ca_key(
+        &self,
+        old: &MasterKey,
+        new: &MasterKey,
+        legacy: bool,
+    ) -> Result<Vec<u8>, StoreError> {
+        let aad = crypto::sandbox_ca_aad_v2(&self.columns());
+        let opened = crypto::open(old, &aad, &self.ca_key).or_else(|e| match legacy {
+            true => crypto::open(old, &crypto::sandbox_ca_aad(&self.id), &self.ca_key),
+            false => Err(e),
+        });
+        let plain = opened.map_err(|e| corrupt(format!("sandbox '{}' CA key", self.id), e))?;
+        Ok(crypto::seal(new, &aad, plain.expose()))
+    }
+
     pub(super) fn into_row(self, key: &MasterKey) -> Result<SandboxRow, StoreError> {
+        let aad = crypto::sandbox_ca_aad_v2(&self.columns());
         let id = self.id;
         let row = || format!("sandbox '{id}'");
-        let ca_key = crypto::open(key, &crypto::sandbox_ca_aad(&id), &self.ca_key)
-            .map_err(|e| corrupt(format!("sandbox '{id}' CA key"), e))?;
+        let ca_key = crypto::open(key, &aad, &self.ca_key).map_err(|e| {
+            corrupt(
+                format!("sandbox '{id}' CA key (or a column bound to it: store, node, times, source_ip, proxy token, certificate)"),
+                e,
+            )
+        })?;
         let snapshot = crypto::open(key, &crypto::snapshot_aad(&id), &self.snapshot)
             .map_err(|e| corrupt(format!("sandbox '{id}' snapshot"), e))?;
         let source_ip = self
@@ -254,4 +295,33 @@ impl RawSandbox {
             snapshot,
         })
     }
+}
+
+/// The sealed CA key of a new `sandboxes` row: bound to the columns the row is written with
+/// (`node`: its `node_id` in fleet mode, empty with SQLite).
+///
+/// # Errors
+/// A time outside what the columns hold.
+pub(super) fn seal_ca_key(
+    key: &MasterKey,
+    row: &SandboxRow,
+    node: &str,
+) -> Result<Vec<u8>, StoreError> {
+    let ip = row.source_ip.map(|ip| ip.to_string());
+    let columns = crypto::SandboxColumns {
+        id: &row.id,
+        store_id: &row.store_id,
+        store_name: &row.store_name,
+        node,
+        created_at: to_nanos(row.created_at, "sandbox created_at")?,
+        expires_at: to_nanos(row.expires_at, "sandbox expires_at")?,
+        source_ip: ip.as_deref(),
+        proxy_token_hash: &row.proxy_token_hash,
+        ca_cert_pem: &row.ca_cert_pem,
+    };
+    Ok(crypto::seal(
+        key,
+        &crypto::sandbox_ca_aad_v2(&columns),
+        row.ca_key.expose(),
+    ))
 }

@@ -30,8 +30,8 @@ use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
 use super::rows::{
-    next_secret_meta, reseal, secret_policy, store_policy, to_json_opt, to_nanos, to_version,
-    version_column, RawSandbox, RawSecret, RawStore,
+    next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt, to_nanos,
+    to_version, version_column, RawSandbox, RawSecret, RawStore,
 };
 use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::secret::{Location, SecretValue};
@@ -47,6 +47,10 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"sealgate key check";
 
 /// Plaintext of the key-check record once every row carries its policy MAC.
 const KEY_CHECK_PLAINTEXT_V2: &[u8] = b"sealgate key check v2: policy MACs";
+
+/// Plaintext of the key-check record once, also, every sandbox row's CA key is bound to its
+/// columns ([`crypto::sandbox_ca_aad_v2`]).
+const KEY_CHECK_PLAINTEXT_V3: &[u8] = b"sealgate key check v3: policy MACs, bound sandbox rows";
 
 /// `meta.key` of the key-check record.
 const KEY_CHECK_ROW: &str = "key_check";
@@ -85,7 +89,7 @@ CREATE TABLE sandboxes (
     source_ip        TEXT,
     proxy_token_hash BLOB NOT NULL,
     ca_cert_pem      TEXT NOT NULL,
-    ca_key           BLOB NOT NULL,     -- sealed, AAD sandbox_ca_aad(id)
+    ca_key           BLOB NOT NULL,     -- sealed, AAD sandbox_ca_aad(id); v3 key check: _v2(columns)
     snapshot         BLOB NOT NULL      -- sealed, AAD snapshot_aad(id)
 ) STRICT;
 CREATE INDEX sandboxes_by_expiry ON sandboxes (expires_at);
@@ -399,11 +403,12 @@ impl SqliteStore {
     ) -> Result<RotationStats, StoreError> {
         use crate::crash_point::hit as test_crash_point;
         let tx = write_tx(conn)?;
-        verify_key_check(&tx, old_key, &self.db_path)?;
+        let state = verify_key_check(&tx, old_key, &self.db_path)?;
         let secrets = reseal_secrets(&tx, old_key, new_key)?;
         remac_stores(&tx, old_key, new_key)?;
         test_crash_point("resealed_secrets");
-        let sandboxes = reseal_sandboxes(&tx, old_key, new_key)?;
+        let legacy = state != KeyCheck::BoundSandboxes;
+        let sandboxes = reseal_sandboxes(&tx, old_key, new_key, legacy)?;
         test_crash_point("resealed_sandboxes");
         write_key_check(&tx, new_key)?;
         test_crash_point("wrote_key_check");
@@ -499,15 +504,23 @@ fn init_key_check(
 ) -> Result<(), StoreError> {
     let tx = write_tx(conn)?;
     if read_key_check(&tx)?.is_some() {
-        if verify_key_check(&tx, key, db_path)? == KeyCheck::PolicyMacs {
+        let state = verify_key_check(&tx, key, db_path)?;
+        if state == KeyCheck::BoundSandboxes {
             return Ok(());
         }
-        let rows = mac_all_policies(&tx, key)?;
+        if state == KeyCheck::Legacy {
+            let rows = mac_all_policies(&tx, key)?;
+            tracing::info!(
+                rows,
+                "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+            );
+        }
+        let sandboxes = reseal_sandboxes(&tx, key, key, true)?;
         write_key_check(&tx, key)?;
         tx.commit()?;
         tracing::info!(
-            rows,
-            "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+            sandboxes,
+            "bound the sandbox rows written before binding to their columns (one-time migration)"
         );
         return Ok(());
     }
@@ -545,8 +558,10 @@ fn read_key_check(conn: &Connection) -> Result<Option<Vec<u8>>, StoreError> {
 enum KeyCheck {
     /// v1: written before policy MACs; the rows' MACs still have to be computed.
     Legacy,
-    /// v2: every row carries its policy MAC.
+    /// v2: every row carries its policy MAC; sandbox CA keys may still be bound to the id only.
     PolicyMacs,
+    /// v3: also, every sandbox row's CA key is bound to its columns.
+    BoundSandboxes,
 }
 
 /// `Ok` iff the key-check record exists and opens with `key`.
@@ -558,15 +573,17 @@ fn verify_key_check(
     let wrong_key = || StoreError::WrongMasterKey(db_path.to_owned());
     let sealed = read_key_check(conn)?.ok_or_else(wrong_key)?;
     match crypto::open(key, crypto::key_check_aad(), &sealed) {
+        Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V3 => Ok(KeyCheck::BoundSandboxes),
         Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT_V2 => Ok(KeyCheck::PolicyMacs),
         Ok(plain) if plain.expose() == KEY_CHECK_PLAINTEXT => Ok(KeyCheck::Legacy),
         _ => Err(wrong_key()),
     }
 }
 
-/// Writes the (v2) key-check record: call only once every row carries its policy MAC.
+/// Writes the (v3) key-check record: call only once every row carries its policy MAC and every
+/// sandbox row's CA key is bound to its columns.
 fn write_key_check(conn: &Connection, key: &MasterKey) -> Result<(), StoreError> {
-    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V2);
+    let sealed = crypto::seal(key, crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V3);
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -640,21 +657,24 @@ fn mac_all_policies(tx: &Transaction<'_>, key: &MasterKey) -> Result<usize, Stor
     Ok(stores.len() + secrets.len())
 }
 
+/// Re-seals every sandbox row's CA key and snapshot from `old` to `new` (the same key for the
+/// one-time binding migration), the CA key bound to the row's columns; `legacy` also opens CA
+/// keys bound to the id alone (rows from before the binding).
 fn reseal_sandboxes(
     tx: &Transaction<'_>,
     old: &MasterKey,
     new: &MasterKey,
+    legacy: bool,
 ) -> Result<usize, StoreError> {
     let rows = {
-        let mut stmt = tx.prepare("SELECT id, ca_key, snapshot FROM sandboxes")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<Result<Vec<(String, Vec<u8>, Vec<u8>)>, _>>()?
+        let mut stmt = tx.prepare(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes"))?;
+        let rows = stmt.query_map([], RawSandbox::from_sqlite)?;
+        rows.collect::<Result<Vec<_>, _>>()?
     };
-    for (id, ca_key, snapshot) in &rows {
-        let ca_key = reseal(old, new, &crypto::sandbox_ca_aad(id), ca_key, || {
-            format!("sandbox '{id}' CA key")
-        })?;
-        let snapshot = reseal(old, new, &crypto::snapshot_aad(id), snapshot, || {
+    for raw in &rows {
+        let id = &raw.id;
+        let ca_key = raw.reseal_ca_key(old, new, legacy)?;
+        let snapshot = reseal(old, new, &crypto::snapshot_aad(id), &raw.snapshot, || {
             format!("sandbox '{id}' snapshot")
         })?;
         tx.execute(
@@ -865,7 +885,7 @@ fn insert_sandbox_row(
     key: &MasterKey,
     row: &SandboxRow,
 ) -> Result<(), StoreError> {
-    let ca_key = crypto::seal(key, &crypto::sandbox_ca_aad(&row.id), row.ca_key.expose());
+    let ca_key = seal_ca_key(key, row, "")?;
     let snapshot = crypto::seal(key, &crypto::snapshot_aad(&row.id), row.snapshot.expose());
     conn.execute(
         &format!(
@@ -898,6 +918,7 @@ fn insert_sandbox_row(
 impl RawSandbox {
     fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(RawSandbox {
+            node: String::new(),
             id: row.get(0)?,
             store_id: row.get(1)?,
             store_name: row.get(2)?,
@@ -1163,6 +1184,33 @@ mod tests {
 
     /// Turns the database at `fx` back into what a build without policy MACs wrote: schema 1,
     /// no MAC columns, a v1 key-check record.
+    /// A sandbox row as a build before the binding wrote it: its CA key bound to the id alone,
+    /// under a v2 key-check record. It loads after the one-time migration, and from then on the
+    /// old binding is tampering, not age.
+    #[test]
+    fn sandbox_rows_from_before_the_binding_are_migrated_once() {
+        let fx = <Fixture as Harness>::new();
+        let store = fx.open();
+        let rec = store.create_store("s", None).unwrap();
+        store
+            .insert_sandbox(&suite::sandbox("sbx_old", &rec, suite::later()))
+            .unwrap();
+        drop(store);
+        let v1 = crypto::seal(&fx.key(), &crypto::sandbox_ca_aad("sbx_old"), CA_KEY);
+        fx.set_raw_ca_key("sbx_old", &v1);
+        let v2_check = crypto::seal(&fx.key(), crypto::key_check_aad(), KEY_CHECK_PLAINTEXT_V2);
+        fx.raw()
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = ?2",
+                params![v2_check, KEY_CHECK_ROW],
+            )
+            .unwrap();
+        let rows = fx.open().load_sandboxes().unwrap();
+        assert_eq!(rows[0].ca_key.expose(), CA_KEY);
+        fx.set_raw_ca_key("sbx_old", &v1);
+        assert_corrupt(fx.open().load_sandboxes().unwrap_err(), "sbx_old");
+    }
+
     fn downgrade_to_v1(fx: &Fixture) {
         let conn = fx.raw();
         conn.execute_batch(

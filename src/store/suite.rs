@@ -78,7 +78,8 @@ macro_rules! store_suite {
             schema_from_a_newer_build_is_refused,
             tampered_allowed_hosts_or_locations_fail_closed, tampered_egress_allowlist_fails_closed,
             policy_copied_from_another_row_fails_closed, legitimate_changes_keep_verifying,
-            rotation_re_macs_policies_and_refuses_tampered_ones);
+            rotation_re_macs_policies_and_refuses_tampered_ones,
+            tampered_sandbox_columns_fail_closed);
     };
     (@ $h:ty; $($name:ident),* $(,)?) => {
         mod shared_suite {
@@ -804,4 +805,46 @@ pub(crate) fn rotation_re_macs_policies_and_refuses_tampered_ones<H: Harness>() 
         .unwrap_err();
     assert_corrupt(err, "API_KEY");
     reopened.check().unwrap();
+}
+
+/// Each column that decides what a sandbox is — its store (whose secrets it gets), lifetime,
+/// source address, proxy credential, certificate — is bound to the row's CA key: changed in the
+/// database, the row no longer loads (a restart does not bless it), and a rotation refuses it.
+pub(crate) fn tampered_sandbox_columns_fail_closed<H: Harness>() {
+    for (column, evil) in [
+        ("store_id", "(SELECT id FROM stores WHERE name = 'victim')"),
+        ("store_name", "'victim'"),
+        ("expires_at", "expires_at + 1"),
+        ("created_at", "created_at - 1"),
+        ("source_ip", "'10.9.9.9'"),
+        ("source_ip", "NULL"),
+        (
+            "proxy_token_hash",
+            "(SELECT proxy_token_hash FROM sandboxes WHERE id = 'sbx_victim')",
+        ),
+        ("ca_cert_pem", "'-----BEGIN CERTIFICATE----- other'"),
+    ] {
+        let h = H::new();
+        let store = h.open();
+        let rec = store.create_store("attacker", None).unwrap();
+        let victim = store.create_store("victim", None).unwrap();
+        let mut row = sandbox("sbx_attacker", &rec, later());
+        row.source_ip = Some("10.1.1.1".parse().unwrap());
+        store.insert_sandbox(&row).unwrap();
+        let mut other = sandbox("sbx_victim", &victim, later());
+        other.proxy_token_hash = vec![9, 9, 9];
+        store.insert_sandbox(&other).unwrap();
+        assert_eq!(store.load_sandboxes().unwrap().len(), 2, "{column}");
+        h.tamper(&format!(
+            "UPDATE sandboxes SET {column} = {evil} WHERE id = 'sbx_attacker'"
+        ));
+        assert_corrupt(store.load_sandboxes().unwrap_err(), "sbx_attacker");
+        drop(store);
+        let store = h.open();
+        assert_corrupt(store.load_sandboxes().unwrap_err(), "sbx_attacker");
+        assert!(
+            store.rotate_master_key(&MasterKey::generate()).is_err(),
+            "{column}"
+        );
+    }
 }

@@ -14,8 +14,8 @@ use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 pub(super) use crate::store::rows::to_nanos;
 use crate::store::rows::{
-    next_secret_meta, reseal, secret_policy, store_policy, to_json_opt, version_column, RawSandbox,
-    RawSecret, RawStore,
+    next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt,
+    version_column, RawSandbox, RawSecret, RawStore,
 };
 use crate::store::{RotationStats, SandboxRow, SecretMeta, StoreError, StoreRecord};
 
@@ -389,7 +389,7 @@ pub(super) async fn insert_sandbox(
 ) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     let key = checked_key(db, &tx).await?;
-    let ca_key = crypto::seal(&key, &crypto::sandbox_ca_aad(&row.id), row.ca_key.expose());
+    let ca_key = seal_ca_key(&key, row, &db.node_id)?;
     let snapshot = crypto::seal(&key, &crypto::snapshot_aad(&row.id), row.snapshot.expose());
     let params: [&(dyn ToSql + Sync); 11] = [
         &row.id,
@@ -470,7 +470,8 @@ pub(super) async fn select_sandboxes(
     node_id: &str,
 ) -> Result<Vec<RawSandbox>, StoreError> {
     let sql = format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE node_id = $1 ORDER BY created_at, seq"
+        "SELECT {SANDBOX_COLUMNS}, node_id FROM sandboxes WHERE node_id = $1 \
+         ORDER BY created_at, seq"
     );
     let rows = client.query(&sql, &[&node_id]).await.map_err(pg_err)?;
     Ok(rows.iter().map(RawSandbox::from_pg).collect())
@@ -502,6 +503,7 @@ pub(super) async fn purge_expired(
 impl RawSandbox {
     fn from_pg(row: &Row) -> Self {
         RawSandbox {
+            node: row.get(10),
             id: row.get(0),
             store_id: row.get(1),
             store_name: row.get(2),
@@ -537,10 +539,11 @@ pub(super) async fn reseal_all(
         .map_err(pg_err)?
         .map(|r| r.get::<_, Vec<u8>>(0))
         .ok_or_else(|| db.wrong_key())?;
-    verify_key_check(&sealed, &old, db)?;
+    let state = verify_key_check(&sealed, &old, db)?;
     let secrets = reseal_secrets(&tx, &old, new).await?;
     remac_stores(&tx, &old, new).await?;
-    let sandboxes = reseal_sandboxes(&tx, &old, new).await?;
+    let legacy = state != super::KeyCheck::BoundSandboxes;
+    let sandboxes = reseal_sandboxes(&tx, &old, new, legacy).await?;
     super::write_key_check(&tx, new).await?;
     db.injected_rotation_failure()?;
     tx.commit().await.map_err(pg_err)?;
@@ -631,22 +634,26 @@ pub(super) async fn mac_all_policies(
     Ok(stores.len() + rows.len())
 }
 
-async fn reseal_sandboxes(
+/// Re-seals every sandbox row (of every node) from `old` to `new`, the CA key bound to the
+/// row's columns; `legacy` also opens CA keys bound to the id alone (the one-time migration,
+/// with `old` = `new`). Same as SQLite's.
+pub(super) async fn reseal_sandboxes(
     tx: &Transaction<'_>,
     old: &MasterKey,
     new: &MasterKey,
+    legacy: bool,
 ) -> Result<usize, StoreError> {
     let rows = tx
-        .query("SELECT id, ca_key, snapshot FROM sandboxes FOR UPDATE", &[])
+        .query(
+            &format!("SELECT {SANDBOX_COLUMNS}, node_id FROM sandboxes FOR UPDATE"),
+            &[],
+        )
         .await
         .map_err(pg_err)?;
-    for row in &rows {
-        let (id, ca_key, snapshot): (String, Vec<u8>, Vec<u8>) =
-            (row.get(0), row.get(1), row.get(2));
-        let ca_key = reseal(old, new, &crypto::sandbox_ca_aad(&id), &ca_key, || {
-            format!("sandbox '{id}' CA key")
-        })?;
-        let snapshot = reseal(old, new, &crypto::snapshot_aad(&id), &snapshot, || {
+    for raw in rows.iter().map(RawSandbox::from_pg) {
+        let id = raw.id.clone();
+        let ca_key = raw.reseal_ca_key(old, new, legacy)?;
+        let snapshot = reseal(old, new, &crypto::snapshot_aad(&id), &raw.snapshot, || {
             format!("sandbox '{id}' snapshot")
         })?;
         tx.execute(

@@ -61,7 +61,7 @@ CREATE TABLE sandboxes (
     source_ip        TEXT,
     proxy_token_hash BYTEA NOT NULL,
     ca_cert_pem      TEXT NOT NULL,
-    ca_key           BYTEA NOT NULL,    -- sealed, AAD sandbox_ca_aad(id)
+    ca_key           BYTEA NOT NULL,    -- sealed, AAD sandbox_ca_aad(id); v3 key check: _v2(columns)
     snapshot         BYTEA NOT NULL,    -- sealed, AAD snapshot_aad(id)
     seq              BIGSERIAL
 );
@@ -144,15 +144,23 @@ pub(super) async fn current_version(client: &Client) -> Result<i64, StoreError> 
 async fn init_key_check(client: &mut Client, db: &Db, key: &MasterKey) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     if let Some(sealed) = super::read_key_check(&tx, false).await? {
-        if super::verify_key_check(&sealed, key, db)? == KeyCheck::PolicyMacs {
+        let state = super::verify_key_check(&sealed, key, db)?;
+        if state == KeyCheck::BoundSandboxes {
             return Ok(());
         }
-        let rows = ops::mac_all_policies(&tx, key).await?;
+        if state == KeyCheck::Legacy {
+            let rows = ops::mac_all_policies(&tx, key).await?;
+            tracing::info!(
+                rows,
+                "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+            );
+        }
+        let sandboxes = ops::reseal_sandboxes(&tx, key, key, true).await?;
         super::write_key_check(&tx, key).await?;
         tx.commit().await.map_err(pg_err)?;
         tracing::info!(
-            rows,
-            "computed the policy MACs of rows written before policy MACs existed (one-time migration)"
+            sandboxes,
+            "bound the sandbox rows written before binding to their columns (one-time migration)"
         );
         return Ok(());
     }

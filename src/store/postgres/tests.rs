@@ -170,6 +170,10 @@ fn sandboxes_belong_to_their_node() {
         1
     );
     assert_eq!(fx.sql("SELECT node_id FROM sandboxes"), "node-a");
+    // A row moved to another node in the database is refused there (node_id is bound).
+    fx.sql("UPDATE sandboxes SET node_id = 'node-b' WHERE id = 'sbx_a'");
+    suite::assert_corrupt(b.load_sandboxes().unwrap_err(), "sbx_a");
+    assert!(a.load_sandboxes().unwrap().is_empty());
 }
 
 #[test]
