@@ -150,12 +150,15 @@ fn redact(text: &str) -> String {
     }
 }
 
-/// The user information ends at the *first* `@` of the text after `://`, wherever it stands:
-/// that is how tokio-postgres reads it, so a password holding `/`, `?` or `@`-free base64 is
-/// still inside what we hide. Example: `postgres://sg:Ab/cd@db/x` → `postgres://sg:***@db/x`.
+/// Everything up to the *last* `@` of the text after `://` is hidden after the user name,
+/// wherever it stands. tokio-postgres ends the user information at the first `@`, but a
+/// password with an unencoded `@` (`sg:Cfg@Leak@db`) would then show its tail as part of the
+/// "host": hiding up to the last `@` covers both readings (at worst it hides more), and a
+/// password holding `/` or `?` stays inside too. Example: `postgres://sg:Ab/cd@db/x` →
+/// `postgres://sg:***@db/x`.
 fn redact_url(text: &str) -> String {
     let (scheme, rest) = text.split_once("://").expect("caller checked the scheme");
-    let (userinfo, rest) = match rest.split_once('@') {
+    let (userinfo, rest) = match rest.rsplit_once('@') {
         Some((userinfo, hosts_and_tail)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
             let hidden = if userinfo.contains(':') { ":***" } else { "" };
@@ -280,6 +283,7 @@ mod tests {
     fn passwords_with_slash_or_question_mark_are_redacted() {
         for (url, want) in [
             ("postgres://sg:Ab/cd@db/x", "postgres://sg:***@db/x"),
+            ("postgres://sg:Cfg@Leak_8@db:5432/x", "postgres://sg:***@db:5432/x"),
             (
                 "postgres://sg:pa?ss@db:5432/x",
                 "postgres://sg:***@db:5432/x",
