@@ -31,13 +31,23 @@ pub fn store_name(name: &str) -> Result<(), ApiError> {
             "store name must not have the form of a store id (a UUID)",
         ));
     }
-    let bidi = |c: char| matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    if name.chars().any(|c| c.is_control() || bidi(c)) {
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(ApiError::bad_request(
-            "store name must not contain control or bidirectional formatting characters",
+            "store name must not contain control, bidirectional or invisible formatting characters",
         ));
     }
     Ok(())
+}
+
+/// Characters that render as nothing, so two names that differ only by them look the same:
+/// bidirectional controls, zero-width spaces and joiners, the word joiner and invisible
+/// operators, the BOM, the soft hyphen, fillers and tag characters.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}'
+        | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}' | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// Secret names are environment-variable names: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
@@ -154,6 +164,11 @@ mod tests {
             "padded\t",
             "d6bd8c8d-1f2e-4a3b-9c4d-5e6f7a8b9c0d",
             "D6BD8C8D-1F2E-4A3B-9C4D-5E6F7A8B9C0D",
+            "prod\u{200b}",
+            "pr\u{2060}od",
+            "\u{feff}prod",
+            "prod\u{00ad}",
+            "prod\u{e0041}",
         ] {
             assert!(store_name(bad).is_err(), "{bad:?}");
         }

@@ -283,7 +283,10 @@ mod tests {
     fn passwords_with_slash_or_question_mark_are_redacted() {
         for (url, want) in [
             ("postgres://sg:Ab/cd@db/x", "postgres://sg:***@db/x"),
-            ("postgres://sg:Cfg@Leak_8@db:5432/x", "postgres://sg:***@db:5432/x"),
+            (
+                "postgres://sg:Cfg@Leak_8@db:5432/x",
+                "postgres://sg:***@db:5432/x",
+            ),
             (
                 "postgres://sg:pa?ss@db:5432/x",
                 "postgres://sg:***@db:5432/x",
