@@ -690,30 +690,21 @@ async fn collect(mut rx: mpsc::Receiver<Piece>) -> CommandResult {
 fn sse_response(rx: mpsc::Receiver<Piece>) -> Response {
     let state = (rx, Utf8Carry::default(), Utf8Carry::default());
     let stream = futures_util::stream::unfold(state, |(mut rx, mut out, mut err)| async move {
-        let piece = rx.recv().await?;
-        let frame = match piece {
-            Piece::Out(w, bytes) => {
-                let carry = if w == Which::Stdout {
-                    &mut out
-                } else {
-                    &mut err
-                };
-                let text = carry.push(&bytes);
-                sse_frame(w.event(), &serde_json::json!({ "data": text }))
-            }
-            Piece::Exit(o) => {
-                let mut frame = String::new();
-                for (w, carry) in [(Which::Stdout, &mut out), (Which::Stderr, &mut err)] {
-                    let rest = carry.finish();
-                    if !rest.is_empty() {
-                        frame.push_str(&sse_frame(w.event(), &serde_json::json!({ "data": rest })));
+        let frame = loop {
+            match rx.recv().await? {
+                Piece::Out(w, bytes) => {
+                    let carry = if w == Which::Stdout {
+                        &mut out
+                    } else {
+                        &mut err
+                    };
+                    // A chunk that only began a UTF-8 sequence has no text yet: no event.
+                    let text = carry.push(&bytes);
+                    if !text.is_empty() {
+                        break sse_frame(w.event(), &serde_json::json!({ "data": text }));
                     }
                 }
-                frame.push_str(&sse_frame(
-                    "exit",
-                    &serde_json::to_value(o).unwrap_or_default(),
-                ));
-                frame
+                Piece::Exit(o) => break exit_frames(o, &mut out, &mut err),
             }
         };
         Some((Ok::<_, Infallible>(Bytes::from(frame)), (rx, out, err)))
@@ -727,6 +718,22 @@ fn sse_response(rx: mpsc::Receiver<Piece>) -> Response {
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// The last text held back of each stream, then the `exit` event.
+fn exit_frames(o: Outcome, out: &mut Utf8Carry, err: &mut Utf8Carry) -> String {
+    let mut frame = String::new();
+    for (w, carry) in [(Which::Stdout, out), (Which::Stderr, err)] {
+        let rest = carry.finish();
+        if !rest.is_empty() {
+            frame.push_str(&sse_frame(w.event(), &serde_json::json!({ "data": rest })));
+        }
+    }
+    frame.push_str(&sse_frame(
+        "exit",
+        &serde_json::to_value(o).unwrap_or_default(),
+    ));
+    frame
 }
 
 fn sse_frame(event: &str, data: &serde_json::Value) -> String {
@@ -781,6 +788,33 @@ mod tests {
     use super::*;
     use crate::isolation::host_root::tests::{bind, link};
     use proptest::prelude::*;
+
+    /// A read that only began a multi-byte character yields no event (an outside test saw
+    /// `{"data":""}` events, handed to the SDK's `on_stdout` as empty strings).
+    #[tokio::test]
+    async fn a_chunk_holding_only_part_of_a_character_sends_no_event() {
+        use http_body_util::BodyExt as _;
+        let (tx, rx) = mpsc::channel(8);
+        let euro = "€".as_bytes();
+        tx.send(Piece::Out(Which::Stdout, euro[..1].to_vec()))
+            .await
+            .unwrap();
+        tx.send(Piece::Out(Which::Stdout, euro[1..].to_vec()))
+            .await
+            .unwrap();
+        tx.send(Piece::Exit(Outcome::failed(0, 1))).await.unwrap();
+        drop(tx);
+        let body = sse_response(rx)
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert_eq!(text.matches("event: stdout").count(), 1, "{text}");
+        assert!(text.contains("data: {\"data\":\"€\"}"), "{text}");
+        assert!(!text.contains("\"data\":\"\""), "{text}");
+    }
 
     #[test]
     fn utf8_split_anywhere_reassembles() {
