@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -20,6 +21,15 @@ from . import _config, _http, _sse
 from ._config import Config
 from ._http import seg
 from .errors import NotFoundError, SealgateError
+
+def _whole_seconds(timeout: Any) -> Any:
+    """The daemon takes whole seconds: ``600.0`` is sent as ``600`` and ``2.5`` as ``3`` (never
+    less time than asked). Anything else (a bool, a string) goes as it is, for the daemon to
+    refuse with its own message."""
+    if isinstance(timeout, float) and math.isfinite(timeout):
+        return math.ceil(timeout)
+    return timeout
+
 
 #: Seconds added to a command's own timeout for the HTTP call that carries it (the daemon
 #: enforces the command timeout; this only bounds a daemon that stops answering).
@@ -101,7 +111,7 @@ class Commands:
         Raises ``ConflictError`` for a sandbox without ``netns`` isolation."""
         body: Dict[str, Any] = {"cmd": cmd}
         if timeout is not None:
-            body["timeout"] = timeout
+            body["timeout"] = _whole_seconds(timeout)
         if env is not None:
             body["env"] = dict(env)
         if cwd is not None:
@@ -193,7 +203,7 @@ class Sandbox:
         variables for its commands. ``NotFoundError`` for an unknown store."""
         body: Dict[str, Any] = {"secret_store": secret_store}
         if timeout is not None:
-            body["timeout"] = timeout
+            body["timeout"] = _whole_seconds(timeout)
         if envs is not None:
             body["envs"] = dict(envs)
         if isolation != "none":  # "none" is the API default: omitted, older daemons accept it

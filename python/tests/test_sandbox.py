@@ -77,6 +77,15 @@ async def test_unknown_store_and_bad_input(daemon):
     assert e.value.code == "invalid_request"
 
 
+async def test_a_float_timeout_is_whole_seconds_rounded_up(daemon):
+    store, _ = await make_store()
+    for timeout, want in [(600.0, 600), (2.5, 3)]:
+        async with await Sandbox.create(store["name"], timeout=timeout, isolation="none") as sbx:
+            info = await Sandbox.connect(sbx.id)
+            left = dt.datetime.fromisoformat(info.info["expires_at"].replace("Z", "+00:00")) - dt.datetime.now(dt.timezone.utc)
+            assert want - 60 < left.total_seconds() <= want, (timeout, left)
+
+
 async def test_commands_need_netns_isolation(daemon):
     store, _ = await make_store()
     async with await Sandbox.create(store["name"], isolation="none") as sbx:
