@@ -373,15 +373,48 @@ where
     }
 }
 
-/// `envs`: environment variable names and values without NUL (their size is bounded by the
-/// admin API's request body limit).
+/// `envs`: environment variable names and values without NUL, within [`check_env_sizes`].
 fn validate_envs(
     envs: BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, IsolationError> {
     for (k, v) in &envs {
         check_env(k, v, "envs")?;
     }
+    check_env_sizes(&envs, "envs")?;
     Ok(envs)
+}
+
+/// The kernel's limit for one `NAME=value` string passed to `exec` (`MAX_ARG_STRLEN`, NUL
+/// included).
+pub const MAX_ENV_VAR: usize = 128 * 1024;
+
+/// The most all of `envs` (or of one command's `env`) may hold: a quarter of the usual 2 MiB
+/// `exec` limit each, so sandbox variables, a command's own and the tokens always fit.
+pub const MAX_ENV_TOTAL: usize = 512 * 1024;
+
+/// Refuses what `exec` would: a variable over [`MAX_ENV_VAR`], or more than [`MAX_ENV_TOTAL`]
+/// together. Accepted, such a sandbox could never run a command (every one would fail with
+/// "Argument list too long").
+///
+/// # Errors
+/// [`IsolationError::BadRequest`] naming the field and variable (never the value).
+pub fn check_env_sizes(env: &BTreeMap<String, String>, field: &str) -> Result<(), IsolationError> {
+    let size = |k: &String, v: &String| k.len() + v.len() + 2;
+    if let Some((k, _)) = env.iter().find(|(k, v)| size(k, v) > MAX_ENV_VAR) {
+        return Err(IsolationError::BadRequest(format!(
+            "{field}: {k} is over {} KiB (the kernel's limit for one variable)",
+            MAX_ENV_VAR / 1024
+        )));
+    }
+    let total: usize = env.iter().map(|(k, v)| size(k, v)).sum();
+    if total > MAX_ENV_TOTAL {
+        return Err(IsolationError::BadRequest(format!(
+            "{field}: {} KiB in all, over the {} KiB allowed",
+            total.div_ceil(1024),
+            MAX_ENV_TOTAL / 1024
+        )));
+    }
+    Ok(())
 }
 
 /// One environment variable: a name of `[A-Za-z_][A-Za-z0-9_]*`, a value without NUL.
@@ -468,6 +501,14 @@ mod tests {
             assert!(check_env(bad, "v", "env").is_err(), "{bad}");
         }
         assert!(check_env("A", "x\0y", "env").is_err());
+        let one = |n: usize| BTreeMap::from([("BIG".to_string(), "x".repeat(n))]);
+        assert!(check_env_sizes(&one(MAX_ENV_VAR - 5), "envs").is_ok());
+        assert!(check_env_sizes(&one(MAX_ENV_VAR - 4), "envs").is_err());
+        let many: BTreeMap<String, String> = (0..5)
+            .map(|i| (format!("V{i}"), "x".repeat(120 * 1024)))
+            .collect();
+        let err = check_env_sizes(&many, "env").unwrap_err().to_string();
+        assert!(err.contains("in all"), "{err}");
         let bad: BTreeMap<String, String> = [("A=1".to_owned(), "x".to_owned())].into();
         assert!(validate_envs(bad).is_err());
     }

@@ -193,6 +193,7 @@ fn prepare(
     for (k, v) in &extra {
         check_env(k, v, "env")?;
     }
+    super::check_env_sizes(&extra, "env")?;
     let run_as = isolation
         .run_as
         .clone()
