@@ -6,6 +6,7 @@
 
 mod error;
 mod routes;
+pub mod serve;
 mod validate;
 
 pub use error::ApiError;

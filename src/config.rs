@@ -93,6 +93,10 @@ pub struct RawNode {
 pub struct RawAdmin {
     /// Admin API listen address.
     pub listen: Option<String>,
+    /// Admin connections served at once.
+    pub max_connections: Option<usize>,
+    /// Seconds a request head may take.
+    pub header_read_timeout_secs: Option<u64>,
 }
 
 /// `[proxy]`.
@@ -221,6 +225,8 @@ pub struct Config {
     pub cert_dir: PathBuf,
     /// Admin API address.
     pub admin_listen: SocketAddr,
+    /// `[admin] max_connections` and `header_read_timeout_secs`.
+    pub admin_limits: crate::admin::serve::Limits,
     /// Proxy settings.
     pub proxy: ProxyConfig,
     /// Upstream settings.
@@ -496,6 +502,19 @@ impl RawConfig {
             self.admin.listen.as_deref(),
             "127.0.0.1:7070",
         );
+        let admin_limits = crate::admin::serve::Limits {
+            max_connections: p.count(
+                "admin.max_connections",
+                self.admin.max_connections,
+                128,
+                65536,
+            ),
+            header_read_timeout: p.secs(
+                "admin.header_read_timeout_secs",
+                self.admin.header_read_timeout_secs,
+                10,
+            ),
+        };
         let log_format = match self.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -521,6 +540,7 @@ impl RawConfig {
             data_dir,
             cert_dir,
             admin_listen,
+            admin_limits,
             proxy,
             upstream,
             sandbox,

@@ -395,6 +395,7 @@ fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
 /// Every listener, bound before anything that needs their real addresses (port 0 works).
 struct Listeners {
     admin: TcpListener,
+    admin_limits: admin::serve::Limits,
     proxy: TcpListener,
     transparent: Option<TcpListener>,
     admin_addr: SocketAddr,
@@ -411,6 +412,7 @@ impl Listeners {
             None => None,
         };
         Ok(Listeners {
+            admin_limits: cfg.admin_limits,
             admin_addr: local(&admin)?,
             proxy_addr: local(&proxy)?,
             transparent_addr: transparent.as_ref().map(local).transpose()?,
@@ -451,7 +453,12 @@ impl Listeners {
                 ListenerKind::Transparent,
             ));
         }
-        tasks.spawn(serve_admin(admin.clone(), self.admin, shutdown.clone()));
+        tasks.spawn(admin::serve::serve(
+            admin::router(admin.clone()),
+            self.admin,
+            self.admin_limits,
+            shutdown.clone(),
+        ));
     }
 }
 
@@ -538,18 +545,6 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, DaemonError> {
 
 fn local(l: &TcpListener) -> Result<SocketAddr, DaemonError> {
     l.local_addr().map_err(io_err("reading listener address"))
-}
-
-async fn serve_admin(state: Arc<AdminState>, l: TcpListener, mut shutdown: watch::Receiver<bool>) {
-    let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let res = axum::serve(l, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "admin listener failed");
-    }
 }
 
 async fn sweep(

@@ -421,3 +421,39 @@ async fn unknown_routes_and_methods_answer_json_errors() {
             == "invalid_request"
     );
 }
+
+/// `[admin] max_connections` and `header_read_timeout_secs`: half-sent requests cannot hold
+/// the listener (nor the daemon's descriptors) for long; past the cap a new connection waits
+/// in the backlog and is served once a slot frees.
+#[tokio::test]
+async fn admin_connections_are_capped_and_stalled_heads_time_out() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start_with(crate::support::daemon::Opts {
+        admin_toml: "max_connections = 3\nheader_read_timeout_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = h.admin_url.trim_start_matches("http://").to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let started = std::time::Instant::now();
+    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(500),
+        "the fourth connection was served at once ({waited:?}): no cap"
+    );
+    assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
+    for mut s in stalled {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf));
+        assert!(read.await.is_ok(), "a stalled head was not closed");
+    }
+}

@@ -68,6 +68,8 @@ pub struct Harness {
 pub struct Opts {
     /// host → address overrides.
     pub resolve: Vec<(String, SocketAddr)>,
+    /// Extra lines for the `[admin]` table.
+    pub admin_toml: String,
     /// Extra lines for the `[proxy]` table.
     pub proxy_toml: String,
     /// Extra lines for the `[upstream]` table.
@@ -310,11 +312,12 @@ fn config_text(
         resolve.push_str(&format!("\"{h}\" = \"{a}\"\n"));
     }
     format!(
-        "data_dir = \"{}\"\ncert_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n\
+        "data_dir = \"{}\"\ncert_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{}\n\n[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n\
          [upstream]\nca_files = [\"{}\"]\nallow_private_cidrs = [{}]\n{}\n\n[upstream.resolve]\n{resolve}\n\
          [sandbox]\n{}\n[log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}",
         data.display(),
         certs.display(),
+        o.admin_toml,
         o.proxy_toml,
         pki.ca_file.display(),
         if o.strict_vetting {
