@@ -363,6 +363,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
         .unwrap_or_else(postgres::default_node_id);
     let (store, key_source) =
         crate::rotate::open_pg_store(&cfg.data_dir, ov.master_key.as_deref(), &url, &node)?;
+    store.claim_node()?;
     tracing::info!(node = %node, database = %url, "fleet mode: shared PostgreSQL store");
     let store: Arc<PgStore> = Arc::new(store);
     Ok(Opened {

@@ -69,8 +69,11 @@ fn off_the_workers<T>(wait: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Connections kept per node.
+/// Connections kept per node (one of them holds the node's id, [`PgStore::claim_node`]).
 const POOL_SIZE: usize = 8;
+
+/// First key of the node-id advisory locks (the second is `hashtext(node_id)`): "sgnd".
+const NODE_LOCK_CLASS: i32 = 0x7367_6e64;
 
 /// Plaintext of the key-check record of a database whose rows predate policy MACs (same as
 /// SQLite).
@@ -117,6 +120,8 @@ pub fn default_node_id() -> String {
 /// What the async side shares: the pool, the key, this node and the (redacted) location.
 struct Db {
     pool: Pool,
+    /// The connection holding this node's id ([`PgStore::claim_node`]) while the daemon runs.
+    node_claim: std::sync::Mutex<Option<Object>>,
     key: RwLock<Arc<MasterKey>>,
     node_id: String,
     url: DatabaseUrl,
@@ -228,6 +233,7 @@ impl PgStore {
             .map_err(|e| StoreError::InvalidInput(format!("database pool: {e}")))?;
         let db = Arc::new(Db {
             pool,
+            node_claim: std::sync::Mutex::new(None),
             key: RwLock::new(Arc::new(key)),
             node_id: node_id.to_owned(),
             url: url.clone(),
@@ -237,6 +243,37 @@ impl PgStore {
         let store = PgStore { db, rt: Some(rt) };
         store.block(|db| async move { schema::prepare(&db, &db.key()).await })?;
         Ok(store)
+    }
+
+    /// Claims this node's id for as long as the store lives: a session advisory lock on a
+    /// connection kept aside (PostgreSQL drops it with the session, so a crashed daemon frees
+    /// its id). A second daemon started with the same `[node] id` — a cloned host keeps its
+    /// hostname — would serve, sweep and refresh the first one's sandboxes, and a sandbox
+    /// deleted through one would go on working through the other: it is refused instead.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when another live session holds the id; database errors.
+    pub fn claim_node(&self) -> Result<(), StoreError> {
+        self.block(|db| async move {
+            let client = db.client().await?;
+            let held: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1::int4, hashtext($2))",
+                    &[&NODE_LOCK_CLASS, &db.node_id],
+                )
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            if !held {
+                return Err(StoreError::Conflict(format!(
+                    "node id '{}' is in use by another running daemon on this database; give \
+                     each daemon its own [node] id",
+                    db.node_id
+                )));
+            }
+            *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(client);
+            Ok(())
+        })
     }
 
     /// Whether the database at `url` already holds a key-check record (was initialised under
@@ -493,6 +530,7 @@ impl Store for PgStore {
     fn rotate_master_key(&self, new_key: &MasterKey) -> Result<RotationStats, StoreError> {
         let new = new_key.duplicate();
         let stats = self.block(|db| async move {
+            refuse_while_nodes_run(&db).await?;
             let stats = ops::reseal_all(&db, &mut **db.client().await?, &new).await?;
             *db.key.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(new);
             Ok(stats)
@@ -500,6 +538,41 @@ impl Store for PgStore {
         Ok(stats)
     }
 }
+
+/// A rotation while nodes run would leave them sealing with the old key (their revocations
+/// would answer 204 and never apply). Running nodes hold their id's advisory lock
+/// ([`PgStore::claim_node`]); a node just stopped may take a moment to let go, so this waits up
+/// to [`ROTATION_WAIT`] for them to be gone.
+async fn refuse_while_nodes_run(db: &Db) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + ROTATION_WAIT;
+    loop {
+        let running: i64 = db
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND classid = $1::int4::oid AND objsubid = 2",
+                &[&NODE_LOCK_CLASS],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if running == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Conflict(format!(
+                "{running} node(s) still run against this database: stop every node before \
+                 rotating the master key (each would keep sealing with the old key)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a rotation waits for nodes just stopped to let go of their ids (within the
+/// store's `OP_TIMEOUT`).
+const ROTATION_WAIT: Duration = Duration::from_secs(3);
 
 // ---- sealing: the one place values meet the crypto module -----------------------------------
 

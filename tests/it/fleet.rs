@@ -369,6 +369,14 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
         )
     };
 
+    // A second daemon with B's id (a cloned host) is refused while B runs: it would serve,
+    // sweep and refresh B's sandboxes beside B.
+    let err = start("node-b", &n.key)
+        .await
+        .err()
+        .expect("a twin of node-b must not start");
+    assert!(err.contains("node id 'node-b' is in use"), "{err}");
+
     // Node B restarts: its sandbox comes back with the same CA, token and credentials.
     n.b.stop().await;
     let b2 = start("node-b", &n.key).await.expect("node b restarts");
@@ -386,13 +394,25 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
     let (_, on_a) = n.a.api(Method::GET, "/v1/sandboxes", None).await;
     assert_eq!(on_a, json!([]), "node A lists only its own sandboxes");
 
-    // Rotation: stop every node, rotate once, start each node with the new key.
-    n.a.stop().await;
-    drop(b2);
+    // Rotation: refused while a node runs (it would go on sealing with the old key); then stop
+    // every node, rotate once, start each node with the new key.
     let dir = tempfile::tempdir().unwrap();
     let new_key_file = dir.path().join("new.key");
     let cfg = sealgate::config::Config::parse(&n.a.config_text, "node-a").unwrap();
     let old = n.key.clone();
+    // From another host's data dir: node A's own would be refused by its data_dir lock first.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (mut c, o, f) = (cfg.clone(), old.clone(), new_key_file.clone());
+    c.data_dir = elsewhere.path().to_path_buf();
+    let early = tokio::task::spawn_blocking(move || {
+        sealgate::rotate::rotate_configured(&c, Some(&o), None, &f)
+    })
+    .await
+    .unwrap()
+    .expect_err("rotation while nodes run");
+    assert!(early.to_string().contains("still run"), "{early:#}");
+    n.a.stop().await;
+    drop(b2);
     tokio::task::spawn_blocking(move || {
         sealgate::rotate::rotate_configured(&cfg, Some(&old), None, &new_key_file)
     })
