@@ -438,7 +438,18 @@ async fn readyz(State(st): St) -> Response {
         });
     // Every listener is bound before the admin API serves its first request (daemon::start
     // binds them all first), so a served /readyz never has unbound listeners to report.
+    let quarantined = st.sandboxes.quarantined();
     match store {
+        Ok(()) if !quarantined.is_empty() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!(
+                "store(s) {} cannot be read (a row is corrupt or was tampered with): their \
+                 running sandboxes unseal nothing",
+                quarantined.join(", ")
+            ),
+        )
+        .into_response(),
         Ok(()) => Json(json!({"status": "ready"})).into_response(),
         Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

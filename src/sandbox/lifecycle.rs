@@ -5,7 +5,7 @@
 //! change is durable before it is visible; ending a sandbox removes it from the registry first,
 //! so its tokens stop working even if the database write fails.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,7 +19,7 @@ use super::snapshot::SnapshotError;
 use super::{Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
 use crate::store::postgres::follow;
-use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError};
+use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::token::Token;
 
 /// Sandbox operation failures.
@@ -149,6 +149,11 @@ pub struct Sandboxes {
     /// While cut off too long (fleet mode): each sandbox's real snapshot, set aside while a
     /// locked copy (no secret unsealable anywhere) serves.
     locked: Mutex<HashMap<Arc<str>, Arc<Snapshot>>>,
+    /// Locked for staleness ([`Sandboxes::set_locked`]).
+    stale: std::sync::atomic::AtomicBool,
+    /// Stores that cannot be read (a row corrupt or tampered with): their sandboxes serve
+    /// locked copies until the store reads cleanly again ([`Sandboxes::quarantined`]).
+    quarantined: Mutex<HashSet<String>>,
 }
 
 impl Sandboxes {
@@ -165,6 +170,96 @@ impl Sandboxes {
             leaves,
             cfg,
             locked: Mutex::default(),
+            stale: std::sync::atomic::AtomicBool::new(false),
+            quarantined: Mutex::default(),
+        }
+    }
+
+    /// Stores that cannot be read (a row failed to authenticate or decode), sorted. Their
+    /// running sandboxes unseal nothing: a revocation written next to a tampered row must not
+    /// be silently skipped while the old snapshot goes on unsealing (an outside test saw a
+    /// revoked value served on every node, with `/readyz` ready and no lag).
+    pub fn quarantined(&self) -> Vec<String> {
+        let q = self
+            .quarantined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut ids: Vec<String> = q.iter().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The store and its secrets; a corrupt or tampered row quarantines the store (its
+    /// sandboxes in `affected` are locked) before the error is returned.
+    fn read_store(
+        &self,
+        store_id: &str,
+        affected: &[Arc<Sandbox>],
+    ) -> Result<(StoreRecord, Vec<SecretRecord>), StoreError> {
+        let read = self
+            .store
+            .get_store(store_id)
+            .and_then(|store| Ok((store, self.store.load_secrets(store_id)?)));
+        if let Err(StoreError::Corrupt(why)) = &read {
+            self.quarantine(store_id, affected, why);
+        }
+        read
+    }
+
+    fn quarantine(&self, store_id: &str, affected: &[Arc<Sandbox>], why: &str) {
+        let newly = self
+            .quarantined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(store_id.to_owned());
+        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
+        affected.iter().for_each(|sb| self.lock_one(&mut held, sb));
+        if newly {
+            tracing::error!(
+                store = %store_id,
+                sandboxes = affected.len(),
+                error = %why,
+                "store cannot be read (a row is corrupt or was tampered with): its running \
+                 sandboxes on this node unseal nothing until it reads cleanly"
+            );
+        }
+    }
+
+    /// After `store_id` was read and applied cleanly: lifts its quarantine (the sandboxes stay
+    /// locked while the node is stale).
+    fn release(&self, store_id: &str, affected: &[Arc<Sandbox>]) {
+        let was = self
+            .quarantined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(store_id);
+        if !was {
+            return;
+        }
+        tracing::info!(store = %store_id, "store reads cleanly again: its sandboxes unseal again");
+        if self.stale.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
+        for sb in affected {
+            if let Some(real) = held.remove(&sb.id) {
+                self.registry.replace_snapshot(sb, copy_of(&real));
+            }
+        }
+    }
+
+    /// Serves a locked copy of `sb`'s snapshot, keeping the real one in `held`.
+    fn lock_one(&self, held: &mut HashMap<Arc<str>, Arc<Snapshot>>, sb: &Arc<Sandbox>) {
+        if held.contains_key(&sb.id) {
+            return;
+        }
+        let real = sb.snapshot();
+        match locked_copy(&real) {
+            Ok(copy) => {
+                self.registry.replace_snapshot(sb, copy);
+                held.insert(sb.id.clone(), real);
+            }
+            Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
         }
     }
 
@@ -371,9 +466,9 @@ impl Sandboxes {
         if affected.is_empty() {
             return Ok(0);
         }
-        let store = self.store.get_store(store_id)?;
-        let secrets = self.store.load_secrets(store_id)?;
+        let (store, secrets) = self.read_store(store_id, &affected)?;
         self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
+        self.release(store_id, &affected);
         tracing::info!(store = %store_id, sandboxes = affected.len(), "running sandboxes refreshed");
         Ok(affected.len())
     }
@@ -390,15 +485,12 @@ impl Sandboxes {
         if affected.is_empty() {
             return Ok(0);
         }
-        let current = self
-            .store
-            .get_store(store_id)
-            .and_then(|store| Ok((store, self.store.load_secrets(store_id)?)));
-        let (store, secrets) = match current {
+        let (store, secrets) = match self.read_store(store_id, &affected) {
             Err(StoreError::NotFound(_)) => return Ok(0),
             other => other?,
         };
         self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
+        self.release(store_id, &affected);
         tracing::info!(store = %store_id, sandboxes = affected.len(), "store change applied to running sandboxes");
         Ok(affected.len())
     }
@@ -407,28 +499,30 @@ impl Sandboxes {
     /// allowed anywhere serves until unlocked (`false`), which puts the real snapshots back.
     /// Fail closed for a node cut off from the shared database longer than
     /// `store.max_staleness_secs`: a token sent anywhere is refused (`secret_host_denied`).
+    /// Sandboxes of a quarantined store ([`Sandboxes::quarantined`]) stay locked on unlock.
     pub fn set_locked(&self, locked: bool) {
+        self.stale
+            .store(locked, std::sync::atomic::Ordering::Release);
         let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
         if !locked {
-            for (id, real) in held.drain() {
-                if let Some(sb) = self.registry.get(&id) {
-                    self.registry.replace_snapshot(&sb, copy_of(&real));
+            let quarantined = self
+                .quarantined
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            held.retain(|id, real| {
+                let Some(sb) = self.registry.get(id) else {
+                    return false;
+                };
+                if quarantined.contains(&sb.store_id) {
+                    return true;
                 }
-            }
+                self.registry.replace_snapshot(&sb, copy_of(real));
+                false
+            });
             return;
         }
         for sb in self.registry.all() {
-            if held.contains_key(&sb.id) {
-                continue;
-            }
-            let real = sb.snapshot();
-            match locked_copy(&real) {
-                Ok(copy) => {
-                    self.registry.replace_snapshot(&sb, copy);
-                    held.insert(sb.id.clone(), real);
-                }
-                Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
-            }
+            self.lock_one(&mut held, &sb);
         }
     }
 

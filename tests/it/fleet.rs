@@ -216,6 +216,72 @@ async fn a_store_deleted_through_b_leaves_a_running_sandboxes_working() {
     );
 }
 
+/// A row that fails to authenticate (its policy changed in the database) does not freeze its
+/// store's sandboxes on the old snapshot: the revocation written next to it would never apply.
+/// They unseal nothing, `/readyz` says why, and repairing the row brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_row_locks_its_store_instead_of_freezing_a_revoked_value() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-tamper-2011").await;
+    n.a.register_secret("sk-fleet-other-2012");
+    n.b.register_secret("sk-fleet-other-2012");
+    n.a.secret(
+        &store,
+        "OTHER",
+        "sk-fleet-other-2012",
+        None,
+        Some(&["header"]),
+    )
+    .await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-tamper-2011", Duration::from_secs(2))
+        .await;
+    cluster.psql(
+        &n.db,
+        "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]' WHERE name = 'OTHER'",
+    );
+    let _ = n.a.delete_secret(&store, "KEY").await; // committed, whatever the answer
+    let started = Instant::now();
+    loop {
+        let (status, seen) = n.key_seen(&n.b, &sb).await;
+        if seen.as_deref() != Some("sk-fleet-tamper-2011") {
+            assert_ne!(
+                status,
+                StatusCode::OK,
+                "unsealed nothing, so the echo is refused"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the revoked value is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&store),
+        "{v}"
+    );
+
+    cluster.psql(&n.db, "DELETE FROM secrets WHERE name = 'OTHER'");
+    let started = Instant::now();
+    loop {
+        let (s, _) = n.b.api(Method::GET, "/readyz", None).await;
+        if s == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not released after the repair"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn metric(node: &Harness, name: &str) -> f64 {
     let (_, body) = node
         .raw(Method::GET, "/metrics", None, Some(&node.token))

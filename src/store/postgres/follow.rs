@@ -121,6 +121,8 @@ pub struct Follower {
 struct Applied {
     generations: HashMap<String, i64>,
     locked: bool,
+    /// Stores whose last change could not be applied (logged once until it applies).
+    failing: std::collections::HashSet<String>,
 }
 
 impl Follower {
@@ -243,7 +245,16 @@ impl Follower {
             let outcome = tokio::task::spawn_blocking(move || t.apply_store_change(&sid))
                 .await
                 .map_err(|e| e.to_string())?;
-            outcome.map_err(|e| format!("applying a change of store '{id}': {e}"))?;
+            // The database answered: a change that cannot be applied (a corrupt or tampered
+            // row: the target has locked that store's sandboxes) is not an outage. It is
+            // retried at every poll and reported once until it applies.
+            if let Err(e) = outcome {
+                if applied.failing.insert(id.clone()) {
+                    tracing::error!(store = %id, error = %e, "a change of this store cannot be applied");
+                }
+                continue;
+            }
+            applied.failing.remove(&id);
             applied.generations.insert(id, generation);
         }
         Ok(())
