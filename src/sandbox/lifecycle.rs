@@ -154,6 +154,9 @@ pub struct Sandboxes {
     /// Stores that cannot be read (a row corrupt or tampered with): their sandboxes serve
     /// locked copies until the store reads cleanly again ([`Sandboxes::quarantined`]).
     quarantined: Mutex<HashSet<String>>,
+    /// Sandboxes ended here whose row the database could not delete yet (it was unreachable):
+    /// retried by [`Sandboxes::sweep_expired`], and a repeated `DELETE` of one succeeds.
+    pending_deletes: Mutex<HashSet<String>>,
 }
 
 impl Sandboxes {
@@ -172,6 +175,7 @@ impl Sandboxes {
             locked: Mutex::default(),
             stale: std::sync::atomic::AtomicBool::new(false),
             quarantined: Mutex::default(),
+            pending_deletes: Mutex::default(),
         }
     }
 
@@ -412,15 +416,53 @@ impl Sandboxes {
     ///
     /// # Errors
     /// [`SandboxError::NotFound`] if it was not live.
+    ///
+    /// The sandbox ends at once, whatever the database says. If its row cannot be deleted
+    /// because the database is unreachable, the deletion is kept and retried every sweep (a
+    /// `DELETE` repeated meanwhile succeeds too): an outside test saw a 503 for a sandbox that
+    /// had in fact stopped, a retry answer 404, and the row bring the sandbox back at the next
+    /// restart. A restart before the database returns still restores it (the pending deletion
+    /// lives in memory).
     pub fn delete(&self, id: &str) -> Result<(), SandboxError> {
-        let sb = self
-            .registry
-            .remove(id)
-            .ok_or_else(|| SandboxError::NotFound(id.into()))?;
+        let Some(sb) = self.registry.remove(id) else {
+            if self.pending().contains(id) {
+                return Ok(());
+            }
+            return Err(SandboxError::NotFound(id.into()));
+        };
         self.forget(&sb);
-        self.store.delete_sandbox(id)?;
+        match self.store.delete_sandbox(id) {
+            Err(StoreError::Unavailable(why)) => {
+                self.pending().insert(id.to_owned());
+                tracing::warn!(sandbox = %id, error = %why, "sandbox ended; its row is deleted once the database is back");
+            }
+            other => other?,
+        }
         tracing::info!(sandbox = %id, "sandbox deleted");
         Ok(())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.pending_deletes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Retries the row deletions the database refused while unreachable.
+    fn retry_pending_deletes(&self) {
+        let ids: Vec<String> = self.pending().iter().cloned().collect();
+        for id in ids {
+            match self.store.delete_sandbox(&id) {
+                Err(StoreError::Unavailable(_)) => return,
+                Ok(()) | Err(StoreError::NotFound(_)) => {
+                    self.pending().remove(&id);
+                    tracing::info!(sandbox = %id, "row of a sandbox deleted during the outage removed");
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "could not delete a sandbox row")
+                }
+            }
+        }
     }
 
     fn forget(&self, sb: &Sandbox) {
@@ -429,7 +471,9 @@ impl Sandboxes {
     }
 
     /// Ends every sandbox whose time is up; returns their ids.
+    /// Also retries row deletions left pending by an outage ([`Sandboxes::delete`]).
     pub fn sweep_expired(&self) -> Vec<Arc<str>> {
+        self.retry_pending_deletes();
         let now = OffsetDateTime::now_utc();
         let ids = self.registry.expired(now);
         for id in &ids {

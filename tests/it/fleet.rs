@@ -310,8 +310,20 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
     n.secret(&n.a, &store, "sk-fleet-out-2004").await;
     let sa = sandbox_on(&n.a, "s", "node-a").await;
     let sb = sandbox_on(&n.b, "s", "node-b").await;
+    let gone = sandbox_on(&n.b, "s", "node-b").await;
 
     cluster.stop();
+    // A sandbox deleted during the outage ends at once (204, and a repeat is 204 too); its row
+    // goes once the database is back, so no restart can bring it back.
+    for _ in 0..2 {
+        let (s, v) =
+            n.b.api(Method::DELETE, &format!("/v1/sandboxes/{}", gone.id), None)
+                .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
+    assert!(pc::connect(n.b.proxy, Some(&gone.proxy_auth()), API)
+        .await
+        .is_err());
     for _ in 0..3 {
         for (node, sbx) in [(&n.a, &sa), (&n.b, &sb)] {
             assert_eq!(
@@ -359,6 +371,15 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
         .await;
     n.until_seen(&n.a, &sa, "sk-fleet-back-2006", Duration::from_secs(1))
         .await;
+    let started = Instant::now();
+    let row = format!("SELECT count(*) FROM sandboxes WHERE id = '{}'", gone.id);
+    while cluster.psql(&n.db, &row).trim() != "0" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the row stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Admin requests waiting on a locked database must not take the proxy's threads: while more
