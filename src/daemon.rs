@@ -379,10 +379,28 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
 }
 
 /// `[store] url`, else `SEALGATE_DATABASE_URL`, with `[store] ca_files`.
+/// Also warns when both are set (the file wins), and when a SQLite database of an earlier
+/// single-host life sits in `data_dir` (fleet mode never reads it).
 fn database_url(cfg: &Config, ov: &Overrides) -> Result<DatabaseUrl, DaemonError> {
-    cfg.store
+    let url = cfg
+        .store
         .database_url(ov.database_url.as_deref())
-        .map_err(DaemonError::StoreConfig)
+        .map_err(DaemonError::StoreConfig)?;
+    if cfg.store.url.is_some() && ov.database_url.as_deref().is_some_and(|u| !u.is_empty()) {
+        tracing::warn!(
+            database = %url,
+            "both [store] url and SEALGATE_DATABASE_URL are set: using [store] url"
+        );
+    }
+    let sqlite = cfg.data_dir.join(crate::store::sqlite::DB_FILE_NAME);
+    if sqlite.exists() {
+        tracing::warn!(
+            file = %sqlite.display(),
+            "fleet mode does not read this node's SQLite database: its stores, secrets and \
+             sandboxes are not in the shared database (re-create them through the API)"
+        );
+    }
+    Ok(url)
 }
 
 fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
