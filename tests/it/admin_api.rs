@@ -420,6 +420,16 @@ async fn unknown_routes_and_methods_answer_json_errors() {
         serde_json::from_slice::<serde_json::Value>(&b).unwrap()["error"]["code"]
             == "invalid_request"
     );
+    // An id that is not UTF-8 once percent-decoded: axum's own rejection, in the JSON shape.
+    let (s, v) = h.api(Method::GET, "/v1/sandboxes/%FF%FE", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
 }
 
 /// `[admin] max_connections` and `header_read_timeout_secs`: half-sent requests cannot hold
