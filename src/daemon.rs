@@ -530,10 +530,12 @@ fn admin_token(
     env: Option<&str>,
 ) -> Result<(SecretValue, Option<PathBuf>), DaemonError> {
     if let Some(t) = env.filter(|t| !t.is_empty()) {
+        warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
     let path = data_dir.join("admin.token");
     if let Ok(text) = std::fs::read_to_string(&path) {
+        warn_short_token(text.trim(), &path.display().to_string());
         return Ok((
             SecretValue::new(text.trim().as_bytes().to_vec()),
             Some(path),
@@ -543,6 +545,21 @@ fn admin_token(
     write_private(&path, token.as_bytes())
         .map_err(io_err(format!("creating {}", path.display())))?;
     Ok((SecretValue::new(token.into_bytes()), Some(path)))
+}
+
+/// Tokens shorter than this get a warning (the generated one has 64 hex characters).
+const SHORT_ADMIN_TOKEN: usize = 32;
+
+/// The admin token guards every secret: a short one (any local process, proxy-only sandboxes
+/// included, can try tokens against the loopback API) is worth a warning. Never logs the token.
+fn warn_short_token(token: &str, from: &str) {
+    if token.len() < SHORT_ADMIN_TOKEN {
+        tracing::warn!(
+            source = %from,
+            length = token.len(),
+            "the admin token is shorter than {SHORT_ADMIN_TOKEN} characters: use a long random one (the generated token has 64)"
+        );
+    }
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
