@@ -226,7 +226,7 @@ pub struct Config {
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// `[admin] max_connections` and `header_read_timeout_secs`.
-    pub admin_limits: crate::admin::serve::Limits,
+    pub admin_limits: AdminLimits,
     /// Proxy settings.
     pub proxy: ProxyConfig,
     /// Upstream settings.
@@ -290,6 +290,15 @@ impl StoreConfig {
         };
         url.with_ca_files(&self.ca_files)
     }
+}
+
+/// `[admin]` limits, validated (served by `admin::serve`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdminLimits {
+    /// `max_connections`: connections served at once.
+    pub max_connections: usize,
+    /// `header_read_timeout_secs`: how long a request head may take.
+    pub header_read_timeout: Duration,
 }
 
 /// `[proxy]`, validated.
@@ -502,7 +511,7 @@ impl RawConfig {
             self.admin.listen.as_deref(),
             "127.0.0.1:7070",
         );
-        let admin_limits = crate::admin::serve::Limits {
+        let admin_limits = AdminLimits {
             max_connections: p.count(
                 "admin.max_connections",
                 self.admin.max_connections,

@@ -24,14 +24,7 @@ use tower_service::Service as _;
 /// How long shutdown waits for admin connections still busy (a streamed command).
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
-/// `[admin]` limits.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Connections served at once.
-    pub max_connections: usize,
-    /// How long a request head may take.
-    pub header_read_timeout: Duration,
-}
+pub use crate::config::AdminLimits as Limits;
 
 /// Serves `listener` until `shutdown` changes.
 pub async fn serve(
