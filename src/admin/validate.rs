@@ -36,6 +36,12 @@ pub fn store_name(name: &str) -> Result<(), ApiError> {
             "store name must not contain control, bidirectional or invisible formatting characters",
         ));
     }
+    if !unicode_normalization::is_nfc(name) {
+        // "café" typed as e + U+0301 would be a second store that looks like the first.
+        return Err(ApiError::bad_request(
+            "store name must be in Unicode NFC form (composed characters: é, not e + U+0301)",
+        ));
+    }
     Ok(())
 }
 
@@ -157,6 +163,7 @@ mod tests {
     fn store_names_are_never_ambiguous() {
         assert!(store_name("my-agent-secrets").is_ok());
         assert!(store_name("inner space").is_ok());
+        assert!(store_name("caf\u{e9}").is_ok());
         for bad in [
             "",
             "  ",
@@ -169,6 +176,7 @@ mod tests {
             "\u{feff}prod",
             "prod\u{00ad}",
             "prod\u{e0041}",
+            "cafe\u{0301}",
         ] {
             assert!(store_name(bad).is_err(), "{bad:?}");
         }
