@@ -414,15 +414,16 @@ impl Sandboxes {
 
     /// Ends a sandbox at once: tokens and CA stop working before this returns.
     ///
-    /// # Errors
-    /// [`SandboxError::NotFound`] if it was not live.
-    ///
-    /// The sandbox ends at once, whatever the database says. If its row cannot be deleted
+    /// The sandbox ends whatever the database says. If its row cannot be deleted
     /// because the database is unreachable, the deletion is kept and retried every sweep (a
     /// `DELETE` repeated meanwhile succeeds too): an outside test saw a 503 for a sandbox that
     /// had in fact stopped, a retry answer 404, and the row bring the sandbox back at the next
     /// restart. A restart before the database returns still restores it (the pending deletion
     /// lives in memory).
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`] if it was neither live nor pending deletion; store failures
+    /// other than an unreachable database.
     pub fn delete(&self, id: &str) -> Result<(), SandboxError> {
         let Some(sb) = self.registry.remove(id) else {
             if self.pending().contains(id) {

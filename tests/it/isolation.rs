@@ -917,6 +917,18 @@ impl Process {
         }
     }
 
+    /// Creates store `s` and an isolated sandbox of it; returns the sandbox's answer.
+    async fn isolated_sandbox(&self) -> Value {
+        let (s, v) = self
+            .api(Method::POST, "/v1/stores", Some(json!({"name": "s"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let body = json!({"secret_store": "s", "isolation": "netns"});
+        let (s, sb) = self.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{sb}");
+        sb
+    }
+
     async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let req = Request::builder()
@@ -953,13 +965,7 @@ async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandb
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut first = Process::start(dir.path(), port);
-    let (s, v) = first
-        .api(Method::POST, "/v1/stores", Some(json!({"name": "s"})))
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let body = json!({"secret_store": "s", "isolation": "netns"});
-    let (s, sb) = first.api(Method::POST, "/v1/sandboxes", Some(body)).await;
-    assert_eq!(s, StatusCode::CREATED, "{sb}");
+    let sb = first.isolated_sandbox().await;
     let (s, plain) = first
         .api(
             Method::POST,
@@ -1003,13 +1009,7 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let leaked = std::fs::File::open(&secret_file).unwrap();
     let daemon = Process::start_leaking(dir.path(), free_port(), Some(&leaked));
-    let (s, v) = daemon
-        .api(Method::POST, "/v1/stores", Some(json!({"name": "s"})))
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let body = json!({"secret_store": "s", "isolation": "netns"});
-    let (s, sb) = daemon.api(Method::POST, "/v1/sandboxes", Some(body)).await;
-    assert_eq!(s, StatusCode::CREATED, "{sb}");
+    let sb = daemon.isolated_sandbox().await;
     let cmd = json!({"cmd": "ls /proc/self/fd; cat <&7; echo done"});
     let (s, out) = daemon
         .api(
