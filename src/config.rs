@@ -193,6 +193,12 @@ pub struct RawSandbox {
     pub max_output_bytes: Option<usize>,
     /// Count.
     pub max_commands_per_sandbox: Option<usize>,
+    /// MiB; 0 = no memory limit.
+    pub memory_max_mib: Option<u64>,
+    /// Count; 0 = no process limit.
+    pub pids_max: Option<u64>,
+    /// MiB; 0 = files on `data_dir`'s filesystem, unbounded.
+    pub disk_max_mib: Option<u64>,
 }
 
 /// `[log]`.
@@ -397,6 +403,8 @@ pub struct SandboxConfig {
     pub max_output_bytes: usize,
     /// Commands running at once in one sandbox.
     pub max_commands: usize,
+    /// Each isolated sandbox's memory, process and file limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Config {
@@ -484,6 +492,24 @@ impl Problems {
             ));
         }
         v
+    }
+
+    /// A limit: `default` when absent, 0 = off (None), else within `min..=max`.
+    fn limit(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        range: (u64, u64),
+    ) -> Option<u64> {
+        let v = value.unwrap_or(default);
+        if v != 0 && (v < range.0 || v > range.1) {
+            self.0.push(format!(
+                "{key}: {v} is out of range (0 = no limit, or {}..={})",
+                range.0, range.1
+            ));
+        }
+        (v != 0).then_some(v)
     }
 
     fn count(&mut self, key: &str, value: Option<usize>, default: usize, max: usize) -> usize {
@@ -841,7 +867,31 @@ impl RawUpstream {
 }
 
 impl RawSandbox {
+    /// `memory_max_mib` (at least 16: bwrap and a shell), `pids_max` (at least 8: the
+    /// launcher's own processes), `disk_max_mib`.
+    fn limits(&self, p: &mut Problems) -> crate::limits::Limits {
+        const MIB: u64 = 1 << 20;
+        let memory = p.limit(
+            "sandbox.memory_max_mib",
+            self.memory_max_mib,
+            2048,
+            (16, 1 << 24),
+        );
+        let disk = p.limit(
+            "sandbox.disk_max_mib",
+            self.disk_max_mib,
+            1024,
+            (1, 1 << 24),
+        );
+        crate::limits::Limits {
+            memory_bytes: memory.map(|m| m * MIB),
+            pids: p.limit("sandbox.pids_max", self.pids_max, 1024, (8, 1 << 22)),
+            disk_bytes: disk.map(|d| d * MIB),
+        }
+    }
+
     fn validate(self, p: &mut Problems) -> SandboxConfig {
+        let limits = self.limits(p);
         let max_timeout = p.secs("sandbox.max_timeout_secs", self.max_timeout_secs, 86400);
         let default_timeout = p.secs(
             "sandbox.default_timeout_secs",
@@ -889,6 +939,7 @@ impl RawSandbox {
                 8,
                 1024,
             ),
+            limits,
             default_timeout,
             max_timeout,
             leaf_cache_capacity: p.count(
@@ -1044,6 +1095,27 @@ mod tests {
         .to_string();
         assert!(
             err.contains("proxy.max_header_bytes") && err.contains("proxy.idle_timeout_secs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sandbox_resource_limits_default_on_turn_off_with_zero_and_are_bounded() {
+        let l = Config::parse("", "t").unwrap().sandbox.limits;
+        assert_eq!(
+            (l.memory_bytes, l.pids, l.disk_bytes),
+            (Some(2048 << 20), Some(1024), Some(1024 << 20))
+        );
+        let off = "[sandbox]\nmemory_max_mib = 0\npids_max = 0\ndisk_max_mib = 0\n";
+        let l = Config::parse(off, "t").unwrap().sandbox.limits;
+        assert_eq!(l, crate::limits::Limits::default());
+        assert!(!l.needs_cgroup());
+        let err = Config::parse("[sandbox]\nmemory_max_mib = 8\npids_max = 2\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sandbox.memory_max_mib: 8 is out of range (0 = no limit, or 16..=")
+                && err.contains("sandbox.pids_max: 2"),
             "{err}"
         );
     }

@@ -29,7 +29,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::SandboxConfig;
+use crate::limits::cgroup::{CgroupError, Groups};
+use crate::limits::files::{self, FILES_DIR};
 use crate::netns::dns::{NameFilter, SharedFilter};
+use crate::netns::session::Owner;
 use crate::netns::{self, Namespace, NetnsError};
 use crate::proxy::{self, ListenerKind, ProxyState};
 use crate::sandbox::lifecycle::{NetnsInfo, SandboxInfo};
@@ -64,6 +67,9 @@ pub enum IsolationError {
     /// Namespace, veth, rules or DNS setup failed.
     #[error("isolation setup failed: {0}")]
     Netns(#[from] NetnsError),
+    /// The sandbox's cgroups could not be made (its limits could not be applied).
+    #[error("isolation setup failed: {0}")]
+    Cgroup(#[from] CgroupError),
     /// A file or socket of the sandbox.
     #[error("isolation setup failed: {what}: {source}")]
     Io {
@@ -92,8 +98,12 @@ pub struct Isolated {
     pub info: NetnsInfo,
     /// Extra plain environment variables.
     pub envs: BTreeMap<String, String>,
-    /// `data_dir/sandboxes/<id>`: `home/` (the work directory), `tmp/`, `ca.pem`.
+    /// `data_dir/sandboxes/<id>`: `files/` (a tmpfs of `disk_max_mib`, see
+    /// [`crate::limits::files`]) with `home/` (the work directory) and `tmp/`; `ca.pem`; each
+    /// command's environment file.
     pub dir: PathBuf,
+    /// Its cgroups, which every command joins (empty when memory and pids are unlimited).
+    pub groups: Groups,
     /// One permit per running command.
     pub commands: Arc<Semaphore>,
 }
@@ -165,7 +175,7 @@ impl Isolation {
         if let Some(iso) = self.get(&info.id) {
             info.isolation = "netns";
             info.envs = iso.envs.clone();
-            info.workdir = Some(iso.dir.join("home").display().to_string());
+            info.workdir = Some(home_of(&iso.dir).display().to_string());
             info.netns = Some(iso.info.clone());
         }
     }
@@ -240,8 +250,20 @@ impl Isolation {
             .get(&info.id)
             .ok_or_else(|| SandboxError::NotFound(info.id.clone()))?;
         let dir = self.data_dir.join("sandboxes").join(&info.id);
-        ns.set_owner(&info.id, &dir)?;
-        make_dir(&dir, run_as, &info.ca_cert_pem)?;
+        let limits = self.cfg.limits;
+        let groups = if limits.needs_cgroup() {
+            Groups::plan(&info.id, &limits)?
+        } else {
+            Groups::default()
+        };
+        ns.set_owner(Owner {
+            sandbox_id: info.id.clone(),
+            dir: dir.clone(),
+            cgroups: groups.paths(),
+            files: limits.disk_bytes.map(|_| dir.join(FILES_DIR)),
+        })?;
+        groups.create()?;
+        make_dir(&dir, run_as, &info.ca_cert_pem, limits.disk_bytes)?;
         let filter = filter_for(&sandbox, ns.host_ip())?;
         ns.start_dns(filter.clone())
             .await
@@ -277,6 +299,7 @@ impl Isolation {
             },
             envs,
             dir,
+            groups,
             commands: Arc::new(Semaphore::new(self.cfg.max_commands)),
         }))
     }
@@ -343,6 +366,9 @@ impl Isolation {
             .iter()
             .filter(|id| self.sandboxes.delete(id).is_ok())
             .count();
+        for id in &stale {
+            files::unmount(&root.join(id).join(FILES_DIR));
+        }
         let _ = std::fs::remove_dir_all(&root);
         ended
     }
@@ -441,12 +467,32 @@ pub fn check_env(name: &str, value: &str, field: &str) -> Result<(), IsolationEr
     Ok(())
 }
 
-/// `dir` (0700 root) with `home/` and `tmp/` (0700, owned by `run_as`) and `ca.pem` (0644).
-fn make_dir(dir: &Path, run_as: &RunAs, ca_pem: &str) -> Result<(), IsolationError> {
+/// The sandbox's work directory on the host.
+pub fn home_of(dir: &Path) -> PathBuf {
+    dir.join(FILES_DIR).join("home")
+}
+
+/// `dir` (0700 root) with `files/` (0755 root; a tmpfs of `disk` bytes when set) holding
+/// `home/` and `tmp/` (0700, owned by `run_as`), and `ca.pem` (0644).
+fn make_dir(
+    dir: &Path,
+    run_as: &RunAs,
+    ca_pem: &str,
+    disk: Option<u64>,
+) -> Result<(), IsolationError> {
     let what = |p: &Path| format!("creating {}", p.display());
     netns::record::ensure_dir(dir, 0o700).map_err(io_err(what(dir)))?;
+    let files = dir.join(FILES_DIR);
+    netns::record::ensure_dir(&files, 0o755).map_err(io_err(what(&files)))?;
+    if let Some(bytes) = disk {
+        files::mount(&files, bytes).map_err(io_err(format!(
+            "mounting a tmpfs of {bytes} bytes ([sandbox] disk_max_mib; 0 = unbounded files \
+             on data_dir) at {}",
+            files.display()
+        )))?;
+    }
     for sub in ["home", "tmp"] {
-        let p = dir.join(sub);
+        let p = files.join(sub);
         netns::record::ensure_dir(&p, 0o700).map_err(io_err(what(&p)))?;
         std::os::unix::fs::chown(&p, Some(run_as.uid), Some(run_as.gid))
             .map_err(io_err(format!("chown {}", p.display())))?;

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod data_dir_lock;
 pub mod fsutil;
 pub mod isolation;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

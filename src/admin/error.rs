@@ -159,7 +159,10 @@ impl From<IsolationError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", msg)
             }
             IsolationError::Sandbox(s) => s.into(),
-            IsolationError::RunAs(_) | IsolationError::Netns(_) | IsolationError::Io { .. } => {
+            IsolationError::RunAs(_)
+            | IsolationError::Netns(_)
+            | IsolationError::Cgroup(_)
+            | IsolationError::Io { .. } => {
                 tracing::error!(error = %msg, "sandbox isolation failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
             }

@@ -4,12 +4,17 @@
 //! `/etc/netns/<ns>/resolv.conf`) → `bwrap` (own PID, IPC, UTS and mount namespaces; the host
 //! filesystem read-only, rebuilt one top-level entry at a time ([`super::host_root`]);
 //! `data_dir` — the daemon's database and keys and every sandbox's directory — hidden under an
-//! empty tmpfs; the sandbox's own `home/` at `/home/user` and `tmp/` at `/tmp`, both
-//! writable; the CA at [`CA_INSIDE`]; dies with its parent) →
+//! empty tmpfs; the sandbox's own `files/home/` at `/home/user` and `files/tmp/` at `/tmp`,
+//! both writable; the CA at [`CA_INSIDE`]; dies with its parent) →
 //! `setpriv` (drops to `[sandbox] run_as` with `no_new_privs` and no capabilities) →
 //! `sh -c CMD`. The command's environment is built from nothing (never the daemon's own) and
 //! reaches it through a file sourced inside ([`EnvFile`]): the root-run steps on the way in
 //! see only a fixed `PATH`.
+//!
+//! Limits: the child joins the sandbox's cgroups between `fork` and `exec`, so `ip`, bwrap
+//! and everything the command starts count toward `[sandbox] memory_max_mib` and `pids_max`;
+//! its files live on the sandbox's tmpfs of `disk_max_mib` ([`crate::limits`]). A process the
+//! kernel's OOM killer ends reports exit code 137 (128 + SIGKILL).
 //!
 //! Rules: output beyond `max_output_bytes` per stream is drained and dropped (`truncated`);
 //! past its timeout — or the sandbox's, whichever comes first — the whole process group is
@@ -20,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +45,7 @@ use super::host_root::{self, RootEntry};
 use super::run_as::RunAs;
 use super::{check_env, io_err, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
 use crate::audit::{Audit, CommandEvent};
+use crate::limits::files::FILES_DIR;
 use crate::sandbox::lifecycle::CA_VARS;
 
 /// Exit code reported for a command killed by its timeout.
@@ -137,6 +144,8 @@ struct Prepared {
     timeout: Duration,
     max_output: usize,
     cmd: String,
+    /// The sandbox's `cgroup.procs` files, which the child joins before it execs.
+    joins: Vec<std::fs::File>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -203,6 +212,7 @@ fn prepare(
         .clone()
         .try_acquire_owned()
         .map_err(|_| IsolationError::TooManyCommands(id.to_owned(), cfg.max_commands))?;
+    let joins = iso.groups.open_procs()?;
     let env_file = EnvFile::write(&iso.dir, &run_as, &environment(&iso, &run_as, extra))?;
     let root = host_root::list(Path::new("/")).map_err(io_err("listing the host's /"))?;
     let ctx = Sandboxed {
@@ -224,6 +234,7 @@ fn prepare(
         max_output: cfg.max_output_bytes,
         cmd: req.cmd,
         iso,
+        joins,
         _permit: permit,
     })
 }
@@ -248,7 +259,7 @@ fn cwd_inside(cwd: Option<&str>) -> Result<String, IsolationError> {
 pub struct Sandboxed<'a> {
     /// `ip netns` name.
     pub netns: &'a str,
-    /// The sandbox's directory (`home/`, `tmp/`, `ca.pem`).
+    /// The sandbox's directory (`files/home/`, `files/tmp/`, `ca.pem`).
     pub dir: &'a Path,
     /// The daemon's data directory (hidden inside).
     pub data_dir: &'a Path,
@@ -362,9 +373,9 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
     }
     m.extend([
         Mount::new("--tmpfs", none, s.data_dir),
-        Mount::new("--bind", Some(&s.dir.join("tmp")), "/tmp"),
+        Mount::new("--bind", Some(&s.dir.join(FILES_DIR).join("tmp")), "/tmp"),
         Mount::new("--tmpfs", none, "/home"),
-        Mount::new("--bind", Some(&s.dir.join("home")), HOME_INSIDE),
+        Mount::new("--bind", Some(&super::home_of(s.dir)), HOME_INSIDE),
         Mount::new("--tmpfs", none, "/run/sealgate"),
         Mount::new("--ro-bind", Some(&s.dir.join("ca.pem")), CA_INSIDE),
         Mount::new("--ro-bind", Some(s.env_file), ENV_INSIDE),
@@ -550,10 +561,15 @@ fn command(p: &Prepared) -> tokio::process::Command {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    // SAFETY: the closure makes only async-signal-safe calls (close_range, getrlimit, fcntl)
-    // and allocates nothing, as code between fork and exec must.
+    let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure makes only async-signal-safe calls (write, close_range, getrlimit,
+    // fcntl) and allocates nothing, as code between fork and exec must; the descriptors in
+    // `joins` stay open in `p` until the spawn has returned.
     unsafe {
-        cmd.pre_exec(super::fds::cloexec_in_child);
+        cmd.pre_exec(move || {
+            crate::limits::cgroup::join_in_child(&joins)?;
+            super::fds::cloexec_in_child()
+        });
     }
     cmd
 }
@@ -916,7 +932,8 @@ mod tests {
             ),
             "{line}"
         );
-        assert!(line.contains("--bind /d/sandboxes/sbx_1/home /home/user"));
+        assert!(line.contains("--bind /d/sandboxes/sbx_1/files/tmp /tmp"));
+        assert!(line.contains("--bind /d/sandboxes/sbx_1/files/home /home/user"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
         assert!(line.contains("--dev /dev --proc /proc --remount-ro / --unshare-pid"));
         assert!(line.contains("--die-with-parent"));

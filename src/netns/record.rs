@@ -38,6 +38,12 @@ pub struct Record {
     /// The sandbox's private directory (work directory, /tmp, CA file), once made.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// The sandbox's cgroups ([`crate::limits::cgroup`]), named before they are made.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+    /// The tmpfs holding its files ([`crate::limits::files`]), named before it is mounted.
+    #[serde(default)]
+    pub files: Option<PathBuf>,
 }
 
 impl Record {
@@ -51,6 +57,8 @@ impl Record {
             sandbox_id: None,
             rules: None,
             dir: None,
+            cgroups: Vec::new(),
+            files: None,
         }
     }
 

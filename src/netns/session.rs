@@ -8,10 +8,12 @@
 //!
 //! Teardown order (idempotent, also run on drop): stop the responder and listener, kill what
 //! still runs inside, delete the veth and the namespace (so removing the rules never leaves a
-//! live interface unconfined), remove the rules, the `/etc/netns` files and the sandbox's
+//! live interface unconfined), kill what is left in the sandbox's cgroups and remove them,
+//! remove the rules and the `/etc/netns` files, unmount the sandbox's files and remove its
 //! directory, and last the record.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use tokio::task::JoinHandle;
 
@@ -22,6 +24,18 @@ use super::{link, NetnsError, Plan, RuleParams, RuleSet};
 
 /// Slots tried before giving up (each attempt is one `ip netns add`).
 const MAX_ATTEMPTS: u32 = 64;
+
+/// What a sandbox puts in its namespace's record ([`Namespace::set_owner`]).
+pub struct Owner {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Its private directory.
+    pub dir: PathBuf,
+    /// Its cgroups (none when unlimited).
+    pub cgroups: Vec<PathBuf>,
+    /// Its files' tmpfs mount point (None when `disk_max_mib = 0`).
+    pub files: Option<PathBuf>,
+}
 
 /// A live sandbox namespace.
 pub struct Namespace {
@@ -94,13 +108,16 @@ impl Namespace {
         &self.record.plan
     }
 
-    /// Records the sandbox's id and directory before anything is named after them.
+    /// Records the sandbox's id, directory, cgroups and files mount before anything is named
+    /// after them.
     ///
     /// # Errors
     /// An unwritable state directory.
-    pub fn set_owner(&mut self, sandbox_id: &str, dir: &std::path::Path) -> Result<(), NetnsError> {
-        self.record.sandbox_id = Some(sandbox_id.to_owned());
-        self.record.dir = Some(dir.to_owned());
+    pub fn set_owner(&mut self, owner: Owner) -> Result<(), NetnsError> {
+        self.record.sandbox_id = Some(owner.sandbox_id);
+        self.record.dir = Some(owner.dir);
+        self.record.cgroups = owner.cgroups;
+        self.record.files = owner.files;
         self.save()
     }
 
@@ -179,12 +196,16 @@ impl Drop for Namespace {
 /// The system side of a teardown, from a record alone (also used by the sweep).
 pub fn undo(record: &Record) {
     link::destroy(&record.plan);
+    crate::limits::cgroup::remove(&record.cgroups);
     if let Some(set) = record
         .rules
         .as_ref()
         .and_then(|p| RuleSet::generate(p).ok())
     {
         super::remove_rules(&set);
+    }
+    if let Some(files) = &record.files {
+        crate::limits::files::unmount(files);
     }
     if let Some(dir) = &record.dir {
         let _ = std::fs::remove_dir_all(dir);

@@ -86,6 +86,7 @@ fn id(sb: &Value) -> String {
 
 /// The system objects of one isolated sandbox.
 struct Names {
+    id: String,
     netns: String,
     host_if: String,
     chain: String,
@@ -94,6 +95,7 @@ struct Names {
 
 fn names(sb: &Value) -> Names {
     Names {
+        id: id(sb),
         netns: sb["netns"]["name"].as_str().expect("netns name").into(),
         host_if: sb["netns"]["interface"].as_str().expect("interface").into(),
         chain: format!("SG-{}", id(sb).trim_start_matches("sbx_")),
@@ -156,6 +158,10 @@ fn assert_gone(n: &Names, marker: &str) {
         n.workdir
     );
     assert!(!std::path::Path::new("/etc/netns").join(&n.netns).exists());
+    let groups = cgroup_dirs(&n.id);
+    assert!(groups.is_empty(), "cgroups left: {groups:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&n.id), "files mount left:\n{mounts}");
 }
 
 /// Polls `assert_gone` for up to `secs` seconds.
@@ -166,7 +172,8 @@ async fn eventually_gone(n: &Names, marker: &str, secs: u64) {
         let gone = !word(&v.netns, &n.netns)
             && !word(&v.links, &n.host_if)
             && !v.rules.contains(&n.chain)
-            && !v.procs.contains(marker);
+            && !v.procs.contains(marker)
+            && cgroup_dirs(&n.id).is_empty();
         if gone || Instant::now() > deadline {
             break;
         }
@@ -331,6 +338,123 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     )
     .await;
     assert!(r["stdout"].as_str().unwrap().ends_with("rc=1\n"), "{r}");
+}
+
+/// The sandbox's cgroup directories anywhere under `/sys/fs/cgroup` (v1 or v2).
+fn cgroup_dirs(sandbox_id: &str) -> Vec<std::path::PathBuf> {
+    // Not run_ok: groups of other tests' sandboxes vanish during the walk (find exits 1).
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-type", "d", "-name", sandbox_id])
+        .output()
+        .expect("find /sys/fs/cgroup");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(Into::into)
+        .collect()
+}
+
+fn read_trim(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// `[sandbox] memory_max_mib`, `pids_max` and `disk_max_mib` bound each sandbox's commands
+/// (a cgroup and a tmpfs per sandbox). A sandbox that hit its file limit can still clean up;
+/// another sandbox and the daemon are untouched; delete leaves no cgroup and no mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_processes_and_files_are_bounded_per_sandbox() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup_with("memory_max_mib = 64\npids_max = 32\ndisk_max_mib = 8\n").await;
+    let (a, b) = (
+        isolated(&e.h, json!({})).await,
+        isolated(&e.h, json!({})).await,
+    );
+    let (ia, ib) = (id(&a), id(&b));
+
+    let groups = cgroup_dirs(&ia);
+    assert!(!groups.is_empty(), "no cgroup for {ia}");
+    let limit = |names: &[&str]| {
+        groups
+            .iter()
+            .flat_map(|g| names.iter().map(move |n| g.join(n)))
+            .find(|p| p.exists())
+            .map(|p| read_trim(&p))
+    };
+    assert_eq!(
+        limit(&["memory.limit_in_bytes", "memory.max"]).as_deref(),
+        Some("67108864")
+    );
+    assert_eq!(limit(&["pids.max"]).as_deref(), Some("32"));
+
+    // Files: 8 MiB for home and /tmp together, shown by df, and a full disk can be cleaned.
+    let r = ok(&e.h, &ia, "df -k /tmp | tail -n 1").await;
+    assert!(r["stdout"].as_str().unwrap().contains(" 8192 "), "{r}");
+    let r = ok(
+        &e.h,
+        &ia,
+        "dd if=/dev/zero of=$HOME/a bs=1M count=5 2>/dev/null; \
+         dd if=/dev/zero of=/tmp/b bs=1M count=5 2>&1; echo rc=$?",
+    )
+    .await;
+    let out = r["stdout"].as_str().unwrap();
+    assert!(
+        out.contains("No space left on device") && !out.contains("rc=0"),
+        "{r}"
+    );
+    let r = ok(&e.h, &ia, "rm $HOME/a /tmp/b && echo cleaned").await;
+    assert_eq!(r["stdout"], "cleaned\n", "{r}");
+
+    // Memory: a process past 64 MiB is ended by the kernel (exit 137), and the next command runs.
+    let r = ok(
+        &e.h,
+        &ia,
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    )
+    .await;
+    assert_eq!(r["exit_code"], 137, "{r}");
+    assert!(!r["stdout"].as_str().unwrap().contains("survived"), "{r}");
+
+    // Processes: at most 32 at once; fork fails past it, and the next command runs.
+    let r = ok(
+        &e.h,
+        &ia,
+        "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo looped",
+    )
+    .await;
+    assert!(
+        r["stderr"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("fork"),
+        "{r}"
+    );
+    let r = ok(&e.h, &ia, "echo alive").await;
+    assert_eq!(r["stdout"], "alive\n", "{r}");
+
+    // The other sandbox has its own 8 MiB.
+    let r = ok(
+        &e.h,
+        &ib,
+        "dd if=/dev/zero of=$HOME/f bs=1M count=6 2>/dev/null && echo wrote",
+    )
+    .await;
+    assert_eq!(r["stdout"], "wrote\n", "{r}");
+
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{ia}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_gone(&names(&a), "sleep 30");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.contains(&ib),
+        "the other sandbox's files are not mounted"
+    );
 }
 
 /// A command sees neither the daemon's config file (it may hold a database password) nor
@@ -788,6 +912,9 @@ async fn an_unknown_run_as_user_is_a_server_error_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
+    use sealgate::limits::cgroup::Groups;
+    use sealgate::limits::files::{self, FILES_DIR};
+    use sealgate::limits::Limits;
     use sealgate::netns::record::Record;
     use sealgate::netns::{self, link, Plan, RuleParams, RuleSet};
     if !netns_ready() {
@@ -817,17 +944,41 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     rec.started = Some(1);
     rec.sandbox_id = Some(sandbox_id.clone());
     rec.rules = Some(params);
+    // …and the sandbox's cgroups, with a process still in them, and its files' tmpfs.
+    let limits = Limits {
+        memory_bytes: Some(64 << 20),
+        pids: Some(16),
+        disk_bytes: Some(1 << 20),
+    };
+    let groups = Groups::plan(&sandbox_id, &limits).expect("cgroups");
+    groups.create().expect("cgroups");
+    let mut inside = std::process::Command::new("sleep")
+        .arg("3141")
+        .spawn()
+        .unwrap();
+    for g in groups.paths() {
+        std::fs::write(g.join("cgroup.procs"), inside.id().to_string()).unwrap();
+    }
+    let left = tempfile::tempdir().unwrap();
+    let dir = left.path().join(&sandbox_id);
+    std::fs::create_dir_all(dir.join(FILES_DIR)).unwrap();
+    files::mount(&dir.join(FILES_DIR), 1 << 20).expect("tmpfs");
+    rec.cgroups = groups.paths();
+    rec.files = Some(dir.join(FILES_DIR));
+    rec.dir = Some(dir.clone());
     rec.save().unwrap();
     assert!(link::exists(&plan));
 
     let mut e = setup().await;
+    let _ = inside.wait();
     let n = Names {
+        id: sandbox_id.clone(),
         netns: plan.netns.clone(),
         host_if: plan.host_if.clone(),
         chain: format!("SG-{}", "ab".repeat(12)),
-        workdir: "/nonexistent-sealgate".into(),
+        workdir: dir.display().to_string(),
     };
-    assert_gone(&n, "no-such-marker-sealgate");
+    assert_gone(&n, "sleep 3141");
     assert!(!Record::path(&plan).exists(), "record left");
 
     // Restart: an isolated sandbox of the earlier run is not restored.
