@@ -407,6 +407,20 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
     );
     let r = ok(&e.h, &ia, "rm $HOME/a /tmp/b && echo cleaned").await;
     assert_eq!(r["stdout"], "cleaned\n", "{r}");
+    // Files, not only bytes: 2,048 inodes for 8 MiB (each costs kernel memory the size does
+    // not count); past them ENOSPC, not the memory limit, and the next command runs.
+    let r = ok(
+        &e.h,
+        &ia,
+        "cd /tmp && seq 1 3000 | xargs touch 2>&1 | tail -n 1; ls | wc -l",
+    )
+    .await;
+    let out = r["stdout"].as_str().unwrap();
+    assert!(out.contains("No space left on device"), "{r}");
+    let made: u32 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!((2000..2048).contains(&made), "{r}");
+    let r = ok(&e.h, &ia, "cd /tmp && ls | xargs rm && echo cleaned").await;
+    assert_eq!(r["stdout"], "cleaned\n", "{r}");
 
     // Memory: a process past 64 MiB is ended by the kernel (exit 137), and the next command runs.
     let r = ok(
