@@ -116,6 +116,8 @@ pub struct CommandEvent<'a> {
     pub timed_out: bool,
     /// Output was cut at `max_output_bytes`.
     pub truncated: bool,
+    /// The sandbox's memory limit killed a process while it ran.
+    pub oom_killed: bool,
     /// Wall time.
     pub duration_ms: u64,
 }

@@ -883,6 +883,16 @@ impl RawSandbox {
             1024,
             (1, 1 << 24),
         );
+        if let (Some(m), Some(d)) = (memory, disk) {
+            if d.saturating_mul(5) / 4 >= m {
+                p.0.push(format!(
+                    "sandbox.disk_max_mib: {d} MiB of files would fill sandbox.memory_max_mib = \
+                     {m} (a sandbox's files are in memory, about 1.25 × disk_max_mib with their \
+                     inodes, and a sandbox whose files fill its memory has every command killed): \
+                     keep memory_max_mib above 1.25 × disk_max_mib, or set either to 0"
+                ));
+            }
+        }
         crate::limits::Limits {
             memory_bytes: memory.map(|m| m * MIB),
             pids: p.limit("sandbox.pids_max", self.pids_max, 1024, (8, 1 << 22)),
@@ -1118,6 +1128,16 @@ mod tests {
                 && err.contains("sandbox.pids_max: 2"),
             "{err}"
         );
+        let err = Config::parse("[sandbox]\nmemory_max_mib = 1024\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "sandbox.disk_max_mib: 1024 MiB of files would fill sandbox.memory_max_mib = 1024"
+            ),
+            "{err}"
+        );
+        Config::parse("[sandbox]\nmemory_max_mib = 1024\ndisk_max_mib = 0\n", "t").unwrap();
     }
 
     #[test]

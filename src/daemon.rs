@@ -751,6 +751,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "sandbox.max_command_timeout_secs" => sandbox.max_command_timeout;
         "sandbox.max_output_bytes" => sandbox.max_output_bytes;
         "sandbox.max_commands_per_sandbox" => sandbox.max_commands;
+        "sandbox.memory_max_mib" => sandbox.limits.memory_bytes;
+        "sandbox.pids_max" => sandbox.limits.pids;
+        "sandbox.disk_max_mib" => sandbox.limits.disk_bytes;
         "log.format" => log_format;
         "store.backend" => store.backend;
         "store.max_staleness_secs" => store.max_staleness;
@@ -803,6 +806,11 @@ mod tests {
         let other = Config::parse("[proxy]\npublic_host = \"h.example\"\n", "t").unwrap();
         let default = Config::parse("", "t").unwrap();
         assert_eq!(needs_restart(&default, &other), ["proxy.public_host"]);
+        let limits = Config::parse("[sandbox]\npids_max = 64\ndisk_max_mib = 0\n", "t").unwrap();
+        assert_eq!(
+            needs_restart(&default, &limits),
+            ["sandbox.pids_max", "sandbox.disk_max_mib"]
+        );
     }
 
     #[test]

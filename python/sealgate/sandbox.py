@@ -41,7 +41,8 @@ OutputCallback = Callable[[str], Any]
 @dataclass(frozen=True)
 class CommandResult:
     """What a finished command left: its output (each stream capped by the daemon, then
-    ``truncated``), its exit code, and whether it was killed at its timeout."""
+    ``truncated``), its exit code, whether it was killed at its timeout, and whether the
+    sandbox's memory limit killed a process while it ran (``oom_killed``; exit code 137)."""
 
     stdout: str
     stderr: str
@@ -49,6 +50,7 @@ class CommandResult:
     timed_out: bool = False
     truncated: bool = False
     duration_ms: Optional[int] = None
+    oom_killed: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], stdout: str = "", stderr: str = "") -> "CommandResult":
@@ -61,6 +63,7 @@ class CommandResult:
             timed_out=bool(data.get("timed_out", False)),
             truncated=bool(data.get("truncated", False)),
             duration_ms=data.get("duration_ms"),
+            oom_killed=bool(data.get("oom_killed", False)),
         )
 
 

@@ -29,7 +29,7 @@ async def test_exit_code_and_stderr_come_back(daemon):
     async with await isolated() as sbx:
         r = await sbx.commands.run("echo out; echo err >&2; exit 3")
         assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
-        assert (r.timed_out, r.truncated) == (False, False)
+        assert (r.timed_out, r.truncated, r.oom_killed) == (False, False, False)
         r = await sbx.commands.run("true", timeout=None)  # the daemon's default timeout
         assert (r.stdout, r.stderr, r.exit_code) == ("", "", 0)
         assert r.duration_ms is not None and r.duration_ms >= 0

@@ -14,7 +14,8 @@
 //! Limits: the child joins the sandbox's cgroups between `fork` and `exec`, so `ip`, bwrap
 //! and everything the command starts count toward `[sandbox] memory_max_mib` and `pids_max`;
 //! its files live on the sandbox's tmpfs of `disk_max_mib` ([`crate::limits`]). A process the
-//! kernel's OOM killer ends reports exit code 137 (128 + SIGKILL).
+//! kernel's OOM killer ends reports exit code 137 (128 + SIGKILL), and the answer says
+//! `oom_killed` (the sandbox's OOM-kill counter moved while the command ran).
 //!
 //! Rules: output beyond `max_output_bytes` per stream is drained and dropped (`truncated`);
 //! past its timeout — or the sandbox's, whichever comes first — the whole process group is
@@ -86,6 +87,9 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Some output was dropped (`max_output_bytes`).
     pub truncated: bool,
+    /// The kernel killed a process of the sandbox for its memory limit while the command ran
+    /// (`[sandbox] memory_max_mib`; usually this command's, exit code 137).
+    pub oom_killed: bool,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -103,6 +107,8 @@ pub struct CommandResult {
     pub timed_out: bool,
     /// Some output was dropped.
     pub truncated: bool,
+    /// As [`Outcome::oom_killed`].
+    pub oom_killed: bool,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -479,6 +485,7 @@ fn start(p: Prepared, audit: Arc<Audit>) -> mpsc::Receiver<Piece> {
             exit_code: outcome.exit_code,
             timed_out: outcome.timed_out,
             truncated: outcome.truncated,
+            oom_killed: outcome.oom_killed,
             duration_ms: outcome.duration_ms,
         });
         let _ = tx.send(Piece::Exit(outcome)).await;
@@ -499,6 +506,7 @@ pub fn audit_cmd(cmd: &str) -> &str {
 /// → drain → outcome.
 async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcome {
     let elapsed = || started.elapsed().as_millis() as u64;
+    let ooms = p.iso.groups.oom_kills();
     let mut child = match command(p).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -529,6 +537,7 @@ async fn run(p: &Prepared, tx: &mpsc::Sender<Piece>, started: Instant) -> Outcom
         },
         timed_out,
         truncated: truncated.load(Ordering::Acquire),
+        oom_killed: p.iso.groups.oom_kills() > ooms,
         duration_ms: elapsed(),
     }
 }
@@ -539,6 +548,7 @@ impl Outcome {
             exit_code,
             timed_out: false,
             truncated: false,
+            oom_killed: false,
             duration_ms,
         }
     }
@@ -562,12 +572,13 @@ fn command(p: &Prepared) -> tokio::process::Command {
         .process_group(0)
         .kill_on_drop(true);
     let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
-    // SAFETY: the closure makes only async-signal-safe calls (write, close_range, getrlimit,
-    // fcntl) and allocates nothing, as code between fork and exec must; the descriptors in
+    // SAFETY: the closure makes only async-signal-safe calls (open, write, close,
+    // close_range, getrlimit, fcntl) and allocates nothing, as code between fork and exec must; the descriptors in
     // `joins` stay open in `p` until the spawn has returned.
     unsafe {
         cmd.pre_exec(move || {
             crate::limits::cgroup::join_in_child(&joins)?;
+            crate::limits::cgroup::prefer_oom_kill_in_child();
             super::fds::cloexec_in_child()
         });
     }
@@ -685,18 +696,14 @@ async fn collect(mut rx: mpsc::Receiver<Piece>) -> CommandResult {
             Piece::Exit(o) => outcome = Some(o),
         }
     }
-    let o = outcome.unwrap_or(Outcome {
-        exit_code: 137,
-        timed_out: false,
-        truncated: false,
-        duration_ms: 0,
-    });
+    let o = outcome.unwrap_or(Outcome::failed(137, 0));
     CommandResult {
         exit_code: o.exit_code,
         stdout: String::from_utf8_lossy(&out).into_owned(),
         stderr: String::from_utf8_lossy(&err).into_owned(),
         timed_out: o.timed_out,
         truncated: o.truncated,
+        oom_killed: o.oom_killed,
         duration_ms: o.duration_ms,
     }
 }

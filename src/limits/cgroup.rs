@@ -6,9 +6,9 @@
 //! Where: under the daemon's own group of that hierarchy, `<own>/sealgate/<sandbox id>`, so a
 //! limit set on the daemon (a systemd unit's `MemoryMax`, a container's) still bounds all of
 //! its sandboxes together. On v2 a group with processes of its own cannot hand controllers
-//! down (the "no internal processes" rule): if the daemon's own group refuses, the daemon
-//! moves itself into `<own>/sealgate-daemon` and tries again — what systemd's `Delegate=yes`
-//! expects of a service.
+//! down (the "no internal processes" rule): [`v2_base`] moves the daemon into
+//! `<own>/sealgate-daemon` when it is alone in its group (what systemd's `Delegate=yes`
+//! expects of a service), and otherwise uses the hierarchy's root.
 //!
 //! Invariants: the sandbox's record names the groups before they are made ([`Groups::plan`]
 //! then [`Groups::create`]), so a teardown or the start-up sweep removes them whatever
@@ -20,6 +20,7 @@ use std::fs;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::Limits;
@@ -44,8 +45,26 @@ pub enum CgroupError {
         /// The proxy.toml key that asks for it.
         key: &'static str,
     },
+    /// v2: neither the daemon's group nor the hierarchy's root can hand the controllers down.
+    #[error(
+        "cgroup v2: cannot hand {controllers} down to sandboxes: the daemon's group {} holds \
+         other processes (run the daemon as a systemd unit with Delegate=yes, or alone in its \
+         group) and the hierarchy's root refused; set [sandbox] memory_max_mib = 0 and \
+         pids_max = 0 to run commands without these limits",
+        own.display()
+    )]
+    NoDelegation {
+        /// The daemon's own group.
+        own: PathBuf,
+        /// `+memory +pids`.
+        controllers: String,
+    },
     /// A cgroup file or directory.
-    #[error("cgroup: {what} {}: {source}", path.display())]
+    #[error(
+        "cgroup: {what} {}: {source} (set [sandbox] memory_max_mib = 0 and pids_max = 0 to run \
+         commands without these limits)",
+        path.display()
+    )]
     Io {
         /// What was being done.
         what: &'static str,
@@ -123,37 +142,37 @@ fn own_group(proc_cgroup: &str, h: &Hierarchy, controller: &str) -> Option<Strin
     })
 }
 
-/// The directory of this process's own group for `controller` (pure: from the two texts).
-/// A v1 hierarchy that has the controller wins over v2; on v2 a daemon already moved into
-/// [`DAEMON_LEAF`] counts the group above it as its own.
-fn locate_in(controller: &str, mountinfo: &str, proc_cgroup: &str) -> Option<(Version, PathBuf)> {
+/// Where `controller` is for this process (pure: from the two texts): the hierarchy's version,
+/// this process's own group in it and the hierarchy's mount point. A v1 hierarchy that has
+/// the controller wins over v2; on v2 a daemon already moved into [`DAEMON_LEAF`] counts the
+/// group above it as its own.
+fn locate_in(controller: &str, mountinfo: &str, proc_cgroup: &str) -> Option<Located> {
     let all = hierarchies(mountinfo);
     let h = all
         .iter()
         .find(|h| h.version == Version::V1 && h.controllers.iter().any(|c| c == controller))
         .or_else(|| all.iter().find(|h| h.version == Version::V2))?;
     let own = own_group(proc_cgroup, h, controller)?;
-    let rel = own.strip_prefix(h.root.as_str()).unwrap_or(&own);
-    let mut dir = h.point.join(rel.trim_start_matches('/'));
+    let rel = Path::new(&own)
+        .strip_prefix(&h.root)
+        .unwrap_or(Path::new(&own));
+    let mut dir = h.point.join(rel.strip_prefix("/").unwrap_or(rel));
     if h.version == Version::V2 && dir.file_name().is_some_and(|n| n == DAEMON_LEAF) {
         dir.pop();
     }
-    Some((h.version, dir))
+    Some(Located {
+        version: h.version,
+        own: dir,
+        mount: h.point.clone(),
+    })
 }
 
-/// [`locate_in`] on this process; on v2 also checks that the group offers the controller.
-fn locate(controller: &'static str, key: &'static str) -> Result<(Version, PathBuf), CgroupError> {
-    let none = || CgroupError::NoController { controller, key };
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let proc_cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let (version, dir) = locate_in(controller, &mountinfo, &proc_cgroup).ok_or_else(none)?;
-    if version == Version::V2 {
-        let offered = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-        if !offered.split_whitespace().any(|c| c == controller) {
-            return Err(none());
-        }
-    }
-    Ok((version, dir))
+/// Where a controller is ([`locate_in`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Located {
+    version: Version,
+    own: PathBuf,
+    mount: PathBuf,
 }
 
 /// One group of a sandbox and what it limits.
@@ -165,44 +184,78 @@ struct Group {
     pids: Option<u64>,
 }
 
+impl Group {
+    /// `+memory +pids`, as far as this group limits them.
+    fn controllers(&self) -> String {
+        let mut v = Vec::new();
+        if self.memory.is_some() {
+            v.push("+memory");
+        }
+        if self.pids.is_some() {
+            v.push("+pids");
+        }
+        v.join(" ")
+    }
+}
+
+/// Serialises, within this process, making [`PARENT`] and a group in it against removing an
+/// empty [`PARENT`] ([`remove`]); another daemon's removal is met by [`Groups::create`]'s retry.
+static PARENT_LOCK: Mutex<()> = Mutex::new(());
+
 /// The groups of one sandbox: one per hierarchy that holds a limited controller (one on v2,
 /// up to two on v1).
 #[derive(Clone, Debug, Default)]
 pub struct Groups(Vec<Group>);
 
 impl Groups {
-    /// Where the groups of `sandbox_id` go under `limits` (nothing is made yet).
+    /// Where the groups of `sandbox_id` go under `limits`. Nothing of the sandbox is made
+    /// yet; on v2 the group that will hold them is made able to hand the controllers down
+    /// ([`v2_base`]).
     ///
     /// # Errors
-    /// A limited controller no hierarchy offers.
+    /// A limited controller that no hierarchy offers, or that v2 cannot delegate.
     pub fn plan(sandbox_id: &str, limits: &Limits) -> Result<Groups, CgroupError> {
-        let mut groups: Vec<Group> = Vec::new();
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let proc_cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let wanted = [
             ("memory", "memory_max_mib", limits.memory_bytes),
             ("pids", "pids_max", limits.pids),
         ];
+        let mut groups: Vec<(Located, Group)> = Vec::new();
         for (controller, key, limit) in wanted {
             let Some(limit) = limit else { continue };
-            let (version, own) = locate(controller, key)?;
-            let path = own.join(PARENT).join(sandbox_id);
-            let i = match groups.iter().position(|g| g.path == path) {
+            let at = locate_in(controller, &mountinfo, &proc_cgroup)
+                .ok_or(CgroupError::NoController { controller, key })?;
+            let i = match groups.iter().position(|(l, _)| *l == at) {
                 Some(i) => i,
                 None => {
-                    groups.push(Group {
-                        path,
-                        version,
+                    let group = Group {
+                        path: PathBuf::new(),
+                        version: at.version,
                         memory: None,
                         pids: None,
-                    });
+                    };
+                    groups.push((at, group));
                     groups.len() - 1
                 }
             };
             match controller {
-                "memory" => groups[i].memory = Some(limit),
-                _ => groups[i].pids = Some(limit),
+                "memory" => groups[i].1.memory = Some(limit),
+                _ => groups[i].1.pids = Some(limit),
             }
         }
-        Ok(Groups(groups))
+        groups
+            .into_iter()
+            .map(|(at, mut g)| {
+                let base = match at.version {
+                    Version::V1 => at.own,
+                    Version::V2 => v2_base(&at, &g.controllers())?,
+                };
+                g.path = base.join(PARENT).join(sandbox_id);
+                Ok(g)
+            })
+            .collect::<Result<_, _>>()
+            .map(Groups)
     }
 
     /// The groups' directories (for the sandbox's record).
@@ -210,19 +263,45 @@ impl Groups {
         self.0.iter().map(|g| g.path.clone()).collect()
     }
 
-    /// Makes the groups and writes their limits.
+    /// Makes the groups and writes their limits (a [`PARENT`] another daemon removed in
+    /// between is made again).
     ///
     /// # Errors
     /// A directory or limit file the kernel refused.
     pub fn create(&self) -> Result<(), CgroupError> {
         for g in &self.0 {
-            if g.version == Version::V2 {
-                delegate(g)?;
+            let mut tries = 0;
+            loop {
+                match make(g) {
+                    Err(CgroupError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound && tries < 3 =>
+                    {
+                        tries += 1;
+                    }
+                    other => break other?,
+                }
             }
-            fs::create_dir_all(&g.path).map_err(io_err("creating", &g.path))?;
             write_limits(g)?;
         }
         Ok(())
+    }
+
+    /// How many times the kernel's OOM killer acted in the sandbox's memory group so far
+    /// (0 without one, or on a kernel that does not count: v1 `memory.oom_control`, v2
+    /// `memory.events`).
+    pub fn oom_kills(&self) -> u64 {
+        self.0
+            .iter()
+            .find(|g| g.memory.is_some())
+            .and_then(|g| {
+                let file = match g.version {
+                    Version::V1 => "memory.oom_control",
+                    Version::V2 => "memory.events",
+                };
+                fs::read_to_string(g.path.join(file)).ok()
+            })
+            .and_then(|text| oom_kill_count(&text))
+            .unwrap_or(0)
     }
 
     /// Every group's `cgroup.procs`, opened for a command's child to join
@@ -244,66 +323,121 @@ impl Groups {
     }
 }
 
-/// v2: turns the group's controllers on in the subtree of the daemon's own group and of
-/// [`PARENT`] (moving the daemon into [`DAEMON_LEAF`] if its group has to be emptied first).
-fn delegate(g: &Group) -> Result<(), CgroupError> {
+/// The `oom_kill N` line of `memory.oom_control` (v1) or `memory.events` (v2).
+fn oom_kill_count(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// [`PARENT`] (on v2 with `controllers` handed down) and the sandbox's group in it.
+fn make(g: &Group) -> Result<(), CgroupError> {
+    let _serial = PARENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let parent = g.path.parent().unwrap_or(&g.path);
-    let own = parent.parent().unwrap_or(parent);
-    let mut wanted = Vec::new();
-    if g.memory.is_some() {
-        wanted.push("+memory");
-    }
-    if g.pids.is_some() {
-        wanted.push("+pids");
-    }
-    let wanted = wanted.join(" ");
-    if let Err(e) = enable(own, &wanted) {
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(io_err("enabling controllers in", own)(e));
+    match fs::create_dir(parent) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(io_err("creating", parent)(e))
         }
-        let leaf = own.join(DAEMON_LEAF);
-        fs::create_dir_all(&leaf).map_err(io_err("creating", &leaf))?;
-        let procs = leaf.join("cgroup.procs");
-        fs::write(&procs, std::process::id().to_string())
-            .map_err(io_err("moving the daemon into", &leaf))?;
-        enable(own, &wanted).map_err(io_err("enabling controllers in", own))?;
+        _ => {}
     }
-    fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-    enable(parent, &wanted).map_err(io_err("enabling controllers in", parent))
+    if g.version == Version::V2 {
+        enable(parent, &g.controllers()).map_err(io_err("enabling controllers in", parent))?;
+    }
+    match fs::create_dir(&g.path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err("creating", &g.path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// v2: the group under which sandboxes' groups go, able to hand `controllers` (`+memory
+/// +pids`) down. v2 lets a group with processes of its own hand no controller down, so:
+/// 1. the daemon's own group, if it offers them and the daemon is alone in it — moving the
+///    daemon into [`DAEMON_LEAF`] first if needed (a systemd unit with `Delegate=yes`);
+/// 2. else the hierarchy's root, which the rule exempts (as Docker's cgroupfs driver does):
+///    the daemon shares its group with others (a login session, a supervisor), and a group
+///    of theirs is not the daemon's to rearrange.
+fn v2_base(at: &Located, controllers: &str) -> Result<PathBuf, CgroupError> {
+    let names: Vec<&str> = controllers
+        .split(' ')
+        .map(|c| c.trim_start_matches('+'))
+        .collect();
+    let offers = |dir: &Path| {
+        let have = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+        names
+            .iter()
+            .all(|n| have.split_whitespace().any(|h| h == *n))
+    };
+    if offers(&at.own) {
+        if enable(&at.own, controllers).is_ok() {
+            return Ok(at.own.clone());
+        }
+        let alone = members(&at.own) == [std::process::id() as i32];
+        if alone && move_self(&at.own).is_ok() && enable(&at.own, controllers).is_ok() {
+            return Ok(at.own.clone());
+        }
+    }
+    if offers(&at.mount) && enable(&at.mount, controllers).is_ok() {
+        return Ok(at.mount.clone());
+    }
+    Err(CgroupError::NoDelegation {
+        own: at.own.clone(),
+        controllers: controllers.to_owned(),
+    })
+}
+
+/// Moves this process into `<own>/`[`DAEMON_LEAF`].
+fn move_self(own: &Path) -> io::Result<()> {
+    let leaf = own.join(DAEMON_LEAF);
+    match fs::create_dir(&leaf) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    write_existing(&leaf.join("cgroup.procs"), &std::process::id().to_string())
 }
 
 fn enable(group: &Path, controllers: &str) -> io::Result<()> {
-    fs::write(group.join("cgroup.subtree_control"), controllers)
+    write_existing(&group.join("cgroup.subtree_control"), controllers)
+}
+
+/// Writes an existing file: never `O_CREAT`, with which a missing cgroupfs file fails with
+/// EACCES instead of ENOENT.
+fn write_existing(path: &Path, value: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
 }
 
 /// Writes `g`'s limits; swap is held to the same bound (v1 `memsw`, v2 `swap.max = 0`) where
 /// the kernel accounts it, so a sandbox cannot page its way past its memory limit.
 fn write_limits(g: &Group) -> Result<(), CgroupError> {
-    let set = |file: &str, value: String| {
+    let set = |file: &str, value: &str| {
         let p = g.path.join(file);
-        fs::write(&p, value).map_err(io_err("writing", &p))
+        write_existing(&p, value).map_err(io_err("writing", &p))
     };
-    let optional = |file: &str, value: String| {
+    let optional = |file: &str, value: &str| {
         let p = g.path.join(file);
-        match fs::write(&p, value) {
+        match write_existing(&p, value) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("writing", &p)(e)),
             _ => Ok(()),
         }
     };
     if let Some(bytes) = g.memory {
+        let bytes = bytes.to_string();
         match g.version {
             Version::V1 => {
-                set("memory.limit_in_bytes", bytes.to_string())?;
-                optional("memory.memsw.limit_in_bytes", bytes.to_string())?;
+                set("memory.limit_in_bytes", &bytes)?;
+                optional("memory.memsw.limit_in_bytes", &bytes)?;
             }
             Version::V2 => {
-                set("memory.max", bytes.to_string())?;
-                optional("memory.swap.max", "0".into())?;
+                set("memory.max", &bytes)?;
+                optional("memory.swap.max", "0")?;
             }
         }
     }
     if let Some(n) = g.pids {
-        set("pids.max", n.to_string())?;
+        set("pids.max", &n.to_string())?;
     }
     Ok(())
 }
@@ -326,20 +460,51 @@ pub fn join_in_child(fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
-/// Kills every process left in each group, then removes the group. Idempotent and silent, as
-/// a teardown must be: a group that is already gone is skipped.
+/// In a command's child, between `fork` and `exec`: `oom_score_adj = 1000`, inherited by
+/// everything the command starts, so whenever memory runs out — the host's, or a group above
+/// the sandbox's that also holds the daemon — the kernel ends a sandbox's process before the
+/// daemon. Raising the score needs no privilege. Best effort (a kernel without the file
+/// changes nothing). Async-signal-safe: open, write, close on a static path.
+pub fn prefer_oom_kill_in_child() {
+    // SAFETY: a static NUL-terminated path and a static buffer; the descriptor is ours and
+    // closed before returning.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(fd, b"1000".as_ptr().cast(), 4);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Kills every process left in each group, then removes the group, and its [`PARENT`] once
+/// empty. Idempotent, as a teardown must be: a group that is already gone is skipped; one that
+/// cannot be removed (a process that does not die) is logged.
 pub fn remove(paths: &[PathBuf]) {
     for path in paths.iter().filter(|p| p.is_dir()) {
-        let _ = fs::write(path.join("cgroup.kill"), "1");
+        let _ = write_existing(&path.join("cgroup.kill"), "1");
+        let mut removed = false;
         for _ in 0..40 {
             let left = members(path);
             if left.is_empty() && fs::remove_dir(path).is_ok() {
+                removed = true;
                 break;
             }
             for pid in left {
                 let _ = kill_pid(pid);
             }
             std::thread::sleep(Duration::from_millis(25));
+        }
+        if !removed {
+            tracing::warn!(group = %path.display(), left = ?members(path), "a sandbox's cgroup could not be removed");
+            continue;
+        }
+        if let Some(parent) = path.parent().filter(|p| p.ends_with(PARENT)) {
+            let _serial = PARENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = fs::remove_dir(parent);
         }
     }
 }
@@ -369,6 +534,10 @@ fn kill_pid(pid: i32) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn own(c: &str, mounts: &str, proc_cgroup: &str) -> Option<(Version, PathBuf)> {
+        locate_in(c, mounts, proc_cgroup).map(|l| (l.version, l.own))
+    }
+
     const V1_MOUNTS: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
@@ -386,11 +555,11 @@ mod tests {
     #[test]
     fn v1_controllers_come_from_their_own_hierarchies() {
         assert_eq!(
-            locate_in("memory", V1_MOUNTS, V1_SELF),
+            own("memory", V1_MOUNTS, V1_SELF),
             Some((Version::V1, "/sys/fs/cgroup/memory/process_api/7d0a".into()))
         );
         assert_eq!(
-            locate_in("pids", V1_MOUNTS, V1_SELF),
+            own("pids", V1_MOUNTS, V1_SELF),
             Some((Version::V1, "/sys/fs/cgroup/pids".into()))
         );
     }
@@ -399,14 +568,18 @@ mod tests {
     fn v2_uses_the_unified_group_and_looks_past_the_daemon_leaf() {
         let mounts = "25 30 0:23 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
-            locate_in("memory", mounts, "0::/system.slice/sealgate.service\n"),
+            locate_in("memory", mounts, "0::/system.slice/sealgate.service\n").map(|l| l.mount),
+            Some("/sys/fs/cgroup".into())
+        );
+        assert_eq!(
+            own("memory", mounts, "0::/system.slice/sealgate.service\n"),
             Some((
                 Version::V2,
                 "/sys/fs/cgroup/system.slice/sealgate.service".into()
             ))
         );
         assert_eq!(
-            locate_in(
+            own(
                 "pids",
                 mounts,
                 "0::/system.slice/sealgate.service/sealgate-daemon\n"
@@ -419,12 +592,26 @@ mod tests {
     }
 
     #[test]
+    fn the_oom_kill_counter_is_read_from_either_version() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(oom_kill_count(v1), Some(3));
+        assert_eq!(oom_kill_count(v2), Some(2));
+        assert_eq!(oom_kill_count("oom_kill_disable 0\n"), None);
+    }
+
+    #[test]
     fn a_container_mount_root_is_stripped_and_no_mount_is_none() {
         let mounts = "35 31 0:32 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n";
         assert_eq!(
-            locate_in("memory", mounts, "4:memory:/docker/abc\n"),
+            own("memory", mounts, "4:memory:/docker/abc\n"),
             Some((Version::V1, "/sys/fs/cgroup/memory".into()))
         );
-        assert_eq!(locate_in("memory", "", "4:memory:/\n"), None);
+        // Path components, not string prefixes: /docker/abcdef is not under /docker/abc.
+        assert_eq!(
+            own("memory", mounts, "4:memory:/docker/abcdef\n"),
+            Some((Version::V1, "/sys/fs/cgroup/memory/docker/abcdef".into()))
+        );
+        assert_eq!(own("memory", "", "4:memory:/\n"), None);
     }
 }

@@ -124,10 +124,60 @@ impl Record {
         now.is_some() && (self.started.is_none() || now == self.started)
     }
 
+    /// The sandbox's id if it has the shape the daemon gives ids (`sbx_` + 24 hex digits).
+    fn checked_id(&self) -> Option<&str> {
+        self.sandbox_id.as_deref().filter(|id| {
+            id.strip_prefix("sbx_").is_some_and(|hex| {
+                hex.len() == 24 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
+        })
+    }
+
+    /// What a teardown may remove, kill or unmount from this record: only paths of the shape
+    /// the daemon writes for the sandbox it names — a directory `…/sandboxes/<id>`, its
+    /// `files` mount, cgroups `…/sealgate/<id>`. A record edited to name `/`, another
+    /// sandbox's directory or a cgroup such as `system.slice` yields nothing for that field.
+    pub fn owned(&self) -> Owned {
+        let Some(id) = self.checked_id() else {
+            return Owned::default();
+        };
+        let dir = self
+            .dir
+            .clone()
+            .filter(|d| d.ends_with(Path::new("sandboxes").join(id)));
+        let files = self.files.clone().filter(|f| {
+            dir.as_ref()
+                .is_some_and(|d| *f == d.join(crate::limits::files::FILES_DIR))
+        });
+        let suffix = Path::new(crate::limits::cgroup::PARENT).join(id);
+        let cgroups = self
+            .cgroups
+            .iter()
+            .filter(|g| g.is_absolute() && g.ends_with(&suffix))
+            .cloned()
+            .collect();
+        Owned {
+            dir,
+            files,
+            cgroups,
+        }
+    }
+
     /// Removes the record file (last step of a teardown).
     pub fn remove(&self) {
         let _ = std::fs::remove_file(Record::path(&self.plan));
     }
+}
+
+/// The paths of a record a teardown may act on ([`Record::owned`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// The sandbox's directory.
+    pub dir: Option<PathBuf>,
+    /// Its files' tmpfs.
+    pub files: Option<PathBuf>,
+    /// Its cgroups.
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22; the fields
@@ -170,5 +220,42 @@ mod tests {
             ..rec
         };
         assert!(!dead.owner_alive(), "a reused pid is not the owner");
+    }
+
+    #[test]
+    fn a_teardown_acts_only_on_paths_shaped_like_the_sandbox_it_names() {
+        let id = "sbx_0123456789abcdef01234567";
+        let mut rec = Record::new(Plan::for_slot(1).unwrap());
+        rec.sandbox_id = Some(id.into());
+        rec.dir = Some(format!("/d/sandboxes/{id}").into());
+        rec.files = Some(format!("/d/sandboxes/{id}/files").into());
+        rec.cgroups = vec![
+            format!("/sys/fs/cgroup/memory/x/sealgate/{id}").into(),
+            "/sys/fs/cgroup/system.slice".into(),
+            format!("sealgate/{id}").into(),
+        ];
+        let owned = rec.owned();
+        assert_eq!(owned.dir, rec.dir);
+        assert_eq!(owned.files, rec.files);
+        assert_eq!(
+            owned.cgroups,
+            [PathBuf::from(format!(
+                "/sys/fs/cgroup/memory/x/sealgate/{id}"
+            ))]
+        );
+
+        let mut bad = Record::new(Plan::for_slot(1).unwrap());
+        bad.sandbox_id = Some(id.into());
+        bad.dir = Some("/".into());
+        bad.files = Some("/".into());
+        let owned = bad.owned();
+        assert_eq!((owned.dir, owned.files), (None, None));
+
+        for forged in ["sbx_..", "../../x", "sbx_0123456789ABCDEF01234567"] {
+            let mut r = Record::new(Plan::for_slot(1).unwrap());
+            r.sandbox_id = Some(forged.into());
+            r.dir = Some(format!("/d/sandboxes/{forged}").into());
+            assert_eq!(r.owned(), Owned::default(), "{forged}");
+        }
     }
 }

@@ -195,8 +195,9 @@ impl Drop for Namespace {
 
 /// The system side of a teardown, from a record alone (also used by the sweep).
 pub fn undo(record: &Record) {
+    let owned = record.owned();
     link::destroy(&record.plan);
-    crate::limits::cgroup::remove(&record.cgroups);
+    crate::limits::cgroup::remove(&owned.cgroups);
     if let Some(set) = record
         .rules
         .as_ref()
@@ -204,10 +205,10 @@ pub fn undo(record: &Record) {
     {
         super::remove_rules(&set);
     }
-    if let Some(files) = &record.files {
+    if let Some(files) = &owned.files {
         crate::limits::files::unmount(files);
     }
-    if let Some(dir) = &record.dir {
+    if let Some(dir) = &owned.dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     record.remove();

@@ -390,6 +390,10 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
     );
     assert_eq!(limit(&["pids.max"]).as_deref(), Some("32"));
 
+    // Whenever memory runs out, a sandbox's process goes before the daemon.
+    let r = ok(&e.h, &ia, "cat /proc/self/oom_score_adj").await;
+    assert_eq!(r["stdout"], "1000\n", "{r}");
+
     // Files: 8 MiB for home and /tmp together, shown by df, and a full disk can be cleaned.
     let r = ok(&e.h, &ia, "df -k /tmp | tail -n 1").await;
     assert!(r["stdout"].as_str().unwrap().contains(" 8192 "), "{r}");
@@ -429,7 +433,11 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
         "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
     )
     .await;
-    assert_eq!(r["exit_code"], 137, "{r}");
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["oom_killed"].as_bool()),
+        (Some(137), Some(true)),
+        "{r}"
+    );
     assert!(!r["stdout"].as_str().unwrap().contains("survived"), "{r}");
 
     // Processes: at most 32 at once; fork fails past it, and the next command runs.
@@ -449,15 +457,14 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
     );
     let r = ok(&e.h, &ia, "echo alive").await;
     assert_eq!(r["stdout"], "alive\n", "{r}");
+    assert_eq!(r["oom_killed"], false, "{r}");
 
-    // The other sandbox has its own 8 MiB.
-    let r = ok(
-        &e.h,
-        &ib,
-        "dd if=/dev/zero of=$HOME/f bs=1M count=6 2>/dev/null && echo wrote",
-    )
-    .await;
-    assert_eq!(r["stdout"], "wrote\n", "{r}");
+    // The other sandbox has its own 8 MiB: with 6 MiB written in a, b writes 6 MiB too.
+    let six = "dd if=/dev/zero of=$HOME/f bs=1M count=6 2>/dev/null && echo wrote";
+    for sid in [&ia, &ib] {
+        let r = ok(&e.h, sid, six).await;
+        assert_eq!(r["stdout"], "wrote\n", "{r}");
+    }
 
     let (s, _) =
         e.h.api(Method::DELETE, &format!("/v1/sandboxes/{ia}"), None)
@@ -974,7 +981,7 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         std::fs::write(g.join("cgroup.procs"), inside.id().to_string()).unwrap();
     }
     let left = tempfile::tempdir().unwrap();
-    let dir = left.path().join(&sandbox_id);
+    let dir = left.path().join("sandboxes").join(&sandbox_id);
     std::fs::create_dir_all(dir.join(FILES_DIR)).unwrap();
     files::mount(&dir.join(FILES_DIR), 1 << 20).expect("tmpfs");
     rec.cgroups = groups.paths();
@@ -984,7 +991,14 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     assert!(link::exists(&plan));
 
     let mut e = setup().await;
-    let _ = inside.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inside.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep left a process in the sandbox's cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let n = Names {
         id: sandbox_id.clone(),
         netns: plan.netns.clone(),
