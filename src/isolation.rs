@@ -17,6 +17,7 @@ pub mod commands;
 pub mod fds;
 pub mod host_root;
 pub mod run_as;
+pub mod seccomp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};

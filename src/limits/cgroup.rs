@@ -410,7 +410,9 @@ fn write_existing(path: &Path, value: &str) -> io::Result<()> {
 }
 
 /// Writes `g`'s limits; swap is held to the same bound (v1 `memsw`, v2 `swap.max = 0`) where
-/// the kernel accounts it, so a sandbox cannot page its way past its memory limit.
+/// the kernel accounts it, so a sandbox cannot page its way past its memory limit, and so are
+/// v1's TCP socket buffers (`kmem.tcp`, a counter beside the memory one: on v1 a sandbox's
+/// total is then at most twice `memory_max_mib`).
 fn write_limits(g: &Group) -> Result<(), CgroupError> {
     let set = |file: &str, value: &str| {
         let p = g.path.join(file);
@@ -429,6 +431,10 @@ fn write_limits(g: &Group) -> Result<(), CgroupError> {
             Version::V1 => {
                 set("memory.limit_in_bytes", &bytes)?;
                 optional("memory.memsw.limit_in_bytes", &bytes)?;
+                // v1 charges socket buffers to a counter of their own, and only once it has
+                // a limit: without this a sandbox parked 600 MiB of unread loopback TCP data
+                // under a 128 MiB limit (found from outside). v2 counts them in memory.max.
+                optional("memory.kmem.tcp.limit_in_bytes", &bytes)?;
             }
             Version::V2 => {
                 set("memory.max", &bytes)?;

@@ -389,6 +389,9 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
         Some("67108864")
     );
     assert_eq!(limit(&["pids.max"]).as_deref(), Some("32"));
+    if let Some(tcp) = limit(&["memory.kmem.tcp.limit_in_bytes"]) {
+        assert_eq!(tcp, "67108864", "v1 socket buffers are bounded too");
+    }
 
     // Whenever memory runs out, a sandbox's process goes before the daemon.
     let r = ok(&e.h, &ia, "cat /proc/self/oom_score_adj").await;
@@ -481,7 +484,7 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
 /// A command sees neither the daemon's config file (it may hold a database password) nor
 /// anything under the host's `/run` (UNIX sockets of PostgreSQL, D-Bus, Docker…), while the
 /// namespace's own resolver settings still apply. (The masked file cannot be opened: bwrap
-/// mounts it `nodev`.)
+/// mounts it `nodev`.) Nor can it reach the kernel keyring its user shares with every sandbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_file_and_host_sockets_are_masked() {
     if !netns_ready() {
@@ -521,6 +524,15 @@ async fn the_config_file_and_host_sockets_are_masked() {
     );
     let r = ok(&h, &id(&sb), &probe).await;
     assert_eq!(r["stdout"], "0\nsock=2\n1\n", "{r}");
+
+    // Nor the kernel's keyring of its user, which every sandbox shares (same `run_as`) and
+    // which outlives a sandbox: keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING) is
+    // ENOSYS (38), as on a kernel without keyrings.
+    let keyctl = "python3 -c 'import ctypes, platform; l = ctypes.CDLL(None, use_errno=True); \
+        nr = {\"x86_64\": 250, \"aarch64\": 219}[platform.machine()]; \
+        print(l.syscall(nr, 0, -4, 0), ctypes.get_errno())'";
+    let r = ok(&h, &id(&sb), keyctl).await;
+    assert_eq!(r["stdout"], "-1 38\n", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
