@@ -181,8 +181,11 @@ pub struct RawSandbox {
     pub max_timeout_secs: Option<u64>,
     /// Count.
     pub leaf_cache_capacity: Option<usize>,
-    /// User (name or number, optionally `:group`) commands in isolated sandboxes run as.
+    /// `per-sandbox`, or the user (name or number, optionally `:group`) commands in every
+    /// isolated sandbox run as.
     pub run_as: Option<String>,
+    /// First uid (and gid) of the per-sandbox range.
+    pub uid_base: Option<u64>,
     /// `POST /v1/sandboxes/{id}/commands` on or off.
     pub commands: Option<bool>,
     /// Seconds.
@@ -391,8 +394,11 @@ pub struct SandboxConfig {
     pub max_timeout: Duration,
     /// Leaf cache bound.
     pub leaf_cache_capacity: usize,
-    /// Who commands run as in isolated sandboxes.
+    /// Who commands run as in isolated sandboxes: [`PER_SANDBOX`], or one user for all.
     pub run_as: String,
+    /// With `run_as = "per-sandbox"`: the sandbox in namespace slot S runs as uid and gid
+    /// `uid_base + S`.
+    pub uid_base: u32,
     /// Whether the commands route is on.
     pub commands: bool,
     /// Command timeout when the request gives none.
@@ -866,6 +872,14 @@ impl RawUpstream {
     }
 }
 
+/// `[sandbox] run_as` value giving each isolated sandbox a user of its own.
+pub const PER_SANDBOX: &str = "per-sandbox";
+/// Default `[sandbox] uid_base` (0x70000000: above the ranges systemd and container runtimes
+/// hand out by default, below 2^31).
+pub const UID_BASE: u64 = 0x7000_0000;
+/// Largest `uid_base`: the range (one id per namespace slot, 32768 at most) stays below 2^31.
+const MAX_UID_BASE: u64 = (1 << 31) - (1 << 15) - 1;
+
 impl RawSandbox {
     /// `memory_max_mib` (at least 16: bwrap and a shell), `pids_max` (at least 8: the
     /// launcher's own processes), `disk_max_mib`.
@@ -926,7 +940,14 @@ impl RawSandbox {
                 "sandbox.command_timeout_secs: larger than sandbox.max_command_timeout_secs".into(),
             );
         }
-        let run_as = self.run_as.unwrap_or_else(|| "nobody".into());
+        let uid_base = self.uid_base.unwrap_or(UID_BASE);
+        if !(1000..=MAX_UID_BASE).contains(&uid_base) {
+            p.0.push(format!(
+                "sandbox.uid_base: {uid_base} is out of range (1000..={MAX_UID_BASE}: the range \
+                 holds 32768 ids below 2^31)"
+            ));
+        }
+        let run_as = self.run_as.unwrap_or_else(|| PER_SANDBOX.into());
         if run_as.is_empty() || run_as.starts_with('-') || run_as.contains(char::is_whitespace) {
             p.0.push(format!(
                 "sandbox.run_as: '{run_as}' is not a user name or number"
@@ -934,6 +955,7 @@ impl RawSandbox {
         }
         SandboxConfig {
             run_as,
+            uid_base: uid_base.min(MAX_UID_BASE) as u32,
             commands: self.commands.unwrap_or(true),
             command_timeout,
             max_command_timeout,

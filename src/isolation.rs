@@ -105,6 +105,8 @@ pub struct Isolated {
     pub dir: PathBuf,
     /// Its cgroups, which every command joins (empty when memory and pids are unlimited).
     pub groups: Groups,
+    /// Who its commands run as.
+    pub run_as: RunAs,
     /// One permit per running command.
     pub commands: Arc<Semaphore>,
 }
@@ -115,6 +117,27 @@ impl Isolated {
     }
 }
 
+/// Who sandboxes' commands run as (`[sandbox] run_as`).
+enum Users {
+    /// Each sandbox its own uid and gid: the base plus its namespace slot.
+    PerSandbox(u32),
+    /// One user for all (resolved at start).
+    One(Result<RunAs, run_as::RunAsError>),
+}
+
+impl Users {
+    /// The user of the sandbox in namespace `slot`.
+    async fn for_slot(&self, slot: u16) -> Result<RunAs, IsolationError> {
+        match self {
+            Users::One(one) => Ok(one.clone()?),
+            Users::PerSandbox(base) => {
+                let base = *base;
+                blocking(move || Ok::<_, IsolationError>(RunAs::for_slot(base, slot)?)).await
+            }
+        }
+    }
+}
+
 /// The isolated sandboxes of this daemon.
 pub struct Isolation {
     cfg: SandboxConfig,
@@ -122,7 +145,7 @@ pub struct Isolation {
     data_dir: PathBuf,
     /// Files masked inside every sandbox (the config file, which may hold a database password).
     hidden: Vec<PathBuf>,
-    run_as: Result<RunAs, run_as::RunAsError>,
+    users: Users,
     sandboxes: Arc<Sandboxes>,
     proxy: Arc<ProxyState>,
     live: Mutex<HashMap<String, Arc<Isolated>>>,
@@ -139,10 +162,15 @@ impl Isolation {
         sandboxes: Arc<Sandboxes>,
         proxy: Arc<ProxyState>,
     ) -> Isolation {
-        let run_as = RunAs::resolve(&cfg.run_as);
-        if let Err(e) = &run_as {
-            tracing::warn!(error = %e, "isolated sandboxes cannot be created until this is fixed");
-        }
+        let users = if cfg.run_as == crate::config::PER_SANDBOX {
+            Users::PerSandbox(cfg.uid_base)
+        } else {
+            let one = RunAs::resolve(&cfg.run_as);
+            if let Err(e) = &one {
+                tracing::warn!(error = %e, "isolated sandboxes cannot be created until this is fixed");
+            }
+            Users::One(one)
+        };
         // The mount point of the tmpfs that holds the CA inside (root only; without it
         // isolation fails at its first command with bwrap's message).
         let _ = netns::record::ensure_dir(Path::new("/run/sealgate"), 0o755);
@@ -150,7 +178,7 @@ impl Isolation {
             cfg,
             data_dir,
             hidden,
-            run_as,
+            users,
             sandboxes,
             proxy,
             live: Mutex::new(HashMap::new()),
@@ -211,9 +239,12 @@ impl Isolation {
             ));
         }
         let envs = validate_envs(req.envs.take().unwrap_or_default())?;
-        let run_as = self.run_as.clone()?;
+        if let Users::One(one) = &self.users {
+            one.clone()?;
+        }
         self.sandboxes.precheck(&req)?;
         let ns = blocking(Namespace::claim).await?;
+        let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
         let sbx = self.sandboxes.clone();
         let mut info = blocking(move || sbx.create(req)).await?;
@@ -301,6 +332,7 @@ impl Isolation {
             envs,
             dir,
             groups,
+            run_as: run_as.clone(),
             commands: Arc::new(Semaphore::new(self.cfg.max_commands)),
         }))
     }

@@ -6,7 +6,8 @@
 //! `data_dir` — the daemon's database and keys and every sandbox's directory — hidden under an
 //! empty tmpfs; the sandbox's own `files/home/` at `/home/user` and `files/tmp/` at `/tmp`,
 //! both writable; the CA at [`CA_INSIDE`]; dies with its parent) →
-//! `setpriv` (drops to `[sandbox] run_as` with `no_new_privs` and no capabilities) →
+//! `setpriv` (drops to the sandbox's user, `[sandbox] run_as`, with `no_new_privs` and no
+//! capabilities) →
 //! `sh -c CMD`. The command's environment is built from nothing (never the daemon's own) and
 //! reaches it through a file sourced inside ([`EnvFile`]): the root-run steps on the way in
 //! see only a fixed `PATH`.
@@ -209,10 +210,7 @@ fn prepare(
         check_env(k, v, "env")?;
     }
     super::check_env_sizes(&extra, "env")?;
-    let run_as = isolation
-        .run_as
-        .clone()
-        .map_err(|e| IsolationError::BadRequest(format!("cannot run commands: {e}")))?;
+    let run_as = iso.run_as.clone();
     let permit = iso
         .commands
         .clone()

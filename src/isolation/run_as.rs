@@ -1,7 +1,13 @@
-//! Who commands in isolated sandboxes run as (`[sandbox] run_as`): a user resolved once with
-//! `getent`, and the `setpriv` (util-linux) arguments that drop to it inside the sandbox with
-//! `no_new_privs`, no capabilities (bounding, inheritable and ambient sets cleared) and only
-//! that user's groups.
+//! Who commands in isolated sandboxes run as (`[sandbox] run_as`): by default a user of the
+//! sandbox's own ([`RunAs::for_slot`]: `uid_base` + its namespace slot, no passwd entry), or
+//! one user for all resolved once with `getent`; and the `setpriv` (util-linux) arguments that
+//! drop to it inside the sandbox with `no_new_privs`, no capabilities (bounding, inheritable
+//! and ambient sets cleared) and only that user's groups.
+//!
+//! Why a user per sandbox: the kernel counts some things per user, outside every namespace
+//! and cgroup — inotify instances (`fs.inotify.max_user_instances`), POSIX message-queue bytes
+//! (`RLIMIT_MSGQUEUE`), the user keyring. Sharing one user, a sandbox holding all of them
+//! left none to the others (found from outside).
 
 /// A resolved user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +61,32 @@ impl RunAs {
         })
     }
 
+    /// The user of the sandbox in namespace `slot`: uid and gid `base + slot`, which must
+    /// belong to no user or group of the host (else the sandbox could reach their files).
+    /// Blocking (`getent`).
+    ///
+    /// # Errors
+    /// The id is a host user's or group's.
+    pub fn for_slot(base: u32, slot: u16) -> Result<RunAs, RunAsError> {
+        let id = base + u32::from(slot);
+        for db in ["passwd", "group"] {
+            if let Some(entry) = getent(db, &id.to_string()) {
+                return Err(RunAsError(format!(
+                    "{id} (sandbox.uid_base {base} + slot {slot}) is {db} entry '{}' on this \
+                     host; set sandbox.uid_base to a range of 32768 ids that no user or group \
+                     uses, or run_as to one user for all sandboxes",
+                    entry.first().map_or("?", String::as_str)
+                )));
+            }
+        }
+        Ok(RunAs {
+            uid: id,
+            gid: id,
+            named: false,
+            name: id.to_string(),
+        })
+    }
+
     /// `setpriv` arguments that run the rest of argv as this user (ends with `--`).
     pub fn setpriv_args(&self) -> Vec<String> {
         let groups = if self.named {
@@ -105,6 +137,18 @@ mod tests {
         assert!(n.setpriv_args().contains(&"--clear-groups".to_owned()));
         assert!(RunAs::resolve("no-such-user-sealgate").is_err());
         assert!(RunAs::resolve("root:no-such-group-sealgate").is_err());
+    }
+
+    #[test]
+    fn a_sandbox_user_is_its_slot_above_the_base_and_never_a_host_user() {
+        let u = RunAs::for_slot(0x7000_0000, 5).unwrap();
+        assert_eq!((u.uid, u.gid, u.named), (0x7000_0005, 0x7000_0005, false));
+        assert_eq!(u.name, "1879048197");
+        let err = RunAs::for_slot(0, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("passwd entry 'root'") && err.contains("uid_base"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -207,9 +207,11 @@ async fn commands_see_sealed_env_and_curl_reaches_the_origin_with_the_real_key()
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], token);
     assert!(token.starts_with("osb_sealed_") && token.len() == 11 + 32);
+    let slot = u32::from_str_radix(names(&sb).netns.trim_start_matches("sealgate-"), 16).unwrap();
+    let own_uid = (0x7000_0000 + slot).to_string(); // run_as = "per-sandbox", uid_base + slot
     assert_eq!(
         lines[1..5],
-        ["hello x", "0", "65534", "/run/sealgate/ca.pem"]
+        ["hello x", "0", own_uid.as_str(), "/run/sealgate/ca.pem"]
     );
     let reqs = e.echo.requests();
     assert_eq!(reqs.len(), 1, "{r}");
@@ -479,6 +481,47 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
         mounts.contains(&ib),
         "the other sandbox's files are not mounted"
     );
+}
+
+/// Each sandbox runs as a user of its own (`run_as = "per-sandbox"`): what the kernel counts
+/// per user — here inotify instances, 128 per user — one sandbox cannot take from another.
+/// With one shared user, B got none while A held them (found from outside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sandbox_has_its_own_user_and_per_user_kernel_limits() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let (a, b) = (
+        isolated(&e.h, json!({})).await,
+        isolated(&e.h, json!({})).await,
+    );
+    let uid = |r: &Value| r["stdout"].as_str().unwrap().trim().parse::<u32>().unwrap();
+    let (ua, ub) = (
+        uid(&ok(&e.h, &id(&a), "id -u").await),
+        uid(&ok(&e.h, &id(&b), "id -u").await),
+    );
+    assert!(
+        ua != ub && ua >= 0x7000_0000 && ub >= 0x7000_0000,
+        "{ua} {ub}"
+    );
+    let workdir = names(&a).workdir;
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&workdir).unwrap());
+    assert_eq!(owner, ua, "{workdir}");
+
+    let hog = "python3 -c 'import ctypes, time; l = ctypes.CDLL(None); \
+        fds = [l.inotify_init() for _ in range(300)]; print(sum(f >= 0 for f in fds), flush=True); \
+        time.sleep(4)'";
+    let (ida, idb) = (id(&a), id(&b));
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let one = "python3 -c 'import ctypes; print(ctypes.CDLL(None).inotify_init() >= 0)'";
+        ok(&e.h, &idb, one).await
+    };
+    let (held, r) = tokio::join!(ok(&e.h, &ida, hog), probe);
+    assert_eq!(r["stdout"], "True\n", "{r}");
+    let n: u32 = held["stdout"].as_str().unwrap().trim().parse().unwrap();
+    assert!(n < 300, "A was not bounded by its own user's limit: {held}");
 }
 
 /// A command sees neither the daemon's config file (it may hold a database password) nor
