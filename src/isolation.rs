@@ -506,7 +506,8 @@ pub fn home_of(dir: &Path) -> PathBuf {
 }
 
 /// `dir` (0700 root) with `files/` (0755 root; a tmpfs of `disk` bytes when set) holding
-/// `home/` and `tmp/` (0700, owned by `run_as`), and `ca.pem` (0644).
+/// `home/`, `tmp/` and `shm/` (0700, owned by the sandbox's user; `shm/` is its `/dev/shm`),
+/// and `ca.pem` (0644).
 fn make_dir(
     dir: &Path,
     run_as: &RunAs,
@@ -524,7 +525,7 @@ fn make_dir(
             files.display()
         )))?;
     }
-    for sub in ["home", "tmp"] {
+    for sub in ["home", "tmp", "shm"] {
         let p = files.join(sub);
         netns::record::ensure_dir(&p, 0o700).map_err(io_err(what(&p)))?;
         std::os::unix::fs::chown(&p, Some(run_as.uid), Some(run_as.gid))

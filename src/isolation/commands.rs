@@ -384,6 +384,13 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
         Mount::new("--ro-bind", Some(&s.dir.join("ca.pem")), CA_INSIDE),
         Mount::new("--ro-bind", Some(s.env_file), ENV_INSIDE),
         Mount::new("--dev", none, "/dev"),
+        // POSIX shared memory and semaphores (multiprocessing.Pool): bwrap's /dev/shm is
+        // root's; the sandbox's own, on its files' tmpfs, counts toward disk_max_mib.
+        Mount::new(
+            "--bind",
+            Some(&s.dir.join(FILES_DIR).join("shm")),
+            "/dev/shm",
+        ),
         Mount::new("--proc", none, "/proc"),
     ]);
     m
@@ -942,7 +949,10 @@ mod tests {
         assert!(line.contains("--bind /d/sandboxes/sbx_1/files/tmp /tmp"));
         assert!(line.contains("--bind /d/sandboxes/sbx_1/files/home /home/user"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/ca.pem /run/sealgate/ca.pem"));
-        assert!(line.contains("--dev /dev --proc /proc --remount-ro / --unshare-pid"));
+        assert!(line.contains(
+            "--dev /dev --bind /d/sandboxes/sbx_1/files/shm /dev/shm --proc /proc \
+             --remount-ro / --unshare-pid"
+        ));
         assert!(line.contains("--die-with-parent"));
         assert!(line.contains("setpriv --reuid 65534 --regid 65534 --init-groups --no-new-privs"));
         assert!(line.contains("--ro-bind /d/sandboxes/sbx_1/cmd-1.env /run/sealgate/env"));

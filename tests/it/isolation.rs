@@ -576,6 +576,13 @@ async fn the_config_file_and_host_sockets_are_masked() {
         print(l.syscall(nr, 0, -4, 0), ctypes.get_errno())'";
     let r = ok(&h, &id(&sb), keyctl).await;
     assert_eq!(r["stdout"], "-1 38\n", "{r}");
+
+    // Its own /dev/shm (on its files' tmpfs): POSIX shared memory works, as multiprocessing
+    // needs (bwrap's own /dev/shm is root's 0755: PermissionError).
+    let shm = "python3 -c 'from multiprocessing import shared_memory as s; \
+        m = s.SharedMemory(create=True, size=4096); print(m.size); m.unlink()'";
+    let r = ok(&h, &id(&sb), shm).await;
+    assert_eq!(r["stdout"], "4096\n", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
