@@ -202,6 +202,10 @@ pub struct RawSandbox {
     pub pids_max: Option<u64>,
     /// MiB; 0 = files on `data_dir`'s filesystem, unbounded.
     pub disk_max_mib: Option<u64>,
+    /// Count; 0 = no bound.
+    pub max_flows: Option<u64>,
+    /// Per second; 0 = no bound.
+    pub max_new_flows_per_sec: Option<u64>,
 }
 
 /// `[log]`.
@@ -411,6 +415,8 @@ pub struct SandboxConfig {
     pub max_commands: usize,
     /// Each isolated sandbox's memory, process and file limits.
     pub limits: crate::limits::Limits,
+    /// Each isolated sandbox's bounds on the host's connection-tracking table.
+    pub flows: crate::limits::Flows,
 }
 
 impl Default for Config {
@@ -972,6 +978,19 @@ impl RawSandbox {
                 1024,
             ),
             limits,
+            flows: crate::limits::Flows {
+                max: p
+                    .limit("sandbox.max_flows", self.max_flows, 1024, (16, 1_000_000))
+                    .map(|v| v as u32),
+                new_per_sec: p
+                    .limit(
+                        "sandbox.max_new_flows_per_sec",
+                        self.max_new_flows_per_sec,
+                        200,
+                        (1, 100_000),
+                    )
+                    .map(|v| v as u32),
+            },
             default_timeout,
             max_timeout,
             leaf_cache_capacity: p.count(

@@ -318,7 +318,8 @@ impl Isolation {
             filter,
             ns.host_ip(),
         )));
-        let ns = blocking(move || ns.confine(port).map(|()| ns)).await?;
+        let flows = self.cfg.flows;
+        let ns = blocking(move || ns.confine(port, flows).map(|()| ns)).await?;
         let plan = ns.plan().clone();
         Ok(Arc::new(Isolated {
             sandbox,

@@ -11,6 +11,27 @@
 pub mod cgroup;
 pub mod files;
 
+/// Bounds on the connection-tracking entries one sandbox puts in the host's table
+/// (`nf_conntrack_max`, shared by the whole host): every flow out of a sandbox's namespace is
+/// redirected on the host, so each distinct destination is a host entry (UDP 30 s, TCP in
+/// TIME_WAIT 120 s). Enforced by its iptables chain (`netns::rules`): new flows past either
+/// bound are dropped before conntrack keeps them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Flows {
+    /// Open flows at once (`connlimit`; TCP in TIME_WAIT is not counted); None = no bound.
+    pub max: Option<u32>,
+    /// New flows per second (`hashlimit`, burst five seconds' worth, at most 10,000); None =
+    /// no bound.
+    pub new_per_sec: Option<u32>,
+}
+
+impl Flows {
+    /// The `hashlimit` burst for `rate` new flows per second.
+    pub fn burst(rate: u32) -> u32 {
+        rate.saturating_mul(5).min(10_000)
+    }
+}
+
 /// The limits of one isolated sandbox (None = off).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {

@@ -349,6 +349,12 @@ async fn rule_params(
         transparent_port: transparent_port(a.transparent_port, config)?,
         dns_port: a.dns_port,
         ipv6: !a.no_ipv6,
+        flows: Some(
+            Config::load(config)
+                .context("loading the config for [sandbox] max_flows")?
+                .sandbox
+                .flows,
+        ),
     })
 }
 

@@ -129,6 +129,9 @@ pub struct RuleParams {
     pub dns_port: Option<u16>,
     /// Also install the `ip6tables` drops.
     pub ipv6: bool,
+    /// Drop new flows past these bounds (None: no bound; records of earlier versions).
+    #[serde(default)]
+    pub flows: Option<crate::limits::Flows>,
 }
 
 /// A complete rule set, in apply order.
@@ -344,8 +347,11 @@ fn filter_rules(p: &RuleParams, chain: &str) -> Vec<Rule> {
             chain,
             &["!", "-s", &sip, "-j", "DROP"],
         ),
-        accept("tcp", p.transparent_port),
     ];
+    if let Some(f) = p.flows {
+        v.extend(flow_drops(chain, &f));
+    }
+    v.push(accept("tcp", p.transparent_port));
     if let Some(d) = p.dns_port {
         v.push(accept("udp", d));
         v.push(accept("tcp", d));
@@ -355,6 +361,54 @@ fn filter_rules(p: &RuleParams, chain: &str) -> Vec<Rule> {
     v.push(rule(v4, filter, Action::Insert, "INPUT", &hook));
     v.extend(forward_drops(v4, &p.host_if));
     v
+}
+
+/// New flows past the sandbox's bounds are dropped in `INPUT`, before conntrack confirms
+/// (keeps) their entry: `connlimit` on open flows, `hashlimit` on the rate of new ones (one
+/// table per sandbox, `sg` + 12 hex of its id: hashlimit names are at most 15 bytes).
+fn flow_drops(chain: &str, f: &crate::limits::Flows) -> Vec<Rule> {
+    let new = ["-m", "conntrack", "--ctstate", "NEW"];
+    let mut matches: Vec<Vec<String>> = Vec::new();
+    if let Some(max) = f.max {
+        matches.push(args(&[
+            "-m",
+            "connlimit",
+            "--connlimit-above",
+            &max.to_string(),
+            "--connlimit-mask",
+            "32",
+            "--connlimit-saddr",
+        ]));
+    }
+    if let Some(rate) = f.new_per_sec {
+        matches.push(args(&[
+            "-m",
+            "hashlimit",
+            "--hashlimit-above",
+            &format!("{rate}/sec"),
+            "--hashlimit-burst",
+            &crate::limits::Flows::burst(rate).to_string(),
+            "--hashlimit-mode",
+            "srcip",
+            "--hashlimit-name",
+            &format!("sg{}", &chain[3..15]),
+        ]));
+    }
+    matches
+        .into_iter()
+        .map(|m| {
+            let mut spec = args(&new);
+            spec.extend(m);
+            spec.extend(args(&["-j", "DROP"]));
+            Rule {
+                family: Family::V4,
+                table: "filter",
+                action: Action::Append,
+                chain: chain.to_owned(),
+                spec,
+            }
+        })
+        .collect()
 }
 
 fn forward_drops(family: Family, ifname: &str) -> Vec<Rule> {
@@ -418,6 +472,7 @@ mod tests {
             transparent_port: 3129,
             dns_port: Some(40053),
             ipv6: true,
+            flows: None,
         }
     }
 
@@ -444,6 +499,36 @@ ip6tables -w 5 -t filter -I FORWARD 1 -i sg0005h -j DROP
 ip6tables -w 5 -t filter -I FORWARD 1 -o sg0005h -j DROP
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn flow_bounds_drop_new_flows_after_the_spoofing_check_and_before_any_accept() {
+        let p = RuleParams {
+            flows: Some(crate::limits::Flows {
+                max: Some(1024),
+                new_per_sec: Some(200),
+            }),
+            ..params()
+        };
+        let text = RuleSet::generate(&p).unwrap().to_string();
+        let chain = "iptables -w 5 -t filter -A SG-0123456789abcdef01234567";
+        let expected = format!(
+            "{chain} '!' -s 198.18.0.22 -j DROP
+{chain} -m conntrack --ctstate NEW -m connlimit --connlimit-above 1024 --connlimit-mask 32 --connlimit-saddr -j DROP
+{chain} -m conntrack --ctstate NEW -m hashlimit --hashlimit-above 200/sec --hashlimit-burst 1000 --hashlimit-mode srcip --hashlimit-name sg0123456789ab -j DROP
+{chain} -p tcp -d 198.18.0.21 --dport 3129 -j ACCEPT
+"
+        );
+        assert!(text.contains(&expected), "{text}");
+        let only_rate = RuleParams {
+            flows: Some(crate::limits::Flows {
+                max: None,
+                new_per_sec: Some(5000),
+            }),
+            ..params()
+        };
+        let text = RuleSet::generate(&only_rate).unwrap().to_string();
+        assert!(!text.contains("connlimit") && text.contains("--hashlimit-burst 10000"));
     }
 
     #[test]

@@ -149,7 +149,11 @@ impl Namespace {
     ///
     /// # Errors
     /// The failing command or file.
-    pub fn confine(&mut self, transparent_port: u16) -> Result<(), NetnsError> {
+    pub fn confine(
+        &mut self,
+        transparent_port: u16,
+        flows: crate::limits::Flows,
+    ) -> Result<(), NetnsError> {
         let plan = self.record.plan.clone();
         let params = RuleParams {
             sandbox_id: self.record.sandbox_id.clone().unwrap_or_default(),
@@ -159,6 +163,7 @@ impl Namespace {
             transparent_port,
             dns_port: self.dns.as_ref().map(|d| d.port),
             ipv6: std::path::Path::new("/proc/sys/net/ipv6").exists(),
+            flows: Some(flows),
         };
         let set = RuleSet::generate(&params)?;
         self.record.rules = Some(params);
