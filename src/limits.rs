@@ -18,7 +18,7 @@ pub mod files;
 /// bound are dropped before conntrack keeps them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Flows {
-    /// Open flows at once (`connlimit`; TCP in TIME_WAIT is not counted); None = no bound.
+    /// Open TCP connections at once (`connlimit`; TIME_WAIT is not counted); None = no bound.
     pub max: Option<u32>,
     /// New flows per second (`hashlimit`, burst five seconds' worth, at most 10,000); None =
     /// no bound.

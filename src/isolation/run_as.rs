@@ -39,9 +39,14 @@ impl RunAs {
         };
         let entry = getent("passwd", user);
         let field = |i: usize| entry.as_ref().and_then(|e| e.get(i)).cloned();
-        let num = |s: &str, what: &str| {
-            s.parse::<u32>()
-                .map_err(|_| RunAsError(format!("no such {what} '{s}'")))
+        // 4294967295 is (uid_t)-1, which setuid-style calls read as "leave unchanged": setpriv
+        // would keep root (found from outside: a command read /etc/shadow).
+        let num = |s: &str, what: &str| match s.parse::<u32>() {
+            Ok(u32::MAX) => Err(RunAsError(format!(
+                "{what} {s} is (uid_t)-1, which means \"unchanged\": the command would keep root"
+            ))),
+            Ok(n) => Ok(n),
+            Err(_) => Err(RunAsError(format!("no such {what} '{s}'"))),
         };
         let uid = num(&field(2).unwrap_or_else(|| user.to_owned()), "user")?;
         let gid = match group {
@@ -137,6 +142,10 @@ mod tests {
         assert!(n.setpriv_args().contains(&"--clear-groups".to_owned()));
         assert!(RunAs::resolve("no-such-user-sealgate").is_err());
         assert!(RunAs::resolve("root:no-such-group-sealgate").is_err());
+        for minus_one in ["4294967295", "65534:4294967295"] {
+            let err = RunAs::resolve(minus_one).unwrap_err().to_string();
+            assert!(err.contains("would keep root"), "{err}");
+        }
     }
 
     #[test]

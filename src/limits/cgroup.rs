@@ -182,6 +182,9 @@ struct Group {
     version: Version,
     memory: Option<u64>,
     pids: Option<u64>,
+    /// In the `cpu` controller, with its default weight: no limit, but the sandbox's
+    /// threads share one weight against the daemon's instead of one each.
+    cpu: bool,
 }
 
 impl Group {
@@ -193,6 +196,9 @@ impl Group {
         }
         if self.pids.is_some() {
             v.push("+pids");
+        }
+        if self.cpu {
+            v.push("+cpu");
         }
         v.join(" ")
     }
@@ -234,6 +240,7 @@ impl Groups {
                         version: at.version,
                         memory: None,
                         pids: None,
+                        cpu: false,
                     };
                     groups.push((at, group));
                     groups.len() - 1
@@ -244,12 +251,21 @@ impl Groups {
                 _ => groups[i].1.pids = Some(limit),
             }
         }
+        if !groups.is_empty() {
+            share_cpu(&mut groups, &mountinfo, &proc_cgroup);
+        }
         groups
             .into_iter()
             .map(|(at, mut g)| {
                 let base = match at.version {
                     Version::V1 => at.own,
-                    Version::V2 => v2_base(&at, &g.controllers())?,
+                    Version::V2 => match v2_base(&at, &g.controllers()) {
+                        Err(_) if g.cpu => {
+                            g.cpu = false;
+                            v2_base(&at, &g.controllers())?
+                        }
+                        other => other?,
+                    },
                 };
                 g.path = base.join(PARENT).join(sandbox_id);
                 Ok(g)
@@ -328,6 +344,32 @@ fn oom_kill_count(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
         .and_then(|n| n.trim().parse().ok())
+}
+
+/// Puts the sandbox in the `cpu` controller too, where there is one: without it each of a
+/// sandbox's threads weighs as much as each of the daemon's, so a command running a thousand
+/// busy threads took nearly all of the CPU from the proxy serving every sandbox. With it the
+/// sandbox weighs as one. v1: a group of its own in the `cpu` hierarchy; v2: `+cpu` on the
+/// sandbox's one group, dropped again if the hierarchy will not hand it down.
+fn share_cpu(groups: &mut Vec<(Located, Group)>, mountinfo: &str, proc_cgroup: &str) {
+    let Some(at) = locate_in("cpu", mountinfo, proc_cgroup) else {
+        return;
+    };
+    if let Some((_, g)) = groups.iter_mut().find(|(l, _)| *l == at) {
+        g.cpu = true;
+    } else if at.version == Version::V1 {
+        let version = at.version;
+        groups.push((
+            at,
+            Group {
+                path: PathBuf::new(),
+                version,
+                memory: None,
+                pids: None,
+                cpu: true,
+            },
+        ));
+    }
 }
 
 /// [`PARENT`] (on v2 with `controllers` handed down) and the sandbox's group in it.

@@ -364,13 +364,18 @@ fn filter_rules(p: &RuleParams, chain: &str) -> Vec<Rule> {
 }
 
 /// New flows past the sandbox's bounds are dropped in `INPUT`, before conntrack confirms
-/// (keeps) their entry: `connlimit` on open flows, `hashlimit` on the rate of new ones (one
-/// table per sandbox, `sg` + 12 hex of its id: hashlimit names are at most 15 bytes).
+/// (keeps) their entry: `connlimit` on open TCP connections, `hashlimit` on the rate of new
+/// flows of every kind (one table per sandbox, `sg` + 12 hex of its id: hashlimit names are at
+/// most 15 bytes). Not connlimit on DNS: a finished lookup keeps its UDP entry for 30 s and
+/// connlimit counts it, so about 35 lookups a second stalled (found from outside); the rate
+/// bounds those entries instead (rate × 30 s).
 fn flow_drops(chain: &str, f: &crate::limits::Flows) -> Vec<Rule> {
     let new = ["-m", "conntrack", "--ctstate", "NEW"];
     let mut matches: Vec<Vec<String>> = Vec::new();
     if let Some(max) = f.max {
         matches.push(args(&[
+            "-p",
+            "tcp",
             "-m",
             "connlimit",
             "--connlimit-above",
@@ -514,7 +519,7 @@ ip6tables -w 5 -t filter -I FORWARD 1 -o sg0005h -j DROP
         let chain = "iptables -w 5 -t filter -A SG-0123456789abcdef01234567";
         let expected = format!(
             "{chain} '!' -s 198.18.0.22 -j DROP
-{chain} -m conntrack --ctstate NEW -m connlimit --connlimit-above 1024 --connlimit-mask 32 --connlimit-saddr -j DROP
+{chain} -m conntrack --ctstate NEW -p tcp -m connlimit --connlimit-above 1024 --connlimit-mask 32 --connlimit-saddr -j DROP
 {chain} -m conntrack --ctstate NEW -m hashlimit --hashlimit-above 200/sec --hashlimit-burst 1000 --hashlimit-mode srcip --hashlimit-name sg0123456789ab -j DROP
 {chain} -p tcp -d 198.18.0.21 --dport 3129 -j ACCEPT
 "
