@@ -1,97 +1,201 @@
-//! A seccomp filter on every command: the kernel keyring calls (`add_key`, `request_key`,
-//! `keyctl`) fail with ENOSYS, as on a kernel built without keyrings; every other call is
-//! allowed.
-//!
-//! Why: every isolated sandbox runs as the same user (`[sandbox] run_as`), and the kernel keeps
-//! one user keyring per user, outside every namespace and cgroup. Found from outside: sandbox A
-//! stored a value in it, was deleted, and sandbox B — created later — read it; and A filled the
-//! user's key quota so B's `add_key` failed. Docker's default profile refuses the same calls.
+//! A seccomp filter on every command, refusing what Docker's default profile refuses for the
+//! same reasons; every other call is allowed:
+//! - the kernel keyring (`add_key`, `request_key`, `keyctl`: ENOSYS, as on a kernel without
+//!   keyrings). The kernel keeps one keyring per user, outside every namespace and cgroup.
+//!   Found from outside: sandbox A stored a value in it, was deleted, and sandbox B — created
+//!   later, same user — read it; A also filled the user's key quota so B's `add_key` failed.
+//!   With a user per sandbox, a later sandbox of the same slot would still inherit it.
+//! - new user namespaces (`clone`/`unshare` with `CLONE_NEWUSER`: EPERM; `clone3`, whose flags
+//!   a filter cannot read: ENOSYS, after which glibc falls back to `clone`). Found from
+//!   outside: `unshare -Urn` gave a command root with `CAP_NET_ADMIN` in a namespace of its
+//!   own, where nftables turned on connection tracking that neither the sandbox's flow bounds
+//!   nor its memory cgroup saw — and unprivileged nf_tables is a known road to kernel
+//!   exploits. Without a user namespace, no other namespace can be made (no capability).
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
 //! It checks the architecture first: on x86_64 the x32 variants (syscall bit 30) and the i386
 //! compat numbers are refused too, on aarch64 the AArch32 ones. No other architecture can
-//! reach the kernel from a process of this build; one would pass unfiltered.
+//! reach the kernel from a process of this build; one would pass unfiltered. The launcher
+//! (`ip netns exec`, bwrap as root) makes its namespaces without `CLONE_NEWUSER`, so the
+//! filter is installed before it runs.
 
 use std::io;
 
-/// `struct seccomp_data` offsets: the syscall number, then the audit architecture.
+/// `struct seccomp_data` offsets: the syscall number, the audit architecture, and the low
+/// 32 bits of the first argument (little-endian).
 const NR: u32 = 0;
 const ARCH: u32 = 4;
+const ARG0_LOW: u32 = 16;
+
+/// `CLONE_NEWUSER`: a new user namespace.
+const CLONE_NEWUSER: u32 = 0x1000_0000;
+
+/// What the filter does with a syscall of an ABI's table.
+#[derive(Clone, Copy, Debug)]
+enum Verdict {
+    /// Always fails with this errno.
+    Fail(i32),
+    /// Fails with this errno when the first argument has any of these bits.
+    FailIfArg0(u32, i32),
+}
+
+/// One syscall ABI of the machine: its audit architecture, a mask for its syscall numbers
+/// (x32 sets bit 30 on the native numbers) and what is refused.
+struct Abi {
+    arch: u32,
+    nr_mask: u32,
+    refused: [(u32, Verdict); 6],
+}
+
+/// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
+/// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone.
+const fn refused(keys: [u32; 3], clone: u32, unshare: u32) -> [(u32, Verdict); 6] {
+    [
+        (keys[0], Verdict::Fail(libc::ENOSYS)),
+        (keys[1], Verdict::Fail(libc::ENOSYS)),
+        (keys[2], Verdict::Fail(libc::ENOSYS)),
+        (clone, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
+        (unshare, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
+        (435, Verdict::Fail(libc::ENOSYS)),
+    ]
+}
 
 #[cfg(target_arch = "x86_64")]
-mod table {
-    /// `AUDIT_ARCH_X86_64`.
-    pub const NATIVE: u32 = 0xC000_003E;
-    /// `AUDIT_ARCH_I386` (int 0x80 from a 64-bit process).
-    pub const COMPAT: u32 = 0x4000_0003;
-    /// add_key, request_key, keyctl.
-    pub const NATIVE_NRS: [u32; 3] = [248, 249, 250];
-    pub const COMPAT_NRS: [u32; 3] = [286, 287, 288];
-    /// x32 calls are the native numbers with this bit set.
-    pub const NATIVE_MASK: u32 = !0x4000_0000;
-}
+const ABIS: [Abi; 2] = [
+    Abi {
+        arch: 0xC000_003E, // AUDIT_ARCH_X86_64 (and x32)
+        nr_mask: !0x4000_0000,
+        refused: refused([248, 249, 250], 56, 272),
+    },
+    Abi {
+        arch: 0x4000_0003, // AUDIT_ARCH_I386 (int 0x80 from a 64-bit process)
+        nr_mask: !0,
+        refused: refused([286, 287, 288], 120, 310),
+    },
+];
 
 #[cfg(target_arch = "aarch64")]
-mod table {
-    /// `AUDIT_ARCH_AARCH64`.
-    pub const NATIVE: u32 = 0xC000_00B7;
-    /// `AUDIT_ARCH_ARM` (AArch32 compat).
-    pub const COMPAT: u32 = 0x4000_0028;
-    pub const NATIVE_NRS: [u32; 3] = [217, 218, 219];
-    pub const COMPAT_NRS: [u32; 3] = [309, 310, 311];
-    pub const NATIVE_MASK: u32 = !0;
+const ABIS: [Abi; 2] = [
+    Abi {
+        arch: 0xC000_00B7, // AUDIT_ARCH_AARCH64
+        nr_mask: !0,
+        refused: refused([217, 218, 219], 220, 97),
+    },
+    Abi {
+        arch: 0x4000_0028, // AUDIT_ARCH_ARM (AArch32 compat)
+        nr_mask: !0,
+        refused: refused([309, 310, 311], 120, 337),
+    },
+];
+
+/// A tiny assembler for the filter: instructions with symbolic jump targets.
+#[derive(Clone, Copy)]
+enum Op {
+    Ld(u32),
+    And(u32),
+    /// Jump to `.1` if the accumulator equals `.0`, else to `.2` (None: the next one).
+    Jeq(u32, usize, Option<usize>),
+    /// Jump to `.1` if the accumulator has any bit of `.0`, else fall through.
+    Jset(u32, usize),
+    Ret(u32),
+    Label(usize),
 }
 
-fn stmt(code: u32, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+fn ret_errno(errno: i32) -> u32 {
+    libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA)
 }
 
-fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    }
-}
-
-/// The program (classic BPF over `struct seccomp_data`).
+/// The program (classic BPF over `struct seccomp_data`): per ABI of the machine, the numbers
+/// of [`ABIS`] are refused as their [`Verdict`] says; every other call, and every call of an
+/// ABI the machine does not have, is allowed.
 pub fn program() -> Vec<libc::sock_filter> {
-    use table::{COMPAT, COMPAT_NRS, NATIVE, NATIVE_MASK, NATIVE_NRS};
-    let load = |off| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, off);
-    let allow = stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
-    let deny = stmt(
-        libc::BPF_RET | libc::BPF_K,
-        libc::SECCOMP_RET_ERRNO | (libc::ENOSYS as u32 & libc::SECCOMP_RET_DATA),
-    );
-    // Three compares, each jumping to `deny` (the last instruction) on a match.
-    let block = |nrs: [u32; 3], to_deny: u8| {
-        [
-            jeq(nrs[0], to_deny, 0),
-            jeq(nrs[1], to_deny - 1, 0),
-            jeq(nrs[2], to_deny - 2, 0),
-        ]
+    let mut ops = vec![Op::Ld(ARCH)];
+    let mut next = 0usize;
+    let mut label = || {
+        next += 1;
+        next
     };
-    let mut p = vec![
-        load(ARCH),
-        jeq(NATIVE, 1, 0), // → native
-        jeq(COMPAT, 6, 5), // → compat, else allow
-        load(NR),          // native:
-        stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, NATIVE_MASK),
-    ];
-    p.extend(block(NATIVE_NRS, 8)); // deny is the last of the 15
-    p.push(allow);
-    p.push(load(NR)); // compat:
-    p.extend(block(COMPAT_NRS, 3));
-    p.push(allow);
-    p.push(deny);
-    p
+    let allow = label();
+    let abi_labels: Vec<usize> = ABIS.iter().map(|_| label()).collect();
+    for (abi, l) in ABIS.iter().zip(&abi_labels) {
+        ops.push(Op::Jeq(abi.arch, *l, None));
+    }
+    ops.push(Op::Ret(libc::SECCOMP_RET_ALLOW));
+    let mut tails = Vec::new();
+    for (abi, l) in ABIS.iter().zip(&abi_labels) {
+        ops.extend([Op::Label(*l), Op::Ld(NR), Op::And(abi.nr_mask)]);
+        for (nr, verdict) in abi.refused {
+            let target = label();
+            ops.push(Op::Jeq(nr, target, None));
+            tails.push((target, verdict));
+        }
+        ops.push(Op::Ret(libc::SECCOMP_RET_ALLOW));
+    }
+    for (target, verdict) in tails {
+        ops.push(Op::Label(target));
+        match verdict {
+            Verdict::Fail(e) => ops.push(Op::Ret(ret_errno(e))),
+            Verdict::FailIfArg0(bits, e) => {
+                let fail = label();
+                ops.extend([
+                    Op::Ld(ARG0_LOW),
+                    Op::Jset(bits, fail),
+                    Op::Ret(libc::SECCOMP_RET_ALLOW),
+                    Op::Label(fail),
+                    Op::Ret(ret_errno(e)),
+                ]);
+            }
+        }
+    }
+    ops.extend([Op::Label(allow), Op::Ret(libc::SECCOMP_RET_ALLOW)]);
+    assemble(&ops)
+}
+
+/// Resolves labels into relative jumps (each within 255 instructions, as cBPF requires).
+fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
+    let mut at = std::collections::HashMap::new();
+    let mut pc = 0usize;
+    for op in ops {
+        match op {
+            Op::Label(l) => {
+                at.insert(*l, pc);
+            }
+            _ => pc += 1,
+        }
+    }
+    let mut out = Vec::with_capacity(pc);
+    let rel = |from: usize, to: usize| -> u8 {
+        u8::try_from(at[&to] - from - 1).expect("a seccomp jump within 255 instructions")
+    };
+    for op in ops {
+        let pc = out.len();
+        let (code, jt, jf, k) = match *op {
+            Op::Label(_) => continue,
+            Op::Ld(off) => (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, off),
+            Op::And(m) => (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, m),
+            Op::Jeq(v, t, f) => (
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                rel(pc, t),
+                f.map_or(0, |f| rel(pc, f)),
+                v,
+            ),
+            Op::Jset(bits, t) => (
+                libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+                rel(pc, t),
+                0,
+                bits,
+            ),
+            Op::Ret(v) => (libc::BPF_RET | libc::BPF_K, 0, 0, v),
+        };
+        out.push(libc::sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        });
+    }
+    out
 }
 
 /// In a command's child between `fork` and `exec`: installs `prog` ([`program`], built before
@@ -125,19 +229,28 @@ pub fn install_in_child(prog: &[libc::sock_filter]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// Runs the program on (arch, nr) as the kernel would (the subset of cBPF it uses).
-    fn run(p: &[libc::sock_filter], arch: u32, nr: u32) -> u32 {
+    /// Runs the program on (arch, nr, first argument) as the kernel would (the subset of cBPF
+    /// it uses).
+    fn run(p: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
         let (mut pc, mut a) = (0usize, 0u32);
         loop {
             let i = p[pc];
             let code = u32::from(i.code);
             match code {
                 c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
-                    a = if i.k == ARCH { arch } else { nr };
+                    a = match i.k {
+                        ARCH => arch,
+                        NR => nr,
+                        ARG0_LOW => arg0,
+                        other => panic!("load of offset {other}"),
+                    };
                 }
                 c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => a &= i.k,
                 c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
                     pc += usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => {
+                    pc += usize::from(if a & i.k != 0 { i.jt } else { i.jf });
                 }
                 c if c == libc::BPF_RET | libc::BPF_K => return i.k,
                 other => panic!("unexpected instruction {other:#x}"),
@@ -147,23 +260,35 @@ mod tests {
     }
 
     #[test]
-    fn keyring_calls_are_refused_on_every_abi_and_nothing_else() {
-        use table::*;
+    fn keyrings_new_user_namespaces_and_clone3_are_refused_on_every_abi_and_nothing_else() {
         let p = program();
-        let denied = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
-        for nr in NATIVE_NRS {
-            assert_eq!(run(&p, NATIVE, nr), denied, "native {nr}");
-            assert_eq!(run(&p, NATIVE, nr | !NATIVE_MASK), denied, "x32 {nr}");
+        let allow = libc::SECCOMP_RET_ALLOW;
+        for abi in &ABIS {
+            let x32 = !abi.nr_mask;
+            for (nr, verdict) in abi.refused {
+                for variant in [nr, nr | x32] {
+                    match verdict {
+                        Verdict::Fail(e) => {
+                            assert_eq!(run(&p, abi.arch, variant, 0), ret_errno(e), "{variant}");
+                        }
+                        Verdict::FailIfArg0(bits, e) => {
+                            let other_ns = 0x0002_0000 | 0x4000_0000; // NEWNS | NEWNET
+                            assert_eq!(run(&p, abi.arch, variant, other_ns), allow, "{variant}");
+                            assert_eq!(run(&p, abi.arch, variant, 0x11), allow, "fork-like");
+                            assert_eq!(
+                                run(&p, abi.arch, variant, bits | other_ns),
+                                ret_errno(e),
+                                "{variant}"
+                            );
+                        }
+                    }
+                }
+            }
+            let refused: Vec<u32> = abi.refused.iter().map(|r| r.0).collect();
+            for nr in (0..1000).filter(|n| !refused.contains(n)) {
+                assert_eq!(run(&p, abi.arch, nr, CLONE_NEWUSER), allow, "{nr}");
+            }
         }
-        for nr in COMPAT_NRS {
-            assert_eq!(run(&p, COMPAT, nr), denied, "compat {nr}");
-        }
-        for nr in (0..1000).filter(|n| !NATIVE_NRS.contains(n)) {
-            assert_eq!(run(&p, NATIVE, nr), libc::SECCOMP_RET_ALLOW, "native {nr}");
-        }
-        for nr in (0..1000).filter(|n| !COMPAT_NRS.contains(n)) {
-            assert_eq!(run(&p, COMPAT, nr), libc::SECCOMP_RET_ALLOW, "compat {nr}");
-        }
-        assert_eq!(run(&p, 0x1234, NATIVE_NRS[2]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(run(&p, 0x1234, 250, CLONE_NEWUSER), allow, "unknown ABI");
     }
 }

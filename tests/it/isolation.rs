@@ -616,6 +616,19 @@ async fn the_config_file_and_host_sockets_are_masked() {
         print(l.syscall(nr, 0, -4, 0), ctypes.get_errno())'";
     let r = ok(&h, &id(&sb), keyctl).await;
     assert_eq!(r["stdout"], "-1 38\n", "{r}");
+    // Nor a user namespace of its own (root with CAP_NET_ADMIN there: nftables, conntrack the
+    // host's bounds do not see), by the tool or by a direct unshare(2).
+    let userns = "unshare -Urn true; echo rc=$?; python3 -c 'import ctypes; \
+        l = ctypes.CDLL(None, use_errno=True); print(l.unshare(0x10000000), ctypes.get_errno())'";
+    let r = ok(&h, &id(&sb), userns).await;
+    assert_eq!(r["stdout"], "rc=1\n-1 1\n", "{r}");
+    assert!(
+        r["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("Operation not permitted"),
+        "{r}"
+    );
 
     // Its own /dev/shm (on its files' tmpfs): POSIX shared memory works, as multiprocessing
     // needs (bwrap's own /dev/shm is root's 0755: PermissionError).
