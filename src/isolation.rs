@@ -296,6 +296,7 @@ impl Isolation {
         })?;
         groups.create()?;
         make_dir(&dir, run_as, &info.ca_cert_pem, limits.disk_bytes)?;
+        write_identity(&dir, run_as)?;
         let filter = filter_for(&sandbox, ns.host_ip())?;
         ns.start_dns(filter.clone())
             .await
@@ -497,6 +498,23 @@ pub fn check_env(name: &str, value: &str, field: &str) -> Result<(), IsolationEr
         return Err(IsolationError::BadRequest(format!(
             "{field}: the value of {name} contains NUL"
         )));
+    }
+    Ok(())
+}
+
+/// `passwd` and `group` in the sandbox's directory (0644), bound over `/etc/passwd` and
+/// `/etc/group` inside, when its user has no entry on the host ([`RunAs::identity_files`]).
+fn write_identity(dir: &Path, run_as: &RunAs) -> Result<(), IsolationError> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let Some((passwd, group)) = run_as.identity_files(&read("/etc/passwd"), &read("/etc/group"))
+    else {
+        return Ok(());
+    };
+    for (name, text) in [("passwd", passwd), ("group", group)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(io_err(format!("writing {}", p.display())))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err(format!("chmod {}", p.display())))?;
     }
     Ok(())
 }

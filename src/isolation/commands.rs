@@ -229,6 +229,7 @@ fn prepare(
         hidden: &isolation.hidden,
         run_binds: &run_binds(&iso.info.name),
         root: &root,
+        identity: iso.dir.join("passwd").is_file(),
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),
@@ -279,6 +280,9 @@ pub struct Sandboxed<'a> {
     pub run_binds: &'a [(PathBuf, PathBuf)],
     /// The host's top-level entries ([`host_root::list`]), from which the root is rebuilt.
     pub root: &'a [RootEntry],
+    /// The sandbox's own `passwd` and `group` files (its user has no host entry), bound over
+    /// `/etc/passwd` and `/etc/group`.
+    pub identity: bool,
 }
 
 /// The namespace's own `/etc` files (`ip netns exec` binds `/etc/netns/<ns>/*` over
@@ -374,6 +378,18 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
     m.push(Mount::new("--tmpfs", none, "/run"));
     for (source, target) in s.run_binds {
         m.push(Mount::new("--ro-bind", Some(source), target));
+    }
+    if s.identity {
+        m.push(Mount::new(
+            "--ro-bind",
+            Some(&s.dir.join("passwd")),
+            "/etc/passwd",
+        ));
+        m.push(Mount::new(
+            "--ro-bind",
+            Some(&s.dir.join("group")),
+            "/etc/group",
+        ));
     }
     m.extend([
         Mount::new("--tmpfs", none, s.data_dir),
@@ -914,6 +930,7 @@ mod tests {
                 PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
             )],
             root,
+            identity: true,
         };
         bwrap_argv(&s, cmd)
     }
@@ -942,6 +959,8 @@ mod tests {
                  --symlink usr/bin /bin --ro-bind-try /etc /etc --ro-bind-try /usr /usr \
                  --ro-bind /dev/null /etc/sealgate/proxy.toml --tmpfs /run \
                  --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
+                 --ro-bind /d/sandboxes/sbx_1/passwd /etc/passwd \
+                 --ro-bind /d/sandboxes/sbx_1/group /etc/group \
                  --tmpfs /d "
             ),
             "{line}"

@@ -9,6 +9,9 @@
 //! (`RLIMIT_MSGQUEUE`), the user keyring. Sharing one user, a sandbox holding all of them
 //! left none to the others (found from outside).
 
+/// The name a sandbox's own user has inside (its `USER`, `whoami`).
+pub const SANDBOX_USER: &str = "sandbox";
+
 /// A resolved user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunAs {
@@ -88,8 +91,28 @@ impl RunAs {
             uid: id,
             gid: id,
             named: false,
-            name: id.to_string(),
+            name: SANDBOX_USER.into(),
         })
+    }
+
+    /// `/etc/passwd` and `/etc/group` as the sandbox sees them when this user has no entry on
+    /// the host: an entry of its own first ([`SANDBOX_USER`], home `/home/user`, shell
+    /// `/bin/sh`), then the host's files. Without one, tools that look the user up failed
+    /// (`ssh-keygen`, `initdb`, Node's `os.userInfo()`, `whoami`, git's author name; found
+    /// from outside). None for a user the host knows.
+    pub fn identity_files(&self, host_passwd: &str, host_group: &str) -> Option<(String, String)> {
+        if self.named {
+            return None;
+        }
+        let passwd = format!(
+            "{}:x:{}:{}:sealgate sandbox:{}:/bin/sh\n{host_passwd}",
+            self.name,
+            self.uid,
+            self.gid,
+            super::HOME_INSIDE
+        );
+        let group = format!("{}:x:{}:\n{host_group}", self.name, self.gid);
+        Some((passwd, group))
     }
 
     /// `setpriv` arguments that run the rest of argv as this user (ends with `--`).
@@ -152,7 +175,19 @@ mod tests {
     fn a_sandbox_user_is_its_slot_above_the_base_and_never_a_host_user() {
         let u = RunAs::for_slot(0x7000_0000, 5).unwrap();
         assert_eq!((u.uid, u.gid, u.named), (0x7000_0005, 0x7000_0005, false));
-        assert_eq!(u.name, "1879048197");
+        assert_eq!(u.name, "sandbox");
+        let (passwd, group) = u
+            .identity_files("root:x:0:0::/root:/bin/sh\n", "root:x:0:\n")
+            .unwrap();
+        assert_eq!(
+            passwd,
+            "sandbox:x:1879048197:1879048197:sealgate sandbox:/home/user:/bin/sh\nroot:x:0:0::/root:/bin/sh\n"
+        );
+        assert_eq!(group, "sandbox:x:1879048197:\nroot:x:0:\n");
+        assert!(RunAs::resolve("root")
+            .unwrap()
+            .identity_files("", "")
+            .is_none());
         let err = RunAs::for_slot(0, 0).unwrap_err().to_string();
         assert!(
             err.contains("passwd entry 'root'") && err.contains("uid_base"),

@@ -507,6 +507,11 @@ async fn each_sandbox_has_its_own_user_and_per_user_kernel_limits() {
         ua != ub && ua >= 0x7000_0000 && ub >= 0x7000_0000,
         "{ua} {ub}"
     );
+    // …known by name inside (its own passwd entry: tools that look the user up work).
+    let who =
+        "whoami; id -gn; python3 -c 'import os, pwd; print(pwd.getpwuid(os.getuid()).pw_dir)'";
+    let r = ok(&e.h, &id(&a), who).await;
+    assert_eq!(r["stdout"], "sandbox\nsandbox\n/home/user\n", "{r}");
     let workdir = names(&a).workdir;
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&workdir).unwrap());
     assert_eq!(owner, ua, "{workdir}");
