@@ -595,8 +595,8 @@ fn command(p: &Prepared) -> tokio::process::Command {
     let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
     let filter = super::seccomp::program();
     // SAFETY: the closure makes only async-signal-safe calls (open, write, close, prctl,
-    // close_range, getrlimit, fcntl) and allocates nothing, as code between fork and exec must; the descriptors in
-    // `joins` stay open in `p` until the spawn has returned.
+    // close_range, getrlimit, fcntl) and allocates nothing, as code between fork and exec
+    // must; the descriptors in `joins` stay open in `p` until the spawn has returned.
     unsafe {
         cmd.pre_exec(move || {
             crate::limits::cgroup::join_in_child(&joins)?;

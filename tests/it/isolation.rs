@@ -454,7 +454,7 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
     let r = ok(
         &e.h,
         &ia,
-        "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo looped",
+        "i=0; while [ $i -lt 40 ]; do sleep 3037 & i=$((i+1)); done; echo looped",
     )
     .await;
     assert!(
@@ -480,7 +480,7 @@ async fn memory_processes_and_files_are_bounded_per_sandbox() {
         e.h.api(Method::DELETE, &format!("/v1/sandboxes/{ia}"), None)
             .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert_gone(&names(&a), "sleep 30");
+    assert_gone(&names(&a), "sleep 3037");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         mounts.contains(&ib),
