@@ -558,6 +558,44 @@ pub fn remove(paths: &[PathBuf]) {
     }
 }
 
+/// Every sandbox group (a directory named like a sandbox id) under [`PARENT`] where this
+/// process would put one: its own group of each hierarchy holding `memory`, `pids` or `cpu`,
+/// and on v2 the hierarchy's root. For the start-up sweep, which removes those no record
+/// names.
+pub fn listed() -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let proc_cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut parents: Vec<PathBuf> = Vec::new();
+    for c in ["memory", "pids", "cpu"] {
+        if let Some(at) = locate_in(c, &mountinfo, &proc_cgroup) {
+            parents.push(at.own.join(PARENT));
+            if at.version == Version::V2 {
+                parents.push(at.mount.join(PARENT));
+            }
+        }
+    }
+    parents.sort();
+    parents.dedup();
+    parents
+        .iter()
+        .filter_map(|p| fs::read_dir(p).ok())
+        .flat_map(|d| d.filter_map(Result::ok).map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_sandbox_id)
+        })
+        .collect()
+}
+
+/// `sbx_` + 24 lowercase hex digits, as the daemon names sandboxes.
+pub fn is_sandbox_id(s: &str) -> bool {
+    s.strip_prefix("sbx_").is_some_and(|hex| {
+        hex.len() == 24 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// Process ids in the group.
 pub fn members(path: &Path) -> Vec<i32> {
     fs::read_to_string(path.join("cgroup.procs"))

@@ -126,11 +126,9 @@ impl Record {
 
     /// The sandbox's id if it has the shape the daemon gives ids (`sbx_` + 24 hex digits).
     fn checked_id(&self) -> Option<&str> {
-        self.sandbox_id.as_deref().filter(|id| {
-            id.strip_prefix("sbx_").is_some_and(|hex| {
-                hex.len() == 24 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            })
-        })
+        self.sandbox_id
+            .as_deref()
+            .filter(|id| crate::limits::cgroup::is_sandbox_id(id))
     }
 
     /// What a teardown may remove, kill or unmount from this record: only paths of the shape

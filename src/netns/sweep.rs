@@ -1,7 +1,7 @@
 //! The start-up sweep: undo what daemons that died on this host left behind — namespaces
 //! `sealgate-*`, veths `sg????h`, `SG-*` chains and the hooks that jump to them or name such
-//! a veth — without touching anything a live daemon (or a `sandbox exec` of an earlier
-//! version) still owns.
+//! a veth, sandbox cgroups `…/sealgate/sbx_*` — without touching anything a live daemon (or a
+//! `sandbox exec` of an earlier version) still owns.
 //!
 //! Why this cannot hit a live owner: every owner writes its record before the system object
 //! it names exists ([`super::session`]), and the sweep lists the system objects *before* it
@@ -36,6 +36,8 @@ pub struct Swept {
 struct Listing {
     netns: Vec<String>,
     links: Vec<String>,
+    /// Sandbox cgroups ([`crate::limits::cgroup::listed`]).
+    cgroups: Vec<std::path::PathBuf>,
     /// (program, table, `-S` dump).
     tables: Vec<(&'static str, &'static str, String)>,
 }
@@ -63,7 +65,25 @@ pub fn sweep() -> Swept {
     out.orphans += sweep_netns(&listing, &known);
     out.orphans += sweep_links(&listing, &known);
     out.orphans += sweep_rules(&listing, &known);
+    out.orphans += sweep_cgroups(&listing, &known);
     out
+}
+
+/// Sandbox cgroups no record names: a teardown that could not remove one (a process that
+/// would not die) logged it and removed the record, so only this sweep retries it.
+fn sweep_cgroups(l: &Listing, known: &Known) -> usize {
+    let orphans: Vec<std::path::PathBuf> = l
+        .cgroups
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !known.sandboxes.contains(n))
+        })
+        .cloned()
+        .collect();
+    crate::limits::cgroup::remove(&orphans);
+    orphans.len()
 }
 
 fn list() -> Listing {
@@ -85,6 +105,7 @@ fn list() -> Listing {
     .filter_map(|(p, t)| Some((p, t, run_args(&[p, "-w", "5", "-t", t, "-S"]).ok()?)))
     .collect();
     Listing {
+        cgroups: crate::limits::cgroup::listed(),
         netns: dir_names("/run/netns")
             .into_iter()
             .filter(|n| slot_of(n, "sealgate-", "").is_some())
@@ -109,6 +130,7 @@ struct Known {
     netns: HashSet<String>,
     links: HashSet<String>,
     chains: HashSet<String>,
+    sandboxes: HashSet<String>,
 }
 
 impl Known {
@@ -117,6 +139,7 @@ impl Known {
             netns: HashSet::new(),
             links: HashSet::new(),
             chains: HashSet::new(),
+            sandboxes: HashSet::new(),
         };
         for rec in Record::all_in(STATE_DIR)
             .into_iter()
@@ -127,6 +150,7 @@ impl Known {
             if let Some(c) = rec.sandbox_id.as_deref().and_then(|id| chain_name(id).ok()) {
                 k.chains.insert(c);
             }
+            k.sandboxes.extend(rec.sandbox_id.clone());
         }
         k
     }

@@ -1104,6 +1104,12 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     for g in groups.paths() {
         std::fs::write(g.join("cgroup.procs"), inside.id().to_string()).unwrap();
     }
+    // A sandbox group no record names (a teardown that could not remove it removed its
+    // record all the same): the sweep removes it too.
+    let orphan_id = format!("sbx_{}", "cd".repeat(12));
+    let orphan = Groups::plan(&orphan_id, &limits).expect("cgroups");
+    orphan.create().expect("cgroups");
+    assert!(!cgroup_dirs(&orphan_id).is_empty());
     let left = tempfile::tempdir().unwrap();
     let dir = left.path().join("sandboxes").join(&sandbox_id);
     std::fs::create_dir_all(dir.join(FILES_DIR)).unwrap();
@@ -1131,6 +1137,8 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         workdir: dir.display().to_string(),
     };
     assert_gone(&n, "sleep 3141");
+    let orphaned = cgroup_dirs(&orphan_id);
+    assert!(orphaned.is_empty(), "orphan groups left: {orphaned:?}");
     assert!(!Record::path(&plan).exists(), "record left");
 
     // Restart: an isolated sandbox of the earlier run is not restored.
