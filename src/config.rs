@@ -986,7 +986,7 @@ impl RawSandbox {
                     .limit(
                         "sandbox.max_new_flows_per_sec",
                         self.max_new_flows_per_sec,
-                        200,
+                        500,
                         (1, 100_000),
                     )
                     .map(|v| v as u32),

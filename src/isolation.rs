@@ -206,6 +206,11 @@ impl Isolation {
             info.envs = iso.envs.clone();
             info.workdir = Some(home_of(&iso.dir).display().to_string());
             info.netns = Some(iso.info.clone());
+            info.user = Some(crate::sandbox::lifecycle::UserInfo {
+                name: iso.run_as.name.clone(),
+                uid: iso.run_as.uid,
+                gid: iso.run_as.gid,
+            });
         }
     }
 

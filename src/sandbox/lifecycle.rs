@@ -84,6 +84,17 @@ pub struct NetnsInfo {
     pub gateway: IpAddr,
 }
 
+/// The user an isolated sandbox's commands run as.
+#[derive(Clone, Debug, Serialize)]
+pub struct UserInfo {
+    /// Its name inside (`sandbox` for a user of the sandbox's own).
+    pub name: String,
+    /// User id on the host and inside.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
 /// What the API returns for a sandbox. `proxy_env` (holding the proxy password) only at creation.
 #[derive(Debug, Serialize)]
 pub struct SandboxInfo {
@@ -120,6 +131,10 @@ pub struct SandboxInfo {
     /// The sandbox's network namespace, isolated sandboxes only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<NetnsInfo>,
+    /// Who its commands run as, isolated sandboxes only: files handed in through `workdir`
+    /// must belong to this uid and gid for the sandbox to write them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserInfo>,
     /// Fleet mode: the node that owns the sandbox (absent with SQLite).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -632,6 +647,7 @@ impl Sandboxes {
             envs: BTreeMap::new(),
             workdir: None,
             netns: None,
+            user: None,
             node: self.cfg.node.clone(),
         }
     }

@@ -518,6 +518,16 @@ async fn each_sandbox_has_its_own_user_and_per_user_kernel_limits() {
     let workdir = names(&a).workdir;
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&workdir).unwrap());
     assert_eq!(owner, ua, "{workdir}");
+    // The API names the user, so an operator can hand files in with the right owner.
+    assert_eq!(
+        (
+            a["user"]["name"].as_str(),
+            a["user"]["uid"].as_u64(),
+            a["user"]["gid"].as_u64()
+        ),
+        (Some("sandbox"), Some(u64::from(ua)), Some(u64::from(ua))),
+        "{a}"
+    );
 
     let hog = "python3 -c 'import ctypes, time; l = ctypes.CDLL(None); \
         fds = [l.inotify_init() for _ in range(300)]; print(sum(f >= 0 for f in fds), flush=True); \
