@@ -229,7 +229,7 @@ fn prepare(
         hidden: &isolation.hidden,
         run_binds: &run_binds(&iso.info.name),
         root: &root,
-        identity: iso.dir.join("passwd").is_file(),
+        identity: !run_as.named, // RunAs::identity_files wrote them at create
     };
     Ok(Prepared {
         argv: bwrap_argv(&ctx, &req.cmd),

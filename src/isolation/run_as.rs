@@ -99,7 +99,8 @@ impl RunAs {
     /// the host: an entry of its own first ([`SANDBOX_USER`], home `/home/user`, shell
     /// `/bin/sh`), then the host's files. Without one, tools that look the user up failed
     /// (`ssh-keygen`, `initdb`, Node's `os.userInfo()`, `whoami`, git's author name; found
-    /// from outside). None for a user the host knows.
+    /// from outside). None for a user the host knows (`named`), Some for every other, so
+    /// `!named` says whether a sandbox has them.
     pub fn identity_files(&self, host_passwd: &str, host_group: &str) -> Option<(String, String)> {
         if self.named {
             return None;

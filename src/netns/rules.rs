@@ -146,11 +146,10 @@ pub struct RuleSet {
 /// # Errors
 /// An id that is not `sbx_` + 24 lowercase hex.
 pub fn chain_name(sandbox_id: &str) -> Result<String, NetnsError> {
-    let hex = sandbox_id
-        .strip_prefix("sbx_")
-        .filter(|h| h.len() == 24 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .ok_or_else(|| NetnsError::Invalid(format!("sandbox id {sandbox_id:?}")))?;
-    Ok(format!("SG-{hex}"))
+    if !crate::limits::cgroup::is_sandbox_id(sandbox_id) {
+        return Err(NetnsError::Invalid(format!("sandbox id {sandbox_id:?}")));
+    }
+    Ok(format!("SG-{}", &sandbox_id[4..]))
 }
 
 /// Interface names go into argv as values: keep them to what `ip link` accepts, and never let
