@@ -806,8 +806,15 @@ async fn origin_that_closes_its_first_stream_unanswered(
         |mut conn, received, _| async move {
             let mut unanswered = None;
             while let Some(Ok((req, mut respond))) = conn.accept().await {
+                // The body's frames arrive only while the connection is driven: read it with
+                // the connection polled beside it (they may come after the head).
                 let mut body = req.into_body();
-                while let Some(Ok(_)) = body.data().await {}
+                loop {
+                    tokio::select! {
+                        d = body.data() => if !matches!(d, Some(Ok(_))) { break },
+                        _ = std::future::poll_fn(|cx| conn.poll_closed(cx)) => break,
+                    }
+                }
                 if received.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                     // As nginx did: GOAWAY naming this stream as the last one processed, then a
                     // clean close (TLS close_notify, FIN) without an answer. The stream is kept
