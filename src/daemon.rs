@@ -19,6 +19,7 @@ use crate::config::{Backend, Config};
 use crate::data_dir_lock;
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
+use crate::proxy::workers::Workers;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::LifecycleConfig;
 use crate::sandbox::{Registry, Sandboxes};
@@ -114,6 +115,8 @@ pub struct Running {
     admin_token: SecretValue,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
+    /// The proxy's worker threads (taken by [`Running::wait`]; dropping them stops them).
+    workers: Option<Workers>,
     /// Released when the daemon is dropped (after shutdown).
     _data_dir_lock: data_dir_lock::DataDirLock,
 }
@@ -152,11 +155,8 @@ impl Running {
             },
         );
         line("master key:", self.key_source.to_string());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            line(
-                "workers:",
-                format!("{} (proxy.worker_threads)", rt.metrics().num_workers()),
-            );
+        if let Some(w) = &self.workers {
+            line("workers:", format!("{} (proxy.worker_threads)", w.len()));
         }
         out
     }
@@ -171,6 +171,10 @@ impl Running {
     /// second is the backstop before the rest are dropped).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        let workers = self.workers.take();
+        if let Some(w) = &workers {
+            w.accepting_ended().await;
+        }
         let grace = self.proxy.settings().proxy.shutdown_grace;
         let left = self
             .proxy
@@ -181,6 +185,9 @@ impl Running {
                 connections = left,
                 "shutdown grace ran out; closing the remaining connections"
             );
+        }
+        if let Some(w) = workers {
+            let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }
         // Every request has ended: its audit line is queued; write them all out.
         let audit = self.proxy.audit.clone();
@@ -244,7 +251,13 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         listeners.own(),
     );
     let mut tasks = tokio::task::JoinSet::new();
-    listeners.spawn(&mut tasks, &proxy, &admin_state, &shutdown_rx);
+    let workers = listeners.spawn(
+        &mut tasks,
+        &proxy,
+        &admin_state,
+        &shutdown_rx,
+        cfg.proxy.worker_threads,
+    )?;
     tasks.spawn(sweep(
         sandboxes.clone(),
         isolation.clone(),
@@ -290,6 +303,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         admin_token,
         shutdown: shutdown_tx,
         tasks,
+        workers: Some(workers),
         _data_dir_lock: data_dir_lock,
     };
     tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
@@ -453,31 +467,32 @@ impl Listeners {
         .collect()
     }
 
+    /// Starts the proxy's workers on the proxy listeners and the admin API on the runtime.
     fn spawn(
         self,
         tasks: &mut tokio::task::JoinSet<()>,
         proxy: &Arc<ProxyState>,
         admin: &Arc<AdminState>,
         shutdown: &watch::Receiver<bool>,
-    ) {
-        tasks.spawn(proxy::run_listener(
-            proxy.clone(),
-            self.proxy,
+        workers: usize,
+    ) -> Result<Workers, DaemonError> {
+        let mut own = vec![(
+            self.proxy.into_std().map_err(io_err("proxy.listen"))?,
             ListenerKind::Explicit,
-        ));
+        )];
         if let Some(l) = self.transparent {
-            tasks.spawn(proxy::run_listener(
-                proxy.clone(),
-                l,
-                ListenerKind::Transparent,
-            ));
+            let l = l.into_std().map_err(io_err("proxy.transparent_listen"))?;
+            own.push((l, ListenerKind::Transparent));
         }
+        let workers = Workers::start(proxy, &own, proxy::workers::count(workers))
+            .map_err(io_err("starting the proxy workers (proxy.worker_threads)"))?;
         tasks.spawn(admin::serve::serve(
             admin::router(admin.clone()),
             self.admin,
             self.admin_limits,
             shutdown.clone(),
         ));
+        Ok(workers)
     }
 }
 

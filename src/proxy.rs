@@ -22,6 +22,7 @@ pub mod serve;
 pub mod transparent;
 pub mod trim;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -58,6 +59,15 @@ pub struct LiveSettings {
     /// `[upstream]`, with what the connectors vet and dial with (also for checks before any
     /// connection is set up).
     pub upstream: Arc<upstream::UpstreamSettings>,
+    /// One set of pooled clients per proxy worker ([`workers`]): a request uses its worker's
+    /// set, so the upstream connections it reuses are driven by the thread it runs on.
+    pools: Vec<Clients>,
+    /// The origins that answered over h2 (see [`upstream::KnownH2`]); shared by every worker.
+    pub known_h2: upstream::KnownH2,
+}
+
+/// The upstream clients of one proxy worker, each with a pool of its own.
+pub struct Clients {
     /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2.
     pub client: UpstreamClient,
     /// http/1.1-only client, for WebSocket upgrades.
@@ -65,8 +75,6 @@ pub struct LiveSettings {
     /// h2-only client (pooled per authority, one connection attempt at a time), for the
     /// held-body requests to origins in `known_h2`.
     pub client_h2: UpstreamClient,
-    /// The origins that answered over h2 (see [`upstream::KnownH2`]).
-    pub known_h2: upstream::KnownH2,
     /// h2-only client with a pool of its own, for the retry of a request the upstream
     /// provably did not process (only h2 connections report that): the refused requests of
     /// one GOAWAY share one new connection here, where `client`'s pool would hand out the
@@ -77,8 +85,35 @@ pub struct LiveSettings {
     pub client_fresh: UpstreamClient,
 }
 
+impl Clients {
+    fn new(settings: &Arc<upstream::UpstreamSettings>) -> Clients {
+        let upstream = &settings.config;
+        Clients {
+            client: build_client(
+                upstream,
+                upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
+            ),
+            client_h1: build_client(
+                upstream,
+                upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
+            ),
+            client_h2: build_h2_client(upstream, settings.clone()),
+            client_retry: build_h2_client(upstream, settings.clone()),
+            client_fresh: Client::builder(upstream::Nesting)
+                .pool_max_idle_per_host(0)
+                .timer(TokioTimer::new())
+                .set_host(true)
+                .build(upstream::Connector::new(
+                    settings.clone(),
+                    &[b"h2", b"http/1.1"],
+                )),
+        }
+    }
+}
+
 impl LiveSettings {
-    /// Builds the settings and their clients; `own_listeners` are never dialled.
+    /// Builds the settings and one set of clients per worker (`[proxy] worker_threads`);
+    /// `own_listeners` are never dialled.
     ///
     /// # Errors
     /// An unreadable upstream CA file.
@@ -93,35 +128,21 @@ impl LiveSettings {
             stream_limits: Default::default(),
             config: upstream,
         });
-        let upstream = &settings.config;
-        let client = build_client(
-            upstream,
-            upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
-        );
-        let client_h1 = build_client(
-            upstream,
-            upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
-        );
-        let client_h2 = build_h2_client(upstream, settings.clone());
-        let client_retry = build_h2_client(upstream, settings.clone());
-        let client_fresh = Client::builder(upstream::Nesting)
-            .pool_max_idle_per_host(0)
-            .timer(TokioTimer::new())
-            .set_host(true)
-            .build(upstream::Connector::new(
-                settings.clone(),
-                &[b"h2", b"http/1.1"],
-            ));
+        let pools = (0..workers::count(proxy.worker_threads))
+            .map(|_| Clients::new(&settings))
+            .collect();
         Ok(LiveSettings {
             proxy,
             upstream: settings,
-            client,
-            client_h1,
-            client_h2,
+            pools,
             known_h2: upstream::KnownH2::new(KNOWN_H2_CAP),
-            client_retry,
-            client_fresh,
         })
+    }
+
+    /// The clients of the worker this runs on (the first set off the workers: tests, and a
+    /// worker count changed by a reload until the restart it needs).
+    pub fn clients(&self) -> &Clients {
+        &self.pools[workers::current() % self.pools.len()]
     }
 }
 

@@ -759,10 +759,11 @@ async fn attempts(
         UpBody::Streamed(_) => None,
     };
     let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
+    let clients = rt.clients();
     let client = match (websocket, h2) {
-        (true, _) => &rt.client_h1,
-        (false, true) => &rt.client_h2,
-        (false, false) => &rt.client,
+        (true, _) => &clients.client_h1,
+        (false, true) => &clients.client_h2,
+        (false, false) => &clients.client,
     };
     let first = client.request(attach(t, head, body)).await;
     let Some((head, bytes)) = replay else {
@@ -777,7 +778,8 @@ async fn attempts(
         }
         Err(e) if h2 && super::failure::not_h2(&e) => {
             rt.known_h2.forget(&t.origin);
-            rt.client
+            clients
+                .client
                 .request(attach(t, head, UpBody::Held(bytes)))
                 .await
         }
@@ -794,10 +796,11 @@ async fn attempts(
 /// refuses too (or the origin no longer chooses h2), a fresh connection.
 async fn retry(t: &Tunnel, rt: &LiveSettings, head: Request<()>, bytes: Bytes) -> Attempt {
     let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-    match rt.client_retry.request(again).await {
+    let clients = rt.clients();
+    match clients.client_retry.request(again).await {
         Err(e) if super::failure::not_processed(&e) || super::failure::not_h2(&e) => {
             let last = attach(t, head, UpBody::Held(bytes));
-            rt.client_fresh.request(last).await
+            clients.client_fresh.request(last).await
         }
         other => other,
     }

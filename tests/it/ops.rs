@@ -1139,14 +1139,17 @@ async fn worker_threads_sizes_the_runtime() {
         assert!(Instant::now() < deadline, "no workers line in:\n{summary}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(workers, "3", "the runtime's workers");
-    // Blocking-pool threads carry the same name; the runtime's workers are at least these.
+    assert_eq!(workers, "3", "the proxy's workers");
     let pid = b.child.id();
-    let named = std::fs::read_dir(format!("/proc/{pid}/task"))
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
-        .count();
+        .map(|name| name.trim().to_owned())
+        .collect();
+    let proxy = names.iter().filter(|n| n.starts_with("sealgate-proxy-"));
+    assert_eq!(proxy.count(), 3, "proxy worker threads: {names:?}");
+    // Blocking-pool threads carry the same name; the runtime's workers are at least these.
+    let named = names.iter().filter(|n| *n == "tokio-rt-worker").count();
     assert!(named >= 3, "{named} tokio threads");
     let sb = b.sandbox("sk-ops-workers-0001").await;
     let key = sb.token("KEY");
