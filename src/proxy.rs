@@ -30,7 +30,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -99,7 +99,7 @@ impl Clients {
             ),
             client_h2: build_h2_client(upstream, settings.clone()),
             client_retry: build_h2_client(upstream, settings.clone()),
-            client_fresh: Client::builder(upstream::Nesting)
+            client_fresh: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
                 .timer(TokioTimer::new())
                 .set_host(true)
@@ -163,7 +163,7 @@ fn build_h2_client(
 }
 
 fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(upstream::Nesting);
+    let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())

@@ -28,13 +28,11 @@ use super::read_ahead::ReadAhead;
 mod goaway;
 mod known_h2;
 mod limits;
-mod nest;
 mod tls_error;
 
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
 pub use limits::StreamLimits;
-pub use nest::Nesting;
 pub mod dns;
 
 /// Why an upstream connection could not be made.
