@@ -222,8 +222,14 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err("opening audit log"))?;
     let audit = Arc::new(audit);
-    let settings = LiveSettings::new(cfg.proxy.clone(), cfg.upstream.clone(), listeners.own())
-        .map_err(DaemonError::Upstream)?;
+    let workers = proxy::workers::count(cfg.proxy.worker_threads);
+    let settings = LiveSettings::new(
+        cfg.proxy.clone(),
+        cfg.upstream.clone(),
+        listeners.own(),
+        workers,
+    )
+    .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let proxy = ProxyState::new(
         sandboxes.registry().clone(),
@@ -251,13 +257,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         listeners.own(),
     );
     let mut tasks = tokio::task::JoinSet::new();
-    let workers = listeners.spawn(
-        &mut tasks,
-        &proxy,
-        &admin_state,
-        &shutdown_rx,
-        cfg.proxy.worker_threads,
-    )?;
+    let workers = listeners.spawn(&mut tasks, &proxy, &admin_state, &shutdown_rx, workers)?;
     tasks.spawn(sweep(
         sandboxes.clone(),
         isolation.clone(),
@@ -484,7 +484,7 @@ impl Listeners {
             let l = l.into_std().map_err(io_err("proxy.transparent_listen"))?;
             own.push((l, ListenerKind::Transparent));
         }
-        let workers = Workers::start(proxy, &own, proxy::workers::count(workers))
+        let workers = Workers::start(proxy, &own, workers)
             .map_err(io_err("starting the proxy workers (proxy.worker_threads)"))?;
         tasks.spawn(admin::serve::serve(
             admin::router(admin.clone()),
@@ -736,7 +736,9 @@ fn reload_once(
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(running, &new);
-    let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec())?;
+    // The workers keep the count they started with (`worker_threads` needs a restart).
+    let pools = proxy.settings().pools();
+    let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec(), pools)?;
     proxy.set_settings(live);
     warn_wide_private_cidrs(&new.upstream);
     crate::logging::set_level(&new.log_level);

@@ -35,7 +35,7 @@ use crate::limits::files::{self, FILES_DIR};
 use crate::netns::dns::{NameFilter, SharedFilter};
 use crate::netns::session::Owner;
 use crate::netns::{self, Namespace, NetnsError};
-use crate::proxy::{self, ListenerKind, ProxyState};
+use crate::proxy::{ListenerKind, ProxyState};
 use crate::sandbox::lifecycle::{NetnsInfo, SandboxInfo};
 use crate::sandbox::{CreateSandbox, Sandbox, SandboxError, Sandboxes};
 use run_as::RunAs;
@@ -313,12 +313,12 @@ impl Isolation {
             .local_addr()
             .map_err(io_err("reading the transparent listener's address"))?
             .port();
-        let state = self.proxy.clone();
-        ns.own_task(tokio::spawn(proxy::run_listener(
-            state,
-            listener,
-            ListenerKind::Transparent,
-        )));
+        // On one proxy worker: every connection of this sandbox runs there.
+        let listener = listener
+            .into_std()
+            .and_then(|l| self.proxy.spawn_listener(l, ListenerKind::Transparent))
+            .map_err(io_err("handing the sandbox's listener to a proxy worker"))?;
+        ns.own_task(listener);
         ns.own_task(tokio::spawn(follow_allowlist(
             Arc::downgrade(&sandbox),
             filter,

@@ -90,9 +90,15 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         grace_secs = grace.as_secs(),
         "shutting down: listeners closed, in-flight requests may finish"
     );
+    let audit = running.proxy.audit.clone();
     tokio::select! {
         _ = running.shutdown() => tracing::info!("shutdown complete"),
-        _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
+        _ = wait_for_signal() => {
+            tracing::warn!("second signal: exiting without waiting");
+            // The proxy's workers may still hold the log; what is queued is written (1 s at most).
+            let flush = tokio::task::spawn_blocking(move || audit.flush());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+        }
     }
     Ok(())
 }

@@ -46,6 +46,13 @@ impl EncodeLabelSet for UnsealLabels {
     }
 }
 
+/// Labels of the per-worker gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The proxy worker's index (`sealgate-proxy-N`).
+    pub worker: usize,
+}
+
 /// Labels for store operations.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
@@ -95,6 +102,8 @@ pub struct Metrics {
     pub sandboxes: Gauge,
     /// Open client connections.
     pub connections: Gauge,
+    /// Open client connections per proxy worker (how the kernel spread them).
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     /// Store operations.
     pub store_ops: Family<OpLabels, Counter>,
     /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
@@ -160,6 +169,7 @@ impl Metrics {
             leaf_hit_ratio: Gauge::default(),
             sandboxes: Gauge::default(),
             connections: Gauge::default(),
+            worker_connections: Family::default(),
             store_ops: Family::default(),
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
@@ -230,6 +240,11 @@ impl Metrics {
             "active_connections",
             "Open proxy client connections",
             m.connections.clone(),
+        );
+        registry.register(
+            "worker_connections",
+            "Open proxy client connections per proxy worker",
+            m.worker_connections.clone(),
         );
         registry.register(
             "store_operations",

@@ -25,7 +25,8 @@ pub mod upstream;
 pub mod workers;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -112,8 +113,9 @@ impl Clients {
 }
 
 impl LiveSettings {
-    /// Builds the settings and one set of clients per worker (`[proxy] worker_threads`);
-    /// `own_listeners` are never dialled.
+    /// Builds the settings and `pools` sets of clients, one per proxy worker (the count the
+    /// workers started with: a reload keeps [`LiveSettings::pools`] of the settings it
+    /// replaces); `own_listeners` are never dialled.
     ///
     /// # Errors
     /// An unreadable upstream CA file.
@@ -121,6 +123,7 @@ impl LiveSettings {
         proxy: ProxyConfig,
         upstream: UpstreamConfig,
         own_listeners: Vec<SocketAddr>,
+        pools: usize,
     ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
@@ -128,9 +131,7 @@ impl LiveSettings {
             stream_limits: Default::default(),
             config: upstream,
         });
-        let pools = (0..workers::count(proxy.worker_threads))
-            .map(|_| Clients::new(&settings))
-            .collect();
+        let pools = (0..pools.max(1)).map(|_| Clients::new(&settings)).collect();
         Ok(LiveSettings {
             proxy,
             upstream: settings,
@@ -139,10 +140,15 @@ impl LiveSettings {
         })
     }
 
-    /// The clients of the worker this runs on (the first set off the workers: tests, and a
-    /// worker count changed by a reload until the restart it needs).
+    /// The clients of the worker this runs on (the first set off the workers: tests, and
+    /// the admin API's checks).
     pub fn clients(&self) -> &Clients {
         &self.pools[workers::current() % self.pools.len()]
+    }
+
+    /// How many sets of clients there are (one per worker).
+    pub fn pools(&self) -> usize {
+        self.pools.len()
     }
 }
 
@@ -190,6 +196,10 @@ pub struct ProxyState {
     shutdown: watch::Receiver<bool>,
     /// Every client connection and tunnel task, so shutdown can wait for them to drain.
     tasks: TaskTracker,
+    /// The proxy workers' runtimes, once they run ([`workers::Workers::start`]).
+    workers: OnceLock<Vec<tokio::runtime::Handle>>,
+    /// The worker the next [`ProxyState::spawn_listener`] goes to.
+    next_worker: AtomicUsize,
 }
 
 impl ProxyState {
@@ -211,7 +221,36 @@ impl ProxyState {
             admission: Arc::default(),
             shutdown,
             tasks: TaskTracker::new(),
+            workers: OnceLock::new(),
+            next_worker: AtomicUsize::new(0),
         })
+    }
+
+    /// Accepts on `listener` (an isolated sandbox's own) on one proxy worker, the next in
+    /// turn, so every connection of that sandbox runs there; off the workers (tests without
+    /// them) on the caller's runtime.
+    ///
+    /// # Errors
+    /// The listener could not be registered with the worker's runtime.
+    pub fn spawn_listener(
+        self: &Arc<Self>,
+        listener: std::net::TcpListener,
+        kind: ListenerKind,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let handle = match self.workers.get().filter(|w| !w.is_empty()) {
+            Some(w) => w[self.next_worker.fetch_add(1, Ordering::Relaxed) % w.len()].clone(),
+            None => tokio::runtime::Handle::current(),
+        };
+        let listener = {
+            let _in_rt = handle.enter();
+            TcpListener::from_std(listener)?
+        };
+        Ok(handle.spawn(run_listener(self.clone(), listener, kind)))
+    }
+
+    /// Records the workers' runtimes (once, when they start).
+    pub(crate) fn set_workers(&self, handles: Vec<tokio::runtime::Handle>) {
+        let _ = self.workers.set(handles);
     }
 
     /// The current settings (take once per request and pass them down).
@@ -240,9 +279,19 @@ impl ProxyState {
     {
         let st = self.clone();
         self.tasks.spawn(async move {
+            let on_worker = crate::metrics::WorkerLabels {
+                worker: workers::current(),
+            };
+            let worker = st
+                .metrics
+                .worker_connections
+                .get_or_create(&on_worker)
+                .clone();
             st.metrics.connections.inc();
+            worker.inc();
             fut.await;
             st.metrics.connections.dec();
+            worker.dec();
             trim::note_freed();
         });
     }

@@ -32,9 +32,13 @@ use tokio_util::task::TaskTracker;
 
 use super::{run_listener, ListenerKind, ProxyState};
 
-/// How long a stopping worker waits for its blocking tasks (allocator trims) before it lets
-/// them finish on their own.
+/// How long a stopping worker waits for its blocking tasks (name lookups through
+/// `getaddrinfo`) before it lets them finish on their own.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
+
+/// The blocking threads of all workers together (tokio's default for one runtime): each
+/// worker gets its share, so slow name lookups cannot hold more threads than before.
+const MAX_BLOCKING_THREADS: usize = 512;
 
 /// The running workers.
 pub struct Workers {
@@ -72,12 +76,18 @@ impl Workers {
             stop: CancellationToken::new(),
             accepting: TaskTracker::new(),
         };
+        let mut handles = Vec::with_capacity(n);
         for i in 0..n.max(1) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            // Owned at once: an error below drops it inside the daemon's runtime.
+            let rt = Owned(Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .max_blocking_threads((MAX_BLOCKING_THREADS / n.max(1)).max(1))
+                    .enable_all()
+                    .build()?,
+            ));
+            let rt_ref = rt.0.as_ref().expect("just built");
             let own = {
-                let _in_rt = rt.enter();
+                let _in_rt = rt_ref.enter();
                 listeners
                     .iter()
                     .map(|(l, kind)| Ok((TcpListener::from_std(l.try_clone()?)?, *kind)))
@@ -87,14 +97,16 @@ impl Workers {
             for (listener, kind) in own {
                 workers
                     .accepting
-                    .spawn_on(run_listener(state.clone(), listener, kind), rt.handle());
+                    .spawn_on(run_listener(state.clone(), listener, kind), rt_ref.handle());
             }
-            let (stop, rt) = (workers.stop.clone(), Owned(Some(rt)));
+            handles.push(rt_ref.handle().clone());
+            let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sealgate-proxy-{i}"))
                 .spawn(move || run(i, rt, stop))?;
             workers.threads.push(thread);
         }
+        state.set_workers(handles);
         Ok(workers)
     }
 

@@ -59,8 +59,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs `wait` (a blocking wait for the database) so that it never holds a worker of the
 /// daemon's runtime: on a multi-thread runtime worker, `block_in_place` first hands that
-/// worker's other tasks (proxy connections) to another thread, so a slow or locked database
-/// stalls only the admin request that asked, never the proxy. Elsewhere it just runs.
+/// worker's other tasks (admin requests, background tasks) to another thread, so a slow or
+/// locked database stalls only the caller. Elsewhere it just runs — which on a proxy worker
+/// (single-threaded) would stall its connections; nothing on the proxy path calls the store.
 fn off_the_workers<T>(wait: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {

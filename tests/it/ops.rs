@@ -120,6 +120,21 @@ async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
     assert_eq!(a.body.len(), 100_000);
     let mid = scrape(&e.h).await;
     assert!(metric(&mid, "sealgate_active_connections") >= 2.0, "{mid}");
+    // The same connections, per proxy worker: they add up, on workers that exist.
+    let workers = sealgate::proxy::workers::count(0);
+    let per_worker: f64 = (0..workers)
+        .map(|w| {
+            metric(
+                &mid,
+                &format!("sealgate_worker_connections{{worker=\"{w}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(
+        per_worker,
+        metric(&mid, "sealgate_active_connections"),
+        "{mid}"
+    );
 
     let mut o = pc::h1(e.h.proxy, &e.sb, OTHER).await;
     let a = echo_get(&mut o, "other.example.test", &key).await;
