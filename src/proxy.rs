@@ -32,7 +32,8 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -180,6 +181,57 @@ fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
     b
 }
 
+/// The proxy workers as the accept loops see them.
+struct WorkerSet {
+    /// Each worker's runtime.
+    handles: Vec<tokio::runtime::Handle>,
+    /// Each worker's open connections (its `worker_connections` gauge), counted from the
+    /// moment a connection is handed to it.
+    load: Vec<Gauge>,
+}
+
+/// An accepted connection moves to another worker only when that worker has at least this
+/// many fewer open connections than the one that accepted it.
+const HAND_OFF_MARGIN: i64 = 2;
+
+/// Where the connections of a listener run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the worker with the fewest open connections (the shared proxy listeners).
+    Balanced,
+    /// On the worker that accepted them (an isolated sandbox's own listener: one worker).
+    Pinned,
+}
+
+/// A connection counted as open (`active_connections`, and its worker's gauge) until dropped.
+struct Open {
+    connections: Gauge,
+    worker: Option<Gauge>,
+}
+
+impl Open {
+    fn new(connections: &Gauge, worker: Option<&Gauge>) -> Open {
+        connections.inc();
+        if let Some(w) = worker {
+            w.inc();
+        }
+        Open {
+            connections: connections.clone(),
+            worker: worker.cloned(),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.connections.dec();
+        if let Some(w) = &self.worker {
+            w.dec();
+        }
+        trim::note_freed();
+    }
+}
+
 /// State shared by all proxy connections.
 pub struct ProxyState {
     /// Live sandboxes.
@@ -196,8 +248,8 @@ pub struct ProxyState {
     shutdown: watch::Receiver<bool>,
     /// Every client connection and tunnel task, so shutdown can wait for them to drain.
     tasks: TaskTracker,
-    /// The proxy workers' runtimes, once they run ([`workers::Workers::start`]).
-    workers: OnceLock<Vec<tokio::runtime::Handle>>,
+    /// The proxy workers' runtimes and loads, once they run ([`workers::Workers::start`]).
+    workers: OnceLock<WorkerSet>,
     /// The worker the next [`ProxyState::spawn_listener`] goes to.
     next_worker: AtomicUsize,
 }
@@ -237,20 +289,73 @@ impl ProxyState {
         listener: std::net::TcpListener,
         kind: ListenerKind,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let handle = match self.workers.get().filter(|w| !w.is_empty()) {
-            Some(w) => w[self.next_worker.fetch_add(1, Ordering::Relaxed) % w.len()].clone(),
+        let handle = match self
+            .workers
+            .get()
+            .map(|set| &set.handles)
+            .filter(|h| !h.is_empty())
+        {
+            Some(h) => h[self.next_worker.fetch_add(1, Ordering::Relaxed) % h.len()].clone(),
             None => tokio::runtime::Handle::current(),
         };
         let listener = {
             let _in_rt = handle.enter();
             TcpListener::from_std(listener)?
         };
-        Ok(handle.spawn(run_listener(self.clone(), listener, kind)))
+        let run = run_listener(self.clone(), listener, kind, Placement::Pinned);
+        Ok(handle.spawn(run))
     }
 
     /// Records the workers' runtimes (once, when they start).
     pub(crate) fn set_workers(&self, handles: Vec<tokio::runtime::Handle>) {
-        let _ = self.workers.set(handles);
+        let load = (0..handles.len())
+            .map(|worker| {
+                let labels = crate::metrics::WorkerLabels { worker };
+                self.metrics
+                    .worker_connections
+                    .get_or_create(&labels)
+                    .clone()
+            })
+            .collect();
+        let _ = self.workers.set(WorkerSet { handles, load });
+    }
+
+    /// Runs a connection just accepted on this worker: here, unless another worker has at
+    /// least [`HAND_OFF_MARGIN`] fewer open connections — then the socket moves to that
+    /// worker's reactor and the connection runs there. (The kernel hands a burst of
+    /// connections to whichever worker wakes first: 32 connections opened at once were seen
+    /// all on one of two workers.)
+    fn spawn_accepted<M, F>(self: &Arc<Self>, tcp: TcpStream, make: M)
+    where
+        M: FnOnce(TcpStream) -> F + Send + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Some(set) = self.workers.get() else {
+            return self.spawn_connection(make(tcp));
+        };
+        let here = workers::current() % set.handles.len();
+        let target = least_loaded(&set.load, here);
+        if target == here {
+            return self.spawn_connection(make(tcp));
+        }
+        let std = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot move a connection to another proxy worker");
+                return;
+            }
+        };
+        let open = Open::new(&self.metrics.connections, Some(&set.load[target]));
+        let run = async move {
+            let _open = open;
+            match TcpStream::from_std(std) {
+                Ok(tcp) => make(tcp).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot move a connection to another proxy worker")
+                }
+            }
+        };
+        self.tasks.spawn_on(run, &set.handles[target]);
     }
 
     /// The current settings (take once per request and pass them down).
@@ -277,22 +382,14 @@ impl ProxyState {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let st = self.clone();
+        let worker = self
+            .workers
+            .get()
+            .and_then(|set| set.load.get(workers::current()));
+        let open = Open::new(&self.metrics.connections, worker);
         self.tasks.spawn(async move {
-            let on_worker = crate::metrics::WorkerLabels {
-                worker: workers::current(),
-            };
-            let worker = st
-                .metrics
-                .worker_connections
-                .get_or_create(&on_worker)
-                .clone();
-            st.metrics.connections.inc();
-            worker.inc();
+            let _open = open;
             fut.await;
-            st.metrics.connections.dec();
-            worker.dec();
-            trim::note_freed();
         });
     }
 
@@ -404,9 +501,25 @@ impl ListenerKind {
     }
 }
 
+/// The worker with the fewest open connections if it has at least [`HAND_OFF_MARGIN`] fewer
+/// than `here`, else `here`.
+fn least_loaded(load: &[Gauge], here: usize) -> usize {
+    let mine = load[here].get();
+    let least = (0..load.len()).min_by_key(|&w| load[w].get());
+    match least {
+        Some(w) if load[w].get() + HAND_OFF_MARGIN <= mine => w,
+        _ => here,
+    }
+}
+
 /// Accepts connections until shutdown; each connection holds one admission slot
-/// ([`admission`]) from accept to close.
-pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: ListenerKind) {
+/// ([`admission`]) from accept to close, and runs where `placement` says.
+pub async fn run_listener(
+    state: Arc<ProxyState>,
+    listener: TcpListener,
+    kind: ListenerKind,
+    placement: Placement,
+) {
     let mut shutdown = state.shutdown_signal();
     loop {
         let accepted = tokio::select! {
@@ -434,12 +547,18 @@ pub async fn run_listener(state: Arc<ProxyState>, listener: TcpListener, kind: L
         };
         let _ = tcp.set_nodelay(true);
         let st = state.clone();
-        let serve = async move {
-            match kind {
-                ListenerKind::Explicit => explicit::serve_client(st, tcp, peer).await,
-                ListenerKind::Transparent => transparent::serve_client(st, tcp, peer).await,
-            }
+        let make = move |tcp: TcpStream| {
+            let serve = async move {
+                match kind {
+                    ListenerKind::Explicit => explicit::serve_client(st, tcp, peer).await,
+                    ListenerKind::Transparent => transparent::serve_client(st, tcp, peer).await,
+                }
+            };
+            CONNECTION_SLOT.scope(slot, serve)
         };
-        state.spawn_connection(CONNECTION_SLOT.scope(slot, serve));
+        match placement {
+            Placement::Balanced => state.spawn_accepted(tcp, make),
+            Placement::Pinned => state.spawn_connection(make(tcp)),
+        }
     }
 }

@@ -10,8 +10,9 @@
 //! cache each); see ARCHITECTURE.md, "Proxy worker threads", for the measurement.
 //!
 //! Balance: every worker waits on every listener; the kernel wakes the waiting workers and
-//! one `accept` wins. A busy worker is not waiting, so new connections go to the idle ones.
-//! A connection is not moved once accepted. Each worker has upstream clients of its own
+//! one `accept` wins, and the accepting worker then hands the connection to a worker with
+//! clearly fewer open connections, if there is one ([`super::ProxyState::spawn_accepted`]).
+//! A connection is not moved once it runs. Each worker has upstream clients of its own
 //! ([`super::LiveSettings::clients`], picked by [`current`]), so the pooled upstream connection
 //! a request reuses was dialled, and is driven, by the same thread.
 //!
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{run_listener, ListenerKind, ProxyState};
+use super::{run_listener, ListenerKind, Placement, ProxyState};
 
 /// How long a stopping worker waits for its blocking tasks (name lookups through
 /// `getaddrinfo`) before it lets them finish on their own.
@@ -95,9 +96,10 @@ impl Workers {
             };
             // Spawned here, before the thread runs them, so `accepting_ended` cannot miss one.
             for (listener, kind) in own {
-                workers
-                    .accepting
-                    .spawn_on(run_listener(state.clone(), listener, kind), rt_ref.handle());
+                workers.accepting.spawn_on(
+                    run_listener(state.clone(), listener, kind, Placement::Balanced),
+                    rt_ref.handle(),
+                );
             }
             handles.push(rt_ref.handle().clone());
             let stop = workers.stop.clone();

@@ -71,6 +71,42 @@ async fn echo_get(
 
 // ---- metrics ------------------------------------------------------------------------------------
 
+/// Connections opened at once spread over the proxy workers: the kernel hands a burst to
+/// whichever worker wakes first (32 of 32 on one of two workers were seen), so an accepted
+/// connection moves to a worker with at least two fewer open connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_spread_over_the_workers() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-spread-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+    )
+    .await;
+    let conns =
+        futures_util::future::join_all((0..16).map(|_| pc::h1(e.h.proxy, &e.sb, API))).await;
+    let m = scrape(&e.h).await;
+    let workers = sealgate::proxy::workers::count(0);
+    let load: Vec<f64> = (0..workers)
+        .map(|w| {
+            metric(
+                &m,
+                &format!("sealgate_worker_connections{{worker=\"{w}\"}}"),
+            )
+        })
+        .collect();
+    assert_eq!(load.iter().sum::<f64>(), 16.0, "{m}");
+    let (max, min) = (
+        load.iter().cloned().fold(f64::MIN, f64::max),
+        load.iter().cloned().fold(f64::MAX, f64::min),
+    );
+    assert!(max - min <= 2.0, "per worker: {load:?}");
+    drop(conns);
+}
+
 #[tokio::test]
 async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
     let e = setup(
