@@ -562,3 +562,32 @@ pub async fn run_listener(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(open: &[i64]) -> Vec<Gauge> {
+        open.iter()
+            .map(|&n| {
+                let g = Gauge::default();
+                g.set(n);
+                g
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_connection_moves_only_to_a_clearly_less_loaded_worker() {
+        // Equal, or one apart: it stays where it was accepted.
+        assert_eq!(least_loaded(&loads(&[0, 0]), 0), 0);
+        assert_eq!(least_loaded(&loads(&[3, 2]), 0), 0);
+        assert_eq!(least_loaded(&loads(&[2, 3]), 1), 1);
+        // Two or more apart: the least-loaded worker takes it.
+        assert_eq!(least_loaded(&loads(&[4, 2]), 0), 1);
+        assert_eq!(least_loaded(&loads(&[32, 0, 5]), 0), 1);
+        assert_eq!(least_loaded(&loads(&[1, 9, 0]), 1), 2);
+        // One worker: always here.
+        assert_eq!(least_loaded(&loads(&[7]), 0), 0);
+    }
+}
