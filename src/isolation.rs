@@ -314,11 +314,11 @@ impl Isolation {
             .map_err(io_err("reading the transparent listener's address"))?
             .port();
         // On one proxy worker: every connection of this sandbox runs there.
-        let listener = listener
+        let accepting = listener
             .into_std()
             .and_then(|l| self.proxy.spawn_listener(l, ListenerKind::Transparent))
             .map_err(io_err("handing the sandbox's listener to a proxy worker"))?;
-        ns.own_task(listener);
+        ns.own_task(accepting);
         ns.own_task(tokio::spawn(follow_allowlist(
             Arc::downgrade(&sandbox),
             filter,

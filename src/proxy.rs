@@ -338,17 +338,11 @@ impl ProxyState {
         if target == here {
             return self.spawn_connection(make(tcp));
         }
-        let std = match tcp.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot move a connection to another proxy worker");
-                return;
-            }
-        };
+        let moved = tcp.into_std();
         let open = Open::new(&self.metrics.connections, Some(&set.load[target]));
         let run = async move {
             let _open = open;
-            match TcpStream::from_std(std) {
+            match moved.and_then(TcpStream::from_std) {
                 Ok(tcp) => make(tcp).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot move a connection to another proxy worker")

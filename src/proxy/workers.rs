@@ -1,8 +1,8 @@
 //! The proxy's worker threads: one single-threaded tokio runtime per thread, each accepting on
-//! its own descriptor of every proxy listener and running the connections it accepted to
+//! its own descriptor of every proxy listener and running the connections placed on it to
 //! their end.
 //!
-//! A connection never leaves the worker that accepted it: its TLS, its requests, its CONNECT
+//! A connection never leaves the worker it was placed on: its TLS, its requests, its CONNECT
 //! tunnel and the upstream connections it dials (hyper's connection tasks are spawned where
 //! the request runs) are all polled by that one thread. On the multi-thread runtime the same
 //! connection's client side, upstream side and the I/O driver were picked up by whichever
@@ -72,44 +72,54 @@ impl Workers {
         listeners: &[(std::net::TcpListener, ListenerKind)],
         n: usize,
     ) -> io::Result<Workers> {
+        let n = n.max(1);
         let mut workers = Workers {
             threads: Vec::with_capacity(n),
             stop: CancellationToken::new(),
             accepting: TaskTracker::new(),
         };
-        let mut handles = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
-            // Owned at once: an error below drops it inside the daemon's runtime.
-            let rt = Owned(Some(
-                tokio::runtime::Builder::new_current_thread()
-                    .max_blocking_threads((MAX_BLOCKING_THREADS / n.max(1)).max(1))
-                    .enable_all()
-                    .build()?,
-            ));
-            let rt_ref = rt.0.as_ref().expect("just built");
-            let own = {
-                let _in_rt = rt_ref.enter();
-                listeners
-                    .iter()
-                    .map(|(l, kind)| Ok((TcpListener::from_std(l.try_clone()?)?, *kind)))
-                    .collect::<io::Result<Vec<_>>>()?
-            };
-            // Spawned here, before the thread runs them, so `accepting_ended` cannot miss one.
-            for (listener, kind) in own {
-                workers.accepting.spawn_on(
-                    run_listener(state.clone(), listener, kind, Placement::Balanced),
-                    rt_ref.handle(),
-                );
-            }
-            handles.push(rt_ref.handle().clone());
-            let stop = workers.stop.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("sealgate-proxy-{i}"))
-                .spawn(move || run(i, rt, stop))?;
-            workers.threads.push(thread);
-        }
+        let handles = (0..n)
+            .map(|i| workers.start_one(i, n, state, listeners))
+            .collect::<io::Result<Vec<_>>>()?;
         state.set_workers(handles);
         Ok(workers)
+    }
+
+    /// Starts worker `i` of `n`: its runtime, its accept loops, its thread; returns the
+    /// runtime's handle.
+    fn start_one(
+        &mut self,
+        i: usize,
+        n: usize,
+        state: &Arc<ProxyState>,
+        listeners: &[(std::net::TcpListener, ListenerKind)],
+    ) -> io::Result<tokio::runtime::Handle> {
+        // Owned at once: an error below drops it inside the daemon's runtime.
+        let rt = Owned(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .max_blocking_threads((MAX_BLOCKING_THREADS / n).max(1))
+                .enable_all()
+                .build()?,
+        ));
+        let handle = rt.0.as_ref().expect("just built").handle().clone();
+        let own = {
+            let _in_rt = handle.enter();
+            listeners
+                .iter()
+                .map(|(l, kind)| Ok((TcpListener::from_std(l.try_clone()?)?, *kind)))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        // Spawned here, before the thread runs them, so `accepting_ended` cannot miss one.
+        for (listener, kind) in own {
+            let accept = run_listener(state.clone(), listener, kind, Placement::Balanced);
+            self.accepting.spawn_on(accept, &handle);
+        }
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("sealgate-proxy-{i}"))
+            .spawn(move || run(i, rt, stop))?;
+        self.threads.push(thread);
+        Ok(handle)
     }
 
     /// How many workers run.
