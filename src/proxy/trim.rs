@@ -7,48 +7,90 @@
 //! `malloc_trim(0)` releases the whole free pages inside freed chunks (`madvise`), which took
 //! the same daemon from 59.6 to 50.3 MiB; without parking it released nothing (57.0 → 56.8).
 //!
-//! How: connections report what they free ([`note_freed`]: one ended or parked connection);
-//! a task wakes every [`PERIOD`] and, when at least [`MIN_FREED`] were reported since its last
-//! pass, trims on a blocking thread (the trim walks the arenas and takes their locks; it
-//! never runs on a worker thread). A busy daemon that ends few connections never trims.
-//! Elsewhere than glibc this is a no-op.
+//! How: connections report what they free ([`note_freed`]: one ended or parked connection).
+//! Once [`MIN_FREED`] were reported since the last trim, the trim is due. It runs when no
+//! connection has ended or parked for [`QUIET`] (a burst of closes is over), or [`PERIOD`]
+//! after it fell due if they never stop (steady churn), and at most once per [`MIN_GAP`]. It
+//! runs on a blocking thread (the trim walks the arenas and takes their locks; it never runs
+//! on a worker thread). A busy daemon that ends few connections never trims; an idle one
+//! sleeps until one is due (no timer ticks). Elsewhere than glibc the trim is a no-op.
+//!
+//! Why not a fixed period: RSS read after a burst of connections closed then depended on
+//! where the reading fell in the period (10 rounds of 1,000 connections read 30 … 45 MiB with
+//! a 10 s period; `benches/records/2026-12-03-session15-workers.md`). An operator looking at a
+//! host after a burst sees the memory back within a fraction of a second.
 //!
 //! The same allocator is also told, once at start, to keep no fast bins ([`tune_allocator`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-/// How often the trim task looks at the count.
+/// How long no connection may end or park before a due trim runs.
+pub const QUIET: Duration = Duration::from_millis(250);
+
+/// The longest a due trim waits for [`QUIET`].
 pub const PERIOD: Duration = Duration::from_secs(10);
+
+/// The shortest time between two trims.
+pub const MIN_GAP: Duration = Duration::from_secs(1);
 
 /// Ended or parked connections since the last trim that make a trim worth its cost.
 pub const MIN_FREED: usize = 64;
 
+/// Connections that ended or parked since the last trim.
 static FREED: AtomicUsize = AtomicUsize::new(0);
+
+/// Signalled once per trim cycle, by the report that makes [`FREED`] reach [`MIN_FREED`].
+/// `Notify` keeps the signal when nobody waits, so a report during a trim is not lost.
+static DUE: Notify = Notify::const_new();
 
 /// Records that a connection ended or was parked (its buffers were freed).
 pub fn note_freed() {
-    FREED.fetch_add(1, Ordering::Relaxed);
+    if FREED.fetch_add(1, Ordering::Relaxed) + 1 == MIN_FREED {
+        DUE.notify_one();
+    }
 }
 
 /// Runs the trim loop until `shutdown` changes.
 pub async fn run(mut shutdown: watch::Receiver<bool>) {
     loop {
+        let cycle = async {
+            DUE.notified().await;
+            settle(&FREED, QUIET, PERIOD).await;
+        };
         tokio::select! {
-            _ = tokio::time::sleep(PERIOD) => {}
+            () = cycle => {}
             _ = shutdown.changed() => return,
         }
-        // Zeroed in the same step as the check, so no count reported meanwhile is lost.
-        let due = FREED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n >= MIN_FREED).then_some(0)
-        });
-        if due.is_err() {
-            continue;
-        }
+        // Reports from now on count towards the next trim; the count restarts below
+        // MIN_FREED, so the report that reaches it again signals DUE again.
+        FREED.store(0, Ordering::Relaxed);
         let took = tokio::task::spawn_blocking(trim).await;
         tracing::debug!(?took, "returned freed memory to the system");
+        tokio::select! {
+            () = tokio::time::sleep(MIN_GAP) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Returns once `count` did not change for `quiet`, or `cap` after the call.
+async fn settle(count: &AtomicUsize, quiet: Duration, cap: Duration) {
+    let deadline = Instant::now() + cap;
+    let mut seen = count.load(Ordering::Relaxed);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(quiet.min(left)).await;
+        let now = count.load(Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 
@@ -97,6 +139,54 @@ mod tests {
             tune_allocator(),
             cfg!(all(target_os = "linux", target_env = "gnu"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_due_trim_waits_until_the_ends_stop() {
+        let count = std::sync::Arc::new(AtomicUsize::new(0));
+        let ticking = count.clone();
+        let ends = std::thread::spawn(move || {
+            for _ in 0..30 {
+                ticking.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let start = Instant::now();
+        settle(&count, Duration::from_millis(60), Duration::from_secs(5)).await;
+        let waited = start.elapsed();
+        ends.join().unwrap();
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            30,
+            "returned while ends went on"
+        );
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn ends_that_never_stop_trim_at_the_cap() {
+        let count = std::sync::Arc::new(AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ticking, stopping) = (count.clone(), stop.clone());
+        let ends = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                ticking.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let start = Instant::now();
+        settle(
+            &count,
+            Duration::from_millis(50),
+            Duration::from_millis(400),
+        )
+        .await;
+        let waited = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        ends.join().unwrap();
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
     }
 
     #[test]
