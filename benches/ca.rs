@@ -5,6 +5,9 @@
 //! - `ca/leaf_cold`: `mint_leaf` + [`Leaf::new`] (key, signature, rustls `ServerConfig`) and the
 //!   same through [`LeafCache::get_or_mint`] with a new host each time, vs key generation.
 //! - `ca/leaf_cached`: [`LeafCache::get_or_mint`] hit vs a `HashMap` get + `Arc` clone.
+//! - `ca/session_resume`: one TLS 1.3 resumption's cache work (take the newest ticket, put
+//!   the two new ones) in a full 4,096-session cache: [`SessionCache`] vs rustls's
+//!   `ServerSessionMemoryCache`, which it replaced (the baseline).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -13,7 +16,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::FutureExt;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
-use sealgate::ca::{Leaf, LeafCache, LeafName, SandboxCa};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions};
+use sealgate::ca::{Leaf, LeafCache, LeafName, SandboxCa, SessionCache};
 
 const SANDBOX: &str = "sbx_0123456789abcdef01234567";
 
@@ -111,5 +115,43 @@ fn leaf_cached(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, generate, leaf_cold, leaf_cached);
+/// Session ids as rustls makes them (32 random-looking bytes), numbered.
+fn session_id(n: u64) -> Vec<u8> {
+    let mut id = vec![0x5a; 32];
+    id[..8].copy_from_slice(&n.to_le_bytes());
+    id
+}
+
+/// Fills `cache` with 4,096 sessions, then per iteration takes the newest (a client that
+/// reconnects at once resumes with the ticket it got last, the far end of rustls's scan) and
+/// puts the two new tickets of that handshake.
+fn resume_cycles(b: &mut criterion::Bencher<'_>, cache: &dyn StoresServerSessions) {
+    const HELD: u64 = 4096;
+    let value = vec![7u8; 200];
+    for n in 0..HELD {
+        cache.put(session_id(n), value.clone());
+    }
+    let mut next = HELD;
+    b.iter(|| {
+        let taken = cache.take(&session_id(next - 1));
+        cache.put(session_id(next), value.clone());
+        cache.put(session_id(next + 1), value.clone());
+        next += 2;
+        assert!(taken.is_some(), "the newest id is held");
+    });
+}
+
+fn session_resume(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ca/session_resume");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("rustls_memory_cache_baseline", |b| {
+        resume_cycles(b, &*ServerSessionMemoryCache::new(4096))
+    });
+    g.bench_function("session_cache", |b| {
+        resume_cycles(b, &SessionCache::new(4096))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, generate, leaf_cold, leaf_cached, session_resume);
 criterion_main!(benches);

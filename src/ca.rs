@@ -8,6 +8,7 @@
 
 mod cache;
 mod params;
+mod sessions;
 mod tls;
 
 use std::fmt;
@@ -22,6 +23,7 @@ use time::OffsetDateTime;
 use crate::secret::SecretValue;
 
 pub use cache::{CacheStats, LeafCache};
+pub use sessions::SessionCache;
 
 /// The host a leaf is minted for, already normalised at the edge (DESIGN §3: lowercase ASCII,
 /// no trailing dot, no port). IP literals get an IP SAN, names a DNS SAN.

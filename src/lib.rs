@@ -26,5 +26,6 @@ pub mod sandbox;
 pub mod secret;
 pub mod store;
 pub mod subst;
+pub mod tls_provider;
 pub mod tls_roots;
 pub mod token;

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Builds the verified client TLS config: webpki roots plus `ca_files` (ring provider, TLS 1.2
-/// and 1.3).
+/// Builds the verified client TLS config: webpki roots plus `ca_files` (the process's provider,
+/// [`crate::tls_provider`], so AES-128-GCM is offered first; TLS 1.2 and 1.3).
 ///
 /// # Errors
 /// A CA file that cannot be read or holds no certificate.
@@ -19,8 +19,7 @@ pub fn client_tls(ca_files: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, Str
     for f in ca_files {
         add_pem_roots(&mut roots, f)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls_provider::provider().clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

@@ -345,24 +345,83 @@ ctx.set_alpn_protocols(["h2", "http/1.1"])
 with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=10) as raw:
     with ctx.wrap_socket(raw, server_hostname=sys.argv[3]) as tls:
         tls.sendall(b"ping")
-        print(tls.version(), tls.selected_alpn_protocol(), tls.recv(4).decode())
+        print(tls.version(), tls.selected_alpn_protocol(), tls.cipher()[0], tls.recv(4).decode())
 "#;
 
 /// Serves one TLS connection with `leaf`'s server config: reads 4 bytes, answers `pong`.
 async fn serve_once(leaf: Arc<Leaf>) -> (u16, tokio::task::JoinHandle<std::io::Result<()>>) {
+    serve_n(leaf, 1).await
+}
+
+/// [`serve_once`] for `n` connections, one after the other.
+async fn serve_n(leaf: Arc<Leaf>, n: usize) -> (u16, tokio::task::JoinHandle<std::io::Result<()>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let acceptor = tokio_rustls::TlsAcceptor::from(leaf.server_config.clone());
     let task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await?;
-        let mut tls = acceptor.accept(tcp).await?;
-        let mut buf = [0u8; 4];
-        tls.read_exact(&mut buf).await?;
-        tls.write_all(b"pong").await?;
-        tls.shutdown().await
+        for _ in 0..n {
+            let (tcp, _) = listener.accept().await?;
+            let mut tls = acceptor.accept(tcp).await?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await?;
+            tls.write_all(b"pong").await?;
+            tls.shutdown().await?;
+        }
+        Ok(())
     });
     (port, task)
+}
+
+/// Connects twice, the second time offering the first connection's session; prints whether
+/// each was resumed.
+const PYTHON_RESUMING_CLIENT: &str = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+session = None
+for _ in range(2):
+    with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=sys.argv[3], session=session) as tls:
+            tls.sendall(b"ping")
+            tls.recv(4)
+            print(tls.session_reused)
+            session = tls.session
+"#;
+
+/// The session cache ([`SessionCache`]) as a real client uses it: OpenSSL resumes with the
+/// ticket of its first connection (TLS 1.3, so the ticket is taken on use).
+#[tokio::test]
+async fn python_client_resumes_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca();
+    let ca_pem = write(dir.path(), "ca.pem", ca.cert_pem());
+    let leaf = Arc::new(Leaf::new(ca.mint_leaf(&dns(HOST)).unwrap()).unwrap());
+    let (port, server) = serve_n(leaf, 2).await;
+    let client = tokio::process::Command::new("python3")
+        .args([
+            "-c",
+            PYTHON_RESUMING_CLIENT,
+            &ca_pem,
+            &port.to_string(),
+            HOST,
+        ])
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), client)
+        .await
+        .expect("python timed out")
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python failed: {stdout}{stderr}");
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        ["False", "True"]
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("server timed out")
+        .expect("join")
+        .expect("server side of both handshakes");
 }
 
 async fn python_handshake(server_name: &str) -> (std::process::Output, std::io::Result<()>) {
@@ -393,7 +452,8 @@ async fn python_strict_client_accepts_leaf() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python failed: {stdout}{stderr}");
-    assert_eq!(stdout.trim(), "TLSv1.3 h2 pong");
+    // OpenSSL offers TLS_AES_256_GCM_SHA384 first; the leaf chooses by its own order.
+    assert_eq!(stdout.trim(), "TLSv1.3 h2 TLS_AES_128_GCM_SHA256 pong");
     served.expect("server side of the handshake");
 }
 

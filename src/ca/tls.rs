@@ -3,13 +3,11 @@
 use std::sync::{Arc, LazyLock};
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{
-    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
-};
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use super::CaError;
+use super::{CaError, SessionCache};
 
 /// ALPN protocols offered to sandboxes, in preference order.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -18,18 +16,17 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// session only for the SNI it was made for, and session ids are random, so sharing is safe.
 const SESSION_CACHE_SIZE: usize = 4096;
 
-static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
-
 static SESSIONS: LazyLock<Arc<dyn StoresServerSessions>> =
-    LazyLock::new(|| ServerSessionMemoryCache::new(SESSION_CACHE_SIZE));
+    LazyLock::new(|| Arc::new(SessionCache::new(SESSION_CACHE_SIZE)));
 
-/// The ring crypto provider, built once per process.
+/// The process's crypto provider ([`crate::tls_provider`]).
 pub(super) fn provider() -> &'static Arc<CryptoProvider> {
-    &PROVIDER
+    crate::tls_provider::provider()
 }
 
-/// A server config that always presents `certified` (TLS 1.2 and 1.3, ALPN h2 then http/1.1).
+/// A server config that always presents `certified` (TLS 1.2 and 1.3, ALPN h2 then http/1.1),
+/// choosing the suite by the provider's order, not the client's (AES-128-GCM when offered:
+/// [`crate::tls_provider`]).
 ///
 /// # Errors
 /// [`CaError::Tls`] if rustls rejects the protocol versions for the provider.
@@ -40,6 +37,7 @@ pub(super) fn server_config(certified: Arc<CertifiedKey>) -> Result<Arc<ServerCo
         .with_cert_resolver(Arc::new(FixedCert(certified)));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     config.session_storage = SESSIONS.clone();
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 

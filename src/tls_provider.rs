@@ -1,0 +1,85 @@
+//! The one rustls crypto provider of the process: ring, with AES-128-GCM preferred.
+//!
+//! Invariant: every TLS configuration sealgate builds (the sandbox-facing leaves in
+//! `ca::tls`, the upstream and PostgreSQL clients in `tls_roots`) uses [`provider`], so both
+//! sides of the proxy offer and choose the same suites.
+//!
+//! Why AES-128-GCM first: rustls's default order puts `TLS13_AES_256_GCM_SHA384` first, and a
+//! sandbox client (rustls, OpenSSL) offers it first too. Its key schedule hashes with SHA-384,
+//! for which ring has no hardware path on AMD CPUs (`sha512_block_data_order_nohw`: 7 % of
+//! the proxy's CPU with a new TLS connection per request), while SHA-256 runs on the SHA
+//! extensions; AES-128 also takes 10 rounds per block where AES-256 takes 14. AES-128-GCM
+//! is the suite TLS 1.3 makes mandatory (RFC 8446 §9.1) and the one Go and BoringSSL servers
+//! prefer. The leaves choose by this order whatever the client prefers
+//! (`ignore_client_order` in `ca::tls`); the sandbox runs on this host, so it has the AES
+//! instructions the proxy has. Nothing is removed: a peer that offers only AES-256 or
+//! ChaCha20 still gets it.
+
+use std::sync::{Arc, LazyLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::{CipherSuite, SupportedCipherSuite};
+
+static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(preference);
+    Arc::new(provider)
+});
+
+/// The provider, built once per process.
+pub fn provider() -> &'static Arc<CryptoProvider> {
+    &PROVIDER
+}
+
+/// Sort key: TLS 1.3 before 1.2; within a version AES-128-GCM, then AES-256-GCM, then the
+/// rest (ChaCha20-Poly1305) in ring's order (the sort is stable).
+fn preference(suite: &SupportedCipherSuite) -> (bool, u8) {
+    let bulk = match suite.suite() {
+        CipherSuite::TLS13_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    };
+    (suite.tls13().is_none(), bulk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suites() -> Vec<CipherSuite> {
+        provider().cipher_suites.iter().map(|s| s.suite()).collect()
+    }
+
+    #[test]
+    fn aes_128_gcm_comes_first_in_each_version() {
+        let s = suites();
+        assert_eq!(s[0], CipherSuite::TLS13_AES_128_GCM_SHA256, "{s:?}");
+        assert_eq!(s[1], CipherSuite::TLS13_AES_256_GCM_SHA384, "{s:?}");
+        let first12 = s
+            .iter()
+            .position(|c| !format!("{c:?}").starts_with("TLS13"))
+            .unwrap();
+        assert_eq!(
+            s[first12],
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn no_suite_is_added_or_dropped() {
+        let mut ours = suites();
+        let mut ring: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        ours.sort_by_key(|c| u16::from(*c));
+        ring.sort_by_key(|c| u16::from(*c));
+        assert_eq!(ours, ring);
+    }
+}
