@@ -16,6 +16,13 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// session only for the SNI it was made for, and session ids are random, so sharing is safe.
 const SESSION_CACHE_SIZE: usize = 4096;
 
+/// TLS 1.3 tickets sent after each full or resumed handshake. rustls sends 2 by default, each
+/// costing three draws from the OS CSPRNG, a key derivation, a cache entry and a record; a
+/// client reconnecting resumes with one and gets a new one each time (Go's servers send 1).
+/// A client opening several connections at once resumes one of them and does full
+/// handshakes for the others.
+const TLS13_TICKETS: usize = 1;
+
 static SESSIONS: LazyLock<Arc<dyn StoresServerSessions>> =
     LazyLock::new(|| Arc::new(SessionCache::new(SESSION_CACHE_SIZE)));
 
@@ -38,6 +45,7 @@ pub(super) fn server_config(certified: Arc<CertifiedKey>) -> Result<Arc<ServerCo
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     config.session_storage = SESSIONS.clone();
     config.ignore_client_order = true;
+    config.send_tls13_tickets = TLS13_TICKETS;
     Ok(Arc::new(config))
 }
 

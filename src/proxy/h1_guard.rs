@@ -66,7 +66,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -701,8 +701,14 @@ fn trim(v: &[u8]) -> &[u8] {
 
 /// The per-connection nonce shared by an [`H1Guard`] and its service, and what the guard
 /// last saw of the framing.
+///
+/// The nonce is drawn when the first synthetic request is built, not with the connection:
+/// almost no connection is ever refused, and two `getrandom` calls per proxied connection
+/// (the CONNECT connection's and the intercepted one's) were a fifth of the proxy's
+/// `getrandom` calls with a new TLS connection per request. Until then no request is ours:
+/// a sandbox that sends the nonce header first finds nothing to match.
 pub struct GuardTag {
-    nonce: String,
+    nonce: OnceLock<String>,
     /// After the guard's last read: hyper has been handed every byte the guard released, and
     /// those end at a message boundary ([`Framing::between_messages`]).
     between: AtomicBool,
@@ -714,10 +720,10 @@ pub struct GuardTag {
 pub struct FramingRefused(pub Refusal);
 
 impl GuardTag {
-    /// A fresh tag with a 128-bit random nonce.
+    /// A fresh tag; its 128-bit random nonce is drawn on first use.
     pub fn new() -> Arc<Self> {
         Arc::new(GuardTag {
-            nonce: crate::random::random_hex(16),
+            nonce: OnceLock::new(),
             between: AtomicBool::new(false),
         })
     }
@@ -734,7 +740,7 @@ impl GuardTag {
         format!(
             "GET /.sealgate/refused HTTP/1.1\r\nhost: sealgate.invalid\r\n{MARK_NONCE}: {}\r\n\
              {MARK_STATUS}: {}\r\n{MARK_REASON}: {}\r\nconnection: close\r\n\r\n",
-            self.nonce,
+            self.nonce.get_or_init(|| crate::random::random_hex(16)),
             r.code.status().as_u16(),
             r.reason
         )
@@ -746,7 +752,8 @@ impl GuardTag {
         let h = req.headers();
         let ours = h
             .get(MARK_NONCE)
-            .is_some_and(|v| v.as_bytes() == self.nonce.as_bytes());
+            .zip(self.nonce.get())
+            .is_some_and(|(v, nonce)| v.as_bytes() == nonce.as_bytes());
         if !ours {
             return;
         }
@@ -1015,6 +1022,68 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A request carrying `headers`, as hyper hands it to the service.
+    fn request_with(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/.sealgate/refused");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    /// The header lines of a synthetic request's text.
+    fn headers_of(synthetic: &[u8]) -> Vec<(String, String)> {
+        let text = std::str::from_utf8(synthetic).unwrap();
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_nonce_header_before_any_refusal_is_not_ours() {
+        let tag = GuardTag::new();
+        let mut req = request_with(&[(MARK_NONCE, ""), (MARK_STATUS, "400")]);
+        tag.mark(&mut req);
+        assert!(req.extensions().get::<FramingRefused>().is_none());
+        let mut req = request_with(&[(MARK_NONCE, "00000000000000000000000000000000")]);
+        tag.mark(&mut req);
+        assert!(req.extensions().get::<FramingRefused>().is_none());
+    }
+
+    #[test]
+    fn only_the_synthetic_requests_nonce_marks() {
+        let tag = GuardTag::new();
+        let synthetic = tag.synthetic(&Reject::too_large("head too large"));
+        let headers = headers_of(&synthetic);
+        let nonce = &headers.iter().find(|(k, _)| k == MARK_NONCE).unwrap().1;
+        assert_eq!(nonce.len(), 32, "128 bits as hex");
+        assert_eq!(
+            tag.synthetic(&Reject::bad("x")),
+            tag.synthetic(&Reject::bad("x")),
+            "one nonce per connection"
+        );
+        let as_pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut req = request_with(&as_pairs);
+        tag.mark(&mut req);
+        let refused = req.extensions().get::<FramingRefused>().expect("marked");
+        assert_eq!(refused.0.code, Code::HeadersTooLarge);
+        let mut wrong = request_with(&[(MARK_NONCE, &nonce.replace(&nonce[..1], "x"))]);
+        tag.mark(&mut wrong);
+        assert!(wrong.extensions().get::<FramingRefused>().is_none());
+        let other = GuardTag::new();
+        let mut req = request_with(&as_pairs);
+        other.mark(&mut req);
+        assert!(
+            req.extensions().get::<FramingRefused>().is_none(),
+            "another connection's nonce"
+        );
+    }
 
     /// Feeds `input` in pieces cut at `cuts`; returns (released bytes, first rejection).
     fn run(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<Reject>) {
