@@ -41,3 +41,30 @@ fn add_pem_roots(roots: &mut rustls::RootCertStore, f: &Path) -> Result<(), Stri
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_configs_use_the_process_provider() {
+        let cfg = client_tls(&[]).expect("web PKI roots alone");
+        assert!(Arc::ptr_eq(
+            cfg.crypto_provider(),
+            crate::tls_provider::provider()
+        ));
+        assert_eq!(
+            cfg.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = client_tls(&[empty]).unwrap_err();
+        assert!(err.contains("no certificate found"), "{err}");
+    }
+}
