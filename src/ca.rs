@@ -179,11 +179,12 @@ impl SandboxCa {
 }
 
 /// A ready-to-serve leaf: the certified key and one rustls `ServerConfig` that always presents
-/// it (ALPN `h2`, `http/1.1`; ring provider; TLS 1.2 and 1.3).
+/// it (ALPN `h2`, `http/1.1`; the process's provider, `crate::tls_provider`; TLS 1.2 and 1.3).
 ///
 /// Building a `ServerConfig` costs ~20 µs, so it is built once per mint and shared by every
 /// connection that uses this leaf. All leaf configs share one process-wide TLS session cache
-/// (rustls only resumes a session for the same SNI), instead of 256 preallocated slots each.
+/// ([`SessionCache`]; why that is safe: `SESSION_CACHE_SIZE` in `ca/tls.rs`), instead of 256
+/// preallocated slots each.
 #[derive(Debug)]
 pub struct Leaf {
     /// The leaf chain `[leaf, ca]` and its signing key.

@@ -1,8 +1,8 @@
 //! The one rustls crypto provider of the process: ring, with AES-128-GCM preferred.
 //!
 //! Invariant: every TLS configuration sealgate builds (the sandbox-facing leaves in
-//! `ca::tls`, the upstream and PostgreSQL clients in `tls_roots`) uses [`provider`], so both
-//! sides of the proxy offer and choose the same suites.
+//! `ca::tls`, the upstream and PostgreSQL clients in `tls_roots`) uses [`provider`]: the
+//! leaves choose by its order, and the clients offer in its order (the origin chooses).
 //!
 //! Why AES-128-GCM first: rustls's default order puts `TLS13_AES_256_GCM_SHA384` first, and a
 //! sandbox client (rustls, OpenSSL) offers it first too. Its key schedule hashes with SHA-384,

@@ -378,6 +378,8 @@ async fn serve_n(leaf: Arc<Leaf>, n: usize) -> (u16, tokio::task::JoinHandle<std
 const PYTHON_RESUMING_CLIENT: &str = r#"
 import socket, ssl, sys
 ctx = ssl.create_default_context(cafile=sys.argv[1])
+if sys.argv[4] == "1.2":
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 session = None
 for _ in range(2):
     with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=10) as raw:
@@ -392,6 +394,28 @@ for _ in range(2):
 /// ticket of its first connection (TLS 1.3, so the ticket is taken on use).
 #[tokio::test]
 async fn python_client_resumes_its_session() {
+    python_resumes("1.3").await;
+}
+
+/// The same over TLS 1.2: a session id (the cache's `get`; the leaves issue no RFC 5077
+/// tickets).
+#[tokio::test]
+async fn python_client_resumes_its_tls12_session() {
+    python_resumes("1.2").await;
+}
+
+#[test]
+fn leaf_configs_choose_the_suite_and_send_one_ticket() {
+    let leaf = Leaf::new(new_ca().mint_leaf(&dns(HOST)).unwrap()).unwrap();
+    assert!(leaf.server_config.ignore_client_order);
+    assert_eq!(leaf.server_config.send_tls13_tickets, 1);
+    assert!(
+        !leaf.server_config.ticketer.enabled(),
+        "stateful sessions only"
+    );
+}
+
+async fn python_resumes(version: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ca = new_ca();
     let ca_pem = write(dir.path(), "ca.pem", ca.cert_pem());
@@ -404,6 +428,7 @@ async fn python_client_resumes_its_session() {
             &ca_pem,
             &port.to_string(),
             HOST,
+            version,
         ])
         .output();
     let out = tokio::time::timeout(std::time::Duration::from_secs(30), client)

@@ -1,6 +1,7 @@
 //! The rustls side of a leaf: the shared crypto provider, session cache and per-leaf config.
 
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
@@ -12,9 +13,19 @@ use super::{CaError, SessionCache};
 /// ALPN protocols offered to sandboxes, in preference order.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-/// Sessions remembered for resumption across all leaves of all sandboxes. rustls resumes a
-/// session only for the SNI it was made for, and session ids are random, so sharing is safe.
+/// Sessions remembered for resumption across all leaves of all sandboxes.
+///
+/// Why sharing is safe: ids and tickets are random and chosen by rustls (a client's own id is
+/// never stored), and resuming one needs its secret, which only the client that made the
+/// session holds: whoever can resume a session could already read that client's traffic.
+/// rustls also requires the same suite and the same SNI (no SNI matches no SNI, so sessions of
+/// IP-literal destinations resume across hosts). Nothing sealgate decides rests on the TLS
+/// session: the sandbox, destination and leaf are fixed before the handshake.
 const SESSION_CACHE_SIZE: usize = 4096;
+
+/// The longest a stored session resumes: the ticket lifetime rustls announces for stateful
+/// tickets (24 h, as RFC 5246 suggests for TLS 1.2 session ids).
+const SESSION_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// TLS 1.3 tickets sent after each full or resumed handshake. rustls sends 2 by default, each
 /// costing three draws from the OS CSPRNG, a key derivation, a cache entry and a record; a
@@ -24,7 +35,7 @@ const SESSION_CACHE_SIZE: usize = 4096;
 const TLS13_TICKETS: usize = 1;
 
 static SESSIONS: LazyLock<Arc<dyn StoresServerSessions>> =
-    LazyLock::new(|| Arc::new(SessionCache::new(SESSION_CACHE_SIZE)));
+    LazyLock::new(|| Arc::new(SessionCache::new(SESSION_CACHE_SIZE, SESSION_MAX_AGE)));
 
 /// The process's crypto provider ([`crate::tls_provider`]).
 pub(super) fn provider() -> &'static Arc<CryptoProvider> {
