@@ -172,7 +172,9 @@ impl SandboxCa {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing_key = tls::provider().key_provider.load_private_key(der)?;
+        let signing_key = crate::tls_provider::provider()
+            .key_provider
+            .load_private_key(der)?;
         let chain = vec![cert.der().clone(), self.cert_der.clone()];
         Ok(CertifiedKey::new(chain, signing_key))
     }

@@ -32,9 +32,12 @@ fn parse(der: &[u8]) -> X509Certificate<'_> {
 fn verifier(ca: &SandboxCa) -> Arc<WebPkiServerVerifier> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der().clone()).expect("add root");
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), tls::provider().clone())
-        .build()
-        .expect("verifier")
+    WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        crate::tls_provider::provider().clone(),
+    )
+    .build()
+    .expect("verifier")
 }
 
 /// Verifies `leaf`'s chain for `server_name` the way a rustls client would.

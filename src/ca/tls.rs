@@ -1,9 +1,9 @@
-//! The rustls side of a leaf: the shared crypto provider, session cache and per-leaf config.
+//! The rustls side of a leaf: the shared session cache and the per-leaf config (the crypto
+//! provider is the process's, [`crate::tls_provider`]).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -37,11 +37,6 @@ const TLS13_TICKETS: usize = 1;
 static SESSIONS: LazyLock<Arc<dyn StoresServerSessions>> =
     LazyLock::new(|| Arc::new(SessionCache::new(SESSION_CACHE_SIZE, SESSION_MAX_AGE)));
 
-/// The process's crypto provider ([`crate::tls_provider`]).
-pub(super) fn provider() -> &'static Arc<CryptoProvider> {
-    crate::tls_provider::provider()
-}
-
 /// A server config that always presents `certified` (TLS 1.2 and 1.3, ALPN h2 then http/1.1),
 /// choosing the suite by the provider's order, not the client's (AES-128-GCM when offered:
 /// [`crate::tls_provider`]).
@@ -49,7 +44,7 @@ pub(super) fn provider() -> &'static Arc<CryptoProvider> {
 /// # Errors
 /// [`CaError::Tls`] if rustls rejects the protocol versions for the provider.
 pub(super) fn server_config(certified: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, CaError> {
-    let mut config = ServerConfig::builder_with_provider(provider().clone())
+    let mut config = ServerConfig::builder_with_provider(crate::tls_provider::provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(FixedCert(certified)));

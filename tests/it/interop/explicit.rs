@@ -4,8 +4,8 @@
 
 use super::matrix::{versions, Matrix, Outcome};
 use super::{
-    ensure, python_cmd, sh_quote, Mode, Server, Want, World, ANTHROPIC_KEY, KEY, OPENAI_KEY,
-    QUERY_KEY,
+    ensure, eventually, python_cmd, sh_quote, Mode, Server, Want, World, ANTHROPIC_KEY, KEY,
+    OPENAI_KEY, QUERY_KEY,
 };
 
 /// An origin host and how it is labelled in the matrix.
@@ -321,6 +321,44 @@ async fn a_query_value_nginx_echoes_percent_encoded_comes_back_as_the_token() {
             "{body}"
         );
     }
+}
+
+/// The suites sealgate chooses and offers (`tls_provider`), as the two OpenSSLs at its ends
+/// see them: curl offers TLS_AES_256_GCM_SHA384 first and still gets AES-128-GCM from the
+/// leaf; nginx follows its client's order and picks AES-128-GCM on the upstream connection.
+#[tokio::test]
+async fn curl_and_nginx_both_get_aes_128_gcm() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let r = w
+        .sh("curl -sS -v --http1.1 -o /dev/null -H 'x-cell: aes128' \
+             -w 'status=%{http_code}\n' https://nginx-h2.test/echo 2>&1")
+        .await;
+    r.ok().expect("curl runs");
+    assert_eq!(r.var("status"), "200", "{}", r.stdout);
+    let suite = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("SSL connection using"))
+        .unwrap_or_else(|| panic!("curl -v names its suite: {}", r.stdout));
+    assert!(suite.contains("TLS_AES_128_GCM_SHA256"), "{suite}");
+    eventually(|| {
+        let hits = w.nginx.hits_for("/echo");
+        let hit = hits
+            .iter()
+            .rev()
+            .find(|h| h.get("cell") == "aes128")
+            .ok_or_else(|| "nginx logged no request of this test".to_owned())?;
+        let cipher = hit.get("cipher");
+        ensure(
+            cipher == "TLS_AES_128_GCM_SHA256" || cipher.contains("-AES128-GCM-"),
+            || format!("sealgate's upstream got {cipher} over {}", hit.get("tls")),
+        )
+    })
+    .await
+    .expect("nginx saw AES-128-GCM");
 }
 
 #[tokio::test]
