@@ -149,6 +149,10 @@ pub struct Isolation {
     sandboxes: Arc<Sandboxes>,
     proxy: Arc<ProxyState>,
     live: Mutex<HashMap<String, Arc<Isolated>>>,
+    /// Sandboxes the expiry sweep took out of `live` and is tearing down: a DELETE meeting
+    /// one waits for that teardown ([`Isolated::teardown`] runs once, under its lock), so
+    /// its answer, 404 included, comes when nothing of the sandbox is left.
+    ending: Mutex<HashMap<Arc<str>, Arc<Isolated>>>,
 }
 
 impl Isolation {
@@ -182,6 +186,7 @@ impl Isolation {
             sandboxes,
             proxy,
             live: Mutex::new(HashMap::new()),
+            ending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -349,7 +354,10 @@ impl Isolation {
     /// # Errors
     /// [`SandboxError::NotFound`] if it was not live.
     pub async fn delete(&self, id: &str) -> Result<(), IsolationError> {
-        let iso = self.lock().remove(id);
+        let iso = self
+            .lock()
+            .remove(id)
+            .or_else(|| self.ending().get(id).cloned());
         let ended = self.sandboxes.delete(id);
         if let Some(iso) = iso {
             blocking(move || {
@@ -365,7 +373,13 @@ impl Isolation {
     pub async fn end(&self, ids: &[Arc<str>]) {
         let gone: Vec<Arc<Isolated>> = {
             let mut live = self.lock();
-            ids.iter().filter_map(|id| live.remove(&**id)).collect()
+            let gone: Vec<_> = ids.iter().filter_map(|id| live.remove(&**id)).collect();
+            // Under `live`'s lock, so a DELETE finds the sandbox in one map or the other.
+            let mut ending = self.ending();
+            for iso in &gone {
+                ending.insert(iso.sandbox.id.clone(), iso.clone());
+            }
+            gone
         };
         if gone.is_empty() {
             return;
@@ -375,6 +389,14 @@ impl Isolation {
             Ok::<_, IsolationError>(())
         })
         .await;
+        let mut ending = self.ending();
+        for id in ids {
+            ending.remove(id);
+        }
+    }
+
+    fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Isolated>>> {
+        self.ending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Daemon shutdown: every isolated sandbox ends (a restart does not restore them).

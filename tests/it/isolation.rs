@@ -930,6 +930,42 @@ async fn expiry_and_shutdown_remove_isolated_sandboxes() {
     assert_gone(&n, "no-such-marker-sealgate");
 }
 
+/// A DELETE that meets a sandbox's own expiry answers only once the expiry's teardown is
+/// done: a caller told 404 (already ended) may rely on nothing being left, as `sandbox exec
+/// --timeout` does when its command's timeout and the sandbox's lifetime end together. The
+/// sweep ends the sandboxes that expired together one after the other; DELETEs 60 ms apart,
+/// from the expiry on, arrive before the sweep (204: the DELETE tears down), during it (404)
+/// and after it (404), and after each answer nothing of that sandbox may be left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_meeting_the_expiry_answers_after_the_teardown() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let created =
+        futures_util::future::join_all((0..8).map(|_| isolated(&e.h, json!({"timeout": 2})))).await;
+    let all: Vec<Names> = created.iter().map(names).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in &all {
+        let path = format!("/v1/sandboxes/{}", n.id);
+        while e.h.api(Method::GET, &path, None).await.0 != StatusCode::NOT_FOUND {
+            assert!(Instant::now() < deadline, "{} never expired", n.id);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for n in all.iter().rev() {
+        let (s, v) =
+            e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", n.id), None)
+                .await;
+        assert!(
+            s == StatusCode::NO_CONTENT || s == StatusCode::NOT_FOUND,
+            "{s} {v}"
+        );
+        assert_gone(n, "no-such-marker-sealgate");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_creates_and_deletes_leave_nothing_and_creation_is_timed() {
     if !netns_ready() {
