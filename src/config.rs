@@ -143,6 +143,8 @@ pub struct RawProxy {
     pub shutdown_grace_secs: Option<u64>,
     /// Count; 0 = `TOKIO_WORKER_THREADS`, else one per CPU core.
     pub worker_threads: Option<usize>,
+    /// Microseconds; 0 = off.
+    pub busy_poll_us: Option<u64>,
 }
 
 /// `[upstream]`.
@@ -362,6 +364,9 @@ pub struct ProxyConfig {
     /// else one per CPU core. Read once at start (a reload reports a change as needing a
     /// restart).
     pub worker_threads: usize,
+    /// The longest a proxy worker polls without blocking after its clients last moved bytes
+    /// (`proxy::spin`); zero = off. Read once at start.
+    pub busy_poll: Duration,
 }
 
 /// `[upstream]`, validated.
@@ -504,6 +509,17 @@ impl Problems {
             ));
         }
         v
+    }
+
+    /// Microseconds: `default` when absent, 0 = off, else at most `max`.
+    fn micros_or_off(&mut self, key: &str, value: Option<u64>, default: u64, max: u64) -> u64 {
+        let v = value.unwrap_or(default);
+        if v > max {
+            self.0.push(format!(
+                "{key}: {v} is out of range (0 = off, or 1..={max} µs)"
+            ));
+        }
+        v.min(max)
     }
 
     /// A limit: `default` when absent, 0 = off (None), else within `min..=max`.
@@ -798,6 +814,12 @@ impl RawProxy {
             ) as u32,
             shutdown_grace: p.secs("proxy.shutdown_grace_secs", self.shutdown_grace_secs, 30),
             worker_threads: p.count_or_zero("proxy.worker_threads", self.worker_threads, 1024),
+            busy_poll: Duration::from_micros(p.micros_or_off(
+                "proxy.busy_poll_us",
+                self.busy_poll_us,
+                DEFAULT_BUSY_POLL_US,
+                MAX_BUSY_POLL_US,
+            )),
         }
     }
 }
@@ -877,6 +899,13 @@ impl RawUpstream {
         }
     }
 }
+
+/// `proxy.busy_poll_us` when absent: windows of up to 200 µs cover a round trip to an origin
+/// on the same network and a client's next request on a keep-alive connection
+/// (`benches/records/2026-12-03-session17-busy-poll.md`).
+pub const DEFAULT_BUSY_POLL_US: u64 = 200;
+/// `proxy.busy_poll_us` at most: 10 ms.
+const MAX_BUSY_POLL_US: u64 = 10_000;
 
 /// `[sandbox] run_as` value giving each isolated sandbox a user of its own.
 pub const PER_SANDBOX: &str = "per-sandbox";
@@ -1116,6 +1145,25 @@ mod tests {
             "{err}"
         );
         assert!(Config::parse("[log]\nlevel = \"warn,sealgate=debug\"\n", "t").is_ok());
+    }
+
+    #[test]
+    fn busy_poll_defaults_to_200_us_zero_is_off_and_it_is_bounded() {
+        assert_eq!(
+            Config::default().proxy.busy_poll,
+            Duration::from_micros(200)
+        );
+        let cfg = Config::parse("[proxy]\nbusy_poll_us = 0\n", "t").unwrap();
+        assert_eq!(cfg.proxy.busy_poll, Duration::ZERO);
+        let cfg = Config::parse("[proxy]\nbusy_poll_us = 50\n", "t").unwrap();
+        assert_eq!(cfg.proxy.busy_poll, Duration::from_micros(50));
+        let err = Config::parse("[proxy]\nbusy_poll_us = 10001\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.busy_poll_us: 10001 is out of range (0 = off, or 1..=10000 µs)"),
+            "{err}"
+        );
     }
 
     #[test]

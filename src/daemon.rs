@@ -157,6 +157,13 @@ impl Running {
         line("master key:", self.key_source.to_string());
         if let Some(w) = &self.workers {
             line("workers:", format!("{} (proxy.worker_threads)", w.len()));
+            line(
+                "busy poll:",
+                match w.busy_poll().as_micros() {
+                    0 => "off (proxy.busy_poll_us)".to_owned(),
+                    us => format!("up to {us} µs after bytes moved (proxy.busy_poll_us)"),
+                },
+            );
         }
         out
     }
@@ -257,7 +264,14 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         listeners.own(),
     );
     let mut tasks = tokio::task::JoinSet::new();
-    let workers = listeners.spawn(&mut tasks, &proxy, &admin_state, &shutdown_rx, workers)?;
+    let workers = listeners.spawn(
+        &mut tasks,
+        &proxy,
+        &admin_state,
+        &shutdown_rx,
+        workers,
+        cfg.proxy.busy_poll,
+    )?;
     tasks.spawn(sweep(
         sandboxes.clone(),
         isolation.clone(),
@@ -475,6 +489,7 @@ impl Listeners {
         admin: &Arc<AdminState>,
         shutdown: &watch::Receiver<bool>,
         workers: usize,
+        busy_poll: std::time::Duration,
     ) -> Result<Workers, DaemonError> {
         let mut own = vec![(
             self.proxy.into_std().map_err(io_err("proxy.listen"))?,
@@ -484,7 +499,7 @@ impl Listeners {
             let l = l.into_std().map_err(io_err("proxy.transparent_listen"))?;
             own.push((l, ListenerKind::Transparent));
         }
-        let workers = Workers::start(proxy, &own, workers)
+        let workers = Workers::start(proxy, &own, workers, busy_poll)
             .map_err(io_err("starting the proxy workers (proxy.worker_threads)"))?;
         tasks.spawn(admin::serve::serve(
             admin::router(admin.clone()),
@@ -759,6 +774,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "proxy.transparent_listen" => proxy.transparent_listen;
         "proxy.public_host" => proxy.public_host;
         "proxy.worker_threads" => proxy.worker_threads;
+        "proxy.busy_poll_us" => proxy.busy_poll;
         "sandbox.leaf_cache_capacity" => sandbox.leaf_cache_capacity;
         "sandbox.default_timeout_secs" => sandbox.default_timeout;
         "sandbox.max_timeout_secs" => sandbox.max_timeout;

@@ -19,6 +19,7 @@ pub mod refusal;
 pub mod response_scrub;
 pub mod rewind;
 pub mod serve;
+pub mod spin;
 pub mod transparent;
 pub mod trim;
 pub mod upstream;

@@ -37,6 +37,7 @@ impl Activity {
     }
 
     fn touch(&self) {
+        super::spin::moved();
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }

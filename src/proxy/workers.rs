@@ -22,6 +22,9 @@
 //! - A worker's runtime, with every connection still on it, is dropped at [`Workers::stop`] or
 //!   when [`Workers`] is dropped: their sockets close then, and so do the workers' listener
 //!   descriptors.
+//! - With `[proxy] busy_poll_us` above zero, a worker that runs out of work shortly after its
+//!   clients moved bytes polls its driver before it parks ([`super::spin`]); it never polls
+//!   while it has work, and it parks once the window has passed.
 
 use std::io;
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::spin::Spinner;
 use super::{run_listener, ListenerKind, Placement, ProxyState};
 
 /// How long a stopping worker waits for its blocking tasks (name lookups through
@@ -46,6 +50,8 @@ pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: CancellationToken,
     accepting: TaskTracker,
+    /// `[proxy] busy_poll_us` as the workers started with it (zero: off).
+    busy_poll: Duration,
 }
 
 /// The number of workers for `[proxy] worker_threads`: 0 means `TOKIO_WORKER_THREADS` if it
@@ -71,37 +77,45 @@ impl Workers {
         state: &Arc<ProxyState>,
         listeners: &[(std::net::TcpListener, ListenerKind)],
         n: usize,
+        busy_poll: Duration,
     ) -> io::Result<Workers> {
         let n = n.max(1);
         let mut workers = Workers {
             threads: Vec::with_capacity(n),
             stop: CancellationToken::new(),
             accepting: TaskTracker::new(),
+            busy_poll,
         };
         let handles = (0..n)
-            .map(|i| workers.start_one(i, n, state, listeners))
+            .map(|i| workers.start_one(i, n, state, listeners, Spinner::new(busy_poll)))
             .collect::<io::Result<Vec<_>>>()?;
         state.set_workers(handles);
         Ok(workers)
     }
 
-    /// Starts worker `i` of `n`: its runtime, its accept loops, its thread; returns the
-    /// runtime's handle.
+    /// Starts worker `i` of `n`: its runtime (busy-polling if `spin`), its accept loops, its
+    /// thread; returns the runtime's handle.
     fn start_one(
         &mut self,
         i: usize,
         n: usize,
         state: &Arc<ProxyState>,
         listeners: &[(std::net::TcpListener, ListenerKind)],
+        spin: Option<Spinner>,
     ) -> io::Result<tokio::runtime::Handle> {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder
+            .max_blocking_threads((MAX_BLOCKING_THREADS / n).max(1))
+            .enable_all();
+        if let Some(s) = spin.clone() {
+            builder.on_thread_park(move || s.before_park());
+        }
         // Owned at once: an error below drops it inside the daemon's runtime.
-        let rt = Owned(Some(
-            tokio::runtime::Builder::new_current_thread()
-                .max_blocking_threads((MAX_BLOCKING_THREADS / n).max(1))
-                .enable_all()
-                .build()?,
-        ));
+        let rt = Owned(Some(builder.build()?));
         let handle = rt.0.as_ref().expect("just built").handle().clone();
+        if let Some(s) = spin {
+            handle.spawn(s.run());
+        }
         let own = {
             let _in_rt = handle.enter();
             listeners
@@ -125,6 +139,11 @@ impl Workers {
     /// How many workers run.
     pub fn len(&self) -> usize {
         self.threads.len()
+    }
+
+    /// The longest busy-poll window of each worker (zero: off; see [`super::spin`]).
+    pub fn busy_poll(&self) -> Duration {
+        self.busy_poll
     }
 
     /// Always false: [`Workers::start`] starts at least one.

@@ -1178,19 +1178,8 @@ async fn worker_threads_sizes_the_runtime() {
         proxy_toml: "worker_threads = 3",
     };
     let b = Bin::spawn(&o).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let workers = loop {
-        let summary = b.stderr.lock().unwrap().clone();
-        let line = summary
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("workers:"));
-        if let Some(v) = line {
-            break v.split_whitespace().next().unwrap_or_default().to_owned();
-        }
-        assert!(Instant::now() < deadline, "no workers line in:\n{summary}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(workers, "3", "the proxy's workers");
+    let workers = summary_line(&b, "workers:").await;
+    assert_eq!(workers, "3 (proxy.worker_threads)", "the proxy's workers");
     let pid = b.child.id();
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -1219,6 +1208,115 @@ async fn worker_threads_sizes_the_runtime() {
         v["needs_restart"],
         serde_json::json!(["proxy.worker_threads"])
     );
+}
+
+/// The summary line starting with `key` once the binary has written it.
+async fn summary_line(b: &Bin, key: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let summary = b.stderr.lock().unwrap().clone();
+        if let Some(v) = summary.lines().find_map(|l| l.trim().strip_prefix(key)) {
+            return v.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no {key} line in:\n{summary}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One thread of `pid`'s, by its (truncated) name: (voluntary context switches, user + system clock ticks).
+fn thread_counters(pid: u32, name: &str) -> (u64, u64) {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != name
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after_comm
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // Fields 14 and 15 of stat (utime, stime), counted from after the command name.
+        return (switches, f[11] + f[12]);
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+/// `[proxy] busy_poll_us`: a worker whose client moved bytes moments ago polls instead of
+/// sleeping, so 200 keep-alive requests one after another hardly ever put its thread to sleep
+/// (voluntary context switches, from /proc), where with 0 every request sleeps at least once
+/// (waiting for the origin); and once the traffic stops the worker sleeps: almost no CPU over
+/// the next second. The summary says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep() {
+    const REQUESTS: u64 = 200;
+    let (pki, echo) = upstream().await;
+    for (setting, busy) in [
+        ("worker_threads = 1\nbusy_poll_us = 10000", true),
+        ("worker_threads = 1\nbusy_poll_us = 0", false),
+    ] {
+        let o = BinOpts {
+            echo: echo.addr,
+            pki: &pki,
+            proxy_toml: setting,
+        };
+        let b = Bin::spawn(&o).await;
+        let line = summary_line(&b, "busy poll:").await;
+        let said = if busy {
+            "up to 10000 µs after bytes moved (proxy.busy_poll_us)"
+        } else {
+            "off (proxy.busy_poll_us)"
+        };
+        assert_eq!(line, said);
+        let sb = b.sandbox("sk-ops-busy-poll-0001").await;
+        let key = sb.token("KEY");
+        let mut c = pc::h1(b.proxy, &sb, API).await;
+        for _ in 0..10 {
+            assert_eq!(
+                echo_get(&mut c, "api.example.test", &key).await.status,
+                StatusCode::OK
+            );
+        }
+        let pid = b.child.id();
+        let (before, _) = thread_counters(pid, "sealgate-proxy-");
+        for _ in 0..REQUESTS {
+            assert_eq!(
+                echo_get(&mut c, "api.example.test", &key).await.status,
+                StatusCode::OK
+            );
+        }
+        let (after, _) = thread_counters(pid, "sealgate-proxy-");
+        let slept = after - before;
+        eprintln!("busy poll {busy}: the worker slept {slept} times in {REQUESTS} requests");
+        if busy {
+            assert!(
+                slept < REQUESTS / 2,
+                "{slept} sleeps in {REQUESTS} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (_, t0) = thread_counters(pid, "sealgate-proxy-");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (_, t1) = thread_counters(pid, "sealgate-proxy-");
+            assert!(t1 - t0 <= 2, "{} ticks of CPU in an idle second", t1 - t0);
+        } else {
+            assert!(
+                slept >= REQUESTS * 3 / 4,
+                "{slept} sleeps in {REQUESTS} requests"
+            );
+        }
+    }
 }
 
 /// With `[log] format = "json"` every stderr line is JSON, the start-up summary included (as

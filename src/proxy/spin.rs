@@ -1,0 +1,240 @@
+//! Busy-polling a proxy worker through short idle gaps (`[proxy] busy_poll_us`).
+//!
+//! A worker that runs out of work parks in `epoll_wait`, and the next event has to wake its
+//! thread. On a virtual machine whose idle vCPUs halt (the kernel's own halt-polling off, as
+//! on the machine the benchmarks run on) that wake-up is an inter-processor interrupt through
+//! the hypervisor: tens of µs on every hand-off, twice per request through a proxy. So before
+//! parking, a worker whose clients moved bytes moments ago polls its I/O driver without
+//! blocking for a while (tokio's park hook wakes a task that does nothing, and a runtime with
+//! a task to run polls the driver with a zero timeout instead of blocking), yielding the CPU
+//! to any other runnable thread on every round.
+//!
+//! How long it polls adapts as the kernel's cpuidle-haltpoll governor does: each idle gap
+//! (from running out of work to the next bytes moved on a client connection of this worker)
+//! that was longer than the window but within `busy_poll_us` doubles the window (starting at a
+//! quarter of it); a gap longer than `busy_poll_us` halves it, down to zero. Gaps that polling
+//! could have caught keep it open; gaps it could not (an origin across the internet, a client
+//! thinking) close it, so a worker serving slow traffic stops spinning.
+//!
+//! Invariants: a worker only polls when it has nothing else to run (tokio calls the hook only
+//! then); it stops polling at most `busy_poll_us` after its clients last moved bytes, so an
+//! idle daemon sleeps; every round yields the CPU (`sched_yield`) to any runnable thread.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Below this the window is zero: polling for less than a syscall or two catches nothing.
+const MIN_WINDOW: Duration = Duration::from_micros(5);
+
+/// One worker's idle gaps and polling window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Gaps {
+    /// When the worker last ran out of work with no bytes moved since; None while working.
+    idle_since: Option<Instant>,
+    /// How long to poll after running out of work.
+    window: Duration,
+    /// `busy_poll_us` (set by the park hook, so before `idle_since` is ever set).
+    max: Duration,
+}
+
+thread_local! {
+    /// This thread's gaps (worker threads only; elsewhere `idle_since` stays None).
+    static GAPS: Cell<Gaps> = const {
+        Cell::new(Gaps { idle_since: None, window: Duration::ZERO, max: Duration::ZERO })
+    };
+}
+
+impl Gaps {
+    /// Bytes moved at `now`: the idle gap, if one was open, ends and adapts the window.
+    fn moved(&mut self, now: Instant) {
+        if let Some(since) = self.idle_since.take() {
+            self.window = adapt(self.window, now.saturating_duration_since(since), self.max);
+        }
+    }
+
+    /// The worker ran out of work at `now`: whether to poll once more instead of parking.
+    fn poll_instead_of_park(&mut self, now: Instant) -> bool {
+        let since = *self.idle_since.get_or_insert(now);
+        now.saturating_duration_since(since) < self.window
+    }
+}
+
+/// The window after an idle gap of `gap` (cpuidle-haltpoll's grow and shrink, factor 2).
+fn adapt(window: Duration, gap: Duration, max: Duration) -> Duration {
+    if gap > max {
+        let half = window / 2;
+        if half < MIN_WINDOW {
+            Duration::ZERO
+        } else {
+            half
+        }
+    } else if gap > window {
+        (window * 2).max(max / 4).min(max)
+    } else {
+        window
+    }
+}
+
+/// Records that bytes moved on a client connection of this thread. Costs a thread-local read
+/// unless the worker had run out of work before (then one clock read).
+pub fn moved() {
+    GAPS.with(|g| {
+        let mut gaps = g.get();
+        if gaps.idle_since.is_some() {
+            gaps.moved(Instant::now());
+            g.set(gaps);
+        }
+    });
+}
+
+/// A worker's busy-poll: the park hook and the task it wakes.
+#[derive(Clone, Debug)]
+pub struct Spinner {
+    max: Duration,
+    wake: Arc<Notify>,
+}
+
+impl Spinner {
+    /// Busy-polling with windows of at most `max`; `None` for zero (off).
+    pub fn new(max: Duration) -> Option<Spinner> {
+        (!max.is_zero()).then(|| Spinner {
+            max,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// The longest window.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// tokio's park hook (`on_thread_park`), on the worker's thread: within the window, yields
+    /// the CPU once and wakes the spin task, so the runtime polls its driver without blocking
+    /// and calls the hook again; past it, lets the worker park.
+    pub fn before_park(&self) {
+        let poll = GAPS.with(|g| {
+            let mut gaps = g.get();
+            gaps.max = self.max;
+            let poll = gaps.poll_instead_of_park(Instant::now());
+            g.set(gaps);
+            poll
+        });
+        if poll {
+            std::thread::yield_now();
+            self.wake.notify_one();
+        }
+    }
+
+    /// The task the hook wakes: being woken is all it does.
+    pub async fn run(self) {
+        loop {
+            self.wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(200);
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn a_gap_polling_could_have_caught_opens_the_window_from_a_quarter() {
+        assert_eq!(adapt(Duration::ZERO, us(80), MAX), us(50));
+        assert_eq!(adapt(us(50), us(80), MAX), us(100));
+        assert_eq!(adapt(us(100), us(150), MAX), us(200));
+        assert_eq!(
+            adapt(us(200), us(199), MAX),
+            us(200),
+            "never past the maximum"
+        );
+    }
+
+    #[test]
+    fn a_gap_within_the_window_keeps_it() {
+        assert_eq!(adapt(us(100), us(60), MAX), us(100));
+        assert_eq!(adapt(Duration::ZERO, Duration::ZERO, MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_gap_past_the_maximum_halves_it_down_to_zero() {
+        assert_eq!(adapt(us(200), us(201), MAX), us(100));
+        assert_eq!(adapt(us(100), Duration::from_secs(1), MAX), us(50));
+        assert_eq!(adapt(us(8), Duration::from_secs(1), MAX), Duration::ZERO);
+        assert_eq!(
+            adapt(Duration::ZERO, Duration::from_secs(1), MAX),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn slow_traffic_closes_the_window_and_fast_traffic_reopens_it() {
+        let t0 = Instant::now();
+        let mut g = Gaps {
+            idle_since: None,
+            window: MAX,
+            max: MAX,
+        };
+        // An origin 50 ms away: each gap halves the window until the worker parks at once.
+        let mut t = t0;
+        for _ in 0..6 {
+            assert_eq!(g.poll_instead_of_park(t), !g.window.is_zero());
+            t += Duration::from_millis(50);
+            g.moved(t);
+        }
+        assert_eq!(g.window, Duration::ZERO);
+        assert!(!g.poll_instead_of_park(t), "a closed window parks at once");
+        // An origin 80 µs away: the first gap reopens it at a quarter, the next doubles it.
+        g.moved(t + us(80));
+        assert_eq!(g.window, us(50));
+        t += us(200);
+        assert!(g.poll_instead_of_park(t));
+        assert!(g.poll_instead_of_park(t + us(49)));
+        g.moved(t + us(80));
+        assert_eq!(g.window, us(100));
+    }
+
+    #[test]
+    fn polling_ends_a_window_after_running_out_of_work() {
+        let t0 = Instant::now();
+        let mut g = Gaps {
+            idle_since: None,
+            window: us(100),
+            max: MAX,
+        };
+        assert!(g.poll_instead_of_park(t0));
+        assert!(g.poll_instead_of_park(t0 + us(99)));
+        assert!(!g.poll_instead_of_park(t0 + us(100)), "then it parks");
+        assert!(
+            !g.poll_instead_of_park(t0 + us(5000)),
+            "and a wake-up without bytes moved does not reopen it"
+        );
+        g.moved(t0 + us(5000));
+        assert_eq!(g.idle_since, None);
+        assert!(
+            g.poll_instead_of_park(t0 + us(6000)),
+            "bytes moved: a new gap"
+        );
+    }
+
+    #[test]
+    fn off_is_none_and_a_thread_that_never_parked_records_nothing() {
+        assert!(Spinner::new(Duration::ZERO).is_none());
+        assert_eq!(Spinner::new(MAX).unwrap().max(), MAX);
+        std::thread::spawn(|| {
+            moved();
+            assert_eq!(GAPS.with(Cell::get).idle_since, None);
+            assert_eq!(GAPS.with(Cell::get).window, Duration::ZERO);
+        })
+        .join()
+        .unwrap();
+    }
+}
