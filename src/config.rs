@@ -511,15 +511,22 @@ impl Problems {
         v
     }
 
-    /// Microseconds: `default` when absent, 0 = off, else at most `max`.
-    fn micros_or_off(&mut self, key: &str, value: Option<u64>, default: u64, max: u64) -> u64 {
+    /// Microseconds: `default` when absent, 0 = off, else within `range`.
+    fn micros_or_off(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        range: (u64, u64),
+    ) -> u64 {
         let v = value.unwrap_or(default);
-        if v > max {
+        if v != 0 && (v < range.0 || v > range.1) {
             self.0.push(format!(
-                "{key}: {v} is out of range (0 = off, or 1..={max} µs)"
+                "{key}: {v} is out of range (0 = off, or {}..={} µs)",
+                range.0, range.1
             ));
         }
-        v.min(max)
+        v
     }
 
     /// A limit: `default` when absent, 0 = off (None), else within `min..=max`.
@@ -818,7 +825,7 @@ impl RawProxy {
                 "proxy.busy_poll_us",
                 self.busy_poll_us,
                 DEFAULT_BUSY_POLL_US,
-                MAX_BUSY_POLL_US,
+                BUSY_POLL_RANGE_US,
             )),
         }
     }
@@ -904,8 +911,10 @@ impl RawUpstream {
 /// on the same network and a client's next request on a keep-alive connection
 /// (`benches/records/2026-12-03-session17-busy-poll.md`).
 pub const DEFAULT_BUSY_POLL_US: u64 = 200;
-/// `proxy.busy_poll_us` at most: 10 ms.
-const MAX_BUSY_POLL_US: u64 = 10_000;
+/// `proxy.busy_poll_us` when not 0: from 20 µs (a first window of 5 µs, below which polling
+/// catches nothing) to 1 ms (a longer window would only catch gaps that polling does not
+/// usefully shorten, at a cost in CPU).
+const BUSY_POLL_RANGE_US: (u64, u64) = (20, 1_000);
 
 /// `[sandbox] run_as` value giving each isolated sandbox a user of its own.
 pub const PER_SANDBOX: &str = "per-sandbox";
@@ -1157,13 +1166,14 @@ mod tests {
         assert_eq!(cfg.proxy.busy_poll, Duration::ZERO);
         let cfg = Config::parse("[proxy]\nbusy_poll_us = 50\n", "t").unwrap();
         assert_eq!(cfg.proxy.busy_poll, Duration::from_micros(50));
-        let err = Config::parse("[proxy]\nbusy_poll_us = 10001\n", "t")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("proxy.busy_poll_us: 10001 is out of range (0 = off, or 1..=10000 µs)"),
-            "{err}"
-        );
+        for bad in [19, 1001] {
+            let err = Config::parse(&format!("[proxy]\nbusy_poll_us = {bad}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            let said =
+                format!("proxy.busy_poll_us: {bad} is out of range (0 = off, or 20..=1000 µs)");
+            assert!(err.contains(&said), "{err}");
+        }
     }
 
     #[test]

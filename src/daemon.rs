@@ -839,6 +839,12 @@ mod tests {
         let other = Config::parse("[proxy]\npublic_host = \"h.example\"\n", "t").unwrap();
         let default = Config::parse("", "t").unwrap();
         assert_eq!(needs_restart(&default, &other), ["proxy.public_host"]);
+        let threads =
+            Config::parse("[proxy]\nworker_threads = 3\nbusy_poll_us = 0\n", "t").unwrap();
+        assert_eq!(
+            needs_restart(&default, &threads),
+            ["proxy.worker_threads", "proxy.busy_poll_us"]
+        );
         let limits = Config::parse("[sandbox]\npids_max = 64\ndisk_max_mib = 0\n", "t").unwrap();
         assert_eq!(
             needs_restart(&default, &limits),

@@ -16,9 +16,12 @@
 //! could have caught keep it open; gaps it could not (an origin across the internet, a client
 //! thinking) close it, so a worker serving slow traffic stops spinning.
 //!
-//! Invariants: a worker only polls when it has nothing else to run (tokio calls the hook only
-//! then); it stops polling at most `busy_poll_us` after its clients last moved bytes, so an
-//! idle daemon sleeps; every round yields the CPU (`sched_yield`) to any runnable thread.
+//! Invariants:
+//! - a worker only polls when it has nothing else to run (tokio calls the hook only then);
+//! - it polls for at most the window (≤ `busy_poll_us`) after it ran out of work, and only
+//!   client activity ([`moved`]) opens a new gap, so an idle daemon sleeps;
+//! - it polls for at most [`MAX_POLLED`] of every [`PERIOD`], whatever the traffic;
+//! - every round yields the CPU (`sched_yield`) to the runnable threads of its run queue.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -29,6 +32,14 @@ use tokio::sync::Notify;
 /// Below this the window is zero: polling for less than a syscall or two catches nothing.
 const MIN_WINDOW: Duration = Duration::from_micros(5);
 
+/// The duty cycle's period: a worker polls for at most [`MAX_POLLED`] of every such period.
+const PERIOD: Duration = Duration::from_millis(100);
+
+/// The polling a worker may do per [`PERIOD`] (half). Bounds what a trickle of bytes timed
+/// to keep the window open can cost: without the cap, a record every window's length would
+/// keep a worker polling all the time.
+const MAX_POLLED: Duration = Duration::from_millis(50);
+
 /// One worker's idle gaps and polling window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Gaps {
@@ -38,27 +49,61 @@ struct Gaps {
     window: Duration,
     /// `busy_poll_us` (set by the park hook, so before `idle_since` is ever set).
     max: Duration,
+    /// When the last polling round began, while polling goes on; None once the worker parked
+    /// or bytes moved.
+    last_round: Option<Instant>,
+    /// When the current duty-cycle period began.
+    period_start: Option<Instant>,
+    /// Time spent polling in the current period.
+    polled: Duration,
 }
 
 thread_local! {
     /// This thread's gaps (worker threads only; elsewhere `idle_since` stays None).
     static GAPS: Cell<Gaps> = const {
-        Cell::new(Gaps { idle_since: None, window: Duration::ZERO, max: Duration::ZERO })
+        Cell::new(Gaps::new(Duration::ZERO))
     };
 }
 
 impl Gaps {
+    /// No gap yet, the window closed, nothing polled.
+    const fn new(max: Duration) -> Gaps {
+        Gaps {
+            idle_since: None,
+            window: Duration::ZERO,
+            max,
+            last_round: None,
+            period_start: None,
+            polled: Duration::ZERO,
+        }
+    }
+
     /// Bytes moved at `now`: the idle gap, if one was open, ends and adapts the window.
     fn moved(&mut self, now: Instant) {
+        self.last_round = None;
         if let Some(since) = self.idle_since.take() {
             self.window = adapt(self.window, now.saturating_duration_since(since), self.max);
         }
     }
 
     /// The worker ran out of work at `now`: whether to poll once more instead of parking.
+    /// Polls while the gap is shorter than the window and this period's polling is under
+    /// [`MAX_POLLED`].
     fn poll_instead_of_park(&mut self, now: Instant) -> bool {
         let since = *self.idle_since.get_or_insert(now);
-        now.saturating_duration_since(since) < self.window
+        let start = *self.period_start.get_or_insert(now);
+        if now.saturating_duration_since(start) >= PERIOD {
+            self.period_start = Some(now);
+            self.polled = Duration::ZERO;
+        }
+        if let Some(prev) = self.last_round.take() {
+            self.polled += now.saturating_duration_since(prev);
+        }
+        let poll = now.saturating_duration_since(since) < self.window && self.polled < MAX_POLLED;
+        if poll {
+            self.last_round = Some(now);
+        }
+        poll
     }
 }
 
@@ -179,9 +224,8 @@ mod tests {
     fn slow_traffic_closes_the_window_and_fast_traffic_reopens_it() {
         let t0 = Instant::now();
         let mut g = Gaps {
-            idle_since: None,
             window: MAX,
-            max: MAX,
+            ..Gaps::new(MAX)
         };
         // An origin 50 ms away: each gap halves the window until the worker parks at once.
         let mut t = t0;
@@ -206,9 +250,8 @@ mod tests {
     fn polling_ends_a_window_after_running_out_of_work() {
         let t0 = Instant::now();
         let mut g = Gaps {
-            idle_since: None,
             window: us(100),
-            max: MAX,
+            ..Gaps::new(MAX)
         };
         assert!(g.poll_instead_of_park(t0));
         assert!(g.poll_instead_of_park(t0 + us(99)));
@@ -223,6 +266,41 @@ mod tests {
             g.poll_instead_of_park(t0 + us(6000)),
             "bytes moved: a new gap"
         );
+    }
+
+    #[test]
+    fn polling_takes_at_most_half_of_every_100_ms() {
+        // A trickle timed to keep the window open: a byte every 150 µs, polled in between in
+        // rounds of 5 µs.
+        let t0 = Instant::now();
+        let mut g = Gaps {
+            window: MAX,
+            ..Gaps::new(MAX)
+        };
+        let mut t = t0;
+        let mut polled = Duration::ZERO;
+        while t < t0 + Duration::from_millis(300) {
+            let gap_end = t + us(150);
+            while t < gap_end {
+                let poll = g.poll_instead_of_park(t);
+                if !poll {
+                    break;
+                }
+                polled += us(5);
+                t += us(5);
+            }
+            t = gap_end;
+            g.moved(t);
+        }
+        let share = polled.as_secs_f64() / (t - t0).as_secs_f64();
+        assert!(
+            (0.45..=0.52).contains(&share),
+            "polled {polled:?} of {:?}",
+            t - t0
+        );
+        // A new period polls again.
+        g.poll_instead_of_park(t + PERIOD);
+        assert!(g.poll_instead_of_park(t + PERIOD + us(5)));
     }
 
     #[test]

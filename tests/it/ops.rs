@@ -1264,7 +1264,7 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
     const REQUESTS: u64 = 200;
     let (pki, echo) = upstream().await;
     for (setting, busy) in [
-        ("worker_threads = 1\nbusy_poll_us = 10000", true),
+        ("worker_threads = 1\nbusy_poll_us = 1000", true),
         ("worker_threads = 1\nbusy_poll_us = 0", false),
     ] {
         let o = BinOpts {
@@ -1275,7 +1275,7 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
         let b = Bin::spawn(&o).await;
         let line = summary_line(&b, "busy poll:").await;
         let said = if busy {
-            "up to 10000 µs after bytes moved (proxy.busy_poll_us)"
+            "up to 1000 µs after bytes moved (proxy.busy_poll_us)"
         } else {
             "off (proxy.busy_poll_us)"
         };
