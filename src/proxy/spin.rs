@@ -191,6 +191,15 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    /// Now, and a worker's gaps with the window open at `window`.
+    fn open_at(window: Duration) -> (Instant, Gaps) {
+        let g = Gaps {
+            window,
+            ..Gaps::new(MAX)
+        };
+        (Instant::now(), g)
+    }
+
     #[test]
     fn a_gap_polling_could_have_caught_opens_the_window_from_a_quarter() {
         assert_eq!(adapt(Duration::ZERO, us(80), MAX), us(50));
@@ -222,11 +231,7 @@ mod tests {
 
     #[test]
     fn slow_traffic_closes_the_window_and_fast_traffic_reopens_it() {
-        let t0 = Instant::now();
-        let mut g = Gaps {
-            window: MAX,
-            ..Gaps::new(MAX)
-        };
+        let (t0, mut g) = open_at(MAX);
         // An origin 50 ms away: each gap halves the window until the worker parks at once.
         let mut t = t0;
         for _ in 0..6 {
@@ -248,11 +253,7 @@ mod tests {
 
     #[test]
     fn polling_ends_a_window_after_running_out_of_work() {
-        let t0 = Instant::now();
-        let mut g = Gaps {
-            window: us(100),
-            ..Gaps::new(MAX)
-        };
+        let (t0, mut g) = open_at(us(100));
         assert!(g.poll_instead_of_park(t0));
         assert!(g.poll_instead_of_park(t0 + us(99)));
         assert!(!g.poll_instead_of_park(t0 + us(100)), "then it parks");
@@ -272,11 +273,7 @@ mod tests {
     fn polling_takes_at_most_half_of_every_100_ms() {
         // A trickle timed to keep the window open: a byte every 150 µs, polled in between in
         // rounds of 5 µs.
-        let t0 = Instant::now();
-        let mut g = Gaps {
-            window: MAX,
-            ..Gaps::new(MAX)
-        };
+        let (t0, mut g) = open_at(MAX);
         let mut t = t0;
         let mut polled = Duration::ZERO;
         while t < t0 + Duration::from_millis(300) {
