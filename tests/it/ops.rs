@@ -1319,6 +1319,80 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
     }
 }
 
+/// A hostile trickle against busy-polling: a sandbox that sends its request body one byte per
+/// TLS record every ~850 µs keeps its worker's 1 ms window open, and without a cap the worker
+/// would poll whenever it is not working. The duty cycle holds polling to half of every
+/// 100 ms: over 2 s the worker's CPU time exceeds that of the same trickle without
+/// busy-polling by about half the wall time (50–52 % seen, asserted below 65 %; without the
+/// cap it would be ~85 %: the worker works 12 % of the time), and it did poll (it slept far
+/// less often than without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_holds_a_busy_polling_worker_to_its_duty_cycle() {
+    let (pki, echo) = upstream().await;
+    let mut seen = Vec::new();
+    for busy_poll in [1000, 0] {
+        let o = BinOpts {
+            echo: echo.addr,
+            pki: &pki,
+            proxy_toml: &format!("worker_threads = 1\nbusy_poll_us = {busy_poll}"),
+        };
+        let b = Bin::spawn(&o).await;
+        let (sent, slept, ticks, wall) = trickle(&b).await;
+        eprintln!(
+            "busy_poll_us = {busy_poll}: {sent} records in {wall:.0} ticks; the worker used \
+             {ticks} ticks and slept {slept} times"
+        );
+        assert!(sent > 1000, "the trickle sent only {sent} records");
+        seen.push((slept, ticks as f64 / wall, sent));
+    }
+    let [(slept, busy, _), (slept_off, off, _)] = seen[..] else {
+        unreachable!()
+    };
+    // Polling half the time, the worker sleeps on about half the records (~880 of ~2,100
+    // seen, against ~2,050 without).
+    assert!(
+        slept < slept_off * 3 / 4,
+        "the worker slept {slept} times polling and {slept_off} times without: no polling"
+    );
+    assert!(
+        busy - off < 0.65,
+        "polling took {:.0} % of the time (CPU {:.0} % against {:.0} % without)",
+        (busy - off) * 100.0,
+        busy * 100.0,
+        off * 100.0
+    );
+}
+
+/// Sends a request body one byte per TLS record, ~850 µs apart, for 2 s through `b`'s one
+/// worker: (records sent, the worker's sleeps, its CPU clock ticks, the wall time in ticks).
+async fn trickle(b: &Bin) -> (u64, u64, u64, f64) {
+    use tokio::io::AsyncWriteExt;
+    let sb = b.sandbox("sk-ops-trickle-0001").await;
+    let tcp = pc::connect(b.proxy, Some(&sb.proxy_auth()), API)
+        .await
+        .expect("CONNECT accepted");
+    let mut tls = pc::tls(tcp, &sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let head = "POST /echo HTTP/1.1\r\nhost: api.example.test\r\ncontent-length: 1000000\r\n\r\n";
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let pid = b.child.id();
+    let (v0, t0) = thread_counters(pid, "sealgate-proxy-");
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(2) {
+        tls.write_all(b"a").await.unwrap();
+        tls.flush().await.unwrap();
+        sent += 1;
+        // Blocking on purpose: tokio's timers cannot sleep for less than a millisecond.
+        std::thread::sleep(Duration::from_micros(800));
+    }
+    let (v1, t1) = thread_counters(pid, "sealgate-proxy-");
+    let wall = started.elapsed().as_secs_f64() * 100.0;
+    (sent, v1 - v0, t1 - t0, wall)
+}
+
 /// With `[log] format = "json"` every stderr line is JSON, the start-up summary included (as
 /// the `summary` field of one line, written at any `[log] level`, here `warn`), so a log
 /// shipper parsing JSON lines never chokes.
