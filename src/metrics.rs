@@ -110,6 +110,9 @@ pub struct Metrics {
     pub store_sync_lag: Gauge<f64, AtomicU64>,
     /// Audit lines dropped because the writer's queue was full (handed to the audit sink).
     pub audit_dropped: Counter,
+    /// Seconds the proxy workers spent busy-polling instead of sleeping (handed to each
+    /// worker's `proxy::spin::Spinner`).
+    pub busy_poll_seconds: Counter<f64, AtomicU64>,
 }
 
 /// Distinct (secret, host) series of `secrets_unsealed_total`; later hosts are counted as
@@ -174,6 +177,7 @@ impl Metrics {
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
             audit_dropped: Counter::default(),
+            busy_poll_seconds: Counter::default(),
         };
         registry.register(
             "requests",
@@ -260,6 +264,11 @@ impl Metrics {
             "audit_dropped",
             "Audit lines dropped because the audit writer's queue was full",
             m.audit_dropped.clone(),
+        );
+        registry.register(
+            "busy_poll_seconds",
+            "Seconds proxy workers spent polling instead of sleeping (proxy.busy_poll_us)",
+            m.busy_poll_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

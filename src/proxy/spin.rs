@@ -24,9 +24,11 @@
 //! - every round yields the CPU (`sched_yield`) to the runnable threads of its run queue.
 
 use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 /// Below this the window is zero: polling for less than a syscall or two catches nothing.
@@ -56,6 +58,8 @@ struct Gaps {
     period_start: Option<Instant>,
     /// Time spent polling in the current period.
     polled: Duration,
+    /// Time spent polling since the thread began (for the metric).
+    total_polled: Duration,
 }
 
 thread_local! {
@@ -75,6 +79,7 @@ impl Gaps {
             last_round: None,
             period_start: None,
             polled: Duration::ZERO,
+            total_polled: Duration::ZERO,
         }
     }
 
@@ -97,7 +102,9 @@ impl Gaps {
             self.polled = Duration::ZERO;
         }
         if let Some(prev) = self.last_round.take() {
-            self.polled += now.saturating_duration_since(prev);
+            let round = now.saturating_duration_since(prev);
+            self.polled += round;
+            self.total_polled += round;
         }
         let poll = now.saturating_duration_since(since) < self.window && self.polled < MAX_POLLED;
         if poll {
@@ -140,14 +147,18 @@ pub fn moved() {
 pub struct Spinner {
     max: Duration,
     wake: Arc<Notify>,
+    /// `sealgate_busy_poll_seconds_total`.
+    polled: Counter<f64, AtomicU64>,
 }
 
 impl Spinner {
-    /// Busy-polling with windows of at most `max`; `None` for zero (off).
-    pub fn new(max: Duration) -> Option<Spinner> {
+    /// Busy-polling with windows of at most `max`, counting the time polled in `polled`;
+    /// `None` for zero (off).
+    pub fn new(max: Duration, polled: Counter<f64, AtomicU64>) -> Option<Spinner> {
         (!max.is_zero()).then(|| Spinner {
             max,
             wake: Arc::new(Notify::new()),
+            polled,
         })
     }
 
@@ -160,13 +171,17 @@ impl Spinner {
     /// the CPU once and wakes the spin task, so the runtime polls its driver without blocking
     /// and calls the hook again; past it, lets the worker park.
     pub fn before_park(&self) {
-        let poll = GAPS.with(|g| {
+        let (poll, round) = GAPS.with(|g| {
             let mut gaps = g.get();
             gaps.max = self.max;
+            let before = gaps.total_polled;
             let poll = gaps.poll_instead_of_park(Instant::now());
             g.set(gaps);
-            poll
+            (poll, gaps.total_polled - before)
         });
+        if !round.is_zero() {
+            self.polled.inc_by(round.as_secs_f64());
+        }
         if poll {
             std::thread::yield_now();
             self.wake.notify_one();
@@ -301,9 +316,27 @@ mod tests {
     }
 
     #[test]
+    fn the_hook_counts_the_time_it_polled() {
+        let counter: Counter<f64, AtomicU64> = Counter::default();
+        let spinner = Spinner::new(MAX, counter.clone()).unwrap();
+        std::thread::spawn(move || {
+            spinner.before_park(); // runs out of work: a gap opens, the window is closed
+            std::thread::sleep(us(40));
+            moved(); // a gap within the maximum: the window opens at a quarter (50 µs)
+            spinner.before_park(); // polls
+            std::thread::sleep(us(20));
+            spinner.before_park(); // polls again: the 20 µs in between were polled
+        })
+        .join()
+        .unwrap();
+        let polled = counter.get();
+        assert!((20e-6..0.1).contains(&polled), "{polled} s");
+    }
+
+    #[test]
     fn off_is_none_and_a_thread_that_never_parked_records_nothing() {
-        assert!(Spinner::new(Duration::ZERO).is_none());
-        assert_eq!(Spinner::new(MAX).unwrap().max(), MAX);
+        assert!(Spinner::new(Duration::ZERO, Counter::default()).is_none());
+        assert_eq!(Spinner::new(MAX, Counter::default()).unwrap().max(), MAX);
         std::thread::spawn(|| {
             moved();
             assert_eq!(GAPS.with(Cell::get).idle_since, None);

@@ -87,7 +87,10 @@ impl Workers {
             busy_poll,
         };
         let handles = (0..n)
-            .map(|i| workers.start_one(i, n, state, listeners, Spinner::new(busy_poll)))
+            .map(|i| {
+                let spin = Spinner::new(busy_poll, state.metrics.busy_poll_seconds.clone());
+                workers.start_one(i, n, state, listeners, spin)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         state.set_workers(handles);
         Ok(workers)

@@ -597,6 +597,18 @@ impl Bin {
         (s, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
+    /// One series of the binary's `/metrics` (0 when absent).
+    async fn metric(&self, series: &str) -> f64 {
+        let req = Request::builder()
+            .uri(format!("{}/metrics", self.admin))
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.http.request(req).await.expect("admin API reachable");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        metric(&String::from_utf8_lossy(&bytes), series)
+    }
+
     /// A store allowing api.example.test with one header secret, and a sandbox of it.
     async fn sandbox(&self, value: &str) -> SandboxCreds {
         let (s, v) = self
@@ -1325,7 +1337,7 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
 /// 100 ms: over 2 s the worker's CPU time exceeds that of the same trickle without
 /// busy-polling by about half the wall time (50–52 % seen, asserted below 65 %; without the
 /// cap it would be ~85 %: the worker works 12 % of the time), and it did poll (it slept far
-/// less often than without).
+/// less often than without). `sealgate_busy_poll_seconds_total` shows the polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickle_holds_a_busy_polling_worker_to_its_duty_cycle() {
     let (pki, echo) = upstream().await;
@@ -1338,6 +1350,13 @@ async fn a_trickle_holds_a_busy_polling_worker_to_its_duty_cycle() {
         };
         let b = Bin::spawn(&o).await;
         let (sent, slept, ticks, wall) = trickle(&b).await;
+        let polled = b.metric("sealgate_busy_poll_seconds_total").await;
+        // Polling half of 2 s, counted as it goes (the metric an operator reads).
+        if busy_poll > 0 {
+            assert!((0.3..2.1).contains(&polled), "{polled} s polled");
+        } else {
+            assert_eq!(polled, 0.0);
+        }
         eprintln!(
             "busy_poll_us = {busy_poll}: {sent} records in {wall:.0} ticks; the worker used \
              {ticks} ticks and slept {slept} times"
