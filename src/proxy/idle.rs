@@ -37,8 +37,9 @@ impl Activity {
     }
 
     fn touch(&self) {
-        super::spin::moved();
-        let ms = self.epoch.elapsed().as_millis() as u64;
+        let now = Instant::now();
+        super::spin::moved(now);
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 

@@ -58,8 +58,6 @@ struct Gaps {
     period_start: Option<Instant>,
     /// Time spent polling in the current period.
     polled: Duration,
-    /// Time spent polling since the thread began (for the metric).
-    total_polled: Duration,
 }
 
 thread_local! {
@@ -79,7 +77,6 @@ impl Gaps {
             last_round: None,
             period_start: None,
             polled: Duration::ZERO,
-            total_polled: Duration::ZERO,
         }
     }
 
@@ -91,26 +88,26 @@ impl Gaps {
         }
     }
 
-    /// The worker ran out of work at `now`: whether to poll once more instead of parking.
-    /// Polls while the gap is shorter than the window and this period's polling is under
-    /// [`MAX_POLLED`].
-    fn poll_instead_of_park(&mut self, now: Instant) -> bool {
+    /// The worker ran out of work at `now`: whether to poll once more instead of parking, and
+    /// how long it polled since the previous round (zero if it was not polling). Polls while
+    /// the gap is shorter than the window and this period's polling is under [`MAX_POLLED`].
+    fn poll_instead_of_park(&mut self, now: Instant) -> (bool, Duration) {
         let since = *self.idle_since.get_or_insert(now);
         let start = *self.period_start.get_or_insert(now);
         if now.saturating_duration_since(start) >= PERIOD {
             self.period_start = Some(now);
             self.polled = Duration::ZERO;
         }
-        if let Some(prev) = self.last_round.take() {
-            let round = now.saturating_duration_since(prev);
-            self.polled += round;
-            self.total_polled += round;
-        }
+        let round = self
+            .last_round
+            .take()
+            .map_or(Duration::ZERO, |prev| now.saturating_duration_since(prev));
+        self.polled += round;
         let poll = now.saturating_duration_since(since) < self.window && self.polled < MAX_POLLED;
         if poll {
             self.last_round = Some(now);
         }
-        poll
+        (poll, round)
     }
 }
 
@@ -130,13 +127,13 @@ fn adapt(window: Duration, gap: Duration, max: Duration) -> Duration {
     }
 }
 
-/// Records that bytes moved on a client connection of this thread. Costs a thread-local read
-/// unless the worker had run out of work before (then one clock read).
-pub fn moved() {
+/// Records that bytes moved at `now` on a client connection of this thread (a thread-local
+/// read; `now` is the caller's clock read, not another).
+pub fn moved(now: Instant) {
     GAPS.with(|g| {
         let mut gaps = g.get();
         if gaps.idle_since.is_some() {
-            gaps.moved(Instant::now());
+            gaps.moved(now);
             g.set(gaps);
         }
     });
@@ -174,10 +171,9 @@ impl Spinner {
         let (poll, round) = GAPS.with(|g| {
             let mut gaps = g.get();
             gaps.max = self.max;
-            let before = gaps.total_polled;
-            let poll = gaps.poll_instead_of_park(Instant::now());
+            let decided = gaps.poll_instead_of_park(Instant::now());
             g.set(gaps);
-            (poll, gaps.total_polled - before)
+            decided
         });
         if !round.is_zero() {
             self.polled.inc_by(round.as_secs_f64());
@@ -204,6 +200,11 @@ mod tests {
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
+    }
+
+    /// Whether the worker polls at `now` (the decision without the round).
+    fn polls(g: &mut Gaps, now: Instant) -> bool {
+        g.poll_instead_of_park(now).0
     }
 
     /// Now, and a worker's gaps with the window open at `window`.
@@ -250,18 +251,18 @@ mod tests {
         // An origin 50 ms away: each gap halves the window until the worker parks at once.
         let mut t = t0;
         for _ in 0..6 {
-            assert_eq!(g.poll_instead_of_park(t), !g.window.is_zero());
+            assert_eq!(polls(&mut g, t), !g.window.is_zero());
             t += Duration::from_millis(50);
             g.moved(t);
         }
         assert_eq!(g.window, Duration::ZERO);
-        assert!(!g.poll_instead_of_park(t), "a closed window parks at once");
+        assert!(!polls(&mut g, t), "a closed window parks at once");
         // An origin 80 µs away: the first gap reopens it at a quarter, the next doubles it.
         g.moved(t + us(80));
         assert_eq!(g.window, us(50));
         t += us(200);
-        assert!(g.poll_instead_of_park(t));
-        assert!(g.poll_instead_of_park(t + us(49)));
+        assert!(polls(&mut g, t));
+        assert!(polls(&mut g, t + us(49)));
         g.moved(t + us(80));
         assert_eq!(g.window, us(100));
     }
@@ -269,19 +270,16 @@ mod tests {
     #[test]
     fn polling_ends_a_window_after_running_out_of_work() {
         let (t0, mut g) = open_at(us(100));
-        assert!(g.poll_instead_of_park(t0));
-        assert!(g.poll_instead_of_park(t0 + us(99)));
-        assert!(!g.poll_instead_of_park(t0 + us(100)), "then it parks");
+        assert!(polls(&mut g, t0));
+        assert!(polls(&mut g, t0 + us(99)));
+        assert!(!polls(&mut g, t0 + us(100)), "then it parks");
         assert!(
-            !g.poll_instead_of_park(t0 + us(5000)),
+            !polls(&mut g, t0 + us(5000)),
             "and a wake-up without bytes moved does not reopen it"
         );
         g.moved(t0 + us(5000));
         assert_eq!(g.idle_since, None);
-        assert!(
-            g.poll_instead_of_park(t0 + us(6000)),
-            "bytes moved: a new gap"
-        );
+        assert!(polls(&mut g, t0 + us(6000)), "bytes moved: a new gap");
     }
 
     #[test]
@@ -294,7 +292,7 @@ mod tests {
         while t < t0 + Duration::from_millis(300) {
             let gap_end = t + us(150);
             while t < gap_end {
-                let poll = g.poll_instead_of_park(t);
+                let poll = polls(&mut g, t);
                 if !poll {
                     break;
                 }
@@ -311,8 +309,8 @@ mod tests {
             t - t0
         );
         // A new period polls again.
-        g.poll_instead_of_park(t + PERIOD);
-        assert!(g.poll_instead_of_park(t + PERIOD + us(5)));
+        polls(&mut g, t + PERIOD);
+        assert!(polls(&mut g, t + PERIOD + us(5)));
     }
 
     #[test]
@@ -322,7 +320,7 @@ mod tests {
         std::thread::spawn(move || {
             spinner.before_park(); // runs out of work: a gap opens, the window is closed
             std::thread::sleep(us(40));
-            moved(); // a gap within the maximum: the window opens at a quarter (50 µs)
+            moved(Instant::now()); // a gap within the maximum: the window opens at a quarter (50 µs)
             spinner.before_park(); // polls
             std::thread::sleep(us(20));
             spinner.before_park(); // polls again: the 20 µs in between were polled
@@ -338,7 +336,7 @@ mod tests {
         assert!(Spinner::new(Duration::ZERO, Counter::default()).is_none());
         assert_eq!(Spinner::new(MAX, Counter::default()).unwrap().max(), MAX);
         std::thread::spawn(|| {
-            moved();
+            moved(Instant::now());
             assert_eq!(GAPS.with(Cell::get).idle_since, None);
             assert_eq!(GAPS.with(Cell::get).window, Duration::ZERO);
         })
