@@ -334,7 +334,7 @@ impl AddressPolicy {
     /// Ports first: most dials share no port with a listener, and that test is a few integer
     /// compares, small enough to inline into [`AddressPolicy::vet`]; the addresses are looked
     /// at only on a shared port. (Written as one function, LLVM stopped inlining it as the
-    /// crate grew: `policy/vet/address_policy_vet` read 1.14–1.16× the 2026-11-29 build on
+    /// crate grew: `policy/vet/address_policy_vet` read 1.09–1.16× the 2026-11-29 build on
     /// unchanged source; `scripts/bench-paired`.)
     #[inline]
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
@@ -660,13 +660,23 @@ mod tests {
             "[::]:3128",
             "[::1]:7070",
             "127.0.0.1:7070",
+            // NAT64 (well-known and local-use prefixes) and 6to4 forms of 127.0.0.1
+            "[64:ff9b::127.0.0.1]:3128",
+            "[64:ff9b:1::7f00:1]:3128",
+            "[2002:7f00:1::]:3128",
         ] {
             assert_eq!(
                 p.vet(sa(s)),
                 Err(VetError::OwnListener { addr: sa(s) }),
                 "{s}"
             );
+            assert_eq!(
+                p.vet_own_listener(sa(s)),
+                Err(VetError::OwnListener { addr: sa(s) }),
+                "{s} (vet_own_listener)"
+            );
         }
+        assert_eq!(p.vet_own_listener(sa("127.0.0.1:3129")), Ok(()));
         assert_eq!(p.vet(sa("127.0.0.1:3129")), Ok(()));
         assert_eq!(p.vet(sa("[::1]:8443")), Ok(()));
     }
@@ -706,6 +716,22 @@ mod tests {
             Err(VetError::OwnListener { .. })
         ));
         assert_eq!(p.vet(sa("10.0.0.6:3129")), Ok(()));
+    }
+
+    /// A shared port alone is not enough: the address must reach the listener on that port.
+    /// Here 10.0.0.6 is a listener's address and 3129 another listener's port.
+    #[test]
+    fn port_and_address_must_belong_to_the_same_listener() {
+        let p = AddressPolicy::new(
+            nets(&["10.0.0.0/8"]),
+            vec![sa("10.0.0.5:3129"), sa("10.0.0.6:8080")],
+        );
+        assert_eq!(p.vet(sa("10.0.0.6:3129")), Ok(()));
+        assert_eq!(p.vet(sa("[::ffff:10.0.0.6]:3129")), Ok(()));
+        assert!(matches!(
+            p.vet(sa("[::ffff:10.0.0.6]:8080")),
+            Err(VetError::OwnListener { .. })
+        ));
     }
 
     #[test]
