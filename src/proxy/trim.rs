@@ -41,39 +41,63 @@ pub const MIN_GAP: Duration = Duration::from_secs(1);
 /// Ended or parked connections since the last trim that make a trim worth its cost.
 pub const MIN_FREED: usize = 64;
 
-/// Connections that ended or parked since the last trim.
-static FREED: AtomicUsize = AtomicUsize::new(0);
-
-/// Signalled once per trim cycle, by the report that makes [`FREED`] reach [`MIN_FREED`].
-/// `Notify` keeps the signal when nobody waits, so a report during a trim is not lost.
-static DUE: Notify = Notify::const_new();
+/// The daemon's one trim state: every connection reports to it, [`run`] drives it.
+static TRIMS: Trims = Trims::new();
 
 /// Records that a connection ended or was parked (its buffers were freed).
 pub fn note_freed() {
-    if FREED.fetch_add(1, Ordering::Relaxed) + 1 == MIN_FREED {
-        DUE.notify_one();
-    }
+    TRIMS.note_freed();
 }
 
 /// Runs the trim loop until `shutdown` changes.
-pub async fn run(mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let cycle = async {
-            DUE.notified().await;
-            settle(&FREED, QUIET, PERIOD).await;
-        };
-        tokio::select! {
-            () = cycle => {}
-            _ = shutdown.changed() => return,
+pub async fn run(shutdown: watch::Receiver<bool>) {
+    TRIMS.run(shutdown, trim).await;
+}
+
+/// What the trim loop counts and waits on; a type so a test can drive its own.
+struct Trims {
+    /// Connections that ended or parked since the last trim.
+    freed: AtomicUsize,
+    /// Signalled once per trim cycle, by the report that makes `freed` reach [`MIN_FREED`].
+    /// `Notify` keeps the signal when nobody waits, so a report during a trim is not lost.
+    due: Notify,
+}
+
+impl Trims {
+    const fn new() -> Self {
+        Trims {
+            freed: AtomicUsize::new(0),
+            due: Notify::const_new(),
         }
-        // Reports from now on count towards the next trim; the count restarts below
-        // MIN_FREED, so the report that reaches it again signals DUE again.
-        FREED.store(0, Ordering::Relaxed);
-        let took = tokio::task::spawn_blocking(trim).await;
-        tracing::debug!(?took, "returned freed memory to the system");
-        tokio::select! {
-            () = tokio::time::sleep(MIN_GAP) => {}
-            _ = shutdown.changed() => return,
+    }
+
+    fn note_freed(&self) {
+        if self.freed.fetch_add(1, Ordering::Relaxed) + 1 == MIN_FREED {
+            self.due.notify_one();
+        }
+    }
+
+    /// Calls `trim` on a blocking thread each time one is due (see the module doc), until
+    /// `shutdown` changes.
+    async fn run(&self, mut shutdown: watch::Receiver<bool>, trim: fn() -> Duration) {
+        loop {
+            let cycle = async {
+                self.due.notified().await;
+                settle(&self.freed, QUIET, PERIOD).await;
+            };
+            tokio::select! {
+                () = cycle => {}
+                _ = shutdown.changed() => return,
+            }
+            // Reports from now on count towards the next trim; the count restarts below
+            // MIN_FREED, so the report that reaches it again signals `due` again.
+            self.freed.store(0, Ordering::Relaxed);
+            let took = tokio::task::spawn_blocking(trim).await;
+            tracing::debug!(?took, "returned freed memory to the system");
+            tokio::select! {
+                () = tokio::time::sleep(MIN_GAP) => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }
@@ -193,6 +217,60 @@ mod tests {
         let start = Instant::now();
         settle(&count, Duration::from_millis(250), Duration::from_secs(10)).await;
         assert_eq!(start.elapsed(), Duration::from_millis(250));
+    }
+
+    /// Trims done by [`counting_trim`] (only the test below uses it).
+    static TRIMMED: AtomicUsize = AtomicUsize::new(0);
+
+    fn counting_trim() -> Duration {
+        TRIMMED.fetch_add(1, Ordering::SeqCst);
+        Duration::ZERO
+    }
+
+    /// Waits (real time, at most 5 s) for the blocking thread to have trimmed `n` times.
+    fn trimmed(n: usize) -> bool {
+        for _ in 0..5000 {
+            if TRIMMED.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// The loop as a whole: no trim below MIN_FREED, one after QUIET once due, none sooner
+    /// than MIN_GAP after the last even when due again during it (the signal is kept), and
+    /// an end on shutdown.
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_trims_once_due_and_quiet_and_no_more_than_once_per_gap() {
+        let trims: &'static Trims = Box::leak(Box::new(Trims::new()));
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(trims.run(shutdown, counting_trim));
+        let report = |n: usize| (0..n).for_each(|_| trims.note_freed());
+
+        report(MIN_FREED - 1);
+        tokio::time::sleep(PERIOD * 2).await;
+        assert_eq!(TRIMMED.load(Ordering::SeqCst), 0, "trimmed below MIN_FREED");
+
+        report(1);
+        tokio::time::sleep(QUIET - Duration::from_millis(10)).await;
+        assert_eq!(TRIMMED.load(Ordering::SeqCst), 0, "trimmed before QUIET");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(trimmed(1), "no trim once due and quiet");
+
+        // Due again at once, during the gap: kept, but not trimmed before the gap is over.
+        report(MIN_FREED);
+        tokio::time::sleep(MIN_GAP / 2).await;
+        assert_eq!(TRIMMED.load(Ordering::SeqCst), 1, "trimmed within MIN_GAP");
+        tokio::time::sleep(MIN_GAP / 2 + QUIET + Duration::from_millis(20)).await;
+        assert!(trimmed(2), "the signal given during the gap was lost");
+
+        stop.send(true).expect("the loop listens");
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the loop ends on shutdown")
+            .expect("no panic");
+        assert_eq!(TRIMMED.load(Ordering::SeqCst), 2);
     }
 
     #[test]
