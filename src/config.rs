@@ -511,6 +511,26 @@ impl Problems {
         v
     }
 
+    /// `default` when absent; else 0 (which means `zero`, as the message says) or a value
+    /// within `range` (`unit` follows the range in the message).
+    fn zero_or_within(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        range: (u64, u64),
+        (zero, unit): (&str, &str),
+    ) -> u64 {
+        let v = value.unwrap_or(default);
+        if v != 0 && !(range.0..=range.1).contains(&v) {
+            self.0.push(format!(
+                "{key}: {v} is out of range (0 = {zero}, or {}..={}{unit})",
+                range.0, range.1
+            ));
+        }
+        v
+    }
+
     /// Microseconds: `default` when absent, 0 = off, else within `range`.
     fn micros_or_off(
         &mut self,
@@ -519,14 +539,7 @@ impl Problems {
         default: u64,
         range: (u64, u64),
     ) -> u64 {
-        let v = value.unwrap_or(default);
-        if v != 0 && (v < range.0 || v > range.1) {
-            self.0.push(format!(
-                "{key}: {v} is out of range (0 = off, or {}..={} µs)",
-                range.0, range.1
-            ));
-        }
-        v
+        self.zero_or_within(key, value, default, range, ("off", " µs"))
     }
 
     /// A limit: `default` when absent, 0 = off (None), else within `min..=max`.
@@ -537,13 +550,7 @@ impl Problems {
         default: u64,
         range: (u64, u64),
     ) -> Option<u64> {
-        let v = value.unwrap_or(default);
-        if v != 0 && (v < range.0 || v > range.1) {
-            self.0.push(format!(
-                "{key}: {v} is out of range (0 = no limit, or {}..={})",
-                range.0, range.1
-            ));
-        }
+        let v = self.zero_or_within(key, value, default, range, ("no limit", ""));
         (v != 0).then_some(v)
     }
 
