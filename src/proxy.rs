@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod admit;
+pub mod clients;
 pub mod explicit;
 pub mod failure;
 pub mod forward;
@@ -32,7 +33,6 @@ use std::sync::{Arc, OnceLock, RwLock};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -62,56 +62,12 @@ pub struct LiveSettings {
     /// `[upstream]`, with what the connectors vet and dial with (also for checks before any
     /// connection is set up).
     pub upstream: Arc<upstream::UpstreamSettings>,
-    /// One set of pooled clients per proxy worker ([`workers`]): a request uses its worker's
-    /// set, so the upstream connections it reuses are driven by the thread it runs on.
-    pools: Vec<Clients>,
+    /// Per proxy worker ([`workers`]), one set of pooled clients per sandbox
+    /// ([`clients`]): a request reuses only upstream connections of its own sandbox, driven by
+    /// the thread it runs on.
+    pools: Vec<clients::PerSandbox>,
     /// The origins that answered over h2 (see [`upstream::KnownH2`]); shared by every worker.
     pub known_h2: upstream::KnownH2,
-}
-
-/// The upstream clients of one proxy worker, each with a pool of its own.
-pub struct Clients {
-    /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2.
-    pub client: UpstreamClient,
-    /// http/1.1-only client, for WebSocket upgrades.
-    pub client_h1: UpstreamClient,
-    /// h2-only client (pooled per authority, one connection attempt at a time), for the
-    /// held-body requests to origins in `known_h2`.
-    pub client_h2: UpstreamClient,
-    /// h2-only client with a pool of its own, for the retry of a request the upstream
-    /// provably did not process (only h2 connections report that): the refused requests of
-    /// one GOAWAY share one new connection here, where `client`'s pool would hand out the
-    /// refusing connection again.
-    pub client_retry: UpstreamClient,
-    /// h2 + http/1.1 client without a pool: one new connection per request, the last resort
-    /// when the retry connection refuses too (its own GOAWAY).
-    pub client_fresh: UpstreamClient,
-}
-
-impl Clients {
-    fn new(settings: &Arc<upstream::UpstreamSettings>) -> Clients {
-        let upstream = &settings.config;
-        Clients {
-            client: build_client(
-                upstream,
-                upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
-            ),
-            client_h1: build_client(
-                upstream,
-                upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
-            ),
-            client_h2: build_h2_client(upstream, settings.clone()),
-            client_retry: build_h2_client(upstream, settings.clone()),
-            client_fresh: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .timer(TokioTimer::new())
-                .set_host(true)
-                .build(upstream::Connector::new(
-                    settings.clone(),
-                    &[b"h2", b"http/1.1"],
-                )),
-        }
-    }
 }
 
 impl LiveSettings {
@@ -133,7 +89,9 @@ impl LiveSettings {
             stream_limits: Default::default(),
             config: upstream,
         });
-        let pools = (0..pools.max(1)).map(|_| Clients::new(&settings)).collect();
+        let pools = (0..pools.max(1))
+            .map(|_| clients::PerSandbox::new())
+            .collect();
         Ok(LiveSettings {
             proxy,
             upstream: settings,
@@ -142,13 +100,13 @@ impl LiveSettings {
         })
     }
 
-    /// The clients of the worker this runs on (the first set off the workers: tests, and
-    /// the admin API's checks).
-    pub fn clients(&self) -> &Clients {
-        &self.pools[workers::current() % self.pools.len()]
+    /// `sandbox`'s clients on the worker this runs on (the first worker's off the workers:
+    /// tests).
+    pub fn clients(&self, sandbox: &Arc<Sandbox>) -> Arc<clients::Clients> {
+        self.pools[workers::current() % self.pools.len()].of(sandbox, &self.upstream)
     }
 
-    /// How many sets of clients there are (one per worker).
+    /// How many workers' client sets there are.
     pub fn pools(&self) -> usize {
         self.pools.len()
     }
@@ -156,31 +114,6 @@ impl LiveSettings {
 
 /// How many origins [`upstream::KnownH2`] remembers per settings generation.
 const KNOWN_H2_CAP: usize = 4096;
-
-fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClient {
-    client_builder(cfg).build(conn)
-}
-
-fn build_h2_client(
-    cfg: &UpstreamConfig,
-    settings: Arc<upstream::UpstreamSettings>,
-) -> UpstreamClient {
-    client_builder(cfg)
-        .http2_only(true)
-        .build(upstream::Connector::h2_only(settings))
-}
-
-fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
-        // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
-        .set_host(true);
-    b
-}
 
 /// The proxy workers as the accept loops see them.
 struct WorkerSet {

@@ -759,7 +759,7 @@ async fn attempts(
         UpBody::Streamed(_) => None,
     };
     let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
-    let clients = rt.clients();
+    let clients = rt.clients(&t.sandbox);
     let client = match (websocket, h2) {
         (true, _) => &clients.client_h1,
         (false, true) => &clients.client_h2,
@@ -796,7 +796,7 @@ async fn attempts(
 /// refuses too (or the origin no longer chooses h2), a fresh connection.
 async fn retry(t: &Tunnel, rt: &LiveSettings, head: Request<()>, bytes: Bytes) -> Attempt {
     let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-    let clients = rt.clients();
+    let clients = rt.clients(&t.sandbox);
     match clients.client_retry.request(again).await {
         Err(e) if super::failure::not_processed(&e) || super::failure::not_h2(&e) => {
             let last = attach(t, head, UpBody::Held(bytes));

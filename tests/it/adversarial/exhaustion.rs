@@ -337,6 +337,43 @@ async fn tunnels_beyond_the_per_sandbox_cap_get_429() {
     assert_eq!(super::connect_status(&e, API).await.0, 200);
 }
 
+/// A pooled upstream connection carries every request that reuses it (over h2, at once), so
+/// one shared by two sandboxes would let either end or stall the other's requests: a header
+/// field the origin will not take closes the whole h2 connection (nginx), responses read
+/// slowly fill its flow-control window. Each sandbox reuses only connections of its own.
+#[tokio::test]
+async fn sandboxes_never_share_an_upstream_connection() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    for _ in 0..4 {
+        for sb in [&e.sb, &other] {
+            let mut c = pc::h2(e.h.proxy, sb, API).await;
+            let who = [("x-who", sb.id.as_str())];
+            let a = pc::send2(&mut c, pc::get("/echo", "api.example.test", &who)).await;
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+            // Time for the upstream connection to go back to its pool.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let requests = e.echo.requests();
+    let conns = |id: &str| -> std::collections::BTreeSet<usize> {
+        let mine = requests
+            .iter()
+            .filter(|r| r.header("x-who").as_deref() == Some(id));
+        mine.map(|r| r.conn).collect()
+    };
+    let (mine, theirs) = (conns(&e.sb.id), conns(&other.id));
+    assert!(!mine.is_empty() && !theirs.is_empty(), "{requests:?}");
+    assert!(
+        mine.is_disjoint(&theirs),
+        "an upstream connection carried both sandboxes' requests: {mine:?} / {theirs:?}"
+    );
+    assert!(
+        mine.len() < 4 && theirs.len() < 4,
+        "each sandbox's 4 requests reuse its connections: {mine:?} / {theirs:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // h2 floods (raw frames)
 

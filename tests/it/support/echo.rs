@@ -63,6 +63,8 @@ pub struct Recorded {
     pub body: Vec<u8>,
     /// The `Host` header, or the HTTP/2 `:authority`.
     pub host: Option<String>,
+    /// Which of the origin's connections carried it: 1 for the first accepted, and so on.
+    pub conn: usize,
 }
 
 impl Recorded {
@@ -225,42 +227,46 @@ async fn accept_loop(listener: TcpListener, ctx: Ctx) {
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
-                ctx.state.connections.fetch_add(1, Ordering::SeqCst);
-                spawn_until_shutdown(&ctx.shutdown, serve_tcp(tcp, ctx.clone()));
+                let conn = ctx.state.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                spawn_until_shutdown(&ctx.shutdown, serve_tcp(tcp, conn, ctx.clone()));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }
 
-async fn serve_tcp(tcp: TcpStream, ctx: Ctx) {
+async fn serve_tcp(tcp: TcpStream, conn: usize, ctx: Ctx) {
     let _ = tcp.set_nodelay(true);
     match ctx.tls.clone() {
-        None => serve_http(tcp, ctx).await,
+        None => serve_http(tcp, conn, ctx).await,
         Some(acceptor) => {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             ctx.state.handshakes.fetch_add(1, Ordering::SeqCst);
-            serve_http(tls, ctx).await;
+            serve_http(tls, conn, ctx).await;
         }
     }
 }
 
-async fn serve_http<I>(io: I, ctx: Ctx)
+async fn serve_http<I>(io: I, conn: usize, ctx: Ctx)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| handle(req, ctx.clone()));
+    let service = hyper::service::service_fn(move |req| handle(req, conn, ctx.clone()));
     let builder = auto::Builder::new(TokioExecutor::new());
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await;
 }
 
-async fn handle(mut req: Request<Incoming>, ctx: Ctx) -> Result<Response<RespBody>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    conn: usize,
+    ctx: Ctx,
+) -> Result<Response<RespBody>, Infallible> {
     let upgrade = is_websocket(&req).then(|| hyper::upgrade::on(&mut req));
-    let rec = record(req).await;
+    let rec = record(req, conn).await;
     ctx.state.requests().push(rec.clone());
     Ok(route(&rec, upgrade, &ctx.shutdown).await)
 }
@@ -275,7 +281,7 @@ fn is_websocket<B>(req: &Request<B>) -> bool {
 }
 
 /// Reads the whole request (frame by frame, so a chunked upload is kept complete).
-async fn record(req: Request<Incoming>) -> Recorded {
+async fn record(req: Request<Incoming>, conn: usize) -> Recorded {
     let (parts, mut body) = req.into_parts();
     let mut bytes = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
@@ -298,6 +304,7 @@ async fn record(req: Request<Incoming>) -> Recorded {
             .collect(),
         body: bytes,
         host: host.or_else(|| parts.uri.authority().map(|a| a.to_string())),
+        conn,
     }
 }
 

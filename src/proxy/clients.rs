@@ -1,0 +1,185 @@
+//! The upstream clients: on each proxy worker, one set per sandbox.
+//!
+//! Why per sandbox: a pooled upstream connection carries every request that reuses it, and
+//! over h2 every request at once. Shared across sandboxes, one sandbox could end or stall the
+//! requests of another on the same origin: a header field the origin will not take closes the
+//! whole h2 connection with every stream on it (nginx: "client sent too large header field"),
+//! responses read slowly fill the connection's flow-control window so that no other stream
+//! gets a byte, and streams held open use up the origin's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+//! Here a request reuses only connections that requests of its own sandbox opened, on its own
+//! worker (the connections are driven by the thread the requests run on).
+//!
+//! Invariants: a [`Clients`] set is used by the requests of one sandbox on one worker only; a
+//! set lives as long as its sandbox's `Arc` (the sets of sandboxes gone are dropped, with
+//! their idle connections, when the worker next makes a set; hyper's pool closes idle
+//! connections after `[upstream] pool_idle_timeout_secs` meanwhile); a reload builds new
+//! [`super::LiveSettings`], so new sets, and the old ones go with the old settings.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::{upstream, UpstreamClient};
+use crate::config::UpstreamConfig;
+
+/// One worker's client sets, by owner (the sandbox).
+pub(super) struct PerSandbox {
+    /// Keyed by the owner's `Arc` address: while an entry's `Weak` lives, that allocation is
+    /// not freed, so no other owner can have the same address.
+    sets: Mutex<HashMap<usize, Entry>>,
+}
+
+struct Entry {
+    owner: Weak<dyn Any + Send + Sync>,
+    clients: Arc<Clients>,
+}
+
+impl PerSandbox {
+    pub(super) fn new() -> PerSandbox {
+        PerSandbox {
+            sets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `owner`'s set, made on first use (dropping the sets of owners gone meanwhile).
+    pub(super) fn of<O: Send + Sync + 'static>(
+        &self,
+        owner: &Arc<O>,
+        settings: &Arc<upstream::UpstreamSettings>,
+    ) -> Arc<Clients> {
+        let key = Arc::as_ptr(owner) as usize;
+        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = sets.get(&key) {
+            return e.clients.clone();
+        }
+        sets.retain(|_, e| e.owner.strong_count() > 0);
+        let clients = Arc::new(Clients::new(settings));
+        let owner: Arc<dyn Any + Send + Sync> = owner.clone();
+        let owner = Arc::downgrade(&owner);
+        sets.insert(
+            key,
+            Entry {
+                owner,
+                clients: clients.clone(),
+            },
+        );
+        clients
+    }
+
+    /// How many sets are held (those of owners gone included, until the next new set).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// The upstream clients of one sandbox on one proxy worker, each with a pool of its own.
+pub struct Clients {
+    /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2.
+    pub client: UpstreamClient,
+    /// http/1.1-only client, for WebSocket upgrades.
+    pub client_h1: UpstreamClient,
+    /// h2-only client (pooled per authority, one connection attempt at a time), for the
+    /// held-body requests to origins in `known_h2`.
+    pub client_h2: UpstreamClient,
+    /// h2-only client with a pool of its own, for the retry of a request the upstream
+    /// provably did not process (only h2 connections report that): the refused requests of
+    /// one GOAWAY share one new connection here, where `client`'s pool would hand out the
+    /// refusing connection again.
+    pub client_retry: UpstreamClient,
+    /// h2 + http/1.1 client without a pool: one new connection per request, the last resort
+    /// when the retry connection refuses too (its own GOAWAY).
+    pub client_fresh: UpstreamClient,
+}
+
+impl Clients {
+    fn new(settings: &Arc<upstream::UpstreamSettings>) -> Clients {
+        let upstream = &settings.config;
+        Clients {
+            client: build_client(
+                upstream,
+                upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
+            ),
+            client_h1: build_client(
+                upstream,
+                upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
+            ),
+            client_h2: build_h2_client(upstream, settings.clone()),
+            client_retry: build_h2_client(upstream, settings.clone()),
+            client_fresh: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .timer(TokioTimer::new())
+                .set_host(true)
+                .build(upstream::Connector::new(
+                    settings.clone(),
+                    &[b"h2", b"http/1.1"],
+                )),
+        }
+    }
+}
+
+fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClient {
+    client_builder(cfg).build(conn)
+}
+
+fn build_h2_client(
+    cfg: &UpstreamConfig,
+    settings: Arc<upstream::UpstreamSettings>,
+) -> UpstreamClient {
+    client_builder(cfg)
+        .http2_only(true)
+        .build(upstream::Connector::h2_only(settings))
+}
+
+fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
+        // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
+        .set_host(true);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::LiveSettings;
+
+    fn settings() -> Arc<upstream::UpstreamSettings> {
+        let c = crate::config::Config::parse("", "test").expect("embedded defaults");
+        LiveSettings::new(c.proxy, c.upstream, Vec::new(), 1)
+            .expect("default settings")
+            .upstream
+            .clone()
+    }
+
+    #[test]
+    fn one_set_per_owner_kept_while_it_lives() {
+        let (s, sets) = (settings(), PerSandbox::new());
+        let (a, b) = (Arc::new(1u8), Arc::new(2u8));
+        let a1 = sets.of(&a, &s);
+        assert!(
+            Arc::ptr_eq(&a1, &sets.of(&a, &s)),
+            "a's requests share a's set"
+        );
+        let b1 = sets.of(&b, &s);
+        assert!(!Arc::ptr_eq(&a1, &b1), "b never gets a's set");
+        assert_eq!(sets.len(), 2);
+        drop(a);
+        assert!(Arc::ptr_eq(&b1, &sets.of(&b, &s)), "a hit drops nothing");
+        assert_eq!(sets.len(), 2);
+        let c = Arc::new(3u8);
+        let c1 = sets.of(&c, &s);
+        assert!(!Arc::ptr_eq(&c1, &a1) && !Arc::ptr_eq(&c1, &b1));
+        assert_eq!(sets.len(), 2, "a's set went when c's was made");
+    }
+}
