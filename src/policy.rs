@@ -8,7 +8,8 @@
 //! - [`pattern`]: allowlist / `allowed_hosts` patterns ([`parse_pattern`]) compiled into a
 //!   [`HostMatcher`].
 //! - [`vet`]: the resolved-address table ([`classify`]) and [`AddressPolicy`].
-//! - this file: the two decisions, [`egress_allowed`] and [`secret_allowed`].
+//! - this file: the two decisions, [`egress_allowed`] and [`secret_allowed`] (with its host
+//!   rules alone, [`secret_host_matches`], for plain HTTP).
 
 mod host;
 mod pattern;
@@ -47,7 +48,20 @@ pub fn secret_allowed(
     dest: &Dest,
     scheme: Scheme,
 ) -> bool {
-    if scheme == Scheme::Http || (store_allowlist.is_none() && secret_hosts.is_none()) {
+    scheme != Scheme::Http && secret_host_matches(store_allowlist, secret_hosts, dest, scheme)
+}
+
+/// The host rules of [`secret_allowed`] without its plaintext rule: does `dest` match the
+/// store allowlist (when set) AND the secret's `allowed_hosts` (when set)? Both `None` →
+/// `false`. Over plain HTTP this decides whether a token travels sealed (true: the secret's
+/// host, never unsealed over plaintext) or is refused like a token sent to any other host.
+pub fn secret_host_matches(
+    store_allowlist: Option<&HostMatcher>,
+    secret_hosts: Option<&HostMatcher>,
+    dest: &Dest,
+    scheme: Scheme,
+) -> bool {
+    if store_allowlist.is_none() && secret_hosts.is_none() {
         return false;
     }
     let within = |m: Option<&HostMatcher>| m.is_none_or(|m| m.matches(dest, scheme));
@@ -140,6 +154,23 @@ mod tests {
             &dest("other.x.com:443"),
             Scheme::Https
         ));
+    }
+
+    #[test]
+    fn plain_http_never_unseals_but_its_host_rules_are_those_of_port_80() {
+        let m = matcher(&["api.x.com"]);
+        let d = dest("api.x.com:80");
+        assert!(!secret_allowed(None, Some(&m), &d, Scheme::Http));
+        assert!(secret_host_matches(None, Some(&m), &d, Scheme::Http));
+        assert!(secret_host_matches(Some(&m), None, &d, Scheme::Http));
+        assert!(!secret_host_matches(None, Some(&m), &d, Scheme::Https));
+        assert!(!secret_host_matches(
+            None,
+            Some(&m),
+            &dest("evil.com:80"),
+            Scheme::Http
+        ));
+        assert!(!secret_host_matches(None, None, &d, Scheme::Http));
     }
 
     #[test]

@@ -110,7 +110,7 @@ fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
     let why: Vec<String> = report
         .refused
         .iter()
-        .map(|n| snap.denial_rule(n, &t.dest))
+        .map(|n| snap.denial_rule(n, &t.dest, t.scheme))
         .collect();
     Some(format!("forwarded sealed: {}", why.join("; ")))
 }
@@ -135,16 +135,17 @@ async fn exchange(
     let websocket = check_upgrade(&req)?;
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-    let view = (t.scheme == Scheme::Https).then(|| snapshot.view(&t.dest));
+    let view = match t.scheme {
+        Scheme::Https => snapshot.view(&t.dest),
+        Scheme::Http => snapshot.plain_view(&t.dest),
+    };
     let (parts, body) = req.into_parts();
     let mut up = build_upstream_head(t, parts)?;
-    if let Some(view) = &view {
-        unseal_head(t, rt, view, &mut up, o)?;
-        if view.scrubber.is_some() {
-            whole_responses_only(up.headers_mut());
-        }
+    unseal_head(t, rt, &view, &mut up, o)?;
+    if view.scrubber.is_some() {
+        whole_responses_only(up.headers_mut());
     }
-    let (body, streamed) = prepare_body(t, rt, &snapshot, view.as_ref(), &mut up, body, o).await?;
+    let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
     let sent = send(t, rt, up, body, websocket).await;
     if let Some(outcome) = &streamed {
@@ -159,7 +160,7 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    let resp = finish_response(t, rt, view.as_deref(), method, resp, &o.report, slot)?;
+    let resp = finish_response(t, rt, &view, method, resp, &o.report, slot)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp, still_allowed(t)))
@@ -550,7 +551,9 @@ fn denied(t: &Tunnel, d: Denied, o: &mut Outcome) -> Refusal {
     };
     o.rule = Some(format!(
         "{} (token found in the {location})",
-        t.sandbox.snapshot().denial_rule(&d.secret, &t.dest)
+        t.sandbox
+            .snapshot()
+            .denial_rule(&d.secret, &t.dest, t.scheme)
     ));
     if !o.report.refused.contains(&d.secret) {
         o.report.refused.push(d.secret.clone());
@@ -584,16 +587,15 @@ async fn prepare_body(
     t: &Tunnel,
     rt: &LiveSettings,
     snapshot: &Arc<Snapshot>,
-    view: Option<&Arc<HostView>>,
+    view: &Arc<HostView>,
     req: &mut Request<()>,
     body: Incoming,
     o: &mut Outcome,
 ) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
     let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
-    let view = view.filter(|v| {
-        v.any_body && !v.is_empty() && !compressed(req.headers()) && !body.is_end_stream()
-    });
-    let Some(view) = view else {
+    let scan =
+        view.any_body && !view.is_empty() && !compressed(req.headers()) && !body.is_end_stream();
+    if !scan {
         if known_small.is_some() {
             let whole = collect_small(body).await?;
             o.bytes_up = whole.len() as u64;
@@ -604,7 +606,7 @@ async fn prepare_body(
             UpBody::Streamed(body.map_err(BoxError::from).boxed_unsync()),
             None,
         ));
-    };
+    }
     let lookup: Arc<dyn TokenLookup> = match Binary::of(req.headers()) {
         Some(_) => Arc::new(SealedOnly(view.clone())),
         None => view.clone(),
@@ -823,7 +825,7 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 fn finish_response(
     t: &Tunnel,
     rt: &LiveSettings,
-    view: Option<&HostView>,
+    view: &HostView,
     method: &Method,
     resp: Response<Incoming>,
     report: &Report,
@@ -831,7 +833,7 @@ fn finish_response(
 ) -> Result<Response<ProxyBody>, Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
-    let scrubber = view.and_then(|v| v.scrubber.clone());
+    let scrubber = view.scrubber.clone();
     let shape = scrubber
         .as_ref()
         .map(|_| Shape::of(method, parts.status, &parts.headers, &rt.upstream.config));

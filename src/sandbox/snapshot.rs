@@ -87,6 +87,8 @@ pub struct Snapshot {
     /// Values the secrets had before (scrubbed, never unsealed), oldest first.
     retired: Vec<Retired>,
     views: DashMap<Dest, Arc<HostView>>,
+    /// The views for plain-HTTP requests ([`Snapshot::plain_view`]).
+    plain_views: DashMap<Dest, Arc<HostView>>,
     /// One scrubber for every view: it holds every value of the sandbox whatever the host, so
     /// building it per destination only multiplied memory (one per made-up host name under a
     /// wildcard). Built on first use.
@@ -133,6 +135,7 @@ impl Snapshot {
             secrets: entries,
             retired: Vec::new(),
             views: DashMap::new(),
+            plain_views: DashMap::new(),
             scrubber: OnceLock::new(),
         })
     }
@@ -195,9 +198,16 @@ impl Snapshot {
         )
     }
 
-    /// Why secret `name` may not be unsealed for `dest` (HTTPS), in words naming the rule, for
-    /// the audit log ("why was my key not substituted?"). Patterns are policy, not values.
-    pub fn denial_rule(&self, name: &str, dest: &Dest) -> String {
+    /// True if `dest` over `scheme` matches `entry`'s host rules, leaving plaintext aside
+    /// ([`policy::secret_host_matches`]).
+    fn secret_host_matches(&self, entry: &SecretEntry, dest: &Dest, scheme: Scheme) -> bool {
+        policy::secret_host_matches(self.egress.as_ref(), entry.allowed.as_ref(), dest, scheme)
+    }
+
+    /// Why secret `name` may not be unsealed for `dest` over `scheme`, in words naming the
+    /// rule, for the audit log ("why was my key not substituted?"). Patterns are policy, not
+    /// values.
+    pub fn denial_rule(&self, name: &str, dest: &Dest, scheme: Scheme) -> String {
         let Some(e) = self.secrets.iter().find(|e| &*e.name == name) else {
             return format!("secret {name} is no longer in this sandbox's snapshot");
         };
@@ -208,22 +218,21 @@ impl Snapshot {
                 self.store_name
             );
         }
-        if !self.egress_allowed(dest, Scheme::Https) {
+        if !self.egress_allowed(dest, scheme) {
             return format!(
                 "store {} egress_allowlist [{}] does not match {dest}",
                 self.store_name,
                 list(&self.egress_allowlist)
             );
         }
-        if !e
-            .allowed
-            .as_ref()
-            .is_none_or(|m| m.matches(dest, Scheme::Https))
-        {
+        if !e.allowed.as_ref().is_none_or(|m| m.matches(dest, scheme)) {
             return format!(
                 "secret {name} allowed_hosts [{}] does not match {dest}",
                 list(&e.allowed_hosts)
             );
+        }
+        if scheme == Scheme::Http {
+            return format!("secret {name} is never unsealed over plain HTTP (to {dest})");
         }
         format!("secret {name} may be unsealed for {dest}")
     }
@@ -236,15 +245,16 @@ impl Snapshot {
 
     /// The cached per-destination view for HTTPS requests to `dest`.
     pub fn view(&self, dest: &Dest) -> Arc<HostView> {
-        if let Some(v) = self.views.get(dest) {
-            return v.clone();
-        }
-        let view = Arc::new(HostView::build(self, dest));
-        if self.views.len() >= MAX_VIEWS {
-            self.views.clear();
-        }
-        self.views.insert(dest.clone(), view.clone());
-        view
+        cached(&self.views, dest, || HostView::build(self, dest))
+    }
+
+    /// The cached per-destination view for plain-HTTP requests to `dest`: it knows only the
+    /// tokens of secrets whose host rules do not match `dest` (refused like any token sent to
+    /// a host its secret is not allowed on, or forwarded sealed under `forward_sealed`); the
+    /// tokens of secrets that match travel sealed, as ordinary bytes, since nothing is
+    /// unsealed over plaintext (DESIGN §3). Nothing was unsealed, so nothing is scrubbed.
+    pub fn plain_view(&self, dest: &Dest) -> Arc<HostView> {
+        cached(&self.plain_views, dest, || HostView::plain(self, dest))
     }
 
     /// Serialises for sealed persistence. The returned bytes hold real values: seal them at once.
@@ -281,6 +291,23 @@ impl Snapshot {
             .collect::<Result<_, _>>()?;
         Ok(Snapshot::build(p.store_name, p.egress_allowlist, secrets)?.with_retired(retired))
     }
+}
+
+/// `views`' entry for `dest`, built on a miss (at most [`MAX_VIEWS`]: a full map starts over).
+fn cached(
+    views: &DashMap<Dest, Arc<HostView>>,
+    dest: &Dest,
+    build: impl FnOnce() -> HostView,
+) -> Arc<HostView> {
+    if let Some(v) = views.get(dest) {
+        return v.clone();
+    }
+    let view = Arc::new(build());
+    if views.len() >= MAX_VIEWS {
+        views.clear();
+    }
+    views.insert(dest.clone(), view.clone());
+    view
 }
 
 fn compile(patterns: Option<&[String]>) -> Result<Option<HostMatcher>, SnapshotError> {
@@ -327,7 +354,34 @@ impl HostView {
         }
     }
 
-    /// True if the snapshot has no secrets at all (nothing to scan for).
+    /// The plain-HTTP view ([`Snapshot::plain_view`]): only the secrets whose host rules do
+    /// not match `dest`, none of them allowed, no scrubber.
+    fn plain(snap: &Snapshot, dest: &Dest) -> HostView {
+        let refused: Vec<&SecretEntry> = snap
+            .secrets
+            .iter()
+            .filter(|e| !snap.secret_host_matches(e, dest, Scheme::Http))
+            .collect();
+        HostView {
+            any_query: refused
+                .iter()
+                .any(|e| e.locations.contains(Location::Query)),
+            any_body: refused.iter().any(|e| e.locations.contains(Location::Body)),
+            lookup: refused
+                .iter()
+                .map(|e| {
+                    let r = SecretRef {
+                        allowed: false,
+                        ..secret_ref(snap, e, dest)
+                    };
+                    (e.token, r)
+                })
+                .collect(),
+            scrubber: None,
+        }
+    }
+
+    /// True if the view knows no token at all (nothing to scan for).
     pub fn is_empty(&self) -> bool {
         self.lookup.is_empty()
     }

@@ -839,6 +839,81 @@ async fn plain_http_is_forwarded_but_never_unsealed() {
     assert!(r.header("proxy-authorization").is_none());
 }
 
+/// Over plain HTTP nothing is unsealed, and a token is still checked against its secret's
+/// hosts: sent where its secret is not allowed it is refused (403 `secret_host_denied`, in a
+/// header or a body), as over HTTPS; sent to its secret's own host it travels sealed.
+#[tokio::test]
+async fn plain_http_refuses_a_token_sent_where_its_secret_is_not_allowed() {
+    let plain = Echo::start_plain().await;
+    let opts = Opts {
+        resolve: vec![("plain.example.test".into(), plain.addr)],
+        ..Default::default()
+    };
+    let body = Some(&["header", "body"][..]);
+    let e = setup_with(
+        None,
+        &[
+            (
+                "MINE",
+                "sk-plain-mine-0031",
+                Some(&["plain.example.test"]),
+                body,
+            ),
+            (
+                "ELSE",
+                "sk-plain-else-0032",
+                Some(&["api.example.test"]),
+                body,
+            ),
+        ],
+        opts,
+    )
+    .await;
+    let (mine, other) = (e.sb.token("MINE"), e.sb.token("ELSE"));
+    let send = |extra: String, body: String| {
+        let auth = e.sb.proxy_auth();
+        let proxy = e.h.proxy;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+            let req = format!(
+                "POST http://plain.example.test/echo HTTP/1.1\r\nHost: plain.example.test\r\n\
+                 Proxy-Authorization: {auth}\r\n{extra}Content-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let read = s.read_to_end(&mut out);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let refused = send(format!("x-api-key: {other}\r\n"), String::new()).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("secret_host_denied"), "{refused}");
+    assert!(refused.contains("ELSE"), "names the secret: {refused}");
+    let refused = send(String::new(), format!("key={other}")).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "in a body: {refused}");
+    assert!(
+        plain.requests().is_empty(),
+        "the origin saw a refused request"
+    );
+    let sealed = send(format!("x-api-key: {mine}\r\n"), format!("key={mine}")).await;
+    assert!(sealed.starts_with("HTTP/1.1 200"), "{sealed}");
+    let r = &plain.requests()[0];
+    assert_eq!(r.header("x-api-key").unwrap(), mine, "never unsealed");
+    assert_eq!(r.body, format!("key={mine}").as_bytes(), "never unsealed");
+    let audit = e.h.audit_log();
+    let refusals = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["refused"] == json!(["ELSE"]))
+        .count();
+    assert_eq!(refusals, 2, "both refusals are audited: {audit}");
+    e.h.assert_logs_clean();
+}
+
 #[tokio::test]
 async fn sandbox_delete_stops_its_credentials() {
     let e = setup(
