@@ -314,6 +314,14 @@ fn lacking_warning(name: &str, store: &str, count: usize) -> String {
 
 fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
     let mut w = Vec::new();
+    if validate::shadows_process_var(&meta.name) {
+        w.push(format!(
+            "secret {0} replaces the variable {0} with its token in every sandbox of store {1} \
+             (in isolated sandboxes' commands too): programs that read {0} will not work; \
+             choose another name unless that is what you want",
+            meta.name, store.name
+        ));
+    }
     if store.egress_allowlist.is_none() && meta.allowed_hosts.is_none() {
         w.push(format!(
             "secret {} has no allowed_hosts and store {} has no egress_allowlist: it will never be unsealed",

@@ -69,7 +69,25 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
             name.escape_default()
         )));
     }
+    if crate::sandbox::lifecycle::set_by_sealgate(name) {
+        return Err(ApiError::bad_request(format!(
+            "secret name {name} is a variable sealgate sets itself in sandboxes (proxy_env, or \
+             isolated sandboxes' commands): the two would overwrite each other; choose another name"
+        )));
+    }
     Ok(())
+}
+
+/// Variables every isolated sandbox's command starts with, or that the dynamic loader reads:
+/// a secret of such a name replaces it with the secret's token (see [`shadows_process_var`]).
+const PROCESS_VARS: &[&str] = &[
+    "PATH", "HOME", "LANG", "TMPDIR", "USER", "LOGNAME", "SHELL", "PWD",
+];
+
+/// True if a secret named `name` would replace a variable processes rely on (its token as
+/// `PATH` leaves a command unable to find any program): accepted, with a warning.
+pub fn shadows_process_var(name: &str) -> bool {
+    PROCESS_VARS.contains(&name) || name.starts_with("LD_")
 }
 
 /// Secret values: 1 byte to 64 KiB, no control characters except horizontal tab. Every
@@ -157,6 +175,28 @@ mod tests {
         for bad in ["", "1ABC", "A-B", "A B", "ÄB", "A=B"] {
             assert!(secret_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn names_sealgate_sets_are_refused_and_process_names_flagged() {
+        for taken in [
+            "HTTPS_PROXY",
+            "http_proxy",
+            "NO_PROXY",
+            "SSL_CERT_FILE",
+            "GIT_SSL_CAINFO",
+            "SEALGATE_SANDBOX_ID",
+        ] {
+            let e = secret_name(taken).expect_err(taken);
+            assert!(format!("{e:?}").contains("sets itself"), "{taken}: {e:?}");
+        }
+        assert!(secret_name("HTTPS_PROXY_KEY").is_ok());
+        for flagged in ["PATH", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH"] {
+            assert!(secret_name(flagged).is_ok(), "{flagged}");
+            assert!(shadows_process_var(flagged), "{flagged}");
+        }
+        assert!(!shadows_process_var("OPENAI_API_KEY"));
+        assert!(!shadows_process_var("PATHS"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ use super::run_as::RunAs;
 use super::{check_env, io_err, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
 use crate::audit::{Audit, CommandEvent};
 use crate::limits::files::FILES_DIR;
-use crate::sandbox::lifecycle::CA_VARS;
+use crate::sandbox::lifecycle::{CA_VARS, SANDBOX_ID_VAR};
 
 /// Exit code reported for a command killed by its timeout.
 pub const TIMEOUT_EXIT: i32 = 124;
@@ -482,7 +482,7 @@ fn environment(
     .collect();
     env.insert("USER".into(), run_as.name.clone());
     env.insert("LOGNAME".into(), run_as.name.clone());
-    env.insert("SEALGATE_SANDBOX_ID".into(), iso.sandbox.id.to_string());
+    env.insert(SANDBOX_ID_VAR.into(), iso.sandbox.id.to_string());
     for e in iso.sandbox.snapshot().secrets() {
         env.insert(e.name.to_string(), e.token.to_string());
     }

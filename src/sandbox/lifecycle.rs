@@ -656,11 +656,11 @@ impl Sandboxes {
         let url = format!("http://{}:{}@{}", sb.id, proxy_token, self.cfg.proxy_public);
         let ca = self.cert_path(&sb.id).display().to_string();
         let mut env = BTreeMap::new();
-        for k in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
-            env.insert(k.to_owned(), url.clone());
+        for k in PROXY_URL_VARS {
+            env.insert((*k).to_owned(), url.clone());
         }
-        for k in ["NO_PROXY", "no_proxy"] {
-            env.insert(k.to_owned(), "localhost,127.0.0.1,::1".to_owned());
+        for k in NO_PROXY_VARS {
+            env.insert((*k).to_owned(), "localhost,127.0.0.1,::1".to_owned());
         }
         for k in CA_VARS {
             env.insert((*k).to_owned(), ca.clone());
@@ -791,6 +791,25 @@ fn row_of(sb: &Sandbox) -> SandboxRow {
         ca_key: sb.ca.key_pkcs8_der(),
         snapshot: snap.to_sealable(),
     }
+}
+
+/// Variables holding the sandbox's proxy URL in `proxy_env`.
+pub const PROXY_URL_VARS: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"];
+
+/// Variables holding the hosts that bypass the proxy in `proxy_env`.
+pub const NO_PROXY_VARS: &[&str] = &["NO_PROXY", "no_proxy"];
+
+/// The sandbox id in an isolated sandbox's commands.
+pub const SANDBOX_ID_VAR: &str = "SEALGATE_SANDBOX_ID";
+
+/// True if sealgate sets variable `name` itself in a sandbox's environment (`proxy_env`, or
+/// an isolated sandbox's commands), where a secret of that name would clash with it: its
+/// token would be overwritten, or would overwrite what the sandbox needs.
+pub fn set_by_sealgate(name: &str) -> bool {
+    name == SANDBOX_ID_VAR
+        || [PROXY_URL_VARS, NO_PROXY_VARS, CA_VARS]
+            .iter()
+            .any(|vars| vars.contains(&name))
 }
 
 /// Variables pointed at the sandbox CA certificate (DESIGN §7 "Clients"); the one list for

@@ -228,6 +228,37 @@ async fn patch_is_partial() {
     assert_eq!(v["name"], "q", "and nothing changed");
 }
 
+/// A secret named like a variable sealgate sets in sandboxes (`proxy_env`, the CA variables)
+/// would overwrite it or be overwritten: refused, nothing stored. One named like a variable
+/// processes rely on (`PATH`) is accepted with a warning.
+#[tokio::test]
+async fn secret_names_that_clash_with_the_sandbox_environment() {
+    let h = Harness::start().await;
+    let id = h.store("env", Some(&["api.example.test"])).await;
+    for taken in ["HTTPS_PROXY", "no_proxy", "SSL_CERT_FILE"] {
+        let body = json!({"value": "sk-clashing-name-5511"});
+        let path = format!("/v1/stores/{id}/secrets/{taken}");
+        let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, 400, "{taken}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(taken) && msg.contains("sets itself"), "{msg}");
+    }
+    let (_, list) = h
+        .api(Method::GET, &format!("/v1/stores/{id}/secrets"), None)
+        .await;
+    assert_eq!(list, json!([]), "nothing stored");
+    let v = h
+        .secret(&id, "PATH", "sk-clashing-name-5512", None, None)
+        .await;
+    let warned = v["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .any(|x| x.contains("replaces the variable PATH"));
+    assert!(warned, "{v}");
+}
+
 #[tokio::test]
 async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
     let h = Harness::start().await;
