@@ -235,15 +235,26 @@ class Sandbox:
         self.info = {**self.info, **fresh}
         return self.info
 
-    async def kill(self) -> bool:
+    async def kill(self, delete_secret_store: bool = False) -> bool:
         """Ends the sandbox now: its tokens and CA stop working and, when isolated, its
         namespace, interfaces, rules and processes are removed. True if this call ended it,
-        False if it had already ended (so calling it twice is harmless)."""
+        False if it had already ended (so calling it twice is harmless).
+
+        ``delete_secret_store=True`` (as in the opencomputer SDK) also deletes the store the
+        sandbox was made from, if it is still there: for single-use stores only, since other
+        sandboxes of it keep just their snapshot."""
         try:
             await _http.call(self._cfg, "DELETE", f"/v1/sandboxes/{seg(self.id)}")
+            ended = True
         except NotFoundError:
-            return False
-        return True
+            ended = False
+        store_id = self.secret_store_id
+        if delete_secret_store and store_id:
+            try:
+                await _http.call(self._cfg, "DELETE", f"/v1/stores/{seg(store_id)}")
+            except NotFoundError:
+                pass
+        return ended
 
     async def __aenter__(self) -> "Sandbox":
         return self

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import _config, _http
 from ._http import seg
+from .errors import NotFoundError
 
 
 class _Unset:
@@ -48,17 +49,17 @@ def _list(name: str, value: Optional[Sequence[str]]) -> Optional[List[str]]:
 
 
 class SecretStore:
-    """Async static methods over ``/v1/stores``. Every method accepts ``api_url`` and
-    ``api_key`` keywords (else ``SEALGATE_ADMIN_URL`` / ``SEALGATE_ADMIN_TOKEN``, else the CLI's
-    local defaults)."""
+    """Async static methods over ``/v1/stores``, with the opencomputer SDK's positional and
+    keyword arguments. Every method accepts ``api_key`` and ``api_url`` (after its own
+    arguments, in that order, as there; else ``SEALGATE_ADMIN_TOKEN`` / ``SEALGATE_ADMIN_URL``,
+    else the CLI's local defaults)."""
 
     @staticmethod
     async def create(
         name: str,
         egress_allowlist: Optional[Sequence[str]] = None,
-        *,
-        api_url: Optional[str] = None,
         api_key: Optional[str] = None,
+        api_url: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Creates a store; returns ``{"id", "name", "egress_allowlist", "created_at",
         "updated_at"}``. ``ConflictError`` if the name is taken, ``InvalidInputError`` for an
@@ -68,14 +69,14 @@ class SecretStore:
 
     @staticmethod
     async def list(
-        *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> List[Dict[str, Any]]:
         """Every store."""
         return await _http.call(_config.resolve(api_url, api_key), "GET", "/v1/stores")
 
     @staticmethod
     async def get(
-        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        store_id: str, api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> Dict[str, Any]:
         """One store by id; ``NotFoundError`` if there is none."""
         cfg = _config.resolve(api_url, api_key)
@@ -86,14 +87,15 @@ class SecretStore:
         store_id: str,
         name: Any = UNSET,
         egress_allowlist: Any = UNSET,
-        *,
-        api_url: Optional[str] = None,
         api_key: Optional[str] = None,
+        api_url: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Changes only the fields passed: ``egress_allowlist=None`` makes the store
-        unrestricted, omitting it leaves the allowlist as it is. Returns the updated store."""
+        unrestricted, omitting it leaves the allowlist as it is; ``name=""`` leaves the name
+        as it is (as in the opencomputer SDK: no store has an empty name). Returns the
+        updated store."""
         body: Dict[str, Any] = {}
-        if name is not UNSET:
+        if name is not UNSET and name != "":
             body["name"] = name
         if egress_allowlist is not UNSET:
             body["egress_allowlist"] = _list("egress_allowlist", egress_allowlist)
@@ -102,7 +104,7 @@ class SecretStore:
 
     @staticmethod
     async def delete(
-        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        store_id: str, api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> None:
         """Deletes the store and its secrets; running sandboxes keep their snapshot."""
         cfg = _config.resolve(api_url, api_key)
@@ -114,13 +116,14 @@ class SecretStore:
         name: str,
         value: str,
         allowed_hosts: Optional[Sequence[str]] = None,
-        locations: Optional[Sequence[str]] = None,
-        *,
-        api_url: Optional[str] = None,
         api_key: Optional[str] = None,
+        api_url: Optional[str] = None,
+        *,
+        locations: Optional[Sequence[str]] = None,
     ) -> Dict[str, Any]:
         """Creates or replaces secret ``name`` (an env-var name). ``value`` is sent once and
-        never returned or put into an exception. ``locations`` is any of ``"header"``,
+        never returned or put into an exception. ``locations`` (keyword only: the opencomputer
+        SDK's fifth argument is ``api_key``) is any of ``"header"``,
         ``"query"``, ``"body"`` (daemon default ``["header", "body"]``). Returns the secret's
         metadata (``name``, ``allowed_hosts``, ``locations``, timestamps, never the value) with
         the daemon's ``warnings`` (e.g. a secret that can never be unsealed, or a value short
@@ -138,7 +141,7 @@ class SecretStore:
 
     @staticmethod
     async def list_secrets(
-        store_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        store_id: str, api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> List[Dict[str, Any]]:
         """Secret metadata (``name``, ``allowed_hosts``, ``locations``, times), never values."""
         cfg = _config.resolve(api_url, api_key)
@@ -146,8 +149,13 @@ class SecretStore:
 
     @staticmethod
     async def delete_secret(
-        store_id: str, name: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        store_id: str, name: str, api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> None:
-        """Deletes one secret; its tokens stop working in running sandboxes within a second."""
+        """Deletes one secret; its tokens stop working in running sandboxes within a second.
+        A secret (or store) that is not there is not an error, as in the opencomputer SDK:
+        afterwards it is not there either way."""
         cfg = _config.resolve(api_url, api_key)
-        await _http.call(cfg, "DELETE", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}")
+        try:
+            await _http.call(cfg, "DELETE", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}")
+        except NotFoundError:
+            pass

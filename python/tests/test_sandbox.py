@@ -55,6 +55,16 @@ async def test_create_by_name_and_id_connect_list_kill(daemon):
     await by_id.kill()
 
 
+async def test_kill_can_delete_a_single_use_store(daemon):
+    """``kill(delete_secret_store=True)``, as in the opencomputer SDK."""
+    store = await SecretStore.create(f"single-{secrets.token_hex(4)}", ["api.example.test"])
+    sbx = await Sandbox.create(secret_store=store["id"], timeout=60, isolation="none")
+    assert await sbx.kill(delete_secret_store=True) is True
+    with pytest.raises(NotFoundError):
+        await SecretStore.get(store["id"])
+    assert await sbx.kill(delete_secret_store=True) is False
+
+
 async def test_async_with_kills_on_exit_even_on_error(daemon):
     store, _ = await make_store()
     with pytest.raises(RuntimeError):
