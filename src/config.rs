@@ -168,6 +168,8 @@ pub struct RawUpstream {
     /// Count.
     pub pool_max_idle_per_host: Option<usize>,
     /// Count.
+    pub max_connections_per_sandbox: Option<usize>,
+    /// Count.
     pub max_response_codings: Option<usize>,
     /// Bytes.
     pub max_grpc_message_bytes: Option<usize>,
@@ -388,6 +390,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Pool size per host.
     pub pool_max_idle_per_host: usize,
+    /// Upstream connections one sandbox may hold open at once (in use and idle in its pools).
+    pub max_connections_per_sandbox: usize,
     /// Stacked content/transfer codings accepted on one response where scrubbing decodes.
     pub max_response_codings: usize,
     /// Largest compressed gRPC message, before or after decoding, that scrubbing decodes.
@@ -897,6 +901,12 @@ impl RawUpstream {
                 self.pool_max_idle_per_host,
                 32,
                 10_000,
+            ),
+            max_connections_per_sandbox: p.count(
+                "upstream.max_connections_per_sandbox",
+                self.max_connections_per_sandbox,
+                1024,
+                1_000_000,
             ),
             max_response_codings: p.count(
                 "upstream.max_response_codings",

@@ -103,7 +103,8 @@ impl LiveSettings {
     /// `sandbox`'s clients on the worker this runs on (the first worker's off the workers:
     /// tests).
     pub fn clients(&self, sandbox: &Arc<Sandbox>) -> Arc<clients::Clients> {
-        self.pools[workers::current() % self.pools.len()].of(sandbox, &self.upstream)
+        let pools = &self.pools[workers::current() % self.pools.len()];
+        pools.of(sandbox, &sandbox.upstream, &self.upstream)
     }
 
     /// How many workers' client sets there are.

@@ -42,6 +42,8 @@ pub struct Sandbox {
     snapshot: RwLock<Arc<Snapshot>>,
     tunnels: AtomicUsize,
     requests: AtomicUsize,
+    /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
+    pub upstream: crate::proxy::upstream::ConnBudget,
 }
 
 impl Sandbox {
@@ -58,6 +60,7 @@ impl Sandbox {
             snapshot: RwLock::new(Arc::new(snapshot)),
             tunnels: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            upstream: Default::default(),
         }
     }
 

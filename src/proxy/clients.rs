@@ -44,10 +44,12 @@ impl PerSandbox {
         }
     }
 
-    /// `owner`'s set, made on first use (dropping the sets of owners gone meanwhile).
+    /// `owner`'s set, made on first use (dropping the sets of owners gone meanwhile), its
+    /// connections counted against `budget` (the owner's, the same on every worker).
     pub(super) fn of<O: Send + Sync + 'static>(
         &self,
         owner: &Arc<O>,
+        budget: &upstream::ConnBudget,
         settings: &Arc<upstream::UpstreamSettings>,
     ) -> Arc<Clients> {
         let key = Arc::as_ptr(owner) as usize;
@@ -56,7 +58,7 @@ impl PerSandbox {
             return e.clients.clone();
         }
         sets.retain(|_, e| e.owner.strong_count() > 0);
-        let clients = Arc::new(Clients::new(settings));
+        let clients = Arc::new(Clients::new(settings, budget));
         let owner: Arc<dyn Any + Send + Sync> = owner.clone();
         let owner = Arc::downgrade(&owner);
         sets.insert(
@@ -99,27 +101,21 @@ pub struct Clients {
 }
 
 impl Clients {
-    fn new(settings: &Arc<upstream::UpstreamSettings>) -> Clients {
+    fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &upstream::ConnBudget) -> Clients {
         let upstream = &settings.config;
+        let connector =
+            |alpn: &[&[u8]]| upstream::Connector::new(settings.clone(), alpn).counted(budget);
+        let h2_only = || upstream::Connector::h2_only(settings.clone()).counted(budget);
         Clients {
-            client: build_client(
-                upstream,
-                upstream::Connector::new(settings.clone(), &[b"h2", b"http/1.1"]),
-            ),
-            client_h1: build_client(
-                upstream,
-                upstream::Connector::new(settings.clone(), &[b"http/1.1"]),
-            ),
-            client_h2: build_h2_client(upstream, settings.clone()),
-            client_retry: build_h2_client(upstream, settings.clone()),
+            client: build_client(upstream, connector(&[b"h2", b"http/1.1"])),
+            client_h1: build_client(upstream, connector(&[b"http/1.1"])),
+            client_h2: build_h2_client(upstream, h2_only()),
+            client_retry: build_h2_client(upstream, h2_only()),
             client_fresh: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
                 .timer(TokioTimer::new())
                 .set_host(true)
-                .build(upstream::Connector::new(
-                    settings.clone(),
-                    &[b"h2", b"http/1.1"],
-                )),
+                .build(connector(&[b"h2", b"http/1.1"])),
         }
     }
 }
@@ -128,13 +124,8 @@ fn build_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClie
     client_builder(cfg).build(conn)
 }
 
-fn build_h2_client(
-    cfg: &UpstreamConfig,
-    settings: Arc<upstream::UpstreamSettings>,
-) -> UpstreamClient {
-    client_builder(cfg)
-        .http2_only(true)
-        .build(upstream::Connector::h2_only(settings))
+fn build_h2_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamClient {
+    client_builder(cfg).http2_only(true).build(conn)
 }
 
 fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
@@ -165,20 +156,24 @@ mod tests {
     #[test]
     fn one_set_per_owner_kept_while_it_lives() {
         let (s, sets) = (settings(), PerSandbox::new());
+        let budget = upstream::ConnBudget::default();
         let (a, b) = (Arc::new(1u8), Arc::new(2u8));
-        let a1 = sets.of(&a, &s);
+        let a1 = sets.of(&a, &budget, &s);
         assert!(
-            Arc::ptr_eq(&a1, &sets.of(&a, &s)),
+            Arc::ptr_eq(&a1, &sets.of(&a, &budget, &s)),
             "a's requests share a's set"
         );
-        let b1 = sets.of(&b, &s);
+        let b1 = sets.of(&b, &budget, &s);
         assert!(!Arc::ptr_eq(&a1, &b1), "b never gets a's set");
         assert_eq!(sets.len(), 2);
         drop(a);
-        assert!(Arc::ptr_eq(&b1, &sets.of(&b, &s)), "a hit drops nothing");
+        assert!(
+            Arc::ptr_eq(&b1, &sets.of(&b, &budget, &s)),
+            "a hit drops nothing"
+        );
         assert_eq!(sets.len(), 2);
         let c = Arc::new(3u8);
-        let c1 = sets.of(&c, &s);
+        let c1 = sets.of(&c, &budget, &s);
         assert!(!Arc::ptr_eq(&c1, &a1) && !Arc::ptr_eq(&c1, &b1));
         assert_eq!(sets.len(), 2, "a's set went when c's was made");
     }

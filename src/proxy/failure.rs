@@ -67,6 +67,14 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
             Code::UpstreamUnreachable,
             format!("{} stopped offering h2", t.dest),
         ),
+        ConnectError::TooMany(max) => Refusal::new(
+            Code::TooManyConnections,
+            format!(
+                "sandbox holds {max} upstream connections, in use or idle \
+                 (upstream.max_connections_per_sandbox); idle ones close after \
+                 upstream.pool_idle_timeout_secs"
+            ),
+        ),
     }
 }
 

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -54,6 +55,45 @@ pub enum ConnectError {
     /// nothing was sent, so the request may go again on a client that also speaks HTTP/1.1.
     #[error("upstream did not negotiate h2")]
     NotH2,
+    /// The sandbox already holds `[upstream] max_connections_per_sandbox` upstream
+    /// connections (the value); nothing was dialled.
+    #[error("the sandbox holds {0} upstream connections")]
+    TooMany(usize),
+}
+
+/// One sandbox's open upstream connections (in use, or idle in its pools), counted against
+/// `[upstream] max_connections_per_sandbox` by every connector of its client sets, on every
+/// worker. Without it a sandbox could leave any number of idle connections in its pools (up
+/// to `pool_max_idle_per_host` per host, and a wildcard allowlist has no end of hosts) and
+/// spend the daemon's file descriptors (an outside review left 961 idle sockets from one
+/// sandbox with no client connection open).
+#[derive(Clone, Debug, Default)]
+pub struct ConnBudget(Arc<AtomicUsize>);
+
+impl ConnBudget {
+    /// How many connections are open.
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// A slot for one more connection, held by it until it closes; None at `max`.
+    fn take(&self, max: usize) -> Option<ConnSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnSlot(self.0.clone()))
+    }
+}
+
+/// One open upstream connection's place in its sandbox's [`ConnBudget`].
+struct ConnSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Upstream settings the connector needs.
@@ -94,6 +134,8 @@ pub struct Connector {
     tls: TlsConnector,
     /// Fail with [`ConnectError::NotH2`] unless ALPN chose h2 (for `http2_only` clients).
     require_h2: bool,
+    /// The sandbox's budget, which every connection made here counts against.
+    budget: ConnBudget,
 }
 
 impl Connector {
@@ -105,6 +147,15 @@ impl Connector {
             settings,
             tls: TlsConnector::from(Arc::new(cfg)),
             require_h2: false,
+            budget: ConnBudget::default(),
+        }
+    }
+
+    /// The same connector counting its connections against `budget` (a sandbox's).
+    pub fn counted(self, budget: &ConnBudget) -> Self {
+        Connector {
+            budget: budget.clone(),
+            ..self
         }
     }
 
@@ -143,6 +194,13 @@ impl tower_service::Service<Uri> for Connector {
 
 impl Connector {
     async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
+        let max = self.settings.config.max_connections_per_sandbox;
+        let slot = self.budget.take(max).ok_or(ConnectError::TooMany(max))?;
+        let io = self.connect_io(uri).await?;
+        Ok(UpstreamStream { io, _slot: slot })
+    }
+
+    async fn connect_io(&self, uri: Uri) -> Result<Io, ConnectError> {
         let host = uri
             .host()
             .ok_or_else(|| ConnectError::Unreachable("no host".into()))?;
@@ -152,7 +210,7 @@ impl Connector {
         let addrs = self.addresses(host, port).await?;
         let tcp = dial(&addrs).await?;
         if !https {
-            return Ok(UpstreamStream::Plain(TokioIo::new(tcp)));
+            return Ok(Io::Plain(TokioIo::new(tcp)));
         }
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| ConnectError::Tls(format!("invalid server name {host}")))?;
@@ -165,12 +223,12 @@ impl Connector {
             let origin = format!("{host}:{port}").into_boxed_str();
             let watched =
                 RefuseAfterGoaway::new(tls).learning(self.settings.stream_limits.clone(), origin);
-            return Ok(UpstreamStream::H2(Box::new(TokioIo::new(watched))));
+            return Ok(Io::H2(Box::new(TokioIo::new(watched))));
         }
         if self.require_h2 {
             return Err(ConnectError::NotH2);
         }
-        Ok(UpstreamStream::Tls(Box::new(TokioIo::new(tls))))
+        Ok(Io::Tls(Box::new(TokioIo::new(tls))))
     }
 
     /// The addresses to dial: the override, or every DNS answer, each vetted.
@@ -243,8 +301,14 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
 /// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
+/// An upstream connection, holding its place in its sandbox's [`ConnBudget`] until dropped.
+pub struct UpstreamStream {
+    io: Io,
+    _slot: ConnSlot,
+}
+
 /// A plain or TLS upstream connection.
-pub enum UpstreamStream {
+enum Io {
     /// Plain HTTP.
     Plain(TokioIo<TcpStream>),
     /// HTTPS, HTTP/1.1.
@@ -255,9 +319,9 @@ pub enum UpstreamStream {
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        match self {
-            UpstreamStream::Plain(_) | UpstreamStream::Tls(_) => Connected::new(),
-            UpstreamStream::H2(_) => Connected::new().negotiated_h2(),
+        match &self.io {
+            Io::Plain(_) | Io::Tls(_) => Connected::new(),
+            Io::H2(_) => Connected::new().negotiated_h2(),
         }
     }
 }
@@ -268,10 +332,10 @@ impl hyper::rt::Read for UpstreamStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -282,10 +346,10 @@ impl hyper::rt::Write for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -297,34 +361,53 @@ impl hyper::rt::Write for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Io::H2(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
-            UpstreamStream::H2(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+            Io::H2(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            UpstreamStream::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_gives_slots_up_to_its_max_and_takes_them_back_on_drop() {
+        let budget = ConnBudget::default();
+        let (a, b) = (budget.take(2).unwrap(), budget.take(2).unwrap());
+        assert!(budget.take(2).is_none(), "full");
+        assert_eq!(budget.open(), 2);
+        drop(a);
+        assert_eq!(budget.open(), 1);
+        let c = budget.clone().take(2).expect("a slot freed, on any clone");
+        assert!(budget.take(2).is_none());
+        drop((b, c));
+        assert_eq!(budget.open(), 0);
     }
 }

@@ -374,6 +374,59 @@ async fn sandboxes_never_share_an_upstream_connection() {
     );
 }
 
+/// Upstream connections count against their sandbox, idle ones in its pools too: past
+/// `[upstream] max_connections_per_sandbox` a request needing one more gets 429 (nothing is
+/// dialled), one that can reuse a pooled connection goes on, and other sandboxes are not
+/// affected. Without the cap, idle pooled connections had no bound (per host and worker, up to
+/// `pool_max_idle_per_host` each) and could spend the daemon's file descriptors.
+#[tokio::test]
+async fn a_sandboxs_upstream_connections_are_capped_idle_ones_included() {
+    let opts = Opts {
+        upstream_toml: "max_connections_per_sandbox = 2".into(),
+        ..Default::default()
+    };
+    let allow = ["api.example.test", "other.example.test"];
+    let e = setup_with(Some(&allow), &[], opts).await;
+    let api = || pc::get("/echo", "api.example.test", &[]);
+    // One tunnel, so one worker: its first request goes out on a connection of the client
+    // that learns the origin speaks h2, the next on one of the h2-only client (two, the cap).
+    let mut first = pc::h1(e.h.proxy, &e.sb, API).await;
+    for _ in 0..2 {
+        assert_eq!(pc::send1(&mut first, api()).await.status, StatusCode::OK);
+    }
+    assert_eq!(e.echo.connections(), 2);
+    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
+    let refused = pc::send1(&mut c, pc::get("/echo", "other.example.test", &[])).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.code().as_deref(), Some("too_many_connections"));
+    let text = refused.text();
+    assert!(text.contains("max_connections_per_sandbox"), "{text}");
+    let again = pc::send1(&mut first, api()).await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "a pooled connection is reused"
+    );
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let mut c = pc::h1(e.h.proxy, &other, "other.example.test:443").await;
+    let theirs = pc::send1(&mut c, pc::get("/echo", "other.example.test", &[])).await;
+    assert_eq!(
+        theirs.status,
+        StatusCode::OK,
+        "another sandbox has its own budget"
+    );
+    assert_eq!(
+        e.echo.connections(),
+        3,
+        "nothing was dialled for the refused request"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // h2 floods (raw frames)
 
