@@ -7,10 +7,12 @@
 //! - A [`Snapshot`] is immutable; rotation swaps in a new `Arc<Snapshot>`, so a request sees one
 //!   consistent version from start to end.
 
+mod conn_budget;
 pub mod lifecycle;
 pub mod registry;
 pub mod snapshot;
 
+pub use conn_budget::{ConnBudget, ConnSlot};
 pub use lifecycle::{CreateSandbox, SandboxError, Sandboxes};
 pub use registry::Registry;
 pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
@@ -43,7 +45,7 @@ pub struct Sandbox {
     tunnels: AtomicUsize,
     requests: AtomicUsize,
     /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
-    pub upstream: crate::proxy::upstream::ConnBudget,
+    pub upstream: ConnBudget,
 }
 
 impl Sandbox {

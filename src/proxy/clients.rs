@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{upstream, UpstreamClient};
 use crate::config::UpstreamConfig;
+use crate::sandbox::ConnBudget;
 
 /// One worker's client sets, by owner (the sandbox).
 pub(super) struct PerSandbox {
@@ -49,7 +50,7 @@ impl PerSandbox {
     pub(super) fn of<O: Send + Sync + 'static>(
         &self,
         owner: &Arc<O>,
-        budget: &upstream::ConnBudget,
+        budget: &ConnBudget,
         settings: &Arc<upstream::UpstreamSettings>,
     ) -> Arc<Clients> {
         let key = Arc::as_ptr(owner) as usize;
@@ -101,7 +102,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &upstream::ConnBudget) -> Clients {
+    fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &ConnBudget) -> Clients {
         let upstream = &settings.config;
         let connector =
             |alpn: &[&[u8]]| upstream::Connector::new(settings.clone(), alpn).counted(budget);
@@ -156,7 +157,7 @@ mod tests {
     #[test]
     fn one_set_per_owner_kept_while_it_lives() {
         let (s, sets) = (settings(), PerSandbox::new());
-        let budget = upstream::ConnBudget::default();
+        let budget = ConnBudget::default();
         let (a, b) = (Arc::new(1u8), Arc::new(2u8));
         let a1 = sets.of(&a, &budget, &s);
         assert!(
