@@ -905,7 +905,7 @@ impl RawUpstream {
             max_connections_per_sandbox: p.count(
                 "upstream.max_connections_per_sandbox",
                 self.max_connections_per_sandbox,
-                1024,
+                512,
                 1_000_000,
             ),
             max_response_codings: p.count(

@@ -68,7 +68,7 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
             format!("{} stopped offering h2", t.dest),
         ),
         ConnectError::TooMany(max) => Refusal::new(
-            Code::TooManyConnections,
+            Code::TooManyUpstreamConnections,
             format!(
                 "sandbox holds {max} upstream connections, in use or idle \
                  (upstream.max_connections_per_sandbox); idle ones close after \
@@ -171,13 +171,13 @@ fn idempotent(m: &http::Method) -> bool {
 
 /// hyper-util (0.1.21) dials one HTTP/2 connection per origin at a time; the requests that
 /// arrive meanwhile wait for it in the pool. When the dialing request is dropped — its
-/// sandbox client hung up, in any sandbox — or its dial fails, the waiters' checkouts end
+/// sandbox client hung up (another request of the same sandbox: each has its own client sets) — or its dial fails, the waiters' checkouts end
 /// with the pool's private `CheckoutNoLongerWanted` error, surfaced as a connect error whose
 /// source reads "request was canceled", and hyper-util does not try them again (it only
 /// retries a checkout that yielded a closed connection). Nothing of such a request was sent,
 /// so it is safe to send it again. The pool's error type is private: its text is the only
 /// handle, pinned by `tests/it/adversarial/exhaustion.rs`
-/// (`a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request`).
+/// (`a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it`).
 fn waited_on_an_abandoned_dial(e: &hyper_util::client::legacy::Error) -> bool {
     e.is_connect()
         && e.source()

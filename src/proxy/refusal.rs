@@ -42,6 +42,9 @@ pub enum Code {
     TooManyConnections,
     /// 429: too many requests of this sandbox in flight (`max_requests_per_sandbox`).
     TooManyRequests,
+    /// 429: too many upstream connections of this sandbox open, in use or idle
+    /// (`[upstream] max_connections_per_sandbox`).
+    TooManyUpstreamConnections,
     /// 405: method not supported inside a tunnel (inner CONNECT).
     MethodNotAllowed,
     /// 502: upstream certificate not trusted / TLS failed.
@@ -69,6 +72,7 @@ impl Code {
             Code::TooManyTunnels => "too_many_tunnels",
             Code::TooManyConnections => "too_many_connections",
             Code::TooManyRequests => "too_many_requests",
+            Code::TooManyUpstreamConnections => "too_many_upstream_connections",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::UpstreamTlsError => "upstream_tls_error",
             Code::UpstreamUnreachable => "upstream_unreachable",
@@ -89,9 +93,10 @@ impl Code {
             Code::BadRequest => StatusCode::BAD_REQUEST,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::TooManyTunnels | Code::TooManyConnections | Code::TooManyRequests => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Code::TooManyTunnels
+            | Code::TooManyConnections
+            | Code::TooManyRequests
+            | Code::TooManyUpstreamConnections => StatusCode::TOO_MANY_REQUESTS,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::UpstreamTlsError | Code::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -343,7 +343,9 @@ async fn tunnels_beyond_the_per_sandbox_cap_get_429() {
 /// slowly fill its flow-control window. Each sandbox reuses only connections of its own.
 #[tokio::test]
 async fn sandboxes_never_share_an_upstream_connection() {
-    let e = setup(Some(&["api.example.test"]), &[]).await;
+    // One worker, so a sandbox's requests find its pooled connections whatever the placement.
+    let one = opts("worker_threads = 1");
+    let e = setup_with(Some(&["api.example.test"]), &[], one).await;
     let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
     for _ in 0..4 {
         for sb in [&e.sb, &other] {
@@ -403,7 +405,10 @@ async fn a_sandboxs_upstream_connections_are_capped_idle_ones_included() {
         "{}",
         refused.text()
     );
-    assert_eq!(refused.code().as_deref(), Some("too_many_connections"));
+    assert_eq!(
+        refused.code().as_deref(),
+        Some("too_many_upstream_connections")
+    );
     let text = refused.text();
     assert!(text.contains("max_connections_per_sandbox"), "{text}");
     let again = pc::send1(&mut first, api()).await;
@@ -703,13 +708,15 @@ impl Gate {
 }
 
 /// hyper-util dials one h2 connection per origin at a time and parks the requests that come
-/// meanwhile on that dial. Sandbox A's request starts the dial, sandbox B's waits on it, A
-/// hangs up (RST_STREAM CANCEL): the dial is dropped with A's request, and B's parked request
+/// meanwhile on that dial. One request starts the dial, a second of the same sandbox (another
+/// stream of the same h2 connection, so the same worker and the same client set) waits on it,
+/// the first hangs up (RST_STREAM CANCEL): the dial is dropped with it, and the parked request
 /// used to fail at once with 502 (`client error (Connect): request was canceled`; seen as a
-/// stray 502 in `scripts/bench-e2e` when oha stopped its clients at a deadline). Nothing of
-/// B's request had been sent: sealgate sends it again, and B gets the origin's answer.
+/// stray 502 in `scripts/bench-e2e` when oha stopped its clients at a deadline). Nothing of the
+/// second request had been sent: sealgate sends it again, and it gets the origin's answer.
+/// (Sandboxes no longer share dials: each has its own client sets, `proxy::clients`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() {
+async fn a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it() {
     use crate::support::daemon::Harness;
     use crate::support::echo::Echo;
     use crate::support::pki::TestPki;
@@ -726,7 +733,6 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
         .expect("daemon starts");
     h.store("s", Some(&["api.example.test"])).await;
     let a = SandboxCreds::from_answer(&h.sandbox("s").await);
-    let b = SandboxCreds::from_answer(&h.sandbox("s").await);
 
     // A first request teaches sealgate that the origin speaks h2.
     let mut first = pc::h1(h.proxy, &a, API).await;
@@ -735,32 +741,34 @@ async fn a_sandbox_hanging_up_mid_dial_does_not_fail_another_sandboxs_request() 
 
     gate.hold(true);
     let before = gate.accepted();
-    let mut ca = pc::h2(h.proxy, &a, API).await;
-    let a_req =
+    let conn = pc::h2(h.proxy, &a, API).await;
+    let mut c1 = conn.clone();
+    let dialling =
         tokio::spawn(
-            async move { pc::send2(&mut ca, pc::get("/echo", "api.example.test", &[])).await },
+            async move { pc::send2(&mut c1, pc::get("/echo", "api.example.test", &[])).await },
         );
-    eventually(Duration::from_secs(5), "A's dial reaches the gate", || {
+    eventually(Duration::from_secs(5), "the dial reaches the gate", || {
         gate.accepted() > before
     })
     .await;
-    let mut cb = pc::h1(h.proxy, &b, API).await;
-    let b_req =
+    let mut c2 = conn.clone();
+    let parked =
         tokio::spawn(
-            async move { pc::send1(&mut cb, pc::get("/echo", "api.example.test", &[])).await },
+            async move { pc::send2(&mut c2, pc::get("/echo", "api.example.test", &[])).await },
         );
-    tokio::time::sleep(Duration::from_millis(300)).await; // B is parked on A's dial
-    a_req.abort();
-    tokio::time::sleep(Duration::from_millis(300)).await; // A's dial is dropped
+    tokio::time::sleep(Duration::from_millis(300)).await; // parked on the dial
+    assert_eq!(gate.accepted(), before + 1, "parked, not dialling");
+    dialling.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the dial is dropped
     gate.hold(false);
-    let answer = tokio::time::timeout(Duration::from_secs(10), b_req)
+    let answer = tokio::time::timeout(Duration::from_secs(10), parked)
         .await
-        .expect("B is answered")
-        .expect("B's task");
+        .expect("the parked request is answered")
+        .expect("its task");
     assert_eq!(
         answer.status,
         StatusCode::OK,
-        "B failed because A hung up: {}",
+        "the parked request failed because the first hung up: {}",
         String::from_utf8_lossy(&answer.body)
     );
 }
