@@ -58,7 +58,13 @@ impl PerSandbox {
         if let Some(e) = sets.get(&key) {
             return e.clients.clone();
         }
-        sets.retain(|_, e| e.owner.strong_count() > 0);
+        // Dropped after the lock: dropping a set closes its idle connections.
+        let gone: Vec<usize> = sets
+            .iter()
+            .filter(|(_, e)| e.owner.strong_count() == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        let gone: Vec<Entry> = gone.iter().filter_map(|k| sets.remove(k)).collect();
         let clients = Arc::new(Clients::new(settings, budget));
         let owner: Arc<dyn Any + Send + Sync> = owner.clone();
         let owner = Arc::downgrade(&owner);
@@ -69,6 +75,8 @@ impl PerSandbox {
                 clients: clients.clone(),
             },
         );
+        drop(sets);
+        drop(gone);
         clients
     }
 

@@ -355,7 +355,7 @@ impl HostView {
     }
 
     /// The plain-HTTP view ([`Snapshot::plain_view`]): only the secrets whose host rules do
-    /// not match `dest`, none of them allowed, no scrubber.
+    /// not match `dest`, none of them allowed, without their values, no scrubber.
     fn plain(snap: &Snapshot, dest: &Dest) -> HostView {
         let refused: Vec<&SecretEntry> = snap
             .secrets
@@ -370,9 +370,12 @@ impl HostView {
             lookup: refused
                 .iter()
                 .map(|e| {
+                    // Never unsealed here, so the view holds no value at all.
                     let r = SecretRef {
+                        name: e.name.clone(),
+                        value: SecretValue::new(Vec::new()),
+                        locations: e.locations,
                         allowed: false,
-                        ..secret_ref(snap, e, dest)
                     };
                     (e.token, r)
                 })
