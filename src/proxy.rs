@@ -107,6 +107,13 @@ impl LiveSettings {
         pools.of(sandbox, &sandbox.upstream, &self.upstream)
     }
 
+    /// Drops `sandbox`'s client sets on every worker (`clients::PerSandbox::drop_set`).
+    pub fn drop_clients(&self, sandbox: &Arc<Sandbox>) {
+        for pools in &self.pools {
+            pools.drop_set(sandbox);
+        }
+    }
+
     /// How many workers' client sets there are.
     pub fn pools(&self) -> usize {
         self.pools.len()

@@ -80,6 +80,16 @@ impl PerSandbox {
         clients
     }
 
+    /// Drops `owner`'s set (its idle connections close; requests still using it keep it until
+    /// they end); its next request makes a new one.
+    pub(super) fn drop_set<O>(&self, owner: &Arc<O>) {
+        let key = Arc::as_ptr(owner) as usize;
+        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone = sets.remove(&key);
+        drop(sets);
+        drop(gone);
+    }
+
     /// How many sets are held (those of owners gone included, until the next new set).
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -181,6 +191,11 @@ mod tests {
             "a hit drops nothing"
         );
         assert_eq!(sets.len(), 2);
+        sets.drop_set(&b);
+        assert!(
+            !Arc::ptr_eq(&b1, &sets.of(&b, &budget, &s)),
+            "a new set after a drop"
+        );
         let c = Arc::new(3u8);
         let c1 = sets.of(&c, &budget, &s);
         assert!(!Arc::ptr_eq(&c1, &a1) && !Arc::ptr_eq(&c1, &b1));

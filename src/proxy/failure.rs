@@ -70,12 +70,22 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
         ConnectError::TooMany(max) => Refusal::new(
             Code::TooManyUpstreamConnections,
             format!(
-                "sandbox holds {max} upstream connections, in use or idle \
-                 (upstream.max_connections_per_sandbox); idle ones close after \
-                 upstream.pool_idle_timeout_secs"
+                "sandbox holds {max} upstream connections in use \
+                 (upstream.max_connections_per_sandbox)"
             ),
         ),
     }
+}
+
+/// True when the sandbox was at its upstream cap ([`ConnectError::TooMany`]): nothing was
+/// dialled or sent.
+pub fn over_upstream_cap(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e).any(|s| {
+        matches!(
+            s.downcast_ref::<ConnectError>(),
+            Some(ConnectError::TooMany(_))
+        )
+    })
 }
 
 /// True when an h2-only client's handshake did not choose h2 ([`ConnectError::NotH2`]):

@@ -762,14 +762,25 @@ async fn attempts(
     };
     let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
     let clients = rt.clients(&t.sandbox);
-    let client = match (websocket, h2) {
-        (true, _) => &clients.client_h1,
-        (false, true) => &clients.client_h2,
-        (false, false) => &clients.client,
-    };
-    let first = client.request(attach(t, head, body)).await;
+    let first = pick(&clients, websocket, h2)
+        .request(attach(t, head, body))
+        .await;
     let Some((head, bytes)) = replay else {
         return first;
+    };
+    let (clients, first) = match first {
+        Err(e) if super::failure::over_upstream_cap(&e) => {
+            drop(clients); // this request's hold on the set it is about to drop
+            if !make_room(t, rt).await {
+                return Err(e);
+            }
+            let clients = rt.clients(&t.sandbox);
+            let again = pick(&clients, websocket, h2)
+                .request(attach(t, head.clone(), UpBody::Held(bytes.clone())))
+                .await;
+            (clients, again)
+        }
+        other => (clients, other),
     };
     match first {
         Ok(resp) => {
@@ -793,6 +804,38 @@ async fn attempts(
         Err(e) => Err(e),
     }
 }
+
+/// The client for a request: HTTP/1.1-only for a WebSocket upgrade, h2-only for a held body
+/// to an origin known to speak h2, else the one that speaks either.
+fn pick(clients: &super::clients::Clients, websocket: bool, h2: bool) -> &super::UpstreamClient {
+    match (websocket, h2) {
+        (true, _) => &clients.client_h1,
+        (false, true) => &clients.client_h2,
+        (false, false) => &clients.client,
+    }
+}
+
+/// A sandbox at its upstream cap (`[upstream] max_connections_per_sandbox`) may hold it with
+/// idle pooled connections, left by requests to other hosts: its client sets are dropped on
+/// every worker, which closes their idle connections (those in use finish on the sets their
+/// requests hold), and the request waits up to [`ROOM_WAIT`] for a slot. True if one is free:
+/// the request, which nothing was sent of, goes once more on new sets.
+async fn make_room(t: &Tunnel, rt: &LiveSettings) -> bool {
+    rt.drop_clients(&t.sandbox);
+    let max = rt.upstream.config.max_connections_per_sandbox;
+    let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+    while t.sandbox.upstream.open() >= max {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    true
+}
+
+/// How long a request at its sandbox's upstream cap waits for the idle connections it had
+/// closed to go (each closes on its own worker, at once unless that worker is busy).
+const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The retry of a request the upstream did not process: `client_retry`, then, if that
 /// refuses too (or the origin no longer chooses h2), a fresh connection.

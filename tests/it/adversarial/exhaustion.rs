@@ -376,60 +376,76 @@ async fn sandboxes_never_share_an_upstream_connection() {
     );
 }
 
-/// Upstream connections count against their sandbox, idle ones in its pools too: past
-/// `[upstream] max_connections_per_sandbox` a request needing one more gets 429 (nothing is
-/// dialled), one that can reuse a pooled connection goes on, and other sandboxes are not
-/// affected. Without the cap, idle pooled connections had no bound (per host and worker, up to
-/// `pool_max_idle_per_host` each) and could spend the daemon's file descriptors.
+/// Upstream connections count against their sandbox, idle ones in its pools too
+/// (`[upstream] max_connections_per_sandbox`; without it a sandbox could leave any number idle
+/// and spend the daemon's descriptors). At the cap an idle connection makes room: the
+/// sandbox's pools are dropped and the request goes on. With every connection in use, a
+/// request needing one more gets 429 and nothing is dialled; other sandboxes are not affected.
+/// Plain HTTP, so every request is one connection to one h1 origin (no h2 second connection).
 #[tokio::test]
-async fn a_sandboxs_upstream_connections_are_capped_idle_ones_included() {
+async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
+    let plain = crate::support::echo::Echo::start_plain().await;
+    let names = ["one.example.test", "two.example.test"];
     let opts = Opts {
-        upstream_toml: "max_connections_per_sandbox = 2".into(),
+        resolve: names.iter().map(|n| (n.to_string(), plain.addr)).collect(),
+        upstream_toml: "max_connections_per_sandbox = 1".into(),
         ..Default::default()
     };
-    let allow = ["api.example.test", "other.example.test"];
-    let e = setup_with(Some(&allow), &[], opts).await;
-    let api = || pc::get("/echo", "api.example.test", &[]);
-    // One tunnel, so one worker: its first request goes out on a connection of the client
-    // that learns the origin speaks h2, the next on one of the h2-only client (two, the cap).
-    let mut first = pc::h1(e.h.proxy, &e.sb, API).await;
-    for _ in 0..2 {
-        assert_eq!(pc::send1(&mut first, api()).await.status, StatusCode::OK);
-    }
-    assert_eq!(e.echo.connections(), 2);
-    let mut c = pc::h1(e.h.proxy, &e.sb, "other.example.test:443").await;
-    let refused = pc::send1(&mut c, pc::get("/echo", "other.example.test", &[])).await;
-    assert_eq!(
-        refused.status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "{}",
-        refused.text()
-    );
-    assert_eq!(
-        refused.code().as_deref(),
-        Some("too_many_upstream_connections")
-    );
-    let text = refused.text();
-    assert!(text.contains("max_connections_per_sandbox"), "{text}");
-    let again = pc::send1(&mut first, api()).await;
-    assert_eq!(
-        again.status,
-        StatusCode::OK,
-        "a pooled connection is reused"
-    );
+    let e = setup_with(Some(&names), &[], opts).await;
     let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
-    let mut c = pc::h1(e.h.proxy, &other, "other.example.test:443").await;
-    let theirs = pc::send1(&mut c, pc::get("/echo", "other.example.test", &[])).await;
-    assert_eq!(
-        theirs.status,
-        StatusCode::OK,
-        "another sandbox has its own budget"
+    let get = |sb: &SandboxCreds, host: &str, path: &str| {
+        let (proxy, auth) = (e.h.proxy, sb.proxy_auth());
+        let req = format!(
+            "GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\
+             Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
+        );
+        async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let read = s.read_to_end(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    // In use for about a second: the sandbox's one connection.
+    let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=10"));
+    eventually(Duration::from_secs(5), "the slow request is in", || {
+        plain.requests().len() == 1
+    })
+    .await;
+    let refused = get(&e.sb, "two.example.test", "/echo").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(
+        refused.contains("too_many_upstream_connections"),
+        "{refused}"
     );
+    assert!(refused.contains("max_connections_per_sandbox"), "{refused}");
     assert_eq!(
-        e.echo.connections(),
-        3,
+        plain.connections(),
+        1,
         "nothing was dialled for the refused request"
     );
+    let theirs = get(&other, "two.example.test", "/echo").await;
+    assert!(
+        theirs.starts_with("HTTP/1.1 200"),
+        "another sandbox: {theirs}"
+    );
+    assert!(slow.await.unwrap().starts_with("HTTP/1.1 200"));
+    // Idle in a pool now, or closed: either way the next host gets a connection.
+    for host in ["two.example.test", "one.example.test", "two.example.test"] {
+        let answer = get(&e.sb, host, "/echo").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    let sandbox =
+        e.h.daemon
+            .as_ref()
+            .unwrap()
+            .proxy
+            .registry
+            .get(&e.sb.id)
+            .unwrap();
+    assert!(sandbox.upstream.open() <= 1, "{}", sandbox.upstream.open());
 }
 
 // ---------------------------------------------------------------------------------------------
