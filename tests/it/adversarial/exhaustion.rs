@@ -322,14 +322,7 @@ async fn tunnels_beyond_the_per_sandbox_cap_get_429() {
     assert_eq!(a.status, StatusCode::OK);
     // Closing one frees its slot.
     drop(open.pop());
-    let sb =
-        e.h.daemon
-            .as_ref()
-            .unwrap()
-            .proxy
-            .registry
-            .get(&e.sb.id)
-            .unwrap();
+    let sb = e.h.live_sandbox(&e.sb.id);
     eventually(Duration::from_secs(5), "tunnel slot released", || {
         sb.tunnels() < 3
     })
@@ -437,15 +430,8 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
         let answer = get(&e.sb, host, "/echo").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
-    let sandbox =
-        e.h.daemon
-            .as_ref()
-            .unwrap()
-            .proxy
-            .registry
-            .get(&e.sb.id)
-            .unwrap();
-    assert!(sandbox.upstream.open() <= 1, "{}", sandbox.upstream.open());
+    let open = e.h.live_sandbox(&e.sb.id).upstream.open();
+    assert!(open <= 1, "{open}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -285,6 +285,12 @@ impl Harness {
         v
     }
 
+    /// The running daemon's live sandbox `id` (its counters: tunnels, upstream connections).
+    pub fn live_sandbox(&self, id: &str) -> Arc<sealgate::sandbox::Sandbox> {
+        let daemon = self.daemon.as_ref().expect("daemon running");
+        daemon.proxy.registry.get(id).expect("live sandbox")
+    }
+
     /// Stops the daemon (graceful) and keeps the data dir.
     pub async fn stop(&mut self) {
         if let Some(d) = self.daemon.take() {
