@@ -85,7 +85,7 @@ impl LiveSettings {
     ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
-            tls: upstream::client_tls(&upstream.ca_files)?,
+            tls: upstream::TlsByAlpn::new(&*upstream::client_tls(&upstream.ca_files)?),
             stream_limits: Default::default(),
             config: upstream,
         });

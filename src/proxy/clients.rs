@@ -122,19 +122,18 @@ pub struct Clients {
 impl Clients {
     fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &ConnBudget) -> Clients {
         let upstream = &settings.config;
-        let connector =
-            |alpn: &[&[u8]]| upstream::Connector::new(settings.clone(), alpn).counted(budget);
+        let connector = |alpn| upstream::Connector::new(settings.clone(), alpn).counted(budget);
         let h2_only = || upstream::Connector::h2_only(settings.clone()).counted(budget);
         Clients {
-            client: build_client(upstream, connector(&[b"h2", b"http/1.1"])),
-            client_h1: build_client(upstream, connector(&[b"http/1.1"])),
+            client: build_client(upstream, connector(upstream::Alpn::Either)),
+            client_h1: build_client(upstream, connector(upstream::Alpn::H1)),
             client_h2: build_h2_client(upstream, h2_only()),
             client_retry: build_h2_client(upstream, h2_only()),
             client_fresh: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
                 .timer(TokioTimer::new())
                 .set_host(true)
-                .build(connector(&[b"h2", b"http/1.1"])),
+                .build(connector(upstream::Alpn::Either)),
         }
     }
 }

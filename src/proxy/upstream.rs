@@ -68,8 +68,8 @@ pub struct UpstreamSettings {
     pub config: UpstreamConfig,
     /// Address policy (`allow_private_cidrs` and sealgate's own listeners).
     pub vet: AddressPolicy,
-    /// Verified TLS config (ALPN set by the connector).
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Verified TLS configs, one per ALPN offer.
+    pub tls: TlsByAlpn,
     /// h2 origins' per-connection stream limits, learned from their GOAWAYs.
     pub stream_limits: Arc<StreamLimits>,
 }
@@ -104,14 +104,56 @@ pub struct Connector {
     budget: ConnBudget,
 }
 
+/// What a connector offers in ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// h2, then http/1.1.
+    Either,
+    /// http/1.1 only (WebSocket upgrades).
+    H1,
+    /// h2 only (`http2_only` clients).
+    H2,
+}
+
+/// The verified upstream TLS config once per [`Alpn`] offer, built with the settings and
+/// shared by every connector: each sandbox's client sets make five connectors per worker, and
+/// a config of their own each was five copies of the same config per set.
+pub struct TlsByAlpn {
+    either: TlsConnector,
+    h1: TlsConnector,
+    h2: TlsConnector,
+}
+
+impl TlsByAlpn {
+    /// `verified` with each ALPN offer.
+    pub fn new(verified: &rustls::ClientConfig) -> TlsByAlpn {
+        let with = |alpn: &[&[u8]]| {
+            let mut cfg = verified.clone();
+            cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            TlsConnector::from(Arc::new(cfg))
+        };
+        TlsByAlpn {
+            either: with(&[b"h2", b"http/1.1"]),
+            h1: with(&[b"http/1.1"]),
+            h2: with(&[b"h2"]),
+        }
+    }
+
+    fn get(&self, alpn: Alpn) -> TlsConnector {
+        match alpn {
+            Alpn::Either => self.either.clone(),
+            Alpn::H1 => self.h1.clone(),
+            Alpn::H2 => self.h2.clone(),
+        }
+    }
+}
+
 impl Connector {
-    /// A connector offering `alpn` (e.g. h2 + http/1.1, or only http/1.1 for upgrades).
-    pub fn new(settings: Arc<UpstreamSettings>, alpn: &[&[u8]]) -> Self {
-        let mut cfg = (*settings.tls).clone();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    /// A connector offering `alpn`.
+    pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn) -> Self {
         Connector {
+            tls: settings.tls.get(alpn),
             settings,
-            tls: TlsConnector::from(Arc::new(cfg)),
             require_h2: false,
             budget: ConnBudget::default(),
         }
@@ -131,7 +173,7 @@ impl Connector {
     pub fn h2_only(settings: Arc<UpstreamSettings>) -> Self {
         Connector {
             require_h2: true,
-            ..Connector::new(settings, &[b"h2"])
+            ..Connector::new(settings, Alpn::H2)
         }
     }
 }
