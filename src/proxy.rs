@@ -114,6 +114,13 @@ impl LiveSettings {
         }
     }
 
+    /// Drops every sandbox's client sets on every worker (see [`ProxyState::set_settings`]).
+    fn drop_all_clients(&self) {
+        for pools in &self.pools {
+            pools.clear();
+        }
+    }
+
     /// How many workers' client sets there are.
     pub fn pools(&self) -> usize {
         self.pools.len()
@@ -303,8 +310,14 @@ impl ProxyState {
     }
 
     /// Swaps in reloaded settings; live connections keep the limits they started with.
+    /// Requests take the new settings' upstream clients, so the old ones' client sets are
+    /// dropped: their idle connections would otherwise count against their sandboxes'
+    /// upstream budgets until they timed out, unusable (requests in flight keep theirs).
     pub fn set_settings(&self, live: LiveSettings) {
-        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *current, Arc::new(live));
+        drop(current);
+        old.drop_all_clients();
     }
 
     /// A receiver that changes when shutdown begins.

@@ -90,6 +90,14 @@ impl PerSandbox {
         drop(gone);
     }
 
+    /// Drops every set (a reload: requests take the new settings' sets from now on).
+    pub(super) fn clear(&self) {
+        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone = std::mem::take(&mut *sets);
+        drop(sets);
+        drop(gone);
+    }
+
     /// How many sets are held (those of owners gone included, until the next new set).
     #[cfg(test)]
     fn len(&self) -> usize {

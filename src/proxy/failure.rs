@@ -70,8 +70,9 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
         ConnectError::TooMany(max) => Refusal::new(
             Code::TooManyUpstreamConnections,
             format!(
-                "sandbox holds {max} upstream connections in use \
-                 (upstream.max_connections_per_sandbox)"
+                "sandbox holds {max} upstream connections \
+                 (upstream.max_connections_per_sandbox), in use or held by its requests \
+                 still in flight"
             ),
         ),
     }

@@ -761,26 +761,27 @@ async fn attempts(
         UpBody::Streamed(_) => None,
     };
     let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
-    let clients = rt.clients(&t.sandbox);
-    let first = pick(&clients, websocket, h2)
+    let first = pick(rt, t, websocket, h2)
         .request(attach(t, head, body))
         .await;
     let Some((head, bytes)) = replay else {
+        if first.as_ref().is_err_and(super::failure::over_upstream_cap) {
+            // A streamed body cannot wait and go again: the 429 goes back at once, and the
+            // idle connections are closed for the client's next try.
+            rt.drop_clients(&t.sandbox);
+        }
         return first;
     };
-    let (clients, first) = match first {
+    let first = match first {
         Err(e) if super::failure::over_upstream_cap(&e) => {
-            drop(clients); // this request's hold on the set it is about to drop
             if !make_room(t, rt).await {
                 return Err(e);
             }
-            let clients = rt.clients(&t.sandbox);
-            let again = pick(&clients, websocket, h2)
+            pick(rt, t, websocket, h2)
                 .request(attach(t, head.clone(), UpBody::Held(bytes.clone())))
-                .await;
-            (clients, again)
+                .await
         }
-        other => (clients, other),
+        other => other,
     };
     match first {
         Ok(resp) => {
@@ -791,8 +792,7 @@ async fn attempts(
         }
         Err(e) if h2 && super::failure::not_h2(&e) => {
             rt.known_h2.forget(&t.origin);
-            clients
-                .client
+            pick(rt, t, false, false)
                 .request(attach(t, head, UpBody::Held(bytes)))
                 .await
         }
@@ -805,21 +805,25 @@ async fn attempts(
     }
 }
 
-/// The client for a request: HTTP/1.1-only for a WebSocket upgrade, h2-only for a held body
-/// to an origin known to speak h2, else the one that speaks either.
-fn pick(clients: &super::clients::Clients, websocket: bool, h2: bool) -> &super::UpstreamClient {
+/// The sandbox's client for a request: HTTP/1.1-only for a WebSocket upgrade, h2-only for a
+/// held body to an origin known to speak h2, else the one that speaks either. A clone: a
+/// request waiting for its answer keeps that one client's pool alive, not the sandbox's whole
+/// set, so [`make_room`] can close the idle connections of the others.
+fn pick(rt: &LiveSettings, t: &Tunnel, websocket: bool, h2: bool) -> super::UpstreamClient {
+    let clients = rt.clients(&t.sandbox);
     match (websocket, h2) {
-        (true, _) => &clients.client_h1,
-        (false, true) => &clients.client_h2,
-        (false, false) => &clients.client,
+        (true, _) => clients.client_h1.clone(),
+        (false, true) => clients.client_h2.clone(),
+        (false, false) => clients.client.clone(),
     }
 }
 
 /// A sandbox at its upstream cap (`[upstream] max_connections_per_sandbox`) may hold it with
 /// idle pooled connections, left by requests to other hosts: its client sets are dropped on
-/// every worker, which closes their idle connections (those in use finish on the sets their
-/// requests hold), and the request waits up to [`ROOM_WAIT`] for a slot. True if one is free:
-/// the request, which nothing was sent of, goes once more on new sets.
+/// every worker, which closes the idle connections of every pool no request of it is waiting
+/// on (a connection in use closes when its exchange ends), and the request waits up to
+/// [`ROOM_WAIT`] for a slot. True if one is free: the request, which nothing was sent of, goes
+/// once more on new sets.
 async fn make_room(t: &Tunnel, rt: &LiveSettings) -> bool {
     rt.drop_clients(&t.sandbox);
     let max = rt.upstream.config.max_connections_per_sandbox;
@@ -841,11 +845,12 @@ const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// refuses too (or the origin no longer chooses h2), a fresh connection.
 async fn retry(t: &Tunnel, rt: &LiveSettings, head: Request<()>, bytes: Bytes) -> Attempt {
     let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-    let clients = rt.clients(&t.sandbox);
-    match clients.client_retry.request(again).await {
+    let client_retry = rt.clients(&t.sandbox).client_retry.clone();
+    match client_retry.request(again).await {
         Err(e) if super::failure::not_processed(&e) || super::failure::not_h2(&e) => {
             let last = attach(t, head, UpBody::Held(bytes));
-            clients.client_fresh.request(last).await
+            let client_fresh = rt.clients(&t.sandbox).client_fresh.clone();
+            client_fresh.request(last).await
         }
         other => other,
     }

@@ -375,6 +375,7 @@ async fn sandboxes_never_share_an_upstream_connection() {
 /// sandbox's pools are dropped and the request goes on. With every connection in use, a
 /// request needing one more gets 429 and nothing is dialled; other sandboxes are not affected.
 /// Plain HTTP, so every request is one connection to one h1 origin (no h2 second connection).
+/// A reload drops the old settings' client sets with their idle connections.
 #[tokio::test]
 async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
     let plain = crate::support::echo::Echo::start_plain().await;
@@ -401,8 +402,8 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
             String::from_utf8_lossy(&out).into_owned()
         }
     };
-    // In use for about a second: the sandbox's one connection.
-    let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=10"));
+    // In use for about two seconds: the sandbox's one connection.
+    let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=20"));
     eventually(Duration::from_secs(5), "the slow request is in", || {
         plain.requests().len() == 1
     })
@@ -430,8 +431,28 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
         let answer = get(&e.sb, host, "/echo").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
-    let open = e.h.live_sandbox(&e.sb.id).upstream.open();
-    assert!(open <= 1, "{open}");
+    // The slow one, the other sandbox's, then one each: the idle one closed every time.
+    assert_eq!(plain.connections(), 5);
+    // A reload builds new client sets: the old ones' idle connection (to two) must not keep
+    // holding the slot, unusable, until it times out — even while a client connection from
+    // before the reload keeps the old settings alive.
+    let mut held = TcpStream::connect(e.h.proxy).await.unwrap();
+    let keep_alive = format!(
+        "GET http://two.example.test/echo HTTP/1.1\r\nHost: two.example.test\r\n\
+         Proxy-Authorization: {}\r\n\r\n",
+        e.sb.proxy_auth()
+    );
+    held.write_all(keep_alive.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    held.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "a keep-alive request");
+    let (status, v) = e.h.api(http::Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let answer = get(&e.sb, "one.example.test", "/echo").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "after a reload: {answer}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
