@@ -756,34 +756,17 @@ async fn attempts(
     body: UpBody,
     websocket: bool,
 ) -> Attempt {
-    let replay = match &body {
-        UpBody::Held(b) => Some((head.clone(), b.clone())),
-        UpBody::Streamed(_) => None,
+    let bytes = match body {
+        UpBody::Held(b) => b,
+        UpBody::Streamed(b) => return send_streamed(t, rt, websocket, head, b).await,
     };
-    let h2 = !websocket && replay.is_some() && rt.known_h2.contains(&t.origin);
-    let first = pick(rt, t, websocket, h2)
-        .request(attach(t, head, body))
-        .await;
-    let Some((head, bytes)) = replay else {
-        if first.as_ref().is_err_and(super::failure::over_upstream_cap) {
-            // A streamed body cannot wait and go again: the 429 goes back at once, and the
-            // idle connections are closed for the client's next try.
-            rt.drop_clients(&t.sandbox);
-        }
-        return first;
+    let h2 = !websocket && rt.known_h2.contains(&t.origin);
+    let which = match (websocket, h2) {
+        (true, _) => Which::H1,
+        (false, true) => Which::H2,
+        (false, false) => Which::Either,
     };
-    let first = match first {
-        Err(e) if super::failure::over_upstream_cap(&e) => {
-            if !make_room(t, rt).await {
-                return Err(e);
-            }
-            pick(rt, t, websocket, h2)
-                .request(attach(t, head.clone(), UpBody::Held(bytes.clone())))
-                .await
-        }
-        other => other,
-    };
-    match first {
+    match send_held(t, rt, which, &head, &bytes).await {
         Ok(resp) => {
             if !h2 && resp.version() == Version::HTTP_2 {
                 rt.known_h2.learn(&t.origin);
@@ -792,38 +775,97 @@ async fn attempts(
         }
         Err(e) if h2 && super::failure::not_h2(&e) => {
             rt.known_h2.forget(&t.origin);
-            pick(rt, t, false, false)
-                .request(attach(t, head, UpBody::Held(bytes)))
-                .await
+            send_held(t, rt, Which::Either, &head, &bytes).await
         }
         Err(e) if super::failure::may_send_again(&e, head.method()) => {
             tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
                 "upstream did not process the request, or it is idempotent; retrying");
-            retry(t, rt, head, bytes).await
+            retry(t, rt, &head, &bytes).await
         }
         Err(e) => Err(e),
     }
 }
 
-/// The sandbox's client for a request: HTTP/1.1-only for a WebSocket upgrade, h2-only for a
-/// held body to an origin known to speak h2, else the one that speaks either. A clone: a
-/// request waiting for its answer keeps that one client's pool alive, not the sandbox's whole
-/// set, so [`make_room`] can close the idle connections of the others.
-fn pick(rt: &LiveSettings, t: &Tunnel, websocket: bool, h2: bool) -> super::UpstreamClient {
+/// A streamed body goes once: it cannot wait for room or go again. At the upstream cap it
+/// gets its 429 at once and the sandbox's client sets are dropped, closing their idle
+/// connections for the client's next try.
+async fn send_streamed(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    websocket: bool,
+    head: Request<()>,
+    body: ProxyBody,
+) -> Attempt {
+    let which = if websocket { Which::H1 } else { Which::Either };
+    let sent = client(rt, t, which)
+        .request(attach(t, head, UpBody::Streamed(body)))
+        .await;
+    if sent.as_ref().is_err_and(super::failure::over_upstream_cap) {
+        rt.drop_clients(&t.sandbox);
+    }
+    sent
+}
+
+/// Sends a held-body request on the sandbox's client `which`; at the upstream cap it makes
+/// room ([`make_room`]) and, if that freed a slot, sends once more (nothing was sent the
+/// first time). Every dial point of a held body goes through here: the first attempt, the
+/// h2 fallback, and both retries.
+async fn send_held(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    which: Which,
+    head: &Request<()>,
+    bytes: &Bytes,
+) -> Attempt {
+    let send = || {
+        let req = attach(t, head.clone(), UpBody::Held(bytes.clone()));
+        client(rt, t, which).request(req)
+    };
+    match send().await {
+        Err(e) if super::failure::over_upstream_cap(&e) => {
+            if !make_room(t, rt).await {
+                return Err(e);
+            }
+            send().await
+        }
+        other => other,
+    }
+}
+
+/// Which of a sandbox's clients (`proxy::clients::Clients`) a request goes on.
+#[derive(Clone, Copy)]
+enum Which {
+    /// h2 or HTTP/1.1, whichever the origin chooses.
+    Either,
+    /// HTTP/1.1 only: WebSocket upgrades.
+    H1,
+    /// h2 only: held bodies to an origin known to speak h2.
+    H2,
+    /// h2 only, a pool of its own: the retry of a request the origin did not process.
+    Retry,
+    /// No pool: the last resort when the retry connection refuses too.
+    Fresh,
+}
+
+/// The sandbox's client `which`. A clone: a request waiting for its answer keeps that one
+/// client's pool alive, not the sandbox's whole set, so [`make_room`] can close the idle
+/// connections of the others.
+fn client(rt: &LiveSettings, t: &Tunnel, which: Which) -> super::UpstreamClient {
     let clients = rt.clients(&t.sandbox);
-    match (websocket, h2) {
-        (true, _) => clients.client_h1.clone(),
-        (false, true) => clients.client_h2.clone(),
-        (false, false) => clients.client.clone(),
+    match which {
+        Which::Either => clients.client.clone(),
+        Which::H1 => clients.client_h1.clone(),
+        Which::H2 => clients.client_h2.clone(),
+        Which::Retry => clients.client_retry.clone(),
+        Which::Fresh => clients.client_fresh.clone(),
     }
 }
 
 /// A sandbox at its upstream cap (`[upstream] max_connections_per_sandbox`) may hold it with
 /// idle pooled connections, left by requests to other hosts: its client sets are dropped on
-/// every worker, which closes the idle connections of every pool no request of it is waiting
-/// on (a connection in use closes when its exchange ends), and the request waits up to
-/// [`ROOM_WAIT`] for a slot. True if one is free: the request, which nothing was sent of, goes
-/// once more on new sets.
+/// every worker, which closes the idle connections of every pool that no request of it is
+/// waiting on (a connection in use closes when its exchange ends), and the request waits up
+/// to [`ROOM_WAIT`] for a slot. True if one is free.
 async fn make_room(t: &Tunnel, rt: &LiveSettings) -> bool {
     rt.drop_clients(&t.sandbox);
     let max = rt.upstream.config.max_connections_per_sandbox;
@@ -843,14 +885,10 @@ const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The retry of a request the upstream did not process: `client_retry`, then, if that
 /// refuses too (or the origin no longer chooses h2), a fresh connection.
-async fn retry(t: &Tunnel, rt: &LiveSettings, head: Request<()>, bytes: Bytes) -> Attempt {
-    let again = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-    let client_retry = rt.clients(&t.sandbox).client_retry.clone();
-    match client_retry.request(again).await {
+async fn retry(t: &Tunnel, rt: &LiveSettings, head: &Request<()>, bytes: &Bytes) -> Attempt {
+    match send_held(t, rt, Which::Retry, head, bytes).await {
         Err(e) if super::failure::not_processed(&e) || super::failure::not_h2(&e) => {
-            let last = attach(t, head, UpBody::Held(bytes));
-            let client_fresh = rt.clients(&t.sandbox).client_fresh.clone();
-            client_fresh.request(last).await
+            send_held(t, rt, Which::Fresh, head, bytes).await
         }
         other => other,
     }
