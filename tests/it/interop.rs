@@ -136,6 +136,8 @@ pub struct Want {
     pub transparent: bool,
     /// nginx's `keepalive_requests` (0: nginx's default, 1000).
     pub keepalive_requests: u32,
+    /// sealgate's `[proxy] worker_threads` (0: one per core).
+    pub proxy_workers: u32,
 }
 
 /// The daemon, the origins, and one explicit-mode sandbox of store `s`.
@@ -270,7 +272,10 @@ impl World {
             ..Opts::default()
         };
         if want.transparent {
-            opts.proxy_toml = "transparent_listen = \"0.0.0.0:0\"".into();
+            opts.proxy_toml = "transparent_listen = \"0.0.0.0:0\"\n".into();
+        }
+        if want.proxy_workers > 0 {
+            opts.proxy_toml += &format!("worker_threads = {}\n", want.proxy_workers);
         }
         let h = Harness::try_start(opts, Some(pki))
             .await

@@ -160,3 +160,59 @@ pub async fn git_checks(w: &World, r: &super::Ran, host: &str, dir: &str) -> Res
         "nginx: duplicate host".into()
     })
 }
+
+/// Two sandboxes on nginx's h2 server, one proxy worker (so before sandboxes had pools of
+/// their own, their requests shared one upstream h2 connection): one sends a header field
+/// nginx will not take ("client sent too large header field" closes the whole h2
+/// connection), the other's download from the same origin goes on. The outside review saw it
+/// cut at ~19 MB (`curl: (92) … INTERNAL_ERROR`).
+#[tokio::test]
+async fn a_neighbours_refused_header_does_not_end_a_download_from_nginx() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let want = Want {
+        proxy_workers: 1,
+        ..Want::default()
+    };
+    let w = World::start(want).await;
+    let other = crate::support::proxy_client::SandboxCreds::from_answer(&w.h.sandbox("s").await);
+    let ca = w.dir.path().join("other-ca.pem");
+    std::fs::write(&ca, &other.ca_pem).unwrap();
+    let proxy = other.proxy_env["HTTPS_PROXY"].as_str().unwrap().to_owned();
+    // The first request teaches sealgate that the origin speaks h2: both sandboxes' requests
+    // then go to their h2-only client, where a shared set would share one connection.
+    let script = format!(
+        "curl -sS --http2 -o /dev/null https://nginx-h2.test/echo
+         (curl -sS --http2 -o /dev/null --limit-rate 16M --max-time 4 --proxy '{proxy}' \
+           --cacert '{ca}' https://nginx-h2.test/static/256m.bin \
+           -w 'size=%{{size_download}}\\n'; echo exit=$?) > other.txt 2>&1 &
+         sleep 1
+         curl -sS --http2 -o /dev/null -w 'refused=%{{http_code}}\\n' \
+           -H \"x-big: $(head -c 30000 /dev/zero | tr '\\0' x)\" https://nginx-h2.test/echo
+         wait; cat other.txt",
+        ca = ca.display()
+    );
+    let r = w.sh(&script).await;
+    let outcome = async {
+        ensure(r.var("exit") == "28", || {
+            format!("the download ended before its time limit: {}", r.stdout)
+        })?;
+        let size: u64 = r.var("size").parse().unwrap_or(0);
+        ensure(size > 32 << 20, || {
+            format!("only {size} bytes: {}", r.stdout)
+        })
+    }
+    .await;
+    let v = versions();
+    let mut m = Matrix::new("regress_neighbours");
+    m.cell(
+        &format!("{} (h2)", v.nginx),
+        &format!("{} --http2, two sandboxes", v.curl),
+        "explicit",
+        "a neighbour's oversized header field (nginx closes its h2 connection) leaves a \
+         download from the same origin running",
+        outcome,
+    );
+    m.finish();
+}
