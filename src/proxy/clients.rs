@@ -17,7 +17,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -54,7 +54,7 @@ impl PerSandbox {
         settings: &Arc<upstream::UpstreamSettings>,
     ) -> Arc<Clients> {
         let key = Arc::as_ptr(owner) as usize;
-        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sets = self.lock();
         if let Some(e) = sets.get(&key) {
             return e.clients.clone();
         }
@@ -84,7 +84,7 @@ impl PerSandbox {
     /// they end); its next request makes a new one.
     pub(super) fn drop_set<O>(&self, owner: &Arc<O>) {
         let key = Arc::as_ptr(owner) as usize;
-        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sets = self.lock();
         let gone = sets.remove(&key);
         drop(sets);
         drop(gone);
@@ -92,7 +92,7 @@ impl PerSandbox {
 
     /// Drops every set (a reload: requests take the new settings' sets from now on).
     pub(super) fn clear(&self) {
-        let mut sets = self.sets.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sets = self.lock();
         let gone = std::mem::take(&mut *sets);
         drop(sets);
         drop(gone);
@@ -101,10 +101,13 @@ impl PerSandbox {
     /// How many sets are held (those of owners gone included, until the next new set).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.sets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().len()
+    }
+
+    /// The map; a panic while it was held left nothing half-done (each operation is one map
+    /// call), so a poisoned lock is taken as it is.
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Entry>> {
+        self.sets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
