@@ -133,8 +133,8 @@ pub struct Clients {
 impl Clients {
     fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &ConnBudget) -> Clients {
         let upstream = &settings.config;
-        let connector = |alpn| upstream::Connector::new(settings.clone(), alpn).counted(budget);
-        let h2_only = || upstream::Connector::h2_only(settings.clone()).counted(budget);
+        let connector = |alpn| upstream::Connector::new(settings.clone(), alpn, budget);
+        let h2_only = || upstream::Connector::h2_only(settings.clone(), budget);
         Clients {
             client: build_client(upstream, connector(upstream::Alpn::Either)),
             client_h1: build_client(upstream, connector(upstream::Alpn::H1)),

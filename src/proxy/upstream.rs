@@ -149,31 +149,23 @@ impl TlsByAlpn {
 }
 
 impl Connector {
-    /// A connector offering `alpn`.
-    pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn) -> Self {
+    /// A connector offering `alpn`, its connections counted against `budget` (a sandbox's).
+    pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn, budget: &ConnBudget) -> Self {
         Connector {
             tls: settings.tls.get(alpn),
             settings,
             require_h2: false,
-            budget: ConnBudget::default(),
-        }
-    }
-
-    /// The same connector counting its connections against `budget` (a sandbox's).
-    pub fn counted(self, budget: &ConnBudget) -> Self {
-        Connector {
             budget: budget.clone(),
-            ..self
         }
     }
 
     /// A connector for an `http2_only` client: offers only h2 and returns
     /// [`ConnectError::NotH2`] (before anything is sent) when the origin does not choose it.
     /// Plain-HTTP destinations never reach it (no h2c upstream).
-    pub fn h2_only(settings: Arc<UpstreamSettings>) -> Self {
+    pub fn h2_only(settings: Arc<UpstreamSettings>, budget: &ConnBudget) -> Self {
         Connector {
             require_h2: true,
-            ..Connector::new(settings, Alpn::H2)
+            ..Connector::new(settings, Alpn::H2, budget)
         }
     }
 }
