@@ -170,6 +170,8 @@ pub struct RawUpstream {
     /// Count.
     pub max_connections_per_sandbox: Option<usize>,
     /// Count.
+    pub max_connections: Option<usize>,
+    /// Count.
     pub max_response_codings: Option<usize>,
     /// Bytes.
     pub max_grpc_message_bytes: Option<usize>,
@@ -392,6 +394,10 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     /// Upstream connections one sandbox may hold open at once (in use and idle in its pools).
     pub max_connections_per_sandbox: usize,
+    /// Upstream connections the daemon holds open at once, all sandboxes together (in use and
+    /// idle); with `proxy.max_connections` and `admin.max_connections` it bounds the daemon's
+    /// open descriptors, whatever the number of sandboxes.
+    pub max_connections: usize,
     /// Stacked content/transfer codings accepted on one response where scrubbing decodes.
     pub max_response_codings: usize,
     /// Largest compressed gRPC message, before or after decoding, that scrubbing decodes.
@@ -907,6 +913,12 @@ impl RawUpstream {
                 self.max_connections_per_sandbox,
                 512,
                 1_000_000,
+            ),
+            max_connections: p.count(
+                "upstream.max_connections",
+                self.max_connections,
+                8192,
+                1 << 20,
             ),
             max_response_codings: p.count(
                 "upstream.max_response_codings",

@@ -19,9 +19,11 @@ use crate::config::{Backend, Config};
 use crate::data_dir_lock;
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
+use crate::nofile;
 use crate::proxy::workers::Workers;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::LifecycleConfig;
+use crate::sandbox::ConnBudget;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
 use crate::store::crypto::KeySource;
@@ -117,6 +119,8 @@ pub struct Running {
     tasks: tokio::task::JoinSet<()>,
     /// The proxy's worker threads (taken by [`Running::wait`]; dropping them stops them).
     workers: Option<Workers>,
+    /// The open-file limit, raised at start (None if it could not be read).
+    pub nofile: Option<nofile::Nofile>,
     /// Released when the daemon is dropped (after shutdown).
     _data_dir_lock: data_dir_lock::DataDirLock,
 }
@@ -155,6 +159,9 @@ impl Running {
             },
         );
         line("master key:", self.key_source.to_string());
+        if let Some(n) = &self.nofile {
+            line("open files:", n.describe());
+        }
         if let Some(w) = &self.workers {
             line("workers:", format!("{} (proxy.worker_threads)", w.len()));
             line(
@@ -216,6 +223,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;
+    let nofile = nofile::raise(nofile::need(&cfg))
+        .inspect_err(|e| tracing::warn!(error = %e, "could not raise the open-file limit"))
+        .ok();
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
@@ -235,6 +245,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         cfg.upstream.clone(),
         listeners.own(),
         workers,
+        ConnBudget::in_gauge(metrics.upstream_connections.clone()),
     )
     .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -318,6 +329,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         shutdown: shutdown_tx,
         tasks,
         workers: Some(workers),
+        nofile,
         _data_dir_lock: data_dir_lock,
     };
     tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
@@ -751,9 +763,13 @@ fn reload_once(
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(running, &new);
-    // The workers keep the count they started with (`worker_threads` needs a restart).
-    let pools = proxy.settings().pools();
-    let live = LiveSettings::new(new.proxy.clone(), new.upstream.clone(), own.to_vec(), pools)?;
+    // The workers keep the count they started with (`worker_threads` needs a restart), and the
+    // daemon's count of upstream connections goes on (the old settings' still hold slots).
+    let old = proxy.settings();
+    let (pools, total) = (old.pools(), old.upstream.total.clone());
+    drop(old);
+    let (proxy_cfg, upstream_cfg) = (new.proxy.clone(), new.upstream.clone());
+    let live = LiveSettings::new(proxy_cfg, upstream_cfg, own.to_vec(), pools, total)?;
     proxy.set_settings(live);
     warn_wide_private_cidrs(&new.upstream);
     crate::logging::set_level(&new.log_level);

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod nofile;
 pub mod policy;
 pub mod proxy;
 pub mod random;

@@ -102,6 +102,9 @@ pub struct Metrics {
     pub sandboxes: Gauge,
     /// Open client connections.
     pub connections: Gauge,
+    /// Open upstream connections, all sandboxes together, in use or idle in their pools
+    /// (the daemon's count against `[upstream] max_connections`).
+    pub upstream_connections: Gauge,
     /// Open client connections per proxy worker (how the kernel spread them).
     pub worker_connections: Family<WorkerLabels, Gauge>,
     /// Store operations.
@@ -172,6 +175,7 @@ impl Metrics {
             leaf_hit_ratio: Gauge::default(),
             sandboxes: Gauge::default(),
             connections: Gauge::default(),
+            upstream_connections: Gauge::default(),
             worker_connections: Family::default(),
             store_ops: Family::default(),
             store_sync_lag: Gauge::default(),
@@ -244,6 +248,11 @@ impl Metrics {
             "active_connections",
             "Open proxy client connections",
             m.connections.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Open upstream connections, all sandboxes, in use or idle (upstream.max_connections)",
+            m.upstream_connections.clone(),
         );
         registry.register(
             "worker_connections",

@@ -595,12 +595,13 @@ fn command(p: &Prepared) -> tokio::process::Command {
     let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
     let filter = super::seccomp::program();
     // SAFETY: the closure makes only async-signal-safe calls (open, write, close, prctl,
-    // close_range, getrlimit, fcntl) and allocates nothing, as code between fork and exec
+    // close_range, getrlimit, setrlimit, fcntl) and allocates nothing, as code between fork and exec
     // must; the descriptors in `joins` stay open in `p` until the spawn has returned.
     unsafe {
         cmd.pre_exec(move || {
             crate::limits::cgroup::join_in_child(&joins)?;
             crate::limits::cgroup::prefer_oom_kill_in_child();
+            crate::nofile::restore_in_child()?;
             super::seccomp::install_in_child(&filter)?;
             super::fds::cloexec_in_child()
         });

@@ -176,7 +176,7 @@ mod tests {
 
     fn settings() -> Arc<upstream::UpstreamSettings> {
         let c = crate::config::Config::parse("", "test").expect("embedded defaults");
-        LiveSettings::new(c.proxy, c.upstream, Vec::new(), 1)
+        LiveSettings::new(c.proxy, c.upstream, Vec::new(), 1, Default::default())
             .expect("default settings")
             .upstream
             .clone()

@@ -75,18 +75,33 @@ fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
                  still in flight"
             ),
         ),
+        ConnectError::DaemonFull(max) => Refusal::new(
+            Code::Unavailable,
+            format!(
+                "sealgate holds {max} upstream connections for all sandboxes together \
+                 (upstream.max_connections), all in use"
+            ),
+        ),
     }
 }
 
-/// True when the sandbox was at its upstream cap ([`ConnectError::TooMany`]): nothing was
-/// dialled or sent.
-pub fn over_upstream_cap(e: &hyper_util::client::legacy::Error) -> bool {
-    sources(e).any(|s| {
-        matches!(
-            s.downcast_ref::<ConnectError>(),
-            Some(ConnectError::TooMany(_))
-        )
+/// Which upstream cap a request met ([`ConnectError::TooMany`], [`ConnectError::DaemonFull`]),
+/// if any: nothing was dialled or sent.
+pub fn upstream_cap(e: &hyper_util::client::legacy::Error) -> Option<UpstreamCap> {
+    sources(e).find_map(|s| match s.downcast_ref::<ConnectError>() {
+        Some(ConnectError::TooMany(_)) => Some(UpstreamCap::Sandbox),
+        Some(ConnectError::DaemonFull(_)) => Some(UpstreamCap::Daemon),
+        _ => None,
     })
+}
+
+/// The upstream cap a request met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamCap {
+    /// `[upstream] max_connections_per_sandbox`.
+    Sandbox,
+    /// `[upstream] max_connections`.
+    Daemon,
 }
 
 /// True when an h2-only client's handshake did not choose h2 ([`ConnectError::NotH2`]):

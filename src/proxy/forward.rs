@@ -16,6 +16,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use super::failure::UpstreamCap;
 use super::held::Held;
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{scrub_response, Shape};
@@ -786,9 +787,9 @@ async fn attempts(
     }
 }
 
-/// A streamed body goes once: it cannot wait for room or go again. At the upstream cap it
-/// gets its 429 at once and the sandbox's client sets are dropped, closing their idle
-/// connections for the client's next try.
+/// A streamed body goes once: it cannot wait for room or go again. At an upstream cap it
+/// gets its refusal at once and the client sets that hold the cap's idle connections are
+/// dropped ([`drop_idle`]) for the client's next try.
 async fn send_streamed(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -800,13 +801,13 @@ async fn send_streamed(
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
         .await;
-    if sent.as_ref().is_err_and(super::failure::over_upstream_cap) {
-        rt.drop_clients(&t.sandbox);
+    if let Some(cap) = sent.as_ref().err().and_then(super::failure::upstream_cap) {
+        drop_idle(t, rt, cap);
     }
     sent
 }
 
-/// Sends a held-body request on the sandbox's client `which`; at the upstream cap it makes
+/// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
 /// room ([`make_room`]) and, if that freed a slot, sends once more (nothing was sent the
 /// first time). Every dial point of a held body goes through here: the first attempt, the
 /// h2 fallback, and both retries.
@@ -821,15 +822,14 @@ async fn send_held(
         let req = attach(t, head.clone(), UpBody::Held(bytes.clone()));
         client(rt, t, which).request(req)
     };
-    match send().await {
-        Err(e) if super::failure::over_upstream_cap(&e) => {
-            if !make_room(t, rt).await {
-                return Err(e);
-            }
-            send().await
-        }
-        other => other,
+    let sent = send().await;
+    let Some(cap) = sent.as_ref().err().and_then(super::failure::upstream_cap) else {
+        return sent;
+    };
+    if !make_room(t, rt, cap).await {
+        return sent;
     }
+    send().await
 }
 
 /// Which of a sandbox's clients (`proxy::clients::Clients`) a request goes on.
@@ -862,15 +862,19 @@ fn client(rt: &LiveSettings, t: &Tunnel, which: Which) -> super::UpstreamClient 
 }
 
 /// A sandbox at its upstream cap (`[upstream] max_connections_per_sandbox`) may hold it with
-/// idle pooled connections, left by requests to other hosts: its client sets are dropped on
-/// every worker, which closes the idle connections of every pool that no request of it is
-/// waiting on (a connection in use closes when its exchange ends), and the request waits up
-/// to [`ROOM_WAIT`] for a slot. True if one is free.
-async fn make_room(t: &Tunnel, rt: &LiveSettings) -> bool {
-    rt.drop_clients(&t.sandbox);
-    let max = rt.upstream.config.max_connections_per_sandbox;
+/// idle pooled connections, left by requests to other hosts, and the daemon at its cap
+/// (`[upstream] max_connections`) with the idle connections of any sandbox: the sets holding
+/// them are dropped ([`drop_idle`]) and the request waits up to [`ROOM_WAIT`] for a slot
+/// under `cap`. True if one is free.
+async fn make_room(t: &Tunnel, rt: &LiveSettings, cap: UpstreamCap) -> bool {
+    drop_idle(t, rt, cap);
+    let config = &rt.upstream.config;
+    let full = || match cap {
+        UpstreamCap::Sandbox => t.sandbox.upstream.open() >= config.max_connections_per_sandbox,
+        UpstreamCap::Daemon => rt.upstream.total.open() >= config.max_connections,
+    };
     let deadline = tokio::time::Instant::now() + ROOM_WAIT;
-    while t.sandbox.upstream.open() >= max {
+    while full() {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
@@ -879,7 +883,17 @@ async fn make_room(t: &Tunnel, rt: &LiveSettings) -> bool {
     true
 }
 
-/// How long a request at its sandbox's upstream cap waits for the idle connections it had
+/// Drops the client sets that hold `cap`'s idle connections, which closes every idle one of
+/// them that no request is waiting on (a connection in use closes when its exchange ends):
+/// the sandbox's on every worker, or at the daemon's cap every sandbox's.
+fn drop_idle(t: &Tunnel, rt: &LiveSettings, cap: UpstreamCap) {
+    match cap {
+        UpstreamCap::Sandbox => rt.drop_clients(&t.sandbox),
+        UpstreamCap::Daemon => rt.drop_all_clients(),
+    }
+}
+
+/// How long a request at an upstream cap waits for the idle connections it had
 /// closed to go (each closes on its own worker, at once unless that worker is busy).
 const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 

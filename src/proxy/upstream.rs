@@ -60,6 +60,10 @@ pub enum ConnectError {
     /// connections (the value); nothing was dialled.
     #[error("the sandbox holds {0} upstream connections")]
     TooMany(usize),
+    /// The daemon already holds `[upstream] max_connections` upstream connections, all
+    /// sandboxes together (the value); nothing was dialled.
+    #[error("the daemon holds {0} upstream connections")]
+    DaemonFull(usize),
 }
 
 /// Upstream settings the connector needs.
@@ -72,6 +76,10 @@ pub struct UpstreamSettings {
     pub tls: TlsByAlpn,
     /// h2 origins' per-connection stream limits, learned from their GOAWAYs.
     pub stream_limits: Arc<StreamLimits>,
+    /// Every upstream connection the daemon holds open, counted against
+    /// `[upstream] max_connections`: one count for the daemon's life, handed from settings to
+    /// the settings a reload makes (connections of the old ones still hold their slots).
+    pub total: ConnBudget,
 }
 
 impl UpstreamSettings {
@@ -194,10 +202,16 @@ impl tower_service::Service<Uri> for Connector {
 
 impl Connector {
     async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
-        let max = self.settings.config.max_connections_per_sandbox;
+        let config = &self.settings.config;
+        let max = config.max_connections_per_sandbox;
         let slot = self.budget.take(max).ok_or(ConnectError::TooMany(max))?;
+        let max = config.max_connections;
+        let total = (self.settings.total.take(max)).ok_or(ConnectError::DaemonFull(max))?;
         let io = self.connect_io(uri).await?;
-        Ok(UpstreamStream { io, _slot: slot })
+        Ok(UpstreamStream {
+            io,
+            _slots: (slot, total),
+        })
     }
 
     async fn connect_io(&self, uri: Uri) -> Result<Io, ConnectError> {
@@ -301,10 +315,11 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
 /// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
-/// An upstream connection, holding its place in its sandbox's [`ConnBudget`] until dropped.
+/// An upstream connection, holding its place in its sandbox's [`ConnBudget`] and in the
+/// daemon's ([`UpstreamSettings::total`]) until dropped.
 pub struct UpstreamStream {
     io: Io,
-    _slot: crate::sandbox::ConnSlot,
+    _slots: (crate::sandbox::ConnSlot, crate::sandbox::ConnSlot),
 }
 
 /// A plain or TLS upstream connection.

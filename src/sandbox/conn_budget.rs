@@ -2,8 +2,9 @@
 //! a count shared by every connector of the sandbox's client sets (`proxy::clients`) on every
 //! worker, and the slot each open connection holds.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::metrics::gauge::Gauge;
 
 /// One sandbox's open upstream connections (in use, or idle in its pools), counted against
 /// `[upstream] max_connections_per_sandbox` by every connector of its client sets, on every
@@ -11,18 +12,29 @@ use std::sync::Arc;
 /// to `pool_max_idle_per_host` per host, and a wildcard allowlist has no end of hosts) and
 /// spend the daemon's file descriptors (an outside review left 961 idle sockets from one
 /// sandbox with no client connection open).
+///
+/// The daemon's count of all upstream connections (`[upstream] max_connections`) is one too,
+/// kept in the `upstream_connections` gauge ([`ConnBudget::in_gauge`]). Invariant: the count
+/// is never negative and never above the `max` of the takes that raised it.
 #[derive(Clone, Debug, Default)]
-pub struct ConnBudget(Arc<AtomicUsize>);
+pub struct ConnBudget(Gauge);
 
 impl ConnBudget {
+    /// A budget whose count is `gauge` (a metric shows it).
+    pub fn in_gauge(gauge: Gauge) -> ConnBudget {
+        ConnBudget(gauge)
+    }
+
     /// How many connections are open.
     pub fn open(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.0.get().max(0) as usize
     }
 
     /// A slot for one more connection, held by it until it closes; None at `max`.
     pub fn take(&self, max: usize) -> Option<ConnSlot> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.0
+            .inner()
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -31,12 +43,12 @@ impl ConnBudget {
     }
 }
 
-/// One open upstream connection's place in its sandbox's [`ConnBudget`].
-pub struct ConnSlot(Arc<AtomicUsize>);
+/// One open upstream connection's place in a [`ConnBudget`].
+pub struct ConnSlot(Gauge);
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.dec();
     }
 }
 

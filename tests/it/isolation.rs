@@ -1218,15 +1218,17 @@ use crate::support::ports::free_port;
 
 impl Process {
     fn start(dir: &std::path::Path, admin_port: u16) -> Process {
-        Process::start_leaking(dir, admin_port, None)
+        Process::start_with(dir, admin_port, None, None)
     }
 
     /// Like [`Process::start`]; with `leak`, the daemon inherits that file as descriptor 7,
-    /// not close-on-exec (as from a careless supervisor).
-    fn start_leaking(
+    /// not close-on-exec (as from a careless supervisor); with `nofile`, it starts with that
+    /// (soft, hard) open-file limit.
+    fn start_with(
         dir: &std::path::Path,
         admin_port: u16,
         leak: Option<&std::fs::File>,
+        nofile: Option<(u64, u64)>,
     ) -> Process {
         let cfg = dir.join("proxy.toml");
         let text = format!(
@@ -1243,17 +1245,27 @@ impl Process {
             .env_remove("SEALGATE_MASTER_KEY")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        if let Some(f) = leak {
-            use std::os::fd::AsRawFd as _;
-            use std::os::unix::process::CommandExt as _;
-            let fd = f.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; the new descriptor 7 has no close-on-exec.
-            unsafe {
-                cmd.pre_exec(move || match libc::dup2(fd, 7) {
-                    7 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                });
-            }
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let fd = leak.map(|f| f.as_raw_fd());
+        // SAFETY: dup2 and setrlimit are async-signal-safe; the new descriptor 7 has no
+        // close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd.is_some_and(|fd| libc::dup2(fd, 7) != 7) {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some((soft, hard)) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().expect("sealgate serve");
         let token_file = dir.join("data/admin.token");
@@ -1365,7 +1377,7 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
     std::fs::write(&secret_file, "root-only-inherited-0321\n").unwrap();
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let leaked = std::fs::File::open(&secret_file).unwrap();
-    let daemon = Process::start_leaking(dir.path(), free_port(), Some(&leaked));
+    let daemon = Process::start_with(dir.path(), free_port(), Some(&leaked), None);
     let sb = daemon.isolated_sandbox().await;
     let cmd = json!({"cmd": "ls /proc/self/fd; cat <&7; echo done"});
     let (s, out) = daemon
@@ -1384,6 +1396,63 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
         "descriptor 7 reached the command: {out}"
     );
     assert!(!stdout.contains("root-only-inherited"), "{out}");
+    let (s, _) = daemon
+        .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+/// Started from a shell whose soft open-file limit is 1,024 (where `proxy.max_connections`
+/// alone is 4,096), the daemon raises its own to the hard limit; the commands it runs get the
+/// soft limit it started with, as they would in that shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_raises_its_open_file_limit_and_commands_get_the_one_it_started_with() {
+    if !netns_ready() {
+        return;
+    }
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we own.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    // The hard limit as it is (raising it needs CAP_SYS_RESOURCE, which a container's root
+    // may not have), at most 2^20 (the daemon's ceiling).
+    let hard = hard.rlim_max.min(1 << 20);
+    assert!(hard > 1024, "this test needs a hard limit above 1024");
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Process::start_with(dir.path(), free_port(), None, Some((1024, hard)));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>(),
+        [
+            "Max",
+            "open",
+            "files",
+            &hard.to_string(),
+            &hard.to_string(),
+            "files"
+        ],
+        "{limits}"
+    );
+    let sb = daemon.isolated_sandbox().await;
+    let cmd = json!({"cmd": "ulimit -Sn; ulimit -Hn"});
+    let (s, out) = daemon
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/commands", id(&sb)),
+            Some(cmd),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{out}");
+    assert_eq!(out["stdout"], format!("1024\n{hard}\n"), "{out}");
     let (s, _) = daemon
         .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
         .await;

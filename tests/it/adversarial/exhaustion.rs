@@ -387,20 +387,10 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
     };
     let e = setup_with(Some(&names), &[], opts).await;
     let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
-    let get = |sb: &SandboxCreds, host: &str, path: &str| {
-        let (proxy, auth) = (e.h.proxy, sb.proxy_auth());
-        let req = format!(
-            "GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\
-             Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-        );
-        async move {
-            let mut s = TcpStream::connect(proxy).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut out = Vec::new();
-            let read = s.read_to_end(&mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
-            String::from_utf8_lossy(&out).into_owned()
-        }
+    let proxy = e.h.proxy;
+    let get = |sb: &SandboxCreds, host: &'static str, path: &'static str| {
+        let sb = sb.clone();
+        async move { plain_get(proxy, &sb, host, path).await }
     };
     // In use for about two seconds: the sandbox's one connection.
     let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=20"));
@@ -453,6 +443,87 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
         answer.starts_with("HTTP/1.1 200"),
         "after a reload: {answer}"
     );
+}
+
+/// A plain-HTTP GET through the explicit proxy on a connection of its own (`Connection:
+/// close`); the whole answer, or what came in 10 s.
+async fn plain_get(
+    proxy: std::net::SocketAddr,
+    sb: &SandboxCreds,
+    host: &str,
+    path: &str,
+) -> String {
+    let auth = sb.proxy_auth();
+    let req = format!(
+        "GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\
+         Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
+    );
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The daemon's upstream connections, all sandboxes together, are capped too
+/// (`[upstream] max_connections`; with the client and admin caps it bounds the descriptors the
+/// daemon can hold, whatever the number of sandboxes). With every one in use, a request of any
+/// sandbox needing one more gets 503 `unavailable` naming the key, and nothing is dialled —
+/// also after a reload, which hands the count on (the old settings' connections still hold
+/// their slots). Idle connections of another sandbox make room. `/metrics` shows the count.
+#[tokio::test]
+async fn the_daemons_upstream_connections_are_capped_across_sandboxes() {
+    let plain = crate::support::echo::Echo::start_plain().await;
+    let names = ["one.example.test", "two.example.test"];
+    let opts = Opts {
+        resolve: names.iter().map(|n| (n.to_string(), plain.addr)).collect(),
+        upstream_toml: "max_connections = 1".into(),
+        ..Default::default()
+    };
+    let e = setup_with(Some(&names), &[], opts).await;
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let proxy = e.h.proxy;
+    let slow = tokio::spawn({
+        let sb = e.sb.clone();
+        async move { plain_get(proxy, &sb, "one.example.test", "/slow?ms=100&chunks=30").await }
+    });
+    eventually(Duration::from_secs(5), "the slow request is in", || {
+        plain.requests().len() == 1
+    })
+    .await;
+    let refused = plain_get(proxy, &other, "two.example.test", "/echo").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("\"unavailable\""), "{refused}");
+    assert!(refused.contains("upstream.max_connections"), "{refused}");
+    let (s, metrics) =
+        e.h.raw(http::Method::GET, "/metrics", None, Some(&e.h.token))
+            .await;
+    assert_eq!(s, StatusCode::OK);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("upstream_connections 1"),
+        "the gauge counts the one in use: {metrics}"
+    );
+    let (status, v) = e.h.api(http::Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let refused = plain_get(proxy, &other, "two.example.test", "/echo").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503"),
+        "after a reload the connection in use still counts: {refused}"
+    );
+    assert_eq!(
+        plain.connections(),
+        1,
+        "nothing was dialled for the refused requests"
+    );
+    assert!(slow.await.unwrap().starts_with("HTTP/1.1 200"));
+    // The slow request's connection is idle in its sandbox's pool now (or closed): the other
+    // sandbox's request closes it to make room, and so on back and forth.
+    for sb in [&other, &e.sb, &other] {
+        let answer = plain_get(proxy, sb, "two.example.test", "/echo").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert_eq!(plain.connections(), 4);
 }
 
 // ---------------------------------------------------------------------------------------------
