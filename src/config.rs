@@ -172,6 +172,10 @@ pub struct RawUpstream {
     /// Count.
     pub max_connections: Option<usize>,
     /// Count.
+    pub max_window_decoders: Option<usize>,
+    /// Count.
+    pub max_window_decoders_per_sandbox: Option<usize>,
+    /// Count.
     pub max_response_codings: Option<usize>,
     /// Bytes.
     pub max_grpc_message_bytes: Option<usize>,
@@ -398,6 +402,11 @@ pub struct UpstreamConfig {
     /// idle); with `proxy.max_connections` and `admin.max_connections` it bounds the daemon's
     /// open descriptors, whatever the number of sandboxes.
     pub max_connections: usize,
+    /// Response bodies decoded from brotli or zstd at once, all sandboxes together (each
+    /// decoder may hold a 16 or 8 MiB window while its client is not reading).
+    pub max_window_decoders: usize,
+    /// The same for one sandbox.
+    pub max_window_decoders_per_sandbox: usize,
     /// Stacked content/transfer codings accepted on one response where scrubbing decodes.
     pub max_response_codings: usize,
     /// Largest compressed gRPC message, before or after decoding, that scrubbing decodes.
@@ -919,6 +928,18 @@ impl RawUpstream {
                 self.max_connections,
                 8192,
                 1 << 20,
+            ),
+            max_window_decoders: p.count(
+                "upstream.max_window_decoders",
+                self.max_window_decoders,
+                32,
+                1 << 16,
+            ),
+            max_window_decoders_per_sandbox: p.count(
+                "upstream.max_window_decoders_per_sandbox",
+                self.max_window_decoders_per_sandbox,
+                4,
+                1 << 16,
             ),
             max_response_codings: p.count(
                 "upstream.max_response_codings",

@@ -23,7 +23,7 @@ use crate::nofile;
 use crate::proxy::workers::Workers;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::LifecycleConfig;
-use crate::sandbox::ConnBudget;
+use crate::sandbox::Budget;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
 use crate::store::crypto::KeySource;
@@ -245,7 +245,10 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         cfg.upstream.clone(),
         listeners.own(),
         workers,
-        ConnBudget::in_gauge(metrics.upstream_connections.clone()),
+        proxy::upstream::Counts {
+            connections: Budget::in_gauge(metrics.upstream_connections.clone()),
+            decoders: Default::default(),
+        },
     )
     .map_err(DaemonError::Upstream)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -764,12 +767,12 @@ fn reload_once(
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(running, &new);
     // The workers keep the count they started with (`worker_threads` needs a restart), and the
-    // daemon's count of upstream connections goes on (the old settings' still hold slots).
+    // daemon's counts go on (the old settings' connections and bodies still hold slots).
     let old = proxy.settings();
-    let (pools, total) = (old.pools(), old.upstream.total.clone());
+    let (pools, counts) = (old.pools(), old.upstream.counts.clone());
     drop(old);
     let (proxy_cfg, upstream_cfg) = (new.proxy.clone(), new.upstream.clone());
-    let live = LiveSettings::new(proxy_cfg, upstream_cfg, own.to_vec(), pools, total)?;
+    let live = LiveSettings::new(proxy_cfg, upstream_cfg, own.to_vec(), pools, counts)?;
     proxy.set_settings(live);
     warn_wide_private_cidrs(&new.upstream);
     crate::logging::set_level(&new.log_level);

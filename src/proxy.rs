@@ -43,7 +43,7 @@ use crate::ca::LeafCache;
 use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::policy::{AddressPolicy, Dest, Scheme};
-use crate::sandbox::{ConnBudget, Registry, Sandbox, TunnelGuard};
+use crate::sandbox::{Registry, Sandbox, TunnelGuard};
 
 /// Boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,8 +74,8 @@ impl LiveSettings {
     /// Builds the settings and `pools` sets of clients, one per proxy worker (the count the
     /// workers started with: a reload keeps [`LiveSettings::pools`] of the settings it
     /// replaces); `own_listeners` are never dialled; upstream connections are counted in
-    /// `total`, the daemon's count (a reload hands on the one of the settings it replaces,
-    /// whose connections still hold slots in it).
+    /// `counts`, the daemon's (a reload hands on those of the settings it replaces, whose
+    /// connections and bodies still hold slots in them).
     ///
     /// # Errors
     /// An unreadable upstream CA file.
@@ -84,13 +84,13 @@ impl LiveSettings {
         upstream: UpstreamConfig,
         own_listeners: Vec<SocketAddr>,
         pools: usize,
-        total: ConnBudget,
+        counts: upstream::Counts,
     ) -> Result<LiveSettings, String> {
         let settings = Arc::new(upstream::UpstreamSettings {
             vet: AddressPolicy::new(upstream.allow_private_cidrs.clone(), own_listeners),
             tls: upstream::TlsByAlpn::new(&*upstream::client_tls(&upstream.ca_files)?),
             stream_limits: Default::default(),
-            total,
+            counts,
             config: upstream,
         });
         let pools = (0..pools.max(1))

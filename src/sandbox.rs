@@ -7,12 +7,12 @@
 //! - A [`Snapshot`] is immutable; rotation swaps in a new `Arc<Snapshot>`, so a request sees one
 //!   consistent version from start to end.
 
-mod conn_budget;
+mod budget;
 pub mod lifecycle;
 pub mod registry;
 pub mod snapshot;
 
-pub use conn_budget::{ConnBudget, ConnSlot};
+pub use budget::{Budget, BudgetSlot};
 pub use lifecycle::{CreateSandbox, SandboxError, Sandboxes};
 pub use registry::Registry;
 pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
@@ -45,7 +45,10 @@ pub struct Sandbox {
     tunnels: AtomicUsize,
     requests: AtomicUsize,
     /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
-    pub upstream: ConnBudget,
+    pub upstream: Budget,
+    /// Its responses being decoded from brotli or zstd
+    /// (`[upstream] max_window_decoders_per_sandbox`).
+    pub decoders: Budget,
 }
 
 impl Sandbox {
@@ -63,6 +66,7 @@ impl Sandbox {
             tunnels: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             upstream: Default::default(),
+            decoders: Default::default(),
         }
     }
 

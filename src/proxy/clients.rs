@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{upstream, UpstreamClient};
 use crate::config::UpstreamConfig;
-use crate::sandbox::ConnBudget;
+use crate::sandbox::Budget;
 
 /// One worker's client sets, by owner (the sandbox).
 pub(super) struct PerSandbox {
@@ -50,7 +50,7 @@ impl PerSandbox {
     pub(super) fn of<O: Send + Sync + 'static>(
         &self,
         owner: &Arc<O>,
-        budget: &ConnBudget,
+        budget: &Budget,
         settings: &Arc<upstream::UpstreamSettings>,
     ) -> Arc<Clients> {
         let key = Arc::as_ptr(owner) as usize;
@@ -131,7 +131,7 @@ pub struct Clients {
 }
 
 impl Clients {
-    fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &ConnBudget) -> Clients {
+    fn new(settings: &Arc<upstream::UpstreamSettings>, budget: &Budget) -> Clients {
         let upstream = &settings.config;
         let connector = |alpn| upstream::Connector::new(settings.clone(), alpn, budget);
         let h2_only = || upstream::Connector::h2_only(settings.clone(), budget);
@@ -185,7 +185,7 @@ mod tests {
     #[test]
     fn one_set_per_owner_kept_while_it_lives() {
         let (s, sets) = (settings(), PerSandbox::new());
-        let budget = ConnBudget::default();
+        let budget = Budget::default();
         let (a, b) = (Arc::new(1u8), Arc::new(2u8));
         let a1 = sets.of(&a, &budget, &s);
         assert!(

@@ -531,7 +531,9 @@ fn body_budget(rt: &LiveSettings, o: &Outcome) -> usize {
 /// lets any server ignore it), which is scrubbed; a 206 is refused anyway
 /// ([`super::response_scrub`]). Likewise gRPC and Connect clients may accept only
 /// uncompressed messages here (`grpc-accept-encoding: identity`): a compressed message must be
-/// decoded whole before it can be scrubbed (see [`super::response_scrub`]).
+/// decoded whole before it can be scrubbed (see [`super::response_scrub`]). And the body is
+/// decoded to be scrubbed, so the sandbox gets it uncoded whatever the upstream used: it is
+/// asked for no coding whose decoder holds a large window ([`small_window_codings_only`]).
 fn whole_responses_only(h: &mut HeaderMap) {
     h.remove(header::RANGE);
     h.remove(header::IF_RANGE);
@@ -540,6 +542,40 @@ fn whole_responses_only(h: &mut HeaderMap) {
             h.insert(name, http::HeaderValue::from_static("identity"));
         }
     }
+    small_window_codings_only(h);
+}
+
+/// Drops `br` (a decoder holds up to a 16 MiB window), `zstd` (8 MiB) and `*` from
+/// `Accept-Encoding`; gzip and deflate (32 KiB) stay, and a list left empty becomes
+/// `identity`. A decoder's window stays allocated while the sandbox's client does not read:
+/// an outside review held ~16 MiB per stalled brotli answer (500 MiB with 30). Upstreams
+/// that send them anyway meet `[upstream] max_window_decoders[_per_sandbox]`.
+fn small_window_codings_only(h: &mut HeaderMap) {
+    let large = |item: &str| {
+        let coding = item.split(';').next().unwrap_or_default().trim();
+        ["br", "zstd", "*"]
+            .iter()
+            .any(|c| coding.eq_ignore_ascii_case(c))
+    };
+    let values = h.get_all(header::ACCEPT_ENCODING);
+    let items = || {
+        values
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+    };
+    let unreadable = values.iter().any(|v| v.to_str().is_err());
+    if !unreadable && !items().any(large) {
+        return;
+    }
+    let kept: Vec<&str> = items().filter(|i| !large(i)).collect();
+    let kept = match kept.is_empty() {
+        true => http::HeaderValue::from_static("identity"),
+        false => http::HeaderValue::from_str(&kept.join(", "))
+            .unwrap_or(http::HeaderValue::from_static("identity")),
+    };
+    h.insert(header::ACCEPT_ENCODING, kept);
 }
 
 /// The sandbox sees the secret name and host; the audit `rule` also names the policy list that
@@ -871,7 +907,7 @@ async fn make_room(t: &Tunnel, rt: &LiveSettings, cap: UpstreamCap) -> bool {
     let config = &rt.upstream.config;
     let full = || match cap {
         UpstreamCap::Sandbox => t.sandbox.upstream.open() >= config.max_connections_per_sandbox,
-        UpstreamCap::Daemon => rt.upstream.total.open() >= config.max_connections,
+        UpstreamCap::Daemon => rt.upstream.counts.connections.open() >= config.max_connections,
     };
     let deadline = tokio::time::Instant::now() + ROOM_WAIT;
     while full() {
@@ -945,7 +981,7 @@ fn finish_response(
     }
     let body = body.map_err(BoxError::from).boxed_unsync();
     let body = match scrubber.zip(shape) {
-        Some((s, shape)) => scrub_response(t, s, report, &mut parts, shape, body)?,
+        Some((s, shape)) => scrub_response(t, &rt.upstream, s, report, &mut parts, shape, body)?,
         None => body,
     };
     let body = Held::new(body, slot);
@@ -1024,6 +1060,26 @@ mod tests {
         let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         n.sort_unstable();
         n
+    }
+
+    #[test]
+    fn scrubbed_hosts_are_asked_for_no_large_window_coding() {
+        let asked = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = fields(pairs);
+            whole_responses_only(&mut h);
+            let all = h.get_all(header::ACCEPT_ENCODING).iter();
+            all.map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let ae = "accept-encoding";
+        assert_eq!(asked(&[(ae, "gzip, deflate, br, zstd")]), ["gzip, deflate"]);
+        assert_eq!(asked(&[(ae, "gzip;q=1.0, BR;q=0.9")]), ["gzip;q=1.0"]);
+        assert_eq!(asked(&[(ae, "br"), (ae, "zstd ; q=1")]), ["identity"]);
+        assert_eq!(asked(&[(ae, "*")]), ["identity"]);
+        assert_eq!(asked(&[(ae, "gzip"), (ae, "br")]), ["gzip"]);
+        assert_eq!(asked(&[(ae, "gzip, deflate")]), ["gzip, deflate"]);
+        assert_eq!(asked(&[(ae, "brotli-like, gzip")]), ["brotli-like, gzip"]);
+        assert!(asked(&[]).is_empty(), "none asked, none added");
     }
 
     #[test]

@@ -39,11 +39,14 @@ use http::{Extensions, Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
 
-pub use codings::{CodingError, Codings};
+pub use codings::{Coding, CodingError, Codings};
 
+use super::held::Held;
 use super::refusal::{Code, Refusal};
+use super::upstream::UpstreamSettings;
 use super::{BoxError, ProxyBody, Tunnel};
 use crate::config::UpstreamConfig;
+use crate::sandbox::BudgetSlot;
 use crate::subst::{Binary, BodyError, MessageCoding, MessageFrames, Report, ScrubBody, Scrubber};
 
 /// What the response looks like before hop-by-hop headers are stripped.
@@ -98,6 +101,7 @@ impl Shape {
 /// A body sealgate cannot decode: the response is refused rather than passed unscrubbed.
 pub fn scrub_response(
     t: &Tunnel,
+    up: &UpstreamSettings,
     scrubber: Arc<Scrubber>,
     report: &Report,
     parts: &mut http::response::Parts,
@@ -144,7 +148,8 @@ pub fn scrub_response(
     let body = if codings.is_empty() {
         body
     } else {
-        decode::Decoded::new(codings, body).boxed_unsync()
+        let windows = window_slots(t, up, &codings)?;
+        Held::new(decode::Decoded::new(codings, body), windows).boxed_unsync()
     };
     let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
     // The first scrubber over the body decodes compressed messages; the second sees them plain.
@@ -182,6 +187,51 @@ fn scrub_body(
         BoxError::from(e)
     })
     .boxed_unsync()
+}
+
+/// A slot per brotli or zstd layer of `codings`, of the sandbox and of the daemon, held with
+/// the body: such a decoder may hold a 16 MiB (brotli) or 8 MiB (zstd) window for as long as
+/// the client does not read, so how many run at once is bounded
+/// (`[upstream] max_window_decoders_per_sandbox`, `max_window_decoders`). Sealgate asks the
+/// hosts whose answers it scrubs for gzip and deflate only (`forward::whole_responses_only`),
+/// so only an upstream that ignores that meets the bound.
+///
+/// # Errors
+/// A bound is full: 502, before any byte of the body.
+fn window_slots(
+    t: &Tunnel,
+    up: &UpstreamSettings,
+    codings: &Codings,
+) -> Result<Vec<(BudgetSlot, BudgetSlot)>, Refusal> {
+    let windows = codings
+        .applied()
+        .iter()
+        .filter(|c| matches!(c, Coding::Brotli | Coding::Zstd))
+        .count();
+    let c = &up.config;
+    let full = |key: &str, max: usize, whose: &str| {
+        Refusal::new(
+            Code::UpstreamUnreachable,
+            format!(
+                "{} answered with brotli or zstd while {max} such answers are being decoded \
+                 {whose} (upstream.{key}); sealgate asks hosts whose answers it scrubs for gzip \
+                 or deflate",
+                t.dest
+            ),
+        )
+    };
+    (0..windows)
+        .map(|_| {
+            let (mine, max) = (&t.sandbox.decoders, c.max_window_decoders_per_sandbox);
+            let mine = mine
+                .take(max)
+                .ok_or_else(|| full("max_window_decoders_per_sandbox", max, "for this sandbox"))?;
+            let max = c.max_window_decoders;
+            let all = up.counts.decoders.take(max);
+            let all = all.ok_or_else(|| full("max_window_decoders", max, "by sealgate"))?;
+            Ok((mine, all))
+        })
+        .collect()
 }
 
 fn undecodable(t: &Tunnel, e: CodingError) -> Refusal {

@@ -35,7 +35,7 @@ pub use known_h2::KnownH2;
 pub use limits::StreamLimits;
 pub mod dns;
 
-use crate::sandbox::ConnBudget;
+use crate::sandbox::Budget;
 
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +76,19 @@ pub struct UpstreamSettings {
     pub tls: TlsByAlpn,
     /// h2 origins' per-connection stream limits, learned from their GOAWAYs.
     pub stream_limits: Arc<StreamLimits>,
-    /// Every upstream connection the daemon holds open, counted against
-    /// `[upstream] max_connections`: one count for the daemon's life, handed from settings to
-    /// the settings a reload makes (connections of the old ones still hold their slots).
-    pub total: ConnBudget,
+    /// The daemon's counts: one for its life, handed from settings to the settings a reload
+    /// makes (connections and bodies of the old ones still hold their slots).
+    pub counts: Counts,
+}
+
+/// What the daemon holds at once, all sandboxes together.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    /// Open upstream connections (`[upstream] max_connections`; the `upstream_connections`
+    /// gauge).
+    pub connections: Budget,
+    /// Response bodies being decoded from brotli or zstd (`[upstream] max_window_decoders`).
+    pub decoders: Budget,
 }
 
 impl UpstreamSettings {
@@ -109,7 +118,7 @@ pub struct Connector {
     /// Fail with [`ConnectError::NotH2`] unless ALPN chose h2 (for `http2_only` clients).
     require_h2: bool,
     /// The sandbox's budget, which every connection made here counts against.
-    budget: ConnBudget,
+    budget: Budget,
 }
 
 /// What a connector offers in ALPN.
@@ -158,7 +167,7 @@ impl TlsByAlpn {
 
 impl Connector {
     /// A connector offering `alpn`, its connections counted against `budget` (a sandbox's).
-    pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn, budget: &ConnBudget) -> Self {
+    pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn, budget: &Budget) -> Self {
         Connector {
             tls: settings.tls.get(alpn),
             settings,
@@ -170,7 +179,7 @@ impl Connector {
     /// A connector for an `http2_only` client: offers only h2 and returns
     /// [`ConnectError::NotH2`] (before anything is sent) when the origin does not choose it.
     /// Plain-HTTP destinations never reach it (no h2c upstream).
-    pub fn h2_only(settings: Arc<UpstreamSettings>, budget: &ConnBudget) -> Self {
+    pub fn h2_only(settings: Arc<UpstreamSettings>, budget: &Budget) -> Self {
         Connector {
             require_h2: true,
             ..Connector::new(settings, Alpn::H2, budget)
@@ -206,7 +215,8 @@ impl Connector {
         let max = config.max_connections_per_sandbox;
         let slot = self.budget.take(max).ok_or(ConnectError::TooMany(max))?;
         let max = config.max_connections;
-        let total = (self.settings.total.take(max)).ok_or(ConnectError::DaemonFull(max))?;
+        let total =
+            (self.settings.counts.connections.take(max)).ok_or(ConnectError::DaemonFull(max))?;
         let io = self.connect_io(uri).await?;
         Ok(UpstreamStream {
             io,
@@ -315,11 +325,11 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
 /// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.
 type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
-/// An upstream connection, holding its place in its sandbox's [`ConnBudget`] and in the
-/// daemon's ([`UpstreamSettings::total`]) until dropped.
+/// An upstream connection, holding its place in its sandbox's [`Budget`] and in the
+/// daemon's ([`Counts::connections`]) until dropped.
 pub struct UpstreamStream {
     io: Io,
-    _slots: (crate::sandbox::ConnSlot, crate::sandbox::ConnSlot),
+    _slots: (crate::sandbox::BudgetSlot, crate::sandbox::BudgetSlot),
 }
 
 /// A plain or TLS upstream connection.

@@ -48,6 +48,13 @@ pub struct Retired {
 }
 
 impl Retired {
+    /// True if `other` retired the same value with the same scope.
+    fn same_as(&self, other: &Retired) -> bool {
+        self.value == other.value
+            && self.allowed_hosts == other.allowed_hosts
+            && self.egress_allowlist == other.egress_allowlist
+    }
+
     fn of(snap: &Snapshot, e: &SecretEntry) -> Retired {
         Retired {
             token: e.token,
@@ -161,18 +168,25 @@ impl Snapshot {
     }
 
     /// The retired values of a snapshot that `current` replaces: the ones this snapshot had,
-    /// then each value of this snapshot that `current` no longer holds under the same name (a
-    /// value retired before moves to the end, with the scope it had this time).
+    /// then each value of this snapshot that `current` no longer holds under the same name
+    /// **with the same scope** — the secret's `allowed_hosts` and the store's
+    /// `egress_allowlist` as written. A value whose scope changed is retired with the scope it
+    /// had, so the hosts that could receive it before a narrowing (the host an operator just
+    /// stopped trusting, above all) still have it scrubbed from their answers; a value
+    /// retired before with the same scope moves to the end, one with another scope stays.
     pub fn retired_by(&self, current: &Snapshot) -> Vec<Retired> {
         let mut out = self.retired.clone();
         for e in &self.secrets {
-            let kept = current
-                .secrets
-                .iter()
-                .any(|c| c.name == e.name && c.value == e.value);
+            let kept = current.secrets.iter().any(|c| {
+                c.name == e.name
+                    && c.value == e.value
+                    && c.allowed_hosts == e.allowed_hosts
+                    && current.egress_allowlist == self.egress_allowlist
+            });
             if !kept {
-                out.retain(|r| r.value != e.value);
-                out.push(Retired::of(self, e));
+                let retired = Retired::of(self, e);
+                out.retain(|r| !r.same_as(&retired));
+                out.push(retired);
             }
         }
         out
@@ -653,5 +667,49 @@ mod tests {
         let gone = rotated(&snap, None);
         assert!(scrubs(&gone, "api.example.test", "sk-snapshot-test-value"));
         assert!(!scrubs(&gone, "other.test", "sk-snapshot-test-value"));
+    }
+
+    /// A snapshot like `old` whose secret now has `allowed_hosts` (value unchanged) under the
+    /// store allowlist `egress`, as an operator's narrowing builds it.
+    fn rescoped(old: &Snapshot, allowed_hosts: &[&str], egress: Option<&[&str]>) -> Snapshot {
+        let e = &old.secrets()[0];
+        let mut rec = record(Some(allowed_hosts));
+        rec.meta.name = e.name.to_string();
+        let egress = egress.map(|h| h.iter().map(|h| (*h).to_owned()).collect());
+        let new = Snapshot::build("s".into(), egress, vec![(rec, e.token)]).unwrap();
+        let retired = old.retired_by(&new);
+        new.with_retired(retired)
+    }
+
+    /// An outside review: narrowing a secret's `allowed_hosts` (the value unchanged) stopped
+    /// scrubbing on the host taken out, so a value that host had stored came back in clear —
+    /// just when the operator stopped trusting it. Each scope it had is kept, not only the
+    /// last; the store's allowlist narrowing counts the same way.
+    #[test]
+    fn a_value_whose_hosts_are_narrowed_stays_scrubbed_where_it_could_go_before() {
+        let v = "sk-snapshot-test-value";
+        let snap = snapshot(&["a.example.test", "b.example.test", "c.example.test"]);
+        let bc = rescoped(&snap, &["b.example.test", "c.example.test"], None);
+        assert!(scrubs(&bc, "a.example.test", v), "the host taken out");
+        let c = rescoped(&bc, &["c.example.test"], None);
+        for host in ["a.example.test", "b.example.test", "c.example.test"] {
+            assert!(scrubs(&c, host, v), "after two narrowings: {host}");
+        }
+        assert!(!scrubs(&c, "other.test", v), "never allowed there");
+        let same = rescoped(&c, &["c.example.test"], None);
+        assert_eq!(
+            same.retired().len(),
+            c.retired().len(),
+            "no change, nothing retired"
+        );
+        // The store's allowlist: from none (any public host the secret allows) to one.
+        let wide = snapshot(&["*.example.test"]);
+        let narrowed = rescoped(&wide, &["*.example.test"], Some(&["c.example.test"]));
+        assert!(
+            scrubs(&narrowed, "a.example.test", v),
+            "the allowlist narrowed"
+        );
+        let back = Snapshot::from_sealable(&narrowed.to_sealable()).unwrap();
+        assert!(scrubs(&back, "a.example.test", v), "after a restart");
     }
 }

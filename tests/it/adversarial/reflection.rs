@@ -2,6 +2,8 @@
 //! body, a stream split across flushes) never hands it to the sandbox; redirects are passed to
 //! the sandbox, never followed by the proxy.
 
+use std::time::Duration;
+
 use http::StatusCode;
 
 use super::get_api;
@@ -118,4 +120,85 @@ async fn redirect_to_another_host_is_passed_not_followed() {
     assert_eq!(reqs.len(), 1, "the proxy followed the redirect");
     assert_eq!(reqs[0].host.as_deref(), Some("api.example.test"));
     assert_eq!(e.echo.connections(), 1);
+}
+
+/// A brotli or zstd decoder may hold a 16 / 8 MiB window while its client does not read (an
+/// outside review held 500 MiB with 30 stalled brotli answers of one sandbox). Hosts whose
+/// answers are scrubbed are asked for gzip and deflate only; upstreams that send brotli
+/// anyway meet a bound per sandbox and one for the daemon (502 before any byte of the
+/// body), which another sandbox's stalled answers cannot use up alone.
+#[tokio::test]
+async fn brotli_answers_being_decoded_are_bounded_per_sandbox_and_daemon_wide() {
+    use crate::proxy_explicit::setup_with;
+    use crate::support::daemon::Opts;
+    use crate::support::proxy_client::{self as pc, SandboxCreds};
+    let secrets: &[Spec] = &[("KEY", VALUE, None, Some(&["header"]))];
+    let opts = Opts {
+        upstream_toml: "max_window_decoders_per_sandbox = 1\nmax_window_decoders = 2".into(),
+        ..Default::default()
+    };
+    let e = setup_with(Some(&["api.example.test"]), secrets, opts).await;
+    let (b, c) = (e.h.sandbox("s").await, e.h.sandbox("s").await);
+    let (b, c) = (SandboxCreds::from_answer(&b), SandboxCreds::from_answer(&c));
+    let proxy = e.h.proxy;
+    let get = |sb: &SandboxCreds, path: &'static str| {
+        let sb = sb.clone();
+        async move {
+            let mut conn = pc::h2(proxy, &sb, super::API).await;
+            let ae = [("accept-encoding", "gzip, br;q=1, zstd")];
+            pc::send2(&mut conn, pc::get(path, "api.example.test", &ae)).await
+        }
+    };
+    let slow_a = tokio::spawn(get(&e.sb, "/br-slow?ms=1500"));
+    super::eventually(Duration::from_secs(5), "a's answer is decoding", || {
+        e.echo.requests().len() == 1
+    })
+    .await;
+    let asked = e.echo.requests()[0].header("accept-encoding");
+    assert_eq!(
+        asked.as_deref(),
+        Some("gzip"),
+        "no brotli or zstd asked for"
+    );
+    let refused = get(&e.sb, "/br").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused
+            .text()
+            .contains("upstream.max_window_decoders_per_sandbox"),
+        "{}",
+        refused.text()
+    );
+    let slow_b = tokio::spawn(get(&b, "/br-slow?ms=1500"));
+    super::eventually(Duration::from_secs(5), "b's answer is decoding", || {
+        e.echo.requests().len() == 3
+    })
+    .await;
+    let refused = get(&c, "/br").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("(upstream.max_window_decoders)"),
+        "{}",
+        refused.text()
+    );
+    for slow in [slow_a, slow_b] {
+        let a = slow.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        assert_clean(&a);
+    }
+    for sb in [&e.sb, &c] {
+        let a = get(sb, "/br").await;
+        assert_eq!(a.status, StatusCode::OK, "slots given back: {}", a.text());
+        assert_clean(&a);
+    }
 }

@@ -7,6 +7,7 @@
 //! | `/echo…` | 200 JSON `{"method","uri","version","headers":{..},"body"}` + `x-echo-authorization` / `x-echo-api-key` |
 //! | `/reflect…` | `authorization` / `x-api-key` values in `x-reflect`, `set-cookie: session=<v>; Path=/` and 3× in a text body |
 //! | `/gzip…`, `/br…` | the `/echo` JSON, gzip- or brotli-compressed, with `content-encoding` |
+//! | `/br-slow?ms=N` | the same brotli body, its last byte sent N ms after the rest (default 1000) |
 //! | `/sse…` | `text/event-stream`: 5 × `data: <authorization>\n\n`, each cut into 3 frames 20 ms apart |
 //! | `/redirect…` | 302 to `https://other.example.test/landing` |
 //! | `/status/NNN` | status NNN (200–599), empty body |
@@ -332,6 +333,8 @@ async fn route(
         sse(rec, shutdown)
     } else if p("/gzip") {
         compressed(rec, "gzip", gzip(&echo_json(rec)))
+    } else if p("/br-slow") {
+        brotli_slow(rec, shutdown).await
     } else if p("/br") {
         compressed(rec, "br", brotli(&echo_json(rec)).await)
     } else if p("/reflect") {
@@ -457,6 +460,20 @@ async fn brotli(data: &[u8]) -> Vec<u8> {
     let mut enc = async_compression::tokio::bufread::BrotliEncoder::new(data);
     enc.read_to_end(&mut out).await.expect("brotli into a Vec");
     out
+}
+
+async fn brotli_slow(rec: &Recorded, shutdown: &watch::Receiver<()>) -> Response<RespBody> {
+    let ms = query_u64(&rec.uri, "ms").unwrap_or(1000);
+    let body = brotli(&echo_json(rec)).await;
+    let (rest, last) = body.split_at(body.len() - 1);
+    let frames = vec![Bytes::copy_from_slice(rest), Bytes::copy_from_slice(last)];
+    let mut resp = response(
+        StatusCode::OK,
+        stream(shutdown, frames, Duration::from_millis(ms)),
+    );
+    set(&mut resp, header::CONTENT_TYPE, b"application/json");
+    set(&mut resp, header::CONTENT_ENCODING, b"br");
+    resp
 }
 
 fn redirect() -> Response<RespBody> {

@@ -1,12 +1,15 @@
-//! One sandbox's budget of upstream connections (`[upstream] max_connections_per_sandbox`):
-//! a count shared by every connector of the sandbox's client sets (`proxy::clients`) on every
-//! worker, and the slot each open connection holds.
+//! A count of things held at once against a maximum, and the slot each one holds: a sandbox's
+//! upstream connections (`[upstream] max_connections_per_sandbox`), shared by every connector
+//! of its client sets (`proxy::clients`) on every worker; the daemon's
+//! (`[upstream] max_connections`); the brotli and zstd bodies being decoded, of a sandbox and
+//! of the daemon (`[upstream] max_window_decoders[_per_sandbox]`).
 
 use std::sync::atomic::Ordering;
 
 use prometheus_client::metrics::gauge::Gauge;
 
-/// One sandbox's open upstream connections (in use, or idle in its pools), counted against
+/// A count of things held against a maximum given at each take. As a sandbox's upstream
+/// connections (in use, or idle in its pools), counted against
 /// `[upstream] max_connections_per_sandbox` by every connector of its client sets, on every
 /// worker. Without it a sandbox could leave any number of idle connections in its pools (up
 /// to `pool_max_idle_per_host` per host, and a wildcard allowlist has no end of hosts) and
@@ -14,15 +17,15 @@ use prometheus_client::metrics::gauge::Gauge;
 /// sandbox with no client connection open).
 ///
 /// The daemon's count of all upstream connections (`[upstream] max_connections`) is one too,
-/// kept in the `upstream_connections` gauge ([`ConnBudget::in_gauge`]). Invariant: the count
+/// kept in the `upstream_connections` gauge ([`Budget::in_gauge`]). Invariant: the count
 /// is never negative and never above the `max` of the takes that raised it.
 #[derive(Clone, Debug, Default)]
-pub struct ConnBudget(Gauge);
+pub struct Budget(Gauge);
 
-impl ConnBudget {
+impl Budget {
     /// A budget whose count is `gauge` (a metric shows it).
-    pub fn in_gauge(gauge: Gauge) -> ConnBudget {
-        ConnBudget(gauge)
+    pub fn in_gauge(gauge: Gauge) -> Budget {
+        Budget(gauge)
     }
 
     /// How many connections are open.
@@ -31,7 +34,7 @@ impl ConnBudget {
     }
 
     /// A slot for one more connection, held by it until it closes; None at `max`.
-    pub fn take(&self, max: usize) -> Option<ConnSlot> {
+    pub fn take(&self, max: usize) -> Option<BudgetSlot> {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.0
             .inner()
@@ -39,14 +42,14 @@ impl ConnBudget {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| ConnSlot(self.0.clone()))
+            .map(|_| BudgetSlot(self.0.clone()))
     }
 }
 
-/// One open upstream connection's place in a [`ConnBudget`].
-pub struct ConnSlot(Gauge);
+/// One held thing's place in a [`Budget`], given back when dropped.
+pub struct BudgetSlot(Gauge);
 
-impl Drop for ConnSlot {
+impl Drop for BudgetSlot {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -58,7 +61,7 @@ mod tests {
 
     #[test]
     fn a_budget_gives_slots_up_to_its_max_and_takes_them_back_on_drop() {
-        let budget = ConnBudget::default();
+        let budget = Budget::default();
         let (a, b) = (budget.take(2).unwrap(), budget.take(2).unwrap());
         assert!(budget.take(2).is_none(), "full");
         assert_eq!(budget.open(), 2);
