@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::nofile;
 use crate::proxy::workers::Workers;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
-use crate::sandbox::lifecycle::LifecycleConfig;
+use crate::sandbox::lifecycle::{LifecycleConfig, SandboxError};
 use crate::sandbox::Budget;
 use crate::sandbox::{Registry, Sandboxes};
 use crate::secret::SecretValue;
@@ -554,8 +554,15 @@ fn restore_sandboxes(
         // Rows keep their creation snapshot (changes from other nodes are applied in memory):
         // bring every restored sandbox up to date before anything is served.
         use crate::store::postgres::follow::Target;
+        // A store that fails its checks is quarantined (its sandboxes serve a locked copy)
+        // and the others start: one tampered row must not keep every sandbox of the node down.
         for store_id in sandboxes.watched_stores() {
-            sandboxes.apply_store_change(&store_id)?;
+            match sandboxes.apply_store_change(&store_id) {
+                Err(SandboxError::Store(StoreError::Corrupt(_))) => {}
+                other => {
+                    other?;
+                }
+            }
         }
     }
     Ok((sandboxes, restored, cert_dir))

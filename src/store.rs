@@ -220,6 +220,29 @@ pub trait Store: Send + Sync {
     /// [`StoreError::NotFound`].
     fn delete_store(&self, id: &str) -> Result<(), StoreError>;
 
+    /// The store and its secrets (with values) as of one moment: a reader between the two
+    /// would otherwise see the store of before a deletion and the (cascaded) empty secrets of
+    /// after it, and take "no secrets" for the store's state.
+    ///
+    /// # Errors
+    /// As [`Store::get_store`] and [`Store::load_secrets`].
+    fn store_with_secrets(&self, id: &str) -> Result<(StoreRecord, Vec<SecretRecord>), StoreError> {
+        Ok((self.get_store(id)?, self.load_secrets(id)?))
+    }
+
+    /// The last state of deleted store `id` — its row and secrets as they were when it was
+    /// deleted — if the backend keeps it (PostgreSQL, for the fleet's nodes that had not
+    /// applied it yet: without it such a node kept an older snapshot, a revoked secret with it).
+    ///
+    /// # Errors
+    /// Store failures; [`StoreError::Corrupt`] for a row that fails its checks.
+    fn deleted_store(
+        &self,
+        _id: &str,
+    ) -> Result<Option<(StoreRecord, Vec<SecretRecord>)>, StoreError> {
+        Ok(None)
+    }
+
     /// Creates or replaces a secret. A replace keeps `created_at`, bumps `version` and seals the
     /// value afresh (new nonce, associated data with the new version).
     ///

@@ -207,7 +207,7 @@ async fn update_store(
     let allow_changed = allow.is_some();
     let rec = st.store.update_store(&id, name.as_deref(), allow)?;
     if allow_changed {
-        st.sandboxes.refresh_store(&id)?;
+        st.sandboxes.refresh_committed(&id);
     }
     audit(&st, "store.update", Some(&id), None, None, peer);
     Ok(Json(rec))
@@ -248,10 +248,16 @@ fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
     ) {
         return ApiError::from_rejection(&e, String::new());
     }
+    // An unknown field's name only if short: a caller's JSON could use the value as a key.
     let text = e.body_text();
-    if let Some(pos) = text.find("unknown field") {
-        let field: String = text[pos..].split(',').next().unwrap_or("").into();
-        return ApiError::bad_request(format!("invalid secret body: {field}"));
+    if let Some(pos) = text.find("unknown field `") {
+        let rest = &text[pos + "unknown field `".len()..];
+        let field = rest.split('`').next().unwrap_or_default();
+        return ApiError::bad_request(format!(
+            "invalid secret body: unknown field {} (the fields are value, allowed_hosts, \
+             locations)",
+            validate::quoted_if_short(field)
+        ));
     }
     ApiError::bad_request("invalid secret body: expected {\"value\": string, \"allowed_hosts\"?: [string] | null, \"locations\"?: [\"header\"|\"query\"|\"body\"]}")
 }
@@ -275,7 +281,7 @@ async fn set_secret(
     if short {
         warnings.push(short_value_warning(&meta.name));
     }
-    st.sandboxes.refresh_store(&id)?;
+    st.sandboxes.refresh_committed(&id);
     let lacking = st.sandboxes.lacking_secret(&id, &meta.name);
     if lacking > 0 {
         warnings.push(lacking_warning(&meta.name, &store.name, lacking));
@@ -381,7 +387,7 @@ async fn delete_secret(
     Path((id, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     st.store.delete_secret(&id, &name)?;
-    st.sandboxes.refresh_store(&id)?;
+    st.sandboxes.refresh_committed(&id);
     audit(&st, "secret.delete", Some(&id), Some(&name), None, peer);
     Ok(StatusCode::NO_CONTENT)
 }

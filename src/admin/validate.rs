@@ -56,6 +56,21 @@ fn invisible(c: char) -> bool {
         | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}' | '\u{e0000}'..='\u{e0fff}')
 }
 
+/// `text` quoted for an error message if it is shorter than [`QUOTED_UNDER`] characters, else
+/// only its length: a name and a value swapped by a caller (`set_secret(store, VALUE, NAME)`),
+/// or a value used as a JSON key, must not come back in the error (and from there go into
+/// client logs); values that short get a warning when set (too guessable).
+pub fn quoted_if_short(text: &str) -> String {
+    let n = text.chars().count();
+    match n < QUOTED_UNDER {
+        true => format!("'{}'", text.escape_default()),
+        false => format!("({n} characters, not repeated: it could be a value)"),
+    }
+}
+
+/// See [`quoted_if_short`]: the length under which the admin API warns that a value is short.
+pub const QUOTED_UNDER: usize = 16;
+
 /// Secret names are environment-variable names: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
 pub fn secret_name(name: &str) -> Result<(), ApiError> {
     let mut bytes = name.bytes();
@@ -65,8 +80,9 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
     let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !first_ok || !rest_ok || name.len() > 128 {
         return Err(ApiError::bad_request(format!(
-            "secret name '{}' is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at most 128 characters)",
-            name.escape_default()
+            "secret name {} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, at \
+             most 128 characters)",
+            quoted_if_short(name)
         )));
     }
     if crate::sandbox::lifecycle::set_by_sealgate(name) {

@@ -215,10 +215,23 @@ impl Sandboxes {
         store_id: &str,
         affected: &[Arc<Sandbox>],
     ) -> Result<(StoreRecord, Vec<SecretRecord>), StoreError> {
-        let read = self
-            .store
-            .get_store(store_id)
-            .and_then(|store| Ok((store, self.store.load_secrets(store_id)?)));
+        let read = self.store.store_with_secrets(store_id);
+        if let Err(StoreError::Corrupt(why)) = &read {
+            self.quarantine(store_id, affected, why);
+        }
+        read
+    }
+
+    /// A store deleted meanwhile: its last state, if the backend keeps it, which the sandboxes
+    /// take as their final snapshot (DESIGN §3: a store's deletion leaves running sandboxes
+    /// with the snapshot they had — here, the one they would have had on the node that deleted
+    /// it, not an older one this node had not updated yet). A corrupt kept state quarantines.
+    fn read_deleted_store(
+        &self,
+        store_id: &str,
+        affected: &[Arc<Sandbox>],
+    ) -> Result<Option<(StoreRecord, Vec<SecretRecord>)>, StoreError> {
+        let read = self.store.deleted_store(store_id);
         if let Err(StoreError::Corrupt(why)) = &read {
             self.quarantine(store_id, affected, why);
         }
@@ -533,6 +546,17 @@ impl Sandboxes {
         Ok(affected.len())
     }
 
+    /// [`Sandboxes::refresh_store`] after a change that is already committed: the change
+    /// stands whatever the refresh meets, so its failure is logged, not returned (a store that
+    /// fails its checks was quarantined by the read: its sandboxes unseal nothing). The admin
+    /// API answered 500 for committed writes, and left them out of the audit log.
+    pub fn refresh_committed(&self, store_id: &str) {
+        if let Err(e) = self.refresh_store(store_id) {
+            tracing::error!(store = %store_id, error = %e,
+                "a committed change could not be applied to this node's running sandboxes");
+        }
+    }
+
     /// Applies a change another node (or this one) made to `store_id` to this node's running
     /// sandboxes of it, as [`Sandboxes::refresh_store`] does (fleet mode, called by the
     /// follower). A store that no longer exists changes nothing: its sandboxes keep their
@@ -546,7 +570,10 @@ impl Sandboxes {
             return Ok(0);
         }
         let (store, secrets) = match self.read_store(store_id, &affected) {
-            Err(StoreError::NotFound(_)) => return Ok(0),
+            Err(StoreError::NotFound(_)) => match self.read_deleted_store(store_id, &affected)? {
+                Some(last) => last,
+                None => return Ok(0),
+            },
             other => other?,
         };
         self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;

@@ -421,6 +421,38 @@ impl Store for PgStore {
         self.block(|db| async move { ops::delete_store(&mut **db.client().await?, &id).await })
     }
 
+    fn store_with_secrets(&self, id: &str) -> Result<(StoreRecord, Vec<SecretRecord>), StoreError> {
+        let id = id.to_owned();
+        self.block(|db| async move {
+            let mut client = db.client().await?;
+            let client: &mut tokio_postgres::Client = &mut client;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg_err)?;
+            let key = db.key();
+            let store = ops::store_by_id(&tx, &key, &id).await?;
+            let secrets = ops::select_secrets(&tx, &id, true).await?;
+            let secrets = secrets.into_iter().map(|raw| raw.into_record(&key));
+            let secrets = secrets.collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await.map_err(pg_err)?;
+            Ok((store, secrets))
+        })
+    }
+
+    fn deleted_store(
+        &self,
+        id: &str,
+    ) -> Result<Option<(StoreRecord, Vec<SecretRecord>)>, StoreError> {
+        let id = id.to_owned();
+        self.block(
+            |db| async move { ops::deleted_store(&**db.client().await?, &db.key(), &id).await },
+        )
+    }
+
     fn put_secret(
         &self,
         store_id: &str,

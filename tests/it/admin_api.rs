@@ -259,6 +259,35 @@ async fn secret_names_that_clash_with_the_sandbox_environment() {
     assert!(warned, "{v}");
 }
 
+/// An outside review: a value passed where the name goes (`set_secret(store, VALUE, NAME)`),
+/// or used as a JSON key, came back in the 400's message, and from there into client logs.
+#[tokio::test]
+async fn a_value_in_the_name_or_as_a_field_never_comes_back_in_an_error() {
+    let h = Harness::start().await;
+    let id = h.store("swap", Some(&["api.example.test"])).await;
+    let value = "sk-FAKE-swapped-value-7741";
+    let path = format!("/v1/stores/{id}/secrets/{value}");
+    let (status, v) = h
+        .api(Method::PUT, &path, Some(json!({"value": "NAME"})))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("is not an environment variable name"), "{msg}");
+    assert!(!v.to_string().contains("swapped-value"), "{v}");
+    let path = format!("/v1/stores/{id}/secrets/KEY");
+    let body = json!({"value": "x-valid-value-000000", value: 1});
+    let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("swapped-value"), "{v}");
+}
+
 #[tokio::test]
 async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
     let h = Harness::start().await;

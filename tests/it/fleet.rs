@@ -216,6 +216,62 @@ async fn a_store_deleted_through_b_leaves_a_running_sandboxes_working() {
     );
 }
 
+/// An outside review: a node that had not applied a change when the store was deleted (it was
+/// down, cut off, or read the store after the delete) kept its older snapshot for the rest of
+/// its sandboxes' lives — a rotated-away or deleted secret revived. The deletion keeps the
+/// store's last state, and such a node takes that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_changes_before_its_store_was_deleted_takes_the_last_state() {
+    let cluster = pg::shared();
+    let mut n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-missed-old-2011").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(
+        &n.b,
+        &sb,
+        "sk-fleet-missed-old-2011",
+        Duration::from_secs(1),
+    )
+    .await;
+    // B is down while the secret is rotated and the store deleted.
+    n.b.stop().await;
+    n.secret(&n.a, &store, "sk-fleet-missed-new-2012").await;
+    let (s, _) =
+        n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let b2 = Harness::try_start(
+        node_opts(cluster, &n.db, "node-b", &n.key, &n.echo, ""),
+        Some(n.pki.clone()),
+    )
+    .await
+    .expect("node b restarts");
+    b2.register_secret("sk-fleet-missed-old-2011");
+    b2.register_secret("sk-fleet-missed-new-2012");
+    assert_eq!(
+        n.key_seen(&b2, &sb).await,
+        (StatusCode::OK, Some("sk-fleet-missed-new-2012".to_owned())),
+        "the store's last state, not the snapshot B had"
+    );
+    // Running: a rotation and the deletion back to back (B may read the store after it is
+    // gone) leave B's sandbox with the last value too.
+    let store = n.a.store("t", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-missed-old-2013").await;
+    b2.register_secret("sk-fleet-missed-old-2013");
+    let sb = sandbox_on(&b2, "t", "node-b").await;
+    n.until_seen(&b2, &sb, "sk-fleet-missed-old-2013", Duration::from_secs(1))
+        .await;
+    n.secret(&n.a, &store, "sk-fleet-missed-new-2014").await;
+    b2.register_secret("sk-fleet-missed-new-2014");
+    let (s, _) =
+        n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    n.until_seen(&b2, &sb, "sk-fleet-missed-new-2014", Duration::from_secs(1))
+        .await;
+}
+
 /// A row that fails to authenticate (its policy changed in the database) does not freeze its
 /// store's sandboxes on the old snapshot: the revocation written next to it would never apply.
 /// They unseal nothing, `/readyz` says why, and repairing the row brings them back.

@@ -116,6 +116,10 @@ pub struct Follower {
     pub lag_gauge: Gauge<f64, AtomicU64>,
 }
 
+/// The generation recorded for a store found deleted once its last state is applied
+/// (generations come from a sequence, so never negative).
+const DELETED: i64 = -1;
+
 /// Per-connection state: the generation applied per store, and whether sandboxes are locked.
 #[derive(Default)]
 struct Applied {
@@ -235,8 +239,12 @@ impl Follower {
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
         self.health.ok();
         applied.generations.retain(|id, _| watched.contains(id));
-        for row in rows {
-            let (id, generation): (String, i64) = (row.get(0), row.get(1));
+        let mut moved: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // Deleted stores: their last state is applied once (`Target::apply_store_change`
+        // reads it from where the deletion kept it), however many changes this node missed.
+        let gone = ids.iter().filter(|id| !moved.iter().any(|(m, _)| m == *id));
+        moved.extend(gone.map(|id| (id.clone(), DELETED)).collect::<Vec<_>>());
+        for (id, generation) in moved {
             if applied.generations.get(&id) == Some(&generation) {
                 continue;
             }

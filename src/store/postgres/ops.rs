@@ -17,7 +17,7 @@ use crate::store::rows::{
     next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt,
     version_column, RawSandbox, RawSecret, RawStore,
 };
-use crate::store::{RotationStats, SandboxRow, SecretMeta, StoreError, StoreRecord};
+use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
@@ -168,8 +168,39 @@ pub(super) async fn update_store(
     Ok(record)
 }
 
+/// Deletes the store, keeping its last state (row and sealed secrets, as they were) in
+/// `deleted_stores` / `deleted_secrets` for the nodes that had not applied it yet: a node that
+/// missed a change (cut off, restarting, or reading after the delete) would otherwise keep
+/// serving an older snapshot — a deleted or rotated secret revived — for the rest of its
+/// sandboxes' lives ([`deleted_store`]). Kept states older than [`DELETED_STORES_KEPT`] go.
 pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
+    let now = to_nanos(OffsetDateTime::now_utc(), "deleted_at")?;
+    let oldest = now.saturating_sub(DELETED_STORES_KEPT.whole_nanoseconds() as i64);
+    tx.execute(
+        "DELETE FROM deleted_stores WHERE deleted_at < $1",
+        &[&oldest],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO deleted_stores ({STORE_COLUMNS}, deleted_at) \
+             SELECT {STORE_COLUMNS}, $2 FROM stores WHERE id = $1"
+        ),
+        &[&id, &now],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO deleted_secrets ({SECRET_META_COLUMNS}, value) \
+             SELECT {SECRET_META_COLUMNS}, value FROM secrets WHERE store_id = $1"
+        ),
+        &[&id],
+    )
+    .await
+    .map_err(pg_err)?;
     let n = tx
         .execute("DELETE FROM stores WHERE id = $1", &[&id])
         .await
@@ -177,6 +208,34 @@ pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), St
     expect_one_row(n, || format!("store '{id}'"))?;
     notify(&tx, id).await?;
     tx.commit().await.map_err(pg_err)
+}
+
+/// How long a deleted store's last state is kept: longer than any sandbox lives
+/// (`sandbox.max_timeout_secs`, a day by default).
+pub(super) const DELETED_STORES_KEPT: time::Duration = time::Duration::days(30);
+
+/// The last state of deleted store `id` (see [`delete_store`]), each row checked as a live one
+/// is (policy MACs, sealed values under their AAD); `None` if none is kept.
+pub(super) async fn deleted_store(
+    client: &impl GenericClient,
+    key: &MasterKey,
+    id: &str,
+) -> Result<Option<(StoreRecord, Vec<SecretRecord>)>, StoreError> {
+    let sql = format!("SELECT {STORE_COLUMNS} FROM deleted_stores WHERE id = $1");
+    let Some(row) = client.query_opt(&sql, &[&id]).await.map_err(pg_err)? else {
+        return Ok(None);
+    };
+    let store = RawStore::from_pg(&row).into_record(key)?;
+    let sql = format!(
+        "SELECT {SECRET_META_COLUMNS}, value FROM deleted_secrets WHERE store_id = $1 \
+         ORDER BY name COLLATE \"C\""
+    );
+    let rows = client.query(&sql, &[&id]).await.map_err(pg_err)?;
+    let secrets = rows
+        .iter()
+        .map(|r| RawSecret::from_pg(r).into_record(key))
+        .collect::<Result<_, _>>()?;
+    Ok(Some((store, secrets)))
 }
 
 /// Moves the store's generation and notifies every node, inside the caller's transaction.
@@ -542,6 +601,11 @@ pub(super) async fn reseal_all(
     let state = verify_key_check(&sealed, &old, db)?;
     let secrets = reseal_secrets(&tx, &old, new).await?;
     remac_stores(&tx, &old, new).await?;
+    // Deleted stores' last states are sealed under the old key: forgotten, not resealed (a
+    // node that has not applied one keeps its snapshot, as before they were kept at all).
+    tx.execute("DELETE FROM deleted_stores", &[])
+        .await
+        .map_err(pg_err)?;
     let legacy = state != super::KeyCheck::BoundSandboxes;
     let sandboxes = reseal_sandboxes(&tx, &old, new, legacy).await?;
     super::write_key_check(&tx, new).await?;

@@ -71,6 +71,30 @@ CREATE INDEX sandboxes_by_node_expiry ON sandboxes (node_id, expires_at);
 ALTER TABLE stores ADD COLUMN policy_mac BYTEA;   -- crypto::StorePolicy MAC of egress_allowlist
 ALTER TABLE secrets ADD COLUMN policy_mac BYTEA;  -- crypto::SecretPolicy MAC of allowed_hosts, locations
 "#,
+    // A deleted store's last state, for nodes that had not applied it yet (ops::delete_store).
+    r#"
+CREATE TABLE deleted_stores (
+    id               TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    egress_allowlist TEXT,
+    created_at       BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL,
+    policy_mac       BYTEA,
+    deleted_at       BIGINT NOT NULL    -- Unix nanoseconds; pruned after DELETED_STORES_KEPT
+);
+CREATE TABLE deleted_secrets (
+    store_id      TEXT NOT NULL REFERENCES deleted_stores(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    allowed_hosts TEXT,
+    locations     TEXT NOT NULL,
+    version       BIGINT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    updated_at    BIGINT NOT NULL,
+    policy_mac    BYTEA,
+    value         BYTEA NOT NULL,       -- sealed as it was, AAD secret_aad(store_id, name, version)
+    PRIMARY KEY (store_id, name)
+);
+"#,
 ];
 
 /// The newest schema version this build knows.
