@@ -690,7 +690,7 @@ pub(crate) fn schema_from_a_newer_build_is_refused<H: Harness>() {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 2
+                supported: 2..=98
             }
         ),
         "{err:?}"

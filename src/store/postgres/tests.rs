@@ -285,6 +285,7 @@ fn downgrade_to_v1(fx: &Fixture) {
     let v1 = crypto::seal(&fx.key(), crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
     fx.sql(&format!(
         "ALTER TABLE stores DROP COLUMN policy_mac; ALTER TABLE secrets DROP COLUMN policy_mac; \
+         DROP TABLE deleted_secrets; DROP TABLE deleted_stores; \
          DELETE FROM schema_migrations WHERE version > 1; \
          UPDATE meta SET value = decode('{}', 'hex') WHERE key = '{KEY_CHECK_ROW}'",
         hex(&v1)
