@@ -251,8 +251,9 @@ impl Sandboxes {
                 store = %store_id,
                 sandboxes = affected.len(),
                 error = %why,
-                "store cannot be read (a row is corrupt or was tampered with): its running \
-                 sandboxes on this node unseal nothing until it reads cleanly"
+                "store cannot be read (a row is corrupt or was tampered with, or the database \
+                 failed right after a change to it): its running sandboxes on this node unseal \
+                 nothing until it reads cleanly"
             );
         }
     }
@@ -547,13 +548,19 @@ impl Sandboxes {
     }
 
     /// [`Sandboxes::refresh_store`] after a change that is already committed: the change
-    /// stands whatever the refresh meets, so its failure is logged, not returned (a store that
-    /// fails its checks was quarantined by the read: its sandboxes unseal nothing). The admin
-    /// API answered 500 for committed writes, and left them out of the audit log.
+    /// stands whatever the refresh meets, so its failure is not returned (the admin API
+    /// answered 500 for committed writes, and left them out of the audit log). Fail closed: a
+    /// store that could not be re-read is quarantined — a store failing its checks by the read
+    /// itself, any other failure here — so its running sandboxes unseal nothing rather than
+    /// go on with the snapshot from before a revocation; the next clean read lifts it. A store
+    /// deleted meanwhile leaves its sandboxes as they are (DESIGN §3).
     pub fn refresh_committed(&self, store_id: &str) {
-        if let Err(e) = self.refresh_store(store_id) {
-            tracing::error!(store = %store_id, error = %e,
-                "a committed change could not be applied to this node's running sandboxes");
+        match self.refresh_store(store_id) {
+            Ok(_) | Err(SandboxError::Store(StoreError::NotFound(_) | StoreError::Corrupt(_))) => {}
+            Err(e) => {
+                let affected = self.registry.of_store(store_id);
+                self.quarantine(store_id, &affected, &e.to_string());
+            }
         }
     }
 

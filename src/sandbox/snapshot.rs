@@ -67,6 +67,16 @@ impl Retired {
     }
 }
 
+/// True if list `new` is `old`, or both are lists and `new` has every pattern of `old` (a
+/// widening). `None` to or from a list counts as a change: what `None` allows depends on the
+/// other list (a secret's `allowed_hosts` or its store's `egress_allowlist`).
+fn holds_every_pattern(new: &Option<Vec<String>>, old: &Option<Vec<String>>) -> bool {
+    match (new, old) {
+        (Some(new), Some(old)) => old.iter().all(|p| new.contains(p)),
+        (new, old) => new == old,
+    }
+}
+
 /// One secret as a sandbox sees it.
 pub struct SecretEntry {
     /// Env-var name.
@@ -169,10 +179,12 @@ impl Snapshot {
 
     /// The retired values of a snapshot that `current` replaces: the ones this snapshot had,
     /// then each value of this snapshot that `current` no longer holds under the same name
-    /// **with the same scope** — the secret's `allowed_hosts` and the store's
-    /// `egress_allowlist` as written. A value whose scope changed is retired with the scope it
-    /// had, so the hosts that could receive it before a narrowing (the host an operator just
-    /// stopped trusting, above all) still have it scrubbed from their answers; a value
+    /// **with at least the same scope** — the secret's `allowed_hosts` and the store's
+    /// `egress_allowlist`, each the same list or a list holding every pattern of the old one.
+    /// A value whose scope was narrowed (or changed otherwise) is retired with the scope it
+    /// had, so the hosts that could receive it before (the host an operator just stopped
+    /// trusting, above all) still have it scrubbed from their answers; a widening retires
+    /// nothing, so it does not push rotated values out of the [`MAX_RETIRED`] kept. A value
     /// retired before with the same scope moves to the end, one with another scope stays.
     pub fn retired_by(&self, current: &Snapshot) -> Vec<Retired> {
         let mut out = self.retired.clone();
@@ -180,8 +192,8 @@ impl Snapshot {
             let kept = current.secrets.iter().any(|c| {
                 c.name == e.name
                     && c.value == e.value
-                    && c.allowed_hosts == e.allowed_hosts
-                    && current.egress_allowlist == self.egress_allowlist
+                    && holds_every_pattern(&c.allowed_hosts, &e.allowed_hosts)
+                    && holds_every_pattern(&current.egress_allowlist, &self.egress_allowlist)
             });
             if !kept {
                 let retired = Retired::of(self, e);
@@ -701,6 +713,12 @@ mod tests {
             same.retired().len(),
             c.retired().len(),
             "no change, nothing retired"
+        );
+        let wider = rescoped(&c, &["d.example.test", "c.example.test"], None);
+        assert_eq!(
+            wider.retired().len(),
+            c.retired().len(),
+            "a widening retires nothing"
         );
         // The store's allowlist: from none (any public host the secret allows) to one.
         let wide = snapshot(&["*.example.test"]);

@@ -239,12 +239,13 @@ impl Follower {
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
         self.health.ok();
         applied.generations.retain(|id, _| watched.contains(id));
-        let mut moved: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut current: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // Deleted stores: their last state is applied once (`Target::apply_store_change`
         // reads it from where the deletion kept it), however many changes this node missed.
-        let gone = ids.iter().filter(|id| !moved.iter().any(|(m, _)| m == *id));
-        moved.extend(gone.map(|id| (id.clone(), DELETED)).collect::<Vec<_>>());
-        for (id, generation) in moved {
+        for id in ids {
+            current.entry(id).or_insert(DELETED);
+        }
+        for (id, generation) in current {
             if applied.generations.get(&id) == Some(&generation) {
                 continue;
             }

@@ -169,24 +169,20 @@ pub(super) async fn update_store(
 }
 
 /// Deletes the store, keeping its last state (row and sealed secrets, as they were) in
-/// `deleted_stores` / `deleted_secrets` for the nodes that had not applied it yet: a node that
-/// missed a change (cut off, restarting, or reading after the delete) would otherwise keep
-/// serving an older snapshot — a deleted or rotated secret revived — for the rest of its
-/// sandboxes' lives ([`deleted_store`]). Kept states older than [`DELETED_STORES_KEPT`] go.
+/// `deleted_stores` / `deleted_secrets` while sandboxes of it remain, for the nodes that had
+/// not applied it yet: a node that missed a change (cut off, restarting, or reading after the
+/// delete) would otherwise keep serving an older snapshot — a deleted or rotated secret
+/// revived — for the rest of its sandboxes' lives ([`deleted_store`]). A store without
+/// sandboxes keeps nothing; a kept state goes with the last sandbox row of its store
+/// ([`prune_deleted_stores`]).
 pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     let now = to_nanos(OffsetDateTime::now_utc(), "deleted_at")?;
-    let oldest = now.saturating_sub(DELETED_STORES_KEPT.whole_nanoseconds() as i64);
-    tx.execute(
-        "DELETE FROM deleted_stores WHERE deleted_at < $1",
-        &[&oldest],
-    )
-    .await
-    .map_err(pg_err)?;
     tx.execute(
         &format!(
             "INSERT INTO deleted_stores ({STORE_COLUMNS}, deleted_at) \
-             SELECT {STORE_COLUMNS}, $2 FROM stores WHERE id = $1"
+             SELECT {STORE_COLUMNS}, $2 FROM stores WHERE id = $1 \
+             AND EXISTS (SELECT 1 FROM sandboxes WHERE store_id = $1)"
         ),
         &[&id, &now],
     )
@@ -195,7 +191,8 @@ pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), St
     tx.execute(
         &format!(
             "INSERT INTO deleted_secrets ({SECRET_META_COLUMNS}, value) \
-             SELECT {SECRET_META_COLUMNS}, value FROM secrets WHERE store_id = $1"
+             SELECT {SECRET_META_COLUMNS}, value FROM secrets WHERE store_id = $1 \
+             AND EXISTS (SELECT 1 FROM deleted_stores WHERE id = $1)"
         ),
         &[&id],
     )
@@ -210,9 +207,19 @@ pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), St
     tx.commit().await.map_err(pg_err)
 }
 
-/// How long a deleted store's last state is kept: longer than any sandbox lives
-/// (`sandbox.max_timeout_secs`, a day by default).
-pub(super) const DELETED_STORES_KEPT: time::Duration = time::Duration::days(30);
+/// Drops the kept states of deleted stores that no sandbox row refers to any more (run where
+/// sandbox rows go: their sealed values stay in the database no longer than needed).
+async fn prune_deleted_stores(client: &impl GenericClient) -> Result<(), StoreError> {
+    client
+        .execute(
+            "DELETE FROM deleted_stores d \
+             WHERE NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.store_id = d.id)",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
 
 /// The last state of deleted store `id` (see [`delete_store`]), each row checked as a live one
 /// is (policy MACs, sealed values under their AAD); `None` if none is kept.
@@ -541,7 +548,8 @@ pub(super) async fn delete_sandbox(client: &Client, id: &str) -> Result<(), Stor
         .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
         .await
         .map_err(pg_err)?;
-    expect_one_row(n, || format!("sandbox '{id}'"))
+    expect_one_row(n, || format!("sandbox '{id}'"))?;
+    prune_deleted_stores(client).await
 }
 
 pub(super) async fn purge_expired(
@@ -556,6 +564,9 @@ pub(super) async fn purge_expired(
         )
         .await
         .map_err(pg_err)?;
+    if n > 0 {
+        prune_deleted_stores(client).await?;
+    }
     Ok(n as usize)
 }
 

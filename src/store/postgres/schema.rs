@@ -80,8 +80,9 @@ CREATE TABLE deleted_stores (
     created_at       BIGINT NOT NULL,
     updated_at       BIGINT NOT NULL,
     policy_mac       BYTEA,
-    deleted_at       BIGINT NOT NULL    -- Unix nanoseconds; pruned after DELETED_STORES_KEPT
-);
+    deleted_at       BIGINT NOT NULL    -- Unix nanoseconds
+);                                      -- kept while sandboxes of it remain
+CREATE INDEX sandboxes_by_store ON sandboxes (store_id);
 CREATE TABLE deleted_secrets (
     store_id      TEXT NOT NULL REFERENCES deleted_stores(id) ON DELETE CASCADE,
     name          TEXT NOT NULL,

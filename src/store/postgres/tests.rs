@@ -285,7 +285,7 @@ fn downgrade_to_v1(fx: &Fixture) {
     let v1 = crypto::seal(&fx.key(), crypto::key_check_aad(), KEY_CHECK_PLAINTEXT);
     fx.sql(&format!(
         "ALTER TABLE stores DROP COLUMN policy_mac; ALTER TABLE secrets DROP COLUMN policy_mac; \
-         DROP TABLE deleted_secrets; DROP TABLE deleted_stores; \
+         DROP TABLE deleted_secrets; DROP TABLE deleted_stores; DROP INDEX sandboxes_by_store; \
          DELETE FROM schema_migrations WHERE version > 1; \
          UPDATE meta SET value = decode('{}', 'hex') WHERE key = '{KEY_CHECK_ROW}'",
         hex(&v1)
@@ -343,4 +343,32 @@ fn a_node_without_key_file_refuses_an_initialised_database_and_creates_nothing()
     // With the key (file or environment) it joins.
     let key = std::fs::read_to_string(first.path().join(crypto::KEY_FILE_NAME)).unwrap();
     crate::rotate::open_pg_store(second.path(), Some(key.trim()), &fx.url(), "node-b").unwrap();
+}
+
+/// A deleted store's last state is kept only while sandbox rows of it remain: its sealed
+/// values stay no longer than a node could need them.
+#[test]
+fn a_deleted_stores_last_state_is_kept_while_its_sandboxes_remain() {
+    let fx = <Fixture as Harness>::new();
+    let store = fx.open();
+    let rec = populate(&store);
+    store.delete_store(&rec.id).unwrap();
+    let (kept, secrets) = store
+        .deleted_store(&rec.id)
+        .unwrap()
+        .expect("a sandbox remains");
+    assert_eq!(kept.egress_allowlist, suite::hosts(&["api.example.com"]));
+    assert_eq!(secrets[0].value.expose(), SECRET);
+    store.delete_sandbox("sbx_1").unwrap();
+    assert!(
+        store.deleted_store(&rec.id).unwrap().is_none(),
+        "gone with it"
+    );
+    assert_eq!(fx.sql("SELECT count(*) FROM deleted_secrets"), "0");
+    let bare = store.create_store("bare", None).unwrap();
+    store.delete_store(&bare.id).unwrap();
+    assert!(
+        store.deleted_store(&bare.id).unwrap().is_none(),
+        "no sandbox: nothing kept"
+    );
 }

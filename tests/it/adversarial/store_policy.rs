@@ -196,3 +196,42 @@ async fn an_unrestricted_store_reaches_default_ports_only() {
     assert_eq!(super::status_of(&plain), 403, "{plain}");
     assert_eq!(e.echo.connections(), 0);
 }
+
+/// An outside review: with a running sandbox and one tampered secret row in its store, a
+/// write to that store was committed but answered 500 and left out of the audit log (the
+/// refresh of the running sandboxes failed after the commit). Now the write answers as it
+/// should and is audited; the store is quarantined (its sandboxes unseal nothing, `/readyz`
+/// names it) instead of its sandboxes going on with the snapshot from before the write.
+#[tokio::test]
+async fn a_committed_write_beside_a_tampered_row_is_answered_and_audited() {
+    let h = populated("sk-committed-write-7001").await;
+    let (_, list) = h.api(Method::GET, "/v1/stores", None).await;
+    let store = list[0]["id"].as_str().expect("store s").to_owned();
+    h.sandbox("s").await;
+    h.secret(
+        &store,
+        "OTHER",
+        "sk-committed-other-7002",
+        Some(&["api.example.test"]),
+        None,
+    )
+    .await;
+    sql(
+        &db_path(&h),
+        "UPDATE secrets SET allowed_hosts = '[\"evil.example.test\"]' WHERE name = 'KEY'",
+    );
+    let path = format!("/v1/stores/{store}/secrets/OTHER");
+    let (s, v) = h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, v) = h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "it was deleted: {v}");
+    assert!(h.audit_log().contains("secret.delete"), "{}", h.audit_log());
+    let (s, v) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&v)
+    );
+    assert!(String::from_utf8_lossy(&v).contains(&store));
+}

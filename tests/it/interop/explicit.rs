@@ -464,6 +464,25 @@ pub async fn shapes_matrix(w: &World, mode: Mode, m: &mut Matrix) {
     }
 }
 
+/// The `Accept-Encoding` Caddy saw on the request carrying `x-cell: cell` (its log is written
+/// a moment after the answer).
+async fn caddy_accept_encoding(w: &World, cell: &str) -> Result<String, String> {
+    let caddy = w.caddy.as_ref().ok_or("no Caddy")?;
+    let mut asked = String::new();
+    super::eventually(|| {
+        let hits = caddy.hits();
+        let hit = hits
+            .iter()
+            .rev()
+            .find(|h| super::header_of(&h["request"]["headers"], "x-cell") == cell)
+            .ok_or_else(|| format!("Caddy logged no request for {cell}"))?;
+        asked = super::header_of(&hit["request"]["headers"], "accept-encoding");
+        Ok(())
+    })
+    .await?;
+    Ok(asked)
+}
+
 async fn caddy_shape(w: &World, mode: Mode, host: &str, flag: &str, name: &str) -> Outcome {
     let file = w.dir.path().join("caddy/www/static/text.txt");
     let want = std::fs::read(file).unwrap();
@@ -485,14 +504,24 @@ async fn caddy_shape(w: &World, mode: Mode, host: &str, flag: &str, name: &str) 
             ensure(c.status == "204" && c.body.is_empty(), || format!("{c:?}"))
         }
         _ => {
-            let c = w.curl(mode, &format!("{flag} --compressed"), &url).await?;
-            // On a scrubbed host sealgate decodes the body to scrub it.
+            let cell = format!("gzip-{host}-{}-{flag}", mode.name());
+            let args = format!("{flag} --compressed -H 'x-cell: {cell}'");
+            let c = w.curl(mode, &args, &url).await?;
+            // Caddy prefers zstd, and curl offers it: on a clean host the body comes as sent.
             let clean = host.starts_with("clean-");
             ensure(
-                !clean || c.headers.contains("content-encoding: gzip"),
+                !clean || c.headers.contains("content-encoding: zstd"),
                 || c.headers.clone(),
             )?;
-            ensure(c.body == want, || format!("decoded {} bytes", c.body.len()))
+            ensure(c.body == want, || format!("decoded {} bytes", c.body.len()))?;
+            // On a scrubbed host sealgate decodes the body to scrub it, so it asked for no
+            // coding whose decoder holds a large window (brotli, zstd): Caddy used gzip.
+            let asked = caddy_accept_encoding(w, &cell).await?;
+            ensure(
+                clean
+                    || (asked.contains("gzip") && !asked.contains("zstd") && !asked.contains("br")),
+                || format!("{host} was asked for {asked:?}"),
+            )
         }
     }
 }

@@ -467,7 +467,7 @@ fn caddy_conf(dir: &Path, crt: &Path, key: &Path, port: u16) -> String {
         output file {d}/access.log
         format json
     }}
-    encode gzip
+    encode zstd gzip
     handle /echo {{
         header Content-Type application/json
         respond `{{"proto":"{{http.request.proto}}","host":"{{http.request.host}}","key":"{{http.request.header.X-Api-Key}}"}}` 200
