@@ -25,6 +25,7 @@ pub mod transparent;
 pub mod trim;
 pub mod upstream;
 pub mod workers;
+pub mod ws_scrub;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -164,7 +164,8 @@ async fn exchange(
     let resp = finish_response(t, rt, &view, method, resp, &o.report, slot)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-            Ok(relay_upgrade(on, resp, still_allowed(t)))
+            let scrubber = view.scrubber.clone();
+            Ok(relay_upgrade(on, resp, scrubber, still_allowed(t)))
         }
         _ => Ok(resp),
     }
@@ -531,7 +532,8 @@ fn body_budget(rt: &LiveSettings, o: &Outcome) -> usize {
 /// lets any server ignore it), which is scrubbed; a 206 is refused anyway
 /// ([`super::response_scrub`]). Likewise gRPC and Connect clients may accept only
 /// uncompressed messages here (`grpc-accept-encoding: identity`): a compressed message must be
-/// decoded whole before it can be scrubbed (see [`super::response_scrub`]). And the body is
+/// decoded whole before it can be scrubbed (see [`super::response_scrub`]); a WebSocket
+/// upgrade offers no extension (its frames are scrubbed, none may come compressed). And the body is
 /// decoded to be scrubbed, so the sandbox gets it uncoded whatever the upstream used: it is
 /// asked for no coding whose decoder holds a large window ([`small_window_codings_only`]).
 fn whole_responses_only(h: &mut HeaderMap) {
@@ -543,6 +545,8 @@ fn whole_responses_only(h: &mut HeaderMap) {
         }
     }
     small_window_codings_only(h);
+    // WebSocket frames are scrubbed here (`super::ws_scrub`): none compressed.
+    h.remove(header::SEC_WEBSOCKET_EXTENSIONS);
 }
 
 /// Drops `br` (a decoder holds up to a 16 MiB window), `zstd` (8 MiB) and `*` from
@@ -1000,10 +1004,12 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
 /// Relays an upgraded (WebSocket) connection both ways until either side closes, or until
 /// `allowed` stops holding (checked every second: the sandbox ended, or the host left the
 /// store's `egress_allowlist`), which ends it — such a connection has no further requests at
-/// which the policy could be read.
+/// which the policy could be read. With a `scrubber` (the host's answers are scrubbed) the
+/// upstream's frames are scrubbed on their way ([`super::ws_scrub`]).
 fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<ProxyBody>,
+    scrubber: Option<Arc<crate::subst::Scrubber>>,
     allowed: impl Fn() -> bool + Send + 'static,
 ) -> Response<ProxyBody> {
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
@@ -1015,8 +1021,22 @@ fn relay_upgrade(
         };
         let mut c = hyper_util::rt::TokioIo::new(c);
         let mut u = hyper_util::rt::TokioIo::new(u);
+        let relay = async {
+            match scrubber {
+                Some(s) => super::ws_scrub::relay(&mut c, &mut u, s).await,
+                None => tokio::io::copy_bidirectional(&mut c, &mut u)
+                    .await
+                    .map(drop),
+            }
+        };
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+            ended = relay => match ended {
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(error = %e, "upgraded connection closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "upgraded connection ended"),
+                Ok(()) => {}
+            },
             () = revoked(allowed) => tracing::info!(
                 "upgraded connection closed: its sandbox ended or its host left the egress_allowlist"
             ),

@@ -760,6 +760,50 @@ async fn websocket_round_trip() {
     );
 }
 
+/// DESIGN §3: a real value an upstream hands back is replaced by its token before the sandbox
+/// sees it — in WebSocket frames too (an outside review had a plain echo in the first text
+/// frame reach the sandbox). The origin greets with the unsealed `x-api-key`, whole and split
+/// across two fragments; the sandbox reads its token both times. No extension is offered to a
+/// scrubbed host (frames must come uncompressed).
+#[tokio::test]
+async fn a_value_echoed_in_websocket_frames_reaches_the_sandbox_as_its_token() {
+    use futures_util::StreamExt;
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-ws-echoed-value-0018", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        "wss://api.example.test/ws?greet",
+    )
+    .unwrap();
+    let h = req.headers_mut();
+    h.insert("x-api-key", key.parse().unwrap());
+    h.insert(
+        "sec-websocket-extensions",
+        "permessage-deflate; client_max_window_bits"
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("websocket handshake");
+    for _ in 0..2 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await;
+        let greeting = next.expect("a greeting within 5 s").unwrap().unwrap();
+        let greeting = greeting.into_text().unwrap();
+        assert_eq!(greeting.as_str(), format!("key={key}"));
+    }
+    let seen = &e.echo.requests()[0];
+    assert_eq!(seen.header("x-api-key").unwrap(), "sk-ws-echoed-value-0018");
+    assert!(
+        seen.header("sec-websocket-extensions").is_none(),
+        "no extension offered"
+    );
+}
+
 /// An open WebSocket has no further requests at which a narrowed allowlist could be read: it
 /// is closed within about a second of its host leaving the store's `egress_allowlist`.
 #[tokio::test]

@@ -613,9 +613,10 @@ async fn py_sse(w: &World, mode: Mode, host: &str) -> Outcome {
 }
 
 const PY_WS: &str = r#"
-import sys
+import os, sys
 from websockets.sync.client import connect
-with connect(sys.argv[1], open_timeout=20) as ws:
+with connect(sys.argv[1], open_timeout=20, additional_headers={"x-api-key": os.environ["KEY"]}) as ws:
+    print("greeting=" + ws.recv(timeout=20))
     ws.send("hello over sealgate")
     print("echo=" + ws.recv(timeout=20))
     ws.send(b"\x00\x01binary")
@@ -629,10 +630,16 @@ async fn py_websocket(w: &World, mode: Mode) -> Outcome {
     let r = w
         .run(
             mode,
-            &format!("\"$PY\" {} wss://node-h1.test/ws", script_path.display()),
+            &format!(
+                "\"$PY\" {} wss://node-h1.test/ws?greet",
+                script_path.display()
+            ),
         )
         .await;
     r.ok()?;
+    // Node hands the unsealed key back in its first frame: the sandbox reads its token.
+    let greeting = format!("key={}", w.sb.token("KEY"));
+    ensure(r.var("greeting") == greeting, || r.stdout.clone())?;
     ensure(r.var("echo") == "hello over sealgate", || r.stdout.clone())?;
     ensure(r.var("binary") == "000162696e617279", || r.stdout.clone())
 }
@@ -699,7 +706,7 @@ pub async fn python_matrix(w: &World, mode: Mode, m: &mut Matrix) {
         &NODE_H1.label(),
         &v.py("websockets"),
         mode.name(),
-        "WebSocket echo (text + binary)",
+        "WebSocket echo (text + binary); the key handed back in a frame arrives as its token",
         outcome,
     );
 }

@@ -97,6 +97,11 @@ function websocket(req, socket) {
     .digest('base64');
   socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
     `Sec-WebSocket-Accept: ${accept}\r\n\r\n`);
+  if (req.url.includes('greet')) {
+    // A hostile upstream's move: hand the unsealed x-api-key back in the first text frame.
+    const text = Buffer.from(`key=${req.headers['x-api-key'] || ''}`);
+    socket.write(Buffer.concat([Buffer.from([0x81, text.length]), text]));
+  }
   let buf = Buffer.alloc(0);
   socket.on('data', (d) => {
     buf = Buffer.concat([buf, d]);

@@ -591,7 +591,13 @@ fn websocket(
             full(b"websocket handshake expected".to_vec()),
         );
     };
-    spawn_until_shutdown(shutdown, websocket_echo(upgrade));
+    // `/ws?greet`: first a text message echoing the upgrade's `x-api-key` (as a hostile
+    // upstream would hand a value back), then whole and in two fragments (the value split).
+    let greet = rec
+        .uri
+        .contains("greet")
+        .then(|| rec.header("x-api-key").unwrap_or_default());
+    spawn_until_shutdown(shutdown, websocket_echo(upgrade, greet));
     let mut resp = response(StatusCode::SWITCHING_PROTOCOLS, empty());
     set(&mut resp, header::UPGRADE, b"websocket");
     set(&mut resp, header::CONNECTION, b"Upgrade");
@@ -605,9 +611,26 @@ fn websocket(
 
 /// Echoes text and binary messages until the peer closes; tungstenite answers pings and the
 /// close handshake by itself while we keep reading.
-async fn websocket_echo(upgrade: OnUpgrade) {
+async fn websocket_echo(upgrade: OnUpgrade, greet: Option<String>) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
     let Ok(upgraded) = upgrade.await else { return };
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    if let Some(key) = greet {
+        let text = format!("key={key}");
+        let (one, two) = text.as_bytes().split_at(text.len() / 2);
+        let first = Frame::message(one.to_vec(), OpCode::Data(Data::Text), false);
+        let second = Frame::message(two.to_vec(), OpCode::Data(Data::Continue), true);
+        let sent = async {
+            ws.send(Message::Text(text.clone())).await?;
+            ws.send(Message::Frame(first)).await?;
+            ws.send(Message::Frame(second)).await
+        };
+        if sent.await.is_err() {
+            return;
+        }
+    }
     while let Some(Ok(msg)) = ws.next().await {
         if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
             return;

@@ -1,0 +1,416 @@
+//! WebSocket frames from the upstream, scrubbed (RFC 6455 §5) before the sandbox sees them.
+//!
+//! DESIGN §3: a real value found in what an upstream sends back is replaced by its token
+//! before it reaches the sandbox. After an upgrade the answer goes on as frames, and relayed
+//! as bytes they carried a value straight through (an outside review: a plain echo in the
+//! first text frame). Where the upgrade's host is scrubbed, the upstream's side is read frame
+//! by frame here:
+//!
+//! - **Data frames** (text, binary, continuation): each message's payload goes through one
+//!   [`ScrubStream`], so a value split across frames of a message is still found. What comes
+//!   out is written as fragments of the same message (RFC 6455 §5.4 lets an intermediary
+//!   refragment when no extension is in use): one per read of the payload, the first with the
+//!   message's opcode, the last with FIN once the stream is flushed. Memory: one read buffer
+//!   and the stream's held tail, whatever the frame's length.
+//! - **Control frames** (close, ping, pong) are scrubbed whole; one that would outgrow the
+//!   125 bytes a control frame may carry loses its payload (a close keeps its status code).
+//! - **Fail closed**: a frame with RSV bits (an extension such as permessage-deflate, which
+//!   sealgate does not offer on scrubbed hosts: `forward::whole_responses_only` drops
+//!   `Sec-WebSocket-Extensions`), a masked frame, a reserved opcode or a control frame over
+//!   125 bytes ends the connection: nothing sealgate cannot read passes.
+//!
+//! The sandbox's side goes to the upstream as bytes (nothing in frames is unsealed).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::subst::{ScrubStream, Scrubber};
+
+/// Bytes of payload read (and written as one fragment) at a time.
+const READ: usize = 16 * 1024;
+
+/// The largest control-frame payload (RFC 6455 §5.5).
+const MAX_CONTROL: usize = 125;
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// Relays `upstream`'s frames to `client`, scrubbed, and `client`'s bytes to `upstream` as
+/// they are, until either side ends (the other is then shut down) or a frame is refused.
+pub async fn relay<C, U>(client: C, upstream: U, scrubber: Arc<Scrubber>) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut c_read, mut c_write) = tokio::io::split(client);
+    let (u_read, mut u_write) = tokio::io::split(upstream);
+    let down = scrub_frames(
+        BufReader::with_capacity(READ, u_read),
+        &mut c_write,
+        scrubber,
+    );
+    let up = tokio::io::copy(&mut c_read, &mut u_write);
+    tokio::select! {
+        r = down => {
+            let _ = c_write.shutdown().await;
+            r
+        }
+        r = up => {
+            let _ = u_write.shutdown().await;
+            r.map(drop)
+        }
+    }
+}
+
+/// One frame's head.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    len: u64,
+}
+
+/// The message being relayed: its stream, its opcode, and whether a fragment went out.
+struct Message {
+    stream: ScrubStream,
+    opcode: u8,
+    started: bool,
+}
+
+/// Reads frames from `from` and writes them, scrubbed, to `to` until `from` ends.
+///
+/// # Errors
+/// I/O errors, and [`io::ErrorKind::InvalidData`] for a frame that is refused (see the
+/// module docs).
+async fn scrub_frames<R, W>(mut from: R, to: &mut W, scrubber: Arc<Scrubber>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut message: Option<Message> = None;
+    while let Some(head) = read_head(&mut from).await? {
+        refuse_unreadable(&head)?;
+        if head.opcode >= CLOSE {
+            let payload = read_exact(&mut from, head.len as usize).await?;
+            let payload = scrub_control(&scrubber, head.opcode, payload);
+            write_frame(to, true, head.opcode, &[payload]).await?;
+            if head.opcode == CLOSE {
+                return Ok(());
+            }
+            continue;
+        }
+        let m = match (head.opcode, message.take()) {
+            (CONTINUATION, Some(m)) => m,
+            (TEXT | BINARY, None) => Message {
+                stream: ScrubStream::new(scrubber.clone()),
+                opcode: head.opcode,
+                started: false,
+            },
+            _ => return Err(refused("a data frame out of sequence")),
+        };
+        message = relay_data(&mut from, to, m, &head).await?;
+    }
+    Ok(())
+}
+
+/// Relays one data frame's payload through its message's stream; the message, unless this
+/// frame ended it.
+async fn relay_data<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut m: Message,
+    head: &Head,
+) -> io::Result<Option<Message>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut left = head.len;
+    let mut out = Vec::new();
+    while left > 0 {
+        let n = left.min(READ as u64) as usize;
+        let chunk = read_exact(from, n).await?;
+        left -= n as u64;
+        m.stream.push(chunk, &mut out);
+        write_fragment(to, &mut m, false, &mut out).await?;
+    }
+    if !head.fin {
+        return Ok(Some(m));
+    }
+    m.stream.finish(&mut out);
+    write_fragment(to, &mut m, true, &mut out).await?;
+    Ok(None)
+}
+
+/// Writes what the stream let out (`out`, emptied) as the message's next fragment; nothing if
+/// there is nothing and this is not the last.
+async fn write_fragment<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    m: &mut Message,
+    fin: bool,
+    out: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    if out.is_empty() && !fin {
+        return Ok(());
+    }
+    let opcode = if m.started { CONTINUATION } else { m.opcode };
+    m.started = true;
+    write_frame(to, fin, opcode, out).await?;
+    out.clear();
+    Ok(())
+}
+
+/// A control frame's payload scrubbed; emptied (a close: down to its status code) if the
+/// tokens would make it outgrow [`MAX_CONTROL`].
+fn scrub_control(scrubber: &Scrubber, opcode: u8, payload: Bytes) -> Bytes {
+    let Some((scrubbed, _)) = scrubber.scrub(&payload) else {
+        return payload;
+    };
+    if scrubbed.len() <= MAX_CONTROL {
+        return Bytes::from(scrubbed);
+    }
+    match opcode {
+        CLOSE if payload.len() >= 2 => payload.slice(..2),
+        _ => Bytes::new(),
+    }
+}
+
+/// Ends the relay for a frame sealgate cannot read (see the module docs).
+fn refuse_unreadable(head: &Head) -> io::Result<()> {
+    if head.rsv != 0 {
+        return Err(refused(
+            "a frame with RSV bits (an extension) on a scrubbed host",
+        ));
+    }
+    if head.masked {
+        return Err(refused("a masked frame from the server"));
+    }
+    match head.opcode {
+        CONTINUATION | TEXT | BINARY => Ok(()),
+        CLOSE | PING | PONG if head.len <= MAX_CONTROL as u64 && head.fin => Ok(()),
+        CLOSE | PING | PONG => Err(refused("a fragmented or oversized control frame")),
+        _ => Err(refused("a reserved opcode")),
+    }
+}
+
+fn refused(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("websocket frame refused: {why}"),
+    )
+}
+
+/// The next frame's head; `None` at a clean end between frames.
+async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Head>> {
+    let mut two = [0u8; 2];
+    match r.read_exact(&mut two[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    r.read_exact(&mut two[1..]).await?;
+    let len = match two[1] & 0x7f {
+        126 => u64::from(r.read_u16().await?),
+        127 => r.read_u64().await?,
+        n => u64::from(n),
+    };
+    let masked = two[1] & 0x80 != 0;
+    if masked {
+        // Refused by the caller before the payload is read; read to keep the head whole.
+        let mut key = [0u8; 4];
+        r.read_exact(&mut key).await?;
+    }
+    Ok(Some(Head {
+        fin: two[0] & 0x80 != 0,
+        rsv: (two[0] >> 4) & 0x7,
+        opcode: two[0] & 0x0f,
+        masked,
+        len,
+    }))
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(n);
+    r.read_exact(&mut buf).await?;
+    Ok(buf.freeze())
+}
+
+/// Writes one unmasked frame (a server's) whose payload is `pieces`, in one write.
+async fn write_frame<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    fin: bool,
+    opcode: u8,
+    pieces: &[Bytes],
+) -> io::Result<()> {
+    let len: usize = pieces.iter().map(Bytes::len).sum();
+    let mut frame = Vec::with_capacity(len + 10);
+    frame.push(if fin { 0x80 } else { 0 } | opcode);
+    match len {
+        n if n < 126 => frame.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    pieces.iter().for_each(|p| frame.extend_from_slice(p));
+    to.write_all(&frame).await?;
+    to.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretValue;
+
+    const VALUE: &[u8] = b"sk-ws-scrub-test-value-0123456789";
+    const TOKEN: &[u8] = b"osb_sealed_wsscrubtesttoken00000000000000000";
+
+    fn scrubber() -> Arc<Scrubber> {
+        let pairs = vec![(SecretValue::new(VALUE.to_vec()), Bytes::from_static(TOKEN))];
+        Scrubber::new(pairs).unwrap()
+    }
+
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(n as u8),
+            n => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Runs `input` (the upstream's bytes) through the scrubber; the frames the client got,
+    /// as (fin, opcode, payload), and how the relay ended.
+    async fn relayed(input: Vec<u8>) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
+        let mut out = Vec::new();
+        let ended = scrub_frames(&input[..], &mut out, scrubber()).await;
+        let mut frames = Vec::new();
+        let mut r = &out[..];
+        while let Some(h) = read_head(&mut r).await.unwrap() {
+            let p = read_exact(&mut r, h.len as usize).await.unwrap();
+            frames.push((h.fin, h.opcode, p.to_vec()));
+        }
+        (frames, ended)
+    }
+
+    /// Messages reassembled from frames: (opcode, payload).
+    fn messages(frames: &[(bool, u8, Vec<u8>)]) -> Vec<(u8, Vec<u8>)> {
+        let mut out: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut open = false;
+        for (fin, op, p) in frames {
+            if *op >= CLOSE {
+                out.push((*op, p.clone()));
+                continue;
+            }
+            if open {
+                let last = out.iter_mut().rev().find(|(o, _)| *o < CLOSE).unwrap();
+                last.1.extend_from_slice(p);
+            } else {
+                assert_ne!(
+                    *op, CONTINUATION,
+                    "a message must not start with a continuation"
+                );
+                out.push((*op, p.clone()));
+            }
+            open = !fin;
+        }
+        out
+    }
+
+    fn with_value(before: &[u8], after: &[u8]) -> Vec<u8> {
+        [before, VALUE, after].concat()
+    }
+
+    #[tokio::test]
+    async fn a_value_in_a_text_frame_reaches_the_client_as_its_token() {
+        let input = frame(true, TEXT, &with_value(b"key=", b"!"));
+        let (frames, ended) = relayed(input).await;
+        ended.unwrap();
+        assert_eq!(messages(&frames), [(TEXT, [b"key=", TOKEN, b"!"].concat())]);
+    }
+
+    #[tokio::test]
+    async fn a_value_split_across_fragments_and_a_ping_between_is_scrubbed() {
+        let whole = with_value(b"a", b"z");
+        let (one, two) = whole.split_at(12);
+        let mut input = frame(false, BINARY, one);
+        input.extend(frame(true, PING, &with_value(b"p", b"")));
+        input.extend(frame(true, CONTINUATION, two));
+        input.extend(frame(true, TEXT, b"after"));
+        let (frames, ended) = relayed(input).await;
+        ended.unwrap();
+        let got = messages(&frames);
+        assert_eq!(
+            got,
+            [
+                // The message's first fragment ("a") went out before the ping.
+                (BINARY, [b"a", TOKEN, b"z"].concat()),
+                (PING, [b"p", TOKEN].concat()),
+                (TEXT, b"after".to_vec()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_a_read_is_relayed_in_fragments_scrubbed_across_them() {
+        let mut payload = vec![b'x'; READ - 10];
+        payload.extend_from_slice(VALUE);
+        payload.extend(vec![b'y'; 100]);
+        let (frames, ended) = relayed(frame(true, BINARY, &payload)).await;
+        ended.unwrap();
+        assert!(frames.len() >= 2, "refragmented");
+        let got = messages(&frames);
+        let want = [&vec![b'x'; READ - 10][..], TOKEN, &[b'y'; 100]].concat();
+        assert_eq!(got, [(BINARY, want)]);
+    }
+
+    #[tokio::test]
+    async fn a_close_reason_holding_a_value_is_scrubbed_or_cut_to_its_code() {
+        let short = [&[0x03, 0xe8][..], VALUE].concat();
+        let (frames, ended) = relayed(frame(true, CLOSE, &short)).await;
+        ended.unwrap();
+        assert_eq!(frames, [(true, CLOSE, [&[0x03, 0xe8][..], TOKEN].concat())]);
+        let long = [&[0x03, 0xe8][..], &[b'r'; 80][..], VALUE].concat();
+        let (frames, _) = relayed(frame(true, CLOSE, &long)).await;
+        assert_eq!(
+            frames,
+            [(true, CLOSE, vec![0x03, 0xe8])],
+            "the token would not fit"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_sealgate_cannot_read_end_the_relay_before_their_payload_passes() {
+        let compressed = [vec![0xc1, 5], b"xxxxx".to_vec()].concat(); // RSV1: permessage-deflate
+        let masked = [vec![0x81, 0x85, 1, 2, 3, 4], b"xxxxx".to_vec()].concat();
+        let reserved = frame(true, 0x3, b"x");
+        let big_ping = frame(true, PING, &[b'p'; 126]);
+        for input in [compressed, masked, reserved, big_ping] {
+            let (frames, ended) = relayed(input).await;
+            assert!(frames.is_empty(), "{frames:?}");
+            assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
+        let orphan = frame(true, CONTINUATION, b"x");
+        assert!(
+            relayed(orphan).await.1.is_err(),
+            "a continuation without a message"
+        );
+    }
+}
