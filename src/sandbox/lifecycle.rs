@@ -197,12 +197,16 @@ impl Sandboxes {
     /// Stores that cannot be read (a row failed to authenticate or decode), sorted. Their
     /// running sandboxes unseal nothing: a revocation written next to a tampered row must not
     /// be silently skipped while the old snapshot goes on unsealing (an outside test saw a
-    /// revoked value served on every node, with `/readyz` ready and no lag).
+    /// revoked value served on every node, with `/readyz` ready and no lag). A quarantine
+    /// outlives none of its sandboxes: once the last is gone (deleted, expired) the store is
+    /// dropped from the set, so `/readyz` no longer names a store the operator has dealt with
+    /// (it did until a restart, even after the store and its sandbox were deleted).
     pub fn quarantined(&self) -> Vec<String> {
-        let q = self
+        let mut q = self
             .quarantined
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        q.retain(|id| !self.registry.of_store(id).is_empty());
         let mut ids: Vec<String> = q.iter().cloned().collect();
         ids.sort();
         ids

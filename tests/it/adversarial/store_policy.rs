@@ -201,13 +201,14 @@ async fn an_unrestricted_store_reaches_default_ports_only() {
 /// write to that store was committed but answered 500 and left out of the audit log (the
 /// refresh of the running sandboxes failed after the commit). Now the write answers as it
 /// should and is audited; the store is quarantined (its sandboxes unseal nothing, `/readyz`
-/// names it) instead of its sandboxes going on with the snapshot from before the write.
+/// names it) instead of its sandboxes going on with the snapshot from before the write, until
+/// its last sandbox is gone (`/readyz` named it until a restart).
 #[tokio::test]
-async fn a_committed_write_beside_a_tampered_row_is_answered_and_audited() {
+async fn a_committed_write_beside_a_tampered_row_is_answered_audited_and_quarantines() {
     let h = populated("sk-committed-write-7001").await;
     let (_, list) = h.api(Method::GET, "/v1/stores", None).await;
     let store = list[0]["id"].as_str().expect("store s").to_owned();
-    h.sandbox("s").await;
+    let sandbox = h.sandbox("s").await;
     h.secret(
         &store,
         "OTHER",
@@ -234,4 +235,10 @@ async fn a_committed_write_beside_a_tampered_row_is_answered_and_audited() {
         String::from_utf8_lossy(&v)
     );
     assert!(String::from_utf8_lossy(&v).contains(&store));
+    // Its last sandbox gone, the quarantine is over: `/readyz` stops naming the store.
+    let path = format!("/v1/sandboxes/{}", sandbox["id"].as_str().unwrap());
+    let (s, v) = h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, v) = h.raw(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&v));
 }
