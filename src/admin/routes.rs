@@ -61,8 +61,19 @@ pub fn router(state: Arc<AdminState>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(no_nul_in_path))
         .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// No id or name holds a NUL byte, so a path that decodes to one names nothing: 404, before
+/// any backend sees it (PostgreSQL's `TEXT` cannot even compare one: it answered 500 and
+/// logged an error; an outside review).
+async fn no_nul_in_path(req: Request, next: Next) -> Response {
+    if req.uri().path().contains("%00") {
+        return ApiError::not_found("no such resource (the path holds a NUL byte)").into_response();
+    }
+    next.run(req).await
 }
 
 /// Every error leaves in the one JSON shape: an extractor's own rejection (a path segment that

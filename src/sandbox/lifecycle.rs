@@ -800,7 +800,8 @@ fn locked_copy(snap: &Snapshot) -> Result<Snapshot, SnapshotError> {
         snap.egress_allowlist.clone(),
         secrets,
     )?
-    .with_retired(snap.retired().to_vec()))
+    .with_retired(snap.retired().to_vec())
+    .marked_locked())
 }
 
 /// An equal, freshly compiled copy of `snap`.

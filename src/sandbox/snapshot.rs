@@ -110,6 +110,9 @@ pub struct Snapshot {
     /// building it per destination only multiplied memory (one per made-up host name under a
     /// wildcard). Built on first use.
     scrubber: OnceLock<Option<Arc<Scrubber>>>,
+    /// A node's locked copy (every secret allowed nowhere): its refusals say why, not that
+    /// an empty `allowed_hosts` does not match. Never persisted.
+    locked: bool,
 }
 
 /// Errors building a snapshot from stored data.
@@ -154,7 +157,14 @@ impl Snapshot {
             views: DashMap::new(),
             plain_views: DashMap::new(),
             scrubber: OnceLock::new(),
+            locked: false,
         })
+    }
+
+    /// This snapshot marked as a node's locked copy (see [`Snapshot::denial_rule`]).
+    pub fn marked_locked(mut self) -> Snapshot {
+        self.locked = true;
+        self
     }
 
     /// The secrets, in store order.
@@ -237,6 +247,13 @@ impl Snapshot {
         let Some(e) = self.secrets.iter().find(|e| &*e.name == name) else {
             return format!("secret {name} is no longer in this sandbox's snapshot");
         };
+        if self.locked {
+            return format!(
+                "secret {name} is locked on this node: store {} cannot be read (quarantined), \
+                 or the node is cut off from the database past store.max_staleness_secs",
+                self.store_name
+            );
+        }
         let list = |l: &Option<Vec<String>>| l.as_deref().unwrap_or_default().join(", ");
         if self.egress.is_none() && e.allowed.is_none() {
             return format!(

@@ -272,6 +272,22 @@ async fn a_node_that_missed_changes_before_its_store_was_deleted_takes_the_last_
         .await;
 }
 
+/// An outside review: `GET /v1/stores/%00` answered 500 on PostgreSQL (its `TEXT` cannot hold
+/// a NUL) and logged an error; no id holds one, so it names nothing: 404, on every route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_holding_a_nul_byte_names_nothing() {
+    let n = two_nodes(pg::shared(), "").await;
+    for path in [
+        "/v1/stores/%00",
+        "/v1/stores/a%00b/secrets",
+        "/v1/sandboxes/%00",
+    ] {
+        let (s, v) = n.a.api(Method::GET, path, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "not_found", "{path}: {v}");
+    }
+}
+
 /// A row that fails to authenticate (its policy changed in the database) does not freeze its
 /// store's sandboxes on the old snapshot: the revocation written next to it would never apply.
 /// They unseal nothing, `/readyz` says why, and repairing the row brings them back.
@@ -493,6 +509,9 @@ async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
     let (status, seen) = n.key_seen(&n.b, &sb).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "fail closed");
     assert_eq!(seen, None, "nothing reached the upstream");
+    // The audit says why (it said "allowed_hosts [] does not match", an outside review).
+    let audit = n.b.audit_log();
+    assert!(audit.contains("is locked on this node"), "{audit}");
     cluster.start();
     n.until_seen(&n.b, &sb, "sk-fleet-stale-2007", Duration::from_secs(10))
         .await;
