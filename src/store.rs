@@ -57,6 +57,19 @@ impl StoreRecord {
     }
 }
 
+/// What [`Store::list_stores`] found: every store whose row passes its checks, oldest first,
+/// and the ids of the rows that do not.
+///
+/// Invariant: a row that fails its checks is named in `corrupt` and never appears in `stores`
+/// (one damaged row does not hide the others, and is never shown as if it were sound).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreListing {
+    /// The stores whose rows opened, oldest first.
+    pub stores: Vec<StoreRecord>,
+    /// Ids of the rows that failed their checks ([`StoreError::Corrupt`]).
+    pub corrupt: Vec<String>,
+}
+
 /// A secret's metadata: everything but the value.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SecretMeta {
@@ -187,8 +200,9 @@ pub trait Store: Send + Sync {
         egress_allowlist: Option<Vec<String>>,
     ) -> Result<StoreRecord, StoreError>;
 
-    /// All stores, oldest first.
-    fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError>;
+    /// All stores, oldest first; a row that fails its checks is listed by id in
+    /// [`StoreListing::corrupt`] instead of failing the whole listing.
+    fn list_stores(&self) -> Result<StoreListing, StoreError>;
 
     /// The store with this id.
     ///

@@ -174,8 +174,26 @@ async fn create_store(
     Ok((StatusCode::CREATED, Json(rec)))
 }
 
-async fn list_stores(State(st): St) -> Result<Json<Vec<StoreRecord>>, ApiError> {
-    Ok(Json(st.store.list_stores()?))
+/// Header naming the stores left out of `GET /v1/stores` because their rows failed their checks.
+pub const CORRUPT_STORES_HEADER: &str = "x-sealgate-corrupt-stores";
+
+/// `GET /v1/stores`: the stores whose rows pass their checks. A row that fails them (tampered
+/// or damaged) is left out, logged, and named by id in [`CORRUPT_STORES_HEADER`]: one bad row
+/// neither hides the others nor shows up as if it were sound.
+async fn list_stores(State(st): St) -> Result<Response, ApiError> {
+    let listing = st.store.list_stores()?;
+    let mut response = Json(listing.stores).into_response();
+    if !listing.corrupt.is_empty() {
+        tracing::error!(
+            stores = ?listing.corrupt,
+            "store rows failed their integrity checks and were left out of GET /v1/stores \
+             (GET /v1/stores/{{id}} names the failing field; see docs/operations.md)"
+        );
+        if let Ok(value) = header::HeaderValue::from_str(&listing.corrupt.join(",")) {
+            response.headers_mut().insert(CORRUPT_STORES_HEADER, value);
+        }
+    }
+    Ok(response)
 }
 
 async fn get_store(State(st): St, Path(id): Path<String>) -> Result<Json<StoreRecord>, ApiError> {

@@ -44,7 +44,10 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{NoTls, Socket};
 
 use super::crypto::{self, MasterKey};
-use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
+use super::{
+    RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreListing,
+    StoreRecord,
+};
 use crate::secret::{Location, SecretValue};
 
 pub use follow::{Follower, Health};
@@ -383,10 +386,10 @@ impl Store for PgStore {
         Ok(record)
     }
 
-    fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
+    fn list_stores(&self) -> Result<StoreListing, StoreError> {
         self.block(|db| async move {
             let client = db.client().await?;
-            ops::select_stores(&**client, &db.key(), "ORDER BY created_at, seq", None).await
+            ops::list_stores(&**client, &db.key()).await
         })
     }
 

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
-use super::{SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
+use super::{SandboxRow, SecretMeta, SecretRecord, StoreError, StoreListing, StoreRecord};
 
 pub(super) fn corrupt(row: String, e: crypto::CryptoError) -> StoreError {
     corrupt_msg(row, &e.to_string())
@@ -160,6 +160,20 @@ impl RawStore {
             .map_err(|e| corrupt(format!("store '{}' egress_allowlist", self.id), e))?;
         Ok(record)
     }
+}
+
+/// The listing of `raws`: each row checked on its own, those that fail named by id.
+pub(super) fn listing(raws: Vec<RawStore>, key: &MasterKey) -> Result<StoreListing, StoreError> {
+    let mut out = StoreListing::default();
+    for raw in raws {
+        let id = raw.id.clone();
+        match raw.into_record(key) {
+            Ok(record) => out.stores.push(record),
+            Err(StoreError::Corrupt(_)) => out.corrupt.push(id),
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(out)
 }
 
 /// A `secrets` row as read, before decoding and decryption.

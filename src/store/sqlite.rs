@@ -30,10 +30,13 @@ use time::OffsetDateTime;
 
 use super::crypto::{self, MasterKey};
 use super::rows::{
-    next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt, to_nanos,
-    to_version, version_column, RawSandbox, RawSecret, RawStore,
+    self, next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt,
+    to_nanos, to_version, version_column, RawSandbox, RawSecret, RawStore,
 };
-use super::{RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
+use super::{
+    RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreListing,
+    StoreRecord,
+};
 use crate::secret::{Location, SecretValue};
 
 /// File name of the database inside `data_dir`.
@@ -218,8 +221,13 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    fn list_stores(&self) -> Result<Vec<StoreRecord>, StoreError> {
-        self.with_conn(|conn, key| select_stores(conn, key, "ORDER BY created_at, rowid", []))
+    fn list_stores(&self) -> Result<StoreListing, StoreError> {
+        self.with_conn(|conn, key| {
+            rows::listing(
+                select_raw_stores(conn, "ORDER BY created_at, rowid", [])?,
+                key,
+            )
+        })
     }
 
     fn get_store(&self, id: &str) -> Result<StoreRecord, StoreError> {
@@ -747,11 +755,22 @@ fn select_stores(
     clause: &str,
     params: impl Params,
 ) -> Result<Vec<StoreRecord>, StoreError> {
+    select_raw_stores(conn, clause, params)?
+        .into_iter()
+        .map(|raw| raw.into_record(key))
+        .collect()
+}
+
+fn select_raw_stores(
+    conn: &Connection,
+    clause: &str,
+    params: impl Params,
+) -> Result<Vec<RawStore>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {STORE_COLUMNS} FROM stores {clause}"))?;
     let raws = stmt
         .query_map(params, RawStore::from_sqlite)?
         .collect::<Result<Vec<_>, _>>()?;
-    raws.into_iter().map(|raw| raw.into_record(key)).collect()
+    Ok(raws)
 }
 
 fn store_by_id(conn: &Connection, key: &MasterKey, id: &str) -> Result<StoreRecord, StoreError> {

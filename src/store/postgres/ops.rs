@@ -14,10 +14,12 @@ use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 pub(super) use crate::store::rows::to_nanos;
 use crate::store::rows::{
-    next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt,
+    self as rows, next_secret_meta, reseal, seal_ca_key, secret_policy, store_policy, to_json_opt,
     version_column, RawSandbox, RawSecret, RawStore,
 };
-use crate::store::{RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreRecord};
+use crate::store::{
+    RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreListing, StoreRecord,
+};
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
@@ -64,6 +66,15 @@ pub(super) async fn select_stores(
         .into_iter()
         .map(|raw| raw.into_record(key))
         .collect()
+}
+
+/// Every store, oldest first, each row checked on its own ([`StoreListing`]).
+pub(super) async fn list_stores(
+    client: &impl GenericClient,
+    key: &MasterKey,
+) -> Result<StoreListing, StoreError> {
+    let raws = select_raw_stores(client, "ORDER BY created_at, seq", None).await?;
+    rows::listing(raws, key)
 }
 
 async fn select_raw_stores(

@@ -86,11 +86,35 @@ async fn an_opened_store_allowlist_in_the_database_fails_closed() {
     let h = populated("sk-adv-policy-0613").await;
     sql(&db_path(&h), "UPDATE stores SET egress_allowlist = NULL");
     assert_sandbox_refused(&h).await;
-    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
+    // The listing leaves the tampered row out, names it, and still shows the sound stores.
+    let sound = h.store("t", None).await;
+    let token = h.token.clone();
+    let (s, headers, body) = h
+        .exchange(Method::GET, "/v1/stores", None, Some(&token))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        s,
-        StatusCode::INTERNAL_SERVER_ERROR,
+        ids,
+        vec![sound.as_str()],
         "a tampered store is not listed as valid"
+    );
+    let named = headers["x-sealgate-corrupt-stores"].to_str().unwrap();
+    let (s, v) = h
+        .api(Method::GET, &format!("/v1/stores/{named}"), None)
+        .await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    let logs = logs_text();
+    assert!(logs.contains("left out of GET /v1/stores"), "{logs}");
+    assert!(
+        logs.contains(&format!("store '{named}' egress_allowlist")),
+        "{logs}"
     );
 }
 

@@ -192,6 +192,18 @@ impl Harness {
         body: Option<&str>,
         token: Option<&str>,
     ) -> (StatusCode, Bytes) {
+        let (status, _, bytes) = self.exchange(method, path, body, token).await;
+        (status, bytes)
+    }
+
+    /// Raw admin call: status, headers and body bytes.
+    pub async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, http::HeaderMap, Bytes) {
         let mut b = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.admin_url));
@@ -205,8 +217,9 @@ impl Harness {
             .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
             .unwrap();
         let resp = self.http.request(req).await.expect("admin API reachable");
-        let status = resp.status();
-        (status, resp.into_body().collect().await.unwrap().to_bytes())
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, bytes)
     }
 
     /// Authenticated admin call returning status and JSON.
