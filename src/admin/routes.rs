@@ -107,19 +107,22 @@ async fn json_errors(resp: Response) -> Response {
 }
 
 async fn require_token(State(st): St, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+    if !bearer_ok(&st, req.headers()) {
+        return ApiError::unauthorized().into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether `headers` carry the admin token (compared in constant time).
+fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         // The auth scheme is case-insensitive (RFC 9110 §11.1).
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim_start());
-    let ok = crate::secret::ct_eq(presented.as_bytes(), st.admin_token.expose());
-    if !ok {
-        return ApiError::unauthorized().into_response();
-    }
-    next.run(req).await
+    crate::secret::ct_eq(presented.as_bytes(), st.admin_token.expose())
 }
 
 fn actor(peer: SocketAddr) -> String {
@@ -500,7 +503,12 @@ async fn metrics(State(st): St) -> Response {
         .into_response()
 }
 
-async fn readyz(State(st): St) -> Response {
+/// `GET /readyz`, open to probes. Without the admin token a failure says only which check
+/// failed (the store, or a quarantined store); the reason — database address or file, store
+/// ids — is shown only with the token (outside review: an unauthenticated probe read where the
+/// database lives).
+async fn readyz(State(st): St, headers: header::HeaderMap) -> Response {
+    let detailed = bearer_ok(&st, &headers);
     // The check may be a network round trip (PostgreSQL): never on a runtime worker, so that
     // unauthenticated probes cannot stall the proxy while the database is slow or down.
     let checked = st.store.clone();
@@ -514,26 +522,24 @@ async fn readyz(State(st): St) -> Response {
     // Every listener is bound before the admin API serves its first request (daemon::start
     // binds them all first), so a served /readyz never has unbound listeners to report.
     let quarantined = st.sandboxes.quarantined();
-    match store {
-        Ok(()) if !quarantined.is_empty() => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!(
-                "store(s) {} cannot be read (a row is corrupt or was tampered with): their \
-                 running sandboxes unseal nothing",
-                quarantined.join(", ")
-            ),
-        )
-        .into_response(),
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("store unusable: {e}"),
-        )
-        .into_response(),
-    }
+    let message = match store {
+        Ok(()) if quarantined.is_empty() => {
+            return Json(json!({"status": "ready"})).into_response()
+        }
+        Ok(()) if detailed => format!(
+            "store(s) {} cannot be read (a row is corrupt or was tampered with): their \
+             running sandboxes unseal nothing",
+            quarantined.join(", ")
+        ),
+        Ok(()) => format!("a store cannot be read{NO_DETAIL}"),
+        Err(e) if detailed => format!("store unusable: {e}"),
+        Err(_) => format!("store unusable{NO_DETAIL}"),
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).into_response()
 }
+
+/// What an unauthenticated `/readyz` says in place of the reason.
+const NO_DETAIL: &str = " (the reason is shown with the admin token)";
 
 async fn reload(
     State(st): St,

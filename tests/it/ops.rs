@@ -255,6 +255,15 @@ async fn readyz_fails_while_the_database_is_unusable() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "not_ready");
+    let probe = v["error"]["message"].as_str().unwrap();
+    assert!(probe.contains("store unusable"), "{v}");
+    assert!(
+        !probe.contains("sealgate.db"),
+        "where the database lives: {v}"
+    );
+    // With the admin token, the reason.
+    let (s, v) = h.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         v["error"]["message"].as_str().unwrap().contains("removed"),
         "{v}"
@@ -264,9 +273,9 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
     // A different file at the path is not the database this process writes to either.
     std::fs::write(&db, b"").unwrap();
-    let (s, body) = h.raw(Method::GET, "/readyz", None, None).await;
+    let (s, v) = h.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&body).contains("replaced"));
+    assert!(v.to_string().contains("replaced"), "{v}");
 
     std::fs::rename(&moved, &db).unwrap();
     let (s, _) = h.raw(Method::GET, "/readyz", None, None).await;
