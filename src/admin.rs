@@ -7,6 +7,7 @@
 mod error;
 mod routes;
 pub mod serve;
+mod slots;
 mod validate;
 
 pub use error::ApiError;

@@ -520,6 +520,7 @@ impl Listeners {
             admin::router(admin.clone()),
             self.admin,
             self.admin_limits,
+            admin.admin_token.clone(),
             shutdown.clone(),
         ));
         Ok(workers)

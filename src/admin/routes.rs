@@ -113,8 +113,12 @@ async fn require_token(State(st): St, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Whether `headers` carry the admin token (compared in constant time).
 fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {
+    token_matches(&st.admin_token, headers)
+}
+
+/// Whether `headers` carry `token` as a bearer token (compared in constant time).
+pub(super) fn token_matches(token: &SecretValue, headers: &header::HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -122,7 +126,7 @@ fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {
         // The auth scheme is case-insensitive (RFC 9110 §11.1).
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim_start());
-    crate::secret::ct_eq(presented.as_bytes(), st.admin_token.expose())
+    crate::secret::ct_eq(presented.as_bytes(), token.expose())
 }
 
 fn actor(peer: SocketAddr) -> String {

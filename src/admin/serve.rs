@@ -1,10 +1,12 @@
 //! The admin listener's accept loop: HTTP/1.1 connections to the [`super::router`], bounded.
 //!
 //! Invariants:
-//! - At most `[admin] max_connections` connections are served at once; past that the listener
-//!   is not polled, so further connections wait in the kernel's backlog and cost the daemon no
-//!   descriptor (an outside test exhausted the daemon's descriptors — proxy included — by
-//!   opening half-sent admin requests from any local process).
+//! - At most `[admin] max_connections` connections are served at once (an outside test
+//!   exhausted the daemon's descriptors — proxy included — by opening half-sent admin requests
+//!   from any local process). Past that, one more connection is accepted and held: it takes
+//!   the slot of the oldest connection that never sent the admin token and has no request in
+//!   flight ([`super::slots`]), or else waits for a slot; the rest wait in the kernel's
+//!   backlog.
 //! - A request head must arrive within `[admin] header_read_timeout_secs` of the connection
 //!   or of the previous answer (an idle keep-alive connection is closed then too).
 //! - Shutdown stops accepting, lets connections finish their request, and waits at most
@@ -21,28 +23,31 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tower_service::Service as _;
 
+use super::routes::token_matches;
+use super::slots::{Conn, Table};
+use crate::secret::SecretValue;
+
 /// How long shutdown waits for admin connections still busy (a streamed command).
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 pub use crate::config::AdminLimits as Limits;
 
-/// Serves `listener` until `shutdown` changes.
+/// Serves `listener` until `shutdown` changes; `token` is the admin token (a connection that
+/// sends it is never evicted to make room).
 pub async fn serve(
     router: axum::Router,
     listener: TcpListener,
     limits: Limits,
+    token: SecretValue,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let table = Arc::new(Table::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     loop {
-        let slot = tokio::select! {
-            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-            _ = shutdown.changed() => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
@@ -54,10 +59,26 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let conn = http.serve_connection(TokioIo::new(stream), service(router.clone(), peer));
-        let conn = graceful.watch(conn);
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Full: make room if a connection without the token holds a slot idly.
+                table.evict_one();
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
+        let entry = table.enter();
+        let svc = service(router.clone(), peer, token.clone(), entry.conn.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                () = entry.conn.evicted() => {}
+            }
+            drop(entry);
             drop(slot);
         });
     }
@@ -70,10 +91,13 @@ pub async fn serve(
     }
 }
 
-/// The router for one connection, with its peer address for `ConnectInfo`.
+/// The router for one connection, with its peer address for `ConnectInfo`; each request is
+/// counted in `conn` (in flight until its response head, and whether it sent `token`).
 fn service(
     router: axum::Router,
     peer: SocketAddr,
+    token: SecretValue,
+    conn: Arc<Conn>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -83,6 +107,27 @@ fn service(
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
-        async move { router.call(req).await }
+        let in_flight = InFlight::start(conn.clone(), token_matches(&token, req.headers()));
+        async move {
+            let answer = router.call(req).await;
+            drop(in_flight);
+            answer
+        }
     })
+}
+
+/// A request counted in its connection's [`Conn`] until dropped (answered or cancelled).
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn start(conn: Arc<Conn>, authenticated: bool) -> InFlight {
+        conn.started(authenticated);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished();
+    }
 }
