@@ -43,7 +43,10 @@ const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
 
 /// Relays `upstream`'s frames to `client`, scrubbed, and `client`'s bytes to `upstream` as
-/// they are, until either side ends (the other is then shut down) or a frame is refused.
+/// they are, until both directions have ended or one fails (a refused frame included). A
+/// direction that ends shuts down the write side it fed, and the other goes on, as
+/// `copy_bidirectional` does: a client that half-closes after its close frame still gets the
+/// upstream's close frame (the relay used to end with the first direction).
 pub async fn relay<C, U>(client: C, upstream: U, scrubber: Arc<Scrubber>) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -51,22 +54,16 @@ where
 {
     let (mut c_read, mut c_write) = tokio::io::split(client);
     let (u_read, mut u_write) = tokio::io::split(upstream);
-    let down = scrub_frames(
-        BufReader::with_capacity(READ, u_read),
-        &mut c_write,
-        scrubber,
-    );
-    let up = tokio::io::copy(&mut c_read, &mut u_write);
-    tokio::select! {
-        r = down => {
-            let _ = c_write.shutdown().await;
-            r
-        }
-        r = up => {
-            let _ = u_write.shutdown().await;
-            r.map(drop)
-        }
-    }
+    let down = async {
+        let from = BufReader::with_capacity(READ, u_read);
+        scrub_frames(from, &mut c_write, scrubber).await?;
+        c_write.shutdown().await
+    };
+    let up = async {
+        tokio::io::copy(&mut c_read, &mut u_write).await?;
+        u_write.shutdown().await
+    };
+    tokio::try_join!(down, up).map(drop)
 }
 
 /// One frame's head.
@@ -308,6 +305,37 @@ mod tests {
             frames.push((h.fin, h.opcode, p.to_vec()));
         }
         (frames, ended)
+    }
+
+    /// The client half-closes after its close frame: the upstream's answering close frame,
+    /// sent after that, still reaches it (scrubbed), and the relay then ends.
+    #[tokio::test]
+    async fn a_close_after_the_client_half_closed_still_reaches_it() {
+        let (client, mut sandbox) = tokio::io::duplex(4096);
+        let (upstream, mut origin) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(relay(client, upstream, scrubber()));
+        let close = frame(true, CLOSE, b"\x03\xe8bye");
+        sandbox.write_all(&close).await.unwrap();
+        sandbox.shutdown().await.unwrap();
+        let mut got = vec![0; close.len()];
+        origin.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, close, "the sandbox's close frame went up as it was");
+        let mut rest = Vec::new();
+        origin.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "then the upstream's read side ended");
+        let mut answer = b"\x03\xe8".to_vec();
+        answer.extend_from_slice(VALUE);
+        origin
+            .write_all(&frame(true, CLOSE, &answer))
+            .await
+            .unwrap();
+        origin.shutdown().await.unwrap();
+        let mut down = Vec::new();
+        sandbox.read_to_end(&mut down).await.unwrap();
+        let mut expected = b"\x03\xe8".to_vec();
+        expected.extend_from_slice(TOKEN);
+        assert_eq!(down, frame(true, CLOSE, &expected));
+        relay.await.unwrap().unwrap();
     }
 
     /// Messages reassembled from frames: (opcode, payload).
