@@ -138,7 +138,8 @@ pub struct Report {
     /// `Authorization: Basic` header that was unsealed; the scrubber needs them. The first
     /// element is a real secret: [`Report`]'s `Debug` only prints how many there are.
     pub basic_forms: Vec<(Bytes, Bytes)>,
-    /// Bytes of real values put into the request so far.
+    /// Bytes of real values put into the request so far, each value rounded up to whole
+    /// [`BUDGET_UNIT`]s ([`counted`]).
     pub unsealed_bytes: usize,
     /// At most this many bytes of real values may be put in (None: no limit). A token that
     /// would pass it stays sealed and `over_budget` is set: a request full of tokens of a large
@@ -222,6 +223,17 @@ pub fn contains_token_prefix(bytes: &[u8]) -> bool {
 ///
 /// # Errors
 /// [`Denied`] for a known, not allowed token under [`OnDisallowed::Block`].
+/// The unit real values are counted in against [`Report::max_unsealed`]: each value counts as
+/// its length rounded up to whole units, so where a request's 413 starts says at most how many
+/// units a value spans, not its length (an outside review read a key's exact length off the
+/// token count at which the 413 began).
+pub const BUDGET_UNIT: usize = 1024;
+
+/// `len` bytes of real value as counted against the budget ([`BUDGET_UNIT`]).
+pub fn counted(len: usize) -> usize {
+    len.div_ceil(BUDGET_UNIT).saturating_mul(BUDGET_UNIT)
+}
+
 fn decide<'a, L: TokenLookup + ?Sized>(
     lookup: &'a L,
     token: &Token,
@@ -236,7 +248,7 @@ fn decide<'a, L: TokenLookup + ?Sized>(
         return Ok(None);
     }
     if secret.allowed {
-        let grown = report.unsealed_bytes + secret.value.len();
+        let grown = report.unsealed_bytes + counted(secret.value.len());
         if report.max_unsealed.is_some_and(|max| grown > max) {
             report.over_budget = true;
             return Ok(None);
@@ -360,7 +372,7 @@ mod tests {
     #[test]
     fn a_token_past_the_budget_stays_sealed_and_is_reported() {
         let f = fixture();
-        let value_len = f.get(&f.allowed).unwrap().value.len();
+        let value_len = counted(f.get(&f.allowed).unwrap().value.len());
         let mut r = Report {
             max_unsealed: Some(2 * value_len),
             ..Report::default()
@@ -381,6 +393,19 @@ mod tests {
         let mut merged = Report::default();
         merged.merge(&r);
         assert!(merged.over_budget && merged.unsealed_bytes == 2 * value_len);
+    }
+
+    #[test]
+    fn values_count_in_whole_units() {
+        assert_eq!(counted(0), 0);
+        assert_eq!(counted(1), BUDGET_UNIT);
+        assert_eq!(counted(40), counted(BUDGET_UNIT));
+        assert_eq!(counted(BUDGET_UNIT + 1), 2 * BUDGET_UNIT);
+        assert_eq!(
+            counted(usize::MAX),
+            usize::MAX,
+            "never less than the length"
+        );
     }
 
     #[test]

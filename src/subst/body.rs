@@ -31,7 +31,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{
-    decide, push_piece, split_emit, value_bytes, Denied, OnDisallowed, Report, TokenLookup, FINDER,
+    counted, decide, push_piece, split_emit, value_bytes, Denied, OnDisallowed, Report,
+    TokenLookup, FINDER,
 };
 use crate::secret::{Location, SecretValue};
 use crate::token::{is_lower_hex, Token, PREFIX, TOKEN_LEN};
@@ -267,7 +268,8 @@ where
             return Ok(None);
         };
         let bytes = self.encoding.write(value);
-        let grown = self.report.unsealed_bytes + bytes.len().saturating_sub(value.len());
+        let extra = counted(bytes.len()).saturating_sub(counted(value.len()));
+        let grown = self.report.unsealed_bytes + extra;
         if self.report.max_unsealed.is_some_and(|max| grown > max) {
             self.report.rollback_unsealed(mark);
             self.report.over_budget = true;
@@ -734,10 +736,12 @@ mod tests {
 
     #[test]
     fn the_budget_counts_the_encoded_value() {
-        let raw = b"a/b/c/d/";
-        let f = super::super::testutil::with_allowed_value(raw);
+        // 1,000 bytes count as one unit; form-encoded, as three.
+        let raw = [b'/'; 1000];
+        let f = super::super::testutil::with_allowed_value(&raw);
         let input = format!("k={}", f.allowed);
-        for (max, unsealed) in [(raw.len(), false), (3 * raw.len(), true)] {
+        use crate::subst::BUDGET_UNIT;
+        for (max, unsealed) in [(BUDGET_UNIT, false), (3 * BUDGET_UNIT, true)] {
             let mut engine = BodySubst::new(&f, OnDisallowed::Block)
                 .with_encoding(BodyEncoding::Form)
                 .with_max_unsealed(max);
@@ -747,7 +751,7 @@ mod tests {
             assert_eq!(engine.report().over_budget, !unsealed, "max {max}");
             assert_eq!(engine.report().unsealed.is_empty(), !unsealed, "max {max}");
             if unsealed {
-                assert_eq!(engine.report().unsealed_bytes, 2 * raw.len());
+                assert_eq!(engine.report().unsealed_bytes, 3 * BUDGET_UNIT);
             }
         }
     }

@@ -1219,3 +1219,35 @@ async fn tokens_of_a_large_secret_cannot_amplify_a_request_past_its_budget() {
         assert!(n <= 3, "the upstream got {n} values in one request");
     }
 }
+
+/// The 413 of `proxy.max_unsealed_bytes` is no length oracle: values count in whole KiB, so
+/// two keys of different lengths (both under 1 KiB) are refused at the same token count —
+/// before, the count at which the 413 began gave a key's exact length.
+#[tokio::test]
+async fn the_budget_does_not_tell_a_keys_length() {
+    let secrets: &[crate::proxy_explicit::Spec<'_>] = &[
+        ("SHORT", "sk-short-len-oracle-01", None, Some(&["header"])),
+        (
+            "LONG",
+            "sk-long-len-oracle-0123456789abcdef0123456789abcdef0123456789",
+            None,
+            Some(&["header"]),
+        ),
+    ];
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        secrets,
+        opts("max_unsealed_bytes = 4096"),
+    )
+    .await;
+    for name in ["SHORT", "LONG"] {
+        let token = e.sb.token(name);
+        for (n, expected) in [(4, StatusCode::OK), (5, StatusCode::PAYLOAD_TOO_LARGE)] {
+            let header = vec![token.as_str(); n].join(" ");
+            let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+            let req = pc::get("/echo", "api.example.test", &[("x-k", &header)]);
+            let a = pc::send1(&mut c, req).await;
+            assert_eq!(a.status, expected, "{n} tokens of {name}: {}", a.text());
+        }
+    }
+}
