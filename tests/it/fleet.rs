@@ -272,6 +272,44 @@ async fn a_node_that_missed_changes_before_its_store_was_deleted_takes_the_last_
         .await;
 }
 
+/// The kept last state of a deleted store is checked like a live row: altered in the
+/// database (a secret pointed at another host), the node that needs it locks the store's
+/// sandboxes instead of unsealing by it, and `/readyz` names the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_kept_state_of_a_deleted_store_locks_its_sandboxes() {
+    let cluster = pg::shared();
+    let mut n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-kept-old-2021").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-kept-old-2021", Duration::from_secs(1))
+        .await;
+    n.b.stop().await;
+    n.secret(&n.a, &store, "sk-fleet-kept-new-2022").await;
+    let (s, _) =
+        n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    cluster.psql(
+        &n.db,
+        "UPDATE deleted_secrets SET allowed_hosts = '[\"*\"]'",
+    );
+    let b2 = Harness::try_start(
+        node_opts(cluster, &n.db, "node-b", &n.key, &n.echo, ""),
+        Some(n.pki.clone()),
+    )
+    .await
+    .expect("node b restarts");
+    b2.register_secret("sk-fleet-kept-old-2021");
+    b2.register_secret("sk-fleet-kept-new-2022");
+    let (status, seen) = n.key_seen(&b2, &sb).await;
+    assert_eq!(seen, None, "nothing unsealed by a tampered kept state");
+    assert_ne!(status, StatusCode::OK);
+    let (s, v) = b2.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains(&store), "{v}");
+}
+
 /// An outside review: `GET /v1/stores/%00` answered 500 on PostgreSQL (its `TEXT` cannot hold
 /// a NUL) and logged an error; no id holds one, so it names nothing: 404, on every route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
