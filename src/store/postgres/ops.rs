@@ -621,13 +621,12 @@ pub(super) async fn reseal_all(
         .map(|r| r.get::<_, Vec<u8>>(0))
         .ok_or_else(|| db.wrong_key())?;
     let state = verify_key_check(&sealed, &old, db)?;
-    let secrets = reseal_secrets(&tx, &old, new).await?;
-    remac_stores(&tx, &old, new).await?;
-    // Deleted stores' last states are sealed under the old key: forgotten, not resealed (a
-    // node that has not applied one keeps its snapshot, as before they were kept at all).
-    tx.execute("DELETE FROM deleted_stores", &[])
-        .await
-        .map_err(pg_err)?;
+    let secrets = reseal_secrets(&tx, "secrets", &old, new).await?;
+    remac_stores(&tx, "stores", &old, new).await?;
+    // Deleted stores' last states too: a node that has not applied one still needs it after
+    // the rotation (dropped, it would keep an older snapshot — a revoked value revived).
+    reseal_secrets(&tx, "deleted_secrets", &old, new).await?;
+    remac_stores(&tx, "deleted_stores", &old, new).await?;
     let legacy = state != super::KeyCheck::BoundSandboxes;
     let sandboxes = reseal_sandboxes(&tx, &old, new, legacy).await?;
     super::write_key_check(&tx, new).await?;
@@ -636,14 +635,17 @@ pub(super) async fn reseal_all(
     Ok(RotationStats { secrets, sandboxes })
 }
 
+/// Re-seals every row of `table` (`secrets` or `deleted_secrets`) from `old` to `new`, each
+/// checked under `old` first (a rotation never blesses a tampered row).
 async fn reseal_secrets(
     tx: &Transaction<'_>,
+    table: &str,
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<usize, StoreError> {
     let rows = tx
         .query(
-            &format!("SELECT {SECRET_META_COLUMNS}, value FROM secrets FOR UPDATE"),
+            &format!("SELECT {SECRET_META_COLUMNS}, value FROM {table} FOR UPDATE"),
             &[],
         )
         .await
@@ -655,7 +657,9 @@ async fn reseal_secrets(
         let resealed = seal_secret(new, &store_id, &rec.meta, rec.value.expose());
         let mac = secret_policy(&store_id, &rec.meta).mac(new);
         tx.execute(
-            "UPDATE secrets SET value = $3, policy_mac = $4 WHERE store_id = $1 AND name = $2",
+            &format!(
+                "UPDATE {table} SET value = $3, policy_mac = $4 WHERE store_id = $1 AND name = $2"
+            ),
             &[&store_id, &rec.meta.name, &resealed, &mac],
         )
         .await
@@ -664,16 +668,19 @@ async fn reseal_secrets(
     Ok(rows.len())
 }
 
-/// Re-computes every store's policy MAC under `new`, after checking it under `old` (a
-/// rotation never blesses a tampered allowlist).
+/// Re-computes the policy MAC of every row of `table` (`stores` or `deleted_stores`) under
+/// `new`, after checking it under `old` (a rotation never blesses a tampered allowlist).
 async fn remac_stores(
     tx: &Transaction<'_>,
+    table: &str,
     old: &MasterKey,
     new: &MasterKey,
 ) -> Result<(), StoreError> {
-    for record in select_stores(tx, old, "FOR UPDATE", None).await? {
+    let sql = format!("SELECT {STORE_COLUMNS} FROM {table} FOR UPDATE");
+    for row in tx.query(&sql, &[]).await.map_err(pg_err)? {
+        let record = RawStore::from_pg(&row).into_record(old)?;
         tx.execute(
-            "UPDATE stores SET policy_mac = $2 WHERE id = $1",
+            &format!("UPDATE {table} SET policy_mac = $2 WHERE id = $1"),
             &[&record.id, &store_policy(&record).mac(new)],
         )
         .await

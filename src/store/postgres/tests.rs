@@ -372,3 +372,22 @@ fn a_deleted_stores_last_state_is_kept_while_its_sandboxes_remain() {
         "no sandbox: nothing kept"
     );
 }
+
+/// A key rotation reseals a kept last state with everything else: a node that has not
+/// applied it yet still finds it, under the new key, after the rotation.
+#[test]
+fn a_kept_last_state_survives_a_key_rotation() {
+    let fx = <Fixture as Harness>::new();
+    let store = fx.open();
+    let rec = populate(&store);
+    store.delete_store(&rec.id).unwrap();
+    let new_key = MasterKey::generate();
+    store.rotate_master_key(&new_key).unwrap();
+    let reopened = PgStore::open(&fx.url(), "node-a", new_key).unwrap();
+    let (kept, secrets) = reopened
+        .deleted_store(&rec.id)
+        .unwrap()
+        .expect("kept through the rotation");
+    assert_eq!(kept.egress_allowlist, suite::hosts(&["api.example.com"]));
+    assert_eq!(secrets[0].value.expose(), SECRET);
+}
