@@ -69,6 +69,16 @@ async fn two_nodes(cluster: &Cluster, extra: &str) -> Nodes {
 }
 
 impl Nodes {
+    /// Starts node B again (after `b.stop()`), on the same database, key and origin.
+    async fn restart_b(&self, cluster: &Cluster) -> Harness {
+        Harness::try_start(
+            node_opts(cluster, &self.db, "node-b", &self.key, &self.echo, ""),
+            Some(self.pki.clone()),
+        )
+        .await
+        .expect("node b restarts")
+    }
+
     /// Sets a secret through `via`, registering the value with both nodes' log checks.
     async fn secret(&self, via: &Harness, store: &str, value: &str) {
         self.a.register_secret(value);
@@ -241,12 +251,7 @@ async fn a_node_that_missed_changes_before_its_store_was_deleted_takes_the_last_
         n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
             .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let b2 = Harness::try_start(
-        node_opts(cluster, &n.db, "node-b", &n.key, &n.echo, ""),
-        Some(n.pki.clone()),
-    )
-    .await
-    .expect("node b restarts");
+    let b2 = n.restart_b(cluster).await;
     b2.register_secret("sk-fleet-missed-old-2011");
     b2.register_secret("sk-fleet-missed-new-2012");
     assert_eq!(
@@ -294,12 +299,7 @@ async fn a_tampered_kept_state_of_a_deleted_store_locks_its_sandboxes() {
         &n.db,
         "UPDATE deleted_secrets SET allowed_hosts = '[\"*\"]'",
     );
-    let b2 = Harness::try_start(
-        node_opts(cluster, &n.db, "node-b", &n.key, &n.echo, ""),
-        Some(n.pki.clone()),
-    )
-    .await
-    .expect("node b restarts");
+    let b2 = n.restart_b(cluster).await;
     b2.register_secret("sk-fleet-kept-old-2021");
     b2.register_secret("sk-fleet-kept-new-2022");
     let (status, seen) = n.key_seen(&b2, &sb).await;
