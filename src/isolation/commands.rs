@@ -332,14 +332,18 @@ pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
             "sandbox",
             "--die-with-parent",
             "--new-session",
+            // bwrap changes directory as root: only into the home, which the user owns. The
+            // command's own `cwd` is entered by the wrapper, as the user, so a directory the
+            // user may not enter stays shut (an outside review read /root/.cargo through
+            // `"cwd": "/root/.cargo"` while `ls /root/.cargo` was denied).
             "--chdir",
-            s.cwd,
+            HOME_INSIDE,
             "--",
         ]
         .map(String::from),
     );
     v.extend(s.run_as.setpriv_args());
-    v.extend(["sh", "-c", ENV_WRAPPER, "sh", cmd].map(String::from));
+    v.extend(["sh", "-c", ENV_WRAPPER, "sh", cmd, s.cwd].map(String::from));
     v
 }
 
@@ -414,8 +418,10 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
 
 /// Inside: the command's environment file.
 pub const ENV_INSIDE: &str = "/run/sealgate/env";
-/// Loads the environment file, then runs the command (`$1`) as `sh -c` would.
-const ENV_WRAPPER: &str = ". /run/sealgate/env && exec /bin/sh -c \"$1\"";
+/// Loads the environment file, enters the working directory (`$2`, always absolute, so
+/// `CDPATH` plays no part) as the command's user, then runs the command (`$1`) as `sh -c`
+/// would.
+const ENV_WRAPPER: &str = ". /run/sealgate/env && cd -- \"$2\" && exec /bin/sh -c \"$1\"";
 
 /// The environment of one command, written as `export NAME='value'` lines to
 /// `<dir>/cmd-<random>.env` (0400, owned by `run_as`), bound read-only into the sandbox and
@@ -984,8 +990,8 @@ mod tests {
             );
         }
         assert_eq!(
-            &v[v.len() - 5..],
-            ["sh", "-c", ENV_WRAPPER, "sh", "echo $X"]
+            &v[v.len() - 6..],
+            ["sh", "-c", ENV_WRAPPER, "sh", "echo $X", "/home/user"]
         );
         assert_eq!(cwd_inside(Some("sub")).unwrap(), "/home/user/sub");
         assert_eq!(cwd_inside(None).unwrap(), "/home/user");

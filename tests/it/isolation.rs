@@ -307,6 +307,24 @@ async fn exit_codes_stderr_stdin_timeouts_limits_and_a_read_only_host() {
     assert_eq!(r["stdout"], "kept\nt\n", "{r}");
     let (_, r) = command(&e.h, &sid, json!({"cmd": "pwd", "cwd": "/tmp"})).await;
     assert_eq!(r["stdout"], "/tmp\n");
+    // `cwd` is entered as the sandbox's user: a directory it may not enter stays shut (an
+    // outside review listed a 0700 root directory through it).
+    // (Under /var/tmp: the sandbox sees the host's /var, not its /tmp.)
+    let shut = tempfile::tempdir_in("/var/tmp").unwrap();
+    let inner = shut.path().join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::write(inner.join("f"), "root only").unwrap();
+    let root_only = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    std::fs::set_permissions(shut.path(), root_only).unwrap();
+    let (_, r) = command(
+        &e.h,
+        &sid,
+        json!({"cmd": "cat f", "cwd": inner.to_str().unwrap()}),
+    )
+    .await;
+    assert_ne!(r["exit_code"], 0, "{r}");
+    assert!(!r["stdout"].as_str().unwrap().contains("root only"), "{r}");
+    assert!(r["stderr"].as_str().unwrap().contains("cd"), "{r}");
 
     let r = ok(&e.h, &sid, "head -c 5000 /dev/zero | tr '\\0' a").await;
     assert_eq!(
