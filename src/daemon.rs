@@ -229,12 +229,18 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
-    let swept = sweep_namespaces().await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
     let (sandboxes, restored, cert_dir) =
         restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
+    let live: Vec<String> = sandboxes
+        .registry()
+        .all()
+        .iter()
+        .map(|sb| sb.id.to_string())
+        .collect();
+    let swept = sweep_namespaces(live).await;
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err("opening audit log"))?;
@@ -654,9 +660,10 @@ async fn sweep(
     }
 }
 
-/// Undoes namespaces, veths and rules that daemons which died on this host left behind.
-async fn sweep_namespaces() -> crate::netns::sweep::Swept {
-    let swept = tokio::task::spawn_blocking(crate::netns::sweep::sweep)
+/// Undoes namespaces, veths and rules that daemons which died on this host left behind,
+/// keeping the chains of the `live` sandboxes ([`crate::netns::sweep::sweep`]).
+async fn sweep_namespaces(live: Vec<String>) -> crate::netns::sweep::Swept {
+    let swept = tokio::task::spawn_blocking(move || crate::netns::sweep::sweep(&live))
         .await
         .unwrap_or_default();
     if swept.records + swept.orphans > 0 {

@@ -43,8 +43,11 @@ struct Listing {
 }
 
 /// Runs the sweep (blocking; root). Errors of single removals are ignored: each is retried
-/// by the next start.
-pub fn sweep() -> Swept {
+/// by the next start. `live` are the ids of the sandboxes the starting daemon serves: their
+/// `SG-*` chains are kept even without a record — an operator who integrates another sandbox
+/// runtime applies `sealgate sandbox rules` output by hand, and a restart swept it away,
+/// leaving the sandbox's traffic unredirected (found from outside).
+pub fn sweep(live: &[String]) -> Swept {
     let listing = list();
     let mut out = Swept::default();
     for rec in Record::all_in(STATE_DIR)
@@ -61,7 +64,10 @@ pub fn sweep() -> Swept {
         out.records += 1;
         out.sandbox_ids.extend(rec.sandbox_id.clone());
     }
-    let known = Known::read();
+    let mut known = Known::read();
+    known
+        .chains
+        .extend(live.iter().filter_map(|id| chain_name(id).ok()));
     out.orphans += sweep_netns(&listing, &known);
     out.orphans += sweep_links(&listing, &known);
     out.orphans += sweep_rules(&listing, &known);

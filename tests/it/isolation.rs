@@ -1225,6 +1225,62 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     assert_gone(&names(&sb), "no-such-marker-sealgate");
 }
 
+/// Rules an operator applied by hand from `sealgate sandbox rules` (another sandbox runtime:
+/// no record, the daemon did not make them) survive a restart while their sandbox lives —
+/// the start-up sweep removed them, and the sandbox's traffic went out unredirected (found
+/// from outside); chains of a sandbox nobody serves are still swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_rules_an_operator_applied_for_a_live_sandbox() {
+    use sealgate::netns::{self, rules::chain_name, RuleParams, RuleSet};
+    if !netns_ready() {
+        return;
+    }
+    let mut e = setup().await;
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "source_ip": "198.19.251.2"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let live = id(&v);
+    let gone = format!("sbx_{}", "ef".repeat(12));
+    let set = |sandbox_id: &str| {
+        RuleSet::generate(&RuleParams {
+            sandbox_id: sandbox_id.to_owned(),
+            host_if: "sgopveth0".into(),
+            sandbox_ip: "198.19.251.2".parse().unwrap(),
+            host_ip: None,
+            transparent_port: 1,
+            dns_port: None,
+            ipv6: false,
+            flows: None,
+        })
+        .unwrap()
+    };
+    let (live_set, gone_set) = (set(&live), set(&gone));
+    netns::apply_rules(&live_set).unwrap();
+    netns::apply_rules(&gone_set).unwrap();
+    let data_dir = e.h.dir.path().join("data");
+    e.h.stop().await;
+    let opts = Opts {
+        data_dir: Some(data_dir),
+        resolve: vec![("api.example.test".into(), e.echo.addr)],
+        ..Opts::default()
+    };
+    let h2 = Harness::try_start(opts, Some(e.h.pki.clone()))
+        .await
+        .expect("restart");
+    let nat = run_ok("iptables", &["-w", "5", "-t", "nat", "-S"]).unwrap();
+    let has = |id: &str| nat.contains(&format!("-N {}", chain_name(id).unwrap()));
+    netns::remove_rules(&live_set);
+    netns::remove_rules(&gone_set);
+    assert!(has(&live), "the live sandbox's rules were swept:\n{nat}");
+    assert!(!has(&gone), "a chain nobody serves was kept:\n{nat}");
+    drop(h2);
+}
+
 /// A real daemon process (`sealgate serve`) on fixed free ports, for crash tests.
 struct Process {
     child: std::process::Child,
