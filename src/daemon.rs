@@ -229,18 +229,13 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
+    // Before any listener is bound: once the admin port answers, the host is clean.
+    let swept = sweep_namespaces(proxy_only_ids(&cfg, &*store)).await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
     let (sandboxes, restored, cert_dir) =
         restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
-    let live: Vec<String> = sandboxes
-        .registry()
-        .all()
-        .iter()
-        .map(|sb| sb.id.to_string())
-        .collect();
-    let swept = sweep_namespaces(live).await;
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err("opening audit log"))?;
@@ -658,6 +653,19 @@ async fn sweep(
             isolation.end(&ended).await;
         }
     }
+}
+
+/// The stored sandboxes that this daemon did not isolate in an earlier run (those have a
+/// directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]): the
+/// ones whose hand-applied rules the sweep keeps. Unreadable rows are left to the restore,
+/// which reports them.
+fn proxy_only_ids(cfg: &Config, store: &dyn Store) -> Vec<String> {
+    let isolated = cfg.data_dir.join("sandboxes");
+    let rows = store.load_sandboxes().unwrap_or_default();
+    rows.into_iter()
+        .map(|row| row.id)
+        .filter(|id| !isolated.join(id).exists())
+        .collect()
 }
 
 /// Undoes namespaces, veths and rules that daemons which died on this host left behind,

@@ -65,9 +65,12 @@ pub fn sweep(live: &[String]) -> Swept {
         out.sandbox_ids.extend(rec.sandbox_id.clone());
     }
     let mut known = Known::read();
+    // Not the daemon's own isolated sandboxes of an earlier run (undone just above, ended at
+    // start): what their undo left is swept as before.
+    let kept = live.iter().filter(|id| !out.sandbox_ids.contains(id));
     known
         .chains
-        .extend(live.iter().filter_map(|id| chain_name(id).ok()));
+        .extend(kept.filter_map(|id| chain_name(id).ok()));
     out.orphans += sweep_netns(&listing, &known);
     out.orphans += sweep_links(&listing, &known);
     out.orphans += sweep_rules(&listing, &known);
