@@ -388,9 +388,10 @@ mod tests {
         assert_eq!(
             got,
             [
-                // The message's first fragment ("a") went out before the ping.
-                (BINARY, [b"a", TOKEN, b"z"].concat()),
+                // The message's first fragment is all held (no line end in it, shorter than
+                // the window), so the ping went out first.
                 (PING, [b"p", TOKEN].concat()),
+                (BINARY, [b"a", TOKEN, b"z"].concat()),
                 (TEXT, b"after".to_vec()),
             ]
         );

@@ -677,7 +677,7 @@ mod tests {
         let mut body = ScrubBody::new(script, scrubber());
         let (data, ended) = drain_ready(&mut body);
         assert!(!ended);
-        assert_eq!(data, b"data: {\"k\":\"osb_sealed_T\"}\n\ndata: ");
+        assert_eq!(data, b"data: {\"k\":\"osb_sealed_T\"}\n\n");
     }
 
     #[tokio::test]

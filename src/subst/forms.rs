@@ -14,8 +14,8 @@
 //! | percent-encoding keeping `/` | Python's `urllib.parse.quote` (its default) | the token |
 //! | percent-encoding keeping `$&+:=@` | Go's `url.PathEscape` | the token |
 //! | percent-encoding keeping every URI delimiter but `%` | JavaScript's `encodeURI` | the token |
-//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
-//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`) or `&#39;`/`&#34;` (Go's `html.EscapeString`) | error pages, templates | the token |
+//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), the same and `\u003d`/`\u0027` for `='` (Gson), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
+//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`) or `&#39;`/`&#34;` (Go's `html.EscapeString`), and `+` as `&#43;` (Go's `html/template`) | error pages, templates | the token |
 //! | base64 (standard and URL-safe alphabet) at each of the three byte alignments | Basic auth, tokens and blobs holding the value | the token's base64 at the same alignment |
 //!
 //! # Base64 at any alignment
@@ -172,10 +172,12 @@ enum HtmlStyle {
     Python,
     /// Go's `html.EscapeString`: `&#34;`, `&#39;`.
     Go,
+    /// Go's `html/template`: as `Go`, and `+` as `&#43;`.
+    GoTemplate,
 }
 
 impl HtmlStyle {
-    const ALL: [HtmlStyle; 2] = [HtmlStyle::Python, HtmlStyle::Go];
+    const ALL: [HtmlStyle; 3] = [HtmlStyle::Python, HtmlStyle::Go, HtmlStyle::GoTemplate];
 }
 
 /// `value` HTML-escaped in `style`.
@@ -187,9 +189,10 @@ fn html(value: &[u8], style: HtmlStyle) -> Zeroizing<Vec<u8>> {
             (b'<', _) => out.extend_from_slice(b"&lt;"),
             (b'>', _) => out.extend_from_slice(b"&gt;"),
             (b'"', HtmlStyle::Python) => out.extend_from_slice(b"&quot;"),
-            (b'"', HtmlStyle::Go) => out.extend_from_slice(b"&#34;"),
+            (b'"', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#34;"),
             (b'\'', HtmlStyle::Python) => out.extend_from_slice(b"&#x27;"),
-            (b'\'', HtmlStyle::Go) => out.extend_from_slice(b"&#39;"),
+            (b'\'', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#39;"),
+            (b'+', HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#43;"),
             _ => out.push(b),
         }
     }
@@ -224,6 +227,8 @@ struct JsonStyle {
     ascii: bool,
     /// `<`, `>`, `&` as `\u003c`, `\u003e`, `\u0026` (Go).
     html: bool,
+    /// With `html`, also `=` and `'` as `\u003d`, `\u0027` (Gson's default).
+    gson: bool,
 }
 
 impl JsonStyle {
@@ -232,24 +237,28 @@ impl JsonStyle {
         slash: false,
         ascii: false,
         html: false,
+        gson: false,
     };
 
-    const ALL: [JsonStyle; 4] = [
+    const ALL: [JsonStyle; 5] = [
         JsonStyle::MINIMAL,
         JsonStyle {
             slash: true,
             ascii: true,
-            html: false,
+            ..JsonStyle::MINIMAL
         },
         JsonStyle {
-            slash: false,
             ascii: true,
-            html: false,
+            ..JsonStyle::MINIMAL
         },
         JsonStyle {
-            slash: false,
-            ascii: false,
             html: true,
+            ..JsonStyle::MINIMAL
+        },
+        JsonStyle {
+            html: true,
+            gson: true,
+            ..JsonStyle::MINIMAL
         },
     ];
 }
@@ -288,6 +297,7 @@ fn json_byte(b: u8, style: JsonStyle, out: &mut Vec<u8>) {
         b'\\' => out.extend_from_slice(b"\\\\"),
         b'/' if style.slash => out.extend_from_slice(b"\\/"),
         b'<' | b'>' | b'&' if style.html => push_unicode_escape(u16::from(b), out),
+        b'=' | b'\'' if style.gson => push_unicode_escape(u16::from(b), out),
         b'\t' => out.extend_from_slice(b"\\t"),
         b'\n' => out.extend_from_slice(b"\\n"),
         b'\r' => out.extend_from_slice(b"\\r"),
@@ -359,6 +369,8 @@ mod tests {
         let f = forms_of("p&<w>\"'");
         assert!(has(&f, "p&amp;&lt;w&gt;&quot;&#x27;"), "Python html.escape");
         assert!(has(&f, "p&amp;&lt;w&gt;&#34;&#39;"), "Go html.EscapeString");
+        let f = forms_of("k+e'y");
+        assert!(has(&f, "k&#43;e&#39;y"), "Go html/template");
     }
 
     #[test]
@@ -370,6 +382,8 @@ mod tests {
         assert!(has(&f, r#"p\"w\\\/<\u00e9\ud83d\ude00\tx"#), "PHP");
         assert!(has(&f, r#"p\"w\\/<\u00e9\ud83d\ude00\tx"#), "Python");
         assert!(has(&f, "p\\\"w\\\\/\\u003cé😀\\tx"), "Go");
+        let g = forms_of("k=e'y<");
+        assert!(has(&g, r"k\u003de\u0027y\u003c"), "Gson");
         let twice = serde_json::to_string(&minimal).unwrap();
         let twice = &twice[1..twice.len() - 1];
         assert!(

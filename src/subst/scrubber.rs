@@ -10,22 +10,27 @@
 //!
 //! # Streaming: what is held back
 //!
-//! [`ScrubStream`] emits a match or a byte as soon as the rest of the stream cannot change
-//! the whole-buffer answer for it. Position `p` of the pending bytes is *open* while
-//! `pending[p..]` is a proper prefix of some value: a longer match could start there. Every
-//! match that starts before the first open position lies entirely in what we have, and so does
-//! every value occurrence starting there, so those matches are final. The engine holds back
-//! from the first open position (found by walking an anchored trie of the values from each
-//! candidate start in the last `max_pattern_len - 1` bytes). So:
+//! [`ScrubStream`] holds back the last [`Scrubber::window`] bytes of what it has (the longest
+//! value's length less one, rounded up to [`WINDOW_UNIT`]) and emits everything before them:
+//! any match starting there lies entirely in what we have. No value (nor any of its forms)
+//! holds CR, LF or NUL (the API refuses them), so nothing is held across the last of those:
 //!
 //! ```text
-//! values: "sk-abc"      pending: "data: {\"k\":\"sk-ab"      emit "data: {\"k\":\"", hold "sk-ab"
-//!                       pending: "data: done\n\n"           emit all, hold nothing (SSE flows)
+//! values: "sk-abc"      pending: "data: {\"k\":\"sk-ab"      everything held (no line end yet)
+//!                       pending: "…\"sk-abc\"}\n\ndata: done\n\n"   emit all, hold nothing (SSE flows)
 //! ```
 //!
-//! The held tail is shorter than `max_pattern_len`; when it is continued by the next chunk, only
-//! the held bytes plus the first `max_pattern_len - 1` bytes of that chunk are copied into a
-//! small buffer to decide the matches that start in the held part.
+//! What is held depends only on the byte count and where lines end, never on the values. It
+//! used to start at the first *open* position (where the rest could still grow into a value),
+//! which made the emitted chunks' boundaries a prefix oracle: a sandbox that could store
+//! content on any scrubbed host and read it back learned, one guessed byte at a time, every
+//! value in its snapshot — those never allowed on that host included (an outside review
+//! recovered two keys in 1,084 requests). Whole matches are still decided as soon as they lie
+//! in what we have; a match needs the whole value, which a guess cannot supply.
+//!
+//! The held tail is at most the window; when it is continued by the next chunk, only the held
+//! bytes plus the first `max_pattern_len - 1` bytes of that chunk are copied into a small
+//! buffer to decide the matches that start in the held part.
 //!
 //! # Header names
 //!
@@ -39,9 +44,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use aho_corasick::automaton::{Automaton, StateID};
-use aho_corasick::nfa::noncontiguous::NFA;
-use aho_corasick::{packed, AhoCorasick, AhoCorasickKind, Anchored, Input, Match, MatchKind, Span};
+use aho_corasick::{packed, AhoCorasick, AhoCorasickKind, Input, Match, MatchKind, Span};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -61,6 +64,9 @@ const DFA_MAX_PATTERN_BYTES: usize = 4096;
 /// ~350 µs where the automaton took ~11 ms (`cargo bench --bench subst -- scrub_1MiB`).
 const MAX_PACKED_PATTERNS: usize = 256;
 
+/// The unit a stream's hold-back window is rounded up to ([`Scrubber::window`]).
+pub const WINDOW_UNIT: usize = 256;
+
 /// Per-request scrubbers (with Basic-auth forms) kept per scrubber before the cache is cleared.
 const MAX_EXTRAS: usize = 32;
 
@@ -74,10 +80,6 @@ type ExtrasCache = dashmap::DashMap<Box<[(Bytes, Bytes)]>, Arc<Scrubber>>;
 pub struct Scrubber {
     /// The leftmost-longest searcher over all values.
     search: Search,
-    /// An anchored trie of the same values: could a value start here?
-    probe: Arc<NFA>,
-    /// The first bytes of all values (cheap filter before walking `probe`).
-    starts: Arc<[bool; 256]>,
     /// The same values, ASCII case-insensitive: does a header name contain one?
     names: AhoCorasick,
     /// The values, kept to rebuild with per-request extras.
@@ -87,6 +89,8 @@ pub struct Scrubber {
     /// `masks[i]` replaces `values[i]` at its own length (see [`mask`]); built on first use.
     masks: Arc<OnceLock<Box<[Bytes]>>>,
     max_len: usize,
+    /// Bytes a stream holds back at most ([`Scrubber::window`]).
+    window: usize,
     /// Scrubbers of per-request extras, keyed by the `(real, sealed)` pairs themselves: the
     /// real form of one sealed header differs by host (a token unsealed for one host travels
     /// sealed to another), so a key of the sealed forms alone could hand one host's response
@@ -290,13 +294,6 @@ impl Scrubber {
         let kind = (total > DFA_MAX_PATTERN_BYTES).then_some(AhoCorasickKind::ContiguousNFA);
         let patterns = || values.iter().map(SecretValue::expose);
         let search = Search::new(patterns, kind)?;
-        let probe = NFA::builder()
-            .match_kind(MatchKind::Standard)
-            .prefilter(false)
-            .build(patterns())
-            .ok()?;
-        let mut starts = [false; 256];
-        patterns().for_each(|v| starts[usize::from(v[0])] = true);
         let names = AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .kind(kind)
@@ -304,13 +301,12 @@ impl Scrubber {
             .ok()?;
         Some(Scrubber {
             search,
-            probe: Arc::new(probe),
-            starts: Arc::new(starts),
             names,
             values: values.into(),
             tokens: tokens.into(),
             masks: Arc::default(),
             max_len,
+            window: (max_len - 1).div_ceil(WINDOW_UNIT) * WINDOW_UNIT,
             extras: Arc::default(),
         })
     }
@@ -362,46 +358,28 @@ impl Scrubber {
 
     fn stop_point(&self, buf: &[u8], cursor: usize, stop: Stop) -> usize {
         match stop {
-            Stop::Hold => self.first_open(buf, cursor),
+            Stop::Hold => self.hold_from(buf, cursor),
             Stop::Flush => buf.len(),
             Stop::At(at) => at.max(cursor),
         }
     }
 
-    /// The first open position at or after `cursor` (see the module docs), or `buf.len()`.
-    /// Walking is capped at a few times `max_len` steps per call; past the cap the current
-    /// candidate is treated as open, which only holds back more.
-    fn first_open(&self, buf: &[u8], cursor: usize) -> usize {
-        let start = cursor.max(buf.len().saturating_sub(self.max_len - 1));
-        let mut budget = 4 * self.max_len + 256;
-        (start..buf.len())
-            .find(|&p| self.starts[usize::from(buf[p])] && self.is_open(&buf[p..], &mut budget))
-            .unwrap_or(buf.len())
-    }
-
-    /// True if `tail` is a proper prefix of some value (or the walk ran out of budget).
-    fn is_open(&self, tail: &[u8], budget: &mut usize) -> bool {
-        let nfa = &*self.probe;
-        let Ok(mut sid) = nfa.start_state(Anchored::Yes) else {
-            return true;
-        };
-        for &b in tail {
-            let Some(left) = budget.checked_sub(1) else {
-                return true;
-            };
-            *budget = left;
-            sid = nfa.next_state(Anchored::Yes, sid, b);
-            if nfa.is_dead(sid) {
-                return false;
-            }
+    /// Where a stream's held tail starts (see the module docs): the last [`Scrubber::window`]
+    /// bytes, less what precedes the last CR, LF or NUL in them; never before `cursor`. A
+    /// function of the byte count and the line ends only, never of the values.
+    fn hold_from(&self, buf: &[u8], cursor: usize) -> usize {
+        let start = cursor.max(buf.len().saturating_sub(self.window));
+        match memchr::memrchr3(b'\n', b'\r', b'\0', &buf[start..]) {
+            Some(i) => start + i + 1,
+            None => start,
         }
-        !nfa.is_match(sid) || self.has_extension(sid)
     }
 
-    /// True if some value continues beyond the trie node `sid`.
-    fn has_extension(&self, sid: StateID) -> bool {
-        let nfa = &*self.probe;
-        (0..=255u8).any(|b| !nfa.is_dead(nfa.next_state(Anchored::Yes, sid, b)))
+    /// Bytes a stream holds back at most: the longest value's length less one (so a match
+    /// that starts before them lies in what the stream has), rounded up to [`WINDOW_UNIT`] so
+    /// that where held tails start tells the longest length only to that unit.
+    pub fn window(&self) -> usize {
+        self.window
     }
 }
 
@@ -653,7 +631,7 @@ mod tests {
                 out[before..].iter().all(|b| !b.is_empty()),
                 "empty piece emitted"
             );
-            assert!(st.held.len() < s.max_pattern_len());
+            assert!(st.held.len() <= s.window());
             last = cut;
         }
         st.finish(&mut out);
@@ -929,23 +907,40 @@ mod tests {
         let mut st = ScrubStream::new(s);
         let mut out = Vec::new();
         st.push(Bytes::from_static(b"data: {\"k\":\"sk-ab"), &mut out);
-        assert_eq!(out.concat(), b"data: {\"k\":\"");
-        assert_eq!(&st.held[..], b"sk-ab");
-        out.clear();
+        assert!(
+            out.is_empty(),
+            "no line end yet: all within the window is held"
+        );
         st.push(Bytes::from_static(b"c\"}\n\ndata: done\n\n"), &mut out);
-        assert_eq!(out.concat(), b"T\"}\n\ndata: done\n\n");
+        assert_eq!(out.concat(), b"data: {\"k\":\"T\"}\n\ndata: done\n\n");
         assert!(!st.is_holding());
     }
 
+    /// What a stream emits before the end depends on the byte count and the line ends, never
+    /// on the values: a prefix of a value is held exactly as long as any other bytes (the
+    /// boundaries of emitted chunks were a prefix oracle; outside review, 2026-12-04).
     #[test]
-    fn complete_value_at_the_end_is_not_held() {
-        let s = scrubber(&[("sk-abc", "T"), ("sk-abcdef", "U")]);
-        let mut st = ScrubStream::new(s.clone());
-        let mut out = Vec::new();
-        st.push(Bytes::from_static(b"x sk-abcdef"), &mut out);
-        assert_eq!(out.concat(), b"x U");
-        st.push(Bytes::from_static(b"x sk-abc"), &mut out);
-        assert!(st.is_holding(), "sk-abc could still grow into sk-abcdef");
+    fn what_is_held_never_depends_on_the_values() {
+        let value = "sk-live-prefix-oracle-0123456789";
+        let s = scrubber(&[(value, "T")]);
+        assert_eq!(s.window(), WINDOW_UNIT);
+        let emitted = |tail: &str| {
+            let mut st = ScrubStream::new(s.clone());
+            let mut out = Vec::new();
+            let body = format!("{}{tail}", "x".repeat(1000));
+            st.push(Bytes::from(body), &mut out);
+            (out.concat().len(), st.held.len())
+        };
+        let probes = [
+            "sk-live-prefix-oracle-01",
+            "sk-live-prefix-oracle-0X",
+            "zzzzzzzzzzzzzzzzzzzzzzzz",
+        ];
+        let seen: Vec<_> = probes.iter().map(|p| emitted(p)).collect();
+        assert!(seen.iter().all(|e| *e == seen[0]), "{seen:?}");
+        assert_eq!(seen[0], (1024 - WINDOW_UNIT, WINDOW_UNIT));
+        // A line end cuts the hold short, wherever the values are.
+        assert_eq!(emitted("\nsk-live-pre"), (1001, 11));
     }
 
     #[test]
