@@ -210,6 +210,9 @@ pub struct RawSandbox {
     pub memory_max_mib: Option<u64>,
     /// Count; 0 = no process limit.
     pub pids_max: Option<u64>,
+    /// Count (RLIMIT_NOFILE of each command, soft and hard); 0 = the limit the daemon
+    /// started with.
+    pub max_open_files: Option<u64>,
     /// MiB; 0 = files on `data_dir`'s filesystem, unbounded.
     pub disk_max_mib: Option<u64>,
     /// Count; 0 = no bound.
@@ -439,6 +442,9 @@ pub struct SandboxConfig {
     pub max_commands: usize,
     /// Each isolated sandbox's memory, process and file limits.
     pub limits: crate::limits::Limits,
+    /// Open files per process of a command (soft and hard limit); `None`: the limit the
+    /// daemon started with.
+    pub max_open_files: Option<u64>,
     /// Each isolated sandbox's bounds on the host's connection-tracking table.
     pub flows: crate::limits::Flows,
 }
@@ -1066,6 +1072,12 @@ impl RawSandbox {
                 1024,
             ),
             limits,
+            max_open_files: p.limit(
+                "sandbox.max_open_files",
+                self.max_open_files,
+                1024,
+                (64, 1 << 20),
+            ),
             flows: crate::limits::Flows {
                 max: p
                     .limit("sandbox.max_flows", self.max_flows, 1024, (16, 1_000_000))

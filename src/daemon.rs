@@ -728,6 +728,7 @@ fn start_isolation(
         sandboxes.clone(),
         proxy.clone(),
     ));
+    warn_if_file_table_small(&cfg.sandbox);
     let ended = isolation.end_stale(&swept.sandbox_ids);
     if ended > 0 {
         tracing::info!(
@@ -736,6 +737,31 @@ fn start_isolation(
         );
     }
     Ok(isolation)
+}
+
+/// Warns when one isolated sandbox could hold half of the host's file table (`fs.file-max`,
+/// shared by every process on the host): its processes × their open-file limit. An outside
+/// review filled the table from one sandbox, and other sandboxes' commands and unprivileged
+/// host processes failed to start (root, and so the daemon, is exempt).
+fn warn_if_file_table_small(s: &crate::config::SandboxConfig) {
+    let (Some(pids), Some(files)) = (s.limits.pids, s.max_open_files) else {
+        tracing::warn!(
+            "sandbox.pids_max or sandbox.max_open_files is 0: one isolated sandbox can fill the \
+             host's file table (fs.file-max)"
+        );
+        return;
+    };
+    let per_sandbox = pids.saturating_mul(files);
+    match crate::nofile::host_file_max() {
+        Some(max) if max / 2 < per_sandbox => tracing::warn!(
+            file_max = max,
+            per_sandbox,
+            "one isolated sandbox may open sandbox.pids_max × sandbox.max_open_files files, more \
+             than half of the host's file table (fs.file-max): raise fs.file-max (sysctl) or \
+             lower those keys"
+        ),
+        _ => {}
+    }
 }
 
 /// On shutdown every isolated sandbox ends: namespace, rules, processes and files go.

@@ -119,6 +119,30 @@ pub fn restore_in_child() -> io::Result<()> {
     })
 }
 
+/// In a command's child after `fork`: soft and hard limit `max` (or the hard limit already in
+/// force, if lower). The hard limit cannot be raised again without privilege, so the command
+/// keeps it (only async-signal-safe calls).
+///
+/// # Errors
+/// The limit could not be read or set.
+pub fn limit_in_child(max: u64) -> io::Result<()> {
+    let lim = get()?;
+    let n = (max as libc::rlim_t).min(lim.rlim_max);
+    set(libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    })
+}
+
+/// The host's file table (`fs.file-max`), if it can be read.
+pub fn host_file_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/file-max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn get() -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -153,6 +153,8 @@ struct Prepared {
     cmd: String,
     /// The sandbox's `cgroup.procs` files, which the child joins before it execs.
     joins: Vec<std::fs::File>,
+    /// `[sandbox] max_open_files`, set in the child before it execs.
+    max_open_files: Option<u64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -240,6 +242,7 @@ fn prepare(
         cmd: req.cmd,
         iso,
         joins,
+        max_open_files: cfg.max_open_files,
         _permit: permit,
     })
 }
@@ -599,6 +602,7 @@ fn command(p: &Prepared) -> tokio::process::Command {
         .process_group(0)
         .kill_on_drop(true);
     let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
+    let max_open_files = p.max_open_files;
     let filter = super::seccomp::program();
     // SAFETY: the closure makes only async-signal-safe calls (open, write, close, prctl,
     // close_range, getrlimit, setrlimit, fcntl) and allocates nothing, as code between fork and exec
@@ -607,7 +611,10 @@ fn command(p: &Prepared) -> tokio::process::Command {
         cmd.pre_exec(move || {
             crate::limits::cgroup::join_in_child(&joins)?;
             crate::limits::cgroup::prefer_oom_kill_in_child();
-            crate::nofile::restore_in_child()?;
+            match max_open_files {
+                Some(n) => crate::nofile::limit_in_child(n)?,
+                None => crate::nofile::restore_in_child()?,
+            }
             super::seccomp::install_in_child(&filter)?;
             super::fds::cloexec_in_child()
         });

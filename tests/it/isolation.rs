@@ -1292,7 +1292,7 @@ use crate::support::ports::free_port;
 
 impl Process {
     fn start(dir: &std::path::Path, admin_port: u16) -> Process {
-        Process::start_with(dir, admin_port, None, None)
+        Process::start_with(dir, admin_port, None, None, "")
     }
 
     /// Like [`Process::start`]; with `leak`, the daemon inherits that file as descriptor 7,
@@ -1303,11 +1303,12 @@ impl Process {
         admin_port: u16,
         leak: Option<&std::fs::File>,
         nofile: Option<(u64, u64)>,
+        sandbox_toml: &str,
     ) -> Process {
         let cfg = dir.join("proxy.toml");
         let text = format!(
             "data_dir = \"{0}/data\"\ncert_dir = \"{0}/certs\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
-             [proxy]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{0}/audit.log\"\n",
+             [proxy]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"{0}/audit.log\"\n[sandbox]\n{sandbox_toml}\n",
             dir.display()
         );
         std::fs::write(&cfg, text).unwrap();
@@ -1451,7 +1452,7 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
     std::fs::write(&secret_file, "root-only-inherited-0321\n").unwrap();
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let leaked = std::fs::File::open(&secret_file).unwrap();
-    let daemon = Process::start_with(dir.path(), free_port(), Some(&leaked), None);
+    let daemon = Process::start_with(dir.path(), free_port(), Some(&leaked), None, "");
     let sb = daemon.isolated_sandbox().await;
     let cmd = json!({"cmd": "ls /proc/self/fd; cat <&7; echo done"});
     let (s, out) = daemon
@@ -1477,10 +1478,12 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
 }
 
 /// Started from a shell whose soft open-file limit is 1,024 (where `proxy.max_connections`
-/// alone is 4,096), the daemon raises its own to the hard limit; the commands it runs get the
-/// soft limit it started with, as they would in that shell.
+/// alone is 4,096), the daemon raises its own to the hard limit. The commands it runs get
+/// `[sandbox] max_open_files` as soft and hard limit (1,024 processes × the host's hard limit
+/// let one sandbox fill the host's file table; found from outside), or with
+/// `max_open_files = 0` the soft limit the daemon started with, as in that shell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_raises_its_open_file_limit_and_commands_get_the_one_it_started_with() {
+async fn the_daemon_raises_its_open_file_limit_and_commands_get_max_open_files() {
     if !netns_ready() {
         return;
     }
@@ -1497,38 +1500,39 @@ async fn the_daemon_raises_its_open_file_limit_and_commands_get_the_one_it_start
     // may not have), at most 2^20 (the daemon's ceiling).
     let hard = hard.rlim_max.min(1 << 20);
     assert!(hard > 1024, "this test needs a hard limit above 1024");
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Process::start_with(dir.path(), free_port(), None, Some((1024, hard)));
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
-    let open_files = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    assert_eq!(
-        open_files.split_whitespace().collect::<Vec<_>>(),
-        [
-            "Max",
-            "open",
-            "files",
-            &hard.to_string(),
-            &hard.to_string(),
-            "files"
-        ],
-        "{limits}"
-    );
-    let sb = daemon.isolated_sandbox().await;
-    let cmd = json!({"cmd": "ulimit -Sn; ulimit -Hn"});
-    let (s, out) = daemon
-        .api(
-            Method::POST,
-            &format!("/v1/sandboxes/{}/commands", id(&sb)),
-            Some(cmd),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{out}");
-    assert_eq!(out["stdout"], format!("1024\n{hard}\n"), "{out}");
-    let (s, _) = daemon
-        .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    for (sandbox_toml, expected) in [
+        ("max_open_files = 512", "512\n512\n".to_owned()),
+        ("max_open_files = 0", format!("1024\n{hard}\n")),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let daemon = Process::start_with(dir.path(), port, None, Some((1024, hard)), sandbox_toml);
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+        let open_files = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let h = hard.to_string();
+        assert_eq!(
+            open_files.split_whitespace().collect::<Vec<_>>(),
+            ["Max", "open", "files", &h, &h, "files"],
+            "{limits}"
+        );
+        let sb = daemon.isolated_sandbox().await;
+        let cmd = json!({"cmd": "ulimit -Sn; ulimit -Hn; ulimit -n 100000 || echo refused"});
+        let path = format!("/v1/sandboxes/{}/commands", id(&sb));
+        let (s, out) = daemon.api(Method::POST, &path, Some(cmd)).await;
+        assert_eq!(s, StatusCode::OK, "{out}");
+        let stdout = out["stdout"].as_str().unwrap();
+        assert!(stdout.starts_with(&expected), "{sandbox_toml}: {out}");
+        assert!(
+            stdout.ends_with("refused\n"),
+            "raised past its hard limit: {out}"
+        );
+        let (s, _) = daemon
+            .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+    }
 }
