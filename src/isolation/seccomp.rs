@@ -11,6 +11,12 @@
 //!   own, where nftables turned on connection tracking that neither the sandbox's flow bounds
 //!   nor its memory cgroup saw — and unprivileged nf_tables is a known road to kernel
 //!   exploits. Without a user namespace, no other namespace can be made (no capability).
+//! - Linux AIO contexts (`io_setup`: ENOSYS). Their events count against one host-wide
+//!   budget (`fs.aio-max-nr`, 65,536), outside every namespace and cgroup: found from
+//!   outside, one sandbox reserved all of it, and root on the host and the other sandboxes got
+//!   EAGAIN (MySQL, QEMU `aio=native`). Programs fall back to threads on ENOSYS.
+//! - io_uring (`io_uring_setup`: ENOSYS, as Docker's default profile since 2023): a large,
+//!   young kernel surface with a history of privilege escalations; its users fall back too.
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
@@ -45,12 +51,13 @@ enum Verdict {
 struct Abi {
     arch: u32,
     nr_mask: u32,
-    refused: [(u32, Verdict); 6],
+    refused: [(u32, Verdict); 8],
 }
 
 /// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
-/// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone.
-const fn refused(keys: [u32; 3], clone: u32, unshare: u32) -> [(u32, Verdict); 6] {
+/// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone;
+/// io_setup and io_uring_setup (425 on every ABI): ENOSYS.
+const fn refused(keys: [u32; 3], clone: u32, unshare: u32, io_setup: u32) -> [(u32, Verdict); 8] {
     [
         (keys[0], Verdict::Fail(libc::ENOSYS)),
         (keys[1], Verdict::Fail(libc::ENOSYS)),
@@ -58,6 +65,8 @@ const fn refused(keys: [u32; 3], clone: u32, unshare: u32) -> [(u32, Verdict); 6
         (clone, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
         (unshare, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
         (435, Verdict::Fail(libc::ENOSYS)),
+        (io_setup, Verdict::Fail(libc::ENOSYS)),
+        (425, Verdict::Fail(libc::ENOSYS)),
     ]
 }
 
@@ -66,12 +75,12 @@ const ABIS: [Abi; 2] = [
     Abi {
         arch: 0xC000_003E, // AUDIT_ARCH_X86_64 (and x32)
         nr_mask: !0x4000_0000,
-        refused: refused([248, 249, 250], 56, 272),
+        refused: refused([248, 249, 250], 56, 272, 206),
     },
     Abi {
         arch: 0x4000_0003, // AUDIT_ARCH_I386 (int 0x80 from a 64-bit process)
         nr_mask: !0,
-        refused: refused([286, 287, 288], 120, 310),
+        refused: refused([286, 287, 288], 120, 310, 245),
     },
 ];
 
@@ -80,12 +89,12 @@ const ABIS: [Abi; 2] = [
     Abi {
         arch: 0xC000_00B7, // AUDIT_ARCH_AARCH64
         nr_mask: !0,
-        refused: refused([217, 218, 219], 220, 97),
+        refused: refused([217, 218, 219], 220, 97, 0),
     },
     Abi {
         arch: 0x4000_0028, // AUDIT_ARCH_ARM (AArch32 compat)
         nr_mask: !0,
-        refused: refused([309, 310, 311], 120, 337),
+        refused: refused([309, 310, 311], 120, 337, 243),
     },
 ];
 

@@ -652,6 +652,16 @@ async fn the_config_file_and_host_sockets_are_masked() {
         print(l.syscall(nr, 0, -4, 0), ctypes.get_errno())'";
     let r = ok(&h, &id(&sb), keyctl).await;
     assert_eq!(r["stdout"], "-1 38\n", "{r}");
+    // Nor Linux AIO contexts (one host-wide budget, fs.aio-max-nr, which one sandbox took
+    // whole in an outside review) or io_uring: io_setup(128, &ctx) and io_uring_setup(8, &p)
+    // are ENOSYS.
+    let aio = "python3 -c 'import ctypes, platform; l = ctypes.CDLL(None, use_errno=True); \
+        nr = {\"x86_64\": 206, \"aarch64\": 0}[platform.machine()]; \
+        ctx = ctypes.c_ulong(0); p = ctypes.create_string_buffer(120); \
+        print(l.syscall(nr, 128, ctypes.byref(ctx)), ctypes.get_errno()); \
+        print(l.syscall(425, 8, p), ctypes.get_errno())'";
+    let r = ok(&h, &id(&sb), aio).await;
+    assert_eq!(r["stdout"], "-1 38\n-1 38\n", "{r}");
     // Nor a user namespace of its own (root with CAP_NET_ADMIN there: nftables, conntrack the
     // host's bounds do not see), by the tool or by a direct unshare(2).
     let userns = "unshare -Urn true; echo rc=$?; python3 -c 'import ctypes; \
