@@ -703,6 +703,7 @@ impl Sandboxes {
         for k in CA_VARS {
             env.insert((*k).to_owned(), ca.clone());
         }
+        env.insert(NODE_PROXY_VAR.to_owned(), "1".to_owned());
         env
     }
 
@@ -838,6 +839,10 @@ pub const PROXY_URL_VARS: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "https_proxy"
 /// Variables holding the hosts that bypass the proxy in `proxy_env`.
 pub const NO_PROXY_VARS: &[&str] = &["NO_PROXY", "no_proxy"];
 
+/// Node's built-in `fetch` and `http` ignore `HTTPS_PROXY` unless this is `1` (Node ≥ 24 and
+/// 22.21; older Node ignores both, found from outside with Node 20): set in `proxy_env`.
+pub const NODE_PROXY_VAR: &str = "NODE_USE_ENV_PROXY";
+
 /// The sandbox id in an isolated sandbox's commands.
 pub const SANDBOX_ID_VAR: &str = "SEALGATE_SANDBOX_ID";
 
@@ -846,6 +851,7 @@ pub const SANDBOX_ID_VAR: &str = "SEALGATE_SANDBOX_ID";
 /// token would be overwritten, or would overwrite what the sandbox needs.
 pub fn set_by_sealgate(name: &str) -> bool {
     name == SANDBOX_ID_VAR
+        || name == NODE_PROXY_VAR
         || [PROXY_URL_VARS, NO_PROXY_VARS, CA_VARS]
             .iter()
             .any(|vars| vars.contains(&name))

@@ -85,6 +85,8 @@ async fn tokens_are_well_formed_and_unique() {
     ] {
         assert!(e.sb.proxy_env.get(k).is_some(), "{k}");
     }
+    // Node's own fetch ignores HTTPS_PROXY without it (Node ≥ 24 reads it; older ignore both).
+    assert_eq!(e.sb.proxy_env["NODE_USE_ENV_PROXY"], "1");
 }
 
 #[tokio::test]
