@@ -295,6 +295,16 @@ fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
             validate::quoted_if_short(field)
         ));
     }
+    // Likewise an unknown location (the only enum in the body).
+    if let Some(pos) = text.find("unknown variant `") {
+        let rest = &text[pos + "unknown variant `".len()..];
+        let variant = rest.split('`').next().unwrap_or_default();
+        return ApiError::bad_request(format!(
+            "invalid secret body: unknown location {} (the locations are \"header\", \"query\" \
+             and \"body\")",
+            validate::quoted_if_short(variant)
+        ));
+    }
     ApiError::bad_request("invalid secret body: expected {\"value\": string, \"allowed_hosts\"?: [string] | null, \"locations\"?: [\"header\"|\"query\"|\"body\"]}")
 }
 
@@ -371,7 +381,17 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
             meta.name, store.name
         ));
     }
-    if let (Some(allow), Some(hosts)) = (&store.egress_allowlist, &meta.allowed_hosts) {
+    if meta.allowed_hosts.as_ref().is_some_and(Vec::is_empty) {
+        w.push(format!(
+            "secret {} can never be unsealed: its allowed_hosts is empty",
+            meta.name
+        ));
+    } else if store.egress_allowlist.as_ref().is_some_and(Vec::is_empty) {
+        w.push(format!(
+            "secret {} can never be unsealed: store {}'s egress_allowlist is empty (no host)",
+            meta.name, store.name
+        ));
+    } else if let (Some(allow), Some(hosts)) = (&store.egress_allowlist, &meta.allowed_hosts) {
         if !any_overlap(allow, hosts) {
             w.push(format!(
                 "secret {} can never be unsealed: none of its allowed_hosts is reachable under store {}'s egress_allowlist",

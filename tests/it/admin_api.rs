@@ -286,6 +286,15 @@ async fn a_value_in_the_name_or_as_a_field_never_comes_back_in_an_error() {
         "{v}"
     );
     assert!(!v.to_string().contains("swapped-value"), "{v}");
+    // A misspelt location is named; a value put there is not repeated.
+    for (location, shown) in [("headers", true), (value, false)] {
+        let body = json!({"value": "x-valid-value-000000", "locations": [location]});
+        let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("unknown location"), "{msg}");
+        assert_eq!(msg.contains(location), shown, "{msg}");
+    }
 }
 
 #[tokio::test]
@@ -302,6 +311,18 @@ async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
         "{v}"
     );
     assert!(!v.to_string().contains("shorter than"), "{v}");
+    // Also under a store that allows no host, and with an empty allowed_hosts (found from
+    // outside: both answered with no warning).
+    let closed = h.store("closed", Some(&[])).await;
+    for (store, hosts) in [(&closed, None), (&id, Some(&[][..]))] {
+        let v = h
+            .secret(store, "K2", "sk-never-returned-7783", hosts, None)
+            .await;
+        assert!(
+            v["warnings"].to_string().contains("can never be unsealed"),
+            "{v}"
+        );
+    }
     // A short value can be guessed through the response scrubbing: the operator is told.
     let v = h
         .secret(&id, "PIN", "pw4711", Some(&["api.example.test"]), None)
