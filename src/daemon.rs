@@ -795,8 +795,17 @@ async fn reloads(
         if let Err(e) = proxy.audit.reopen() {
             tracing::warn!(error = %e, "audit log reopen failed");
         }
-        if let Some(r) = reply {
-            let _ = r.send(outcome);
+        match reply {
+            Some(r) => {
+                let _ = r.send(outcome); // the admin route writes its own audit line
+            }
+            None => proxy.audit.admin(&crate::audit::AdminEvent {
+                action: "config.reload",
+                store: None,
+                secret: None,
+                sandbox: None,
+                actor: "signal:SIGHUP".into(),
+            }),
         }
     }
 }

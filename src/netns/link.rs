@@ -86,7 +86,7 @@ pub fn write_etc(plan: &Plan) -> Result<(), NetnsError> {
     std::fs::create_dir_all(&dir).map_err(file_err(&dir))?;
     let resolv = dir.join("resolv.conf");
     let text = format!(
-        "# written by sealgate sandbox exec\nnameserver {}\noptions attempts:2 timeout:2\n",
+        "# written by sealgate for this sandbox\nnameserver {}\noptions attempts:2 timeout:2\n",
         plan.host_ip
     );
     std::fs::write(&resolv, text).map_err(file_err(&resolv))?;

@@ -390,7 +390,11 @@ impl Sandboxes {
             let _ = self.store.delete_sandbox(&sb.id);
             return Err(e.into());
         }
-        tracing::info!(sandbox = %sb.id, store = %store.id, expires_at = %sb.expires_at, "sandbox created");
+        let expires_at = sb
+            .expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        tracing::info!(sandbox = %sb.id, store = %store.id, %expires_at, "sandbox created");
         let mut info = self.info(&sb);
         info.proxy_env = Some(self.proxy_env(&sb, &proxy_token));
         Ok(info)

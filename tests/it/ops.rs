@@ -760,6 +760,16 @@ async fn sighup_applies_a_new_limit_without_dropping_live_tunnels_and_refuses_an
     await_connect_status(&b, &sb, 429).await;
     let a = echo_get(&mut live, "api.example.test", &key).await;
     assert_eq!(a.status, StatusCode::OK, "the live tunnel survived SIGHUP");
+    // Audited like a reload through the API (found from outside: it was not).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let audit = std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap_or_default();
+        if audit.contains(r#""action":"config.reload","store":null,"secret":null,"sandbox":null,"actor":"signal:SIGHUP""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no config.reload line:\n{audit}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(echo.received_bytes_contain(b"sk-ops-sighup-0001"));
 
     std::fs::write(
