@@ -13,7 +13,8 @@
 //! [`ScrubStream`] holds back the last [`Scrubber::window`] bytes of what it has (the longest
 //! value's length less one, rounded up to [`WINDOW_UNIT`]) and emits everything before them:
 //! any match starting there lies entirely in what we have. No value (nor any of its forms)
-//! holds CR, LF or NUL (the API refuses them), so nothing is held across the last of those:
+//! holds CR, LF or NUL (the API refuses them), so nothing is held across the last of those
+//! (a scrubber built from values that do hold one keeps the whole window):
 //!
 //! ```text
 //! values: "sk-abc"      pending: "data: {\"k\":\"sk-ab"      everything held (no line end yet)
@@ -91,6 +92,9 @@ pub struct Scrubber {
     max_len: usize,
     /// Bytes a stream holds back at most ([`Scrubber::window`]).
     window: usize,
+    /// No value holds CR, LF or NUL, so a stream releases everything up to the last of them
+    /// (always so for values the API accepted; the scrubber itself takes any bytes).
+    line_ends_release: bool,
     /// Scrubbers of per-request extras, keyed by the `(real, sealed)` pairs themselves: the
     /// real form of one sealed header differs by host (a token unsealed for one host travels
     /// sealed to another), so a key of the sealed forms alone could hand one host's response
@@ -294,6 +298,9 @@ impl Scrubber {
         let kind = (total > DFA_MAX_PATTERN_BYTES).then_some(AhoCorasickKind::ContiguousNFA);
         let patterns = || values.iter().map(SecretValue::expose);
         let search = Search::new(patterns, kind)?;
+        let line_ends_release = values
+            .iter()
+            .all(|v| memchr::memchr3(b'\n', b'\r', b'\0', v.expose()).is_none());
         let names = AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .kind(kind)
@@ -307,6 +314,7 @@ impl Scrubber {
             masks: Arc::default(),
             max_len,
             window: (max_len - 1).div_ceil(WINDOW_UNIT) * WINDOW_UNIT,
+            line_ends_release,
             extras: Arc::default(),
         })
     }
@@ -369,6 +377,9 @@ impl Scrubber {
     /// function of the byte count and the line ends only, never of the values.
     fn hold_from(&self, buf: &[u8], cursor: usize) -> usize {
         let start = cursor.max(buf.len().saturating_sub(self.window));
+        if !self.line_ends_release {
+            return start;
+        }
         match memchr::memrchr3(b'\n', b'\r', b'\0', &buf[start..]) {
             Some(i) => start + i + 1,
             None => start,
@@ -914,6 +925,21 @@ mod tests {
         st.push(Bytes::from_static(b"c\"}\n\ndata: done\n\n"), &mut out);
         assert_eq!(out.concat(), b"data: {\"k\":\"T\"}\n\ndata: done\n\n");
         assert!(!st.is_holding());
+    }
+
+    /// The scrubber takes any bytes: with a value that holds a line end (or NUL), a line end
+    /// releases nothing, and the value split there is still found (the fuzzer's find).
+    #[test]
+    fn a_value_holding_a_line_end_is_found_across_it() {
+        for value in ["ab\ncd-value", "ab\rcd-value", "ab\0cd-value"] {
+            let s = scrubber(&[(value, "T")]);
+            let mut st = ScrubStream::new(s);
+            let mut out = Vec::new();
+            st.push(Bytes::copy_from_slice(&value.as_bytes()[..3]), &mut out);
+            st.push(Bytes::copy_from_slice(&value.as_bytes()[3..]), &mut out);
+            st.finish(&mut out);
+            assert_eq!(out.concat(), b"T", "{value:?}");
+        }
     }
 
     /// What a stream emits before the end depends on the byte count and the line ends, never
