@@ -349,6 +349,9 @@ impl Scrubber {
             hold: self.stop_point(buf, from, stop),
             count: 0,
         };
+        if s.hold == from {
+            return s; // all held: no match could start before the hold (a small body's case)
+        }
         for m in self.search.find_iter(buf, from) {
             if m.start() >= s.hold {
                 break;
