@@ -50,6 +50,20 @@ async fn setup_with(sandbox_toml: &str) -> Env {
     Env { h, echo }
 }
 
+/// Stops `e`'s daemon and starts another on the same data dir, origin and test PKI.
+async fn restart(e: &mut Env) -> Harness {
+    let data_dir = e.h.dir.path().join("data");
+    e.h.stop().await;
+    let opts = Opts {
+        data_dir: Some(data_dir),
+        resolve: vec![("api.example.test".into(), e.echo.addr)],
+        ..Opts::default()
+    };
+    Harness::try_start(opts, Some(e.h.pki.clone()))
+        .await
+        .expect("restart")
+}
+
 async fn setup() -> Env {
     setup_with("max_output_bytes = 1000\nmax_commands_per_sandbox = 2\n").await
 }
@@ -1218,16 +1232,7 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     // Restart: an isolated sandbox of the earlier run is not restored.
     let sb = isolated(&e.h, json!({})).await;
     let sid = id(&sb);
-    let data_dir = e.h.dir.path().join("data");
-    e.h.stop().await;
-    let opts = Opts {
-        data_dir: Some(data_dir),
-        resolve: vec![("api.example.test".into(), e.echo.addr)],
-        ..Opts::default()
-    };
-    let h2 = Harness::try_start(opts, Some(e.h.pki.clone()))
-        .await
-        .expect("restart");
+    let h2 = restart(&mut e).await;
     let (s, _) = h2
         .api(Method::GET, &format!("/v1/sandboxes/{sid}"), None)
         .await;
@@ -1272,16 +1277,7 @@ async fn a_restart_keeps_the_rules_an_operator_applied_for_a_live_sandbox() {
     let (live_set, gone_set) = (set(&live), set(&gone));
     netns::apply_rules(&live_set).unwrap();
     netns::apply_rules(&gone_set).unwrap();
-    let data_dir = e.h.dir.path().join("data");
-    e.h.stop().await;
-    let opts = Opts {
-        data_dir: Some(data_dir),
-        resolve: vec![("api.example.test".into(), e.echo.addr)],
-        ..Opts::default()
-    };
-    let h2 = Harness::try_start(opts, Some(e.h.pki.clone()))
-        .await
-        .expect("restart");
+    let h2 = restart(&mut e).await;
     let nat = run_ok("iptables", &["-w", "5", "-t", "nat", "-S"]).unwrap();
     let has = |id: &str| nat.contains(&format!("-N {}", chain_name(id).unwrap()));
     netns::remove_rules(&live_set);
