@@ -141,7 +141,7 @@ impl Running {
         if let Some(t) = self.transparent_addr {
             line("transparent:", t.to_string());
         }
-        line("database:", self.db_path.display().to_string());
+        line("database:", absolute(&self.db_path));
         let certs = self.cert_dir.display();
         line(
             "CA certs:",
@@ -154,7 +154,7 @@ impl Running {
         line(
             "admin token:",
             match &self.admin_token_file {
-                Some(p) => format!("{} (file)", p.display()),
+                Some(p) => format!("{} (file)", absolute(p)),
                 None => "from SEALGATE_ADMIN_TOKEN".into(),
             },
         );
@@ -385,6 +385,16 @@ struct Fleet {
     node: String,
     url: DatabaseUrl,
     health: Arc<Health>,
+}
+
+/// `path` as an absolute path for the summary (the CA directory already is one); a
+/// PostgreSQL location is a URL and passes as it is.
+fn absolute(path: &Path) -> String {
+    let shown = path.display().to_string();
+    if shown.contains("://") {
+        return shown;
+    }
+    std::path::absolute(path).map_or(shown, |p| p.display().to_string())
 }
 
 /// Opens the configured backend, with the master-key check (and, for SQLite, the recovery of
