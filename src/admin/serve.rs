@@ -4,9 +4,9 @@
 //! - At most `[admin] max_connections` connections are served at once (an outside test
 //!   exhausted the daemon's descriptors — proxy included — by opening half-sent admin requests
 //!   from any local process). Past that, one more connection is accepted and held: it takes
-//!   the slot of the oldest connection that never sent the admin token and has no request in
-//!   flight ([`super::slots`]), or else waits for a slot; the rest wait in the kernel's
-//!   backlog.
+//!   the slot of the oldest connection that never sent the admin token, past its grace, idle
+//!   ones first ([`super::slots`]), or else waits for a slot, trying again every
+//!   [`EVICT_RETRY`]; the rest wait in the kernel's backlog.
 //! - A request head must arrive within `[admin] header_read_timeout_secs` of the connection
 //!   or of the previous answer (an idle keep-alive connection is closed then too).
 //! - Shutdown stops accepting, lets connections finish their request, and waits at most
@@ -17,18 +17,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service as _;
 
+use super::error::ApiError;
 use super::routes::token_matches;
 use super::slots::{Conn, Table};
 use crate::secret::SecretValue;
 
 /// How long shutdown waits for admin connections still busy (a streamed command).
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a newcomer waiting for a slot tries to evict again.
+const EVICT_RETRY: Duration = Duration::from_millis(50);
 
 pub use crate::config::AdminLimits as Limits;
 
@@ -61,14 +66,10 @@ pub async fn serve(
         };
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
-            Err(_) => {
-                // Full: make room if a connection without the token holds a slot idly.
-                table.evict_one();
-                tokio::select! {
-                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-                    _ = shutdown.changed() => break,
-                }
-            }
+            Err(_) => match wait_for_slot(&slots, &table, &mut shutdown).await {
+                Some(slot) => slot,
+                None => break,
+            },
         };
         let entry = table.enter();
         let svc = service(router.clone(), peer, token.clone(), entry.conn.clone());
@@ -91,6 +92,24 @@ pub async fn serve(
     }
 }
 
+/// Every slot is taken: evicts a connection without the token ([`Table::evict_one`]) and
+/// waits for a slot, evicting again every [`EVICT_RETRY`] while none is free (a connection
+/// may be inside its grace, or its request may finish, at the first try). `None` at shutdown.
+async fn wait_for_slot(
+    slots: &Arc<Semaphore>,
+    table: &Table,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        table.evict_one();
+        tokio::select! {
+            s = slots.clone().acquire_owned() => return Some(s.expect("the semaphore is never closed")),
+            () = tokio::time::sleep(EVICT_RETRY) => {}
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
 /// The router for one connection, with its peer address for `ConnectInfo`; each request is
 /// counted in `conn` (in flight until its response head, and whether it sent `token`).
 fn service(
@@ -107,9 +126,13 @@ fn service(
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
-        let in_flight = InFlight::start(conn.clone(), token_matches(&token, req.headers()));
+        let (in_flight, runs) = InFlight::start(conn.clone(), token_matches(&token, req.headers()));
         async move {
-            let answer = router.call(req).await;
+            let answer = if runs {
+                router.call(req).await
+            } else {
+                Ok(evicted_answer())
+            };
             drop(in_flight);
             answer
         }
@@ -120,10 +143,27 @@ fn service(
 struct InFlight(Arc<Conn>);
 
 impl InFlight {
-    fn start(conn: Arc<Conn>, authenticated: bool) -> InFlight {
-        conn.started(authenticated);
-        InFlight(conn)
+    /// The request, counted; and whether it may run (its connection was not evicted).
+    fn start(conn: Arc<Conn>, authenticated: bool) -> (InFlight, bool) {
+        let runs = conn.started(authenticated);
+        (InFlight(conn), runs)
     }
+}
+
+/// What a request gets on a connection evicted before it was read: nothing ran; retry.
+fn evicted_answer() -> axum::response::Response {
+    let mut answer = ApiError::new(
+        hyper::StatusCode::SERVICE_UNAVAILABLE,
+        "connection_evicted",
+        "this connection was closed to make room for another (every admin connection slot was \
+         taken); nothing was done: retry on a new connection",
+    )
+    .into_response();
+    answer.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    answer
 }
 
 impl Drop for InFlight {

@@ -1,38 +1,68 @@
 //! Who holds the admin listener's connection slots, and which of them a newcomer may take.
 //!
 //! Invariants:
-//! - A connection that has sent a request carrying the admin token is *trusted* and is never
-//!   evicted; nor is one with a request in flight.
-//! - When every slot is taken, a newcomer evicts the oldest connection that is neither: one
-//!   that has only sent half a head, or only unauthenticated requests and now sits idle. So
-//!   any local process can still open connections without the token, but cannot keep the
-//!   operator out by holding the slots with half-sent heads (an outside review: 200 of them
-//!   slowed every admin call to ~10 s, the header timeout).
+//! - A connection is *open*, *trusted* or *evicted*. It becomes trusted when a request
+//!   carrying the admin token starts on it, evicted when a newcomer takes its slot, and never
+//!   leaves either state. Each move is one compare-and-swap from open, so a request that
+//!   started with the token is never cut short by an eviction, and an evicted connection runs
+//!   no request at all (it is answered 503 and closed).
+//! - When every slot is taken, a newcomer evicts the oldest open connection that is at least
+//!   [`GRACE`] old (time for its first head to arrive), one without a request in flight first.
+//!   An open connection's requests carry no token: health probes and 401s, cheap to lose. So
+//!   any local process can still connect without the token, but cannot keep the operator out
+//!   by holding the slots, whether with half-sent heads (an outside review: 200 of them slowed
+//!   every admin call to ~10 s, the header timeout) or with unauthenticated requests kept in
+//!   flight (`/readyz` queued on the store's lock; a later review).
 //! - An evicted connection is told once; it closes when its task sees the notice.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+/// How long a new connection is safe from eviction.
+pub const GRACE: Duration = Duration::from_millis(250);
+
+const OPEN: u8 = 0;
+const TRUSTED: u8 = 1;
+const EVICTED: u8 = 2;
+
 /// One admin connection as the slot table sees it.
-#[derive(Default)]
 pub struct Conn {
-    trusted: AtomicBool,
+    state: AtomicU8,
     in_flight: AtomicUsize,
-    evicted: AtomicBool,
+    born: Instant,
     notice: Notify,
 }
 
 impl Conn {
-    /// A request arrived; `authenticated` if it carried the admin token. Pair with
-    /// [`Conn::finished`].
-    pub fn started(&self, authenticated: bool) {
-        if authenticated {
-            self.trusted.store(true, Ordering::Relaxed);
+    fn new() -> Conn {
+        Conn {
+            state: AtomicU8::new(OPEN),
+            in_flight: AtomicUsize::new(0),
+            born: Instant::now(),
+            notice: Notify::new(),
         }
+    }
+
+    /// A request arrived; `authenticated` if it carried the admin token. False if the
+    /// connection was evicted: the request must not run. Pair with [`Conn::finished`] either way.
+    pub fn started(&self, authenticated: bool) -> bool {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let state = if authenticated {
+            match self
+                .state
+                .compare_exchange(OPEN, TRUSTED, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => TRUSTED,
+                Err(now) => now,
+            }
+        } else {
+            self.state.load(Ordering::Acquire)
+        };
+        state != EVICTED
     }
 
     /// A request's response head went out.
@@ -45,18 +75,34 @@ impl Conn {
         self.notice.notified().await;
     }
 
-    fn evictable(&self) -> bool {
-        !self.trusted.load(Ordering::Relaxed)
-            && self.in_flight.load(Ordering::Acquire) == 0
-            && !self.evicted.load(Ordering::Relaxed)
+    /// Open → evicted, with the notice; false if it was trusted (or evicted) already.
+    fn evict(&self) -> bool {
+        let moved = self
+            .state
+            .compare_exchange(OPEN, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if moved {
+            self.notice.notify_one();
+        }
+        moved
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
     }
 }
 
 /// The connections being served, oldest first.
-#[derive(Default)]
 pub struct Table {
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
     next: AtomicUsize,
+    grace: Duration,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table::with_grace(GRACE)
+    }
 }
 
 /// A connection's entry; removed from the table when dropped.
@@ -68,10 +114,19 @@ pub struct Entry {
 }
 
 impl Table {
+    /// A table whose connections are safe from eviction for their first `grace`.
+    pub fn with_grace(grace: Duration) -> Table {
+        Table {
+            conns: Mutex::default(),
+            next: AtomicUsize::new(0),
+            grace,
+        }
+    }
+
     /// Registers a new connection (the newest).
     pub fn enter(self: &Arc<Self>) -> Entry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
-        let conn = Arc::new(Conn::default());
+        let conn = Arc::new(Conn::new());
         self.lock().insert(id, conn.clone());
         Entry {
             table: self.clone(),
@@ -80,15 +135,20 @@ impl Table {
         }
     }
 
-    /// Evicts the oldest evictable connection; false if there is none.
+    /// Evicts the oldest open connection past its grace, an idle one first; false if there
+    /// is none.
     pub fn evict_one(&self) -> bool {
         let conns = self.lock();
-        let Some(victim) = conns.values().find(|c| c.evictable()) else {
-            return false;
+        let now = Instant::now();
+        let aged = || {
+            conns
+                .values()
+                .filter(move |c| now.saturating_duration_since(c.born) >= self.grace)
         };
-        victim.evicted.store(true, Ordering::Relaxed);
-        victim.notice.notify_one();
-        true
+        let mut idle_first = aged()
+            .filter(|c| c.idle())
+            .chain(aged().filter(|c| !c.idle()));
+        idle_first.any(|c| c.evict())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
@@ -106,25 +166,55 @@ impl Drop for Entry {
 mod tests {
     use super::*;
 
+    fn evicted(c: &Conn) -> bool {
+        c.state.load(Ordering::Relaxed) == EVICTED
+    }
+
     #[test]
-    fn the_oldest_untrusted_idle_connection_goes_first() {
-        let table = Arc::new(Table::default());
+    fn the_oldest_open_connection_goes_first_idle_before_busy() {
+        let table = Arc::new(Table::with_grace(Duration::ZERO));
         let trusted = table.enter();
-        trusted.conn.started(true);
+        assert!(trusted.conn.started(true));
         trusted.conn.finished();
         let busy = table.enter();
-        busy.conn.started(false);
+        assert!(busy.conn.started(false));
         let idle = table.enter();
         let newer = table.enter();
         assert!(table.evict_one());
-        assert!(idle.conn.evicted.load(Ordering::Relaxed));
-        assert!(!newer.conn.evicted.load(Ordering::Relaxed));
-        assert!(table.evict_one(), "then the next one");
-        assert!(newer.conn.evicted.load(Ordering::Relaxed));
-        assert!(!table.evict_one(), "trusted and busy connections stay");
-        busy.conn.finished();
-        assert!(table.evict_one(), "an unauthenticated request that ended");
+        assert!(evicted(&idle.conn) && !evicted(&newer.conn) && !evicted(&busy.conn));
+        assert!(table.evict_one(), "then the next idle one");
+        assert!(evicted(&newer.conn));
+        assert!(
+            table.evict_one(),
+            "then one with an unauthenticated request in flight"
+        );
+        assert!(evicted(&busy.conn));
+        assert!(!table.evict_one(), "a trusted connection stays");
+        assert!(!evicted(&trusted.conn));
         drop((trusted, busy, idle, newer));
         assert!(table.lock().is_empty());
+    }
+
+    /// Trusting and evicting exclude each other: whichever comes first wins, and an evicted
+    /// connection runs no request, with the token or without.
+    #[test]
+    fn an_evicted_connection_runs_no_request_and_a_trusted_one_is_never_evicted() {
+        let table = Arc::new(Table::with_grace(Duration::ZERO));
+        let a = table.enter();
+        assert!(table.evict_one());
+        assert!(!a.conn.started(true), "evicted before its head was read");
+        assert!(!a.conn.started(false));
+        let b = table.enter();
+        assert!(b.conn.started(true));
+        b.conn.finished();
+        assert!(!table.evict_one(), "b is trusted, a already evicted");
+    }
+
+    #[test]
+    fn a_new_connection_is_safe_for_its_grace() {
+        let table = Arc::new(Table::with_grace(Duration::from_secs(3600)));
+        let young = table.enter();
+        assert!(!table.evict_one());
+        assert!(!evicted(&young.conn));
     }
 }
