@@ -102,7 +102,8 @@ pub struct Running {
     pub admin_token_file: Option<PathBuf>,
     /// Where the master key came from.
     pub key_source: KeySource,
-    /// The store's database: the SQLite file, or the PostgreSQL URL with its password redacted.
+    /// The store's database: the SQLite file (absolute), or the PostgreSQL location with its
+    /// password redacted (a URL or key=value words, as configured).
     pub db_path: PathBuf,
     /// Fleet mode: this node's id and its view of the shared database.
     pub fleet: Option<(String, Arc<Health>)>,
@@ -141,7 +142,7 @@ impl Running {
         if let Some(t) = self.transparent_addr {
             line("transparent:", t.to_string());
         }
-        line("database:", absolute(&self.db_path));
+        line("database:", self.db_path.display().to_string());
         let certs = self.cert_dir.display();
         line(
             "CA certs:",
@@ -154,7 +155,7 @@ impl Running {
         line(
             "admin token:",
             match &self.admin_token_file {
-                Some(p) => format!("{} (file)", absolute(p)),
+                Some(p) => format!("{} (file)", absolute(p).display()),
                 None => "from SEALGATE_ADMIN_TOKEN".into(),
             },
         );
@@ -387,14 +388,9 @@ struct Fleet {
     health: Arc<Health>,
 }
 
-/// `path` as an absolute path for the summary (the CA directory already is one); a
-/// PostgreSQL location is a URL and passes as it is.
-fn absolute(path: &Path) -> String {
-    let shown = path.display().to_string();
-    if shown.contains("://") {
-        return shown;
-    }
-    std::path::absolute(path).map_or(shown, |p| p.display().to_string())
+/// `path` as an absolute path for the summary (the CA directory already is one).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// Opens the configured backend, with the master-key check (and, for SQLite, the recovery of
@@ -404,7 +400,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
         let (store, key_source) =
             crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
         return Ok(Opened {
-            location: store.db_path().to_owned(),
+            location: absolute(store.db_path()),
             store: Arc::new(store),
             key_source,
             fleet: None,
@@ -665,23 +661,34 @@ async fn sweep(
     }
 }
 
-/// The stored sandboxes that this daemon did not isolate in an earlier run (those have a
-/// directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]): the
-/// ones whose hand-applied rules the sweep keeps. Unreadable rows are left to the restore,
-/// which reports them.
-fn proxy_only_ids(cfg: &Config, store: &dyn Store) -> Vec<String> {
+/// The stored, unexpired sandboxes that this daemon did not isolate in an earlier run (those
+/// have a directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]):
+/// the ones whose hand-applied rules the sweep keeps. `None` when the rows cannot be read (one
+/// that fails to authenticate fails them all, as does a database that is briefly away): the
+/// sweep then keeps every chain, and the restore reports the rows.
+fn proxy_only_ids(cfg: &Config, store: &dyn Store) -> Option<Vec<String>> {
     let isolated = cfg.data_dir.join("sandboxes");
-    let rows = store.load_sandboxes().unwrap_or_default();
-    rows.into_iter()
+    let rows = store
+        .load_sandboxes()
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "could not read the stored sandboxes before the sweep: \
+                every SG-* chain on the host is kept")
+        })
+        .ok()?;
+    let now = time::OffsetDateTime::now_utc();
+    let ids = rows
+        .into_iter()
+        .filter(|row| row.expires_at > now)
         .map(|row| row.id)
         .filter(|id| !isolated.join(id).exists())
-        .collect()
+        .collect();
+    Some(ids)
 }
 
 /// Undoes namespaces, veths and rules that daemons which died on this host left behind,
 /// keeping the chains of the `live` sandboxes ([`crate::netns::sweep::sweep`]).
-async fn sweep_namespaces(live: Vec<String>) -> crate::netns::sweep::Swept {
-    let swept = tokio::task::spawn_blocking(move || crate::netns::sweep::sweep(&live))
+async fn sweep_namespaces(live: Option<Vec<String>>) -> crate::netns::sweep::Swept {
+    let swept = tokio::task::spawn_blocking(move || crate::netns::sweep::sweep(live.as_deref()))
         .await
         .unwrap_or_default();
     if swept.records + swept.orphans > 0 {

@@ -46,8 +46,10 @@ struct Listing {
 /// by the next start. `live` are the ids of the sandboxes the starting daemon serves: their
 /// `SG-*` chains are kept even without a record — an operator who integrates another sandbox
 /// runtime applies `sealgate sandbox rules` output by hand, and a restart swept it away,
-/// leaving the sandbox's traffic unredirected (found from outside).
-pub fn sweep(live: &[String]) -> Swept {
+/// leaving the sandbox's traffic unredirected (found from outside). `None`: the daemon could
+/// not read which sandboxes it serves, so every `SG-*` chain is kept (the operator's rules
+/// are not ours to guess away); namespaces, veths, their hooks and cgroups are swept as ever.
+pub fn sweep(live: Option<&[String]>) -> Swept {
     let listing = list();
     let mut out = Swept::default();
     for rec in Record::all_in(STATE_DIR)
@@ -67,10 +69,15 @@ pub fn sweep(live: &[String]) -> Swept {
     let mut known = Known::read();
     // Not the daemon's own isolated sandboxes of an earlier run (undone just above, ended at
     // start): what their undo left is swept as before.
-    let kept = live.iter().filter(|id| !out.sandbox_ids.contains(id));
-    known
-        .chains
-        .extend(kept.filter_map(|id| chain_name(id).ok()));
+    match live {
+        Some(live) => {
+            let kept = live.iter().filter(|id| !out.sandbox_ids.contains(id));
+            known
+                .chains
+                .extend(kept.filter_map(|id| chain_name(id).ok()));
+        }
+        None => known.every_chain = true,
+    }
     out.orphans += sweep_netns(&listing, &known);
     out.orphans += sweep_links(&listing, &known);
     out.orphans += sweep_rules(&listing, &known);
@@ -140,6 +147,8 @@ struct Known {
     links: HashSet<String>,
     chains: HashSet<String>,
     sandboxes: HashSet<String>,
+    /// Keep every `SG-*` chain (the live sandboxes are unknown).
+    every_chain: bool,
 }
 
 impl Known {
@@ -149,6 +158,7 @@ impl Known {
             links: HashSet::new(),
             chains: HashSet::new(),
             sandboxes: HashSet::new(),
+            every_chain: false,
         };
         for rec in Record::all_in(STATE_DIR)
             .into_iter()
@@ -204,7 +214,7 @@ fn sweep_rules(l: &Listing, known: &Known) -> usize {
         let orphan_chains: Vec<&str> = dump
             .lines()
             .filter_map(|line| line.strip_prefix("-N "))
-            .filter(|c| c.starts_with("SG-") && !known.chains.contains(*c))
+            .filter(|c| c.starts_with("SG-") && !known.every_chain && !known.chains.contains(*c))
             .collect();
         for line in dump
             .lines()

@@ -1287,6 +1287,64 @@ async fn a_restart_keeps_the_rules_an_operator_applied_for_a_live_sandbox() {
     drop(h2);
 }
 
+/// A start that cannot read its stored sandboxes (a row that fails to authenticate fails them
+/// all) keeps every `SG-*` chain: it refuses to start over the row, and the operator who
+/// repairs it must find the hand-applied rules still there (the sweep took an unreadable
+/// store for an empty one and removed them all; found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_read_its_sandboxes_keeps_every_chain() {
+    use sealgate::netns::{self, rules::chain_name, RuleParams, RuleSet};
+    if !netns_ready() {
+        return;
+    }
+    let mut e = setup().await;
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "source_ip": "198.19.251.6"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let live = id(&v);
+    let set = RuleSet::generate(&RuleParams {
+        sandbox_id: live.clone(),
+        host_if: "sgopveth1".into(),
+        sandbox_ip: "198.19.251.6".parse().unwrap(),
+        host_ip: None,
+        transparent_port: 1,
+        dns_port: None,
+        ipv6: false,
+        flows: None,
+    })
+    .unwrap();
+    netns::apply_rules(&set).unwrap();
+    let data_dir = e.h.dir.path().join("data");
+    e.h.stop().await;
+    let conn = rusqlite::Connection::open(data_dir.join("sealgate.db")).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE sandboxes SET expires_at = expires_at + 1000000000",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    let opts = Opts {
+        data_dir: Some(data_dir),
+        resolve: vec![("api.example.test".into(), e.echo.addr)],
+        ..Opts::default()
+    };
+    let refused = Harness::try_start(opts, Some(e.h.pki.clone())).await;
+    let nat = run_ok("iptables", &["-w", "5", "-t", "nat", "-S"]).unwrap();
+    netns::remove_rules(&set);
+    assert!(refused.is_err(), "a tampered sandbox row was accepted");
+    assert!(
+        nat.contains(&format!("-N {}", chain_name(&live).unwrap())),
+        "the chain of a sandbox in the unreadable store was swept:\n{nat}"
+    );
+}
+
 /// A real daemon process (`sealgate serve`) on fixed free ports, for crash tests.
 struct Process {
     child: std::process::Child,
