@@ -643,10 +643,21 @@ impl Problems {
     }
 
     fn count(&mut self, key: &str, value: Option<usize>, default: usize, max: usize) -> usize {
+        self.count_from(key, value, default, 1, max)
+    }
+
+    fn count_from(
+        &mut self,
+        key: &str,
+        value: Option<usize>,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> usize {
         let v = value.unwrap_or(default);
-        if v == 0 || v > max {
+        if v < min || v > max {
             self.0
-                .push(format!("{key}: {v} is out of range (1..={max})"));
+                .push(format!("{key}: {v} is out of range ({min}..={max})"));
         }
         v
     }
@@ -860,10 +871,12 @@ impl RawProxy {
                 65536,
                 1 << 20,
             ),
-            max_unsealed_bytes: p.count(
+            // Values count in whole KiB: below one, every token would be refused.
+            max_unsealed_bytes: p.count_from(
                 "proxy.max_unsealed_bytes",
                 self.max_unsealed_bytes,
                 1 << 20,
+                crate::subst::BUDGET_UNIT,
                 1 << 30,
             ),
             max_header_fields: p.count(
@@ -1322,6 +1335,21 @@ mod tests {
                 format!("proxy.busy_poll_us: {bad} is out of range (0 = off, or 20..=1000 µs)");
             assert!(err.contains(&said), "{err}");
         }
+    }
+
+    /// Values count against the budget in whole KiB: a budget under one would refuse every
+    /// token, so it is refused at start with the range, not met with 413s.
+    #[test]
+    fn an_unsealed_budget_below_one_kib_is_refused() {
+        let err = Config::parse("[proxy]\nmax_unsealed_bytes = 512\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.max_unsealed_bytes: 512 is out of range (1024..=1073741824)"),
+            "{err}"
+        );
+        let cfg = Config::parse("[proxy]\nmax_unsealed_bytes = 1024\n", "t").unwrap();
+        assert_eq!(cfg.proxy.max_unsealed_bytes, 1024);
     }
 
     #[test]
