@@ -277,6 +277,15 @@ struct SecretAnswer {
 }
 
 /// JSON errors on the secret route never echo input: serde quotes offending scalars.
+/// What serde names after `marker` in `text`, up to its last `` `, expected ``: serde does not
+/// escape the name, so a backtick inside it must not cut it short (a cut name could pass as
+/// short and be echoed while the whole was not).
+fn named_in<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
+    let start = text.find(marker)? + marker.len();
+    let len = text[start..].rfind("`, expected")?;
+    Some(&text[start..start + len])
+}
+
 fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
     if matches!(
         e.status(),
@@ -286,9 +295,7 @@ fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
     }
     // An unknown field's name only if short: a caller's JSON could use the value as a key.
     let text = e.body_text();
-    if let Some(pos) = text.find("unknown field `") {
-        let rest = &text[pos + "unknown field `".len()..];
-        let field = rest.split('`').next().unwrap_or_default();
+    if let Some(field) = named_in(&text, "unknown field `") {
         return ApiError::bad_request(format!(
             "invalid secret body: unknown field {} (the fields are value, allowed_hosts, \
              locations)",
@@ -296,9 +303,7 @@ fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
         ));
     }
     // Likewise an unknown location (the only enum in the body).
-    if let Some(pos) = text.find("unknown variant `") {
-        let rest = &text[pos + "unknown variant `".len()..];
-        let variant = rest.split('`').next().unwrap_or_default();
+    if let Some(variant) = named_in(&text, "unknown variant `") {
         return ApiError::bad_request(format!(
             "invalid secret body: unknown location {} (the locations are \"header\", \"query\" \
              and \"body\")",

@@ -286,14 +286,21 @@ async fn a_value_in_the_name_or_as_a_field_never_comes_back_in_an_error() {
         "{v}"
     );
     assert!(!v.to_string().contains("swapped-value"), "{v}");
-    // A misspelt location is named; a value put there is not repeated.
-    for (location, shown) in [("headers", true), (value, false)] {
+    let body = json!({"value": "x-valid-value-000000", "sk`FAKE-ticked-value-8812": 1});
+    let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(!v.to_string().contains("'sk'"), "{v}");
+    // A misspelt location is named; a value put there is not repeated, not even the part
+    // before a backtick in it (serde does not escape the name; a review).
+    let ticked = "sk`FAKE-ticked-value-8812";
+    for (location, shown) in [("headers", true), (value, false), (ticked, false)] {
         let body = json!({"value": "x-valid-value-000000", "locations": [location]});
         let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
         assert_eq!(status, 400, "{v}");
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("unknown location"), "{msg}");
         assert_eq!(msg.contains(location), shown, "{msg}");
+        assert!(!msg.contains("'sk'"), "{msg}");
     }
 }
 
