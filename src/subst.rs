@@ -38,9 +38,10 @@
 //!
 //! # Memory usage
 //!
-//! Besides the chunk being processed, [`BodySubst`] holds back at most `TOKEN_LEN - 1` (42) bytes
-//! and [`ScrubStream`] at most `max_pattern_len - 1` bytes, and only when the tail of what they
-//! have seen could still start a token (or a real value). Nothing else is ever buffered.
+//! Besides the chunk being processed, [`BodySubst`] holds back at most `TOKEN_LEN - 1` (42) bytes,
+//! and only when the tail of what it has seen could still start a token; [`ScrubStream`] holds
+//! back less than twice [`Scrubber::window`] bytes, whatever they are (where real values could
+//! start must not show in what is held). Nothing else is ever buffered.
 
 mod adapter;
 mod binary;

@@ -1001,7 +1001,8 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
     }
 }
 
-/// Relays an upgraded (WebSocket) connection both ways until either side closes, or until
+/// Relays an upgraded (WebSocket) connection both ways until both directions have ended (a
+/// half-close goes on to the other side), an error ends either, or
 /// `allowed` stops holding (checked every second: the sandbox ended, or the host left the
 /// store's `egress_allowlist`), which ends it — such a connection has no further requests at
 /// which the policy could be read. With a `scrubber` (the host's answers are scrubbed) the

@@ -364,7 +364,8 @@ where
 
 pin_project_lite::pin_project! {
     /// A response body with real values replaced by sealed tokens ([`ScrubStream`]). Data flows
-    /// through as soon as it cannot start a value; trailers are scrubbed too and pass through.
+    /// through at line ends and beyond the stream's hold-back window; trailers are scrubbed too
+    /// and pass through.
     pub struct ScrubBody<B> {
         #[pin]
         body: B,
