@@ -5,6 +5,7 @@
 //! to `{"error": {"code", "message"}}`.
 
 mod error;
+mod ready;
 mod routes;
 pub mod serve;
 mod slots;
@@ -43,4 +44,6 @@ pub struct AdminState {
     pub audit: Arc<Audit>,
     /// Triggers a config reload (SIGHUP equivalent); None when reload is unsupported.
     pub reload: Option<ReloadSender>,
+    /// The store check shared by `/readyz` probes.
+    pub ready: ready::ReadyCheck,
 }

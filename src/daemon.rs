@@ -272,6 +272,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         metrics,
         audit,
         reload: Some(reload_tx),
+        ready: Default::default(),
     });
     let (admin_addr, proxy_addr, transparent_addr, own) = (
         listeners.admin_addr,

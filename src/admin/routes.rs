@@ -539,15 +539,9 @@ async fn metrics(State(st): St) -> Response {
 async fn readyz(State(st): St, headers: header::HeaderMap) -> Response {
     let detailed = bearer_ok(&st, &headers);
     // The check may be a network round trip (PostgreSQL): never on a runtime worker, so that
-    // unauthenticated probes cannot stall the proxy while the database is slow or down.
-    let checked = st.store.clone();
-    let store = tokio::task::spawn_blocking(move || checked.check())
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::store::StoreError::Unavailable(
-                "check panicked".into(),
-            ))
-        });
+    // unauthenticated probes cannot stall the proxy while the database is slow or down; one
+    // at a time for all probes ([`super::ready`]).
+    let store = st.ready.check(&st.store).await;
     // Every listener is bound before the admin API serves its first request (daemon::start
     // binds them all first), so a served /readyz never has unbound listeners to report.
     let quarantined = st.sandboxes.quarantined();

@@ -243,6 +243,30 @@ async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
 
 // ---- readiness ----------------------------------------------------------------------------------
 
+/// `/readyz` until `done` holds of its answer (with the admin token if `token`): one store
+/// check serves every probe for a second, so a change shows within about that.
+async fn readyz_until(
+    h: &Harness,
+    token: bool,
+    done: impl Fn(StatusCode, &Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, v) = match token {
+            true => h.api(Method::GET, "/readyz", None).await,
+            false => {
+                let (s, body) = h.raw(Method::GET, "/readyz", None, None).await;
+                (s, serde_json::from_slice(&body).unwrap_or(Value::Null))
+            }
+        };
+        if done(s, &v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "/readyz still answers {s} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn readyz_fails_while_the_database_is_unusable() {
     let h = Harness::start().await;
@@ -251,9 +275,7 @@ async fn readyz_fails_while_the_database_is_unusable() {
     let db = h.dir.path().join("data").join("sealgate.db");
     let moved = db.with_extension("db.moved");
     std::fs::rename(&db, &moved).unwrap();
-    let (s, body) = h.raw(Method::GET, "/readyz", None, None).await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    let v: Value = serde_json::from_slice(&body).unwrap();
+    let v = readyz_until(&h, false, |s, _| s == StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(v["error"]["code"], "not_ready");
     let probe = v["error"]["message"].as_str().unwrap();
     assert!(probe.contains("store unusable"), "{v}");
@@ -273,13 +295,13 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
     // A different file at the path is not the database this process writes to either.
     std::fs::write(&db, b"").unwrap();
-    let (s, v) = h.api(Method::GET, "/readyz", None).await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(v.to_string().contains("replaced"), "{v}");
+    readyz_until(&h, true, |s, v| {
+        s == StatusCode::SERVICE_UNAVAILABLE && v.to_string().contains("replaced")
+    })
+    .await;
 
     std::fs::rename(&moved, &db).unwrap();
-    let (s, _) = h.raw(Method::GET, "/readyz", None, None).await;
-    assert_eq!(s, StatusCode::OK);
+    readyz_until(&h, false, |s, _| s == StatusCode::OK).await;
 }
 
 // ---- audit --------------------------------------------------------------------------------------
