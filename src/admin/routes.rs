@@ -277,13 +277,28 @@ struct SecretAnswer {
 }
 
 /// JSON errors on the secret route never echo input: serde quotes offending scalars.
-/// What serde names after `marker` in `text`, up to its last `` `, expected ``: serde does not
-/// escape the name, so a backtick inside it must not cut it short (a cut name could pass as
-/// short and be echoed while the whole was not).
-fn named_in<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
-    let start = text.find(marker)? + marker.len();
+/// The complaint serde's message opens with, and what it names: up to the message's last
+/// `` `, expected ``, since serde does not escape the name (a backtick inside it must not cut
+/// it short: a cut name could pass as short and be echoed while the whole was not), and from
+/// the *first* marker, since the name itself may hold the other marker's text.
+fn named_in(text: &str) -> Option<(Complaint, &str)> {
+    let (at, complaint, marker) = [
+        (Complaint::Field, "unknown field `"),
+        (Complaint::Variant, "unknown variant `"),
+    ]
+    .into_iter()
+    .filter_map(|(c, m)| text.find(m).map(|at| (at, c, m)))
+    .min_by_key(|found| found.0)?;
+    let start = at + marker.len();
     let len = text[start..].rfind("`, expected")?;
-    Some(&text[start..start + len])
+    Some((complaint, &text[start..start + len]))
+}
+
+/// What a JSON body of a secret got wrong, as far as the answer says.
+#[derive(Clone, Copy)]
+enum Complaint {
+    Field,
+    Variant,
 }
 
 fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
@@ -294,23 +309,20 @@ fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
         return ApiError::from_rejection(&e, String::new());
     }
     // An unknown field's name only if short: a caller's JSON could use the value as a key.
-    let text = e.body_text();
-    if let Some(field) = named_in(&text, "unknown field `") {
-        return ApiError::bad_request(format!(
+    // Likewise an unknown location (the only enum in the body).
+    match named_in(&e.body_text()) {
+        Some((Complaint::Field, field)) => ApiError::bad_request(format!(
             "invalid secret body: unknown field {} (the fields are value, allowed_hosts, \
              locations)",
             validate::quoted_if_short(field)
-        ));
-    }
-    // Likewise an unknown location (the only enum in the body).
-    if let Some(variant) = named_in(&text, "unknown variant `") {
-        return ApiError::bad_request(format!(
+        )),
+        Some((Complaint::Variant, variant)) => ApiError::bad_request(format!(
             "invalid secret body: unknown location {} (the locations are \"header\", \"query\" \
              and \"body\")",
             validate::quoted_if_short(variant)
-        ));
+        )),
+        None => ApiError::bad_request("invalid secret body: expected {\"value\": string, \"allowed_hosts\"?: [string] | null, \"locations\"?: [\"header\"|\"query\"|\"body\"]}"),
     }
-    ApiError::bad_request("invalid secret body: expected {\"value\": string, \"allowed_hosts\"?: [string] | null, \"locations\"?: [\"header\"|\"query\"|\"body\"]}")
 }
 
 async fn set_secret(

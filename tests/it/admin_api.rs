@@ -293,14 +293,20 @@ async fn a_value_in_the_name_or_as_a_field_never_comes_back_in_an_error() {
     // A misspelt location is named; a value put there is not repeated, not even the part
     // before a backtick in it (serde does not escape the name; a review).
     let ticked = "sk`FAKE-ticked-value-8812";
-    for (location, shown) in [("headers", true), (value, false), (ticked, false)] {
+    let marked = "sk-FAKE unknown field `x-8812";
+    for (location, shown) in [
+        ("headers", true),
+        (value, false),
+        (ticked, false),
+        (marked, false),
+    ] {
         let body = json!({"value": "x-valid-value-000000", "locations": [location]});
         let (status, v) = h.api(Method::PUT, &path, Some(body)).await;
         assert_eq!(status, 400, "{v}");
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("unknown location"), "{msg}");
         assert_eq!(msg.contains(location), shown, "{msg}");
-        assert!(!msg.contains("'sk'"), "{msg}");
+        assert!(!msg.contains("'sk'") && !msg.contains("x-8812"), "{msg}");
     }
 }
 
