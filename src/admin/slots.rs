@@ -5,9 +5,10 @@
 //!   carrying the admin token starts on it, evicted when a newcomer takes its slot, and never
 //!   leaves either state. Each move is one compare-and-swap from open, so a request that
 //!   started with the token is never cut short by an eviction, and an evicted connection runs
-//!   no request at all (it is answered 503 and closed).
+//!   no request at all (it is closed; a head parsed before it closes is answered 503).
 //! - When every slot is taken, a newcomer evicts the oldest open connection that is at least
-//!   [`GRACE`] old (time for its first head to arrive), one without a request in flight first.
+//!   [`GRACE`] old (time for its first head to arrive), one without a request in flight first;
+//!   only when every open connection is younger does it take the oldest of those.
 //!   An open connection's requests carry no token: health probes and 401s, cheap to lose. So
 //!   any local process can still connect without the token, but cannot keep the operator out
 //!   by holding the slots, whether with half-sent heads (an outside review: 200 of them slowed
@@ -135,20 +136,22 @@ impl Table {
         }
     }
 
-    /// Evicts the oldest open connection past its grace, an idle one first; false if there
-    /// is none.
+    /// Evicts an open connection: the oldest past its grace, idle ones first; else the oldest
+    /// still in its grace, idle ones first (never waiting on the grace: that would cap how
+    /// fast a full listener takes connections off the backlog). False if none is open.
     pub fn evict_one(&self) -> bool {
         let conns = self.lock();
         let now = Instant::now();
-        let aged = || {
-            conns
-                .values()
-                .filter(move |c| now.saturating_duration_since(c.born) >= self.grace)
+        let tier = |aged: bool, idle: bool| {
+            conns.values().filter(move |c| {
+                (now.saturating_duration_since(c.born) >= self.grace) == aged && c.idle() == idle
+            })
         };
-        let mut idle_first = aged()
-            .filter(|c| c.idle())
-            .chain(aged().filter(|c| !c.idle()));
-        idle_first.any(|c| c.evict())
+        let mut order = tier(true, true)
+            .chain(tier(true, false))
+            .chain(tier(false, true))
+            .chain(tier(false, false));
+        order.any(|c| c.evict())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
@@ -210,11 +213,17 @@ mod tests {
         assert!(!table.evict_one(), "b is trusted, a already evicted");
     }
 
+    /// A connection in its grace goes only when every open one is in its grace, and then the
+    /// oldest first: the grace never stops the listener from making room.
     #[test]
-    fn a_new_connection_is_safe_for_its_grace() {
-        let table = Arc::new(Table::with_grace(Duration::from_secs(3600)));
-        let young = table.enter();
-        assert!(!table.evict_one());
-        assert!(!evicted(&young.conn));
+    fn connections_in_their_grace_go_last_but_do_go() {
+        let table = Arc::new(Table::with_grace(Duration::from_millis(200)));
+        let old = table.enter();
+        std::thread::sleep(Duration::from_millis(250));
+        let (young, younger) = (table.enter(), table.enter());
+        assert!(table.evict_one());
+        assert!(evicted(&old.conn) && !evicted(&young.conn));
+        assert!(table.evict_one());
+        assert!(evicted(&young.conn) && !evicted(&younger.conn));
     }
 }
