@@ -55,6 +55,7 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use super::headers::MAX_BASIC_CREDENTIALS;
 use super::{push_piece, split_emit};
 use crate::secret::SecretValue;
 
@@ -71,6 +72,13 @@ const MAX_PACKED_PATTERNS: usize = 256;
 
 /// The unit a stream's hold-back window is rounded up to ([`Scrubber::window`]).
 pub const WINDOW_UNIT: usize = 256;
+
+/// The window of every per-request extras scrubber: that of the longest Basic form ever
+/// unsealed (base64 of [`MAX_BASIC_CREDENTIALS`] bytes), whatever this request's is. The user
+/// name before the token is the sandbox's to choose, so a window sized to the form would tell
+/// the value's exact length where a longer name tips it into the next unit (a review).
+const EXTRAS_WINDOW: usize =
+    (4 * MAX_BASIC_CREDENTIALS.div_ceil(3) - 1).div_ceil(WINDOW_UNIT) * WINDOW_UNIT;
 
 /// Per-request scrubbers (with Basic-auth forms) kept per scrubber before the cache is cleared.
 const MAX_EXTRAS: usize = 32;
@@ -144,9 +152,12 @@ impl Scrubber {
     /// value per distinct `Authorization` header cost ~50 ms with a 64 KiB secret, which a
     /// sandbox could repeat with a new user name each time.
     ///
+    /// Its window is [`EXTRAS_WINDOW`], never sized to these forms.
+    ///
     /// # Memory usage
     /// Built once per distinct set of extras and cached (at most [`MAX_EXTRAS`]; then the
-    /// cache starts over), so repeated requests do not rebuild the automata.
+    /// cache starts over), so repeated requests do not rebuild the automata. A stream through
+    /// it holds back less than twice [`EXTRAS_WINDOW`] (11 KiB).
     pub fn extras(&self, extra: &[(Bytes, Bytes)]) -> Option<Arc<Scrubber>> {
         if extra.is_empty() {
             return None;
@@ -162,7 +173,9 @@ impl Scrubber {
             .filter(|(real, _)| !self.contains_in_a_value(real))
             .map(|(real, sealed)| (SecretValue::new(real.to_vec()), sealed.clone()))
             .collect();
-        let built = Self::new(pairs)?;
+        let mut built = Self::build(pairs)?;
+        built.window = built.window.max(EXTRAS_WINDOW);
+        let built = Arc::new(built);
         if self.extras.len() >= MAX_EXTRAS {
             self.extras.clear();
         }
@@ -520,7 +533,7 @@ fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
 /// ends, never of the values (see the module docs).
 ///
 /// # Cost
-/// Amortised over a stream, each byte is searched at most about twice and copied at most
+/// Amortised over a stream, each byte is searched at most three times and copied at most
 /// twice (into the held buffer, and as part of a held tail): a chunk of one byte costs a copy
 /// of one byte, and a search over twice the window once per window of such chunks. A chunk
 /// longer than the window is searched in place; only the held bytes and the chunk's first
@@ -1042,6 +1055,26 @@ mod tests {
                 "a next chunk of {c} bytes"
             );
         }
+    }
+
+    /// An extras scrubber's window is the same whatever the user name in front of the token:
+    /// a name the sandbox grows must not show where the form crosses a unit (a review).
+    #[test]
+    fn extras_windows_never_tell_the_values_length() {
+        let s = scrubber(&[("sk-live-basic-0123456789", "osb_sealed_x")]);
+        let windows: Vec<usize> = [1, 150, 170, 180, 400, 3000]
+            .iter()
+            .map(|n| {
+                let user = "u".repeat(*n);
+                let real = STANDARD.encode(format!("{user}:sk-live-basic-0123456789"));
+                let sealed = STANDARD.encode(format!("{user}:osb_sealed_x"));
+                s.extras(&[(Bytes::from(real), Bytes::from(sealed))])
+                    .expect("extras")
+                    .window()
+            })
+            .collect();
+        assert!(windows.iter().all(|w| *w == EXTRAS_WINDOW), "{windows:?}");
+        assert_eq!(EXTRAS_WINDOW, 5632);
     }
 
     /// One-byte chunks against a 64 KiB value: gathered, searched once per window of them
