@@ -1240,40 +1240,43 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     assert_gone(&names(&sb), "no-such-marker-sealgate");
 }
 
+/// A sandbox without isolation, identified by `source_ip` (another runtime's); its id.
+async fn proxy_only_sandbox(e: &Env, source_ip: &str) -> String {
+    let body = json!({"secret_store": "s", "source_ip": source_ip});
+    let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    id(&v)
+}
+
+/// The rules `sealgate sandbox rules` gives for `sandbox_id`, as an operator applies by hand.
+fn hand_rules(sandbox_id: &str, host_if: &str, sandbox_ip: &str) -> sealgate::netns::RuleSet {
+    sealgate::netns::RuleSet::generate(&sealgate::netns::RuleParams {
+        sandbox_id: sandbox_id.to_owned(),
+        host_if: host_if.into(),
+        sandbox_ip: sandbox_ip.parse().unwrap(),
+        host_ip: None,
+        transparent_port: 1,
+        dns_port: None,
+        ipv6: false,
+        flows: None,
+    })
+    .unwrap()
+}
+
 /// Rules an operator applied by hand from `sealgate sandbox rules` (another sandbox runtime:
 /// no record, the daemon did not make them) survive a restart while their sandbox lives —
 /// the start-up sweep removed them, and the sandbox's traffic went out unredirected (found
 /// from outside); chains of a sandbox nobody serves are still swept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_the_rules_an_operator_applied_for_a_live_sandbox() {
-    use sealgate::netns::{self, rules::chain_name, RuleParams, RuleSet};
+    use sealgate::netns::{self, rules::chain_name};
     if !netns_ready() {
         return;
     }
     let mut e = setup().await;
-    let (s, v) =
-        e.h.api(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"secret_store": "s", "source_ip": "198.19.251.2"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let live = id(&v);
+    let live = proxy_only_sandbox(&e, "198.19.251.2").await;
     let gone = format!("sbx_{}", "ef".repeat(12));
-    let set = |sandbox_id: &str| {
-        RuleSet::generate(&RuleParams {
-            sandbox_id: sandbox_id.to_owned(),
-            host_if: "sgopveth0".into(),
-            sandbox_ip: "198.19.251.2".parse().unwrap(),
-            host_ip: None,
-            transparent_port: 1,
-            dns_port: None,
-            ipv6: false,
-            flows: None,
-        })
-        .unwrap()
-    };
+    let set = |sandbox_id: &str| hand_rules(sandbox_id, "sgopveth0", "198.19.251.2");
     let (live_set, gone_set) = (set(&live), set(&gone));
     netns::apply_rules(&live_set).unwrap();
     netns::apply_rules(&gone_set).unwrap();
@@ -1293,31 +1296,13 @@ async fn a_restart_keeps_the_rules_an_operator_applied_for_a_live_sandbox() {
 /// store for an empty one and removed them all; found by a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_that_cannot_read_its_sandboxes_keeps_every_chain() {
-    use sealgate::netns::{self, rules::chain_name, RuleParams, RuleSet};
+    use sealgate::netns::{self, rules::chain_name};
     if !netns_ready() {
         return;
     }
     let mut e = setup().await;
-    let (s, v) =
-        e.h.api(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"secret_store": "s", "source_ip": "198.19.251.6"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let live = id(&v);
-    let set = RuleSet::generate(&RuleParams {
-        sandbox_id: live.clone(),
-        host_if: "sgopveth1".into(),
-        sandbox_ip: "198.19.251.6".parse().unwrap(),
-        host_ip: None,
-        transparent_port: 1,
-        dns_port: None,
-        ipv6: false,
-        flows: None,
-    })
-    .unwrap();
+    let live = proxy_only_sandbox(&e, "198.19.251.6").await;
+    let set = hand_rules(&live, "sgopveth1", "198.19.251.6");
     netns::apply_rules(&set).unwrap();
     let data_dir = e.h.dir.path().join("data");
     e.h.stop().await;
