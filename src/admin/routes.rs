@@ -276,7 +276,6 @@ struct SecretAnswer {
     warnings: Vec<String>,
 }
 
-/// JSON errors on the secret route never echo input: serde quotes offending scalars.
 /// The complaint serde's message opens with, and what it names: up to the message's last
 /// `` `, expected ``, since serde does not escape the name (a backtick inside it must not cut
 /// it short: a cut name could pass as short and be echoed while the whole was not), and from
@@ -301,6 +300,7 @@ enum Complaint {
     Variant,
 }
 
+/// JSON errors on the secret route never echo input: serde quotes offending scalars.
 fn sanitize(e: axum::extract::rejection::JsonRejection) -> ApiError {
     if matches!(
         e.status(),
