@@ -581,6 +581,10 @@ fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir.exists() {
+        let e = std::io::Error::other("it exists and is not a directory");
+        return Err(io_err(format!("data_dir {}", dir.display()))(e));
+    }
     crate::fsutil::create_private_dir(dir)
         .map_err(io_err(format!("creating data_dir {}", dir.display())))
 }
@@ -595,12 +599,18 @@ fn admin_token(
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
     let path = data_dir.join("admin.token");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        warn_short_token(text.trim(), &path.display().to_string());
-        return Ok((
-            SecretValue::new(text.trim().as_bytes().to_vec()),
-            Some(path),
-        ));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            warn_short_token(text.trim(), &path.display().to_string());
+            return Ok((
+                SecretValue::new(text.trim().as_bytes().to_vec()),
+                Some(path),
+            ));
+        }
+        // Only a missing file is created: an unreadable one is the operator's to fix (a
+        // create would fail with "File exists" and point at deleting it, rotating the token).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     }
     let token = crate::random::random_hex(32);
     write_private(&path, token.as_bytes())

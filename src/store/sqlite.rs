@@ -447,7 +447,8 @@ fn prepare_files(db_path: &Path) -> Result<(), StoreError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(db_path)?;
+        .open(db_path)
+        .map_err(naming("opening", "for writing", db_path))?;
     for suffix in ["", "-wal", "-shm"] {
         let mut name = db_path.as_os_str().to_owned();
         name.push(suffix);
@@ -456,16 +457,36 @@ fn prepare_files(db_path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Puts the operation and the file into an I/O error's message (its kind kept): "data
+/// directory: Permission denied" alone names neither.
+fn naming<'a>(
+    verb: &'a str,
+    rest: &'a str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> io::Error + 'a {
+    move |e| {
+        let sep = if rest.is_empty() { "" } else { " " };
+        io::Error::new(
+            e.kind(),
+            format!("{verb} {}{sep}{rest}: {e}", path.display()),
+        )
+    }
+}
+
 /// Sets mode 0600 on `path` if it exists with group or other bits.
 fn restrict_mode(path: &Path) -> Result<(), StoreError> {
     match fs::metadata(path) {
         Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(naming(
+                "setting mode 0600 on",
+                "",
+                path,
+            ))?;
             Ok(())
         }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(naming("reading the metadata of", "", path)(e).into()),
     }
 }
 

@@ -367,6 +367,74 @@ async fn an_unknown_log_level_is_refused_at_start() {
     assert!(!dir.path().join("data").exists(), "nothing was started");
 }
 
+/// `serve` with `cfg` as uid/gid 65534 (through `setpriv` when root, so permissions bind);
+/// returns its stderr, after checking it exited 1.
+fn serve_as_nobody_fails(cfg: &Path) -> String {
+    // SAFETY: geteuid has no preconditions.
+    let mut c = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c.arg(env!("CARGO_BIN_EXE_sealgate"));
+        c
+    } else {
+        sealgate()
+    };
+    for var in ["SEALGATE_ADMIN_TOKEN", "SEALGATE_MASTER_KEY"] {
+        c.env_remove(var);
+    }
+    let o = c
+        .arg("--config")
+        .arg(cfg)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    stderr(&o)
+}
+
+/// Start-up errors name the file and the operation, and never suggest the wrong fix: an
+/// unreadable admin.token was "creating …: File exists" (deleting it rotates every client's
+/// token), a read-only database "data directory: Permission denied".
+#[tokio::test]
+async fn start_errors_name_the_file_and_what_failed() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "").unwrap();
+    let cfg = serve_config(dir.path(), &file, "");
+    let e = serve_as_nobody_fails(&cfg);
+    let want = format!(
+        "data_dir {}: it exists and is not a directory",
+        file.display()
+    );
+    assert!(e.contains(&want), "{e}");
+
+    let data = dir.path().join("data");
+    let certs = dir.path().join("certs");
+    for d in [&data, &certs] {
+        std::fs::create_dir(d).unwrap();
+        chown(d, Some(65534), Some(65534)).unwrap();
+    }
+    let token = data.join("admin.token");
+    std::fs::write(&token, "a-token-of-the-operators-own-0123456789\n").unwrap();
+    chown(&token, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let cfg = serve_config(dir.path(), &data, "");
+    let e = serve_as_nobody_fails(&cfg);
+    let want = format!("reading {}: Permission denied", token.display());
+    assert!(e.contains(&want), "{e}");
+    assert!(!e.contains("File exists"), "{e}");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let db = data.join("sealgate.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let e = serve_as_nobody_fails(&cfg);
+    let want = format!("opening {} for writing: Permission denied", db.display());
+    assert!(e.contains(&want), "{e}");
+}
+
 /// Kills a spawned daemon when the test ends, however it ends.
 struct Spawned(std::process::Child);
 
