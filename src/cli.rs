@@ -117,7 +117,10 @@ pub enum StoreCmd {
 /// `sealgate secret …`.
 #[derive(Debug, Subcommand)]
 pub enum SecretCmd {
-    /// Create or replace a secret; the value comes from stdin or --from-env.
+    /// Create or replace a secret; the value comes from stdin or --from-env. A replace sets
+    /// the whole secret: give --allowed-host and --location again with a new value to keep
+    /// them (left out, the secret may go to every host of the store's allowlist, in headers
+    /// and bodies; the answer warns when a replace widens a secret).
     Set {
         /// Store id or name.
         store: String,

@@ -70,6 +70,13 @@ mod tests {
         assert_eq!(format!("{v:?}"), "[redacted]");
         assert_eq!(v.expose(), b"sk-live-123");
     }
+
+    #[test]
+    fn location_names_are_their_serde_spelling() {
+        for l in [Location::Header, Location::Query, Location::Body] {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.as_str());
+        }
+    }
 }
 
 /// Where in a request a secret's token may be unsealed (DESIGN.md §3 "Where").
@@ -89,6 +96,15 @@ pub enum Location {
 impl Location {
     /// The default `locations` of a secret: `["header", "body"]`.
     pub const DEFAULT: [Location; 2] = [Location::Header, Location::Body];
+
+    /// The API's spelling (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Header => "header",
+            Location::Query => "query",
+            Location::Body => "body",
+        }
+    }
 }
 
 /// A small set of [`Location`]s, stored as bits for the hot path.

@@ -337,10 +337,18 @@ async fn set_secret(
     let hosts = validate::patterns("allowed_hosts", req.allowed_hosts)?;
     let locations = validate::locations(req.locations)?;
     let store = st.store.get_store(&id)?;
+    let before = st
+        .store
+        .list_secrets(&id)?
+        .into_iter()
+        .find(|m| m.name == name);
     let short = req.value.len() < SHORT_VALUE;
     let value = SecretValue::new(req.value.as_bytes().to_vec());
     let meta = st.store.put_secret(&id, &name, &value, hosts, locations)?;
     let mut warnings = secret_warnings(&store, &meta);
+    if let Some(w) = before.and_then(|old| widening_warning(&store, &old, &meta)) {
+        warnings.push(w);
+    }
     if short {
         warnings.push(short_value_warning(&meta.name));
     }
@@ -433,6 +441,66 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
         ));
     }
     w
+}
+
+/// A replace that lets the value out where the old secret could not go says so: a PUT sets the
+/// whole secret, so a rotation that gives only the value resets `allowed_hosts` to none of its
+/// own (every host of the store's allowlist) and `locations` to header and body, at once in
+/// every running sandbox. Patterns are compared as stored (canonical); a pattern that only
+/// narrows an old one still counts as added, which errs toward saying it.
+fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> Option<String> {
+    let mut wider = Vec::new();
+    match (&old.allowed_hosts, &new.allowed_hosts) {
+        (Some(was), None) => wider.push(format!(
+            "allowed_hosts were {}, now none of its own (every host of store {}'s \
+             egress_allowlist)",
+            listed(was),
+            store.name
+        )),
+        (Some(was), Some(now)) => {
+            let added: Vec<String> = now.iter().filter(|p| !was.contains(p)).cloned().collect();
+            if !added.is_empty() {
+                wider.push(format!(
+                    "allowed_hosts were {}, now also {}",
+                    listed(was),
+                    listed(&added)
+                ));
+            }
+        }
+        (None, _) => {}
+    }
+    let added: Vec<String> = new
+        .locations
+        .iter()
+        .filter(|l| !old.locations.contains(l))
+        .map(|l| l.as_str().to_owned())
+        .collect();
+    if !added.is_empty() {
+        let was: Vec<String> = old
+            .locations
+            .iter()
+            .map(|l| l.as_str().to_owned())
+            .collect();
+        wider.push(format!(
+            "locations were {}, now also {}",
+            listed(&was),
+            listed(&added)
+        ));
+    }
+    if wider.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "secret {} may now be unsealed where it could not before: {}; a set replaces the whole \
+         secret, so give allowed_hosts and locations again with each new value to keep them",
+        new.name,
+        wider.join("; ")
+    ))
+}
+
+/// `[a, b]` for a warning (patterns and location names, never values).
+fn listed(items: &[String]) -> String {
+    format!("[{}]", items.join(", "))
 }
 
 /// True if some HTTPS destination passes both pattern lists (both hold canonical patterns the

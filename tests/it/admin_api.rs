@@ -310,6 +310,58 @@ async fn a_value_in_the_name_or_as_a_field_never_comes_back_in_an_error() {
     }
 }
 
+/// The widening warning of a set, if any.
+fn widened(v: &serde_json::Value) -> Option<String> {
+    v["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .find(|x| x.contains("may now be unsealed where it could not before"))
+        .map(str::to_owned)
+}
+
+/// A set replaces the whole secret: a rotation that gives only the value lets it out to every
+/// allowlisted host and into bodies, live in running sandboxes. The answer says so (found from
+/// outside: an operator rotating with `secret set STORE NAME` saw no warning), and says
+/// nothing when the replace keeps or narrows the policy.
+#[tokio::test]
+async fn a_replace_that_widens_a_secret_says_how() {
+    let h = Harness::start().await;
+    let id = h
+        .store("wide", Some(&["api.example.test", "*.example.test"]))
+        .await;
+    let (one, hdr) = (Some(&["api.example.test"][..]), Some(&["header"][..]));
+    let v = h.secret(&id, "K", "sk-FAKE-widen-value-1", one, hdr).await;
+    assert_eq!(widened(&v), None, "a new secret widens nothing: {v}");
+    let v = h.secret(&id, "K", "sk-FAKE-widen-value-2", one, hdr).await;
+    assert_eq!(widened(&v), None, "same policy: {v}");
+    let v = h
+        .secret(&id, "K", "sk-FAKE-widen-value-3", None, None)
+        .await;
+    let w = widened(&v).unwrap_or_else(|| panic!("no widening warning: {v}"));
+    for part in [
+        "secret K ",
+        "allowed_hosts were [api.example.test], now none of its own (every host of store wide's",
+        "locations were [header], now also [body]",
+        "give allowed_hosts and locations again",
+    ] {
+        assert!(w.contains(part), "{part:?} missing from {w}");
+    }
+    assert!(!w.contains("widen-value"), "{w}");
+    let two = Some(&["api.example.test", "b.example.test"][..]);
+    let v = h.secret(&id, "K", "sk-FAKE-widen-value-4", one, hdr).await;
+    assert_eq!(widened(&v), None, "narrowed back: {v}");
+    let v = h.secret(&id, "K", "sk-FAKE-widen-value-5", two, hdr).await;
+    let w = widened(&v).unwrap_or_else(|| panic!("no widening warning: {v}"));
+    assert!(
+        w.contains("now also [b.example.test]") && !w.contains("locations were"),
+        "{w}"
+    );
+    let v = h.secret(&id, "K", "sk-FAKE-widen-value-6", one, hdr).await;
+    assert_eq!(widened(&v), None, "narrowed: {v}");
+}
+
 #[tokio::test]
 async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
     let h = Harness::start().await;
