@@ -15,10 +15,11 @@
 //! 2. the connection must have been redirected: an original destination equal to the
 //!    listener's own address means someone dialled the listener directly (else: close,
 //!    `bad_request`);
-//! 3. port 80 → plain HTTP routed by `Host` (never unsealed, see [`plain`]); any other port →
-//!    TLS routed by SNI (an SNI that is not a host name: close, `bad_request`). Without SNI the
-//!    destination is the original IP literal, so an SNI-less connection is refused unless that
-//!    literal is allowlisted;
+//! 3. port 80, or any port whose first byte is an ASCII capital (an HTTP method) → plain HTTP
+//!    routed by `Host` (never unsealed, see [`plain`]); anything else → TLS routed by SNI (an
+//!    SNI that is not a host name: close, `bad_request`). Without SNI the destination is the
+//!    original IP literal, so an SNI-less connection is refused unless that literal is
+//!    allowlisted;
 //! 4. the admission step ([`admit`]: egress policy, address precheck, tunnel cap) runs
 //!    **before** any leaf is minted, so a denied SNI never obtains a certificate.
 
@@ -63,13 +64,27 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
         Ok(x) => x,
         Err(r) => return outcome::refuse(&state, &at, &r),
     };
-    let result = if orig.port() == 80 {
+    let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
+    let result = if orig.port() == 80 || opens_with_a_method(&tcp, deadline).await {
         plain::serve(state, live, sandbox, tcp, orig).await
     } else {
-        serve_tls(state, live, sandbox, tcp, orig).await
+        serve_tls(state, live, sandbox, tcp, orig, deadline).await
     };
     if let Err(e) = result {
         tracing::debug!(%peer, %orig, error = %e, "transparent connection ended");
+    }
+}
+
+/// True if the connection's first byte is an ASCII capital: an HTTP method, where a TLS
+/// record starts with 0x16. Plain HTTP to a port other than 80 is then read as plain HTTP, as
+/// the explicit listener reads `GET http://host:8080/` (before, it met a TLS alert the client
+/// called "HTTP/0.9", and no audit line). A silent or closed connection is left to the TLS
+/// path, which ends it at the same deadline.
+async fn opens_with_a_method(tcp: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0].is_ascii_uppercase(),
+        _ => false,
     }
 }
 
@@ -154,11 +169,11 @@ async fn serve_tls(
     sandbox: Arc<Sandbox>,
     tcp: TcpStream,
     orig: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Result<(), TransparentError> {
     let mut at = Attempt::connection(ListenerKind::Transparent, "TLS");
     at.sandbox = Some(sandbox.clone());
     at.host = orig.to_string();
-    let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
     let start = intercept::read_hello(deadline, ReadAhead::new(tcp)).await?;
     let sni = intercept::sni_host(&start).map_err(|e| refuse_intercept(&state, &at, e))?;
     let dest = tls_dest(sni.clone(), orig);

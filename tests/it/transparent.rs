@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -404,6 +405,44 @@ async fn plain_http_on_port_80_is_routed_by_host_and_never_unsealed() {
     let sent = reqs[0].header("x-api-key").unwrap();
     assert!(sent.starts_with("osb_sealed_"), "plain HTTP was unsealed");
     assert!(e.echo.requests().is_empty());
+}
+
+/// Plain HTTP to a port other than 80 is read as plain HTTP too (routed by `Host`, never
+/// unsealed, refusals answered and audited), as the explicit listener reads
+/// `GET http://host:8080/`. Found from outside: it met a TLS alert (curl: "Received HTTP/0.9")
+/// and left no audit line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_another_port_is_read_as_plain_http() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let allow = json!({"egress_allowlist": ["api.example.test", "plain.example.test:8080"]});
+    let (_, stores) = e.h.api(Method::GET, "/v1/stores", None).await;
+    let path = format!("/v1/stores/{}", stores[0]["id"].as_str().unwrap());
+    let (status, v) = e.h.api(Method::PATCH, &path, Some(allow)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let script = "curl -sS --max-time 20 -w '\\n%{http_code}\\n' \
+         http://plain.example.test:8080/echo -H \"x-api-key: $KEY\"; \
+         curl -sS --max-time 20 -w '\\n%{http_code}\\n' http://plain.example.test:8081/echo";
+    let r = sh(&e, script).await;
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    let codes: Vec<&str> = r.stdout.lines().filter(|l| l.len() == 3).collect();
+    assert_eq!(codes, ["200", "403"], "{}", r.stdout);
+    assert!(r.stdout.contains("egress_denied"), "{}", r.stdout);
+    let reqs = e.plain.requests();
+    assert_eq!(reqs.len(), 1);
+    let sent = reqs[0].header("x-api-key").unwrap();
+    assert!(sent.starts_with("osb_sealed_"), "plain HTTP was unsealed");
+    let audit = e.h.audit_log();
+    let denied = audit
+        .lines()
+        .find(|l| l.contains("plain.example.test:8081"))
+        .unwrap_or_else(|| panic!("the refusal was not audited:\n{audit}"));
+    assert!(
+        denied.contains("\"mode\":\"transparent\"") && denied.contains("egress_denied"),
+        "{denied}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

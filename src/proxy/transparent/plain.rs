@@ -1,4 +1,5 @@
-//! Plain HTTP on a redirected port-80 connection: the destination is the first request's
+//! Plain HTTP on a redirected connection (port 80, or another port whose first byte is an HTTP
+//! method's): the destination is the first request's
 //! `Host` (its port must be the original destination port), then the connection is served by
 //! [`intercept::serve_http`] with [`Scheme::Http`], which never unseals and refuses (421) any
 //! later request naming another host.
