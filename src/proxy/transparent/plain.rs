@@ -1,8 +1,8 @@
 //! Plain HTTP on a redirected connection (port 80, or another port whose first byte is an HTTP
-//! method's): the destination is the first request's
-//! `Host` (its port must be the original destination port), then the connection is served by
-//! [`intercept::serve_http`] with [`Scheme::Http`], which never unseals and refuses (421) any
-//! later request naming another host.
+//! method's): the destination is the first request's `Host` (its port must be the original
+//! destination port), then the connection is served by [`intercept::serve_http`] with
+//! [`Scheme::Http`], which never unseals and refuses (421) any later request naming another
+//! host.
 //!
 //! The request head is read into a buffer (bounded by `max_header_bytes`, `max_header_fields`
 //! and `header_read_timeout`, however many segments it spans — the same limits the framing
