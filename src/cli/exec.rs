@@ -56,8 +56,9 @@ pub struct ExecArgs {
 pub struct RulesArgs {
     /// Sandbox id.
     pub id: String,
-    /// Host-side interface the sandbox's traffic arrives on (default: the one of the
-    /// daemon's namespace for the sandbox's source IP).
+    /// Host-side interface the sandbox's traffic arrives on. Required for a sandbox of your
+    /// own runtime (your veth); the default covers only the daemon's own isolated and
+    /// `sandbox exec` sandboxes, whose interface it derives from the source IP.
     #[arg(long)]
     pub interface: Option<String>,
     /// The transparent listener port (default: the isolated sandbox's own listener, else
@@ -340,7 +341,7 @@ async fn rule_params(
         .interface
         .clone()
         .or_else(|| plan.as_ref().map(|p| p.host_if.clone()))
-        .ok_or_else(|| anyhow::anyhow!("give --interface: {ip} is not a `sandbox exec` address"))?;
+        .ok_or_else(|| anyhow::anyhow!("give --interface (the host side of the sandbox's veth): {ip} is not an address of the daemon's own isolated or `sandbox exec` sandboxes"))?;
     Ok(RuleParams {
         sandbox_id: a.id.clone(),
         host_if,

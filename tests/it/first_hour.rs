@@ -221,7 +221,7 @@ async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
             "secret",
             "set",
             "w",
-            "K",
+            "K2",
             "--allowed-host",
             "*.example.test",
             "--location",
