@@ -22,6 +22,7 @@
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
@@ -114,6 +115,7 @@ pub async fn serve<S, H, F>(
         let in_flight = act.request();
         tag.mark(&mut req);
         let (upgrade, connect) = (wants_upgrade(&req), req.method() == Method::CONNECT);
+        let head = req.method() == Method::HEAD;
         let answer = handler(req);
         let act = act.clone();
         // Boxed per request: hyper's h1 server keeps one heap slot the size of this future for
@@ -122,6 +124,9 @@ pub async fn serve<S, H, F>(
         Box::pin(async move {
             let mut resp = answer.await;
             close_unless_upgraded(upgrade, connect, &mut resp);
+            if head {
+                resp = headers_only(resp);
+            }
             // The body counts as open before the request stops counting as in flight.
             let resp = resp.map(|b| LiveBody::new(b, &act));
             drop(in_flight);
@@ -157,6 +162,17 @@ pub async fn serve<S, H, F>(
             }
         }
     }
+}
+
+/// An answer to `HEAD` is its head (RFC 9110 §9.3.2), whoever made it: hyper's h1 server drops
+/// a body there, its h2 server would send it as DATA, which h2 clients take as a protocol error
+/// (curl never showed sealgate's own 403/421/502 to `curl -I`). `content-length` is kept: it
+/// is what a GET would have carried.
+fn headers_only(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.map(|body| {
+        drop(body);
+        Empty::new().map_err(|never| match never {}).boxed_unsync()
+    })
 }
 
 /// How long an HTTP/1 connection stays quiet, with nothing in flight, before its hyper

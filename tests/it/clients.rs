@@ -123,6 +123,40 @@ async fn curl_gets_one_uniform_431_for_an_oversized_head() {
     assert!(e.echo.requests().is_empty(), "nothing reached the origin");
 }
 
+/// sealgate's own answers to `HEAD` are heads over h1 and h2 alike: over h2 its JSON body went
+/// out as DATA on the HEAD stream, and curl ended with PROTOCOL_ERROR instead of showing the
+/// refusal (found from outside).
+#[tokio::test]
+async fn curl_head_gets_sealgates_refusal_over_h1_and_h2() {
+    let secrets: &[crate::proxy_explicit::Spec<'static>] = &[
+        SECRETS[0],
+        (
+            "ELSEWHERE_KEY",
+            "sk-elsewhere-real-client-0202",
+            Some(&["nowhere.example.test"]),
+            Some(&["header"]),
+        ),
+    ];
+    let e = setup(Some(&["api.anthropic.com"]), secrets).await;
+    for flag in ["--http1.1", "--http2"] {
+        let cmd = format!(
+            "curl -sS -I {flag} https://api.anthropic.com/echo -H \"x-api-key: $ELSEWHERE_KEY\""
+        );
+        let (ok, out, err) = run(&e, "sh", &["-c", &cmd]).await;
+        assert!(ok, "curl {flag}: {err}");
+        let lower = out.to_ascii_lowercase();
+        assert!(
+            lower.contains("\nhttp/1.1 403") || lower.contains("\nhttp/2 403"),
+            "curl {flag}: {out}"
+        );
+        assert!(
+            lower.contains("x-sealgate-error: secret_host_denied"),
+            "{out}"
+        );
+    }
+    assert!(e.echo.requests().is_empty(), "nothing reached the origin");
+}
+
 #[tokio::test]
 async fn python_requests_and_httpx() {
     let e = setup(Some(&["api.anthropic.com"]), SECRETS).await;
