@@ -838,6 +838,10 @@ async fn send_streamed(
     body: ProxyBody,
 ) -> Attempt {
     let which = if websocket { Which::H1 } else { Which::Either };
+    let mut head = head;
+    if !websocket {
+        frame_streamed(&mut head, &body);
+    }
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
         .await;
@@ -845,6 +849,20 @@ async fn send_streamed(
         drop_idle(t, rt, cap);
     }
     sent
+}
+
+/// hyper's h1 client assumes a GET or HEAD has no body: one of unknown length goes out as no
+/// body at all (the origin answered a bodiless GET) unless the request says it is chunked.
+/// So a streamed body of unknown length on those methods is marked chunked; hyper's h2 client
+/// removes the field (h2 frames bodies itself), other methods are chunked by hyper anyway.
+fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
+    let bodiless_by_default = matches!(*head.method(), Method::GET | Method::HEAD);
+    if bodiless_by_default && body.size_hint().exact().is_none() {
+        head.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
 }
 
 /// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
