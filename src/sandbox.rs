@@ -49,6 +49,9 @@ pub struct Sandbox {
     /// Its responses being decoded from brotli or zstd
     /// (`[upstream] max_window_decoders_per_sandbox`).
     pub decoders: Budget,
+    /// Bytes of decoded gRPC messages its responses hold, not yet taken by its clients
+    /// (`subst::framing::HELD_MESSAGES_PER_SANDBOX`).
+    pub grpc_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Sandbox {
@@ -67,6 +70,7 @@ impl Sandbox {
             requests: AtomicUsize::new(0),
             upstream: Default::default(),
             decoders: Default::default(),
+            grpc_held: Default::default(),
         }
     }
 

@@ -992,9 +992,16 @@ fn finish_response(
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     let scrubber = view.scrubber.clone();
-    let shape = scrubber
-        .as_ref()
-        .map(|_| Shape::of(method, parts.status, &parts.headers, &rt.upstream.config));
+    let shape = scrubber.as_ref().map(|_| {
+        let held = &t.sandbox.grpc_held;
+        Shape::of(
+            method,
+            parts.status,
+            &parts.headers,
+            &rt.upstream.config,
+            held,
+        )
+    });
     let trailer = take_all(&mut parts.headers, header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(super::refusal::ERROR_HEADER);

@@ -32,6 +32,7 @@
 mod codings;
 mod decode;
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap};
@@ -64,12 +65,14 @@ pub struct Shape {
 impl Shape {
     /// Reads the shape of a response to `method` with `status` and headers `h` (which must
     /// still hold `Transfer-Encoding`), within `limits` (`max_response_codings` stacked
-    /// codings, compressed gRPC messages up to `max_grpc_message_bytes`).
+    /// codings, compressed gRPC messages up to `max_grpc_message_bytes`, decoded ones counted
+    /// in `grpc_held`, the sandbox's).
     pub fn of(
         method: &Method,
         status: StatusCode,
         h: &HeaderMap,
         limits: &UpstreamConfig,
+        grpc_held: &Arc<AtomicUsize>,
     ) -> Shape {
         let has_body = method != Method::HEAD
             && !status.is_informational()
@@ -84,8 +87,10 @@ impl Shape {
             };
         }
         let binary = Binary::of(h);
-        let frames = (binary == Some(Binary::Framed))
-            .then(|| MessageFrames::new(MessageCoding::of(h), limits.max_grpc_message_bytes));
+        let frames = (binary == Some(Binary::Framed)).then(|| {
+            let max = limits.max_grpc_message_bytes;
+            MessageFrames::for_sandbox(MessageCoding::of(h), max, grpc_held.clone())
+        });
         Shape {
             has_body,
             codings: Codings::of(h, limits.max_response_codings),

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -49,6 +50,9 @@ pub enum FrameError {
     /// Decoded messages already hold [`HELD_MESSAGES`] × the limit across the daemon.
     #[error("too many decoded gRPC messages are waiting for their clients across the daemon")]
     Busy,
+    /// This sandbox's decoded messages already hold [`HELD_MESSAGES_PER_SANDBOX`] × the limit.
+    #[error("too many decoded gRPC messages are waiting for this sandbox's clients")]
+    SandboxBusy,
     /// The body ended (or its trailers came) inside a message: a compressed message or a
     /// header that was held back is lost, so the stream must not end as if it were whole.
     #[error("the upstream ended a gRPC stream inside a message")]
@@ -61,13 +65,22 @@ pub enum FrameError {
 /// pinned megabytes (an outside test took the daemon from 25 MiB to over 1 GiB).
 pub const HELD_MESSAGES: usize = 16;
 
+/// Decoded messages, at the size limit each, that one sandbox's streams hold at once before
+/// its further compressed streams are reset ([`FrameError::SandboxBusy`]): a quarter of the
+/// daemon's, so a sandbox that stops reading its streams cannot take the whole daemon-wide
+/// bound and have every other sandbox's compressed answers reset (an outside test held it
+/// with 16 unread streams of one tunnel).
+pub const HELD_MESSAGES_PER_SANDBOX: usize = 4;
+
 /// Decoded message bytes passed on and not yet dropped, daemon-wide.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// A decoded message on its way to the client; gives its bytes back to `held` when dropped.
+/// A decoded message on its way to the client; gives its bytes back to `held` and to its
+/// sandbox's count `own` when dropped.
 struct Held {
     bytes: Vec<u8>,
     held: &'static AtomicUsize,
+    own: Arc<AtomicUsize>,
 }
 
 impl AsRef<[u8]> for Held {
@@ -79,6 +92,7 @@ impl AsRef<[u8]> for Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.held.fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        self.own.fetch_sub(self.bytes.len(), Ordering::AcqRel);
     }
 }
 
@@ -116,6 +130,8 @@ pub struct MessageFrames {
     max: usize,
     /// The daemon-wide count of decoded bytes held ([`HELD`]; tests pass their own).
     held: &'static AtomicUsize,
+    /// The count of decoded bytes held for the sandbox whose response this is.
+    own: Arc<AtomicUsize>,
     /// Bytes of the current message still to come.
     left: usize,
     /// A header split across chunks (`have` of 5 bytes so far; none passed on yet).
@@ -148,12 +164,19 @@ const RESERVE: usize = 64 * 1024;
 
 impl MessageFrames {
     /// A stream whose compressed messages are in `coding`, none larger than `max` bytes
-    /// (compressed or decoded).
+    /// (compressed or decoded), counted against a sandbox of its own.
     pub fn new(coding: MessageCoding, max: usize) -> Self {
+        Self::for_sandbox(coding, max, Arc::default())
+    }
+
+    /// Like [`MessageFrames::new`], its decoded messages counted in `own`, the count of the
+    /// sandbox whose response this is (shared by all its streams).
+    pub fn for_sandbox(coding: MessageCoding, max: usize, own: Arc<AtomicUsize>) -> Self {
         MessageFrames {
             coding,
             max,
             held: &HELD,
+            own,
             left: 0,
             header: [0; HEADER],
             have: 0,
@@ -277,17 +300,24 @@ impl MessageFrames {
         Ok(())
     }
 
-    /// `plain` counted against the daemon-wide bound until it is dropped.
+    /// `plain` counted against its sandbox's and the daemon-wide bound until it is dropped.
     fn hold(&self, plain: Vec<u8>) -> Result<Bytes, FrameError> {
         let n = plain.len();
+        let mine = self.own.fetch_add(n, Ordering::AcqRel);
+        if mine + n > HELD_MESSAGES_PER_SANDBOX.saturating_mul(self.max) {
+            self.own.fetch_sub(n, Ordering::AcqRel);
+            return Err(FrameError::SandboxBusy);
+        }
         let before = self.held.fetch_add(n, Ordering::AcqRel);
         if before + n > HELD_MESSAGES.saturating_mul(self.max) {
             self.held.fetch_sub(n, Ordering::AcqRel);
+            self.own.fetch_sub(n, Ordering::AcqRel);
             return Err(FrameError::Busy);
         }
         Ok(Bytes::from_owner(Held {
             bytes: plain,
             held: self.held,
+            own: self.own.clone(),
         }))
     }
 }
@@ -484,22 +514,34 @@ mod tests {
     fn decoded_messages_held_at_once_are_bounded_and_given_back_when_dropped() {
         let held: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
         let m = grpc_message(1, &gzip(&[b'x'; 1000]));
-        let push = |out: &mut Vec<Piece>| {
-            let mut f = MessageFrames::new(MessageCoding::Gzip, 1000);
+        let push = |own: &Arc<AtomicUsize>, out: &mut Vec<Piece>| {
+            let mut f = MessageFrames::for_sandbox(MessageCoding::Gzip, 1000, own.clone());
             f.held = held;
             f.push(Bytes::copy_from_slice(&m), out)
         };
+        let sandboxes: Vec<Arc<AtomicUsize>> = (0..5).map(|_| Arc::default()).collect();
         let mut kept = Vec::new();
-        for _ in 0..HELD_MESSAGES {
-            push(&mut kept).unwrap();
+        for own in &sandboxes[..4] {
+            for _ in 0..HELD_MESSAGES_PER_SANDBOX {
+                push(own, &mut kept).unwrap();
+            }
+            let mut out = Vec::new();
+            assert_eq!(push(own, &mut out), Err(FrameError::SandboxBusy));
+            assert!(out.is_empty(), "nothing of the refused message");
         }
         assert_eq!(held.load(Ordering::Acquire), HELD_MESSAGES * 1000);
         let mut out = Vec::new();
-        assert_eq!(push(&mut out), Err(FrameError::Busy));
+        assert_eq!(push(&sandboxes[4], &mut out), Err(FrameError::Busy));
         assert!(out.is_empty(), "nothing of the refused message");
+        assert_eq!(
+            sandboxes[4].load(Ordering::Acquire),
+            0,
+            "its try given back"
+        );
         drop(kept);
         assert_eq!(held.load(Ordering::Acquire), 0);
-        push(&mut out).unwrap();
+        assert!(sandboxes.iter().all(|o| o.load(Ordering::Acquire) == 0));
+        push(&sandboxes[0], &mut out).unwrap();
     }
 
     #[test]

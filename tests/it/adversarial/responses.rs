@@ -901,3 +901,78 @@ async fn grpc_messages_reach_the_sandbox_scrubbed_at_their_length_or_not_at_all(
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert_eq!(a.headers["x-sealgate-error"], "upstream_unreachable");
 }
+
+/// An origin whose `/big` is one gzip message decoding to 4 MiB (the smallest
+/// `max_grpc_message_bytes`, so 16 of them are the daemon-wide bound) and `/small` one of a
+/// few bytes.
+fn grpc_sizes(head: &Head) -> Response<hostile::H2Body> {
+    let plain = match head.path.as_str() {
+        "/big" => vec![b'a'; 4 << 20],
+        _ => b"small".to_vec(),
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let body = grpc_message(1, &gzip(&plain));
+    let mut resp = Response::new(hostile::body(body, Some(trailers)));
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
+    resp
+}
+
+/// An h2 connection through the proxy whose streams take 1 KiB each and are never read: the
+/// decoded messages sent to it stay in sealgate's send queue.
+async fn h2_never_reading(e: &Env, sb: &SandboxCreds) -> http2::SendRequest<ReqBody> {
+    let tcp = pc::connect(e.h.proxy, Some(&sb.proxy_auth()), API)
+        .await
+        .expect("CONNECT accepted");
+    let tls = pc::tls(tcp, &sb.ca_pem, HOST, &[b"h2"]).await.unwrap();
+    let (send, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1 << 20)
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One sandbox that never reads its streams holds at most its share of the decoded gRPC
+/// messages the daemon keeps (4 of 16): another sandbox's compressed answers still arrive.
+/// Found from outside: 16 unread streams of one tunnel took the daemon-wide bound and every
+/// other sandbox's compressed answer, even of 5 bytes, was reset.
+#[tokio::test]
+async fn one_sandbox_holds_only_its_share_of_decoded_grpc_messages() {
+    let e = env_h2(grpc_sizes).await;
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let mut hog = h2_never_reading(&e, &e.sb).await;
+    let mut kept = Vec::new();
+    for _ in 0..16 {
+        hog.ready().await.unwrap();
+        let req = request(&e, "POST", "/big", true, &grpc);
+        if let Ok(resp) = hog.send_request(req).await {
+            kept.push(resp);
+        }
+    }
+    let mut c = pc::h2(e.h.proxy, &other, API).await;
+    c.ready().await.unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("https://{HOST}/small"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(pc::full(Bytes::new()))
+        .unwrap();
+    let a = got(c.send_request(req).await).await;
+    let a = a.unwrap_or_else(|err| panic!("the other sandbox's answer: {err}"));
+    assert_eq!(a.body, grpc_message(0, b"small"));
+    let logs = crate::support::daemon::logs_text();
+    assert!(
+        logs.lines().any(|l| l.contains("stream reset")
+            && l.contains("waiting for this sandbox's clients")
+            && l.contains(&e.sb.id)),
+        "the hog met its own bound"
+    );
+    drop(kept);
+}
