@@ -581,8 +581,8 @@ fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
     if dir.is_dir() {
         return Ok(());
     }
-    if dir.exists() {
-        let e = std::io::Error::other("it exists and is not a directory");
+    if std::fs::symlink_metadata(dir).is_ok() {
+        let e = std::io::Error::other("it exists and is not a directory (or a link to one)");
         return Err(io_err(format!("data_dir {}", dir.display()))(e));
     }
     crate::fsutil::create_private_dir(dir)
@@ -595,11 +595,24 @@ fn admin_token(
     env: Option<&str>,
 ) -> Result<(SecretValue, Option<PathBuf>), DaemonError> {
     if let Some(t) = env.filter(|t| !t.is_empty()) {
+        if t.trim().is_empty() {
+            return Err(blank_token(
+                "SEALGATE_ADMIN_TOKEN is blank: set a long random token or unset it",
+            ));
+        }
         warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
     let path = data_dir.join("admin.token");
     match std::fs::read_to_string(&path) {
+        // An empty token would match a request with no `Authorization` at all.
+        Ok(text) if text.trim().is_empty() => {
+            return Err(blank_token(&format!(
+                "{} is empty: write a long random token into it (openssl rand -hex 32), or \
+                 delete it to have one generated",
+                path.display()
+            )));
+        }
         Ok(text) => {
             warn_short_token(text.trim(), &path.display().to_string());
             return Ok((
@@ -633,15 +646,33 @@ fn warn_short_token(token: &str, from: &str) {
     }
 }
 
+/// The refusal of a blank admin token (a start-up error, like an unreadable token file).
+fn blank_token(why: &str) -> DaemonError {
+    io_err("admin token")(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
+}
+
+/// Writes `bytes` and a newline to `path` (0600) whole or not at all: into `path.new` first
+/// (fsynced), then renamed over, then the directory fsynced, so a crash or a full disk never
+/// leaves an empty token file (the caller holds the data-dir lock, so nothing races it).
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = PathBuf::from(staged);
+    match std::fs::remove_file(&staged) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = crate::fsutil::private_file()
         .write(true)
         .create_new(true)
-        .open(path)?;
+        .open(&staged)?;
     f.write_all(bytes)?;
     f.write_all(b"\n")?;
-    f.sync_all()
+    f.sync_all()?;
+    std::fs::rename(&staged, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, DaemonError> {

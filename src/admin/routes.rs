@@ -126,7 +126,8 @@ pub(super) fn token_matches(token: &SecretValue, headers: &header::HeaderMap) ->
         // The auth scheme is case-insensitive (RFC 9110 §11.1).
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim_start());
-    crate::secret::ct_eq(presented.as_bytes(), token.expose())
+    // An empty token never matches (a start refuses one; this holds whoever built the state).
+    !token.expose().is_empty() && crate::secret::ct_eq(presented.as_bytes(), token.expose())
 }
 
 fn actor(peer: SocketAddr) -> String {
@@ -676,5 +677,32 @@ async fn reload(
             Ok(Json(json!({"reloaded": true, "needs_restart": restart_needed})).into_response())
         }
         Err(msg) => Err(ApiError::bad_request(msg)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(v: Option<&str>) -> header::HeaderMap {
+        let mut h = header::HeaderMap::new();
+        if let Some(v) = v {
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn an_empty_token_matches_nothing_not_even_a_missing_header() {
+        let empty = SecretValue::new(Vec::new());
+        for presented in [None, Some("Bearer "), Some("Bearer"), Some("Basic x")] {
+            assert!(!token_matches(&empty, &bearer(presented)), "{presented:?}");
+        }
+        let t = SecretValue::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        assert!(token_matches(
+            &t,
+            &bearer(Some("bearer 0123456789abcdef0123456789abcdef"))
+        ));
+        assert!(!token_matches(&t, &bearer(None)));
     }
 }

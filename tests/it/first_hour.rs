@@ -410,6 +410,11 @@ async fn start_errors_name_the_file_and_what_failed() {
         file.display()
     );
     assert!(e.contains(&want), "{e}");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the permission cases need root (chown to 65534)");
+        return;
+    }
 
     let data = dir.path().join("data");
     let certs = dir.path().join("certs");
@@ -433,6 +438,48 @@ async fn start_errors_name_the_file_and_what_failed() {
     let e = serve_as_nobody_fails(&cfg);
     let want = format!("opening {} for writing: Permission denied", db.display());
     assert!(e.contains(&want), "{e}");
+}
+
+/// An empty admin.token (a crash between create and write could leave one) would have been the
+/// token "", which a request without `Authorization` matched: every admin route open. The
+/// daemon refuses to start on it, saying how to fix it; a blank `SEALGATE_ADMIN_TOKEN` too.
+#[tokio::test]
+async fn a_blank_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let token = data.join("admin.token");
+    std::fs::write(&token, " \n").unwrap();
+    let cfg = serve_config(dir.path(), &data, "");
+    let o = sealgate()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let want = format!(
+        "{} is empty: write a long random token into it",
+        token.display()
+    );
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    std::fs::remove_file(&token).unwrap();
+    let o = sealgate()
+        .env("SEALGATE_ADMIN_TOKEN", "   ")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("SEALGATE_ADMIN_TOKEN is blank"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!token.exists(), "nothing was generated in its place");
 }
 
 /// Kills a spawned daemon when the test ends, however it ends.
