@@ -47,11 +47,15 @@ pub enum FrameError {
     /// A compressed message larger than the limit, before or after decoding.
     #[error("the upstream sent a compressed gRPC message over upstream.max_grpc_message_bytes")]
     TooLarge,
-    /// Decoded messages already hold [`HELD_MESSAGES`] × the limit across the daemon.
-    #[error("too many decoded gRPC messages are waiting for their clients across the daemon")]
+    /// Compressed messages in flight and decoded ones already hold [`HELD_MESSAGES`] × the
+    /// limit across the daemon.
+    #[error(
+        "too many compressed or decoded gRPC messages are held for their clients across the daemon"
+    )]
     Busy,
-    /// This sandbox's decoded messages already hold [`HELD_MESSAGES_PER_SANDBOX`] × the limit.
-    #[error("too many decoded gRPC messages are waiting for this sandbox's clients")]
+    /// This sandbox's compressed messages in flight and decoded ones already hold
+    /// [`HELD_MESSAGES_PER_SANDBOX`] × the limit.
+    #[error("too many compressed or decoded gRPC messages are held for this sandbox's clients")]
     SandboxBusy,
     /// The body ended (or its trailers came) inside a message: a compressed message or a
     /// header that was held back is lost, so the stream must not end as if it were whole.
@@ -75,24 +79,30 @@ pub const HELD_MESSAGES_PER_SANDBOX: usize = 4;
 /// Decoded message bytes passed on and not yet dropped, daemon-wide.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// A decoded message on its way to the client; gives its bytes back to `held` and to its
-/// sandbox's count `own` when dropped.
-struct Held {
-    bytes: Vec<u8>,
+/// `n` bytes counted against the daemon-wide count `held` and a sandbox's count `own`, given
+/// back to both when dropped.
+struct Charge {
+    n: usize,
     held: &'static AtomicUsize,
     own: Arc<AtomicUsize>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.n, Ordering::AcqRel);
+        self.own.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// A decoded message on its way to the client, counted until it is dropped.
+struct Held {
+    bytes: Vec<u8>,
+    _charge: Charge,
 }
 
 impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.held.fetch_sub(self.bytes.len(), Ordering::AcqRel);
-        self.own.fetch_sub(self.bytes.len(), Ordering::AcqRel);
     }
 }
 
@@ -120,10 +130,12 @@ pub enum Piece {
 /// passed on is plain, so a scrubber downstream sees each value as the client will.
 ///
 /// # Memory usage
-/// While a compressed message is in flight: its bytes (at most `max`) and, while decoding, at
-/// most about twice `max` for the decoded message. A decoded message stays allocated until the
-/// client has taken it; across the daemon at most [`HELD_MESSAGES`] × `max` bytes of them, past
-/// which a compressed message resets its stream. Decoding runs inline, so a message of `max`
+/// While a compressed message is in flight: its bytes (at most `max`, counted at its announced
+/// length from its header on) and, while decoding, at most about twice `max` for the decoded
+/// message. A decoded message stays allocated until the client has taken it. Compressed
+/// messages in flight and decoded ones together are bounded to [`HELD_MESSAGES_PER_SANDBOX`] ×
+/// `max` per sandbox and [`HELD_MESSAGES`] × `max` across the daemon; past either a compressed
+/// message resets its stream. Decoding runs inline, so a message of `max`
 /// bytes costs that much inflate time on the worker that polls it.
 pub struct MessageFrames {
     coding: MessageCoding,
@@ -137,8 +149,8 @@ pub struct MessageFrames {
     /// A header split across chunks (`have` of 5 bytes so far; none passed on yet).
     header: [u8; 5],
     have: usize,
-    /// The current message, when it is compressed.
-    packed: Option<BytesMut>,
+    /// The current message, when it is compressed, with the charge of its announced length.
+    packed: Option<(BytesMut, Charge)>,
 }
 
 /// Never prints a message's bytes (a held message may hold a value, compressed).
@@ -148,7 +160,7 @@ impl fmt::Debug for MessageFrames {
             .field("coding", &self.coding)
             .field("max", &self.max)
             .field("left", &self.left)
-            .field("holding", &self.packed.as_ref().map_or(0, BytesMut::len))
+            .field("holding", &self.packed.as_ref().map_or(0, |(p, _)| p.len()))
             .finish_non_exhaustive()
     }
 }
@@ -196,7 +208,7 @@ impl MessageFrames {
             if self.left > 0 {
                 let n = (chunk.len() - at).min(self.left);
                 self.left -= n;
-                if let Some(packed) = &mut self.packed {
+                if let Some((packed, _)) = &mut self.packed {
                     packed.extend_from_slice(&chunk[at..at + n]);
                     at += n;
                     run = at;
@@ -268,7 +280,10 @@ impl MessageFrames {
         if self.left > self.max {
             return Err(FrameError::TooLarge);
         }
-        self.packed = Some(BytesMut::with_capacity(self.left.min(RESERVE)));
+        // Counted at its announced length from the start: the upstream decides how long the
+        // bytes stay buffered, and a stream stalled just short of its end held them uncounted.
+        let charge = self.charge(self.left)?;
+        self.packed = Some((BytesMut::with_capacity(self.left.min(RESERVE)), charge));
         Ok(())
     }
 
@@ -281,16 +296,22 @@ impl MessageFrames {
         out: &mut Vec<Piece>,
     ) -> Result<(), FrameError> {
         match self.packed.take() {
-            Some(packed) => self.unpack(&packed, out)?,
+            Some(packed) => self.unpack(packed, out)?,
             None => push_run(chunk, run, at, out),
         }
         out.push(Piece::End);
         Ok(())
     }
 
-    /// Pushes the complete compressed message `packed` as an uncompressed one.
-    fn unpack(&self, packed: &[u8], out: &mut Vec<Piece>) -> Result<(), FrameError> {
-        let plain = decode(self.coding, packed, self.max)?;
+    /// Pushes the complete compressed message `packed` as an uncompressed one; its charge is
+    /// given back before the decoded message is counted.
+    fn unpack(
+        &self,
+        (packed, charge): (BytesMut, Charge),
+        out: &mut Vec<Piece>,
+    ) -> Result<(), FrameError> {
+        let plain = decode(self.coding, &packed, self.max)?;
+        drop((packed, charge));
         let len = u32::try_from(plain.len()).map_err(|_| FrameError::TooLarge)?;
         let mut header = [self.header[0] & !COMPRESSED, 0, 0, 0, 0];
         header[1..].copy_from_slice(&len.to_be_bytes());
@@ -302,7 +323,18 @@ impl MessageFrames {
 
     /// `plain` counted against its sandbox's and the daemon-wide bound until it is dropped.
     fn hold(&self, plain: Vec<u8>) -> Result<Bytes, FrameError> {
-        let n = plain.len();
+        let charge = self.charge(plain.len())?;
+        Ok(Bytes::from_owner(Held {
+            bytes: plain,
+            _charge: charge,
+        }))
+    }
+
+    /// `n` more bytes counted against the sandbox's and the daemon-wide bound.
+    ///
+    /// # Errors
+    /// [`FrameError::SandboxBusy`] or [`FrameError::Busy`] past either; nothing is counted then.
+    fn charge(&self, n: usize) -> Result<Charge, FrameError> {
         let mine = self.own.fetch_add(n, Ordering::AcqRel);
         if mine + n > HELD_MESSAGES_PER_SANDBOX.saturating_mul(self.max) {
             self.own.fetch_sub(n, Ordering::AcqRel);
@@ -314,11 +346,11 @@ impl MessageFrames {
             self.own.fetch_sub(n, Ordering::AcqRel);
             return Err(FrameError::Busy);
         }
-        Ok(Bytes::from_owner(Held {
-            bytes: plain,
+        Ok(Charge {
+            n,
             held: self.held,
             own: self.own.clone(),
-        }))
+        })
     }
 }
 
@@ -542,6 +574,45 @@ mod tests {
         assert_eq!(held.load(Ordering::Acquire), 0);
         assert!(sandboxes.iter().all(|o| o.load(Ordering::Acquire) == 0));
         push(&sandboxes[0], &mut out).unwrap();
+    }
+
+    #[test]
+    fn compressed_messages_in_flight_are_counted_from_their_header_on() {
+        let held: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+        let own: Arc<AtomicUsize> = Arc::default();
+        let stream = || {
+            let mut f = MessageFrames::for_sandbox(MessageCoding::Gzip, 1000, own.clone());
+            f.held = held;
+            f
+        };
+        // A header announcing 1000 compressed bytes, and a stream that stalls after it.
+        let header = Bytes::from_static(&[COMPRESSED, 0, 0, 0x03, 0xe8]);
+        let mut out = Vec::new();
+        let mut stalled: Vec<MessageFrames> = Vec::new();
+        for _ in 0..HELD_MESSAGES_PER_SANDBOX {
+            let mut f = stream();
+            f.push(header.clone(), &mut out).unwrap();
+            stalled.push(f);
+        }
+        assert_eq!(
+            own.load(Ordering::Acquire),
+            HELD_MESSAGES_PER_SANDBOX * 1000
+        );
+        assert_eq!(
+            stream().push(header.clone(), &mut out),
+            Err(FrameError::SandboxBusy)
+        );
+        drop(stalled);
+        assert_eq!(own.load(Ordering::Acquire), 0);
+        assert_eq!(held.load(Ordering::Acquire), 0);
+        // A whole message: its compressed charge is given back, its decoded bytes counted.
+        let m = grpc_message(1, &gzip(&[b'x'; 900]));
+        let mut f = stream();
+        let mut kept = Vec::new();
+        f.push(Bytes::copy_from_slice(&m), &mut kept).unwrap();
+        assert_eq!(own.load(Ordering::Acquire), 900);
+        drop((f, kept));
+        assert_eq!(own.load(Ordering::Acquire), 0);
     }
 
     #[test]

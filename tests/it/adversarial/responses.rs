@@ -970,7 +970,7 @@ async fn one_sandbox_holds_only_its_share_of_decoded_grpc_messages() {
     let logs = crate::support::daemon::logs_text();
     assert!(
         logs.lines().any(|l| l.contains("stream reset")
-            && l.contains("waiting for this sandbox's clients")
+            && l.contains("held for this sandbox's clients")
             && l.contains(&e.sb.id)),
         "the hog met its own bound"
     );
