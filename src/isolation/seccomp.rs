@@ -17,6 +17,15 @@
 //!   EAGAIN (MySQL, QEMU `aio=native`). Programs fall back to threads on ENOSYS.
 //! - io_uring (`io_uring_setup`: ENOSYS, as Docker's default profile since 2023): a large,
 //!   young kernel surface with a history of privilege escalations; its users fall back too.
+//! - sockets of any family but `AF_UNIX`, `AF_INET`, `AF_INET6` and `AF_NETLINK` (`socket`,
+//!   `socketpair`: EAFNOSUPPORT, as for a family the kernel lacks). Found from outside:
+//!   `AF_VSOCK` is not a network-namespace citizen, so on a VM host a command reached the
+//!   hypervisor side of the virtio vsock transport past the namespace, its rules and sealgate
+//!   (Docker and containerd refuse it since 2022); `AF_ALG`, `AF_TIPC`, `AF_RDS`, `AF_KCM`,
+//!   `AF_XDP` and the rest are kernel surface no sandbox needs. On the i386 ABI the family of
+//!   `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a filter cannot read,
+//!   so those two subcalls are ENOSYS: a 32-bit program opens sockets with the `socket`
+//!   syscall (kernel ≥ 4.3) or not at all.
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
@@ -36,6 +45,15 @@ const NR: u32 = 0;
 const ARCH: u32 = 4;
 const ARG0_LOW: u32 = 16;
 
+/// The socket families a command may open: `AF_UNIX`, `AF_INET`, `AF_INET6`, `AF_NETLINK`.
+const FAMILIES: &[u32] = &[1, 2, 10, 16];
+
+/// In an ABI's table: no such call (no syscall has this number; skipped by [`program`]).
+const NONE: u32 = u32::MAX;
+
+/// `socketcall`'s subcalls that create sockets (`SYS_SOCKET`, `SYS_SOCKETPAIR`).
+const SOCKETCALL_CREATES: &[u32] = &[1, 8];
+
 /// Set on the syscall numbers of the x32 ABI, which shares x86_64's audit architecture.
 const X32_BIT: u32 = 0x4000_0000;
 
@@ -49,6 +67,10 @@ enum Verdict {
     Fail(i32),
     /// Fails with this errno when the first argument has any of these bits.
     FailIfArg0(u32, i32),
+    /// Fails with this errno when the first argument is none of these.
+    FailUnlessArg0In(&'static [u32], i32),
+    /// Fails with this errno when the first argument is one of these.
+    FailIfArg0In(&'static [u32], i32),
 }
 
 /// One syscall ABI of the machine: its audit architecture, a bit that marks a whole foreign
@@ -56,22 +78,43 @@ enum Verdict {
 struct Abi {
     arch: u32,
     foreign: u32,
-    refused: [(u32, Verdict); 8],
+    refused: [(u32, Verdict); 11],
+}
+
+/// The numbers of an ABI that [`refused`] filters.
+struct Nrs {
+    /// add_key, request_key, keyctl.
+    keys: [u32; 3],
+    clone: u32,
+    unshare: u32,
+    io_setup: u32,
+    /// socket, socketpair.
+    socket: [u32; 2],
+    /// socketcall, or [`NONE`] where the ABI has none.
+    socketcall: u32,
 }
 
 /// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
 /// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone;
-/// io_setup and io_uring_setup (425 on every ABI): ENOSYS.
-const fn refused(keys: [u32; 3], clone: u32, unshare: u32, io_setup: u32) -> [(u32, Verdict); 8] {
+/// io_setup and io_uring_setup (425 on every ABI): ENOSYS; socket and socketpair of a family
+/// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS.
+const fn refused(n: Nrs) -> [(u32, Verdict); 11] {
+    let family = Verdict::FailUnlessArg0In(FAMILIES, libc::EAFNOSUPPORT);
     [
-        (keys[0], Verdict::Fail(libc::ENOSYS)),
-        (keys[1], Verdict::Fail(libc::ENOSYS)),
-        (keys[2], Verdict::Fail(libc::ENOSYS)),
-        (clone, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
-        (unshare, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
+        (n.keys[0], Verdict::Fail(libc::ENOSYS)),
+        (n.keys[1], Verdict::Fail(libc::ENOSYS)),
+        (n.keys[2], Verdict::Fail(libc::ENOSYS)),
+        (n.clone, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
+        (n.unshare, Verdict::FailIfArg0(CLONE_NEWUSER, libc::EPERM)),
         (435, Verdict::Fail(libc::ENOSYS)),
-        (io_setup, Verdict::Fail(libc::ENOSYS)),
+        (n.io_setup, Verdict::Fail(libc::ENOSYS)),
         (425, Verdict::Fail(libc::ENOSYS)),
+        (n.socket[0], family),
+        (n.socket[1], family),
+        (
+            n.socketcall,
+            Verdict::FailIfArg0In(SOCKETCALL_CREATES, libc::ENOSYS),
+        ),
     ]
 }
 
@@ -80,12 +123,26 @@ const ABIS: [Abi; 2] = [
     Abi {
         arch: 0xC000_003E, // AUDIT_ARCH_X86_64 (and x32)
         foreign: X32_BIT,
-        refused: refused([248, 249, 250], 56, 272, 206),
+        refused: refused(Nrs {
+            keys: [248, 249, 250],
+            clone: 56,
+            unshare: 272,
+            io_setup: 206,
+            socket: [41, 53],
+            socketcall: NONE,
+        }),
     },
     Abi {
         arch: 0x4000_0003, // AUDIT_ARCH_I386 (int 0x80 from a 64-bit process)
         foreign: 0,
-        refused: refused([286, 287, 288], 120, 310, 245),
+        refused: refused(Nrs {
+            keys: [286, 287, 288],
+            clone: 120,
+            unshare: 310,
+            io_setup: 245,
+            socket: [359, 360],
+            socketcall: 102,
+        }),
     },
 ];
 
@@ -94,12 +151,26 @@ const ABIS: [Abi; 2] = [
     Abi {
         arch: 0xC000_00B7, // AUDIT_ARCH_AARCH64
         foreign: 0,
-        refused: refused([217, 218, 219], 220, 97, 0),
+        refused: refused(Nrs {
+            keys: [217, 218, 219],
+            clone: 220,
+            unshare: 97,
+            io_setup: 0,
+            socket: [198, 199],
+            socketcall: NONE,
+        }),
     },
     Abi {
         arch: 0x4000_0028, // AUDIT_ARCH_ARM (AArch32 compat)
         foreign: 0,
-        refused: refused([309, 310, 311], 120, 337, 243),
+        refused: refused(Nrs {
+            keys: [309, 310, 311],
+            clone: 120,
+            unshare: 337,
+            io_setup: 243,
+            socket: [281, 288],
+            socketcall: NONE, // OABI only, which arm64 does not run
+        }),
     },
 ];
 
@@ -143,7 +214,7 @@ pub fn program() -> Vec<libc::sock_filter> {
             ops.push(Op::Jset(abi.foreign, target));
             tails.push((target, Verdict::Fail(libc::ENOSYS)));
         }
-        for (nr, verdict) in abi.refused {
+        for (nr, verdict) in abi.refused.into_iter().filter(|r| r.0 != NONE) {
             let target = label();
             ops.push(Op::Jeq(nr, target, None));
             tails.push((target, verdict));
@@ -159,6 +230,21 @@ pub fn program() -> Vec<libc::sock_filter> {
                 ops.extend([
                     Op::Ld(ARG0_LOW),
                     Op::Jset(bits, fail),
+                    Op::Ret(libc::SECCOMP_RET_ALLOW),
+                    Op::Label(fail),
+                    Op::Ret(ret_errno(e)),
+                ]);
+            }
+            Verdict::FailUnlessArg0In(values, e) => {
+                ops.push(Op::Ld(ARG0_LOW));
+                ops.extend(values.iter().map(|v| Op::Jeq(*v, allow, None)));
+                ops.push(Op::Ret(ret_errno(e)));
+            }
+            Verdict::FailIfArg0In(values, e) => {
+                let fail = label();
+                ops.push(Op::Ld(ARG0_LOW));
+                ops.extend(values.iter().map(|v| Op::Jeq(*v, fail, None)));
+                ops.extend([
                     Op::Ret(libc::SECCOMP_RET_ALLOW),
                     Op::Label(fail),
                     Op::Ret(ret_errno(e)),
@@ -280,7 +366,7 @@ mod tests {
         let p = program();
         let allow = libc::SECCOMP_RET_ALLOW;
         for abi in &ABIS {
-            for (nr, verdict) in abi.refused {
+            for (nr, verdict) in abi.refused.into_iter().filter(|r| r.0 != NONE) {
                 match verdict {
                     Verdict::Fail(e) => {
                         assert_eq!(run(&p, abi.arch, nr, 0), ret_errno(e), "{nr}");
@@ -290,6 +376,26 @@ mod tests {
                         assert_eq!(run(&p, abi.arch, nr, other_ns), allow, "{nr}");
                         assert_eq!(run(&p, abi.arch, nr, 0x11), allow, "fork-like");
                         assert_eq!(run(&p, abi.arch, nr, bits | other_ns), ret_errno(e), "{nr}");
+                    }
+                    Verdict::FailUnlessArg0In(allowed, e) => {
+                        for family in 0..64 {
+                            let want = if allowed.contains(&family) {
+                                allow
+                            } else {
+                                ret_errno(e)
+                            };
+                            assert_eq!(run(&p, abi.arch, nr, family), want, "{nr} {family}");
+                        }
+                    }
+                    Verdict::FailIfArg0In(refused, e) => {
+                        for call in 0..21 {
+                            let want = if refused.contains(&call) {
+                                ret_errno(e)
+                            } else {
+                                allow
+                            };
+                            assert_eq!(run(&p, abi.arch, nr, call), want, "{nr} {call}");
+                        }
                     }
                 }
             }
