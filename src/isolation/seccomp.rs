@@ -26,6 +26,10 @@
 //!   `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a filter cannot read,
 //!   so those two subcalls are ENOSYS: a 32-bit program opens sockets with the `socket`
 //!   syscall (kernel ≥ 4.3) or not at all.
+//! - `perf_event_open` and `userfaultfd` (ENOSYS, as Docker's default profile refuses them):
+//!   an outside review opened both from a command (user-space only under this host's
+//!   `perf_event_paranoid` and `unprivileged_userfaultfd`); both are exploit-rich surfaces
+//!   no sandbox needs (no profiling inside, no userfaultfd-based GC).
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
@@ -78,7 +82,7 @@ enum Verdict {
 struct Abi {
     arch: u32,
     foreign: u32,
-    refused: [(u32, Verdict); 11],
+    refused: [(u32, Verdict); 13],
 }
 
 /// The numbers of an ABI that [`refused`] filters.
@@ -92,13 +96,16 @@ struct Nrs {
     socket: [u32; 2],
     /// socketcall, or [`NONE`] where the ABI has none.
     socketcall: u32,
+    /// perf_event_open, userfaultfd.
+    perf_uffd: [u32; 2],
 }
 
 /// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
 /// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone;
 /// io_setup and io_uring_setup (425 on every ABI): ENOSYS; socket and socketpair of a family
-/// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS.
-const fn refused(n: Nrs) -> [(u32, Verdict); 11] {
+/// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS; perf_event_open and
+/// userfaultfd: ENOSYS.
+const fn refused(n: Nrs) -> [(u32, Verdict); 13] {
     let family = Verdict::FailUnlessArg0In(FAMILIES, libc::EAFNOSUPPORT);
     [
         (n.keys[0], Verdict::Fail(libc::ENOSYS)),
@@ -115,6 +122,8 @@ const fn refused(n: Nrs) -> [(u32, Verdict); 11] {
             n.socketcall,
             Verdict::FailIfArg0In(SOCKETCALL_CREATES, libc::ENOSYS),
         ),
+        (n.perf_uffd[0], Verdict::Fail(libc::ENOSYS)),
+        (n.perf_uffd[1], Verdict::Fail(libc::ENOSYS)),
     ]
 }
 
@@ -130,6 +139,7 @@ const ABIS: [Abi; 2] = [
             io_setup: 206,
             socket: [41, 53],
             socketcall: NONE,
+            perf_uffd: [298, 323],
         }),
     },
     Abi {
@@ -142,6 +152,7 @@ const ABIS: [Abi; 2] = [
             io_setup: 245,
             socket: [359, 360],
             socketcall: 102,
+            perf_uffd: [336, 374],
         }),
     },
 ];
@@ -158,6 +169,7 @@ const ABIS: [Abi; 2] = [
             io_setup: 0,
             socket: [198, 199],
             socketcall: NONE,
+            perf_uffd: [241, 282],
         }),
     },
     Abi {
@@ -170,6 +182,7 @@ const ABIS: [Abi; 2] = [
             io_setup: 243,
             socket: [281, 288],
             socketcall: NONE, // OABI only, which arm64 does not run
+            perf_uffd: [364, 388],
         }),
     },
 ];
@@ -416,5 +429,27 @@ mod tests {
             "x32 io_setup"
         );
         assert_eq!(run(&p, 0x1234, 250, CLONE_NEWUSER), allow, "unknown ABI");
+    }
+
+    /// The native table names the calls it means (libc's numbers for this target).
+    #[test]
+    fn native_numbers_are_libcs() {
+        let native: Vec<u32> = ABIS[0].refused.iter().map(|r| r.0).collect();
+        for nr in [
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_keyctl,
+            libc::SYS_clone,
+            libc::SYS_unshare,
+            libc::SYS_clone3,
+            libc::SYS_io_setup,
+            libc::SYS_io_uring_setup,
+            libc::SYS_socket,
+            libc::SYS_socketpair,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+        ] {
+            assert!(native.contains(&(nr as u32)), "{nr}");
+        }
     }
 }
