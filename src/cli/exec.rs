@@ -17,7 +17,6 @@ use clap::Args;
 use http::Method;
 use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
-use std::io::Write as _;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use super::client::{AdminClient, ClientError};
@@ -46,6 +45,12 @@ pub struct ExecArgs {
     /// (UTF-8 text, at most 512 KiB — the commands API carries it as a JSON string).
     #[arg(long = "stdin", short = 'i')]
     pub stdin: bool,
+    /// Copy CMD's output byte for byte even to a terminal. Without it, control characters
+    /// other than newline, tab and carriage return are shown escaped (`\x1b`) on a terminal:
+    /// the output is the sandbox's, and escape sequences can retitle the terminal, clear it
+    /// or write the clipboard.
+    #[arg(long)]
+    pub raw: bool,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     pub cmd: Vec<String>,
@@ -111,7 +116,7 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
         describe(&sandbox);
     }
     let code = tokio::select! {
-        r = run(c, &sandbox, &a.cmd, a.timeout, input) => r,
+        r = run(c, &sandbox, &a.cmd, a.timeout, input, Output::new(a.raw)) => r,
         sig = signals.recv() => Ok(128 + sig),
     };
     end_sandbox(c, &id).await;
@@ -147,6 +152,7 @@ async fn run(
     cmd: &[String],
     timeout: Option<u64>,
     stdin: Option<String>,
+    output: Output,
 ) -> anyhow::Result<i32> {
     let id = sandbox["id"].as_str().unwrap_or_default();
     let secs = timeout.unwrap_or_else(|| remaining_secs(sandbox)).max(1);
@@ -166,7 +172,7 @@ async fn run(
             continue;
         };
         for (event, data) in events.push(data) {
-            if let Some(code) = show(&event, &data)? {
+            if let Some(code) = output.show(&event, &data)? {
                 return Ok(code);
             }
         }
@@ -199,31 +205,74 @@ async fn read_stdin() -> anyhow::Result<String> {
     .await?
 }
 
-/// Copies one event to stdout/stderr; Some(exit code) for the `exit` event.
-fn show(event: &str, data: &str) -> anyhow::Result<Option<i32>> {
-    let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-    let text = v["data"].as_str().unwrap_or_default().as_bytes();
+/// Where CMD's output goes: escaped on a terminal unless `--raw` ([`defanged`]).
+struct Output {
+    escape_out: bool,
+    escape_err: bool,
+}
+
+impl Output {
+    fn new(raw: bool) -> Output {
+        use std::io::IsTerminal as _;
+        Output {
+            escape_out: !raw && std::io::stdout().is_terminal(),
+            escape_err: !raw && std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Copies one event to stdout/stderr; Some(exit code) for the `exit` event.
+    fn show(&self, event: &str, data: &str) -> anyhow::Result<Option<i32>> {
+        let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+        let text = v["data"].as_str().unwrap_or_default();
+        match event {
+            "stdout" => copy(std::io::stdout().lock(), text, self.escape_out)?,
+            "stderr" => copy(std::io::stderr().lock(), text, self.escape_err)?,
+            _ => return Ok(exit_code(event, &v)),
+        }
+        Ok(None)
+    }
+}
+
+fn copy(mut to: impl std::io::Write, text: &str, escape: bool) -> std::io::Result<()> {
+    if escape {
+        to.write_all(defanged(text).as_bytes())?;
+    } else {
+        to.write_all(text.as_bytes())?;
+    }
+    to.flush()
+}
+
+/// `text` with every control character but newline, tab and carriage return written as a
+/// visible escape (`\x1b`, `\u{9b}`): a terminal then shows what the sandbox sent instead of
+/// obeying it.
+fn defanged(text: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |c: char| !c.is_control() || matches!(c, '\n' | '\t' | '\r');
+    if text.chars().all(keep) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if keep(c) => out.push(c),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The exit code an `exit` event carries (saying so when the timeout ended the command).
+fn exit_code(event: &str, v: &Value) -> Option<i32> {
     match event {
-        "stdout" => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(text)?;
-            out.flush()?;
-        }
-        "stderr" => {
-            let mut err = std::io::stderr().lock();
-            err.write_all(text)?;
-            err.flush()?;
-        }
         "exit" => {
             if v["timed_out"] == true {
                 eprintln!("sealgate: the command's timeout ran out; it was killed");
             }
             let code = v["exit_code"].as_i64().unwrap_or(1);
-            return Ok(Some(i32::try_from(code).unwrap_or(1)));
+            Some(i32::try_from(code).unwrap_or(1))
         }
-        _ => {}
+        _ => None,
     }
-    Ok(None)
 }
 
 /// Incremental `text/event-stream` parser: `event:` and `data:` lines, events end at a
@@ -361,6 +410,16 @@ async fn rule_params(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(defanged("plain\ttext\r\n"), "plain\ttext\r\n");
+        let hostile = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{7f}é";
+        assert_eq!(
+            defanged(hostile),
+            "\\x1b]0;pwned\\x07\\x1b[2J\\u{9b}31m\\x7fé"
+        );
+    }
     use super::*;
 
     #[test]
