@@ -450,6 +450,11 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
 /// every running sandbox. Patterns are compared as stored (canonical); a pattern that only
 /// narrows an old one still counts as added, which errs toward saying it.
 fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> Option<String> {
+    // Without a store allowlist a secret without hosts of its own is never unsealed (its own
+    // warning says so); that is no widening.
+    if store.egress_allowlist.is_none() && new.allowed_hosts.is_none() {
+        return None;
+    }
     let mut wider = Vec::new();
     match (&old.allowed_hosts, &new.allowed_hosts) {
         (Some(was), None) => wider.push(format!(

@@ -166,8 +166,8 @@ pub async fn serve<S, H, F>(
 
 /// An answer to `HEAD` is its head (RFC 9110 §9.3.2), whoever made it: hyper's h1 server drops
 /// a body there, its h2 server would send it as DATA, which h2 clients take as a protocol error
-/// (curl never showed sealgate's own 403/421/502 to `curl -I`). `content-length` is kept: it
-/// is what a GET would have carried.
+/// (curl never showed sealgate's own 403/421/502 to `curl -I`). Headers are kept as they are
+/// (an origin's `content-length` is what a GET would have carried).
 fn headers_only(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp.map(|body| {
         drop(body);

@@ -360,6 +360,19 @@ async fn a_replace_that_widens_a_secret_says_how() {
     );
     let v = h.secret(&id, "K", "sk-FAKE-widen-value-6", one, hdr).await;
     assert_eq!(widened(&v), None, "narrowed: {v}");
+    // Under a store without an allowlist, a value-only replace makes the secret never
+    // unsealed: its own warning says that, and nothing says "widened".
+    let open = h.store("no-allowlist", None).await;
+    h.secret(&open, "K", "sk-FAKE-widen-value-7", one, hdr)
+        .await;
+    let v = h
+        .secret(&open, "K", "sk-FAKE-widen-value-8", None, None)
+        .await;
+    assert_eq!(widened(&v), None, "{v}");
+    assert!(
+        v["warnings"].to_string().contains("never be unsealed"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
