@@ -329,6 +329,18 @@ fn serve_config(dir: &Path, data_dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// `serve` with `cfg` and `env`, run to its end (these configurations never start).
+fn serve_once(cfg: &Path, env: &[(&str, &str)]) -> Output {
+    sealgate()
+        .envs(env.iter().copied())
+        .arg("--config")
+        .arg(cfg)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 fn rand_suffix() -> String {
     format!("{:x}", rand_u64())
 }
@@ -348,13 +360,7 @@ async fn an_unknown_log_level_is_refused_at_start() {
         &dir.path().join("data"),
         "[log]\nlevel = \"warning\"\n",
     );
-    let o = sealgate()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = serve_once(&cfg, &[]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
@@ -451,13 +457,7 @@ async fn a_blank_admin_token_is_refused_at_start() {
     let token = data.join("admin.token");
     std::fs::write(&token, " \n").unwrap();
     let cfg = serve_config(dir.path(), &data, "");
-    let o = sealgate()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = serve_once(&cfg, &[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let want = format!(
         "{} is empty: write a long random token into it",
@@ -465,14 +465,7 @@ async fn a_blank_admin_token_is_refused_at_start() {
     );
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
     std::fs::remove_file(&token).unwrap();
-    let o = sealgate()
-        .env("SEALGATE_ADMIN_TOKEN", "   ")
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = serve_once(&cfg, &[("SEALGATE_ADMIN_TOKEN", "   ")]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("SEALGATE_ADMIN_TOKEN is blank"),
