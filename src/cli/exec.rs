@@ -45,10 +45,12 @@ pub struct ExecArgs {
     /// (UTF-8 text, at most 512 KiB — the commands API carries it as a JSON string).
     #[arg(long = "stdin", short = 'i')]
     pub stdin: bool,
-    /// Copy CMD's output byte for byte even to a terminal. Without it, control characters
-    /// other than newline, tab and carriage return are shown escaped (`\x1b`) on a terminal:
-    /// the output is the sandbox's, and escape sequences can retitle the terminal, clear it
-    /// or write the clipboard.
+    /// Copy CMD's output as the daemon sent it (UTF-8 text; bytes that were not UTF-8 arrive
+    /// as U+FFFD) even to a terminal. Without it, on a terminal, control characters other than
+    /// newline, tab and carriage return, and bidi and zero-width characters, are shown escaped
+    /// (`\x1b`, `\u{202e}`), all non-ASCII too outside a UTF-8 locale: the output is the
+    /// sandbox's, and escape sequences can retitle the terminal, clear it or write the
+    /// clipboard.
     #[arg(long)]
     pub raw: bool,
     /// The command and its arguments (after `--`).
@@ -209,6 +211,8 @@ async fn read_stdin() -> anyhow::Result<String> {
 struct Output {
     escape_out: bool,
     escape_err: bool,
+    /// The locale is UTF-8: non-ASCII text may be shown as it is.
+    utf8: bool,
 }
 
 impl Output {
@@ -217,6 +221,7 @@ impl Output {
         Output {
             escape_out: !raw && std::io::stdout().is_terminal(),
             escape_err: !raw && std::io::stderr().is_terminal(),
+            utf8: utf8_locale(),
         }
     }
 
@@ -225,28 +230,49 @@ impl Output {
         let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
         let text = v["data"].as_str().unwrap_or_default();
         match event {
-            "stdout" => copy(std::io::stdout().lock(), text, self.escape_out)?,
-            "stderr" => copy(std::io::stderr().lock(), text, self.escape_err)?,
+            "stdout" => copy(std::io::stdout().lock(), text, self.escape_out, self.utf8)?,
+            "stderr" => copy(std::io::stderr().lock(), text, self.escape_err, self.utf8)?,
             _ => return Ok(exit_code(event, &v)),
         }
         Ok(None)
     }
 }
 
-fn copy(mut to: impl std::io::Write, text: &str, escape: bool) -> std::io::Result<()> {
+fn copy(mut to: impl std::io::Write, text: &str, escape: bool, utf8: bool) -> std::io::Result<()> {
     if escape {
-        to.write_all(defanged(text).as_bytes())?;
+        to.write_all(defanged(text, utf8).as_bytes())?;
     } else {
         to.write_all(text.as_bytes())?;
     }
     to.flush()
 }
 
-/// `text` with every control character but newline, tab and carriage return written as a
-/// visible escape (`\x1b`, `\u{9b}`): a terminal then shows what the sandbox sent instead of
-/// obeying it.
-fn defanged(text: &str) -> std::borrow::Cow<'_, str> {
-    let keep = |c: char| !c.is_control() || matches!(c, '\n' | '\t' | '\r');
+/// Whether the locale's character set is UTF-8 (`LC_ALL`, else `LC_CTYPE`, else `LANG`).
+fn utf8_locale() -> bool {
+    let set = ["LC_ALL", "LC_CTYPE", "LANG"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    set.contains("utf-8") || set.contains("utf8")
+}
+
+/// Bidi embeddings, overrides and isolates, zero-width characters and the BOM: shown, they
+/// reorder or hide what is around them.
+fn hides_text(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `text` with every control character but newline, tab and carriage return, and every
+/// character that hides text ([`hides_text`]), written as a visible escape (`\x1b`,
+/// `\u{9b}`), and outside a UTF-8 locale (`utf8` false) every non-ASCII character too: a
+/// terminal then shows what the sandbox sent instead of obeying it.
+fn defanged(text: &str, utf8: bool) -> std::borrow::Cow<'_, str> {
+    let keep = |c: char| {
+        (!c.is_control() || matches!(c, '\n' | '\t' | '\r'))
+            && !hides_text(c)
+            && (utf8 || c.is_ascii())
+    };
     if text.chars().all(keep) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -410,17 +436,25 @@ async fn rule_params(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn control_characters_are_shown_not_obeyed() {
-        assert_eq!(defanged("plain\ttext\r\n"), "plain\ttext\r\n");
+        assert_eq!(defanged("plain\ttext\r\n", true), "plain\ttext\r\n");
         let hostile = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{7f}é";
         assert_eq!(
-            defanged(hostile),
+            defanged(hostile, true),
             "\\x1b]0;pwned\\x07\\x1b[2J\\u{9b}31m\\x7fé"
         );
+        // Bidi overrides and zero-width characters would hide or reorder what is shown.
+        assert_eq!(
+            defanged("a\u{202e}b\u{200b}c\u{2066}\u{feff}", true),
+            "a\\u{202e}b\\u{200b}c\\u{2066}\\u{feff}"
+        );
+        // Outside a UTF-8 locale every non-ASCII character is escaped: a terminal obeying
+        // 8-bit controls reads the byte 0x9b of `Û` (C3 9B) as CSI.
+        assert_eq!(defanged("Û2J é", false), "\\u{db}2J \\u{e9}");
     }
-    use super::*;
 
     #[test]
     fn sse_events_are_parsed_across_chunks() {
