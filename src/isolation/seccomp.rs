@@ -22,9 +22,11 @@
 //!   `AF_VSOCK` is not a network-namespace citizen, so on a VM host a command reached the
 //!   hypervisor side of the virtio vsock transport past the namespace, its rules and sealgate
 //!   (Docker and containerd refuse it since 2022); `AF_ALG`, `AF_TIPC`, `AF_RDS`, `AF_KCM`,
-//!   `AF_XDP` and the rest are kernel surface no sandbox needs. On the i386 ABI the family of
-//!   `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a filter cannot read,
-//!   so those two subcalls are ENOSYS: a 32-bit program opens sockets with the `socket`
+//!   `AF_XDP` and the rest are kernel surface no sandbox needs. `AF_NETLINK` opens only as
+//!   `NETLINK_ROUTE`, `NETLINK_SOCK_DIAG` and `NETLINK_GENERIC` (else EPROTONOSUPPORT): with
+//!   `NETLINK_KOBJECT_UEVENT` a command read the host's device events (review). On the i386
+//!   ABI the family of `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a
+//!   filter cannot read, so those two subcalls are ENOSYS: a 32-bit program opens sockets with the `socket`
 //!   syscall (kernel ≥ 4.3) or not at all.
 //! - `perf_event_open` and `userfaultfd` (ENOSYS, as Docker's default profile refuses them):
 //!   an outside review opened both from a command (user-space only under this host's
@@ -48,9 +50,25 @@ use std::io;
 const NR: u32 = 0;
 const ARCH: u32 = 4;
 const ARG0_LOW: u32 = 16;
+/// The low 32 bits of the third argument (`socket`'s protocol).
+const ARG2_LOW: u32 = 32;
 
-/// The socket families a command may open: `AF_UNIX`, `AF_INET`, `AF_INET6`, `AF_NETLINK`.
-const FAMILIES: &[u32] = &[1, 2, 10, 16];
+// The offsets above read the low half of each 64-bit argument where a little-endian machine
+// keeps it.
+#[cfg(target_endian = "big")]
+compile_error!("isolation::seccomp reads arguments as a little-endian machine lays them out");
+
+/// The socket families a command may open: `AF_UNIX`, `AF_INET`, `AF_INET6`, and `AF_NETLINK`
+/// ([`NETLINK`]).
+const FAMILIES: &[u32] = &[1, 2, 10];
+
+/// `AF_NETLINK`, open only in the protocols of [`NETLINK_PROTOCOLS`].
+const NETLINK: u32 = 16;
+
+/// `NETLINK_ROUTE` (ip, getaddrinfo), `NETLINK_SOCK_DIAG` (ss), `NETLINK_GENERIC`: the rest is
+/// kernel surface a sandbox has no use for, and `NETLINK_KOBJECT_UEVENT` let a command read
+/// the host's device events (the namespace is made by root, so it gets them; review).
+const NETLINK_PROTOCOLS: &[u32] = &[0, 4, 16];
 
 /// In an ABI's table: no such call (no syscall has this number; skipped by [`program`]).
 const NONE: u32 = u32::MAX;
@@ -71,8 +89,9 @@ enum Verdict {
     Fail(i32),
     /// Fails with this errno when the first argument has any of these bits.
     FailIfArg0(u32, i32),
-    /// Fails with this errno when the first argument is none of these.
-    FailUnlessArg0In(&'static [u32], i32),
+    /// `socket`/`socketpair`: EAFNOSUPPORT unless the family is in [`FAMILIES`] or is
+    /// [`NETLINK`] with a protocol of [`NETLINK_PROTOCOLS`] (else EPROTONOSUPPORT).
+    Socket,
     /// Fails with this errno when the first argument is one of these.
     FailIfArg0In(&'static [u32], i32),
 }
@@ -106,7 +125,7 @@ struct Nrs {
 /// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS; perf_event_open and
 /// userfaultfd: ENOSYS.
 const fn refused(n: Nrs) -> [(u32, Verdict); 13] {
-    let family = Verdict::FailUnlessArg0In(FAMILIES, libc::EAFNOSUPPORT);
+    let family = Verdict::Socket;
     [
         (n.keys[0], Verdict::Fail(libc::ENOSYS)),
         (n.keys[1], Verdict::Fail(libc::ENOSYS)),
@@ -248,10 +267,18 @@ pub fn program() -> Vec<libc::sock_filter> {
                     Op::Ret(ret_errno(e)),
                 ]);
             }
-            Verdict::FailUnlessArg0In(values, e) => {
+            Verdict::Socket => {
+                let netlink = label();
                 ops.push(Op::Ld(ARG0_LOW));
-                ops.extend(values.iter().map(|v| Op::Jeq(*v, allow, None)));
-                ops.push(Op::Ret(ret_errno(e)));
+                ops.extend(FAMILIES.iter().map(|v| Op::Jeq(*v, allow, None)));
+                ops.extend([
+                    Op::Jeq(NETLINK, netlink, None),
+                    Op::Ret(ret_errno(libc::EAFNOSUPPORT)),
+                    Op::Label(netlink),
+                    Op::Ld(ARG2_LOW),
+                ]);
+                ops.extend(NETLINK_PROTOCOLS.iter().map(|v| Op::Jeq(*v, allow, None)));
+                ops.push(Op::Ret(ret_errno(libc::EPROTONOSUPPORT)));
             }
             Verdict::FailIfArg0In(values, e) => {
                 let fail = label();
@@ -346,8 +373,13 @@ mod tests {
     use super::*;
 
     /// Runs the program on (arch, nr, first argument) as the kernel would (the subset of cBPF
-    /// it uses).
+    /// it uses), the third argument 0.
     fn run(p: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        run3(p, arch, nr, arg0, 0)
+    }
+
+    /// [`run`] with the third argument `arg2`.
+    fn run3(p: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32, arg2: u32) -> u32 {
         let (mut pc, mut a) = (0usize, 0u32);
         loop {
             let i = p[pc];
@@ -358,6 +390,7 @@ mod tests {
                         ARCH => arch,
                         NR => nr,
                         ARG0_LOW => arg0,
+                        ARG2_LOW => arg2,
                         other => panic!("load of offset {other}"),
                     };
                 }
@@ -390,14 +423,25 @@ mod tests {
                         assert_eq!(run(&p, abi.arch, nr, 0x11), allow, "fork-like");
                         assert_eq!(run(&p, abi.arch, nr, bits | other_ns), ret_errno(e), "{nr}");
                     }
-                    Verdict::FailUnlessArg0In(allowed, e) => {
+                    Verdict::Socket => {
                         for family in 0..64 {
-                            let want = if allowed.contains(&family) {
+                            let want = if FAMILIES.contains(&family) {
                                 allow
+                            } else if family == NETLINK {
+                                continue;
                             } else {
-                                ret_errno(e)
+                                ret_errno(libc::EAFNOSUPPORT)
                             };
                             assert_eq!(run(&p, abi.arch, nr, family), want, "{nr} {family}");
+                        }
+                        for protocol in 0..32 {
+                            let want = if NETLINK_PROTOCOLS.contains(&protocol) {
+                                allow
+                            } else {
+                                ret_errno(libc::EPROTONOSUPPORT)
+                            };
+                            let got = run3(&p, abi.arch, nr, NETLINK, protocol);
+                            assert_eq!(got, want, "{nr} netlink {protocol}");
                         }
                     }
                     Verdict::FailIfArg0In(refused, e) => {

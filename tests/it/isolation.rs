@@ -711,12 +711,19 @@ for f in (40, 38, 30, 1, 2, 10, 16):
         print(f, 0)
     except OSError as e:
         print(f, errno.errorcode[e.errno])
+for proto in (15, 0):
+    try:
+        socket.socket(16, socket.SOCK_DGRAM, proto).close()
+        print("netlink", proto, 0)
+    except OSError as e:
+        print("netlink", proto, errno.errorcode[e.errno])
 a, b = socket.socketpair()
 print("pair", a.family == socket.AF_UNIX)'"#;
     let r = ok(&h, &id(&sb), families).await;
     assert_eq!(
         r["stdout"],
-        "40 EAFNOSUPPORT\n38 EAFNOSUPPORT\n30 EAFNOSUPPORT\n1 0\n2 0\n10 0\n16 0\npair True\n",
+        "40 EAFNOSUPPORT\n38 EAFNOSUPPORT\n30 EAFNOSUPPORT\n1 0\n2 0\n10 0\n16 0\n\
+         netlink 15 EPROTONOSUPPORT\nnetlink 0 0\npair True\n",
         "{r}"
     );
 
