@@ -26,8 +26,8 @@
 //!   `NETLINK_ROUTE`, `NETLINK_SOCK_DIAG` and `NETLINK_GENERIC` (else EPROTONOSUPPORT): with
 //!   `NETLINK_KOBJECT_UEVENT` a command read the host's device events (review). On the i386
 //!   ABI the family of `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a
-//!   filter cannot read, so those two subcalls are ENOSYS: a 32-bit program opens sockets with the `socket`
-//!   syscall (kernel ≥ 4.3) or not at all.
+//!   filter cannot read, so those two subcalls are ENOSYS: a 32-bit program opens sockets
+//!   with the `socket` syscall (kernel ≥ 4.3) or not at all.
 //! - `perf_event_open` and `userfaultfd` (ENOSYS, as Docker's default profile refuses them):
 //!   an outside review opened both from a command (user-space only under this host's
 //!   `perf_event_paranoid` and `unprivileged_userfaultfd`); both are exploit-rich surfaces
