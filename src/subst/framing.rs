@@ -87,6 +87,30 @@ struct Charge {
     own: Arc<AtomicUsize>,
 }
 
+impl Charge {
+    /// Counts `to` bytes in all (no less than now), within the bounds for messages of at most
+    /// `max` bytes.
+    ///
+    /// # Errors
+    /// [`FrameError::SandboxBusy`] or [`FrameError::Busy`] past either; the count is unchanged.
+    fn grow_to(&mut self, to: usize, max: usize) -> Result<(), FrameError> {
+        let by = to.saturating_sub(self.n);
+        let mine = self.own.fetch_add(by, Ordering::AcqRel);
+        if mine + by > HELD_MESSAGES_PER_SANDBOX.saturating_mul(max) {
+            self.own.fetch_sub(by, Ordering::AcqRel);
+            return Err(FrameError::SandboxBusy);
+        }
+        let before = self.held.fetch_add(by, Ordering::AcqRel);
+        if before + by > HELD_MESSAGES.saturating_mul(max) {
+            self.held.fetch_sub(by, Ordering::AcqRel);
+            self.own.fetch_sub(by, Ordering::AcqRel);
+            return Err(FrameError::Busy);
+        }
+        self.n += by;
+        Ok(())
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.held.fetch_sub(self.n, Ordering::AcqRel);
@@ -130,9 +154,9 @@ pub enum Piece {
 /// passed on is plain, so a scrubber downstream sees each value as the client will.
 ///
 /// # Memory usage
-/// While a compressed message is in flight: its bytes (at most `max`, counted at its announced
-/// length from its header on) and, while decoding, at most about twice `max` for the decoded
-/// message. A decoded message stays allocated until the client has taken it. Compressed
+/// While a compressed message is in flight: its bytes (at most `max`; counted as its buffer
+/// is allocated: a first reserve of at most 64 KiB, then the whole announced length once that
+/// is outgrown) and, while decoding, at most about twice `max` for the decoded message. A decoded message stays allocated until the client has taken it. Compressed
 /// messages in flight and decoded ones together are bounded to [`HELD_MESSAGES_PER_SANDBOX`] ×
 /// `max` per sandbox and [`HELD_MESSAGES`] × `max` across the daemon; past either a compressed
 /// message resets its stream. Decoding runs inline, so a message of `max`
@@ -208,7 +232,14 @@ impl MessageFrames {
             if self.left > 0 {
                 let n = (chunk.len() - at).min(self.left);
                 self.left -= n;
-                if let Some((packed, _)) = &mut self.packed {
+                if let Some((packed, charge)) = &mut self.packed {
+                    // Room for the whole message once its first reserve is outgrown, counted
+                    // before it is taken (`self.left` is what remains after this slice).
+                    if packed.len() + n > packed.capacity() {
+                        let whole = packed.len() + n + self.left;
+                        charge.grow_to(whole, self.max)?;
+                        packed.reserve(whole - packed.len());
+                    }
                     packed.extend_from_slice(&chunk[at..at + n]);
                     at += n;
                     run = at;
@@ -280,10 +311,12 @@ impl MessageFrames {
         if self.left > self.max {
             return Err(FrameError::TooLarge);
         }
-        // Counted at its announced length from the start: the upstream decides how long the
-        // bytes stay buffered, and a stream stalled just short of its end held them uncounted.
-        let charge = self.charge(self.left)?;
-        self.packed = Some((BytesMut::with_capacity(self.left.min(RESERVE)), charge));
+        // Counted as its buffer is allocated: the upstream decides how long the bytes stay
+        // buffered, and a stream stalled just short of its end held them uncounted. A header
+        // alone takes only the first reserve, not the length it announces.
+        let first = self.left.min(RESERVE);
+        let charge = self.charge(first)?;
+        self.packed = Some((BytesMut::with_capacity(first), charge));
         Ok(())
     }
 
@@ -330,27 +363,18 @@ impl MessageFrames {
         }))
     }
 
-    /// `n` more bytes counted against the sandbox's and the daemon-wide bound.
+    /// `n` bytes counted against the sandbox's and the daemon-wide bound.
     ///
     /// # Errors
     /// [`FrameError::SandboxBusy`] or [`FrameError::Busy`] past either; nothing is counted then.
     fn charge(&self, n: usize) -> Result<Charge, FrameError> {
-        let mine = self.own.fetch_add(n, Ordering::AcqRel);
-        if mine + n > HELD_MESSAGES_PER_SANDBOX.saturating_mul(self.max) {
-            self.own.fetch_sub(n, Ordering::AcqRel);
-            return Err(FrameError::SandboxBusy);
-        }
-        let before = self.held.fetch_add(n, Ordering::AcqRel);
-        if before + n > HELD_MESSAGES.saturating_mul(self.max) {
-            self.held.fetch_sub(n, Ordering::AcqRel);
-            self.own.fetch_sub(n, Ordering::AcqRel);
-            return Err(FrameError::Busy);
-        }
-        Ok(Charge {
-            n,
+        let mut c = Charge {
+            n: 0,
             held: self.held,
             own: self.own.clone(),
-        })
+        };
+        c.grow_to(n, self.max)?;
+        Ok(c)
     }
 }
 
@@ -577,7 +601,7 @@ mod tests {
     }
 
     #[test]
-    fn compressed_messages_in_flight_are_counted_from_their_header_on() {
+    fn compressed_messages_in_flight_are_counted_as_their_buffers_grow() {
         let held: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
         let own: Arc<AtomicUsize> = Arc::default();
         let stream = || {
@@ -603,6 +627,25 @@ mod tests {
             Err(FrameError::SandboxBusy)
         );
         drop(stalled);
+        assert_eq!(own.load(Ordering::Acquire), 0);
+        assert_eq!(held.load(Ordering::Acquire), 0);
+        // A long message: its first reserve at the header, the whole of it once outgrown.
+        let mut f = MessageFrames::for_sandbox(MessageCoding::Gzip, 200_000, own.clone());
+        f.held = held;
+        let mut long = vec![COMPRESSED];
+        long.extend_from_slice(&150_000u32.to_be_bytes());
+        f.push(Bytes::from(long), &mut out).unwrap();
+        assert_eq!(own.load(Ordering::Acquire), RESERVE);
+        f.push(Bytes::from(vec![0u8; RESERVE]), &mut out).unwrap();
+        assert_eq!(
+            own.load(Ordering::Acquire),
+            RESERVE,
+            "within the first reserve"
+        );
+        f.push(Bytes::from(vec![0u8; 10]), &mut out).unwrap();
+        assert_eq!(own.load(Ordering::Acquire), 150_000);
+        assert_eq!(held.load(Ordering::Acquire), 150_000);
+        drop(f);
         assert_eq!(own.load(Ordering::Acquire), 0);
         assert_eq!(held.load(Ordering::Acquire), 0);
         // A whole message: its compressed charge is given back, its decoded bytes counted.
