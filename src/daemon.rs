@@ -600,6 +600,8 @@ fn admin_token(
                 "SEALGATE_ADMIN_TOKEN is blank: set a long random token or unset it",
             ));
         }
+        // Trimmed like the file's: a header never carries the spaces around it.
+        let t = t.trim();
         warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
@@ -622,6 +624,14 @@ fn admin_token(
         }
         // Only a missing file is created: an unreadable one is the operator's to fix (a
         // create would fail with "File exists" and point at deleting it, rotating the token).
+        // A link to a missing file is the operator's too: replacing it would drop their link.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
+            return Err(blank_token(&format!(
+                "{} is a link to a missing file: point it at the token file, or remove it to \
+                 have a token generated",
+                path.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     }
@@ -659,17 +669,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut staged = path.as_os_str().to_owned();
     staged.push(".new");
     let staged = PathBuf::from(staged);
+    let at =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", staged.display()));
     match std::fs::remove_file(&staged) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at(e)),
         _ => {}
     }
     let mut f = crate::fsutil::private_file()
         .write(true)
         .create_new(true)
-        .open(&staged)?;
-    f.write_all(bytes)?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
+        .open(&staged)
+        .map_err(at)?;
+    f.write_all(bytes).map_err(at)?;
+    f.write_all(b"\n").map_err(at)?;
+    f.sync_all().map_err(at)?;
     std::fs::rename(&staged, path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir)?.sync_all()

@@ -401,30 +401,7 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
             meta.name, store.name
         ));
     }
-    if store.egress_allowlist.is_none() && meta.allowed_hosts.is_none() {
-        w.push(format!(
-            "secret {} has no allowed_hosts and store {} has no egress_allowlist: it will never be unsealed",
-            meta.name, store.name
-        ));
-    }
-    if meta.allowed_hosts.as_ref().is_some_and(Vec::is_empty) {
-        w.push(format!(
-            "secret {} can never be unsealed: its allowed_hosts is empty",
-            meta.name
-        ));
-    } else if store.egress_allowlist.as_ref().is_some_and(Vec::is_empty) {
-        w.push(format!(
-            "secret {} can never be unsealed: store {}'s egress_allowlist is empty (no host)",
-            meta.name, store.name
-        ));
-    } else if let (Some(allow), Some(hosts)) = (&store.egress_allowlist, &meta.allowed_hosts) {
-        if !any_overlap(allow, hosts) {
-            w.push(format!(
-                "secret {} can never be unsealed: none of its allowed_hosts is reachable under store {}'s egress_allowlist",
-                meta.name, store.name
-            ));
-        }
-    }
+    w.extend(never_unsealed(store, meta));
     if meta
         .allowed_hosts
         .as_ref()
@@ -450,9 +427,8 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
 /// every running sandbox. Patterns are compared as stored (canonical); a pattern that only
 /// narrows an old one still counts as added, which errs toward saying it.
 fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> Option<String> {
-    // Without a store allowlist a secret without hosts of its own is never unsealed (its own
-    // warning says so); that is no widening.
-    if store.egress_allowlist.is_none() && new.allowed_hosts.is_none() {
+    // A secret that can never be unsealed is widened nowhere (its own warning says so).
+    if never_unsealed(store, new).is_some() {
         return None;
     }
     let mut wider = Vec::new();
@@ -507,6 +483,26 @@ fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> 
 /// `[a, b]` for a warning (patterns and location names, never values).
 fn listed(items: &[String]) -> String {
     format!("[{}]", items.join(", "))
+}
+
+/// Why `meta` can never be unsealed under `store`, if it cannot.
+fn never_unsealed(store: &StoreRecord, meta: &SecretMeta) -> Option<String> {
+    let (name, store_name) = (&meta.name, &store.name);
+    match (&store.egress_allowlist, &meta.allowed_hosts) {
+        (None, None) => Some(format!(
+            "secret {name} has no allowed_hosts and store {store_name} has no egress_allowlist: it will never be unsealed"
+        )),
+        (_, Some(hosts)) if hosts.is_empty() => Some(format!(
+            "secret {name} can never be unsealed: its allowed_hosts is empty"
+        )),
+        (Some(allow), _) if allow.is_empty() => Some(format!(
+            "secret {name} can never be unsealed: store {store_name}'s egress_allowlist is empty (no host)"
+        )),
+        (Some(allow), Some(hosts)) if !any_overlap(allow, hosts) => Some(format!(
+            "secret {name} can never be unsealed: none of its allowed_hosts is reachable under store {store_name}'s egress_allowlist"
+        )),
+        _ => None,
+    }
 }
 
 /// True if some HTTPS destination passes both pattern lists (both hold canonical patterns the

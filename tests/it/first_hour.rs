@@ -473,6 +473,16 @@ async fn a_blank_admin_token_is_refused_at_start() {
         stderr(&o)
     );
     assert!(!token.exists(), "nothing was generated in its place");
+    // A link to a missing file is refused, not replaced.
+    std::os::unix::fs::symlink(dir.path().join("gone"), &token).unwrap();
+    let o = serve_once(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is a link to a missing file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(token.is_symlink(), "the operator's link is kept");
 }
 
 /// Kills a spawned daemon when the test ends, however it ends.
