@@ -718,3 +718,130 @@ fn ca_files_without_sslmode_require_are_refused() {
         "{err}"
     );
 }
+
+/// A proxy in front of the cluster's Unix socket that, while `stall` is set, holds every
+/// extended-protocol query (`Parse`) a client sends: connecting, authenticating and `LISTEN`
+/// (a simple query) pass, the follower's generation check never answers.
+struct StallProxy {
+    dir: tempfile::TempDir,
+    stall: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallProxy {
+    async fn start(cluster: &Cluster, db: &str) -> (StallProxy, String) {
+        let url = cluster.url(db);
+        let host = url
+            .split(' ')
+            .find_map(|w| w.strip_prefix("host="))
+            .unwrap()
+            .to_owned();
+        let port = url
+            .split(' ')
+            .find_map(|w| w.strip_prefix("port="))
+            .unwrap()
+            .to_owned();
+        let real = std::path::Path::new(&host).join(format!(".s.PGSQL.{port}"));
+        let dir = tempfile::tempdir().unwrap();
+        let listener =
+            tokio::net::UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}"))).unwrap();
+        let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stall.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::relay(client, real.clone(), st.clone()));
+            }
+        });
+        let proxied = url.replacen(
+            &format!("host={host}"),
+            &format!("host={}", dir.path().display()),
+            1,
+        );
+        (StallProxy { dir, stall }, proxied)
+    }
+
+    async fn relay(
+        client: tokio::net::UnixStream,
+        real: std::path::PathBuf,
+        stall: Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = tokio::net::UnixStream::connect(real).await?;
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+        // The startup message (no type byte), then typed messages.
+        let mut len = [0u8; 4];
+        cr.read_exact(&mut len).await?;
+        let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+        cr.read_exact(&mut body).await?;
+        sw.write_all(&len).await?;
+        sw.write_all(&body).await?;
+        loop {
+            let mut head = [0u8; 5];
+            cr.read_exact(&mut head).await?;
+            let n = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; n.saturating_sub(4)];
+            cr.read_exact(&mut body).await?;
+            while head[0] == b'P' && stall.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            sw.write_all(&head).await?;
+            sw.write_all(&body).await?;
+        }
+    }
+}
+
+/// A database that accepts connections but never answers the follower's queries is a cut-off
+/// database: the node's lag grows and, past `max_staleness_secs`, it stays locked until a check
+/// answers again. Found from outside: every reconnect counted as fresh, so a node behind a
+/// stalling database served a revoked value for as long as the stall lasted (locking for a
+/// quarter second every three at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stalls_queries_counts_as_cut_off() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
+    let mut opts = node_opts(
+        &cluster,
+        &n.db,
+        "node-c",
+        &n.key,
+        &n.echo,
+        "max_staleness_secs = 2",
+    );
+    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
+    let c = Harness::try_start(opts, Some(n.pki.clone()))
+        .await
+        .expect("node c starts");
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-stall-2101").await;
+    c.register_secret("sk-fleet-stall-2101");
+    c.register_secret("sk-fleet-stall-2102");
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &sb, "sk-fleet-stall-2101", Duration::from_secs(10))
+        .await;
+
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Release);
+    n.secret(&n.a, &store, "sk-fleet-stall-2102").await;
+    // Past max_staleness (2 s) and a query timeout (3 s): locked, and it stays locked.
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    for _ in 0..15 {
+        let (status, seen) = n.key_seen(&c, &sb).await;
+        assert_eq!(
+            (status, seen.as_deref()),
+            (StatusCode::FORBIDDEN, None),
+            "served while cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metric(&c, "sealgate_store_sync_lag_seconds").await > 5.0);
+
+    proxy
+        .stall
+        .store(false, std::sync::atomic::Ordering::Release);
+    n.until_seen(&c, &sb, "sk-fleet-stall-2102", Duration::from_secs(15))
+        .await;
+    drop(proxy.dir);
+}

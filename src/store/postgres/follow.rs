@@ -8,10 +8,12 @@
 //!    also reads the generations of every store with a live sandbox here and re-snapshots each
 //!    store whose generation differs from the one it last applied. Right after (re)connecting it
 //!    does this at once: a node catches up by itself.
-//! 3. Every successful round trip marks the node fresh ([`Health`]). The lag (time since the last
-//!    one) is exported as `sealgate_store_sync_lag_seconds`. With `max_staleness` set, a node cut
-//!    off longer than that *locks* its sandboxes — no secret is unsealed anywhere (fail closed)
-//!    — until it is back and has caught up.
+//! 3. Every check that answered and was applied marks the node fresh ([`Health`]); a
+//!    connection alone does not (a database that accepts connections and stalls its queries
+//!    kept a node fresh at every reconnect). The lag (time since the last fresh mark) is
+//!    exported as `sealgate_store_sync_lag_seconds`. With `max_staleness` set, a node cut off
+//!    longer than that *locks* its sandboxes — no secret is unsealed anywhere (fail closed) —
+//!    until it is back and a full check has re-applied every store.
 //!
 //! Applying a change goes through [`Target`] (implemented by the sandbox lifecycle) on a blocking
 //! thread, since it reads the store. The proxy's per-request path never waits for any of this:
@@ -155,26 +157,31 @@ impl Follower {
         applied: &mut Applied,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
+        // A connection is not freshness: a database that accepts connections and stalls its
+        // queries kept a node "fresh" at every reconnect (review). Only a check that answered
+        // and was applied counts ([`Self::check`]).
         let (client, mut notes) = self.connect().await?;
-        self.health.ok();
-        if std::mem::take(&mut applied.locked) {
-            // Back after a lock: restore, then re-apply every store from the database.
-            let t = target.clone();
-            let _ = tokio::task::spawn_blocking(move || t.set_locked(false)).await;
+        if applied.locked {
+            // Back after a lock: every store is re-applied (into the held real snapshots; the
+            // lock stays) before the first full check unlocks.
             applied.generations.clear();
-            tracing::info!("store reachable again: sandboxes unlocked after catching up");
         }
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         loop {
-            let ids = tokio::select! {
+            let (ids, full) = tokio::select! {
                 note = notes.recv() => match note {
-                    Some(id) => vec![id],
+                    Some(id) => (vec![id], false),
                     None => return Err("the database closed the connection".into()),
                 },
-                _ = tick.tick() => target.watched_stores(),
+                _ = tick.tick() => (target.watched_stores(), true),
                 _ = shutdown.changed() => return Ok(()),
             };
             self.check(&client, target, applied, ids).await?;
+            if full && std::mem::take(&mut applied.locked) {
+                let t = target.clone();
+                let _ = tokio::task::spawn_blocking(move || t.set_locked(false)).await;
+                tracing::info!("store reachable again: sandboxes unlocked after catching up");
+            }
             self.report(target, applied);
         }
     }
@@ -237,7 +244,6 @@ impl Follower {
         ))
         .await
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
-        self.health.ok();
         applied.generations.retain(|id, _| watched.contains(id));
         let mut current: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // Deleted stores: their last state is applied once (`Target::apply_store_change`
@@ -266,6 +272,8 @@ impl Follower {
             applied.failing.remove(&id);
             applied.generations.insert(id, generation);
         }
+        // Fresh once the answer is applied, not when the query is sent or the rows arrive.
+        self.health.ok();
         Ok(())
     }
 
