@@ -46,4 +46,6 @@ pub struct AdminState {
     pub reload: Option<ReloadSender>,
     /// The store check shared by `/readyz` probes.
     pub ready: ready::ReadyCheck,
+    /// Fleet mode: the follower's health (is this node current with the shared database?).
+    pub follower: Option<Arc<crate::store::postgres::Health>>,
 }

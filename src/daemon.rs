@@ -273,6 +273,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         audit,
         reload: Some(reload_tx),
         ready: Default::default(),
+        follower: opened.fleet.as_ref().map(|f| f.health.clone()),
     });
     let (admin_addr, proxy_addr, transparent_addr, own) = (
         listeners.admin_addr,

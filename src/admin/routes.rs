@@ -627,9 +627,14 @@ async fn readyz(State(st): St, headers: header::HeaderMap) -> Response {
     // Every listener is bound before the admin API serves its first request (daemon::start
     // binds them all first), so a served /readyz never has unbound listeners to report.
     let quarantined = st.sandboxes.quarantined();
+    let behind = follower_behind(&st);
     let message = match store {
-        Ok(()) if quarantined.is_empty() => {
+        Ok(()) if quarantined.is_empty() && behind.is_none() => {
             return Json(json!({"status": "ready"})).into_response()
+        }
+        Ok(()) if quarantined.is_empty() && detailed => behind.unwrap_or_default(),
+        Ok(()) if quarantined.is_empty() => {
+            format!("this node is not current with the database{NO_DETAIL}")
         }
         Ok(()) if detailed => format!(
             "store(s) {} cannot be read (a row is corrupt or was tampered with): their \
@@ -641,6 +646,26 @@ async fn readyz(State(st): St, headers: header::HeaderMap) -> Response {
         Err(_) => format!("store unusable{NO_DETAIL}"),
     };
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).into_response()
+}
+
+/// How long the fleet follower may go without a check that answered before `/readyz` says
+/// so (a reconnect takes a quarter second; a check answers every quarter second).
+const FOLLOWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Fleet mode: why this node is not current with the shared database, if its follower has
+/// had no check answer for longer than [`FOLLOWER_GRACE`] (a database that accepts the
+/// store check but not the follower's, or a row the follower cannot read).
+fn follower_behind(st: &AdminState) -> Option<String> {
+    let health = st.follower.as_ref()?;
+    let lag = health.lag();
+    let why = health.problem()?;
+    (lag > FOLLOWER_GRACE).then(|| {
+        format!(
+            "changes made through other nodes are not reaching this node: {why} (last check \
+             answered {} s ago)",
+            lag.as_secs()
+        )
+    })
 }
 
 /// What an unauthenticated `/readyz` says in place of the reason.

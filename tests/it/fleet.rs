@@ -845,3 +845,42 @@ async fn a_database_that_stalls_queries_counts_as_cut_off() {
         .await;
     drop(proxy.dir);
 }
+
+/// A `stores` row that does not decode (its generation set NULL by hand) fails the follower's
+/// check, visibly, instead of killing the follower: found from outside, one such row panicked
+/// the follower task on every node, and revocations stopped with `/readyz` and the lag gauge
+/// green. Now the node counts as cut off (locks past `max_staleness_secs`, `/readyz` 503) until
+/// the row is repaired, and then applies what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stores_row_that_does_not_decode_is_a_visible_outage() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "max_staleness_secs = 1").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-null-2201").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-null-2201", Duration::from_secs(10))
+        .await;
+    cluster.psql(
+        &n.db,
+        &format!(
+            "ALTER TABLE stores ALTER generation DROP NOT NULL; \
+             UPDATE stores SET generation = NULL WHERE id = '{store}'"
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, seen) = n.key_seen(&n.b, &sb).await;
+    assert_eq!((status, seen), (StatusCode::FORBIDDEN, None), "fail closed");
+    let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains("does not decode"), "{v}");
+    // Repaired, with a rotation made meanwhile: applied.
+    cluster.psql(
+        &n.db,
+        &format!("UPDATE stores SET generation = nextval('store_generation') WHERE id = '{store}'"),
+    );
+    n.secret(&n.a, &store, "sk-fleet-null-2202").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-null-2202", Duration::from_secs(15))
+        .await;
+    let logs = crate::support::daemon::logs_text();
+    assert!(!logs.contains("panicked"), "a follower panicked");
+}

@@ -37,6 +37,14 @@ pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Wait between reconnection attempts.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Notifications queued for the follower; more are dropped (the periodic check catches up).
+/// Any role that can connect can NOTIFY the channel: an outside review grew every node by 8 KiB
+/// per notification, without end, through the unbounded queue this replaced.
+const NOTES_QUEUED: usize = 1024;
+
+/// The longest payload taken as a store id (ids are 36-character UUIDs).
+const MAX_NOTE: usize = 64;
+
 /// Longest a connect or a check query may take before the connection counts as down.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -134,9 +142,19 @@ struct Applied {
 impl Follower {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, target: Arc<dyn Target>, mut shutdown: watch::Receiver<bool>) {
+        use futures_util::FutureExt as _;
         let mut applied = Applied::default();
         loop {
-            let ended = self.session(&target, &mut applied, &mut shutdown).await;
+            // A panic in a session (a bug) ends that session, not the follower: a dead follower
+            // stops every change reaching this node while its health looked fine.
+            let session = self.session(&target, &mut applied, &mut shutdown);
+            let ended = match std::panic::AssertUnwindSafe(session).catch_unwind().await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    applied.generations.clear();
+                    Err("the follower failed (a bug, logged above); reconnecting".into())
+                }
+            };
             match ended {
                 Ok(()) => return,
                 Err(why) => self.health.down(why),
@@ -186,7 +204,7 @@ impl Follower {
         }
     }
 
-    async fn connect(&self) -> Result<(Client, mpsc::UnboundedReceiver<String>), String> {
+    async fn connect(&self) -> Result<(Client, mpsc::Receiver<String>), String> {
         match self.url.tls() {
             Some(tls) => self.connect_with(tls).await,
             None => self.connect_with(NoTls).await,
@@ -194,10 +212,7 @@ impl Follower {
     }
 
     /// [`Self::connect`] with the URL's TLS choice.
-    async fn connect_with<T>(
-        &self,
-        tls: T,
-    ) -> Result<(Client, mpsc::UnboundedReceiver<String>), String>
+    async fn connect_with<T>(&self, tls: T) -> Result<(Client, mpsc::Receiver<String>), String>
     where
         T: MakeTlsConnect<Socket>,
         T::Stream: Send + 'static,
@@ -209,12 +224,15 @@ impl Follower {
             .await
             .map_err(|_| format!("database {url}: connect timed out"))?
             .map_err(|e| format!("database {url} unreachable: {}", super::causes(&e)))?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(NOTES_QUEUED);
         tokio::spawn(async move {
             while let Some(msg) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                 match msg {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        let _ = tx.send(n.payload().to_owned());
+                    // A hint only: any role that can connect may NOTIFY this channel. A payload
+                    // that is no store id, or one past a full queue, is dropped; the periodic
+                    // check finds what it would have named.
+                    Ok(AsyncMessage::Notification(n)) if n.payload().len() <= MAX_NOTE => {
+                        let _ = tx.try_send(n.payload().to_owned());
                     }
                     Ok(_) => {}
                     Err(_) => break,
@@ -245,7 +263,13 @@ impl Follower {
         .await
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
         applied.generations.retain(|id, _| watched.contains(id));
-        let mut current: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // A row that does not decode (a NULL written by hand) is an error of the check, never a
+        // panic: the follower task died on one, silently, and revocations stopped (review).
+        let mut current: HashMap<String, i64> = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| format!("database {}: a stores row does not decode: {e}", self.url))?;
         // Deleted stores: their last state is applied once (`Target::apply_store_change`
         // reads it from where the deletion kept it), however many changes this node missed.
         for id in ids {

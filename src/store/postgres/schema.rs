@@ -125,13 +125,22 @@ pub(super) async fn prepare(db: &Db, key: &MasterKey) -> Result<(), StoreError> 
 }
 
 async fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (\
-                 version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
+    // No DDL once the table is there: a role granted only the documented table and sequence
+    // privileges (no CREATE on the schema) starts a node of a migrated database.
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
         .await
-        .map_err(pg_err)?;
+        .map_err(pg_err)?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (\
+                     version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .await
+            .map_err(pg_err)?;
+    }
     let version = current_version(client).await?;
     if version > supported() {
         return Err(StoreError::SchemaTooNew {
