@@ -37,6 +37,9 @@ pub const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Wait between reconnection attempts.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How often a store whose change could not be applied is tried again at the same generation.
+const FAILING_RETRY: Duration = Duration::from_secs(2);
+
 /// Notifications queued for the follower; more are dropped (the periodic check catches up).
 /// Any role that can connect can NOTIFY the channel: an outside review grew every node by 8 KiB
 /// per notification, without end, through the unbounded queue this replaced.
@@ -135,8 +138,9 @@ const DELETED: i64 = -1;
 struct Applied {
     generations: HashMap<String, i64>,
     locked: bool,
-    /// Stores whose last change could not be applied (logged once until it applies).
-    failing: std::collections::HashSet<String>,
+    /// Stores whose last change could not be applied, with the generation and time of the
+    /// last try (logged once until it applies).
+    failing: HashMap<String, (i64, Instant)>,
 }
 
 impl Follower {
@@ -279,6 +283,13 @@ impl Follower {
             if applied.generations.get(&id) == Some(&generation) {
                 continue;
             }
+            // A store that failed at this generation is tried again only now and then: it is
+            // read whole each time, and a tampered row of 32 MiB kept PostgreSQL busy at every
+            // poll (review). A new generation (a repair, a change) is tried at once.
+            let tried = applied.failing.get(&id);
+            if tried.is_some_and(|(g, at)| *g == generation && at.elapsed() < FAILING_RETRY) {
+                continue;
+            }
             let t = target.clone();
             let sid = id.clone();
             let outcome = tokio::task::spawn_blocking(move || t.apply_store_change(&sid))
@@ -286,9 +297,10 @@ impl Follower {
                 .map_err(|e| e.to_string())?;
             // The database answered: a change that cannot be applied (a corrupt or tampered
             // row: the target has locked that store's sandboxes) is not an outage. It is
-            // retried at every poll and reported once until it applies.
+            // retried every [`FAILING_RETRY`] and reported once until it applies.
             if let Err(e) = outcome {
-                if applied.failing.insert(id.clone()) {
+                let now = (generation, Instant::now());
+                if applied.failing.insert(id.clone(), now).is_none() {
                     tracing::error!(store = %id, error = %e, "a change of this store cannot be applied");
                 }
                 continue;
