@@ -204,6 +204,14 @@ impl Running {
         if let Some(w) = workers {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }
+        let pending = self.sandboxes.pending_deletions();
+        if !pending.is_empty() {
+            tracing::error!(
+                sandboxes = ?pending,
+                "sandboxes deleted while the database was unreachable still have their rows: \
+                 they serve again when this node starts, until they expire or are deleted again"
+            );
+        }
         // Every request has ended: its audit line is queued; write them all out.
         let audit = self.proxy.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;

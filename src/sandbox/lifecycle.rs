@@ -480,6 +480,14 @@ impl Sandboxes {
         Ok(())
     }
 
+    /// The sandboxes deleted while the database was unreachable whose rows are still there
+    /// (sorted; the pending deletions live in memory only).
+    pub fn pending_deletions(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.pending().iter().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.pending_deletes
             .lock()
