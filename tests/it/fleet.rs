@@ -461,7 +461,7 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
     assert!(metric(&n.b, "sealgate_store_sync_lag_seconds").await > 0.5);
     // What a shutdown now would name as left pending (logged as an error then).
     let pending = n.b.daemon.as_ref().unwrap().sandboxes.pending_deletions();
-    assert_eq!(pending, [gone.id.clone()]);
+    assert_eq!(pending, std::slice::from_ref(&gone.id));
 
     cluster.start();
     for node in [&n.a, &n.b] {
