@@ -645,7 +645,7 @@ fn admin_token(
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     }
     let token = crate::random::random_hex(32);
-    write_private(&path, token.as_bytes())
+    crate::fsutil::replace_private_file_synced(&path, format!("{token}\n").as_bytes())
         .map_err(io_err(format!("creating {}", path.display())))?;
     Ok((SecretValue::new(token.into_bytes()), Some(path)))
 }
@@ -668,33 +668,6 @@ fn warn_short_token(token: &str, from: &str) {
 /// The refusal of a blank admin token (a start-up error, like an unreadable token file).
 fn blank_token(why: &str) -> DaemonError {
     io_err("admin token")(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
-}
-
-/// Writes `bytes` and a newline to `path` (0600) whole or not at all: into `path.new` first
-/// (fsynced), then renamed over, then the directory fsynced, so a crash or a full disk never
-/// leaves an empty token file (the caller holds the data-dir lock, so nothing races it).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut staged = path.as_os_str().to_owned();
-    staged.push(".new");
-    let staged = PathBuf::from(staged);
-    let at =
-        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", staged.display()));
-    match std::fs::remove_file(&staged) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at(e)),
-        _ => {}
-    }
-    let mut f = crate::fsutil::private_file()
-        .write(true)
-        .create_new(true)
-        .open(&staged)
-        .map_err(at)?;
-    f.write_all(bytes).map_err(at)?;
-    f.write_all(b"\n").map_err(at)?;
-    f.sync_all().map_err(at)?;
-    std::fs::rename(&staged, path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, DaemonError> {

@@ -41,6 +41,32 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// # Errors
 /// The directory is not writable, or the rename is refused; the temporary file is removed.
 pub fn replace_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, false)
+}
+
+/// [`replace_private_file`], made durable: the fresh file is fsynced before the rename and the
+/// directory after it, so a crash or a full disk leaves the old file or the whole new one,
+/// never an empty one (an empty admin token would have matched a request without any).
+///
+/// # Errors
+/// As [`replace_private_file`], and a failed fsync.
+pub fn replace_private_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, true)?;
+    sync_parent(path)
+}
+
+/// fsyncs the directory holding `path`, so a new or renamed entry there survives a crash.
+///
+/// # Errors
+/// The directory cannot be opened or synced.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
+fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     use std::io::Write;
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
@@ -53,7 +79,13 @@ pub fn replace_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            if sync {
+                f.sync_all()?;
+            }
+            Ok(())
+        })
         .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -50,6 +50,14 @@ use crate::sandbox::{Registry, Sandbox, TunnelGuard};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends (to the sandbox or upstream).
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A [`ProxyBody`] with no bytes (CONNECT's 200, answers that carry no body).
+pub fn empty_body() -> ProxyBody {
+    use http_body_util::BodyExt as _;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 /// The pooled upstream client.
 pub type UpstreamClient = Client<upstream::Connector, ProxyBody>;
 

@@ -143,14 +143,7 @@ fn finish_interrupted<S>(
 /// Renames the staged key over the key file and makes the rename durable.
 fn install_staged(staged: &Path, key_file: &Path) -> std::io::Result<()> {
     std::fs::rename(staged, key_file)?;
-    sync_dir(key_file)
-}
-
-fn sync_dir(file: &Path) -> std::io::Result<()> {
-    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => std::fs::File::open(".")?.sync_all(),
-    }
+    crate::fsutil::sync_parent(key_file)
 }
 
 /// Writes `key` to `path` (0600, replacing a stale file) and fsyncs file and directory.
@@ -164,7 +157,7 @@ fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
     f.write_all(key.to_base64().as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
-    sync_dir(path)
+    crate::fsutil::sync_parent(path)
 }
 
 /// Runs the rotation. The daemon must be stopped: a running daemon keeps the old key in

@@ -49,8 +49,8 @@ pub struct Sandbox {
     /// Its responses being decoded from brotli or zstd
     /// (`[upstream] max_window_decoders_per_sandbox`).
     pub decoders: Budget,
-    /// Bytes of decoded gRPC messages its responses hold, not yet taken by its clients
-    /// (`subst::framing::HELD_MESSAGES_PER_SANDBOX`).
+    /// Bytes of gRPC messages its responses hold, compressed in flight or decoded and not yet
+    /// taken by its clients (`subst::framing::HELD_MESSAGES_PER_SANDBOX`).
     pub grpc_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 

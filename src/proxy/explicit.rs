@@ -17,9 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -175,11 +173,7 @@ fn connect(
         };
         run_tunnel(tunnel, TokioIo::new(upgraded)).await;
     });
-    let mut resp = Response::new(
-        Empty::<Bytes>::new()
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut resp = Response::new(super::empty_body());
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
 }

@@ -135,9 +135,7 @@ pub fn scrub_response(
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not.
         drop(body);
-        return Ok(http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed_unsync());
+        return Ok(super::empty_body());
     }
     if shape.binary == Some(Binary::Base64Framed) {
         return Err(Refusal::new(

@@ -22,7 +22,6 @@
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
@@ -171,7 +170,7 @@ pub async fn serve<S, H, F>(
 fn headers_only(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp.map(|body| {
         drop(body);
-        Empty::new().map_err(|never| match never {}).boxed_unsync()
+        super::empty_body()
     })
 }
 

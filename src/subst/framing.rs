@@ -76,7 +76,7 @@ pub const HELD_MESSAGES: usize = 16;
 /// with 16 unread streams of one tunnel).
 pub const HELD_MESSAGES_PER_SANDBOX: usize = 4;
 
-/// Decoded message bytes passed on and not yet dropped, daemon-wide.
+/// Bytes of compressed messages in flight and of decoded ones not yet dropped, daemon-wide.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
 /// `n` bytes counted against the daemon-wide count `held` and a sandbox's count `own`, given
@@ -156,17 +156,18 @@ pub enum Piece {
 /// # Memory usage
 /// While a compressed message is in flight: its bytes (at most `max`; counted as its buffer
 /// is allocated: a first reserve of at most 64 KiB, then the whole announced length once that
-/// is outgrown) and, while decoding, at most about twice `max` for the decoded message. A decoded message stays allocated until the client has taken it. Compressed
-/// messages in flight and decoded ones together are bounded to [`HELD_MESSAGES_PER_SANDBOX`] ×
-/// `max` per sandbox and [`HELD_MESSAGES`] × `max` across the daemon; past either a compressed
-/// message resets its stream. Decoding runs inline, so a message of `max`
-/// bytes costs that much inflate time on the worker that polls it.
+/// is outgrown) and, while decoding, at most about twice `max` for the decoded message. A
+/// decoded message stays allocated until the client has taken it. Compressed messages in
+/// flight and decoded ones together are bounded to [`HELD_MESSAGES_PER_SANDBOX`] × `max` per
+/// sandbox and [`HELD_MESSAGES`] × `max` across the daemon; past either a compressed message
+/// resets its stream. Decoding runs inline, so a message of `max` bytes costs that much
+/// inflate time on the worker that polls it.
 pub struct MessageFrames {
     coding: MessageCoding,
     max: usize,
-    /// The daemon-wide count of decoded bytes held ([`HELD`]; tests pass their own).
+    /// The daemon-wide count of message bytes held ([`HELD`]; tests pass their own).
     held: &'static AtomicUsize,
-    /// The count of decoded bytes held for the sandbox whose response this is.
+    /// The count of message bytes held for the sandbox whose response this is.
     own: Arc<AtomicUsize>,
     /// Bytes of the current message still to come.
     left: usize,
