@@ -24,7 +24,7 @@ use crate::proxy::workers::Workers;
 use crate::proxy::{self, ListenerKind, LiveSettings, ProxyState};
 use crate::sandbox::lifecycle::{LifecycleConfig, SandboxError};
 use crate::sandbox::Budget;
-use crate::sandbox::{Registry, Sandboxes};
+use crate::sandbox::{Registry, Sandboxes, Tombstones};
 use crate::secret::SecretValue;
 use crate::store::crypto::KeySource;
 use crate::store::postgres::{self, DatabaseUrl, Follower, Health, PgStore};
@@ -206,10 +206,12 @@ impl Running {
         }
         let pending = self.sandboxes.pending_deletions();
         if !pending.is_empty() {
-            tracing::error!(
+            tracing::warn!(
                 sandboxes = ?pending,
+                file = %self.sandboxes.pending_deletions_file().map(|p| p.display().to_string()).unwrap_or_default(),
                 "sandboxes deleted while the database was unreachable still have their rows: \
-                 they serve again when this node starts, until they expire or are deleted again"
+                 recorded in the file, so this node does not serve them when it starts; their \
+                 rows are deleted then"
             );
         }
         // Every request has ended: its audit line is queued; write them all out.
@@ -560,6 +562,7 @@ fn restore_sandboxes(
         default_timeout: cfg.sandbox.default_timeout,
         max_timeout: cfg.sandbox.max_timeout,
         node: node.clone(),
+        tombstones: Tombstones::in_dir(&cfg.data_dir),
     };
     let registry = Arc::new(Registry::default());
     let leaves = Arc::new(LeafCache::with_counters(

@@ -11,11 +11,13 @@ mod budget;
 pub mod lifecycle;
 pub mod registry;
 pub mod snapshot;
+pub mod tombstones;
 
 pub use budget::{Budget, BudgetSlot};
 pub use lifecycle::{CreateSandbox, SandboxError, Sandboxes};
 pub use registry::Registry;
 pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
+pub use tombstones::Tombstones;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use super::registry::RegistryError;
 use super::snapshot::SnapshotError;
+use super::tombstones::Tombstones;
 use super::{Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
 use crate::store::postgres::follow;
@@ -43,6 +44,9 @@ pub enum SandboxError {
     /// A stored snapshot is unusable.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The record of deletions pending since an outage is unreadable (message says why).
+    #[error("{0}")]
+    PendingDeletions(String),
     /// Writing the CA certificate file failed.
     #[error("cannot write CA certificate {path}: {source}")]
     CertFile {
@@ -153,6 +157,8 @@ pub struct LifecycleConfig {
     pub max_timeout: Duration,
     /// Fleet mode: this node's id, shown on every sandbox; None with SQLite.
     pub node: Option<String>,
+    /// Where deletions the database could not take yet are remembered across restarts.
+    pub tombstones: Tombstones,
 }
 
 /// Sandbox operations over the store and the registry.
@@ -171,6 +177,8 @@ pub struct Sandboxes {
     quarantined: Mutex<HashSet<String>>,
     /// Sandboxes ended here whose row the database could not delete yet (it was unreachable):
     /// retried by [`Sandboxes::sweep_expired`], and a repeated `DELETE` of one succeeds.
+    /// Mirrored in `cfg.tombstones` whenever it changes (under this lock), so a restart before
+    /// the database returns does not serve them again.
     pending_deletes: Mutex<HashSet<String>>,
 }
 
@@ -310,21 +318,32 @@ impl Sandboxes {
         &self.registry
     }
 
-    /// Purges expired sessions, then registers every stored one (same CA, same tokens).
+    /// Purges expired sessions, then registers every stored one (same CA, same tokens)
+    /// except those an earlier run deleted while the database was unreachable, whose rows are
+    /// deleted now.
     ///
     /// # Errors
-    /// A row that fails to decrypt or parse: the daemon refuses to start rather than run with
-    /// part of its sandboxes silently gone.
+    /// A row that fails to decrypt or parse, or an unreadable record of pending deletions: the
+    /// daemon refuses to start rather than run with part of its sandboxes silently gone, or
+    /// with deleted ones back.
     pub fn restore(&self) -> Result<usize, SandboxError> {
+        let deleted = self.cfg.tombstones.load()?;
         let now = OffsetDateTime::now_utc();
         self.store.purge_expired_sandboxes(now)?;
         let rows = self.store.load_sandboxes()?;
-        let n = rows.len();
+        let mut n = 0;
         for row in rows {
+            if deleted.contains(&row.id) {
+                tracing::info!(sandbox = %row.id, "not restored: deleted while the database was unreachable");
+                continue;
+            }
             let sb = self.revive(row)?;
             self.write_cert(&sb)?;
             self.registry.insert(sb)?;
+            n += 1;
         }
+        *self.pending() = deleted;
+        self.retry_pending_deletes();
         Ok(n)
     }
 
@@ -455,8 +474,8 @@ impl Sandboxes {
     /// because the database is unreachable, the deletion is kept and retried every sweep (a
     /// `DELETE` repeated meanwhile succeeds too): an outside test saw a 503 for a sandbox that
     /// had in fact stopped, a retry answer 404, and the row bring the sandbox back at the next
-    /// restart. A restart before the database returns still restores it (the pending deletion
-    /// lives in memory).
+    /// restart. The pending deletion is also written to `data_dir` ([`Tombstones`]), so a
+    /// restart before the database returns does not serve it again either.
     ///
     /// # Errors
     /// [`SandboxError::NotFound`] if it was neither live nor pending deletion; store failures
@@ -471,7 +490,9 @@ impl Sandboxes {
         self.forget(&sb);
         match self.store.delete_sandbox(id) {
             Err(StoreError::Unavailable(why)) => {
-                self.pending().insert(id.to_owned());
+                let mut pending = self.pending();
+                pending.insert(id.to_owned());
+                self.record(&pending);
                 tracing::warn!(sandbox = %id, error = %why, "sandbox ended; its row is deleted once the database is back");
             }
             other => other?,
@@ -481,17 +502,35 @@ impl Sandboxes {
     }
 
     /// The sandboxes deleted while the database was unreachable whose rows are still there
-    /// (sorted; the pending deletions live in memory only).
+    /// (sorted).
     pub fn pending_deletions(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.pending().iter().cloned().collect();
         ids.sort();
         ids
     }
 
+    /// Where the pending deletions are recorded across restarts (none in unit tests).
+    pub fn pending_deletions_file(&self) -> Option<&Path> {
+        self.cfg.tombstones.path()
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.pending_deletes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Mirrors `pending` on disk; a failure is logged (the sandboxes have ended either way).
+    fn record(&self, pending: &HashSet<String>) {
+        if let Err(e) = self.cfg.tombstones.save(pending) {
+            let file = self.cfg.tombstones.path().map(Path::display);
+            tracing::error!(
+                file = %file.map(|f| f.to_string()).unwrap_or_default(),
+                error = %e,
+                "cannot record the sandboxes deleted while the database is unreachable: a \
+                 restart before it returns would serve them again"
+            );
+        }
     }
 
     /// Retries the row deletions the database refused while unreachable.
@@ -501,7 +540,9 @@ impl Sandboxes {
             match self.store.delete_sandbox(&id) {
                 Err(StoreError::Unavailable(_)) => return,
                 Ok(()) | Err(StoreError::NotFound(_)) => {
-                    self.pending().remove(&id);
+                    let mut pending = self.pending();
+                    pending.remove(&id);
+                    self.record(&pending);
                     tracing::info!(sandbox = %id, "row of a sandbox deleted during the outage removed");
                 }
                 Err(e) => {

@@ -485,6 +485,22 @@ async fn a_blank_admin_token_is_refused_at_start() {
     assert!(token.is_symlink(), "the operator's link is kept");
 }
 
+/// A damaged record of the deletions pending since a database outage stops the start and
+/// names the file: a node that cannot tell which sandboxes were deleted must serve none.
+#[tokio::test]
+async fn a_damaged_record_of_pending_deletions_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let record = data.join("pending-deletions");
+    std::fs::write(&record, "sbx_0123456789abcdef01234567\n../../etc/passwd\n").unwrap();
+    let cfg = serve_config(dir.path(), &data, "");
+    let o = serve_once(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let want = format!("{} line 2 is not a sandbox id", record.display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+}
+
 /// Kills a spawned daemon when the test ends, however it ends.
 struct Spawned(std::process::Child);
 

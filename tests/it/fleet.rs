@@ -2,6 +2,7 @@
 //! the test. Changes made through one node's API reach the other node's running sandboxes
 //! within a second; the proxy keeps serving while the database is down.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,12 +72,18 @@ async fn two_nodes(cluster: &Cluster, extra: &str) -> Nodes {
 impl Nodes {
     /// Starts node B again (after `b.stop()`), on the same database, key and origin.
     async fn restart_b(&self, cluster: &Cluster) -> Harness {
-        Harness::try_start(
-            node_opts(cluster, &self.db, "node-b", &self.key, &self.echo, ""),
-            Some(self.pki.clone()),
-        )
-        .await
-        .expect("node b restarts")
+        self.restart_b_with(cluster, None).await
+    }
+
+    /// [`Nodes::restart_b`], reusing `data_dir` if given (B's own, to keep its local state).
+    async fn restart_b_with(&self, cluster: &Cluster, data_dir: Option<PathBuf>) -> Harness {
+        let opts = Opts {
+            data_dir,
+            ..node_opts(cluster, &self.db, "node-b", &self.key, &self.echo, "")
+        };
+        Harness::try_start(opts, Some(self.pki.clone()))
+            .await
+            .expect("node b restarts")
     }
 
     /// Sets a secret through `via`, registering the value with both nodes' log checks.
@@ -495,6 +502,60 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A sandbox deleted while the database is unreachable stays deleted even if its node stops
+/// before the database returns: the node records the deletion in its `data_dir`, does not
+/// serve the sandbox when it starts again, and deletes the row then. Before, the row brought
+/// the sandbox back (tokens, proxy password, CA) until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_deleted_during_an_outage_stays_deleted_when_its_node_restarts_first() {
+    let cluster = Cluster::owned();
+    let mut n = two_nodes(&cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-tomb-2030").await;
+    let kept = sandbox_on(&n.b, "s", "node-b").await;
+    let gone = sandbox_on(&n.b, "s", "node-b").await;
+    let data_dir = n.b.dir.path().join("data");
+    let record = data_dir.join("pending-deletions");
+
+    cluster.stop();
+    let (s, v) =
+        n.b.api(Method::DELETE, &format!("/v1/sandboxes/{}", gone.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let listed = std::fs::read_to_string(&record).expect("the deletion is recorded");
+    assert_eq!(listed, format!("{}\n", gone.id));
+    n.b.stop().await;
+    cluster.start();
+
+    let b2 = n.restart_b_with(&cluster, Some(data_dir)).await;
+    b2.register_secret("sk-fleet-tomb-2030");
+    assert!(
+        pc::connect(b2.proxy, Some(&gone.proxy_auth()), API)
+            .await
+            .is_err(),
+        "the deleted sandbox is served again"
+    );
+    let (s, v) = b2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", gone.id), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(
+        n.key_seen(&b2, &kept).await,
+        (StatusCode::OK, Some("sk-fleet-tomb-2030".to_owned())),
+        "the other sandbox is restored"
+    );
+    let row = format!("SELECT count(*) FROM sandboxes WHERE id = '{}'", gone.id);
+    assert_eq!(
+        cluster.psql(&n.db, &row).trim(),
+        "0",
+        "the row is deleted at start"
+    );
+    assert!(
+        !record.exists(),
+        "the record goes with the last pending row"
+    );
 }
 
 /// Admin requests waiting on a locked database must not take the proxy's threads: while more
