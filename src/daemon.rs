@@ -313,6 +313,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     if let Some(fleet) = &opened.fleet {
         let follower = Follower {
             url: fleet.url.clone(),
+            node: fleet.node.clone(),
             health: fleet.health.clone(),
             max_staleness: cfg.store.max_staleness,
             lag_gauge: admin_state.metrics.store_sync_lag.clone(),

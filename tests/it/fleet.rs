@@ -504,6 +504,30 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
     }
 }
 
+/// Every connection a node opens names it in `pg_stat_activity`, the follower's too, so a DBA
+/// can tell which node holds a lock or runs a query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_names_its_node_in_pg_stat_activity() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let names = format!(
+        "SELECT string_agg(DISTINCT application_name, ',' ORDER BY application_name) \
+         FROM pg_stat_activity WHERE datname = '{}'",
+        n.db
+    );
+    let want = "sealgate/node-a,sealgate/node-a/follower,sealgate/node-b,sealgate/node-b/follower";
+    let started = Instant::now();
+    loop {
+        let seen = cluster.psql(&n.db, &names);
+        let seen = seen.trim().replace("psql,", "").replace(",psql", "");
+        if seen == want {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "saw {seen}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A sandbox deleted while the database is unreachable stays deleted even if its node stops
 /// before the database returns: the node records the deletion in its `data_dir`, does not
 /// serve the sandbox when it starts again, and deletes the row then. Before, the row brought

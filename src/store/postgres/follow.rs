@@ -121,6 +121,9 @@ impl Health {
 pub struct Follower {
     /// Where to listen (redacted in every message).
     pub url: DatabaseUrl,
+    /// This node's id, shown as `application_name` `sealgate/<id>/follower` in
+    /// `pg_stat_activity` (the pool's connections are `sealgate/<id>`).
+    pub node: String,
     /// Shared health.
     pub health: Arc<Health>,
     /// `[store] max_staleness_secs`, if on.
@@ -222,7 +225,8 @@ impl Follower {
         T::Stream: Send + 'static,
     {
         let url = &self.url;
-        let config = self.url.pg_config();
+        let mut config = self.url.pg_config();
+        config.application_name(format!("sealgate/{}/follower", self.node));
         let connecting = config.connect(tls);
         let (client, mut conn) = tokio::time::timeout(QUERY_TIMEOUT, connecting)
             .await
