@@ -336,6 +336,17 @@ pub trait Store: Send + Sync {
     /// [`StoreError::NotFound`].
     fn delete_sandbox(&self, id: &str) -> Result<(), StoreError>;
 
+    /// Fleet mode: the node holding live sandbox `id` when that is not this node (`None`
+    /// with one host, or when no other node has it), so an admin call sent to the wrong node
+    /// can say where to go.
+    ///
+    /// # Errors
+    /// Database failures.
+    fn sandbox_elsewhere(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let _ = id;
+        Ok(None)
+    }
+
     /// Deletes sandboxes with `expires_at <= now`; returns how many.
     fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
 

@@ -97,7 +97,9 @@ impl From<StoreError> for ApiError {
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         match e {
-            SandboxError::NotFound(_) => ApiError::not_found(e.to_string()),
+            SandboxError::NotFound(_) | SandboxError::OnAnotherNode { .. } => {
+                ApiError::not_found(e.to_string())
+            }
             SandboxError::BadRequest(m) => ApiError::bad_request(m),
             SandboxError::Registry(r) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())

@@ -19,6 +19,7 @@ use super::snapshot::SnapshotError;
 use super::tombstones::Tombstones;
 use super::{Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
+use crate::limits::cgroup::is_sandbox_id;
 use crate::store::postgres::follow;
 use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::token::Token;
@@ -29,6 +30,14 @@ pub enum SandboxError {
     /// No such sandbox.
     #[error("sandbox {0} not found")]
     NotFound(String),
+    /// Fleet mode: the sandbox lives on another node, whose admin API manages it.
+    #[error("sandbox {id} is not on this node: it runs on node {node}; manage it through that node's admin API")]
+    OnAnotherNode {
+        /// The sandbox.
+        id: String,
+        /// The node holding it.
+        node: String,
+    },
     /// The request is invalid (message says why).
     #[error("{0}")]
     BadRequest(String),
@@ -448,10 +457,7 @@ impl Sandboxes {
     /// # Errors
     /// [`SandboxError::NotFound`].
     pub fn get(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
-        let sb = self
-            .registry
-            .get(id)
-            .ok_or_else(|| SandboxError::NotFound(id.into()))?;
+        let sb = self.registry.get(id).ok_or_else(|| self.not_here(id))?;
         Ok(self.info(&sb))
     }
 
@@ -485,7 +491,7 @@ impl Sandboxes {
             if self.pending().contains(id) {
                 return Ok(());
             }
-            return Err(SandboxError::NotFound(id.into()));
+            return Err(self.not_here(id));
         };
         self.forget(&sb);
         match self.store.delete_sandbox(id) {
@@ -499,6 +505,23 @@ impl Sandboxes {
         }
         tracing::info!(sandbox = %id, "sandbox deleted");
         Ok(())
+    }
+
+    /// [`SandboxError::NotFound`], or in fleet mode [`SandboxError::OnAnotherNode`] when another
+    /// node holds `id` (a failed lookup is just "not found": the call was for this node).
+    fn not_here(&self, id: &str) -> SandboxError {
+        let elsewhere = if self.cfg.node.is_some() && is_sandbox_id(id) {
+            self.store.sandbox_elsewhere(id).ok().flatten()
+        } else {
+            None
+        };
+        match elsewhere {
+            Some(node) => SandboxError::OnAnotherNode {
+                id: id.into(),
+                node,
+            },
+            None => SandboxError::NotFound(id.into()),
+        }
     }
 
     /// The sandboxes deleted while the database was unreachable whose rows are still there

@@ -546,6 +546,14 @@ impl Store for PgStore {
         self.block(|db| async move { ops::delete_sandbox(&**db.client().await?, &id).await })
     }
 
+    fn sandbox_elsewhere(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let now = ops::to_nanos(OffsetDateTime::now_utc(), "lookup time")?;
+        let id = id.to_owned();
+        self.block(|db| async move {
+            ops::other_node_of(&**db.client().await?, &id, &db.node_id, now).await
+        })
+    }
+
     fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
         let now = ops::to_nanos(now, "purge time")?;
         self.block(

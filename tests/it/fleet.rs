@@ -528,6 +528,39 @@ async fn every_connection_names_its_node_in_pg_stat_activity() {
     }
 }
 
+/// An admin call for a sandbox sent to the wrong node says which node holds it, and changes
+/// nothing there: the sandbox keeps working on its own node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_for_another_nodes_sandbox_name_that_node() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-where-2040").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    for method in [Method::GET, Method::DELETE] {
+        let (s, v) =
+            n.a.api(method.clone(), &format!("/v1/sandboxes/{}", sb.id), None)
+                .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method} {v}");
+        assert_eq!(v["error"]["code"], "not_found", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains("runs on node node-b"), "{m}");
+    }
+    let (s, v) =
+        n.a.api(
+            Method::GET,
+            "/v1/sandboxes/sbx_000000000000000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(!v.to_string().contains("node"), "{v}");
+    assert_eq!(
+        n.key_seen(&n.b, &sb).await,
+        (StatusCode::OK, Some("sk-fleet-where-2040".to_owned()))
+    );
+}
+
 /// A sandbox deleted while the database is unreachable stays deleted even if its node stops
 /// before the database returns: the node records the deletion in its `data_dir`, does not
 /// serve the sandbox when it starts again, and deletes the row then. Before, the row brought

@@ -563,6 +563,23 @@ pub(super) async fn delete_sandbox(client: &Client, id: &str) -> Result<(), Stor
     prune_deleted_stores(client).await
 }
 
+/// The node holding live sandbox `id`, if it is another than `node_id`.
+pub(super) async fn other_node_of(
+    client: &Client,
+    id: &str,
+    node_id: &str,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT node_id FROM sandboxes WHERE id = $1 AND node_id <> $2 AND expires_at > $3",
+            &[&id, &node_id, &now],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.and_then(|r| r.try_get(0).ok()))
+}
+
 pub(super) async fn purge_expired(
     client: &Client,
     node_id: &str,
