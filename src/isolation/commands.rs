@@ -25,6 +25,7 @@
 //! every background process — ends. Every command is audited (sandbox, command line cut to
 //! 256 bytes, exit code, duration); env values never are.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::os::fd::AsRawFd;
@@ -509,9 +510,10 @@ fn start(p: Prepared, audit: Arc<Audit>) -> mpsc::Receiver<Piece> {
     tokio::spawn(async move {
         let started = Instant::now();
         let outcome = run(&p, &tx, started).await;
+        let cmd = scrubbed_cmd(&p.iso.sandbox, &p.cmd);
         audit.command(&CommandEvent {
             sandbox: &p.iso.sandbox.id,
-            cmd: audit_cmd(&p.cmd),
+            cmd: audit_cmd(&cmd),
             exit_code: outcome.exit_code,
             timed_out: outcome.timed_out,
             truncated: outcome.truncated,
@@ -521,6 +523,21 @@ fn start(p: Prepared, audit: Arc<Audit>) -> mpsc::Receiver<Piece> {
         let _ = tx.send(Piece::Exit(outcome)).await;
     });
     rx
+}
+
+/// The command line with every real value of the sandbox's secrets (and the forms the
+/// response scrubber knows) replaced by its token: an operator who writes a value into `cmd`
+/// must not find it in the audit log (found from outside). Scrubbed whole, before any cut, so
+/// no prefix of a value can survive at the end of a cut line.
+fn scrubbed_cmd<'a>(sandbox: &crate::sandbox::Sandbox, cmd: &'a str) -> Cow<'a, str> {
+    let scrubbed = sandbox
+        .snapshot()
+        .scrubber()
+        .and_then(|s| s.scrub(cmd.as_bytes()));
+    match scrubbed {
+        Some((bytes, _)) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
+        None => Cow::Borrowed(cmd),
+    }
 }
 
 /// The command line as audited: at most [`AUDIT_CMD_BYTES`], cut at a character boundary.

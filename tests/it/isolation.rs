@@ -245,6 +245,18 @@ async fn commands_see_sealed_env_and_curl_reaches_the_origin_with_the_real_key()
         "{line}"
     );
     assert!(!audit.contains("hello x") && !audit.contains(KEY));
+    // A real value the caller wrote into `cmd` is audited as its token (found from outside:
+    // the command line went into the audit log as it came).
+    let (s, r) = command(
+        &e.h,
+        &id(&sb),
+        json!({"cmd": format!("echo {KEY} | wc -c")}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let audit = e.h.audit_log();
+    assert!(!audit.contains(KEY), "the real value was audited");
+    assert!(audit.contains(&format!("echo {token} | wc -c")), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
