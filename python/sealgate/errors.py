@@ -61,6 +61,13 @@ _BY_STATUS = {
 }
 
 
+def gone(error: NotFoundError) -> bool:
+    """True if ``error`` is the daemon saying the store, secret or sandbox is not there (code
+    ``not_found``), not a 404 for a route it does not have or from another server — which is
+    what a wrong ``api_url`` gets, and must not pass for "already deleted"."""
+    return error.code == "not_found"
+
+
 def from_status(status: int, code: str, message: str) -> SealgateError:
     """The exception for an error answer with ``status``."""
     return _BY_STATUS.get(status, SealgateError)(code, message, status)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 from . import _config, _http, _sse
 from ._config import Config
 from ._http import seg
-from .errors import NotFoundError, SealgateError
+from .errors import NotFoundError, SealgateError, gone
 
 def _whole_seconds(timeout: Any) -> Any:
     """The daemon takes whole seconds: ``600.0`` is sent as ``600`` and ``2.5`` as ``3`` (never
@@ -28,6 +28,14 @@ def _whole_seconds(timeout: Any) -> Any:
     refuse with its own message."""
     if isinstance(timeout, float) and math.isfinite(timeout):
         return math.ceil(timeout)
+    return timeout
+
+
+def _command_seconds(timeout: Any) -> Any:
+    """A command's timeout as given (the commands API takes fractions: ``2.5`` stays 2.5),
+    with ``60.0`` sent as ``60``; anything else goes as it is, for the daemon to refuse."""
+    if isinstance(timeout, float) and math.isfinite(timeout) and timeout.is_integer():
+        return int(timeout)
     return timeout
 
 
@@ -114,7 +122,7 @@ class Commands:
         Raises ``ConflictError`` for a sandbox without ``netns`` isolation."""
         body: Dict[str, Any] = {"cmd": cmd}
         if timeout is not None:
-            body["timeout"] = _whole_seconds(timeout)
+            body["timeout"] = _command_seconds(timeout)
         if env is not None:
             body["env"] = dict(env)
         if cwd is not None:
@@ -196,6 +204,7 @@ class Sandbox:
         envs: Optional[Mapping[str, str]] = None,
         isolation: str = "netns",
         *,
+        template: Optional[str] = None,
         api_url: Optional[str] = None,
         api_key: Optional[str] = None,
     ) -> "Sandbox":
@@ -203,7 +212,10 @@ class Sandbox:
         (daemon default when None). ``isolation="netns"`` (the default here) has the daemon run
         it in its own network namespace so ``commands.run`` works; ``"none"`` makes a proxy-only
         sandbox whose ``info["proxy_env"]`` the caller wires up. ``envs`` are extra plain
-        variables for its commands. ``NotFoundError`` for an unknown store."""
+        variables for its commands. ``NotFoundError`` for an unknown store. ``template`` is
+        accepted so that opencomputer code (``Sandbox.create(template="base", …)``) runs
+        unchanged, and ignored: every isolated sandbox runs the host's own userland."""
+        del template
         body: Dict[str, Any] = {"secret_store": secret_store}
         if timeout is not None:
             body["timeout"] = _whole_seconds(timeout)
@@ -246,15 +258,23 @@ class Sandbox:
         try:
             await _http.call(self._cfg, "DELETE", f"/v1/sandboxes/{seg(self.id)}")
             ended = True
-        except NotFoundError:
+        except NotFoundError as e:
+            if not gone(e):  # a wrong api_url is an error, not "already ended"
+                raise
             ended = False
         store_id = self.secret_store_id
         if delete_secret_store and store_id:
             try:
                 await _http.call(self._cfg, "DELETE", f"/v1/stores/{seg(store_id)}")
-            except NotFoundError:
-                pass
+            except NotFoundError as e:
+                if not gone(e):
+                    raise
         return ended
+
+    async def close(self) -> None:
+        """Nothing to release (each call opens and closes its own connection); here so that
+        opencomputer code ending with ``await sandbox.kill(); await sandbox.close()`` runs as
+        it is. It does not end the sandbox: ``kill()`` does."""
 
     async def __aenter__(self) -> "Sandbox":
         return self

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import _config, _http
 from ._http import seg
-from .errors import NotFoundError
+from .errors import InvalidInputError, NotFoundError, gone
 
 
 class _Unset:
@@ -38,6 +38,27 @@ class _Unset:
 
 #: Default of ``SecretStore.update``'s fields: "leave unchanged".
 UNSET: Any = _Unset()
+
+
+def _secret_name(name: Any) -> None:
+    """The daemon's rule for secret names (an environment-variable name, at most 128 bytes),
+    checked before anything is sent: a value passed as the name by mistake
+    (``set_secret(store, VALUE, NAME)``) would otherwise travel in the URL, which HTTP client
+    logs print. The message never repeats the name."""
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= 128
+        and name.isascii()
+        and (name[0].isalpha() or name[0] == "_")
+        and all(c.isalnum() or c == "_" for c in name)
+    )
+    if not ok:
+        n = len(name) if isinstance(name, str) else 0
+        raise InvalidInputError(
+            "invalid_request",
+            f"secret name ({n} characters, not repeated: it could be a value) must be an "
+            "environment variable name: [A-Za-z_][A-Za-z0-9_]*, at most 128 characters",
+        )
 
 
 def _list(name: str, value: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -92,10 +113,10 @@ class SecretStore:
     ) -> Dict[str, Any]:
         """Changes only the fields passed: ``egress_allowlist=None`` makes the store
         unrestricted, omitting it leaves the allowlist as it is; ``name=""`` leaves the name
-        as it is (as in the opencomputer SDK: no store has an empty name). Returns the
-        updated store."""
+        as it is (as in the opencomputer SDK: no store has an empty name), and so does
+        ``name=None``. Returns the updated store."""
         body: Dict[str, Any] = {}
-        if name is not UNSET and name != "":
+        if name is not UNSET and name is not None and name != "":
             body["name"] = name
         if egress_allowlist is not UNSET:
             body["egress_allowlist"] = _list("egress_allowlist", egress_allowlist)
@@ -130,6 +151,7 @@ class SecretStore:
         enough to be guessed)."""
         if not isinstance(value, str):
             raise TypeError(f"value must be a str, got {type(value).__name__}")
+        _secret_name(name)
         body: Dict[str, Any] = {
             "value": value,
             "allowed_hosts": _list("allowed_hosts", allowed_hosts),
@@ -153,9 +175,12 @@ class SecretStore:
     ) -> None:
         """Deletes one secret; its tokens stop working in running sandboxes within a second.
         A secret (or store) that is not there is not an error, as in the opencomputer SDK:
-        afterwards it is not there either way."""
+        afterwards it is not there either way. A 404 that is not the daemon's answer for a
+        missing resource (a wrong ``api_url``: no such route, or another server) is raised."""
+        _secret_name(name)
         cfg = _config.resolve(api_url, api_key)
         try:
             await _http.call(cfg, "DELETE", f"/v1/stores/{seg(store_id)}/secrets/{seg(name)}")
-        except NotFoundError:
-            pass
+        except NotFoundError as e:
+            if not gone(e):  # a wrong api_url ("no such route", another server) is an error
+                raise

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -53,6 +54,21 @@ async def test_create_by_name_and_id_connect_list_kill(daemon):
     with pytest.raises(NotFoundError):
         await again.refresh()
     await by_id.kill()
+
+
+async def test_opencomputer_quick_start_shape_runs(daemon):
+    """``Sandbox.create(template="base", …)`` and ``await sandbox.close()`` after ``kill()``,
+    as the opencomputer quick start writes them; and a kill sent to a wrong ``api_url`` fails
+    instead of passing for "already ended"."""
+    store, _ = await make_store()
+    sbx = await Sandbox.create(template="base", secret_store=store["name"], isolation="none")
+    wrong = Sandbox(sbx.info, dataclasses.replace(sbx._cfg, api_url=sbx._cfg.api_url + "/v1"))
+    with pytest.raises(NotFoundError) as e:
+        await wrong.kill()
+    assert e.value.code == "no_such_route"
+    assert (await Sandbox.connect(sbx.id)).id == sbx.id, "still running"
+    assert await sbx.kill() is True
+    assert await sbx.close() is None
 
 
 async def test_kill_can_delete_a_single_use_store(daemon):

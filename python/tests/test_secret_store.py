@@ -121,6 +121,8 @@ async def test_opencomputer_positional_arguments(daemon):
     assert [s["name"] for s in await SecretStore.list_secrets(sid, key, url)] == ["K"]
     updated = await SecretStore.update(sid, "", ["api.example.test", "x.example.test"], key, url)
     assert updated["name"] == name, "an empty name leaves the name"
+    updated = await SecretStore.update(sid, None, api_key=key, api_url=url)
+    assert updated["name"] == name, "so does None"
     assert updated["egress_allowlist"] == ["api.example.test", "x.example.test"]
     assert await SecretStore.delete_secret(sid, "K", key, url) is None
     assert await SecretStore.delete_secret(sid, "K", key, url) is None
@@ -193,3 +195,34 @@ async def test_secret_value_never_in_an_exception(daemon):
 async def test_single_string_lists_are_refused_client_side(daemon):
     with pytest.raises(TypeError):
         await SecretStore.create(unique("str"), egress_allowlist="api.example.test")
+
+
+async def test_a_wrong_api_url_is_not_taken_for_already_deleted(daemon):
+    """The idempotent deletes swallow only the daemon's own "not there" (``not_found``): a
+    wrong ``api_url`` gets a 404 too (no such route), and a revocation sent there must fail
+    loudly instead of passing for done."""
+    store = await SecretStore.create(unique("wrongurl"), egress_allowlist=["api.example.test"])
+    await SecretStore.set_secret(store["id"], "K", remember_secret("v-" + secrets.token_hex(8)))
+    wrong = daemon.url.rstrip("/") + "/v1"  # the SDK adds /v1 itself
+    with pytest.raises(NotFoundError) as e:
+        await SecretStore.delete_secret(store["id"], "K", api_url=wrong)
+    assert (e.value.code, e.value.status) == ("no_such_route", 404)
+    assert [s["name"] for s in await SecretStore.list_secrets(store["id"])] == ["K"]
+    assert await SecretStore.delete_secret(store["id"], "K") is None
+    assert await SecretStore.delete_secret(store["id"], "K") is None
+
+
+async def test_a_value_passed_as_the_name_is_refused_before_it_is_sent(daemon):
+    """``set_secret(store, VALUE, NAME)`` by mistake: the value would travel in the URL, which
+    HTTP client logs print. It is refused before any request (here: to an address where
+    nothing listens) and not repeated in the error."""
+    value = remember_secret("sk-swapped-" + secrets.token_hex(12))
+    nowhere = "http://127.0.0.1:9"
+    for call in (
+        SecretStore.set_secret("any-store", value, "K", api_key="t", api_url=nowhere),
+        SecretStore.delete_secret("any-store", value, api_key="t", api_url=nowhere),
+    ):
+        with pytest.raises(InvalidInputError) as e:
+            await call
+        assert e.value.code == "invalid_request"
+        assert value not in str(e.value) and value not in repr(e.value)

@@ -28,6 +28,13 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 404 for a path the API does not have: its own code, so a client can tell a wrong base
+    /// URL from a missing store, secret or sandbox (the SDK's idempotent deletes took it for
+    /// "already gone").
+    pub fn no_such_route() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
+    }
+
     /// 401 `unauthorized`.
     pub fn unauthorized() -> Self {
         Self::new(

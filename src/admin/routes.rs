@@ -52,7 +52,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .merge(api)
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .fallback(|| async { ApiError::no_such_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

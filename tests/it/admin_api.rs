@@ -554,7 +554,8 @@ async fn unknown_routes_and_methods_answer_json_errors() {
     let h = Harness::start().await;
     let (s, v) = h.api(Method::GET, "/v1/nope", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert_eq!(v["error"]["code"], "not_found");
+    // Its own code: a client tells a wrong base URL from a missing resource.
+    assert_eq!(v["error"]["code"], "no_such_route");
     let (s, v) = h.api(Method::PUT, "/v1/stores", Some(json!({}))).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(v["error"]["code"], "method_not_allowed");
