@@ -175,3 +175,44 @@ pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    /// Every code a sandbox can see is in the README's table, with its status.
+    #[test]
+    fn the_readme_lists_every_code_with_its_status() {
+        let readme = include_str!("../../README.md");
+        let all = [
+            Code::ProxyAuthRequired,
+            Code::EgressDenied,
+            Code::SecretHostDenied,
+            Code::AuthorityMismatch,
+            Code::BadRequest,
+            Code::PayloadTooLarge,
+            Code::HeadersTooLarge,
+            Code::TooManyTunnels,
+            Code::TooManyConnections,
+            Code::TooManyRequests,
+            Code::TooManyUpstreamConnections,
+            Code::MethodNotAllowed,
+            Code::UpstreamTlsError,
+            Code::UpstreamUnreachable,
+            Code::UpstreamTimeout,
+            Code::Unavailable,
+            Code::SandboxEnded,
+        ];
+        for code in all {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with("  | `") && l.contains(&format!("`{}`", code.as_str())))
+                .unwrap_or_else(|| panic!("{} is not in the README's table", code.as_str()));
+            assert!(
+                row.contains(code.status().as_str()),
+                "{}: {row}",
+                code.as_str()
+            );
+        }
+    }
+}
