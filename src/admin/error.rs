@@ -112,6 +112,11 @@ impl From<SandboxError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
             }
             SandboxError::Store(s) => s.into(),
+            SandboxError::NotDurable { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
             other => {
                 tracing::error!(error = %other, "sandbox failure");
                 ApiError::new(

@@ -56,6 +56,15 @@ pub enum SandboxError {
     /// The record of deletions pending since an outage is unreadable (message says why).
     #[error("{0}")]
     PendingDeletions(String),
+    /// The sandbox has stopped, but neither its row deletion nor its record could be written:
+    /// it would serve again after a restart; a repeated `DELETE` tries again.
+    #[error("sandbox {id} has stopped, but its deletion could not be made durable ({why}): it would serve again after a restart; free the store's disk or bring the database back, then repeat the DELETE")]
+    NotDurable {
+        /// The sandbox.
+        id: String,
+        /// The store's error.
+        why: String,
+    },
     /// Writing the CA certificate file failed.
     #[error("cannot write CA certificate {path}: {source}")]
     CertFile {
@@ -189,6 +198,8 @@ pub struct Sandboxes {
     /// Mirrored in `cfg.tombstones` whenever it changes (under this lock), so a restart before
     /// the database returns does not serve them again.
     pending_deletes: Mutex<HashSet<String>>,
+    /// The last write of `pending_deletes` to `cfg.tombstones` failed: retried every sweep.
+    unrecorded: std::sync::atomic::AtomicBool,
 }
 
 impl Sandboxes {
@@ -208,6 +219,7 @@ impl Sandboxes {
             stale: std::sync::atomic::AtomicBool::new(false),
             quarantined: Mutex::default(),
             pending_deletes: Mutex::default(),
+            unrecorded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -476,35 +488,55 @@ impl Sandboxes {
 
     /// Ends a sandbox at once: tokens and CA stop working before this returns.
     ///
-    /// The sandbox ends whatever the database says. If its row cannot be deleted
-    /// because the database is unreachable, the deletion is kept and retried every sweep (a
-    /// `DELETE` repeated meanwhile succeeds too): an outside test saw a 503 for a sandbox that
-    /// had in fact stopped, a retry answer 404, and the row bring the sandbox back at the next
-    /// restart. The pending deletion is also written to `data_dir` ([`Tombstones`]), so a
-    /// restart before the database returns does not serve it again either.
+    /// The sandbox ends whatever the database says. If its row cannot be deleted (the
+    /// database unreachable, its disk full, any store failure), the deletion is kept, written
+    /// to `data_dir` ([`Tombstones`]) and retried every sweep, and a restart does not serve
+    /// the sandbox again. Outside tests saw both halves fail: a 503 (PostgreSQL down) and a
+    /// 500 (SQLite's disk full) for a sandbox that had in fact stopped, a retry answer 404,
+    /// and the row bring the sandbox back at the next restart.
     ///
     /// # Errors
-    /// [`SandboxError::NotFound`] if it was neither live nor pending deletion; store failures
-    /// other than an unreachable database.
+    /// [`SandboxError::NotFound`] if it was neither live nor pending deletion;
+    /// [`SandboxError::NotDurable`] if neither the row deletion nor its record could be
+    /// written (the sandbox has stopped, but would serve again after a restart: a repeated
+    /// `DELETE` tries both again).
     pub fn delete(&self, id: &str) -> Result<(), SandboxError> {
         let Some(sb) = self.registry.remove(id) else {
             if self.pending().contains(id) {
-                return Ok(());
+                return self.delete_row(id);
             }
             return Err(self.not_here(id));
         };
         self.forget(&sb);
-        match self.store.delete_sandbox(id) {
-            Err(StoreError::Unavailable(why)) => {
-                let mut pending = self.pending();
-                pending.insert(id.to_owned());
-                self.record(&pending);
-                tracing::warn!(sandbox = %id, error = %why, "sandbox ended; its row is deleted once the database is back");
-            }
-            other => other?,
-        }
+        self.delete_row(id)?;
         tracing::info!(sandbox = %id, "sandbox deleted");
         Ok(())
+    }
+
+    /// Deletes the row of ended sandbox `id`, or records the deletion as pending when the
+    /// store refuses it; `Err` only when neither could be written.
+    fn delete_row(&self, id: &str) -> Result<(), SandboxError> {
+        let why = match self.store.delete_sandbox(id) {
+            Ok(()) | Err(StoreError::NotFound(_)) => {
+                let mut pending = self.pending();
+                if pending.remove(id) {
+                    self.record(&pending);
+                }
+                return Ok(());
+            }
+            Err(e) => e.to_string(),
+        };
+        let mut pending = self.pending();
+        pending.insert(id.to_owned());
+        if self.record(&pending) {
+            tracing::warn!(sandbox = %id, error = %why, "sandbox ended; its row is deleted once the store takes writes again");
+            return Ok(());
+        }
+        tracing::error!(sandbox = %id, error = %why, "sandbox ended, but neither its row deletion nor its record could be written: it would serve again after a restart");
+        Err(SandboxError::NotDurable {
+            id: id.to_owned(),
+            why,
+        })
     }
 
     /// [`SandboxError::NotFound`], or in fleet mode [`SandboxError::OnAnotherNode`] when another
@@ -543,17 +575,23 @@ impl Sandboxes {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Mirrors `pending` on disk; a failure is logged (the sandboxes have ended either way).
-    fn record(&self, pending: &HashSet<String>) {
-        if let Err(e) = self.cfg.tombstones.save(pending) {
-            let file = self.cfg.tombstones.path().map(Path::display);
-            tracing::error!(
-                file = %file.map(|f| f.to_string()).unwrap_or_default(),
-                error = %e,
-                "cannot record the sandboxes deleted while the database is unreachable: a \
-                 restart before it returns would serve them again"
-            );
-        }
+    /// Mirrors `pending` on disk; false (and logged) if that failed (the sandboxes have ended
+    /// either way).
+    fn record(&self, pending: &HashSet<String>) -> bool {
+        let saved = self.cfg.tombstones.save(pending);
+        self.unrecorded
+            .store(saved.is_err(), std::sync::atomic::Ordering::Release);
+        let Err(e) = saved else {
+            return true;
+        };
+        let file = self.cfg.tombstones.path().map(Path::display);
+        tracing::error!(
+            file = %file.map(|f| f.to_string()).unwrap_or_default(),
+            error = %e,
+            "cannot record the sandboxes whose rows the store could not delete: a restart \
+             before their rows go would serve them again"
+        );
+        false
     }
 
     /// Retries the row deletions the database refused while unreachable.
@@ -561,17 +599,22 @@ impl Sandboxes {
         let ids: Vec<String> = self.pending().iter().cloned().collect();
         for id in ids {
             match self.store.delete_sandbox(&id) {
-                Err(StoreError::Unavailable(_)) => return,
                 Ok(()) | Err(StoreError::NotFound(_)) => {
                     let mut pending = self.pending();
                     pending.remove(&id);
                     self.record(&pending);
-                    tracing::info!(sandbox = %id, "row of a sandbox deleted during the outage removed");
+                    tracing::info!(sandbox = %id, "row of a sandbox deleted while the store refused writes removed");
                 }
+                // Logged when the deletion was kept; the next sweep tries again.
                 Err(e) => {
-                    tracing::warn!(sandbox = %id, error = %e, "could not delete a sandbox row")
+                    tracing::debug!(sandbox = %id, error = %e, "sandbox row still not deleted");
+                    break;
                 }
             }
+        }
+        if self.unrecorded.load(std::sync::atomic::Ordering::Acquire) {
+            let pending = self.pending();
+            self.record(&pending);
         }
     }
 

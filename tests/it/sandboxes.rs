@@ -582,3 +582,126 @@ async fn ten_thousand_sandboxes_keep_lookups_flat() {
     let sb = reg.get("sbx_000000000000000000001234").unwrap();
     assert_eq!(&*sb.id, "sbx_000000000000000000001234");
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir` for the test's life (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<SmallDisk> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small disk needs root");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: mount -t tmpfs failed");
+        }
+        ok.then(|| SmallDisk(dir.to_owned()))
+    }
+
+    /// Fills the disk with one file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A `DELETE` the store cannot write (SQLite on a full disk) was answered 500 while the
+/// sandbox had already stopped in memory; a retry answered 404, and the row brought the
+/// sandbox back at the next restart, unsealing again (found from outside). Now the answer
+/// says the deletion is not durable yet (503), a retry after the disk has room finishes it,
+/// and a restart does not bring the sandbox back.
+#[tokio::test]
+async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = SmallDisk::mount(&data, 8) else {
+        return;
+    };
+    let opts = Opts {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let mut e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-full-disk-0131", None, None)],
+        opts,
+    )
+    .await;
+    let kept = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let filler = disk.fill();
+    let path = format!("/v1/sandboxes/{}", e.sb.id);
+    for _ in 0..2 {
+        let (s, v) = e.h.api(Method::DELETE, &path, None).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("could not be made durable"),
+            "{v}"
+        );
+    }
+    assert!(
+        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .is_err(),
+        "the sandbox stopped at once"
+    );
+    std::fs::remove_file(filler).unwrap();
+    let (s, v) = e.h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, _) = e.h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    e.h.stop().await;
+    let resolve = vec![("api.example.test".to_owned(), e.echo.addr)];
+    let h2 = crate::support::daemon::Harness::try_start(
+        Opts {
+            data_dir: Some(data),
+            resolve,
+            ..Default::default()
+        },
+        Some(e.h.pki.clone()),
+    )
+    .await
+    .unwrap();
+    h2.register_secret("sk-full-disk-0131");
+    let (s, v) = h2.api(Method::GET, &path, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "came back after the restart: {v}");
+    assert!(pc::connect(h2.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .is_err());
+    let (s, v) = h2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", kept.id), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "the other sandbox is restored: {v}");
+    drop(h2);
+}
