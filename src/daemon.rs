@@ -241,7 +241,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     // Before any listener is bound: once the admin port answers, the host is clean.
-    let swept = sweep_namespaces(proxy_only_ids(&cfg, &*store)).await;
+    let rows = stored_sandboxes(&*store);
+    record_stale_isolated(&cfg, rows.as_deref())?;
+    let swept = sweep_namespaces(proxy_only_ids(&cfg, rows)).await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
@@ -702,13 +704,10 @@ async fn sweep(
     }
 }
 
-/// The stored, unexpired sandboxes that this daemon did not isolate in an earlier run (those
-/// have a directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]):
-/// the ones whose hand-applied rules the sweep keeps. `None` when the rows cannot be read (one
-/// that fails to authenticate fails them all, as does a database that is briefly away): the
-/// sweep then keeps every chain, and the restore reports the rows.
-fn proxy_only_ids(cfg: &Config, store: &dyn Store) -> Option<Vec<String>> {
-    let isolated = cfg.data_dir.join("sandboxes");
+/// The ids of the stored, unexpired sandboxes of this node. `None` when the rows cannot be
+/// read (one that fails to authenticate fails them all, as does a database that is briefly
+/// away): the sweep then keeps every chain, and the restore reports the rows.
+fn stored_sandboxes(store: &dyn Store) -> Option<Vec<String>> {
     let rows = store
         .load_sandboxes()
         .inspect_err(|e| {
@@ -717,13 +716,60 @@ fn proxy_only_ids(cfg: &Config, store: &dyn Store) -> Option<Vec<String>> {
         })
         .ok()?;
     let now = time::OffsetDateTime::now_utc();
-    let ids = rows
-        .into_iter()
-        .filter(|row| row.expires_at > now)
-        .map(|row| row.id)
-        .filter(|id| !isolated.join(id).exists())
-        .collect();
-    Some(ids)
+    Some(
+        rows.into_iter()
+            .filter(|row| row.expires_at > now)
+            .map(|row| row.id)
+            .collect(),
+    )
+}
+
+/// Records as pending deletions ([`Tombstones`]) the stored sandboxes that were isolated in an
+/// earlier run — listed in `data_dir/isolated-sandboxes`, named by a record whose owner is
+/// dead, or owning a directory under `data_dir/sandboxes/` — before the sweep removes what
+/// identifies them; then empties that list (none of them lives on). An outside test killed a
+/// start in the middle of its sweep: the records and directories were gone, the rows not yet,
+/// and the next start restored those sandboxes as proxy-only ones, credentials working. The
+/// restore skips recorded ids and deletes their rows.
+fn record_stale_isolated(cfg: &Config, stored: Option<&[String]>) -> Result<(), DaemonError> {
+    let Some(stored) = stored else {
+        return Ok(());
+    };
+    let roster = Tombstones::named(
+        &cfg.data_dir,
+        crate::sandbox::tombstones::ISOLATED_FILE_NAME,
+    );
+    let listed = roster.load()?;
+    let dirs: Vec<String> = std::fs::read_dir(cfg.data_dir.join("sandboxes"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let dead = crate::netns::sweep::dead_record_sandboxes();
+    let stale = stored
+        .iter()
+        .filter(|id| listed.contains(*id) || dead.contains(id) || dirs.contains(id))
+        .cloned();
+    Tombstones::in_dir(&cfg.data_dir).add(stale)?;
+    roster.save(&Default::default()).map_err(io_err(format!(
+        "emptying {}",
+        roster.path().unwrap_or(&cfg.data_dir).display()
+    )))
+}
+
+/// The stored, unexpired sandboxes that this daemon did not isolate in an earlier run (those
+/// have a directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]):
+/// the ones whose hand-applied rules the sweep keeps.
+fn proxy_only_ids(cfg: &Config, stored: Option<Vec<String>>) -> Option<Vec<String>> {
+    let isolated = cfg.data_dir.join("sandboxes");
+    Some(
+        stored?
+            .into_iter()
+            .filter(|id| !isolated.join(id).exists())
+            .collect(),
+    )
 }
 
 /// Undoes namespaces, veths and rules that daemons which died on this host left behind,

@@ -37,7 +37,8 @@ use crate::netns::session::Owner;
 use crate::netns::{self, Namespace, NetnsError};
 use crate::proxy::{ListenerKind, ProxyState};
 use crate::sandbox::lifecycle::{NetnsInfo, SandboxInfo};
-use crate::sandbox::{CreateSandbox, Sandbox, SandboxError, Sandboxes};
+use crate::sandbox::tombstones::ISOLATED_FILE_NAME;
+use crate::sandbox::{CreateSandbox, Sandbox, SandboxError, Sandboxes, Tombstones};
 use run_as::RunAs;
 
 /// Inside the sandbox: the work directory (also `HOME`) and the CA certificate.
@@ -153,6 +154,9 @@ pub struct Isolation {
     /// one waits for that teardown ([`Isolated::teardown`] runs once, under its lock), so
     /// its answer, 404 included, comes when nothing of the sandbox is left.
     ending: Mutex<HashMap<Arc<str>, Arc<Isolated>>>,
+    /// `data_dir/isolated-sandboxes`: every isolated sandbox from before its row exists until
+    /// it has ended, so a start ends what a crash left (the lock makes each update whole).
+    roster: Mutex<Tombstones>,
 }
 
 impl Isolation {
@@ -180,13 +184,14 @@ impl Isolation {
         let _ = netns::record::ensure_dir(Path::new("/run/sealgate"), 0o755);
         Isolation {
             cfg,
-            data_dir,
+            data_dir: data_dir.clone(),
             hidden,
             users,
             sandboxes,
             proxy,
             live: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashMap::new()),
+            roster: Mutex::new(Tombstones::named(&data_dir, ISOLATED_FILE_NAME)),
         }
     }
 
@@ -256,8 +261,17 @@ impl Isolation {
         let ns = blocking(Namespace::claim).await?;
         let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
+        let id = crate::sandbox::lifecycle::new_id();
+        self.listed(&id, true)?;
+        req.id = Some(id.clone());
         let sbx = self.sandboxes.clone();
-        let mut info = blocking(move || sbx.create(req)).await?;
+        let mut info = match blocking(move || sbx.create(req)).await {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = self.listed(&id, false);
+                return Err(e);
+            }
+        };
         let built = self.build(ns, &info, &run_as, envs).await;
         match built {
             Ok(iso) => {
@@ -272,7 +286,9 @@ impl Isolation {
                 Ok(info)
             }
             Err(e) => {
-                let _ = self.sandboxes.delete(&info.id);
+                if self.sandboxes.delete(&info.id).is_ok() {
+                    let _ = self.listed(&info.id, false);
+                }
                 Err(e)
             }
         }
@@ -365,6 +381,9 @@ impl Isolation {
                 Ok::<_, IsolationError>(())
             })
             .await?;
+            if ended.is_ok() {
+                let _ = self.listed(id, false);
+            }
         }
         Ok(ended?)
     }
@@ -392,7 +411,24 @@ impl Isolation {
         let mut ending = self.ending();
         for id in ids {
             ending.remove(id);
+            // Expired: a row the sweep could not delete is purged at the next start anyway.
+            let _ = self.listed(id, false);
         }
+    }
+
+    /// Adds `id` to (`true`) or removes it from the roster of isolated sandboxes. A failed
+    /// removal is logged and harmless (the next start finds no row for it); a failed addition
+    /// stops the create.
+    fn listed(&self, id: &str, add: bool) -> Result<(), SandboxError> {
+        let roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
+        let done = match add {
+            true => roster.add([id.to_owned()]),
+            false => roster.remove(id),
+        };
+        if let Err(e) = &done {
+            tracing::error!(sandbox = %id, error = %e, "cannot update the list of isolated sandboxes");
+        }
+        done
     }
 
     fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Isolated>>> {
@@ -403,7 +439,9 @@ impl Isolation {
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Isolated>> = self.lock().drain().map(|(_, v)| v).collect();
         for iso in &all {
-            let _ = self.sandboxes.delete(&iso.sandbox.id);
+            if self.sandboxes.delete(&iso.sandbox.id).is_ok() {
+                let _ = self.listed(&iso.sandbox.id, false);
+            }
         }
         let _ = blocking(move || {
             all.iter().for_each(|iso| iso.teardown());

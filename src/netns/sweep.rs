@@ -49,6 +49,17 @@ struct Listing {
 /// leaving the sandbox's traffic unredirected (found from outside). `None`: the daemon could
 /// not read which sandboxes it serves, so every `SG-*` chain is kept (the operator's rules
 /// are not ours to guess away); namespaces, veths, their hooks and cgroups are swept as ever.
+/// The sandboxes named by records whose owner is dead: what [`sweep`] will undo. Read first, so
+/// the daemon can record their ends before anything of them is removed.
+pub fn dead_record_sandboxes() -> Vec<String> {
+    Record::all_in(STATE_DIR)
+        .into_iter()
+        .chain(Record::all_in(LEGACY_DIR))
+        .filter(|rec| !rec.owner_alive())
+        .filter_map(|rec| rec.sandbox_id)
+        .collect()
+}
+
 pub fn sweep(live: Option<&[String]>) -> Swept {
     let listing = list();
     let mut out = Swept::default();

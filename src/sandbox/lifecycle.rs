@@ -91,6 +91,10 @@ pub struct CreateSandbox {
     /// Extra plain environment variables for the sandbox's commands (`netns` only).
     #[serde(default)]
     pub envs: Option<BTreeMap<String, String>>,
+    /// The id to give it, chosen by the daemon beforehand (isolated sandboxes are listed
+    /// under their id before their row exists); never from the API.
+    #[serde(skip)]
+    pub id: Option<String>,
 }
 
 /// The namespace of an isolated sandbox, as the API shows it.
@@ -355,7 +359,7 @@ impl Sandboxes {
         let mut n = 0;
         for row in rows {
             if deleted.contains(&row.id) {
-                tracing::info!(sandbox = %row.id, "not restored: deleted while the database was unreachable");
+                tracing::info!(sandbox = %row.id, "not restored: its end was recorded (deleted while the store refused writes, or isolated in an earlier run)");
                 continue;
             }
             let sb = self.revive(row)?;
@@ -410,7 +414,7 @@ impl Sandboxes {
             store.egress_allowlist.clone(),
             with_tokens,
         )?;
-        let id = format!("sbx_{}", crate::random::random_hex(12));
+        let id = req.id.clone().unwrap_or_else(new_id);
         let proxy_token = crate::random::random_hex(16);
         let ca = Arc::new(SandboxCa::generate(&id)?);
         let now = OffsetDateTime::now_utc();
@@ -988,6 +992,11 @@ pub const CA_VARS: &[&str] = &[
     // store for its default roots.
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
 ];
+
+/// A fresh sandbox id: `sbx_` + 24 hex digits.
+pub fn new_id() -> String {
+    format!("sbx_{}", crate::random::random_hex(12))
+}
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);

@@ -19,6 +19,12 @@ use crate::limits::cgroup::is_sandbox_id;
 /// File name under `data_dir`.
 pub const FILE_NAME: &str = "pending-deletions";
 
+/// File name under `data_dir` of the isolated sandboxes that live (written before each one's
+/// row exists, removed once it has ended): a start ends every stored sandbox listed there,
+/// whatever a crash or a dropped runtime left of its namespace, record and directory — they
+/// had been restored as proxy-only sandboxes, credentials working.
+pub const ISOLATED_FILE_NAME: &str = "isolated-sandboxes";
+
 /// Where the pending deletions are kept; `None` keeps them in memory only (unit tests).
 #[derive(Clone, Debug, Default)]
 pub struct Tombstones {
@@ -28,8 +34,13 @@ pub struct Tombstones {
 impl Tombstones {
     /// Kept in `data_dir/pending-deletions`.
     pub fn in_dir(data_dir: &Path) -> Self {
+        Self::named(data_dir, FILE_NAME)
+    }
+
+    /// A list of sandbox ids in `data_dir/<name>` (same format and guarantees).
+    pub fn named(data_dir: &Path, name: &str) -> Self {
         Tombstones {
-            path: Some(data_dir.join(FILE_NAME)),
+            path: Some(data_dir.join(name)),
         }
     }
 
@@ -68,6 +79,38 @@ impl Tombstones {
         Ok(ids)
     }
 
+    /// Adds `ids` to the recorded list.
+    ///
+    /// # Errors
+    /// The list cannot be read or written.
+    pub fn add(&self, ids: impl IntoIterator<Item = String>) -> Result<(), SandboxError> {
+        let mut all = self.load()?;
+        let before = all.len();
+        all.extend(ids);
+        if all.len() == before {
+            return Ok(());
+        }
+        self.save(&all).map_err(|e| {
+            let file = self.path.as_deref().unwrap_or(Path::new("")).display();
+            SandboxError::PendingDeletions(format!("{file} cannot be written ({e})"))
+        })
+    }
+
+    /// Removes `id` from the recorded list.
+    ///
+    /// # Errors
+    /// The list cannot be read or written.
+    pub fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        let mut all = self.load()?;
+        if !all.remove(id) {
+            return Ok(());
+        }
+        self.save(&all).map_err(|e| {
+            let file = self.path.as_deref().unwrap_or(Path::new("")).display();
+            SandboxError::PendingDeletions(format!("{file} cannot be written ({e})"))
+        })
+    }
+
     /// Records `ids` as the whole list (an empty list removes the file).
     ///
     /// # Errors
@@ -93,8 +136,9 @@ impl Tombstones {
 
 fn refused(path: &Path, why: &str) -> SandboxError {
     SandboxError::PendingDeletions(format!(
-        "{} {why}: it lists the sandboxes deleted while the database was unreachable, and \
-         without it they would be served again; fix or restore it (one sandbox id per line)",
+        "{} {why}: it lists sandboxes that have ended (deleted while the store refused \
+         writes, or isolated), and without it they would be served again; fix or restore it \
+         (one sandbox id per line)",
         path.display()
     ))
 }

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use crate::support::daemon::{Harness, Opts};
 use crate::support::echo::Echo;
 use crate::support::pki::TestPki;
+use crate::support::proxy_client::{self as pc, SandboxCreds};
 use crate::transparent::{netns_ready, run_ok};
 
 const KEY: &str = "sk-isolated-real-0777";
@@ -1639,4 +1640,55 @@ async fn the_daemon_raises_its_open_file_limit_and_commands_get_max_open_files()
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT);
     }
+}
+
+/// Every isolated sandbox is listed in `data_dir/isolated-sandboxes` from before its row
+/// exists until it has ended, and a start ends every stored sandbox listed there. An outside
+/// test killed a start in the middle of its sweep: the namespaces' records and directories
+/// were gone, the rows not, and the next start restored those sandboxes as proxy-only ones
+/// with working credentials. Here the list names a stored sandbox whose namespace left
+/// nothing behind (the state such a crash leaves): the start does not serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_ends_every_listed_isolated_sandbox_whatever_a_crash_left() {
+    let mut e = setup().await;
+    let data = e.h.dir.path().join("data");
+    let list = data.join("isolated-sandboxes");
+    if netns_ready() {
+        let sb = isolated(&e.h, json!({})).await;
+        let listed = std::fs::read_to_string(&list).unwrap();
+        assert!(listed.contains(&id(&sb)), "{listed}");
+        let (s, _) =
+            e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+                .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert!(!list.exists(), "still listed after its end");
+    }
+    // The state a crash mid-sweep leaves: a row, nothing of the namespace, and the list.
+    let sb = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    std::fs::write(&list, format!("{}\n", sb.id)).unwrap();
+    let h2 = restart(&mut e).await;
+    h2.register_secret(KEY);
+    let (s, v) = h2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", sb.id), None)
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "restored as a proxy-only sandbox: {v}"
+    );
+    assert!(
+        pc::connect(h2.proxy, Some(&sb.proxy_auth()), "api.example.test:443")
+            .await
+            .is_err()
+    );
+    let (s, _) = h2
+        .api(Method::GET, &format!("/v1/sandboxes/{}", other.id), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "an unlisted sandbox is restored");
+    assert!(!list.exists(), "the list is emptied at start");
+    assert!(
+        !data.join("pending-deletions").exists(),
+        "its row was deleted"
+    );
 }
