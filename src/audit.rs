@@ -207,6 +207,7 @@ impl Audit {
             buf: Vec::with_capacity(BATCH_BYTES),
             dropped: dropped.clone(),
             dropped_reported: 0,
+            torn: false,
         };
         let handle = std::thread::Builder::new()
             .name("sealgate-audit".into())
@@ -314,6 +315,8 @@ struct Writer {
     buf: Vec<u8>,
     dropped: Counter,
     dropped_reported: u64,
+    /// The last write stopped inside a line: the next write ends it first.
+    torn: bool,
 }
 
 impl Writer {
@@ -351,6 +354,25 @@ impl Writer {
         self.write_out();
     }
 
+    /// Writes `buf` after ending a line an earlier failure cut; on failure, how many bytes of
+    /// `buf` went out.
+    fn write_buf(&mut self) -> Result<(), (usize, std::io::Error)> {
+        if self.torn {
+            self.sink.write_all(b"\n").map_err(|e| (0, e))?;
+            self.torn = false;
+        }
+        let mut written = 0;
+        while written < self.buf.len() {
+            match self.sink.write(&self.buf[written..]) {
+                Ok(0) => return Err((written, std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((written, e)),
+            }
+        }
+        self.sink.flush().map_err(|e| (written, e))
+    }
+
     /// Handles everything queued now: (messages taken, whether any sender is left).
     fn drain(&mut self, rx: &Receiver<Msg>) -> (usize, bool) {
         let mut taken = 0;
@@ -385,15 +407,19 @@ impl Writer {
         }
     }
 
-    /// Writes the buffer (whole lines) and reports new drops.
+    /// Writes the buffer (whole lines) and reports new drops. Lines a failed write lost (a
+    /// full disk) count as dropped; a line cut short by it is ended before the next write, so
+    /// it stays a line of its own and the next one is whole (an outside test found 17 of 30
+    /// lines lost uncounted, and a cut line glued to the next into unreadable JSON).
     fn write_out(&mut self) {
         if !self.buf.is_empty() {
-            let res = self
-                .sink
-                .write_all(&self.buf)
-                .and_then(|()| self.sink.flush());
-            if let Err(e) = res {
-                tracing::warn!(error = %e, bytes = self.buf.len(), "audit write failed");
+            if let Err((written, e)) = self.write_buf() {
+                let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count() as u64;
+                let lost = lines(&self.buf) - lines(&self.buf[..written]);
+                self.dropped.inc_by(lost);
+                self.dropped_reported += lost; // warned here, not as a full queue
+                self.torn |= written > 0 && self.buf[written - 1] != b'\n';
+                tracing::warn!(error = %e, lines = lost, "audit write failed: lines lost");
             }
             self.buf.clear();
             if self.buf.capacity() > 4 * BATCH_BYTES {
@@ -575,6 +601,65 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A disk with `room` bytes left: past them every write fails with ENOSPC.
+    struct Full {
+        room: Arc<std::sync::Mutex<usize>>,
+        out: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            if *room == 0 {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            let n = b.len().min(*room);
+            *room -= n;
+            self.out.lock().unwrap().extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_a_full_disk_loses_are_counted_and_a_cut_line_does_not_spoil_the_next() {
+        let room = Arc::new(std::sync::Mutex::new(100));
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Full {
+            room: room.clone(),
+            out: out.clone(),
+        };
+        let audit = Audit::with_sink(Box::new(sink), None, 64, Counter::default()).unwrap();
+        for i in 0..10 {
+            audit.admin(&event(i));
+        }
+        audit.flush();
+        *room.lock().unwrap() = usize::MAX;
+        for i in 10..12 {
+            audit.admin(&event(i));
+        }
+        audit.flush();
+        let dropped = audit.dropped();
+        drop(audit);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let whole: Vec<&str> = text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+            .collect();
+        let cut = text.lines().count() - whole.len();
+        assert!(cut <= 1, "{text}");
+        assert_eq!(
+            whole.len() as u64 + dropped,
+            12,
+            "every line written or counted: {text}"
+        );
+        assert!(whole.iter().any(|l| l.contains("\"n10\"")), "{text}");
+        assert!(whole.iter().any(|l| l.contains("\"n11\"")), "{text}");
+        assert!(text.ends_with('\n'));
     }
 
     #[test]
