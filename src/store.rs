@@ -347,8 +347,8 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
-    /// Deletes sandboxes with `expires_at <= now`; returns how many.
-    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError>;
+    /// Deletes sandboxes with `expires_at <= now`; returns their ids.
+    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<Vec<String>, StoreError>;
 
     /// Readiness: a trivial query plus opening the key-check record.
     fn check(&self) -> Result<(), StoreError>;

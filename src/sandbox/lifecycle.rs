@@ -354,7 +354,10 @@ impl Sandboxes {
     pub fn restore(&self) -> Result<usize, SandboxError> {
         let deleted = self.cfg.tombstones.load()?;
         let now = OffsetDateTime::now_utc();
-        self.store.purge_expired_sandboxes(now)?;
+        // Their CA files go too (they had stayed forever: found from outside).
+        for id in self.store.purge_expired_sandboxes(now)? {
+            let _ = std::fs::remove_file(self.cert_path(&id));
+        }
         let rows = self.store.load_sandboxes()?;
         let mut n = 0;
         for row in rows {

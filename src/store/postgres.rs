@@ -554,7 +554,7 @@ impl Store for PgStore {
         })
     }
 
-    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<Vec<String>, StoreError> {
         let now = ops::to_nanos(now, "purge time")?;
         self.block(
             |db| async move { ops::purge_expired(&**db.client().await?, &db.node_id, now).await },

@@ -366,10 +366,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+    fn purge_expired_sandboxes(&self, now: OffsetDateTime) -> Result<Vec<String>, StoreError> {
         let now = to_nanos(now, "purge time")?;
         self.with_conn(|conn, _| {
-            Ok(conn.execute("DELETE FROM sandboxes WHERE expires_at <= ?1", [now])?)
+            let mut stmt =
+                conn.prepare("DELETE FROM sandboxes WHERE expires_at <= ?1 RETURNING id")?;
+            let ids = stmt
+                .query_map([now], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ids)
         })
     }
 

@@ -705,3 +705,47 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     assert_eq!(s, StatusCode::OK, "the other sandbox is restored: {v}");
     drop(h2);
 }
+
+/// A sandbox that expires while the daemon is down has its row purged at the next start, and
+/// its CA file in `cert_dir` goes with it (it stayed forever: found from outside).
+#[tokio::test]
+async fn a_sandbox_that_expired_while_down_leaves_no_ca_file() {
+    let mut e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-expired-down-0141", None, None)],
+    )
+    .await;
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "timeout": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let short = v["id"].as_str().unwrap().to_owned();
+    let certs = e.h.dir.path().join("certs");
+    assert!(certs.join(format!("{short}.pem")).exists());
+    let data = e.h.dir.path().join("data");
+    e.h.stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let h2 = crate::support::daemon::Harness::try_start(
+        Opts {
+            data_dir: Some(data),
+            cert_dir: Some(certs.clone()),
+            ..Default::default()
+        },
+        Some(e.h.pki.clone()),
+    )
+    .await
+    .unwrap();
+    h2.register_secret("sk-expired-down-0141");
+    assert!(
+        !certs.join(format!("{short}.pem")).exists(),
+        "the CA file stayed"
+    );
+    assert!(
+        certs.join(format!("{}.pem", e.sb.id)).exists(),
+        "a live sandbox's CA file is kept"
+    );
+}

@@ -584,18 +584,20 @@ pub(super) async fn purge_expired(
     client: &Client,
     node_id: &str,
     now: i64,
-) -> Result<usize, StoreError> {
-    let n = client
-        .execute(
-            "DELETE FROM sandboxes WHERE node_id = $1 AND expires_at <= $2",
+) -> Result<Vec<String>, StoreError> {
+    let rows = client
+        .query(
+            "DELETE FROM sandboxes WHERE node_id = $1 AND expires_at <= $2 RETURNING id",
             &[&node_id, &now],
         )
         .await
         .map_err(pg_err)?;
-    if n > 0 {
+    if !rows.is_empty() {
         prune_deleted_stores(client).await?;
     }
-    Ok(n as usize)
+    rows.iter()
+        .map(|r| r.try_get::<_, String>(0).map_err(pg_err))
+        .collect()
 }
 
 impl RawSandbox {

@@ -78,6 +78,8 @@ pub struct Opts {
     pub sandbox_toml: String,
     /// Reuse this data dir (restart tests).
     pub data_dir: Option<PathBuf>,
+    /// Reuse this cert dir (restart tests).
+    pub cert_dir: Option<PathBuf>,
     /// Master key override.
     pub master_key: Option<String>,
     /// Leave `allow_private_cidrs` empty (the default opens 127.0.0.0/8 for the loopback echo
@@ -111,10 +113,14 @@ impl Harness {
             .data_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
+        let cert_dir = opts
+            .cert_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("certs"));
         let text = config_text(
             &opts,
             &data_dir,
-            &dir.path().join("certs"),
+            &cert_dir,
             &pki,
             &dir.path().join("audit.log"),
         );
