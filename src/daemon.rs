@@ -274,6 +274,12 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         settings,
         shutdown_rx.clone(),
     );
+    let ended = Arc::downgrade(&proxy);
+    sandboxes.on_end(move |sb| {
+        if let Some(proxy) = ended.upgrade() {
+            proxy.settings().drop_clients(sb);
+        }
+    });
     let isolation = start_isolation(&cfg, &ov, &sandboxes, &proxy, &swept)?;
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let admin_state = Arc::new(AdminState {

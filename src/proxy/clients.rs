@@ -10,9 +10,10 @@
 //! worker (the connections are driven by the thread the requests run on).
 //!
 //! Invariants: a [`Clients`] set is used by the requests of one sandbox on one worker only; a
-//! set lives as long as its sandbox's `Arc` (the sets of sandboxes gone are dropped, with
-//! their idle connections, when the worker next makes a set; hyper's pool closes idle
-//! connections after `[upstream] pool_idle_timeout_secs` meanwhile); a reload builds new
+//! set lives until its sandbox ends (the daemon drops the sandbox's sets on every worker then,
+//! with their idle connections: `Sandboxes::on_end`), or as long as its sandbox's `Arc`
+//! otherwise (dropped when the worker next makes a set; hyper's pool closes idle connections
+//! after `[upstream] pool_idle_timeout_secs` meanwhile); a reload builds new
 //! [`super::LiveSettings`], so new sets, and the old ones go with the old settings.
 
 use std::any::Any;

@@ -204,7 +204,12 @@ pub struct Sandboxes {
     pending_deletes: Mutex<HashSet<String>>,
     /// The last write of `pending_deletes` to `cfg.tombstones` failed: retried every sweep.
     unrecorded: std::sync::atomic::AtomicBool,
+    /// Called with each sandbox as it ends (the daemon closes its idle upstream connections).
+    on_end: std::sync::OnceLock<Box<EndHook>>,
 }
+
+/// See [`Sandboxes::on_end`].
+type EndHook = dyn Fn(&Arc<Sandbox>) + Send + Sync;
 
 impl Sandboxes {
     /// Wires the service.
@@ -224,6 +229,7 @@ impl Sandboxes {
             quarantined: Mutex::default(),
             pending_deletes: Mutex::default(),
             unrecorded: std::sync::atomic::AtomicBool::new(false),
+            on_end: std::sync::OnceLock::new(),
         }
     }
 
@@ -625,9 +631,19 @@ impl Sandboxes {
         }
     }
 
-    fn forget(&self, sb: &Sandbox) {
+    fn forget(&self, sb: &Arc<Sandbox>) {
         self.leaves.remove_sandbox(&sb.id);
         let _ = std::fs::remove_file(self.cert_path(&sb.id));
+        if let Some(hook) = self.on_end.get() {
+            hook(sb);
+        }
+    }
+
+    /// Sets what runs as each sandbox ends (once; later calls are ignored). The daemon drops
+    /// the sandbox's upstream client sets there: their idle connections had stayed open for
+    /// `pool_idle_timeout_secs` after a DELETE or an expiry (found from outside).
+    pub fn on_end(&self, hook: impl Fn(&Arc<Sandbox>) + Send + Sync + 'static) {
+        let _ = self.on_end.set(Box::new(hook));
     }
 
     /// Ends every sandbox whose time is up; returns their ids.

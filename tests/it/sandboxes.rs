@@ -749,3 +749,58 @@ async fn a_sandbox_that_expired_while_down_leaves_no_ca_file() {
         "a live sandbox's CA file is kept"
     );
 }
+
+/// The upstream connections a sandbox's requests opened close when it ends, not
+/// `pool_idle_timeout_secs` (90 s) later (found from outside: 20 deleted sandboxes, 20 idle
+/// upstream TLS connections kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_sandbox_leaves_no_idle_upstream_connection() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-pool-end-0151", None, None)],
+    )
+    .await;
+    let held = || async {
+        let (_, body) =
+            e.h.raw(Method::GET, "/metrics", None, Some(&e.h.token))
+                .await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sealgate_upstream_connections ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .expect("the gauge")
+    };
+    {
+        let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+        let a = pc::send1(
+            &mut c,
+            pc::get(
+                "/echo",
+                "api.example.test",
+                &[("x-api-key", &e.sb.token("KEY"))],
+            ),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    assert!(
+        held().await >= 1.0,
+        "the request's upstream connection is pooled"
+    );
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let started = Instant::now();
+    while held().await > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the ended sandbox's idle upstream connection stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
