@@ -81,6 +81,22 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::Database(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure
+                ) =>
+            {
+                tracing::error!(error = %e, "admin write refused: the database's disk is full or failing");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!(
+                        "{e}: free space on the disk holding data_dir; running sandboxes keep \
+                         working, retry then"
+                    ),
+                )
+            }
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "admin call refused: store unavailable");
                 ApiError::new(

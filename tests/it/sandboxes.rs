@@ -656,6 +656,17 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     .await;
     let kept = SandboxCreds::from_answer(&e.h.sandbox("s").await);
     let filler = disk.fill();
+    // Writes say what is wrong (a generic 500 "internal store error" before).
+    let (s, v) =
+        e.h.api(
+            Method::PUT,
+            &format!("/v1/stores/{}/secrets/NEW_KEY", e.store),
+            Some(json!({"value": "sk-full-disk-new-0132"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    assert!(v.to_string().contains("free space"), "{v}");
     let path = format!("/v1/sandboxes/{}", e.sb.id);
     for _ in 0..2 {
         let (s, v) = e.h.api(Method::DELETE, &path, None).await;
