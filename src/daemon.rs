@@ -288,7 +288,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         isolation: isolation.clone(),
         admin_token: admin_token.clone(),
         metrics,
-        audit,
+        audit: audit.clone(),
         reload: Some(reload_tx),
         ready: Default::default(),
         follower: opened.fleet.as_ref().map(|f| f.health.clone()),
@@ -311,6 +311,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     tasks.spawn(sweep(
         sandboxes.clone(),
         isolation.clone(),
+        audit.clone(),
         shutdown_rx.clone(),
     ));
     tasks.spawn(crate::proxy::trim::run(shutdown_rx.clone()));
@@ -692,9 +693,12 @@ fn local(l: &TcpListener) -> Result<SocketAddr, DaemonError> {
     l.local_addr().map_err(io_err("reading listener address"))
 }
 
+/// Every 500 ms: ends the sandboxes whose time is up (each audited as `sandbox.expire`, so a
+/// sandbox's life can be read from the audit log alone) and retries pending row deletions.
 async fn sweep(
     sandboxes: Arc<Sandboxes>,
     isolation: Arc<Isolation>,
+    audit: Arc<Audit>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -705,6 +709,15 @@ async fn sweep(
         }
         let s = sandboxes.clone();
         if let Ok(ended) = tokio::task::spawn_blocking(move || s.sweep_expired()).await {
+            for id in &ended {
+                audit.admin(&crate::audit::AdminEvent {
+                    action: "sandbox.expire",
+                    store: None,
+                    secret: None,
+                    sandbox: Some(id),
+                    actor: "expiry".into(),
+                });
+            }
             isolation.end(&ended).await;
         }
     }

@@ -219,6 +219,20 @@ async fn expiry_ends_a_sandbox() {
         e.h.api(Method::GET, &format!("/v1/sandboxes/{}", short.id), None)
             .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // Audited, so a sandbox's life can be read from the audit log alone.
+    let started = Instant::now();
+    while !e
+        .h
+        .audit_log()
+        .lines()
+        .any(|l| l.contains("\"action\":\"sandbox.expire\"") && l.contains(&short.id))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "expiry not audited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (s, _) =
         e.h.api(
             Method::POST,
