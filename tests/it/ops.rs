@@ -1369,7 +1369,9 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
         } else {
             let with_busy_poll = slept_busy.expect("busy-polling was measured first");
             assert!(
-                slept >= REQUESTS / 4 && slept >= 4 * with_busy_poll,
+                // 4x failed once under the whole suite's load: 127 against 38 (alone: 339-400
+                // against 0-7).
+                slept >= REQUESTS / 4 && slept >= 2 * with_busy_poll,
                 "{slept} sleeps in {REQUESTS} requests ({with_busy_poll} with busy-polling)"
             );
         }
