@@ -543,7 +543,9 @@ impl Store for PgStore {
 
     fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.block(|db| async move { ops::delete_sandbox(&**db.client().await?, &id).await })
+        self.block(|db| async move {
+            ops::delete_sandbox(&**db.client().await?, &id, &db.node_id).await
+        })
     }
 
     fn sandbox_elsewhere(&self, id: &str) -> Result<Option<String>, StoreError> {

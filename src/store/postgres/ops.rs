@@ -554,9 +554,18 @@ pub(super) async fn select_sandboxes(
     Ok(rows.iter().map(RawSandbox::from_pg).collect())
 }
 
-pub(super) async fn delete_sandbox(client: &Client, id: &str) -> Result<(), StoreError> {
+/// Deletes this node's sandbox row `id`: a node never deletes another node's row (its
+/// pending-deletion record, copied with a cloned host, must not end that node's sandboxes).
+pub(super) async fn delete_sandbox(
+    client: &Client,
+    id: &str,
+    node_id: &str,
+) -> Result<(), StoreError> {
     let n = client
-        .execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
+        .execute(
+            "DELETE FROM sandboxes WHERE id = $1 AND node_id = $2",
+            &[&id, &node_id],
+        )
         .await
         .map_err(pg_err)?;
     expect_one_row(n, || format!("sandbox '{id}'"))?;

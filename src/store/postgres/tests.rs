@@ -170,6 +170,13 @@ fn sandboxes_belong_to_their_node() {
         1
     );
     assert_eq!(fx.sql("SELECT node_id FROM sandboxes"), "node-a");
+    // Nor can a node delete another's row (a pending-deletion record copied with a cloned
+    // host must not end the other node's sandboxes).
+    assert!(matches!(
+        b.delete_sandbox("sbx_a"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(fx.sql("SELECT count(*) FROM sandboxes"), "1");
     // A row moved to another node in the database is refused there (node_id is bound).
     fx.sql("UPDATE sandboxes SET node_id = 'node-b' WHERE id = 'sbx_a'");
     suite::assert_corrupt(b.load_sandboxes().unwrap_err(), "sbx_a");
