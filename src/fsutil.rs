@@ -73,7 +73,14 @@ fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    // A random part too: a crash between create and rename leaves the temp file behind, and a
+    // daemon that is PID 1 in its container gets the same pid at every start (a fixed name
+    // then failed every later write of the file: review).
+    tmp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        crate::random::random_hex(6)
+    ));
     let tmp = path.with_file_name(tmp_name);
     let written = private_file()
         .write(true)
@@ -96,6 +103,16 @@ fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_temp_file_left_by_a_crash_does_not_block_the_next_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("list");
+        let stale = tmp.path().join(format!(".list.{}.tmp", std::process::id()));
+        std::fs::write(&stale, b"half").unwrap();
+        super::replace_private_file_synced(&path, b"whole\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole\n");
+    }
 
     #[test]
     fn creates_owner_only_files_and_dirs() {

@@ -361,14 +361,27 @@ impl Sandboxes {
         let deleted = self.cfg.tombstones.load()?;
         let now = OffsetDateTime::now_utc();
         // Their CA files go too (they had stayed forever: found from outside).
+        // Only ids of the daemon's own form name a file: an id comes from the database, and
+        // one written there as "../x" must not make a root daemon remove or write files
+        // outside cert_dir (review).
         for id in self.store.purge_expired_sandboxes(now)? {
-            let _ = std::fs::remove_file(self.cert_path(&id));
+            if is_sandbox_id(&id) {
+                let _ = std::fs::remove_file(self.cert_path(&id));
+            }
         }
         let rows = self.store.load_sandboxes()?;
         let mut n = 0;
         for row in rows {
+            if !is_sandbox_id(&row.id) {
+                return Err(StoreError::Corrupt(format!(
+                    "a sandbox row's id ({} characters) is not a sandbox id",
+                    row.id.chars().count()
+                ))
+                .into());
+            }
             if deleted.contains(&row.id) {
                 tracing::info!(sandbox = %row.id, "not restored: its end was recorded (deleted while the store refused writes, or isolated in an earlier run)");
+                let _ = std::fs::remove_file(self.cert_path(&row.id));
                 continue;
             }
             let sb = self.revive(row)?;
@@ -438,7 +451,12 @@ impl Sandboxes {
         };
         let sb = Arc::new(Sandbox::new(parts, snapshot));
         self.store.insert_sandbox(&row_of(&sb))?;
-        self.write_cert(&sb)?;
+        // A create that fails takes its row with it, or the next start would serve a sandbox
+        // whose create answered an error (review).
+        if let Err(e) = self.write_cert(&sb) {
+            let _ = self.store.delete_sandbox(&sb.id);
+            return Err(e);
+        }
         if let Err(e) = self.registry.insert(sb.clone()) {
             let _ = self.store.delete_sandbox(&sb.id);
             return Err(e.into());

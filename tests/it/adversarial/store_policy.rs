@@ -268,3 +268,31 @@ async fn a_committed_write_beside_a_tampered_row_is_answered_audited_and_quarant
     let (s, v) = h.raw(Method::GET, "/readyz", None, None).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&v));
 }
+
+/// A sandbox id comes from the database: one rewritten there as a path ("../victim") must not
+/// make the daemon (root) remove or write a file outside `cert_dir` when it purges or restores
+/// the row (review: the start-up purge removed `cert_dir/<id>.pem` for every id it returned).
+#[tokio::test]
+async fn a_sandbox_id_rewritten_as_a_path_in_the_database_touches_no_file() {
+    let pki = Arc::new(TestPki::new());
+    let mut h = Harness::try_start(Opts::default(), Some(pki.clone()))
+        .await
+        .unwrap();
+    h.store("s", None).await;
+    h.sandbox("s").await;
+    let db = db_path(&h);
+    let data_dir = db.parent().unwrap().to_path_buf();
+    let certs = h.dir.path().join("certs");
+    let victim = h.dir.path().join("victim.pem");
+    std::fs::write(&victim, b"keep me").unwrap();
+    h.stop().await;
+    sql(&db, "UPDATE sandboxes SET id = '../victim', expires_at = 1");
+    let opts = Opts {
+        data_dir: Some(data_dir),
+        cert_dir: Some(certs),
+        ..Default::default()
+    };
+    let h2 = Harness::try_start(opts, Some(pki)).await.unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    drop(h2);
+}
