@@ -241,8 +241,8 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     // Before any listener is bound: once the admin port answers, the host is clean.
+    record_stale_isolated(&cfg)?;
     let rows = stored_sandboxes(&*store);
-    record_stale_isolated(&cfg, rows.as_deref())?;
     let swept = sweep_namespaces(proxy_only_ids(&cfg, rows)).await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
@@ -750,10 +750,7 @@ fn stored_sandboxes(store: &dyn Store) -> Option<Vec<String>> {
 /// start in the middle of its sweep: the records and directories were gone, the rows not yet,
 /// and the next start restored those sandboxes as proxy-only ones, credentials working. The
 /// restore skips recorded ids and deletes their rows.
-fn record_stale_isolated(cfg: &Config, stored: Option<&[String]>) -> Result<(), DaemonError> {
-    let Some(stored) = stored else {
-        return Ok(());
-    };
+fn record_stale_isolated(cfg: &Config) -> Result<(), DaemonError> {
     let roster = Tombstones::named(
         &cfg.data_dir,
         crate::sandbox::tombstones::ISOLATED_FILE_NAME,
@@ -767,10 +764,14 @@ fn record_stale_isolated(cfg: &Config, stored: Option<&[String]>) -> Result<(), 
         })
         .unwrap_or_default();
     let dead = crate::netns::sweep::dead_record_sandboxes();
-    let stale = stored
-        .iter()
-        .filter(|id| listed.contains(*id) || dead.contains(id) || dirs.contains(id))
-        .cloned();
+    // Not narrowed to the rows read before the sweep: that read may fail (a database blip)
+    // where the restore's succeeds (review). An id without a row here costs one failed delete
+    // at the restore (a node deletes only its own rows).
+    let stale = listed
+        .into_iter()
+        .chain(dead)
+        .chain(dirs)
+        .filter(|id| crate::limits::cgroup::is_sandbox_id(id));
     Tombstones::in_dir(&cfg.data_dir).add(stale)?;
     roster.save(&Default::default()).map_err(io_err(format!(
         "emptying {}",
@@ -781,12 +782,15 @@ fn record_stale_isolated(cfg: &Config, stored: Option<&[String]>) -> Result<(), 
 /// The stored, unexpired sandboxes that this daemon did not isolate in an earlier run (those
 /// have a directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]):
 /// the ones whose hand-applied rules the sweep keeps.
+/// Sandboxes whose end is recorded ([`Tombstones`]) are not among them: their rows go at the
+/// restore, so their chains go now (review: they were kept one more run).
 fn proxy_only_ids(cfg: &Config, stored: Option<Vec<String>>) -> Option<Vec<String>> {
     let isolated = cfg.data_dir.join("sandboxes");
+    let ended = Tombstones::in_dir(&cfg.data_dir).load().unwrap_or_default();
     Some(
         stored?
             .into_iter()
-            .filter(|id| !isolated.join(id).exists())
+            .filter(|id| !isolated.join(id).exists() && !ended.contains(id))
             .collect(),
     )
 }

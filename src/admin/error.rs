@@ -120,8 +120,12 @@ impl From<StoreError> for ApiError {
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         match e {
-            SandboxError::NotFound(_) | SandboxError::OnAnotherNode { .. } => {
-                ApiError::not_found(e.to_string())
+            SandboxError::NotFound(_) => ApiError::not_found(e.to_string()),
+            // Its own code: not "already gone" to a client that deletes idempotently (the
+            // SDK's kill() took it for that, and with delete_secret_store=True deleted the
+            // store of a sandbox still running on another node: review).
+            SandboxError::OnAnotherNode { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "on_another_node", e.to_string())
             }
             SandboxError::BadRequest(m) => ApiError::bad_request(m),
             SandboxError::Registry(r) => {

@@ -542,7 +542,7 @@ async fn admin_calls_for_another_nodes_sandbox_name_that_node() {
             n.a.api(method.clone(), &format!("/v1/sandboxes/{}", sb.id), None)
                 .await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{method} {v}");
-        assert_eq!(v["error"]["code"], "not_found", "{v}");
+        assert_eq!(v["error"]["code"], "on_another_node", "{v}");
         let m = v["error"]["message"].as_str().unwrap();
         assert!(m.contains("runs on node node-b"), "{m}");
     }
