@@ -403,6 +403,7 @@ impl Writer {
             Msg::Reopen(sink) => {
                 self.write_out();
                 self.sink = sink;
+                self.torn = false; // a new file starts with no cut line to end
             }
         }
     }

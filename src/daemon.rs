@@ -743,8 +743,8 @@ fn stored_sandboxes(store: &dyn Store) -> Option<Vec<String>> {
     )
 }
 
-/// Records as pending deletions ([`Tombstones`]) the stored sandboxes that were isolated in an
-/// earlier run — listed in `data_dir/isolated-sandboxes`, named by a record whose owner is
+/// Records as pending deletions ([`Tombstones`]) the sandboxes that were isolated in an earlier
+/// run — listed in `data_dir/isolated-sandboxes`, named by a record whose owner is
 /// dead, or owning a directory under `data_dir/sandboxes/` — before the sweep removes what
 /// identifies them; then empties that list (none of them lives on). An outside test killed a
 /// start in the middle of its sweep: the records and directories were gone, the rows not yet,

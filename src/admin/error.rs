@@ -92,8 +92,8 @@ impl From<StoreError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
                     format!(
-                        "{e}: free space on the disk holding data_dir; running sandboxes keep \
-                         working, retry then"
+                        "{e}: the disk holding data_dir is full or failing (free space, or \
+                         check it); running sandboxes keep working, retry then"
                     ),
                 )
             }

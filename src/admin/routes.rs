@@ -573,11 +573,21 @@ async fn delete_sandbox(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    st.isolation.delete(&id).await?;
+    let deleted = st.isolation.delete(&id).await;
     st.metrics
         .sandboxes
         .set(st.sandboxes.registry().len() as i64);
-    audit(&st, "sandbox.delete", None, None, Some(&id), peer);
+    // Audited also when the deletion is not durable yet (503): the sandbox has stopped.
+    let stopped = matches!(
+        &deleted,
+        Err(IsolationError::Sandbox(
+            crate::sandbox::SandboxError::NotDurable { .. }
+        ))
+    );
+    if deleted.is_ok() || stopped {
+        audit(&st, "sandbox.delete", None, None, Some(&id), peer);
+    }
+    deleted?;
     Ok(StatusCode::NO_CONTENT)
 }
 

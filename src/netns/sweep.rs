@@ -42,13 +42,6 @@ struct Listing {
     tables: Vec<(&'static str, &'static str, String)>,
 }
 
-/// Runs the sweep (blocking; root). Errors of single removals are ignored: each is retried
-/// by the next start. `live` are the ids of the sandboxes the starting daemon serves: their
-/// `SG-*` chains are kept even without a record — an operator who integrates another sandbox
-/// runtime applies `sealgate sandbox rules` output by hand, and a restart swept it away,
-/// leaving the sandbox's traffic unredirected (found from outside). `None`: the daemon could
-/// not read which sandboxes it serves, so every `SG-*` chain is kept (the operator's rules
-/// are not ours to guess away); namespaces, veths, their hooks and cgroups are swept as ever.
 /// The sandboxes named by records whose owner is dead: what [`sweep`] will undo. Read first, so
 /// the daemon can record their ends before anything of them is removed.
 pub fn dead_record_sandboxes() -> Vec<String> {
@@ -60,6 +53,13 @@ pub fn dead_record_sandboxes() -> Vec<String> {
         .collect()
 }
 
+/// Runs the sweep (blocking; root). Errors of single removals are ignored: each is retried
+/// by the next start. `live` are the ids of the sandboxes the starting daemon serves: their
+/// `SG-*` chains are kept even without a record — an operator who integrates another sandbox
+/// runtime applies `sealgate sandbox rules` output by hand, and a restart swept it away,
+/// leaving the sandbox's traffic unredirected (found from outside). `None`: the daemon could
+/// not read which sandboxes it serves, so every `SG-*` chain is kept (the operator's rules
+/// are not ours to guess away); namespaces, veths, their hooks and cgroups are swept as ever.
 pub fn sweep(live: Option<&[String]>) -> Swept {
     let listing = list();
     let mut out = Swept::default();

@@ -628,23 +628,29 @@ impl Sandboxes {
     /// Retries the row deletions the database refused while unreachable.
     fn retry_pending_deletes(&self) {
         let ids: Vec<String> = self.pending().iter().cloned().collect();
+        let mut done = Vec::new();
         for id in ids {
             match self.store.delete_sandbox(&id) {
-                Ok(()) | Err(StoreError::NotFound(_)) => {
-                    let mut pending = self.pending();
-                    pending.remove(&id);
-                    self.record(&pending);
-                    tracing::info!(sandbox = %id, "row of a sandbox deleted while the store refused writes removed");
-                }
-                // Logged when the deletion was kept; the next sweep tries again.
+                Ok(()) | Err(StoreError::NotFound(_)) => done.push(id),
+                // Logged when the deletion was kept; the next sweep tries again. An
+                // unreachable database ends the round (each try would wait for it); any other
+                // error is this row's, and the others are still tried.
                 Err(e) => {
                     tracing::debug!(sandbox = %id, error = %e, "sandbox row still not deleted");
-                    break;
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        break;
+                    }
                 }
             }
         }
-        if self.unrecorded.load(std::sync::atomic::Ordering::Acquire) {
-            let pending = self.pending();
+        let mut pending = self.pending();
+        for id in &done {
+            pending.remove(id);
+            tracing::info!(sandbox = %id, "row of a sandbox deleted while the store refused writes removed");
+        }
+        // One write of the record per round, not one per row (review: quadratic after a
+        // long outage).
+        if !done.is_empty() || self.unrecorded.load(std::sync::atomic::Ordering::Acquire) {
             self.record(&pending);
         }
     }

@@ -700,6 +700,13 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
             .is_err(),
         "the sandbox stopped at once"
     );
+    e.h.daemon.as_ref().unwrap().proxy.audit.flush();
+    assert!(
+        e.h.audit_log()
+            .lines()
+            .any(|l| l.contains("\"sandbox.delete\"") && l.contains(&e.sb.id)),
+        "the stop is audited though the deletion is not durable yet"
+    );
     std::fs::remove_file(filler).unwrap();
     let (s, v) = e.h.api(Method::DELETE, &path, None).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
