@@ -315,19 +315,28 @@ mod tests {
 
     #[test]
     fn the_hook_counts_the_time_it_polled() {
-        let counter: Counter<f64, AtomicU64> = Counter::default();
-        let spinner = Spinner::new(MAX, counter.clone()).unwrap();
-        std::thread::spawn(move || {
-            spinner.before_park(); // runs out of work: a gap opens, the window is closed
-            std::thread::sleep(us(40));
-            moved(Instant::now()); // a gap within the maximum: the window opens at a quarter (50 µs)
-            spinner.before_park(); // polls
-            std::thread::sleep(us(20));
-            spinner.before_park(); // polls again: the 20 µs in between were polled
-        })
-        .join()
-        .unwrap();
-        let polled = counter.get();
+        // A loaded machine can oversleep the 40 µs past the gap maximum, and then the window
+        // rightly stays closed (the whole suite's load did once): the scenario is tried again,
+        // a few times, until its precondition held.
+        let mut polled = 0.0;
+        for _ in 0..20 {
+            let counter: Counter<f64, AtomicU64> = Counter::default();
+            let spinner = Spinner::new(MAX, counter.clone()).unwrap();
+            std::thread::spawn(move || {
+                spinner.before_park(); // runs out of work: a gap opens, the window is closed
+                std::thread::sleep(us(40));
+                moved(Instant::now()); // a gap within the maximum: the window opens (50 µs)
+                spinner.before_park(); // polls
+                std::thread::sleep(us(20));
+                spinner.before_park(); // polls again: the 20 µs in between were polled
+            })
+            .join()
+            .unwrap();
+            polled = counter.get();
+            if polled > 0.0 {
+                break;
+            }
+        }
         assert!((20e-6..0.1).contains(&polled), "{polled} s");
     }
 

@@ -458,18 +458,7 @@ async fn restart_keeps_ca_tokens_and_credentials() {
         );
     }
     drop(key);
-    e.h.stop().await;
-    let resolve = vec![("api.example.test".to_owned(), e.echo.addr)];
-    let h2 = crate::support::daemon::Harness::try_start(
-        Opts {
-            data_dir: Some(data),
-            resolve,
-            ..Default::default()
-        },
-        Some(e.h.pki.clone()),
-    )
-    .await
-    .unwrap();
+    let h2 = restart_on(&mut e, data).await;
     h2.register_secret("sk-restart-0107");
     let (s, v) = h2
         .api(Method::GET, &format!("/v1/sandboxes/{}", e.sb.id), None)
@@ -713,18 +702,7 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     let (s, _) = e.h.api(Method::DELETE, &path, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    e.h.stop().await;
-    let resolve = vec![("api.example.test".to_owned(), e.echo.addr)];
-    let h2 = crate::support::daemon::Harness::try_start(
-        Opts {
-            data_dir: Some(data),
-            resolve,
-            ..Default::default()
-        },
-        Some(e.h.pki.clone()),
-    )
-    .await
-    .unwrap();
+    let h2 = restart_on(&mut e, data).await;
     h2.register_secret("sk-full-disk-0131");
     let (s, v) = h2.api(Method::GET, &path, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "came back after the restart: {v}");
@@ -835,4 +813,17 @@ async fn an_ended_sandbox_leaves_no_idle_upstream_connection() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Stops `e`'s daemon and starts another on `data` with the same origin and test PKI.
+async fn restart_on(e: &mut Env, data: std::path::PathBuf) -> crate::support::daemon::Harness {
+    e.h.stop().await;
+    let opts = Opts {
+        data_dir: Some(data),
+        resolve: vec![("api.example.test".to_owned(), e.echo.addr)],
+        ..Default::default()
+    };
+    crate::support::daemon::Harness::try_start(opts, Some(e.h.pki.clone()))
+        .await
+        .unwrap()
 }
