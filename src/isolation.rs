@@ -156,7 +156,7 @@ pub struct Isolation {
     ending: Mutex<HashMap<Arc<str>, Arc<Isolated>>>,
     /// `data_dir/isolated-sandboxes`: every isolated sandbox from before its row exists until
     /// it has ended, so a start ends what a crash left (the lock makes each update whole).
-    roster: Mutex<Tombstones>,
+    roster: Arc<Mutex<Tombstones>>,
 }
 
 impl Isolation {
@@ -191,7 +191,7 @@ impl Isolation {
             proxy,
             live: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashMap::new()),
-            roster: Mutex::new(Tombstones::named(&data_dir, ISOLATED_FILE_NAME)),
+            roster: Arc::new(Mutex::new(Tombstones::named(&data_dir, ISOLATED_FILE_NAME))),
         }
     }
 
@@ -262,13 +262,13 @@ impl Isolation {
         let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
         let id = crate::sandbox::lifecycle::new_id();
-        self.listed(&id, true)?;
+        self.listed(&id, true).await?;
         req.id = Some(id.clone());
         let sbx = self.sandboxes.clone();
         let mut info = match blocking(move || sbx.create(req)).await {
             Ok(info) => info,
             Err(e) => {
-                let _ = self.listed(&id, false);
+                let _ = self.listed(&id, false).await;
                 return Err(e);
             }
         };
@@ -287,7 +287,7 @@ impl Isolation {
             }
             Err(e) => {
                 if self.sandboxes.delete(&info.id).is_ok() {
-                    let _ = self.listed(&info.id, false);
+                    let _ = self.listed(&info.id, false).await;
                 }
                 Err(e)
             }
@@ -382,7 +382,7 @@ impl Isolation {
             })
             .await?;
             if ended.is_ok() {
-                let _ = self.listed(id, false);
+                let _ = self.listed(id, false).await;
             }
         }
         Ok(ended?)
@@ -408,27 +408,36 @@ impl Isolation {
             Ok::<_, IsolationError>(())
         })
         .await;
-        let mut ending = self.ending();
+        {
+            let mut ending = self.ending();
+            for id in ids {
+                ending.remove(id);
+            }
+        }
+        // Expired: a row the sweep could not delete is purged at the next start anyway.
         for id in ids {
-            ending.remove(id);
-            // Expired: a row the sweep could not delete is purged at the next start anyway.
-            let _ = self.listed(id, false);
+            let _ = self.listed(id, false).await;
         }
     }
 
     /// Adds `id` to (`true`) or removes it from the roster of isolated sandboxes. A failed
     /// removal is logged and harmless (the next start finds no row for it); a failed addition
     /// stops the create.
-    fn listed(&self, id: &str, add: bool) -> Result<(), SandboxError> {
-        let roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
-        let done = match add {
-            true => roster.add([id.to_owned()]),
-            false => roster.remove(id),
-        };
-        if let Err(e) = &done {
-            tracing::error!(sandbox = %id, error = %e, "cannot update the list of isolated sandboxes");
-        }
-        done
+    /// The write (with its fsyncs) runs off the async workers.
+    async fn listed(&self, id: &str, add: bool) -> Result<(), IsolationError> {
+        let (roster, id) = (self.roster.clone(), id.to_owned());
+        blocking(move || {
+            let roster = roster.lock().unwrap_or_else(|e| e.into_inner());
+            let done = match add {
+                true => roster.add([id.clone()]),
+                false => roster.remove(&id),
+            };
+            if let Err(e) = &done {
+                tracing::error!(sandbox = %id, error = %e, "cannot update the list of isolated sandboxes");
+            }
+            done
+        })
+        .await
     }
 
     fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Isolated>>> {
@@ -440,7 +449,7 @@ impl Isolation {
         let all: Vec<Arc<Isolated>> = self.lock().drain().map(|(_, v)| v).collect();
         for iso in &all {
             if self.sandboxes.delete(&iso.sandbox.id).is_ok() {
-                let _ = self.listed(&iso.sandbox.id, false);
+                let _ = self.listed(&iso.sandbox.id, false).await;
             }
         }
         let _ = blocking(move || {
