@@ -204,14 +204,30 @@ impl Running {
         if let Some(w) = workers {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }
-        let pending = self.sandboxes.pending_deletions();
-        if !pending.is_empty() {
+        let s = self.sandboxes.clone();
+        let (pending, recorded) = tokio::task::spawn_blocking(move || s.settle_pending())
+            .await
+            .unwrap_or_default();
+        let file = self
+            .sandboxes
+            .pending_deletions_file()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if !pending.is_empty() && recorded {
             tracing::warn!(
                 sandboxes = ?pending,
-                file = %self.sandboxes.pending_deletions_file().map(|p| p.display().to_string()).unwrap_or_default(),
-                "sandboxes deleted while the database was unreachable still have their rows: \
+                %file,
+                "sandboxes deleted while the store refused writes still have their rows: \
                  recorded in the file, so this node does not serve them when it starts; their \
                  rows are deleted then"
+            );
+        } else if !pending.is_empty() {
+            tracing::error!(
+                sandboxes = ?pending,
+                %file,
+                "sandboxes deleted while the store refused writes still have their rows, and \
+                 the file could not be written either: this node serves them again when it \
+                 starts; delete them again then"
             );
         }
         // Every request has ended: its audit line is queued; write them all out.

@@ -111,7 +111,8 @@ pub struct Metrics {
     pub store_ops: Family<OpLabels, Counter>,
     /// Fleet mode: seconds since this node last reached the shared database (0 with SQLite).
     pub store_sync_lag: Gauge<f64, AtomicU64>,
-    /// Audit lines dropped because the writer's queue was full (handed to the audit sink).
+    /// Audit lines lost: the writer's queue was full, or a write failed (handed to the audit
+    /// sink).
     pub audit_dropped: Counter,
     /// Seconds the proxy workers spent busy-polling instead of sleeping (handed to each
     /// worker's `proxy::spin::Spinner`).
@@ -271,7 +272,7 @@ impl Metrics {
         );
         registry.register(
             "audit_dropped",
-            "Audit lines dropped because the audit writer's queue was full",
+            "Audit lines lost: the audit writer's queue was full, or a write failed (disk full)",
             m.audit_dropped.clone(),
         );
         registry.register(

@@ -132,6 +132,12 @@ impl From<SandboxError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
             }
             SandboxError::Store(s) => s.into(),
+            // At run time only a failed write of a record in data_dir (a full disk).
+            SandboxError::PendingDeletions(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
             SandboxError::NotDurable { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

@@ -625,6 +625,16 @@ impl Sandboxes {
         false
     }
 
+    /// At shutdown: tries the pending row deletions (and their record) once more — an
+    /// operator who frees a full disk and restarts at once must not get the sandboxes back
+    /// (review: a stop within the half second before the next sweep left the rows) — and
+    /// returns what is still pending and whether that is recorded on disk.
+    pub fn settle_pending(&self) -> (Vec<String>, bool) {
+        self.retry_pending_deletes();
+        let recorded = !self.unrecorded.load(std::sync::atomic::Ordering::Acquire);
+        (self.pending_deletions(), recorded)
+    }
+
     /// Retries the row deletions the database refused while unreachable.
     fn retry_pending_deletes(&self) {
         let ids: Vec<String> = self.pending().iter().cloned().collect();

@@ -57,6 +57,16 @@ impl Tombstones {
         let Some(path) = &self.path else {
             return Ok(HashSet::new());
         };
+        // Not followed or waited on: a link, a FIFO (its read blocked the start) or a
+        // device in its place is refused (review).
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(refused(path, &format!("cannot be read ({e})"))),
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(refused(path, "is not a regular file"));
+            }
+            Ok(_) => {}
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(HashSet::new()),
@@ -181,7 +191,21 @@ mod tests {
         std::fs::remove_file(t.path().unwrap()).unwrap();
         std::fs::create_dir(t.path().unwrap()).unwrap();
         let e = t.load().unwrap_err().to_string();
-        assert!(e.contains("cannot be read"), "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(t.path().unwrap()).unwrap();
+        let fifo =
+            std::ffi::CString::new(t.path().unwrap().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = t.load().unwrap_err().to_string();
+        assert!(
+            e.contains("not a regular file"),
+            "a FIFO blocked the start: {e}"
+        );
+        std::fs::remove_file(t.path().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", t.path().unwrap()).unwrap();
+        let e = t.load().unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

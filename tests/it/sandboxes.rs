@@ -638,8 +638,9 @@ impl Drop for SmallDisk {
 /// A `DELETE` the store cannot write (SQLite on a full disk) was answered 500 while the
 /// sandbox had already stopped in memory; a retry answered 404, and the row brought the
 /// sandbox back at the next restart, unsealing again (found from outside). Now the answer
-/// says the deletion is not durable yet (503), a retry after the disk has room finishes it,
-/// and a restart does not bring the sandbox back.
+/// says the deletion is not durable yet (503), a repeat after the disk has room finishes it,
+/// the stop is audited, and no restart brings the sandbox back — also one right after the
+/// space came back, before the next retry (found from outside too).
 #[tokio::test]
 async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -658,8 +659,11 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     )
     .await;
     let kept = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let first = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+
+    // Full: the DELETE stops the sandbox, says it is not durable, and is audited; the space
+    // comes back and the daemon stops at once.
     let filler = disk.fill();
-    // Writes say what is wrong (a generic 500 "internal store error" before).
     let (s, v) =
         e.h.api(
             Method::PUT,
@@ -670,50 +674,47 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
     assert!(v.to_string().contains("free space"), "{v}");
+    let (s, v) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", first.id), None)
+            .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains("could not be made durable"), "{v}");
+    assert!(pc::connect(e.h.proxy, Some(&first.proxy_auth()), API)
+        .await
+        .is_err());
+    e.h.daemon.as_ref().unwrap().proxy.audit.flush();
+    assert!(
+        e.h.audit_log()
+            .lines()
+            .any(|l| l.contains("\"sandbox.delete\"") && l.contains(&first.id)),
+        "the stop is audited though the deletion is not durable yet"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let h2 = restart_on(&mut e, data.clone()).await;
+    h2.register_secret("sk-full-disk-0131");
+    assert_gone(&h2, &first).await;
+
+    // Full again: a repeated DELETE answers 503 until there is room, then 204.
+    e.h = h2;
+    let filler = disk.fill();
     let path = format!("/v1/sandboxes/{}", e.sb.id);
     for _ in 0..2 {
         let (s, v) = e.h.api(Method::DELETE, &path, None).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
         assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
-        assert!(
-            v["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("could not be made durable"),
-            "{v}"
-        );
     }
-    assert!(
-        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-            .await
-            .is_err(),
-        "the sandbox stopped at once"
-    );
-    e.h.daemon.as_ref().unwrap().proxy.audit.flush();
-    assert!(
-        e.h.audit_log()
-            .lines()
-            .any(|l| l.contains("\"sandbox.delete\"") && l.contains(&e.sb.id)),
-        "the stop is audited though the deletion is not durable yet"
-    );
     std::fs::remove_file(filler).unwrap();
     let (s, v) = e.h.api(Method::DELETE, &path, None).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let (s, _) = e.h.api(Method::DELETE, &path, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-
-    let h2 = restart_on(&mut e, data).await;
-    h2.register_secret("sk-full-disk-0131");
-    let (s, v) = h2.api(Method::GET, &path, None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "came back after the restart: {v}");
-    assert!(pc::connect(h2.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .is_err());
-    let (s, v) = h2
+    let h3 = restart_on(&mut e, data).await;
+    assert_gone(&h3, &e.sb).await;
+    let (s, v) = h3
         .api(Method::GET, &format!("/v1/sandboxes/{}", kept.id), None)
         .await;
     assert_eq!(s, StatusCode::OK, "the other sandbox is restored: {v}");
-    drop(h2);
+    drop(h3);
 }
 
 /// A sandbox that expires while the daemon is down has its row purged at the next start, and
@@ -826,4 +827,15 @@ async fn restart_on(e: &mut Env, data: std::path::PathBuf) -> crate::support::da
     crate::support::daemon::Harness::try_start(opts, Some(e.h.pki.clone()))
         .await
         .unwrap()
+}
+
+/// `sb` is not served by `h`: 404 on the admin API, its proxy credentials refused.
+async fn assert_gone(h: &crate::support::daemon::Harness, sb: &SandboxCreds) {
+    let (s, v) = h
+        .api(Method::GET, &format!("/v1/sandboxes/{}", sb.id), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "served again: {v}");
+    assert!(pc::connect(h.proxy, Some(&sb.proxy_auth()), API)
+        .await
+        .is_err());
 }
