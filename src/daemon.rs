@@ -269,6 +269,15 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err("opening audit log"))?;
     let audit = Arc::new(audit);
+    for (id, action) in sandboxes.take_ended_at_start() {
+        audit.admin(&crate::audit::AdminEvent {
+            action,
+            store: None,
+            secret: None,
+            sandbox: Some(&id),
+            actor: "start".into(),
+        });
+    }
     let workers = proxy::workers::count(cfg.proxy.worker_threads);
     let settings = LiveSettings::new(
         cfg.proxy.clone(),

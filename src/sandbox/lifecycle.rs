@@ -206,6 +206,9 @@ pub struct Sandboxes {
     unrecorded: std::sync::atomic::AtomicBool,
     /// Called with each sandbox as it ends (the daemon closes its idle upstream connections).
     on_end: std::sync::OnceLock<Box<EndHook>>,
+    /// Sandboxes the last restore ended instead of serving: (id, action) for the audit log,
+    /// taken once by the daemon when the log is open ([`Sandboxes::take_ended_at_start`]).
+    ended_at_start: Mutex<Vec<(String, &'static str)>>,
 }
 
 /// See [`Sandboxes::on_end`].
@@ -230,6 +233,7 @@ impl Sandboxes {
             pending_deletes: Mutex::default(),
             unrecorded: std::sync::atomic::AtomicBool::new(false),
             on_end: std::sync::OnceLock::new(),
+            ended_at_start: Mutex::default(),
         }
     }
 
@@ -364,9 +368,11 @@ impl Sandboxes {
         // Only ids of the daemon's own form name a file: an id comes from the database, and
         // one written there as "../x" must not make a root daemon remove or write files
         // outside cert_dir (review).
+        let mut ended = Vec::new();
         for id in self.store.purge_expired_sandboxes(now)? {
             if is_sandbox_id(&id) {
                 let _ = std::fs::remove_file(self.cert_path(&id));
+                ended.push((id, "sandbox.expire"));
             }
         }
         let rows = self.store.load_sandboxes()?;
@@ -382,6 +388,7 @@ impl Sandboxes {
             if deleted.contains(&row.id) {
                 tracing::info!(sandbox = %row.id, "not restored: its end was recorded (deleted while the store refused writes, or isolated in an earlier run)");
                 let _ = std::fs::remove_file(self.cert_path(&row.id));
+                ended.push((row.id, "sandbox.end"));
                 continue;
             }
             let sb = self.revive(row)?;
@@ -390,6 +397,10 @@ impl Sandboxes {
             n += 1;
         }
         *self.pending() = deleted;
+        *self
+            .ended_at_start
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = ended;
         self.retry_pending_deletes();
         Ok(n)
     }
@@ -593,6 +604,19 @@ impl Sandboxes {
         let mut ids: Vec<String> = self.pending().iter().cloned().collect();
         ids.sort();
         ids
+    }
+
+    /// The sandboxes the restore ended instead of serving, once: (id, audit action) —
+    /// `sandbox.expire` for those that expired while the daemon was down, `sandbox.end` for
+    /// those whose end was recorded (deleted while the store refused writes, or isolated in an
+    /// earlier run). A sandbox's life can then be read from the audit log alone (review).
+    pub fn take_ended_at_start(&self) -> Vec<(String, &'static str)> {
+        std::mem::take(
+            &mut *self
+                .ended_at_start
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Where the pending deletions are recorded across restarts (none in unit tests).

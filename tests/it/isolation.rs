@@ -1687,6 +1687,14 @@ async fn a_start_ends_every_listed_isolated_sandbox_whatever_a_crash_left() {
         .await;
     assert_eq!(s, StatusCode::OK, "an unlisted sandbox is restored");
     assert!(!list.exists(), "the list is emptied at start");
+    h2.daemon.as_ref().unwrap().proxy.audit.flush();
+    let audit = h2.audit_log();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"sandbox.end\"") && l.contains(&sb.id)),
+        "the end at start is audited: {audit}"
+    );
     assert!(
         !data.join("pending-deletions").exists(),
         "its row was deleted"

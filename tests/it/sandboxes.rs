@@ -755,6 +755,14 @@ async fn a_sandbox_that_expired_while_down_leaves_no_ca_file() {
         !certs.join(format!("{short}.pem")).exists(),
         "the CA file stayed"
     );
+    h2.daemon.as_ref().unwrap().proxy.audit.flush();
+    let audit = h2.audit_log();
+    assert!(
+        audit.lines().any(|l| l.contains("\"sandbox.expire\"")
+            && l.contains("\"actor\":\"start\"")
+            && l.contains(&short)),
+        "the expiry found at start is audited: {audit}"
+    );
     assert!(
         certs.join(format!("{}.pem", e.sb.id)).exists(),
         "a live sandbox's CA file is kept"
