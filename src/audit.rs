@@ -144,6 +144,19 @@ pub struct AdminEvent<'a> {
     pub actor: String,
 }
 
+impl<'a> AdminEvent<'a> {
+    /// A sandbox's end that no admin call made: `actor` is `expiry` or `start`.
+    pub fn sandbox_end(action: &'a str, sandbox: &'a str, actor: &str) -> Self {
+        AdminEvent {
+            action,
+            store: None,
+            secret: None,
+            sandbox: Some(sandbox),
+            actor: actor.into(),
+        }
+    }
+}
+
 /// One command run in an isolated sandbox (never its environment).
 #[derive(Debug, Serialize)]
 pub struct CommandEvent<'a> {

@@ -5,6 +5,7 @@
 //! and the store is opened — with the master-key check — before anything listens. The data
 //! directory is locked ([`crate::data_dir_lock`]) before the store is opened: one daemon per `data_dir`.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{self, AdminState};
-use crate::audit::Audit;
+use crate::audit::{AdminEvent, Audit};
 use crate::ca::LeafCache;
 use crate::config::{Backend, Config};
 use crate::data_dir_lock;
@@ -257,9 +258,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
     // Before any listener is bound: once the admin port answers, the host is clean.
-    record_stale_isolated(&cfg)?;
+    let ended = record_stale_isolated(&cfg)?;
     let rows = stored_sandboxes(&*store);
-    let swept = sweep_namespaces(proxy_only_ids(&cfg, rows)).await;
+    sweep_namespaces(proxy_only_ids(rows, &ended)).await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
@@ -270,13 +271,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         .map_err(io_err("opening audit log"))?;
     let audit = Arc::new(audit);
     for (id, action) in sandboxes.take_ended_at_start() {
-        audit.admin(&crate::audit::AdminEvent {
-            action,
-            store: None,
-            secret: None,
-            sandbox: Some(&id),
-            actor: "start".into(),
-        });
+        audit.admin(&AdminEvent::sandbox_end(action, &id, "start"));
     }
     let workers = proxy::workers::count(cfg.proxy.worker_threads);
     let settings = LiveSettings::new(
@@ -305,7 +300,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
             proxy.settings().drop_clients(sb);
         }
     });
-    let isolation = start_isolation(&cfg, &ov, &sandboxes, &proxy, &swept)?;
+    let isolation = start_isolation(&cfg, &ov, &sandboxes, &proxy)?;
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let admin_state = Arc::new(AdminState {
         store,
@@ -735,13 +730,7 @@ async fn sweep(
         let s = sandboxes.clone();
         if let Ok(ended) = tokio::task::spawn_blocking(move || s.sweep_expired()).await {
             for id in &ended {
-                audit.admin(&crate::audit::AdminEvent {
-                    action: "sandbox.expire",
-                    store: None,
-                    secret: None,
-                    sandbox: Some(id),
-                    actor: "expiry".into(),
-                });
+                audit.admin(&AdminEvent::sandbox_end("sandbox.expire", id, "expiry"));
             }
             isolation.end(&ended).await;
         }
@@ -774,8 +763,8 @@ fn stored_sandboxes(store: &dyn Store) -> Option<Vec<String>> {
 /// identifies them; then empties that list (none of them lives on). An outside test killed a
 /// start in the middle of its sweep: the records and directories were gone, the rows not yet,
 /// and the next start restored those sandboxes as proxy-only ones, credentials working. The
-/// restore skips recorded ids and deletes their rows.
-fn record_stale_isolated(cfg: &Config) -> Result<(), DaemonError> {
+/// restore skips recorded ids and deletes their rows. Returns every recorded end.
+fn record_stale_isolated(cfg: &Config) -> Result<HashSet<String>, DaemonError> {
     let roster = Tombstones::named(
         &cfg.data_dir,
         crate::sandbox::tombstones::ISOLATED_FILE_NAME,
@@ -796,33 +785,31 @@ fn record_stale_isolated(cfg: &Config) -> Result<(), DaemonError> {
         .into_iter()
         .chain(dead)
         .chain(dirs)
-        .filter(|id| crate::limits::cgroup::is_sandbox_id(id));
-    Tombstones::in_dir(&cfg.data_dir).add(stale)?;
+        .filter(|id| crate::sandbox::is_sandbox_id(id));
+    let ended = Tombstones::in_dir(&cfg.data_dir).add(stale)?;
     roster.save(&Default::default()).map_err(io_err(format!(
         "emptying {}",
         roster.path().unwrap_or(&cfg.data_dir).display()
-    )))
+    )))?;
+    Ok(ended)
 }
 
-/// The stored, unexpired sandboxes that this daemon did not isolate in an earlier run (those
-/// have a directory under `data_dir/sandboxes/` and end at start, [`Isolation::end_stale`]):
-/// the ones whose hand-applied rules the sweep keeps.
-/// Sandboxes whose end is recorded ([`Tombstones`]) are not among them: their rows go at the
-/// restore, so their chains go now (review: they were kept one more run).
-fn proxy_only_ids(cfg: &Config, stored: Option<Vec<String>>) -> Option<Vec<String>> {
-    let isolated = cfg.data_dir.join("sandboxes");
-    let ended = Tombstones::in_dir(&cfg.data_dir).load().unwrap_or_default();
+/// The stored, unexpired sandboxes that this daemon serves on (the ones whose hand-applied
+/// rules the sweep keeps): not those whose end is `ended` (isolated in an earlier run, or
+/// deleted while the store refused writes: their rows go at the restore, so their chains go
+/// now; review: they were kept one more run).
+fn proxy_only_ids(stored: Option<Vec<String>>, ended: &HashSet<String>) -> Option<Vec<String>> {
     Some(
         stored?
             .into_iter()
-            .filter(|id| !isolated.join(id).exists() && !ended.contains(id))
+            .filter(|id| !ended.contains(id))
             .collect(),
     )
 }
 
 /// Undoes namespaces, veths and rules that daemons which died on this host left behind,
 /// keeping the chains of the `live` sandboxes ([`crate::netns::sweep::sweep`]).
-async fn sweep_namespaces(live: Option<Vec<String>>) -> crate::netns::sweep::Swept {
+async fn sweep_namespaces(live: Option<Vec<String>>) {
     let swept = tokio::task::spawn_blocking(move || crate::netns::sweep::sweep(live.as_deref()))
         .await
         .unwrap_or_default();
@@ -833,7 +820,6 @@ async fn sweep_namespaces(live: Option<Vec<String>>) -> crate::netns::sweep::Swe
             "removed isolated sandboxes' leftovers of an earlier run"
         );
     }
-    swept
 }
 
 /// Refuses a config file that holds a database password while group or others may read it
@@ -864,7 +850,6 @@ fn start_isolation(
     ov: &Overrides,
     sandboxes: &Arc<Sandboxes>,
     proxy: &Arc<ProxyState>,
-    swept: &crate::netns::sweep::Swept,
 ) -> Result<Arc<Isolation>, DaemonError> {
     let data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(io_err("resolving data_dir"))?;
     // The config file may hold a database password: masked inside every sandbox.
@@ -881,11 +866,12 @@ fn start_isolation(
         proxy.clone(),
     ));
     warn_if_file_table_small(&cfg.sandbox);
-    let ended = isolation.end_stale(&swept.sandbox_ids);
-    if ended > 0 {
+    let cleared = isolation.clear_stale_dirs();
+    if cleared > 0 {
         tracing::info!(
-            sandboxes = ended,
-            "ended isolated sandboxes of an earlier run (isolation is not restored)"
+            sandboxes = cleared,
+            "removed the directories of isolated sandboxes of an earlier run (isolation is not \
+             restored)"
         );
     }
     Ok(isolation)

@@ -7,7 +7,8 @@
 //! address as its `source_ip`); removed by `DELETE`, by expiry ([`Isolation::end`]), by daemon
 //! shutdown ([`Isolation::shutdown`]) and, as a last resort, when dropped. A daemon restart
 //! does not restore isolated sandboxes: the start-up sweep removes what an earlier run left
-//! (see [`crate::netns::sweep`]) and [`Isolation::end_stale`] ends their sandboxes.
+//! (see [`crate::netns::sweep`]), their sandboxes are recorded as ended before it and not
+//! restored, and [`Isolation::clear_stale_dirs`] removes their directories.
 //!
 //! The transparent listener is per sandbox, bound to the host side of its veth on an
 //! ephemeral port (the rules REDIRECT there), so `[proxy] transparent_listen` is not needed
@@ -261,7 +262,7 @@ impl Isolation {
         let ns = blocking(Namespace::claim).await?;
         let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
-        let id = crate::sandbox::lifecycle::new_id();
+        let id = crate::sandbox::new_id();
         self.listed(&id, true).await?;
         req.id = Some(id.clone());
         let sbx = self.sandboxes.clone();
@@ -429,7 +430,7 @@ impl Isolation {
         blocking(move || {
             let roster = roster.lock().unwrap_or_else(|e| e.into_inner());
             let done = match add {
-                true => roster.add([id.clone()]),
+                true => roster.add([id.clone()]).map(drop),
                 false => roster.remove(&id),
             };
             if let Err(e) = &done {
@@ -459,27 +460,21 @@ impl Isolation {
         .await;
     }
 
-    /// Daemon start, after restore: ends the sandboxes that were isolated in an earlier run
-    /// (named by swept records, or still owning a directory under `data_dir/sandboxes/`) and
-    /// removes every such directory. Returns how many sandboxes ended.
-    pub fn end_stale(&self, swept_ids: &[String]) -> usize {
+    /// Daemon start, after restore: removes what isolated sandboxes of an earlier run left
+    /// under `data_dir/sandboxes/` (their files' tmpfs detached first); returns how many
+    /// directories there were. Their sandboxes were ended before the sweep
+    /// (`daemon::record_stale_isolated` recorded them, the restore skipped and deleted their
+    /// rows), so nothing is deleted here.
+    pub fn clear_stale_dirs(&self) -> usize {
         let root = self.data_dir.join("sandboxes");
-        let mut stale: Vec<String> = swept_ids.to_vec();
-        if let Ok(dir) = std::fs::read_dir(&root) {
-            stale.extend(
-                dir.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            );
-        }
-        let ended = stale
-            .iter()
-            .filter(|id| self.sandboxes.delete(id).is_ok())
-            .count();
+        let stale: Vec<std::ffi::OsString> = std::fs::read_dir(&root)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
         for id in &stale {
             files::unmount(&root.join(id).join(FILES_DIR));
         }
         let _ = std::fs::remove_dir_all(&root);
-        ended
+        stale.len()
     }
 }
 

@@ -27,6 +27,19 @@ use time::OffsetDateTime;
 
 use crate::ca::SandboxCa;
 
+/// A fresh sandbox id: `sbx_` + 24 lowercase hex digits.
+pub fn new_id() -> String {
+    format!("sbx_{}", crate::random::random_hex(12))
+}
+
+/// `sbx_` + 24 lowercase hex digits, as the daemon names sandboxes. Every id that names a
+/// file, a cgroup, a chain or a record line is checked with this first.
+pub fn is_sandbox_id(s: &str) -> bool {
+    s.strip_prefix("sbx_").is_some_and(|hex| {
+        hex.len() == 24 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// One live sandbox.
 pub struct Sandbox {
     /// `sbx_` + 24 hex.

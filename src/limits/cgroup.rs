@@ -16,6 +16,7 @@
 //! ([`join_in_child`]) and a failed join fails the command, so no command runs outside its
 //! limits; [`remove`] kills what is left in a group before removing it.
 
+use crate::sandbox::is_sandbox_id;
 use std::fs;
 use std::io;
 use std::os::fd::RawFd;
@@ -587,13 +588,6 @@ pub fn listed() -> Vec<PathBuf> {
                     .is_some_and(is_sandbox_id)
         })
         .collect()
-}
-
-/// `sbx_` + 24 lowercase hex digits, as the daemon names sandboxes.
-pub fn is_sandbox_id(s: &str) -> bool {
-    s.strip_prefix("sbx_").is_some_and(|hex| {
-        hex.len() == 24 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    })
 }
 
 /// Process ids in the group.

@@ -128,7 +128,7 @@ impl Record {
     fn checked_id(&self) -> Option<&str> {
         self.sandbox_id
             .as_deref()
-            .filter(|id| crate::limits::cgroup::is_sandbox_id(id))
+            .filter(|id| crate::sandbox::is_sandbox_id(id))
     }
 
     /// What a teardown may remove, kill or unmount from this record: only paths of the shape

@@ -146,7 +146,7 @@ pub struct RuleSet {
 /// # Errors
 /// An id that is not `sbx_` + 24 lowercase hex.
 pub fn chain_name(sandbox_id: &str) -> Result<String, NetnsError> {
-    if !crate::limits::cgroup::is_sandbox_id(sandbox_id) {
+    if !crate::sandbox::is_sandbox_id(sandbox_id) {
         return Err(NetnsError::Invalid(format!("sandbox id {sandbox_id:?}")));
     }
     Ok(format!("SG-{}", &sandbox_id[4..]))

@@ -17,9 +17,8 @@ use time::OffsetDateTime;
 use super::registry::RegistryError;
 use super::snapshot::SnapshotError;
 use super::tombstones::Tombstones;
-use super::{Registry, Sandbox, SandboxParts, Snapshot};
+use super::{is_sandbox_id, new_id, Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
-use crate::limits::cgroup::is_sandbox_id;
 use crate::store::postgres::follow;
 use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::token::Token;
@@ -639,7 +638,7 @@ impl Sandboxes {
         let Err(e) = saved else {
             return true;
         };
-        let file = self.cfg.tombstones.path().map(Path::display);
+        let file = self.pending_deletions_file().map(Path::display);
         tracing::error!(
             file = %file.map(|f| f.to_string()).unwrap_or_default(),
             error = %e,
@@ -1069,11 +1068,6 @@ pub const CA_VARS: &[&str] = &[
     // store for its default roots.
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
 ];
-
-/// A fresh sandbox id: `sbx_` + 24 hex digits.
-pub fn new_id() -> String {
-    format!("sbx_{}", crate::random::random_hex(12))
-}
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);

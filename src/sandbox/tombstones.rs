@@ -13,8 +13,8 @@ use std::collections::HashSet;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+use super::is_sandbox_id;
 use super::SandboxError;
-use crate::limits::cgroup::is_sandbox_id;
 
 /// File name under `data_dir`.
 pub const FILE_NAME: &str = "pending-deletions";
@@ -89,20 +89,18 @@ impl Tombstones {
         Ok(ids)
     }
 
-    /// Adds `ids` to the recorded list.
+    /// Adds `ids` to the recorded list; returns the whole list.
     ///
     /// # Errors
     /// The list cannot be read or written.
-    pub fn add(&self, ids: impl IntoIterator<Item = String>) -> Result<(), SandboxError> {
-        let mut all = self.load()?;
-        let before = all.len();
-        all.extend(ids);
-        if all.len() == before {
-            return Ok(());
-        }
-        self.save(&all).map_err(|e| {
-            let file = self.path.as_deref().unwrap_or(Path::new("")).display();
-            SandboxError::PendingDeletions(format!("{file} cannot be written ({e})"))
+    pub fn add(
+        &self,
+        ids: impl IntoIterator<Item = String>,
+    ) -> Result<HashSet<String>, SandboxError> {
+        self.change(|all| {
+            let before = all.len();
+            all.extend(ids);
+            all.len() != before
         })
     }
 
@@ -111,14 +109,22 @@ impl Tombstones {
     /// # Errors
     /// The list cannot be read or written.
     pub fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        self.change(|all| all.remove(id)).map(drop)
+    }
+
+    /// Loads the list, applies `f`, and writes it back if `f` says it changed.
+    fn change(
+        &self,
+        f: impl FnOnce(&mut HashSet<String>) -> bool,
+    ) -> Result<HashSet<String>, SandboxError> {
         let mut all = self.load()?;
-        if !all.remove(id) {
-            return Ok(());
+        if f(&mut all) {
+            self.save(&all).map_err(|e| {
+                let file = self.path.as_deref().unwrap_or(Path::new("")).display();
+                SandboxError::PendingDeletions(format!("{file} cannot be written ({e})"))
+            })?;
         }
-        self.save(&all).map_err(|e| {
-            let file = self.path.as_deref().unwrap_or(Path::new("")).display();
-            SandboxError::PendingDeletions(format!("{file} cannot be written ({e})"))
-        })
+        Ok(all)
     }
 
     /// Records `ids` as the whole list (an empty list removes the file).

@@ -194,15 +194,7 @@ async fn expiry_ends_a_sandbox() {
         &[("KEY", "sk-expiry-0103", None, None)],
     )
     .await;
-    let (s, v) =
-        e.h.api(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"secret_store": "s", "timeout": 1})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let short = SandboxCreds::from_answer(&v);
+    let short = one_second_sandbox(&e).await;
     assert_eq!(
         key_seen(&e, &short).await.as_deref(),
         Some("sk-expiry-0103")
@@ -726,15 +718,7 @@ async fn a_sandbox_that_expired_while_down_leaves_no_ca_file() {
         &[("KEY", "sk-expired-down-0141", None, None)],
     )
     .await;
-    let (s, v) =
-        e.h.api(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(json!({"secret_store": "s", "timeout": 1})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let short = v["id"].as_str().unwrap().to_owned();
+    let short = one_second_sandbox(&e).await.id;
     let certs = e.h.dir.path().join("certs");
     assert!(certs.join(format!("{short}.pem")).exists());
     let data = e.h.dir.path().join("data");
@@ -837,4 +821,17 @@ async fn assert_gone(h: &crate::support::daemon::Harness, sb: &SandboxCreds) {
     assert!(pc::connect(h.proxy, Some(&sb.proxy_auth()), API)
         .await
         .is_err());
+}
+
+/// A sandbox of store "s" that expires after one second.
+async fn one_second_sandbox(e: &Env) -> SandboxCreds {
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "timeout": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    SandboxCreds::from_answer(&v)
 }
