@@ -1233,12 +1233,18 @@ async fn worker_threads_sizes_the_runtime() {
     let b = Bin::spawn(&o).await;
     let workers = summary_line(&b, "workers:").await;
     assert_eq!(workers, "3 (proxy.worker_threads)", "the proxy's workers");
+    // A new thread carries its parent's name until it first runs and names itself, so the
+    // names are read until the runtime's threads have all started (or 5 s have passed).
     let pid = b.child.id();
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let names = loop {
+        let names = thread_names(pid);
+        let proxy = names.iter().filter(|n| n.starts_with("sealgate-proxy-"));
+        if proxy.count() >= 3 || Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let proxy = names.iter().filter(|n| n.starts_with("sealgate-proxy-"));
     assert_eq!(proxy.count(), 3, "proxy worker threads: {names:?}");
     // Blocking-pool threads carry the same name; the runtime's workers are at least these.
@@ -1261,6 +1267,15 @@ async fn worker_threads_sizes_the_runtime() {
         v["needs_restart"],
         serde_json::json!(["proxy.worker_threads"])
     );
+}
+
+/// The names (`comm`) of every thread of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
 }
 
 /// The summary line starting with `key` once the binary has written it.
