@@ -748,6 +748,17 @@ print("pair", a.family == socket.AF_UNIX)'"#;
     assert_eq!(r["stdout"], "4096\n", "{r}");
 }
 
+/// Waits until a process whose arguments contain `marker` runs on the host (a command reaches
+/// it only after the admin call, bwrap and the shell: no fixed time covers that on a loaded
+/// machine), for at most 10 s.
+async fn until_running(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run_ok("ps", &["-eo", "args"]).expect("ps").contains(marker) {
+        assert!(Instant::now() < deadline, "{marker} never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
     if !netns_ready() {
@@ -756,12 +767,13 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
     let e = setup().await;
     let sid = id(&isolated(&e.h, json!({})).await);
     let h = Arc::new(e);
-    let slow = |h: Arc<Env>, sid: String| async move {
-        command(&h.h, &sid, json!({"cmd": "sleep 2"})).await
+    let slow = |h: Arc<Env>, sid: String, cmd: &'static str| async move {
+        command(&h.h, &sid, json!({ "cmd": cmd })).await
     };
-    let a = tokio::spawn(slow(h.clone(), sid.clone()));
-    let b = tokio::spawn(slow(h.clone(), sid.clone()));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let a = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 4.161"));
+    let b = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 4.162"));
+    until_running("sleep 4.161").await;
+    until_running("sleep 4.162").await;
     let (s, v) = command(&h.h, &sid, json!({"cmd": "true"})).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_eq!(v["error"]["code"], "too_many_commands");
@@ -826,10 +838,7 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
             let resp = c.request(req).await.unwrap();
             let _ = resp.into_body().collect().await;
         });
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert!(run_ok("ps", &["-eo", "args"])
-            .expect("ps")
-            .contains("sleep 3161"));
+        until_running("sleep 3161").await;
         gone.abort();
         let _ = gone.await;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -986,10 +995,7 @@ async fn delete_leaves_no_namespace_veth_rule_process_or_directory() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(run_ok("ps", &["-eo", "args"])
-        .expect("ps")
-        .contains("sleep 3142"));
+    until_running("sleep 3142").await;
     let (s, _) =
         e.h.api(Method::DELETE, &format!("/v1/sandboxes/{sid}"), None)
             .await;

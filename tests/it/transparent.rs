@@ -383,11 +383,13 @@ async fn plain_http_on_port_80_is_routed_by_host_and_never_unsealed() {
     let script = format!(
         "curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}\\n' \
          http://plain.example.test/echo -H \"x-api-key: $KEY\"; \
-         curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}\\n' http://other.example.test/echo \
+         curl -sS --max-time 5 -o /dev/null -w '%{{http_code}}\\n' http://other.example.test/echo \
          --resolve other.example.test:80:198.18.0.1; \
          {SANDBOX_PYTHON} -c \"{dup_host}\""
     );
-    let started = std::time::Instant::now();
+    // A refusal that waited instead of answering shows as curl's 000 (its 5 s limit) or as
+    // Python's socket timeout (5 s): the clients bound it, not the test's clock, which would
+    // also count the CLI, the sandbox's creation and three process starts.
     let r = sh(&e, &script).await;
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     let codes: Vec<&str> = r.stdout.lines().collect();
@@ -395,10 +397,6 @@ async fn plain_http_on_port_80_is_routed_by_host_and_never_unsealed() {
         codes,
         ["200", "403", "400"],
         "plain allowed, other refused, duplicate Host refused"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "a refusal waited"
     );
     let reqs = e.plain.requests();
     assert_eq!(reqs.len(), 1);
@@ -546,7 +544,10 @@ async fn raw_tcp_udp_and_sealgate_ports_are_unreachable_from_the_namespace() {
     let _ = tokio::net::TcpStream::connect(raw.addr).await.unwrap();
     let sock = tokio::net::UdpSocket::bind((link.ip, 0)).await.unwrap();
     sock.send_to(b"control", udp.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (raw.connections(), udp.datagrams()) != (1, 1) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!((raw.connections(), udp.datagrams()), (1, 1), "control");
 
     let admin_port = e.h.admin_url.rsplit(':').next().unwrap().to_owned();
