@@ -602,7 +602,7 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let h = Harness::start_with(crate::support::daemon::Opts {
-        admin_toml: "max_connections = 3\nheader_read_timeout_secs = 2\n".into(),
+        admin_toml: "max_connections = 3\nheader_read_timeout_secs = 4\n".into(),
         ..Default::default()
     })
     .await;
@@ -630,20 +630,21 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
     let started = Instant::now();
     let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
     assert_eq!(s, StatusCode::OK);
+    // Well short of the 4 s the heads could hold it, with room for a loaded machine.
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(3000),
         "half-sent heads kept the operator waiting {:?}",
         started.elapsed()
     );
     let mut stalled = stalled.into_iter();
     let oldest = stalled.next().unwrap();
     assert!(
-        closed_within(oldest, Duration::from_millis(500)).await,
+        closed_within(oldest, Duration::from_millis(2000)).await,
         "the oldest half-sent head was not evicted"
     );
     for s in stalled {
         assert!(
-            closed_within(s, Duration::from_secs(5)).await,
+            closed_within(s, Duration::from_secs(8)).await,
             "a stalled head was not closed"
         );
     }
@@ -666,7 +667,7 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
     let started = Instant::now();
     let mut fourth = open("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_owned()).await;
     let mut head = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), fourth.read_exact(&mut head))
+    tokio::time::timeout(Duration::from_secs(10), fourth.read_exact(&mut head))
         .await
         .expect("served once a slot freed")
         .unwrap();

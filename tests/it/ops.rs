@@ -863,8 +863,9 @@ async fn sigterm_during_stream(
         }
         (got, t0.elapsed())
     });
-    // The listener closes at once: new sandbox connections are refused.
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // The listener closes at once: new sandbox connections are refused (10 s: every worker's
+    // descriptor of it must close, on a loaded machine too).
+    let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(proxy).await.is_ok() {
         assert!(
             Instant::now() < deadline,
@@ -1240,7 +1241,8 @@ async fn worker_threads_sizes_the_runtime() {
     let names = loop {
         let names = thread_names(pid);
         let proxy = names.iter().filter(|n| n.starts_with("sealgate-proxy-"));
-        if proxy.count() >= 3 || Instant::now() > deadline {
+        let tokio = names.iter().filter(|n| *n == "tokio-rt-worker");
+        if (proxy.count() >= 3 && tokio.count() >= 3) || Instant::now() > deadline {
             break names;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1329,6 +1331,7 @@ fn thread_counters(pid: u32, name: &str) -> (u64, u64) {
 /// loaded it, since a worker that is late to run finds its events ready); and once the traffic
 /// stops the worker sleeps: almost no CPU over the next second. The summary says which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measures scheduling: scripts/test runs it alone, after the parallel suite"]
 async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep() {
     const REQUESTS: u64 = 200;
     let (pki, echo) = upstream().await;
@@ -1401,6 +1404,7 @@ async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep(
 /// cap it would be ~85 %: the worker works 12 % of the time), and it did poll (it slept far
 /// less often than without). `sealgate_busy_poll_seconds_total` shows the polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measures scheduling: scripts/test runs it alone, after the parallel suite"]
 async fn a_trickle_holds_a_busy_polling_worker_to_its_duty_cycle() {
     let (pki, echo) = upstream().await;
     let mut seen = Vec::new();

@@ -155,6 +155,32 @@ async fn h2_client_unseals_and_is_served_over_h2() {
     assert_eq!(e.echo.connections(), 2, "upstream connections pooled");
 }
 
+/// Waits (at most 10 s) until `sealgate_upstream_connections` is 0: every upstream
+/// connection, pooled ones too, closed (a fixed wait stands in for it only on a quiet machine).
+async fn until_no_upstream_connection(h: &Harness) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = h.raw(Method::GET, "/metrics", None, Some(&h.token)).await;
+        let held = String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sealgate_upstream_connections ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .expect("the gauge");
+        if held == 0.0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{held} upstream connections still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Requests to an origin that has answered over h2 share one connection attempt per proxy
 /// worker: 16 concurrent requests from 16 client connections after the origin restarted open
 /// one upstream connection per worker, not one each (hyper-util dials per waiting request while ALPN is
@@ -176,7 +202,7 @@ async fn concurrent_requests_to_a_known_h2_origin_share_one_new_connection() {
     drop(echo);
     // The old origin's listener and connections close asynchronously; sealgate must see its
     // pooled connection closed before the next requests.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    until_no_upstream_connection(&h).await;
     let echo = Echo::start_tls_at(addr, h.pki.server_config(NAMES, &[])).await;
     let mut clients = Vec::new();
     for _ in 0..16 {
@@ -218,7 +244,7 @@ async fn an_origin_that_stops_offering_h2_is_served_over_http1_without_a_failure
         .all(|r| r.version == http::Version::HTTP_2));
     let addr = echo.addr;
     drop(echo);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    until_no_upstream_connection(&h).await;
     let h1_only = Echo::start_tls_at(addr, h.pki.server_config_without_alpn(NAMES)).await;
     for _ in 0..3 {
         let a = pc::send1(&mut c, get()).await;

@@ -68,7 +68,7 @@ async fn world(proxy_toml: &str) -> World {
     let down = std::net::SocketAddr::from(([127, 0, 0, 1], crate::support::ports::free_port()));
     let mut opts = Opts {
         proxy_toml: format!("max_header_fields = {MAX_FIELDS}\n{proxy_toml}"),
-        upstream_toml: "connect_timeout_secs = 1\n".into(),
+        upstream_toml: "connect_timeout_secs = 2\n".into(),
         sandbox_toml: "run_as = \"nobody\"\n".into(),
         ..Opts::default()
     };

@@ -194,19 +194,35 @@ async fn expiry_ends_a_sandbox() {
         &[("KEY", "sk-expiry-0103", None, None)],
     )
     .await;
-    let short = one_second_sandbox(&e).await;
+    // Three seconds, not one: the request below must end before the expiry, and a loaded
+    // machine can stall a CONNECT, a new leaf and an upstream handshake for a second.
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s", "timeout": 3})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let short = SandboxCreds::from_answer(&v);
     assert_eq!(
         key_seen(&e, &short).await.as_deref(),
         Some("sk-expiry-0103")
     );
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(
-        pc::connect(e.h.proxy, Some(&short.proxy_auth()), API)
-            .await
-            .unwrap_err()
-            .status,
-        407
-    );
+    let started = Instant::now();
+    loop {
+        match pc::connect(e.h.proxy, Some(&short.proxy_auth()), API).await {
+            Err(refused) => {
+                assert_eq!(refused.status, 407);
+                break;
+            }
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still accepted long after its expiry"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (s, _) =
         e.h.api(Method::GET, &format!("/v1/sandboxes/{}", short.id), None)
             .await;

@@ -250,10 +250,12 @@ async fn a_used_keep_alive_tunnel_lasts_until_idle_timeout_and_its_next_head_is_
     assert_cut_near_one_second(took, "second request head on a kept-alive tunnel");
 
     // Quiet after a request: closed at idle_timeout (4 s), not before.
+    // Timed from before the request: the idle clock starts when sealgate writes the answer,
+    // which is after this and before the test reads it, however late it is scheduled.
     let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+    let start = Instant::now();
     tls.write_all(get).await.unwrap();
     assert_eq!(pc::read_response_head(&mut tls).await.0, 200);
-    let start = Instant::now();
     let mut buf = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;
     let took = start.elapsed();
@@ -392,8 +394,9 @@ async fn a_sandboxs_upstream_connections_are_capped_and_idle_ones_make_room() {
         let sb = sb.clone();
         async move { plain_get(proxy, &sb, host, path).await }
     };
-    // In use for about two seconds: the sandbox's one connection.
-    let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=20"));
+    // In use for about four seconds (what follows must fit in that, on a loaded machine
+    // too): the sandbox's one connection.
+    let slow = tokio::spawn(get(&e.sb, "one.example.test", "/slow?ms=100&chunks=40"));
     eventually(Duration::from_secs(5), "the slow request is in", || {
         plain.requests().len() == 1
     })
@@ -485,7 +488,8 @@ async fn the_daemons_upstream_connections_are_capped_across_sandboxes() {
     let proxy = e.h.proxy;
     let slow = tokio::spawn({
         let sb = e.sb.clone();
-        async move { plain_get(proxy, &sb, "one.example.test", "/slow?ms=100&chunks=30").await }
+        // About six seconds: a refusal, a scrape, a reload and a refusal must fit in it.
+        async move { plain_get(proxy, &sb, "one.example.test", "/slow?ms=100&chunks=60").await }
     });
     eventually(Duration::from_secs(5), "the slow request is in", || {
         plain.requests().len() == 1

@@ -665,10 +665,13 @@ async fn nginx(pki: &TestPki, files: &[(&str, &[u8])]) -> Nginx {
         .spawn()
         .expect("nginx is installed (scripts/test installs it)");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx did not listen on {addr} within 20 s:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Nginx {

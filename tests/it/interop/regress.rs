@@ -198,8 +198,10 @@ async fn a_neighbours_refused_header_does_not_end_a_download_from_nginx() {
         ensure(r.var("exit") == "28", || {
             format!("the download ended before its time limit: {}", r.stdout)
         })?;
+        // Exit 28 (its own time limit) already says the stream was not cut; the size says
+        // it moved, without making this a throughput test of one debug-built worker.
         let size: u64 = r.var("size").parse().unwrap_or(0);
-        ensure(size > 32 << 20, || {
+        ensure(size > 4 << 20, || {
             format!("only {size} bytes: {}", r.stdout)
         })
     }
