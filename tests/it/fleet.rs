@@ -631,11 +631,12 @@ async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-locked-2010").await;
     let sb = sandbox_on(&n.a, "s", "node-a").await;
-    // Shorter than the store's 5 s operation timeout: without the fix the admin calls hold
-    // both workers until the lock goes, and the proxied request only after that.
+    // Well short of the store's 5 s operation timeout (3 s: room for a loaded machine on
+    // both sides of it): without the fix the admin calls hold both workers until the lock
+    // goes, and the proxied request only after that.
     let mut holder = cluster.psql_spawn(
         &n.db,
-        "BEGIN; LOCK TABLE stores IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;",
+        "BEGIN; LOCK TABLE stores IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;",
     );
     let granted = "SELECT count(*) FROM pg_locks WHERE relation = 'stores'::regclass \
                    AND mode = 'AccessExclusiveLock' AND granted";

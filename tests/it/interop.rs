@@ -413,10 +413,10 @@ pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
     }
 }
 
-/// Runs `f` until it returns `Ok` or two seconds pass (origins write their logs after
-/// answering).
+/// Runs `f` until it returns `Ok` or ten seconds pass (origins write their logs after
+/// answering; a loaded machine may run them late).
 pub async fn eventually<F: FnMut() -> Result<(), String>>(mut f: F) -> Result<(), String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match f() {
             Ok(()) => return Ok(()),
@@ -534,9 +534,9 @@ impl World {
         }
     }
 
-    /// Waits (briefly) for `server`'s record of `cell`.
+    /// Waits (up to 10 s, for a loaded machine) for `server`'s record of `cell`.
     pub async fn seen_eventually(&self, server: Server, cell: &str) -> Result<Seen, String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = self.seen(server, cell) {
                 return Ok(s);
