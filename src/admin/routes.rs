@@ -728,12 +728,16 @@ const FOLLOWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Fleet mode: why this node is not current with the shared database, if its follower has
 /// had no check answer for longer than [`FOLLOWER_GRACE`] (a database that accepts the
-/// store check but not the follower's, or a row the follower cannot read).
+/// store check but not the follower's, a row the follower cannot read, or a read of a changed
+/// store that hangs while the connection looks fine).
 fn follower_behind(st: &AdminState) -> Option<String> {
     let health = st.follower.as_ref()?;
     let lag = health.lag();
-    let why = health.problem()?;
     (lag > FOLLOWER_GRACE).then(|| {
+        // Connected, but a check or the read of a changed store still hangs: as behind.
+        let why = health
+            .problem()
+            .unwrap_or_else(|| "a check of the database has not answered".into());
         format!(
             "changes made through other nodes are not reaching this node: {why} (last check \
              answered {} s ago)",

@@ -955,10 +955,15 @@ impl follow::Target for Sandboxes {
         ids.into_iter().collect()
     }
 
-    fn apply_store_change(&self, store_id: &str) -> Result<(), String> {
-        Sandboxes::apply_store_change(self, store_id)
-            .map(drop)
-            .map_err(|e| e.to_string())
+    fn apply_store_change(&self, store_id: &str) -> Result<(), follow::ApplyError> {
+        match Sandboxes::apply_store_change(self, store_id) {
+            Ok(_) => Ok(()),
+            // `read_store` quarantined the store's sandboxes.
+            Err(e @ SandboxError::Store(StoreError::Corrupt(_))) => {
+                Err(follow::ApplyError::Quarantined(e.to_string()))
+            }
+            Err(e) => Err(follow::ApplyError::NotApplied(e.to_string())),
+        }
     }
 
     fn set_locked(&self, locked: bool) {

@@ -863,10 +863,12 @@ fn ca_files_without_sslmode_require_are_refused() {
 
 /// A proxy in front of the cluster's Unix socket that, while `stall` is set, holds every
 /// extended-protocol query (`Parse`) a client sends: connecting, authenticating and `LISTEN`
-/// (a simple query) pass, the follower's generation check never answers.
+/// (a simple query) pass, the follower's generation check never answers. With `only` set
+/// too, only the queries whose text contains it are held.
 struct StallProxy {
     dir: tempfile::TempDir,
     stall: Arc<std::sync::atomic::AtomicBool>,
+    only: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 impl StallProxy {
@@ -887,10 +889,11 @@ impl StallProxy {
         let listener =
             tokio::net::UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}"))).unwrap();
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let st = stall.clone();
+        let only = Arc::new(std::sync::Mutex::new(None));
+        let (st, on) = (stall.clone(), only.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::relay(client, real.clone(), st.clone()));
+                tokio::spawn(Self::relay(client, real.clone(), st.clone(), on.clone()));
             }
         });
         let proxied = url.replacen(
@@ -898,13 +901,14 @@ impl StallProxy {
             &format!("host={}", dir.path().display()),
             1,
         );
-        (StallProxy { dir, stall }, proxied)
+        (StallProxy { dir, stall, only }, proxied)
     }
 
     async fn relay(
         client: tokio::net::UnixStream,
         real: std::path::PathBuf,
         stall: Arc<std::sync::atomic::AtomicBool>,
+        only: Arc<std::sync::Mutex<Option<&'static str>>>,
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
@@ -924,7 +928,12 @@ impl StallProxy {
             let n = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
             let mut body = vec![0u8; n.saturating_sub(4)];
             cr.read_exact(&mut body).await?;
-            while head[0] == b'P' && stall.load(std::sync::atomic::Ordering::Acquire) {
+            let held = || {
+                let only = *only.lock().unwrap();
+                stall.load(std::sync::atomic::Ordering::Acquire)
+                    && only.is_none_or(|text| String::from_utf8_lossy(&body).contains(text))
+            };
+            while head[0] == b'P' && held() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             sw.write_all(&head).await?;
@@ -1024,4 +1033,77 @@ async fn a_stores_row_that_does_not_decode_is_a_visible_outage() {
         .await;
     let logs = crate::support::daemon::logs_text();
     assert!(!logs.contains("panicked"), "a follower panicked");
+}
+
+/// A node whose generation check answers but whose read of a changed store hangs is behind,
+/// not fresh: past `max_staleness_secs` it locks, however well the check answers. It had
+/// counted as fresh after every check and served the value the change revoked for as long as
+/// the reads failed (seen once under the suite's load, when a stall began between the check
+/// and the read). The watchdog locks it while the read still hangs (the store's 5 s timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
+    let mut opts = node_opts(
+        &cluster,
+        &n.db,
+        "node-c",
+        &n.key,
+        &n.echo,
+        "max_staleness_secs = 1",
+    );
+    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
+    let c = Harness::try_start(opts, Some(n.pki.clone()))
+        .await
+        .expect("node c starts");
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-behind-2301").await;
+    c.register_secret("sk-fleet-behind-2301");
+    c.register_secret("sk-fleet-behind-2302");
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &sb, "sk-fleet-behind-2301", Duration::from_secs(10))
+        .await;
+
+    // The read of a store's secrets with their values hangs; the generation check does not.
+    *proxy.only.lock().unwrap() = Some("value FROM secrets WHERE store_id");
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Release);
+    n.secret(&n.a, &store, "sk-fleet-behind-2302").await;
+    let revoked = Instant::now();
+    loop {
+        let probe_began = revoked.elapsed();
+        let (status, seen) = n.key_seen(&c, &sb).await;
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(seen, None, "nothing reached the upstream");
+            break;
+        }
+        assert_ne!(
+            seen.as_deref(),
+            Some("sk-fleet-behind-2302"),
+            "the read hangs"
+        );
+        // max_staleness (1 s) plus the watchdog's tick, with room for a loaded machine; not
+        // the read's 5 s timeout, which passes again and again while the stall lasts.
+        assert!(
+            probe_began < Duration::from_secs(4),
+            "the revoked value is still served ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = c.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    // Still locked while it lasts, though every generation check answers.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(n.key_seen(&c, &sb).await, (StatusCode::FORBIDDEN, None));
+
+    proxy
+        .stall
+        .store(false, std::sync::atomic::Ordering::Release);
+    n.until_seen(&c, &sb, "sk-fleet-behind-2302", Duration::from_secs(15))
+        .await;
+    let (s, v) = c.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    drop(proxy.dir);
 }

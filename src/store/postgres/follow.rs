@@ -59,10 +59,37 @@ pub trait Target: Send + Sync + 'static {
     /// that no longer exists is not an error: its sandboxes keep their snapshot.
     ///
     /// # Errors
-    /// A store failure (then the change is tried again at the next check).
-    fn apply_store_change(&self, store_id: &str) -> Result<(), String>;
+    /// [`ApplyError`]: the change is tried again later.
+    fn apply_store_change(&self, store_id: &str) -> Result<(), ApplyError>;
     /// Cut off too long (`true`): no secret may be unsealed anywhere until `false`.
     fn set_locked(&self, locked: bool);
+}
+
+/// Why a store's change was not applied.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// The database answered with data that cannot be applied (a corrupt or tampered row): the
+    /// target has locked that store's sandboxes, so the node stays fresh for the others.
+    Quarantined(String),
+    /// The change could not be read or applied (the store read timed out, the database
+    /// failed): the node is behind and must not count as fresh.
+    NotApplied(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Quarantined(why) | ApplyError::NotApplied(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A store whose change this node has not applied yet.
+struct Failing {
+    generation: i64,
+    tried_at: Instant,
+    /// The store is quarantined ([`ApplyError::Quarantined`]); else the node is behind on it.
+    quarantined: bool,
 }
 
 /// This node's view of its connection to the database. Shared with `/readyz`.
@@ -136,25 +163,49 @@ pub struct Follower {
 /// (generations come from a sequence, so never negative).
 const DELETED: i64 = -1;
 
-/// Per-connection state: the generation applied per store, and whether sandboxes are locked.
+/// Per-connection state: the generation applied per store.
 #[derive(Default)]
 struct Applied {
     generations: HashMap<String, i64>,
-    locked: bool,
     /// Stores whose last change could not be applied, with the generation and time of the
     /// last try (logged once until it applies).
-    failing: HashMap<String, (i64, Instant)>,
+    failing: HashMap<String, Failing>,
 }
 
 impl Follower {
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, target: Arc<dyn Target>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true: follows the database, and beside it a watchdog that
+    /// every [`CHECK_INTERVAL`] exports the lag and locks the node once it is past
+    /// `max_staleness`, whatever the follower is waiting for. The lock had been decided only
+    /// when the follower came round, so a store read that hung (5 s) or a connect (3 s) held
+    /// it back past `max_staleness`, serving what a change had revoked.
+    pub async fn run(self, target: Arc<dyn Target>, shutdown: watch::Receiver<bool>) {
+        let locked = AtomicBool::new(false);
+        let watchdog = async {
+            let mut tick = tokio::time::interval(CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                self.report(&target, &locked);
+            }
+        };
+        tokio::select! {
+            () = self.follow(&target, &locked, shutdown) => {}
+            () = watchdog => {}
+        }
+    }
+
+    /// Sessions one after another, until `shutdown` turns true.
+    async fn follow(
+        &self,
+        target: &Arc<dyn Target>,
+        locked: &AtomicBool,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         use futures_util::FutureExt as _;
         let mut applied = Applied::default();
         loop {
             // A panic in a session (a bug) ends that session, not the follower: a dead follower
             // stops every change reaching this node while its health looked fine.
-            let session = self.session(&target, &mut applied, &mut shutdown);
+            let session = self.session(target, &mut applied, locked, &mut shutdown);
             let ended = match std::panic::AssertUnwindSafe(session).catch_unwind().await {
                 Ok(ended) => ended,
                 Err(_) => {
@@ -166,7 +217,6 @@ impl Follower {
                 Ok(()) => return,
                 Err(why) => self.health.down(why),
             }
-            self.report(&target, &mut applied);
             tokio::select! {
                 _ = tokio::time::sleep(RETRY_INTERVAL) => {}
                 _ = shutdown.changed() => return,
@@ -180,13 +230,14 @@ impl Follower {
         &self,
         target: &Arc<dyn Target>,
         applied: &mut Applied,
+        locked: &AtomicBool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         // A connection is not freshness: a database that accepts connections and stalls its
         // queries kept a node "fresh" at every reconnect (review). Only a check that answered
         // and was applied counts ([`Self::check`]).
         let (client, mut notes) = self.connect().await?;
-        if applied.locked {
+        if locked.load(Ordering::Acquire) {
             // Back after a lock: every store is re-applied (into the held real snapshots; the
             // lock stays) before the first full check unlocks.
             applied.generations.clear();
@@ -202,12 +253,11 @@ impl Follower {
                 _ = shutdown.changed() => return Ok(()),
             };
             self.check(&client, target, applied, ids).await?;
-            if full && std::mem::take(&mut applied.locked) {
+            if full && self.health.problem().is_none() && locked.swap(false, Ordering::AcqRel) {
                 let t = target.clone();
                 let _ = tokio::task::spawn_blocking(move || t.set_locked(false)).await;
                 tracing::info!("store reachable again: sandboxes unlocked after catching up");
             }
-            self.report(target, applied);
         }
     }
 
@@ -271,6 +321,7 @@ impl Follower {
         .await
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
         applied.generations.retain(|id, _| watched.contains(id));
+        applied.failing.retain(|id, _| watched.contains(id));
         // A row that does not decode (a NULL written by hand) is an error of the check, never a
         // panic: the follower task died on one, silently, and revocations stopped (review).
         let mut current: HashMap<String, i64> = rows
@@ -285,13 +336,16 @@ impl Follower {
         }
         for (id, generation) in current {
             if applied.generations.get(&id) == Some(&generation) {
+                applied.failing.remove(&id);
                 continue;
             }
             // A store that failed at this generation is tried again only now and then: it is
             // read whole each time, and a tampered row of 32 MiB kept PostgreSQL busy at every
             // poll (review). A new generation (a repair, a change) is tried at once.
             let tried = applied.failing.get(&id);
-            if tried.is_some_and(|(g, at)| *g == generation && at.elapsed() < FAILING_RETRY) {
+            if tried
+                .is_some_and(|f| f.generation == generation && f.tried_at.elapsed() < FAILING_RETRY)
+            {
                 continue;
             }
             let t = target.clone();
@@ -299,12 +353,14 @@ impl Follower {
             let outcome = tokio::task::spawn_blocking(move || t.apply_store_change(&sid))
                 .await
                 .map_err(|e| e.to_string())?;
-            // The database answered: a change that cannot be applied (a corrupt or tampered
-            // row: the target has locked that store's sandboxes) is not an outage. It is
-            // retried every [`FAILING_RETRY`] and reported once until it applies.
+            // Retried every [`FAILING_RETRY`] and reported once until it applies.
             if let Err(e) = outcome {
-                let now = (generation, Instant::now());
-                if applied.failing.insert(id.clone(), now).is_none() {
+                let failing = Failing {
+                    generation,
+                    tried_at: Instant::now(),
+                    quarantined: matches!(e, ApplyError::Quarantined(_)),
+                };
+                if applied.failing.insert(id.clone(), failing).is_none() {
                     tracing::error!(store = %id, error = %e, "a change of this store cannot be applied");
                 }
                 continue;
@@ -312,26 +368,34 @@ impl Follower {
             applied.failing.remove(&id);
             applied.generations.insert(id, generation);
         }
-        // Fresh once the answer is applied, not when the query is sent or the rows arrive.
-        self.health.ok();
+        // Fresh once every change is applied, not when the query is sent or the rows arrive. A
+        // quarantined store (a corrupt row: its sandboxes are locked) is not an outage; a store
+        // whose change could not be read is: the generation query had answered, the read of
+        // the store then timed out, and the node counted as fresh while it served the value the
+        // change had revoked (seen under load: a stall that began between the two).
+        match applied.failing.iter().find(|(_, f)| !f.quarantined) {
+            None => self.health.ok(),
+            Some((id, _)) => self
+                .health
+                .down(format!("a change of store {id} is not applied yet")),
+        }
         Ok(())
     }
 
     /// Updates the lag gauge and locks the node's sandboxes once cut off too long.
-    fn report(&self, target: &Arc<dyn Target>, applied: &mut Applied) {
+    fn report(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
         let lag = self.health.lag();
         self.lag_gauge.set(lag.as_secs_f64());
         let Some(max) = self.max_staleness else {
             return;
         };
-        if lag > max && !applied.locked {
+        if lag > max && !locked.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 cut_off_secs = lag.as_secs(),
                 max_staleness_secs = max.as_secs(),
                 "cut off from the database longer than store.max_staleness_secs: refusing to unseal"
             );
             target.set_locked(true);
-            applied.locked = true;
         }
     }
 }
