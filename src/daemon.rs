@@ -251,6 +251,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;
+    remove_stale_temps(&cfg.data_dir);
     let nofile = nofile::raise(nofile::need(&cfg))
         .inspect_err(|e| tracing::warn!(error = %e, "could not raise the open-file limit"))
         .ok();
@@ -337,6 +338,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     tasks.spawn(crate::proxy::trim::run(shutdown_rx.clone()));
     tasks.spawn(end_isolated_on_shutdown(
         isolation.clone(),
+        audit.clone(),
         shutdown_rx.clone(),
     ));
     if let Some(fleet) = &opened.fleet {
@@ -632,6 +634,21 @@ fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
 }
 
 /// The admin token: from the environment, else `data_dir/admin.token` (created 0600).
+/// The admin token's file in `data_dir`.
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// What a crash in the middle of replacing a file of `data_dir` left behind (litter, never
+/// read: found from outside). Under the `data_dir` lock, so no other daemon is writing them.
+fn remove_stale_temps(data_dir: &Path) {
+    use crate::sandbox::tombstones::{FILE_NAME, ISOLATED_FILE_NAME};
+    for name in [FILE_NAME, ISOLATED_FILE_NAME, ADMIN_TOKEN_FILE] {
+        let removed = crate::fsutil::remove_stale_temps(&data_dir.join(name));
+        if removed > 0 {
+            tracing::info!(file = name, removed, "removed temporary files a crash left");
+        }
+    }
+}
+
 fn admin_token(
     data_dir: &Path,
     env: Option<&str>,
@@ -647,7 +664,7 @@ fn admin_token(
         warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
-    let path = data_dir.join("admin.token");
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         // An empty token would match a request with no `Authorization` at all.
         Ok(text) if text.trim().is_empty() => {
@@ -902,10 +919,18 @@ fn warn_if_file_table_small(s: &crate::config::SandboxConfig) {
     }
 }
 
-/// On shutdown every isolated sandbox ends: namespace, rules, processes and files go.
-async fn end_isolated_on_shutdown(isolation: Arc<Isolation>, mut shutdown: watch::Receiver<bool>) {
+/// On shutdown every isolated sandbox ends: namespace, rules, processes and files go; each
+/// is audited (`sandbox.end`, actor `shutdown`), so a sandbox's whole life is in the audit log
+/// even if this `data_dir` never starts again.
+async fn end_isolated_on_shutdown(
+    isolation: Arc<Isolation>,
+    audit: Arc<Audit>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = shutdown.changed().await;
-    isolation.shutdown().await;
+    for id in isolation.shutdown().await {
+        audit.admin(&AdminEvent::sandbox_end("sandbox.end", &id, "shutdown"));
+    }
 }
 
 type ReloadReply = oneshot::Sender<Result<Vec<String>, String>>;

@@ -100,9 +100,94 @@ fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     written
 }
 
+/// Removes what a crash between create and rename left of [`replace_private_file`]'s
+/// temporary files for `path` (`.<name>.<pid>[.<random>].tmp` beside it), and nothing else:
+/// only a regular file whose name has exactly that shape. Call it only while no other process
+/// may be replacing `path` (the daemon holds its `data_dir` lock). Returns how many went.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    }) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.");
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(middle) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let shaped = match middle.split_once('.') {
+            Some((pid, random)) => is_digits(pid) && is_hex(random),
+            None => is_digits(middle),
+        };
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if shaped && regular && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn stale_temp_files_of_a_path_go_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("list");
+        let touch = |name: &str| std::fs::write(tmp.path().join(name), b"x").unwrap();
+        for stale in [".list.4242.tmp", ".list.4242.3f001ad8270f.tmp"] {
+            touch(stale);
+        }
+        for kept in [
+            "list",
+            ".list.tmp",
+            ".list.x.tmp",
+            ".list.42.zz.tmp",
+            ".other.42.tmp",
+            "list.42.tmp",
+        ] {
+            touch(kept);
+        }
+        std::fs::create_dir(tmp.path().join(".list.7.tmp")).unwrap();
+        assert_eq!(super::remove_stale_temps(&path), 2);
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".list.42.zz.tmp",
+                ".list.7.tmp",
+                ".list.tmp",
+                ".list.x.tmp",
+                ".other.42.tmp",
+                "list",
+                "list.42.tmp"
+            ]
+        );
+    }
 
     #[test]
     fn a_temp_file_left_by_a_crash_does_not_block_the_next_write() {

@@ -84,6 +84,9 @@ pub enum IsolationError {
     /// The sandbox itself.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The daemon is shutting down: a sandbox created meanwhile has been ended again.
+    #[error("the daemon is shutting down: the sandbox was ended again; create it once the daemon is back")]
+    ShuttingDown,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IsolationError {
@@ -158,6 +161,9 @@ pub struct Isolation {
     /// `data_dir/isolated-sandboxes`: every isolated sandbox from before its row exists until
     /// it has ended, so a start ends what a crash left (the lock makes each update whole).
     roster: Arc<Mutex<Tombstones>>,
+    /// Set when the daemon's shutdown begins: an isolated creation that finishes after it is
+    /// ended instead of answered (the shutdown has ended every other one).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Isolation {
@@ -193,6 +199,7 @@ impl Isolation {
             live: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashMap::new()),
             roster: Arc::new(Mutex::new(Tombstones::named(&data_dir, ISOLATED_FILE_NAME))),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -276,7 +283,20 @@ impl Isolation {
         let built = self.build(ns, &info, &run_as, envs).await;
         match built {
             Ok(iso) => {
-                self.lock().insert(info.id.clone(), iso);
+                if !self.adopt(&info.id, iso.clone()) {
+                    // Finished after the shutdown ended every isolated sandbox (found from
+                    // outside: six answered 201 for sandboxes already gone, never audited).
+                    tracing::info!(sandbox = %info.id, "created during the shutdown: ended");
+                    blocking(move || {
+                        iso.teardown();
+                        Ok::<_, IsolationError>(())
+                    })
+                    .await?;
+                    if self.sandboxes.delete(&info.id).is_ok() {
+                        let _ = self.listed(&info.id, false).await;
+                    }
+                    return Err(IsolationError::ShuttingDown);
+                }
                 if self.sandboxes.registry().get(&info.id).is_none() {
                     // Expired or deleted while its namespace was being built.
                     self.end(&[Arc::from(info.id.as_str())]).await;
@@ -370,18 +390,33 @@ impl Isolation {
     ///
     /// # Errors
     /// [`SandboxError::NotFound`] if it was not live.
+    /// A DELETE that meets another teardown of the same sandbox (the expiry sweep's, or a
+    /// concurrent DELETE's) answers when that teardown is done: the sandbox is in `ending`
+    /// while it is torn down, and [`Isolated::teardown`] waits for one in progress. A second
+    /// DELETE had answered 404 at once, with the namespace and processes still there.
     pub async fn delete(&self, id: &str) -> Result<(), IsolationError> {
-        let iso = self
-            .lock()
-            .remove(id)
-            .or_else(|| self.ending().get(id).cloned());
+        let (iso, mine) = {
+            let mut live = self.lock();
+            let mut ending = self.ending();
+            match live.remove(id) {
+                Some(iso) => {
+                    ending.insert(iso.sandbox.id.clone(), iso.clone());
+                    (Some(iso), true)
+                }
+                None => (ending.get(id).cloned(), false),
+            }
+        };
         let ended = self.sandboxes.delete(id);
         if let Some(iso) = iso {
-            blocking(move || {
+            let torn = blocking(move || {
                 iso.teardown();
                 Ok::<_, IsolationError>(())
             })
-            .await?;
+            .await;
+            if mine {
+                self.ending().remove(id);
+            }
+            torn?;
             if ended.is_ok() {
                 let _ = self.listed(id, false).await;
             }
@@ -445,12 +480,33 @@ impl Isolation {
         self.ending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Daemon shutdown: every isolated sandbox ends (a restart does not restore them).
-    pub async fn shutdown(&self) {
-        let all: Vec<Arc<Isolated>> = self.lock().drain().map(|(_, v)| v).collect();
+    /// Puts a built sandbox among the live ones, unless the shutdown has begun (`false`).
+    /// Under `live`'s lock, as the shutdown's drain, so a sandbox is either drained by the
+    /// shutdown or refused here.
+    fn adopt(&self, id: &str, iso: Arc<Isolated>) -> bool {
+        let mut live = self.lock();
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        live.insert(id.to_owned(), iso);
+        true
+    }
+
+    /// Daemon shutdown: every isolated sandbox ends (a restart does not restore them), and
+    /// one whose creation finishes later is ended by it ([`Self::adopt`]). Returns the ids of
+    /// the sandboxes it ended.
+    pub async fn shutdown(&self) -> Vec<String> {
+        let all: Vec<Arc<Isolated>> = {
+            let mut live = self.lock();
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Release);
+            live.drain().map(|(_, v)| v).collect()
+        };
+        let mut ended = Vec::new();
         for iso in &all {
             if self.sandboxes.delete(&iso.sandbox.id).is_ok() {
                 let _ = self.listed(&iso.sandbox.id, false).await;
+                ended.push(iso.sandbox.id.to_string());
             }
         }
         let _ = blocking(move || {
@@ -458,6 +514,7 @@ impl Isolation {
             Ok::<_, IsolationError>(())
         })
         .await;
+        ended
     }
 
     /// Daemon start, after restore: removes what isolated sandboxes of an earlier run left

@@ -199,6 +199,9 @@ impl From<IsolationError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_commands", msg)
             }
             IsolationError::Sandbox(s) => s.into(),
+            IsolationError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
+            }
             IsolationError::RunAs(_)
             | IsolationError::Netns(_)
             | IsolationError::Cgroup(_)
