@@ -138,7 +138,7 @@ impl Health {
 
     fn down(&self, why: String) {
         if self.online.swap(false, Ordering::AcqRel) {
-            tracing::warn!(error = %why, "database unreachable; serving from snapshots");
+            tracing::warn!(error = %why, "not current with the database; serving from snapshots");
         }
         *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
     }
