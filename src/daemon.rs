@@ -267,6 +267,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let metrics = Arc::new(Metrics::new());
     let (sandboxes, restored, cert_dir) =
         restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
+    if let Some(fleet) = &opened.fleet {
+        fleet.health.restored();
+    }
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err("opening audit log"))?;

@@ -1107,3 +1107,67 @@ async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
     assert_eq!(s, StatusCode::OK, "{v}");
     drop(proxy.dir);
 }
+
+/// A start's own length is no lag: a node whose start took longer than `max_staleness_secs`
+/// (thousands of sandboxes to restore, a slow database) serves as soon as it answers, before
+/// its follower's first check. The watchdog counted the lag from before the restore read the
+/// database and locked the node at every slow start until that first check answered. Here the
+/// restart's reads are held 2.5 s (past `max_staleness_secs = 2`), and its first check 1 s
+/// more; the restored sandbox unseals right after the start all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_start_is_no_lag() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let opts = || {
+        let mut o = node_opts(
+            cluster,
+            &n.db,
+            "node-c",
+            &n.key,
+            &n.echo,
+            "max_staleness_secs = 2",
+        );
+        o.extra_toml = o.extra_toml.replace(&cluster.url(&n.db), &url);
+        o
+    };
+    let mut c = Harness::try_start(opts(), Some(n.pki.clone()))
+        .await
+        .expect("node c starts");
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-slowstart-2401").await;
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &sb, "sk-fleet-slowstart-2401", Duration::from_secs(10))
+        .await;
+    c.stop().await;
+
+    *proxy.only.lock().unwrap() = Some("FROM sandboxes");
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Release);
+    let (only, stall) = (proxy.only.clone(), proxy.stall.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        *only.lock().unwrap() = Some("generation FROM stores");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stall.store(false, std::sync::atomic::Ordering::Release);
+    });
+    let started = Instant::now();
+    let c2 = Harness::try_start(opts(), Some(n.pki.clone()))
+        .await
+        .expect("node c restarts");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2400),
+        "the restore's reads were held"
+    );
+    c2.register_secret("sk-fleet-slowstart-2401");
+    for _ in 0..3 {
+        assert_eq!(
+            n.key_seen(&c2, &sb).await,
+            (StatusCode::OK, Some("sk-fleet-slowstart-2401".to_owned())),
+            "locked after a slow start"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(proxy.dir);
+}

@@ -128,6 +128,13 @@ impl Health {
         Some(reason.clone().unwrap_or_else(|| "disconnected".into()))
     }
 
+    /// The start read every store it restored just now: the node is current as of here. The
+    /// start can take seconds (thousands of sandboxes), and its length is no lag: without
+    /// this the follower's watchdog locked a node at every slow start, until its first check.
+    pub fn restored(&self) {
+        self.ok();
+    }
+
     fn ok(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_ok_ms.store(now, Ordering::Release);
