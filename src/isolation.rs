@@ -387,13 +387,13 @@ impl Isolation {
     }
 
     /// Ends a sandbox (isolated or not): tokens first, then namespace, processes and files.
-    ///
-    /// # Errors
-    /// [`SandboxError::NotFound`] if it was not live.
     /// A DELETE that meets another teardown of the same sandbox (the expiry sweep's, or a
     /// concurrent DELETE's) answers when that teardown is done: the sandbox is in `ending`
     /// while it is torn down, and [`Isolated::teardown`] waits for one in progress. A second
     /// DELETE had answered 404 at once, with the namespace and processes still there.
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`] if it was not live.
     pub async fn delete(&self, id: &str) -> Result<(), IsolationError> {
         let (iso, mine) = {
             let mut live = self.lock();
