@@ -135,6 +135,21 @@ struct Db {
 }
 
 impl Db {
+    /// Closes every idle pooled connection. Called when an operation timed out: its connection
+    /// went back to the pool when the operation was dropped, and one that stopped answering
+    /// (a half-open link: a firewall or NAT that lost its state) looks healthy to the pool's
+    /// check (it is not closed), so it was handed to later operations, each of which waited
+    /// the whole timeout (found from outside: every call drawing it answered 503 after 5 s,
+    /// until the link was cut by hand). Which idle connection it is cannot be told, so all go;
+    /// new ones are made on demand.
+    fn drop_idle_connections(&self) {
+        let dropped = self.pool.retain(|_, _| false).removed.len();
+        tracing::warn!(
+            dropped,
+            "a database operation timed out: idle database connections closed"
+        );
+    }
+
     async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(|e| {
             StoreError::Unavailable(format!("database {} unreachable: {}", self.url, causes(&e)))
@@ -348,17 +363,20 @@ impl PgStore {
             .as_ref()
             .expect("runtime lives as long as the store");
         let fut = op(self.db.clone());
-        let url = self.db.url.clone();
+        let db = self.db.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
-            let answer = tokio::time::timeout(OP_TIMEOUT, fut)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable(format!(
-                        "database {url} did not answer within {}s",
-                        OP_TIMEOUT.as_secs()
-                    )))
-                });
+            // A statement of its own: the operation (and the connection it holds, back to the
+            // pool) is dropped by the time the connections are closed.
+            let timed = tokio::time::timeout(OP_TIMEOUT, fut).await;
+            let answer = timed.unwrap_or_else(|_| {
+                db.drop_idle_connections();
+                Err(StoreError::Unavailable(format!(
+                    "database {} did not answer within {}s",
+                    db.url,
+                    OP_TIMEOUT.as_secs()
+                )))
+            });
             let _ = tx.send(answer);
         });
         let wait = move || {

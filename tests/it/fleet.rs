@@ -864,11 +864,14 @@ fn ca_files_without_sslmode_require_are_refused() {
 /// A proxy in front of the cluster's Unix socket that, while `stall` is set, holds every
 /// extended-protocol query (`Parse`) a client sends: connecting, authenticating and `LISTEN`
 /// (a simple query) pass, the follower's generation check never answers. With `only` set
-/// too, only the queries whose text contains it are held.
+/// too, only the queries whose text contains it are held. `poison`, once: the first
+/// connection to send a query containing it goes silent for good (that query and everything
+/// after it is swallowed, the socket stays open): a half-open link.
 struct StallProxy {
     dir: tempfile::TempDir,
     stall: Arc<std::sync::atomic::AtomicBool>,
     only: Arc<std::sync::Mutex<Option<&'static str>>>,
+    poison: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 impl StallProxy {
@@ -890,10 +893,12 @@ impl StallProxy {
             tokio::net::UnixListener::bind(dir.path().join(format!(".s.PGSQL.{port}"))).unwrap();
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let only = Arc::new(std::sync::Mutex::new(None));
-        let (st, on) = (stall.clone(), only.clone());
+        let poison = Arc::new(std::sync::Mutex::new(None));
+        let (st, on, po) = (stall.clone(), only.clone(), poison.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::relay(client, real.clone(), st.clone(), on.clone()));
+                let held = (st.clone(), on.clone(), po.clone());
+                tokio::spawn(Self::relay(client, real.clone(), held));
             }
         });
         let proxied = url.replacen(
@@ -901,14 +906,26 @@ impl StallProxy {
             &format!("host={}", dir.path().display()),
             1,
         );
-        (StallProxy { dir, stall, only }, proxied)
+        (
+            StallProxy {
+                dir,
+                stall,
+                only,
+                poison,
+            },
+            proxied,
+        )
     }
 
+    #[allow(clippy::type_complexity)]
     async fn relay(
         client: tokio::net::UnixStream,
         real: std::path::PathBuf,
-        stall: Arc<std::sync::atomic::AtomicBool>,
-        only: Arc<std::sync::Mutex<Option<&'static str>>>,
+        (stall, only, poison): (
+            Arc<std::sync::atomic::AtomicBool>,
+            Arc<std::sync::Mutex<Option<&'static str>>>,
+            Arc<std::sync::Mutex<Option<&'static str>>>,
+        ),
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
@@ -935,6 +952,19 @@ impl StallProxy {
             };
             while head[0] == b'P' && held() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let poisoned = head[0] == b'P' && {
+                let mut poison = poison.lock().unwrap();
+                let hit = poison.is_some_and(|text| String::from_utf8_lossy(&body).contains(text));
+                if hit {
+                    *poison = None;
+                }
+                hit
+            };
+            if poisoned {
+                let mut sink = [0u8; 4096];
+                while cr.read(&mut sink).await? > 0 {}
+                return Ok(());
             }
             sw.write_all(&head).await?;
             sw.write_all(&body).await?;
@@ -1168,6 +1198,45 @@ async fn a_slow_start_is_no_lag() {
             "locked after a slow start"
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(proxy.dir);
+}
+
+/// A pooled database connection that stopped answering (a half-open link) is not handed out
+/// again: the operation that timed out on it answers 503, and the next ones are served on new
+/// connections. It had gone back to the pool, and every later call that drew it waited the
+/// whole 5 s and answered 503, with `/readyz` and the lag saying all was well (found from
+/// outside). Here the link goes silent under one `GET /v1/stores`; the eight after it answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stopped_answering_is_not_used_again() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
+    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
+    let c = Harness::try_start(opts, Some(n.pki.clone()))
+        .await
+        .expect("node c starts");
+    // Several pooled connections, so the silent one has company.
+    let warm = (0..4).map(|_| c.api(Method::GET, "/v1/stores", None));
+    for (s, v) in futures_util::future::join_all(warm).await {
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    *proxy.poison.lock().unwrap() = Some("FROM stores ORDER BY");
+    let (s, v) = c.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        proxy.poison.lock().unwrap().is_none(),
+        "the link went silent"
+    );
+    for i in 0..8 {
+        let started = Instant::now();
+        let (s, v) = c.api(Method::GET, "/v1/stores", None).await;
+        assert_eq!(s, StatusCode::OK, "call {i} after the silent link: {v}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "call {i} waited"
+        );
     }
     drop(proxy.dir);
 }
