@@ -28,7 +28,7 @@ use crate::sandbox::Budget;
 use crate::sandbox::{Registry, Sandboxes, Tombstones};
 use crate::secret::SecretValue;
 use crate::store::crypto::KeySource;
-use crate::store::postgres::{self, DatabaseUrl, Follower, Health, PgStore};
+use crate::store::postgres::{self, DatabaseUrl, Follower, Health, NodeClaim, PgStore};
 use crate::store::{Store, StoreError};
 
 /// Startup failures (each message says what to fix).
@@ -351,6 +351,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
             health: fleet.health.clone(),
             max_staleness: cfg.store.max_staleness,
             lag_gauge: admin_state.metrics.store_sync_lag.clone(),
+            claim: fleet.claim.clone(),
         };
         tasks.spawn(follower.run(sandboxes.clone(), shutdown_rx.clone()));
     }
@@ -433,6 +434,7 @@ struct Fleet {
     node: String,
     url: DatabaseUrl,
     health: Arc<Health>,
+    claim: Arc<NodeClaim>,
 }
 
 /// `path` as an absolute path for the summary (the CA directory already is one).
@@ -460,7 +462,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
         .unwrap_or_else(postgres::default_node_id);
     let (store, key_source) =
         crate::rotate::open_pg_store(&cfg.data_dir, ov.master_key.as_deref(), &url, &node)?;
-    store.claim_node()?;
+    let claim = store.claim_node()?;
     tracing::info!(node = %node, database = %url, "fleet mode: shared PostgreSQL store");
     let store: Arc<PgStore> = Arc::new(store);
     Ok(Opened {
@@ -471,6 +473,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
             node,
             url,
             health: Arc::new(Health::default()),
+            claim,
         }),
     })
 }

@@ -733,6 +733,10 @@ const FOLLOWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 fn follower_behind(st: &AdminState) -> Option<String> {
     let health = st.follower.as_ref()?;
     let lag = health.lag();
+    if health.refusing() {
+        // Its id held by another daemon: it unseals nothing, however current it is.
+        return Some(health.problem().unwrap_or_default());
+    }
     (lag > FOLLOWER_GRACE).then(|| {
         // Connected, but a check or the read of a changed store still hangs: as behind.
         let why = health

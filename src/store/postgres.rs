@@ -50,7 +50,7 @@ use super::{
 };
 use crate::secret::{Location, SecretValue};
 
-pub use follow::{Follower, Health};
+pub use follow::{Follower, Health, NodeClaim};
 pub use url::{DatabaseUrl, CA_FILES_WITHOUT_TLS};
 
 /// The channel every change is announced on; the payload is a store id.
@@ -272,27 +272,34 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError::Conflict`] when another live session holds the id; database errors.
-    pub fn claim_node(&self) -> Result<(), StoreError> {
-        self.block(|db| async move {
-            let client = db.client().await?;
-            let held: bool = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1::int4, hashtext($2))",
-                    &[&NODE_LOCK_CLASS, &db.node_id],
-                )
-                .await
-                .map_err(pg_err)?
-                .get(0);
-            if !held {
-                return Err(StoreError::Conflict(format!(
+    ///
+    /// The claim is kept: a task checks the connection every [`CLAIM_CHECK`], and when it has
+    /// closed (a database restart or failover ends every session) claims the id again on a new
+    /// one. Before, the id stayed free after the first database restart, and a second daemon
+    /// with the same id started and served the sandboxes of the first (found from outside: a
+    /// sandbox deleted through the first went on unsealing through the twin). If another
+    /// session holds the id by then, [`NodeClaim`] says so, and the follower refuses to unseal
+    /// until the id is this node's again.
+    pub fn claim_node(&self) -> Result<Arc<NodeClaim>, StoreError> {
+        let client = self.block(|db| async move {
+            try_claim(&db).await?.ok_or_else(|| {
+                StoreError::Conflict(format!(
                     "node id '{}' is in use by another running daemon on this database; give \
                      each daemon its own [node] id",
                     db.node_id
-                )));
-            }
-            *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(client);
-            Ok(())
-        })
+                ))
+            })
+        })?;
+        *self
+            .db
+            .node_claim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(client);
+        let claim = Arc::new(NodeClaim::default());
+        if let Some(rt) = &self.rt {
+            rt.spawn(keep_claim(self.db.clone(), claim.clone()));
+        }
+        Ok(claim)
     }
 
     /// Whether the database at `url` already holds a key-check record (was initialised under
@@ -600,6 +607,61 @@ impl Store for PgStore {
             Ok(stats)
         })?;
         Ok(stats)
+    }
+}
+
+/// How often the connection holding the node's id is checked ([`PgStore::claim_node`]).
+const CLAIM_CHECK: Duration = Duration::from_secs(1);
+
+/// Takes this node's id lock on a pooled connection, kept out of the pool: `None` when another
+/// session holds it.
+async fn try_claim(db: &Db) -> Result<Option<Object>, StoreError> {
+    let client = db.client().await?;
+    let held: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1::int4, hashtext($2))",
+            &[&NODE_LOCK_CLASS, &db.node_id],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    Ok(held.then_some(client))
+}
+
+/// Keeps the node's id claimed (see [`PgStore::claim_node`]); runs as long as the store.
+async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
+    let mut tick = tokio::time::interval(CLAIM_CHECK);
+    loop {
+        tick.tick().await;
+        let alive = db
+            .node_claim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|c| !c.is_closed());
+        if alive {
+            continue;
+        }
+        match tokio::time::timeout(OP_TIMEOUT, try_claim(&db)).await {
+            Ok(Ok(Some(client))) => {
+                *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(client);
+                claim.set_taken(false);
+                tracing::info!(node = %db.node_id, "node id claimed again on a new connection");
+            }
+            Ok(Ok(None)) => {
+                if claim.set_taken(true) {
+                    tracing::error!(
+                        node = %db.node_id,
+                        "node id is held by another daemon on this database (a twin started \
+                         while the connection holding it was down): refusing to unseal until \
+                         it is this node's again; give each daemon its own [node] id"
+                    );
+                }
+            }
+            // The database is away: tried again at the next check (the follower's lag and
+            // `max_staleness_secs` cover the outage itself).
+            Ok(Err(_)) | Err(_) => {}
+        }
     }
 }
 

@@ -1240,3 +1240,77 @@ async fn a_connection_that_stopped_answering_is_not_used_again() {
     }
     drop(proxy.dir);
 }
+
+/// node-b's claim on its id: the backends of `n.db` holding the node-id lock for node-b.
+const NODE_B_CLAIM: &str = "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 1936158308::oid \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND a.application_name = 'sealgate/node-b'";
+
+/// A node keeps its id when the connection holding it ends (a database restart or failover
+/// ends every session): it claims the id again on a new connection, so a twin started
+/// afterwards is still refused. It had stayed free for good after the first restart, and a
+/// twin started and served the node's sandboxes, one deleted through the node included (found
+/// from outside). If another session holds the id by then, the node unseals nothing and
+/// `/readyz` says why, until the id is its own again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-claim-2501").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    let held = || cluster.psql(&n.db, &format!("SELECT count(*) {NODE_B_CLAIM}"));
+    assert_eq!(held().trim(), "1");
+    let end_claim = format!("SELECT pg_terminate_backend(l.pid) {NODE_B_CLAIM}");
+
+    cluster.psql(&n.db, &end_claim);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = cluster.psql(
+            &n.db,
+            &format!("SELECT count(*) {NODE_B_CLAIM} AND a.pid <> pg_backend_pid()"),
+        );
+        if pids.trim() == "1" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-b did not claim its id again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = Harness::try_start(
+        node_opts(cluster, &n.db, "node-b", &n.key, &n.echo, ""),
+        Some(n.pki.clone()),
+    )
+    .await
+    .err()
+    .expect("a twin of node-b must not start");
+    assert!(err.contains("node id 'node-b' is in use"), "{err}");
+
+    // Another session takes the id the moment node-b's claim ends: node-b fails closed.
+    let mut thief = cluster.psql_spawn(
+        &n.db,
+        &format!(
+            "{end_claim}; SELECT pg_advisory_lock(1936158308, hashtext('node-b')); \
+             SELECT pg_sleep(4);"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, seen) = n.key_seen(&n.b, &sb).await;
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(seen, None, "nothing reached the upstream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-b unsealed without its id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains("held by another daemon"), "{v}");
+    assert!(thief.wait().expect("psql").success());
+    n.until_seen(&n.b, &sb, "sk-fleet-claim-2501", Duration::from_secs(10))
+        .await;
+}

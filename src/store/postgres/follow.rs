@@ -65,6 +65,25 @@ pub trait Target: Send + Sync + 'static {
     fn set_locked(&self, locked: bool);
 }
 
+/// Whether another session holds this node's `[node] id` on the database (kept by the store,
+/// [`super::PgStore::claim_node`]; read by the follower, which refuses to unseal meanwhile).
+#[derive(Default)]
+pub struct NodeClaim {
+    taken: AtomicBool,
+}
+
+impl NodeClaim {
+    /// Another daemon holds this node's id.
+    pub fn taken_elsewhere(&self) -> bool {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    /// Records whether the id is held elsewhere; `true` if that changed.
+    pub fn set_taken(&self, taken: bool) -> bool {
+        self.taken.swap(taken, Ordering::AcqRel) != taken
+    }
+}
+
 /// Why a store's change was not applied.
 #[derive(Debug)]
 pub enum ApplyError {
@@ -99,6 +118,8 @@ pub struct Health {
     last_ok_ms: AtomicU64,
     online: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// The node refuses to unseal whatever its lag (its id is held by another daemon).
+    refusing: AtomicBool,
 }
 
 impl Default for Health {
@@ -108,6 +129,7 @@ impl Default for Health {
             last_ok_ms: AtomicU64::new(0),
             online: AtomicBool::new(true),
             reason: Mutex::new(None),
+            refusing: AtomicBool::new(false),
         }
     }
 }
@@ -117,6 +139,11 @@ impl Health {
     pub fn lag(&self) -> Duration {
         let last = Duration::from_millis(self.last_ok_ms.load(Ordering::Acquire));
         self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// The node refuses to unseal whatever its lag: `/readyz` says so at once.
+    pub fn refusing(&self) -> bool {
+        self.refusing.load(Ordering::Acquire)
     }
 
     /// `None` while connected; else why not.
@@ -164,6 +191,8 @@ pub struct Follower {
     pub max_staleness: Option<Duration>,
     /// `sealgate_store_sync_lag_seconds`.
     pub lag_gauge: Gauge<f64, AtomicU64>,
+    /// Whether this node still holds its id.
+    pub claim: Arc<NodeClaim>,
 }
 
 /// The generation recorded for a store found deleted once its last state is applied
@@ -380,19 +409,44 @@ impl Follower {
         // whose change could not be read is: the generation query had answered, the read of
         // the store then timed out, and the node counted as fresh while it served the value the
         // change had revoked (seen under load: a stall that began between the two).
-        match applied.failing.iter().find(|(_, f)| !f.quarantined) {
+        match self.not_current(applied) {
             None => self.health.ok(),
-            Some((id, _)) => self
-                .health
-                .down(format!("a change of store {id} is not applied yet")),
+            Some(why) => self.health.down(why),
         }
         Ok(())
     }
 
-    /// Updates the lag gauge and locks the node's sandboxes once cut off too long.
+    /// Why this node is not current although its check answered: a change it could not read,
+    /// or its id held by another daemon.
+    fn not_current(&self, applied: &Applied) -> Option<String> {
+        if self.claim.taken_elsewhere() {
+            return Some(self.taken_reason());
+        }
+        let (id, _) = applied.failing.iter().find(|(_, f)| !f.quarantined)?;
+        Some(format!("a change of store {id} is not applied yet"))
+    }
+
+    fn taken_reason(&self) -> String {
+        format!(
+            "node id '{}' is held by another daemon on this database: this node unseals nothing",
+            self.node
+        )
+    }
+
+    /// Updates the lag gauge and locks the node's sandboxes once cut off too long, or while
+    /// another daemon holds this node's id.
     fn report(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
         let lag = self.health.lag();
         self.lag_gauge.set(lag.as_secs_f64());
+        let taken = self.claim.taken_elsewhere();
+        self.health.refusing.store(taken, Ordering::Release);
+        if taken {
+            self.health.down(self.taken_reason());
+            if !locked.swap(true, Ordering::AcqRel) {
+                target.set_locked(true);
+            }
+            return;
+        }
         let Some(max) = self.max_staleness else {
             return;
         };
