@@ -142,6 +142,10 @@ pub struct AdminEvent<'a> {
     pub sandbox: Option<&'a str>,
     /// Who: "admin-token" (the only principal today) plus the peer address.
     pub actor: String,
+    /// `"unknown"` for a change the store could not confirm (the database did not answer in
+    /// time: it may have been applied); absent for a change that was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<&'static str>,
 }
 
 impl<'a> AdminEvent<'a> {
@@ -153,6 +157,7 @@ impl<'a> AdminEvent<'a> {
             secret: None,
             sandbox: Some(sandbox),
             actor: actor.into(),
+            outcome: None,
         }
     }
 }
@@ -500,6 +505,7 @@ mod tests {
             secret: None,
             sandbox: None,
             actor: format!("n{i}"),
+            outcome: None,
         }
     }
 

@@ -974,6 +974,7 @@ async fn reloads(
                 secret: None,
                 sandbox: None,
                 actor: "signal:SIGHUP".into(),
+                outcome: None,
             }),
         }
     }

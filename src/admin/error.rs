@@ -102,7 +102,11 @@ impl From<StoreError> for ApiError {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
-                    format!("{e}; running sandboxes keep working, retry when it is back"),
+                    format!(
+                        "{e}; running sandboxes keep working. A change may have been applied \
+                         all the same (the database did not confirm it): read it back before \
+                         retrying"
+                    ),
                 )
             }
             other => {

@@ -18,7 +18,7 @@ use crate::isolation::commands::{self, CommandRequest};
 use crate::isolation::IsolationError;
 use crate::sandbox::lifecycle::{CreateSandbox, SandboxInfo};
 use crate::secret::{Location, SecretValue};
-use crate::store::{SecretMeta, StoreRecord};
+use crate::store::{SecretMeta, StoreError, StoreRecord};
 
 type St = State<Arc<AdminState>>;
 
@@ -149,7 +149,32 @@ fn audit(
         secret,
         sandbox,
         actor: actor(peer),
+        outcome: None,
     });
+}
+
+/// A change the store could not confirm (the database did not answer in time: it may have
+/// committed) is audited with `"outcome":"unknown"`. Such a change had been left out of the
+/// audit log while it took effect on every node (found from outside: a rotation, a secret and
+/// a store deleted, an allowlist narrowed, each answered 503 and applied). Other errors
+/// changed nothing and are not audited.
+fn audit_unconfirmed(
+    st: &AdminState,
+    action: &str,
+    (store, secret): (Option<&str>, Option<&str>),
+    peer: SocketAddr,
+    e: &StoreError,
+) {
+    if matches!(e, StoreError::Unavailable(_)) {
+        st.audit.admin(&AdminEvent {
+            action,
+            store,
+            secret,
+            sandbox: None,
+            actor: actor(peer),
+            outcome: Some("unknown"),
+        });
+    }
 }
 
 /// Distinguishes an absent field (None) from an explicit `null` (Some(None)).
@@ -177,7 +202,10 @@ async fn create_store(
     let Json(req) = body?;
     validate::store_name(&req.name)?;
     let allow = validate::patterns("egress_allowlist", req.egress_allowlist)?;
-    let rec = st.store.create_store(&req.name, allow)?;
+    let rec = st
+        .store
+        .create_store(&req.name, allow)
+        .inspect_err(|e| audit_unconfirmed(&st, "store.create", (None, None), peer, e))?;
     audit(&st, "store.create", Some(&rec.id), None, None, peer);
     Ok((StatusCode::CREATED, Json(rec)))
 }
@@ -242,7 +270,10 @@ async fn update_store(
         Some(list) => Some(validate::patterns("egress_allowlist", list)?),
     };
     let allow_changed = allow.is_some();
-    let rec = st.store.update_store(&id, name.as_deref(), allow)?;
+    let rec = st
+        .store
+        .update_store(&id, name.as_deref(), allow)
+        .inspect_err(|e| audit_unconfirmed(&st, "store.update", (Some(&id), None), peer, e))?;
     if allow_changed {
         st.sandboxes.refresh_committed(&id);
     }
@@ -255,7 +286,9 @@ async fn delete_store(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    st.store.delete_store(&id)?;
+    st.store
+        .delete_store(&id)
+        .inspect_err(|e| audit_unconfirmed(&st, "store.delete", (Some(&id), None), peer, e))?;
     audit(&st, "store.delete", Some(&id), None, None, peer);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -345,7 +378,10 @@ async fn set_secret(
         .find(|m| m.name == name);
     let short = req.value.len() < SHORT_VALUE;
     let value = SecretValue::new(req.value.as_bytes().to_vec());
-    let meta = st.store.put_secret(&id, &name, &value, hosts, locations)?;
+    let meta = st
+        .store
+        .put_secret(&id, &name, &value, hosts, locations)
+        .inspect_err(|e| audit_unconfirmed(&st, "secret.set", (Some(&id), Some(&name)), peer, e))?;
     let mut warnings = secret_warnings(&store, &meta);
     if let Some(w) = before.and_then(|old| widening_warning(&store, &old, &meta)) {
         warnings.push(w);
@@ -529,7 +565,9 @@ async fn delete_secret(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    st.store.delete_secret(&id, &name)?;
+    st.store.delete_secret(&id, &name).inspect_err(|e| {
+        audit_unconfirmed(&st, "secret.delete", (Some(&id), Some(&name)), peer, e)
+    })?;
     st.sandboxes.refresh_committed(&id);
     audit(&st, "secret.delete", Some(&id), Some(&name), None, peer);
     Ok(StatusCode::NO_CONTENT)

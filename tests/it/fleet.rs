@@ -866,12 +866,28 @@ fn ca_files_without_sslmode_require_are_refused() {
 /// (a simple query) pass, the follower's generation check never answers. With `only` set
 /// too, only the queries whose text contains it are held. `poison`, once: the first
 /// connection to send a query containing it goes silent for good (that query and everything
-/// after it is swallowed, the socket stays open): a half-open link.
+/// after it is swallowed, the socket stays open): a half-open link. `deafen`, once: the first
+/// connection to send a message containing it (a simple query too, e.g. `COMMIT`) has it
+/// delivered, and then hears nothing more from the server: an answer lost on the way back.
 struct StallProxy {
     dir: tempfile::TempDir,
     stall: Arc<std::sync::atomic::AtomicBool>,
     only: Arc<std::sync::Mutex<Option<&'static str>>>,
     poison: Arc<std::sync::Mutex<Option<&'static str>>>,
+    deafen: Arc<std::sync::Mutex<Option<&'static str>>>,
+}
+
+/// A one-shot text to match in a client's message ([`StallProxy`]).
+type Once = Arc<std::sync::Mutex<Option<&'static str>>>;
+
+/// Whether `body` contains `once`'s text; if so the text is used up.
+fn hit(once: &Once, body: &[u8]) -> bool {
+    let mut once = once.lock().unwrap();
+    let hit = once.is_some_and(|text| String::from_utf8_lossy(body).contains(text));
+    if hit {
+        *once = None;
+    }
+    hit
 }
 
 impl StallProxy {
@@ -894,10 +910,11 @@ impl StallProxy {
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let only = Arc::new(std::sync::Mutex::new(None));
         let poison = Arc::new(std::sync::Mutex::new(None));
-        let (st, on, po) = (stall.clone(), only.clone(), poison.clone());
+        let deafen = Arc::new(std::sync::Mutex::new(None));
+        let (st, on, po, de) = (stall.clone(), only.clone(), poison.clone(), deafen.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let held = (st.clone(), on.clone(), po.clone());
+                let held = (st.clone(), on.clone(), po.clone(), de.clone());
                 tokio::spawn(Self::relay(client, real.clone(), held));
             }
         });
@@ -912,6 +929,7 @@ impl StallProxy {
                 stall,
                 only,
                 poison,
+                deafen,
             },
             proxied,
         )
@@ -921,17 +939,31 @@ impl StallProxy {
     async fn relay(
         client: tokio::net::UnixStream,
         real: std::path::PathBuf,
-        (stall, only, poison): (
+        (stall, only, poison, deafen): (
             Arc<std::sync::atomic::AtomicBool>,
             Arc<std::sync::Mutex<Option<&'static str>>>,
-            Arc<std::sync::Mutex<Option<&'static str>>>,
+            Once,
+            Once,
         ),
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
         let (mut cr, mut cw) = client.into_split();
         let (mut sr, mut sw) = server.into_split();
-        tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+        let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deaf_reader = deaf.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = sr.read(&mut buf).await?;
+                if n == 0 {
+                    return cw.shutdown().await;
+                }
+                if !deaf_reader.load(std::sync::atomic::Ordering::Acquire) {
+                    cw.write_all(&buf[..n]).await?;
+                }
+            }
+        });
         // The startup message (no type byte), then typed messages.
         let mut len = [0u8; 4];
         cr.read_exact(&mut len).await?;
@@ -953,15 +985,10 @@ impl StallProxy {
             while head[0] == b'P' && held() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let poisoned = head[0] == b'P' && {
-                let mut poison = poison.lock().unwrap();
-                let hit = poison.is_some_and(|text| String::from_utf8_lossy(&body).contains(text));
-                if hit {
-                    *poison = None;
-                }
-                hit
-            };
-            if poisoned {
+            if hit(&deafen, &body) {
+                deaf.store(true, std::sync::atomic::Ordering::Release);
+            }
+            if head[0] == b'P' && hit(&poison, &body) {
                 let mut sink = [0u8; 4096];
                 while cr.read(&mut sink).await? > 0 {}
                 return Ok(());
@@ -1313,4 +1340,67 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     assert!(thief.wait().expect("psql").success());
     n.until_seen(&n.b, &sb, "sk-fleet-claim-2501", Duration::from_secs(10))
         .await;
+}
+
+/// A change whose `COMMIT` reached the database but whose answer was lost answers 503 saying
+/// it may have been applied, and is audited with `"outcome":"unknown"`: it had answered
+/// "retry when it is back" and was missing from the audit log while it took effect on every
+/// node (found from outside). Here node-c's rotation commits unanswered; node-a serves the new
+/// value, and node-c's next calls work (the silent connection is not used again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
+    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
+    let c = Harness::try_start(opts, Some(n.pki.clone()))
+        .await
+        .expect("node c starts");
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-unanswered-2601").await;
+    let sb = sandbox_on(&n.a, "s", "node-a").await;
+    n.until_seen(
+        &n.a,
+        &sb,
+        "sk-fleet-unanswered-2601",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    c.register_secret("sk-fleet-unanswered-2602");
+    *proxy.deafen.lock().unwrap() = Some("COMMIT");
+    let (s, v) = c
+        .api(
+            Method::PUT,
+            &format!("/v1/stores/{store}/secrets/KEY"),
+            Some(json!({"value": "sk-fleet-unanswered-2602"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        proxy.deafen.lock().unwrap().is_none(),
+        "the COMMIT was sent"
+    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may have been applied"), "{message}");
+    n.until_seen(
+        &n.a,
+        &sb,
+        "sk-fleet-unanswered-2602",
+        Duration::from_secs(10),
+    )
+    .await;
+    let audit = c.audit_log();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"action\":\"secret.set\"")
+                && l.contains("\"outcome\":\"unknown\"")
+                && l.contains(&store)),
+        "{audit}"
+    );
+    let (s, v) = c.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    drop(proxy.dir);
 }
