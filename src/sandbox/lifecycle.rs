@@ -782,13 +782,35 @@ impl Sandboxes {
         let (store, secrets) = match self.read_store(store_id, &affected) {
             Err(StoreError::NotFound(_)) => match self.read_deleted_store(store_id, &affected)? {
                 Some(last) => last,
-                None => return Ok(0),
+                None => return self.forget_unknown_store(store_id, &affected),
             },
             other => other?,
         };
         self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         self.release(store_id, &affected);
         tracing::info!(store = %store_id, sandboxes = affected.len(), "store change applied to running sandboxes");
+        Ok(affected.len())
+    }
+
+    /// Sandboxes of a store found deleted without a last state kept: their rows came after the
+    /// deletion (a creation that raced it; a deletion keeps the last state only for the
+    /// sandboxes it finds), so what they read may predate a change made just before it — a
+    /// rotation, a narrowing — which nothing would ever apply. They unseal nothing from now on
+    /// (found from outside: such sandboxes served what they read at creation, also after a
+    /// restart). Only fleet mode gets here (the follower and the restore's catch-up).
+    fn forget_unknown_store(
+        &self,
+        store_id: &str,
+        affected: &[Arc<Sandbox>],
+    ) -> Result<usize, SandboxError> {
+        let allowlist = affected[0].snapshot().egress_allowlist.clone();
+        self.resnapshot_all(affected, &allowlist, &[])?;
+        tracing::warn!(
+            store = %store_id,
+            sandboxes = affected.len(),
+            "store deleted while sandboxes of it were being created, its last state unknown: \
+             they unseal nothing"
+        );
         Ok(affected.len())
     }
 

@@ -1404,3 +1404,60 @@ async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
     assert_eq!(s, StatusCode::OK, "{v}");
     drop(proxy.dir);
 }
+
+/// A sandbox whose row is written after its store was deleted — a creation that raced the
+/// deletion, with a rotation between its read and the deletion — unseals nothing: the value it
+/// read was rotated away, and no last state of the store was kept for it (the deletion found
+/// no sandbox). It had served that value until its expiry, also after a restart (found from
+/// outside). Here node-c's insert is held while node-a rotates and deletes the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_created_across_its_stores_deletion_unseals_nothing_it_read_before() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
+    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
+    let c = Arc::new(
+        Harness::try_start(opts, Some(n.pki.clone()))
+            .await
+            .expect("node c starts"),
+    );
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-raced-2701").await;
+    c.register_secret("sk-fleet-raced-2701");
+    c.register_secret("sk-fleet-raced-2702");
+
+    *proxy.only.lock().unwrap() = Some("INSERT INTO sandboxes");
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Release);
+    let creating = {
+        let c = c.clone();
+        tokio::spawn(async move { c.sandbox("s").await })
+    };
+    // The creation has read the store (v1) and waits on its insert.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    n.secret(&n.a, &store, "sk-fleet-raced-2702").await;
+    let (s, _) =
+        n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    proxy
+        .stall
+        .store(false, std::sync::atomic::Ordering::Release);
+    let sb = SandboxCreds::from_answer(&creating.await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, seen) = n.key_seen(&c, &sb).await;
+        if seen.as_deref() != Some("sk-fleet-raced-2701") {
+            assert_ne!(seen.as_deref(), Some("sk-fleet-raced-2702"), "never read");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated-away value is served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(proxy.dir);
+}
