@@ -109,6 +109,18 @@ impl From<StoreError> for ApiError {
                     ),
                 )
             }
+            StoreError::Corrupt(_) => {
+                // Names the row and the check it failed, never a value.
+                tracing::error!(error = %e, "admin call refused: a stored row fails its checks");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_corrupt",
+                    format!(
+                        "{e}; see docs/operations.md, \"A row that fails its checks\" (the \
+                         store's running sandboxes unseal nothing meanwhile)"
+                    ),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(

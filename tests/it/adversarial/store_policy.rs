@@ -61,6 +61,9 @@ async fn assert_sandbox_refused(h: &Harness) {
     assert!(logs_text().contains("policy failed to authenticate"));
 }
 
+/// ... and the admin API names the row (`store_corrupt`, never a value) and repairs it the way
+/// docs/operations.md says: delete the secret, set it again (it had answered a bare 500
+/// `internal`, with no way named; found from outside).
 #[tokio::test]
 async fn a_secret_pointed_at_another_host_in_the_database_fails_closed() {
     let h = populated("sk-adv-policy-0611").await;
@@ -69,6 +72,36 @@ async fn a_secret_pointed_at_another_host_in_the_database_fails_closed() {
         "UPDATE secrets SET allowed_hosts = '[\"evil.example.test\"]'",
     );
     assert_sandbox_refused(&h).await;
+    let (_, stores) = h.api(Method::GET, "/v1/stores", None).await;
+    let id = stores[0]["id"].as_str().unwrap().to_owned();
+    let secrets = format!("/v1/stores/{id}/secrets");
+    let (s, v) = h.api(Method::GET, &secrets, None).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "store_corrupt", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("secret 'KEY'"), "{message}");
+    assert!(message.contains("A row that fails its checks"), "{message}");
+    let (s, v) = h.api(Method::DELETE, &format!("{secrets}/KEY"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    h.register_secret("sk-adv-policy-0611-again");
+    let (s, v) = h
+        .api(
+            Method::PUT,
+            &format!("{secrets}/KEY"),
+            Some(
+                json!({"value": "sk-adv-policy-0611-again", "allowed_hosts": ["api.example.test"]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = h
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "repaired: {v}");
 }
 
 #[tokio::test]
