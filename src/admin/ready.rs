@@ -19,6 +19,11 @@ use crate::store::{Store, StoreError};
 /// How long a check's result answers probes.
 pub const FRESH_FOR: Duration = Duration::from_secs(1);
 
+/// How long a probe waits for the check: past it the probe is answered "not ready" and the
+/// check goes on for the next ones. A probe had waited for the store's whole 5 s timeout
+/// while the database stalled, longer than most probes' own timeouts (found from outside).
+pub const PROBE_WAIT: Duration = Duration::from_secs(2);
+
 /// A check's result: the store's error as text (shown only to the admin token's holders).
 pub type Outcome = Result<(), String>;
 
@@ -65,9 +70,15 @@ impl ReadyCheck {
                 }
             }
         };
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone(),
-            Err(_) => None,
+        let outcome = match tokio::time::timeout(PROBE_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone(),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                return Err(format!(
+                    "the store check has not answered within {} s (it goes on)",
+                    PROBE_WAIT.as_secs()
+                ))
+            }
         };
         outcome.unwrap_or_else(|| Err("the store check ended without a result".into()))
     }
@@ -139,5 +150,34 @@ mod tests {
         tokio::time::sleep(FRESH_FOR).await;
         assert!(ready.check_with(slow_check(&runs)).await.is_err());
         assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    /// A check that hangs answers the probe "not ready" after `PROBE_WAIT`, not after the
+    /// store's own timeout; the check goes on, and its result answers the probes after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_waits_for_a_hanging_check_at_most_probe_wait() {
+        let ready = ReadyCheck::default();
+        let hanging = || {
+            std::thread::sleep(PROBE_WAIT + Duration::from_secs(3));
+            Ok(())
+        };
+        let started = Instant::now();
+        let outcome = ready.check_with(hanging).await;
+        let took = started.elapsed();
+        assert!(outcome.unwrap_err().contains("has not answered"));
+        assert!(
+            took >= PROBE_WAIT && took < PROBE_WAIT + Duration::from_secs(2),
+            "{took:?}"
+        );
+        // The hung check's result answers once it comes (no second check runs meanwhile).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ready
+            .check_with(|| Err(StoreError::Unavailable("a second check".into())))
+            .await
+            != Ok(())
+        {
+            assert!(Instant::now() < deadline, "the hung check never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
