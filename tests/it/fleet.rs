@@ -407,16 +407,6 @@ async fn a_tampered_row_locks_its_store_instead_of_freezing_a_revoked_value() {
     }
 }
 
-async fn metric(node: &Harness, name: &str) -> f64 {
-    let (_, body) = node
-        .raw(Method::GET, "/metrics", None, Some(&node.token))
-        .await;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in metrics"))
-}
-
 async fn put_status(node: &Harness, store: &str, value: &str) -> (StatusCode, Value) {
     node.register_secret(value);
     node.api(
@@ -471,7 +461,7 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
             .contains("unavailable"),
         "{v}"
     );
-    assert!(metric(&n.b, "sealgate_store_sync_lag_seconds").await > 0.5);
+    assert!(n.b.metric("sealgate_store_sync_lag_seconds").await > 0.5);
     // What a shutdown now would name as left pending (logged as an error then).
     let pending = n.b.daemon.as_ref().unwrap().sandboxes.pending_deletions();
     assert_eq!(pending, std::slice::from_ref(&gone.id));
@@ -485,7 +475,7 @@ async fn database_outage_keeps_traffic_flowing_refuses_writes_and_catches_up() {
         }
     }
     let started = Instant::now();
-    while metric(&n.b, "sealgate_store_sync_lag_seconds").await > 0.5 {
+    while n.b.metric("sealgate_store_sync_lag_seconds").await > 0.5 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "follower did not reconnect"
@@ -1009,18 +999,7 @@ async fn a_database_that_stalls_queries_counts_as_cut_off() {
     let cluster = Cluster::owned();
     let n = two_nodes(&cluster, "").await;
     let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
-    let mut opts = node_opts(
-        &cluster,
-        &n.db,
-        "node-c",
-        &n.key,
-        &n.echo,
-        "max_staleness_secs = 2",
-    );
-    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
-    let c = Harness::try_start(opts, Some(n.pki.clone()))
-        .await
-        .expect("node c starts");
+    let c = start_node_c(&cluster, &n, &url, "max_staleness_secs = 2").await;
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-stall-2101").await;
     c.register_secret("sk-fleet-stall-2101");
@@ -1044,7 +1023,7 @@ async fn a_database_that_stalls_queries_counts_as_cut_off() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(metric(&c, "sealgate_store_sync_lag_seconds").await > 5.0);
+    assert!(c.metric("sealgate_store_sync_lag_seconds").await > 5.0);
 
     proxy
         .stall
@@ -1102,18 +1081,7 @@ async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
     let cluster = Cluster::owned();
     let n = two_nodes(&cluster, "").await;
     let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
-    let mut opts = node_opts(
-        &cluster,
-        &n.db,
-        "node-c",
-        &n.key,
-        &n.echo,
-        "max_staleness_secs = 1",
-    );
-    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
-    let c = Harness::try_start(opts, Some(n.pki.clone()))
-        .await
-        .expect("node c starts");
+    let c = start_node_c(&cluster, &n, &url, "max_staleness_secs = 1").await;
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-behind-2301").await;
     c.register_secret("sk-fleet-behind-2301");
@@ -1176,21 +1144,8 @@ async fn a_slow_start_is_no_lag() {
     let cluster = pg::shared();
     let n = two_nodes(cluster, "").await;
     let (proxy, url) = StallProxy::start(cluster, &n.db).await;
-    let opts = || {
-        let mut o = node_opts(
-            cluster,
-            &n.db,
-            "node-c",
-            &n.key,
-            &n.echo,
-            "max_staleness_secs = 2",
-        );
-        o.extra_toml = o.extra_toml.replace(&cluster.url(&n.db), &url);
-        o
-    };
-    let mut c = Harness::try_start(opts(), Some(n.pki.clone()))
-        .await
-        .expect("node c starts");
+    let opts = || node_c_opts(cluster, &n, &url, "max_staleness_secs = 2");
+    let mut c = start_node_c(cluster, &n, &url, "max_staleness_secs = 2").await;
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-slowstart-2401").await;
     let sb = sandbox_on(&c, "s", "node-c").await;
@@ -1239,11 +1194,7 @@ async fn a_connection_that_stopped_answering_is_not_used_again() {
     let cluster = pg::shared();
     let n = two_nodes(cluster, "").await;
     let (proxy, url) = StallProxy::start(cluster, &n.db).await;
-    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
-    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
-    let c = Harness::try_start(opts, Some(n.pki.clone()))
-        .await
-        .expect("node c starts");
+    let c = start_node_c(cluster, &n, &url, "").await;
     // Several pooled connections, so the silent one has company.
     let warm = (0..4).map(|_| c.api(Method::GET, "/v1/stores", None));
     for (s, v) in futures_util::future::join_all(warm).await {
@@ -1266,6 +1217,23 @@ async fn a_connection_that_stopped_answering_is_not_used_again() {
         );
     }
     drop(proxy.dir);
+}
+
+/// Starts `node-c` on `n`'s database, reached through `proxy_url` (a [`StallProxy`]).
+async fn start_node_c(cluster: &Cluster, n: &Nodes, proxy_url: &str, extra: &str) -> Harness {
+    Harness::try_start(
+        node_c_opts(cluster, n, proxy_url, extra),
+        Some(n.pki.clone()),
+    )
+    .await
+    .expect("node c starts")
+}
+
+/// The options of `node-c` on `n`'s database, reached through `proxy_url`.
+fn node_c_opts(cluster: &Cluster, n: &Nodes, proxy_url: &str, extra: &str) -> Opts {
+    let mut o = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, extra);
+    o.extra_toml = o.extra_toml.replace(&cluster.url(&n.db), proxy_url);
+    o
 }
 
 /// node-b's claim on its id: the backends of `n.db` holding the node-id lock for node-b.
@@ -1352,11 +1320,7 @@ async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
     let cluster = pg::shared();
     let n = two_nodes(cluster, "").await;
     let (proxy, url) = StallProxy::start(cluster, &n.db).await;
-    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
-    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
-    let c = Harness::try_start(opts, Some(n.pki.clone()))
-        .await
-        .expect("node c starts");
+    let c = start_node_c(cluster, &n, &url, "").await;
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-unanswered-2601").await;
     let sb = sandbox_on(&n.a, "s", "node-a").await;
@@ -1415,13 +1379,7 @@ async fn a_sandbox_created_across_its_stores_deletion_unseals_nothing_it_read_be
     let cluster = pg::shared();
     let n = two_nodes(cluster, "").await;
     let (proxy, url) = StallProxy::start(cluster, &n.db).await;
-    let mut opts = node_opts(cluster, &n.db, "node-c", &n.key, &n.echo, "");
-    opts.extra_toml = opts.extra_toml.replace(&cluster.url(&n.db), &url);
-    let c = Arc::new(
-        Harness::try_start(opts, Some(n.pki.clone()))
-            .await
-            .expect("node c starts"),
-    );
+    let c = Arc::new(start_node_c(cluster, &n, &url, "").await);
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-raced-2701").await;
     c.register_secret("sk-fleet-raced-2701");

@@ -160,16 +160,7 @@ async fn h2_client_unseals_and_is_served_over_h2() {
 async fn until_no_upstream_connection(h: &Harness) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let (_, body) = h.raw(Method::GET, "/metrics", None, Some(&h.token)).await;
-        let held = String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("sealgate_upstream_connections ")?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .expect("the gauge");
+        let held = h.metric("sealgate_upstream_connections").await;
         if held == 0.0 {
             return;
         }

@@ -779,20 +779,7 @@ async fn an_ended_sandbox_leaves_no_idle_upstream_connection() {
         &[("KEY", "sk-pool-end-0151", None, None)],
     )
     .await;
-    let held = || async {
-        let (_, body) =
-            e.h.raw(Method::GET, "/metrics", None, Some(&e.h.token))
-                .await;
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("sealgate_upstream_connections ")?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .expect("the gauge")
-    };
+    let held = || e.h.metric("sealgate_upstream_connections");
     assert_eq!(
         key_seen(&e, &e.sb).await.as_deref(),
         Some("sk-pool-end-0151")

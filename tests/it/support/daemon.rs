@@ -228,6 +228,17 @@ impl Harness {
         (parts.status, parts.headers, bytes)
     }
 
+    /// The first sample of the metric `name` on `/metrics` (a gauge or counter without labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self
+            .raw(Method::GET, "/metrics", None, Some(&self.token.clone()))
+            .await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in metrics"))
+    }
+
     /// Authenticated admin call returning status and JSON.
     pub async fn api(
         &self,
