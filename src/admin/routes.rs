@@ -585,6 +585,7 @@ async fn create_sandbox(
     body: Result<Json<CreateSandbox>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
+    own_node_id(&st)?;
     let (answer, created) = tokio::sync::oneshot::channel();
     let task = st.clone();
     tokio::spawn(async move {
@@ -654,10 +655,31 @@ async fn delete_sandbox(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    own_node_id(&st)?;
     let task = st.clone();
     tokio::spawn(async move { delete_to_the_end(&task, &id, peer).await })
         .await
         .map_err(|_| task_failed())?
+}
+
+/// Fleet mode: sandboxes are created and deleted only by the daemon that holds this node's id.
+/// While another daemon holds it (a twin that started while the database was restarting),
+/// that one serves this node's sandboxes from the rows it loaded: a DELETE here had answered
+/// 204 while the twin went on unsealing for the sandbox (found from outside). Now both answer
+/// 503 `node_id_in_use`, changing nothing, until the id is this daemon's again.
+fn own_node_id(st: &AdminState) -> Result<(), ApiError> {
+    match &st.follower {
+        Some(health) if health.refusing() => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_id_in_use",
+            format!(
+                "{}; sandboxes are created and deleted only by the daemon holding the id: stop \
+                 the other one (or give it its own [node] id) and retry; nothing was changed",
+                health.problem().unwrap_or_default()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// 500 for a creation or deletion whose task ended without an answer (it panicked).

@@ -1305,6 +1305,20 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v.to_string().contains("held by another daemon"), "{v}");
+    // Meanwhile the sandbox is neither deleted nor created here: the id's holder serves them.
+    let (s, v) =
+        n.b.api(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id), None)
+            .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "node_id_in_use", "{v}");
+    let (s, v) =
+        n.b.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(thief.wait().expect("psql").success());
     n.until_seen(&n.b, &sb, "sk-fleet-claim-2501", Duration::from_secs(10))
         .await;
