@@ -780,9 +780,19 @@ impl Sandboxes {
             return Ok(0);
         }
         let (store, secrets) = match self.read_store(store_id, &affected) {
-            Err(StoreError::NotFound(_)) => match self.read_deleted_store(store_id, &affected)? {
-                Some(last) => last,
-                None => return self.forget_unknown_store(store_id, &affected),
+            Err(StoreError::NotFound(_)) => match self.read_deleted_store(store_id, &affected) {
+                Ok(Some(last)) => last,
+                Ok(None) => return self.forget_unknown_store(store_id, &affected),
+                // Deleting the store is how an operator repairs a corrupt row
+                // (docs/operations.md), and the kept state is the same corrupt row: its
+                // sandboxes unseal nothing, and the quarantine, which held `/readyz` at 503
+                // until they ended (hours; found from outside), is lifted.
+                Err(StoreError::Corrupt(_)) => {
+                    let n = self.forget_unknown_store(store_id, &affected)?;
+                    self.release(store_id, &affected);
+                    return Ok(n);
+                }
+                Err(e) => return Err(e.into()),
             },
             other => other?,
         };
@@ -792,12 +802,13 @@ impl Sandboxes {
         Ok(affected.len())
     }
 
-    /// Sandboxes of a store found deleted without a last state kept: their rows came after the
-    /// deletion (a creation that raced it; a deletion keeps the last state only for the
-    /// sandboxes it finds), so what they read may predate a change made just before it — a
-    /// rotation, a narrowing — which nothing would ever apply. They unseal nothing from now on
-    /// (found from outside: such sandboxes served what they read at creation, also after a
-    /// restart). Only fleet mode gets here (the follower and the restore's catch-up).
+    /// Sandboxes of a store found deleted without a last state they can take: none was kept
+    /// (their rows came after the deletion: a creation that raced it; a deletion keeps the last
+    /// state only for the sandboxes it finds), so what they read may predate a change made just
+    /// before it — a rotation, a narrowing — which nothing would ever apply; or the kept state
+    /// is corrupt. They unseal nothing from now on (found from outside: such sandboxes served
+    /// what they read at creation, also after a restart). Only fleet mode gets here (the
+    /// follower and the restore's catch-up).
     fn forget_unknown_store(
         &self,
         store_id: &str,
@@ -808,8 +819,8 @@ impl Sandboxes {
         tracing::warn!(
             store = %store_id,
             sandboxes = affected.len(),
-            "store deleted while sandboxes of it were being created, its last state unknown: \
-             they unseal nothing"
+            "store deleted and its last state unknown or unreadable: its sandboxes here unseal \
+             nothing"
         );
         Ok(affected.len())
     }

@@ -1433,3 +1433,47 @@ async fn a_sandbox_created_across_its_stores_deletion_unseals_nothing_it_read_be
     }
     drop(proxy.dir);
 }
+
+/// Polls `node`'s `/readyz` until it answers `want` (at most 10 s); the last answer.
+async fn readyz_until(node: &Harness, want: StatusCode) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = node.api(Method::GET, "/readyz", None).await;
+        if s == want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "readyz {s}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deleting a store whose row was tampered with — the repair docs/operations.md gives — leaves
+/// its running sandboxes unsealing nothing (their kept state is the same corrupt row) and the
+/// node ready again: the quarantine had held `/readyz` at 503 until those sandboxes ended,
+/// hours later (found from outside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_tampered_store_frees_the_nodes_that_run_its_sandboxes() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-repair-2801").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-repair-2801", Duration::from_secs(10))
+        .await;
+    cluster.psql(
+        &n.db,
+        &format!(
+            "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]' WHERE store_id = '{store}'; \
+             UPDATE stores SET generation = generation + 1 WHERE id = '{store}'"
+        ),
+    );
+    let v = readyz_until(&n.b, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(v.to_string().contains(&store), "{v}");
+    let (s, v) =
+        n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    readyz_until(&n.b, StatusCode::OK).await;
+    let (_, seen) = n.key_seen(&n.b, &sb).await;
+    assert_ne!(seen.as_deref(), Some("sk-fleet-repair-2801"), "nothing unsealed");
+}
