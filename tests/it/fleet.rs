@@ -1475,5 +1475,9 @@ async fn deleting_a_tampered_store_frees_the_nodes_that_run_its_sandboxes() {
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     readyz_until(&n.b, StatusCode::OK).await;
     let (_, seen) = n.key_seen(&n.b, &sb).await;
-    assert_ne!(seen.as_deref(), Some("sk-fleet-repair-2801"), "nothing unsealed");
+    assert_ne!(
+        seen.as_deref(),
+        Some("sk-fleet-repair-2801"),
+        "nothing unsealed"
+    );
 }
