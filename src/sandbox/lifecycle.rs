@@ -284,6 +284,13 @@ impl Sandboxes {
         read
     }
 
+    fn is_quarantined(&self, store_id: &str) -> bool {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(store_id)
+    }
+
     fn quarantine(&self, store_id: &str, affected: &[Arc<Sandbox>], why: &str) {
         let newly = self
             .quarantined
@@ -780,20 +787,24 @@ impl Sandboxes {
             return Ok(0);
         }
         let (store, secrets) = match self.read_store(store_id, &affected) {
-            Err(StoreError::NotFound(_)) => match self.read_deleted_store(store_id, &affected) {
-                Ok(Some(last)) => last,
-                Ok(None) => return self.forget_unknown_store(store_id, &affected),
-                // Deleting the store is how an operator repairs a corrupt row
+            Err(StoreError::NotFound(_)) => {
+                // Deleting a quarantined store is how an operator repairs its corrupt row
                 // (docs/operations.md), and the kept state is the same corrupt row: its
                 // sandboxes unseal nothing, and the quarantine, which held `/readyz` at 503
-                // until they ended (hours; found from outside), is lifted.
-                Err(StoreError::Corrupt(_)) => {
-                    let n = self.forget_unknown_store(store_id, &affected)?;
-                    self.release(store_id, &affected);
-                    return Ok(n);
+                // until they ended (hours; found from outside), is lifted. A kept state found
+                // corrupt otherwise (tampered after the deletion) quarantines, as a live row.
+                let was_quarantined = self.is_quarantined(store_id);
+                match self.read_deleted_store(store_id, &affected) {
+                    Ok(Some(last)) => last,
+                    Ok(None) => return self.forget_unknown_store(store_id, &affected),
+                    Err(StoreError::Corrupt(_)) if was_quarantined => {
+                        let n = self.forget_unknown_store(store_id, &affected)?;
+                        self.release(store_id, &affected);
+                        return Ok(n);
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
-            },
+            }
             other => other?,
         };
         self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
