@@ -143,14 +143,24 @@ fn audit(
     peer: SocketAddr,
 ) {
     st.metrics.store_op(action);
-    st.audit.admin(&AdminEvent {
+    st.audit
+        .admin(&event(action, (store, secret, sandbox), peer));
+}
+
+/// The audit event of an admin call made from `peer`.
+fn event<'a>(
+    action: &'a str,
+    (store, secret, sandbox): (Option<&'a str>, Option<&'a str>, Option<&'a str>),
+    peer: SocketAddr,
+) -> AdminEvent<'a> {
+    AdminEvent {
         action,
         store,
         secret,
         sandbox,
         actor: actor(peer),
         outcome: None,
-    });
+    }
 }
 
 /// A change the store could not confirm (the database did not answer in time: it may have
@@ -167,12 +177,8 @@ fn audit_unconfirmed(
 ) {
     if matches!(e, StoreError::Unavailable(_)) {
         st.audit.admin(&AdminEvent {
-            action,
-            store,
-            secret,
-            sandbox: None,
-            actor: actor(peer),
             outcome: Some("unknown"),
+            ..event(action, (store, secret, None), peer)
         });
     }
 }
@@ -598,16 +604,13 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-/// Creates the sandbox, counts and audits it.
+/// Creates the sandbox and audits it (`/metrics` counts sandboxes when scraped).
 async fn create_to_the_end(
     st: &AdminState,
     req: CreateSandbox,
     peer: SocketAddr,
 ) -> Result<SandboxInfo, ApiError> {
     let info = st.isolation.create(req).await?;
-    st.metrics
-        .sandboxes
-        .set(st.sandboxes.registry().len() as i64);
     audit(
         st,
         "sandbox.create",
@@ -624,9 +627,6 @@ async fn create_to_the_end(
 async fn abandon_created(st: &AdminState, id: &str, peer: SocketAddr) {
     tracing::info!(sandbox = %id, "the client went away before the sandbox was created: deleting it");
     let deleted = st.isolation.delete(id).await;
-    st.metrics
-        .sandboxes
-        .set(st.sandboxes.registry().len() as i64);
     match deleted {
         Ok(()) => audit(st, "sandbox.delete", None, None, Some(id), peer),
         Err(e) => {
@@ -691,16 +691,13 @@ fn task_failed() -> ApiError {
     )
 }
 
-/// Deletes the sandbox, counts and audits it.
+/// Deletes the sandbox and audits it.
 async fn delete_to_the_end(
     st: &AdminState,
     id: &str,
     peer: SocketAddr,
 ) -> Result<StatusCode, ApiError> {
     let deleted = st.isolation.delete(id).await;
-    st.metrics
-        .sandboxes
-        .set(st.sandboxes.registry().len() as i64);
     // Audited also when the deletion is not durable yet (503): the sandbox has stopped.
     let stopped = matches!(
         &deleted,
