@@ -265,10 +265,12 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
+    // Current as of the start of the restore's reads, not of its end.
+    let restore_began = std::time::Instant::now();
     let (sandboxes, restored, cert_dir) =
         restore_sandboxes(&cfg, store.clone(), listeners.proxy_addr, node, &metrics)?;
     if let Some(fleet) = &opened.fleet {
-        fleet.health.restored();
+        fleet.health.restored(restore_began);
     }
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
@@ -737,7 +739,9 @@ fn local(l: &TcpListener) -> Result<SocketAddr, DaemonError> {
 }
 
 /// Every 500 ms: ends the sandboxes whose time is up (each audited as `sandbox.expire`, so a
-/// sandbox's life can be read from the audit log alone) and retries pending row deletions.
+/// sandbox's life can be read from the audit log alone), retries pending row deletions, and
+/// audits (`sandbox.end`, actor `reconcile`) and ends the isolation of those found deleted
+/// elsewhere when the node got its id back ([`Sandboxes::reconcile_rows`]).
 async fn sweep(
     sandboxes: Arc<Sandboxes>,
     isolation: Arc<Isolation>,
@@ -756,6 +760,13 @@ async fn sweep(
                 audit.admin(&AdminEvent::sandbox_end("sandbox.expire", id, "expiry"));
             }
             isolation.end(&ended).await;
+        }
+        let gone = sandboxes.take_ended_elsewhere();
+        if !gone.is_empty() {
+            for id in &gone {
+                audit.admin(&AdminEvent::sandbox_end("sandbox.end", id, "reconcile"));
+            }
+            isolation.end(&gone).await;
         }
     }
 }

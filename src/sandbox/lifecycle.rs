@@ -196,6 +196,20 @@ pub struct Sandboxes {
     /// Stores that cannot be read (a row corrupt or tampered with): their sandboxes serve
     /// locked copies until the store reads cleanly again ([`Sandboxes::quarantined`]).
     quarantined: Mutex<HashSet<String>>,
+    /// The stores of `quarantined` whose *live* row failed its checks here (not a kept state):
+    /// deleting such a store is the documented repair, so its corrupt kept state lifts the
+    /// quarantine ([`Sandboxes::apply_store_change`]); a kept state found corrupt otherwise
+    /// keeps it.
+    corrupt_live: Mutex<HashSet<String>>,
+    /// Held for the whole of each re-snapshot of a store (read, durable write, swap), so two
+    /// of them (the follower's, an admin write's) never swap in out of order. The lock map
+    /// (`locked`) is taken only around the computing and the swapping, never across the
+    /// database: the staleness watchdog waits for it (a hung write held the lock off for 5 s).
+    applying: Mutex<()>,
+    /// Sandboxes whose row was found gone when the node got its id back from a twin
+    /// ([`Sandboxes::reconcile_rows`]): ended, waiting for the sweep to audit them and end
+    /// their isolation.
+    ended_elsewhere: Mutex<Vec<Arc<str>>>,
     /// Sandboxes ended here whose row the database could not delete yet (it was unreachable):
     /// retried by [`Sandboxes::sweep_expired`], and a repeated `DELETE` of one succeeds.
     /// Mirrored in `cfg.tombstones` whenever it changes (under this lock), so a restart before
@@ -229,6 +243,9 @@ impl Sandboxes {
             locked: Mutex::default(),
             stale: std::sync::atomic::AtomicBool::new(false),
             quarantined: Mutex::default(),
+            corrupt_live: Mutex::default(),
+            applying: Mutex::default(),
+            ended_elsewhere: Mutex::default(),
             pending_deletes: Mutex::default(),
             unrecorded: std::sync::atomic::AtomicBool::new(false),
             on_end: std::sync::OnceLock::new(),
@@ -264,6 +281,7 @@ impl Sandboxes {
         let read = self.store.store_with_secrets(store_id);
         if let Err(StoreError::Corrupt(why)) = &read {
             self.quarantine(store_id, affected, why);
+            lock(&self.corrupt_live).insert(store_id.to_owned());
         }
         read
     }
@@ -282,13 +300,6 @@ impl Sandboxes {
             self.quarantine(store_id, affected, why);
         }
         read
-    }
-
-    fn is_quarantined(&self, store_id: &str) -> bool {
-        self.quarantined
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(store_id)
     }
 
     fn quarantine(&self, store_id: &str, affected: &[Arc<Sandbox>], why: &str) {
@@ -312,21 +323,19 @@ impl Sandboxes {
     }
 
     /// After `store_id` was read and applied cleanly: lifts its quarantine (the sandboxes stay
-    /// locked while the node is stale).
+    /// locked while the node is stale). `stale` is read under the lock map, as
+    /// [`Sandboxes::set_locked`] writes it: read before, a lock arriving in between was undone
+    /// for these sandboxes (review).
     fn release(&self, store_id: &str, affected: &[Arc<Sandbox>]) {
-        let was = self
-            .quarantined
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(store_id);
-        if !was {
+        lock(&self.corrupt_live).remove(store_id);
+        if !lock(&self.quarantined).remove(store_id) {
             return;
         }
         tracing::info!(store = %store_id, "store reads cleanly again: its sandboxes unseal again");
+        let mut held = lock(&self.locked);
         if self.stale.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
         for sb in affected {
             if let Some(real) = held.remove(&sb.id) {
                 self.registry.replace_snapshot(sb, copy_of(&real));
@@ -710,6 +719,42 @@ impl Sandboxes {
         let _ = self.on_end.set(Box::new(hook));
     }
 
+    /// After this node got its id back from another daemon that had held it (fleet mode):
+    /// ends every live sandbox whose row is gone — deleted through the twin, which was this
+    /// node for the database meanwhile; they had unsealed again here once the lock lifted
+    /// (review). The registry is read before the rows: a sandbox's row is written before it
+    /// is registered, so one created meanwhile is never taken for gone. Returns how many
+    /// ended; the sweep audits them and ends their isolation
+    /// ([`Sandboxes::take_ended_elsewhere`]).
+    ///
+    /// # Errors
+    /// Store failures (nothing ended; the caller stays locked and tries again).
+    pub fn reconcile_rows(&self) -> Result<usize, SandboxError> {
+        let live = self.registry.all();
+        let rows: HashSet<String> = self
+            .store
+            .load_sandboxes()?
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        let mut ended = Vec::new();
+        for sb in live.iter().filter(|sb| !rows.contains(&*sb.id)) {
+            if let Some(sb) = self.registry.remove(&sb.id) {
+                self.forget(&sb);
+                tracing::warn!(sandbox = %sb.id, "sandbox deleted while another daemon held this node's id: ended here");
+                ended.push(sb.id.clone());
+            }
+        }
+        let n = ended.len();
+        lock(&self.ended_elsewhere).extend(ended);
+        Ok(n)
+    }
+
+    /// The sandboxes [`Sandboxes::reconcile_rows`] ended since the last call.
+    pub fn take_ended_elsewhere(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *lock(&self.ended_elsewhere))
+    }
+
     /// Ends every sandbox whose time is up; returns their ids.
     /// Also retries row deletions left pending by an outage ([`Sandboxes::delete`]).
     pub fn sweep_expired(&self) -> Vec<Arc<str>> {
@@ -746,6 +791,7 @@ impl Sandboxes {
     /// # Errors
     /// Store failures; live sandboxes keep their previous snapshot then.
     pub fn refresh_store(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let _applying = lock(&self.applying);
         let affected = self.registry.of_store(store_id);
         if affected.is_empty() {
             return Ok(0);
@@ -782,6 +828,7 @@ impl Sandboxes {
     /// # Errors
     /// Store failures; the sandboxes keep their previous snapshot then.
     pub fn apply_store_change(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let _applying = lock(&self.applying);
         let affected = self.registry.of_store(store_id);
         if affected.is_empty() {
             return Ok(0);
@@ -793,11 +840,13 @@ impl Sandboxes {
                 // sandboxes unseal nothing, and the quarantine, which held `/readyz` at 503
                 // until they ended (hours; found from outside), is lifted. A kept state found
                 // corrupt otherwise (tampered after the deletion) quarantines, as a live row.
-                let was_quarantined = self.is_quarantined(store_id);
+                // Only a quarantine its live row caused counts: one the kept state itself caused
+                // at an earlier try (or at the start) lifted itself at the next (review).
+                let live_row_corrupt = lock(&self.corrupt_live).contains(store_id);
                 match self.read_deleted_store(store_id, &affected) {
                     Ok(Some(last)) => last,
                     Ok(None) => return self.forget_unknown_store(store_id, &affected),
-                    Err(StoreError::Corrupt(_)) if was_quarantined => {
+                    Err(StoreError::Corrupt(_)) if live_row_corrupt => {
                         let n = self.forget_unknown_store(store_id, &affected)?;
                         self.release(store_id, &affected);
                         return Ok(n);
@@ -842,9 +891,9 @@ impl Sandboxes {
     /// `store.max_staleness_secs`: a token sent anywhere is refused (`secret_host_denied`).
     /// Sandboxes of a quarantined store ([`Sandboxes::quarantined`]) stay locked on unlock.
     pub fn set_locked(&self, locked: bool) {
+        let mut held = lock(&self.locked);
         self.stale
             .store(locked, std::sync::atomic::Ordering::Release);
-        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
         if !locked {
             let quarantined = self
                 .quarantined
@@ -868,7 +917,10 @@ impl Sandboxes {
     }
 
     /// Re-snapshots `affected` against the store's current allowlist and secrets: every new
-    /// snapshot is made durable in one batch, then swapped in (durable before visible).
+    /// snapshot is made durable in one batch, then swapped in (durable before visible). Runs
+    /// under `applying`; the lock map is not held across the write, so a lock taken meanwhile
+    /// is honoured at the swap (the new snapshot goes aside and a locked copy serves) and an
+    /// unlock meanwhile leaves the swap to serve the new one.
     fn resnapshot_all(
         &self,
         affected: &[Arc<Sandbox>],
@@ -877,20 +929,23 @@ impl Sandboxes {
     ) -> Result<(), SandboxError> {
         // A locked sandbox serves a copy allowed nowhere: the change applies to the real
         // snapshot it holds (retired values keep their real scope), and the lock stays.
-        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
-        let snaps = affected
-            .iter()
-            .map(|sb| {
-                let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
-                resnapshot(&old, allowlist, secrets)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let snaps = {
+            let held = lock(&self.locked);
+            affected
+                .iter()
+                .map(|sb| {
+                    let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
+                    resnapshot(&old, allowlist, secrets)
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let rows: Vec<_> = affected
             .iter()
             .zip(&snaps)
             .map(|(sb, snap)| (sb.id.to_string(), snap.to_sealable()))
             .collect();
         self.store.update_sandbox_snapshots(&rows)?;
+        let mut held = lock(&self.locked);
         for (sb, snap) in affected.iter().zip(snaps) {
             let Some(real) = held.get_mut(&sb.id) else {
                 self.registry.replace_snapshot(sb, snap);
@@ -1013,6 +1068,12 @@ impl follow::Target for Sandboxes {
     fn set_locked(&self, locked: bool) {
         Sandboxes::set_locked(self, locked);
     }
+
+    fn reconcile_rows(&self) -> Result<(), follow::ApplyError> {
+        Sandboxes::reconcile_rows(self)
+            .map(drop)
+            .map_err(|e| follow::ApplyError::NotApplied(e.to_string()))
+    }
 }
 
 /// The records a snapshot was built from, with each secret's `allowed_hosts` replaced.
@@ -1039,6 +1100,12 @@ fn records_of(
             (rec, e.token)
         })
         .collect()
+}
+
+/// `m`'s guard; a poisoned lock (a panic elsewhere) still guards consistent data here: every
+/// critical section leaves its map whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `snap` with every secret allowed nowhere (tokens kept, so they are recognised and refused).

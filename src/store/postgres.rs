@@ -125,7 +125,7 @@ pub fn default_node_id() -> String {
 struct Db {
     pool: Pool,
     /// The connection holding this node's id ([`PgStore::claim_node`]) while the daemon runs.
-    node_claim: std::sync::Mutex<Option<Object>>,
+    node_claim: std::sync::Mutex<Option<ClaimConn>>,
     key: RwLock<Arc<MasterKey>>,
     node_id: String,
     url: DatabaseUrl,
@@ -238,6 +238,12 @@ impl PgStore {
         let mut pg = url.pg_config();
         pg.connect_timeout(Duration::from_secs(3));
         pg.application_name(format!("sealgate/{node_id}"));
+        // A server that vanished without a reset (a failover, a partition) is noticed in
+        // seconds, not after the system's two hours of idle keepalive.
+        pg.keepalives_idle(Duration::from_secs(10));
+        pg.keepalives_interval(Duration::from_secs(2));
+        pg.keepalives_retries(3);
+        pg.tcp_user_timeout(Duration::from_secs(10));
         let manager = match url.tls() {
             Some(tls) => Manager::new(pg, tls),
             None => Manager::new(pg, NoTls),
@@ -282,13 +288,14 @@ impl PgStore {
     /// until the id is this node's again.
     pub fn claim_node(&self) -> Result<Arc<NodeClaim>, StoreError> {
         let client = self.block(|db| async move {
-            try_claim(&db).await?.ok_or_else(|| {
-                StoreError::Conflict(format!(
+            match try_claim(&db).await? {
+                Claim::Held(conn) => Ok(conn),
+                Claim::HeldBy(_) => Err(StoreError::Conflict(format!(
                     "node id '{}' is in use by another running daemon on this database; give \
                      each daemon its own [node] id",
                     db.node_id
-                ))
-            })
+                ))),
+            }
         })?;
         *self
             .db
@@ -615,42 +622,90 @@ impl Store for PgStore {
 /// claims it first (an outside re-check saw one win against a check every second).
 const CLAIM_CHECK: Duration = Duration::from_millis(250);
 
-/// Takes this node's id lock on a pooled connection, kept out of the pool: `None` when another
-/// session holds it.
-async fn try_claim(db: &Db) -> Result<Option<Object>, StoreError> {
-    let client = db.client().await?;
-    let held: bool = client
+/// How long the connection holding the node's id may take to answer its probe.
+const CLAIM_PROBE: Duration = Duration::from_secs(2);
+
+/// The connection holding this node's id, out of the pool (dropped, it closes, and the
+/// server lets the id go with its session), and its server process.
+struct ClaimConn {
+    client: deadpool_postgres::ClientWrapper,
+    pid: i32,
+}
+
+/// What a try to take this node's id found.
+enum Claim {
+    Held(ClaimConn),
+    /// Another session holds it: its server process, if it could be seen.
+    HeldBy(Option<i32>),
+}
+
+/// Tries to take this node's id lock on a connection taken out of the pool first, so a try
+/// cut short (a timeout) closes it rather than handing a connection that holds the id back to
+/// the pool (review: the node then found its own id "taken").
+async fn try_claim(db: &Db) -> Result<Claim, StoreError> {
+    let client = Object::take(db.client().await?);
+    let row = client
         .query_one(
-            "SELECT pg_try_advisory_lock($1::int4, hashtext($2))",
+            "SELECT pg_try_advisory_lock($1::int4, hashtext($2)), pg_backend_pid(), \
+             (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+              AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2 \
+              AND pid <> pg_backend_pid() LIMIT 1)",
             &[&NODE_LOCK_CLASS, &db.node_id],
         )
         .await
-        .map_err(pg_err)?
-        .get(0);
-    Ok(held.then_some(client))
+        .map_err(pg_err)?;
+    let (held, pid, holder): (bool, i32, Option<i32>) = (row.get(0), row.get(1), row.get(2));
+    Ok(if held {
+        Claim::Held(ClaimConn { client, pid })
+    } else {
+        Claim::HeldBy(holder)
+    })
+}
+
+/// Whether the connection holding the id still answers. Only asking tells: a connection to a
+/// server that vanished without a reset looks open for hours (review: a twin could take the
+/// id on the new primary of a failover while this node went on serving).
+async fn answers(conn: &ClaimConn) -> bool {
+    matches!(
+        tokio::time::timeout(CLAIM_PROBE, conn.client.simple_query("SELECT 1")).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Keeps the node's id claimed (see [`PgStore::claim_node`]); runs as long as the store.
+/// Every [`CLAIM_CHECK`] the connection holding it is probed; one that fails is closed and
+/// the id claimed again on a new one. Until then the claim is unverified (the node does not
+/// count as current); if another session holds it, the id is taken (the node unseals
+/// nothing) — unless that session is this node's own old one, not yet gone on the server.
 async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
     let mut tick = tokio::time::interval(CLAIM_CHECK);
+    let mut old_pid = None;
     loop {
         tick.tick().await;
-        let alive = db
+        let held = db
             .node_claim
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|c| !c.is_closed());
-        if alive {
-            continue;
+            .take();
+        if let Some(conn) = held {
+            if answers(&conn).await {
+                *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+                continue;
+            }
+            tracing::warn!(node = %db.node_id, "the connection holding this node's id stopped answering: claiming the id again");
+            old_pid = Some(conn.pid);
+            claim.set_unverified(true);
         }
         match tokio::time::timeout(OP_TIMEOUT, try_claim(&db)).await {
-            Ok(Ok(Some(client))) => {
-                *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(client);
+            Ok(Ok(Claim::Held(conn))) => {
+                *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
                 claim.set_taken(false);
+                claim.set_unverified(false);
+                old_pid = None;
                 tracing::info!(node = %db.node_id, "node id claimed again on a new connection");
             }
-            Ok(Ok(None)) => {
+            Ok(Ok(Claim::HeldBy(holder))) if holder.is_none() || holder == old_pid => {}
+            Ok(Ok(Claim::HeldBy(_))) => {
                 if claim.set_taken(true) {
                     tracing::error!(
                         node = %db.node_id,

@@ -320,6 +320,13 @@ async fn a_tampered_kept_state_of_a_deleted_store_locks_its_sandboxes() {
     let (s, v) = b2.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v.to_string().contains(&store), "{v}");
+    // Past the follower's retry (2 s): the quarantine the kept state caused does not count as
+    // the live row's, which only the documented repair lifts (it lifted itself; review).
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let (s, v) = b2.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains(&store), "{v}");
+    assert_eq!(n.key_seen(&b2, &sb).await.1, None);
 }
 
 /// An outside review: `GET /v1/stores/%00` answered 500 on PostgreSQL (its `TEXT` cannot hold
@@ -859,12 +866,15 @@ fn ca_files_without_sslmode_require_are_refused() {
 /// after it is swallowed, the socket stays open): a half-open link. `deafen`, once: the first
 /// connection to send a message containing it (a simple query too, e.g. `COMMIT`) has it
 /// delivered, and then hears nothing more from the server: an answer lost on the way back.
+/// [`StallProxy::sever_claims`]: the connections that have claimed a node id lose their
+/// server (its session ends) while their client hears nothing: a server gone without a reset.
 struct StallProxy {
     dir: tempfile::TempDir,
     stall: Arc<std::sync::atomic::AtomicBool>,
     only: Arc<std::sync::Mutex<Option<&'static str>>>,
     poison: Arc<std::sync::Mutex<Option<&'static str>>>,
     deafen: Arc<std::sync::Mutex<Option<&'static str>>>,
+    sever: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A one-shot text to match in a client's message ([`StallProxy`]).
@@ -901,11 +911,13 @@ impl StallProxy {
         let only = Arc::new(std::sync::Mutex::new(None));
         let poison = Arc::new(std::sync::Mutex::new(None));
         let deafen = Arc::new(std::sync::Mutex::new(None));
+        let sever = Arc::new(tokio::sync::watch::channel(0u64).0);
         let (st, on, po, de) = (stall.clone(), only.clone(), poison.clone(), deafen.clone());
+        let sv = sever.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let held = (st.clone(), on.clone(), po.clone(), de.clone());
-                tokio::spawn(Self::relay(client, real.clone(), held));
+                tokio::spawn(Self::relay(client, real.clone(), held, sv.subscribe()));
             }
         });
         let proxied = url.replacen(
@@ -920,9 +932,16 @@ impl StallProxy {
                 only,
                 poison,
                 deafen,
+                sever,
             },
             proxied,
         )
+    }
+
+    /// Every connection that has claimed a node id so far loses its server (the session, and
+    /// with it the id's lock, ends there) while its client hears nothing more, ever.
+    fn sever_claims(&self) {
+        self.sever.send_modify(|g| *g += 1);
     }
 
     #[allow(clippy::type_complexity)]
@@ -935,25 +954,32 @@ impl StallProxy {
             Once,
             Once,
         ),
+        mut sever: tokio::sync::watch::Receiver<u64>,
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
-        let (mut cr, mut cw) = client.into_split();
+        let (mut cr, cw) = client.into_split();
         let (mut sr, mut sw) = server.into_split();
         let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let deaf_reader = deaf.clone();
-        tokio::spawn(async move {
+        // Shared, so the client's side stays open when the server's reader is aborted.
+        let cw = Arc::new(tokio::sync::Mutex::new(cw));
+        let writer = cw.clone();
+        let from_server = tokio::spawn(async move {
             let mut buf = [0u8; 8192];
             loop {
                 let n = sr.read(&mut buf).await?;
                 if n == 0 {
-                    return cw.shutdown().await;
+                    return writer.lock().await.shutdown().await;
                 }
                 if !deaf_reader.load(std::sync::atomic::Ordering::Acquire) {
-                    cw.write_all(&buf[..n]).await?;
+                    writer.lock().await.write_all(&buf[..n]).await?;
                 }
             }
         });
+        // The sever generation when this connection claimed a node id.
+        let mut claimed_at: Option<u64> = None;
+        let severed = |claimed_at: Option<u64>, now: u64| claimed_at.is_some_and(|at| now > at);
         // The startup message (no type byte), then typed messages.
         let mut len = [0u8; 4];
         cr.read_exact(&mut len).await?;
@@ -963,10 +989,27 @@ impl StallProxy {
         sw.write_all(&body).await?;
         loop {
             let mut head = [0u8; 5];
-            cr.read_exact(&mut head).await?;
+            let read = tokio::select! {
+                r = cr.read_exact(&mut head) => Some(r),
+                _ = sever.wait_for(|now| severed(claimed_at, *now)) => None,
+            };
+            let Some(read) = read else {
+                from_server.abort();
+                drop(sw);
+                let _keep_client_open = cw;
+                let mut sink = [0u8; 4096];
+                while cr.read(&mut sink).await? > 0 {}
+                return Ok(());
+            };
+            read?;
             let n = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
             let mut body = vec![0u8; n.saturating_sub(4)];
             cr.read_exact(&mut body).await?;
+            if claimed_at.is_none()
+                && String::from_utf8_lossy(&body).contains("pg_try_advisory_lock")
+            {
+                claimed_at = Some(*sever.borrow());
+            }
             let held = || {
                 let only = *only.lock().unwrap();
                 stall.load(std::sync::atomic::Ordering::Acquire)
@@ -1079,44 +1122,8 @@ async fn a_stores_row_that_does_not_decode_is_a_visible_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
     let cluster = Cluster::owned();
-    let n = two_nodes(&cluster, "").await;
-    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
-    let c = start_node_c(&cluster, &n, &url, "max_staleness_secs = 1").await;
-    let store = n.a.store("s", Some(&["api.example.test"])).await;
-    n.secret(&n.a, &store, "sk-fleet-behind-2301").await;
-    c.register_secret("sk-fleet-behind-2301");
-    c.register_secret("sk-fleet-behind-2302");
-    let sb = sandbox_on(&c, "s", "node-c").await;
-    n.until_seen(&c, &sb, "sk-fleet-behind-2301", Duration::from_secs(10))
-        .await;
-
-    // The read of a store's secrets with their values hangs; the generation check does not.
-    *proxy.only.lock().unwrap() = Some("value FROM secrets WHERE store_id");
-    proxy
-        .stall
-        .store(true, std::sync::atomic::Ordering::Release);
-    n.secret(&n.a, &store, "sk-fleet-behind-2302").await;
-    let revoked = Instant::now();
-    loop {
-        let probe_began = revoked.elapsed();
-        let (status, seen) = n.key_seen(&c, &sb).await;
-        if status == StatusCode::FORBIDDEN {
-            assert_eq!(seen, None, "nothing reached the upstream");
-            break;
-        }
-        assert_ne!(
-            seen.as_deref(),
-            Some("sk-fleet-behind-2302"),
-            "the read hangs"
-        );
-        // max_staleness (1 s) plus the watchdog's tick, with room for a loaded machine; not
-        // the read's 5 s timeout, which passes again and again while the stall lasts.
-        assert!(
-            probe_began < Duration::from_secs(4),
-            "the revoked value is still served ({status})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (c, n, sb, proxy) =
+        hang_after_a_rotation(&cluster, "value FROM secrets WHERE store_id").await;
     let (s, v) = c.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     // Still locked while it lasts, though every generation check answers.
@@ -1131,6 +1138,71 @@ async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
     let (s, v) = c.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     drop(proxy.dir);
+}
+
+/// The write half of an apply (the durable snapshot UPDATE) hangs: the watchdog locks within
+/// `max_staleness` all the same. It waited for the lock map, which the apply held across the
+/// write, and the node served the rotated-away value for 5 s (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_snapshot_writes_hang_locks_all_the_same() {
+    let cluster = Cluster::owned();
+    let (c, _n, _sb, proxy) =
+        hang_after_a_rotation(&cluster, "UPDATE sandboxes AS s SET snapshot").await;
+    let (s, v) = c.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    drop(proxy);
+}
+
+/// Node c (`max_staleness_secs = 1`, through a [`StallProxy`]) runs a sandbox that sees
+/// `…2301`; the queries containing `stalled` then hang and node a rotates the secret to `…2302`.
+/// Returns once node c refuses to unseal, having checked that it never served `…2302` and
+/// locked within a few seconds (not after a query's 5 s timeout).
+async fn hang_after_a_rotation(
+    cluster: &Cluster,
+    stalled: &'static str,
+) -> (Harness, Nodes, SandboxCreds, StallProxy) {
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let c = start_node_c(cluster, &n, &url, "max_staleness_secs = 1").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-behind-2301").await;
+    c.register_secret("sk-fleet-behind-2301");
+    c.register_secret("sk-fleet-behind-2302");
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &sb, "sk-fleet-behind-2301", Duration::from_secs(10))
+        .await;
+
+    *proxy.only.lock().unwrap() = Some(stalled);
+    proxy
+        .stall
+        .store(true, std::sync::atomic::Ordering::Release);
+    n.secret(&n.a, &store, "sk-fleet-behind-2302").await;
+    let revoked = Instant::now();
+    loop {
+        let (status, seen) = n.key_seen(&c, &sb).await;
+        // Timed at the answer: a probe that waited (on a runtime thread blocked behind the
+        // write) until the query's 5 s timeout shows the lock as late as it came.
+        let answered = revoked.elapsed();
+        // max_staleness (1 s) plus the watchdog's tick, with room for a loaded machine; not
+        // the query's 5 s timeout, which passes again and again while the stall lasts.
+        let within = Duration::from_secs(4);
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(seen, None, "nothing reached the upstream");
+            assert!(answered < within, "locked only after {answered:?}");
+            break;
+        }
+        assert_ne!(
+            seen.as_deref(),
+            Some("sk-fleet-behind-2302"),
+            "the query hangs"
+        );
+        assert!(
+            answered < within,
+            "the revoked value is still served ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (c, n, sb, proxy)
 }
 
 /// A start's own length is no lag: a node whose start took longer than `max_staleness_secs`
@@ -1255,6 +1327,7 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     let store = n.a.store("s", Some(&["api.example.test"])).await;
     n.secret(&n.a, &store, "sk-fleet-claim-2501").await;
     let sb = sandbox_on(&n.b, "s", "node-b").await;
+    let doomed = sandbox_on(&n.b, "s", "node-b").await;
     let held = || cluster.psql(&n.db, &format!("SELECT count(*) {NODE_B_CLAIM}"));
     assert_eq!(held().trim(), "1");
     let end_claim = format!("SELECT pg_terminate_backend(l.pid) {NODE_B_CLAIM}");
@@ -1289,7 +1362,8 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
         &n.db,
         &format!(
             "{end_claim}; SELECT pg_advisory_lock(1936158308, hashtext('node-b')); \
-             SELECT pg_sleep(4);"
+             DELETE FROM sandboxes WHERE id = '{}'; SELECT pg_sleep(4);",
+            doomed.id
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1322,6 +1396,67 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     assert!(thief.wait().expect("psql").success());
     n.until_seen(&n.b, &sb, "sk-fleet-claim-2501", Duration::from_secs(10))
         .await;
+    // A sandbox deleted while the id was held elsewhere (through a twin) is ended when the id
+    // comes back, not served again (review), and the audit log says so.
+    assert!(
+        pc::connect(n.b.proxy, Some(&doomed.proxy_auth()), API)
+            .await
+            .is_err(),
+        "the deleted sandbox's tunnel is refused"
+    );
+    let (s, v) =
+        n.b.api(Method::GET, &format!("/v1/sandboxes/{}", doomed.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !n.b.audit_log().lines().any(|l| {
+        l.contains(&*doomed.id) && l.contains("\"sandbox.end\"") && l.contains("\"reconcile\"")
+    }) {
+        assert!(Instant::now() < deadline, "no sandbox.end audited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The connection holding the node's id loses its server without a reset (a failover, a
+/// partition): it looks open, and only asking shows it dead. The session, and with it the id's
+/// lock, is gone on the server, and another session takes the id: the node finds out by its
+/// probe and fails closed. Before, it checked only whether the connection had closed, and
+/// went on unsealing beside the id's new holder (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
+    let c = start_node_c(&cluster, &n, &url, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-vanished-2601").await;
+    c.register_secret("sk-fleet-vanished-2601");
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &sb, "sk-fleet-vanished-2601", Duration::from_secs(10))
+        .await;
+
+    proxy.sever_claims();
+    let mut thief = cluster.psql_spawn(
+        &n.db,
+        "SELECT pg_advisory_lock(1936158308, hashtext('node-c')); SELECT pg_sleep(6);",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, seen) = n.key_seen(&c, &sb).await;
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(seen, None, "nothing reached the upstream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-c unsealed without its id");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = c.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v.to_string().contains("held by another daemon"), "{v}");
+    assert!(thief.wait().expect("psql").success());
+    n.until_seen(&c, &sb, "sk-fleet-vanished-2601", Duration::from_secs(15))
+        .await;
+    drop(proxy);
 }
 
 /// A change whose `COMMIT` reached the database but whose answer was lost answers 503 saying

@@ -61,15 +61,32 @@ pub trait Target: Send + Sync + 'static {
     /// # Errors
     /// [`ApplyError`]: the change is tried again later.
     fn apply_store_change(&self, store_id: &str) -> Result<(), ApplyError>;
-    /// Cut off too long (`true`): no secret may be unsealed anywhere until `false`.
+    /// Cut off too long (`true`): no secret may be unsealed anywhere until `false`. Does no
+    /// I/O: the follower calls it inline, in the task that also runs the watchdog, so a lock
+    /// and an unlock always land in the order they were decided (an unlock on a blocking
+    /// thread could land after a later lock and leave the node unsealing while "locked").
     fn set_locked(&self, locked: bool);
+    /// Ends every live sandbox whose row is gone (blocking); run before the unlock that
+    /// follows a spell with this node's id held by another daemon, through which they may
+    /// have been deleted.
+    ///
+    /// # Errors
+    /// [`ApplyError`]: the node stays locked and tries again at the next check.
+    fn reconcile_rows(&self) -> Result<(), ApplyError>;
 }
 
-/// Whether another session holds this node's `[node] id` on the database (kept by the store,
-/// [`super::PgStore::claim_node`]; read by the follower, which refuses to unseal meanwhile).
+/// Whether this node holds its `[node] id` on the database (kept by the store,
+/// [`super::PgStore::claim_node`]; read by the follower, which refuses to unseal while another
+/// session holds it, and does not count itself current while the claim is unverified).
 #[derive(Default)]
 pub struct NodeClaim {
     taken: AtomicBool,
+    /// The connection holding the id failed its probe or is gone and the id is not claimed
+    /// again yet: the node may have lost it without knowing (a failover, a partition).
+    unverified: AtomicBool,
+    /// The id was held elsewhere since the last unlock: sandboxes may have been deleted
+    /// through the twin ([`Target::reconcile_rows`]).
+    was_taken: AtomicBool,
 }
 
 impl NodeClaim {
@@ -80,8 +97,32 @@ impl NodeClaim {
 
     /// Records whether the id is held elsewhere; `true` if that changed.
     pub fn set_taken(&self, taken: bool) -> bool {
+        if taken {
+            self.was_taken.store(true, Ordering::Release);
+        }
         self.taken.swap(taken, Ordering::AcqRel) != taken
     }
+
+    /// Records whether the claim is unverified (see the field).
+    pub fn set_unverified(&self, unverified: bool) {
+        self.unverified.store(unverified, Ordering::Release);
+    }
+
+    /// Why the node cannot count its id as its own, if it cannot.
+    fn problem(&self, node: &str) -> Option<String> {
+        if self.taken_elsewhere() {
+            return Some(taken_reason(node));
+        }
+        self.unverified.load(Ordering::Acquire).then(|| {
+            format!("node id '{node}' is not claimed on the database yet (its connection failed)")
+        })
+    }
+}
+
+fn taken_reason(node: &str) -> String {
+    format!(
+        "node id '{node}' is held by another daemon on this database: this node unseals nothing"
+    )
 }
 
 /// Why a store's change was not applied.
@@ -155,16 +196,19 @@ impl Health {
         Some(reason.clone().unwrap_or_else(|| "disconnected".into()))
     }
 
-    /// The start read every store it restored just now: the node is current as of here. The
-    /// start can take seconds (thousands of sandboxes), and its length is no lag: without
+    /// The start read every store it restored since `began`: the node is current as of then.
+    /// The start can take seconds (thousands of sandboxes), and its length is no lag: without
     /// this the follower's watchdog locked a node at every slow start, until its first check.
-    pub fn restored(&self) {
-        self.ok();
+    pub fn restored(&self, began: Instant) {
+        self.ok_at(began);
     }
 
-    fn ok(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_ok_ms.store(now, Ordering::Release);
+    /// A check asked at `asked` answered and everything it found was applied: the node is
+    /// current as of `asked` — not as of the end of the applying, which can take seconds while
+    /// changes made meanwhile are not applied (review: a long catch-up then read as no lag).
+    fn ok_at(&self, asked: Instant) {
+        let at = asked.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ok_ms.fetch_max(at, Ordering::AcqRel);
         if !self.online.swap(true, Ordering::AcqRel) {
             tracing::info!("database connection restored");
         }
@@ -288,12 +332,35 @@ impl Follower {
                 _ = tick.tick() => (target.watched_stores(), true),
                 _ = shutdown.changed() => return Ok(()),
             };
-            self.check(&client, target, applied, ids).await?;
-            if full && self.health.problem().is_none() && locked.swap(false, Ordering::AcqRel) {
-                let t = target.clone();
-                let _ = tokio::task::spawn_blocking(move || t.set_locked(false)).await;
-                tracing::info!("store reachable again: sandboxes unlocked after catching up");
+            let asked = Instant::now();
+            self.check(&client, target, applied, ids, full, asked)
+                .await?;
+            if full && self.health.problem().is_none() && locked.load(Ordering::Acquire) {
+                self.unlock(target, locked).await;
             }
+        }
+    }
+
+    /// Lifts the lock once current again. After a spell with the id held by another daemon,
+    /// first ends the sandboxes deleted through it (the lock stays if that fails). No await
+    /// between the last look at the node's state and the unlock: the watchdog, polled by the
+    /// same task, cannot lock in between.
+    async fn unlock(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
+        if self.claim.was_taken.swap(false, Ordering::AcqRel) {
+            let t = target.clone();
+            let done = tokio::task::spawn_blocking(move || t.reconcile_rows()).await;
+            if !matches!(done, Ok(Ok(()))) {
+                self.claim.was_taken.store(true, Ordering::Release);
+                tracing::warn!("could not compare the sandboxes with their rows after the node id came back: staying locked");
+                return;
+            }
+        }
+        if self.health.problem().is_some() || self.claim.problem(&self.node).is_some() {
+            return;
+        }
+        if locked.swap(false, Ordering::AcqRel) {
+            target.set_locked(false);
+            tracing::info!("store reachable again: sandboxes unlocked after catching up");
         }
     }
 
@@ -341,12 +408,17 @@ impl Follower {
 
     /// Compares the generations of `ids` (those with live sandboxes here) with what was
     /// applied, and applies each store that moved.
+    ///
+    /// Only a full check (every watched store) asked at `asked` makes the node current as of
+    /// `asked`; a check of one notified store only ever says it is not.
     async fn check(
         &self,
         client: &Client,
         target: &Arc<dyn Target>,
         applied: &mut Applied,
         ids: Vec<String>,
+        full: bool,
+        asked: Instant,
     ) -> Result<(), String> {
         let watched: HashSet<String> = target.watched_stores().into_iter().collect();
         let ids: Vec<String> = ids.into_iter().filter(|id| watched.contains(id)).collect();
@@ -410,27 +482,21 @@ impl Follower {
         // the store then timed out, and the node counted as fresh while it served the value the
         // change had revoked (seen under load: a stall that began between the two).
         match self.not_current(applied) {
-            None => self.health.ok(),
+            None if full => self.health.ok_at(asked),
+            None => {}
             Some(why) => self.health.down(why),
         }
         Ok(())
     }
 
     /// Why this node is not current although its check answered: a change it could not read,
-    /// or its id held by another daemon.
+    /// or its id held by another daemon or not verified as its own.
     fn not_current(&self, applied: &Applied) -> Option<String> {
-        if self.claim.taken_elsewhere() {
-            return Some(self.taken_reason());
+        if let Some(why) = self.claim.problem(&self.node) {
+            return Some(why);
         }
         let (id, _) = applied.failing.iter().find(|(_, f)| !f.quarantined)?;
         Some(format!("a change of store {id} is not applied yet"))
-    }
-
-    fn taken_reason(&self) -> String {
-        format!(
-            "node id '{}' is held by another daemon on this database: this node unseals nothing",
-            self.node
-        )
     }
 
     /// Updates the lag gauge and locks the node's sandboxes once cut off too long, or while
@@ -441,7 +507,7 @@ impl Follower {
         let taken = self.claim.taken_elsewhere();
         self.health.refusing.store(taken, Ordering::Release);
         if taken {
-            self.health.down(self.taken_reason());
+            self.health.down(taken_reason(&self.node));
             if !locked.swap(true, Ordering::AcqRel) {
                 target.set_locked(true);
             }
