@@ -507,10 +507,19 @@ fn database_url(cfg: &Config, ov: &Overrides) -> Result<DatabaseUrl, DaemonError
 
 fn prepare_dirs(cfg: &Config) -> Result<(), DaemonError> {
     create_private_dir(&cfg.data_dir)?;
-    std::fs::create_dir_all(&cfg.cert_dir).map_err(io_err(format!(
+    let mode = crate::fsutil::create_public_dir(&cfg.cert_dir).map_err(io_err(format!(
         "creating cert_dir {}",
         cfg.cert_dir.display()
-    )))
+    )))?;
+    if mode & 0o005 != 0o005 {
+        tracing::warn!(
+            cert_dir = %cfg.cert_dir.display(),
+            mode = format!("{mode:o}"),
+            "cert_dir is not readable by other users: a sandbox that runs as another user \
+             cannot read its CA certificate (chmod 755 it)"
+        );
+    }
+    Ok(())
 }
 
 /// Every listener, bound before anything that needs their real addresses (port 0 works).
@@ -1028,6 +1037,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "data_dir" => data_dir;
         "cert_dir" => cert_dir;
         "admin.listen" => admin_listen;
+        "admin.max_connections" => admin_limits.max_connections;
+        "admin.header_read_timeout_secs" => admin_limits.header_read_timeout;
         "proxy.listen" => proxy.listen;
         "proxy.transparent_listen" => proxy.transparent_listen;
         "proxy.public_host" => proxy.public_host;
@@ -1045,6 +1056,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "sandbox.memory_max_mib" => sandbox.limits.memory_bytes;
         "sandbox.pids_max" => sandbox.limits.pids;
         "sandbox.disk_max_mib" => sandbox.limits.disk_bytes;
+        "sandbox.uid_base" => sandbox.uid_base;
+        "sandbox.max_open_files" => sandbox.max_open_files;
+        "sandbox.max_flows" => sandbox.flows.max;
+        "sandbox.max_new_flows_per_sec" => sandbox.flows.new_per_sec;
         "log.format" => log_format;
         "store.backend" => store.backend;
         "store.max_staleness_secs" => store.max_staleness;
@@ -1073,6 +1088,31 @@ fn public_authority(host: &str, port: u16) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// Every key a reload does not apply is named: `[admin]` limits and four `[sandbox]` keys
+    /// answered `needs_restart: []` although nothing applied them (outside pass).
+    #[test]
+    fn a_reload_names_every_key_it_does_not_apply() {
+        let old = Config::parse("", "t").unwrap();
+        let new = Config::parse(
+            "[admin]\nmax_connections = 77\nheader_read_timeout_secs = 3\n\
+             [sandbox]\nuid_base = 300000\nmax_open_files = 4096\nmax_flows = 2048\n\
+             max_new_flows_per_sec = 64\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            needs_restart(&old, &new),
+            [
+                "admin.max_connections",
+                "admin.header_read_timeout_secs",
+                "sandbox.uid_base",
+                "sandbox.max_open_files",
+                "sandbox.max_flows",
+                "sandbox.max_new_flows_per_sec",
+            ]
+        );
+    }
 
     fn with_mode(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf, Config) {
         let dir = tempfile::tempdir().unwrap();

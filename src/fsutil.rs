@@ -3,6 +3,9 @@
 //! Invariant: a file made through [`private_file`] is created with mode 0600 and a directory made
 //! by [`create_private_dir`] with 0700, both set atomically at creation (never created wider and
 //! narrowed afterwards). Existing files and directories keep their mode.
+//!
+//! The public side (the sandbox CA certificates, which processes of any user must read) is set
+//! explicitly, whatever the process's umask: [`create_public_dir`] and [`PUBLIC_FILE_MODE`].
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -12,6 +15,36 @@ use std::path::Path;
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 /// Mode of directories holding such files.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Mode of the public sandbox CA files. Set with `fchmod`, not at creation: the shipped unit's
+/// `UMask=0077` made them 0600, and a sandbox running as another user could not read its CA
+/// (`curl: (77)`; outside pass).
+pub const PUBLIC_FILE_MODE: u32 = 0o644;
+/// Mode of `cert_dir` when sealgate creates it (see [`PUBLIC_FILE_MODE`]).
+pub const PUBLIC_DIR_MODE: u32 = 0o755;
+
+/// Creates `dir` if it is missing and gives it [`PUBLIC_DIR_MODE`] (missing parents too);
+/// an existing directory keeps its mode. Returns the mode `dir` has then.
+///
+/// # Errors
+/// The directory cannot be created or read.
+pub fn create_public_dir(dir: &Path) -> std::io::Result<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !dir.exists() {
+        let mut missing = vec![dir];
+        while let Some(parent) = missing.last().and_then(|d| d.parent()) {
+            if parent.as_os_str().is_empty() || parent.exists() {
+                break;
+            }
+            missing.push(parent);
+        }
+        std::fs::create_dir_all(dir)?;
+        for d in missing {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(PUBLIC_DIR_MODE))?;
+        }
+    }
+    Ok(std::fs::metadata(dir)?.permissions().mode() & 0o7777)
+}
 
 /// Open options whose newly created file gets mode 0600; the caller picks
 /// `write`/`append`/`create`/`create_new`/`truncate`.

@@ -1017,12 +1017,17 @@ impl Sandboxes {
     }
 }
 
+/// Writes a sandbox's public CA file, mode [`crate::fsutil::PUBLIC_FILE_MODE`] whatever the
+/// umask (its directory likewise when created here).
 fn write_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::fsutil::create_public_dir(dir)?;
     }
     let tmp = path.with_extension("pem.tmp");
     std::fs::write(&tmp, bytes)?;
+    let mode = std::fs::Permissions::from_mode(crate::fsutil::PUBLIC_FILE_MODE);
+    std::fs::set_permissions(&tmp, mode)?;
     std::fs::rename(&tmp, path)
 }
 

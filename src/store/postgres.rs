@@ -105,9 +105,20 @@ pub fn check_node_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The machine's host name cut to a valid node id ("node" if it has none).
+/// The machine's host name cut to a valid node id ("node" if it has none). Read with
+/// `gethostname(2)`, not from `/proc/sys/kernel/hostname`: the shipped unit's `ProcSubset=pid`
+/// hides `/proc/sys`, and every node of a fleet was "node" (outside pass: the second refused to
+/// start).
 pub fn default_node_id() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = if rc == 0 {
+        buf.iter().position(|&b| b == 0).unwrap_or(buf.len())
+    } else {
+        0
+    };
+    let name = String::from_utf8_lossy(&buf[..len]);
     let id: String = name
         .trim()
         .chars()

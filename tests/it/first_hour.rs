@@ -586,6 +586,66 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     wait_for_text(&log2, "  master key:", &mut second.0);
 }
 
+/// The sandbox CA certificates are public whatever the daemon's umask: under the shipped
+/// unit's `UMask=0077` `cert_dir` came out 0700 and each PEM 0600, and a sandbox running as
+/// another user could not read its CA (`curl: (77)`; outside pass).
+#[tokio::test]
+async fn sandbox_ca_files_are_readable_by_every_user_under_a_strict_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let mut c = sealgate();
+    c.arg("--config")
+        .arg(serve_config(dir.path(), &data, ""))
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: umask is async-signal-safe and touches only the child's own state.
+    unsafe {
+        c.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let mut daemon = Spawned(c.spawn().unwrap());
+    let banner = wait_for_text(&log, "  master key:", &mut daemon.0);
+    let admin = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin API:"))
+        .expect("admin API line")
+        .trim()
+        .to_owned();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let admin_cli = |args: &[&str]| {
+        let o = sealgate()
+            .args(["--admin-url", &admin, "--admin-token", token.trim()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    admin_cli(&["store", "create", "s"]);
+    admin_cli(&["sandbox", "create", "--store", "s"]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let certs = dir.path().join("certs");
+    assert_eq!(mode(&certs), 0o755);
+    let pems: Vec<PathBuf> = std::fs::read_dir(&certs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(pems.len(), 1, "{pems:?}");
+    assert_eq!(mode(&pems[0]), 0o644);
+    // The private side stays private.
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("admin.token")), 0o600);
+}
+
 // ---- the README demo ------------------------------------------------------------------------
 
 const DEMO_PORTS: [u16; 3] = [7070, 3128, 8443];

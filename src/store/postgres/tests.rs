@@ -398,3 +398,18 @@ fn a_kept_last_state_survives_a_key_rotation() {
     assert_eq!(kept.egress_allowlist, suite::hosts(&["api.example.com"]));
     assert_eq!(secrets[0].value.expose(), SECRET);
 }
+
+/// The default node id is the host name, read without `/proc/sys` (hidden under the shipped
+/// unit's `ProcSubset=pid`).
+#[test]
+fn the_default_node_id_is_the_host_name() {
+    let want: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    assert_eq!(super::default_node_id(), want);
+    assert_ne!(super::default_node_id(), "");
+}
