@@ -982,7 +982,11 @@ async fn reloads(
             Err(e) => tracing::warn!(error = %e, "reload refused; running configuration kept"),
         }
         if let Err(e) = proxy.audit.reopen() {
-            tracing::warn!(error = %e, "audit log reopen failed");
+            tracing::warn!(
+                error = %e,
+                "audit log reopen failed: lines go on into the file opened before (rotated \
+                 away?); the path must be creatable or writable by the daemon's user"
+            );
         }
         match reply {
             Some(r) => {
@@ -994,7 +998,7 @@ async fn reloads(
                 secret: None,
                 sandbox: None,
                 actor: "signal:SIGHUP".into(),
-                outcome: None,
+                outcome: outcome.is_err().then_some("refused"),
             }),
         }
     }

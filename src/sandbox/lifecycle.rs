@@ -695,7 +695,7 @@ impl Sandboxes {
         let mut pending = self.pending();
         for id in &done {
             pending.remove(id);
-            tracing::info!(sandbox = %id, "row of a sandbox deleted while the store refused writes removed");
+            tracing::info!(sandbox = %id, "row of an ended sandbox removed (its deletion had been pending)");
         }
         // One write of the record per round, not one per row (review: quadratic after a
         // long outage).

@@ -502,6 +502,24 @@ async fn reload_applies_a_new_limit_keeps_live_tunnels_and_refuses_an_invalid_fi
     assert_eq!(v["error"]["code"], "invalid_request");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("bogus_key"), "{msg}");
+    // Audited as refused (the fifth reload); the reloads that took carry no outcome.
+    let reloads = || -> Vec<serde_json::Value> {
+        e.h.audit_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["action"] == "config.reload")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reloads().len() < 5 {
+        assert!(Instant::now() < deadline, "{:?}", reloads());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reloads = reloads();
+    assert_eq!(reloads[4]["outcome"], "refused", "{reloads:?}");
+    assert!(reloads[..reloads.len() - 1]
+        .iter()
+        .all(|l| l.get("outcome").is_none()));
     let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
         .await
         .expect_err("limit 2 is still in force");

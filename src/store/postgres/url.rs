@@ -34,6 +34,12 @@ impl DatabaseUrl {
         let full = Zeroizing::new(text);
         let config = match tokio_postgres::Config::from_str(&full) {
             Ok(c) => c,
+            Err(_) if libpq_verify_mode(&full) => {
+                return Err("sslmode=verify-ca and verify-full are libpq's names: say \
+                            sslmode=require, which verifies the server's certificate chain and \
+                            host name"
+                    .into())
+            }
             Err(e) => {
                 return Err(format!(
                     "not a PostgreSQL connection string ({})",
@@ -112,6 +118,15 @@ impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({})", self.redacted)
     }
+}
+
+/// Whether `text` asks for libpq's `verify-ca`/`verify-full`, which the driver does not know
+/// (its own `require` verifies both; an outside pass got only "invalid connection string").
+fn libpq_verify_mode(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    ["sslmode=verify-ca", "sslmode=verify-full"]
+        .iter()
+        .any(|m| t.contains(m))
 }
 
 /// Why `[store] ca_files` without `sslmode=require` is refused: they would be ignored, and the
@@ -231,6 +246,17 @@ mod tests {
 
     fn url(text: &str) -> DatabaseUrl {
         DatabaseUrl::parse(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn libpq_verify_modes_are_refused_naming_require() {
+        for text in [
+            "host=db user=sg sslmode=verify-full",
+            "postgres://sg@db/sealgate?sslmode=verify-ca",
+        ] {
+            let err = DatabaseUrl::parse(text.to_owned()).err().unwrap();
+            assert!(err.contains("say sslmode=require"), "{err}");
+        }
     }
 
     #[test]
