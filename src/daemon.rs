@@ -450,6 +450,15 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
     if cfg.store.backend == Backend::Sqlite {
         let (store, key_source) =
             crate::rotate::open_store(&cfg.data_dir, ov.master_key.as_deref())?;
+        if store.is_fresh() && matches!(key_source, KeySource::Loaded(_)) {
+            tracing::warn!(
+                database = %store.db_path().display(),
+                key = %key_source,
+                "the database was empty and is now initialised under an existing master key: \
+                 if you meant to restore a backup, it is not there (a copy of sealgate.db \
+                 without its -wal after a crash holds nothing; see docs/operations.md, Backups)"
+            );
+        }
         return Ok(Opened {
             location: absolute(store.db_path()),
             store: Arc::new(store),

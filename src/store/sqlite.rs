@@ -122,6 +122,8 @@ pub struct SqliteStore {
     /// Device and inode of the file opened, so [`Store::check`] notices the path being removed
     /// or replaced under the open connection (SQLite would keep using the unlinked file).
     file_id: (u64, u64),
+    /// This open initialised the database ([`SqliteStore::is_fresh`]).
+    fresh: bool,
     /// Test hook: make the next rotation fail after re-sealing everything, before commit.
     #[cfg(test)]
     fail_rotation_before_commit: std::sync::atomic::AtomicBool,
@@ -142,15 +144,21 @@ impl SqliteStore {
         let mut conn = Connection::open(&db_path)?;
         configure(&conn)?;
         migrate(&mut conn)?;
-        init_key_check(&mut conn, &key, &db_path)?;
+        let fresh = init_key_check(&mut conn, &key, &db_path)?;
         let file_id = file_id(&fs::metadata(&db_path)?);
         Ok(SqliteStore {
             db_path,
             file_id,
+            fresh,
             db: Mutex::new(Db { conn, key }),
             #[cfg(test)]
             fail_rotation_before_commit: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether this open initialised the database (it held no key-check record).
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// The database file.
@@ -530,17 +538,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
 }
 
-/// Verifies the key-check record, or writes it into a database that has none yet.
+/// Verifies the key-check record, or writes it into a database that has none yet (then
+/// `true`: the database was new).
 fn init_key_check(
     conn: &mut Connection,
     key: &MasterKey,
     db_path: &Path,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let tx = write_tx(conn)?;
     if read_key_check(&tx)?.is_some() {
         let state = verify_key_check(&tx, key, db_path)?;
         if state == KeyCheck::BoundSandboxes {
-            return Ok(());
+            return Ok(false);
         }
         if state == KeyCheck::Legacy {
             let rows = mac_all_policies(&tx, key)?;
@@ -556,7 +565,7 @@ fn init_key_check(
             sandboxes,
             "bound the sandbox rows written before binding to their columns (one-time migration)"
         );
-        return Ok(());
+        return Ok(false);
     }
     let sealed_rows: i64 = tx.query_row(
         "SELECT (SELECT count(*) FROM secrets) + (SELECT count(*) FROM sandboxes)",
@@ -572,7 +581,7 @@ fn init_key_check(
     }
     write_key_check(&tx, key)?;
     tx.commit()?;
-    Ok(())
+    Ok(true)
 }
 
 // ---- key check and rotation ---------------------------------------------------------------------

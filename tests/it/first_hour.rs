@@ -586,6 +586,43 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     wait_for_text(&log2, "  master key:", &mut second.0);
 }
 
+/// A database that comes up empty beside an existing master key is said so: an outside pass
+/// restored `sealgate.db` without its `-wal` after a crash and the daemon started, silently, on
+/// an empty database.
+#[tokio::test]
+async fn an_empty_database_beside_an_existing_key_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = |log: &Path| {
+        let child = sealgate()
+            .arg("--config")
+            .arg(serve_config(dir.path(), &data, ""))
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Spawned(child)
+    };
+    let first_log = dir.path().join("first.log");
+    let mut first = start(&first_log);
+    let banner = wait_for_text(&first_log, "  master key:", &mut first.0);
+    assert!(!banner.contains("was empty"), "{banner}");
+    drop(first);
+    for f in ["sealgate.db", "sealgate.db-wal", "sealgate.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    let second_log = dir.path().join("second.log");
+    let mut second = start(&second_log);
+    let banner = wait_for_text(&second_log, "  master key:", &mut second.0);
+    assert!(
+        banner
+            .contains("the database was empty and is now initialised under an existing master key"),
+        "{banner}"
+    );
+}
+
 /// The sandbox CA certificates are public whatever the daemon's umask: under the shipped
 /// unit's `UMask=0077` `cert_dir` came out 0700 and each PEM 0600, and a sandbox running as
 /// another user could not read its CA (`curl: (77)`; outside pass).
