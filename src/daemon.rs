@@ -483,7 +483,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
         fleet: Some(Fleet {
             node,
             url,
-            health: Arc::new(Health::default()),
+            health: Arc::new(Health::watching(claim.clone())),
             claim,
         }),
     })
@@ -659,7 +659,6 @@ fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
         .map_err(io_err(format!("creating data_dir {}", dir.display())))
 }
 
-/// The admin token: from the environment, else `data_dir/admin.token` (created 0600).
 /// The admin token's file in `data_dir`.
 const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -675,6 +674,7 @@ fn remove_stale_temps(data_dir: &Path) {
     }
 }
 
+/// The admin token: from the environment, else `data_dir/admin.token` (created 0600).
 fn admin_token(
     data_dir: &Path,
     env: Option<&str>,

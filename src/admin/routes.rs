@@ -675,7 +675,9 @@ fn own_node_id(st: &AdminState) -> Result<(), ApiError> {
             format!(
                 "{}; sandboxes are created and deleted only by the daemon holding the id: stop \
                  the other one (or give it its own [node] id) and retry; nothing was changed",
-                health.problem().unwrap_or_default()
+                health.problem().unwrap_or_else(|| {
+                    "this node's id is held by another daemon on this database".into()
+                })
             ),
         )),
         _ => Ok(()),

@@ -476,7 +476,16 @@ impl Sandboxes {
             ca,
         };
         let sb = Arc::new(Sandbox::new(parts, snapshot));
-        self.store.insert_sandbox(&row_of(&sb))?;
+        if let Err(e) = self.store.insert_sandbox(&row_of(&sb)) {
+            // Unconfirmed (the answer to its COMMIT lost): the row may be there, and the next
+            // start would serve a sandbox whose credentials nobody holds, or its source address
+            // would collide with a retry's row and stop the start (review). Its deletion is
+            // made now or kept pending, as for a DELETE while the database is away.
+            if matches!(e, StoreError::Unavailable(_)) {
+                let _ = self.delete_row(&sb.id);
+            }
+            return Err(e.into());
+        }
         // A create that fails takes its row with it, or the next start would serve a sandbox
         // whose create answered an error (review).
         if let Err(e) = self.write_cert(&sb) {

@@ -1417,6 +1417,45 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     }
 }
 
+/// A sandbox create whose `COMMIT` went unanswered leaves no row behind: the 503 said it
+/// failed, nobody holds its credentials, and the next start would have served it (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_create_whose_commit_went_unanswered_leaves_no_row() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let (proxy, url) = StallProxy::start(cluster, &n.db).await;
+    let c = start_node_c(cluster, &n, &url, "").await;
+    n.a.store("s", Some(&["api.example.test"])).await;
+    *proxy.deafen.lock().unwrap() = Some("COMMIT");
+    let (s, v) = c
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": "s"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        proxy.deafen.lock().unwrap().is_none(),
+        "the COMMIT was sent"
+    );
+    let rows = || {
+        cluster.psql(
+            &n.db,
+            "SELECT count(*) FROM sandboxes WHERE node_id = 'node-c'",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows().trim() != "0" {
+        assert!(Instant::now() < deadline, "the row stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = c.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+    drop(proxy.dir);
+}
+
 /// The connection holding the node's id loses its server without a reset (a failover, a
 /// partition): it looks open, and only asking shows it dead. The session, and with it the id's
 /// lock, is gone on the server, and another session takes the id: the node finds out by its

@@ -161,6 +161,9 @@ pub struct Health {
     reason: Mutex<Option<String>>,
     /// The node refuses to unseal whatever its lag (its id is held by another daemon).
     refusing: AtomicBool,
+    /// The node's claim on its id, read directly by [`Health::refusing`] (the watchdog's
+    /// copy in `refusing` lags it by up to a tick; review).
+    claim: Option<Arc<NodeClaim>>,
 }
 
 impl Default for Health {
@@ -171,6 +174,7 @@ impl Default for Health {
             online: AtomicBool::new(true),
             reason: Mutex::new(None),
             refusing: AtomicBool::new(false),
+            claim: None,
         }
     }
 }
@@ -182,9 +186,19 @@ impl Health {
         self.epoch.elapsed().saturating_sub(last)
     }
 
-    /// The node refuses to unseal whatever its lag: `/readyz` says so at once.
+    /// Health that reads `claim` for [`Health::refusing`].
+    pub fn watching(claim: Arc<NodeClaim>) -> Health {
+        Health {
+            claim: Some(claim),
+            ..Health::default()
+        }
+    }
+
+    /// The node refuses to unseal whatever its lag: `/readyz` says so at once, and sandbox
+    /// creates and deletes are refused from the moment the id is found taken.
     pub fn refusing(&self) -> bool {
         self.refusing.load(Ordering::Acquire)
+            || self.claim.as_ref().is_some_and(|c| c.taken_elsewhere())
     }
 
     /// `None` while connected; else why not.
