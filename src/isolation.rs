@@ -158,6 +158,11 @@ pub struct Isolation {
     /// one waits for that teardown ([`Isolated::teardown`] runs once, under its lock), so
     /// its answer, 404 included, comes when nothing of the sandbox is left.
     ending: Mutex<HashMap<Arc<str>, Arc<Isolated>>>,
+    /// Sandboxes whose row and registry entry exist while their namespace is being built: a
+    /// DELETE meeting one waits for the build to end (notified when it does). It had answered
+    /// 204 with the namespace still being built, and the creation then answered 404, never
+    /// audited (review).
+    building: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// `data_dir/isolated-sandboxes`: every isolated sandbox from before its row exists until
     /// it has ended, so a start ends what a crash left (the lock makes each update whole).
     roster: Arc<Mutex<Tombstones>>,
@@ -198,6 +203,7 @@ impl Isolation {
             proxy,
             live: Mutex::new(HashMap::new()),
             ending: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
             roster: Arc::new(Mutex::new(Tombstones::named(&data_dir, ISOLATED_FILE_NAME))),
             closing: std::sync::atomic::AtomicBool::new(false),
         }
@@ -271,6 +277,7 @@ impl Isolation {
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));
         let id = crate::sandbox::new_id();
         self.listed(&id, true).await?;
+        let _building = Building::start(self, &id);
         req.id = Some(id.clone());
         let sbx = self.sandboxes.clone();
         let mut info = match blocking(move || sbx.create(req)).await {
@@ -395,6 +402,7 @@ impl Isolation {
     /// # Errors
     /// [`SandboxError::NotFound`] if it was not live.
     pub async fn delete(&self, id: &str) -> Result<(), IsolationError> {
+        self.until_built(id).await;
         let (iso, mine) = {
             let mut live = self.lock();
             let mut ending = self.ending();
@@ -476,6 +484,24 @@ impl Isolation {
         .await
     }
 
+    /// Waits while sandbox `id` is being built ([`Isolation::building`]).
+    async fn until_built(&self, id: &str) {
+        let Some(done) = self.building().get(id).cloned() else {
+            return;
+        };
+        let notified = done.notified();
+        tokio::pin!(notified);
+        // Registered before the second look, so an end between the two is not missed.
+        notified.as_mut().enable();
+        if self.building().contains_key(id) {
+            notified.await;
+        }
+    }
+
+    fn building(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Notify>>> {
+        self.building.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Isolated>>> {
         self.ending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -545,6 +571,33 @@ impl Drop for Isolation {
 }
 
 /// Runs blocking work (`ip`, `iptables`, SQLite) off the async workers.
+/// Marks a sandbox as being built for as long as it lives ([`Isolation::building`]); its drop,
+/// on every way out of the creation, wakes the DELETEs waiting for it.
+struct Building<'a> {
+    isolation: &'a Isolation,
+    id: String,
+}
+
+impl<'a> Building<'a> {
+    fn start(isolation: &'a Isolation, id: &str) -> Building<'a> {
+        isolation
+            .building()
+            .insert(id.to_owned(), Arc::new(tokio::sync::Notify::new()));
+        Building {
+            isolation,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        if let Some(done) = self.isolation.building().remove(&self.id) {
+            done.notify_waiters();
+        }
+    }
+}
+
 async fn blocking<T, E, F>(f: F) -> Result<T, IsolationError>
 where
     F: FnOnce() -> Result<T, E> + Send + 'static,

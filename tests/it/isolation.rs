@@ -1122,6 +1122,62 @@ async fn deletes_that_arrive_together_answer_after_the_teardown() {
     }
 }
 
+/// A DELETE that arrives while the sandbox's namespace is still being built (the sandbox is
+/// listed from the moment its row exists) waits for the build: the creation answers 201 and is
+/// audited, and the DELETE answers 204 once nothing of the sandbox is left. It had answered 204
+/// with the namespace half built, the creation then 404, never audited (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_meets_a_creation_half_way_waits_for_it() {
+    if !netns_ready() {
+        return;
+    }
+    let e = Arc::new(setup().await);
+    for _ in 0..3 {
+        let creating = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                let body = json!({"secret_store": "s", "isolation": "netns"});
+                e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sid = loop {
+            let (_, v) = e.h.api(Method::GET, "/v1/sandboxes", None).await;
+            if let Some(sb) = v.as_array().and_then(|a| a.first()) {
+                break id(sb);
+            }
+            assert!(Instant::now() < deadline, "never listed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let (s, v) =
+            e.h.api(Method::DELETE, &format!("/v1/sandboxes/{sid}"), None)
+                .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+        let (s, created) = creating.await.unwrap();
+        assert_eq!(s, StatusCode::CREATED, "{created}");
+        let n = names(&created);
+        assert!(
+            !std::path::Path::new("/run/netns").join(&n.netns).exists(),
+            "answered with the namespace still there"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let audit = e.h.audit_log();
+            let of = |action: &str| {
+                audit.lines().position(|l| {
+                    l.contains(&sid) && l.contains(&format!("\"action\":\"{action}\""))
+                })
+            };
+            if let (Some(c), Some(d)) = (of("sandbox.create"), of("sandbox.delete")) {
+                assert!(c < d, "{audit}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "not both audited:\n{audit}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_creates_and_deletes_leave_nothing_and_creation_is_timed() {
     if !netns_ready() {
