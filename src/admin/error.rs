@@ -103,9 +103,9 @@ impl From<StoreError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
                     format!(
-                        "{e}; running sandboxes keep working. A change may have been applied \
-                         all the same (the database did not confirm it): read it back before \
-                         retrying"
+                        "{e}; running sandboxes keep working. If this call was a change, it may \
+                         have been applied all the same (the database did not confirm it): read \
+                         it back before retrying"
                     ),
                 )
             }
@@ -117,7 +117,7 @@ impl From<StoreError> for ApiError {
                     "store_corrupt",
                     format!(
                         "{e}; see docs/operations.md, \"A row that fails its checks\" (the \
-                         store's running sandboxes unseal nothing meanwhile)"
+                         store's running sandboxes unseal nothing from their next re-read of it)"
                     ),
                 )
             }
