@@ -570,7 +570,6 @@ impl Drop for Isolation {
     }
 }
 
-/// Runs blocking work (`ip`, `iptables`, SQLite) off the async workers.
 /// Marks a sandbox as being built for as long as it lives ([`Isolation::building`]); its drop,
 /// on every way out of the creation, wakes the DELETEs waiting for it.
 struct Building<'a> {
@@ -598,6 +597,7 @@ impl Drop for Building<'_> {
     }
 }
 
+/// Runs blocking work (`ip`, `iptables`, SQLite) off the async workers.
 async fn blocking<T, E, F>(f: F) -> Result<T, IsolationError>
 where
     F: FnOnce() -> Result<T, E> + Send + 'static,

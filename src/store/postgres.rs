@@ -636,18 +636,23 @@ const CLAIM_CHECK: Duration = Duration::from_millis(250);
 /// How long the connection holding the node's id may take to answer its probe.
 const CLAIM_PROBE: Duration = Duration::from_secs(2);
 
+/// A server session: its process id and start time (a pid alone can be reused, by another
+/// server after a failover or by the same one).
+type Session = (i32, String);
+
 /// The connection holding this node's id, out of the pool (dropped, it closes, and the
-/// server lets the id go with its session), and its server process.
+/// server lets the id go with its session), and its server session.
 struct ClaimConn {
     client: deadpool_postgres::ClientWrapper,
-    pid: i32,
+    session: Session,
 }
 
 /// What a try to take this node's id found.
 enum Claim {
     Held(ClaimConn),
-    /// Another session holds it: its server process, if it could be seen.
-    HeldBy(Option<i32>),
+    /// Another session holds it: that session, if it could be seen (a session of another
+    /// role shows no start time).
+    HeldBy(Option<(i32, Option<String>)>),
 }
 
 /// Tries to take this node's id lock on a connection taken out of the pool first, so a try
@@ -658,19 +663,45 @@ async fn try_claim(db: &Db) -> Result<Claim, StoreError> {
     let row = client
         .query_one(
             "SELECT pg_try_advisory_lock($1::int4, hashtext($2)), pg_backend_pid(), \
-             (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-              AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2 \
-              AND pid <> pg_backend_pid() LIMIT 1)",
+             (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
+             h.pid, h.started \
+             FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
+               SELECT l.pid, a.backend_start::text AS started FROM pg_locks l \
+               LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+               WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int4::oid \
+               AND l.objid = hashtext($2)::oid AND l.objsubid = 2 \
+               AND l.pid <> pg_backend_pid() LIMIT 1) AS h ON true",
             &[&NODE_LOCK_CLASS, &db.node_id],
         )
         .await
         .map_err(pg_err)?;
-    let (held, pid, holder): (bool, i32, Option<i32>) = (row.get(0), row.get(1), row.get(2));
-    Ok(if held {
-        Claim::Held(ClaimConn { client, pid })
-    } else {
-        Claim::HeldBy(holder)
-    })
+    let held: bool = row.get(0);
+    if held {
+        let session = (
+            row.get(1),
+            row.get::<_, Option<String>>(2).unwrap_or_default(),
+        );
+        return Ok(Claim::Held(ClaimConn { client, session }));
+    }
+    let holder: Option<i32> = row.get(3);
+    Ok(Claim::HeldBy(holder.map(|pid| (pid, row.get(4)))))
+}
+
+/// Ends this node's own old session, which still holds the id on the server: its connection
+/// is gone on this side (a partition), and the server keeps the session until its keepalive
+/// gives up — two hours by default, the node not current all that time (re-check). Only a
+/// session whose pid *and* start time match the one that claimed the id is ended.
+async fn end_own_session(db: &Db, (pid, started): &Session) -> Result<(), StoreError> {
+    db.client()
+        .await?
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid = $1 AND backend_start::text = $2",
+            &[pid, started],
+        )
+        .await
+        .map_err(pg_err)
+        .map(drop)
 }
 
 /// Whether the connection holding the id still answers. Only asking tells: a connection to a
@@ -690,7 +721,7 @@ async fn answers(conn: &ClaimConn) -> bool {
 /// nothing) — unless that session is this node's own old one, not yet gone on the server.
 async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
     let mut tick = tokio::time::interval(CLAIM_CHECK);
-    let mut old_pid = None;
+    let mut old: Option<Session> = None;
     loop {
         tick.tick().await;
         let held = db
@@ -704,7 +735,7 @@ async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
                 continue;
             }
             tracing::warn!(node = %db.node_id, "the connection holding this node's id stopped answering: claiming the id again");
-            old_pid = Some(conn.pid);
+            old = Some(conn.session.clone());
             claim.set_unverified(true);
         }
         match tokio::time::timeout(OP_TIMEOUT, try_claim(&db)).await {
@@ -712,11 +743,19 @@ async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
                 *db.node_claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
                 claim.set_taken(false);
                 claim.set_unverified(false);
-                old_pid = None;
+                old = None;
                 tracing::info!(node = %db.node_id, "node id claimed again on a new connection");
             }
-            Ok(Ok(Claim::HeldBy(holder))) if holder.is_none() || holder == old_pid => {}
-            Ok(Ok(Claim::HeldBy(_))) => {
+            // Released meanwhile: tried again at the next check.
+            Ok(Ok(Claim::HeldBy(None))) => {}
+            Ok(Ok(Claim::HeldBy(Some((pid, Some(started))))))
+                if old.as_ref() == Some(&(pid, started.clone())) =>
+            {
+                tracing::info!(node = %db.node_id, pid, "ending this node's own old session, which still holds its id");
+                let _ =
+                    tokio::time::timeout(OP_TIMEOUT, end_own_session(&db, &(pid, started))).await;
+            }
+            Ok(Ok(Claim::HeldBy(Some(_)))) => {
                 if claim.set_taken(true) {
                     tracing::error!(
                         node = %db.node_id,

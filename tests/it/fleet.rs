@@ -868,13 +868,15 @@ fn ca_files_without_sslmode_require_are_refused() {
 /// delivered, and then hears nothing more from the server: an answer lost on the way back.
 /// [`StallProxy::sever_claims`]: the connections that have claimed a node id lose their
 /// server (its session ends) while their client hears nothing: a server gone without a reset.
+/// [`StallProxy::freeze_claims`]: the same, but the server's side stays open, so its session
+/// (and the id's lock) lives on: a partition the server has not noticed.
 struct StallProxy {
     dir: tempfile::TempDir,
     stall: Arc<std::sync::atomic::AtomicBool>,
     only: Arc<std::sync::Mutex<Option<&'static str>>>,
     poison: Arc<std::sync::Mutex<Option<&'static str>>>,
     deafen: Arc<std::sync::Mutex<Option<&'static str>>>,
-    sever: Arc<tokio::sync::watch::Sender<u64>>,
+    sever: Arc<tokio::sync::watch::Sender<(u64, bool)>>,
 }
 
 /// A one-shot text to match in a client's message ([`StallProxy`]).
@@ -911,7 +913,7 @@ impl StallProxy {
         let only = Arc::new(std::sync::Mutex::new(None));
         let poison = Arc::new(std::sync::Mutex::new(None));
         let deafen = Arc::new(std::sync::Mutex::new(None));
-        let sever = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let sever = Arc::new(tokio::sync::watch::channel((0u64, false)).0);
         let (st, on, po, de) = (stall.clone(), only.clone(), poison.clone(), deafen.clone());
         let sv = sever.clone();
         tokio::spawn(async move {
@@ -941,7 +943,15 @@ impl StallProxy {
     /// Every connection that has claimed a node id so far loses its server (the session, and
     /// with it the id's lock, ends there) while its client hears nothing more, ever.
     fn sever_claims(&self) {
-        self.sever.send_modify(|g| *g += 1);
+        self.sever
+            .send_modify(|(g, keep)| (*g, *keep) = (*g + 1, false));
+    }
+
+    /// Every connection that has claimed a node id so far goes silent both ways, its server's
+    /// side kept open: the session, and the id's lock, live on at the server.
+    fn freeze_claims(&self) {
+        self.sever
+            .send_modify(|(g, keep)| (*g, *keep) = (*g + 1, true));
     }
 
     #[allow(clippy::type_complexity)]
@@ -954,7 +964,7 @@ impl StallProxy {
             Once,
             Once,
         ),
-        mut sever: tokio::sync::watch::Receiver<u64>,
+        mut sever: tokio::sync::watch::Receiver<(u64, bool)>,
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
@@ -991,14 +1001,19 @@ impl StallProxy {
             let mut head = [0u8; 5];
             let read = tokio::select! {
                 r = cr.read_exact(&mut head) => Some(r),
-                _ = sever.wait_for(|now| severed(claimed_at, *now)) => None,
+                _ = sever.wait_for(|(now, _)| severed(claimed_at, *now)) => None,
             };
             let Some(read) = read else {
                 from_server.abort();
-                drop(sw);
+                let keep_server = sever.borrow().1;
+                let _server = keep_server.then_some(sw);
                 let _keep_client_open = cw;
                 let mut sink = [0u8; 4096];
                 while cr.read(&mut sink).await? > 0 {}
+                if keep_server {
+                    // The server never hears of the client's end either.
+                    std::future::pending::<()>().await;
+                }
                 return Ok(());
             };
             read?;
@@ -1008,7 +1023,7 @@ impl StallProxy {
             if claimed_at.is_none()
                 && String::from_utf8_lossy(&body).contains("pg_try_advisory_lock")
             {
-                claimed_at = Some(*sever.borrow());
+                claimed_at = Some(sever.borrow().0);
             }
             let held = || {
                 let only = *only.lock().unwrap();
@@ -1495,6 +1510,102 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     assert!(thief.wait().expect("psql").success());
     n.until_seen(&c, &sb, "sk-fleet-vanished-2601", Duration::from_secs(15))
         .await;
+    drop(proxy);
+}
+
+/// A twin that took the node's id and went away again while the node was cut off is never
+/// seen by it: the node must still end, once it has its id back, the sandboxes deleted through
+/// the twin meanwhile. It ended them only if it had seen the twin, and otherwise served a
+/// deleted sandbox's secret again (re-check). Here the connection holding the id dies without
+/// a word and the "twin" deletes a row while the id is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_deleted_while_the_node_had_lost_its_id_is_ended_when_it_comes_back() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
+    let c = start_node_c(&cluster, &n, &url, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-unseen-2701").await;
+    c.register_secret("sk-fleet-unseen-2701");
+    let sb = sandbox_on(&c, "s", "node-c").await;
+    let doomed = sandbox_on(&c, "s", "node-c").await;
+    n.until_seen(&c, &doomed, "sk-fleet-unseen-2701", Duration::from_secs(10))
+        .await;
+
+    proxy.sever_claims();
+    cluster.psql(
+        &n.db,
+        &format!("DELETE FROM sandboxes WHERE id = '{}'", doomed.id),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pc::connect(c.proxy, Some(&doomed.proxy_auth()), API)
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted sandbox still serves"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    n.until_seen(&c, &sb, "sk-fleet-unseen-2701", Duration::from_secs(10))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.audit_log().lines().any(|l| {
+        l.contains(&*doomed.id) && l.contains("\"sandbox.end\"") && l.contains("\"reconcile\"")
+    }) {
+        assert!(Instant::now() < deadline, "no sandbox.end audited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(proxy);
+}
+
+/// A partition the server has not noticed leaves the node's old session, and with it the
+/// node's id, alive at the server (until its keepalive gives up: two hours by default). The
+/// node ends that session — its own, by pid and start time — and claims the id again, rather
+/// than staying "not claimed" (not current, `/readyz` 503) all that time (re-check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ends_its_own_old_session_that_kept_its_id() {
+    let cluster = Cluster::owned();
+    let n = two_nodes(&cluster, "").await;
+    let (proxy, url) = StallProxy::start(&cluster, &n.db).await;
+    let c = start_node_c(&cluster, &n, &url, "").await;
+    let holder = || {
+        cluster
+            .psql(
+                &n.db,
+                "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 1936158308::oid \
+             AND a.application_name = 'sealgate/node-c'",
+            )
+            .trim()
+            .to_owned()
+    };
+    let before = holder();
+    assert!(!before.is_empty(), "node-c holds its id");
+
+    proxy.freeze_claims();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = holder();
+        if !now.is_empty() && now != before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-c never claimed its id again (held by {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, v) = c.api(Method::GET, "/readyz", None).await;
+        if s == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(proxy);
 }
 

@@ -84,9 +84,11 @@ pub struct NodeClaim {
     /// The connection holding the id failed its probe or is gone and the id is not claimed
     /// again yet: the node may have lost it without knowing (a failover, a partition).
     unverified: AtomicBool,
-    /// The id was held elsewhere since the last unlock: sandboxes may have been deleted
-    /// through the twin ([`Target::reconcile_rows`]).
-    was_taken: AtomicBool,
+    /// The id was out of this node's hands (its claim lost, or held elsewhere) since the last
+    /// reconcile: sandboxes may have been deleted through a twin ([`Target::reconcile_rows`]).
+    /// Set by any loss, not only by a twin seen: a twin that came and went while this node was
+    /// cut off is never seen (re-check: the node served a sandbox deleted through it).
+    out_of_hand: AtomicBool,
 }
 
 impl NodeClaim {
@@ -98,13 +100,16 @@ impl NodeClaim {
     /// Records whether the id is held elsewhere; `true` if that changed.
     pub fn set_taken(&self, taken: bool) -> bool {
         if taken {
-            self.was_taken.store(true, Ordering::Release);
+            self.out_of_hand.store(true, Ordering::Release);
         }
         self.taken.swap(taken, Ordering::AcqRel) != taken
     }
 
     /// Records whether the claim is unverified (see the field).
     pub fn set_unverified(&self, unverified: bool) {
+        if unverified {
+            self.out_of_hand.store(true, Ordering::Release);
+        }
         self.unverified.store(unverified, Ordering::Release);
     }
 
@@ -349,26 +354,32 @@ impl Follower {
             let asked = Instant::now();
             self.check(&client, target, applied, ids, full, asked)
                 .await?;
-            if full && self.health.problem().is_none() && locked.load(Ordering::Acquire) {
-                self.unlock(target, locked).await;
+            if full && self.health.problem().is_none() && self.reconciled(target).await {
+                self.unlock(target, locked);
             }
         }
     }
 
-    /// Lifts the lock once current again. After a spell with the id held by another daemon,
-    /// first ends the sandboxes deleted through it (the lock stays if that fails). No await
-    /// between the last look at the node's state and the unlock: the watchdog, polled by the
-    /// same task, cannot lock in between.
-    async fn unlock(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
-        if self.claim.was_taken.swap(false, Ordering::AcqRel) {
-            let t = target.clone();
-            let done = tokio::task::spawn_blocking(move || t.reconcile_rows()).await;
-            if !matches!(done, Ok(Ok(()))) {
-                self.claim.was_taken.store(true, Ordering::Release);
-                tracing::warn!("could not compare the sandboxes with their rows after the node id came back: staying locked");
-                return;
-            }
+    /// After the id was out of this node's hands, ends the sandboxes deleted meanwhile
+    /// (through a twin) before anything else; `false` while that is still to do (it failed:
+    /// tried again at the next full check, and the lock, if any, stays).
+    async fn reconciled(&self, target: &Arc<dyn Target>) -> bool {
+        if !self.claim.out_of_hand.swap(false, Ordering::AcqRel) {
+            return true;
         }
+        let t = target.clone();
+        let done = tokio::task::spawn_blocking(move || t.reconcile_rows()).await;
+        if matches!(done, Ok(Ok(()))) {
+            return true;
+        }
+        self.claim.out_of_hand.store(true, Ordering::Release);
+        tracing::warn!("could not compare the sandboxes with their rows after the node id came back: tried again at the next check");
+        false
+    }
+
+    /// Lifts the lock once current again. No await between the last look at the node's state
+    /// and the unlock: the watchdog, polled by the same task, cannot lock in between.
+    fn unlock(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
         if self.health.problem().is_some() || self.claim.problem(&self.node).is_some() {
             return;
         }

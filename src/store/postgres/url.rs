@@ -123,7 +123,11 @@ impl fmt::Debug for DatabaseUrl {
 /// Whether `text` asks for libpq's `verify-ca`/`verify-full`, which the driver does not know
 /// (its own `require` verifies both; an outside pass got only "invalid connection string").
 fn libpq_verify_mode(text: &str) -> bool {
-    let t = text.to_ascii_lowercase();
+    let t: String = text
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| !c.is_whitespace() && !matches!(c, '\'' | '"'))
+        .collect();
     ["sslmode=verify-ca", "sslmode=verify-full"]
         .iter()
         .any(|m| t.contains(m))
@@ -253,6 +257,8 @@ mod tests {
         for text in [
             "host=db user=sg sslmode=verify-full",
             "postgres://sg@db/sealgate?sslmode=verify-ca",
+            "host=db user=sg sslmode = verify-full",
+            "host=db user=sg sslmode='verify-ca'",
         ] {
             let err = DatabaseUrl::parse(text.to_owned()).err().unwrap();
             assert!(err.contains("say sslmode=require"), "{err}");
