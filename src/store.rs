@@ -330,6 +330,20 @@ pub trait Store: Send + Sync {
     /// Every sandbox row at once (a CA key and a snapshot of a few KiB each), meant for startup.
     fn load_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
 
+    /// The ids of every persisted sandbox (of this node, in fleet mode), nothing decrypted:
+    /// what [`crate::sandbox::Sandboxes::reconcile_rows`] compares the live ones with. The
+    /// default reads whole rows; a backend overrides it with a cheaper read.
+    ///
+    /// # Errors
+    /// Store failures.
+    fn sandbox_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        Ok(self
+            .load_sandboxes()?
+            .into_iter()
+            .map(|row| row.id)
+            .collect())
+    }
+
     /// Deletes a sandbox row.
     ///
     /// # Errors

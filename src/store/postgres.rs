@@ -584,6 +584,12 @@ impl Store for PgStore {
         })
     }
 
+    fn sandbox_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.block(
+            |db| async move { ops::select_sandbox_ids(&**db.client().await?, &db.node_id).await },
+        )
+    }
+
     fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
         self.block(|db| async move {

@@ -554,6 +554,19 @@ pub(super) async fn select_sandboxes(
     Ok(rows.iter().map(RawSandbox::from_pg).collect())
 }
 
+/// The ids of this node's sandbox rows (nothing decoded: a row that fails its checks is
+/// still a row).
+pub(super) async fn select_sandbox_ids(
+    client: &Client,
+    node_id: &str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let rows = client
+        .query("SELECT id FROM sandboxes WHERE node_id = $1", &[&node_id])
+        .await
+        .map_err(pg_err)?;
+    rows.iter().map(|r| r.try_get(0).map_err(pg_err)).collect()
+}
+
 /// Deletes this node's sandbox row `id`: a node never deletes another node's row (its
 /// pending-deletion record, copied with a cloned host, must not end that node's sandboxes).
 pub(super) async fn delete_sandbox(
