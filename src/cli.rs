@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// sealgate: egress substitution proxy for sandboxes.
 #[derive(Debug, Parser)]
-#[command(name = "sealgate", version, about)]
+#[command(name = "sealgate", version = env!("SEALGATE_VERSION"), about)]
 pub struct Cli {
     /// proxy.toml to load (default: embedded defaults).
     #[arg(long, global = true, env = "SEALGATE_CONFIG")]

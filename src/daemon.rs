@@ -136,7 +136,7 @@ impl Running {
     /// The start-up summary, one `  name: value` line each (the one place it is written;
     /// `sealgate serve` prints it to stderr, scripts and tests read its lines).
     pub fn summary(&self) -> String {
-        let mut out = format!("sealgate {} running\n", env!("CARGO_PKG_VERSION"));
+        let mut out = format!("sealgate {} running\n", env!("SEALGATE_VERSION"));
         let mut line = |name: &str, value: String| out.push_str(&format!("  {name:<12} {value}\n"));
         line("admin API:", format!("http://{}", self.admin_addr));
         line("proxy:", self.proxy_addr.to_string());

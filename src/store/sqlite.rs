@@ -101,7 +101,17 @@ CREATE INDEX sandboxes_by_expiry ON sandboxes (expires_at);
 ALTER TABLE stores ADD COLUMN policy_mac BLOB;   -- crypto::StorePolicy MAC of egress_allowlist
 ALTER TABLE secrets ADD COLUMN policy_mac BLOB;  -- crypto::SecretPolicy MAC of allowed_hosts, locations
 "#,
+    // No change to the tables: a marker. This build keeps state beside the database that the
+    // builds before it ignore (`data_dir/pending-deletions`, `isolated-sandboxes`); one of them
+    // started on this database served again a sandbox deleted while the database refused
+    // writes (an outside upgrade pass). Past this version they refuse to start instead
+    // ("schema … newer than this build").
+    DATA_DIR_STATE_MARKER,
 ];
+
+/// See the last of [`MIGRATIONS`] (shared with the PostgreSQL schema).
+pub(crate) const DATA_DIR_STATE_MARKER: &str =
+    "SELECT 'sealgate keeps deletions pending in data_dir'";
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
 const SECRET_META_COLUMNS: &str =
@@ -1218,6 +1228,10 @@ mod tests {
         assert_eq!(get("synchronous"), 1); // NORMAL
         assert_eq!(get("secure_delete"), 1);
         assert_eq!(get("user_version"), MIGRATIONS.len() as i64);
+        // Past version 2, the last known to builds that ignore `data_dir/pending-deletions`:
+        // they refuse this database (an outside upgrade pass downgraded to one and it served
+        // a deleted sandbox again).
+        assert!(get("user_version") > 2);
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();

@@ -96,6 +96,9 @@ CREATE TABLE deleted_secrets (
     PRIMARY KEY (store_id, name)
 );
 "#,
+    // No DDL (a role without CREATE applies it): a marker that keeps older builds, which
+    // ignore `data_dir/pending-deletions`, from starting on this database (see SQLite's).
+    crate::store::sqlite::DATA_DIR_STATE_MARKER,
 ];
 
 /// The newest schema version this build knows.
