@@ -509,6 +509,18 @@ async fn a_damaged_record_of_pending_deletions_is_refused_at_start() {
 /// Kills a spawned daemon when the test ends, however it ends.
 struct Spawned(std::process::Child);
 
+/// `serve` with a fresh config for `data` under `dir`, its stderr in `log`.
+fn serve_command(dir: &Path, data: &Path, log: &Path) -> Command {
+    let mut c = sealgate();
+    c.arg("--config")
+        .arg(serve_config(dir, data, ""))
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    c
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
         // SAFETY: kill(2) with a pid we spawned and have not reaped.
@@ -537,16 +549,7 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("first.log");
-    let child = sealgate()
-        .arg("--config")
-        .arg(serve_config(dir.path(), &data, ""))
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first = Spawned(child);
+    let mut first = Spawned(serve_command(dir.path(), &data, &log).spawn().unwrap());
     let banner = wait_for_text(&log, "  master key:", &mut first.0);
     let certs = std::fs::canonicalize(dir.path().join("certs")).unwrap();
     assert!(
@@ -573,16 +576,7 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     drop(first);
     // Once the first is gone the data dir is free again.
     let log2 = dir.path().join("second.log");
-    let child = sealgate()
-        .arg("--config")
-        .arg(serve_config(dir.path(), &data, ""))
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log2).unwrap())
-        .spawn()
-        .unwrap();
-    let mut second = Spawned(child);
+    let mut second = Spawned(serve_command(dir.path(), &data, &log2).spawn().unwrap());
     wait_for_text(&log2, "  master key:", &mut second.0);
 }
 
@@ -593,18 +587,7 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
 async fn an_empty_database_beside_an_existing_key_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let start = |log: &Path| {
-        let child = sealgate()
-            .arg("--config")
-            .arg(serve_config(dir.path(), &data, ""))
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        Spawned(child)
-    };
+    let start = |log: &Path| Spawned(serve_command(dir.path(), &data, log).spawn().unwrap());
     let first_log = dir.path().join("first.log");
     let mut first = start(&first_log);
     let banner = wait_for_text(&first_log, "  master key:", &mut first.0);
@@ -634,13 +617,7 @@ async fn sandbox_ca_files_are_readable_by_every_user_under_a_strict_umask() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("serve.log");
-    let mut c = sealgate();
-    c.arg("--config")
-        .arg(serve_config(dir.path(), &data, ""))
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+    let mut c = serve_command(dir.path(), &data, &log);
     // SAFETY: umask is async-signal-safe and touches only the child's own state.
     unsafe {
         c.pre_exec(|| {
