@@ -16,7 +16,8 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 /// Mode of directories holding such files.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
-/// Mode of the public sandbox CA files. Set with `fchmod`, not at creation: the shipped unit's
+/// Mode of the public sandbox CA files. Set after creation, not by it (the umask applies to
+/// that): the shipped unit's
 /// `UMask=0077` made them 0600, and a sandbox running as another user could not read its CA
 /// (`curl: (77)`; outside pass).
 pub const PUBLIC_FILE_MODE: u32 = 0o644;
@@ -44,6 +45,23 @@ pub fn create_public_dir(dir: &Path) -> std::io::Result<u32> {
         }
     }
     Ok(std::fs::metadata(dir)?.permissions().mode() & 0o7777)
+}
+
+/// Writes a public file (a sandbox's CA certificate) through a temporary beside it renamed
+/// over `path`, mode [`PUBLIC_FILE_MODE`] whatever the umask; its directory is made by
+/// [`create_public_dir`] when missing.
+///
+/// # Errors
+/// The directory or the file cannot be written.
+pub fn replace_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        create_public_dir(dir)?;
+    }
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC_FILE_MODE))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Open options whose newly created file gets mode 0600; the caller picks

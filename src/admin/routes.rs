@@ -839,10 +839,11 @@ async fn reload(
         )
     })?;
     // A refused reload is audited as one, not like a reload that took (outside pass).
-    let mut ev = event("config.reload", (None, None, None), peer);
-    ev.outcome = outcome.is_err().then_some("refused");
     st.metrics.store_op("config.reload");
-    st.audit.admin(&ev);
+    st.audit.admin(&AdminEvent {
+        outcome: outcome.is_err().then_some("refused"),
+        ..event("config.reload", (None, None, None), peer)
+    });
     match outcome {
         Ok(restart_needed) => {
             Ok(Json(json!({"reloaded": true, "needs_restart": restart_needed})).into_response())

@@ -206,7 +206,7 @@ pub struct Sandboxes {
     /// (`locked`) is taken only around the computing and the swapping, never across the
     /// database: the staleness watchdog waits for it (a hung write held the lock off for 5 s).
     applying: Mutex<()>,
-    /// Sandboxes whose row was found gone when the node got its id back from a twin
+    /// Sandboxes whose row was found gone when the node got its id back
     /// ([`Sandboxes::reconcile_rows`]): ended, waiting for the sweep to audit them and end
     /// their isolation.
     ended_elsewhere: Mutex<Vec<Arc<str>>>,
@@ -261,10 +261,7 @@ impl Sandboxes {
     /// dropped from the set, so `/readyz` no longer names a store the operator has dealt with
     /// (it did until a restart, even after the store and its sandbox were deleted).
     pub fn quarantined(&self) -> Vec<String> {
-        let mut q = self
-            .quarantined
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut q = lock(&self.quarantined);
         q.retain(|id| !self.registry.of_store(id).is_empty());
         let mut ids: Vec<String> = q.iter().cloned().collect();
         ids.sort();
@@ -303,12 +300,8 @@ impl Sandboxes {
     }
 
     fn quarantine(&self, store_id: &str, affected: &[Arc<Sandbox>], why: &str) {
-        let newly = self
-            .quarantined
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(store_id.to_owned());
-        let mut held = self.locked.lock().unwrap_or_else(PoisonError::into_inner);
+        let newly = lock(&self.quarantined).insert(store_id.to_owned());
+        let mut held = lock(&self.locked);
         affected.iter().for_each(|sb| self.lock_one(&mut held, sb));
         if newly {
             tracing::error!(
@@ -412,10 +405,7 @@ impl Sandboxes {
             n += 1;
         }
         *self.pending() = deleted;
-        *self
-            .ended_at_start
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = ended;
+        *lock(&self.ended_at_start) = ended;
         self.retry_pending_deletes();
         Ok(n)
     }
@@ -635,12 +625,7 @@ impl Sandboxes {
     /// those whose end was recorded (deleted while the store refused writes, or isolated in an
     /// earlier run). A sandbox's life can then be read from the audit log alone (review).
     pub fn take_ended_at_start(&self) -> Vec<(String, &'static str)> {
-        std::mem::take(
-            &mut *self
-                .ended_at_start
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        std::mem::take(&mut *lock(&self.ended_at_start))
     }
 
     /// Where the pending deletions are recorded across restarts (none in unit tests).
@@ -649,9 +634,7 @@ impl Sandboxes {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.pending_deletes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.pending_deletes)
     }
 
     /// Mirrors `pending` on disk; false (and logged) if that failed (the sandboxes have ended
@@ -728,16 +711,16 @@ impl Sandboxes {
         let _ = self.on_end.set(Box::new(hook));
     }
 
-    /// After this node got its id back from another daemon that had held it (fleet mode):
-    /// ends every live sandbox whose row is gone — deleted through the twin, which was this
-    /// node for the database meanwhile; they had unsealed again here once the lock lifted
-    /// (review). The registry is read before the rows: a sandbox's row is written before it
+    /// After this node got its id back from a spell out of its hands (held by another daemon,
+    /// or its claim lost; fleet mode): ends every live sandbox whose row is gone — deleted
+    /// through a twin, which was this node for the database meanwhile; they had unsealed again
+    /// here (review, re-check). The registry is read before the rows: a sandbox's row is written before it
     /// is registered, so one created meanwhile is never taken for gone. Returns how many
     /// ended; the sweep audits them and ends their isolation
     /// ([`Sandboxes::take_ended_elsewhere`]).
     ///
     /// # Errors
-    /// Store failures (nothing ended; the caller stays locked and tries again).
+    /// Store failures (nothing ended; the follower tries again at its next full check).
     pub fn reconcile_rows(&self) -> Result<usize, SandboxError> {
         let live = self.registry.all();
         // Ids only: cheap, and a row that fails its checks still counts as there (its
@@ -747,7 +730,7 @@ impl Sandboxes {
         for sb in live.iter().filter(|sb| !rows.contains(&*sb.id)) {
             if let Some(sb) = self.registry.remove(&sb.id) {
                 self.forget(&sb);
-                tracing::warn!(sandbox = %sb.id, "sandbox deleted while another daemon held this node's id: ended here");
+                tracing::warn!(sandbox = %sb.id, "sandbox deleted while this node's id was out of its hands: ended here");
                 ended.push(sb.id.clone());
             }
         }
@@ -901,10 +884,7 @@ impl Sandboxes {
         self.stale
             .store(locked, std::sync::atomic::Ordering::Release);
         if !locked {
-            let quarantined = self
-                .quarantined
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let quarantined = lock(&self.quarantined);
             held.retain(|id, real| {
                 let Some(sb) = self.registry.get(id) else {
                     return false;
@@ -1018,23 +998,9 @@ impl Sandboxes {
 
     fn write_cert(&self, sb: &Sandbox) -> Result<(), SandboxError> {
         let path = self.cert_path(&sb.id);
-        write_public_file(&path, sb.ca.cert_pem().as_bytes())
+        crate::fsutil::replace_public_file(&path, sb.ca.cert_pem().as_bytes())
             .map_err(|source| SandboxError::CertFile { path, source })
     }
-}
-
-/// Writes a sandbox's public CA file, mode [`crate::fsutil::PUBLIC_FILE_MODE`] whatever the
-/// umask (its directory likewise when created here).
-fn write_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Some(dir) = path.parent() {
-        crate::fsutil::create_public_dir(dir)?;
-    }
-    let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, bytes)?;
-    let mode = std::fs::Permissions::from_mode(crate::fsutil::PUBLIC_FILE_MODE);
-    std::fs::set_permissions(&tmp, mode)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn resnapshot(

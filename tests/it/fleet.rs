@@ -1423,13 +1423,7 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
         n.b.api(Method::GET, &format!("/v1/sandboxes/{}", doomed.id), None)
             .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !n.b.audit_log().lines().any(|l| {
-        l.contains(&*doomed.id) && l.contains("\"sandbox.end\"") && l.contains("\"reconcile\"")
-    }) {
-        assert!(Instant::now() < deadline, "no sandbox.end audited");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_reconciled(&n.b, &doomed.id).await;
 }
 
 /// A sandbox create whose `COMMIT` went unanswered leaves no row behind: the 503 said it
@@ -1550,13 +1544,7 @@ async fn a_sandbox_deleted_while_the_node_had_lost_its_id_is_ended_when_it_comes
     }
     n.until_seen(&c, &sb, "sk-fleet-unseen-2701", Duration::from_secs(10))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !c.audit_log().lines().any(|l| {
-        l.contains(&*doomed.id) && l.contains("\"sandbox.end\"") && l.contains("\"reconcile\"")
-    }) {
-        assert!(Instant::now() < deadline, "no sandbox.end audited");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_reconciled(&c, &doomed.id).await;
     drop(proxy);
 }
 
@@ -1597,15 +1585,7 @@ async fn a_node_ends_its_own_old_session_that_kept_its_id() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (s, v) = c.api(Method::GET, "/readyz", None).await;
-        if s == StatusCode::OK {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readyz_until(&c, StatusCode::OK).await;
     drop(proxy);
 }
 
@@ -1720,6 +1700,20 @@ async fn a_sandbox_created_across_its_stores_deletion_unseals_nothing_it_read_be
 }
 
 /// Polls `node`'s `/readyz` until it answers `want` (at most 10 s); the last answer.
+/// Waits until `node` has audited sandbox `id` as ended by the reconcile (`sandbox.end`,
+/// actor `reconcile`): the sweep writes it within half a second of the reconcile.
+async fn until_reconciled(node: &Harness, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node
+        .audit_log()
+        .lines()
+        .any(|l| l.contains(id) && l.contains("\"sandbox.end\"") && l.contains("\"reconcile\""))
+    {
+        assert!(Instant::now() < deadline, "no sandbox.end audited for {id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn readyz_until(node: &Harness, want: StatusCode) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -66,12 +66,12 @@ pub trait Target: Send + Sync + 'static {
     /// and an unlock always land in the order they were decided (an unlock on a blocking
     /// thread could land after a later lock and leave the node unsealing while "locked").
     fn set_locked(&self, locked: bool);
-    /// Ends every live sandbox whose row is gone (blocking); run before the unlock that
-    /// follows a spell with this node's id held by another daemon, through which they may
-    /// have been deleted.
+    /// Ends every live sandbox whose row is gone (blocking); run once the node has its id back
+    /// after it was out of its hands (a twin may have deleted them meanwhile), before any
+    /// unlock.
     ///
     /// # Errors
-    /// [`ApplyError`]: the node stays locked and tries again at the next check.
+    /// [`ApplyError`]: tried again at the next full check; a lock stays meanwhile.
     fn reconcile_rows(&self) -> Result<(), ApplyError>;
 }
 
@@ -164,46 +164,33 @@ pub struct Health {
     last_ok_ms: AtomicU64,
     online: AtomicBool,
     reason: Mutex<Option<String>>,
-    /// The node refuses to unseal whatever its lag (its id is held by another daemon).
-    refusing: AtomicBool,
-    /// The node's claim on its id, read directly by [`Health::refusing`] (the watchdog's
-    /// copy in `refusing` lags it by up to a tick; review).
-    claim: Option<Arc<NodeClaim>>,
+    /// The node's claim on its id: while another daemon holds it, the node refuses to unseal
+    /// whatever its lag ([`Health::refusing`]).
+    claim: Arc<NodeClaim>,
 }
 
-impl Default for Health {
-    fn default() -> Self {
+impl Health {
+    /// A node's health, starting connected, as `claim` says.
+    pub fn watching(claim: Arc<NodeClaim>) -> Health {
         Health {
             epoch: Instant::now(),
             last_ok_ms: AtomicU64::new(0),
             online: AtomicBool::new(true),
             reason: Mutex::new(None),
-            refusing: AtomicBool::new(false),
-            claim: None,
+            claim,
         }
     }
-}
 
-impl Health {
     /// Time since the last successful round trip with the database.
     pub fn lag(&self) -> Duration {
         let last = Duration::from_millis(self.last_ok_ms.load(Ordering::Acquire));
         self.epoch.elapsed().saturating_sub(last)
     }
 
-    /// Health that reads `claim` for [`Health::refusing`].
-    pub fn watching(claim: Arc<NodeClaim>) -> Health {
-        Health {
-            claim: Some(claim),
-            ..Health::default()
-        }
-    }
-
-    /// The node refuses to unseal whatever its lag: `/readyz` says so at once, and sandbox
-    /// creates and deletes are refused from the moment the id is found taken.
+    /// The node refuses to unseal whatever its lag (another daemon holds its id): `/readyz`
+    /// says so at once, and sandbox creates and deletes are refused from that moment.
     pub fn refusing(&self) -> bool {
-        self.refusing.load(Ordering::Acquire)
-            || self.claim.as_ref().is_some_and(|c| c.taken_elsewhere())
+        self.claim.taken_elsewhere()
     }
 
     /// `None` while connected; else why not.
@@ -529,9 +516,7 @@ impl Follower {
     fn report(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
         let lag = self.health.lag();
         self.lag_gauge.set(lag.as_secs_f64());
-        let taken = self.claim.taken_elsewhere();
-        self.health.refusing.store(taken, Ordering::Release);
-        if taken {
+        if self.claim.taken_elsewhere() {
             self.health.down(taken_reason(&self.node));
             if !locked.swap(true, Ordering::AcqRel) {
                 target.set_locked(true);
