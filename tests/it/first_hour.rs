@@ -658,6 +658,13 @@ async fn sandbox_ca_files_are_readable_by_every_user_under_a_strict_umask() {
     // The private side stays private.
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("admin.token")), 0o600);
+    // A CA file an older build left 0600 is rewritten 0644 when the sandbox is restored.
+    std::fs::set_permissions(&pems[0], std::fs::Permissions::from_mode(0o600)).unwrap();
+    drop(daemon);
+    let log2 = dir.path().join("serve2.log");
+    let mut daemon = Spawned(serve_command(dir.path(), &data, &log2).spawn().unwrap());
+    wait_for_text(&log2, "  master key:", &mut daemon.0);
+    assert_eq!(mode(&pems[0]), 0o644);
 }
 
 // ---- the README demo ------------------------------------------------------------------------
