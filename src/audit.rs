@@ -136,6 +136,9 @@ pub struct AdminEvent<'a> {
     pub action: &'a str,
     /// Store id, when relevant.
     pub store: Option<&'a str>,
+    /// Store name, on `store.create` only: an unconfirmed creation has no id to name it by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_name: Option<&'a str>,
     /// Secret name, when relevant.
     pub secret: Option<&'a str>,
     /// Sandbox id, when relevant.
@@ -154,6 +157,7 @@ impl<'a> AdminEvent<'a> {
         AdminEvent {
             action,
             store: None,
+            store_name: None,
             secret: None,
             sandbox: Some(sandbox),
             actor: actor.into(),
@@ -502,6 +506,7 @@ mod tests {
         AdminEvent {
             action: "test",
             store: None,
+            store_name: None,
             secret: None,
             sandbox: None,
             actor: format!("n{i}"),

@@ -1004,6 +1004,7 @@ async fn reloads(
             None => proxy.audit.admin(&crate::audit::AdminEvent {
                 action: "config.reload",
                 store: None,
+                store_name: None,
                 secret: None,
                 sandbox: None,
                 actor: "signal:SIGHUP".into(),

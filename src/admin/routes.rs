@@ -156,6 +156,7 @@ fn event<'a>(
     AdminEvent {
         action,
         store,
+        store_name: None,
         secret,
         sandbox,
         actor: actor(peer),
@@ -175,10 +176,15 @@ fn audit_unconfirmed(
     peer: SocketAddr,
     e: &StoreError,
 ) {
+    audit_if_unconfirmed(st, event(action, (store, secret, None), peer), e);
+}
+
+/// [`audit_unconfirmed`] for an event the caller built.
+fn audit_if_unconfirmed(st: &AdminState, ev: AdminEvent<'_>, e: &StoreError) {
     if matches!(e, StoreError::Unavailable(_)) {
         st.audit.admin(&AdminEvent {
             outcome: Some("unknown"),
-            ..event(action, (store, secret, None), peer)
+            ..ev
         });
     }
 }
@@ -208,11 +214,17 @@ async fn create_store(
     let Json(req) = body?;
     validate::store_name(&req.name)?;
     let allow = validate::patterns("egress_allowlist", req.egress_allowlist)?;
+    // Named by its name too: an unconfirmed creation has no id to audit it by.
+    let named = |store| AdminEvent {
+        store_name: Some(&req.name),
+        ..event("store.create", (store, None, None), peer)
+    };
     let rec = st
         .store
         .create_store(&req.name, allow)
-        .inspect_err(|e| audit_unconfirmed(&st, "store.create", (None, None), peer, e))?;
-    audit(&st, "store.create", Some(&rec.id), None, None, peer);
+        .inspect_err(|e| audit_if_unconfirmed(&st, named(None), e))?;
+    st.metrics.store_op("store.create");
+    st.audit.admin(&named(Some(&rec.id)));
     Ok((StatusCode::CREATED, Json(rec)))
 }
 

@@ -1643,6 +1643,25 @@ async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
                 && l.contains(&store)),
         "{audit}"
     );
+    // An unconfirmed store creation has no id to audit it by: its name is in the line.
+    *proxy.deafen.lock().unwrap() = Some("COMMIT");
+    let (s, v) = c
+        .api(
+            Method::POST,
+            "/v1/stores",
+            Some(json!({"name": "made-unanswered"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let audit = c.audit_log();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"action\":\"store.create\"")
+                && l.contains("\"outcome\":\"unknown\"")
+                && l.contains("\"store_name\":\"made-unanswered\"")),
+        "{audit}"
+    );
     let (s, v) = c.api(Method::GET, "/v1/stores", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     drop(proxy.dir);
