@@ -1094,7 +1094,7 @@ fn locked_copy(snap: &Snapshot) -> Result<Snapshot, SnapshotError> {
         secrets,
     )?
     .with_retired(snap.retired().to_vec())
-    .marked_locked())
+    .locked_copy_of(snap))
 }
 
 /// An equal, freshly compiled copy of `snap`.

@@ -113,6 +113,11 @@ pub struct Snapshot {
     /// A node's locked copy (every secret allowed nowhere): its refusals say why, not that
     /// an empty `allowed_hosts` does not match. Never persisted.
     locked: bool,
+    /// A locked copy's scrubbing scope: the real snapshot's values with the scope they had.
+    /// Where one of them could be unsealed before the lock, answers are still scrubbed — the
+    /// host may hold the value and hand it back (found from outside: a quarantine had turned
+    /// scrubbing off there). Empty on every other snapshot.
+    locked_scope: Vec<Retired>,
 }
 
 /// Errors building a snapshot from stored data.
@@ -158,12 +163,20 @@ impl Snapshot {
             plain_views: DashMap::new(),
             scrubber: OnceLock::new(),
             locked: false,
+            locked_scope: Vec::new(),
         })
     }
 
-    /// This snapshot marked as a node's locked copy (see [`Snapshot::denial_rule`]).
-    pub fn marked_locked(mut self) -> Snapshot {
+    /// This snapshot marked as the locked copy of `real` (see [`Snapshot::denial_rule`]): it
+    /// unseals nothing, and scrubs answers wherever `real` could unseal a value.
+    pub fn locked_copy_of(mut self, real: &Snapshot) -> Snapshot {
         self.locked = true;
+        self.locked_scope = real
+            .secrets
+            .iter()
+            .map(|e| Retired::of(real, e))
+            .chain(real.locked_scope.iter().cloned())
+            .collect();
         self
     }
 
@@ -381,6 +394,7 @@ impl HostView {
             || snap
                 .retired
                 .iter()
+                .chain(&snap.locked_scope)
                 .any(|r| Snapshot::retired_allowed(r, dest));
         let scrubber = any_unsealable.then(|| snap.scrubber()).flatten();
         HostView {

@@ -322,3 +322,52 @@ async fn a_sandbox_id_rewritten_as_a_path_in_the_database_touches_no_file() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
     drop(h2);
 }
+
+/// A quarantined store's sandboxes unseal nothing, and still scrub: the hosts that could
+/// receive a value before may hold it and hand it back (an outside review had a value an
+/// origin stored earlier come back in clear once a tampered sibling row locked the store —
+/// the locked copy had turned scrubbing off wherever nothing could be unsealed any more).
+/// Here the request carries the value itself, as an origin that stored it would answer it.
+#[tokio::test]
+async fn a_quarantined_store_still_scrubs_answers_from_its_hosts() {
+    let value = "sk-quarantine-scrub-7101";
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[
+            ("KEY", value, Some(&["api.example.test"]), Some(&["header"])),
+            ("OTHER", "sk-quarantine-other-7102", None, None),
+        ],
+    )
+    .await;
+    sql(
+        &db_path(&e.h),
+        "UPDATE secrets SET allowed_hosts = '[\"evil.example.test\"]' WHERE name = 'OTHER'",
+    );
+    let (s, v) =
+        e.h.api(
+            Method::PATCH,
+            &format!("/v1/stores/{}", e.store),
+            Some(json!({"egress_allowlist": ["api.example.test", "other.example.test"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = e.h.api(Method::GET, "/readyz", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "quarantined: {v}");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("x-stored", value)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(!a.text().contains(value), "{}", a.text());
+    assert!(a.text().contains(&e.sb.token("KEY")), "{}", a.text());
+    // And nothing is unsealed meanwhile.
+    let key = e.sb.token("KEY");
+    let a = pc::send1(
+        &mut c,
+        pc::get("/echo", "api.example.test", &[("x-api-key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+}
