@@ -20,7 +20,7 @@ pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
 pub use tombstones::Tombstones;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use time::OffsetDateTime;
@@ -57,6 +57,9 @@ pub struct Sandbox {
     /// Its certificate authority.
     pub ca: Arc<SandboxCa>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// How many times `snapshot` was replaced: written under its write lock, so a reader that
+    /// sees a value later than one it read with a snapshot reads a later snapshot too.
+    generation: AtomicU64,
     tunnels: AtomicUsize,
     requests: AtomicUsize,
     /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
@@ -81,6 +84,7 @@ impl Sandbox {
             proxy_token_hash: parts.proxy_token_hash,
             ca: parts.ca,
             snapshot: RwLock::new(Arc::new(snapshot)),
+            generation: AtomicU64::new(0),
             tunnels: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             upstream: Default::default(),
@@ -97,9 +101,23 @@ impl Sandbox {
             .clone()
     }
 
+    /// The current snapshot with its generation ([`Sandbox::generation`]), read together.
+    pub fn snapshot_at(&self) -> (u64, Arc<Snapshot>) {
+        let snap = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Ordering::Acquire), snap.clone())
+    }
+
+    /// How many times the snapshot was replaced: one atomic load, for answers that outlive
+    /// their request and must notice a change (`proxy::response_scrub::Scope`).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Replaces the snapshot (rotation, allowlist change, secret deletion).
     pub fn set_snapshot(&self, snapshot: Snapshot) {
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        let mut current = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(snapshot);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// True once `expires_at` has passed.

@@ -19,15 +19,15 @@ use hyper::body::Incoming;
 use super::failure::UpstreamCap;
 use super::held::Held;
 use super::refusal::{Code, Refusal};
-use super::response_scrub::{scrub_response, Shape};
+use super::response_scrub::{scrub_response, Scope, ScopeGained, Scrubbing, Shape, Unscrubbed};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::{HostView, Registry, Sandbox, SlotGuard, Snapshot};
 use crate::subst::{
-    self, Binary, BodyEncoding, BodySubst, Denied, Report, SealedOnly, SubstBody, SubstOutcome,
-    TokenLookup,
+    self, Binary, BodyEncoding, BodySubst, Denied, Report, Scrubber, SealedOnly, SubstBody,
+    SubstOutcome, TokenLookup,
 };
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
@@ -124,7 +124,7 @@ async fn exchange(
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
     check_live(t)?;
-    let snapshot = t.sandbox.snapshot();
+    let (generation, snapshot) = t.sandbox.snapshot_at();
     check_egress(t, &snapshot)?;
     if let Some(super::h1_guard::FramingRefused(r)) = req.extensions_mut().remove() {
         return Err(r);
@@ -161,14 +161,39 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    let resp = finish_response(t, rt, &view, method, resp, &o.report, slot)?;
+    let mut scope = Scope::since(t, generation);
+    let scrubber = answer_scrubber(&view, &mut scope);
+    let answer = Answer {
+        scrubber: scrubber.clone(),
+        scope: scope.clone(),
+        report: &o.report,
+    };
+    let resp = finish_response(t, rt, answer, method, resp, slot)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-            let scrubber = view.scrubber.clone();
-            Ok(relay_upgrade(on, resp, scrubber, still_allowed(t)))
+            Ok(relay_upgrade(on, resp, scrubber, scope, still_allowed(t)))
         }
         _ => Ok(resp),
     }
+}
+
+/// The scrubber of the answer: the host's in the request's snapshot, or in the current one
+/// if the store changed while the request was out (values unsealed meanwhile are scrubbed
+/// from the headers too). A change after which nothing can be unsealed for the host keeps
+/// the request's.
+fn answer_scrubber(view: &HostView, scope: &mut Scope) -> Option<Arc<Scrubber>> {
+    match scope.changed() {
+        Some(now) => now.or_else(|| view.scrubber.clone()),
+        None => view.scrubber.clone(),
+    }
+}
+
+/// How an answer is scrubbed: with `scrubber` (none: not at all) following `scope`, plus the
+/// Basic-auth forms of `report`.
+struct Answer<'a> {
+    scrubber: Option<Arc<Scrubber>>,
+    scope: Scope,
+    report: &'a Report,
 }
 
 /// One of the sandbox's in-flight request slots (`proxy.max_requests_per_sandbox`), held
@@ -983,15 +1008,18 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 fn finish_response(
     t: &Tunnel,
     rt: &LiveSettings,
-    view: &HostView,
+    answer: Answer<'_>,
     method: &Method,
     resp: Response<Incoming>,
-    report: &Report,
     slot: SlotGuard,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
-    let scrubber = view.scrubber.clone();
+    let Answer {
+        scrubber,
+        scope,
+        report,
+    } = answer;
     let shape = scrubber.as_ref().map(|_| {
         let held = &t.sandbox.grpc_held;
         Shape::of(
@@ -1010,7 +1038,16 @@ fn finish_response(
     }
     let body = body.map_err(BoxError::from).boxed_unsync();
     let body = match scrubber.zip(shape) {
-        Some((s, shape)) => scrub_response(t, &rt.upstream, s, report, &mut parts, shape, body)?,
+        Some((s, shape)) => {
+            let scrubbing = Scrubbing {
+                scrubber: s,
+                scope,
+                report,
+            };
+            scrub_response(t, &rt.upstream, scrubbing, &mut parts, shape, body)?
+        }
+        // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
+        None if t.scheme == Scheme::Https && !upgrade => Unscrubbed::wrap(body, scope),
         None => body,
     };
     let body = Held::new(body, slot);
@@ -1035,7 +1072,8 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
 fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<ProxyBody>,
-    scrubber: Option<Arc<crate::subst::Scrubber>>,
+    scrubber: Option<Arc<Scrubber>>,
+    mut scope: Scope,
     allowed: impl Fn() -> bool + Send + 'static,
 ) -> Response<ProxyBody> {
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
@@ -1049,16 +1087,20 @@ fn relay_upgrade(
         let mut u = hyper_util::rt::TokioIo::new(u);
         let relay = async {
             match scrubber {
-                Some(s) => super::ws_scrub::relay(&mut c, &mut u, s).await,
-                None => tokio::io::copy_bidirectional(&mut c, &mut u)
-                    .await
-                    .map(drop),
+                Some(s) => super::ws_scrub::relay(&mut c, &mut u, s, Some(scope.rescope())).await,
+                None => {
+                    let gained = move || scope.gained_values();
+                    super::ws_scrub::relay_unscrubbed(&mut c, &mut u, gained).await
+                }
             }
         };
         tokio::select! {
             ended = relay => match ended {
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     tracing::warn!(error = %e, "upgraded connection closed");
+                }
+                Err(e) if e.get_ref().is_some_and(|e| e.is::<ScopeGained>()) => {
+                    tracing::info!(error = %e, "upgraded connection closed");
                 }
                 Err(e) => tracing::debug!(error = %e, "upgraded connection ended"),
                 Ok(()) => {}

@@ -31,6 +31,7 @@
 
 mod codings;
 mod decode;
+mod scope;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
 
 pub use codings::{Coding, CodingError, Codings};
+pub use scope::{Scope, ScopeGained, Unscrubbed};
 
 use super::held::Held;
 use super::refusal::{Code, Refusal};
@@ -100,6 +102,17 @@ impl Shape {
     }
 }
 
+/// What an answer is scrubbed with: the host's `scrubber`, followed through `scope` while the
+/// body streams, and the Basic-auth forms of the request's `report`.
+pub struct Scrubbing<'a> {
+    /// The host's scrubber when the answer began.
+    pub scrubber: Arc<Scrubber>,
+    /// Where later values come from ([`Scope::rescope`]).
+    pub scope: Scope,
+    /// The request's report (its Basic-auth forms).
+    pub report: &'a Report,
+}
+
 /// Scrubs the reason phrase and headers now and wraps the body (see the module docs).
 ///
 /// # Errors
@@ -107,12 +120,16 @@ impl Shape {
 pub fn scrub_response(
     t: &Tunnel,
     up: &UpstreamSettings,
-    scrubber: Arc<Scrubber>,
-    report: &Report,
+    with: Scrubbing<'_>,
     parts: &mut http::response::Parts,
     shape: Shape,
     body: ProxyBody,
 ) -> Result<ProxyBody, Refusal> {
+    let Scrubbing {
+        scrubber,
+        scope,
+        report,
+    } = with;
     let codings = shape.codings.map_err(|e| undecodable(t, e))?;
     if parts.status == StatusCode::PARTIAL_CONTENT {
         // sealgate sent no `Range` here (`forward::whole_responses_only`): a part of a
@@ -157,14 +174,14 @@ pub fn scrub_response(
     let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
     // The first scrubber over the body decodes compressed messages; the second sees them plain.
     let body = match extras {
-        Some(x) => scrub_body(t, body, x, binary, frames.take()),
+        Some(x) => scrub_body(t, body, x, binary, frames.take(), None),
         None => body,
     };
-    Ok(scrub_body(t, body, scrubber, binary, frames))
+    Ok(scrub_body(t, body, scrubber, binary, frames, Some(scope)))
 }
 
-/// `body` scrubbed by `scrubber`: at the same length when its format carries lengths, after
-/// `frames` decoded its compressed messages. A message `frames` cannot pass resets the
+/// `body` scrubbed by `scrubber`, or by the scrubber `scope` gives it later: at the same
+/// length when its format carries lengths, after `frames` decoded its compressed messages. A message `frames` cannot pass resets the
 /// stream; the operator gets one log line naming the sandbox and host (the sandbox's client
 /// sees only the reset).
 fn scrub_body(
@@ -173,11 +190,16 @@ fn scrub_body(
     scrubber: Arc<Scrubber>,
     binary: bool,
     frames: Option<MessageFrames>,
+    scope: Option<Scope>,
 ) -> ProxyBody {
     let framed = frames.is_some();
     let body = match binary {
         true => ScrubBody::binary(body, scrubber, frames),
         false => ScrubBody::new(body, scrubber),
+    };
+    let body = match scope {
+        Some(scope) => body.with_rescope(scope.rescope()),
+        None => body,
     };
     if !framed {
         return body.map_err(BoxError::from).boxed_unsync();

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::subst::{ScrubStream, Scrubber};
+use super::response_scrub::ScopeGained;
+use crate::subst::{Rescope, ScrubStream, Scrubber};
 
 /// Bytes of payload read (and written as one fragment) at a time.
 const READ: usize = 16 * 1024;
@@ -47,7 +48,16 @@ const PONG: u8 = 0xA;
 /// direction that ends shuts down the write side it fed, and the other goes on, as
 /// `copy_bidirectional` does: a client that half-closes after its close frame still gets the
 /// upstream's close frame (the relay used to end with the first direction).
-pub async fn relay<C, U>(client: C, upstream: U, scrubber: Arc<Scrubber>) -> io::Result<()>
+///
+/// `rescope`, asked before every frame and every read of a payload, gives the scrubber to go
+/// on with once the sandbox's values changed (`response_scrub::Scope`): the message in
+/// progress goes on with it too.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    scrubber: Arc<Scrubber>,
+    rescope: Option<Rescope>,
+) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -56,7 +66,45 @@ where
     let (u_read, mut u_write) = tokio::io::split(upstream);
     let down = async {
         let from = BufReader::with_capacity(READ, u_read);
-        scrub_frames(from, &mut c_write, scrubber).await?;
+        let with = Following { scrubber, rescope };
+        scrub_frames(from, &mut c_write, with).await?;
+        c_write.shutdown().await
+    };
+    let up = async {
+        tokio::io::copy(&mut c_read, &mut u_write).await?;
+        u_write.shutdown().await
+    };
+    tokio::try_join!(down, up).map(drop)
+}
+
+/// Relays an upgraded connection whose host's answers are not scrubbed (nothing could be
+/// unsealed for it when it opened), as bytes both ways, like `relay` in its half-closes.
+/// `gained` is asked before each read from the upstream is passed on: once values may be
+/// unsealed for the host, the relay ends with [`ScopeGained`] — its frames were never read,
+/// so they cannot be scrubbed from the middle of one.
+pub async fn relay_unscrubbed<C, U>(
+    client: C,
+    upstream: U,
+    mut gained: impl FnMut() -> bool,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut c_read, mut c_write) = tokio::io::split(client);
+    let (mut u_read, mut u_write) = tokio::io::split(upstream);
+    let down = async {
+        let mut buf = vec![0; READ];
+        loop {
+            let n = u_read.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if gained() {
+                return Err(io::Error::other(ScopeGained));
+            }
+            c_write.write_all(&buf[..n]).await?;
+        }
         c_write.shutdown().await
     };
     let up = async {
@@ -76,6 +124,28 @@ struct Head {
     len: u64,
 }
 
+/// The scrubber frames go through, following the sandbox's values.
+struct Following {
+    scrubber: Arc<Scrubber>,
+    rescope: Option<Rescope>,
+}
+
+impl Following {
+    /// Takes up the scrubber `rescope` gives after a change, for `message` too.
+    fn follow(&mut self, message: Option<&mut Message>) {
+        let Some(now) = self.rescope.as_mut().and_then(|r| r()) else {
+            return;
+        };
+        if Arc::ptr_eq(&now, &self.scrubber) {
+            return;
+        }
+        if let Some(m) = message {
+            m.stream.rescope(now.clone());
+        }
+        self.scrubber = now;
+    }
+}
+
 /// The message being relayed: its stream, its opcode, and whether a fragment went out.
 struct Message {
     stream: ScrubStream,
@@ -88,7 +158,7 @@ struct Message {
 /// # Errors
 /// I/O errors, and [`io::ErrorKind::InvalidData`] for a frame that is refused (see the
 /// module docs).
-async fn scrub_frames<R, W>(mut from: R, to: &mut W, scrubber: Arc<Scrubber>) -> io::Result<()>
+async fn scrub_frames<R, W>(mut from: R, to: &mut W, mut with: Following) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -98,7 +168,8 @@ where
         refuse_unreadable(&head)?;
         if head.opcode >= CLOSE {
             let payload = read_exact(&mut from, head.len as usize).await?;
-            let payload = scrub_control(&scrubber, head.opcode, payload);
+            with.follow(message.as_mut());
+            let payload = scrub_control(&with.scrubber, head.opcode, payload);
             write_frame(to, true, head.opcode, &[payload]).await?;
             if head.opcode == CLOSE {
                 return Ok(());
@@ -108,13 +179,13 @@ where
         let m = match (head.opcode, message.take()) {
             (CONTINUATION, Some(m)) => m,
             (TEXT | BINARY, None) => Message {
-                stream: ScrubStream::new(scrubber.clone()),
+                stream: ScrubStream::new(with.scrubber.clone()),
                 opcode: head.opcode,
                 started: false,
             },
             _ => return Err(refused("a data frame out of sequence")),
         };
-        message = relay_data(&mut from, to, m, &head).await?;
+        message = relay_data(&mut from, to, m, &head, &mut with).await?;
     }
     Ok(())
 }
@@ -126,6 +197,7 @@ async fn relay_data<R, W>(
     to: &mut W,
     mut m: Message,
     head: &Head,
+    with: &mut Following,
 ) -> io::Result<Option<Message>>
 where
     R: AsyncRead + Unpin,
@@ -137,12 +209,14 @@ where
         let n = left.min(READ as u64) as usize;
         let chunk = read_exact(from, n).await?;
         left -= n as u64;
+        with.follow(Some(&mut m));
         m.stream.push(chunk, &mut out);
         write_fragment(to, &mut m, false, &mut out).await?;
     }
     if !head.fin {
         return Ok(Some(m));
     }
+    with.follow(Some(&mut m));
     m.stream.finish(&mut out);
     write_fragment(to, &mut m, true, &mut out).await?;
     Ok(None)
@@ -297,7 +371,11 @@ mod tests {
     /// as (fin, opcode, payload), and how the relay ended.
     async fn relayed(input: Vec<u8>) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
         let mut out = Vec::new();
-        let ended = scrub_frames(&input[..], &mut out, scrubber()).await;
+        let with = Following {
+            scrubber: scrubber(),
+            rescope: None,
+        };
+        let ended = scrub_frames(&input[..], &mut out, with).await;
         let mut frames = Vec::new();
         let mut r = &out[..];
         while let Some(h) = read_head(&mut r).await.unwrap() {
@@ -313,7 +391,7 @@ mod tests {
     async fn a_close_after_the_client_half_closed_still_reaches_it() {
         let (client, mut sandbox) = tokio::io::duplex(4096);
         let (upstream, mut origin) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(relay(client, upstream, scrubber()));
+        let relay = tokio::spawn(relay(client, upstream, scrubber(), None));
         let close = frame(true, CLOSE, b"\x03\xe8bye");
         sandbox.write_all(&close).await.unwrap();
         sandbox.shutdown().await.unwrap();

@@ -373,9 +373,14 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Asked before each chunk of a scrubbed body: `Some` with the scrubber to go on with once
+/// the sandbox's values changed ([`ScrubBody::with_rescope`]).
+pub type Rescope = Box<dyn FnMut() -> Option<Arc<Scrubber>> + Send>;
+
 struct ScrubEngine {
     stream: ScrubStream,
     scrubber: Arc<Scrubber>,
+    rescope: Option<Rescope>,
     /// For length-prefixed messages: their framing, compressed ones decoded before scrubbing.
     frames: Option<MessageFrames>,
     /// What `frames` passed on, waiting for the scrubber.
@@ -410,6 +415,7 @@ impl<B> ScrubBody<B> {
         let engine = ScrubEngine {
             stream,
             scrubber,
+            rescope: None,
             frames,
             plain: Vec::new(),
         };
@@ -420,8 +426,33 @@ impl<B> ScrubBody<B> {
     }
 }
 
+impl<B> ScrubBody<B> {
+    /// Asks `rescope` before each chunk and goes on with the scrubber it returns (trailers
+    /// included): an answer that streams for long — events, a long poll — must scrub values
+    /// unsealed after it began (an upstream that echoes requests onto an open stream).
+    pub fn with_rescope(mut self, rescope: Rescope) -> Self {
+        self.driver.engine.rescope = Some(rescope);
+        self
+    }
+}
+
+impl ScrubEngine {
+    fn follow_scope(&mut self) {
+        let Some(rescope) = &mut self.rescope else {
+            return;
+        };
+        if let Some(now) = rescope() {
+            if !Arc::ptr_eq(&now, &self.scrubber) {
+                self.stream.rescope(now.clone());
+                self.scrubber = now;
+            }
+        }
+    }
+}
+
 impl Engine for ScrubEngine {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        self.follow_scope();
         let Some(frames) = &mut self.frames else {
             self.stream.push(chunk, out);
             return Ok(());
@@ -440,6 +471,7 @@ impl Engine for ScrubEngine {
     }
 
     fn flush(&mut self, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
+        self.follow_scope();
         if let Some(frames) = &self.frames {
             frames.finish().map_err(BodyError::Unscrubbable)?;
         }
@@ -448,6 +480,7 @@ impl Engine for ScrubEngine {
     }
 
     fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
+        self.follow_scope();
         self.scrubber.scrub_headers(&mut trailers);
         trailers
     }

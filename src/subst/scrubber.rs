@@ -622,6 +622,14 @@ impl ScrubStream {
         }
     }
 
+    /// Goes on with `scrubber` (the sandbox's values changed while the body streamed): what
+    /// is held has not been emitted, so it is scanned with the new values too. Bytes already
+    /// emitted are not scanned again — none can hold a value the upstream got only after
+    /// the change.
+    pub fn rescope(&mut self, scrubber: Arc<Scrubber>) {
+        self.scrubber = scrubber;
+    }
+
     /// How many values were replaced so far.
     pub fn replacements(&self) -> usize {
         self.replacements
@@ -732,6 +740,22 @@ mod tests {
             }
         }
         assert_same(&pairs, hay, &(1..hay.len()).collect::<Vec<_>>());
+    }
+
+    /// A body that goes on with another scrubber (the sandbox's values changed) scans what it
+    /// held with the new values: a value that began before the change is found whole.
+    #[test]
+    fn a_rescoped_stream_scans_its_held_tail_with_the_new_values() {
+        let old = scrubber(&[("sk-old-value-1", "<1>")]);
+        let new = scrubber(&[("sk-old-value-1", "<1>"), ("sk-new-value-2", "<2>")]);
+        let mut st = ScrubStream::new(old);
+        let mut out = Vec::new();
+        st.push(Bytes::from_static(b"data: sk-"), &mut out);
+        st.rescope(new);
+        st.push(Bytes::from_static(b"new-value-2 and sk-old-value-1\n"), &mut out);
+        st.finish(&mut out);
+        assert_eq!(out.concat(), b"data: <2> and <1>\n");
+        assert_eq!(st.replacements(), 2);
     }
 
     #[test]

@@ -27,6 +27,7 @@ mod dns;
 mod exhaustion;
 mod fuzz_smoke;
 mod key_material;
+mod open_answers;
 mod reflection;
 mod responses;
 mod smuggling;

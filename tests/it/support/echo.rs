@@ -14,6 +14,7 @@
 //! | `/slow?ms=N&chunks=K` | K chunks of 1 KiB, N ms apart (defaults 100 ms, 3 chunks) |
 //! | `/big?bytes=N` | N bytes of `a` in 16 KiB chunks, with `content-length` |
 //! | `/ws…` | WebSocket echo of text and binary messages (HTTP/1.1 upgrade) |
+//! | `/tail?n=K` | `text/event-stream`: `data: <x-api-key>\n\n` of each of the next K requests (a request inspector's live view), then ends |
 //!
 //! Invariant: a request is recorded (full body read, even chunked) *before* its response is
 //! produced, so once a client sees a response, [`Echo::requests`] already contains the request.
@@ -269,6 +270,9 @@ async fn handle(
     let upgrade = is_websocket(&req).then(|| hyper::upgrade::on(&mut req));
     let rec = record(req, conn).await;
     ctx.state.requests().push(rec.clone());
+    if rec.path().starts_with("/tail") {
+        return Ok(tail(&rec, &ctx));
+    }
     Ok(route(&rec, upgrade, &ctx.shutdown).await)
 }
 
@@ -514,6 +518,33 @@ fn sse(rec: &Recorded, shutdown: &watch::Receiver<()>) -> Response<RespBody> {
     let mut resp = response(StatusCode::OK, body);
     set(&mut resp, header::CONTENT_TYPE, b"text/event-stream");
     set(&mut resp, header::CACHE_CONTROL, b"no-cache");
+    resp
+}
+
+/// The `x-api-key` of each of the next `n` requests, as events, as they arrive.
+fn tail(rec: &Recorded, ctx: &Ctx) -> Response<RespBody> {
+    let n = query_u64(&rec.uri, "n").unwrap_or(1) as usize;
+    let (tx, rx) = mpsc::channel(4);
+    let state = ctx.state.clone();
+    let mut next = state.requests().len();
+    spawn_until_shutdown(&ctx.shutdown, async move {
+        for _ in 0..n {
+            let rec = loop {
+                if let Some(r) = state.requests().get(next).cloned() {
+                    break r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            next += 1;
+            let value = rec.header_values("x-api-key").first().map(|v| v.to_vec());
+            let event = [&b"data: "[..], &value.unwrap_or_default(), b"\n\n"].concat();
+            if tx.send(Bytes::from(event)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = response(StatusCode::OK, ChannelBody { rx }.boxed());
+    set(&mut resp, header::CONTENT_TYPE, b"text/event-stream");
     resp
 }
 

@@ -1,0 +1,143 @@
+//! Answers that outlive their request's decisions: an event stream, a long poll, a WebSocket.
+//!
+//! An answer is scrubbed with the values its host could receive, and those change while it
+//! streams: a rotation, a secret added, a host added to `allowed_hosts` or the allowlist. An
+//! upstream that echoes requests onto a stream opened earlier (a request inspector's live
+//! view, a chat or pub/sub socket) then hands back a value unsealed after the stream began
+//! (found from outside: the stream's scrubber was fixed when its request started). So:
+//!
+//! - a scrubbed answer goes on with the host's current scrubber from its next chunk
+//!   ([`crate::subst::ScrubBody::with_rescope`], [`super::super::ws_scrub`]); what it held back
+//!   is scanned with the new values too;
+//! - an answer that was not scrubbed (nothing could be unsealed for its host when it began:
+//!   its body may be compressed or a range, and its length was passed on) ends once something
+//!   can be ([`Unscrubbed`]): the client asks again and gets a scrubbed answer.
+//!
+//! Invariant: a change is noticed at the first chunk after it, at the cost of one atomic load
+//! per chunk ([`crate::sandbox::Sandbox::generation`]); the snapshot is read only on a change.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::super::{BoxError, ProxyBody, Tunnel};
+use crate::policy::{Dest, Scheme};
+use crate::sandbox::Sandbox;
+use crate::subst::Scrubber;
+
+/// Follows one sandbox's snapshot for the answers of one tunnel's host.
+#[derive(Clone)]
+pub struct Scope {
+    sandbox: Arc<Sandbox>,
+    dest: Dest,
+    scheme: Scheme,
+    /// The generation last looked at.
+    seen: u64,
+}
+
+impl Scope {
+    /// A scope that has seen generation `seen` (read with the snapshot the request's
+    /// decisions came from, [`Sandbox::snapshot_at`]).
+    pub fn since(t: &Tunnel, seen: u64) -> Scope {
+        Scope {
+            sandbox: t.sandbox.clone(),
+            dest: t.dest.clone(),
+            scheme: t.scheme,
+            seen,
+        }
+    }
+
+    /// `Some` once the snapshot changed since the last look, with the host's scrubber in the
+    /// current one (`None` inside: nothing can be unsealed for the host now).
+    pub fn changed(&mut self) -> Option<Option<Arc<Scrubber>>> {
+        let now = self.sandbox.generation();
+        if now == self.seen {
+            return None;
+        }
+        let (now, snap) = self.sandbox.snapshot_at();
+        self.seen = now;
+        let view = match self.scheme {
+            Scheme::Https => snap.view(&self.dest),
+            Scheme::Http => snap.plain_view(&self.dest),
+        };
+        Some(view.scrubber.clone())
+    }
+
+    /// The hook of a scrubbed body: the host's current scrubber after a change. A change
+    /// after which nothing can be unsealed for the host keeps the scrubber it had (its values
+    /// stay scrubbed).
+    pub fn rescope(mut self) -> crate::subst::Rescope {
+        Box::new(move || self.changed().flatten())
+    }
+
+    /// True once something can be unsealed for the host (for answers that were not scrubbed).
+    pub fn gained_values(&mut self) -> bool {
+        matches!(self.changed(), Some(Some(_)))
+    }
+}
+
+/// An unscrubbed answer's body that ends with an error once its host could receive a value
+/// (see the module docs).
+pub struct Unscrubbed {
+    body: ProxyBody,
+    scope: Scope,
+    /// Ended by a change: nothing more is passed on.
+    ended: bool,
+}
+
+impl Unscrubbed {
+    /// Wraps `body`, boxed again.
+    pub fn wrap(body: ProxyBody, scope: Scope) -> ProxyBody {
+        use http_body_util::BodyExt as _;
+        Unscrubbed {
+            body,
+            scope,
+            ended: false,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// Why an unscrubbed answer was ended.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "answer ended: the sandbox's store changed so that values may now be unsealed for this \
+     host, and this answer began unscrubbed"
+)]
+pub struct ScopeGained;
+
+impl Body for Unscrubbed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if this.scope.gained_values() => {
+                drop(frame);
+                this.ended = true;
+                let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
+                tracing::info!(sandbox = %sandbox, host = %host, "{ScopeGained}");
+                Poll::Ready(Some(Err(ScopeGained.into())))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
