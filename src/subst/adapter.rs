@@ -463,7 +463,9 @@ impl Engine for ScrubEngine {
         for piece in self.plain.drain(..) {
             match piece {
                 Piece::Data(bytes) => self.stream.push(bytes, out),
-                // A value cannot span the 5-byte header that follows: nothing to hold back.
+                // Finished at each message end, so a message is not held until the next one
+                // comes. An upstream that ends a message inside a value, its next 5 bytes read
+                // as a header, passes the value (accepted: ARCHITECTURE "gRPC framing").
                 Piece::End => self.stream.finish(out),
             }
         }

@@ -752,7 +752,10 @@ mod tests {
         let mut out = Vec::new();
         st.push(Bytes::from_static(b"data: sk-"), &mut out);
         st.rescope(new);
-        st.push(Bytes::from_static(b"new-value-2 and sk-old-value-1\n"), &mut out);
+        st.push(
+            Bytes::from_static(b"new-value-2 and sk-old-value-1\n"),
+            &mut out,
+        );
         st.finish(&mut out);
         assert_eq!(out.concat(), b"data: <2> and <1>\n");
         assert_eq!(st.replacements(), 2);
