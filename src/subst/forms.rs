@@ -14,8 +14,8 @@
 //! | percent-encoding keeping `/` | Python's `urllib.parse.quote` (its default) | the token |
 //! | percent-encoding keeping `$&+:=@` | Go's `url.PathEscape` | the token |
 //! | percent-encoding keeping every URI delimiter but `%` | JavaScript's `encodeURI` | the token |
-//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), the same and `\u003d`/`\u0027` for `='` (Gson), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
-//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`) or `&#39;`/`&#34;` (Go's `html.EscapeString`), and `+` as `&#43;` (Go's `html/template`) | error pages, templates | the token |
+//! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), the same and `\u003d`/`\u0027` for `='` (Gson), uppercase `\u0022`/`\u002B` for `"'+<>&` and `` ` `` with non-ASCII escaped (.NET's System.Text.Json), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
+//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`), `&#39;`/`&#34;` (Go's `html.EscapeString`), `&#039;` (PHP's `htmlspecialchars`), `+` as `&#43;` (Go's `html/template`), or `&#x27;`, `&#x2B;` and non-ASCII as `&#xXXXX;` (.NET's `HtmlEncoder`, Razor) | error pages, templates | the token |
 //! | base64 (standard and URL-safe alphabet) at each of the three byte alignments | Basic auth, tokens and blobs holding the value | the token's base64 at the same alignment |
 //!
 //! # Base64 at any alignment
@@ -174,26 +174,65 @@ enum HtmlStyle {
     Go,
     /// Go's `html/template`: as `Go`, and `+` as `&#43;`.
     GoTemplate,
+    /// PHP's `htmlspecialchars` (`ENT_QUOTES`, its default since 8.1): `&quot;`, `&#039;`.
+    Php,
+    /// .NET's `HtmlEncoder.Default` (Razor): `&quot;`, `&#x27;`, `+` as `&#x2B;`, every
+    /// non-ASCII character as `&#xXXXX;` (uppercase hex of the code point).
+    DotNet,
 }
 
 impl HtmlStyle {
-    const ALL: [HtmlStyle; 3] = [HtmlStyle::Python, HtmlStyle::Go, HtmlStyle::GoTemplate];
+    const ALL: [HtmlStyle; 5] = [
+        HtmlStyle::Python,
+        HtmlStyle::Go,
+        HtmlStyle::GoTemplate,
+        HtmlStyle::Php,
+        HtmlStyle::DotNet,
+    ];
 }
 
 /// `value` HTML-escaped in `style`.
 fn html(value: &[u8], style: HtmlStyle) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(value.len() * 6));
+    let mut out = Zeroizing::new(Vec::with_capacity(value.len() * 10));
     for &b in value {
         match (b, style) {
             (b'&', _) => out.extend_from_slice(b"&amp;"),
             (b'<', _) => out.extend_from_slice(b"&lt;"),
             (b'>', _) => out.extend_from_slice(b"&gt;"),
-            (b'"', HtmlStyle::Python) => out.extend_from_slice(b"&quot;"),
+            (b'"', HtmlStyle::Python | HtmlStyle::Php | HtmlStyle::DotNet) => {
+                out.extend_from_slice(b"&quot;");
+            }
             (b'"', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#34;"),
-            (b'\'', HtmlStyle::Python) => out.extend_from_slice(b"&#x27;"),
+            (b'\'', HtmlStyle::Python | HtmlStyle::DotNet) => out.extend_from_slice(b"&#x27;"),
             (b'\'', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#39;"),
+            (b'\'', HtmlStyle::Php) => out.extend_from_slice(b"&#039;"),
             (b'+', HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#43;"),
+            (b'+', HtmlStyle::DotNet) => out.extend_from_slice(b"&#x2B;"),
             _ => out.push(b),
+        }
+    }
+    if matches!(style, HtmlStyle::DotNet) {
+        return html_references(out);
+    }
+    out
+}
+
+/// `escaped` with every non-ASCII character written as `&#xXXXX;` (unchanged if it is not
+/// UTF-8: no HTML encoder writes such text).
+fn html_references(escaped: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    let Ok(text) = std::str::from_utf8(&escaped) else {
+        return escaped;
+    };
+    if text.is_ascii() {
+        return escaped;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(escaped.len() * 4));
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c as u8);
+        } else {
+            let reference = Zeroizing::new(format!("&#x{:X};", u32::from(c)));
+            out.extend_from_slice(reference.as_bytes());
         }
     }
     out
@@ -229,6 +268,9 @@ struct JsonStyle {
     html: bool,
     /// With `html`, also `=` and `'` as `\u003d`, `\u0027` (Gson's default).
     gson: bool,
+    /// .NET's System.Text.Json default encoder: `"'+<>&` and `` ` `` as `\u0022`, `\u002B`, …
+    /// and every `\uXXXX` in uppercase hex (with `ascii`).
+    dotnet: bool,
 }
 
 impl JsonStyle {
@@ -238,9 +280,10 @@ impl JsonStyle {
         ascii: false,
         html: false,
         gson: false,
+        dotnet: false,
     };
 
-    const ALL: [JsonStyle; 5] = [
+    const ALL: [JsonStyle; 6] = [
         JsonStyle::MINIMAL,
         JsonStyle {
             slash: true,
@@ -258,6 +301,11 @@ impl JsonStyle {
         JsonStyle {
             html: true,
             gson: true,
+            ..JsonStyle::MINIMAL
+        },
+        JsonStyle {
+            ascii: true,
+            dotnet: true,
             ..JsonStyle::MINIMAL
         },
     ];
@@ -282,7 +330,7 @@ fn json(value: &[u8], style: JsonStyle) -> Option<Zeroizing<Vec<u8>>> {
         } else {
             let mut units = [0u16; 2];
             for unit in c.encode_utf16(&mut units) {
-                push_unicode_escape(*unit, &mut out);
+                push_unicode_escape(*unit, style, &mut out);
             }
         }
     }
@@ -293,26 +341,33 @@ fn json(value: &[u8], style: JsonStyle) -> Option<Zeroizing<Vec<u8>>> {
 /// other control characters with a short escape get it, as every encoder writes them.
 fn json_byte(b: u8, style: JsonStyle, out: &mut Vec<u8>) {
     match b {
+        b'"' | b'\'' | b'+' | b'<' | b'>' | b'&' | b'`' if style.dotnet => {
+            push_unicode_escape(u16::from(b), style, out);
+        }
         b'"' => out.extend_from_slice(b"\\\""),
         b'\\' => out.extend_from_slice(b"\\\\"),
         b'/' if style.slash => out.extend_from_slice(b"\\/"),
-        b'<' | b'>' | b'&' if style.html => push_unicode_escape(u16::from(b), out),
-        b'=' | b'\'' if style.gson => push_unicode_escape(u16::from(b), out),
+        b'<' | b'>' | b'&' if style.html => push_unicode_escape(u16::from(b), style, out),
+        b'=' | b'\'' if style.gson => push_unicode_escape(u16::from(b), style, out),
         b'\t' => out.extend_from_slice(b"\\t"),
         b'\n' => out.extend_from_slice(b"\\n"),
         b'\r' => out.extend_from_slice(b"\\r"),
         0x08 => out.extend_from_slice(b"\\b"),
         0x0c => out.extend_from_slice(b"\\f"),
-        0..=0x1f => push_unicode_escape(u16::from(b), out),
+        0..=0x1f => push_unicode_escape(u16::from(b), style, out),
         _ => out.push(b),
     }
 }
 
-fn push_unicode_escape(unit: u16, out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+/// `\uXXXX`, in lowercase hex (uppercase in the .NET style).
+fn push_unicode_escape(unit: u16, style: JsonStyle, out: &mut Vec<u8>) {
+    let hex: &[u8; 16] = match style.dotnet {
+        true => b"0123456789ABCDEF",
+        false => b"0123456789abcdef",
+    };
     out.extend_from_slice(b"\\u");
     for shift in [12, 8, 4, 0] {
-        out.push(HEX[usize::from((unit >> shift) & 0xf)]);
+        out.push(hex[usize::from((unit >> shift) & 0xf)]);
     }
 }
 
@@ -371,6 +426,9 @@ mod tests {
         assert!(has(&f, "p&amp;&lt;w&gt;&#34;&#39;"), "Go html.EscapeString");
         let f = forms_of("k+e'y");
         assert!(has(&f, "k&#43;e&#39;y"), "Go html/template");
+        assert!(has(&f, "k+e&#039;y"), "PHP htmlspecialchars");
+        let f = forms_of("k+e'y\"é");
+        assert!(has(&f, "k&#x2B;e&#x27;y&quot;&#xE9;"), ".NET HtmlEncoder");
     }
 
     #[test]
@@ -384,6 +442,11 @@ mod tests {
         assert!(has(&f, "p\\\"w\\\\/\\u003cé😀\\tx"), "Go");
         let g = forms_of("k=e'y<");
         assert!(has(&g, r"k\u003de\u0027y\u003c"), "Gson");
+        let d = forms_of("a+b/c=\"'<é`");
+        assert!(
+            has(&d, r"a\u002Bb/c=\u0022\u0027\u003C\u00E9\u0060"),
+            ".NET System.Text.Json"
+        );
         let twice = serde_json::to_string(&minimal).unwrap();
         let twice = &twice[1..twice.len() - 1];
         assert!(
