@@ -364,10 +364,19 @@ impl Follower {
         false
     }
 
-    /// Lifts the lock once current again. No await between the last look at the node's state
-    /// and the unlock: the watchdog, polled by the same task, cannot lock in between.
+    /// Lifts the lock once current again: connected, the id its own, and current as of less
+    /// than `max_staleness` ago — a catch-up that took longer is current only as of when it
+    /// asked, and unlocking on it had the watchdog lock again at its next look, with an ERROR
+    /// (outside re-check). No await between the last look at the node's state and the unlock:
+    /// the watchdog, polled by the same task, cannot lock in between.
     fn unlock(&self, target: &Arc<dyn Target>, locked: &AtomicBool) {
         if self.health.problem().is_some() || self.claim.problem(&self.node).is_some() {
+            return;
+        }
+        if self
+            .max_staleness
+            .is_some_and(|max| self.health.lag() > max)
+        {
             return;
         }
         if locked.swap(false, Ordering::AcqRel) {
