@@ -15,6 +15,7 @@ pub mod held;
 pub mod idle;
 pub mod intercept;
 pub mod outcome;
+pub mod progress;
 pub mod read_ahead;
 pub mod refusal;
 pub mod response_scrub;

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use super::failure::UpstreamCap;
 use super::held::Held;
+use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{scrub_response, Scope, ScopeGained, Scrubbing, Shape, Unscrubbed};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
@@ -148,7 +149,11 @@ async fn exchange(
     }
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
-    let sent = send(t, rt, up, body, websocket).await;
+    let (body, progress) = body.tracked();
+    let sent = send(t, rt, up, body, progress.as_deref(), websocket).await;
+    if let Some(p) = &progress {
+        o.bytes_up = p.bytes();
+    }
     if let Some(outcome) = &streamed {
         o.report.merge(&outcome.report());
         if let Some(d) = outcome.denied() {
@@ -641,6 +646,20 @@ enum UpBody {
     Streamed(ProxyBody),
 }
 
+impl UpBody {
+    /// A streamed body reporting to a new [`Progress`] (returned); a held one as it is.
+    fn tracked(self) -> (UpBody, Option<Arc<Progress>>) {
+        match self {
+            UpBody::Streamed(b) => {
+                let progress = Progress::new();
+                let b = Tracked::new(b, progress.clone()).boxed_unsync();
+                (UpBody::Streamed(b), Some(progress))
+            }
+            held => (held, None),
+        }
+    }
+}
+
 /// Chooses the body path: held in full when its length is known and at most
 /// [`BUFFER_BODY_MAX`] (substituted whole where body secrets apply; an exact
 /// `Content-Length` is kept, and the request can be retried), else streamed — through the
@@ -767,7 +786,8 @@ fn compressed(h: &HeaderMap) -> bool {
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
-/// Sends the request and waits for the response head (`response_timeout` for the whole).
+/// Sends the request and waits for the response head: `response_timeout` from the request's
+/// last byte (a streamed body's `progress`; see [`super::progress`]).
 ///
 /// Held-body requests to an origin that has answered over h2 go to the h2-only client (one
 /// connection attempt at a time, see [`super::upstream::KnownH2`]); if that origin no longer
@@ -787,23 +807,34 @@ async fn send(
     rt: &LiveSettings,
     head: Request<()>,
     body: UpBody,
+    progress: Option<&Progress>,
     websocket: bool,
 ) -> Result<Response<Incoming>, Refusal> {
     let started = Instant::now();
-    let resp = match tokio::time::timeout(
-        rt.upstream.config.response_timeout,
-        attempts(t, rt, head, body, websocket),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Refusal::new(
-                Code::UpstreamTimeout,
-                format!("{} did not answer in time", t.dest),
-            ))
+    let timeout = rt.upstream.config.response_timeout;
+    let sending = attempts(t, rt, head, body, websocket);
+    tokio::pin!(sending);
+    let answered = loop {
+        let until = super::progress::deadline(started, progress, timeout);
+        match tokio::time::timeout_at(until.into(), &mut sending).await {
+            Ok(answered) => break answered,
+            // The body moved meanwhile: the wait is counted from its last byte.
+            Err(_) if super::progress::deadline(started, progress, timeout) > until => {}
+            Err(_) => {
+                return Err(Refusal::new(
+                    Code::UpstreamTimeout,
+                    format!(
+                        "{} did not answer in time (upstream.response_timeout_secs, counted \
+                         from the request's last byte)",
+                        t.dest
+                    ),
+                ))
+            }
         }
-        Ok(Err(e)) => return Err(super::failure::classify(t, &e)),
-        Ok(Ok(r)) => r,
+    };
+    let resp = match answered {
+        Err(e) => return Err(super::failure::classify(t, &e)),
+        Ok(r) => r,
     };
     t.state
         .metrics

@@ -1246,3 +1246,45 @@ async fn a_store_without_an_allowlist_names_the_port_rule_when_it_refuses() {
         refused.body
     );
 }
+
+/// `response_timeout_secs` counts from the request's last byte: an upload that takes longer
+/// than the timeout to send, moving all the while, gets its answer (an outside test had a
+/// 330 s upload cut at 300 s with 504 "did not answer in time" while the origin was still
+/// reading it), and the audit line counts what it sent. A body that stops moving for the
+/// whole timeout still ends the wait with 504.
+#[tokio::test]
+async fn a_slow_upload_is_answered_and_a_stalled_one_times_out() {
+    let opts = Opts {
+        upstream_toml: "response_timeout_secs = 1\n".into(),
+        ..Default::default()
+    };
+    let e = setup_with(Some(&["api.example.test"]), &[], opts).await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let chunks: Vec<Bytes> = (0..8).map(|_| Bytes::from(vec![b'u'; 1000])).collect();
+    let body = pc::paced(chunks, std::time::Duration::from_millis(300));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/echo")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(e.echo.requests().last().unwrap().body.len(), 8000);
+    let audit = e.h.audit_log();
+    let line = audit.lines().last().unwrap();
+    assert!(line.contains("\"bytes_up\":8000"), "{line}");
+
+    let chunks = vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")];
+    let body = pc::paced(chunks, std::time::Duration::from_millis(2500));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/echo")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
+    assert_eq!(a.code().as_deref(), Some("upstream_timeout"));
+}

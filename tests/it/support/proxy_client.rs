@@ -293,6 +293,24 @@ pub fn chunked(chunks: Vec<Bytes>) -> ReqBody {
     StreamBody::new(s).boxed()
 }
 
+/// A body of `chunks`, each written `gap` after the one before (the first at once).
+pub fn paced(chunks: Vec<Bytes>, gap: std::time::Duration) -> ReqBody {
+    let s = futures_util::stream::unfold(
+        (chunks.into_iter(), true),
+        move |(mut it, first)| async move {
+            let c = it.next()?;
+            if !first {
+                tokio::time::sleep(gap).await;
+            }
+            Some((
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)),
+                (it, false),
+            ))
+        },
+    );
+    StreamBody::new(s).boxed()
+}
+
 /// POST with a streamed (chunked) body.
 pub fn post_chunked(
     uri: &str,

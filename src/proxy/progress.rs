@@ -1,0 +1,129 @@
+//! How far a streamed request body has gone.
+//!
+//! `upstream.response_timeout_secs` bounds the wait for the answer's head, counted from the
+//! request's last byte: an origin cannot answer an upload before it has read it, and an upload
+//! that took longer than the timeout to send was cut with 504 "did not answer in time" while
+//! the origin was still reading it (found from outside: a 330 s upload, the direct path fine).
+//! A body that stops moving for the whole timeout still ends the wait. What went out is also
+//! what the audit line's `bytes_up` reports for a streamed body (it said 0).
+//!
+//! Invariant: [`Progress::last`] never moves back, and is the creation time until a byte moves.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+
+/// Shared between a [`Tracked`] body and whoever waits on its request.
+pub struct Progress {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last data frame.
+    last_ms: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Progress {
+    /// Starts counting now.
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// When the body last moved (its creation, before any byte did).
+    pub fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire))
+    }
+
+    /// Data bytes taken from the body so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn moved(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::AcqRel);
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that reports its data frames to a [`Progress`].
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        progress: Arc<Progress>,
+    }
+}
+
+impl<B> Tracked<B> {
+    /// Wraps `inner`, reporting to `progress`.
+    pub fn new(inner: B, progress: Arc<Progress>) -> Self {
+        Tracked { inner, progress }
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                this.progress.moved(d.remaining());
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// When a wait that began at `started` for an answer to a request whose body is tracked by
+/// `progress` (if streamed) times out: `timeout` after the later of the two.
+pub fn deadline(started: Instant, progress: Option<&Progress>, timeout: Duration) -> Instant {
+    progress.map_or(started, |p| p.last().max(started)) + timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+
+    #[tokio::test]
+    async fn the_deadline_moves_with_the_body_and_bytes_are_counted() {
+        let progress = Progress::new();
+        let started = Instant::now();
+        let timeout = Duration::from_millis(200);
+        let first = deadline(started, Some(&progress), timeout);
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"de"))),
+        ]);
+        let mut body = Tracked::new(StreamBody::new(frames), progress.clone());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        while body.frame().await.is_some() {}
+        assert_eq!(progress.bytes(), 5);
+        let later = deadline(started, Some(&progress), timeout);
+        assert!(later >= first + Duration::from_millis(20), "it moved");
+        assert_eq!(deadline(started, None, timeout), started + timeout);
+    }
+}
