@@ -114,6 +114,9 @@ pub struct Metrics {
     /// Audit lines lost: the writer's queue was full, or a write failed (handed to the audit
     /// sink).
     pub audit_dropped: Counter,
+    /// Client connections closed before they identified themselves, to make room for newer
+    /// ones (`proxy::admission`).
+    pub connections_evicted: Counter,
     /// Seconds the proxy workers spent busy-polling instead of sleeping (handed to each
     /// worker's `proxy::spin::Spinner`).
     pub busy_poll_seconds: Counter<f64, AtomicU64>,
@@ -182,6 +185,7 @@ impl Metrics {
             store_sync_lag: Gauge::default(),
             registry: Registry::default(),
             audit_dropped: Counter::default(),
+            connections_evicted: Counter::default(),
             busy_poll_seconds: Counter::default(),
         };
         registry.register(
@@ -274,6 +278,12 @@ impl Metrics {
             "audit_dropped",
             "Audit lines lost: the audit writer's queue was full, or a write failed (disk full)",
             m.audit_dropped.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Client connections closed unidentified to make room for newer ones \
+             (proxy.max_unauthenticated_per_source, max_unauthenticated_connections, max_connections)",
+            m.connections_evicted.clone(),
         );
         registry.register(
             "busy_poll_seconds",

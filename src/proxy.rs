@@ -228,13 +228,15 @@ impl ProxyState {
         settings: LiveSettings,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
+        let evicted = metrics.connections_evicted.clone();
+        let admission = Arc::new(admission::Admission::counted(evicted));
         Arc::new(ProxyState {
             registry,
             leaves,
             metrics,
             audit,
             settings: RwLock::new(Arc::new(settings)),
-            admission: Arc::default(),
+            admission,
             shutdown,
             tasks: TaskTracker::new(),
             workers: OnceLock::new(),

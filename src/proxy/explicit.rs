@@ -37,6 +37,9 @@ use crate::sandbox::Sandbox;
 pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     let live = state.settings();
     let slot = super::connection_slot();
+    if let Some(s) = &slot {
+        s.serving();
+    }
     let unidentified = async {
         match &slot {
             Some(s) => s.closed(live.proxy.unauthenticated_timeout).await,

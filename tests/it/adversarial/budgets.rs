@@ -68,6 +68,8 @@ async fn silent_connections_from_the_same_source_do_not_starve_a_sandbox() {
     )
     .await;
     // The attacker shares the sandbox's source address (explicit sandboxes on one host do).
+    // A burst may go past the source's share until its connections turn idle (silent while
+    // served; `proxy::admission::IDLE_AFTER`), never past the unidentified budget.
     let mut attacker = Vec::new();
     for _ in 0..45 {
         attacker.push(silent(e.h.proxy, [127, 0, 0, 1]).await);
@@ -75,9 +77,10 @@ async fn silent_connections_from_the_same_source_do_not_starve_a_sandbox() {
     eventually(
         Duration::from_secs(5),
         "the silent connections are accepted",
-        || unauthenticated(&e) == 4,
+        || (4..=8).contains(&unauthenticated(&e)),
     )
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for _ in 0..3 {
         assert_eq!(request(&e, &e.sb).await, StatusCode::OK);
     }
@@ -222,4 +225,36 @@ async fn requests_in_flight_are_capped_per_sandbox() {
         StatusCode::OK,
         "after the answers"
     );
+}
+
+/// A burst of connections from one source, each with its CONNECT and credentials sent at
+/// once: the accept loop runs ahead of their tasks, so their requests wait unread. None of
+/// them is silent, and none is closed to make room (an outside test had 44 of 300 closed
+/// without an answer, across sandboxes, past `max_unauthenticated_per_source`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_credentialed_connections_from_one_source_is_served() {
+    use tokio::io::AsyncWriteExt;
+    let e =
+        env("max_unauthenticated_connections = 512\nmax_unauthenticated_per_source = 4\n").await;
+    let connect = format!(
+        "CONNECT {API} HTTP/1.1\r\nHost: {API}\r\nProxy-Authorization: {}\r\n\r\n",
+        e.sb.proxy_auth()
+    );
+    let mut streams = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(e.h.proxy).await.unwrap();
+        s.write_all(connect.as_bytes()).await.unwrap();
+        streams.push(s);
+    }
+    let mut answered = 0;
+    for mut s in streams {
+        let mut head = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head)).await;
+        if matches!(read, Ok(Ok(_))) && head.starts_with(b"HTTP/1.1 200") {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 200);
+    let evicted = e.h.metric("sealgate_connections_evicted_total").await;
+    assert_eq!(evicted, 0.0);
 }
