@@ -20,7 +20,7 @@ pub use snapshot::{HostView, Retired, SecretEntry, Snapshot};
 pub use tombstones::Tombstones;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use time::OffsetDateTime;
@@ -60,6 +60,8 @@ pub struct Sandbox {
     /// How many times `snapshot` was replaced: written under its write lock, so a reader that
     /// sees a value later than one it read with a snapshot reads a later snapshot too.
     generation: AtomicU64,
+    /// Set once it left the registry (deleted, expired, ended): answers still streaming stop.
+    ended: AtomicBool,
     tunnels: AtomicUsize,
     requests: AtomicUsize,
     /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
@@ -85,6 +87,7 @@ impl Sandbox {
             ca: parts.ca,
             snapshot: RwLock::new(Arc::new(snapshot)),
             generation: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
             tunnels: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             upstream: Default::default(),
@@ -118,6 +121,17 @@ impl Sandbox {
         let mut current = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
         *current = Arc::new(snapshot);
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// True once it left the registry: one atomic load, for answers that outlive their
+    /// request (`proxy::response_scrub::Following`).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Marks it ended (the registry does, as it removes it).
+    pub fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
     }
 
     /// True once `expires_at` has passed.

@@ -20,7 +20,7 @@ use super::failure::UpstreamCap;
 use super::held::Held;
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
-use super::response_scrub::{scrub_response, Scope, ScopeGained, Scrubbing, Shape, Unscrubbed};
+use super::response_scrub::{scrub_response, Following, Scope, ScopeGained, Scrubbing, Shape};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
@@ -1068,19 +1068,21 @@ fn finish_response(
         parts.headers.append(header::TRAILER, value);
     }
     let body = body.map_err(BoxError::from).boxed_unsync();
+    let unscrubbed = scrubber.is_none();
     let body = match scrubber.zip(shape) {
         Some((s, shape)) => {
             let scrubbing = Scrubbing {
                 scrubber: s,
-                scope,
+                scope: scope.clone(),
                 report,
             };
             scrub_response(t, &rt.upstream, scrubbing, &mut parts, shape, body)?
         }
-        // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
-        None if t.scheme == Scheme::Https && !upgrade => Unscrubbed::wrap(body, scope),
         None => body,
     };
+    // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
+    let unscrubbed = unscrubbed && t.scheme == Scheme::Https && !upgrade;
+    let body = Following::wrap(body, scope, unscrubbed);
     let body = Held::new(body, slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))

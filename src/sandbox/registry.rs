@@ -58,6 +58,7 @@ impl Registry {
     /// Removes a sandbox and its indexes; returns it if it was live.
     pub fn remove(&self, id: &str) -> Option<Arc<Sandbox>> {
         let (_, sb) = self.by_id.remove(id)?;
+        sb.mark_ended();
         if let Some(ip) = sb.source_ip {
             self.by_ip.remove_if(&ip, |_, v| Arc::ptr_eq(v, &sb));
         }

@@ -11,7 +11,11 @@
 //!   is scanned with the new values too;
 //! - an answer that was not scrubbed (nothing could be unsealed for its host when it began:
 //!   its body may be compressed or a range, and its length was passed on) ends once something
-//!   can be ([`Unscrubbed`]): the client asks again and gets a scrubbed answer.
+//!   can be ([`Following`]): the client asks again and gets a scrubbed answer.
+//!
+//! Every answer also ends once its sandbox has ended (deleted, expired): an event stream or a
+//! download it opened went on to its end, for minutes (found from outside), where a deleted
+//! sandbox's WebSockets and uploads stopped at once.
 //!
 //! Invariant: a change is noticed at the first chunk after it, at the cost of one atomic load
 //! per chunk ([`crate::sandbox::Sandbox::generation`]); the snapshot is read only on a change.
@@ -79,29 +83,50 @@ impl Scope {
     }
 }
 
-/// An unscrubbed answer's body that ends with an error once its host could receive a value
-/// (see the module docs).
-pub struct Unscrubbed {
+/// An answer's body that ends with an error once its sandbox has ended, or — `unscrubbed` —
+/// once its host could receive a value (see the module docs).
+pub struct Following {
     body: ProxyBody,
     scope: Scope,
+    unscrubbed: bool,
     /// Ended by a change: nothing more is passed on.
     ended: bool,
 }
 
-impl Unscrubbed {
+impl Following {
     /// Wraps `body`, boxed again.
-    pub fn wrap(body: ProxyBody, scope: Scope) -> ProxyBody {
+    pub fn wrap(body: ProxyBody, scope: Scope, unscrubbed: bool) -> ProxyBody {
         use http_body_util::BodyExt as _;
-        Unscrubbed {
+        Following {
             body,
             scope,
+            unscrubbed,
             ended: false,
         }
         .boxed_unsync()
     }
+
+    /// Why the answer must end now, if it must.
+    fn cut(&mut self) -> Option<AnswerCut> {
+        if self.scope.sandbox.has_ended() {
+            return Some(AnswerCut::SandboxEnded);
+        }
+        (self.unscrubbed && self.scope.gained_values()).then_some(AnswerCut::ScopeGained)
+    }
 }
 
-/// Why an unscrubbed answer was ended.
+/// Why an answer was ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerCut {
+    /// Its sandbox ended.
+    #[error("answer ended: its sandbox has ended")]
+    SandboxEnded,
+    /// Its host may now receive values, and it began unscrubbed.
+    #[error("{ScopeGained}")]
+    ScopeGained,
+}
+
+/// Why an unscrubbed answer or relay was ended.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "answer ended: the sandbox's store changed so that values may now be unsealed for this \
@@ -109,7 +134,7 @@ impl Unscrubbed {
 )]
 pub struct ScopeGained;
 
-impl Body for Unscrubbed {
+impl Body for Following {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -121,16 +146,17 @@ impl Body for Unscrubbed {
         if this.ended {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) if this.scope.gained_values() => {
-                drop(frame);
-                this.ended = true;
-                let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
-                tracing::info!(sandbox = %sandbox, host = %host, "{ScopeGained}");
-                Poll::Ready(Some(Err(ScopeGained.into())))
-            }
-            other => other,
-        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let Poll::Ready(Some(Ok(_))) = &polled else {
+            return polled;
+        };
+        let Some(why) = this.cut() else {
+            return polled;
+        };
+        this.ended = true;
+        let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
+        tracing::info!(sandbox = %sandbox, host = %host, "{why}");
+        Poll::Ready(Some(Err(why.into())))
     }
 
     fn is_end_stream(&self) -> bool {

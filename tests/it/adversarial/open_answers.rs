@@ -194,3 +194,39 @@ async fn an_unscrubbed_websocket_ends_once_its_host_may_receive_a_value() {
     put_key(&e, V1, &["api.example.test", "other.example.test"]).await;
     assert_eq!(echoed(&mut ws, &format!("after {V1}")).await, None);
 }
+
+/// An answer still streaming when its sandbox is deleted ends at its next chunk: an event
+/// stream and a download went on to their end, for minutes, after the delete (found from
+/// outside), where the sandbox's WebSockets and uploads stopped at once.
+#[tokio::test]
+async fn an_answer_ends_once_its_sandbox_is_deleted() {
+    let e = env().await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    c.ready().await.unwrap();
+    let req = pc::get("/slow?ms=200&chunks=25", "api.example.test", &[]);
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    let id = e.sb.id.clone();
+    let (s, v) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let started = std::time::Instant::now();
+    let (got, failed) = tokio::time::timeout(Duration::from_secs(10), read_all(body))
+        .await
+        .expect("the answer ends");
+    assert!(failed, "ended in an error, not as if complete");
+    assert!(
+        got.len() <= 2048,
+        "{} more bytes after the delete",
+        got.len()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
