@@ -20,7 +20,9 @@ use super::failure::UpstreamCap;
 use super::held::Held;
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
-use super::response_scrub::{scrub_response, Following, Scope, ScopeGained, Scrubbing, Shape};
+use super::response_scrub::{
+    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
+};
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
@@ -141,6 +143,7 @@ async fn exchange(
         Scheme::Https => snapshot.view(&t.dest),
         Scheme::Http => snapshot.plain_view(&t.dest),
     };
+    check_knowable(t, &snapshot, &view)?;
     let (parts, body) = req.into_parts();
     let mut up = build_upstream_head(t, parts)?;
     unseal_head(t, rt, &view, &mut up, o)?;
@@ -167,7 +170,7 @@ async fn exchange(
     }
     let resp = sent?;
     let mut scope = Scope::since(t, generation);
-    let scrubber = answer_scrubber(&view, &mut scope);
+    let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let answer = Answer {
         scrubber: scrubber.clone(),
         scope: scope.clone(),
@@ -185,12 +188,43 @@ async fn exchange(
 /// The scrubber of the answer: the host's in the request's snapshot, or in the current one
 /// if the store changed while the request was out (values unsealed meanwhile are scrubbed
 /// from the headers too). A change after which nothing can be unsealed for the host keeps
-/// the request's.
-fn answer_scrubber(view: &HostView, scope: &mut Scope) -> Option<Arc<Scrubber>> {
+/// the request's; one after which the node's copy is locked refuses the answer
+/// ([`Place::Unknowable`]).
+fn answer_scrubber(
+    t: &Tunnel,
+    view: &HostView,
+    scope: &mut Scope,
+) -> Result<Option<Arc<Scrubber>>, Refusal> {
     match scope.changed() {
-        Some(now) => now.or_else(|| view.scrubber.clone()),
-        None => view.scrubber.clone(),
+        None | Some(Place::Clear) => Ok(view.scrubber.clone()),
+        Some(Place::Scrubbed(s)) => Ok(Some(s)),
+        Some(Place::Unknowable) => Err(unknowable(t)),
     }
+}
+
+/// The refusal of a request (or its answer) to a host where the store's values may go, while
+/// the node's copy of the store is locked: values changed elsewhere meanwhile — rotated
+/// through another node — are unknown here, so answers from the host cannot be scrubbed of
+/// them (found from outside). Fail closed, as unsealing does.
+fn unknowable(t: &Tunnel) -> Refusal {
+    Refusal::new(
+        Code::Unavailable,
+        format!(
+            "this node cannot read the sandbox's store now (cut off from the database, or the \
+             store quarantined): requests to {}, where its secrets may go, are refused until it \
+             can, since their answers could not be scrubbed of values changed meanwhile",
+            t.dest
+        ),
+    )
+}
+
+/// Refuses a request to a host where the store's values may go (its `view` scrubs) while
+/// the node's copy of the store is locked ([`unknowable`]).
+fn check_knowable(t: &Tunnel, snapshot: &Snapshot, view: &HostView) -> Result<(), Refusal> {
+    if snapshot.is_locked() && view.scrubber.is_some() {
+        return Err(unknowable(t));
+    }
+    Ok(())
 }
 
 /// How an answer is scrubbed: with `scrubber` (none: not at all) following `scope`, plus the
@@ -1112,6 +1146,7 @@ fn relay_upgrade(
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return resp;
     };
+    let (sandbox, host) = (scope.sandbox_id(), scope.host());
     tokio::spawn(async move {
         let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
             return;
@@ -1130,20 +1165,29 @@ fn relay_upgrade(
         tokio::select! {
             ended = relay => match ended {
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    tracing::warn!(error = %e, "upgraded connection closed");
+                    tracing::warn!(%sandbox, %host, error = %e, "upgraded connection closed");
                 }
-                Err(e) if e.get_ref().is_some_and(|e| e.is::<ScopeGained>()) => {
-                    tracing::info!(error = %e, "upgraded connection closed");
+                Err(e) if changed_scope(&e) => {
+                    tracing::info!(%sandbox, %host, error = %e, "upgraded connection closed");
                 }
-                Err(e) => tracing::debug!(error = %e, "upgraded connection ended"),
+                Err(e) => tracing::debug!(%sandbox, %host, error = %e, "upgraded connection ended"),
                 Ok(()) => {}
             },
             () = revoked(allowed) => tracing::info!(
+                %sandbox, %host,
                 "upgraded connection closed: its sandbox ended or its host left the egress_allowlist"
             ),
         }
     });
     resp
+}
+
+/// True for a relay ended by a change of the sandbox's values ([`ScopeGained`], or its
+/// node's copy locked).
+fn changed_scope(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|e| {
+        e.is::<ScopeGained>() || matches!(e.downcast_ref(), Some(subst::BodyError::ScopeLost))
+    })
 }
 
 /// Returns once `allowed` no longer holds (polled every second).

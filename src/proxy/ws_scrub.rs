@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::response_scrub::ScopeGained;
-use crate::subst::{Rescope, ScrubStream, Scrubber};
+use crate::subst::{Rescope, Rescoped, ScrubStream, Scrubber};
 
 /// Bytes of payload read (and written as one fragment) at a time.
 const READ: usize = 16 * 1024;
@@ -131,18 +131,24 @@ struct Following {
 }
 
 impl Following {
-    /// Takes up the scrubber `rescope` gives after a change, for `message` too.
-    fn follow(&mut self, message: Option<&mut Message>) {
-        let Some(now) = self.rescope.as_mut().and_then(|r| r()) else {
-            return;
+    /// Takes up the scrubber `rescope` gives after a change, for `message` too; an error
+    /// once the frames cannot be scrubbed any more ([`Rescoped::End`]).
+    fn follow(&mut self, message: Option<&mut Message>) -> io::Result<()> {
+        let now = match self.rescope.as_mut().and_then(|r| r()) {
+            None => return Ok(()),
+            Some(Rescoped::End) => {
+                return Err(io::Error::other(crate::subst::BodyError::ScopeLost))
+            }
+            Some(Rescoped::Use(now)) => now,
         };
         if Arc::ptr_eq(&now, &self.scrubber) {
-            return;
+            return Ok(());
         }
         if let Some(m) = message {
             m.stream.rescope(now.clone());
         }
         self.scrubber = now;
+        Ok(())
     }
 }
 
@@ -168,7 +174,7 @@ where
         refuse_unreadable(&head)?;
         if head.opcode >= CLOSE {
             let payload = read_exact(&mut from, head.len as usize).await?;
-            with.follow(message.as_mut());
+            with.follow(message.as_mut())?;
             let payload = scrub_control(&with.scrubber, head.opcode, payload);
             write_frame(to, true, head.opcode, &[payload]).await?;
             if head.opcode == CLOSE {
@@ -209,14 +215,14 @@ where
         let n = left.min(READ as u64) as usize;
         let chunk = read_exact(from, n).await?;
         left -= n as u64;
-        with.follow(Some(&mut m));
+        with.follow(Some(&mut m))?;
         m.stream.push(chunk, &mut out);
         write_fragment(to, &mut m, false, &mut out).await?;
     }
     if !head.fin {
         return Ok(Some(m));
     }
-    with.follow(Some(&mut m));
+    with.follow(Some(&mut m))?;
     m.stream.finish(&mut out);
     write_fragment(to, &mut m, true, &mut out).await?;
     Ok(None)

@@ -167,6 +167,11 @@ impl Snapshot {
         })
     }
 
+    /// True for a node's locked copy ([`Snapshot::locked_copy_of`]).
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
     /// This snapshot marked as the locked copy of `real` (see [`Snapshot::denial_rule`]): it
     /// unseals nothing, and scrubs answers wherever `real` could unseal a value.
     pub fn locked_copy_of(mut self, real: &Snapshot) -> Snapshot {

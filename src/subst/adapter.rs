@@ -38,6 +38,12 @@ pub enum BodyError {
     /// a message; nothing of a held message was passed on.
     #[error(transparent)]
     Unscrubbable(FrameError),
+    /// A response body whose sandbox's values can no longer be known ([`Rescoped::End`]).
+    #[error(
+        "this node is cut off from the store: values changed elsewhere cannot be scrubbed from \
+         this answer"
+    )]
+    ScopeLost,
     /// The wrapped body failed (the sandbox for a request, the upstream for a response).
     #[error("wrapped body failed: {0}")]
     Upstream(#[source] Box<dyn StdError + Send + Sync>),
@@ -373,9 +379,18 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Asked before each chunk of a scrubbed body: `Some` with the scrubber to go on with once
-/// the sandbox's values changed ([`ScrubBody::with_rescope`]).
-pub type Rescope = Box<dyn FnMut() -> Option<Arc<Scrubber>> + Send>;
+/// Asked before each chunk of a scrubbed body: `Some` once the sandbox's values changed
+/// ([`ScrubBody::with_rescope`]).
+pub type Rescope = Box<dyn FnMut() -> Option<Rescoped> + Send>;
+
+/// What a scrubbed answer goes on with after the sandbox's values changed.
+pub enum Rescoped {
+    /// This scrubber.
+    Use(Arc<Scrubber>),
+    /// Nothing: the values it would have to scrub cannot be known (a node cut off from the
+    /// shared database); the answer ends.
+    End,
+}
 
 struct ScrubEngine {
     stream: ScrubStream,
@@ -437,22 +452,28 @@ impl<B> ScrubBody<B> {
 }
 
 impl ScrubEngine {
-    fn follow_scope(&mut self) {
+    /// Takes up a changed scope; an error once the answer cannot be scrubbed any more.
+    fn follow_scope(&mut self) -> Result<(), BodyError> {
         let Some(rescope) = &mut self.rescope else {
-            return;
+            return Ok(());
         };
-        if let Some(now) = rescope() {
-            if !Arc::ptr_eq(&now, &self.scrubber) {
-                self.stream.rescope(now.clone());
-                self.scrubber = now;
+        match rescope() {
+            None => Ok(()),
+            Some(Rescoped::Use(now)) => {
+                if !Arc::ptr_eq(&now, &self.scrubber) {
+                    self.stream.rescope(now.clone());
+                    self.scrubber = now;
+                }
+                Ok(())
             }
+            Some(Rescoped::End) => Err(BodyError::ScopeLost),
         }
     }
 }
 
 impl Engine for ScrubEngine {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        self.follow_scope();
+        self.follow_scope()?;
         let Some(frames) = &mut self.frames else {
             self.stream.push(chunk, out);
             return Ok(());
@@ -473,7 +494,7 @@ impl Engine for ScrubEngine {
     }
 
     fn flush(&mut self, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        self.follow_scope();
+        self.follow_scope()?;
         if let Some(frames) = &self.frames {
             frames.finish().map_err(BodyError::Unscrubbable)?;
         }
@@ -482,7 +503,8 @@ impl Engine for ScrubEngine {
     }
 
     fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
-        self.follow_scope();
+        // An end here is taken at the next data or flush; trailers follow a flush.
+        let _ = self.follow_scope();
         self.scrubber.scrub_headers(&mut trailers);
         trailers
     }

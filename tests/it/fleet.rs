@@ -662,6 +662,12 @@ async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
     assert!(holder.wait().expect("psql").success());
 }
 
+/// What a locked node answers a request to a host where its store's secrets may go: 503
+/// `unavailable`, before anything is unsealed or sent (values changed elsewhere meanwhile
+/// could not be scrubbed from the answer). It was 403 for a request carrying a token, and
+/// answered the rest.
+const LOCKED: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+
 /// Probes `sb` through node B until it stops answering 200 (its store locked past
 /// `max_staleness_secs`), for at most 10 s; the last answer.
 async fn until_locked(n: &Nodes, sb: &SandboxCreds) -> (StatusCode, Option<String>) {
@@ -684,11 +690,14 @@ async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
     let sb = sandbox_on(&n.b, "s", "node-b").await;
     cluster.stop();
     let (status, seen) = until_locked(&n, &sb).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "fail closed");
+    assert_eq!(status, LOCKED, "fail closed");
     assert_eq!(seen, None, "nothing reached the upstream");
     // The audit says why (it said "allowed_hosts [] does not match", an outside review).
     let audit = n.b.audit_log();
-    assert!(audit.contains("is locked on this node"), "{audit}");
+    assert!(
+        audit.contains("this node cannot read the sandbox's store now"),
+        "{audit}"
+    );
     cluster.start();
     n.until_seen(&n.b, &sb, "sk-fleet-stale-2007", Duration::from_secs(10))
         .await;
@@ -1076,7 +1085,7 @@ async fn a_database_that_stalls_queries_counts_as_cut_off() {
         let (status, seen) = n.key_seen(&c, &sb).await;
         assert_eq!(
             (status, seen.as_deref()),
-            (StatusCode::FORBIDDEN, None),
+            (LOCKED, None),
             "served while cut off"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1113,7 +1122,7 @@ async fn a_stores_row_that_does_not_decode_is_a_visible_outage() {
         ),
     );
     let (status, seen) = until_locked(&n, &sb).await;
-    assert_eq!((status, seen), (StatusCode::FORBIDDEN, None), "fail closed");
+    assert_eq!((status, seen), (LOCKED, None), "fail closed");
     let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v.to_string().contains("does not decode"), "{v}");
@@ -1143,7 +1152,7 @@ async fn a_node_whose_store_reads_hang_while_its_checks_answer_locks() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     // Still locked while it lasts, though every generation check answers.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(n.key_seen(&c, &sb).await, (StatusCode::FORBIDDEN, None));
+    assert_eq!(n.key_seen(&c, &sb).await, (LOCKED, None));
 
     proxy
         .stall
@@ -1201,7 +1210,7 @@ async fn hang_after_a_rotation(
         // max_staleness (1 s) plus the watchdog's tick, with room for a loaded machine; not
         // the query's 5 s timeout, which passes again and again while the stall lasts.
         let within = Duration::from_secs(4);
-        if status == StatusCode::FORBIDDEN {
+        if status == LOCKED {
             assert_eq!(seen, None, "nothing reached the upstream");
             assert!(answered < within, "locked only after {answered:?}");
             break;
@@ -1384,7 +1393,7 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, seen) = n.key_seen(&n.b, &sb).await;
-        if status == StatusCode::FORBIDDEN {
+        if status == LOCKED {
             assert_eq!(seen, None, "nothing reached the upstream");
             break;
         }
@@ -1491,7 +1500,7 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, seen) = n.key_seen(&c, &sb).await;
-        if status == StatusCode::FORBIDDEN {
+        if status == LOCKED {
             assert_eq!(seen, None, "nothing reached the upstream");
             break;
         }

@@ -29,8 +29,8 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::super::{BoxError, ProxyBody, Tunnel};
 use crate::policy::{Dest, Scheme};
-use crate::sandbox::Sandbox;
-use crate::subst::Scrubber;
+use crate::sandbox::{Sandbox, Snapshot};
+use crate::subst::{Rescope, Rescoped, Scrubber};
 
 /// Follows one sandbox's snapshot for the answers of one tunnel's host.
 #[derive(Clone)]
@@ -54,32 +54,71 @@ impl Scope {
         }
     }
 
-    /// `Some` once the snapshot changed since the last look, with the host's scrubber in the
-    /// current one (`None` inside: nothing can be unsealed for the host now).
-    pub fn changed(&mut self) -> Option<Option<Arc<Scrubber>>> {
+    /// The sandbox's id (for log lines).
+    pub fn sandbox_id(&self) -> Arc<str> {
+        self.sandbox.id.clone()
+    }
+
+    /// The host (for log lines).
+    pub fn host(&self) -> Dest {
+        self.dest.clone()
+    }
+
+    /// `Some` once the snapshot changed since the last look: the host's place in the current
+    /// one.
+    pub fn changed(&mut self) -> Option<Place> {
         let now = self.sandbox.generation();
         if now == self.seen {
             return None;
         }
         let (now, snap) = self.sandbox.snapshot_at();
         self.seen = now;
-        let view = match self.scheme {
-            Scheme::Https => snap.view(&self.dest),
-            Scheme::Http => snap.plain_view(&self.dest),
-        };
-        Some(view.scrubber.clone())
+        Some(Place::of(&snap, &self.dest, self.scheme))
     }
 
-    /// The hook of a scrubbed body: the host's current scrubber after a change. A change
-    /// after which nothing can be unsealed for the host keeps the scrubber it had (its values
-    /// stay scrubbed).
-    pub fn rescope(mut self) -> crate::subst::Rescope {
-        Box::new(move || self.changed().flatten())
+    /// The hook of a scrubbed body: the host's current scrubber after a change; the end of
+    /// the answer once the node's copy is locked ([`Place::Unknowable`]). A change after
+    /// which nothing can be unsealed for the host keeps the scrubber it had (its values stay
+    /// scrubbed).
+    pub fn rescope(mut self) -> Rescope {
+        Box::new(move || match self.changed()? {
+            Place::Scrubbed(s) => Some(Rescoped::Use(s)),
+            Place::Unknowable => Some(Rescoped::End),
+            Place::Clear => None,
+        })
     }
 
     /// True once something can be unsealed for the host (for answers that were not scrubbed).
     pub fn gained_values(&mut self) -> bool {
-        matches!(self.changed(), Some(Some(_)))
+        matches!(self.changed(), Some(Place::Scrubbed(_) | Place::Unknowable))
+    }
+}
+
+/// What a host's answers need under one snapshot.
+pub enum Place {
+    /// Nothing can be unsealed for the host: no scrubbing.
+    Clear,
+    /// Scrubbing with this scrubber.
+    Scrubbed(Arc<Scrubber>),
+    /// The snapshot is a node's locked copy (cut off from the shared database, or the store
+    /// quarantined) and the store's values could go to the host: values changed elsewhere
+    /// meanwhile are unknown here, so its answers cannot be scrubbed of them (found from
+    /// outside: a value rotated through another node came back in clear). Fail closed.
+    Unknowable,
+}
+
+impl Place {
+    /// The place of `dest` over `scheme` in `snap`.
+    pub fn of(snap: &Snapshot, dest: &Dest, scheme: Scheme) -> Place {
+        let view = match scheme {
+            Scheme::Https => snap.view(dest),
+            Scheme::Http => snap.plain_view(dest),
+        };
+        match view.scrubber.clone() {
+            None => Place::Clear,
+            Some(_) if snap.is_locked() => Place::Unknowable,
+            Some(s) => Place::Scrubbed(s),
+        }
     }
 }
 
@@ -147,6 +186,12 @@ impl Body for Following {
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if matches!(e.downcast_ref(), Some(crate::subst::BodyError::ScopeLost)) {
+                let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
+                tracing::info!(sandbox = %sandbox, host = %host, "answer ended: {e}");
+            }
+        }
         let Poll::Ready(Some(Ok(_))) = &polled else {
             return polled;
         };

@@ -323,13 +323,14 @@ async fn a_sandbox_id_rewritten_as_a_path_in_the_database_touches_no_file() {
     drop(h2);
 }
 
-/// A quarantined store's sandboxes unseal nothing, and still scrub: the hosts that could
-/// receive a value before may hold it and hand it back (an outside review had a value an
-/// origin stored earlier come back in clear once a tampered sibling row locked the store —
-/// the locked copy had turned scrubbing off wherever nothing could be unsealed any more).
-/// Here the request carries the value itself, as an origin that stored it would answer it.
+/// A quarantined store's sandboxes unseal nothing, and its hosts are refused: their answers
+/// could carry a value the node cannot know (in fleet mode, rotated through another node), and
+/// an outside review had a value an origin stored come back in clear once a tampered sibling
+/// row locked the store (the locked copy had turned scrubbing off). An answer already
+/// streaming from such a host ends; new requests there get 503 `unavailable`.
 #[tokio::test]
-async fn a_quarantined_store_still_scrubs_answers_from_its_hosts() {
+async fn a_quarantined_store_refuses_its_hosts_and_ends_their_open_answers() {
+    use http_body_util::BodyExt;
     let value = "sk-quarantine-scrub-7101";
     let e = setup(
         Some(&["api.example.test"]),
@@ -339,6 +340,12 @@ async fn a_quarantined_store_still_scrubs_answers_from_its_hosts() {
         ],
     )
     .await;
+    let mut open = pc::h1(e.h.proxy, &e.sb, API).await;
+    open.ready().await.unwrap();
+    let req = pc::get("/slow?ms=200&chunks=25", "api.example.test", &[]);
+    let resp = open.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
     sql(
         &db_path(&e.h),
         "UPDATE secrets SET allowed_hosts = '[\"evil.example.test\"]' WHERE name = 'OTHER'",
@@ -353,21 +360,33 @@ async fn a_quarantined_store_still_scrubs_answers_from_its_hosts() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = e.h.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "quarantined: {v}");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "the open answer ended in an error");
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(
-        &mut c,
-        pc::get("/echo", "api.example.test", &[("x-stored", value)]),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    assert!(!a.text().contains(value), "{}", a.text());
-    assert!(a.text().contains(&e.sb.token("KEY")), "{}", a.text());
-    // And nothing is unsealed meanwhile.
-    let key = e.sb.token("KEY");
-    let a = pc::send1(
-        &mut c,
-        pc::get("/echo", "api.example.test", &[("x-api-key", &key)]),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+    for headers in [
+        vec![("x-stored", value)],
+        vec![("x-api-key", &*e.sb.token("KEY"))],
+    ] {
+        let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &headers)).await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+        assert!(!a.text().contains(value), "{}", a.text());
+        assert!(
+            a.text().contains("cannot read the sandbox's store"),
+            "{}",
+            a.text()
+        );
+    }
+    assert!(
+        e.echo.requests().iter().all(|r| r.uri.starts_with("/slow")),
+        "nothing else reached the upstream"
+    );
 }
