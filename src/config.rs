@@ -393,7 +393,7 @@ pub struct UpstreamConfig {
     pub nameservers: Vec<SocketAddr>,
     /// TCP + TLS connect deadline.
     pub connect_timeout: Duration,
-    /// Response head deadline, counted from the request's last byte ([`crate::proxy::progress`]).
+    /// Response head deadline, counted from the request's last byte (`proxy::progress`).
     pub response_timeout: Duration,
     /// Pool idle timeout.
     pub pool_idle_timeout: Duration,
