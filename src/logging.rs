@@ -79,9 +79,11 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
 /// Crates held at `info` unless a directive names exactly that crate (`h2=debug`: the operator
 /// asks for frames, values and all). At debug, h2 logs whole frames — a GOAWAY's debug data
 /// verbatim, which an upstream holding a real value controls — and hyper and hyper-util log
-/// h2 errors, whose `Display` carries that data. A directive for a module inside one (say
-/// `h2::hpack=warn`) does not lift the cap of the rest.
-const CAPPED: [&str; 3] = ["h2", "hyper", "hyper_util"];
+/// h2 errors, whose `Display` carries that data. At debug, tokio_postgres logs every
+/// statement's parameters: sealed secret rows, sealed snapshots, proxy-token hashes (never a
+/// plaintext value, but nothing an operator asked for; outside re-check). A directive for a
+/// module inside one (say `h2::hpack=warn`) does not lift the cap of the rest.
+const CAPPED: [&str; 4] = ["h2", "hyper", "hyper_util", "tokio_postgres"];
 
 fn names(directive: &str, target: &str) -> bool {
     directive
@@ -151,7 +153,9 @@ mod tests {
         );
         let f = super::parse_filter("debug").unwrap().to_string();
         assert!(
-            f.contains("hyper=info") && f.contains("hyper_util=info"),
+            f.contains("hyper=info")
+                && f.contains("hyper_util=info")
+                && f.contains("tokio_postgres=info"),
             "{f}"
         );
         assert!(super::parse_filter("debug").unwrap().max_level_hint() >= Some(LevelFilter::DEBUG));
