@@ -120,7 +120,7 @@ fn sealed_rule(t: &Tunnel, report: &Report) -> Option<String> {
 }
 
 async fn exchange(
-    t: &Tunnel,
+    t: &Arc<Tunnel>,
     rt: &LiveSettings,
     method: &Method,
     mut req: Request<Incoming>,
@@ -1116,8 +1116,7 @@ fn finish_response(
     };
     // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
     let unscrubbed = unscrubbed && t.scheme == Scheme::Https && !upgrade;
-    let body = Following::wrap(body, scope, unscrubbed);
-    let body = Held::new(body, slot);
+    let body = Held::new(Following::new(body, scope, unscrubbed), slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }

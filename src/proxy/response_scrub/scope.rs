@@ -27,17 +27,16 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::super::{BoxError, ProxyBody, Tunnel};
+use super::super::{BoxError, Tunnel};
 use crate::policy::{Dest, Scheme};
 use crate::sandbox::{Sandbox, Snapshot};
 use crate::subst::{Rescope, Rescoped, Scrubber};
 
-/// Follows one sandbox's snapshot for the answers of one tunnel's host.
+/// Follows one sandbox's snapshot for the answers of one tunnel's host. Cheap to clone (the
+/// tunnel is shared).
 #[derive(Clone)]
 pub struct Scope {
-    sandbox: Arc<Sandbox>,
-    dest: Dest,
-    scheme: Scheme,
+    tunnel: Arc<Tunnel>,
     /// The generation last looked at.
     seen: u64,
 }
@@ -45,35 +44,37 @@ pub struct Scope {
 impl Scope {
     /// A scope that has seen generation `seen` (read with the snapshot the request's
     /// decisions came from, [`Sandbox::snapshot_at`]).
-    pub fn since(t: &Tunnel, seen: u64) -> Scope {
+    pub fn since(tunnel: &Arc<Tunnel>, seen: u64) -> Scope {
         Scope {
-            sandbox: t.sandbox.clone(),
-            dest: t.dest.clone(),
-            scheme: t.scheme,
+            tunnel: tunnel.clone(),
             seen,
         }
     }
 
+    fn sandbox(&self) -> &Sandbox {
+        &self.tunnel.sandbox
+    }
+
     /// The sandbox's id (for log lines).
     pub fn sandbox_id(&self) -> Arc<str> {
-        self.sandbox.id.clone()
+        self.sandbox().id.clone()
     }
 
     /// The host (for log lines).
-    pub fn host(&self) -> Dest {
-        self.dest.clone()
+    pub fn host(&self) -> Arc<str> {
+        self.tunnel.authority.clone()
     }
 
     /// `Some` once the snapshot changed since the last look: the host's place in the current
     /// one.
     pub fn changed(&mut self) -> Option<Place> {
-        let now = self.sandbox.generation();
+        let now = self.sandbox().generation();
         if now == self.seen {
             return None;
         }
-        let (now, snap) = self.sandbox.snapshot_at();
+        let (now, snap) = self.sandbox().snapshot_at();
         self.seen = now;
-        Some(Place::of(&snap, &self.dest, self.scheme))
+        Some(Place::of(&snap, &self.tunnel.dest, self.tunnel.scheme))
     }
 
     /// The hook of a scrubbed body: the host's current scrubber after a change; the end of
@@ -122,35 +123,38 @@ impl Place {
     }
 }
 
-/// An answer's body that ends with an error once its sandbox has ended, or — `unscrubbed` —
-/// once its host could receive a value (see the module docs).
-pub struct Following {
-    body: ProxyBody,
-    scope: Scope,
-    unscrubbed: bool,
-    /// Ended by a change: nothing more is passed on.
-    ended: bool,
+pin_project_lite::pin_project! {
+    /// An answer's body that ends with an error once its sandbox has ended, or — `unscrubbed`
+    /// — once its host could receive a value (see the module docs).
+    pub struct Following<B> {
+        #[pin]
+        body: B,
+        scope: Scope,
+        unscrubbed: bool,
+        // Ended by a change: nothing more is passed on.
+        ended: bool,
+    }
 }
 
-impl Following {
-    /// Wraps `body`, boxed again.
-    pub fn wrap(body: ProxyBody, scope: Scope, unscrubbed: bool) -> ProxyBody {
-        use http_body_util::BodyExt as _;
+impl<B> Following<B> {
+    /// Wraps `body`.
+    pub fn new(body: B, scope: Scope, unscrubbed: bool) -> Self {
         Following {
             body,
             scope,
             unscrubbed,
             ended: false,
         }
-        .boxed_unsync()
     }
+}
 
-    /// Why the answer must end now, if it must.
-    fn cut(&mut self) -> Option<AnswerCut> {
-        if self.scope.sandbox.has_ended() {
+impl Scope {
+    /// Why an answer following this scope must end now, if it must.
+    fn cut(&mut self, unscrubbed: bool) -> Option<AnswerCut> {
+        if self.sandbox().has_ended() {
             return Some(AnswerCut::SandboxEnded);
         }
-        (self.unscrubbed && self.scope.gained_values()).then_some(AnswerCut::ScopeGained)
+        (unscrubbed && self.gained_values()).then_some(AnswerCut::ScopeGained)
     }
 }
 
@@ -173,33 +177,36 @@ pub enum AnswerCut {
 )]
 pub struct ScopeGained;
 
-impl Body for Following {
+impl<B> Body for Following<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.ended {
+        let this = self.project();
+        if *this.ended {
             return Poll::Ready(None);
         }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let polled = this.body.poll_frame(cx);
         if let Poll::Ready(Some(Err(e))) = &polled {
             if matches!(e.downcast_ref(), Some(crate::subst::BodyError::ScopeLost)) {
-                let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
+                let (sandbox, host) = (this.scope.sandbox_id(), this.scope.host());
                 tracing::info!(sandbox = %sandbox, host = %host, "answer ended: {e}");
             }
         }
         let Poll::Ready(Some(Ok(_))) = &polled else {
             return polled;
         };
-        let Some(why) = this.cut() else {
+        let Some(why) = this.scope.cut(*this.unscrubbed) else {
             return polled;
         };
-        this.ended = true;
-        let (sandbox, host) = (&this.scope.sandbox.id, &this.scope.dest);
+        *this.ended = true;
+        let (sandbox, host) = (this.scope.sandbox_id(), this.scope.host());
         tracing::info!(sandbox = %sandbox, host = %host, "{why}");
         Poll::Ready(Some(Err(why.into())))
     }
