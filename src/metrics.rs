@@ -330,23 +330,36 @@ impl Metrics {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A body that adds the length of every data frame it yields to a byte counter.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        counter: Counter,
+/// Where [`Counted`] adds the bytes it sees.
+pub trait Tally {
+    /// `n` more data bytes went by.
+    fn add(&self, n: usize);
+}
+
+impl Tally for Counter {
+    fn add(&self, n: usize) {
+        self.inc_by(n as u64);
     }
 }
 
-impl<B> Counted<B> {
-    /// Wraps `inner`; `counter` is shared (a clone of a registered counter).
-    pub fn new(inner: B, counter: Counter) -> Self {
+pin_project_lite::pin_project! {
+    /// A body that adds the length of every data frame it yields to a tally: a byte counter
+    /// (a clone of a registered one), or a request body's progress (`proxy::progress`).
+    pub struct Counted<B, T = Counter> {
+        #[pin]
+        inner: B,
+        counter: T,
+    }
+}
+
+impl<B, T> Counted<B, T> {
+    /// Wraps `inner`; `counter` is shared.
+    pub fn new(inner: B, counter: T) -> Self {
         Counted { inner, counter }
     }
 }
 
-impl<B: Body> Body for Counted<B> {
+impl<B: Body, T: Tally> Body for Counted<B, T> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -358,7 +371,7 @@ impl<B: Body> Body for Counted<B> {
         let r = this.inner.poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
-                this.counter.inc_by(d.remaining() as u64);
+                this.counter.add(d.remaining());
             }
         }
         r

@@ -9,14 +9,11 @@
 //!
 //! Invariant: [`Progress::last`] never moves back, and is the creation time until a byte moves.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
-use http_body::{Body, Frame, SizeHint};
+use crate::metrics::{Counted, Tally};
 
 /// Shared between a [`Tracked`] body and whoever waits on its request.
 pub struct Progress {
@@ -53,48 +50,14 @@ impl Progress {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A body that reports its data frames to a [`Progress`].
-    pub struct Tracked<B> {
-        #[pin]
-        inner: B,
-        progress: Arc<Progress>,
+impl Tally for Arc<Progress> {
+    fn add(&self, n: usize) {
+        self.moved(n);
     }
 }
 
-impl<B> Tracked<B> {
-    /// Wraps `inner`, reporting to `progress`.
-    pub fn new(inner: B, progress: Arc<Progress>) -> Self {
-        Tracked { inner, progress }
-    }
-}
-
-impl<B: Body> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                this.progress.moved(d.remaining());
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A body that reports its data frames to a [`Progress`].
+pub type Tracked<B> = Counted<B, Arc<Progress>>;
 
 /// When a wait that began at `started` for an answer to a request whose body is tracked by
 /// `progress` (if streamed) times out: `timeout` after the later of the two.
@@ -106,6 +69,7 @@ pub fn deadline(started: Instant, progress: Option<&Progress>, timeout: Duration
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
 
     #[tokio::test]

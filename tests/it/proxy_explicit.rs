@@ -1260,15 +1260,17 @@ async fn a_slow_upload_is_answered_and_a_stalled_one_times_out() {
     };
     let e = setup_with(Some(&["api.example.test"]), &[], opts).await;
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let post = |chunks: Vec<Bytes>, gap_ms: u64| {
+        let body = pc::paced(chunks, std::time::Duration::from_millis(gap_ms));
+        http::Request::builder()
+            .method("POST")
+            .uri("/echo")
+            .header("host", "api.example.test")
+            .body(body)
+            .unwrap()
+    };
     let chunks: Vec<Bytes> = (0..8).map(|_| Bytes::from(vec![b'u'; 1000])).collect();
-    let body = pc::paced(chunks, std::time::Duration::from_millis(300));
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("/echo")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let a = pc::send1(&mut c, req).await;
+    let a = pc::send1(&mut c, post(chunks, 300)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(e.echo.requests().last().unwrap().body.len(), 8000);
     let audit = e.h.audit_log();
@@ -1276,15 +1278,8 @@ async fn a_slow_upload_is_answered_and_a_stalled_one_times_out() {
     assert!(line.contains("\"bytes_up\":8000"), "{line}");
 
     let chunks = vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")];
-    let body = pc::paced(chunks, std::time::Duration::from_millis(2500));
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("/echo")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let a = pc::send1(&mut c, post(chunks, 2500)).await;
     assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
     assert_eq!(a.code().as_deref(), Some("upstream_timeout"));
 }

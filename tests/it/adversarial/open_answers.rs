@@ -80,6 +80,20 @@ async fn send_token(e: &Env, target: &str) {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
 }
 
+/// The `x-api-key` the origin received last.
+fn last_key(e: &Env) -> Option<String> {
+    e.echo.requests().last().and_then(|r| r.header("x-api-key"))
+}
+
+/// What `tail` delivered (it must end within 10 s), and whether it ended in an error.
+async fn ended(tail: tokio::task::JoinHandle<(Bytes, bool)>) -> (String, bool) {
+    let (got, failed) = tokio::time::timeout(Duration::from_secs(10), tail)
+        .await
+        .expect("the stream ends, not left open")
+        .unwrap();
+    (String::from_utf8_lossy(&got).into_owned(), failed)
+}
+
 #[tokio::test]
 async fn a_stream_opened_before_a_rotation_scrubs_the_new_value() {
     let e = env().await;
@@ -87,20 +101,8 @@ async fn a_stream_opened_before_a_rotation_scrubs_the_new_value() {
     send_token(&e, API).await;
     put_key(&e, V2, &["api.example.test"]).await;
     send_token(&e, API).await;
-    assert_eq!(
-        e.echo
-            .requests()
-            .last()
-            .unwrap()
-            .header("x-api-key")
-            .as_deref(),
-        Some(V2)
-    );
-    let (got, failed) = tokio::time::timeout(Duration::from_secs(10), tail)
-        .await
-        .expect("the stream ends after two events")
-        .unwrap();
-    let got = String::from_utf8_lossy(&got);
+    assert_eq!(last_key(&e).as_deref(), Some(V2));
+    let (got, failed) = ended(tail).await;
     assert!(!failed, "{got}");
     let token = e.sb.token("KEY");
     assert_eq!(got, format!("data: {token}\n\ndata: {token}\n\n"));
@@ -112,20 +114,8 @@ async fn an_unscrubbed_stream_ends_once_its_host_may_receive_a_value() {
     let tail = open_tail(&e, OTHER, 3).await;
     put_key(&e, V1, &["api.example.test", "other.example.test"]).await;
     send_token(&e, OTHER).await;
-    assert_eq!(
-        e.echo
-            .requests()
-            .last()
-            .unwrap()
-            .header("x-api-key")
-            .as_deref(),
-        Some(V1)
-    );
-    let (got, failed) = tokio::time::timeout(Duration::from_secs(10), tail)
-        .await
-        .expect("the stream is ended, not left open")
-        .unwrap();
-    let got = String::from_utf8_lossy(&got);
+    assert_eq!(last_key(&e).as_deref(), Some(V1));
+    let (got, failed) = ended(tail).await;
     assert!(failed, "{got}");
     assert!(!got.contains(V1), "{got}");
     // The next answer from that host is scrubbed.
