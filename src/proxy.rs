@@ -501,7 +501,16 @@ pub async fn run_listener(
             }
         };
         let limits = admission_limits(&state.settings().proxy);
-        let Some(slot) = state.admission.admit(peer.ip().to_canonical(), &limits) else {
+        let admitted = state.admission.admit(peer.ip().to_canonical(), &limits);
+        if let Some(n) = state.admission.unserved_evictions() {
+            tracing::warn!(
+                closed = n,
+                "connections closed before they were served, to make room: more arrived at \
+                 once than proxy.max_unauthenticated_connections (or max_connections) allows; \
+                 raise it if these were clients (sealgate_connections_evicted_total)"
+            );
+        }
+        let Some(slot) = admitted else {
             tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
             let r = refusal::Refusal::new(
                 refusal::Code::Unavailable,

@@ -40,8 +40,8 @@ pub enum BodyError {
     Unscrubbable(FrameError),
     /// A response body whose sandbox's values can no longer be known ([`Rescoped::End`]).
     #[error(
-        "this node is cut off from the store: values changed elsewhere cannot be scrubbed from \
-         this answer"
+        "this node cannot read the sandbox's store now (cut off from the database, or the store \
+         quarantined): values changed meanwhile cannot be scrubbed from this answer"
     )]
     ScopeLost,
     /// The wrapped body failed (the sandbox for a request, the upstream for a response).
@@ -387,8 +387,9 @@ pub type Rescope = Box<dyn FnMut() -> Option<Rescoped> + Send>;
 pub enum Rescoped {
     /// This scrubber.
     Use(Arc<Scrubber>),
-    /// Nothing: the values it would have to scrub cannot be known (a node cut off from the
-    /// shared database); the answer ends.
+    /// Nothing: the values it would have to scrub cannot be known (the node's copy of the
+    /// store is locked: cut off from the shared database, or the store quarantined); the
+    /// answer ends.
     End,
 }
 
