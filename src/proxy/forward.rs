@@ -171,12 +171,8 @@ async fn exchange(
     let resp = sent?;
     let mut scope = Scope::since(t, generation);
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
-    let answer = Answer {
-        scrubber: scrubber.clone(),
-        scope: scope.clone(),
-        report: &o.report,
-    };
-    let resp = finish_response(t, rt, answer, method, resp, slot)?;
+    let scrubbing = (scrubber.clone(), scope.clone());
+    let resp = finish_response(t, rt, scrubbing, &o.report, method, resp, slot)?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp, scrubber, scope, still_allowed(t)))
@@ -221,18 +217,10 @@ fn unknowable(t: &Tunnel) -> Refusal {
 /// Refuses a request to a host where the store's values may go (its `view` scrubs) while
 /// the node's copy of the store is locked ([`unknowable`]).
 fn check_knowable(t: &Tunnel, snapshot: &Snapshot, view: &HostView) -> Result<(), Refusal> {
-    if snapshot.is_locked() && view.scrubber.is_some() {
+    if super::response_scrub::unknowable(snapshot, view) {
         return Err(unknowable(t));
     }
     Ok(())
-}
-
-/// How an answer is scrubbed: with `scrubber` (none: not at all) following `scope`, plus the
-/// Basic-auth forms of `report`.
-struct Answer<'a> {
-    scrubber: Option<Arc<Scrubber>>,
-    scope: Scope,
-    report: &'a Report,
 }
 
 /// One of the sandbox's in-flight request slots (`proxy.max_requests_per_sandbox`), held
@@ -1068,23 +1056,20 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 
 /// Upstream response → what the sandbox gets: hop-by-hop headers and any `x-sealgate-error` of
 /// the upstream's own stripped (only sealgate's refusals carry it), `Trailer` kept (it is
-/// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed where a
-/// secret may have been unsealed; the request's `slot` goes with the body.
+/// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed by
+/// `scrubber` (none: not at all) following `scope`, with the Basic-auth forms of `report`; the
+/// request's `slot` goes with the body.
 fn finish_response(
     t: &Tunnel,
     rt: &LiveSettings,
-    answer: Answer<'_>,
+    (scrubber, scope): (Option<Arc<Scrubber>>, Scope),
+    report: &Report,
     method: &Method,
     resp: Response<Incoming>,
     slot: SlotGuard,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
-    let Answer {
-        scrubber,
-        scope,
-        report,
-    } = answer;
     let shape = scrubber.as_ref().map(|_| {
         let held = &t.sandbox.grpc_held;
         Shape::of(

@@ -42,7 +42,7 @@ use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
 
 pub use codings::{Coding, CodingError, Codings};
-pub use scope::{AnswerCut, Following, Place, Scope, ScopeGained};
+pub use scope::{unknowable, AnswerCut, Following, Place, Scope, ScopeGained};
 
 use super::held::Held;
 use super::refusal::{Code, Refusal};

@@ -29,7 +29,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::super::{BoxError, Tunnel};
 use crate::policy::{Dest, Scheme};
-use crate::sandbox::{Sandbox, Snapshot};
+use crate::sandbox::{HostView, Sandbox, Snapshot};
 use crate::subst::{Rescope, Rescoped, Scrubber};
 
 /// Follows one sandbox's snapshot for the answers of one tunnel's host. Cheap to clone (the
@@ -115,12 +115,20 @@ impl Place {
             Scheme::Https => snap.view(dest),
             Scheme::Http => snap.plain_view(dest),
         };
+        if unknowable(snap, &view) {
+            return Place::Unknowable;
+        }
         match view.scrubber.clone() {
             None => Place::Clear,
-            Some(_) if snap.is_locked() => Place::Unknowable,
             Some(s) => Place::Scrubbed(s),
         }
     }
+}
+
+/// True if `view` (of `snap`) is [`Place::Unknowable`]: a locked copy whose values could go
+/// to the host.
+pub fn unknowable(snap: &Snapshot, view: &HostView) -> bool {
+    snap.is_locked() && view.scrubber.is_some()
 }
 
 pin_project_lite::pin_project! {

@@ -745,6 +745,58 @@ async fn byte_ranges_cannot_carry_a_value_past_the_scrubber() {
     }
 }
 
+/// A download from stock nginx still running when its sandbox is deleted ends there, on h1
+/// and h2 (an outside test had a 1 GiB download run on for 22 s after the delete): at most
+/// what sat in buffers arrives after it, and the body ends in an error, not as if complete.
+#[tokio::test]
+async fn a_download_from_nginx_ends_when_its_sandbox_is_deleted() {
+    use http_body_util::BodyExt;
+    const SIZE: usize = 64 << 20;
+    let pki = Arc::new(TestPki::new());
+    let big = vec![b'x'; SIZE];
+    let origin = nginx(&pki, &[("big.bin", &big[..])]).await;
+    let e = env_on(pki, origin.addr, Box::new(origin)).await;
+    for h2 in [false, true] {
+        let sb = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+        let req = pc::get("/big.bin", HOST, &[]);
+        let resp = if h2 {
+            let mut c = pc::h2(e.h.proxy, &sb, API).await;
+            c.ready().await.unwrap();
+            c.send_request(req).await.unwrap()
+        } else {
+            let mut c = pc::h1(e.h.proxy, &sb, API).await;
+            c.ready().await.unwrap();
+            c.send_request(req).await.unwrap()
+        };
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut got = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .len();
+        let path = format!("/v1/sandboxes/{}", sb.id);
+        let (s, v) = e.h.api(http::Method::DELETE, &path, None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+        let failed = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => got += f.data_ref().map_or(0, |d| d.len()),
+                    Err(_) => return true,
+                }
+            }
+            false
+        })
+        .await
+        .expect("the download ends");
+        assert!(failed, "h2 {h2}: ended in an error");
+        assert!(got < SIZE, "h2 {h2}: {got} of {SIZE} bytes arrived");
+    }
+}
+
 /// One gRPC message: flags, big-endian length, bytes.
 fn grpc_message(flags: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![flags];
