@@ -1330,6 +1330,8 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         return;
     }
     // A daemon that "died": namespace, veth and rules with a record owned by a dead process.
+    // The record names everything before it is made, owned by this live process until the
+    // end: daemons other tests start meanwhile sweep what no live record names.
     let dead = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = dead.id();
     let mut child = dead;
@@ -1348,22 +1350,26 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         ipv6: true,
         flows: None,
     };
-    netns::apply_rules(&RuleSet::generate(&params).unwrap()).unwrap();
-    let mut rec = Record::new(plan.clone());
-    rec.pid = dead_pid;
-    rec.started = Some(1);
-    rec.sandbox_id = Some(sandbox_id.clone());
-    rec.rules = Some(params);
-    // …and the sandbox's cgroups, with a process still in them, and its files' tmpfs.
     let limits = Limits {
         memory_bytes: Some(64 << 20),
         pids: Some(16),
         disk_bytes: Some(1 << 20),
     };
     let groups = Groups::plan(&sandbox_id, &limits).expect("cgroups");
+    let left = tempfile::tempdir().unwrap();
+    let dir = left.path().join("sandboxes").join(&sandbox_id);
+    let mut rec = Record::new(plan.clone());
+    rec.sandbox_id = Some(sandbox_id.clone());
+    rec.rules = Some(params.clone());
+    rec.cgroups = groups.paths();
+    rec.files = Some(dir.join(FILES_DIR));
+    rec.dir = Some(dir.clone());
+    rec.save().unwrap();
+    netns::apply_rules(&RuleSet::generate(&params).unwrap()).unwrap();
+    // …and the sandbox's cgroups, with a process still in them, and its files' tmpfs.
     groups.create().expect("cgroups");
     let mut inside = std::process::Command::new("sleep")
-        .arg("3141")
+        .arg("2718")
         .spawn()
         .unwrap();
     for g in groups.paths() {
@@ -1374,16 +1380,13 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     let orphan_id = format!("sbx_{}", "cd".repeat(12));
     let orphan = Groups::plan(&orphan_id, &limits).expect("cgroups");
     orphan.create().expect("cgroups");
-    assert!(!cgroup_dirs(&orphan_id).is_empty());
-    let left = tempfile::tempdir().unwrap();
-    let dir = left.path().join("sandboxes").join(&sandbox_id);
+    assert!(orphan.paths().iter().all(|p| p.is_dir()));
     std::fs::create_dir_all(dir.join(FILES_DIR)).unwrap();
     files::mount(&dir.join(FILES_DIR), 1 << 20).expect("tmpfs");
-    rec.cgroups = groups.paths();
-    rec.files = Some(dir.join(FILES_DIR));
-    rec.dir = Some(dir.clone());
-    rec.save().unwrap();
     assert!(link::exists(&plan));
+    rec.pid = dead_pid;
+    rec.started = Some(1);
+    rec.save().unwrap();
 
     let mut e = setup().await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1401,7 +1404,7 @@ async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
         chain: format!("SG-{}", "ab".repeat(12)),
         workdir: dir.display().to_string(),
     };
-    assert_gone(&n, "sleep 3141");
+    assert_gone(&n, "sleep 2718");
     let orphaned = cgroup_dirs(&orphan_id);
     assert!(orphaned.is_empty(), "orphan groups left: {orphaned:?}");
     assert!(!Record::path(&plan).exists(), "record left");
@@ -1642,6 +1645,25 @@ impl Drop for Process {
     }
 }
 
+/// Whether a killed daemon's namespace and rules are there — or already swept whole by a
+/// daemon another test started meanwhile (its record goes last), which leaves nothing to
+/// check. A sweep caught half way is waited for.
+fn crash_left(n: &Names) -> bool {
+    let record =
+        std::path::Path::new(sealgate::netns::record::STATE_DIR).join(format!("{}.json", n.netns));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = host_view();
+        if (word(&v.netns, &n.netns) && v.rules.contains(&n.chain)) || !record.exists() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandboxes_end() {
     if !netns_ready() {
@@ -1662,11 +1684,7 @@ async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandb
     let n = names(&sb);
     first.child.kill().unwrap(); // SIGKILL: no shutdown, no Drop
     first.child.wait().unwrap();
-    let v = host_view();
-    assert!(
-        word(&v.netns, &n.netns) && v.rules.contains(&n.chain),
-        "the crash left it"
-    );
+    assert!(crash_left(&n), "the crash left it");
 
     let second = Process::start(dir.path(), port);
     assert_gone(&n, "no-such-marker-sealgate");

@@ -565,13 +565,17 @@ async fn ten_thousand_sandboxes_keep_lookups_flat() {
         };
         Arc::new(Sandbox::new(parts, snap))
     };
+    // The fastest of three runs: a run the loaded machine preempts says nothing of the map.
     let time_lookups = |reg: &Registry, n: usize| {
-        let started = Instant::now();
-        for i in 0..10_000 {
-            let id = format!("sbx_{:024x}", i % n);
-            assert!(reg.get(&id).is_some());
-        }
-        started.elapsed()
+        let run = || {
+            let started = Instant::now();
+            for i in 0..10_000 {
+                let id = format!("sbx_{:024x}", i % n);
+                assert!(reg.get(&id).is_some());
+            }
+            started.elapsed()
+        };
+        (0..3).map(|_| run()).min().unwrap()
     };
     for i in 0..100 {
         reg.insert(make(i)).unwrap();
