@@ -14,6 +14,7 @@ pub mod h1_guard;
 pub mod held;
 pub mod idle;
 pub mod intercept;
+pub mod linger;
 pub mod outcome;
 pub mod progress;
 pub mod read_ahead;

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use super::failure::UpstreamCap;
 use super::held::Held;
+use super::linger::Lingering;
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
@@ -57,6 +58,7 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
+    let req = req.map(Lingering::new);
     let result = exchange(&tunnel, &rt, &method, req, &mut outcome).await;
     let (resp, code) = match result {
         Ok(resp) => (resp, None),
@@ -123,7 +125,7 @@ async fn exchange(
     t: &Arc<Tunnel>,
     rt: &LiveSettings,
     method: &Method,
-    mut req: Request<Incoming>,
+    mut req: Request<Lingering>,
     o: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Refusal> {
     check_live(t)?;
@@ -696,7 +698,7 @@ async fn prepare_body(
     snapshot: &Arc<Snapshot>,
     view: &Arc<HostView>,
     req: &mut Request<()>,
-    body: Incoming,
+    body: Lingering,
     o: &mut Outcome,
 ) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
     let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
@@ -737,13 +739,13 @@ async fn prepare_body(
 }
 
 /// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`] into one buffer.
-async fn collect_small(body: Incoming) -> Result<Bytes, Refusal> {
+async fn collect_small(body: Lingering) -> Result<Bytes, Refusal> {
     Ok(joined(collect_frames(body).await?))
 }
 
 /// The data frames of a body whose announced length is at most [`BUFFER_BODY_MAX`], as
 /// received (not copied; trailers are dropped).
-async fn collect_frames(body: Incoming) -> Result<Vec<Bytes>, Refusal> {
+async fn collect_frames(body: Lingering) -> Result<Vec<Bytes>, Refusal> {
     let mut body = Limited::new(body, BUFFER_BODY_MAX as usize);
     let mut frames = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -779,7 +781,7 @@ async fn substitute_whole(
     lookup: Arc<dyn TokenLookup>,
     mode: subst::OnDisallowed,
     req: &mut Request<()>,
-    body: Incoming,
+    body: Lingering,
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
     let frames = collect_frames(body).await?;

@@ -841,6 +841,11 @@ impl<S> H1Guard<S> {
         self.framing.release_idle(0);
     }
 
+    /// The guarded stream, for bytes that are never parsed (a lingering close's).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Guards `inner`; heads over `limits.max_head` bytes or `limits.max_fields` fields get
     /// 431; a head still incomplete `limits.hold` after its first byte fails the read
     /// (slowloris).

@@ -229,7 +229,9 @@ async fn serve_h1<S, Svc>(
         let mut conn_shutdown = state.shutdown_signal();
         let between = || tag.between_messages();
         let end = tokio::select! {
-            _ = &mut *conn => End::Done,
+            // Only a clean end lingers: after a failed one (an answer's body that broke off)
+            // the client must see the connection cut, not a clean close after a short body.
+            done = &mut *conn => if done.is_ok() { End::Finished } else { End::Done },
             _ = close_early.as_mut() => End::Done,
             _ = activity.clone().idle(live.proxy.idle_timeout) => End::Graceful,
             _ = conn_shutdown.changed() => End::Graceful,
@@ -237,6 +239,7 @@ async fn serve_h1<S, Svc>(
         };
         match end {
             End::Done => return,
+            End::Finished => return linger(*conn).await,
             End::Graceful => {
                 Pin::new(&mut *conn).graceful_shutdown();
                 let _ = tokio::time::timeout(live.proxy.shutdown_grace, &mut *conn).await;
@@ -273,12 +276,32 @@ async fn wait_first_bytes<S: AsyncRead + Unpin>(
 
 /// How [`serve_h1`]'s wait on one hyper connection ended.
 enum End {
-    /// hyper is done, or the caller closed the connection.
+    /// The caller closed the connection.
     Done,
+    /// hyper is done without an error (its last answer sent, the write side shut):
+    /// [`linger`], then the end.
+    Finished,
     /// Idle timeout or daemon shutdown: hyper's graceful shutdown, then the end.
     Graceful,
     /// The connection settled: park it.
     Park,
+}
+
+/// Reads and drops what the client still sends after hyper ended the connection, within
+/// [`super::linger`]'s bounds: hyper ends a connection whose request body it did not read
+/// once the answer is out, and closing with unread bytes resets the connection (the client,
+/// still writing, lost the answer).
+async fn linger<S, Svc>(conn: UpgradeableH1<S, Svc>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(parts) = conn.into_parts() else {
+        return; // upgraded: the relay owns the stream
+    };
+    let (_, mut io) = parts.io.into_inner().into_parts();
+    super::linger::drain(io.get_mut().get_mut()).await;
 }
 
 /// Takes a settled hyper connection apart: the stream and the service, or `None` when hyper

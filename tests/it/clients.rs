@@ -212,3 +212,155 @@ print("status", raw.status_code, "sk-ant-real" in raw.http_response.text)
     );
     assert!(r.body.starts_with(b"{"), "JSON body forwarded");
 }
+
+/// An origin that takes TLS connections for `name`, reads a little of each and then stops
+/// reading (and never answers) for a minute.
+async fn origin_that_stops_reading(
+    pki: &crate::support::pki::TestPki,
+    name: &str,
+) -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], &[b"h2", b"http/1.1"]));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let a = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = a.accept(s).await else {
+                    return;
+                };
+                let _ = tls.read(&mut [0u8; 4096]).await;
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// curl uploading through `e`'s sandbox from a pipe that goes on for ~10 s (`body` is a shell
+/// command list writing the body); the status, the `x-sealgate-error` and curl's error.
+async fn curl_upload(e: &Env, flag: &str, body: &str) -> (String, String) {
+    let cmd = format!(
+        "({body}) | curl -sS -D - -o /dev/null -w 'http=%{{http_code}}\\n' {flag} -T - https://api.anthropic.com/upload"
+    );
+    let (_, out, err) = run(e, "sh", &["-c", &cmd]).await;
+    (out.to_ascii_lowercase(), err)
+}
+
+/// An upload sealgate ends mid-way shows the client sealgate's answer over h1 as over h2: the
+/// 504 of an upstream that stopped reading, the 403 of a token its secret may not carry
+/// there. hyper closed the h1 connection with the rest of the body unread, the kernel reset
+/// it, and curl, still writing, showed "Send failure: Broken pipe" and never the answer
+/// (found from outside); the rest is now read and dropped until the client closes
+/// (`serve::linger`).
+#[tokio::test]
+async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
+    // The writer stops once curl has gone (its head fails on the closed pipe).
+    let slow = "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
+    let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
+    let stalled = origin_that_stops_reading(&pki, "api.anthropic.com").await;
+    let opts = crate::support::daemon::Opts {
+        upstream_toml: "response_timeout_secs = 1\n".into(),
+        resolve: vec![("api.anthropic.com".into(), stalled)],
+        ..Default::default()
+    };
+    let h = crate::support::daemon::Harness::try_start(opts, Some(pki))
+        .await
+        .unwrap();
+    h.store("s", Some(&["api.anthropic.com"])).await;
+    let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
+    let e = Env {
+        h,
+        echo: crate::support::echo::Echo::start_plain().await,
+        sb,
+        store: "s".into(),
+    };
+    for flag in ["--http1.1", "--http2"] {
+        let (out, err) = curl_upload(&e, flag, slow).await;
+        assert!(
+            out.contains("http=504") && out.contains("x-sealgate-error: upstream_timeout"),
+            "curl {flag}: {out}\n{err}"
+        );
+    }
+
+    let secrets: &[crate::proxy_explicit::Spec<'static>] = &[(
+        "ELSEWHERE_KEY",
+        "sk-elsewhere-upload-0203",
+        Some(&["nowhere.example.test"]),
+        Some(&["header", "body"]),
+    )];
+    let e = setup(Some(&["api.anthropic.com"]), secrets).await;
+    // Refused at the head, before the body is read: requests sends its 8 MiB body anyway
+    // (no Expect), curl over h2 streams its upload.
+    if has_modules("requests").await {
+        let script = r#"
+import os, requests
+try:
+    r = requests.put("https://api.anthropic.com/upload", data=b"x" * (8 << 20),
+                     headers={"x-api-key": os.environ["ELSEWHERE_KEY"]}, timeout=20)
+    print("status", r.status_code, r.headers.get("x-sealgate-error"))
+except Exception as e:
+    print("failed", type(e).__name__, e)
+"#;
+        let (_, out, err) = run(&e, &python(), &["-c", script]).await;
+        assert!(
+            out.contains("status 403 secret_host_denied"),
+            "requests: {out}\n{err}"
+        );
+    }
+    let head = "-H \"x-api-key: $ELSEWHERE_KEY\" --http2";
+    let (out, err) = curl_upload(&e, head, slow).await;
+    assert!(
+        out.contains("http=403") && out.contains("x-sealgate-error: secret_host_denied"),
+        "curl h2, refused at the head: {out}\n{err}"
+    );
+    let body = format!("head -c 300000 /dev/zero; sleep 0.5; printf %s \"$ELSEWHERE_KEY\"; {slow}");
+    for flag in ["--http1.1", "--http2"] {
+        let (out, err) = curl_upload(&e, flag, &body).await;
+        assert!(
+            out.contains("http=403") && out.contains("x-sealgate-error: secret_host_denied"),
+            "curl {flag}: {out}\n{err}"
+        );
+    }
+    e.h.assert_logs_clean();
+}
+
+/// A head the framing guard refuses (request smuggling) is answered with 400 even while the
+/// client goes on writing the body it announced: Python's `sendall` of head and 4 MiB body
+/// failed with a reset and never read the answer (hyper ends the connection after the
+/// refusal; `serve::linger` now drops the rest until the client closes).
+#[tokio::test]
+async fn a_refused_head_is_answered_while_its_body_is_still_coming() {
+    let e = setup(Some(&["api.anthropic.com"]), SECRETS).await;
+    let script = r#"
+import os, socket, ssl, urllib.parse
+p = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+s = socket.create_connection((p.hostname, p.port), timeout=20)
+auth = (urllib.parse.unquote(p.username) + ":" + urllib.parse.unquote(p.password)).encode()
+import base64
+s.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n"
+          b"Proxy-Authorization: Basic " + base64.b64encode(auth) + b"\r\n\r\n")
+assert b" 200 " in s.recv(4096)
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+t = ctx.wrap_socket(s, server_hostname="api.anthropic.com")
+body = b"x" * (4 << 20)
+head = (b"POST /upload HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" % len(body))
+try:
+    t.sendall(head + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        more = t.recv(65536)
+        if not more:
+            break
+        answer += more
+    print(answer.split(b"\r\n")[0].decode())
+except Exception as err:
+    print("failed", type(err).__name__, err)
+"#;
+    let (_, out, err) = run(&e, &python(), &["-c", script]).await;
+    assert!(out.contains("HTTP/1.1 400"), "{out}\n{err}");
+    assert!(e.echo.requests().is_empty(), "nothing reached the origin");
+}

@@ -1,0 +1,147 @@
+//! Lingering: what a client still sends after sealgate has answered is read and dropped for a
+//! while, so that the client sees the answer.
+//!
+//! sealgate answers some uploads before their end: a token its secret may not carry there
+//! (403), an upstream that stopped reading (504), an upstream that answered early. A client
+//! still writing then lost that answer (found from outside, with curl):
+//!
+//! - over HTTP/1, hyper closed the connection with the rest of the body unread; the kernel
+//!   answers unread bytes with a reset, and curl, mid-write, showed "Send failure: Broken
+//!   pipe" where sealgate had sent its 504 ([`drain`] after hyper's end, `serve::linger`);
+//! - over h2, the request body was dropped first, so the answer went out with
+//!   `RST_STREAM(NO_ERROR)` right behind it, and curl (7.88) ended with "Stream error in the
+//!   HTTP/2 framing layer" without showing it ([`Lingering`] keeps the stream open until the
+//!   client ends it).
+//!
+//! Invariant: the bytes are never parsed or forwarded, and lingering is bounded: at most
+//! [`LINGER_FOR`] and [`LINGER_BYTES`] per connection or request, then the end as before. A
+//! client that reads the answer stops sending and closes, which ends it at once.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The most a lingering connection or request body waits for the client to end it.
+pub const LINGER_FOR: Duration = Duration::from_secs(2);
+/// The most it reads and drops.
+pub const LINGER_BYTES: u64 = 16 << 20;
+
+/// Reads and drops what `stream` still brings until it ends, for at most [`LINGER_FOR`] and
+/// [`LINGER_BYTES`].
+pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
+    let (mut rest, mut nowhere) = (stream.take(LINGER_BYTES), tokio::io::sink());
+    let _ = tokio::time::timeout(LINGER_FOR, tokio::io::copy(&mut rest, &mut nowhere)).await;
+}
+
+/// A request body that, dropped before its end (the upstream or sealgate answered first),
+/// reads and drops the rest in the background, within the bounds.
+pub struct Lingering(Option<Incoming>);
+
+impl Lingering {
+    /// Wraps a request body.
+    pub fn new(body: Incoming) -> Self {
+        Lingering(Some(body))
+    }
+}
+
+impl Body for Lingering {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        let Some(body) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.0 = None; // ended or broken: nothing to linger for
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(body) = self.0.take().filter(|b| !b.is_end_stream()) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(drop_rest(body));
+        }
+    }
+}
+
+/// Polls `body` to its end, dropping its frames, within the bounds.
+async fn drop_rest(mut body: Incoming) {
+    let read = async {
+        let mut left = LINGER_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            left = match left.checked_sub(n) {
+                Some(l) => l,
+                None => return,
+            };
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_FOR, read).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn drain_reads_to_the_end_and_stops_at_the_byte_bound() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(b"the rest of an upload").await.unwrap();
+        drop(client);
+        drain(&mut server).await;
+        let mut left = Vec::new();
+        assert_eq!(server.read_to_end(&mut left).await.unwrap(), 0);
+
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0u8; 1 << 20];
+            let mut sent = 0u64;
+            while client.write_all(&chunk).await.is_ok() {
+                sent += chunk.len() as u64;
+                if sent > 2 * LINGER_BYTES {
+                    break;
+                }
+            }
+            sent
+        });
+        drain(&mut server).await;
+        drop(server);
+        let sent = writer.await.unwrap();
+        assert!(
+            sent < LINGER_BYTES + (4 << 20),
+            "read past the bound: {sent}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_stops_at_the_time_bound() {
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        drain(&mut server).await;
+        assert_eq!(started.elapsed(), LINGER_FOR);
+    }
+}
