@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use super::failure::UpstreamCap;
 use super::held::Held;
-use super::linger::Lingering;
+use super::linger::{Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
@@ -154,10 +154,14 @@ async fn exchange(
     }
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
-    let (body, progress) = body.tracked();
-    let sent = send(t, rt, up, body, progress.as_deref(), websocket).await;
-    if let Some(p) = &progress {
+    let (body, streaming) = body.tracked();
+    let progress = streaming.as_ref().map(|(p, _)| &**p);
+    let sent = send(t, rt, up, body, progress, websocket).await;
+    if let Some((p, detach)) = &streaming {
         o.bytes_up = p.bytes();
+        if sent.is_err() {
+            detach.drop_body(); // not left with a task stuck on the upstream: drained
+        }
     }
     if let Some(outcome) = &streamed {
         o.report.merge(&outcome.report());
@@ -671,13 +675,15 @@ enum UpBody {
 }
 
 impl UpBody {
-    /// A streamed body reporting to a new [`Progress`] (returned); a held one as it is.
-    fn tracked(self) -> (UpBody, Option<Arc<Progress>>) {
+    /// A streamed body reporting to a new [`Progress`], that the forwarder can take back
+    /// ([`Detach`]); a held one as it is.
+    fn tracked(self) -> (UpBody, Option<(Arc<Progress>, Detach)>) {
         match self {
             UpBody::Streamed(b) => {
                 let progress = Progress::new();
                 let b = Tracked::new(b, progress.clone()).boxed_unsync();
-                (UpBody::Streamed(b), Some(progress))
+                let (b, detach) = Detachable::new(b);
+                (UpBody::Streamed(b.boxed_unsync()), Some((progress, detach)))
             }
             held => (held, None),
         }

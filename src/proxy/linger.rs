@@ -13,11 +13,17 @@
 //!   HTTP/2 framing layer" without showing it ([`Lingering`] keeps the stream open until the
 //!   client ends it).
 //!
+//! A streamed body is also [`Detachable`]: after a failed exchange the forwarder drops it, or
+//! hyper's task writing to an upstream that stopped reading kept it unread, and a client that
+//! writes its whole body before reading (Python `requests`) never saw the 504.
+//!
 //! Invariant: the bytes are never parsed or forwarded, and lingering is bounded: at most
-//! [`LINGER_FOR`] and [`LINGER_BYTES`] per connection or request, then the end as before. A
-//! client that reads the answer stops sending and closes, which ends it at once.
+//! [`LINGER_FOR`] and [`LINGER_BYTES`] per stage (a request body's, then on h1 its
+//! connection's), then the end as before. A client that reads the answer stops sending and
+//! closes, which ends it at once.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -100,6 +106,64 @@ async fn drop_rest(mut body: Incoming) {
         }
     };
     let _ = tokio::time::timeout(LINGER_FOR, read).await;
+}
+
+/// A streamed request body the forwarder can take back from its upstream exchange
+/// ([`Detach::drop_body`]): after a failed exchange (the upstream stopped reading and the
+/// answer is a 504) the body would stay with hyper's task writing to that upstream, unread,
+/// and a client that writes its whole body before reading never saw the answer. Dropped,
+/// its [`Lingering`] drains the rest.
+pub struct Detachable(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
+
+/// The forwarder's hold on a [`Detachable`] body.
+pub struct Detach(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
+
+impl Detachable {
+    /// Wraps `body`; the handle takes it back.
+    pub fn new(body: crate::proxy::ProxyBody) -> (Detachable, Detach) {
+        let slot = Arc::new(Mutex::new(Some(body)));
+        (Detachable(slot.clone()), Detach(slot))
+    }
+}
+
+impl Detach {
+    /// Drops the body wherever it is; its reader then sees it end.
+    pub fn drop_body(&self) {
+        let body = self.0.lock().map(|mut b| b.take());
+        drop(body); // outside the lock: dropping it may spawn the drain
+    }
+}
+
+impl Body for Detachable {
+    type Data = bytes::Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, crate::proxy::BoxError>>> {
+        let Ok(mut slot) = self.0.lock() else {
+            return Poll::Ready(None);
+        };
+        match slot.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(Some(Err("the request body was taken back".into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .lock()
+            .map_or(true, |b| b.as_ref().is_none_or(Body::is_end_stream))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().map(Body::size_hint))
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

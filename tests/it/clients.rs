@@ -213,15 +213,15 @@ print("status", raw.status_code, "sk-ant-real" in raw.http_response.text)
     assert!(r.body.starts_with(b"{"), "JSON body forwarded");
 }
 
-/// An origin that takes TLS connections for `name`, reads a little of each and then stops
-/// reading (and never answers) for a minute.
+/// An origin that takes TLS connections for `name` (ALPN `alpn`), reads a little of each
+/// (the head) and then stops reading (and never answers) for a minute.
 async fn origin_that_stops_reading(
     pki: &crate::support::pki::TestPki,
     name: &str,
+    alpn: &[&[u8]],
 ) -> std::net::SocketAddr {
     use tokio::io::AsyncReadExt;
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], &[b"h2", b"http/1.1"]));
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], alpn));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -254,22 +254,31 @@ async fn curl_upload(e: &Env, flag: &str, body: &str) -> (String, String) {
 /// there. hyper closed the h1 connection with the rest of the body unread, the kernel reset
 /// it, and curl, still writing, showed "Send failure: Broken pipe" and never the answer
 /// (found from outside); the rest is now read and dropped until the client closes
-/// (`serve::linger`).
+/// (`proxy::linger`). A body stuck with the task writing to an upstream that stopped reading
+/// is taken back after the 504, or Python `requests`, which writes its whole body before it
+/// reads, timed out writing (outside re-check).
 #[tokio::test]
 async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
     // The writer stops once curl has gone (its head fails on the closed pipe).
     let slow = "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
     let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
-    let stalled = origin_that_stops_reading(&pki, "api.anthropic.com").await;
+    // Over h2 the upstream's flow control stops the upload at once; an HTTP/1.1 upstream
+    // takes megabytes into socket buffers first (the timeout counts from the last byte).
+    let h2 = origin_that_stops_reading(&pki, "api.anthropic.com", &[b"h2", b"http/1.1"]).await;
+    let h1 = origin_that_stops_reading(&pki, "api.example.test", &[b"http/1.1"]).await;
     let opts = crate::support::daemon::Opts {
         upstream_toml: "response_timeout_secs = 1\n".into(),
-        resolve: vec![("api.anthropic.com".into(), stalled)],
+        resolve: vec![
+            ("api.anthropic.com".into(), h2),
+            ("api.example.test".into(), h1),
+        ],
         ..Default::default()
     };
     let h = crate::support::daemon::Harness::try_start(opts, Some(pki))
         .await
         .unwrap();
-    h.store("s", Some(&["api.anthropic.com"])).await;
+    h.store("s", Some(&["api.anthropic.com", "api.example.test"]))
+        .await;
     let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
     let e = Env {
         h,
@@ -277,6 +286,23 @@ async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
         sb,
         store: "s".into(),
     };
+    // requests writes its whole body before it reads: the body, stuck with the task writing
+    // to the HTTP/1.1 upstream, is taken back after the 504 and drained.
+    if has_modules("requests").await {
+        let script = r#"
+import os, requests
+try:
+    r = requests.put("https://api.example.test/upload", data=b"x" * (20 << 20), timeout=8)
+    print("status", r.status_code, r.headers.get("x-sealgate-error"))
+except Exception as e:
+    print("failed", type(e).__name__, e)
+"#;
+        let (_, out, err) = run(&e, &python(), &["-c", script]).await;
+        assert!(
+            out.contains("status 504 upstream_timeout"),
+            "requests: {out}\n{err}"
+        );
+    }
     for flag in ["--http1.1", "--http2"] {
         let (out, err) = curl_upload(&e, flag, slow).await;
         assert!(
