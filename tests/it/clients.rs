@@ -249,6 +249,26 @@ async fn curl_upload(e: &Env, flag: &str, body: &str) -> (String, String) {
     (out.to_ascii_lowercase(), err)
 }
 
+/// Python requests PUTting `mib` MiB to `host` through `e`'s sandbox, with the sandbox's
+/// variable `key` (a token) as `x-api-key`: "status CODE ERROR-CODE", or "failed …".
+async fn requests_upload(e: &Env, host: &str, mib: u32, key: Option<&str>) -> String {
+    let key = key.map_or("None".to_owned(), |k| format!("os.environ[{k:?}]"));
+    let script = format!(
+        r#"
+import os, requests
+key = {key}
+try:
+    r = requests.put("https://{host}/upload", data=b"x" * ({mib} << 20),
+                     headers={{"x-api-key": key}} if key else {{}}, timeout=8)
+    print("status", r.status_code, r.headers.get("x-sealgate-error"))
+except Exception as e:
+    print("failed", type(e).__name__, e)
+"#
+    );
+    let (_, out, err) = run(e, &python(), &["-c", &script]).await;
+    format!("{out}{err}")
+}
+
 /// An upload sealgate ends mid-way shows the client sealgate's answer over h1 as over h2: the
 /// 504 of an upstream that stopped reading, the 403 of a token its secret may not carry
 /// there. hyper closed the h1 connection with the rest of the body unread, the kernel reset
@@ -289,18 +309,10 @@ async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
     // requests writes its whole body before it reads: the body, stuck with the task writing
     // to the HTTP/1.1 upstream, is taken back after the 504 and drained.
     if has_modules("requests").await {
-        let script = r#"
-import os, requests
-try:
-    r = requests.put("https://api.example.test/upload", data=b"x" * (20 << 20), timeout=8)
-    print("status", r.status_code, r.headers.get("x-sealgate-error"))
-except Exception as e:
-    print("failed", type(e).__name__, e)
-"#;
-        let (_, out, err) = run(&e, &python(), &["-c", script]).await;
+        let out = requests_upload(&e, "api.example.test", 20, None).await;
         assert!(
             out.contains("status 504 upstream_timeout"),
-            "requests: {out}\n{err}"
+            "requests: {out}"
         );
     }
     for flag in ["--http1.1", "--http2"] {
@@ -321,19 +333,10 @@ except Exception as e:
     // Refused at the head, before the body is read: requests sends its 8 MiB body anyway
     // (no Expect), curl over h2 streams its upload.
     if has_modules("requests").await {
-        let script = r#"
-import os, requests
-try:
-    r = requests.put("https://api.anthropic.com/upload", data=b"x" * (8 << 20),
-                     headers={"x-api-key": os.environ["ELSEWHERE_KEY"]}, timeout=20)
-    print("status", r.status_code, r.headers.get("x-sealgate-error"))
-except Exception as e:
-    print("failed", type(e).__name__, e)
-"#;
-        let (_, out, err) = run(&e, &python(), &["-c", script]).await;
+        let out = requests_upload(&e, "api.anthropic.com", 8, Some("ELSEWHERE_KEY")).await;
         assert!(
             out.contains("status 403 secret_host_denied"),
-            "requests: {out}\n{err}"
+            "requests: {out}"
         );
     }
     let head = "-H \"x-api-key: $ELSEWHERE_KEY\" --http2";
