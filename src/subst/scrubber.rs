@@ -540,9 +540,9 @@ fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
 /// of one byte, and a search over twice the window once per window of such chunks. A chunk
 /// longer than the window is searched in place; only the held bytes and the chunk's first
 /// window bytes are copied, to decide the matches that start in the held part. Those copies
-/// are cut from the held buffer's spare room, so a stream of long
-/// chunks allocates once per few chunks, not twice per chunk (criterion `scrub_stream_16k`:
-/// 0.96× and 0.98× of the per-chunk allocations, session 28).
+/// are cut from the held buffer's spare room, so a stream of long chunks allocates once per
+/// few chunks, not twice per chunk (criterion `scrub_stream_16k`: 0.96× and 0.98× of the
+/// per-chunk allocations, session 28).
 pub struct ScrubStream {
     scrubber: Arc<Scrubber>,
     held: BytesMut,
@@ -646,11 +646,9 @@ impl ScrubStream {
         !self.held.is_empty()
     }
 
-    /// Scans `buf` from `from`; what it holds back is copied out, so that a held tail never
+    /// Scans `buf` from `from` (the held buffer is empty: its bytes are in `buf`), emits what
+    /// is final and copies the tail to hold into the held buffer, so that a held tail never
     /// keeps a whole chunk's allocation alive.
-    /// Scans `buf` (the held buffer is empty: its bytes are in `buf`), emits what is final
-    /// and copies the tail to hold into the held buffer, so that no emitted chunk is kept
-    /// alive by a few bytes of its end.
     fn scan_chunk(&mut self, mut buf: Bytes, from: usize, stop: Stop, out: &mut Vec<Bytes>) {
         debug_assert!(self.held.is_empty());
         let s = self.scrubber.scan(&buf, from, stop, self.same_length, out);
