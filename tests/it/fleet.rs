@@ -1492,11 +1492,30 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     n.until_seen(&c, &sb, "sk-fleet-vanished-2601", Duration::from_secs(10))
         .await;
 
-    proxy.sever_claims();
+    // The thief queues for the id's lock before the claim is severed, so the server hands it
+    // the lock the moment node-c's session ends. Started after the sever, it raced node-c's
+    // reclaim: a psql start slower than node-c's probe (2 s; CI failed here once, its psql
+    // still waiting at the end) let node-c take its id back, and node-c never locked.
     let mut thief = cluster.psql_spawn(
         &n.db,
         "SELECT pg_advisory_lock(1936158308, hashtext('node-c')); SELECT pg_sleep(6);",
     );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster
+        .psql(
+            &n.db,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .trim()
+        != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the thief never queued for the id"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.sever_claims();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, seen) = n.key_seen(&c, &sb).await;
