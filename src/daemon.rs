@@ -476,6 +476,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
     let claim = store.claim_node()?;
     tracing::info!(node = %node, database = %url, "fleet mode: shared PostgreSQL store");
     let store: Arc<PgStore> = Arc::new(store);
+    let health = Arc::new(Health::watching(&node, claim.clone()));
     Ok(Opened {
         location: PathBuf::from(url.redacted()),
         store,
@@ -483,7 +484,7 @@ fn open_backend(cfg: &Config, ov: &Overrides) -> Result<Opened, DaemonError> {
         fleet: Some(Fleet {
             node,
             url,
-            health: Arc::new(Health::watching(claim.clone())),
+            health,
             claim,
         }),
     })

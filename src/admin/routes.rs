@@ -680,19 +680,16 @@ async fn delete_sandbox(
 /// 204 while the twin went on unsealing for the sandbox (found from outside). Now both answer
 /// 503 `node_id_in_use`, changing nothing, until the id is this daemon's again.
 fn own_node_id(st: &AdminState) -> Result<(), ApiError> {
-    match &st.follower {
-        Some(health) if health.refusing() => Err(ApiError::new(
+    match st.follower.as_ref().and_then(|health| health.refusal()) {
+        Some(why) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "node_id_in_use",
             format!(
-                "{}; sandboxes are created and deleted only by the daemon holding the id: stop \
-                 the other one (or give it its own [node] id) and retry; nothing was changed",
-                health.problem().unwrap_or_else(|| {
-                    "this node's id is held by another daemon on this database".into()
-                })
+                "{why}; sandboxes are created and deleted only by the daemon holding the id: \
+                 stop the other one (or give it its own [node] id) and retry; nothing was changed"
             ),
         )),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
@@ -803,11 +800,11 @@ const FOLLOWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// store that hangs while the connection looks fine).
 fn follower_behind(st: &AdminState) -> Option<String> {
     let health = st.follower.as_ref()?;
-    let lag = health.lag();
-    if health.refusing() {
-        // Its id held by another daemon: it unseals nothing, however current it is.
-        return Some(health.problem().unwrap_or_default());
+    // Its id held by another daemon: it unseals nothing, however current it is.
+    if let Some(why) = health.refusal() {
+        return Some(why);
     }
+    let lag = health.lag();
     (lag > FOLLOWER_GRACE).then(|| {
         // Connected, but a check or the read of a changed store still hangs: as behind.
         let why = health

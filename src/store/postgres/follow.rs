@@ -167,17 +167,20 @@ pub struct Health {
     /// The node's claim on its id: while another daemon holds it, the node refuses to unseal
     /// whatever its lag ([`Health::refusing`]).
     claim: Arc<NodeClaim>,
+    /// This node's id, named by [`Health::refusal`].
+    node: String,
 }
 
 impl Health {
-    /// A node's health, starting connected, as `claim` says.
-    pub fn watching(claim: Arc<NodeClaim>) -> Health {
+    /// The health of node `node`, starting connected, as `claim` says.
+    pub fn watching(node: &str, claim: Arc<NodeClaim>) -> Health {
         Health {
             epoch: Instant::now(),
             last_ok_ms: AtomicU64::new(0),
             online: AtomicBool::new(true),
             reason: Mutex::new(None),
             claim,
+            node: node.to_owned(),
         }
     }
 
@@ -191,6 +194,14 @@ impl Health {
     /// says so at once, and sandbox creates and deletes are refused from that moment.
     pub fn refusing(&self) -> bool {
         self.claim.taken_elsewhere()
+    }
+
+    /// Why the node refuses whatever its lag, if it does ([`Health::refusing`]). Read from the
+    /// claim, not from [`Health::problem`]: that is the follower's last reason, which a failed
+    /// check overwrites (or has not yet replaced with this one), and `/readyz` said "disconnected"
+    /// or "not claimed yet" of a node whose id another daemon held.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusing().then(|| taken_reason(&self.node))
     }
 
     /// `None` while connected; else why not.
@@ -552,5 +563,31 @@ async fn timed<T>(
     match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refusal is read from the claim: the follower's last problem (a check that timed out,
+    /// the claim not verified yet) must not stand in for "held by another daemon" in `/readyz`.
+    #[test]
+    fn a_refusal_names_the_taken_id_whatever_the_followers_last_problem() {
+        let claim = Arc::new(NodeClaim::default());
+        let health = Health::watching("node-c", claim.clone());
+        assert_eq!(health.refusal(), None);
+        claim.set_unverified(true);
+        health.down("timed out".into());
+        assert_eq!(health.refusal(), None, "unverified is not taken");
+        assert!(claim.set_taken(true));
+        let why = health.refusal().expect("refusing");
+        assert!(
+            why.contains("node id 'node-c' is held by another daemon"),
+            "{why}"
+        );
+        assert_eq!(health.problem().as_deref(), Some("timed out"));
+        claim.set_taken(false);
+        assert_eq!(health.refusal(), None);
     }
 }
