@@ -19,6 +19,7 @@ use super::snapshot::SnapshotError;
 use super::tombstones::Tombstones;
 use super::{is_sandbox_id, new_id, Registry, Sandbox, SandboxParts, Snapshot};
 use crate::ca::{CaError, LeafCache, SandboxCa};
+use crate::secret::SecretValue;
 use crate::store::postgres::follow;
 use crate::store::{SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreRecord};
 use crate::token::Token;
@@ -851,6 +852,35 @@ impl Sandboxes {
         Ok(affected.len())
     }
 
+    /// The sandboxes of `affected` whose snapshot the store's current allowlist and secrets
+    /// change, each with its new snapshot and that snapshot's sealable form. A sandbox left as
+    /// it was is not among them: swapping in an equal snapshot refused every request in flight
+    /// that had unsealed ("the sandbox's store changed ... send the request again") at each
+    /// fleet node's start — its follower's first check re-applies what the start applied — and
+    /// after each reconnect of the follower (found by a test that failed under load).
+    /// A locked sandbox serves a copy allowed nowhere: the change applies to the real snapshot
+    /// it holds (retired values keep their real scope), and the lock stays.
+    #[allow(clippy::type_complexity)]
+    fn changed_snapshots(
+        &self,
+        affected: &[Arc<Sandbox>],
+        allowlist: &Option<Vec<String>>,
+        secrets: &[SecretRecord],
+    ) -> Result<(Vec<(Arc<Sandbox>, Snapshot)>, Vec<(String, SecretValue)>), SandboxError> {
+        let held = lock(&self.locked);
+        let (mut changed, mut rows) = (Vec::new(), Vec::new());
+        for sb in affected {
+            let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
+            let new = resnapshot(&old, allowlist, secrets)?;
+            let sealed = new.to_sealable();
+            if sealed.expose() != old.to_sealable().expose() {
+                rows.push((sb.id.to_string(), sealed));
+                changed.push((sb.clone(), new));
+            }
+        }
+        Ok((changed, rows))
+    }
+
     /// Sandboxes of a store found deleted without a last state they can take: none was kept
     /// (their rows came after the deletion: a creation that raced it; a deletion keeps the last
     /// state only for the sandboxes it finds), so what they read may predate a change made just
@@ -906,40 +936,28 @@ impl Sandboxes {
     /// snapshot is made durable in one batch, then swapped in (durable before visible). Runs
     /// under `applying`; the lock map is not held across the write, so a lock taken meanwhile
     /// is honoured at the swap (the new snapshot goes aside and a locked copy serves) and an
-    /// unlock meanwhile leaves the swap to serve the new one.
+    /// unlock meanwhile leaves the swap to serve the new one. A sandbox the change leaves as it
+    /// was keeps its snapshot, row and all ([`Sandboxes::changed_snapshots`]).
     fn resnapshot_all(
         &self,
         affected: &[Arc<Sandbox>],
         allowlist: &Option<Vec<String>>,
         secrets: &[SecretRecord],
     ) -> Result<(), SandboxError> {
-        // A locked sandbox serves a copy allowed nowhere: the change applies to the real
-        // snapshot it holds (retired values keep their real scope), and the lock stays.
-        let snaps = {
-            let held = lock(&self.locked);
-            affected
-                .iter()
-                .map(|sb| {
-                    let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
-                    resnapshot(&old, allowlist, secrets)
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        let rows: Vec<_> = affected
-            .iter()
-            .zip(&snaps)
-            .map(|(sb, snap)| (sb.id.to_string(), snap.to_sealable()))
-            .collect();
+        let (changed, rows) = self.changed_snapshots(affected, allowlist, secrets)?;
+        if changed.is_empty() {
+            return Ok(());
+        }
         self.store.update_sandbox_snapshots(&rows)?;
         let mut held = lock(&self.locked);
-        for (sb, snap) in affected.iter().zip(snaps) {
+        for (sb, snap) in changed {
             let Some(real) = held.get_mut(&sb.id) else {
-                self.registry.replace_snapshot(sb, snap);
+                self.registry.replace_snapshot(&sb, snap);
                 continue;
             };
             match locked_copy(&snap) {
                 Ok(copy) => {
-                    self.registry.replace_snapshot(sb, copy);
+                    self.registry.replace_snapshot(&sb, copy);
                     *real = Arc::new(snap);
                 }
                 Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),

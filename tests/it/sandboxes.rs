@@ -393,6 +393,32 @@ async fn a_streamed_upload_stops_unsealing_when_its_secret_is_narrowed() {
     assert_eq!(e.echo.requests().len(), before, "nothing was sent");
 }
 
+/// A change that leaves the sandbox's snapshot as it was (the secret set again to what it
+/// was: a fleet node's follower re-applies every store at its start and after each reconnect)
+/// does not refuse the uploads in flight that unsealed: the snapshot was swapped for an equal
+/// one, and they were told to send the request again.
+#[tokio::test]
+async fn a_change_that_changes_nothing_leaves_uploads_in_flight_alone() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", VALUE, None, Some(&["body"]))],
+    )
+    .await;
+    let token = e.sb.token("KEY");
+    let same: &[&str] = &["api.example.test"];
+    e.h.secret(&e.store, "KEY", VALUE, Some(same), Some(&["body"]))
+        .await;
+    let (first, second) = (format!("first {token}\n"), format!("second {token}\n"));
+    for held in [false, true] {
+        e.echo.clear();
+        let a = upload_across_a_change(&e, held, &first, &second, same).await;
+        assert_eq!(a.status, StatusCode::OK, "held {held}: {}", a.text());
+        let body = &e.echo.requests()[0].body;
+        let n = memchr::memmem::find_iter(body, VALUE.as_bytes()).count();
+        assert_eq!(n, 2, "held {held}: both parts unsealed");
+    }
+}
+
 /// POSTs `first`, then — while the body is still open — sets secret `KEY`'s `allowed_hosts`
 /// to `hosts`, then sends `second`; with `held`, the request announces its length (a held
 /// body), else it streams. Returns the answer.
