@@ -115,6 +115,18 @@ impl Nodes {
         (a.status, seen)
     }
 
+    /// Asserts that `sb` through `node`, seen locked, is refused before anything is sent. The
+    /// probe that first saw the lock may have been sent before it landed: its answer is then
+    /// refused as one that cannot be scrubbed (503, the value already upstream), which made a
+    /// test that asserted "nothing sent" of that first probe fail under load.
+    async fn refused_before_sending(&self, node: &Harness, sb: &SandboxCreds) {
+        assert_eq!(
+            self.key_seen(node, sb).await,
+            (LOCKED, None),
+            "locked: nothing reaches the upstream"
+        );
+    }
+
     /// Polls until `sb` through `node` delivers `want`; returns how long that took. Delivered
     /// within `limit` means a probe that began within `limit` saw it: a probe is a whole
     /// CONNECT, TLS handshake and request in a debug build, whose own time on a loaded machine
@@ -689,9 +701,9 @@ async fn a_node_cut_off_longer_than_max_staleness_refuses_to_unseal() {
     n.secret(&n.a, &store, "sk-fleet-stale-2007").await;
     let sb = sandbox_on(&n.b, "s", "node-b").await;
     cluster.stop();
-    let (status, seen) = until_locked(&n, &sb).await;
+    let (status, _) = until_locked(&n, &sb).await;
     assert_eq!(status, LOCKED, "fail closed");
-    assert_eq!(seen, None, "nothing reached the upstream");
+    n.refused_before_sending(&n.b, &sb).await;
     // The audit says why (it said "allowed_hosts [] does not match", an outside review).
     let audit = n.b.audit_log();
     assert!(
@@ -1121,8 +1133,9 @@ async fn a_stores_row_that_does_not_decode_is_a_visible_outage() {
              UPDATE stores SET generation = NULL WHERE id = '{store}'"
         ),
     );
-    let (status, seen) = until_locked(&n, &sb).await;
-    assert_eq!((status, seen), (LOCKED, None), "fail closed");
+    let (status, _) = until_locked(&n, &sb).await;
+    assert_eq!(status, LOCKED, "fail closed");
+    n.refused_before_sending(&n.b, &sb).await;
     let (s, v) = n.b.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v.to_string().contains("does not decode"), "{v}");
@@ -1210,16 +1223,16 @@ async fn hang_after_a_rotation(
         // max_staleness (1 s) plus the watchdog's tick, with room for a loaded machine; not
         // the query's 5 s timeout, which passes again and again while the stall lasts.
         let within = Duration::from_secs(4);
-        if status == LOCKED {
-            assert_eq!(seen, None, "nothing reached the upstream");
-            assert!(answered < within, "locked only after {answered:?}");
-            break;
-        }
         assert_ne!(
             seen.as_deref(),
             Some("sk-fleet-behind-2302"),
             "the query hangs"
         );
+        if status == LOCKED {
+            assert!(answered < within, "locked only after {answered:?}");
+            n.refused_before_sending(&c, &sb).await;
+            break;
+        }
         assert!(
             answered < within,
             "the revoked value is still served ({status})"
@@ -1392,9 +1405,9 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, seen) = n.key_seen(&n.b, &sb).await;
+        let (status, _) = n.key_seen(&n.b, &sb).await;
         if status == LOCKED {
-            assert_eq!(seen, None, "nothing reached the upstream");
+            n.refused_before_sending(&n.b, &sb).await;
             break;
         }
         assert!(Instant::now() < deadline, "node-b unsealed without its id");
@@ -1518,9 +1531,9 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     proxy.sever_claims();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, seen) = n.key_seen(&c, &sb).await;
+        let (status, _) = n.key_seen(&c, &sb).await;
         if status == LOCKED {
-            assert_eq!(seen, None, "nothing reached the upstream");
+            n.refused_before_sending(&c, &sb).await;
             break;
         }
         assert!(Instant::now() < deadline, "node-c unsealed without its id");
