@@ -288,7 +288,8 @@ impl PgStore {
     /// deleted through one would go on working through the other: it is refused instead.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] when another live session holds the id; database errors.
+    /// [`StoreError::Conflict`] when another live session still holds the id after
+    /// [`CLAIM_AT_START`]; database errors.
     ///
     /// The claim is kept: a task checks the connection every [`CLAIM_CHECK`], and when it has
     /// closed (a database restart or failover ends every session) claims the id again on a new
@@ -299,13 +300,21 @@ impl PgStore {
     /// until the id is this node's again.
     pub fn claim_node(&self) -> Result<Arc<NodeClaim>, StoreError> {
         let client = self.block(|db| async move {
-            match try_claim(&db).await? {
-                Claim::Held(conn) => Ok(conn),
-                Claim::HeldBy(_) => Err(StoreError::Conflict(format!(
-                    "node id '{}' is in use by another running daemon on this database; give \
-                     each daemon its own [node] id",
-                    db.node_id
-                ))),
+            let deadline = tokio::time::Instant::now() + CLAIM_AT_START;
+            loop {
+                match try_claim(&db).await? {
+                    Claim::Held(conn) => return Ok(conn),
+                    Claim::HeldBy(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Claim::HeldBy(_) => {
+                        return Err(StoreError::Conflict(format!(
+                            "node id '{}' is in use by another running daemon on this \
+                             database; give each daemon its own [node] id",
+                            db.node_id
+                        )))
+                    }
+                }
             }
         })?;
         *self
@@ -634,6 +643,12 @@ impl Store for PgStore {
     }
 }
 
+/// How long a starting node waits for its id to be let go before it counts as in use: the
+/// server ends a stopped daemon's session, and lets its id go, a moment after the daemon is
+/// gone (a restart, `systemctl restart`, could find it still held). Within the store's
+/// `OP_TIMEOUT`.
+const CLAIM_AT_START: Duration = Duration::from_secs(3);
+
 /// How often the connection holding the node's id is checked ([`PgStore::claim_node`]).
 /// A quarter second: a twin started while the database was restarting wins the id if it
 /// claims it first (an outside re-check saw one win against a check every second).
@@ -661,6 +676,13 @@ enum Claim {
     HeldBy(Option<(i32, Option<String>)>),
 }
 
+/// The `pg_locks` rows (as `l`) of this database. Advisory locks are per database, but
+/// `pg_locks` shows the whole server's: unfiltered, a rotation counted the nodes of every
+/// other fleet sharing the server as running here (and was refused), and a node looking for
+/// the holder of its id could be shown another database's.
+const THIS_DATABASE: &str =
+    "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
 /// Tries to take this node's id lock on a connection taken out of the pool first, so a try
 /// cut short (a timeout) closes it rather than handing a connection that holds the id back to
 /// the pool (review: the node then found its own id "taken").
@@ -668,15 +690,17 @@ async fn try_claim(db: &Db) -> Result<Claim, StoreError> {
     let client = Object::take(db.client().await?);
     let row = client
         .query_one(
-            "SELECT pg_try_advisory_lock($1::int4, hashtext($2)), pg_backend_pid(), \
-             (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
-             h.pid, h.started \
-             FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
-               SELECT l.pid, a.backend_start::text AS started FROM pg_locks l \
-               LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-               WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int4::oid \
-               AND l.objid = hashtext($2)::oid AND l.objsubid = 2 \
-               AND l.pid <> pg_backend_pid() LIMIT 1) AS h ON true",
+            &format!(
+                "SELECT pg_try_advisory_lock($1::int4, hashtext($2)), pg_backend_pid(), \
+                 (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
+                 h.pid, h.started \
+                 FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
+                   SELECT l.pid, a.backend_start::text AS started FROM pg_locks l \
+                   LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                   WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int4::oid \
+                   AND l.objid = hashtext($2)::oid AND l.objsubid = 2 AND {THIS_DATABASE} \
+                   AND l.pid <> pg_backend_pid() LIMIT 1) AS h ON true"
+            ),
             &[&NODE_LOCK_CLASS, &db.node_id],
         )
         .await
@@ -789,8 +813,11 @@ async fn refuse_while_nodes_run(db: &Db) -> Result<(), StoreError> {
             .client()
             .await?
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND classid = $1::int4::oid AND objsubid = 2",
+                &format!(
+                    "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' \
+                     AND l.granted AND l.classid = $1::int4::oid AND l.objsubid = 2 \
+                     AND {THIS_DATABASE}"
+                ),
                 &[&NODE_LOCK_CLASS],
             )
             .await

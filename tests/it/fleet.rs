@@ -739,7 +739,7 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
 
     // Node B restarts: its sandbox comes back with the same CA, token and credentials.
     n.b.stop().await;
-    let b2 = start("node-b", &n.key).await.expect("node b restarts");
+    let mut b2 = start("node-b", &n.key).await.expect("node b restarts");
     b2.register_secret("sk-fleet-restart-2008");
     let (s, v) = b2
         .api(Method::GET, &format!("/v1/sandboxes/{}", sb.id), None)
@@ -755,7 +755,19 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
     assert_eq!(on_a, json!([]), "node A lists only its own sandboxes");
 
     // Rotation: refused while a node runs (it would go on sealing with the old key); then stop
-    // every node, rotate once, start each node with the new key.
+    // every node, rotate once, start each node with the new key. A node of another fleet (its
+    // own database on the same server) runs throughout: it does not count (it did: the server
+    // lists every database's locks).
+    let other_db = cluster.create_database();
+    let other_key = sealgate::store::MasterKey::generate()
+        .to_base64()
+        .to_string();
+    let neighbour = Harness::try_start(
+        node_opts(cluster, &other_db, "node-b", &other_key, &n.echo, ""),
+        Some(n.pki.clone()),
+    )
+    .await
+    .expect("a node of another fleet starts");
     let dir = tempfile::tempdir().unwrap();
     let new_key_file = dir.path().join("new.key");
     let cfg = sealgate::config::Config::parse(&n.a.config_text, "node-a").unwrap();
@@ -772,13 +784,14 @@ async fn restarts_keep_sandboxes_and_a_rotated_key_is_needed_on_every_node() {
     .expect_err("rotation while nodes run");
     assert!(early.to_string().contains("still run"), "{early:#}");
     n.a.stop().await;
-    drop(b2);
+    b2.stop().await;
     tokio::task::spawn_blocking(move || {
         sealgate::rotate::rotate_configured(&cfg, Some(&old), None, &new_key_file)
     })
     .await
     .unwrap()
     .expect("rotation on postgres");
+    drop(neighbour);
     let new_key = std::fs::read_to_string(dir.path().join("new.key")).unwrap();
     let refused = start("node-b", &n.key)
         .await
