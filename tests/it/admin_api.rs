@@ -642,6 +642,13 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
         closed_within(oldest, Duration::from_millis(2000)).await,
         "the oldest half-sent head was not evicted"
     );
+    // The harness's kept-alive connection is used once more a second later: its idle close
+    // (4 s) must not coincide with its reuse below, just after the other heads' timeouts
+    // (its last use had been 4 s before them, and a request written as the server closed
+    // failed the test).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK);
     for s in stalled {
         assert!(
             closed_within(s, Duration::from_secs(8)).await,

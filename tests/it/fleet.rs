@@ -643,9 +643,12 @@ async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
     // Well short of the store's 5 s operation timeout (3 s: room for a loaded machine on
     // both sides of it): without the fix the admin calls hold both workers until the lock
     // goes, and the proxied request only after that.
+    // The holder sleeps far longer than the test needs and is ended once the proxied answer
+    // is in (a fixed 3 s sleep was the whole window for the probe on a loaded machine).
     let mut holder = cluster.psql_spawn(
         &n.db,
-        "BEGIN; LOCK TABLE stores IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;",
+        "SET application_name = 'holder'; BEGIN; LOCK TABLE stores IN ACCESS EXCLUSIVE MODE; \
+         SELECT pg_sleep(60); COMMIT;",
     );
     let granted = "SELECT count(*) FROM pg_locks WHERE relation = 'stores'::regclass \
                    AND mode = 'AccessExclusiveLock' AND granted";
@@ -657,7 +660,9 @@ async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
     let proxied = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = n.key_seen(&n.a, &sb).await;
-        (seen, holder.try_wait().expect("psql status").is_none())
+        let held = holder.try_wait().expect("psql status").is_none();
+        cluster.psql(&n.db, END_HOLDER);
+        (seen, held)
     };
     let (answers, (seen, lock_still_held)) = tokio::join!(blocked, proxied);
     assert_eq!(
@@ -671,8 +676,13 @@ async fn admin_calls_waiting_on_the_database_do_not_stall_the_proxy() {
     for (status, v) in answers {
         assert_eq!(status, StatusCode::OK, "{v}");
     }
-    assert!(holder.wait().expect("psql").success());
+    holder.wait().expect("psql");
 }
+
+/// Ends the psql session named `holder` in the database it runs in (every test has its own),
+/// and with it whatever lock it holds.
+const END_HOLDER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                          WHERE application_name = 'holder' AND datname = current_database()";
 
 /// What a locked node answers a request to a host where its store's secrets may go: 503
 /// `unavailable`, before anything is unsealed or sent (values changed elsewhere meanwhile
@@ -911,6 +921,8 @@ struct StallProxy {
     poison: Arc<std::sync::Mutex<Option<&'static str>>>,
     deafen: Arc<std::sync::Mutex<Option<&'static str>>>,
     sever: Arc<tokio::sync::watch::Sender<(u64, bool)>>,
+    /// How many messages have been held by `stall` so far.
+    stalled: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A one-shot text to match in a client's message ([`StallProxy`]).
@@ -948,12 +960,14 @@ impl StallProxy {
         let poison = Arc::new(std::sync::Mutex::new(None));
         let deafen = Arc::new(std::sync::Mutex::new(None));
         let sever = Arc::new(tokio::sync::watch::channel((0u64, false)).0);
+        let stalled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (st, on, po, de) = (stall.clone(), only.clone(), poison.clone(), deafen.clone());
-        let sv = sever.clone();
+        let (sv, sd) = (sever.clone(), stalled.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let held = (st.clone(), on.clone(), po.clone(), de.clone());
-                tokio::spawn(Self::relay(client, real.clone(), held, sv.subscribe()));
+                let watch = (sv.subscribe(), sd.clone());
+                tokio::spawn(Self::relay(client, real.clone(), held, watch));
             }
         });
         let proxied = url.replacen(
@@ -969,6 +983,7 @@ impl StallProxy {
                 poison,
                 deafen,
                 sever,
+                stalled,
             },
             proxied,
         )
@@ -998,7 +1013,10 @@ impl StallProxy {
             Once,
             Once,
         ),
-        mut sever: tokio::sync::watch::Receiver<(u64, bool)>,
+        (mut sever, stalled): (
+            tokio::sync::watch::Receiver<(u64, bool)>,
+            Arc<std::sync::atomic::AtomicUsize>,
+        ),
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = tokio::net::UnixStream::connect(real).await?;
@@ -1064,8 +1082,11 @@ impl StallProxy {
                 stall.load(std::sync::atomic::Ordering::Acquire)
                     && only.is_none_or(|text| String::from_utf8_lossy(&body).contains(text))
             };
-            while head[0] == b'P' && held() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if head[0] == b'P' && held() {
+                stalled.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                while held() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             if hit(&deafen, &body) {
                 deaf.store(true, std::sync::atomic::Ordering::Release);
@@ -1411,8 +1432,9 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     let mut thief = cluster.psql_spawn(
         &n.db,
         &format!(
-            "{end_claim}; SELECT pg_advisory_lock(1936158308, hashtext('node-b')); \
-             DELETE FROM sandboxes WHERE id = '{}'; SELECT pg_sleep(4);",
+            "SET application_name = 'holder'; {end_claim}; \
+             SELECT pg_advisory_lock(1936158308, hashtext('node-b')); \
+             BEGIN; DELETE FROM sandboxes WHERE id = '{}'; COMMIT; SELECT pg_sleep(60);",
             doomed.id
         ),
     );
@@ -1443,7 +1465,9 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
         )
         .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert!(thief.wait().expect("psql").success());
+    // Held until here (a fixed 4 s sleep was the whole window for the asserts above).
+    cluster.psql(&n.db, END_HOLDER);
+    thief.wait().expect("psql");
     n.until_seen(&n.b, &sb, "sk-fleet-claim-2501", Duration::from_secs(10))
         .await;
     // A sandbox deleted while the id was held elsewhere (through a twin) is ended when the id
@@ -1522,9 +1546,11 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     // the lock the moment node-c's session ends. Started after the sever, it raced node-c's
     // reclaim: a psql start slower than node-c's probe (2 s; CI failed here once, its psql
     // still waiting at the end) let node-c take its id back, and node-c never locked.
+    // It holds the id until ended after the asserts (a fixed sleep was their whole window).
     let mut thief = cluster.psql_spawn(
         &n.db,
-        "SELECT pg_advisory_lock(1936158308, hashtext('node-c')); SELECT pg_sleep(6);",
+        "SET application_name = 'holder'; \
+         SELECT pg_advisory_lock(1936158308, hashtext('node-c')); SELECT pg_sleep(60);",
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while cluster
@@ -1555,7 +1581,8 @@ async fn a_node_finds_out_that_its_id_went_with_a_server_that_vanished() {
     let (s, v) = c.api(Method::GET, "/readyz", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v.to_string().contains("held by another daemon"), "{v}");
-    assert!(thief.wait().expect("psql").success());
+    cluster.psql(&n.db, END_HOLDER);
+    thief.wait().expect("psql");
     n.until_seen(&c, &sb, "sk-fleet-vanished-2601", Duration::from_secs(15))
         .await;
     drop(proxy);
@@ -1745,8 +1772,16 @@ async fn a_sandbox_created_across_its_stores_deletion_unseals_nothing_it_read_be
         let c = c.clone();
         tokio::spawn(async move { c.sandbox("s").await })
     };
-    // The creation has read the store (v1) and waits on its insert.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The creation has read the store (v1) and waits on its insert (a fixed 700 ms sleep
+    // stood for this: a slower creation read the store after the changes below).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.stalled.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the creation never reached its insert"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     n.secret(&n.a, &store, "sk-fleet-raced-2702").await;
     let (s, _) =
         n.a.api(Method::DELETE, &format!("/v1/stores/{store}"), None)

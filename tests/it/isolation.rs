@@ -771,10 +771,12 @@ async fn concurrent_commands_are_capped_and_sse_streams_output_then_exit() {
     let slow = |h: Arc<Env>, sid: String, cmd: &'static str| async move {
         command(&h.h, &sid, json!({ "cmd": cmd })).await
     };
-    let a = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 4.161"));
-    let b = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 4.162"));
-    until_running("sleep 4.161").await;
-    until_running("sleep 4.162").await;
+    // Long enough that the first still runs when the second has started and the third is
+    // asked, however slowly bwrap starts on a loaded machine (4 s left a thin margin).
+    let a = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 8.161"));
+    let b = tokio::spawn(slow(h.clone(), sid.clone(), "sleep 8.162"));
+    until_running("sleep 8.161").await;
+    until_running("sleep 8.162").await;
     let (s, v) = command(&h.h, &sid, json!({"cmd": "true"})).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_eq!(v["error"]["code"], "too_many_commands");

@@ -439,7 +439,17 @@ async fn upload_across_a_change(
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     let answer = tokio::spawn(async move { pc::send1(&mut c, req).await });
     tx.send(first.to_owned().into()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await; // the first part goes through
+    // The request has its snapshot (its slot is taken right after): a change before that
+    // would be the request's own store (a 403 for the narrowed secret, not the 503 asserted).
+    let sandbox = e.h.live_sandbox(&e.sb.id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox.requests() == 0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The first part goes through (under load it may not have yet: a part that unsealed
+    // after the change is stopped all the same, and the assertions hold either way).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     e.h.secret(&e.store, "KEY", VALUE, Some(hosts), Some(&["body"]))
         .await;
     tx.send(second.to_owned().into()).await.unwrap();

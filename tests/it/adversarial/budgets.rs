@@ -194,12 +194,16 @@ fn in_flight(e: &Env, sb: &SandboxCreds) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_capped_per_sandbox() {
     let e = env("max_requests_per_sandbox = 2\n").await;
+    // The third request's tunnel is open before the two slow ones start, and they hold their
+    // slots 4 s: only the request itself races their end (a 1.5 s hold, less the two
+    // starts' skew and a whole tunnel set-up, was tight on a loaded machine).
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let (proxy, sb) = (e.h.proxy, e.sb.clone());
         held.push(tokio::spawn(async move {
             let mut c = pc::h1(proxy, &sb, API).await;
-            let slow = pc::get("/slow?ms=1500&chunks=2", "api.example.test", &[]);
+            let slow = pc::get("/slow?ms=4000&chunks=2", "api.example.test", &[]);
             pc::send1(&mut c, slow).await.status
         }));
     }
@@ -207,7 +211,6 @@ async fn requests_in_flight_are_capped_per_sandbox() {
         in_flight(&e, &e.sb) == 2
     })
     .await;
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
     assert_eq!(a.code().as_deref(), Some("too_many_requests"));
