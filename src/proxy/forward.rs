@@ -22,7 +22,7 @@ use super::linger::{Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
-    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
+    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape, WholeAnswer,
 };
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
@@ -30,8 +30,8 @@ use crate::metrics::Counted;
 use crate::policy::{self, Scheme};
 use crate::sandbox::{HostView, Registry, Sandbox, SlotGuard, Snapshot};
 use crate::subst::{
-    self, Binary, BodyEncoding, BodySubst, Denied, Report, Scrubber, SealedOnly, SubstBody,
-    SubstOutcome, TokenLookup,
+    self, Binary, BodyEncoding, BodyError, BodySubst, Denied, Report, Scrubber, SealedOnly,
+    SubstBody, SubstOutcome, TokenLookup,
 };
 
 /// Bodies up to this size with a known length are substituted whole, keeping an exact
@@ -179,6 +179,7 @@ async fn exchange(
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let scrubbing = (scrubber.clone(), scope.clone());
     let resp = finish_response(t, rt, scrubbing, &o.report, method, resp, slot)?;
+    let resp = read_whole(t, resp).await?;
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp, scrubber, scope, still_allowed(t)))
@@ -1112,6 +1113,62 @@ fn finish_response(
     let body = Held::new(Following::new(body, scope, unscrubbed), slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// A scrubbed answer marked [`WholeAnswer`] (small, of known length) is read to its end,
+/// then sent with its exact `Content-Length`; any other passes as it is. Reading it frees the
+/// request's slot and upstream connection before the sandbox has read it.
+///
+/// # Errors
+/// The answer failed before its end: 502, or 503 if the node lost sight of the sandbox's
+/// values meanwhile ([`unknowable`]); streamed, such an answer had been cut short instead.
+async fn read_whole(
+    t: &Tunnel,
+    mut resp: Response<ProxyBody>,
+) -> Result<Response<ProxyBody>, Refusal> {
+    if resp.extensions_mut().remove::<WholeAnswer>().is_none() {
+        return Ok(resp);
+    }
+    let (mut parts, body) = resp.into_parts();
+    let whole = body
+        .collect()
+        .await
+        .map_err(|e| cut_before_its_end(t, &e))?;
+    let trailers = whole.trailers().cloned();
+    let bytes = whole.to_bytes();
+    if let Some(trailers) = trailers {
+        // Trailers have no place beside a `Content-Length`: the answer goes on as a stream.
+        let frames = [
+            http_body::Frame::data(bytes),
+            http_body::Frame::trailers(trailers),
+        ];
+        let frames = futures_util::stream::iter(frames.map(Ok::<_, BoxError>));
+        return Ok(Response::from_parts(
+            parts,
+            http_body_util::StreamBody::new(frames).boxed_unsync(),
+        ));
+    }
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let body = Full::new(bytes).map_err(|never| match never {});
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// The refusal of a whole-read answer that failed before its end (its error names no byte the
+/// upstream wrote).
+fn cut_before_its_end(t: &Tunnel, e: &BoxError) -> Refusal {
+    let lost = std::iter::successors(Some(&**e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| matches!(e.downcast_ref::<BodyError>(), Some(BodyError::ScopeLost)));
+    if lost {
+        return unknowable(t);
+    }
+    Refusal::new(
+        Code::UpstreamUnreachable,
+        format!("{} failed part way through its answer", t.dest),
+    )
 }
 
 /// Removes every field `name`, returning the values (allocates only if there were any).

@@ -14,8 +14,9 @@
 //! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Length` and
 //! `Content-Encoding` as sent (scrubbed like every value), no decoder is built, and whatever
 //! body or trailers the upstream sent anyway are dropped (an h2 server would pass them on). Any
-//! other response loses `Content-Length` (replacements change it) and `Content-Encoding` (the
-//! body is decoded); a coding sealgate cannot decode or too many stacked codings is refused
+//! other response loses `Content-Length` (replacements change it; a small one of known length
+//! is read whole and gets its exact new length back, [`WholeAnswer`]) and `Content-Encoding`
+//! (the body is decoded); a coding sealgate cannot decode or too many stacked codings is refused
 //! with 502 rather than passed unscrubbed, and so is every 206: requests here carry no `Range`,
 //! because parts of a resource could carry a value in pieces. Refusal messages never repeat
 //! what the upstream wrote.
@@ -163,6 +164,9 @@ pub fn scrub_response(
             ),
         ));
     }
+    if is_whole(&parts.headers, &codings, shape.binary) {
+        parts.extensions.insert(WholeAnswer);
+    }
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = if codings.is_empty() {
@@ -178,6 +182,30 @@ pub fn scrub_response(
         None => body,
     };
     Ok(scrub_body(t, body, scrubber, binary, frames, Some(scope)))
+}
+
+/// The most an answer may declare (`Content-Length`) to be read whole ([`WholeAnswer`]).
+pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
+
+/// Marks a scrubbed answer to be read whole before its head is sent, then sent with its exact
+/// `Content-Length` (`forward::read_whole`): one that declared a length of at most
+/// [`WHOLE_ANSWER_MAX`], in no coding, and not carrying its own lengths. Scrubbing changes
+/// lengths, so a streamed answer loses `Content-Length`; clients that wanted it, or that
+/// answered an upload's early answer only once its length was known (curl 7.88 over h2 waited
+/// out its 90 s timeout), get it back for the small answers APIs mostly send, and the answer
+/// goes out in one write rather than as a chunk and an end.
+#[derive(Clone, Copy, Debug)]
+pub struct WholeAnswer;
+
+/// Whether an answer with headers `h` (before `Content-Length` is removed) in `codings` is
+/// read whole ([`WholeAnswer`]).
+fn is_whole(h: &HeaderMap, codings: &Codings, binary: Option<Binary>) -> bool {
+    codings.is_empty()
+        && binary.is_none()
+        && h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= WHOLE_ANSWER_MAX)
 }
 
 /// `body` scrubbed by `scrubber`, or by the scrubber `scope` gives it later: at the same

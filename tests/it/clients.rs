@@ -213,6 +213,88 @@ print("status", raw.status_code, "sk-ant-real" in raw.http_response.text)
     assert!(r.body.starts_with(b"{"), "JSON body forwarded");
 }
 
+/// An HTTP/1.1 origin for `name` that answers 413 with a length as soon as it has read a
+/// little of the request (its head), as nginx does past `client_max_body_size`, then reads
+/// and drops the rest for up to 30 s.
+async fn origin_that_answers_early(
+    pki: &crate::support::pki::TestPki,
+    name: &str,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], &[b"http/1.1"]));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let a = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = a.accept(s).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 65536];
+                let _ = tls.read(&mut buf).await;
+                let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain\r\n\
+                              content-length: 13\r\nconnection: close\r\n\r\nbody too big\n";
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.flush().await;
+                let drain = async { while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), drain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that refuses an upload early (413 with a length, while the client is still
+/// sending) reaches curl at once over h1 and h2, also where answers are scrubbed. Scrubbed,
+/// the answer had lost its length, and curl 7.88 over h2, still uploading, waited for the
+/// answer's end until its 90 s timeout in 7 of 12 tries (outside re-check); a small answer of
+/// known length now keeps an exact one.
+#[tokio::test]
+async fn an_upload_refused_early_by_a_scrubbed_host_reaches_curl_at_once() {
+    let slow = "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
+    let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
+    let early = origin_that_answers_early(&pki, "api.anthropic.com").await;
+    let opts = crate::support::daemon::Opts {
+        resolve: vec![("api.anthropic.com".into(), early)],
+        ..Default::default()
+    };
+    let h = crate::support::daemon::Harness::try_start(opts, Some(pki))
+        .await
+        .unwrap();
+    let store = h.store("s", Some(&["api.anthropic.com"])).await;
+    h.secret(
+        &store,
+        "KEY",
+        "sk-early-answer-0204",
+        Some(&["api.anthropic.com"]),
+        Some(&["header"]),
+    )
+    .await;
+    let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
+    let e = Env {
+        h,
+        echo: crate::support::echo::Echo::start_plain().await,
+        sb,
+        store: "s".into(),
+    };
+    for flag in ["--http1.1", "--http2", "--http2", "--http2"] {
+        let started = std::time::Instant::now();
+        let (out, err) = curl_upload(&e, &format!("-H \"x-api-key: $KEY\" {flag}"), slow).await;
+        assert!(
+            out.contains("http=413") && out.contains("content-length: 13"),
+            "curl {flag}: {out}\n{err}"
+        );
+        // The writer's ~10 s at most (curl may read the answer only when its upload ends).
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "curl {flag} took {took:?}"
+        );
+        eprintln!("curl {flag}: {took:?}");
+    }
+}
+
 /// An origin that takes TLS connections for `name` (ALPN `alpn`), reads a little of each
 /// (the head) and then stops reading (and never answers) for a minute.
 async fn origin_that_stops_reading(

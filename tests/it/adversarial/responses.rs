@@ -242,7 +242,11 @@ async fn reason_phrase_naming_the_value_is_scrubbed_for_h1_clients() {
     let status_line = raw.lines().next().unwrap_or_default();
     assert_no_value("raw h1 status line", status_line.as_bytes());
     assert_eq!(status_line, format!("HTTP/1.1 200 {}", e.token()), "{raw}");
-    assert!(raw.contains("\r\nok\r\n"), "the body arrives: {raw}");
+    // A small answer of known length is read whole and keeps an exact length.
+    assert!(
+        raw.contains("\r\ncontent-length: 2\r\n") && raw.contains("\r\n\r\nok"),
+        "the body arrives: {raw}"
+    );
     let (out, err) = sandbox_sh(
         &e,
         &format!("curl -sSi --http1.1 https://{HOST}/ -H \"x-api-key: $KEY\""),
@@ -617,6 +621,69 @@ async fn trailers_survive_decoding_and_are_scrubbed() {
         assert_eq!(t["grpc-status"], "0", "h2 {h2}");
         assert_eq!(t.len(), 2, "h2 {h2}: {t:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lengths
+
+/// An answer of `n` bytes naming the value once at its start (`n` at least the text's length).
+fn sized(v: &str, n: usize) -> Vec<u8> {
+    let mut body = text(v).into_bytes();
+    body.resize(n.max(body.len()), b'.');
+    body
+}
+
+/// Scrubbing changes an answer's length. A small answer of known length (at most 64 KiB, no
+/// coding) is read whole and sent with its exact `Content-Length` (streamed, it had none:
+/// curl over h2, answered early during an upload, waited out its timeout for want of one); a
+/// larger one streams without it; one that ends short of its length is a 502, not a short
+/// body under a length.
+#[tokio::test]
+async fn small_answers_keep_an_exact_length_and_large_ones_stream() {
+    let e = env_h1(|head| {
+        let v = real(head);
+        let (body, declared) = match head.path.as_str() {
+            "/small" => (sized(&v, 64 * 1024), 64 * 1024),
+            "/large" => (sized(&v, 64 * 1024 + 1), 64 * 1024 + 1),
+            _ => (sized(&v, 100), 200), // "/short": the origin closes half way
+        };
+        h1_bytes(
+            "HTTP/1.1 200 OK",
+            &[format!("content-length: {declared}")],
+            &body,
+        )
+    })
+    .await;
+    let grown = e.token().len() - VALUE.len();
+    for h2 in [false, true] {
+        let a = fetch(&e, "GET", "/small", h2, &[])
+            .await
+            .unwrap_or_else(|err| panic!("h2 {h2}: {err}"));
+        assert_eq!(a.body, sized(&e.token(), 64 * 1024 + grown), "h2 {h2}");
+        assert_eq!(
+            a.headers.get("content-length").map(|v| v.to_str().unwrap()),
+            Some((64 * 1024 + grown).to_string().as_str()),
+            "h2 {h2}: the scrubbed length"
+        );
+        let a = fetch(&e, "GET", "/large", h2, &[])
+            .await
+            .unwrap_or_else(|err| panic!("h2 {h2}: {err}"));
+        assert_eq!(a.body.len(), 64 * 1024 + 1 + grown, "h2 {h2}");
+        assert_eq!(a.headers.get("content-length"), None, "h2 {h2}: streamed");
+        let a = fetch(&e, "GET", "/short", h2, &[])
+            .await
+            .unwrap_or_else(|err| panic!("h2 {h2}: {err}"));
+        assert_eq!(a.status, StatusCode::BAD_GATEWAY, "h2 {h2}");
+        assert_eq!(
+            a.headers["x-sealgate-error"], "upstream_unreachable",
+            "h2 {h2}"
+        );
+    }
+    let audit = e.h.audit_log();
+    assert!(
+        audit.contains("failed part way through its answer"),
+        "{audit}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
