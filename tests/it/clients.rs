@@ -2,6 +2,7 @@
 //! h2), Python requests, httpx and the official anthropic SDK.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::proxy_explicit::{setup, Env};
 
@@ -213,6 +214,35 @@ print("status", raw.status_code, "sk-ant-real" in raw.http_response.text)
     assert!(r.body.starts_with(b"{"), "JSON body forwarded");
 }
 
+/// A TLS origin for `name` (ALPN `alpn`) on a loopback port, `serve` running on each
+/// connection it accepts.
+async fn tls_origin<F, Fut>(
+    pki: &crate::support::pki::TestPki,
+    name: &str,
+    alpn: &[&[u8]],
+    serve: F,
+) -> std::net::SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], alpn));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (a, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = a.accept(s).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An HTTP/1.1 origin for `name` that answers 413 with a length as soon as it has read a
 /// little of the request (its head), as nginx does past `client_max_body_size`, then reads
 /// and drops the rest for up to 30 s.
@@ -221,28 +251,17 @@ async fn origin_that_answers_early(
     name: &str,
 ) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], &[b"http/1.1"]));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let a = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = a.accept(s).await else {
-                    return;
-                };
-                let mut buf = vec![0u8; 65536];
-                let _ = tls.read(&mut buf).await;
-                let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain\r\n\
-                              content-length: 13\r\nconnection: close\r\n\r\nbody too big\n";
-                let _ = tls.write_all(answer.as_bytes()).await;
-                let _ = tls.flush().await;
-                let drain = async { while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {} };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), drain).await;
-            });
-        }
-    });
-    addr
+    tls_origin(pki, name, &[b"http/1.1"], |mut tls| async move {
+        let mut buf = vec![0u8; 65536];
+        let _ = tls.read(&mut buf).await;
+        let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain\r\n\
+                      content-length: 13\r\nconnection: close\r\n\r\nbody too big\n";
+        let _ = tls.write_all(answer.as_bytes()).await;
+        let _ = tls.flush().await;
+        let drain = async { while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
+    })
+    .await
 }
 
 /// An upstream that refuses an upload early (413 with a length, while the client is still
@@ -252,7 +271,6 @@ async fn origin_that_answers_early(
 /// known length now keeps an exact one.
 #[tokio::test]
 async fn an_upload_refused_early_by_a_scrubbed_host_reaches_curl_at_once() {
-    let slow = "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
     let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
     let early = origin_that_answers_early(&pki, "api.anthropic.com").await;
     let opts = crate::support::daemon::Opts {
@@ -271,26 +289,18 @@ async fn an_upload_refused_early_by_a_scrubbed_host_reaches_curl_at_once() {
         Some(&["header"]),
     )
     .await;
-    let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
-    let e = Env {
-        h,
-        echo: crate::support::echo::Echo::start_plain().await,
-        sb,
-        store: "s".into(),
-    };
+    let e = env_of(h).await;
     for flag in ["--http1.1", "--http2", "--http2", "--http2"] {
         let started = std::time::Instant::now();
-        let (out, err) = curl_upload(&e, &format!("-H \"x-api-key: $KEY\" {flag}"), slow).await;
+        let (out, err) =
+            curl_upload(&e, &format!("-H \"x-api-key: $KEY\" {flag}"), SLOW_UPLOAD).await;
         assert!(
             out.contains("http=413") && out.contains("content-length: 13"),
             "curl {flag}: {out}\n{err}"
         );
         // The writer's ~10 s at most (curl may read the answer only when its upload ends).
         let took = started.elapsed();
-        assert!(
-            took < std::time::Duration::from_secs(15),
-            "curl {flag} took {took:?}"
-        );
+        assert!(took < Duration::from_secs(15), "curl {flag} took {took:?}");
         eprintln!("curl {flag}: {took:?}");
     }
 }
@@ -303,23 +313,28 @@ async fn origin_that_stops_reading(
     alpn: &[&[u8]],
 ) -> std::net::SocketAddr {
     use tokio::io::AsyncReadExt;
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[name], alpn));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let a = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = a.accept(s).await else {
-                    return;
-                };
-                let _ = tls.read(&mut [0u8; 4096]).await;
-                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            });
-        }
-    });
-    addr
+    tls_origin(pki, name, alpn, |mut tls| async move {
+        let _ = tls.read(&mut [0u8; 4096]).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await
 }
+
+/// A sandbox of store "s" on `h` (the [`Env`]'s echo origin unused).
+async fn env_of(h: crate::support::daemon::Harness) -> Env {
+    let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
+    Env {
+        h,
+        echo: crate::support::echo::Echo::start_plain().await,
+        sb,
+        store: "s".into(),
+    }
+}
+
+/// A body for [`curl_upload`] that goes on for ~10 s (the writer stops once curl has gone:
+/// its `head` fails on the closed pipe).
+const SLOW_UPLOAD: &str =
+    "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
 
 /// curl uploading through `e`'s sandbox from a pipe that goes on for ~10 s (`body` is a shell
 /// command list writing the body); the status, the `x-sealgate-error` and curl's error.
@@ -361,8 +376,6 @@ except Exception as e:
 /// reads, timed out writing (outside re-check).
 #[tokio::test]
 async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
-    // The writer stops once curl has gone (its head fails on the closed pipe).
-    let slow = "for i in $(seq 100); do head -c 30000 /dev/zero || exit; sleep 0.1; done";
     let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
     // Over h2 the upstream's flow control stops the upload at once; an HTTP/1.1 upstream
     // takes megabytes into socket buffers first (the timeout counts from the last byte).
@@ -381,13 +394,7 @@ async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
         .unwrap();
     h.store("s", Some(&["api.anthropic.com", "api.example.test"]))
         .await;
-    let sb = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
-    let e = Env {
-        h,
-        echo: crate::support::echo::Echo::start_plain().await,
-        sb,
-        store: "s".into(),
-    };
+    let e = env_of(h).await;
     // requests writes its whole body before it reads: the body, stuck with the task writing
     // to the HTTP/1.1 upstream, is taken back after the 504 and drained.
     if has_modules("requests").await {
@@ -398,7 +405,7 @@ async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
         );
     }
     for flag in ["--http1.1", "--http2"] {
-        let (out, err) = curl_upload(&e, flag, slow).await;
+        let (out, err) = curl_upload(&e, flag, SLOW_UPLOAD).await;
         assert!(
             out.contains("http=504") && out.contains("x-sealgate-error: upstream_timeout"),
             "curl {flag}: {out}\n{err}"
@@ -422,12 +429,13 @@ async fn an_upload_cut_mid_way_shows_the_client_sealgates_answer() {
         );
     }
     let head = "-H \"x-api-key: $ELSEWHERE_KEY\" --http2";
-    let (out, err) = curl_upload(&e, head, slow).await;
+    let (out, err) = curl_upload(&e, head, SLOW_UPLOAD).await;
     assert!(
         out.contains("http=403") && out.contains("x-sealgate-error: secret_host_denied"),
         "curl h2, refused at the head: {out}\n{err}"
     );
-    let body = format!("head -c 300000 /dev/zero; sleep 0.5; printf %s \"$ELSEWHERE_KEY\"; {slow}");
+    let body =
+        format!("head -c 300000 /dev/zero; sleep 0.5; printf %s \"$ELSEWHERE_KEY\"; {SLOW_UPLOAD}");
     for flag in ["--http1.1", "--http2"] {
         let (out, err) = curl_upload(&e, flag, &body).await;
         assert!(
