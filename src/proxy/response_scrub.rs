@@ -164,7 +164,7 @@ pub fn scrub_response(
             ),
         ));
     }
-    if is_whole(&parts.headers, &codings, shape.binary) {
+    if is_whole(&body, &codings, shape.binary) {
         parts.extensions.insert(WholeAnswer);
     }
     parts.headers.remove(header::CONTENT_ENCODING);
@@ -184,27 +184,30 @@ pub fn scrub_response(
     Ok(scrub_body(t, body, scrubber, binary, frames, Some(scope)))
 }
 
-/// The most an answer may declare (`Content-Length`) to be read whole ([`WholeAnswer`]).
+/// The most an answer may be framed to carry to be read whole ([`WholeAnswer`]).
 pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
 
 /// Marks a scrubbed answer to be read whole before its head is sent, then sent with its exact
-/// `Content-Length` (`forward::read_whole`): one that declared a length of at most
-/// [`WHOLE_ANSWER_MAX`], in no coding, and not carrying its own lengths. Scrubbing changes
-/// lengths, so a streamed answer loses `Content-Length`; clients that wanted it, or that
-/// answered an upload's early answer only once its length was known (curl 7.88 over h2 waited
-/// out its 90 s timeout), get it back for the small answers APIs mostly send, and the answer
-/// goes out in one write rather than as a chunk and an end.
+/// `Content-Length` (`forward::read_whole`): one framed by its length (hyper's own framing,
+/// not the header: an upstream that sent `Transfer-Encoding: chunked` beside a small
+/// `Content-Length` is read chunked, without end — an outside check held 791 MB that way),
+/// of at most [`WHOLE_ANSWER_MAX`], in no coding, and not carrying its own lengths.
+/// Scrubbing changes lengths, so a streamed answer loses `Content-Length`; clients that
+/// wanted it, or that answered an upload's early answer only once its length was known (curl
+/// 7.88 over h2 waited out its 90 s timeout), get it back for the small answers APIs mostly
+/// send.
 #[derive(Clone, Copy, Debug)]
 pub struct WholeAnswer;
 
-/// Whether an answer with headers `h` (before `Content-Length` is removed) in `codings` is
-/// read whole ([`WholeAnswer`]).
-fn is_whole(h: &HeaderMap, codings: &Codings, binary: Option<Binary>) -> bool {
+/// Whether `body` (the upstream's, as hyper frames it) in `codings` is read whole
+/// ([`WholeAnswer`]).
+fn is_whole(body: &ProxyBody, codings: &Codings, binary: Option<Binary>) -> bool {
+    use http_body::Body as _;
     codings.is_empty()
         && binary.is_none()
-        && h.get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        && body
+            .size_hint()
+            .exact()
             .is_some_and(|n| n <= WHOLE_ANSWER_MAX)
 }
 
