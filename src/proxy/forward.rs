@@ -1151,8 +1151,13 @@ async fn read_whole(
             Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
-    // Slow or grown: streamed on, what was read first.
-    let first = futures_util::stream::iter(read.into_iter().map(|d| Ok(Frame::data(d))));
+    // Slow or grown: streamed on, what was read first (trailers, if they came, end it).
+    let first = read
+        .into_iter()
+        .map(Frame::data)
+        .chain(trailers.map(Frame::trailers))
+        .map(Ok);
+    let first = futures_util::stream::iter(first);
     let rest = http_body_util::BodyStream::new(body);
     let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, rest));
     Ok(Response::from_parts(parts, body.boxed_unsync()))
