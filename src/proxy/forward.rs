@@ -22,7 +22,7 @@ use super::linger::{Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
-    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape, WholeAnswer,
+    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
 };
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
@@ -178,8 +178,11 @@ async fn exchange(
     let mut scope = Scope::since(t, generation);
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let scrubbing = (scrubber.clone(), scope.clone());
-    let resp = finish_response(t, rt, scrubbing, &o.report, method, resp, slot)?;
-    let resp = read_whole(t, resp).await?;
+    let (resp, whole) = finish_response(t, rt, scrubbing, &o.report, method, resp, slot)?;
+    let resp = match whole {
+        true => read_whole(t, resp).await?,
+        false => resp,
+    };
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             Ok(relay_upgrade(on, resp, scrubber, scope, still_allowed(t)))
@@ -1067,7 +1070,8 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
 /// the upstream's own stripped (only sealgate's refusals carry it), `Trailer` kept (it is
 /// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed by
 /// `scrubber` (none: not at all) following `scope`, with the Basic-auth forms of `report`; the
-/// request's `slot` goes with the body.
+/// request's `slot` goes with the body. Also says whether the answer is to be read whole
+/// ([`read_whole`]).
 fn finish_response(
     t: &Tunnel,
     rt: &LiveSettings,
@@ -1076,7 +1080,7 @@ fn finish_response(
     method: &Method,
     resp: Response<Incoming>,
     slot: SlotGuard,
-) -> Result<Response<ProxyBody>, Refusal> {
+) -> Result<(Response<ProxyBody>, bool), Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     let shape = scrubber.as_ref().map(|_| {
@@ -1097,7 +1101,7 @@ fn finish_response(
     }
     let body = body.map_err(BoxError::from).boxed_unsync();
     let unscrubbed = scrubber.is_none();
-    let body = match scrubber.zip(shape) {
+    let (body, whole) = match scrubber.zip(shape) {
         Some((s, shape)) => {
             let scrubbing = Scrubbing {
                 scrubber: s,
@@ -1106,17 +1110,17 @@ fn finish_response(
             };
             scrub_response(t, &rt.upstream, scrubbing, &mut parts, shape, body)?
         }
-        None => body,
+        None => (body, false),
     };
     // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
     let unscrubbed = unscrubbed && t.scheme == Scheme::Https && !upgrade;
     let body = Held::new(Following::new(body, scope, unscrubbed), slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
-    Ok(Response::from_parts(parts, body))
+    Ok((Response::from_parts(parts, body), whole))
 }
 
-/// A scrubbed answer marked [`WholeAnswer`] (small, of known length) is read to its end,
-/// then sent with its exact `Content-Length`; any other passes as it is. Reading it frees the
+/// A small scrubbed answer of known length (`response_scrub::is_whole`) is read to its end,
+/// then sent with its exact `Content-Length`. Reading it frees the
 /// request's slot and upstream connection before the sandbox has read it. One that has not
 /// ended within [`WHOLE_ANSWER_WAIT`], or grew past [`WHOLE_ANSWER_HELD`] scrubbed (values
 /// replaced by longer tokens), streams on from where it is, without a length, as before:
@@ -1126,13 +1130,7 @@ fn finish_response(
 /// # Errors
 /// The answer failed before its end: 502, or 503 if the node lost sight of the sandbox's
 /// values meanwhile ([`unknowable`]); streamed, such an answer had been cut short instead.
-async fn read_whole(
-    t: &Tunnel,
-    mut resp: Response<ProxyBody>,
-) -> Result<Response<ProxyBody>, Refusal> {
-    if resp.extensions_mut().remove::<WholeAnswer>().is_none() {
-        return Ok(resp);
-    }
+async fn read_whole(t: &Tunnel, resp: Response<ProxyBody>) -> Result<Response<ProxyBody>, Refusal> {
     let (parts, mut body) = resp.into_parts();
     let deadline = tokio::time::Instant::now() + WHOLE_ANSWER_WAIT;
     let (mut read, mut held) = (Vec::new(), 0);

@@ -15,7 +15,7 @@
 //! `Content-Encoding` as sent (scrubbed like every value), no decoder is built, and whatever
 //! body or trailers the upstream sent anyway are dropped (an h2 server would pass them on). Any
 //! other response loses `Content-Length` (replacements change it; a small one of known length
-//! is read whole and gets its exact new length back, [`WholeAnswer`]) and `Content-Encoding`
+//! is read whole and gets its exact new length back, `is_whole`) and `Content-Encoding`
 //! (the body is decoded); a coding sealgate cannot decode or too many stacked codings is refused
 //! with 502 rather than passed unscrubbed, and so is every 206: requests here carry no `Range`,
 //! because parts of a resource could carry a value in pieces. Refusal messages never repeat
@@ -116,6 +116,8 @@ pub struct Scrubbing<'a> {
 
 /// Scrubs the reason phrase and headers now and wraps the body (see the module docs).
 ///
+/// Also says whether the answer is to be read whole (`is_whole`).
+///
 /// # Errors
 /// A body sealgate cannot decode: the response is refused rather than passed unscrubbed.
 pub fn scrub_response(
@@ -125,7 +127,7 @@ pub fn scrub_response(
     parts: &mut http::response::Parts,
     shape: Shape,
     body: ProxyBody,
-) -> Result<ProxyBody, Refusal> {
+) -> Result<(ProxyBody, bool), Refusal> {
     let Scrubbing {
         scrubber,
         scope,
@@ -153,7 +155,7 @@ pub fn scrub_response(
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not.
         drop(body);
-        return Ok(super::empty_body());
+        return Ok((super::empty_body(), false));
     }
     if shape.binary == Some(Binary::Base64Framed) {
         return Err(Refusal::new(
@@ -164,9 +166,7 @@ pub fn scrub_response(
             ),
         ));
     }
-    if is_whole(&body, &codings, shape.binary) {
-        parts.extensions.insert(WholeAnswer);
-    }
+    let whole = is_whole(&body, &codings, shape.binary);
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = if codings.is_empty() {
@@ -181,14 +181,15 @@ pub fn scrub_response(
         Some(x) => scrub_body(t, body, x, binary, frames.take(), None),
         None => body,
     };
-    Ok(scrub_body(t, body, scrubber, binary, frames, Some(scope)))
+    let body = scrub_body(t, body, scrubber, binary, frames, Some(scope));
+    Ok((body, whole))
 }
 
-/// The most an answer may be framed to carry to be read whole ([`WholeAnswer`]).
+/// The most an answer may be framed to carry to be read whole ([`is_whole`]).
 pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
 
-/// Marks a scrubbed answer to be read whole before its head is sent, then sent with its exact
-/// `Content-Length` (`forward::read_whole`): one framed by its length (hyper's own framing,
+/// Whether an answer is read whole before its head is sent, then sent with its exact
+/// `Content-Length` (`forward::read_whole`): one whose `body` is framed by its length (hyper's own framing,
 /// not the header: an upstream that sent `Transfer-Encoding: chunked` beside a small
 /// `Content-Length` is read chunked, without end — an outside check held 791 MB that way),
 /// of at most [`WHOLE_ANSWER_MAX`], in no coding, and not carrying its own lengths.
@@ -196,11 +197,6 @@ pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
 /// wanted it, or that answered an upload's early answer only once its length was known (curl
 /// 7.88 over h2 waited out its 90 s timeout), get it back for the small answers APIs mostly
 /// send.
-#[derive(Clone, Copy, Debug)]
-pub struct WholeAnswer;
-
-/// Whether `body` (the upstream's, as hyper frames it) in `codings` is read whole
-/// ([`WholeAnswer`]).
 fn is_whole(body: &ProxyBody, codings: &Codings, binary: Option<Binary>) -> bool {
     use http_body::Body as _;
     codings.is_empty()
