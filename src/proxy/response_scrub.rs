@@ -11,9 +11,10 @@
 //! | body that carries lengths (gRPC, protobuf: [`Binary`]) | compressed gRPC messages decoded, then scrubbed at the same length; base64 gRPC-Web → 502 |
 //! | trailers | kept through decoding; names and values as for headers |
 //!
-//! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Length` and
-//! `Content-Encoding` as sent (scrubbed like every value), no decoder is built, and whatever
-//! body or trailers the upstream sent anyway are dropped (an h2 server would pass them on). Any
+//! A response that has no body (to `HEAD`, 1xx, 204, 304) keeps `Content-Encoding` and
+//! `Content-Length` as sent (scrubbed like every value) — except the length of a compressed
+//! body ([`drop_compressed_length`]) — no decoder is built, and whatever body or trailers the
+//! upstream sent anyway are dropped (an h2 server would pass them on). Any
 //! other response loses `Content-Length` (replacements change it; a small one of known length
 //! is read whole and gets its exact new length back, `is_whole`) and `Content-Encoding`
 //! (the body is decoded); a coding sealgate cannot decode or too many stacked codings is refused
@@ -154,6 +155,7 @@ pub fn scrub_response(
     if !shape.has_body {
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not.
+        drop_compressed_length(&mut parts.headers);
         drop(body);
         return Ok((super::empty_body(), false));
     }
@@ -183,6 +185,19 @@ pub fn scrub_response(
     };
     let body = scrub_body(t, body, scrubber, binary, frames, Some(scope));
     Ok((body, whole))
+}
+
+/// Drops the `Content-Length` of a bodiless answer (`HEAD`, 304) whose body would have come
+/// compressed. That length measured the body before scrubbing and after compression: of an
+/// echo holding the value beside text the sandbox chose, it is a compression oracle (a guess
+/// that repeats more of the value compresses better), which recovers a value piece by piece —
+/// where every other guess at a value must be whole (ARCHITECTURE "Scrubbing is itself an
+/// oracle"). An uncompressed length keeps: it can tell no more than the value's length.
+/// Neither hyper server puts a zero in its place.
+fn drop_compressed_length(h: &mut HeaderMap) {
+    if h.contains_key(header::CONTENT_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
 }
 
 /// The most an answer may be framed to carry to be read whole ([`is_whole`]).
