@@ -311,8 +311,9 @@ pub fn run_binds(netns: &str) -> Vec<(PathBuf, PathBuf)> {
 /// reach a host service: the root is bwrap's own tmpfs, rebuilt from the host's top-level
 /// entries ([`Sandboxed::root`], each bound read-only on its own — never `/` as a whole, see
 /// [`host_root`] for why) and remounted read-only last; `data_dir`, `/home`,
-/// `/tmp` and `/run` (host UNIX sockets such as PostgreSQL's, D-Bus, Docker,
-/// systemd-resolved) are fresh and no host entry is bound there; every
+/// `/tmp`, `/run` (host UNIX sockets such as PostgreSQL's, D-Bus, Docker,
+/// systemd-resolved) and `/etc/netns` (every sandbox's namespace files) are fresh and no host
+/// entry is bound there; every
 /// [`Sandboxed::hidden`] file is masked by `/dev/null` (mounted `nodev`: it cannot even be
 /// opened); [`Sandboxed::run_binds`] are bound back, read-only, under the fresh `/run`. The
 /// only writable binds are the sandbox's own `tmp/` and `home/`.
@@ -400,6 +401,10 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
         ));
     }
     m.extend([
+        // Every namespace's files (`/etc/netns/<ns>`) name the host's sandboxes, other
+        // tenants' too, with their slots and creation times; `ip netns exec` has already bound
+        // this one's over `/etc`.
+        Mount::new("--tmpfs", none, NETNS_ETC),
         Mount::new("--tmpfs", none, s.data_dir),
         Mount::new("--bind", Some(&s.dir.join(FILES_DIR).join("tmp")), "/tmp"),
         Mount::new("--tmpfs", none, "/home"),
@@ -419,6 +424,9 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
     ]);
     m
 }
+
+/// The namespaces' own `/etc` files, on the host (hidden inside).
+const NETNS_ETC: &str = "/etc/netns";
 
 /// Inside: the command's environment file.
 pub const ENV_INSIDE: &str = "/run/sealgate/env";
@@ -992,7 +1000,7 @@ mod tests {
                  --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
                  --ro-bind /d/sandboxes/sbx_1/passwd /etc/passwd \
                  --ro-bind /d/sandboxes/sbx_1/group /etc/group \
-                 --tmpfs /d "
+                 --tmpfs /etc/netns --tmpfs /d "
             ),
             "{line}"
         );

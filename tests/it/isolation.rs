@@ -630,7 +630,8 @@ async fn a_sandbox_cannot_fill_the_hosts_connection_tracking_table() {
 
 /// A command sees neither the daemon's config file (it may hold a database password) nor
 /// anything under the host's `/run` (UNIX sockets of PostgreSQL, D-Bus, Docker…), while the
-/// namespace's own resolver settings still apply. (The masked file cannot be opened: bwrap
+/// namespace's own resolver settings still apply, nor the other namespaces' files in
+/// `/etc/netns`. (The masked file cannot be opened: bwrap
 /// mounts it `nodev`.) Nor can it reach the kernel keyring its user shares with every sandbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_file_and_host_sockets_are_masked() {
@@ -665,12 +666,15 @@ async fn the_config_file_and_host_sockets_are_masked() {
     h.store("s", Some(&["api.example.test"])).await;
     let sb = isolated(&h, json!({})).await;
     let probe = format!(
-        "cat {} 2>/dev/null | wc -c; ls {} 2>/dev/null; echo sock=$?; grep -c nameserver /etc/resolv.conf",
+        "cat {} 2>/dev/null | wc -c; ls {} 2>/dev/null; echo sock=$?; \
+         grep -c nameserver /etc/resolv.conf; ls -A /etc/netns | wc -l",
         config.display(),
         run.path().display()
     );
     let r = ok(&h, &id(&sb), &probe).await;
-    assert_eq!(r["stdout"], "0\nsock=2\n1\n", "{r}");
+    // Nor `/etc/netns`, where the host keeps every namespace's files: each names a sandbox
+    // (another tenant's too), its slot and, by its time, when it was made (outside review).
+    assert_eq!(r["stdout"], "0\nsock=2\n1\n0\n", "{r}");
 
     // Nor the kernel's keyring of its user, which every sandbox shares (same `run_as`) and
     // which outlives a sandbox: keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING) is
