@@ -219,6 +219,8 @@ pub struct RawSandbox {
     pub max_flows: Option<u64>,
     /// Per second; 0 = no bound.
     pub max_new_flows_per_sec: Option<u64>,
+    /// Per second; 0 = no bound.
+    pub max_dns_queries_per_sec: Option<u64>,
 }
 
 /// `[log]`.
@@ -447,6 +449,9 @@ pub struct SandboxConfig {
     pub max_open_files: Option<u64>,
     /// Each isolated sandbox's bounds on the host's connection-tracking table.
     pub flows: crate::limits::Flows,
+    /// DNS queries a second the daemon's responder answers for one isolated sandbox, UDP and
+    /// TCP together (one socket sends any number in one flow, past `flows`); None = no bound.
+    pub dns_per_sec: Option<u32>,
 }
 
 impl Default for Config {
@@ -1167,6 +1172,14 @@ impl RawSandbox {
                     )
                     .map(|v| v as u32),
             },
+            dns_per_sec: p
+                .limit(
+                    "sandbox.max_dns_queries_per_sec",
+                    self.max_dns_queries_per_sec,
+                    1000,
+                    (1, 1_000_000),
+                )
+                .map(|v| v as u32),
             default_timeout,
             max_timeout,
             leaf_cache_capacity: p.count(

@@ -1075,6 +1075,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "sandbox.max_open_files" => sandbox.max_open_files;
         "sandbox.max_flows" => sandbox.flows.max;
         "sandbox.max_new_flows_per_sec" => sandbox.flows.new_per_sec;
+        "sandbox.max_dns_queries_per_sec" => sandbox.dns_per_sec;
         "log.format" => log_format;
         "store.backend" => store.backend;
         "store.max_staleness_secs" => store.max_staleness;

@@ -352,7 +352,7 @@ impl Isolation {
         make_dir(&dir, run_as, &info.ca_cert_pem, limits.disk_bytes)?;
         write_identity(&dir, run_as)?;
         let filter = filter_for(&sandbox, ns.host_ip())?;
-        ns.start_dns(filter.clone())
+        ns.start_dns(filter.clone(), self.cfg.dns_per_sec)
             .await
             .map_err(io_err("starting the namespace's DNS responder"))?;
         let listener = TcpListener::bind((ns.host_ip(), 0))

@@ -15,6 +15,8 @@
 //! | allowed | one `A` record, the placeholder, TTL [`TTL_SECS`] | NOERROR, no records |
 //! | not allowed, or not a valid host name | NXDOMAIN | NXDOMAIN |
 //!
+//! At most `[sandbox] max_dns_queries_per_sec` queries a second are answered ([`Pace`]).
+//!
 //! Not a query (`QR` set) or shorter than a header → no reply at all (no reflection loops);
 //! other opcodes → NOTIMP; not exactly one question or a malformed one → FORMERR; a class
 //! other than `IN`/`ANY` → REFUSED.
@@ -237,16 +239,22 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// Binds UDP and TCP on `ip` (same ephemeral port) and starts answering.
+    /// Binds UDP and TCP on `ip` (same ephemeral port) and starts answering, at most
+    /// `per_sec` queries a second (None = no bound; [`Pace`]).
     ///
     /// # Errors
     /// No port could be bound for both protocols.
-    pub async fn start(ip: Ipv4Addr, filter: SharedFilter) -> io::Result<Responder> {
+    pub async fn start(
+        ip: Ipv4Addr,
+        filter: SharedFilter,
+        per_sec: Option<u32>,
+    ) -> io::Result<Responder> {
         let (udp, tcp) = bind_pair(ip).await?;
         let port = udp.local_addr()?.port();
+        let pace = Arc::new(Pace::new(per_sec));
         let mut tasks = JoinSet::new();
-        tasks.spawn(serve_udp(udp, filter.clone()));
-        tasks.spawn(serve_tcp(tcp, filter));
+        tasks.spawn(serve_udp(udp, filter.clone(), pace.clone()));
+        tasks.spawn(serve_tcp(tcp, filter, pace));
         Ok(Responder {
             port,
             _tasks: tasks,
@@ -267,19 +275,61 @@ async fn bind_pair(ip: Ipv4Addr) -> io::Result<(UdpSocket, TcpListener)> {
     Err(last)
 }
 
-async fn serve_udp(sock: UdpSocket, filter: SharedFilter) {
+/// The responder's query budget: a token bucket of `per_sec` tokens a second holding at most
+/// [`crate::limits::Flows::burst`]. A query past it waits for its token, so a sandbox that
+/// floods (one UDP socket sends any number of queries in one flow, past the iptables bound on
+/// new flows) holds its responder to `per_sec` answers a second: its own lookups slow down,
+/// the daemon's CPU does not follow, and what the socket buffer cannot hold meanwhile the
+/// kernel drops. Invariant: over any span of `t` seconds at most `burst + per_sec × t`
+/// queries are answered.
+pub struct Pace {
+    rate: Option<(f64, f64)>,
+    bucket: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl Pace {
+    /// A budget of `per_sec` queries a second; None = no bound.
+    pub fn new(per_sec: Option<u32>) -> Pace {
+        let rate = per_sec.map(|r| (f64::from(r), f64::from(crate::limits::Flows::burst(r))));
+        let full = rate.map_or(0.0, |(_, burst)| burst);
+        Pace {
+            rate,
+            bucket: std::sync::Mutex::new((full, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Takes one query's token, waiting for it when the bucket is empty.
+    pub async fn take(&self) {
+        if let Some(wait) = self.reserve() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Takes a token now (it may go into debt) and says how long to wait until it is covered.
+    fn reserve(&self) -> Option<Duration> {
+        let (per_sec, burst) = self.rate?;
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let tokens = (b.0 + (now - b.1).as_secs_f64() * per_sec).min(burst) - 1.0;
+        *b = (tokens, now);
+        (tokens < 0.0).then(|| Duration::from_secs_f64(-tokens / per_sec))
+    }
+}
+
+async fn serve_udp(sock: UdpSocket, filter: SharedFilter, pace: Arc<Pace>) {
     let mut buf = vec![0u8; 4096];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             continue;
         };
+        pace.take().await;
         if let Some(reply) = respond(&buf[..n], &current(&filter)) {
             let _ = sock.send_to(&reply, from).await;
         }
     }
 }
 
-async fn serve_tcp(listener: TcpListener, filter: SharedFilter) {
+async fn serve_tcp(listener: TcpListener, filter: SharedFilter, pace: Arc<Pace>) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
     let mut conns = JoinSet::new();
     loop {
@@ -287,9 +337,9 @@ async fn serve_tcp(listener: TcpListener, filter: SharedFilter) {
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
                 let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                let f = filter.clone();
+                let (f, pace) = (filter.clone(), pace.clone());
                 conns.spawn(async move {
-                    let _ = tcp_client(tcp, f).await;
+                    let _ = tcp_client(tcp, f, &pace).await;
                     drop(slot);
                 });
             }
@@ -299,7 +349,7 @@ async fn serve_tcp(listener: TcpListener, filter: SharedFilter) {
 }
 
 /// RFC 1035 §4.2.2 framing: a 2-byte length before each message.
-async fn tcp_client(mut tcp: TcpStream, filter: SharedFilter) -> io::Result<()> {
+async fn tcp_client(mut tcp: TcpStream, filter: SharedFilter, pace: &Pace) -> io::Result<()> {
     loop {
         let len = match tokio::time::timeout(TCP_IDLE, tcp.read_u16()).await {
             Ok(r) => usize::from(r?),
@@ -309,6 +359,7 @@ async fn tcp_client(mut tcp: TcpStream, filter: SharedFilter) -> io::Result<()> 
         tokio::time::timeout(TCP_IDLE, tcp.read_exact(&mut msg))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        pace.take().await;
         let Some(reply) = respond(&msg, &current(&filter)) else {
             return Ok(());
         };
@@ -352,6 +403,45 @@ mod tests {
 
     fn ancount(reply: &[u8]) -> u16 {
         be16(reply, 6).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pace_answers_a_burst_then_its_rate() {
+        let pace = Pace::new(Some(10)); // burst 50
+        let start = tokio::time::Instant::now();
+        for _ in 0..50 {
+            pace.take().await;
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the burst waits for nothing"
+        );
+        for _ in 0..20 {
+            pace.take().await;
+        }
+        let waited = start.elapsed().as_secs_f64();
+        assert!(
+            (1.99..2.01).contains(&waited),
+            "20 past the burst at 10/s: {waited}"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let again = tokio::time::Instant::now();
+        for _ in 0..50 {
+            pace.take().await;
+        }
+        assert_eq!(
+            again.elapsed(),
+            Duration::ZERO,
+            "refilled to the burst, not past it"
+        );
+        pace.take().await;
+        assert_eq!(again.elapsed(), Duration::from_millis(100));
+        let open = Pace::new(None);
+        for _ in 0..100_000 {
+            open.take().await;
+        }
+        assert_eq!(again.elapsed(), Duration::from_millis(100), "no bound");
     }
 
     #[test]

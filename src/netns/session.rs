@@ -128,12 +128,17 @@ impl Namespace {
         })
     }
 
-    /// Starts the DNS responder on the host side of the veth; returns its port.
+    /// Starts the DNS responder on the host side of the veth, answering at most `per_sec`
+    /// queries a second; returns its port.
     ///
     /// # Errors
     /// No port could be bound.
-    pub async fn start_dns(&mut self, filter: SharedFilter) -> std::io::Result<u16> {
-        let dns = Responder::start(self.record.plan.host_ip, filter).await?;
+    pub async fn start_dns(
+        &mut self,
+        filter: SharedFilter,
+        per_sec: Option<u32>,
+    ) -> std::io::Result<u16> {
+        let dns = Responder::start(self.record.plan.host_ip, filter, per_sec).await?;
         let port = dns.port;
         self.dns = Some(dns);
         Ok(port)
