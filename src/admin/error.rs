@@ -178,18 +178,23 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
 }
 
 impl ApiError {
+    /// 413 `request_too_large`: a body over the admin body limit.
+    pub fn too_large() -> Self {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "request body is larger than {} bytes",
+                super::routes::MAX_BODY_BYTES
+            ),
+        )
+    }
+
     /// A JSON body rejection with `message`: 413 `request_too_large` over the admin body limit,
     /// 415 `unsupported_media_type` without `Content-Type: application/json`, else 400.
     pub fn from_rejection(e: &axum::extract::rejection::JsonRejection, message: String) -> Self {
         match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                format!(
-                    "request body is larger than {} bytes",
-                    super::routes::MAX_BODY_BYTES
-                ),
-            ),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

@@ -110,7 +110,23 @@ async fn require_token(State(st): St, req: Request, next: Next) -> Response {
     if !bearer_ok(&st, req.headers()) {
         return ApiError::unauthorized().into_response();
     }
+    if declared_too_large(req.headers()) {
+        return ApiError::too_large().into_response();
+    }
     next.run(req).await
+}
+
+/// A body whose declared length is over [`MAX_BODY_BYTES`] is refused from its head, before
+/// anything polls it: hyper answers `Expect: 100-continue` when a body is first polled, and
+/// the client then sent (or a hostile one withheld) a body only to meet 413 — an outside
+/// review held such a connection open for 400 s. Bodies without a length meet the limit
+/// while they are read.
+fn declared_too_large(headers: &header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
 }
 
 fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {
@@ -496,9 +512,12 @@ fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> 
         (Some(was), Some(now)) => {
             let added: Vec<String> = now.iter().filter(|p| !was.contains(p)).cloned().collect();
             if !added.is_empty() {
+                // "now [..] (new: ..)", not "now also": a replace drops what it does not
+                // list (an outside check read "also" as kept).
                 wider.push(format!(
-                    "allowed_hosts were {}, now also {}",
+                    "allowed_hosts were {}, now {} (new: {})",
                     listed(was),
+                    listed(now),
                     listed(&added)
                 ));
             }
@@ -512,14 +531,12 @@ fn widening_warning(store: &StoreRecord, old: &SecretMeta, new: &SecretMeta) -> 
         .map(|l| l.as_str().to_owned())
         .collect();
     if !added.is_empty() {
-        let was: Vec<String> = old
-            .locations
-            .iter()
-            .map(|l| l.as_str().to_owned())
-            .collect();
+        let names =
+            |ls: &[Location]| -> Vec<String> { ls.iter().map(|l| l.as_str().to_owned()).collect() };
         wider.push(format!(
-            "locations were {}, now also {}",
-            listed(&was),
+            "locations were {}, now {} (new: {})",
+            listed(&names(&old.locations)),
+            listed(&names(&new.locations)),
             listed(&added)
         ));
     }

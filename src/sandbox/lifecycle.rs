@@ -81,7 +81,8 @@ pub enum SandboxError {
 pub struct CreateSandbox {
     /// Store name or id.
     pub secret_store: String,
-    /// Lifetime in seconds.
+    /// Lifetime in seconds: a whole number, written `600` or `600.0` ([`whole_seconds`]).
+    #[serde(default, deserialize_with = "whole_seconds")]
     pub timeout: Option<u64>,
     /// Transparent-mode identity (chosen by the daemon for `"isolation": "netns"`).
     pub source_ip: Option<IpAddr>,
@@ -95,6 +96,26 @@ pub struct CreateSandbox {
     /// under their id before their row exists); never from the API.
     #[serde(skip)]
     pub id: Option<String>,
+}
+
+/// Whole seconds as a JSON number, with or without a zero fraction: JSON does not tell `600`
+/// from `600.0`, and Python's `json.dumps` writes a float's (an outside check got 400 for
+/// `"timeout": 600.0`). A fraction, a negative or a number past `u64` is refused.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error as _;
+    use serde::Deserialize as _;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(whole) = n.as_u64() {
+        return Ok(Some(whole));
+    }
+    match n.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => Ok(Some(f as u64)),
+        _ => Err(D::Error::custom(format!(
+            "expected whole seconds (a number such as 600), got {n}"
+        ))),
+    }
 }
 
 /// The namespace of an isolated sandbox, as the API shows it.

@@ -343,7 +343,7 @@ async fn a_replace_that_widens_a_secret_says_how() {
     for part in [
         "secret K ",
         "allowed_hosts were [api.example.test], now none of its own (every host of store wide's",
-        "locations were [header], now also [body]",
+        "locations were [header], now [header, body] (new: [body])",
         "give allowed_hosts and locations again",
     ] {
         assert!(w.contains(part), "{part:?} missing from {w}");
@@ -355,7 +355,8 @@ async fn a_replace_that_widens_a_secret_says_how() {
     let v = h.secret(&id, "K", "sk-FAKE-widen-value-5", two, hdr).await;
     let w = widened(&v).unwrap_or_else(|| panic!("no widening warning: {v}"));
     assert!(
-        w.contains("now also [b.example.test]") && !w.contains("locations were"),
+        w.contains("now [api.example.test, b.example.test] (new: [b.example.test])")
+            && !w.contains("locations were"),
         "{w}"
     );
     let v = h.secret(&id, "K", "sk-FAKE-widen-value-6", one, hdr).await;

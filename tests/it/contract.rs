@@ -66,6 +66,74 @@ async fn admin_bodies_over_one_mib_get_413_json() {
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
 }
 
+/// A head that declares more than the limit is refused from the head: no `100 Continue`, no
+/// wait for a body (an outside review's connection waited 400 s for one it would refuse).
+#[tokio::test]
+async fn an_admin_body_declared_over_the_limit_is_refused_before_it_is_sent() {
+    let h = Harness::start().await;
+    let addr = h.admin_url.trim_start_matches("http://");
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let req = format!(
+            "POST /v1/stores HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 999999999\r\n{expect}\
+             connection: close\r\n\r\n",
+            h.token
+        );
+        let text = raw_http(addr, &req).await;
+        assert!(text.starts_with("HTTP/1.1 413 "), "{expect:?}: {text}");
+        assert!(text.contains("request_too_large"), "{text}");
+    }
+    // Without the token it is still 401 first: the length says nothing to a stranger.
+    let req = format!(
+        "POST /v1/stores HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 999999999\r\n\
+         connection: close\r\n\r\n"
+    );
+    assert!(raw_http(addr, &req).await.starts_with("HTTP/1.1 401 "));
+}
+
+/// A sandbox's `timeout` is whole seconds however JSON writes them: `60.0` (Python's
+/// `json.dumps` of a float) and `1e3` are 60 and 1000; a fraction or a negative is a 400.
+#[tokio::test]
+async fn a_sandbox_timeout_written_as_a_float_is_whole_seconds() {
+    let h = Harness::start().await;
+    h.store("s", Some(&["a.test"])).await;
+    for (timeout, want) in [("60.0", 60), ("1e3", 1000), ("7", 7)] {
+        let body = format!("{{\"secret_store\":\"s\",\"timeout\":{timeout}}}");
+        let (s, b) = h
+            .raw(Method::POST, "/v1/sandboxes", Some(&body), Some(&h.token))
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::CREATED,
+            "{timeout}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        let sb: Value = serde_json::from_slice(&b).unwrap();
+        let ends = time::OffsetDateTime::parse(
+            sb["expires_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        let left = (ends - time::OffsetDateTime::now_utc()).whole_seconds();
+        assert!(
+            (want - 5..=want).contains(&left),
+            "{timeout}: {left} s left: {sb}"
+        );
+    }
+    for timeout in ["60.5", "-1", "1e30"] {
+        let body = format!("{{\"secret_store\":\"s\",\"timeout\":{timeout}}}");
+        let (s, b) = h
+            .raw(Method::POST, "/v1/sandboxes", Some(&body), Some(&h.token))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{timeout}");
+        assert!(
+            String::from_utf8_lossy(&b).contains("whole seconds"),
+            "{timeout}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+}
+
 #[tokio::test]
 async fn admin_body_without_json_content_type_gets_415_json() {
     let h = Harness::start().await;
