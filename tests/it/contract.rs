@@ -83,6 +83,45 @@ async fn an_admin_body_declared_over_the_limit_is_refused_before_it_is_sent() {
         assert!(text.starts_with("HTTP/1.1 413 "), "{expect:?}: {text}");
         assert!(text.contains("request_too_large"), "{text}");
     }
+    // curl, which waits for `100 Continue` before a large body: 413 at once, body unsent.
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), vec![b' '; 2 << 20]).unwrap();
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_upload}",
+            "-m",
+            "20",
+        ])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "expect: 100-continue",
+        ])
+        .args(["-H", &format!("authorization: Bearer {}", h.token)])
+        .arg("--data-binary")
+        .arg(format!("@{}", big.path().display()))
+        .arg(format!("{}/v1/stores", h.admin_url))
+        .output()
+        .await
+        .expect("curl is installed (scripts/test installs it)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said,
+        "413 0",
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // Without the token it is still 401 first: the length says nothing to a stranger.
     let req = format!(
         "POST /v1/stores HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 999999999\r\n\
