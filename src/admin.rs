@@ -4,6 +4,7 @@
 //! time); secret values go in, never out; every error leaves through [`ApiError`]'s one mapping
 //! to `{"error": {"code", "message"}}`.
 
+mod body;
 mod error;
 mod ready;
 mod routes;

@@ -97,6 +97,8 @@ pub struct RawAdmin {
     pub max_connections: Option<usize>,
     /// Seconds a request head may take.
     pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a token holder's request body may take.
+    pub body_read_timeout_secs: Option<u64>,
 }
 
 /// `[proxy]`.
@@ -327,6 +329,8 @@ pub struct AdminLimits {
     pub max_connections: usize,
     /// `header_read_timeout_secs`: how long a request head may take.
     pub header_read_timeout: Duration,
+    /// `body_read_timeout_secs`: how long a token holder's request body may take.
+    pub body_read_timeout: Duration,
 }
 
 /// `[proxy]`, validated.
@@ -694,6 +698,11 @@ impl RawConfig {
                 "admin.header_read_timeout_secs",
                 self.admin.header_read_timeout_secs,
                 10,
+            ),
+            body_read_timeout: p.secs(
+                "admin.body_read_timeout_secs",
+                self.admin.body_read_timeout_secs,
+                30,
             ),
         };
         let log_format = match self.log.format.as_deref().unwrap_or("text") {

@@ -1054,6 +1054,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "admin.listen" => admin_listen;
         "admin.max_connections" => admin_limits.max_connections;
         "admin.header_read_timeout_secs" => admin_limits.header_read_timeout;
+        "admin.body_read_timeout_secs" => admin_limits.body_read_timeout;
         "proxy.listen" => proxy.listen;
         "proxy.transparent_listen" => proxy.transparent_listen;
         "proxy.public_host" => proxy.public_host;

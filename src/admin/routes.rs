@@ -110,23 +110,7 @@ async fn require_token(State(st): St, req: Request, next: Next) -> Response {
     if !bearer_ok(&st, req.headers()) {
         return ApiError::unauthorized().into_response();
     }
-    if declared_too_large(req.headers()) {
-        return ApiError::too_large().into_response();
-    }
     next.run(req).await
-}
-
-/// A body whose declared length is over [`MAX_BODY_BYTES`] is refused from its head, before
-/// anything polls it: hyper answers `Expect: 100-continue` when a body is first polled, and
-/// the client then sent (or a hostile one withheld) a body only to meet 413 — an outside
-/// review held such a connection open for 400 s. Bodies without a length meet the limit
-/// while they are read.
-fn declared_too_large(headers: &header::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
 }
 
 fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {

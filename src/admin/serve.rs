@@ -8,7 +8,8 @@
 //!   ones first ([`super::slots`]), or else waits for a slot, trying again every
 //!   [`EVICT_RETRY`]; the rest wait in the kernel's backlog.
 //! - A request head must arrive within `[admin] header_read_timeout_secs` of the connection
-//!   or of the previous answer (an idle keep-alive connection is closed then too).
+//!   or of the previous answer (an idle keep-alive connection is closed then too), and the
+//!   body of a request that sent the token within `body_read_timeout_secs` ([`super::body`]).
 //! - Shutdown stops accepting, lets connections finish their request, and waits at most
 //!   [`SHUTDOWN_WAIT`] for them.
 
@@ -72,7 +73,14 @@ pub async fn serve(
             },
         };
         let entry = table.enter();
-        let svc = service(router.clone(), peer, token.clone(), entry.conn.clone());
+        let conn = entry.conn.clone();
+        let svc = service(
+            router.clone(),
+            peer,
+            token.clone(),
+            conn,
+            limits.body_read_timeout,
+        );
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             tokio::select! {
@@ -111,12 +119,14 @@ async fn wait_for_slot(
 }
 
 /// The router for one connection, with its peer address for `ConnectInfo`; each request is
-/// counted in `conn` (in flight until its response head, and whether it sent `token`).
+/// counted in `conn` (in flight until its response head, and whether it sent `token`); the
+/// body of one that sent it is read whole first, within `body_wait` ([`super::body`]).
 fn service(
     router: axum::Router,
     peer: SocketAddr,
     token: SecretValue,
     conn: Arc<Conn>,
+    body_wait: Duration,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -126,12 +136,16 @@ fn service(
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
-        let (in_flight, runs) = InFlight::start(conn.clone(), token_matches(&token, req.headers()));
+        let authenticated = token_matches(&token, req.headers());
+        let (in_flight, runs) = InFlight::start(conn.clone(), authenticated);
         async move {
-            let answer = if runs {
-                router.call(req).await
-            } else {
-                Ok(evicted_answer())
+            let answer = match (runs, authenticated) {
+                (false, _) => Ok(evicted_answer()),
+                (true, false) => router.call(req.map(axum::body::Body::new)).await,
+                (true, true) => match super::body::read_whole(req, body_wait).await {
+                    Ok(req) => router.call(req).await,
+                    Err(refused) => Ok(refused.into_response()),
+                },
             };
             drop(in_flight);
             answer

@@ -130,6 +130,63 @@ async fn an_admin_body_declared_over_the_limit_is_refused_before_it_is_sent() {
     assert!(raw_http(addr, &req).await.starts_with("HTTP/1.1 401 "));
 }
 
+/// `[admin] body_read_timeout_secs`: a token holder whose body stalls gets 408 and the
+/// connection closes (such connections are never evicted to make room, so a stalled body held
+/// its slot for good); a body that comes in time is served.
+#[tokio::test]
+async fn a_stalled_admin_body_times_out_with_408() {
+    let h = Harness::start_with(crate::support::daemon::Opts {
+        admin_toml: "body_read_timeout_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = h.admin_url.trim_start_matches("http://");
+    let head = format!(
+        "POST /v1/stores HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 40\r\n\r\n{{\"name\":",
+        h.token
+    );
+    let started = std::time::Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .expect("the stalled connection is answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, list) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(list, json!([]), "nothing was created");
+    // A body that arrives in time, in pieces, is read whole and served.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"name":"slow"}"#;
+    let head = format!(
+        "POST /v1/stores HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        h.token,
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    for piece in [&body[..5], &body[5..]] {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tcp.write_all(piece.as_bytes()).await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 201 "), "{text}");
+}
+
 /// A sandbox's `timeout` is whole seconds however JSON writes them: `60.0` (Python's
 /// `json.dumps` of a float) and `1e3` are 60 and 1000; a fraction or a negative is a 400.
 #[tokio::test]
