@@ -426,6 +426,62 @@ async fn a_tampered_row_locks_its_store_instead_of_freezing_a_revoked_value() {
     }
 }
 
+/// The repair docs/operations.md names for a tampered row — restoring the backup from before
+/// it — can bring a store back to the very generation a node had applied before the tamper.
+/// The quarantine is lifted then too (it was kept for good: the node saw "nothing changed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_to_the_generation_before_a_tamper_is_released() {
+    let cluster = pg::shared();
+    let n = two_nodes(cluster, "").await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, "sk-fleet-restore-2031").await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-restore-2031", Duration::from_secs(2))
+        .await;
+    // node-b's follower notes the generation it applied at its next check (every 250 ms);
+    // the sandbox came with its snapshot before that.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = cluster.psql(
+        &n.db,
+        &format!("SELECT generation FROM stores WHERE id = '{store}'"),
+    );
+    let before = before.trim();
+    // The tamper, as a backup restore of a later state would write it: a new generation.
+    cluster.psql(
+        &n.db,
+        &format!(
+            "UPDATE secrets SET allowed_hosts = '[\"evil.example\"]' WHERE name = 'KEY'; \
+             UPDATE stores SET generation = nextval('store_generation') WHERE id = '{store}'"
+        ),
+    );
+    let ready = |want: StatusCode, what: &'static str| {
+        let node = &n.b;
+        async move {
+            let started = Instant::now();
+            loop {
+                let (s, v) = node.api(Method::GET, "/readyz", None).await;
+                if s == want {
+                    return;
+                }
+                assert!(started.elapsed() < Duration::from_secs(10), "{what}: {v}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ready(StatusCode::SERVICE_UNAVAILABLE, "the tamper is not seen").await;
+    // The backup from before: the row and the generation as they were.
+    cluster.psql(
+        &n.db,
+        &format!(
+            "UPDATE secrets SET allowed_hosts = NULL WHERE name = 'KEY'; \
+             UPDATE stores SET generation = {before} WHERE id = '{store}'"
+        ),
+    );
+    ready(StatusCode::OK, "the quarantine outlived the restore").await;
+    n.until_seen(&n.b, &sb, "sk-fleet-restore-2031", Duration::from_secs(5))
+        .await;
+}
+
 async fn put_status(node: &Harness, store: &str, value: &str) -> (StatusCode, Value) {
     node.register_secret(value);
     node.api(

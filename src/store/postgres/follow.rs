@@ -493,8 +493,12 @@ impl Follower {
             let outcome = tokio::task::spawn_blocking(move || t.apply_store_change(&sid))
                 .await
                 .map_err(|e| e.to_string())?;
-            // Retried every [`FAILING_RETRY`] and reported once until it applies.
+            // Retried every [`FAILING_RETRY`] and reported once until it applies. What was
+            // applied before no longer stands (a quarantine may hold its sandboxes): a repair
+            // that brings the store back to that very generation (a restored backup) must be
+            // applied, or the quarantine outlived the fault (outside review).
             if let Err(e) = outcome {
+                applied.generations.remove(&id);
                 let failing = Failing {
                     generation,
                     tried_at: Instant::now(),
