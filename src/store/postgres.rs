@@ -175,6 +175,24 @@ impl Db {
         StoreError::WrongMasterKey(PathBuf::from(self.url.redacted()))
     }
 
+    /// `why` a row failed its checks, with the likelier cause when this node's key no longer
+    /// opens the database's key check: the key was rotated while this node ran (cut off, or
+    /// left out), and every row it reads fails — not tampering (an outside review was sent to
+    /// the tamper repair). Only read when a row has failed, so a sound node pays nothing.
+    async fn key_hint(&self, why: String) -> String {
+        let Ok(client) = self.client().await else {
+            return why;
+        };
+        match read_key_check(&**client, false).await {
+            Ok(Some(sealed)) if verify_key_check(&sealed, &self.key(), self).is_ok() => why,
+            Ok(_) => format!(
+                "{why}; this node's master key no longer opens the database's key check (was \
+                 the key rotated while it ran?): give it the current key and restart it"
+            ),
+            Err(_) => why,
+        }
+    }
+
     #[cfg(test)]
     fn injected_rotation_failure(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
@@ -396,7 +414,13 @@ impl PgStore {
             .rt
             .as_ref()
             .expect("runtime lives as long as the store");
-        let fut = op(self.db.clone());
+        let (op, db) = (op(self.db.clone()), self.db.clone());
+        let fut = async move {
+            match op.await {
+                Err(StoreError::Corrupt(why)) => Err(StoreError::Corrupt(db.key_hint(why).await)),
+                other => other,
+            }
+        };
         let db = self.db.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {

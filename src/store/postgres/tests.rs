@@ -248,6 +248,25 @@ fn a_node_left_on_the_old_key_never_writes_with_it() {
     assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
     assert_eq!(fx.raw_secret(&rec.id, "API_KEY"), before);
     assert!(matches!(b.check(), Err(StoreError::WrongMasterKey(_))));
+    // Its reads fail their checks as a tampered row would; the message says what is likelier.
+    let err = b.load_secrets(&rec.id).unwrap_err();
+    let shown = err.to_string();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    assert!(
+        shown.contains("no longer opens the database's key check"),
+        "{shown}"
+    );
+    let sound = fx.node("node-c", new_key.duplicate());
+    fx.tamper(&format!(
+        "UPDATE secrets SET allowed_hosts = '[\"x.test\"]' WHERE store_id = '{}'",
+        rec.id
+    ));
+    let tampered = sound.load_secrets(&rec.id).unwrap_err().to_string();
+    assert!(
+        !tampered.contains("key check"),
+        "a sound key gets no hint: {tampered}"
+    );
+    drop(sound);
     let err = PgStore::open(&fx.url(), "node-b", fx.key()).err().unwrap();
     assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
     let shown = err.to_string();
