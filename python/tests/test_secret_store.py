@@ -226,3 +226,13 @@ async def test_a_value_passed_as_the_name_is_refused_before_it_is_sent(daemon):
             await call
         assert e.value.code == "invalid_request"
         assert value not in str(e.value) and value not in repr(e.value)
+
+
+async def test_a_body_over_the_limit_is_a_clear_error_not_a_lost_connection(daemon):
+    # 8 MiB of patterns: the daemon answers 413 from the head while the client still writes;
+    # the rest is read and dropped, so the SDK sees the answer (it raised "cannot reach the
+    # sealgate admin API: ReadError" before).
+    patterns = [f"h{i}.example.test" for i in range(400_000)]
+    with pytest.raises(SealgateError) as e:
+        await SecretStore.create(unique("huge"), egress_allowlist=patterns)
+    assert e.value.code == "request_too_large", (e.value.code, e.value.message)

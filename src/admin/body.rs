@@ -3,7 +3,9 @@
 //! Invariants: a body that declares more than [`MAX_BODY_BYTES`] is refused from its head,
 //! before anything polls it (hyper answers `Expect: 100-continue` when a body is first
 //! polled); any other body is read to its end within `[admin] body_read_timeout_secs` and
-//! [`MAX_BODY_BYTES`], or refused (408, 413). Admin connections that sent the token are never
+//! [`MAX_BODY_BYTES`], or refused (408, 413). A refused body that the client is still
+//! sending is read and dropped in the background (`proxy::linger` bounds) so that it reads the
+//! answer; one that waits for `100 Continue` is never polled. Admin connections that sent the token are never
 //! evicted to make room (`super::serve`), so without these bounds a client that declared or
 //! trickled a body held its slot for as long as it liked (an outside review: 400 s). Bodies
 //! of requests without the token are never read: the router answers them 401.
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use http::{header, HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
 use super::error::ApiError;
@@ -24,15 +26,22 @@ use super::routes::MAX_BODY_BYTES;
 /// 413 `request_too_large` (declared or read past the limit), 408 `request_timeout`, or 400
 /// for a body that broke off.
 pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Request<Body>, ApiError> {
-    if declared_too_large(req.headers()) {
+    let (parts, mut body) = req.into_parts();
+    if declared_too_large(&parts.headers) {
+        // A client that asked first sends nothing more; polling would answer it `100
+        // Continue`. One that did not is still writing.
+        if !asks_to_continue(&parts.headers) {
+            linger(body);
+        }
         return Err(ApiError::too_large());
     }
-    let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(wait, Limited::new(body, MAX_BODY_BYTES).collect()).await;
-    match read {
-        Ok(Ok(whole)) => Ok(Request::from_parts(parts, Body::from(whole.to_bytes()))),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large()),
-        Ok(Err(_)) => Err(ApiError::bad_request("the request body broke off")),
+    match tokio::time::timeout(wait, read_at_most(&mut body, MAX_BODY_BYTES)).await {
+        Ok(Ok(whole)) => Ok(Request::from_parts(parts, Body::from(whole))),
+        Ok(Err(Unread::TooLarge)) => {
+            linger(body);
+            Err(ApiError::too_large())
+        }
+        Ok(Err(Unread::BrokeOff)) => Err(ApiError::bad_request("the request body broke off")),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
@@ -42,6 +51,43 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
             ),
         )),
     }
+}
+
+/// Why a body was not read whole.
+enum Unread {
+    /// It grew past the limit (the rest is still unread).
+    TooLarge,
+    /// It broke off.
+    BrokeOff,
+}
+
+/// The data of `body` to its end, if that is at most `max` bytes.
+async fn read_at_most(body: &mut Incoming, max: usize) -> Result<Vec<u8>, Unread> {
+    let mut whole = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Unread::BrokeOff)?;
+        if let Some(data) = frame.data_ref() {
+            if whole.len() + data.len() > max {
+                return Err(Unread::TooLarge);
+            }
+            whole.extend_from_slice(data);
+        }
+    }
+    Ok(whole)
+}
+
+/// Reads and drops the rest of a refused body in the background, within the proxy's
+/// lingering bounds, so that a client still writing it reads the 413 instead of a reset (an
+/// outside re-check: the Python SDK saw "ReadError" 10 times in 10, the CLI "SendRequest").
+fn linger(body: Incoming) {
+    drop(crate::proxy::linger::Lingering::new(body));
+}
+
+/// Whether the request waits for `100 Continue` before it sends its body.
+fn asks_to_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether `headers` declare a body over [`MAX_BODY_BYTES`].

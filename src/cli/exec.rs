@@ -137,11 +137,15 @@ fn describe(sb: &Value) {
     );
 }
 
+/// Deletes the sandbox, once more on a new connection if the first try could not be sent (a
+/// pooled connection the daemon had just closed: an outside re-check left a sandbox behind).
 async fn end_sandbox(c: &AdminClient, id: &str) {
-    match c
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
-        .await
-    {
+    let path = format!("/v1/sandboxes/{id}");
+    let mut answer = c.call(Method::DELETE, &path, None).await;
+    if matches!(answer, Err(ClientError::Transport(..))) {
+        answer = c.call(Method::DELETE, &path, None).await;
+    }
+    match answer {
         Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
         Err(e) => eprintln!("sealgate: warning: could not end sandbox {id}: {e}"),
     }
