@@ -185,7 +185,9 @@ impl Db {
         };
         match read_key_check(&**client, false).await {
             Ok(Some(sealed)) if verify_key_check(&sealed, &self.key(), self).is_ok() => why,
-            Ok(_) => format!(
+            // A missing key check is itself an edit by hand, not a rotation.
+            Ok(None) => why,
+            Ok(Some(_)) => format!(
                 "{why}; this node's master key no longer opens the database's key check (was \
                  the key rotated while it ran?): give it the current key and restart it"
             ),

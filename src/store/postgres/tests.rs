@@ -272,6 +272,10 @@ fn a_node_left_on_the_old_key_never_writes_with_it() {
     let shown = err.to_string();
     assert!(shown.contains("refusing to start"), "{shown}");
     fx.node("node-b", new_key);
+    // A deleted key check is an edit by hand, not a rotation: no hint.
+    fx.delete_key_check();
+    let err = b.load_secrets(&rec.id).unwrap_err().to_string();
+    assert!(!err.contains("key check"), "{err}");
 }
 
 #[test]
