@@ -186,8 +186,8 @@ async fn run(
     anyhow::bail!("the daemon closed the command's output stream without an exit event")
 }
 
-/// Most stdin `--stdin` forwards: the admin API takes bodies up to 1 MiB, and a JSON string
-/// may double the text's size (escapes).
+/// Most stdin `--stdin` forwards, before escaping: the admin API takes bodies up to 1 MiB,
+/// and escaped as a JSON string the text grows ([`fits_a_request`] measures that).
 const MAX_STDIN: u64 = 512 * 1024;
 
 /// Reads stdin to its end (`--stdin`): UTF-8, at most [`MAX_STDIN`] bytes.
@@ -205,10 +205,31 @@ async fn read_stdin() -> anyhow::Result<String> {
             "--stdin forwards at most {} KiB; stdin is longer",
             MAX_STDIN / 1024
         );
-        String::from_utf8(bytes)
-            .map_err(|_| anyhow::anyhow!("--stdin forwards UTF-8 text only; stdin is not UTF-8"))
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("--stdin forwards UTF-8 text only; stdin is not UTF-8"))?;
+        fits_a_request(&text)?;
+        Ok(text)
     })
     .await?
+}
+
+/// The most a command's stdin may take escaped as a JSON string: the admin API's 1 MiB body
+/// limit, less room for the rest of the request.
+const MAX_STDIN_ESCAPED: usize = 1024 * 1024 - 64 * 1024;
+
+/// Refuses stdin whose JSON escaping outgrows a request before any sandbox is made: control
+/// characters escape to six bytes each (`\u0001`), so 512 KiB of them passed the length check
+/// and met the daemon's 413 (outside re-check).
+fn fits_a_request(text: &str) -> anyhow::Result<()> {
+    let escaped = serde_json::to_string(text).map_or(usize::MAX, |s| s.len());
+    anyhow::ensure!(
+        escaped <= MAX_STDIN_ESCAPED,
+        "--stdin is {} KiB once escaped for the admin API (control characters take 6 bytes \
+         each), over its {} KiB",
+        escaped / 1024,
+        MAX_STDIN_ESCAPED / 1024
+    );
+    Ok(())
 }
 
 /// Where CMD's output goes: escaped on a terminal unless `--raw` ([`defanged`]).
@@ -441,6 +462,24 @@ async fn rule_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stdin_is_measured_as_the_request_carries_it() {
+        let limit = MAX_STDIN as usize;
+        assert!(fits_a_request(&"a".repeat(limit)).is_ok());
+        assert!(
+            fits_a_request(&"\"".repeat(400_000)).is_ok(),
+            "doubled: 800 KB"
+        );
+        assert!(
+            fits_a_request(&"\"".repeat(limit)).is_err(),
+            "doubled: over 1 MiB"
+        );
+        let err = fits_a_request(&"\u{1}".repeat(limit))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("6 bytes"), "{err}");
+    }
 
     #[test]
     fn control_characters_are_shown_not_obeyed() {
