@@ -147,6 +147,10 @@ pub struct RawProxy {
     pub worker_threads: Option<usize>,
     /// Microseconds; 0 = off.
     pub busy_poll_us: Option<u64>,
+    /// Seconds; 0 = no lingering.
+    pub linger_timeout_secs: Option<u64>,
+    /// Bytes; 0 = no lingering.
+    pub linger_max_bytes: Option<u64>,
 }
 
 /// `[upstream]`.
@@ -384,6 +388,9 @@ pub struct ProxyConfig {
     /// The longest a proxy worker polls without blocking after its clients last moved bytes
     /// (`proxy::spin`); zero = off. Read once at start.
     pub busy_poll: Duration,
+    /// What the client still sends after sealgate answered early is read and dropped within
+    /// these (`proxy::linger`; `linger_timeout_secs`, `linger_max_bytes`), per stage.
+    pub linger: LingerBounds,
 }
 
 /// `[upstream]`, validated.
@@ -949,7 +956,61 @@ impl RawProxy {
                 DEFAULT_BUSY_POLL_US,
                 BUSY_POLL_RANGE_US,
             )),
+            linger: linger_bounds(p, self.linger_timeout_secs, self.linger_max_bytes),
         }
+    }
+}
+
+/// `[proxy] linger_timeout_secs` when absent: the most a lingering connection or request
+/// body waits for the client to end it (`proxy::linger`).
+pub const LINGER_FOR: Duration = Duration::from_secs(2);
+/// `[proxy] linger_max_bytes` when absent: the most it reads and drops.
+pub const LINGER_BYTES: u64 = 16 << 20;
+
+/// How long and how much one lingering stage reads and drops (`proxy::linger`). Either zero:
+/// no lingering (the connection or body ends at once, as before lingering existed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LingerBounds {
+    /// The most a stage waits for the client to end it.
+    pub wait: Duration,
+    /// The most a stage reads and drops.
+    pub bytes: u64,
+}
+
+impl LingerBounds {
+    /// The embedded defaults ([`LINGER_FOR`], [`LINGER_BYTES`]).
+    pub const DEFAULT: LingerBounds = LingerBounds {
+        wait: LINGER_FOR,
+        bytes: LINGER_BYTES,
+    };
+
+    /// Whether these bounds turn lingering off.
+    pub fn off(self) -> bool {
+        self.wait.is_zero() || self.bytes == 0
+    }
+}
+
+/// `[proxy] linger_timeout_secs` (0 or 1..=60) and `linger_max_bytes` (0 or 1..=1 GiB);
+/// either 0 turns lingering off.
+fn linger_bounds(p: &mut Problems, secs: Option<u64>, bytes: Option<u64>) -> LingerBounds {
+    let off = ("no lingering", "");
+    let secs = p.zero_or_within(
+        "proxy.linger_timeout_secs",
+        secs,
+        LINGER_FOR.as_secs(),
+        (1, 60),
+        ("no lingering", " seconds"),
+    );
+    let bytes = p.zero_or_within(
+        "proxy.linger_max_bytes",
+        bytes,
+        LINGER_BYTES,
+        (1, 1 << 30),
+        off,
+    );
+    LingerBounds {
+        wait: Duration::from_secs(secs),
+        bytes,
     }
 }
 
@@ -1356,6 +1417,38 @@ mod tests {
             let said =
                 format!("proxy.busy_poll_us: {bad} is out of range (0 = off, or 20..=1000 µs)");
             assert!(err.contains(&said), "{err}");
+        }
+    }
+
+    #[test]
+    fn lingering_defaults_to_2_s_and_16_mib_zero_is_off_and_it_is_bounded() {
+        use super::LingerBounds as Bounds;
+        assert_eq!(Config::default().proxy.linger, Bounds::DEFAULT);
+        let cfg = Config::parse(
+            "[proxy]\nlinger_timeout_secs = 5\nlinger_max_bytes = 4096\n",
+            "t",
+        )
+        .unwrap();
+        let five = Bounds {
+            wait: Duration::from_secs(5),
+            bytes: 4096,
+        };
+        assert_eq!(cfg.proxy.linger, five);
+        for off in ["linger_timeout_secs = 0", "linger_max_bytes = 0"] {
+            let cfg = Config::parse(&format!("[proxy]\n{off}\n"), "t").unwrap();
+            assert!(cfg.proxy.linger.off(), "{off}");
+        }
+        let err = Config::parse(
+            "[proxy]\nlinger_timeout_secs = 61\nlinger_max_bytes = 1073741825\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        for said in [
+            "proxy.linger_timeout_secs: 61 is out of range (0 = no lingering, or 1..=60 seconds)",
+            "proxy.linger_max_bytes: 1073741825 is out of range (0 = no lingering, or 1..=1073741824)",
+        ] {
+            assert!(err.contains(said), "{err}");
         }
     }
 

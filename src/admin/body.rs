@@ -76,11 +76,13 @@ async fn read_at_most(body: &mut Incoming, max: usize) -> Result<Vec<u8>, Unread
     Ok(whole)
 }
 
-/// Reads and drops the rest of a refused body in the background, within the proxy's
-/// lingering bounds, so that a client still writing it reads the 413 instead of a reset (an
+/// Reads and drops the rest of a refused body in the background, within the proxy's default
+/// lingering bounds (the admin API serves token holders; `[proxy] linger_*` bound what
+/// sandboxes can make the proxy read), so that a client still writing it reads the 413 instead of a reset (an
 /// outside re-check: the Python SDK saw "ReadError" 10 times in 10, the CLI "SendRequest").
 fn linger(body: Incoming) {
-    drop(crate::proxy::linger::Lingering::new(body));
+    use crate::proxy::linger::{Bounds, Lingering};
+    drop(Lingering::new(body, Bounds::DEFAULT));
 }
 
 /// Whether the request waits for `100 Continue` before it sends its body.

@@ -58,7 +58,8 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
-    let req = req.map(Lingering::new);
+    let linger = rt.proxy.linger;
+    let req = req.map(|body| Lingering::new(body, linger));
     let result = exchange(&tunnel, &rt, &method, req, &mut outcome).await;
     let (resp, code) = match result {
         Ok(resp) => (resp, None),

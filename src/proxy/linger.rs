@@ -18,40 +18,39 @@
 //! writes its whole body before reading (Python `requests`) never saw the 504.
 //!
 //! Invariant: the bytes are never parsed or forwarded, and lingering is bounded: at most
-//! [`LINGER_FOR`] and [`LINGER_BYTES`] per stage (a request body's, then on h1 its
-//! connection's), then the end as before. A client that reads the answer stops sending and
-//! closes, which ends it at once.
+//! [`Bounds`] (`[proxy] linger_timeout_secs` and `linger_max_bytes`, by default
+//! [`LINGER_FOR`] and [`LINGER_BYTES`]) per stage (a request body's, then on h1 its
+//! connection's), then the end as before; bounds with a zero in them linger not at all. A
+//! client that reads the answer stops sending and closes, which ends it at once.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// The most a lingering connection or request body waits for the client to end it.
-pub const LINGER_FOR: Duration = Duration::from_secs(2);
-/// The most it reads and drops.
-pub const LINGER_BYTES: u64 = 16 << 20;
+pub use crate::config::{LingerBounds as Bounds, LINGER_BYTES, LINGER_FOR};
 
-/// Reads and drops what `stream` still brings until it ends, for at most [`LINGER_FOR`] and
-/// [`LINGER_BYTES`].
-pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
-    let (mut rest, mut nowhere) = (stream.take(LINGER_BYTES), tokio::io::sink());
-    let _ = tokio::time::timeout(LINGER_FOR, tokio::io::copy(&mut rest, &mut nowhere)).await;
+/// Reads and drops what `stream` still brings until it ends, within `bounds`.
+pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S, bounds: Bounds) {
+    if bounds.off() {
+        return;
+    }
+    let (mut rest, mut nowhere) = (stream.take(bounds.bytes), tokio::io::sink());
+    let _ = tokio::time::timeout(bounds.wait, tokio::io::copy(&mut rest, &mut nowhere)).await;
 }
 
 /// A request body that, dropped before its end (the upstream or sealgate answered first),
-/// reads and drops the rest in the background, within the bounds.
-pub struct Lingering(Option<Incoming>);
+/// reads and drops the rest in the background, within its [`Bounds`].
+pub struct Lingering(Option<Incoming>, Bounds);
 
 impl Lingering {
-    /// Wraps a request body.
-    pub fn new(body: Incoming) -> Self {
-        Lingering(Some(body))
+    /// Wraps a request body that lingers within `bounds`.
+    pub fn new(body: Incoming, bounds: Bounds) -> Self {
+        Lingering(Some(body), bounds)
     }
 }
 
@@ -84,19 +83,24 @@ impl Body for Lingering {
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(body) = self.0.take().filter(|b| !b.is_end_stream()) else {
+        let bounds = self.1;
+        let Some(body) = self
+            .0
+            .take()
+            .filter(|b| !b.is_end_stream() && !bounds.off())
+        else {
             return;
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(drop_rest(body));
+            rt.spawn(drop_rest(body, bounds));
         }
     }
 }
 
-/// Polls `body` to its end, dropping its frames, within the bounds.
-async fn drop_rest(mut body: Incoming) {
+/// Polls `body` to its end, dropping its frames, within `bounds`.
+async fn drop_rest(mut body: Incoming, bounds: Bounds) {
     let read = async {
-        let mut left = LINGER_BYTES;
+        let mut left = bounds.bytes;
         while let Some(Ok(frame)) = body.frame().await {
             let n = frame.data_ref().map_or(0, |d| d.len() as u64);
             left = match left.checked_sub(n) {
@@ -105,7 +109,7 @@ async fn drop_rest(mut body: Incoming) {
             };
         }
     };
-    let _ = tokio::time::timeout(LINGER_FOR, read).await;
+    let _ = tokio::time::timeout(bounds.wait, read).await;
 }
 
 /// A streamed request body the forwarder can take back from its upstream exchange
@@ -169,6 +173,7 @@ impl Body for Detachable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
@@ -176,7 +181,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64 * 1024);
         client.write_all(b"the rest of an upload").await.unwrap();
         drop(client);
-        drain(&mut server).await;
+        drain(&mut server, Bounds::DEFAULT).await;
         let mut left = Vec::new();
         assert_eq!(server.read_to_end(&mut left).await.unwrap(), 0);
 
@@ -192,7 +197,7 @@ mod tests {
             }
             sent
         });
-        drain(&mut server).await;
+        drain(&mut server, Bounds::DEFAULT).await;
         drop(server);
         let sent = writer.await.unwrap();
         assert!(
@@ -205,7 +210,46 @@ mod tests {
     async fn drain_stops_at_the_time_bound() {
         let (_client, mut server) = tokio::io::duplex(1024);
         let started = tokio::time::Instant::now();
-        drain(&mut server).await;
+        drain(&mut server, Bounds::DEFAULT).await;
         assert_eq!(started.elapsed(), LINGER_FOR);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_follows_configured_bounds_and_zero_turns_it_off() {
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let short = Bounds {
+            wait: Duration::from_millis(300),
+            bytes: 1,
+        };
+        drain(&mut server, short).await;
+        assert_eq!(started.elapsed(), short.wait);
+        for off in [
+            Bounds {
+                wait: Duration::ZERO,
+                ..Bounds::DEFAULT
+            },
+            Bounds {
+                bytes: 0,
+                ..Bounds::DEFAULT
+            },
+        ] {
+            let started = tokio::time::Instant::now();
+            drain(&mut server, off).await;
+            assert_eq!(started.elapsed(), Duration::ZERO);
+        }
+
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&[0u8; 4096]).await.unwrap();
+        drain(
+            &mut server,
+            Bounds {
+                bytes: 1000,
+                ..Bounds::DEFAULT
+            },
+        )
+        .await;
+        let mut left = [0u8; 8192];
+        assert_eq!(server.read(&mut left).await.unwrap(), 4096 - 1000);
     }
 }

@@ -239,7 +239,7 @@ async fn serve_h1<S, Svc>(
         };
         match end {
             End::Done => return,
-            End::Finished => return linger(*conn).await,
+            End::Finished => return linger(*conn, live.proxy.linger).await,
             End::Graceful => {
                 Pin::new(&mut *conn).graceful_shutdown();
                 let _ = tokio::time::timeout(live.proxy.shutdown_grace, &mut *conn).await;
@@ -291,7 +291,7 @@ enum End {
 /// [`super::linger`]'s bounds: hyper ends a connection whose request body it did not read
 /// once the answer is out, and closing with unread bytes resets the connection (the client,
 /// still writing, lost the answer).
-async fn linger<S, Svc>(conn: UpgradeableH1<S, Svc>)
+async fn linger<S, Svc>(conn: UpgradeableH1<S, Svc>, bounds: super::linger::Bounds)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>>,
@@ -301,7 +301,7 @@ where
         return; // upgraded: the relay owns the stream
     };
     let (_, mut io) = parts.io.into_inner().into_parts();
-    super::linger::drain(io.get_mut().get_mut()).await;
+    super::linger::drain(io.get_mut().get_mut(), bounds).await;
 }
 
 /// Takes a settled hyper connection apart: the stream and the service, or `None` when hyper

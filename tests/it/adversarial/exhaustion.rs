@@ -150,12 +150,57 @@ where
     None
 }
 
+/// Writes a byte every `gap` (reading nothing) until a write fails: how long the peer went
+/// on reading, or `None` after 200 bytes.
+async fn write_until_refused<S>(s: &mut S, gap: Duration) -> Option<Duration>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    for _ in 0..200 {
+        if s.write_all(b"x").await.is_err() || s.flush().await.is_err() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(gap).await;
+    }
+    None
+}
+
 fn assert_cut_near_one_second(took: Option<Duration>, what: &str) {
     let took = took.unwrap_or_else(|| panic!("{what}: still open after 200 slow bytes"));
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(6),
         "{what}: closed after {took:?}, expected ~1 s"
     );
+}
+
+/// What a client still sends after an early answer (here the framing guard's 400) is read and
+/// dropped for `linger_timeout_secs`, so that it reads the answer, and then the connection
+/// ends; 0 ends it as soon as the answer is out.
+#[tokio::test]
+async fn lingering_after_an_early_answer_lasts_linger_timeout_secs() {
+    let smuggled = b"POST /upload HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 100000\r\n\
+                     Transfer-Encoding: chunked\r\n\r\n";
+    let bounds = [
+        ("linger_timeout_secs = 1", 700, 1900),
+        ("linger_timeout_secs = 0", 0, 600),
+        ("linger_max_bytes = 0", 0, 600),
+    ];
+    for (toml, at_least, under) in bounds {
+        let e = env_with(toml).await;
+        let mut tls = tls_tunnel(&e, API, "api.example.test").await;
+        tls.write_all(smuggled).await.unwrap();
+        assert_eq!(pc::read_response_head(&mut tls).await.0, 400, "{toml}");
+        // sealgate shut its side after the answer (the client reads the end at once); what
+        // ends is its reading: writes then meet a reset.
+        let took = write_until_refused(&mut tls, Duration::from_millis(100)).await;
+        let took = took.unwrap_or_else(|| panic!("{toml}: still read after 20 s"));
+        assert!(
+            took >= Duration::from_millis(at_least) && took < Duration::from_millis(under),
+            "{toml}: closed after {took:?}"
+        );
+        assert_upstream_untouched(&e);
+    }
 }
 
 #[tokio::test]
