@@ -146,7 +146,8 @@ pub enum StoreError {
     Conflict(String),
     /// The key-check record does not open with this master key.
     #[error(
-        "the master key does not match this database ({}); refusing to start",
+        "the master key does not match this database ({}); a daemon refuses to start with it \
+         (docs/operations.md, Master key rotation)",
         .0.display()
     )]
     WrongMasterKey(std::path::PathBuf),

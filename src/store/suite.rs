@@ -505,7 +505,7 @@ pub(crate) fn reopen_with_another_key_is_refused<H: Harness>() {
     assert!(matches!(&err, StoreError::WrongMasterKey(_)), "{err:?}");
     let msg = err.to_string();
     assert!(
-        msg.contains("does not match") && msg.contains("refusing to start"),
+        msg.contains("does not match") && msg.contains("refuses to start"),
         "{msg}"
     );
 }

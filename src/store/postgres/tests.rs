@@ -270,7 +270,7 @@ fn a_node_left_on_the_old_key_never_writes_with_it() {
     let err = PgStore::open(&fx.url(), "node-b", fx.key()).err().unwrap();
     assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err:?}");
     let shown = err.to_string();
-    assert!(shown.contains("refusing to start"), "{shown}");
+    assert!(shown.contains("refuses to start"), "{shown}");
     fx.node("node-b", new_key);
     // A deleted key check is an edit by hand, not a rotation: no hint.
     fx.delete_key_check();
