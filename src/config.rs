@@ -993,7 +993,6 @@ impl LingerBounds {
 /// `[proxy] linger_timeout_secs` (0 or 1..=60) and `linger_max_bytes` (0 or 1..=1 GiB);
 /// either 0 turns lingering off.
 fn linger_bounds(p: &mut Problems, secs: Option<u64>, bytes: Option<u64>) -> LingerBounds {
-    let off = ("no lingering", "");
     let secs = p.zero_or_within(
         "proxy.linger_timeout_secs",
         secs,
@@ -1006,7 +1005,7 @@ fn linger_bounds(p: &mut Problems, secs: Option<u64>, bytes: Option<u64>) -> Lin
         bytes,
         LINGER_BYTES,
         (1, 1 << 30),
-        off,
+        ("no lingering", " bytes"),
     );
     LingerBounds {
         wait: Duration::from_secs(secs),
@@ -1446,7 +1445,7 @@ mod tests {
         .to_string();
         for said in [
             "proxy.linger_timeout_secs: 61 is out of range (0 = no lingering, or 1..=60 seconds)",
-            "proxy.linger_max_bytes: 1073741825 is out of range (0 = no lingering, or 1..=1073741824)",
+            "proxy.linger_max_bytes: 1073741825 is out of range (0 = no lingering, or 1..=1073741824 bytes)",
         ] {
             assert!(err.contains(said), "{err}");
         }
