@@ -59,6 +59,48 @@ def _secret_name(name: Any) -> None:
             f"secret name ({n} characters, not repeated: it could be a value) must be an "
             "environment variable name: [A-Za-z_][A-Za-z0-9_]*, at most 128 characters",
         )
+    if _looks_like_credential(name):
+        raise InvalidInputError(
+            "invalid_request",
+            f"secret name ({len(name)} characters, not repeated) looks like a credential, not a "
+            "variable name (a known token prefix, or a run of 24 or more mixed-case letters "
+            "and digits): were the name and the value swapped? Names are variable names such "
+            "as ANTHROPIC_API_KEY",
+        )
+
+
+#: Credential formats whose characters are all valid in a variable name (GitHub, Stripe, npm),
+#: each followed by 16 or more letters and digits. The daemon applies the same rule.
+_CREDENTIAL_PREFIXES = (
+    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "sk_live_", "sk_test_", "rk_live_",
+    "rk_test_", "npm_",
+)
+
+
+def _looks_like_credential(name: str) -> bool:
+    """The daemon's ``looks_like_credential``: a known token prefix followed by 16 or more
+    letters and digits, an AWS access key id, or a ``_``-separated run of 24 or more letters
+    and digits with two or more each of lower case, upper case and digits."""
+    for p in _CREDENTIAL_PREFIXES:
+        rest = name[len(p):]
+        if name.startswith(p) and len(rest) >= 16 and rest[:16].isalnum():
+            return True
+    if name[:4] in ("AKIA", "ASIA"):
+        rest = name[4:]
+        if len(rest) == 16 and all(c.isupper() or c in "234567" for c in rest) and any(
+            c.isdigit() for c in rest
+        ):
+            return True
+    for run in name.split("_"):
+        if (
+            len(run) >= 24
+            and run.isalnum()
+            and sum(c.islower() for c in run) >= 2
+            and sum(c.isupper() for c in run) >= 2
+            and sum(c.isdigit() for c in run) >= 2
+        ):
+            return True
+    return False
 
 
 def _list(name: str, value: Optional[Sequence[str]]) -> Optional[List[str]]:

@@ -228,6 +228,42 @@ async def test_a_value_passed_as_the_name_is_refused_before_it_is_sent(daemon):
         assert value not in str(e.value) and value not in repr(e.value)
 
 
+async def raw_put_secret(daemon, store_id: str, name: str, value: str):
+    """``PUT /v1/stores/{id}/secrets/{name}`` without the SDK: (status, body text)."""
+    import httpx
+
+    async with httpx.AsyncClient() as c:
+        r = await c.put(
+            f"{daemon.url}/v1/stores/{store_id}/secrets/{name}",
+            json={"value": value},
+            headers={"Authorization": f"Bearer {daemon.token}"},
+        )
+    return r.status_code, r.text
+
+
+async def test_a_credential_shaped_like_a_variable_name_is_refused_as_a_name(daemon):
+    """Many credentials are valid variable names (``ghp_…``, ``sk_live_…``, ``AKIA…``): passed
+    as the name, such a value would become an environment variable's name in every sandbox,
+    and appear in the audit log and ``secret list``. The SDK refuses it before sending, the
+    daemon refuses it too (for other clients), and neither repeats it."""
+    store = await SecretStore.create(unique("swap"), egress_allowlist=["api.example.test"])
+    values = [
+        remember_secret("ghp_" + secrets.token_hex(18)),
+        remember_secret("sk_live_" + "aB3" * 9),
+        remember_secret("AKIA" + "ABCDEFGH2345WXYZ"),
+    ]
+    for value in values:
+        with pytest.raises(InvalidInputError) as e:
+            await SecretStore.set_secret(store["id"], value, "GITHUB_TOKEN")
+        assert "swapped" in str(e.value) and value not in str(e.value)
+    # The daemon's own check, for clients without the SDK's.
+    status, body = await raw_put_secret(daemon, store["id"], values[0], "GITHUB_TOKEN")
+    assert status == 400 and values[0] not in body and "swapped" in body, (status, body)
+    assert await SecretStore.list_secrets(store["id"]) == []
+    ok = await SecretStore.set_secret(store["id"], "ANTHROPIC_API_KEY", values[0])
+    assert ok["name"] == "ANTHROPIC_API_KEY"
+
+
 async def test_a_body_over_the_limit_is_a_clear_error_not_a_lost_connection(daemon):
     # 8 MiB of patterns: the daemon answers 413 from the head while the client still writes;
     # the rest is read and dropped, so the SDK sees the answer (it raised "cannot reach the

@@ -36,6 +36,12 @@ pub fn store_name(name: &str) -> Result<(), ApiError> {
             "store name must not contain control, bidirectional or invisible formatting characters",
         ));
     }
+    if name.chars().any(odd_space) {
+        return Err(ApiError::bad_request(
+            "store name must not contain spaces other than the plain space U+0020 (no-break, \
+             em, ideographic or blank-pattern spaces look the same in a list)",
+        ));
+    }
     if !unicode_normalization::is_nfc(name) {
         // "café" typed as e + U+0301 would be a second store that looks like the first.
         return Err(ApiError::bad_request(
@@ -54,6 +60,16 @@ fn invisible(c: char) -> bool {
         | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
         | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}'
         | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}' | '\u{e0000}'..='\u{e0fff}')
+}
+
+/// Spaces that print as the plain space but are not it (Unicode `Zs` but U+0020, and the
+/// braille blank U+2800): two names that differ only by them look the same in `store list`.
+fn odd_space(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00a0}' | '\u{1680}' | '\u{2000}'
+            ..='\u{200a}' | '\u{202f}' | '\u{205f}' | '\u{2800}' | '\u{3000}'
+    )
 }
 
 /// `text` quoted for an error message if it is shorter than [`QUOTED_UNDER`] characters, else
@@ -85,6 +101,16 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
             quoted_if_short(name)
         )));
     }
+    if looks_like_credential(name) {
+        // The name goes into every sandbox's environment, the audit log and `secret list` in
+        // clear: a credential passed as the name by mistake must stop here, unrepeated.
+        return Err(ApiError::bad_request(format!(
+            "secret name {} looks like a credential, not a variable name (a known token \
+             prefix, or a run of 24 or more mixed-case letters and digits): were the name and \
+             the value swapped? Names are variable names such as ANTHROPIC_API_KEY",
+            quoted_if_short(name)
+        )));
+    }
     if crate::sandbox::lifecycle::set_by_sealgate(name) {
         return Err(ApiError::bad_request(format!(
             "secret name {name} is a variable sealgate sets itself in sandboxes (proxy_env, or \
@@ -92,6 +118,61 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// Prefixes of credential formats whose characters are all valid in a variable name (GitHub,
+/// Stripe, npm), each followed by at least 16 letters and digits.
+const CREDENTIAL_PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "rk_test_",
+    "npm_",
+];
+
+/// True if `name` has the shape of a credential rather than of a variable name: a
+/// [`CREDENTIAL_PREFIXES`] prefix followed by 16 or more letters and digits, an AWS access key
+/// id (`AKIA`/`ASIA` and 16 of `A-Z2-7`, a digit among them, nothing more), or a run of 24 or
+/// more letters and digits with two or more each of lower case, upper case and digits
+/// (variable names are words joined by `_`; random tokens are not). Invariant: names made of
+/// words shorter than 24 characters, as `ANTHROPIC_API_KEY`, never match.
+pub fn looks_like_credential(name: &str) -> bool {
+    let prefixed = CREDENTIAL_PREFIXES.iter().any(|p| {
+        name.strip_prefix(p).is_some_and(|rest| {
+            rest.len() >= 16 && rest.bytes().take(16).all(|b| b.is_ascii_alphanumeric())
+        })
+    });
+    prefixed || aws_key_id(name) || name.split('_').any(random_looking)
+}
+
+/// `AKIA`/`ASIA` and exactly 16 base32 characters (`A-Z2-7`), at least one a digit.
+fn aws_key_id(name: &str) -> bool {
+    let rest = name
+        .strip_prefix("AKIA")
+        .or_else(|| name.strip_prefix("ASIA"));
+    rest.is_some_and(|r| {
+        r.len() == 16
+            && r.bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+            && r.bytes().any(|b| b.is_ascii_digit())
+    })
+}
+
+/// A run of 24 or more ASCII letters and digits with at least two of each kind (lower case,
+/// upper case, digit) in it: a camel-case word with one number in it is a name.
+fn random_looking(run: &str) -> bool {
+    let count = |f: fn(&u8) -> bool| run.bytes().filter(f).count();
+    run.len() >= 24
+        && run.bytes().all(|b| b.is_ascii_alphanumeric())
+        && count(u8::is_ascii_lowercase) >= 2
+        && count(u8::is_ascii_uppercase) >= 2
+        && count(u8::is_ascii_digit) >= 2
 }
 
 /// Variables every isolated sandbox's command starts with, or that the dynamic loader reads:
@@ -182,6 +263,41 @@ pub fn locations(list: Option<Vec<Location>>) -> Result<Vec<Location>, ApiError>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_passed_as_names_are_refused_without_being_repeated() {
+        let credentials = [
+            "ghp_REALVALUEh31b16C7e42F292c6912E7710c838347Ae178B4a",
+            "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+            "sk_live_51HxYzAbCdEfGhIjKlMnOpQr",
+            "npm_abcdefghijklmnopqrstuvwxyz0123456789",
+            "AKIAIOSFODNN7EXAMPLE",
+            "abcDEF123ghiJKL456mnoPQR789",
+            "MY_KEY_aB3dE5gH7jK9mN1pQ3sT5vX7",
+        ];
+        for c in credentials {
+            assert!(super::looks_like_credential(c), "{c}");
+            let err = format!("{:?}", super::secret_name(c).unwrap_err());
+            assert!(!err.contains(c) && err.contains("swapped"), "{err}");
+        }
+        let names = [
+            "ANTHROPIC_API_KEY",
+            "OPENAI_API_KEY",
+            "AWS_SECRET_ACCESS_KEY",
+            "AKIA_REGION",
+            "ASIAPACIFICREGIONKEY",
+            "npm_config_registry",
+            "github_token",
+            "sk_test_mode",
+            "AZURE_OPENAI_API_KEY_FOR_PRODUCTION_DEPLOYMENT2",
+            "VeryLongCamelCaseName2Ok",
+            "x",
+        ];
+        for n in names {
+            assert!(!super::looks_like_credential(n), "{n}");
+            assert!(super::secret_name(n).is_ok(), "{n}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -233,6 +349,11 @@ mod tests {
             "prod\u{00ad}",
             "prod\u{e0041}",
             "cafe\u{0301}",
+            "my\u{00a0}store",
+            "my\u{2003}store",
+            "my\u{3000}store",
+            "my\u{2800}store",
+            "my\u{202f}store",
         ] {
             assert!(store_name(bad).is_err(), "{bad:?}");
         }
