@@ -556,6 +556,10 @@ fn never_unsealed(store: &StoreRecord, meta: &SecretMeta) -> Option<String> {
         (Some(allow), Some(hosts)) if !any_overlap(allow, hosts) => Some(format!(
             "secret {name} can never be unsealed: none of its allowed_hosts is reachable under store {store_name}'s egress_allowlist"
         )),
+        // No allowlist is any public host on the default ports only: `*`.
+        (None, Some(hosts)) if !any_overlap(&["*".to_owned()], hosts) => Some(format!(
+            "secret {name} can never be unsealed: store {store_name} has no egress_allowlist, which allows the default ports only, and every one of its allowed_hosts names another port"
+        )),
         _ => None,
     }
 }

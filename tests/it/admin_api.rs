@@ -402,6 +402,20 @@ async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
             "{v}"
         );
     }
+    // No allowlist is every public host on the default ports only: a secret whose every
+    // allowed host names another port is never unsealed there either (found from outside).
+    for (hosts, never) in [
+        (&["api.example.test:8443"][..], true),
+        (&["*:8443", "a.example.test:444"][..], true),
+        (&["api.example.test"][..], false),
+        (&["api.example.test:443", "b.example.test:8443"][..], false),
+    ] {
+        let v = h
+            .secret(&id, "PORTED", "sk-never-returned-7785", Some(hosts), None)
+            .await;
+        let said = v["warnings"].to_string();
+        assert_eq!(said.contains("default ports only"), never, "{hosts:?}: {v}");
+    }
     // A short value can be guessed through the response scrubbing: the operator is told.
     let v = h
         .secret(&id, "PIN", "pw4711", Some(&["api.example.test"]), None)
