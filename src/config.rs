@@ -227,6 +227,8 @@ pub struct RawSandbox {
     pub max_new_flows_per_sec: Option<u64>,
     /// Per second; 0 = no bound.
     pub max_dns_queries_per_sec: Option<u64>,
+    /// Whether commands may open netlink sockets.
+    pub netlink: Option<bool>,
 }
 
 /// `[log]`.
@@ -463,6 +465,9 @@ pub struct SandboxConfig {
     /// DNS queries a second the daemon's responder answers for one isolated sandbox, UDP and
     /// TCP together (one socket sends any number in one flow, past `flows`); None = no bound.
     pub dns_per_sec: Option<u32>,
+    /// Whether isolated sandboxes' commands may open netlink sockets (`isolation::seccomp`):
+    /// their receive queues are kernel memory no cgroup charges. Read when a command starts.
+    pub netlink: bool,
 }
 
 impl Default for Config {
@@ -1207,6 +1212,7 @@ impl RawSandbox {
             run_as,
             uid_base: uid_base.min(MAX_UID_BASE) as u32,
             commands: self.commands.unwrap_or(true),
+            netlink: self.netlink.unwrap_or(false),
             command_timeout,
             max_command_timeout,
             max_output_bytes: p.count(

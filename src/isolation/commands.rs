@@ -156,6 +156,9 @@ struct Prepared {
     joins: Vec<std::fs::File>,
     /// `[sandbox] max_open_files`, set in the child before it execs.
     max_open_files: Option<u64>,
+    /// Unless `[sandbox] netlink = true`: the read end of a pipe holding the filter that
+    /// refuses netlink, which bwrap installs before the command (`--seccomp`).
+    inner_filter: Option<std::os::fd::OwnedFd>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -222,7 +225,12 @@ fn prepare(
     let joins = iso.groups.open_procs()?;
     let env_file = EnvFile::write(&iso.dir, &run_as, &environment(&iso, &run_as, extra))?;
     let root = host_root::list(Path::new("/")).map_err(io_err("listing the host's /"))?;
+    let inner_filter = match cfg.netlink {
+        true => None,
+        false => Some(inner_filter().map_err(io_err("writing the command's seccomp filter"))?),
+    };
     let ctx = Sandboxed {
+        seccomp_fd: inner_filter.as_ref().map(AsRawFd::as_raw_fd),
         netns: &iso.info.name,
         dir: &iso.dir,
         data_dir: &isolation.data_dir,
@@ -244,6 +252,7 @@ fn prepare(
         iso,
         joins,
         max_open_files: cfg.max_open_files,
+        inner_filter,
         _permit: permit,
     })
 }
@@ -268,6 +277,8 @@ fn cwd_inside(cwd: Option<&str>) -> Result<String, IsolationError> {
 pub struct Sandboxed<'a> {
     /// `ip netns` name.
     pub netns: &'a str,
+    /// A descriptor bwrap reads one more seccomp filter from (`--seccomp`), if any.
+    pub seccomp_fd: Option<std::os::fd::RawFd>,
     /// The sandbox's directory (`files/home/`, `files/tmp/`, `ca.pem`).
     pub dir: &'a Path,
     /// The daemon's data directory (hidden inside).
@@ -323,6 +334,9 @@ pub fn bwrap_argv(s: &Sandboxed<'_>, cmd: &str) -> Vec<String> {
     let mut v: Vec<String> = ["ip", "netns", "exec", s.netns, "bwrap"]
         .map(String::from)
         .to_vec();
+    if let Some(fd) = s.seccomp_fd {
+        v.extend(["--seccomp".to_owned(), fd.to_string()]);
+    }
     v.extend(host_root::argv(s.root, replaced));
     v.extend(mounts.iter().flat_map(Mount::args));
     v.extend(
@@ -628,7 +642,10 @@ fn command(p: &Prepared) -> tokio::process::Command {
         .kill_on_drop(true);
     let joins: Vec<std::os::fd::RawFd> = p.joins.iter().map(AsRawFd::as_raw_fd).collect();
     let max_open_files = p.max_open_files;
-    let filter = super::seccomp::program();
+    // The launcher's filter lets netlink through (`ip netns exec` needs it); the command's own
+    // (`inner_filter`, installed by bwrap) refuses it unless `[sandbox] netlink = true`.
+    let filter = super::seccomp::program(true);
+    let inner_fd = p.inner_filter.as_ref().map(AsRawFd::as_raw_fd);
     // SAFETY: the closure makes only async-signal-safe calls (open, write, close, prctl,
     // close_range, getrlimit, setrlimit, fcntl) and allocates nothing, as code between fork and exec
     // must; the descriptors in `joins` stay open in `p` until the spawn has returned.
@@ -641,10 +658,36 @@ fn command(p: &Prepared) -> tokio::process::Command {
                 None => crate::nofile::restore_in_child()?,
             }
             super::seccomp::install_in_child(&filter)?;
-            super::fds::cloexec_in_child()
+            super::fds::cloexec_in_child()?;
+            match inner_fd {
+                Some(fd) => super::fds::inherit_in_child(fd),
+                None => Ok(()),
+            }
         });
     }
     cmd
+}
+
+/// A pipe holding the filter that refuses netlink ([`super::seccomp::program`]`(false)`), its
+/// write end closed: bwrap reads it to its end. It fits the pipe's buffer (a few hundred
+/// bytes), so the write never blocks.
+fn inner_filter() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned here alone.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let prog = super::seccomp::program(false);
+    std::io::Write::write_all(&mut &writer, &super::seccomp::to_bytes(&prog))?;
+    Ok(reader)
 }
 
 /// Starts one pump per output stream and the stdin writer.
@@ -958,6 +1001,7 @@ mod tests {
         let run_as = nobody();
         let s = Sandboxed {
             netns: "sealgate-0005",
+            seccomp_fd: None,
             dir: Path::new("/d/sandboxes/sbx_1"),
             data_dir: Path::new("/d"),
             run_as: &run_as,

@@ -81,6 +81,20 @@ pub fn cloexec_in_child() -> io::Result<()> {
     Ok(())
 }
 
+/// Clears `FD_CLOEXEC` on `fd` in a command's child after [`cloexec_in_child`], for the one
+/// descriptor the launcher must read (bwrap's `--seccomp FD`). Async-signal-safe.
+///
+/// # Errors
+/// `fd` is not open.
+pub fn inherit_in_child(fd: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl with F_SETFD takes integers only.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd as _;

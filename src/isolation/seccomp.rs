@@ -22,7 +22,11 @@
 //!   `AF_VSOCK` is not a network-namespace citizen, so on a VM host a command reached the
 //!   hypervisor side of the virtio vsock transport past the namespace, its rules and sealgate
 //!   (Docker and containerd refuse it since 2022); `AF_ALG`, `AF_TIPC`, `AF_RDS`, `AF_KCM`,
-//!   `AF_XDP` and the rest are kernel surface no sandbox needs. `AF_NETLINK` opens only as
+//!   `AF_XDP` and the rest are kernel surface no sandbox needs. `AF_NETLINK` is refused too
+//!   unless `[sandbox] netlink = true`: the replies a netlink socket queues are kernel memory
+//!   that no cgroup charges, so a command that asked for dumps and never read them held 1 GiB
+//!   of the host's memory from 125 sockets under a 256 MiB limit (outside review; glibc's
+//!   `getaddrinfo` works without it, `getifaddrs` fails). When allowed it opens only as
 //!   `NETLINK_ROUTE`, `NETLINK_SOCK_DIAG` and `NETLINK_GENERIC` (else EPROTONOSUPPORT): with
 //!   `NETLINK_KOBJECT_UEVENT` a command read the host's device events (review). On the i386
 //!   ABI the family of `socketcall(SYS_SOCKET | SYS_SOCKETPAIR, …)` is behind a pointer a
@@ -35,6 +39,11 @@
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
+//! That one lets netlink through, since the launcher needs it (`ip netns exec` opens a
+//! `NETLINK_ROUTE` socket before it does anything); unless `[sandbox] netlink = true`, bwrap
+//! stacks a second one that refuses it (`--seccomp FD`, read from a pipe the daemon filled),
+//! installed as its last step before it executes the command: filters stack, and the
+//! strictest answer wins.
 //! It checks the architecture first: on x86_64 the i386 compat numbers are refused too, and
 //! the x32 ABI (syscall bit 30) whole (ENOSYS): no x32 program runs in a sandbox, and x32 has
 //! numbers of its own (`io_setup` is 543 there) that a list of native numbers would miss; on
@@ -58,8 +67,8 @@ const ARG2_LOW: u32 = 32;
 #[cfg(target_endian = "big")]
 compile_error!("isolation::seccomp reads arguments as a little-endian machine lays them out");
 
-/// The socket families a command may open: `AF_UNIX`, `AF_INET`, `AF_INET6`, and `AF_NETLINK`
-/// ([`NETLINK`]).
+/// The socket families a command may open: `AF_UNIX`, `AF_INET`, `AF_INET6`, and, with
+/// `[sandbox] netlink = true`, `AF_NETLINK` ([`NETLINK`]).
 const FAMILIES: &[u32] = &[1, 2, 10];
 
 /// `AF_NETLINK`, open only in the protocols of [`NETLINK_PROTOCOLS`].
@@ -89,8 +98,9 @@ enum Verdict {
     Fail(i32),
     /// Fails with this errno when the first argument has any of these bits.
     FailIfArg0(u32, i32),
-    /// `socket`/`socketpair`: EAFNOSUPPORT unless the family is in [`FAMILIES`] or is
-    /// [`NETLINK`] with a protocol of [`NETLINK_PROTOCOLS`] (else EPROTONOSUPPORT).
+    /// `socket`/`socketpair`: EAFNOSUPPORT unless the family is in [`FAMILIES`] or, where
+    /// netlink is allowed, is [`NETLINK`] with a protocol of [`NETLINK_PROTOCOLS`] (else
+    /// EPROTONOSUPPORT).
     Socket,
     /// Fails with this errno when the first argument is one of these.
     FailIfArg0In(&'static [u32], i32),
@@ -224,8 +234,9 @@ fn ret_errno(errno: i32) -> u32 {
 
 /// The program (classic BPF over `struct seccomp_data`): per ABI of the machine, the numbers
 /// of [`ABIS`] are refused as their [`Verdict`] says; every other call, and every call of an
-/// ABI the machine does not have, is allowed.
-pub fn program() -> Vec<libc::sock_filter> {
+/// ABI the machine does not have, is allowed. `netlink`: whether [`NETLINK`] sockets of
+/// [`NETLINK_PROTOCOLS`] may be opened (`[sandbox] netlink`).
+pub fn program(netlink: bool) -> Vec<libc::sock_filter> {
     let mut ops = vec![Op::Ld(ARCH)];
     let mut next = 0usize;
     let mut label = || {
@@ -268,9 +279,13 @@ pub fn program() -> Vec<libc::sock_filter> {
                 ]);
             }
             Verdict::Socket => {
-                let netlink = label();
                 ops.push(Op::Ld(ARG0_LOW));
                 ops.extend(FAMILIES.iter().map(|v| Op::Jeq(*v, allow, None)));
+                if !netlink {
+                    ops.push(Op::Ret(ret_errno(libc::EAFNOSUPPORT)));
+                    continue;
+                }
+                let netlink = label();
                 ops.extend([
                     Op::Jeq(NETLINK, netlink, None),
                     Op::Ret(ret_errno(libc::EAFNOSUPPORT)),
@@ -337,6 +352,18 @@ fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
             jf,
             k,
         });
+    }
+    out
+}
+
+/// `prog` as the bytes of its `struct sock_filter` array, as bwrap's `--seccomp FD` reads it
+/// (native byte order: `code` u16, `jt` u8, `jf` u8, `k` u32).
+pub fn to_bytes(prog: &[libc::sock_filter]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(prog.len() * 8);
+    for i in prog {
+        out.extend_from_slice(&i.code.to_ne_bytes());
+        out.extend([i.jt, i.jf]);
+        out.extend_from_slice(&i.k.to_ne_bytes());
     }
     out
 }
@@ -409,7 +436,12 @@ mod tests {
 
     #[test]
     fn keyrings_new_user_namespaces_and_clone3_are_refused_on_every_abi_and_nothing_else() {
-        let p = program();
+        refused_on_every_abi_and_nothing_else(true);
+        refused_on_every_abi_and_nothing_else(false);
+    }
+
+    fn refused_on_every_abi_and_nothing_else(netlink: bool) {
+        let p = program(netlink);
         let allow = libc::SECCOMP_RET_ALLOW;
         for abi in &ABIS {
             for (nr, verdict) in abi.refused.into_iter().filter(|r| r.0 != NONE) {
@@ -435,7 +467,9 @@ mod tests {
                             assert_eq!(run(&p, abi.arch, nr, family), want, "{nr} {family}");
                         }
                         for protocol in 0..32 {
-                            let want = if NETLINK_PROTOCOLS.contains(&protocol) {
+                            let want = if !netlink {
+                                ret_errno(libc::EAFNOSUPPORT)
+                            } else if NETLINK_PROTOCOLS.contains(&protocol) {
                                 allow
                             } else {
                                 ret_errno(libc::EPROTONOSUPPORT)
