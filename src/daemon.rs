@@ -1065,6 +1065,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "sandbox.max_timeout_secs" => sandbox.max_timeout;
         "sandbox.run_as" => sandbox.run_as;
         "sandbox.commands" => sandbox.commands;
+        "sandbox.netlink" => sandbox.netlink;
         "sandbox.command_timeout_secs" => sandbox.command_timeout;
         "sandbox.max_command_timeout_secs" => sandbox.max_command_timeout;
         "sandbox.max_output_bytes" => sandbox.max_output_bytes;
