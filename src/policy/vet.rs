@@ -273,8 +273,9 @@ pub struct AddressPolicy {
 
 impl AddressPolicy {
     /// `own_listeners` must be the *bound* addresses (`local_addr()`, not a configured port 0).
-    /// Add the host's own public addresses there too if they are known: a listener bound to
-    /// `0.0.0.0`/`::` is reachable through them, and they cannot be known without I/O.
+    /// The host's own public addresses, through which a listener bound to `0.0.0.0`/`::` is
+    /// reachable too, cannot be known without I/O: the dialer refuses a connection that
+    /// lands on this host instead (`proxy::upstream`, `lands_on_this_host`).
     pub fn new(allow_private_cidrs: Vec<IpNet>, own_listeners: Vec<SocketAddr>) -> Self {
         Self {
             allow_private_cidrs,

@@ -251,8 +251,8 @@ impl Connector {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let addrs = self.addresses(host, port).await?;
-        let tcp = dial(&addrs).await?;
+        let (addrs, overridden) = self.addresses(host, port).await?;
+        let tcp = dial(&addrs, !overridden).await?;
         if !https {
             return Ok(Io::Plain(TokioIo::new(tcp)));
         }
@@ -275,14 +275,19 @@ impl Connector {
         Ok(Io::Tls(Box::new(TokioIo::new(tls))))
     }
 
-    /// The addresses to dial: the override, or every DNS answer, each vetted.
-    async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+    /// The addresses to dial: the override (`true`: trusted as written), or every DNS
+    /// answer, each vetted.
+    async fn addresses(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Vec<SocketAddr>, bool), ConnectError> {
         if let Some(a) = self.settings.config.resolve.get(host) {
             self.settings
                 .vet
                 .vet_own_listener(*a)
                 .map_err(|e| ConnectError::Denied(e.to_string()))?;
-            return Ok(vec![*a]);
+            return Ok((vec![*a], true));
         }
         // Invariant: `host` passed policy::normalise_host, so legacy IPv4 spellings never reach getaddrinfo.
         let normalised =
@@ -303,7 +308,7 @@ impl Connector {
                 .vet(*a)
                 .map_err(|e| ConnectError::Denied(format!("{host}: {e}")))?;
         }
-        Ok(addrs)
+        Ok((addrs, false))
     }
 }
 
@@ -326,10 +331,20 @@ impl Connector {
     }
 }
 
-async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+/// Connects to the first of `addrs` that answers. With `refuse_this_host`, a connection to a
+/// public address that landed on this host is refused ([`lands_on_this_host`]; a non-public
+/// one is here only because `allow_private_cidrs` lets it be).
+async fn dial(addrs: &[SocketAddr], refuse_this_host: bool) -> Result<TcpStream, ConnectError> {
     let mut last = None;
     for a in addrs {
+        let public = policy::classify(a.ip()).is_none();
         match TcpStream::connect(a).await {
+            Ok(s) if refuse_this_host && public && lands_on_this_host(&s) => {
+                return Err(ConnectError::Denied(format!(
+                    "{}: an address of this host (its services are not upstreams)",
+                    a.ip()
+                )));
+            }
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -340,6 +355,20 @@ async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
     Err(ConnectError::Unreachable(
         last.map_or_else(|| "no address".into(), |e| e.to_string()),
     ))
+}
+
+/// Whether `s` is connected to one of this host's own addresses. Address vetting refuses
+/// loopback and private ranges, but a host's *public* addresses (a public IPv4 on an
+/// interface, a global IPv6) passed, and a sandbox reached every host service listening on
+/// all addresses through them, sealgate's own wildcard listeners included (outside review).
+/// They cannot be listed without I/O and change at run time; the kernel tells instead: a
+/// connection to a local address is routed through the loopback and takes that very address
+/// as its source, which no connection to another host does.
+fn lands_on_this_host(s: &TcpStream) -> bool {
+    match (s.local_addr(), s.peer_addr()) {
+        (Ok(local), Ok(peer)) => local.ip().to_canonical() == peer.ip().to_canonical(),
+        _ => false,
+    }
 }
 
 /// Read through a [`ReadAhead`]: a large response record in one `recv`, not one per 4 KiB.
@@ -435,5 +464,32 @@ impl hyper::rt::Write for UpstreamStream {
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Io::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel property [`lands_on_this_host`] relies on: a connection to one of this host's
+    /// addresses, loopback or not, has that address as its source.
+    #[tokio::test]
+    async fn a_connection_to_an_address_of_this_host_is_recognised() {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                let _ = listener.accept().await;
+            }
+        });
+        let lo = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert!(lands_on_this_host(&lo));
+        // The host's own address on its default route (a UDP "connect" sends nothing).
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        probe.connect("198.51.100.1:9").expect("a default route");
+        let own = probe.local_addr().unwrap().ip();
+        let s = TcpStream::connect((own, port)).await.unwrap();
+        assert!(lands_on_this_host(&s), "{own}");
+        accept.abort();
     }
 }

@@ -188,3 +188,149 @@ async fn connect_to_own_listeners_is_refused_even_when_loopback_is_open() {
     assert_uniform(&text, 403, "egress_denied");
     assert!(!text.contains("\"name\""), "admin answered: {text}");
 }
+
+/// A namespace this test makes, standing in for a host with a public address of its own
+/// (on its `lo`: nothing leaves it); processes started in it are killed, and it is deleted,
+/// on drop.
+struct PublicHost {
+    name: String,
+    procs: Vec<std::process::Child>,
+}
+
+/// The public addresses the stand-in host holds (11.0.0.0/8 is publicly routed, not
+/// reserved; 2a00:1450::/32 is global unicast).
+const HOST_PUBLIC: &str = "11.22.33.44";
+const HOST_PUBLIC6: &str = "2a00:1450:4001::10";
+
+impl PublicHost {
+    fn new() -> PublicHost {
+        let name = format!("sgt-pub-{}", std::process::id());
+        let ip = |args: &[&str]| crate::transparent::run_ok("ip", args).expect("ip");
+        ip(&["netns", "add", &name]);
+        let host = PublicHost {
+            name,
+            procs: Vec::new(),
+        };
+        let cidr = format!("{HOST_PUBLIC}/32");
+        ip(&["-n", &host.name, "link", "set", "lo", "up"]);
+        ip(&["-n", &host.name, "addr", "add", &cidr, "dev", "lo"]);
+        let cidr6 = format!("{HOST_PUBLIC6}/128");
+        ip(&[
+            "-n", &host.name, "addr", "add", &cidr6, "dev", "lo", "nodad",
+        ]);
+        host
+    }
+
+    /// `argv` run in the namespace, output captured.
+    fn run(&self, argv: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// `argv` started in the namespace, left running until drop.
+    fn start(&mut self, argv: &[&str], log: &std::path::Path) {
+        let out = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn in the namespace");
+        self.procs.push(child);
+    }
+}
+
+impl Drop for PublicHost {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = crate::transparent::run_ok("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A host's own *public* address (a public IPv4 on an interface, a global IPv6) passed
+/// vetting, and a sandbox reached every service of the host listening on all addresses
+/// through it, sealgate's own wildcard proxy listener included (outside review; the host's
+/// addresses cannot be listed without I/O). A connection that lands on this host is refused.
+/// The daemon, a canary web server and curl run in a namespace of the test's own whose `lo`
+/// holds a public address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_address_of_this_host_is_refused_like_loopback() {
+    if !crate::transparent::netns_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{0}/data\"\ncert_dir = \"{0}/certs\"\n[admin]\nlisten = \"127.0.0.1:7070\"\n\
+             [proxy]\nlisten = \"0.0.0.0:3128\"\n[sandbox]\nmemory_max_mib = 0\npids_max = 0\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut host = PublicHost::new();
+    let bin = env!("CARGO_BIN_EXE_sealgate");
+    let cfg = config.to_str().unwrap();
+    host.start(
+        &["python3", "-m", "http.server", "8080", "--bind", "::"],
+        &dir.path().join("canary.log"),
+    );
+    host.start(
+        &[bin, "--config", cfg, "serve"],
+        &dir.path().join("daemon.log"),
+    );
+    let curl = |args: &[&str]| {
+        let mut argv = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"];
+        argv.extend(args);
+        String::from_utf8_lossy(&host.run(&argv).stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while curl(&["http://127.0.0.1:7070/healthz"]) != "200"
+        || curl(&[&format!("http://{HOST_PUBLIC}:8080/")]) != "200"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon or canary not up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cli = |args: &[&str]| {
+        let mut argv = vec![bin, "--config", cfg];
+        argv.extend(args);
+        let out = host.run(&argv);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&[
+        "store", "create", "pub", "--allow", "*:8080", "--allow", "*:3128",
+    ]);
+    let exports = cli(&["sandbox", "create", "--store", "pub", "--export"]);
+    let proxy = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export HTTP_PROXY="))
+        .expect("HTTP_PROXY in the exports")
+        .trim_matches('\'');
+    // The canary on both families; the proxy's own listener (IPv4 only) on its port.
+    let v6 = format!("[{HOST_PUBLIC6}]");
+    for (host, port) in [(HOST_PUBLIC, "8080"), (&v6, "8080"), (HOST_PUBLIC, "3128")] {
+        let url = format!("http://{host}:{port}/");
+        let code = curl(&["-x", proxy, &url]);
+        assert_eq!(code, "403", "{url} through the proxy");
+    }
+    let audit = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    let canary = std::fs::read_to_string(dir.path().join("canary.log")).unwrap();
+    assert_eq!(
+        canary.matches("GET / ").count(),
+        1,
+        "only the readiness probe: {canary}"
+    );
+    assert!(audit.contains("an address of this host"), "{audit}");
+}
