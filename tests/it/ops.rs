@@ -306,6 +306,52 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
 // ---- audit --------------------------------------------------------------------------------------
 
+/// A streamed upload (over the held size, its length known) records what it unsealed: hyper
+/// stops polling such a body when it says it is over, and the audit line said
+/// `"unsealed": []` for 65,537 bytes and more while the origin got the real value (outside
+/// review, with curl, Go, Java and wget).
+#[tokio::test]
+async fn a_streamed_upload_audits_the_secrets_it_unsealed() {
+    let real = "sk-ops-audit-stream-0001";
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", real, Some(&["api.example.test"]), Some(&["body"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let body = format!(
+        "{{\"key\":\"{key}\",\"pad\":\"{}\"}}",
+        "x".repeat(100 << 10)
+    );
+    let mut c1 = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c1,
+        pc::post("/upload", "api.example.test", &[], body.clone()),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let mut c2 = pc::h2(e.h.proxy, &e.sb, API).await;
+    let a = pc::send2(
+        &mut c2,
+        pc::post("https://api.example.test/upload", "", &[], body),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let seen = e.echo.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen
+        .iter()
+        .all(|r| String::from_utf8_lossy(&r.body).contains(real)));
+    let uploads: Vec<Value> = audit_events(&e.h.audit_log())
+        .into_iter()
+        .filter(|v| v["kind"] == "request" && v["path"] == "/upload")
+        .collect();
+    assert_eq!(uploads.len(), 2, "{uploads:#?}");
+    for u in &uploads {
+        assert_eq!(u["unsealed"], json!(["KEY"]), "{u}");
+    }
+}
+
 #[tokio::test]
 async fn audit_log_names_the_rule_that_denied_a_request() {
     let e = setup(
