@@ -87,6 +87,9 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 const MAX_CHUNK_SIZE: u64 = i64::MAX as u64;
 /// Request header naming the nonce on a synthetic request.
 const MARK_NONCE: &str = "x-sealgate-guard";
+/// The first byte of a TLS handshake record (a ClientHello sent where a request was due).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Request header carrying the refusal status (`400` / `431`) on a synthetic request.
 const MARK_STATUS: &str = "x-sealgate-guard-status";
 /// Request header carrying the refusal reason on a synthetic request.
@@ -378,8 +381,16 @@ impl Framing {
         Ok(total - data.len() + take - rest)
     }
 
-    /// Scans `held` for the empty line ending the head; rejects a bare LF on the way.
+    /// Scans `held` for the empty line ending the head; rejects a bare LF on the way, and a
+    /// TLS handshake record at once (no method starts with its 0x16).
     fn find_head_end(&mut self) -> Result<Option<usize>, Reject> {
+        if self.scanned == 0 && self.held.first() == Some(&TLS_HANDSHAKE) {
+            return Err(Reject::bad(
+                "a TLS handshake where an HTTP request head was expected (a client that speaks \
+                 TLS to the explicit proxy: its proxy URL must be http://, over which it sends \
+                 CONNECT and then TLS)",
+            ));
+        }
         let mut from = self.scanned;
         while let Some(off) = memchr::memchr(b'\n', &self.held[from..]) {
             let i = from + off;
@@ -1214,6 +1225,19 @@ mod tests {
         refused("GET / HTTP/1.1\nHost: a\r\n\r\n");
         refused("GET / HTTP/1.1\r\nHost: a\n\n");
         refused("\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    /// A client that speaks TLS to the plain proxy port (wget2, `curl -x https://…`) is told
+    /// so at once, not "bare LF" (or nothing until the header timeout, for a ClientHello
+    /// without a 0x0a byte in it).
+    #[test]
+    fn a_tls_client_hello_is_named() {
+        let hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+        for cuts in [vec![], vec![1], vec![3]] {
+            let (_, r) = run(&hello, &cuts);
+            let r = r.expect("refused");
+            assert!(r.reason.contains("TLS handshake"), "{}", r.reason);
+        }
     }
 
     #[test]
