@@ -66,14 +66,20 @@ def _transport_error(cfg: Config, e: Exception) -> SealgateError:
     )
 
 
-def _error_from(status: int, body: bytes, reason: str) -> SealgateError:
+def _error_from(cfg: Config, status: int, body: bytes, reason: str) -> SealgateError:
     """The exception for an error answer: the API's ``{"error": {"code", "message"}}``, or the
-    status and reason phrase when the body is not that (never the raw body)."""
+    status and reason phrase when the body is not that (never the raw body). The proxy's 407
+    means ``api_url`` is sealgate's proxy listener, not its admin API: said so."""
     try:
         err = jsonlib.loads(body)["error"]
         code, message = str(err["code"]), str(err.get("message", ""))
     except (ValueError, KeyError, TypeError):
         code, message = f"http_{status}", reason or "unexpected answer"
+    if (status, code) == (407, "proxy_auth_required"):
+        message = (
+            f"{cfg.api_url} is sealgate's proxy listener, not its admin API (that one listens "
+            "on [admin] listen, by default http://127.0.0.1:7070)"
+        )
     return from_status(status, code, message)
 
 
@@ -108,7 +114,7 @@ async def call(
         raise failure  # outside the handler: no __context__ reaching the request
     if resp.is_success:
         return _decode(resp)
-    raise _error_from(resp.status_code, resp.content, resp.reason_phrase)
+    raise _error_from(cfg, resp.status_code, resp.content, resp.reason_phrase)
 
 
 @asynccontextmanager
@@ -125,7 +131,7 @@ async def stream(
             ) as resp:
                 if not resp.is_success:
                     content = await resp.aread()
-                    raise _error_from(resp.status_code, content, resp.reason_phrase)
+                    raise _error_from(cfg, resp.status_code, content, resp.reason_phrase)
                 yield resp
     except httpx.HTTPError as e:
         failure = _transport_error(cfg, e)

@@ -67,6 +67,20 @@ async def test_wrong_token_is_unauthorized(daemon):
     assert "not-the-token" not in str(e.value)
 
 
+async def test_the_proxy_port_given_as_the_admin_api_is_named(daemon):
+    """Both listeners are in the start-up summary; the proxy's own 407 advice concerns
+    sandboxes' proxy URLs, so the SDK says which listener it reached."""
+    import re
+
+    text = (daemon.dir / "proxy.toml").read_text()
+    port = re.search(r'\[proxy\]\nlisten = "127\.0\.0\.1:(\d+)"', text).group(1)
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(SealgateError) as e:
+        await SecretStore.list(api_url=url, api_key=daemon.token)
+    assert (e.value.code, e.value.status) == ("proxy_auth_required", 407)
+    assert f"{url} is sealgate's proxy listener, not its admin API" in e.value.message
+
+
 async def test_no_daemon_is_a_connection_error():
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SealgateConnectionError) as e:

@@ -252,9 +252,10 @@ async def test_a_credential_shaped_like_a_variable_name_is_refused_as_a_name(dae
         remember_secret("sk_live_" + "aB3" * 9),
         remember_secret("AKIA" + "ABCDEFGH2345WXYZ"),
     ]
+    nowhere = "http://127.0.0.1:9"  # refused before anything is sent
     for value in values:
         with pytest.raises(InvalidInputError) as e:
-            await SecretStore.set_secret(store["id"], value, "GITHUB_TOKEN")
+            await SecretStore.set_secret(store["id"], value, "K", api_key="t", api_url=nowhere)
         assert "swapped" in str(e.value) and value not in str(e.value)
     # The daemon's own check, for clients without the SDK's.
     status, body = await raw_put_secret(daemon, store["id"], values[0], "GITHUB_TOKEN")

@@ -98,14 +98,7 @@ impl AdminClient {
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Err(ClientError::Api {
-            status,
-            code: json["error"]["code"]
-                .as_str()
-                .unwrap_or("unknown")
-                .to_owned(),
-            message: json["error"]["message"].as_str().unwrap_or("").to_owned(),
-        })
+        Err(self.api_error(status, &json))
     }
 
     /// Calls `method path` with an optional JSON body; returns the JSON answer (Null for 204).
@@ -147,14 +140,27 @@ impl AdminClient {
         if status.is_success() {
             return Ok(json);
         }
-        Err(ClientError::Api {
-            status: status.as_u16(),
-            code: json["error"]["code"]
-                .as_str()
-                .unwrap_or("unknown")
-                .to_owned(),
-            message: json["error"]["message"].as_str().unwrap_or("").to_owned(),
-        })
+        Err(self.api_error(status.as_u16(), &json))
+    }
+
+    /// The error of an answer with `status` and body `json`. The proxy's 407 means the URL
+    /// is sealgate's proxy listener, not its admin API: said so, rather than the proxy's
+    /// advice to sandboxes about their proxy URL (outside review: a first-hour mix-up).
+    fn api_error(&self, status: u16, json: &Value) -> ClientError {
+        let code = json["error"]["code"].as_str().unwrap_or("unknown");
+        let message = match (status, code) {
+            (407, "proxy_auth_required") => format!(
+                "{} is sealgate's proxy listener, not its admin API (that one listens on \
+                 [admin] listen, by default http://127.0.0.1:7070)",
+                self.base
+            ),
+            _ => json["error"]["message"].as_str().unwrap_or("").to_owned(),
+        };
+        ClientError::Api {
+            status,
+            code: code.to_owned(),
+            message,
+        }
     }
 
     /// A connect failure means no daemon there; name the underlying cause briefly (hyper's

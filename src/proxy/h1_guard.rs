@@ -1232,7 +1232,9 @@ mod tests {
     /// without a 0x0a byte in it).
     #[test]
     fn a_tls_client_hello_is_named() {
-        let hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+        let hello = [
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
         for cuts in [vec![], vec![1], vec![3]] {
             let (_, r) = run(&hello, &cuts);
             let r = r.expect("refused");

@@ -173,6 +173,32 @@ async fn an_unreachable_daemon_is_named_with_a_hint() {
     assert!(!e.contains("client error"), "{e}");
 }
 
+/// The proxy's port given as the admin API's (both are in the start-up summary): the proxy's
+/// own 407 advice is about sandboxes' proxy URLs, so the CLI says which listener it reached.
+#[tokio::test]
+async fn the_proxy_port_given_as_the_admin_api_is_named() {
+    let h = Harness::start().await;
+    let url = format!("http://{}", h.proxy);
+    let mut c = sealgate();
+    c.args([
+        "--admin-url",
+        &url,
+        "--admin-token",
+        &h.token,
+        "store",
+        "list",
+    ]);
+    let o = run_with_stdin(c, "").await;
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "{url} is sealgate's proxy listener, not its admin API"
+        )),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn a_missing_token_file_says_to_start_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
