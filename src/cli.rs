@@ -136,6 +136,13 @@ pub enum SecretCmd {
         /// recommended for API keys).
         #[arg(long = "location", value_enum)]
         locations: Vec<LocationArg>,
+        /// A value given on the command line: refused without being repeated (clap's own
+        /// "unexpected argument" error printed it back, and suggested a form that failed too).
+        #[arg(hide = true)]
+        stray: Vec<String>,
+        /// The same, as `--value`.
+        #[arg(long = "value", hide = true, allow_hyphen_values = true)]
+        value_arg: Option<String>,
     },
     /// List secret metadata (never values).
     List {

@@ -242,7 +242,17 @@ async fn secret(c: &AdminClient, cmd: &SecretCmd) -> anyhow::Result<Value> {
             from_env,
             allowed_hosts,
             locations,
+            stray,
+            value_arg,
         } => {
+            if !stray.is_empty() || value_arg.is_some() {
+                anyhow::bail!(
+                    "secret values are never taken from the command line (shell history and \
+                     `ps` would keep them; the argument is not repeated here): pipe it in, \
+                     `printf %s \"$VALUE\" | sealgate secret set STORE NAME`, or name a variable \
+                     with --from-env VAR"
+                );
+            }
             // The value first: a refused value (empty, unset variable, a terminal) costs no call.
             let value = read_value(from_env.as_deref())?;
             let id = store_id(c, store).await?;

@@ -175,6 +175,30 @@ async fn an_unreachable_daemon_is_named_with_a_hint() {
 
 /// The proxy's port given as the admin API's (both are in the start-up summary): the proxy's
 /// own 407 advice is about sandboxes' proxy URLs, so the CLI says which listener it reached.
+/// `secret set STORE NAME VALUE` (or `--value VALUE`), the form a newcomer tries first: refused
+/// with the ways that work, and the value not printed back (clap's "unexpected argument" did).
+#[tokio::test]
+async fn a_value_on_the_command_line_is_refused_without_being_repeated() {
+    let value = "sk-argv-never-echoed-4411";
+    for extra in [
+        &[value][..],
+        &["--value", value],
+        &[&format!("--value={value}")],
+    ] {
+        let mut args = vec!["--admin-url", "http://127.0.0.1:9", "--admin-token", "t"];
+        args.extend(["secret", "set", "demo", "KEY"]);
+        args.extend(extra);
+        let o = sealgate().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        let e = stderr(&o);
+        assert!(!e.contains(value) && !String::from_utf8_lossy(&o.stdout).contains(value));
+        assert!(
+            e.contains("never taken from the command line") && e.contains("--from-env"),
+            "{e}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_proxy_port_given_as_the_admin_api_is_named() {
     let h = Harness::start().await;
