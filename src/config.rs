@@ -891,10 +891,12 @@ impl RawProxy {
                 10,
             ),
             idle_timeout: p.secs("proxy.idle_timeout_secs", self.idle_timeout_secs, 90),
-            max_header_bytes: p.count(
+            // Below 1 KiB no CONNECT with its credentials fits: every request would get 431.
+            max_header_bytes: p.count_from(
                 "proxy.max_header_bytes",
                 self.max_header_bytes,
                 65536,
+                1024,
                 1 << 20,
             ),
             // Values count in whole KiB: below one, every token would be refused.
@@ -1455,6 +1457,18 @@ mod tests {
         ] {
             assert!(err.contains(said), "{err}");
         }
+    }
+
+    #[test]
+    fn a_header_limit_no_request_fits_is_refused() {
+        let err = Config::parse("[proxy]\nmax_header_bytes = 10\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.max_header_bytes: 10 is out of range (1024..=1048576)"),
+            "{err}"
+        );
+        assert!(Config::parse("[proxy]\nmax_header_bytes = 1024\n", "t").is_ok());
     }
 
     /// Values count against the budget in whole KiB: a budget under one would refuse every

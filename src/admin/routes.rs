@@ -426,8 +426,9 @@ fn short_value_warning(name: &str) -> String {
     format!(
         "secret {name} is shorter than {SHORT_VALUE} bytes: responses are scrubbed of it, so a \
          sandbox that reaches a host echoing its requests can test guesses of it (a right guess \
-         comes back as the token), and its base64 forms (a stored Basic header) are not \
-         scrubbed; use a long random value"
+         comes back as the token), every occurrence of those bytes in answers from its hosts \
+         becomes the token too (corrupting answers that happen to contain them), and its \
+         base64 forms (a stored Basic header) are not scrubbed; use a long random value"
     )
 }
 
