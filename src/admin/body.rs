@@ -36,6 +36,9 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
         return Err(ApiError::too_large());
     }
     match tokio::time::timeout(wait, read_at_most(&mut body, MAX_BODY_BYTES)).await {
+        Ok(Ok(whole)) if is_json_array(&whole) => Err(ApiError::bad_request(
+            "the request body must be a JSON object ({…}), not an array",
+        )),
         Ok(Ok(whole)) => Ok(Request::from_parts(parts, Body::from(whole))),
         Ok(Err(Unread::TooLarge)) => {
             linger(body);
@@ -51,6 +54,13 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
             ),
         )),
     }
+}
+
+/// Whether `body` is a JSON array. Every body of the API is an object, but serde reads a
+/// struct from an array too, by position: `["name", [...]]` made a store, and `[]` answered
+/// with the struct's internal name (outside review).
+fn is_json_array(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
 }
 
 /// Why a body was not read whole.

@@ -76,6 +76,25 @@ async fn auth_is_required_and_checked() {
     assert_eq!(s, StatusCode::OK);
 }
 
+/// Every body is a JSON object: serde reads a struct from an array by position, so
+/// `["name", [...]]` made a store and `[]` answered with an internal type name (outside review).
+#[tokio::test]
+async fn a_json_array_is_not_a_body() {
+    let h = Harness::start().await;
+    for body in [json!(["arr-store", ["api.example.test"]]), json!([])] {
+        let (status, v) = h.api(Method::POST, "/v1/stores", Some(body)).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("must be a JSON object") && !msg.contains("CreateStore"),
+            "{msg}"
+        );
+    }
+    let (_, v) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(v, json!([]), "no store was made");
+}
+
 #[tokio::test]
 async fn duplicate_names_conflict() {
     let h = Harness::start().await;
