@@ -382,15 +382,10 @@ impl Framing {
     }
 
     /// Scans `held` for the empty line ending the head; rejects a bare LF on the way, and a
-    /// TLS handshake record at once (no method starts with its 0x16).
+    /// request line that starts with a TLS handshake record's 0x16 at once (no method does;
+    /// however the bytes are split, and after leading empty lines too).
     fn find_head_end(&mut self) -> Result<Option<usize>, Reject> {
-        if self.scanned == 0 && self.held.first() == Some(&TLS_HANDSHAKE) {
-            return Err(Reject::bad(
-                "a TLS handshake where an HTTP request head was expected (a client that speaks \
-                 TLS to the explicit proxy: its proxy URL must be http://, over which it sends \
-                 CONNECT and then TLS)",
-            ));
-        }
+        self.refuse_tls()?;
         let mut from = self.scanned;
         while let Some(off) = memchr::memchr(b'\n', &self.held[from..]) {
             let i = from + off;
@@ -409,9 +404,23 @@ impl Framing {
             self.held.drain(..2);
             self.leading_empty_lines += 1;
             from = 0;
+            self.refuse_tls()?;
         }
         self.scanned = self.held.len();
         Ok(None)
+    }
+
+    /// A request line (`line_start` 0: none of it ended yet) that starts with 0x16 is a TLS
+    /// client talking to a plain-HTTP port.
+    fn refuse_tls(&self) -> Result<(), Reject> {
+        if self.line_start != 0 || self.held.first() != Some(&TLS_HANDSHAKE) {
+            return Ok(());
+        }
+        Err(Reject::bad(
+            "a TLS handshake where an HTTP request head was expected (a client that speaks TLS \
+             to the explicit proxy: its proxy URL must be http://, over which it sends CONNECT \
+             and then TLS)",
+        ))
     }
 
     fn after_head(&mut self, next: Next, out: &mut BytesMut) {
