@@ -69,11 +69,12 @@ def _secret_name(name: Any) -> None:
         )
 
 
-#: Credential formats whose characters are all valid in a variable name (GitHub, Stripe, npm),
+#: Credential formats whose characters are all valid in a variable name (GitHub, Stripe, npm,
+#: Hugging Face, DigitalOcean, Shopify),
 #: each followed by 16 or more letters and digits. The daemon applies the same rule.
 _CREDENTIAL_PREFIXES = (
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "sk_live_", "sk_test_", "rk_live_",
-    "rk_test_", "npm_",
+    "rk_test_", "npm_", "hf_", "dop_v1_", "shpat_", "shpss_", "shpca_",
 )
 
 

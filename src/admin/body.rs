@@ -36,9 +36,9 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
         return Err(ApiError::too_large());
     }
     match tokio::time::timeout(wait, read_at_most(&mut body, MAX_BODY_BYTES)).await {
-        Ok(Ok(whole)) if is_json_array(&whole) => Err(ApiError::bad_request(
-            "the request body must be a JSON object ({…}), not an array",
-        )),
+        Ok(Ok(whole)) if is_json(&parts.headers) && !is_json_object(&whole) => Err(
+            ApiError::bad_request("the request body must be a JSON object ({…})"),
+        ),
         Ok(Ok(whole)) => Ok(Request::from_parts(parts, Body::from(whole))),
         Ok(Err(Unread::TooLarge)) => {
             linger(body);
@@ -56,11 +56,29 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
     }
 }
 
-/// Whether `body` is a JSON array. Every body of the API is an object, but serde reads a
-/// struct from an array too, by position: `["name", [...]]` made a store, and `[]` answered
-/// with the struct's internal name (outside review).
-fn is_json_array(body: &[u8]) -> bool {
-    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+/// Whether `body` is empty or a JSON object (by its first byte; the router parses the rest).
+/// Every body of the API is an object, but serde reads a struct from an array too, by
+/// position: `["name", [...]]` made a store, and `[]`, a string or `null` answered with the
+/// struct's internal name (outside review).
+fn is_json_object(body: &[u8]) -> bool {
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        None | Some(b'{')
+    )
+}
+
+/// Whether the request says its body is JSON (`application/json` or `…/…+json`, as the
+/// router's extractor; others get its 415).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(essence) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let essence = essence.trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.contains('/') && essence.ends_with("+json"))
 }
 
 /// Why a body was not read whole.

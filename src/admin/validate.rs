@@ -62,13 +62,20 @@ fn invisible(c: char) -> bool {
         | '\u{ffa0}' | '\u{fff0}'..='\u{fff8}' | '\u{e0000}'..='\u{e0fff}')
 }
 
-/// Spaces that print as the plain space but are not it (Unicode `Zs` but U+0020, and the
-/// braille blank U+2800): two names that differ only by them look the same in `store list`.
+/// Spaces that print as the plain space (or as nothing) but are not it (Unicode `Zs` but
+/// U+0020, the line and paragraph separators U+2028/U+2029, and the braille blank U+2800): two
+/// names that differ only by them look the same in `store list`.
 fn odd_space(c: char) -> bool {
     matches!(
         c,
         '\u{00a0}' | '\u{1680}' | '\u{2000}'
-            ..='\u{200a}' | '\u{202f}' | '\u{205f}' | '\u{2800}' | '\u{3000}'
+            ..='\u{200a}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202f}'
+                | '\u{205f}'
+                | '\u{2800}'
+                | '\u{3000}'
     )
 }
 
@@ -121,7 +128,8 @@ pub fn secret_name(name: &str) -> Result<(), ApiError> {
 }
 
 /// Prefixes of credential formats whose characters are all valid in a variable name (GitHub,
-/// Stripe, npm), each followed by at least 16 letters and digits.
+/// Stripe, npm, Hugging Face, DigitalOcean, Shopify), each followed by at least 16 letters and
+/// digits.
 const CREDENTIAL_PREFIXES: &[&str] = &[
     "ghp_",
     "gho_",
@@ -134,6 +142,11 @@ const CREDENTIAL_PREFIXES: &[&str] = &[
     "rk_live_",
     "rk_test_",
     "npm_",
+    "hf_",
+    "dop_v1_",
+    "shpat_",
+    "shpss_",
+    "shpca_",
 ];
 
 /// True if `name` has the shape of a credential rather than of a variable name: a
@@ -270,6 +283,8 @@ mod tests {
             "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
             "sk_live_51HxYzAbCdEfGhIjKlMnOpQr",
             "npm_abcdefghijklmnopqrstuvwxyz0123456789",
+            "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH",
+            "dop_v1_0123456789abcdef0123456789abcdef",
             "AKIAIOSFODNN7EXAMPLE",
             "abcDEF123ghiJKL456mnoPQR789",
             "MY_KEY_aB3dE5gH7jK9mN1pQ3sT5vX7",
@@ -354,6 +369,7 @@ mod tests {
             "my\u{3000}store",
             "my\u{2800}store",
             "my\u{202f}store",
+            "my\u{2028}store",
         ] {
             assert!(store_name(bad).is_err(), "{bad:?}");
         }

@@ -81,7 +81,13 @@ async fn auth_is_required_and_checked() {
 #[tokio::test]
 async fn a_json_array_is_not_a_body() {
     let h = Harness::start().await;
-    for body in [json!(["arr-store", ["api.example.test"]]), json!([])] {
+    for body in [
+        json!(["arr-store", ["api.example.test"]]),
+        json!([]),
+        json!("arr-store"),
+        json!(null),
+        json!(7),
+    ] {
         let (status, v) = h.api(Method::POST, "/v1/stores", Some(body)).await;
         assert_eq!(status, 400, "{v}");
         assert_eq!(v["error"]["code"], "invalid_request", "{v}");
