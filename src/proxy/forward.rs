@@ -44,6 +44,9 @@ struct Outcome {
     report: Report,
     rule: Option<String>,
     bytes_up: u64,
+    /// A streamed request body still going up when the answer's head came (the origin
+    /// answered early): the line waits for its end, so that it names every secret unsealed.
+    pending: Option<(SubstOutcome, Arc<Progress>)>,
 }
 
 /// Serves one request of `tunnel` with the runtime `rt` the caller took for this request
@@ -69,15 +72,32 @@ pub async fn handle(
             (refusal.into_response(), Some(code))
         }
     };
-    record(&tunnel, &method, &path, &resp, code, &outcome, started);
+    let answer = (resp.status(), resp.body().size_hint().exact().unwrap_or(0));
+    match outcome.pending.take().filter(|_| code.is_none()) {
+        Some((body, progress)) if !body.is_over() => {
+            tokio::spawn(async move {
+                body.over().await;
+                outcome.report.merge(&body.report());
+                outcome.bytes_up = progress.bytes();
+                if let Some(d) = body.denied() {
+                    // The body broke off at a token it may not carry here; the answer was out.
+                    let _ = denied(&tunnel, d, &mut outcome);
+                }
+                record(&tunnel, &method, &path, answer, code, &outcome, started);
+            });
+        }
+        _ => record(&tunnel, &method, &path, answer, code, &outcome, started),
+    }
     resp
 }
 
+/// Writes the request's audit line and counts what it unsealed; `answer` is the response's
+/// status and, when known, its length.
 fn record(
     t: &Tunnel,
     method: &Method,
     path: &str,
-    resp: &Response<ProxyBody>,
+    answer: (http::StatusCode, u64),
     code: Option<Code>,
     o: &Outcome,
     started: Instant,
@@ -99,9 +119,9 @@ fn record(
         rule,
         unsealed: o.report.unsealed.iter().map(|s| &**s).collect(),
         refused: o.report.refused.iter().map(|s| &**s).collect(),
-        status: resp.status().as_u16(),
+        status: answer.0.as_u16(),
         bytes_up: o.bytes_up,
-        bytes_down: resp.body().size_hint().exact().unwrap_or(0),
+        bytes_down: answer.1,
         duration_ms: started.elapsed().as_millis() as u64,
         ..Default::default()
     };
@@ -173,6 +193,9 @@ async fn exchange(
         if outcome.stopped() {
             check_live(t)?;
             return Err(store_changed());
+        }
+        if let Some((p, _)) = &streaming {
+            o.pending = Some((outcome.clone(), p.clone()));
         }
     }
     let resp = sent?;

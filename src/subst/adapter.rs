@@ -55,9 +55,39 @@ pub struct SubstOutcome {
     denied: Arc<Mutex<Option<Denied>>>,
     report: Arc<Mutex<Report>>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    over: Arc<Over>,
+}
+
+/// Set once the body ended, failed or was dropped; its report is final from then on.
+#[derive(Default, Debug)]
+struct Over {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 impl SubstOutcome {
+    /// True once the body ended, failed or was dropped ([`SubstOutcome::report`] is final).
+    pub fn is_over(&self) -> bool {
+        self.over.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until [`SubstOutcome::is_over`].
+    pub async fn over(&self) {
+        let notified = self.over.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_over() {
+            notified.await;
+        }
+    }
+
+    fn finish(&self) {
+        self.over
+            .done
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.over.notify.notify_waiters();
+    }
+
     /// The denial that stopped the body, if any.
     pub fn denied(&self) -> Option<Denied> {
         self.denied
@@ -338,6 +368,7 @@ where
     fn ended(&mut self) {
         self.ended = true;
         self.outcome.set_report(self.subst.report());
+        self.outcome.finish();
     }
 }
 
@@ -346,6 +377,7 @@ impl<L> Drop for SubstEngine<L> {
     fn drop(&mut self) {
         if !self.ended {
             self.outcome.set_report(self.subst.report());
+            self.outcome.finish();
         }
     }
 }

@@ -352,6 +352,57 @@ async fn a_streamed_upload_audits_the_secrets_it_unsealed() {
     }
 }
 
+/// An origin that answers an upload before reading it: the audit line waits for the body's
+/// end, so it names the secret unsealed after the answer's head (outside re-check: 2 of 4
+/// such uploads were audited `"unsealed": []` while the origin got the real value).
+#[tokio::test]
+async fn an_upload_answered_early_audits_what_went_up_after_the_answer() {
+    let real = "sk-ops-audit-early-0001";
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", real, Some(&["api.example.test"]), Some(&["body"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    // The token at the end of 1 MiB sent in 64 KiB pieces, 20 ms apart: the answer is out
+    // long before it.
+    let mut chunks: Vec<Bytes> = (0..16).map(|_| Bytes::from(vec![b'x'; 64 << 10])).collect();
+    chunks.push(Bytes::from(format!("\"{key}\"")));
+    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
+    let req = http::Request::post("/early")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let line = loop {
+        let found = audit_events(&e.h.audit_log())
+            .into_iter()
+            .find(|v| v["kind"] == "request" && v["path"] == "/early");
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit line");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    assert!(line["bytes_up"].as_u64().unwrap() > 1 << 20, "{line}");
+    let got_real = || {
+        let seen = e.echo.requests();
+        seen.iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains(real))
+    };
+    while !got_real() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the origin never got it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn audit_log_names_the_rule_that_denied_a_request() {
     let e = setup(

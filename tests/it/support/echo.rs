@@ -268,6 +268,16 @@ async fn handle(
     ctx: Ctx,
 ) -> Result<Response<RespBody>, Infallible> {
     let upgrade = is_websocket(&req).then(|| hyper::upgrade::on(&mut req));
+    if req.uri().path().starts_with("/early") {
+        // Answers at once (as an ingestion API that replies 202 before the body ends), and
+        // records the request once its body is in.
+        let state = ctx.state.clone();
+        tokio::spawn(async move {
+            let rec = record(req, conn).await;
+            state.requests().push(rec);
+        });
+        return Ok(response(StatusCode::OK, empty()));
+    }
     let rec = record(req, conn).await;
     ctx.state.requests().push(rec.clone());
     if rec.path().starts_with("/tail") {
