@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
-use crate::proxy_explicit::{setup, setup_with};
+use crate::proxy_explicit::{setup, setup_with, Env};
 use crate::support::daemon::{Harness, Opts};
 use crate::support::echo::Echo;
 use crate::support::pki::TestPki;
@@ -306,6 +306,17 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
 // ---- audit --------------------------------------------------------------------------------------
 
+/// A daemon with one secret `KEY` of value `real`, unsealed in bodies for api.example.test.
+async fn body_secret(real: &str) -> Env {
+    let secrets = [(
+        "KEY",
+        real,
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    setup(Some(&["api.example.test"]), &secrets).await
+}
+
 /// A streamed upload (over the held size, its length known) records what it unsealed: hyper
 /// stops polling such a body when it says it is over, and the audit line said
 /// `"unsealed": []` for 65,537 bytes and more while the origin got the real value (outside
@@ -313,11 +324,7 @@ async fn readyz_fails_while_the_database_is_unusable() {
 #[tokio::test]
 async fn a_streamed_upload_audits_the_secrets_it_unsealed() {
     let real = "sk-ops-audit-stream-0001";
-    let e = setup(
-        Some(&["api.example.test"]),
-        &[("KEY", real, Some(&["api.example.test"]), Some(&["body"]))],
-    )
-    .await;
+    let e = body_secret(real).await;
     let key = e.sb.token("KEY");
     let body = format!(
         "{{\"key\":\"{key}\",\"pad\":\"{}\"}}",
@@ -358,11 +365,7 @@ async fn a_streamed_upload_audits_the_secrets_it_unsealed() {
 #[tokio::test]
 async fn an_upload_answered_early_audits_what_went_up_after_the_answer() {
     let real = "sk-ops-audit-early-0001";
-    let e = setup(
-        Some(&["api.example.test"]),
-        &[("KEY", real, Some(&["api.example.test"]), Some(&["body"]))],
-    )
-    .await;
+    let e = body_secret(real).await;
     let key = e.sb.token("KEY");
     // The token at the end of 1 MiB sent in 64 KiB pieces, 20 ms apart: the answer is out
     // long before it.
