@@ -51,19 +51,26 @@ struct Outcome {
 
 /// Serves one request of `tunnel` with the runtime `rt` the caller took for this request
 /// (one view of the settings for the whole request, even across a reload). Never fails:
-/// refusals become responses. Every request is recorded once ([`super::outcome::record`]).
+/// refusals become responses. Every request is recorded once ([`super::outcome::record`]),
+/// also one whose client gave up before its answer (an h2 stream reset drops this future).
 pub async fn handle(
     tunnel: Arc<Tunnel>,
     rt: Arc<LiveSettings>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let mut outcome = Outcome::default();
+    let mut line = Line {
+        tunnel,
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        started: Instant::now(),
+        outcome: Some(Outcome::default()),
+    };
     let linger = rt.proxy.linger;
     let req = req.map(|body| Lingering::new(body, linger));
-    let result = exchange(&tunnel, &rt, &method, req, &mut outcome).await;
+    // Dropped during the exchange, `line` writes what the exchange had recorded so far.
+    let o = line.outcome.as_mut().expect("set above");
+    let result = exchange(&line.tunnel, &rt, &line.method, req, o).await;
+    let mut outcome = line.outcome.take().unwrap_or_default();
     let (resp, code) = match result {
         Ok(resp) => (resp, None),
         Err(refusal) => {
@@ -73,22 +80,70 @@ pub async fn handle(
         }
     };
     let answer = (resp.status(), resp.body().size_hint().exact().unwrap_or(0));
-    match outcome.pending.take().filter(|_| code.is_none()) {
-        Some((body, progress)) if !body.is_over() => {
-            tokio::spawn(async move {
-                body.over().await;
-                outcome.report.merge(&body.report());
-                outcome.bytes_up = progress.bytes();
-                if let Some(d) = body.denied() {
-                    // The body broke off at a token it may not carry here; the answer was out.
-                    let _ = denied(&tunnel, d, &mut outcome);
-                }
-                record(&tunnel, &method, &path, answer, code, &outcome, started);
-            });
-        }
-        _ => record(&tunnel, &method, &path, answer, code, &outcome, started),
-    }
+    line.finish(outcome, answer, code);
     resp
+}
+
+/// What a request's audit line needs besides its outcome. Dropped with an outcome still in
+/// it (the request's future was dropped: its client went away before the answer), it writes
+/// the line itself, with status 499.
+struct Line {
+    tunnel: Arc<Tunnel>,
+    method: Method,
+    path: String,
+    started: Instant,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if let Some(mut o) = self.outcome.take() {
+            o.rule
+                .get_or_insert_with(|| "the client gave up before the answer".to_owned());
+            let abandoned = http::StatusCode::from_u16(499).expect("499 is a status");
+            self.finish(o, (abandoned, 0), None);
+        }
+    }
+}
+
+impl Line {
+    /// Writes the line now, or, when a streamed body that may carry secrets is still going up
+    /// (the origin answered early, or the client left), once that body ends: then it names
+    /// every secret unsealed.
+    fn finish(
+        &mut self,
+        mut outcome: Outcome,
+        answer: (http::StatusCode, u64),
+        code: Option<Code>,
+    ) {
+        let (t, method, path, started) = (
+            self.tunnel.clone(),
+            self.method.clone(),
+            std::mem::take(&mut self.path),
+            self.started,
+        );
+        let Some((body, progress)) = outcome.pending.take().filter(|_| code.is_none()) else {
+            return record(&t, &method, &path, answer, code, &outcome, started);
+        };
+        let rt = tokio::runtime::Handle::try_current();
+        let (Ok(rt), false) = (rt, body.is_over()) else {
+            let code = settle(&t, &body, &progress, &mut outcome);
+            return record(&t, &method, &path, answer, code, &outcome, started);
+        };
+        rt.spawn(async move {
+            body.over().await;
+            let code = settle(&t, &body, &progress, &mut outcome);
+            record(&t, &method, &path, answer, code, &outcome, started);
+        });
+    }
+}
+
+/// Takes a streamed body's final report and byte count into `o`; the refusal's code if it
+/// broke off at a token it may not carry here (after the answer began, or the client left).
+fn settle(t: &Tunnel, body: &SubstOutcome, progress: &Progress, o: &mut Outcome) -> Option<Code> {
+    o.report.merge(&body.report());
+    o.bytes_up = progress.bytes();
+    body.denied().map(|d| denied(t, d, o).code)
 }
 
 /// Writes the request's audit line and counts what it unsealed; `answer` is the response's
@@ -176,6 +231,9 @@ async fn exchange(
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
     let (body, streaming) = body.tracked();
+    if let (Some(outcome), Some((p, _))) = (&streamed, &streaming) {
+        o.pending = Some((outcome.clone(), p.clone()));
+    }
     let progress = streaming.as_ref().map(|(p, _)| &**p);
     let sent = send(t, rt, up, body, progress, websocket).await;
     if let Some((p, detach)) = &streaming {
@@ -193,9 +251,6 @@ async fn exchange(
         if outcome.stopped() {
             check_live(t)?;
             return Err(store_changed());
-        }
-        if let Some((p, _)) = &streaming {
-            o.pending = Some((outcome.clone(), p.clone()));
         }
     }
     let resp = sent?;

@@ -417,9 +417,9 @@ impl Framing {
             return Ok(());
         }
         Err(Reject::bad(
-            "a TLS handshake where an HTTP request head was expected (a client that speaks TLS \
-             to the explicit proxy: its proxy URL must be http://, over which it sends CONNECT \
-             and then TLS)",
+            "a TLS handshake where an HTTP request head was expected (TLS to a plain-HTTP \
+             port: a proxy URL must be http://, over which the client sends CONNECT and then \
+             TLS; or TLS again inside a tunnel that already is)",
         ))
     }
 

@@ -306,6 +306,25 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
 // ---- audit --------------------------------------------------------------------------------------
 
+/// The audit line of the request to `path`, waited for (up to 20 s: some are written when
+/// their body ends).
+async fn request_line(h: &crate::support::daemon::Harness, path: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = audit_events(&h.audit_log())
+            .into_iter()
+            .find(|v| v["kind"] == "request" && v["path"] == path);
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line for {path}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A daemon with one secret `KEY` of value `real`, unsealed in bodies for api.example.test.
 async fn body_secret(real: &str) -> Env {
     let secrets = [(
@@ -379,19 +398,10 @@ async fn an_upload_answered_early_audits_what_went_up_after_the_answer() {
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     let a = pc::send1(&mut c, req).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let line = loop {
-        let found = audit_events(&e.h.audit_log())
-            .into_iter()
-            .find(|v| v["kind"] == "request" && v["path"] == "/early");
-        if let Some(line) = found {
-            break line;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit line");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let line = request_line(&e.h, "/early").await;
     assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
     assert!(line["bytes_up"].as_u64().unwrap() > 1 << 20, "{line}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let got_real = || {
         let seen = e.echo.requests();
         seen.iter()
@@ -404,6 +414,73 @@ async fn an_upload_answered_early_audits_what_went_up_after_the_answer() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A token its secret may not carry to this host, late in an upload the origin answered
+/// early: the body is cut before it, and the line says so with the refusal's code (it read
+/// as a success, counted `ok`, when written after the body's end; outside re-check).
+#[tokio::test]
+async fn a_refused_token_after_an_early_answer_is_audited_as_refused() {
+    let e = setup(
+        Some(&["api.example.test", "other.example.test"]),
+        &[
+            (
+                "KEY",
+                "sk-ops-late-ok-0001",
+                Some(&["api.example.test"]),
+                Some(&["body"]),
+            ),
+            (
+                "FAR",
+                "sk-ops-late-far-0001",
+                Some(&["other.example.test"]),
+                Some(&["body"]),
+            ),
+        ],
+    )
+    .await;
+    let mut chunks = vec![Bytes::from(format!("\"{}\"", e.sb.token("KEY")))];
+    chunks.extend((0..4).map(|_| Bytes::from(vec![b'x'; 64 << 10])));
+    chunks.push(Bytes::from(format!("\"{}\"", e.sb.token("FAR"))));
+    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
+    let req = http::Request::post("/early-late")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let line = request_line(&e.h, "/early-late").await;
+    assert_eq!(line["code"], "secret_host_denied", "{line}");
+    assert_eq!(line["decision"], "deny", "{line}");
+    assert_eq!(line["refused"], json!(["FAR"]), "{line}");
+    assert!(!e.h.audit_log().contains("sk-ops-late-far-0001"));
+}
+
+/// An h2 client that gives up on an upload before its answer resets the stream, and hyper
+/// drops the request's future: its line was never written, though the origin had the real
+/// value (outside re-check). Now it is, with status 499, once the body ended.
+#[tokio::test]
+async fn an_upload_abandoned_before_its_answer_is_audited() {
+    let real = "sk-ops-audit-abandoned-0001";
+    let e = body_secret(real).await;
+    let key = e.sb.token("KEY");
+    let mut chunks = vec![Bytes::from(format!("\"{key}\""))];
+    chunks.extend((0..60).map(|_| Bytes::from(vec![b'x'; 64 << 10])));
+    let body = pc::paced(chunks, std::time::Duration::from_millis(50));
+    let req = http::Request::post("https://api.example.test/abandoned")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    c.ready().await.unwrap();
+    let sent = tokio::spawn(c.send_request(req));
+    // Well into the upload (the token went first), long before its end (3 s).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    sent.abort(); // the client resets the stream
+    let line = request_line(&e.h, "/abandoned").await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert!(line["bytes_up"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
 }
 
 #[tokio::test]
