@@ -325,6 +325,20 @@ async fn request_line(h: &crate::support::daemon::Harness, path: &str) -> Value 
     }
 }
 
+/// POSTs `chunks` over h1 to api.example.test's `path`, 20 ms apart; expects 200 and returns
+/// the request's audit line.
+async fn paced_upload(e: &Env, path: &str, chunks: Vec<Bytes>) -> Value {
+    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
+    let req = http::Request::post(path)
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    request_line(&e.h, path).await
+}
+
 /// A daemon with one secret `KEY` of value `real`, unsealed in bodies for api.example.test.
 async fn body_secret(real: &str) -> Env {
     let secrets = [(
@@ -390,15 +404,7 @@ async fn an_upload_answered_early_audits_what_went_up_after_the_answer() {
     // long before it.
     let mut chunks: Vec<Bytes> = (0..16).map(|_| Bytes::from(vec![b'x'; 64 << 10])).collect();
     chunks.push(Bytes::from(format!("\"{key}\"")));
-    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
-    let req = http::Request::post("/early")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    let line = request_line(&e.h, "/early").await;
+    let line = paced_upload(&e, "/early", chunks).await;
     assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
     assert!(line["bytes_up"].as_u64().unwrap() > 1 << 20, "{line}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -442,15 +448,7 @@ async fn a_refused_token_after_an_early_answer_is_audited_as_refused() {
     let mut chunks = vec![Bytes::from(format!("\"{}\"", e.sb.token("KEY")))];
     chunks.extend((0..4).map(|_| Bytes::from(vec![b'x'; 64 << 10])));
     chunks.push(Bytes::from(format!("\"{}\"", e.sb.token("FAR"))));
-    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
-    let req = http::Request::post("/early-late")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    let line = request_line(&e.h, "/early-late").await;
+    let line = paced_upload(&e, "/early-late", chunks).await;
     assert_eq!(line["code"], "secret_host_denied", "{line}");
     assert_eq!(line["decision"], "deny", "{line}");
     assert_eq!(line["refused"], json!(["FAR"]), "{line}");
