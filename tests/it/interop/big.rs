@@ -170,6 +170,9 @@ async fn a_256_mib_download_and_upload_keep_sealgate_rss_bounded() {
     let script = format!(
         "set -e
 curl -sS --http2 -o /dev/null -w 'down=%{{http_code}} %{{size_download}}\\n' https://nginx-h2.test/static/256m.bin
+f=$(mktemp); {{ printf %s \"$BODY_KEY\"; head -c 1048576 /dev/zero; }} > \"$f\"
+curl -sS --http2 --data-binary @\"$f\" -o /dev/null -w 'cl_status=%{{http_code}}\\n' https://node-h2.test/upload
+rm -f \"$f\"
 {{ printf %s \"$BODY_KEY\"; head -c {SIZE} /dev/zero; }} | \
   curl -sS --http2 -X POST -T - -w '\\nup_status=%{{http_code}}\\n' https://node-h2.test/upload"
     );
@@ -213,7 +216,37 @@ curl -sS --http2 -o /dev/null -w 'down=%{{http_code}} %{{size_download}}\\n' htt
         &format!("256 MiB chunked upload, body token unsealed at its start; peak RSS +{RSS_GROWTH_MAX_MIB} MiB at most"),
         up.and_then(|()| rss_ok(growth_mib)),
     );
+    m.cell(
+        &format!("{} (http2)", v.node),
+        &format!("{} --http2 --data-binary / -T -", v.curl),
+        "explicit",
+        "1 MiB upload of known length and the 256 MiB chunked one: each audit line names the body secret",
+        ensure(stdout.contains("cl_status=200"), || stdout.clone())
+            .and_then(|()| uploads_audited(dir.path())),
+    );
     m.finish();
+}
+
+/// The audit lines of the two uploads each name the secret unsealed into their body (an
+/// upload of known length past 64 KiB was audited `"unsealed": []`: outside review).
+fn uploads_audited(dir: &std::path::Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+        let uploads: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "request" && v["path"] == "/upload")
+            .collect();
+        let named = |v: &Value| v["unsealed"] == json!(["BODY_KEY"]);
+        if uploads.len() == 2 && uploads.iter().all(named) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("upload audit lines: {uploads:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn rss_ok(growth_mib: u64) -> Result<(), String> {
