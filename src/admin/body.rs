@@ -106,8 +106,9 @@ async fn read_at_most(body: &mut Incoming, max: usize) -> Result<Vec<u8>, Unread
 
 /// Reads and drops the rest of a refused body in the background, within the proxy's default
 /// lingering bounds (the admin API serves token holders; `[proxy] linger_*` bound what
-/// sandboxes can make the proxy read), so that a client still writing it reads the 413 instead of a reset (an
-/// outside re-check: the Python SDK saw "ReadError" 10 times in 10, the CLI "SendRequest").
+/// sandboxes can make the proxy read), so that a client still writing it reads the 413
+/// instead of a reset (an outside re-check: the Python SDK saw "ReadError" 10 times in 10, the
+/// CLI "SendRequest").
 fn linger(body: Incoming) {
     use crate::proxy::linger::{Bounds, Lingering};
     drop(Lingering::new(body, Bounds::DEFAULT));

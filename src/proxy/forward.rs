@@ -44,8 +44,9 @@ struct Outcome {
     report: Report,
     rule: Option<String>,
     bytes_up: u64,
-    /// A streamed request body still going up when the answer's head came (the origin
-    /// answered early): the line waits for its end, so that it names every secret unsealed.
+    /// A streamed request body that may carry secrets, with its byte count: when it is still
+    /// going up at the answer (the origin answered early) or when the client left, the line
+    /// waits for its end, so that it names every secret unsealed.
     pending: Option<(SubstOutcome, Arc<Progress>)>,
 }
 
