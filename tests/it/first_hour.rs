@@ -795,10 +795,11 @@ fn origin_example() -> PathBuf {
 fn assert_ports_free() {
     for port in DEMO_PORTS {
         if let Err(e) = TcpListener::bind(("127.0.0.1", port)) {
-            panic!(
+            let why = format!(
                 "the README demo needs 127.0.0.1:{port}, which is busy ({e}): stop the \
                  `sealgate serve` or demo that holds it and run this test again"
             );
+            demo_failed(&why, "(not started)");
         }
     }
 }
@@ -837,34 +838,45 @@ fn run_demo(script: &Path, cwd: &Path, env: &[(&str, &Path)], limit: Duration) -
             // SAFETY: kill(2) on the process group this test created.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.wait();
-            panic!(
-                "the demo did not finish within {limit:?}:\n{}",
-                std::fs::read_to_string(&out).unwrap_or_default()
-            );
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            demo_failed(&format!("the demo did not finish within {limit:?}"), &text);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     let _ = std::fs::remove_file(&out);
-    assert!(
-        group_is_gone(pgid),
-        "the demo left processes running in its group:\n{text}"
-    );
+    if let Err(left) = group_is_gone(pgid) {
+        demo_failed(
+            &format!("the demo left processes in its group:\n{left}"),
+            &text,
+        );
+    }
     (status.code().unwrap_or(-1), text)
 }
 
-/// True when no process is left in process group `pgid` (killing any leftovers).
-fn group_is_gone(pgid: i32) -> bool {
+/// Ok when no process is left in process group `pgid` within 2 s; else kills the leftovers
+/// and names them (`ps` lines).
+fn group_is_gone(pgid: i32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         // SAFETY: signal 0 only checks for existence.
         if unsafe { libc::kill(-pgid, 0) } != 0 {
-            return true;
+            return Ok(());
         }
         if Instant::now() > deadline {
+            let ps = Command::new("ps")
+                .args(["-eo", "pgid=,pid=,stat=,etime=,args="])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let ps: String = ps
+                .lines()
+                .filter(|l| l.split_whitespace().next() == Some(&pgid.to_string()))
+                .map(|l| format!("{l}\n"))
+                .collect();
             // SAFETY: kill(2) on the process group this test created.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            return false;
+            return Err(ps);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -905,22 +917,25 @@ fn readme_demo_runs_verbatim_twice_and_leaves_nothing_behind() {
     for run in 1..=2 {
         assert_ports_free();
         let (code, out) = run_demo(&demo, &work, &env, Duration::from_secs(120));
-        assert_eq!(code, 0, "run {run} failed:\n{out}");
+        if code != 0 {
+            demo_failed(&format!("run {run} exited {code}"), &out);
+        }
         for evidence in [
             "sandbox: API_KEY=osb_sealed_",
             "\"received_expected_auth\":true",
             "\"authorization\":\"Bearer osb_sealed_",
             "\"unsealed\":[\"API_KEY\"]",
         ] {
-            assert!(
-                out.contains(evidence),
-                "run {run}: no {evidence} in:\n{out}"
+            if !out.contains(evidence) {
+                demo_failed(&format!("run {run}: no {evidence}"), &out);
+            }
+        }
+        if out.contains("sk-real-demo") {
+            demo_failed(
+                &format!("run {run}: the real value reached the sandbox"),
+                &out,
             );
         }
-        assert!(
-            !out.contains("sk-real-demo"),
-            "run {run}: the real value reached the sandbox's output:\n{out}"
-        );
         assert_eq!(
             dir_entries(&work),
             0,
@@ -929,6 +944,17 @@ fn readme_demo_runs_verbatim_twice_and_leaves_nothing_behind() {
         assert_eq!(dir_entries(&tmp), 0, "run {run} left its temp dir behind");
         assert_ports_free();
     }
+}
+
+/// Fails the demo test with the demo's output, also written straight to the process's stderr:
+/// the harness captures only the panic message, and a CI log that keeps a part of the output
+/// keeps the lines printed beside the test's name, not the failure summary at the end.
+fn demo_failed(why: &str, out: &str) -> ! {
+    use std::io::Write as _;
+    let text =
+        format!("\n---- README demo: {why}; its output:\n{out}\n---- end of the demo's output\n");
+    let _ = std::io::stderr().write_all(text.as_bytes());
+    panic!("{why}:\n{out}");
 }
 
 fn dir_entries(d: &Path) -> usize {
