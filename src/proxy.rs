@@ -360,9 +360,19 @@ impl ProxyState {
         });
     }
 
-    /// Waits (after shutdown began) for connections to finish: each connection applies
-    /// `shutdown_grace` itself after hyper's graceful shutdown; this is the overall backstop.
-    /// Returns the number still open when `limit` ran out.
+    /// `fut`, counted by [`ProxyState::drain`] like a connection: work a request leaves
+    /// behind that a clean stop must finish (a deferred audit line).
+    pub fn tracked<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        self.tasks.track_future(fut)
+    }
+
+    /// Waits (after shutdown began) for connections and [`ProxyState::tracked`] work to
+    /// finish: each connection applies `shutdown_grace` itself after hyper's graceful
+    /// shutdown; this is the overall backstop. Returns the number still open when `limit` ran
+    /// out.
     pub async fn drain(&self, limit: std::time::Duration) -> usize {
         self.tasks.close();
         if tokio::time::timeout(limit, self.tasks.wait()).await.is_ok() {

@@ -44,10 +44,22 @@ struct Outcome {
     report: Report,
     rule: Option<String>,
     bytes_up: u64,
-    /// A streamed request body that may carry secrets, with its byte count: when it is still
-    /// going up at the answer (the origin answered early) or when the client left, the line
-    /// waits for its end, so that it names every secret unsealed.
-    pending: Option<(SubstOutcome, Arc<Progress>)>,
+    /// A streamed request body that may carry secrets: when it is still going up at the
+    /// answer (the origin answered early) or when the client left, the line waits for its
+    /// end, so that it names every secret unsealed; a refused exchange stops it first.
+    pending: Option<Pending>,
+}
+
+/// A streamed request body in flight, as the audit line needs it.
+struct Pending {
+    /// What the substitution saw (final once the body is over).
+    body: SubstOutcome,
+    /// Its byte count.
+    progress: Arc<Progress>,
+    /// Takes the body back from the upstream request: stops the upload.
+    detach: Detach,
+    /// `proxy.max_unsealed_bytes` of the request's settings (for a cut's rule).
+    max_unsealed_bytes: usize,
 }
 
 /// Serves one request of `tunnel` with the runtime `rt` the caller took for this request
@@ -123,28 +135,51 @@ impl Line {
             std::mem::take(&mut self.path),
             self.started,
         );
-        let Some((body, progress)) = outcome.pending.take().filter(|_| code.is_none()) else {
+        let Some(pending) = outcome.pending.take() else {
             return record(&t, &method, &path, answer, code, &outcome, started);
         };
+        if code.is_some() {
+            // A refused exchange (a refused answer, too) sends nothing more: the upload went
+            // on unsealing after its line was written `"unsealed": []` (review). Taking the
+            // body back drops it at once, so its report is final.
+            pending.detach.drop_body();
+            settle(&t, &pending, &mut outcome);
+            return record(&t, &method, &path, answer, code, &outcome, started);
+        }
         let rt = tokio::runtime::Handle::try_current();
-        let (Ok(rt), false) = (rt, body.is_over()) else {
-            let code = settle(&t, &body, &progress, &mut outcome);
+        let (Ok(rt), false) = (rt, pending.body.is_over()) else {
+            let code = settle(&t, &pending, &mut outcome);
             return record(&t, &method, &path, answer, code, &outcome, started);
         };
-        rt.spawn(async move {
-            body.over().await;
-            let code = settle(&t, &body, &progress, &mut outcome);
+        // Tracked: a stop waits for the line (the cut ends the body) before the last flush.
+        let state = t.state.clone();
+        rt.spawn(state.tracked(async move {
+            pending.body.over().await;
+            let code = settle(&t, &pending, &mut outcome);
             record(&t, &method, &path, answer, code, &outcome, started);
-        });
+        }));
     }
 }
 
-/// Takes a streamed body's final report and byte count into `o`; the refusal's code if it
-/// broke off at a token it may not carry here (after the answer began, or the client left).
-fn settle(t: &Tunnel, body: &SubstOutcome, progress: &Progress, o: &mut Outcome) -> Option<Code> {
-    o.report.merge(&body.report());
-    o.bytes_up = progress.bytes();
-    body.denied().map(|d| denied(t, d, o).code)
+/// Takes a streamed body's final report and byte count into `o`; when the body was cut after
+/// the answer began (or after the client left), the code of the cut, with its rule in `o`: a
+/// token it may not carry here, the unsealing budget spent, or the sandbox ended or its store
+/// changed (the guard stopped it).
+fn settle(t: &Tunnel, p: &Pending, o: &mut Outcome) -> Option<Code> {
+    o.report.merge(&p.body.report());
+    o.bytes_up = p.progress.bytes();
+    if let Some(d) = p.body.denied() {
+        return Some(denied(t, d, o).code);
+    }
+    let cut = if o.report.over_budget {
+        over_budget(p.max_unsealed_bytes)
+    } else if p.body.stopped() {
+        check_live(t).err().unwrap_or_else(store_changed)
+    } else {
+        return None;
+    };
+    o.rule.get_or_insert(cut.message);
+    Some(cut.code)
 }
 
 /// Writes the request's audit line and counts what it unsealed; `answer` is the response's
@@ -232,8 +267,13 @@ async fn exchange(
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
     let (body, streaming) = body.tracked();
-    if let (Some(outcome), Some((p, _))) = (&streamed, &streaming) {
-        o.pending = Some((outcome.clone(), p.clone()));
+    if let (Some(outcome), Some((p, detach))) = (&streamed, &streaming) {
+        o.pending = Some(Pending {
+            body: outcome.clone(),
+            progress: p.clone(),
+            detach: detach.clone(),
+            max_unsealed_bytes: rt.proxy.max_unsealed_bytes,
+        });
     }
     let progress = streaming.as_ref().map(|(p, _)| &**p);
     let sent = send(t, rt, up, body, progress, websocket).await;
@@ -649,15 +689,19 @@ fn within_budget(rt: &LiveSettings, report: &subst::Report) -> Result<(), Refusa
     if !report.over_budget {
         return Ok(());
     }
-    Err(Refusal::new(
+    Err(over_budget(rt.proxy.max_unsealed_bytes))
+}
+
+/// The refusal of a request over its unsealing budget of `max` bytes.
+fn over_budget(max: usize) -> Refusal {
+    Refusal::new(
         Code::PayloadTooLarge,
         format!(
-            "the request would carry more than {} bytes of real secret values \
+            "the request would carry more than {max} bytes of real secret values \
              (proxy.max_unsealed_bytes), or Basic credentials over {} bytes",
-            rt.proxy.max_unsealed_bytes,
             subst::MAX_BASIC_CREDENTIALS
         ),
-    ))
+    )
 }
 
 /// What is left of the request's budget for its body.

@@ -120,6 +120,7 @@ async fn drop_rest(mut body: Incoming, bounds: Bounds) {
 pub struct Detachable(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
 
 /// The forwarder's hold on a [`Detachable`] body.
+#[derive(Clone)]
 pub struct Detach(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
 
 impl Detachable {

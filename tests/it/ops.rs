@@ -481,6 +481,140 @@ async fn an_upload_abandoned_before_its_answer_is_audited() {
     assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
 }
 
+/// An answer sealgate refuses after its head came in (a 206 where answers are scrubbed), while
+/// the upload is still going up: the upload stops there, and the line names what it unsealed
+/// (it went on unsealing after a line that said `"unsealed": []`; review).
+#[tokio::test]
+async fn an_upload_whose_early_answer_is_refused_stops_and_is_audited() {
+    let real = "sk-ops-audit-refused-answer-0001";
+    let e = body_secret(real).await;
+    let key = e.sb.token("KEY");
+    // The token first, then the token again in every piece, 50 ms apart (~1.5 s in all).
+    let chunks: Vec<Bytes> = (0..30)
+        .map(|_| Bytes::from(format!("\"{key}\"{}", "x".repeat(16 << 10))))
+        .collect();
+    let body = pc::paced(chunks, Duration::from_millis(50));
+    let req = http::Request::post("/early-206")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    let line = request_line(&e.h, "/early-206").await;
+    assert_eq!(line["status"], 502, "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let up = line["bytes_up"].as_u64().unwrap();
+    assert!(up > 0 && up < 20 * (16 << 10), "the upload went on: {line}");
+    // Whatever the origin got of the body is all there will be: nothing more goes up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = e.echo.requests();
+    assert_eq!(seen.len(), 1, "the origin saw the upload end");
+    let got = seen[0].body.len() as u64;
+    assert!(got <= up, "the origin got {got} bytes after a line of {up}");
+}
+
+/// An upload answered early that then spends more than `max_unsealed_bytes` is cut there, and
+/// its line says so (it read `allow`, and was counted, as if nothing had happened; review).
+#[tokio::test]
+async fn an_upload_over_its_budget_after_an_early_answer_is_audited_as_cut() {
+    let real = "sk-ops-audit-budget-0001";
+    let secrets = [(
+        "KEY",
+        real,
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    let opts = Opts {
+        proxy_toml: "max_unsealed_bytes = 1024\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(Some(&["api.example.test"]), &secrets, opts).await;
+    let key = e.sb.token("KEY");
+    let mut chunks = vec![Bytes::from(format!("\"{key}\"{}", "x".repeat(64 << 10)))];
+    chunks.extend((0..4).map(|_| Bytes::from(format!("\"{key}\"").repeat(40))));
+    let line = paced_upload(&e, "/early-budget", chunks).await;
+    assert_eq!(line["code"], "request_too_large", "{line}");
+    assert_ne!(line["decision"], "allow", "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let rule = line["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("proxy.max_unsealed_bytes"), "{line}");
+}
+
+/// An upload answered early whose secret is rotated while it goes up: the guard stops it at
+/// the next value, and the line says why (it read `allow`; review).
+#[tokio::test]
+async fn an_upload_stopped_by_a_store_change_after_an_early_answer_is_audited_as_cut() {
+    let real = "sk-ops-audit-rotated-0001";
+    let e = body_secret(real).await;
+    let key = e.sb.token("KEY");
+    let chunks: Vec<Bytes> = (0..40)
+        .map(|_| Bytes::from(format!("\"{key}\"{}", "x".repeat(16 << 10))))
+        .collect();
+    let body = pc::paced(chunks, Duration::from_millis(50));
+    let req = http::Request::post("/early-rotated")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let hosts = ["api.example.test"];
+    let locs = ["body"];
+    e.h.secret(
+        &e.store,
+        "KEY",
+        "sk-ops-audit-rotated-0002",
+        Some(&hosts),
+        Some(&locs),
+    )
+    .await;
+    let line = request_line(&e.h, "/early-rotated").await;
+    assert_eq!(line["code"], "unavailable", "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let rule = line["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("store changed"), "{line}");
+}
+
+/// The daemon stops while an upload the origin answered early is still going up: the line,
+/// waiting for the body's end, is in the file when the stop returns (the cut body ends it).
+/// It was written by a task the stop did not wait for, so an exiting daemon lost it.
+#[tokio::test]
+async fn an_upload_still_going_up_at_the_stop_is_audited_before_the_stop_returns() {
+    let real = "sk-ops-audit-stopped-0001";
+    let secrets = [(
+        "KEY",
+        real,
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    let opts = Opts {
+        proxy_toml: "shutdown_grace_secs = 1\n".into(),
+        ..Opts::default()
+    };
+    let mut e = setup_with(Some(&["api.example.test"]), &secrets, opts).await;
+    let first = format!("\"{}\"{}", e.sb.token("KEY"), "x".repeat(64 << 10));
+    // The token goes up first; the rest would come a minute later.
+    let body = pc::paced(
+        vec![Bytes::from(first), Bytes::from_static(b"late")],
+        Duration::from_secs(60),
+    );
+    let req = http::Request::post("/early-stopped")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    e.h.stop().await;
+    let line = audit_events(&e.h.audit_log())
+        .into_iter()
+        .find(|v| v["kind"] == "request" && v["path"] == "/early-stopped");
+    let line = line.expect("the upload's line is written before the stop returns");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+}
+
 #[tokio::test]
 async fn audit_log_names_the_rule_that_denied_a_request() {
     let e = setup(

@@ -270,13 +270,17 @@ async fn handle(
     let upgrade = is_websocket(&req).then(|| hyper::upgrade::on(&mut req));
     if req.uri().path().starts_with("/early") {
         // Answers at once (as an ingestion API that replies 202 before the body ends), and
-        // records the request once its body is in.
+        // records the request once its body is in; `/early-206` answers 206.
+        let status = match req.uri().path() {
+            "/early-206" => StatusCode::PARTIAL_CONTENT,
+            _ => StatusCode::OK,
+        };
         let state = ctx.state.clone();
         tokio::spawn(async move {
             let rec = record(req, conn).await;
             state.requests().push(rec);
         });
-        return Ok(response(StatusCode::OK, empty()));
+        return Ok(response(status, empty()));
     }
     let rec = record(req, conn).await;
     ctx.state.requests().push(rec.clone());
