@@ -44,6 +44,8 @@ struct Outcome {
     report: Report,
     rule: Option<String>,
     bytes_up: u64,
+    /// The request was handed to the upstream client (values in it may have left).
+    sent: bool,
     /// A streamed request body that may carry secrets: when it is still going up at the
     /// answer (the origin answered early) or when the client left, the line waits for its
     /// end, so that it names every secret unsealed; a refused exchange stops it first.
@@ -111,8 +113,11 @@ struct Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if let Some(mut o) = self.outcome.take() {
-            o.rule
-                .get_or_insert_with(|| "the client gave up before the answer".to_owned());
+            let why = match o.sent {
+                true => "the client gave up before the answer",
+                false => "the client gave up before the request was sent",
+            };
+            o.rule.get_or_insert_with(|| why.to_owned());
             let abandoned = http::StatusCode::from_u16(499).expect("499 is a status");
             self.finish(o, (abandoned, 0), None);
         }
@@ -135,29 +140,87 @@ impl Line {
             std::mem::take(&mut self.path),
             self.started,
         );
+        if !outcome.sent {
+            // Values put into the head or a held body of a request never sent went nowhere:
+            // the line names none (a refused or abandoned request named them; review).
+            outcome.report.unsealed.clear();
+        }
         let Some(pending) = outcome.pending.take() else {
             return record(&t, &method, &path, answer, code, &outcome, started);
+        };
+        let mut line = Deferred {
+            t,
+            method,
+            path,
+            answer,
+            code,
+            started,
+            outcome,
+            pending,
+            written: false,
         };
         if code.is_some() {
             // A refused exchange (a refused answer, too) sends nothing more: the upload went
             // on unsealing after its line was written `"unsealed": []` (review). Taking the
             // body back drops it at once, so its report is final.
-            pending.detach.drop_body();
-            settle(&t, &pending, &mut outcome);
-            return record(&t, &method, &path, answer, code, &outcome, started);
+            line.pending.detach.drop_body();
+            return line.write();
         }
         let rt = tokio::runtime::Handle::try_current();
-        let (Ok(rt), false) = (rt, pending.body.is_over()) else {
-            let code = settle(&t, &pending, &mut outcome);
-            return record(&t, &method, &path, answer, code, &outcome, started);
+        let (Ok(rt), false) = (rt, line.pending.body.is_over()) else {
+            return line.write();
         };
         // Tracked: a stop waits for the line (the cut ends the body) before the last flush.
-        let state = t.state.clone();
+        let state = line.t.state.clone();
         rt.spawn(state.tracked(async move {
-            pending.body.over().await;
-            let code = settle(&t, &pending, &mut outcome);
-            record(&t, &method, &path, answer, code, &outcome, started);
+            line.pending.body.over().await;
+            line.write();
         }));
+    }
+}
+
+/// A line that waits for its streamed body's end. Dropped unwritten (its task was dropped: the
+/// runtime went away after the stop's backstop ran out), it writes what it has, saying so.
+struct Deferred {
+    t: Arc<Tunnel>,
+    method: Method,
+    path: String,
+    answer: (http::StatusCode, u64),
+    /// The exchange's refusal, if any: it stands over a cut found in the body.
+    code: Option<Code>,
+    started: Instant,
+    outcome: Outcome,
+    pending: Pending,
+    written: bool,
+}
+
+impl Deferred {
+    /// Settles the body's report into the outcome and writes the line (once).
+    fn write(&mut self) {
+        self.written = true;
+        let cut = settle(&self.t, &self.pending, &mut self.outcome);
+        let code = self.code.or(cut);
+        let (t, o) = (&self.t, &self.outcome);
+        record(
+            t,
+            &self.method,
+            &self.path,
+            self.answer,
+            code,
+            o,
+            self.started,
+        );
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if !self.written {
+            self.outcome
+                .rule
+                .get_or_insert_with(|| "the daemon stopped before the upload's end".to_owned());
+            self.write();
+        }
     }
 }
 
@@ -276,6 +339,7 @@ async fn exchange(
         });
     }
     let progress = streaming.as_ref().map(|(p, _)| &**p);
+    o.sent = true;
     let sent = send(t, rt, up, body, progress, websocket).await;
     if let Some((p, detach)) = &streaming {
         o.bytes_up = p.bytes();

@@ -615,6 +615,51 @@ async fn an_upload_still_going_up_at_the_stop_is_audited_before_the_stop_returns
     assert_eq!(line["status"], 200, "{line}");
 }
 
+/// A client that gives up while sealgate still collects its (held) body: the value unsealed
+/// into the head never left, so the line names none and nothing is counted (it named `KEY`
+/// as unsealed; review).
+#[tokio::test]
+async fn a_request_abandoned_before_it_was_sent_names_no_unsealed_value() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-audit-unsent-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let body = pc::paced(
+        vec![Bytes::from(vec![b'x'; 50]), Bytes::from(vec![b'y'; 50])],
+        Duration::from_secs(30),
+    );
+    let req = http::Request::post("https://api.example.test/unsent")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-length", "100")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    c.ready().await.unwrap();
+    let sent = tokio::spawn(c.send_request(req));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sent.abort(); // the client resets the stream while its body is being collected
+    let line = request_line(&e.h, "/unsent").await;
+    // The reset reaches sealgate as a body cut short (400) or drops the request (499).
+    assert!(
+        [400, 499].contains(&line["status"].as_u64().unwrap()),
+        "{line}"
+    );
+    assert_eq!(line["unsealed"], json!([]), "{line}");
+    assert!(e.echo.requests().is_empty());
+    let metrics = scrape(&e.h).await;
+    assert!(
+        !metrics.contains("sealgate_secrets_unsealed_total{"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn audit_log_names_the_rule_that_denied_a_request() {
     let e = setup(
