@@ -12,6 +12,7 @@ Secret values go to the daemon once and are never returned by any method.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import _config, _http
@@ -71,7 +72,8 @@ def _secret_name(name: Any) -> None:
 
 #: Credential formats whose characters are all valid in a variable name (GitHub, Stripe, npm,
 #: Hugging Face, DigitalOcean, Shopify),
-#: each followed by 16 or more letters and digits. The daemon applies the same rule.
+#: each followed by 16 or more letters and digits of two kinds or more. The daemon applies the
+#: same rule.
 _CREDENTIAL_PREFIXES = (
     "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "sk_live_", "sk_test_", "rk_live_",
     "rk_test_", "npm_", "hf_", "dop_v1_", "shpat_", "shpss_", "shpca_",
@@ -79,12 +81,18 @@ _CREDENTIAL_PREFIXES = (
 
 
 def _looks_like_credential(name: str) -> bool:
-    """The daemon's ``looks_like_credential``: a known token prefix followed by 16 or more
-    letters and digits, an AWS access key id, or a ``_``-separated run of 24 or more letters
-    and digits with two or more each of lower case, upper case and digits."""
+    """The daemon's ``looks_like_credential``: a known token prefix followed by a run of 16 or
+    more letters and digits of at least two kinds (lower case, upper case, digits), an AWS
+    access key id, or a ``_``-separated run of 24 or more letters and digits with two or more
+    each of lower case, upper case and digits."""
     for p in _CREDENTIAL_PREFIXES:
-        rest = name[len(p):]
-        if name.startswith(p) and len(rest) >= 16 and rest[:16].isalnum():
+        if not name.startswith(p):
+            continue
+        run = re.match(r"[A-Za-z0-9]*", name[len(p):]).group(0)
+        kinds = sum(
+            any(f(c) for c in run) for f in (str.islower, str.isupper, str.isdigit)
+        )
+        if len(run) >= 16 and kinds >= 2:
             return True
     if name[:4] in ("AKIA", "ASIA"):
         rest = name[4:]

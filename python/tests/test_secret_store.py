@@ -263,6 +263,9 @@ async def test_a_credential_shaped_like_a_variable_name_is_refused_as_a_name(dae
     assert await SecretStore.list_secrets(store["id"]) == []
     ok = await SecretStore.set_secret(store["id"], "ANTHROPIC_API_KEY", values[0])
     assert ok["name"] == "ANTHROPIC_API_KEY"
+    # A token prefix followed by one single-case word is a variable name (npm reads these).
+    ok = await SecretStore.set_secret(store["id"], "npm_configuserconfig", values[1])
+    assert ok["name"] == "npm_configuserconfig"
 
 
 async def test_a_body_over_the_limit_is_a_clear_error_not_a_lost_connection(daemon):

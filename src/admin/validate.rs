@@ -150,18 +150,27 @@ const CREDENTIAL_PREFIXES: &[&str] = &[
 ];
 
 /// True if `name` has the shape of a credential rather than of a variable name: a
-/// [`CREDENTIAL_PREFIXES`] prefix followed by 16 or more letters and digits, an AWS access key
-/// id (`AKIA`/`ASIA` and 16 of `A-Z2-7`, a digit among them, nothing more), or a run of 24 or
-/// more letters and digits with two or more each of lower case, upper case and digits
-/// (variable names are words joined by `_`; random tokens are not). Invariant: names made of
-/// words shorter than 24 characters, as `ANTHROPIC_API_KEY`, never match.
+/// [`CREDENTIAL_PREFIXES`] prefix followed by a run of 16 or more letters and digits of at
+/// least two kinds (lower case, upper case, digits: random tokens mix them, and
+/// `npm_configuserconfig` is one lower-case word), an AWS access key id (`AKIA`/`ASIA` and 16
+/// of `A-Z2-7`, a digit among them, nothing more), or a run of 24 or more letters and digits
+/// with two or more each of lower case, upper case and digits (variable names are words
+/// joined by `_`; random tokens are not). Invariant: names made of single-case words, as
+/// `ANTHROPIC_API_KEY` or `npm_config_registry`, never match.
 pub fn looks_like_credential(name: &str) -> bool {
     let prefixed = CREDENTIAL_PREFIXES.iter().any(|p| {
         name.strip_prefix(p).is_some_and(|rest| {
-            rest.len() >= 16 && rest.bytes().take(16).all(|b| b.is_ascii_alphanumeric())
+            let run = rest.split(|c: char| !c.is_ascii_alphanumeric()).next();
+            run.is_some_and(|r| r.len() >= 16 && kinds(r) >= 2)
         })
     });
     prefixed || aws_key_id(name) || name.split('_').any(random_looking)
+}
+
+/// How many of lower case, upper case and digits `run` holds (0–3).
+fn kinds(run: &str) -> usize {
+    let has = |f: fn(&u8) -> bool| usize::from(run.bytes().any(|b| f(&b)));
+    has(u8::is_ascii_lowercase) + has(u8::is_ascii_uppercase) + has(u8::is_ascii_digit)
 }
 
 /// `AKIA`/`ASIA` and exactly 16 base32 characters (`A-Z2-7`), at least one a digit.
@@ -305,6 +314,10 @@ mod tests {
             "sk_test_mode",
             "AZURE_OPENAI_API_KEY_FOR_PRODUCTION_DEPLOYMENT2",
             "VeryLongCamelCaseName2Ok",
+            "hf_transformerscache",
+            "npm_configuserconfig",
+            "sk_test_webhooksigningsecret",
+            "gho_OAUTHCLIENTSECRETNAME",
             "x",
         ];
         for n in names {
