@@ -131,6 +131,17 @@ impl Detachable {
     }
 }
 
+/// Dropped by its reader (hyper gave up on the request: the client reset it, or it never got
+/// a connection), the body goes with it, though the forwarder's [`Detach`] lives on: the
+/// body's end is what the request's deferred audit line waits for (hostile review: kept alive
+/// by the handle, such lines waited for the daemon's stop).
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        let body = self.0.lock().map(|mut b| b.take());
+        drop(body); // outside the lock, as in `drop_body`
+    }
+}
+
 impl Detach {
     /// Drops the body wherever it is; its reader then sees it end.
     pub fn drop_body(&self) {
@@ -174,8 +185,48 @@ impl Body for Detachable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
+
+    /// An empty body that says when it is dropped.
+    struct Flagged(Arc<AtomicBool>);
+
+    impl Body for Flagged {
+        type Data = bytes::Bytes;
+        type Error = crate::proxy::BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    impl Drop for Flagged {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_detachable_dropped_by_its_reader_drops_the_body_though_the_handle_lives() {
+        use http_body_util::BodyExt as _;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
+        drop(reader);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the handle kept the body alive"
+        );
+        handle.drop_body(); // nothing left to take: no panic
+
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
+        handle.drop_body();
+        assert!(dropped.load(Ordering::SeqCst));
+        drop(reader);
+    }
 
     #[tokio::test]
     async fn drain_reads_to_the_end_and_stops_at_the_byte_bound() {

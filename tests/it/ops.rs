@@ -615,6 +615,66 @@ async fn an_upload_still_going_up_at_the_stop_is_audited_before_the_stop_returns
     assert_eq!(line["status"], 200, "{line}");
 }
 
+/// h2 streams reset right after their head and first piece of a streamed body, before or
+/// after their (early) answer: each gets its line at once. hyper drops such a request without
+/// finishing its body, and the handle kept to take the body back kept it alive, so the
+/// deferred lines waited for the daemon's stop (hostile review: 62 of 80 such requests).
+#[tokio::test]
+async fn streams_reset_right_after_their_head_are_audited_at_once() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-audit-reset-0001",
+            Some(&["api.example.test"]),
+            Some(&["header", "body"]),
+        )],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    const N: usize = 40;
+    for i in 0..N {
+        client = client.ready().await.unwrap();
+        let req = http::Request::post(format!("https://api.example.test/early-reset-{i}"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(())
+            .unwrap();
+        let (answer, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(Bytes::from(vec![b'x'; 70_000]), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(i as u64 % 3 * 5)).await;
+        body.send_reset(h2::Reason::CANCEL);
+        drop(answer);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines = audit_events(&e.h.audit_log())
+            .into_iter()
+            .filter(|v| {
+                v["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/early-reset-"))
+            })
+            .count();
+        if lines == N {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{lines} of {N} reset requests have a line"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A client that gives up while sealgate still collects its (held) body: the value unsealed
 /// into the head never left, so the line names none and nothing is counted (it named `KEY`
 /// as unsealed; review).
