@@ -258,11 +258,12 @@ fn record(
 ) {
     let rule = o.rule.clone().or_else(|| sealed_rule(t, &o.report));
     let m = &t.state.metrics;
-    if code.is_none() {
-        // A refused request sent no value (or only part of a stopped body): not counted.
-        for name in &o.report.unsealed {
-            m.count_unseal(name, &t.authority);
-        }
+    // The line and the metric agree: what the line names as unsealed went upstream, whatever
+    // became of the exchange after (a 504, an answer refused, a body cut after the answer);
+    // a request never sent names nothing. (Refused requests went uncounted, though values
+    // had left in these; hostile review.)
+    for name in &o.report.unsealed {
+        m.count_unseal(name, &t.authority);
     }
     let event = RequestEvent {
         sandbox: Some(&t.sandbox.id),
@@ -340,7 +341,7 @@ async fn exchange(
     }
     let progress = streaming.as_ref().map(|(p, _)| &**p);
     o.sent = true;
-    let sent = send(t, rt, up, body, progress, websocket).await;
+    let sent = send(t, rt, up, body, progress, websocket, &mut o.sent).await;
     if let Some((p, detach)) = &streaming {
         o.bytes_up = p.bytes();
         if sent.is_err() {
@@ -1031,6 +1032,7 @@ async fn send(
     body: UpBody,
     progress: Option<&Progress>,
     websocket: bool,
+    sent: &mut bool,
 ) -> Result<Response<Incoming>, Refusal> {
     let started = Instant::now();
     let timeout = rt.upstream.config.response_timeout;
@@ -1055,7 +1057,13 @@ async fn send(
         }
     };
     let resp = match answered {
-        Err(e) => return Err(super::failure::classify(t, &e)),
+        Err(e) => {
+            // Failed connecting (the last attempt; an earlier one could only have written to
+            // a pooled connection its upstream had closed): nothing reached the upstream, and
+            // the line names no value (DESIGN: a failure writes zero secret bytes).
+            *sent = !e.is_connect();
+            return Err(super::failure::classify(t, &e));
+        }
         Ok(r) => r,
     };
     t.state

@@ -282,6 +282,10 @@ struct SubstEngine<L> {
     outcome: SubstOutcome,
     ended: bool,
     guard: Option<Guard>,
+    /// Set when a chunk's output was thrown away (denied, stopped, over budget): how many
+    /// unsealed names the report had before it. Names the chunk added never left, so the
+    /// published report leaves them out (they were audited as unsealed; hostile review).
+    kept_names: Option<usize>,
 }
 
 impl<B, L> SubstBody<B, L>
@@ -294,6 +298,7 @@ where
         let engine = SubstEngine {
             subst: engine,
             outcome: SubstOutcome::default(),
+            kept_names: None,
             ended: false,
             guard: None,
         };
@@ -326,11 +331,13 @@ where
     L::Target: TokenLookup,
 {
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
-        let (before, mark) = (self.subst.report().unsealed_bytes, out.len());
-        self.subst.push(chunk, out).map_err(|denied| {
+        let report = self.subst.report();
+        let (before, names, mark) = (report.unsealed_bytes, report.unsealed.len(), out.len());
+        if let Err(denied) = self.subst.push(chunk, out) {
+            self.kept_names = Some(names);
             self.outcome.set_denied(denied.clone());
-            BodyError::Denied(denied)
-        })?;
+            return Err(BodyError::Denied(denied));
+        }
         let unsealed = self.subst.report().unsealed_bytes > before;
         if self
             .guard
@@ -338,14 +345,16 @@ where
             .is_some_and(|current| !current(unsealed))
         {
             out.truncate(mark); // nothing of this chunk is passed on
+            self.kept_names = Some(names);
             self.outcome
                 .stopped
                 .store(true, std::sync::atomic::Ordering::Release);
-            self.outcome.set_report(self.subst.report());
+            self.publish();
             return Err(BodyError::Stopped);
         }
         if self.subst.report().over_budget {
-            self.outcome.set_report(self.subst.report());
+            self.kept_names = Some(names); // the driver drops the chunk's output
+            self.publish();
             return Err(BodyError::OverBudget);
         }
         Ok(())
@@ -367,8 +376,22 @@ where
 
     fn ended(&mut self) {
         self.ended = true;
-        self.outcome.set_report(self.subst.report());
+        self.publish();
         self.outcome.finish();
+    }
+}
+
+impl<L> SubstEngine<L> {
+    /// Publishes the report, without the names of a chunk whose output was thrown away.
+    fn publish(&self) {
+        match self.kept_names {
+            None => self.outcome.set_report(self.subst.report()),
+            Some(n) => {
+                let mut report = self.subst.report().clone();
+                report.unsealed.truncate(n);
+                self.outcome.set_report(&report);
+            }
+        }
     }
 }
 
@@ -376,7 +399,7 @@ where
 impl<L> Drop for SubstEngine<L> {
     fn drop(&mut self) {
         if !self.ended {
-            self.outcome.set_report(self.subst.report());
+            self.publish();
             self.outcome.finish();
         }
     }

@@ -675,6 +675,87 @@ async fn streams_reset_right_after_their_head_are_audited_at_once() {
     }
 }
 
+/// What the line names as unsealed went upstream, and the metric counts exactly that: a
+/// request whose upstream refused the connection names nothing (DESIGN: a failure writes zero
+/// secret bytes); one whose body's only chunk holds an allowed token and then a refused one
+/// sends neither; one that times out after it was sent names and counts its value (hostile
+/// review: the first two named `KEY`, the last went uncounted).
+#[tokio::test]
+async fn the_line_and_the_metric_name_what_went_upstream() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead); // nothing listens there now: connection refused
+    let opts = Opts {
+        resolve: vec![("dead.example.test".into(), dead_addr)],
+        upstream_toml: "response_timeout_secs = 1\n".into(),
+        ..Opts::default()
+    };
+    let hosts = [
+        "api.example.test",
+        "other.example.test",
+        "dead.example.test",
+    ];
+    let e = setup_with(
+        Some(&hosts),
+        &[
+            (
+                "KEY",
+                "sk-ops-audit-truth-0001",
+                Some(&["api.example.test", "dead.example.test"]),
+                None,
+            ),
+            (
+                "FAR",
+                "sk-ops-audit-truth-0002",
+                Some(&["other.example.test"]),
+                None,
+            ),
+        ],
+        opts,
+    )
+    .await;
+    let (key, far) = (e.sb.token("KEY"), e.sb.token("FAR"));
+    // Connection refused: nothing left.
+    let mut c = pc::h1(e.h.proxy, &e.sb, "dead.example.test:443").await;
+    let auth = format!("Bearer {key}");
+    let a = pc::send1(
+        &mut c,
+        pc::get("/dead", "dead.example.test", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    let line = request_line(&e.h, "/dead").await;
+    assert_eq!(line["unsealed"], json!([]), "{line}");
+    // One chunk: KEY's token, then FAR's (refused here): the chunk is dropped whole.
+    let chunk = format!("\"{key}\" \"{far}\" {}", "x".repeat(70_000));
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let req = pc::post_chunked("/mixed", "api.example.test", &[], vec![Bytes::from(chunk)]);
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+    let line = request_line(&e.h, "/mixed").await;
+    assert_eq!(line["unsealed"], json!([]), "{line}");
+    assert_eq!(line["refused"], json!(["FAR"]), "{line}");
+    let m = scrape(&e.h).await;
+    assert!(!m.contains("sealgate_secrets_unsealed_total{"), "{m}");
+    // Sent, then no answer in time (504): named and counted.
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/hang", "api.example.test", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
+    let line = request_line(&e.h, "/hang").await;
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let m = scrape(&e.h).await;
+    assert!(
+        m.contains(
+            r#"sealgate_secrets_unsealed_total{secret="KEY",host="api.example.test:443"} 1"#
+        ),
+        "{m}"
+    );
+}
+
 /// A client that gives up while sealgate still collects its (held) body: the value unsealed
 /// into the head never left, so the line names none and nothing is counted (it named `KEY`
 /// as unsealed; review).

@@ -363,6 +363,14 @@ async fn route(
         redirect()
     } else if p("/many-headers") {
         many_headers()
+    } else if p("/hang") {
+        // The answer's head comes 3 s late (past a short `response_timeout_secs`).
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = stop.changed() => {}
+        }
+        echo(rec)
     } else {
         echo(rec)
     }
