@@ -62,6 +62,8 @@ pub struct Sandbox {
     generation: AtomicU64,
     /// Set once it left the registry (deleted, expired, ended): answers still streaming stop.
     ended: AtomicBool,
+    /// Wakes [`Sandbox::ended`] waiters when `ended` is set.
+    ended_notify: tokio::sync::Notify,
     tunnels: AtomicUsize,
     requests: AtomicUsize,
     /// Its open upstream connections (`[upstream] max_connections_per_sandbox`).
@@ -88,6 +90,7 @@ impl Sandbox {
             snapshot: RwLock::new(Arc::new(snapshot)),
             generation: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            ended_notify: tokio::sync::Notify::new(),
             tunnels: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             upstream: Default::default(),
@@ -132,6 +135,18 @@ impl Sandbox {
     /// Marks it ended (the registry does, as it removes it).
     pub fn mark_ended(&self) {
         self.ended.store(true, Ordering::Release);
+        self.ended_notify.notify_waiters();
+    }
+
+    /// Waits until it has ended ([`Sandbox::has_ended`]), for work that outlives a request
+    /// and waits on the sandbox's client (an upload's deferred audit line).
+    pub async fn ended(&self) {
+        let notified = self.ended_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.has_ended() {
+            notified.await;
+        }
     }
 
     /// True once `expires_at` has passed.

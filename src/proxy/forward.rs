@@ -173,7 +173,11 @@ impl Line {
         // Tracked: a stop waits for the line (the cut ends the body) before the last flush.
         let state = line.t.state.clone();
         rt.spawn(state.tracked(async move {
-            line.pending.body.over().await;
+            tokio::select! {
+                () = line.pending.body.over() => {}
+                // The sandbox's own upload outlives it no more (it held the line back; review).
+                () = line.t.sandbox.ended() => line.sandbox_ended(),
+            }
             line.write();
         }));
     }
@@ -195,6 +199,17 @@ struct Deferred {
 }
 
 impl Deferred {
+    /// The sandbox ended while its upload went on: the upload stops, and the line says so.
+    fn sandbox_ended(&mut self) {
+        self.pending.detach.drop_body();
+        let ended = Refusal::new(
+            Code::SandboxEnded,
+            "the sandbox ended while the upload went on; it was cut there",
+        );
+        self.outcome.rule.get_or_insert(ended.message);
+        self.code = self.code.or(Some(ended.code));
+    }
+
     /// Settles the body's report into the outcome and writes the line (once).
     fn write(&mut self) {
         self.written = true;

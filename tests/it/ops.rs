@@ -576,6 +576,34 @@ async fn an_upload_stopped_by_a_store_change_after_an_early_answer_is_audited_as
     assert!(rule.contains("store changed"), "{line}");
 }
 
+/// A sandbox deleted while its upload, answered early, still goes up: the upload is cut and
+/// its line written then, naming what left (the line waited for the client; review).
+#[tokio::test]
+async fn an_upload_answered_early_ends_with_its_sandbox_and_is_audited_then() {
+    let real = "sk-ops-audit-deleted-0001";
+    let e = body_secret(real).await;
+    let first = format!("\"{}\"{}", e.sb.token("KEY"), "x".repeat(64 << 10));
+    let body = pc::paced(
+        vec![Bytes::from(first), Bytes::from_static(b"late")],
+        Duration::from_secs(120),
+    );
+    let req = http::Request::post("/early-deleted")
+        .header("host", "api.example.test")
+        .body(body)
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = format!("/v1/sandboxes/{}", e.sb.id);
+    let (s, _) = e.h.api(Method::DELETE, &path, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let line = request_line(&e.h, "/early-deleted").await;
+    assert_eq!(line["code"], "sandbox_ended", "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    assert!(line["duration_ms"].as_u64().unwrap() < 20_000, "{line}");
+}
+
 /// The daemon stops while an upload the origin answered early is still going up: the line,
 /// waiting for the body's end, is in the file when the stop returns (the cut body ends it).
 /// It was written by a task the stop did not wait for, so an exiting daemon lost it.
