@@ -328,26 +328,46 @@ async fn request_line(h: &crate::support::daemon::Harness, path: &str) -> Value 
 /// POSTs `chunks` over h1 to api.example.test's `path`, 20 ms apart; expects 200 and returns
 /// the request's audit line.
 async fn paced_upload(e: &Env, path: &str, chunks: Vec<Bytes>) -> Value {
-    let body = pc::paced(chunks, std::time::Duration::from_millis(20));
-    let req = http::Request::post(path)
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let a = send_paced(e, path, chunks, Duration::from_millis(20)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     request_line(&e.h, path).await
 }
 
+/// POSTs `chunks` over h1 to api.example.test's `path`, `gap` apart; the answer.
+async fn send_paced(e: &Env, path: &str, chunks: Vec<Bytes>, gap: Duration) -> pc::Answer {
+    let req = http::Request::post(path)
+        .header("host", "api.example.test")
+        .body(pc::paced(chunks, gap))
+        .unwrap();
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    pc::send1(&mut c, req).await
+}
+
+/// `n` pieces, each `key` quoted and then `pad` bytes.
+fn token_pieces(key: &str, n: usize, pad: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|_| Bytes::from(format!("\"{key}\"{}", "x".repeat(pad))))
+        .collect()
+}
+
 /// A daemon with one secret `KEY` of value `real`, unsealed in bodies for api.example.test.
 async fn body_secret(real: &str) -> Env {
+    body_secret_with(real, "").await
+}
+
+/// [`body_secret`] with `proxy_toml` in the daemon's `[proxy]`.
+async fn body_secret_with(real: &str, proxy_toml: &str) -> Env {
     let secrets = [(
         "KEY",
         real,
         Some(&["api.example.test"][..]),
         Some(&["body"][..]),
     )];
-    setup(Some(&["api.example.test"]), &secrets).await
+    let opts = Opts {
+        proxy_toml: proxy_toml.into(),
+        ..Opts::default()
+    };
+    setup_with(Some(&["api.example.test"]), &secrets, opts).await
 }
 
 /// A streamed upload (over the held size, its length known) records what it unsealed: hyper
@@ -490,16 +510,8 @@ async fn an_upload_whose_early_answer_is_refused_stops_and_is_audited() {
     let e = body_secret(real).await;
     let key = e.sb.token("KEY");
     // The token first, then the token again in every piece, 50 ms apart (~1.5 s in all).
-    let chunks: Vec<Bytes> = (0..30)
-        .map(|_| Bytes::from(format!("\"{key}\"{}", "x".repeat(16 << 10))))
-        .collect();
-    let body = pc::paced(chunks, Duration::from_millis(50));
-    let req = http::Request::post("/early-206")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let chunks = token_pieces(&key, 30, 16 << 10);
+    let a = send_paced(&e, "/early-206", chunks, Duration::from_millis(50)).await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
     let line = request_line(&e.h, "/early-206").await;
     assert_eq!(line["status"], 502, "{line}");
@@ -518,18 +530,7 @@ async fn an_upload_whose_early_answer_is_refused_stops_and_is_audited() {
 /// its line says so (it read `allow`, and was counted, as if nothing had happened; review).
 #[tokio::test]
 async fn an_upload_over_its_budget_after_an_early_answer_is_audited_as_cut() {
-    let real = "sk-ops-audit-budget-0001";
-    let secrets = [(
-        "KEY",
-        real,
-        Some(&["api.example.test"][..]),
-        Some(&["body"][..]),
-    )];
-    let opts = Opts {
-        proxy_toml: "max_unsealed_bytes = 1024\n".into(),
-        ..Opts::default()
-    };
-    let e = setup_with(Some(&["api.example.test"]), &secrets, opts).await;
+    let e = body_secret_with("sk-ops-audit-budget-0001", "max_unsealed_bytes = 1024\n").await;
     let key = e.sb.token("KEY");
     let mut chunks = vec![Bytes::from(format!("\"{key}\"{}", "x".repeat(64 << 10)))];
     chunks.extend((0..4).map(|_| Bytes::from(format!("\"{key}\"").repeat(40))));
@@ -548,16 +549,8 @@ async fn an_upload_stopped_by_a_store_change_after_an_early_answer_is_audited_as
     let real = "sk-ops-audit-rotated-0001";
     let e = body_secret(real).await;
     let key = e.sb.token("KEY");
-    let chunks: Vec<Bytes> = (0..40)
-        .map(|_| Bytes::from(format!("\"{key}\"{}", "x".repeat(16 << 10))))
-        .collect();
-    let body = pc::paced(chunks, Duration::from_millis(50));
-    let req = http::Request::post("/early-rotated")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let chunks = token_pieces(&key, 40, 16 << 10);
+    let a = send_paced(&e, "/early-rotated", chunks, Duration::from_millis(50)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     let hosts = ["api.example.test"];
     let locs = ["body"];
@@ -582,17 +575,9 @@ async fn an_upload_stopped_by_a_store_change_after_an_early_answer_is_audited_as
 async fn an_upload_answered_early_ends_with_its_sandbox_and_is_audited_then() {
     let real = "sk-ops-audit-deleted-0001";
     let e = body_secret(real).await;
-    let first = format!("\"{}\"{}", e.sb.token("KEY"), "x".repeat(64 << 10));
-    let body = pc::paced(
-        vec![Bytes::from(first), Bytes::from_static(b"late")],
-        Duration::from_secs(120),
-    );
-    let req = http::Request::post("/early-deleted")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let mut chunks = token_pieces(&e.sb.token("KEY"), 1, 64 << 10);
+    chunks.push(Bytes::from_static(b"late"));
+    let a = send_paced(&e, "/early-deleted", chunks, Duration::from_secs(120)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let path = format!("/v1/sandboxes/{}", e.sb.id);
@@ -609,30 +594,11 @@ async fn an_upload_answered_early_ends_with_its_sandbox_and_is_audited_then() {
 /// It was written by a task the stop did not wait for, so an exiting daemon lost it.
 #[tokio::test]
 async fn an_upload_still_going_up_at_the_stop_is_audited_before_the_stop_returns() {
-    let real = "sk-ops-audit-stopped-0001";
-    let secrets = [(
-        "KEY",
-        real,
-        Some(&["api.example.test"][..]),
-        Some(&["body"][..]),
-    )];
-    let opts = Opts {
-        proxy_toml: "shutdown_grace_secs = 1\n".into(),
-        ..Opts::default()
-    };
-    let mut e = setup_with(Some(&["api.example.test"]), &secrets, opts).await;
-    let first = format!("\"{}\"{}", e.sb.token("KEY"), "x".repeat(64 << 10));
+    let mut e = body_secret_with("sk-ops-audit-stopped-0001", "shutdown_grace_secs = 1\n").await;
     // The token goes up first; the rest would come a minute later.
-    let body = pc::paced(
-        vec![Bytes::from(first), Bytes::from_static(b"late")],
-        Duration::from_secs(60),
-    );
-    let req = http::Request::post("/early-stopped")
-        .header("host", "api.example.test")
-        .body(body)
-        .unwrap();
-    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
-    let a = pc::send1(&mut c, req).await;
+    let mut chunks = token_pieces(&e.sb.token("KEY"), 1, 64 << 10);
+    chunks.push(Bytes::from_static(b"late"));
+    let a = send_paced(&e, "/early-stopped", chunks, Duration::from_secs(60)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     e.h.stop().await;
     let line = audit_events(&e.h.audit_log())
