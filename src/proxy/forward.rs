@@ -6,13 +6,16 @@
 //! streaming — a denied token there aborts the upstream request before the token's bytes are
 //! written; (4) the response is scrubbed before the sandbox sees it.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
-use http_body::{Body as _, Frame};
+use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
@@ -44,8 +47,9 @@ struct Outcome {
     report: Report,
     rule: Option<String>,
     bytes_up: u64,
-    /// The request was handed to the upstream client (values in it may have left).
-    sent: bool,
+    /// Set once hyper's client took the request to write its head on a connection (values in
+    /// it may have left); shared with every attempt's body ([`attach`]).
+    handed: Handed,
     /// A streamed request body that may carry secrets: when it is still going up at the
     /// answer (the origin answered early) or when the client left, the line waits for its
     /// end, so that it names every secret unsealed; a refused exchange stops it first.
@@ -113,7 +117,7 @@ struct Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if let Some(mut o) = self.outcome.take() {
-            let why = match o.sent {
+            let why = match o.sent() {
                 true => "the client gave up before the answer",
                 false => "the client gave up before the request was sent",
             };
@@ -140,7 +144,7 @@ impl Line {
             std::mem::take(&mut self.path),
             self.started,
         );
-        if !outcome.sent {
+        if !outcome.sent() {
             // Values put into the head or a held body of a request never sent went nowhere:
             // the line names none (a refused or abandoned request named them; review).
             outcome.report.unsealed.clear();
@@ -355,8 +359,8 @@ async fn exchange(
         });
     }
     let progress = streaming.as_ref().map(|(p, _)| &**p);
-    o.sent = true;
-    let sent = send(t, rt, up, body, progress, websocket, &mut o.sent).await;
+    up.extensions_mut().insert(o.handed.clone());
+    let sent = send(t, rt, up, body, progress, websocket).await;
     if let Some((p, detach)) = &streaming {
         o.bytes_up = p.bytes();
         if sent.is_err() {
@@ -1047,7 +1051,6 @@ async fn send(
     body: UpBody,
     progress: Option<&Progress>,
     websocket: bool,
-    sent: &mut bool,
 ) -> Result<Response<Incoming>, Refusal> {
     let started = Instant::now();
     let timeout = rt.upstream.config.response_timeout;
@@ -1072,13 +1075,7 @@ async fn send(
         }
     };
     let resp = match answered {
-        Err(e) => {
-            // Failed connecting (the last attempt; an earlier one could only have written to
-            // a pooled connection its upstream had closed): nothing reached the upstream, and
-            // the line names no value (DESIGN: a failure writes zero secret bytes).
-            *sent = !e.is_connect();
-            return Err(super::failure::classify(t, &e));
-        }
+        Err(e) => return Err(super::failure::classify(t, &e)),
         Ok(r) => r,
     };
     t.state
@@ -1267,14 +1264,67 @@ async fn retry(t: &Tunnel, rt: &LiveSettings, head: &Request<()>, bytes: &Bytes)
     }
 }
 
-/// The request with its body, counted into the `bytes_up` metric.
+/// The request with its body, counted into the `bytes_up` metric, and marking the request's
+/// [`Handed`] (from its extensions) when hyper takes it to a connection.
 fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
     let body = match body {
         UpBody::Held(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
         UpBody::Streamed(b) => b,
     };
     let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
+    let body = match head.extensions().get::<Handed>() {
+        Some(handed) => Marking(body, handed.clone()).boxed_unsync(),
+        None => body,
+    };
     head.map(|()| body)
+}
+
+/// Whether a request reached a connection: hyper's client asks the body whether it is empty
+/// (`is_end_stream`, `size_hint`) right before it writes the head — h1's dispatcher and h2's
+/// client task alike, after checkout, never before — and polls it only after. Not set: the
+/// request never left (it waited for a connection, or connecting failed), so its line names
+/// no value (DESIGN: a failure writes zero secret bytes). Set by any attempt, so a retry that
+/// fails to connect after an attempt that wrote the head still names it (outside re-check).
+#[derive(Clone, Default)]
+struct Handed(Arc<AtomicBool>);
+
+impl Handed {
+    fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Outcome {
+    /// True once hyper took the request to a connection ([`Handed`]).
+    fn sent(&self) -> bool {
+        self.handed.0.load(Ordering::Acquire)
+    }
+}
+
+/// A request body that marks its [`Handed`] when hyper looks at it.
+struct Marking(ProxyBody, Handed);
+
+impl Body for Marking {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.1.mark();
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.1.mark();
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.1.mark();
+        self.0.size_hint()
+    }
 }
 
 /// Upstream response → what the sandbox gets: hop-by-hop headers and any `x-sealgate-error` of

@@ -750,6 +750,98 @@ async fn the_line_and_the_metric_name_what_went_upstream() {
     );
 }
 
+/// An origin that reads a GET's head (the real value) and closes without answering, then is
+/// gone: sealgate sends the GET again, that connection is refused, and the 502's line still
+/// names the value the first attempt delivered (outside re-check: deciding from the last
+/// attempt's connect error, the line said `"unsealed": []`).
+#[tokio::test]
+async fn a_retry_that_cannot_connect_still_names_what_the_first_attempt_delivered() {
+    use tokio::io::AsyncReadExt as _;
+    let pki = Arc::new(TestPki::new());
+    let tls = tokio_rustls::TlsAcceptor::from(
+        pki.server_config(crate::proxy_explicit::NAMES, &[b"http/1.1"]),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        drop(listener); // the next connection is refused
+        let mut s = tls.accept(tcp).await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        seen.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&head).into_owned());
+    });
+    let real = "sk-ops-audit-retried-0001";
+    let secrets = [("KEY", real, Some(&["api.example.test"][..]), None)];
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin(pki, origin, &secrets).await;
+    let auth = format!("Bearer {}", sb.token("KEY"));
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    let a = pc::send1(
+        &mut c,
+        pc::get("/retried", "api.example.test", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    assert!(
+        heads.lock().unwrap().iter().any(|h| h.contains(real)),
+        "the origin got the value"
+    );
+    let line = request_line(&h, "/retried").await;
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let m = scrape(&h).await;
+    assert!(
+        m.contains(r#"sealgate_secrets_unsealed_total{secret="KEY""#),
+        "{m}"
+    );
+}
+
+/// A client that gives up while sealgate still waits for the upstream's TLS handshake: the
+/// request never reached a connection, so its line names no value and nothing is counted
+/// (outside re-check: it named and counted `KEY`).
+#[tokio::test]
+async fn a_request_abandoned_while_connecting_names_no_value() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp); // accepted, never a TLS handshake
+        }
+    });
+    let pki = Arc::new(TestPki::new());
+    let secrets = [(
+        "KEY",
+        "sk-ops-audit-connecting-0001",
+        Some(&["api.example.test"][..]),
+        None,
+    )];
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin(pki, origin, &secrets).await;
+    let req = http::Request::get("https://api.example.test/connecting")
+        .header("authorization", format!("Bearer {}", sb.token("KEY")))
+        .body(pc::full(Bytes::new()))
+        .unwrap();
+    let mut c = pc::h2(h.proxy, &sb, API).await;
+    c.ready().await.unwrap();
+    let sent = tokio::spawn(c.send_request(req));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sent.abort(); // the client resets the stream
+    let line = request_line(&h, "/connecting").await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["unsealed"], json!([]), "{line}");
+    let m = scrape(&h).await;
+    assert!(!m.contains("sealgate_secrets_unsealed_total{"), "{m}");
+}
+
 /// A client that gives up while sealgate still collects its (held) body: the value unsealed
 /// into the head never left, so the line names none and nothing is counted (it named `KEY`
 /// as unsealed; review).
