@@ -102,6 +102,12 @@ pub enum VetError {
     NonPublic { addr: SocketAddr, class: NonPublic },
     #[error("refusing to connect to {addr}: that is one of sealgate's own listeners")]
     OwnListener { addr: SocketAddr },
+    /// A public address the kernel routes to this host (found by the connector, which can
+    /// ask: `proxy::upstream::local_route`).
+    #[error(
+        "refusing to connect to {addr}: an address of this host (its services are not upstreams)"
+    )]
+    ThisHost { addr: SocketAddr },
 }
 
 const V4_TABLE: &[(Ipv4Addr, u8, NonPublic)] = &[

@@ -28,6 +28,7 @@ use super::read_ahead::ReadAhead;
 mod goaway;
 mod known_h2;
 mod limits;
+mod local_route;
 mod tls_error;
 
 pub use goaway::RefuseAfterGoaway;
@@ -94,8 +95,9 @@ pub struct Counts {
 impl UpstreamSettings {
     /// Vets what can be vetted without DNS, so a refused destination is refused before a
     /// tunnel, a leaf or a connection is set up for it: an IP literal must pass
-    /// [`AddressPolicy::vet`]; a host with a `resolve` override (trusted as written) must not be
-    /// one of sealgate's own listeners. DNS names pass here and are vetted once resolved.
+    /// [`AddressPolicy::vet`] and [`UpstreamSettings::vet_not_this_host`]; a host with a
+    /// `resolve` override (trusted as written) must not be one of sealgate's own listeners.
+    /// DNS names pass here and are vetted once resolved.
     ///
     /// # Errors
     /// The vetting error, as [`ConnectError::Denied`] would carry it.
@@ -104,9 +106,30 @@ impl UpstreamSettings {
             return self.vet.vet_own_listener(*a);
         }
         match dest.host {
-            policy::Host::Ip(ip) => self.vet.vet(SocketAddr::new(ip, dest.port)),
+            policy::Host::Ip(ip) => {
+                let addr = SocketAddr::new(ip, dest.port);
+                self.vet.vet(addr)?;
+                Self::vet_not_this_host(addr)
+            }
             policy::Host::Name(_) => Ok(()),
         }
+    }
+
+    /// Refuses a *public* address that the kernel routes to this host (one of its interface
+    /// addresses, or a range routed to `lo`): the host's services are not upstreams, and the
+    /// question is asked before dialling, so an open and a closed port answer alike and no
+    /// host service sees a connection. A non-public address passed vetting only through
+    /// `allow_private_cidrs`, which the operator wrote to reach such addresses: not refused.
+    /// If the kernel cannot be asked, the dialler's check after connecting still refuses it.
+    ///
+    /// # Errors
+    /// [`policy::VetError::ThisHost`].
+    pub fn vet_not_this_host(addr: SocketAddr) -> Result<(), policy::VetError> {
+        let public = policy::classify(addr.ip()).is_none();
+        if public && local_route::is_local(addr.ip()) == Some(true) {
+            return Err(policy::VetError::ThisHost { addr });
+        }
+        Ok(())
     }
 }
 
@@ -301,11 +324,11 @@ impl Connector {
                 "{host} has no addresses"
             )));
         }
-        // Strict: one non-public answer refuses the whole name (defeats mixed answers and rebinding).
+        // Strict: one non-public answer, or one of this host's own, refuses the whole name
+        // (defeats mixed answers and rebinding).
         for a in &addrs {
-            self.settings
-                .vet
-                .vet(*a)
+            (self.settings.vet.vet(*a))
+                .and_then(|()| UpstreamSettings::vet_not_this_host(*a))
                 .map_err(|e| ConnectError::Denied(format!("{host}: {e}")))?;
         }
         Ok((addrs, false))
@@ -333,7 +356,9 @@ impl Connector {
 
 /// Connects to the first of `addrs` that answers. With `refuse_this_host`, a connection to a
 /// public address that landed on this host is refused ([`lands_on_this_host`]; a non-public
-/// one is here only because `allow_private_cidrs` lets it be).
+/// one is here only because `allow_private_cidrs` lets it be): the fallback for
+/// [`UpstreamSettings::vet_not_this_host`], which asked before dialling unless the kernel
+/// could not be asked.
 async fn dial(addrs: &[SocketAddr], refuse_this_host: bool) -> Result<TcpStream, ConnectError> {
     let mut last = None;
     for a in addrs {

@@ -201,6 +201,10 @@ struct PublicHost {
 /// reserved; 2a00:1450::/32 is global unicast).
 const HOST_PUBLIC: &str = "11.22.33.44";
 const HOST_PUBLIC6: &str = "2a00:1450:4001::10";
+/// Addresses in public ranges the stand-in host routes to its `lo` ("AnyIP": held by no
+/// interface, yet every one of them is this host's).
+const ANYIP: &str = "11.23.4.5";
+const ANYIP6: &str = "2a00:1450:4002::7";
 
 impl PublicHost {
     fn new() -> PublicHost {
@@ -218,7 +222,22 @@ impl PublicHost {
         ip(&[
             "-n", &host.name, "addr", "add", &cidr6, "dev", "lo", "nodad",
         ]);
+        let anyip = "11.23.0.0/16";
+        let anyip6 = "2a00:1450:4002::/64";
+        let n = host.name.as_str();
+        ip(&["-n", n, "route", "add", "local", anyip, "dev", "lo"]);
+        ip(&["-n", n, "-6", "route", "add", "local", anyip6, "dev", "lo"]);
+        // `ip netns exec` mounts this file over /etc/hosts: names the daemon resolves itself.
+        let etc = host.etc();
+        std::fs::create_dir_all(&etc).unwrap();
+        let hosts = format!("{HOST_PUBLIC} own.example.test\n{ANYIP6} any6.example.test\n");
+        std::fs::write(etc.join("hosts"), hosts).unwrap();
         host
+    }
+
+    /// The namespace's own `/etc` overlay (`ip netns exec` mounts the files it holds).
+    fn etc(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name)
     }
 
     /// `argv` run in the namespace, output captured.
@@ -251,6 +270,7 @@ impl Drop for PublicHost {
             let _ = p.wait();
         }
         let _ = crate::transparent::run_ok("ip", &["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(self.etc());
     }
 }
 
@@ -310,7 +330,7 @@ async fn a_public_address_of_this_host_is_refused_like_loopback() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     cli(&[
-        "store", "create", "pub", "--allow", "*:8080", "--allow", "*:3128",
+        "store", "create", "pub", "--allow", "*:8080", "--allow", "*:8081", "--allow", "*:3128",
     ]);
     let exports = cli(&["sandbox", "create", "--store", "pub", "--export"]);
     let proxy = exports
@@ -318,14 +338,35 @@ async fn a_public_address_of_this_host_is_refused_like_loopback() {
         .find_map(|l| l.strip_prefix("export HTTP_PROXY="))
         .expect("HTTP_PROXY in the exports")
         .trim_matches('\'');
-    // The canary on both families; the proxy's own listener (IPv4 only) on its port.
+    // The canary on both families and on AnyIP ranges (an IPv6 one gives a connection whose
+    // source is another address: only the routing table tells); the proxy's own listener
+    // (IPv4 only) on its port; a closed port, which answers as an open one does (no port scan).
     let v6 = format!("[{HOST_PUBLIC6}]");
-    for (host, port) in [(HOST_PUBLIC, "8080"), (&v6, "8080"), (HOST_PUBLIC, "3128")] {
+    let anyip6 = format!("[{ANYIP6}]");
+    for (host, port) in [
+        (HOST_PUBLIC, "8080"),
+        (&v6, "8080"),
+        (ANYIP, "8080"),
+        (&anyip6, "8080"),
+        (HOST_PUBLIC, "3128"),
+        (HOST_PUBLIC, "8081"),
+        (&anyip6, "8081"),
+        ("own.example.test", "8080"),
+        ("any6.example.test", "8081"),
+    ] {
         let url = format!("http://{host}:{port}/");
         let code = curl(&["-x", proxy, &url]);
         assert_eq!(code, "403", "{url} through the proxy");
     }
-    let audit = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    // The audit writer is a thread of its own: the last line may land after curl's answer.
+    let log = dir.path().join("daemon.log");
+    let audit = loop {
+        let audit = std::fs::read_to_string(&log).unwrap_or_default();
+        if audit.contains("any6.example.test") || std::time::Instant::now() > deadline {
+            break audit;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let canary = std::fs::read_to_string(dir.path().join("canary.log")).unwrap();
     assert_eq!(
         canary.matches("GET / ").count(),
@@ -333,4 +374,9 @@ async fn a_public_address_of_this_host_is_refused_like_loopback() {
         "only the readiness probe: {canary}"
     );
     assert!(audit.contains("an address of this host"), "{audit}");
+    // Names are refused after DNS, by the connector, before it dials.
+    for name in ["own.example.test", "any6.example.test"] {
+        let said = format!("{name}: refusing to connect to");
+        assert!(audit.contains(&said), "{said}: {audit}");
+    }
 }
