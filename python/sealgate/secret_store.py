@@ -165,7 +165,9 @@ class SecretStore:
         """Changes only the fields passed: ``egress_allowlist=None`` makes the store
         unrestricted, omitting it leaves the allowlist as it is; ``name=""`` leaves the name
         as it is (as in the opencomputer SDK: no store has an empty name), and so does
-        ``name=None``. Returns the updated store."""
+        ``name=None``. Returns the updated store, with the daemon's ``warnings`` added when
+        the new allowlist leaves a secret never unsealed (e.g. ``None`` for a secret without
+        ``allowed_hosts``)."""
         body: Dict[str, Any] = {}
         if name is not UNSET and name is not None and name != "":
             body["name"] = name

@@ -59,6 +59,16 @@ async def test_update_is_partial(daemon):
     assert await SecretStore.get(store["id"]) == after
 
 
+async def test_update_says_which_secrets_an_allowlist_strands(daemon):
+    store = await SecretStore.create(unique("strand"), egress_allowlist=["a.example.test"])
+    value = remember_secret("v-" + secrets.token_hex(8))
+    await SecretStore.set_secret(store["id"], "UNBOUND", value)
+    after = await SecretStore.update(store["id"], egress_allowlist=None)
+    assert after["egress_allowlist"] is None, "made all the same"
+    assert any("UNBOUND" in w and "never be unsealed" in w for w in after["warnings"])
+    assert "warnings" not in await SecretStore.get(store["id"])
+
+
 async def test_secrets_set_list_replace_delete(daemon):
     store = await SecretStore.create(unique("sec"), egress_allowlist=["api.example.test"])
     value = remember_secret("sk-store-test-" + secrets.token_hex(8))

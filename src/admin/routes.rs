@@ -269,7 +269,7 @@ async fn update_store(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     body: Result<Json<UpdateStore>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<StoreRecord>, ApiError> {
+) -> Result<Json<StoreAnswer>, ApiError> {
     let Json(req) = body?;
     let name = match req.name {
         None => None,
@@ -292,11 +292,38 @@ async fn update_store(
         .store
         .update_store(&id, name.as_deref(), allow)
         .inspect_err(|e| audit_unconfirmed(&st, "store.update", (Some(&id), None), peer, e))?;
+    let mut warnings = Vec::new();
     if allow_changed {
         st.sandboxes.refresh_committed(&id);
+        warnings = allowlist_warnings(&st, &rec);
     }
     audit(&st, "store.update", Some(&id), None, None, peer);
-    Ok(Json(rec))
+    Ok(Json(StoreAnswer { rec, warnings }))
+}
+
+/// `PATCH /v1/stores/{id}`: the store, and what its new allowlist did to its secrets. The
+/// contract answers "the store": with nothing to say the answer is exactly the record that
+/// `GET /v1/stores/{id}` gives (clients compare the two), so `warnings` is left out when empty.
+#[derive(Serialize)]
+struct StoreAnswer {
+    #[serde(flatten)]
+    rec: StoreRecord,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+/// Each secret of `store` that its (new) allowlist leaves never unsealed: an allowlist made
+/// `null` leaves a secret without `allowed_hosts` nowhere to go (the secure default), one
+/// narrowed may exclude every host a secret names. The change is made either way (the
+/// operator asked for it); the answer says what it costs, as `PUT …/secrets/{name}` does.
+/// A secret list that cannot be read (a tampered row) warns about nothing here: reading the
+/// store's secrets names the failure.
+fn allowlist_warnings(st: &AdminState, store: &StoreRecord) -> Vec<String> {
+    let secrets = st.store.list_secrets(&store.id).unwrap_or_default();
+    secrets
+        .iter()
+        .filter_map(|meta| never_unsealed(store, meta))
+        .collect()
 }
 
 async fn delete_store(

@@ -253,6 +253,66 @@ async fn patch_is_partial() {
     assert_eq!(v["name"], "q", "and nothing changed");
 }
 
+/// An allowlist change that leaves a secret never unsealed says so in the PATCH answer, as a
+/// secret's PUT does; the change is made all the same. A name change warns about nothing.
+#[tokio::test]
+async fn an_allowlist_change_that_strands_a_secret_warns() {
+    let h = Harness::start().await;
+    let id = h.store("w", Some(&["api.example.test"])).await;
+    let put = |name: &'static str, body: serde_json::Value| {
+        let path = format!("/v1/stores/{id}/secrets/{name}");
+        let h = &h;
+        async move {
+            let (s, v) = h.api(Method::PUT, &path, Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    put("OPEN_KEY", json!({"value": "sk-stranded-by-null-3321"})).await;
+    let bound = json!({"value": "sk-bound-to-api-7781", "allowed_hosts": ["api.example.test"]});
+    put("BOUND_KEY", bound).await;
+    let patch = |body: serde_json::Value| {
+        let path = format!("/v1/stores/{id}");
+        let h = &h;
+        async move {
+            let (s, v) = h.api(Method::PATCH, &path, Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let warnings: Vec<String> = v["warnings"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .map(|w| w.as_str().unwrap().to_owned())
+                .collect();
+            (v, warnings.join("\n"))
+        }
+    };
+    let (v, w) = patch(json!({"egress_allowlist": null})).await;
+    assert_eq!(
+        v["egress_allowlist"],
+        serde_json::Value::Null,
+        "made all the same"
+    );
+    assert!(
+        w.contains("OPEN_KEY") && w.contains("never be unsealed"),
+        "{w}"
+    );
+    assert!(!w.contains("BOUND_KEY"), "{w}");
+    let (_, w) = patch(json!({"egress_allowlist": ["other.example.test"]})).await;
+    assert!(
+        w.contains("BOUND_KEY") && w.contains("never be unsealed"),
+        "{w}"
+    );
+    assert!(!w.contains("OPEN_KEY"), "{w}");
+    let (v, w) = patch(json!({"name": "w2"})).await;
+    assert_eq!((v["name"].as_str(), w.as_str()), (Some("w2"), ""));
+    let (_, got) = h.api(Method::GET, &format!("/v1/stores/{id}"), None).await;
+    assert_eq!(
+        v, got,
+        "with nothing to say, the answer is the store record"
+    );
+    let logs = crate::support::daemon::logs_text();
+    assert!(!logs.contains("sk-stranded-by-null-3321"));
+}
+
 /// A secret named like a variable sealgate sets in sandboxes (`proxy_env`, the CA variables)
 /// would overwrite it or be overwritten: refused, nothing stored. One named like a variable
 /// processes rely on (`PATH`) is accepted with a warning.
