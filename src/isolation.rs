@@ -186,8 +186,18 @@ impl Isolation {
             Users::PerSandbox(cfg.uid_base)
         } else {
             let one = RunAs::resolve(&cfg.run_as);
-            if let Err(e) = &one {
-                tracing::warn!(error = %e, "isolated sandboxes cannot be created until this is fixed");
+            match &one {
+                Err(e) => {
+                    tracing::warn!(error = %e, "isolated sandboxes cannot be created until this is fixed");
+                }
+                Ok(user) if user.is_root() => tracing::warn!(
+                    run_as = %cfg.run_as,
+                    "sandbox.run_as is root (uid or gid 0): untrusted commands of isolated \
+                     sandboxes can read every root-only host file they see (read-only: \
+                     /etc/shadow, SSH host keys, other services' credentials; data_dir and \
+                     the config file stay hidden); use \"per-sandbox\" or an unprivileged user"
+                ),
+                Ok(_) => {}
             }
             Users::One(one)
         };

@@ -69,6 +69,12 @@ impl RunAs {
         })
     }
 
+    /// Root's uid or group: allowed (tests run clients installed under `/root` so), warned
+    /// at start: with it a sandbox reads every root-only host file it sees.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0 || self.gid == 0
+    }
+
     /// The user of the sandbox in namespace `slot`: uid and gid `base + slot`, which must
     /// belong to no user or group of the host (else the sandbox could reach their files).
     /// Blocking (`getent`).
@@ -161,6 +167,8 @@ mod tests {
     fn names_numbers_and_groups_resolve() {
         let root = RunAs::resolve("root").unwrap();
         assert_eq!((root.uid, root.gid, root.named), (0, 0, true));
+        assert!(root.is_root() && RunAs::resolve("4242:0").unwrap().is_root());
+        assert!(!RunAs::resolve("nobody").unwrap().is_root());
         let n = RunAs::resolve("4242:4343").unwrap();
         assert_eq!((n.uid, n.gid, n.named), (4242, 4343, false));
         assert!(n.setpriv_args().contains(&"--clear-groups".to_owned()));

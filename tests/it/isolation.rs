@@ -1416,6 +1416,19 @@ async fn an_unknown_run_as_user_is_a_server_error_naming_the_key() {
     e.h.sandbox("s").await; // proxy-only sandboxes still work
 }
 
+/// `run_as = "root"` is the operator's to choose (the interop tests run clients installed
+/// under `/root` so), but untrusted code then reads every root-only host file it sees: the
+/// start says so (found from outside: a command read `/etc/shadow`, silently).
+#[tokio::test]
+async fn run_as_root_is_warned_at_start() {
+    let _e = setup_with("run_as = \"0:0\"\n").await;
+    let logs = crate::support::daemon::logs_text();
+    assert!(
+        logs.contains("sandbox.run_as is root"),
+        "no warning at start"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_sweeps_what_a_dead_daemon_left_and_restart_ends_its_sandboxes() {
     use sealgate::limits::cgroup::Groups;
