@@ -281,7 +281,7 @@ impl Isolation {
         if let Users::One(one) = &self.users {
             one.clone()?;
         }
-        self.sandboxes.precheck(&req)?;
+        self.sandboxes.precheck(&req, &envs)?;
         let ns = blocking(Namespace::claim).await?;
         let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));

@@ -181,7 +181,8 @@ class Sandbox:
     @property
     def env(self) -> Dict[str, str]:
         """The variables the sandbox's commands get from it: the ``envs`` it was created with
-        and each secret as its sealed token (``osb_sealed_…``), which wins on a name clash."""
+        and each secret as its sealed token (``osb_sealed_…``); the daemon refuses ``envs``
+        (and a command's ``env``) naming a secret, so the two never clash."""
         return {**(self.info.get("envs") or {}), **(self.info.get("env") or {})}
 
     @property

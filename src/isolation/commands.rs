@@ -49,7 +49,7 @@ use super::run_as::RunAs;
 use super::{check_env, io_err, Isolated, Isolation, IsolationError, CA_INSIDE, HOME_INSIDE};
 use crate::audit::{Audit, CommandEvent};
 use crate::limits::files::FILES_DIR;
-use crate::sandbox::lifecycle::{CA_VARS, SANDBOX_ID_VAR};
+use crate::sandbox::lifecycle::{shadowed_secret, CA_VARS, SANDBOX_ID_VAR};
 
 /// Exit code reported for a command killed by its timeout.
 pub const TIMEOUT_EXIT: i32 = 124;
@@ -214,6 +214,15 @@ fn prepare(
     let extra = req.env.unwrap_or_default();
     for (k, v) in &extra {
         check_env(k, v, "env")?;
+    }
+    let snapshot = iso.sandbox.snapshot();
+    if let Some(e) = snapshot
+        .secrets()
+        .iter()
+        .find(|e| extra.contains_key(&*e.name))
+    {
+        let msg = shadowed_secret("env", &e.name, &snapshot.store_name);
+        return bad(msg);
     }
     super::check_env_sizes(&extra, "env")?;
     let run_as = iso.run_as.clone();
@@ -496,8 +505,10 @@ pub fn render_env(env: &BTreeMap<String, String>) -> String {
         .collect()
 }
 
-/// The command's whole environment: a base, the sealed tokens, the CA variables, the
-/// sandbox's `envs`, then the request's `env` (later entries win).
+/// The command's whole environment: a base, the CA variables, the sandbox's `envs`, the
+/// request's `env`, then the sealed tokens (later entries win). A variable named like a
+/// secret is refused in `envs` and `env`; one that slipped by (a secret added to the store
+/// while the sandbox was made) still never hides the token.
 fn environment(
     iso: &Isolated,
     run_as: &RunAs,
@@ -515,14 +526,14 @@ fn environment(
     env.insert("USER".into(), run_as.name.clone());
     env.insert("LOGNAME".into(), run_as.name.clone());
     env.insert(SANDBOX_ID_VAR.into(), iso.sandbox.id.to_string());
-    for e in iso.sandbox.snapshot().secrets() {
-        env.insert(e.name.to_string(), e.token.to_string());
-    }
     for k in CA_VARS {
         env.insert((*k).to_owned(), CA_INSIDE.to_owned());
     }
     env.extend(iso.envs.clone());
     env.extend(extra);
+    for e in iso.sandbox.snapshot().secrets() {
+        env.insert(e.name.to_string(), e.token.to_string());
+    }
     env
 }
 

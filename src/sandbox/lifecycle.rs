@@ -518,14 +518,29 @@ impl Sandboxes {
         Ok(info)
     }
 
-    /// Checks a create request's store and timeout without creating anything (callers that
-    /// build expensive things around a sandbox check first).
+    /// Checks a create request's store and timeout, and that its `envs` name none of the
+    /// store's secrets, without creating anything (callers that build expensive things around
+    /// a sandbox check first).
     ///
     /// # Errors
-    /// Unknown store, bad timeout.
-    pub fn precheck(&self, req: &CreateSandbox) -> Result<(), SandboxError> {
+    /// Unknown store, bad timeout, a variable of `envs` named like a secret.
+    pub fn precheck(
+        &self,
+        req: &CreateSandbox,
+        envs: &BTreeMap<String, String>,
+    ) -> Result<(), SandboxError> {
         self.timeout(req.timeout)?;
-        self.store.find_store(&req.secret_store)?;
+        let store = self.store.find_store(&req.secret_store)?;
+        if !envs.is_empty() {
+            let secrets = self.store.list_secrets(&store.id)?;
+            if let Some(m) = secrets.iter().find(|m| envs.contains_key(&m.name)) {
+                return Err(SandboxError::BadRequest(shadowed_secret(
+                    "envs",
+                    &m.name,
+                    &store.name,
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1222,4 +1237,15 @@ fn connection_source(ip: IpAddr) -> Result<IpAddr, SandboxError> {
         )));
     }
     Ok(ip)
+}
+
+/// Why a variable of `field` (`envs`, a command's `env`) may not carry a secret's name: the
+/// sandbox holds that secret's sealed token in it. A plain value there would hide the token
+/// from the sandbox's code while its `env` still showed it, and the likeliest plain value
+/// is the real one (code moved from the host's environment): refused, never overridden.
+pub fn shadowed_secret(field: &str, name: &str, store: &str) -> String {
+    format!(
+        "{field}: {name} is a secret of store {store}: the sandbox holds its sealed token in \
+         {name}; leave it out of {field}"
+    )
 }

@@ -247,6 +247,41 @@ async fn eventually_gone(n: &Names, marker: &str, secs: u64) {
     assert_gone(n, marker);
 }
 
+/// A variable of `envs` or of a command's `env` named like one of the sandbox's secrets is
+/// refused (400 naming it, never the value): it hid the token from the sandbox's code while
+/// the sandbox's `env` (and the SDK's) showed it, and the likeliest value there is the real
+/// one, moved from the host's environment (found from outside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variable_named_like_a_secret_is_refused() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let plain = "plain-shadow-4411";
+    let body = json!({"secret_store": "s", "isolation": "netns", "envs": {"KEY": plain}});
+    let (s, v) = e.h.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("envs: KEY is a secret of store s"), "{v}");
+    assert!(!v.to_string().contains(plain), "{v}");
+    let (_, list) = e.h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(0),
+        "nothing made: {list}"
+    );
+    let sb = isolated(&e.h, json!({})).await;
+    let sid = id(&sb);
+    let run = |env: Value| command(&e.h, &sid, json!({"cmd": "echo $KEY", "env": env}));
+    let (s, v) = run(json!({"KEY": plain})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("env: KEY is a secret of store s"), "{v}");
+    let (s, r) = run(json!({"NOT_A_SECRET": "x"})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["stdout"].as_str().unwrap().trim(), sb["env"]["KEY"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_see_sealed_env_and_curl_reaches_the_origin_with_the_real_key() {
     if !netns_ready() {
