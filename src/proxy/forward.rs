@@ -719,6 +719,8 @@ fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Reques
     let trailers = accepts_trailers(req.headers());
     strip_hop_by_hop(req.headers_mut(), websocket);
     req.headers_mut().remove(header::HOST);
+    // Request trailers are never forwarded (`linger::Lingering` drops them): nor their notice.
+    req.headers_mut().remove(header::TRAILER);
     if trailers {
         req.headers_mut()
             .insert(header::TE, HeaderValue::from_static("trailers"));

@@ -45,6 +45,13 @@ pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S, bounds: Bounds) {
 
 /// A request body that, dropped before its end (the upstream or sealgate answered first),
 /// reads and drops the rest in the background, within its [`Bounds`].
+///
+/// It yields the body's data only: request trailers are dropped here, the one wrapper every
+/// request body passes through, so no path forwards them. A token in a trailer was neither
+/// unsealed nor refused — the streamed paths passed trailers on untouched while a token of a
+/// secret not allowed for the host in a header is refused (outside review), and a held body
+/// dropped them already. No client sealgate serves sends request trailers (gRPC's are the
+/// answer's), so scanning a second header block at the body's end would buy nothing.
 pub struct Lingering(Option<Incoming>, Bounds);
 
 impl Lingering {
@@ -62,14 +69,19 @@ impl Body for Lingering {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
-        let Some(body) = self.0.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.0 = None; // ended or broken: nothing to linger for
+        loop {
+            let Some(body) = self.0.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let polled = Pin::new(body).poll_frame(cx);
+            if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                self.0 = None; // ended or broken: nothing to linger for
+            }
+            match polled {
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
+                other => return other,
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -365,7 +365,8 @@ where
         Ok(())
     }
 
-    /// Request trailers are passed on as they are (their tokens travel sealed).
+    /// Request trailers never reach this engine in the proxy (`proxy::linger::Lingering` drops
+    /// them); any given here are passed on as they are.
     fn trailers(&mut self, trailers: HeaderMap) -> HeaderMap {
         trailers
     }

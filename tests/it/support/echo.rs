@@ -63,6 +63,8 @@ pub struct Recorded {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The complete request body (what was read before an error, if the client aborted).
     pub body: Vec<u8>,
+    /// The request's trailer fields (lowercased names), if it had any.
+    pub trailers: Vec<(String, Vec<u8>)>,
     /// The `Host` header, or the HTTP/2 `:authority`.
     pub host: Option<String>,
     /// Which of the origin's connections carried it: 1 for the first accepted, and so on.
@@ -90,6 +92,7 @@ impl Recorded {
         contains(self.uri.as_bytes(), needle)
             || self.headers.iter().any(|(_, v)| contains(v, needle))
             || contains(&self.body, needle)
+            || self.trailers.iter().any(|(_, v)| contains(v, needle))
     }
 
     fn path(&self) -> &str {
@@ -302,10 +305,15 @@ fn is_websocket<B>(req: &Request<B>) -> bool {
 /// Reads the whole request (frame by frame, so a chunked upload is kept complete).
 async fn record(req: Request<Incoming>, conn: usize) -> Recorded {
     let (parts, mut body) = req.into_parts();
-    let mut bytes = Vec::new();
+    let (mut bytes, mut trailers) = (Vec::new(), Vec::new());
     while let Some(Ok(frame)) = body.frame().await {
         if let Some(data) = frame.data_ref() {
             bytes.extend_from_slice(data);
+        }
+        if let Some(t) = frame.trailers_ref() {
+            let field =
+                |(n, v): (&HeaderName, &HeaderValue)| (n.to_string(), v.as_bytes().to_vec());
+            trailers.extend(t.iter().map(field));
         }
     }
     let host = parts.headers.get(header::HOST).map(|h| lossy(h.as_bytes()));
@@ -322,6 +330,7 @@ async fn record(req: Request<Incoming>, conn: usize) -> Recorded {
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
         body: bytes,
+        trailers,
         host: host.or_else(|| parts.uri.authority().map(|a| a.to_string())),
         conn,
     }
