@@ -13,7 +13,7 @@ mod slots;
 mod validate;
 
 pub use error::ApiError;
-pub use routes::router;
+pub use routes::{router, CORRUPT_STORES_HEADER};
 
 use std::sync::Arc;
 

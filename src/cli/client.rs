@@ -111,6 +111,19 @@ impl AdminClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
+        Ok(self.call_with_headers(method, path, body).await?.0)
+    }
+
+    /// [`AdminClient::call`], with the answer's headers.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(Value, http::HeaderMap), ClientError> {
         let url = format!("{}{path}", self.base);
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let req = Request::builder()
@@ -126,8 +139,8 @@ impl AdminClient {
             .await
             .map_err(|e| self.send_error(&e))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let (parts, body) = resp.into_parts();
+        let body = body
             .collect()
             .await
             .map_err(|e| ClientError::Transport(self.base.clone(), e.to_string()))?
@@ -138,7 +151,7 @@ impl AdminClient {
             serde_json::from_slice(&body).unwrap_or(Value::Null)
         };
         if status.is_success() {
-            return Ok(json);
+            return Ok((json, parts.headers));
         }
         Err(self.api_error(status.as_u16(), &json))
     }

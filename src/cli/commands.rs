@@ -92,6 +92,22 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(text.trim().to_owned())
 }
 
+/// Names on stderr the stores `GET /v1/stores` left out because their rows failed their
+/// checks (the daemon's `x-sealgate-corrupt-stores`): a listing that silently lacked them
+/// told an operator in an incident that they did not exist.
+fn warn_corrupt(headers: &http::HeaderMap) {
+    let header = crate::admin::CORRUPT_STORES_HEADER;
+    let Some(ids) = headers.get(header).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    for id in ids.split(',').map(str::trim).filter(|id| !id.is_empty()) {
+        eprintln!(
+            "sealgate: warning: store {id} is left out: its row failed its integrity checks \
+             (`sealgate store get {id}` names the field; see docs/operations.md)"
+        );
+    }
+}
+
 /// The one wording for a store that does not exist (the daemon's own 404 says the same).
 fn no_such_store(id_or_name: &str) -> anyhow::Error {
     anyhow::anyhow!("store '{id_or_name}' not found")
@@ -106,8 +122,14 @@ fn check_store_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves a store id or name to its id.
+/// Resolves a store id or name to its id. An id (no store name is shaped like one: the API
+/// refuses such names) is used as given, without the list: a store whose row fails its
+/// checks is left out of the list but answered by id (500 `store_corrupt`, and its DELETE is
+/// the repair operations.md gives), which a lookup in the list turned into "not found".
 async fn store_id(c: &AdminClient, id_or_name: &str) -> anyhow::Result<String> {
+    if let Ok(id) = uuid::Uuid::try_parse(id_or_name) {
+        return Ok(id.hyphenated().to_string());
+    }
     let all = c.call(Method::GET, "/v1/stores", None).await?;
     let found = all
         .as_array()
@@ -145,7 +167,11 @@ async fn store(c: &AdminClient, cmd: &StoreCmd) -> anyhow::Result<Value> {
             )
             .await?
         }
-        StoreCmd::List => c.call(Method::GET, "/v1/stores", None).await?,
+        StoreCmd::List => {
+            let (list, headers) = c.call_with_headers(Method::GET, "/v1/stores", None).await?;
+            warn_corrupt(&headers);
+            list
+        }
         StoreCmd::Get { store } => {
             let id = store_id(c, store).await?;
             c.call(Method::GET, &format!("/v1/stores/{id}"), None)

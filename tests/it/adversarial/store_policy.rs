@@ -144,6 +144,45 @@ async fn an_opened_store_allowlist_in_the_database_fails_closed() {
     );
 }
 
+/// The CLI reaches a store whose row fails its checks the way the API does: `store list`
+/// names it on stderr, `store get <id>` shows `store_corrupt`, and `store delete <id>` — the
+/// repair operations.md gives — deletes it. The CLI looked ids up in the listing, which
+/// leaves such a store out, and answered "not found" to all three (found from outside).
+#[tokio::test]
+async fn the_cli_names_gets_and_deletes_a_tampered_store() {
+    let h = populated("sk-adv-policy-0614").await;
+    let (_, stores) = h.api(Method::GET, "/v1/stores", None).await;
+    let id = stores[0]["id"].as_str().unwrap().to_owned();
+    sql(&db_path(&h), "UPDATE stores SET egress_allowlist = NULL");
+    // Async: the daemon answering the CLI runs on this test's runtime.
+    let cli = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sealgate"))
+            .args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+            .args(args)
+            .env_remove("SEALGATE_CONFIG")
+            .output()
+    };
+    let list = cli(&["store", "list"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&list.stderr);
+    assert!(list.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("store {id} is left out")),
+        "{stderr}"
+    );
+    let get = cli(&["store", "get", &id.to_uppercase()]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&get.stderr);
+    assert!(!get.status.success());
+    assert!(
+        stderr.contains("egress_allowlist") && !stderr.contains("not found"),
+        "{stderr}"
+    );
+    let delete = cli(&["store", "delete", &id]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&delete.stderr);
+    assert!(delete.status.success(), "{stderr}");
+    let (s, _) = h.api(Method::GET, &format!("/v1/stores/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "repaired: gone");
+}
+
 #[tokio::test]
 async fn a_missing_master_key_beside_a_database_is_refused_without_creating_one() {
     let pki = Arc::new(TestPki::new());
