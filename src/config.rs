@@ -185,6 +185,8 @@ pub struct RawUpstream {
     pub max_response_codings: Option<usize>,
     /// Bytes.
     pub max_grpc_message_bytes: Option<usize>,
+    /// Bytes.
+    pub max_response_header_bytes: Option<usize>,
 }
 
 /// `[sandbox]`.
@@ -429,6 +431,10 @@ pub struct UpstreamConfig {
     pub max_response_codings: usize,
     /// Largest compressed gRPC message, before or after decoding, that scrubbing decodes.
     pub max_grpc_message_bytes: usize,
+    /// hyper's HTTP/1 client buffer: the largest response head an HTTP/1.1 origin may send,
+    /// and the most of an answer read ahead per upstream connection (a sandbox that does not
+    /// read its answer pins no more).
+    pub max_response_header_bytes: usize,
 }
 
 /// `[sandbox]`, validated.
@@ -1115,6 +1121,13 @@ impl RawUpstream {
                 self.max_grpc_message_bytes,
                 4 << 20,
                 64 << 20,
+            ),
+            max_response_header_bytes: p.count_from(
+                "upstream.max_response_header_bytes",
+                self.max_response_header_bytes,
+                64 << 10,
+                8 << 10,
+                1 << 20,
             ),
         }
     }

@@ -145,6 +145,7 @@ impl Clients {
                 .pool_max_idle_per_host(0)
                 .timer(TokioTimer::new())
                 .set_host(true)
+                .http1_max_buf_size(upstream.max_response_header_bytes)
                 .build(connector(upstream::Alpn::Either)),
         }
     }
@@ -166,7 +167,11 @@ fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
         .timer(TokioTimer::new())
         // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
         // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
-        .set_host(true);
+        .set_host(true)
+        // hyper's adaptive read buffer grew to ~400 KiB on a large answer, and a chunk the
+        // sandbox had not read yet pinned it while the next read took another: ~1 MiB per
+        // unread answer (outside review: 256 tunnels of one sandbox, +250 MB).
+        .http1_max_buf_size(cfg.max_response_header_bytes);
     b
 }
 
