@@ -702,6 +702,7 @@ fn admin_token(
             )));
         }
         Ok(text) => {
+            refuse_open_mode(&path)?;
             warn_short_token(text.trim(), &path.display().to_string());
             return Ok((
                 SecretValue::new(text.trim().as_bytes().to_vec()),
@@ -743,6 +744,26 @@ fn warn_short_token(token: &str, from: &str) {
 }
 
 /// The refusal of a blank admin token (a start-up error, like an unreadable token file).
+/// Refuses a token file group or others may read or write, as the master key file is
+/// refused: the token widens any store's allowlist, which lets a secret without
+/// `allowed_hosts` go to any host (found from outside: a 0644 token was used silently).
+fn refuse_open_mode(path: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(io_err(format!("reading {}", path.display())))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(blank_token(&format!(
+        "{0} has mode {mode:03o}; it must not be accessible by group or others (run `chmod \
+         600 {0}`); refusing to use it",
+        path.display()
+    )))
+}
+
 fn blank_token(why: &str) -> DaemonError {
     io_err("admin token")(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
 }

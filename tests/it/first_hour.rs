@@ -540,6 +540,31 @@ async fn a_blank_admin_token_is_refused_at_start() {
     assert!(token.is_symlink(), "the operator's link is kept");
 }
 
+/// An admin token file group or others may read is refused at start, as a master key file is
+/// (the token can open any store's allowlist; found from outside: a 0644 token was used).
+#[tokio::test]
+async fn an_admin_token_readable_by_others_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let token = data.join("admin.token");
+    std::fs::write(&token, "an-operator-written-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = serve_config(dir.path(), &data, "");
+    let o = serve_once(&cfg, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let want = format!(
+        "{} has mode 644; it must not be accessible",
+        token.display()
+    );
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("an-operator-written-token"),
+        "never the token"
+    );
+}
+
 /// A damaged record of the deletions pending since a database outage stops the start and
 /// names the file: a node that cannot tell which sandboxes were deleted must serve none.
 #[tokio::test]
