@@ -64,10 +64,12 @@ async fn outer(state: Arc<ProxyState>, req: Request<Incoming>) -> Response<Proxy
         method: method.as_str(),
         path: &path,
         tunnel: false,
+        bytes_down: 0,
     };
     match route(&state, &live, &mut at, req).await {
         Ok(resp) => resp,
         Err(r) => {
+            at.bytes_down = r.answer_len();
             outcome::refuse(&state, &at, &r);
             r.into_response()
         }
@@ -105,7 +107,6 @@ async fn route(
         return Err(r);
     }
     if req.method() == Method::CONNECT {
-        at.tunnel = true;
         return connect(state, live, at, &sandbox, req);
     }
     if req.uri().scheme_str().is_some() {
@@ -159,6 +160,9 @@ fn connect(
     let target = named_authority(&req, at);
     let dest = policy::parse_authority(&target, None)
         .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
+    // A malformed CONNECT is a bad request, counted in `requests_total` only; from here a
+    // refusal is the tunnel's.
+    at.tunnel = true;
     let tunnel = admit(
         state,
         live,
@@ -248,6 +252,9 @@ fn record_in_tunnel(tunnel: &Tunnel, protocol: &'static str, r: &Refusal) {
     at.sandbox = Some(tunnel.sandbox.clone());
     at.host = tunnel.authority.to_string();
     at.tunnel = false; // the tunnel itself was admitted and counted at CONNECT
+    if protocol == "HTTP" {
+        at.bytes_down = r.answer_len(); // answered once, then closed
+    }
     outcome::refuse(&tunnel.state, &at, r);
 }
 

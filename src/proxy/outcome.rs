@@ -73,6 +73,8 @@ pub struct Attempt<'a> {
     pub path: &'a str,
     /// A whole connection or tunnel is refused (also counted in `tunnels_total`).
     pub tunnel: bool,
+    /// The length of the answer the refusal gets (0 when the connection just closes).
+    pub bytes_down: u64,
 }
 
 impl<'a> Attempt<'a> {
@@ -85,6 +87,7 @@ impl<'a> Attempt<'a> {
             method,
             path: "",
             tunnel: true,
+            bytes_down: 0,
         }
     }
 }
@@ -110,6 +113,7 @@ pub fn refuse(state: &ProxyState, at: &Attempt<'_>, r: &Refusal) {
         path: at.path,
         rule: Some(r.message.clone()),
         status: r.code.status().as_u16(),
+        bytes_down: at.bytes_down,
         ..Default::default()
     };
     record(state, Some(r.code), event);

@@ -127,6 +127,12 @@ impl Refusal {
     pub fn into_response(self) -> Response<ProxyBody> {
         error_response(self.code, &self.message)
     }
+
+    /// The length of the body [`Refusal::into_response`] answers with (the audit line's
+    /// `bytes_down` for a refusal that is answered).
+    pub fn answer_len(&self) -> u64 {
+        error_body(self.code, &self.message).len() as u64
+    }
 }
 
 /// How long a refused plain-HTTP connection may take to receive its answer.
@@ -151,10 +157,15 @@ where
     let _ = tokio::time::timeout(ANSWER_DEADLINE, conn).await;
 }
 
+/// The uniform error body: `{"error": {"code", "message"}}`.
+fn error_body(code: Code, message: &str) -> Bytes {
+    let body = serde_json::json!({"error": {"code": code.as_str(), "message": message}});
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
 /// Builds the uniform error response.
 pub fn error_response(code: Code, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({"error": {"code": code.as_str(), "message": message}});
-    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let bytes = error_body(code, message);
     let mut resp = Response::new(
         Full::new(bytes)
             .map_err(|never| match never {})

@@ -184,6 +184,11 @@ async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
     .await
     .unwrap_err();
     assert_eq!(r.status, 403);
+    // Malformed: a bad request, never a tunnel (it was counted as one; outside pass).
+    let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), "a.example.test:99999")
+        .await
+        .unwrap_err();
+    assert_eq!(r.status, 400);
 
     let after = scrape(&e.h).await;
     let d = |series: &str| metric(&after, series) - metric(&before, series);
@@ -207,6 +212,29 @@ async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
         d(r#"sealgate_tunnels_total{decision="deny",code="egress_denied"}"#),
         1.0
     );
+    assert_eq!(
+        d(r#"sealgate_requests_total{decision="deny",code="bad_request"}"#),
+        1.0
+    );
+    assert_eq!(
+        d(r#"sealgate_tunnels_total{decision="deny",code="bad_request"}"#),
+        0.0
+    );
+    // A refused CONNECT's line counts the answer it got (it said 0).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let found = audit_events(&e.h.audit_log())
+            .into_iter()
+            .find(|v| v["method"] == "CONNECT" && v["code"] == "egress_denied");
+        match found {
+            Some(line) => break line,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            None => panic!("the refused CONNECT is not audited"),
+        }
+    };
+    assert!(refused["bytes_down"].as_u64() > Some(50), "{refused}");
     assert_eq!(
         d(r#"sealgate_secrets_unsealed_total{secret="KEY",host="api.example.test:443"}"#),
         1.0
