@@ -160,7 +160,7 @@ impl Running {
                 None => "from SEALGATE_ADMIN_TOKEN".into(),
             },
         );
-        line("master key:", self.key_source.to_string());
+        line("master key:", shown_key_source(&self.key_source));
         if let Some(n) = &self.nofile {
             line("open files:", n.describe());
         }
@@ -440,6 +440,17 @@ struct Fleet {
 }
 
 /// `path` as an absolute path for the summary (the CA directory already is one).
+/// The key source with an absolute path, as the summary's other paths are.
+fn shown_key_source(source: &crate::store::crypto::KeySource) -> String {
+    use crate::store::crypto::KeySource;
+    match source {
+        KeySource::Created(p) => KeySource::Created(absolute(p)),
+        KeySource::Loaded(p) => KeySource::Loaded(absolute(p)),
+        KeySource::Env => KeySource::Env,
+    }
+    .to_string()
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }

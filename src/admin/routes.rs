@@ -462,14 +462,17 @@ fn short_value_warning(name: &str) -> String {
 /// Sandboxes get their tokens at creation: a secret added (or deleted and set again) later does
 /// not reach those already running (ARCHITECTURE.md, "Rotation reach").
 fn lacking_warning(name: &str, store: &str, count: usize) -> String {
-    let (n, were) = if count == 1 {
-        ("1 running sandbox".to_string(), "was")
+    let (n, hold) = if count == 1 {
+        ("1 running sandbox".to_string(), "holds")
     } else {
-        (format!("{count} running sandboxes"), "were")
+        (format!("{count} running sandboxes"), "hold")
     };
+    // "created without" was untrue for a secret deleted and set again: they had it, and its
+    // old token stopped at the deletion (outside pass).
     format!(
-        "{n} of store {store} on this node {were} created without secret {name} and will not \
-         get it; sandboxes created from now on will"
+        "{n} of store {store} on this node {hold} no token for secret {name} (created \
+         without it, or it was deleted since) and will not get it; sandboxes created from now \
+         on will"
     )
 }
 

@@ -655,6 +655,20 @@ async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     wait_for_text(&log2, "  master key:", &mut second.0);
 }
 
+/// The start-up summary names the master key file by its absolute path, as it does the
+/// database and the token file, also for a relative `data_dir` (it printed `data/master.key`).
+#[tokio::test]
+async fn the_summary_names_the_key_file_absolutely() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("first.log");
+    let mut c = serve_command(dir.path(), Path::new("data"), &log);
+    let mut daemon = Spawned(c.current_dir(dir.path()).spawn().unwrap());
+    let banner = wait_for_text(&log, "  master key:", &mut daemon.0);
+    let key = std::fs::canonicalize(dir.path().join("data/master.key")).unwrap();
+    let want = format!("  master key:  created new key file {}\n", key.display());
+    assert!(banner.contains(&want), "{want:?} in {banner}");
+}
+
 /// A database that comes up empty beside an existing master key is said so: an outside pass
 /// restored `sealgate.db` without its `-wal` after a crash and the daemon started, silently, on
 /// an empty database.

@@ -321,7 +321,7 @@ async fn rotation_allowlist_and_delete_secret_reach_running_sandboxes() {
                 .await;
         let warned = v["warnings"].as_array().unwrap().iter().any(|w| {
             w.as_str().unwrap().starts_with(&format!(
-                "1 running sandbox of store s on this node was created without secret {name}"
+                "1 running sandbox of store s on this node holds no token for secret {name}"
             ))
         });
         assert!(warned, "{name}: {v}");
