@@ -390,6 +390,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
     warn_admin_exposed(admin_addr);
     warn_wide_private_cidrs(&cfg.upstream);
+    warn_one_sandbox_fills(&cfg.proxy);
     Ok(running)
 }
 
@@ -419,6 +420,20 @@ fn warn_wide_private_cidrs(upstream: &crate::config::UpstreamConfig) {
             "upstream.allow_private_cidrs admits every address of its family: sandboxes may \
              reach this host's loopback services and the cloud metadata address (sealgate's \
              own listeners stay refused)"
+        );
+    }
+}
+
+/// Legal but rarely meant: a daemon-wide connection cap that one sandbox's own cap reaches,
+/// so one sandbox can hold every connection and lock the others out (outside review: with
+/// `max_connections = 300` one sandbox left another 1 probe of 33).
+fn warn_one_sandbox_fills(proxy: &crate::config::ProxyConfig) {
+    if proxy.max_connections <= proxy.max_connections_per_sandbox {
+        tracing::warn!(
+            max_connections = proxy.max_connections,
+            max_connections_per_sandbox = proxy.max_connections_per_sandbox,
+            "proxy.max_connections is not above proxy.max_connections_per_sandbox: one sandbox \
+             can hold every connection and lock the others out"
         );
     }
 }
@@ -1070,6 +1085,7 @@ fn reload_once(
     let live = LiveSettings::new(proxy_cfg, upstream_cfg, own.to_vec(), pools, counts)?;
     proxy.set_settings(live);
     warn_wide_private_cidrs(&new.upstream);
+    warn_one_sandbox_fills(&new.proxy);
     crate::logging::set_level(&new.log_level);
     Ok(restart)
 }

@@ -1823,6 +1823,11 @@ async fn max_connections_counts_open_tunnels_not_just_connect_requests() {
         .await
         .expect_err("two tunnels hold both slots");
     assert_eq!(r.status, 0, "closed without an answer: {r:?}");
+    let logs = crate::support::daemon::logs_text();
+    assert!(
+        logs.contains("one sandbox can hold every connection"),
+        "warned at start"
+    );
     let m = scrape(&e.h).await;
     assert_eq!(metric(&m, "sealgate_active_connections"), 2.0);
     assert_eq!(
