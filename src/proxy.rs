@@ -528,7 +528,12 @@ pub async fn run_listener(
                 "proxy.max_connections reached; connection closed",
             );
             outcome::refuse(&state, &outcome::Attempt::connection(kind, "TCP"), &r);
-            drop(tcp);
+            // An explicit client speaks HTTP/1.1 first: it gets the uniform answer. A
+            // transparent one starts TLS (or plain HTTP to a port we cannot tell): closed.
+            match kind {
+                ListenerKind::Explicit => refusal::answer_unserved(tcp, &r),
+                ListenerKind::Transparent => drop(tcp),
+            }
             continue;
         };
         let _ = tcp.set_nodelay(true);

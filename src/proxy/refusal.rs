@@ -4,6 +4,7 @@
 //! Invariant: messages name hosts and secret *names*, never values; every refusal carries
 //! `content-type: application/json`, the JSON error body and `x-sealgate-error: <code>`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +12,8 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::ProxyBody;
 
@@ -155,6 +157,65 @@ where
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), svc);
     let _ = tokio::time::timeout(ANSWER_DEADLINE, conn).await;
+}
+
+/// At most this many connections refused before they are served (the daemon's connection
+/// cap) are being answered at once; past it one is closed unanswered, as all were before:
+/// answering must not become what a flood of connections exhausts.
+const MAX_UNSERVED_ANSWERS: usize = 64;
+
+/// How long answering one such connection may take, its reading of the client's bytes
+/// included.
+const UNSERVED_ANSWER_DEADLINE: Duration = Duration::from_secs(1);
+
+static UNSERVED_ANSWERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers an explicit-proxy connection refused before hyper serves it (the daemon's
+/// `proxy.max_connections`) with the uniform HTTP/1.1 refusal, then closes it. The answer is
+/// written at once, before the request is read; what the client sent is then read and
+/// dropped until it closes, so that closing with unread input does not reset the connection
+/// and take the answer with it. Bounded by [`MAX_UNSERVED_ANSWERS`] and
+/// [`UNSERVED_ANSWER_DEADLINE`]; the connection is closed unanswered past either (it got a
+/// bare reset before; outside review).
+pub fn answer_unserved(tcp: TcpStream, r: &Refusal) {
+    if UNSERVED_ANSWERS.fetch_add(1, Ordering::AcqRel) >= MAX_UNSERVED_ANSWERS {
+        UNSERVED_ANSWERS.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let raw = raw_answer(r);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(UNSERVED_ANSWER_DEADLINE, write_then_drain(tcp, raw)).await;
+        UNSERVED_ANSWERS.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+async fn write_then_drain(mut tcp: TcpStream, raw: Vec<u8>) {
+    if tcp.write_all(&raw).await.is_err() || tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut left = 64 * 1024usize;
+    while let Ok(n @ 1..) = tcp.read(&mut sink).await {
+        left = match left.checked_sub(n) {
+            Some(l) => l,
+            None => return,
+        };
+    }
+}
+
+/// The uniform refusal as raw HTTP/1.1 bytes (for a connection hyper does not serve).
+fn raw_answer(r: &Refusal) -> Vec<u8> {
+    let body = error_body(r.code, &r.message);
+    let status = r.code.status();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{ERROR_HEADER}: {}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        r.code.as_str(),
+        body.len()
+    );
+    [head.as_bytes(), &body].concat()
 }
 
 /// The uniform error body: `{"error": {"code", "message"}}`.

@@ -1822,7 +1822,10 @@ async fn max_connections_counts_open_tunnels_not_just_connect_requests() {
     let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
         .await
         .expect_err("two tunnels hold both slots");
-    assert_eq!(r.status, 0, "closed without an answer: {r:?}");
+    // The uniform answer, not a bare reset (outside review).
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.head.contains("x-sealgate-error: unavailable"), "{r:?}");
+    assert!(r.body.contains("proxy.max_connections"), "{r:?}");
     let logs = crate::support::daemon::logs_text();
     assert!(
         logs.contains("one sandbox can hold every connection"),
