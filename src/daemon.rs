@@ -454,7 +454,6 @@ struct Fleet {
     claim: Arc<NodeClaim>,
 }
 
-/// `path` as an absolute path for the summary (the CA directory already is one).
 /// The key source with an absolute path, as the summary's other paths are.
 fn shown_key_source(source: &crate::store::crypto::KeySource) -> String {
     use crate::store::crypto::KeySource;
@@ -466,6 +465,7 @@ fn shown_key_source(source: &crate::store::crypto::KeySource) -> String {
     .to_string()
 }
 
+/// `path` as an absolute path for the summary (the CA directory already is one).
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
@@ -769,7 +769,6 @@ fn warn_short_token(token: &str, from: &str) {
     }
 }
 
-/// The refusal of a blank admin token (a start-up error, like an unreadable token file).
 /// Refuses a token file group or others may read or write, as the master key file is
 /// refused: the token widens any store's allowlist, which lets a secret without
 /// `allowed_hosts` go to any host (found from outside: a 0644 token was used silently).
@@ -790,6 +789,7 @@ fn refuse_open_mode(path: &Path) -> Result<(), DaemonError> {
     )))
 }
 
+/// The refusal of a blank admin token (a start-up error, like an unreadable token file).
 fn blank_token(why: &str) -> DaemonError {
     io_err("admin token")(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
 }

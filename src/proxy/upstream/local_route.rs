@@ -42,16 +42,18 @@ fn request(ip: IpAddr) -> Vec<u8> {
     let attr_len = 4 + addr.len();
     let total = 16 + 12 + attr_len;
     let mut m = Vec::with_capacity(total);
-    m.extend_from_slice(&(total as u32).to_ne_bytes()); // nlmsg_len
-    m.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes()); // nlmsg_type
-    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes()); // nlmsg_flags
-    m.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel
-                                              // rtmsg: family, dst_len (a host route), src_len, tos, table, protocol, scope, type; flags.
+    // nlmsghdr: length, type, flags, sequence number, port id (0: the kernel).
+    m.extend_from_slice(&(total as u32).to_ne_bytes());
+    m.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
+    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    // rtmsg: family, dst_len (a host route), src_len, tos, table, protocol, scope, type; flags.
     m.extend_from_slice(&[family, (addr.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
     m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&(attr_len as u16).to_ne_bytes()); // rta_len
-    m.extend_from_slice(&libc::RTA_DST.to_ne_bytes()); // rta_type
+    // rtattr RTA_DST: length, type, the address.
+    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    m.extend_from_slice(&libc::RTA_DST.to_ne_bytes());
     m.extend_from_slice(&addr);
     m
 }

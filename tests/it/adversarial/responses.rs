@@ -1207,4 +1207,9 @@ async fn an_origin_head_over_max_response_header_bytes_is_a_502() {
         "{:?}",
         over.headers
     );
+    let said = String::from_utf8_lossy(&over.body);
+    assert!(
+        said.contains("upstream.max_response_header_bytes"),
+        "{said}"
+    );
 }
