@@ -334,6 +334,12 @@ impl Metrics {
 pub trait Tally {
     /// `n` more data bytes went by.
     fn add(&self, n: usize);
+
+    /// The body was just polled: `pending` if it had nothing ready (its writer is the slow
+    /// one), else it yielded a frame or ended.
+    fn polled(&self, pending: bool) {
+        let _ = pending;
+    }
 }
 
 impl Tally for Counter {
@@ -369,6 +375,7 @@ impl<B: Body, T: Tally> Body for Counted<B, T> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let r = this.inner.poll_frame(cx);
+        this.counter.polled(r.is_pending());
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
                 this.counter.add(d.remaining());

@@ -1030,6 +1030,30 @@ fn compressed(h: &HeaderMap) -> bool {
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
+/// The refusal of a wait for the answer that timed out: the sandbox's if its own streamed
+/// body was what the request waited on (a stalled upload answered 504 and blamed the origin;
+/// outside review), else the upstream's. An upstream that stops reading does not have the
+/// body polled, so its stall stays a 504.
+fn timed_out(t: &Tunnel, progress: Option<&Progress>) -> Refusal {
+    if progress.is_some_and(Progress::waiting_on_body) {
+        return Refusal::new(
+            Code::RequestTimeout,
+            format!(
+                "the request body to {} stopped: no byte for upstream.response_timeout_secs",
+                t.dest
+            ),
+        );
+    }
+    Refusal::new(
+        Code::UpstreamTimeout,
+        format!(
+            "{} did not answer in time (upstream.response_timeout_secs, counted from the \
+             request's last byte)",
+            t.dest
+        ),
+    )
+}
+
 /// Sends the request and waits for the response head: `response_timeout` from the request's
 /// last byte (a streamed body's `progress`; see [`super::progress`]).
 ///
@@ -1064,16 +1088,7 @@ async fn send(
             Ok(answered) => break answered,
             // The body moved meanwhile: the wait is counted from its last byte.
             Err(_) if super::progress::deadline(started, progress, timeout) > until => {}
-            Err(_) => {
-                return Err(Refusal::new(
-                    Code::UpstreamTimeout,
-                    format!(
-                        "{} did not answer in time (upstream.response_timeout_secs, counted \
-                         from the request's last byte)",
-                        t.dest
-                    ),
-                ))
-            }
+            Err(_) => return Err(timed_out(t, progress)),
         }
     };
     let resp = match answered {

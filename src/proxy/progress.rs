@@ -9,7 +9,7 @@
 //!
 //! Invariant: [`Progress::last`] never moves back, and is the creation time until a byte moves.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ pub struct Progress {
     /// Milliseconds after `epoch` of the last data frame.
     last_ms: AtomicU64,
     bytes: AtomicU64,
+    /// The last poll of the body found nothing ready: its writer (the sandbox) is what the
+    /// request waits on, not the upstream (which, not reading, would not have it polled).
+    waiting: AtomicBool,
 }
 
 impl Progress {
@@ -30,12 +33,19 @@ impl Progress {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
         })
     }
 
     /// When the body last moved (its creation, before any byte did).
     pub fn last(&self) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire))
+    }
+
+    /// True while the body, last polled, had nothing ready: a wait that times out now is the
+    /// sandbox's stalled upload, not a slow upstream.
+    pub fn waiting_on_body(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Data bytes taken from the body so far.
@@ -53,6 +63,10 @@ impl Progress {
 impl Tally for Arc<Progress> {
     fn add(&self, n: usize) {
         self.moved(n);
+    }
+
+    fn polled(&self, pending: bool) {
+        self.waiting.store(pending, Ordering::Release);
     }
 }
 

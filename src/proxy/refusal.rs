@@ -55,6 +55,8 @@ pub enum Code {
     UpstreamUnreachable,
     /// 504: upstream too slow.
     UpstreamTimeout,
+    /// 408: the sandbox's own request body stopped for `upstream.response_timeout_secs`.
+    RequestTimeout,
     /// 503: the proxy is shutting down or at its connection limit.
     Unavailable,
     /// 403: the sandbox was deleted or expired while its connection was open.
@@ -79,6 +81,7 @@ impl Code {
             Code::UpstreamTlsError => "upstream_tls_error",
             Code::UpstreamUnreachable => "upstream_unreachable",
             Code::UpstreamTimeout => "upstream_timeout",
+            Code::RequestTimeout => "request_timeout",
             Code::Unavailable => "unavailable",
             Code::SandboxEnded => "sandbox_ended",
         }
@@ -102,6 +105,7 @@ impl Code {
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::UpstreamTlsError | Code::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

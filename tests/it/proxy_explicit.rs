@@ -1325,7 +1325,10 @@ async fn a_store_without_an_allowlist_names_the_port_rule_when_it_refuses() {
 /// than the timeout to send, moving all the while, gets its answer (an outside test had a
 /// 330 s upload cut at 300 s with 504 "did not answer in time" while the origin was still
 /// reading it), and the audit line counts what it sent. A body that stops moving for the
-/// whole timeout still ends the wait with 504.
+/// whole timeout still ends the wait — with the sandbox's 408 `request_timeout`, its own
+/// upload having stalled (it said 504 `upstream_timeout`, blaming the origin; outside
+/// review). An upstream that stops reading stays a 504
+/// (`clients::an_upload_cut_mid_way_shows_the_client_sealgates_answer`).
 #[tokio::test]
 async fn a_slow_upload_is_answered_and_a_stalled_one_times_out() {
     let opts = Opts {
@@ -1354,6 +1357,6 @@ async fn a_slow_upload_is_answered_and_a_stalled_one_times_out() {
     let chunks = vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")];
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     let a = pc::send1(&mut c, post(chunks, 2500)).await;
-    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.text());
-    assert_eq!(a.code().as_deref(), Some("upstream_timeout"));
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.text());
+    assert_eq!(a.code().as_deref(), Some("request_timeout"));
 }
