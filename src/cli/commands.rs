@@ -394,10 +394,19 @@ fn print(v: &Value, as_json: bool) {
     match v {
         Value::Array(items) if items.is_empty() => println!("(none)"),
         Value::Array(items) => items.iter().for_each(|i| println!("{}", summary(i))),
-        other => println!(
-            "{}",
-            serde_json::to_string_pretty(other).unwrap_or_default()
-        ),
+        Value::Object(fields) => {
+            // `warn` has put the warnings on stderr already; `--json` keeps them in the answer.
+            let shown: serde_json::Map<_, _> = fields
+                .iter()
+                .filter(|(k, _)| k.as_str() != "warnings")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&shown).unwrap_or_default()
+            );
+        }
+        other => println!("{other}"),
     }
 }
 

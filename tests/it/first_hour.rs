@@ -270,6 +270,20 @@ async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
         "sealgate: warning: secret K can never be unsealed: none of its allowed_hosts is \
          reachable under store w's egress_allowlist\n"
     );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("never be unsealed"),
+        "said once, on stderr: {out}"
+    );
+    let mut args = vec!["--json", "secret", "set", "w", "K", "--allowed-host"];
+    args.extend(["other.example.test", "--location", "header"]);
+    let o = client(&h, &args, "sk-warned-value-5150").await;
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        answer["warnings"].as_array().map(Vec::len),
+        Some(1),
+        "--json keeps them"
+    );
     let o = client(
         &h,
         &[
