@@ -75,6 +75,8 @@ pub struct RawStoreSection {
     pub url: Option<String>,
     /// Seconds; 0 = off.
     pub max_staleness_secs: Option<u64>,
+    /// Seconds between re-reads of every store with sandboxes here, whatever its generation.
+    pub reread_secs: Option<u64>,
     /// PEM files trusted for the database's certificate (`sslmode=require`).
     pub ca_files: Option<Vec<String>>,
 }
@@ -302,6 +304,10 @@ pub struct StoreConfig {
     pub url: Option<DatabaseUrl>,
     /// Refuse to unseal after being cut off from the database this long; None = off.
     pub max_staleness: Option<Duration>,
+    /// `[store] reread_secs`: how often a fleet node re-reads every store its sandboxes use
+    /// whatever the store's generation says (bounds how long a database writer can hide a
+    /// change from it by replaying a generation).
+    pub reread: Duration,
     /// `[store] ca_files`: CA certificates (PEM) trusted, besides the web PKI roots, for the
     /// database's certificate when the URL says `sslmode=require`.
     pub ca_files: Vec<PathBuf>,
@@ -832,10 +838,12 @@ impl RawStoreSection {
         if url.as_ref().is_some_and(|u| !u.requires_tls()) && !ca_files.is_empty() {
             p.0.push(crate::store::postgres::CA_FILES_WITHOUT_TLS.into());
         }
+        let reread = p.secs("store.reread_secs", self.reread_secs, 60);
         StoreConfig {
             backend,
             url,
             max_staleness,
+            reread,
             ca_files,
         }
     }

@@ -354,6 +354,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
             max_staleness: cfg.store.max_staleness,
             lag_gauge: admin_state.metrics.store_sync_lag.clone(),
             claim: fleet.claim.clone(),
+            reread: cfg.store.reread,
         };
         tasks.spawn(follower.run(sandboxes.clone(), shutdown_rx.clone()));
     }
@@ -1129,6 +1130,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "log.format" => log_format;
         "store.backend" => store.backend;
         "store.max_staleness_secs" => store.max_staleness;
+        "store.reread_secs" => store.reread;
         "store.url" => store.url;
         "store.ca_files" => store.ca_files;
         "node.id" => node_id;

@@ -175,6 +175,10 @@ pub enum StoreError {
     /// password redacted) and why. Running sandboxes keep working from their snapshots.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// As `Unavailable`, but after a write was sent (a `COMMIT`, or a statement outside a
+    /// transaction): the change may have been applied, and only reading it back tells.
+    #[error("store unavailable: {0}")]
+    Unconfirmed(String),
     /// Encoding a JSON column failed.
     #[error("encoding a JSON column failed: {0}")]
     Encode(#[from] serde_json::Error),

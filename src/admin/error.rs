@@ -103,10 +103,34 @@ impl From<StoreError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
                     format!(
-                        "{e}; running sandboxes keep working. If this call was a change, it may \
-                         have been applied all the same (the database did not confirm it): read \
-                         it back before retrying"
+                        "{e}; nothing was changed, and running sandboxes keep working: retry \
+                         when the database answers"
                     ),
+                )
+            }
+            StoreError::Unconfirmed(_) => {
+                tracing::warn!(error = %e, "admin change unconfirmed: the database stopped answering after it was sent");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!(
+                        "{e}; running sandboxes keep working. This change may have been \
+                         applied all the same (it was sent, and the database did not confirm \
+                         it): read it back before retrying"
+                    ),
+                )
+            }
+            StoreError::WrongMasterKey(_) => {
+                // At run time: the key-check record no longer opens with this node's key (a
+                // rotation elsewhere, or an edit by hand); a write checks it first. It was the
+                // bare 500 `internal` while every read said why (outside pass).
+                tracing::error!(error = %e, "admin write refused: this node's master key does not open the database's key check");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_corrupt",
+                    "this node's master key no longer opens the database's key check (was the \
+                     key rotated while it ran, or the record edited by hand?); nothing was \
+                     changed; see docs/operations.md, \"A row that fails its checks\"",
                 )
             }
             StoreError::Corrupt(_) => {
@@ -250,5 +274,34 @@ mod tests {
         assert!(!res
             .headers()
             .contains_key(axum::http::header::WWW_AUTHENTICATE));
+    }
+
+    /// Only a change that was sent may have been applied; a refused connection changed
+    /// nothing, and says so (outside pass: every outage said "it may have been applied").
+    #[test]
+    fn store_outages_say_whether_the_change_may_have_been_applied() {
+        let away = ApiError::from(StoreError::Unavailable("database unreachable".into()));
+        assert_eq!(
+            (away.status, away.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        );
+        assert!(
+            away.message.contains("nothing was changed"),
+            "{}",
+            away.message
+        );
+        let sent = ApiError::from(StoreError::Unconfirmed("no answer within 5s".into()));
+        assert_eq!(sent.code, "store_unavailable");
+        assert!(
+            sent.message.contains("may have been applied"),
+            "{}",
+            sent.message
+        );
+        let key = ApiError::from(StoreError::WrongMasterKey("postgres://db/x".into()));
+        assert_eq!(
+            (key.status, key.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
+        );
+        assert!(key.message.contains("key check"), "{}", key.message);
     }
 }

@@ -181,7 +181,7 @@ fn audit_unconfirmed(
 
 /// [`audit_unconfirmed`] for an event the caller built.
 fn audit_if_unconfirmed(st: &AdminState, ev: AdminEvent<'_>, e: &StoreError) {
-    if matches!(e, StoreError::Unavailable(_)) {
+    if matches!(e, StoreError::Unconfirmed(_)) {
         st.audit.admin(&AdminEvent {
             outcome: Some("unknown"),
             ..ev
@@ -243,11 +243,24 @@ async fn list_stores(State(st): St) -> Result<Response, ApiError> {
             "store rows failed their integrity checks and were left out of GET /v1/stores \
              (GET /v1/stores/{{id}} names the failing field; see docs/operations.md)"
         );
-        if let Ok(value) = header::HeaderValue::from_str(&listing.corrupt.join(",")) {
-            response.headers_mut().insert(CORRUPT_STORES_HEADER, value);
-        }
+        let named: Vec<String> = listing.corrupt.iter().map(|id| header_safe(id)).collect();
+        let value = header::HeaderValue::from_str(&named.join(","))
+            .expect("percent-encoded ids are visible ASCII");
+        response.headers_mut().insert(CORRUPT_STORES_HEADER, value);
     }
     Ok(response)
+}
+
+/// A store id as it may stand in [`CORRUPT_STORES_HEADER`]: percent-encoded but for ASCII
+/// letters, digits, `-`, `_` and `.` (a UUID is unchanged). The ids of rows that failed their
+/// checks come from the database as written there: one holding CR/LF made the whole header
+/// invalid, and it was left out, hiding every tampered store (outside pass).
+fn header_safe(id: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.');
+    percent_encoding::utf8_percent_encode(id, KEEP).to_string()
 }
 
 async fn get_store(State(st): St, Path(id): Path<String>) -> Result<Json<StoreRecord>, ApiError> {

@@ -493,7 +493,7 @@ impl Sandboxes {
             // start would serve a sandbox whose credentials nobody holds, or its source address
             // would collide with a retry's row and stop the start (review). Its deletion is
             // made now or kept pending, as for a DELETE while the database is away.
-            if matches!(e, StoreError::Unavailable(_)) {
+            if matches!(e, StoreError::Unconfirmed(_)) {
                 let _ = self.delete_row(&sb.id);
             }
             return Err(e.into());
@@ -715,7 +715,7 @@ impl Sandboxes {
                 // error is this row's, and the others are still tried.
                 Err(e) => {
                     tracing::debug!(sandbox = %id, error = %e, "sandbox row still not deleted");
-                    if matches!(e, StoreError::Unavailable(_)) {
+                    if matches!(e, StoreError::Unavailable(_) | StoreError::Unconfirmed(_)) {
                         break;
                     }
                 }
@@ -882,9 +882,11 @@ impl Sandboxes {
             }
             other => other?,
         };
-        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
+        let changed = self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         self.release(store_id, &affected);
-        tracing::info!(store = %store_id, sandboxes = affected.len(), "store change applied to running sandboxes");
+        if changed > 0 {
+            tracing::info!(store = %store_id, sandboxes = changed, "store change applied to running sandboxes");
+        }
         Ok(affected.len())
     }
 
@@ -930,7 +932,9 @@ impl Sandboxes {
         affected: &[Arc<Sandbox>],
     ) -> Result<usize, SandboxError> {
         let allowlist = affected[0].snapshot().egress_allowlist.clone();
-        self.resnapshot_all(affected, &allowlist, &[])?;
+        if self.resnapshot_all(affected, &allowlist, &[])? == 0 {
+            return Ok(affected.len());
+        }
         tracing::warn!(
             store = %store_id,
             sandboxes = affected.len(),
@@ -973,17 +977,19 @@ impl Sandboxes {
     /// under `applying`; the lock map is not held across the write, so a lock taken meanwhile
     /// is honoured at the swap (the new snapshot goes aside and a locked copy serves) and an
     /// unlock meanwhile leaves the swap to serve the new one. A sandbox the change leaves as it
-    /// was keeps its snapshot, row and all ([`Sandboxes::changed_snapshots`]).
+    /// was keeps its snapshot, row and all ([`Sandboxes::changed_snapshots`]). Returns how
+    /// many changed.
     fn resnapshot_all(
         &self,
         affected: &[Arc<Sandbox>],
         allowlist: &Option<Vec<String>>,
         secrets: &[SecretRecord],
-    ) -> Result<(), SandboxError> {
+    ) -> Result<usize, SandboxError> {
         let (changed, rows) = self.changed_snapshots(affected, allowlist, secrets)?;
         if changed.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let count = changed.len();
         self.store.update_sandbox_snapshots(&rows)?;
         let mut held = lock(&self.locked);
         for (sb, snap) in changed {
@@ -999,7 +1005,7 @@ impl Sandboxes {
                 Err(e) => tracing::error!(sandbox = %sb.id, error = %e, "cannot lock sandbox"),
             }
         }
-        Ok(())
+        Ok(count)
     }
 
     fn info(&self, sb: &Sandbox) -> SandboxInfo {

@@ -33,6 +33,7 @@ mod ops;
 mod schema;
 pub mod url;
 
+use std::cell::Cell;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -324,15 +325,11 @@ impl PgStore {
             loop {
                 match try_claim(&db).await? {
                     Claim::Held(conn) => return Ok(conn),
-                    Claim::HeldBy(_) if tokio::time::Instant::now() < deadline => {
+                    Claim::HeldBy(..) if tokio::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    Claim::HeldBy(_) => {
-                        return Err(StoreError::Conflict(format!(
-                            "node id '{}' is in use by another running daemon on this \
-                             database; give each daemon its own [node] id",
-                            db.node_id
-                        )))
+                    Claim::HeldBy(_, app) => {
+                        return Err(StoreError::Conflict(held_by(&db.node_id, app.as_deref())))
                     }
                 }
             }
@@ -425,7 +422,7 @@ impl PgStore {
         };
         let db = self.db.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
+        let timed = async move {
             // A statement of its own: the operation (and the connection it holds, back to the
             // pool) is dropped by the time the connections are closed.
             let timed = tokio::time::timeout(OP_TIMEOUT, fut).await;
@@ -437,8 +434,16 @@ impl PgStore {
                     OP_TIMEOUT.as_secs()
                 )))
             });
-            let _ = tx.send(answer);
-        });
+            match answer {
+                Err(StoreError::Unavailable(why)) if WRITE_SENT.with(Cell::get) => {
+                    Err(StoreError::Unconfirmed(why))
+                }
+                other => other,
+            }
+        };
+        rt.spawn(WRITE_SENT.scope(Cell::new(false), async move {
+            let _ = tx.send(timed.await);
+        }));
         let wait = move || {
             rx.recv().unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
@@ -519,7 +524,7 @@ impl Store for PgStore {
             let secrets = ops::select_secrets(&tx, &id, true).await?;
             let secrets = secrets.into_iter().map(|raw| raw.into_record(&key));
             let secrets = secrets.collect::<Result<Vec<_>, _>>()?;
-            tx.commit().await.map_err(pg_err)?;
+            commit(tx).await?;
             Ok((store, secrets))
         })
     }
@@ -699,7 +704,25 @@ enum Claim {
     Held(ClaimConn),
     /// Another session holds it: that session, if it could be seen (a session of another
     /// role shows no start time).
-    HeldBy(Option<(i32, Option<String>)>),
+    /// The second field is that session's `application_name`.
+    HeldBy(Option<(i32, Option<String>)>, Option<String>),
+}
+
+/// Why a node may not take its id. The lock's key is the 32-bit `hashtext` of the id, so two
+/// ids can share it: the holder's `application_name` (`sealgate/<its id>`) tells such a
+/// collision from a twin (outside pass: `worker-23004` was refused as "in use" by
+/// `worker-102090`, and the operator was sent looking for a twin that did not exist).
+fn held_by(node_id: &str, holder_app: Option<&str>) -> String {
+    match holder_app.and_then(|a| a.strip_prefix("sealgate/")) {
+        Some(other) if other != node_id => format!(
+            "node id '{node_id}' shares its database lock with the running node '{other}' \
+             (their ids hash alike): rename one of them in [node] id"
+        ),
+        _ => format!(
+            "node id '{node_id}' is in use by another running daemon on this database; give \
+             each daemon its own [node] id"
+        ),
+    }
 }
 
 /// The `pg_locks` rows (as `l`) of this database. Advisory locks are per database, but
@@ -719,9 +742,10 @@ async fn try_claim(db: &Db) -> Result<Claim, StoreError> {
             &format!(
                 "SELECT pg_try_advisory_lock($1::int4, hashtext($2)), pg_backend_pid(), \
                  (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
-                 h.pid, h.started \
+                 h.pid, h.started, h.app \
                  FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
-                   SELECT l.pid, a.backend_start::text AS started FROM pg_locks l \
+                   SELECT l.pid, a.backend_start::text AS started, a.application_name AS app \
+                   FROM pg_locks l \
                    LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int4::oid \
                    AND l.objid = hashtext($2)::oid AND l.objsubid = 2 AND {THIS_DATABASE} \
@@ -740,7 +764,10 @@ async fn try_claim(db: &Db) -> Result<Claim, StoreError> {
         return Ok(Claim::Held(ClaimConn { client, session }));
     }
     let holder: Option<i32> = row.get(3);
-    Ok(Claim::HeldBy(holder.map(|pid| (pid, row.get(4)))))
+    Ok(Claim::HeldBy(
+        holder.map(|pid| (pid, row.get(4))),
+        row.get(5),
+    ))
 }
 
 /// Ends this node's own old session, which still holds the id on the server: its connection
@@ -803,15 +830,15 @@ async fn keep_claim(db: Arc<Db>, claim: Arc<NodeClaim>) {
                 tracing::info!(node = %db.node_id, "node id claimed again on a new connection");
             }
             // Released meanwhile: tried again at the next check.
-            Ok(Ok(Claim::HeldBy(None))) => {}
-            Ok(Ok(Claim::HeldBy(Some((pid, Some(started))))))
+            Ok(Ok(Claim::HeldBy(None, _))) => {}
+            Ok(Ok(Claim::HeldBy(Some((pid, Some(started))), _)))
                 if old.as_ref() == Some(&(pid, started.clone())) =>
             {
                 tracing::info!(node = %db.node_id, pid, "ending this node's own old session, which still holds its id");
                 let _ =
                     tokio::time::timeout(OP_TIMEOUT, end_own_session(&db, &(pid, started))).await;
             }
-            Ok(Ok(Claim::HeldBy(Some(_)))) => {
+            Ok(Ok(Claim::HeldBy(Some(_), _))) => {
                 if claim.set_taken(true) {
                     tracing::error!(
                         node = %db.node_id,
@@ -948,6 +975,27 @@ pub(super) fn causes(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+tokio::task_local! {
+    /// Set once an operation run by [`PgStore::block`] has sent a write the database may
+    /// apply ([`write_sent`]): an operation that then goes unanswered is
+    /// [`StoreError::Unconfirmed`], one that never got that far is [`StoreError::Unavailable`]
+    /// and changed nothing (outside pass: every outage, a refused connection and a GET
+    /// included, was answered "it may have been applied").
+    static WRITE_SENT: Cell<bool>;
+}
+
+/// Marks the running operation as having sent a write (a `COMMIT`, or a statement outside a
+/// transaction): from here on it may have been applied whatever answer comes back.
+fn write_sent() {
+    let _ = WRITE_SENT.try_with(|sent| sent.set(true));
+}
+
+/// Commits `tx`, marked as a write sent ([`write_sent`]).
+async fn commit(tx: tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    write_sent();
+    tx.commit().await.map_err(pg_err)
 }
 
 /// Driver errors: a server-side error (with an SQLSTATE) is a database error; anything else

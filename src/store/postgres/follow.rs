@@ -254,6 +254,13 @@ pub struct Follower {
     pub lag_gauge: Gauge<f64, AtomicU64>,
     /// Whether this node still holds its id.
     pub claim: Arc<NodeClaim>,
+    /// `[store] reread_secs`: how often every watched store is re-read whatever its
+    /// generation. The generation is a bare column: a database writer could make a later
+    /// change carry a generation this node had applied already (`setval` on its sequence, or
+    /// a trigger that keeps it), and the change — a revocation — was never applied here while
+    /// the node reported itself current (outside pass). Re-reading bounds that to this long;
+    /// a re-read that changes nothing swaps nothing.
+    pub reread: Duration,
 }
 
 /// The generation recorded for a store found deleted once its last state is applied
@@ -264,6 +271,9 @@ const DELETED: i64 = -1;
 #[derive(Default)]
 struct Applied {
     generations: HashMap<String, i64>,
+    /// When every watched store was last re-read whatever its generation
+    /// ([`Follower::reread`]).
+    reread_at: Option<Instant>,
     /// Stores whose last change could not be applied, with the generation and time of the
     /// last try (logged once until it applies).
     failing: HashMap<String, Failing>,
@@ -349,6 +359,14 @@ impl Follower {
                 _ = tick.tick() => (target.watched_stores(), true),
                 _ = shutdown.changed() => return Ok(()),
             };
+            if full
+                && applied
+                    .reread_at
+                    .is_none_or(|at| at.elapsed() >= self.reread)
+            {
+                applied.generations.clear();
+                applied.reread_at = Some(Instant::now());
+            }
             let asked = Instant::now();
             self.check(&client, target, applied, ids, full, asked)
                 .await?;

@@ -9,7 +9,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
-use super::{pg_err, read_key_check, seal_secret, verify_key_check, Db, CHANNEL};
+use super::{
+    commit, pg_err, read_key_check, seal_secret, verify_key_check, write_sent, Db, CHANNEL,
+};
 use crate::secret::{Location, SecretValue};
 use crate::store::crypto::{self, MasterKey};
 pub(super) use crate::store::rows::to_nanos;
@@ -51,7 +53,7 @@ pub(super) async fn insert_store(
     )
     .await
     .map_err(|e| name_conflict(e, &rec.name))?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
 }
 
 /// Stores matching `clause`, each checked against its policy MAC under `key`.
@@ -127,16 +129,6 @@ pub(super) async fn require_store(client: &impl GenericClient, id: &str) -> Resu
         .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
 }
 
-/// Locks the store row for the rest of the transaction (serialises writers of one store).
-async fn lock_store(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
-    let row = tx
-        .query_opt("SELECT 1 FROM stores WHERE id = $1 FOR UPDATE", &[&id])
-        .await
-        .map_err(pg_err)?;
-    row.map(drop)
-        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
-}
-
 pub(super) async fn update_store(
     db: &Db,
     client: &mut Client,
@@ -145,7 +137,7 @@ pub(super) async fn update_store(
     egress_allowlist: Option<Option<Vec<String>>>,
 ) -> Result<StoreRecord, StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
-    lock_store(&tx, id).await?;
+    lock_store(&tx, id, "FOR UPDATE").await?;
     let key = checked_key(db, &tx).await?;
     let mut record = store_by_id(&tx, &key, id).await?;
     if name.is_none() && egress_allowlist.is_none() {
@@ -175,7 +167,7 @@ pub(super) async fn update_store(
     if allowlist_changed {
         announce(&tx, id).await?;
     }
-    tx.commit().await.map_err(pg_err)?;
+    commit(tx).await?;
     Ok(record)
 }
 
@@ -188,6 +180,7 @@ pub(super) async fn update_store(
 /// ([`prune_deleted_stores`]).
 pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
+    lock_store(&tx, id, "FOR UPDATE").await?;
     let now = to_nanos(OffsetDateTime::now_utc(), "deleted_at")?;
     tx.execute(
         &format!(
@@ -215,7 +208,22 @@ pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), St
         .map_err(pg_err)?;
     expect_one_row(n, || format!("store '{id}'"))?;
     notify(&tx, id).await?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
+}
+
+/// Locks store `id`'s row for the rest of the transaction (`FOR UPDATE` serialises writers of
+/// one store; `FOR SHARE` only keeps it from being deleted), or answers `NotFound` when it is
+/// gone. A sandbox insert and a store delete on two nodes meet
+/// here: the delete goes first, and the insert is refused (it was answered 201 with a sandbox
+/// whose store had left no kept state, so it could never unseal — outside pass, 5 of 8
+/// races); or the insert goes first, and the delete, whose later statements then see the
+/// committed sandbox row, keeps the store's last state for it.
+async fn lock_store(tx: &Transaction<'_>, id: &str, mode: &str) -> Result<(), StoreError> {
+    let sql = format!("SELECT 1 FROM stores WHERE id = $1 {mode}");
+    match tx.query_opt(&sql, &[&id]).await.map_err(pg_err)? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::NotFound(format!("store '{id}'"))),
+    }
 }
 
 /// Drops the kept states of deleted stores that no sandbox row refers to any more (run where
@@ -329,14 +337,14 @@ pub(super) async fn put_secret(
     put: Put<'_>,
 ) -> Result<SecretMeta, StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
-    lock_store(&tx, put.store_id).await?;
+    lock_store(&tx, put.store_id, "FOR UPDATE").await?;
     let key = checked_key(db, &tx).await?;
     let meta = next_meta(&tx, &put).await?;
     let sealed = seal_secret(&key, put.store_id, &meta, put.value.expose());
     let mac = secret_policy(put.store_id, &meta).mac(&key);
     upsert_secret(&tx, put.store_id, &meta, &sealed, &mac).await?;
     announce(&tx, put.store_id).await?;
-    tx.commit().await.map_err(pg_err)?;
+    commit(tx).await?;
     Ok(meta)
 }
 
@@ -413,7 +421,7 @@ pub(super) async fn delete_secret(
     name: &str,
 ) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
-    lock_store(&tx, store_id).await?;
+    lock_store(&tx, store_id, "FOR UPDATE").await?;
     let n = tx
         .execute(
             "DELETE FROM secrets WHERE store_id = $1 AND name = $2",
@@ -423,7 +431,7 @@ pub(super) async fn delete_secret(
         .map_err(pg_err)?;
     expect_one_row(n, || format!("secret '{name}' in store '{store_id}'"))?;
     announce(&tx, store_id).await?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
 }
 
 /// The store's secrets by name; with `with_values`, their sealed values too.
@@ -466,6 +474,7 @@ pub(super) async fn insert_sandbox(
 ) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_err)?;
     let key = checked_key(db, &tx).await?;
+    lock_store(&tx, &row.store_id, "FOR SHARE").await?;
     let ca_key = seal_ca_key(&key, row, &db.node_id)?;
     let snapshot = crypto::seal(&key, &crypto::snapshot_aad(&row.id), row.snapshot.expose());
     let params: [&(dyn ToSql + Sync); 11] = [
@@ -496,7 +505,7 @@ pub(super) async fn insert_sandbox(
             pg_err(e)
         }
     })?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
 }
 
 pub(super) async fn update_snapshot(
@@ -516,7 +525,7 @@ pub(super) async fn update_snapshot(
         .await
         .map_err(pg_err)?;
     expect_one_row(n, || format!("sandbox '{id}'"))?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
 }
 
 /// Re-seals and writes many snapshots in one statement (missing ids are skipped).
@@ -539,7 +548,7 @@ pub(super) async fn update_snapshots(
     )
     .await
     .map_err(pg_err)?;
-    tx.commit().await.map_err(pg_err)
+    commit(tx).await
 }
 
 pub(super) async fn select_sandboxes(
@@ -574,6 +583,7 @@ pub(super) async fn delete_sandbox(
     id: &str,
     node_id: &str,
 ) -> Result<(), StoreError> {
+    write_sent();
     let n = client
         .execute(
             "DELETE FROM sandboxes WHERE id = $1 AND node_id = $2",
@@ -607,6 +617,7 @@ pub(super) async fn purge_expired(
     node_id: &str,
     now: i64,
 ) -> Result<Vec<String>, StoreError> {
+    write_sent();
     let rows = client
         .query(
             "DELETE FROM sandboxes WHERE node_id = $1 AND expires_at <= $2 RETURNING id",
@@ -672,7 +683,7 @@ pub(super) async fn reseal_all(
     let sandboxes = reseal_sandboxes(&tx, &old, new, legacy).await?;
     super::write_key_check(&tx, new).await?;
     db.injected_rotation_failure()?;
-    tx.commit().await.map_err(pg_err)?;
+    commit(tx).await?;
     Ok(RotationStats { secrets, sandboxes })
 }
 

@@ -377,6 +377,22 @@ fn a_node_without_key_file_refuses_an_initialised_database_and_creates_nothing()
 
 /// A deleted store's last state is kept only while sandbox rows of it remain: its sealed
 /// values stay no longer than a node could need them.
+/// A sandbox created through one node while another deletes its store: the create is told
+/// (not found) instead of answered 201 with a sandbox that could never unseal (outside pass:
+/// the insert did not look at the store, and the delete had kept no state for it).
+#[test]
+fn a_sandbox_of_a_store_deleted_meanwhile_is_refused() {
+    let fx = <Fixture as Harness>::new();
+    let a = fx.node("node-a", fx.key());
+    let b = fx.node("node-b", fx.key());
+    let rec = a.create_store("gone", None).unwrap();
+    let late = sandbox("sbx_late", &rec, later());
+    a.delete_store(&rec.id).unwrap();
+    let err = b.insert_sandbox(&late).unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    assert_eq!(fx.sql("SELECT count(*) FROM sandboxes"), "0");
+}
+
 #[test]
 fn a_deleted_stores_last_state_is_kept_while_its_sandboxes_remain() {
     let fx = <Fixture as Harness>::new();

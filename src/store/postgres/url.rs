@@ -192,11 +192,33 @@ fn redact_url(text: &str) -> String {
     format!("{scheme}://{userinfo}{tail}")
 }
 
+/// Query keys shown with their values, spelled exactly so; every other key's value is shown as
+/// `***`. Matching `password` alone missed `pass%77ord`, which the driver decodes to `password`
+/// (outside pass): an allowlist hides whatever spelling a key may take.
+const SHOWN_QUERY_KEYS: &[&str] = &[
+    "application_name",
+    "channel_binding",
+    "connect_timeout",
+    "dbname",
+    "host",
+    "hostaddr",
+    "keepalives",
+    "keepalives_idle",
+    "load_balance_hosts",
+    "options",
+    "port",
+    "sslmode",
+    "sslnegotiation",
+    "target_session_attrs",
+    "tcp_user_timeout",
+    "user",
+];
+
 fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k == "password" => format!("{k}=***"),
+            Some((k, _)) if !SHOWN_QUERY_KEYS.contains(&k) => format!("{k}=***"),
             _ => kv.to_owned(),
         })
         .collect::<Vec<_>>()
@@ -307,6 +329,28 @@ mod tests {
             "postgresql://sg@db/sealgate?password=***&application_name=x"
         );
         assert_eq!(shown("postgres://db/x"), "postgres://db/x");
+    }
+
+    /// The driver decodes query keys: `pass%77ord` sets the password (outside pass), so only
+    /// keys known to be harmless keep their values in the shown form.
+    #[test]
+    fn an_encoded_password_key_is_redacted_too() {
+        for key in ["pass%77ord", "%70assword", "%70%61%73%73%77%6f%72%64"] {
+            let text = format!("postgres://sg@db/x?{key}=s3cret-PW&sslmode=disable");
+            assert_eq!(
+                shown(&text),
+                format!("postgres://sg@db/x?{key}=***&sslmode=disable")
+            );
+        }
+        let text = "postgres://sg@db/x?pass%77ord=s3cret-PW";
+        assert_eq!(
+            url(text).pg_config().get_password(),
+            Some(&b"s3cret-PW"[..])
+        );
+        assert_eq!(
+            shown("postgres://sg@db/x?application_name=n1&connect_timeout=5"),
+            "postgres://sg@db/x?application_name=n1&connect_timeout=5"
+        );
     }
 
     /// tokio-postgres takes the credentials up to the first `@` of the whole text, so a

@@ -114,6 +114,13 @@ async fn an_opened_store_allowlist_in_the_database_fails_closed() {
     assert_sandbox_refused(&h).await;
     // The listing leaves the tampered row out, names it, and still shows the sound stores.
     let sound = h.store("t", None).await;
+    // A junk row whose id no header may carry (CR/LF) once made the daemon drop the header,
+    // hiding the tampered store with it; it is named percent-encoded instead.
+    sql(
+        &db_path(&h),
+        "INSERT INTO stores (id, name, egress_allowlist, created_at, updated_at) \
+         VALUES ('evil' || char(13, 10) || 'x: 1', 'junk', NULL, 0, 0)",
+    );
     let token = h.token.clone();
     let (s, headers, body) = h
         .exchange(Method::GET, "/v1/stores", None, Some(&token))
@@ -132,6 +139,13 @@ async fn an_opened_store_allowlist_in_the_database_fails_closed() {
         "a tampered store is not listed as valid"
     );
     let named = headers["x-sealgate-corrupt-stores"].to_str().unwrap();
+    let (named, junk) = named.split_once(',').expect("both rows named");
+    let (named, junk) = if junk.starts_with("evil") {
+        (named, junk)
+    } else {
+        (junk, named)
+    };
+    assert_eq!(junk, "evil%0D%0Ax%3A%201");
     let (s, v) = h
         .api(Method::GET, &format!("/v1/stores/{named}"), None)
         .await;
