@@ -1116,7 +1116,12 @@ async fn attempts(
         UpBody::Held(b) => b,
         UpBody::Streamed(b) => return send_streamed(t, rt, websocket, head, b).await,
     };
-    let h2 = !websocket && rt.known_h2.contains(&t.origin);
+    // Only TLS origins can have chosen h2 (ALPN); `known_h2` is keyed by the origin without
+    // its default port, so `http://H` and `https://H` share a key, and a plain request sent
+    // after an h2 answer from `https://H` went to the h2-only client, which spoke h2 in clear
+    // to the plain origin (502 for every sandbox until a reload: two outside passes).
+    let tls = t.scheme == Scheme::Https;
+    let h2 = tls && !websocket && rt.known_h2.contains(&t.origin);
     let which = match (websocket, h2) {
         (true, _) => Which::H1,
         (false, true) => Which::H2,
@@ -1124,7 +1129,7 @@ async fn attempts(
     };
     match send_held(t, rt, which, &head, &bytes).await {
         Ok(resp) => {
-            if !h2 && resp.version() == Version::HTTP_2 {
+            if tls && !h2 && resp.version() == Version::HTTP_2 {
                 rt.known_h2.learn(&t.origin);
             }
             Ok(resp)

@@ -274,6 +274,11 @@ impl Connector {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        // No h2c upstream: the h2-only client never speaks h2 in clear (it did, to a plain
+        // origin, once `known_h2` mixed `http://H` with `https://H`).
+        if !https && self.require_h2 {
+            return Err(ConnectError::NotH2);
+        }
         let (addrs, overridden) = self.addresses(host, port).await?;
         let tcp = dial(&addrs, !overridden).await?;
         if !https {

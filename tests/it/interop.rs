@@ -163,8 +163,12 @@ fn names(
 ) -> Vec<(String, std::net::SocketAddr)> {
     let mut out = Vec::new();
     for n in origins::NGINX_NAMES {
-        let h1 = n.ends_with("h1.test") || *n == "git.test";
-        out.push((n.to_string(), if h1 { nginx.h1 } else { nginx.h2 }));
+        let addr = match *n {
+            "both-nginx.test" => nginx.both,
+            n if n.ends_with("h1.test") || n == "git.test" => nginx.h1,
+            _ => nginx.h2,
+        };
+        out.push((n.to_string(), addr));
     }
     if let Some(c) = caddy {
         out.extend(origins::CADDY_NAMES.iter().map(|n| (n.to_string(), c.addr)));

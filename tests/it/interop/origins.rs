@@ -103,14 +103,19 @@ pub const NGINX_NAMES: &[&str] = &[
     "git.test",
     "git-h2.test",
     "api.anthropic.com",
+    "both-nginx.test",
 ];
 
-/// nginx (apt) with two servers: `h1` speaks only HTTP/1.1 (and serves git), `h2` h1+h2.
+/// nginx (apt) with three servers: `h1` speaks only HTTP/1.1 (and serves git), `h2` h1+h2,
+/// and one plain HTTP/1.1 server without TLS; `both` is one port in front of `h2` and that, as a host
+/// serving `https://` and `http://` under one name (`both-nginx.test`) is.
 pub struct Nginx {
     /// The HTTP/1.1-only server.
     pub h1: SocketAddr,
     /// The h1+h2 server.
     pub h2: SocketAddr,
+    /// TLS connections to `h2`, the others to the plain server ([`split_by_tls`]).
+    pub both: SocketAddr,
     /// Its temp dir (config, logs, document root, git repositories).
     pub dir: PathBuf,
     _nginx: Proc,
@@ -143,8 +148,8 @@ impl Nginx {
             format!("sandbox:{{PLAIN}}{git_password}\n"),
         )
         .unwrap();
-        let (h1, h2) = (free_port(), free_port());
-        let conf = nginx_conf(&dir, &crt, &key, h1, h2, keepalive_requests);
+        let (h1, h2, plain) = (free_port(), free_port(), free_port());
+        let conf = nginx_conf(&dir, &crt, &key, [h1, h2, plain], keepalive_requests);
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let sock = dir.join("fcgiwrap.sock");
         let fcgi = Proc::spawn(
@@ -164,7 +169,12 @@ impl Nginx {
                 .arg("-e")
                 .arg(dir.join("error.log")),
         );
-        wait_ports("nginx", &mut nginx, &[h1, h2], &dir.join("error.log"));
+        wait_ports(
+            "nginx",
+            &mut nginx,
+            &[h1, h2, plain],
+            &dir.join("error.log"),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -172,6 +182,7 @@ impl Nginx {
         Nginx {
             h1: loopback(h1),
             h2: loopback(h2),
+            both: split_by_tls(loopback(h2), loopback(plain)),
             dir,
             _nginx: nginx,
             _fcgi: fcgi,
@@ -272,7 +283,33 @@ fn git_exec_path() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn nginx_conf(dir: &Path, crt: &Path, key: &Path, h1: u16, h2: u16, keepalive: u32) -> String {
+/// A loopback port that hands each connection to `tls` when its first byte opens a TLS
+/// record (0x16), else to `plain`, bytes passed through untouched. A task of the test's
+/// runtime: it ends with the test.
+fn split_by_tls(tls: SocketAddr, plain: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if client.peek(&mut first).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let to = if first[0] == 0x16 { tls } else { plain };
+                if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn nginx_conf(dir: &Path, crt: &Path, key: &Path, ports: [u16; 3], keepalive: u32) -> String {
+    let [h1, h2, plain] = ports;
     let d = dir.display();
     let user = if running_as_root() {
         "user root root;"
@@ -317,6 +354,11 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{h2} ssl http2;
+        server_name _;
+        {locations}
+    }}
+    server {{
+        listen 127.0.0.1:{plain};
         server_name _;
         {locations}
     }}

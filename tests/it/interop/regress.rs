@@ -287,3 +287,78 @@ async fn uploads_that_end_with_trailers_reach_nginx_whole() {
     }
     m.finish();
 }
+
+/// A host serving `https://` over h2 and `http://` over HTTP/1.1 under one name keeps serving
+/// plain HTTP after an h2 answer: sealgate remembers which origins speak h2 by the origin
+/// without its default port, so `http://H` and `https://H` shared the entry, and every plain
+/// request after the first h2 answer went to the h2-only client, which spoke h2 in clear to
+/// nginx's plain server (`PRI * HTTP/2.0`, 502 for every sandbox until a reload; two outside
+/// passes). Checked against nginx's TLS (h2) and plain servers behind one port.
+#[tokio::test]
+async fn plain_http_to_a_host_still_works_after_its_https_answered_over_h2() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_h2_and_plain_one_name");
+    let mut plain_then_tls = String::new();
+    for (step, url, flag) in [
+        (
+            "before",
+            "http://both-nginx.test/echo?step=before",
+            "--http1.1",
+        ),
+        (
+            "https",
+            "https://both-nginx.test/echo?step=https",
+            "--http2",
+        ),
+        (
+            "after",
+            "http://both-nginx.test/echo?step=after",
+            "--http1.1",
+        ),
+        (
+            "again",
+            "http://both-nginx.test/echo?step=again",
+            "--http1.1",
+        ),
+    ] {
+        let script = format!("curl -sS {flag} -o /dev/null -w 'status=%{{http_code}}\\n' '{url}'");
+        let r = w.sh(&script).await;
+        plain_then_tls.push_str(&format!("{step}={} ", r.var("status")));
+    }
+    let outcome = async {
+        ensure(
+            plain_then_tls.trim() == "before=200 https=200 after=200 again=200",
+            || format!("{plain_then_tls}; nginx: {}", w.nginx.errors()),
+        )?;
+        eventually(|| {
+            let hits = w.nginx.hits_for("/echo?step=");
+            let seen: Vec<String> = hits
+                .iter()
+                .map(|h| format!("{} {}", h.get("uri"), h.get("proto")))
+                .collect();
+            ensure(
+                seen == [
+                    "/echo?step=before HTTP/1.1",
+                    "/echo?step=https HTTP/2.0",
+                    "/echo?step=after HTTP/1.1",
+                    "/echo?step=again HTTP/1.1",
+                ],
+                || format!("nginx logged {seen:?}"),
+            )
+        })
+        .await
+    }
+    .await;
+    m.cell(
+        &format!("{} (h2 over TLS, h1 in clear, one name)", v.nginx),
+        "curl, http:// then https:// then http://",
+        "explicit",
+        "plain HTTP to the name still reaches the plain server over HTTP/1.1",
+        outcome,
+    );
+    m.finish();
+}
