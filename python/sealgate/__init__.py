@@ -20,6 +20,7 @@ from .errors import (
     NotFoundError,
     SealgateConnectionError,
     SealgateError,
+    SealgateHTTPError,
     UnauthorizedError,
 )
 from .sandbox import CommandResult, Commands, Sandbox
@@ -31,6 +32,7 @@ __all__ = [
     "Commands",
     "CommandResult",
     "SealgateError",
+    "SealgateHTTPError",
     "NotFoundError",
     "ConflictError",
     "UnauthorizedError",

@@ -55,18 +55,28 @@ def _client(cfg: Config, timeout: Optional[float]) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=cfg.api_url, timeout=timeout, trust_env=False, verify=_tls())
 
 
-def _transport_error(cfg: Config, e: Exception) -> SealgateError:
+def _url(cfg: Config, path: str) -> str:
+    return cfg.api_url.rstrip("/") + path
+
+
+def _transport_error(cfg: Config, e: Exception, method: str, path: str) -> SealgateError:
+    url = _url(cfg, path)
     if isinstance(e, httpx.TimeoutException):
         return SealgateConnectionError(
-            "timeout", f"the sealgate admin API at {cfg.api_url} did not answer in time"
+            "timeout", f"the sealgate admin API at {cfg.api_url} did not answer in time", method, url
         )
     detail = str(e) or type(e).__name__
     return SealgateConnectionError(
-        "connection_failed", f"cannot reach the sealgate admin API at {cfg.api_url}: {detail}"
+        "connection_failed",
+        f"cannot reach the sealgate admin API at {cfg.api_url}: {detail}",
+        method,
+        url,
     )
 
 
-def _error_from(cfg: Config, status: int, body: bytes, reason: str) -> SealgateError:
+def _error_from(
+    cfg: Config, status: int, body: bytes, reason: str, method: str, path: str
+) -> SealgateError:
     """The exception for an error answer: the API's ``{"error": {"code", "message"}}``, or the
     status and reason phrase when the body is not that (never the raw body). The proxy's 407
     means ``api_url`` is sealgate's proxy listener, not its admin API: said so."""
@@ -80,7 +90,7 @@ def _error_from(cfg: Config, status: int, body: bytes, reason: str) -> SealgateE
             f"{cfg.api_url} is sealgate's proxy listener, not its admin API (that one listens "
             "on [admin] listen, by default http://127.0.0.1:7070)"
         )
-    return from_status(status, code, message)
+    return from_status(status, code, message, method, _url(cfg, path))
 
 
 def _decode(resp: httpx.Response) -> Any:
@@ -109,12 +119,12 @@ async def call(
         async with _client(cfg, timeout) as client:
             resp = await client.request(method, path, headers=_headers(cfg), json=body)
     except httpx.HTTPError as e:
-        failure = _transport_error(cfg, e)
+        failure = _transport_error(cfg, e, method, path)
     if failure is not None:
         raise failure  # outside the handler: no __context__ reaching the request
     if resp.is_success:
         return _decode(resp)
-    raise _error_from(cfg, resp.status_code, resp.content, resp.reason_phrase)
+    raise _error_from(cfg, resp.status_code, resp.content, resp.reason_phrase, method, path)
 
 
 @asynccontextmanager
@@ -131,9 +141,13 @@ async def stream(
             ) as resp:
                 if not resp.is_success:
                     content = await resp.aread()
-                    raise _error_from(cfg, resp.status_code, content, resp.reason_phrase)
+                    raise _error_from(
+                        cfg, resp.status_code, content, resp.reason_phrase, method, path
+                    )
                 yield resp
+    except SealgateError:
+        raise  # an error answer above: already ours (and an httpx.HTTPError too)
     except httpx.HTTPError as e:
-        failure = _transport_error(cfg, e)
+        failure = _transport_error(cfg, e, method, path)
     if failure is not None:
         raise failure

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import httpx
+
 
 class SealgateError(Exception):
     """A failed sealgate call.
@@ -20,7 +22,9 @@ class SealgateError(Exception):
     """
 
     def __init__(self, code: str, message: str, status: Optional[int] = None) -> None:
-        super().__init__(code, message, status)
+        # Not super(): an error answer is also an ``httpx.HTTPStatusError``, whose __init__
+        # takes other arguments (``SealgateHTTPError`` sets its request and response).
+        Exception.__init__(self, code, message, status)
         self.code = code
         self.message = message
         self.status = status
@@ -33,24 +37,75 @@ class SealgateError(Exception):
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, status={self.status!r})"
 
 
-class InvalidInputError(SealgateError):
+def _request(method: str, url: str) -> httpx.Request:
+    """The request an error names: method and URL only. Never its headers (the admin token)
+    nor its body (a secret value)."""
+    return httpx.Request(method, url)
+
+
+class SealgateHTTPError(SealgateError, httpx.HTTPStatusError):
+    """An error answer of the admin API. Also an ``httpx.HTTPStatusError``, as the
+    opencomputer SDK's ``raise_for_status()`` raises, so ported ``except
+    httpx.HTTPStatusError as e: e.response.status_code`` handlers keep working: ``request``
+    holds only the method and URL, ``response`` the status and the API's error object. Input
+    the SDK refuses before sending anything has ``status``, ``request`` and ``response`` None."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: Optional[int] = None,
+        method: str = "GET",
+        url: str = "http://sealgate.invalid/",
+    ) -> None:
+        SealgateError.__init__(self, code, message, status)
+        self.response: Optional[httpx.Response] = None
+        self._request = None
+        if status is not None:
+            self._request = _request(method, url)
+            error = {"error": {"code": code, "message": message}}
+            self.response = httpx.Response(status, json=error, request=self._request)
+
+    @property
+    def request(self) -> Optional[httpx.Request]:  # type: ignore[override]
+        """The request answered (method and URL only), None when nothing was sent."""
+        return self._request
+
+    @request.setter
+    def request(self, request: httpx.Request) -> None:
+        self._request = request
+
+
+class InvalidInputError(SealgateHTTPError):
     """400: the request was refused as invalid (bad name, pattern, value, …)."""
 
 
-class UnauthorizedError(SealgateError):
+class UnauthorizedError(SealgateHTTPError):
     """401: missing or wrong admin token."""
 
 
-class NotFoundError(SealgateError):
+class NotFoundError(SealgateHTTPError):
     """404: no such store, secret, sandbox or route."""
 
 
-class ConflictError(SealgateError):
+class ConflictError(SealgateHTTPError):
     """409: a name is taken, or the operation conflicts with the sandbox's state."""
 
 
-class SealgateConnectionError(SealgateError):
-    """The admin API could not be reached (refused, timed out, or not speaking HTTP)."""
+class SealgateConnectionError(SealgateError, httpx.TransportError):
+    """The admin API could not be reached (refused, timed out, or not speaking HTTP). Also an
+    ``httpx.TransportError`` (so an ``httpx.HTTPError``), as opencomputer code expects of a
+    call that got no answer; its ``request`` holds only the method and URL."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        method: str = "GET",
+        url: str = "http://sealgate.invalid/",
+    ) -> None:
+        SealgateError.__init__(self, code, message, None)
+        self.request = _request(method, url)
 
 
 _BY_STATUS = {
@@ -68,6 +123,8 @@ def gone(error: NotFoundError) -> bool:
     return error.code == "not_found"
 
 
-def from_status(status: int, code: str, message: str) -> SealgateError:
-    """The exception for an error answer with ``status``."""
-    return _BY_STATUS.get(status, SealgateError)(code, message, status)
+def from_status(
+    status: int, code: str, message: str, method: str = "GET", url: str = "http://sealgate.invalid/"
+) -> SealgateHTTPError:
+    """The exception for an error answer with ``status`` to ``method url``."""
+    return _BY_STATUS.get(status, SealgateHTTPError)(code, message, status, method, url)

@@ -105,13 +105,15 @@ class Commands:
 
     async def run(
         self,
-        cmd: str,
+        cmd: Optional[str] = None,
         timeout: Optional[float] = 60,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         stdin: Optional[str] = None,
+        *,
+        command: Optional[str] = None,
     ) -> CommandResult:
         """Runs ``sh -c cmd`` in the sandbox and waits for it (at most ``timeout`` seconds, then
         it is killed and the result says ``timed_out``). ``env`` adds variables, ``cwd`` sets the
@@ -119,8 +121,12 @@ class Commands:
         With ``on_stdout``/``on_stderr`` the output is streamed and each callback
         (plain or async) gets every chunk as it arrives; the result still holds all of it.
 
+        ``command=`` is the opencomputer SDK's name for ``cmd`` (give one of them).
+
         Raises ``ConflictError`` for a sandbox without ``netns`` isolation."""
-        body: Dict[str, Any] = {"cmd": cmd}
+        if (cmd is None) == (command is None):
+            raise TypeError("run() takes the command once: as cmd (or positionally) or command=")
+        body: Dict[str, Any] = {"cmd": cmd if cmd is not None else command}
         if timeout is not None:
             body["timeout"] = _command_seconds(timeout)
         if env is not None:
@@ -169,6 +175,8 @@ class Sandbox:
         self.info: Dict[str, Any] = info
         self._cfg = cfg
         self.commands = Commands(self)
+        #: The opencomputer SDK's newer name for ``commands``.
+        self.exec = self.commands
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, secret_store_id={self.secret_store_id!r})"
@@ -177,6 +185,11 @@ class Sandbox:
     def id(self) -> str:
         """``sbx_…``."""
         return self.info["id"]
+
+    @property
+    def sandbox_id(self) -> str:
+        """``id`` under the opencomputer SDK's name for it."""
+        return self.id
 
     @property
     def env(self) -> Dict[str, str]:
@@ -229,11 +242,23 @@ class Sandbox:
 
     @staticmethod
     async def connect(
-        sandbox_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        sandbox_id: str, api_key: Optional[str] = None, api_url: Optional[str] = None
     ) -> "Sandbox":
-        """The existing sandbox ``sandbox_id``; ``NotFoundError`` if it has ended."""
+        """The existing sandbox ``sandbox_id``; ``NotFoundError`` if it has ended. The
+        arguments are the opencomputer SDK's, in its order."""
         cfg = _config.resolve(api_url, api_key)
         return Sandbox(await _http.call(cfg, "GET", f"/v1/sandboxes/{seg(sandbox_id)}"), cfg)
+
+    async def is_running(self) -> bool:
+        """True while the sandbox lives (the opencomputer SDK's check); False once it has
+        ended. Other failures (a wrong ``api_url``, the daemon away) raise."""
+        try:
+            await self.refresh()
+            return True
+        except NotFoundError as e:
+            if not gone(e):
+                raise
+            return False
 
     @staticmethod
     async def list(

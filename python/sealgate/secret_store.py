@@ -165,9 +165,11 @@ class SecretStore:
         """Changes only the fields passed: ``egress_allowlist=None`` makes the store
         unrestricted, omitting it leaves the allowlist as it is; ``name=""`` leaves the name
         as it is (as in the opencomputer SDK: no store has an empty name), and so does
-        ``name=None``. Returns the updated store, with the daemon's ``warnings`` added when
-        the new allowlist leaves a secret never unsealed (e.g. ``None`` for a secret without
-        ``allowed_hosts``)."""
+        ``name=None``. Unlike the opencomputer SDK, where ``None`` means "unchanged", a
+        ``None`` allowlist here opens the store to any public host. Returns the updated store,
+        with the daemon's ``warnings`` added when the allowlist is made ``None`` (said first)
+        and when the new allowlist leaves a secret never unsealed (e.g. ``None`` for a secret
+        without ``allowed_hosts``)."""
         body: Dict[str, Any] = {}
         if name is not UNSET and name is not None and name != "":
             body["name"] = name

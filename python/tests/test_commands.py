@@ -33,6 +33,11 @@ async def test_exit_code_and_stderr_come_back(daemon):
         r = await sbx.commands.run("true", timeout=None)  # the daemon's default timeout
         assert (r.stdout, r.stderr, r.exit_code) == ("", "", 0)
         assert r.duration_ms is not None and r.duration_ms >= 0
+        # opencomputer's names: sandbox.exec and command=
+        r = await sbx.exec.run(command="echo oc")
+        assert (r.stdout, r.exit_code) == ("oc\n", 0)
+        with pytest.raises(TypeError):
+            await sbx.commands.run("true", command="true")
 
 
 async def test_command_past_its_timeout_is_killed(daemon):

@@ -88,6 +88,10 @@ async def test_no_daemon_is_a_connection_error():
     assert e.value.code == "connection_failed"
     assert url in e.value.message and e.value.status is None
     assert e.value.__cause__ is None
+    import httpx
+
+    assert isinstance(e.value, httpx.TransportError), "an httpx.HTTPError, as opencomputer's"
+    assert str(e.value.request.url) == f"{url}/v1/stores"
 
 
 async def test_connection_error_never_holds_the_value():

@@ -43,10 +43,16 @@ async def test_create_by_name_and_id_connect_list_kill(daemon):
 
     again = await Sandbox.connect(by_name.id)
     assert (again.id, again.env) == (by_name.id, by_name.env)
+    # opencomputer's names: sandbox_id, connect(id, api_key, api_url), is_running()
+    assert by_name.sandbox_id == by_name.id
+    cfg = by_name._cfg
+    assert (await Sandbox.connect(by_name.id, cfg.api_key, cfg.api_url)).id == by_name.id
+    assert await again.is_running() is True
     ids = {s["id"] for s in await Sandbox.list()}
     assert {by_name.id, by_id.id} <= ids
 
     assert await by_name.kill() is True
+    assert await again.is_running() is False
     assert await by_name.kill() is False  # already ended: harmless
     with pytest.raises(NotFoundError) as e:
         await Sandbox.connect(by_name.id)

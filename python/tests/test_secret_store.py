@@ -66,6 +66,8 @@ async def test_update_says_which_secrets_an_allowlist_strands(daemon):
     after = await SecretStore.update(store["id"], egress_allowlist=None)
     assert after["egress_allowlist"] is None, "made all the same"
     assert any("UNBOUND" in w and "never be unsealed" in w for w in after["warnings"])
+    # opencomputer's None means "unchanged"; here it opens the store, and the answer says so
+    assert any("may reach any public host" in w for w in after["warnings"]), after
     assert "warnings" not in await SecretStore.get(store["id"])
 
 
@@ -113,6 +115,31 @@ async def test_unknown_store_is_not_found_everywhere(daemon):
             await call
         assert (e.value.code, e.value.status) == ("not_found", 404)
         assert isinstance(e.value, SealgateError)
+
+
+async def test_errors_are_httpx_status_errors_as_opencomputers_are(daemon):
+    """opencomputer's SDK raises ``httpx.HTTPStatusError`` (``raise_for_status``): ported
+    handlers reading ``e.response.status_code`` keep working, and what the exception holds
+    is the method, the URL and the API's error object, never the token or a value."""
+    import httpx
+
+    missing = "00000000-0000-4000-8000-000000000000"
+    try:
+        await SecretStore.get(missing)
+    except httpx.HTTPStatusError as e:
+        assert isinstance(e, NotFoundError)
+        assert e.response.status_code == 404
+        assert e.response.json()["error"]["code"] == "not_found"
+        assert (e.request.method, e.request.url.path) == ("GET", f"/v1/stores/{missing}")
+        assert "authorization" not in e.request.headers
+    else:
+        raise AssertionError("no error")
+    store = await SecretStore.create(unique("httpx"), egress_allowlist=["api.example.test"])
+    bad = remember_secret("sk-httpx-" + secrets.token_hex(8))
+    with pytest.raises(httpx.HTTPStatusError) as e:
+        await SecretStore.set_secret(store["id"], "K", bad + "\n")
+    assert e.value.response.status_code == 400
+    assert bad not in e.value.response.text and e.value.request.content == b""
 
 
 async def test_opencomputer_positional_arguments(daemon):

@@ -301,6 +301,7 @@ async fn update_store(
         Some(list) => Some(validate::patterns("egress_allowlist", list)?),
     };
     let allow_changed = allow.is_some();
+    let opened = matches!(allow, Some(None));
     let rec = st
         .store
         .update_store(&id, name.as_deref(), allow)
@@ -309,6 +310,19 @@ async fn update_store(
     if allow_changed {
         st.sandboxes.refresh_committed(&id);
         warnings = allowlist_warnings(&st, &rec);
+    }
+    if opened {
+        // `null` is "any public host" here (DESIGN), where the opencomputer SDK's `None`
+        // means "unchanged": a ported `update(id, name, None)` opened the store without a word
+        // (outside pass).
+        warnings.insert(
+            0,
+            format!(
+                "store {}'s egress_allowlist is now null: its sandboxes may reach any public \
+                 host ([] allows none; leave the field out to keep the list)",
+                rec.name
+            ),
+        );
     }
     audit(&st, "store.update", Some(&id), None, None, peer);
     Ok(Json(StoreAnswer { rec, warnings }))

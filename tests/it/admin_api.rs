@@ -296,7 +296,14 @@ async fn an_allowlist_change_that_strands_a_secret_warns() {
         "{w}"
     );
     assert!(!w.contains("BOUND_KEY"), "{w}");
+    assert!(
+        w.starts_with(
+            "store w's egress_allowlist is now null: its sandboxes may reach any public host"
+        ),
+        "opening the store is said first: {w}"
+    );
     let (_, w) = patch(json!({"egress_allowlist": ["other.example.test"]})).await;
+    assert!(!w.contains("any public host"), "{w}");
     assert!(
         w.contains("BOUND_KEY") && w.contains("never be unsealed"),
         "{w}"
