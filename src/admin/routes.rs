@@ -797,12 +797,43 @@ async fn run_command(
         return Err(IsolationError::CommandsOff.into());
     }
     let Json(req) = body?;
-    let stream = headers
+    let stream = wants_event_stream(&headers);
+    Ok(commands::handle(&st.isolation, st.audit.clone(), &id, stream, req).await?)
+}
+
+/// Whether `Accept` asks for `text/event-stream` over JSON (RFC 9110 §12.5.1): the stream
+/// must be named (`*/*` gets JSON), media types compare case-insensitively, and a `q` below
+/// JSON's (`text/event-stream;q=0.1, application/json`) or of 0 means JSON. A substring test
+/// took both of those for the stream and missed `TEXT/EVENT-STREAM` (outside pass).
+fn wants_event_stream(headers: &header::HeaderMap) -> bool {
+    let ranges: Vec<(String, f32)> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("text/event-stream"));
-    Ok(commands::handle(&st.isolation, st.audit.clone(), &id, stream, req).await?)
+        .flat_map(|v| v.split(','))
+        .map(media_range)
+        .collect();
+    // The most specific range that matches `ty` decides its quality; none matching: 0.
+    let quality = |candidates: &[&str]| {
+        candidates
+            .iter()
+            .find_map(|c| ranges.iter().find(|(r, _)| r == c).map(|(_, q)| *q))
+            .unwrap_or(0.0)
+    };
+    let sse = quality(&["text/event-stream"]);
+    sse > 0.0 && sse >= quality(&["application/json", "application/*", "*/*"])
+}
+
+/// One `Accept` element as (lower-case media range, q); a `q` that does not parse counts as 1.
+fn media_range(element: &str) -> (String, f32) {
+    let mut parts = element.split(';');
+    let range = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let q = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+        .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+        .unwrap_or(1.0);
+    (range, q)
 }
 
 async fn metrics(State(st): St) -> Response {
@@ -948,5 +979,27 @@ mod tests {
             &bearer(Some("bearer 0123456789abcdef0123456789abcdef"))
         ));
         assert!(!token_matches(&t, &bearer(None)));
+    }
+
+    #[test]
+    fn the_event_stream_is_chosen_by_name_case_and_quality() {
+        let accept = |values: &[&str]| {
+            let mut h = header::HeaderMap::new();
+            for v in values {
+                h.append(header::ACCEPT, v.parse().unwrap());
+            }
+            wants_event_stream(&h)
+        };
+        assert!(accept(&["text/event-stream"]));
+        assert!(accept(&["TEXT/Event-Stream"]));
+        assert!(accept(&["application/json;q=0.5, text/event-stream"]));
+        assert!(accept(&["*/*", "text/event-stream"]));
+        assert!(!accept(&[]));
+        assert!(!accept(&["*/*"]));
+        assert!(!accept(&["text/*"]));
+        assert!(!accept(&["application/json"]));
+        assert!(!accept(&["text/event-stream;q=0.1, application/json"]));
+        assert!(!accept(&["text/event-stream;q=0"]));
+        assert!(!accept(&["text/event-stream-not"]));
     }
 }

@@ -351,10 +351,10 @@ async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyho
     }
     if a.export {
         for (k, v) in &lines {
-            println!("export {k}={}", shell_quote(v));
+            emit(format_args!("export {k}={}", shell_quote(v)));
         }
     } else if a.env_file.is_some() && !as_json {
-        println!("{}", sb["id"].as_str().unwrap_or_default());
+        emit(sb["id"].as_str().unwrap_or_default());
     } else {
         print(&sb, as_json);
     }
@@ -388,12 +388,12 @@ fn shell_quote(v: &str) -> String {
 
 fn print(v: &Value, as_json: bool) {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        emit(serde_json::to_string_pretty(v).unwrap_or_default());
         return;
     }
     match v {
-        Value::Array(items) if items.is_empty() => println!("(none)"),
-        Value::Array(items) => items.iter().for_each(|i| println!("{}", summary(i))),
+        Value::Array(items) if items.is_empty() => emit("(none)"),
+        Value::Array(items) => items.iter().for_each(|i| emit(summary(i))),
         Value::Object(fields) => {
             // `warn` has put the warnings on stderr already; `--json` keeps them in the answer.
             let shown: serde_json::Map<_, _> = fields
@@ -401,12 +401,26 @@ fn print(v: &Value, as_json: bool) {
                 .filter(|(k, _)| k.as_str() != "warnings")
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&shown).unwrap_or_default()
-            );
+            emit(serde_json::to_string_pretty(&shown).unwrap_or_default());
         }
-        other => println!("{other}"),
+        other => emit(other),
+    }
+}
+
+/// Writes one line of an answer to stdout. A reader that went away (`sealgate store list |
+/// head -1`) ends the command quietly with status 0, as a Unix filter does; any other write
+/// error (`>/dev/full`) is an error. `println!` panicked on both (outside pass: exit 101 and a
+/// backtrace).
+pub(super) fn emit(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("sealgate: error: writing the answer to stdout: {e}");
+            std::process::exit(1)
+        }
     }
 }
 

@@ -407,15 +407,15 @@ pub async fn rules(c: &AdminClient, a: &RulesArgs, config: Option<&Path>) -> any
         None => rule_params(c, a, config).await?,
     };
     let set = RuleSet::generate(&params)?;
-    println!(
-        "# sealgate rule set for {} (interface {}, source {}, transparent port {}, dns port {})",
+    super::commands::emit(format_args!(
+        "# sealgate rule set for {} (interface {}, source {}, transparent port {}, dns port {})\n{}",
         params.sandbox_id,
         params.host_if,
         params.sandbox_ip,
         params.transparent_port,
         params.dns_port.map_or("none".into(), |p| p.to_string()),
-    );
-    print!("{set}");
+        set.to_string().trim_end_matches('\n'),
+    ));
     Ok(())
 }
 

@@ -305,6 +305,41 @@ async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
     h.assert_logs_clean();
 }
 
+/// An answer whose reader went away (`| head -1`) ends the CLI quietly with status 0, and one
+/// that cannot be written (`>/dev/full`) is a one-line error: `println!` panicked on both
+/// (exit 101 and a backtrace; outside pass).
+#[tokio::test]
+async fn an_answer_nobody_reads_or_that_cannot_be_written_ends_cleanly() {
+    let h = Harness::start().await;
+    h.store("piped", None).await;
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(["--json", "store", "list"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = tokio::process::Command::from(c).spawn().unwrap();
+    drop(child.stdout.take()); // the reader is gone before the answer comes
+    let o = child.wait_with_output().await.unwrap();
+    assert_eq!((o.status.code(), stderr(&o).as_str()), (Some(0), ""));
+
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(["--json", "store", "list"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(Stdio::piped());
+    // Not `output()`: tokio's pipes stdout over what was set.
+    let child = tokio::process::Command::from(c).spawn().unwrap();
+    let o = child.wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("sealgate: error: writing the answer to stdout: No space left"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[tokio::test]
 async fn empty_secret_values_and_unset_variables_are_refused_before_any_call() {
     let h = Harness::start().await;

@@ -107,8 +107,8 @@ pub const NGINX_NAMES: &[&str] = &[
 ];
 
 /// nginx (apt) with three servers: `h1` speaks only HTTP/1.1 (and serves git), `h2` h1+h2,
-/// and one plain HTTP/1.1 server without TLS; `both` is one port in front of `h2` and that, as a host
-/// serving `https://` and `http://` under one name (`both-nginx.test`) is.
+/// and one plain HTTP/1.1 server without TLS; `both` is one port in front of `h2` and that,
+/// as a host serving `https://` and `http://` under one name (`both-nginx.test`) is.
 pub struct Nginx {
     /// The HTTP/1.1-only server.
     pub h1: SocketAddr,
