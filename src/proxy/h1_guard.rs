@@ -617,6 +617,12 @@ fn check_head(head: &[u8], max_fields: usize) -> Result<Next, Reject> {
         }
         Err(e) => return Err(Reject::bad(parse_reason(e))),
     }
+    // hyper parses the target as a `Uri` and answers one it cannot parse with a bare 400 of
+    // its own (no JSON, no `x-sealgate-error`; outside pass: `CONNECT exa%mple.test:443`,
+    // `host:443:99`, raw UTF-8): refused here, the uniform way.
+    if req.path.is_some_and(|t| http::Uri::try_from(t).is_err()) {
+        return Err(Reject::bad("malformed request target"));
+    }
     let mut f = Fields::default();
     for h in req.headers.iter() {
         f.note(h)?;
@@ -1189,6 +1195,20 @@ mod tests {
         let input = b"\r\nGET / HTTP/1.1\n\r\n";
         assert_eq!(run(input, &[1]), run(input, &[]));
         assert_eq!(run(input, &[]).0, b"\r\n");
+    }
+
+    /// Targets hyper cannot parse as a `Uri` get the uniform 400, not hyper's bare one.
+    #[test]
+    fn targets_that_are_no_uri_are_refused() {
+        for target in ["exa%mple.test:443", "a.test:443:99", "caf\u{e9}.test:443"] {
+            let r = refused(&format!("CONNECT {target} HTTP/1.1\r\nHost: a\r\n\r\n"));
+            assert_eq!(
+                (r.code, r.reason),
+                (Code::BadRequest, "malformed request target")
+            );
+        }
+        passes("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+        passes("GET http://a.test/x?y=%41 HTTP/1.1\r\nHost: a.test\r\n\r\n");
     }
 
     #[test]

@@ -15,6 +15,12 @@ async fn refused_all(e: &crate::proxy_explicit::Env, targets: &[&str], status: u
     for t in targets {
         let (got, text) = connect_status(e, t).await;
         assert_eq!(got, status, "CONNECT {t:?}: {text}");
+        // The uniform answer (DESIGN §5), not hyper's bare 400 for a target that is no URI.
+        let text = text.to_ascii_lowercase();
+        assert!(
+            text.contains("x-sealgate-error:") && text.contains("{\"error\":{\"code\":"),
+            "CONNECT {t:?}: {text}"
+        );
     }
     assert_upstream_untouched(e);
     assert_eq!(mints(e), 0, "a leaf was minted for a refused target");
@@ -121,6 +127,8 @@ async fn non_ascii_percent_and_zero_width_hosts_are_400() {
             ".api.example.test:443",
             "api.example.test..:443",
             "-api.example.test:443",
+            "exa%mple.test:443",
+            "api.example.test:443:99",
         ],
         400,
     )
