@@ -36,6 +36,11 @@
 //!   an outside review opened both from a command (user-space only under this host's
 //!   `perf_event_paranoid` and `unprivileged_userfaultfd`); both are exploit-rich surfaces
 //!   no sandbox needs (no profiling inside, no userfaultfd-based GC).
+//! - `fanotify_init` (ENOSYS; Docker's default profile allows it only with `CAP_SYS_ADMIN`):
+//!   an outside pass opened an unprivileged fanotify group and watched files every sandbox
+//!   shares read-only with the host. (inotify stays: file watchers need it. What it shows of
+//!   shared files, opens and reads by other sandboxes and the host, is an accepted risk:
+//!   ARCHITECTURE "Accepted risks".)
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
@@ -111,7 +116,7 @@ enum Verdict {
 struct Abi {
     arch: u32,
     foreign: u32,
-    refused: [(u32, Verdict); 13],
+    refused: [(u32, Verdict); 14],
 }
 
 /// The numbers of an ABI that [`refused`] filters.
@@ -127,14 +132,15 @@ struct Nrs {
     socketcall: u32,
     /// perf_event_open, userfaultfd.
     perf_uffd: [u32; 2],
+    fanotify_init: u32,
 }
 
 /// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
 /// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone;
 /// io_setup and io_uring_setup (425 on every ABI): ENOSYS; socket and socketpair of a family
-/// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS; perf_event_open and
-/// userfaultfd: ENOSYS.
-const fn refused(n: Nrs) -> [(u32, Verdict); 13] {
+/// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS; perf_event_open,
+/// userfaultfd and fanotify_init: ENOSYS.
+const fn refused(n: Nrs) -> [(u32, Verdict); 14] {
     let family = Verdict::Socket;
     [
         (n.keys[0], Verdict::Fail(libc::ENOSYS)),
@@ -153,6 +159,7 @@ const fn refused(n: Nrs) -> [(u32, Verdict); 13] {
         ),
         (n.perf_uffd[0], Verdict::Fail(libc::ENOSYS)),
         (n.perf_uffd[1], Verdict::Fail(libc::ENOSYS)),
+        (n.fanotify_init, Verdict::Fail(libc::ENOSYS)),
     ]
 }
 
@@ -169,6 +176,7 @@ const ABIS: [Abi; 2] = [
             socket: [41, 53],
             socketcall: NONE,
             perf_uffd: [298, 323],
+            fanotify_init: 300,
         }),
     },
     Abi {
@@ -182,6 +190,7 @@ const ABIS: [Abi; 2] = [
             socket: [359, 360],
             socketcall: 102,
             perf_uffd: [336, 374],
+            fanotify_init: 338,
         }),
     },
 ];
@@ -199,6 +208,7 @@ const ABIS: [Abi; 2] = [
             socket: [198, 199],
             socketcall: NONE,
             perf_uffd: [241, 282],
+            fanotify_init: 262,
         }),
     },
     Abi {
@@ -212,6 +222,7 @@ const ABIS: [Abi; 2] = [
             socket: [281, 288],
             socketcall: NONE, // OABI only, which arm64 does not run
             perf_uffd: [364, 388],
+            fanotify_init: 367,
         }),
     },
 ];

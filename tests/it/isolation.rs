@@ -843,6 +843,14 @@ async fn the_config_file_and_host_sockets_are_masked() {
         print(l.syscall(nrs[1], 1), ctypes.get_errno())'";
     let r = ok(&h, &id(&sb), perf).await;
     assert_eq!(r["stdout"], "-1 38\n-1 38\n", "{r}");
+    // Nor an fanotify group (an outside pass watched files the sandboxes share with the host:
+    // Docker allows it only with CAP_SYS_ADMIN): fanotify_init(FAN_CLASS_NOTIF, O_RDONLY) is
+    // ENOSYS.
+    let fan = "python3 -c 'import ctypes, platform; l = ctypes.CDLL(None, use_errno=True); \
+        nr = {\"x86_64\": 300, \"aarch64\": 262}[platform.machine()]; \
+        print(l.syscall(nr, 0, 0), ctypes.get_errno())'";
+    let r = ok(&h, &id(&sb), fan).await;
+    assert_eq!(r["stdout"], "-1 38\n", "{r}");
     // Nor a user namespace of its own (root with CAP_NET_ADMIN there: nftables, conntrack the
     // host's bounds do not see), by the tool or by a direct unshare(2).
     let userns = "unshare -Urn true; echo rc=$?; python3 -c 'import ctypes; \
