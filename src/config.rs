@@ -189,6 +189,8 @@ pub struct RawUpstream {
     pub max_grpc_message_bytes: Option<usize>,
     /// Bytes.
     pub max_response_header_bytes: Option<usize>,
+    /// Count.
+    pub max_response_header_fields: Option<usize>,
 }
 
 /// `[sandbox]`.
@@ -441,6 +443,9 @@ pub struct UpstreamConfig {
     /// and the most of an answer read ahead per upstream connection (a sandbox that does not
     /// read its answer pins no more).
     pub max_response_header_bytes: usize,
+    /// Header fields an HTTP/1.1 origin's response head may have (hyper's client refuses more;
+    /// past its default of 100 it allocates room for this many on every response).
+    pub max_response_header_fields: usize,
 }
 
 /// `[sandbox]`, validated.
@@ -1137,6 +1142,13 @@ impl RawUpstream {
                 8 << 10,
                 1 << 20,
             ),
+            max_response_header_fields: p.count_from(
+                "upstream.max_response_header_fields",
+                self.max_response_header_fields,
+                100,
+                16,
+                10_000,
+            ),
         }
     }
 }
@@ -1578,5 +1590,24 @@ mod tests {
         assert_eq!(cfg.proxy.max_header_fields, 40);
         let err = Config::parse("[proxy]\nmax_header_fields = 0\n", "t").unwrap_err();
         assert!(err.to_string().contains("proxy.max_header_fields"), "{err}");
+        assert_eq!(cfg.upstream.max_response_header_fields, 100);
+        let raised = "[upstream]\nmax_response_header_fields = 400\n";
+        let cfg = Config::parse(raised, "t").unwrap();
+        assert_eq!(cfg.upstream.max_response_header_fields, 400);
+        for bad in [8, 10_001] {
+            let text = format!("[upstream]\nmax_response_header_fields = {bad}\n");
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("upstream.max_response_header_fields"), "{err}");
+        }
+    }
+
+    #[test]
+    fn stores_are_reread_every_minute_by_default_and_it_is_bounded() {
+        let cfg = Config::parse("", "t").unwrap();
+        assert_eq!(cfg.store.reread, Duration::from_secs(60));
+        let cfg = Config::parse("[store]\nreread_secs = 5\n", "t").unwrap();
+        assert_eq!(cfg.store.reread, Duration::from_secs(5));
+        let err = Config::parse("[store]\nreread_secs = 0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("store.reread_secs"), "{err}");
     }
 }

@@ -141,12 +141,14 @@ impl Clients {
             client_h1: build_client(upstream, connector(upstream::Alpn::H1)),
             client_h2: build_h2_client(upstream, h2_only()),
             client_retry: build_h2_client(upstream, h2_only()),
-            client_fresh: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .timer(TokioTimer::new())
-                .set_host(true)
-                .http1_max_buf_size(upstream.max_response_header_bytes)
-                .build(connector(upstream::Alpn::Either)),
+            client_fresh: head_limits(
+                Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(0)
+                    .timer(TokioTimer::new())
+                    .set_host(true),
+                upstream,
+            )
+            .build(connector(upstream::Alpn::Either)),
         }
     }
 }
@@ -167,11 +169,30 @@ fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
         .timer(TokioTimer::new())
         // HTTP/1 connections get exactly one `Host`, from the URI's authority; HTTP/2
         // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
-        .set_host(true)
-        // hyper's adaptive read buffer grew to ~400 KiB on a large answer, and a chunk the
-        // sandbox had not read yet pinned it while the next read took another: ~1 MiB per
-        // unread answer (outside review: 256 tunnels of one sandbox, +250 MB).
-        .http1_max_buf_size(cfg.max_response_header_bytes);
+        .set_host(true);
+    head_limits(&mut b, cfg);
+    b
+}
+
+/// The response-head limits of every upstream client.
+/// - `http1_max_buf_size`: hyper's adaptive read buffer grew to ~400 KiB on a large answer,
+///   and a chunk the sandbox had not read yet pinned it while the next read took another:
+///   ~1 MiB per unread answer (outside review: 256 tunnels of one sandbox, +250 MB).
+/// - `http2_max_header_list_size`: the same byte bound for h2 origins, whose heads were held
+///   to h2's default of 16 KiB (an outside pass: stock nginx and Node answering 18 KB heads got
+///   502 through sealgate, 200 direct).
+/// - `http1_max_headers` only when raised past hyper's 100: above that hyper allocates room
+///   for that many fields on every response it parses.
+fn head_limits<'b>(
+    b: &'b mut hyper_util::client::legacy::Builder,
+    cfg: &UpstreamConfig,
+) -> &'b mut hyper_util::client::legacy::Builder {
+    let bytes = cfg.max_response_header_bytes;
+    b.http1_max_buf_size(bytes)
+        .http2_max_header_list_size(u32::try_from(bytes).unwrap_or(u32::MAX));
+    if cfg.max_response_header_fields != 100 {
+        b.http1_max_headers(cfg.max_response_header_fields);
+    }
     b
 }
 

@@ -27,7 +27,8 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
         return Refusal::new(
             Code::UpstreamUnreachable,
             format!(
-                "{}'s response head is too large (over 100 header fields, or more bytes than \
+                "{}'s response head is too large (more fields than \
+                 upstream.max_response_header_fields, or more bytes than \
                  upstream.max_response_header_bytes)",
                 t.dest
             ),

@@ -138,6 +138,8 @@ pub struct Want {
     pub keepalive_requests: u32,
     /// sealgate's `[proxy] worker_threads` (0: one per core).
     pub proxy_workers: u32,
+    /// Lines for sealgate's `[upstream]` table.
+    pub upstream_toml: &'static str,
 }
 
 /// The daemon, the origins, and one explicit-mode sandbox of store `s`.
@@ -278,6 +280,7 @@ impl World {
         if want.transparent {
             opts.proxy_toml = "transparent_listen = \"0.0.0.0:0\"\n".into();
         }
+        opts.upstream_toml = want.upstream_toml.to_owned();
         if want.proxy_workers > 0 {
             opts.proxy_toml += &format!("worker_threads = {}\n", want.proxy_workers);
         }

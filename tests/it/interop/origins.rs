@@ -372,8 +372,18 @@ http {{
 fn nginx_locations(dir: &Path) -> String {
     let d = dir.display();
     let exec = git_exec_path();
+    // A head of 150 fields (a site that sets many cookies), and one of six copies of the
+    // request's `x-pad` (a large head from a stock server).
+    let many: String = (0..150)
+        .map(|i| format!("add_header x-field-{i} v{i} always; "))
+        .collect();
+    let big: String = (0..6)
+        .map(|i| format!("add_header x-big-{i} $http_x_pad always; "))
+        .collect();
     format!(
         r#"root {d}/www;
+        location = /manyfields {{ {many}return 200 'many'; }}
+        location = /bighead {{ {big}return 200 'big'; }}
         location = /echo {{
             default_type application/json;
             return 200 '{{"proto":"$server_protocol","host":"$http_host","key":"$http_x_api_key"}}';

@@ -362,3 +362,80 @@ async fn plain_http_to_a_host_still_works_after_its_https_answered_over_h2() {
     );
     m.finish();
 }
+
+/// Response heads a stock nginx sends and stock clients take: an h2 head of ~18 KB (h2's
+/// default header-list limit of 16 KiB had made it a 502, while
+/// `upstream.max_response_header_bytes` said 64 KiB), and an HTTP/1.1 head of 150 fields,
+/// which passes once `upstream.max_response_header_fields` allows it and otherwise is a 502
+/// naming that key (hyper's fixed 100 had been the limit; outside pass).
+#[tokio::test]
+async fn large_response_heads_from_nginx_pass_within_the_configured_limits() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let v = versions();
+    let mut m = Matrix::new("regress_response_heads");
+    let pad = "p".repeat(3000);
+    let big = format!(
+        "curl -sS --http2 -o /dev/null -D head.txt -w 'status=%{{http_code}}\\n' \
+         -H 'x-pad: {pad}' https://nginx-h2.test/bighead; echo \"size=$(wc -c < head.txt)\""
+    );
+    let many =
+        "curl -sS -o body.txt -w 'status=%{http_code}\\n' https://nginx-h1.test/manyfields; \
+                cat body.txt";
+    let w = World::start(Want::default()).await;
+    let r = w.sh(&big).await;
+    let outcome = async {
+        r.ok()?;
+        ensure(r.var("status") == "200", || {
+            format!("{}{}", r.stdout, r.stderr)
+        })?;
+        let size: usize = r.var("size").parse().unwrap_or(0);
+        ensure(size > 18_000, || format!("a head of {size} bytes"))
+    }
+    .await;
+    m.cell(
+        &format!("{} (h2)", v.nginx),
+        "curl --http2, 18 KB response head",
+        "explicit",
+        "an h2 head under max_response_header_bytes passes",
+        outcome,
+    );
+    let r = w.sh(many).await;
+    let outcome = async {
+        r.ok()?;
+        ensure(r.var("status") == "502", || r.stdout.clone())?;
+        ensure(
+            r.stdout.contains("upstream.max_response_header_fields"),
+            || r.stdout.clone(),
+        )
+    }
+    .await;
+    m.cell(
+        &format!("{} (h1 only)", v.nginx),
+        "curl, 150-field response head, default limit",
+        "explicit",
+        "refused with a 502 naming upstream.max_response_header_fields",
+        outcome,
+    );
+    drop(w);
+    let raised = Want {
+        upstream_toml: "max_response_header_fields = 200\n",
+        ..Want::default()
+    };
+    let w = World::start(raised).await;
+    let r = w.sh(many).await;
+    let outcome = async {
+        r.ok()?;
+        ensure(r.var("status") == "200", || r.stdout.clone())
+    }
+    .await;
+    m.cell(
+        &format!("{} (h1 only)", v.nginx),
+        "curl, 150-field response head, max_response_header_fields = 200",
+        "explicit",
+        "passes",
+        outcome,
+    );
+    m.finish();
+}
