@@ -38,7 +38,7 @@ mod scope;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Extensions, Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
@@ -152,6 +152,7 @@ pub fn scrub_response(
         scrub_reason(s, &mut parts.extensions);
         s.scrub_headers(&mut parts.headers);
     }
+    no_ranges(&mut parts.headers);
     if !shape.has_body {
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not.
@@ -169,7 +170,9 @@ pub fn scrub_response(
         ));
     }
     let whole = is_whole(&body, &codings, shape.binary);
-    parts.headers.remove(header::CONTENT_ENCODING);
+    if parts.headers.remove(header::CONTENT_ENCODING).is_some() && !codings.is_empty() {
+        describe_decoded(&mut parts.headers);
+    }
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = if codings.is_empty() {
         body
@@ -185,6 +188,49 @@ pub fn scrub_response(
     };
     let body = scrub_body(t, body, scrubber, binary, frames, Some(scope));
     Ok((body, whole))
+}
+
+/// A scrubbed host's answer says it takes no ranges: sealgate sends such hosts no `Range`
+/// (`forward::whole_responses_only`), and `Accept-Ranges: bytes` passed on made range clients
+/// (resumable downloads, `read_parquet` over HTTP) choose ranged access and then fail on the
+/// whole 200 (outside pass: `curl -C -` exit 33) instead of reading the whole answer up front.
+fn no_ranges(h: &mut HeaderMap) {
+    if h.contains_key(header::ACCEPT_RANGES) {
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("none"));
+    }
+}
+
+/// Fields that describe the bytes of the coded representation: a checksum of them, or of the
+/// representation as sent.
+const CODED_BYTES_FIELDS: &[&str] = &[
+    "content-md5",
+    "digest",
+    "repr-digest",
+    "content-digest",
+    "x-goog-hash",
+    "x-amz-checksum-crc32",
+    "x-amz-checksum-crc32c",
+    "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1",
+    "x-amz-checksum-sha256",
+    "x-ms-content-crc64",
+];
+
+/// An answer sent decoded is another representation: the checksums of the coded bytes go
+/// (storage clients verified them against the decoded body and failed: GCS `x-goog-hash`,
+/// `Content-MD5`; outside pass) and a strong `ETag` becomes weak (it named the coded bytes,
+/// and a cache or a conditional range must not take these for those).
+fn describe_decoded(h: &mut HeaderMap) {
+    for name in CODED_BYTES_FIELDS {
+        h.remove(*name);
+    }
+    let strong = h
+        .get(header::ETAG)
+        .filter(|v| !v.as_bytes().starts_with(b"W/"))
+        .map(|v| [b"W/", v.as_bytes()].concat());
+    if let Some(weak) = strong.and_then(|w| HeaderValue::from_bytes(&w).ok()) {
+        h.insert(header::ETAG, weak);
+    }
 }
 
 /// Drops the `Content-Length` of a bodiless answer (`HEAD`, 304) whose body would have come

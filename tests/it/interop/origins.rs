@@ -229,6 +229,12 @@ fn write_site(www: &Path) {
     std::fs::write(www.join("static/text.txt"), text).unwrap();
     let big = std::fs::File::create(www.join("static/256m.bin")).unwrap();
     big.set_len(256 << 20).unwrap();
+    // An object stored gzip-compressed, served as a storage service serves one uploaded with
+    // `Content-Encoding: gzip` (`/obj/data.txt`).
+    std::fs::create_dir_all(www.join("obj")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, "stored compressed\n".repeat(200).as_bytes()).unwrap();
+    std::fs::write(www.join("obj/data.txt.gz"), gz.finish().unwrap()).unwrap();
 }
 
 fn git(args: &[&str], cwd: &Path) {
@@ -383,6 +389,14 @@ fn nginx_locations(dir: &Path) -> String {
     format!(
         r#"root {d}/www;
         location = /manyfields {{ {many}return 200 'many'; }}
+        location = /obj/data.txt {{
+            alias {d}/www/obj/data.txt.gz;
+            default_type text/plain;
+            gzip off;
+            add_header content-encoding gzip;
+            add_header content-md5 "c3RvcmVkLWNvZGVkLWJ5dGVz";
+            add_header x-goog-hash "md5=c3RvcmVkLWNvZGVkLWJ5dGVz";
+        }}
         location = /bighead {{ {big}return 200 'big'; }}
         location = /echo {{
             default_type application/json;

@@ -439,3 +439,65 @@ async fn large_response_heads_from_nginx_pass_within_the_configured_limits() {
     );
     m.finish();
 }
+
+/// An object a stock server stores gzip-compressed (as a storage service serves one uploaded
+/// with `Content-Encoding: gzip`) reaches the sandbox decoded from a scrubbed host: the
+/// checksums of the coded bytes go (`Content-MD5`, `x-goog-hash`: storage clients verified them
+/// against the decoded body and failed), its strong `ETag` becomes weak, and `Accept-Ranges`
+/// says `none` (sealgate sends such hosts no `Range`; `curl -C -` chose ranges and failed).
+/// From a host nothing is scrubbed for, all of it arrives as nginx sent it (outside pass).
+#[tokio::test]
+async fn a_decoded_object_drops_the_checksums_of_its_coded_bytes() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_decoded_representation");
+    for (host, scrubbed) in [("nginx-h2.test", true), ("clean-nginx.test", false)] {
+        let script = format!(
+            "curl -sS -D head.txt -o body.txt -w 'status=%{{http_code}}\\n' \
+             https://{host}/obj/data.txt; tr 'A-Z' 'a-z' < head.txt; head -c 18 body.txt"
+        );
+        let r = w.sh(&script).await;
+        let outcome = async {
+            r.ok()?;
+            ensure(r.var("status") == "200", || r.stdout.clone())?;
+            let out = &r.stdout;
+            let etag = out
+                .lines()
+                .find_map(|l| l.strip_prefix("etag: "))
+                .unwrap_or("");
+            let seen = (
+                out.contains("content-encoding: gzip"),
+                out.contains("content-md5:") && out.contains("x-goog-hash:"),
+                etag.starts_with("w/"),
+                out.contains("accept-ranges: none"),
+                out.contains("stored compressed\n"),
+            );
+            let want = if scrubbed {
+                (false, false, true, true, true)
+            } else {
+                (true, true, false, false, false)
+            };
+            ensure(seen == want, || format!("{seen:?}: {out}"))
+        }
+        .await;
+        m.cell(
+            &format!(
+                "{} (h2{})",
+                v.nginx,
+                if scrubbed { "" } else { ", not scrubbed" }
+            ),
+            "curl, object stored with Content-Encoding: gzip",
+            "explicit",
+            if scrubbed {
+                "decoded; Content-MD5 and x-goog-hash dropped, ETag weak, Accept-Ranges: none"
+            } else {
+                "as nginx sent it: coded, its checksums and strong ETag kept"
+            },
+            outcome,
+        );
+    }
+    m.finish();
+}
