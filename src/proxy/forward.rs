@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 
 use super::failure::UpstreamCap;
 use super::held::Held;
-use super::linger::{Detach, Detachable, Lingering};
+use super::linger::{ClientFailed, Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
@@ -85,13 +85,20 @@ pub async fn handle(
         outcome: Some(Outcome::default()),
     };
     let linger = rt.proxy.linger;
-    let req = req.map(|body| Lingering::new(body, linger));
+    let failed = ClientFailed::default();
+    let mut req = req.map(|body| Lingering::new(body, linger, failed.clone()));
+    req.extensions_mut().insert(failed);
     // Dropped during the exchange, `line` writes what the exchange had recorded so far.
     let o = line.outcome.as_mut().expect("set above");
     let result = exchange(&line.tunnel, &rt, &line.method, req, o).await;
     let mut outcome = line.outcome.take().unwrap_or_default();
     let (resp, code) = match result {
         Ok(resp) => (resp, None),
+        // Written as for a request whose client reset it (`Line`'s drop): no code.
+        Err(refusal) if refusal.code == Code::ClientGone => {
+            outcome.rule.get_or_insert_with(|| refusal.message.clone());
+            (refusal.into_response(), None)
+        }
         Err(refusal) => {
             outcome.rule.get_or_insert_with(|| refusal.message.clone());
             let code = refusal.code;
@@ -1080,6 +1087,7 @@ async fn send(
 ) -> Result<Response<Incoming>, Refusal> {
     let started = Instant::now();
     let timeout = rt.upstream.config.response_timeout;
+    let client_failed = head.extensions().get::<ClientFailed>().cloned();
     let sending = attempts(t, rt, head, body, websocket);
     tokio::pin!(sending);
     let answered = loop {
@@ -1092,6 +1100,12 @@ async fn send(
         }
     };
     let resp = match answered {
+        Err(_) if client_failed.is_some_and(|f| f.is_set()) => {
+            return Err(Refusal::new(
+                Code::ClientGone,
+                "the client gave up before the answer",
+            ))
+        }
         Err(e) => return Err(super::failure::classify(t, &e)),
         Ok(r) => r,
     };

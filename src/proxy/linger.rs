@@ -24,6 +24,7 @@
 //! client that reads the answer stops sending and closes, which ends it at once.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -52,12 +53,27 @@ pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S, bounds: Bounds) {
 /// secret not allowed for the host in a header is refused (outside review), and a held body
 /// dropped them already. No client sealgate serves sends request trailers (gRPC's are the
 /// answer's), so scanning a second header block at the body's end would buy nothing.
-pub struct Lingering(Option<Incoming>, Bounds);
+pub struct Lingering(Option<Incoming>, Bounds, ClientFailed);
 
 impl Lingering {
-    /// Wraps a request body that lingers within `bounds`.
-    pub fn new(body: Incoming, bounds: Bounds) -> Self {
-        Lingering(Some(body), bounds)
+    /// Wraps a request body that lingers within `bounds` and sets `failed` if it breaks.
+    pub fn new(body: Incoming, bounds: Bounds, failed: ClientFailed) -> Self {
+        Lingering(Some(body), bounds, failed)
+    }
+}
+
+/// Set when a request body broke on the client's side (its connection ended mid-upload), as
+/// the request's extension: the failed exchange that follows is the client's doing, audited
+/// as a client that gave up (499), not as the origin's failure — which is what an h1 upload
+/// cut by its client was (502 `upstream_unreachable`; outside pass), while over h2 the reset
+/// drops the request and is a 499.
+#[derive(Clone, Default)]
+pub struct ClientFailed(Arc<AtomicBool>);
+
+impl ClientFailed {
+    /// True once the body broke.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -76,6 +92,9 @@ impl Body for Lingering {
             let polled = Pin::new(body).poll_frame(cx);
             if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
                 self.0 = None; // ended or broken: nothing to linger for
+            }
+            if matches!(polled, Poll::Ready(Some(Err(_)))) {
+                self.2 .0.store(true, Ordering::Release);
             }
             match polled {
                 Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,

@@ -61,6 +61,10 @@ pub enum Code {
     Unavailable,
     /// 403: the sandbox was deleted or expired while its connection was open.
     SandboxEnded,
+    /// 499 (nginx's "client closed request"): the client's connection ended before the
+    /// answer. Never seen by a client: it is how the audit line is told (no code, as for a
+    /// request whose future was dropped).
+    ClientGone,
 }
 
 impl Code {
@@ -84,6 +88,7 @@ impl Code {
             Code::RequestTimeout => "request_timeout",
             Code::Unavailable => "unavailable",
             Code::SandboxEnded => "sandbox_ended",
+            Code::ClientGone => "client_gone",
         }
     }
 
@@ -107,6 +112,7 @@ impl Code {
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::ClientGone => StatusCode::from_u16(499).expect("499 is a status"),
         }
     }
 }

@@ -676,6 +676,39 @@ async fn pipelined_request_for_another_host_is_refused() {
     assert_eq!(reqs[0].host.as_deref(), Some("api.example.test"));
 }
 
+/// An HTTP/1.1 client whose connection ends mid-upload is audited as a client that gave up
+/// (499), as the same abort over h2 is, not as the origin's failure (502
+/// `upstream_unreachable`: outside pass, which skewed the origin's error counts whenever
+/// sandboxes were killed mid-upload).
+#[tokio::test]
+async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
+    use tokio::io::AsyncWriteExt;
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let head = "POST /cut-mid-upload HTTP/1.1\r\nHost: api.example.test\r\n\
+                Content-Length: 1000000\r\n\r\n";
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&[b'u'; 200_000]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(tls);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let audit = e.h.audit_log();
+        if let Some(l) = audit.lines().find(|l| l.contains("/cut-mid-upload")) {
+            break l.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no line: {audit}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("\"status\":499"), "{line}");
+    assert!(!line.contains("upstream_unreachable"), "{line}");
+}
+
 #[tokio::test]
 async fn missing_or_duplicate_host_is_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
