@@ -163,6 +163,7 @@ fn connect(
     // A malformed CONNECT is a bad request, counted in `requests_total` only; from here a
     // refusal is the tunnel's.
     at.tunnel = true;
+    plain_port(sandbox, &dest)?;
     let tunnel = admit(
         state,
         live,
@@ -183,6 +184,27 @@ fn connect(
     let mut resp = Response::new(super::empty_body());
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
+}
+
+/// A CONNECT to a port the store allows only for plain HTTP (80 under a pattern without a
+/// port): tunnels carry TLS only, so it is the uniform 400 saying how to send plain HTTP —
+/// what a plain request inside a tunnel gets ([`refuse_plain`]) — not an `egress_denied`
+/// saying the host is not allowlisted when it is (outside pass: `ws://` clients, which
+/// tunnel with CONNECT, were sent to fix the allowlist).
+fn plain_port(sandbox: &Sandbox, dest: &policy::Dest) -> Result<(), Refusal> {
+    let snapshot = sandbox.snapshot();
+    if snapshot.egress_allowed(dest, Scheme::Https) || !snapshot.egress_allowed(dest, Scheme::Http)
+    {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        Code::BadRequest,
+        format!(
+            "CONNECT to {dest}: the store allows it for plain HTTP only, and tunnels carry TLS \
+             only; send plain HTTP in absolute form (GET http://host/path) without CONNECT \
+             (plain ws:// included)"
+        ),
+    ))
 }
 
 /// The request target's authority as the client wrote it (empty when absent), which is also

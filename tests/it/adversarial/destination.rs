@@ -187,3 +187,24 @@ async fn legacy_ipv4_spellings_never_reach_the_resolver() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(e.echo.requests().len(), 1);
 }
+
+/// A CONNECT to port 80 of a host the store allows (a pattern without a port allows 80 for
+/// plain HTTP only) is the uniform 400 saying to send plain HTTP in absolute form, as plain
+/// HTTP inside a tunnel gets; it was `egress_denied` "not in the store's egress_allowlist",
+/// which sent operators to the allowlist (outside pass: `ws://` clients tunnel with CONNECT).
+/// A host the store does not allow stays `egress_denied`.
+#[tokio::test]
+async fn a_connect_to_a_plain_http_port_says_how_to_send_plain_http() {
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let (status, text) = connect_status(&e, "api.example.test:80").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("bad_request") && text.contains("absolute form"),
+        "{text}"
+    );
+    let (status, text) = connect_status(&e, "other.example.test:80").await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("egress_denied"), "{text}");
+    assert_upstream_untouched(&e);
+    assert_eq!(mints(&e), 0);
+}
