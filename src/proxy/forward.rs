@@ -340,7 +340,7 @@ async fn exchange(
     check_h2_head(&rt.proxy, &req)?;
     check_authority(t, &req)?;
     check_framing(req.headers())?;
-    let websocket = check_upgrade(&req)?;
+    let websocket = check_upgrade(&mut req)?;
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = match t.scheme {
@@ -643,11 +643,19 @@ fn check_h2_head<B>(p: &crate::config::ProxyConfig, req: &Request<B>) -> Result<
     Ok(())
 }
 
-/// Only WebSocket upgrades on HTTP/1.1 GET are relayed; `h2c` and others are refused.
-fn check_upgrade<B>(req: &Request<B>) -> Result<bool, Refusal> {
+/// Only WebSocket upgrades on HTTP/1.1 GET are relayed. An offer of `h2c` alone is ignored,
+/// as RFC 9110 §7.8 lets a server do: its fields go and the request is served over HTTP/1.1
+/// (curl offers it on every `http://` URL with `--http2`, and was refused: outside pass).
+/// Others are refused.
+fn check_upgrade<B>(req: &mut Request<B>) -> Result<bool, Refusal> {
     let Some(up) = req.headers().get(header::UPGRADE) else {
         return Ok(false);
     };
+    if up.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c") {
+        req.headers_mut().remove(header::UPGRADE);
+        req.headers_mut().remove("http2-settings");
+        return Ok(false);
+    }
     let ws = up.as_bytes().eq_ignore_ascii_case(b"websocket");
     if !ws || req.method() != Method::GET || req.version() != Version::HTTP_11 {
         return Err(Refusal::new(

@@ -7,7 +7,7 @@
 //! | `egress_denied` | CONNECT off the allowlist; a metadata IP literal; plain `http://` off the allowlist | SNI off the allowlist; no SNI (IP literal); plain `Host` off the allowlist |
 //! | `secret_host_denied` | a token whose secret may not go to the tunnel's host | same, inside a transparent TLS connection |
 //! | `authority_mismatch` | `Host` naming another host; SNI naming another host than CONNECT | `Host` naming another host; plain `Host` naming another port. (An SNI mismatch cannot occur: the SNI *is* the destination.) |
-//! | `bad_request` | bad CONNECT target; neither CONNECT nor absolute form; `https://` in plain form; bad plain URI; CL+TE on the proxy connection; `Upgrade: h2c` in a tunnel; plain HTTP inside a tunnel | an SNI that is not a host name; duplicate plain `Host`; a plain `Host` that is not a host; `Upgrade: h2c` |
+//! | `bad_request` | bad CONNECT target; neither CONNECT nor absolute form; `https://` in plain form; bad plain URI; CL+TE on the proxy connection; an `Upgrade` other than WebSocket (`SPDY/3.1`) in a tunnel; plain HTTP inside a tunnel | an SNI that is not a host name; duplicate plain `Host`; a plain `Host` that is not a host; `Upgrade: SPDY/3.1` |
 //! | `request_too_large` | more header fields than `proxy.max_header_fields`, on the proxy connection and in a tunnel | the same, in a TLS connection and on a plain head |
 //! | `upstream_tls_error` | an upstream whose certificate does not name it | same |
 //! | `upstream_unreachable` | a closed upstream port (tunnel and plain `http://`) | same (TLS) |
@@ -330,7 +330,7 @@ async fn explicit_bad_requests(w: &World, sb: &SandboxCreds) {
         .await;
     }
     one_refusal(w, "bad_request", async {
-        let req = pc::get("/t-upgrade", "api.example.test", &[("upgrade", "h2c")]);
+        let req = pc::get("/t-upgrade", "api.example.test", &[("upgrade", "SPDY/3.1")]);
         let a = tunnel_get(w, sb, "api.example.test:443", req).await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST);
     })
@@ -494,7 +494,7 @@ print('no-sni', tls(None))
 print('bad-sni', tls('bad_sni.example.test'))
 print('secret', tls(api, get('/t-secret', api, 'x-api-key: %s\r\n' % os.environ['KEY2'])))
 print('authority', tls(api, get('/t-authority', 'other.example.test')))
-print('upgrade', tls(api, get('/t-upgrade', api, 'Upgrade: h2c\r\nConnection: upgrade\r\n')))
+print('upgrade', tls(api, get('/t-upgrade', api, 'Upgrade: SPDY/3.1\r\nConnection: upgrade\r\n')))
 print('large', tls(api, get('/t-large', api, many)))
 for name, host in [('tls', 'badtls'), ('down', 'down'), ('slow', 'slow')]:
     print(name, tls(host + '.example.test', get('/t-up', host + '.example.test')))

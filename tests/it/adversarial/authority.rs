@@ -203,7 +203,7 @@ async fn refused_websocket_upgrade_closes_the_connection() {
     let e = env().await;
     let text = raw_in_tunnel(
         &e,
-        "GET /echo HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n\
+        "GET /echo HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: SPDY/3.1\r\nConnection: Upgrade\r\n\r\n\
          GET /echo HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
     )
     .await;

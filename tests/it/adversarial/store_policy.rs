@@ -277,15 +277,15 @@ async fn an_unrestricted_store_reaches_default_ports_only() {
     let e = setup(None, &[]).await;
     let (status, _) = connect_status(&e, API).await;
     assert_eq!(status, 200, "port 443 of any public host");
-    for target in [
-        "api.example.test:8443",
-        "api.example.test:22",
-        "api.example.test:80",
-    ] {
+    for target in ["api.example.test:8443", "api.example.test:22"] {
         let (status, text) = connect_status(&e, target).await;
         assert_eq!(status, 403, "{target}: {text}");
         assert!(text.contains("egress_denied"), "{target}: {text}");
     }
+    // Port 80 is allowed for plain HTTP only: a tunnel to it is told how to send that.
+    let (status, text) = connect_status(&e, "api.example.test:80").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("absolute form"), "{text}");
     let plain = super::raw_proxy(
         e.h.proxy,
         format!(

@@ -501,3 +501,44 @@ async fn a_decoded_object_drops_the_checksums_of_its_coded_bytes() {
     }
     m.finish();
 }
+
+/// curl offers `Upgrade: h2c` on every `http://` URL with `--http2`; sealgate ignores the
+/// offer (RFC 9110 §7.8) and serves the request over HTTP/1.1, as a server that does not speak
+/// h2c does. It was refused with 400 "only WebSocket upgrades are supported" (outside pass).
+#[tokio::test]
+async fn an_h2c_upgrade_offer_on_plain_http_is_ignored() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_h2c_offer");
+    let script =
+        "curl -sS --http2 -o /dev/null -w 'status=%{http_code}\\nversion=%{http_version}\\n' \
+                  'http://both-nginx.test/echo?step=h2c-offer'";
+    let r = w.sh(script).await;
+    let outcome = async {
+        r.ok()?;
+        ensure(r.var("status") == "200", || {
+            format!("{}{}", r.stdout, r.stderr)
+        })?;
+        ensure(r.var("version") == "1.1", || r.stdout.clone())?;
+        eventually(|| {
+            let hits = w.nginx.hits_for("/echo?step=h2c-offer");
+            let hit = hits.last().ok_or("nginx logged nothing")?;
+            ensure(hit.get("proto") == "HTTP/1.1", || {
+                format!("nginx saw {}", hit.get("proto"))
+            })
+        })
+        .await
+    }
+    .await;
+    m.cell(
+        &format!("{} (plain HTTP)", v.nginx),
+        "curl --http2 http:// (offers Upgrade: h2c)",
+        "explicit",
+        "the offer is ignored; served over HTTP/1.1",
+        outcome,
+    );
+    m.finish();
+}
