@@ -8,7 +8,7 @@
 
 use std::io;
 
-use rustls::{CertificateError, Error};
+use rustls::{AlertDescription, CertificateError, Error};
 
 /// What went wrong with the handshake `e` reports, in words the upstream cannot choose.
 pub fn describe(e: &io::Error) -> String {
@@ -22,6 +22,18 @@ fn describe_tls(e: &Error) -> String {
     match e {
         Error::InvalidCertificate(c) => format!("invalid peer certificate: {}", certificate(c)),
         Error::NoCertificatesPresented => "the upstream presented no certificate".into(),
+        // What an origin answers when it shares no version or suite with sealgate: say which
+        // ones sealgate has (an outside pass met TLS 1.2 origins with CBC or RSA key exchange
+        // only, which curl reaches and rustls does not implement).
+        Error::AlertReceived(
+            a @ (AlertDescription::HandshakeFailure
+            | AlertDescription::ProtocolVersion
+            | AlertDescription::InsufficientSecurity),
+        ) => format!(
+            "the upstream sent the TLS alert {} (sealgate offers TLS 1.3, and TLS 1.2 with \
+             ECDHE key exchange and AEAD suites only)",
+            alert(a)
+        ),
         Error::AlertReceived(a) => format!("the upstream sent the TLS alert {}", alert(a)),
         Error::NoApplicationProtocol => "no application protocol in common".into(),
         Error::PeerIncompatible(_) => {
@@ -111,7 +123,7 @@ mod tests {
             ),
             (
                 Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
-                "alert HandshakeFailure",
+                "alert HandshakeFailure (sealgate offers TLS 1.3, and TLS 1.2 with ECDHE",
             ),
             (
                 Error::AlertReceived(rustls::AlertDescription::Unknown(201)),
