@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 
 use super::failure::UpstreamCap;
 use super::held::Held;
-use super::linger::{ClientFailed, Detach, Detachable, Lingering};
+use super::linger::{BodyBreak, ClientFailed, Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
@@ -94,10 +94,15 @@ pub async fn handle(
     let mut outcome = line.outcome.take().unwrap_or_default();
     let (resp, code) = match result {
         Ok(resp) => (resp, None),
-        // Written as for a request whose client reset it (`Line`'s drop): no code.
+        // Audited as a request whose client reset it (`Line`'s drop: 499, no code). A client
+        // that only closed its sending side still reads: it gets the uniform 400 for a body
+        // that ended before its end (it got a 499 `client_gone` answer: outside re-check).
         Err(refusal) if refusal.code == Code::ClientGone => {
             outcome.rule.get_or_insert_with(|| refusal.message.clone());
-            (refusal.into_response(), None)
+            let gone = http::StatusCode::from_u16(499).expect("499 is a status");
+            line.finish(outcome, (gone, 0), None);
+            let short = "the request body ended before its declared end";
+            return Refusal::new(Code::BadRequest, short).into_response();
         }
         Err(refusal) => {
             outcome.rule.get_or_insert_with(|| refusal.message.clone());
@@ -1107,11 +1112,18 @@ async fn send(
             Err(_) => return Err(timed_out(t, progress)),
         }
     };
+    let broke = client_failed.map_or(BodyBreak::None, |f| f.get());
     let resp = match answered {
-        Err(_) if client_failed.is_some_and(|f| f.is_set()) => {
+        Err(_) if broke == BodyBreak::Gone => {
             return Err(Refusal::new(
                 Code::ClientGone,
-                "the client gave up before the answer",
+                "the client gave up before the answer (its connection ended mid-body)",
+            ))
+        }
+        Err(_) if broke == BodyBreak::Malformed => {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                "the request body's framing broke off mid-body",
             ))
         }
         Err(e) => return Err(super::failure::classify(t, &e)),

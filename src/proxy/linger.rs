@@ -24,7 +24,7 @@
 //! client that reads the answer stops sending and closes, which ends it at once.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -62,18 +62,43 @@ impl Lingering {
     }
 }
 
-/// Set when a request body broke on the client's side (its connection ended mid-upload), as
-/// the request's extension: the failed exchange that follows is the client's doing, audited
-/// as a client that gave up (499), not as the origin's failure — which is what an h1 upload
-/// cut by its client was (502 `upstream_unreachable`; outside pass), while over h2 the reset
-/// drops the request and is a 499.
+/// How a request body broke on the client's side, as the request's extension: the failed
+/// exchange that follows is the client's doing, not the origin's failure — which is what an
+/// h1 upload cut by its client was (502 `upstream_unreachable`; outside pass), while over h2
+/// the reset drops the request and is a 499.
 #[derive(Clone, Default)]
-pub struct ClientFailed(Arc<AtomicBool>);
+pub struct ClientFailed(Arc<AtomicU8>);
+
+/// What [`ClientFailed`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyBreak {
+    /// Unbroken (so far).
+    None,
+    /// The client's connection ended or reset mid-body: it gave up.
+    Gone,
+    /// The body's framing was refused mid-body (the h1 guard's `InvalidData`: a bad later
+    /// chunk, a smuggling attempt) — a bad request, never to pass for a client gone (review).
+    Malformed,
+}
 
 impl ClientFailed {
-    /// True once the body broke.
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    /// What broke the body, if anything did.
+    pub fn get(&self) -> BodyBreak {
+        match self.0.load(Ordering::Acquire) {
+            1 => BodyBreak::Gone,
+            2 => BodyBreak::Malformed,
+            _ => BodyBreak::None,
+        }
+    }
+
+    /// Records the error the client's body ended with.
+    fn note(&self, e: &hyper::Error) {
+        let malformed = std::iter::successors(std::error::Error::source(e), |s| s.source())
+            .filter_map(|s| s.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::InvalidData)
+            || e.is_parse();
+        self.0
+            .store(if malformed { 2 } else { 1 }, Ordering::Release);
     }
 }
 
@@ -93,8 +118,8 @@ impl Body for Lingering {
             if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
                 self.0 = None; // ended or broken: nothing to linger for
             }
-            if matches!(polled, Poll::Ready(Some(Err(_)))) {
-                self.2 .0.store(true, Ordering::Release);
+            if let Poll::Ready(Some(Err(e))) = &polled {
+                self.2.note(e);
             }
             match polled {
                 Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
@@ -216,7 +241,7 @@ impl Body for Detachable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 

@@ -199,7 +199,21 @@ pub fn answer_unserved(tcp: TcpStream, r: &Refusal) {
     });
 }
 
-async fn write_then_drain(mut tcp: TcpStream, raw: Vec<u8>) {
+/// Writes the uniform refusal to `stream` as raw HTTP/1.1 bytes, without reading a request
+/// first, then reads and drops what the client still sends (as [`answer_unserved`]), within
+/// [`ANSWER_DEADLINE`]: for a head sealgate refused because it is not one hyper would parse
+/// (replayed to hyper, it got hyper's bare 400; outside re-check, transparent plain HTTP).
+pub async fn answer_raw<S>(stream: S, r: &Refusal)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(ANSWER_DEADLINE, write_then_drain(stream, raw_answer(r))).await;
+}
+
+async fn write_then_drain<S>(mut tcp: S, raw: Vec<u8>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if tcp.write_all(&raw).await.is_err() || tcp.shutdown().await.is_err() {
         return;
     }

@@ -524,7 +524,8 @@ impl Store for PgStore {
             let secrets = ops::select_secrets(&tx, &id, true).await?;
             let secrets = secrets.into_iter().map(|raw| raw.into_record(&key));
             let secrets = secrets.collect::<Result<Vec<_>, _>>()?;
-            commit(tx).await?;
+            // Read-only: its end is no write (`commit` would mark one).
+            tx.commit().await.map_err(pg_err)?;
             Ok((store, secrets))
         })
     }
@@ -713,8 +714,15 @@ enum Claim {
 /// collision from a twin (outside pass: `worker-23004` was refused as "in use" by
 /// `worker-102090`, and the operator was sent looking for a twin that did not exist).
 fn held_by(node_id: &str, holder_app: Option<&str>) -> String {
-    match holder_app.and_then(|a| a.strip_prefix("sealgate/")) {
-        Some(other) if other != node_id => format!(
+    // PostgreSQL keeps the first 63 bytes of an `application_name`: a longer one of a twin is
+    // a prefix of this node's own (review).
+    let own = format!("sealgate/{node_id}");
+    let twin = |a: &str| a == own || (a.len() >= 63 && own.starts_with(a));
+    match holder_app
+        .filter(|a| !twin(a))
+        .and_then(|a| a.strip_prefix("sealgate/"))
+    {
+        Some(other) => format!(
             "node id '{node_id}' shares its database lock with the running node '{other}' \
              (their ids hash alike): rename one of them in [node] id"
         ),

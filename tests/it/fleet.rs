@@ -1803,21 +1803,23 @@ async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
     )
     .await;
 
-    c.register_secret("sk-fleet-unanswered-2602");
-    *proxy.deafen.lock().unwrap() = Some("COMMIT");
-    let (s, v) = c
-        .api(
-            Method::PUT,
-            &format!("/v1/stores/{store}/secrets/KEY"),
-            Some(json!({"value": "sk-fleet-unanswered-2602"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert!(
-        proxy.deafen.lock().unwrap().is_none(),
-        "the COMMIT was sent"
-    );
-    let message = v["error"]["message"].as_str().unwrap();
+    // A secret set through node-c while the database goes silent on statement `at`: the
+    // 503's message.
+    let put_unanswered = |at: &'static str, name: &'static str, value: &'static str| {
+        let (c, proxy, store) = (&c, &proxy, &store);
+        async move {
+            c.register_secret(value);
+            *proxy.deafen.lock().unwrap() = Some(at);
+            let path = format!("/v1/stores/{store}/secrets/{name}");
+            let (s, v) = c
+                .api(Method::PUT, &path, Some(json!({"value": value})))
+                .await;
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+            assert!(proxy.deafen.lock().unwrap().is_none(), "{at} was sent");
+            v["error"]["message"].as_str().unwrap().to_owned()
+        }
+    };
+    let message = put_unanswered("COMMIT", "KEY", "sk-fleet-unanswered-2602").await;
     assert!(message.contains("may have been applied"), "{message}");
     n.until_seen(
         &n.a,
@@ -1858,17 +1860,7 @@ async fn a_change_whose_commit_went_unanswered_is_not_reported_as_not_made() {
     assert_eq!(s, StatusCode::OK, "{v}");
     // A change the database went silent on before its COMMIT changed nothing, says so, and
     // is not audited (every outage had said "it may have been applied": outside pass).
-    c.register_secret("sk-fleet-unanswered-2603");
-    *proxy.deafen.lock().unwrap() = Some("FOR UPDATE");
-    let (s, v) = c
-        .api(
-            Method::PUT,
-            &format!("/v1/stores/{store}/secrets/OTHER"),
-            Some(json!({"value": "sk-fleet-unanswered-2603"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    let message = v["error"]["message"].as_str().unwrap();
+    let message = put_unanswered("FOR UPDATE", "OTHER", "sk-fleet-unanswered-2603").await;
     assert!(message.contains("nothing was changed"), "{message}");
     let (_, listed) = c
         .api(Method::GET, &format!("/v1/stores/{store}/secrets"), None)

@@ -684,12 +684,7 @@ async fn pipelined_request_for_another_host_is_refused() {
 async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     use tokio::io::AsyncWriteExt;
     let e = setup(Some(&["api.example.test"]), &[]).await;
-    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .unwrap();
-    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.1"])
-        .await
-        .unwrap();
+    let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
     let head = "POST /cut-mid-upload HTTP/1.1\r\nHost: api.example.test\r\n\
                 Content-Length: 1000000\r\n\r\n";
     tls.write_all(head.as_bytes()).await.unwrap();
@@ -707,6 +702,21 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     };
     assert!(line.contains("\"status\":499"), "{line}");
     assert!(!line.contains("upstream_unreachable"), "{line}");
+
+    // One that only closes its sending side still reads: it gets the uniform 400 for a body
+    // that ended before its end (it got a 499 `client_gone` answer: outside re-check).
+    use tokio::io::AsyncReadExt;
+    let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let head = head.replace("/cut-mid-upload", "/half-closed");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&[b'u'; 10_000]).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let read = tls.read_to_end(&mut out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("x-sealgate-error: bad_request"), "{text}");
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //! and `header_read_timeout`, however many segments it spans — the same limits the framing
 //! guard applies after it) and replayed to hyper through [`Rewind`], so hyper parses exactly
 //! the bytes the sandbox sent. Every refusal here — the head, the `Host`, the admission step —
-//! is recorded once, in [`serve`], and answered by [`reply_once`].
+//! is recorded once, in [`serve`]; a refused head is answered raw (hyper, given a head it
+//! cannot parse, answered its own bare 400), the others by [`reply_once`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use crate::policy::{self, Dest, Scheme};
 use crate::proxy::admit::admit;
 use crate::proxy::intercept;
 use crate::proxy::outcome::{self, Attempt};
-use crate::proxy::refusal::{answer_once, Code, Refusal};
+use crate::proxy::refusal::{answer_once, answer_raw, Code, Refusal};
 use crate::proxy::rewind::Rewind;
 use crate::proxy::serve::Protocols;
 use crate::proxy::{ListenerKind, LiveSettings, ProxyState};
@@ -51,9 +52,10 @@ pub async fn serve(
     let (buf, host) = match head {
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
-        Err(HeadError::Refused(buf, r)) => {
+        Err(HeadError::Refused(r)) => {
             outcome::refuse(&state, &at, &r);
-            return reply_once(Rewind::new(buf, tcp), r).await;
+            answer_raw(tcp, &r).await;
+            return Err(TransparentError::Refused(r.message));
         }
     };
     let stream = Rewind::new(buf, tcp);
@@ -98,8 +100,8 @@ fn dest_for(host: &str, orig: SocketAddr) -> Result<Dest, Refusal> {
 
 enum HeadError {
     Io(io::Error),
-    /// The bytes read so far (replayed so hyper sees the request it answers) and why.
-    Refused(Bytes, Refusal),
+    /// Why the head is refused (answered raw: hyper is not given a head it may not parse).
+    Refused(Refusal),
 }
 
 /// Reads until the first request head is complete; returns the bytes read and its one `Host`.
@@ -121,9 +123,9 @@ async fn read_head(
                     Code::HeadersTooLarge,
                     "request head exceeds proxy.max_header_bytes",
                 );
-                return Err(HeadError::Refused(Bytes::new(), r));
+                return Err(HeadError::Refused(r));
             }
-            Err(r) => return Err(HeadError::Refused(buf.freeze(), r)),
+            Err(r) => return Err(HeadError::Refused(r)),
         }
     }
 }

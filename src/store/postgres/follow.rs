@@ -271,9 +271,8 @@ const DELETED: i64 = -1;
 #[derive(Default)]
 struct Applied {
     generations: HashMap<String, i64>,
-    /// When every watched store was last re-read whatever its generation
-    /// ([`Follower::reread`]).
-    reread_at: Option<Instant>,
+    /// When each store was last read and applied ([`Follower::reread`]).
+    read_at: HashMap<String, Instant>,
     /// Stores whose last change could not be applied, with the generation and time of the
     /// last try (logged once until it applies).
     failing: HashMap<String, Failing>,
@@ -359,13 +358,8 @@ impl Follower {
                 _ = tick.tick() => (target.watched_stores(), true),
                 _ = shutdown.changed() => return Ok(()),
             };
-            if full
-                && applied
-                    .reread_at
-                    .is_none_or(|at| at.elapsed() >= self.reread)
-            {
-                applied.generations.clear();
-                applied.reread_at = Some(Instant::now());
+            if full {
+                self.due_rereads(applied, &ids);
             }
             let asked = Instant::now();
             self.check(&client, target, applied, ids, full, asked)
@@ -373,6 +367,27 @@ impl Follower {
             if full && self.health.problem().is_none() && self.reconciled(target).await {
                 self.unlock(target, locked);
             }
+        }
+    }
+
+    /// Forgets the applied generation of the stores read longest ago, once past `reread`, so
+    /// that this check reads them again: a share of them per check (`CHECK_INTERVAL` of
+    /// `reread`), so each is read once per period without one check reading every store —
+    /// which held every notification, and the node's freshness, back for as long (review: at
+    /// ~6 ms a store, 150 stores made `/readyz` flap every minute).
+    fn due_rereads(&self, applied: &mut Applied, watched: &[String]) {
+        let share = watched.len() as u128 * CHECK_INTERVAL.as_millis();
+        let per_check = share.div_ceil(self.reread.as_millis().max(1)).max(1);
+        let per_check = usize::try_from(per_check).unwrap_or(usize::MAX);
+        let now = Instant::now();
+        let mut due: Vec<(&String, Instant)> = watched
+            .iter()
+            .filter_map(|id| Some((id, *applied.read_at.get(id)?)))
+            .filter(|(_, at)| now.duration_since(*at) >= self.reread)
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
+        for (id, _) in due.into_iter().take(per_check) {
+            applied.generations.remove(id);
         }
     }
 
@@ -480,6 +495,7 @@ impl Follower {
         .map_err(|e| format!("database {}: generation check failed: {e}", self.url))?;
         applied.generations.retain(|id, _| watched.contains(id));
         applied.failing.retain(|id, _| watched.contains(id));
+        applied.read_at.retain(|id, _| watched.contains(id));
         // A row that does not decode (a NULL written by hand) is an error of the check, never a
         // panic: the follower task died on one, silently, and revocations stopped (review).
         let mut current: HashMap<String, i64> = rows
@@ -528,6 +544,7 @@ impl Follower {
                 continue;
             }
             applied.failing.remove(&id);
+            applied.read_at.insert(id.clone(), Instant::now());
             applied.generations.insert(id, generation);
         }
         // Fresh once every change is applied, not when the query is sent or the rows arrive. A

@@ -225,41 +225,49 @@ fn redact_query(query: &str) -> String {
         .join("&")
 }
 
-/// key=value form: values may be single-quoted with `\'` escapes.
+/// key=value form, read with the driver's grammar: a keyword (up to whitespace or `=`), `=`,
+/// then a value, single-quoted or bare, where a backslash escapes the next character in
+/// both. Only the keys of [`SHOWN_QUERY_KEYS`] keep their values. A scan for `password` that
+/// stopped a bare value at the first space showed the rest of `password=A\ B` (outside
+/// re-check).
 fn redact_key_value(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("password") {
-        let (before, after) = rest.split_at(pos);
-        out.push_str(before);
-        let after_key = after["password".len()..].trim_start();
-        let Some(value) = after_key.strip_prefix('=') else {
-            out.push_str("password");
-            rest = &after["password".len()..];
-            continue;
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let key_end = rest
+            .find(|c: char| c.is_whitespace() || c == '=')
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let Some(after_eq) = rest[key_end..].trim_start().strip_prefix('=') else {
+            out.push(format!("{key}=***"));
+            break;
         };
-        out.push_str("password=***");
-        rest = skip_value(value.trim_start());
+        let value = after_eq.trim_start();
+        let (raw, next) = split_value(value);
+        if SHOWN_QUERY_KEYS.contains(&key) {
+            out.push(format!("{key}={raw}"));
+        } else {
+            out.push(format!("{key}=***"));
+        }
+        rest = next.trim_start();
     }
-    out.push_str(rest);
-    out
+    out.join(" ")
 }
 
-/// The text after one key=value value (quoted or bare).
-fn skip_value(value: &str) -> &str {
-    if let Some(quoted) = value.strip_prefix('\'') {
-        let mut escaped = false;
-        for (i, c) in quoted.char_indices() {
-            match c {
-                '\\' if !escaped => escaped = true,
-                '\'' if !escaped => return &quoted[i + 1..],
-                _ => escaped = false,
-            }
+/// One key=value value as written (quoted or bare, backslash escapes kept) and the text after.
+fn split_value(value: &str) -> (&str, &str) {
+    let quoted = value.starts_with('\'');
+    let mut escaped = false;
+    for (i, c) in value.char_indices().skip(usize::from(quoted)) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' if quoted => return value.split_at(i + 1),
+            c if c.is_whitespace() && !quoted => return value.split_at(i),
+            _ => {}
         }
-        return "";
     }
-    let end = value.find(char::is_whitespace).unwrap_or(value.len());
-    &value[end..]
+    (value, "")
 }
 
 #[cfg(test)]
@@ -389,6 +397,17 @@ mod tests {
         assert_eq!(
             shown("host=db password = 'it\\'s s3cret-PW' dbname=x"),
             "host=db password=*** dbname=x"
+        );
+        // A backslash escapes a space in a bare value: the whole value is hidden.
+        assert_eq!(
+            shown("host=db password=s3cret\\ PW-tail dbname=x"),
+            "host=db password=*** dbname=x"
+        );
+        assert_eq!(
+            url("host=db password=s3cret\\ PW-tail")
+                .pg_config()
+                .get_password(),
+            Some(&b"s3cret PW-tail"[..])
         );
     }
 
