@@ -155,7 +155,12 @@ pub fn scrub_response(
     no_ranges(&mut parts.headers);
     if !shape.has_body {
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
-        // nothing of it reaches the sandbox, scrubbed or not.
+        // nothing of it reaches the sandbox, scrubbed or not. A `HEAD` says what the `GET`
+        // would: a coded answer's checksums go, as they do from the decoded `GET` (review).
+        let coded = parts.headers.get(header::CONTENT_ENCODING);
+        if coded.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
+            describe_decoded(&mut parts.headers);
+        }
         drop_compressed_length(&mut parts.headers);
         drop(body);
         return Ok((super::empty_body(), false));
@@ -214,22 +219,21 @@ const CODED_BYTES_FIELDS: &[&str] = &[
     "x-amz-checksum-sha1",
     "x-amz-checksum-sha256",
     "x-ms-content-crc64",
+    "x-ms-blob-content-md5",
+    "x-oss-hash-crc64ecma",
+    "x-cos-hash-crc64ecma",
+    "x-bz-content-sha1",
 ];
 
 /// An answer sent decoded is another representation: the checksums of the coded bytes go
 /// (storage clients verified them against the decoded body and failed: GCS `x-goog-hash`,
-/// `Content-MD5`; outside pass) and a strong `ETag` becomes weak (it named the coded bytes,
-/// and a cache or a conditional range must not take these for those).
+/// `Content-MD5`; outside pass). The `ETag` stays as the origin sent it: it names the stored
+/// object in the origin's conditional requests (`If-Match` on a write compares it strongly,
+/// and a weakened copy made every such write a 412: review), and no range is asked of a
+/// scrubbed host for it to mislead.
 fn describe_decoded(h: &mut HeaderMap) {
     for name in CODED_BYTES_FIELDS {
         h.remove(*name);
-    }
-    let strong = h
-        .get(header::ETAG)
-        .filter(|v| !v.as_bytes().starts_with(b"W/"))
-        .map(|v| [b"W/", v.as_bytes()].concat());
-    if let Some(weak) = strong.and_then(|w| HeaderValue::from_bytes(&w).ok()) {
-        h.insert(header::ETAG, weak);
     }
 }
 
