@@ -487,7 +487,14 @@ pub async fn tail(path: &std::path::Path, follow: bool) -> anyhow::Result<()> {
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)?;
         let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        std::io::stdout().write_all(&buf[..complete])?;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(&buf[..complete]).and_then(|()| out.flush()) {
+            // As the CLI's answers: a reader gone is 141, quietly; a failed write says so.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(141);
+            }
+            anyhow::bail!("writing the audit lines to stdout: {e}");
+        }
         pos += complete as u64;
         if !follow {
             return Ok(());

@@ -8,6 +8,14 @@ pub mod exec;
 
 pub use commands::run_client;
 
+/// Writes one line to stderr, ignoring a failure: `eprintln!` panicked (exit 101) when stderr
+/// could not be written (`2>/dev/full`; outside re-check).
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(line).and_then(|()| err.write_all(b"\n"));
+}
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 

@@ -41,7 +41,7 @@ fn fail(e: anyhow::Error) -> ExitCode {
             msg.push_str(&c);
         }
     }
-    eprintln!("sealgate: error: {msg}");
+    sealgate::cli::say(format_args!("sealgate: error: {msg}"));
     ExitCode::FAILURE
 }
 

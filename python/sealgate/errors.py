@@ -28,6 +28,12 @@ class SealgateError(Exception):
         self.code = code
         self.message = message
         self.status = status
+        self._init_args: tuple = (code, message, status)
+
+    def __reduce__(self):
+        # Rebuilt from the strings it was made of (pickle, copy, multiprocessing): the default
+        # passed ``args`` to subclasses whose ``__init__`` takes other ones (review).
+        return (type(self), self._init_args)
 
     def __str__(self) -> str:
         prefix = f"{self.status} " if self.status is not None else ""
@@ -48,7 +54,7 @@ class SealgateHTTPError(SealgateError, httpx.HTTPStatusError):
     opencomputer SDK's ``raise_for_status()`` raises, so ported ``except
     httpx.HTTPStatusError as e: e.response.status_code`` handlers keep working: ``request``
     holds only the method and URL, ``response`` the status and the API's error object. Input
-    the SDK refuses before sending anything has ``status``, ``request`` and ``response`` None."""
+    the SDK refuses before sending anything has ``status`` None and a ``response`` of 400."""
 
     def __init__(
         self,
@@ -59,16 +65,16 @@ class SealgateHTTPError(SealgateError, httpx.HTTPStatusError):
         url: str = "http://sealgate.invalid/",
     ) -> None:
         SealgateError.__init__(self, code, message, status)
-        self.response: Optional[httpx.Response] = None
-        self._request = None
-        if status is not None:
-            self._request = _request(method, url)
-            error = {"error": {"code": code, "message": message}}
-            self.response = httpx.Response(status, json=error, request=self._request)
+        self._init_args = (code, message, status, method, url)
+        # Input refused before sending has no status: its response says 400, as the daemon's
+        # would (ported `e.response.status_code` handlers crashed on None: re-check).
+        self._request = _request(method, url)
+        error = {"error": {"code": code, "message": message}}
+        self.response = httpx.Response(status or 400, json=error, request=self._request)
 
     @property
-    def request(self) -> Optional[httpx.Request]:  # type: ignore[override]
-        """The request answered (method and URL only), None when nothing was sent."""
+    def request(self) -> httpx.Request:  # type: ignore[override]
+        """The request answered (method and URL only)."""
         return self._request
 
     @request.setter
@@ -105,6 +111,7 @@ class SealgateConnectionError(SealgateError, httpx.TransportError):
         url: str = "http://sealgate.invalid/",
     ) -> None:
         SealgateError.__init__(self, code, message, None)
+        self._init_args = (code, message, method, url)
         self.request = _request(method, url)
 
 

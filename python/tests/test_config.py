@@ -92,6 +92,12 @@ async def test_no_daemon_is_a_connection_error():
 
     assert isinstance(e.value, httpx.TransportError), "an httpx.HTTPError, as opencomputer's"
     assert str(e.value.request.url) == f"{url}/v1/stores"
+    import copy
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))  # multiprocessing workers pass errors on
+    assert (type(again), again.code, again.message) == (type(e.value), e.value.code, e.value.message)
+    assert copy.copy(e.value).request.url == e.value.request.url
 
 
 async def test_connection_error_never_holds_the_value():

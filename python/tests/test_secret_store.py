@@ -263,6 +263,9 @@ async def test_a_value_passed_as_the_name_is_refused_before_it_is_sent(daemon):
             await call
         assert e.value.code == "invalid_request"
         assert value not in str(e.value) and value not in repr(e.value)
+        # refused before sending: no status, but a ported `e.response.status_code` works
+        assert (e.value.status, e.value.response.status_code) == (None, 400)
+        assert value not in e.value.response.text and value not in str(e.value.request.url)
 
 
 async def raw_put_secret(daemon, store_id: str, name: str, value: str):

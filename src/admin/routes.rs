@@ -243,12 +243,34 @@ async fn list_stores(State(st): St) -> Result<Response, ApiError> {
             "store rows failed their integrity checks and were left out of GET /v1/stores \
              (GET /v1/stores/{{id}} names the failing field; see docs/operations.md)"
         );
-        let named: Vec<String> = listing.corrupt.iter().map(|id| header_safe(id)).collect();
-        let value = header::HeaderValue::from_str(&named.join(","))
+        let value = header::HeaderValue::from_str(&corrupt_header(&listing.corrupt))
             .expect("percent-encoded ids are visible ASCII");
         response.headers_mut().insert(CORRUPT_STORES_HEADER, value);
     }
     Ok(response)
+}
+
+/// The most of [`CORRUPT_STORES_HEADER`]'s value: ids past it are counted (`+N`), not named.
+/// Ids come from the database as written there: eight of 60,000 characters made a head no
+/// client would read, and the listing failed for every client (outside re-check).
+const CORRUPT_HEADER_MAX: usize = 4096;
+
+/// [`CORRUPT_STORES_HEADER`]'s value: the ids ([`header_safe`]), comma-separated, as many as
+/// fit in [`CORRUPT_HEADER_MAX`], then `+N` for the `N` left unnamed (the log names all).
+fn corrupt_header(ids: &[String]) -> String {
+    let mut out = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        let id = header_safe(id);
+        if out.len() + id.len() + 1 > CORRUPT_HEADER_MAX {
+            let sep = if out.is_empty() { "" } else { "," };
+            return format!("{out}{sep}+{}", ids.len() - i);
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&id);
+    }
+    out
 }
 
 /// A store id as it may stand in [`CORRUPT_STORES_HEADER`]: percent-encoded but for ASCII
@@ -1001,5 +1023,14 @@ mod tests {
         assert!(!accept(&["text/event-stream;q=0.1, application/json"]));
         assert!(!accept(&["text/event-stream;q=0"]));
         assert!(!accept(&["text/event-stream-not"]));
+    }
+
+    #[test]
+    fn the_corrupt_stores_header_is_bounded_and_counts_the_rest() {
+        let long = "x".repeat(60_000);
+        let ids = vec!["a-1".to_owned(), long.clone(), long, "b\r\n".to_owned()];
+        assert_eq!(corrupt_header(&ids), "a-1,+3");
+        assert_eq!(corrupt_header(&ids[3..]), "b%0D%0A");
+        assert_eq!(corrupt_header(&ids[1..2]), "+1");
     }
 }

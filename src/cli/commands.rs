@@ -38,7 +38,7 @@ pub async fn run_client(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
 fn warn(answer: &Value) {
     let warnings = answer["warnings"].as_array().into_iter().flatten();
     for w in warnings.filter_map(Value::as_str) {
-        eprintln!("sealgate: warning: {w}");
+        super::say(format_args!("sealgate: warning: {w}"));
     }
 }
 
@@ -101,10 +101,17 @@ fn warn_corrupt(headers: &http::HeaderMap) {
         return;
     };
     for id in ids.split(',').map(str::trim).filter(|id| !id.is_empty()) {
-        eprintln!(
+        if let Some(more) = id.strip_prefix('+') {
+            super::say(format_args!(
+                "sealgate: warning: {more} more stores are left out: their rows failed their \
+                 integrity checks (the daemon's log names them; see docs/operations.md)"
+            ));
+            continue;
+        }
+        super::say(format_args!(
             "sealgate: warning: store {id} is left out: its row failed its integrity checks \
              (`sealgate store get {id}` names the field; see docs/operations.md)"
-        );
+        ));
     }
 }
 
@@ -408,7 +415,7 @@ fn print(v: &Value, as_json: bool) {
 }
 
 /// Writes one line of an answer to stdout. A reader that went away (`sealgate store list |
-/// head -1`) ends the command quietly with status 0, as a Unix filter does; any other write
+/// head -1`) ends the command quietly with status 141, as SIGPIPE ends a Unix filter; any other write
 /// error (`>/dev/full`) is an error. `println!` panicked on both (outside pass: exit 101 and a
 /// backtrace).
 pub(super) fn emit(line: impl std::fmt::Display) {
@@ -416,9 +423,13 @@ pub(super) fn emit(line: impl std::fmt::Display) {
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{line}").and_then(|()| out.flush()) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        // 141, as a shell reports a process SIGPIPE ended: the answer was not all read, which
+        // `set -o pipefail` must see (a `sandbox create` whose credentials were lost; review).
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
         Err(e) => {
-            eprintln!("sealgate: error: writing the answer to stdout: {e}");
+            super::say(format_args!(
+                "sealgate: error: writing the answer to stdout: {e}"
+            ));
             std::process::exit(1)
         }
     }

@@ -127,14 +127,14 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
 
 fn describe(sb: &Value) {
     let n = &sb["netns"];
-    eprintln!(
+    super::say(format_args!(
         "sealgate: sandbox {} in namespace {} ({} via {} on {})",
         sb["id"].as_str().unwrap_or("?"),
         n["name"].as_str().unwrap_or("?"),
         n["address"].as_str().unwrap_or("?"),
         n["gateway"].as_str().unwrap_or("?"),
         n["interface"].as_str().unwrap_or("?"),
-    );
+    ));
 }
 
 /// Deletes the sandbox, once more on a new connection if the first try could not be sent (a
@@ -147,7 +147,9 @@ async fn end_sandbox(c: &AdminClient, id: &str) {
     }
     match answer {
         Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
-        Err(e) => eprintln!("sealgate: warning: could not end sandbox {id}: {e}"),
+        Err(e) => super::say(format_args!(
+            "sealgate: warning: could not end sandbox {id}: {e}"
+        )),
     }
 }
 
@@ -317,7 +319,9 @@ fn exit_code(event: &str, v: &Value) -> Option<i32> {
     match event {
         "exit" => {
             if v["timed_out"] == true {
-                eprintln!("sealgate: the command's timeout ran out; it was killed");
+                super::say(format_args!(
+                    "sealgate: the command's timeout ran out; it was killed"
+                ));
             }
             let code = v["exit_code"].as_i64().unwrap_or(1);
             Some(i32::try_from(code).unwrap_or(1))

@@ -305,9 +305,10 @@ async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
     h.assert_logs_clean();
 }
 
-/// An answer whose reader went away (`| head -1`) ends the CLI quietly with status 0, and one
-/// that cannot be written (`>/dev/full`) is a one-line error: `println!` panicked on both
-/// (exit 101 and a backtrace; outside pass).
+/// An answer whose reader went away (`| head -1`) ends the CLI quietly with status 141 (as
+/// SIGPIPE ends a filter: `pipefail` sees the answer was not all read), one that cannot be
+/// written (`>/dev/full`) is a one-line error, and a warning to a stderr that cannot be written
+/// is dropped: `println!`/`eprintln!` panicked (exit 101 and a backtrace; outside passes).
 #[tokio::test]
 async fn an_answer_nobody_reads_or_that_cannot_be_written_ends_cleanly() {
     let h = Harness::start().await;
@@ -321,7 +322,7 @@ async fn an_answer_nobody_reads_or_that_cannot_be_written_ends_cleanly() {
     let mut child = tokio::process::Command::from(c).spawn().unwrap();
     drop(child.stdout.take()); // the reader is gone before the answer comes
     let o = child.wait_with_output().await.unwrap();
-    assert_eq!((o.status.code(), stderr(&o).as_str()), (Some(0), ""));
+    assert_eq!((o.status.code(), stderr(&o).as_str()), (Some(141), ""));
 
     let mut c = sealgate();
     c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
@@ -338,6 +339,17 @@ async fn an_answer_nobody_reads_or_that_cannot_be_written_ends_cleanly() {
         "{}",
         stderr(&o)
     );
+
+    // A warning (PATCH to a null allowlist) to a stderr that cannot be written.
+    let mut c = sealgate();
+    c.args(["--admin-url", &h.admin_url, "--admin-token", &h.token])
+        .args(["store", "update", "piped", "--unrestricted"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create("/dev/full").unwrap());
+    let o = tokio::process::Command::from(c).spawn().unwrap();
+    let o = o.wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(0));
 }
 
 #[tokio::test]
