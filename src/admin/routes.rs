@@ -238,13 +238,17 @@ async fn list_stores(State(st): St) -> Result<Response, ApiError> {
     let listing = st.store.list_stores()?;
     let mut response = Json(listing.stores).into_response();
     if !listing.corrupt.is_empty() {
+        // The log line names what the header names (bounded, as the ids are the database's:
+        // eight huge ids wrote half a megabyte per listing; re-check), and how many there are.
+        let named = corrupt_header(&listing.corrupt);
         tracing::error!(
-            stores = ?listing.corrupt,
+            count = listing.corrupt.len(),
+            stores = %named,
             "store rows failed their integrity checks and were left out of GET /v1/stores \
              (GET /v1/stores/{{id}} names the failing field; see docs/operations.md)"
         );
-        let value = header::HeaderValue::from_str(&corrupt_header(&listing.corrupt))
-            .expect("percent-encoded ids are visible ASCII");
+        let value =
+            header::HeaderValue::from_str(&named).expect("percent-encoded ids are visible ASCII");
         response.headers_mut().insert(CORRUPT_STORES_HEADER, value);
     }
     Ok(response)
@@ -255,20 +259,26 @@ async fn list_stores(State(st): St) -> Result<Response, ApiError> {
 /// client would read, and the listing failed for every client (outside re-check).
 const CORRUPT_HEADER_MAX: usize = 4096;
 
-/// [`CORRUPT_STORES_HEADER`]'s value: the ids ([`header_safe`]), comma-separated, as many as
-/// fit in [`CORRUPT_HEADER_MAX`], then `+N` for the `N` left unnamed (the log names all).
+/// [`CORRUPT_STORES_HEADER`]'s value: the ids ([`header_safe`]), comma-separated, each that
+/// still fits in [`CORRUPT_HEADER_MAX`], then `+N` for the `N` left unnamed (`GET
+/// /v1/stores/{id}` of a named one, or the database, tells the rest).
 fn corrupt_header(ids: &[String]) -> String {
     let mut out = String::new();
-    for (i, id) in ids.iter().enumerate() {
+    let mut unnamed = 0;
+    for id in ids {
         let id = header_safe(id);
         if out.len() + id.len() + 1 > CORRUPT_HEADER_MAX {
-            let sep = if out.is_empty() { "" } else { "," };
-            return format!("{out}{sep}+{}", ids.len() - i);
+            unnamed += 1;
+            continue;
         }
         if !out.is_empty() {
             out.push(',');
         }
         out.push_str(&id);
+    }
+    if unnamed > 0 {
+        let sep = if out.is_empty() { "" } else { "," };
+        out = format!("{out}{sep}+{unnamed}");
     }
     out
 }
@@ -1029,7 +1039,11 @@ mod tests {
     fn the_corrupt_stores_header_is_bounded_and_counts_the_rest() {
         let long = "x".repeat(60_000);
         let ids = vec!["a-1".to_owned(), long.clone(), long, "b\r\n".to_owned()];
-        assert_eq!(corrupt_header(&ids), "a-1,+3");
+        assert_eq!(
+            corrupt_header(&ids),
+            "a-1,b%0D%0A,+2",
+            "a long id does not hide a short one"
+        );
         assert_eq!(corrupt_header(&ids[3..]), "b%0D%0A");
         assert_eq!(corrupt_header(&ids[1..2]), "+1");
     }

@@ -157,11 +157,12 @@ pub fn scrub_response(
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not. A `HEAD` says what the `GET`
         // would: a coded answer's checksums go, as they do from the decoded `GET` (review).
+        drop_compressed_length(&mut parts.headers);
         let coded = parts.headers.get(header::CONTENT_ENCODING);
         if coded.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
             describe_decoded(&mut parts.headers);
+            parts.headers.remove(header::CONTENT_ENCODING);
         }
-        drop_compressed_length(&mut parts.headers);
         drop(body);
         return Ok((super::empty_body(), false));
     }
