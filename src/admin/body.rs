@@ -111,7 +111,7 @@ async fn read_at_most(body: &mut Incoming, max: usize) -> Result<Vec<u8>, Unread
 /// CLI "SendRequest").
 fn linger(body: Incoming) {
     use crate::proxy::linger::{Bounds, Lingering};
-    drop(Lingering::new(body, Bounds::DEFAULT, Default::default()));
+    drop(Lingering::new(body, Bounds::DEFAULT));
 }
 
 /// Whether the request waits for `100 Continue` before it sends its body.

@@ -845,7 +845,7 @@ fn wants_event_stream(headers: &header::HeaderMap) -> bool {
         .flat_map(|v| v.split(','))
         .map(media_range)
         .collect();
-    // The most specific range that matches `ty` decides its quality; none matching: 0.
+    // The most specific range naming a media type decides its quality; none naming it: 0.
     let quality = |candidates: &[&str]| {
         candidates
             .iter()

@@ -85,9 +85,7 @@ pub async fn handle(
         outcome: Some(Outcome::default()),
     };
     let linger = rt.proxy.linger;
-    let failed = ClientFailed::default();
-    let mut req = req.map(|body| Lingering::new(body, linger, failed.clone()));
-    req.extensions_mut().insert(failed);
+    let req = req.map(|body| Lingering::new(body, linger));
     // Dropped during the exchange, `line` writes what the exchange had recorded so far.
     let o = line.outcome.as_mut().expect("set above");
     let result = exchange(&line.tunnel, &rt, &line.method, req, o).await;
@@ -951,6 +949,8 @@ async fn prepare_body(
             return Ok((UpBody::Held(whole), None));
         }
         o.bytes_up = body.size_hint().exact().unwrap_or(0);
+        let mut body = body;
+        req.extensions_mut().insert(body.watch());
         return Ok((
             UpBody::Streamed(body.map_err(BoxError::from).boxed_unsync()),
             None,
@@ -967,6 +967,8 @@ async fn prepare_body(
         return Ok((UpBody::Held(whole), None));
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
+    let mut body = body;
+    req.extensions_mut().insert(body.watch());
     let engine = BodySubst::new(lookup, mode)
         .with_max_unsealed(budget)
         .with_encoding(BodyEncoding::of(req.headers()));

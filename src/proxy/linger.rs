@@ -53,12 +53,19 @@ pub async fn drain<S: AsyncRead + Unpin>(stream: &mut S, bounds: Bounds) {
 /// secret not allowed for the host in a header is refused (outside review), and a held body
 /// dropped them already. No client sealgate serves sends request trailers (gRPC's are the
 /// answer's), so scanning a second header block at the body's end would buy nothing.
-pub struct Lingering(Option<Incoming>, Bounds, ClientFailed);
+pub struct Lingering(Option<Incoming>, Bounds, Option<ClientFailed>);
 
 impl Lingering {
-    /// Wraps a request body that lingers within `bounds` and sets `failed` if it breaks.
-    pub fn new(body: Incoming, bounds: Bounds, failed: ClientFailed) -> Self {
-        Lingering(Some(body), bounds, failed)
+    /// Wraps a request body that lingers within `bounds`.
+    pub fn new(body: Incoming, bounds: Bounds) -> Self {
+        Lingering(Some(body), bounds, None)
+    }
+
+    /// From now on, records how the body breaks, if it does, in the flag returned. Only a
+    /// streamed body needs one (a held body is read whole before anything is sent, and a
+    /// break there is its own 400), so no other request pays for the flag.
+    pub fn watch(&mut self) -> ClientFailed {
+        self.2.get_or_insert_with(ClientFailed::default).clone()
     }
 }
 
@@ -118,8 +125,8 @@ impl Body for Lingering {
             if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
                 self.0 = None; // ended or broken: nothing to linger for
             }
-            if let Poll::Ready(Some(Err(e))) = &polled {
-                self.2.note(e);
+            if let (Poll::Ready(Some(Err(e))), Some(failed)) = (&polled, &self.2) {
+                failed.note(e);
             }
             match polled {
                 Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,

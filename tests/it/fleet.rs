@@ -159,6 +159,24 @@ impl Nodes {
     }
 }
 
+/// Two nodes (`extra` in their `[store]` tables), store `s` with secret `KEY` = `value` set
+/// through node-a, and a sandbox of it on node-b that delivers the value, once node-b's
+/// follower has noted the generation it applied (at its next check, every 250 ms; the sandbox
+/// came with its snapshot before that).
+async fn applied_on_b(
+    cluster: &Cluster,
+    extra: &str,
+    value: &str,
+) -> (Nodes, String, SandboxCreds) {
+    let n = two_nodes(cluster, extra).await;
+    let store = n.a.store("s", Some(&["api.example.test"])).await;
+    n.secret(&n.a, &store, value).await;
+    let sb = sandbox_on(&n.b, "s", "node-b").await;
+    n.until_seen(&n.b, &sb, value, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    (n, store, sb)
+}
+
 async fn sandbox_on(node: &Harness, store: &str, node_id: &str) -> SandboxCreds {
     let v = node.sandbox(store).await;
     assert_eq!(v["node"], node_id, "{v}");
@@ -236,14 +254,7 @@ async fn changes_through_one_node_reach_the_other_nodes_running_sandboxes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_generation_hides_a_change_no_longer_than_reread_secs() {
     let cluster = pg::shared();
-    let n = two_nodes(cluster, "reread_secs = 1").await;
-    let store = n.a.store("s", Some(&["api.example.test"])).await;
-    n.secret(&n.a, &store, "sk-fleet-replay-2901").await;
-    let sb = sandbox_on(&n.b, "s", "node-b").await;
-    n.until_seen(&n.b, &sb, "sk-fleet-replay-2901", Duration::from_secs(5))
-        .await;
-    // B's follower has applied the store's generation (it checks every 250 ms).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (n, store, sb) = applied_on_b(cluster, "reread_secs = 1", "sk-fleet-replay-2901").await;
     let generation = |n: &Nodes| {
         cluster.psql(
             &n.db,
@@ -476,15 +487,7 @@ async fn a_tampered_row_locks_its_store_instead_of_freezing_a_revoked_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_to_the_generation_before_a_tamper_is_released() {
     let cluster = pg::shared();
-    let n = two_nodes(cluster, "").await;
-    let store = n.a.store("s", Some(&["api.example.test"])).await;
-    n.secret(&n.a, &store, "sk-fleet-restore-2031").await;
-    let sb = sandbox_on(&n.b, "s", "node-b").await;
-    n.until_seen(&n.b, &sb, "sk-fleet-restore-2031", Duration::from_secs(2))
-        .await;
-    // node-b's follower notes the generation it applied at its next check (every 250 ms);
-    // the sandbox came with its snapshot before that.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (n, store, sb) = applied_on_b(cluster, "", "sk-fleet-restore-2031").await;
     let before = cluster.psql(
         &n.db,
         &format!("SELECT generation FROM stores WHERE id = '{store}'"),

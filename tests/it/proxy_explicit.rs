@@ -717,6 +717,30 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("x-sealgate-error: bad_request"), "{text}");
+
+    // A body whose framing the h1 guard refuses mid-body (a bad later chunk) is the client's
+    // bad request, never a client that gave up (review).
+    let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let first = "POST /bad-chunk HTTP/1.1\r\nHost: api.example.test\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    tls.write_all(first.as_bytes()).await.unwrap();
+    // The head is served and the body streaming before the bad chunk comes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tls.write_all(b"zz\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let read = tls.read_to_end(&mut out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let audit = e.h.audit_log();
+        if let Some(l) = audit.lines().find(|l| l.contains("/bad-chunk")) {
+            break l.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no line: {audit}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("\"code\":\"bad_request\""), "{line}");
+    assert!(!line.contains("\"status\":499"), "{line}");
 }
 
 #[tokio::test]
