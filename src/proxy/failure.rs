@@ -34,6 +34,16 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
             ),
         );
     }
+    if h2_answer_refused(e) {
+        return Refusal::new(
+            Code::UpstreamUnreachable,
+            format!(
+                "{}'s HTTP/2 answer could not be taken: a response head over \
+                 upstream.max_response_header_bytes, a malformed one, or none",
+                t.dest
+            ),
+        );
+    }
     Refusal::new(
         Code::UpstreamUnreachable,
         format!("{} failed the exchange", t.dest),
@@ -46,6 +56,27 @@ fn head_too_large(e: &hyper_util::client::legacy::Error) -> bool {
     sources(e)
         .find_map(|s| s.downcast_ref::<hyper::Error>())
         .is_some_and(hyper::Error::is_parse_too_large)
+}
+
+/// True when an h2 answer ended before a head sealgate could take: its own h2 client reset
+/// the stream with `PROTOCOL_ERROR` (a "detected" stream error; h2 0.4.20 does that to a
+/// head that decodes to more than the advertised header-list limit,
+/// `max_response_header_bytes`, and to a malformed one, and cannot tell which), or the
+/// origin reset it with `NO_ERROR` and no head had been taken — what nginx sends after
+/// answering a request before reading its body, so the sandbox's refused head shows up as
+/// that reset. Nothing of the answer reached the sandbox. Neither is retried
+/// ([`not_processed`] wants a received `REFUSED_STREAM`): the origin processed the request.
+fn h2_answer_refused(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e)
+        .find_map(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            let (detected, received) = (
+                h2.is_reset() && !h2.is_remote(),
+                h2.is_reset() && h2.is_remote(),
+            );
+            (detected && h2.reason() == Some(h2::Reason::PROTOCOL_ERROR))
+                || (received && h2.reason() == Some(h2::Reason::NO_ERROR))
+        })
 }
 
 fn from_connect(t: &Tunnel, c: &ConnectError) -> Refusal {
@@ -123,8 +154,10 @@ pub fn may_send_again(e: &hyper_util::client::legacy::Error, method: &http::Meth
 }
 
 /// True when the upstream provably did not process the request, so it may be sent again:
-/// the server refused the stream (`REFUSED_STREAM`, RFC 9113 §8.7, also what
-/// [`super::upstream::RefuseAfterGoaway`] reports for streams opened after a GOAWAY), or the
+/// the server refused the stream (a received `REFUSED_STREAM`, RFC 9113 §8.7, also what
+/// [`super::upstream::RefuseAfterGoaway`] reports for streams opened after a GOAWAY; h2 up
+/// to 0.4.18 reset an answered stream with a *detected* one when its head was too large, so
+/// only a received one counts), or the
 /// stream was above a graceful GOAWAY's last-stream-id (h2 reports those, and only those, as
 /// a remote GOAWAY with `NO_ERROR`; a GOAWAY with an error code may also end processed
 /// streams and is not retried), or the request never left: it was waiting for an HTTP/2
@@ -138,7 +171,7 @@ pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
         .find_map(|s| s.downcast_ref::<h2::Error>())
         .is_some_and(|h2| {
             let reason = h2.reason();
-            (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+            (h2.is_reset() && h2.is_remote() && reason == Some(h2::Reason::REFUSED_STREAM))
                 || (h2.is_go_away() && h2.is_remote() && reason == Some(h2::Reason::NO_ERROR))
         })
 }
