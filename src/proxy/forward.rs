@@ -343,6 +343,7 @@ async fn exchange(
     check_h2_head(&rt.proxy, &req)?;
     check_authority(t, &req)?;
     check_framing(req.headers())?;
+    check_media_type(req.headers())?;
     let websocket = check_upgrade(&mut req)?;
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -608,6 +609,20 @@ fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
         .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
     if !ok {
         return Err(Refusal::new(Code::BadRequest, "malformed Content-Length"));
+    }
+    Ok(())
+}
+
+/// A body has one media type (RFC 9110 §8.3: `Content-Type` is a singleton field). The first
+/// field decides how a value is written into the body (form-encoded, JSON-escaped, or not at
+/// all inside gRPC messages), so two fields would let the sandbox have sealgate write it for
+/// one type while the origin reads another (outside review).
+fn check_media_type(h: &HeaderMap) -> Result<(), Refusal> {
+    if h.get_all(header::CONTENT_TYPE).iter().nth(1).is_some() {
+        return Err(Refusal::new(
+            Code::BadRequest,
+            "multiple Content-Type headers (a body has one media type)",
+        ));
     }
     Ok(())
 }
@@ -1047,9 +1062,11 @@ async fn substitute_whole(
     Ok(whole)
 }
 
+/// A body in a content coding is not unsealed (DESIGN.md §3 "Where": "not inside compressed
+/// encodings"): every `Content-Encoding` field counts (outside review: `identity` then
+/// `gzip` had the value written into a gzip member).
 fn compressed(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    super::response_scrub::is_coded(h)
 }
 
 /// The refusal of a wait for the answer that timed out: the sandbox's if its own streamed

@@ -32,6 +32,7 @@
 //! answer is refused with 502.
 
 mod codings;
+pub use codings::is_coded;
 mod decode;
 mod scope;
 
@@ -158,8 +159,7 @@ pub fn scrub_response(
         // nothing of it reaches the sandbox, scrubbed or not. A `HEAD` says what the `GET`
         // would: a coded answer's checksums go, as they do from the decoded `GET` (review).
         drop_compressed_length(&mut parts.headers);
-        let coded = parts.headers.get(header::CONTENT_ENCODING);
-        if coded.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
+        if codings::is_coded(&parts.headers) {
             describe_decoded(&mut parts.headers);
             parts.headers.remove(header::CONTENT_ENCODING);
         }

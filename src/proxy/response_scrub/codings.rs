@@ -129,6 +129,13 @@ impl Codings {
     }
 }
 
+/// True when any `Content-Encoding` field of `h` names a coding other than `identity` (every
+/// field counts: a first field of `identity` followed by `gzip` is a gzip body; a field that
+/// is not ASCII counts as a coding). Empty elements name nothing.
+pub fn is_coded(h: &HeaderMap) -> bool {
+    list(h, &header::CONTENT_ENCODING).any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+}
+
 /// The trimmed elements of every field `name` (a field that is not ASCII is one element that
 /// matches no coding).
 fn list<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> impl Iterator<Item = &'a str> {
@@ -144,6 +151,25 @@ mod tests {
 
     use super::Coding::*;
     use super::*;
+
+    #[test]
+    fn any_field_naming_a_coding_makes_a_body_coded() {
+        let coded = |fields: &[&str]| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::CONTENT_ENCODING, HeaderValue::from_str(f).unwrap());
+            }
+            is_coded(&h)
+        };
+        assert!(!coded(&[]));
+        assert!(!coded(&["identity"]));
+        assert!(!coded(&["Identity", " identity ,"]));
+        assert!(!coded(&[""]));
+        assert!(coded(&["gzip"]));
+        assert!(coded(&["identity", "gzip"]), "the second field counts");
+        assert!(coded(&["identity, br"]));
+        assert!(coded(&["x-unknown"]));
+    }
 
     fn codings(fields: &[(&str, &str)], max: usize) -> Result<Vec<Coding>, CodingError> {
         let mut h = HeaderMap::new();

@@ -264,3 +264,38 @@ async fn denied_token_late_in_a_streamed_body_never_sends_its_value() {
         );
     }
 }
+
+/// A body in a content coding travels sealed (DESIGN.md §3 "Where": "not inside compressed
+/// encodings") whichever `Content-Encoding` field names the coding: `identity` then `gzip`
+/// had the value written into the gzip member (outside review). A request with two
+/// `Content-Type` fields is refused: the first decided how the value was written, the origin
+/// may read the other.
+#[tokio::test]
+async fn every_content_encoding_field_counts_and_one_media_type_is_required() {
+    let secrets: &[Spec] = &[("KEY", "sk-adv-coded-0451", None, Some(ALL))];
+    let e = setup(Some(&["api.example.test"]), secrets).await;
+    let token = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let coded = [
+        ("content-encoding", "identity"),
+        ("content-encoding", "gzip"),
+    ];
+    let req = pc::post("/echo", "api.example.test", &coded, token.clone());
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let r = &e.echo.requests()[0];
+    assert_eq!(r.body, token.as_bytes(), "the coded body went sealed");
+    assert!(!e.echo.received_bytes_contain(b"sk-adv-coded-0451"));
+
+    let e = setup(Some(&["api.example.test"]), secrets).await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let two = [
+        ("content-type", "text/plain"),
+        ("content-type", "application/json"),
+    ];
+    let req = pc::post("/echo", "api.example.test", &two, e.sb.token("KEY"));
+    let a = pc::send1(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.text().contains("multiple Content-Type"), "{}", a.text());
+    assert_upstream_untouched(&e);
+}
