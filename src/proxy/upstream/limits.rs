@@ -21,8 +21,9 @@
 //! finishes every stream opened on it, takes no new one, and closes once idle
 //! ([`super::goaway::RefuseAfterGoaway`]).
 //!
-//! Invariants: bounded (at most [`MAX_ORIGINS`] origins are remembered; others are never
-//! learned); a limit below [`MIN_LIMIT`] is never learned, so an origin can lower only its own
+//! Invariants: bounded (at most [`MAX_ORIGINS`] origins are remembered: a new one takes the
+//! place of an unconfirmed one, or else of any, so a sandbox that answers under thousands of
+//! names cannot keep other origins from ever being learned — outside review); a limit below [`MIN_LIMIT`] is never learned, so an origin can lower only its own
 //! connection reuse, and not below that floor; no stream is failed by the retirement itself —
 //! a request hyper holds for a stream slot when h2 sees the GOAWAY fails as it would at the
 //! origin's own GOAWAY (idempotent ones are sent again, `proxy::failure`).
@@ -75,14 +76,30 @@ impl StreamLimits {
             e.last = taken;
             return;
         }
-        if self.origins.len() < MAX_ORIGINS {
-            self.origins.insert(
-                origin.into(),
-                Learned {
-                    last: taken,
-                    limit: None,
-                },
-            );
+        if self.origins.len() >= MAX_ORIGINS {
+            self.make_room();
+        }
+        self.origins.insert(
+            origin.into(),
+            Learned {
+                last: taken,
+                limit: None,
+            },
+        );
+    }
+
+    /// Forgets one origin: an unconfirmed one if there is one, else any (a forgotten limit is
+    /// learned again from the next two GOAWAYs). Scans at most [`MAX_ORIGINS`] entries, once
+    /// per new origin while full.
+    fn make_room(&self) {
+        let victim = self
+            .origins
+            .iter()
+            .find(|e| e.limit.is_none())
+            .map(|e| e.key().clone())
+            .or_else(|| self.origins.iter().next().map(|e| e.key().clone()));
+        if let Some(k) = victim {
+            self.origins.remove(&k);
         }
     }
 
@@ -132,6 +149,38 @@ mod tests {
     }
 
     #[test]
+    fn a_full_map_still_learns_new_origins() {
+        let l = StreamLimits::default();
+        l.graceful_goaway("real:443", 1000);
+        l.graceful_goaway("real:443", 1000);
+        for i in 0..MAX_ORIGINS + 10 {
+            l.graceful_goaway(&format!("o{i}.attacker.test:443"), 100);
+        }
+        assert!(l.len() <= MAX_ORIGINS);
+        assert_eq!(
+            l.retire_after("real:443"),
+            Some(750),
+            "unconfirmed entries go first"
+        );
+        l.graceful_goaway("late:443", 200);
+        l.graceful_goaway("late:443", 200);
+        assert_eq!(l.retire_after("late:443"), Some(150), "learned while full");
+        for i in 0..MAX_ORIGINS + 10 {
+            let o = format!("c{i}.attacker.test:443");
+            l.graceful_goaway(&o, 100);
+            l.graceful_goaway(&o, 100);
+        }
+        assert!(l.len() <= MAX_ORIGINS);
+        l.graceful_goaway("later:443", 300);
+        l.graceful_goaway("later:443", 300);
+        assert_eq!(
+            l.retire_after("later:443"),
+            Some(225),
+            "confirmed entries make room too"
+        );
+    }
+
+    #[test]
     fn tiny_counts_are_never_learned() {
         let l = StreamLimits::default();
         for _ in 0..4 {
@@ -142,23 +191,5 @@ mod tests {
         l.graceful_goaway("a:443", MIN_LIMIT);
         l.graceful_goaway("a:443", MIN_LIMIT);
         assert_eq!(l.retire_after("a:443"), Some(MIN_LIMIT - MIN_LIMIT / 4));
-    }
-
-    #[test]
-    fn the_map_is_bounded() {
-        let l = StreamLimits::default();
-        for i in 0..MAX_ORIGINS + 10 {
-            l.graceful_goaway(&format!("h{i}:443"), 100);
-        }
-        assert_eq!(l.len(), MAX_ORIGINS);
-        let late = format!("h{}:443", MAX_ORIGINS + 1);
-        l.graceful_goaway(&late, 100);
-        assert_eq!(l.retire_after(&late), None);
-        l.graceful_goaway("h0:443", 100);
-        assert_eq!(
-            l.retire_after("h0:443"),
-            Some(75),
-            "known origins still learn"
-        );
     }
 }
