@@ -16,6 +16,7 @@ use axum::body::Body;
 use http::{header, HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use zeroize::Zeroize as _;
 
 use super::error::ApiError;
 use super::routes::MAX_BODY_BYTES;
@@ -35,7 +36,8 @@ pub async fn read_whole(req: Request<Incoming>, wait: Duration) -> Result<Reques
         }
         return Err(ApiError::too_large());
     }
-    match tokio::time::timeout(wait, read_at_most(&mut body, MAX_BODY_BYTES)).await {
+    let room = declared(&parts.headers).unwrap_or(0);
+    match tokio::time::timeout(wait, read_at_most(&mut body, room, MAX_BODY_BYTES)).await {
         Ok(Ok(whole)) if is_json(&parts.headers) && !is_json_object(&whole) => Err(
             ApiError::bad_request("the request body must be a JSON object ({…})"),
         ),
@@ -89,19 +91,43 @@ enum Unread {
     BrokeOff,
 }
 
-/// The data of `body` to its end, if that is at most `max` bytes.
-async fn read_at_most(body: &mut Incoming, max: usize) -> Result<Vec<u8>, Unread> {
-    let mut whole = Vec::new();
+/// The data of `body` to its end, if that is at most `max` bytes, in a buffer made with room
+/// for `room` (the declared length, at most `max`). A body may hold a real value (`PUT
+/// …/secrets/{name}`): a buffer outgrown is wiped before it is freed ([`append_wiping`]).
+async fn read_at_most(body: &mut Incoming, room: usize, max: usize) -> Result<Vec<u8>, Unread> {
+    let mut whole = Vec::with_capacity(room.min(max));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| Unread::BrokeOff)?;
         if let Some(data) = frame.data_ref() {
             if whole.len() + data.len() > max {
+                whole.zeroize();
                 return Err(Unread::TooLarge);
             }
-            whole.extend_from_slice(data);
+            append_wiping(&mut whole, data);
         }
     }
     Ok(whole)
+}
+
+/// Appends `data` to `whole`; when that needs a larger buffer, the old one is wiped before it
+/// is freed (a growing `Vec` would free it as it is).
+fn append_wiping(whole: &mut Vec<u8>, data: &[u8]) {
+    if whole.capacity() - whole.len() < data.len() {
+        let need = whole.len() + data.len();
+        let mut bigger = Vec::with_capacity(need.max(whole.capacity() * 2));
+        bigger.extend_from_slice(whole);
+        whole.zeroize();
+        *whole = bigger;
+    }
+    whole.extend_from_slice(data);
+}
+
+/// The body length the head declares, if it does.
+fn declared(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
 }
 
 /// Reads and drops the rest of a refused body in the background, within the proxy's default
@@ -123,9 +149,22 @@ fn asks_to_continue(headers: &HeaderMap) -> bool {
 
 /// Whether `headers` declare a body over [`MAX_BODY_BYTES`].
 fn declared_too_large(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+    declared(headers).is_some_and(|n| n > MAX_BODY_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appending_past_the_room_keeps_every_byte_in_order() {
+        let mut whole = Vec::with_capacity(3);
+        let mut want = Vec::new();
+        for chunk in [&b"ab"[..], b"cde", b"", b"fghijklmnop", b"q"] {
+            append_wiping(&mut whole, chunk);
+            want.extend_from_slice(chunk);
+            assert_eq!(whole, want);
+        }
+        assert!(whole.capacity() >= whole.len());
+    }
 }

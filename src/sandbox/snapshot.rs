@@ -330,8 +330,14 @@ impl Snapshot {
                 .collect(),
             retired: self.retired.iter().map(PersistedRetired::from).collect(),
         };
-        let json = Zeroizing::new(serde_json::to_vec(&persisted).expect("snapshot serialises"));
-        SecretValue::new(json.to_vec())
+        // Measured first, then written into a buffer of that size: a growing `Vec` would free
+        // outgrown copies of every value unwiped (outside review).
+        let mut size = Counted(0);
+        serde_json::to_writer(&mut size, &persisted).expect("snapshot serialises");
+        let mut json = Vec::with_capacity(size.0);
+        serde_json::to_writer(&mut json, &persisted).expect("snapshot serialises");
+        debug_assert_eq!(json.len(), size.0, "written as measured");
+        SecretValue::new(json)
     }
 
     /// Rebuilds a snapshot from [`Snapshot::to_sealable`] bytes.
@@ -535,6 +541,20 @@ impl PersistedRetired {
             egress: compile(self.egress_allowlist.as_deref())?,
             egress_allowlist: self.egress_allowlist,
         })
+    }
+}
+
+/// A writer that only counts the bytes written to it.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
