@@ -9,14 +9,16 @@
 //! | form | written by | replaced with |
 //! |---|---|---|
 //! | percent-encoding, RFC 3986 unreserved kept, upper- or lowercase hex | sealgate's query substitution, most URL builders | the token |
-//! | `application/x-www-form-urlencoded` (space as `+`, `*` kept) | HTML forms, `urlencode`, sealgate's form bodies | the token |
+//! | `application/x-www-form-urlencoded` (space as `+`, `*` kept) | HTML forms, Java's `URLEncoder`, sealgate's form bodies | the token |
+//! | the same keeping `~` and not `*` / keeping neither | Python's `urlencode`, Go's `url.QueryEscape` / PHP's `urlencode` | the token |
+//! | sealgate's query and form encodings (and Python's/Go's), percent-encoded again (`%2F` as `%252F`) | a URL reflected inside another (a login redirect's `next=`) | the token |
 //! | `encodeURIComponent` (`!'()*` kept) | browsers, Node | the token |
 //! | percent-encoding keeping `/` | Python's `urllib.parse.quote` (its default) | the token |
 //! | percent-encoding keeping `$&+:=@` | Go's `url.PathEscape` | the token |
 //! | percent-encoding keeping every URI delimiter but `%` | JavaScript's `encodeURI` | the token |
 //! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), the same and `\u003d`/`\u0027` for `='` (Gson), uppercase `\u0022`/`\u002B` for `"'+<>&` and `` ` `` with non-ASCII escaped (.NET's System.Text.Json), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
-//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`), `&#39;`/`&#34;` (Go's `html.EscapeString`), `&#039;` (PHP's `htmlspecialchars`), `+` as `&#43;` (Go's `html/template`), or `&#x27;`, `&#x2B;` and non-ASCII as `&#xXXXX;` (.NET's `HtmlEncoder`, Razor) | error pages, templates | the token |
-//! | base64 (standard and URL-safe alphabet) at each of the three byte alignments | Basic auth, tokens and blobs holding the value | the token's base64 at the same alignment |
+//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`), `&#39;` with `&quot;` (Ruby's `CGI.escapeHTML`), `&apos;` (XML), only `&<>` (text escapers), `&#39;`/`&#34;` (Go's `html.EscapeString`), `&#039;` (PHP's `htmlspecialchars`), `+` as `&#43;` (Go's `html/template`), or `&#x27;`, `&#x2B;` and non-ASCII as `&#xXXXX;` (.NET's `HtmlEncoder`, Razor) | error pages, templates | the token |
+//! | base64 (standard and URL-safe alphabet) at each of the three byte alignments, of the value and of its query form | Basic auth, tokens and blobs holding the value, session cookies holding a URL | the token's base64 at the same alignment |
 //!
 //! # Base64 at any alignment
 //!
@@ -69,6 +71,18 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
     for style in PercentStyle::ALL {
         add(percent(v, style), token_bytes.clone());
     }
+    // A URL sealgate wrote (or a form body), reflected inside another URL — a login redirect's
+    // `next=`, an OAuth `return_to` — is percent-encoded again: `%2F` becomes `%252F`, and the
+    // runs between are the value in clear (outside pass: Django's `redirect_to_login`).
+    for style in TWICE_INNER {
+        let once = percent(v, style);
+        if once.as_slice() != v {
+            add(
+                percent(&once, PercentStyle::Unreserved),
+                token_bytes.clone(),
+            );
+        }
+    }
     for style in JsonStyle::ALL {
         if let Some(form) = json(v, style) {
             add(form, token_bytes.clone());
@@ -84,17 +98,36 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
     for style in HtmlStyle::ALL {
         add(html(v, style), token_bytes.clone());
     }
-    for alphabet in [&STANDARD, &URL_SAFE] {
-        for offset in 0..3 {
-            let core = base64_core(v, offset, alphabet);
-            if core.len() >= MIN_BASE64_CORE {
-                let with = base64_core(token, offset, alphabet);
-                add(core, Bytes::from(with.to_vec()));
+    // Base64 of the value, and of the URL form sealgate writes into queries (a session cookie
+    // holding the request's URL: outside pass).
+    let query_form = percent(v, PercentStyle::Unreserved);
+    let sources: &[&[u8]] = if query_form.as_slice() == v {
+        &[v]
+    } else {
+        &[v, query_form.as_slice()]
+    };
+    for source in sources {
+        for alphabet in [&STANDARD, &URL_SAFE] {
+            for offset in 0..3 {
+                let core = base64_core(source, offset, alphabet);
+                if core.len() >= MIN_BASE64_CORE {
+                    let with = base64_core(token, offset, alphabet);
+                    add(core, Bytes::from(with.to_vec()));
+                }
             }
         }
     }
     forms
 }
+
+/// The forms whose percent-encoding again is scrubbed: what sealgate writes into queries
+/// (either hex case) and form bodies, and what the common form encoders write.
+const TWICE_INNER: [PercentStyle; 4] = [
+    PercentStyle::Unreserved,
+    PercentStyle::UnreservedLower,
+    PercentStyle::Form,
+    PercentStyle::FormUnreserved,
+];
 
 /// `value` as a form field writes it (`application/x-www-form-urlencoded`, space as `+`): what
 /// replaces a token in a form body, so the upstream decodes the value and not something else.
@@ -117,8 +150,14 @@ enum PercentStyle {
     Unreserved,
     /// The same with lowercase hex.
     UnreservedLower,
-    /// `application/x-www-form-urlencoded`: alphanumerics and `*-._` kept, space as `+`.
+    /// `application/x-www-form-urlencoded`: alphanumerics and `*-._` kept, space as `+`
+    /// (WHATWG, Java's `URLEncoder`, sealgate's form bodies).
     Form,
+    /// The same as Python's `urlencode`/`quote_plus` and Go's `url.QueryEscape`/`Values.Encode`
+    /// write it: unreserved kept (`~` too, `*` not), space as `+`.
+    FormUnreserved,
+    /// PHP's `urlencode`: alphanumerics and `-._` kept, space as `+`.
+    FormPhp,
     /// JavaScript's `encodeURIComponent`: unreserved and `!'()*` kept.
     UriComponent,
     /// Python's `urllib.parse.quote` with its default `safe="/"`: unreserved and `/` kept.
@@ -130,21 +169,32 @@ enum PercentStyle {
 }
 
 impl PercentStyle {
-    const ALL: [PercentStyle; 7] = [
+    const ALL: [PercentStyle; 9] = [
         PercentStyle::Unreserved,
         PercentStyle::UnreservedLower,
         PercentStyle::Form,
+        PercentStyle::FormUnreserved,
+        PercentStyle::FormPhp,
         PercentStyle::UriComponent,
         PercentStyle::PythonQuote,
         PercentStyle::GoPathSegment,
         PercentStyle::Uri,
     ];
 
+    fn plus_for_space(self) -> bool {
+        matches!(
+            self,
+            PercentStyle::Form | PercentStyle::FormUnreserved | PercentStyle::FormPhp
+        )
+    }
+
     fn keeps(self, b: u8) -> bool {
         b.is_ascii_alphanumeric()
             || match self {
                 PercentStyle::Unreserved | PercentStyle::UnreservedLower => unreserved_mark(b),
                 PercentStyle::Form => matches!(b, b'*' | b'-' | b'.' | b'_'),
+                PercentStyle::FormUnreserved => unreserved_mark(b),
+                PercentStyle::FormPhp => matches!(b, b'-' | b'.' | b'_'),
                 PercentStyle::UriComponent => uri_component_mark(b),
                 PercentStyle::PythonQuote => unreserved_mark(b) || b == b'/',
                 PercentStyle::GoPathSegment => {
@@ -176,17 +226,28 @@ enum HtmlStyle {
     GoTemplate,
     /// PHP's `htmlspecialchars` (`ENT_QUOTES`, its default since 8.1): `&quot;`, `&#039;`.
     Php,
+    /// Ruby's `CGI.escapeHTML` (Rails' ERB): `&quot;`, `&#39;`.
+    Ruby,
+    /// XML escapers of attributes (Java's `escapeXml`, `saxutils.escape` with entities):
+    /// `&quot;`, `&apos;`.
+    Xml,
+    /// Escapers that leave quotes as they are (`xml.sax.saxutils.escape`,
+    /// `html.escape(quote=False)`, text nodes): only `&<>`.
+    NoQuotes,
     /// .NET's `HtmlEncoder.Default` (Razor): `&quot;`, `&#x27;`, `+` as `&#x2B;`, every
     /// non-ASCII character as `&#xXXXX;` (uppercase hex of the code point).
     DotNet,
 }
 
 impl HtmlStyle {
-    const ALL: [HtmlStyle; 5] = [
+    const ALL: [HtmlStyle; 8] = [
         HtmlStyle::Python,
         HtmlStyle::Go,
         HtmlStyle::GoTemplate,
         HtmlStyle::Php,
+        HtmlStyle::Ruby,
+        HtmlStyle::Xml,
+        HtmlStyle::NoQuotes,
         HtmlStyle::DotNet,
     ];
 }
@@ -199,12 +260,17 @@ fn html(value: &[u8], style: HtmlStyle) -> Zeroizing<Vec<u8>> {
             (b'&', _) => out.extend_from_slice(b"&amp;"),
             (b'<', _) => out.extend_from_slice(b"&lt;"),
             (b'>', _) => out.extend_from_slice(b"&gt;"),
-            (b'"', HtmlStyle::Python | HtmlStyle::Php | HtmlStyle::DotNet) => {
+            (b'"' | b'\'', HtmlStyle::NoQuotes) => out.push(b),
+            (b'"', HtmlStyle::Python | HtmlStyle::Php | HtmlStyle::DotNet)
+            | (b'"', HtmlStyle::Ruby | HtmlStyle::Xml) => {
                 out.extend_from_slice(b"&quot;");
             }
             (b'"', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#34;"),
             (b'\'', HtmlStyle::Python | HtmlStyle::DotNet) => out.extend_from_slice(b"&#x27;"),
-            (b'\'', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#39;"),
+            (b'\'', HtmlStyle::Go | HtmlStyle::GoTemplate | HtmlStyle::Ruby) => {
+                out.extend_from_slice(b"&#39;");
+            }
+            (b'\'', HtmlStyle::Xml) => out.extend_from_slice(b"&apos;"),
             (b'\'', HtmlStyle::Php) => out.extend_from_slice(b"&#039;"),
             (b'+', HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#43;"),
             (b'+', HtmlStyle::DotNet) => out.extend_from_slice(b"&#x2B;"),
@@ -248,7 +314,7 @@ fn percent(value: &[u8], style: PercentStyle) -> Zeroizing<Vec<u8>> {
     for &b in value {
         if style.keeps(b) {
             out.push(b);
-        } else if b == b' ' && matches!(style, PercentStyle::Form) {
+        } else if b == b' ' && style.plus_for_space() {
             out.push(b'+');
         } else {
             out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 0xf)]]);
@@ -417,6 +483,46 @@ mod tests {
         assert!(has(&f, "a/b%2Bc%3D%20d%2A%C3%A9"), "Python quote");
         assert!(has(&f, "a%2Fb+c=%20d%2A%C3%A9"), "Go PathEscape");
         assert!(has(&f, "a/b+c=%20d*%C3%A9"), "encodeURI");
+        // Python's quote_plus/urlencode (Go's QueryEscape writes the same), PHP's urlencode.
+        let f = forms_of("pw h35a~Secret*Pass/+=01");
+        assert!(has(&f, "pw+h35a~Secret%2APass%2F%2B%3D01"), "Python, Go");
+        assert!(has(&f, "pw+h35a%7ESecret%2APass%2F%2B%3D01"), "PHP");
+    }
+
+    #[test]
+    fn a_query_form_encoded_again_is_a_form() {
+        // Django's redirect_to_login: urlencode({"next": "/p?sig=a%2Fb%2Bc%3D"}, safe="/").
+        let f = forms_of("a/b+c=0123");
+        assert!(
+            has(&f, "a%252Fb%252Bc%253D0123"),
+            "sealgate's query form, twice"
+        );
+        assert!(has(&f, "a%252fb%252bc%253d0123"), "lowercase hex, twice");
+        let f = forms_of("a b/c");
+        assert!(has(&f, "a%2Bb%252Fc"), "a form field, twice");
+        let plain = forms_of("sk-live-0123456789abcdefghij");
+        assert!(
+            plain.iter().all(|f| !f.contains(&b'%')),
+            "a value percent-encoding leaves alone has no twice form"
+        );
+    }
+
+    #[test]
+    fn the_query_forms_base64_is_a_form() {
+        // A session cookie holding the URL sealgate wrote: base64 of `…sig=<query form>…`.
+        let value = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY+x=";
+        let f = forms_of(value);
+        for prefix in ["", "x", "xy"] {
+            let cookie = URL_SAFE_NO_PAD.encode(format!(
+                "{prefix}{{\"next\":\"/p?sig=wJalrXUtnFEMI%2FK7MDENG%2FbPxRfiCYEXAMPLEKEY%2Bx%3D\"}}"
+            ));
+            assert!(
+                f.iter()
+                    .any(|form| cookie.as_bytes().windows(form.len()).any(|w| w == form)),
+                "offset {}: {cookie}",
+                prefix.len()
+            );
+        }
     }
 
     #[test]
@@ -429,6 +535,16 @@ mod tests {
         assert!(has(&f, "k+e&#039;y"), "PHP htmlspecialchars");
         let f = forms_of("k+e'y\"é");
         assert!(has(&f, "k&#x2B;e&#x27;y&quot;&#xE9;"), ".NET HtmlEncoder");
+        let f = forms_of("qt\"Quote'd<&>");
+        assert!(
+            has(&f, "qt&quot;Quote&#39;d&lt;&amp;&gt;"),
+            "Ruby CGI.escapeHTML"
+        );
+        assert!(has(&f, "qt&quot;Quote&apos;d&lt;&amp;&gt;"), "XML");
+        assert!(
+            has(&f, "qt\"Quote'd&lt;&amp;&gt;"),
+            "html.escape(quote=False)"
+        );
     }
 
     #[test]

@@ -241,7 +241,7 @@ async fn setup_store(h: &Harness, all: &[&str]) -> SandboxCreds {
         &store,
         "QUERY_KEY",
         QUERY_KEY,
-        Some(&["nginx-h2.test"]),
+        Some(&["nginx-h2.test", "hypercorn.test"]),
         Some(query),
     )
     .await;

@@ -1,10 +1,15 @@
 # Interop origin for Hypercorn (its own h11/h2 stacks): every request is recorded as one JSON
 # line in $INTEROP_LOG (what this origin received); /echo answers the same as JSON, /trailers
-# sends HTTP trailers where the server supports them, /sse streams events.
+# sends HTTP trailers where the server supports them, /sse streams events, /reflect gives the
+# request URL back the ways frameworks do.
 import asyncio
+import base64
 import hashlib
+import html
 import json
 import os
+from urllib.parse import parse_qsl, urlencode
+from xml.sax import saxutils
 
 LOG = os.environ["INTEROP_LOG"]
 
@@ -52,6 +57,29 @@ async def app(scope, receive, send):
         body = json.dumps(seen).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    elif path == "/reflect":
+        # What a stock framework does with the request URL it got (sealgate percent-encoded a
+        # query value into it), through the standard library's own encoders: Django's
+        # redirect_to_login (urlencode({"next": full path}, safe="/")), a form encoder, a
+        # session cookie holding the URL (base64 of JSON), and text escapers.
+        qs = scope["query_string"].decode("latin-1")
+        full = path + "?" + qs
+        value = dict(parse_qsl(qs)).get("sig", "")
+        nxt = urlencode({"next": full}, safe="/")
+        session = base64.urlsafe_b64encode(json.dumps({"next": full}).encode()).decode()
+        body = json.dumps({
+            "next": nxt,
+            "form": urlencode({"sig": value}),
+            "text": html.escape(value, quote=False),
+            "xml": saxutils.escape(value, {'"': "&quot;", "'": "&apos;"}),
+            "session": session,
+        }).encode()
+        await send({"type": "http.response.start", "status": 302,
+                    "headers": [(b"location", ("/login/?" + nxt).encode()),
+                                (b"set-cookie", ("session=" + session).encode()),
+                                (b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
     elif path == "/trailers":

@@ -344,6 +344,60 @@ async fn a_query_value_nginx_echoes_percent_encoded_comes_back_as_the_token() {
     }
 }
 
+/// Hypercorn's `/reflect` gives the request URL (the query key in it as sealgate
+/// percent-encoded it) back the ways stock frameworks do, through Python's own encoders: a
+/// login redirect's `next=` (encoded again: `%2F` as `%252F`, the runs between in clear), a
+/// session cookie holding the URL in base64, a form encoder, text and XML escapers. No run of
+/// the value's characters reaches the sandbox (outside pass: Django's `redirect_to_login`).
+#[tokio::test]
+async fn a_query_value_a_framework_reflects_in_other_forms_comes_back_as_the_token() {
+    let want = Want {
+        hypercorn: true,
+        ..Want::default()
+    };
+    let w = World::start(want).await;
+    let runs = ["wjalrxutnfemi", "k7mdeng", "bpxrficyinteropkey"];
+    for flag in ["--http1.1", "--http2"] {
+        let args = format!("{flag} -G --data-raw \"sig=$QUERY_KEY\"");
+        let c = w
+            .curl(Mode::Explicit, &args, "https://hypercorn.test/reflect")
+            .await
+            .expect("curl runs");
+        assert_eq!(c.status, "302", "{c:?}");
+        let got: serde_json::Value = serde_json::from_slice(&c.body).expect("JSON");
+        // The cookie's base64 no longer decodes as a whole where a core was replaced (another
+        // length): every 4-character group at each alignment is decoded on its own.
+        let session = got["session"].as_str().unwrap_or_default();
+        let decoded = lenient_base64(session).to_lowercase();
+        let seen = format!("{}{}{decoded}", c.headers, c.text().to_lowercase());
+        for run in runs {
+            assert!(!seen.contains(run), "{run} in {seen}");
+        }
+        assert!(got["next"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("osb_sealed_"));
+    }
+}
+
+/// What `s` (URL-safe base64) says, each 4-character group decoded on its own, at each of the
+/// four alignments, joined by newlines (a group that does not decode is left out).
+fn lenient_base64(s: &str) -> String {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut out = String::new();
+    for start in 0..4.min(s.len()) {
+        let bytes: Vec<u8> = s.as_bytes()[start..]
+            .chunks_exact(4)
+            .filter_map(|g| engine.decode(g).ok())
+            .flatten()
+            .collect();
+        out.push_str(&String::from_utf8_lossy(&bytes));
+        out.push('\n');
+    }
+    out
+}
+
 /// The suites sealgate chooses and offers (`tls_provider`), as the two OpenSSLs at its ends
 /// see them: curl offers TLS_AES_256_GCM_SHA384 first and still gets AES-128-GCM from the
 /// leaf; nginx follows its client's order and picks AES-128-GCM on the upstream connection.
