@@ -49,19 +49,43 @@ pub fn create_public_dir(dir: &Path) -> std::io::Result<u32> {
 
 /// Writes a public file (a sandbox's CA certificate) through a temporary beside it renamed
 /// over `path`, mode [`PUBLIC_FILE_MODE`] whatever the umask; its directory is made by
-/// [`create_public_dir`] when missing.
+/// [`create_public_dir`] when missing. A file that already holds exactly `bytes` with that
+/// mode is left as it is (a restart on a full disk rewrote every intact certificate and
+/// refused to start: outside pass); a failed write removes its temporary.
 ///
 /// # Errors
 /// The directory or the file cannot be written.
 pub fn replace_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
+    if holds(path, bytes) {
+        return Ok(());
+    }
     if let Some(dir) = path.parent() {
         create_public_dir(dir)?;
     }
     let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC_FILE_MODE))?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC_FILE_MODE))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// True when `path` is a regular file (not followed through a link) of mode
+/// [`PUBLIC_FILE_MODE`] holding exactly `bytes`.
+fn holds(path: &Path, bytes: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    meta.is_file()
+        && meta.len() == bytes.len() as u64
+        && meta.permissions().mode() & 0o7777 == PUBLIC_FILE_MODE
+        && std::fs::read(path).is_ok_and(|b| b == bytes)
 }
 
 /// Open options whose newly created file gets mode 0600; the caller picks

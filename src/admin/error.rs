@@ -183,6 +183,16 @@ impl From<SandboxError> for ApiError {
                 "store_unavailable",
                 e.to_string(),
             ),
+            // The certificate directory's disk (full, read-only, gone): nothing was kept.
+            SandboxError::CertFile { path, source } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!(
+                    "cannot write the sandbox's CA certificate to {} ({source}): free space \
+                     on that disk or check cert_dir; nothing was created",
+                    path.display()
+                ),
+            ),
             other => {
                 tracing::error!(error = %other, "sandbox failure");
                 ApiError::new(

@@ -765,6 +765,80 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     drop(h3);
 }
 
+/// `cert_dir` on a full disk: a create is a 503 that names the file and the disk (it was a 500
+/// "internal sandbox error") and leaves no temporary behind; a restart on that full disk
+/// keeps the intact certificates (it rewrote each, and refused to start: outside pass), and
+/// the sandboxes it restores are served.
+#[tokio::test]
+async fn a_full_cert_dir_names_itself_and_does_not_stop_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let Some(disk) = SmallDisk::mount(&certs, 1) else {
+        return;
+    };
+    let data = dir.path().join("data");
+    let opts = || Opts {
+        data_dir: Some(data.clone()),
+        cert_dir: Some(certs.clone()),
+        ..Default::default()
+    };
+    let mut e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-full-certs-0171", None, None)],
+        opts(),
+    )
+    .await;
+    let filler = disk.fill();
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": e.store})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    let said = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("CA certificate") && said.contains("cert_dir"),
+        "{v}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&certs)
+        .unwrap()
+        .filter_map(|d| d.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporaries left: {left:?}");
+    let (_, listed) = e.h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "nothing was created: {listed}"
+    );
+
+    e.h.stop().await;
+    let h2 = crate::support::daemon::Harness::try_start(opts(), Some(e.h.pki.clone()))
+        .await
+        .expect("a restart on the full disk");
+    h2.register_secret("sk-full-certs-0171");
+    assert!(
+        pc::connect(h2.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .is_ok(),
+        "the restored sandbox is served"
+    );
+    std::fs::remove_file(filler).unwrap();
+    let (s, v) = h2
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": e.store})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    drop(h2);
+}
+
 /// A sandbox that expires while the daemon is down has its row purged at the next start, and
 /// its CA file in `cert_dir` goes with it (it stayed forever: found from outside).
 #[tokio::test]
