@@ -32,6 +32,8 @@ use time::OffsetDateTime;
 pub const QUEUE_LINES: usize = 8192;
 /// A batch this large is written at once.
 pub const BATCH_BYTES: usize = 64 * 1024;
+/// Seconds between two warnings of a full queue from the sending side.
+pub const FULL_WARNING_EVERY: u64 = 10;
 /// A line waits at most this long in the writer's buffer.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
@@ -42,6 +44,9 @@ pub struct Audit {
     writer: Option<JoinHandle<()>>,
     dropped: Counter,
     path: Option<PathBuf>,
+    /// When a full queue was last warned about from the sending side (seconds since start).
+    full_warned: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
 
 /// What the writer thread is told.
@@ -239,6 +244,8 @@ impl Audit {
             writer: Some(handle),
             dropped,
             path,
+            full_warned: std::sync::atomic::AtomicU64::new(u64::MAX),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -261,6 +268,13 @@ impl Audit {
         let (done_tx, done_rx) = mpsc::sync_channel(1);
         self.send(Msg::Flush(done_tx));
         let _ = done_rx.recv();
+    }
+
+    /// The audit log's file, for messages ("stdout" when it has none).
+    pub fn shown_path(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "stdout".into(), |p| p.display().to_string())
     }
 
     /// Lines dropped because the queue was full, since start.
@@ -301,6 +315,30 @@ impl Audit {
             .map(|tx| tx.try_send(Msg::Line(bytes, kind == "request")));
         if !matches!(sent, Some(Ok(()))) {
             self.dropped.inc();
+            self.warn_full();
+        }
+    }
+
+    /// Warns that lines are being dropped, at most every [`FULL_WARNING_EVERY`] seconds: the
+    /// writer warns too, but only once its write returns — never while the sink is stalled
+    /// (outside pass: a reader that stopped kept the log silent while lines were dropped).
+    fn warn_full(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_secs();
+        let last = self.full_warned.load(Relaxed);
+        let due = last == u64::MAX || now >= last + FULL_WARNING_EVERY;
+        if due
+            && self
+                .full_warned
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                total = self.dropped.get(),
+                path = %self.shown_path(),
+                "audit queue full: the audit log is not taking lines (a full or stalled disk, \
+                 or a reader that stopped); lines are being dropped"
+            );
         }
     }
 

@@ -60,6 +60,9 @@ pub enum DaemonError {
     /// Another daemon uses this `data_dir`.
     #[error(transparent)]
     Lock(#[from] data_dir_lock::LockError),
+    /// `[audit] path` names one of the daemon's own files.
+    #[error("[audit] path: {0}")]
+    AuditPath(String),
     /// The config file holds a secret but others may read it.
     #[error(
         "{path} holds a database password but is readable by group or others (mode {mode:o}): \
@@ -184,8 +187,9 @@ impl Running {
 
     /// Waits for every listener and background task to finish, then for in-flight
     /// connections to drain (each gets `shutdown_grace_secs` after shutdown began; one more
-    /// second is the backstop before the rest are dropped).
-    pub async fn wait(mut self) {
+    /// second is the backstop before the rest are dropped), then for the audit log to take
+    /// every queued line ([`AUDIT_STOP_WAIT`] at most). False when it did not.
+    pub async fn wait(mut self) -> bool {
         while self.tasks.join_next().await.is_some() {}
         let workers = self.workers.take();
         if let Some(w) = &workers {
@@ -231,17 +235,73 @@ impl Running {
                  starts; delete them again then"
             );
         }
-        // Every request has ended: its audit line is queued; write them all out.
+        // Every request has ended: its audit line is queued; write them all out — within
+        // AUDIT_STOP_WAIT: a stalled sink (a stopped reader, a hung mount) had the stop wait
+        // for ever, a second signal too (outside pass).
         let audit = self.proxy.audit.clone();
-        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+        let flush = tokio::task::spawn_blocking(move || audit.flush());
+        let flushed = tokio::time::timeout(AUDIT_STOP_WAIT, flush).await.is_ok();
+        if !flushed {
+            tracing::error!(
+                wait_secs = AUDIT_STOP_WAIT.as_secs(),
+                "the audit log did not take its last lines (a full or stalled disk, or a reader \
+                 that stopped): exiting without them"
+            );
+        }
+        flushed
     }
 
-    /// Shuts down and waits.
-    pub async fn shutdown(self) {
+    /// Shuts down and waits; false when the audit log did not take its last lines (the caller
+    /// must then exit without dropping the log: its writer is stuck in a write).
+    pub async fn shutdown(self) -> bool {
         self.begin_shutdown();
-        self.wait().await;
+        self.wait().await
     }
 }
+
+/// Refuses an `[audit] path` that is one of the daemon's own files — in `data_dir` the master
+/// key, the admin token, the database and its journals, the lock, the deletions record; in
+/// `cert_dir` a certificate: the first audit line appended to `master.key` made the next
+/// start refuse the key (outside pass). Links are followed; a path whose directory does not
+/// exist is left to the open, which names it.
+fn check_audit_path(cfg: &Config) -> Result<(), DaemonError> {
+    let Some(path) = &cfg.audit_path else {
+        return Ok(());
+    };
+    let resolved = std::fs::canonicalize(path).ok().or_else(|| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = std::fs::canonicalize(dir.unwrap_or(Path::new("."))).ok()?;
+        Some(dir.join(path.file_name()?))
+    });
+    let (Some(resolved), Some(name)) = (
+        resolved.as_deref(),
+        resolved.as_deref().and_then(Path::file_name),
+    ) else {
+        return Ok(());
+    };
+    let name = name.to_string_lossy();
+    let in_dir = |d: &Path| std::fs::canonicalize(d).is_ok_and(|d| resolved.parent() == Some(&*d));
+    let own_data = [
+        crate::store::crypto::KEY_FILE_NAME,
+        ADMIN_TOKEN_FILE,
+        data_dir_lock::LOCK_FILE,
+        crate::sandbox::tombstones::FILE_NAME,
+    ]
+    .contains(&&*name)
+        || name.starts_with(crate::store::sqlite::DB_FILE_NAME);
+    let own_cert = name.ends_with(".pem") || name.ends_with(".pem.tmp");
+    if (own_data && in_dir(&cfg.data_dir)) || (own_cert && in_dir(&cfg.cert_dir)) {
+        return Err(DaemonError::AuditPath(format!(
+            "{} is one of the daemon's own files (data_dir or cert_dir): choose another file, \
+             e.g. /var/log/sealgate/audit.log",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// How long a stop waits for the audit log to take the lines still queued.
+pub const AUDIT_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Starts the daemon on `cfg`.
 ///
@@ -273,8 +333,15 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         fleet.health.restored(restore_began);
     }
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
+    check_audit_path(&cfg)?;
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
-        .map_err(io_err("opening audit log"))?;
+        .map_err(io_err(format!(
+            "opening the audit log {} ([audit] path)",
+            cfg.audit_path
+                .as_deref()
+                .unwrap_or(Path::new("-"))
+                .display()
+        )))?;
     let audit = Arc::new(audit);
     for (id, action) in sandboxes.take_ended_at_start() {
         audit.admin(&AdminEvent::sandbox_end(action, &id, "start"));
@@ -1042,6 +1109,7 @@ async fn reloads(
         if let Err(e) = proxy.audit.reopen() {
             tracing::warn!(
                 error = %e,
+                path = %proxy.audit.shown_path(),
                 "audit log reopen failed: lines go on into the file opened before (rotated \
                  away?); the path must be creatable or writable by the daemon's user"
             );

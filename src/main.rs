@@ -92,12 +92,24 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     );
     let audit = running.proxy.audit.clone();
     tokio::select! {
-        _ = running.shutdown() => tracing::info!("shutdown complete"),
+        flushed = running.shutdown() => {
+            if flushed {
+                tracing::info!("shutdown complete");
+            } else {
+                // The audit writer is stuck in a write: dropping the log would join it, and
+                // the runtime would wait for the blocked flush. Nothing else is left to do.
+                tracing::info!("shutdown complete, without the audit log's last lines");
+                std::process::exit(0);
+            }
+        }
         _ = wait_for_signal() => {
             tracing::warn!("second signal: exiting without waiting");
-            // The proxy's workers may still hold the log; what is queued is written (1 s at most).
+            // The proxy's workers may still hold the log; what is queued is written (1 s at
+            // most), then the process ends whatever is still running or blocked (a stalled
+            // audit sink had it wait for ever: outside pass).
             let flush = tokio::task::spawn_blocking(move || audit.flush());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+            std::process::exit(0);
         }
     }
     Ok(())

@@ -562,6 +562,36 @@ async fn start_errors_name_the_file_and_what_failed() {
     assert!(e.contains(&want), "{e}");
 }
 
+/// `[audit] path` naming one of the daemon's own files is refused at start (the first line
+/// appended to `master.key` made the next start refuse the key: outside pass), and a path
+/// that cannot be opened is named.
+#[tokio::test]
+async fn an_audit_path_on_the_daemons_own_files_is_refused_and_a_bad_one_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for own in ["master.key", "sealgate.db", "admin.token"] {
+        let target = data.join(own);
+        let extra = format!("[audit]\npath = \"{}\"\n", target.display());
+        let o = serve_once(&serve_config(dir.path(), &data, &extra), &[]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{e}");
+        assert!(
+            e.contains("[audit] path:") && e.contains("own files"),
+            "{e}"
+        );
+    }
+    let key = std::fs::read_to_string(data.join("master.key")).unwrap();
+    assert_eq!(key.lines().count(), 1, "the key file is only the key");
+    let missing = dir.path().join("nodir/audit.log");
+    let extra = format!("[audit]\npath = \"{}\"\n", missing.display());
+    let o = serve_once(&serve_config(dir.path(), &data, &extra), &[]);
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("opening the audit log {}", missing.display())),
+        "{e}"
+    );
+}
+
 /// An empty admin.token (a crash between create and write could leave one) would have been the
 /// token "", which a request without `Authorization` matched: every admin route open. The
 /// daemon refuses to start on it, saying how to fix it; a blank `SEALGATE_ADMIN_TOKEN` too.

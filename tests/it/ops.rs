@@ -1532,6 +1532,69 @@ async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
     assert!(exited < Duration::from_secs(10), "{exited:?}");
 }
 
+/// An audit log that stops taking lines (its reader stopped: a FIFO nobody reads, as a hung
+/// mount or a stalled log shipper): the proxy keeps answering, the daemon log says lines are
+/// being dropped while it lasts, and SIGTERM still ends the process — within the grace and
+/// `AUDIT_STOP_WAIT` (5 s). It waited for ever, a second signal too (outside pass).
+#[tokio::test]
+async fn a_stalled_audit_log_is_warned_about_and_does_not_hold_the_stop() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "shutdown_grace_secs = 1",
+    };
+    let mut b = Bin::spawn(&o).await;
+    let log = b.dir.path().join("audit.log");
+    std::fs::rename(&log, b.dir.path().join("audit.log.1")).unwrap();
+    let fifo = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A reader that never reads (non-blocking open: it needs no writer yet).
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&log)
+        .unwrap();
+    b.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.stderr().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reopen:\n{}", b.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // the reopen follows that line
+                                                          // Refused CONNECTs, each one audit line: the pipe (64 KiB) and the queue (8,192 lines) fill.
+    let proxy = b.proxy;
+    let floods: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(async move {
+                for _ in 0..700 {
+                    let _ = pc::connect(proxy, None, API).await;
+                }
+            })
+        })
+        .collect();
+    for f in floods {
+        f.await.unwrap();
+    }
+    assert!(
+        b.stderr().contains("audit queue full"),
+        "no warning while the log is stalled:\n{}",
+        b.stderr()
+    );
+    let t0 = Instant::now();
+    b.signal(libc::SIGTERM);
+    let status = b.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    assert!(
+        b.stderr().contains("exiting without them"),
+        "{}",
+        b.stderr()
+    );
+}
+
 // ---- master key rotation ----------------------------------------------------------------------------
 
 const ROT_VALUE: &str = "sk-ops-rotate-0001";
