@@ -761,7 +761,8 @@ const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// read: found from outside). Under the `data_dir` lock, so no other daemon is writing them.
 fn remove_stale_temps(data_dir: &Path) {
     use crate::sandbox::tombstones::{FILE_NAME, ISOLATED_FILE_NAME};
-    for name in [FILE_NAME, ISOLATED_FILE_NAME, ADMIN_TOKEN_FILE] {
+    let key = crate::store::crypto::KEY_FILE_NAME;
+    for name in [FILE_NAME, ISOLATED_FILE_NAME, ADMIN_TOKEN_FILE, key] {
         let removed = crate::fsutil::remove_stale_temps(&data_dir.join(name));
         if removed > 0 {
             tracing::info!(file = name, removed, "removed temporary files a crash left");
@@ -786,7 +787,11 @@ fn admin_token(
         return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
     }
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    match std::fs::read_to_string(&path) {
+    let read = crate::fsutil::open_regular(&path).and_then(|mut f| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+    });
+    match read {
         // An empty token would match a request with no `Authorization` at all.
         Ok(text) if text.trim().is_empty() => {
             return Err(blank_token(&format!(

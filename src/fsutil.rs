@@ -88,6 +88,27 @@ fn holds(path: &Path, bytes: &[u8]) -> bool {
         && std::fs::read(path).is_ok_and(|b| b == bytes)
 }
 
+/// Opens `path` for reading (links followed) only if it is a regular file: a FIFO in its place
+/// would block the read for ever (outside pass: a FIFO as `master.key` hung the start, silently,
+/// holding the data_dir lock), a device would be read as if it were the file. Opened
+/// non-blocking, so not even the open waits for a FIFO's writer.
+///
+/// # Errors
+/// The open's own (`NotFound` for a missing file), or `InvalidInput` "is not a regular file".
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Open options whose newly created file gets mode 0600; the caller picks
 /// `write`/`append`/`create`/`create_new`/`truncate`.
 pub fn private_file() -> OpenOptions {
@@ -141,7 +162,31 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Creates `path` holding `bytes` (mode 0600) if it does not exist, durably and whole: the
+/// bytes go to a temporary beside it, fsynced, then linked in under `path` — which fails with
+/// `AlreadyExists` if another process made it first — and the directory is fsynced. A crash
+/// or a full disk leaves no file or the whole one, never an empty one (an empty `master.key`
+/// after a full disk refused every later start: outside pass).
+///
+/// # Errors
+/// `AlreadyExists`, or any write, link or fsync failure (the temporary is removed).
+pub fn create_private_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    through_temp(path, bytes, true, |tmp, path| std::fs::hard_link(tmp, path))?;
+    sync_parent(path)
+}
+
 fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    through_temp(path, bytes, sync, |tmp, path| std::fs::rename(tmp, path))
+}
+
+/// Writes `bytes` to a fresh temporary beside `path` (fsynced if `sync`), then `place`s it at
+/// `path`; the temporary is gone afterwards whatever happened.
+fn through_temp(
+    path: &Path,
+    bytes: &[u8],
+    sync: bool,
+    place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
@@ -168,10 +213,9 @@ fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
             }
             Ok(())
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+        .and_then(|()| place(&tmp, path));
+    // After a rename it is gone already; after a link or a failure it is litter.
+    let _ = std::fs::remove_file(&tmp);
     written
 }
 

@@ -24,8 +24,7 @@
 //!   every backend computes the same MACs.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -294,7 +293,7 @@ fn read_key_file(path: &Path) -> Result<Option<MasterKey>, CryptoError> {
         path: path.to_owned(),
         source,
     };
-    let file = match File::open(path) {
+    let file = match crate::fsutil::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(e)),
@@ -313,8 +312,9 @@ fn read_key_file(path: &Path) -> Result<Option<MasterKey>, CryptoError> {
     from_origin(&text, &path.display().to_string()).map(Some)
 }
 
-/// Writes a new random key to `path` (mode 0600, exclusive create). If another process created
-/// the file first, that file is loaded instead.
+/// Writes a new random key to `path` (mode 0600, exclusive create, whole or not at all:
+/// [`crate::fsutil::create_private_file_synced`]). If another process created the file
+/// first, that file is loaded instead.
 fn create_key_file(path: &Path) -> Result<(MasterKey, KeySource), CryptoError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -325,25 +325,17 @@ fn create_key_file(path: &Path) -> Result<(MasterKey, KeySource), CryptoError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = match crate::fsutil::private_file()
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let key = read_key_file(path)?.ok_or_else(|| io_err(e))?;
-            return Ok((key, KeySource::Loaded(path.to_owned())));
-        }
-        Err(e) => return Err(io_err(e)),
-    };
     let key = MasterKey::generate();
     let mut text = key.to_base64();
     text.push('\n');
-    file.write_all(text.as_bytes()).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    sync_dir(dir)?;
-    Ok((key, KeySource::Created(path.to_owned())))
+    match crate::fsutil::create_private_file_synced(path, text.as_bytes()) {
+        Ok(()) => Ok((key, KeySource::Created(path.to_owned()))),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let key = read_key_file(path)?.ok_or_else(|| io_err(e))?;
+            Ok((key, KeySource::Loaded(path.to_owned())))
+        }
+        Err(e) => Err(io_err(e)),
+    }
 }
 
 /// Creates `dir` (and parents) with mode 0700 if it does not exist yet; an existing directory
@@ -353,16 +345,6 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), CryptoError> {
         path: dir.to_owned(),
         source,
     })
-}
-
-/// fsyncs a directory so a newly created entry in it survives a crash.
-fn sync_dir(dir: &Path) -> Result<(), CryptoError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| CryptoError::Io {
-            path: dir.to_owned(),
-            source,
-        })
 }
 
 /// Fills `buf` from the OS CSPRNG.

@@ -562,6 +562,59 @@ async fn start_errors_name_the_file_and_what_failed() {
     assert!(e.contains(&want), "{e}");
 }
 
+/// A FIFO in place of `master.key` or `admin.token` is refused at start, naming the file: its
+/// read blocked for ever, silently, holding the data_dir lock (outside pass).
+#[tokio::test]
+async fn a_fifo_in_place_of_the_key_or_the_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = serve_config(dir.path(), &data, "");
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data)
+            .unwrap();
+    }
+    for name in ["master.key", "admin.token"] {
+        let file = data.join(name);
+        let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut child = sealgate()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the start hangs on a FIFO as {name}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let o = child.wait_with_output().unwrap();
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{e}");
+        assert!(
+            e.contains(&file.display().to_string()) && e.contains("not a regular file"),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        if name == "master.key" {
+            // A key of its own for the token's turn (base64 of 32 bytes, 0600).
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::write(&file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+}
+
 /// `[audit] path` naming one of the daemon's own files is refused at start (the first line
 /// appended to `master.key` made the next start refuse the key: outside pass), and a path
 /// that cannot be opened is named.

@@ -765,6 +765,50 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     drop(h3);
 }
 
+/// A first start whose disk fills as it writes the master key leaves no key file (it left an
+/// empty one, and every later start refused it as empty: outside pass), and the next start,
+/// with room, creates the key.
+#[tokio::test]
+async fn a_first_start_on_a_full_disk_leaves_no_empty_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = SmallDisk::mount(&data, 1) else {
+        return;
+    };
+    let filler = disk.fill();
+    // Room for the lock file's page only.
+    let len = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let opts = || Opts {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let e = crate::support::daemon::Harness::try_start(opts(), None)
+        .await
+        .err()
+        .expect("no room for the key");
+    assert!(e.contains("No space left"), "{e}");
+    let names: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|d| d.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("master.key")),
+        "a key file or its temporary stayed: {names:?}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    let h = crate::support::daemon::Harness::try_start(opts(), None)
+        .await
+        .expect("a start with room");
+    assert!(data.join("master.key").metadata().unwrap().len() > 40);
+    drop(h);
+}
+
 /// `cert_dir` on a full disk: a create is a 503 that names the file and the disk (it was a 500
 /// "internal sandbox error") and leaves no temporary behind; a restart on that full disk
 /// keeps the intact certificates (it rewrote each, and refused to start: outside pass), and
