@@ -313,7 +313,8 @@ impl Snapshot {
     /// tokens of secrets whose host rules do not match `dest` (refused like any token sent to
     /// a host its secret is not allowed on, or forwarded sealed under `forward_sealed`); the
     /// tokens of secrets that match travel sealed, as ordinary bytes, since nothing is
-    /// unsealed over plaintext (DESIGN §3). Nothing was unsealed, so nothing is scrubbed.
+    /// unsealed over plaintext (DESIGN §3). Answers from such a host are scrubbed all the
+    /// same ([`HostView::plain`]).
     pub fn plain_view(&self, dest: &Dest) -> Arc<HostView> {
         cached(&self.plain_views, dest, || HostView::plain(self, dest))
     }
@@ -383,7 +384,8 @@ fn compile(patterns: Option<&[String]>) -> Result<Option<HostMatcher>, SnapshotE
         .transpose()
 }
 
-/// What one destination may receive from one snapshot (HTTPS only; plain HTTP never unseals).
+/// What one destination may receive from one snapshot (plain HTTP never unseals, but its
+/// answers may be scrubbed).
 pub struct HostView {
     lookup: HashMap<Token, SecretRef>,
     /// Scrubs every real value of the sandbox; None when no secret may be unsealed here.
@@ -423,13 +425,24 @@ impl HostView {
     }
 
     /// The plain-HTTP view ([`Snapshot::plain_view`]): only the secrets whose host rules do
-    /// not match `dest`, none of them allowed, without their values, no scrubber.
+    /// not match `dest`, none of them allowed, without their values; answers are scrubbed when
+    /// some secret's host rules match `dest` (current, retired or of a locked scope): nothing is
+    /// unsealed over plaintext, but a host that stored a value sent to it over HTTPS gives it
+    /// back over `http://` under the same name (outside pass: it came back in clear).
     fn plain(snap: &Snapshot, dest: &Dest) -> HostView {
-        let refused: Vec<&SecretEntry> = snap
+        let (matching, refused): (Vec<&SecretEntry>, Vec<&SecretEntry>) = snap
             .secrets
             .iter()
-            .filter(|e| !snap.secret_host_matches(e, dest, Scheme::Http))
-            .collect();
+            .partition(|e| snap.secret_host_matches(e, dest, Scheme::Http));
+        let scrubbed = !matching.is_empty()
+            || snap.retired.iter().chain(&snap.locked_scope).any(|r| {
+                policy::secret_host_matches(
+                    r.egress.as_ref(),
+                    r.allowed.as_ref(),
+                    dest,
+                    Scheme::Http,
+                )
+            });
         HostView {
             any_query: refused
                 .iter()
@@ -448,7 +461,7 @@ impl HostView {
                     (e.token, r)
                 })
                 .collect(),
-            scrubber: None,
+            scrubber: scrubbed.then(|| snap.scrubber()).flatten(),
         }
     }
 

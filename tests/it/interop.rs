@@ -232,7 +232,7 @@ async fn setup_store(h: &Harness, all: &[&str]) -> SandboxCreds {
         &store,
         "BODY_KEY",
         BODY_KEY,
-        Some(&["nginx-h2.test", "grpc.test"]),
+        Some(&["nginx-h2.test", "grpc.test", "both-nginx.test"]),
         Some(body),
     )
     .await;

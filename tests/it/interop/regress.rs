@@ -363,6 +363,50 @@ async fn plain_http_to_a_host_still_works_after_its_https_answered_over_h2() {
     m.finish();
 }
 
+/// A host that stores what it receives (nginx's DAV) and answers `http://` under the same
+/// name: a value unsealed into a PUT over HTTPS and read back over plain HTTP arrives as its
+/// token — plain HTTP never unseals, but such a host's answers are scrubbed all the same (they
+/// came back in clear: outside pass).
+#[tokio::test]
+async fn a_value_stored_over_https_comes_back_scrubbed_over_plain_http() {
+    if !super::have(&[("nginx", &["-v"]), ("curl", &["--version"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let v = versions();
+    let mut m = Matrix::new("regress_stored_then_plain");
+    let script = "printf 'stored=%s\\n' \"$BODY_KEY\" > stored.txt; \
+        curl -sS -o /dev/null -w 'put=%{http_code}\\n' -T stored.txt \
+            https://both-nginx.test/dav/stored.txt; \
+        curl -sS -w 'plain=%{http_code}\\n' http://both-nginx.test/dav/stored.txt; \
+        curl -sS -w 'tls=%{http_code}\\n' https://both-nginx.test/dav/stored.txt";
+    let r = w.sh(script).await;
+    let outcome = async {
+        r.ok()?;
+        let stored = String::from_utf8_lossy(&w.nginx.dav_file("stored.txt")).into_owned();
+        ensure(stored.contains(super::BODY_KEY), || {
+            format!("nginx stored {stored:?}")
+        })?;
+        ensure(r.var("plain") == "200" && r.var("tls") == "200", || {
+            r.stdout.clone()
+        })?;
+        ensure(
+            r.stdout.matches("stored=osb_sealed_").count() == 2
+                && !r.stdout.contains(super::BODY_KEY),
+            || r.stdout.clone(),
+        )
+    }
+    .await;
+    m.cell(
+        &format!("{} (DAV, h2 over TLS, h1 in clear, one name)", v.nginx),
+        "curl -T over https://, then GET over http:// and https://",
+        "explicit",
+        "the stored value comes back as its token over both",
+        outcome,
+    );
+    m.finish();
+}
+
 /// Response heads a stock nginx sends and stock clients take: an h2 head of ~18 KB (h2's
 /// default header-list limit of 16 KiB had made it a 502, while
 /// `upstream.max_response_header_bytes` said 64 KiB), and an HTTP/1.1 head of 150 fields,
