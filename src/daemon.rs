@@ -128,6 +128,8 @@ pub struct Running {
     pub nofile: Option<nofile::Nofile>,
     /// Released when the daemon is dropped (after shutdown).
     _data_dir_lock: data_dir_lock::DataDirLock,
+    /// Tells other daemons' sweeps that this one runs ([`crate::netns::daemons`]).
+    _marker: Option<crate::netns::daemons::Marker>,
 }
 
 impl Running {
@@ -321,6 +323,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     // Before any listener is bound: once the admin port answers, the host is clean.
     let ended = record_stale_isolated(&cfg)?;
     let rows = stored_sandboxes(&*store);
+    let marker = crate::netns::daemons::Marker::write();
     sweep_namespaces(proxy_only_ids(rows, &ended)).await;
     let listeners = Listeners::bind(&cfg).await?;
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
@@ -454,6 +457,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         workers: Some(workers),
         nofile,
         _data_dir_lock: data_dir_lock,
+        _marker: marker,
     };
     tracing::debug!(sandboxes_restored = restored, "sandboxes restored");
     warn_admin_exposed(admin_addr);

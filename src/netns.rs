@@ -6,6 +6,7 @@
 //! `ip6tables`) — never a shell string — and every removal is idempotent, so cleanup can run
 //! after a partial setup, twice, or after a crashed run.
 
+pub mod daemons;
 pub mod dns;
 pub mod link;
 pub mod plan;

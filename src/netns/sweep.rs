@@ -60,6 +60,8 @@ pub fn dead_record_sandboxes() -> Vec<String> {
 /// leaving the sandbox's traffic unredirected (found from outside). `None`: the daemon could
 /// not read which sandboxes it serves, so every `SG-*` chain is kept (the operator's rules
 /// are not ours to guess away); namespaces, veths, their hooks and cgroups are swept as ever.
+/// Every `SG-*` chain is kept as well while another sealgate daemon runs on the host
+/// ([`super::daemons`]).
 pub fn sweep(live: Option<&[String]>) -> Swept {
     let listing = list();
     let mut out = Swept::default();
@@ -88,6 +90,16 @@ pub fn sweep(live: Option<&[String]>) -> Swept {
                 .extend(kept.filter_map(|id| chain_name(id).ok()));
         }
         None => known.every_chain = true,
+    }
+    // Another live daemon's operator may have applied rules for its sandboxes: no record
+    // names them and this daemon cannot tell them from leftovers (module docs of
+    // `super::daemons`).
+    if !known.every_chain && super::daemons::others_alive() {
+        tracing::info!(
+            "another sealgate daemon runs on this host: keeping every SG-* chain no record \
+             names (hand-applied rules may be its sandboxes')"
+        );
+        known.every_chain = true;
     }
     out.orphans += sweep_netns(&listing, &known);
     out.orphans += sweep_links(&listing, &known);
