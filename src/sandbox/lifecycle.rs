@@ -1220,6 +1220,9 @@ pub const CA_VARS: &[&str] = &[
     // gRPC's C core (Python grpcio, Ruby, PHP, C++) reads neither SSL_CERT_FILE nor the system
     // store for its default roots.
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    // npm: a `cafile` in an npmrc (distributions and CI images set one) overrides
+    // NODE_EXTRA_CA_CERTS, and `npm install` failed SELF_SIGNED_CERT_IN_CHAIN (outside pass).
+    "NPM_CONFIG_CAFILE",
 ];
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

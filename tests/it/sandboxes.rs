@@ -82,6 +82,7 @@ async fn tokens_are_well_formed_and_unique() {
         "NODE_EXTRA_CA_CERTS",
         "GIT_SSL_CAINFO",
         "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+        "NPM_CONFIG_CAFILE",
     ] {
         assert!(e.sb.proxy_env.get(k).is_some(), "{k}");
     }
