@@ -184,6 +184,7 @@ impl Running {
 
     /// Begins graceful shutdown: stop accepting; in-flight requests get `shutdown_grace`.
     pub fn begin_shutdown(&self) {
+        self.proxy.stopping();
         let _ = self.shutdown.send(true);
     }
 

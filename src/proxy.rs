@@ -217,6 +217,8 @@ pub struct ProxyState {
     workers: OnceLock<WorkerSet>,
     /// The worker the next [`ProxyState::spawn_listener`] goes to.
     next_worker: AtomicUsize,
+    /// When the daemon began to stop ([`ProxyState::stopping`]).
+    stop_began: OnceLock<std::time::Instant>,
 }
 
 impl ProxyState {
@@ -242,7 +244,22 @@ impl ProxyState {
             tasks: TaskTracker::new(),
             workers: OnceLock::new(),
             next_worker: AtomicUsize::new(0),
+            stop_began: OnceLock::new(),
         })
+    }
+
+    /// Notes that the daemon begins to stop (call as the shutdown signal is sent).
+    pub fn stopping(&self) {
+        let _ = self.stop_began.set(std::time::Instant::now());
+    }
+
+    /// True once the daemon's stop has run past `[proxy] shutdown_grace_secs`: what is cut
+    /// now was cut by the stop, not by its client (audited so, not as 499 "the client gave
+    /// up": outside pass).
+    pub fn grace_ran_out(&self) -> bool {
+        self.stop_began
+            .get()
+            .is_some_and(|t| t.elapsed() >= self.settings().proxy.shutdown_grace)
     }
 
     /// Accepts on `listener` (an isolated sandbox's own) on one proxy worker, the next in

@@ -115,7 +115,7 @@ pub async fn handle(
 
 /// What a request's audit line needs besides its outcome. Dropped with an outcome still in
 /// it (the request's future was dropped: its client went away before the answer), it writes
-/// the line itself, with status 499.
+/// the line itself, with status 499 — or 503 when the daemon's stop cut it, past its grace.
 struct Line {
     tunnel: Arc<Tunnel>,
     method: Method,
@@ -127,6 +127,12 @@ struct Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if let Some(mut o) = self.outcome.take() {
+            if self.tunnel.state.grace_ran_out() {
+                let why = "cut by the daemon's stop: [proxy] shutdown_grace_secs ran out before the answer";
+                o.rule.get_or_insert_with(|| why.to_owned());
+                self.finish(o, (http::StatusCode::SERVICE_UNAVAILABLE, 0), None);
+                return;
+            }
             let why = match o.sent() {
                 true => "the client gave up before the answer",
                 false => "the client gave up before the request was sent",

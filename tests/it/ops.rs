@@ -1532,6 +1532,41 @@ async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
     assert!(exited < Duration::from_secs(10), "{exited:?}");
 }
 
+/// A request the stop cuts when `shutdown_grace_secs` runs out is audited as the stop's (503,
+/// "cut by the daemon's stop"), not as one its client gave up on (499: outside pass).
+#[tokio::test]
+async fn a_request_the_stop_cuts_is_audited_as_the_stops() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "shutdown_grace_secs = 1",
+    };
+    let mut b = Bin::spawn(&o).await;
+    let sb = b.sandbox("sk-ops-cut-0001").await;
+    let mut c = pc::h1(b.proxy, &sb, API).await;
+    c.ready().await.unwrap();
+    // The head comes 3 s late: past the 1 s grace.
+    let pending = c.send_request(pc::get("/hang", "api.example.test", &[]));
+    let waiting = tokio::spawn(async move {
+        let _ = pending.await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(15)).await.success());
+    let _ = waiting.await;
+    let audit = std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"/hang\""))
+        .unwrap_or_else(|| panic!("no line for the cut request:\n{audit}"));
+    assert!(
+        line.contains("\"status\":503") && line.contains("cut by the daemon's stop"),
+        "{line}"
+    );
+    b.assert_clean("sk-ops-cut-0001");
+}
+
 /// An audit log that stops taking lines (its reader stopped: a FIFO nobody reads, as a hung
 /// mount or a stalled log shipper): the proxy keeps answering, the daemon log says lines are
 /// being dropped while it lasts, and SIGTERM still ends the process — within the grace and
