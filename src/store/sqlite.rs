@@ -151,10 +151,11 @@ impl SqliteStore {
         crypto::ensure_private_dir(data_dir)?;
         let db_path = data_dir.join(DB_FILE_NAME);
         prepare_files(&db_path)?;
-        let mut conn = Connection::open(&db_path)?;
-        configure(&conn)?;
-        migrate(&mut conn)?;
-        let fresh = init_key_check(&mut conn, &key, &db_path)?;
+        let mut conn = Connection::open(&db_path).map_err(|e| at_open(e.into(), None, &db_path))?;
+        let fresh = configure(&conn)
+            .and_then(|()| migrate(&mut conn))
+            .and_then(|()| init_key_check(&mut conn, &key, &db_path))
+            .map_err(|e| at_open(e, Some(&conn), &db_path))?;
         let file_id = file_id(&fs::metadata(&db_path)?);
         Ok(SqliteStore {
             db_path,
@@ -550,6 +551,54 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 /// Verifies the key-check record, or writes it into a database that has none yet (then
 /// `true`: the database was new).
+/// What a failed open of the database at `path` says to the operator: a damaged file is named
+/// as damaged, with the way out (a backup), and not as a wrong master key — the key-check
+/// record of a file with damaged pages does not open either, and the operator was sent to
+/// look for another key (outside pass); a full or failing disk says so. `conn` is the open
+/// connection, if any, for SQLite's own integrity check.
+fn at_open(e: StoreError, conn: Option<&Connection>, path: &Path) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, DiskFull, NotADatabase, SystemIoFailure};
+    let code = match &e {
+        StoreError::Database(rusqlite::Error::SqliteFailure(f, _)) => Some(f.code),
+        _ => None,
+    };
+    let damaged = |why: String| {
+        StoreError::Corrupt(format!(
+            "the database file {} is damaged ({why}): restore it from a backup \
+             (docs/operations.md, Backups)",
+            path.display()
+        ))
+    };
+    match code {
+        Some(DatabaseCorrupt | NotADatabase) => return damaged(e.to_string()),
+        Some(DiskFull | SystemIoFailure) => {
+            return StoreError::Io(std::io::Error::other(format!(
+                "cannot open {} ({e}): the disk holding data_dir is full or failing (free \
+                 space, or check it)",
+                path.display()
+            )))
+        }
+        _ => {}
+    }
+    if let (StoreError::WrongMasterKey(_), Some(conn)) = (&e, conn) {
+        match integrity(conn) {
+            Ok(()) => {}
+            Err(why) => return damaged(why),
+        }
+    }
+    e
+}
+
+/// `PRAGMA quick_check`: Ok when SQLite finds the file sound, else its first complaint.
+fn integrity(conn: &Connection) -> Result<(), String> {
+    let first: Result<String, _> = conn.query_row("PRAGMA quick_check", [], |row| row.get(0));
+    match first {
+        Ok(ok) if ok == "ok" => Ok(()),
+        Ok(complaint) => Err(format!("SQLite's integrity check: {complaint}")),
+        Err(e) => Err(format!("SQLite's integrity check failed: {e}")),
+    }
+}
+
 fn init_key_check(
     conn: &mut Connection,
     key: &MasterKey,
@@ -1246,6 +1295,40 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("sealgate.db"), "{err}");
+    }
+
+    /// A file with damaged pages (a bad sector, a torn write) is named as damaged, with the
+    /// way out, not as a wrong master key (its key-check record does not open either: the
+    /// operator was sent to look for another key). A wrong key on a sound file still says so.
+    #[test]
+    fn a_damaged_file_is_not_called_a_wrong_key() {
+        let fx = <Fixture as Harness>::new();
+        populate(&fx.open());
+        let wrong = SqliteStore::open(fx.dir.path(), MasterKey::generate())
+            .err()
+            .unwrap();
+        assert!(matches!(wrong, StoreError::WrongMasterKey(_)), "{wrong}");
+        let db = fx.dir.path().join(DB_FILE_NAME);
+        let mut bytes = fs::read(&db).unwrap();
+        for page in 1..bytes.len() / 4096 {
+            for b in &mut bytes[page * 4096 + 4040..page * 4096 + 4060] {
+                *b ^= 0x5a;
+            }
+        }
+        fs::write(&db, &bytes).unwrap();
+        let err = fx.open_with(fx.key()).err().expect("a damaged file");
+        let said = err.to_string();
+        assert!(
+            said.contains("is damaged") && said.contains("backup"),
+            "{said}"
+        );
+        assert!(!said.contains("master key"), "{said}");
+        fs::write(&db, b"not a database at all, just some bytes of text").unwrap();
+        let said = fx.open_with(fx.key()).err().expect("garbage").to_string();
+        assert!(
+            said.contains("is damaged") && said.contains("sealgate.db"),
+            "{said}"
+        );
     }
 
     // ---- policy MACs ------------------------------------------------------------------------
