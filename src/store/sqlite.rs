@@ -177,11 +177,20 @@ impl SqliteStore {
         &self.db_path
     }
 
-    /// Runs `f` with the connection locked and the current master key.
+    /// Runs `f` with the connection locked and the current master key — once the path still
+    /// names the file this store opened: a removed or replaced file kept answering, and every
+    /// write acknowledged went into the unlinked one, lost at the next start (outside pass:
+    /// `/readyz` said the file was removed while creates answered 201).
     fn with_conn<T>(
         &self,
         f: impl FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.check_file().map_err(|e| {
+            StoreError::Unavailable(format!(
+                "{e}: what is written to it now would be lost (put the file back, or restore \
+                 a backup and restart sealgate)"
+            ))
+        })?;
         let mut db = self.lock();
         let Db { conn, key } = &mut *db;
         f(conn, key)

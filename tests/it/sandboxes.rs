@@ -766,6 +766,42 @@ async fn a_delete_the_store_cannot_write_is_retried_and_never_undone_by_a_restar
     drop(h3);
 }
 
+/// The database file removed (or replaced) under a running daemon: admin writes are refused
+/// with 503 naming it — they answered 201 and went into the unlinked file, lost at the next
+/// start (outside pass) — and running sandboxes keep being served.
+#[tokio::test]
+async fn a_removed_database_file_refuses_writes_instead_of_losing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let opts = Opts {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-removed-db-0181", None, None)],
+        opts,
+    )
+    .await;
+    std::fs::rename(data.join("sealgate.db"), dir.path().join("moved.db")).unwrap();
+    let (s, v) =
+        e.h.api(
+            Method::POST,
+            "/v1/stores",
+            Some(json!({"name": "after", "egress_allowlist": ["x.example.test"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    assert!(v.to_string().contains("was removed"), "{v}");
+    assert!(
+        pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+            .await
+            .is_ok(),
+        "the running sandbox is served"
+    );
+}
+
 /// A first start whose disk fills as it writes the master key leaves no key file (it left an
 /// empty one, and every later start refused it as empty: outside pass), and the next start,
 /// with room, creates the key.
