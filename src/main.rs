@@ -25,7 +25,11 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli, cfg)) {
+    let ran = runtime.block_on(run(cli, cfg));
+    // Not the runtime's drop, which waits for every blocking task: an audit flush stuck in a
+    // write to a stalled sink held the stop for ever (outside pass). What `run` left is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
@@ -92,24 +96,18 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     );
     let audit = running.proxy.audit.clone();
     tokio::select! {
-        flushed = running.shutdown() => {
-            if flushed {
-                tracing::info!("shutdown complete");
-            } else {
-                // The audit writer is stuck in a write: dropping the log would join it, and
-                // the runtime would wait for the blocked flush. Nothing else is left to do.
-                tracing::info!("shutdown complete, without the audit log's last lines");
-                std::process::exit(0);
-            }
-        }
+        flushed = running.shutdown() => match flushed {
+            true => tracing::info!("shutdown complete"),
+            false => tracing::info!("shutdown complete, without the audit log's last lines"),
+        },
         _ = wait_for_signal() => {
             tracing::warn!("second signal: exiting without waiting");
             // The proxy's workers may still hold the log; what is queued is written (1 s at
-            // most), then the process ends whatever is still running or blocked (a stalled
-            // audit sink had it wait for ever: outside pass).
+            // most). The stuck flush keeps its handle on the log, so dropping the daemon
+            // (isolated sandboxes' teardown included) does not join a writer stuck in a
+            // write, and `main` does not wait for the flush either.
             let flush = tokio::task::spawn_blocking(move || audit.flush());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
-            std::process::exit(0);
         }
     }
     Ok(())
