@@ -64,11 +64,17 @@ use crate::secret::SecretValue;
 /// bytes; below this the DFA's speed costs little memory.
 const DFA_MAX_PATTERN_BYTES: usize = 4096;
 
-/// The most patterns the packed (Teddy) searcher takes. aho-corasick's own heuristic stops at
-/// 64, but a value with its transformed forms ([`super::forms`]) is up to 7 patterns with its
-/// base64 forms alone: on 20 key-shaped values (about 140 patterns) Teddy scrubbed 1 MiB of prose in
-/// ~350 µs where the automaton took ~11 ms (`cargo bench --bench subst -- scrub_1MiB`).
-const MAX_PACKED_PATTERNS: usize = 256;
+/// The most patterns one packed (Teddy) searcher takes: aho-corasick's own limit (1.1.5,
+/// `packed::api::PATTERN_LIMIT`); its heuristic stops at 64. A value with its transformed forms
+/// ([`super::forms`]) is up to 7 patterns with its base64 forms alone, and more for a value
+/// with URL-reserved characters (an outside review: 14 AWS-style keys made 145 patterns, past
+/// one searcher, and the automaton scrubbed at 2.6 ms per MiB against Teddy's 0.45).
+const PACKED_PATTERN_LIMIT: usize = 128;
+
+/// The most patterns searched with packed searchers ([`Search::PackedMany`] past
+/// [`PACKED_PATTERN_LIMIT`]: one pass over the text per searcher, each far faster than the
+/// automaton); past this the automaton.
+const MAX_PACKED_PATTERNS: usize = 4 * PACKED_PATTERN_LIMIT;
 
 /// The unit a stream's hold-back window is rounded up to ([`Scrubber::window`]).
 pub const WINDOW_UNIT: usize = 256;
@@ -442,6 +448,9 @@ enum Search {
     /// One pattern: `memmem` (a prefilter as fast as aho-corasick's, built in microseconds).
     One(memchr::memmem::Finder<'static>),
     Packed(packed::Searcher),
+    /// More patterns than one packed searcher takes: consecutive slices of them, each with the
+    /// index of its first pattern. The leftmost (then longest) of their matches wins.
+    PackedMany(Vec<(packed::Searcher, usize)>),
     Automaton(AhoCorasick),
 }
 
@@ -496,18 +505,24 @@ impl Search {
             let one = patterns().next()?;
             return Some(Search::One(memchr::memmem::Finder::new(one).into_owned()));
         }
-        if (2..=MAX_PACKED_PATTERNS).contains(&count) {
-            // Past 64 patterns only when none is shorter than 3 bytes: Teddy fingerprints the
-            // first bytes, and a 1-byte value among many would make it verify at every byte.
-            let relaxed = patterns().all(|p| p.len() >= 3);
-            let packed = packed::Config::new()
-                .match_kind(packed::MatchKind::LeftmostLongest)
-                .heuristic_pattern_limits(!relaxed)
-                .builder()
-                .extend(patterns())
-                .build();
-            if let Some(packed) = packed {
+        // Past 64 patterns only when none is shorter than 3 bytes: Teddy fingerprints the first
+        // bytes, and a 1-byte value among many would make it verify at every byte.
+        let relaxed = patterns().all(|p| p.len() >= 3);
+        if (2..=PACKED_PATTERN_LIMIT).contains(&count) {
+            if let Some(packed) = packed_over(patterns(), !relaxed) {
                 return Some(Search::Packed(packed));
+            }
+        } else if relaxed && count <= MAX_PACKED_PATTERNS {
+            let all: Vec<&[u8]> = patterns().collect();
+            let many: Option<Vec<_>> = all
+                .chunks(PACKED_PATTERN_LIMIT)
+                .enumerate()
+                .map(|(i, part)| {
+                    packed_over(part.iter().copied(), false).map(|s| (s, i * PACKED_PATTERN_LIMIT))
+                })
+                .collect();
+            if let Some(many) = many {
+                return Some(Search::PackedMany(many));
             }
         }
         let ac = AhoCorasick::builder()
@@ -520,8 +535,18 @@ impl Search {
     /// Leftmost-longest non-overlapping matches in `hay[from..]`.
     fn find_iter<'h>(&'h self, hay: &'h [u8], from: usize) -> impl Iterator<Item = Match> + 'h {
         let mut at = from;
+        // PackedMany: each searcher's next match at or after `at`, kept until `at` passes its
+        // start (no match of that searcher starts before it), so each searcher scans the text
+        // about once.
+        let mut ahead: Vec<Option<Option<Match>>> = match self {
+            Search::PackedMany(all) => vec![None; all.len()],
+            _ => Vec::new(),
+        };
         std::iter::from_fn(move || {
-            let m = self.find_at(hay, at)?;
+            let m = match self {
+                Search::PackedMany(all) => first_of(all, hay, at, &mut ahead)?,
+                _ => self.find_at(hay, at)?,
+            };
             at = m.end();
             Some(m)
         })
@@ -535,9 +560,59 @@ impl Search {
                 Some(Match::must(0, start..start + f.needle().len()))
             }
             Search::Packed(s) => s.find_in(hay, span),
+            Search::PackedMany(all) => first_of(all, hay, at, &mut vec![None; all.len()]),
             Search::Automaton(ac) => ac.find(Input::new(hay).span(span)),
         }
     }
+}
+
+/// A leftmost-longest packed searcher over `patterns` (ids from 0), if Teddy is available here
+/// for them.
+fn packed_over<'a>(
+    patterns: impl Iterator<Item = &'a [u8]>,
+    heuristic_limits: bool,
+) -> Option<packed::Searcher> {
+    packed::Config::new()
+        .match_kind(packed::MatchKind::LeftmostLongest)
+        .heuristic_pattern_limits(heuristic_limits)
+        .builder()
+        .extend(patterns)
+        .build()
+}
+
+/// The leftmost match at or after `at` of any of `all` (the longest of those starting there),
+/// its pattern id made global; `ahead` caches each searcher's next match (see
+/// [`Search::find_iter`]).
+fn first_of(
+    all: &[(packed::Searcher, usize)],
+    hay: &[u8],
+    at: usize,
+    ahead: &mut [Option<Option<Match>>],
+) -> Option<Match> {
+    let mut best: Option<Match> = None;
+    for ((searcher, first), next) in all.iter().zip(ahead.iter_mut()) {
+        let stale = match next {
+            None => true,
+            Some(Some(m)) => m.start() < at,
+            Some(None) => false,
+        };
+        if stale {
+            *next = Some(
+                searcher
+                    .find_in(hay, Span::from(at..hay.len()))
+                    .map(|m| Match::must(m.pattern().as_usize() + first, m.span())),
+            );
+        }
+        if let Some(Some(m)) = *next {
+            let better = best.is_none_or(|b| {
+                m.start() < b.start() || (m.start() == b.start() && m.end() > b.end())
+            });
+            if better {
+                best = Some(m);
+            }
+        }
+    }
+    best
 }
 
 /// The same-length stand-in for a value of `len` bytes: its token cut to `len`, or the token
@@ -1283,6 +1358,56 @@ mod tests {
 
     fn alphabet_string(max: usize) -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(prop::sample::select(b"abcx".to_vec()), 0..max)
+    }
+
+    /// Past one packed searcher's 128 patterns, several: the leftmost-longest match among
+    /// them, whichever searcher holds it (matches dense: 4 letters).
+    #[test]
+    fn more_patterns_than_one_packed_searcher_takes_use_several() {
+        let values: Vec<Vec<u8>> = (0..300u32)
+            .map(|i| format!("v{i:03}-{}", "abcd".repeat(1 + i as usize % 3)).into_bytes())
+            .collect();
+        let pairs: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.clone(), format!("<{i}>").into_bytes()))
+            .collect();
+        let s = Scrubber::new(
+            pairs
+                .iter()
+                .map(|(v, t)| (SecretValue::new(v.clone()), Bytes::from(t.clone())))
+                .collect(),
+        )
+        .unwrap();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("ssse3") {
+            assert!(
+                matches!(s.search, Search::PackedMany(_)),
+                "Teddy, three of them"
+            );
+        }
+        let hay: Vec<u8> = values
+            .iter()
+            .rev()
+            .flat_map(|v| [v.as_slice(), b" x "].concat())
+            .collect();
+        assert_eq!(s.scrub(&hay).unwrap(), oracle(&pairs, &hay));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Several packed searchers (over 128 patterns) scrub like the oracle, streamed too.
+        #[test]
+        fn several_packed_searchers_scrub_like_the_oracle(
+            values in prop::collection::vec(
+                prop::collection::vec(prop::sample::select(b"abcd".to_vec()), 3..9), 129..400),
+            (hay, cuts) in prop::collection::vec(prop::sample::select(b"abcdx".to_vec()), 0..3000)
+                .prop_flat_map(|h| { let n = h.len(); (Just(h), cuts(n)) }),
+        ) {
+            let pairs: Vec<_> = values.iter().enumerate().map(|(i, v)| (v.clone(), format!("<{i}>").into_bytes())).collect();
+            assert_same(&pairs, &hay, &cuts);
+        }
     }
 
     fn cuts(len: usize) -> impl Strategy<Value = Vec<usize>> {
