@@ -263,7 +263,7 @@ impl Running {
 }
 
 /// Refuses an `[audit] path` that is one of the daemon's own files — in `data_dir` the master
-/// key, the admin token, the database and its journals, the lock, the deletions record; in
+/// key, the admin token, the database and its journals, the lock, the deletion records; in
 /// `cert_dir` a certificate: the first audit line appended to `master.key` made the next
 /// start refuse the key (outside pass). Links are followed; a path whose directory does not
 /// exist is left to the open, which names it.
@@ -289,6 +289,7 @@ fn check_audit_path(cfg: &Config) -> Result<(), DaemonError> {
         ADMIN_TOKEN_FILE,
         data_dir_lock::LOCK_FILE,
         crate::sandbox::tombstones::FILE_NAME,
+        crate::sandbox::tombstones::ISOLATED_FILE_NAME,
     ]
     .contains(&&*name)
         || name.starts_with(crate::store::sqlite::DB_FILE_NAME);

@@ -171,8 +171,31 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
 /// # Errors
 /// `AlreadyExists`, or any write, link or fsync failure (the temporary is removed).
 pub fn create_private_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    through_temp(path, bytes, true, |tmp, path| std::fs::hard_link(tmp, path))?;
+    let linked = through_temp(path, bytes, true, |tmp, path| std::fs::hard_link(tmp, path));
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !is_no_space(&e) => {
+            // A file system without hard links (SMB, some FUSE mounts): created in place, and
+            // removed again if it could not be written whole.
+            create_in_place(path, bytes)?;
+        }
+        other => other?,
+    }
     sync_parent(path)
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// `path` created exclusively and written and fsynced, or removed again.
+fn create_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = private_file().write(true).create_new(true).open(path)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }
 
 fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {

@@ -38,8 +38,16 @@ impl Marker {
         let pid = std::process::id();
         let started = start_time(pid)?;
         ensure_dir(dir, 0o755).ok()?;
-        let path = dir.join(format!("{pid}-{}", crate::random::random_hex(6)));
-        std::fs::write(&path, format!("{pid} {started}\n")).ok()?;
+        let name = format!("{pid}-{}", crate::random::random_hex(6));
+        // Written whole, then renamed in: another daemon's look never reads half a marker
+        // (and takes it for litter).
+        let (tmp, path) = (dir.join(format!(".{name}")), dir.join(name));
+        std::fs::write(&tmp, format!("{pid} {started}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+            .ok()?;
         Some(Marker(path))
     }
 }
@@ -63,6 +71,9 @@ fn others_alive_in(dir: &Path) -> bool {
     };
     let mut alive = false;
     for path in entries.filter_map(|e| Some(e.ok()?.path())) {
+        if is_temporary(&path) {
+            continue;
+        }
         match read(&path) {
             Some((pid, started)) if start_time(pid) == Some(started) => alive |= pid != own,
             _ => {
@@ -71,6 +82,26 @@ fn others_alive_in(dir: &Path) -> bool {
         }
     }
     alive
+}
+
+/// A marker being written (`.<name>`): never read; one a crash left is litter only once it is
+/// old, and only this rare case needs its age.
+fn is_temporary(path: &Path) -> bool {
+    let dotted = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'));
+    if dotted {
+        let old = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if old {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    dotted
 }
 
 /// (pid, start time) of a marker.
@@ -97,8 +128,11 @@ mod tests {
         std::fs::write(&dead, "1 18446744073709551615\n").unwrap();
         let junk = dir.path().join("junk");
         std::fs::write(&junk, "not a marker").unwrap();
+        let writing = dir.path().join(".2-being-written");
+        std::fs::write(&writing, "").unwrap();
         assert!(!others_alive_in(dir.path()));
         assert!(!dead.exists() && !junk.exists(), "litter is removed");
+        assert!(writing.exists(), "a marker being written is left alone");
         // A live other process: pid 1 with its real start time.
         let other = dir.path().join("1-init");
         std::fs::write(&other, format!("1 {}\n", start_time(1).unwrap())).unwrap();

@@ -622,12 +622,15 @@ fn check_framing(h: &HeaderMap) -> Result<(), Refusal> {
 /// A body has one media type (RFC 9110 §8.3: `Content-Type` is a singleton field). The first
 /// field decides how a value is written into the body (form-encoded, JSON-escaped, or not at
 /// all inside gRPC messages), so two fields would let the sandbox have sealgate write it for
-/// one type while the origin reads another (outside review).
+/// one type while the origin reads another (outside review). Repeats of one value are
+/// harmless and pass.
 fn check_media_type(h: &HeaderMap) -> Result<(), Refusal> {
-    if h.get_all(header::CONTENT_TYPE).iter().nth(1).is_some() {
+    let mut types = h.get_all(header::CONTENT_TYPE).iter();
+    let first = types.next();
+    if types.any(|t| Some(t) != first) {
         return Err(Refusal::new(
             Code::BadRequest,
-            "multiple Content-Type headers (a body has one media type)",
+            "Content-Type headers that disagree (a body has one media type)",
         ));
     }
     Ok(())
