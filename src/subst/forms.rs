@@ -11,13 +11,13 @@
 //! | percent-encoding, RFC 3986 unreserved kept, upper- or lowercase hex | sealgate's query substitution, most URL builders | the token |
 //! | `application/x-www-form-urlencoded` (space as `+`, `*` kept) | HTML forms, Java's `URLEncoder`, sealgate's form bodies | the token |
 //! | the same keeping `~` and not `*` / keeping neither | Python's `urlencode`, Go's `url.QueryEscape` / PHP's `urlencode` | the token |
-//! | sealgate's query and form encodings (and Python's/Go's), percent-encoded again (`%2F` as `%252F`) | a URL reflected inside another (a login redirect's `next=`) | the token |
+//! | sealgate's query and form encodings (and Python's/Go's), percent-encoded again (`%2F` as `%252F`; also by encoders that escape `~`), and the query form a third time; values up to 256 bytes | a URL reflected inside another (a login redirect's `next=`, an OAuth `redirect_uri` carrying one) | the token |
 //! | `encodeURIComponent` (`!'()*` kept) | browsers, Node | the token |
 //! | percent-encoding keeping `/` | Python's `urllib.parse.quote` (its default) | the token |
 //! | percent-encoding keeping `$&+:=@` | Go's `url.PathEscape` | the token |
 //! | percent-encoding keeping every URI delimiter but `%` | JavaScript's `encodeURI` | the token |
 //! | JSON string escaping: minimal (`\"`, `\\`), `\/` with `\uXXXX` (PHP), `\uXXXX` (Python), `\u003c` for `<>&` (Go), the same and `\u003d`/`\u0027` for `='` (Gson), uppercase `\u0022`/`\u002B` for `"'+<>&` and `` ` `` with non-ASCII escaped (.NET's System.Text.Json), and each of them escaped again minimally (a JSON body echoed inside JSON) | every JSON API | the token |
-//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`), `&#39;` with `&quot;` (Ruby's `CGI.escapeHTML`), `&apos;` (XML), only `&<>` (text escapers), `&#39;`/`&#34;` (Go's `html.EscapeString`), `&#039;` (PHP's `htmlspecialchars`), `+` as `&#43;` (Go's `html/template`), or `&#x27;`, `&#x2B;` and non-ASCII as `&#xXXXX;` (.NET's `HtmlEncoder`, Razor) | error pages, templates | the token |
+//! | HTML escaping of `&<>"'`, with `&#x27;` (Python's `html.escape`), `&#39;` with `&quot;` (Ruby's `CGI.escapeHTML`), `&apos;` (XML), only `&<>` (text escapers), `&#x3D;`/`&#x60;` and `&#x2F;` (Handlebars, mustache.js), `&#034;`/`&#039;` (JSTL), `&quot;` alone (commons-text), `&#39;`/`&#34;` (Go's `html.EscapeString`), `&#039;` (PHP's `htmlspecialchars`), `+` as `&#43;` (Go's `html/template`), or `&#x27;`, `&#x2B;` and non-ASCII as `&#xXXXX;` (.NET's `HtmlEncoder`, Razor) | error pages, templates | the token |
 //! | base64 (standard and URL-safe alphabet) at each of the three byte alignments, of the value and of its query form | Basic auth, tokens and blobs holding the value, session cookies holding a URL | the token's base64 at the same alignment |
 //!
 //! # Base64 at any alignment
@@ -74,13 +74,25 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
     // A URL sealgate wrote (or a form body), reflected inside another URL — a login redirect's
     // `next=`, an OAuth `return_to` — is percent-encoded again: `%2F` becomes `%252F`, and the
     // runs between are the value in clear (outside pass: Django's `redirect_to_login`).
-    for style in TWICE_INNER {
-        let once = percent(v, style);
-        if once.as_slice() != v {
-            add(
-                percent(&once, PercentStyle::Unreserved),
-                token_bytes.clone(),
-            );
+    // Up to three levels for sealgate's own query form (an OAuth redirect_uri carrying a
+    // `next=`: outside re-check); the outer encoders that also escape `~` (URLSearchParams,
+    // PHP's and Java's) count too.
+    if v.len() <= MAX_URL_FORMS_VALUE_LEN {
+        for inner in TWICE_INNER {
+            let once = percent(v, inner);
+            if once.as_slice() == v {
+                continue;
+            }
+            for outer in [PercentStyle::Unreserved, PercentStyle::FormPhp] {
+                let twice = percent(&once, outer);
+                if matches!(
+                    (inner, outer),
+                    (PercentStyle::Unreserved, PercentStyle::Unreserved)
+                ) {
+                    add(percent(&twice, outer), token_bytes.clone());
+                }
+                add(twice, token_bytes.clone());
+            }
         }
     }
     for style in JsonStyle::ALL {
@@ -101,7 +113,8 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
     // Base64 of the value, and of the URL form sealgate writes into queries (a session cookie
     // holding the request's URL: outside pass).
     let query_form = percent(v, PercentStyle::Unreserved);
-    let sources: &[&[u8]] = if query_form.as_slice() == v {
+    let url_form = query_form.as_slice() != v && v.len() <= MAX_URL_FORMS_VALUE_LEN;
+    let sources: &[&[u8]] = if !url_form {
         &[v]
     } else {
         &[v, query_form.as_slice()]
@@ -120,14 +133,18 @@ pub fn echo_forms(value: &SecretValue, token: &[u8]) -> Vec<(SecretValue, Bytes)
     forms
 }
 
-/// The forms whose percent-encoding again is scrubbed: what sealgate writes into queries
-/// (either hex case) and form bodies, and what the common form encoders write.
-const TWICE_INNER: [PercentStyle; 4] = [
+/// The forms whose percent-encoding again is scrubbed: what sealgate writes into queries and
+/// form bodies, and what the common form encoders write.
+const TWICE_INNER: [PercentStyle; 3] = [
     PercentStyle::Unreserved,
-    PercentStyle::UnreservedLower,
     PercentStyle::Form,
     PercentStyle::FormUnreserved,
 ];
+
+/// Values longer than this get no URL-in-URL forms (percent-encoded again, base64 of the query
+/// form): keys and passwords travel in URLs, certificates and service-account files do not,
+/// and each form is kept per sandbox (a review: a 4 KiB value's header-name automaton doubled).
+pub const MAX_URL_FORMS_VALUE_LEN: usize = 256;
 
 /// `value` as a form field writes it (`application/x-www-form-urlencoded`, space as `+`): what
 /// replaces a token in a form body, so the upstream decodes the value and not something else.
@@ -234,13 +251,22 @@ enum HtmlStyle {
     /// Escapers that leave quotes as they are (`xml.sax.saxutils.escape`,
     /// `html.escape(quote=False)`, text nodes): only `&<>`.
     NoQuotes,
+    /// Handlebars: `&quot;`, `&#x27;`, and `` ` `` and `=` as `&#x60;`, `&#x3D;` (base64 padding:
+    /// outside re-check).
+    Handlebars,
+    /// mustache.js: `&quot;`, `&#39;`, `/` as `&#x2F;`, `` ` `` and `=` as `&#x60;`, `&#x3D;`.
+    Mustache,
+    /// JSTL's `escapeXml`, `<c:out>`: `&#034;`, `&#039;`.
+    Jstl,
+    /// commons-text `escapeHtml4`: `&quot;`, the apostrophe as it is.
+    Html4,
     /// .NET's `HtmlEncoder.Default` (Razor): `&quot;`, `&#x27;`, `+` as `&#x2B;`, every
     /// non-ASCII character as `&#xXXXX;` (uppercase hex of the code point).
     DotNet,
 }
 
 impl HtmlStyle {
-    const ALL: [HtmlStyle; 8] = [
+    const ALL: [HtmlStyle; 12] = [
         HtmlStyle::Python,
         HtmlStyle::Go,
         HtmlStyle::GoTemplate,
@@ -248,6 +274,10 @@ impl HtmlStyle {
         HtmlStyle::Ruby,
         HtmlStyle::Xml,
         HtmlStyle::NoQuotes,
+        HtmlStyle::Handlebars,
+        HtmlStyle::Mustache,
+        HtmlStyle::Jstl,
+        HtmlStyle::Html4,
         HtmlStyle::DotNet,
     ];
 }
@@ -260,14 +290,25 @@ fn html(value: &[u8], style: HtmlStyle) -> Zeroizing<Vec<u8>> {
             (b'&', _) => out.extend_from_slice(b"&amp;"),
             (b'<', _) => out.extend_from_slice(b"&lt;"),
             (b'>', _) => out.extend_from_slice(b"&gt;"),
-            (b'"' | b'\'', HtmlStyle::NoQuotes) => out.push(b),
+            (b'"' | b'\'', HtmlStyle::NoQuotes) | (b'\'', HtmlStyle::Html4) => out.push(b),
+            (b'=', HtmlStyle::Handlebars | HtmlStyle::Mustache) => out.extend_from_slice(b"&#x3D;"),
+            (b'`', HtmlStyle::Handlebars | HtmlStyle::Mustache) => out.extend_from_slice(b"&#x60;"),
+            (b'/', HtmlStyle::Mustache) => out.extend_from_slice(b"&#x2F;"),
+            (b'"', HtmlStyle::Jstl) => out.extend_from_slice(b"&#034;"),
+            (b'\'', HtmlStyle::Jstl) => out.extend_from_slice(b"&#039;"),
             (b'"', HtmlStyle::Python | HtmlStyle::Php | HtmlStyle::DotNet)
-            | (b'"', HtmlStyle::Ruby | HtmlStyle::Xml) => {
+            | (b'"', HtmlStyle::Ruby | HtmlStyle::Xml | HtmlStyle::Html4)
+            | (b'"', HtmlStyle::Handlebars | HtmlStyle::Mustache) => {
                 out.extend_from_slice(b"&quot;");
             }
             (b'"', HtmlStyle::Go | HtmlStyle::GoTemplate) => out.extend_from_slice(b"&#34;"),
-            (b'\'', HtmlStyle::Python | HtmlStyle::DotNet) => out.extend_from_slice(b"&#x27;"),
-            (b'\'', HtmlStyle::Go | HtmlStyle::GoTemplate | HtmlStyle::Ruby) => {
+            (b'\'', HtmlStyle::Python | HtmlStyle::DotNet | HtmlStyle::Handlebars) => {
+                out.extend_from_slice(b"&#x27;");
+            }
+            (
+                b'\'',
+                HtmlStyle::Go | HtmlStyle::GoTemplate | HtmlStyle::Ruby | HtmlStyle::Mustache,
+            ) => {
                 out.extend_from_slice(b"&#39;");
             }
             (b'\'', HtmlStyle::Xml) => out.extend_from_slice(b"&apos;"),
@@ -497,9 +538,21 @@ mod tests {
             has(&f, "a%252Fb%252Bc%253D0123"),
             "sealgate's query form, twice"
         );
-        assert!(has(&f, "a%252fb%252bc%253d0123"), "lowercase hex, twice");
+        assert!(has(&f, "a%25252Fb%25252Bc%25253D0123"), "three levels");
         let f = forms_of("a b/c");
         assert!(has(&f, "a%2Bb%252Fc"), "a form field, twice");
+        let f = forms_of("a~b/c");
+        assert!(
+            has(&f, "a%7Eb%252Fc"),
+            "URLSearchParams over the query form"
+        );
+        let long = format!("{}/x", "k".repeat(MAX_URL_FORMS_VALUE_LEN));
+        assert!(
+            forms_of(&long)
+                .iter()
+                .all(|f| !f.windows(3).any(|w| w == b"%25")),
+            "no URL-in-URL forms for a long value"
+        );
         let plain = forms_of("sk-live-0123456789abcdefghij");
         assert!(
             plain.iter().all(|f| !f.contains(&b'%')),
@@ -544,6 +597,21 @@ mod tests {
         assert!(
             has(&f, "qt\"Quote'd&lt;&amp;&gt;"),
             "html.escape(quote=False)"
+        );
+        assert!(
+            has(&f, "qt&#034;Quote&#039;d&lt;&amp;&gt;"),
+            "JSTL escapeXml"
+        );
+        assert!(
+            has(&f, "qt&quot;Quote'd&lt;&amp;&gt;"),
+            "commons-text escapeHtml4"
+        );
+        // Base64 padding and slashes in templates.
+        let f = forms_of("ab/cd+ef`gh'==");
+        assert!(has(&f, "ab/cd+ef&#x60;gh&#x27;&#x3D;&#x3D;"), "Handlebars");
+        assert!(
+            has(&f, "ab&#x2F;cd+ef&#x60;gh&#39;&#x3D;&#x3D;"),
+            "mustache.js"
         );
     }
 
