@@ -1362,6 +1362,19 @@ async fn upstream() -> (Arc<TestPki>, Echo) {
     (pki, echo)
 }
 
+/// A `sealgate serve` with `proxy_toml` in its `[proxy]` section, in front of a fresh TLS
+/// echo origin (kept alive by the caller, with its PKI).
+async fn bin_with(proxy_toml: &str) -> (Arc<TestPki>, Echo, Bin) {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml,
+    };
+    let b = Bin::spawn(&o).await;
+    (pki, echo, b)
+}
+
 /// CONNECT until the answer is `status` (a reload by signal applies asynchronously).
 async fn await_connect_status(b: &Bin, sb: &SandboxCreds, status: u16) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1383,13 +1396,7 @@ async fn await_connect_status(b: &Bin, sb: &SandboxCreds, status: u16) {
 
 #[tokio::test]
 async fn sighup_applies_a_new_limit_without_dropping_live_tunnels_and_refuses_an_invalid_file() {
-    let (pki, echo) = upstream().await;
-    let o = BinOpts {
-        echo: echo.addr,
-        pki: &pki,
-        proxy_toml: "max_tunnels_per_sandbox = 2",
-    };
-    let mut b = Bin::spawn(&o).await;
+    let (_pki, echo, mut b) = bin_with("max_tunnels_per_sandbox = 2").await;
     let sb = b.sandbox("sk-ops-sighup-0001").await;
     let key = sb.token("KEY");
     let mut live = pc::h1(b.proxy, &sb, API).await;
@@ -1536,13 +1543,7 @@ async fn sigterm_cuts_a_stream_that_outlasts_the_grace_period() {
 /// "cut by the daemon's stop"), not as one its client gave up on (499: outside pass).
 #[tokio::test]
 async fn a_request_the_stop_cuts_is_audited_as_the_stops() {
-    let (pki, echo) = upstream().await;
-    let o = BinOpts {
-        echo: echo.addr,
-        pki: &pki,
-        proxy_toml: "shutdown_grace_secs = 1",
-    };
-    let mut b = Bin::spawn(&o).await;
+    let (_pki, _echo, mut b) = bin_with("shutdown_grace_secs = 1").await;
     let sb = b.sandbox("sk-ops-cut-0001").await;
     let mut c = pc::h1(b.proxy, &sb, API).await;
     c.ready().await.unwrap();
@@ -1574,13 +1575,7 @@ async fn a_request_the_stop_cuts_is_audited_as_the_stops() {
 #[tokio::test]
 async fn a_stalled_audit_log_is_warned_about_and_does_not_hold_the_stop() {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let (pki, echo) = upstream().await;
-    let o = BinOpts {
-        echo: echo.addr,
-        pki: &pki,
-        proxy_toml: "shutdown_grace_secs = 1",
-    };
-    let mut b = Bin::spawn(&o).await;
+    let (_pki, _echo, mut b) = bin_with("shutdown_grace_secs = 1").await;
     let log = b.dir.path().join("audit.log");
     std::fs::rename(&log, b.dir.path().join("audit.log.1")).unwrap();
     let fifo = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
@@ -1964,13 +1959,7 @@ async fn max_connections_counts_open_tunnels_not_just_connect_requests() {
 /// core; a reload reports a change as needing a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_sizes_the_runtime() {
-    let (pki, echo) = upstream().await;
-    let o = BinOpts {
-        echo: echo.addr,
-        pki: &pki,
-        proxy_toml: "worker_threads = 3",
-    };
-    let b = Bin::spawn(&o).await;
+    let (_pki, _echo, b) = bin_with("worker_threads = 3").await;
     let workers = summary_line(&b, "workers:").await;
     assert_eq!(workers, "3 (proxy.worker_threads)", "the proxy's workers");
     // A new thread carries its parent's name until it first runs and names itself, so the
