@@ -264,10 +264,10 @@ impl Running {
 
 /// Refuses an `[audit] path` that is one of the daemon's own files — in `data_dir` the master
 /// key, the admin token, the database and its journals, the lock, the deletion records; in
-/// `cert_dir` a certificate: the first audit line appended to `master.key` made the next
-/// start refuse the key (outside pass). Links are followed; a path whose directory does not
-/// exist is left to the open, which names it.
-fn check_audit_path(cfg: &Config) -> Result<(), DaemonError> {
+/// `cert_dir` a certificate; the configuration file. The first audit line appended to
+/// `master.key` made the next start refuse the key (outside pass). Links are followed; a path
+/// whose directory does not exist is left to the open, which names it.
+fn check_audit_path(cfg: &Config, config_file: Option<&Path>) -> Result<(), DaemonError> {
     let Some(path) = &cfg.audit_path else {
         return Ok(());
     };
@@ -294,10 +294,14 @@ fn check_audit_path(cfg: &Config) -> Result<(), DaemonError> {
     .contains(&&*name)
         || name.starts_with(crate::store::sqlite::DB_FILE_NAME);
     let own_cert = name.ends_with(".pem") || name.ends_with(".pem.tmp");
-    if (own_data && in_dir(&cfg.data_dir)) || (own_cert && in_dir(&cfg.cert_dir)) {
+    let config = config_file.and_then(|c| std::fs::canonicalize(c).ok());
+    if (own_data && in_dir(&cfg.data_dir))
+        || (own_cert && in_dir(&cfg.cert_dir))
+        || config.as_deref() == Some(resolved)
+    {
         return Err(DaemonError::AuditPath(format!(
-            "{} is one of the daemon's own files (data_dir or cert_dir): choose another file, \
-             e.g. /var/log/sealgate/audit.log",
+            "{} is one of the daemon's own files (its configuration, or in data_dir or \
+             cert_dir): choose another file, e.g. /var/log/sealgate/audit.log",
             path.display()
         )));
     }
@@ -338,7 +342,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         fleet.health.restored(restore_began);
     }
     metrics.sandboxes.set(sandboxes.registry().len() as i64);
-    check_audit_path(&cfg)?;
+    check_audit_path(&cfg, ov.config_path.as_deref())?;
     let audit = Audit::open_counted(cfg.audit_path.clone(), metrics.audit_dropped.clone())
         .map_err(io_err(format!(
             "opening the audit log {} ([audit] path)",
@@ -767,11 +771,14 @@ const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// read: found from outside). Under the `data_dir` lock, so no other daemon is writing them.
 fn remove_stale_temps(data_dir: &Path) {
     use crate::sandbox::tombstones::{FILE_NAME, ISOLATED_FILE_NAME};
-    let key = crate::store::crypto::KEY_FILE_NAME;
-    for name in [FILE_NAME, ISOLATED_FILE_NAME, ADMIN_TOKEN_FILE, key] {
-        let removed = crate::fsutil::remove_stale_temps(&data_dir.join(name));
+    let key = data_dir.join(crate::store::crypto::KEY_FILE_NAME);
+    let staged = crate::rotate::staged_key_path(&key);
+    let files = [FILE_NAME, ISOLATED_FILE_NAME, ADMIN_TOKEN_FILE].map(|n| data_dir.join(n));
+    for path in files.iter().chain([&key, &staged]) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let removed = crate::fsutil::remove_stale_temps(path);
         if removed > 0 {
-            tracing::info!(file = name, removed, "removed temporary files a crash left");
+            tracing::info!(file = %name, removed, "removed temporary files a crash left");
         }
     }
 }

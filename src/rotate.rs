@@ -147,17 +147,12 @@ fn install_staged(staged: &Path, key_file: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `key` to `path` (0600, replacing a stale file) and fsyncs file and directory.
-fn stage_key(path: &Path, key: &MasterKey) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = crate::fsutil::private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(key.to_base64().as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    crate::fsutil::sync_parent(path)
+fn stage_key(path: &Path, key: &MasterKey) -> anyhow::Result<()> {
+    let mut text = key.to_base64();
+    text.push('\n');
+    // Whole or not at all: a full disk left an empty staged key (outside pass).
+    crate::fsutil::replace_private_file_synced(path, text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("staging the new key in {}: {e}", path.display()))
 }
 
 /// Runs the rotation. The daemon must be stopped: a running daemon keeps the old key in

@@ -97,6 +97,24 @@ impl From<StoreError> for ApiError {
                     ),
                 )
             }
+            StoreError::Database(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+                ) =>
+            {
+                // A page the start did not read (outside re-check: "internal store error",
+                // and the log named neither the file nor the way out).
+                tracing::error!(error = %e, "admin call refused: the database file is damaged; restore it from a backup");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_corrupt",
+                    format!(
+                        "{e}: the database file in data_dir is damaged: restore it from a \
+                         backup (docs/operations.md, Backups); running sandboxes keep working"
+                    ),
+                )
+            }
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "admin call refused: store unavailable");
                 ApiError::new(
@@ -284,6 +302,26 @@ mod tests {
         assert!(!res
             .headers()
             .contains_key(axum::http::header::WWW_AUTHENTICATE));
+    }
+
+    /// A damaged database file met at run time (a page the start did not read) says so and
+    /// how to recover, instead of "internal store error" (outside re-check).
+    #[test]
+    fn a_damaged_database_file_is_named_with_the_way_out() {
+        let corrupt = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some("database disk image is malformed".into()),
+        );
+        let e = ApiError::from(StoreError::Database(corrupt));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
+        );
+        assert!(
+            e.message.contains("restore it from a backup"),
+            "{}",
+            e.message
+        );
     }
 
     /// Only a change that was sent may have been applied; a refused connection changed

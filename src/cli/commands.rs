@@ -82,7 +82,14 @@ fn check_admin_url(url: &str) -> anyhow::Result<()> {
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    // A regular file only, as the daemon reads it: a FIFO hung the command, a link to
+    // /dev/zero read until memory ran out (outside re-check).
+    let read = crate::fsutil::open_regular(path).and_then(|mut f| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(&mut f, 64 * 1024), &mut text)
+            .map(|_| text)
+    });
+    let text = read.map_err(|e| {
         anyhow::anyhow!(
             "cannot read the admin token {} ({e}): start `sealgate serve` with the same \
              --config / --data-dir first, or pass --admin-token / SEALGATE_ADMIN_TOKEN",

@@ -244,6 +244,38 @@ async fn a_missing_token_file_says_to_start_the_daemon() {
     );
 }
 
+/// The CLI reads the token file as the daemon does: a FIFO in its place is refused at once
+/// (the command hung), naming the file.
+#[tokio::test]
+async fn a_fifo_as_the_token_file_is_refused_by_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    let c = std::ffi::CString::new(token.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut child = sealgate()
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["store", "list"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the CLI hangs on a FIFO as its token file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = stderr(&child.wait_with_output().unwrap());
+    assert!(
+        e.contains(&token.display().to_string()) && e.contains("not a regular file"),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn a_secret_that_can_never_be_unsealed_prints_the_apis_warning() {
     let h = Harness::start().await;
@@ -622,7 +654,12 @@ async fn a_fifo_in_place_of_the_key_or_the_token_is_refused_at_start() {
 async fn an_audit_path_on_the_daemons_own_files_is_refused_and_a_bad_one_named() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    for own in ["master.key", "sealgate.db", "admin.token"] {
+    for own in [
+        "master.key",
+        "sealgate.db",
+        "admin.token",
+        "isolated-sandboxes",
+    ] {
         let target = data.join(own);
         let extra = format!("[audit]\npath = \"{}\"\n", target.display());
         let o = serve_once(&serve_config(dir.path(), &data, &extra), &[]);
@@ -635,6 +672,15 @@ async fn an_audit_path_on_the_daemons_own_files_is_refused_and_a_bad_one_named()
     }
     let key = std::fs::read_to_string(data.join("master.key")).unwrap();
     assert_eq!(key.lines().count(), 1, "the key file is only the key");
+    // The configuration file itself.
+    let own_cfg = dir.path().join("self.toml");
+    let extra = format!("[audit]\npath = \"{}\"\n", own_cfg.display());
+    std::fs::rename(serve_config(dir.path(), &data, &extra), &own_cfg).unwrap();
+    let e = stderr(&serve_once(&own_cfg, &[]));
+    assert!(
+        e.contains("[audit] path:") && e.contains("own files"),
+        "{e}"
+    );
     let missing = dir.path().join("nodir/audit.log");
     let extra = format!("[audit]\npath = \"{}\"\n", missing.display());
     let o = serve_once(&serve_config(dir.path(), &data, &extra), &[]);
