@@ -187,18 +187,10 @@ fn scrub(c: &mut Criterion) {
         })
         .collect();
     let scrubber = Scrubber::new(pairs).expect("values");
-    // As a sandbox's snapshot builds it: every value with its transformed forms.
-    let with_forms = values
-        .iter()
-        .enumerate()
-        .flat_map(|(i, v)| {
-            let token = corpus::token(100 + i as u64);
-            let value = SecretValue::new(v.clone());
-            let forms = echo_forms(&value, token.as_bytes());
-            std::iter::once((value, Bytes::copy_from_slice(token.as_bytes()))).chain(forms)
-        })
-        .collect();
-    let with_forms = Scrubber::new(with_forms).expect("values");
+    let with_forms = scrubber_with_forms(&values);
+    // 14 keys shaped like AWS secret keys (`/`, `+`, `=`): with their percent, URL-in-URL,
+    // HTML and base64 forms, more patterns than one packed searcher takes (128).
+    let aws_forms = scrubber_with_forms(&aws_values(14));
     let ac = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
         .build(&values)
@@ -225,6 +217,9 @@ fn scrub(c: &mut Criterion) {
         g.bench_function("scrubber_whole_with_forms", |b| {
             b.iter(|| with_forms.scrub(black_box(&data)).map_or(0, |(_, n)| n))
         });
+        g.bench_function("scrubber_whole_aws_keys_with_forms", |b| {
+            b.iter(|| aws_forms.scrub(black_box(&data)).map_or(0, |(_, n)| n))
+        });
         let pieces = chunks(&data, 16 * 1024);
         let mut out = Vec::with_capacity(pieces.len() + 64);
         g.bench_function("scrub_stream_16k", |b| {
@@ -240,6 +235,36 @@ fn scrub(c: &mut Criterion) {
         });
         g.finish();
     }
+}
+
+/// As a sandbox's snapshot builds it: every value with its transformed forms.
+fn scrubber_with_forms(values: &[Vec<u8>]) -> std::sync::Arc<Scrubber> {
+    let pairs = values
+        .iter()
+        .enumerate()
+        .flat_map(|(i, v)| {
+            let token = corpus::token(100 + i as u64);
+            let value = SecretValue::new(v.clone());
+            let forms = echo_forms(&value, token.as_bytes());
+            std::iter::once((value, Bytes::copy_from_slice(token.as_bytes()))).chain(forms)
+        })
+        .collect();
+    Scrubber::new(pairs).expect("values")
+}
+
+/// `n` values of 40 base64 characters with a `/` and a `+` in them, ending in `=`.
+fn aws_values(n: usize) -> Vec<Vec<u8>> {
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut rng = corpus::Rng::new(7);
+    (0..n)
+        .map(|_| {
+            let mut v: Vec<u8> = (0..39).map(|_| B64[rng.below(B64.len())]).collect();
+            v[10] = b'/';
+            v[25] = b'+';
+            v.push(b'=');
+            v
+        })
+        .collect()
 }
 
 criterion_group!(benches, body, stream, headers, scrub);
