@@ -97,7 +97,10 @@ enum Unread {
 async fn read_at_most(body: &mut Incoming, room: usize, max: usize) -> Result<Vec<u8>, Unread> {
     let mut whole = Vec::with_capacity(room.min(max));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| Unread::BrokeOff)?;
+        let Ok(frame) = frame else {
+            whole.zeroize();
+            return Err(Unread::BrokeOff);
+        };
         if let Some(data) = frame.data_ref() {
             if whole.len() + data.len() > max {
                 whole.zeroize();
