@@ -250,26 +250,12 @@ async fn a_missing_token_file_says_to_start_the_daemon() {
 async fn a_fifo_as_the_token_file_is_refused_by_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("admin.token");
-    let c = std::ffi::CString::new(token.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let mut child = sealgate()
-        .arg("--data-dir")
+    mkfifo(&token);
+    let mut cli = sealgate();
+    cli.arg("--data-dir")
         .arg(dir.path())
-        .args(["store", "list"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the CLI hangs on a FIFO as its token file");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let e = stderr(&child.wait_with_output().unwrap());
+        .args(["store", "list"]);
+    let e = stderr(&run_bounded(cli, "the CLI, a FIFO as its token file"));
     assert!(
         e.contains(&token.display().to_string()) && e.contains("not a regular file"),
         "{e}"
@@ -489,6 +475,32 @@ fn serve_once(cfg: &Path, env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
+/// A FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Runs `c` to its end (no stdin, stderr kept), failing if it takes over 20 s (`what` hangs).
+fn run_bounded(mut c: Command, what: &str) -> Output {
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn rand_suffix() -> String {
     format!("{:x}", rand_u64())
 }
@@ -610,27 +622,10 @@ async fn a_fifo_in_place_of_the_key_or_the_token_is_refused_at_start() {
     }
     for name in ["master.key", "admin.token"] {
         let file = data.join(name);
-        let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let mut child = sealgate()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("the start hangs on a FIFO as {name}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let o = child.wait_with_output().unwrap();
+        mkfifo(&file);
+        let mut serve = sealgate();
+        serve.arg("--config").arg(&cfg).arg("serve");
+        let o = run_bounded(serve, &format!("the start, a FIFO as {name}"));
         let e = stderr(&o);
         assert!(!o.status.success(), "{e}");
         assert!(
