@@ -191,6 +191,7 @@ fn scrub(c: &mut Criterion) {
     // 14 keys shaped like AWS secret keys (`/`, `+`, `=`): with their percent, URL-in-URL,
     // HTML and base64 forms, more patterns than one packed searcher takes (128).
     let aws_forms = scrubber_with_forms(&aws_values(14));
+    let aws_forms_40 = scrubber_with_forms(&aws_values(40));
     let ac = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
         .build(&values)
@@ -219,6 +220,9 @@ fn scrub(c: &mut Criterion) {
         });
         g.bench_function("scrubber_whole_aws_keys_with_forms", |b| {
             b.iter(|| aws_forms.scrub(black_box(&data)).map_or(0, |(_, n)| n))
+        });
+        g.bench_function("scrubber_whole_40_aws_keys_with_forms", |b| {
+            b.iter(|| aws_forms_40.scrub(black_box(&data)).map_or(0, |(_, n)| n))
         });
         let pieces = chunks(&data, 16 * 1024);
         let mut out = Vec::with_capacity(pieces.len() + 64);

@@ -73,8 +73,10 @@ const PACKED_PATTERN_LIMIT: usize = 128;
 
 /// The most patterns searched with packed searchers ([`Search::PackedMany`] past
 /// [`PACKED_PATTERN_LIMIT`]: one pass over the text per searcher, each far faster than the
-/// automaton); past this the automaton.
-const MAX_PACKED_PATTERNS: usize = 4 * PACKED_PATTERN_LIMIT;
+/// automaton); past this the automaton. An AWS-style key (`/`, `+`, `=`) is about 24 patterns
+/// with its forms: 512 covered 21 such keys (outside re-check); 16 searchers cover about 85,
+/// and even then scan faster than the automaton (`benches/records/2026-12-06-session35-ab.md`).
+const MAX_PACKED_PATTERNS: usize = 16 * PACKED_PATTERN_LIMIT;
 
 /// The unit a stream's hold-back window is rounded up to ([`Scrubber::window`]).
 pub const WINDOW_UNIT: usize = 256;
