@@ -691,15 +691,7 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     tls.write_all(&[b'u'; 200_000]).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(tls);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let line = loop {
-        let audit = e.h.audit_log();
-        if let Some(l) = audit.lines().find(|l| l.contains("/cut-mid-upload")) {
-            break l.to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "no line: {audit}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let line = e.h.audit_line_eventually("/cut-mid-upload").await;
     assert!(line.contains("\"status\":499"), "{line}");
     assert!(!line.contains("upstream_unreachable"), "{line}");
 
@@ -730,15 +722,7 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     let mut out = Vec::new();
     let read = tls.read_to_end(&mut out);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let line = loop {
-        let audit = e.h.audit_log();
-        if let Some(l) = audit.lines().find(|l| l.contains("/bad-chunk")) {
-            break l.to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "no line: {audit}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let line = e.h.audit_line_eventually("/bad-chunk").await;
     assert!(line.contains("\"code\":\"bad_request\""), "{line}");
     assert!(!line.contains("\"status\":499"), "{line}");
 }

@@ -157,6 +157,23 @@ impl Harness {
     }
 
     /// The audit log's whole lines (after writing out what the daemon has queued).
+    /// The first audit line containing `needle`, waiting up to 5 s for it (a request's line
+    /// is written as its exchange ends, on a proxy worker).
+    pub async fn audit_line_eventually(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let audit = self.audit_log();
+            if let Some(l) = audit.lines().find(|l| l.contains(needle)) {
+                return l.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line with {needle}: {audit}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn audit_log(&self) -> String {
         if let Some(d) = &self.daemon {
             d.proxy.audit.flush();
