@@ -71,6 +71,7 @@ fn connector(cacert: &str) -> TlsConnector {
     for cert in CertificateDer::pem_file_iter(cacert).expect("read --cacert") {
         roots.add(cert.expect("PEM")).expect("add root");
     }
+    #[allow(deprecated)] // as in src/tls_provider.rs
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

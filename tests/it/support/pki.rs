@@ -150,7 +150,9 @@ impl Default for TestPki {
     }
 }
 
-/// The ring crypto provider every config here uses (never the process default).
+/// The ring crypto provider every config here uses (never the process default); deprecated
+/// by rustls 0.23.48, kept as the daemon keeps it (`src/tls_provider.rs`).
+#[allow(deprecated)]
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
