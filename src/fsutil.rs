@@ -60,6 +60,7 @@ pub fn replace_public_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if holds(path, bytes) {
         return Ok(());
     }
+    check_replaceable(path)?;
     if let Some(dir) = path.parent() {
         create_public_dir(dir)?;
     }
@@ -199,7 +200,38 @@ fn create_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    check_replaceable(path)?;
     through_temp(path, bytes, sync, |tmp, path| std::fs::rename(tmp, path))
+}
+
+/// Refuses a `path` that exists as something other than a regular file or a link: a rename
+/// over a device, FIFO, socket or directory would destroy it (outside pass: `sandbox create
+/// --env-file /dev/null`, run as root, replaced the host's `/dev/null` with a 0600 file
+/// holding the proxy password and the tokens).
+///
+/// # Errors
+/// `InvalidInput` naming what `path` is.
+fn check_replaceable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    let what = if t.is_file() || t.is_symlink() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else {
+        "a socket"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file, and the file is written whole in its place: name a new or regular file"),
+    ))
 }
 
 /// Writes `bytes` to a fresh temporary beside `path` (fsynced if `sync`), then `place`s it at
@@ -386,5 +418,37 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 3, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn a_device_fifo_or_directory_is_never_replaced() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let dir = tmp.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        for (path, what) in [(&fifo, "a FIFO"), (&dir, "a directory")] {
+            for e in [
+                super::replace_private_file(path, b"A=1\n").unwrap_err(),
+                super::replace_private_file_synced(path, b"A=1\n").unwrap_err(),
+                super::replace_public_file(path, b"pem").unwrap_err(),
+            ] {
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+                assert!(e.to_string().contains(what), "{e}");
+            }
+        }
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert!(dir.is_dir());
+        // The device itself, only read: /dev/null is checked, never written.
+        let e = super::check_replaceable(std::path::Path::new("/dev/null")).unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        let left = std::fs::read_dir(tmp.path()).unwrap().count();
+        assert_eq!(left, 2, "no temporary file left");
     }
 }
