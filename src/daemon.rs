@@ -996,6 +996,14 @@ fn proxy_only_ids(stored: Option<Vec<String>>, ended: &HashSet<String>) -> Optio
 /// Undoes namespaces, veths and rules that daemons which died on this host left behind,
 /// keeping the chains of the `live` sandboxes ([`crate::netns::sweep::sweep`]).
 async fn sweep_namespaces(live: Option<Vec<String>>) {
+    // Only a root daemon makes namespaces, rules and cgroups (packaging/isolation.conf). One
+    // of another user reads none of the root-only records, so a live root daemon's sandboxes
+    // looked like leftovers to it: "removing" lines for what it could not remove, and a
+    // second of retries per cgroup at every start (outside pass).
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
     let swept = tokio::task::spawn_blocking(move || crate::netns::sweep::sweep(live.as_deref()))
         .await
         .unwrap_or_default();

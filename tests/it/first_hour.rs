@@ -804,6 +804,51 @@ fn wait_for_text(path: &Path, text: &str, child: &mut std::process::Child) -> St
     }
 }
 
+/// A daemon that is not root sweeps no namespace: it cannot read the root-only records, and
+/// took a live root daemon's sandboxes for leftovers (outside pass). The "namespace" here is
+/// an old file in /run/netns named like the pool's last slot, which sealgate never allocates.
+#[tokio::test]
+async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the daemon under test is then not root either: nothing to show
+    }
+    let fake = Path::new("/run/netns/sealgate-7fbf");
+    std::fs::create_dir_all("/run/netns").unwrap();
+    std::fs::write(fake, "").unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(fake)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_sealgate"))
+        .arg("--config")
+        .arg(serve_config(
+            dir.path(),
+            &data,
+            "[log]\nlevel = \"debug\"\n",
+        ))
+        .arg("serve")
+        .env_remove("SEALGATE_ADMIN_TOKEN")
+        .env_remove("SEALGATE_MASTER_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut daemon = Spawned(c.spawn().unwrap());
+    let banner = wait_for_text(&log, "  master key:", &mut daemon.0);
+    let _ = std::fs::remove_file(fake);
+    assert!(!banner.contains("leftover"), "{banner}");
+}
+
 #[tokio::test]
 async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
