@@ -10,10 +10,14 @@ mod ready;
 mod routes;
 pub mod serve;
 mod slots;
+mod token;
 mod validate;
 
 pub use error::ApiError;
 pub use routes::{router, CORRUPT_STORES_HEADER};
+pub use token::{
+    read_file as read_token_file, warn_short as warn_short_token, AdminToken, TokenReload,
+};
 
 use std::sync::Arc;
 
@@ -21,11 +25,19 @@ use crate::audit::Audit;
 use crate::isolation::Isolation;
 use crate::metrics::Metrics;
 use crate::sandbox::Sandboxes;
-use crate::secret::SecretValue;
 use crate::store::Store;
 
-/// Answer to a reload request: the keys that need a restart, or why the file was refused.
-pub type ReloadReply = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
+/// What a reload applied: the keys that need a restart, and what became of the admin token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Keys whose new value only a restart applies.
+    pub needs_restart: Vec<String>,
+    /// The admin token re-read from its file (or kept: it came from the environment).
+    pub token: TokenReload,
+}
+
+/// Answer to a reload request: what it applied, or why nothing was (file or token refused).
+pub type ReloadReply = tokio::sync::oneshot::Sender<Result<Reloaded, String>>;
 /// Asks the daemon to reload its configuration.
 pub type ReloadSender = tokio::sync::mpsc::UnboundedSender<ReloadReply>;
 
@@ -37,8 +49,8 @@ pub struct AdminState {
     pub sandboxes: Arc<Sandboxes>,
     /// Isolated sandboxes (namespaces, commands).
     pub isolation: Arc<Isolation>,
-    /// The bearer token.
-    pub admin_token: SecretValue,
+    /// The bearer token (re-read from its file on reload).
+    pub admin_token: Arc<AdminToken>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Audit sink.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, AdminToken};
 use crate::audit::{AdminEvent, Audit};
 use crate::ca::LeafCache;
 use crate::config::{Backend, Config};
@@ -119,7 +119,7 @@ pub struct Running {
     pub sandboxes: Arc<Sandboxes>,
     /// Isolated sandboxes.
     pub isolation: Arc<Isolation>,
-    admin_token: SecretValue,
+    admin_token: Arc<AdminToken>,
     shutdown: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
     /// The proxy's worker threads (taken by [`Running::wait`]; dropping them stops them).
@@ -133,9 +133,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// The admin bearer token (tests only need this; never logged).
+    /// The running admin bearer token (tests only need this; never logged).
     pub fn admin_token(&self) -> String {
-        String::from_utf8_lossy(self.admin_token.expose()).into_owned()
+        String::from_utf8_lossy(self.admin_token.current().expose()).into_owned()
     }
 
     /// The start-up summary, one `  name: value` line each (the one place it is written;
@@ -325,7 +325,8 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         .ok();
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
-    let (admin_token, admin_token_file) = admin_token(&cfg.data_dir, ov.admin_token.as_deref())?;
+    let admin_token = Arc::new(admin_token(&cfg.data_dir, ov.admin_token.as_deref())?);
+    let admin_token_file = admin_token.file().map(Path::to_path_buf);
     // Before any listener is bound: once the admin port answers, the host is clean.
     let ended = record_stale_isolated(&cfg)?;
     let rows = stored_sandboxes(&*store);
@@ -436,6 +437,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     }
     tasks.spawn(reloads(
         proxy.clone(),
+        admin_token.clone(),
         ov.config_path.clone(),
         cfg.clone(),
         own,
@@ -783,11 +785,9 @@ fn remove_stale_temps(data_dir: &Path) {
     }
 }
 
-/// The admin token: from the environment, else `data_dir/admin.token` (created 0600).
-fn admin_token(
-    data_dir: &Path,
-    env: Option<&str>,
-) -> Result<(SecretValue, Option<PathBuf>), DaemonError> {
+/// The admin token: from the environment, else `data_dir/admin.token` (created 0600 when
+/// missing; see [`admin::read_token_file`] for what an existing one must be).
+fn admin_token(data_dir: &Path, env: Option<&str>) -> Result<AdminToken, DaemonError> {
     if let Some(t) = env.filter(|t| !t.is_empty()) {
         if t.trim().is_empty() {
             return Err(blank_token(
@@ -796,83 +796,25 @@ fn admin_token(
         }
         // Trimmed like the file's: a header never carries the spaces around it.
         let t = t.trim();
-        warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
-        return Ok((SecretValue::new(t.as_bytes().to_vec()), None));
+        admin::warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
+        return Ok(AdminToken::new(
+            SecretValue::new(t.as_bytes().to_vec()),
+            None,
+        ));
     }
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    let read = crate::fsutil::open_regular(&path).and_then(|mut f| {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut f, &mut text).map(|_| text)
-    });
-    match read {
-        // An empty token would match a request with no `Authorization` at all.
-        Ok(text) if text.trim().is_empty() => {
-            return Err(blank_token(&format!(
-                "{} is empty: write a long random token into it (openssl rand -hex 32), or \
-                 delete it to have one generated",
-                path.display()
-            )));
-        }
-        Ok(text) => {
-            refuse_open_mode(&path)?;
-            warn_short_token(text.trim(), &path.display().to_string());
-            return Ok((
-                SecretValue::new(text.trim().as_bytes().to_vec()),
-                Some(path),
-            ));
-        }
-        // Only a missing file is created: an unreadable one is the operator's to fix (a
-        // create would fail with "File exists" and point at deleting it, rotating the token).
-        // A link to a missing file is the operator's too: replacing it would drop their link.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_symlink() => {
-            return Err(blank_token(&format!(
-                "{} is a link to a missing file: point it at the token file, or remove it to \
-                 have a token generated",
-                path.display()
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+    // Only a missing file is created: an unreadable one is the operator's to fix (a create
+    // would fail with "File exists" and point at deleting it, rotating the token).
+    if let Some(token) = admin::read_token_file(&path).map_err(io_err("admin token"))? {
+        return Ok(AdminToken::new(token, Some(path)));
     }
     let token = crate::random::random_hex(32);
     crate::fsutil::replace_private_file_synced(&path, format!("{token}\n").as_bytes())
         .map_err(io_err(format!("creating {}", path.display())))?;
-    Ok((SecretValue::new(token.into_bytes()), Some(path)))
-}
-
-/// Tokens shorter than this get a warning (the generated one has 64 hex characters).
-const SHORT_ADMIN_TOKEN: usize = 32;
-
-/// The admin token guards every secret: a short one (any local process, proxy-only sandboxes
-/// included, can try tokens against the loopback API) is worth a warning. Never logs the token.
-fn warn_short_token(token: &str, from: &str) {
-    if token.len() < SHORT_ADMIN_TOKEN {
-        tracing::warn!(
-            source = %from,
-            length = token.len(),
-            "the admin token is shorter than {SHORT_ADMIN_TOKEN} characters: use a long random one (the generated token has 64)"
-        );
-    }
-}
-
-/// Refuses a token file group or others may read or write, as the master key file is
-/// refused: the token widens any store's allowlist, which lets a secret without
-/// `allowed_hosts` go to any host (found from outside: a 0644 token was used silently).
-fn refuse_open_mode(path: &Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(io_err(format!("reading {}", path.display())))?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 == 0 {
-        return Ok(());
-    }
-    Err(blank_token(&format!(
-        "{0} has mode {mode:03o}; it must not be accessible by group or others (run `chmod \
-         600 {0}`); refusing to use it",
-        path.display()
-    )))
+    Ok(AdminToken::new(
+        SecretValue::new(token.into_bytes()),
+        Some(path),
+    ))
 }
 
 /// The refusal of a blank admin token (a start-up error, like an unreadable token file).
@@ -1110,10 +1052,11 @@ async fn end_isolated_on_shutdown(
     }
 }
 
-type ReloadReply = oneshot::Sender<Result<Vec<String>, String>>;
+type ReloadReply = oneshot::Sender<Result<admin::Reloaded, String>>;
 
 async fn reloads(
     proxy: Arc<ProxyState>,
+    token: Arc<AdminToken>,
     path: Option<PathBuf>,
     running: Config,
     own: Vec<SocketAddr>,
@@ -1127,10 +1070,23 @@ async fn reloads(
             _ = async { match &mut hup { Some(h) => { h.recv().await; } None => std::future::pending().await } } => None,
             _ = shutdown.changed() => return,
         };
-        let outcome = reload_once(&proxy, path.as_deref(), &running, &own);
+        let outcome = reload_with_token(&proxy, &token, path.as_deref(), &running, &own);
         match &outcome {
-            Ok(restart) => tracing::info!(needs_restart = ?restart, "configuration reloaded"),
-            Err(e) => tracing::warn!(error = %e, "reload refused; running configuration kept"),
+            Ok(done) => tracing::info!(
+                needs_restart = ?done.needs_restart,
+                admin_token = done.token.as_str(),
+                "configuration reloaded"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "reload refused; running configuration and admin token kept"
+            ),
+        }
+        if matches!(&outcome, Ok(done) if done.token == admin::TokenReload::Replaced) {
+            tracing::warn!(
+                file = %token.file().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+                "admin token replaced from its file: the previous token no longer opens the admin API"
+            );
         }
         if let Err(e) = proxy.audit.reopen() {
             tracing::warn!(
@@ -1144,17 +1100,50 @@ async fn reloads(
             Some(r) => {
                 let _ = r.send(outcome); // the admin route writes its own audit line
             }
-            None => proxy.audit.admin(&crate::audit::AdminEvent {
-                action: "config.reload",
-                store: None,
-                store_name: None,
-                secret: None,
-                sandbox: None,
-                actor: "signal:SIGHUP".into(),
-                outcome: outcome.is_err().then_some("refused"),
-            }),
+            None => audit_signal_reload(&proxy.audit, &outcome),
         }
     }
+}
+
+/// The audit lines of a reload a SIGHUP asked for (the admin route writes its own).
+fn audit_signal_reload(audit: &Audit, outcome: &Result<admin::Reloaded, String>) {
+    let line = |action, outcome| crate::audit::AdminEvent {
+        action,
+        store: None,
+        store_name: None,
+        secret: None,
+        sandbox: None,
+        actor: "signal:SIGHUP".into(),
+        outcome,
+    };
+    audit.admin(&line(
+        "config.reload",
+        outcome.is_err().then_some("refused"),
+    ));
+    if matches!(outcome, Ok(done) if done.token == admin::TokenReload::Replaced) {
+        audit.admin(&line("admin_token.replace", None));
+    }
+}
+
+/// A reload: the admin token file and the config file are both read and checked before
+/// either is applied, so a refusal of one keeps both as they ran. Without a config file
+/// (embedded defaults) only the token file is re-read.
+fn reload_with_token(
+    proxy: &ProxyState,
+    token: &AdminToken,
+    path: Option<&Path>,
+    running: &Config,
+    own: &[SocketAddr],
+) -> Result<admin::Reloaded, String> {
+    let staged = token.stage()?;
+    let needs_restart = match (path, &staged) {
+        (None, Some(_)) => Vec::new(),
+        _ => reload_once(proxy, path, running, own)?,
+    };
+    Ok(admin::Reloaded {
+        needs_restart,
+        token: token.install(staged),
+    })
 }
 
 /// Re-reads the config file and applies what can change live. Returns the keys whose new
@@ -1167,7 +1156,11 @@ fn reload_once(
     own: &[SocketAddr],
 ) -> Result<Vec<String>, String> {
     let Some(path) = path else {
-        return Err("no --config file was given; nothing to reload".into());
+        return Err(
+            "no --config file was given and the admin token comes from SEALGATE_ADMIN_TOKEN; \
+             nothing to reload"
+                .into(),
+        );
     };
     let new = Config::load(Some(path)).map_err(|e| e.to_string())?;
     let restart = needs_restart(running, &new);

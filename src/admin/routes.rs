@@ -114,20 +114,7 @@ async fn require_token(State(st): St, req: Request, next: Next) -> Response {
 }
 
 fn bearer_ok(st: &AdminState, headers: &header::HeaderMap) -> bool {
-    token_matches(&st.admin_token, headers)
-}
-
-/// Whether `headers` carry `token` as a bearer token (compared in constant time).
-pub(super) fn token_matches(token: &SecretValue, headers: &header::HeaderMap) -> bool {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        // The auth scheme is case-insensitive (RFC 9110 §11.1).
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim_start());
-    // An empty token never matches (a start refuses one; this holds whoever built the state).
-    !token.expose().is_empty() && crate::secret::ct_eq(presented.as_bytes(), token.expose())
+    st.admin_token.matches(headers)
 }
 
 fn actor(peer: SocketAddr) -> String {
@@ -980,8 +967,17 @@ async fn reload(
         ..event("config.reload", (None, None, None), peer)
     });
     match outcome {
-        Ok(restart_needed) => {
-            Ok(Json(json!({"reloaded": true, "needs_restart": restart_needed})).into_response())
+        Ok(done) => {
+            if done.token == super::TokenReload::Replaced {
+                st.audit
+                    .admin(&event("admin_token.replace", (None, None, None), peer));
+            }
+            Ok(Json(json!({
+                "reloaded": true,
+                "needs_restart": done.needs_restart,
+                "admin_token": done.token.as_str(),
+            }))
+            .into_response())
         }
         Err(msg) => Err(ApiError::bad_request(msg)),
     }
@@ -990,28 +986,6 @@ async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bearer(v: Option<&str>) -> header::HeaderMap {
-        let mut h = header::HeaderMap::new();
-        if let Some(v) = v {
-            h.insert(header::AUTHORIZATION, v.parse().unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn an_empty_token_matches_nothing_not_even_a_missing_header() {
-        let empty = SecretValue::new(Vec::new());
-        for presented in [None, Some("Bearer "), Some("Bearer"), Some("Basic x")] {
-            assert!(!token_matches(&empty, &bearer(presented)), "{presented:?}");
-        }
-        let t = SecretValue::new(b"0123456789abcdef0123456789abcdef".to_vec());
-        assert!(token_matches(
-            &t,
-            &bearer(Some("bearer 0123456789abcdef0123456789abcdef"))
-        ));
-        assert!(!token_matches(&t, &bearer(None)));
-    }
 
     #[test]
     fn the_event_stream_is_chosen_by_name_case_and_quality() {

@@ -26,9 +26,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service as _;
 
 use super::error::ApiError;
-use super::routes::token_matches;
 use super::slots::{Conn, Table};
-use crate::secret::SecretValue;
+use super::AdminToken;
 
 /// How long shutdown waits for admin connections still busy (a streamed command).
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -44,7 +43,7 @@ pub async fn serve(
     router: axum::Router,
     listener: TcpListener,
     limits: Limits,
-    token: SecretValue,
+    token: Arc<AdminToken>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -124,7 +123,7 @@ async fn wait_for_slot(
 fn service(
     router: axum::Router,
     peer: SocketAddr,
-    token: SecretValue,
+    token: Arc<AdminToken>,
     conn: Arc<Conn>,
     body_wait: Duration,
 ) -> impl hyper::service::Service<
@@ -136,7 +135,7 @@ fn service(
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
-        let authenticated = token_matches(&token, req.headers());
+        let authenticated = token.matches(req.headers());
         let (in_flight, runs) = InFlight::start(conn.clone(), authenticated);
         async move {
             let answer = match (runs, authenticated) {

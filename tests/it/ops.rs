@@ -1458,6 +1458,90 @@ async fn sighup_applies_a_new_limit_without_dropping_live_tunnels_and_refuses_an
     b.assert_clean("sk-ops-sighup-0001");
 }
 
+/// Writes `token` into the daemon's admin token file the way docs/operations.md says (a new
+/// file, mode `mode`, renamed over the old one).
+fn rotate_token_file(b: &Bin, token: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = b.dir.path().join("data/admin.token");
+    let new = b.dir.path().join("data/admin.token.new");
+    std::fs::write(&new, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&new, &file).unwrap();
+}
+
+/// The status `GET /v1/stores` answers with `token`.
+async fn stores_status(b: &mut Bin, token: &str) -> StatusCode {
+    let running = std::mem::replace(&mut b.token, token.to_owned());
+    let (s, _) = b.api(Method::GET, "/v1/stores", None).await;
+    b.token = running;
+    s
+}
+
+/// Found from outside: the token file was read at start only, so a rotation needed a restart
+/// (an outage that ends isolated sandboxes) and a reload answered as if it had applied it.
+#[tokio::test]
+async fn a_rotated_admin_token_file_is_taken_by_sighup_and_by_the_reload_call() {
+    let (_pki, _echo, mut b) = bin_with("").await;
+    let old = b.token.clone();
+    let (first, second) = ("1f".repeat(32), "2e".repeat(32));
+
+    rotate_token_file(&b, &first, 0o600);
+    b.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stores_status(&mut b, &first).await != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not take the new token"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stores_status(&mut b, &old).await, StatusCode::UNAUTHORIZED);
+    b.token = first.clone();
+
+    // A file open to others is refused, and the running token stays.
+    rotate_token_file(&b, &second, 0o644);
+    let (s, v) = b.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("mode 644") && msg.contains("admin.token"),
+        "{msg}"
+    );
+    assert_eq!(
+        stores_status(&mut b, &second).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    rotate_token_file(&b, &second, 0o600);
+    let (s, v) = b.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["admin_token"], "replaced", "{v}");
+    assert_eq!(
+        stores_status(&mut b, &first).await,
+        StatusCode::UNAUTHORIZED
+    );
+    b.token = second.clone();
+    let (_, v) = b.api(Method::POST, "/v1/admin/reload", None).await;
+    assert_eq!(v["admin_token"], "unchanged", "{v}");
+
+    let audit = || std::fs::read_to_string(b.dir.path().join("audit.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while audit().matches(r#""action":"admin_token.replace""#).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two admin_token.replace lines:\n{}",
+            audit()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(audit().contains(r#""action":"admin_token.replace","store":null,"secret":null,"sandbox":null,"actor":"signal:SIGHUP""#));
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(10)).await.success());
+    for t in [&old, &first, &second] {
+        b.assert_clean(t);
+    }
+}
+
 /// Starts a `/slow` response, sends SIGTERM after its first chunk, and returns (bytes received,
 /// time from SIGTERM to the end of the body, time from SIGTERM to exit, exit status).
 async fn sigterm_during_stream(
