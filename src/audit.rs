@@ -28,6 +28,9 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+mod tail;
+pub use tail::tail;
+
 /// Lines the queue holds before [`Audit`] starts dropping them.
 pub const QUEUE_LINES: usize = 8192;
 /// A batch this large is written at once.
@@ -504,41 +507,6 @@ fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .append(true)
         .open(p)
-}
-
-/// Prints the audit file and, with `follow`, keeps printing lines as they are appended
-/// (reopening the file when it is rotated or truncated).
-///
-/// # Errors
-/// The file cannot be read.
-pub async fn tail(path: &std::path::Path, follow: bool) -> anyhow::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut pos = 0u64;
-    loop {
-        let mut f =
-            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let len = f.metadata()?.len();
-        if len < pos {
-            pos = 0;
-        }
-        f.seek(SeekFrom::Start(pos))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = out.write_all(&buf[..complete]).and_then(|()| out.flush()) {
-            // As the CLI's answers: a reader gone is 141, quietly; a failed write says so.
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(141);
-            }
-            anyhow::bail!("writing the audit lines to stdout: {e}");
-        }
-        pos += complete as u64;
-        if !follow {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
 }
 
 #[cfg(test)]
