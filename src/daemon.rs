@@ -979,6 +979,15 @@ fn check_config_private(cfg: &Config, path: Option<&Path>) -> Result<(), DaemonE
     Ok(())
 }
 
+/// Directories hidden inside every isolated sandbox besides `data_dir`: `cert_dir` (absolute),
+/// unless `data_dir` holds it already or it is `/` (nothing would be left to run).
+fn hidden_dirs(cfg: &Config, data_dir: &Path) -> Vec<PathBuf> {
+    std::fs::canonicalize(&cfg.cert_dir)
+        .into_iter()
+        .filter(|c| !c.starts_with(data_dir) && c.parent().is_some())
+        .collect()
+}
+
 /// The isolation service; ends the sandboxes an earlier run had isolated (they are not
 /// restored: their namespaces and processes died with that run).
 fn start_isolation(
@@ -994,10 +1003,12 @@ fn start_isolation(
         .iter()
         .filter_map(|p| std::fs::canonicalize(p).ok())
         .collect();
+    let hidden_dirs = hidden_dirs(cfg, &data_dir);
     let isolation = Arc::new(Isolation::new(
         cfg.sandbox.clone(),
         data_dir,
         hidden,
+        hidden_dirs,
         sandboxes.clone(),
         proxy.clone(),
     ));

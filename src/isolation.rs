@@ -150,6 +150,11 @@ pub struct Isolation {
     data_dir: PathBuf,
     /// Files masked inside every sandbox (the config file, which may hold a database password).
     hidden: Vec<PathBuf>,
+    /// Directories laid over with an empty tmpfs inside every sandbox besides `data_dir`:
+    /// `cert_dir`, whose `<sandbox-id>.pem` files list every live sandbox of the host, other
+    /// tenants' too, with their creation times (outside review; each command has its own CA at
+    /// `/run/sealgate/ca.pem`).
+    hidden_dirs: Vec<PathBuf>,
     users: Users,
     sandboxes: Arc<Sandboxes>,
     proxy: Arc<ProxyState>,
@@ -179,6 +184,7 @@ impl Isolation {
         cfg: SandboxConfig,
         data_dir: PathBuf,
         hidden: Vec<PathBuf>,
+        hidden_dirs: Vec<PathBuf>,
         sandboxes: Arc<Sandboxes>,
         proxy: Arc<ProxyState>,
     ) -> Isolation {
@@ -208,6 +214,7 @@ impl Isolation {
             cfg,
             data_dir: data_dir.clone(),
             hidden,
+            hidden_dirs,
             users,
             sandboxes,
             proxy,

@@ -247,6 +247,7 @@ fn prepare(
         cwd: &cwd,
         env_file: &env_file.0,
         hidden: &isolation.hidden,
+        hidden_dirs: &isolation.hidden_dirs,
         run_binds: &run_binds(&iso.info.name),
         root: &root,
         identity: !run_as.named, // RunAs::identity_files wrote them at create
@@ -300,6 +301,8 @@ pub struct Sandboxed<'a> {
     pub env_file: &'a Path,
     /// Host files masked by `/dev/null` (the config file).
     pub hidden: &'a [PathBuf],
+    /// Host directories laid over with an empty tmpfs besides `data_dir` (`cert_dir`).
+    pub hidden_dirs: &'a [PathBuf],
     /// `(source, target)` files bound back under the fresh `/run` (see [`run_binds`]).
     pub run_binds: &'a [(PathBuf, PathBuf)],
     /// The host's top-level entries ([`host_root::list`]), from which the root is rebuilt.
@@ -429,6 +432,9 @@ fn mounts(s: &Sandboxed<'_>) -> Vec<Mount> {
         // this one's over `/etc`.
         Mount::new("--tmpfs", none, NETNS_ETC),
         Mount::new("--tmpfs", none, s.data_dir),
+    ]);
+    m.extend(s.hidden_dirs.iter().map(|d| Mount::new("--tmpfs", none, d)));
+    m.extend([
         Mount::new("--bind", Some(&s.dir.join(FILES_DIR).join("tmp")), "/tmp"),
         Mount::new("--tmpfs", none, "/home"),
         Mount::new("--bind", Some(&super::home_of(s.dir)), HOME_INSIDE),
@@ -1019,6 +1025,7 @@ mod tests {
             cwd: "/home/user",
             env_file: Path::new("/d/sandboxes/sbx_1/cmd-1.env"),
             hidden: &[PathBuf::from("/etc/sealgate/proxy.toml")],
+            hidden_dirs: &[PathBuf::from("/srv/certs")],
             run_binds: &[(
                 PathBuf::from("/etc/netns/sealgate-0005/resolv.conf"),
                 PathBuf::from("/run/systemd/resolve/stub-resolv.conf"),
@@ -1055,7 +1062,7 @@ mod tests {
                  --ro-bind /etc/netns/sealgate-0005/resolv.conf /run/systemd/resolve/stub-resolv.conf \
                  --ro-bind /d/sandboxes/sbx_1/passwd /etc/passwd \
                  --ro-bind /d/sandboxes/sbx_1/group /etc/group \
-                 --tmpfs /etc/netns --tmpfs /d "
+                 --tmpfs /etc/netns --tmpfs /d --tmpfs /srv/certs "
             ),
             "{line}"
         );

@@ -41,6 +41,12 @@
 //!   shares read-only with the host. (inotify stays: file watchers need it. What it shows of
 //!   shared files, opens and reads by other sandboxes and the host, is an accepted risk:
 //!   ARCHITECTURE "Accepted risks".)
+//! - `bpf` (ENOSYS; Docker's default profile allows it only with `CAP_SYS_ADMIN`/`CAP_BPF`):
+//!   unprivileged eBPF (socket filters through the verifier) has been a road to kernel
+//!   exploits (CVE-2021-3490, CVE-2022-23222); only `kernel.unprivileged_bpf_disabled` kept an
+//!   outside review's call from the kernel. `syslog` (EPERM, as with `dmesg_restrict`; Docker
+//!   allows it only with `CAP_SYSLOG`): where the host leaves `dmesg_restrict` off, the
+//!   kernel log shows other sandboxes' OOM kills and veth events.
 //!
 //! The filter is installed in the command's child between `fork` and `exec`
 //! ([`install_in_child`]) and inherited by everything it starts (a filter cannot be removed).
@@ -116,7 +122,7 @@ enum Verdict {
 struct Abi {
     arch: u32,
     foreign: u32,
-    refused: [(u32, Verdict); 14],
+    refused: [(u32, Verdict); 16],
 }
 
 /// The numbers of an ABI that [`refused`] filters.
@@ -133,14 +139,16 @@ struct Nrs {
     /// perf_event_open, userfaultfd.
     perf_uffd: [u32; 2],
     fanotify_init: u32,
+    bpf: u32,
+    syslog: u32,
 }
 
 /// add_key, request_key, keyctl: ENOSYS; clone and unshare with `CLONE_NEWUSER`: EPERM; clone3
 /// (its flags are behind a pointer a filter cannot read): ENOSYS, after which glibc uses clone;
 /// io_setup and io_uring_setup (425 on every ABI): ENOSYS; socket and socketpair of a family
 /// not in [`FAMILIES`]: EAFNOSUPPORT; socketcall creating a socket: ENOSYS; perf_event_open,
-/// userfaultfd and fanotify_init: ENOSYS.
-const fn refused(n: Nrs) -> [(u32, Verdict); 14] {
+/// userfaultfd, fanotify_init and bpf: ENOSYS; syslog: EPERM.
+const fn refused(n: Nrs) -> [(u32, Verdict); 16] {
     let family = Verdict::Socket;
     [
         (n.keys[0], Verdict::Fail(libc::ENOSYS)),
@@ -160,6 +168,8 @@ const fn refused(n: Nrs) -> [(u32, Verdict); 14] {
         (n.perf_uffd[0], Verdict::Fail(libc::ENOSYS)),
         (n.perf_uffd[1], Verdict::Fail(libc::ENOSYS)),
         (n.fanotify_init, Verdict::Fail(libc::ENOSYS)),
+        (n.bpf, Verdict::Fail(libc::ENOSYS)),
+        (n.syslog, Verdict::Fail(libc::EPERM)),
     ]
 }
 
@@ -177,6 +187,8 @@ const ABIS: [Abi; 2] = [
             socketcall: NONE,
             perf_uffd: [298, 323],
             fanotify_init: 300,
+            bpf: 321,
+            syslog: 103,
         }),
     },
     Abi {
@@ -191,6 +203,8 @@ const ABIS: [Abi; 2] = [
             socketcall: 102,
             perf_uffd: [336, 374],
             fanotify_init: 338,
+            bpf: 357,
+            syslog: 103,
         }),
     },
 ];
@@ -209,6 +223,8 @@ const ABIS: [Abi; 2] = [
             socketcall: NONE,
             perf_uffd: [241, 282],
             fanotify_init: 262,
+            bpf: 280,
+            syslog: 116,
         }),
     },
     Abi {
@@ -223,6 +239,8 @@ const ABIS: [Abi; 2] = [
             socketcall: NONE, // OABI only, which arm64 does not run
             perf_uffd: [364, 388],
             fanotify_init: 367,
+            bpf: 386,
+            syslog: 103,
         }),
     },
 ];
@@ -537,6 +555,9 @@ mod tests {
             libc::SYS_socketpair,
             libc::SYS_perf_event_open,
             libc::SYS_userfaultfd,
+            libc::SYS_fanotify_init,
+            libc::SYS_bpf,
+            libc::SYS_syslog,
         ] {
             assert!(native.contains(&(nr as u32)), "{nr}");
         }

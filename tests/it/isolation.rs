@@ -794,8 +794,10 @@ async fn the_config_file_and_host_sockets_are_masked() {
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     }
     let pki = Arc::new(TestPki::new());
+    let certs = conf.path().join("certs");
     let opts = Opts {
         config_dir: Some(conf.path().to_owned()),
+        cert_dir: Some(certs.clone()),
         ..Opts::default()
     };
     let h = Harness::try_start(opts, Some(pki))
@@ -807,14 +809,21 @@ async fn the_config_file_and_host_sockets_are_masked() {
     let sb = isolated(&h, json!({})).await;
     let probe = format!(
         "cat {} 2>/dev/null | wc -c; ls {} 2>/dev/null; echo sock=$?; \
-         grep -c nameserver /etc/resolv.conf; ls -A /etc/netns | wc -l",
+         grep -c nameserver /etc/resolv.conf; ls -A /etc/netns | wc -l; ls -A {} | wc -l",
         config.display(),
-        run.path().display()
+        run.path().display(),
+        certs.display()
+    );
+    assert!(
+        std::fs::read_dir(&certs).unwrap().count() > 0,
+        "the host has the CA files"
     );
     let r = ok(&h, &id(&sb), &probe).await;
     // Nor `/etc/netns`, where the host keeps every namespace's files: each names a sandbox
-    // (another tenant's too), its slot and, by its time, when it was made (outside review).
-    assert_eq!(r["stdout"], "0\nsock=2\n1\n0\n", "{r}");
+    // (another tenant's too), its slot and, by its time, when it was made (outside review);
+    // nor `cert_dir`, whose `<id>.pem` files list every live sandbox of the host with its
+    // creation time (outside review).
+    assert_eq!(r["stdout"], "0\nsock=2\n1\n0\n0\n", "{r}");
 
     // Nor the kernel's keyring of its user, which every sandbox shares (same `run_as`) and
     // which outlives a sandbox: keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING) is
@@ -851,6 +860,16 @@ async fn the_config_file_and_host_sockets_are_masked() {
         print(l.syscall(nr, 0, 0), ctypes.get_errno())'";
     let r = ok(&h, &id(&sb), fan).await;
     assert_eq!(r["stdout"], "-1 38\n", "{r}");
+    // Nor bpf(2) (ENOSYS: unprivileged eBPF is a road to kernel exploits, refused by Docker
+    // without CAP_BPF; an outside review reached the kernel with it) or syslog(2) (EPERM:
+    // the kernel log shows other sandboxes' OOM kills where dmesg_restrict is off).
+    let bpf = "python3 -c 'import ctypes, platform; l = ctypes.CDLL(None, use_errno=True); \
+        nrs = {\"x86_64\": (321, 103), \"aarch64\": (280, 116)}[platform.machine()]; \
+        attr = ctypes.create_string_buffer(128); \
+        print(l.syscall(nrs[0], 5, attr, 128), ctypes.get_errno()); \
+        print(l.syscall(nrs[1], 10, 0, 0), ctypes.get_errno())'";
+    let r = ok(&h, &id(&sb), bpf).await;
+    assert_eq!(r["stdout"], "-1 38\n-1 1\n", "{r}");
     // Nor a user namespace of its own (root with CAP_NET_ADMIN there: nftables, conntrack the
     // host's bounds do not see), by the tool or by a direct unshare(2).
     let userns = "unshare -Urn true; echo rc=$?; python3 -c 'import ctypes; \
