@@ -581,6 +581,8 @@ pub struct Curl {
     pub version: String,
     /// Body bytes curl received (`%{size_download}`).
     pub size: u64,
+    /// The whole transfer (`%{time_total}`).
+    pub seconds: f64,
     /// Response headers (and trailers), lowercased.
     pub headers: String,
     pub body: Vec<u8>,
@@ -611,7 +613,7 @@ impl World {
             self.path(&format!("curl-{n}.head")),
         );
         let script = format!(
-            "curl -sS {args} -o {} -D {} -w 'status=%{{http_code}}\\nversion=%{{http_version}}\\nsize=%{{size_download}}\\n' '{url}'",
+            "curl -sS {args} -o {} -D {} -w 'status=%{{http_code}}\\nversion=%{{http_version}}\\nsize=%{{size_download}}\\ntime=%{{time_total}}\\n' '{url}'",
             body.display(),
             head.display()
         );
@@ -621,6 +623,7 @@ impl World {
             status: r.var("status"),
             version: r.var("version"),
             size: r.var("size").parse().unwrap_or(u64::MAX),
+            seconds: r.var("time").parse().unwrap_or(f64::MAX),
             headers: std::fs::read_to_string(&head)
                 .unwrap_or_default()
                 .to_ascii_lowercase(),
