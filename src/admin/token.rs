@@ -14,6 +14,8 @@ use crate::secret::SecretValue;
 
 /// Tokens shorter than this get a warning (the generated one has 64 hex characters).
 const SHORT: usize = 32;
+/// A token file larger than this is refused (a token is one line; the CLI reads as much).
+const MAX_FILE: u64 = 64 * 1024;
 
 /// The token and the file it came from (None: `SEALGATE_ADMIN_TOKEN`).
 pub struct AdminToken {
@@ -138,9 +140,19 @@ pub fn token_matches(token: &SecretValue, headers: &HeaderMap) -> bool {
 /// open's or read's error, with the path, otherwise (a FIFO or device is "not a regular file").
 pub fn read_file(path: &Path) -> std::io::Result<Option<SecretValue>> {
     let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    let read = crate::fsutil::open_regular(path).and_then(|mut f| {
+    let read = crate::fsutil::open_regular(path).and_then(|f| {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_FILE + 1), &mut text)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "is larger than {} KiB: a token is one line",
+                    MAX_FILE / 1024
+                ),
+            ));
+        }
+        Ok(text)
     });
     let text = match read {
         Ok(text) => zeroize::Zeroizing::new(text),
@@ -245,6 +257,8 @@ mod tests {
         let t = AdminToken::new(read_file(&path).unwrap().unwrap(), Some(path.clone()));
         write(&path, "  \n", 0o600);
         assert!(t.reload().unwrap_err().contains("is empty"));
+        write(&path, &"f".repeat(65 * 1024), 0o600);
+        assert!(t.reload().unwrap_err().contains("larger than 64 KiB"));
         write(&path, &"d".repeat(64), 0o644);
         assert!(t.reload().unwrap_err().contains("mode 644"));
         std::fs::remove_file(&path).unwrap();
