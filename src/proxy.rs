@@ -435,6 +435,12 @@ pub struct Tunnel {
     pub listener: ListenerKind,
     /// Holds the sandbox's tunnel slot while the connection lives.
     pub _guard: Option<TunnelGuard>,
+    /// A share of the client connection's admission slot (`max_connections`,
+    /// `max_connections_per_sandbox`), taken where the tunnel is admitted: whatever outlives
+    /// the connection's task holding the tunnel — a CONNECT tunnel, an upgraded (WebSocket)
+    /// relay — keeps the connection counted (a relay had dropped it at the upgrade: one
+    /// sandbox held 40 live relays under a cap of 4, outside review).
+    _connection: Option<Arc<admission::Slot>>,
     /// `dest` as `host:port`, formatted once per tunnel (audit, metrics labels, refusals).
     pub authority: Arc<str>,
     /// The one authority the upstream sees, as the client named the destination: the
@@ -470,6 +476,7 @@ impl Tunnel {
             scheme,
             listener,
             _guard: guard,
+            _connection: connection_slot(),
             authority: authority.into(),
             origin,
         })

@@ -406,7 +406,7 @@ async fn exchange(
     };
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-            Ok(relay_upgrade(on, resp, scrubber, scope, still_allowed(t)))
+            Ok(relay_upgrade(t, on, resp, scrubber, scope))
         }
         _ => Ok(resp),
     }
@@ -1563,23 +1563,30 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
 }
 
 /// Relays an upgraded (WebSocket) connection both ways until both directions have ended (a
-/// half-close goes on to the other side), an error ends either, or
-/// `allowed` stops holding (checked every second: the sandbox ended, or the host left the
-/// store's `egress_allowlist`), which ends it — such a connection has no further requests at
-/// which the policy could be read. With a `scrubber` (the host's answers are scrubbed) the
+/// half-close goes on to the other side), an error ends either, or the tunnel's policy stops
+/// holding (checked every second: the sandbox ended, or the host left the store's
+/// `egress_allowlist`), which ends it — such a connection has no further requests at which
+/// the policy could be read. With a `scrubber` (the host's answers are scrubbed) the
 /// upstream's frames are scrubbed on their way ([`super::ws_scrub`]).
+///
+/// The relay runs as a connection of its own ([`ProxyState::spawn_connection`]): counted in
+/// `active_connections`, waited for by the stop's drain (up to `shutdown_grace_secs`, like a
+/// streaming answer), and holding `t` — so the client connection's admission slot and the
+/// tunnel's slot stay taken until it ends.
 fn relay_upgrade(
+    t: &Arc<Tunnel>,
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<ProxyBody>,
     scrubber: Option<Arc<Scrubber>>,
     mut scope: Scope,
-    allowed: impl Fn() -> bool + Send + 'static,
 ) -> Response<ProxyBody> {
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return resp;
     };
     let (sandbox, host) = (scope.sandbox_id(), scope.host());
-    tokio::spawn(async move {
+    let (allowed, tunnel) = (still_allowed(t), t.clone());
+    t.state.spawn_connection(async move {
+        let _slots = tunnel;
         let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
             return;
         };

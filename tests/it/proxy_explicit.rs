@@ -1036,6 +1036,63 @@ async fn a_websocket_ends_when_its_host_leaves_the_allowlist() {
     );
 }
 
+/// An upgraded (WebSocket) connection stays counted against `max_connections_per_sandbox`
+/// while its relay lives, wss through CONNECT and ws:// on the proxy connection alike (outside
+/// review: the relay dropped the connection's slot at the upgrade, and one sandbox held 40
+/// live relays under a cap of 4, with `active_connections` at 0).
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_connection_slot_until_the_relay_ends() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let plain = Echo::start_plain().await;
+    let opts = Opts {
+        resolve: vec![("plain.example.test".into(), plain.addr)],
+        proxy_toml: "max_connections_per_sandbox = 2\nmax_tunnels_per_sandbox = 8\n".into(),
+        ..Default::default()
+    };
+    let e = setup_with(Some(&["api.example.test", "plain.example.test"]), &[], opts).await;
+    let tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let (mut wss, _) = tokio_tungstenite::client_async("wss://api.example.test/ws", tls)
+        .await
+        .expect("websocket handshake through CONNECT");
+    let mut ws = tokio::net::TcpStream::connect(e.h.proxy).await.unwrap();
+    let upgrade = format!(
+        "GET http://plain.example.test/ws HTTP/1.1\r\nHost: plain.example.test\r\n\
+         Proxy-Authorization: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        e.sb.proxy_auth()
+    );
+    ws.write_all(upgrade.as_bytes()).await.unwrap();
+    let (status, head, _) = pc::read_response_head(&mut ws).await;
+    assert_eq!(status, 101, "{head}");
+    wss.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(
+        wss.next().await.unwrap().unwrap().into_text().unwrap(),
+        "still here"
+    );
+    // Both relays hold their connections: a third connection is over the cap.
+    let r = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect_err("two relays hold both connection slots");
+    assert_eq!(r.status, 429, "{}", r.head);
+    assert!(r.body.contains("too_many_connections"), "{}", r.body);
+    // The relay's end frees its slot.
+    drop(wss);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended relay's slot was not freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(ws);
+}
+
 #[tokio::test]
 async fn plain_http_is_forwarded_but_never_unsealed() {
     let plain = Echo::start_plain().await;
