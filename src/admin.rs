@@ -16,7 +16,8 @@ mod validate;
 pub use error::ApiError;
 pub use routes::{router, CORRUPT_STORES_HEADER};
 pub use token::{
-    read_file as read_token_file, warn_short as warn_short_token, AdminToken, TokenReload,
+    read_file as read_token_file, unsendable as unsendable_token, warn_short as warn_short_token,
+    AdminToken, TokenReload,
 };
 
 use std::sync::Arc;

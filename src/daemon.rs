@@ -796,6 +796,12 @@ fn admin_token(data_dir: &Path, env: Option<&str>) -> Result<AdminToken, DaemonE
         }
         // Trimmed like the file's: a header never carries the spaces around it.
         let t = t.trim();
+        if let Some(why) = admin::unsendable_token(t) {
+            return Err(blank_token(&format!(
+                "SEALGATE_ADMIN_TOKEN holds {why}, which no client can send in an \
+                 Authorization header: set one line of visible ASCII"
+            )));
+        }
         admin::warn_short_token(t, "SEALGATE_ADMIN_TOKEN");
         return Ok(AdminToken::new(
             SecretValue::new(t.as_bytes().to_vec()),

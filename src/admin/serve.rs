@@ -66,7 +66,7 @@ pub async fn serve(
         };
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
-            Err(_) => match wait_for_slot(&slots, &table, &mut shutdown).await {
+            Err(_) => match wait_for_slot(&slots, &table, &token, &mut shutdown).await {
                 Some(slot) => slot,
                 None => break,
             },
@@ -99,16 +99,17 @@ pub async fn serve(
     }
 }
 
-/// Every slot is taken: evicts a connection without the token ([`Table::evict_one`]) and
-/// waits for a slot, evicting again every [`EVICT_RETRY`] while none is free (a connection
+/// Every slot is taken: evicts a connection without the running token ([`Table::evict_one`])
+/// and waits for a slot, evicting again every [`EVICT_RETRY`] while none is free (a connection
 /// may be inside its grace, or its request may finish, at the first try). `None` at shutdown.
 async fn wait_for_slot(
     slots: &Arc<Semaphore>,
     table: &Table,
+    token: &AdminToken,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<OwnedSemaphorePermit> {
     loop {
-        table.evict_one();
+        table.evict_one(token.generation());
         tokio::select! {
             s = slots.clone().acquire_owned() => return Some(s.expect("the semaphore is never closed")),
             () = tokio::time::sleep(EVICT_RETRY) => {}
@@ -135,8 +136,9 @@ fn service(
     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
-        let authenticated = token.matches(req.headers());
-        let (in_flight, runs) = InFlight::start(conn.clone(), authenticated);
+        let matched = token.matched(req.headers());
+        let authenticated = matched.is_some();
+        let (in_flight, runs) = InFlight::start(conn.clone(), matched);
         async move {
             let answer = match (runs, authenticated) {
                 (false, _) => Ok(evicted_answer()),
@@ -157,7 +159,7 @@ struct InFlight(Arc<Conn>);
 
 impl InFlight {
     /// The request, counted; and whether it may run (its connection was not evicted).
-    fn start(conn: Arc<Conn>, authenticated: bool) -> (InFlight, bool) {
+    fn start(conn: Arc<Conn>, authenticated: Option<u64>) -> (InFlight, bool) {
         let runs = conn.started(authenticated);
         (InFlight(conn), runs)
     }

@@ -6,6 +6,7 @@
 //! from `SEALGATE_ADMIN_TOKEN` has no file and is never replaced. The token is never logged.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use axum::http::{header, HeaderMap};
@@ -21,6 +22,9 @@ const MAX_FILE: u64 = 64 * 1024;
 pub struct AdminToken {
     current: RwLock<SecretValue>,
     file: Option<PathBuf>,
+    /// How many times the token was replaced: a connection trusted under an older generation
+    /// is trusted no more ([`super::slots`]).
+    generation: AtomicU64,
 }
 
 /// What a reload did with the token.
@@ -51,6 +55,7 @@ impl AdminToken {
         Self {
             current: RwLock::new(token),
             file,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -69,7 +74,22 @@ impl AdminToken {
 
     /// Whether `headers` carry the running token as a bearer token (constant time).
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        token_matches(&self.current(), headers)
+        self.matched(headers).is_some()
+    }
+
+    /// The generation of the running token when `headers` carry it (read together with the
+    /// token, so a request matched under a replaced token never gets the new generation).
+    pub fn matched(&self, headers: &HeaderMap) -> Option<u64> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        token_matches(&current, headers).then(|| self.generation.load(Ordering::Acquire))
+    }
+
+    /// The running token's generation (0 at start, one more at each replacement).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Re-reads the file and, when it holds another token, makes that the running one.
@@ -113,6 +133,7 @@ impl AdminToken {
             return TokenReload::Unchanged;
         }
         *current = new;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         TokenReload::Replaced
     }
 }
@@ -175,13 +196,35 @@ pub fn read_file(path: &Path) -> std::io::Result<Option<SecretValue>> {
     if text.trim().is_empty() {
         return Err(invalid(format!(
             "{} is empty: write a long random token into it (openssl rand -hex 32), or delete \
-             it to have one generated",
+             it (the next start generates one)",
+            path.display()
+        )));
+    }
+    if let Some(why) = unsendable(text.trim()) {
+        return Err(invalid(format!(
+            "{} holds {why}, which no client can send in an Authorization header: write one \
+             line of visible ASCII (openssl rand -hex 32)",
             path.display()
         )));
     }
     refuse_open_mode(path).map_err(invalid)?;
     warn_short(text.trim(), &path.display().to_string());
     Ok(Some(SecretValue::new(text.trim().as_bytes().to_vec())))
+}
+
+/// Why `token` (trimmed) cannot be sent as a header value: a line break or other control
+/// character (`openssl rand -base64 64` wraps its output), or a byte outside ASCII. A reload
+/// took such a token and shut the API to everyone (outside re-check).
+pub fn unsendable(token: &str) -> Option<&'static str> {
+    if token.bytes().any(|b| b == b'\n' || b == b'\r') {
+        Some("a line break")
+    } else if token.bytes().any(|b| b.is_ascii_control()) {
+        Some("a control character")
+    } else if !token.is_ascii() {
+        Some("a character outside ASCII")
+    } else {
+        None
+    }
 }
 
 fn refuse_open_mode(path: &Path) -> Result<(), String> {
@@ -243,9 +286,13 @@ mod tests {
         assert!(t.matches(&bearer(&old)));
         assert_eq!(t.reload(), Ok(TokenReload::Unchanged));
         write(&path, &format!("{new}\n"), 0o600);
+        assert_eq!(t.generation(), 0);
         assert_eq!(t.reload(), Ok(TokenReload::Replaced));
         assert!(t.matches(&bearer(&new)));
         assert!(!t.matches(&bearer(&old)));
+        assert_eq!(t.matched(&bearer(&new)), Some(1));
+        assert_eq!(t.reload(), Ok(TokenReload::Unchanged));
+        assert_eq!(t.generation(), 1, "only a replacement counts");
     }
 
     #[test]
@@ -259,6 +306,20 @@ mod tests {
         assert!(t.reload().unwrap_err().contains("is empty"));
         write(&path, &"f".repeat(65 * 1024), 0o600);
         assert!(t.reload().unwrap_err().contains("larger than 64 KiB"));
+        write(
+            &path,
+            &format!("{}\n{}\n", "g".repeat(64), "h".repeat(24)),
+            0o600,
+        );
+        assert!(t.reload().unwrap_err().contains("a line break"));
+        write(&path, &format!("{}é\n", "g".repeat(64)), 0o600);
+        assert!(t.reload().unwrap_err().contains("outside ASCII"));
+        write(
+            &path,
+            &format!("{}\t{}\n", "g".repeat(32), "h".repeat(32)),
+            0o600,
+        );
+        assert!(t.reload().unwrap_err().contains("control character"));
         write(&path, &"d".repeat(64), 0o644);
         assert!(t.reload().unwrap_err().contains("mode 644"));
         std::fs::remove_file(&path).unwrap();

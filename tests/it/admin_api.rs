@@ -793,3 +793,57 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
     );
     drop(trusted);
 }
+
+/// A connection trusted under a token that a reload has since replaced holds its slot no
+/// more: found from outside, a leaked token's holder kept every admin slot after the
+/// rotation (one 401 every 10 s per connection), and the operator's new token waited until
+/// a restart.
+#[tokio::test]
+async fn connections_trusted_under_a_replaced_token_make_room_for_the_new_one() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start_with(crate::support::daemon::Opts {
+        admin_toml: "max_connections = 3\nheader_read_timeout_secs = 30\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = h.admin_url.trim_start_matches("http://").to_owned();
+    let request = |token: &str| {
+        format!("GET /v1/stores HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+    };
+    let served = |addr: String, head: String| async move {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status).await.unwrap();
+        assert_eq!(&status, b"HTTP/1.1 200");
+        s
+    };
+    // The harness's own kept-alive connection and two more, all trusted under the old token.
+    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(served(addr.clone(), request(&h.token)).await);
+    }
+    let new = "5a".repeat(32);
+    let file = h.dir.path().join("data/admin.token");
+    let staged = h.dir.path().join("data/admin.token.new");
+    std::fs::write(&staged, format!("{new}\n")).unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    let (s, body) = h
+        .raw(Method::POST, "/v1/admin/reload", None, Some(&h.token))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let started = Instant::now();
+    let fresh = tokio::time::timeout(Duration::from_secs(10), served(addr, request(&new)))
+        .await
+        .expect("the new token is served");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the new token waited {:?} for a slot the old token's connections held",
+        started.elapsed()
+    );
+    drop((held, fresh));
+}
