@@ -211,7 +211,7 @@ fn replace(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
 ///
 /// # Errors
 /// `InvalidInput` naming what `path` is.
-fn check_replaceable(path: &Path) -> std::io::Result<()> {
+pub fn check_replaceable(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());

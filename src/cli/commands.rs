@@ -358,10 +358,18 @@ async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyho
     if let Some(ip) = a.source_ip {
         body["source_ip"] = json!(ip.to_string());
     }
+    // Checked first: a sandbox whose env file cannot be written is of no use, its proxy
+    // password shown only once (outside re-check: each refused attempt left one behind).
+    if let Some(path) = &a.env_file {
+        crate::fsutil::check_replaceable(path)
+            .map_err(|e| anyhow::anyhow!("the env file {}: {e}", path.display()))?;
+    }
     let sb = c.call(Method::POST, "/v1/sandboxes", Some(body)).await?;
     let lines = env_lines(&sb);
     if let Some(path) = &a.env_file {
-        write_env_file(path, &lines)?;
+        if let Err(e) = write_env_file(path, &lines) {
+            return Err(undo_create(c, &sb, e).await);
+        }
     }
     if a.export {
         for (k, v) in &lines {
@@ -373,6 +381,22 @@ async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyho
         print(&sb, as_json);
     }
     Ok(())
+}
+
+/// Deletes a sandbox just created whose env file could not be written, and says so with
+/// `why`: nothing else holds its proxy password.
+async fn undo_create(c: &AdminClient, sb: &Value, why: anyhow::Error) -> anyhow::Error {
+    let id = sb["id"].as_str().unwrap_or_default();
+    match c
+        .call(Method::DELETE, &format!("/v1/sandboxes/{}", seg(id)), None)
+        .await
+    {
+        Ok(_) => anyhow::anyhow!("{why}; the sandbox {id} was deleted again"),
+        Err(e) => anyhow::anyhow!(
+            "{why}; deleting the sandbox {id} failed too ({e}): delete it (its proxy password \
+             is lost)"
+        ),
+    }
 }
 
 fn env_lines(sb: &Value) -> Vec<(String, String)> {

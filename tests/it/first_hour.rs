@@ -90,6 +90,57 @@ async fn a_missing_store_has_one_wording_without_http_status() {
     assert_error(&o, 1, msg);
 }
 
+/// `sandbox create --env-file` never replaces a FIFO, device or directory (run as root with
+/// `/dev/null`, it replaced the host's /dev/null with a 0600 file: outside pass), and is
+/// refused before the sandbox exists; an env file that cannot be written once it does
+/// deletes the sandbox again (nothing else holds its proxy password: outside re-check).
+#[tokio::test]
+async fn an_env_file_that_cannot_be_written_leaves_no_sandbox() {
+    use std::os::unix::fs::FileTypeExt as _;
+    let h = Harness::start().await;
+    h.store("s", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("env.fifo");
+    mkfifo(&fifo);
+    let fifo_arg = fifo.to_str().unwrap();
+    let o = client(
+        &h,
+        &["sandbox", "create", "--store", "s", "--env-file", fifo_arg],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("a FIFO, not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let missing = dir.path().join("no-such-dir/sandbox.env");
+    let missing_arg = missing.to_str().unwrap();
+    let o = client(
+        &h,
+        &[
+            "sandbox",
+            "create",
+            "--store",
+            "s",
+            "--env-file",
+            missing_arg,
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("was deleted again"), "{}", stderr(&o));
+    let (s, v) = h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!([]), "no sandbox left: {v}");
+}
+
 #[tokio::test]
 async fn api_errors_are_the_daemons_sentence_without_a_status_prefix() {
     let h = Harness::start().await;
