@@ -4,12 +4,13 @@
 //! Invariants: only whole lines are printed, each once, in the order written. A rotation by
 //! rename (logrotate's `create`, then a reload that reopens) loses nothing: the renamed file is
 //! read until the daemon has written to the new one, which it does only after it has stopped
-//! writing to the old. A truncation (`copytruncate`) starts over at the file's beginning, also
+//! writing to the old (renamed twice before it reopens, the file it still writes to stays
+//! followed). A truncation (`copytruncate`) starts over at the file's beginning, also
 //! when the file has grown past the old position by the next look: the end of the last line
 //! printed must still be where it was, or the file was rewritten.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +19,10 @@ use std::time::Duration;
 const POLL: Duration = Duration::from_millis(250);
 /// How much of the last printed text is kept to tell a rewritten file from a grown one.
 const MARK: usize = 256;
+/// How much is read at once (a large log is printed in pieces, never held whole).
+const CHUNK: usize = 1 << 20;
+/// A "line" longer than this is not an audit line (those are cut to a few KiB).
+const MAX_LINE: usize = 16 << 20;
 
 /// Prints the audit file and, with `follow`, keeps printing lines as they are appended.
 ///
@@ -63,19 +68,54 @@ impl Reader {
         })
     }
 
-    /// Writes the whole lines past `pos` to `out`; returns whether there were any.
+    /// Writes the whole lines past `pos` to `out`, a [`CHUNK`] at a time; returns whether
+    /// there were any.
     fn drain(&mut self, out: &mut impl Write) -> std::io::Result<bool> {
-        self.file.seek(SeekFrom::Start(self.pos))?;
-        let mut buf = Vec::new();
-        self.file.read_to_end(&mut buf)?;
-        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if complete == 0 {
-            return Ok(false);
+        let mut buf = vec![0; CHUNK];
+        let mut any = false;
+        loop {
+            let n = self.read_at(&mut buf)?;
+            let complete = buf[..n]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            if complete == 0 && n == buf.len() {
+                if buf.len() >= MAX_LINE {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "a line longer than {} MiB: not an audit log",
+                            MAX_LINE >> 20
+                        ),
+                    ));
+                }
+                buf.resize(buf.len() * 2, 0); // one line longer than the buffer
+                continue;
+            }
+            if complete > 0 {
+                out.write_all(&buf[..complete])?;
+                self.pos += complete as u64;
+                self.mark = buf[complete.saturating_sub(MARK)..complete].to_vec();
+                any = true;
+            }
+            if n < buf.len() {
+                return Ok(any);
+            }
         }
-        out.write_all(&buf[..complete])?;
-        self.pos += complete as u64;
-        self.mark = buf[complete.saturating_sub(MARK)..complete].to_vec();
-        Ok(true)
+    }
+
+    /// Fills `buf` from `pos` as far as the file goes; returns how much it read.
+    fn read_at(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.file.read_at(&mut buf[n..], self.pos + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
 
     /// Whether the file was cut or rewritten under the reader: shorter than `pos`, or no
@@ -133,9 +173,13 @@ impl Follower {
         };
         if (m.dev(), m.ino()) != self.current.id {
             let new = Reader::open(&self.path)?;
-            // A second rename before the first rotated file's end was seen: that one is as
-            // done as the daemon will make it (it reopens once per reload).
-            self.rotated = Some(std::mem::replace(&mut self.current, new));
+            let old = std::mem::replace(&mut self.current, new);
+            // Renamed again before the daemon reopened: it still writes to the first rotated
+            // file, so that one stays followed and the never-written file between goes.
+            let unwritten = old.pos == 0 && old.file.metadata()?.len() == 0;
+            if !(unwritten && self.rotated.is_some()) {
+                self.rotated = Some(old);
+            }
         } else if self.current.rewritten(m.len()) {
             self.current.pos = 0;
             self.current.mark.clear();
@@ -197,6 +241,48 @@ mod tests {
         let mut want = lines(0, 8, "a");
         want.extend(lines(8, 11, "b"));
         assert_eq!(printed(&out), want);
+    }
+
+    #[test]
+    fn two_renames_before_the_reopen_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        append(&path, &lines(0, 2, "a"));
+        let mut f = Follower::open(&path).unwrap();
+        let mut out = Vec::new();
+        f.poll(&mut out).unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        File::create(&path).unwrap();
+        f.poll(&mut out).unwrap();
+        // Rotated again (logrotate ran twice, no reload between): the daemon still writes
+        // to the first rotated file.
+        std::fs::rename(
+            dir.path().join("audit.log.1"),
+            dir.path().join("audit.log.2"),
+        )
+        .unwrap();
+        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
+        File::create(&path).unwrap();
+        append(&dir.path().join("audit.log.2"), &lines(2, 4, "a"));
+        f.poll(&mut out).unwrap();
+        append(&dir.path().join("audit.log.2"), &lines(4, 5, "a"));
+        append(&path, &lines(5, 6, "b")); // reopened
+        f.poll(&mut out).unwrap();
+        let mut want = lines(0, 5, "a");
+        want.extend(lines(5, 6, "b"));
+        assert_eq!(printed(&out), want);
+    }
+
+    #[test]
+    fn a_log_larger_than_a_chunk_is_printed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let pad = "p".repeat(1000);
+        append(&path, &lines(0, 3000, &pad)); // about 3 MiB
+        let mut f = Follower::open(&path).unwrap();
+        let mut out = Vec::new();
+        f.poll(&mut out).unwrap();
+        assert_eq!(printed(&out), lines(0, 3000, &pad));
     }
 
     #[test]
