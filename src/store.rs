@@ -146,8 +146,9 @@ pub enum StoreError {
     Conflict(String),
     /// The key-check record does not open with this master key.
     #[error(
-        "the master key does not match this database ({}); a daemon refuses to start with it \
-         (docs/operations.md, Master key rotation)",
+        "the master key does not match this database ({}); a daemon refuses to start with it: \
+         give it the key the database was sealed under (a fleet node: the fleet's key), or \
+         see docs/operations.md, Master key rotation",
         .0.display()
     )]
     WrongMasterKey(std::path::PathBuf),
