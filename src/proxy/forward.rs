@@ -1539,8 +1539,13 @@ fn whole(
 }
 
 /// The refusal of a whole-read answer that failed before its end (its error names no byte the
-/// upstream wrote).
+/// upstream wrote): the sandbox's end when it ended meanwhile — its answer is cut at the next
+/// chunk, and blaming the origin (502 `upstream_unreachable`) fed the operator's upstream
+/// alert (outside fleet pass).
 fn cut_before_its_end(t: &Tunnel, e: &BoxError) -> Refusal {
+    if let Err(ended) = check_live(t) {
+        return ended;
+    }
     let lost = std::iter::successors(Some(&**e as &(dyn std::error::Error + 'static)), |e| {
         e.source()
     })

@@ -1331,6 +1331,37 @@ async fn a_quiet_keep_alive_connection_parks_and_serves_the_next_requests() {
     e.h.assert_logs_clean();
 }
 
+/// An answer read whole (a scrubbed host's short answer) that the sandbox's end cuts is audited
+/// as that end, `sandbox_ended`, not as the origin's failure (found in a fleet pass: a 502
+/// `upstream_unreachable` "failed part way through its answer" from a healthy origin fed the
+/// operator's upstream alert).
+#[tokio::test]
+async fn an_answer_cut_by_the_sandboxs_end_is_audited_as_that_end() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-cut-by-end-0001", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let req = pc::get(
+        "/slow?ms=400&chunks=6&length",
+        "api.example.test",
+        &[("x-api-key", &key)],
+    );
+    let answer = tokio::spawn(async move { pc::send1(&mut c, req).await });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let (s, _) =
+        e.h.api(Method::DELETE, &format!("/v1/sandboxes/{}", e.sb.id), None)
+            .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let a = answer.await.unwrap();
+    assert_ne!(a.body.len(), 6 * 1024, "the answer was cut");
+    let line = e.h.audit_line_eventually("\"path\":\"/slow").await;
+    assert!(line.contains(r#""code":"sandbox_ended""#), "{line}");
+    assert!(!line.contains("upstream_unreachable"), "{line}");
+}
+
 /// A response body that is quiet for longer than the park delay is still open: the connection
 /// is not parked under it, the whole body arrives, and the connection serves the next request.
 #[tokio::test]

@@ -599,6 +599,11 @@ fn slow(rec: &Recorded, shutdown: &watch::Receiver<()>) -> Response<RespBody> {
         stream(shutdown, frames, Duration::from_millis(ms)),
     );
     set(&mut resp, header::CONTENT_TYPE, b"application/octet-stream");
+    if rec.uri.contains("length") {
+        // Announced, so a proxy may read it whole before it answers.
+        let length = (chunks * 1024).to_string();
+        set(&mut resp, header::CONTENT_LENGTH, length.as_bytes());
+    }
     resp
 }
 
