@@ -1444,7 +1444,7 @@ fn finish_response(
     for value in trailer {
         parts.headers.append(header::TRAILER, value);
     }
-    let body = body.map_err(BoxError::from).boxed_unsync();
+    let body = framing_bounded(&parts, body);
     let unscrubbed = scrubber.is_none();
     let (body, whole) = match scrubber.zip(shape) {
         Some((s, shape)) => {
@@ -1462,6 +1462,29 @@ fn finish_response(
     let body = Held::new(Following::new(body, scope, unscrubbed), slot);
     let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok((Response::from_parts(parts, body), whole))
+}
+
+/// The answer's body, counting its data into its HTTP/1 connection's framing allowance
+/// ([`super::upstream::OverheadOf`]; h2 answers carry none), which starts now.
+fn framing_bounded(
+    parts: &http::response::Parts,
+    body: Incoming,
+) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
+    let Some(super::upstream::OverheadOf(overhead)) = parts.extensions.get().cloned() else {
+        return body.map_err(BoxError::from).boxed_unsync();
+    };
+    if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        overhead.upgraded(); // a WebSocket relay's frames follow
+    }
+    overhead.answer_began();
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            overhead.delivered(data.len());
+        }
+        frame
+    })
+    .map_err(BoxError::from)
+    .boxed_unsync()
 }
 
 /// A small scrubbed answer of known length (`response_scrub::is_whole`) is read to its end,

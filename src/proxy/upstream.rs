@@ -29,11 +29,14 @@ mod goaway;
 mod known_h2;
 mod limits;
 mod local_route;
+mod overhead;
 mod tls_error;
 
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
 pub use limits::StreamLimits;
+use overhead::Counted;
+pub use overhead::OverheadOf;
 pub mod dns;
 
 use crate::sandbox::Budget;
@@ -282,7 +285,7 @@ impl Connector {
         let (addrs, overridden) = self.addresses(host, port).await?;
         let tcp = dial(&addrs, !overridden).await?;
         if !https {
-            return Ok(Io::Plain(TokioIo::new(tcp)));
+            return Ok(Io::Plain(TokioIo::new(Counted::new(tcp, Arc::default()))));
         }
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| ConnectError::Tls(format!("invalid server name {host}")))?;
@@ -300,7 +303,10 @@ impl Connector {
         if self.require_h2 {
             return Err(ConnectError::NotH2);
         }
-        Ok(Io::Tls(Box::new(TokioIo::new(tls))))
+        Ok(Io::Tls(Box::new(TokioIo::new(Counted::new(
+            tls,
+            Arc::default(),
+        )))))
     }
 
     /// The addresses to dial: the override (`true`: trusted as written), or every DNS
@@ -411,20 +417,22 @@ pub struct UpstreamStream {
     _slots: (crate::sandbox::BudgetSlot, crate::sandbox::BudgetSlot),
 }
 
-/// A plain or TLS upstream connection.
+/// A plain or TLS upstream connection. HTTP/1 reads count into the connection's [`Overhead`].
 enum Io {
     /// Plain HTTP.
-    Plain(TokioIo<TcpStream>),
+    Plain(TokioIo<Counted<TcpStream>>),
     /// HTTPS, HTTP/1.1.
-    Tls(Box<TokioIo<TlsStream>>),
+    Tls(Box<TokioIo<Counted<TlsStream>>>),
     /// HTTPS that negotiated h2: streams opened after the server's GOAWAY are refused.
     H2(Box<TokioIo<RefuseAfterGoaway<TlsStream>>>),
 }
 
 impl Connection for UpstreamStream {
+    /// An HTTP/1 connection hands its [`Overhead`] to each of its answers ([`OverheadOf`]).
     fn connected(&self) -> Connected {
         match &self.io {
-            Io::Plain(_) | Io::Tls(_) => Connected::new(),
+            Io::Plain(s) => Connected::new().extra(OverheadOf(s.inner().overhead())),
+            Io::Tls(s) => Connected::new().extra(OverheadOf(s.inner().overhead())),
             Io::H2(_) => Connected::new().negotiated_h2(),
         }
     }

@@ -1215,3 +1215,65 @@ async fn an_origin_head_over_max_response_header_bytes_is_a_502() {
         "{said}"
     );
 }
+
+/// An origin that answers `200` chunked and then sends a chunk size that never ends (`000…`):
+/// hyper's client parses it at full speed and no back-pressure slows it, since no byte reaches
+/// the sandbox — 200 such answers took another sandbox's p99 from 13 ms to 4.9 s (outside
+/// pass). sealgate reads at most about a MiB of such framing per answer, then ends it: the
+/// origin's writes fail well before the 60 MiB it would send, and the answer ends at once.
+#[tokio::test]
+async fn a_chunk_size_line_without_end_is_cut_after_about_a_mib() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pki = Arc::new(TestPki::new());
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[HOST], &[b"http/1.1"]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let origin = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if tls.read(&mut b).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+        let answer =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+        tls.write_all(answer.as_bytes()).await.unwrap();
+        let zeros = [b'0'; 16 * 1024];
+        for _ in 0..(60 * 64) {
+            if tls.write_all(&zeros).await.is_err() {
+                return;
+            }
+            counter.fetch_add(zeros.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let e = env_on(pki, addr, Box::new(())).await;
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(20), fetch(&e, "GET", "/", false, &[]))
+        .await
+        .expect("the answer ends");
+    assert!(
+        got.is_err()
+            || got
+                .as_ref()
+                .is_ok_and(|g| g.status == StatusCode::BAD_GATEWAY),
+        "{:?}",
+        got.map(|g| g.status)
+    );
+    tokio::time::timeout(Duration::from_secs(10), origin)
+        .await
+        .expect("the origin's connection was closed")
+        .unwrap();
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent < 8 << 20, "the origin got {sent} bytes of framing in");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
