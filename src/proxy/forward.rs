@@ -1476,15 +1476,9 @@ fn framing_bounded(
     if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         overhead.upgraded(); // a WebSocket relay's frames follow
     }
-    overhead.answer_began();
-    body.map_frame(move |frame| {
-        if let Some(data) = frame.data_ref() {
-            overhead.delivered(data.len());
-        }
-        frame
-    })
-    .map_err(BoxError::from)
-    .boxed_unsync()
+    super::upstream::DataCounted::new(body, overhead)
+        .map_err(BoxError::from)
+        .boxed_unsync()
 }
 
 /// A small scrubbed answer of known length (`response_scrub::is_whole`) is read to its end,

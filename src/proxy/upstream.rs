@@ -36,7 +36,7 @@ pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
 pub use limits::StreamLimits;
 use overhead::Counted;
-pub use overhead::OverheadOf;
+pub use overhead::{DataCounted, OverheadOf};
 pub mod dns;
 
 use crate::sandbox::Budget;

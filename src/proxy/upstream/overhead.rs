@@ -152,6 +152,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 #[derive(Clone, Debug)]
 pub struct OverheadOf(pub Arc<Overhead>);
 
+/// An answer's body counting its data into its connection's [`Overhead`]; its size hint and
+/// end are the inner body's (an exact length stays exact: `map_frame` dropped it, and answers
+/// of known length lost their `Content-Length`).
+pub struct DataCounted<B> {
+    inner: B,
+    overhead: Arc<Overhead>,
+}
+
+impl<B> DataCounted<B> {
+    /// Counts `inner`'s data into `overhead`, whose allowance starts now.
+    pub fn new(inner: B, overhead: Arc<Overhead>) -> DataCounted<B> {
+        overhead.answer_began();
+        DataCounted { inner, overhead }
+    }
+}
+
+impl<B> http_body::Body for DataCounted<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.overhead.delivered(data.len());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
