@@ -178,16 +178,18 @@ pub fn not_processed(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// True when hyper dropped the request inside its connection task: its h2 client keeps a
 /// request that waits for a stream slot (the origin's `max_concurrent_streams` in use) in
-/// that task, and when a GOAWAY arrives the task ends and drops it: "dispatch task is gone"
-/// (hyper 1.12 `dispatch_gone`; `hyper::Error` has no accessor for it, so its text is the
-/// handle, pinned by `a_get_queued_for_a_stream_slot_survives_the_origins_goaway`). The
-/// request may have been opened by then, below the GOAWAY's last-stream-id: whether the
-/// origin processed it is unknown, so only an idempotent request may go again
-/// ([`idempotent`]).
+/// that task, and when a GOAWAY arrives the task ends and drops it — "dispatch task is gone"
+/// up to hyper 1.12 (`hyper::Error` has no accessor for it, so its text is the handle), a
+/// cancellation "connection closed" since 1.13 (`is_canceled`; also what a request still
+/// queued for a closing connection gets). Pinned by
+/// `a_get_queued_for_a_stream_slot_survives_the_origins_goaway`, which failed one run in
+/// three after the update. The request may have been opened by then, below the GOAWAY's
+/// last-stream-id: whether the origin processed it is unknown, so only an idempotent request
+/// may go again ([`idempotent`]).
 fn dispatch_gone(e: &hyper_util::client::legacy::Error) -> bool {
     sources(e)
         .find_map(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(|h| h.to_string() == "dispatch task is gone")
+        .is_some_and(|h| h.is_canceled() || h.to_string() == "dispatch task is gone")
 }
 
 /// True when the upstream connection ended (the server closed it) while the request still
