@@ -285,7 +285,8 @@ impl Connector {
         let (addrs, overridden) = self.addresses(host, port).await?;
         let tcp = dial(&addrs, !overridden).await?;
         if !https {
-            return Ok(Io::Plain(TokioIo::new(Counted::new(tcp, Arc::default()))));
+            let counts = overhead::Overhead::to(format!("{host}:{port}"));
+            return Ok(Io::Plain(TokioIo::new(Counted::new(tcp, counts))));
         }
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| ConnectError::Tls(format!("invalid server name {host}")))?;
@@ -303,10 +304,8 @@ impl Connector {
         if self.require_h2 {
             return Err(ConnectError::NotH2);
         }
-        Ok(Io::Tls(Box::new(TokioIo::new(Counted::new(
-            tls,
-            Arc::default(),
-        )))))
+        let counts = overhead::Overhead::to(format!("{host}:{port}"));
+        Ok(Io::Tls(Box::new(TokioIo::new(Counted::new(tls, counts)))))
     }
 
     /// The addresses to dial: the override (`true`: trusted as written), or every DNS

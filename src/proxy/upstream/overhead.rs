@@ -8,8 +8,11 @@
 //! 2026-12-06). Endless `1xx` heads before an answer are the same kind of bytes.
 //!
 //! Invariant: on one connection, the plaintext read since an answer's head arrived, beyond the
-//! data that answer delivered, stays within [`FREE`] plus [`PER_DATA_BYTE`] times that data;
-//! the read past it fails, which ends the answer in an error and the connection with it. A
+//! data that answer delivered, stays within [`FREE`] plus [`PER_DATA_BYTE`] times that data,
+//! and what is read between an answer's end and the next head within [`FREE`] alone (a big
+//! answer's allowance bought a 3.4 GB flood of `100` heads before the next one on a reused
+//! connection: re-check); the read past it fails, which ends the answer in an error and the
+//! connection with it. A
 //! legitimate chunked answer costs a few bytes per chunk (`a\r\n…\r\n`): one-byte chunks are
 //! five bytes of framing per byte of data, under the ratio.
 
@@ -36,10 +39,20 @@ pub struct Overhead {
     data_mark: AtomicU64,
     /// The connection was upgraded (WebSocket): what follows is the relay's, not HTTP.
     upgraded: AtomicBool,
+    /// The origin, `host:port`, for the warning when the bound is met.
+    origin: Box<str>,
 }
 
 impl Overhead {
-    /// An answer's head arrived: its framing is counted from here.
+    /// The counts of a new connection to `origin` (`host:port`).
+    pub fn to(origin: String) -> Arc<Overhead> {
+        Arc::new(Overhead {
+            origin: origin.into_boxed_str(),
+            ..Overhead::default()
+        })
+    }
+
+    /// An answer's head arrived, or its body ended: what follows is counted afresh.
     pub fn answer_began(&self) {
         self.data_mark
             .store(self.data.load(Ordering::Acquire), Ordering::Release);
@@ -74,6 +87,14 @@ impl Overhead {
         if read.saturating_sub(data) <= allowed {
             return Ok(());
         }
+        // The answer's audit line went with its head; this says why it was cut.
+        tracing::warn!(
+            origin = %self.origin,
+            framing = read.saturating_sub(data),
+            data,
+            "an HTTP/1 upstream sent framing without data past its allowance (a chunk size \
+             without end, interim heads for ever): its answer and connection were cut"
+        );
         Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -185,6 +206,12 @@ where
                 self.overhead.delivered(data.len());
             }
         }
+        // The next answer's interim heads get no credit from this one's data. Its end is seen
+        // by `is_end_stream` (a reader that knows the length never polls for the `None`).
+        let ended = matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream();
+        if ended && polled.is_ready() {
+            self.overhead.answer_began();
+        }
         polled
     }
 
@@ -236,5 +263,29 @@ mod tests {
         assert!(o.read(1).is_err(), "the second answer's allowance is spent");
         o.upgraded();
         o.read(FREE as usize * 4).unwrap();
+    }
+
+    /// A big answer's allowance ends with its body: the `1xx` heads before the next answer on
+    /// the same connection have the free allowance only.
+    #[tokio::test]
+    async fn a_big_answer_buys_nothing_for_the_next() {
+        use http_body_util::BodyExt as _;
+        let o = Arc::new(Overhead::default());
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+        let frames = (0..64)
+            .map(move |_| Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone())));
+        let big = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut body = DataCounted::new(big, o.clone());
+        // As hyper does: a piece read, then delivered, then the next.
+        for _ in 0..64 {
+            o.read((64 << 10) + 8).unwrap();
+            assert!(body.frame().await.is_some());
+        }
+        assert!(body.frame().await.is_none());
+        o.read(FREE as usize).unwrap();
+        assert!(
+            o.read(4096).is_err(),
+            "a flood before the next head is cut at FREE"
+        );
     }
 }
