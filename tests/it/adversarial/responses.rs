@@ -1216,6 +1216,33 @@ async fn an_origin_head_over_max_response_header_bytes_is_a_502() {
     );
 }
 
+/// A loopback TLS listener for an origin a test writes byte by byte (`http/1.1` for `HOST`).
+async fn raw_origin(
+    pki: &TestPki,
+) -> (
+    tokio::net::TcpListener,
+    tokio_rustls::TlsAcceptor,
+    SocketAddr,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[HOST], &[b"http/1.1"]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, acceptor, addr)
+}
+
+/// Reads one request head; false when the connection ended first.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        head.push(b[0]);
+    }
+    true
+}
+
 /// An origin that answers `200` chunked and then sends a chunk size that never ends (`000…`):
 /// hyper's client parses it at full speed and no back-pressure slows it, since no byte reaches
 /// the sandbox — 200 such answers took another sandbox's p99 from 13 ms to 4.9 s (outside
@@ -1225,21 +1252,14 @@ async fn an_origin_head_over_max_response_header_bytes_is_a_502() {
 async fn a_chunk_size_line_without_end_is_cut_after_about_a_mib() {
     use std::sync::atomic::{AtomicU64, Ordering};
     let pki = Arc::new(TestPki::new());
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[HOST], &[b"http/1.1"]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, acceptor, addr) = raw_origin(&pki).await;
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
     let origin = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            if tls.read(&mut b).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(b[0]);
+        if !read_head(&mut tls).await {
+            return;
         }
         let answer =
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
@@ -1285,9 +1305,7 @@ async fn a_chunk_size_line_without_end_is_cut_after_about_a_mib() {
 async fn interim_heads_after_a_big_answer_get_no_credit_from_it() {
     use std::sync::atomic::{AtomicU64, Ordering};
     let pki = Arc::new(TestPki::new());
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[HOST], &[b"http/1.1"]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, acceptor, addr) = raw_origin(&pki).await;
     let flooded = Arc::new(AtomicU64::new(0));
     let counter = flooded.clone();
     let origin = tokio::spawn(async move {
@@ -1295,13 +1313,8 @@ async fn interim_heads_after_a_big_answer_get_no_credit_from_it() {
         let mut tls = acceptor.accept(tcp).await.unwrap();
         let big = 8usize << 20;
         for n in 0..2 {
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut b = [0u8; 1];
-                if tls.read(&mut b).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                head.push(b[0]);
+            if !read_head(&mut tls).await {
+                return;
             }
             if n == 0 {
                 let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {big}\r\n\r\n");
