@@ -67,7 +67,7 @@ pub use binary::Binary;
 pub use body::{BodyEncoding, BodySubst};
 pub use forms::echo_forms;
 pub use framing::{FrameError, MessageCoding, MessageFrames, Piece};
-pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS};
+pub use headers::{substitute_headers, substitute_query, MAX_BASIC_CREDENTIALS, MAX_BASIC_FORMS};
 pub use scrubber::{ScrubStream, Scrubber};
 
 /// What the registry knows about one token, for the destination of the current request.
@@ -171,6 +171,12 @@ impl Report {
         }
         self.unsealed_bytes += other.unsealed_bytes;
         self.over_budget |= other.over_budget;
+    }
+
+    /// Whether `real` is already noted or one more form fits [`headers::MAX_BASIC_FORMS`].
+    fn may_note_basic_form(&self, real: &[u8]) -> bool {
+        self.basic_forms.len() < headers::MAX_BASIC_FORMS
+            || self.basic_forms.iter().any(|(r, _)| r == real)
     }
 
     fn note_basic_form(&mut self, real: Bytes, sealed: Bytes) {

@@ -406,7 +406,10 @@ async fn exchange(
     };
     match client_upgrade {
         Some(on) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-            Ok(relay_upgrade(t, on, resp, scrubber, scope))
+            let extras = scrubber
+                .as_ref()
+                .and_then(|s| s.extras(&o.report.basic_forms));
+            Ok(relay_upgrade(t, on, resp, (scrubber, extras), scope))
         }
         _ => Ok(resp),
     }
@@ -826,8 +829,10 @@ fn over_budget(max: usize) -> Refusal {
         Code::PayloadTooLarge,
         format!(
             "the request would carry more than {max} bytes of real secret values \
-             (proxy.max_unsealed_bytes), or Basic credentials over {} bytes",
-            subst::MAX_BASIC_CREDENTIALS
+             (proxy.max_unsealed_bytes), Basic credentials over {} bytes, or more than {} \
+             distinct Basic credentials",
+            subst::MAX_BASIC_CREDENTIALS,
+            subst::MAX_BASIC_FORMS
         ),
     )
 }
@@ -1589,7 +1594,8 @@ fn take_all(h: &mut HeaderMap, name: HeaderName) -> Vec<HeaderValue> {
 /// holding (checked every second: the sandbox ended, or the host left the store's
 /// `egress_allowlist`), which ends it — such a connection has no further requests at which
 /// the policy could be read. With a `scrubber` (the host's answers are scrubbed) the
-/// upstream's frames are scrubbed on their way ([`super::ws_scrub`]).
+/// upstream's frames are scrubbed on their way ([`super::ws_scrub`]), by the upgrade
+/// request's `extras` (its Basic-auth forms) first.
 ///
 /// The relay runs as a connection of its own ([`ProxyState::spawn_connection`]): counted in
 /// `active_connections`, waited for by the stop's drain (up to `shutdown_grace_secs`, like a
@@ -1599,7 +1605,7 @@ fn relay_upgrade(
     t: &Arc<Tunnel>,
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<ProxyBody>,
-    scrubber: Option<Arc<Scrubber>>,
+    (scrubber, extras): (Option<Arc<Scrubber>>, Option<Arc<Scrubber>>),
     mut scope: Scope,
 ) -> Response<ProxyBody> {
     let Some(upstream) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
@@ -1616,7 +1622,10 @@ fn relay_upgrade(
         let mut u = hyper_util::rt::TokioIo::new(u);
         let relay = async {
             match scrubber {
-                Some(s) => super::ws_scrub::relay(&mut c, &mut u, s, Some(scope.rescope())).await,
+                Some(s) => {
+                    let rescope = Some(scope.rescope());
+                    super::ws_scrub::relay(&mut c, &mut u, s, extras, rescope).await
+                }
                 None => {
                     let gained = move || scope.gained_values();
                     super::ws_scrub::relay_unscrubbed(&mut c, &mut u, gained).await

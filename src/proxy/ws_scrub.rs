@@ -51,11 +51,14 @@ const PONG: u8 = 0xA;
 ///
 /// `rescope`, asked before every frame and every read of a payload, gives the scrubber to go
 /// on with once the sandbox's values changed (`response_scrub::Scope`): the message in
-/// progress goes on with it too.
+/// progress goes on with it too. `extras` (the upgrade request's Basic-auth forms,
+/// [`Scrubber::extras`]) scrub every frame first, as they do an HTTP answer: a short
+/// password's `user:password` form holds no form of the value alone (outside review).
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     scrubber: Arc<Scrubber>,
+    extras: Option<Arc<Scrubber>>,
     rescope: Option<Rescope>,
 ) -> io::Result<()>
 where
@@ -66,7 +69,11 @@ where
     let (u_read, mut u_write) = tokio::io::split(upstream);
     let down = async {
         let from = BufReader::with_capacity(READ, u_read);
-        let with = Following { scrubber, rescope };
+        let with = Following {
+            scrubber,
+            extras,
+            rescope,
+        };
         scrub_frames(from, &mut c_write, with).await?;
         c_write.shutdown().await
     };
@@ -124,9 +131,11 @@ struct Head {
     len: u64,
 }
 
-/// The scrubber frames go through, following the sandbox's values.
+/// The scrubbers frames go through: the request's extras (fixed), then the host's,
+/// following the sandbox's values.
 struct Following {
     scrubber: Arc<Scrubber>,
+    extras: Option<Arc<Scrubber>>,
     rescope: Option<Rescope>,
 }
 
@@ -150,13 +159,58 @@ impl Following {
         self.scrubber = now;
         Ok(())
     }
+
+    /// A new message's streams.
+    fn message(&self, opcode: u8) -> Message {
+        Message {
+            extras: self.extras.clone().map(ScrubStream::new),
+            stream: ScrubStream::new(self.scrubber.clone()),
+            opcode,
+            started: false,
+        }
+    }
+
+    /// A control frame's payload through the extras, then the host's scrubber.
+    fn scrub_control(&self, opcode: u8, payload: Bytes) -> Bytes {
+        let payload = match &self.extras {
+            Some(x) => scrub_control(x, opcode, payload),
+            None => payload,
+        };
+        scrub_control(&self.scrubber, opcode, payload)
+    }
 }
 
-/// The message being relayed: its stream, its opcode, and whether a fragment went out.
+/// The message being relayed: its streams (the request's extras first, then the host's),
+/// its opcode, and whether a fragment went out.
 struct Message {
+    extras: Option<ScrubStream>,
     stream: ScrubStream,
     opcode: u8,
     started: bool,
+}
+
+impl Message {
+    /// `chunk` through both streams; what they let out goes onto `out`.
+    fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
+        match &mut self.extras {
+            None => self.stream.push(chunk, out),
+            Some(x) => {
+                let mut between = Vec::new();
+                x.push(chunk, &mut between);
+                between.into_iter().for_each(|b| self.stream.push(b, out));
+            }
+        }
+    }
+
+    /// Ends both streams, the extras' first.
+    fn finish(&mut self, out: &mut Vec<Bytes>) {
+        if let Some(x) = &mut self.extras {
+            let mut between = Vec::new();
+            x.finish(&mut between);
+            between.into_iter().for_each(|b| self.stream.push(b, out));
+        }
+        self.stream.finish(out);
+    }
 }
 
 /// Reads frames from `from` and writes them, scrubbed, to `to` until `from` ends.
@@ -175,7 +229,7 @@ where
         if head.opcode >= CLOSE {
             let payload = read_exact(&mut from, head.len as usize).await?;
             with.follow(message.as_mut())?;
-            let payload = scrub_control(&with.scrubber, head.opcode, payload);
+            let payload = with.scrub_control(head.opcode, payload);
             write_frame(to, true, head.opcode, &[payload]).await?;
             if head.opcode == CLOSE {
                 return Ok(());
@@ -184,11 +238,7 @@ where
         }
         let m = match (head.opcode, message.take()) {
             (CONTINUATION, Some(m)) => m,
-            (TEXT | BINARY, None) => Message {
-                stream: ScrubStream::new(with.scrubber.clone()),
-                opcode: head.opcode,
-                started: false,
-            },
+            (TEXT | BINARY, None) => with.message(head.opcode),
             _ => return Err(refused("a data frame out of sequence")),
         };
         message = relay_data(&mut from, to, m, &head, &mut with).await?;
@@ -216,14 +266,14 @@ where
         let chunk = read_exact(from, n).await?;
         left -= n as u64;
         with.follow(Some(&mut m))?;
-        m.stream.push(chunk, &mut out);
+        m.push(chunk, &mut out);
         write_fragment(to, &mut m, false, &mut out).await?;
     }
     if !head.fin {
         return Ok(Some(m));
     }
     with.follow(Some(&mut m))?;
-    m.stream.finish(&mut out);
+    m.finish(&mut out);
     write_fragment(to, &mut m, true, &mut out).await?;
     Ok(None)
 }
@@ -376,9 +426,18 @@ mod tests {
     /// Runs `input` (the upstream's bytes) through the scrubber; the frames the client got,
     /// as (fin, opcode, payload), and how the relay ended.
     async fn relayed(input: Vec<u8>) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
+        relayed_with(input, None).await
+    }
+
+    /// [`relayed`], the request's `extras` scrubbing first.
+    async fn relayed_with(
+        input: Vec<u8>,
+        extras: Option<Arc<Scrubber>>,
+    ) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
         let mut out = Vec::new();
         let with = Following {
             scrubber: scrubber(),
+            extras,
             rescope: None,
         };
         let ended = scrub_frames(&input[..], &mut out, with).await;
@@ -397,7 +456,7 @@ mod tests {
     async fn a_close_after_the_client_half_closed_still_reaches_it() {
         let (client, mut sandbox) = tokio::io::duplex(4096);
         let (upstream, mut origin) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(relay(client, upstream, scrubber(), None));
+        let relay = tokio::spawn(relay(client, upstream, scrubber(), None, None));
         let close = frame(true, CLOSE, b"\x03\xe8bye");
         sandbox.write_all(&close).await.unwrap();
         sandbox.shutdown().await.unwrap();
@@ -456,6 +515,32 @@ mod tests {
         let (frames, ended) = relayed(input).await;
         ended.unwrap();
         assert_eq!(messages(&frames), [(TEXT, [b"key=", TOKEN, b"!"].concat())]);
+    }
+
+    /// A short password's Basic form (`user:password` in base64) holds no form of the value
+    /// alone: only the request's extras find it, in data and control frames alike.
+    #[tokio::test]
+    async fn the_upgrade_requests_basic_forms_are_scrubbed_from_every_frame() {
+        use base64::Engine as _;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let (real, sealed) = (b64(b"bob:pw-12-bytes"), b64(b"bob:osb_sealed_pw"));
+        let pair = [(Bytes::from(real.clone()), Bytes::from(sealed.clone()))];
+        let extras = scrubber().extras(&pair);
+        let whole = format!("auth: Basic {real} and v");
+        let (one, two) = whole.as_bytes().split_at(17);
+        let mut input = frame(false, TEXT, one);
+        input.extend(frame(true, PING, real.as_bytes()));
+        input.extend(frame(true, CONTINUATION, two));
+        let (frames, ended) = relayed_with(input, extras).await;
+        ended.unwrap();
+        let text = format!("auth: Basic {sealed} and v");
+        assert_eq!(
+            messages(&frames),
+            [
+                (PING, sealed.clone().into_bytes()),
+                (TEXT, text.into_bytes())
+            ]
+        );
     }
 
     #[tokio::test]

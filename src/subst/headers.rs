@@ -106,6 +106,13 @@ fn verbatim(value: &[u8], out: &mut Vec<u8>) {
 /// inflate with a large secret. Real Basic credentials are far shorter.
 pub const MAX_BASIC_CREDENTIALS: usize = 4096;
 
+/// Distinct unsealed Basic credentials one request may carry; one more and the request counts
+/// as over its budget (refused, nothing sent). Each is searched for in the whole answer
+/// ([`super::scrubber::Scrubber::extras`]: one linear pass per form), and their user names are
+/// the sandbox's to vary. A real request has one `Authorization` and perhaps a
+/// `Proxy-Authorization` for a proxy beyond the origin.
+pub const MAX_BASIC_FORMS: usize = 4;
+
 /// A decoded `Basic` credentials header: `scheme_and_space` is kept verbatim.
 struct Basic<'a> {
     scheme_and_space: &'a [u8],
@@ -159,6 +166,11 @@ impl<'a> Basic<'a> {
             return Ok(None);
         }
         let real_b64 = STANDARD.encode(&*real);
+        if !report.may_note_basic_form(real_b64.as_bytes()) {
+            report.rollback_unsealed(mark);
+            report.over_budget = true;
+            return Ok(None);
+        }
         let mut buf = Vec::with_capacity(self.scheme_and_space.len() + real_b64.len());
         buf.extend_from_slice(self.scheme_and_space);
         buf.extend_from_slice(real_b64.as_bytes());
@@ -354,6 +366,27 @@ mod tests {
         let mut h = map(&[("authorization", fits)]);
         let r = run(&f, &mut h, OnDisallowed::Block).unwrap();
         assert!(!r.over_budget && r.basic_forms.len() == 1);
+    }
+
+    #[test]
+    fn a_request_carries_at_most_four_distinct_basic_credentials() {
+        let f = fixture();
+        let header = |user: &str| ("authorization", basic(&format!("{user}:{}", f.allowed)));
+        let same: Vec<_> = (0..6).map(|_| header("u")).collect();
+        let r = run(&f, &mut map(&same), OnDisallowed::Block).unwrap();
+        assert!(
+            !r.over_budget && r.basic_forms.len() == 1,
+            "one form, six times"
+        );
+        let four: Vec<_> = (0..4).map(|i| header(&format!("u{i}"))).collect();
+        let r = run(&f, &mut map(&four), OnDisallowed::Block).unwrap();
+        assert!(!r.over_budget && r.basic_forms.len() == MAX_BASIC_FORMS);
+        let five: Vec<_> = (0..5).map(|i| header(&format!("u{i}"))).collect();
+        let mut h = map(&five);
+        let r = run(&f, &mut h, OnDisallowed::Block).unwrap();
+        assert!(r.over_budget && r.basic_forms.len() == MAX_BASIC_FORMS);
+        let last = h.get_all("authorization").iter().next_back().unwrap();
+        assert_eq!(last, five[4].1.as_str(), "the fifth stays sealed");
     }
 
     #[test]

@@ -334,7 +334,11 @@ impl Scrubber {
         let kind = (per_request || total > DFA_MAX_PATTERN_BYTES)
             .then_some(AhoCorasickKind::ContiguousNFA);
         let patterns = || values.iter().map(SecretValue::expose);
-        let search = Search::new(patterns, kind)?;
+        let search = if per_request {
+            Search::each(patterns)
+        } else {
+            Search::new(patterns, kind)?
+        };
         let line_ends_release = values
             .iter()
             .all(|v| memchr::memchr3(b'\n', b'\r', b'\0', v.expose()).is_none());
@@ -445,10 +449,21 @@ impl fmt::Debug for Scrubber {
 /// whereas its packed (Teddy) searcher matches on several bytes at once (~17 GiB/s). So Teddy
 /// is used whenever it is available for two to [`MAX_PACKED_PATTERNS`] patterns; one value is
 /// found with `memmem` (what aho-corasick's prefilter would run, without building an automaton).
+///
+/// Per-request extras (Basic-auth forms) are never searched with Teddy or an automaton: their
+/// user names are the sandbox's to choose, and Teddy verifies every pattern sharing a
+/// candidate's first bytes at every candidate with a plain comparison. Forms whose user names
+/// share a 5,000-byte prefix (base64 `AAAA…` of NUL bytes), against an answer of `A`s, made
+/// each answer byte cost every form's whole prefix: a MiB of echo took 17 s of a worker that
+/// serves other sandboxes too (outside review). One `memmem` per form is linear in the text
+/// whatever the forms, and a request has at most [`super::headers::MAX_BASIC_FORMS`] of them.
 #[derive(Clone)]
 enum Search {
     /// One pattern: `memmem` (a prefilter as fast as aho-corasick's, built in microseconds).
     One(memchr::memmem::Finder<'static>),
+    /// Per-request extras: one `memmem` per pattern (pattern `i` is `finders[i]`), each
+    /// scanning the text about once (see [`Search::find_iter`]).
+    Each(Box<[memchr::memmem::Finder<'static>]>),
     Packed(packed::Searcher),
     /// More patterns than one packed searcher takes: consecutive slices of them, each with the
     /// index of its first pattern. The leftmost (then longest) of their matches wins.
@@ -498,6 +513,21 @@ impl Names {
 }
 
 impl Search {
+    /// The searcher of per-request extras: [`Search::One`] or [`Search::Each`], never an
+    /// automaton nor Teddy (see the type's docs).
+    fn each<'a, I>(patterns: impl Fn() -> I) -> Search
+    where
+        I: Iterator<Item = &'a [u8]>,
+    {
+        let mut finders: Vec<_> = patterns()
+            .map(|p| memchr::memmem::Finder::new(p).into_owned())
+            .collect();
+        match finders.len() {
+            1 => Search::One(finders.remove(0)),
+            _ => Search::Each(finders.into()),
+        }
+    }
+
     fn new<'a, I>(patterns: impl Fn() -> I, kind: Option<AhoCorasickKind>) -> Option<Search>
     where
         I: Iterator<Item = &'a [u8]>,
@@ -537,16 +567,13 @@ impl Search {
     /// Leftmost-longest non-overlapping matches in `hay[from..]`.
     fn find_iter<'h>(&'h self, hay: &'h [u8], from: usize) -> impl Iterator<Item = Match> + 'h {
         let mut at = from;
-        // PackedMany: each searcher's next match at or after `at`, kept until `at` passes its
-        // start (no match of that searcher starts before it), so each searcher scans the text
-        // about once.
-        let mut ahead: Vec<Option<Option<Match>>> = match self {
-            Search::PackedMany(all) => vec![None; all.len()],
-            _ => Vec::new(),
-        };
+        // PackedMany and Each: each searcher's next match at or after `at`, kept until `at`
+        // passes its start (no match of that searcher starts before it), so each searcher
+        // scans the text about once.
+        let mut ahead: Vec<Option<Option<Match>>> = vec![None; self.searchers()];
         std::iter::from_fn(move || {
             let m = match self {
-                Search::PackedMany(all) => first_of(all, hay, at, &mut ahead)?,
+                Search::PackedMany(_) | Search::Each(_) => self.first_of(hay, at, &mut ahead)?,
                 _ => self.find_at(hay, at)?,
             };
             at = m.end();
@@ -562,9 +589,68 @@ impl Search {
                 Some(Match::must(0, start..start + f.needle().len()))
             }
             Search::Packed(s) => s.find_in(hay, span),
-            Search::PackedMany(all) => first_of(all, hay, at, &mut vec![None; all.len()]),
+            Search::PackedMany(_) | Search::Each(_) => {
+                self.first_of(hay, at, &mut vec![None; self.searchers()])
+            }
             Search::Automaton(ac) => ac.find(Input::new(hay).span(span)),
         }
+    }
+
+    /// How many searchers [`Search::first_of`] combines (0 for the others).
+    fn searchers(&self) -> usize {
+        match self {
+            Search::PackedMany(all) => all.len(),
+            Search::Each(finders) => finders.len(),
+            _ => 0,
+        }
+    }
+
+    /// Searcher `i`'s first match at or after `at`, its pattern id made global.
+    fn next_of(&self, i: usize, hay: &[u8], at: usize) -> Option<Match> {
+        match self {
+            Search::PackedMany(all) => {
+                let (searcher, first) = &all[i];
+                searcher
+                    .find_in(hay, Span::from(at..hay.len()))
+                    .map(|m| Match::must(m.pattern().as_usize() + first, m.span()))
+            }
+            Search::Each(finders) => {
+                let f = &finders[i];
+                let start = at + f.find(hay.get(at..)?)?;
+                Some(Match::must(i, start..start + f.needle().len()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The leftmost match at or after `at` of any of the searchers (the longest of those
+    /// starting there); `ahead` caches each searcher's next match (see [`Search::find_iter`]).
+    fn first_of(
+        &self,
+        hay: &[u8],
+        at: usize,
+        ahead: &mut [Option<Option<Match>>],
+    ) -> Option<Match> {
+        let mut best: Option<Match> = None;
+        for (i, next) in ahead.iter_mut().enumerate() {
+            let stale = match next {
+                None => true,
+                Some(Some(m)) => m.start() < at,
+                Some(None) => false,
+            };
+            if stale {
+                *next = Some(self.next_of(i, hay, at));
+            }
+            if let Some(Some(m)) = *next {
+                let better = best.is_none_or(|b| {
+                    m.start() < b.start() || (m.start() == b.start() && m.end() > b.end())
+                });
+                if better {
+                    best = Some(m);
+                }
+            }
+        }
+        best
     }
 }
 
@@ -580,41 +666,6 @@ fn packed_over<'a>(
         .builder()
         .extend(patterns)
         .build()
-}
-
-/// The leftmost match at or after `at` of any of `all` (the longest of those starting there),
-/// its pattern id made global; `ahead` caches each searcher's next match (see
-/// [`Search::find_iter`]).
-fn first_of(
-    all: &[(packed::Searcher, usize)],
-    hay: &[u8],
-    at: usize,
-    ahead: &mut [Option<Option<Match>>],
-) -> Option<Match> {
-    let mut best: Option<Match> = None;
-    for ((searcher, first), next) in all.iter().zip(ahead.iter_mut()) {
-        let stale = match next {
-            None => true,
-            Some(Some(m)) => m.start() < at,
-            Some(None) => false,
-        };
-        if stale {
-            *next = Some(
-                searcher
-                    .find_in(hay, Span::from(at..hay.len()))
-                    .map(|m| Match::must(m.pattern().as_usize() + first, m.span())),
-            );
-        }
-        if let Some(Some(m)) = *next {
-            let better = best.is_none_or(|b| {
-                m.start() < b.start() || (m.start() == b.start() && m.end() > b.end())
-            });
-            if better {
-                best = Some(m);
-            }
-        }
-    }
-    best
 }
 
 /// The same-length stand-in for a value of `len` bytes: its token cut to `len`, or the token
@@ -1101,6 +1152,64 @@ mod tests {
         let whole = format!("x-{}-y", real.to_ascii_uppercase());
         assert!(x.names_a_value(whole.as_bytes()), "any case");
         assert!(!x.names_a_value(b"x-other"));
+    }
+
+    #[test]
+    fn several_extras_are_searched_with_one_memmem_each_like_the_oracle() {
+        let s = scrubber(&[("sk-live-1", "T1")]);
+        let forms: Vec<(Vec<u8>, Vec<u8>)> = [("abcd", "W"), ("abcdef", "X"), ("cdefgh", "Y")]
+            .iter()
+            .map(|(r, t)| (r.as_bytes().to_vec(), t.as_bytes().to_vec()))
+            .collect();
+        let pairs: Vec<_> = forms
+            .iter()
+            .map(|(r, t)| (Bytes::from(r.clone()), Bytes::from(t.clone())))
+            .collect();
+        let x = s.extras(&pairs).unwrap();
+        assert!(matches!(&x.search, Search::Each(f) if f.len() == 3));
+        for hay in [
+            &b"abcdefgh abcdgh xcdefghabcd abcdef"[..],
+            b"abcabcdefabcdefghcdefgh",
+            b"no match here",
+        ] {
+            assert_eq!(
+                x.scrub_with(hay, false)
+                    .unwrap_or_else(|| (hay.to_vec(), 0)),
+                oracle(&forms, hay)
+            );
+            for cut in 0..hay.len() {
+                assert_eq!(stream(&x, hay, &[cut]), oracle(&forms, hay), "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn extras_sharing_a_long_chosen_prefix_scrub_in_linear_time() {
+        // The sandbox chooses the user names: base64 of 4,000 NUL bytes is 5,333 `A`s, and an
+        // answer of `A`s then has a candidate at every byte (Teddy took ~6 s per MiB with four
+        // such forms: each candidate compared every form's whole prefix).
+        let s = scrubber(&[("sk-live-1", "T1")]);
+        let forms: Vec<_> = (0..super::super::MAX_BASIC_FORMS as u8)
+            .map(|i| {
+                let mut user = vec![0u8; 4000];
+                user.push(b'A' + i);
+                user.extend_from_slice(b":sk-live-1");
+                let sealed = format!("sealed-{i}");
+                (Bytes::from(STANDARD.encode(&user)), Bytes::from(sealed))
+            })
+            .collect();
+        let x = s.extras(&forms).unwrap();
+        let answer = Bytes::from(vec![b'A'; 1 << 20]);
+        let started = std::time::Instant::now();
+        let mut stream = ScrubStream::new(x);
+        let mut out = Vec::new();
+        for chunk in answer.chunks(16 * 1024) {
+            stream.push(Bytes::copy_from_slice(chunk), &mut out);
+        }
+        stream.finish(&mut out);
+        let elapsed = started.elapsed();
+        assert_eq!(out.iter().map(Bytes::len).sum::<usize>(), 1 << 20);
+        assert!(elapsed.as_secs_f64() < 2.0, "{elapsed:?} for a MiB");
     }
 
     #[test]
