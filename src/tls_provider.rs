@@ -1,4 +1,4 @@
-//! The one rustls crypto provider of the process: ring, with AES-128-GCM preferred.
+//! The one rustls crypto provider of the process: ring, with AES-128-GCM and X25519 preferred.
 //!
 //! Invariant: every TLS configuration sealgate builds (the sandbox-facing leaves in
 //! `ca::tls`, the upstream and PostgreSQL clients in `tls_roots`) uses [`provider`]: the
@@ -14,15 +14,25 @@
 //! (`ignore_client_order` in `ca::tls`); the sandbox runs on this host, so it has the AES
 //! instructions the proxy has. Nothing is removed: a peer that offers only AES-256 or
 //! ChaCha20 still gets it.
+//!
+//! Why X25519 first: a client sends a key share for the first group of its list only, and
+//! rustls 0.23.48 moved ring's P-384 to the head of it. Every new upstream connection then
+//! generated a P-384 key (ring has no assembly for it: ~5.8 million instructions, about 45
+//! requests' worth through the proxy) that origins preferring X25519 (nginx here, Go's server)
+//! discard, asking again with a HelloRetryRequest: a round trip more per connection (found by
+//! counting instructions against session 30's build, `BENCH_INSTR=1 scripts/bench-e2e`). The
+//! leaves' choice among a client's shares follows the same order. X25519 is what every TLS
+//! 1.3 stack offers first; P-256 and P-384 stay, after it.
 
 use std::sync::{Arc, LazyLock};
 
 use rustls::crypto::CryptoProvider;
-use rustls::{CipherSuite, SupportedCipherSuite};
+use rustls::{CipherSuite, NamedGroup, SupportedCipherSuite};
 
 static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
     let mut provider = ring_provider();
     provider.cipher_suites.sort_by_key(preference);
+    provider.kx_groups.sort_by_key(|g| kx_preference(g.name()));
     Arc::new(provider)
 });
 
@@ -40,6 +50,15 @@ fn ring_provider() -> CryptoProvider {
 /// The provider, built once per process.
 pub fn provider() -> &'static Arc<CryptoProvider> {
     &PROVIDER
+}
+
+/// Sort key of key-exchange groups: X25519, then P-256, then the rest in ring's order.
+fn kx_preference(group: NamedGroup) -> u8 {
+    match group {
+        NamedGroup::X25519 => 0,
+        NamedGroup::secp256r1 => 1,
+        _ => 2,
+    }
 }
 
 /// Sort key: TLS 1.3 before 1.2; within a version AES-128-GCM, then AES-256-GCM, then the
@@ -63,6 +82,19 @@ mod tests {
 
     fn suites() -> Vec<CipherSuite> {
         provider().cipher_suites.iter().map(|s| s.suite()).collect()
+    }
+
+    #[test]
+    fn x25519_is_the_first_key_share_then_p256() {
+        let groups: Vec<NamedGroup> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            groups,
+            [
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1
+            ]
+        );
     }
 
     #[test]
