@@ -323,6 +323,9 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let nofile = nofile::raise(nofile::need(&cfg))
         .inspect_err(|e| tracing::warn!(error = %e, "could not raise the open-file limit"))
         .ok();
+    if let Err(e) = crate::core_dumps::forbid() {
+        tracing::warn!(error = %e, "could not keep the daemon out of core dumps");
+    }
     let opened = open_backend(&cfg, &ov)?;
     let (store, key_source) = (opened.store.clone(), opened.key_source.clone());
     let admin_token = Arc::new(admin_token(&cfg.data_dir, ov.admin_token.as_deref())?);

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod core_dumps;
 pub mod crash_point;
 pub mod daemon;
 pub mod data_dir_lock;

@@ -674,6 +674,7 @@ fn command(p: &Prepared) -> tokio::process::Command {
                 Some(n) => crate::nofile::limit_in_child(n)?,
                 None => crate::nofile::restore_in_child()?,
             }
+            crate::core_dumps::restore_in_child()?;
             super::seccomp::install_in_child(&filter)?;
             super::fds::cloexec_in_child()?;
             match inner_fd {

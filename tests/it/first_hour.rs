@@ -900,6 +900,60 @@ async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
     assert!(!banner.contains("leftover"), "{banner}");
 }
 
+/// The daemon's memory (master key, values, admin token) is kept out of core dumps and out
+/// of reach of other processes of its user: soft core limit 0 and not dumpable, so another
+/// process of the same user cannot read its `/proc/PID/environ` (nor `mem`) — it could before.
+#[tokio::test]
+async fn the_daemon_leaves_no_core_and_its_memory_is_closed_to_its_own_user() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // setpriv needs root to run the daemon as another user
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_sealgate"))
+        .arg("--config")
+        .arg(serve_config(dir.path(), &data, ""))
+        .arg("serve")
+        .env_remove("SEALGATE_ADMIN_TOKEN")
+        .env_remove("SEALGATE_MASTER_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut daemon = Spawned(c.spawn().unwrap());
+    wait_for_text(&log, "  master key:", &mut daemon.0);
+    let pid = daemon.0.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().nth(4),
+        Some("0"),
+        "soft core limit: {core}"
+    );
+    let peek = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(format!("/proc/{pid}/environ"))
+        .output()
+        .unwrap();
+    assert!(
+        !peek.status.success(),
+        "a process of the daemon's user read its environ"
+    );
+    assert!(
+        String::from_utf8_lossy(&peek.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&peek.stderr)
+    );
+}
+
 #[tokio::test]
 async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
