@@ -351,6 +351,7 @@ async fn exchange(
     check_framing(req.headers())?;
     check_media_type(req.headers())?;
     let websocket = check_upgrade(&mut req)?;
+    let asks_messages = Binary::of(req.headers()) == Some(Binary::Framed);
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = match t.scheme {
@@ -399,7 +400,11 @@ async fn exchange(
     let mut scope = Scope::since(t, generation);
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let scrubbing = (scrubber.clone(), scope.clone());
-    let (resp, whole) = finish_response(t, rt, scrubbing, &o.report, method, resp, slot)?;
+    let asked = Asked {
+        method,
+        messages: asks_messages,
+    };
+    let (resp, whole) = finish_response(t, rt, scrubbing, &o.report, asked, resp, slot)?;
     let resp = match whole {
         true => read_whole(t, resp).await?,
         false => resp,
@@ -1416,6 +1421,15 @@ impl Body for Marking {
     }
 }
 
+/// What a request asked for, as its answer's shape depends on it.
+struct Asked<'a> {
+    /// A `HEAD`'s answer has no body.
+    method: &'a Method,
+    /// It was gRPC or Connect messages: only then is the answer read as messages
+    /// ([`Shape::of`]).
+    messages: bool,
+}
+
 /// Upstream response → what the sandbox gets: hop-by-hop headers and any `x-sealgate-error` of
 /// the upstream's own stripped (only sealgate's refusals carry it), `Trailer` kept (it is
 /// end-to-end, and hyper's h1 server sends only the trailers it lists), then scrubbed by
@@ -1427,7 +1441,7 @@ fn finish_response(
     rt: &LiveSettings,
     (scrubber, scope): (Option<Arc<Scrubber>>, Scope),
     report: &Report,
-    method: &Method,
+    asked: Asked<'_>,
     resp: Response<Incoming>,
     slot: SlotGuard,
 ) -> Result<(Response<ProxyBody>, bool), Refusal> {
@@ -1436,7 +1450,8 @@ fn finish_response(
     let shape = scrubber.as_ref().map(|_| {
         let held = &t.sandbox.grpc_held;
         Shape::of(
-            method,
+            asked.method,
+            asked.messages,
             parts.status,
             &parts.headers,
             &rt.upstream.config,

@@ -72,8 +72,18 @@ impl Shape {
     /// still hold `Transfer-Encoding`), within `limits` (`max_response_codings` stacked
     /// codings, compressed gRPC messages up to `max_grpc_message_bytes`, decoded ones counted
     /// in `grpc_held`, the sandbox's).
+    ///
+    /// An answer is read as gRPC/Connect messages only when the request was such messages
+    /// too (`messages_asked`); otherwise one that says it is messages is scrubbed as one
+    /// stream at the same length ([`Binary::Lengths`]). The scrubber finishes at every message
+    /// end, so a value that a message ends inside goes out in two unrecognised parts, the
+    /// second read as the next message's header: an honest object store serving a blob the
+    /// sandbox stored (its token unsealed into it) under a gRPC type set in the object's
+    /// metadata returned the value whole to a `GET` (outside review). No gRPC or Connect server
+    /// answers messages to a request that was not messages.
     pub fn of(
         method: &Method,
+        messages_asked: bool,
         status: StatusCode,
         h: &HeaderMap,
         limits: &UpstreamConfig,
@@ -91,7 +101,10 @@ impl Shape {
                 frames: None,
             };
         }
-        let binary = Binary::of(h);
+        let binary = match Binary::of(h) {
+            Some(Binary::Framed) if !messages_asked => Some(Binary::Lengths),
+            other => other,
+        };
         let frames = (binary == Some(Binary::Framed)).then(|| {
             let max = limits.max_grpc_message_bytes;
             MessageFrames::for_sandbox(MessageCoding::of(h), max, grpc_held.clone())
