@@ -32,7 +32,26 @@ def resolve(api_url: Optional[str] = None, api_key: Optional[str] = None) -> Con
     """
     url = api_url or os.environ.get("SEALGATE_ADMIN_URL") or DEFAULT_URL
     key = api_key or os.environ.get("SEALGATE_ADMIN_TOKEN") or _token_from_file()
-    return Config(api_url=url.rstrip("/"), api_key=key)
+    return Config(api_url=url.rstrip("/"), api_key=_sendable(key))
+
+
+def _sendable(key: str) -> str:
+    """``key`` without surrounding whitespace (the daemon's token file ends in a line break, and
+    ``open(...).read()`` keeps it), refused if what is left cannot travel in a header. The
+    message never repeats the key: httpx's own refusal quoted the whole ``Bearer`` header."""
+    if not isinstance(key, str):
+        raise TypeError(f"api_key must be a str, got {type(key).__name__}")
+    key = key.strip()
+    if not key:
+        raise SealgateError("missing_token", "the admin token given is empty (or only whitespace)")
+    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise SealgateError(
+            "invalid_token",
+            f"the admin token ({len(key)} characters, not repeated) holds a character a header "
+            "cannot carry (a space, line break or other control character, or a non-ASCII "
+            "character inside it)",
+        )
+    return key
 
 
 def _token_from_file() -> str:

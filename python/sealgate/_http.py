@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from ._config import Config
-from .errors import SealgateConnectionError, SealgateError, from_status
+from .errors import InvalidInputError, SealgateConnectionError, SealgateError, from_status
 
 #: Seconds an ordinary admin call may take (connect, send, answer).
 DEFAULT_TIMEOUT = 30.0
@@ -38,8 +38,31 @@ def seg(value: str) -> str:
     return quote(value, safe="").replace(".", "%2E")
 
 
-def _headers(cfg: Config, accept: str = "application/json") -> dict:
-    return {"authorization": f"Bearer {cfg.api_key}", "accept": accept}
+def _headers(cfg: Config, accept: str = "application/json", json_body: bool = False) -> dict:
+    headers = {"authorization": f"Bearer {cfg.api_key}", "accept": accept}
+    if json_body:
+        headers["content-type"] = "application/json"
+    return headers
+
+
+def _encoded(body: Any) -> Optional[bytes]:
+    """``body`` as UTF-8 JSON, encoded here rather than by httpx: a string Python decoded with
+    ``surrogateescape`` (an environment variable or file name holding a non-UTF-8 byte) cannot
+    be encoded, and httpx's ``UnicodeEncodeError`` carried the whole body, value included, in
+    its ``repr``. The error raised instead names the position only."""
+    if body is None:
+        return None
+    text = jsonlib.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        at = e.start
+    raise InvalidInputError(
+        "invalid_request",
+        f"the request holds text that is not valid UTF-8 at character {at} of its JSON body (a "
+        "lone surrogate: Python decodes a non-UTF-8 byte of an environment variable or file "
+        "name that way); its text is not repeated. Pass bytes decoded as the value really is",
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +87,17 @@ def _transport_error(cfg: Config, e: Exception, method: str, path: str) -> Sealg
     if isinstance(e, httpx.TimeoutException):
         return SealgateConnectionError(
             "timeout", f"the sealgate admin API at {cfg.api_url} did not answer in time", method, url
+        )
+    if isinstance(e, httpx.LocalProtocolError):
+        # The client refused to send what it was given; its text quotes the offending header
+        # or body (the admin token, a value): never repeated.
+        return SealgateConnectionError(
+            "invalid_request",
+            f"the request to the sealgate admin API at {cfg.api_url} could not be sent: the HTTP "
+            f"client refused it ({type(e).__name__}; its text is not repeated, it could hold "
+            "the admin token or a value)",
+            method,
+            url,
         )
     detail = str(e) or type(e).__name__
     return SealgateConnectionError(
@@ -115,9 +149,11 @@ async def call(
     """Calls ``method path`` with an optional JSON body and returns the decoded answer (None for
     204). Raises ``SealgateError`` or a subclass."""
     failure: Optional[SealgateError] = None
+    content = _encoded(body)
     try:
         async with _client(cfg, timeout) as client:
-            resp = await client.request(method, path, headers=_headers(cfg), json=body)
+            headers = _headers(cfg, json_body=content is not None)
+            resp = await client.request(method, path, headers=headers, content=content)
     except httpx.HTTPError as e:
         failure = _transport_error(cfg, e, method, path)
     if failure is not None:
@@ -134,10 +170,14 @@ async def stream(
     """Like ``call`` with ``Accept: text/event-stream``; yields the open response (status
     already checked) for the caller to read incrementally."""
     failure: Optional[SealgateError] = None
+    content = _encoded(body)
     try:
         async with _client(cfg, timeout) as client:
             async with client.stream(
-                method, path, headers=_headers(cfg, "text/event-stream"), json=body
+                method,
+                path,
+                headers=_headers(cfg, "text/event-stream", content is not None),
+                content=content,
             ) as resp:
                 if not resp.is_success:
                     content = await resp.aread()

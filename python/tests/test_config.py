@@ -107,3 +107,23 @@ async def test_connection_error_never_holds_the_value():
         await SecretStore.set_secret("s", "K", value, api_url=url, api_key="t")
     assert value not in f"{e.value} {e.value!r} {e.value.args}"
     assert e.value.__cause__ is None and e.value.__context__ is None
+
+
+async def test_a_token_read_with_its_line_break_works_and_a_broken_one_is_never_repeated(daemon):
+    """The daemon's token file ends in a line break and ``open(...).read()`` keeps it: the SDK
+    strips it. A token with a line break or control character inside cannot travel in a
+    header; httpx's refusal quoted the whole ``Bearer`` header in the exception (outside pass)."""
+    raw = (daemon.dir / "data" / "admin.token").read_text()
+    assert raw.endswith("\n")
+    assert isinstance(await SecretStore.list(api_key=raw), list)
+    token = raw.strip()
+    for broken in (token[:8] + "\n" + token[8:], token + "\x00x", token[:4] + "é" + token[4:]):
+        with pytest.raises(SealgateError) as e:
+            await SecretStore.list(api_key=broken)
+        assert e.value.code == "invalid_token"
+        text = f"{e.value} {e.value!r} {e.value.args}"
+        assert token[:8] not in text and token[8:] not in text
+        assert e.value.__cause__ is None and e.value.__context__ is None
+    with pytest.raises(SealgateError) as e:
+        _config.resolve(api_key=" \n")
+    assert e.value.code == "missing_token"

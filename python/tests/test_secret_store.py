@@ -316,3 +316,18 @@ async def test_a_body_over_the_limit_is_a_clear_error_not_a_lost_connection(daem
     with pytest.raises(SealgateError) as e:
         await SecretStore.create(unique("huge"), egress_allowlist=patterns)
     assert e.value.code == "request_too_large", (e.value.code, e.value.message)
+
+
+async def test_a_value_python_cannot_encode_is_refused_without_repeating_it(daemon):
+    """Python decodes a non-UTF-8 byte of an environment variable with ``surrogateescape``:
+    httpx's ``UnicodeEncodeError`` held the whole JSON body, value included, in its ``repr``
+    (outside pass). The SDK encodes the body itself and names the position only."""
+    store = await SecretStore.create(unique("surrogate"), egress_allowlist=["api.example.test"])
+    value = remember_secret("sk-latin1-" + secrets.token_hex(8)) + "\udce9tail"
+    with pytest.raises(InvalidInputError) as e:
+        await SecretStore.set_secret(store["id"], "K", value)
+    assert e.value.code == "invalid_request" and "not valid UTF-8" in e.value.message
+    for text in (str(e.value), repr(e.value), repr(e.value.args)):
+        assert value[:20] not in text
+    assert e.value.__cause__ is None and e.value.__context__ is None
+    assert await SecretStore.list_secrets(store["id"]) == []
