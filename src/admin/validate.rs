@@ -250,6 +250,25 @@ fn invalid_value(message: impl Into<String>) -> ApiError {
 
 /// Validates and canonicalises host patterns (DESIGN.md §3). `field` names the JSON field.
 pub fn patterns(field: &str, list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
+    patterns_hiding(field, list, None)
+}
+
+/// A secret body's `allowed_hosts`: [`patterns`], except that a refused pattern holding the
+/// body's own `value` is not repeated — a value pasted into the wrong field came back whole in
+/// the 400 and so in the client's logs (outside pass; unknown fields and locations were
+/// already not repeated).
+pub fn secret_patterns(
+    list: Option<Vec<String>>,
+    value: &str,
+) -> Result<Option<Vec<String>>, ApiError> {
+    patterns_hiding("allowed_hosts", list, Some(value).filter(|v| !v.is_empty()))
+}
+
+fn patterns_hiding(
+    field: &str,
+    list: Option<Vec<String>>,
+    hide: Option<&str>,
+) -> Result<Option<Vec<String>>, ApiError> {
     let Some(list) = list else { return Ok(None) };
     if list.len() > 10_000 {
         return Err(ApiError::bad_request(format!(
@@ -257,9 +276,14 @@ pub fn patterns(field: &str, list: Option<Vec<String>>) -> Result<Option<Vec<Str
         )));
     }
     let mut out = Vec::with_capacity(list.len());
-    for raw in &list {
-        let p = policy::parse_pattern(raw)
-            .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))?;
+    for (i, raw) in list.iter().enumerate() {
+        let p = policy::parse_pattern(raw).map_err(|e| match hide {
+            Some(value) if raw.contains(value) => ApiError::bad_request(format!(
+                "{field}[{i}] is not a valid host pattern, and it holds this body's value (not \
+                 repeated): was the value put in the wrong field?"
+            )),
+            _ => ApiError::bad_request(format!("{field}: {e}")),
+        })?;
         let canonical = p.to_string();
         if !out.contains(&canonical) {
             out.push(canonical);
@@ -285,6 +309,34 @@ pub fn locations(list: Option<Vec<Location>>) -> Result<Vec<Location>, ApiError>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_pattern_holding_the_value_is_not_repeated() {
+        let value = "FAKE-value-0123456789";
+        let list = |p: &str| Some(vec!["api.example.com".to_string(), p.to_string()]);
+        for bad in [
+            format!("x.com:{value}"),
+            format!("{value}*"),
+            format!("https://{value}/"),
+        ] {
+            let err = format!(
+                "{:?}",
+                super::secret_patterns(list(&bad), value).unwrap_err()
+            );
+            assert!(!err.contains(value), "{err}");
+            assert!(
+                err.contains("allowed_hosts[1]") && err.contains("wrong field"),
+                "{err}"
+            );
+        }
+        let err = format!(
+            "{:?}",
+            super::secret_patterns(list("a..b"), value).unwrap_err()
+        );
+        assert!(err.contains("a..b"), "another typo is still quoted: {err}");
+        let ok = super::secret_patterns(list("*.example.org"), value).unwrap();
+        assert_eq!(ok.unwrap().len(), 2);
+    }
+
     #[test]
     fn credentials_passed_as_names_are_refused_without_being_repeated() {
         let credentials = [
