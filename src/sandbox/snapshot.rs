@@ -33,37 +33,115 @@ pub const MAX_RETIRED: usize = 64;
 /// Scrubbed where the secret could have been unsealed when it retired: its `allowed_hosts` and
 /// the store's `egress_allowlist` as they were then (scrubbing a host costs it `206` answers
 /// and compressed transfers, so hosts that never received the value are left alone).
+///
+/// Memory: the scopes are [`Patterns`] shared by every retired value of the sandbox with the
+/// same list ([`share_scopes`]): 64 rotations under a 500-pattern allowlist had made 64
+/// copies of it, written and compiled, per sandbox (an outside pass: 100 sandboxes, 2.9 GiB).
 #[derive(Clone)]
 pub struct Retired {
     /// The token the value was unsealed from (what replaces it).
     pub token: Token,
     /// The old value.
     pub value: SecretValue,
-    /// The secret's `allowed_hosts` when the value was retired, as written.
-    pub allowed_hosts: Option<Vec<String>>,
-    allowed: Option<HostMatcher>,
-    /// The store's `egress_allowlist` when the value was retired, as written.
-    pub egress_allowlist: Option<Vec<String>>,
-    egress: Option<HostMatcher>,
+    /// The secret's `allowed_hosts` when the value was retired.
+    allowed: Option<Patterns>,
+    /// The store's `egress_allowlist` when the value was retired.
+    egress: Option<Patterns>,
+}
+
+/// Host patterns as written and compiled, shared by reference.
+#[derive(Clone)]
+struct Patterns {
+    written: Arc<[String]>,
+    matcher: Arc<HostMatcher>,
+}
+
+impl Patterns {
+    fn of(written: &Option<Vec<String>>, matcher: &Option<HostMatcher>) -> Option<Patterns> {
+        Some(Patterns {
+            written: written.as_deref()?.into(),
+            matcher: Arc::new(matcher.clone()?),
+        })
+    }
+
+    /// `written` compiled, or the equal list of `known` (then nothing is compiled); a list
+    /// compiled here joins `known`. None: no list.
+    fn compile(
+        written: Option<Vec<String>>,
+        known: &mut Vec<Patterns>,
+    ) -> Result<Option<Patterns>, SnapshotError> {
+        let Some(list) = written else { return Ok(None) };
+        if let Some(k) = known.iter().find(|k| *k.written == *list) {
+            return Ok(Some(k.clone()));
+        }
+        let matcher = compile(Some(&list))?;
+        let p = Patterns::of(&Some(list), &matcher);
+        known.extend(p.clone());
+        Ok(p)
+    }
+
+    fn same(a: &Option<Patterns>, b: &Option<Patterns>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.written, &b.written) || a.written == b.written,
+            (a, b) => a.is_none() && b.is_none(),
+        }
+    }
+}
+
+/// Makes every retired value whose scope lists equal an earlier one's share that one's
+/// [`Patterns`]: one copy per distinct list and sandbox, however many rotations kept it.
+/// Lists already shared compare by pointer; the distinct lists of one sandbox are few.
+fn share_scopes(retired: &mut [Retired]) {
+    let mut seen: Vec<Patterns> = Vec::new();
+    let mut share = |slot: &mut Option<Patterns>| {
+        let Some(p) = slot else { return };
+        if seen.iter().any(|s| Arc::ptr_eq(&s.written, &p.written)) {
+            return;
+        }
+        match seen.iter().find(|s| s.written == p.written) {
+            Some(s) => *p = s.clone(),
+            None => seen.push(p.clone()),
+        }
+    };
+    for r in retired {
+        share(&mut r.allowed);
+        share(&mut r.egress);
+    }
 }
 
 impl Retired {
     /// True if `other` retired the same value with the same scope.
     fn same_as(&self, other: &Retired) -> bool {
         self.value == other.value
-            && self.allowed_hosts == other.allowed_hosts
-            && self.egress_allowlist == other.egress_allowlist
+            && Patterns::same(&self.allowed, &other.allowed)
+            && Patterns::same(&self.egress, &other.egress)
     }
 
     fn of(snap: &Snapshot, e: &SecretEntry) -> Retired {
         Retired {
             token: e.token,
             value: e.value.clone(),
-            allowed_hosts: e.allowed_hosts.clone(),
-            allowed: e.allowed.clone(),
-            egress_allowlist: snap.egress_allowlist.clone(),
-            egress: snap.egress.clone(),
+            allowed: Patterns::of(&e.allowed_hosts, &e.allowed),
+            egress: Patterns::of(&snap.egress_allowlist, &snap.egress),
         }
+    }
+
+    /// The secret's `allowed_hosts` when the value was retired, as written.
+    pub fn allowed_hosts(&self) -> Option<&[String]> {
+        self.allowed.as_ref().map(|p| &*p.written)
+    }
+
+    /// The store's `egress_allowlist` when the value was retired, as written.
+    pub fn egress_allowlist(&self) -> Option<&[String]> {
+        self.egress.as_ref().map(|p| &*p.written)
+    }
+
+    fn allowed_matcher(&self) -> Option<&HostMatcher> {
+        self.allowed.as_ref().map(|p| &*p.matcher)
+    }
+
+    fn egress_matcher(&self) -> Option<&HostMatcher> {
+        self.egress.as_ref().map(|p| &*p.matcher)
     }
 }
 
@@ -195,6 +273,7 @@ impl Snapshot {
         if retired.len() > MAX_RETIRED {
             retired.drain(..retired.len() - MAX_RETIRED);
         }
+        share_scopes(&mut retired);
         self.retired = retired;
         self.scrubber = OnceLock::new();
         self
@@ -239,7 +318,7 @@ impl Snapshot {
 
     /// True if retired value `r` could have been unsealed for `dest` (HTTPS) before it retired.
     fn retired_allowed(r: &Retired, dest: &Dest) -> bool {
-        policy::secret_allowed(r.egress.as_ref(), r.allowed.as_ref(), dest, Scheme::Https)
+        policy::secret_allowed(r.egress_matcher(), r.allowed_matcher(), dest, Scheme::Https)
     }
 
     /// True if `name` may be unsealed for `dest` (HTTPS).
@@ -352,10 +431,11 @@ impl Snapshot {
         for s in p.secrets {
             secrets.push(s.into_record()?);
         }
+        let mut known = Vec::new();
         let retired = p
             .retired
             .into_iter()
-            .map(PersistedRetired::into_retired)
+            .map(|r| r.into_retired(&mut known))
             .collect::<Result<_, _>>()?;
         Ok(Snapshot::build(p.store_name, p.egress_allowlist, secrets)?.with_retired(retired))
     }
@@ -437,8 +517,8 @@ impl HostView {
         let scrubbed = !matching.is_empty()
             || snap.retired.iter().chain(&snap.locked_scope).any(|r| {
                 policy::secret_host_matches(
-                    r.egress.as_ref(),
-                    r.allowed.as_ref(),
+                    r.egress_matcher(),
+                    r.allowed_matcher(),
                     dest,
                     Scheme::Http,
                 )
@@ -535,24 +615,23 @@ impl From<&Retired> for PersistedRetired {
         PersistedRetired {
             token: r.token.to_string(),
             value_b64: value_b64(&r.value),
-            allowed_hosts: r.allowed_hosts.clone(),
-            egress_allowlist: r.egress_allowlist.clone(),
+            allowed_hosts: r.allowed_hosts().map(<[String]>::to_vec),
+            egress_allowlist: r.egress_allowlist().map(<[String]>::to_vec),
         }
     }
 }
 
 impl PersistedRetired {
-    fn into_retired(self) -> Result<Retired, SnapshotError> {
+    /// The retired value; its lists are compiled once per distinct list (`known`).
+    fn into_retired(self, known: &mut Vec<Patterns>) -> Result<Retired, SnapshotError> {
         let bad = || SnapshotError::Malformed("bad retired value".into());
         let token = Token::parse(self.token.as_bytes()).ok_or_else(bad)?;
         let value = value_from_b64(&self.value_b64).ok_or_else(bad)?;
         Ok(Retired {
             token,
             value,
-            allowed: compile(self.allowed_hosts.as_deref())?,
-            allowed_hosts: self.allowed_hosts,
-            egress: compile(self.egress_allowlist.as_deref())?,
-            egress_allowlist: self.egress_allowlist,
+            allowed: Patterns::compile(self.allowed_hosts, known)?,
+            egress: Patterns::compile(self.egress_allowlist, known)?,
         })
     }
 }
@@ -727,6 +806,41 @@ mod tests {
         assert!(!scrubs(&snap, "api.example.test", "sk-snapshot-test-value"));
         let newest_retired = format!("sk-rotation-number-{:04}", MAX_RETIRED + 3);
         assert!(scrubs(&snap, "api.example.test", &newest_retired));
+    }
+
+    /// 64 rotations under one list keep one copy of it, written and compiled, in memory and
+    /// after a restart (there were 64 per sandbox: 2.9 GiB for 100 sandboxes under a
+    /// 500-pattern allowlist, outside pass); a narrowed list is a second one.
+    #[test]
+    fn retired_values_share_one_copy_of_each_scope() {
+        let mut snap = snapshot(&["api.example.test", "*.api.example.test"]);
+        for i in 0..MAX_RETIRED + 5 {
+            snap = rotated(&snap, Some(format!("sk-rotation-number-{i:04}").as_bytes()));
+        }
+        let distinct = |snap: &Snapshot| {
+            let mut lists: Vec<Arc<[String]>> = Vec::new();
+            for r in snap.retired() {
+                let w = &r.allowed.as_ref().unwrap().written;
+                if !lists.iter().any(|l| Arc::ptr_eq(l, w)) {
+                    lists.push(w.clone());
+                }
+            }
+            lists.len()
+        };
+        assert_eq!(distinct(&snap), 1);
+        let back = Snapshot::from_sealable(&snap.to_sealable()).unwrap();
+        assert_eq!((back.retired().len(), distinct(&back)), (MAX_RETIRED, 1));
+        let newest = format!("sk-rotation-number-{:04}", MAX_RETIRED + 3);
+        assert!(scrubs(&back, "x.api.example.test", &newest));
+        assert_eq!(
+            back.retired()[0].allowed_hosts(),
+            Some(
+                &[
+                    "api.example.test".to_owned(),
+                    "*.api.example.test".to_owned()
+                ][..]
+            )
+        );
     }
 
     #[test]
