@@ -105,13 +105,18 @@ impl From<StoreError> for ApiError {
             {
                 // A page the start did not read (outside re-check: "internal store error",
                 // and the log named neither the file nor the way out).
-                tracing::error!(error = %e, "admin call refused: the database file is damaged; restore it from a backup");
+                // A disk that fails its reads reads the same way (an outside pass shut an ext4
+                // file system down under the daemon: every call said "restore it from a
+                // backup"), and restoring onto a failing disk loses the writes since.
+                tracing::error!(error = %e, "admin call refused: the database file reads as damaged; check the disk (kernel log), then restore it from a backup");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "store_corrupt",
                     format!(
-                        "{e}: the database file in data_dir is damaged: restore it from a \
-                         backup (docs/operations.md, Backups); running sandboxes keep working"
+                        "{e}: the database file in data_dir reads as damaged: check the \
+                         disk holding data_dir (I/O errors in the kernel log read the same way); \
+                         if it is sound, restore the file from a backup (docs/operations.md, \
+                         Backups); running sandboxes keep working"
                     ),
                 )
             }
@@ -318,7 +323,8 @@ mod tests {
             (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt")
         );
         assert!(
-            e.message.contains("restore it from a backup"),
+            e.message.contains("check the disk")
+                && e.message.contains("restore the file from a backup"),
             "{}",
             e.message
         );
