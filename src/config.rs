@@ -1096,7 +1096,7 @@ impl RawUpstream {
             pool_max_idle_per_host: p.count(
                 "upstream.pool_max_idle_per_host",
                 self.pool_max_idle_per_host,
-                32,
+                256,
                 10_000,
             ),
             max_connections_per_sandbox: p.count(

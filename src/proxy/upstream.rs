@@ -151,6 +151,48 @@ pub struct Parts {
     require_h2: bool,
     /// The sandbox's budget, which every connection made here counts against.
     budget: Budget,
+    /// The connection attempts under way here, per destination ([`DIALS_PER_HOST`]).
+    dialing: Dialing,
+}
+
+/// How many connection attempts one connector (one client of one sandbox on one worker) has
+/// under way to one destination at a time. hyper-util's legacy pool starts a dial for every
+/// request that finds no idle connection, hands the next connection returned to the pool to
+/// the oldest waiting request instead, and lets the dial finish in the background; for
+/// HTTP/1 it sets no bound on them. With more requests in flight on a worker than
+/// `pool_max_idle_per_host`, every request past that dialled, and the dials queued at the
+/// origin's TLS handshake held the sandbox's budget up to `max_connections_per_sandbox`: 429s
+/// with 72 requests in flight, and the origin busy completing handshakes of connections
+/// closed unused (outside review h37e). A request waiting here holds no slot and no socket,
+/// and is served by whichever comes first, a returned connection or its dial.
+const DIALS_PER_HOST: usize = 32;
+
+/// Past this many destinations, those with no attempt under way are forgotten.
+const DIALING_KEPT: usize = 256;
+
+/// Per destination (`host:port`), the turns to dial it ([`DIALS_PER_HOST`]).
+#[derive(Default)]
+struct Dialing(std::sync::Mutex<std::collections::HashMap<Box<str>, Arc<tokio::sync::Semaphore>>>);
+
+impl Dialing {
+    /// A turn to dial `dest`, held until the connection is made or failed.
+    async fn turn(&self, dest: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let turns = {
+            let mut map = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.len() >= DIALING_KEPT {
+                map.retain(|_, t| {
+                    Arc::strong_count(t) > 1 || t.available_permits() < DIALS_PER_HOST
+                });
+            }
+            map.entry(dest.into())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(DIALS_PER_HOST)))
+                .clone()
+        };
+        turns.acquire_owned().await.ok()
+    }
 }
 
 /// What a connector offers in ALPN.
@@ -214,6 +256,7 @@ impl Connector {
             settings,
             require_h2,
             budget: budget.clone(),
+            dialing: Dialing::default(),
         }))
     }
 
@@ -258,6 +301,11 @@ impl tower_service::Service<Uri> for Connector {
 impl Connector {
     async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
         let config = &self.settings.config;
+        // Waited for before the slots: a request waiting for its turn holds none.
+        let _turn = self
+            .dialing
+            .turn(uri.authority().map_or("", |a| a.as_str()))
+            .await;
         let max = config.max_connections_per_sandbox;
         let slot = self.budget.take(max).ok_or(ConnectError::TooMany(max))?;
         let max = config.max_connections;
@@ -528,5 +576,36 @@ mod tests {
         let s = TcpStream::connect((own, port)).await.unwrap();
         assert!(lands_on_this_host(&s), "{own}");
         accept.abort();
+    }
+
+    /// At most [`DIALS_PER_HOST`] attempts to one destination at a time; another destination
+    /// is not held up by them.
+    #[tokio::test]
+    async fn dials_to_one_destination_take_turns() {
+        let dialing = Dialing::default();
+        let mut held = Vec::new();
+        for _ in 0..DIALS_PER_HOST {
+            held.push(dialing.turn("a:443").await.expect("a turn"));
+        }
+        let wait = std::time::Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(wait, dialing.turn("a:443"))
+                .await
+                .is_err(),
+            "a waits"
+        );
+        assert!(
+            tokio::time::timeout(wait, dialing.turn("b:443"))
+                .await
+                .is_ok(),
+            "b does not"
+        );
+        held.pop();
+        assert!(
+            tokio::time::timeout(wait, dialing.turn("a:443"))
+                .await
+                .is_ok(),
+            "a's turn freed"
+        );
     }
 }
