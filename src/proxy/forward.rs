@@ -351,7 +351,7 @@ async fn exchange(
     check_framing(req.headers())?;
     check_media_type(req.headers())?;
     let websocket = check_upgrade(&mut req)?;
-    let asks_messages = Binary::of(req.headers()) == Some(Binary::Framed);
+    let asks_messages = Binary::asks_for_messages(req.headers());
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = match t.scheme {

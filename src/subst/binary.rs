@@ -66,6 +66,20 @@ impl Binary {
     }
 }
 
+impl Binary {
+    /// True if a request with headers `h` is gRPC, gRPC-Web or Connect-streaming messages by
+    /// its `Content-Type`: only answers to such requests are read as messages. Every gRPC
+    /// client sends one of these types; a message coding alone does not count here.
+    ///
+    /// # Cost
+    /// One lookup of a standard field (this runs on every request).
+    pub fn asks_for_messages(h: &HeaderMap) -> bool {
+        h.get(http::header::CONTENT_TYPE)
+            .and_then(|v| of_type(v.as_bytes()))
+            .is_some_and(|k| k != Binary::Lengths)
+    }
+}
+
 /// A `Content-Type` value without its parameters or surrounding whitespace (`type/subtype`).
 pub(super) fn essence(ct: &[u8]) -> &[u8] {
     ct.split(|&b| b == b';')
@@ -98,6 +112,36 @@ fn names_a_message_coding(h: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_ask_for_messages_by_their_type_alone() {
+        let asks = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            Binary::asks_for_messages(&h)
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web+json",
+        ] {
+            assert!(asks(ct), "{ct}");
+        }
+        assert!(asks("application/connect+proto") && asks("application/grpc-web-text"));
+        for ct in [
+            "application/json",
+            "application/proto",
+            "application/octet-stream",
+        ] {
+            assert!(!asks(ct), "{ct}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("grpc-encoding", "gzip".parse().unwrap());
+        assert!(
+            !Binary::asks_for_messages(&h),
+            "a coding alone is not a type"
+        );
+    }
 
     fn kind(fields: &[(&str, &str)]) -> Option<Binary> {
         let mut h = HeaderMap::new();
