@@ -351,7 +351,9 @@ async fn exchange(
     check_framing(req.headers())?;
     check_media_type(req.headers())?;
     let websocket = check_upgrade(&mut req)?;
-    let asks_messages = Binary::asks_for_messages(req.headers());
+    // gRPC, gRPC-Web and Connect streaming are POSTs: a GET naming a gRPC type (the re-check
+    // sent one to an object store) reads a stored blob, framed however it was stored.
+    let asks_messages = req.method() == Method::POST && Binary::asks_for_messages(req.headers());
     let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = match t.scheme {

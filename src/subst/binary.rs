@@ -68,8 +68,9 @@ impl Binary {
 
 impl Binary {
     /// True if a request with headers `h` is gRPC, gRPC-Web or Connect-streaming messages by
-    /// its `Content-Type`: only answers to such requests are read as messages. Every gRPC
-    /// client sends one of these types; a message coding alone does not count here.
+    /// its `Content-Type` (the caller checks it is a `POST` too): only answers to such requests
+    /// are read as messages. Every gRPC client sends one of these types; a message coding
+    /// alone does not count here.
     ///
     /// # Cost
     /// One lookup of a standard field (this runs on every request).

@@ -1366,7 +1366,8 @@ async fn interim_heads_after_a_big_answer_get_no_credit_from_it() {
 /// gRPC messages, the first message ended inside the value and the value's next five bytes
 /// read as the next message's header: the value reached the sandbox whole, in two parts the
 /// scrubber could not recognise (outside review). An answer is read as messages only when the
-/// request was messages: to this `GET` it is one stream, scrubbed at the same length.
+/// request was messages — a `POST` with a message type: to a `GET`, even one that names a gRPC
+/// type or coding itself (the re-check's bypass), it is one stream, scrubbed at the same length.
 #[tokio::test]
 async fn a_grpc_typed_answer_to_a_request_that_was_not_grpc_is_scrubbed_as_one_stream() {
     use http_body_util::BodyExt as _;
@@ -1383,40 +1384,46 @@ async fn a_grpc_typed_answer_to_a_request_that_was_not_grpc_is_scrubbed_as_one_s
     blob.extend_from_slice(&VALUE.as_bytes()[cut..]);
     blob.extend_from_slice(b"\n");
     blob.extend_from_slice(&[b'z'; 64 * 1024]);
+    let len = blob.len();
+    let asks: [&[(&str, &str)]; 3] = [
+        &[],
+        &[("content-type", "application/grpc")],
+        &[
+            ("grpc-encoding", "gzip"),
+            ("content-type", "application/grpc-web"),
+        ],
+    ];
     let origin = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
-        if !read_head(&mut tls).await {
-            return;
+        while read_head(&mut tls).await {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ncontent-length: {len}\r\n\r\n"
+            );
+            tls.write_all(head.as_bytes()).await.unwrap();
+            tls.write_all(&blob).await.unwrap();
+            tls.flush().await.unwrap();
         }
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ncontent-length: {}\r\n\r\n",
-            blob.len()
-        );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        let _ = tls.write_all(&blob).await;
-        let _ = tls.flush().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
     });
     let e = env_on(pki, addr, Box::new(())).await;
     let mut c: http1::SendRequest<ReqBody> = pc::h1(e.h.proxy, &e.sb, API).await;
-    let resp = c
-        .send_request(request(&e, "GET", "/store/blob", false, &[]))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut seen = Vec::new();
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(data) = frame.into_data() {
-            seen.extend_from_slice(&data);
+    for extra in asks {
+        c.ready().await.unwrap();
+        let resp = c
+            .send_request(request(&e, "GET", "/store/blob", false, extra))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut seen = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen.extend_from_slice(&data);
+            }
         }
+        assert_no_value(&format!("body ({extra:?})"), &seen);
+        assert_eq!(seen.len(), len, "the whole blob, at its length ({extra:?})");
     }
-    assert_no_value("body", &seen);
-    assert!(
-        seen.len() == 5 + 2 + VALUE.len() + 1 + 64 * 1024,
-        "the whole blob, at its length: {} bytes",
-        seen.len()
-    );
+    drop(c);
     origin.abort();
 }
