@@ -459,7 +459,7 @@ async fn set_secret(
     let Json(req) = body.map_err(sanitize)?;
     validate::secret_name(&name)?;
     validate::secret_value(&req.value)?;
-    let hosts = validate::secret_patterns(req.allowed_hosts, &req.value)?;
+    let hosts = validate::secret_patterns(req.allowed_hosts)?;
     let locations = validate::locations(req.locations)?;
     let store = st.store.get_store(&id)?;
     let before = st

@@ -250,24 +250,22 @@ fn invalid_value(message: impl Into<String>) -> ApiError {
 
 /// Validates and canonicalises host patterns (DESIGN.md §3). `field` names the JSON field.
 pub fn patterns(field: &str, list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
-    patterns_hiding(field, list, None)
+    patterns_hiding(field, list, false)
 }
 
-/// A secret body's `allowed_hosts`: [`patterns`], except that a refused pattern holding the
-/// body's own `value` is not repeated — a value pasted into the wrong field came back whole in
-/// the 400 and so in the client's logs (outside pass; unknown fields and locations were
-/// already not repeated).
-pub fn secret_patterns(
-    list: Option<Vec<String>>,
-    value: &str,
-) -> Result<Option<Vec<String>>, ApiError> {
-    patterns_hiding("allowed_hosts", list, Some(value).filter(|v| !v.is_empty()))
+/// A secret body's `allowed_hosts`: [`patterns`], except that a refused pattern is named by
+/// its place and length, not repeated, unless it is short ([`quoted_if_short`]): a value put
+/// in the wrong field — the body's own, or the real key with `value` and `allowed_hosts`
+/// swapped — came back whole in the 400 and so in the client's logs (outside pass and its
+/// re-check; unknown fields and locations were already not repeated).
+pub fn secret_patterns(list: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
+    patterns_hiding("allowed_hosts", list, true)
 }
 
 fn patterns_hiding(
     field: &str,
     list: Option<Vec<String>>,
-    hide: Option<&str>,
+    hide: bool,
 ) -> Result<Option<Vec<String>>, ApiError> {
     let Some(list) = list else { return Ok(None) };
     if list.len() > 10_000 {
@@ -278,9 +276,11 @@ fn patterns_hiding(
     let mut out = Vec::with_capacity(list.len());
     for (i, raw) in list.iter().enumerate() {
         let p = policy::parse_pattern(raw).map_err(|e| match hide {
-            Some(value) if raw.contains(value) => ApiError::bad_request(format!(
-                "{field}[{i}] is not a valid host pattern, and it holds this body's value (not \
-                 repeated): was the value put in the wrong field?"
+            true if raw.chars().count() >= QUOTED_UNDER => ApiError::bad_request(format!(
+                "{field}[{i}] {} is not a valid host pattern (a host name, `*.` and a \
+                 suffix, or `*`, each with an optional `:port`): was a value put in the wrong \
+                 field?",
+                quoted_if_short(raw)
             )),
             _ => ApiError::bad_request(format!("{field}: {e}")),
         })?;
@@ -310,31 +310,36 @@ pub fn locations(list: Option<Vec<Location>>) -> Result<Vec<Location>, ApiError>
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_refused_pattern_holding_the_value_is_not_repeated() {
+    fn a_refused_secret_pattern_is_not_repeated_unless_short() {
         let value = "FAKE-value-0123456789";
         let list = |p: &str| Some(vec!["api.example.com".to_string(), p.to_string()]);
-        for bad in [
+        let swapped = "sk_live_FAKE_0123456789abcdef".to_string(); // `_`: not a host name
+        let bad = [
             format!("x.com:{value}"),
             format!("{value}*"),
             format!("https://{value}/"),
-        ] {
-            let err = format!(
-                "{:?}",
-                super::secret_patterns(list(&bad), value).unwrap_err()
-            );
-            assert!(!err.contains(value), "{err}");
+            swapped,
+        ];
+        for bad in bad {
+            let err = format!("{:?}", super::secret_patterns(list(&bad)).unwrap_err());
+            assert!(!err.contains(&bad) && !err.contains("FAKE"), "{err}");
             assert!(
-                err.contains("allowed_hosts[1]") && err.contains("wrong field"),
+                err.contains("allowed_hosts[1]") && err.contains("wrong"),
                 "{err}"
             );
         }
+        let err = format!("{:?}", super::secret_patterns(list("a..b")).unwrap_err());
+        assert!(err.contains("a..b"), "a short typo is still quoted: {err}");
+        let ok = super::secret_patterns(list("*.example.org")).unwrap();
+        assert_eq!(ok.unwrap().len(), 2);
         let err = format!(
             "{:?}",
-            super::secret_patterns(list("a..b"), value).unwrap_err()
+            super::patterns("egress_allowlist", list("bad_host_name_here.com")).unwrap_err()
         );
-        assert!(err.contains("a..b"), "another typo is still quoted: {err}");
-        let ok = super::secret_patterns(list("*.example.org"), value).unwrap();
-        assert_eq!(ok.unwrap().len(), 2);
+        assert!(
+            err.contains("bad_host_name_here.com"),
+            "a store's allowlist still quotes: {err}"
+        );
     }
 
     #[test]
