@@ -14,10 +14,11 @@
 //! ([`restore_in_child`]) and are dumpable again after `execve`, as the kernel resets that.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-/// The soft `RLIMIT_CORE` the process started with, plus one (0: never lowered).
-static STARTED_WITH: AtomicU64 = AtomicU64::new(0);
+/// The soft `RLIMIT_CORE` the process started with (unset: never lowered). Read in a child
+/// between `fork` and `exec`: `OnceLock::get` is an atomic load.
+static STARTED_WITH: OnceLock<libc::rlim_t> = OnceLock::new();
 
 /// Makes the process non-dumpable and its soft core limit zero.
 ///
@@ -29,14 +30,7 @@ pub fn forbid() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let lim = get()?;
-    STARTED_WITH
-        .compare_exchange(
-            0,
-            lim.rlim_cur.saturating_add(1),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .ok();
+    STARTED_WITH.get_or_init(|| lim.rlim_cur);
     set(libc::rlimit {
         rlim_cur: 0,
         rlim_max: lim.rlim_max,
@@ -49,13 +43,12 @@ pub fn forbid() -> io::Result<()> {
 /// # Errors
 /// The `setrlimit` call's error.
 pub fn restore_in_child() -> io::Result<()> {
-    let started_with = STARTED_WITH.load(Ordering::Acquire);
-    if started_with == 0 {
+    let Some(&started_with) = STARTED_WITH.get() else {
         return Ok(());
-    }
+    };
     let lim = get()?;
     set(libc::rlimit {
-        rlim_cur: (started_with - 1).min(lim.rlim_max),
+        rlim_cur: started_with.min(lim.rlim_max),
         rlim_max: lim.rlim_max,
     })
 }
