@@ -35,7 +35,19 @@ def seg(value: str) -> str:
     refuses) instead of a dot segment that httpx would resolve (``/secrets/..`` is the store)."""
     if not isinstance(value, str):
         raise TypeError(f"expected a str id or name, got {type(value).__name__}")
-    return quote(value, safe="").replace(".", "%2E")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return quote(value, safe="").replace(".", "%2E")
+    # Outside the handler: the UnicodeEncodeError held the whole text (a value passed as an
+    # id by mistake), and raised inside it, it would be this error's __context__.
+    raise InvalidInputError(
+        "invalid_request",
+        f"an id or name ({len(value)} characters, not repeated: it could be a value) holds text "
+        "that is not valid UTF-8 (a lone surrogate)",
+    )
 
 
 def _headers(cfg: Config, accept: str = "application/json", json_body: bool = False) -> dict:

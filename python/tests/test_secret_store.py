@@ -331,3 +331,13 @@ async def test_a_value_python_cannot_encode_is_refused_without_repeating_it(daem
         assert value[:20] not in text
     assert e.value.__cause__ is None and e.value.__context__ is None
     assert await SecretStore.list_secrets(store["id"]) == []
+
+
+async def test_an_id_python_cannot_encode_is_refused_without_repeating_it(daemon):
+    """A value with a non-UTF-8 byte passed where the store id goes (arguments swapped) raised
+    a bare UnicodeEncodeError holding it while the URL was built (re-check)."""
+    value = "sk-latin1-" + secrets.token_hex(8) + "\udce9"
+    with pytest.raises(InvalidInputError) as e:
+        await SecretStore.set_secret(value, "K", "v")
+    assert value[:20] not in f"{e.value} {e.value!r} {e.value.args}"
+    assert e.value.__cause__ is None and e.value.__context__ is None
