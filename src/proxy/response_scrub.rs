@@ -75,12 +75,12 @@ impl Shape {
     ///
     /// An answer is read as gRPC/Connect messages only when the request was such messages
     /// too (`messages_asked`: a `POST` with a message type); otherwise one that says it is
-    /// messages is scrubbed as one stream at the same length ([`Binary::Lengths`]). The scrubber finishes at every message
-    /// end, so a value that a message ends inside goes out in two unrecognised parts, the
-    /// second read as the next message's header: an honest object store serving a blob the
-    /// sandbox stored (its token unsealed into it) under a gRPC type set in the object's
-    /// metadata returned the value whole to a `GET` (outside review). No gRPC or Connect server
-    /// answers messages to a request that was not messages.
+    /// messages is scrubbed as one stream at the same length ([`Binary::Lengths`]). The
+    /// scrubber finishes at every message end, so a value that a message ends inside goes out
+    /// in two unrecognised parts, the second read as the next message's header: an honest
+    /// object store serving a blob the sandbox stored (its token unsealed into it) under a
+    /// gRPC type set in the object's metadata returned the value whole to a `GET` (outside
+    /// review). No gRPC or Connect server answers messages to a request that was not messages.
     pub fn of(
         method: &Method,
         messages_asked: bool,
