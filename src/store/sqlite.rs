@@ -141,8 +141,9 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens or creates `data_dir/sealgate.db`: WAL, `foreign_keys` on, a busy timeout,
-    /// `synchronous = FULL` ([`configure`]), file mode 0600; runs pending migrations (`PRAGMA user_version`);
-    /// writes the key-check record on first open and verifies it on every later one.
+    /// `synchronous = FULL` ([`configure`]), file mode 0600; runs pending migrations
+    /// (`PRAGMA user_version`); writes the key-check record on first open and verifies it on
+    /// every later one.
     ///
     /// # Errors
     /// [`StoreError::WrongMasterKey`] if `key` is not the key this database was sealed with;
