@@ -43,6 +43,15 @@ const TYPES: &[(&str, Binary, bool)] = &[
     ("application/cbor", Binary::Lengths, false),
 ];
 
+/// Fields by which a `POST` asks to be served as another method (Google's JSON APIs honour
+/// `X-HTTP-Method-Override`): no gRPC or Connect client sends them, and a `POST` carrying one
+/// can read a stored object back (the last re-check, from GCS's documentation).
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// Headers naming how gRPC (and gRPC-Web) or Connect messages are compressed.
 pub(super) const MESSAGE_CODINGS: [&str; 2] = ["grpc-encoding", "connect-content-encoding"];
 
@@ -75,9 +84,11 @@ impl Binary {
     /// # Cost
     /// One lookup of a standard field (this runs on every request).
     pub fn asks_for_messages(h: &HeaderMap) -> bool {
-        h.get(http::header::CONTENT_TYPE)
+        let typed = h
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| of_type(v.as_bytes()))
-            .is_some_and(|k| k != Binary::Lengths)
+            .is_some_and(|k| k != Binary::Lengths);
+        typed && !METHOD_OVERRIDES.iter().any(|n| h.contains_key(*n))
     }
 }
 
@@ -142,6 +153,13 @@ mod tests {
             !Binary::asks_for_messages(&h),
             "a coding alone is not a type"
         );
+        h.insert(
+            http::header::CONTENT_TYPE,
+            "application/grpc".parse().unwrap(),
+        );
+        assert!(Binary::asks_for_messages(&h));
+        h.insert("x-http-method-override", "GET".parse().unwrap());
+        assert!(!Binary::asks_for_messages(&h), "a POST served as a GET");
     }
 
     fn kind(fields: &[(&str, &str)]) -> Option<Binary> {
