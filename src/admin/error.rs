@@ -74,10 +74,40 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `what` (`store 'x'`) with each quoted id or name that could be a value replaced by its
+/// length ([`shown`]): an id or name the caller gave and that was not found comes back only
+/// when it is short or shaped like an id — a value passed where the store id goes (arguments
+/// swapped) came back whole in the 404 and so in client logs (the last re-check).
+fn unrepeated_names(what: &str) -> String {
+    what.split('\'')
+        .enumerate()
+        .map(|(i, part)| match i % 2 {
+            1 => shown(part, true),
+            _ => part.to_string(),
+        })
+        .collect()
+}
+
+/// `text` (quoted if `quote`) when it is short, a UUID (store ids) or a sandbox id; else its
+/// length, saying it is not repeated.
+fn shown(text: &str, quote: bool) -> String {
+    let sandbox_id = text.len() == 28
+        && text.starts_with("sbx_")
+        && text[4..].bytes().all(|b| b.is_ascii_hexdigit());
+    let n = text.chars().count();
+    match uuid::Uuid::try_parse(text).is_ok() || sandbox_id || n < super::validate::QUOTED_UNDER {
+        true if quote => format!("'{}'", text.escape_default()),
+        true => text.escape_default().to_string(),
+        false => format!("({n} characters, not repeated: it could be a value)"),
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound(_) => ApiError::not_found(e.to_string()),
+            StoreError::NotFound(what) => {
+                ApiError::not_found(format!("{} not found", unrepeated_names(&what)))
+            }
             StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
@@ -183,7 +213,9 @@ impl From<StoreError> for ApiError {
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         match e {
-            SandboxError::NotFound(_) => ApiError::not_found(e.to_string()),
+            SandboxError::NotFound(id) => {
+                ApiError::not_found(format!("sandbox {} not found", shown(&id, false)))
+            }
             // Its own code: not "already gone" to a client that deletes idempotently (the
             // SDK's kill() took it for that, and with delete_secret_store=True deleted the
             // store of a sandbox still running on another node: review).
@@ -294,6 +326,28 @@ impl From<IsolationError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_names_not_found_come_back_only_when_short_or_shaped_like_ids() {
+        let value = "sk-ant-api03-FAKE0123456789abcdefghij";
+        let e = ApiError::from(StoreError::NotFound(format!("store '{value}'")));
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(
+            !e.message.contains("FAKE") && e.message.contains("not repeated"),
+            "{}",
+            e.message
+        );
+        let id = "0b6f4a5e-3c1d-4e8f-9a2b-7c6d5e4f3a21";
+        let e = ApiError::from(StoreError::NotFound(format!("store '{id}'")));
+        assert_eq!(e.message, format!("store '{id}' not found"));
+        let e = ApiError::from(StoreError::NotFound("store 'dev'".into()));
+        assert_eq!(e.message, "store 'dev' not found");
+        let sbx = "sbx_0123456789abcdef01234567";
+        let e = ApiError::from(SandboxError::NotFound(sbx.into()));
+        assert_eq!(e.message, format!("sandbox {sbx} not found"));
+        let e = ApiError::from(SandboxError::NotFound(value.into()));
+        assert!(!e.message.contains("FAKE"), "{}", e.message);
+    }
 
     #[test]
     fn a_401_names_the_bearer_scheme_and_other_errors_do_not() {
