@@ -860,7 +860,6 @@ fn wait_for_text(path: &Path, text: &str, child: &mut std::process::Child) -> St
 /// an old file in /run/netns named like the pool's last slot, which sealgate never allocates.
 #[tokio::test]
 async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
-    use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return; // the daemon under test is then not root either: nothing to show
@@ -876,28 +875,30 @@ async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
         .set_modified(hour_ago)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let data = dir.path().join("data");
-    let log = dir.path().join("serve.log");
+    let (mut daemon, log) = serve_as_nobody(dir.path(), "[log]\nlevel = \"debug\"\n");
+    let banner = wait_for_text(&log, "  master key:", &mut daemon.0);
+    let _ = std::fs::remove_file(fake);
+    assert!(!banner.contains("leftover"), "{banner}");
+}
+
+/// `sealgate serve` run as nobody (uid 65534, through `setpriv`) with its config, data and
+/// log (`serve.log`, returned) in `dir`, made writable for it; `extra` goes into the config.
+fn serve_as_nobody(dir: &Path, extra: &str) -> (Spawned, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = dir.join("serve.log");
     let mut c = Command::new("setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(env!("CARGO_BIN_EXE_sealgate"))
         .arg("--config")
-        .arg(serve_config(
-            dir.path(),
-            &data,
-            "[log]\nlevel = \"debug\"\n",
-        ))
+        .arg(serve_config(dir, &dir.join("data"), extra))
         .arg("serve")
         .env_remove("SEALGATE_ADMIN_TOKEN")
         .env_remove("SEALGATE_MASTER_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    let mut daemon = Spawned(c.spawn().unwrap());
-    let banner = wait_for_text(&log, "  master key:", &mut daemon.0);
-    let _ = std::fs::remove_file(fake);
-    assert!(!banner.contains("leftover"), "{banner}");
+    (Spawned(c.spawn().unwrap()), log)
 }
 
 /// The daemon's memory (master key, values, admin token) is kept out of core dumps and out
@@ -905,27 +906,12 @@ async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
 /// process of the same user cannot read its `/proc/PID/environ` (nor `mem`) — it could before.
 #[tokio::test]
 async fn the_daemon_leaves_no_core_and_its_memory_is_closed_to_its_own_user() {
-    use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return; // setpriv needs root to run the daemon as another user
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let data = dir.path().join("data");
-    let log = dir.path().join("serve.log");
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_sealgate"))
-        .arg("--config")
-        .arg(serve_config(dir.path(), &data, ""))
-        .arg("serve")
-        .env_remove("SEALGATE_ADMIN_TOKEN")
-        .env_remove("SEALGATE_MASTER_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut daemon = Spawned(c.spawn().unwrap());
+    let (mut daemon, log) = serve_as_nobody(dir.path(), "");
     wait_for_text(&log, "  master key:", &mut daemon.0);
     let pid = daemon.0.id();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
