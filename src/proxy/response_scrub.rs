@@ -39,7 +39,7 @@ mod scope;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Extensions, Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
@@ -221,22 +221,22 @@ fn no_ranges(h: &mut HeaderMap) {
 
 /// Fields that describe the bytes of the coded representation: a checksum of them, or of the
 /// representation as sent.
-const CODED_BYTES_FIELDS: &[&str] = &[
-    "content-md5",
-    "digest",
-    "repr-digest",
-    "content-digest",
-    "x-goog-hash",
-    "x-amz-checksum-crc32",
-    "x-amz-checksum-crc32c",
-    "x-amz-checksum-crc64nvme",
-    "x-amz-checksum-sha1",
-    "x-amz-checksum-sha256",
-    "x-ms-content-crc64",
-    "x-ms-blob-content-md5",
-    "x-oss-hash-crc64ecma",
-    "x-cos-hash-crc64ecma",
-    "x-bz-content-sha1",
+const CODED_BYTES_FIELDS: [HeaderName; 15] = [
+    HeaderName::from_static("content-md5"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("repr-digest"),
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("x-goog-hash"),
+    HeaderName::from_static("x-amz-checksum-crc32"),
+    HeaderName::from_static("x-amz-checksum-crc32c"),
+    HeaderName::from_static("x-amz-checksum-crc64nvme"),
+    HeaderName::from_static("x-amz-checksum-sha1"),
+    HeaderName::from_static("x-amz-checksum-sha256"),
+    HeaderName::from_static("x-ms-content-crc64"),
+    HeaderName::from_static("x-ms-blob-content-md5"),
+    HeaderName::from_static("x-oss-hash-crc64ecma"),
+    HeaderName::from_static("x-cos-hash-crc64ecma"),
+    HeaderName::from_static("x-bz-content-sha1"),
 ];
 
 /// An answer sent decoded is another representation: the checksums of the coded bytes go
@@ -246,8 +246,8 @@ const CODED_BYTES_FIELDS: &[&str] = &[
 /// and a weakened copy made every such write a 412: review), and no range is asked of a
 /// scrubbed host for it to mislead.
 fn describe_decoded(h: &mut HeaderMap) {
-    for name in CODED_BYTES_FIELDS {
-        h.remove(*name);
+    for name in &CODED_BYTES_FIELDS {
+        h.remove(name);
     }
 }
 

@@ -7,7 +7,7 @@
 //!   messages are read one by one ([`super::MessageFrames`]);
 //! - request tokens are never unsealed ([`super::SealedOnly`]): they travel sealed.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// How a body carries its own lengths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,14 +46,18 @@ const TYPES: &[(&str, Binary, bool)] = &[
 /// Fields by which a `POST` asks to be served as another method (Google's JSON APIs honour
 /// `X-HTTP-Method-Override`): no gRPC or Connect client sends them, and a `POST` carrying one
 /// can read a stored object back (the last re-check, from GCS's documentation).
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+/// Names, not strings: a `&str` name is parsed and hashed on every lookup.
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
 
 /// Headers naming how gRPC (and gRPC-Web) or Connect messages are compressed.
-pub(super) const MESSAGE_CODINGS: [&str; 2] = ["grpc-encoding", "connect-content-encoding"];
+pub(super) const MESSAGE_CODINGS: [HeaderName; 2] = [
+    HeaderName::from_static("grpc-encoding"),
+    HeaderName::from_static("connect-content-encoding"),
+];
 
 impl Binary {
     /// The kind of the body with headers `h`, or `None` for every other body (text, JSON,
@@ -88,7 +92,7 @@ impl Binary {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| of_type(v.as_bytes()))
             .is_some_and(|k| k != Binary::Lengths);
-        typed && !METHOD_OVERRIDES.iter().any(|n| h.contains_key(*n))
+        typed && !METHOD_OVERRIDES.iter().any(|n| h.contains_key(n))
     }
 }
 
@@ -117,7 +121,7 @@ fn of_type(ct: &[u8]) -> Option<Binary> {
 fn names_a_message_coding(h: &HeaderMap) -> bool {
     MESSAGE_CODINGS
         .iter()
-        .flat_map(|n| h.get_all(*n))
+        .flat_map(|n| h.get_all(n))
         .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
 }
 

@@ -29,7 +29,7 @@ pub enum MessageCoding {
 impl MessageCoding {
     /// The coding named in `h` (the first field that names one).
     pub fn of(h: &HeaderMap) -> MessageCoding {
-        let named = MESSAGE_CODINGS.iter().find_map(|n| h.get(*n));
+        let named = MESSAGE_CODINGS.iter().find_map(|n| h.get(n));
         match named.map(|v| v.as_bytes().trim_ascii()) {
             Some(v) if v.eq_ignore_ascii_case(b"gzip") => MessageCoding::Gzip,
             Some(v) if v.eq_ignore_ascii_case(b"deflate") => MessageCoding::Deflate,
