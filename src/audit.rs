@@ -193,13 +193,33 @@ pub struct CommandEvent<'a> {
     pub duration_ms: u64,
 }
 
-#[derive(Serialize)]
-struct Line<'a, T: Serialize> {
-    #[serde(with = "time::serde::rfc3339")]
-    ts: OffsetDateTime,
-    kind: &'a str,
-    #[serde(flatten)]
-    event: &'a T,
+/// One line: `{"ts":"<RFC 3339>","kind":"<kind>",<the event's fields>}` and a line break.
+/// Written by hand around the event's own object: `#[serde(flatten)]` sent every field through
+/// serde's map path, and the timestamp through a `String` and an escaping pass (~3,000
+/// instructions of the ~6,000 a request's line cost).
+///
+/// # Errors
+/// The event does not serialise as a JSON object.
+fn line<T: Serialize>(ts: OffsetDateTime, kind: &str, event: &T) -> Option<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(384);
+    bytes.extend_from_slice(b"{\"ts\":\"");
+    ts.format_into(&mut bytes, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    bytes.extend_from_slice(b"\",\"kind\":");
+    serde_json::to_writer(&mut bytes, kind).ok()?;
+    let at = bytes.len();
+    serde_json::to_writer(&mut bytes, event).ok()?;
+    // The event's `{` becomes the comma after `kind`; an empty event, `{}`, leaves `}`.
+    match bytes.get(at..at + 2)? {
+        b"{}" => {
+            bytes.truncate(at);
+            bytes.push(b'}');
+        }
+        [b'{', _] => bytes[at] = b',',
+        _ => return None,
+    }
+    bytes.push(b'\n');
+    Some(bytes)
 }
 
 impl Audit {
@@ -302,16 +322,9 @@ impl Audit {
 
     /// Serialises the line here and queues it; never waits for the writer.
     fn write<T: Serialize>(&self, kind: &str, event: &T) {
-        let line = Line {
-            ts: OffsetDateTime::now_utc(),
-            kind,
-            event,
-        };
-        let mut bytes = Vec::with_capacity(384);
-        if serde_json::to_writer(&mut bytes, &line).is_err() {
+        let Some(bytes) = line(OffsetDateTime::now_utc(), kind, event) else {
             return;
-        }
-        bytes.push(b'\n');
+        };
         let sent = self
             .tx
             .as_ref()
@@ -533,6 +546,64 @@ mod tests {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The line as `#[serde(flatten)]` wrote it before [`line`]: the oracle.
+    #[derive(Serialize)]
+    struct Flattened<'a, T: Serialize> {
+        #[serde(with = "time::serde::rfc3339")]
+        ts: OffsetDateTime,
+        kind: &'a str,
+        #[serde(flatten)]
+        event: &'a T,
+    }
+
+    fn flattened<T: Serialize>(ts: OffsetDateTime, kind: &str, event: &T) -> Vec<u8> {
+        let mut v = serde_json::to_vec(&Flattened { ts, kind, event }).unwrap();
+        v.push(b'\n');
+        v
+    }
+
+    #[test]
+    fn a_line_is_written_as_the_flattened_struct_was() {
+        let ts = OffsetDateTime::now_utc();
+        let request = RequestEvent {
+            sandbox: Some("sbx_x"),
+            mode: "explicit",
+            host: "api.example.com:443",
+            method: "GET",
+            path: "/v1/\"quoted\"\u{7}é",
+            decision: "allow",
+            code: None,
+            rule: Some("r".repeat(3000)),
+            unsealed: vec!["A", "B"],
+            refused: vec![],
+            status: 200,
+            bytes_up: 1,
+            bytes_down: 2,
+            duration_ms: 3,
+        };
+        assert_eq!(
+            line(ts, "request", &request),
+            Some(flattened(ts, "request", &request))
+        );
+        let admin = event(7);
+        assert_eq!(
+            line(ts, "admin", &admin),
+            Some(flattened(ts, "admin", &admin))
+        );
+        #[derive(Serialize)]
+        struct Empty {}
+        assert_eq!(
+            line(ts, "x", &Empty {}),
+            Some(flattened(ts, "x", &Empty {}))
+        );
+        let sub_second = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(1_500);
+        assert_eq!(
+            line(sub_second, "admin", &admin),
+            Some(flattened(sub_second, "admin", &admin))
+        );
+        assert_eq!(line(ts, "x", &7u8), None, "not an object");
     }
 
     #[test]
