@@ -916,6 +916,73 @@ async fn a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it() 
     );
 }
 
+/// A TCP relay to `to` that waits `delay` before it forwards each connection's bytes (an
+/// origin slow to accept: its TLS handshake takes `delay`).
+async fn slow_accepting(to: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = l.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut up) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Dials take turns, 32 at a time per sandbox, worker and destination; a request that waits
+/// for a turn longer than `connect_timeout_secs` dials without one, so a queue of turns fails
+/// nothing. Here 100 requests, each holding its HTTP/1 origin connection 3 s, to an origin
+/// whose handshakes take 400 ms, under a 1 s connect timeout: the fourth round of turns
+/// would start after 1.2 s. They were answered 504 "connecting timed out" without a dial
+/// (outside review h38e: 44 of 150 with a 1 s handshake and a 3 s timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_of_dial_turns_fails_no_request() {
+    use crate::support::daemon::Harness;
+    use crate::support::echo::Echo;
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config_without_alpn(&["api.example.test"])).await;
+    let slow = slow_accepting(echo.addr, Duration::from_millis(400)).await;
+    let o = Opts {
+        resolve: vec![("api.example.test".into(), slow)],
+        upstream_toml: "connect_timeout_secs = 1\n".into(),
+        ..Default::default()
+    };
+    let h = Harness::try_start(o, Some(pki))
+        .await
+        .expect("daemon starts");
+    h.store("s", Some(&["api.example.test"])).await;
+    let a = SandboxCreds::from_answer(&h.sandbox("s").await);
+    // One client connection: one worker, one connector.
+    let conn = pc::h2(h.proxy, &a, API).await;
+    let requests = (0..100).map(|_| {
+        let mut c = conn.clone();
+        tokio::spawn(
+            async move { pc::send2(&mut c, pc::get("/hang", "api.example.test", &[])).await },
+        )
+    });
+    let answers = futures_util::future::join_all(requests.collect::<Vec<_>>()).await;
+    let failed: Vec<String> = answers
+        .into_iter()
+        .map(|a| a.expect("its task"))
+        .filter(|a| a.status != StatusCode::OK)
+        .map(|a| format!("{} {}", a.status, String::from_utf8_lossy(&a.body)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(echo.connections() >= 100, "each held its own connection");
+}
+
 /// The h2 connection of a test origin.
 type OriginConn = h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>;
 
