@@ -134,13 +134,65 @@ pub struct RotationStats {
     pub sandboxes: usize,
 }
 
+/// What was looked for and not found, kept apart from its message: an admin answer repeats
+/// a name only when it cannot be a value (`admin::error`), which a name holding `'` made
+/// impossible to tell from the formatted text (a review).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    /// `store`, `secret` or `sandbox`.
+    pub kind: &'static str,
+    /// The id or name as the caller gave it.
+    pub name: String,
+    /// The store a secret was looked for in.
+    pub store: Option<String>,
+}
+
+impl Missing {
+    /// The store `id` (or name).
+    pub fn store(id: &str) -> Missing {
+        Missing {
+            kind: "store",
+            name: id.into(),
+            store: None,
+        }
+    }
+
+    /// The sandbox `id`.
+    pub fn sandbox(id: &str) -> Missing {
+        Missing {
+            kind: "sandbox",
+            name: id.into(),
+            store: None,
+        }
+    }
+
+    /// The secret `name` in the store `store_id`.
+    pub fn secret(name: &str, store_id: &str) -> Missing {
+        Missing {
+            kind: "secret",
+            name: name.into(),
+            store: Some(store_id.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} '{}'", self.kind, self.name)?;
+        match &self.store {
+            Some(store) => write!(f, " in store '{store}'"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Errors of the persistence layer. Messages name rows (store ids, secret names, sandbox ids)
 /// but never values.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The thing named (e.g. `store 'id'`) does not exist.
     #[error("{0} not found")]
-    NotFound(String),
+    NotFound(Missing),
     /// A uniqueness rule was violated (e.g. `store name 'x' is already taken`).
     #[error("{0}")]
     Conflict(String),

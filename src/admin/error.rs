@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::isolation::IsolationError;
 use crate::sandbox::SandboxError;
-use crate::store::StoreError;
+use crate::store::{Missing, StoreError};
 
 /// An admin API failure: status, machine code, human message (never a secret value).
 #[derive(Debug)]
@@ -74,18 +74,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `what` (`store 'x'`) with each quoted id or name that could be a value replaced by its
-/// length ([`shown`]): an id or name the caller gave and that was not found comes back only
-/// when it is short or shaped like an id — a value passed where the store id goes (arguments
-/// swapped) came back whole in the 404 and so in client logs (the last re-check).
-fn unrepeated_names(what: &str) -> String {
-    what.split('\'')
-        .enumerate()
-        .map(|(i, part)| match i % 2 {
-            1 => shown(part, true),
-            _ => part.to_string(),
-        })
-        .collect()
+/// `what` (`store 'x'`) with each id or name that could be a value replaced by its length
+/// ([`shown`]): an id or name the caller gave and that was not found comes back only when it
+/// is short or shaped like an id — a value passed where the store id goes (arguments swapped)
+/// came back whole in the 404 and so in client logs (the last re-check). Each name is taken
+/// whole from [`Missing`], never re-read from a message (a name holding `'` did: a review).
+fn unrepeated_names(what: &Missing) -> String {
+    let named = format!("{} {}", what.kind, shown(&what.name, true));
+    match &what.store {
+        Some(store) => format!("{named} in store {}", shown(store, true)),
+        None => named,
+    }
 }
 
 /// `text` (quoted if `quote`) when it is short, a UUID (store ids) or a sandbox id; else its
@@ -330,7 +329,7 @@ mod tests {
     #[test]
     fn ids_and_names_not_found_come_back_only_when_short_or_shaped_like_ids() {
         let value = "sk-ant-api03-FAKE0123456789abcdefghij";
-        let e = ApiError::from(StoreError::NotFound(format!("store '{value}'")));
+        let e = ApiError::from(StoreError::NotFound(Missing::store(value)));
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert!(
             !e.message.contains("FAKE") && e.message.contains("not repeated"),
@@ -338,15 +337,40 @@ mod tests {
             e.message
         );
         let id = "0b6f4a5e-3c1d-4e8f-9a2b-7c6d5e4f3a21";
-        let e = ApiError::from(StoreError::NotFound(format!("store '{id}'")));
+        let e = ApiError::from(StoreError::NotFound(Missing::store(id)));
         assert_eq!(e.message, format!("store '{id}' not found"));
-        let e = ApiError::from(StoreError::NotFound("store 'dev'".into()));
+        let e = ApiError::from(StoreError::NotFound(Missing::store("dev")));
         assert_eq!(e.message, "store 'dev' not found");
         let sbx = "sbx_0123456789abcdef01234567";
         let e = ApiError::from(SandboxError::NotFound(sbx.into()));
         assert_eq!(e.message, format!("sandbox {sbx} not found"));
         let e = ApiError::from(SandboxError::NotFound(value.into()));
         assert!(!e.message.contains("FAKE"), "{}", e.message);
+        // An apostrophe inside a name: the whole name is counted, nothing of it repeated.
+        for quoted in [
+            "a'sk-live-51HxyzREALSECRETvalue0123",
+            "pw'Tr0ub4dor&3-correct-horse'",
+        ] {
+            let e = ApiError::from(StoreError::NotFound(Missing::store(quoted)));
+            assert!(
+                !e.message.contains("sk-live") && !e.message.contains("Tr0ub"),
+                "{}",
+                e.message
+            );
+            let e = ApiError::from(StoreError::NotFound(Missing::secret("API_KEY", quoted)));
+            assert!(
+                !e.message.contains("sk-live") && !e.message.contains("Tr0ub"),
+                "{}",
+                e.message
+            );
+        }
+        let e = ApiError::from(StoreError::NotFound(Missing::secret("K", "dev")));
+        assert_eq!(e.message, "secret 'K' in store 'dev' not found");
+        let e = ApiError::from(StoreError::NotFound(Missing::store("it's")));
+        assert_eq!(
+            e.message, "store 'it\\'s' not found",
+            "short: shown, escaped"
+        );
     }
 
     #[test]

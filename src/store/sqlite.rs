@@ -34,7 +34,7 @@ use super::rows::{
     to_nanos, to_version, version_column, RawSandbox, RawSecret, RawStore,
 };
 use super::{
-    RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreListing,
+    Missing, RotationStats, SandboxRow, SecretMeta, SecretRecord, Store, StoreError, StoreListing,
     StoreRecord,
 };
 use crate::secret::{Location, SecretValue};
@@ -268,7 +268,7 @@ impl Store for SqliteStore {
             Err(StoreError::NotFound(_)) => {
                 select_stores(conn, key, "WHERE name = ?1", [id_or_name])?
                     .pop()
-                    .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'")))
+                    .ok_or_else(|| StoreError::NotFound(Missing::store(id_or_name)))
             }
             found => found,
         })
@@ -303,7 +303,7 @@ impl Store for SqliteStore {
         self.with_conn(|conn, _| {
             // Secrets go by ON DELETE CASCADE; sandboxes have no foreign key and stay.
             let n = conn.execute("DELETE FROM stores WHERE id = ?1", [id])?;
-            expect_one_row(n, || format!("store '{id}'"))
+            expect_one_row(n, || Missing::store(id))
         })
     }
 
@@ -356,7 +356,7 @@ impl Store for SqliteStore {
                 "DELETE FROM secrets WHERE store_id = ?1 AND name = ?2",
                 [store_id, name],
             )?;
-            expect_one_row(n, || format!("secret '{name}' in store '{store_id}'"))?;
+            expect_one_row(n, || Missing::secret(name, store_id))?;
             tx.commit()?;
             Ok(())
         })
@@ -373,7 +373,7 @@ impl Store for SqliteStore {
                 "UPDATE sandboxes SET snapshot = ?2 WHERE id = ?1",
                 params![id, sealed],
             )?;
-            expect_one_row(n, || format!("sandbox '{id}'"))
+            expect_one_row(n, || Missing::sandbox(id))
         })
     }
 
@@ -391,7 +391,7 @@ impl Store for SqliteStore {
     fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.with_conn(|conn, _| {
             let n = conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
-            expect_one_row(n, || format!("sandbox '{id}'"))
+            expect_one_row(n, || Missing::sandbox(id))
         })
     }
 
@@ -884,7 +884,7 @@ fn select_raw_stores(
 fn store_by_id(conn: &Connection, key: &MasterKey, id: &str) -> Result<StoreRecord, StoreError> {
     select_stores(conn, key, "WHERE id = ?1", [id])?
         .pop()
-        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+        .ok_or_else(|| StoreError::NotFound(Missing::store(id)))
 }
 
 fn require_store(conn: &Connection, id: &str) -> Result<(), StoreError> {
@@ -893,7 +893,7 @@ fn require_store(conn: &Connection, id: &str) -> Result<(), StoreError> {
         .exists([id])?;
     exists
         .then_some(())
-        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+        .ok_or_else(|| StoreError::NotFound(Missing::store(id)))
 }
 
 impl RawStore {
@@ -1067,7 +1067,7 @@ fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
 
-fn expect_one_row(changed: usize, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+fn expect_one_row(changed: usize, what: impl FnOnce() -> Missing) -> Result<(), StoreError> {
     if changed == 0 {
         return Err(StoreError::NotFound(what()));
     }

@@ -190,7 +190,9 @@ pub(crate) fn store_crud<H: Harness>() {
     assert_eq!(store.get_store(&a.id).unwrap(), renamed);
 
     store.delete_store(&a.id).unwrap();
-    assert!(matches!(store.get_store(&a.id), Err(StoreError::NotFound(m)) if m.contains(&a.id)));
+    assert!(
+        matches!(store.get_store(&a.id), Err(StoreError::NotFound(m)) if m.to_string().contains(&a.id))
+    );
     assert!(matches!(
         store.delete_store(&a.id),
         Err(StoreError::NotFound(_))
@@ -332,7 +334,7 @@ pub(crate) fn secrets_are_listed_by_name_and_deleted<H: Harness>() {
     store.delete_secret(&rec.id, "MID").unwrap();
     let err = store.delete_secret(&rec.id, "MID").unwrap_err();
     assert!(
-        matches!(&err, StoreError::NotFound(m) if m.contains("secret 'MID'")),
+        matches!(&err, StoreError::NotFound(m) if m.to_string().contains("secret 'MID'")),
         "{err:?}"
     );
     let values: Vec<_> = store
@@ -351,7 +353,7 @@ pub(crate) fn secret_calls_on_missing_store_are_not_found<H: Harness>() {
     let h = H::new();
     let store = h.open();
     let missing = "no-such-store";
-    let is_store_not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(m)) if m == "store 'no-such-store'");
+    let is_store_not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(m)) if m.to_string() == "store 'no-such-store'");
     assert!(is_store_not_found(
         store
             .put_secret(missing, "K", &value(b"v"), None, vec![])

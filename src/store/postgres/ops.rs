@@ -20,7 +20,8 @@ use crate::store::rows::{
     version_column, RawSandbox, RawSecret, RawStore,
 };
 use crate::store::{
-    RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreListing, StoreRecord,
+    Missing, RotationStats, SandboxRow, SecretMeta, SecretRecord, StoreError, StoreListing,
+    StoreRecord,
 };
 
 const STORE_COLUMNS: &str = "id, name, egress_allowlist, created_at, updated_at, policy_mac";
@@ -101,7 +102,7 @@ pub(super) async fn store_by_id(
     select_stores(client, key, "WHERE id = $1", Some(id))
         .await?
         .pop()
-        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+        .ok_or_else(|| StoreError::NotFound(Missing::store(id)))
 }
 
 pub(super) async fn find_store(
@@ -114,7 +115,7 @@ pub(super) async fn find_store(
             select_stores(client, key, "WHERE name = $1", Some(id_or_name))
                 .await?
                 .pop()
-                .ok_or_else(|| StoreError::NotFound(format!("store '{id_or_name}'")))
+                .ok_or_else(|| StoreError::NotFound(Missing::store(id_or_name)))
         }
         found => found,
     }
@@ -126,7 +127,7 @@ pub(super) async fn require_store(client: &impl GenericClient, id: &str) -> Resu
         .await
         .map_err(pg_err)?;
     row.map(drop)
-        .ok_or_else(|| StoreError::NotFound(format!("store '{id}'")))
+        .ok_or_else(|| StoreError::NotFound(Missing::store(id)))
 }
 
 pub(super) async fn update_store(
@@ -206,7 +207,7 @@ pub(super) async fn delete_store(client: &mut Client, id: &str) -> Result<(), St
         .execute("DELETE FROM stores WHERE id = $1", &[&id])
         .await
         .map_err(pg_err)?;
-    expect_one_row(n, || format!("store '{id}'"))?;
+    expect_one_row(n, || Missing::store(id))?;
     notify(&tx, id).await?;
     commit(tx).await
 }
@@ -222,7 +223,7 @@ async fn lock_store(tx: &Transaction<'_>, id: &str, mode: &str) -> Result<(), St
     let sql = format!("SELECT 1 FROM stores WHERE id = $1 {mode}");
     match tx.query_opt(&sql, &[&id]).await.map_err(pg_err)? {
         Some(_) => Ok(()),
-        None => Err(StoreError::NotFound(format!("store '{id}'"))),
+        None => Err(StoreError::NotFound(Missing::store(id))),
     }
 }
 
@@ -429,7 +430,7 @@ pub(super) async fn delete_secret(
         )
         .await
         .map_err(pg_err)?;
-    expect_one_row(n, || format!("secret '{name}' in store '{store_id}'"))?;
+    expect_one_row(n, || Missing::secret(name, store_id))?;
     announce(&tx, store_id).await?;
     commit(tx).await
 }
@@ -524,7 +525,7 @@ pub(super) async fn update_snapshot(
         )
         .await
         .map_err(pg_err)?;
-    expect_one_row(n, || format!("sandbox '{id}'"))?;
+    expect_one_row(n, || Missing::sandbox(id))?;
     commit(tx).await
 }
 
@@ -591,7 +592,7 @@ pub(super) async fn delete_sandbox(
         )
         .await
         .map_err(pg_err)?;
-    expect_one_row(n, || format!("sandbox '{id}'"))?;
+    expect_one_row(n, || Missing::sandbox(id))?;
     prune_deleted_stores(client).await
 }
 
@@ -813,7 +814,7 @@ pub(super) async fn reseal_sandboxes(
 
 // ---- small helpers ------------------------------------------------------------------------------
 
-fn expect_one_row(changed: u64, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+fn expect_one_row(changed: u64, what: impl FnOnce() -> Missing) -> Result<(), StoreError> {
     if changed == 0 {
         return Err(StoreError::NotFound(what()));
     }
