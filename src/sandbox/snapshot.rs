@@ -260,6 +260,8 @@ impl Snapshot {
             .map(|e| Retired::of(real, e))
             .chain(real.locked_scope.iter().cloned())
             .collect();
+        // One copy of the store's allowlist for every secret, not one each (review h38e).
+        share_scopes(&mut self.locked_scope);
         self
     }
 
@@ -841,6 +843,40 @@ mod tests {
                 ][..]
             )
         );
+    }
+
+    /// A locked copy (a quarantined store, a stale fleet node) scopes every secret under the
+    /// store's one allowlist: one copy of it, not one per secret (review h38e).
+    #[test]
+    fn a_locked_copy_shares_one_copy_of_each_scope() {
+        let allow: Vec<String> = (0..50).map(|i| format!("h{i}.example.test")).collect();
+        // As `lifecycle::locked_copy` builds it: the same secrets, allowed nowhere.
+        let secrets = |allowed_hosts: Option<&[&str]>| {
+            (0..20)
+                .map(|i| {
+                    let mut rec = record(allowed_hosts);
+                    rec.meta.name = format!("KEY_{i}");
+                    let value = format!("sk-locked-copy-value-{i:04}");
+                    rec.value = SecretValue::new(value.into_bytes());
+                    (rec, Token::generate())
+                })
+                .collect()
+        };
+        let real = Snapshot::build("s".into(), Some(allow.clone()), secrets(None)).unwrap();
+        let locked = Snapshot::build("s".into(), Some(allow), secrets(Some(&[])))
+            .unwrap()
+            .locked_copy_of(&real);
+        let scope = &locked.locked_scope;
+        assert_eq!(scope.len(), 20);
+        let first = &scope[0].egress.as_ref().unwrap().written;
+        assert!(scope
+            .iter()
+            .all(|r| Arc::ptr_eq(&r.egress.as_ref().unwrap().written, first)));
+        assert!(scrubs(
+            &locked,
+            "h7.example.test",
+            "sk-locked-copy-value-0013"
+        ));
     }
 
     #[test]
