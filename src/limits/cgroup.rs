@@ -513,8 +513,12 @@ pub fn join_in_child(fds: &[RawFd]) -> io::Result<()> {
 /// In a command's child, between `fork` and `exec`: `oom_score_adj = 1000`, inherited by
 /// everything the command starts, so whenever memory runs out — the host's, or a group above
 /// the sandbox's that also holds the daemon — the kernel ends a sandbox's process before the
-/// daemon. Raising the score needs no privilege. Best effort (a kernel without the file
-/// changes nothing). Async-signal-safe: open, write, close on a static path.
+/// daemon. Raising the score needs no privilege — but the file is the process's own only while
+/// it is dumpable: the daemon is not ([`crate::core_dumps`]) and the child inherits that until
+/// `exec`, so only a root daemon (isolation needs one) can write it here; a rootless mode would
+/// have to write it after `exec` or before turning dumpability off (review h38e). Best effort
+/// (a kernel without the file changes nothing). Async-signal-safe: open, write, close on a
+/// static path.
 pub fn prefer_oom_kill_in_child() {
     // SAFETY: a static NUL-terminated path and a static buffer; the descriptor is ours and
     // closed before returning.
