@@ -588,6 +588,9 @@ fn scheme_str(s: Scheme) -> &'static str {
 }
 
 fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(), Refusal> {
+    if names_exactly(&t.dest, raw, default_port) {
+        return Ok(());
+    }
     let d = policy::parse_authority(raw, Some(default_port))
         .map_err(|e| Refusal::new(Code::BadRequest, format!("{what}: {e}")))?;
     if d != t.dest {
@@ -597,6 +600,27 @@ fn same_dest(t: &Tunnel, raw: &str, default_port: u16, what: &str) -> Result<(),
         ));
     }
     Ok(())
+}
+
+/// True if `raw` is `dest`'s own text — its name, when `dest.port` is `default_port`, or
+/// `name:port` with the port as written by [`policy::Dest`] — which parses to `dest` itself
+/// (a parsed name is its own canonical form): the parse, ~1,500 instructions, is skipped for
+/// the `Host` nearly every client sends. Anything else (case, a trailing dot, an IP literal,
+/// leading zeros) takes the parse.
+fn names_exactly(dest: &policy::Dest, raw: &str, default_port: u16) -> bool {
+    let policy::Host::Name(name) = &dest.host else {
+        return false;
+    };
+    match raw.strip_prefix(name.as_str()) {
+        Some("") => dest.port == default_port,
+        Some(rest) => rest.strip_prefix(':').is_some_and(|port| {
+            !port.starts_with('0')
+                && port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>() == Ok(dest.port)
+        }),
+        None => false,
+    }
 }
 
 /// hyper accepts CL+TE (and drops CL) and repeated CLs; a proxy must not. On h1 the bytes were
@@ -770,6 +794,7 @@ fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Reques
     *req.version_mut() = Version::HTTP_11;
     let trailers = accepts_trailers(req.headers());
     strip_hop_by_hop(req.headers_mut(), websocket);
+    one_cookie_field(req.headers_mut());
     req.headers_mut().remove(header::HOST);
     // Request trailers are never forwarded (`linger::Lingering` drops them): nor their notice.
     req.headers_mut().remove(header::TRAILER);
@@ -778,6 +803,29 @@ fn build_upstream_head(t: &Tunnel, parts: http::request::Parts) -> Result<Reques
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     Ok(req)
+}
+
+/// Joins several `Cookie` fields into one, with `; ` (RFC 9113 §8.2.3: h2 clients send each
+/// cookie as its own field, and they "MUST be concatenated" before an HTTP/1.1 hop; RFC 6265
+/// §5.4: one field). The upstream may be either; one field is right for both (outside pass
+/// h38a: nginx and Node join crumbs themselves, servers that keep one field lose the rest).
+fn one_cookie_field(h: &mut HeaderMap) {
+    let mut cookies = h.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let crumbs = h.get_all(header::COOKIE);
+    let mut joined = Vec::with_capacity(crumbs.iter().map(|c| c.len() + 2).sum());
+    for c in crumbs {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(c.as_bytes());
+    }
+    // Valid field values joined by "; " are a valid field value.
+    if let Ok(one) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        h.insert(header::COOKIE, one);
+    }
 }
 
 /// True if any `TE` field lists `trailers` (RFC 9110 §10.1.4; case-insensitive token).
@@ -1778,6 +1826,75 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names(&h), ["trailer", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn cookie_crumbs_travel_as_one_field() {
+        let mut h = fields(&[
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("cookie", "c=osb_sealed_x"),
+        ]);
+        one_cookie_field(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=osb_sealed_x"]);
+        let mut one = fields(&[("cookie", "a=1; b=2")]);
+        one_cookie_field(&mut one);
+        assert_eq!(one.get_all(header::COOKIE).iter().count(), 1);
+        let mut none = fields(&[("x", "y")]);
+        one_cookie_field(&mut none);
+        assert!(!none.contains_key(header::COOKIE));
+    }
+
+    /// The shortcut agrees with the parse on every input: it answers only where the parse
+    /// would find the same destination.
+    #[test]
+    fn an_authority_named_exactly_is_the_parse_s_answer() {
+        let inputs = [
+            "api.example.test",
+            "api.example.test:443",
+            "api.example.test:0443",
+            "api.example.test:8443",
+            "api.example.test:443x",
+            "api.example.test:",
+            "API.example.test",
+            "api.example.test.",
+            "api.example.testx",
+            "api.example.test:65536",
+            "api.example.test:99999",
+            "api.example.test:+443",
+            "api.example.test@evil.test",
+            "api.example.test:443@evil.test",
+            "127.0.0.1",
+            "[::1]:443",
+            "",
+        ];
+        let dests = [
+            "api.example.test:443",
+            "api.example.test:8443",
+            "127.0.0.1:443",
+        ];
+        for dest in dests {
+            let dest = policy::parse_authority(dest, None).unwrap();
+            for raw in inputs {
+                for default_port in [443, 80] {
+                    let parsed = policy::parse_authority(raw, Some(default_port));
+                    let same = parsed.as_ref().is_ok_and(|d| *d == dest);
+                    if names_exactly(&dest, raw, default_port) {
+                        assert!(same, "{raw:?} for {dest} (default {default_port})");
+                    }
+                    if same && raw == dest.host.to_string() {
+                        assert!(
+                            names_exactly(&dest, raw, default_port)
+                                || dest.host.to_string().parse::<std::net::IpAddr>().is_ok()
+                        );
+                    }
+                }
+            }
+        }
+        let dest = policy::parse_authority("api.example.test:443", None).unwrap();
+        assert!(names_exactly(&dest, "api.example.test", 443));
+        assert!(names_exactly(&dest, "api.example.test:443", 80));
     }
 
     #[test]

@@ -155,6 +155,31 @@ async fn h2_client_unseals_and_is_served_over_h2() {
     assert_eq!(e.echo.connections(), 2, "upstream connections pooled");
 }
 
+/// An h2 client sends each cookie as its own field (RFC 9113 §8.2.3); the origin gets them as
+/// one `Cookie` field joined by `; `, the token in a crumb unsealed (outside pass h38a: one
+/// field per crumb reached HTTP/1.1 origins).
+#[tokio::test]
+async fn h2_cookie_crumbs_reach_the_origin_as_one_field() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-crumb-0004", None, Some(&["header"]))],
+    )
+    .await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h2(e.h.proxy, &e.sb, API).await;
+    let crumb = format!("k={key}");
+    let req = pc::get(
+        "https://api.example.test/echo",
+        "",
+        &[("cookie", "a=1"), ("cookie", &crumb), ("cookie", "c=3")],
+    );
+    let a = pc::send2(&mut c, req).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let reqs = e.echo.requests();
+    let cookies = reqs[0].header_values("cookie");
+    assert_eq!(cookies, [&b"a=1; k=sk-real-crumb-0004; c=3"[..]]);
+}
+
 /// Waits (at most 10 s) until `sealgate_upstream_connections` is 0: every upstream
 /// connection, pooled ones too, closed (a fixed wait stands in for it only on a quiet machine).
 async fn until_no_upstream_connection(h: &Harness) {
