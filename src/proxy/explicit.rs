@@ -158,6 +158,7 @@ fn connect(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let target = named_authority(&req, at);
+    authority_form_only(&req)?;
     let dest = policy::parse_authority(&target, None)
         .map_err(|e| Refusal::new(Code::BadRequest, format!("CONNECT target: {e}")))?;
     // A malformed CONNECT is a bad request, counted in `requests_total` only; from here a
@@ -205,6 +206,20 @@ fn plain_port(sandbox: &Sandbox, dest: &policy::Dest) -> Result<(), Refusal> {
              (plain ws:// included)"
         ),
     ))
+}
+
+/// A CONNECT target is `host:port` only (RFC 9110 §9.3.6): hyper also parses an absolute URI
+/// there, and `CONNECT ftp://h:443/x?y` opened a tunnel to `h:443` (outside pass h38a: no
+/// bypass, the authority was used, but the audit line hid what was sent).
+fn authority_form_only<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let uri = req.uri();
+    match uri.scheme().is_none() && uri.path_and_query().is_none() {
+        true => Ok(()),
+        false => Err(Refusal::new(
+            Code::BadRequest,
+            "CONNECT target: give host:port only (authority form), without a scheme or path",
+        )),
+    }
 }
 
 /// The request target's authority as the client wrote it (empty when absent), which is also

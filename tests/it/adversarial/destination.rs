@@ -100,6 +100,10 @@ async fn userinfo_brackets_and_bad_ports_are_400() {
             "::1:443",
             "[::1]",
             "api.example.test:443/x",
+            // Absolute forms: hyper parses them, sealgate used their authority (h38a).
+            "https://api.example.test:443",
+            "http://api.example.test:443/x?y",
+            "ftp://api.example.test:443",
         ],
         400,
     )
