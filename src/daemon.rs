@@ -739,6 +739,22 @@ fn restore_sandboxes(
     ));
     let sandboxes = Arc::new(Sandboxes::new(store, registry, leaves, lifecycle));
     let restored = sandboxes.restore()?;
+    if node.is_none() {
+        // A row holds the snapshot its sandbox was last given, sealed under the sandbox's id
+        // only: one put back from a backup, or by a stale `-wal`, opened and served a rotated
+        // value and a deleted secret again, invisibly (outside pass h38b). Every store's
+        // current rows are applied before anything is served; an unchanged sandbox is left as
+        // it is. A store deleted meanwhile leaves its sandboxes their snapshot (DESIGN §3); one
+        // that fails its checks is quarantined and the others start.
+        use crate::store::postgres::follow::Target;
+        for store_id in sandboxes.watched_stores() {
+            match sandboxes.refresh_store(&store_id) {
+                Ok(_)
+                | Err(SandboxError::Store(StoreError::NotFound(_) | StoreError::Corrupt(_))) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     if node.is_some() {
         // Rows keep their creation snapshot (changes from other nodes are applied in memory):
         // bring every restored sandbox up to date before anything is served.

@@ -376,6 +376,94 @@ async fn a_sandbox_id_rewritten_as_a_path_in_the_database_touches_no_file() {
     drop(h2);
 }
 
+/// A sandbox's row holds the snapshot it was last given, sealed under its id only: one put
+/// back from a backup (or a stale `-wal`) opened, and a start served it as it was — a rotated
+/// value and a deleted secret unsealed again, invisibly (outside pass h38b). A start
+/// re-applies each store's current rows: the old value is only scrubbed, the deleted secret's
+/// token unseals nothing.
+#[tokio::test]
+async fn a_sandbox_snapshot_put_back_from_a_backup_is_brought_up_to_date_at_start() {
+    use crate::support::echo::Echo;
+    use crate::support::proxy_client::SandboxCreds;
+
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    let opts = || Opts {
+        resolve: vec![("api.example.test".into(), echo.addr)],
+        ..Default::default()
+    };
+    let mut h = Harness::try_start(opts(), Some(pki.clone())).await.unwrap();
+    let store = h.store("s", Some(&["api.example.test"])).await;
+    let api = Some(&["api.example.test"][..]);
+    h.secret(
+        &store,
+        "KEY",
+        "sk-rollback-old-0001",
+        api,
+        Some(&["header"]),
+    )
+    .await;
+    h.secret(
+        &store,
+        "GONE",
+        "sk-rollback-gone-0002",
+        api,
+        Some(&["header"]),
+    )
+    .await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let db = db_path(&h);
+    let old: Vec<u8> = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT snapshot FROM sandboxes", [], |r| r.get(0))
+        .unwrap();
+    h.secret(
+        &store,
+        "KEY",
+        "sk-rollback-new-0003",
+        api,
+        Some(&["header"]),
+    )
+    .await;
+    let (s, _) = h
+        .api(
+            Method::DELETE,
+            &format!("/v1/stores/{store}/secrets/GONE"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    h.stop().await;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE sandboxes SET snapshot = ?1", [&old])
+        .unwrap();
+    drop(conn);
+    let again = Opts {
+        data_dir: Some(db.parent().unwrap().to_path_buf()),
+        cert_dir: Some(h.dir.path().join("certs")),
+        ..opts()
+    };
+    let h2 = Harness::try_start(again, Some(pki)).await.unwrap();
+    let mut c = pc::h1(h2.proxy, &sb, API).await;
+    for name in ["KEY", "GONE"] {
+        let token = sb.token(name);
+        let a = pc::send1(
+            &mut c,
+            pc::get("/echo", "api.example.test", &[("x-api-key", &token)]),
+        )
+        .await;
+        assert!(!a.text().contains("sk-rollback-"), "{name}: {}", a.text());
+    }
+    let sent: Vec<String> = echo
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("x-api-key"))
+        .collect();
+    // The deleted secret's token travels sealed, as after any deletion.
+    assert_eq!(sent, ["sk-rollback-new-0003".to_owned(), sb.token("GONE")]);
+    drop(h2);
+}
+
 /// A quarantined store's sandboxes unseal nothing, and its hosts are refused: their answers
 /// could carry a value the node cannot know (in fleet mode, rotated through another node), and
 /// an outside review had a value an origin stored come back in clear once a tampered sibling
