@@ -176,6 +176,17 @@ impl Missing {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    /// A row mapper's [`sqlite::BadColumn`] is the row being corrupt, named; every other
+    /// rusqlite error is the database failing.
+    fn from(e: rusqlite::Error) -> Self {
+        match sqlite::BadColumn::of(&e) {
+            Some(bad) => StoreError::Corrupt(bad.to_string()),
+            None => StoreError::Database(e),
+        }
+    }
+}
+
 impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} '{}'", self.kind, self.name)?;
@@ -220,7 +231,7 @@ pub enum StoreError {
     InvalidInput(String),
     /// SQLite failed.
     #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(rusqlite::Error),
     /// PostgreSQL answered with an error (SQLSTATE and message; never a value).
     #[error("database error: {0}")]
     Postgres(String),

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
+use rusqlite::types::Type;
 use rusqlite::{
     params, Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior,
 };
@@ -152,11 +154,19 @@ impl SqliteStore {
         crypto::ensure_private_dir(data_dir)?;
         let db_path = data_dir.join(DB_FILE_NAME);
         prepare_files(&db_path)?;
+        let wal = wal_of(&db_path);
+        let wal_read = fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
         let mut conn = Connection::open(&db_path).map_err(|e| at_open(e.into(), None, &db_path))?;
+        // Until the key opens the file, closing it must not checkpoint: a `-wal` of another
+        // database, replayed on open, went into the file when a refused start closed it, and
+        // the original was lost (outside pass h38b).
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         let fresh = configure(&conn)
             .and_then(|()| migrate(&mut conn))
             .and_then(|()| init_key_check(&mut conn, &key, &db_path))
-            .map_err(|e| at_open(e, Some(&conn), &db_path))?;
+            .map_err(|e| at_open(e, Some(&conn), &db_path))
+            .map_err(|e| foreign_wal(e, wal_read.then_some(&*wal)))?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
         let file_id = file_id(&fs::metadata(&db_path)?);
         Ok(SqliteStore {
             db_path,
@@ -252,10 +262,22 @@ impl Store for SqliteStore {
 
     fn list_stores(&self) -> Result<StoreListing, StoreError> {
         self.with_conn(|conn, key| {
-            rows::listing(
-                select_raw_stores(conn, "ORDER BY created_at, rowid", [])?,
-                key,
-            )
+            let sql = format!("SELECT {STORE_COLUMNS} FROM stores ORDER BY created_at, rowid");
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let (mut raws, mut bad) = (Vec::new(), Vec::new());
+            for read in stmt.query_map([], RawStore::from_sqlite)? {
+                match read {
+                    Ok(raw) => raws.push(raw),
+                    // One damaged row does not hide the others (`StoreListing`).
+                    Err(e) => match BadColumn::of(&e) {
+                        Some(b) => bad.push(b.id.clone().unwrap_or_else(|| "(not text)".into())),
+                        None => return Err(e.into()),
+                    },
+                }
+            }
+            let mut listing = rows::listing(raws, key)?;
+            listing.corrupt.extend(bad);
+            Ok(listing)
         })
     }
 
@@ -603,6 +625,31 @@ fn at_open(e: StoreError, conn: Option<&Connection>, path: &Path) -> StoreError 
     e
 }
 
+/// The `-wal` file SQLite keeps beside `db`.
+fn wal_of(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// A wrong-key refusal of a database opened with a non-empty `wal` beside it: the `-wal` was
+/// read too, and one left from another copy (a restore that left it behind, or put there) makes
+/// the right key look wrong — said, since nothing was written to the file (see
+/// [`SqliteStore::open`]) and moving the `-wal` away is the way out.
+fn foreign_wal(e: StoreError, wal: Option<&Path>) -> StoreError {
+    match (e, wal) {
+        (StoreError::WrongMasterKey(db), Some(wal)) => StoreError::Corrupt(format!(
+            "the master key does not open {} as read with the -wal file beside it ({}): if \
+             that -wal came from another copy of the database (a restore that left it behind), \
+             move it away and start again — the database file was left as it was; otherwise \
+             give the daemon the key the database was sealed under",
+            db.display(),
+            wal.display()
+        )),
+        (e, _) => e,
+    }
+}
+
 /// `PRAGMA quick_check`: Ok when SQLite finds the file sound, else its first complaint.
 fn integrity(conn: &Connection) -> Result<(), String> {
     let first: Result<String, _> = conn.query_row("PRAGMA quick_check", [], |row| row.get(0));
@@ -898,13 +945,15 @@ fn require_store(conn: &Connection, id: &str) -> Result<(), StoreError> {
 
 impl RawStore {
     fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(RawStore {
-            id: row.get(0)?,
-            name: row.get(1)?,
-            egress_allowlist: row.get(2)?,
-            created_at: row.get(3)?,
-            updated_at: row.get(4)?,
-            policy_mac: row.get(5)?,
+        checked(row, RowKind::Store, |row| {
+            Ok(RawStore {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                egress_allowlist: row.get(2)?,
+                created_at: row.get(3)?,
+                updated_at: row.get(4)?,
+                policy_mac: row.get(5)?,
+            })
         })
     }
 }
@@ -991,16 +1040,18 @@ fn select_secrets_of(
 
 impl RawSecret {
     fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(RawSecret {
-            store_id: row.get(0)?,
-            name: row.get(1)?,
-            allowed_hosts: row.get(2)?,
-            locations: row.get(3)?,
-            version: row.get(4)?,
-            created_at: row.get(5)?,
-            updated_at: row.get(6)?,
-            policy_mac: row.get(7)?,
-            sealed: row.get(8)?,
+        checked(row, RowKind::Secret, |row| {
+            Ok(RawSecret {
+                store_id: row.get(0)?,
+                name: row.get(1)?,
+                allowed_hosts: row.get(2)?,
+                locations: row.get(3)?,
+                version: row.get(4)?,
+                created_at: row.get(5)?,
+                updated_at: row.get(6)?,
+                policy_mac: row.get(7)?,
+                sealed: row.get(8)?,
+            })
         })
     }
 }
@@ -1044,20 +1095,122 @@ fn insert_sandbox_row(
 
 impl RawSandbox {
     fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(RawSandbox {
-            node: String::new(),
-            id: row.get(0)?,
-            store_id: row.get(1)?,
-            store_name: row.get(2)?,
-            created_at: row.get(3)?,
-            expires_at: row.get(4)?,
-            source_ip: row.get(5)?,
-            proxy_token_hash: row.get(6)?,
-            ca_cert_pem: row.get(7)?,
-            ca_key: row.get(8)?,
-            snapshot: row.get(9)?,
+        checked(row, RowKind::Sandbox, |row| {
+            Ok(RawSandbox {
+                node: String::new(),
+                id: row.get(0)?,
+                store_id: row.get(1)?,
+                store_name: row.get(2)?,
+                created_at: row.get(3)?,
+                expires_at: row.get(4)?,
+                source_ip: row.get(5)?,
+                proxy_token_hash: row.get(6)?,
+                ca_cert_pem: row.get(7)?,
+                ca_key: row.get(8)?,
+                snapshot: row.get(9)?,
+            })
         })
     }
+}
+
+// ---- rows of the wrong kind ---------------------------------------------------------------------
+
+/// One column of a row that is not of its kind — NULL where a value must be, text that is not
+/// UTF-8, a number out of range — written past the schema's checks (by someone who can write
+/// the database). Carried out of a row mapper inside rusqlite's error
+/// ([`rusqlite::Error::FromSqlConversionFailure`]) and read back as [`StoreError::Corrupt`] naming the
+/// row and the column, so the documented repair can be followed (outside pass h38b: such rows
+/// answered 500 `internal` naming neither, and one `stores` row failed the whole listing).
+/// Never holds a column's value: only the row's id and name columns, cut and escaped.
+#[derive(Debug)]
+pub struct BadColumn {
+    /// `store 'id'`, `secret 'NAME' of store 'id'`, `sandbox 'id'`.
+    row: String,
+    /// The row's id, when it is text.
+    id: Option<String>,
+    /// The column's name.
+    column: String,
+}
+
+impl BadColumn {
+    /// The [`BadColumn`] inside `e`, if a row mapper put one there.
+    pub fn of(e: &rusqlite::Error) -> Option<&BadColumn> {
+        match e {
+            rusqlite::Error::FromSqlConversionFailure(_, _, inner) => inner.downcast_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BadColumn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: column {} is not of its kind (NULL, text that is not UTF-8, or a number out of \
+             range)",
+            self.row, self.column
+        )
+    }
+}
+
+impl std::error::Error for BadColumn {}
+
+/// Which table a row mapper reads (how [`checked`] names the row).
+#[derive(Clone, Copy)]
+enum RowKind {
+    Store,
+    Secret,
+    Sandbox,
+}
+
+/// `map(row)`, with a conversion error of one of its columns made a [`BadColumn`] naming the
+/// row. Column 0 is the row's id (a secret's store id), column 1 a secret's name.
+fn checked<T>(
+    row: &Row<'_>,
+    kind: RowKind,
+    map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    map(row).map_err(|e| {
+        let at = match &e {
+            rusqlite::Error::InvalidColumnType(i, ..)
+            | rusqlite::Error::FromSqlConversionFailure(i, ..)
+            | rusqlite::Error::IntegralValueOutOfRange(i, _) => *i,
+            _ => return e,
+        };
+        let column = row
+            .as_ref()
+            .column_name(at)
+            .map_or_else(|_| at.to_string(), str::to_owned);
+        let text = |i: usize| match row.get_ref(i) {
+            Ok(rusqlite::types::ValueRef::Text(t)) => std::str::from_utf8(t).ok().map(cut_name),
+            _ => None,
+        };
+        let quoted =
+            |t: Option<String>| t.map_or_else(|| "(not text)".into(), |t| format!("'{t}'"));
+        let id = text(0);
+        let row_name = match kind {
+            RowKind::Store => format!("store {}", quoted(id.clone())),
+            RowKind::Sandbox => format!("sandbox {}", quoted(id.clone())),
+            RowKind::Secret => {
+                format!("secret {} of store {}", quoted(text(1)), quoted(id.clone()))
+            }
+        };
+        let kind = row.get_ref(at).map_or(Type::Null, |v| v.data_type());
+        let bad = BadColumn {
+            row: row_name,
+            id,
+            column,
+        };
+        rusqlite::Error::FromSqlConversionFailure(at, kind, Box::new(bad))
+    })
+}
+
+/// An id or name read from a damaged row, escaped and cut to 100 characters.
+fn cut_name(text: &str) -> String {
+    text.chars()
+        .take(100)
+        .flat_map(char::escape_default)
+        .collect()
 }
 
 // ---- small helpers ------------------------------------------------------------------------------
@@ -1218,6 +1371,47 @@ mod tests {
         seen
     }
 
+    /// A column of the wrong kind (text that is not UTF-8, which a STRICT TEXT column keeps)
+    /// is its row being corrupt, named with the column: the listing names the store beside
+    /// the sound ones, and reads of a secret or the sandboxes name theirs (outside pass h38b:
+    /// 500 `internal` naming nothing, and the whole listing failed).
+    #[test]
+    fn a_column_of_the_wrong_kind_is_a_named_corrupt_row() {
+        let fx = <Fixture as Harness>::new();
+        let store = fx.open();
+        let rec = populate(&store);
+        let sound = store.create_store("sound", None).unwrap();
+        let not_utf8 = "CAST(x'ff' AS TEXT)";
+        fx.tamper(&format!(
+            "UPDATE stores SET name = {not_utf8} WHERE id = '{}'",
+            rec.id
+        ));
+        let listing = store.list_stores().unwrap();
+        assert_eq!(
+            (listing.corrupt, listing.stores),
+            (vec![rec.id.clone()], vec![sound])
+        );
+        let why = format!("store '{}': column name", rec.id);
+        assert_corrupt(store.get_store(&rec.id).unwrap_err(), &why);
+        fx.tamper(&format!(
+            "UPDATE stores SET name = 'prod' WHERE id = '{}'",
+            rec.id
+        ));
+        fx.tamper(&format!("UPDATE secrets SET locations = {not_utf8}"));
+        let why = format!("secret 'API_KEY' of store '{}': column locations", rec.id);
+        assert_corrupt(store.load_secrets(&rec.id).unwrap_err(), &why);
+        fx.tamper(&format!("UPDATE sandboxes SET ca_cert_pem = {not_utf8}"));
+        assert_corrupt(
+            store.load_sandboxes().unwrap_err(),
+            "sandbox 'sbx_1': column ca_cert_pem",
+        );
+        fx.tamper(&format!("UPDATE sandboxes SET id = {not_utf8}"));
+        assert_corrupt(
+            store.load_sandboxes().unwrap_err(),
+            "sandbox (not text): column",
+        );
+    }
+
     #[test]
     fn values_never_reach_the_disk_in_plaintext() {
         let fx = <Fixture as Harness>::new();
@@ -1314,6 +1508,33 @@ mod tests {
     /// A file with damaged pages (a bad sector, a torn write) is named as damaged, with the
     /// way out, not as a wrong master key (its key-check record does not open either: the
     /// operator was sent to look for another key). A wrong key on a sound file still says so.
+    /// A `-wal` of another database beside the file: the start is refused naming the `-wal`,
+    /// and the file is left as it was — once the `-wal` is moved away the right key opens it
+    /// with everything in it (outside pass h38b: the refused start had checkpointed the
+    /// foreign pages into the file and blamed the key).
+    #[test]
+    fn a_foreign_wal_is_named_and_leaves_the_file_as_it_was() {
+        let ours = <Fixture as Harness>::new();
+        let rec = populate(&ours.open());
+        let other = <Fixture as Harness>::new();
+        let theirs = other.open();
+        theirs.create_store("theirs", None).unwrap();
+        let wal = wal_of(&ours.dir.path().join(DB_FILE_NAME));
+        fs::copy(wal_of(&other.dir.path().join(DB_FILE_NAME)), &wal).unwrap();
+        let refused = match ours.open_with(ours.key()) {
+            Ok(_) => panic!("opened with a foreign -wal"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.contains("-wal") && refused.contains("move it away"),
+            "{refused}"
+        );
+        fs::remove_file(&wal).unwrap();
+        let again = ours.open();
+        assert_eq!(again.get_store(&rec.id).unwrap().name, rec.name);
+        drop(theirs);
+    }
+
     #[test]
     fn a_damaged_file_is_not_called_a_wrong_key() {
         let fx = <Fixture as Harness>::new();
