@@ -748,7 +748,7 @@ fn restore_sandboxes(
         // that fails its checks is quarantined and the others start.
         use crate::store::postgres::follow::Target;
         for store_id in sandboxes.watched_stores() {
-            match sandboxes.refresh_store(&store_id) {
+            match sandboxes.catch_up(&store_id) {
                 Ok(_)
                 | Err(SandboxError::Store(StoreError::NotFound(_) | StoreError::Corrupt(_))) => {}
                 Err(e) => return Err(e.into()),

@@ -817,16 +817,46 @@ impl Sandboxes {
     /// # Errors
     /// Store failures; live sandboxes keep their previous snapshot then.
     pub fn refresh_store(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let (affected, changed) = self.refresh(store_id)?;
+        if changed > 0 {
+            tracing::info!(store = %store_id, sandboxes = changed, "running sandboxes refreshed");
+        }
+        Ok(affected)
+    }
+
+    /// At start (single host): [`Sandboxes::refresh_store`] for the sandboxes restored from
+    /// `store_id`. Their rows are rewritten at every change before it is served, so a snapshot
+    /// that changes here was behind its store — put back from a backup or by a stale `-wal`
+    /// (outside pass h38b: a rotated value and a deleted secret served again), or a change
+    /// whose snapshots were not written before a crash — and is said. Returns how many changed.
+    ///
+    /// # Errors
+    /// As [`Sandboxes::refresh_store`].
+    pub fn catch_up(&self, store_id: &str) -> Result<usize, SandboxError> {
+        let (_, changed) = self.refresh(store_id)?;
+        if changed > 0 {
+            tracing::warn!(
+                store = %store_id,
+                sandboxes = changed,
+                "sandboxes were restored with a snapshot behind their store's rows (a backup or \
+                 -wal put back, or a change cut short by a crash): brought up to date before \
+                 serving"
+            );
+        }
+        Ok(changed)
+    }
+
+    /// (sandboxes of `store_id`, how many of them changed).
+    fn refresh(&self, store_id: &str) -> Result<(usize, usize), SandboxError> {
         let _applying = lock(&self.applying);
         let affected = self.registry.of_store(store_id);
         if affected.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let (store, secrets) = self.read_store(store_id, &affected)?;
-        self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
+        let changed = self.resnapshot_all(&affected, &store.egress_allowlist, &secrets)?;
         self.release(store_id, &affected);
-        tracing::info!(store = %store_id, sandboxes = affected.len(), "running sandboxes refreshed");
-        Ok(affected.len())
+        Ok((affected.len(), changed))
     }
 
     /// [`Sandboxes::refresh_store`] after a change that is already committed: the change

@@ -461,6 +461,10 @@ async fn a_sandbox_snapshot_put_back_from_a_backup_is_brought_up_to_date_at_star
         .collect();
     // The deleted secret's token travels sealed, as after any deletion.
     assert_eq!(sent, ["sk-rollback-new-0003".to_owned(), sb.token("GONE")]);
+    assert!(
+        logs_text().contains("snapshot behind their store's rows"),
+        "said at start"
+    );
     drop(h2);
 }
 
