@@ -94,7 +94,8 @@ fn open_with<S>(
         None => MasterKey::load_or_create(data_dir, env_key)?,
     };
     let KeySource::Loaded(key_file) = &source else {
-        return Ok((open(key)?, source));
+        let store = open(key).map_err(crate::store::sqlite::naming_a_foreign_wal)?;
+        return Ok((store, source));
     };
     let staged = staged_key_path(key_file);
     match open(key) {
@@ -104,7 +105,9 @@ fn open_with<S>(
         }
         Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(key_file, &open)? {
             Some(store) => Ok((store, source)),
-            None => Err(StoreError::WrongMasterKey(p)),
+            None => Err(crate::store::sqlite::naming_a_foreign_wal(
+                StoreError::WrongMasterKey(p),
+            )),
         },
         Err(e) => Err(e),
     }

@@ -154,8 +154,6 @@ impl SqliteStore {
         crypto::ensure_private_dir(data_dir)?;
         let db_path = data_dir.join(DB_FILE_NAME);
         prepare_files(&db_path)?;
-        let wal = wal_of(&db_path);
-        let wal_read = fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
         let mut conn = Connection::open(&db_path).map_err(|e| at_open(e.into(), None, &db_path))?;
         // Until the key opens the file, closing it must not checkpoint: a `-wal` of another
         // database, replayed on open, went into the file when a refused start closed it, and
@@ -164,8 +162,7 @@ impl SqliteStore {
         let fresh = configure(&conn)
             .and_then(|()| migrate(&mut conn))
             .and_then(|()| init_key_check(&mut conn, &key, &db_path))
-            .map_err(|e| at_open(e, Some(&conn), &db_path))
-            .map_err(|e| foreign_wal(e, wal_read.then_some(&*wal)))?;
+            .map_err(|e| at_open(e, Some(&conn), &db_path))?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
         let file_id = file_id(&fs::metadata(&db_path)?);
         Ok(SqliteStore {
@@ -632,13 +629,22 @@ fn wal_of(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// A wrong-key refusal of a database opened with a non-empty `wal` beside it: the `-wal` was
-/// read too, and one left from another copy (a restore that left it behind, or put there) makes
-/// the right key look wrong — said, since nothing was written to the file (see
-/// [`SqliteStore::open`]) and moving the `-wal` away is the way out.
-fn foreign_wal(e: StoreError, wal: Option<&Path>) -> StoreError {
-    match (e, wal) {
-        (StoreError::WrongMasterKey(db), Some(wal)) => StoreError::Corrupt(format!(
+/// The final refusal of a start whose every key was wrong ([`crate::rotate`] tries a staged
+/// key first, on [`StoreError::WrongMasterKey`]), for a database with a non-empty `-wal`
+/// beside it: the `-wal` was read too, and one left from another copy (a restore that left it
+/// behind, or put there) makes the right key look wrong — said, since nothing was written to
+/// the file (see [`SqliteStore::open`]) and moving the `-wal` away is the way out. Anything
+/// else (another backend's URL: no such file) is returned as it is.
+pub fn naming_a_foreign_wal(e: StoreError) -> StoreError {
+    let wal = match &e {
+        StoreError::WrongMasterKey(db) => wal_of(db),
+        _ => return e,
+    };
+    if !fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        return e;
+    }
+    match e {
+        StoreError::WrongMasterKey(db) => StoreError::Corrupt(format!(
             "the master key does not open {} as read with the -wal file beside it ({}): if \
              that -wal came from another copy of the database (a restore that left it behind), \
              move it away and start again — the database file was left as it was; otherwise \
@@ -646,7 +652,7 @@ fn foreign_wal(e: StoreError, wal: Option<&Path>) -> StoreError {
             db.display(),
             wal.display()
         )),
-        (e, _) => e,
+        e => e,
     }
 }
 
@@ -1523,7 +1529,13 @@ mod tests {
         fs::copy(wal_of(&other.dir.path().join(DB_FILE_NAME)), &wal).unwrap();
         let refused = match ours.open_with(ours.key()) {
             Ok(_) => panic!("opened with a foreign -wal"),
-            Err(e) => e.to_string(),
+            Err(e) => {
+                assert!(
+                    matches!(e, StoreError::WrongMasterKey(_)),
+                    "a staged key is tried on it"
+                );
+                naming_a_foreign_wal(e).to_string()
+            }
         };
         assert!(
             refused.contains("-wal") && refused.contains("move it away"),
