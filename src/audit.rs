@@ -196,10 +196,8 @@ pub struct CommandEvent<'a> {
 /// One line: `{"ts":"<RFC 3339>","kind":"<kind>",<the event's fields>}` and a line break.
 /// Written by hand around the event's own object: `#[serde(flatten)]` sent every field through
 /// serde's map path, and the timestamp through a `String` and an escaping pass (~3,000
-/// instructions of the ~6,000 a request's line cost).
-///
-/// # Errors
-/// The event does not serialise as a JSON object.
+/// instructions of the ~6,000 a request's line cost). `None` when the event does not
+/// serialise as a JSON object or the time cannot be written (the line is dropped, as before).
 fn line<T: Serialize>(ts: OffsetDateTime, kind: &str, event: &T) -> Option<Vec<u8>> {
     let mut bytes = Vec::with_capacity(384);
     bytes.extend_from_slice(b"{\"ts\":\"");
