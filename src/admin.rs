@@ -13,7 +13,7 @@ mod slots;
 mod token;
 mod validate;
 
-pub use error::ApiError;
+pub use error::{unrepeated_names, ApiError};
 pub use routes::{router, CORRUPT_STORES_HEADER};
 pub use token::{
     read_file as read_token_file, unsendable as unsendable_token, warn_short as warn_short_token,

@@ -79,7 +79,7 @@ impl IntoResponse for ApiError {
 /// is short or shaped like an id — a value passed where the store id goes (arguments swapped)
 /// came back whole in the 404 and so in client logs (the last re-check). Each name is taken
 /// whole from [`Missing`], never re-read from a message (a name holding `'` did: a review).
-fn unrepeated_names(what: &Missing) -> String {
+pub fn unrepeated_names(what: &Missing) -> String {
     let named = format!("{} {}", what.kind, shown(&what.name, true));
     match &what.store {
         Some(store) => format!("{named} in store {}", shown(store, true)),

@@ -122,9 +122,12 @@ fn warn_corrupt(headers: &http::HeaderMap) {
     }
 }
 
-/// The one wording for a store that does not exist (the daemon's own 404 says the same).
+/// The one wording for a store that does not exist, the daemon's own 404's: a long id or name
+/// is not repeated (it could be a value passed in its place; outside pass h38f: the CLI
+/// printed it whole where the daemon hid it).
 fn no_such_store(id_or_name: &str) -> anyhow::Error {
-    anyhow::anyhow!("store '{id_or_name}' not found")
+    let missing = crate::store::Missing::store(id_or_name);
+    anyhow::anyhow!("{} not found", crate::admin::unrepeated_names(&missing))
 }
 
 /// Store names may not be blank (the API refuses them too; saying so here saves a round trip).
@@ -494,4 +497,22 @@ fn summary(v: &Value) -> String {
         field("name"),
         field("egress_allowlist")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_not_found_is_named_as_the_daemon_names_it() {
+        assert_eq!(
+            no_such_store("nosuch").to_string(),
+            "store 'nosuch' not found"
+        );
+        let long = no_such_store("a'sk-live-51HxyzFAKEsecretValue0123456789").to_string();
+        assert!(
+            !long.contains("FAKE") && long.contains("not repeated"),
+            "{long}"
+        );
+    }
 }
