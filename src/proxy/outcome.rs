@@ -56,7 +56,6 @@ pub fn record(state: &ProxyState, code: Option<Code>, mut event: RequestEvent<'_
     event.decision = decision;
     event.code = code_str;
     state.metrics.request(decision, code_str.unwrap_or("ok"));
-    super::trim::note_transfer(event.bytes_up.saturating_add(event.bytes_down));
     state.audit.request(&event);
 }
 

@@ -8,7 +8,7 @@
 //! the same daemon from 59.6 to 50.3 MiB; without parking it released nothing (57.0 → 56.8).
 //!
 //! How: connections report what they free ([`note_freed`]: one ended or parked connection;
-//! [`note_transfer`]: a request whose bodies moved [`LARGE_TRANSFER`] counts as [`MIN_FREED`]).
+//! [`Moved`]: each [`LARGE_TRANSFER`] bytes one body moves count as [`MIN_FREED`]).
 //! Once [`MIN_FREED`] were reported since the last trim, the trim is due. It runs when no
 //! connection has ended or parked for [`QUIET`] (a burst of closes is over), or [`PERIOD`]
 //! after it fell due if they never stop (steady churn), and at most once per [`MIN_GAP`]. It
@@ -50,16 +50,41 @@ pub fn note_freed() {
     TRIMS.note(1);
 }
 
-/// A request whose bodies moved at least this many bytes makes a trim due by itself: the
-/// buffers of a large streamed body are freed one by one between other allocations, and
-/// after two 256 MiB downloads RSS stayed 7 MiB above what a trim gave back for as long as
-/// no 64 connections ended (outside pass h38c: 105 s and counting).
+/// Every this many bytes a body moves make a trim due by themselves: the buffers of a large
+/// streamed body are freed one by one between other allocations, and after two 256 MiB
+/// downloads RSS stayed 7 MiB above what a trim gave back for as long as no 64 connections
+/// ended (outside pass h38c: 105 s and counting). Counted as the body goes, in the body
+/// ([`Moved`]): the request's audit line, read first, is written at an answer's head, before
+/// a streamed body moved anything (re-check h38g: downloads never counted).
 pub const LARGE_TRANSFER: u64 = 8 * 1024 * 1024;
 
-/// Records that a request's bodies moved `bytes` (see [`LARGE_TRANSFER`]).
-pub fn note_transfer(bytes: u64) {
-    if bytes >= LARGE_TRANSFER {
-        TRIMS.note(MIN_FREED);
+/// A body's byte tally: the byte metric as ever, and every [`LARGE_TRANSFER`] bytes of this
+/// one body count as [`MIN_FREED`] freed connections. During a long transfer the trim waits
+/// for it to pause ([`QUIET`]) or for [`PERIOD`].
+pub struct Moved {
+    counter: prometheus_client::metrics::counter::Counter,
+    moved: std::sync::atomic::AtomicU64,
+    trims: &'static Trims,
+}
+
+impl Moved {
+    /// A tally adding to `counter`.
+    pub fn new(counter: prometheus_client::metrics::counter::Counter) -> Self {
+        Moved {
+            counter,
+            moved: std::sync::atomic::AtomicU64::new(0),
+            trims: &TRIMS,
+        }
+    }
+}
+
+impl crate::metrics::Tally for Moved {
+    fn add(&self, n: usize) {
+        self.counter.inc_by(n as u64);
+        let before = self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        if before / LARGE_TRANSFER != (before + n as u64) / LARGE_TRANSFER {
+            self.trims.note(MIN_FREED);
+        }
     }
 }
 
@@ -294,6 +319,38 @@ mod tests {
             .expect("the loop ends on shutdown")
             .expect("no panic");
         assert_eq!(TRIMMED.load(Ordering::SeqCst), 3);
+    }
+
+    /// A body counts toward the trim as it goes: each LARGE_TRANSFER bytes of it, once.
+    #[test]
+    fn a_large_body_makes_a_trim_due_as_it_goes() {
+        use crate::metrics::Tally;
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let trims: &'static Trims = Box::leak(Box::new(Trims::new()));
+        let body = Moved {
+            trims,
+            ..Moved::new(counter.clone())
+        };
+        let freed = || trims.freed.load(Ordering::Relaxed);
+        let chunk = 64 * 1024;
+        let before = freed();
+        for _ in 0..(LARGE_TRANSFER as usize / chunk) - 1 {
+            body.add(chunk);
+        }
+        assert!(
+            freed() < before + MIN_FREED,
+            "made due before {LARGE_TRANSFER} bytes"
+        );
+        body.add(chunk);
+        assert!(
+            freed() >= before + MIN_FREED,
+            "not made due at {LARGE_TRANSFER} bytes"
+        );
+        assert_eq!(
+            counter.get(),
+            LARGE_TRANSFER,
+            "the metric counts every byte"
+        );
     }
 
     #[test]
