@@ -67,9 +67,19 @@ pub async fn daemon_with_origin(
     origin: std::net::SocketAddr,
     secrets: &[Spec<'_>],
 ) -> (Harness, SandboxCreds) {
+    daemon_with_origin_opts(pki, origin, secrets, Opts::default()).await
+}
+
+/// [`daemon_with_origin`] with `opts` (its `resolve` replaced).
+pub async fn daemon_with_origin_opts(
+    pki: Arc<TestPki>,
+    origin: std::net::SocketAddr,
+    secrets: &[Spec<'_>],
+    opts: Opts,
+) -> (Harness, SandboxCreds) {
     let opts = Opts {
         resolve: vec![("api.example.test".into(), origin)],
-        ..Default::default()
+        ..opts
     };
     let h = Harness::try_start(opts, Some(pki))
         .await

@@ -860,22 +860,13 @@ impl Gate {
 /// (Sandboxes no longer share dials: each has its own client sets, `proxy::clients`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it() {
-    use crate::support::daemon::Harness;
     use crate::support::echo::Echo;
     use crate::support::pki::TestPki;
 
     let pki = std::sync::Arc::new(TestPki::new());
     let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
     let gate = Gate::start(echo.addr).await;
-    let o = Opts {
-        resolve: vec![("api.example.test".into(), gate.addr)],
-        ..Default::default()
-    };
-    let h = Harness::try_start(o, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let a = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let (h, a) = crate::proxy_explicit::daemon_with_origin(pki, gate.addr, &[]).await;
 
     // A first request teaches sealgate that the origin speaks h2.
     let mut first = pc::h1(h.proxy, &a, API).await;
@@ -942,7 +933,6 @@ async fn slow_accepting(to: std::net::SocketAddr, delay: Duration) -> std::net::
 /// (outside review h38e: 44 of 150 with a 1 s handshake and a 3 s timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_of_dial_turns_fails_no_request() {
-    use crate::support::daemon::Harness;
     use crate::support::echo::Echo;
     use crate::support::pki::TestPki;
 
@@ -950,15 +940,10 @@ async fn a_queue_of_dial_turns_fails_no_request() {
     let echo = Echo::start_tls(pki.server_config_without_alpn(&["api.example.test"])).await;
     let slow = slow_accepting(echo.addr, Duration::from_millis(400)).await;
     let o = Opts {
-        resolve: vec![("api.example.test".into(), slow)],
         upstream_toml: "connect_timeout_secs = 1\n".into(),
         ..Default::default()
     };
-    let h = Harness::try_start(o, Some(pki))
-        .await
-        .expect("daemon starts");
-    h.store("s", Some(&["api.example.test"])).await;
-    let a = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let (h, a) = crate::proxy_explicit::daemon_with_origin_opts(pki, slow, &[], o).await;
     // One client connection: one worker, one connector.
     let conn = pc::h2(h.proxy, &a, API).await;
     let requests = (0..100).map(|_| {
