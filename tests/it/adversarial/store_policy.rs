@@ -468,6 +468,92 @@ async fn a_sandbox_snapshot_put_back_from_a_backup_is_brought_up_to_date_at_star
     drop(h2);
 }
 
+/// A store deleted through the API leaves its sandboxes their snapshot across a restart
+/// (DESIGN §3); one whose rows someone deleted in the database, beside an older snapshot put
+/// back, leaves its sandboxes unsealing nothing (re-check h38g: the old snapshot was served,
+/// a rotated value with it).
+#[tokio::test]
+async fn only_a_store_deleted_through_the_api_leaves_its_sandboxes_their_snapshot() {
+    use crate::support::echo::Echo;
+    use crate::support::proxy_client::SandboxCreds;
+
+    let pki = Arc::new(TestPki::new());
+    let echo = Echo::start_tls(pki.server_config(&["api.example.test"], &[])).await;
+    let opts = || Opts {
+        resolve: vec![("api.example.test".into(), echo.addr)],
+        ..Default::default()
+    };
+    let mut h = Harness::try_start(opts(), Some(pki.clone())).await.unwrap();
+    let api = Some(&["api.example.test"][..]);
+    let gone = h.store("gone", Some(&["api.example.test"])).await;
+    h.secret(
+        &gone,
+        "KEY",
+        "sk-deleted-store-0001",
+        api,
+        Some(&["header"]),
+    )
+    .await;
+    let cut = h.store("cut", Some(&["api.example.test"])).await;
+    h.secret(&cut, "KEY", "sk-cut-store-old-0002", api, Some(&["header"]))
+        .await;
+    let g = SandboxCreds::from_answer(&h.sandbox("gone").await);
+    let c = SandboxCreds::from_answer(&h.sandbox("cut").await);
+    let db = db_path(&h);
+    let old: Vec<u8> = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT snapshot FROM sandboxes WHERE id = ?1",
+            [&c.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    h.secret(&cut, "KEY", "sk-cut-store-new-0003", api, Some(&["header"]))
+        .await;
+    let (s, _) = h
+        .api(Method::DELETE, &format!("/v1/stores/{gone}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    h.stop().await;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE sandboxes SET snapshot = ?1 WHERE id = ?2",
+        rusqlite::params![old, c.id],
+    )
+    .unwrap();
+    conn.execute("DELETE FROM stores WHERE id = ?1", [&cut])
+        .unwrap();
+    drop(conn);
+    let again = Opts {
+        data_dir: Some(db.parent().unwrap().to_path_buf()),
+        cert_dir: Some(h.dir.path().join("certs")),
+        ..opts()
+    };
+    let h2 = Harness::try_start(again, Some(pki)).await.unwrap();
+    for sb in [&g, &c] {
+        let mut conn = pc::h1(h2.proxy, sb, API).await;
+        let token = sb.token("KEY");
+        let req = pc::get("/echo", "api.example.test", &[("x-api-key", &token)]);
+        let a = pc::send1(&mut conn, req).await;
+        assert!(!a.text().contains("sk-"), "{}", a.text());
+    }
+    let sent: Vec<String> = echo
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("x-api-key"))
+        .collect();
+    assert_eq!(
+        sent[0], "sk-deleted-store-0001",
+        "the deleted store's sandbox serves on"
+    );
+    assert!(
+        !sent.iter().any(|v| v.starts_with("sk-cut-store")),
+        "{sent:?}"
+    );
+    assert!(logs_text().contains("no deletion through the API was recorded"));
+    drop(h2);
+}
+
 /// A quarantined store's sandboxes unseal nothing, and its hosts are refused: their answers
 /// could carry a value the node cannot know (in fleet mode, rotated through another node), and
 /// an outside review had a value an origin stored come back in clear once a tampered sibling
