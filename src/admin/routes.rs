@@ -380,7 +380,6 @@ async fn delete_store(
     st.store
         .delete_store(&id)
         .inspect_err(|e| audit_unconfirmed(&st, "store.delete", (Some(&id), None), peer, e))?;
-    st.sandboxes.mark_store_deleted(&id);
     audit(&st, "store.delete", Some(&id), None, None, peer);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -846,55 +846,6 @@ impl Sandboxes {
         Ok(changed)
     }
 
-    /// After `store_id` was deleted through the API: its running sandboxes keep their snapshot
-    /// (DESIGN §3), marked durably as their store's last ([`Snapshot::with_store_deleted`]).
-    /// Best effort: a sandbox left unmarked (the write failed, or a crash came first) unseals
-    /// nothing after the next start, which is failing closed.
-    pub fn mark_store_deleted(&self, store_id: &str) {
-        let _applying = lock(&self.applying);
-        let affected = self.registry.of_store(store_id);
-        if affected.is_empty() {
-            return;
-        }
-        let marked = self.swap_all(&affected, |old| Ok(copy_of(old).with_store_deleted()));
-        if let Err(e) = marked {
-            tracing::warn!(store = %store_id, error = %e, "could not mark the deleted store's sandboxes: they unseal nothing after the next start");
-        }
-    }
-
-    /// At start (single host), for a store whose rows are gone: its sandboxes whose snapshot
-    /// is not marked as the store's last unseal nothing from now on. Their store was not
-    /// deleted through the API — its rows were removed by someone who can write the database,
-    /// beside an older snapshot put back, which was then served as it was (re-check h38g) — or
-    /// a crash came between the deletion and the marking. Returns how many changed.
-    ///
-    /// # Errors
-    /// Store failures writing the new snapshots.
-    pub fn unmarked_orphans(&self, store_id: &str) -> Result<usize, SandboxError> {
-        let _applying = lock(&self.applying);
-        let unmarked: Vec<Arc<Sandbox>> = self
-            .registry
-            .of_store(store_id)
-            .into_iter()
-            .filter(|sb| !sb.snapshot().store_deleted())
-            .collect();
-        if unmarked.is_empty() {
-            return Ok(0);
-        }
-        let allowlist = unmarked[0].snapshot().egress_allowlist.clone();
-        let changed = self.resnapshot_all(&unmarked, &allowlist, &[])?;
-        if changed > 0 {
-            tracing::error!(
-                store = %store_id,
-                sandboxes = changed,
-                "the store's rows are gone but no deletion through the API was recorded for it \
-                 (rows deleted outside sealgate, or a crash right after a deletion): its \
-                 sandboxes unseal nothing"
-            );
-        }
-        Ok(changed)
-    }
-
     /// (sandboxes of `store_id`, how many of them changed).
     fn refresh(&self, store_id: &str) -> Result<(usize, usize), SandboxError> {
         let _applying = lock(&self.applying);
@@ -981,13 +932,14 @@ impl Sandboxes {
     fn changed_snapshots(
         &self,
         affected: &[Arc<Sandbox>],
-        make: impl Fn(&Snapshot) -> Result<Snapshot, SnapshotError>,
+        allowlist: &Option<Vec<String>>,
+        secrets: &[SecretRecord],
     ) -> Result<(Vec<(Arc<Sandbox>, Snapshot)>, Vec<(String, SecretValue)>), SandboxError> {
         let held = lock(&self.locked);
         let (mut changed, mut rows) = (Vec::new(), Vec::new());
         for sb in affected {
             let old = held.get(&sb.id).cloned().unwrap_or_else(|| sb.snapshot());
-            let new = make(&old)?;
+            let new = resnapshot(&old, allowlist, secrets)?;
             let sealed = new.to_sealable();
             if sealed.expose() != old.to_sealable().expose() {
                 rows.push((sb.id.to_string(), sealed));
@@ -1063,16 +1015,7 @@ impl Sandboxes {
         allowlist: &Option<Vec<String>>,
         secrets: &[SecretRecord],
     ) -> Result<usize, SandboxError> {
-        self.swap_all(affected, |old| resnapshot(old, allowlist, secrets))
-    }
-
-    /// [`Sandboxes::resnapshot_all`] with each new snapshot made by `make` from the old.
-    fn swap_all(
-        &self,
-        affected: &[Arc<Sandbox>],
-        make: impl Fn(&Snapshot) -> Result<Snapshot, SnapshotError>,
-    ) -> Result<usize, SandboxError> {
-        let (changed, rows) = self.changed_snapshots(affected, make)?;
+        let (changed, rows) = self.changed_snapshots(affected, allowlist, secrets)?;
         if changed.is_empty() {
             return Ok(0);
         }
@@ -1247,17 +1190,13 @@ fn locked_copy(snap: &Snapshot) -> Result<Snapshot, SnapshotError> {
 /// An equal, freshly compiled copy of `snap`.
 fn copy_of(snap: &Snapshot) -> Snapshot {
     let secrets = records_of(snap, |e| e.allowed_hosts.clone());
-    let copy = Snapshot::build(
+    Snapshot::build(
         snap.store_name.clone(),
         snap.egress_allowlist.clone(),
         secrets,
     )
     .expect("patterns of a built snapshot compile again")
-    .with_retired(snap.retired().to_vec());
-    match snap.store_deleted() {
-        true => copy.with_store_deleted(),
-        false => copy,
-    }
+    .with_retired(snap.retired().to_vec())
 }
 
 fn row_of(sb: &Sandbox) -> SandboxRow {

@@ -196,10 +196,6 @@ pub struct Snapshot {
     /// host may hold the value and hand it back (found from outside: a quarantine had turned
     /// scrubbing off there). Empty on every other snapshot.
     locked_scope: Vec<Retired>,
-    /// Its store was deleted through the API after this snapshot was taken
-    /// ([`Snapshot::with_store_deleted`]): a start keeps it though the store's rows are gone.
-    /// Persisted.
-    store_deleted: bool,
 }
 
 /// Errors building a snapshot from stored data.
@@ -246,22 +242,7 @@ impl Snapshot {
             scrubber: OnceLock::new(),
             locked: false,
             locked_scope: Vec::new(),
-            store_deleted: false,
         })
-    }
-
-    /// This snapshot marked as its store's last (the store was deleted through the API): a
-    /// start keeps a marked snapshot whose store's rows are gone (DESIGN §3), and an unmarked
-    /// one unseals nothing — rows deleted outside sealgate beside an older snapshot put back
-    /// had it served as it was (re-check h38g).
-    pub fn with_store_deleted(mut self) -> Snapshot {
-        self.store_deleted = true;
-        self
-    }
-
-    /// True once marked by [`Snapshot::with_store_deleted`].
-    pub fn store_deleted(&self) -> bool {
-        self.store_deleted
     }
 
     /// True for a node's locked copy ([`Snapshot::locked_copy_of`]).
@@ -430,7 +411,6 @@ impl Snapshot {
                 .map(PersistedSecret::from_entry)
                 .collect(),
             retired: self.retired.iter().map(PersistedRetired::from).collect(),
-            store_deleted: self.store_deleted,
         };
         // Measured first, then written into a buffer of that size: a growing `Vec` would free
         // outgrown copies of every value unwiped (outside review).
@@ -459,10 +439,7 @@ impl Snapshot {
             .into_iter()
             .map(|r| r.into_retired(&mut known))
             .collect::<Result<_, _>>()?;
-        let mut snap =
-            Snapshot::build(p.store_name, p.egress_allowlist, secrets)?.with_retired(retired);
-        snap.store_deleted = p.store_deleted;
-        Ok(snap)
+        Ok(Snapshot::build(p.store_name, p.egress_allowlist, secrets)?.with_retired(retired))
     }
 }
 
@@ -612,9 +589,6 @@ struct PersistedSnapshot {
     /// Absent in snapshots written before retired values were kept.
     #[serde(default)]
     retired: Vec<PersistedRetired>,
-    /// Absent (false) unless the store was deleted through the API.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    store_deleted: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -903,22 +877,6 @@ mod tests {
             "h7.example.test",
             "sk-locked-copy-value-0013"
         ));
-    }
-
-    /// The mark of a store deleted through the API survives persistence; an unmarked snapshot
-    /// is written as before (no field), so nothing unchanged is rewritten at a start.
-    #[test]
-    fn the_store_deleted_mark_is_persisted_and_absent_otherwise() {
-        let snap = snapshot(&["api.example.test"]);
-        let plain = snap.to_sealable();
-        assert!(!String::from_utf8_lossy(plain.expose()).contains("store_deleted"));
-        assert!(!Snapshot::from_sealable(&plain).unwrap().store_deleted());
-        let marked = Snapshot::from_sealable(&plain)
-            .unwrap()
-            .with_store_deleted();
-        let back = Snapshot::from_sealable(&marked.to_sealable()).unwrap();
-        assert!(back.store_deleted());
-        assert!(scrubs(&back, "api.example.test", "sk-snapshot-test-value"));
     }
 
     #[test]
