@@ -226,6 +226,25 @@ pub enum StoreError {
         /// The newest schema this build knows.
         supported: i64,
     },
+    /// As [`StoreError::WrongMasterKey`], for a database read with a non-empty `-wal` beside
+    /// it: the daemon's own after a stop without a clean shutdown (it holds the latest
+    /// writes), or one of another copy left by a restore — which made the right key look
+    /// wrong (outside pass h38b). Only the start's final refusal says this.
+    #[error(
+        "the master key does not match this database ({}) as read with the -wal file beside it \
+         ({}): give the daemon the key the database was sealed under. Keep that -wal if this \
+         database's own daemon stopped without a clean shutdown (it holds the latest writes); \
+         only if it came from another copy of the database (a restore that left it behind) \
+         move it away and start again. The database file was left as it was",
+        .db.display(),
+        .wal.display()
+    )]
+    WrongMasterKeyBesideWal {
+        /// The database file.
+        db: std::path::PathBuf,
+        /// The `-wal` beside it.
+        wal: std::path::PathBuf,
+    },
     /// A value passed in cannot be stored (e.g. a time outside the representable range).
     #[error("cannot store {0}")]
     InvalidInput(String),

@@ -631,28 +631,17 @@ fn wal_of(db: &Path) -> PathBuf {
 
 /// The final refusal of a start whose every key was wrong ([`crate::rotate`] tries a staged
 /// key first, on [`StoreError::WrongMasterKey`]), for a database with a non-empty `-wal`
-/// beside it: the `-wal` was read too, and one left from another copy (a restore that left it
-/// behind, or put there) makes the right key look wrong — said, since nothing was written to
-/// the file (see [`SqliteStore::open`]) and moving the `-wal` away is the way out. Anything
-/// else (another backend's URL: no such file) is returned as it is.
+/// beside it: [`StoreError::WrongMasterKeyBesideWal`], which says which `-wal` to keep and
+/// which to move (nothing was written to the file: see [`SqliteStore::open`]). Anything else
+/// (another backend's URL: no such file) is returned as it is.
 pub fn naming_a_foreign_wal(e: StoreError) -> StoreError {
-    let wal = match &e {
-        StoreError::WrongMasterKey(db) => wal_of(db),
-        _ => return e,
-    };
-    if !fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
+    let StoreError::WrongMasterKey(db) = e else {
         return e;
-    }
-    match e {
-        StoreError::WrongMasterKey(db) => StoreError::Corrupt(format!(
-            "the master key does not open {} as read with the -wal file beside it ({}): if \
-             that -wal came from another copy of the database (a restore that left it behind), \
-             move it away and start again — the database file was left as it was; otherwise \
-             give the daemon the key the database was sealed under",
-            db.display(),
-            wal.display()
-        )),
-        e => e,
+    };
+    let wal = wal_of(&db);
+    match fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        true => StoreError::WrongMasterKeyBesideWal { db, wal },
+        false => StoreError::WrongMasterKey(db),
     }
 }
 
