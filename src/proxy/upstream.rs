@@ -211,6 +211,23 @@ impl Dialing {
     }
 }
 
+/// True if the origin ended the handshake with `no_application_protocol`: it speaks none of
+/// the protocols offered. To an h2-only connector that is [`ConnectError::NotH2`], as an
+/// origin that picks no ALPN is: nothing was sent, and the request may go on a client that
+/// offers HTTP/1.1 too (re-check h38f: a GET retried on the h2-only client after an HTTP/1.1
+/// origin closed unanswered got `502 upstream_tls_error` — Node and rustls servers send the
+/// alert; nginx just picks none).
+fn refused_alpn(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+            )
+        })
+}
+
 /// What a connector offers in ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
@@ -361,7 +378,10 @@ impl Connector {
             .tls
             .connect(name, ReadAhead::new(tcp))
             .await
-            .map_err(|e| ConnectError::Tls(tls_error::describe(&e)))?;
+            .map_err(|e| match self.require_h2 && refused_alpn(&e) {
+                true => ConnectError::NotH2,
+                false => ConnectError::Tls(tls_error::describe(&e)),
+            })?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let origin = format!("{host}:{port}").into_boxed_str();
             let watched =

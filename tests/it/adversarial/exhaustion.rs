@@ -1234,11 +1234,28 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>
 #[tokio::test]
 async fn a_get_on_a_connection_the_origin_closed_unannounced_is_sent_again() {
     use crate::support::pki::TestPki;
-    const HOST_NAME: &str = "api.example.test";
-
     let pki = std::sync::Arc::new(TestPki::new());
-    let (origin, seen) =
-        origin_that_answers_once_per_connection(pki.server_config_without_alpn(&[HOST_NAME])).await;
+    let tls = pki.server_config_without_alpn(&["api.example.test"]);
+    get_sent_again_after_an_unannounced_close(pki, tls).await;
+}
+
+/// The same with an origin that names `http/1.1` in ALPN and so refuses the retry client's
+/// h2-only offer with `no_application_protocol` (as Node's and rustls's servers do): the GET
+/// goes on a client that offers HTTP/1.1 too (re-check h38f: `502 upstream_tls_error`).
+#[tokio::test]
+async fn a_get_sent_again_to_an_origin_that_refuses_h2_in_alpn_is_answered() {
+    use crate::support::pki::TestPki;
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    get_sent_again_after_an_unannounced_close(pki, tls).await;
+}
+
+async fn get_sent_again_after_an_unannounced_close(
+    pki: std::sync::Arc<crate::support::pki::TestPki>,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) {
+    const HOST_NAME: &str = "api.example.test";
+    let (origin, seen) = origin_that_answers_once_per_connection(tls).await;
     let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
     let mut c = pc::h1(h.proxy, &sb, API).await;
     for i in 0..2 {
