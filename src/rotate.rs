@@ -93,11 +93,9 @@ fn open_with<S>(
         Some(db) => MasterKey::load_existing(data_dir, env_key, db)?,
         None => MasterKey::load_or_create(data_dir, env_key)?,
     };
-    // Kept to tell, at a final wrong-key refusal, a foreign `-wal` from a wrong key.
-    let tried = key.duplicate();
-    let named = |e| crate::store::sqlite::naming_a_foreign_wal(e, &tried);
     let KeySource::Loaded(key_file) = &source else {
-        return Ok((open(key).map_err(named)?, source));
+        let store = open(key).map_err(crate::store::sqlite::naming_a_foreign_wal)?;
+        return Ok((store, source));
     };
     let staged = staged_key_path(key_file);
     match open(key) {
@@ -107,7 +105,9 @@ fn open_with<S>(
         }
         Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(key_file, &open)? {
             Some(store) => Ok((store, source)),
-            None => Err(named(StoreError::WrongMasterKey(p))),
+            None => Err(crate::store::sqlite::naming_a_foreign_wal(
+                StoreError::WrongMasterKey(p),
+            )),
         },
         Err(e) => Err(e),
     }

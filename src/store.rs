@@ -227,33 +227,24 @@ pub enum StoreError {
         supported: i64,
     },
     /// As [`StoreError::WrongMasterKey`], for a database read with a non-empty `-wal` beside
-    /// it that the key does not open as a file alone either: the key is wrong, and the `-wal`
-    /// may be the database's own (its latest writes, after a stop without a clean shutdown).
-    /// Only the start's final refusal says this.
+    /// it: the daemon's own after a stop without a clean shutdown or an interrupted key
+    /// rotation (it holds the latest writes), or one of another copy left by a restore —
+    /// which made the right key look wrong (outside pass h38b). Nothing tells the two apart:
+    /// a key that opens the file without the `-wal` fits a foreign `-wal` and a rotation
+    /// committed in the database's own alike (re-check h38l: a version that named the first
+    /// sent an operator to discard a rotation and 97 acknowledged writes). Only the start's
+    /// final refusal says this.
     #[error(
-        "the master key does not match this database ({}), read with or without the -wal file \
-         beside it ({}): give the daemon the key the database was sealed under, and keep that \
-         -wal (it may hold the latest writes); nothing was written",
+        "the master key does not match this database ({}) as read with the -wal file beside it \
+         ({}): give the daemon the key the database was sealed under (after an interrupted \
+         rotation, the new one). Keep that -wal if this database's own daemon or key rotation \
+         stopped without a clean end (it holds the latest writes); only if it came from \
+         another copy of the database (a restore that left it behind) move it away and start \
+         again. The database file was left as it was",
         .db.display(),
         .wal.display()
     )]
     WrongMasterKeyBesideWal {
-        /// The database file.
-        db: std::path::PathBuf,
-        /// The `-wal` beside it.
-        wal: std::path::PathBuf,
-    },
-    /// The key opens the database file alone but not as read with the `-wal` beside it: that
-    /// `-wal` came from another copy of the database (a restore that left it behind), and read
-    /// over this file it made the right key look wrong (outside pass h38b).
-    #[error(
-        "the -wal file beside the database ({}) does not belong to it: the master key opens \
-         {} read without it. It came from another copy (a restore that left it behind): move it \
-         (and the -shm) away and start again; nothing was written",
-        .wal.display(),
-        .db.display()
-    )]
-    ForeignWal {
         /// The database file.
         db: std::path::PathBuf,
         /// The `-wal` beside it.

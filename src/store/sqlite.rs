@@ -629,38 +629,19 @@ fn wal_of(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// True if `key` opens the key-check record of `db` read as the file alone: SQLite's
-/// `immutable` mode ignores the `-wal` and writes nothing.
-fn key_opens_the_file_alone(db: &Path, key: &MasterKey) -> bool {
-    use rusqlite::OpenFlags;
-    let uri = format!("file:{}?immutable=1", db.display());
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
-    let Ok(conn) = Connection::open_with_flags(uri, flags) else {
-        return false;
-    };
-    matches!(read_key_check(&conn), Ok(Some(_))) && verify_key_check(&conn, key, db).is_ok()
-}
-
 /// The final refusal of a start whose every key was wrong ([`crate::rotate`] tries a staged
 /// key first, on [`StoreError::WrongMasterKey`]), for a database with a non-empty `-wal`
-/// beside it. If `key` opens the database *file alone* (read without its `-wal`), the `-wal`
-/// came from another copy: [`StoreError::ForeignWal`], move it away. Otherwise the key is
-/// wrong and the `-wal` may hold the database's latest writes:
-/// [`StoreError::WrongMasterKeyBesideWal`], keep it (review h38j: one text for both cases,
-/// and taking its "move it" branch after a crash started an empty database under the wrong
-/// key). Nothing was written to the file either way ([`SqliteStore::open`]). Anything else
+/// beside it: [`StoreError::WrongMasterKeyBesideWal`], which says which `-wal` to keep and
+/// which to move (nothing was written to the file: see [`SqliteStore::open`]). Anything else
 /// (another backend's URL: no such file) is returned as it is.
-pub fn naming_a_foreign_wal(e: StoreError, key: &MasterKey) -> StoreError {
+pub fn naming_a_foreign_wal(e: StoreError) -> StoreError {
     let StoreError::WrongMasterKey(db) = e else {
         return e;
     };
     let wal = wal_of(&db);
-    if !fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
-        return StoreError::WrongMasterKey(db);
-    }
-    match key_opens_the_file_alone(&db, key) {
-        true => StoreError::ForeignWal { db, wal },
-        false => StoreError::WrongMasterKeyBesideWal { db, wal },
+    match fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        true => StoreError::WrongMasterKeyBesideWal { db, wal },
+        false => StoreError::WrongMasterKey(db),
     }
 }
 
@@ -1542,24 +1523,13 @@ mod tests {
                     matches!(e, StoreError::WrongMasterKey(_)),
                     "a staged key is tried on it"
                 );
-                naming_a_foreign_wal(e, &ours.key()).to_string()
+                naming_a_foreign_wal(e).to_string()
             }
         };
         assert!(
-            refused.contains("does not belong to it") && refused.contains("move it"),
+            refused.contains("-wal") && refused.contains("move it away"),
             "{refused}"
         );
-        // The other database's key opens neither this file nor it with the -wal: a wrong key,
-        // and the -wal is to be kept.
-        let wrong = naming_a_foreign_wal(
-            StoreError::WrongMasterKey(ours.dir.path().join(DB_FILE_NAME)),
-            &other.key(),
-        );
-        assert!(
-            matches!(wrong, StoreError::WrongMasterKeyBesideWal { .. }),
-            "{wrong}"
-        );
-        assert!(wrong.to_string().contains("keep that -wal"), "{wrong}");
         fs::remove_file(&wal).unwrap();
         let again = ours.open();
         assert_eq!(again.get_store(&rec.id).unwrap().name, rec.name);
