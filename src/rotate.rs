@@ -94,7 +94,7 @@ fn open_with<S>(
         None => MasterKey::load_or_create(data_dir, env_key)?,
     };
     let KeySource::Loaded(key_file) = &source else {
-        let store = open(key).map_err(crate::store::sqlite::naming_a_foreign_wal)?;
+        let store = open(key).map_err(crate::store::sqlite::naming_the_wal)?;
         return Ok((store, source));
     };
     let staged = staged_key_path(key_file);
@@ -105,7 +105,7 @@ fn open_with<S>(
         }
         Err(StoreError::WrongMasterKey(p)) => match finish_interrupted(key_file, &open)? {
             Some(store) => Ok((store, source)),
-            None => Err(crate::store::sqlite::naming_a_foreign_wal(
+            None => Err(crate::store::sqlite::naming_the_wal(
                 StoreError::WrongMasterKey(p),
             )),
         },

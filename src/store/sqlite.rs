@@ -631,10 +631,11 @@ fn wal_of(db: &Path) -> PathBuf {
 
 /// The final refusal of a start whose every key was wrong ([`crate::rotate`] tries a staged
 /// key first, on [`StoreError::WrongMasterKey`]), for a database with a non-empty `-wal`
-/// beside it: [`StoreError::WrongMasterKeyBesideWal`], which says which `-wal` to keep and
-/// which to move (nothing was written to the file: see [`SqliteStore::open`]). Anything else
-/// (another backend's URL: no such file) is returned as it is.
-pub fn naming_a_foreign_wal(e: StoreError) -> StoreError {
+/// beside it: [`StoreError::WrongMasterKeyBesideWal`], which says to keep a `-wal` the
+/// database's own daemon or rotation left and to move only another copy's — sealgate cannot
+/// tell them apart (nothing was written to the file: see [`SqliteStore::open`]). Anything
+/// else (another backend's URL: no such file) is returned as it is.
+pub fn naming_the_wal(e: StoreError) -> StoreError {
     let StoreError::WrongMasterKey(db) = e else {
         return e;
     };
@@ -1523,7 +1524,7 @@ mod tests {
                     matches!(e, StoreError::WrongMasterKey(_)),
                     "a staged key is tried on it"
                 );
-                naming_a_foreign_wal(e).to_string()
+                naming_the_wal(e).to_string()
             }
         };
         assert!(
