@@ -1233,12 +1233,7 @@ impl Bin {
             proxy,
             token,
             stderr,
-            // A connection per call, as the CLI and the SDK make: the admin listener closes a
-            // kept-alive connection idle for `header_read_timeout_secs`, and a pooled one
-            // reused just as it closed was reset (a CI run under load).
-            http: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(HttpConnector::new()),
+            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
     }
 
