@@ -1,8 +1,9 @@
-//! Crash injection for the master-key rotation tests (cargo feature `crash-points`).
+//! Crash and pause injection for the tests (cargo feature `crash-points`): crashes for the
+//! master-key rotation tests, a pause for the signal tests.
 //!
-//! Invariant: without the feature, [`hit`] is an empty inline function and neither the
-//! environment variable's name nor any abort path is compiled into the binary, so a
-//! production build cannot be made to abort by its environment. The integration tests that
+//! Invariant: without the feature, [`hit`] and [`pause`] are empty inline functions and
+//! neither the environment variables' names nor any abort or sleep path is compiled into the
+//! binary, so a production build cannot be made to abort or stall by its environment. The integration tests that
 //! abort a rotation at each step run only when the crate is built with
 //! `--features crash-points` (as `scripts/test` does).
 
@@ -26,3 +27,23 @@ pub fn hit(step: &str) {
 #[cfg(not(feature = "crash-points"))]
 #[inline(always)]
 pub fn hit(_step: &str) {}
+
+/// Environment variable naming a start-up point at which the daemon sleeps for 2 s.
+#[cfg(feature = "crash-points")]
+pub const PAUSE_ENV: &str = "SEALGATE_TEST_PAUSE_AFTER";
+
+/// When `SEALGATE_TEST_PAUSE_AFTER` equals `point`, say so on stderr and block the calling
+/// thread for 2 s: a window in which a test signals the daemon. Points: `bound` (the listeners
+/// are bound, nothing is served yet).
+#[cfg(feature = "crash-points")]
+pub fn pause(point: &str) {
+    if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {
+        eprintln!("sealgate: {PAUSE_ENV}={point}: pausing 2 s (test hook)");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Without the `crash-points` feature a pause point does nothing.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub fn pause(_point: &str) {}

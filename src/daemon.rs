@@ -316,6 +316,8 @@ pub const AUDIT_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// # Errors
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
+    // First: a SIGHUP sent while the daemon starts is a reload once it runs, never a kill.
+    let hup = crate::signals::Reload::install();
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;
@@ -336,6 +338,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let marker = crate::netns::daemons::Marker::write();
     sweep_namespaces(proxy_only_ids(rows, &ended)).await;
     let listeners = Listeners::bind(&cfg).await?;
+    crate::crash_point::pause("bound");
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
     // Current as of the start of the restore's reads, not of its end.
@@ -439,12 +442,15 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         tasks.spawn(follower.run(sandboxes.clone(), shutdown_rx.clone()));
     }
     tasks.spawn(reloads(
+        ReloadAsks {
+            hup,
+            api: reload_rx,
+        },
         proxy.clone(),
         admin_token.clone(),
         ov.config_path.clone(),
         cfg.clone(),
         own,
-        reload_rx,
         shutdown_rx,
     ));
     let running = Running {
@@ -1090,20 +1096,25 @@ async fn end_isolated_on_shutdown(
 
 type ReloadReply = oneshot::Sender<Result<admin::Reloaded, String>>;
 
+/// Where reloads are asked for: SIGHUP, and the admin route's channel (which answers).
+struct ReloadAsks {
+    hup: crate::signals::Reload,
+    api: mpsc::UnboundedReceiver<ReloadReply>,
+}
+
 async fn reloads(
+    mut asks: ReloadAsks,
     proxy: Arc<ProxyState>,
     token: Arc<AdminToken>,
     path: Option<PathBuf>,
     running: Config,
     own: Vec<SocketAddr>,
-    mut rx: mpsc::UnboundedReceiver<ReloadReply>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         let reply = tokio::select! {
-            r = rx.recv() => match r { Some(r) => Some(r), None => return },
-            _ = async { match &mut hup { Some(h) => { h.recv().await; } None => std::future::pending().await } } => None,
+            r = asks.api.recv() => match r { Some(r) => Some(r), None => return },
+            _ = asks.hup.recv() => None,
             _ = shutdown.changed() => return,
         };
         let outcome = reload_with_token(&proxy, &token, path.as_deref(), &running, &own);

@@ -26,6 +26,7 @@ pub mod random;
 pub mod rotate;
 pub mod sandbox;
 pub mod secret;
+pub mod signals;
 pub mod store;
 pub mod subst;
 pub mod tls_provider;

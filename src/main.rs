@@ -80,6 +80,8 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         config_path: cli.config.clone(),
         database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
+    // Before the start binds a listener: a stop sent once the daemon answers is graceful.
+    let mut stop = sealgate::signals::Stop::install();
     let running = daemon::start(cfg, ov).await?;
     if json_log {
         // Every stderr line is JSON for a log shipper: the summary is one line's field, written
@@ -88,7 +90,7 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     } else {
         eprint!("{}", running.summary());
     }
-    wait_for_signal().await;
+    stop.recv().await;
     let grace = running.proxy.settings().proxy.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -100,7 +102,7 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
             true => tracing::info!("shutdown complete"),
             false => tracing::info!("shutdown complete, without the audit log's last lines"),
         },
-        _ = wait_for_signal() => {
+        _ = stop.recv() => {
             tracing::warn!("second signal: exiting without waiting");
             // The proxy's workers may still hold the log; what is queued is written (1 s at
             // most). The stuck flush keeps its handle on the log, so dropping the daemon
@@ -111,16 +113,6 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
 }
 
 /// The start-up summary as one JSON line shaped like the log's events.

@@ -1190,11 +1190,17 @@ fn bin_config(dir: &Path, o: &BinOpts<'_>) -> String {
 
 impl Bin {
     async fn spawn(o: &BinOpts<'_>) -> Bin {
+        Bin::spawn_signalled(o, None).await
+    }
+
+    /// With `at_pause`, the daemon pauses for 2 s right after binding its listeners (the
+    /// `bound` test hook) and is sent that signal as soon as it says so.
+    async fn spawn_signalled(o: &BinOpts<'_>, at_pause: Option<i32>) -> Bin {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("proxy.toml");
         std::fs::write(&cfg, bin_config(dir.path(), o)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sealgate"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sealgate"));
+        cmd.arg("--config")
             .arg(&cfg)
             .arg("serve")
             .env_remove("SEALGATE_MASTER_KEY")
@@ -1203,9 +1209,12 @@ impl Bin {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sealgate");
+            .stderr(Stdio::piped());
+        if at_pause.is_some() {
+            cmd.env("SEALGATE_TEST_PAUSE_AFTER", "bound");
+        }
+        let mut child = cmd.spawn().expect("spawn sealgate");
+        let pid = child.id() as i32;
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let pipe = child.stderr.take().unwrap();
@@ -1213,6 +1222,10 @@ impl Bin {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
+                if let Some(sig) = at_pause.filter(|_| line.ends_with("(test hook)")) {
+                    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                    unsafe { libc::kill(pid, sig) };
+                }
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
                 let _ = tx.send(line);
@@ -1540,6 +1553,39 @@ async fn a_rotated_admin_token_file_is_taken_by_sighup_and_by_the_reload_call() 
     for t in [&old, &first, &second] {
         b.assert_clean(t);
     }
+}
+
+/// Found by CI: a SIGHUP sent just after the daemon printed its addresses killed it, because
+/// the reload task that installed the handler had not run yet (and SIGTERM's handler came
+/// after the summary, so a stop in that window skipped the graceful drain). Both are now
+/// installed before a listener is bound; the `bound` hook holds the daemon right there.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "crash-points"),
+    ignore = "needs `cargo test --features crash-points` (scripts/test)"
+)]
+async fn signals_sent_while_the_daemon_starts_reload_it_or_stop_it_gracefully() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "",
+    };
+    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGHUP)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.stderr().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload: {}", b.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, v) = b.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(10)).await.success());
+
+    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGTERM)).await;
+    let st = b.wait_exit(Duration::from_secs(10)).await;
+    assert!(st.success(), "{st:?}: {}", b.stderr());
+    assert!(b.stderr().contains("shutdown complete"), "{}", b.stderr());
 }
 
 /// Starts a `/slow` response, sends SIGTERM after its first chunk, and returns (bytes received,
