@@ -1089,9 +1089,9 @@ async fn end_isolated_on_shutdown(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = shutdown.changed().await;
-    for id in isolation.shutdown().await {
-        audit.admin(&AdminEvent::sandbox_end("sandbox.end", &id, "shutdown"));
-    }
+    isolation
+        .shutdown(|id| audit.admin(&AdminEvent::sandbox_end("sandbox.end", id, "shutdown")))
+        .await;
 }
 
 type ReloadReply = oneshot::Sender<Result<admin::Reloaded, String>>;

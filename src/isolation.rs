@@ -536,20 +536,21 @@ impl Isolation {
     }
 
     /// Daemon shutdown: every isolated sandbox ends (a restart does not restore them), and
-    /// one whose creation finishes later is ended by it ([`Self::adopt`]). Returns the ids of
-    /// the sandboxes it ended.
-    pub async fn shutdown(&self) -> Vec<String> {
+    /// one whose creation finishes later is ended by it ([`Self::adopt`]). `ended` is called
+    /// with each sandbox's id as soon as its row is deleted, before the teardown: a second
+    /// signal that drops the daemon during the teardown must not lose the record of an end
+    /// that already happened (outside pass h39b: no `sandbox.end` line at all).
+    pub async fn shutdown(&self, ended: impl Fn(&str)) {
         let all: Vec<Arc<Isolated>> = {
             let mut live = self.lock();
             self.closing
                 .store(true, std::sync::atomic::Ordering::Release);
             live.drain().map(|(_, v)| v).collect()
         };
-        let mut ended = Vec::new();
         for iso in &all {
             if self.sandboxes.delete(&iso.sandbox.id).is_ok() {
+                ended(&iso.sandbox.id);
                 let _ = self.listed(&iso.sandbox.id, false).await;
-                ended.push(iso.sandbox.id.to_string());
             }
         }
         let _ = blocking(move || {
@@ -557,7 +558,6 @@ impl Isolation {
             Ok::<_, IsolationError>(())
         })
         .await;
-        ended
     }
 
     /// Daemon start, after restore: removes what isolated sandboxes of an earlier run left

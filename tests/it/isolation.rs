@@ -1878,6 +1878,73 @@ fn crash_left(n: &Names) -> bool {
     }
 }
 
+/// Found from outside (h39b): a second SIGTERM while the shutdown tore down isolated sandboxes
+/// with commands running dropped every `sandbox.end` line, for good: the rows were already
+/// deleted (so no later start ends them), and the lines were written only once the whole
+/// teardown had returned. Each end is now audited as its row is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_teardown_keeps_every_sandbox_end_in_the_audit_log() {
+    if !netns_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Process::start(dir.path(), free_port());
+    let first = daemon.isolated_sandbox().await;
+    let mut ids = vec![id(&first)];
+    for _ in 0..2 {
+        let body = json!({"secret_store": "s", "isolation": "netns"});
+        let (s, sb) = daemon.api(Method::POST, "/v1/sandboxes", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{sb}");
+        ids.push(id(&sb));
+    }
+    let (admin, token) = (daemon.admin.clone(), daemon.token.clone());
+    for sid in &ids {
+        let url = format!("{admin}/v1/sandboxes/{sid}/commands");
+        let auth = format!("Bearer {token}");
+        tokio::spawn(async move {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let body = json!({"cmd": "sleep 30", "timeout": 60}).to_string();
+            let req = Request::post(url)
+                .header("authorization", auth)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let _ = client.request(req).await;
+        });
+    }
+    let list = dir.path().join("data/isolated-sandboxes");
+    // Time for the commands to start: a teardown that ends them takes longer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = daemon.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The second signal as soon as the rows are gone from the list, during the teardown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&list)
+        .unwrap_or_default()
+        .contains("sbx_")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the shutdown did not delete the sandboxes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    for sid in &ids {
+        assert!(
+            audit.lines().any(|l| l.contains(sid.as_str())
+                && l.contains(r#""action":"sandbox.end""#)
+                && l.contains(r#""actor":"shutdown""#)),
+            "no sandbox.end for {sid}:\n{audit}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_daemon_is_cleaned_up_by_the_next_start_and_its_isolated_sandboxes_end() {
     if !netns_ready() {
