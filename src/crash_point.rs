@@ -33,8 +33,8 @@ pub fn hit(_step: &str) {}
 pub const PAUSE_ENV: &str = "SEALGATE_TEST_PAUSE_AFTER";
 
 /// When `SEALGATE_TEST_PAUSE_AFTER` equals `point`, say so on stderr and block the calling
-/// thread for 2 s: a window in which a test signals the daemon. Points: `bound` (the listeners
-/// are bound, nothing is served yet).
+/// thread for 2 s: a window in which a test signals the daemon. Points: `main` (the first
+/// statements of `main`, before the configuration is read).
 #[cfg(feature = "crash-points")]
 pub fn pause(point: &str) {
     if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == point) {

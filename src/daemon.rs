@@ -316,7 +316,7 @@ pub const AUDIT_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// # Errors
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
-    // First: a SIGHUP sent while the daemon starts is a reload once it runs, never a kill.
+    // Before anything else: `serve` releases a SIGHUP it held during the start to this handler.
     let hup = crate::signals::Reload::install();
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
@@ -338,7 +338,6 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     let marker = crate::netns::daemons::Marker::write();
     sweep_namespaces(proxy_only_ids(rows, &ended)).await;
     let listeners = Listeners::bind(&cfg).await?;
-    crate::crash_point::pause("bound");
     let node = opened.fleet.as_ref().map(|f| f.node.clone());
     let metrics = Arc::new(Metrics::new());
     // Current as of the start of the restore's reads, not of its end.

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod nofile;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod random;

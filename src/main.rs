@@ -8,10 +8,15 @@ use sealgate::config::Config;
 use sealgate::daemon::{self, Overrides};
 
 fn main() -> ExitCode {
+    // First: a reload or stop sent while the daemon starts waits for it (`signals`).
+    let held = sealgate::signals::Held::hold();
+    sealgate::crash_point::pause("main");
     // Before anything else: descriptors inherited from whoever started us never reach a child.
     sealgate::isolation::fds::cloexec_inherited();
     sealgate::proxy::trim::tune_allocator();
     let cli = Cli::parse();
+    // Only `serve` waits: the other commands handle their signals (or not) from here on.
+    let held = matches!(cli.command, Command::Serve).then_some(held);
     // The configuration comes first: `[proxy] worker_threads` sizes the runtime.
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -25,7 +30,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    let ran = runtime.block_on(run(cli, cfg));
+    let ran = runtime.block_on(run(cli, cfg, held));
     // Not the runtime's drop, which waits for every blocking task: an audit flush stuck in a
     // write to a stalled sink held the stop for ever (outside pass). What `run` left is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -49,12 +54,16 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
+async fn run(
+    cli: Cli,
+    mut cfg: Config,
+    held: Option<sealgate::signals::Held>,
+) -> anyhow::Result<()> {
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }
     match &cli.command {
-        Command::Serve => serve(cfg, &cli).await,
+        Command::Serve => serve(cfg, &cli, held).await,
         Command::RotateMasterKey { new_key_file } => sealgate::rotate::rotate_configured(
             &cfg,
             std::env::var("SEALGATE_MASTER_KEY").ok().as_deref(),
@@ -71,7 +80,12 @@ async fn run(cli: Cli, mut cfg: Config) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
+/// `held` keeps SIGHUP, SIGTERM and SIGINT pending until the start has returned.
+async fn serve(
+    cfg: Config,
+    cli: &Cli,
+    held: Option<sealgate::signals::Held>,
+) -> anyhow::Result<()> {
     sealgate::logging::init_stderr(&cfg.log_level, cfg.log_format);
     let json_log = cfg.log_format == sealgate::logging::LogFormat::Json;
     let ov = Overrides {
@@ -80,9 +94,11 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
         config_path: cli.config.clone(),
         database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
-    // Before the start binds a listener: a stop sent once the daemon answers is graceful.
+    // The start installs the reload's handler; a signal held meanwhile is delivered after it.
     let mut stop = sealgate::signals::Stop::install();
-    let running = daemon::start(cfg, ov).await?;
+    let running = daemon::start(cfg, ov).await;
+    drop(held);
+    let running = running?;
     if json_log {
         // Every stderr line is JSON for a log shipper: the summary is one line's field, written
         // whatever `[log] level` filters (as the text summary is).
@@ -90,7 +106,9 @@ async fn serve(cfg: Config, cli: &Cli) -> anyhow::Result<()> {
     } else {
         eprint!("{}", running.summary());
     }
+    sealgate::notify::ready();
     stop.recv().await;
+    sealgate::notify::stopping();
     let grace = running.proxy.settings().proxy.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs(),

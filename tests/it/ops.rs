@@ -1190,12 +1190,16 @@ fn bin_config(dir: &Path, o: &BinOpts<'_>) -> String {
 
 impl Bin {
     async fn spawn(o: &BinOpts<'_>) -> Bin {
-        Bin::spawn_signalled(o, None).await
+        Bin::spawn_signalled(o, None, &[]).await
     }
 
-    /// With `at_pause`, the daemon pauses for 2 s right after binding its listeners (the
-    /// `bound` test hook) and is sent that signal as soon as it says so.
-    async fn spawn_signalled(o: &BinOpts<'_>, at_pause: Option<i32>) -> Bin {
+    /// With `at_pause`, the daemon pauses for 2 s at the top of `main` (the `main` test hook)
+    /// and is sent that signal as soon as it says so.
+    async fn spawn_signalled(
+        o: &BinOpts<'_>,
+        at_pause: Option<i32>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Bin {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("proxy.toml");
         std::fs::write(&cfg, bin_config(dir.path(), o)).unwrap();
@@ -1211,8 +1215,9 @@ impl Bin {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if at_pause.is_some() {
-            cmd.env("SEALGATE_TEST_PAUSE_AFTER", "bound");
+            cmd.env("SEALGATE_TEST_PAUSE_AFTER", "main");
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn sealgate");
         let pid = child.id() as i32;
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -1557,8 +1562,10 @@ async fn a_rotated_admin_token_file_is_taken_by_sighup_and_by_the_reload_call() 
 
 /// Found by CI: a SIGHUP sent just after the daemon printed its addresses killed it, because
 /// the reload task that installed the handler had not run yet (and SIGTERM's handler came
-/// after the summary, so a stop in that window skipped the graceful drain). Both are now
-/// installed before a listener is bound; the `bound` hook holds the daemon right there.
+/// after the summary, so a stop in that window skipped the graceful drain); and from outside
+/// (h39b): one sent within 3 ms of exec, before any handler, killed it too. The signals are
+/// now held from `main`'s first statement until the start has returned; the `main` hook holds
+/// the process right there.
 #[tokio::test]
 #[cfg_attr(
     not(feature = "crash-points"),
@@ -1571,7 +1578,7 @@ async fn signals_sent_while_the_daemon_starts_reload_it_or_stop_it_gracefully() 
         pki: &pki,
         proxy_toml: "",
     };
-    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGHUP)).await;
+    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGHUP), &[]).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !b.stderr().contains("configuration reloaded") {
         assert!(Instant::now() < deadline, "no reload: {}", b.stderr());
@@ -1582,10 +1589,49 @@ async fn signals_sent_while_the_daemon_starts_reload_it_or_stop_it_gracefully() 
     b.signal(libc::SIGTERM);
     assert!(b.wait_exit(Duration::from_secs(10)).await.success());
 
-    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGTERM)).await;
+    let mut b = Bin::spawn_signalled(&o, Some(libc::SIGTERM), &[]).await;
     let st = b.wait_exit(Duration::from_secs(10)).await;
     assert!(st.success(), "{st:?}: {}", b.stderr());
     assert!(b.stderr().contains("shutdown complete"), "{}", b.stderr());
+}
+
+/// `Type=notify` (packaging/sealgate.service): the daemon says `READY=1` on `NOTIFY_SOCKET`
+/// once it answers — systemd then queues a `reload` behind the start instead of signalling a
+/// process that could not yet take SIGHUP (outside pass h39b) — and `STOPPING=1` when a stop
+/// begins.
+#[tokio::test]
+async fn the_service_manager_hears_ready_once_the_daemon_answers_and_stopping_at_the_stop() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "",
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let recv = move || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), sock)
+    };
+    let ready = tokio::task::spawn_blocking(recv);
+    let mut b = Bin::spawn_signalled(&o, None, &[("NOTIFY_SOCKET", path.as_os_str())]).await;
+    let (msg, sock) = ready.await.unwrap();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    let (s, v) = b.api(Method::GET, "/v1/stores", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let stopping = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    b.signal(libc::SIGTERM);
+    let msg = stopping.await.unwrap();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
+    assert!(b.wait_exit(Duration::from_secs(10)).await.success());
 }
 
 /// Starts a `/slow` response, sends SIGTERM after its first chunk, and returns (bytes received,
