@@ -228,6 +228,12 @@ fn lock_for_rotation(data_dir: &Path) -> anyhow::Result<crate::data_dir_lock::Da
 
 /// Stages the new key (key-file setups), rotates, installs the new key file.
 fn rotate_opened(store: &dyn Store, source: &KeySource, new_key_file: &Path) -> anyhow::Result<()> {
+    // A rotation interrupted while it wrote the new key file left its temporary copy, a key
+    // never used, beside it (outside pass h39b); this run holds the data_dir lock.
+    let stale = crate::fsutil::remove_stale_temps(new_key_file);
+    if stale > 0 {
+        eprintln!("removed {stale} temporary key file(s) an interrupted rotation left");
+    }
     let (new, _) = MasterKey::load_or_create_file(new_key_file)?;
     let staged = match source {
         KeySource::Loaded(key_file) => {

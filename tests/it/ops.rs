@@ -1937,11 +1937,26 @@ fn read_key(path: &Path) -> String {
 async fn key_rotation_round_trips_and_restart_keeps_stores_secrets_and_sandboxes() {
     let p = populate().await;
     let old = read_key(&p.key_file());
+    // What a rotation interrupted while it wrote the new key file leaves (outside pass h39b).
+    let name = p
+        .new_key_file()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let litter = p
+        .new_key_file()
+        .with_file_name(format!(".{name}.4242.3f001a.tmp"));
+    std::fs::write(&litter, "never used").unwrap();
     let out = rotate(&p, None);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !litter.exists(),
+        "an interrupted rotation's temporary key file is left"
     );
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
