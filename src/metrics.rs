@@ -314,7 +314,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition.
+    /// The Prometheus text exposition format 0.0.4 (`text/plain; version=0.0.4`), for
+    /// scrapers that do not ask for OpenMetrics: the same samples as [`Self::render`].
+    pub fn render_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.render())
+    }
+
+    /// OpenMetrics text exposition (`application/openmetrics-text; version=1.0.0`).
     pub fn render(&self) -> String {
         let (hits, misses) = (self.leaf.hits.get(), self.leaf.misses.get());
         let lookups = hits + misses;
@@ -328,6 +334,44 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// OpenMetrics text as Prometheus text 0.0.4, for the counters, gauges and histograms this
+/// registry holds: a counter family is declared under its samples' `_total` name (OpenMetrics
+/// declares the bare name), `# UNIT` and `# EOF` lines are dropped (0.0.4 has neither), and
+/// samples are unchanged.
+fn openmetrics_to_prometheus_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|t| t.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 16 * counters.len());
+    for line in open.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let declared = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        match declared {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Where [`Counted`] adds the bytes it sees.
@@ -414,5 +458,43 @@ mod tests {
         assert_eq!(series, MAX_UNSEAL_SERIES + 1, "the bound plus _other");
         assert!(text.contains(r#"host="_other"} 50"#), "{}", &text[..200]);
         assert!(text.contains(r#"host="h0.example.test:443"} 2"#));
+    }
+
+    /// Every family of the 0.0.4 text is declared under the names its samples carry, and the
+    /// samples are the OpenMetrics ones.
+    #[test]
+    fn prometheus_text_declares_what_its_samples_are_named() {
+        let m = Metrics::new();
+        m.bytes_up.inc_by(7);
+        m.upstream_latency.observe(0.01);
+        m.tunnel("allowed", "ok");
+        let (open, text) = (m.render(), m.render_prometheus_text());
+        assert!(text.contains("# HELP sealgate_bytes_up_total Request body bytes sent upstream.\n"));
+        assert!(
+            text.contains("# TYPE sealgate_bytes_up_total counter\nsealgate_bytes_up_total 7\n")
+        );
+        assert!(text.contains("# TYPE sealgate_upstream_latency_seconds histogram\n"));
+        assert!(text.contains("# TYPE sealgate_active_sandboxes gauge\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&open), samples(&text));
+        let declared: std::collections::HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|t| t.split(' ').next())
+            .collect();
+        for sample in samples(&text) {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(f)))
+                .unwrap_or(name);
+            assert!(declared.contains(family), "{sample} has no TYPE line");
+        }
     }
 }

@@ -825,22 +825,37 @@ async fn run_command(
 /// JSON's (`text/event-stream;q=0.1, application/json`) or of 0 means JSON. A substring test
 /// took both of those for the stream and missed `TEXT/EVENT-STREAM` (outside pass).
 fn wants_event_stream(headers: &header::HeaderMap) -> bool {
-    let ranges: Vec<(String, f32)> = headers
+    let ranges = accept_ranges(headers);
+    let sse = quality(&ranges, &["text/event-stream"]);
+    sse > 0.0 && sse >= quality(&ranges, &["application/json", "application/*", "*/*"])
+}
+
+/// Whether `Accept` asks for OpenMetrics over Prometheus text 0.0.4, by the same rule as
+/// [`wants_event_stream`]: Prometheus itself names it first; `curl` (`*/*`) gets the text.
+fn wants_openmetrics(headers: &header::HeaderMap) -> bool {
+    let ranges = accept_ranges(headers);
+    let open = quality(&ranges, &["application/openmetrics-text"]);
+    open > 0.0 && open >= quality(&ranges, &["text/plain", "text/*", "*/*"])
+}
+
+/// Every `Accept` element of every `Accept` field.
+fn accept_ranges(headers: &header::HeaderMap) -> Vec<(String, f32)> {
+    headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(media_range)
-        .collect();
-    // The most specific range naming a media type decides its quality; none naming it: 0.
-    let quality = |candidates: &[&str]| {
-        candidates
-            .iter()
-            .find_map(|c| ranges.iter().find(|(r, _)| r == c).map(|(_, q)| *q))
-            .unwrap_or(0.0)
-    };
-    let sse = quality(&["text/event-stream"]);
-    sse > 0.0 && sse >= quality(&["application/json", "application/*", "*/*"])
+        .collect()
+}
+
+/// The quality of a media type: that of the most specific of `candidates` (most specific
+/// first) that a range names; none named: 0.
+fn quality(ranges: &[(String, f32)], candidates: &[&str]) -> f32 {
+    candidates
+        .iter()
+        .find_map(|c| ranges.iter().find(|(r, _)| r == c).map(|(_, q)| *q))
+        .unwrap_or(0.0)
 }
 
 /// One `Accept` element as (lower-case media range, q); a `q` that does not parse counts as 1.
@@ -855,18 +870,22 @@ fn media_range(element: &str) -> (String, f32) {
     (range, q)
 }
 
-async fn metrics(State(st): St) -> Response {
+/// `GET /metrics`: Prometheus text 0.0.4 (DESIGN §4), or OpenMetrics when `Accept` prefers it.
+async fn metrics(State(st): St, headers: header::HeaderMap) -> Response {
     st.metrics
         .sandboxes
         .set(st.sandboxes.registry().len() as i64);
-    (
-        [(
-            header::CONTENT_TYPE,
+    let (content_type, body) = match wants_openmetrics(&headers) {
+        true => (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        st.metrics.render(),
-    )
-        .into_response()
+            st.metrics.render(),
+        ),
+        false => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            st.metrics.render_prometheus_text(),
+        ),
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// `GET /readyz`, open to probes. Without the admin token a failure says only which check

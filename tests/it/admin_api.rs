@@ -656,6 +656,51 @@ async fn healthz_readyz_and_metrics() {
     assert!(String::from_utf8_lossy(&body).contains("sealgate_active_sandboxes"));
 }
 
+/// DESIGN §4: `/metrics` is Prometheus text. curl (`*/*`) gets the 0.0.4 format, each counter
+/// declared under its samples' `_total` name; Prometheus, which names OpenMetrics first in its
+/// `Accept`, gets OpenMetrics. Found from outside (h39c): OpenMetrics whatever was asked.
+#[tokio::test]
+async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
+    let h = Harness::start().await;
+    let scrape = |accept: Option<&'static str>| {
+        let url = format!("{}/metrics", h.admin_url);
+        let auth = format!("authorization: Bearer {}", h.token);
+        async move {
+            let mut cmd = tokio::process::Command::new("curl");
+            cmd.args(["-sS", "-D", "-", "-H", &auth]);
+            if let Some(a) = accept {
+                cmd.args(["-H", &format!("accept: {a}")]);
+            }
+            let out = cmd.arg(&url).output().await.expect("curl");
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().to_ascii_lowercase()
+        }
+    };
+    let text = scrape(None).await;
+    assert!(
+        text.contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# type sealgate_requests_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# eof"), "{text}");
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                      version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let open = scrape(Some(prometheus)).await;
+    assert!(
+        open.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{open}"
+    );
+    assert!(open.contains("# type sealgate_requests counter\n") && open.contains("# eof"));
+    let plain = scrape(Some("text/plain;version=0.0.4")).await;
+    assert!(
+        plain.contains("content-type: text/plain; version=0.0.4"),
+        "{plain}"
+    );
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json_errors() {
     let h = Harness::start().await;
