@@ -283,7 +283,7 @@ fn header_safe(id: &str) -> String {
 }
 
 async fn get_store(State(st): St, Path(id): Path<String>) -> Result<Json<StoreRecord>, ApiError> {
-    Ok(Json(st.store.get_store(&id)?))
+    Ok(Json(st.store.get_store(&validate::store_id(id))?))
 }
 
 #[derive(Deserialize)]
@@ -302,6 +302,7 @@ async fn update_store(
     Path(id): Path<String>,
     body: Result<Json<UpdateStore>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<StoreAnswer>, ApiError> {
+    let id = validate::store_id(id);
     let Json(req) = body?;
     let name = match req.name {
         None => None,
@@ -377,6 +378,7 @@ async fn delete_store(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let id = validate::store_id(id);
     st.store
         .delete_store(&id)
         .inspect_err(|e| audit_unconfirmed(&st, "store.delete", (Some(&id), None), peer, e))?;
@@ -456,6 +458,7 @@ async fn set_secret(
     Path((id, name)): Path<(String, String)>,
     body: Result<Json<SetSecret>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<SecretAnswer>, ApiError> {
+    let id = validate::store_id(id);
     let Json(req) = body.map_err(sanitize)?;
     validate::secret_name(&name)?;
     validate::secret_value(&req.value)?;
@@ -657,6 +660,7 @@ async fn list_secrets(
     State(st): St,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<SecretMeta>>, ApiError> {
+    let id = validate::store_id(id);
     Ok(Json(st.store.list_secrets(&id)?))
 }
 
@@ -665,6 +669,7 @@ async fn delete_secret(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    let id = validate::store_id(id);
     st.store.delete_secret(&id, &name).inspect_err(|e| {
         audit_unconfirmed(&st, "secret.delete", (Some(&id), Some(&name)), peer, e)
     })?;
@@ -684,7 +689,8 @@ async fn create_sandbox(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<CreateSandbox>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
+    let Json(mut req) = body?;
+    req.secret_store = validate::store_id(req.secret_store);
     own_node_id(&st)?;
     let (answer, created) = tokio::sync::oneshot::channel();
     let task = st.clone();

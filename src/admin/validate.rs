@@ -307,6 +307,17 @@ pub fn locations(list: Option<Vec<Location>>) -> Result<Vec<Location>, ApiError>
     Ok(list)
 }
 
+/// A store id as the store keeps it: a UUID in any form `uuid` parses (upper case, braces,
+/// `urn:uuid:`, no hyphens) becomes the lower-case hyphenated text the store gave it, so a
+/// client that changed its case still finds the store (RFC 9562 §4: UUIDs compare without
+/// case; outside pass h39c got 404). Anything else is a name or an unknown id, unchanged.
+pub fn store_id(id: String) -> String {
+    match uuid::Uuid::try_parse(&id) {
+        Ok(u) => u.hyphenated().to_string(),
+        Err(_) => id,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

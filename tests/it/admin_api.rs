@@ -892,3 +892,75 @@ async fn connections_trusted_under_a_replaced_token_make_room_for_the_new_one() 
     );
     drop((held, fresh));
 }
+
+/// A store id in another case or UUID form names the same store (RFC 9562 §4), at every
+/// store route and as a sandbox's `secret_store`; the audit names it as the store gave it.
+/// Found from outside (h39c): 404 for the upper-case id, while a name of that form is refused
+/// as looking like an id.
+#[tokio::test]
+async fn a_store_id_in_upper_case_or_braces_names_the_same_store() {
+    let h = Harness::start().await;
+    let (s, v) = h
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "cased"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let upper = id.to_ascii_uppercase();
+    let braced = format!("{{{upper}}}");
+    let (s, v) = h
+        .api(Method::GET, &format!("/v1/stores/{upper}"), None)
+        .await;
+    assert_eq!(
+        (s, v["id"].as_str()),
+        (StatusCode::OK, Some(id.as_str())),
+        "{v}"
+    );
+    let path = format!("/v1/stores/{}/secrets/KEY", urlencoding(&braced));
+    let (s, v) = h
+        .api(Method::PUT, &path, Some(json!({"value": "cased-value-1"})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = h
+        .api(Method::GET, &format!("/v1/stores/{upper}/secrets"), None)
+        .await;
+    assert_eq!(
+        (s, v[0]["name"].as_str()),
+        (StatusCode::OK, Some("KEY")),
+        "{v}"
+    );
+    let (s, v) = h
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"secret_store": upper})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["secret_store_id"], id.as_str());
+    let (s, _) = h
+        .api(
+            Method::DELETE,
+            &format!("/v1/stores/{upper}/secrets/KEY"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h
+        .api(Method::DELETE, &format!("/v1/stores/{upper}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let audit = h.audit_log();
+    assert!(
+        !audit.contains(&upper),
+        "the audit names the id as the store gave it"
+    );
+    assert!(
+        audit.contains(&format!(r#""action":"store.delete","store":"{id}""#)),
+        "{audit}"
+    );
+}
+
+/// `{` and `}` percent-encoded for a path segment.
+fn urlencoding(s: &str) -> String {
+    s.replace('{', "%7B").replace('}', "%7D")
+}
