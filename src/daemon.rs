@@ -318,6 +318,7 @@ pub const AUDIT_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
     // Before anything else: `serve` releases a SIGHUP it held during the start to this handler.
     let hup = crate::signals::Reload::install();
+    let user = crate::signals::User::install();
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;
@@ -423,6 +424,7 @@ pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
         shutdown_rx.clone(),
     ));
     tasks.spawn(crate::proxy::trim::run(shutdown_rx.clone()));
+    tasks.spawn(user_signals(user, audit.clone(), shutdown_rx.clone()));
     tasks.spawn(end_isolated_on_shutdown(
         isolation.clone(),
         audit.clone(),
@@ -1091,6 +1093,36 @@ async fn end_isolated_on_shutdown(
     isolation
         .shutdown(|id| audit.admin(&AdminEvent::sandbox_end("sandbox.end", id, "shutdown")))
         .await;
+}
+
+/// SIGUSR1 reopens the audit log (what logrotate snippets of other daemons send), nothing
+/// else; SIGUSR2 is logged and changes nothing. Either had ended the daemon without the
+/// drain (outside pass h39b).
+async fn user_signals(
+    mut user: crate::signals::User,
+    audit: Arc<Audit>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let got = tokio::select! {
+            s = user.recv() => s,
+            _ = shutdown.changed() => return,
+        };
+        match got {
+            crate::signals::UserSignal::Usr1 => match audit.reopen() {
+                Ok(()) => tracing::info!(path = %audit.shown_path(), "SIGUSR1: audit log reopened"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    path = %audit.shown_path(),
+                    "SIGUSR1: audit log reopen failed: lines go on into the file opened before"
+                ),
+            },
+            crate::signals::UserSignal::Usr2 => tracing::warn!(
+                "SIGUSR2 does nothing: SIGHUP reloads the configuration and reopens the audit \
+                 log, SIGUSR1 reopens the audit log only"
+            ),
+        }
+    }
 }
 
 type ReloadReply = oneshot::Sender<Result<admin::Reloaded, String>>;

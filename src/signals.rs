@@ -1,26 +1,28 @@
-//! The daemon's process signals: SIGHUP reloads, SIGTERM and SIGINT stop.
+//! The daemon's process signals: SIGHUP reloads, SIGTERM and SIGINT stop, SIGUSR1 reopens the
+//! audit log (the logrotate habit of other daemons), SIGUSR2 is logged and does nothing.
 //!
 //! Invariant: from the first statement of `main` until `sealgate serve`'s start has returned,
-//! the three signals are blocked ([`Held`]) in every thread, so one sent meanwhile stays
+//! these signals are blocked ([`Held`]) in every thread, so one sent meanwhile stays
 //! pending instead of taking its default action, which ends the process on the spot (a reload
 //! sent just after the daemon answered killed it: a CI run under load; outside pass h39b: one
 //! sent within 3 ms of exec, as `systemctl reload` right after a start can, killed it, and
-//! systemd counts that as a clean exit and does not restart). [`Stop`] and [`Reload`] are
-//! installed before the release, which delivers what is pending: a SIGHUP is then a reload and
+//! systemd counts that as a clean exit and does not restart; SIGUSR1, sent by logrotate
+//! snippets copied from other daemons, ended it without the drain). [`Stop`], [`Reload`] and
+//! [`User`] are installed before the release, which delivers what is pending: a SIGHUP is then a reload and
 //! a SIGTERM or SIGINT the graceful stop, right after the start.
 //!
 //! Left: the time between exec and `main` (the dynamic loader), which no program closes.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// The three signals blocked in the calling thread, and so in every thread it starts while
+/// The five signals blocked in the calling thread, and so in every thread it starts while
 /// this lives; dropping it restores the thread's previous mask, which delivers what is
 /// pending to this thread (the others keep them blocked: a signal sent to the process goes
 /// to a thread that does not block it).
 pub struct Held(Option<libc::sigset_t>, std::marker::PhantomData<*const ()>);
 
 impl Held {
-    /// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread. Children started with
+    /// Blocks SIGHUP, SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 in the calling thread. Children started with
     /// `std::process::Command` begin with an empty mask whatever this thread holds.
     pub fn hold() -> Held {
         // SAFETY: sigemptyset/sigaddset write the local set; pthread_sigmask reads it and
@@ -28,7 +30,13 @@ impl Held {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            for sig in [
+                libc::SIGHUP,
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+            ] {
                 libc::sigaddset(&mut set, sig);
             }
             let mut old: libc::sigset_t = std::mem::zeroed();
@@ -85,6 +93,37 @@ impl Stop {
         tokio::select! {
             _ = next(&mut self.term) => {}
             _ = next(&mut self.int) => {}
+        }
+    }
+}
+
+/// SIGUSR1 and SIGUSR2, installed: [`User::recv`] says which came.
+pub struct User {
+    usr1: Option<Signal>,
+    usr2: Option<Signal>,
+}
+
+/// Which user signal [`User::recv`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserSignal {
+    Usr1,
+    Usr2,
+}
+
+impl User {
+    /// Installs both handlers (a failure is logged, and that signal keeps its default action).
+    pub fn install() -> User {
+        User {
+            usr1: installed(SignalKind::user_defined1(), "SIGUSR1"),
+            usr2: installed(SignalKind::user_defined2(), "SIGUSR2"),
+        }
+    }
+
+    /// The next SIGUSR1 or SIGUSR2.
+    pub async fn recv(&mut self) -> UserSignal {
+        tokio::select! {
+            _ = next(&mut self.usr1) => UserSignal::Usr1,
+            _ = next(&mut self.usr2) => UserSignal::Usr2,
         }
     }
 }

@@ -1595,6 +1595,62 @@ async fn signals_sent_while_the_daemon_starts_reload_it_or_stop_it_gracefully() 
     assert!(b.stderr().contains("shutdown complete"), "{}", b.stderr());
 }
 
+/// SIGUSR1 reopens the audit log (the logrotate habit of other daemons) and SIGUSR2 is
+/// logged; each had ended the daemon without the drain (outside pass h39b).
+#[tokio::test]
+async fn sigusr1_reopens_the_audit_log_and_sigusr2_changes_nothing() {
+    let (_pki, _echo, mut b) = bin_with("").await;
+    let wait_for = |b: &Bin, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !b.stderr().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?}: {}", b.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    b.signal(libc::SIGUSR2);
+    wait_for(&b, "SIGUSR2 does nothing");
+    let (log, rotated) = (
+        b.dir.path().join("audit.log"),
+        b.dir.path().join("audit.log.1"),
+    );
+    let (s, v) = b
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "before"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("store.create")
+    {
+        assert!(Instant::now() < deadline, "no store.create line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&log, &rotated).unwrap();
+    b.signal(libc::SIGUSR1);
+    wait_for(&b, "SIGUSR1: audit log reopened");
+    let (s, v) = b
+        .api(Method::POST, "/v1/stores", Some(json!({"name": "after"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(r#""store_name":"after""#)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new audit.log has no line: {}",
+            b.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains(r#""store_name":"after""#));
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit(Duration::from_secs(10)).await.success());
+}
+
 /// `Type=notify` (packaging/sealgate.service): the daemon says `READY=1` on `NOTIFY_SOCKET`
 /// once it answers — systemd then queues a `reload` behind the start instead of signalling a
 /// process that could not yet take SIGHUP (outside pass h39b) — and `STOPPING=1` when a stop
