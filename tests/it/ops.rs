@@ -1251,7 +1251,10 @@ impl Bin {
             proxy,
             token,
             stderr,
-            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            // A connection per call, as in `support::daemon::Harness` (which says why).
+            http: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(HttpConnector::new()),
         }
     }
 
