@@ -1166,6 +1166,9 @@ struct Bin {
     proxy: SocketAddr,
     token: String,
     stderr: Arc<Mutex<String>>,
+    /// Copies the child's stderr into `stderr` until the pipe's end ([`Bin::wait_exit`] waits
+    /// for it, so that what the daemon wrote before exiting is there to read).
+    reader: Option<std::thread::JoinHandle<()>>,
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -1224,15 +1227,17 @@ impl Bin {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 if let Some(sig) = at_pause.filter(|_| line.ends_with("(test hook)")) {
                     // SAFETY: kill(2) on our own child's pid; no memory is involved.
                     unsafe { libc::kill(pid, sig) };
                 }
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                drop(all);
                 let _ = tx.send(line);
             }
         });
@@ -1251,6 +1256,7 @@ impl Bin {
             proxy,
             token,
             stderr,
+            reader: Some(reader),
             // A connection per call, as in `support::daemon::Harness` (which says why).
             http: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
@@ -1330,6 +1336,15 @@ impl Bin {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                // The last lines may still be in the pipe: wait for the reader to reach its end
+                // (review h39a: "shutdown complete" was missing 2 times in 195 under load).
+                while self.reader.as_ref().is_some_and(|r| !r.is_finished()) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "stderr still open after the exit"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 return st;
             }
             assert!(
