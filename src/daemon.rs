@@ -316,9 +316,32 @@ pub const AUDIT_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// # Errors
 /// Any [`DaemonError`]: nothing is left listening then.
 pub async fn start(cfg: Config, ov: Overrides) -> Result<Running, DaemonError> {
-    // Before anything else: `serve` releases a SIGHUP it held during the start to this handler.
-    let hup = crate::signals::Reload::install();
-    let user = crate::signals::User::install();
+    let signals = Signals {
+        reload: crate::signals::Reload::install(),
+        user: crate::signals::User::install(),
+    };
+    start_with(cfg, ov, signals).await
+}
+
+/// The daemon's signal handlers, installed by whoever calls [`start_with`] (`serve` installs
+/// them before the start, so a signal sent while it runs waits for the daemon).
+pub struct Signals {
+    /// SIGHUP: reload.
+    pub reload: crate::signals::Reload,
+    /// SIGUSR1 (reopen the audit log) and SIGUSR2 (logged).
+    pub user: crate::signals::User,
+}
+
+/// [`start`] with the signal handlers given.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(
+    cfg: Config,
+    ov: Overrides,
+    signals: Signals,
+) -> Result<Running, DaemonError> {
+    let Signals { reload: hup, user } = signals;
     check_config_private(&cfg, ov.config_path.as_deref())?;
     prepare_dirs(&cfg)?;
     let data_dir_lock = data_dir_lock::lock(&cfg.data_dir)?;

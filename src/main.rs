@@ -8,15 +8,21 @@ use sealgate::config::Config;
 use sealgate::daemon::{self, Overrides};
 
 fn main() -> ExitCode {
-    // First: a reload or stop sent while the daemon starts waits for it (`signals`).
-    let held = sealgate::signals::Held::hold();
+    // First: a reload or stop sent while the daemon starts is kept for it (`signals`).
+    let early = sealgate::signals::Early::catch();
     sealgate::crash_point::pause("main");
     // Before anything else: descriptors inherited from whoever started us never reach a child.
     sealgate::isolation::fds::cloexec_inherited();
     sealgate::proxy::trim::tune_allocator();
     let cli = Cli::parse();
-    // Only `serve` waits: the other commands handle their signals (or not) from here on.
-    let held = matches!(cli.command, Command::Serve).then_some(held);
+    // Only `serve` keeps them: the other commands handle their signals (or not) from here on.
+    let early = match cli.command {
+        Command::Serve => Some(early),
+        _ => {
+            early.restore();
+            None
+        }
+    };
     // The configuration comes first: `[proxy] worker_threads` sizes the runtime.
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -30,7 +36,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    let ran = runtime.block_on(run(cli, cfg, held));
+    let ran = runtime.block_on(run(cli, cfg, early));
     // Not the runtime's drop, which waits for every blocking task: an audit flush stuck in a
     // write to a stalled sink held the stop for ever (outside pass). What `run` left is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -57,13 +63,13 @@ fn fail(e: anyhow::Error) -> ExitCode {
 async fn run(
     cli: Cli,
     mut cfg: Config,
-    held: Option<sealgate::signals::Held>,
+    early: Option<sealgate::signals::Early>,
 ) -> anyhow::Result<()> {
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }
     match &cli.command {
-        Command::Serve => serve(cfg, &cli, held).await,
+        Command::Serve => serve(cfg, &cli, early).await,
         Command::RotateMasterKey { new_key_file } => sealgate::rotate::rotate_configured(
             &cfg,
             std::env::var("SEALGATE_MASTER_KEY").ok().as_deref(),
@@ -80,11 +86,11 @@ async fn run(
     }
 }
 
-/// `held` keeps SIGHUP, SIGTERM and SIGINT pending until the start has returned.
+/// `early` has recorded the signals since `main` began; they go to tokio's handlers here.
 async fn serve(
     cfg: Config,
     cli: &Cli,
-    held: Option<sealgate::signals::Held>,
+    early: Option<sealgate::signals::Early>,
 ) -> anyhow::Result<()> {
     sealgate::logging::init_stderr(&cfg.log_level, cfg.log_format);
     let json_log = cfg.log_format == sealgate::logging::LogFormat::Json;
@@ -94,11 +100,16 @@ async fn serve(
         config_path: cli.config.clone(),
         database_url: std::env::var("SEALGATE_DATABASE_URL").ok(),
     };
-    // The start installs the reload's handler; a signal held meanwhile is delivered after it.
+    // Before the start: a signal sent while it runs waits in these for the daemon it starts.
     let mut stop = sealgate::signals::Stop::install();
-    let running = daemon::start(cfg, ov).await;
-    drop(held);
-    let running = running?;
+    let signals = daemon::Signals {
+        reload: sealgate::signals::Reload::install(),
+        user: sealgate::signals::User::install(),
+    };
+    if let Some(early) = early {
+        early.hand_over();
+    }
+    let running = daemon::start_with(cfg, ov, signals).await?;
     if json_log {
         // Every stderr line is JSON for a log shipper: the summary is one line's field, written
         // whatever `[log] level` filters (as the text summary is).

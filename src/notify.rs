@@ -1,8 +1,8 @@
 //! The service manager's readiness protocol (`sd_notify(3)`, systemd `Type=notify`): one
 //! datagram of `KEY=VALUE` lines to the socket named by `NOTIFY_SOCKET`.
 //!
-//! Invariants: without `NOTIFY_SOCKET` nothing is sent; a socket that cannot be reached is
-//! logged and never stops the daemon; `READY=1` is sent only once the listeners are bound, the
+//! Invariants: without `NOTIFY_SOCKET` nothing is sent; a socket that cannot be reached or
+//! whose queue is full is logged and never stops or holds the daemon; `READY=1` is sent only once the listeners are bound, the
 //! start has returned and the reload and stop handlers are in, so a service manager that
 //! waits for it (`systemctl start`, a `reload` queued behind the start) never signals a daemon
 //! that could not yet take the signal. Only the daemon's own process sends (sandbox commands
@@ -33,6 +33,9 @@ fn send(state: &str) {
 fn send_to(path: &std::ffi::OsStr, msg: &[u8]) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let sock = UnixDatagram::unbound()?;
+    // Never wait: a service manager that does not read its socket must not hold the daemon's
+    // start or stop (a full queue blocked the stop: re-check h39d); the datagram is dropped.
+    sock.set_nonblocking(true)?;
     let bytes = path.as_bytes();
     let sent = match bytes.strip_prefix(b"@") {
         Some(name) => {
@@ -69,5 +72,18 @@ mod tests {
         send_to(std::ffi::OsStr::new(&format!("@{name}")), b"STOPPING=1").unwrap();
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    /// A reader that never reads fills its queue; the next send fails at once instead of
+    /// waiting (a blocking send held the daemon's stop: re-check h39d).
+    #[test]
+    fn a_full_queue_fails_the_send_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let _rx = UnixDatagram::bind(&path).unwrap();
+        let started = std::time::Instant::now();
+        let failed = (0..100_000).find_map(|_| send_to(path.as_os_str(), b"READY=1").err());
+        assert!(failed.is_some(), "the queue never filled");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }

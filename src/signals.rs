@@ -1,60 +1,103 @@
 //! The daemon's process signals: SIGHUP reloads, SIGTERM and SIGINT stop, SIGUSR1 reopens the
 //! audit log (the logrotate habit of other daemons), SIGUSR2 is logged and does nothing.
 //!
-//! Invariant: from the first statement of `main` until `sealgate serve`'s start has returned,
-//! these signals are blocked ([`Held`]) in every thread, so one sent meanwhile stays
-//! pending instead of taking its default action, which ends the process on the spot (a reload
-//! sent just after the daemon answered killed it: a CI run under load; outside pass h39b: one
-//! sent within 3 ms of exec, as `systemctl reload` right after a start can, killed it, and
-//! systemd counts that as a clean exit and does not restart; SIGUSR1, sent by logrotate
-//! snippets copied from other daemons, ended it without the drain). [`Stop`], [`Reload`] and
-//! [`User`] are installed before the release, which delivers what is pending: a SIGHUP is then a reload and
-//! a SIGTERM or SIGINT the graceful stop, right after the start.
+//! Invariant: from the first statement of `main` until exit, none of these signals takes its
+//! default action in `sealgate serve`, which ends the process on the spot (a reload sent just
+//! after start killed the daemon: a CI run under load; outside pass h39b: one sent within
+//! 3 ms of exec, as `systemctl reload` right after a start can, killed it, and systemd counts
+//! that as a clean exit and does not restart; SIGUSR1, sent by logrotate snippets copied from
+//! other daemons, ended it without the drain). [`Early`] records them from `main`'s first
+//! statement; once the runtime runs, `serve` installs tokio's handlers ([`Stop`], [`Reload`],
+//! [`User`]) and [`Early::hand_over`] raises again what was recorded, so each arrives once.
+//! The other commands get their signals' previous dispositions back after parsing
+//! ([`Early::restore`]), and what came meanwhile then takes its default action.
 //!
-//! Left: the time between exec and `main` (the dynamic loader), which no program closes.
+//! Nothing is ever blocked: a mask would be inherited by every thread and, through them, by
+//! every child (sandbox commands included; std keeps the parent's mask since Rust 1.66), where
+//! `timeout` and `kill` stopped working (review h39e). Handlers are reset by `exec`.
+//!
+//! Left: the time between exec and `main` (the dynamic loader), which no program closes, and
+//! a signal arriving in the instant between a tokio handler's install and the hand-over,
+//! which is raised twice.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// The five signals blocked in the calling thread, and so in every thread it starts while
-/// this lives; dropping it restores the thread's previous mask, which delivers what is
-/// pending to this thread (the others keep them blocked: a signal sent to the process goes
-/// to a thread that does not block it).
-pub struct Held(Option<libc::sigset_t>, std::marker::PhantomData<*const ()>);
+/// The signals [`Early`] records.
+const EARLY: [libc::c_int; 5] = [
+    libc::SIGHUP,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
 
-impl Held {
-    /// Blocks SIGHUP, SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 in the calling thread. Children started with
-    /// `std::process::Command` begin with an empty mask whatever this thread holds.
-    pub fn hold() -> Held {
-        // SAFETY: sigemptyset/sigaddset write the local set; pthread_sigmask reads it and
-        // writes the previous mask into `old`, which is used only when it returned 0.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in [
-                libc::SIGHUP,
-                libc::SIGTERM,
-                libc::SIGINT,
-                libc::SIGUSR1,
-                libc::SIGUSR2,
-            ] {
-                libc::sigaddset(&mut set, sig);
-            }
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            match libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) {
-                0 => Held(Some(old), std::marker::PhantomData),
-                _ => Held(None, std::marker::PhantomData),
-            }
-        }
+/// One bit per signal number that arrived while [`Early`] recorded.
+static PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// Set by [`Early::hand_over`]: from then on tokio's handlers take the signals (they call the
+/// recorder too, as the handler that was there before them), and the recorder does nothing.
+static HANDED: AtomicBool = AtomicBool::new(false);
+
+/// The signal handler of [`Early`]: async-signal-safe (two atomics).
+extern "C" fn record(sig: libc::c_int) {
+    if !HANDED.load(Ordering::SeqCst) && (0..64).contains(&sig) {
+        PENDING.fetch_or(1 << sig, Ordering::SeqCst);
     }
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(old) = self.0.take() {
-            // SAFETY: restores the mask pthread_sigmask returned in `hold`, on the same thread
-            // (the marker keeps Held on the thread whose mask it holds).
-            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+/// The five signals caught from `main`'s first statement and recorded, with what their
+/// dispositions were before.
+pub struct Early {
+    before: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl Early {
+    /// Installs the recorder for SIGHUP, SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (one that cannot
+    /// be installed keeps its disposition).
+    pub fn catch() -> Early {
+        let mut before = Vec::with_capacity(EARLY.len());
+        for sig in EARLY {
+            // SAFETY: sigaction with a zeroed struct naming a handler that only touches atomics
+            // (async-signal-safe); `old` is read only when the call succeeded.
+            unsafe {
+                let mut new: libc::sigaction = std::mem::zeroed();
+                new.sa_sigaction = record as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                new.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut new.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, &new, &mut old) == 0 {
+                    before.push((sig, old));
+                }
+            }
         }
+        Early { before }
+    }
+
+    /// `serve`, once tokio's handlers for all five are installed: the recorder stops, and what
+    /// it recorded is raised again for them.
+    pub fn hand_over(self) {
+        HANDED.store(true, Ordering::SeqCst);
+        raise_pending();
+    }
+
+    /// The other commands: the dispositions from before [`Early::catch`] come back, then what
+    /// was recorded is raised again (Ctrl-C while parsing ends the command, as it would have).
+    pub fn restore(self) {
+        for (sig, old) in &self.before {
+            // SAFETY: puts back the disposition sigaction returned for this signal.
+            unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
+        }
+        raise_pending();
+    }
+}
+
+fn raise_pending() {
+    let bits = PENDING.swap(0, Ordering::SeqCst);
+    for sig in EARLY.into_iter().filter(|s| bits & (1 << s) != 0) {
+        // SAFETY: kill(2) on this process with a signal number; no memory is involved.
+        unsafe { libc::kill(libc::getpid(), sig) };
     }
 }
 
