@@ -794,11 +794,6 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
         closed_within(oldest, Duration::from_millis(2000)).await,
         "the oldest half-sent head was not evicted"
     );
-    // The harness's kept-alive connection is used once more a second later: its idle close
-    // (4 s) must not coincide with its reuse below, just after the other heads' timeouts
-    // (its last use had been 4 s before them, and a request written as the server closed
-    // failed the test).
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
     assert_eq!(s, StatusCode::OK);
     for s in stalled {
@@ -807,16 +802,15 @@ async fn admin_connections_are_capped_and_stalled_heads_time_out() {
             "a stalled head was not closed"
         );
     }
-    // The cap still holds: connections that sent the token (the harness's own kept-alive one
-    // and two more) are not evicted, so a fourth connection waits for one of them to time out.
+    // The cap still holds: kept-alive connections that sent the token (three; the harness's
+    // client makes a connection per call) are not evicted, so a fourth connection waits for
+    // one of them to time out.
     let full = format!(
         "GET /v1/stores HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
         h.token
     );
-    let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
-    assert_eq!(s, StatusCode::OK);
     let mut trusted = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut s = open(full.clone()).await;
         let mut head = [0u8; 12];
         s.read_exact(&mut head).await.unwrap();
@@ -864,11 +858,12 @@ async fn connections_trusted_under_a_replaced_token_make_room_for_the_new_one() 
         assert_eq!(&status, b"HTTP/1.1 200");
         s
     };
-    // The harness's own kept-alive connection and two more, all trusted under the old token.
+    // Three kept-alive connections, all trusted under the old token (the harness's client
+    // makes a connection per call and keeps none).
     let (s, _) = h.api(Method::GET, "/v1/stores", None).await;
     assert_eq!(s, StatusCode::OK);
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         held.push(served(addr.clone(), request(&h.token)).await);
     }
     let new = "5a".repeat(32);
@@ -877,10 +872,24 @@ async fn connections_trusted_under_a_replaced_token_make_room_for_the_new_one() 
     std::fs::write(&staged, format!("{new}\n")).unwrap();
     std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::rename(&staged, &file).unwrap();
-    let (s, body) = h
-        .raw(Method::POST, "/v1/admin/reload", None, Some(&h.token))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    // The reload goes on one of the three (every slot is taken).
+    let reload = format!(
+        "POST /v1/admin/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        h.token
+    );
+    held[0].write_all(reload.as_bytes()).await.unwrap();
+    // After the rest of the first answer: the reload's, whole.
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("\"reloaded\":true") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), held[0].read(&mut chunk))
+            .await
+            .expect("the reload is answered")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
     let started = Instant::now();
     let fresh = tokio::time::timeout(Duration::from_secs(10), served(addr, request(&new)))
         .await

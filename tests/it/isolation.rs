@@ -1243,8 +1243,7 @@ async fn deletes_that_arrive_together_answer_after_the_teardown() {
             tokio::spawn(async move { command(&e.h, &sid, json!({ "cmd": cmd })).await })
         };
         until_running(&marker).await;
-        // One connection each (the harness's own client has one kept-alive connection, on
-        // which they would come one after another).
+        // One connection each, at once (a client of their own).
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let dir = e.h.dir.path().join("data").join("sandboxes").join(id(&sb));
         let deletes: Vec<_> = (0..3)
