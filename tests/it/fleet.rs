@@ -1517,12 +1517,20 @@ async fn a_node_keeps_its_id_when_the_connection_holding_it_ends() {
     assert_eq!(held().trim(), "1");
     let end_claim = format!("SELECT pg_terminate_backend(l.pid) {NODE_B_CLAIM}");
 
+    // The new claim is one by another backend: the terminated one still shows its lock for a
+    // moment, and taking it for the new claim let a twin start in the gap before node-b's
+    // (a clean-clone CI emulation under load).
+    let old = cluster.psql(&n.db, &format!("SELECT l.pid {NODE_B_CLAIM}"));
+    let old = old.trim().to_owned();
+    assert!(old.parse::<u32>().is_ok(), "{old:?}");
     cluster.psql(&n.db, &end_claim);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pids = cluster.psql(
             &n.db,
-            &format!("SELECT count(*) {NODE_B_CLAIM} AND a.pid <> pg_backend_pid()"),
+            &format!(
+                "SELECT count(*) {NODE_B_CLAIM} AND a.pid <> pg_backend_pid() AND a.pid <> {old}"
+            ),
         );
         if pids.trim() == "1" {
             break;
