@@ -131,12 +131,17 @@ impl Stop {
         }
     }
 
-    /// The next SIGTERM or SIGINT, including one that arrived since [`Stop::install`].
+    /// The next SIGTERM or SIGINT, including one that arrived since [`Stop::install`]. Both
+    /// pending at once (sent together while the daemon started) are one stop: the other is
+    /// taken too, so that it is not the second signal's immediate exit (re-check h39f).
     pub async fn recv(&mut self) {
         tokio::select! {
             _ = next(&mut self.term) => {}
             _ = next(&mut self.int) => {}
         }
+        use futures_util::FutureExt as _;
+        let _ = next(&mut self.term).now_or_never();
+        let _ = next(&mut self.int).now_or_never();
     }
 }
 
