@@ -105,7 +105,8 @@ fn raise_pending() {
 pub struct Reload(Option<Signal>);
 
 impl Reload {
-    /// Installs the handler (a failure is logged, and SIGHUP then keeps its default action).
+    /// Installs the handler (a failure is logged, and SIGHUP then does what it did before:
+    /// its default action, or nothing in `serve`, where [`Early`]'s recorder stays).
     pub fn install() -> Reload {
         Reload(installed(SignalKind::hangup(), "SIGHUP"))
     }
@@ -123,7 +124,8 @@ pub struct Stop {
 }
 
 impl Stop {
-    /// Installs both handlers (a failure is logged, and that signal keeps its default action).
+    /// Installs both handlers (a failure is logged, and that signal then does what it did
+    /// before: its default action, or nothing in `serve`, where [`Early`]'s recorder stays).
     pub fn install() -> Stop {
         Stop {
             term: installed(SignalKind::terminate(), "SIGTERM"),
@@ -159,7 +161,8 @@ pub enum UserSignal {
 }
 
 impl User {
-    /// Installs both handlers (a failure is logged, and that signal keeps its default action).
+    /// Installs both handlers (a failure is logged, and that signal then does what it did
+    /// before: its default action, or nothing in `serve`, where [`Early`]'s recorder stays).
     pub fn install() -> User {
         User {
             usr1: installed(SignalKind::user_defined1(), "SIGUSR1"),
