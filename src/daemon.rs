@@ -446,7 +446,6 @@ pub async fn start_with(
         audit.clone(),
         shutdown_rx.clone(),
     ));
-    tasks.spawn(crate::proxy::trim::run(shutdown_rx.clone()));
     tasks.spawn(user_signals(user, audit.clone(), shutdown_rx.clone()));
     tasks.spawn(end_isolated_on_shutdown(
         isolation.clone(),

@@ -24,7 +24,6 @@ pub mod rewind;
 pub mod serve;
 pub mod spin;
 pub mod transparent;
-pub mod trim;
 pub mod upstream;
 pub mod workers;
 pub mod ws_scrub;
@@ -193,7 +192,6 @@ impl Drop for Open {
         if let Some(w) = &self.worker {
             w.dec();
         }
-        trim::note_freed();
     }
 }
 

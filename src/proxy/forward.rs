@@ -1427,8 +1427,7 @@ fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
         UpBody::Held(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
         UpBody::Streamed(b) => b,
     };
-    let bytes_up = super::trim::Moved::new(t.state.metrics.bytes_up.clone());
-    let body = Counted::new(body, bytes_up).boxed_unsync();
+    let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
     let body = match head.extensions().get::<Handed>() {
         Some(handed) => Marking(body, handed.clone()).boxed_unsync(),
         None => body,
@@ -1543,8 +1542,7 @@ fn finish_response(
     // Plain HTTP never unseals; an upgrade's answer has no body (its relay follows).
     let unscrubbed = unscrubbed && t.scheme == Scheme::Https && !upgrade;
     let body = Held::new(Following::new(body, scope, unscrubbed), slot);
-    let bytes_down = super::trim::Moved::new(t.state.metrics.bytes_down.clone());
-    let body = Counted::new(body, bytes_down).boxed_unsync();
+    let body = Counted::new(body, t.state.metrics.bytes_down.clone()).boxed_unsync();
     Ok((Response::from_parts(parts, body), whole))
 }
 

@@ -248,7 +248,6 @@ async fn serve_h1<S, Svc>(
             End::Park => match park(*conn) {
                 Some((back, service)) => {
                     tracing::debug!("h1 connection parked");
-                    super::trim::note_freed();
                     (io, svc) = (back, service);
                 }
                 None => return,

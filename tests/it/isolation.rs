@@ -1881,7 +1881,9 @@ fn crash_left(n: &Names) -> bool {
 /// none of its threads and none of its children. Review h39e: they had been blocked from
 /// `main` until the start returned, every thread kept that mask, and every child inherited it
 /// (std keeps the parent's mask since Rust 1.66): bubblewrap did, and a command under a shell
-/// that does not clear it (bash) could not be stopped by `timeout` or `kill`.
+/// that does not clear it (bash) could not be stopped by `timeout` or `kill`. The one thread
+/// that blocks them is jemalloc's background thread (`jemalloc_bg_thd`), by design: it never
+/// starts a child, and a process signal goes to a thread that does not block it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neither_the_daemon_nor_its_commands_block_the_signals_it_handles() {
     if !netns_ready() {
@@ -1932,7 +1934,7 @@ async fn neither_the_daemon_nor_its_commands_block_the_signals_it_handles() {
     };
     for t in tasks() {
         let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        if !status.is_empty() {
+        if !status.is_empty() && !status.starts_with("Name:\tjemalloc_bg_thd") {
             assert_eq!(
                 blocked(&status) & HANDLED,
                 0,
