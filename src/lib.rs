@@ -5,6 +5,7 @@
 //! and scrubs real values from responses. See `ARCHITECTURE.md` for the design.
 
 pub mod admin;
+pub mod alloc;
 pub mod audit;
 pub mod ca;
 pub mod cli;

@@ -7,28 +7,17 @@ use sealgate::cli::{AuditCmd, Cli, Command};
 use sealgate::config::Config;
 use sealgate::daemon::{self, Overrides};
 
-/// The daemon's allocator: jemalloc, configured by [`MALLOC_CONF`] (ARCHITECTURE.md, "The
-/// allocator"). Only this binary: tests and benches that link the library keep the system's.
+/// The daemon's allocator: jemalloc, with the options of [`sealgate::alloc::JEMALLOC_CONF`]
+/// (ARCHITECTURE.md, "The allocator: jemalloc").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's built-in options, read before `main`; `_RJEM_MALLOC_CONF` in the environment is
-/// read after them, so an operator's setting wins.
-/// - `background_thread:true`: one thread of jemalloc's own returns freed pages on the decay
-///   schedule below even when no thread allocates (an idle daemon after a burst);
-///   `max_background_threads:1`: one is enough for that (the default is one per CPU).
-/// - `dirty_decay_ms:1000`: freed pages go back to the system within about a second.
-/// - `muzzy_decay_ms:0`: and at once in full (`MADV_DONTNEED`), not as lazily freed pages
-///   that still count in RSS until the kernel wants them.
-static MALLOC_CONF_TEXT: &[u8] =
-    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
-
-/// The `malloc_conf` pointer jemalloc looks for (prefixed as tikv-jemalloc-sys builds it):
-/// points at the first byte of the NUL-terminated [`MALLOC_CONF_TEXT`]. jemalloc declares its
-/// own weak and empty; this strong definition replaces it.
+/// The `malloc_conf` pointer jemalloc looks for (prefixed as tikv-jemalloc-sys builds it): the
+/// first byte of the NUL-terminated options. jemalloc's own definition is weak and empty; this
+/// strong one replaces it.
 #[export_name = "_rjem_malloc_conf"]
 #[used]
-static MALLOC_CONF: &u8 = &MALLOC_CONF_TEXT[0];
+static MALLOC_CONF: &u8 = &sealgate::alloc::JEMALLOC_CONF[0];
 
 fn main() -> ExitCode {
     // First: a reload or stop sent while the daemon starts is kept for it (`signals`).

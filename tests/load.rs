@@ -5,8 +5,10 @@
 //! be back within 20 % of the warm baseline, and no file descriptor may have leaked.
 //!
 //! A test binary of its own on purpose: RSS and `/proc/self/fd` are per process, and the `it`
-//! binary runs many tests at once. RSS is read after `malloc_trim(0)` so memory the allocator
-//! merely keeps cached is not mistaken for a leak, and a counting global allocator reports the
+//! binary runs many tests at once. The test allocates as the daemon binary does (jemalloc, with
+//! `sealgate::alloc::JEMALLOC_CONF`), so its bounds hold for what ships; RSS is read once the
+//! allocator has had time to give freed memory back (`GIVEN_BACK_AFTER`), so memory it merely
+//! keeps for a moment is not mistaken for a leak, and a counting global allocator reports the
 //! live heap beside it (allocator-independent). The baseline is taken after two full warm-up
 //! rounds: measured here, RSS climbs over the first rounds of a fresh process while the live
 //! heap stays within a few hundred KiB, then both plateau.
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tikv_jemallocator::Jemalloc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::daemon::{Harness, Opts};
@@ -38,26 +41,31 @@ struct Counting;
 
 static LIVE: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: forwards to the system allocator and only keeps a counter.
+// SAFETY: forwards to jemalloc (the daemon's allocator) and only keeps a counter.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as u64, Relaxed);
-        std::alloc::System.alloc(l)
+        Jemalloc.alloc(l)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         LIVE.fetch_sub(l.size() as u64, Relaxed);
-        std::alloc::System.dealloc(p, l)
+        Jemalloc.dealloc(p, l)
     }
     unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as u64, Relaxed);
-        std::alloc::System.alloc_zeroed(l)
+        Jemalloc.alloc_zeroed(l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as u64, Relaxed);
         LIVE.fetch_sub(l.size() as u64, Relaxed);
-        std::alloc::System.realloc(p, l, new)
+        Jemalloc.realloc(p, l, new)
     }
 }
+
+/// jemalloc's options, as the daemon binary sets them (`src/main.rs`).
+#[export_name = "_rjem_malloc_conf"]
+#[used]
+static MALLOC_CONF: &u8 = &sealgate::alloc::JEMALLOC_CONF[0];
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -101,11 +109,17 @@ impl Counts {
     }
 }
 
+/// Whether jemalloc's background thread runs in this process: the allocator and its options
+/// (`MALLOC_CONF` above) are in effect.
+fn jemalloc_gives_back() -> bool {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .any(|name| name.trim() == "jemalloc_bg_thd")
+}
+
 fn rss_kib() -> u64 {
-    // SAFETY: malloc_trim only releases free heap pages back to the OS.
-    unsafe {
-        libc::malloc_trim(0);
-    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
@@ -347,7 +361,7 @@ async fn settle(e: &Env, target: Option<usize>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(sealgate::alloc::GIVEN_BACK_AFTER).await;
 }
 
 /// Opens every tunnel, checks at least 500 are open at once, then runs the mix on all of them
@@ -378,8 +392,8 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
     let e = start().await;
 
     // Warm-up: two full rounds of the same length, so the baseline is a daemon that has
-    // already held this many tunnels for this long: runtime, pools, caches and glibc's arenas
-    // at their working size (measured: RSS climbs for the first rounds while the live heap
+    // already held this many tunnels for this long: runtime, pools, caches and the allocator's
+    // arenas at their working size (measured: RSS climbs for the first rounds while the live heap
     // stays flat — fragmentation, not a leak). A leak shows as growth from there.
     let warm = Arc::new(Counts::default());
     for _ in 0..2 {
@@ -390,6 +404,10 @@ async fn five_hundred_tunnels_mixed_traffic_no_leaks() {
     settle(&e, None).await;
     let (rss_base, fds_base) = (rss_kib(), fds());
     let live_base = live_kib();
+    assert!(
+        jemalloc_gives_back(),
+        "no jemalloc_bg_thd thread: the test does not allocate as the daemon does"
+    );
 
     // The load: all tunnels open at once, then held for `secs` with mixed traffic.
     let n = Arc::new(Counts::default());
