@@ -169,6 +169,7 @@ impl Running {
         if let Some(n) = &self.nofile {
             line("open files:", n.describe());
         }
+        line("allocator:", crate::alloc::describe());
         if let Some(w) = &self.workers {
             line("workers:", format!("{} (proxy.worker_threads)", w.len()));
             line(

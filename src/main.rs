@@ -22,6 +22,7 @@ static MALLOC_CONF: &u8 = &sealgate::alloc::JEMALLOC_CONF[0];
 fn main() -> ExitCode {
     // First: a reload or stop sent while the daemon starts is kept for it (`signals`).
     let early = sealgate::signals::Early::catch();
+    sealgate::alloc::declare_jemalloc();
     sealgate::crash_point::pause("main");
     // Before anything else: descriptors inherited from whoever started us never reach a child.
     sealgate::isolation::fds::cloexec_inherited();

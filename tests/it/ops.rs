@@ -2292,6 +2292,61 @@ async fn summary_line(b: &Bin, key: &str) -> String {
     }
 }
 
+/// The threads of `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+/// The daemon allocates with jemalloc on its built-in options (one background thread that
+/// gives freed memory back, a 1 s dirty decay) and the summary says so, read back from
+/// jemalloc; `_RJEM_MALLOC_CONF` changes them and the summary shows the change. A malformed
+/// value is ignored by jemalloc with a warning of its own, so the summary is where an
+/// operator sees what is in effect (outside pass h40a).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_names_the_allocator_options_in_effect() {
+    let (pki, echo) = upstream().await;
+    let o = BinOpts {
+        echo: echo.addr,
+        pki: &pki,
+        proxy_toml: "",
+    };
+    let b = Bin::spawn(&o).await;
+    assert_eq!(
+        summary_line(&b, "allocator:").await,
+        "jemalloc, background thread on, dirty_decay_ms 1000, muzzy_decay_ms 0 (built in)"
+    );
+    assert_eq!(threads_named(b.child.id(), "jemalloc_bg_thd"), 1);
+    drop(b);
+
+    for (conf, said) in [
+        (
+            "background_thread:false,dirty_decay_ms:5000",
+            "jemalloc, background thread OFF (memory freed is given back only as the daemon \
+             allocates), dirty_decay_ms 5000, muzzy_decay_ms 0 (built in, then _RJEM_MALLOC_CONF)",
+        ),
+        (
+            "dirty_decay_ms:5000;background_thread:false",
+            "jemalloc, background thread on, dirty_decay_ms 1000, muzzy_decay_ms 0 \
+             (built in, then _RJEM_MALLOC_CONF)",
+        ),
+    ] {
+        let env = [("_RJEM_MALLOC_CONF", std::ffi::OsStr::new(conf))];
+        let b = Bin::spawn_signalled(&o, &[], &env).await;
+        assert_eq!(summary_line(&b, "allocator:").await, said, "{conf}");
+        let threads = usize::from(!conf.starts_with("background_thread:false"));
+        assert_eq!(
+            threads_named(b.child.id(), "jemalloc_bg_thd"),
+            threads,
+            "{conf}"
+        );
+    }
+}
+
 /// One thread of `pid`'s, by its (truncated) name: (voluntary context switches, user + system clock ticks).
 fn thread_counters(pid: u32, name: &str) -> (u64, u64) {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

@@ -264,7 +264,7 @@ fn uploads_audited(dir: &std::path::Path) -> Result<(), String> {
 
 /// Waits up to [`RETURN_SECS`] for sealgate's anonymous RSS (its heap, not its mapped code)
 /// to come back within [`RETURNED_WITHIN_MIB`] of `anon_before`, with nothing else going on:
-/// jemalloc's background thread returns freed pages about a second after they were freed
+/// jemalloc's background thread returns freed pages within about two seconds
 /// (`sealgate::alloc::JEMALLOC_CONF`). Before (glibc, trimmed only once 64 connections had
 /// ended) RSS stayed 7 MiB up for as long as nothing else ended (outside pass h38c: 105 s).
 fn given_back(pid: u32, anon_before: u64) -> Result<(), String> {
