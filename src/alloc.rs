@@ -41,9 +41,9 @@ pub fn describe() -> String {
     if !JEMALLOC.load(Ordering::Relaxed) {
         return "the system's malloc".to_owned();
     }
-    let thread = match read::<bool>(c"background_thread") {
-        Some(true) => "on",
-        Some(false) => "OFF (memory freed is given back only as the daemon allocates)",
+    let thread = match read::<u8>(c"background_thread") {
+        Some(0) => "OFF (memory freed is given back only as the daemon allocates)",
+        Some(_) => "on",
         None => "?",
     };
     let ms = |name| read::<isize>(name).map_or("?".to_owned(), |v| v.to_string());
@@ -58,12 +58,14 @@ pub fn describe() -> String {
     )
 }
 
-/// One of jemalloc's values by its `mallctl` name; None if jemalloc does not know it.
-fn read<T: Copy + Default>(name: &CStr) -> Option<T> {
+/// An integer of jemalloc's by its `mallctl` name (a C `bool` is read as `u8`); None if
+/// jemalloc does not know the name or its size is not `T`'s.
+fn read<T: Int>(name: &CStr) -> Option<T> {
     let mut value = T::default();
     let mut len = std::mem::size_of::<T>();
-    // SAFETY: `mallctl` writes at most `len` bytes to `value`, a `T` of that size, and reads
-    // nothing (no new value); the names used here are of type `bool` or `ssize_t`, matching T.
+    // SAFETY: `mallctl` writes at most `len` bytes to `value`, a `T` of that size, and sets no
+    // new value. T is a plain integer, so any bytes it writes (even of a value of another
+    // size, which it reports as EINVAL) are a valid T.
     let rc = unsafe {
         tikv_jemalloc_sys::mallctl(
             name.as_ptr(),
@@ -75,6 +77,11 @@ fn read<T: Copy + Default>(name: &CStr) -> Option<T> {
     };
     (rc == 0 && len == std::mem::size_of::<T>()).then_some(value)
 }
+
+/// The integer types [`read`] may fill: every bit pattern of them is a valid value.
+trait Int: Copy + Default {}
+impl Int for u8 {}
+impl Int for isize {}
 
 #[cfg(test)]
 mod tests {
@@ -92,7 +99,7 @@ mod tests {
 
     #[test]
     fn jemalloc_answers_the_names_the_summary_reads() {
-        assert!(read::<bool>(c"background_thread").is_some());
+        assert!(read::<u8>(c"background_thread").is_some());
         assert!(read::<isize>(c"opt.dirty_decay_ms").is_some());
         assert!(read::<isize>(c"opt.muzzy_decay_ms").is_some());
         assert_eq!(read::<isize>(c"no.such.name"), None);
