@@ -4,7 +4,8 @@
 //!
 //! Everything that touches the system runs a program from an argv vector (`ip`, `iptables`,
 //! `ip6tables`) — never a shell string — and every removal is idempotent, so cleanup can run
-//! after a partial setup, twice, or after a crashed run.
+//! after a partial setup, twice, or after a crashed run. Every such program starts from
+//! [`helper`]: the daemon's environment without its credentials.
 
 pub mod daemons;
 pub mod dns;
@@ -57,6 +58,30 @@ pub enum NetnsError {
     PoolExhausted,
 }
 
+/// The prefix of the daemon's own variables. Three of them hold credentials
+/// (`SEALGATE_ADMIN_TOKEN`, `SEALGATE_MASTER_KEY`, `SEALGATE_DATABASE_URL` with its password);
+/// none is meant for another program.
+const OWN_VARIABLES: &str = "SEALGATE_";
+
+/// A host program the daemon runs (`ip`, `iptables-restore`, `getent`).
+///
+/// Invariant: its environment is the daemon's minus every `SEALGATE_*` variable, so a
+/// credential the operator handed the daemon never reaches another process's environment
+/// (`/proc/PID/environ`, a wrapper script, a core dump). The rest (`PATH`, `XTABLES_LIBDIR`,
+/// locale) passes as the operator set it: these are the operator's own tools.
+pub(crate) fn helper(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name
+            .as_encoded_bytes()
+            .starts_with(OWN_VARIABLES.as_bytes())
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Runs `argv` to completion; stderr becomes the error message.
 ///
 /// # Errors
@@ -65,7 +90,7 @@ pub fn run(argv: &[String]) -> Result<String, NetnsError> {
     let (program, rest) = argv
         .split_first()
         .ok_or_else(|| NetnsError::Invalid("empty command".into()))?;
-    let out = Command::new(program)
+    let out = helper(program)
         .args(rest)
         .output()
         .map_err(|source| NetnsError::Spawn {
@@ -96,7 +121,7 @@ pub fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<(), NetnsE
         program: program.to_owned(),
         source,
     };
-    let mut child = Command::new(program)
+    let mut child = helper(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -150,7 +150,7 @@ impl RunAs {
 
 /// One `getent DB KEY` entry split at `:`, or None.
 fn getent(db: &str, key: &str) -> Option<Vec<String>> {
-    let out = std::process::Command::new("getent")
+    let out = crate::netns::helper("getent")
         .args([db, key])
         .output()
         .ok()?;

@@ -1762,6 +1762,19 @@ impl Process {
         nofile: Option<(u64, u64)>,
         sandbox_toml: &str,
     ) -> Process {
+        Process::start_env(dir, admin_port, leak, nofile, sandbox_toml, &[])
+    }
+
+    /// Like [`Process::start_with`], with `env` added to the daemon's environment (a
+    /// `SEALGATE_ADMIN_TOKEN` there is the token it is called with).
+    fn start_env(
+        dir: &std::path::Path,
+        admin_port: u16,
+        leak: Option<&std::fs::File>,
+        nofile: Option<(u64, u64)>,
+        sandbox_toml: &str,
+        env: &[(&str, &str)],
+    ) -> Process {
         let cfg = dir.join("proxy.toml");
         let text = format!(
             "data_dir = \"{0}/data\"\ncert_dir = \"{0}/certs\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
@@ -1775,6 +1788,7 @@ impl Process {
             .arg("serve")
             .env_remove("SEALGATE_ADMIN_TOKEN")
             .env_remove("SEALGATE_MASTER_KEY")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         use std::os::fd::AsRawFd as _;
@@ -1800,21 +1814,26 @@ impl Process {
             });
         }
         let child = cmd.spawn().expect("sealgate serve");
+        let given = env.iter().find(|(k, _)| *k == "SEALGATE_ADMIN_TOKEN");
         let token_file = dir.join("data/admin.token");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err()
-            || !token_file.exists()
+            || (given.is_none() && !token_file.exists())
         {
             assert!(Instant::now() < deadline, "daemon did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Process {
-            child,
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            token: std::fs::read_to_string(token_file)
+        let token = match given {
+            Some((_, t)) => (*t).to_owned(),
+            None => std::fs::read_to_string(token_file)
                 .unwrap()
                 .trim()
                 .to_owned(),
+        };
+        Process {
+            child,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            token,
         }
     }
 
@@ -2088,6 +2107,95 @@ async fn a_descriptor_the_daemon_inherited_never_reaches_a_command() {
         .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+/// The host programs the daemon runs for a sandbox (`ip`, `iptables-restore`, `getent` for
+/// `run_as`) do not inherit its credentials: each is found through a `PATH` of wrappers that
+/// record their environment, and no `SEALGATE_*` variable or value reaches them (found from
+/// outside: they inherited the admin token and the master key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_programs_the_daemon_runs_never_inherit_its_credentials() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !netns_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wrappers = dir.path().join("bin");
+    let seen = dir.path().join("seen");
+    std::fs::create_dir_all(&seen).unwrap();
+    std::fs::create_dir(&wrappers).unwrap();
+    let path = std::env::var("PATH").unwrap();
+    for prog in [
+        "ip",
+        "iptables-restore",
+        "ip6tables-restore",
+        "iptables",
+        "ip6tables",
+        "getent",
+    ] {
+        let Some(real) = std::env::split_paths(&path)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+        else {
+            continue;
+        };
+        let script = format!(
+            "#!/bin/sh\nenv > {}/{prog}.$$\nexec {} \"$@\"\n",
+            seen.display(),
+            real.display()
+        );
+        let at = wrappers.join(prog);
+        std::fs::write(&at, script).unwrap();
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let token = "env-canary-admin-token-4d1c9e0b7a3f5e2d";
+    // base64 of the 32 bytes "sealgate-env-canary-master-key01"
+    let key = "c2VhbGdhdGUtZW52LWNhbmFyeS1tYXN0ZXIta2V5MDE=";
+    let env_path = format!("{}:{path}", wrappers.display());
+    let env = [
+        ("PATH", env_path.as_str()),
+        ("SEALGATE_ADMIN_TOKEN", token),
+        ("SEALGATE_MASTER_KEY", key),
+    ];
+    let toml = "run_as = \"nobody\"";
+    let daemon = Process::start_env(dir.path(), free_port(), None, None, toml, &env);
+    let sb = daemon.isolated_sandbox().await;
+    let (s, out) = daemon
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/commands", id(&sb)),
+            Some(json!({"cmd": "id -un"})),
+        )
+        .await;
+    assert_eq!(
+        (s, out["stdout"].as_str()),
+        (StatusCode::OK, Some("nobody\n")),
+        "{out}"
+    );
+    let (s, _) = daemon
+        .api(Method::DELETE, &format!("/v1/sandboxes/{}", id(&sb)), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut ran = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&seen).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        for needle in ["SEALGATE_", token, key] {
+            assert!(!text.contains(needle), "{name} inherited {needle}:\n{text}");
+        }
+        assert!(
+            text.contains(&env_path),
+            "{name} lost the daemon's PATH:\n{text}"
+        );
+        ran.insert(name.split('.').next().unwrap().to_owned());
+    }
+    for prog in ["ip", "iptables-restore", "getent"] {
+        assert!(
+            ran.contains(prog),
+            "{prog} never ran through its wrapper: {ran:?}"
+        );
+    }
 }
 
 /// Started from a shell whose soft open-file limit is 1,024 (where `proxy.max_connections`
