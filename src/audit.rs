@@ -513,11 +513,37 @@ impl Writer {
     }
 }
 
+/// Opens `p` for appending, created 0600 if missing.
+///
+/// Invariant: never blocks. A FIFO (a log shipper's pipe) opens only while a process reads
+/// it — without one, opening for writing would wait for a reader, and a start would hang
+/// before its first log line — so the open is non-blocking, a reader-less FIFO is a clear
+/// error, and the descriptor is made blocking again for the writer thread (a slow reader then
+/// fills the bounded queue, whose overflow is counted, never the proxy).
 fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
-    crate::fsutil::private_file()
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = crate::fsutil::private_file()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => std::io::Error::new(
+                e.kind(),
+                "a FIFO that no process has open for reading (start its reader first)",
+            ),
+            _ => e,
+        })?;
+    // SAFETY: fcntl on a descriptor this function owns; F_GETFL/F_SETFL take no pointers.
+    let cleared = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -525,6 +551,51 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Instant;
+
+    fn fifo(dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("audit.fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        path
+    }
+
+    /// A FIFO nobody reads is refused at once, naming why (it hung the start before); one
+    /// with a reader gets the lines, written by a blocking descriptor.
+    #[test]
+    fn a_fifo_audit_path_needs_a_reader_and_never_hangs_the_open() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path());
+        let began = Instant::now();
+        let err = Audit::open(Some(path.clone()))
+            .err()
+            .expect("no reader: refused");
+        assert!(began.elapsed() < Duration::from_secs(1));
+        assert!(
+            err.to_string().contains("no process has open for reading"),
+            "{err}"
+        );
+
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::fs::File::open(reader_path)
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
+            text
+        });
+        let audit = loop {
+            match Audit::open(Some(path.clone())) {
+                Ok(a) => break a,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        audit.admin(&event(1));
+        drop(audit);
+        assert!(reader.join().unwrap().contains("\"actor\":\"n1\""));
+    }
 
     fn event(i: usize) -> AdminEvent<'static> {
         AdminEvent {
