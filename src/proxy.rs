@@ -25,6 +25,7 @@ pub mod serve;
 pub mod spin;
 pub mod transparent;
 pub mod upstream;
+pub mod whole_bodies;
 pub mod workers;
 pub mod ws_scrub;
 

@@ -41,6 +41,12 @@ use crate::subst::{
 /// `Content-Length`; larger or chunked bodies stream (and are sent chunked).
 pub const BUFFER_BODY_MAX: u64 = 64 * 1024;
 
+/// A body a secret may be unsealed into, with a known length up to this, is also read whole
+/// (past [`BUFFER_BODY_MAX`], while [`super::whole_bodies::BUDGET`] has room), so it keeps an exact
+/// `Content-Length`: streamed, it went without one, and an origin that needs one refused
+/// it (lighttpd's CGI over h2: 411; outside interop pass). Larger ones stream, as before.
+pub const WHOLE_BODY_MAX: u64 = 1024 * 1024;
+
 /// Outcome bookkeeping for the audit event.
 #[derive(Default)]
 struct Outcome {
@@ -1019,7 +1025,8 @@ impl UpBody {
 }
 
 /// Chooses the body path: held in full when its length is known and at most
-/// [`BUFFER_BODY_MAX`] (substituted whole where body secrets apply; an exact
+/// [`BUFFER_BODY_MAX`], or, where body secrets apply, at most [`WHOLE_BODY_MAX`] within the
+/// budget of [`read_whole_body`] (substituted whole where body secrets apply; an exact
 /// `Content-Length` is kept, and the request can be retried), else streamed — through the
 /// engine when body secrets apply (`Content-Length` dropped; HTTP/1.1 upstreams get chunked
 /// encoding), untouched otherwise (no body-located secret, or a compressed body). In a body
@@ -1040,7 +1047,7 @@ async fn prepare_body(
         view.any_body && !view.is_empty() && !compressed(req.headers()) && !body.is_end_stream();
     if !scan {
         if known_small.is_some() {
-            let whole = collect_small(body).await?;
+            let whole = collect_small(t, rt, body).await?;
             o.bytes_up = whole.len() as u64;
             return Ok((UpBody::Held(whole), None));
         }
@@ -1058,9 +1065,9 @@ async fn prepare_body(
     };
     let mode = rt.proxy.on_disallowed_token;
     let budget = body_budget(rt, o);
-    if known_small.is_some() {
+    if let Some(reserved) = read_whole_body(body.size_hint().exact()) {
         let whole = substitute_whole(t, rt, lookup, mode, req, body, o).await?;
-        return Ok((UpBody::Held(whole), None));
+        return Ok((UpBody::Held(reserved.holding(whole)), None));
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
     let mut body = body;
@@ -1076,17 +1083,42 @@ async fn prepare_body(
     ))
 }
 
-/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`] into one buffer.
-async fn collect_small(body: Lingering) -> Result<Bytes, Refusal> {
-    Ok(joined(collect_frames(body).await?))
+/// Whether a body to substitute, of announced length `len`, is read whole: at most
+/// [`BUFFER_BODY_MAX`] always, at most [`WHOLE_BODY_MAX`] when [`super::whole_bodies::BUDGET`] has room for
+/// it (the reservation then lasts as long as the held bytes).
+fn read_whole_body(len: Option<u64>) -> Option<super::whole_bodies::Reserved> {
+    match len? {
+        n if n <= BUFFER_BODY_MAX => Some(super::whole_bodies::Reserved::none()),
+        n if n <= WHOLE_BODY_MAX => super::whole_bodies::Reserved::take(n),
+        _ => None,
+    }
 }
 
-/// The data frames of a body whose announced length is at most [`BUFFER_BODY_MAX`], as
+/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`] into one buffer.
+async fn collect_small(t: &Tunnel, rt: &LiveSettings, body: Lingering) -> Result<Bytes, Refusal> {
+    Ok(joined(collect_frames(t, rt, body).await?))
+}
+
+/// The data frames of a body whose announced length is at most [`WHOLE_BODY_MAX`], as
 /// received (not copied; trailers are dropped).
-async fn collect_frames(body: Lingering) -> Result<Vec<Bytes>, Refusal> {
-    let mut body = Limited::new(body, BUFFER_BODY_MAX as usize);
+///
+/// # Errors
+/// 400 when the body breaks off; 408 when no byte of it came for `response_timeout_secs`,
+/// as for a streamed body (a held one that stalled waited for as long as its client kept the
+/// connection, holding its request slot and its share of [`super::whole_bodies::BUDGET`]).
+async fn collect_frames(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    body: Lingering,
+) -> Result<Vec<Bytes>, Refusal> {
+    let stall = rt.upstream.config.response_timeout;
+    let mut body = Limited::new(body, WHOLE_BODY_MAX as usize);
     let mut frames = Vec::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(body_stalled(t));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|_| {
             Refusal::new(
                 Code::BadRequest,
@@ -1122,7 +1154,7 @@ async fn substitute_whole(
     body: Lingering,
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
-    let frames = collect_frames(body).await?;
+    let frames = collect_frames(t, rt, body).await?;
     let mut engine = BodySubst::new(lookup, mode)
         .with_max_unsealed(body_budget(rt, o))
         .with_encoding(BodyEncoding::of(req.headers()));
@@ -1156,19 +1188,24 @@ fn compressed(h: &HeaderMap) -> bool {
 /// body polled, so its stall stays a 504.
 fn timed_out(t: &Tunnel, progress: Option<&Progress>) -> Refusal {
     if progress.is_some_and(Progress::waiting_on_body) {
-        return Refusal::new(
-            Code::RequestTimeout,
-            format!(
-                "the request body to {} stopped: no byte for upstream.response_timeout_secs",
-                t.dest
-            ),
-        );
+        return body_stalled(t);
     }
     Refusal::new(
         Code::UpstreamTimeout,
         format!(
             "{} did not answer in time (upstream.response_timeout_secs, counted from the \
              request's last byte)",
+            t.dest
+        ),
+    )
+}
+
+/// The sandbox's own upload stopped: 408 (held or streamed alike).
+fn body_stalled(t: &Tunnel) -> Refusal {
+    Refusal::new(
+        Code::RequestTimeout,
+        format!(
+            "the request body to {} stopped: no byte for upstream.response_timeout_secs",
             t.dest
         ),
     )
