@@ -42,9 +42,9 @@ use crate::subst::{
 pub const BUFFER_BODY_MAX: u64 = 64 * 1024;
 
 /// A body a secret may be unsealed into, with a known length up to this, is also read whole
-/// (past [`BUFFER_BODY_MAX`], while [`super::whole_bodies::BUDGET`] has room), so it keeps an exact
-/// `Content-Length`: streamed, it went without one, and an origin that needs one refused
-/// it (lighttpd's CGI over h2: 411; outside interop pass). Larger ones stream, as before.
+/// (past [`BUFFER_BODY_MAX`], while [`super::whole_bodies::BUDGET`] has room), so it keeps
+/// an exact `Content-Length`: streamed, it went without one, and an origin that needs one
+/// refused it (lighttpd's CGI over h2: 411; outside interop pass). Larger ones stream.
 pub const WHOLE_BODY_MAX: u64 = 1024 * 1024;
 
 /// Outcome bookkeeping for the audit event.
@@ -1084,8 +1084,9 @@ async fn prepare_body(
 }
 
 /// Whether a body to substitute, of announced length `len`, is read whole: at most
-/// [`BUFFER_BODY_MAX`] always, at most [`WHOLE_BODY_MAX`] when [`super::whole_bodies::BUDGET`] has room for
-/// it (the reservation then lasts as long as the held bytes).
+/// [`BUFFER_BODY_MAX`] always, at most [`WHOLE_BODY_MAX`] when
+/// [`super::whole_bodies::BUDGET`] has room for it (the reservation then lasts as long as
+/// the held bytes).
 fn read_whole_body(len: Option<u64>) -> Option<super::whole_bodies::Reserved> {
     match len? {
         n if n <= BUFFER_BODY_MAX => Some(super::whole_bodies::Reserved::none()),
