@@ -705,3 +705,63 @@ impl Grpc {
         json_lines(&self.log)
     }
 }
+
+/// lighttpd (apt) with a CGI echo: its h2 server refuses a CGI request body without a
+/// `Content-Length` (411), which a stock HTTP/1.1 client's upload never lacks.
+pub struct Lighttpd {
+    /// Its TLS listener (h2 and HTTP/1.1 by ALPN).
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+/// The CGI: the body's announced length, the length read and its SHA-256 (never the body).
+const LIGHTTPD_CGI: &str = "#!/usr/bin/env python3
+import hashlib, os, sys
+n = os.environ.get('CONTENT_LENGTH', '')
+body = sys.stdin.buffer.read(int(n)) if n else sys.stdin.buffer.read()
+sys.stdout.write('Content-Type: text/plain\\r\\n\\r\\n')
+sys.stdout.write('content_length=%s\\nread=%d\\nsha256=%s\\n' % (n, len(body), hashlib.sha256(body).hexdigest()))
+";
+
+impl Lighttpd {
+    /// Starts lighttpd serving `echo.cgi` for `names`, with a leaf of `pki`.
+    pub fn start(pki: &TestPki, dir: &Path, names: &[&str]) -> Lighttpd {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = dir.join("lighttpd");
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        let (crt, key) = pki.write_leaf(&dir, "leaf", names);
+        let cgi = dir.join("www/echo.cgi");
+        std::fs::write(&cgi, LIGHTTPD_CGI).unwrap();
+        std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let port = free_port();
+        let d = dir.display();
+        let conf = format!(
+            "server.modules = (\"mod_openssl\", \"mod_cgi\")\n\
+             server.document-root = \"{d}/www\"\n\
+             server.bind = \"127.0.0.1\"\n\
+             server.port = {port}\n\
+             server.errorlog = \"{d}/error.log\"\n\
+             ssl.engine = \"enable\"\n\
+             ssl.pemfile = \"{}\"\n\
+             ssl.privkey = \"{}\"\n\
+             cgi.assign = (\".cgi\" => \"\")\n",
+            crt.display(),
+            key.display()
+        );
+        std::fs::write(dir.join("lighttpd.conf"), conf).unwrap();
+        let log = dir.join("error.log");
+        let mut proc = Proc::spawn(
+            "lighttpd",
+            Command::new("lighttpd")
+                .args(["-D", "-f"])
+                .arg(dir.join("lighttpd.conf"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap()),
+        );
+        wait_ports("lighttpd", &mut proc, &[port], &log);
+        Lighttpd {
+            addr: loopback(port),
+            _proc: proc,
+        }
+    }
+}

@@ -624,3 +624,48 @@ async fn an_h2c_upgrade_offer_on_plain_http_is_ignored() {
     );
     m.finish();
 }
+
+/// Session 41's outside pass: a stock lighttpd (h2 to its CGI) answered 411 to every upload
+/// over 64 KiB through sealgate — such bodies, where a secret may be unsealed, streamed without
+/// a `Content-Length`. Up to 1 MiB they now keep an exact one (`forward::WHOLE_BODY_MAX`), and
+/// the CGI reads the substituted body whole, over h1 and h2 from the sandbox.
+#[tokio::test]
+async fn lighttpd_gets_a_length_for_uploads_with_a_token() {
+    use crate::support::proxy_client as pc;
+    if !super::have(&[("lighttpd", &["-v"])]) {
+        return;
+    }
+    let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let lh = super::origins::Lighttpd::start(&pki, dir.path(), &["api.example.test"]);
+    let real = "sk-lighttpd-upload-0041";
+    let spec = [("BODY", real, None, None)];
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin(pki, lh.addr, &spec).await;
+    let tok = sb.token("BODY");
+    for (size, h2) in [(100_000, false), (900_000, true)] {
+        let mut body = vec![b'a'; size];
+        body[50_000..50_000 + tok.len()].copy_from_slice(tok.as_bytes());
+        let mut want = body.clone();
+        want.splice(50_000..50_000 + tok.len(), real.bytes());
+        let req = pc::post("/echo.cgi", "api.example.test", &[], body);
+        let a = if h2 {
+            pc::send2(&mut pc::h2(h.proxy, &sb, "api.example.test:443").await, req).await
+        } else {
+            pc::send1(&mut pc::h1(h.proxy, &sb, "api.example.test:443").await, req).await
+        };
+        assert_eq!(
+            a.status,
+            http::StatusCode::OK,
+            "{size} bytes, h2 {h2}: {}",
+            a.text()
+        );
+        let text = a.text();
+        let sha = super::explicit::sha256_hex(&want);
+        assert!(
+            text.contains(&format!("content_length={}\n", want.len()))
+                && text.contains(&format!("sha256={sha}\n")),
+            "{size} bytes, h2 {h2}: {text}"
+        );
+    }
+    h.assert_logs_clean();
+}
