@@ -2384,70 +2384,83 @@ fn thread_counters(pid: u32, name: &str) -> (u64, u64) {
 /// (waiting for the origin; 339–400 times on a quiet machine, 139 while the rest of the suite
 /// loaded it, since a worker that is late to run finds its events ready); and once the traffic
 /// stops the worker sleeps: almost no CPU over the next second. The summary says which.
+///
+/// The busy case gets up to three tries, each on a fresh daemon: on a VM whose round trips
+/// sometimes take over a millisecond the worker polls most of the time and the duty cycle
+/// (half of every 100 ms) then rightly puts it to sleep (151–322 sleeps seen in such minutes,
+/// 0–10 a minute later). One try in three showing the effect is what this asserts; a daemon
+/// that never polls fails all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measures scheduling: scripts/test runs it alone, after the parallel suite"]
 async fn busy_poll_keeps_a_worker_awake_between_requests_and_an_idle_one_asleep() {
     const REQUESTS: u64 = 200;
     let (pki, echo) = upstream().await;
-    let mut slept_busy = None;
-    for (setting, busy) in [
-        ("worker_threads = 1\nbusy_poll_us = 1000", true),
-        ("worker_threads = 1\nbusy_poll_us = 0", false),
-    ] {
-        let o = BinOpts {
-            echo: echo.addr,
-            pki: &pki,
-            proxy_toml: setting,
-        };
-        let b = Bin::spawn(&o).await;
-        let line = summary_line(&b, "busy poll:").await;
-        let said = if busy {
-            "up to 1000 µs after bytes moved (proxy.busy_poll_us)"
-        } else {
-            "off (proxy.busy_poll_us)"
-        };
-        assert_eq!(line, said);
-        let sb = b.sandbox("sk-ops-busy-poll-0001").await;
-        let key = sb.token("KEY");
-        let mut c = pc::h1(b.proxy, &sb, API).await;
-        for _ in 0..10 {
-            assert_eq!(
-                echo_get(&mut c, "api.example.test", &key).await.status,
-                StatusCode::OK
-            );
-        }
-        let pid = b.child.id();
-        let (before, _) = thread_counters(pid, "sealgate-proxy-");
-        for _ in 0..REQUESTS {
-            assert_eq!(
-                echo_get(&mut c, "api.example.test", &key).await.status,
-                StatusCode::OK
-            );
-        }
-        let (after, _) = thread_counters(pid, "sealgate-proxy-");
-        let slept = after - before;
-        eprintln!("busy poll {busy}: the worker slept {slept} times in {REQUESTS} requests");
-        if busy {
-            assert!(
-                slept < REQUESTS / 2,
-                "{slept} sleeps in {REQUESTS} requests"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let (_, t0) = thread_counters(pid, "sealgate-proxy-");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let (_, t1) = thread_counters(pid, "sealgate-proxy-");
-            assert!(t1 - t0 <= 2, "{} ticks of CPU in an idle second", t1 - t0);
-            slept_busy = Some(slept);
-        } else {
-            let with_busy_poll = slept_busy.expect("busy-polling was measured first");
-            assert!(
-                // 4x failed once under the whole suite's load: 127 against 38 (alone: 339-400
-                // against 0-7).
-                slept >= REQUESTS / 4 && slept >= 2 * with_busy_poll,
-                "{slept} sleeps in {REQUESTS} requests ({with_busy_poll} with busy-polling)"
-            );
+    let without = sleeps_in_requests(&pki, echo.addr, 0, REQUESTS).await;
+    // 4x failed once under the whole suite's load: 127 against 38 (alone: 339-400 against 0-7).
+    assert!(
+        without >= REQUESTS / 4,
+        "{without} sleeps in {REQUESTS} requests without busy-polling"
+    );
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        let with = sleeps_in_requests(&pki, echo.addr, 1000, REQUESTS).await;
+        tries.push(with);
+        if with < REQUESTS / 2 && 2 * with <= without {
+            return;
         }
     }
+    panic!(
+        "{tries:?} sleeps in {REQUESTS} requests in three tries ({without} without busy-polling)"
+    );
+}
+
+/// Starts a daemon with one worker and `busy_poll_us`, checks its summary line, sends
+/// `requests` keep-alive GETs after 10 warm-up ones and returns how often the worker slept
+/// during them; with busy-polling, also checks the worker then idles (≤ 2 ticks in a second).
+async fn sleeps_in_requests(
+    pki: &TestPki,
+    echo: SocketAddr,
+    busy_poll_us: u32,
+    requests: u64,
+) -> u64 {
+    let o = BinOpts {
+        echo,
+        pki,
+        proxy_toml: &format!("worker_threads = 1\nbusy_poll_us = {busy_poll_us}"),
+    };
+    let b = Bin::spawn(&o).await;
+    let said = if busy_poll_us > 0 {
+        format!("up to {busy_poll_us} µs after bytes moved (proxy.busy_poll_us)")
+    } else {
+        "off (proxy.busy_poll_us)".to_string()
+    };
+    assert_eq!(summary_line(&b, "busy poll:").await, said);
+    let sb = b.sandbox("sk-ops-busy-poll-0001").await;
+    let key = sb.token("KEY");
+    let mut c = pc::h1(b.proxy, &sb, API).await;
+    for _ in 0..10 {
+        let r = echo_get(&mut c, "api.example.test", &key).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let pid = b.child.id();
+    let (before, _) = thread_counters(pid, "sealgate-proxy-");
+    for _ in 0..requests {
+        let r = echo_get(&mut c, "api.example.test", &key).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let (after, _) = thread_counters(pid, "sealgate-proxy-");
+    let slept = after - before;
+    eprintln!(
+        "busy_poll_us = {busy_poll_us}: the worker slept {slept} times in {requests} requests"
+    );
+    if busy_poll_us > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, t0) = thread_counters(pid, "sealgate-proxy-");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, t1) = thread_counters(pid, "sealgate-proxy-");
+        assert!(t1 - t0 <= 2, "{} ticks of CPU in an idle second", t1 - t0);
+    }
+    slept
 }
 
 /// A hostile trickle against busy-polling: a sandbox that sends its request body one byte per
