@@ -24,6 +24,7 @@ pub mod rewind;
 pub mod serve;
 pub mod spin;
 pub mod transparent;
+pub mod unframed;
 pub mod upstream;
 pub mod whole_bodies;
 pub mod workers;

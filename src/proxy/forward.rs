@@ -27,6 +27,8 @@ use super::refusal::{Code, Refusal};
 use super::response_scrub::{
     scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
 };
+use super::unframed::Ahead;
+use super::whole_bodies::Reserved;
 use super::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::metrics::Counted;
@@ -37,8 +39,9 @@ use crate::subst::{
     SubstBody, SubstOutcome, TokenLookup,
 };
 
-/// Bodies up to this size with a known length are substituted whole, keeping an exact
-/// `Content-Length`; larger or chunked bodies stream (and are sent chunked).
+/// Bodies up to this size with a known length (announced, or found by reading an HTTP/1.1
+/// chunked body ahead: [`super::unframed`]) are substituted whole, keeping an exact
+/// `Content-Length`; larger or slower bodies stream (and are sent chunked).
 pub const BUFFER_BODY_MAX: u64 = 64 * 1024;
 
 /// A body a secret may be unsealed into, with a known length up to this, is also read whole
@@ -46,6 +49,17 @@ pub const BUFFER_BODY_MAX: u64 = 64 * 1024;
 /// an exact `Content-Length`: streamed, it went without one, and an origin that needs one
 /// refused it (lighttpd's CGI over h2: 411; outside interop pass). Larger ones stream.
 pub const WHOLE_BODY_MAX: u64 = 1024 * 1024;
+
+/// A request body as the forwarder takes it: what an HTTP/1.1 client sent chunked may have
+/// been read ahead ([`super::unframed`]).
+type ReqBody = Ahead<Lingering>;
+
+/// What an HTTP/1.1 client's chunked body may be read ahead ([`super::unframed`]): held
+/// whole within the bounds any body of known length is.
+const READ_AHEAD: super::unframed::Bounds = super::unframed::Bounds {
+    free: BUFFER_BODY_MAX,
+    max: WHOLE_BODY_MAX,
+};
 
 /// Outcome bookkeeping for the audit event.
 #[derive(Default)]
@@ -357,6 +371,7 @@ async fn exchange(
     check_framing(req.headers())?;
     check_media_type(req.headers())?;
     let websocket = check_upgrade(&mut req)?;
+    let chunked_h1 = req.version() < Version::HTTP_2 && !websocket && unframed(req.body());
     // gRPC, gRPC-Web and Connect streaming are POSTs: a GET naming a gRPC type (the re-check
     // sent one to an object store) reads a stored blob, framed however it was stored.
     let asks_messages = req.method() == Method::POST && Binary::asks_for_messages(req.headers());
@@ -372,6 +387,11 @@ async fn exchange(
     unseal_head(t, rt, &view, &mut up, o)?;
     if view.scrubber.is_some() {
         whole_responses_only(up.headers_mut());
+    }
+    let mut body = Ahead::new(body);
+    if chunked_h1 {
+        let read = body.read_ahead(READ_AHEAD).await;
+        read.map_err(|e| broken(BodyBreak::of(&e)))?;
     }
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
     still_decided(t, &snapshot, o)?;
@@ -1039,21 +1059,24 @@ async fn prepare_body(
     snapshot: &Arc<Snapshot>,
     view: &Arc<HostView>,
     req: &mut Request<()>,
-    body: Lingering,
+    mut body: ReqBody,
     o: &mut Outcome,
 ) -> Result<(UpBody, Option<SubstOutcome>), Refusal> {
-    let known_small = body.size_hint().exact().filter(|n| *n <= BUFFER_BODY_MAX);
     let scan =
         view.any_body && !view.is_empty() && !compressed(req.headers()) && !body.is_end_stream();
     if !scan {
-        if known_small.is_some() {
-            let whole = collect_small(t, rt, body).await?;
+        if let Some(reserved) = held_whole(&mut body, BUFFER_BODY_MAX) {
+            let read_ahead = body.is_whole();
+            let whole = reserved.holding(collect_small(t, rt, body).await?);
             o.bytes_up = whole.len() as u64;
+            if read_ahead {
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+            }
             return Ok((UpBody::Held(whole), None));
         }
         o.bytes_up = body.size_hint().exact().unwrap_or(0);
-        let mut body = body;
-        req.extensions_mut().insert(body.watch());
+        req.extensions_mut().insert(watch(&mut body));
         return Ok((
             UpBody::Streamed(body.map_err(BoxError::from).boxed_unsync()),
             None,
@@ -1065,13 +1088,12 @@ async fn prepare_body(
     };
     let mode = rt.proxy.on_disallowed_token;
     let budget = body_budget(rt, o);
-    if let Some(reserved) = read_whole_body(body.size_hint().exact()) {
+    if let Some(reserved) = held_whole(&mut body, WHOLE_BODY_MAX) {
         let whole = substitute_whole(t, rt, lookup, mode, req, body, o).await?;
         return Ok((UpBody::Held(reserved.holding(whole)), None));
     }
     req.headers_mut().remove(header::CONTENT_LENGTH);
-    let mut body = body;
-    req.extensions_mut().insert(body.watch());
+    req.extensions_mut().insert(watch(&mut body));
     let engine = BodySubst::new(lookup, mode)
         .with_max_unsealed(budget)
         .with_encoding(BodyEncoding::of(req.headers()));
@@ -1083,20 +1105,33 @@ async fn prepare_body(
     ))
 }
 
-/// Whether a body to substitute, of announced length `len`, is read whole: at most
-/// [`BUFFER_BODY_MAX`] always, at most [`WHOLE_BODY_MAX`] when
-/// [`super::whole_bodies::BUDGET`] has room for it (the reservation then lasts as long as
-/// the held bytes).
-fn read_whole_body(len: Option<u64>) -> Option<super::whole_bodies::Reserved> {
-    match len? {
-        n if n <= BUFFER_BODY_MAX => Some(super::whole_bodies::Reserved::none()),
-        n if n <= WHOLE_BODY_MAX => super::whole_bodies::Reserved::take(n),
+/// Whether `body` is read whole, with the budget's hold on it (which lasts as long as the
+/// held bytes): one read ahead to its end always (its reservation, if it needed one, moves
+/// here), one of announced length `n` if `n` is at most [`BUFFER_BODY_MAX`], or at most
+/// `max` when [`super::whole_bodies::BUDGET`] has room for it.
+fn held_whole(body: &mut ReqBody, max: u64) -> Option<Reserved> {
+    if body.is_whole() {
+        return Some(body.take_reserved().unwrap_or_else(Reserved::none));
+    }
+    match body.size_hint().exact()? {
+        n if n <= BUFFER_BODY_MAX => Some(Reserved::none()),
+        n if n <= max => Reserved::take(n),
         _ => None,
     }
 }
 
-/// Reads a body whose announced length is at most [`BUFFER_BODY_MAX`] into one buffer.
-async fn collect_small(t: &Tunnel, rt: &LiveSettings, body: Lingering) -> Result<Bytes, Refusal> {
+/// Whether an HTTP/1.1 request's body is chunked: it has one, of no announced length.
+fn unframed(body: &Lingering) -> bool {
+    body.size_hint().exact().is_none() && !body.is_end_stream()
+}
+
+/// The flag recording how a streamed body breaks (a body read ahead to its end cannot).
+fn watch(body: &mut ReqBody) -> ClientFailed {
+    body.rest_mut().map(Lingering::watch).unwrap_or_default()
+}
+
+/// Reads a body [`held_whole`] without substitution into one buffer.
+async fn collect_small(t: &Tunnel, rt: &LiveSettings, body: ReqBody) -> Result<Bytes, Refusal> {
     Ok(joined(collect_frames(t, rt, body).await?))
 }
 
@@ -1110,7 +1145,7 @@ async fn collect_small(t: &Tunnel, rt: &LiveSettings, body: Lingering) -> Result
 async fn collect_frames(
     t: &Tunnel,
     rt: &LiveSettings,
-    body: Lingering,
+    body: ReqBody,
 ) -> Result<Vec<Bytes>, Refusal> {
     let stall = rt.upstream.config.response_timeout;
     let mut body = Limited::new(body, WHOLE_BODY_MAX as usize);
@@ -1152,7 +1187,7 @@ async fn substitute_whole(
     lookup: Arc<dyn TokenLookup>,
     mode: subst::OnDisallowed,
     req: &mut Request<()>,
-    body: Lingering,
+    body: ReqBody,
     o: &mut Outcome,
 ) -> Result<Bytes, Refusal> {
     let frames = collect_frames(t, rt, body).await?;
@@ -1199,6 +1234,21 @@ fn timed_out(t: &Tunnel, progress: Option<&Progress>) -> Refusal {
             t.dest
         ),
     )
+}
+
+/// The refusal of a request whose body broke on the client's side (`b` is not
+/// [`BodyBreak::None`]).
+fn broken(b: BodyBreak) -> Refusal {
+    match b {
+        BodyBreak::Malformed => Refusal::new(
+            Code::BadRequest,
+            "the request body's framing broke off mid-body",
+        ),
+        _ => Refusal::new(
+            Code::ClientGone,
+            "the client gave up before the answer (its connection ended mid-body)",
+        ),
+    }
 }
 
 /// The sandbox's own upload stopped: 408 (held or streamed alike).
@@ -1252,18 +1302,7 @@ async fn send(
     };
     let broke = client_failed.map_or(BodyBreak::None, |f| f.get());
     let resp = match answered {
-        Err(_) if broke == BodyBreak::Gone => {
-            return Err(Refusal::new(
-                Code::ClientGone,
-                "the client gave up before the answer (its connection ended mid-body)",
-            ))
-        }
-        Err(_) if broke == BodyBreak::Malformed => {
-            return Err(Refusal::new(
-                Code::BadRequest,
-                "the request body's framing broke off mid-body",
-            ))
-        }
+        Err(_) if broke != BodyBreak::None => return Err(broken(broke)),
         Err(e) => return Err(super::failure::classify(t, &e)),
         Ok(r) => r,
     };

@@ -100,12 +100,26 @@ impl ClientFailed {
 
     /// Records the error the client's body ended with.
     fn note(&self, e: &hyper::Error) {
+        let code = match BodyBreak::of(e) {
+            BodyBreak::Malformed => 2,
+            _ => 1,
+        };
+        self.0.store(code, Ordering::Release);
+    }
+}
+
+impl BodyBreak {
+    /// What the error a client's body ended with says: its framing was refused, or the
+    /// client went.
+    pub fn of(e: &hyper::Error) -> BodyBreak {
         let malformed = std::iter::successors(std::error::Error::source(e), |s| s.source())
             .filter_map(|s| s.downcast_ref::<std::io::Error>())
             .any(|io| io.kind() == std::io::ErrorKind::InvalidData)
             || e.is_parse();
-        self.0
-            .store(if malformed { 2 } else { 1 }, Ordering::Release);
+        match malformed {
+            true => BodyBreak::Malformed,
+            false => BodyBreak::Gone,
+        }
     }
 }
 

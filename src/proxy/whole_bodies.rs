@@ -75,6 +75,10 @@ pub fn reserved() -> u64 {
     RESERVED.load(Ordering::Acquire)
 }
 
+/// Serializes the tests that reserve (the counter is process-wide, and they count it).
+#[cfg(test)]
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +87,7 @@ mod tests {
     /// body gives its bytes back. One test: the counter is process-wide.
     #[test]
     fn reservations_stop_at_the_budget_and_come_back_with_the_last_copy() {
+        let _serial = SERIAL.blocking_lock();
         let start = reserved();
         let half = Reserved::take(BUDGET / 2).expect("room for half");
         let body = half.holding(Bytes::from_static(b"held"));

@@ -363,11 +363,14 @@ async fn paced_upload(e: &Env, path: &str, chunks: Vec<Bytes>) -> Value {
     request_line(&e.h, path).await
 }
 
-/// POSTs `chunks` over h1 to api.example.test's `path`, `gap` apart; the answer.
+/// POSTs `chunks` over h1 to api.example.test's `path`, `gap` apart; the answer. The second
+/// chunk waits at least 1.2 s, so the upload streams (its head goes up while it goes on)
+/// instead of being read ahead whole (`proxy::unframed`, at most a second).
 async fn send_paced(e: &Env, path: &str, chunks: Vec<Bytes>, gap: Duration) -> pc::Answer {
+    let second = gap.max(Duration::from_millis(1200));
     let req = http::Request::post(path)
         .header("host", "api.example.test")
-        .body(pc::paced(chunks, gap))
+        .body(pc::paced_from(chunks, second, gap))
         .unwrap();
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     pc::send1(&mut c, req).await

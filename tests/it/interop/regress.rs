@@ -628,7 +628,9 @@ async fn an_h2c_upgrade_offer_on_plain_http_is_ignored() {
 /// Session 41's outside pass: a stock lighttpd (h2 to its CGI) answered 411 to every upload
 /// over 64 KiB through sealgate — such bodies, where a secret may be unsealed, streamed without
 /// a `Content-Length`. Up to 1 MiB they now keep an exact one (`forward::WHOLE_BODY_MAX`), and
-/// the CGI reads the substituted body whole, over h1 and h2 from the sandbox.
+/// the CGI reads the substituted body whole, over h1 and h2 from the sandbox. An HTTP/1.1
+/// client's chunked upload (no length at all) got the same 411 over h2; it is read ahead
+/// (`proxy::unframed`) and arrives with a length too.
 #[tokio::test]
 async fn lighttpd_gets_a_length_for_uploads_with_a_token() {
     use crate::support::proxy_client as pc;
@@ -642,12 +644,22 @@ async fn lighttpd_gets_a_length_for_uploads_with_a_token() {
     let spec = [("BODY", real, None, None)];
     let (h, sb) = crate::proxy_explicit::daemon_with_origin(pki, lh.addr, &spec).await;
     let tok = sb.token("BODY");
-    for (size, h2) in [(100_000, false), (900_000, true)] {
+    for (size, h2, chunked) in [
+        (100_000, false, false),
+        (900_000, true, false),
+        (300_000, false, true),
+    ] {
         let mut body = vec![b'a'; size];
         body[50_000..50_000 + tok.len()].copy_from_slice(tok.as_bytes());
         let mut want = body.clone();
         want.splice(50_000..50_000 + tok.len(), real.bytes());
-        let req = pc::post("/echo.cgi", "api.example.test", &[], body);
+        let req = match chunked {
+            true => {
+                let parts = body.chunks(64 * 1024).map(bytes::Bytes::copy_from_slice);
+                pc::post_chunked("/echo.cgi", "api.example.test", &[], parts.collect())
+            }
+            false => pc::post("/echo.cgi", "api.example.test", &[], body),
+        };
         let a = if h2 {
             pc::send2(&mut pc::h2(h.proxy, &sb, "api.example.test:443").await, req).await
         } else {
@@ -656,7 +668,7 @@ async fn lighttpd_gets_a_length_for_uploads_with_a_token() {
         assert_eq!(
             a.status,
             http::StatusCode::OK,
-            "{size} bytes, h2 {h2}: {}",
+            "{size} bytes, h2 {h2}, chunked {chunked}: {}",
             a.text()
         );
         let text = a.text();

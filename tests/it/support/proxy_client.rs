@@ -296,19 +296,28 @@ pub fn chunked(chunks: Vec<Bytes>) -> ReqBody {
 
 /// A body of `chunks`, each written `gap` after the one before (the first at once).
 pub fn paced(chunks: Vec<Bytes>, gap: std::time::Duration) -> ReqBody {
-    let s = futures_util::stream::unfold(
-        (chunks.into_iter(), true),
-        move |(mut it, first)| async move {
-            let c = it.next()?;
-            if !first {
-                tokio::time::sleep(gap).await;
-            }
-            Some((
-                Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)),
-                (it, false),
-            ))
-        },
-    );
+    paced_from(chunks, gap, gap)
+}
+
+/// [`paced`], with `second` between the first chunk and the second (an HTTP/1.1 upload that
+/// pauses there past `proxy::unframed::WAIT` streams instead of being read ahead).
+pub fn paced_from(
+    chunks: Vec<Bytes>,
+    second: std::time::Duration,
+    gap: std::time::Duration,
+) -> ReqBody {
+    let s = futures_util::stream::unfold((chunks.into_iter(), 0), move |(mut it, i)| async move {
+        let c = it.next()?;
+        match i {
+            0 => {}
+            1 => tokio::time::sleep(second).await,
+            _ => tokio::time::sleep(gap).await,
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(c)),
+            (it, i + 1),
+        ))
+    });
     StreamBody::new(s).boxed()
 }
 
