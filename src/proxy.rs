@@ -16,6 +16,7 @@ pub mod idle;
 pub mod intercept;
 pub mod linger;
 pub mod outcome;
+pub mod pieces;
 pub mod progress;
 pub mod read_ahead;
 pub mod refusal;

@@ -1111,7 +1111,7 @@ async fn prepare_body(
 /// `max` when [`super::whole_bodies::BUDGET`] has room for it.
 fn held_whole(body: &mut ReqBody, max: u64) -> Option<Reserved> {
     if body.is_whole() {
-        return Some(body.take_reserved().unwrap_or_else(Reserved::none));
+        return Some(body.take_reserved());
     }
     match body.size_hint().exact()? {
         n if n <= BUFFER_BODY_MAX => Some(Reserved::none()),
@@ -1135,8 +1135,10 @@ async fn collect_small(t: &Tunnel, rt: &LiveSettings, body: ReqBody) -> Result<B
     Ok(joined(collect_frames(t, rt, body).await?))
 }
 
-/// The data frames of a body whose announced length is at most [`WHOLE_BODY_MAX`], as
-/// received (not copied; trailers are dropped).
+/// The data of a body [`held_whole`] (at most [`WHOLE_BODY_MAX`]), in
+/// [`super::pieces::Pieces`]: frames of 16 KiB or more as received, smaller ones copied
+/// together (an h2 client's one-byte DATA frames cost their bytes, not a `Bytes` each);
+/// trailers are dropped.
 ///
 /// # Errors
 /// 400 when the body breaks off; 408 when no byte of it came for `response_timeout_secs`,
@@ -1149,7 +1151,7 @@ async fn collect_frames(
 ) -> Result<Vec<Bytes>, Refusal> {
     let stall = rt.upstream.config.response_timeout;
     let mut body = Limited::new(body, WHOLE_BODY_MAX as usize);
-    let mut frames = Vec::new();
+    let mut frames = super::pieces::Pieces::default();
     loop {
         let Ok(frame) = tokio::time::timeout(stall, body.frame()).await else {
             return Err(body_stalled(t));
@@ -1162,12 +1164,10 @@ async fn collect_frames(
             )
         })?;
         if let Ok(data) = frame.into_data() {
-            if !data.is_empty() {
-                frames.push(data);
-            }
+            frames.push(data);
         }
     }
-    Ok(frames)
+    Ok(frames.into_vec())
 }
 
 /// `pieces` as one buffer: the piece itself when there is only one, else one copy.

@@ -109,12 +109,14 @@ impl ClientFailed {
 }
 
 impl BodyBreak {
-    /// What the error a client's body ended with says: its framing was refused, or the
-    /// client went.
+    /// What the error a client's body ended with says: its framing was refused (the h1
+    /// guard's `InvalidData`; hyper's `InvalidInput` for a bad trailer field, review h42b),
+    /// or the client went.
     pub fn of(e: &hyper::Error) -> BodyBreak {
+        use std::io::ErrorKind::{InvalidData, InvalidInput};
         let malformed = std::iter::successors(std::error::Error::source(e), |s| s.source())
             .filter_map(|s| s.downcast_ref::<std::io::Error>())
-            .any(|io| io.kind() == std::io::ErrorKind::InvalidData)
+            .any(|io| matches!(io.kind(), InvalidData | InvalidInput))
             || e.is_parse();
         match malformed {
             true => BodyBreak::Malformed,

@@ -9,14 +9,17 @@
 //! Invariants:
 //! - Bytes come out in the order they arrived, each exactly once, then the rest of the body.
 //! - At most [`Bounds::max`] bytes (and one frame) are read ahead, for at most [`WAIT`] from
-//!   the first poll; past [`Bounds::free`] only under a reservation of `max` in
-//!   [`super::whole_bodies::BUDGET`], held as long as those bytes are (the budget decides
-//!   framing, it never refuses a body). A body that did not end within those
-//!   bounds streams on from where it is, without a length, as every such body did before.
+//!   the first poll. Once more than [`Bounds::free`] are held, all of them are reserved in
+//!   [`super::whole_bodies::BUDGET`] (in steps of [`STEP`], as they come), for as long as they
+//!   are held; when the budget has no room the read stops there, holding at most `free` and
+//!   one frame unreserved (the budget decides framing, it never refuses a body). A body that
+//!   did not end within those bounds streams on from where it is, without a length, as every
+//!   such body did before.
+//! - What is held is its data in [`Pieces`], not one buffer per frame: a body sent in
+//!   one-byte chunks costs its bytes, not 32 bytes of bookkeeping per byte (review h42b).
 //! - A body read to its end reports its exact length ([`Body::size_hint`]), so hyper's
 //!   client sends it with a `Content-Length` on either protocol.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +28,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use super::pieces::Pieces;
 use super::whole_bodies::Reserved;
 
 /// The longest a body is read ahead before its head goes upstream: the same second a small
@@ -32,25 +36,26 @@ use super::whole_bodies::Reserved;
 /// (a slow link, a long-lived upload) has its request sent after this, streamed.
 pub const WAIT: Duration = Duration::from_secs(1);
 
+/// The steps in which what is read past [`Bounds::free`] is reserved.
+pub const STEP: u64 = 64 * 1024;
+
 /// How much of a body is read ahead.
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
     /// Read without a reservation (bodies this small are held whole anyway).
     pub free: u64,
-    /// The most read ahead; past `free`, reserved in full.
+    /// The most read ahead (and one frame).
     pub max: u64,
 }
 
 /// A request body with what was read of it ahead.
 pub struct Ahead<B> {
     /// Data read ahead, not yet handed on.
-    read: VecDeque<Bytes>,
-    /// The bytes in `read`.
-    len: u64,
+    read: Pieces,
     /// The body's unread part; `None` once its end was read.
     rest: Option<B>,
-    /// The budget's hold on `read` (past `BUFFER_BODY_MAX`), until it is handed on.
-    reserved: Option<Reserved>,
+    /// The budget's hold on `read` (none within `free`), until it is handed on.
+    reserved: Reserved,
 }
 
 impl<B> Ahead<B>
@@ -60,10 +65,9 @@ where
     /// `body`, with nothing read ahead.
     pub fn new(body: B) -> Self {
         Ahead {
-            read: VecDeque::new(),
-            len: 0,
+            read: Pieces::default(),
             rest: Some(body),
-            reserved: None,
+            reserved: Reserved::none(),
         }
     }
 
@@ -75,7 +79,7 @@ where
     pub async fn read_ahead(&mut self, bounds: Bounds) -> Result<(), B::Error> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if self.len > bounds.max || !self.reserve(bounds) {
+            if self.read.len() > bounds.max || !self.reserve(bounds) {
                 break;
             }
             let Some(rest) = self.rest.as_mut() else {
@@ -86,7 +90,7 @@ where
                 Ok(None) => self.rest = None,
                 Ok(Some(frame)) => {
                     if let Ok(data) = frame?.into_data() {
-                        self.hold(data);
+                        self.read.push(data);
                     }
                 }
             }
@@ -94,32 +98,22 @@ where
         Ok(())
     }
 
-    /// Whether the budget holds what is read (taking `bounds.max` of it once the read passes
-    /// `bounds.free`).
+    /// Whether the budget holds what is read: all of it, in steps of [`STEP`], once more
+    /// than `bounds.free` is.
     fn reserve(&mut self, bounds: Bounds) -> bool {
-        if self.len <= bounds.free || self.reserved.is_some() {
-            return true;
-        }
-        self.reserved = Reserved::take(bounds.max);
-        self.reserved.is_some()
+        let held = self.read.len();
+        held <= bounds.free || self.reserved.grow_to(held.next_multiple_of(STEP))
     }
 
-    fn hold(&mut self, data: Bytes) {
-        if !data.is_empty() {
-            self.len += data.len() as u64;
-            self.read.push_back(data);
-        }
-    }
-
-    /// Whether the whole body is in memory (its end was read and nothing handed on yet).
+    /// Whether the body's end was read: every byte of it not yet handed on is in memory.
     pub fn is_whole(&self) -> bool {
         self.rest.is_none()
     }
 
     /// The budget's hold on the bytes read, for whoever keeps them (see
-    /// [`Reserved::holding`]); `None` if they needed none.
-    pub fn take_reserved(&mut self) -> Option<Reserved> {
-        self.reserved.take()
+    /// [`Reserved::holding`]; none if they needed none).
+    pub fn take_reserved(&mut self) -> Reserved {
+        std::mem::replace(&mut self.reserved, Reserved::none())
     }
 
     /// The unread part, if the body's end was not read yet.
@@ -140,9 +134,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         if let Some(data) = self.read.pop_front() {
-            self.len -= data.len() as u64;
             if self.read.is_empty() {
-                self.reserved = None; // handed on: the reservation ends with the held bytes
+                self.take_reserved(); // handed on: the reservation ends with the held bytes
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
@@ -158,13 +151,14 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let Some(rest) = self.rest.as_ref() else {
-            return SizeHint::with_exact(self.len);
+            return SizeHint::with_exact(self.read.len());
         };
         let rest = rest.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(self.len));
+        let held = self.read.len();
+        hint.set_lower(rest.lower().saturating_add(held));
         if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(self.len));
+            hint.set_upper(upper.saturating_add(held));
         }
         hint
     }
@@ -209,8 +203,9 @@ mod tests {
         ahead.read_ahead(BOUNDS).await.unwrap();
         assert!(ahead.is_whole());
         assert_eq!(ahead.size_hint().exact(), Some(7));
-        assert!(
-            ahead.take_reserved().is_none(),
+        assert_eq!(
+            ahead.take_reserved().bytes(),
+            0,
             "small bodies take no budget"
         );
         let got = ahead.collect().await.unwrap().to_bytes();
@@ -257,6 +252,20 @@ mod tests {
         assert!(ahead.read_ahead(BOUNDS).await.is_err());
     }
 
+    /// A body in one-byte chunks is held as its bytes in a few pieces, not one buffer per
+    /// chunk (review h42b: 65,537 such chunks held 4 MiB of bookkeeping for 64 KiB of data).
+    #[tokio::test]
+    async fn one_byte_chunks_are_held_as_their_bytes() {
+        let frames: Frames = (0..60_000).map(|i| data(1, (i % 251) as u8)).collect();
+        let mut ahead = Ahead::new(stream(frames));
+        ahead.read_ahead(BOUNDS).await.unwrap();
+        assert_eq!(ahead.size_hint().exact(), Some(60_000));
+        let pieces = std::mem::take(&mut ahead.read).into_vec();
+        assert!(pieces.len() <= 4, "{} pieces", pieces.len());
+        let all = pieces.concat();
+        assert!(all.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    }
+
     /// Past `BUFFER_BODY_MAX` the read holds a reservation of the budget, which goes back when
     /// the bytes are handed on (or with whoever took it).
     #[tokio::test]
@@ -268,7 +277,11 @@ mod tests {
         let mut ahead = Ahead::new(stream(frames));
         ahead.read_ahead(BOUNDS).await.unwrap();
         assert!(ahead.is_whole());
-        assert_eq!(reserved(), start + WHOLE_BODY_MAX);
+        assert_eq!(
+            reserved(),
+            start + 256 * 1024,
+            "200,000 bytes, in steps of 64 KiB"
+        );
         let got = ahead.collect().await.unwrap().to_bytes();
         assert_eq!(got.len(), 200_000);
         assert_eq!(reserved(), start, "handed on");
@@ -276,9 +289,9 @@ mod tests {
         let frames: Frames = (0..4u8).map(|i| data(50_000, i)).collect();
         let mut ahead = Ahead::new(stream(frames));
         ahead.read_ahead(BOUNDS).await.unwrap();
-        let taken = ahead.take_reserved().expect("a reservation to take");
+        let taken = ahead.take_reserved();
         drop(ahead);
-        assert_eq!(reserved(), start + WHOLE_BODY_MAX, "with whoever took it");
+        assert_eq!(reserved(), start + 256 * 1024, "with whoever took it");
         drop(taken);
         assert_eq!(reserved(), start);
     }

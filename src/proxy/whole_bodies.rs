@@ -30,12 +30,26 @@ impl Reserved {
 
     /// Reserves `n` bytes if the budget has room for them.
     pub fn take(n: u64) -> Option<Reserved> {
-        RESERVED
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                r.checked_add(n).filter(|total| *total <= BUDGET)
-            })
-            .ok()
-            .map(|_| Reserved(n))
+        // Lazily: a reservation made and dropped would give back bytes it never took.
+        add(n).then(|| Reserved(n))
+    }
+
+    /// Grows this reservation to `n` bytes if the budget has room (true), or leaves it as it
+    /// is (false). A reservation of `n` or more already is left as it is.
+    pub fn grow_to(&mut self, n: u64) -> bool {
+        let Some(more) = n.checked_sub(self.0).filter(|more| *more > 0) else {
+            return true;
+        };
+        if !add(more) {
+            return false;
+        }
+        self.0 += more;
+        true
+    }
+
+    /// The bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.0
     }
 
     /// `body`, keeping this reservation until its last clone is dropped (retries clone it).
@@ -48,6 +62,15 @@ impl Reserved {
             _reserved: self,
         })
     }
+}
+
+/// Adds `n` to the bytes reserved if the budget has room for them.
+fn add(n: u64) -> bool {
+    RESERVED
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+            r.checked_add(n).filter(|total| *total <= BUDGET)
+        })
+        .is_ok()
 }
 
 impl Drop for Reserved {
@@ -100,5 +123,13 @@ mod tests {
         drop(copy);
         assert_eq!(reserved(), start);
         assert_eq!(Reserved::none().holding(Bytes::from_static(b"x")), "x");
+
+        let mut growing = Reserved::none();
+        assert!(growing.grow_to(1000) && growing.grow_to(10) && growing.grow_to(4000));
+        assert_eq!((growing.bytes(), reserved()), (4000, start + 4000));
+        assert!(!growing.grow_to(BUDGET + 1), "past the budget");
+        assert_eq!(reserved(), start + 4000, "a refused growth takes nothing");
+        drop(growing);
+        assert_eq!(reserved(), start);
     }
 }

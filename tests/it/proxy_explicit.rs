@@ -576,6 +576,41 @@ async fn chunked_bodies_are_read_ahead_and_get_a_length_when_prompt_and_small() 
         let want = framed.then(|| r.body.len().to_string());
         assert_eq!(length, want, "{size} bytes over {:?}", r.version);
     }
+
+    // 30,000 one-byte chunks in one write (held as their bytes, not a buffer each: review
+    // h42b), the token spread over 43 of them.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let mut body = vec![b'z'; 30_000];
+    body[20_000..20_000 + tok.len()].copy_from_slice(tok.as_bytes());
+    let mut wire = b"POST /tiny HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\
+                     Transfer-Encoding: chunked\r\n\r\n"
+        .to_vec();
+    for b in &body {
+        wire.extend_from_slice(b"1\r\n");
+        wire.push(*b);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    tls.write_all(&wire).await.unwrap();
+    let mut out = Vec::new();
+    let read = tls.read_to_end(&mut out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), read).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let r = e.echo.requests().pop().unwrap();
+    body.splice(
+        20_000..20_000 + tok.len(),
+        b"sk-chunked-body-0008".iter().copied(),
+    );
+    assert!(r.body == body, "{} bytes arrived", r.body.len());
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some(&*body.len().to_string())
+    );
 }
 
 #[tokio::test]
@@ -837,6 +872,18 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     let line = e.h.audit_line_eventually("/bad-chunk").await;
     assert!(line.contains("\"code\":\"bad_request\""), "{line}");
     assert!(!line.contains("\"status\":499"), "{line}");
+
+    // So is a chunked body whose trailer section is malformed (hyper's `InvalidInput`, which
+    // read as a client gone: review h42b).
+    let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+    let bad = "POST /bad-trailer HTTP/1.1\r\nHost: api.example.test\r\n\
+               Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nno colon here\r\n\r\n";
+    tls.write_all(bad.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let read = tls.read_to_end(&mut out);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    let line = e.h.audit_line_eventually("/bad-trailer").await;
+    assert!(line.contains("\"code\":\"bad_request\""), "{line}");
 }
 
 #[tokio::test]
