@@ -23,8 +23,9 @@
 //! - the first chunk-size line of a chunked body is checked before its head is released, so a
 //!   broken first chunk (huge or malformed size) refuses the request before anything is
 //!   forwarded — except with `Expect`, where the client waits for hyper's `100 Continue`. A bad
-//!   *later* chunk fails the read: hyper drops the connection and aborts the upstream body, so
-//!   the upstream sees one truncated request, never a second message;
+//!   *later* chunk fails the read (every read from then on, after what the read released
+//!   before the break): the body ends in an error, the request is a 400, hyper closes the
+//!   connection and the upstream sees one truncated request at most, never a second message;
 //! - after `CONNECT` or a request carrying `Upgrade` the bytes may become another protocol and
 //!   the guard stops inspecting. hyper keeps parsing h1 only if that request is *not*
 //!   upgraded, so the service must answer such a request with `Connection: close` unless it
@@ -854,6 +855,8 @@ pin_project_lite::pin_project! {
         // How long bytes may be held, and the clock running while they are.
         hold_limit: Duration,
         deadline: Option<Pin<Box<Sleep>>>,
+        // A refusal mid-message, failing every read once `ready` is delivered.
+        failing: Option<&'static str>,
     }
 }
 
@@ -883,6 +886,7 @@ impl<S> H1Guard<S> {
             ready: BytesMut::new(),
             hold_limit: limits.hold,
             deadline: None,
+            failing: None,
         }
     }
 }
@@ -952,6 +956,12 @@ impl<S: AsyncRead> H1Guard<S> {
                 this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
+            if let Some(reason) = *this.failing {
+                // Every read from now on (hyper can take the first error while it still holds
+                // an undelivered frame, and then waits on the body for ever: the request
+                // stalled to 408 after `response_timeout_secs`).
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason)));
+            }
             if this.framing.is_rejected() {
                 // The synthetic request was delivered; hyper answers it and closes. Nothing
                 // more is read from the client.
@@ -1009,7 +1019,11 @@ impl<S: AsyncRead> H1Guard<S> {
             buf.set_filled(before);
             if let Fed::Refused(r) = fed {
                 if r.mid_message {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, r.reason)));
+                    // What the read released before the break goes first (a head and the
+                    // chunks before a bad one, all in one read, were dropped with the
+                    // connection: no answer, no audit line; outside pass h42a).
+                    *this.failing = Some(r.reason);
+                    continue;
                 }
                 tracing::debug!(reason = r.reason, "request framing refused");
                 this.ready.extend_from_slice(&this.tag.synthetic(&r));

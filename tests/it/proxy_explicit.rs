@@ -886,6 +886,42 @@ async fn an_h1_client_that_leaves_mid_upload_is_audited_as_gone() {
     assert!(line.contains("\"code\":\"bad_request\""), "{line}");
 }
 
+/// A chunked body whose framing breaks in the same read as its head and first chunk is a
+/// 400 at once (outside pass h42a: it waited out `response_timeout_secs`, then 408).
+#[tokio::test]
+async fn a_chunk_broken_in_the_first_read_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let opts = Opts {
+        upstream_toml: "response_timeout_secs = 5\n".into(),
+        ..Default::default()
+    };
+    let e = setup_with(Some(&["api.example.test"]), &[], opts).await;
+    for (path, body) in [
+        ("/broken-size", "5\r\nhello\r\nzz\r\n"),
+        ("/broken-crlf", "5\r\nhelloXX3\r\nabc\r\n0\r\n\r\n"),
+    ] {
+        let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: api.example.test\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let started = std::time::Instant::now();
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tls.read_to_end(&mut out);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), read).await;
+        let took = started.elapsed();
+        let line = e.h.audit_line_eventually(path).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
+        assert!(
+            line.contains("\"code\":\"bad_request\""),
+            "{path} after {took:?}: {line}"
+        );
+        assert!(took < std::time::Duration::from_secs(2), "{path}: {took:?}");
+    }
+    assert!(e.echo.requests().is_empty());
+}
+
 #[tokio::test]
 async fn missing_or_duplicate_host_is_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
