@@ -74,6 +74,9 @@ pub struct Sandbox {
     /// Bytes of gRPC messages its responses hold, compressed in flight or decoded and not yet
     /// taken by its clients (`subst::framing::HELD_MESSAGES_PER_SANDBOX`).
     pub grpc_held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes of its request bodies held whole past `proxy::forward::BUFFER_BODY_MAX`
+    /// (`proxy::whole_bodies::SANDBOX_SHARE`).
+    pub bodies_held: crate::proxy::whole_bodies::Share,
 }
 
 impl Sandbox {
@@ -96,6 +99,7 @@ impl Sandbox {
             upstream: Default::default(),
             decoders: Default::default(),
             grpc_held: Default::default(),
+            bodies_held: Default::default(),
         }
     }
 

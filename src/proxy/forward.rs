@@ -390,7 +390,7 @@ async fn exchange(
     }
     let mut body = Ahead::new(body);
     if chunked_h1 {
-        let read = body.read_ahead(READ_AHEAD).await;
+        let read = body.read_ahead(READ_AHEAD, &t.sandbox.bodies_held).await;
         read.map_err(|e| broken(BodyBreak::of(&e)))?;
     }
     let (body, streamed) = prepare_body(t, rt, &snapshot, &view, &mut up, body, o).await?;
@@ -1065,7 +1065,7 @@ async fn prepare_body(
     let scan =
         view.any_body && !view.is_empty() && !compressed(req.headers()) && !body.is_end_stream();
     if !scan {
-        if let Some(reserved) = held_whole(&mut body, BUFFER_BODY_MAX) {
+        if let Some(reserved) = held_whole(t, &mut body, BUFFER_BODY_MAX) {
             let read_ahead = body.is_whole();
             let whole = reserved.holding(collect_small(t, rt, body).await?);
             o.bytes_up = whole.len() as u64;
@@ -1088,7 +1088,7 @@ async fn prepare_body(
     };
     let mode = rt.proxy.on_disallowed_token;
     let budget = body_budget(rt, o);
-    if let Some(reserved) = held_whole(&mut body, WHOLE_BODY_MAX) {
+    if let Some(reserved) = held_whole(t, &mut body, WHOLE_BODY_MAX) {
         let whole = substitute_whole(t, rt, lookup, mode, req, body, o).await?;
         return Ok((UpBody::Held(reserved.holding(whole)), None));
     }
@@ -1108,14 +1108,14 @@ async fn prepare_body(
 /// Whether `body` is read whole, with the budget's hold on it (which lasts as long as the
 /// held bytes): one read ahead to its end always (its reservation, if it needed one, moves
 /// here), one of announced length `n` if `n` is at most [`BUFFER_BODY_MAX`], or at most
-/// `max` when [`super::whole_bodies::BUDGET`] has room for it.
-fn held_whole(body: &mut ReqBody, max: u64) -> Option<Reserved> {
+/// `max` when [`super::whole_bodies::BUDGET`] and the sandbox's share of it have room for it.
+fn held_whole(t: &Tunnel, body: &mut ReqBody, max: u64) -> Option<Reserved> {
     if body.is_whole() {
         return Some(body.take_reserved());
     }
     match body.size_hint().exact()? {
         n if n <= BUFFER_BODY_MAX => Some(Reserved::none()),
-        n if n <= max => Reserved::take(n),
+        n if n <= max => Reserved::take(n, &t.sandbox.bodies_held),
         _ => None,
     }
 }

@@ -29,7 +29,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use super::pieces::Pieces;
-use super::whole_bodies::Reserved;
+use super::whole_bodies::{Reserved, Share};
 
 /// The longest a body is read ahead before its head goes upstream: the same second a small
 /// answer is waited for (`forward::WHOLE_ANSWER_WAIT`). A client that sends the rest later
@@ -72,14 +72,15 @@ where
     }
 
     /// Reads ahead until the body ends, more than `bounds.max` bytes are in, [`WAIT`] has
-    /// passed or the budget has no room, whichever comes first. Trailers are dropped.
+    /// passed or the budget (or the sandbox's `share` of it) has no room, whichever comes
+    /// first. Trailers are dropped.
     ///
     /// # Errors
     /// The body's own error (it broke off); what was read is then dropped.
-    pub async fn read_ahead(&mut self, bounds: Bounds) -> Result<(), B::Error> {
+    pub async fn read_ahead(&mut self, bounds: Bounds, share: &Share) -> Result<(), B::Error> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if self.read.len() > bounds.max || !self.reserve(bounds) {
+            if self.read.len() > bounds.max || !self.reserve(bounds, share) {
                 break;
             }
             let Some(rest) = self.rest.as_mut() else {
@@ -100,9 +101,9 @@ where
 
     /// Whether the budget holds what is read: all of it, in steps of [`STEP`], once more
     /// than `bounds.free` is.
-    fn reserve(&mut self, bounds: Bounds) -> bool {
+    fn reserve(&mut self, bounds: Bounds, share: &Share) -> bool {
         let held = self.read.len();
-        held <= bounds.free || self.reserved.grow_to(held.next_multiple_of(STEP))
+        held <= bounds.free || self.reserved.grow_to(held.next_multiple_of(STEP), share)
     }
 
     /// Whether the body's end was read: every byte of it not yet handed on is in memory.
@@ -200,7 +201,7 @@ mod tests {
         ];
         let mut ahead = Ahead::new(stream(frames));
         assert_eq!(ahead.size_hint().exact(), None);
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         assert!(ahead.is_whole());
         assert_eq!(ahead.size_hint().exact(), Some(7));
         assert_eq!(
@@ -219,7 +220,7 @@ mod tests {
         let _serial = super::super::whole_bodies::SERIAL.lock().await;
         let frames: Frames = (0..20u8).map(|i| data(100_000, i)).collect();
         let mut ahead = Ahead::new(stream(frames));
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         assert!(!ahead.is_whole());
         assert_eq!(ahead.size_hint().exact(), None);
         assert!(ahead.size_hint().lower() > WHOLE_BODY_MAX);
@@ -239,7 +240,7 @@ mod tests {
         let rx = futures_util::stream::unfold(rx, |mut rx| async { Some((rx.recv().await?, rx)) });
         let mut ahead = Ahead::new(StreamBody::new(Box::pin(rx)));
         tx.try_send(data(5, b'a')).unwrap();
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         assert!(!ahead.is_whole());
         assert!(!ahead.is_end_stream());
         tx.try_send(data(2, b'b')).unwrap();
@@ -249,7 +250,7 @@ mod tests {
 
         let broken = vec![data(5, b'a'), Err(std::io::Error::other("cut"))];
         let mut ahead = Ahead::new(stream(broken));
-        assert!(ahead.read_ahead(BOUNDS).await.is_err());
+        assert!(ahead.read_ahead(BOUNDS, &Share::default()).await.is_err());
     }
 
     /// A body in one-byte chunks is held as its bytes in a few pieces, not one buffer per
@@ -258,7 +259,7 @@ mod tests {
     async fn one_byte_chunks_are_held_as_their_bytes() {
         let frames: Frames = (0..60_000).map(|i| data(1, (i % 251) as u8)).collect();
         let mut ahead = Ahead::new(stream(frames));
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         assert_eq!(ahead.size_hint().exact(), Some(60_000));
         let pieces = std::mem::take(&mut ahead.read).into_vec();
         assert!(pieces.len() <= 4, "{} pieces", pieces.len());
@@ -275,7 +276,7 @@ mod tests {
         let start = reserved();
         let frames: Frames = (0..4u8).map(|i| data(50_000, i)).collect();
         let mut ahead = Ahead::new(stream(frames));
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         assert!(ahead.is_whole());
         assert_eq!(
             reserved(),
@@ -288,7 +289,7 @@ mod tests {
 
         let frames: Frames = (0..4u8).map(|i| data(50_000, i)).collect();
         let mut ahead = Ahead::new(stream(frames));
-        ahead.read_ahead(BOUNDS).await.unwrap();
+        ahead.read_ahead(BOUNDS, &Share::default()).await.unwrap();
         let taken = ahead.take_reserved();
         drop(ahead);
         assert_eq!(reserved(), start + 256 * 1024, "with whoever took it");
