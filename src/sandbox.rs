@@ -76,7 +76,7 @@ pub struct Sandbox {
     pub grpc_held: Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes of its request bodies held whole past `proxy::forward::BUFFER_BODY_MAX`
     /// (`proxy::whole_bodies::SANDBOX_SHARE`).
-    pub bodies_held: crate::proxy::whole_bodies::Share,
+    pub bodies_held: Arc<AtomicU64>,
 }
 
 impl Sandbox {
