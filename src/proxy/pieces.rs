@@ -30,7 +30,7 @@ pub struct Pieces {
     tail: BytesMut,
     /// The one small frame after the closed pieces, as it came (`tail` is then empty).
     lone: Option<Bytes>,
-    /// Bytes held, in `done` and `tail`.
+    /// Bytes held, in `done`, `lone` and `tail`.
     len: u64,
 }
 

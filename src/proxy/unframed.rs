@@ -12,9 +12,9 @@
 //!   the first poll. Once more than [`Bounds::free`] are held, all of them are reserved in
 //!   [`super::whole_bodies::BUDGET`] and the sandbox's share of it (in steps of [`STEP`], as
 //!   they come), for as long as they are held; when either has no room the read stops there,
-//!   holding at most `free` and one frame unreserved (the budget decides framing, it never refuses a body). A body that
-//!   did not end within those bounds streams on from where it is, without a length, as every
-//!   such body did before.
+//!   holding at most `free` and one frame unreserved (the budget decides framing, it never
+//!   refuses a body). A body that did not end within those bounds streams on from where it
+//!   is, without a length, as every such body did before.
 //! - What is held is its data in [`Pieces`], not one buffer per frame: a body sent in
 //!   one-byte chunks costs its bytes, not 32 bytes of bookkeeping per byte (review h42b).
 //! - A body read to its end reports its exact length ([`Body::size_hint`]), so hyper's
