@@ -211,19 +211,23 @@ impl Dialing {
     }
 }
 
-/// True if the origin ended the handshake with `no_application_protocol`: it speaks none of
-/// the protocols offered. To an h2-only connector that is [`ConnectError::NotH2`], as an
+/// True if the origin's handshake says it speaks none of the protocols offered: it ended the
+/// handshake with `no_application_protocol`, or it chose one that was not offered (Apache
+/// httpd on a host whose `Protocols` lack h2 answers an offer of h2 alone with `http/1.1`,
+/// which rustls refuses). To an h2-only connector that is [`ConnectError::NotH2`], as an
 /// origin that picks no ALPN is: nothing was sent, and the request may go on a client that
 /// offers HTTP/1.1 too (re-check h38f: a GET retried on the h2-only client after an HTTP/1.1
 /// origin closed unanswered got `502 upstream_tls_error` — Node and rustls servers send the
-/// alert; nginx just picks none).
+/// alert; nginx just picks none; Apache picks its own).
 fn refused_alpn(e: &std::io::Error) -> bool {
+    use rustls::{AlertDescription, Error, PeerMisbehaved};
     e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|inner| inner.downcast_ref::<Error>())
         .is_some_and(|r| {
             matches!(
                 r,
-                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+                Error::AlertReceived(AlertDescription::NoApplicationProtocol)
+                    | Error::PeerMisbehaved(PeerMisbehaved::SelectedUnofferedApplicationProtocol)
             )
         })
 }
@@ -594,6 +598,23 @@ impl hyper::rt::Write for UpstreamStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An origin that speaks none of the offered protocols, whichever way it says so, is "not
+    /// h2" for an h2-only connector; any other handshake failure is not.
+    #[test]
+    fn an_alpn_the_origin_refused_or_chose_unoffered_is_not_h2() {
+        use rustls::{AlertDescription, Error, PeerMisbehaved};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let refused = Error::AlertReceived(AlertDescription::NoApplicationProtocol);
+        let unoffered = Error::PeerMisbehaved(PeerMisbehaved::SelectedUnofferedApplicationProtocol);
+        assert!(refused_alpn(&io(refused)));
+        assert!(refused_alpn(&io(unoffered)));
+        let other = Error::PeerMisbehaved(PeerMisbehaved::SelectedUnofferedCipherSuite);
+        assert!(!refused_alpn(&io(other)));
+        assert!(!refused_alpn(&io(Error::DecryptError)));
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert!(!refused_alpn(&eof));
+    }
 
     /// The kernel property [`lands_on_this_host`] relies on: a connection to one of this host's
     /// addresses, loopback or not, has that address as its source.
