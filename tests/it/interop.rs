@@ -7,6 +7,7 @@
 //!
 //! Third-party programs missing: with `CI` set the tests fail; otherwise they say so and skip.
 
+mod apache;
 mod big;
 mod explicit;
 mod grpc;

@@ -765,3 +765,155 @@ impl Lighttpd {
         }
     }
 }
+
+// ---- Apache httpd ---------------------------------------------------------------------------
+
+/// Apache httpd 2.4 (apt: `apache2`, the event MPM, mod_ssl, mod_http2, mod_cgid) with a CGI
+/// echo on two TLS ports: `h2` offers h2 and HTTP/1.1 by ALPN, `h1` only HTTP/1.1. Its
+/// connection limits are set low so a short test meets them many times: an idle connection is
+/// closed after `KeepAliveTimeout` (an h2 one with GOAWAY first), an HTTP/1.1 one also after
+/// `MaxKeepAliveRequests` requests.
+pub struct Apache {
+    /// The h2 + HTTP/1.1 port.
+    pub h2: SocketAddr,
+    /// The HTTP/1.1-only port.
+    pub h1: SocketAddr,
+    /// `method path status` per request, as Apache logged it.
+    access_log: PathBuf,
+    conf: PathBuf,
+    proc: Proc,
+}
+
+/// The CGI: the announced and read body lengths, the body's SHA-256 and the SHA-256 of the
+/// `X-Api-Key` field (never a value itself).
+const APACHE_CGI: &str = "#!/usr/bin/env python3
+import hashlib, os, sys
+n = os.environ.get('CONTENT_LENGTH', '')
+body = sys.stdin.buffer.read(int(n)) if n else sys.stdin.buffer.read()
+key = os.environ.get('HTTP_X_API_KEY', '').encode()
+sys.stdout.write('Content-Type: text/plain\\r\\n\\r\\n')
+sys.stdout.write('content_length=%s\\nread=%d\\nsha256=%s\\nkey_sha256=%s\\n' % (
+    n, len(body), hashlib.sha256(body).hexdigest(), hashlib.sha256(key).hexdigest()))
+";
+
+impl Apache {
+    /// Starts Apache serving `echo.cgi` for `names` with a leaf of `pki`, closing idle
+    /// connections after `keepalive` (Apache takes milliseconds: `100ms`).
+    pub fn start(pki: &TestPki, dir: &Path, names: &[&str], keepalive: &str) -> Apache {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = dir.join("apache");
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        // The CGI runs as `nobody` when the suite runs as root: it must reach the script
+        // through the test's temp dir (created 0700).
+        for d in [dir.parent().unwrap(), &dir, &dir.join("www")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let (crt, key) = pki.write_leaf(&dir, "leaf", names);
+        let cgi = dir.join("www/echo.cgi");
+        std::fs::write(&cgi, APACHE_CGI).unwrap();
+        std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (h2, h1) = (free_port(), free_port());
+        let conf = apache_conf(&dir, &crt, &key, [h2, h1], keepalive);
+        std::fs::write(dir.join("apache.conf"), conf).unwrap();
+        let log = dir.join("error.log");
+        let mut proc = Proc::spawn(
+            "apache2",
+            Command::new("apache2")
+                .arg("-f")
+                .arg(dir.join("apache.conf"))
+                .args(["-D", "FOREGROUND"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap()),
+        );
+        wait_ports("apache2", &mut proc, &[h2, h1], &log);
+        Apache {
+            h2: loopback(h2),
+            h1: loopback(h1),
+            access_log: dir.join("access.log"),
+            conf: dir.join("apache.conf"),
+            proc,
+        }
+    }
+
+    /// Takes h2 off the `h2` port (its `Protocols` become `http/1.1`) and restarts Apache
+    /// (SIGHUP: the configuration is read again, open connections end); returns once the
+    /// port accepts connections again.
+    pub fn drop_h2(&mut self) {
+        let conf = std::fs::read_to_string(&self.conf).unwrap();
+        let conf = conf.replace("Protocols h2 http/1.1\n", "Protocols http/1.1\n");
+        std::fs::write(&self.conf, conf).unwrap();
+        let pid = self.proc.child.id().to_string();
+        let _ = Command::new("kill").args(["-HUP", &pid]).status();
+        // The listeners stay open across the restart; the new children serve once the
+        // configuration is read again, and the error log says so.
+        let log = self.conf.with_file_name("error.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let restarted = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.matches("resuming normal operations").count() >= 2
+        };
+        while !restarted() {
+            assert!(Instant::now() < deadline, "apache2 did not restart");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The lines Apache logged for requests whose path and query contain `marker`.
+    pub fn hits(&self, marker: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(marker))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn apache_conf(dir: &Path, crt: &Path, key: &Path, ports: [u16; 2], keepalive: &str) -> String {
+    let (d, m) = (dir.display(), "/usr/lib/apache2/modules");
+    let [h2, h1] = ports;
+    let user = match running_as_root() {
+        true => "User nobody\nGroup nogroup\n",
+        false => "",
+    };
+    format!(
+        "ServerRoot \"{d}\"\n\
+         ServerName apache.test\n\
+         Listen 127.0.0.1:{h2}\n\
+         Listen 127.0.0.1:{h1}\n\
+         PidFile \"{d}/run/apache.pid\"\n\
+         DefaultRuntimeDir \"{d}/run\"\n\
+         Mutex file:{d}/run\n\
+         ErrorLog \"{d}/error.log\"\n\
+         LogFormat \"%m %U%q %>s\" hit\n\
+         CustomLog \"{d}/access.log\" hit\n\
+         {user}\
+         LoadModule mpm_event_module {m}/mod_mpm_event.so\n\
+         LoadModule authz_core_module {m}/mod_authz_core.so\n\
+         LoadModule mime_module {m}/mod_mime.so\n\
+         TypesConfig /dev/null\n\
+         LoadModule ssl_module {m}/mod_ssl.so\n\
+         LoadModule http2_module {m}/mod_http2.so\n\
+         LoadModule cgid_module {m}/mod_cgid.so\n\
+         ScriptSock \"{d}/run/cgid.sock\"\n\
+         KeepAliveTimeout {keepalive}\n\
+         MaxKeepAliveRequests 3\n\
+         SSLEngine on\n\
+         SSLCertificateFile \"{}\"\n\
+         SSLCertificateKeyFile \"{}\"\n\
+         SSLSessionCache none\n\
+         Protocols h2 http/1.1\n\
+         DocumentRoot \"{d}/www\"\n\
+         <Directory \"{d}/www\">\n\
+         \x20   Options +ExecCGI\n\
+         \x20   AddHandler cgi-script .cgi\n\
+         \x20   Require all granted\n\
+         </Directory>\n\
+         <VirtualHost 127.0.0.1:{h1}>\n\
+         \x20   Protocols http/1.1\n\
+         </VirtualHost>\n",
+        crt.display(),
+        key.display()
+    )
+}
