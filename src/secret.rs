@@ -51,6 +51,14 @@ impl PartialEq for SecretValue {
 
 impl Eq for SecretValue {}
 
+/// True for the bytes no secret value may hold: every C0 control (`0x00`–`0x1F`) but HTAB,
+/// and DEL. The admin API refuses values with them (a header cannot carry them), and none of
+/// the forms the scrubber also looks for (`subst::forms`: percent, JSON, HTML, base64) can
+/// produce one, so a streamed answer may be cut at any of them without splitting a value.
+pub fn refused_in_value(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
 /// Compares two byte strings in time independent of where they differ (length may leak).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

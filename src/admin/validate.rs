@@ -226,18 +226,13 @@ pub fn secret_value(value: &str) -> Result<(), ApiError> {
     if value.len() > MAX_VALUE_BYTES {
         return Err(invalid_value("secret value is larger than 64 KiB"));
     }
-    if value.bytes().any(is_refused_control) {
+    if value.bytes().any(crate::secret::refused_in_value) {
         return Err(invalid_value(
             "secret value must not contain control characters (CR, LF, NUL, any other C0 \
              control except tab, or DEL)",
         ));
     }
     Ok(())
-}
-
-/// C0 controls other than HTAB, and DEL.
-fn is_refused_control(b: u8) -> bool {
-    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 fn invalid_value(message: impl Into<String>) -> ApiError {

@@ -13,8 +13,12 @@
 //! [`ScrubStream`] holds back the last [`Scrubber::window`] bytes of what it has (the longest
 //! value's length less one, rounded up to [`WINDOW_UNIT`]) and emits everything before them:
 //! any match starting there lies entirely in what we have. No value (nor any of its forms)
-//! holds CR, LF or NUL (the API refuses them), so nothing is held across the last of those
-//! (a scrubber built from values that do hold one keeps the whole window):
+//! holds a *cut byte* — CR, LF, NUL or any other C0 control but HTAB, or DEL
+//! ([`crate::secret::refused_in_value`]: the API refuses them) — so nothing is held across the
+//! last of those (a scrubber built from values that do hold one keeps the whole window).
+//! Line-framed text releases at its line ends; binary framing at its control bytes (git's
+//! keep-alive packets, `0005\x01`, were held until the pack came, and a client with a
+//! low-speed limit gave up: outside pass, 2026-12-07):
 //!
 //! ```text
 //! values: "sk-abc"      pending: "data: {\"k\":\"sk-ab"      everything held (no line end yet)
@@ -57,7 +61,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::headers::MAX_BASIC_CREDENTIALS;
 use super::push_piece;
-use crate::secret::SecretValue;
+use crate::secret::{refused_in_value, SecretValue};
 
 /// Values totalling more bytes than this get aho-corasick's contiguous NFA instead of a DFA:
 /// a DFA takes about a kilobyte per pattern byte (a 64 KiB value: ~67 MiB), the NFA tens of
@@ -114,9 +118,10 @@ pub struct Scrubber {
     max_len: usize,
     /// Bytes a stream holds back at most ([`Scrubber::window`]).
     window: usize,
-    /// No value holds CR, LF or NUL, so a stream releases everything up to the last of them
-    /// (always so for values the API accepted; the scrubber itself takes any bytes).
-    line_ends_release: bool,
+    /// No value holds a cut byte ([`crate::secret::refused_in_value`]), so a stream releases
+    /// everything up to the last of them (always so for values the API accepted; the scrubber
+    /// itself takes any bytes).
+    cuts_release: bool,
     /// Scrubbers of per-request extras, keyed by the `(real, sealed)` pairs themselves: the
     /// real form of one sealed header differs by host (a token unsealed for one host travels
     /// sealed to another), so a key of the sealed forms alone could hand one host's response
@@ -339,9 +344,9 @@ impl Scrubber {
         } else {
             Search::new(patterns, kind)?
         };
-        let line_ends_release = values
+        let cuts_release = values
             .iter()
-            .all(|v| memchr::memchr3(b'\n', b'\r', b'\0', v.expose()).is_none());
+            .all(|v| !v.expose().iter().copied().any(refused_in_value));
         let names = Names::new(patterns, kind, per_request)?;
         Some(Scrubber {
             search,
@@ -351,7 +356,7 @@ impl Scrubber {
             masks: Arc::default(),
             max_len,
             window: (max_len - 1).div_ceil(WINDOW_UNIT) * WINDOW_UNIT,
-            line_ends_release,
+            cuts_release,
             extras: Arc::default(),
         })
     }
@@ -413,14 +418,14 @@ impl Scrubber {
     }
 
     /// Where a stream's held tail starts (see the module docs): the last [`Scrubber::window`]
-    /// bytes, less what precedes the last CR, LF or NUL in them; never before `cursor`. A
-    /// function of the byte count and the line ends only, never of the values.
+    /// bytes, less what precedes the last cut byte in them; never before `cursor`. A
+    /// function of the byte count and the cut bytes only, never of the values.
     fn hold_from(&self, buf: &[u8], cursor: usize) -> usize {
         let start = cursor.max(buf.len().saturating_sub(self.window));
-        if !self.line_ends_release {
+        if !self.cuts_release {
             return start;
         }
-        match memchr::memrchr3(b'\n', b'\r', b'\0', &buf[start..]) {
+        match last_cut(&buf[start..]) {
             Some(i) => start + i + 1,
             None => start,
         }
@@ -698,6 +703,26 @@ fn distinct_values(pairs: Vec<(SecretValue, Bytes)>) -> Vec<(SecretValue, Bytes)
         .collect()
 }
 
+/// The position of the last cut byte in `buf` ([`crate::secret::refused_in_value`]), found
+/// a lane at a time from the end: a lane is tested without branching (the compiler
+/// vectorises it), and only a lane that holds one is searched byte by byte.
+fn last_cut(buf: &[u8]) -> Option<usize> {
+    const LANE: usize = 32;
+    let mut end = buf.len();
+    while end > 0 {
+        let start = end.saturating_sub(LANE);
+        let lane = &buf[start..end];
+        if lane.iter().fold(false, |any, &b| any | refused_in_value(b)) {
+            return lane
+                .iter()
+                .rposition(|&b| refused_in_value(b))
+                .map(|i| start + i);
+        }
+        end = start;
+    }
+    None
+}
+
 /// A scrubbed header value. Tokens and base64 are visible ASCII, so replacing bytes of a valid
 /// value keeps it valid; should that ever fail, the value is emptied rather than kept.
 fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
@@ -713,7 +738,7 @@ fn scrubbed_header(buf: Vec<u8>) -> HeaderValue {
 /// # What is held
 /// Less than twice [`Scrubber::window`] bytes. A chunk no longer than the window is appended
 /// to the held bytes and scanned only when it releases something worth a scan: when it holds
-/// a CR, LF or NUL (everything before the last one goes), or when what is held reaches twice
+/// a cut byte (everything before the last one goes), or when what is held reaches twice
 /// the window (all but the last window goes). A longer chunk is always scanned, and leaves at
 /// most the window held. Every one of these choices is a function of byte counts and line
 /// ends, never of the values (see the module docs).
@@ -781,7 +806,7 @@ impl ScrubStream {
     fn due(&self, chunk: &[u8]) -> bool {
         let s = &self.scrubber;
         self.held.len() + chunk.len() >= 2 * s.window
-            || (s.line_ends_release && memchr::memchr3(b'\n', b'\r', b'\0', chunk).is_some())
+            || (s.cuts_release && last_cut(chunk).is_some())
     }
 
     /// A chunk longer than the window: everything held is released (the last window of the
@@ -1294,11 +1319,49 @@ mod tests {
         assert!(!st.is_holding());
     }
 
-    /// The scrubber takes any bytes: with a value that holds a line end (or NUL), a line end
-    /// releases nothing, and the value split there is still found (the fuzzer's find).
+    /// Binary framing releases at its control bytes as text does at line ends: git's
+    /// keep-alive packets (`0005\x01`, one a second while a pack is prepared) pass one by one,
+    /// where they were held until the pack came (outside pass, 2026-12-07). HTAB, which a value
+    /// may hold, releases nothing.
+    #[test]
+    fn control_bytes_release_like_line_ends_and_a_tab_does_not() {
+        let s = scrubber(&[("sk-abc", "T")]);
+        let mut st = ScrubStream::new(s.clone());
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            st.push(Bytes::from_static(b"0005\x01"), &mut out);
+            assert_eq!(out.concat(), b"0005\x01".repeat(n), "keep-alive {n} passed");
+            assert!(!st.is_holding());
+        }
+        for cut in [0x01u8, 0x02, 0x1b, 0x1f, 0x7f] {
+            let mut st = ScrubStream::new(s.clone());
+            let mut out = Vec::new();
+            st.push(Bytes::from(vec![b'x', cut, b'y']), &mut out);
+            assert_eq!(
+                out.concat(),
+                [b'x', cut],
+                "{cut:#x} releases what precedes it"
+            );
+        }
+        let mut st = ScrubStream::new(s);
+        let mut out = Vec::new();
+        st.push(Bytes::from_static(b"a\tb"), &mut out);
+        assert!(out.is_empty(), "a tab releases nothing");
+    }
+
+    /// The scrubber takes any bytes: with a value that holds a cut byte (a line end, NUL, any
+    /// other control but HTAB), it releases nothing, and the value split there is still found
+    /// (the fuzzer's find). A value holding HTAB, which the API takes, is found across it too.
     #[test]
     fn a_value_holding_a_line_end_is_found_across_it() {
-        for value in ["ab\ncd-value", "ab\rcd-value", "ab\0cd-value"] {
+        for value in [
+            "ab\ncd-value",
+            "ab\rcd-value",
+            "ab\0cd-value",
+            "ab\x01cd-value",
+            "ab\x7fcd-value",
+            "ab\tcd-value",
+        ] {
             let s = scrubber(&[(value, "T")]);
             let mut st = ScrubStream::new(s);
             let mut out = Vec::new();

@@ -1557,6 +1557,44 @@ async fn an_answer_cut_by_the_sandboxs_end_is_audited_as_that_end() {
     assert!(!line.contains("upstream_unreachable"), "{line}");
 }
 
+/// On a host whose answers are scrubbed, a stream of short binary messages without line ends
+/// flows message by message: git's upload-pack keep-alives (`0005\x01`, one a second while a
+/// pack is prepared) were all held until the pack came, and a clone with a low-speed limit
+/// (`GIT_HTTP_LOW_SPEED_TIME`) gave up (outside pass against Apache's git-http-backend).
+#[tokio::test]
+async fn binary_keep_alives_on_a_scrubbed_host_are_not_held() {
+    use http_body_util::BodyExt as _;
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("PW", "sk-real-keepalive-0043", None, None)],
+    )
+    .await;
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    c.ready().await.unwrap();
+    let started = std::time::Instant::now();
+    let req = pc::get("/pkt?ms=400&n=4", "api.example.test", &[]);
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    let mut got = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            arrivals.push((started.elapsed(), data.len()));
+            got.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(got, b"0005\x010005\x010005\x010005\x010000".as_slice());
+    let end = started.elapsed();
+    let first = arrivals[0].0;
+    assert!(
+        end >= std::time::Duration::from_millis(1200)
+            && end - first >= std::time::Duration::from_millis(900),
+        "the first keep-alive arrived at {first:?}, the end at {end:?}: {arrivals:?}"
+    );
+    e.h.assert_logs_clean();
+}
+
 /// A response body that is quiet for longer than the park delay is still open: the connection
 /// is not parked under it, the whole body arrives, and the connection serves the next request.
 #[tokio::test]

@@ -12,6 +12,7 @@
 //! | `/redirect…` | 302 to `https://other.example.test/landing` |
 //! | `/status/NNN` | status NNN (200–599), empty body |
 //! | `/slow?ms=N&chunks=K` | K chunks of 1 KiB, N ms apart (defaults 100 ms, 3 chunks) |
+//! | `/pkt?ms=N&n=K` | git's upload-pack keep-alives: K × `0005\x01`, N ms apart, then `0000` (defaults 300 ms, 4) |
 //! | `/big?bytes=N` | N bytes of `a` in 16 KiB chunks, with `content-length` |
 //! | `/ws…` | WebSocket echo of text and binary messages (HTTP/1.1 upgrade) |
 //! | `/tail?n=K` | `text/event-stream`: `data: <x-api-key>\n\n` of each of the next K requests (a request inspector's live view), then ends |
@@ -354,6 +355,8 @@ async fn route(
         status(path)
     } else if p("/slow") {
         slow(rec, shutdown)
+    } else if p("/pkt") {
+        keep_alives(rec, shutdown)
     } else if p("/big") {
         big(rec, shutdown)
     } else if p("/sse") {
@@ -604,6 +607,21 @@ fn slow(rec: &Recorded, shutdown: &watch::Receiver<()>) -> Response<RespBody> {
         let length = (chunks * 1024).to_string();
         set(&mut resp, header::CONTENT_LENGTH, length.as_bytes());
     }
+    resp
+}
+
+fn keep_alives(rec: &Recorded, shutdown: &watch::Receiver<()>) -> Response<RespBody> {
+    let ms = query_u64(&rec.uri, "ms").unwrap_or(300);
+    let n = query_u64(&rec.uri, "n").unwrap_or(4);
+    let mut frames: Vec<Bytes> = (0..n).map(|_| Bytes::from_static(b"0005\x01")).collect();
+    frames.push(Bytes::from_static(b"0000"));
+    let body = stream(shutdown, frames, Duration::from_millis(ms));
+    let mut resp = response(StatusCode::OK, body);
+    set(
+        &mut resp,
+        header::CONTENT_TYPE,
+        b"application/x-git-upload-pack-result",
+    );
     resp
 }
 
