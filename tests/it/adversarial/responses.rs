@@ -1336,7 +1336,17 @@ async fn interim_heads_after_a_big_answer_get_no_credit_from_it() {
     let e = env_on(pki, addr, Box::new(())).await;
     let mut c: http1::SendRequest<ReqBody> = pc::h1(e.h.proxy, &e.sb, API).await;
     let first = got(c.send_request(request(&e, "GET", "/big", false, &[])).await).await;
-    assert_eq!(first.expect("the big answer").body.len(), 8 << 20);
+    // Seen once in a loaded full run ("200 OK then a broken body"), never again: if it comes
+    // back, the daemon's warnings say which bound or timer cut the answer.
+    let first = first.unwrap_or_else(|err| {
+        let logs = crate::support::daemon::logs_text();
+        let warned: Vec<_> = logs
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        panic!("the big answer: {err}; the daemons' warnings: {warned:#?}")
+    });
+    assert_eq!(first.body.len(), 8 << 20);
     c.ready().await.unwrap();
     let second = tokio::time::timeout(
         Duration::from_secs(20),
