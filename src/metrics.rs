@@ -90,6 +90,9 @@ pub struct Metrics {
     pub bytes_up: Counter,
     /// Response body bytes sent to sandboxes.
     pub bytes_down: Counter,
+    /// Real values scrubbed from answers to sandboxes (handed to each scrubbed answer's
+    /// tally, `proxy::response_scrub`).
+    pub values_scrubbed: Counter,
     /// Upstream response-head latency, seconds.
     pub upstream_latency: Histogram,
     /// Completed client TLS handshakes.
@@ -173,6 +176,7 @@ impl Metrics {
             unsealed_series: std::sync::atomic::AtomicUsize::new(0),
             bytes_up: Counter::default(),
             bytes_down: Counter::default(),
+            values_scrubbed: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             tls_handshakes: Counter::default(),
             leaf: LeafCounters::default(),
@@ -212,6 +216,12 @@ impl Metrics {
             "bytes_down",
             "Response body bytes sent to sandboxes",
             m.bytes_down.clone(),
+        );
+        registry.register(
+            "values_scrubbed",
+            "Real secret values scrubbed from answers to sandboxes (replaced by their tokens, \
+             or a header field naming one dropped): an upstream handed one back",
+            m.values_scrubbed.clone(),
         );
         registry.register(
             "upstream_latency_seconds",

@@ -62,7 +62,7 @@ use memchr::memmem::Finder;
 use crate::secret::{Location, Locations, SecretValue};
 use crate::token::{Token, PREFIX, TOKEN_LEN};
 
-pub use adapter::{BodyError, Guard, Rescope, Rescoped, ScrubBody, SubstBody, SubstOutcome};
+pub use adapter::{BodyError, Guard, Rescope, Rescoped, ScrubBody, SubstBody, SubstOutcome, Tally};
 pub use binary::Binary;
 pub use body::{BodyEncoding, BodySubst};
 pub use forms::echo_forms;

@@ -25,7 +25,7 @@ use super::linger::{BodyBreak, ClientFailed, Detach, Detachable, Lingering};
 use super::progress::{Progress, Tracked};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{
-    scrub_response, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
+    scrub_response, AnswerTally, Following, Place, Scope, ScopeGained, Scrubbing, Shape,
 };
 use super::unframed::Ahead;
 use super::whole_bodies::Reserved;
@@ -1767,6 +1767,8 @@ fn relay_upgrade(
     };
     let (sandbox, host) = (scope.sandbox_id(), scope.host());
     let (allowed, tunnel) = (still_allowed(t), t.clone());
+    let counter = t.state.metrics.values_scrubbed.clone();
+    let tally = AnswerTally::new(0, counter, t.sandbox.id.clone(), t.authority.clone());
     t.state.spawn_connection(async move {
         let _slots = tunnel;
         let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
@@ -1778,7 +1780,8 @@ fn relay_upgrade(
             match scrubber {
                 Some(s) => {
                     let rescope = Some(scope.rescope());
-                    super::ws_scrub::relay(&mut c, &mut u, s, extras, rescope).await
+                    let tally = tally.for_body();
+                    super::ws_scrub::relay(&mut c, &mut u, (s, extras), rescope, tally).await
                 }
                 None => {
                     let gained = move || scope.gained_values();

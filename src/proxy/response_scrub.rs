@@ -35,6 +35,7 @@ mod codings;
 pub use codings::is_coded;
 mod decode;
 mod scope;
+mod tally;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use hyper::ext::ReasonPhrase;
 
 pub use codings::{Coding, CodingError, Codings};
 pub use scope::{unknowable, AnswerCut, Following, Place, Scope, ScopeGained};
+pub use tally::AnswerTally;
 
 use super::held::Held;
 use super::refusal::{Code, Refusal};
@@ -162,12 +164,18 @@ pub fn scrub_response(
     }
     // This request's Basic-auth forms first (longer, more specific), then every value.
     let extras = scrubber.extras(&report.basic_forms);
+    let mut in_head = 0;
     for s in extras.iter().chain(std::iter::once(&scrubber)) {
-        scrub_reason(s, &mut parts.extensions);
-        s.scrub_headers(&mut parts.headers);
+        in_head += scrub_reason(s, &mut parts.extensions);
+        in_head += s.scrub_headers(&mut parts.headers);
     }
     no_ranges(&mut parts.headers);
+    let tally = || {
+        let counter = t.state.metrics.values_scrubbed.clone();
+        AnswerTally::new(in_head, counter, t.sandbox.id.clone(), t.authority.clone())
+    };
     if !shape.has_body {
+        drop(tally());
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not. A `HEAD` says what the `GET`
         // would: a coded answer's checksums go, as they do from the decoded `GET` (review).
@@ -200,12 +208,13 @@ pub fn scrub_response(
         Held::new(decode::Decoded::new(codings, body), windows).boxed_unsync()
     };
     let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
+    let tally = tally();
     // The first scrubber over the body decodes compressed messages; the second sees them plain.
     let body = match extras {
-        Some(x) => scrub_body(t, body, x, binary, frames.take(), None),
+        Some(x) => scrub_body(t, body, (x, &tally), binary, frames.take(), None),
         None => body,
     };
-    let body = scrub_body(t, body, scrubber, binary, frames, Some(scope));
+    let body = scrub_body(t, body, (scrubber, &tally), binary, frames, Some(scope));
     Ok((body, whole))
 }
 
@@ -286,14 +295,15 @@ fn is_whole(body: &ProxyBody, codings: &Codings, binary: Option<Binary>) -> bool
             .is_some_and(|n| n <= WHOLE_ANSWER_MAX)
 }
 
-/// `body` scrubbed by `scrubber`, or by the scrubber `scope` gives it later: at the same
-/// length when its format carries lengths, after `frames` decoded its compressed messages. A message `frames` cannot pass resets the
-/// stream; the operator gets one log line naming the sandbox and host (the sandbox's client
-/// sees only the reset).
+/// `body` scrubbed by `scrubber`, or by the scrubber `scope` gives it later, counting what it
+/// replaced into `tally`: at the same length when its format carries lengths, after `frames`
+/// decoded its compressed messages. A message `frames` cannot pass resets the stream; the
+/// operator gets one log line naming the sandbox and host (the sandbox's client sees only
+/// the reset).
 fn scrub_body(
     t: &Tunnel,
     body: ProxyBody,
-    scrubber: Arc<Scrubber>,
+    (scrubber, tally): (Arc<Scrubber>, &Arc<AnswerTally>),
     binary: bool,
     frames: Option<MessageFrames>,
     scope: Option<Scope>,
@@ -303,6 +313,7 @@ fn scrub_body(
         true => ScrubBody::binary(body, scrubber, frames),
         false => ScrubBody::new(body, scrubber),
     };
+    let body = body.with_tally(tally.for_body());
     let body = match scope {
         Some(scope) => body.with_rescope(scope.rescope()),
         None => body,
@@ -376,13 +387,14 @@ fn undecodable(t: &Tunnel, e: CodingError) -> Refusal {
 }
 
 /// hyper keeps a non-standard h1 reason phrase in the response extensions and writes it to h1
-/// clients; scrub it like a value (tokens are visible ASCII, so it stays valid).
-fn scrub_reason(scrubber: &Scrubber, ext: &mut Extensions) {
+/// clients; scrub it like a value (tokens are visible ASCII, so it stays valid). Returns how
+/// many values it replaced.
+fn scrub_reason(scrubber: &Scrubber, ext: &mut Extensions) -> usize {
     let Some(reason) = ext.get::<ReasonPhrase>() else {
-        return;
+        return 0;
     };
-    let Some((scrubbed, _)) = scrubber.scrub(reason.as_bytes()) else {
-        return;
+    let Some((scrubbed, n)) = scrubber.scrub(reason.as_bytes()) else {
+        return 0;
     };
     match ReasonPhrase::try_from(scrubbed) {
         Ok(r) => {
@@ -392,4 +404,5 @@ fn scrub_reason(scrubber: &Scrubber, ext: &mut Extensions) {
             ext.remove::<ReasonPhrase>();
         }
     }
+    n
 }

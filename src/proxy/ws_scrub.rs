@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::response_scrub::ScopeGained;
-use crate::subst::{Rescope, Rescoped, ScrubStream, Scrubber};
+use crate::subst::{Rescope, Rescoped, ScrubStream, Scrubber, Tally};
 
 /// Bytes of payload read (and written as one fragment) at a time.
 const READ: usize = 16 * 1024;
@@ -54,12 +54,13 @@ const PONG: u8 = 0xA;
 /// progress goes on with it too. `extras` (the upgrade request's Basic-auth forms,
 /// [`Scrubber::extras`]) scrub every frame first, as they do an HTTP answer: a short
 /// password's `user:password` form holds no form of the value alone (outside review).
+/// `tally` is told, once the upstream's side ended, how many values were replaced.
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
-    scrubber: Arc<Scrubber>,
-    extras: Option<Arc<Scrubber>>,
+    (scrubber, extras): (Arc<Scrubber>, Option<Arc<Scrubber>>),
     rescope: Option<Rescope>,
+    tally: Tally,
 ) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -73,6 +74,8 @@ where
             scrubber,
             extras,
             rescope,
+            scrubbed: 0,
+            tally: Some(tally),
         };
         scrub_frames(from, &mut c_write, with).await?;
         c_write.shutdown().await
@@ -132,11 +135,22 @@ struct Head {
 }
 
 /// The scrubbers frames go through: the request's extras (fixed), then the host's,
-/// following the sandbox's values.
+/// following the sandbox's values; and how many values they replaced, told to `tally` when
+/// the frames end (however they end).
 struct Following {
     scrubber: Arc<Scrubber>,
     extras: Option<Arc<Scrubber>>,
     rescope: Option<Rescope>,
+    scrubbed: usize,
+    tally: Option<Tally>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if let Some(tally) = self.tally.take() {
+            tally(self.scrubbed);
+        }
+    }
 }
 
 impl Following {
@@ -167,16 +181,24 @@ impl Following {
             stream: ScrubStream::new(self.scrubber.clone()),
             opcode,
             started: false,
+            counted: 0,
         }
     }
 
+    /// Counts what `m` replaced since it was last counted.
+    fn count(&mut self, m: &mut Message) {
+        let now = m.replacements();
+        self.scrubbed += now - m.counted;
+        m.counted = now;
+    }
+
     /// A control frame's payload through the extras, then the host's scrubber.
-    fn scrub_control(&self, opcode: u8, payload: Bytes) -> Bytes {
+    fn scrub_control(&mut self, opcode: u8, payload: Bytes) -> Bytes {
         let payload = match &self.extras {
-            Some(x) => scrub_control(x, opcode, payload),
+            Some(x) => scrub_control(x, opcode, payload, &mut self.scrubbed),
             None => payload,
         };
-        scrub_control(&self.scrubber, opcode, payload)
+        scrub_control(&self.scrubber, opcode, payload, &mut self.scrubbed)
     }
 }
 
@@ -187,9 +209,16 @@ struct Message {
     stream: ScrubStream,
     opcode: u8,
     started: bool,
+    /// Replacements already counted ([`Following::count`]).
+    counted: usize,
 }
 
 impl Message {
+    /// Values both streams replaced so far.
+    fn replacements(&self) -> usize {
+        self.stream.replacements() + self.extras.as_ref().map_or(0, ScrubStream::replacements)
+    }
+
     /// `chunk` through both streams; what they let out goes onto `out`.
     fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
         match &mut self.extras {
@@ -267,6 +296,7 @@ where
         left -= n as u64;
         with.follow(Some(&mut m))?;
         m.push(chunk, &mut out);
+        with.count(&mut m);
         write_fragment(to, &mut m, false, &mut out).await?;
     }
     if !head.fin {
@@ -274,6 +304,7 @@ where
     }
     with.follow(Some(&mut m))?;
     m.finish(&mut out);
+    with.count(&mut m);
     write_fragment(to, &mut m, true, &mut out).await?;
     Ok(None)
 }
@@ -297,11 +328,12 @@ async fn write_fragment<W: AsyncWrite + Unpin>(
 }
 
 /// A control frame's payload scrubbed; emptied (a close: down to its status code) if the
-/// tokens would make it outgrow [`MAX_CONTROL`].
-fn scrub_control(scrubber: &Scrubber, opcode: u8, payload: Bytes) -> Bytes {
-    let Some((scrubbed, _)) = scrubber.scrub(&payload) else {
+/// tokens would make it outgrow [`MAX_CONTROL`]. Adds what it replaced to `count`.
+fn scrub_control(scrubber: &Scrubber, opcode: u8, payload: Bytes, count: &mut usize) -> Bytes {
+    let Some((scrubbed, n)) = scrubber.scrub(&payload) else {
         return payload;
     };
+    *count += n;
     if scrubbed.len() <= MAX_CONTROL {
         return Bytes::from(scrubbed);
     }
@@ -426,28 +458,38 @@ mod tests {
     /// Runs `input` (the upstream's bytes) through the scrubber; the frames the client got,
     /// as (fin, opcode, payload), and how the relay ended.
     async fn relayed(input: Vec<u8>) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
-        relayed_with(input, None).await
+        let (frames, ended, _) = relayed_with(input, None).await;
+        (frames, ended)
     }
 
     /// [`relayed`], the request's `extras` scrubbing first.
+    /// The frames `input` became, how the relay ended and how many values the tally was told.
     async fn relayed_with(
         input: Vec<u8>,
         extras: Option<Arc<Scrubber>>,
-    ) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>) {
+    ) -> (Vec<(bool, u8, Vec<u8>)>, io::Result<()>, usize) {
         let mut out = Vec::new();
+        let told = Arc::new(std::sync::Mutex::new(None));
+        let to = told.clone();
         let with = Following {
             scrubber: scrubber(),
             extras,
             rescope: None,
+            scrubbed: 0,
+            tally: Some(Box::new(move |n| *to.lock().unwrap() = Some(n))),
         };
         let ended = scrub_frames(&input[..], &mut out, with).await;
+        let told = told
+            .lock()
+            .unwrap()
+            .expect("the tally is told when the frames end");
         let mut frames = Vec::new();
         let mut r = &out[..];
         while let Some(h) = read_head(&mut r).await.unwrap() {
             let p = read_exact(&mut r, h.len as usize).await.unwrap();
             frames.push((h.fin, h.opcode, p.to_vec()));
         }
-        (frames, ended)
+        (frames, ended, told)
     }
 
     /// The client half-closes after its close frame: the upstream's answering close frame,
@@ -456,7 +498,8 @@ mod tests {
     async fn a_close_after_the_client_half_closed_still_reaches_it() {
         let (client, mut sandbox) = tokio::io::duplex(4096);
         let (upstream, mut origin) = tokio::io::duplex(4096);
-        let relay = tokio::spawn(relay(client, upstream, scrubber(), None, None));
+        let tally = Box::new(|_| {});
+        let relay = tokio::spawn(relay(client, upstream, (scrubber(), None), None, tally));
         let close = frame(true, CLOSE, b"\x03\xe8bye");
         sandbox.write_all(&close).await.unwrap();
         sandbox.shutdown().await.unwrap();
@@ -531,8 +574,12 @@ mod tests {
         let mut input = frame(false, TEXT, one);
         input.extend(frame(true, PING, real.as_bytes()));
         input.extend(frame(true, CONTINUATION, two));
-        let (frames, ended) = relayed_with(input, extras).await;
+        let (frames, ended, scrubbed) = relayed_with(input, extras).await;
         ended.unwrap();
+        assert_eq!(
+            scrubbed, 2,
+            "the ping's form and the message's, counted once each"
+        );
         let text = format!("auth: Basic {sealed} and v");
         assert_eq!(
             messages(&frames),
@@ -551,8 +598,9 @@ mod tests {
         input.extend(frame(true, PING, &with_value(b"p", b"")));
         input.extend(frame(true, CONTINUATION, two));
         input.extend(frame(true, TEXT, b"after"));
-        let (frames, ended) = relayed(input).await;
+        let (frames, ended, scrubbed) = relayed_with(input, None).await;
         ended.unwrap();
+        assert_eq!(scrubbed, 2, "the ping's and the split message's");
         let got = messages(&frames);
         assert_eq!(
             got,

@@ -444,6 +444,11 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Told, once, how many values a scrubbed body replaced (in its data and its trailers), when
+/// the body is dropped — ended, failed or cut off: only then is the count known
+/// ([`ScrubBody::with_tally`]).
+pub type Tally = Box<dyn FnOnce(usize) + Send>;
+
 /// Asked before each chunk of a scrubbed body: `Some` once the sandbox's values changed
 /// ([`ScrubBody::with_rescope`]).
 pub type Rescope = Box<dyn FnMut() -> Option<Rescoped> + Send>;
@@ -466,6 +471,18 @@ struct ScrubEngine {
     frames: Option<MessageFrames>,
     /// What `frames` passed on, waiting for the scrubber.
     plain: Vec<Piece>,
+    /// Values replaced in the trailers (the data's are the stream's).
+    in_trailers: usize,
+    /// Told the total when the engine is dropped.
+    tally: Option<Tally>,
+}
+
+impl Drop for ScrubEngine {
+    fn drop(&mut self) {
+        if let Some(tally) = self.tally.take() {
+            tally(self.stream.replacements() + self.in_trailers);
+        }
+    }
 }
 
 impl<B> ScrubBody<B> {
@@ -499,6 +516,8 @@ impl<B> ScrubBody<B> {
             rescope: None,
             frames,
             plain: Vec::new(),
+            in_trailers: 0,
+            tally: None,
         };
         ScrubBody {
             body,
@@ -513,6 +532,12 @@ impl<B> ScrubBody<B> {
     /// unsealed after it began (an upstream that echoes requests onto an open stream).
     pub fn with_rescope(mut self, rescope: Rescope) -> Self {
         self.driver.engine.rescope = Some(rescope);
+        self
+    }
+
+    /// Tells `tally` how many values were replaced, once, when the body is dropped.
+    pub fn with_tally(mut self, tally: Tally) -> Self {
+        self.driver.engine.tally = Some(tally);
         self
     }
 }
@@ -571,7 +596,7 @@ impl Engine for ScrubEngine {
     fn trailers(&mut self, mut trailers: HeaderMap) -> HeaderMap {
         // An end here is taken at the next data or flush; trailers follow a flush.
         let _ = self.follow_scope();
-        self.scrubber.scrub_headers(&mut trailers);
+        self.in_trailers += self.scrubber.scrub_headers(&mut trailers);
         trailers
     }
 
@@ -837,6 +862,34 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-trailer"], "osb_sealed_T");
         assert_eq!(collected.to_bytes(), &b"a osb_sealed_T b sk-live"[..]);
+    }
+
+    /// A tally that keeps what it is told.
+    fn told() -> (Tally, Arc<std::sync::Mutex<Vec<usize>>>) {
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let to = told.clone();
+        (Box::new(move |n| to.lock().unwrap().push(n)), told)
+    }
+
+    #[tokio::test]
+    async fn the_tally_is_told_once_what_data_and_trailers_replaced() {
+        let script = Script::data(&[b"a sk-live-ALLOW", b"ED b sk-live-ALLOWED"])
+            .then(Some(Ok(Frame::trailers(trailers()))));
+        let (tally, told) = told();
+        let body = ScrubBody::new(script, scrubber()).with_tally(tally);
+        body.collect().await.unwrap();
+        assert_eq!(*told.lock().unwrap(), [3]);
+    }
+
+    #[test]
+    fn a_body_cut_off_tells_what_it_had_replaced() {
+        let script = Script::data(&[b"x sk-live-ALLOWED\n", b"sk-live"]).then(None);
+        let (tally, told) = told();
+        let mut body = ScrubBody::new(script, scrubber()).with_tally(tally);
+        drain_ready(&mut body);
+        assert!(told.lock().unwrap().is_empty(), "told only when dropped");
+        drop(body);
+        assert_eq!(*told.lock().unwrap(), [1]);
     }
 
     fn frames() -> Option<MessageFrames> {

@@ -107,6 +107,45 @@ async fn a_burst_of_connections_is_spread_over_the_workers() {
     drop(conns);
 }
 
+/// A real value an upstream hands back is scrubbed where the sandbox cannot tell: the operator
+/// sees it in `sealgate_values_scrubbed_total` and in one log line naming the sandbox and the
+/// host — never the value (outside pass h43b: a scrubbed answer left no trace). The echo
+/// answers the key in a header (counted at the head) and in its JSON body (counted when the
+/// body is done).
+#[tokio::test]
+async fn values_scrubbed_from_answers_are_counted_and_logged_without_the_value() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[(
+            "KEY",
+            "sk-ops-scrubbed-0001",
+            Some(&["api.example.test"]),
+            Some(&["header"]),
+        )],
+    )
+    .await;
+    let before = e.h.metric("sealgate_values_scrubbed_total").await;
+    let key = e.sb.token("KEY");
+    let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
+    let a = echo_get(&mut c, "api.example.test", &key).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers["x-echo-api-key"], key.as_str());
+    let body = String::from_utf8_lossy(&a.body).into_owned();
+    assert!(body.contains(&key) && !body.contains("sk-ops-scrubbed-0001"));
+    let a = pc::send1(&mut c, pc::get("/echo", "api.example.test", &[])).await;
+    assert_eq!(a.status, StatusCode::OK, "an answer with nothing to scrub");
+    let counted = e.h.metric("sealgate_values_scrubbed_total").await - before;
+    assert_eq!(counted, 2.0, "one in the header, one in the body");
+    let line = crate::support::daemon::logs_text()
+        .lines()
+        .find(|l| l.contains("were scrubbed") && l.contains(&e.sb.id))
+        .map(str::to_owned)
+        .expect("a log line for the scrubbed answer");
+    assert!(line.contains("host=api.example.test:443"), "{line}");
+    assert!(line.contains("head=1") && line.contains("body=1"), "{line}");
+    e.h.assert_logs_clean();
+}
+
 #[tokio::test]
 async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
     let e = setup(

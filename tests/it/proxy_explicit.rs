@@ -1181,6 +1181,18 @@ async fn a_value_echoed_in_websocket_frames_reaches_the_sandbox_as_its_token() {
         let greeting = greeting.into_text().unwrap();
         assert_eq!(greeting.as_str(), format!("key={key}"));
     }
+    ws.close(None).await.unwrap();
+    drop(ws);
+    // The relay tells what it scrubbed once it ended.
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        counted = e.h.metric("sealgate_values_scrubbed_total").await;
+        if counted >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, 2.0, "both greetings counted");
     let seen = &e.echo.requests()[0];
     assert_eq!(seen.header("x-api-key").unwrap(), "sk-ws-echoed-value-0018");
     assert!(
