@@ -143,6 +143,16 @@ pub fn not_h2(e: &hyper_util::client::legacy::Error) -> bool {
     sources(e).any(|s| matches!(s.downcast_ref::<ConnectError>(), Some(ConnectError::NotH2)))
 }
 
+/// Whether `e` came from an HTTP/2 connection: an h2 error, or one of the two ways hyper and
+/// its pool drop a request waiting for an h2 connection or stream ([`dispatch_gone`],
+/// `waited_on_an_abandoned_dial`). hyper's HTTP/1 client reports none of them (a canceled
+/// HTTP/1 request never written is sent again by the pooled client itself). A retry after
+/// any other failure — an HTTP/1.1 connection closed under the request — skips the h2-only
+/// retry client, whose handshake an HTTP/1.1 origin could only refuse.
+pub fn over_h2(e: &hyper_util::client::legacy::Error) -> bool {
+    dispatch_gone(e) || waited_on_an_abandoned_dial(e) || sources(e).any(|s| s.is::<h2::Error>())
+}
+
 /// Whether a request that failed with `e` may be sent again (its body held in full): when the
 /// upstream provably did not process it ([`not_processed`]), or when the outcome is unknown
 /// but its method is idempotent (`dispatch_gone`, `closed_unanswered`,

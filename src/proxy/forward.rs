@@ -1275,7 +1275,8 @@ fn body_stalled(t: &Tunnel) -> Refusal {
 /// stream above a GOAWAY's last-stream-id (see [`super::upstream::RefuseAfterGoaway`]) — is
 /// sent again when its body was held in full: on `client_retry`'s pool (so the requests one
 /// GOAWAY refuses share one new connection rather than open one each), and if that refuses
-/// too, once more on a fresh connection.
+/// too, once more on a fresh connection. An idempotent request whose HTTP/1 connection closed
+/// under it goes again on a fresh connection straight away ([`super::failure::over_h2`]).
 /// HTTP/1 connections closed before the request was written are retried by the pooled client
 /// itself.
 async fn send(
@@ -1352,7 +1353,12 @@ async fn attempts(
         Err(e) if super::failure::may_send_again(&e, head.method()) => {
             tracing::debug!(dest = %t.dest, error = %super::failure::chain(&e),
                 "upstream did not process the request, or it is idempotent; retrying");
-            retry(t, rt, &head, &bytes).await
+            match h2 || super::failure::over_h2(&e) {
+                true => retry(t, rt, &head, &bytes).await,
+                // An HTTP/1 connection closed under it (a kept-alive connection the origin
+                // timed out): a new connection, offering both protocols.
+                false => send_held(t, rt, Which::Fresh, &head, &bytes).await,
+            }
         }
         Err(e) => Err(e),
     }

@@ -1178,19 +1178,27 @@ async fn a_post_whose_connection_closes_unanswered_is_not_sent_again() {
 /// `Connection: close`), then reads the next one and closes the connection unanswered,
 /// without TLS `close_notify` — a thread-per-connection server done after one answer, as an
 /// outside test's was. Returns its address and how many requests it read.
+/// Also counts the requests it read (`seen`) and the connections it accepted (`dials`).
 async fn origin_that_answers_once_per_connection(
     tls: std::sync::Arc<rustls::ServerConfig>,
 ) -> (
     std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(AtomicUsize::new(0));
-    let (acceptor, counter) = (tokio_rustls::TlsAcceptor::from(tls), seen.clone());
+    let dials = std::sync::Arc::new(AtomicUsize::new(0));
+    let (acceptor, counter, dialled) = (
+        tokio_rustls::TlsAcceptor::from(tls),
+        seen.clone(),
+        dials.clone(),
+    );
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            dialled.fetch_add(1, SeqCst);
             let (acceptor, seen) = (acceptor.clone(), counter.clone());
             tokio::spawn(async move {
                 let Ok(mut conn) = acceptor.accept(tcp).await else {
@@ -1213,7 +1221,7 @@ async fn origin_that_answers_once_per_connection(
             });
         }
     });
-    (addr, seen)
+    (addr, seen, dials)
 }
 
 /// Reads one request head (no body) into `buf`; false at EOF or on an error.
@@ -1230,7 +1238,9 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>
 
 /// Two GETs through one tunnel to an HTTP/1.1 origin that closes its kept-alive connection
 /// as the second arrives: the second is sent again on a new connection (a GET may be), so
-/// both are answered — an outside test got a 502 for every such second request.
+/// both are answered — an outside test got a 502 for every such second request. The retry
+/// dials once: it went first to the h2-only retry client, whose handshake an HTTP/1.1 origin
+/// could only refuse (one wasted TLS handshake, a round trip or two to a remote origin).
 #[tokio::test]
 async fn a_get_on_a_connection_the_origin_closed_unannounced_is_sent_again() {
     use crate::support::pki::TestPki;
@@ -1255,7 +1265,7 @@ async fn get_sent_again_after_an_unannounced_close(
     tls: std::sync::Arc<rustls::ServerConfig>,
 ) {
     const HOST_NAME: &str = "api.example.test";
-    let (origin, seen) = origin_that_answers_once_per_connection(tls).await;
+    let (origin, seen, dials) = origin_that_answers_once_per_connection(tls).await;
     let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
     let mut c = pc::h1(h.proxy, &sb, API).await;
     for i in 0..2 {
@@ -1270,6 +1280,8 @@ async fn get_sent_again_after_an_unannounced_close(
         3,
         "the second GET twice"
     );
+    let dials = dials.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(dials, 2, "one connection per send, no handshake wasted");
 }
 
 // ---------------------------------------------------------------------------------------------
