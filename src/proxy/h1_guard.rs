@@ -991,7 +991,10 @@ impl<S: AsyncRead> H1Guard<S> {
                 } else {
                     KEEP_IDLE
                 };
-                if this.ready.capacity() > keep {
+                // A `ready` read to its end reports no capacity while its allocation stays:
+                // `try_reclaim` takes the allocation back into view (nothing to move) and
+                // says whether it holds more than `keep`.
+                if keep == 0 || this.ready.try_reclaim(keep + 1) {
                     *this.ready = BytesMut::new();
                 }
                 this.framing.release_idle(keep);
@@ -1065,6 +1068,7 @@ impl<S: AsyncWrite> AsyncWrite for H1Guard<S> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
 
@@ -1293,6 +1297,36 @@ mod tests {
             assert_eq!(r, None);
             assert_eq!(out, input.as_bytes(), "cuts {cuts:?}");
         }
+    }
+
+    /// A CONNECT head that came in two reads is released from `ready`; once the tunnel waits
+    /// on its client, none of that allocation is kept (a read that consumed `ready` leaves
+    /// its capacity at 0 while the allocation stays: it was kept for the tunnel's life).
+    #[tokio::test]
+    async fn a_waiting_pass_through_connection_keeps_no_head_buffer() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let limits = HeadLimits {
+            max_head: 16 * 1024,
+            max_fields: 100,
+            hold: Duration::from_secs(5),
+        };
+        let mut guard = Box::pin(H1Guard::new(server, limits, GuardTag::new()));
+        let head = b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n";
+        let (one, two) = head.split_at(20);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        client.write_all(one).await.unwrap();
+        for part in [two, b"tls"] {
+            let n = tokio::time::timeout(Duration::from_millis(50), guard.read(&mut buf)).await;
+            assert!(n.is_err(), "waits for more");
+            client.write_all(part).await.unwrap();
+            let n = guard.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, [&head[..], b"tls"].concat());
+        let n = tokio::time::timeout(Duration::from_millis(50), guard.read(&mut buf)).await;
+        assert!(n.is_err(), "waits on the client");
+        assert!(!guard.ready.try_reclaim(1), "the head's buffer is freed");
     }
 
     #[test]
