@@ -32,6 +32,17 @@ impl<S> Rewind<S> {
     pub fn into_parts(self) -> (Bytes, S) {
         (self.prefix, self.inner)
     }
+
+    /// The stream, read past the replay (for bytes read before the replay is set).
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Replays `prefix` next; whatever was left to replay must have been read.
+    pub fn replay(&mut self, prefix: Bytes) {
+        debug_assert!(self.prefix.is_empty(), "replay over unread bytes");
+        self.prefix = prefix;
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

@@ -107,7 +107,7 @@ pub async fn serve<S, H, F>(
     let activity = Activity::new();
     let tag = GuardTag::new();
     let guarded = H1Guard::new(stream, HeadLimits::of(&live.proxy), tag.clone());
-    let mut io = Tracked::new(guarded, activity.clone());
+    let io = Tracked::new(guarded, activity.clone());
     let act = activity.clone();
     let guard_tag = tag.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -132,34 +132,87 @@ pub async fn serve<S, H, F>(
             Ok::<_, Infallible>(resp)
         })
     });
+    // Each protocol's serving boxed: inline, the largest would size every connection's
+    // state, whichever protocol it speaks (a parked HTTP/1 tunnel held 2.9 KB of it).
+    let io = Rewind::new(Bytes::new(), io);
     match protocols {
         Protocols::Http1 => {
-            let io = Rewind::new(Bytes::new(), io);
-            serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
-        }
-        Protocols::Http2 => {
-            let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
-            drive!(conn, state, live, activity, close_early);
-        }
-        Protocols::Auto => {
-            tokio::pin!(close_early);
-            let mut shutdown = state.shutdown_signal();
-            let first = wait_first_bytes(
-                &mut io,
+            Box::pin(serve_h1(
+                state,
                 live,
+                io,
+                svc,
                 &activity,
-                &mut shutdown,
-                close_early.as_mut(),
-            );
-            let Some(first) = first.await else { return };
-            let io = Rewind::new(first, io);
-            if io.prefix().starts_with(H2_PREFACE) {
-                let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
-                drive!(conn, state, live, activity, close_early);
-            } else {
-                serve_h1(state, live, io, svc, &activity, &guard_tag, close_early).await
-            }
+                &guard_tag,
+                close_early,
+            ))
+            .await
         }
+        Protocols::Http2 => Box::pin(serve_h2(state, live, io, svc, &activity, close_early)).await,
+        Protocols::Auto => {
+            let tag = &guard_tag;
+            Box::pin(serve_auto(
+                state,
+                live,
+                io,
+                svc,
+                (&activity, tag),
+                close_early,
+            ))
+            .await
+        }
+    }
+}
+
+/// Serves HTTP/2 on `io` (see [`drive`]).
+async fn serve_h2<S, Svc>(
+    state: &ProxyState,
+    live: &LiveSettings,
+    io: Rewind<Tracked<H1Guard<S>>>,
+    svc: Svc,
+    activity: &Arc<Activity>,
+    close_early: impl Future<Output = ()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>>,
+    Svc::Future: Send + 'static,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
+    drive!(conn, state, live, activity.clone(), close_early);
+}
+
+/// Serves the protocol the client's first bytes speak: HTTP/2 after its preface, HTTP/1
+/// otherwise.
+async fn serve_auto<S, Svc>(
+    state: &ProxyState,
+    live: &LiveSettings,
+    mut io: Rewind<Tracked<H1Guard<S>>>,
+    svc: Svc,
+    (activity, tag): (&Arc<Activity>, &Arc<GuardTag>),
+    close_early: impl Future<Output = ()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>> + Unpin,
+    Svc::Future: Send + 'static,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(close_early);
+    let mut shutdown = state.shutdown_signal();
+    let first = wait_first_bytes(
+        io.inner_mut(),
+        live,
+        activity,
+        &mut shutdown,
+        close_early.as_mut(),
+    );
+    let Some(first) = first.await else { return };
+    io.replay(first);
+    if io.prefix().starts_with(H2_PREFACE) {
+        let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
+        drive!(conn, state, live, activity.clone(), close_early);
+    } else {
+        serve_h1(state, live, io, svc, activity, tag, close_early).await
     }
 }
 
@@ -194,64 +247,103 @@ const PARK_AFTER: Duration = Duration::from_millis(200);
 /// closed instead, never re-parsed), and had flushed everything it wrote. A busy keep-alive
 /// connection never parks, so it pays nothing per request. `io` replays the client's first
 /// bytes when the caller already read them (to tell HTTP/1 from the h2 preface).
-async fn serve_h1<S, Svc>(
-    state: &ProxyState,
-    live: &LiveSettings,
+///
+/// Memory: this future is what a parked tunnel holds (with its stream), so it keeps only the
+/// wait for the next bytes; each hyper connection is served in a future of its own, boxed
+/// ([`serve_conn`]). An async block, not an async fn: an async fn keeps each argument twice
+/// in its state (the argument and the local it is moved to).
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn serve_h1<'a, S, Svc>(
+    state: &'a ProxyState,
+    live: &'a LiveSettings,
     mut io: Rewind<Tracked<H1Guard<S>>>,
     mut svc: Svc,
-    activity: &Arc<Activity>,
-    tag: &Arc<GuardTag>,
-    close_early: impl Future<Output = ()>,
-) where
+    activity: &'a Arc<Activity>,
+    tag: &'a Arc<GuardTag>,
+    close_early: impl Future<Output = ()> + 'a,
+) -> impl Future<Output = ()> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>> + Unpin + 'a,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async move {
+        tokio::pin!(close_early);
+        let mut shutdown = state.shutdown_signal();
+        loop {
+            if io.prefix().is_empty() {
+                let first = wait_first_bytes(
+                    io.inner_mut(),
+                    live,
+                    activity,
+                    &mut shutdown,
+                    close_early.as_mut(),
+                );
+                let Some(first) = first.await else { return };
+                io.replay(first);
+            }
+            let conn = Box::pin(serve_conn(
+                state,
+                live,
+                (io, svc),
+                (activity, tag),
+                close_early.as_mut(),
+            ));
+            match conn.await {
+                Some(parked) => (io, svc) = parked,
+                None => return,
+            }
+        }
+    }
+}
+
+/// Serves one hyper connection over `io` until it ends (`None`) or settles: then it is parked
+/// ([`park`]) and its stream and service come back.
+async fn serve_conn<S, Svc>(
+    state: &ProxyState,
+    live: &LiveSettings,
+    (io, svc): (Rewind<Tracked<H1Guard<S>>>, Svc),
+    (activity, tag): (&Arc<Activity>, &Arc<GuardTag>),
+    close_early: Pin<&mut impl Future<Output = ()>>,
+) -> Option<(Rewind<Tracked<H1Guard<S>>>, Svc)>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>> + Unpin,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::pin!(close_early);
-    let mut shutdown = state.shutdown_signal();
-    loop {
-        if io.prefix().is_empty() {
-            let (_, mut inner) = io.into_parts();
-            let first = wait_first_bytes(
-                &mut inner,
-                live,
-                activity,
-                &mut shutdown,
-                close_early.as_mut(),
-            );
-            let Some(first) = first.await else { return };
-            io = Rewind::new(first, inner);
-        }
-        let conn = http1_builder(live)
+    let mut conn = Box::new(
+        http1_builder(live)
             .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        let mut conn = Box::new(conn);
-        let mut conn_shutdown = state.shutdown_signal();
-        let between = || tag.between_messages();
-        let end = tokio::select! {
-            // Only a clean end lingers: after a failed one (an answer's body that broke off)
-            // the client must see the connection cut, not a clean close after a short body.
-            done = &mut *conn => if done.is_ok() { End::Finished } else { End::Done },
-            _ = close_early.as_mut() => End::Done,
-            _ = activity.clone().idle(live.proxy.idle_timeout) => End::Graceful,
-            _ = conn_shutdown.changed() => End::Graceful,
-            _ = activity.clone().settled(PARK_AFTER, between) => End::Park,
-        };
-        match end {
-            End::Done => return,
-            End::Finished => return linger(*conn, live.proxy.linger).await,
-            End::Graceful => {
-                Pin::new(&mut *conn).graceful_shutdown();
-                let _ = tokio::time::timeout(live.proxy.shutdown_grace, &mut *conn).await;
-                return;
+            .with_upgrades(),
+    );
+    let mut conn_shutdown = state.shutdown_signal();
+    let between = || tag.between_messages();
+    let end = tokio::select! {
+        // Only a clean end lingers: after a failed one (an answer's body that broke off)
+        // the client must see the connection cut, not a clean close after a short body.
+        done = &mut *conn => if done.is_ok() { End::Finished } else { End::Done },
+        _ = close_early => End::Done,
+        _ = activity.clone().idle(live.proxy.idle_timeout) => End::Graceful,
+        _ = conn_shutdown.changed() => End::Graceful,
+        _ = activity.clone().settled(PARK_AFTER, between) => End::Park,
+    };
+    match end {
+        End::Done => None,
+        End::Finished => {
+            Box::pin(linger(conn, live.proxy.linger)).await;
+            None
+        }
+        End::Graceful => {
+            Pin::new(&mut *conn).graceful_shutdown();
+            let _ = tokio::time::timeout(live.proxy.shutdown_grace, &mut *conn).await;
+            None
+        }
+        End::Park => {
+            let parked = park(*conn);
+            if parked.is_some() {
+                tracing::debug!("h1 connection parked");
             }
-            End::Park => match park(*conn) {
-                Some((back, service)) => {
-                    tracing::debug!("h1 connection parked");
-                    (io, svc) = (back, service);
-                }
-                None => return,
-            },
+            parked
         }
     }
 }
@@ -290,7 +382,7 @@ enum End {
 /// [`super::linger`]'s bounds: hyper ends a connection whose request body it did not read
 /// once the answer is out, and closing with unread bytes resets the connection (the client,
 /// still writing, lost the answer).
-async fn linger<S, Svc>(conn: UpgradeableH1<S, Svc>, bounds: super::linger::Bounds)
+async fn linger<S, Svc>(conn: Box<UpgradeableH1<S, Svc>>, bounds: super::linger::Bounds)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = LiveBody<ProxyBody>>,

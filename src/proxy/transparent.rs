@@ -66,7 +66,8 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
     };
     let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
     let result = if orig.port() == 80 || opens_with_a_method(&tcp, deadline).await {
-        plain::serve(state, live, sandbox, tcp, orig).await
+        // Boxed: inline, the plain path would size every transparent connection's task.
+        Box::pin(plain::serve(state, live, sandbox, tcp, orig)).await
     } else {
         serve_tls(state, live, sandbox, tcp, orig, deadline).await
     };
