@@ -199,15 +199,10 @@ async fn serve_auto<S, Svc>(
 {
     tokio::pin!(close_early);
     let mut shutdown = state.shutdown_signal();
-    let first = wait_first_bytes(
-        io.inner_mut(),
-        live,
-        activity,
-        &mut shutdown,
-        close_early.as_mut(),
-    );
-    let Some(first) = first.await else { return };
-    io.replay(first);
+    let first = wait_first_bytes(&mut io, live, activity, &mut shutdown, close_early.as_mut());
+    if !first.await {
+        return;
+    }
     if io.prefix().starts_with(H2_PREFACE) {
         let conn = http2_builder(live).serve_connection(TokioIo::new(io), svc);
         drive!(conn, state, live, activity.clone(), close_early);
@@ -272,15 +267,11 @@ where
         let mut shutdown = state.shutdown_signal();
         loop {
             if io.prefix().is_empty() {
-                let first = wait_first_bytes(
-                    io.inner_mut(),
-                    live,
-                    activity,
-                    &mut shutdown,
-                    close_early.as_mut(),
-                );
-                let Some(first) = first.await else { return };
-                io.replay(first);
+                let first =
+                    wait_first_bytes(&mut io, live, activity, &mut shutdown, close_early.as_mut());
+                if !first.await {
+                    return;
+                }
             }
             let conn = Box::pin(serve_conn(
                 state,
@@ -348,21 +339,25 @@ where
     }
 }
 
-/// The client's first bytes ([`first_bytes`]), or `None` when the connection ends before
-/// them: the client closed, `close_early` fired, `idle_timeout` passed or shutdown began.
+/// Waits for the client's first bytes ([`first_bytes`]) and sets `io` to replay them; false
+/// when the connection ends before them: the client closed, `close_early` fired,
+/// `idle_timeout` passed or shutdown began.
 async fn wait_first_bytes<S: AsyncRead + Unpin>(
-    io: &mut S,
+    io: &mut Rewind<S>,
     live: &LiveSettings,
     activity: &Arc<Activity>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     close_early: Pin<&mut impl Future<Output = ()>>,
-) -> Option<Bytes> {
-    tokio::select! {
-        first = first_bytes(io) => first,
+) -> bool {
+    let first = tokio::select! {
+        first = first_bytes(io.inner_mut()) => first,
         _ = close_early => None,
         _ = activity.clone().idle(live.proxy.idle_timeout) => None,
         _ = shutdown.changed() => None,
-    }
+    };
+    let Some(first) = first else { return false };
+    io.replay(first);
+    true
 }
 
 /// How [`serve_h1`]'s wait on one hyper connection ended.
