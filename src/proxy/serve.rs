@@ -391,7 +391,11 @@ where
 }
 
 /// Takes a settled hyper connection apart: the stream and the service, or `None` when hyper
-/// holds bytes it has not processed (the connection then ends: they are never parsed again).
+/// holds bytes it has not processed (the connection then ends: they are never parsed again)
+/// — unless they are only empty lines, which a server ignores before a request (RFC 9112
+/// §2.2): a client that sent a CRLF after its last message, or before its first, and then
+/// paused was cut off (outside pass h44b). They are dropped, as hyper would have skipped
+/// them.
 fn park<S, Svc>(conn: UpgradeableH1<S, Svc>) -> Option<(Rewind<Tracked<H1Guard<S>>>, Svc)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -400,7 +404,8 @@ where
 {
     let parts = conn.into_parts()?;
     let (prefix, mut io) = parts.io.into_inner().into_parts();
-    if !parts.read_buf.is_empty() || !prefix.is_empty() {
+    let empty_lines = |b: &[u8]| b.iter().all(|&c| c == b'\r' || c == b'\n');
+    if !empty_lines(&parts.read_buf) || !empty_lines(&prefix) {
         tracing::debug!("h1 connection settled with unprocessed bytes: closing it");
         return None;
     }

@@ -1538,6 +1538,37 @@ async fn a_quiet_keep_alive_connection_parks_and_serves_the_next_requests() {
     e.h.assert_logs_clean();
 }
 
+/// RFC 9112 §2.2: a server should ignore at least one empty line before a request. A client
+/// that sends one (alone, or after a message) and then pauses past the parking delay was cut
+/// off at 2 s: hyper held the CRLF unparsed, and parking closes a connection whose hyper
+/// still holds bytes (outside pass h44b). Empty lines are dropped instead, and the next
+/// request is answered.
+#[tokio::test]
+async fn empty_lines_before_a_pause_do_not_cut_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = setup(Some(&["api.example.test"]), &[]).await;
+    let get = b"GET /echo HTTP/1.1\r\nHost: api.example.test\r\n\r\n";
+    for first in [&b"\r\n"[..], &[&get[..], b"\r\n"].concat()] {
+        let mut tls = crate::adversarial::tls_tunnel(&e, API, "api.example.test").await;
+        tls.write_all(first).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+        tls.write_all(get).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let want = if first.len() > 2 { 2 } else { 1 };
+        let read = async {
+            while seen.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < want {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("answered");
+    }
+}
+
 /// An answer read whole (a scrubbed host's short answer) that the sandbox's end cuts is audited
 /// as that end, `sandbox_ended`, not as the origin's failure (found in a fleet pass: a 502
 /// `upstream_unreachable` "failed part way through its answer" from a healthy origin fed the
