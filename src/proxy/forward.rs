@@ -1773,8 +1773,7 @@ fn relay_upgrade(
     };
     let (sandbox, host) = (scope.sandbox_id(), scope.host());
     let (allowed, tunnel) = (still_allowed(t), t.clone());
-    let counter = t.state.metrics.values_scrubbed.clone();
-    let tally = AnswerTally::new(0, counter, t.sandbox.id.clone(), t.authority.clone());
+    let tally = AnswerTally::of(t, 0);
     t.state.spawn_connection(async move {
         let _slots = tunnel;
         let (Ok(c), Ok(u)) = (client.await, upstream.await) else {

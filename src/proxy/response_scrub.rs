@@ -170,12 +170,10 @@ pub fn scrub_response(
         in_head += s.scrub_headers(&mut parts.headers);
     }
     no_ranges(&mut parts.headers);
-    let tally = || {
-        let counter = t.state.metrics.values_scrubbed.clone();
-        AnswerTally::new(in_head, counter, t.sandbox.id.clone(), t.authority.clone())
-    };
     if !shape.has_body {
-        drop(tally());
+        if in_head > 0 {
+            drop(AnswerTally::of(t, in_head)); // reported as it drops
+        }
         // hyper's h1 server drops such a body, its h2 server would forward DATA and trailers:
         // nothing of it reaches the sandbox, scrubbed or not. A `HEAD` says what the `GET`
         // would: a coded answer's checksums go, as they do from the decoded `GET` (review).
@@ -208,7 +206,7 @@ pub fn scrub_response(
         Held::new(decode::Decoded::new(codings, body), windows).boxed_unsync()
     };
     let (binary, mut frames) = (shape.binary.is_some(), shape.frames);
-    let tally = tally();
+    let tally = AnswerTally::of(t, in_head);
     // The first scrubber over the body decodes compressed messages; the second sees them plain.
     let body = match extras {
         Some(x) => scrub_body(t, body, (x, &tally), binary, frames.take(), None),

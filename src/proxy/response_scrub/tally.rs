@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::super::Tunnel;
 use crate::subst::Tally;
 
 /// The values scrubbed from one answer: its reason phrase and headers (`head`, known at
@@ -27,9 +28,16 @@ pub struct AnswerTally {
 }
 
 impl AnswerTally {
+    /// A tally for an answer through `t` whose head had `head` values scrubbed, counted into
+    /// the daemon's `sealgate_values_scrubbed_total`.
+    pub fn of(t: &Tunnel, head: usize) -> Arc<Self> {
+        let counter = t.state.metrics.values_scrubbed.clone();
+        Self::new(head, counter, t.sandbox.id.clone(), t.authority.clone())
+    }
+
     /// A tally for an answer of `host` to `sandbox` whose head had `head` values scrubbed,
-    /// counted into `counter` (`sealgate_values_scrubbed_total`).
-    pub fn new(head: usize, counter: Counter, sandbox: Arc<str>, host: Arc<str>) -> Arc<Self> {
+    /// counted into `counter`.
+    fn new(head: usize, counter: Counter, sandbox: Arc<str>, host: Arc<str>) -> Arc<Self> {
         Arc::new(AnswerTally {
             head,
             body: AtomicUsize::new(0),

@@ -157,6 +157,17 @@ async fn curl_reaches_every_server_over_h1_and_h2() {
         }
     }
     m.finish();
+    // Each server's echo left the operator's trace: one log line per scrubbed answer naming
+    // the sandbox and the host (`ops::values_scrubbed_…` checks the counts).
+    let logs = crate::support::daemon::logs_text();
+    for o in [NGINX_H2, NGINX_H1, CADDY, NODE_H1, NODE_H2, HYPERCORN] {
+        let host = format!("host={}:", o.host);
+        let traced = logs
+            .lines()
+            .any(|l| l.contains("were scrubbed") && l.contains(&w.sb.id) && l.contains(&host));
+        assert!(traced, "no scrub trace for {}", o.host);
+    }
+    w.h.assert_logs_clean();
 }
 
 // ---- response shapes ------------------------------------------------------------------------
