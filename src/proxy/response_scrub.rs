@@ -25,7 +25,7 @@
 //! In a body whose format counts its own bytes ([`Binary`]: gRPC messages, protobuf, msgpack,
 //! CBOR) a 43-byte token in place of a value would break every length around it, so such a
 //! body gets same-length stand-ins ([`crate::subst::ScrubStream::same_length`]). Requests here
-//! ask for uncompressed gRPC messages (`forward::whole_responses_only`); a message that comes
+//! ask for uncompressed gRPC messages (`forward::head::whole_responses_only`); a message that comes
 //! compressed anyway (a server may insist) is decoded whole and passed on uncompressed
 //! ([`MessageFrames`], up to `upstream.max_grpc_message_bytes`), or, in a coding sealgate
 //! cannot decode, ends the body before any byte of it is passed on. A gRPC-Web-text (base64)
@@ -152,7 +152,7 @@ pub fn scrub_response(
     } = with;
     let codings = shape.codings.map_err(|e| undecodable(t, e))?;
     if parts.status == StatusCode::PARTIAL_CONTENT {
-        // sealgate sent no `Range` here (`forward::whole_responses_only`): a part of a
+        // sealgate sent no `Range` here (`forward::head::whole_responses_only`): a part of a
         // resource could hold part of a value, which no scrubber can recognise.
         return Err(Refusal::new(
             Code::UpstreamUnreachable,
@@ -217,7 +217,7 @@ pub fn scrub_response(
 }
 
 /// A scrubbed host's answer says it takes no ranges: sealgate sends such hosts no `Range`
-/// (`forward::whole_responses_only`), and `Accept-Ranges: bytes` passed on made range clients
+/// (`forward::head::whole_responses_only`), and `Accept-Ranges: bytes` passed on made range clients
 /// (resumable downloads, `read_parquet` over HTTP) choose ranged access and then fail on the
 /// whole 200 (outside pass: `curl -C -` exit 33) instead of reading the whole answer up front.
 fn no_ranges(h: &mut HeaderMap) {
@@ -275,7 +275,7 @@ fn drop_compressed_length(h: &mut HeaderMap) {
 pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
 
 /// Whether an answer is read whole before its head is sent, then sent with its exact
-/// `Content-Length` (`forward::read_whole`): one whose `body` is framed by its length (hyper's own framing,
+/// `Content-Length` (`forward::answer::read_whole`): one whose `body` is framed by its length (hyper's own framing,
 /// not the header: an upstream that sent `Transfer-Encoding: chunked` beside a small
 /// `Content-Length` is read chunked, without end — an outside check held 791 MB that way),
 /// of at most [`WHOLE_ANSWER_MAX`], in no coding, and not carrying its own lengths.
@@ -333,7 +333,7 @@ fn scrub_body(
 /// the body: such a decoder may hold a 16 MiB (brotli) or 8 MiB (zstd) window for as long as
 /// the client does not read, so how many run at once is bounded
 /// (`[upstream] max_window_decoders_per_sandbox`, `max_window_decoders`). Sealgate asks the
-/// hosts whose answers it scrubs for gzip and deflate only (`forward::whole_responses_only`),
+/// hosts whose answers it scrubs for gzip and deflate only (`forward::head::whole_responses_only`),
 /// so only an upstream that ignores that meets the bound.
 ///
 /// # Errors

@@ -509,7 +509,7 @@ fn http1_builder(live: &LiveSettings) -> http1::Builder {
 
 /// hyper's HTTP/2 server with the h2 limits of `[proxy]`. Its header-list limit is twice
 /// `max_header_bytes`: a head between the two reaches the service, which answers it with the
-/// uniform 431 (`forward::check_h2_head`); the h2 crate itself would send a bare 431 and reset
+/// uniform 431 (`forward::checks::check_h2_head`); the h2 crate itself would send a bare 431 and reset
 /// the stream, or — for one field spread over CONTINUATION frames — end the whole connection,
 /// which clients take as "not processed" and retry. Only a head over twice the limit still
 /// meets the h2 crate's answer; the memory it may take stays bounded by that.

@@ -32,7 +32,7 @@ use super::pieces::Pieces;
 use super::whole_bodies::{Reserved, Share};
 
 /// The longest a body is read ahead before its head goes upstream: the same second a small
-/// answer is waited for (`forward::WHOLE_ANSWER_WAIT`). A client that sends the rest later
+/// answer is waited for (`forward::answer::WHOLE_ANSWER_WAIT`). A client that sends the rest later
 /// (a slow link, a long-lived upload) has its request sent after this, streamed.
 pub const WAIT: Duration = Duration::from_secs(1);
 

@@ -15,7 +15,7 @@
 //! - **Control frames** (close, ping, pong) are scrubbed whole; one that would outgrow the
 //!   125 bytes a control frame may carry loses its payload (a close keeps its status code).
 //! - **Fail closed**: a frame with RSV bits (an extension such as permessage-deflate, which
-//!   sealgate does not offer on scrubbed hosts: `forward::whole_responses_only` drops
+//!   sealgate does not offer on scrubbed hosts: `forward::head::whole_responses_only` drops
 //!   `Sec-WebSocket-Extensions`), a masked frame, a reserved opcode or a control frame over
 //!   125 bytes ends the connection: nothing sealgate cannot read passes.
 //!

@@ -1,0 +1,312 @@
+//! Sending upstream: which of the sandbox's clients a request goes on, its retries, and the
+//! room it waits for at an upstream connection cap.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use super::body::{broken, timed_out, UpBody};
+use super::Handed;
+use crate::metrics::Counted;
+use crate::policy::Scheme;
+use crate::proxy::failure::UpstreamCap;
+use crate::proxy::linger::{BodyBreak, ClientFailed};
+use crate::proxy::progress::Progress;
+use crate::proxy::refusal::Refusal;
+use crate::proxy::{LiveSettings, ProxyBody, Tunnel};
+
+/// Sends the request and waits for the response head: `response_timeout` from the request's
+/// last byte (a streamed body's `progress`; see [`crate::proxy::progress`]).
+///
+/// Held-body requests to an origin that has answered over h2 go to the h2-only client (one
+/// connection attempt at a time, see [`crate::proxy::upstream::KnownH2`]); if that origin no longer
+/// chooses h2, it is forgotten and the request goes to the dual-protocol client (nothing was
+/// sent). Streamed bodies stay on the dual-protocol client: their bytes could not be sent
+/// twice.
+///
+/// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a stream
+/// above a GOAWAY's last-stream-id (see [`crate::proxy::upstream::RefuseAfterGoaway`]) — is sent
+/// again when its body was held in full: on `client_retry`'s pool (so the requests one GOAWAY
+/// refuses share one new connection rather than open one each), and if that refuses too, once more
+/// on a fresh connection. An idempotent request whose HTTP/1 connection closed under it goes again
+/// on a fresh connection straight away ([`crate::proxy::failure::over_h2`]). HTTP/1 connections
+/// closed before the request was written are retried by the pooled client itself.
+pub(super) async fn send(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    head: Request<()>,
+    body: UpBody,
+    progress: Option<&Progress>,
+    websocket: bool,
+) -> Result<Response<Incoming>, Refusal> {
+    let started = Instant::now();
+    let timeout = rt.upstream.config.response_timeout;
+    let client_failed = head.extensions().get::<ClientFailed>().cloned();
+    let sending = attempts(t, rt, head, body, websocket);
+    tokio::pin!(sending);
+    let answered = loop {
+        let until = crate::proxy::progress::deadline(started, progress, timeout);
+        match tokio::time::timeout_at(until.into(), &mut sending).await {
+            Ok(answered) => break answered,
+            // The body moved meanwhile: the wait is counted from its last byte.
+            Err(_) if crate::proxy::progress::deadline(started, progress, timeout) > until => {}
+            Err(_) => return Err(timed_out(t, progress)),
+        }
+    };
+    let broke = client_failed.map_or(BodyBreak::None, |f| f.get());
+    let resp = match answered {
+        Err(_) if broke != BodyBreak::None => return Err(broken(broke)),
+        Err(e) => return Err(crate::proxy::failure::classify(t, &e)),
+        Ok(r) => r,
+    };
+    t.state
+        .metrics
+        .upstream_latency
+        .observe(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+type Attempt = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+/// The attempts of [`send`], without its timeout.
+async fn attempts(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    head: Request<()>,
+    body: UpBody,
+    websocket: bool,
+) -> Attempt {
+    let bytes = match body {
+        UpBody::Held(b) => b,
+        UpBody::Streamed(b) => return send_streamed(t, rt, websocket, head, b).await,
+    };
+    // Only TLS origins can have chosen h2 (ALPN); `known_h2` is keyed by the origin without
+    // its default port, so `http://H` and `https://H` share a key, and a plain request sent
+    // after an h2 answer from `https://H` went to the h2-only client, which spoke h2 in clear
+    // to the plain origin (502 for every sandbox until a reload: two outside passes).
+    let tls = t.scheme == Scheme::Https;
+    let h2 = tls && !websocket && rt.known_h2.contains(&t.origin);
+    let which = match (websocket, h2) {
+        (true, _) => Which::H1,
+        (false, true) => Which::H2,
+        (false, false) => Which::Either,
+    };
+    match send_held(t, rt, which, &head, &bytes).await {
+        Ok(resp) => {
+            if tls && !h2 && resp.version() == Version::HTTP_2 {
+                rt.known_h2.learn(&t.origin);
+            }
+            Ok(resp)
+        }
+        Err(e) if h2 && crate::proxy::failure::not_h2(&e) => {
+            rt.known_h2.forget(&t.origin);
+            send_held(t, rt, Which::Either, &head, &bytes).await
+        }
+        Err(e) if crate::proxy::failure::may_send_again(&e, head.method()) => {
+            tracing::debug!(dest = %t.dest, error = %crate::proxy::failure::chain(&e),
+                "upstream did not process the request, or it is idempotent; retrying");
+            match h2 || crate::proxy::failure::over_h2(&e) {
+                true => retry(t, rt, &head, &bytes).await,
+                // An HTTP/1 connection closed under it (a kept-alive connection the origin
+                // timed out): a new connection, offering both protocols.
+                false => send_held(t, rt, Which::Fresh, &head, &bytes).await,
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A streamed body goes once: it cannot wait for room or go again. At an upstream cap it
+/// gets its refusal at once and the client sets that hold the cap's idle connections are
+/// dropped ([`drop_idle`]) for the client's next try.
+async fn send_streamed(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    websocket: bool,
+    head: Request<()>,
+    body: ProxyBody,
+) -> Attempt {
+    let which = if websocket { Which::H1 } else { Which::Either };
+    let mut head = head;
+    if !websocket {
+        frame_streamed(&mut head, &body);
+    }
+    let sent = client(rt, t, which)
+        .request(attach(t, head, UpBody::Streamed(body)))
+        .await;
+    if let Some(cap) = sent
+        .as_ref()
+        .err()
+        .and_then(crate::proxy::failure::upstream_cap)
+    {
+        drop_idle(t, rt, cap);
+    }
+    sent
+}
+
+/// hyper's h1 client assumes a GET or HEAD has no body: one of unknown length goes out as no
+/// body at all (the origin answered a bodiless GET) unless the request says it is chunked.
+/// So a streamed body of unknown length on those methods is marked chunked; hyper's h2 client
+/// removes the field (h2 frames bodies itself), other methods are chunked by hyper anyway.
+fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
+    let bodiless_by_default = matches!(*head.method(), Method::GET | Method::HEAD);
+    if bodiless_by_default && body.size_hint().exact().is_none() {
+        head.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+}
+
+/// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
+/// room ([`make_room`]) and, if that freed a slot, sends once more (nothing was sent the
+/// first time). Every dial point of a held body goes through here: the first attempt, the
+/// h2 fallback, and both retries.
+async fn send_held(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    which: Which,
+    head: &Request<()>,
+    bytes: &Bytes,
+) -> Attempt {
+    let send = || {
+        let req = attach(t, head.clone(), UpBody::Held(bytes.clone()));
+        client(rt, t, which).request(req)
+    };
+    let sent = send().await;
+    let Some(cap) = sent
+        .as_ref()
+        .err()
+        .and_then(crate::proxy::failure::upstream_cap)
+    else {
+        return sent;
+    };
+    if !make_room(t, rt, cap).await {
+        return sent;
+    }
+    send().await
+}
+
+/// Which of a sandbox's clients (`proxy::clients::Clients`) a request goes on.
+#[derive(Clone, Copy)]
+enum Which {
+    /// h2 or HTTP/1.1, whichever the origin chooses.
+    Either,
+    /// HTTP/1.1 only: WebSocket upgrades.
+    H1,
+    /// h2 only: held bodies to an origin known to speak h2.
+    H2,
+    /// h2 only, a pool of its own: the retry of a request the origin did not process.
+    Retry,
+    /// No pool: the last resort when the retry connection refuses too.
+    Fresh,
+}
+
+/// The sandbox's client `which`. A clone: a request waiting for its answer keeps that one
+/// client's pool alive, not the sandbox's whole set, so [`make_room`] can close the idle
+/// connections of the others.
+fn client(rt: &LiveSettings, t: &Tunnel, which: Which) -> crate::proxy::UpstreamClient {
+    let clients = rt.clients(&t.sandbox);
+    match which {
+        Which::Either => clients.client.clone(),
+        Which::H1 => clients.client_h1.clone(),
+        Which::H2 => clients.client_h2.clone(),
+        Which::Retry => clients.client_retry.clone(),
+        Which::Fresh => clients.client_fresh.clone(),
+    }
+}
+
+/// A sandbox at its upstream cap (`[upstream] max_connections_per_sandbox`) may hold it with
+/// idle pooled connections, left by requests to other hosts, and the daemon at its cap
+/// (`[upstream] max_connections`) with the idle connections of any sandbox: the sets holding
+/// them are dropped ([`drop_idle`]) and the request waits up to [`ROOM_WAIT`] for a slot
+/// under `cap`. True if one is free.
+async fn make_room(t: &Tunnel, rt: &LiveSettings, cap: UpstreamCap) -> bool {
+    drop_idle(t, rt, cap);
+    let config = &rt.upstream.config;
+    let full = || match cap {
+        UpstreamCap::Sandbox => t.sandbox.upstream.open() >= config.max_connections_per_sandbox,
+        UpstreamCap::Daemon => rt.upstream.counts.connections.open() >= config.max_connections,
+    };
+    let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+    while full() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    true
+}
+
+/// Drops the client sets that hold `cap`'s idle connections, which closes every idle one of
+/// them that no request is waiting on (a connection in use closes when its exchange ends):
+/// the sandbox's on every worker, or at the daemon's cap every sandbox's.
+fn drop_idle(t: &Tunnel, rt: &LiveSettings, cap: UpstreamCap) {
+    match cap {
+        UpstreamCap::Sandbox => rt.drop_clients(&t.sandbox),
+        UpstreamCap::Daemon => rt.drop_all_clients(),
+    }
+}
+
+/// How long a request at an upstream cap waits for the idle connections it had
+/// closed to go (each closes on its own worker, at once unless that worker is busy).
+const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The retry of a request the upstream did not process: `client_retry`, then, if that
+/// refuses too (or the origin no longer chooses h2), a fresh connection.
+async fn retry(t: &Tunnel, rt: &LiveSettings, head: &Request<()>, bytes: &Bytes) -> Attempt {
+    match send_held(t, rt, Which::Retry, head, bytes).await {
+        Err(e) if crate::proxy::failure::not_processed(&e) || crate::proxy::failure::not_h2(&e) => {
+            send_held(t, rt, Which::Fresh, head, bytes).await
+        }
+        other => other,
+    }
+}
+
+/// The request with its body, counted into the `bytes_up` metric, and marking the request's
+/// [`Handed`] (from its extensions) when hyper takes it to a connection.
+fn attach(t: &Tunnel, head: Request<()>, body: UpBody) -> Request<ProxyBody> {
+    let body = match body {
+        UpBody::Held(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
+        UpBody::Streamed(b) => b,
+    };
+    let body = Counted::new(body, t.state.metrics.bytes_up.clone()).boxed_unsync();
+    let body = match head.extensions().get::<Handed>() {
+        Some(handed) => Marking(body, handed.clone()).boxed_unsync(),
+        None => body,
+    };
+    head.map(|()| body)
+}
+
+/// A request body that marks its [`Handed`] when hyper looks at it.
+struct Marking(ProxyBody, Handed);
+
+impl Body for Marking {
+    type Data = Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.1.mark();
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.1.mark();
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.1.mark();
+        self.0.size_hint()
+    }
+}
