@@ -84,7 +84,8 @@ pub enum StoreCmd {
     Create {
         /// Unique store name.
         name: String,
-        /// Egress allowlist pattern (repeatable). Without any, the store may reach any public host.
+        /// Egress allowlist pattern (repeatable). Without any, the store may reach any public host
+        /// on the default ports (443, and 80 for plain HTTP).
         #[arg(long = "allow")]
         allow: Vec<String>,
         /// Allow no egress at all (`egress_allowlist = []`).
@@ -108,7 +109,7 @@ pub enum StoreCmd {
         /// Replace the allowlist with these patterns (repeatable).
         #[arg(long = "allow")]
         allow: Vec<String>,
-        /// Remove the allowlist (any public host).
+        /// Remove the allowlist (any public host on the default ports: 443, and 80 for plain HTTP).
         #[arg(long, conflicts_with = "allow")]
         unrestricted: bool,
         /// Set an empty allowlist (no egress).

@@ -170,6 +170,16 @@ impl Running {
             line("open files:", n.describe());
         }
         line("allocator:", crate::alloc::describe());
+        line(
+            "isolation:",
+            match crate::isolation::privileges::missing() {
+                m if m.is_empty() => "\"netns\" available".to_owned(),
+                m => format!(
+                    "\"netns\" refused: the daemon lacks {} (isolated sandboxes need root)",
+                    m.join(", ")
+                ),
+            },
+        );
         if let Some(w) = &self.workers {
             line("workers:", format!("{} (proxy.worker_threads)", w.len()));
             line(

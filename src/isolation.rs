@@ -17,6 +17,7 @@
 pub mod commands;
 pub mod fds;
 pub mod host_root;
+pub mod privileges;
 pub mod run_as;
 pub mod seccomp;
 
@@ -84,6 +85,9 @@ pub enum IsolationError {
     /// The sandbox itself.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The daemon lacks what an isolated sandbox needs ([`privileges::refusal`]).
+    #[error("{0}")]
+    Unprivileged(String),
     /// The daemon is shutting down: a sandbox created meanwhile has been ended again.
     #[error("the daemon is shutting down: the sandbox was ended again; create it once the daemon is back")]
     ShuttingDown,
@@ -279,6 +283,9 @@ impl Isolation {
     }
 
     async fn create_isolated(&self, mut req: CreateSandbox) -> Result<SandboxInfo, IsolationError> {
+        if let Some(why) = privileges::refusal() {
+            return Err(IsolationError::Unprivileged(why));
+        }
         if req.source_ip.is_some() {
             return Err(IsolationError::BadRequest(
                 "source_ip is chosen by the daemon for \"isolation\": \"netns\"".into(),

@@ -225,7 +225,10 @@ class Sandbox:
         """A new sandbox of store ``secret_store`` (name or id) living ``timeout`` seconds
         (daemon default when None). ``isolation="netns"`` (the default here) has the daemon run
         it in its own network namespace so ``commands.run`` works; ``"none"`` makes a proxy-only
-        sandbox whose ``info["proxy_env"]`` the caller wires up. ``envs`` are extra plain
+        sandbox whose ``info["proxy_env"]`` the caller wires up. An isolated sandbox needs a
+        daemon running as root (one that is not answers ``SealgateHTTPError`` 500
+        ``isolation_failed`` saying so), and ends when the daemon stops: after a restart its id
+        answers 404, where a proxy-only one is restored. ``envs`` are extra plain
         variables for its commands. ``NotFoundError`` for an unknown store. ``template`` is
         accepted so that opencomputer code (``Sandbox.create(template="base", …)``) runs
         unchanged, and ignored: every isolated sandbox runs the host's own userland."""

@@ -6,7 +6,8 @@ None, so code written for the opencomputer SDK runs unchanged::
     store = await SecretStore.create(name="my-agent-secrets", egress_allowlist=["api.anthropic.com"])
     await SecretStore.set_secret(store["id"], "ANTHROPIC_API_KEY", "sk-ant-…")
 
-One difference, as in the daemon: ``egress_allowlist=None`` means *any public host*, ``[]`` none.
+One difference, as in the daemon: ``egress_allowlist=None`` means *any public host* (on the
+default ports, 443 and 80 for plain HTTP, as a pattern without a port), ``[]`` none.
 Secret values go to the daemon once and are never returned by any method.
 """
 
@@ -166,7 +167,7 @@ class SecretStore:
         unrestricted, omitting it leaves the allowlist as it is; ``name=""`` leaves the name
         as it is (as in the opencomputer SDK: no store has an empty name), and so does
         ``name=None``. Unlike the opencomputer SDK, where ``None`` means "unchanged", a
-        ``None`` allowlist here opens the store to any public host. Returns the updated store,
+        ``None`` allowlist here opens the store to any public host (on the default ports). Returns the updated store,
         with the daemon's ``warnings`` added when the allowlist is made ``None`` (said first)
         and when the new allowlist leaves a secret never unsealed (e.g. ``None`` for a secret
         without ``allowed_hosts``)."""

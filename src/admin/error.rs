@@ -311,6 +311,11 @@ impl From<IsolationError> for ApiError {
             IsolationError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
             }
+            // The daemon's setup, not this request, and not a failure to log per create: the
+            // start summary's `isolation:` line says it once.
+            IsolationError::Unprivileged(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "isolation_failed", msg)
+            }
             IsolationError::RunAs(_)
             | IsolationError::Netns(_)
             | IsolationError::Cgroup(_)

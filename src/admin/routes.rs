@@ -339,7 +339,8 @@ async fn update_store(
             0,
             format!(
                 "store {}'s egress_allowlist is now null: its sandboxes may reach any public \
-                 host ([] allows none; leave the field out to keep the list)",
+                 host on the default ports, 443 and 80 ([] allows none; leave the field out to \
+                 keep the list)",
                 rec.name
             ),
         );
@@ -369,7 +370,7 @@ fn allowlist_warnings(st: &AdminState, store: &StoreRecord) -> Vec<String> {
     let secrets = st.store.list_secrets(&store.id).unwrap_or_default();
     secrets
         .iter()
-        .filter_map(|meta| never_unsealed(store, meta))
+        .filter_map(|meta| never_unsealed(store, meta).or_else(|| dead_entries(store, meta)))
         .collect()
 }
 
@@ -535,7 +536,7 @@ fn secret_warnings(store: &StoreRecord, meta: &SecretMeta) -> Vec<String> {
             meta.name, store.name
         ));
     }
-    w.extend(never_unsealed(store, meta));
+    w.extend(never_unsealed(store, meta).or_else(|| dead_entries(store, meta)));
     if meta
         .allowed_hosts
         .as_ref()
@@ -642,6 +643,40 @@ fn never_unsealed(store: &StoreRecord, meta: &SecretMeta) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The entries of `meta`'s `allowed_hosts` that no destination of `store`'s allowlist can
+/// match, when others can (when none can, [`never_unsealed`] says so): a port the allowlist
+/// never allows (no allowlist allows 443 and 80 only, as `*`), a host outside it. The secret
+/// is stored as given; the operator learns which entries do nothing (outside pass h45a: an
+/// entry for `host:8443` under a store without an allowlist was accepted without a word).
+fn dead_entries(store: &StoreRecord, meta: &SecretMeta) -> Option<String> {
+    let hosts = meta.allowed_hosts.as_ref()?;
+    let any = ["*".to_owned()];
+    let allow = store.egress_allowlist.as_deref().unwrap_or(&any);
+    let dead: Vec<String> = hosts
+        .iter()
+        .filter(|h| !any_overlap(allow, std::slice::from_ref(h)))
+        .cloned()
+        .collect();
+    if dead.is_empty() || dead.len() == hosts.len() {
+        return None;
+    }
+    let why = match &store.egress_allowlist {
+        None => format!(
+            "store {} has no egress_allowlist, which allows public hosts on ports 443 and 80",
+            store.name
+        ),
+        Some(_) => format!(
+            "store {}'s egress_allowlist reaches none of them",
+            store.name
+        ),
+    };
+    Some(format!(
+        "secret {}: allowed_hosts {} can never apply ({why}); it is unsealed only for the others",
+        meta.name,
+        listed(&dead)
+    ))
 }
 
 /// True if some HTTPS destination passes both pattern lists (both hold canonical patterns the

@@ -496,18 +496,44 @@ async fn secrets_are_never_returned_and_warn_when_never_unsealable() {
     }
     // No allowlist is every public host on the default ports only: a secret whose every
     // allowed host names another port is never unsealed there either (found from outside).
-    for (hosts, never) in [
-        (&["api.example.test:8443"][..], true),
-        (&["*:8443", "a.example.test:444"][..], true),
-        (&["api.example.test"][..], false),
-        (&["api.example.test:443", "b.example.test:8443"][..], false),
+    // When only some do, the answer names those that never apply (outside pass h45a).
+    for (hosts, never, dead) in [
+        (&["api.example.test:8443"][..], true, None),
+        (&["*:8443", "a.example.test:444"][..], true, None),
+        (&["api.example.test"][..], false, None),
+        (
+            &["api.example.test:443", "b.example.test:8443"][..],
+            false,
+            Some("allowed_hosts [b.example.test:8443] can never apply"),
+        ),
     ] {
         let v = h
             .secret(&id, "PORTED", "sk-never-returned-7785", Some(hosts), None)
             .await;
         let said = v["warnings"].to_string();
         assert_eq!(said.contains("default ports only"), never, "{hosts:?}: {v}");
+        assert_eq!(said.contains("can never apply"), dead.is_some(), "{v}");
+        if let Some(dead) = dead {
+            assert!(said.contains(dead), "{v}");
+        }
     }
+    // The same under an allowlist: an entry outside it is named.
+    let listed = h.store("listed", Some(&["a.example.test"])).await;
+    let v = h
+        .secret(
+            &listed,
+            "PART",
+            "sk-never-returned-7786",
+            Some(&["a.example.test", "b.example.test"]),
+            None,
+        )
+        .await;
+    let said = v["warnings"].to_string();
+    assert!(
+        said.contains("allowed_hosts [b.example.test] can never apply")
+            && said.contains("store listed's egress_allowlist reaches none of them"),
+        "{v}"
+    );
     // A short value can be guessed through the response scrubbing: the operator is told.
     let v = h
         .secret(&id, "PIN", "pw4711", Some(&["api.example.test"]), None)

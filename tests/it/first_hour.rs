@@ -881,6 +881,65 @@ async fn a_daemon_not_run_as_root_sweeps_no_namespace() {
     assert!(!banner.contains("leftover"), "{banner}");
 }
 
+/// A daemon that is not root says so in its start summary, and refuses an isolated sandbox
+/// at once, saying it needs root and naming the proxy-only way; it had failed part-way,
+/// naming a record file under /run it could not write (outside pass h45a).
+#[tokio::test]
+async fn a_daemon_not_run_as_root_refuses_isolation_saying_why() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // setpriv needs root to run the daemon as another user
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, log) = serve_as_nobody(dir.path(), "");
+    let banner = wait_for_text(&log, "  isolation:", &mut daemon.0);
+    let lacks = "the daemon lacks CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SETUID, CAP_SETGID";
+    assert!(
+        banner.contains(&format!("  isolation:   \"netns\" refused: {lacks}")),
+        "{banner}"
+    );
+    let url = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin API:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let o = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg("--data")
+            .arg(body.to_string())
+            .arg(format!("{url}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let made = post("/v1/stores", json!({"name": "s", "egress_allowlist": []}));
+    assert!(made.ends_with("201"), "{made}");
+    let refused = post(
+        "/v1/sandboxes",
+        json!({"secret_store": "s", "isolation": "netns"}),
+    );
+    assert!(refused.ends_with("500"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"isolation_failed\"")
+            && refused.contains("isolated sandboxes need the daemon to run as root, and this one lacks CAP_SYS_ADMIN")
+            && refused.contains("\\\"isolation\\\": \\\"none\\\" (proxy-only)"),
+        "{refused}"
+    );
+    let proxy_only = post("/v1/sandboxes", json!({"secret_store": "s"}));
+    assert!(proxy_only.ends_with("201"), "{proxy_only}");
+}
+
 /// `sealgate serve` run as nobody (uid 65534, through `setpriv`) with its config, data and
 /// log (`serve.log`, returned) in `dir`, made writable for it; `extra` goes into the config.
 fn serve_as_nobody(dir: &Path, extra: &str) -> (Spawned, std::path::PathBuf) {
