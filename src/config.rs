@@ -216,6 +216,8 @@ pub struct RawSandbox {
     pub max_command_timeout_secs: Option<u64>,
     /// Bytes.
     pub max_output_bytes: Option<usize>,
+    /// Bytes per second.
+    pub output_drain_bytes_per_sec: Option<usize>,
     /// Count.
     pub max_commands_per_sandbox: Option<usize>,
     /// MiB; 0 = no memory limit.
@@ -470,6 +472,8 @@ pub struct SandboxConfig {
     pub max_command_timeout: Duration,
     /// Output kept per stream (stdout, stderr) of one command.
     pub max_output_bytes: usize,
+    /// How fast a stream's output past `max_output_bytes` is read and dropped.
+    pub output_drain_bytes_per_sec: usize,
     /// Commands running at once in one sandbox.
     pub max_commands: usize,
     /// Each isolated sandbox's memory, process and file limits.
@@ -1255,6 +1259,12 @@ impl RawSandbox {
                 self.max_output_bytes,
                 1 << 20,
                 1 << 30,
+            ),
+            output_drain_bytes_per_sec: p.count(
+                "sandbox.output_drain_bytes_per_sec",
+                self.output_drain_bytes_per_sec,
+                16 << 20,
+                1 << 34,
             ),
             max_commands: p.count(
                 "sandbox.max_commands_per_sandbox",

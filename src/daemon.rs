@@ -1316,6 +1316,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "sandbox.command_timeout_secs" => sandbox.command_timeout;
         "sandbox.max_command_timeout_secs" => sandbox.max_command_timeout;
         "sandbox.max_output_bytes" => sandbox.max_output_bytes;
+        "sandbox.output_drain_bytes_per_sec" => sandbox.output_drain_bytes_per_sec;
         "sandbox.max_commands_per_sandbox" => sandbox.max_commands;
         "sandbox.memory_max_mib" => sandbox.limits.memory_bytes;
         "sandbox.pids_max" => sandbox.limits.pids;

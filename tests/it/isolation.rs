@@ -137,6 +137,42 @@ async fn netlink_opens_only_where_the_operator_allows_it() {
     assert_eq!(r["stdout"], "listed\n", "{r}");
 }
 
+/// Output past `max_output_bytes` is drained at `output_drain_bytes_per_sec`: a command that
+/// writes without end waits on its own pipe, where the daemon had read and dropped its output
+/// as fast as it came (0.74 of a core for 8 `cat /dev/zero`s: outside pass h45b). The command
+/// still runs to its end, with its exit code, what it wrote within the cap, and `truncated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_drained_at_its_rate() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup_with("max_output_bytes = 1000\noutput_drain_bytes_per_sec = 1048576\n").await;
+    let sb = isolated(&e.h, json!({})).await;
+    let started = std::time::Instant::now();
+    // 3 MiB past the cap at 1 MiB/s: about 3 s, less what the pipe (64 KiB) holds.
+    let r = ok(
+        &e.h,
+        &id(&sb),
+        "head -c 3146752 /dev/zero | tr '\\0' a; echo end >&2",
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        (
+            r["exit_code"].as_i64(),
+            r["stdout"].as_str().map(str::len),
+            r["stderr"].as_str(),
+            r["truncated"].as_bool()
+        ),
+        (Some(0), Some(1000), Some("end\n"), Some(true)),
+        "{r}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(2500) && took < std::time::Duration::from_secs(20),
+        "took {took:?}"
+    );
+}
+
 /// Runs `cmd`, expects 200, returns the answer.
 async fn ok(h: &Harness, id: &str, cmd: &str) -> Value {
     let (s, v) = command(h, id, json!({"cmd": cmd})).await;
