@@ -813,7 +813,7 @@ async fn pump(
         }
         if keep < n {
             truncated.store(true, Ordering::Release);
-            return drain(r, &mut buf, rate).await;
+            return drain(r, rate).await;
         }
     }
 }
@@ -823,15 +823,36 @@ async fn pump(
 /// where the daemon had copied and dropped its output as fast as it came: 8 such commands in
 /// one sandbox took 0.74 of a core of the daemon's and tripled other sandboxes' p90 latency
 /// through the proxy (outside pass h45b). Costs the command nothing at ordinary output rates.
-async fn drain(mut r: impl AsyncRead + Unpin, buf: &mut [u8], rate: usize) {
+///
+/// Paced against a schedule (each read moves the next read's time on by `n / rate`), not by a
+/// sleep per read: the timer wakes up to a millisecond late, which per 16 KiB read had held the
+/// default 16 MiB/s to 7 and no setting above 13 (review h45c). A reader more than
+/// [`DRAIN_SLACK`] behind its schedule (a command that paused) starts a new one from now, so
+/// at most that much credit is saved up for a burst.
+async fn drain(mut r: impl AsyncRead + Unpin, rate: usize) {
     let rate = rate.max(1) as f64;
+    let mut buf = vec![0u8; DRAIN_READ];
+    let mut due = tokio::time::Instant::now();
     loop {
-        match r.read(buf).await {
+        let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate)).await,
+            Ok(n) => n,
+        };
+        let now = tokio::time::Instant::now();
+        if now > due + DRAIN_SLACK {
+            due = now;
         }
+        due += Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due).await;
     }
 }
+
+/// How far behind its schedule a draining stream may fall before the schedule starts again.
+const DRAIN_SLACK: Duration = Duration::from_millis(100);
+
+/// The most one read of a draining stream takes: a pipe's default capacity, so a writer that
+/// filled it is emptied in one read (a wake-up per 64 KiB, not per 16).
+const DRAIN_READ: usize = 64 * 1024;
 
 async fn collect(mut rx: mpsc::Receiver<Piece>) -> CommandResult {
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -957,6 +978,46 @@ fn incomplete_tail(b: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream drained on paused time: `total` bytes at `rate` take `total / rate`, whatever
+    /// the size of each read (the schedule, not a sleep per read).
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_stream_keeps_its_rate() {
+        for (total, rate) in [
+            (10 << 20, 1 << 20),
+            (64 << 20, 16 << 20),
+            (1 << 20, 256 << 20),
+        ] {
+            let data = vec![0u8; total];
+            let started = tokio::time::Instant::now();
+            drain(&data[..], rate).await;
+            let took = started.elapsed().as_secs_f64();
+            let want = total as f64 / rate as f64;
+            assert!(
+                (took - want).abs() < 0.001,
+                "{total} at {rate}: {took} s, not {want}"
+            );
+        }
+    }
+
+    /// A writer that pauses past the slack gets no burst of credit for the pause.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_saves_no_credit_past_the_slack() {
+        let (mut w, r) = tokio::io::duplex(DRAIN_READ);
+        let rate = 1 << 20;
+        let drained = tokio::spawn(drain(r, rate));
+        w.write_all(&[0u8; 64 * 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let started = tokio::time::Instant::now();
+        for _ in 0..32 {
+            w.write_all(&[0u8; 64 * 1024]).await.unwrap();
+        }
+        drop(w);
+        drained.await.unwrap();
+        let took = started.elapsed().as_secs_f64();
+        // 2 MiB at 1 MiB/s, less the slack's credit and what the pipe holds.
+        assert!(took > 1.8 && took < 2.1, "{took}");
+    }
     use crate::isolation::host_root::tests::{bind, link};
     use proptest::prelude::*;
 
