@@ -1260,10 +1260,11 @@ impl RawSandbox {
                 1 << 20,
                 1 << 30,
             ),
-            output_drain_bytes_per_sec: p.count(
+            output_drain_bytes_per_sec: p.count_from(
                 "sandbox.output_drain_bytes_per_sec",
                 self.output_drain_bytes_per_sec,
                 16 << 20,
+                1 << 20,
                 1 << 34,
             ),
             max_commands: p.count(
@@ -1590,6 +1591,21 @@ mod tests {
             "{err}"
         );
         Config::parse("[sandbox]\nmemory_max_mib = 1024\ndisk_max_mib = 0\n", "t").unwrap();
+    }
+
+    #[test]
+    fn output_past_the_cap_drains_at_16_mib_a_second_and_no_slower_than_one() {
+        let s = Config::parse("", "t").unwrap().sandbox;
+        assert_eq!(s.output_drain_bytes_per_sec, 16 << 20);
+        let s = Config::parse("[sandbox]\noutput_drain_bytes_per_sec = 1048576\n", "t").unwrap();
+        assert_eq!(s.sandbox.output_drain_bytes_per_sec, 1 << 20);
+        let err = Config::parse("[sandbox]\noutput_drain_bytes_per_sec = 1\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sandbox.output_drain_bytes_per_sec: 1 is out of range (1048576..="),
+            "{err}"
+        );
     }
 
     #[test]

@@ -172,12 +172,9 @@ impl Running {
         line("allocator:", crate::alloc::describe());
         line(
             "isolation:",
-            match crate::isolation::privileges::missing() {
-                m if m.is_empty() => "\"netns\" available".to_owned(),
-                m => format!(
-                    "\"netns\" refused: the daemon lacks {} (isolated sandboxes need root)",
-                    m.join(", ")
-                ),
+            match crate::isolation::privileges::lacking() {
+                None => "\"netns\" available".to_owned(),
+                Some(why) => format!("\"netns\" refused: the daemon lacks {why}"),
             },
         );
         if let Some(w) = &self.workers {

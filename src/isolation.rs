@@ -283,9 +283,6 @@ impl Isolation {
     }
 
     async fn create_isolated(&self, mut req: CreateSandbox) -> Result<SandboxInfo, IsolationError> {
-        if let Some(why) = privileges::refusal() {
-            return Err(IsolationError::Unprivileged(why));
-        }
         if req.source_ip.is_some() {
             return Err(IsolationError::BadRequest(
                 "source_ip is chosen by the daemon for \"isolation\": \"netns\"".into(),
@@ -296,6 +293,11 @@ impl Isolation {
             one.clone()?;
         }
         self.sandboxes.precheck(&req, &envs)?;
+        // After the request's own checks (a bad request is the client's 400 or 404 anywhere),
+        // before anything is built.
+        if let Some(why) = privileges::refusal() {
+            return Err(IsolationError::Unprivileged(why));
+        }
         let ns = blocking(Namespace::claim).await?;
         let run_as = self.users.for_slot(ns.plan().slot).await?;
         req.source_ip = Some(IpAddr::V4(ns.plan().ns_ip));

@@ -664,7 +664,8 @@ fn dead_entries(store: &StoreRecord, meta: &SecretMeta) -> Option<String> {
     }
     let why = match &store.egress_allowlist {
         None => format!(
-            "store {} has no egress_allowlist, which allows public hosts on ports 443 and 80",
+            "store {} has no egress_allowlist, which allows public hosts on the default ports, \
+             and values are unsealed over HTTPS only: on port 443",
             store.name
         ),
         Some(_) => format!(

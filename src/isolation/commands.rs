@@ -801,6 +801,12 @@ async fn pump(
             Ok(n) => n,
         };
         let keep = n.min(cap - sent);
+        // Said before the kept part goes: a slow event-stream reader can hold that send until
+        // the command's drain grace aborts this task, and the exit event must still say it
+        // (review h45d).
+        if keep < n {
+            truncated.store(true, Ordering::Release);
+        }
         if keep > 0 {
             sent += keep;
             if tx
@@ -812,7 +818,6 @@ async fn pump(
             }
         }
         if keep < n {
-            truncated.store(true, Ordering::Release);
             return drain(r, rate).await;
         }
     }

@@ -38,14 +38,28 @@ fn effective(status: &str) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
+/// What this daemon lacks for isolated sandboxes, as the start summary and the refusal say
+/// it: root (uid 0, in its user namespace: a root-owned `/run/sealgate`, files chowned to
+/// each sandbox's user, signals to its commands need more than the four capabilities; review
+/// h45d), and each capability of [`NEEDED`] (root in a container may lack some); `None` when
+/// it has everything.
+pub fn lacking() -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Some(format!("root (it runs as uid {euid})"));
+    }
+    let caps = missing();
+    (!caps.is_empty()).then(|| format!("{} (in a container, grant them)", caps.join(", ")))
+}
+
 /// The sentence an operator reads when an isolated sandbox cannot be built here, or `None`.
 pub fn refusal() -> Option<String> {
-    let lacking = missing();
-    (!lacking.is_empty()).then(|| {
+    lacking().map(|why| {
         format!(
-            "isolated sandboxes need the daemon to run as root, and this one lacks {}: run it \
-             as root, or create the sandbox with \"isolation\": \"none\" (proxy-only)",
-            lacking.join(", ")
+            "isolated sandboxes need the daemon to run as root with CAP_SYS_ADMIN, \
+             CAP_NET_ADMIN, CAP_SETUID and CAP_SETGID, and this one lacks {why}: create the \
+             sandbox with \"isolation\": \"none\" (proxy-only), or run the daemon so"
         )
     })
 }
@@ -78,6 +92,8 @@ mod tests {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let eff = effective(&status).expect("Linux reports CapEff");
         assert_eq!(missing(), missing_from(eff));
-        assert_eq!(refusal().is_none(), missing().is_empty());
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert_eq!(refusal().is_none(), root && missing().is_empty());
     }
 }

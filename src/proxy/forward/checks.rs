@@ -1,5 +1,7 @@
 //! The checks a request passes before anything is sent: the sandbox still live, egress
-//! allowed, the method, the head's framing and size, and the authority naming the tunnel's host.
+//! allowed, the method, the head's framing and size, and the authority naming the tunnel's host;
+//! and those that stand while it is out: the guard on a streamed body ([`still_current`]) and
+//! the refusal of an answer whose scrubbing cannot be known ([`unknowable`]).
 
 use std::sync::Arc;
 
