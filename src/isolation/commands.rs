@@ -720,14 +720,13 @@ fn start_io(
     truncated: &Arc<AtomicBool>,
 ) -> tokio::task::JoinSet<()> {
     let mut pumps = tokio::task::JoinSet::new();
+    let caps = (p.max_output, p.drain_rate);
     if let Some(out) = child.stdout.take() {
         let (tx, t) = (tx.clone(), truncated.clone());
-        let caps = (p.max_output, p.drain_rate);
         pumps.spawn(pump(out, Which::Stdout, caps, tx, t));
     }
     if let Some(err) = child.stderr.take() {
         let (tx, t) = (tx.clone(), truncated.clone());
-        let caps = (p.max_output, p.drain_rate);
         pumps.spawn(pump(err, Which::Stderr, caps, tx, t));
     }
     if let (Some(mut sink), Some(input)) = (child.stdin.take(), p.stdin.clone()) {

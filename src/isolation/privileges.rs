@@ -1,5 +1,5 @@
-//! Whether this daemon may build isolated sandboxes: the capabilities that needs, read from
-//! the kernel's own account of the process.
+//! Whether this daemon may build isolated sandboxes: root, and the capabilities that needs,
+//! read from the kernel's own account of the process.
 //!
 //! Why (outside pass h45a): a daemon run as an ordinary user accepted `"isolation": "netns"`
 //! and failed part-way, naming a record file it could not write (`EACCES` under
@@ -18,7 +18,7 @@ const NEEDED: [(u32, &str); 4] = [
 /// The capabilities an isolated sandbox needs that this process lacks, by name; empty when
 /// it holds them all (a root daemon does). A status that cannot be read or parsed counts as
 /// lacking every one: the create is refused with this reason rather than failing half-built.
-pub fn missing() -> Vec<&'static str> {
+fn missing() -> Vec<&'static str> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     missing_from(effective(&status).unwrap_or(0))
 }
