@@ -9,8 +9,13 @@ use super::Tunnel;
 use crate::subst::BodyError;
 
 /// Maps a hyper-util client error to a refusal, looking through its source chain for our own
-/// connector and body errors.
-pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
+/// connector and body errors. `method` is the request's: a request of a method that may not go
+/// again, whose connection closed before an answer, is told why it was not sent again.
+pub fn classify(
+    t: &Tunnel,
+    e: &hyper_util::client::legacy::Error,
+    method: &http::Method,
+) -> Refusal {
     for s in sources(e) {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return from_connect(t, c);
@@ -44,9 +49,28 @@ pub fn classify(t: &Tunnel, e: &hyper_util::client::legacy::Error) -> Refusal {
             ),
         );
     }
+    if !idempotent(method) && (closed_unanswered(e) || closed_before_answer(e)) {
+        return unsent(t, method);
+    }
     Refusal::new(
         Code::UpstreamUnreachable,
         format!("{} failed the exchange", t.dest),
+    )
+}
+
+/// The refusal of a request whose connection the origin closed before answering, when its
+/// method is not idempotent: the origin may have processed it, so sealgate did not send it
+/// again (RFC 9110 §9.2.2: "A proxy MUST NOT automatically retry non-idempotent requests").
+/// The commonest cause is an HTTP/1.1 origin closing a kept-alive connection at its idle
+/// timeout as the request went out (Apache's `KeepAliveTimeout`); the client may decide.
+fn unsent(t: &Tunnel, method: &http::Method) -> Refusal {
+    Refusal::new(
+        Code::UpstreamUnreachable,
+        format!(
+            "{} closed the connection before answering; a {method} request is not sent again \
+             by a proxy, since the origin may have processed it",
+            t.dest
+        ),
     )
 }
 

@@ -49,6 +49,7 @@ pub(super) async fn send(
     let started = Instant::now();
     let timeout = rt.upstream.config.response_timeout;
     let client_failed = head.extensions().get::<ClientFailed>().cloned();
+    let method = head.method().clone();
     let sending = attempts(t, rt, head, body, websocket);
     tokio::pin!(sending);
     let answered = loop {
@@ -63,7 +64,7 @@ pub(super) async fn send(
     let broke = client_failed.map_or(BodyBreak::None, |f| f.get());
     let resp = match answered {
         Err(_) if broke != BodyBreak::None => return Err(broken(broke)),
-        Err(e) => return Err(crate::proxy::failure::classify(t, &e)),
+        Err(e) => return Err(crate::proxy::failure::classify(t, &e, &method)),
         Ok(r) => r,
     };
     t.state

@@ -1284,6 +1284,42 @@ async fn get_sent_again_after_an_unannounced_close(
     assert_eq!(dials, 2, "one connection per send, no handshake wasted");
 }
 
+/// A POST on a kept-alive connection its HTTP/1.1 origin closes unanswered, as an idle
+/// timeout does when it fires as the request goes out (Apache's `KeepAliveTimeout`; seen in
+/// CI): the origin may have processed it, so it is not sent again (RFC 9110 §9.2.2) and the
+/// 502 says why, so the client can decide.
+#[tokio::test]
+async fn a_post_on_a_connection_the_origin_closed_unannounced_is_refused_saying_why() {
+    use crate::support::pki::TestPki;
+    use std::sync::atomic::Ordering::SeqCst;
+    const HOST_NAME: &str = "api.example.test";
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config_without_alpn(&[HOST_NAME]);
+    let (origin, seen, dials) = origin_that_answers_once_per_connection(tls).await;
+    let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    let a = pc::send1(&mut c, pc::get("/first", HOST_NAME, &[])).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let post = pc::post("/p", HOST_NAME, &[], Bytes::from_static(b"once"));
+    let a = tokio::time::timeout(Duration::from_secs(10), pc::send1(&mut c, post))
+        .await
+        .expect("answered");
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    assert_eq!(a.headers["x-sealgate-error"], "upstream_unreachable");
+    let text = a.text();
+    assert!(
+        text.contains("closed the connection before answering")
+            && text.contains("a POST request is not sent again"),
+        "{text}"
+    );
+    assert_eq!(seen.load(SeqCst), 2, "the GET, then the POST once");
+    assert_eq!(
+        dials.load(SeqCst),
+        1,
+        "the POST went on the kept-alive connection only"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Amplification
 

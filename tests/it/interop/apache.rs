@@ -22,6 +22,8 @@ use crate::support::proxy_client::{self as pc, Answer, ReqBody, SandboxCreds};
 
 const REAL: &str = "sk-apache-real-0043";
 const ELSEWHERE: &str = "sk-apache-elsewhere-0043";
+/// The name of Apache's HTTP/1.1-only port.
+const H1_HOST: &str = "apache-h1.test";
 /// Requests per (origin port × client protocol): every third an upload with a body token.
 const ROUNDS: usize = 18;
 
@@ -58,19 +60,40 @@ fn upload(token: &str, real: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Request `i` of a round: a GET with the token in `X-Api-Key`, or (every third) an upload
-/// with it in the body; the CGI's answer must show the real value arrived.
-async fn exchange(c: &mut Client, host: &str, marker: &str, i: usize, token: &str) -> Outcome {
+/// with it in the body, and what the CGI's answer must show (the real value arrived).
+fn request(host: &str, marker: &str, i: usize, token: &str) -> (http::Request<ReqBody>, String) {
     let path = format!("/echo.cgi?{marker}");
-    let key_sha = format!("key_sha256={}\n", sha256_hex(REAL.as_bytes()));
-    let (req, want) = match i % 3 {
+    match i % 3 {
         2 => {
             let (body, want) = upload(token, REAL);
             let sha = format!("sha256={}\n", sha256_hex(&want));
             (pc::post(&path, host, &[], Bytes::from(body)), sha)
         }
-        _ => (pc::get(&path, host, &[("x-api-key", token)]), key_sha),
-    };
-    let a = c.send(req).await;
+        _ => {
+            let want = format!("key_sha256={}\n", sha256_hex(REAL.as_bytes()));
+            (pc::get(&path, host, &[("x-api-key", token)]), want)
+        }
+    }
+}
+
+/// Whether `a` is sealgate's refusal of a request it did not send again after the origin
+/// closed the connection unanswered (`proxy::failure::unsent`).
+fn not_sent_again(a: &Answer) -> bool {
+    a.status == 502 && a.text().contains("is not sent again")
+}
+
+/// Request `i` of a round, checked. An upload to the HTTP/1.1 port may meet Apache closing
+/// its kept-alive connection as the upload goes out (the 100 ms timeout firing late on a
+/// loaded machine; seen in CI): whether Apache processed it is unknown to sealgate, which
+/// may not send a POST again (RFC 9110 §9.2.2) and says so in a 502. The client then sends
+/// it again, as an SDK's retry would, and [`each_once`] shows Apache processed it once.
+async fn exchange(c: &mut Client, host: &str, marker: &str, i: usize, token: &str) -> Outcome {
+    let (req, want) = request(host, marker, i, token);
+    let mut a = c.send(req).await;
+    if host == H1_HOST && not_sent_again(&a) {
+        eprintln!("{marker}: {}; sent again", a.text());
+        a = c.send(request(host, marker, i, token).0).await;
+    }
     let text = a.text();
     ensure(a.status == 200 && text.contains(&want), || {
         format!("{marker}: {} {:?}: {text}", a.status, a.code())
@@ -157,7 +180,7 @@ async fn apache_ends_connections_its_way_and_no_request_is_lost_or_refused_late(
     }
     let pki = Arc::new(TestPki::new());
     let dir = tempfile::tempdir().unwrap();
-    let names = ["apache-h2.test", "apache-h1.test"];
+    let names = ["apache-h2.test", H1_HOST];
     let mut ap = Apache::start(&pki, dir.path(), &names, "100ms");
     let opts = Opts {
         resolve: vec![(names[0].into(), ap.h2), (names[1].into(), ap.h1)],
@@ -192,7 +215,12 @@ async fn apache_ends_connections_its_way_and_no_request_is_lost_or_refused_late(
                 "explicit",
                 &format!(
                     "{ROUNDS} requests paced 70–130 ms: header and body tokens unsealed, \
-                     all 200, each reaching Apache once"
+                     all 200{}, each reaching Apache once",
+                    match host == H1_HOST {
+                        true => " (an upload that meets Apache's close: a 502 saying it \
+                                  was not sent again, then 200 when the client sends it again)",
+                        false => "",
+                    }
                 ),
                 outcome,
             );

@@ -854,7 +854,14 @@ impl Apache {
             text.matches("resuming normal operations").count() >= 2
         };
         while !restarted() {
-            assert!(Instant::now() < deadline, "apache2 did not restart");
+            if Instant::now() > deadline {
+                // What Apache said, wherever it said it: a start that failed before its
+                // error log opened writes to stderr.
+                let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+                let (text, err) = (read(&log), read(&self.conf.with_file_name("stderr.log")));
+                let alive = self.proc.alive();
+                panic!("apache2 did not restart (running: {alive}):\n{text}\n{err}");
+            }
             std::thread::sleep(Duration::from_millis(25));
         }
     }
