@@ -138,6 +138,7 @@ async fn send_streamed(
     let mut head = head;
     if !websocket {
         frame_streamed(&mut head, &body);
+        ask_keep_alive(&mut head, which);
     }
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
@@ -166,6 +167,19 @@ fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
     }
 }
 
+/// A request that may go over HTTP/1.1 (on a client that offers it, and not a WebSocket
+/// upgrade, whose `Connection` names `upgrade`) says `Connection: keep-alive`, as browsers do:
+/// Apache httpd announces its idle timeout (`Keep-Alive: timeout=N`) only when asked, and
+/// sealgate retires a pooled connection before it ([`crate::proxy::upstream::keep_alive`]).
+/// hyper's h2 client drops the field, so an origin that chooses h2 never sees it.
+fn ask_keep_alive(head: &mut Request<()>, which: Which) {
+    const KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
+    let may_be_h1 = matches!(which, Which::Either | Which::Fresh);
+    if may_be_h1 && !head.headers().contains_key(header::CONNECTION) {
+        head.headers_mut().insert(header::CONNECTION, KEEP_ALIVE);
+    }
+}
+
 /// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
 /// room ([`make_room`]) and, if that freed a slot, sends once more (nothing was sent the
 /// first time). Every dial point of a held body goes through here: the first attempt, the
@@ -178,8 +192,9 @@ async fn send_held(
     bytes: &Bytes,
 ) -> Attempt {
     let send = || {
-        let req = attach(t, head.clone(), UpBody::Held(bytes.clone()));
-        client(rt, t, which).request(req)
+        let mut head = head.clone();
+        ask_keep_alive(&mut head, which);
+        client(rt, t, which).request(attach(t, head, UpBody::Held(bytes.clone())))
     };
     let sent = send().await;
     let Some(cap) = sent

@@ -3,6 +3,8 @@
 //! `KeepAliveTimeout` (over h2 with a GOAWAY first), an HTTP/1.1 one also after
 //! `MaxKeepAliveRequests`; both are set low here (100 ms, 3) and requests are paced around
 //! the timeout, so sealgate's pooled upstream connections meet each kind of end many times.
+//! (On the HTTP/1.1 port Apache announces its timeout, `Keep-Alive: timeout=0` for 100 ms,
+//! and sealgate then uses each connection once: `proxy::upstream::keep_alive`.)
 //! Apache also answers an offer of h2 alone with `http/1.1` on a host without h2, where other
 //! servers refuse or pick nothing: sealgate's h2-only clients (the retry, and hosts known to
 //! speak h2) meet that after such a close, and once a host stops offering h2.
@@ -82,11 +84,12 @@ fn not_sent_again(a: &Answer) -> bool {
     a.status == 502 && a.text().contains("is not sent again")
 }
 
-/// Request `i` of a round, checked. An upload to the HTTP/1.1 port may meet Apache closing
-/// its kept-alive connection as the upload goes out (the 100 ms timeout firing late on a
-/// loaded machine; seen in CI): whether Apache processed it is unknown to sealgate, which
-/// may not send a POST again (RFC 9110 §9.2.2) and says so in a 502. The client then sends
-/// it again, as an SDK's retry would, and [`each_once`] shows Apache processed it once.
+/// Request `i` of a round, checked. An upload to the HTTP/1.1 port could meet Apache closing
+/// its kept-alive connection as the upload goes out (seen in CI, on a loaded machine, before
+/// sealgate honoured Apache's announced timeout): whether Apache processed it is unknown to
+/// sealgate, which may not send a POST again (RFC 9110 §9.2.2) and says so in a 502. The
+/// client then sends it again, as an SDK's retry would, and [`each_once`] shows Apache
+/// processed it once.
 async fn exchange(c: &mut Client, host: &str, marker: &str, i: usize, token: &str) -> Outcome {
     let (req, want) = request(host, marker, i, token);
     let mut a = c.send(req).await;
@@ -257,4 +260,55 @@ async fn apache_ends_connections_its_way_and_no_request_is_lost_or_refused_late(
     );
     h.assert_logs_clean();
     m.finish();
+}
+
+/// Apache announces its idle timeout (`Keep-Alive: timeout=2`) and sealgate retires a pooled
+/// connection a second before it: an upload 0.3 s after an answer goes on the kept-alive
+/// connection, one 1.5 s after goes on a new one, before Apache (at 2 s) could close the old
+/// one under it — where the upload's fate would be unknown and a POST is not sent again
+/// (the race CI met against `KeepAliveTimeout 100ms`). Apache's `%k` (requests kept alive
+/// before this one on its connection) shows which connection each took.
+#[tokio::test]
+async fn an_idle_connection_is_retired_a_second_before_apaches_announced_timeout() {
+    if !super::have(&[("apache2", &["-v"])]) {
+        return;
+    }
+    let pki = Arc::new(TestPki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ap = Apache::start(&pki, dir.path(), &["apache-ka.test", H1_HOST], "2");
+    let opts = Opts {
+        resolve: vec![(H1_HOST.into(), ap.h1)],
+        ..Opts::default()
+    };
+    let h = Harness::try_start(opts, Some(pki))
+        .await
+        .expect("daemon starts");
+    let store = h.store("s", Some(&[H1_HOST])).await;
+    h.secret(&store, "KEY", REAL, None, None).await;
+    let sb = SandboxCreds::from_answer(&h.sandbox("s").await);
+    let token = sb.token("KEY");
+    let mut c = Client::open(&h, &sb, H1_HOST, false).await;
+    let mut kept_alive = Vec::new();
+    for (i, gap) in [(0, 0), (2, 300), (5, 1_500)] {
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let marker = format!("ka-{i}-");
+        exchange(&mut c, H1_HOST, &marker, i, &token).await.unwrap();
+        let line = eventually(|| {
+            let hits = ap.hits(&marker);
+            ensure(hits.len() == 1, || {
+                format!("{marker}: Apache logged {hits:?}")
+            })
+        })
+        .await
+        .map(|()| ap.hits(&marker).remove(0))
+        .unwrap();
+        kept_alive.push(line.rsplit(' ').next().unwrap_or("").to_owned());
+    }
+    assert_eq!(
+        kept_alive,
+        ["0", "1", "0"],
+        "a GET on a new connection, an upload on it 0.3 s later, an upload 1.5 s later on a \
+         new one"
+    );
+    h.assert_logs_clean();
 }

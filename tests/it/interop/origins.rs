@@ -893,7 +893,7 @@ fn apache_conf(dir: &Path, crt: &Path, key: &Path, ports: [u16; 2], keepalive: &
          DefaultRuntimeDir \"{d}/run\"\n\
          Mutex file:{d}/run\n\
          ErrorLog \"{d}/error.log\"\n\
-         LogFormat \"%m %U%q %>s\" hit\n\
+         LogFormat \"%m %U%q %>s %k\" hit\n\
          CustomLog \"{d}/access.log\" hit\n\
          {user}\
          LoadModule mpm_event_module {m}/mod_mpm_event.so\n\
