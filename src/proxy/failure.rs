@@ -58,17 +58,20 @@ pub fn classify(
     )
 }
 
-/// The refusal of a request whose connection the origin closed before answering, when its
+/// The refusal of a request whose upstream connection ended before an answer came, when its
 /// method is not idempotent: the origin may have processed it, so sealgate did not send it
 /// again (RFC 9110 §9.2.2: "A proxy MUST NOT automatically retry non-idempotent requests").
 /// The commonest cause is an HTTP/1.1 origin closing a kept-alive connection at its idle
-/// timeout as the request went out (Apache's `KeepAliveTimeout`); the client may decide.
+/// timeout as the request went out (Apache's `KeepAliveTimeout`, when it did not announce it:
+/// [`super::upstream::keep_alive`]); the client, which knows whether the request may go
+/// twice, can decide. The wording names no side: a reset, or an h2 connection's end, reads
+/// the same.
 fn unsent(t: &Tunnel, method: &http::Method) -> Refusal {
     Refusal::new(
         Code::UpstreamUnreachable,
         format!(
-            "{} closed the connection before answering; a {method} request is not sent again \
-             by a proxy, since the origin may have processed it",
+            "the connection to {} ended before an answer came; a {method} request is not \
+             sent again by a proxy, since the origin may have processed it",
             t.dest
         ),
     )

@@ -17,6 +17,7 @@ use crate::policy::Scheme;
 use crate::proxy::held::Held;
 use crate::proxy::refusal::{Code, Refusal};
 use crate::proxy::response_scrub::{scrub_response, Following, Scope, Scrubbing, Shape};
+use crate::proxy::upstream::keep_alive::Captured;
 use crate::proxy::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::sandbox::SlotGuard;
 use crate::subst::{BodyError, Report, Scrubber};
@@ -87,8 +88,8 @@ pub(super) fn finish_response(
 
 /// The answer's body, counting its data into its HTTP/1 connection's framing allowance
 /// ([`crate::proxy::upstream::OverheadOf`]; h2 answers carry none), which starts now; the
-/// connection learns the idle timeout its origin announced (`keep_alive`, from the answer's
-/// `Keep-Alive` header) and becomes idle when the body ends.
+/// connection is retired before the idle timeout its origin announced (`keep_alive`, from the
+/// answer's `Keep-Alive` header).
 fn framing_bounded(
     parts: &http::response::Parts,
     body: Incoming,
@@ -100,7 +101,8 @@ fn framing_bounded(
     if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         overhead.upgraded(); // a WebSocket relay's frames follow
     }
-    overhead.keep_alive.answer_began(keep_alive);
+    let conn = parts.extensions.get::<Captured>();
+    crate::proxy::upstream::keep_alive::honour(&overhead, keep_alive, conn);
     crate::proxy::upstream::DataCounted::new(body, overhead)
         .map_err(BoxError::from)
         .boxed_unsync()

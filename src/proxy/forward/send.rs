@@ -11,6 +11,7 @@ use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::capture_connection;
 
 use super::body::{broken, timed_out, UpBody};
 use super::Handed;
@@ -20,6 +21,7 @@ use crate::proxy::failure::UpstreamCap;
 use crate::proxy::linger::{BodyBreak, ClientFailed};
 use crate::proxy::progress::Progress;
 use crate::proxy::refusal::Refusal;
+use crate::proxy::upstream::keep_alive::Captured;
 use crate::proxy::{LiveSettings, ProxyBody, Tunnel};
 
 /// Sends the request and waits for the response head: `response_timeout` from the request's
@@ -136,13 +138,15 @@ async fn send_streamed(
 ) -> Attempt {
     let which = if websocket { Which::H1 } else { Which::Either };
     let mut head = head;
+    let mut captured = None;
     if !websocket {
         frame_streamed(&mut head, &body);
-        ask_keep_alive(&mut head, which);
+        captured = ask_keep_alive(&mut head, which);
     }
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
-        .await;
+        .await
+        .map(|r| with_captured(r, captured));
     if let Some(cap) = sent
         .as_ref()
         .err()
@@ -168,16 +172,28 @@ fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
 }
 
 /// A request that may go over HTTP/1.1 (on a client that offers it, and not a WebSocket
-/// upgrade, whose `Connection` names `upgrade`) says `Connection: keep-alive`, as browsers do:
-/// Apache httpd announces its idle timeout (`Keep-Alive: timeout=N`) only when asked, and
-/// sealgate retires a pooled connection before it ([`crate::proxy::upstream::keep_alive`]).
-/// hyper's h2 client drops the field, so an origin that chooses h2 never sees it.
-fn ask_keep_alive(head: &mut Request<()>, which: Which) {
+/// upgrade, whose `Connection` names `upgrade`) says `Connection: keep-alive`, as browsers do
+/// (Apache httpd announces its idle timeout, `Keep-Alive: timeout=N`, only when asked; hyper's
+/// h2 client drops the field), and its connection is captured so that the answer's head can
+/// retire it before that timeout ([`crate::proxy::upstream::keep_alive`]).
+fn ask_keep_alive(head: &mut Request<()>, which: Which) -> Option<Captured> {
     const KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
-    let may_be_h1 = matches!(which, Which::Either | Which::Fresh);
-    if may_be_h1 && !head.headers().contains_key(header::CONNECTION) {
+    if !matches!(which, Which::Either | Which::Fresh) {
+        return None;
+    }
+    if !head.headers().contains_key(header::CONNECTION) {
         head.headers_mut().insert(header::CONNECTION, KEEP_ALIVE);
     }
+    Some(Captured(capture_connection(head)))
+}
+
+/// The answer, carrying the connection its request went on (if captured) to its head's
+/// handling ([`super::answer`]).
+fn with_captured(mut resp: Response<Incoming>, captured: Option<Captured>) -> Response<Incoming> {
+    if let Some(c) = captured {
+        resp.extensions_mut().insert(c);
+    }
+    resp
 }
 
 /// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
@@ -193,8 +209,9 @@ async fn send_held(
 ) -> Attempt {
     let send = || {
         let mut head = head.clone();
-        ask_keep_alive(&mut head, which);
-        client(rt, t, which).request(attach(t, head, UpBody::Held(bytes.clone())))
+        let captured = ask_keep_alive(&mut head, which);
+        let sending = client(rt, t, which).request(attach(t, head, UpBody::Held(bytes.clone())));
+        async move { sending.await.map(|r| with_captured(r, captured)) }
     };
     let sent = send().await;
     let Some(cap) = sent

@@ -24,8 +24,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::keep_alive::KeepAlive;
-
 /// Bytes an answer may bring besides its data, whatever its data: the next head (at most
 /// twice `max_response_header_bytes`), chunk lines, a final chunk and trailers.
 pub const FREE: u64 = 1 << 20;
@@ -43,8 +41,9 @@ pub struct Overhead {
     upgraded: AtomicBool,
     /// The origin, `host:port`, for the warning when the bound is met.
     origin: Box<str>,
-    /// The origin's announced idle timeout, honoured ([`super::keep_alive`]).
-    pub keep_alive: KeepAlive,
+    /// Answers begun on the connection ([`super::keep_alive`] retires it only if none began
+    /// since the answer that announced the timeout).
+    pub answers: AtomicU64,
 }
 
 impl Overhead {
@@ -68,11 +67,6 @@ impl Overhead {
     /// framing, and are never refused here.
     pub fn upgraded(&self) {
         self.upgraded.store(true, Ordering::Release);
-    }
-
-    /// Whether the connection was upgraded ([`Overhead::upgraded`]).
-    fn is_upgraded(&self) -> bool {
-        self.upgraded.load(Ordering::Acquire)
     }
 
     /// The answer delivered `n` bytes of data.
@@ -115,50 +109,16 @@ impl Overhead {
     }
 }
 
-/// A stream whose reads count into an [`Overhead`], and which ends (end of file) once its
-/// origin's announced idle timeout is near ([`super::keep_alive`]).
+/// A stream whose reads count into an [`Overhead`].
 pub struct Counted<S> {
     inner: S,
     overhead: Arc<Overhead>,
-    /// Wakes the reader of an idle connection when it is to be retired.
-    retire: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Counted<S> {
     /// Counts what `inner` reads into `overhead`.
     pub fn new(inner: S, overhead: Arc<Overhead>) -> Counted<S> {
-        Counted {
-            inner,
-            overhead,
-            retire: None,
-        }
-    }
-
-    /// When this connection is to be retired: idle under an announced limit, not upgraded.
-    fn retire_at(&self) -> Option<std::time::Instant> {
-        match self.overhead.is_upgraded() {
-            true => None,
-            false => self.overhead.keep_alive.retire_at(),
-        }
-    }
-
-    /// Whether the idle connection is due to be retired now, or when its timer (armed here,
-    /// waking `cx`) fires.
-    fn due(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(at) = self.retire_at() else {
-            return false;
-        };
-        let at = tokio::time::Instant::from_std(at);
-        if tokio::time::Instant::now() >= at {
-            return true;
-        }
-        let sleep = self
-            .retire
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-        if sleep.deadline() != at {
-            sleep.as_mut().reset(at);
-        }
-        std::future::Future::poll(sleep.as_mut(), cx).is_ready()
+        Counted { inner, overhead }
     }
 
     /// The counts (for the connection's answers).
@@ -173,18 +133,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self
-            .retire_at()
-            .is_some_and(|at| std::time::Instant::now() >= at)
-        {
-            return retired(&self.overhead);
-        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        match polled {
-            Poll::Ready(Ok(())) => self.overhead.read(buf.filled().len() - before)?,
-            Poll::Pending if self.due(cx) => return retired(&self.overhead),
-            _ => {}
+        if let Poll::Ready(Ok(())) = polled {
+            self.overhead.read(buf.filled().len() - before)?;
         }
         polled
     }
@@ -196,9 +148,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(&polled);
-        polled
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -206,9 +156,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(&polled);
-        polled
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -224,25 +172,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-impl<S> Counted<S> {
-    /// A write that took bytes is part of a request: the connection is busy.
-    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = polled {
-            if *n > 0 {
-                self.overhead.keep_alive.wrote();
-            }
-        }
-    }
-}
-
-/// The end of file an idle connection reads once it is retired: hyper closes it (or gives
-/// back, unsent, a request it was about to write, which its pool sends elsewhere).
-fn retired(overhead: &Overhead) -> Poll<io::Result<()>> {
-    tracing::debug!(origin = %overhead.origin,
-        "an idle connection was retired before its origin's Keep-Alive timeout");
-    Poll::Ready(Ok(()))
-}
-
 /// What a connection puts in each of its answers' extensions (hyper-util's `Connected::extra`).
 #[derive(Clone, Debug)]
 pub struct OverheadOf(pub Arc<Overhead>);
@@ -256,16 +185,9 @@ pub struct DataCounted<B> {
 }
 
 impl<B> DataCounted<B> {
-    /// Counts `inner`'s data into `overhead`, whose allowance starts now. The caller has
-    /// told `overhead.keep_alive` the answer began.
-    pub fn new(inner: B, overhead: Arc<Overhead>) -> DataCounted<B>
-    where
-        B: http_body::Body,
-    {
+    /// Counts `inner`'s data into `overhead`, whose allowance starts now.
+    pub fn new(inner: B, overhead: Arc<Overhead>) -> DataCounted<B> {
         overhead.answer_began();
-        if inner.is_end_stream() {
-            overhead.keep_alive.answer_ended();
-        }
         DataCounted { inner, overhead }
     }
 }
@@ -292,7 +214,6 @@ where
         let ended = matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream();
         if ended && polled.is_ready() {
             self.overhead.answer_began();
-            self.overhead.keep_alive.answer_ended();
         }
         polled
     }

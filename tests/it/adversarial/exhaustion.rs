@@ -1308,7 +1308,7 @@ async fn a_post_on_a_connection_the_origin_closed_unannounced_is_refused_saying_
     assert_eq!(a.headers["x-sealgate-error"], "upstream_unreachable");
     let text = a.text();
     assert!(
-        text.contains("closed the connection before answering")
+        text.contains("ended before an answer came")
             && text.contains("a POST request is not sent again"),
         "{text}"
     );
