@@ -17,7 +17,6 @@ use crate::policy::Scheme;
 use crate::proxy::held::Held;
 use crate::proxy::refusal::{Code, Refusal};
 use crate::proxy::response_scrub::{scrub_response, Following, Scope, Scrubbing, Shape};
-use crate::proxy::upstream::keep_alive::Captured;
 use crate::proxy::{BoxError, LiveSettings, ProxyBody, Tunnel};
 use crate::sandbox::SlotGuard;
 use crate::subst::{BodyError, Report, Scrubber};
@@ -59,14 +58,13 @@ pub(super) fn finish_response(
             held,
         )
     });
-    let keep_alive = crate::proxy::upstream::keep_alive::announced(&parts.headers);
     let trailer = take_all(&mut parts.headers, header::TRAILER);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(crate::proxy::refusal::ERROR_HEADER);
     for value in trailer {
         parts.headers.append(header::TRAILER, value);
     }
-    let body = framing_bounded(&parts, body, keep_alive);
+    let body = framing_bounded(&parts, body);
     let unscrubbed = scrubber.is_none();
     let (body, whole) = match scrubber.zip(shape) {
         Some((s, shape)) => {
@@ -87,13 +85,10 @@ pub(super) fn finish_response(
 }
 
 /// The answer's body, counting its data into its HTTP/1 connection's framing allowance
-/// ([`crate::proxy::upstream::OverheadOf`]; h2 answers carry none), which starts now; the
-/// connection is retired before the idle timeout its origin announced (`keep_alive`, from the
-/// answer's `Keep-Alive` header).
+/// ([`crate::proxy::upstream::OverheadOf`]; h2 answers carry none), which starts now.
 fn framing_bounded(
     parts: &http::response::Parts,
     body: Incoming,
-    keep_alive: Option<std::time::Duration>,
 ) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
     let Some(crate::proxy::upstream::OverheadOf(overhead)) = parts.extensions.get().cloned() else {
         return body.map_err(BoxError::from).boxed_unsync();
@@ -101,8 +96,6 @@ fn framing_bounded(
     if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         overhead.upgraded(); // a WebSocket relay's frames follow
     }
-    let conn = parts.extensions.get::<Captured>();
-    crate::proxy::upstream::keep_alive::honour(&overhead, keep_alive, conn);
     crate::proxy::upstream::DataCounted::new(body, overhead)
         .map_err(BoxError::from)
         .boxed_unsync()

@@ -146,7 +146,7 @@ async fn send_streamed(
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
         .await
-        .map(|r| with_captured(r, captured));
+        .inspect(|r| honour(rt, r, captured.as_ref()));
     if let Some(cap) = sent
         .as_ref()
         .err()
@@ -171,14 +171,15 @@ fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
     }
 }
 
-/// A request that may go over HTTP/1.1 (on a client that offers it, and not a WebSocket
-/// upgrade, whose `Connection` names `upgrade`) says `Connection: keep-alive`, as browsers do
-/// (Apache httpd announces its idle timeout, `Keep-Alive: timeout=N`, only when asked; hyper's
-/// h2 client drops the field), and its connection is captured so that the answer's head can
-/// retire it before that timeout ([`crate::proxy::upstream::keep_alive`]).
+/// A request on the dual-protocol client (which may go over HTTP/1.1, and is never a
+/// WebSocket upgrade, whose `Connection` names `upgrade`) says `Connection: keep-alive`, as
+/// browsers do (Apache httpd announces its idle timeout, `Keep-Alive: timeout=N`, only when
+/// asked; hyper's h2 client drops the field), and its connection is captured so that its
+/// answer's head can retire it before that timeout ([`honour`]). The fresh client has no pool
+/// to retire a connection from.
 fn ask_keep_alive(head: &mut Request<()>, which: Which) -> Option<Captured> {
     const KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
-    if !matches!(which, Which::Either | Which::Fresh) {
+    if !matches!(which, Which::Either) {
         return None;
     }
     if !head.headers().contains_key(header::CONNECTION) {
@@ -187,13 +188,13 @@ fn ask_keep_alive(head: &mut Request<()>, which: Which) -> Option<Captured> {
     Some(Captured(capture_connection(head)))
 }
 
-/// The answer, carrying the connection its request went on (if captured) to its head's
-/// handling ([`super::answer`]).
-fn with_captured(mut resp: Response<Incoming>, captured: Option<Captured>) -> Response<Incoming> {
-    if let Some(c) = captured {
-        resp.extensions_mut().insert(c);
-    }
-    resp
+/// The answer's head is taken: its connection learns when to retire
+/// ([`crate::proxy::upstream::keep_alive::honour`]). Here, not later with the answer, so that
+/// an answer refused on its way to the sandbox counts too, and before hyper-util can hand the
+/// connection to another request.
+fn honour(rt: &LiveSettings, resp: &Response<Incoming>, captured: Option<&Captured>) {
+    let pool_idle = rt.upstream.config.pool_idle_timeout;
+    crate::proxy::upstream::keep_alive::honour(resp, captured, pool_idle);
 }
 
 /// Sends a held-body request on the sandbox's client `which`; at an upstream cap it makes
@@ -211,7 +212,7 @@ async fn send_held(
         let mut head = head.clone();
         let captured = ask_keep_alive(&mut head, which);
         let sending = client(rt, t, which).request(attach(t, head, UpBody::Held(bytes.clone())));
-        async move { sending.await.map(|r| with_captured(r, captured)) }
+        async move { sending.await.inspect(|r| honour(rt, r, captured.as_ref())) }
     };
     let sent = send().await;
     let Some(cap) = sent

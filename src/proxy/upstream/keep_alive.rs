@@ -10,34 +10,65 @@
 //!
 //! How: the connection is *poisoned* (hyper-util's `Connected::poison`, reached through
 //! `capture_connection`): the pool neither hands it out nor takes it back, and nothing in
-//! flight on it is touched. An announced timeout within [`MARGIN`] poisons it at the answer's
-//! head; a longer one `timeout − MARGIN` after the head, unless another answer began on it
-//! since (that answer's own head then counts). The head comes before the answer's end, so the
-//! connection is retired no later than `timeout − MARGIN` after it fell idle: sometimes
-//! earlier (a long answer), which costs a new connection and never a request.
+//! flight on it is touched. An announced timeout within [`MARGIN`] poisons it as the answer's
+//! head is taken (before the connection can be reused: hyper-util holds it until it hands over
+//! the answer); a longer one `timeout − MARGIN` after the head of the last answer on it, by one
+//! timer task per connection. The head is taken a round trip after the origin's idle clock
+//! started at the earliest, so the margin also covers that; and never after it: a long answer
+//! retires its connection early, which costs a handshake and never a request. A timeout at
+//! or past the pool's own idle timeout is left to the pool, so a timer lives at most that long.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use http::{header, HeaderMap, Response};
 use hyper_util::client::legacy::connect::CaptureConnection;
 
-use super::overhead::Overhead;
+use super::overhead::{Overhead, OverheadOf};
 
 /// How long before the origin's announced timeout a connection is retired.
 pub const MARGIN: Duration = Duration::from_secs(1);
 
-/// Announced timeouts past this are left to the pool's own idle timeout.
-const LONGEST: Duration = Duration::from_secs(24 * 3600);
+/// "Not to be retired".
+const NEVER: u64 = u64::MAX;
 
-/// The connection a request went on, for retiring it after its answer's head
-/// ([`honour`]); put into the answer's extensions by the sender.
+/// The connection a request went on, captured for [`honour`].
 #[derive(Clone, Debug)]
 pub struct Captured(pub CaptureConnection);
 
+/// One HTTP/1 connection's retirement: when, and whether a timer waits for it.
+#[derive(Debug)]
+pub struct Idle {
+    /// When, in ms since [`base`] ([`NEVER`]: not to be retired).
+    retire_at: AtomicU64,
+    /// A timer task waits for `retire_at` (at most one per connection).
+    armed: AtomicBool,
+}
+
+impl Default for Idle {
+    fn default() -> Idle {
+        Idle {
+            retire_at: AtomicU64::new(NEVER),
+            armed: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The instant the retirement clocks count from.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn ms_since_base(at: Instant) -> u64 {
+    let ms = at.saturating_duration_since(base()).as_millis();
+    u64::try_from(ms).unwrap_or(NEVER - 1).min(NEVER - 1)
+}
+
 /// The idle timeout an answer's `Keep-Alive` header announces (`timeout=N`, in seconds), if
-/// any; one past [`LONGEST`] counts as none.
-pub fn announced(headers: &http::HeaderMap) -> Option<Duration> {
+/// any.
+pub fn announced(headers: &HeaderMap) -> Option<Duration> {
     const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
     let timeout = headers
         .get_all(KEEP_ALIVE)
@@ -47,28 +78,90 @@ pub fn announced(headers: &http::HeaderMap) -> Option<Duration> {
         .filter_map(|p| p.split_once('='))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("timeout"))?;
     let secs: u64 = timeout.1.trim().trim_matches('"').parse().ok()?;
-    Some(Duration::from_secs(secs)).filter(|d| *d <= LONGEST)
+    Some(Duration::from_secs(secs))
 }
 
-/// An answer's head arrived on the HTTP/1 connection `conn` (whose counts are `overhead`),
-/// announcing `timeout`: the connection is retired at once, or `timeout − MARGIN` from now
-/// unless another answer begins on it first. Must be called for every answer's head on the
-/// connection, announcing or not (it counts them).
-pub fn honour(overhead: &Arc<Overhead>, timeout: Option<Duration>, conn: Option<&Captured>) {
-    let answer = overhead.answers.fetch_add(1, Ordering::AcqRel) + 1;
-    let (Some(timeout), Some(Captured(conn))) = (timeout, conn) else {
+/// Whether the answer ends its connection (`Connection: close`): the pool will not keep it.
+fn closing(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// What an answer's head decides for its connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Retire {
+    /// Not to be retired here: no timeout announced, one the pool's own expiry comes before,
+    /// or the answer ends the connection anyway.
+    Never,
+    /// Now: the announced timeout is within [`MARGIN`].
+    Now,
+    /// This long from now.
+    After(Duration),
+}
+
+/// The decision for an answer with `headers` on a pool whose idle timeout is `pool_idle`.
+fn decide(headers: &HeaderMap, pool_idle: Duration) -> Retire {
+    if closing(headers) {
+        return Retire::Never;
+    }
+    match announced(headers).map(|t| t.saturating_sub(MARGIN)) {
+        Some(w) if w.is_zero() => Retire::Now,
+        Some(w) if w < pool_idle => Retire::After(w),
+        _ => Retire::Never,
+    }
+}
+
+/// An answer's head was taken from the HTTP/1 connection its request went on (`conn`, when
+/// captured; h2 answers carry no [`OverheadOf`] and are left alone). The connection is to be
+/// retired `timeout − MARGIN` from now if the answer announces `timeout`, at once if that is
+/// nothing, and not at all if it announces none, or one at or past `pool_idle` (the pool's
+/// own expiry comes first). Each answer's head replaces the last's decision.
+pub fn honour<B>(resp: &Response<B>, conn: Option<&Captured>, pool_idle: Duration) {
+    let (Some(OverheadOf(overhead)), Some(Captured(conn))) = (resp.extensions().get(), conn) else {
         return;
     };
-    let Some(wait) = timeout.checked_sub(MARGIN).filter(|w| !w.is_zero()) else {
-        return poison(conn);
+    let idle = &overhead.keep_alive;
+    let wait = match decide(resp.headers(), pool_idle) {
+        Retire::Never => return idle.retire_at.store(NEVER, Ordering::Release),
+        Retire::Now => {
+            idle.retire_at.store(NEVER, Ordering::Release);
+            return poison(conn);
+        }
+        Retire::After(wait) => wait,
     };
-    let (overhead, conn) = (Arc::clone(overhead), conn.clone());
-    tokio::spawn(async move {
-        tokio::time::sleep(wait).await;
-        if overhead.answers.load(Ordering::Acquire) == answer {
+    idle.retire_at
+        .store(ms_since_base(Instant::now() + wait), Ordering::Release);
+    if !idle.armed.swap(true, Ordering::AcqRel) {
+        tokio::spawn(timer(Arc::clone(overhead), conn.clone()));
+    }
+}
+
+/// Waits for the connection's `retire_at`, following it as later answers move it, and poisons
+/// the connection when it comes; ends when there is nothing (left) to wait for.
+async fn timer(overhead: Arc<Overhead>, conn: CaptureConnection) {
+    let idle = &overhead.keep_alive;
+    loop {
+        let at = idle.retire_at.load(Ordering::Acquire);
+        if at == NEVER {
+            idle.armed.store(false, Ordering::Release);
+            // An answer may have set a time between the load and the store.
+            if idle.retire_at.load(Ordering::Acquire) == NEVER
+                || idle.armed.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            continue;
+        }
+        tokio::time::sleep_until((base() + Duration::from_millis(at)).into()).await;
+        if idle.retire_at.load(Ordering::Acquire) == at {
+            idle.retire_at.store(NEVER, Ordering::Release);
             poison(&conn);
         }
-    });
+    }
 }
 
 fn poison(conn: &CaptureConnection) {
@@ -81,8 +174,8 @@ fn poison(conn: &CaptureConnection) {
 mod tests {
     use super::*;
 
-    fn headers(values: &[&str]) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
         for v in values {
             h.append("keep-alive", v.parse().unwrap());
         }
@@ -100,10 +193,39 @@ mod tests {
         assert_eq!(secs(&["max=100"]), None);
         assert_eq!(secs(&["timeout=-1"]), None);
         assert_eq!(secs(&["timeout=5s"]), None);
+        assert_eq!(secs(&["timeout=99999999999999999999"]), None);
+    }
+
+    #[test]
+    fn a_timeout_within_the_margin_retires_at_once_and_one_past_the_pool_never() {
+        let pool = Duration::from_secs(90);
+        let after = |v: &[&str]| decide(&headers(v), pool);
+        assert_eq!(after(&["timeout=0"]), Retire::Now, "Apache at 100 ms");
+        assert_eq!(after(&["timeout=1"]), Retire::Now);
+        assert_eq!(after(&["timeout=5"]), Retire::After(Duration::from_secs(4)));
         assert_eq!(
-            secs(&["timeout=99999999999"]),
-            None,
-            "past a day: the pool's own"
+            after(&["timeout=90"]),
+            Retire::After(Duration::from_secs(89))
         );
+        assert_eq!(
+            after(&["timeout=91"]),
+            Retire::Never,
+            "the pool's expiry comes first"
+        );
+        assert_eq!(after(&["timeout=86400"]), Retire::Never);
+        assert_eq!(after(&["max=5"]), Retire::Never);
+        let mut closing = headers(&["timeout=0"]);
+        closing.append(header::CONNECTION, "close".parse().unwrap());
+        assert_eq!(decide(&closing, pool), Retire::Never, "not kept anyway");
+    }
+
+    #[test]
+    fn a_closing_answer_is_seen_among_other_tokens() {
+        let mut h = HeaderMap::new();
+        assert!(!closing(&h));
+        h.append(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        assert!(!closing(&h));
+        h.append(header::CONNECTION, "x-hop, Close".parse().unwrap());
+        assert!(closing(&h));
     }
 }

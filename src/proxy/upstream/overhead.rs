@@ -41,9 +41,8 @@ pub struct Overhead {
     upgraded: AtomicBool,
     /// The origin, `host:port`, for the warning when the bound is met.
     origin: Box<str>,
-    /// Answers begun on the connection ([`super::keep_alive`] retires it only if none began
-    /// since the answer that announced the timeout).
-    pub answers: AtomicU64,
+    /// When the connection is to be retired ([`super::keep_alive`]).
+    pub keep_alive: super::keep_alive::Idle,
 }
 
 impl Overhead {
