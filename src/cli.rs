@@ -208,6 +208,8 @@ pub enum SandboxCmd {
     },
     /// Run a command in a network namespace whose only egress is sealgate (Linux, root).
     Exec(exec::ExecArgs),
+    /// Run a command in an existing isolated sandbox (`create --isolation netns`).
+    Run(exec::RunArgs),
     /// Print the iptables rules that confine a sandbox in transparent mode.
     Rules(exec::RulesArgs),
 }
@@ -224,12 +226,47 @@ pub struct CreateArgs {
     /// Source IP (transparent mode identity).
     #[arg(long)]
     pub source_ip: Option<IpAddr>,
+    /// `netns`: the daemon runs the sandbox's commands in a network namespace of its own
+    /// (Linux, daemon as root); `none` (the default): a proxy-only sandbox.
+    #[arg(long, value_enum)]
+    pub isolation: Option<IsolationArg>,
+    /// An environment variable for the sandbox's commands, `K=V`; repeatable. Plain values
+    /// only: argv is visible to every local user (secrets go in the store).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub envs: Vec<(String, String)>,
     /// Print `export K=V` lines for a shell.
     #[arg(long)]
     pub export: bool,
     /// Write `K=V` lines to this env file (0600) and print only the sandbox id.
     #[arg(long)]
     pub env_file: Option<PathBuf>,
+}
+
+/// `--isolation` (the API's `isolation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// Proxy only: the sandbox's code runs elsewhere and uses `proxy_env`.
+    None,
+    /// A network namespace of the daemon's, whose only way out is sealgate.
+    Netns,
+}
+
+impl IsolationArg {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationArg::None => "none",
+            IsolationArg::Netns => "netns",
+        }
+    }
+}
+
+/// `K=V` → `(K, V)`; the name is checked by the daemon (an env-var name).
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not K=V")),
+    }
 }
 
 /// `sealgate audit …`.

@@ -23,6 +23,10 @@ pub async fn run_client(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
             let code = super::exec::exec(&client, a).await?;
             std::process::exit(code)
         }
+        Command::Sandbox(SandboxCmd::Run(a)) => {
+            let code = super::exec::run_in(&client, a).await?;
+            std::process::exit(code)
+        }
         Command::Sandbox(SandboxCmd::Rules(a)) => {
             return super::exec::rules(&client, a, cli.config.as_deref()).await
         }
@@ -348,7 +352,9 @@ async fn sandbox(c: &AdminClient, cmd: &SandboxCmd, as_json: bool) -> anyhow::Re
                 .await?;
             print(&json!({"deleted": id}), as_json);
         }
-        SandboxCmd::Exec(_) | SandboxCmd::Rules(_) => anyhow::bail!("handled by run_client"),
+        SandboxCmd::Exec(_) | SandboxCmd::Run(_) | SandboxCmd::Rules(_) => {
+            anyhow::bail!("handled by run_client")
+        }
     }
     Ok(())
 }
@@ -360,6 +366,14 @@ async fn create_sandbox(c: &AdminClient, a: &CreateArgs, as_json: bool) -> anyho
     }
     if let Some(ip) = a.source_ip {
         body["source_ip"] = json!(ip.to_string());
+    }
+    if let Some(i) = a.isolation {
+        body["isolation"] = json!(i.as_str());
+    }
+    if !a.envs.is_empty() {
+        let envs: serde_json::Map<String, Value> =
+            a.envs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        body["envs"] = Value::Object(envs);
     }
     // Checked first: a sandbox whose env file cannot be written is of no use, its proxy
     // password shown only once (outside re-check: each refused attempt left one behind).

@@ -58,6 +58,25 @@ pub struct ExecArgs {
     pub cmd: Vec<String>,
 }
 
+/// `sealgate sandbox run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Sandbox id (a sandbox created with `--isolation netns`).
+    pub id: String,
+    /// CMD's timeout in seconds (default: what is left of the sandbox's lifetime).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Forward this process's stdin to CMD, as `sandbox exec --stdin` does.
+    #[arg(long = "stdin", short = 'i')]
+    pub stdin: bool,
+    /// Copy CMD's output unescaped even to a terminal, as `sandbox exec --raw` does.
+    #[arg(long)]
+    pub raw: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub cmd: Vec<String>,
+}
+
 /// `sealgate sandbox rules` options.
 #[derive(Debug, Args)]
 pub struct RulesArgs {
@@ -123,6 +142,30 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     };
     end_sandbox(c, &id).await;
     code
+}
+
+/// Runs `sandbox run`: CMD in an existing isolated sandbox, which is left running; returns
+/// CMD's exit code (128 + signal when this client was stopped: the daemon kills a command
+/// whose client went away).
+///
+/// # Errors
+/// No such sandbox, or the daemon refusing the command (409 for a sandbox without `netns`).
+pub async fn run_in(c: &AdminClient, a: &RunArgs) -> anyhow::Result<i32> {
+    let mut signals = Signals::new()?;
+    let input = if a.stdin {
+        Some(read_stdin().await?)
+    } else {
+        None
+    };
+    let path = format!("/v1/sandboxes/{}", super::client::seg(&a.id));
+    let sandbox = c
+        .call(Method::GET, &path, None)
+        .await
+        .with_context(|| format!("finding sandbox {}", a.id))?;
+    tokio::select! {
+        r = run(c, &sandbox, &a.cmd, a.timeout, input, Output::new(a.raw)) => r,
+        sig = signals.recv() => Ok(128 + sig),
+    }
 }
 
 fn describe(sb: &Value) {

@@ -141,6 +141,7 @@ fn python() -> String {
 
 // ---- running exec ---------------------------------------------------------------------------
 
+#[derive(Debug)]
 pub(crate) struct Ran {
     pub(crate) code: i32,
     pub(crate) stdout: String,
@@ -766,4 +767,93 @@ async fn timeout_ends_the_command_with_124_and_cleans_up() {
     assert_eq!(r.code, 124, "{}", r.stderr);
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_gone(&e, &names(&r.stderr)).await;
+}
+
+/// `sealgate sandbox …` with the harness daemon's admin URL and token.
+fn cli(e: &Env, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sealgate"));
+    c.arg("sandbox")
+        .args(args)
+        .env("SEALGATE_ADMIN_URL", &e.h.admin_url)
+        .env("SEALGATE_ADMIN_TOKEN", &e.h.token)
+        .env_remove("SEALGATE_CONFIG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+async fn cli_ran(e: &Env, args: &[&str]) -> Ran {
+    let out = tokio::time::timeout(Duration::from_secs(120), cli(e, args).output())
+        .await
+        .expect("the CLI finishes within 2 minutes")
+        .expect("sealgate binary runs");
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The CLI reaches what the API offers: `sandbox create --isolation netns --env K=V` makes an
+/// isolated sandbox with that variable, `sandbox run ID -- CMD` runs commands in it (which
+/// keeps its files between them and returns each one's exit code) and leaves it running; a
+/// proxy-only sandbox's `run` fails saying it is not isolated (the API's 409), and a malformed `--env` before any
+/// sandbox is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_an_isolated_sandbox_and_runs_commands_in_it() {
+    if !netns_ready() {
+        return;
+    }
+    let e = setup().await;
+    let made = cli_ran(
+        &e,
+        &[
+            "create",
+            "--store",
+            "s",
+            "--isolation",
+            "netns",
+            "--env",
+            "GREETING=hello there",
+        ],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    let sb: serde_json::Value = serde_json::from_str(&made.stdout).expect("JSON sandbox");
+    let id = sb["id"].as_str().expect("an id").to_owned();
+    let first = cli_ran(
+        &e,
+        &[
+            "run",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\" > note; exit 3",
+        ],
+    )
+    .await;
+    assert_eq!((first.code, first.stdout.as_str()), (3, ""), "{first:?}");
+    let second = cli_ran(&e, &["run", &id, "--", "cat", "note"]).await;
+    assert_eq!(
+        (second.code, second.stdout.as_str()),
+        (0, "hello there\n"),
+        "{second:?}"
+    );
+    let still = cli_ran(&e, &["get", &id]).await;
+    assert_eq!(
+        still.code, 0,
+        "the sandbox outlives its commands: {still:?}"
+    );
+    let plain = cli_ran(&e, &["create", "--store", "s", "--isolation", "none"]).await;
+    assert_eq!(plain.code, 0, "{plain:?}");
+    let plain: serde_json::Value = serde_json::from_str(&plain.stdout).unwrap();
+    let refused = cli_ran(&e, &["run", plain["id"].as_str().unwrap(), "--", "true"]).await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(refused.stderr.contains("is not isolated"), "{refused:?}");
+    let bad = cli_ran(&e, &["create", "--store", "s", "--env", "NOEQUALS"]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("is not K=V"), "{bad:?}");
+    let gone = cli_ran(&e, &["delete", &id]).await;
+    assert_eq!(gone.code, 0, "{gone:?}");
 }

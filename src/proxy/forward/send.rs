@@ -177,6 +177,11 @@ fn frame_streamed(head: &mut Request<()>, body: &ProxyBody) {
 /// asked; hyper's h2 client drops the field), and its connection is captured so that its
 /// answer's head can retire it before that timeout ([`honour`]). The fresh client has no pool
 /// to retire a connection from.
+///
+/// `te` is not listed beside `keep-alive`, though RFC 9110 §10.1.4 asks it of a sender of
+/// `TE` over HTTP/1.1: which protocol the origin picks is not known here, and hyper's h2
+/// client removes every field `Connection` names, so `TE: trailers` would not reach an h2
+/// origin (gRPC needs it; tried 2026-12-07, `curl_sees_every_response_shape` caught it).
 fn ask_keep_alive(head: &mut Request<()>, which: Which) -> Option<Captured> {
     const KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
     if !matches!(which, Which::Either) {
