@@ -774,13 +774,42 @@ async fn abandon_created(st: &AdminState, id: &str, peer: SocketAddr) {
 async fn list_sandboxes(State(st): St) -> Response {
     let mut all = st.sandboxes.list();
     all.iter_mut().for_each(|i| st.isolation.decorate(i));
+    current_store_names(&st, &mut all);
     Json(all).into_response()
 }
 
 async fn get_sandbox(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
     let mut info = st.sandboxes.get(&id)?;
     st.isolation.decorate(&mut info);
+    current_store_names(&st, std::slice::from_mut(&mut info));
     Ok(Json(info).into_response())
+}
+
+/// Each sandbox's `secret_store_name` as its store is named now: a rename reaches it as the
+/// store's allowlist and secrets do (it showed the name at creation, which after a rename could
+/// be another live store's; outside pass h47a). A store deleted, or not readable now, leaves
+/// the name its sandbox's snapshot holds (the name when it was made). Not kept in the
+/// snapshot: a snapshot replaced by a rename alone would refuse the requests in flight that
+/// unsealed (`forward::checks::still_decided`).
+fn current_store_names(st: &AdminState, infos: &mut [SandboxInfo]) {
+    let names: std::collections::HashMap<String, String> = match infos {
+        [] => return,
+        [one] => st
+            .store
+            .get_store(&one.secret_store_id)
+            .map(|s| (s.id, s.name))
+            .into_iter()
+            .collect(),
+        _ => match st.store.list_stores() {
+            Ok(listing) => listing.stores.into_iter().map(|s| (s.id, s.name)).collect(),
+            Err(_) => return,
+        },
+    };
+    for info in infos {
+        if let Some(name) = names.get(&info.secret_store_id) {
+            info.secret_store_name.clone_from(name);
+        }
+    }
 }
 
 /// `DELETE /v1/sandboxes/{id}`. Like a creation, the deletion runs to its end on a task of its

@@ -149,7 +149,8 @@ pub struct SandboxInfo {
     pub id: String,
     /// Source store id.
     pub secret_store_id: String,
-    /// Store name at snapshot time.
+    /// The store's name: as it is now on `GET` (the admin API looks it up), at creation in the
+    /// create answer; the name when the sandbox was made once the store is deleted.
     pub secret_store_name: String,
     /// RFC 3339.
     #[serde(with = "time::serde::rfc3339")]

@@ -999,3 +999,43 @@ async fn a_store_id_in_upper_case_or_braces_names_the_same_store() {
 fn urlencoding(s: &str) -> String {
     s.replace('{', "%7B").replace('}', "%7D")
 }
+
+/// A sandbox names its store as the store is named now (outside pass h47a: after a rename it
+/// went on naming the old name, by then another live store's), in `GET` and in the listing;
+/// once its store is deleted, the name it was made with.
+#[tokio::test]
+async fn a_sandbox_names_its_store_as_renamed() {
+    let h = Harness::start().await;
+    let first = h.store("alpha", Some(&["api.example.test"])).await;
+    let sb = h.sandbox("alpha").await;
+    assert_eq!(sb["secret_store_name"], "alpha");
+    let path = format!("/v1/sandboxes/{}", sb["id"].as_str().unwrap());
+    let (s, _) = h
+        .api(
+            Method::PATCH,
+            &format!("/v1/stores/{first}"),
+            Some(json!({"name": "beta"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    h.store("alpha", Some(&["api.example.test"])).await;
+    let other = h.sandbox("alpha").await;
+    let named = |list: &serde_json::Value, id: &serde_json::Value| {
+        let list = list.as_array().expect("a list");
+        let one = list.iter().find(|v| v["id"] == *id).expect("listed");
+        one["secret_store_name"].clone()
+    };
+    let (_, one) = h.api(Method::GET, &path, None).await;
+    assert_eq!(one["secret_store_name"], "beta", "{one}");
+    assert_eq!(one["secret_store_id"], first.as_str());
+    let (_, list) = h.api(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(named(&list, &sb["id"]), "beta", "{list}");
+    assert_eq!(named(&list, &other["id"]), "alpha", "{list}");
+    let (s, _) = h
+        .api(Method::DELETE, &format!("/v1/stores/{first}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, one) = h.api(Method::GET, &path, None).await;
+    assert_eq!(s, StatusCode::OK, "a deleted store's sandbox runs on");
+    assert_eq!(one["secret_store_name"], "alpha", "{one}");
+}
