@@ -431,10 +431,27 @@ fn env_lines(sb: &Value) -> Vec<(String, String)> {
 
 /// The file holds the proxy password and the tokens: always a new 0600 file of ours (see
 /// [`crate::fsutil::replace_private_file`]), never a link followed or an old file's mode kept.
+/// `NAME=value` lines that a shell can source (`set -a; . FILE`, as the README does): a value
+/// with anything but `[A-Za-z0-9_@%+=:,./-]` is single-quoted (a `cert_dir` with a space or a
+/// `$` broke the sourcing, and ran what followed the space; outside pass h47a). The values
+/// sealgate writes otherwise (tokens, proxy URLs, plain paths) stay bare, as env-file readers
+/// that take quotes literally (`docker run --env-file`) need them.
 fn write_env_file(path: &std::path::Path, lines: &[(String, String)]) -> anyhow::Result<()> {
-    let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let text: String = lines
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", env_file_value(v)))
+        .collect();
     crate::fsutil::replace_private_file(path, text.as_bytes())
         .map_err(|e| anyhow::anyhow!("writing the env file {}: {e}", path.display()))
+}
+
+/// `v` as it is when a shell reads it unchanged, else [`shell_quote`]d.
+fn env_file_value(v: &str) -> std::borrow::Cow<'_, str> {
+    let bare = |b: u8| b.is_ascii_alphanumeric() || b"_@%+=:,./-".contains(&b);
+    match !v.is_empty() && v.bytes().all(bare) {
+        true => std::borrow::Cow::Borrowed(v),
+        false => std::borrow::Cow::Owned(shell_quote(v)),
+    }
 }
 
 fn shell_quote(v: &str) -> String {
@@ -516,6 +533,50 @@ fn summary(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every value comes back as written when `sh` sources the file; the usual ones are bare.
+    #[test]
+    fn an_env_file_sources_in_sh_with_each_value_as_written() {
+        let values = [
+            "osb_sealed_0123456789abcdef0123456789abcdef",
+            "http://sbx_ab:pw@127.0.0.1:3128",
+            "localhost,127.0.0.1,::1",
+            "/srv/c certs $HOME/`id`;x",
+            "it's \"quoted\" \\ and\nnewline",
+            "",
+        ];
+        let lines: Vec<(String, String)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("V{i}"), (*v).to_owned()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandbox.env");
+        write_env_file(&path, &lines).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "V0={}\nV1={}\nV2={}\n",
+                values[0], values[1], values[2]
+            )),
+            "{text}"
+        );
+        for (i, v) in values.iter().enumerate() {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("set -a; . \"$1\"; printf %s \"$V{i}\""))
+                .arg("sh")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout), *v, "{text}");
+        }
+    }
 
     #[test]
     fn a_store_not_found_is_named_as_the_daemon_names_it() {
