@@ -138,10 +138,15 @@ impl AdminToken {
     }
 }
 
-/// Whether `headers` carry `token` as a bearer token (compared in constant time).
+/// Whether `headers` carry `token` as a bearer token (compared in constant time), in their one
+/// `Authorization` field: with two, the first decided, where another parser in front of the
+/// API may read the last (the proxy refuses two `Proxy-Authorization` fields the same way;
+/// outside pass h47a).
 pub fn token_matches(token: &SecretValue, headers: &HeaderMap) -> bool {
-    let presented = headers
-        .get(header::AUTHORIZATION)
+    let mut fields = headers.get_all(header::AUTHORIZATION).iter();
+    let (first, second) = (fields.next(), fields.next());
+    let presented = first
+        .filter(|_| second.is_none())
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         // The auth scheme is case-insensitive (RFC 9110 §11.1).
@@ -344,6 +349,28 @@ mod tests {
         let lower = header(Some("bearer 0123456789abcdef0123456789abcdef"));
         assert!(token_matches(&t, &lower));
         assert!(!token_matches(&t, &header(None)));
+    }
+
+    /// Two `Authorization` fields open nothing, in either order, even with the token in both.
+    #[test]
+    fn two_authorization_fields_match_nothing() {
+        let t = SecretValue::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        let right = "Bearer 0123456789abcdef0123456789abcdef";
+        for pair in [
+            [right, "Bearer wrong"],
+            ["Bearer wrong", right],
+            [right, right],
+        ] {
+            let mut h = HeaderMap::new();
+            for v in pair {
+                h.append(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            assert!(!token_matches(&t, &h), "{pair:?}");
+        }
+        assert!(token_matches(
+            &t,
+            &bearer("0123456789abcdef0123456789abcdef")
+        ));
     }
 
     #[test]
