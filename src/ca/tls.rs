@@ -10,8 +10,11 @@ use rustls::ServerConfig;
 
 use super::{CaError, SessionCache};
 
-/// ALPN protocols offered to sandboxes, in preference order.
-const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN protocols offered to sandboxes, in preference order. `http/1.0` (RFC 7301's registry)
+/// for a client that offers only it (`curl --http1.0`): it was refused at the handshake with
+/// `no_application_protocol`, where nginx, h2o and uvicorn serve it (outside pass h47b); it is
+/// served by the HTTP/1 path, which answers HTTP/1.0 requests as HTTP/1.0.
+const ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// Sessions remembered for resumption across all leaves of all sandboxes.
 ///

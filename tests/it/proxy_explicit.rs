@@ -1711,6 +1711,48 @@ async fn tls_without_alpn_serves_h2_by_preface_and_h1_otherwise() {
     e.h.assert_logs_clean();
 }
 
+/// A client that offers only ALPN `http/1.0` (`curl --http1.0`) is served HTTP/1.0, unsealed
+/// as any other; it was refused at the handshake (outside pass h47b).
+#[tokio::test]
+async fn a_client_offering_only_http_1_0_in_alpn_is_served() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-http10-0001", None, Some(&["header"]))],
+    )
+    .await;
+    let tcp = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .expect("CONNECT accepted");
+    let mut tls = pc::tls(tcp, &e.sb.ca_pem, "api.example.test", &[b"http/1.0"])
+        .await
+        .expect("TLS offering http/1.0 only");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    let req = format!(
+        "GET /echo HTTP/1.0\r\nHost: api.example.test\r\nx-api-key: {}\r\n\r\n",
+        e.sb.token("KEY")
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an HTTP/1.0 answer ends with the connection")
+    .ok();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let reqs = e.echo.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        reqs[0].header("x-api-key").as_deref(),
+        Some("sk-real-http10-0001")
+    );
+    e.h.assert_logs_clean();
+}
+
 /// A store without an allowlist allows the default ports only; a refusal elsewhere says that,
 /// rather than naming an allowlist the store does not have.
 #[tokio::test]
