@@ -114,12 +114,17 @@ impl PerSandbox {
 
 /// The upstream clients of one sandbox on one proxy worker, each with a pool of its own.
 pub struct Clients {
-    /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2.
+    /// h2 + http/1.1 client (pooled per authority), for origins not (yet) known to speak h2,
+    /// and for held bodies to an origin known to while it holds a usable h2 connection there
+    /// (`dual_h2`).
     pub client: UpstreamClient,
+    /// `client`'s usable h2 connections, per destination.
+    pub dual_h2: Arc<upstream::LiveH2>,
     /// http/1.1-only client, for WebSocket upgrades.
     pub client_h1: UpstreamClient,
     /// h2-only client (pooled per authority, one connection attempt at a time), for the
-    /// held-body requests to origins in `known_h2`.
+    /// held-body requests to origins in `known_h2` while `client` holds no usable h2
+    /// connection there.
     pub client_h2: UpstreamClient,
     /// h2-only client with a pool of its own, for the retry of a request the upstream
     /// provably did not process (only h2 connections report that): the refused requests of
@@ -136,8 +141,11 @@ impl Clients {
         let upstream = &settings.config;
         let connector = |alpn| upstream::Connector::new(settings.clone(), alpn, budget);
         let h2_only = || upstream::Connector::h2_only(settings.clone(), budget);
+        let dual_h2 = Arc::new(upstream::LiveH2::default());
+        let dual = upstream::Connector::dual(settings.clone(), budget, dual_h2.clone());
         Clients {
-            client: build_client(upstream, connector(upstream::Alpn::Either)),
+            client: build_client(upstream, dual),
+            dual_h2,
             client_h1: build_client(upstream, connector(upstream::Alpn::H1)),
             client_h2: build_h2_client(upstream, h2_only()),
             client_retry: build_h2_client(upstream, h2_only()),

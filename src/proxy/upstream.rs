@@ -29,6 +29,7 @@ mod goaway;
 pub mod keep_alive;
 mod known_h2;
 mod limits;
+mod live_h2;
 mod local_route;
 mod overhead;
 mod tls_error;
@@ -36,6 +37,7 @@ mod tls_error;
 pub use goaway::RefuseAfterGoaway;
 pub use known_h2::KnownH2;
 pub use limits::StreamLimits;
+pub use live_h2::LiveH2;
 use overhead::Counted;
 pub use overhead::{DataCounted, OverheadOf};
 pub mod dns;
@@ -154,6 +156,8 @@ pub struct Parts {
     budget: Budget,
     /// The connection attempts under way here, per destination ([`DIALS_PER_HOST`]).
     dialing: Dialing,
+    /// The dual-protocol client's: its usable h2 connections, per destination ([`LiveH2`]).
+    live_h2: Option<Arc<LiveH2>>,
 }
 
 /// How many connection attempts one connector (one client of one sandbox on one worker) has
@@ -280,7 +284,7 @@ impl TlsByAlpn {
 impl Connector {
     /// A connector offering `alpn`, its connections counted against `budget` (a sandbox's).
     pub fn new(settings: Arc<UpstreamSettings>, alpn: Alpn, budget: &Budget) -> Self {
-        Connector::with(settings, alpn, budget, false)
+        Connector::with(settings, alpn, budget, false, None)
     }
 
     fn with(
@@ -288,6 +292,7 @@ impl Connector {
         alpn: Alpn,
         budget: &Budget,
         require_h2: bool,
+        live_h2: Option<Arc<LiveH2>>,
     ) -> Self {
         Connector(Arc::new(Parts {
             tls: settings.tls.get(alpn),
@@ -295,14 +300,21 @@ impl Connector {
             require_h2,
             budget: budget.clone(),
             dialing: Dialing::default(),
+            live_h2,
         }))
+    }
+
+    /// The dual-protocol client's connector: offers h2 and http/1.1, and counts its usable h2
+    /// connections in `live` (see [`LiveH2`]).
+    pub fn dual(settings: Arc<UpstreamSettings>, budget: &Budget, live: Arc<LiveH2>) -> Self {
+        Connector::with(settings, Alpn::Either, budget, false, Some(live))
     }
 
     /// A connector for an `http2_only` client: offers only h2 and returns
     /// [`ConnectError::NotH2`] (before anything is sent) when the origin does not choose it.
     /// Plain-HTTP destinations never reach it (no h2c upstream).
     pub fn h2_only(settings: Arc<UpstreamSettings>, budget: &Budget) -> Self {
-        Connector::with(settings, Alpn::H2, budget, true)
+        Connector::with(settings, Alpn::H2, budget, true, None)
     }
 }
 
@@ -389,8 +401,11 @@ impl Connector {
             })?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let origin = format!("{host}:{port}").into_boxed_str();
-            let watched =
+            let mut watched =
                 RefuseAfterGoaway::new(tls).learning(self.settings.stream_limits.clone(), origin);
+            if let (Some(live), Some(dest)) = (&self.live_h2, uri.authority()) {
+                watched = watched.marking(live.mark(dest.as_str()));
+            }
             return Ok(Io::H2(Box::new(TokioIo::new(watched))));
         }
         if self.require_h2 {

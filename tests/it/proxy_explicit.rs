@@ -247,6 +247,45 @@ async fn concurrent_requests_to_a_known_h2_origin_share_one_new_connection() {
     );
 }
 
+/// Once an origin has answered over h2, the held-body requests after it go on the connection
+/// that answer came on, while it is usable: one TLS handshake, not a second connection from the
+/// h2-only client (#17: ~92 KB idle each, and a handshake more for the second request). After
+/// the origin restarts, the requests of that worker share one new connection again.
+#[tokio::test]
+async fn an_h2_origins_requests_stay_on_the_connection_that_taught_it() {
+    let e = setup(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-one-conn-0033", None, Some(&["header"]))],
+    )
+    .await;
+    let Env { h, echo, sb, .. } = e;
+    let key = sb.token("KEY");
+    let get = || pc::get("/echo", "api.example.test", &[("x-api-key", &key)]);
+    // One tunnel: one proxy worker, one client set.
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    for _ in 0..5 {
+        assert_eq!(pc::send1(&mut c, get()).await.status, StatusCode::OK);
+    }
+    assert!(echo
+        .requests()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    assert_eq!(echo.connections(), 1, "one connection for 5 requests");
+    let addr = echo.addr;
+    drop(echo);
+    until_no_upstream_connection(&h).await;
+    let echo = Echo::start_tls_at(addr, h.pki.server_config(NAMES, &[])).await;
+    for _ in 0..3 {
+        assert_eq!(pc::send1(&mut c, get()).await.status, StatusCode::OK);
+    }
+    assert_eq!(echo.requests().len(), 3);
+    assert_eq!(
+        echo.connections(),
+        1,
+        "one new connection after the restart"
+    );
+}
+
 /// An origin that stops offering h2 (restarted as HTTP/1.1-only) is forgotten as an h2 origin
 /// without failing a request: the h2-only handshake sends nothing, and the request goes again
 /// over HTTP/1.1.

@@ -27,10 +27,11 @@ use crate::proxy::{LiveSettings, ProxyBody, Tunnel};
 /// Sends the request and waits for the response head: `response_timeout` from the request's
 /// last byte (a streamed body's `progress`; see [`crate::proxy::progress`]).
 ///
-/// Held-body requests to an origin that has answered over h2 go to the h2-only client (one
-/// connection attempt at a time, see [`crate::proxy::upstream::KnownH2`]); if that origin no longer
-/// chooses h2, it is forgotten and the request goes to the dual-protocol client (nothing was
-/// sent). Streamed bodies stay on the dual-protocol client: their bytes could not be sent
+/// Held-body requests to an origin that has answered over h2 go on the dual-protocol client's
+/// h2 connection there while it holds a usable one ([`crate::proxy::upstream::LiveH2`]), else
+/// to the h2-only client (one connection attempt at a time, see
+/// [`crate::proxy::upstream::KnownH2`]); if that origin no longer chooses h2, it is forgotten
+/// and the request goes to the dual-protocol client (nothing was sent). Streamed bodies stay on the dual-protocol client: their bytes could not be sent
 /// twice.
 ///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a stream
@@ -95,15 +96,19 @@ async fn attempts(
     // after an h2 answer from `https://H` went to the h2-only client, which spoke h2 in clear
     // to the plain origin (502 for every sandbox until a reload: two outside passes).
     let tls = t.scheme == Scheme::Https;
-    let h2 = tls && !websocket && rt.known_h2.contains(&t.origin);
-    let which = match (websocket, h2) {
-        (true, _) => Which::H1,
-        (false, true) => Which::H2,
-        (false, false) => Which::Either,
+    let known = tls && !websocket && rt.known_h2.contains(&t.origin);
+    // The connection the dual-protocol client learned it on, while it is usable: a second one
+    // from the h2-only client cost a handshake and ~92 KB (`upstream::LiveH2`).
+    let h2 = known && !rt.clients(&t.sandbox).dual_h2.holds(t.origin.as_str());
+    let which = match (websocket, known, h2) {
+        (true, _, _) => Which::H1,
+        (false, _, true) => Which::H2,
+        (false, true, false) => Which::EitherOnH2,
+        (false, false, false) => Which::Either,
     };
     match send_held(t, rt, which, &head, &bytes).await {
         Ok(resp) => {
-            if tls && !h2 && resp.version() == Version::HTTP_2 {
+            if tls && !known && resp.version() == Version::HTTP_2 {
                 rt.known_h2.learn(&t.origin);
             }
             Ok(resp)
@@ -238,6 +243,9 @@ async fn send_held(
 enum Which {
     /// h2 or HTTP/1.1, whichever the origin chooses.
     Either,
+    /// The same client, for an origin known to speak h2 while it holds a usable h2 connection
+    /// there: no `Connection: keep-alive`, no capture (nothing to retire on h2).
+    EitherOnH2,
     /// HTTP/1.1 only: WebSocket upgrades.
     H1,
     /// h2 only: held bodies to an origin known to speak h2.
@@ -254,7 +262,7 @@ enum Which {
 fn client(rt: &LiveSettings, t: &Tunnel, which: Which) -> crate::proxy::UpstreamClient {
     let clients = rt.clients(&t.sandbox);
     match which {
-        Which::Either => clients.client.clone(),
+        Which::Either | Which::EitherOnH2 => clients.client.clone(),
         Which::H1 => clients.client_h1.clone(),
         Which::H2 => clients.client_h2.clone(),
         Which::Retry => clients.client_retry.clone(),

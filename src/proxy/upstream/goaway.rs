@@ -286,6 +286,9 @@ struct Refusals {
     /// Diagnostics, kept only while debug logging is on: streams opened whose response head
     /// (or reset) has not arrived, named when the server closes the connection.
     awaiting: Option<Vec<u32>>,
+    /// Counts the connection as usable for its client ([`super::live_h2`]) until it is not:
+    /// dropped at the server's GOAWAY, at retiring, when the server closed or reset it.
+    live: Option<super::live_h2::LiveMark>,
 }
 
 impl Refusals {
@@ -306,6 +309,7 @@ impl Refusals {
             scratch: Vec::new(),
             write_closed: false,
             awaiting: tracing::enabled!(tracing::Level::DEBUG).then(Vec::new),
+            live: None,
         }
     }
 
@@ -326,6 +330,7 @@ impl Refusals {
                 }
             }
             if let Seen::GoAway { last_stream, code } = s {
+                self.live = None;
                 tracing::debug!(
                     last_stream,
                     code,
@@ -402,6 +407,7 @@ impl Refusals {
             "upstream h2: retiring the connection below the origin's limit"
         );
         self.retiring = Retiring::Due;
+        self.live = None;
         self.wake_reader();
     }
 
@@ -473,6 +479,13 @@ impl<S> RefuseAfterGoaway<S> {
         self
     }
 
+    /// Also counts the connection as usable in its client's [`super::live_h2::LiveH2`] while
+    /// it is (see that module).
+    pub fn marking(mut self, mark: super::live_h2::LiveMark) -> Self {
+        self.state.live = Some(mark);
+        self
+    }
+
     /// The wrapped transport.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -526,6 +539,7 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                st.live = None;
                 tracing::debug!(
                     last_stream = st.last_stream,
                     highest_opened = st.highest_opened,
@@ -533,6 +547,10 @@ impl<S: AsyncRead> AsyncRead for RefuseAfterGoaway<S> {
                     "upstream h2: the server closed the connection"
                 );
                 Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                st.live = None;
+                Poll::Ready(Err(e))
             }
             other => other,
         }
@@ -564,6 +582,7 @@ impl<S> RefuseAfterGoaway<S> {
         bufs: &[io::IoSlice<'_>],
         e: io::Error,
     ) -> Poll<io::Result<usize>> {
+        state.live = None;
         if !peer_closed(&e) {
             return Poll::Ready(Err(e));
         }
@@ -883,6 +902,40 @@ mod tests {
             assert_eq!(limits.retire_after("o:443"), None);
             assert!(limits.is_empty(), "not even a candidate");
         }
+    }
+
+    /// The connection counts as usable for its client until the server's GOAWAY, this side
+    /// retiring it, or the server closing it (`super::live_h2`).
+    #[tokio::test]
+    async fn a_connection_stops_counting_as_usable_at_goaway_retiring_or_close() {
+        use super::super::live_h2::LiveH2;
+        let live = Arc::new(LiveH2::default());
+        let mut r = Refusals::new();
+        r.live = Some(live.mark("o"));
+        r.on_read(&frame(0x4, 0, 0, &[]));
+        assert!(live.holds("o"), "SETTINGS change nothing");
+        r.on_read(&goaway(0));
+        assert!(!live.holds("o"), "the server's GOAWAY");
+
+        let (mut r, _) = learning(Some(8)); // retire after 6 streams
+        r.live = Some(live.mark("o"));
+        open(&mut r, 1, 9);
+        assert!(live.holds("o"));
+        open(&mut r, 11, 11);
+        assert_eq!(r.retiring, Retiring::Due);
+        assert!(!live.holds("o"), "retiring");
+
+        let (client_io, server) = tokio::io::duplex(1 << 10);
+        let mut c = RefuseAfterGoaway::new(client_io).marking(live.mark("o"));
+        assert!(live.holds("o"));
+        drop(server);
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(!live.holds("o"), "the server closed");
+        let (client_io, _server) = tokio::io::duplex(1 << 10);
+        let c = RefuseAfterGoaway::new(client_io).marking(live.mark("o"));
+        drop(c);
+        assert!(!live.holds("o"), "the connection ended");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `http2_only` clients. While ALPN is undecided (`h2` + `http/1.1`), every request that finds
 //! no ready connection dials its own; after each GOAWAY of a busy h2 origin that cost ~20 TLS
 //! handshakes at 32 connections. Once an origin has answered over h2, its requests go to the
-//! h2-only client and wait for the one connection being made.
+//! h2-only client and wait for the one connection being made — unless the dual-protocol
+//! client still holds a usable h2 connection there ([`super::LiveH2`]), which they then share.
 //!
 //! Invariants: at most `cap` authorities are remembered (a sandbox can reach many names
 //! through a wildcard allowlist; beyond the cap origins simply stay on the dual-protocol
