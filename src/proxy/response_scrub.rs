@@ -333,8 +333,8 @@ fn scrub_body(
 /// the body: such a decoder may hold a 16 MiB (brotli) or 8 MiB (zstd) window for as long as
 /// the client does not read, so how many run at once is bounded
 /// (`[upstream] max_window_decoders_per_sandbox`, `max_window_decoders`). Sealgate asks the
-/// hosts whose answers it scrubs for gzip and deflate only (`forward::head::whole_responses_only`),
-/// so only an upstream that ignores that meets the bound.
+/// hosts whose answers it scrubs for no coding (`forward::head::whole_responses_only`), so
+/// only an upstream that ignores that meets the bound.
 ///
 /// # Errors
 /// A bound is full: 502, before any byte of the body.

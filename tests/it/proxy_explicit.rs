@@ -161,8 +161,9 @@ async fn h2_client_unseals_and_is_served_over_h2() {
         .iter()
         .all(|r| r.header("x-api-key").as_deref() == Some("sk-real-h2-0003")));
     // The first request learns that the origin speaks h2 (dual-protocol pool); the others
-    // share one connection of the h2-only pool (see `upstream::KnownH2`).
-    assert_eq!(e.echo.connections(), 2, "upstream connections pooled");
+    // share its connection (`upstream::LiveH2`; two before 2026-12-07, the second from the
+    // h2-only pool).
+    assert_eq!(e.echo.connections(), 1, "upstream connections pooled");
 }
 
 /// An h2 client sends each cookie as its own field (RFC 9113 §8.2.3); the origin gets them as

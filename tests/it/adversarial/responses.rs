@@ -863,14 +863,13 @@ async fn head_and_get_of_gzip_answers_from_nginx() {
             assert!(a.headers.get("content-encoding").is_none());
             assert_eq!(a.body, page, "GET {path} h2 {h2}: decoded");
         }
-        // The compressed length is gone (it measured the body compressed, unscrubbed), the
-        // plain one stays.
-        let a = fetch(&e, "HEAD", "/static.txt", h2, &accept).await.unwrap();
-        let length = a.headers.get("content-length");
-        assert!(length.is_none(), "HEAD of gzip: {length:?}");
-        let a = fetch(&e, "HEAD", "/static.txt", h2, &[]).await.unwrap();
+        // nginx is asked for no coding (a compressed answer's shape is an oracle on an echoed
+        // value): it answers the plain file, and its plain length stays, asked gzip or not.
         let length = page.len().to_string();
-        assert_eq!(a.headers["content-length"], length.as_str(), "plain HEAD");
+        for ae in [&accept[..], &[]] {
+            let a = fetch(&e, "HEAD", "/static.txt", h2, ae).await.unwrap();
+            assert_eq!(a.headers["content-length"], length.as_str(), "HEAD {ae:?}");
+        }
     }
 }
 
