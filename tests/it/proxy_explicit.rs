@@ -287,6 +287,57 @@ async fn an_h2_origins_requests_stay_on_the_connection_that_taught_it() {
     );
 }
 
+/// A connection whose last stream opened as long ago as the pool's idle timeout is no longer
+/// used for held bodies (the pool may have dropped it while a long answer keeps it open): the
+/// burst after the pause shares one new connection from the h2-only client's locked dial, not
+/// one dial per request (review h47d: up to one per request while the count outlived the pool
+/// entry).
+#[tokio::test]
+async fn a_burst_after_the_pools_idle_time_shares_one_new_connection() {
+    let opts = Opts {
+        upstream_toml: "pool_idle_timeout_secs = 2\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        &[("KEY", "sk-real-burst-0034", None, Some(&["header"]))],
+        opts,
+    )
+    .await;
+    let Env { h, echo, sb, .. } = e;
+    let key = sb.token("KEY");
+    let get = || pc::get("https://api.example.test/echo", "", &[("x-api-key", &key)]);
+    // One h2 tunnel: one proxy worker, one client set. A long answer (6 s) keeps the first
+    // connection open after the pool's sweep dropped it (every 2 s, of entries idle 2 s).
+    let c = pc::h2(h.proxy, &sb, API).await;
+    let long = {
+        let mut c = c.clone();
+        let req = pc::get(
+            "https://api.example.test/slow?ms=500&chunks=12",
+            "",
+            &[("x-api-key", &key)],
+        );
+        tokio::spawn(async move { pc::send2(&mut c, req).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(4_500)).await;
+    let mut burst = Vec::new();
+    for _ in 0..16 {
+        let mut c = c.clone();
+        let req = get();
+        burst.push(async move { pc::send2(&mut c, req).await });
+    }
+    let answers = futures_util::future::join_all(burst).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    let long = long.await.unwrap();
+    assert_eq!((long.status, long.body.len()), (StatusCode::OK, 12 * 1024));
+    assert_eq!(echo.requests().len(), 17);
+    assert!(
+        echo.connections() <= 2,
+        "{} connections for one request, a pause and a burst of 16",
+        echo.connections()
+    );
+}
+
 /// An origin that stops offering h2 (restarted as HTTP/1.1-only) is forgotten as an h2 origin
 /// without failing a request: the h2-only handshake sends nothing, and the request goes again
 /// over HTTP/1.1.

@@ -99,7 +99,12 @@ async fn attempts(
     let known = tls && !websocket && rt.known_h2.contains(&t.origin);
     // The connection the dual-protocol client learned it on, while it is usable: a second one
     // from the h2-only client cost a handshake and ~92 KB (`upstream::LiveH2`).
-    let h2 = known && !rt.clients(&t.sandbox).dual_h2.holds(t.origin.as_str());
+    let idle = rt.upstream.config.pool_idle_timeout;
+    let h2 = known
+        && !rt
+            .clients(&t.sandbox)
+            .dual_h2
+            .holds(t.origin.as_str(), idle);
     let which = match (websocket, known, h2) {
         (true, _, _) => Which::H1,
         (false, _, true) => Which::H2,
@@ -120,7 +125,9 @@ async fn attempts(
         Err(e) if crate::proxy::failure::may_send_again(&e, head.method()) => {
             tracing::debug!(dest = %t.dest, error = %crate::proxy::failure::chain(&e),
                 "upstream did not process the request, or it is idempotent; retrying");
-            match h2 || crate::proxy::failure::over_h2(&e) {
+            // `known`, not only `h2`: a request on the dual-protocol client's h2 connection
+            // whose failure is an I/O error carries no h2 error to tell it (review h47d).
+            match known || crate::proxy::failure::over_h2(&e) {
                 true => retry(t, rt, &head, &bytes).await,
                 // An HTTP/1 connection closed under it (a kept-alive connection the origin
                 // timed out): a new connection, offering both protocols.

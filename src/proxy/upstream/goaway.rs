@@ -360,6 +360,9 @@ impl Refusals {
                 continue;
             }
             self.highest_opened = h.stream;
+            if let Some(live) = &self.live {
+                live.opened();
+            }
             if let Some(awaiting) = &mut self.awaiting {
                 awaiting.push(h.stream);
             }
@@ -909,33 +912,34 @@ mod tests {
     #[tokio::test]
     async fn a_connection_stops_counting_as_usable_at_goaway_retiring_or_close() {
         use super::super::live_h2::LiveH2;
+        const IDLE: std::time::Duration = std::time::Duration::from_secs(90);
         let live = Arc::new(LiveH2::default());
         let mut r = Refusals::new();
         r.live = Some(live.mark("o"));
         r.on_read(&frame(0x4, 0, 0, &[]));
-        assert!(live.holds("o"), "SETTINGS change nothing");
+        assert!(live.holds("o", IDLE), "SETTINGS change nothing");
         r.on_read(&goaway(0));
-        assert!(!live.holds("o"), "the server's GOAWAY");
+        assert!(!live.holds("o", IDLE), "the server's GOAWAY");
 
         let (mut r, _) = learning(Some(8)); // retire after 6 streams
         r.live = Some(live.mark("o"));
         open(&mut r, 1, 9);
-        assert!(live.holds("o"));
+        assert!(live.holds("o", IDLE));
         open(&mut r, 11, 11);
         assert_eq!(r.retiring, Retiring::Due);
-        assert!(!live.holds("o"), "retiring");
+        assert!(!live.holds("o", IDLE), "retiring");
 
         let (client_io, server) = tokio::io::duplex(1 << 10);
         let mut c = RefuseAfterGoaway::new(client_io).marking(live.mark("o"));
-        assert!(live.holds("o"));
+        assert!(live.holds("o", IDLE));
         drop(server);
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
-        assert!(!live.holds("o"), "the server closed");
+        assert!(!live.holds("o", IDLE), "the server closed");
         let (client_io, _server) = tokio::io::duplex(1 << 10);
         let c = RefuseAfterGoaway::new(client_io).marking(live.mark("o"));
         drop(c);
-        assert!(!live.holds("o"), "the connection ended");
+        assert!(!live.holds("o", IDLE), "the connection ended");
     }
 
     #[test]
