@@ -41,21 +41,8 @@ pub struct ExecArgs {
     /// Print what was set up (namespace, addresses, sandbox id) on stderr.
     #[arg(long, short)]
     pub verbose: bool,
-    /// Forward this process's stdin to CMD: read to its end before the sandbox is created
-    /// (UTF-8 text, at most 512 KiB — the commands API carries it as a JSON string).
-    #[arg(long = "stdin", short = 'i')]
-    pub stdin: bool,
-    /// Copy CMD's output as the daemon sent it (UTF-8 text; bytes that were not UTF-8 arrive
-    /// as U+FFFD) even to a terminal. Without it, on a terminal, control characters other than
-    /// newline, tab and carriage return, and bidi and zero-width characters, are shown escaped
-    /// (`\x1b`, `\u{202e}`), all non-ASCII too outside a UTF-8 locale: the output is the
-    /// sandbox's, and escape sequences can retitle the terminal, clear it or write the
-    /// clipboard.
-    #[arg(long)]
-    pub raw: bool,
-    /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true, num_args = 1..)]
-    pub cmd: Vec<String>,
+    #[command(flatten)]
+    pub run: CmdArgs,
 }
 
 /// `sealgate sandbox run` options.
@@ -66,10 +53,23 @@ pub struct RunArgs {
     /// CMD's timeout in seconds (default: what is left of the sandbox's lifetime).
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// Forward this process's stdin to CMD, as `sandbox exec --stdin` does.
+    #[command(flatten)]
+    pub run: CmdArgs,
+}
+
+/// The command of `sandbox exec` and `sandbox run`, and how its input and output pass.
+#[derive(Debug, Args)]
+pub struct CmdArgs {
+    /// Forward this process's stdin to CMD: read to its end before anything is sent (UTF-8
+    /// text, at most 512 KiB — the commands API carries it as a JSON string).
     #[arg(long = "stdin", short = 'i')]
     pub stdin: bool,
-    /// Copy CMD's output unescaped even to a terminal, as `sandbox exec --raw` does.
+    /// Copy CMD's output as the daemon sent it (UTF-8 text; bytes that were not UTF-8 arrive
+    /// as U+FFFD) even to a terminal. Without it, on a terminal, control characters other than
+    /// newline, tab and carriage return, and bidi and zero-width characters, are shown escaped
+    /// (`\x1b`, `\u{202e}`), all non-ASCII too outside a UTF-8 locale: the output is the
+    /// sandbox's, and escape sequences can retitle the terminal, clear it or write the
+    /// clipboard.
     #[arg(long)]
     pub raw: bool,
     /// The command and its arguments (after `--`).
@@ -119,7 +119,7 @@ fn transparent_port(flag: Option<u16>, config: Option<&Path>) -> anyhow::Result<
 /// The daemon refusing the sandbox or the command (nothing is left behind then).
 pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
-    let input = if a.stdin {
+    let input = if a.run.stdin {
         Some(read_stdin().await?)
     } else {
         None
@@ -137,7 +137,7 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
         describe(&sandbox);
     }
     let code = tokio::select! {
-        r = run(c, &sandbox, &a.cmd, a.timeout, input, Output::new(a.raw)) => r,
+        r = run(c, &sandbox, &a.run.cmd, a.timeout, input, Output::new(a.run.raw)) => r,
         sig = signals.recv() => Ok(128 + sig),
     };
     end_sandbox(c, &id).await;
@@ -152,7 +152,7 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
 /// No such sandbox, or the daemon refusing the command (409 for a sandbox without `netns`).
 pub async fn run_in(c: &AdminClient, a: &RunArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
-    let input = if a.stdin {
+    let input = if a.run.stdin {
         Some(read_stdin().await?)
     } else {
         None
@@ -163,7 +163,7 @@ pub async fn run_in(c: &AdminClient, a: &RunArgs) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("finding sandbox {}", a.id))?;
     tokio::select! {
-        r = run(c, &sandbox, &a.cmd, a.timeout, input, Output::new(a.raw)) => r,
+        r = run(c, &sandbox, &a.run.cmd, a.timeout, input, Output::new(a.run.raw)) => r,
         sig = signals.recv() => Ok(128 + sig),
     }
 }
