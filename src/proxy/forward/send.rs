@@ -31,8 +31,8 @@ use crate::proxy::{LiveSettings, ProxyBody, Tunnel};
 /// h2 connection there while it holds a usable one ([`crate::proxy::upstream::LiveH2`]), else
 /// to the h2-only client (one connection attempt at a time, see
 /// [`crate::proxy::upstream::KnownH2`]); if that origin no longer chooses h2, it is forgotten
-/// and the request goes to the dual-protocol client (nothing was sent). Streamed bodies stay on the dual-protocol client: their bytes could not be sent
-/// twice.
+/// and the request goes to the dual-protocol client (nothing was sent). Streamed bodies stay
+/// on the dual-protocol client: their bytes could not be sent twice.
 ///
 /// A request the upstream provably did not process — refused with REFUSED_STREAM, or on a stream
 /// above a GOAWAY's last-stream-id (see [`crate::proxy::upstream::RefuseAfterGoaway`]) — is sent
@@ -255,7 +255,8 @@ enum Which {
     EitherOnH2,
     /// HTTP/1.1 only: WebSocket upgrades.
     H1,
-    /// h2 only: held bodies to an origin known to speak h2.
+    /// h2 only: held bodies to an origin known to speak h2, while the dual-protocol client
+    /// holds no usable h2 connection there.
     H2,
     /// h2 only, a pool of its own: the retry of a request the origin did not process.
     Retry,
