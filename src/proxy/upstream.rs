@@ -25,6 +25,7 @@ use crate::policy::{self, AddressPolicy};
 
 use super::read_ahead::ReadAhead;
 
+mod clock;
 mod goaway;
 pub mod keep_alive;
 mod known_h2;

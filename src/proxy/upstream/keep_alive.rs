@@ -19,12 +19,13 @@
 //! or past the pool's own idle timeout is left to the pool, so a timer lives at most that long.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, Response};
 use hyper_util::client::legacy::connect::CaptureConnection;
 
+use super::clock::{base, ms_since_base};
 use super::overhead::{Overhead, OverheadOf};
 
 /// How long before the origin's announced timeout a connection is retired.
@@ -40,7 +41,8 @@ pub struct Captured(pub CaptureConnection);
 /// One HTTP/1 connection's retirement: when, and whether a timer waits for it.
 #[derive(Debug)]
 pub struct Idle {
-    /// When, in ms since [`base`] ([`NEVER`]: not to be retired).
+    /// When, in ms since [`base`] ([`NEVER`]: not to be retired; [`ms_since_base`] stays
+    /// below it).
     retire_at: AtomicU64,
     /// A timer task waits for `retire_at` (at most one per connection).
     armed: AtomicBool,
@@ -53,17 +55,6 @@ impl Default for Idle {
             armed: AtomicBool::new(false),
         }
     }
-}
-
-/// The instant the retirement clocks count from.
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn ms_since_base(at: Instant) -> u64 {
-    let ms = at.saturating_duration_since(base()).as_millis();
-    u64::try_from(ms).unwrap_or(NEVER - 1).min(NEVER - 1)
 }
 
 /// The idle timeout an answer's `Keep-Alive` header announces (`timeout=N`, in seconds), if

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Per destination (the request URI's authority, as hyper-util hands it to the connector),
@@ -77,10 +77,9 @@ impl LiveH2 {
 /// sweep may drop the entry at the timeout itself.
 const MARGIN: Duration = Duration::from_secs(1);
 
-/// Milliseconds since the first call: a clock the marks share without a lock.
+/// Now on [`super::clock`]: a clock the marks share without a lock.
 fn now_ms() -> u64 {
-    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
+    super::clock::ms_since_base(Instant::now())
 }
 
 /// One counted connection ([`LiveH2::mark`]); dropping it uncounts it.
