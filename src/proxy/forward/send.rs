@@ -97,19 +97,10 @@ async fn attempts(
     // to the plain origin (502 for every sandbox until a reload: two outside passes).
     let tls = t.scheme == Scheme::Https;
     let known = tls && !websocket && rt.known_h2.contains(&t.origin);
-    // The connection the dual-protocol client learned it on, while it is usable: a second one
-    // from the h2-only client cost a handshake and ~92 KB (`upstream::LiveH2`).
-    let idle = rt.upstream.config.pool_idle_timeout;
-    let h2 = known
-        && !rt
-            .clients(&t.sandbox)
-            .dual_h2
-            .holds(t.origin.as_str(), idle);
-    let which = match (websocket, known, h2) {
-        (true, _, _) => Which::H1,
-        (false, _, true) => Which::H2,
-        (false, true, false) => Which::EitherOnH2,
-        (false, false, false) => Which::Either,
+    let which = match (websocket, known) {
+        (true, _) => Which::H1,
+        (false, true) => Which::KnownH2,
+        (false, false) => Which::Either,
     };
     match send_held(t, rt, which, &head, &bytes).await {
         Ok(resp) => {
@@ -118,15 +109,16 @@ async fn attempts(
             }
             Ok(resp)
         }
-        Err(e) if h2 && crate::proxy::failure::not_h2(&e) => {
+        // Only the h2-only client fails so (`KnownH2` picked it: see [`client`]).
+        Err(e) if known && crate::proxy::failure::not_h2(&e) => {
             rt.known_h2.forget(&t.origin);
             send_held(t, rt, Which::Either, &head, &bytes).await
         }
         Err(e) if crate::proxy::failure::may_send_again(&e, head.method()) => {
             tracing::debug!(dest = %t.dest, error = %crate::proxy::failure::chain(&e),
                 "upstream did not process the request, or it is idempotent; retrying");
-            // `known`, not only `h2`: a request on the dual-protocol client's h2 connection
-            // whose failure is an I/O error carries no h2 error to tell it (review h47d).
+            // `known`: a request on the dual-protocol client's h2 connection whose failure is
+            // an I/O error carries no h2 error to tell it (review h47d).
             match known || crate::proxy::failure::over_h2(&e) {
                 true => retry(t, rt, &head, &bytes).await,
                 // An HTTP/1 connection closed under it (a kept-alive connection the origin
@@ -250,14 +242,14 @@ async fn send_held(
 enum Which {
     /// h2 or HTTP/1.1, whichever the origin chooses.
     Either,
-    /// The same client, for an origin known to speak h2 while it holds a usable h2 connection
-    /// there: no `Connection: keep-alive`, no capture (nothing to retire on h2).
-    EitherOnH2,
+    /// Held bodies to an origin known to speak h2: the dual-protocol client while it holds a
+    /// usable h2 connection there (`upstream::LiveH2`: a second one from the h2-only client
+    /// cost a handshake and ~92 KB), else the h2-only client. Decided when the client is
+    /// taken, so a send again after making room decides anew. No `Connection: keep-alive`,
+    /// no capture (nothing to retire on h2).
+    KnownH2,
     /// HTTP/1.1 only: WebSocket upgrades.
     H1,
-    /// h2 only: held bodies to an origin known to speak h2, while the dual-protocol client
-    /// holds no usable h2 connection there.
-    H2,
     /// h2 only, a pool of its own: the retry of a request the origin did not process.
     Retry,
     /// No pool: the last resort when the retry connection refuses too.
@@ -270,9 +262,15 @@ enum Which {
 fn client(rt: &LiveSettings, t: &Tunnel, which: Which) -> crate::proxy::UpstreamClient {
     let clients = rt.clients(&t.sandbox);
     match which {
-        Which::Either | Which::EitherOnH2 => clients.client.clone(),
+        Which::Either => clients.client.clone(),
+        Which::KnownH2 => {
+            let idle = rt.upstream.config.pool_idle_timeout;
+            match clients.dual_h2.holds(t.origin.as_str(), idle) {
+                true => clients.client.clone(),
+                false => clients.client_h2.clone(),
+            }
+        }
         Which::H1 => clients.client_h1.clone(),
-        Which::H2 => clients.client_h2.clone(),
         Which::Retry => clients.client_retry.clone(),
         Which::Fresh => clients.client_fresh.clone(),
     }
