@@ -119,11 +119,7 @@ fn transparent_port(flag: Option<u16>, config: Option<&Path>) -> anyhow::Result<
 /// The daemon refusing the sandbox or the command (nothing is left behind then).
 pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
-    let input = if a.run.stdin {
-        Some(read_stdin().await?)
-    } else {
-        None
-    };
+    let input = a.run.input().await?;
     let mut body = json!({"secret_store": a.store, "isolation": "netns"});
     if let Some(t) = a.timeout {
         body["timeout"] = json!(t);
@@ -136,10 +132,7 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
     if a.verbose {
         describe(&sandbox);
     }
-    let code = tokio::select! {
-        r = run(c, &sandbox, &a.run.cmd, a.timeout, input, Output::new(a.run.raw)) => r,
-        sig = signals.recv() => Ok(128 + sig),
-    };
+    let code = run_or_signal(c, &sandbox, &a.run, a.timeout, input, &mut signals).await;
     end_sandbox(c, &id).await;
     code
 }
@@ -152,18 +145,37 @@ pub async fn exec(c: &AdminClient, a: &ExecArgs) -> anyhow::Result<i32> {
 /// No such sandbox, or the daemon refusing the command (409 for a sandbox without `netns`).
 pub async fn run_in(c: &AdminClient, a: &RunArgs) -> anyhow::Result<i32> {
     let mut signals = Signals::new()?;
-    let input = if a.run.stdin {
-        Some(read_stdin().await?)
-    } else {
-        None
-    };
+    let input = a.run.input().await?;
     let path = format!("/v1/sandboxes/{}", super::client::seg(&a.id));
     let sandbox = c
         .call(Method::GET, &path, None)
         .await
         .with_context(|| format!("finding sandbox {}", a.id))?;
+    run_or_signal(c, &sandbox, &a.run, a.timeout, input, &mut signals).await
+}
+
+impl CmdArgs {
+    /// This process's stdin when `--stdin` asks for it, read to its end before anything is
+    /// sent ([`read_stdin`]).
+    async fn input(&self) -> anyhow::Result<Option<String>> {
+        match self.stdin {
+            true => Ok(Some(read_stdin().await?)),
+            false => Ok(None),
+        }
+    }
+}
+
+/// [`run`], or 128 + the signal that stops this client first.
+async fn run_or_signal(
+    c: &AdminClient,
+    sandbox: &Value,
+    a: &CmdArgs,
+    timeout: Option<u64>,
+    input: Option<String>,
+    signals: &mut Signals,
+) -> anyhow::Result<i32> {
     tokio::select! {
-        r = run(c, &sandbox, &a.run.cmd, a.timeout, input, Output::new(a.run.raw)) => r,
+        r = run(c, sandbox, &a.cmd, timeout, input, Output::new(a.raw)) => r,
         sig = signals.recv() => Ok(128 + sig),
     }
 }
