@@ -360,6 +360,44 @@ async fn a_query_value_nginx_echoes_percent_encoded_comes_back_as_the_token() {
     }
 }
 
+/// Against stock nginx (h2): the requests one curl sends over one tunnel — the first one
+/// teaches sealgate that the origin speaks h2 — reach nginx on one connection (nginx's
+/// `$connection`), not two (`upstream::LiveH2`; the second came from the h2-only client).
+#[tokio::test]
+async fn requests_after_nginx_answered_over_h2_stay_on_its_connection() {
+    if !super::have(&[("nginx", &["-v"])]) {
+        return;
+    }
+    let w = World::start(Want::default()).await;
+    let cell = cell_id(&["one-connection"]);
+    let url = "https://nginx-h2.test/echo-uri";
+    let script = format!(
+        "curl -sS --http1.1 -H 'x-cell: {cell}' -o /dev/null -o /dev/null -o /dev/null \
+         -o /dev/null {url} {url} {url} {url}"
+    );
+    w.run(Mode::Explicit, &script)
+        .await
+        .ok()
+        .expect("curl runs");
+    let mut conns = Vec::new();
+    super::eventually(|| {
+        let hits = w.nginx.hits();
+        conns = hits
+            .iter()
+            .filter(|h| h.get("cell") == cell)
+            .map(|h| (h.get("proto").to_owned(), h.get("conn").to_owned()))
+            .collect();
+        match conns.len() {
+            4 => Ok(()),
+            n => Err(format!("nginx logged {n} of 4 requests")),
+        }
+    })
+    .await
+    .expect("nginx logged the requests");
+    assert!(conns.iter().all(|c| c.0 == "HTTP/2.0"), "{conns:?}");
+    assert!(conns.iter().all(|c| c.1 == conns[0].1), "{conns:?}");
+}
+
 /// Hypercorn's `/reflect` gives the request URL (the query key in it as sealgate
 /// percent-encoded it) back the ways stock frameworks do, through Python's own encoders: a
 /// login redirect's `next=` (encoded again: `%2F` as `%252F`, the runs between in clear), a

@@ -336,7 +336,7 @@ http {{
         '"key":"$http_x_api_key","auth":"$http_authorization","te":"$http_te",'
         '"expect":"$http_expect","status":"$status","length":"$request_length",'
         '"user":"$remote_user","sent":"$body_bytes_sent","cell":"$http_x_cell",'
-        '"tls":"$ssl_protocol","cipher":"$ssl_cipher"}}';
+        '"tls":"$ssl_protocol","cipher":"$ssl_cipher","conn":"$connection"}}';
     access_log {d}/access.log interop;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
