@@ -806,7 +806,8 @@ async fn h2_empty_continuation_flood_is_cut() {
 // A sandbox hanging up mid-dial
 
 /// A TCP relay to `to` that, while held, accepts connections but forwards nothing until
-/// released (a TLS handshake to an origin that has not answered yet).
+/// released (a TLS handshake to an origin that has not answered yet). Holding it also cuts
+/// the connections it was relaying, so no connection sealgate already holds stays usable.
 struct Gate {
     addr: std::net::SocketAddr,
     held: tokio::sync::watch::Sender<bool>,
@@ -829,7 +830,10 @@ impl Gate {
                         return;
                     }
                     if let Ok(mut up) = TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = rx.wait_for(|held| *held) => {}
+                        }
                     }
                 });
             }
@@ -868,12 +872,15 @@ async fn a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it() 
     let gate = Gate::start(echo.addr).await;
     let (h, a) = crate::proxy_explicit::daemon_with_origin(pki, gate.addr, &[]).await;
 
-    // A first request teaches sealgate that the origin speaks h2.
+    // A first request teaches sealgate that the origin speaks h2. Holding the gate then cuts
+    // that connection: were it still usable, the requests below would ride it and not dial
+    // (`upstream::LiveH2`).
     let mut first = pc::h1(h.proxy, &a, API).await;
     let r = pc::send1(&mut first, pc::get("/echo", "api.example.test", &[])).await;
     assert_eq!(r.status, StatusCode::OK);
 
     gate.hold(true);
+    tokio::time::sleep(Duration::from_millis(300)).await; // sealgate reads the cut connection's EOF
     let before = gate.accepted();
     let conn = pc::h2(h.proxy, &a, API).await;
     let mut c1 = conn.clone();

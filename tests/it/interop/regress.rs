@@ -180,8 +180,8 @@ async fn a_neighbours_refused_header_does_not_end_a_download_from_nginx() {
     let ca = w.dir.path().join("other-ca.pem");
     std::fs::write(&ca, &other.ca_pem).unwrap();
     let proxy = other.proxy_env["HTTPS_PROXY"].as_str().unwrap().to_owned();
-    // The first request teaches sealgate that the origin speaks h2: both sandboxes' requests
-    // then go to their h2-only client, where a shared set would share one connection.
+    // The first request teaches sealgate that the origin speaks h2: each sandbox's requests
+    // then go to an h2 connection of its own client set, where a shared set would share one.
     let script = format!(
         "curl -sS --http2 -o /dev/null https://nginx-h2.test/echo
          (curl -sS --http2 -o /dev/null --limit-rate 16M --max-time 4 --proxy '{proxy}' \
