@@ -211,7 +211,8 @@ async fn until_no_upstream_connection(h: &Harness) {
 /// Requests to an origin that has answered over h2 share one connection attempt per proxy
 /// worker: 16 concurrent requests from 16 client connections after the origin restarted open
 /// one upstream connection per worker, not one each (hyper-util dials per waiting request while ALPN is
-/// undecided; sealgate sends them to its h2-only client once the origin has spoken h2).
+/// undecided; sealgate sends them to its h2-only client once the origin has spoken h2 and
+/// the dual-protocol client holds no usable h2 connection there, as after this restart).
 #[tokio::test]
 async fn concurrent_requests_to_a_known_h2_origin_share_one_new_connection() {
     let e = setup(

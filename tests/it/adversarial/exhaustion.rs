@@ -806,8 +806,7 @@ async fn h2_empty_continuation_flood_is_cut() {
 // A sandbox hanging up mid-dial
 
 /// A TCP relay to `to` that, while held, accepts connections but forwards nothing until
-/// released (a TLS handshake to an origin that has not answered yet). Holding it also cuts
-/// the connections it was relaying, so no connection sealgate already holds stays usable.
+/// released (a TLS handshake to an origin that has not answered yet).
 struct Gate {
     addr: std::net::SocketAddr,
     held: tokio::sync::watch::Sender<bool>,
@@ -830,10 +829,7 @@ impl Gate {
                         return;
                     }
                     if let Ok(mut up) = TcpStream::connect(to).await {
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                            _ = rx.wait_for(|held| *held) => {}
-                        }
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                     }
                 });
             }
@@ -872,17 +868,20 @@ async fn a_request_hanging_up_mid_dial_does_not_fail_the_request_parked_on_it() 
     let gate = Gate::start(echo.addr).await;
     let (h, a) = crate::proxy_explicit::daemon_with_origin(pki, gate.addr, &[]).await;
 
-    // A first request teaches sealgate that the origin speaks h2. Holding the gate then cuts
-    // that connection: were it still usable, the requests below would ride it and not dial
-    // (`upstream::LiveH2`).
+    // A first request teaches sealgate that the origin speaks h2 (daemon-wide). The requests
+    // below come from a second sandbox of the store: its client sets hold no connection that
+    // could carry them (`upstream::LiveH2` is per client set), so they go to its h2-only
+    // client, which dials once and parks the second on that dial. (Sent by the first sandbox,
+    // they rode the connection that taught h2 when they landed on its worker, and never
+    // dialled: CI stop 58.)
     let mut first = pc::h1(h.proxy, &a, API).await;
     let r = pc::send1(&mut first, pc::get("/echo", "api.example.test", &[])).await;
     assert_eq!(r.status, StatusCode::OK);
+    let b = crate::support::proxy_client::SandboxCreds::from_answer(&h.sandbox("s").await);
 
     gate.hold(true);
-    tokio::time::sleep(Duration::from_millis(300)).await; // sealgate reads the cut connection's EOF
     let before = gate.accepted();
-    let conn = pc::h2(h.proxy, &a, API).await;
+    let conn = pc::h2(h.proxy, &b, API).await;
     let mut c1 = conn.clone();
     let dialling =
         tokio::spawn(
@@ -1064,16 +1063,19 @@ async fn a_get_queued_for_a_stream_slot_survives_the_origins_goaway() {
     let (origin, served) =
         one_stream_origin_that_goes_away(pki.server_config(&["api.example.test"], &[b"h2"])).await;
     let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
-    let mut ca = pc::h1(h.proxy, &sb, API).await;
-    let mut cb = pc::h1(h.proxy, &sb, API).await;
+    // Two streams of one client connection: one worker, one client set, so B queues on A's
+    // upstream connection (from two client connections on two workers, B dialled its own and
+    // the test passed without a GOAWAY in B's way: review h48b).
+    let conn = pc::h2(h.proxy, &sb, API).await;
+    let (mut ca, mut cb) = (conn.clone(), conn);
     let a =
         tokio::spawn(
-            async move { pc::send1(&mut ca, pc::get("/a", "api.example.test", &[])).await },
+            async move { pc::send2(&mut ca, pc::get("/a", "api.example.test", &[])).await },
         );
     tokio::time::sleep(Duration::from_millis(100)).await; // A holds the one stream
     let b =
         tokio::spawn(
-            async move { pc::send1(&mut cb, pc::get("/b", "api.example.test", &[])).await },
+            async move { pc::send2(&mut cb, pc::get("/b", "api.example.test", &[])).await },
         );
     let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
         (a.await.unwrap(), b.await.unwrap())

@@ -143,7 +143,7 @@ async fn refused_upload(h: &Harness, sb: &SandboxCreds, ap: &Apache, h2: bool) -
 }
 
 /// After Apache stops offering h2 on a host sealgate knows as h2, a request goes to sealgate's
-/// h2-only client first; Apache answers its offer of h2 alone with `http/1.1` (not offered),
+/// h2-only client first (the dual-protocol client's h2 connection is gone with the restart); Apache answers its offer of h2 alone with `http/1.1` (not offered),
 /// and the request must go again over HTTP/1.1, not end in `502 upstream_tls_error`.
 async fn after_h2_dropped(h: &Harness, sb: &SandboxCreds) -> Outcome {
     let token = sb.token("KEY");
