@@ -46,6 +46,14 @@ impl EncodeLabelSet for UnsealLabels {
     }
 }
 
+/// Labels of the failed client handshakes' counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeFailureLabels {
+    /// "client_alert" (the client's TLS stack refused: most often it does not trust the
+    /// sandbox's CA), "timeout", "handshake_error" (not TLS, or nothing in common), "leaf".
+    pub reason: &'static str,
+}
+
 /// Labels of the per-worker gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
@@ -97,6 +105,8 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     /// Completed client TLS handshakes.
     pub tls_handshakes: Counter,
+    /// Client TLS handshakes that failed, by reason (no sandbox id: the debug line has it).
+    pub tls_handshake_failures: Family<HandshakeFailureLabels, Counter>,
     /// The leaf cache's counters (handed to the cache).
     pub leaf: LeafCounters,
     /// hits / (hits + misses) since start; 0 before the first lookup (derived at scrape).
@@ -179,6 +189,7 @@ impl Metrics {
             values_scrubbed: Counter::default(),
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             tls_handshakes: Counter::default(),
+            tls_handshake_failures: Family::default(),
             leaf: LeafCounters::default(),
             leaf_hit_ratio: Gauge::default(),
             sandboxes: Gauge::default(),
@@ -232,6 +243,12 @@ impl Metrics {
             "tls_handshakes",
             "Completed client TLS handshakes",
             m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (client_alert: the client refused \
+             the leaf, most often because it does not trust the sandbox's CA)",
+            m.tls_handshake_failures.clone(),
         );
         registry.register(
             "leaf_mints",

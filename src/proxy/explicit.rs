@@ -247,7 +247,11 @@ where
             return Box::pin(refuse_plain(&tunnel, io)).await;
         }
         Ok(Ok(Some(_))) => {}
-        _ => return tracing::debug!("tunnel closed or silent before its first byte"),
+        Err(_) => {
+            return intercept::InterceptError::Timeout
+                .record(&tunnel.state.metrics, &tunnel.sandbox.id)
+        }
+        _ => return tracing::debug!("tunnel closed before its first byte"),
     }
     let result = async {
         let start = intercept::read_hello(deadline, io).await?;
@@ -261,7 +265,7 @@ where
     };
     match e.refusal() {
         Some(r) => record_in_tunnel(&tunnel, "TLS", &r),
-        None => tracing::debug!(error = %e, "tunnel ended before serving"),
+        None => e.record(&tunnel.state.metrics, &tunnel.sandbox.id),
     }
 }
 

@@ -28,6 +28,10 @@ pub enum InterceptError {
     /// Not TLS, or a broken handshake.
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
+    /// The client ended the handshake with a fatal alert: its TLS stack refused the leaf
+    /// (most often: it does not trust the sandbox's CA) or what was offered.
+    #[error("TLS handshake failed: the client sent the alert {0}")]
+    ClientAlert(String),
     /// The SNI is not a valid host name.
     #[error("bad SNI: {0}")]
     BadSni(String),
@@ -55,6 +59,39 @@ impl InterceptError {
             }
             _ => None,
         }
+    }
+
+    /// The `reason` label of `sealgate_tls_handshake_failures_total` for an error that is a
+    /// failed handshake, not a refusal.
+    pub fn handshake_failure(&self) -> Option<&'static str> {
+        match self {
+            InterceptError::Timeout => Some("timeout"),
+            InterceptError::Handshake(_) => Some("handshake_error"),
+            InterceptError::ClientAlert(_) => Some("client_alert"),
+            InterceptError::Leaf(_) => Some("leaf"),
+            InterceptError::BadSni(_) | InterceptError::SniMismatch { .. } => None,
+        }
+    }
+
+    /// Counts a failed handshake (not a refusal, which has its audit line) and writes the debug
+    /// line that names the sandbox.
+    pub fn record(&self, metrics: &crate::metrics::Metrics, sandbox: &str) {
+        if let Some(reason) = self.handshake_failure() {
+            let labels = crate::metrics::HandshakeFailureLabels { reason };
+            metrics.tls_handshake_failures.get_or_create(&labels).inc();
+        }
+        tracing::debug!(sandbox, error = %self, "TLS interception ended before serving");
+    }
+}
+
+/// A failed handshake's error: a fatal alert the client sent is told apart from the rest.
+fn handshake_error(e: &std::io::Error) -> InterceptError {
+    let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            InterceptError::ClientAlert(format!("{alert:?}"))
+        }
+        _ => InterceptError::Handshake(e.to_string()),
     }
 }
 
@@ -163,7 +200,7 @@ where
         .await
         .map_err(|_| InterceptError::Timeout)?
         .map(Box::new)
-        .map_err(|e| InterceptError::Handshake(e.to_string()))
+        .map_err(|e| handshake_error(&e))
 }
 
 /// Serves `protocols` on an established stream with the tunnel's request pipeline, through the

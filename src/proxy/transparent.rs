@@ -65,14 +65,19 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
         Err(r) => return outcome::refuse(&state, &at, &r),
     };
     let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
+    let (id, metrics) = (sandbox.id.clone(), state.metrics.clone());
     let result = if orig.port() == 80 || opens_with_a_method(&tcp, deadline).await {
         // Boxed: inline, the plain path would size every transparent connection's task.
         Box::pin(plain::serve(state, live, sandbox, tcp, orig)).await
     } else {
         serve_tls(state, live, sandbox, tcp, orig, deadline).await
     };
-    if let Err(e) = result {
-        tracing::debug!(%peer, %orig, error = %e, "transparent connection ended");
+    match result {
+        Err(TransparentError::Intercept(e)) => e.record(&metrics, &id),
+        Err(e) => {
+            tracing::debug!(%peer, %orig, sandbox = &*id, error = %e, "transparent connection ended")
+        }
+        Ok(()) => {}
     }
 }
 

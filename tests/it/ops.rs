@@ -146,6 +146,63 @@ async fn values_scrubbed_from_answers_are_counted_and_logged_without_the_value()
     e.h.assert_logs_clean();
 }
 
+/// A sandbox whose client does not trust its CA (the most common setup mistake) left no
+/// trace an operator could see: no audit line (nothing was refused), a debug line without the
+/// sandbox (outside pass h48a L2). Failed client handshakes are counted by reason, and the
+/// debug line names the sandbox.
+#[tokio::test]
+async fn failed_client_handshakes_are_counted_by_reason() {
+    use tokio::io::AsyncReadExt as _;
+    let e = setup_with(
+        Some(&["api.example.test"]),
+        &[],
+        Opts {
+            proxy_toml: "tls_handshake_timeout_secs = 1\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let before = scrape(&e.h).await;
+    // Another sandbox's CA: the client refuses the leaf and says so with an alert.
+    let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
+    let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let refused = pc::tls(tunnel, &other.ca_pem, "api.example.test", &[b"http/1.1"]).await;
+    assert!(refused.is_err(), "another sandbox's CA was trusted");
+    // A tunnel that never starts its handshake: cut at the timeout.
+    let mut silent = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let cut = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent tunnel stayed open"
+    );
+    let series =
+        |reason: &str| format!("sealgate_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = scrape(&e.h).await;
+        let d = |reason: &str| metric(&after, &series(reason)) - metric(&before, &series(reason));
+        if d("client_alert") == 1.0 && d("timeout") == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted: {after}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = crate::support::daemon::logs_text();
+    let line = logs
+        .lines()
+        .find(|l| {
+            l.contains("TLS interception ended before serving")
+                && l.contains("client sent the alert")
+        })
+        .expect("the failed handshake's debug line");
+    assert!(line.contains(&e.sb.id), "the line names no sandbox: {line}");
+}
+
 #[tokio::test]
 async fn metrics_move_as_requests_are_allowed_unsealed_and_refused() {
     let e = setup(
