@@ -423,7 +423,7 @@ async fn plain_http_on_another_port_is_read_as_plain_http() {
     assert_eq!(status, StatusCode::OK, "{v}");
     let script = "curl -sS --max-time 20 -w '\\n%{http_code}\\n' \
          http://plain.example.test:8080/echo -H \"x-api-key: $KEY\"; \
-         curl -sS --max-time 20 -w '\\n%{http_code}\\n' http://plain.example.test:8081/echo";
+         curl -sS --max-time 20 -w '\\n%{http_code}\\n' 'http://plain.example.test:8081/echo?q=1'";
     let r = sh(&e, script).await;
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     let codes: Vec<&str> = r.stdout.lines().filter(|l| l.len() == 3).collect();
@@ -442,6 +442,12 @@ async fn plain_http_on_another_port_is_read_as_plain_http() {
         denied.contains("\"mode\":\"transparent\"") && denied.contains("egress_denied"),
         "{denied}"
     );
+    // The line says what was asked and what was answered, as a request's line does (it said
+    // `HTTP`, no path, `bytes_down` 0 though a JSON answer went: outside pass h48a L3).
+    let line: serde_json::Value = serde_json::from_str(denied).unwrap();
+    assert_eq!(line["method"], "GET", "{denied}");
+    assert_eq!(line["path"], "/echo", "{denied}");
+    assert!(line["bytes_down"].as_u64() > Some(50), "{denied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,12 +53,13 @@ pub async fn serve(
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
         Err(HeadError::Refused(r)) => {
+            at.bytes_down = r.answer_len();
             outcome::refuse(&state, &at, &r);
             answer_raw(tcp, &r).await;
             return Err(TransparentError::Refused(r.message));
         }
     };
-    let stream = Rewind::new(buf, tcp);
+    let stream = Rewind::new(buf.clone(), tcp);
     let admitted = dest_for(&host, orig).and_then(|dest| {
         at.host = dest.authority();
         admit(
@@ -73,6 +74,13 @@ pub async fn serve(
     let tunnel = match admitted {
         Ok(t) => t,
         Err(r) => {
+            let (method, path) = request_line(&buf);
+            let at = Attempt {
+                method: &method,
+                path: &path,
+                bytes_down: r.answer_len(),
+                ..at
+            };
             outcome::refuse(&state, &at, &r);
             return reply_once(stream, r).await;
         }
@@ -164,6 +172,22 @@ pub fn parse_host(buf: &[u8], max_fields: usize) -> Result<Option<String>, Refus
     Ok(Some(host.trim().to_owned()))
 }
 
+/// The method and the path (without the query, as every audit line has it) of a head
+/// [`parse_host`] found complete; `HTTP` and an empty path if it cannot tell.
+fn request_line(head: &[u8]) -> (String, String) {
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    // Fields are not needed: a partial parse has the method and target once the line is read.
+    let _ = req.parse(head);
+    let method = req.method.unwrap_or("HTTP").to_owned();
+    let target = req.path.unwrap_or("");
+    let path = match target.parse::<http::Uri>() {
+        Ok(uri) => uri.path().to_owned(),
+        Err(_) => String::new(),
+    };
+    (method, path)
+}
+
 /// Answers the first request with the refusal (see [`answer_once`]); the connection ends.
 async fn reply_once<S>(stream: S, r: Refusal) -> Result<(), TransparentError>
 where
@@ -180,6 +204,15 @@ mod tests {
 
     fn orig80() -> SocketAddr {
         "198.18.0.1:80".parse().unwrap()
+    }
+
+    #[test]
+    fn a_refused_heads_line_gives_its_method_and_path_without_the_query() {
+        let head = b"POST /v1/x?key=osb_sealed_abc HTTP/1.1\r\nHost: a.x\r\nA: b\r\n\r\n";
+        assert_eq!(request_line(head), ("POST".into(), "/v1/x".into()));
+        let absolute = b"GET http://a.x/p?q HTTP/1.1\r\nHost: a.x\r\n\r\n";
+        assert_eq!(request_line(absolute), ("GET".into(), "/p".into()));
+        assert_eq!(request_line(b"\x16\x03"), ("HTTP".into(), String::new()));
     }
 
     #[test]
