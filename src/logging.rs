@@ -70,6 +70,14 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
             list.push_str(&format!(",{target}=info"));
         }
     }
+    for (module, lifted_by) in QUIETED {
+        if !directives
+            .iter()
+            .any(|d| names(d, module) || names(d, lifted_by))
+        {
+            list.push_str(&format!(",{module}=error"));
+        }
+    }
     EnvFilter::builder()
         .with_regex(false)
         .parse(list)
@@ -84,6 +92,13 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
 /// plaintext value, but nothing an operator asked for; outside re-check). A directive for a
 /// module inside one (say `h2::hpack=warn`) does not lift the cap of the rest.
 const CAPPED: [&str; 4] = ["h2", "hyper", "hyper_util", "tokio_postgres"];
+
+/// Modules held at `error` unless a directive names the module or its crate: they warn once
+/// per frame a peer sends. h2's `ping_pong` warns "recv PING ack that we never sent" for
+/// every unsolicited PING ACK, a 17-byte frame a sandbox may repeat as fast as it can write
+/// (a ~130-byte line each, no sandbox named: review h48c). h2's other warnings end their
+/// connection (a reset limit reached), so they come at most once per connection.
+const QUIETED: [(&str, &str); 1] = [("h2::proto::ping_pong", "h2")];
 
 fn names(directive: &str, target: &str) -> bool {
     directive
@@ -159,6 +174,18 @@ mod tests {
             "{f}"
         );
         assert!(super::parse_filter("debug").unwrap().max_level_hint() >= Some(LevelFilter::DEBUG));
+    }
+
+    /// A sandbox may send unsolicited PING ACKs as fast as it writes; h2 warns once per
+    /// frame. That module stays at `error` unless the operator names it or h2.
+    #[test]
+    fn h2s_per_frame_warning_is_quiet_unless_asked_for() {
+        let f = super::parse_filter("info").unwrap().to_string();
+        assert!(f.contains("h2::proto::ping_pong=error"), "{f}");
+        for asked in ["info,h2=debug", "info,h2::proto::ping_pong=warn"] {
+            let f = super::parse_filter(asked).unwrap().to_string();
+            assert!(!f.contains("ping_pong=error"), "{asked}: {f}");
+        }
     }
 
     /// Regression (fuzz `config_parse`): this directive took ~50 s of CPU with regex field

@@ -257,7 +257,7 @@ where
         let start = intercept::read_hello(deadline, io).await?;
         let sni = intercept::sni_host(&start)?;
         intercept::check_sni(sni.as_ref(), &tunnel.dest)?;
-        intercept::serve(live.clone(), tunnel.clone(), start).await
+        intercept::serve(live.clone(), tunnel.clone(), start, deadline).await
     }
     .await;
     let Err(e) = result else {

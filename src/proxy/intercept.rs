@@ -161,6 +161,7 @@ pub async fn serve<IO>(
     live: Arc<LiveSettings>,
     tunnel: Arc<Tunnel>,
     start: Box<StartHandshake<IO>>,
+    deadline: tokio::time::Instant,
 ) -> Result<(), InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -168,19 +169,20 @@ where
     // Both phases boxed: an awaited future is laid out inside this one's state, and this
     // state is every tunnel's task size for its whole life. The stream is boxed too, so the
     // serving futures pass a pointer down, not a rustls connection per async fn argument.
-    let tls = Box::pin(handshake(&live, &tunnel, start)).await?;
+    let tls = Box::pin(handshake(&tunnel, start, deadline)).await?;
     tunnel.state.metrics.tls_handshakes.inc();
     let protocols = Protocols::of_alpn(tls.get_ref().1.alpn_protocol());
     Box::pin(serve_http(live, tunnel, tls, protocols)).await;
     Ok(())
 }
 
-/// The sandbox's leaf for `tunnel.dest`, then the rest of the TLS handshake (within
-/// `tls_handshake_timeout`).
+/// The sandbox's leaf for `tunnel.dest`, then the rest of the TLS handshake, by `deadline`:
+/// the one `tls_handshake_timeout` the ClientHello was read under, so a whole handshake takes
+/// at most that (a fresh timeout here let a sandbox hold one open for twice it: review h48c).
 async fn handshake<IO>(
-    live: &LiveSettings,
     tunnel: &Tunnel,
     start: Box<StartHandshake<IO>>,
+    deadline: tokio::time::Instant,
 ) -> Result<Box<tokio_rustls::server::TlsStream<IO>>, InterceptError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -196,7 +198,7 @@ where
         .await
         .map_err(|e| InterceptError::Leaf(e.to_string()))?;
     let handshake = start.into_stream(leaf.server_config.clone());
-    tokio::time::timeout(live.proxy.tls_handshake_timeout, handshake)
+    tokio::time::timeout_at(deadline, handshake)
         .await
         .map_err(|_| InterceptError::Timeout)?
         .map(Box::new)

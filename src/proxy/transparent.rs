@@ -66,11 +66,18 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
     };
     let deadline = tokio::time::Instant::now() + live.proxy.tls_handshake_timeout;
     let (id, metrics) = (sandbox.id.clone(), state.metrics.clone());
-    let result = if orig.port() == 80 || opens_with_a_method(&tcp, deadline).await {
+    let first = match orig.port() {
+        80 => First::Method,
+        _ => first_byte(&tcp, deadline).await,
+    };
+    let result = match first {
         // Boxed: inline, the plain path would size every transparent connection's task.
-        Box::pin(plain::serve(state, live, sandbox, tcp, orig)).await
-    } else {
-        serve_tls(state, live, sandbox, tcp, orig, deadline).await
+        First::Method => Box::pin(plain::serve(state, live, sandbox, tcp, orig)).await,
+        First::Other => serve_tls(state, live, sandbox, tcp, orig, deadline).await,
+        // A port check, a preconnect, a Happy Eyeballs loser: not a failed handshake.
+        First::Closed => {
+            return tracing::debug!(%peer, %orig, sandbox = &*id, "closed before its first byte")
+        }
     };
     match result {
         Err(TransparentError::Intercept(e)) => e.record(&metrics, &id),
@@ -81,16 +88,26 @@ pub async fn serve_client(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAd
     }
 }
 
-/// True if the connection's first byte is an ASCII capital: an HTTP method, where a TLS
-/// record starts with 0x16. Plain HTTP to a port other than 80 is then read as plain HTTP, as
-/// the explicit listener reads `GET http://host:8080/` (before, it met a TLS alert the client
-/// called "HTTP/0.9", and no audit line). A silent or closed connection is left to the TLS
-/// path, which ends it at the same deadline.
-async fn opens_with_a_method(tcp: &TcpStream, deadline: tokio::time::Instant) -> bool {
+/// What a redirected connection opens with.
+enum First {
+    /// An ASCII capital: an HTTP method, where a TLS record starts with 0x16.
+    Method,
+    /// Anything else, or nothing by the deadline: the TLS path, which ends a silent
+    /// connection at the same deadline.
+    Other,
+    /// The connection closed without a byte.
+    Closed,
+}
+
+/// Peeks at the connection's first byte. Plain HTTP to a port other than 80 is read as plain
+/// HTTP, as the explicit listener reads `GET http://host:8080/` (before, it met a TLS alert
+/// the client called "HTTP/0.9", and no audit line).
+async fn first_byte(tcp: &TcpStream, deadline: tokio::time::Instant) -> First {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0].is_ascii_uppercase(),
-        _ => false,
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => First::Method,
+        Ok(Ok(0)) => First::Closed,
+        _ => First::Other,
     }
 }
 
@@ -195,7 +212,7 @@ async fn serve_tls(
     .map_err(|r| refused(&state, &at, r))?;
     intercept::check_sni(sni.as_ref(), &tunnel.dest)
         .map_err(|e| refuse_intercept(&state, &at, e))?;
-    intercept::serve(live, tunnel, start).await?;
+    intercept::serve(live, tunnel, start, deadline).await?;
     Ok(())
 }
 

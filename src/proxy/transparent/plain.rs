@@ -52,8 +52,14 @@ pub async fn serve(
     let (buf, host) = match head {
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
-        Err(HeadError::Refused(r)) => {
-            at.bytes_down = r.answer_len();
+        Err(HeadError::Refused(r, head)) => {
+            let (method, path) = request_line(&head);
+            let at = Attempt {
+                method: &method,
+                path: &path,
+                bytes_down: r.answer_len(),
+                ..at
+            };
             outcome::refuse(&state, &at, &r);
             answer_raw(tcp, &r).await;
             return Err(TransparentError::Refused(r.message));
@@ -108,8 +114,9 @@ fn dest_for(host: &str, orig: SocketAddr) -> Result<Dest, Refusal> {
 
 enum HeadError {
     Io(io::Error),
-    /// Why the head is refused (answered raw: hyper is not given a head it may not parse).
-    Refused(Refusal),
+    /// Why the head is refused (answered raw: hyper is not given a head it may not parse),
+    /// and what of it was read.
+    Refused(Refusal, Bytes),
 }
 
 /// Reads until the first request head is complete; returns the bytes read and its one `Host`.
@@ -131,9 +138,9 @@ async fn read_head(
                     Code::HeadersTooLarge,
                     "request head exceeds proxy.max_header_bytes",
                 );
-                return Err(HeadError::Refused(r));
+                return Err(HeadError::Refused(r, buf.freeze()));
             }
-            Err(r) => return Err(HeadError::Refused(r)),
+            Err(r) => return Err(HeadError::Refused(r, buf.freeze())),
         }
     }
 }
