@@ -93,12 +93,15 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
 /// module inside one (say `h2::hpack=warn`) does not lift the cap of the rest.
 const CAPPED: [&str; 4] = ["h2", "hyper", "hyper_util", "tokio_postgres"];
 
-/// Modules held at `error` unless a directive names the module or its crate: they warn once
-/// per frame a peer sends. h2's `ping_pong` warns "recv PING ack that we never sent" for
-/// every unsolicited PING ACK, a 17-byte frame a sandbox may repeat as fast as it can write
-/// (a ~130-byte line each, no sandbox named: review h48c). h2's other warnings end their
-/// connection (a reset limit reached), so they come at most once per connection.
-const QUIETED: [(&str, &str); 1] = [("h2::proto::ping_pong", "h2")];
+/// Modules held at `error` unless a directive names the module or its crate: a sandbox
+/// makes them warn as often as it likes, in lines that do not name it.
+/// - h2's `ping_pong` warns "recv PING ack that we never sent" for every unsolicited PING
+///   ACK, a 17-byte frame a sandbox may repeat as fast as it can write (review h48c);
+/// - h2's `streams` warns when a connection reaches its reset limits (51 streams reset before
+///   they were accepted, or 257 stream errors), once per connection, which a sandbox may open
+///   as fast as it can handshake (review h48d). The connection still ends with GOAWAY
+///   `ENHANCE_YOUR_CALM`.
+const QUIETED: [(&str, &str); 2] = [("h2::proto::ping_pong", "h2"), ("h2::proto::streams", "h2")];
 
 fn names(directive: &str, target: &str) -> bool {
     directive
@@ -182,6 +185,7 @@ mod tests {
     fn h2s_per_frame_warning_is_quiet_unless_asked_for() {
         let f = super::parse_filter("info").unwrap().to_string();
         assert!(f.contains("h2::proto::ping_pong=error"), "{f}");
+        assert!(f.contains("h2::proto::streams=error"), "{f}");
         for asked in ["info,h2=debug", "info,h2::proto::ping_pong=warn"] {
             let f = super::parse_filter(asked).unwrap().to_string();
             assert!(!f.contains("ping_pong=error"), "{asked}: {f}");

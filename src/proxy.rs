@@ -414,6 +414,44 @@ pub fn connection_slot() -> Option<Arc<admission::Slot>> {
     CONNECTION_SLOT.try_with(Arc::clone).ok()
 }
 
+/// The warning that `proxy.max_connections` is held by identified connections, counted and
+/// written at most once per [`FullWarning::EVERY`].
+#[derive(Default)]
+struct FullWarning {
+    /// Refusals since the last warning.
+    refused: u64,
+    /// When the last warning was written.
+    warned: Option<std::time::Instant>,
+}
+
+impl FullWarning {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts one refusal at `now`; writes the warning if one is due.
+    fn refused(&mut self, now: std::time::Instant) {
+        if let Some(refused) = self.due(now) {
+            tracing::warn!(
+                refused,
+                "proxy.max_connections reached by identified connections; connections refused \
+                 (each audited as unavailable; this warning at most every 10 s)"
+            );
+        }
+    }
+
+    /// Counts one refusal at `now`: the refusals since the last warning if one is due.
+    fn due(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.refused += 1;
+        if self
+            .warned
+            .is_some_and(|at| now.duration_since(at) < Self::EVERY)
+        {
+            return None;
+        }
+        self.warned = Some(now);
+        Some(std::mem::take(&mut self.refused))
+    }
+}
+
 /// The connection budgets of `[proxy]`.
 pub fn admission_limits(p: &ProxyConfig) -> admission::Limits {
     admission::Limits {
@@ -518,6 +556,10 @@ fn least_loaded(load: &[Gauge], here: usize) -> usize {
 
 /// Accepts connections until shutdown; each connection holds one admission slot
 /// ([`admission`]) from accept to close, and runs where `placement` says.
+///
+/// A connection refused because identified connections hold every slot is audited (the
+/// `unavailable` line) and warned of at most once per [`FullWarning::EVERY`] per listener
+/// and worker: it costs whoever reaches the listener a SYN (review h48d).
 pub async fn run_listener(
     state: Arc<ProxyState>,
     listener: TcpListener,
@@ -525,6 +567,7 @@ pub async fn run_listener(
     placement: Placement,
 ) {
     let mut shutdown = state.shutdown_signal();
+    let mut full = FullWarning::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -549,7 +592,7 @@ pub async fn run_listener(
             );
         }
         let Some(slot) = admitted else {
-            tracing::warn!(%peer, "proxy.max_connections reached by identified connections; connection refused");
+            full.refused(std::time::Instant::now());
             let r = refusal::Refusal::new(
                 refusal::Code::Unavailable,
                 "proxy.max_connections reached; connection closed",
@@ -593,6 +636,19 @@ mod tests {
                 g
             })
             .collect()
+    }
+
+    /// One SYN per refusal: the warning is written at the first and then at most once per
+    /// ten seconds, carrying how many were refused meanwhile (review h48d: one line each).
+    #[test]
+    fn refusals_at_max_connections_warn_at_most_every_ten_seconds() {
+        let start = std::time::Instant::now();
+        let mut full = FullWarning::default();
+        assert_eq!(full.due(start), Some(1));
+        let quiet =
+            (1..=500).filter_map(|i| full.due(start + std::time::Duration::from_millis(i * 10)));
+        assert_eq!(quiet.count(), 0, "warned again within ten seconds");
+        assert_eq!(full.due(start + FullWarning::EVERY), Some(501));
     }
 
     #[test]

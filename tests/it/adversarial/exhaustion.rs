@@ -321,6 +321,68 @@ async fn a_sandboxs_illegal_server_name_is_not_written_to_the_log() {
     assert_upstream_untouched(&e);
 }
 
+/// One raw h2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// The client preface and an empty SETTINGS frame.
+fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    out
+}
+
+/// A sandbox that opens streams and resets them before they are served (the "rapid reset"
+/// pattern) meets h2's limit: GOAWAY `ENHANCE_YOUR_CALM`, and h2 warned "remotely-reset
+/// pending-accept streams reached limit" for each such connection, a line per handshake a
+/// sandbox can afford, naming no one (review h48d). `h2::proto::streams` is held at `error`
+/// (`logging::QUIETED`); the GOAWAY still comes.
+#[tokio::test]
+async fn rapid_resets_end_the_connection_without_a_log_line() {
+    let e = env_with("").await;
+    let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tunnel, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    // GET https://api.example.test/ in HPACK: static :method GET, :scheme https, :path /,
+    // then :authority as a literal without indexing.
+    let mut block = vec![0x82, 0x87, 0x84, 0x01, 16];
+    block.extend(b"api.example.test");
+    let mut out = h2_preface();
+    for i in 0..200u32 {
+        let stream = 2 * i + 1;
+        out.extend(h2_frame(1, 0x5, stream, &block)); // HEADERS, END_STREAM | END_HEADERS
+        out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let _ = tls.write_all(&out).await;
+    let mut seen: Vec<u8> = Vec::new();
+    let calm = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend(&buf[..n]),
+            }
+            // GOAWAY (type 7) with ENHANCE_YOUR_CALM (0xb) somewhere in what came back.
+            if seen.windows(4).any(|w| w == [0, 0, 0, 0x0b]) && seen.contains(&7) {
+                return true;
+            }
+        }
+    })
+    .await;
+    assert_eq!(calm, Ok(true), "no GOAWAY ENHANCE_YOUR_CALM came back");
+    let logs = crate::support::daemon::logs_text();
+    let lines = logs.lines().filter(|l| l.contains("reached limit")).count();
+    assert_eq!(lines, 0, "h2's reset-limit warning reached the log");
+}
+
 /// h2 warns "recv PING ack that we never sent" for every unsolicited PING ACK, a 17-byte
 /// frame a sandbox may repeat as fast as it writes: a ~130-byte log line each at the default
 /// level, no sandbox named (review h48c). That module is held at `error` (`logging::QUIETED`).
@@ -334,18 +396,11 @@ async fn unsolicited_ping_acks_are_not_written_to_the_log() {
     let mut tls = pc::tls(tunnel, &e.sb.ca_pem, "api.example.test", &[b"h2"])
         .await
         .unwrap();
-    let frame = |kind: u8, flags: u8, payload: &[u8]| {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend([kind, flags, 0, 0, 0, 0]);
-        f.extend(payload);
-        f
-    };
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(4, 0, &[])); // SETTINGS
+    let mut out = h2_preface();
     for _ in 0..200 {
-        out.extend(frame(6, 1, b"pingack!")); // PING, ACK
+        out.extend(h2_frame(6, 1, 0, b"pingack!")); // PING, ACK
     }
-    out.extend(frame(6, 0, b"lastping")); // PING
+    out.extend(h2_frame(6, 0, 0, b"lastping")); // PING
     tls.write_all(&out).await.unwrap();
     let mut seen: Vec<u8> = Vec::new();
     let answered = tokio::time::timeout(Duration::from_secs(5), async {
