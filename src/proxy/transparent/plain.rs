@@ -53,14 +53,7 @@ pub async fn serve(
         Ok(x) => x,
         Err(HeadError::Io(e)) => return Err(TransparentError::Head(e.to_string())),
         Err(HeadError::Refused(r, head)) => {
-            let (method, path) = request_line(&head);
-            let at = Attempt {
-                method: &method,
-                path: &path,
-                bytes_down: r.answer_len(),
-                ..at
-            };
-            outcome::refuse(&state, &at, &r);
+            record(&state, at, &head, &r);
             answer_raw(tcp, &r).await;
             return Err(TransparentError::Refused(r.message));
         }
@@ -80,14 +73,7 @@ pub async fn serve(
     let tunnel = match admitted {
         Ok(t) => t,
         Err(r) => {
-            let (method, path) = request_line(&buf);
-            let at = Attempt {
-                method: &method,
-                path: &path,
-                bytes_down: r.answer_len(),
-                ..at
-            };
-            outcome::refuse(&state, &at, &r);
+            record(&state, at, &buf, &r);
             return reply_once(stream, r).await;
         }
     };
@@ -177,6 +163,19 @@ pub fn parse_host(buf: &[u8], max_fields: usize) -> Result<Option<String>, Refus
         .filter(|s| s.is_ascii())
         .ok_or_else(|| bad("Host header is not ASCII"))?;
     Ok(Some(host.trim().to_owned()))
+}
+
+/// Records the refusal of the request `head` begins, with its method, its path and the
+/// length of the answer it gets.
+fn record(state: &ProxyState, at: Attempt<'_>, head: &[u8], r: &Refusal) {
+    let (method, path) = request_line(head);
+    let at = Attempt {
+        method: &method,
+        path: &path,
+        bytes_down: r.answer_len(),
+        ..at
+    };
+    outcome::refuse(state, &at, r);
 }
 
 /// The method and the path (without the query, as every audit line has it) of a head

@@ -337,6 +337,35 @@ fn h2_preface() -> Vec<u8> {
     out
 }
 
+/// Writes `frames` (raw h2, preface included) into an h2 tunnel of `e`'s sandbox and reads
+/// until what came back satisfies `done` (true), the connection ends or 5 s pass (false).
+async fn h2_exchange(e: &Env, frames: &[u8], done: impl Fn(&[u8]) -> bool) -> bool {
+    let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
+        .await
+        .unwrap();
+    let mut tls = pc::tls(tunnel, &e.sb.ca_pem, "api.example.test", &[b"h2"])
+        .await
+        .unwrap();
+    // A write may fail once the server has sent GOAWAY and closed: what it sent is still read.
+    let _ = tls.write_all(frames).await;
+    let mut seen: Vec<u8> = Vec::new();
+    let reading = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend(&buf[..n]),
+            }
+            if done(&seen) {
+                return true;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .unwrap_or(false)
+}
+
 /// A sandbox that opens streams and resets them before they are served (the "rapid reset"
 /// pattern) meets h2's limit: GOAWAY `ENHANCE_YOUR_CALM`, and h2 warned "remotely-reset
 /// pending-accept streams reached limit" for each such connection, a line per handshake a
@@ -345,12 +374,6 @@ fn h2_preface() -> Vec<u8> {
 #[tokio::test]
 async fn rapid_resets_end_the_connection_without_a_log_line() {
     let e = env_with("").await;
-    let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .unwrap();
-    let mut tls = pc::tls(tunnel, &e.sb.ca_pem, "api.example.test", &[b"h2"])
-        .await
-        .unwrap();
     // GET https://api.example.test/ in HPACK: static :method GET, :scheme https, :path /,
     // then :authority as a literal without indexing.
     let mut block = vec![0x82, 0x87, 0x84, 0x01, 16];
@@ -361,23 +384,12 @@ async fn rapid_resets_end_the_connection_without_a_log_line() {
         out.extend(h2_frame(1, 0x5, stream, &block)); // HEADERS, END_STREAM | END_HEADERS
         out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
     }
-    let _ = tls.write_all(&out).await;
-    let mut seen: Vec<u8> = Vec::new();
-    let calm = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => seen.extend(&buf[..n]),
-            }
-            // GOAWAY (type 7) with ENHANCE_YOUR_CALM (0xb) somewhere in what came back.
-            if seen.windows(4).any(|w| w == [0, 0, 0, 0x0b]) && seen.contains(&7) {
-                return true;
-            }
-        }
-    })
-    .await;
-    assert_eq!(calm, Ok(true), "no GOAWAY ENHANCE_YOUR_CALM came back");
+    // GOAWAY (type 7) with ENHANCE_YOUR_CALM (0xb) somewhere in what came back.
+    let calm = |seen: &[u8]| seen.windows(4).any(|w| w == [0, 0, 0, 0x0b]) && seen.contains(&7);
+    assert!(
+        h2_exchange(&e, &out, calm).await,
+        "no GOAWAY ENHANCE_YOUR_CALM came back"
+    );
     let logs = crate::support::daemon::logs_text();
     let lines = logs.lines().filter(|l| l.contains("reached limit")).count();
     assert_eq!(lines, 0, "h2's reset-limit warning reached the log");
@@ -390,34 +402,16 @@ async fn rapid_resets_end_the_connection_without_a_log_line() {
 #[tokio::test]
 async fn unsolicited_ping_acks_are_not_written_to_the_log() {
     let e = env_with("").await;
-    let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
-        .await
-        .unwrap();
-    let mut tls = pc::tls(tunnel, &e.sb.ca_pem, "api.example.test", &[b"h2"])
-        .await
-        .unwrap();
     let mut out = h2_preface();
     for _ in 0..200 {
         out.extend(h2_frame(6, 1, 0, b"pingack!")); // PING, ACK
     }
     out.extend(h2_frame(6, 0, 0, b"lastping")); // PING
-    tls.write_all(&out).await.unwrap();
-    let mut seen: Vec<u8> = Vec::new();
-    let answered = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = tls.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                return false;
-            }
-            seen.extend(&buf[..n]);
-            if seen.windows(8).any(|w| w == b"lastping") {
-                return true;
-            }
-        }
-    })
-    .await;
-    assert_eq!(answered, Ok(true), "the last PING was not answered");
+    let answered = |seen: &[u8]| seen.windows(8).any(|w| w == b"lastping");
+    assert!(
+        h2_exchange(&e, &out, answered).await,
+        "the last PING was not answered"
+    );
     let logs = crate::support::daemon::logs_text();
     let lines = logs.lines().filter(|l| l.contains("PING ack")).count();
     assert_eq!(lines, 0, "h2's PING-ack warning reached the log");
