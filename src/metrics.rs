@@ -54,6 +54,11 @@ pub struct HandshakeFailureLabels {
     pub reason: &'static str,
 }
 
+impl HandshakeFailureLabels {
+    /// Every `reason` there is.
+    pub const REASONS: [&'static str; 4] = ["client_alert", "timeout", "handshake_error", "leaf"];
+}
+
 /// Labels of the per-worker gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
@@ -244,6 +249,13 @@ impl Metrics {
             "Completed client TLS handshakes",
             m.tls_handshakes.clone(),
         );
+        // Every reason exported from the start at 0: an alert on one sees a value, not "no
+        // data", on a daemon that has had no failure yet (review h48c).
+        for reason in HandshakeFailureLabels::REASONS {
+            let _ = m
+                .tls_handshake_failures
+                .get_or_create(&HandshakeFailureLabels { reason });
+        }
         registry.register(
             "tls_handshake_failures",
             "Client TLS handshakes that failed, by reason (client_alert: the client refused \

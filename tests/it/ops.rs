@@ -163,6 +163,13 @@ async fn failed_client_handshakes_are_counted_by_reason() {
     )
     .await;
     let before = scrape(&e.h).await;
+    for reason in ["client_alert", "timeout", "handshake_error", "leaf"] {
+        let line = format!("sealgate_tls_handshake_failures_total{{reason=\"{reason}\"}} 0");
+        assert!(
+            before.contains(&line),
+            "{reason} is not exported at 0: {before}"
+        );
+    }
     // Another sandbox's CA: the client refuses the leaf and says so with an alert.
     let other = SandboxCreds::from_answer(&e.h.sandbox("s").await);
     let tunnel = pc::connect(e.h.proxy, Some(&e.sb.proxy_auth()), API)
