@@ -222,6 +222,11 @@ impl Drop for Detachable {
 }
 
 impl Detach {
+    /// True once the body is gone: read to its end and dropped by its reader, or taken back.
+    pub fn is_taken(&self) -> bool {
+        self.0.lock().map_or(true, |b| b.is_none())
+    }
+
     /// Drops the body wherever it is; its reader then sees it end.
     pub fn drop_body(&self) {
         let body = self.0.lock().map(|mut b| b.take());

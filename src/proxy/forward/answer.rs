@@ -43,7 +43,7 @@ pub(super) fn finish_response(
     report: &Report,
     asked: Asked<'_>,
     resp: Response<Incoming>,
-    slot: SlotGuard,
+    slot: Arc<SlotGuard>,
 ) -> Result<(Response<ProxyBody>, bool), Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();

@@ -1221,6 +1221,90 @@ where
     (addr, counter)
 }
 
+/// An h2 origin that answers every request at once and never takes a byte of its body: a
+/// 1-byte window it never opens, the stream kept open (the bodies are held, not reset).
+async fn origin_that_answers_and_never_reads(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> std::net::SocketAddr {
+    let mut h2 = h2::server::Builder::new();
+    h2.initial_window_size(1);
+    let (addr, _) = h2_origin(tls, h2, |mut conn, _, _| async move {
+        let mut held = Vec::new();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            held.push(req.into_body());
+            let answer = http::Response::builder().status(200).body(()).unwrap();
+            if let Ok(mut body) = respond.send_response(answer, false) {
+                let _ = body.send_data(Bytes::from_static(b"ok"), true);
+            }
+        }
+    })
+    .await;
+    addr
+}
+
+/// An origin that answers an upload at once and then never takes another byte left the upload
+/// with hyper's writing task for good: ~1.4 MB each, and the request's slot went with the
+/// answer, so a sandbox pinned as many as it liked (outside pass h48f, HIGH: 300 uploads, 88 →
+/// 425 MB, past every timeout). The slot now stays held until the upload is over, and an upload
+/// that has not moved for `response_timeout_secs` is cut (`forward::orphan`). Here: three
+/// slots, three such uploads, a fourth request refused 429 until the cut frees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"h2"]);
+    let origin = origin_that_answers_and_never_reads(tls).await;
+    let o = Opts {
+        proxy_toml: "max_requests_per_sandbox = 3\n".into(),
+        upstream_toml: "response_timeout_secs = 2\n".into(),
+        ..Default::default()
+    };
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
+    let conn = pc::h2(h.proxy, &sb, API).await;
+    for i in 0..3 {
+        let mut c = conn.clone();
+        // 64 KiB every 50 ms for 10 s: far more than the origin will ever take.
+        let body = pc::paced(
+            vec![Bytes::from(vec![b'u'; 65_536]); 200],
+            Duration::from_millis(50),
+        );
+        let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+        *req.body_mut() = body;
+        let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(&mut c, req))
+            .await
+            .expect("the upload is answered at once");
+        assert_eq!(a.status, StatusCode::OK, "upload {i}: {}", a.text());
+    }
+    let mut c = conn.clone();
+    let a = pc::send2(&mut c, pc::get("/after", "api.example.test", &[])).await;
+    assert_eq!(
+        a.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the answered uploads no longer hold their slots: {}",
+        a.text()
+    );
+    let cut = std::time::Instant::now();
+    let freed = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let a = pc::send2(&mut c, pc::get("/after", "api.example.test", &[])).await;
+        if a.status == StatusCode::OK {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "never freed: {}",
+            a.text()
+        );
+    };
+    assert!(freed < Duration::from_secs(6), "freed after {freed:?}");
+    let logs = crate::support::daemon::logs_text();
+    assert!(
+        logs.contains("an upload the upstream stopped taking after it answered was cut"),
+        "the cut is not logged"
+    );
+}
+
 /// An h2 origin allowing one stream at a time whose first connection, once its first
 /// request is in and another client request has had time to queue behind it, starts a
 /// graceful shutdown (GOAWAY) before answering; later connections answer at once.

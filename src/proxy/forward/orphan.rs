@@ -1,0 +1,81 @@
+//! An upload its answer outlived: the origin answered before it took the whole request body,
+//! and the sandbox is still sending.
+//!
+//! That is allowed (an early 413, a server that answers and then reads on), but an origin that
+//! answers and then never takes another byte (h2: a flow-control window it never opens; h1: a
+//! socket it never reads) left the upload with hyper's task writing it, forever: ~1.4 MB per
+//! request (the sandbox-side stream window and hyper's buffers), and the request's slot was
+//! released with the answer, so a sandbox could pin any number of them (outside pass h48f,
+//! HIGH: 300 uploads, 88 → 425 MB, kept past every timeout and the sandbox's deletion).
+//!
+//! So the request's slot (`proxy.max_requests_per_sandbox`) stays held until the upload is
+//! over as well as the answer, and an upload that has not moved for
+//! `upstream.response_timeout_secs` (the timeout that already ends a wait on an upstream that
+//! stopped reading) is taken back ([`Detach::drop_body`]): the sandbox-side body and its buffers
+//! are dropped, the sandbox's stream is drained and ended ([`crate::proxy::linger`]), the slot
+//! is released.
+//!
+//! Invariant: at most `max_requests_per_sandbox` such uploads per sandbox at a time, each for at
+//! most that timeout after its last byte moved. What stays is hyper's writing task on its
+//! upstream stream, waiting for a window that never opens, with the last piece it took (a
+//! frame, up to 16 KiB), until the origin closes the connection: hyper's client offers no way
+//! to reset a stream whose request body it is writing (ARCHITECTURE, "Orphaned uploads").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::super::linger::Detach;
+use super::super::progress::Progress;
+use super::super::{LiveSettings, Tunnel};
+use crate::sandbox::SlotGuard;
+
+/// How often a watched upload is looked at: its slot is released at most this late after the
+/// upload ends.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// Watches an upload still going when its answer came (see the module docs): holds `slot`
+/// until it is over, and takes it back once it has not moved for the response timeout.
+pub(super) fn watch(
+    t: &Tunnel,
+    rt: &LiveSettings,
+    slot: &Arc<SlotGuard>,
+    progress: Arc<Progress>,
+    detach: Detach,
+) {
+    if detach.is_taken() {
+        return;
+    }
+    let stall = rt.upstream.config.response_timeout;
+    let (slot, sandbox, dest) = (slot.clone(), t.sandbox.id.clone(), t.dest.to_string());
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Some(idle) = until_over_or_stalled(&progress, &detach, stall).await {
+            detach.drop_body();
+            tracing::info!(
+                sandbox = &*sandbox,
+                host = %dest,
+                bytes = progress.bytes(),
+                idle_secs = idle.as_secs(),
+                "an upload the upstream stopped taking after it answered was cut"
+            );
+        }
+    });
+}
+
+/// Waits until the upload is over (None) or has not moved for `stall` (how long it has not).
+async fn until_over_or_stalled(
+    progress: &Progress,
+    detach: &Detach,
+    stall: Duration,
+) -> Option<Duration> {
+    loop {
+        if detach.is_taken() {
+            return None;
+        }
+        let idle = progress.last().elapsed();
+        if idle >= stall {
+            return Some(idle);
+        }
+        tokio::time::sleep((stall - idle).min(LOOK_EVERY)).await;
+    }
+}
