@@ -386,7 +386,7 @@ async fn exchange(
     // gRPC, gRPC-Web and Connect streaming are POSTs: a GET naming a gRPC type (the re-check
     // sent one to an object store) reads a stored blob, framed however it was stored.
     let asks_messages = req.method() == Method::POST && Binary::asks_for_messages(req.headers());
-    let slot = Arc::new(start_request(t, rt)?);
+    let slot = start_request(t, rt)?;
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let view = match t.scheme {
         Scheme::Https => snapshot.view(&t.dest),
@@ -436,9 +436,7 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    if let Some((p, detach)) = streaming {
-        orphan::watch(t, rt, &slot, p, detach);
-    }
+    let slot = orphan::watch(t, rt, slot, streaming);
     let mut scope = Scope::since(t, generation);
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let scrubbing = (scrubber.clone(), scope.clone());

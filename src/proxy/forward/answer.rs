@@ -12,13 +12,13 @@ use hyper::body::Incoming;
 
 use super::checks::{check_live, unknowable};
 use super::head::strip_hop_by_hop;
+use super::orphan::AnswerSlot;
 use crate::metrics::Counted;
 use crate::policy::Scheme;
 use crate::proxy::held::Held;
 use crate::proxy::refusal::{Code, Refusal};
 use crate::proxy::response_scrub::{scrub_response, Following, Scope, Scrubbing, Shape};
 use crate::proxy::{BoxError, LiveSettings, ProxyBody, Tunnel};
-use crate::sandbox::SlotGuard;
 use crate::subst::{BodyError, Report, Scrubber};
 
 /// What a request asked for, as its answer's shape depends on it.
@@ -43,7 +43,7 @@ pub(super) fn finish_response(
     report: &Report,
     asked: Asked<'_>,
     resp: Response<Incoming>,
-    slot: Arc<SlotGuard>,
+    slot: AnswerSlot,
 ) -> Result<(Response<ProxyBody>, bool), Refusal> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();

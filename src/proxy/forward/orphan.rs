@@ -33,22 +33,32 @@ use crate::sandbox::SlotGuard;
 /// upload ends.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
 
-/// Watches an upload still going when its answer came (see the module docs): holds `slot`
-/// until it is over, and takes it back once it has not moved for the response timeout.
+/// A request's slot as its answer holds it: its own, or shared with the watch of an upload
+/// still going (released when both are done). Only the second allocates.
+pub(super) enum AnswerSlot {
+    /// Nothing else holds the slot.
+    Own { _slot: SlotGuard },
+    /// An upload's watch holds it too.
+    Shared { _slot: Arc<SlotGuard> },
+}
+
+/// Watches an upload still going when its answer came (see the module docs), if `upload` is
+/// one: the slot is then shared with the watch, which holds it until the upload is over and
+/// takes the upload back once it has not moved for the response timeout.
 pub(super) fn watch(
     t: &Tunnel,
     rt: &LiveSettings,
-    slot: &Arc<SlotGuard>,
-    progress: Arc<Progress>,
-    detach: Detach,
-) {
-    if detach.is_taken() {
-        return;
-    }
+    slot: SlotGuard,
+    upload: Option<(Arc<Progress>, Detach)>,
+) -> AnswerSlot {
+    let Some((progress, detach)) = upload.filter(|(_, d)| !d.is_taken()) else {
+        return AnswerSlot::Own { _slot: slot };
+    };
     let stall = rt.upstream.config.response_timeout;
-    let (slot, sandbox, dest) = (slot.clone(), t.sandbox.id.clone(), t.dest.to_string());
+    let slot = Arc::new(slot);
+    let (held, sandbox, dest) = (slot.clone(), t.sandbox.id.clone(), t.dest.to_string());
     tokio::spawn(async move {
-        let _slot = slot;
+        let _slot = held;
         if let Some(idle) = until_over_or_stalled(&progress, &detach, stall).await {
             detach.drop_body();
             tracing::info!(
@@ -60,6 +70,7 @@ pub(super) fn watch(
             );
         }
     });
+    AnswerSlot::Shared { _slot: slot }
 }
 
 /// Waits until the upload is over (None) or has not moved for `stall` (how long it has not).
