@@ -11,7 +11,7 @@
 //! So the request's slot (`proxy.max_requests_per_sandbox`) stays held until the upload is
 //! over as well as the answer, and an upload that has not moved for
 //! `upstream.response_timeout_secs` (the timeout that already ends a wait on an upstream that
-//! stopped reading) is taken back ([`Detach::drop_body`]): the sandbox-side body and its buffers
+//! stopped reading), or whose sandbox has ended, is taken back ([`Detach::drop_body`]): the sandbox-side body and its buffers
 //! are dropped, the sandbox's stream is drained and ended ([`crate::proxy::linger`]), the slot
 //! is released.
 //!
@@ -56,19 +56,24 @@ pub(super) fn watch(
     };
     let stall = rt.upstream.config.response_timeout;
     let slot = Arc::new(slot);
-    let (held, sandbox, dest) = (slot.clone(), t.sandbox.id.clone(), t.dest.to_string());
+    let (held, sandbox, dest) = (slot.clone(), t.sandbox.clone(), t.dest.to_string());
     tokio::spawn(async move {
         let _slot = held;
-        if let Some(idle) = until_over_or_stalled(&progress, &detach, stall).await {
-            detach.drop_body();
-            tracing::info!(
-                sandbox = &*sandbox,
-                host = %dest,
-                bytes = progress.bytes(),
-                idle_secs = idle.as_secs(),
-                "an upload the upstream stopped taking after it answered was cut"
-            );
-        }
+        let why = tokio::select! {
+            idle = until_over_or_stalled(&progress, &detach, stall) => match idle {
+                Some(idle) => format!("it took nothing for {} s", idle.as_secs()),
+                None => return,
+            },
+            // Its buffers go with the sandbox, not a response timeout later (re-check h48g).
+            () = sandbox.ended() => "its sandbox ended".to_owned(),
+        };
+        detach.drop_body();
+        tracing::info!(
+            sandbox = &*sandbox.id,
+            host = %dest,
+            bytes = progress.bytes(),
+            "an upload the upstream stopped taking after it answered was cut: {why}"
+        );
     });
     AnswerSlot::Shared { _slot: slot }
 }

@@ -1305,6 +1305,59 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
     );
 }
 
+/// Such an upload is cut when its sandbox ends, not a response timeout later: at the
+/// default 300 s a deleted sandbox's stuck uploads held ~350 MB that long (re-check h48g).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_its_origin_stopped_taking_is_cut_when_its_sandbox_ends() {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"h2"]);
+    let origin = origin_that_answers_and_never_reads(tls).await;
+    let o = Opts {
+        upstream_toml: "response_timeout_secs = 300\n".into(),
+        ..Default::default()
+    };
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
+    let mut c = pc::h2(h.proxy, &sb, API).await;
+    let body = pc::paced(
+        vec![Bytes::from(vec![b'u'; 65_536]); 200],
+        Duration::from_millis(50),
+    );
+    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+    *req.body_mut() = body;
+    let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(&mut c, req))
+        .await
+        .expect("the upload is answered at once");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let (status, _) = h
+        .api(
+            http::Method::DELETE,
+            &format!("/v1/sandboxes/{}", sb.id),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = crate::support::daemon::logs_text();
+        let cut = logs
+            .lines()
+            .any(|l| l.contains("was cut: its sandbox ended") && l.contains(&sb.id));
+        if cut {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not cut when its sandbox ended: {:?}",
+            logs.lines()
+                .filter(|l| l.contains("was cut"))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// An h2 origin allowing one stream at a time whose first connection, once its first
 /// request is in and another client request has had time to queue behind it, starts a
 /// graceful shutdown (GOAWAY) before answering; later connections answer at once.
