@@ -1242,6 +1242,21 @@ async fn origin_that_answers_and_never_reads(
     addr
 }
 
+/// Starts an upload of 64 KiB every 50 ms for 10 s (far more than such an origin will ever
+/// take) on `c` and asserts it is answered 200 at once, while it goes on.
+async fn upload_answered_at_once(c: &mut hyper::client::conn::http2::SendRequest<pc::ReqBody>) {
+    let body = pc::paced(
+        vec![Bytes::from(vec![b'u'; 65_536]); 200],
+        Duration::from_millis(50),
+    );
+    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+    *req.body_mut() = body;
+    let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(c, req))
+        .await
+        .expect("the upload is answered at once");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+}
+
 /// An origin that answers an upload at once and then never takes another byte left the upload
 /// with hyper's writing task for good: ~1.4 MB each, and the request's slot went with the
 /// answer, so a sandbox pinned as many as it liked (outside pass h48f, HIGH: 300 uploads, 88 →
@@ -1262,19 +1277,8 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
     };
     let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
     let conn = pc::h2(h.proxy, &sb, API).await;
-    for i in 0..3 {
-        let mut c = conn.clone();
-        // 64 KiB every 50 ms for 10 s: far more than the origin will ever take.
-        let body = pc::paced(
-            vec![Bytes::from(vec![b'u'; 65_536]); 200],
-            Duration::from_millis(50),
-        );
-        let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
-        *req.body_mut() = body;
-        let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(&mut c, req))
-            .await
-            .expect("the upload is answered at once");
-        assert_eq!(a.status, StatusCode::OK, "upload {i}: {}", a.text());
+    for _ in 0..3 {
+        upload_answered_at_once(&mut conn.clone()).await;
     }
     let mut c = conn.clone();
     let a = pc::send2(&mut c, pc::get("/after", "api.example.test", &[])).await;
@@ -1319,17 +1323,7 @@ async fn an_upload_its_origin_stopped_taking_is_cut_when_its_sandbox_ends() {
         ..Default::default()
     };
     let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
-    let mut c = pc::h2(h.proxy, &sb, API).await;
-    let body = pc::paced(
-        vec![Bytes::from(vec![b'u'; 65_536]); 200],
-        Duration::from_millis(50),
-    );
-    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
-    *req.body_mut() = body;
-    let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(&mut c, req))
-        .await
-        .expect("the upload is answered at once");
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    upload_answered_at_once(&mut pc::h2(h.proxy, &sb, API).await).await;
     let (status, _) = h
         .api(
             http::Method::DELETE,
