@@ -225,9 +225,13 @@ impl Line {
         let state = line.t.state.clone();
         rt.spawn(state.tracked(async move {
             tokio::select! {
-                () = line.pending.body.over() => {}
+                // First: the orphan watch cuts such an upload on the same news (its body is
+                // then over too), and the line must name the sandbox's end, not a plain end
+                // (CI, stop 59: the line had no code about half the time).
+                biased;
                 // The sandbox's own upload outlives it no more (it held the line back; review).
                 () = line.t.sandbox.ended() => line.sandbox_ended(),
+                () = line.pending.body.over() => {}
             }
             line.write();
         }));
