@@ -296,8 +296,8 @@ impl Drop for Deferred {
 
 /// Takes a streamed body's final report and byte count into `o`; when the body was cut after
 /// the answer began (or after the client left), the code of the cut, with its rule in `o`: a
-/// token it may not carry here, the unsealing budget spent, or the sandbox ended or its store
-/// changed (the guard stopped it).
+/// token it may not carry here, the unsealing budget spent, the sandbox ended or its store
+/// changed (the guard stopped it), or the upstream stopped taking it ([`orphan`]).
 fn settle(t: &Tunnel, p: &Pending, o: &mut Outcome) -> Option<Code> {
     o.report.merge(&p.body.report());
     o.bytes_up = p.progress.bytes();
@@ -308,6 +308,11 @@ fn settle(t: &Tunnel, p: &Pending, o: &mut Outcome) -> Option<Code> {
         over_budget(p.max_unsealed_bytes)
     } else if p.body.stopped() {
         check_live(t).err().unwrap_or_else(store_changed)
+    } else if p.progress.was_cut() {
+        Refusal::new(
+            Code::UpstreamTimeout,
+            "the upstream took none of the upload for upstream.response_timeout_secs after it answered; the rest was cut",
+        )
     } else {
         return None;
     };

@@ -24,6 +24,8 @@ pub struct Progress {
     /// The last poll of the body found nothing ready: its writer (the sandbox) is what the
     /// request waits on, not the upstream (which, not reading, would not have it polled).
     waiting: AtomicBool,
+    /// The orphan watch cut the body: its upstream stopped taking it after it answered.
+    cut: AtomicBool,
 }
 
 impl Progress {
@@ -34,6 +36,7 @@ impl Progress {
             last_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
         })
     }
 
@@ -51,6 +54,16 @@ impl Progress {
     /// Data bytes taken from the body so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Marks the body cut because its upstream stopped taking it ([`Progress::was_cut`]).
+    pub fn mark_cut(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
+
+    /// True once [`Progress::mark_cut`] ran: the request's audit line says so.
+    pub fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
     }
 
     fn moved(&self, n: usize) {

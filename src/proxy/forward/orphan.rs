@@ -61,7 +61,10 @@ pub(super) fn watch(
         let _slot = held;
         let why = tokio::select! {
             idle = until_over_or_stalled(&progress, &detach, stall) => match idle {
-                Some(idle) => format!("it took nothing for {} s", idle.as_secs()),
+                Some(idle) => {
+                    progress.mark_cut(); // before the drop: the deferred line reads it then
+                    format!("it took nothing for {} s", idle.as_secs())
+                }
                 None => return,
             },
             // Its buffers go with the sandbox, not a response timeout later (re-check h48g).

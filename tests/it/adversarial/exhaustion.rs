@@ -1242,14 +1242,18 @@ async fn origin_that_answers_and_never_reads(
     addr
 }
 
-/// Starts an upload of 64 KiB every 50 ms for 10 s (far more than such an origin will ever
-/// take) on `c` and asserts it is answered 200 at once, while it goes on.
-async fn upload_answered_at_once(c: &mut hyper::client::conn::http2::SendRequest<pc::ReqBody>) {
-    let body = pc::paced(
-        vec![Bytes::from(vec![b'u'; 65_536]); 200],
-        Duration::from_millis(50),
-    );
-    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+/// Starts an upload to `path` of 64 KiB every 50 ms for 10 s (far more than such an origin
+/// will ever take), the first piece starting with `first`, on `c` and asserts it is answered
+/// 200 at once, while it goes on.
+async fn upload_answered_at_once(
+    c: &mut hyper::client::conn::http2::SendRequest<pc::ReqBody>,
+    path: &str,
+    first: &str,
+) {
+    let mut pieces = vec![Bytes::from(vec![b'u'; 65_536]); 200];
+    pieces[0] = Bytes::from(format!("{first}{}", "u".repeat(65_536)));
+    let body = pc::paced(pieces, Duration::from_millis(50));
+    let mut req = pc::post(path, "api.example.test", &[], Bytes::new());
     *req.body_mut() = body;
     let a = tokio::time::timeout(Duration::from_secs(5), pc::send2(c, req))
         .await
@@ -1262,7 +1266,9 @@ async fn upload_answered_at_once(c: &mut hyper::client::conn::http2::SendRequest
 /// answer, so a sandbox pinned as many as it liked (outside pass h48f, HIGH: 300 uploads, 88 →
 /// 425 MB, past every timeout). The slot now stays held until the upload is over, and an upload
 /// that has not moved for `response_timeout_secs` is cut (`forward::orphan`). Here: three
-/// slots, three such uploads, a fourth request refused 429 until the cut frees them.
+/// slots, three such uploads, a fourth request refused 429 until the cut frees them. The one
+/// carrying a token has its audit line wait for the upload's end: it says the upload was cut
+/// (it had no code).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
     use crate::support::pki::TestPki;
@@ -1275,10 +1281,17 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
         upstream_toml: "response_timeout_secs = 2\n".into(),
         ..Default::default()
     };
-    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
+    let secrets = [(
+        "KEY",
+        "sk-orphan-cut-0001",
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &secrets, o).await;
     let conn = pc::h2(h.proxy, &sb, API).await;
-    for _ in 0..3 {
-        upload_answered_at_once(&mut conn.clone()).await;
+    upload_answered_at_once(&mut conn.clone(), "/up-sealed", &sb.token("KEY")).await;
+    for _ in 0..2 {
+        upload_answered_at_once(&mut conn.clone(), "/up", "").await;
     }
     let mut c = conn.clone();
     let a = pc::send2(&mut c, pc::get("/after", "api.example.test", &[])).await;
@@ -1307,6 +1320,30 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
         logs.contains("an upload the upstream stopped taking after it answered was cut"),
         "the cut is not logged"
     );
+    let line = audit_line(&h, "/up-sealed").await;
+    assert_eq!(line["code"], "upstream_timeout", "{line}");
+    assert_eq!(line["unsealed"], serde_json::json!(["KEY"]), "{line}");
+    assert!(
+        line["rule"].as_str().unwrap().contains("the rest was cut"),
+        "{line}"
+    );
+}
+
+/// The audit line of the request to `path`, waited for (up to 10 s).
+async fn audit_line(h: &crate::support::daemon::Harness, path: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = h
+            .audit_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "request" && v["path"] == path);
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no audit line for {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Such an upload is cut when its sandbox ends, not a response timeout later: at the
@@ -1323,7 +1360,7 @@ async fn an_upload_its_origin_stopped_taking_is_cut_when_its_sandbox_ends() {
         ..Default::default()
     };
     let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
-    upload_answered_at_once(&mut pc::h2(h.proxy, &sb, API).await).await;
+    upload_answered_at_once(&mut pc::h2(h.proxy, &sb, API).await, "/up", "").await;
     let (status, _) = h
         .api(
             http::Method::DELETE,
