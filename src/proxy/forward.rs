@@ -28,7 +28,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 
 use super::linger::{BodyBreak, Detach, Lingering};
-use super::progress::Progress;
+use super::progress::{Progress, Stall};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{Place, Scope};
 use super::unframed::Ahead;
@@ -308,16 +308,27 @@ fn settle(t: &Tunnel, p: &Pending, o: &mut Outcome) -> Option<Code> {
         over_budget(p.max_unsealed_bytes)
     } else if p.body.stopped() {
         check_live(t).err().unwrap_or_else(store_changed)
-    } else if p.progress.was_cut() {
-        Refusal::new(
-            Code::UpstreamTimeout,
-            "the upstream took none of the upload for upstream.response_timeout_secs after it answered; the rest was cut",
-        )
+    } else if let Some(stall) = p.progress.cut() {
+        stalled_after_answer(stall)
     } else {
         return None;
     };
     o.rule.get_or_insert(cut.message);
     Some(cut.code)
+}
+
+/// The cut of an upload that did not move for `upstream.response_timeout_secs` after its answer.
+fn stalled_after_answer(stall: Stall) -> Refusal {
+    match stall {
+        Stall::Upstream => Refusal::new(
+            Code::UpstreamTimeout,
+            "the upstream took none of the upload for upstream.response_timeout_secs after it answered; the rest was cut",
+        ),
+        Stall::Sandbox => Refusal::new(
+            Code::RequestTimeout,
+            "the sandbox sent none of the upload for upstream.response_timeout_secs after its answer; the rest was cut",
+        ),
+    }
 }
 
 /// Writes the request's audit line and counts what it unsealed; `answer` is the response's

@@ -9,7 +9,7 @@
 //!
 //! Invariant: [`Progress::last`] never moves back, and is the creation time until a byte moves.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,18 @@ pub struct Progress {
     /// The last poll of the body found nothing ready: its writer (the sandbox) is what the
     /// request waits on, not the upstream (which, not reading, would not have it polled).
     waiting: AtomicBool,
-    /// The orphan watch cut the body: its upstream stopped taking it after it answered.
-    cut: AtomicBool,
+    /// Why the orphan watch cut the body after its answer, if it did ([`Stall`] as u8, 0 for
+    /// none).
+    cut: AtomicU8,
+}
+
+/// Which side stopped a body the orphan watch cut after its answer (`forward::orphan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// The upstream took none of it: it was not polled.
+    Upstream = 1,
+    /// The sandbox sent none of it: it was polled and had nothing.
+    Sandbox = 2,
 }
 
 impl Progress {
@@ -36,7 +46,7 @@ impl Progress {
             last_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
-            cut: AtomicBool::new(false),
+            cut: AtomicU8::new(0),
         })
     }
 
@@ -56,14 +66,25 @@ impl Progress {
         self.bytes.load(Ordering::Acquire)
     }
 
-    /// Marks the body cut because its upstream stopped taking it ([`Progress::was_cut`]).
-    pub fn mark_cut(&self) {
-        self.cut.store(true, Ordering::Release);
+    /// Marks the body cut for not moving, and returns which side stalled it (the one its
+    /// last poll points at: [`Progress::waiting_on_body`]).
+    pub fn mark_cut(&self) -> Stall {
+        let stall = if self.waiting_on_body() {
+            Stall::Sandbox
+        } else {
+            Stall::Upstream
+        };
+        self.cut.store(stall as u8, Ordering::Release);
+        stall
     }
 
-    /// True once [`Progress::mark_cut`] ran: the request's audit line says so.
-    pub fn was_cut(&self) -> bool {
-        self.cut.load(Ordering::Acquire)
+    /// Why [`Progress::mark_cut`] cut the body, once it did: the request's audit line says so.
+    pub fn cut(&self) -> Option<Stall> {
+        match self.cut.load(Ordering::Acquire) {
+            1 => Some(Stall::Upstream),
+            2 => Some(Stall::Sandbox),
+            _ => None,
+        }
     }
 
     fn moved(&self, n: usize) {

@@ -727,6 +727,34 @@ async fn an_upload_answered_early_ends_with_its_sandbox_and_is_audited_then() {
     assert!(line["duration_ms"].as_u64().unwrap() < 20_000, "{line}");
 }
 
+/// An upload the origin answered early whose sandbox then sends nothing for the response
+/// timeout is cut (`forward::orphan`), and its line says the sandbox stalled it (`request_timeout`):
+/// its first cut lines named no code, then the upstream.
+#[tokio::test]
+async fn an_upload_answered_early_that_its_sandbox_stalls_is_cut_and_audited_as_such() {
+    let secrets = [(
+        "KEY",
+        "sk-ops-audit-stalled-0001",
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    let opts = Opts {
+        upstream_toml: "response_timeout_secs = 2\n".into(),
+        ..Opts::default()
+    };
+    let e = setup_with(Some(&["api.example.test"]), &secrets, opts).await;
+    let mut chunks = token_pieces(&e.sb.token("KEY"), 1, 64 << 10);
+    chunks.push(Bytes::from_static(b"late"));
+    let a = send_paced(&e, "/early-stalled", chunks, Duration::from_secs(120)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let line = request_line(&e.h, "/early-stalled").await;
+    assert_eq!(line["code"], "request_timeout", "{line}");
+    assert_eq!(line["unsealed"], json!(["KEY"]), "{line}");
+    let rule = line["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("the sandbox sent none"), "{line}");
+    assert!(line["duration_ms"].as_u64().unwrap() < 10_000, "{line}");
+}
+
 /// The daemon stops while an upload the origin answered early is still going up: the line,
 /// waiting for the body's end, is in the file when the stop returns (the cut body ends it).
 /// It was written by a task the stop did not wait for, so an exiting daemon lost it.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::super::linger::Detach;
-use super::super::progress::Progress;
+use super::super::progress::{Progress, Stall};
 use super::super::{LiveSettings, Tunnel};
 use crate::sandbox::SlotGuard;
 
@@ -61,10 +61,11 @@ pub(super) fn watch(
         let _slot = held;
         let why = tokio::select! {
             idle = until_over_or_stalled(&progress, &detach, stall) => match idle {
-                Some(idle) => {
-                    progress.mark_cut(); // before the drop: the deferred line reads it then
-                    format!("it took nothing for {} s", idle.as_secs())
-                }
+                // Marked before the drop: the deferred audit line reads it then.
+                Some(idle) => match progress.mark_cut() {
+                    Stall::Upstream => format!("the upstream took nothing for {} s", idle.as_secs()),
+                    Stall::Sandbox => format!("the sandbox sent nothing for {} s", idle.as_secs()),
+                },
                 None => return,
             },
             // Its buffers go with the sandbox, not a response timeout later (re-check h48g).
@@ -75,7 +76,7 @@ pub(super) fn watch(
             sandbox = &*sandbox.id,
             host = %dest,
             bytes = progress.bytes(),
-            "an upload the upstream stopped taking after it answered was cut: {why}"
+            "an upload still going after its answer was cut: {why}"
         );
     });
     AnswerSlot::Shared { _slot: slot }
