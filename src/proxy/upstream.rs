@@ -26,6 +26,7 @@ use crate::policy::{self, AddressPolicy};
 use super::read_ahead::ReadAhead;
 
 mod clock;
+mod cut;
 mod goaway;
 pub mod keep_alive;
 mod known_h2;

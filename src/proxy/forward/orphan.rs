@@ -16,16 +16,21 @@
 //! is released.
 //!
 //! Invariant: at most `max_requests_per_sandbox` such uploads per sandbox at a time, each for at
-//! most that timeout after its last byte moved. What stays is hyper's writing task on its
-//! upstream stream, waiting for a window that never opens, with the last piece it took (a
-//! frame, up to 16 KiB), until the origin closes the connection: hyper's client offers no way
-//! to reset a stream whose request body it is writing (ARCHITECTURE, "Orphaned uploads").
+//! most that timeout after its last byte moved. An HTTP/1 upload's connection is ended with it
+//! ([`crate::proxy::upstream`]'s `cut`): hyper's task on it, blocked writing into a socket
+//! the origin does not read, would never poll the body again to see it gone, and held the
+//! connection, its buffers and its places in the upstream budgets until the origin closed it.
+//! On h2, what stays is hyper's writing task on its stream, waiting for a window that never
+//! opens, with the last piece it took (a frame, up to 16 KiB), until the origin closes the
+//! connection: hyper's client offers no way to reset a stream whose request body it is
+//! writing, and the connection carries other streams (ARCHITECTURE, "Orphaned uploads").
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::super::linger::Detach;
 use super::super::progress::{Progress, Stall};
+use super::super::upstream::OverheadOf;
 use super::super::{LiveSettings, Tunnel};
 use crate::sandbox::SlotGuard;
 
@@ -44,12 +49,15 @@ pub(super) enum AnswerSlot {
 
 /// Watches an upload still going when its answer came (see the module docs), if `upload` is
 /// one: the slot is then shared with the watch, which holds it until the upload is over and
-/// takes the upload back once it has not moved for the response timeout.
+/// takes the upload back once it has not moved for the response timeout. `conn`, an HTTP/1
+/// answer's connection, is ended with the cut: it carries only this exchange, which can no
+/// longer complete, and hyper's task on it would wait for the origin to close it.
 pub(super) fn watch(
     t: &Tunnel,
     rt: &LiveSettings,
     slot: SlotGuard,
     upload: Option<(Arc<Progress>, Detach)>,
+    conn: Option<OverheadOf>,
 ) -> AnswerSlot {
     let Some((progress, detach)) = upload.filter(|(_, d)| !d.is_taken()) else {
         return AnswerSlot::Own { _slot: slot };
@@ -72,6 +80,9 @@ pub(super) fn watch(
             () = sandbox.ended() => "its sandbox ended".to_owned(),
         };
         detach.drop_body();
+        if let Some(conn) = conn {
+            conn.cut_connection();
+        }
         tracing::info!(
             sandbox = &*sandbox.id,
             host = %dest,

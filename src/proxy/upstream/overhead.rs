@@ -43,6 +43,8 @@ pub struct Overhead {
     origin: Box<str>,
     /// When the connection is to be retired ([`super::keep_alive`]).
     pub keep_alive: super::keep_alive::Idle,
+    /// Ends the connection from outside ([`super::cut`]): checked by its [`Counted`] stream.
+    pub cut: super::cut::Cut,
 }
 
 impl Overhead {
@@ -132,12 +134,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.overhead.cut.check()?;
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             self.overhead.read(buf.filled().len() - before)?;
         }
-        polled
+        self.overhead.cut.park(cx, polled)
     }
 }
 
@@ -147,7 +150,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.overhead.cut.check()?;
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.overhead.cut.park(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -155,7 +160,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.overhead.cut.check()?;
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.overhead.cut.park(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -163,7 +170,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.overhead.cut.check()?;
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.overhead.cut.park(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -174,6 +183,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// What a connection puts in each of its answers' extensions (hyper-util's `Connected::extra`).
 #[derive(Clone, Debug)]
 pub struct OverheadOf(pub Arc<Overhead>);
+
+impl OverheadOf {
+    /// Ends the answer's connection ([`super::cut`]): its next I/O call fails.
+    pub fn cut_connection(&self) {
+        self.0.cut.cut();
+    }
+}
 
 /// An answer's body counting its data into its connection's [`Overhead`]; its size hint and
 /// end are the inner body's (an exact length stays exact: `map_frame` dropped it, and answers

@@ -1346,6 +1346,89 @@ async fn audit_line(h: &crate::support::daemon::Harness, path: &str) -> serde_js
     }
 }
 
+/// An HTTP/1 origin that answers every request at once (after its head) and then never reads
+/// its connection again, holding it open for a minute.
+async fn h1_origin_that_answers_and_never_reads(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(1) => head.push(buf[0]),
+                        _ => return,
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The HTTP/1 case: hyper's task stays blocked writing the upload into a socket the origin
+/// never reads, so taking the body back alone left the connection, with its place in the
+/// sandbox's upstream connection budget, until the origin closed it (a minute here): with a
+/// budget of one, every later request of the sandbox got 429. The cut now ends the connection
+/// (`upstream::cut`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upload_its_origin_stopped_taking_gives_back_its_connection_when_cut() {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    let origin = h1_origin_that_answers_and_never_reads(tls).await;
+    let o = Opts {
+        upstream_toml: "response_timeout_secs = 2\nmax_connections_per_sandbox = 1\n".into(),
+        ..Default::default()
+    };
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
+    // 64 KiB every 10 ms: the sockets' buffers are full within a second or two.
+    let body = pc::paced(
+        vec![Bytes::from(vec![b'u'; 65_536]); 3_000],
+        Duration::from_millis(10),
+    );
+    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+    *req.body_mut() = body;
+    let mut up = pc::h1(h.proxy, &sb, API).await;
+    let a = tokio::time::timeout(Duration::from_secs(5), pc::send1(&mut up, req))
+        .await
+        .expect("the upload is answered at once");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let started = Instant::now();
+    let freed = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut c = pc::h1(h.proxy, &sb, API).await;
+        let a = pc::send1(&mut c, pc::get("/after", "api.example.test", &[])).await;
+        if a.status == StatusCode::OK {
+            break started.elapsed();
+        }
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the cut upload's connection was never given back: {}",
+            a.text()
+        );
+    };
+    assert!(
+        freed < Duration::from_secs(15),
+        "given back after {freed:?}"
+    );
+}
+
 /// Such an upload is cut when its sandbox ends, not a response timeout later: at the
 /// default 300 s a deleted sandbox's stuck uploads held ~350 MB that long (re-check h48g).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
