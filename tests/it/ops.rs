@@ -687,8 +687,9 @@ async fn an_upload_stopped_by_a_store_change_after_an_early_answer_is_audited_as
     let real = "sk-ops-audit-rotated-0001";
     let e = body_secret(real).await;
     let key = e.sb.token("KEY");
+    // 200 ms apart: the change lands while pieces are still to go (50 ms left ~2 s; h49a).
     let chunks = token_pieces(&key, 40, 16 << 10);
-    let a = send_paced(&e, "/early-rotated", chunks, Duration::from_millis(50)).await;
+    let a = send_paced(&e, "/early-rotated", chunks, Duration::from_millis(200)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     let hosts = ["api.example.test"];
     let locs = ["body"];

@@ -68,6 +68,12 @@ pub(super) fn watch(
     tokio::spawn(async move {
         let _slot = held;
         let why = tokio::select! {
+            // The sandbox's end first: it is the cause when both are ready (review h49a).
+            biased;
+            // Its buffers go with the sandbox, not a response timeout later (re-check h48g).
+            // The deferred audit line's task may have taken the body back first: the
+            // connection is cut all the same.
+            () = sandbox.ended() => "its sandbox ended".to_owned(),
             idle = until_over_or_stalled(&progress, &detach, stall) => match idle {
                 // Marked before the drop: the deferred audit line reads it then.
                 Some(idle) => match progress.mark_cut() {
@@ -76,8 +82,6 @@ pub(super) fn watch(
                 },
                 None => return,
             },
-            // Its buffers go with the sandbox, not a response timeout later (re-check h48g).
-            () = sandbox.ended() => "its sandbox ended".to_owned(),
         };
         detach.drop_body();
         if let Some(conn) = conn {
