@@ -231,7 +231,13 @@ impl Line {
                 // (CI, stop 59: the line had no code about half the time).
                 biased;
                 // The sandbox's own upload outlives it no more (it held the line back; review).
-                () = line.t.sandbox.ended() => line.sandbox_ended(),
+                // One that ended on its own just before is not called cut (review h49c).
+                () = line.t.sandbox.ended() => {
+                    let d = &line.pending.detach;
+                    if d.reader_holds() || d.was_taken_back() {
+                        line.sandbox_ended();
+                    }
+                }
                 () = line.pending.body.over() => {}
             }
             line.write();

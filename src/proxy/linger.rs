@@ -24,7 +24,7 @@
 //! client that reads the answer stops sending and closes, which ends it at once.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -196,16 +196,32 @@ async fn drop_rest(mut body: Incoming, bounds: Bounds) {
 /// answer is a 504) the body would stay with hyper's task writing to that upstream, unread,
 /// and a client that writes its whole body before reading never saw the answer. Dropped,
 /// its [`Lingering`] drains the rest.
-pub struct Detachable(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
+pub struct Detachable(Arc<Slot>);
 
 /// The forwarder's hold on a [`Detachable`] body.
 #[derive(Clone)]
-pub struct Detach(Arc<Mutex<Option<crate::proxy::ProxyBody>>>);
+pub struct Detach(Arc<Slot>);
+
+/// What a [`Detachable`] and its [`Detach`] share.
+///
+/// Invariant: `taken_back` is set only by [`Detach::drop_body`] when it took the body, and
+/// `reader_gone` only by the reader's drop; neither is cleared.
+struct Slot {
+    body: Mutex<Option<crate::proxy::ProxyBody>>,
+    /// The forwarder took the body back ([`Detach::drop_body`]) before its reader was done.
+    taken_back: AtomicBool,
+    /// The reader (hyper's exchange) dropped the [`Detachable`]: read to its end, or given up.
+    reader_gone: AtomicBool,
+}
 
 impl Detachable {
     /// Wraps `body`; the handle takes it back.
     pub fn new(body: crate::proxy::ProxyBody) -> (Detachable, Detach) {
-        let slot = Arc::new(Mutex::new(Some(body)));
+        let slot = Arc::new(Slot {
+            body: Mutex::new(Some(body)),
+            taken_back: AtomicBool::new(false),
+            reader_gone: AtomicBool::new(false),
+        });
         (Detachable(slot.clone()), Detach(slot))
     }
 }
@@ -216,7 +232,8 @@ impl Detachable {
 /// by the handle, such lines waited for the daemon's stop).
 impl Drop for Detachable {
     fn drop(&mut self) {
-        let body = self.0.lock().map(|mut b| b.take());
+        let body = self.0.body.lock().map(|mut b| b.take());
+        self.0.reader_gone.store(true, Ordering::Release);
         drop(body); // outside the lock, as in `drop_body`
     }
 }
@@ -224,12 +241,28 @@ impl Drop for Detachable {
 impl Detach {
     /// True once the body is gone: read to its end and dropped by its reader, or taken back.
     pub fn is_taken(&self) -> bool {
-        self.0.lock().map_or(true, |b| b.is_none())
+        self.0.body.lock().map_or(true, |b| b.is_none())
+    }
+
+    /// True while the reader (hyper's exchange) still holds the body's wrapper: the exchange,
+    /// and on HTTP/1 its connection, are not done with it. Once false, hyper has let go (an
+    /// HTTP/1 connection may be back in its pool, serving another request).
+    pub fn reader_holds(&self) -> bool {
+        !self.0.reader_gone.load(Ordering::Acquire)
+    }
+
+    /// True once [`Detach::drop_body`] took the body from its reader: the upload did not end
+    /// on its own.
+    pub fn was_taken_back(&self) -> bool {
+        self.0.taken_back.load(Ordering::Acquire)
     }
 
     /// Drops the body wherever it is; its reader then sees it end.
     pub fn drop_body(&self) {
-        let body = self.0.lock().map(|mut b| b.take());
+        let body = self.0.body.lock().map(|mut b| b.take());
+        if matches!(body, Ok(Some(_))) {
+            self.0.taken_back.store(true, Ordering::Release);
+        }
         drop(body); // outside the lock: dropping it may spawn the drain
     }
 }
@@ -242,7 +275,7 @@ impl Body for Detachable {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, crate::proxy::BoxError>>> {
-        let Ok(mut slot) = self.0.lock() else {
+        let Ok(mut slot) = self.0.body.lock() else {
             return Poll::Ready(None);
         };
         match slot.as_mut() {
@@ -253,12 +286,14 @@ impl Body for Detachable {
 
     fn is_end_stream(&self) -> bool {
         self.0
+            .body
             .lock()
             .map_or(true, |b| b.as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
         self.0
+            .body
             .lock()
             .ok()
             .and_then(|b| b.as_ref().map(Body::size_hint))
@@ -269,7 +304,6 @@ impl Body for Detachable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
@@ -298,18 +332,22 @@ mod tests {
         use http_body_util::BodyExt as _;
         let dropped = Arc::new(AtomicBool::new(false));
         let (reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
+        assert!(handle.reader_holds());
         drop(reader);
         assert!(
             dropped.load(Ordering::SeqCst),
             "the handle kept the body alive"
         );
         handle.drop_body(); // nothing left to take: no panic
+        assert!(!handle.reader_holds() && !handle.was_taken_back());
 
         let dropped = Arc::new(AtomicBool::new(false));
         let (reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
         handle.drop_body();
         assert!(dropped.load(Ordering::SeqCst));
+        assert!(handle.reader_holds() && handle.was_taken_back());
         drop(reader);
+        assert!(!handle.reader_holds());
     }
 
     #[tokio::test]

@@ -67,26 +67,27 @@ pub(super) fn watch(
     let (held, sandbox, dest) = (slot.clone(), t.sandbox.clone(), t.dest.to_string());
     tokio::spawn(async move {
         let _slot = held;
-        let why = tokio::select! {
-            // The sandbox's end first: it is the cause when both are ready (review h49a).
-            biased;
-            // Its buffers go with the sandbox, not a response timeout later (re-check h48g).
-            // The deferred audit line's task may have taken the body back first: the
-            // connection is cut all the same.
-            () = sandbox.ended() => "its sandbox ended".to_owned(),
-            idle = until_over_or_stalled(&progress, &detach, stall) => match idle {
-                // Marked before the drop: the deferred audit line reads it then.
-                Some(idle) => match progress.mark_cut() {
-                    Stall::Upstream => format!("the upstream took nothing for {} s", idle.as_secs()),
-                    Stall::Sandbox => format!("the sandbox sent nothing for {} s", idle.as_secs()),
-                },
-                None => return,
-            },
+        let Some(cut) = cause(&sandbox, &progress, &detach, stall).await else {
+            return;
         };
         detach.drop_body();
         if let Some(conn) = conn {
             conn.cut_connection();
         }
+        let why = match cut {
+            Cut::SandboxEnded => "its sandbox ended".to_owned(),
+            Cut::Stalled(Stall::Upstream, idle) => {
+                format!("the upstream took nothing for {} s", idle.as_secs())
+            }
+            Cut::Stalled(Stall::Sandbox, idle) => {
+                format!("the sandbox sent nothing for {} s", idle.as_secs())
+            }
+            // Its refusal has its audit line; this is the connection's end only.
+            Cut::TakenBack => {
+                tracing::debug!(sandbox = &*sandbox.id, host = %dest, "a refused upload's connection was ended");
+                return;
+            }
+        };
         tracing::info!(
             sandbox = &*sandbox.id,
             host = %dest,
@@ -97,19 +98,54 @@ pub(super) fn watch(
     AnswerSlot::Shared { _slot: slot }
 }
 
-/// Waits until the upload is over (None) or has not moved for `stall` (how long it has not).
+/// Why a watched upload is cut.
+enum Cut {
+    /// Its sandbox ended while hyper still held it.
+    SandboxEnded,
+    /// It did not move for the response timeout (how long), stalled by that side.
+    Stalled(Stall, Duration),
+    /// The forwarder took it back (its answer was refused) while hyper still held it: on
+    /// HTTP/1, hyper may be blocked writing it into a socket its origin does not read.
+    TakenBack,
+}
+
+/// Waits for the reason to cut the upload, or for its end (None: nothing to cut).
+async fn cause(
+    sandbox: &crate::sandbox::Sandbox,
+    progress: &Progress,
+    detach: &Detach,
+    stall: Duration,
+) -> Option<Cut> {
+    tokio::select! {
+        // The sandbox's end first: it is the cause when both are ready (review h49a).
+        biased;
+        // Its buffers go with the sandbox, not a response timeout later (re-check h48g). The
+        // deferred audit line's task may have taken the body back first: the connection is
+        // cut all the same. Once hyper let go, its connection may serve another request:
+        // left alone (review h49c).
+        () = sandbox.ended() => detach.reader_holds().then_some(Cut::SandboxEnded),
+        cut = until_over_or_stalled(progress, detach, stall) => cut,
+    }
+}
+
+/// Waits until hyper let go of the upload (None: over, or its exchange ended), the forwarder
+/// took it back, or it has not moved for `stall` (marked on `progress` before it returns, so
+/// the deferred audit line reads why).
 async fn until_over_or_stalled(
     progress: &Progress,
     detach: &Detach,
     stall: Duration,
-) -> Option<Duration> {
+) -> Option<Cut> {
     loop {
-        if detach.is_taken() {
+        if !detach.reader_holds() {
             return None;
+        }
+        if detach.was_taken_back() {
+            return Some(Cut::TakenBack);
         }
         let idle = progress.last().elapsed();
         if idle >= stall {
-            return Some(idle);
+            return Some(Cut::Stalled(progress.mark_cut(), idle));
         }
         tokio::time::sleep((stall - idle).min(LOOK_EVERY)).await;
     }

@@ -11,8 +11,11 @@
 //! Only HTTP/1: such a connection carries that one exchange, which can no longer complete.
 //! An h2 connection carries other streams, and is left alone.
 //!
-//! Invariant: once [`Cut::cut`] returns, every later I/O call on the connection fails, and a
-//! task parked on it by an I/O call that returned `Pending` has been woken.
+//! Invariant: once [`Cut::cut`] returns, every later I/O call on the connection fails, and
+//! the task parked on it by its last I/O call that returned `Pending` has been woken. That is
+//! enough because one task (hyper's dispatcher) polls an HTTP/1 connection, and its last
+//! `Pending` read stays registered while it waits on anything else, the request body included
+//! (review h49c; test `an_http1_upload_its_sandbox_stalled_after_the_answer_gives_back_its_connection_when_cut`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1352,10 +1352,11 @@ async fn audit_line(h: &crate::support::daemon::Harness, path: &str) -> serde_js
     }
 }
 
-/// An HTTP/1 origin that answers every request at once (after its head) and then never reads
-/// its connection again, holding it open for a minute.
+/// An HTTP/1 origin that answers every request with `answer` at once (after its head) and
+/// then never reads its connection again, holding it open for a minute.
 async fn h1_origin_that_answers_and_never_reads(
     tls: std::sync::Arc<rustls::ServerConfig>,
+    answer: &'static [u8],
 ) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -1375,7 +1376,6 @@ async fn h1_origin_that_answers_and_never_reads(
                         _ => return,
                     }
                 }
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                 if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
                     tokio::time::sleep(Duration::from_secs(60)).await;
                 }
@@ -1385,6 +1385,64 @@ async fn h1_origin_that_answers_and_never_reads(
     addr
 }
 
+/// An HTTP/1 upload to an origin that answers `answer` at once and never reads again, from a
+/// sandbox whose upstream connection budget is one: `body` goes up (its first piece after
+/// `token`, when given, with a body secret of the host), its answer is `expect`, and then a
+/// request of the sandbox is refused 429 until the upload's connection is given back.
+/// Returns how long that took; fails after 20 s.
+async fn h1_upload_then_its_connection_given_back(
+    answer: &'static [u8],
+    body: impl FnOnce(&str) -> pc::ReqBody,
+    expect: StatusCode,
+) -> Duration {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    let origin = h1_origin_that_answers_and_never_reads(tls, answer).await;
+    let o = Opts {
+        upstream_toml: "response_timeout_secs = 2\nmax_connections_per_sandbox = 1\n".into(),
+        ..Default::default()
+    };
+    let secrets = [(
+        "KEY",
+        "sk-orphan-h1-0001",
+        Some(&["api.example.test"][..]),
+        Some(&["body"][..]),
+    )];
+    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &secrets, o).await;
+    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+    *req.body_mut() = body(&sb.token("KEY"));
+    let mut up = pc::h1(h.proxy, &sb, API).await;
+    let a = tokio::time::timeout(Duration::from_secs(8), pc::send1(&mut up, req))
+        .await
+        .expect("the upload is answered at once");
+    assert_eq!(a.status, expect, "{}", a.text());
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut c = pc::h1(h.proxy, &sb, API).await;
+        let a = pc::send1(&mut c, pc::get("/after", "api.example.test", &[])).await;
+        if a.status != StatusCode::TOO_MANY_REQUESTS {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the cut upload's connection was never given back: {}",
+            a.text()
+        );
+    }
+}
+
+const H1_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// 64 KiB every 10 ms after `first`: the sockets' buffers are full within a second or two.
+fn fast_upload(first: &str) -> pc::ReqBody {
+    let mut pieces = vec![Bytes::from(vec![b'u'; 65_536]); 3_000];
+    pieces[0] = Bytes::from(format!("{first}{}", "u".repeat(65_536)));
+    pc::paced(pieces, Duration::from_millis(10))
+}
+
 /// The HTTP/1 case: hyper's task stays blocked writing the upload into a socket the origin
 /// never reads, so taking the body back alone left the connection, with its place in the
 /// sandbox's upstream connection budget, until the origin closed it (a minute here): with a
@@ -1392,47 +1450,34 @@ async fn h1_origin_that_answers_and_never_reads(
 /// (`upstream::cut`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_upload_its_origin_stopped_taking_gives_back_its_connection_when_cut() {
-    use crate::support::pki::TestPki;
+    let took =
+        h1_upload_then_its_connection_given_back(H1_OK, |_| fast_upload(""), StatusCode::OK).await;
+    assert!(took < Duration::from_secs(15), "given back after {took:?}");
+}
 
-    let pki = std::sync::Arc::new(TestPki::new());
-    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
-    let origin = h1_origin_that_answers_and_never_reads(tls).await;
-    let o = Opts {
-        upstream_toml: "response_timeout_secs = 2\nmax_connections_per_sandbox = 1\n".into(),
-        ..Default::default()
+/// The same when the sandbox is what stalls: hyper's task then waits on the body, not the
+/// socket, and is woken only through the connection's last `Pending` read (review h49c).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upload_its_sandbox_stalled_after_the_answer_gives_back_its_connection_when_cut() {
+    let body = |_: &str| {
+        let pieces = vec![Bytes::from(vec![b'u'; 4_096]), Bytes::from_static(b"late")];
+        pc::paced_from(pieces, Duration::from_secs(60), Duration::from_secs(60))
     };
-    let (h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
-    // 64 KiB every 10 ms: the sockets' buffers are full within a second or two.
-    let body = pc::paced(
-        vec![Bytes::from(vec![b'u'; 65_536]); 3_000],
-        Duration::from_millis(10),
-    );
-    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
-    *req.body_mut() = body;
-    let mut up = pc::h1(h.proxy, &sb, API).await;
-    let a = tokio::time::timeout(Duration::from_secs(5), pc::send1(&mut up, req))
-        .await
-        .expect("the upload is answered at once");
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    let started = Instant::now();
-    let freed = loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let mut c = pc::h1(h.proxy, &sb, API).await;
-        let a = pc::send1(&mut c, pc::get("/after", "api.example.test", &[])).await;
-        if a.status == StatusCode::OK {
-            break started.elapsed();
-        }
-        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the cut upload's connection was never given back: {}",
-            a.text()
-        );
-    };
-    assert!(
-        freed < Duration::from_secs(15),
-        "given back after {freed:?}"
-    );
+    let took = h1_upload_then_its_connection_given_back(H1_OK, body, StatusCode::OK).await;
+    assert!(took < Duration::from_secs(15), "given back after {took:?}");
+}
+
+/// An upload whose early answer sealgate refuses (a 206 from a scrubbed host) is taken back
+/// with the refusal; on HTTP/1 hyper stayed blocked writing it, and the watch, seeing the body
+/// gone, ended without cutting the connection (review h49c, MEDIUM): it is cut now too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upload_whose_early_answer_is_refused_gives_back_its_connection() {
+    const PARTIAL: &[u8] =
+        b"HTTP/1.1 206 Partial Content\r\ncontent-range: bytes 0-1/9\r\ncontent-length: 2\r\n\r\nok";
+    let took =
+        h1_upload_then_its_connection_given_back(PARTIAL, fast_upload, StatusCode::BAD_GATEWAY)
+            .await;
+    assert!(took < Duration::from_secs(15), "given back after {took:?}");
 }
 
 /// Such an upload is cut when its sandbox ends, not a response timeout later: at the
