@@ -443,7 +443,7 @@ async fn readyz_fails_while_the_database_is_unusable() {
 
 /// The audit line of the request to `path`, waited for (up to 20 s: some are written when
 /// their body ends).
-async fn request_line(h: &crate::support::daemon::Harness, path: &str) -> Value {
+pub(crate) async fn request_line(h: &crate::support::daemon::Harness, path: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let found = audit_events(&h.audit_log())

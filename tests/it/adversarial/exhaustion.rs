@@ -1326,30 +1326,13 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
         logs.contains("an upload still going after its answer was cut: the upstream took nothing"),
         "the cut is not logged"
     );
-    let line = audit_line(&h, "/up-sealed").await;
+    let line = crate::ops::request_line(&h, "/up-sealed").await;
     assert_eq!(line["code"], "upstream_timeout", "{line}");
     assert_eq!(line["unsealed"], serde_json::json!(["KEY"]), "{line}");
     assert!(
         line["rule"].as_str().unwrap().contains("the rest was cut"),
         "{line}"
     );
-}
-
-/// The audit line of the request to `path`, waited for (up to 10 s).
-async fn audit_line(h: &crate::support::daemon::Harness, path: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = h
-            .audit_log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["kind"] == "request" && v["path"] == path);
-        if let Some(line) = found {
-            return line;
-        }
-        assert!(Instant::now() < deadline, "no audit line for {path}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// An HTTP/1 origin that answers every request with `answer` at once (after its head) and
