@@ -32,7 +32,6 @@ use super::progress::{Progress, Stall};
 use super::refusal::{Code, Refusal};
 use super::response_scrub::{Place, Scope};
 use super::unframed::Ahead;
-use super::upstream::OverheadOf;
 use super::{LiveSettings, ProxyBody, Tunnel};
 use crate::audit::RequestEvent;
 use crate::policy::Scheme;
@@ -463,10 +462,7 @@ async fn exchange(
         }
     }
     let resp = sent?;
-    let conn = streaming
-        .as_ref()
-        .and_then(|_| resp.extensions().get::<OverheadOf>().cloned());
-    let slot = orphan::watch(t, rt, slot, streaming, conn);
+    let slot = orphan::watch(t, rt, slot, streaming, resp.extensions());
     let mut scope = Scope::since(t, generation);
     let scrubber = answer_scrubber(t, &view, &mut scope)?;
     let scrubbing = (scrubber.clone(), scope.clone());

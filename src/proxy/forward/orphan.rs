@@ -49,19 +49,21 @@ pub(super) enum AnswerSlot {
 
 /// Watches an upload still going when its answer came (see the module docs), if `upload` is
 /// one: the slot is then shared with the watch, which holds it until the upload is over and
-/// takes the upload back once it has not moved for the response timeout. `conn`, an HTTP/1
-/// answer's connection, is ended with the cut: it carries only this exchange, which can no
-/// longer complete, and hyper's task on it would wait for the origin to close it.
+/// takes the upload back once it has not moved for the response timeout. An HTTP/1 answer's
+/// connection (in its `answer` extensions) is ended with the cut: it carries only this
+/// exchange, which can no longer complete, and hyper's task on it would wait for the origin to
+/// close it.
 pub(super) fn watch(
     t: &Tunnel,
     rt: &LiveSettings,
     slot: SlotGuard,
     upload: Option<(Arc<Progress>, Detach)>,
-    conn: Option<OverheadOf>,
+    answer: &http::Extensions,
 ) -> AnswerSlot {
     let Some((progress, detach)) = upload.filter(|(_, d)| !d.is_taken()) else {
         return AnswerSlot::Own { _slot: slot };
     };
+    let conn = answer.get::<OverheadOf>().cloned();
     let stall = rt.upstream.config.response_timeout;
     let slot = Arc::new(slot);
     let (held, sandbox, dest) = (slot.clone(), t.sandbox.clone(), t.dest.to_string());

@@ -11,10 +11,12 @@
 //! Only HTTP/1: such a connection carries that one exchange, which can no longer complete.
 //! An h2 connection carries other streams, and is left alone.
 //!
-//! Invariant: once [`Cut::cut`] returns, every later I/O call on the connection fails, and
+//! Invariant: once [`Cut::cut`] returns, every later read, write or flush on the connection
+//! fails (a shutdown goes on), and
 //! the task parked on it by its last I/O call that returned `Pending` has been woken. That is
-//! enough because one task (hyper's dispatcher) polls an HTTP/1 connection, and its last
-//! `Pending` read stays registered while it waits on anything else, the request body included
+//! enough because one task (hyper's dispatcher, or the relay after an upgrade) polls an
+//! HTTP/1 connection, and a registration stays until a cut takes it, so its last `Pending`
+//! read still covers a wait on anything else, the request body included
 //! (review h49c; test `an_http1_upload_its_sandbox_stalled_after_the_answer_gives_back_its_connection_when_cut`).
 
 use std::io;
