@@ -357,6 +357,12 @@ where
             self.publish();
             return Err(BodyError::OverBudget);
         }
+        if self.subst.report().unsealed.len() > names {
+            // A value is on its way: the report names it now, not only at the body's end or
+            // drop (a stop that drops the audit line's task first wrote `"unsealed": []` for
+            // uploads whose values had gone up: outside pass h49b).
+            self.publish();
+        }
         Ok(())
     }
 
@@ -819,6 +825,24 @@ mod tests {
         let (rest, ended) = drain_ready(&mut body);
         assert_eq!((rest.as_slice(), ended), (&b"o"[..], true));
         assert!(body.is_end_stream());
+    }
+
+    /// The report names a value as soon as its chunk's output is passed on, while the body is
+    /// still going (read by an audit line written before the body ends or is dropped).
+    #[test]
+    fn a_value_passed_on_is_reported_before_the_body_ends() {
+        let f = fixture();
+        let input = f.allowed.to_string();
+        let mut body = SubstBody::new(
+            Script::data(&[input.as_bytes(), b" and more"]).then(None),
+            BodySubst::new(as_dyn(&f), OnDisallowed::Block),
+        );
+        let outcome = body.outcome();
+        let (data, ended) = drain_ready(&mut body);
+        assert!(data.starts_with(b"sk-live-ALLOWED"), "{data:?}");
+        assert!(!ended);
+        assert_eq!(outcome.report().unsealed, vec![Arc::from("ALLOWED")]);
+        drop(body);
     }
 
     #[test]
