@@ -328,7 +328,7 @@ fn stalled_after_answer(stall: Stall) -> Refusal {
     match stall {
         Stall::Upstream => Refusal::new(
             Code::UpstreamTimeout,
-            "the upstream took none of the upload for upstream.response_timeout_secs after it answered; the rest was cut",
+            "nothing more of the upload could be written to the upstream for upstream.response_timeout_secs after it answered; the rest was cut",
         ),
         Stall::Sandbox => Refusal::new(
             Code::RequestTimeout,

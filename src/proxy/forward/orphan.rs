@@ -79,7 +79,10 @@ pub(super) fn watch(
         let why = match cut {
             Cut::SandboxEnded => "its sandbox ended".to_owned(),
             Cut::Stalled(Stall::Upstream, idle) => {
-                format!("the upstream took nothing for {} s", idle.as_secs())
+                format!(
+                    "nothing more could be written upstream for {} s",
+                    idle.as_secs()
+                )
             }
             Cut::Stalled(Stall::Sandbox, idle) => {
                 format!("the sandbox sent nothing for {} s", idle.as_secs())
