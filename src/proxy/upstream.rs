@@ -535,6 +535,25 @@ enum Io {
     H2(Box<TokioIo<RefuseAfterGoaway<TlsStream>>>),
 }
 
+/// A cut connection ([`cut`]) closes with a reset: its origin was not reading, and a normal
+/// close left what was still unsent queued in the kernel for minutes, each (outside pass
+/// h49b: ~1 GB of the host's TCP memory after 250 cut uploads).
+impl Drop for UpstreamStream {
+    fn drop(&mut self) {
+        let (tcp, overhead) = match &self.io {
+            Io::Plain(s) => (s.inner().get_ref(), s.inner().overhead()),
+            Io::Tls(s) => (
+                s.inner().get_ref().get_ref().0.get_ref(),
+                s.inner().overhead(),
+            ),
+            Io::H2(_) => return,
+        };
+        if overhead.cut.is_cut() {
+            let _ = tcp.set_zero_linger();
+        }
+    }
+}
+
 impl Connection for UpstreamStream {
     /// An HTTP/1 connection hands its [`Overhead`] to each of its answers ([`OverheadOf`]).
     fn connected(&self) -> Connected {

@@ -41,9 +41,14 @@ impl Cut {
         self.parked.wake();
     }
 
+    /// True once thrown.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
     /// `Err` once thrown (checked before each I/O call).
     pub fn check(&self) -> io::Result<()> {
-        if self.cut.load(Ordering::Acquire) {
+        if self.is_cut() {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the upload on this connection was cut: the connection is closed",

@@ -126,6 +126,11 @@ impl<S> Counted<S> {
     pub fn overhead(&self) -> Arc<Overhead> {
         self.overhead.clone()
     }
+
+    /// The stream it wraps.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
