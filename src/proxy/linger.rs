@@ -276,7 +276,7 @@ impl Body for Detachable {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, crate::proxy::BoxError>>> {
         let Ok(mut slot) = self.0.body.lock() else {
-            return Poll::Ready(None);
+            return Poll::Ready(Some(Err("the request body's lock was poisoned".into())));
         };
         match slot.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
@@ -284,11 +284,14 @@ impl Body for Detachable {
         }
     }
 
+    /// Never true for a body taken back: hyper, asked between a chunk and its next poll,
+    /// ended such an upload cleanly (a final chunk, `END_STREAM`), and the origin took a
+    /// truncated request for a whole one (review h49d). Polled instead, it fails.
     fn is_end_stream(&self) -> bool {
         self.0
             .body
             .lock()
-            .map_or(true, |b| b.as_ref().is_none_or(Body::is_end_stream))
+            .is_ok_and(|b| b.as_ref().is_some_and(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -342,10 +345,16 @@ mod tests {
         assert!(!handle.reader_holds() && !handle.was_taken_back());
 
         let dropped = Arc::new(AtomicBool::new(false));
-        let (reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
+        let (mut reader, handle) = Detachable::new(Flagged(dropped.clone()).boxed_unsync());
         handle.drop_body();
         assert!(dropped.load(Ordering::SeqCst));
         assert!(handle.reader_holds() && handle.was_taken_back());
+        // Taken back, it does not say it is over (hyper would end the upload cleanly): it
+        // fails when polled.
+        assert!(!reader.is_end_stream());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let polled = Pin::new(&mut reader).poll_frame(&mut cx);
+        assert!(matches!(polled, Poll::Ready(Some(Err(_)))));
         drop(reader);
         assert!(!handle.reader_holds());
     }

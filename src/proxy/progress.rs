@@ -32,7 +32,7 @@ pub struct Progress {
 /// Which side stopped a body the orphan watch cut after its answer (`forward::orphan`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stall {
-    /// The upstream took none of it: it was not polled.
+    /// Nothing more could be written upstream: it was not polled.
     Upstream = 1,
     /// The sandbox sent none of it: it was polled and had nothing.
     Sandbox = 2,

@@ -520,6 +520,9 @@ type TlsStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// An upstream connection, holding its place in its sandbox's [`Budget`] and in the
 /// daemon's ([`Counts::connections`]) until dropped.
+///
+/// Field order matters: `io` is dropped (the socket closed) before `_slots` gives the places
+/// back, so whoever gets a place finds the connection gone.
 pub struct UpstreamStream {
     io: Io,
     _slots: (crate::sandbox::BudgetSlot, crate::sandbox::BudgetSlot),

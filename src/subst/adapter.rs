@@ -333,6 +333,7 @@ where
     fn data(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) -> Result<(), BodyError> {
         let report = self.subst.report();
         let (before, names, mark) = (report.unsealed_bytes, report.unsealed.len(), out.len());
+        let refused = report.refused.len();
         if let Err(denied) = self.subst.push(chunk, out) {
             self.kept_names = Some(names);
             self.outcome.set_denied(denied.clone());
@@ -357,10 +358,11 @@ where
             self.publish();
             return Err(BodyError::OverBudget);
         }
-        if self.subst.report().unsealed.len() > names {
-            // A value is on its way: the report names it now, not only at the body's end or
-            // drop (a stop that drops the audit line's task first wrote `"unsealed": []` for
-            // uploads whose values had gone up: outside pass h49b).
+        let report = self.subst.report();
+        if report.unsealed.len() > names || report.refused.len() > refused {
+            // A value (or a token sent sealed) is on its way: the report names it now, not
+            // only at the body's end or drop (a stop that drops the audit line's task first
+            // wrote `"unsealed": []` for uploads whose values had gone up: outside pass h49b).
             self.publish();
         }
         Ok(())
@@ -842,6 +844,22 @@ mod tests {
         assert!(data.starts_with(b"sk-live-ALLOWED"), "{data:?}");
         assert!(!ended);
         assert_eq!(outcome.report().unsealed, vec![Arc::from("ALLOWED")]);
+        drop(body);
+    }
+
+    /// So is a token sent sealed (`forward_sealed`): the line names it as refused.
+    #[test]
+    fn a_token_sent_sealed_is_reported_before_the_body_ends() {
+        let f = fixture();
+        let input = format!("x={} and more", f.denied);
+        let mut body = SubstBody::new(
+            Script::data(&[input.as_bytes()]).then(None),
+            BodySubst::new(as_dyn(&f), OnDisallowed::ForwardSealed),
+        );
+        let outcome = body.outcome();
+        let (_, ended) = drain_ready(&mut body);
+        assert!(!ended);
+        assert_eq!(outcome.report().refused.len(), 1);
         drop(body);
     }
 

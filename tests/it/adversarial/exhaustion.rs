@@ -1427,7 +1427,7 @@ async fn h1_upload_then_its_connection_given_back(
 /// Sockets of this host to loopback port `port` in FIN-WAIT-1 (closed by this side, their
 /// unsent bytes still queued), from /proc/net/tcp.
 fn closing_to(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     let remote = format!(":{port:04X}");
     table
         .lines()
