@@ -1945,7 +1945,10 @@ async fn a_request_the_stop_cuts_is_audited_as_the_stops() {
     let waiting = tokio::spawn(async move {
         let _ = pending.await;
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for the request to reach the daemon on a loaded machine (review h49a: at 300 ms
+    // an unparsed request meant an idle connection closed, and no line); the stop at 0.8 s
+    // plus the 1 s grace still cuts it before its 3 s.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     b.signal(libc::SIGTERM);
     assert!(b.wait_exit(Duration::from_secs(15)).await.success());
     let _ = waiting.await;

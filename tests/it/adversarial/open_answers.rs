@@ -193,7 +193,9 @@ async fn an_answer_ends_once_its_sandbox_is_deleted() {
     let e = env().await;
     let mut c = pc::h1(e.h.proxy, &e.sb, API).await;
     c.ready().await.unwrap();
-    let req = pc::get("/slow?ms=200&chunks=25", "api.example.test", &[]);
+    // 500 ms apart: the delete lands before the next two chunks even on a loaded machine
+    // (review h49a: at 200 ms it had ~600 ms).
+    let req = pc::get("/slow?ms=500&chunks=25", "api.example.test", &[]);
     let resp = c.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
