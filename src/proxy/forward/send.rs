@@ -142,15 +142,16 @@ async fn send_streamed(
 ) -> Attempt {
     let which = if websocket { Which::H1 } else { Which::Either };
     let mut head = head;
-    let mut captured = None;
+    let mut unanswered = CutUnanswered(None);
     if !websocket {
         frame_streamed(&mut head, &body);
-        captured = ask_keep_alive(&mut head, which);
+        unanswered.0 = ask_keep_alive(&mut head, which);
     }
     let sent = client(rt, t, which)
         .request(attach(t, head, UpBody::Streamed(body)))
-        .await
-        .inspect(|r| honour(rt, r, captured.as_ref()));
+        .await;
+    let captured = unanswered.0.take();
+    let sent = sent.inspect(|r| honour(rt, r, captured.as_ref()));
     if let Some(cap) = sent
         .as_ref()
         .err()
@@ -159,6 +160,30 @@ async fn send_streamed(
         drop_idle(t, rt, cap);
     }
     sent
+}
+
+/// A streamed upload's exchange dropped before it ended (the response timeout's 504, the
+/// client gone) ends its HTTP/1 connection ([`crate::proxy::upstream::OverheadOf::cut_connection`]):
+/// hyper's task, blocked writing into a socket an origin that neither answers nor reads had
+/// stopped taking, held the connection, its place in the sandbox's upstream budget and
+/// megabytes of queued upload for as long as the origin kept it (outside pass h49e: minutes;
+/// two such 504s at a cap of two refused every later request 429). Such a connection could
+/// not carry another exchange anyway. Holds the captured connection until the exchange ends.
+struct CutUnanswered(Option<Captured>);
+
+impl Drop for CutUnanswered {
+    fn drop(&mut self) {
+        let Some(Captured(captured)) = self.0.take() else {
+            return;
+        };
+        let mut extras = http::Extensions::new();
+        if let Some(connected) = captured.connection_metadata().as_ref() {
+            connected.get_extras(&mut extras);
+        }
+        if let Some(conn) = extras.get::<crate::proxy::upstream::OverheadOf>() {
+            conn.cut_connection();
+        }
+    }
 }
 
 /// hyper's h1 client assumes a GET or HEAD has no body: one of unknown length goes out as no
