@@ -153,6 +153,12 @@ pub struct RawProxy {
     pub linger_timeout_secs: Option<u64>,
     /// Bytes; 0 = no lingering.
     pub linger_max_bytes: Option<u64>,
+    /// Bytes.
+    pub h2_stream_window_bytes: Option<u32>,
+    /// Bytes.
+    pub h2_connection_window_bytes: Option<u32>,
+    /// Bytes.
+    pub h2_send_buffer_bytes: Option<usize>,
 }
 
 /// `[upstream]`.
@@ -191,6 +197,12 @@ pub struct RawUpstream {
     pub max_response_header_bytes: Option<usize>,
     /// Count.
     pub max_response_header_fields: Option<usize>,
+    /// Bytes.
+    pub h2_stream_window_bytes: Option<u32>,
+    /// Bytes.
+    pub h2_connection_window_bytes: Option<u32>,
+    /// Bytes.
+    pub h2_send_buffer_bytes: Option<usize>,
 }
 
 /// `[sandbox]`.
@@ -405,6 +417,9 @@ pub struct ProxyConfig {
     /// What the client still sends after sealgate answered early is read and dropped within
     /// these (`proxy::linger`; `linger_timeout_secs`, `linger_max_bytes`), per stage.
     pub linger: LingerBounds,
+    /// The h2 flow-control windows sealgate opens to a sandbox's uploads and the answer bytes
+    /// it queues per stream for a sandbox's client (`h2_*_bytes`).
+    pub h2: H2Buffers,
 }
 
 /// `[upstream]`, validated.
@@ -448,6 +463,9 @@ pub struct UpstreamConfig {
     /// Header fields an HTTP/1.1 origin's response head may have (hyper's client refuses more;
     /// past its default of 100 it allocates room for this many on every response).
     pub max_response_header_fields: usize,
+    /// The h2 flow-control windows sealgate opens to an h2 origin's answers and the upload
+    /// bytes it queues per stream for the origin (`h2_*_bytes`).
+    pub h2: H2Buffers,
 }
 
 /// `[sandbox]`, validated.
@@ -987,6 +1005,16 @@ impl RawProxy {
                 BUSY_POLL_RANGE_US,
             )),
             linger: linger_bounds(p, self.linger_timeout_secs, self.linger_max_bytes),
+            h2: h2_buffers(
+                p,
+                "proxy",
+                (
+                    self.h2_stream_window_bytes,
+                    self.h2_connection_window_bytes,
+                    self.h2_send_buffer_bytes,
+                ),
+                H2Buffers::PROXY,
+            ),
         }
     }
 }
@@ -1040,6 +1068,88 @@ fn linger_bounds(p: &mut Problems, secs: Option<u64>, bytes: Option<u64>) -> Lin
     LingerBounds {
         wait: Duration::from_secs(secs),
         bytes,
+    }
+}
+
+/// One side's h2 buffers: what a peer may send ahead on a stream and on a connection before
+/// sealgate's reader takes it (the flow-control windows sealgate advertises), and what sealgate
+/// queues on one stream for a peer that is not taking it.
+///
+/// Invariant: what one stream holds while its reader on the other side does not read is
+/// bounded by these — a window's bytes (measured: about twice that in memory) and a send
+/// buffer — and so is what one connection holds, by its connection window. Throughput of one stream is at most its window per round
+/// trip to the peer (ARCHITECTURE.md, "h2 windows").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Buffers {
+    /// `SETTINGS_INITIAL_WINDOW_SIZE`: bytes a peer may send on one stream ahead of sealgate.
+    pub stream_window: u32,
+    /// The connection window: bytes a peer may send on all streams together ahead of sealgate
+    /// (never below h2's initial 65,535).
+    pub connection_window: u32,
+    /// Bytes queued on one stream for a peer whose window or socket is full.
+    pub send_buffer: usize,
+}
+
+impl H2Buffers {
+    /// `[proxy]`'s defaults: the sandbox is on this host, so small windows cost its uploads
+    /// nothing measurable (a round trip of microseconds).
+    pub const PROXY: H2Buffers = H2Buffers {
+        stream_window: 256 << 10,
+        connection_window: 1 << 20,
+        send_buffer: 128 << 10,
+    };
+    /// `[upstream]`'s defaults: 1 MiB per stream is ~50 MB/s at a 20 ms round trip; a sandbox
+    /// that stops reading holds about twice it per stream (hyper's defaults, 2 MiB and 5 MiB,
+    /// held ~4.6 MB per stream).
+    pub const UPSTREAM: H2Buffers = H2Buffers {
+        stream_window: 1 << 20,
+        connection_window: 2 << 20,
+        send_buffer: 256 << 10,
+    };
+}
+
+/// `[proxy]` or `[upstream]` `h2_stream_window_bytes` (16 KiB..=1 GiB),
+/// `h2_connection_window_bytes` (65,535, h2's initial connection window, ..=1 GiB) and
+/// `h2_send_buffer_bytes` (16 KiB..=64 MiB).
+fn h2_buffers(
+    p: &mut Problems,
+    section: &str,
+    (stream, connection, send): (Option<u32>, Option<u32>, Option<usize>),
+    default: H2Buffers,
+) -> H2Buffers {
+    let mut window = |key: &str, value: Option<u32>, default: u32, min: usize| {
+        let v = p.count_from(
+            &format!("{section}.{key}"),
+            value.map(|v| v as usize),
+            default as usize,
+            min,
+            1 << 30,
+        );
+        u32::try_from(v).unwrap_or(default)
+    };
+    let stream_window = window(
+        "h2_stream_window_bytes",
+        stream,
+        default.stream_window,
+        16 << 10,
+    );
+    let connection_window = window(
+        "h2_connection_window_bytes",
+        connection,
+        default.connection_window,
+        65_535,
+    );
+    let send_buffer = p.count_from(
+        &format!("{section}.h2_send_buffer_bytes"),
+        send,
+        default.send_buffer,
+        16 << 10,
+        64 << 20,
+    );
+    H2Buffers {
+        stream_window,
+        connection_window,
+        send_buffer,
     }
 }
 
@@ -1152,6 +1262,16 @@ impl RawUpstream {
                 100,
                 16,
                 10_000,
+            ),
+            h2: h2_buffers(
+                p,
+                "upstream",
+                (
+                    self.h2_stream_window_bytes,
+                    self.h2_connection_window_bytes,
+                    self.h2_send_buffer_bytes,
+                ),
+                H2Buffers::UPSTREAM,
             ),
         }
     }
@@ -1322,6 +1442,59 @@ mod tests {
         let shipped = Config::parse(include_str!("../proxy.toml"), "proxy.toml").unwrap();
         let defaults = Config::default();
         assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+    }
+
+    /// Both sides' h2 buffers: the embedded defaults, a file's values, and each key named
+    /// when out of range.
+    #[test]
+    fn h2_buffers_have_defaults_values_and_ranges() {
+        let d = Config::default();
+        assert_eq!(d.proxy.h2, H2Buffers::PROXY);
+        assert_eq!(d.upstream.h2, H2Buffers::UPSTREAM);
+        let set = Config::parse(
+            "[proxy]\nh2_stream_window_bytes = 65536\nh2_connection_window_bytes = 65535\n\
+             h2_send_buffer_bytes = 16384\n[upstream]\nh2_stream_window_bytes = 8388608\n\
+             h2_connection_window_bytes = 16777216\nh2_send_buffer_bytes = 1048576\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            (set.proxy.h2, set.upstream.h2),
+            (
+                H2Buffers {
+                    stream_window: 65536,
+                    connection_window: 65535,
+                    send_buffer: 16384
+                },
+                H2Buffers {
+                    stream_window: 8 << 20,
+                    connection_window: 16 << 20,
+                    send_buffer: 1 << 20
+                }
+            )
+        );
+        let err = Config::parse(
+            "[proxy]\nh2_stream_window_bytes = 16383\nh2_connection_window_bytes = 65534\n\
+             [upstream]\nh2_stream_window_bytes = 1073741825\nh2_send_buffer_bytes = 67108865\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "proxy.h2_stream_window_bytes: 16383 is out of range",
+            "proxy.h2_connection_window_bytes: 65534 is out of range",
+            "upstream.h2_stream_window_bytes: 1073741825 is out of range",
+            "upstream.h2_send_buffer_bytes: 67108865 is out of range",
+        ] {
+            assert!(err.contains(key), "missing {key} in {err}");
+        }
+        let over = Config::parse("[upstream]\nh2_connection_window_bytes = 4294967296\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            over.contains("upstream.h2_connection_window_bytes"),
+            "{over}"
+        );
     }
 
     #[test]

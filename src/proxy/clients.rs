@@ -179,7 +179,18 @@ fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
         // connections get it as `:authority` only (nginx < 1.25 refuses `Host` beside it).
         .set_host(true);
     head_limits(&mut b, cfg);
+    h2_buffers(&mut b, cfg);
     b
+}
+
+/// The h2 windows and send buffer of every upstream client (`[upstream] h2_*_bytes`,
+/// `config::H2Buffers`). hyper's defaults, a 2 MiB stream and 5 MiB connection window, let an
+/// h2 origin send a sandbox that does not read ~4.6 MB per stream into the daemon's memory
+/// (one stream per connection: 256 such streams of one sandbox took over a GB).
+fn h2_buffers(b: &mut hyper_util::client::legacy::Builder, cfg: &UpstreamConfig) {
+    b.http2_initial_stream_window_size(cfg.h2.stream_window)
+        .http2_initial_connection_window_size(cfg.h2.connection_window)
+        .http2_max_send_buf_size(cfg.h2.send_buffer);
 }
 
 /// The response-head limits of every upstream client.

@@ -513,6 +513,10 @@ fn http1_builder(live: &LiveSettings) -> http1::Builder {
 /// the stream, or — for one field spread over CONTINUATION frames — end the whole connection,
 /// which clients take as "not processed" and retry. Only a head over twice the limit still
 /// meets the h2 crate's answer; the memory it may take stays bounded by that.
+///
+/// The windows and send buffer are `[proxy] h2_*_bytes` (`config::H2Buffers`): hyper's own
+/// (1 MiB windows, a 400 KiB send buffer per stream) let a sandbox that stops reading hold
+/// hundreds of KB per stream.
 fn http2_builder(live: &LiveSettings) -> http2::Builder<TokioExecutor> {
     let p = &live.proxy;
     let mut b = http2::Builder::new(TokioExecutor::new());
@@ -522,7 +526,10 @@ fn http2_builder(live: &LiveSettings) -> http2::Builder<TokioExecutor> {
             u32::try_from(p.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         )
         .max_pending_accept_reset_streams(50)
-        .max_local_error_reset_streams(256);
+        .max_local_error_reset_streams(256)
+        .initial_stream_window_size(p.h2.stream_window)
+        .initial_connection_window_size(p.h2.connection_window)
+        .max_send_buf_size(p.h2.send_buffer);
     b
 }
 

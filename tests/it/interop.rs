@@ -16,6 +16,7 @@ mod matrix;
 mod origins;
 mod regress;
 mod transparent;
+mod windows;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod echo;
+pub mod h2raw;
 pub mod hostile;
 pub mod pg;
 pub mod pki;

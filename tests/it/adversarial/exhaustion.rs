@@ -15,6 +15,7 @@ use super::{
 };
 use crate::proxy_explicit::{daemon_with_origin, setup, setup_with, Env};
 use crate::support::daemon::Opts;
+use crate::support::h2raw::{frame, hpack_get, opening_windows, PREFACE};
 use crate::support::proxy_client::{self as pc, SandboxCreds};
 
 fn opts(proxy_toml: &str) -> Opts {
@@ -325,19 +326,10 @@ async fn a_sandboxs_illegal_server_name_is_not_written_to_the_log() {
     assert_upstream_untouched(&e);
 }
 
-/// One raw h2 frame.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    f.extend([kind, flags]);
-    f.extend(stream.to_be_bytes());
-    f.extend(payload);
-    f
-}
-
 /// The client preface and an empty SETTINGS frame.
 fn h2_preface() -> Vec<u8> {
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(h2_frame(4, 0, 0, &[]));
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(4, 0, 0, &[]));
     out
 }
 
@@ -385,8 +377,8 @@ async fn rapid_resets_end_the_connection_without_a_log_line() {
     let mut out = h2_preface();
     for i in 0..200u32 {
         let stream = 2 * i + 1;
-        out.extend(h2_frame(1, 0x5, stream, &block)); // HEADERS, END_STREAM | END_HEADERS
-        out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+        out.extend(frame(1, 0x5, stream, &block)); // HEADERS, END_STREAM | END_HEADERS
+        out.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
     }
     // GOAWAY (type 7) with ENHANCE_YOUR_CALM (0xb) somewhere in what came back.
     let calm = |seen: &[u8]| seen.windows(4).any(|w| w == [0, 0, 0, 0x0b]) && seen.contains(&7);
@@ -408,9 +400,9 @@ async fn unsolicited_ping_acks_are_not_written_to_the_log() {
     let e = env_with("").await;
     let mut out = h2_preface();
     for _ in 0..200 {
-        out.extend(h2_frame(6, 1, 0, b"pingack!")); // PING, ACK
+        out.extend(frame(6, 1, 0, b"pingack!")); // PING, ACK
     }
-    out.extend(h2_frame(6, 0, 0, b"lastping")); // PING
+    out.extend(frame(6, 0, 0, b"lastping")); // PING
     let answered = |seen: &[u8]| seen.windows(8).any(|w| w == b"lastping");
     assert!(
         h2_exchange(&e, &out, answered).await,
@@ -785,23 +777,17 @@ async fn the_daemons_upstream_connections_are_capped_across_sandboxes() {
 // ---------------------------------------------------------------------------------------------
 // h2 floods (raw frames)
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// HPACK for `GET https://{authority}{path}` (static-table names, literal values).
-fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
-    let mut b = vec![0x82, 0x87, 0x04, path.len() as u8];
-    b.extend_from_slice(path.as_bytes());
-    b.extend_from_slice(&[0x01, authority.len() as u8]);
-    b.extend_from_slice(authority.as_bytes());
-    b
+/// `[proxy] h2_stream_window_bytes` and `h2_connection_window_bytes` are the windows a
+/// sandbox's h2 connection is offered for its uploads (the defaults, against nginx:
+/// `interop::windows`).
+#[tokio::test]
+async fn a_sandbox_is_offered_the_configured_h2_windows() {
+    let e = env_with("h2_stream_window_bytes = 100000\nh2_connection_window_bytes = 300000").await;
+    let mut tls = raw_h2(&e).await;
+    let offered = tokio::time::timeout(Duration::from_secs(5), opening_windows(&mut tls, 8))
+        .await
+        .expect("sealgate's SETTINGS and window update");
+    assert_eq!(offered, (Some(100_000), 300_000));
 }
 
 /// A literal header `x-a: <100 × a>` (never indexed, new name).
