@@ -9,6 +9,7 @@
 
 mod apache;
 mod big;
+mod early;
 mod explicit;
 mod grpc;
 mod load;

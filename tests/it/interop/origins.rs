@@ -434,6 +434,14 @@ fn nginx_locations(dir: &Path) -> String {
             create_full_put_path on;
             client_max_body_size 0;
         }}
+        # Refuses bodies over 64 KiB: from the head when a length is declared, mid-body (after
+        # reading 64 KiB of it) when not.
+        location /dav-capped/ {{
+            alias {d}/dav/;
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 64k;
+        }}
         location ~ ^/repo\.git(/.*)?$ {{
             auth_basic "git";
             auth_basic_user_file {d}/htpasswd;
