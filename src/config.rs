@@ -1098,12 +1098,12 @@ impl H2Buffers {
         connection_window: 1 << 20,
         send_buffer: 128 << 10,
     };
-    /// `[upstream]`'s defaults: 1 MiB per stream is ~50 MB/s at a 20 ms round trip; a sandbox
+    /// `[upstream]`'s defaults: 1 MiB per stream gave ~35 MB/s at a 20 ms round trip; a sandbox
     /// that stops reading holds about twice it per stream (hyper's defaults, 2 MiB and 5 MiB,
     /// held ~4.6 MB per stream).
     pub const UPSTREAM: H2Buffers = H2Buffers {
         stream_window: 1 << 20,
-        connection_window: 2 << 20,
+        connection_window: 4 << 20,
         send_buffer: 256 << 10,
     };
 }
