@@ -149,14 +149,9 @@ impl Clients {
             client_h1: build_client(upstream, connector(upstream::Alpn::H1)),
             client_h2: build_h2_client(upstream, h2_only()),
             client_retry: build_h2_client(upstream, h2_only()),
-            client_fresh: head_limits(
-                Client::builder(TokioExecutor::new())
-                    .pool_max_idle_per_host(0)
-                    .timer(TokioTimer::new())
-                    .set_host(true),
-                upstream,
-            )
-            .build(connector(upstream::Alpn::Either)),
+            client_fresh: client_builder(upstream)
+                .pool_max_idle_per_host(0)
+                .build(connector(upstream::Alpn::Either)),
         }
     }
 }
@@ -169,6 +164,9 @@ fn build_h2_client(cfg: &UpstreamConfig, conn: upstream::Connector) -> UpstreamC
     client_builder(cfg).http2_only(true).build(conn)
 }
 
+/// Every upstream client starts here, so each gets the response-head limits and the h2
+/// buffers (review h50a: the pool-less last resort was built on its own and opened its h2
+/// connections with hyper's 2 MiB / 5 MiB windows).
 fn client_builder(cfg: &UpstreamConfig) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(cfg.pool_idle_timeout)

@@ -1498,6 +1498,54 @@ async fn an_http1_upload_its_origin_never_answers_gives_back_its_connection_afte
     assert!(took < Duration::from_secs(15), "given back after {took:?}");
 }
 
+/// The daemon stops while HTTP/1 uploads are going up to an origin that has stopped reading,
+/// one unanswered and one it answered at once: each connection closes with a reset, as a cut
+/// one does. A normal close left an upload's unsent bytes queued in the kernel and the socket
+/// in FIN-WAIT-1 for minutes after the daemon had exited (outside pass h49e: 40 sockets,
+/// 164 MB after its stop runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_going_up_at_the_stop_leave_no_socket_closing() {
+    for (answer, status) in [(&b""[..], None), (H1_OK, Some(StatusCode::OK))] {
+        upload_going_up_at_the_stop(answer, status).await;
+    }
+}
+
+async fn upload_going_up_at_the_stop(answer: &'static [u8], status: Option<StatusCode>) {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    let origin = h1_origin_that_answers_and_never_reads(tls, answer).await;
+    let o = Opts {
+        proxy_toml: "shutdown_grace_secs = 1\n".into(),
+        ..Default::default()
+    };
+    let (mut h, sb) = crate::proxy_explicit::daemon_with_origin_opts(pki, origin, &[], o).await;
+    let mut req = pc::post("/up", "api.example.test", &[], Bytes::new());
+    *req.body_mut() = fast_upload("");
+    let mut up = pc::h1(h.proxy, &sb, API).await;
+    let upload = tokio::spawn(async move {
+        up.ready().await.ok()?;
+        up.send_request(req).await.ok().map(|a| a.status())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await; // the sockets' buffers fill
+    if let Some(status) = status {
+        assert_eq!(upload.await.unwrap(), Some(status), "answered at once");
+    } else {
+        assert!(
+            !upload.is_finished(),
+            "the origin neither reads nor answers"
+        );
+    }
+    h.stop().await;
+    assert_eq!(
+        closing_to(origin.port()).await,
+        0,
+        "answer {:?}: a socket to the origin left closing",
+        String::from_utf8_lossy(answer)
+    );
+}
+
 /// Such an upload is cut when its sandbox ends, not a response timeout later: at the
 /// default 300 s a deleted sandbox's stuck uploads held ~350 MB that long (re-check h48g).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1812,6 +1860,85 @@ async fn get_sent_again_after_an_unannounced_close(
     );
     let dials = dials.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(dials, 2, "one connection per send, no handshake wasted");
+}
+
+/// The last-resort client (a GET sent again on a new connection after its HTTP/1.1
+/// connection closed unanswered) offers an origin the configured h2 windows too: it was built
+/// apart from the others and opened its h2 connections with hyper's 2 MiB / 5 MiB (review
+/// h50a), so an origin that answered over HTTP/1.1 once, closed, then chose h2 got ~4 MB per
+/// unread answer into the daemon's memory again.
+#[tokio::test]
+async fn a_get_sent_again_on_a_fresh_connection_offers_the_configured_h2_windows() {
+    use crate::support::pki::TestPki;
+
+    let pki = std::sync::Arc::new(TestPki::new());
+    let h1 = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    let h2 = pki.server_config(&["api.example.test"], &[b"h2"]);
+    let (origin, mut offered) = origin_that_closes_then_speaks_h2(h1, h2).await;
+    let (h, sb) = daemon_with_origin(pki, origin, &[]).await;
+    let mut c = pc::h1(h.proxy, &sb, API).await;
+    let first = pc::send1(&mut c, pc::get("/g0", "api.example.test", &[])).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    // Answered or not (the origin stops after the SETTINGS), the GET goes out again fresh.
+    let again =
+        tokio::spawn(
+            async move { pc::send1(&mut c, pc::get("/g1", "api.example.test", &[])).await },
+        );
+    let windows = tokio::time::timeout(Duration::from_secs(10), offered.recv())
+        .await
+        .expect("the GET sent again on a fresh h2 connection")
+        .unwrap();
+    assert_eq!(windows, (Some(1 << 20), 4 << 20), "[upstream]'s defaults");
+    again.abort();
+}
+
+/// An origin whose first connection speaks HTTP/1.1, answers one request and closes under the
+/// next unanswered; every later connection chooses h2, and the windows its client offered are
+/// sent on the channel (then the connection is dropped).
+async fn origin_that_closes_then_speaks_h2(
+    h1: std::sync::Arc<rustls::ServerConfig>,
+    h2: std::sync::Arc<rustls::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Option<u32>, u64)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut acceptor, h2) = (
+            tokio_rustls::TlsAcceptor::from(h1),
+            tokio_rustls::TlsAcceptor::from(h2),
+        );
+        while let Ok((tcp, _)) = listener.accept().await {
+            // The first connection gets the HTTP/1.1 acceptor, every later one h2's.
+            let (this, tx) = (std::mem::replace(&mut acceptor, h2.clone()), tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = this.accept(tcp).await else {
+                    return;
+                };
+                if conn.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let mut preface = [0u8; 24];
+                    if conn.read_exact(&mut preface).await.is_ok() {
+                        let _ = tx.send(opening_windows(&mut conn, 8).await);
+                    }
+                    return;
+                }
+                let mut head = Vec::new();
+                if !read_head(&mut conn, &mut head).await {
+                    return;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+                if conn.write_all(ok).await.is_err() || conn.flush().await.is_err() {
+                    return;
+                }
+                head.clear();
+                read_head(&mut conn, &mut head).await;
+                // Dropped: the TCP connection closes with no answer and no close_notify.
+            });
+        }
+    });
+    (addr, rx)
 }
 
 /// A POST on a kept-alive connection its HTTP/1.1 origin closes unanswered, as an idle
