@@ -511,6 +511,7 @@ pub async fn start_with(
     warn_admin_exposed(admin_addr);
     warn_wide_private_cidrs(&cfg.upstream);
     warn_one_sandbox_fills(&cfg.proxy);
+    warn_h2_windows(&cfg.proxy.h2, &cfg.upstream.h2);
     Ok(running)
 }
 
@@ -555,6 +556,22 @@ fn warn_one_sandbox_fills(proxy: &crate::config::ProxyConfig) {
             "proxy.max_connections is not above proxy.max_connections_per_sandbox: one sandbox \
              can hold every connection and lock the others out"
         );
+    }
+}
+
+/// Legal but rarely meant: an h2 connection window below its stream window, so one stream
+/// whose reader does not read holds the whole connection's window and every other stream of
+/// that connection waits (review h50a).
+fn warn_h2_windows(proxy: &crate::config::H2Buffers, upstream: &crate::config::H2Buffers) {
+    for (side, h2) in [("proxy", proxy), ("upstream", upstream)] {
+        if h2.connection_window < h2.stream_window {
+            tracing::warn!(
+                stream_window = h2.stream_window,
+                connection_window = h2.connection_window,
+                "{side}.h2_connection_window_bytes is below {side}.h2_stream_window_bytes: one \
+                 stream whose reader does not read stops every other stream of its connection"
+            );
+        }
     }
 }
 

@@ -671,7 +671,8 @@ mod tests {
         let chunk = vec![0u8; 1 << 20];
         while let Ok(Ok(_)) =
             tokio::time::timeout(std::time::Duration::from_millis(200), out.write(&chunk)).await
-        {}
+        {
+        }
         assert!(unsent_bytes(&out) > 0, "the peer's window is full");
     }
 

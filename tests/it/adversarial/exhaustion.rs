@@ -790,6 +790,20 @@ async fn a_sandbox_is_offered_the_configured_h2_windows() {
     assert_eq!(offered, (Some(100_000), 300_000));
 }
 
+/// A connection window below the stream window is legal but warned at start: one stream whose
+/// reader does not read then stops every other stream of its connection (review h50a).
+#[tokio::test]
+async fn a_connection_window_below_the_stream_window_is_warned_at_start() {
+    let _e = env_with("h2_stream_window_bytes = 300001\nh2_connection_window_bytes = 200003").await;
+    let logs = crate::support::daemon::logs_text();
+    assert!(
+        logs.lines().any(
+            |l| l.contains("proxy.h2_connection_window_bytes is below") && l.contains("200003")
+        ),
+        "no warning"
+    );
+}
+
 /// A literal header `x-a: <100 × a>` (never indexed, new name).
 fn hpack_filler() -> Vec<u8> {
     let mut b = vec![0x10, 3];

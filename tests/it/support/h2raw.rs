@@ -33,7 +33,8 @@ pub fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
     frame(SETTINGS, 0, 0, &payload)
 }
 
-/// HPACK for `GET https://{authority}{path}` (static-table names, literal values).
+/// HPACK for `GET https://{authority}{path}` (static-table names, literal values; each
+/// under 127 bytes, which a one-byte length holds).
 pub fn hpack_get(authority: &str, path: &str) -> Vec<u8> {
     let mut b = vec![0x82, 0x87, 0x04, path.len() as u8];
     b.extend_from_slice(path.as_bytes());
@@ -92,7 +93,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Option<Frame> {
 
 /// What a peer announced at the start of its connection: its first SETTINGS frame's initial
 /// stream window and the connection window its WINDOW_UPDATEs on stream 0 added to h2's
-/// 65,535. Reads until both came or `frames` frames were read or the stream ended.
+/// 65,535. Reads until both came or `frames` frames were read or the stream ended; a peer
+/// that keeps h2's initial connection window sends no update, so callers bound the wait.
 pub async fn opening_windows<R: AsyncRead + Unpin>(r: &mut R, frames: usize) -> (Option<u32>, u64) {
     let (mut stream_window, mut connection, mut updated) = (None, 65_535u64, false);
     for _ in 0..frames {
