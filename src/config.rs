@@ -1077,8 +1077,8 @@ fn linger_bounds(p: &mut Problems, secs: Option<u64>, bytes: Option<u64>) -> Lin
 ///
 /// Invariant: what one stream holds while its reader on the other side does not read is
 /// bounded by these — a window's bytes (measured: about twice that in memory) and a send
-/// buffer — and so is what one connection holds, by its connection window. Throughput of one stream is at most its window per round
-/// trip to the peer (ARCHITECTURE.md, "h2 windows").
+/// buffer — and so is what one connection holds, by its connection window. Throughput of one
+/// stream is at most its window per round trip to the peer (ARCHITECTURE.md, "h2 windows").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct H2Buffers {
     /// `SETTINGS_INITIAL_WINDOW_SIZE`: bytes a peer may send on one stream ahead of sealgate.
