@@ -567,7 +567,7 @@ fn unsent_bytes(tcp: &TcpStream) -> u32 {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQNSD writes one int through the pointer, which is valid for the call;
     // the descriptor is the live socket `tcp` owns.
-    let rc = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) };
+    let rc = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut n) };
     if rc == 0 {
         u32::try_from(n).unwrap_or(0)
     } else {
