@@ -1335,6 +1335,20 @@ async fn an_upload_its_origin_stopped_taking_holds_its_slot_until_it_is_cut() {
     );
 }
 
+/// A test PKI and, trusted by it for `api.example.test`, an
+/// [`h1_origin_that_answers_and_never_reads`] sending `answer`.
+async fn h1_never_reading(
+    answer: &'static [u8],
+) -> (
+    std::sync::Arc<crate::support::pki::TestPki>,
+    std::net::SocketAddr,
+) {
+    let pki = std::sync::Arc::new(crate::support::pki::TestPki::new());
+    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
+    let origin = h1_origin_that_answers_and_never_reads(tls, answer).await;
+    (pki, origin)
+}
+
 /// An HTTP/1 origin that answers every request with `answer` at once (after its head; empty:
 /// no answer) and then never reads its connection again, holding it open for a minute.
 async fn h1_origin_that_answers_and_never_reads(
@@ -1378,11 +1392,7 @@ async fn h1_upload_then_its_connection_given_back(
     body: impl FnOnce(&str) -> pc::ReqBody,
     expect: StatusCode,
 ) -> Duration {
-    use crate::support::pki::TestPki;
-
-    let pki = std::sync::Arc::new(TestPki::new());
-    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
-    let origin = h1_origin_that_answers_and_never_reads(tls, answer).await;
+    let (pki, origin) = h1_never_reading(answer).await;
     let o = Opts {
         upstream_toml: "response_timeout_secs = 2\nmax_connections_per_sandbox = 1\n".into(),
         ..Default::default()
@@ -1525,11 +1535,7 @@ async fn uploads_going_up_at_the_stop_leave_no_socket_closing() {
 }
 
 async fn upload_going_up_at_the_stop(answer: &'static [u8], status: Option<StatusCode>) {
-    use crate::support::pki::TestPki;
-
-    let pki = std::sync::Arc::new(TestPki::new());
-    let tls = pki.server_config(&["api.example.test"], &[b"http/1.1"]);
-    let origin = h1_origin_that_answers_and_never_reads(tls, answer).await;
+    let (pki, origin) = h1_never_reading(answer).await;
     let o = Opts {
         proxy_toml: "shutdown_grace_secs = 1\n".into(),
         ..Default::default()
@@ -1801,19 +1807,28 @@ async fn origin_that_answers_once_per_connection(
                     return;
                 }
                 seen.fetch_add(1, SeqCst);
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
-                if conn.write_all(ok).await.is_err() || conn.flush().await.is_err() {
-                    return;
-                }
-                head.clear();
-                if read_head(&mut conn, &mut head).await {
+                if answer_once_then_close(conn, head).await {
                     seen.fetch_add(1, SeqCst);
                 }
-                // Dropped: the TCP connection closes with no answer and no close_notify.
             });
         }
     });
     (addr, seen, dials)
+}
+
+/// Answers the request whose head `head` holds with a 200, then reads the next request's head
+/// and closes under it unanswered (no answer, no close_notify), as an HTTP/1.1 origin's idle
+/// timeout firing as a request goes out does. True when that next head came.
+async fn answer_once_then_close<S>(mut conn: S, mut head: Vec<u8>) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+    if conn.write_all(ok).await.is_err() || conn.flush().await.is_err() {
+        return false;
+    }
+    head.clear();
+    read_head(&mut conn, &mut head).await
 }
 
 /// Reads one request head (no body) into `buf`; false at EOF or on an error.
@@ -1939,16 +1954,9 @@ async fn origin_that_closes_then_speaks_h2(
                     return;
                 }
                 let mut head = Vec::new();
-                if !read_head(&mut conn, &mut head).await {
-                    return;
+                if read_head(&mut conn, &mut head).await {
+                    answer_once_then_close(conn, head).await;
                 }
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
-                if conn.write_all(ok).await.is_err() || conn.flush().await.is_err() {
-                    return;
-                }
-                head.clear();
-                read_head(&mut conn, &mut head).await;
-                // Dropped: the TCP connection closes with no answer and no close_notify.
             });
         }
     });
